@@ -235,14 +235,15 @@ def test_fp16_export_and_activation_report(tmp_path, tiny_inputs):
     model = OutEffOPTForCausalLM(OutEffOPTConfig(**TINY, **fields)).eval()
     model.load_state_dict({**opt_sd, **extra}, strict=False)
     assert fp16_activation_report(model, [ids]) == {}
-    with torch.no_grad():
-        model.model.decoder.layers[0].fc2.weight.mul_(1e6)
+    with torch.no_grad():  # weights stay < 65504, activations do not
+        model.model.decoder.layers[0].fc1.bias.fill_(5e4)
     report = fp16_activation_report(model, [ids])
     assert "model.decoder.layers.0.fc2" in report and report["model.decoder.layers.0.fc2"] > 65504
     sd = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    assert fp16_overflow_report(sd) == []
     _one_line_error(
         lambda: export_hf_dir(tmp_path / "fp16b", {k: v for k, v in sd.items() if k not in extra},
                               TINY, fields, extra_state=extra, dtype="fp16", calibration_batches=[ids]),
-        "overflow fp16",
+        "overflow fp16 on the calibration batches",
     )
     assert not (tmp_path / "fp16b").exists()
