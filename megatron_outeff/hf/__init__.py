@@ -6,7 +6,8 @@ Public API:
     export_hf_dir(out_dir, hf_opt_state_dict, opt_config_kwargs, variant, *, extra_state=None,
                   tokenizer_dir=None, dtype=None, calibration_batches=None) -> Path
     resolve_variant(variant), fp16_overflow_report(state_dict), fp16_activation_report(model, batches)
-    perplexity(model, blocks=None, *, text=None, tokenizer=None, block_size=None, batch_size=8, device=None)
+    perplexity(model, blocks=None, *, text=None, tokenizer=None, block_size=None, batch_size=8,
+               device=None, add_special_tokens=False) -> {"loss", "ppl", "tokens"}
 """
 from .configuration_outeff_opt import OutEffOPTConfig
 from .export import export_hf_dir, fp16_activation_report, fp16_overflow_report, resolve_variant

@@ -244,7 +244,11 @@ def export_hf_dir(
             config = OutEffOPTConfig(**opt_config_kwargs, **fields)
     except (TypeError, ValueError) as e:
         _fail(f"bad config: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    model = (OPTForCausalLM if plain else OutEffOPTForCausalLM)(config).eval()
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # every weight is loaded below: skip the random init
+        model = (OPTForCausalLM if plain else OutEffOPTForCausalLM)(config).eval()
+    model.tie_weights()
 
     tied = bool(getattr(config, "tie_word_embeddings", True))
     if tied and "lm_head.weight" in sd:
@@ -268,6 +272,8 @@ def export_hf_dir(
             _fail(f"{len(over)} tensor(s) overflow fp16: " + "; ".join(over[:4]) + ("; ..." if len(over) > 4 else ""))
     with torch.no_grad():
         model.load_state_dict({k: t.detach().to(expected[k].dtype) for k, t in sd.items()}, strict=not tied)
+    if tied and model.lm_head.weight is not model.get_input_embeddings().weight:
+        _fail("internal: lm_head is not tied to the input embeddings")  # never written untied garbage
     if torch_dtype == torch.float16 and calibration_batches is not None:
         act = fp16_activation_report(model, calibration_batches)
         if act:

@@ -216,24 +216,35 @@ class _OutEffOPTPreTrained:
                     init.normal_(param, mean=0.0, std=std)
 
 
+# Each constructor lets transformers' OPT constructor build its parts, then swaps in the OutEff part.
+# The parent's parts are built under no_init_weights (no torch or transformers init work, nothing tied);
+# the closing post_init() initialises (and ties) the final module tree once. Nested inside another
+# no_init_weights block, that post_init is a no-op too and the outermost one does the work.
+
+
 class OutEffOPTDecoder(_OutEffOPTPreTrained, OPTDecoder):
     def __init__(self, config: OutEffOPTConfig):
-        super().__init__(config)
-        self.layers = nn.ModuleList([OutEffOPTDecoderLayer(config, layer_idx=i) for i in range(config.num_hidden_layers)])
+        with init.no_init_weights():
+            super().__init__(config)
+            self.layers = nn.ModuleList(
+                [OutEffOPTDecoderLayer(config, layer_idx=i) for i in range(config.num_hidden_layers)]
+            )
         self.post_init()
 
 
 class OutEffOPTModel(_OutEffOPTPreTrained, OPTModel):
     def __init__(self, config: OutEffOPTConfig):
-        super().__init__(config)
-        self.decoder = OutEffOPTDecoder(config)
+        with init.no_init_weights():
+            super().__init__(config)
+            self.decoder = OutEffOPTDecoder(config)
         self.post_init()
 
 
 class OutEffOPTForCausalLM(_OutEffOPTPreTrained, OPTForCausalLM):
     def __init__(self, config: OutEffOPTConfig):
-        super().__init__(config)
-        self.model = OutEffOPTModel(config)
+        with init.no_init_weights():
+            super().__init__(config)
+            self.model = OutEffOPTModel(config)
         self.post_init()
 
 

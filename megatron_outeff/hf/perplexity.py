@@ -1,7 +1,7 @@
 """Perplexity of a causal language model on token blocks.
 
     perplexity(model, blocks=None, *, text=None, tokenizer=None, block_size=None,
-               batch_size=8, device=None) -> {"loss", "ppl", "tokens"}
+               batch_size=8, device=None, add_special_tokens=False) -> {"loss", "ppl", "tokens"}
 
 ``model``: a Hugging Face causal LM (called as ``model(input_ids=...)``, ``.logits`` read) or any
 callable mapping input_ids [b, s] to logits [b, s, vocab]. Inputs: ``blocks`` (a LongTensor
@@ -23,14 +23,18 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 
-def tokenize_blocks(text: Union[str, Sequence[str]], tokenizer, block_size: int) -> list[list[int]]:
-    """Tokenize texts (no special tokens), concatenate, cut into blocks of ``block_size`` tokens."""
+def tokenize_blocks(text: Union[str, Sequence[str]], tokenizer, block_size: int, add_special_tokens: bool = False) -> list[list[int]]:
+    """Tokenize each text, concatenate, cut into blocks of ``block_size`` tokens (last block may be shorter).
+
+    add_special_tokens=True adds the tokenizer's special tokens to every text (OPT's tokenizer prepends
+    </s>), as transformers' run_clm.py pipeline (used by the paper's authors) does.
+    """
     if not isinstance(block_size, int) or block_size < 2:
         raise ValueError(f"block_size={block_size!r}: expected an int >= 2")
     texts = [text] if isinstance(text, str) else list(text)
     ids: list[int] = []
     for t in texts:
-        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        ids.extend(tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"])
     return [ids[i:i + block_size] for i in range(0, len(ids), block_size)]
 
 
@@ -53,6 +57,7 @@ def perplexity(
     block_size: Optional[int] = None,
     batch_size: int = 8,
     device=None,
+    add_special_tokens: bool = False,
 ) -> dict:
     """Token-weighted perplexity; see the module docstring."""
     if (blocks is None) == (text is None):
@@ -60,7 +65,7 @@ def perplexity(
     if text is not None:
         if tokenizer is None or block_size is None:
             raise ValueError("perplexity: text= needs tokenizer= and block_size=")
-        blocks = tokenize_blocks(text, tokenizer, block_size)
+        blocks = tokenize_blocks(text, tokenizer, block_size, add_special_tokens)
     if isinstance(blocks, torch.Tensor):
         if blocks.dim() != 2:
             raise ValueError(f"perplexity: blocks of shape {tuple(blocks.shape)}: expected [n, seq]")

@@ -247,3 +247,17 @@ def test_fp16_export_and_activation_report(tmp_path, tiny_inputs):
         "overflow fp16 on the calibration batches",
     )
     assert not (tmp_path / "fp16b").exists()
+
+
+def test_fresh_model_is_initialised_once_and_tied():
+    import math
+
+    cfg = OutEffOPTConfig(**TINY, softmax="learnable", gate="mlp", gate_init_prob=0.25)
+    m = OutEffOPTForCausalLM(cfg)
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    assert m.lm_head.weight is m.model.decoder.embed_tokens.weight
+    attn = m.model.decoder.layers[1].self_attn
+    assert torch.equal(attn.softmax_offset, torch.zeros(4))
+    torch.testing.assert_close(attn.gate.fc2_bias, torch.full((4,), math.log(0.25 / 0.75)))
+    assert 0.015 < float(m.model.decoder.layers[1].fc1.weight.detach().std()) < 0.025   # init_std 0.02
+    assert torch.equal(m.model.decoder.layers[1].final_layer_norm.weight, torch.ones(64))
