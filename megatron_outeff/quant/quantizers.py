@@ -51,8 +51,11 @@ def int_grid(n_bits: int, symmetric: bool) -> tuple[int, int]:
 
 
 def quantize_int(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
-    """Integer codes (as x's float dtype): clamp(round(x / scale + zero_point), qmin, qmax)."""
-    return torch.clamp(torch.round(x / scale + zero_point), qmin, qmax)
+    """Integer codes (as x's float dtype): clamp(round(x / scale + zero_point), qmin, qmax).
+
+    In place on the one temporary (x / scale): activations are large and this runs per forward."""
+    q = torch.div(x, scale)
+    return q.add_(zero_point).round_().clamp_(qmin, qmax)
 
 
 def fake_quantize(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
