@@ -1,16 +1,20 @@
-"""QuantPoint: a named no-op marking a tensor that the simulated W8A8 protocol quantizes.
+"""Named activation sites for simulated quantization.
 
-Parts of the project insert QuantPoints where a W8A8 deployment materialises a tensor that no
-nn.Linear / nn.LayerNorm / nn.Embedding produces: Q K^T, the softmax output, P V and residual sums.
-In float it is an identity; `apply_simulated_w8a8` attaches an activation quantizer to its output.
+A ``QuantPoint`` is an identity in the float model. Models place one wherever the paper's W8A8
+protocol quantizes an activation that is not the output of a Linear/Embedding/LayerNorm module:
+Q K^T, the softmax output, P V and the residual sums. The simulated-quantization pass
+(`apply_simulated_w8a8`) finds them by type and attaches an activation fake-quantizer to their
+output, so the model code itself never knows about quantization.
 """
-from torch import nn
+import torch
 
 __all__ = ["QuantPoint"]
 
 
-class QuantPoint(nn.Identity):
-    """Identity whose output the simulated W8A8 protocol quantizes. `tag` is for humans only."""
+class QuantPoint(torch.nn.Identity):
+    """Identity marker for an activation the simulated W8A8 protocol quantizes.
+
+    `tag` (optional) is for humans only: it shows in repr."""
 
     def __init__(self, tag: str = ""):
         super().__init__()

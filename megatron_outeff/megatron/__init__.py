@@ -1,0 +1,1 @@
+"""megatron-core integration: outlier-efficient attention through ModuleSpecs. Knows nothing of DeepSpeed."""

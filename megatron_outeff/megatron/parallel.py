@@ -1,0 +1,70 @@
+"""Process groups and megatron-core model-parallel state, on GPUs (NCCL) or CPUs (gloo)."""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from .cpu_support import apply_cpu_patches, cuda_available
+
+
+def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> None:
+    """Initialise torch.distributed from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...).
+
+    Without those variables a single-process group is created on a free local port, so the same
+    code paths run under plain ``python`` too. Backend: NCCL with CUDA, gloo otherwise.
+    """
+    if dist.is_initialized():
+        return
+    backend = backend or ("nccl" if cuda_available() else "gloo")
+    if "RANK" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def init_model_parallel(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    seed: int = 1234,
+    backend: str | None = None,
+) -> None:
+    """torch.distributed + megatron parallel_state + megatron's model-parallel RNG seeds.
+
+    The world size must be a multiple of TP x PP; the rest is data parallelism.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    apply_cpu_patches()
+    init_distributed(backend)
+    world = dist.get_world_size()
+    mp = tensor_model_parallel_size * pipeline_model_parallel_size
+    if tensor_model_parallel_size < 1 or pipeline_model_parallel_size < 1 or world % mp != 0:
+        raise ValueError(
+            f"tensor_model_parallel_size={tensor_model_parallel_size} x pipeline_model_parallel_size="
+            f"{pipeline_model_parallel_size}: expected positive sizes whose product divides the world size {world}"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_model_parallel() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
