@@ -15,6 +15,14 @@ from .quantizers import (
     symmetric_qparams,
 )
 from .simulated import SimulatedW8A8, apply_simulated_w8a8
+from .compressed_tensors_export import (  # compressed-tensors itself is imported only when exporting
+    LinearW8A8,
+    calibrate_w8a8_linears,
+    export_compressed_tensors_w8a8,
+    simulate_w8a8_linear,
+    simulate_w8a8_model,
+)
+from .int8_linear import Int8Linear, cpu_has_vnni
 
 __all__ = [
     "QuantPoint",
@@ -30,4 +38,11 @@ __all__ = [
     "symmetric_qparams",
     "SimulatedW8A8",
     "apply_simulated_w8a8",
+    "LinearW8A8",
+    "calibrate_w8a8_linears",
+    "export_compressed_tensors_w8a8",
+    "simulate_w8a8_linear",
+    "simulate_w8a8_model",
+    "Int8Linear",
+    "cpu_has_vnni",
 ]

@@ -107,20 +107,24 @@ def percentile(x: torch.Tensor, p: float) -> torch.Tensor:
 
 def mse_search_absmax(w: torch.Tensor, n_bits: int = 8, ratios=None) -> torch.Tensor:
     """Clipping range for symmetric quantization minimising sum (Q(w) - w)^2 over candidate ranges
-    ratio * max|w|. Default ratios: 0.01, 0.02, ..., 1.00. Ties keep the larger range."""
+    ratio * max|w|. Default ratios: 0.01, 0.02, ..., 1.00. Ties keep the larger range.
+
+    All candidates are evaluated at once ([ratios, values] blocks of <= 2^24 elements)."""
     qmin, qmax = int_grid(n_bits, symmetric=True)
-    absmax = w.detach().abs().max().float()
+    flat = w.detach().reshape(1, -1).float()
+    absmax = flat.abs().max()
     ratios = torch.arange(100, 0, -1, dtype=torch.float64) / 100 if ratios is None else torch.as_tensor(ratios, dtype=torch.float64)
     if ratios.numel() == 0 or not bool(((ratios > 0) & (ratios <= 1)).all()):
         raise ValueError(f"ratios must be a non-empty set of values in (0, 1], got {ratios.tolist()}")
-    best, best_err = absmax, math.inf
-    for r in sorted(ratios.tolist(), reverse=True):
-        cand = absmax * r
-        scale, zp = symmetric_qparams(cand, n_bits)
-        err = (fake_quantize(w.detach().float(), scale, zp, qmin, qmax) - w.detach().float()).pow(2).sum().item()
-        if err < best_err:
-            best, best_err = cand, err
-    return best
+    ratios = ratios.reshape(-1).sort(descending=True).values
+    candidates = absmax * ratios.float()  # largest first, so argmin's first minimum is the larger range
+    scales, zps = symmetric_qparams(candidates.reshape(-1, 1), n_bits)
+    errors = torch.zeros(len(candidates), dtype=torch.float64)
+    block = max(1, (1 << 24) // len(candidates))
+    for i in range(0, flat.shape[1], block):
+        chunk = flat[:, i : i + block]
+        errors += (fake_quantize(chunk, scales, zps, qmin, qmax) - chunk).pow(2).sum(dim=1, dtype=torch.float64)
+    return candidates[int(torch.argmin(errors))]
 
 
 class _FakeQuantizer(nn.Module):

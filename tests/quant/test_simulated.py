@@ -66,3 +66,15 @@ def test_quant_points_and_exclusions():
     with torch.no_grad():
         y = sim.model.residual(torch.linspace(-3, 3, 1000))
     assert y.unique().numel() <= 256
+
+
+def test_mse_weights_and_grid_sizes(tiny_opt):
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randint(0, 512, (2, 16), generator=g)]
+    sim = apply_simulated_w8a8(tiny_opt, lambda m: [m(b) for b in calib], weight_method="mse")
+    fc1 = sim.model.model.decoder.layers[0].fc1
+    wq = sim.weight_quantizers["model.decoder.layers.0.fc1"]
+    # at most 255 symmetric levels, on the chosen grid, range not above max|w|
+    assert fc1.weight.unique().numel() <= 255
+    assert torch.allclose(fc1.weight / wq.scale, (fc1.weight / wq.scale).round(), atol=1e-4)
+    assert wq.scale.item() * 127 <= tiny_opt.model.decoder.layers[0].fc1.weight.abs().max().item() + 1e-7
