@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, oracle_logits, random_weights
+from hf_testlib import TINY, oracle_logits, random_weights
 
 from megatron_outeff.hf import (
     QUANT_POINTS_PER_LAYER,

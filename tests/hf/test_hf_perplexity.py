@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY, random_weights
+from hf_testlib import TINY, random_weights
 
 from megatron_outeff.hf import OutEffOPTConfig, OutEffOPTForCausalLM, export_hf_dir, perplexity, resolve_variant
 
