@@ -148,7 +148,7 @@ def _fwd_kernel(
             k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=col_ok[:, None], other=0.0).to(DOT_T)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
             valid = _valid_mask(offs_m, offs_n, SQ, SK, kpm_row, CAUSAL, HAS_KPM)
-            p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+            p = tl.exp2(tl.where(valid, s - lse2[:, None], float("-inf")))
             y = tl.minimum(tl.maximum(clip_c * p + clip_gamma, 0.0), 1.0)
             y = tl.where(valid, y, 0.0)
             v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=col_ok[:, None], other=0.0).to(DOT_T)
@@ -227,7 +227,7 @@ def _bwd_clip_delta_kernel(
         v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=col_ok[:, None], other=0.0).to(DOT_T)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         valid = _valid_mask(offs_m, offs_n, SQ, SK, kpm_row, CAUSAL, HAS_KPM)
-        p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+        p = tl.exp2(tl.where(valid, s - lse2[:, None], float("-inf")))
         lin = clip_c * p + clip_gamma
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         dp = tl.where((lin >= 0.0) & (lin <= 1.0), dp * clip_c, 0.0)
@@ -282,7 +282,7 @@ def _bwd_dq_kernel(
         v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=col_ok[:, None], other=0.0).to(DOT_T)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         valid = _valid_mask(offs_m, offs_n, SQ, SK, kpm_row, CAUSAL, HAS_KPM)
-        p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+        p = tl.exp2(tl.where(valid, s - lse2[:, None], float("-inf")))
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         if HAS_CLIP:
             lin = clip_c * p + clip_gamma
@@ -346,7 +346,7 @@ def _bwd_dkdv_kernel(
             delta = tl.load(Delta + bh * SQ + offs_m, mask=row_ok, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
             valid = _valid_mask(offs_m, offs_n, SQ, SK, kpm_row, CAUSAL, HAS_KPM)
-            p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+            p = tl.exp2(tl.where(valid, s - lse2[:, None], float("-inf")))
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             if HAS_CLIP:
                 lin = clip_c * p + clip_gamma
@@ -414,7 +414,8 @@ class _FlashOutEffAttention(torch.autograd.Function):
 
         out = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device)
         save_ungated = has_gate and ctx.needs_input_grad[4]
-        out_u = torch.empty_like(out) if save_ungated else out
+        # the ungated output, kept in fp32 for d(gate) = rowsum(dOut * O)
+        out_u = torch.empty(out.shape, dtype=torch.float32, device=q.device) if save_ungated else out
         lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
         sink_arg = sink.detach().contiguous() if has_sink else lse
         gate_arg = gate if has_gate else q
