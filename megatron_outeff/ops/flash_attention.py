@@ -40,6 +40,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from .variants import Clip
 
@@ -90,7 +91,7 @@ def _fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    bi = pid_bh // H
+    bi = (pid_bh // H).to(tl.int64)  # 64-bit batch offsets: b * stride_b may exceed 2^31
     hi = pid_bh % H
     hk = hi // GROUP
 
@@ -199,7 +200,7 @@ def _bwd_clip_delta_kernel(
     """Clipped softmax: D' = rowsum(P * dP'), dP' = c * 1[0 <= c P + gamma <= 1] * (dO_u V^T)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    bi = pid_bh // H
+    bi = (pid_bh // H).to(tl.int64)  # 64-bit batch offsets: b * stride_b may exceed 2^31
     hi = pid_bh % H
     hk = hi // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -253,7 +254,7 @@ def _bwd_dq_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    bi = pid_bh // H
+    bi = (pid_bh // H).to(tl.int64)  # 64-bit batch offsets: b * stride_b may exceed 2^31
     hi = pid_bh % H
     hk = hi // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -312,7 +313,7 @@ def _bwd_dkdv_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_bhk = tl.program_id(1)
-    bi = pid_bhk // H_KV
+    bi = (pid_bhk // H_KV).to(tl.int64)
     hk = pid_bhk % H_KV
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -443,6 +444,7 @@ class _FlashOutEffAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         q, k, v, sink, gate, kpm, o_saved, lse = ctx.saved_tensors
         scale, clip_c, clip_g, has_clip, causal, save_ungated = ctx.cfg

@@ -26,10 +26,15 @@ sk = 96 spans three key blocks and sq, sk not multiples of 32 exercise the ragge
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
+from megatron_outeff.ops import flash_attention as fa
 from megatron_outeff.ops import outeff_attention
 
 TOL = {
@@ -206,6 +211,19 @@ def test_non_contiguous_inputs():
     check_against_reference(leaves, dict(softmax="learnable", causal=True, clip=(-0.1, 1.1)))
 
 
+@pytest.mark.parametrize("blocks", [
+    dict(fwd=(32, 16), dq=(16, 32), dkdv=(32, 16)),
+    dict(fwd=(16, 32), dq=(32, 16), dkdv=(16, 32)),
+], ids=["tall", "wide"])
+def test_unequal_block_sizes(monkeypatch, blocks):
+    """BLOCK_M != BLOCK_N (as in the CUDA defaults): the causal loop bounds of every kernel."""
+    monkeypatch.setattr(fa, "_config", lambda d, interpreting: dict(blocks, warps=4, stages=1))
+    leaves, kw = make_inputs(b=1, sq=40, sk=56, h=2, h_kv=1, variant="learnable", gate=True, pad=True)
+    check_against_reference(leaves, dict(kw, clip=(-0.03, 1.0), causal=True))
+    leaves, kw = make_inputs(b=1, sq=50, sk=30, h=2, h_kv=2, variant="softmax1")
+    check_against_reference(leaves, dict(kw, causal=True))
+
+
 # ---------------------------------------------------------------------------------------------
 # Fully masked rows, extreme logits, sink-dominated rows
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +331,56 @@ def test_unsupported_dtype():
     q = torch.randn(1, 4, 2, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"dtype torch.float64"):
         outeff_attention(q, q, q, impl="triton")
+
+
+# ---------------------------------------------------------------------------------------------
+# Compilation for H100 (sm_90) without a GPU: the interpreter accepts constructs that the compiler
+# rejects (tl.dot shapes and dtypes, type unification across branches), so compile every kernel
+# ahead of time with the CUDA defaults of _config, in a subprocess without TRITON_INTERPRET.
+# ---------------------------------------------------------------------------------------------
+
+_AOT_SCRIPT = textwrap.dedent("""
+    import triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from megatron_outeff.ops import flash_attention as fa
+
+    PTRS = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", "Gate"}
+    FP32_PTRS = {"OutU", "Lse", "Sink", "Delta"}
+    SCALARS = {"qk_scale", "sm_scale", "clip_c", "clip_gamma"}
+
+    def build(fn, dt, consts, cfg):
+        sig = {}
+        for n in fn.arg_names:
+            sig[n] = ("constexpr" if n in consts else "*" + dt if n in PTRS else "*fp32" if n in FP32_PTRS
+                      else "*i8" if n == "Kpm" else "fp32" if n in SCALARS else "i32")
+        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
+        triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=cfg["warps"], num_stages=cfg["stages"]))
+        print("compiled", fn.__name__, dt, consts["BLOCK_D"], flush=True)
+
+    for dt, d, clip in (("fp16", 64, False), ("bf16", 128, True)):
+        cfg = fa._config(d, False)
+        base = dict(DOT_T=getattr(tl, {"fp16": "float16", "bf16": "bfloat16"}[dt]), PREC="ieee", BLOCK_D=d,
+                    HAS_GATE=True, CAUSAL=True, HAS_KPM=True)
+        build(fa._fwd_kernel, dt, dict(base, HAS_SINK=True, HAS_CLIP=clip, SAVE_UNGATED=True,
+                                       BLOCK_M=cfg["fwd"][0], BLOCK_N=cfg["fwd"][1]), cfg)
+        if clip:
+            build(fa._bwd_clip_delta_kernel, dt, dict(base, BLOCK_M=cfg["dq"][0], BLOCK_N=cfg["dq"][1]), cfg)
+        build(fa._bwd_dq_kernel, dt, dict(base, HAS_CLIP=clip, BLOCK_M=cfg["dq"][0], BLOCK_N=cfg["dq"][1]), cfg)
+        build(fa._bwd_dkdv_kernel, dt, dict(base, HAS_CLIP=clip, BLOCK_M=cfg["dkdv"][0], BLOCK_N=cfg["dkdv"][1]), cfg)
+    print("AOT OK")
+""")
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """~1 min cold on 2 cores (Triton's cache makes reruns fast)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "AOT OK" in res.stdout, res.stdout[-2000:] + res.stderr[-4000:]
 
 
 # ---------------------------------------------------------------------------------------------
