@@ -25,8 +25,9 @@ backward (dO_u = dOut * gate is the gradient w.r.t. the ungated output)
     d(sink_h) = - sum_{b, rows} e^(a_h - L) * D   (D' when clipped)
     d(gate)   = rowsum(dOut * O)
 GQA: kv head j serves query heads j*g .. j*g+g-1; dK/dV accumulate over those heads inside the kernel.
-dQ and dK/dV come from two kernels (one over query blocks, one over key blocks): no atomics,
-deterministic.
+Kernels: forward; backward preprocessing (D and d(gate), one row per lane); D' for clipping (a
+pass over K per query block); dQ (over query blocks); dK/dV (over key blocks, looping over the
+query heads of the group). No atomics: deterministic.
 
 Precision: loads are upcast to fp32 under the Triton interpreter (CPU); on CUDA fp16/bf16 operands
 go to tl.dot natively with fp32 accumulation, and fp32 inputs use input_precision="ieee" (no TF32).
@@ -180,6 +181,40 @@ def _load_do(DO, Gate, bi, hi, offs_m, offs_d, SQ,
         g = tl.load(Gate + bi * stride_gb + hi * stride_gh + offs_m * stride_gs, mask=row_ok, other=0.0).to(tl.float32)
         do = do * g[:, None]
     return do.to(DOT_T)
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    O, DO, Gate, Delta, DGate,
+    stride_ob, stride_os, stride_oh,
+    stride_dob, stride_dos, stride_doh,
+    stride_gb, stride_gs, stride_gh,
+    H, SQ,
+    HAS_GATE: tl.constexpr, O_UNGATED: tl.constexpr, STORE_DELTA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Per row t = rowsum(dOut * O). O ungated (gate needs a gradient): d(gate) = t, D = t * gate.
+    O is the returned output otherwise (gated or not): D = t. D goes to [b, h, sq], d(gate) to [b, sq, h]."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    bi = (pid_bh // H).to(tl.int64)
+    hi = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < SQ
+    o = tl.load(O + bi * stride_ob + hi * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + bi * stride_dob + hi * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0).to(tl.float32)
+    t = tl.sum(o * do, 1)
+    delta = t
+    if HAS_GATE:
+        if O_UNGATED:
+            tl.store(DGate + (bi * SQ + offs_m) * H + hi, t, mask=row_ok)
+            g = tl.load(Gate + bi * stride_gb + hi * stride_gh + offs_m * stride_gs, mask=row_ok, other=0.0)
+            delta = t * g.to(tl.float32)
+    if STORE_DELTA:
+        tl.store(Delta + pid_bh * SQ + offs_m, delta, mask=row_ok)
 
 
 @triton.jit
@@ -458,18 +493,6 @@ class _FlashOutEffAttention(torch.autograd.Function):
         has_kpm = kpm is not None
         dout = _last_dim_contiguous(dout)
 
-        dgate = None
-        if save_ungated:
-            # o_saved is the ungated output O; D = rowsum(dOut * gate * O)
-            t = (dout.float() * o_saved.float()).sum(-1)  # [b, sq, h]
-            dgate = t.to(gate.dtype)
-            delta = (t * gate.float()) if not has_clip else None
-        elif not has_clip:
-            # o_saved is the returned (gated) output: rowsum(dOut * gate * O) = rowsum(dOut * O_gated)
-            delta = (dout.float() * o_saved.float()).sum(-1)
-        else:
-            delta = None
-
         gate_arg = gate if has_gate else q
         g_strides = gate.stride() if has_gate else (0, 0, 0)
         kpm_arg = kpm if has_kpm else q
@@ -484,16 +507,26 @@ class _FlashOutEffAttention(torch.autograd.Function):
         meta = dict(HAS_GATE=has_gate, CAUSAL=causal, HAS_KPM=has_kpm, DOT_T=dot_t, PREC=prec,
                     BLOCK_D=d, num_warps=cfg["warps"], num_stages=cfg["stages"])
 
+        # D = rowsum(dO_u * O) and d(gate) (FlashAttention-2's preprocessing); clipped: D' below.
+        delta = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
+        dgate = torch.empty((b, sq, h), dtype=torch.float32, device=q.device) if save_ungated else None
+        if save_ungated or not has_clip:
+            bm = cfg["dq"][0]
+            _bwd_preprocess_kernel[(triton.cdiv(sq, bm), b * h)](
+                o_saved, dout, gate_arg, delta, dgate if save_ungated else delta,
+                o_saved.stride(0), o_saved.stride(1), o_saved.stride(2),
+                dout.stride(0), dout.stride(1), dout.stride(2),
+                *g_strides, h, sq,
+                HAS_GATE=has_gate, O_UNGATED=save_ungated, STORE_DELTA=not has_clip,
+                BLOCK_M=bm, BLOCK_D=d, num_warps=cfg["warps"],
+            )
         if has_clip:
-            delta = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
             bm, bn = cfg["dq"]
             _bwd_clip_delta_kernel[(triton.cdiv(sq, bm), b * h)](
                 q, k, v, dout, lse, delta, gate_arg, kpm_arg, *common_strides,
                 h, group, sq, sk, scale * LOG2E, clip_c, clip_g,
                 BLOCK_M=bm, BLOCK_N=bn, **meta,
             )
-        else:
-            delta = delta.transpose(1, 2).contiguous()  # [b, h, sq]
 
         dq = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device)
         bm, bn = cfg["dq"]
@@ -519,8 +552,8 @@ class _FlashOutEffAttention(torch.autograd.Function):
             # d a_h = - sum_{b, rows} exp(a_h - L) * D  (lse is stored in base 2)
             p_sink = torch.exp2(sink.detach().float().view(1, h, 1) * LOG2E - lse)
             dsink = -(p_sink * delta).sum(dim=(0, 2))
-        if dgate is not None and not ctx.needs_input_grad[4]:
-            dgate = None
+        if dgate is not None:
+            dgate = dgate.to(gate.dtype) if ctx.needs_input_grad[4] else None
         return dq, dk, dv, dsink, dgate, None, None, None, None, None, None
 
 
