@@ -29,6 +29,9 @@ Kernels: forward; backward preprocessing (D and d(gate), one row per lane); D' f
 pass over K per query block); dQ (over query blocks); dK/dV (over key blocks, looping over the
 query heads of the group). No atomics: deterministic.
 
+Block sizes: _config (32 x 32 under the interpreter; 128 x 64 forward, 64 x 64 / 64 x 32 / 32 x 64
+backward on CUDA, not yet tuned on hardware). OUTEFF_FLASH_BLOCKS="BM,BN" overrides all kernels.
+
 Precision: loads are upcast to fp32 under the Triton interpreter (CPU); on CUDA fp16/bf16 operands
 go to tl.dot natively with fp32 accumulation, and fp32 inputs use input_precision="ieee" (no TF32).
 """

@@ -17,6 +17,7 @@ the rounding of the results to the input dtype plus fp32 summation-order noise. 
     float16   atol 5e-3  rtol 1e-2   (emulated on CPU with fp16 dot operands at sq = 512: worst
                                       error 0.13 of this bound)
     bfloat16  atol 4e-2  rtol 4e-2
+On a CUDA machine the small-shape tests run compiled too (on the GPU), and then use GPU_TOL.
 EXTREME: in rows whose probabilities saturate (logits +-1e4, or all logits ~ -50 with no sink)
 dS = P * (dP - D) cancels to ~0, and the fp32 rounding of D = rowsum(dO * O) (FlashAttention-2's
 formulation) is multiplied by the other operand; there the atol of dq is multiplied by max(1, max|k|)
@@ -58,12 +59,17 @@ VARIANTS = {
     "learnable": dict(softmax="learnable"),
 }
 CLIPS = {"noclip": None, "clip03": (-0.03, 1.0), "clip11": (-0.1, 1.1)}
+# On a CUDA machine the same small-shape tests run with compiled Triton (fp16/bf16 dot operands),
+# compared at GPU_TOL; on CPU they run under the interpreter at TOL.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SMALL_TOL = GPU_TOL if DEVICE == "cuda" else TOL
+
 # learnable offsets: mixed signs, including large ones (sink dominates / sink negligible)
 OFFSETS = [0.7, -1.3, 8.0, -8.0]
 
 
 def make_inputs(b=2, sq=20, sk=12, h=4, h_kv=2, d=32, dtype=torch.float32, variant="softmax1", gate=False,
-                pad=False, q_scale=1.0, seed=0, device="cpu"):
+                pad=False, q_scale=1.0, seed=0, device=DEVICE):
     gen = torch.Generator().manual_seed(seed)
     q = (torch.randn(b, sq, h, d, generator=gen) * q_scale).to(device=device, dtype=dtype)
     k = torch.randn(b, sk, h_kv, d, generator=gen).to(device=device, dtype=dtype)
@@ -97,7 +103,7 @@ def check_against_reference(leaves, kw, tol=None, seed=1, operand_scaled=False):
     """operand_scaled: for saturated rows (see EXTREME in the module docstring) the atol of dq / dk is
     multiplied by max(1, max|k|) / max(1, max|q|)."""
     dtype = leaves["q"].dtype
-    tol = tol or TOL[dtype]
+    tol = tol or SMALL_TOL[dtype]
     gen = torch.Generator().manual_seed(seed)
     b, sq, h, d = leaves["q"].shape
     dout = torch.randn(b, sq, h, d, generator=gen).to(device=leaves["q"].device, dtype=dtype)
@@ -199,10 +205,10 @@ def test_non_contiguous_inputs():
     """q, k, v as strided views of a packed [b, s, 3, h, d] buffer; gate a transposed view."""
     gen = torch.Generator().manual_seed(3)
     b, s, h, d = 2, 24, 2, 32
-    qkv = torch.randn(b, s, 3, h, d, generator=gen)
-    gate = torch.rand(b, h, s, generator=gen).transpose(1, 2)
+    qkv = torch.randn(b, s, 3, h, d, generator=gen).to(DEVICE)
+    gate = torch.rand(b, h, s, generator=gen).to(DEVICE).transpose(1, 2)
     leaves = {"q": qkv[:, :, 0], "k": qkv[:, :, 1], "v": qkv[:, :, 2], "gate": gate,
-              "offset": torch.tensor([1.0, -2.0])}
+              "offset": torch.tensor([1.0, -2.0], device=DEVICE)}
     for t in ("q", "k", "v", "gate"):
         assert not leaves[t].is_contiguous()
     # run_attention clones (keeping strides of the clone = contiguous); test the views directly too
@@ -210,7 +216,7 @@ def test_non_contiguous_inputs():
                            gate=gate, causal=True, impl="triton")
     ref = outeff_attention(leaves["q"], leaves["k"], leaves["v"], softmax="learnable", offset=leaves["offset"],
                            gate=gate, causal=True, impl="torch")
-    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    torch.testing.assert_close(out, ref, **SMALL_TOL[torch.float32])
     check_against_reference(leaves, dict(softmax="learnable", causal=True, clip=(-0.1, 1.1)))
 
 
@@ -239,7 +245,7 @@ def test_fully_masked_rows(variant, clip):
     with no key. Those rows give exactly zero output and zero gradients (never NaN)."""
     b, sq, sk, h = 2, 24, 12, 4
     leaves, kw = make_inputs(b=b, sq=sq, sk=sk, h=h, h_kv=2, variant=variant, gate=True)
-    m = torch.ones(b, sk, dtype=torch.bool)
+    m = torch.ones(b, sk, dtype=torch.bool, device=DEVICE)
     m[0] = False
     kw = dict(kw, key_padding_mask=m, causal=True, clip=CLIPS.get(clip))
     out, grads = check_against_reference(leaves, kw)
@@ -274,13 +280,13 @@ def test_all_logits_very_negative(variant):
     gen = torch.Generator().manual_seed(5)
     b, sq, sk, h, d = 1, 16, 12, 2, 32
     u = torch.ones(d) / math.sqrt(d)
-    k = (u * 10.0 + 0.01 * torch.randn(b, sk, 1, d, generator=gen))
-    q = (-u * 50.0 * math.sqrt(d) / 10.0 + 0.05 * torch.randn(b, sq, h, d, generator=gen))
-    v = torch.randn(b, sk, 1, d, generator=gen)
+    k = (u * 10.0 + 0.01 * torch.randn(b, sk, 1, d, generator=gen)).to(DEVICE)
+    q = (-u * 50.0 * math.sqrt(d) / 10.0 + 0.05 * torch.randn(b, sq, h, d, generator=gen)).to(DEVICE)
+    v = torch.randn(b, sk, 1, d, generator=gen).to(DEVICE)
     leaves = {"q": q, "k": k, "v": v}
     kw = dict(VARIANTS[variant])
     if variant == "learnable":
-        leaves["offset"] = torch.tensor([-45.0, 2.0])
+        leaves["offset"] = torch.tensor([-45.0, 2.0], device=DEVICE)
     logits = torch.einsum("bqhd,bkd->bhqk", q, k[:, :, 0]) / math.sqrt(d)
     assert logits.max() < -40
     out, _ = check_against_reference(leaves, kw, operand_scaled=True)
@@ -297,10 +303,10 @@ def test_sink_is_not_ignored():
     out = outeff_attention(q, k, v, softmax="softmax1", impl="triton")
     sm1 = outeff_attention(q, k, v, softmax="softmax1", impl="torch")
     vanilla = outeff_attention(q, k, v, softmax="vanilla", impl="torch")
-    torch.testing.assert_close(out, sm1, **TOL[torch.float32])
+    torch.testing.assert_close(out, sm1, **SMALL_TOL[torch.float32])
     assert (out - vanilla).abs().max() > 1e-2
     # and the sink gradient is not zero
-    off = torch.zeros(2, requires_grad=True)
+    off = torch.zeros(2, device=DEVICE, requires_grad=True)
     outeff_attention(q, k, v, softmax="learnable", offset=off, impl="triton").square().sum().backward()
     assert off.grad.abs().min() > 1e-4
 
@@ -308,13 +314,13 @@ def test_sink_is_not_ignored():
 def test_offset_gradient_in_bf16_parameter():
     """A bf16 offset parameter receives its gradient through offset.float()."""
     leaves, kw = make_inputs(b=1, sq=16, sk=16, h=4, h_kv=2, variant="softmax1")
-    off = torch.tensor(OFFSETS, dtype=torch.bfloat16, requires_grad=True)
+    off = torch.tensor(OFFSETS, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
     off_ref = off.detach().clone().requires_grad_(True)
     for o, impl in ((off, "triton"), (off_ref, "torch")):
         outeff_attention(leaves["q"], leaves["k"], leaves["v"], softmax="learnable", offset=o,
                          clip=(-0.03, 1.0), impl=impl).sum().backward()
     assert off.grad.dtype == torch.bfloat16
-    torch.testing.assert_close(off.grad.float(), off_ref.grad.float(), **TOL[torch.bfloat16])
+    torch.testing.assert_close(off.grad.float(), off_ref.grad.float(), **SMALL_TOL[torch.bfloat16])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,14 +330,14 @@ def test_offset_gradient_in_bf16_parameter():
 
 @pytest.mark.parametrize("d", [24, 8, 256])
 def test_unsupported_head_dim(d):
-    q = torch.randn(1, 4, 2, d)
+    q = torch.randn(1, 4, 2, d, device=DEVICE)
     with pytest.raises(ValueError, match=rf"head_dim={d}: .*16, 32, 64, 128") as exc:
         outeff_attention(q, q, q, impl="triton")
     assert "\n" not in str(exc.value)
 
 
 def test_unsupported_dtype():
-    q = torch.randn(1, 4, 2, 16, dtype=torch.float64)
+    q = torch.randn(1, 4, 2, 16, dtype=torch.float64, device=DEVICE)
     with pytest.raises(ValueError, match=r"dtype torch.float64"):
         outeff_attention(q, q, q, impl="triton")
 
