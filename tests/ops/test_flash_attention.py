@@ -220,6 +220,22 @@ def test_non_contiguous_inputs():
     check_against_reference(leaves, dict(softmax="learnable", causal=True, clip=(-0.1, 1.1)))
 
 
+@pytest.mark.parametrize("clip", [None, "clip11"], ids=["noclip", "clip11"])
+def test_gate_without_grad(clip):
+    """A gate that needs no gradient (D from the gated output) and frozen k, v: only dq and d(offset)."""
+    leaves, kw = make_inputs(sq=24, sk=20, variant="learnable", gate=True, pad=True)
+    kw = dict(kw, clip=CLIPS.get(clip), causal=True)
+    grads = {}
+    for impl in ("triton", "torch"):
+        q = leaves["q"].detach().clone().requires_grad_(True)
+        off = leaves["offset"].detach().clone().requires_grad_(True)
+        out = outeff_attention(q, leaves["k"], leaves["v"], offset=off, gate=leaves["gate"], impl=impl, **kw)
+        out.backward(torch.ones_like(out))
+        grads[impl] = (out.detach(), q.grad, off.grad)
+    for a, b in zip(grads["triton"], grads["torch"]):
+        torch.testing.assert_close(a, b, **SMALL_TOL[torch.float32])
+
+
 @pytest.mark.parametrize("blocks", [
     dict(fwd=(32, 16), dq=(16, 32), dkdv=(32, 16)),
     dict(fwd=(16, 32), dq=(32, 16), dkdv=(16, 32)),
