@@ -531,18 +531,20 @@ class _FlashOutEffAttention(torch.autograd.Function):
                 BLOCK_M=bm, BLOCK_N=bn, **meta,
             )
 
-        dq = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device)
-        bm, bn = cfg["dq"]
-        _bwd_dq_kernel[(triton.cdiv(sq, bm), b * h)](
-            q, k, v, dout, lse, delta, gate_arg, kpm_arg, dq, *common_strides,
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            h, group, sq, sk, scale * LOG2E, scale, clip_c, clip_g,
-            HAS_CLIP=has_clip, BLOCK_M=bm, BLOCK_N=bn, **meta,
-        )
+        dq = None
+        if ctx.needs_input_grad[0]:
+            dq = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device)
+            bm, bn = cfg["dq"]
+            _bwd_dq_kernel[(triton.cdiv(sq, bm), b * h)](
+                q, k, v, dout, lse, delta, gate_arg, kpm_arg, dq, *common_strides,
+                dq.stride(0), dq.stride(1), dq.stride(2),
+                h, group, sq, sk, scale * LOG2E, scale, clip_c, clip_g,
+                HAS_CLIP=has_clip, BLOCK_M=bm, BLOCK_N=bn, **meta,
+            )
         dk = torch.zeros((b, sk, h_kv, d), dtype=k.dtype, device=k.device)
         dv = torch.zeros((b, sk, h_kv, d), dtype=v.dtype, device=v.device)
         bm, bn = cfg["dkdv"]
-        if sk > 0:
+        if sk > 0 and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
             _bwd_dkdv_kernel[(triton.cdiv(sk, bn), b * h_kv)](
                 q, k, v, dout, lse, delta, gate_arg, kpm_arg, dk, dv, *common_strides,
                 dk.stride(0), dk.stride(1), dk.stride(2),
@@ -557,6 +559,10 @@ class _FlashOutEffAttention(torch.autograd.Function):
             dsink = -(p_sink * delta).sum(dim=(0, 2))
         if dgate is not None:
             dgate = dgate.to(gate.dtype) if ctx.needs_input_grad[4] else None
+        if not ctx.needs_input_grad[1]:
+            dk = None
+        if not ctx.needs_input_grad[2]:
+            dv = None
         return dq, dk, dv, dsink, dgate, None, None, None, None, None, None
 
 
