@@ -22,6 +22,7 @@ rows): the megatron model keeps the SAME ``max_positions + 2``-row table as one 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -450,13 +451,32 @@ def build_opt_model(
             layer_specs=[layer_spec] * get_num_layers_to_build(config), layer_norm=OPTLayerNorm
         ),
     )
-    return opt_gpt_model_class()(
-        config,
-        block_spec,
-        vocab_size=vocab_size,
-        max_positions=arch.max_position_embeddings,
-        pre_process=pre_process,
-        post_process=post_process,
-        share_embeddings_and_output_weights=True,
-        parallel_output=True,
-    )
+    with _tensor_cuda_is_noop_without_cuda():
+        return opt_gpt_model_class()(
+            config,
+            block_spec,
+            vocab_size=vocab_size,
+            max_positions=arch.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=True,
+            parallel_output=True,
+        )
+
+
+@contextlib.contextmanager
+def _tensor_cuda_is_noop_without_cuda():
+    """With PP > 1 and tied embeddings, megatron's LanguageModule.setup_embeddings_and_output_layer
+    moves the shared weight with ``weight.data.cuda()`` before all-reducing it over the embedding
+    group; on a CPU-only torch that raises. Only during model construction and only without CUDA,
+    ``Tensor.cuda`` returns the tensor unchanged (not in cpu_support's global patches, which other
+    code owns)."""
+    if torch.cuda.is_available():
+        yield
+        return
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
