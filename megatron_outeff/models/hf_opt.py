@@ -138,17 +138,14 @@ def hf_expected_shapes(arch: OPTArchConfig) -> dict[str, tuple]:
         HF_DECODER + "final_layer_norm.bias": (h,),
     }
     for i in range(arch.num_layers):
+        # In OPTForCausalLM.state_dict() order (module registration order).
         p = f"{HF_DECODER}layers.{i}."
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
             shapes[p + f"self_attn.{proj}.weight"] = (h, h)
             shapes[p + f"self_attn.{proj}.bias"] = (h,)
-        for ln, _ in _LAYER_NORMS:
-            shapes[p + f"{ln}.weight"] = (h,)
-            shapes[p + f"{ln}.bias"] = (h,)
-        shapes[p + "fc1.weight"] = (f, h)
-        shapes[p + "fc1.bias"] = (f,)
-        shapes[p + "fc2.weight"] = (h, f)
-        shapes[p + "fc2.bias"] = (h,)
+        for name, shape in (("self_attn_layer_norm", (h,)), ("fc1", (f, h)), ("fc2", (h, f)), ("final_layer_norm", (h,))):
+            shapes[p + f"{name}.weight"] = shape
+            shapes[p + f"{name}.bias"] = shape[:1]
     return shapes
 
 

@@ -426,14 +426,15 @@ def build_opt_model(
     seq_length: training sequence length; needed only by clipped variants in the clip_alpha form.
     Forward takes megatron-native 0-based ``position_ids``; the OPT offset is applied inside.
     """
+    arch = load_arch_config(arch)
+    reason = arch.unsupported_reason()
+    if reason:
+        raise ValueError(reason)  # before importing megatron: refusals stay cheap
+
     from megatron.core import parallel_state as ps
 
     from megatron_outeff.megatron.cpu_support import apply_cpu_patches
 
-    arch = load_arch_config(arch)
-    reason = arch.unsupported_reason()
-    if reason:
-        raise ValueError(reason)
     tp, pp = _parallel_sizes()
     check_parallel_layout(arch, tp, pp)
     if sequence_parallel and tp == 1:
