@@ -456,7 +456,7 @@ def build_opt_model(
     # A block spec (rather than a layer spec) so the final LayerNorm is SP-capable too.
     block_spec = opt_block_spec(config, variant, seq_length=seq_length)
     with _tensor_cuda_is_noop_without_cuda():
-        return opt_gpt_model_class()(
+        model = opt_gpt_model_class()(
             config,
             block_spec,
             vocab_size=vocab_size,
@@ -466,6 +466,12 @@ def build_opt_model(
             share_embeddings_and_output_weights=True,
             parallel_output=True,
         )
+    if params_dtype != torch.float32:
+        # megatron creates its linears/embeddings in params_dtype but torch LayerNorms and the
+        # position table in fp32; a mixed model fails in its first matmul unless wrapped in
+        # Float16Module. Cast once here (what Float16Module does too, so wrapping stays harmless).
+        model.to(params_dtype)
+    return model
 
 
 @contextlib.contextmanager

@@ -39,10 +39,10 @@ def main(hf_dir: str, out_json: str, export_dir: str) -> None:
         return {"n_keys": len(hf_out), "n_ref": len(ref_sd), "bad": bad[:5],
                 "extra": sorted(set(hf_out) - set(ref_sd))[:5]}
 
-    def run(tag, tp, pp, sp=False, variant=None, allow_missing=()):
+    def run(tag, tp, pp, sp=False, variant=None, allow_missing=(), dtype=torch.float32):
         init_model_parallel(tp, pp, seed=1)
         tpr, ppr = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-        model = build_opt_model(arch, variant, sequence_parallel=sp).eval()
+        model = build_opt_model(arch, variant, sequence_parallel=sp, params_dtype=dtype).eval()
         load_megatron_state_dict(model, hf_state_dict_to_megatron(hf_sd, arch, tpr, tp, ppr, pp), allow_missing)
         with torch.no_grad():
             if pp == 1:
@@ -60,7 +60,8 @@ def main(hf_dir: str, out_json: str, export_dir: str) -> None:
                     out = model(tokens, positions, None, runtime_gather_output=True)
         if out is not None:
             res[f"{tag}_logits_shape"] = list(out.shape)
-            res[f"{tag}_max_abs_diff"] = float((out[..., :V] - ref).abs().max())
+            res[f"{tag}_max_abs_diff"] = float((out[..., :V].float() - ref).abs().max())
+            res[f"{tag}_rel_diff"] = float((out[..., :V].float() - ref).norm() / ref.norm())
         gathered = gather_megatron_state_dicts(model)
         if allow_missing:
             # Variant parameters have no Hugging Face OPT counterpart: strict export refuses them.
@@ -69,6 +70,8 @@ def main(hf_dir: str, out_json: str, export_dir: str) -> None:
                 res[f"{tag}_strict_error"] = None
             except ValueError as e:
                 res[f"{tag}_strict_error"] = str(e)
+        if dtype != torch.float32:
+            return ps.destroy_model_parallel()
         res[f"{tag}_export"] = exported_equal(megatron_to_hf_state_dict(gathered, arch, strict=not allow_missing))
         if tag == "tp2" and dist.get_rank() == 0:
             save_hf_opt_dir(export_dir, arch, megatron_to_hf_state_dict(gathered, arch))
@@ -78,6 +81,7 @@ def main(hf_dir: str, out_json: str, export_dir: str) -> None:
     run("tp2", 2, 1)
     run("tp2sp", 2, 1, sp=True)
     run("pp2", 1, 2)
+    run("tp2bf16", 2, 1, dtype=torch.bfloat16)  # a bare bf16 model (no Float16Module) runs
     # megatron_outeff's attention (layer spec from wt/mcore) with the vanilla variant == HF OPT.
     run("tp2_outeff_vanilla", 2, 1, variant={})
     # A gated Softmax_1 model still takes every OPT weight; its gates stay at their init.

@@ -72,3 +72,10 @@ def test_gated_variant_imports_and_strict_export_refuses_gates(parity):
     assert res["tp2_gated_sm1_max_abs_diff"] > 1e-3
     err = res["tp2_gated_sm1_strict_error"]
     assert err is not None and "head_gate" in err and "\n" not in err
+
+
+@pytest.mark.multiproc
+def test_bf16_model_runs_close_to_fp32(parity):
+    res, _ = parity
+    assert res["tp2bf16_logits_shape"] == [2, 24, 256]
+    assert res["tp2bf16_rel_diff"] < 0.05, res["tp2bf16_rel_diff"]
