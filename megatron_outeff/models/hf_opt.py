@@ -476,3 +476,41 @@ def save_hf_opt_dir(path: Union[str, Path], arch: Union[OPTArchConfig, str], sta
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Conveniences on a live (distributed) megatron model.
+
+# Parameters of megatron_outeff's attention variants that Hugging Face OPT has no counterpart for:
+# after an import they keep their initialisation (gates open to gate_init_prob, offsets at init).
+VARIANT_PARAM_PATTERNS = (r"\.head_gate\.", r"\.core_attention\.softmax_offset$")
+
+
+def load_hf_opt_into_model(model: torch.nn.Module, hf: Union[str, Path, Mapping[str, torch.Tensor]],
+                           arch: Union[OPTArchConfig, str], *,
+                           allow_missing: Sequence[str] = VARIANT_PARAM_PATTERNS) -> None:
+    """Load a Hugging Face OPT (directory or state dict) into this rank's ``build_opt_model`` model,
+    using megatron's parallel_state for this rank's (TP, PP) position."""
+    from megatron.core import parallel_state as ps
+
+    arch = load_arch_config(arch)
+    if isinstance(hf, Mapping):
+        hf_sd = hf
+    else:
+        _, hf_sd = load_hf_opt_dir(hf, expected_arch=arch)
+    vocab_rows = None
+    if getattr(model, "pre_process", True) and hasattr(model, "embedding"):
+        vocab_rows = model.embedding.word_embeddings.num_embeddings  # the model's own (padded) size
+    sd = hf_state_dict_to_megatron(
+        hf_sd, arch,
+        ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size(),
+        vocab_size=vocab_rows or getattr(model, "vocab_size", None),
+    )
+    load_megatron_state_dict(model, sd, allow_missing)
+
+
+def megatron_model_to_hf_state_dict(model: torch.nn.Module, arch: Union[OPTArchConfig, str], *,
+                                    strict: bool = True) -> dict[str, torch.Tensor]:
+    """Gather this model-parallel group's shards and convert them (collective; every member gets it)."""
+    return megatron_to_hf_state_dict(gather_megatron_state_dicts(model), arch, strict=strict)

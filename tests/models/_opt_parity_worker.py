@@ -82,6 +82,15 @@ def main(hf_dir: str, out_json: str, export_dir: str) -> None:
     run("tp2sp", 2, 1, sp=True)
     run("pp2", 1, 2)
     run("tp2bf16", 2, 1, dtype=torch.bfloat16)  # a bare bf16 model (no Float16Module) runs
+
+    # The live-model conveniences: directory -> model, model -> HF state dict (PP=2 here).
+    from megatron_outeff.models.hf_opt import load_hf_opt_into_model, megatron_model_to_hf_state_dict
+
+    init_model_parallel(1, 2, seed=3)
+    model = build_opt_model(arch, dict(softmax="learnable"))
+    load_hf_opt_into_model(model, hf_dir, arch)
+    res["convenience_export"] = exported_equal(megatron_model_to_hf_state_dict(model, arch, strict=False))
+    ps.destroy_model_parallel()
     # megatron_outeff's attention (layer spec from wt/mcore) with the vanilla variant == HF OPT.
     run("tp2_outeff_vanilla", 2, 1, variant={})
     # A gated Softmax_1 model still takes every OPT weight; its gates stay at their init.

@@ -42,7 +42,7 @@ def test_logits_match_hf(parity, tag):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("tag", ["tp1", "tp2", "tp2sp", "pp2", "tp2_outeff_vanilla", "tp2_gated_sm1"])
+@pytest.mark.parametrize("tag", ["tp1", "tp2", "tp2sp", "pp2", "tp2_outeff_vanilla", "tp2_gated_sm1", "convenience"])
 def test_export_is_identical(parity, tag):
     res, _ = parity
     e = res[f"{tag}_export"]
