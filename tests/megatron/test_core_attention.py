@@ -284,3 +284,24 @@ def test_mask_routing():
     assert (c, kpm) == (False, None) and dense is arbitrary
     with pytest.raises(ValueError, match="torch.bool"):
         r(causal.float(), AttnMaskType.causal, B, SEQ, SEQ)
+
+
+def test_core_attention_alone_in_megatrons_self_attention():
+    """OutEffCoreAttention.with_variant(...) in megatron's own local spec == our full spec."""
+    import dataclasses
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron_outeff.megatron.core_attention import OutEffCoreAttention
+    from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
+    from megatron_outeff.megatron.variant import AttentionVariantConfig as V
+
+    v = V(softmax="learnable", clip_gamma=-0.03)
+    spec = get_gpt_layer_local_spec()
+    attn = spec.submodules.self_attention
+    attn.submodules = dataclasses.replace(attn.submodules, core_attention=OutEffCoreAttention.with_variant(v))
+    stock = gpt(make_config(), spec)
+    ours = gpt(make_config(), get_outeff_layer_spec(v))
+    ours.load_state_dict(stock.state_dict(), strict=True)
+    assert_same(run(stock), run(ours))
+    with pytest.raises(ValueError, match="OutEffSelfAttention"):
+        OutEffCoreAttention.with_variant(V(gate="linear"))
