@@ -18,6 +18,10 @@ Layouts (H heads of width d, hidden h = H*d, per TP rank r of T, per PP stage p 
 * Pipeline: stage p holds layers p*L/P .. (p+1)*L/P - 1 as ``decoder.layers.0..``; embeddings on
   stage 0, final LayerNorm (and the output-layer copy when P > 1) on stage P-1.
 
+Forward passes are identical. One training-time difference is inherent, not a mapping loss:
+Hugging Face's ``embed_tokens`` has ``padding_idx=pad_token_id`` (1), which zeroes that row's
+lookup gradient; megatron's vocab-parallel embedding has no padding row.
+
 Reads config.json + safetensors only (never pickles). Every check runs before any weight is touched.
 """
 from __future__ import annotations
@@ -388,14 +392,19 @@ def megatron_to_hf_state_dict(
     return ordered
 
 
-def gather_megatron_state_dicts(model: torch.nn.Module) -> dict[tuple[int, int], dict]:
+def gather_megatron_state_dicts(model: Optional[torch.nn.Module] = None, state_dict: Optional[Mapping] = None
+                                ) -> dict[tuple[int, int], dict]:
     """{(tp_rank, pp_rank): CPU state dict} of every rank of this rank's model-parallel group
     (collective over that group; every member gets the result). Small and medium models only:
-    every rank holds a full copy."""
+    every rank holds a full copy. ``state_dict`` instead of ``model``: any per-rank mapping with the
+    model's keys (e.g. parameter gradients)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    sd = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in model.state_dict().items()}
+    if (model is None) == (state_dict is None):
+        raise ValueError("gather_megatron_state_dicts: pass exactly one of model and state_dict")
+    src = model.state_dict() if model is not None else state_dict
+    sd = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in src.items()}
     mine = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), sd)
     group = ps.get_model_parallel_group()
     allv = [None] * dist.get_world_size(group=group)

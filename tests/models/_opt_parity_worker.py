@@ -27,7 +27,9 @@ def main(hf_dir: str, out_json: str, export_dir: str) -> None:
     hf = OPTForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
     ref_sd = hf.state_dict()
     g = torch.Generator().manual_seed(7)
-    tokens = torch.randint(0, arch.vocab_size, (2, 24), generator=g)
+    # No pad token (id 1) in the input: HF's embed_tokens has padding_idx=1, which zeroes that row's
+    # lookup gradient; megatron's embedding has no padding row (forward is identical either way).
+    tokens = torch.randint(2, arch.vocab_size, (2, 24), generator=g)
     positions = torch.arange(24).unsqueeze(0).expand(2, -1)
     with torch.no_grad():
         ref = hf(tokens).logits
@@ -39,7 +41,12 @@ def main(hf_dir: str, out_json: str, export_dir: str) -> None:
         return {"n_keys": len(hf_out), "n_ref": len(ref_sd), "bad": bad[:5],
                 "extra": sorted(set(hf_out) - set(ref_sd))[:5]}
 
-    def run(tag, tp, pp, sp=False, variant=None, allow_missing=(), dtype=torch.float32):
+    loss_w = torch.randn(ref.shape, generator=g)
+    hf.zero_grad()
+    (hf(tokens).logits * loss_w).sum().backward()
+    ref_grads = {k: p.grad.clone() for k, p in hf.named_parameters()}  # lm_head is the embedding
+
+    def run(tag, tp, pp, sp=False, variant=None, allow_missing=(), dtype=torch.float32, grad_check=False):
         init_model_parallel(tp, pp, seed=1)
         tpr, ppr = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         model = build_opt_model(arch, variant, sequence_parallel=sp, params_dtype=dtype).eval()
@@ -58,6 +65,30 @@ def main(hf_dir: str, out_json: str, export_dir: str) -> None:
                     dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
                     model.set_input_tensor(hidden)
                     out = model(tokens, positions, None, runtime_gather_output=True)
+        if grad_check:
+            # Same scalar loss on both sides; the megatron gradients, mapped to HF layout by the same
+            # converter, must equal HF's. Under SP the LayerNorm grads are partial sums per rank:
+            # all-reduce those marked sequence_parallel, as megatron's finalize_model_grads does.
+            model.zero_grad()
+            out = model(tokens, positions, None, runtime_gather_output=True)
+            (out[..., :V].float() * loss_w).sum().backward()
+            grads = {}
+            for name, p in model.named_parameters():
+                g = p.grad
+                if getattr(p, "sequence_parallel", False) and sp:
+                    g = g.clone()
+                    dist.all_reduce(g, group=ps.get_tensor_model_parallel_group())
+                grads[name] = g
+            hf_grads = megatron_to_hf_state_dict(gather_megatron_state_dicts(state_dict=grads), arch)
+            # k_proj biases have an exactly-zero true gradient (softmax is shift-invariant): both sides
+            # hold rounding noise there, checked against the largest gradient anywhere instead.
+            top = max(float(v.abs().max()) for v in ref_grads.values())
+            kb = [k for k in ref_grads if k.endswith("k_proj.bias")]
+            diffs = sorted(((float((hf_grads[k] - ref_grads[k]).abs().max() / ref_grads[k].abs().max()), k)
+                            for k in ref_grads if k not in kb), reverse=True)
+            res[f"{tag}_grad_rel_diff"] = diffs[0][0]
+            res[f"{tag}_grad_worst_keys"] = diffs[:3]
+            res[f"{tag}_k_bias_grad_rel"] = max(float(hf_grads[k].abs().max()) for k in kb) / top
         if out is not None:
             res[f"{tag}_logits_shape"] = list(out.shape)
             res[f"{tag}_max_abs_diff"] = float((out[..., :V].float() - ref).abs().max())
@@ -77,9 +108,9 @@ def main(hf_dir: str, out_json: str, export_dir: str) -> None:
             save_hf_opt_dir(export_dir, arch, megatron_to_hf_state_dict(gathered, arch))
         ps.destroy_model_parallel()
 
-    run("tp1", 1, 1)
-    run("tp2", 2, 1)
-    run("tp2sp", 2, 1, sp=True)
+    run("tp1", 1, 1, grad_check=True)
+    run("tp2", 2, 1, grad_check=True)
+    run("tp2sp", 2, 1, sp=True, grad_check=True)
     run("pp2", 1, 2)
     run("tp2bf16", 2, 1, dtype=torch.bfloat16)  # a bare bf16 model (no Float16Module) runs
 

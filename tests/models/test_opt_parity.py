@@ -79,3 +79,11 @@ def test_bf16_model_runs_close_to_fp32(parity):
     res, _ = parity
     assert res["tp2bf16_logits_shape"] == [2, 24, 256]
     assert res["tp2bf16_rel_diff"] < 0.05, res["tp2bf16_rel_diff"]
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("tag", ["tp1", "tp2", "tp2sp"])
+def test_gradients_match_hf(parity, tag):
+    res, _ = parity
+    assert res[f"{tag}_grad_rel_diff"] <= 1e-4, res[f"{tag}_grad_worst_keys"]
+    assert res[f"{tag}_k_bias_grad_rel"] <= 1e-5, res[f"{tag}_k_bias_grad_rel"]
