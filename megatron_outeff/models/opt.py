@@ -229,6 +229,9 @@ def check_parallel_layout(arch: OPTArchConfig, tp_size: int, pp_size: int) -> No
 def opt_transformer_config(arch: Union[OPTArchConfig, str], variant=None, **overrides):
     """megatron-core TransformerConfig for an OPT architecture (and an attention variant).
 
+    ``variant`` is accepted for symmetry with build_opt_model but changes nothing here: the attention
+    variant travels in the layer spec's params (megatron_outeff.megatron.layer_spec), so one config
+    serves every variant and megatron's own ``softmax_type`` stays 'vanilla'.
     TP/PP sizes come from megatron's parallel_state (1/1 if it is not initialised). Every fusion
     flag is off: the fused kernels are CUDA-only (and bias-activation fusion has no ReLU kernel);
     callers on GPU may switch them on through ``overrides``.
@@ -272,19 +275,11 @@ def opt_transformer_config(arch: Union[OPTArchConfig, str], variant=None, **over
     )
     if not arch.scaled_output_layer_init:
         kw["output_layer_init_method"] = init_method_normal(arch.init_method_std)
-    if variant is not None:
-        kw.update(_variant_config_kwargs(variant))
     unknown = sorted(k for k in overrides if k not in {f.name for f in dataclasses.fields(TransformerConfig)})
     if unknown:
         raise ValueError(f"transformer overrides {unknown}: not TransformerConfig fields")
     kw.update(overrides)
     return TransformerConfig(**kw)
-
-
-def _variant_config_kwargs(variant) -> dict:
-    """TransformerConfig fields an attention variant sets. None: the variant travels in the layer
-    spec's params (megatron_outeff.megatron.layer_spec), TransformerConfig is left untouched."""
-    return {}
 
 
 def _as_variant(variant):
