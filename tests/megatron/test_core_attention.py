@@ -305,3 +305,22 @@ def test_core_attention_alone_in_megatrons_self_attention():
     assert_same(run(stock), run(ours))
     with pytest.raises(ValueError, match="OutEffSelfAttention"):
         OutEffCoreAttention.with_variant(V(gate="linear"))
+
+
+def test_static_kv_cache_decode_matches_full_forward():
+    """megatron's static-batching inference (prefill 8 tokens, then decode 1 at a time, sq=1)."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+    from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
+    from megatron_outeff.megatron.variant import AttentionVariantConfig as V
+
+    m = gpt(make_config(), get_outeff_layer_spec(V(softmax="learnable", gate="linear", clip_gamma=-0.03))).eval()
+    ids, pos = batch()
+    with torch.no_grad():
+        full = m(ids, pos, None)
+        ctx = StaticInferenceContext(B, SEQ)
+        out = [m(ids[:, :8], pos[:, :8], None, inference_context=ctx, runtime_gather_output=True)]  # last token only
+        ctx.sequence_len_offset += 8
+        for t in range(8, SEQ):
+            out.append(m(ids[:, t:t + 1], pos[:, t:t + 1], None, inference_context=ctx, runtime_gather_output=True))
+            ctx.sequence_len_offset += 1
+    assert (torch.cat(out, 1) - full[:, 7:]).abs().max().item() < 1e-5
