@@ -143,6 +143,8 @@ class OutEffSelfAttention(SelfAttention):
         variant = resolve_variant(config, variant)
         tp_size = pg_collection.tp.size() if pg_collection is not None else _mpu_tp_size()
         check_variant_fits(variant, config, tp_size)  # before megatron allocates anything
+        if getattr(config, "flash_decode", False):
+            raise ValueError("flash_decode=True: megatron's flash-decode path bypasses the core attention, so the attention variant would be lost")
         core = submodules.core_attention
         if _accepts_variant(core):
             submodules = dataclasses.replace(
@@ -157,6 +159,10 @@ class OutEffSelfAttention(SelfAttention):
         self._pending_gate: Optional[Tensor] = None
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor, *args, **kwargs):
+        context = kwargs.get("inference_context", kwargs.get("inference_params", args[1] if len(args) > 1 else None))
+        if context is not None and not context.is_static_batching():
+            # megatron's dynamic-batching kernel (flash_decode_and_prefill) bypasses core_attention.
+            raise ValueError("dynamic-batching inference bypasses the core attention: the attention variant would be lost; use static batching")
         if self.head_gate is None:
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
         gate = self.head_gate(hidden_states)  # [b, sq, heads_per_partition], from the layer input

@@ -37,14 +37,19 @@ VARIANTS = {
     "gated_softmax1": dict(softmax="softmax1", gate="linear"),
     "gated_mlp_learnable": dict(softmax="learnable", gate="mlp"),
     "gated_shared_softmax_n": dict(softmax="softmax_n", n=2.0, gate="shared_linear"),
+    "gqa_gated_learnable": dict(softmax="learnable", gate="linear"),
 }
+CONFIG_OVERRIDES = {"gqa_gated_learnable": dict(num_query_groups=2)}  # 2 KV groups, 4 query heads
 LAYOUTS = {"tp2": (2, 1, False), "tp2_sp": (2, 1, True), "pp2": (1, 2, False)}
+# Also through megatron's own DistributedDataParallel + finalize_model_grads at TP=2 + SP: megatron's
+# machinery (not this worker) reduces the SP norm grads and leaves TP-sharded gate/offset grads alone.
+DDP_VARIANTS = ("learnable", "gated_softmax1", "gated_mlp_learnable")
 
 
-def make_config(tp, pp, sp):
+def make_config(tp, pp, sp, **overrides):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    return TransformerConfig(
+    return TransformerConfig(**overrides,
         num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp,
         use_cpu_initialization=True, pipeline_dtype=torch.float32, init_method_std=0.1,
@@ -54,14 +59,14 @@ def make_config(tp, pp, sp):
     )
 
 
-def build(variant_kwargs, tp, pp, sp):
+def build(vname, tp, pp, sp):
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron_outeff.megatron.layer_spec import get_outeff_block_spec
     from megatron_outeff.megatron.variant import AttentionVariantConfig
 
-    cfg = make_config(tp, pp, sp)
-    spec = get_outeff_block_spec(cfg, AttentionVariantConfig(**variant_kwargs))
+    cfg = make_config(tp, pp, sp, **CONFIG_OVERRIDES.get(vname, {}))
+    spec = get_outeff_block_spec(cfg, AttentionVariantConfig(**VARIANTS[vname]))
     torch.manual_seed(SEED)
     return GPTModel(
         cfg, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ,
@@ -75,7 +80,10 @@ def batches():
 
 
 def run_step(model):
-    """Forward + backward of NUM_MB microbatches through megatron's schedule; mean loss (all ranks)."""
+    """Forward + backward of NUM_MB microbatches through megatron's schedule; mean loss (all ranks).
+
+    ``model`` may be wrapped in megatron's DistributedDataParallel (grads land in ``main_grad``).
+    """
     from megatron.core import parallel_state as ps
     from megatron_outeff.megatron.cpu_support import cpu_safe_forward_backward_func
 
@@ -90,7 +98,10 @@ def run_step(model):
 
         return out, loss_func
 
-    model.zero_grad(set_to_none=True)
+    if hasattr(model, "zero_grad_buffer"):
+        model.zero_grad_buffer()
+    else:
+        model.zero_grad(set_to_none=True)
     schedule = cpu_safe_forward_backward_func()
     losses = schedule(
         forward_step_func=forward_step, data_iterator=iter(batches()), model=[model],
@@ -173,6 +184,21 @@ def init_slice_diff(model, ref_weights):
     return worst
 
 
+def ddp_entry(vname, ref_loss, ref_grads):
+    """TP=2 + SP under megatron's DistributedDataParallel with finalize_model_grads."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron_outeff.megatron.parallel import init_model_parallel
+
+    init_model_parallel(2, 1, seed=SEED)
+    model = build(vname, 2, 1, True)
+    model.config.finalize_model_grads_func = finalize_model_grads
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    loss = run_step(ddp)
+    grads = gather_full(model, lambda p: p.main_grad, False)  # SP reduction already done by megatron
+    diff, worst = max_diff(grads, ref_grads)
+    return {"loss_diff": abs(loss - ref_loss), "grad_diff": diff, "grad_worst": worst, "num_grads": len(grads)}
+
+
 def checkpoint_roundtrip(results, tp2_models, ckpt_dir):
     """dist_checkpointing: save the TP=2 models, load them at TP=1, compare with the gathered weights."""
     from megatron.core import dist_checkpointing
@@ -186,7 +212,7 @@ def checkpoint_roundtrip(results, tp2_models, ckpt_dir):
         dist.barrier()
         dist_checkpointing.save(model.sharded_state_dict(), path)
         init_model_parallel(1, 1, seed=SEED)
-        fresh = build(VARIANTS[key], 1, 1, False)
+        fresh = build(key, 1, 1, False)
         with torch.no_grad():  # the same seed would already give the same weights: start from zeros
             for p in fresh.parameters():
                 p.zero_()
@@ -204,17 +230,17 @@ def main():
     t0 = time.time()
     results = {"errors": []}
     tp2_models = {}
-    for vname, vkw in VARIANTS.items():
+    for vname in VARIANTS:
         try:
             init_model_parallel(1, 1, seed=SEED)
-            ref = build(vkw, 1, 1, False)
+            ref = build(vname, 1, 1, False)
             ref_weights = {n: p.detach().clone() for n, p in ref.named_parameters()}
             ref_loss = run_step(ref)
             ref_grads = {n: p.grad.detach().clone() for n, p in ref.named_parameters() if p.grad is not None}
             results.setdefault("tp1", {})[vname] = {"loss": ref_loss, "num_grads": len(ref_grads)}
             for lname, (tp, pp, sp) in LAYOUTS.items():
                 init_model_parallel(tp, pp, seed=SEED)
-                model = build(vkw, tp, pp, sp)
+                model = build(vname, tp, pp, sp)
                 entry = {}
                 if pp == 1:
                     entry["init_slice_diff"] = init_slice_diff(model, ref_weights)
@@ -228,6 +254,8 @@ def main():
                 results.setdefault(lname, {})[vname] = entry
                 if lname == "tp2" and vname in ("learnable", "gated_mlp_learnable", "gated_softmax1"):
                     tp2_models[vname] = (model, gather_full(model, lambda p: p, False))
+            if vname in DDP_VARIANTS:
+                results.setdefault("tp2_sp_megatron_ddp", {})[vname] = ddp_entry(vname, ref_loss, ref_grads)
         except Exception:
             results["errors"].append(f"{vname}: {traceback.format_exc()}")
     try:

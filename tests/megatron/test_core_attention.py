@@ -305,3 +305,41 @@ def test_core_attention_alone_in_megatrons_self_attention():
     assert_same(run(stock), run(ours))
     with pytest.raises(ValueError, match="OutEffSelfAttention"):
         OutEffCoreAttention.with_variant(V(gate="linear"))
+
+
+def test_static_kv_cache_decode_matches_full_forward():
+    """megatron's static-batching inference (prefill 8 tokens, then decode 1 at a time, sq=1)."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+    from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
+    from megatron_outeff.megatron.variant import AttentionVariantConfig as V
+
+    m = gpt(make_config(), get_outeff_layer_spec(V(softmax="learnable", gate="linear", clip_gamma=-0.03))).eval()
+    ids, pos = batch()
+    with torch.no_grad():
+        full = m(ids, pos, None)
+        ctx = StaticInferenceContext(B, SEQ)
+        out = [m(ids[:, :8], pos[:, :8], None, inference_context=ctx, runtime_gather_output=True)]  # last token only
+        ctx.sequence_len_offset += 8
+        for t in range(8, SEQ):
+            out.append(m(ids[:, t:t + 1], pos[:, t:t + 1], None, inference_context=ctx, runtime_gather_output=True))
+            ctx.sequence_len_offset += 1
+    assert (torch.cat(out, 1) - full[:, 7:]).abs().max().item() < 1e-5
+
+
+def test_bf16_model_close_to_megatron():
+    """bf16 (megatron's Float16Module): our off-by-one layer vs megatron's, same weights."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.module import Float16Module
+    from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
+    from megatron_outeff.megatron.variant import AttentionVariantConfig as V
+
+    kw = dict(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
+    mg = gpt(make_config(softmax_type="off-by-one", **kw), get_gpt_layer_local_spec())
+    mine = gpt(make_config(**kw), get_outeff_layer_spec(V(softmax="softmax1")))
+    mine.load_state_dict(mg.state_dict())
+    ids, pos = batch()
+    with torch.no_grad():
+        a = Float16Module(mg.config, mg)(ids, pos, None).float()
+        b = Float16Module(mine.config, mine)(ids, pos, None).float()
+    assert b.dtype == torch.float32 and torch.isfinite(b).all()
+    assert (a - b).abs().max().item() < 0.05 * a.abs().max().item()

@@ -48,6 +48,13 @@ def test_layout_matches_tp1(report, layout, variant):
         assert entry["init_slice_diff"] == 0.0, entry
 
 
+@pytest.mark.parametrize("variant", _worker.DDP_VARIANTS)
+def test_megatron_ddp_finalize_grads_tp2_sp(report, variant):
+    entry = report["tp2_sp_megatron_ddp"][variant]
+    assert entry["loss_diff"] <= TOL and entry["grad_diff"] <= TOL, entry
+    assert entry["num_grads"] == report["tp1"][variant]["num_grads"], entry
+
+
 def test_variants_differ_from_vanilla(report):
     # The parity checks above only mean something if the variants really change the model.
     losses = {k: v["loss"] for k, v in report["tp1"].items()}
