@@ -22,7 +22,6 @@ rows): the megatron model keeps the SAME ``max_positions + 2``-row table as one 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -31,6 +30,8 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
+
+from megatron_outeff.megatron.cpu_support import cpu_model_construction
 
 # Hugging Face OPTLearnedPositionalEmbedding.offset (inherited from fairseq's padding_idx + 1).
 OPT_POSITION_OFFSET = 2
@@ -450,7 +451,7 @@ def build_opt_model(
 
     # A block spec (rather than a layer spec) so the final LayerNorm is SP-capable too.
     block_spec = opt_block_spec(config, variant, seq_length=seq_length)
-    with _tensor_cuda_is_noop_without_cuda():
+    with cpu_model_construction():
         model = opt_gpt_model_class()(
             config,
             block_spec,
@@ -468,20 +469,3 @@ def build_opt_model(
         model.to(params_dtype)
     return model
 
-
-@contextlib.contextmanager
-def _tensor_cuda_is_noop_without_cuda():
-    """With PP > 1 and tied embeddings, megatron's LanguageModule.setup_embeddings_and_output_layer
-    moves the shared weight with ``weight.data.cuda()`` before all-reducing it over the embedding
-    group; on a CPU-only torch that raises. Only during model construction and only without CUDA,
-    ``Tensor.cuda`` returns the tensor unchanged (not in cpu_support's global patches, which other
-    code owns)."""
-    if torch.cuda.is_available():
-        yield
-        return
-    original = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda = original
