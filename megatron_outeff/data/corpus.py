@@ -16,7 +16,7 @@ from .errors import DataError
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 TXT_MODES = ("file", "paragraph")
-_BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
+_BLANK_LINES = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")
 
 
 def expand_inputs(patterns: Union[str, Sequence[str]]) -> List[str]:
