@@ -188,7 +188,9 @@ def build_gpt_datasets(
     "969,30,1"; see `parse_blend` for the accepted forms, or pass `weights=`) or
     `train_data`/`valid_data`/`test_data` (a separate blend per split, no `split`).
     `num_samples`: samples per split (train, valid, test); None = one pass over that split's
-    documents (only without weights: a weighted blend needs a size). For a weighted blend each
+    documents (only without weights: a weighted blend needs a size). A plain GPTDataset holds
+    whole epochs, so its len() may exceed the request (take the first N); a blended split has
+    exactly the requested length. For a weighted blend each
     split is a megatron BlendedDataset drawing from the prefixes in proportion to the weights.
     `cache_dir`: where megatron caches the document/sample/shuffle indices (default:
     `<dir of the first prefix>/index_cache`); must be shared by all ranks.
