@@ -90,6 +90,9 @@ def test_bad_dataset_inputs(prefixes, spm_model, hf_tokenizer_json, tmp_path):
     missing = str(tmp_path / "nothere")
     with pytest.raises(DataError, match=r"dataset prefix '.*nothere': missing .*nothere.bin and"):
         build_gpt_datasets(missing, tokenizer=tok, seq_length=SEQ, cache_dir=str(tmp_path))
+    from megatron.core.tokenizers import MegatronTokenizerBase
+
+    assert isinstance(tok, MegatronTokenizerBase)  # registered virtual subclass
     small = load_tokenizer(hf_tokenizer_json)  # 320 ids < the 400 of the data's tokenizer
     with pytest.raises(DataError, match="holds token id .* vocab size is 320"):
         check_indexed_dataset(prefixes["a"], small)
