@@ -96,6 +96,7 @@ def main():
         if cuda:
             torch.cuda.synchronize()
 
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     names = list(layers)
     times = {n: [] for n in names}
     for n in names:
@@ -124,6 +125,7 @@ def main():
         "dtype": str(dtype).replace("torch.", ""), "reps": args.reps, "warmup": args.warmup,
         "what": "one TransformerLayer (local spec) forward + backward, input grad included",
         "command": "python " + " ".join(sys.argv), "rows": rows,
+        "loadavg_1min_before_after": [load_before and load_before[0], os.getloadavg()[0] if load_before else None],
     }
     out_json = args.out_json or os.path.join(ROOT, "tools", "results", f"bench_layer_{'gpu' if cuda else 'cpu'}.json")
     os.makedirs(os.path.dirname(out_json), exist_ok=True)
@@ -134,7 +136,8 @@ def main():
         "", f"Device: {report['device']}; torch {report['torch']}, megatron-core {report['megatron_core']}; "
         f"median of {args.reps} round-robin repetitions after {args.warmup} warm-up.", "",
         f"Command: `{report['command']}`", "",
-        "On a shared, loaded machine the min is the steadier statistic; both ratios are to our vanilla layer.", "",
+        f"1-minute load average before / after: {report['loadavg_1min_before_after']} (CPU count {os.cpu_count()}).", "",
+        "Both ratios are to our vanilla layer. On a shared, loaded CPU (see the load average) differences under ~15% are noise; the GPU run (--seq 2048) is the one to judge kernels by.", "",
         "| variant | median ms | min ms | median ratio | min ratio |", "|---|---:|---:|---:|---:|",
     ] + [f"| {r['variant']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['ratio_to_vanilla']:.2f} | {r['min_ratio_to_vanilla']:.2f} |" for r in rows]
     md = "\n".join(lines) + "\n"
