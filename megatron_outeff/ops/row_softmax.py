@@ -21,16 +21,18 @@ sink and (-inf, 0) without, pass 2 re-reads the row and writes the probabilities
 uses the same structure (pass 1: D = rowsum(p * g); pass 2: dx = scale * p * (g - D)).
 
 The mask is never expanded in memory: it is read through its broadcast strides (stride 0 on the
-broadcast dimensions). Each row also stores its log-normaliser L = m + log(denominator), sink
-included (fp32, one value per row: 1/sk of the score matrix).
+broadcast dimensions). Each row also stores its shift m and denominator l (sink included), two
+fp32 values per row (2/sk of the score matrix). Not the usual log-normaliser L = m + log(l): with
+logits of magnitude 1e4, fp32 L carries an absolute error ~1e-3, which would become a relative
+error ~1e-3 of every recomputed p; exp(x - m) / l recomputes p bit-identically to the forward.
 
 What the backward saves (see ``_FusedOutEffSoftmax.forward``):
-  * no clip: the output P itself plus L. P is what the caller keeps anyway for P @ V, so the
-    saved P costs no memory, and dx = scale * P * (dP - D) needs nothing else; L gives the sink
-    probability exp(a_h - L) for the offset gradient.
+  * no clip: the output P itself plus (m, l). P is what the caller keeps anyway for P @ V, so the
+    saved P costs no memory, and dx = scale * P * (dP - D) needs nothing else; (m, l) give the sink
+    probability exp(a_h - m) / l for the offset gradient.
   * clip: the output y cannot give back p where the clamp saturated (y = 0 or 1 hides p), yet those
-    p_j still enter dx_j = scale * p_j * (0 - D). So we save the input scores plus L and recompute
-    p = exp(scale * x - L) in fp32. That is one score-sized tensor, the same cost as saving the
+    p_j still enter dx_j = scale * p_j * (0 - D). So we save the input scores plus (m, l) and
+    recompute p = exp(scale * x - m) / l in fp32. That is one score-sized tensor, the same cost as saving the
     unclipped P, but it is exact in fp32 even for fp16/bf16 inputs and needs no second output
     written in the forward.
 The gradient of the sink is -sum over (b, sq) of P_sink * D; each row writes its own term into an
@@ -85,7 +87,7 @@ def _row_offsets(pid, R, SK, H, SQ, msb, msh, msq, BLOCK_R: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(
-    X, Y, LSE, SINK, MASK,
+    X, Y, ROW_M, ROW_L, SINK, MASK,
     R, SK, H, SQ, msb, msh, msq, msk,
     scale, gamma, zeta,
     HAS_SINK: tl.constexpr, HAS_MASK: tl.constexpr, HAS_CLIP: tl.constexpr,
@@ -136,19 +138,20 @@ def _fwd_kernel(
                 p = tl.minimum(tl.maximum((zeta - gamma) * p + gamma, 0.0), 1.0)
             ok = row_ok[:, None] & (cols[None, :] < SK - c0)
             tl.store(Y + x_row[:, None] + c0 + cols[None, :], p.to(Y.dtype.element_ty), mask=ok)
-    tl.store(LSE + rows, m_s + tl.log(l_i), mask=row_ok)
+    tl.store(ROW_M + rows, m_s, mask=row_ok)
+    tl.store(ROW_L + rows, l_i, mask=row_ok)
 
 
 @triton.jit
-def _bwd_block(DY, S, MASK, x_row, m_row, cols, SK, row_ok, msk, lse, scale, gamma, zeta,
+def _bwd_block(DY, S, MASK, x_row, m_row, cols, SK, row_ok, msk, rm, rl, scale, gamma, zeta,
                HAS_MASK: tl.constexpr, HAS_CLIP: tl.constexpr):
     """(p, g) for one tile: p the unclipped probabilities, g = dLoss/dp (through the clip)."""
     ok = row_ok[:, None] & (cols[None, :] < SK)
     dy = tl.load(DY + x_row[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     if HAS_CLIP:
-        # S holds the input scores: recompute p = exp(scale * x - L) in fp32
+        # S holds the input scores: recompute p = exp(scale * x - m) / l in fp32, as the forward did
         x = _load_logits(S, MASK, x_row, m_row, cols, SK, row_ok, msk, scale, HAS_MASK)
-        p = tl.exp(x - lse[:, None])
+        p = tl.exp(x - rm[:, None]) / rl[:, None]
         lin = (zeta - gamma) * p + gamma
         g = tl.where((lin >= 0.0) & (lin <= 1.0), dy * (zeta - gamma), 0.0)
     else:
@@ -160,7 +163,7 @@ def _bwd_block(DY, S, MASK, x_row, m_row, cols, SK, row_ok, msk, lse, scale, gam
 
 @triton.jit
 def _bwd_kernel(
-    DY, S, LSE, SINK, MASK, DX, DSINK_ROW,
+    DY, S, ROW_M, ROW_L, SINK, MASK, DX, DSINK_ROW,
     R, SK, H, SQ, msb, msh, msq, msk,
     scale, gamma, zeta,
     HAS_SINK: tl.constexpr, NEED_DSINK: tl.constexpr, HAS_MASK: tl.constexpr, HAS_CLIP: tl.constexpr,
@@ -169,9 +172,10 @@ def _bwd_kernel(
     pid = tl.program_id(0)
     rows, row_ok, x_row, hi, m_row = _row_offsets(pid, R, SK, H, SQ, msb, msh, msq, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
-    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    rm = tl.load(ROW_M + rows, mask=row_ok, other=0.0)
+    rl = tl.load(ROW_L + rows, mask=row_ok, other=1.0)
     if SINGLE:
-        p, g = _bwd_block(DY, S, MASK, x_row, m_row, cols, SK, row_ok, msk, lse, scale, gamma, zeta,
+        p, g = _bwd_block(DY, S, MASK, x_row, m_row, cols, SK, row_ok, msk, rm, rl, scale, gamma, zeta,
                           HAS_MASK, HAS_CLIP)
         d = tl.sum(p * g, axis=1)
         dx = scale * p * (g - d[:, None])
@@ -180,18 +184,18 @@ def _bwd_kernel(
     else:
         d = tl.zeros([BLOCK_R], tl.float32)
         for c0 in range(0, SK, BLOCK_C):
-            p, g = _bwd_block(DY, S, MASK, x_row + c0, m_row + c0 * msk, cols, SK - c0, row_ok, msk, lse,
+            p, g = _bwd_block(DY, S, MASK, x_row + c0, m_row + c0 * msk, cols, SK - c0, row_ok, msk, rm, rl,
                               scale, gamma, zeta, HAS_MASK, HAS_CLIP)
             d += tl.sum(p * g, axis=1)
         for c0 in range(0, SK, BLOCK_C):
-            p, g = _bwd_block(DY, S, MASK, x_row + c0, m_row + c0 * msk, cols, SK - c0, row_ok, msk, lse,
+            p, g = _bwd_block(DY, S, MASK, x_row + c0, m_row + c0 * msk, cols, SK - c0, row_ok, msk, rm, rl,
                               scale, gamma, zeta, HAS_MASK, HAS_CLIP)
             dx = scale * p * (g - d[:, None])
             ok = row_ok[:, None] & (cols[None, :] < SK - c0)
             tl.store(DX + x_row[:, None] + c0 + cols[None, :], dx.to(DX.dtype.element_ty), mask=ok)
     if NEED_DSINK:
         a = tl.load(SINK + hi).to(tl.float32)
-        tl.store(DSINK_ROW + rows, -tl.exp(a - lse) * d, mask=row_ok)
+        tl.store(DSINK_ROW + rows, -(tl.exp(a - rm) / rl) * d, mask=row_ok)
 
 
 def _launch_config(R: int, sk: int, max_block_cols: int):
@@ -218,14 +222,15 @@ class _FusedOutEffSoftmax(torch.autograd.Function):
         x = scores.contiguous()
         y = torch.empty_like(x)
         R = b * h * sq
-        lse = torch.empty(R, dtype=torch.float32, device=x.device)
+        row_m = torch.empty(R, dtype=torch.float32, device=x.device)
+        row_l = torch.empty(R, dtype=torch.float32, device=x.device)
         sink_f = sink.detach().float().contiguous() if sink is not None else None
         mask_t, (msb, msh, msq, msk) = _mask_args(mask, scores.shape, x)
         gamma, zeta = (clip.gamma, clip.zeta) if clip is not None else (0.0, 1.0)
         block_r, block_c, single, num_warps = _launch_config(R, sk, max_block_cols)
         grid = (triton.cdiv(R, block_r),)
         _fwd_kernel[grid](
-            x, y, lse, sink_f if sink_f is not None else lse, mask_t,
+            x, y, row_m, row_l, sink_f if sink_f is not None else row_m, mask_t,
             R, sk, h, sq, msb, msh, msq, msk,
             float(scale), float(gamma), float(zeta),
             HAS_SINK=sink is not None, HAS_MASK=mask is not None, HAS_CLIP=clip is not None,
@@ -235,12 +240,12 @@ class _FusedOutEffSoftmax(torch.autograd.Function):
         ctx.has_mask = mask is not None
         ctx.sink_dtype = sink.dtype if sink is not None else None
         saved = x if clip is not None else y  # see the module docstring
-        ctx.save_for_backward(saved, lse, sink_f, mask)
+        ctx.save_for_backward(saved, row_m, row_l, sink_f, mask)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        saved, lse, sink_f, mask = ctx.saved_tensors
+        saved, row_m, row_l, sink_f, mask = ctx.saved_tensors
         b, h, sq, sk = saved.shape
         R = b * h * sq
         dy = dy.contiguous()
@@ -249,14 +254,14 @@ class _FusedOutEffSoftmax(torch.autograd.Function):
         if not (need_dx or need_dsink):
             return None, None, None, None, None, None
         dx = torch.empty_like(saved)
-        dsink_row = torch.empty(R, dtype=torch.float32, device=saved.device) if need_dsink else lse
+        dsink_row = torch.empty(R, dtype=torch.float32, device=saved.device) if need_dsink else row_m
         mask_t, (msb, msh, msq, msk) = _mask_args(mask, saved.shape, saved)
         clip = ctx.clip
         gamma, zeta = (clip.gamma, clip.zeta) if clip is not None else (0.0, 1.0)
         block_r, block_c, single, num_warps = _launch_config(R, sk, ctx.max_block_cols)
         grid = (triton.cdiv(R, block_r),)
         _bwd_kernel[grid](
-            dy, saved, lse, sink_f if sink_f is not None else lse, mask_t, dx, dsink_row,
+            dy, saved, row_m, row_l, sink_f if sink_f is not None else row_m, mask_t, dx, dsink_row,
             R, sk, h, sq, msb, msh, msq, msk,
             float(ctx.scale), float(gamma), float(zeta),
             HAS_SINK=sink_f is not None, NEED_DSINK=need_dsink, HAS_MASK=ctx.has_mask,
