@@ -24,10 +24,11 @@ time.perf_counter on CPU. forward+backward = forward then out.backward(grad) w.r
 Peak memory:
   CUDA: torch.cuda.max_memory_allocated() during one forward+backward, minus what was allocated
         before it (inputs included in neither), in MiB.
-  CPU:  approximate. resource.getrusage(RUSAGE_SELF).ru_maxrss of a fresh subprocess that runs one
-        forward+backward (after a warm-up call on a tiny shape, so that library and thread-pool
-        initialisation is not counted), minus that subprocess's resident set size just before the
-        call (inputs excluded). It counts
+  CPU:  approximate. The peak resident set size (the kernel's VmHWM, what resource's ru_maxrss
+        reports, read from /proc/self/status and reset through /proc/self/clear_refs) of a fresh
+        subprocess that runs one forward+backward (after a warm-up call on a tiny shape, so that
+        library and thread-pool initialisation is not counted), minus that subprocess's resident
+        set size just before the call (inputs excluded). It counts
         the allocator's and the OS's page granularity and anything torch caches, so read it as an
         order of magnitude (materialised O(sq^2) vs O(sq)), not as an exact figure.
 
@@ -174,6 +175,27 @@ def _rss_mib() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _peak_rss_mib() -> float:
+    """The kernel's peak-RSS counter of this process (VmHWM), in MiB.
+
+    Not resource.getrusage().ru_maxrss: Linux carries that value over fork + exec from the parent,
+    so a child of a big benchmark process would report the parent's size.
+    """
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak_rss():
+    try:  # Linux >= 4.0: "5" resets the peak RSS counter to the current RSS
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
 def fwd_bwd_closure(f, q, k, v, grad):
     def run():
         for t in (q, k, v):
@@ -205,10 +227,10 @@ def memprobe_main(args):
     f = build_method(args.memprobe, q, k, v)
     grad = torch.randn(b, s, h, d, dtype=q.dtype)
     run = fwd_bwd_closure(f, q, k, v, grad)
+    _reset_peak_rss()
     before = _rss_mib()
     run()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps({"peak_mib": max(peak - before, 0.0)}))
+    print(json.dumps({"peak_mib": max(_peak_rss_mib() - before, 0.0)}))
 
 
 def measure_memory_cpu(method, b, s, h, d, dtype_name, threads) -> Optional[float]:
@@ -233,7 +255,7 @@ def default_config(cuda: bool) -> Dict:
         return dict(sq=[512, 1024, 2048, 4096, 8192, 16384], d=[64, 128], dtype=["fp16", "bf16"],
                     b=None, h=None, tokens=16384, hidden=2048, warmup=5, repeats=20)
     return dict(sq=[256, 512, 1024], d=[64], dtype=["fp32"], b=1, h=8, tokens=None, hidden=None,
-                warmup=2, repeats=9)
+                warmup=2, repeats=7)
 
 
 def shape_for(sq, d, cfg):
@@ -362,7 +384,7 @@ def main(argv=None):
                 config={k: v for k, v in cfg.items()}, methods=args.methods, clip=CLIP,
                 timer="torch.cuda.Event" if cuda else "time.perf_counter",
                 memory=("torch.cuda.max_memory_allocated minus allocated before (MiB)" if cuda else
-                        "approximate: subprocess ru_maxrss (resource module) minus RSS before one fwd+bwd (MiB)"),
+                        "approximate: peak RSS (VmHWM) of a subprocess running one fwd+bwd minus its RSS before (MiB)"),
                 started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     print(f"device: {meta['device']}\nversions: {meta['versions']}")
     results = []
