@@ -250,6 +250,14 @@ def measure_memory_cpu(method, b, s, h, d, dtype_name, threads) -> Optional[floa
 # ------------------------------------------------------------------------------------------------
 # main
 # ------------------------------------------------------------------------------------------------
+def _loadavg():
+    """1/5/15-minute load averages: CPU timings of a shared machine are only as good as this."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def default_config(cuda: bool) -> Dict:
     if cuda:
         return dict(sq=[512, 1024, 2048, 4096, 8192, 16384], d=[64, 128], dtype=["fp16", "bf16"],
@@ -379,13 +387,13 @@ def main(argv=None):
     total_mem = torch.cuda.get_device_properties(device).total_memory if cuda else None
 
     meta = dict(device=device_name(device), device_type=device.type, versions=versions(),
-                command=" ".join([os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(ROOT) else "python",
-                                  os.path.relpath(os.path.abspath(__file__), os.getcwd())] + sys.argv[1:]),
+                command=" ".join([sys.executable, os.path.relpath(os.path.abspath(__file__), os.getcwd())] + sys.argv[1:]),
                 config={k: v for k, v in cfg.items()}, methods=args.methods, clip=CLIP,
                 timer="torch.cuda.Event" if cuda else "time.perf_counter",
                 memory=("torch.cuda.max_memory_allocated minus allocated before (MiB)" if cuda else
                         "approximate: peak RSS (VmHWM) of a subprocess running one fwd+bwd minus its RSS before (MiB)"),
-                started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                loadavg_start=_loadavg())
     print(f"device: {meta['device']}\nversions: {meta['versions']}")
     results = []
     for dt_name in cfg["dtype"]:
@@ -448,6 +456,7 @@ def main(argv=None):
     else:
         print("\nproject targets: checked only on CUDA (this run is CPU)")
     meta["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    meta["loadavg_end"] = _loadavg()
     out = args.out or os.path.join(ROOT, "tools", "results", f"bench_attention_{device.type}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as fh:
@@ -458,7 +467,9 @@ def main(argv=None):
             fh.write(f"# Attention benchmark ({meta['device']})\n\n")
             fh.write(f"Command: `{meta['command']}`\n\n")
             fh.write(f"Versions: {meta['versions']}\n\nTimer: {meta['timer']}, median of {cfg['repeats']} "
-                     f"after {cfg['warmup']} warmup. Peak memory: {meta['memory']}.\n\n")
+                     f"after {cfg['warmup']} warmup. Peak memory: {meta['memory']}.\n\n"
+                     f"Load average (1/5/15 min) at start {meta['loadavg_start']}, at end {meta['loadavg_end']} "
+                     f"on {os.cpu_count()} logical cores: on a shared CPU the times are noisy.\n\n")
             fh.write(table + "\n")
         print(f"wrote {args.md}")
     return 0
