@@ -47,6 +47,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from .variants import Clip
 
@@ -244,6 +245,7 @@ class _FusedOutEffSoftmax(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         saved, row_m, row_l, sink_f, mask = ctx.saved_tensors
         b, h, sq, sk = saved.shape
