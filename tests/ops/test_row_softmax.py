@@ -339,3 +339,30 @@ def test_bad_input(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern) as info:
         fused_outeff_softmax(scores, **args)
     assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# 7. compiled Triton on a GPU (skipped without CUDA): realistic row lengths, single and multi block
+# --------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("sk", [1000, 4096, 12000])
+@pytest.mark.parametrize("clip", [None, CLIP], ids=["noclip", "clip"])
+def test_gpu_compiled(sk, clip, dtype):
+    dev = torch.device("cuda")
+    b, h, sq = 2, 4, 64
+    gen = torch.Generator().manual_seed(sk)
+    scores = (torch.randn(b, h, sq, sk, generator=gen) * 4).to(dev, dtype)
+    mask = causal_mask(sq, sk, dev).view(1, 1, sq, sk) | (torch.rand(b, 1, 1, sk, generator=gen) < 0.1).to(dev)
+    mask[1, 0, 0, :] = True
+    sink = _sink("learnable", h).detach().to(dev)
+    x = scores.clone().requires_grad_()
+    s = sink.clone().requires_grad_()
+    y = fused_outeff_softmax(x, scale=0.5, sink=s, mask=mask, clip=clip)
+    dy = torch.randn(y.shape, generator=gen).to(dev, dtype)
+    ours = (y, *torch.autograd.grad(y, (x, s), dy))
+    xr = scores.float().clone().requires_grad_()
+    sr = sink.clone().requires_grad_()
+    yr = outeff_softmax_reference(xr, scale=0.5, sink=sr, mask=mask, clip=clip)
+    ref = (yr, *torch.autograd.grad(yr, (xr, sr), dy.float()))
+    _assert_matches(ours, ref, dtype, f"gpu sk={sk}")
