@@ -18,8 +18,11 @@ Methods (all causal self-attention, q/k/v [b, s, h, d]):
 The Triton methods are skipped off CUDA: under the Triton interpreter their times mean nothing. A
 method whose import fails is reported as "unavailable: <reason>".
 
-Timing: `warmup` untimed calls, then the median of `repeats` timed calls; torch.cuda.Event on CUDA,
-time.perf_counter on CPU. forward+backward = forward then out.backward(grad) w.r.t. q, k, v.
+Timing: `warmup` untimed calls, then the median of `repeats` timed calls (the minimum is kept in the
+JSON too); torch.cuda.Event on CUDA, time.perf_counter on CPU. forward+backward = forward then
+out.backward(grad) w.r.t. q, k, v. On CPU the methods of one shape are timed round-robin (one call
+of each per round), so that the load of a shared machine falls on all of them alike; on CUDA one
+method after the other (--interleave / --no-interleave override).
 
 Peak memory:
   CUDA: torch.cuda.max_memory_allocated() during one forward+backward, minus what was allocated
@@ -366,6 +369,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int)
     p.add_argument("--repeats", type=int)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                   help="time the methods round-robin, one call each per round (default: on CPU only)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak memory measurement")
     p.add_argument("--out", default=None, help="JSON output path (default tools/results/bench_attention_<device>.json)")
     p.add_argument("--md", default=None, help="also write the Markdown table here")
@@ -385,11 +390,12 @@ def main(argv=None):
     if not cuda and (cfg["b"] is None or cfg["h"] is None):
         cfg["b"], cfg["h"] = cfg["b"] or 1, cfg["h"] or 8
     total_mem = torch.cuda.get_device_properties(device).total_memory if cuda else None
+    interleave = (not cuda) if args.interleave is None else args.interleave
 
     meta = dict(device=device_name(device), device_type=device.type, versions=versions(),
                 command=" ".join([sys.executable, os.path.relpath(os.path.abspath(__file__), os.getcwd())] + sys.argv[1:]),
                 config={k: v for k, v in cfg.items()}, methods=args.methods, clip=CLIP,
-                timer="torch.cuda.Event" if cuda else "time.perf_counter",
+                timer="torch.cuda.Event" if cuda else "time.perf_counter", interleaved=interleave,
                 memory=("torch.cuda.max_memory_allocated minus allocated before (MiB)" if cuda else
                         "approximate: peak RSS (VmHWM) of a subprocess running one fwd+bwd minus its RSS before (MiB)"),
                 started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -403,9 +409,9 @@ def main(argv=None):
                 b, h = shape_for(sq, d, cfg)
                 q, k, v = make_inputs(b, sq, h, d, dtype, device)
                 grad = torch.randn(b, sq, h, d, dtype=dtype, device=device)
-                base = None
+                rows, runs = {}, {}
                 for method in args.methods:
-                    row = dict(dtype=dt_name, b=b, h=h, sq=sq, d=d, method=method)
+                    row = rows[method] = dict(dtype=dt_name, b=b, h=h, sq=sq, d=d, method=method)
                     results.append(row)
                     if method in TRITON_METHODS and not cuda:
                         row["status"] = "skipped: CUDA only (interpreter timings are meaningless)"
@@ -416,31 +422,66 @@ def main(argv=None):
                         continue
                     try:
                         f = build_method(method, q, k, v)
-                        run = fwd_bwd_closure(f, q, k, v, grad)
-                        with torch.no_grad():
-                            row["fwd_ms"] = time_call(f, device, cfg["warmup"], cfg["repeats"])
-                        row["fwdbwd_ms"] = time_call(run, device, cfg["warmup"], cfg["repeats"])
-                        if not args.no_memory:
-                            row["peak_mib"] = (measure_memory_cuda(run) if cuda else
-                                               measure_memory_cpu(method, b, sq, h, d, dt_name, args.threads))
-                        row["status"] = "ok"
+                        runs[method] = (f, fwd_bwd_closure(f, q, k, v, grad))
                     except Unavailable as e:
                         row["status"] = f"unavailable: {e}"
-                    except torch.cuda.OutOfMemoryError:
-                        row["status"] = "OOM"
                     except Exception as e:  # noqa: BLE001  (report, keep benchmarking)
                         row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                    if method == "sdpa_vanilla" and row.get("status") == "ok":
-                        base = row
-                    if base is not None and row.get("status") == "ok":
-                        row["ratio_fwd"] = row["fwd_ms"] / base["fwd_ms"]
-                        row["ratio_fwdbwd"] = row["fwdbwd_ms"] / base["fwdbwd_ms"]
+                # time: round-robin over the methods (CPU: every method sees the same machine load),
+                # or one method after the other (CUDA)
+                times = {m: {"fwd": [], "fwdbwd": []} for m in runs}
+                failed = {}
+                schedule = ([list(runs)] * (cfg["warmup"] + cfg["repeats"]) if interleave
+                            else [[m] for m in runs for _ in range(cfg["warmup"] + cfg["repeats"])])
+                seen = {m: 0 for m in runs}
+                for group in schedule:
+                    for method in group:
+                        if method in failed:
+                            continue
+                        warm = seen[method] < cfg["warmup"]
+                        seen[method] += 1
+                        f, run = runs[method]
+                        try:
+                            with torch.no_grad():
+                                t_f = time_call(f, device, 0, 1)
+                            t_fb = time_call(run, device, 0, 1)
+                        except torch.cuda.OutOfMemoryError:
+                            failed[method] = "OOM"
+                            continue
+                        except Exception as e:  # noqa: BLE001
+                            failed[method] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                            continue
+                        if not warm:
+                            times[method]["fwd"].append(t_f)
+                            times[method]["fwdbwd"].append(t_fb)
+                for method in runs:
+                    row = rows[method]
+                    if method in failed:
+                        row["status"] = failed[method]
+                        continue
+                    row["fwd_ms"] = statistics.median(times[method]["fwd"])
+                    row["fwdbwd_ms"] = statistics.median(times[method]["fwdbwd"])
+                    row["fwd_min_ms"] = min(times[method]["fwd"])
+                    row["fwdbwd_min_ms"] = min(times[method]["fwdbwd"])
+                    row["status"] = "ok"
+                    if not args.no_memory:
+                        try:
+                            row["peak_mib"] = (measure_memory_cuda(runs[method][1]) if cuda else
+                                               measure_memory_cpu(method, b, sq, h, d, dt_name, args.threads))
+                        except torch.cuda.OutOfMemoryError:
+                            row["peak_mib"] = None
                     if cuda:
                         torch.cuda.empty_cache()
+                base = rows.get("sdpa_vanilla")
+                for method, row in rows.items():
+                    if base is not None and base.get("status") == "ok" and row.get("status") == "ok":
+                        row["ratio_fwd"] = row["fwd_ms"] / base["fwd_ms"]
+                        row["ratio_fwdbwd"] = row["fwdbwd_ms"] / base["fwdbwd_ms"]
                     print(f"  {dt_name} b={b} h={h} sq={sq} d={d} {method:22s} "
                           f"fwd {row.get('fwd_ms', float('nan')):9.2f} ms  fwd+bwd {row.get('fwdbwd_ms', float('nan')):9.2f} ms  "
                           f"peak {row.get('peak_mib') if row.get('peak_mib') is None else round(row['peak_mib'])} MiB  "
                           f"x SDPA {row.get('ratio_fwdbwd', float('nan')):.2f}  {row['status']}", flush=True)
+                del runs
                 del q, k, v, grad
 
     table = format_table(results)
@@ -467,7 +508,7 @@ def main(argv=None):
             fh.write(f"# Attention benchmark ({meta['device']})\n\n")
             fh.write(f"Command: `{meta['command']}`\n\n")
             fh.write(f"Versions: {meta['versions']}\n\nTimer: {meta['timer']}, median of {cfg['repeats']} "
-                     f"after {cfg['warmup']} warmup. Peak memory: {meta['memory']}.\n\n"
+                     f"after {cfg['warmup']} warmup{', methods timed round-robin' if interleave else ''}. Peak memory: {meta['memory']}.\n\n"
                      f"Load average (1/5/15 min) at start {meta['loadavg_start']}, at end {meta['loadavg_end']} "
                      f"on {os.cpu_count()} logical cores: on a shared CPU the times are noisy.\n\n")
             fh.write(table + "\n")
