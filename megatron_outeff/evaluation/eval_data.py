@@ -1,7 +1,7 @@
 """Evaluation and calibration token blocks from a megatron indexed dataset or from raw text files.
 
     load_token_stream(source, tokenizer=None, *, json_key="text", txt_mode="file", max_tokens=None)
-        -> (ids: list[int], description: dict)
+        -> (ids: 1-D int64 tensor, description: dict)
     eval_blocks(source, tokenizer=None, *, block_size=512, max_blocks=None, vocab_size=None, ...)
         -> EvalData(blocks [n, block_size] LongTensor, description)
     calibration_batches(source, tokenizer=None, *, num_batches=4, batch_size=8, block_size=512, ...)
@@ -30,6 +30,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
+import numpy
 import torch
 
 from megatron_outeff.data.errors import DataError
@@ -79,8 +80,8 @@ def load_token_stream(
     json_key: str = "text",
     txt_mode: str = "file",
     max_tokens: Optional[int] = None,
-) -> tuple[list[int], dict]:
-    """The concatenated token ids of all documents of `source` (see the module doc), stopping once
+) -> tuple[torch.Tensor, dict]:
+    """The concatenated token ids (1-D int64 tensor) of all documents of `source` (see the module doc), stopping once
     `max_tokens` are read; and a description {"kind", "source", "documents", "tokens", ...}.
     `tokenizer`: a loaded megatron_outeff Tokenizer or a path for `load_tokenizer`."""
     srcs = _as_list(source)
@@ -97,11 +98,14 @@ def load_token_stream(
         prefix = srcs[0]
         stats = check_indexed_dataset(prefix, tok)
         ds = IndexedDataset(prefix, mmap=True)
+        chunks, n_tok = [], 0
         for i in range(len(ds)):
-            ids.extend(int(t) for t in ds[i])
+            chunks.append(numpy.asarray(ds[i], dtype=numpy.int64))
+            n_tok += chunks[-1].size
             n_docs += 1
-            if max_tokens is not None and len(ids) >= max_tokens:
+            if max_tokens is not None and n_tok >= max_tokens:
                 break
+        ids = numpy.concatenate(chunks) if chunks else numpy.zeros(0, dtype=numpy.int64)
         desc = {"kind": "megatron_indexed", "source": os.path.abspath(prefix),
                 "dataset_documents": stats["documents"], "dataset_tokens": stats["tokens"]}
     else:
@@ -119,17 +123,18 @@ def load_token_stream(
                 "txt_mode": txt_mode}
     if tok is not None:
         desc["tokenizer"] = os.path.abspath(tok.path) if getattr(tok, "path", None) else repr(tok)
-    desc.update(documents_read=n_docs, tokens_read=len(ids))
+    ids = torch.as_tensor(numpy.asarray(ids, dtype=numpy.int64))
+    desc.update(documents_read=n_docs, tokens_read=int(ids.numel()))
     return ids, desc
 
 
-def _cut(ids: list[int], block_size: int, max_blocks: Optional[int], what: str, desc: dict) -> torch.Tensor:
+def _cut(ids: torch.Tensor, block_size: int, max_blocks: Optional[int], what: str, desc: dict) -> torch.Tensor:
     n = len(ids) // block_size
     if max_blocks is not None:
         n = min(n, max_blocks)
     if n == 0:
         raise DataError(f"{what}: {desc['source']} holds {len(ids)} tokens, fewer than one block of {block_size}")
-    return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
+    return ids[: n * block_size].clone().view(n, block_size)
 
 
 def _check_args(block_size, **counts):

@@ -265,18 +265,22 @@ def _variant(info) -> str:
     return ", ".join(parts)
 
 
+def _src(s) -> str:
+    return ", ".join(map(str, s)) if isinstance(s, (list, tuple)) else str(s)
+
+
 def render_markdown(report: dict) -> str:
     labels = list(report["models"])
     ms = [report["models"][l] for l in labels]
     ed = report["eval_data"]
     lines = ["# Outlier report", ""]
     lines.append(f"Created {report['created_utc']} on {report['device']}. Evaluation data: {ed.get('kind')} "
-                 f"`{ed.get('source')}`, {ed.get('blocks')} blocks x {ed.get('block_size')} tokens "
+                 f"`{_src(ed.get('source'))}`, {ed.get('blocks')} blocks x {ed.get('block_size')} tokens "
                  f"({ed.get('tokens')} tokens).")
     cd = report.get("calibration_data")
     if cd:
         lines.append(f"Calibration (W8A8): {cd.get('batches')} batches {cd.get('batch_sizes')} x {cd.get('block_size')} "
-                     f"tokens from {cd.get('kind')} `{cd.get('source')}`.")
+                     f"tokens from {cd.get('kind')} `{_src(cd.get('source'))}`" + (f" ({cd['note']})." if cd.get("note") else "."))
     lines.append("Lower is better for every bold-able row; **bold** = best model. "
                  f"Outlier share: values with |x - mean| > {report['settings']['n_sigma']} sigma.")
     lines += ["", "| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
