@@ -68,6 +68,8 @@ def _check_data_path(path: str, what: str):
 def _run(fn, argv) -> int:
     try:
         return fn(argv) or 0
+    except SystemExit as e:  # argparse: --help (0) or a bad option (2, one line printed)
+        return e.code if isinstance(e.code, int) else 2
     except (DataError, ValueError, FileNotFoundError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"error: {msg}", file=sys.stderr)

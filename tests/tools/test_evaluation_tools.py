@@ -174,7 +174,7 @@ def test_export_refuses_fp16_overflow(env, capsys, tmp_path):
     assert not (tmp_path / "o" / "fp16").exists() and not (tmp_path / "o" / "w8a8").exists()
 
 
-@pytest.mark.parametrize("case", ["missing_model", "not_a_model", "missing_data", "bad_label"])
+@pytest.mark.parametrize("case", ["missing_model", "not_a_model", "missing_data", "bad_label", "bad_option"])
 @pytest.mark.parametrize("tool", ["report", "export"])
 def test_bad_input_one_line_exit_2_nothing_written(env, capsys, tmp_path, case, tool):
     if tool == "export" and case == "bad_label":
@@ -184,9 +184,11 @@ def test_bad_input_one_line_exit_2_nothing_written(env, capsys, tmp_path, case, 
     out = tmp_path / "out"
     if tool == "report":
         spec = model if case == "bad_label" else f"m={model}"
-        rc = report_main(["--model", spec, "--data", data, "--out", str(out), "--skip-quant", *DATA_ARGS])
+        extra = ["--block-size", "x"] if case == "bad_option" else []
+        rc = report_main(["--model", spec, "--data", data, "--out", str(out), "--skip-quant", *DATA_ARGS, *extra])
     else:
-        rc = export_main([model, "--out", str(out), "--calib-data", data, *DATA_ARGS])
+        extra = ["--num-calib-batches", "0"] if case == "bad_option" else []
+        rc = export_main([model, "--out", str(out), "--calib-data", data, *DATA_ARGS, *extra])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error:") and "\n" not in err, err
     assert not out.exists()
