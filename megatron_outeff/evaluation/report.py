@@ -234,10 +234,10 @@ HEADLINE_ROWS = [
     ("top outlier channel (max abs)", lambda m: m["top_outlier_channels"][0]["max_abs"] if m["top_outlier_channels"] else None, None, None),
     ("attention mass on first token (mean)", _agg("mean_first_token_mass"), None, "{:.4f}"),
     ("attention mass on sink (mean)", _agg("mean_sink_mass"), None, "{:.4f}"),
-    ("ppl FP32", _ppl("fp32"), True, "{:.3f}"),
-    ("ppl FP16", _ppl("fp16"), True, "{:.3f}"),
-    ("ppl W8A8 simulated (paper protocol)", _ppl("w8a8_simulated"), True, "{:.3f}"),
-    ("ppl W8A8 deployable (compressed-tensors, Linear only)", _ppl("w8a8_deployable"), True, "{:.3f}"),
+    ("ppl FP32", _ppl("fp32"), True, "ppl"),
+    ("ppl FP16", _ppl("fp16"), True, "ppl"),
+    ("ppl W8A8 simulated (paper protocol)", _ppl("w8a8_simulated"), True, "ppl"),
+    ("ppl W8A8 deployable (compressed-tensors, Linear only)", _ppl("w8a8_deployable"), True, "ppl"),
     ("W8A8 simulated / FP32 ppl", lambda m: _ratio(m, "w8a8_simulated"), True, "{:.4f}"),
     ("W8A8 deployable / FP32 ppl", lambda m: _ratio(m, "w8a8_deployable"), True, "{:.4f}"),
 ]
@@ -253,6 +253,8 @@ def _fmt(v, fmt):
         return "-"
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
+    if fmt == "ppl":  # perplexity: 3 decimals, scientific once it is too large to read
+        return f"{v:.4e}" if abs(v) >= 1e6 else f"{v:.3f}"
     return fmt.format(v)
 
 
