@@ -404,7 +404,7 @@ def plot_report(report: dict, out_dir) -> list[Path]:
     log_y = bool(allp) and max(allp) / min(allp) > 20
     if log_y:
         ax.set_yscale("log")
-        ax.set_ylim(min(allp) / 2, max(allp) * 10)
+        ax.set_ylim(min(allp) / 2, max(allp) * (max(allp) / min(allp)) ** 0.3)  # headroom for the labels
     ax.set_xticks(range(len(labels)), labels)
     ax.set_ylabel("perplexity (lower is better)" + (", log scale" if log_y else ""))
     ax.set_xlabel("model")
