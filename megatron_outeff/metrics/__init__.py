@@ -3,6 +3,7 @@ from .outliers import (
     COMPONENT_KINDS,
     KURTOSIS_EPS,
     OutlierCollector,
+    channel_absmax,
     attention_sink_mass,
     hf_opt_collector,
     hf_opt_components,
@@ -12,6 +13,7 @@ from .outliers import (
     kurtosis_per_sample,
     outlier_channels,
     outlier_share,
+    outlier_share_per_sample,
     per_sample_rows,
 )
 
@@ -20,6 +22,7 @@ __all__ = [
     "KURTOSIS_EPS",
     "OutlierCollector",
     "attention_sink_mass",
+    "channel_absmax",
     "hf_opt_collector",
     "hf_opt_components",
     "inf_norm",
@@ -28,5 +31,6 @@ __all__ = [
     "kurtosis_per_sample",
     "outlier_channels",
     "outlier_share",
+    "outlier_share_per_sample",
     "per_sample_rows",
 ]

@@ -29,7 +29,9 @@ __all__ = [
     "inf_norm",
     "kurtosis_per_sample",
     "kurtosis",
+    "outlier_share_per_sample",
     "outlier_share",
+    "channel_absmax",
     "outlier_channels",
     "attention_sink_mass",
     "OutlierCollector",
@@ -87,27 +89,38 @@ def kurtosis(x: torch.Tensor, batch_dim: int = 0) -> float:
     return kurtosis_per_sample(x, batch_dim).mean().item()
 
 
-def outlier_share(x: torch.Tensor, n_sigma: float = 6.0, batch_dim: int = 0) -> float:
-    """Share of values farther than n_sigma standard deviations from their sample's mean.
-
-    Per sample b: fraction of i with |x_b,i - mu_b| > n_sigma * sigma_b (unbiased sigma), averaged over
-    samples like the other metrics. For a Gaussian, 6 sigma is ~2e-9: anything visible is an outlier."""
+def outlier_share_per_sample(x: torch.Tensor, n_sigma: float = 6.0, batch_dim: int = 0) -> torch.Tensor:
+    """Per sample b: fraction of i with |x_b,i - mu_b| > n_sigma * sigma_b (unbiased sigma); (batch,)."""
     if not n_sigma > 0:
         raise ValueError(f"n_sigma must be > 0, got {n_sigma}")
     rows = per_sample_rows(x, batch_dim)
     mu = rows.mean(dim=1, keepdim=True)
     sigma = rows.std(dim=1, correction=1, keepdim=True)
-    return ((rows - mu).abs() > n_sigma * sigma).to(torch.float64).mean(dim=1).mean().item()
+    return ((rows - mu).abs() > n_sigma * sigma).to(torch.float64).mean(dim=1)
+
+
+def outlier_share(x: torch.Tensor, n_sigma: float = 6.0, batch_dim: int = 0) -> float:
+    """Share of values farther than n_sigma standard deviations from their sample's mean.
+
+    Per sample b: fraction of i with |x_b,i - mu_b| > n_sigma * sigma_b (unbiased sigma), averaged over
+    samples like the other metrics. For a Gaussian, 6 sigma is ~2e-9: anything visible is an outlier."""
+    return outlier_share_per_sample(x, n_sigma, batch_dim).mean().item()
+
+
+def channel_absmax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| per hidden channel (the LAST dim) over all other dims; shape (channels,), x's dtype."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError(f"expected a tensor with a hidden (last) dimension, got {type(x).__name__}")
+    return x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0)
 
 
 def outlier_channels(x: torch.Tensor, k: int = 8) -> tuple[list[int], list[float]]:
     """The hidden dimensions carrying the outliers: the k channels (indices along the LAST dim) with
-    the largest max |x| over all other dims, with those max values, largest first."""
-    if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise ValueError(f"expected a tensor with a hidden (last) dimension, got {type(x).__name__}")
+    the largest max |x| over all other dims, with those max values, largest first.
+    `x` may also be a ready (channels,) vector of per-channel max |x| (what channel_absmax returns)."""
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
-    per_channel = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0)
+    per_channel = channel_absmax(x)
     values, indices = per_channel.topk(min(k, per_channel.numel()))
     return indices.tolist(), values.tolist()
 
@@ -159,6 +172,10 @@ class OutlierCollector:
     2-D output is reshaped back to (batch, tokens*dim) so its rows are still samples, as the paper's
     definition requires. Without root, every output must carry the batch along batch_dim.
 
+    detail: also record, per component, the share of values beyond `n_sigma` standard deviations
+    (outlier_share, sample-averaged) and the running per-channel max |x| (the hidden dimensions that
+    carry the outliers; summary() gives the `top_k` of them). Off by default (extra cost per hook).
+
     Disabled, it registers no hooks at all (zero overhead). Use enable()/disable() or `with collector:`.
     Aggregates in summary():
         max_inf_norm        max over all components
@@ -174,6 +191,9 @@ class OutlierCollector:
         kinds: Mapping[str, str] | None = None,
         batch_dim: int = 0,
         root: nn.Module | None = None,
+        detail: bool = False,
+        n_sigma: float = 6.0,
+        top_k: int = 8,
     ):
         if not components:
             raise ValueError("components is empty: expected {name: submodule}")
@@ -189,6 +209,9 @@ class OutlierCollector:
         self._components = dict(components)
         self.batch_dim = batch_dim
         self._root = root
+        self.detail, self.n_sigma, self.top_k = bool(detail), float(n_sigma), int(top_k)
+        if not self.n_sigma > 0 or self.top_k < 1:
+            raise ValueError(f"n_sigma must be > 0 and top_k >= 1, got {n_sigma}, {top_k}")
         self._batch_size: int | None = None
         self._handles: list = []
         self.reset()
@@ -221,6 +244,8 @@ class OutlierCollector:
     def reset(self) -> None:
         self._inf: dict[str, list[torch.Tensor]] = {n: [] for n in self._components}
         self._kurt: dict[str, list[torch.Tensor]] = {n: [] for n in self._components}
+        self._share: dict[str, list[torch.Tensor]] = {n: [] for n in self._components}
+        self._chan: dict[str, torch.Tensor | None] = {n: None for n in self._components}
 
     def _record_batch(self, module, args, kwargs):
         # The batch size is the batch_dim size of the root's first tensor input (input_ids, embeds...).
@@ -239,6 +264,11 @@ class OutlierCollector:
                 out = out.reshape(b, -1, out.shape[-1]) if self.batch_dim == 0 else out.reshape(-1, b, out.shape[-1])
             self._inf[name].append(inf_norm_per_sample(out, self.batch_dim).cpu())
             self._kurt[name].append(kurtosis_per_sample(out, self.batch_dim).cpu())
+            if self.detail:
+                self._share[name].append(outlier_share_per_sample(out, self.n_sigma, self.batch_dim).cpu())
+                ch = channel_absmax(out).to(torch.float64).cpu()
+                prev = self._chan[name]
+                self._chan[name] = ch if prev is None else torch.maximum(prev, ch)
 
         return hook
 
@@ -263,6 +293,11 @@ class OutlierCollector:
                 "kurtosis": vals["kurtosis"].mean().item(),
                 "samples": vals["inf_norm"].numel(),
             }
+            if self.detail:
+                idx, top = outlier_channels(self._chan[name], self.top_k)
+                comps[name]["outlier_share"] = torch.cat(self._share[name]).mean().item()
+                comps[name]["top_channels"] = idx
+                comps[name]["top_channel_values"] = top
         if not comps:
             raise ValueError("no activations collected: enable() the collector and run the model first")
 
@@ -280,10 +315,11 @@ class OutlierCollector:
         }
 
 
-def hf_opt_collector(model: nn.Module) -> OutlierCollector:
+def hf_opt_collector(model: nn.Module, **kwargs) -> OutlierCollector:
     """An OutlierCollector over hf_opt_components(model), with the model as root (HF OPT flattens the
-    FFN input to [b*s, d], so the collector needs the batch size to keep rows per sample)."""
-    return OutlierCollector(hf_opt_components(model), root=model)
+    FFN input to [b*s, d], so the collector needs the batch size to keep rows per sample).
+    kwargs (detail, n_sigma, top_k) go to OutlierCollector."""
+    return OutlierCollector(hf_opt_components(model), root=model, **kwargs)
 
 
 def hf_opt_components(model: nn.Module) -> dict[str, nn.Module]:

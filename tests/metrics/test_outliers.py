@@ -135,3 +135,27 @@ def test_collector_matches_independent_capture(tiny_opt):
     assert summ["avg_kurtosis"] == pytest.approx(np.mean([v["kurtosis"] for v in c.values()]))
     assert summ["max_kurtosis"] == max(v["kurtosis"] for v in c.values())
     assert len(c) == 5 * n_layers + 1
+
+
+def test_collector_detail_outlier_share_and_channels_over_batches():
+    # detail=True: outlier share is the sample average of outlier_share_per_sample over all batches,
+    # and the top channels come from the per-channel max |x| over all batches.
+    from megatron_outeff.metrics import outlier_share_per_sample
+
+    lin = torch.nn.Identity()
+    collector = OutlierCollector({"layer0.layer": lin}, detail=True, n_sigma=3.0, top_k=2)
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = torch.randn(2, 50, 16, generator=g), torch.randn(3, 50, 16, generator=g)
+    x1[0, 3, 5] = 40.0
+    x2[2, 7, 11] = -90.0
+    with collector:
+        lin(x1)
+        lin(x2)
+    c = collector.summary()["components"]["layer0.layer"]
+    expected = torch.cat([outlier_share_per_sample(x1, 3.0), outlier_share_per_sample(x2, 3.0)]).mean().item()
+    assert c["outlier_share"] == pytest.approx(expected, rel=1e-12) and c["outlier_share"] > 0
+    assert c["top_channels"] == [11, 5] and c["top_channel_values"] == pytest.approx([90.0, 40.0])
+    plain = OutlierCollector({"layer0.layer": lin})
+    with plain:
+        lin(x1)
+    assert "outlier_share" not in plain.summary()["components"]["layer0.layer"]  # detail is opt-in

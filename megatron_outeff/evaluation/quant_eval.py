@@ -1,0 +1,240 @@
+"""Perplexity of one Hugging Face model directory in FP32, FP16 and the two W8A8 forms.
+
+    load_hf_model(model_dir, *, device=None, eager=False) -> model      (trust_remote_code=True)
+    check_model_dir(model_dir) -> dict(config.json)                      (one-line ValueError otherwise)
+    fp16_perplexity(model, blocks, ...) -> {"loss", "ppl", "tokens", "mode", "note"}
+    simulated_w8a8_perplexity(model, blocks, calib_batches, ...) -> {..., "quantized_modules", ...}
+    deployable_w8a8_perplexity(model, blocks, calib_batches, out_dir, ...) -> {..., "dir"}
+    evaluate_quantization(model_dir, blocks, calib_batches, *, skip_quant=False, ...) -> dict
+
+The four numbers (all on the same blocks, token-weighted, `megatron_outeff.hf.perplexity`):
+  fp32            the model in float32.
+  fp16            the model cast with .half(). On CUDA that is real fp16 compute. On CPU torch 2.13
+                  runs fp16 matmuls too (measured: works, slow for big models), so the same .half()
+                  forward is used; if the fp16 forward raises (older CPU kernels), it falls back to
+                  fp32 compute on fp16-ROUNDED weights and says so in "mode" / "note".
+  w8a8_simulated  the paper's protocol (field notes section 2) via `apply_simulated_w8a8`: every
+                  Linear / Embedding / LayerNorm weight and output and every QuantPoint (Q K^T, softmax
+                  output, P V, residual sums; OutEffOPT only, a plain OPT has none) fake-quantized;
+                  LM head and gates excluded; activation ranges calibrated on `calib_batches`.
+  w8a8_deployable the Linear-only compressed-tensors "int-quantized" checkpoint written by
+                  `export_compressed_tensors_w8a8` (calibrated on the same batches), reloaded with
+                  transformers + compressed-tensors and evaluated as a consumer would load it.
+The two W8A8 numbers measure different things (everything quantized vs Linear layers only).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from megatron_outeff.hf.perplexity import perplexity
+
+__all__ = [
+    "SIMULATED_EXCLUDE",
+    "check_model_dir",
+    "load_hf_model",
+    "model_info",
+    "fp16_perplexity",
+    "simulated_w8a8_perplexity",
+    "deployable_w8a8_perplexity",
+    "evaluate_quantization",
+]
+
+# LM head stays float (paper); per-head gates are not quantized (they are not Linear modules in our
+# remote code, so this pattern is belt and braces for any future nn.Linear gate).
+SIMULATED_EXCLUDE = ("lm_head", "*.gate", "*.gate.*")
+
+
+def check_model_dir(model_dir) -> dict:
+    """The parsed config.json of a Hugging Face model directory; ValueError (one line) if it is not one."""
+    p = Path(model_dir)
+    if not p.exists():
+        raise ValueError(f"model directory not found: {p}")
+    if not p.is_dir():
+        raise ValueError(f"not a directory: {p}")
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        raise ValueError(f"{p} is not a Hugging Face model directory (no config.json)")
+    try:
+        config = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg}: not valid JSON ({e})") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ValueError(f"{cfg}: no model_type; not a Hugging Face model config")
+    if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
+        raise ValueError(f"{p} holds no weights (*.safetensors / *.bin)")
+    return config
+
+
+def load_hf_model(model_dir, *, device=None, dtype=torch.float32, eager: bool = True):
+    """AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True) in eval mode, float32.
+    eager=True asks for transformers' eager attention (needed for output_attentions on a plain OPT;
+    our remote code runs eager only anyway)."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_dir(model_dir)
+    kwargs = {"trust_remote_code": True, "dtype": dtype}
+    if eager:
+        kwargs["attn_implementation"] = "eager"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    except (ValueError, TypeError) as e:
+        if not eager:
+            raise
+        # A model class that refuses the argument: load with its default (ours are eager only).
+        del kwargs["attn_implementation"]
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def model_info(model) -> dict:
+    """What a reader needs to know about the architecture/variant."""
+    c = model.config
+    info = {
+        "class": type(model).__name__,
+        "model_type": getattr(c, "model_type", None),
+        "layers": getattr(c, "num_hidden_layers", None),
+        "hidden_size": getattr(c, "hidden_size", None),
+        "heads": getattr(c, "num_attention_heads", None),
+        "vocab_size": getattr(c, "vocab_size", None),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    for k in ("softmax", "softmax_n", "gate", "clip_gamma", "clip_zeta"):
+        if hasattr(c, k):
+            info[k] = getattr(c, k)
+    if info["model_type"] == "opt":
+        info.update(softmax="vanilla", gate="none", clip_gamma=None)
+    return info
+
+
+def _calibrate_fn(batches: Sequence[torch.Tensor], device=None) -> Callable:
+    def run(m):
+        for b in batches:
+            m(input_ids=b if device is None else b.to(device), use_cache=False)
+    return run
+
+
+def _device_of(model):
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def fp16_perplexity(model, blocks, *, batch_size: int = 8) -> dict:
+    """Perplexity of a float16 copy of `model` (see module doc for CPU)."""
+    import copy
+
+    dev = _device_of(model)
+    half = copy.deepcopy(model).half().eval()
+    try:
+        res = perplexity(half, blocks, batch_size=batch_size)
+        res.update(mode="fp16", note=f"model.half() forward on {dev.type}")
+    except RuntimeError as e:
+        rounded = copy.deepcopy(model).eval()
+        with torch.no_grad():
+            for p in rounded.parameters():
+                p.copy_(p.half().float())
+        res = perplexity(rounded, blocks, batch_size=batch_size)
+        res.update(mode="fp16_weights_fp32_compute",
+                   note=f"fp16 forward failed on {dev.type} ({str(e).splitlines()[0][:120]}); "
+                        "evaluated in fp32 after rounding the weights to fp16 (activations not rounded)")
+    finally:
+        del half
+    if not math.isfinite(res["loss"]):
+        res["note"] += "; non-finite loss: activations overflow fp16"
+    return res
+
+
+def simulated_w8a8_perplexity(model, blocks, calib_batches, *, batch_size: int = 8,
+                              exclude: Sequence[str] = SIMULATED_EXCLUDE) -> dict:
+    """The paper's simulated W8A8 perplexity (module doc). The float model is not modified."""
+    from megatron_outeff.quant import apply_simulated_w8a8
+    from megatron_outeff.quant.points import is_quant_point
+
+    sim = apply_simulated_w8a8(model, _calibrate_fn(calib_batches, _device_of(model)), exclude=exclude)
+    res = perplexity(sim.model, blocks, batch_size=batch_size)
+    n_points = sum(1 for n in sim.act_quantizers if is_quant_point(sim.model.get_submodule(n)))
+    res.update(
+        quantized_weights=len(sim.weight_quantizers),
+        quantized_activations=len(sim.act_quantizers),
+        quant_points=n_points,
+        excluded=sim.excluded,
+        uncalibrated=sim.uncalibrated,
+        note=("paper protocol: W 8-bit symmetric per-tensor min-max; A 8-bit asymmetric running min-max "
+              "(momentum 0.9, 99.999th percentile); Linear/Embedding/LayerNorm weights+outputs"
+              + (", Q K^T, softmax, P V, residual sums" if n_points else " (plain OPT: no attention-internal points)")
+              + "; LM head and gates float"),
+    )
+    del sim
+    return res
+
+
+def deployable_w8a8_perplexity(model, blocks, calib_batches, out_dir, *, batch_size: int = 8) -> dict:
+    """Write the compressed-tensors W8A8 checkpoint of `model` to out_dir, reload it, evaluate it."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_outeff.quant import export_compressed_tensors_w8a8
+
+    params = export_compressed_tensors_w8a8(model, _calibrate_fn(calib_batches, _device_of(model)), out_dir)
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out_dir), trust_remote_code=True).eval()
+    reloaded.to(_device_of(model))
+    res = perplexity(reloaded, blocks, batch_size=batch_size)
+    res.update(quantized_linears=len(params), dir=str(out_dir),
+               note="compressed-tensors int-quantized: Linear layers only (int8 per-channel W, static per-tensor "
+                    "symmetric int8 inputs), LM head float; reloaded with transformers")
+    del reloaded
+    return res
+
+
+def evaluate_quantization(
+    model_dir,
+    blocks: torch.Tensor,
+    calib_batches: Optional[Sequence[torch.Tensor]] = None,
+    *,
+    model=None,
+    device=None,
+    batch_size: int = 8,
+    skip_quant: bool = False,
+    work_dir=None,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict:
+    """FP32, FP16, simulated and deployable W8A8 perplexity of one model directory on `blocks`.
+
+    model: an already loaded float model of model_dir (else it is loaded). work_dir: where the
+    deployable checkpoint is written (kept; default: a temporary directory, deleted).
+    skip_quant: only FP32 and FP16. Returns {"fp32": {...}, "fp16": {...}, "w8a8_simulated": {...},
+    "w8a8_deployable": {...}} (each {"loss", "ppl", "tokens", ...}, plus "seconds")."""
+    if model is None:
+        model = load_hf_model(model_dir, device=device)
+    out = {}
+
+    def timed(key, fn):
+        log(f"  {key} ...")
+        t0 = time.time()
+        out[key] = fn()
+        out[key]["seconds"] = round(time.time() - t0, 3)
+        log(f"  {key}: ppl {out[key]['ppl']:.4f} ({out[key]['seconds']:.1f} s)")
+
+    timed("fp32", lambda: perplexity(model, blocks, batch_size=batch_size))
+    timed("fp16", lambda: fp16_perplexity(model, blocks, batch_size=batch_size))
+    if skip_quant:
+        return out
+    if not calib_batches:
+        raise ValueError("W8A8 evaluation needs calibration batches")
+    timed("w8a8_simulated", lambda: simulated_w8a8_perplexity(model, blocks, calib_batches, batch_size=batch_size))
+    if work_dir is not None:
+        timed("w8a8_deployable", lambda: deployable_w8a8_perplexity(model, blocks, calib_batches, Path(work_dir), batch_size=batch_size))
+    else:
+        with tempfile.TemporaryDirectory(prefix="outeff_w8a8_") as tmp:
+            timed("w8a8_deployable", lambda: deployable_w8a8_perplexity(model, blocks, calib_batches, Path(tmp) / "w8a8", batch_size=batch_size))
+            out["w8a8_deployable"]["dir"] = None  # deleted
+    return out

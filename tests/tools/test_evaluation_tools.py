@@ -1,0 +1,211 @@
+"""The evaluation tools (tools/export.py, tools/outlier_report.py) on tiny random models, in-process.
+
+Two models exported with export_hf_dir: a plain OPT whose final LayerNorm weight has channel 17 scaled
+by 50 (a planted outlier: we KNOW which model and channel must show it) and a softmax1 OutEffOPT."""
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import evallib  # noqa: E402
+
+from megatron_outeff.evaluation.cli import export_main, report_main  # noqa: E402
+from megatron_outeff.evaluation.eval_data import calibration_batches, eval_blocks  # noqa: E402
+
+BLOCK, MAX_BLOCKS, BATCH = 16, 6, 4
+DATA_ARGS = ["--block-size", str(BLOCK), "--num-calib-batches", "2", "--calib-batch-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaltools")
+    models, tok_dir = evallib.build_models(str(root))
+    valid = evallib.write_corpus(root / "valid.jsonl", 30, seed=1)
+    train = evallib.write_corpus(root / "train.jsonl", 30, seed=2)
+    report_dir = root / "report"
+    rc = report_main(["--model", f"vanilla={models['vanilla']}", "--model", f"sm1={models['sm1']}",
+                      "--data", valid, "--calib-data", train, "--out", str(report_dir),
+                      "--max-blocks", str(MAX_BLOCKS), "--batch-size", str(BATCH), *DATA_ARGS])
+    assert rc == 0
+    report = json.loads((report_dir / "report.json").read_text())
+    return dict(root=root, models=models, tok=tok_dir, valid=valid, train=train, report_dir=report_dir, report=report)
+
+
+def _load(path, **kw):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, **kw).eval()
+
+
+def _by_hand(x):
+    """Per-sample inf norm and Pearson kurtosis of [b, s, d] in plain torch (float64)."""
+    rows = x.detach().double().reshape(x.shape[0], -1)
+    inf = rows.abs().max(dim=1).values
+    c = rows - rows.mean(dim=1, keepdim=True)
+    var = (c ** 2).sum(dim=1) / (rows.shape[1] - 1)
+    kurt = (c ** 4).mean(dim=1) / (var ** 2 + 1e-6)
+    share = (c.abs() > 6.0 * var.sqrt()[:, None]).double().mean(dim=1)
+    return inf, kurt, share
+
+
+@pytest.mark.parametrize("label", ["vanilla", "sm1"])
+def test_report_numbers_equal_direct_computation(env, label):
+    blocks = eval_blocks(env["valid"], env["tok"], block_size=BLOCK, max_blocks=MAX_BLOCKS).blocks
+    assert env["report"]["eval_data"]["blocks"] == blocks.shape[0] == MAX_BLOCKS
+    model = _load(env["models"][label], attn_implementation="eager")
+    n_layers = model.config.num_hidden_layers
+    per = {f"layer{i}.layer": [] for i in range(n_layers)} | {"final_ln": []}
+    first, sink = [[] for _ in range(n_layers)], [[] for _ in range(n_layers)]
+    with torch.no_grad():
+        for i in range(0, blocks.shape[0], BATCH):
+            out = model(input_ids=blocks[i:i + BATCH], output_hidden_states=True, output_attentions=True)
+            hs = out.hidden_states  # [embeddings, layer0 out, ..., final LN out]
+            for li in range(n_layers - 1):
+                per[f"layer{li}.layer"].append(hs[li + 1])
+            per["final_ln"].append(hs[-1])
+            if label == "vanilla":  # plain OPT returns the attention probabilities
+                for li, a in enumerate(out.attentions):
+                    first[li].append(a[..., 0].reshape(-1))
+    rep = env["report"]["models"][label]
+    comps = rep["components"]
+    for name, xs in per.items():
+        if not xs:
+            continue
+        vals = [_by_hand(x) for x in xs]
+        inf = torch.cat([v[0] for v in vals]).mean().item()
+        kurt = torch.cat([v[1] for v in vals]).mean().item()
+        share = torch.cat([v[2] for v in vals]).mean().item()
+        assert comps[name]["inf_norm"] == pytest.approx(inf, rel=1e-5), name
+        assert comps[name]["kurtosis"] == pytest.approx(kurt, rel=1e-5), name
+        assert comps[name]["outlier_share"] == pytest.approx(share, abs=1e-12), name
+        chan = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).abs().amax(0)
+        assert comps[name]["top_channels"][0] == int(chan.argmax()), name
+    agg = rep["aggregates"]
+    assert agg["max_inf_norm"] == pytest.approx(max(c["inf_norm"] for c in comps.values()))
+    assert agg["max_layer_inf_norm"] == pytest.approx(max(r["layer"]["inf_norm"] for r in rep["layers"]))
+    assert agg["avg_kurtosis"] == pytest.approx(sum(c["kurtosis"] for c in comps.values()) / len(comps))
+    if label == "vanilla":
+        for li in range(n_layers):
+            assert rep["layers"][li]["first_token_mass"] == pytest.approx(torch.cat(first[li]).double().mean().item(), rel=1e-5)
+            assert rep["layers"][li]["sink_mass"] == 0.0
+    else:  # softmax1: rows sum to 1 - sink mass < 1, the sink takes a visible share
+        assert rep["attention_source"].startswith("softmax_quant")
+        assert all(0.0 < r["sink_mass"] < 1.0 for r in rep["layers"])
+
+
+def test_planted_outlier_is_found(env):
+    van, sm1 = env["report"]["models"]["vanilla"], env["report"]["models"]["sm1"]
+    assert van["top_outlier_channels"][0]["channel"] == evallib.PLANT_CHANNEL
+    assert van["top_outlier_channels"][0]["component"] == "final_ln"
+    assert van["final_ln"]["top_channels"][0] == evallib.PLANT_CHANNEL
+    assert van["aggregates"]["max_inf_norm"] > 3 * sm1["aggregates"]["max_inf_norm"]
+    assert van["final_ln"]["kurtosis"] > 10 * sm1["final_ln"]["kurtosis"]
+    md = (env["report_dir"] / "report.md").read_text()
+    assert f"dim {evallib.PLANT_CHANNEL} (" in md
+
+
+def test_report_files_and_contents(env):
+    d = env["report_dir"]
+    for name in ("report.json", "report.md", "inf_norm.png", "kurtosis.png", "ppl.png"):
+        assert (d / name).stat().st_size > 0, name
+    for name in ("inf_norm.png", "kurtosis.png", "ppl.png"):
+        assert (d / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (d / "report.md").read_text()
+    assert "| vanilla | sm1 |" in md and "## vanilla" in md and "## sm1" in md
+    assert "**" in md  # best values in bold
+    rep = env["report"]
+    assert rep["command"][0].endswith("outlier_report.py") and "--data" in rep["command"]
+    assert rep["versions"]["torch"] and rep["versions"]["transformers"] and rep["versions"]["compressed-tensors"]
+    assert rep["eval_data"]["kind"] == "text" and rep["calibration_data"]["batches"] == 2
+    for label in ("vanilla", "sm1"):
+        ppl = rep["models"][label]["perplexity"]
+        for k in ("fp32", "fp16", "w8a8_simulated", "w8a8_deployable"):
+            assert math.isfinite(ppl[k]["ppl"]) and ppl[k]["tokens"] == MAX_BLOCKS * (BLOCK - 1), (label, k)
+        assert ppl["w8a8_simulated"]["ppl"] != ppl["fp32"]["ppl"]
+    assert rep["models"]["sm1"]["perplexity"]["w8a8_simulated"]["quant_points"] == 2 * 5  # QK, softmax, PV, 2 residuals
+    assert rep["models"]["vanilla"]["perplexity"]["w8a8_simulated"]["quant_points"] == 0
+
+
+def test_export_writes_reloadable_fp16_and_w8a8(env, capsys):
+    from megatron_outeff.hf import perplexity
+
+    out = env["root"] / "export"
+    rc = export_main([env["models"]["sm1"], "--out", str(out), "--calib-data", env["train"], *DATA_ARGS])
+    assert rc == 0
+    log = capsys.readouterr().out
+    assert "[1/4]" in log and "[4/4]" in log
+    blocks = eval_blocks(env["valid"], env["tok"], block_size=BLOCK, max_blocks=MAX_BLOCKS).blocks
+    fp32 = perplexity(_load(env["models"]["sm1"]), blocks)["ppl"]
+    fp16 = _load(out / "fp16", dtype="auto")
+    assert next(fp16.parameters()).dtype == torch.float16
+    assert json.loads((out / "fp16" / "config.json").read_text())["dtype"] == "float16"
+    assert (out / "fp16" / "tokenizer.json").is_file()
+    assert abs(perplexity(fp16, blocks)["ppl"] / fp32 - 1) < 0.01
+    cfg = json.loads((out / "w8a8" / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "int-quantized"
+    w8 = _load(out / "w8a8")
+    assert w8.model.decoder.layers[0].fc1.quantization_scheme is not None  # compressed-tensors applied
+    w8_ppl = perplexity(w8, blocks)["ppl"]
+    assert math.isfinite(w8_ppl) and w8_ppl != fp32
+
+    # A second run into the same (now non-empty) output is refused and changes nothing.
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    capsys.readouterr()
+    rc = export_main([env["models"]["sm1"], "--out", str(out), "--calib-data", env["train"], *DATA_ARGS])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error:") and "refusing to overwrite" in err and "\n" not in err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_export_refuses_fp16_overflow(env, capsys, tmp_path):
+    from megatron_outeff.hf import export_hf_dir
+
+    opt, _ = evallib.random_weights({"softmax": "vanilla"}, seed=3)
+    for i in (0, 1):  # weights stay below 65504, the residual stream reaches ~8e4
+        opt[f"model.decoder.layers.{i}.fc2.bias"] = torch.full_like(opt[f"model.decoder.layers.{i}.fc2.bias"], 4e4)
+    src = export_hf_dir(tmp_path / "big", opt, evallib.TINY, "vanilla", tokenizer_dir=env["tok"])
+    rc = export_main([str(src), "--out", str(tmp_path / "o"), "--calib-data", env["train"], *DATA_ARGS])
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # earlier lines: transformers' loading bars
+    assert rc == 2 and "fp16 refused" in err and "overflow fp16 on the calibration data" in err and "\n" not in err
+    assert not (tmp_path / "o" / "fp16").exists() and not (tmp_path / "o" / "w8a8").exists()
+
+
+@pytest.mark.parametrize("case", ["missing_model", "not_a_model", "missing_data", "bad_label", "bad_option"])
+@pytest.mark.parametrize("tool", ["report", "export"])
+def test_bad_input_one_line_exit_2_nothing_written(env, capsys, tmp_path, case, tool):
+    if tool == "export" and case == "bad_label":
+        pytest.skip("export takes no labels")
+    model = {"missing_model": str(tmp_path / "nope"), "not_a_model": env["tok"]}.get(case, env["models"]["sm1"])
+    data = str(tmp_path / "missing.jsonl") if case == "missing_data" else env["valid"]
+    out = tmp_path / "out"
+    if tool == "report":
+        spec = model if case == "bad_label" else f"m={model}"
+        extra = ["--block-size", "x"] if case == "bad_option" else []
+        rc = report_main(["--model", spec, "--data", data, "--out", str(out), "--skip-quant", *DATA_ARGS, *extra])
+    else:
+        extra = ["--num-calib-batches", "0"] if case == "bad_option" else []
+        rc = export_main([model, "--out", str(out), "--calib-data", data, *DATA_ARGS, *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error:") and "\n" not in err, err
+    assert not out.exists()
+    assert os.listdir(tmp_path) == []
+
+
+def test_indexed_dataset_gives_the_same_blocks_as_text(env, tmp_path):
+    from megatron_outeff.data.preprocess import preprocess_corpus
+
+    prefix = str(tmp_path / "valid")
+    preprocess_corpus(env["valid"], prefix, os.path.join(env["tok"], "tokenizer.json"), progress=False)
+    a = eval_blocks(prefix, env["tok"], block_size=BLOCK, max_blocks=MAX_BLOCKS, vocab_size=256)
+    b = eval_blocks(env["valid"], env["tok"], block_size=BLOCK, max_blocks=MAX_BLOCKS, vocab_size=256)
+    assert a.description["kind"] == "megatron_indexed" and torch.equal(a.blocks, b.blocks)
+    c = calibration_batches(prefix, env["tok"], num_batches=3, batch_size=2, block_size=BLOCK)
+    assert [tuple(x.shape) for x in c.batches] == [(2, BLOCK)] * 3
+    with pytest.raises(ValueError, match="vocab size is 10"):
+        eval_blocks(prefix, None, block_size=BLOCK, max_blocks=2, vocab_size=10)
+    with pytest.raises(ValueError, match="fewer than one block"):
+        eval_blocks(env["valid"], env["tok"], block_size=100000)
