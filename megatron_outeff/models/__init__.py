@@ -1,0 +1,1 @@
+"""Model families built on megatron-core (OPT) and their Hugging Face weight mappings."""

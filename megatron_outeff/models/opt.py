@@ -1,0 +1,462 @@
+"""The OPT family (Zhang et al. 2022) as megatron-core GPTModels.
+
+OPT in megatron-core terms: pre-LayerNorm decoder, ReLU FFN of width 4h (no GLU), biases on every
+linear (QKV included), learned absolute positions, a final LayerNorm, and the LM head tied to the
+token embedding. Architectures live in ``configs/model/opt-<size>.yaml`` and load into
+:class:`OPTArchConfig`; :func:`build_opt_model` turns one into a GPTModel for the tensor/pipeline
+layout that megatron's ``parallel_state`` was initialised with (by the caller).
+
+Position offset (Hugging Face / metaseq OPT reads row ``pos + 2`` of a table of ``max_positions + 2``
+rows): the megatron model keeps the SAME ``max_positions + 2``-row table as one ordinary parameter
+(``embedding.position_embeddings.weight``) and adds the offset inside the embedding lookup
+(:class:`OPTPositionEmbedding`). Why this representation:
+  * the Hugging Face round trip is lossless by construction: the two offset rows travel as part
+    of the one tensor, nothing is split off, re-created or guessed on export;
+  * training code keeps megatron-native 0-based ``position_ids`` (0 .. seq-1), exactly what
+    megatron's data pipeline produces, so no caller has to know about OPT's quirk;
+  * a parameter (not a side buffer) goes through megatron's state_dict / dist_checkpointing /
+    DDP / optimizer paths unchanged. The two offset rows get zero gradient (never read for
+    position ids >= 0); with decoupled weight decay they shrink slightly during training, which
+    is harmless: Hugging Face reads them only for left-padding positions (-1 -> row 1), whose
+    outputs are masked anyway.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+# Hugging Face OPTLearnedPositionalEmbedding.offset (inherited from fairseq's padding_idx + 1).
+OPT_POSITION_OFFSET = 2
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = REPO_ROOT / "configs" / "model"
+
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
+@dataclass
+class OPTArchConfig:
+    """One OPT architecture: the ``arch:`` section of ``configs/model/opt-<size>.yaml``."""
+
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    ffn_hidden_size: int
+    vocab_size: int = 50272
+    max_position_embeddings: int = 2048
+    # Width of the token embedding; None means hidden_size. Only OPT-350m differs (512, with
+    # project_in / project_out linears around the decoder).
+    word_embed_proj_dim: Optional[int] = None
+    # False only for OPT-350m (post-LayerNorm, no final LayerNorm).
+    do_layer_norm_before: bool = True
+    layernorm_epsilon: float = 1e-5
+    activation: str = "relu"
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.0
+    init_method_std: float = 0.006
+    # OPT paper sec. 2.2 (following Megatron-LM): output layers (attention out_proj, fc2) use
+    # std / sqrt(2 * num_layers). False: every linear uses init_method_std (Hugging Face's init).
+    scaled_output_layer_init: bool = True
+
+    def __post_init__(self):
+        for f in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size",
+                  "max_position_embeddings"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{self.name}: {f}={v!r}: expected a positive integer")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"{self.name}: hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        if self.activation not in _ACTIVATIONS:
+            raise ValueError(f"{self.name}: activation={self.activation!r}: expected one of {sorted(_ACTIVATIONS)}")
+        for f in ("hidden_dropout", "attention_dropout"):
+            v = getattr(self, f)
+            if not 0.0 <= float(v) < 1.0:
+                raise ValueError(f"{self.name}: {f}={v!r}: expected a probability in [0, 1)")
+        if not float(self.init_method_std) > 0:
+            raise ValueError(f"{self.name}: init_method_std={self.init_method_std!r}: expected > 0")
+        if not float(self.layernorm_epsilon) > 0:
+            raise ValueError(f"{self.name}: layernorm_epsilon={self.layernorm_epsilon!r}: expected > 0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def embed_dim(self) -> int:
+        return self.word_embed_proj_dim if self.word_embed_proj_dim is not None else self.hidden_size
+
+    def unsupported_reason(self) -> Optional[str]:
+        """Why our megatron OPT cannot represent this architecture, or None if it can."""
+        if self.embed_dim != self.hidden_size:
+            return (
+                f"{self.name}: word_embed_proj_dim={self.embed_dim} != hidden_size={self.hidden_size} "
+                "(OPT-350m's project_in/project_out) is not supported; expected word_embed_proj_dim == hidden_size"
+            )
+        if not self.do_layer_norm_before:
+            return f"{self.name}: do_layer_norm_before=False (post-LayerNorm, OPT-350m) is not supported; expected pre-LayerNorm"
+        return None
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "arch") -> "OPTArchConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a mapping of OPTArchConfig fields, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {unknown}; expected a subset of {sorted(known)}")
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.default is dataclasses.MISSING and f.name not in d)
+        if missing:
+            raise ValueError(f"{source}: missing required key(s) {missing}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class OPTParallelismHint:
+    """The ``parallelism:`` section of a model YAML: a suggestion for users, never read by the builder."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    zero_stage: int = 0
+
+
+_YAML_SECTIONS = {"arch", "parallelism"}
+
+
+def resolve_arch_path(name_or_path: Union[str, Path]) -> Path:
+    """'125m', 'opt-125m' -> configs/model/opt-125m.yaml in this repository; anything else is a path."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ValueError(f"model config {str(name_or_path)!r}: no such file")
+        return p
+    name = str(name_or_path).lower()
+    name = name[4:] if name.startswith("opt-") else name
+    path = CONFIG_DIR / f"opt-{name}.yaml"
+    if not path.is_file():
+        known = sorted(q.stem[4:] for q in CONFIG_DIR.glob("opt-*.yaml"))
+        raise ValueError(f"model config {str(name_or_path)!r}: unknown OPT size; expected one of {known} or a YAML path")
+    return path
+
+
+def _load_yaml(name_or_path) -> tuple[Path, dict]:
+    import yaml
+
+    path = resolve_arch_path(name_or_path)
+    with open(path) as f:
+        doc = yaml.safe_load(f)
+    if not isinstance(doc, dict) or "arch" not in doc:
+        raise ValueError(f"{path}: expected a mapping with an 'arch:' section")
+    unknown = sorted(set(doc) - _YAML_SECTIONS)
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level key(s) {unknown}; expected a subset of {sorted(_YAML_SECTIONS)}")
+    return path, doc
+
+
+def load_arch_config(name_or_path: Union[str, Path, OPTArchConfig]) -> OPTArchConfig:
+    """The architecture of an OPT size name ('125m', 'opt-1.3b', 'tiny') or of a YAML file path."""
+    if isinstance(name_or_path, OPTArchConfig):
+        return name_or_path
+    path, doc = _load_yaml(name_or_path)
+    return OPTArchConfig.from_dict(doc["arch"], source=f"{path}: arch")
+
+
+def load_parallelism_hint(name_or_path: Union[str, Path]) -> OPTParallelismHint:
+    """The suggested (tp, pp, zero stage) of a model YAML; defaults when it has no such section."""
+    path, doc = _load_yaml(name_or_path)
+    d = doc.get("parallelism") or {}
+    known = {f.name for f in dataclasses.fields(OPTParallelismHint)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{path}: parallelism: unknown key(s) {unknown}; expected a subset of {sorted(known)}")
+    return OPTParallelismHint(**d)
+
+
+def available_sizes() -> list[str]:
+    return sorted(q.stem[4:] for q in CONFIG_DIR.glob("opt-*.yaml"))
+
+
+# --------------------------------------------------------------------------------------------
+# Parallel layout helpers (shared with the Hugging Face mapping).
+
+
+def padded_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 8) -> int:
+    """Vocabulary rows in the megatron model: megatron's VocabParallelEmbedding needs a multiple of
+    the TP size; multiples of 8 per rank keep GEMM shapes aligned. OPT's 50272 needs no padding for
+    TP <= 4. Padding rows are zero on import from Hugging Face and dropped on export."""
+    m = divisible_by * tp_size
+    return int(math.ceil(vocab_size / m) * m)
+
+
+def _parallel_sizes() -> tuple[int, int]:
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return 1, 1
+    return ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+
+
+def check_parallel_layout(arch: OPTArchConfig, tp_size: int, pp_size: int) -> None:
+    if arch.num_attention_heads % tp_size != 0:
+        raise ValueError(
+            f"{arch.name}: num_attention_heads={arch.num_attention_heads} is not divisible by "
+            f"tensor parallel size {tp_size}"
+        )
+    if arch.ffn_hidden_size % tp_size != 0:
+        raise ValueError(f"{arch.name}: ffn_hidden_size={arch.ffn_hidden_size} is not divisible by tensor parallel size {tp_size}")
+    if arch.num_layers % pp_size != 0:
+        raise ValueError(f"{arch.name}: num_layers={arch.num_layers} is not divisible by pipeline parallel size {pp_size}")
+
+
+# --------------------------------------------------------------------------------------------
+# TransformerConfig and model.
+
+
+def opt_transformer_config(arch: Union[OPTArchConfig, str], variant=None, **overrides):
+    """megatron-core TransformerConfig for an OPT architecture (and an attention variant).
+
+    TP/PP sizes come from megatron's parallel_state (1/1 if it is not initialised). Every fusion
+    flag is off: the fused kernels are CUDA-only (and bias-activation fusion has no ReLU kernel);
+    callers on GPU may switch them on through ``overrides``.
+    """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.utils import init_method_normal
+
+    arch = load_arch_config(arch)
+    tp, pp = _parallel_sizes()
+    params_dtype = overrides.pop("params_dtype", torch.float32)
+    kw: dict[str, Any] = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        kv_channels=arch.head_dim,
+        activation_func=_ACTIVATIONS[arch.activation],
+        gated_linear_unit=False,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        normalization="LayerNorm",
+        layernorm_epsilon=arch.layernorm_epsilon,
+        apply_residual_connection_post_layernorm=False,
+        hidden_dropout=arch.hidden_dropout,
+        attention_dropout=arch.attention_dropout,
+        init_method_std=arch.init_method_std,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        cross_entropy_loss_fusion=False,
+    )
+    if not arch.scaled_output_layer_init:
+        kw["output_layer_init_method"] = init_method_normal(arch.init_method_std)
+    if variant is not None:
+        kw.update(_variant_config_kwargs(variant))
+    unknown = sorted(k for k in overrides if k not in {f.name for f in dataclasses.fields(TransformerConfig)})
+    if unknown:
+        raise ValueError(f"transformer overrides {unknown}: not TransformerConfig fields")
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+def _variant_config_kwargs(variant) -> dict:
+    """TransformerConfig fields an attention variant sets (none until the variant module defines them)."""
+    fn = getattr(variant, "transformer_config_kwargs", None)
+    return dict(fn()) if callable(fn) else {}
+
+
+def _is_vanilla(variant) -> bool:
+    if variant is None:
+        return True
+    return str(getattr(variant, "name", getattr(variant, "softmax", ""))) == "vanilla" and not any(
+        getattr(variant, a, None) for a in ("clip", "gate", "gated")
+    )
+
+
+class OPTLayerNorm(torch.nn.LayerNorm):
+    """torch LayerNorm with megatron's norm constructor signature and sequence-parallel support.
+
+    megatron's WrappedTorchNorm refuses sequence parallelism (apex/TE norms carry the flag, neither
+    exists on CPU). Under SP each TP rank normalises its own sequence slice, so the LayerNorm
+    gradients are partial sums: the ``sequence_parallel`` attribute makes megatron's
+    finalize_model_grads all-reduce them over the TP group.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__(hidden_size, eps=eps)
+        for p in self.parameters():
+            setattr(p, "sequence_parallel", bool(config.sequence_parallel))
+
+
+def opt_layer_spec(variant=None):
+    """The transformer-layer ModuleSpec: megatron's local (non-TE) layer with OPTLayerNorm for vanilla
+    attention, megatron_outeff's outlier-efficient layer spec otherwise."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    if _is_vanilla(variant):
+        spec = get_gpt_layer_local_spec()
+    else:
+        try:
+            from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
+        except ImportError as e:
+            raise ValueError(f"attention variant {variant!r} needs megatron_outeff.megatron.layer_spec ({e})") from None
+        spec = get_outeff_layer_spec(variant)
+    # Swap only norms that are megatron's torch fallback (SP-incapable); keep apex/TE norms.
+    # Copies, not in-place edits: a spec may be cached and shared by its provider.
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    sub = spec.submodules
+    swap = {
+        attr: OPTLayerNorm
+        for attr in ("input_layernorm", "pre_mlp_layernorm")
+        if getattr(sub, attr, None) in (WrappedTorchNorm, torch.nn.LayerNorm)
+    }
+    if swap:
+        spec = dataclasses.replace(spec, submodules=dataclasses.replace(sub, **swap))
+    return spec
+
+
+class OPTPositionEmbedding(torch.nn.Embedding):
+    """Learned absolute positions with OPT's offset: 0-based position ids read row ``pos + 2`` of a
+    ``max_positions + 2``-row table (see the module docstring for why)."""
+
+    offset = OPT_POSITION_OFFSET
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(position_ids + self.offset)
+
+
+def _gpt_model_class():
+    from megatron.core.models.gpt import GPTModel
+
+    class OPTGPTModel(GPTModel):
+        """GPTModel whose position table has OPT's two extra leading rows (0-based position ids in)."""
+
+        def __init__(self, config, transformer_layer_spec, vocab_size: int, max_positions: int, **kwargs):
+            super().__init__(
+                config=config,
+                transformer_layer_spec=transformer_layer_spec,
+                vocab_size=vocab_size,
+                max_sequence_length=max_positions + OPT_POSITION_OFFSET,
+                position_embedding_type="learned_absolute",
+                **kwargs,
+            )
+            # Report the usable sequence length, not the table size.
+            self.max_sequence_length = self.max_position_embeddings = max_positions
+            if self.pre_process:
+                emb = self.embedding.position_embeddings
+                # Re-class in place: the parameter, its megatron init and attributes stay untouched;
+                # only the lookup gains the offset.
+                emb.__class__ = OPTPositionEmbedding
+                self.embedding.max_sequence_length = max_positions
+
+    # Importable (and picklable) as megatron_outeff.models.opt.OPTGPTModel.
+    OPTGPTModel.__module__ = __name__
+    OPTGPTModel.__qualname__ = "OPTGPTModel"
+    return OPTGPTModel
+
+
+_OPT_GPT_MODEL = None
+
+
+def opt_gpt_model_class():
+    """The OPTGPTModel class, created on first use so importing this module does not import megatron."""
+    global _OPT_GPT_MODEL
+    if _OPT_GPT_MODEL is None:
+        _OPT_GPT_MODEL = _gpt_model_class()
+    return _OPT_GPT_MODEL
+
+
+def __getattr__(name):
+    if name == "OPTGPTModel":
+        return opt_gpt_model_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def build_opt_model(
+    arch: Union[OPTArchConfig, str],
+    variant=None,
+    *,
+    vocab_size: Optional[int] = None,
+    params_dtype: torch.dtype = torch.float32,
+    sequence_parallel: bool = False,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+    **transformer_overrides,
+):
+    """An OPT megatron-core GPTModel for this rank's (TP, PP) position in megatron's parallel_state.
+
+    vocab_size: rows of the (TP-split) embedding; default ``padded_vocab_size(arch.vocab_size, tp)``.
+    pre_process / post_process: default to this rank being the first / last pipeline stage.
+    Forward takes megatron-native 0-based ``position_ids``; the OPT offset is applied inside.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlock,
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    from megatron_outeff.megatron.cpu_support import apply_cpu_patches
+
+    arch = load_arch_config(arch)
+    reason = arch.unsupported_reason()
+    if reason:
+        raise ValueError(reason)
+    tp, pp = _parallel_sizes()
+    check_parallel_layout(arch, tp, pp)
+    if sequence_parallel and tp == 1:
+        sequence_parallel = False  # megatron rejects SP without TP; it would be a no-op anyway
+    apply_cpu_patches()
+    config = opt_transformer_config(
+        arch, variant, params_dtype=params_dtype, sequence_parallel=sequence_parallel, **transformer_overrides
+    )
+    if vocab_size is None:
+        vocab_size = padded_vocab_size(arch.vocab_size, tp)
+    elif vocab_size < arch.vocab_size or vocab_size % tp != 0:
+        raise ValueError(f"vocab_size={vocab_size}: expected >= {arch.vocab_size} and divisible by tensor parallel size {tp}")
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage() if ps.model_parallel_is_initialized() else True
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage() if ps.model_parallel_is_initialized() else True
+
+    layer_spec = opt_layer_spec(variant)
+    # A block spec (rather than the layer spec) so the final LayerNorm is OPTLayerNorm too.
+    block_spec = ModuleSpec(
+        module=TransformerBlock,
+        submodules=TransformerBlockSubmodules(
+            layer_specs=[layer_spec] * get_num_layers_to_build(config), layer_norm=OPTLayerNorm
+        ),
+    )
+    return opt_gpt_model_class()(
+        config,
+        block_spec,
+        vocab_size=vocab_size,
+        max_positions=arch.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=True,
+        parallel_output=True,
+    )
