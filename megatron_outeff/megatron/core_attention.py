@@ -1,0 +1,334 @@
+"""``OutEffCoreAttention``: a drop-in for megatron-core's ``DotProductAttention`` running
+``megatron_outeff.ops.outeff_attention`` (every softmax variant, clipping, per-head gate).
+
+Placed in ``SelfAttentionSubmodules.core_attention`` it takes the same constructor and forward
+arguments as ``DotProductAttention`` (megatron-core 0.16.1) and returns the same layout
+[sq, b, heads_per_partition * head_dim]. Two extra keyword-only constructor arguments carry the
+variant: ``variant`` (an ``AttentionVariantConfig``) and ``seq_length`` (for the clip_alpha form).
+megatron's ``Attention.__init__`` calls the core-attention class directly (no ModuleSpec params),
+so they are bound with ``functools.partial`` by ``OutEffSelfAttention`` (from its own ModuleSpec
+params) or by ``OutEffCoreAttention.with_variant(variant)``. Without a variant the module reads
+megatron's own ``config.softmax_type`` and behaves like ``DotProductAttention`` (vanilla /
+off-by-one / learnable).
+
+Math (per query-head h; a_h the sink logit, see ``megatron_outeff.ops.variants``):
+    p   = exp(s * q k^T) / (exp(a_h) + sum_j exp(s * q k_j^T))        s = softmax scale
+    p'  = clip((zeta - gamma) p + gamma, 0, 1)                         (clipped variants)
+    out = g_h * dropout(p') V                                          (gated variants)
+
+Softmax scale: as ``DotProductAttention``: ``softmax_scale`` (megatron passes
+``config.softmax_scale``) or 1/sqrt(head_dim). ``apply_query_key_layer_scaling`` divides the
+matmul's scale by the layer number and multiplies the fp32 scores back by it before the
+softmax; the product is unchanged, and the ops already do all softmax math in fp32, so the net
+scale is used directly.
+
+Masks (megatron's convention: bool, True = masked out):
+    attention_mask None, causal type, sq > 1   -> causal (sq == sk, as megatron asserts)
+    attention_mask None otherwise              -> no mask
+    attention_mask [b|1, 1, 1, sk]             -> key padding (outeff_attention key_padding_mask)
+    attention_mask [b|1, 1, sq, sk] == causal  -> causal (the flash path)
+    any other mask                             -> materialised path: scores, then the ops' row
+                                                  softmax (``fused_outeff_softmax`` on CUDA,
+                                                  ``outeff_softmax_reference`` on CPU) with the mask
+As in megatron's torch path a given mask replaces the causal one. One intentional difference: a
+fully masked row gives a zero output here (megatron fills -10000 and, for vanilla softmax,
+averages the masked values).
+
+Dropout runs inside the megatron RNG tracker's fork (unless sequence parallel), as in
+``DotProductAttention``, so TP ranks draw consistent masks.
+
+Learnable offset: parameter ``softmax_offset`` [heads_per_partition], sharded by head
+(``tensor_model_parallel``, ``partition_dim`` 0, ``partition_stride`` 1), with megatron's checkpoint
+key and ``sharded_state_dict``: megatron's ``softmax_type='learnable'`` checkpoints load here and
+back. Softmax_1 / softmax_n need no state (megatron's 'off-by-one' keeps a plain, unsaved tensor).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from megatron.core import tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+)
+
+from megatron_outeff.ops import outeff_attention, outeff_softmax_reference, resolve_sink
+from megatron_outeff.ops.reference import causal_mask, expand_kv_heads
+
+from .variant import AttentionVariantConfig
+
+
+def resolve_variant(config: TransformerConfig, variant: Optional[AttentionVariantConfig]) -> AttentionVariantConfig:
+    """The variant a layer runs: ``variant`` if given, else megatron's ``config.softmax_type``.
+
+    Both at once must agree: a model cannot be 'learnable' for megatron and something else for us.
+    """
+    megatron_type = getattr(config, "softmax_type", "vanilla")
+    if variant is None:
+        return AttentionVariantConfig.from_megatron_softmax_type(megatron_type)
+    if isinstance(variant, dict):
+        variant = AttentionVariantConfig.from_dict(variant)
+    if not isinstance(variant, AttentionVariantConfig):
+        raise ValueError(f"variant={variant!r}: expected an AttentionVariantConfig, a dict or None")
+    if megatron_type != "vanilla":
+        implied = AttentionVariantConfig.from_megatron_softmax_type(megatron_type).softmax
+        if variant.softmax != implied:
+            raise ValueError(
+                f"config.softmax_type={megatron_type!r} conflicts with variant softmax={variant.softmax!r}: "
+                f"set softmax_type='vanilla' and let the variant choose"
+            )
+    return variant
+
+
+def check_variant_fits(variant: AttentionVariantConfig, config: TransformerConfig, tp_size: int) -> None:
+    """One-line ValueError if ``variant`` cannot run on a model of this shape / parallel layout.
+
+    Call before building anything (``OutEffSelfAttention`` does, before megatron allocates weights).
+    """
+    heads, groups = config.num_attention_heads, config.num_query_groups or config.num_attention_heads
+    if heads % tp_size != 0:
+        raise ValueError(f"num_attention_heads={heads} is not divisible by tensor_model_parallel_size={tp_size}")
+    if groups % tp_size != 0 and tp_size % groups != 0:
+        raise ValueError(f"num_query_groups={groups} and tensor_model_parallel_size={tp_size}: one must divide the other")
+    if getattr(config, "context_parallel_size", 1) != 1:
+        raise ValueError(f"context_parallel_size={config.context_parallel_size}: OutEffCoreAttention has no context parallelism")
+    if getattr(config, "window_size", None) is not None:
+        raise ValueError(f"window_size={config.window_size}: sliding-window attention is not supported by OutEffCoreAttention")
+    d_head = config.kv_channels or config.hidden_size // heads
+    if variant.gate in ("linear", "mlp") and d_head * heads != config.hidden_size:
+        raise ValueError(
+            f"gate={variant.gate!r} reads head h's d_head-wide slice of the input, which needs hidden_size "
+            f"({config.hidden_size}) == num_attention_heads * kv_channels ({heads} * {d_head}); use gate='shared_linear'"
+        )
+    if variant.gate == "mlp" and d_head < 4:
+        raise ValueError(f"gate='mlp' with head_dim={d_head}: the hidden width head_dim // 4 would be 0 (needs head_dim >= 4)")
+
+
+def init_sharded_parameter(
+    config: TransformerConfig,
+    full_shape: Tuple[int, ...],
+    init_fn,
+    tp_rank: int,
+    tp_size: int,
+    partition_dim: int = 0,
+) -> torch.nn.Parameter:
+    """A TP-sharded parameter (split along ``partition_dim``) initialised like megatron's layers.
+
+    use_cpu_initialization: the FULL tensor is drawn on CPU from the default generator and this
+    rank keeps its slice (megatron's ``_initialize_affine_weight_cpu``), so TP shards are exact
+    slices of the TP=1 tensor for the same seed. Otherwise the shard is drawn on the device under
+    the model-parallel RNG tracker (megatron's ``_initialize_affine_weight_gpu``).
+    """
+    shard_shape = list(full_shape)
+    if shard_shape[partition_dim] % tp_size != 0:
+        raise ValueError(f"parameter shape {tuple(full_shape)} dim {partition_dim} is not divisible by TP size {tp_size}")
+    shard_shape[partition_dim] //= tp_size
+    if config.use_cpu_initialization:
+        full = torch.zeros(full_shape, dtype=torch.float32)
+        if config.perform_initialization:
+            init_fn(full)
+        shard = full.chunk(tp_size, dim=partition_dim)[tp_rank].to(config.params_dtype).clone()
+    else:
+        shard = torch.zeros(shard_shape, dtype=config.params_dtype, device=torch.cuda.current_device())
+        if config.perform_initialization:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                init_fn(shard)
+    param = torch.nn.Parameter(shard)
+    tensor_parallel.set_tensor_model_parallel_attributes(param, True, partition_dim, 1)
+    return param
+
+
+class OutEffCoreAttention(MegatronModule):
+    """Core attention (after QKV, before linear_proj) with outlier-efficient softmax variants."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+        *,
+        variant: Optional[AttentionVariantConfig] = None,
+        seq_length: Optional[int] = None,
+        impl: str = "auto",
+    ):
+        super().__init__(config=config)
+        self.config: TransformerConfig = config
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        self.pg_collection = pg_collection
+        self.tp_group = pg_collection.tp
+        tp_size, tp_rank = self.tp_group.size(), self.tp_group.rank()
+
+        self.variant = resolve_variant(config, variant)
+        check_variant_fits(self.variant, config, tp_size)
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.attention_type = attention_type
+        self.impl = impl
+
+        heads = config.num_attention_heads
+        self.hidden_size_per_attention_head = config.kv_channels
+        self.num_attention_heads_per_partition = heads // tp_size
+        self.hidden_size_per_partition = self.num_attention_heads_per_partition * config.kv_channels
+        # Net scale of DotProductAttention (query-key layer scaling cancels, see module doc).
+        self.softmax_scale = (
+            1.0 / math.sqrt(self.hidden_size_per_attention_head) if softmax_scale is None else float(softmax_scale)
+        )
+        self.dropout_p = float(config.attention_dropout if attention_dropout is None else attention_dropout)
+        self.clip = self.variant.clip_pair(seq_length)
+
+        if self.variant.learnable_offset:
+            self.softmax_offset = init_sharded_parameter(
+                config, (heads,), config.init_method, tp_rank, tp_size, partition_dim=0
+            )
+        else:
+            self.softmax_offset = None
+        self._gate: Optional[Tensor] = None  # set only inside gate_scope()
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def with_variant(cls, variant: AttentionVariantConfig, seq_length: Optional[int] = None, **kwargs):
+        """A core-attention builder for ``SelfAttentionSubmodules.core_attention`` bound to ``variant``."""
+        return functools.partial(cls, variant=variant, seq_length=seq_length, **kwargs)
+
+    @contextlib.contextmanager
+    def gate_scope(self, gate: Optional[Tensor]):
+        """Within this scope forward() multiplies head h's output by gate[b, sq, h] (in (0, 1)).
+
+        ``OutEffSelfAttention`` computes the gate from the layer input and opens this scope around
+        megatron's forward; the core attention itself never sees the layer input.
+        """
+        previous, self._gate = self._gate, gate
+        try:
+            yield
+        finally:
+            self._gate = previous
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Optional[Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[Tensor] = None,
+        packed_seq_params=None,
+    ) -> Tensor:
+        """query [sq, b, np, hn], key/value [sk, b, ng, hn] -> [sq, b, np * hn]."""
+        if packed_seq_params is not None:
+            raise ValueError("packed_seq_params: OutEffCoreAttention supports only the sbhd layout (no THD packing)")
+        if attention_bias is not None:
+            raise ValueError("attention_bias: not supported by OutEffCoreAttention (as DotProductAttention)")
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        sq, b, heads, _ = query.shape
+        sk = key.shape[0]
+        # [s, b, h, d] -> [b, s, h, d]: the ops' layout (a view; the ops handle strides).
+        q, k, v = (t.transpose(0, 1) for t in (query, key, value))
+        causal, key_padding, dense_mask = self._resolve_mask(attention_mask, mask_type, b, sq, sk)
+        gate = self._gate
+        dropout_p = self.dropout_p if self.training else 0.0
+
+        rng = contextlib.nullcontext()
+        if dropout_p > 0 and not self.config.sequence_parallel:
+            rng = tensor_parallel.get_cuda_rng_tracker().fork()
+        with rng:
+            if dense_mask is None:
+                out = outeff_attention(
+                    q, k, v, softmax=self.variant.softmax, n=self.variant.n, offset=self.softmax_offset,
+                    clip=self.clip, gate=gate, causal=causal, key_padding_mask=key_padding,
+                    scale=self.softmax_scale, dropout_p=dropout_p, impl=self.impl,
+                )
+            else:
+                out = self._materialised_attention(q, k, v, dense_mask, gate, dropout_p)
+        # [b, sq, np, hn] -> [sq, b, np * hn]
+        return out.transpose(0, 1).reshape(sq, b, heads * out.shape[-1])
+
+    def _resolve_mask(self, mask, mask_type, b, sq, sk):
+        """(causal, key_padding_mask [b, sk] True=keep, dense bool mask True=masked) per megatron's rules."""
+        if mask is None:
+            if mask_type == AttnMaskType.causal and sq > 1:
+                if sq != sk:
+                    raise ValueError(f"causal mask with sq={sq} != sk={sk}: megatron's causal type is for self attention")
+                return True, None, None
+            return False, None, None
+        if mask.dtype != torch.bool:
+            raise ValueError(f"attention_mask dtype {mask.dtype}: expected torch.bool, True = masked out (megatron convention)")
+        if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, b) or mask.shape[-1] != sk or mask.shape[-2] not in (1, sq):
+            raise ValueError(f"attention_mask shape {tuple(mask.shape)}: expected [b or 1, 1, sq or 1, sk] = [*, 1, {sq}, {sk}]")
+        if mask.shape[-2] == 1:  # one row per sample: a key padding mask
+            return False, (~mask.reshape(mask.shape[0], sk)).expand(b, sk), None
+        if sq == sk and torch.equal(mask, causal_mask(sq, sk, mask.device).view(1, 1, sq, sk).expand_as(mask)):
+            return True, None, None
+        return False, None, mask
+
+    def _materialised_attention(self, q, k, v, mask, gate, dropout_p):
+        """Arbitrary mask: materialise the scores, run the ops' row softmax on them, then P @ V."""
+        heads = q.shape[2]
+        sink = resolve_sink(self.variant.softmax, self.variant.n, self.softmax_offset, heads, q.device)
+        qt = q.transpose(1, 2).float()                                   # [b, h, sq, d]
+        kt = expand_kv_heads(k, heads).transpose(1, 2).float()
+        vt = expand_kv_heads(v, heads).transpose(1, 2)
+        scores = qt @ kt.transpose(-1, -2)                               # [b, h, sq, sk], fp32
+        softmax_fn = outeff_softmax_reference
+        if q.device.type == "cuda":
+            from megatron_outeff.ops.row_softmax import fused_outeff_softmax as softmax_fn  # noqa: F811
+        p = softmax_fn(scores, scale=self.softmax_scale, sink=sink, mask=mask, clip=_as_clip(self.clip))
+        if dropout_p > 0:
+            p = torch.nn.functional.dropout(p, dropout_p, training=True)
+        out = (p.to(vt.dtype) @ vt).transpose(1, 2)                      # [b, sq, h, d]
+        if gate is not None:
+            out = out * gate.to(out.dtype).unsqueeze(-1)
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # A one-line error for an offset that does not fit this layer (instead of torch's list).
+        key = prefix + "softmax_offset"
+        if key in state_dict and self.softmax_offset is not None:
+            shape = tuple(state_dict[key].shape)
+            if shape != tuple(self.softmax_offset.shape):
+                raise ValueError(
+                    f"{key}: checkpoint shape {shape} does not fit {tuple(self.softmax_offset.shape)} "
+                    f"(heads per tensor-parallel partition) of this {self.variant.describe()} layer"
+                )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def sharded_state_dict(
+        self,
+        prefix: str = "",
+        sharded_offsets: Tuple[Tuple[int, int, int], ...] = (),
+        metadata: Optional[dict] = None,
+    ) -> ShardedStateDict:
+        """As megatron's ``DotProductAttention``: ``softmax_offset`` sharded along heads (dim 0)."""
+        state_dict = self.state_dict(prefix="", keep_vars=True) if self.softmax_offset is not None else {}
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        return make_sharded_tensors_for_checkpoint(
+            state_dict, prefix, {"softmax_offset": 0}, sharded_offsets,
+            tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
+        )
+
+    def extra_repr(self) -> str:
+        return f"variant={self.variant.describe()!r}, heads_per_partition={self.num_attention_heads_per_partition}, scale={self.softmax_scale:.4g}"
+
+
+def _as_clip(pair):
+    from megatron_outeff.ops import Clip
+
+    return Clip.parse(pair)

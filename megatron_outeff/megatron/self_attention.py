@@ -1,0 +1,197 @@
+"""``OutEffSelfAttention``: megatron's ``SelfAttention`` with an attention variant and a per-head gate.
+
+A thin subclass used through the layer spec (``get_outeff_layer_spec``). It adds two things:
+
+1. The variant travels in the self-attention ModuleSpec's ``params`` (``variant``,
+   ``seq_length``): megatron's per-module option mechanism. Because megatron's ``Attention``
+   calls the core-attention class directly (no ModuleSpec there), this class binds the variant to
+   an ``OutEffCoreAttention`` core with ``functools.partial`` before megatron builds it.
+2. Gated attention (Bondarenko et al. 2023): per head h,
+       g_h = sigmoid(G_h(x_h))      x_h = head h's d_head-wide slice of the layer INPUT hidden state
+   and head h's core-attention output is multiplied by g_h before linear_proj (passed as
+   ``gate=`` to ``megatron_outeff.ops.outeff_attention``). ``OutEffHeadGate`` computes g; the
+   forward opens ``core_attention.gate_scope(g)`` around megatron's unchanged forward.
+
+Tensor / sequence parallelism: a TP rank owns the gates of its own heads (parameters sharded
+along the head dim, ``tensor_model_parallel=True, partition_dim=0, partition_stride=1``) and reads
+the matching slice of the FULL input: ``gather_from_sequence_parallel_region`` under SP (backward:
+reduce-scatter), ``copy_to_tensor_model_parallel_region`` otherwise (backward: all-reduce), so the
+input gradient sums every rank's gate contribution.
+
+Selective recompute of the core attention ('core_attn' in recompute_modules) checkpoints the gate
+as an input of the recomputed region, so its gradient flows through the recomputation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from megatron.core import tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
+
+from .core_attention import OutEffCoreAttention, check_variant_fits, init_sharded_parameter, resolve_variant
+from .variant import AttentionVariantConfig
+
+
+class OutEffHeadGate(MegatronModule):
+    """Per-head attention gate for this TP rank's heads: hidden [s(/tp), b, d_model] -> g [b, s, heads/tp].
+
+    linear         logit_h = w_h . x_h + b_h                     w [H, d_head], b [H]
+    mlp            logit_h = w2_h . relu(W1_h x_h + b1_h) + b_h  W1 [H, d_head/4, d_head], b1 [H, d_head/4], w2 [H, d_head/4]
+    shared_linear  logit = W x + b over the whole hidden state   W [H, d_model], b [H]
+    (shapes for all H heads; each rank stores rows [rank*H/tp, (rank+1)*H/tp)). b starts at
+    logit(gate_init_prob); weights use config.init_method (megatron's weight init). The gate is
+    sigmoid(logit) computed in fp32.
+    """
+
+    def __init__(self, config: TransformerConfig, variant: AttentionVariantConfig, tp_group):
+        super().__init__(config=config)
+        self.kind = variant.gate
+        self.tp_group = tp_group
+        tp_size, tp_rank = tp_group.size(), tp_group.rank()
+        heads, d_head = config.num_attention_heads, config.kv_channels
+        self.heads_per_partition = heads // tp_size
+        self.d_head = d_head
+        self.tp_rank = tp_rank
+        bias0 = math.log(variant.gate_init_prob / (1.0 - variant.gate_init_prob))  # logit(p)
+
+        def param(shape, init):
+            return init_sharded_parameter(config, shape, init, tp_rank, tp_size, partition_dim=0)
+
+        def constant(value):
+            return lambda t: torch.nn.init.constant_(t, value)
+
+        if self.kind == "linear":
+            self.weight = param((heads, d_head), config.init_method)
+        elif self.kind == "mlp":
+            hidden = d_head // 4
+            self.fc1_weight = param((heads, hidden, d_head), config.init_method)
+            self.fc1_bias = param((heads, hidden), constant(0.0))
+            self.fc2_weight = param((heads, hidden), config.init_method)
+        elif self.kind == "shared_linear":
+            self.weight = param((heads, config.hidden_size), config.init_method)
+        else:
+            raise ValueError(f"gate={self.kind!r}: OutEffHeadGate needs one of linear, mlp, shared_linear")
+        # The bias is constant at init, so it is the same on every rank whatever the init path.
+        self.bias = param((heads,), constant(bias0))
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        if self.config.sequence_parallel:
+            x = gather_from_sequence_parallel_region(hidden_states, group=self.tp_group)  # [s, b, d_model]
+        else:
+            x = copy_to_tensor_model_parallel_region(hidden_states, group=self.tp_group)
+        s, b = x.shape[:2]
+        if self.kind == "shared_linear":
+            logits = torch.nn.functional.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))  # [s, b, np]
+        else:
+            lo = self.tp_rank * self.heads_per_partition * self.d_head
+            x_h = x[..., lo : lo + self.heads_per_partition * self.d_head].reshape(s, b, self.heads_per_partition, self.d_head)
+            if self.kind == "linear":
+                logits = torch.einsum("sbhd,hd->sbh", x_h, self.weight.to(x.dtype))
+            else:
+                hid = torch.relu(torch.einsum("sbhd,hkd->sbhk", x_h, self.fc1_weight.to(x.dtype)) + self.fc1_bias.to(x.dtype))
+                logits = torch.einsum("sbhk,hk->sbh", hid, self.fc2_weight.to(x.dtype))
+            logits = logits + self.bias.to(x.dtype)
+        return torch.sigmoid(logits.float()).transpose(0, 1)  # [b, s, np]
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: Tuple[Tuple[int, int, int], ...] = (), metadata: Optional[dict] = None
+    ) -> ShardedStateDict:
+        """Every gate tensor is sharded by head along dim 0."""
+        state_dict = self.state_dict(prefix="", keep_vars=True)
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        return make_sharded_tensors_for_checkpoint(
+            state_dict, prefix, {name: 0 for name in state_dict}, sharded_offsets,
+            tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
+        )
+
+
+def _accepts_variant(builder) -> bool:
+    target = builder.func if isinstance(builder, functools.partial) else builder
+    return isinstance(target, type) and issubclass(target, OutEffCoreAttention)
+
+
+class OutEffSelfAttention(SelfAttention):
+    """megatron ``SelfAttention`` + attention variant (spec params) + per-head input gate."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: SelfAttentionSubmodules,
+        layer_number: int,
+        attn_mask_type: AttnMaskType = AttnMaskType.padding,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+        variant: Optional[AttentionVariantConfig] = None,
+        seq_length: Optional[int] = None,
+    ):
+        variant = resolve_variant(config, variant)
+        tp_size = pg_collection.tp.size() if pg_collection is not None else _mpu_tp_size()
+        check_variant_fits(variant, config, tp_size)  # before megatron allocates anything
+        core = submodules.core_attention
+        if _accepts_variant(core):
+            submodules = dataclasses.replace(
+                submodules, core_attention=functools.partial(core, variant=variant, seq_length=seq_length)
+            )
+        elif variant != AttentionVariantConfig.from_megatron_softmax_type(getattr(config, "softmax_type", "vanilla")):
+            name = getattr(core, "__name__", repr(core))
+            raise ValueError(f"core_attention={name} cannot run the attention variant {variant.describe()!r}: use OutEffCoreAttention")
+        super().__init__(config, submodules, layer_number, attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
+        self.variant = variant
+        self.head_gate = OutEffHeadGate(config, variant, self.pg_collection.tp) if variant.gated else None
+        self._pending_gate: Optional[Tensor] = None
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor, *args, **kwargs):
+        if self.head_gate is None:
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        gate = self.head_gate(hidden_states)  # [b, sq, heads_per_partition], from the layer input
+        self._pending_gate = gate
+        try:
+            with self.core_attention.gate_scope(gate):
+                return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        finally:
+            self._pending_gate = None
+
+    def _checkpointed_attention_forward(
+        self, query, key, value, attention_mask, rotary_pos_emb=None, attn_mask_type=None,
+        attention_bias=None, packed_seq_params=None,
+    ):
+        """Selective recompute: the gate is an explicit input of the checkpointed region."""
+        gate = self._pending_gate
+        if gate is None:
+            return super()._checkpointed_attention_forward(
+                query, key, value, attention_mask, rotary_pos_emb=rotary_pos_emb, attn_mask_type=attn_mask_type,
+                attention_bias=attention_bias, packed_seq_params=packed_seq_params,
+            )
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        mask_type = torch.tensor([mask_type.value], dtype=torch.int)
+
+        def custom_forward(q, k, v, mask, mask_type_t, g):
+            with self.core_attention.gate_scope(g):
+                return self.core_attention(
+                    q, k, v, mask, attn_mask_type=AttnMaskType(mask_type_t.item()),
+                    attention_bias=attention_bias, packed_seq_params=packed_seq_params,
+                )
+
+        return tensor_parallel.checkpoint(custom_forward, False, query, key, value, attention_mask, mask_type, gate)
+
+
+def _mpu_tp_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_world_size()
