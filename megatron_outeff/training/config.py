@@ -28,10 +28,11 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class ModelConfig:
-    arch: str = "tiny"  # "tiny" | "125m" | path to an arch YAML (megatron_outeff.models.opt)
-    vocab_size: Optional[int] = None  # None: the arch's (or the tokenizer's) vocabulary size
-    # Extra megatron TransformerConfig fields, e.g. {hidden_dropout: 0.1, init_method_std: 0.006}.
-    overrides: dict = field(default_factory=dict)
+    arch: str = "tiny"  # "tiny" | "125m" | ... | path to an arch YAML (megatron_outeff.models.opt)
+    arch_overrides: dict = field(default_factory=dict)  # OPTArchConfig fields, e.g. {vocab_size: 256}
+    vocab_size: Optional[int] = None  # embedding rows; None: the arch's vocabulary padded for TP
+    # Extra megatron TransformerConfig fields, e.g. {hidden_dropout: 0.0}.
+    transformer_overrides: dict = field(default_factory=dict)
     # Activation recomputation, passed to megatron: null | "full" | "selective".
     recompute_granularity: Optional[str] = None
     recompute_method: Optional[str] = None  # "uniform" | "block" (full recomputation only)

@@ -1,0 +1,163 @@
+"""Pretrain an OPT-style causal LM with megatron-core models and DeepSpeed ZeRO.
+
+    python -m megatron_outeff.training.train --config configs/train/demo-tiny.yaml [--set a.b=c ...] [--resume]
+    torchrun --nproc_per_node 2 -m megatron_outeff.training.train --config ...
+    deepspeed --hostfile launch/hostfile.example megatron_outeff/training/train.py --config ...
+
+The loop, top to bottom: config -> process groups -> checkpoint-dir ownership -> model -> DeepSpeed
+engine -> data -> resume -> [fetch micro-batches, forward/backward/step, log, validate, save]* -> end.
+SIGTERM / SIGUSR1: finish the current step, save, exit 0. A run with a checkpoint directory that
+already holds this run's checkpoints resumes from `latest` automatically.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import checkpoint
+from .config import Config, ConfigError, load_config
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser.add_argument("--config", required=True, help="training YAML (configs/train/*.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.train_iters=100 (repeatable)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the checkpoint in checkpoint.dir even if its config differs")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    return parser.parse_args(argv)
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 set a flag; the loop saves and stops after the current step. Ranks agree
+    (an all-reduce) so all of them take part in the final save."""
+
+    def __init__(self):
+        self.received = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.received = True
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([1.0 if self.received else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def set_seeds(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(cfg: Config, force_resume: bool = False) -> dict:
+    from megatron.core import parallel_state as ps
+
+    from megatron_outeff.megatron.parallel import init_model_parallel
+
+    from .data import build_sources
+    from .engine import build_engine, eval_loss, train_step
+    from .logging import MetricsLogger, print_rank0
+    from .model import arch_config, build_model
+
+    # 1. Process groups, seeds, and every check that can fail before anything is written.
+    init_model_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.train.seed)
+    set_seeds(cfg.train.seed)
+    world = dist.get_world_size()
+    num_micro = cfg.grad_accumulation_steps(world)
+    arch = arch_config(cfg)
+    resume = checkpoint.claim_run_dir(cfg, force_resume)
+    print_rank0(f"world {world} = TP {cfg.parallel.tensor_parallel} x PP {cfg.parallel.pipeline_parallel} x "
+                f"DP {ps.get_data_parallel_world_size()}; ZeRO-{cfg.parallel.zero_stage}; {cfg.precision.dtype}; "
+                f"{num_micro} micro-batches of {cfg.parallel.micro_batch_size} per DP rank; fingerprint {cfg.fingerprint()}")
+
+    # 2. Model (this rank's TP shard / PP stage) and the DeepSpeed engine.
+    model = build_model(cfg, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    trainer = build_engine(cfg, model)
+    engine = trainer.engine
+
+    # 3. Data: this DP rank's slice of each global batch.
+    train_data, valid_data = build_sources(cfg, vocab_size=arch.vocab_size, dp_rank=ps.get_data_parallel_rank(),
+                                           dp_size=ps.get_data_parallel_world_size())
+
+    # 4. Resume: model/optimizer/scheduler/loss scale from DeepSpeed, data position, then RNG last.
+    iteration = 0
+    if resume:
+        state = checkpoint.load(engine, cfg)
+        iteration = state["iteration"]
+        train_data.load_state_dict(state["data"])
+        checkpoint.restore_rng(cfg, state["tag"])
+        print_rank0(f"resumed from {cfg.checkpoint.dir}/{state['tag']} at iteration {iteration}")
+    last_saved = iteration if resume else None
+
+    logger = MetricsLogger(cfg.logging.tensorboard_dir, seq_length=cfg.data.seq_length,
+                           log_interval=cfg.logging.log_interval)
+    stop = StopRequest()
+    history = []  # (iteration, loss) on this rank, for tests and the final summary
+
+    def save_now():
+        nonlocal last_saved
+        if cfg.checkpoint.dir and last_saved != iteration:
+            tag = checkpoint.save(engine, cfg, iteration, {"data": train_data.state_dict()})
+            print_rank0(f"saved {cfg.checkpoint.dir}/{tag}")
+            last_saved = iteration
+
+    # 5. The loop.
+    stopped_early = False
+    while iteration < cfg.train.train_iters:
+        logger.step_start()
+        micro_batches = train_data.next_global_batch()
+        result = train_step(trainer, micro_batches)
+        iteration += 1
+        history.append((iteration, result.loss))
+        logger.train_step(iteration, train_data.consumed_samples, cfg.parallel.global_batch_size, result)
+
+        if valid_data is not None and cfg.train.eval_interval and iteration % cfg.train.eval_interval == 0:
+            valid_data.load_state_dict({"consumed_samples": 0})
+            losses = [eval_loss(trainer, valid_data.next_global_batch()) for _ in range(cfg.train.eval_iters)]
+            logger.validation(iteration, train_data.consumed_samples, sum(losses) / len(losses))
+
+        exit_now = bool(cfg.train.exit_interval) and iteration % cfg.train.exit_interval == 0
+        if stop.any_rank():
+            print_rank0(f"stop requested: saving at iteration {iteration} and exiting")
+            exit_now = True
+        if cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0 or exit_now:
+            save_now()
+        if exit_now:
+            stopped_early = iteration < cfg.train.train_iters
+            break
+
+    # 6. End: final checkpoint.
+    save_now()
+    logger.close()
+    print_rank0(f"done at iteration {iteration}" + (" (stopped early)" if stopped_early else ""))
+    return {"iteration": iteration, "history": history}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
+    try:
+        cfg = load_config(args.config, args.set)
+        train(cfg, force_resume=args.resume)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
