@@ -40,10 +40,15 @@ class StopRequest:
     """SIGTERM / SIGUSR1 set a flag; the loop saves and stops after the current step. Ranks agree
     (an all-reduce) so all of them take part in the final save."""
 
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
     def __init__(self):
         self.received = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
+        self._previous = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
+
+    def close(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handler(self, signum, frame):
         self.received = True
@@ -140,6 +145,7 @@ def train(cfg: Config, force_resume: bool = False) -> dict:
     # 6. End: final checkpoint.
     save_now()
     logger.close()
+    stop.close()
     print_rank0(f"done at iteration {iteration}" + (" (stopped early)" if stopped_early else ""))
     return {"iteration": iteration, "history": history}
 
