@@ -185,6 +185,7 @@ class Trainer:
     cfg: Config
     num_microbatches: int
     is_last_stage: bool
+    pipelined: bool = False
 
     @property
     def lr(self) -> float:
@@ -198,8 +199,9 @@ def build_engine(cfg: Config, model: torch.nn.Module) -> Trainer:
     world = dist.get_world_size()
     if cfg.precision.dtype == "fp16" and not torch.cuda.is_available():
         raise ConfigError("precision.dtype=fp16: DeepSpeed supports fp16 only on CUDA devices; use bf16 or fp32 on CPU")
-    if cfg.parallel.pipeline_parallel > 1:
-        raise ConfigError("parallel.pipeline_parallel > 1 is not supported by the training loop yet")
+    pipelined = cfg.parallel.pipeline_parallel > 1
+    if pipelined and cfg.precision.dtype != "fp32":
+        raise ConfigError("parallel.pipeline_parallel > 1 supports precision.dtype=fp32 only (for now)")
     if cfg.parallel.sequence_parallel:
         _allreduce_sequence_parallel_grads(model)
     optimizer = torch.optim.AdamW(
@@ -209,12 +211,24 @@ def build_engine(cfg: Config, model: torch.nn.Module) -> Trainer:
         optimizer, max_lr=cfg.optimizer.lr, min_lr=cfg.schedule.min_lr, warmup_iters=cfg.schedule.warmup_iters,
         decay_iters=cfg.schedule.decay_iters or cfg.train.train_iters, decay_style=cfg.schedule.decay_style,
     )
+    ds_config = deepspeed_config(cfg, world)
+    own_clipping = cfg.parallel.zero_stage == 0 and cfg.precision.dtype == "fp32"
+    if own_clipping:
+        # DeepSpeed's fp32 ZeRO-0 clipping counts TP-duplicated parameters only on model-parallel
+        # rank 0, which drops every later pipeline stage's LayerNorms and biases: we clip ourselves.
+        ds_config["gradient_clipping"] = 0.0
+    if pipelined:
+        # megatron's pipeline schedule runs all micro-batches' forward/backward itself; DeepSpeed then
+        # reduces over DP and steps once: every engine.step() is the accumulation boundary.
+        ds_config["managed_gradient_accumulation"] = False
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world),
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
         mpu=MegatronMPU(), dist_init_required=False,
     )
+    if pipelined and own_clipping:
+        engine.enable_backward_allreduce = False  # we average over DP before clipping (pipeline_train_step)
     return Trainer(engine=engine, cfg=cfg, num_microbatches=cfg.grad_accumulation_steps(world),
-                   is_last_stage=parallel_state.is_pipeline_last_stage())
+                   is_last_stage=parallel_state.is_pipeline_last_stage(), pipelined=pipelined)
 
 
 def masked_lm_loss(model, batch: dict) -> torch.Tensor:
@@ -236,6 +250,8 @@ class StepResult:
 def train_step(t: Trainer, micro_batches: list[dict]) -> StepResult:
     """Forward + backward each micro-batch (DeepSpeed accumulates, reduces over DP and steps at the
     last one), then the step's statistics."""
+    if t.pipelined:
+        return pipeline_train_step(t, micro_batches)
     engine = t.engine
     lr = t.lr
     losses = []
@@ -244,8 +260,8 @@ def train_step(t: Trainer, micro_batches: list[dict]) -> StepResult:
     for i, batch in enumerate(micro_batches):
         loss = masked_lm_loss(engine, batch)
         engine.backward(loss)
-        if i == len(micro_batches) - 1 and _plain_fp32(engine):
-            grad_norm = grad_norm_fp32(engine.module)  # DeepSpeed keeps no norm for plain optimizers
+        if i == len(micro_batches) - 1 and _plain_fp32(engine):  # grads are DP-reduced by now
+            grad_norm = clip_grads_fp32(engine.module, t.cfg.train.clip_grad)
         engine.step()
         losses.append(loss.detach())
     if grad_norm is None:
@@ -261,10 +277,112 @@ def train_step(t: Trainer, micro_batches: list[dict]) -> StepResult:
 def eval_loss(t: Trainer, micro_batches: list[dict]) -> float:
     t.engine.eval()
     try:
+        if t.pipelined:
+            sync_tied_embedding(t.engine.module)
+            return _dp_mean(_pipeline_loss(_run_pipeline(t, micro_batches, forward_only=True)))
         losses = [masked_lm_loss(t.engine, b) for b in micro_batches]
     finally:
         t.engine.train()
     return _dp_mean(torch.stack(losses).mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# Pipeline parallelism: megatron's schedule computes the gradients, DeepSpeed reduces and steps
+# --------------------------------------------------------------------------------------------------
+def _run_pipeline(t: Trainer, micro_batches: list[dict], forward_only: bool) -> list[dict]:
+    from megatron_outeff.megatron.cpu_support import cpu_safe_forward_backward_func
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+
+        def loss_func(per_token):
+            mask = batch["loss_mask"]
+            loss = (per_token.float() * mask).sum() / mask.sum().clamp(min=1)
+            # megatron divides the returned loss by num_microbatches in place: log a copy
+            return loss, {"lm loss": loss.detach().clone()}
+
+        return output, loss_func
+
+    schedule = cpu_safe_forward_backward_func()
+    return schedule(
+        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[t.engine.module],
+        num_microbatches=len(micro_batches), seq_length=micro_batches[0]["tokens"].shape[1],
+        micro_batch_size=micro_batches[0]["tokens"].shape[0], forward_only=forward_only,
+    )
+
+
+def _pipeline_loss(outputs: list[dict]) -> torch.Tensor:
+    """Mean micro-batch loss, from the last stage to every stage of the pipeline."""
+    from megatron.core import parallel_state
+
+    loss = torch.stack([o["lm loss"] for o in outputs]).mean() if outputs else torch.zeros(())
+    loss = loss.float().reshape(())
+    dist.all_reduce(loss, group=parallel_state.get_pipeline_model_parallel_group())  # zero elsewhere
+    return loss
+
+
+def _tied_embedding(module: torch.nn.Module):
+    """The tied word-embedding / output-layer weight if this rank holds one under PP, else None."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.is_rank_in_embedding_group(ignore_virtual=True):
+        return None
+    model = unwrap_module(module)
+    if not getattr(model, "share_embeddings_and_output_weights", False):
+        return None
+    return model.shared_embedding_or_output_weight()
+
+
+def sync_tied_embedding(module: torch.nn.Module) -> None:
+    """Under PP the tied matrix is held twice: by the first stage (word embedding: the copy the
+    optimizer updates) and by the last stage (output layer, marked ``shared``). Copy the first
+    stage's into the last stage's, before every step (so also right after a resume)."""
+    from megatron.core import parallel_state
+
+    weight = _tied_embedding(module)
+    if weight is not None:
+        dist.broadcast(weight.data, src=parallel_state.get_pipeline_model_parallel_first_rank(),
+                       group=parallel_state.get_embedding_group())
+
+
+def _allreduce_tied_embedding_grads(module: torch.nn.Module) -> None:
+    """Sum the two copies' gradients over the embedding group; the last stage's copy then drops its
+    gradient, so DeepSpeed neither updates it nor counts it twice in the grad norm."""
+    from megatron.core import parallel_state
+
+    weight = _tied_embedding(module)
+    if weight is None:
+        return
+    if weight.grad is None:
+        weight.grad = torch.zeros_like(weight)
+    dist.all_reduce(weight.grad, group=parallel_state.get_embedding_group())
+    if getattr(weight, "shared", False):
+        weight.grad = None
+
+
+def pipeline_train_step(t: Trainer, micro_batches: list[dict]) -> StepResult:
+    engine = t.engine
+    lr = t.lr
+    sync_tied_embedding(engine.module)
+    outputs = _run_pipeline(t, micro_batches, forward_only=False)
+    _allreduce_tied_embedding_grads(engine.module)
+    if _plain_fp32(engine):
+        _allreduce_dp_mean(engine.module)
+        grad_norm = clip_grads_fp32(engine.module, t.cfg.train.clip_grad)
+        engine.step()  # update, LR schedule
+    else:
+        engine.step()  # ZeRO-1: reduce over DP, clip, update, LR schedule
+        norm = engine.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else None
+    return StepResult(loss=_dp_mean(_pipeline_loss(outputs)), grad_norm=grad_norm, loss_scale=None, lr=lr,
+                      skipped=False)
+
+
+def unwrap_module(module: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(module, "module"):
+        module = module.module
+    return module
 
 
 def _dp_mean(x: torch.Tensor) -> float:
@@ -286,6 +404,35 @@ def _loss_scale(engine):
     return float(scale) if scale is not None and engine.fp16_enabled() else None
 
 
+def _allreduce_dp_mean(model: torch.nn.Module) -> None:
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_data_parallel_group()
+    size = parallel_state.get_data_parallel_world_size()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if size == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def clip_grads_fp32(model: torch.nn.Module, max_norm: float) -> float:
+    """Global grad norm (see grad_norm_fp32); gradients scaled down to max_norm if above (0: off)."""
+    norm = grad_norm_fp32(model)
+    if max_norm > 0:
+        coeff = max_norm / (norm + 1e-6)
+        if coeff < 1.0:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coeff)
+    return norm
+
+
 def grad_norm_fp32(model: torch.nn.Module) -> float:
     """Global L2 norm of the (DP-reduced) gradients: TP-sharded parameters summed over the model-
     parallel group, TP-duplicated ones counted once (on TP rank 0)."""
@@ -295,6 +442,8 @@ def grad_norm_fp32(model: torch.nn.Module) -> float:
     sq = torch.zeros((), dtype=torch.float64)
     for p in model.parameters():
         if p.grad is None:
+            continue
+        if getattr(p, "shared", False):  # the last stage's copy of the tied embedding: counted once
             continue
         if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
             sq += p.grad.double().pow(2).sum()

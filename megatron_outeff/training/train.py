@@ -65,7 +65,10 @@ def set_seeds(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: Config, force_resume: bool = False) -> dict:
+def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
+    """Run (or resume) the training described by cfg. model_hook(model), if given, sees this rank's
+    freshly built megatron model before DeepSpeed wraps it (e.g. to load initial weights).
+    Returns {"iteration", "history": [(iteration, loss), ...]}."""
     from megatron.core import parallel_state as ps
 
     from megatron_outeff.megatron.parallel import init_model_parallel
@@ -88,6 +91,8 @@ def train(cfg: Config, force_resume: bool = False) -> dict:
 
     # 2. Model (this rank's TP shard / PP stage) and the DeepSpeed engine.
     model = build_model(cfg, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    if model_hook is not None:
+        model_hook(model)
     trainer = build_engine(cfg, model)
     engine = trainer.engine
 

@@ -18,22 +18,45 @@ WORKER = str(Path(__file__).with_name("layouts_worker.py"))
 TOL = 1e-5
 
 
-def _torchrun(nproc, out, layouts, extra=(), timeout=560):
-    cmd = [TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), *extra, WORKER, str(out), *layouts]
-    return subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def _torchrun(nproc, out, layouts, weights, timeout=560):
+    cmd = [TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), WORKER, str(out), *layouts]
+    return subprocess.run(cmd, env=dict(env(), WEIGHTS=str(weights)), cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
 
 
-def test_parallel_layouts_match_single_process(oracle, tmp_path):
-    layouts = [
+def _check_layouts(nproc, layouts, oracle, oracle_clip, tmp_path):
+    r = _torchrun(nproc, tmp_path / "out.json", layouts, oracle["weights"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    results = json.loads((tmp_path / "out.json").read_text())
+    assert sorted(results) == sorted(layout.split(":")[0] for layout in layouts)
+    for name, losses in results.items():
+        expected = oracle_clip if name.endswith("_clip") else oracle
+        assert losses == pytest.approx(expected["losses"], abs=TOL), name
+
+
+CLIP = "train.clip_grad=0.5"
+
+
+def test_parallel_layouts_match_single_process(oracle, oracle_clip, tmp_path):
+    """2 processes: DP=2 under ZeRO 0/1/2/3, TP=2 (with and without SP), PP=2 under ZeRO 0/1."""
+    _check_layouts(2, [
         "dp_zero0:", "dp_zero1:parallel.zero_stage=1", "dp_zero2:parallel.zero_stage=2",
         "dp_zero3:parallel.zero_stage=3", "tp2_zero0:parallel.tensor_parallel=2",
         "tp2_sp_zero1:parallel.tensor_parallel=2,parallel.sequence_parallel=true,parallel.zero_stage=1",
-    ]
-    r = _torchrun(2, tmp_path / "out.json", layouts)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    results = json.loads((tmp_path / "out.json").read_text())
-    for name, losses in results.items():
-        assert losses == pytest.approx(oracle["losses"], abs=TOL), name
+        "pp2_zero1:parallel.pipeline_parallel=2,parallel.zero_stage=1",
+        f"pp2_zero0_clip:parallel.pipeline_parallel=2,{CLIP}",
+        f"tp2_sp_zero2_clip:parallel.tensor_parallel=2,parallel.sequence_parallel=true,parallel.zero_stage=2,{CLIP}",
+    ], oracle, oracle_clip, tmp_path)
+
+
+@pytest.mark.slow
+def test_four_process_layouts_match_single_process(oracle, oracle_clip, tmp_path):
+    """4 processes: TP=2 x DP=2 and PP=2 x DP=2 (ZeRO-1), with clipping."""
+    _check_layouts(4, [
+        f"tp2_dp2_zero1_clip:parallel.tensor_parallel=2,parallel.zero_stage=1,{CLIP}",
+        f"pp2_dp2_zero1_clip:parallel.pipeline_parallel=2,parallel.zero_stage=1,{CLIP}",
+        "tp2_pp2:parallel.tensor_parallel=2,parallel.pipeline_parallel=2",
+    ], oracle, oracle_clip, tmp_path)
 
 
 def test_two_nodes_on_loopback(oracle, tmp_path):
