@@ -11,11 +11,24 @@ already holds this run's checkpoints resumes from `latest` automatically.
 """
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__" and not __package__:
+    # Run as a file (the deepspeed launcher does this): import it as the package instead, and keep this
+    # directory off sys.path, where its logging.py would shadow the standard library's.
+    from pathlib import Path
+
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parents[1]))
+    from megatron_outeff.training.train import main
+
+    sys.exit(main())
+
 import argparse
 import os
 import random
 import signal
-import sys
 
 import numpy as np
 import torch
