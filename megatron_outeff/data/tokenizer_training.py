@@ -1,0 +1,113 @@
+"""Training a sentencepiece tokenizer on a text / JSONL corpus.
+
+Choices and why:
+  * pad/bos/eos/unk get the fixed ids 0/1/2/3 (`SPM_SPECIAL_IDS`), so eod (= `</s>`) is always 2
+    and configs can rely on it.
+  * byte_fallback=True: characters outside the learned vocab become <0xNN> byte pieces instead of
+    <unk>, and normalization is "identity" with whitespace kept as is, so
+    decode(encode(text)) == text for any UTF-8 text (needed for lossless data and fair
+    perplexities).
+  * sentencepiece reads "sentences"; we feed it the lines of each document (it never sees the
+    newline itself, which is encoded by byte fallback as the single piece <0x0A>).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Iterator, Optional, Sequence, Union
+
+from .corpus import iter_documents
+from .errors import DataError
+from .tokenizer import SPM_SPECIAL_IDS
+
+MODEL_TYPES = ("bpe", "unigram")
+
+
+def _sentences(inputs, json_key: str, txt_mode: str, counter: dict) -> Iterator[str]:
+    for doc in iter_documents(inputs, json_key=json_key, txt_mode=txt_mode):
+        counter["documents"] += 1
+        for line in doc.splitlines():
+            if line.strip():
+                counter["sentences"] += 1
+                yield line
+
+
+def train_sentencepiece(
+    inputs: Union[str, Sequence[str]],
+    model_prefix: str,
+    vocab_size: int = 8192,
+    model_type: str = "bpe",
+    json_key: str = "text",
+    txt_mode: str = "file",
+    character_coverage: float = 0.9995,
+    input_sentence_size: int = 2_000_000,
+    num_threads: Optional[int] = None,
+    seed_sentencepiece_size: int = 1_000_000,
+    verbose: bool = False,
+) -> str:
+    """Train a sentencepiece model on `inputs` (paths/globs of .txt or .jsonl files).
+
+    Writes `model_prefix + ".model"` and `".vocab"` (via temporary names, renamed at the end) and
+    returns the .model path. `input_sentence_size` caps the lines sentencepiece samples (it holds
+    them in memory). Raises DataError for bad input, an empty corpus or an impossible vocab size.
+    """
+    import sentencepiece as spm
+
+    if model_type not in MODEL_TYPES:
+        raise DataError(f"unknown model type {model_type!r} (choose from {', '.join(MODEL_TYPES)})")
+    min_vocab = len(SPM_SPECIAL_IDS) + 256 + 1  # specials + 256 byte pieces + at least one piece
+    if vocab_size < min_vocab:
+        raise DataError(f"vocab size {vocab_size} too small: byte fallback needs >= {min_vocab}")
+    out_dir = os.path.dirname(os.path.abspath(model_prefix))
+    os.makedirs(out_dir, exist_ok=True)
+
+    counter = {"documents": 0, "sentences": 0}
+    sentences = _sentences(inputs, json_key, txt_mode, counter)
+    # Pull the first sentence here so input errors (and an empty corpus) surface as DataError
+    # before sentencepiece starts, rather than as an exception from inside its C++ callback.
+    first = next(sentences, None)
+    if first is None:
+        raise DataError(f"empty corpus: no non-blank text in {inputs}")
+
+    def all_sentences():
+        yield first
+        yield from sentences
+
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".spm-train-") as tmp:
+        tmp_prefix = os.path.join(tmp, "m")
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=all_sentences(),
+                model_prefix=tmp_prefix,
+                model_type=model_type,
+                vocab_size=vocab_size,
+                character_coverage=character_coverage,
+                byte_fallback=True,
+                normalization_rule_name="identity",
+                remove_extra_whitespaces=False,
+                allow_whitespace_only_pieces=True,
+                split_digits=True,
+                pad_id=SPM_SPECIAL_IDS["<pad>"],
+                bos_id=SPM_SPECIAL_IDS["<s>"],
+                eos_id=SPM_SPECIAL_IDS["</s>"],
+                unk_id=SPM_SPECIAL_IDS["<unk>"],
+                pad_piece="<pad>",
+                bos_piece="<s>",
+                eos_piece="</s>",
+                unk_piece="<unk>",
+                input_sentence_size=input_sentence_size,
+                shuffle_input_sentence=True,
+                seed_sentencepiece_size=seed_sentencepiece_size,
+                max_sentence_length=1 << 16,
+                num_threads=num_threads or min(os.cpu_count() or 1, 16),
+                minloglevel=0 if verbose else 2,
+            )
+        except DataError:
+            raise
+        except RuntimeError as e:
+            # e.g. "Vocabulary size is too high (8192). Please set it to a value <= 1234."
+            msg = " ".join(str(e).split())
+            raise DataError(f"sentencepiece training failed: {msg}") from None
+        for ext in (".model", ".vocab"):
+            os.replace(tmp_prefix + ext, model_prefix + ext)
+    return model_prefix + ".model"

@@ -1,0 +1,121 @@
+"""Tokenizer adapters and sentencepiece training: lossless round trips, special ids, errors."""
+import pickle
+
+import pytest
+
+from megatron_outeff.data.errors import DataError
+from megatron_outeff.data.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
+
+ROUND_TRIP = [
+    "Hello world.",
+    " leading and trailing spaces  ",
+    "multiple   spaces\tand\ttabs\n\nand blank lines\n",
+    "windows\r\nline\rendings",
+    "unicode: naïve façade Ωμέγα 日本語 🙂 e\u0301 x\u200by a\u00a0b",
+    "never-seen chars: ꙮ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ☃\u2028",
+    "literal specials stay text: <pad> <s> <unk>",
+    "",
+    "   ",
+    "\n",
+]
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP)
+def test_sentencepiece_round_trip(spm_model, text):
+    tok = load_tokenizer(spm_model)
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    # encode never emits the special ids: eod enters the data only through preprocessing
+    assert not {tok.pad, tok.bos, tok.eod} & set(ids)
+
+
+def test_sentencepiece_special_ids(spm_model):
+    tok = load_tokenizer(spm_model)
+    assert isinstance(tok, SentencePieceTokenizer)
+    assert (tok.pad, tok.bos, tok.eod, tok.unk) == (0, 1, 2, 3)
+    assert tok.eos == tok.eod and tok.eod_token == "</s>"
+    assert tok.vocab_size == 400
+    assert tok.tokenize("abc") == tok.encode("abc") and tok.detokenize([5, 6]) == tok.decode([5, 6])
+    uid = tok.unique_identifiers
+    assert uid["eod"] == 2 and uid["vocab_size"] == 400 and len(uid["tokenizer_sha256"]) == 16
+    clone = pickle.loads(pickle.dumps(tok))
+    assert clone.encode("pickled ok") == tok.encode("pickled ok")
+
+
+def test_unigram_option(data_dir, corpus):
+    from megatron_outeff.data.tokenizer_training import train_sentencepiece
+
+    path = train_sentencepiece(corpus["b"], str(data_dir / "tok" / "uni"), vocab_size=400,
+                               model_type="unigram", num_threads=1)
+    tok = load_tokenizer(path)
+    text = ROUND_TRIP[4]
+    assert tok.decode(tok.encode(text)) == text and tok.eod == 2
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP)
+def test_hf_tokenizer_json_round_trip(hf_tokenizer_json, text):
+    tok = load_tokenizer(hf_tokenizer_json)
+    assert isinstance(tok, HFTokenizer)
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+
+
+def test_hf_special_tokens_and_eod_choice(hf_tokenizer_json, tmp_path):
+    tok = load_tokenizer(hf_tokenizer_json)
+    assert tok.eod_token == "</s>" and tok.eod == 2  # OPT convention when no <|endoftext|>
+    assert (tok.bos, tok.pad, tok.unk) == (0, 1, 3)
+    # a directory holding tokenizer.json loads too; the eod token is configurable
+    import os
+
+    tok2 = load_tokenizer(os.path.dirname(hf_tokenizer_json), eod_token="<s>")
+    assert tok2.eod == 0
+    with pytest.raises(DataError, match="eod token"):
+        load_tokenizer(hf_tokenizer_json, eod_token="<|nope|>")
+
+    # GPT-2 style vocab: <|endoftext|> is preferred, and a missing pad reads as AttributeError
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(["some text here"] * 5, trainers.BpeTrainer(
+        vocab_size=270, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    t.save(str(tmp_path / "gpt2.json"))
+    g = load_tokenizer(tmp_path / "gpt2.json")
+    assert g.eod_token == "<|endoftext|>" and g.eod == 0
+    assert getattr(g, "pad", None) is None
+
+
+def test_load_tokenizer_errors(tmp_path):
+    with pytest.raises(DataError, match="tokenizer not found"):
+        load_tokenizer(tmp_path / "missing.model")
+    (tmp_path / "vocab.txt").write_text("x")
+    with pytest.raises(DataError, match="unknown tokenizer file type"):
+        load_tokenizer(tmp_path / "vocab.txt")
+    (tmp_path / "bad.model").write_bytes(b"not a model")
+    with pytest.raises(DataError, match="cannot load sentencepiece"):
+        load_tokenizer(tmp_path / "bad.model")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(DataError, match="cannot load Hugging Face"):
+        load_tokenizer(tmp_path / "bad.json")
+    for e in (DataError("x"),):
+        assert "\n" not in str(e)
+
+
+def test_train_tokenizer_errors(tmp_path):
+    from megatron_outeff.data.tokenizer_training import train_sentencepiece
+
+    (tmp_path / "empty.txt").write_text("  \n\n")
+    with pytest.raises(DataError, match="empty corpus"):
+        train_sentencepiece(str(tmp_path / "empty.txt"), str(tmp_path / "m"), vocab_size=300)
+    (tmp_path / "small.txt").write_text("tiny corpus " * 10)
+    with pytest.raises(DataError, match="sentencepiece training failed"):
+        train_sentencepiece(str(tmp_path / "small.txt"), str(tmp_path / "m"), vocab_size=5000,
+                            num_threads=1)
+    with pytest.raises(DataError, match="too small"):
+        train_sentencepiece(str(tmp_path / "small.txt"), str(tmp_path / "m"), vocab_size=100)
+    with pytest.raises(DataError, match="not found"):
+        train_sentencepiece(str(tmp_path / "nope.txt"), str(tmp_path / "m"))
+    assert not list(tmp_path.glob("m.*"))

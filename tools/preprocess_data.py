@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""Tokenize a text/JSONL corpus into a megatron indexed dataset (PREFIX.bin + PREFIX.idx).
+
+Every document becomes one sequence: tokenizer.encode(text) + [eod]. Token dtype follows the vocab
+(uint16 below 65500 ids, else int32). Output is written under temporary names and renamed only
+when complete, so an interrupted or failed run leaves no .bin/.idx behind. Pass the PREFIX (no
+extension) to the training config's data path / megatron_outeff.data.datasets.build_gpt_datasets.
+
+Examples:
+  python tools/preprocess_data.py --input data/train.jsonl --tokenizer tok/spm8k.model \\
+      --output-prefix data/train_text --workers 4
+  python tools/preprocess_data.py --input 'books/*.txt' --txt-mode paragraph \\
+      --tokenizer opt/tokenizer.json --output-prefix data/books
+"""
+import argparse
+import os
+import sys
+
+# Run the package of the checkout this tool lives in, even if another copy is installed.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isdir(os.path.join(_ROOT, "megatron_outeff")):
+    sys.path.insert(0, _ROOT)
+
+from megatron_outeff.data.cli import run_cli
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB",
+                   help=".txt and/or .jsonl/.json/.ndjson files or quoted globs, read in the given order")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    p.add_argument("--tokenizer", required=True,
+                   help="sentencepiece .model, Hugging Face tokenizer.json, or a directory holding one")
+    p.add_argument("--eod-token", default=None,
+                   help="end-of-document token (default: sentencepiece eos; tokenizer.json: "
+                        "'<|endoftext|>' if present else '</s>')")
+    p.add_argument("--json-key", default="text", help="field holding the text in JSONL (default 'text')")
+    p.add_argument("--txt-mode", choices=["file", "paragraph"], default="file",
+                   help="one document per .txt file, or per blank-line-separated block (default file)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer worker processes (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+
+    # Imported here so `--help` answers without the ~5 s megatron.core import; its warnings about
+    # missing Transformer Engine / Apex concern the model stack, not this tool.
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    from megatron_outeff.data.preprocess import preprocess_corpus
+
+    s = preprocess_corpus(
+        a.input, a.output_prefix, a.tokenizer, json_key=a.json_key, txt_mode=a.txt_mode,
+        workers=a.workers, overwrite=a.overwrite, progress=not a.no_progress, eod_token=a.eod_token,
+    )
+    print(f"wrote {s.prefix}.bin/.idx: {s.documents} documents, {s.tokens} tokens ({s.dtype}) "
+          f"in {s.seconds:.1f} s ({s.tokens / max(s.seconds, 1e-9):.3g} tokens/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

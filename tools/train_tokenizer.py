@@ -1,0 +1,56 @@
+#!/usr/bin/env python
+"""Train a sentencepiece tokenizer for megatron_outeff.
+
+The model reserves <pad>=0, <s>=1, </s>=2 (end of document), <unk>=3 and uses byte fallback with
+identity normalization, so decode(encode(text)) == text for any UTF-8 text. Writes
+OUTPUT_PREFIX.model (load it with megatron_outeff.data.tokenizer.load_tokenizer, or pass it to
+tools/preprocess_data.py --tokenizer) and OUTPUT_PREFIX.vocab (human-readable pieces).
+
+Examples:
+  python tools/train_tokenizer.py --input 'corpus/*.txt' --output-prefix tok/spm8k
+  python tools/train_tokenizer.py --input train.jsonl --json-key text --vocab-size 32000 \\
+      --model-type unigram --output-prefix tok/uni32k
+"""
+import argparse
+import os
+import sys
+
+# Run the package of the checkout this tool lives in, even if another copy is installed.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isdir(os.path.join(_ROOT, "megatron_outeff")):
+    sys.path.insert(0, _ROOT)
+
+from megatron_outeff.data.cli import run_cli
+from megatron_outeff.data.tokenizer_training import MODEL_TYPES, train_sentencepiece
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB",
+                   help=".txt files (one document per file, or per paragraph with --txt-mode "
+                        "paragraph) and/or .jsonl files (one JSON object per line); quote globs")
+    p.add_argument("--output-prefix", required=True,
+                   help="writes PREFIX.model and PREFIX.vocab (directories are created)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="total pieces incl. specials and 256 bytes (default 8192)")
+    p.add_argument("--model-type", choices=MODEL_TYPES, default="bpe", help="default bpe")
+    p.add_argument("--json-key", default="text", help="field holding the text in JSONL (default 'text')")
+    p.add_argument("--txt-mode", choices=["file", "paragraph"], default="file",
+                   help="document unit of .txt input (only matters for sampling; default file)")
+    p.add_argument("--character-coverage", type=float, default=0.9995,
+                   help="share of characters covered by pieces; the rest falls back to bytes")
+    p.add_argument("--input-sentence-size", type=int, default=2_000_000,
+                   help="max lines sentencepiece samples into memory (default 2M)")
+    p.add_argument("--threads", type=int, default=None, help="trainer threads (default: CPU count)")
+    p.add_argument("--verbose", action="store_true", help="show sentencepiece's own log")
+    a = p.parse_args(argv)
+    path = train_sentencepiece(
+        a.input, a.output_prefix, vocab_size=a.vocab_size, model_type=a.model_type,
+        json_key=a.json_key, txt_mode=a.txt_mode, character_coverage=a.character_coverage,
+        input_sentence_size=a.input_sentence_size, num_threads=a.threads, verbose=a.verbose,
+    )
+    print(f"wrote {path} ({a.model_type}, vocab {a.vocab_size}, eod '</s>' = 2)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
