@@ -105,12 +105,13 @@ class LoggingConfig:
 class DataConfig:
     source: str = "synthetic"  # "synthetic" | "indexed"
     seq_length: int = 32
-    # indexed: megatron blend ["weight", "prefix", ...] or a list of prefixes; tokenizer name/path.
+    # indexed (megatron_outeff.data): a list of .bin/.idx prefixes, or megatron's ["0.7", "a", "0.3", "b"].
     train_paths: list = field(default_factory=list)
     valid_paths: list = field(default_factory=list)
-    tokenizer: Optional[str] = None
-    split: str = "969,30,1"
-    cache_dir: Optional[str] = None
+    tokenizer: Optional[str] = None  # sentencepiece .model / tokenizer.json / a directory holding one
+    split: str = "969,30,1"  # train/valid/test document shares when valid_paths is empty
+    cache_dir: Optional[str] = None  # megatron's index cache (shared by all ranks); default beside the data
+    eod_mask_loss: bool = False  # no loss on predicting the end-of-document token
 
 
 @dataclass

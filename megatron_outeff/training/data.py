@@ -18,9 +18,10 @@ import torch
 
 
 class BatchSource:
-    """Micro-batches of this data-parallel rank from a sample function ``sample(i) -> tokens[s+1]``."""
+    """Micro-batches of this data-parallel rank from a sample function ``sample(i) -> dict`` of
+    1-D tensors (tokens, labels, loss_mask, position_ids)."""
 
-    def __init__(self, sample: Callable[[int], torch.Tensor], *, micro_batch_size: int, global_batch_size: int,
+    def __init__(self, sample: Callable[[int], dict], *, micro_batch_size: int, global_batch_size: int,
                  dp_rank: int, dp_size: int, consumed_samples: int = 0):
         self.sample = sample
         self.micro_batch_size = micro_batch_size
@@ -40,7 +41,8 @@ class BatchSource:
         micro = []
         for m in range(self.num_microbatches):
             first = start + (m * dp + self.dp_rank) * b
-            micro.append(make_batch(torch.stack([self.sample(first + j) for j in range(b)])))
+            samples = [self.sample(first + j) for j in range(b)]
+            micro.append({k: torch.stack([x[k] for x in samples]) for k in BATCH_KEYS})
         self.consumed_samples += self.global_batch_size
         return micro
 
@@ -51,18 +53,17 @@ class BatchSource:
         self.consumed_samples = int(state["consumed_samples"])
 
 
-def make_batch(seqs: torch.Tensor, eod: int | None = None) -> dict:
-    """[b, s+1] token sequences -> the model's inputs/targets (next-token prediction)."""
-    tokens = seqs[:, :-1].contiguous().long()
-    labels = seqs[:, 1:].contiguous().long()
-    loss_mask = torch.ones_like(labels, dtype=torch.float32)
-    if eod is not None:
-        loss_mask[labels == eod] = 0.0
-    position_ids = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens).contiguous()
-    return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
-def synthetic_sampler(vocab_size: int, seq_length: int, seed: int) -> Callable[[int], torch.Tensor]:
+def make_sample(seq: torch.Tensor) -> dict:
+    """A [s+1] token sequence -> one sample's inputs/targets (next-token prediction)."""
+    return {"tokens": seq[:-1].long(), "labels": seq[1:].long(),
+            "loss_mask": torch.ones(seq.numel() - 1, dtype=torch.float32),
+            "position_ids": torch.arange(seq.numel() - 1)}
+
+
+def synthetic_sampler(vocab_size: int, seq_length: int, seed: int) -> Callable[[int], dict]:
     """Deterministic pseudo-text: sample i depends only on (seed, i). A repeating pattern with noise,
     so a tiny model's loss goes down (useful for demos), independent of any process's RNG."""
 
@@ -73,9 +74,53 @@ def synthetic_sampler(vocab_size: int, seq_length: int, seed: int) -> Callable[[
         seq = motif.repeat(seq_length // period + 2)[: seq_length + 1].clone()
         noise = torch.rand(seq_length + 1, generator=g) < 0.1
         seq[noise] = torch.randint(0, vocab_size, (int(noise.sum()),), generator=g)
-        return seq
+        return make_sample(seq)
 
     return sample
+
+
+def indexed_samplers(cfg, *, vocab_size: int) -> tuple[Callable[[int], dict], Callable[[int], dict] | None]:
+    """Sample functions over megatron GPTDatasets (megatron_outeff.data): data.train_paths as one
+    blend cut by data.split, or train/valid blends of their own when data.valid_paths is set.
+    Collective (every rank builds; rank 0 writes the index cache first)."""
+    from megatron_outeff.data.datasets import build_gpt_datasets
+    from megatron_outeff.data.errors import DataError
+    from megatron_outeff.data.tokenizer import load_tokenizer
+
+    from .config import ConfigError
+
+    d, t, p = cfg.data, cfg.train, cfg.parallel
+    if not d.tokenizer:
+        raise ConfigError("data.source=indexed needs data.tokenizer")
+    n_train = t.train_iters * p.global_batch_size
+    n_valid = t.eval_iters * p.global_batch_size if t.eval_interval else 0
+    try:
+        tokenizer = load_tokenizer(d.tokenizer)
+        if tokenizer.vocab_size > vocab_size:
+            raise ConfigError(f"data.tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {vocab_size}")
+        common = dict(tokenizer=tokenizer, seq_length=d.seq_length, seed=t.seed, cache_dir=d.cache_dir,
+                      eod_mask_loss=d.eod_mask_loss)
+        if d.valid_paths:
+            train, valid, _ = build_gpt_datasets(train_data=list(d.train_paths), valid_data=list(d.valid_paths),
+                                                 num_samples=(n_train, max(n_valid, 1), None), **common)
+        else:
+            train, valid, _ = build_gpt_datasets(list(d.train_paths), split=d.split,
+                                                 num_samples=(n_train, max(n_valid, 1), None), **common)
+    except DataError as e:
+        raise ConfigError(f"data: {e}") from None
+    if train is None or len(train) < n_train:
+        raise ConfigError(f"data: the training split holds {0 if train is None else len(train)} samples, "
+                          f"{n_train} needed (train_iters x global_batch_size)")
+
+    def sampler(dataset):
+        def sample(i: int) -> dict:
+            x = dataset[i]
+            return {"tokens": torch.as_tensor(x["tokens"]).long(), "labels": torch.as_tensor(x["labels"]).long(),
+                    "loss_mask": torch.as_tensor(x["loss_mask"]).float(),
+                    "position_ids": torch.as_tensor(x["position_ids"]).long()}
+        return sample
+
+    return sampler(train), (sampler(valid) if valid is not None and n_valid else None)
 
 
 def build_sources(cfg, *, vocab_size: int, dp_rank: int, dp_size: int) -> tuple[BatchSource, BatchSource | None]:
@@ -84,9 +129,7 @@ def build_sources(cfg, *, vocab_size: int, dp_rank: int, dp_size: int) -> tuple[
     if d.source == "synthetic":
         train = synthetic_sampler(vocab_size, d.seq_length, cfg.train.seed)
         valid = synthetic_sampler(vocab_size, d.seq_length, cfg.train.seed + 1)
-    else:  # indexed megatron datasets (megatron_outeff.data)
-        from .indexed_data import indexed_samplers
-
-        train, valid = indexed_samplers(cfg)
+    else:
+        train, valid = indexed_samplers(cfg, vocab_size=vocab_size)
     kw = dict(micro_batch_size=p.micro_batch_size, global_batch_size=p.global_batch_size, dp_rank=dp_rank, dp_size=dp_size)
     return BatchSource(train, **kw), (BatchSource(valid, **kw) if valid is not None else None)

@@ -40,7 +40,7 @@ def _resume_cfg(ckpt, extra=()):
     return load_config(DEMO, BASE + [
         "train.train_iters=6", "train.clip_grad=1.0", "schedule.warmup_iters=2",
         "model.arch_overrides={vocab_size: 256, hidden_dropout: 0.1, attention_dropout: 0.1}",
-        f"checkpoint.dir={ckpt}", "checkpoint.keep_last=1", *extra])
+        f"checkpoint.dir={ckpt or 'null'}", "checkpoint.keep_last=1", *extra])
 
 
 def test_stop_and_resume_equals_uninterrupted(tmp_path):
@@ -106,3 +106,31 @@ def test_param_groups_decay_norm_weights_never_biases():
         target = groups["decay"] if decay_norm else groups["no_decay"]
         assert set(norm_weights) <= set(target)
         assert "embedding.word_embeddings.weight" in groups["decay"]
+
+
+def test_indexed_dataset_source(tmp_path):
+    """data.source=indexed: megatron GPTDatasets built from a preprocessed corpus; resumes exactly."""
+    import random
+
+    from megatron_outeff.data.preprocess import preprocess_corpus
+    from megatron_outeff.data.tokenizer_training import train_sentencepiece
+
+    rng = random.Random(0)
+    words = "the of and to in a is that for it as was with be by on not he this are or his from at".split()
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(60))}) + "\n"
+                              for _ in range(120)))
+    tok = train_sentencepiece([str(corpus)], str(tmp_path / "spm"), vocab_size=300, num_threads=1)
+    prefix = str(tmp_path / "idx" / "corpus")
+    preprocess_corpus(str(corpus), prefix, tok, progress=False)
+
+    def cfg(ck, extra=()):
+        return load_config(DEMO, BASE + [
+            "model.arch_overrides.vocab_size=304", "data.source=indexed", f"data.train_paths=[{prefix}]", f"data.tokenizer={tok}", "data.split=90,10,0",
+            "train.train_iters=4", "train.eval_interval=2", "train.eval_iters=1", f"checkpoint.dir={ck or 'null'}", *extra])
+
+    full = train(cfg(None))["history"]
+    assert all(math.isfinite(x) for _, x in full) and abs(full[0][1] - math.log(304)) < 0.3
+    first = train(cfg(tmp_path / "ck", ["train.exit_interval=2"]))["history"]
+    second = train(cfg(tmp_path / "ck"))["history"]
+    assert [x for _, x in first + second] == pytest.approx([x for _, x in full], abs=1e-6)
