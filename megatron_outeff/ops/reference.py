@@ -41,14 +41,14 @@ def outeff_softmax_reference(
     """Scale + mask + softmax variant + clip over the last dim of ``scores`` [b, h, sq, sk].
 
     sink: fp32 [h] sink logits (None = vanilla). mask: bool broadcastable to scores, True where a
-    key is masked OUT (megatron-core's convention). Returns fp32 probabilities.
+    key is masked OUT (megatron-core's convention). Returns fp32 probabilities (fp64 for fp64 input).
     """
-    x = scores.float() * scale
+    x = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale
     if mask is not None:
         x = x.masked_fill(mask, float("-inf"))
     row_max = x.amax(dim=-1, keepdim=True)
     if sink is not None:
-        a = sink.float().view(1, -1, 1, 1)
+        a = sink.to(x.dtype).view(1, -1, 1, 1)
         m = torch.maximum(row_max, a)
     else:
         m = row_max

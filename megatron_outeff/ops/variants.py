@@ -64,7 +64,8 @@ def resolve_sink(
 ) -> Optional[torch.Tensor]:
     """The per-head sink logit a_h as an fp32 tensor [num_heads], or None for vanilla softmax.
 
-    For ``learnable`` the returned tensor is ``offset.float()``, so gradients flow to ``offset``.
+    For ``learnable`` the returned tensor is ``offset`` promoted to at least fp32 (a differentiable
+    cast, so gradients flow to ``offset``; an fp64 offset stays fp64 for gradcheck).
     """
     if softmax not in SOFTMAX_VARIANTS:
         raise ValueError(f"softmax={softmax!r}: expected one of {SOFTMAX_VARIANTS}")
@@ -76,7 +77,7 @@ def resolve_sink(
             raise ValueError(f"offset shape {shape}: expected ({num_heads},), one value per query head")
         if offset.device != device:
             raise ValueError(f"offset on {offset.device}: expected the device of q ({device})")
-        return offset.float()
+        return offset.to(torch.promote_types(offset.dtype, torch.float32))
     if offset is not None:
         raise ValueError(f"offset given with softmax={softmax!r}: an offset is only used with softmax='learnable'")
     if softmax == "vanilla":

@@ -1,0 +1,307 @@
+"""Outlier metrics with the paper's exact definitions, and a hook-based collector.
+
+Every metric sees an activation tensor as one row per sample: the tensor is moved so that the batch
+dimension comes first and reshaped to (batch, tokens*dim), as the authors' scripts do. Each statistic
+is computed per sample (per row) and only then averaged over samples:
+
+    inf norm   ||x_b||_inf = max_i |x_b,i|                                   (per sample b)
+    kurtosis   k_b = mean_i (x_b,i - mu_b)^4 / (sigma_b^4 + 1e-6)            (Pearson, not excess:
+               mu_b the row mean, sigma_b the row's unbiased standard deviation; a Gaussian gives 3)
+
+The collector keeps the per-sample values of every batch, so a component's inf norm / kurtosis is the
+mean over all samples seen, exactly as if all batches had been concatenated.
+
+Knows nothing of Megatron or DeepSpeed: it works on any nn.Module; callers name the components.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+__all__ = [
+    "KURTOSIS_EPS",
+    "COMPONENT_KINDS",
+    "per_sample_rows",
+    "inf_norm_per_sample",
+    "inf_norm",
+    "kurtosis_per_sample",
+    "kurtosis",
+    "outlier_share",
+    "outlier_channels",
+    "attention_sink_mass",
+    "OutlierCollector",
+    "hf_opt_components",
+    "hf_opt_collector",
+]
+
+# The 1e-6 added to sigma^4 in the denominator of the paper's kurtosis.
+KURTOSIS_EPS = 1e-6
+
+# Component kinds understood by the collector's aggregates (field notes section 2: the hooked places).
+#   attn_ln   LayerNorm before attention          attn_out  attention output projection
+#   ffn_ln    LayerNorm before the FFN            fc2       FFN output (second linear)
+#   layer     a whole layer's output = the residual stream after the layer
+#   final_ln  the final LayerNorm of the decoder
+COMPONENT_KINDS = ("attn_ln", "attn_out", "ffn_ln", "fc2", "layer", "final_ln")
+
+
+def per_sample_rows(x: torch.Tensor, batch_dim: int = 0) -> torch.Tensor:
+    """x moved so that `batch_dim` is first and flattened to (batch, rest), in float64.
+
+    float64 because the fourth moment of fp16/fp32 activations with outliers in the hundreds loses
+    precision in float32 (sums of ~1e8-sized terms over ~4e5 values)."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or not -x.dim() <= batch_dim < x.dim():
+        raise ValueError(f"batch_dim={batch_dim} is out of range for a tensor of shape {tuple(x.shape)}")
+    x = x.detach().movedim(batch_dim, 0)
+    return x.reshape(x.shape[0], -1).to(torch.float64)
+
+
+def inf_norm_per_sample(x: torch.Tensor, batch_dim: int = 0) -> torch.Tensor:
+    """max_i |x_b,i| for every sample b; shape (batch,), float64."""
+    return per_sample_rows(x, batch_dim).abs().amax(dim=1)
+
+
+def inf_norm(x: torch.Tensor, batch_dim: int = 0) -> float:
+    """The paper's inf norm: per-sample max |x|, averaged over samples."""
+    return inf_norm_per_sample(x, batch_dim).mean().item()
+
+
+def kurtosis_per_sample(x: torch.Tensor, batch_dim: int = 0) -> torch.Tensor:
+    """Pearson kurtosis per sample: mean((x - mu)^4) / (std_unbiased^4 + 1e-6); shape (batch,)."""
+    rows = per_sample_rows(x, batch_dim)
+    if rows.shape[1] < 2:
+        raise ValueError(f"kurtosis needs at least 2 values per sample, got {rows.shape[1]}")
+    centred = rows - rows.mean(dim=1, keepdim=True)
+    fourth_moment = centred.pow(4).mean(dim=1)
+    std = rows.std(dim=1, correction=1)
+    return fourth_moment / (std.pow(4) + KURTOSIS_EPS)
+
+
+def kurtosis(x: torch.Tensor, batch_dim: int = 0) -> float:
+    """The paper's kurtosis: per-sample Pearson kurtosis, averaged over samples."""
+    return kurtosis_per_sample(x, batch_dim).mean().item()
+
+
+def outlier_share(x: torch.Tensor, n_sigma: float = 6.0, batch_dim: int = 0) -> float:
+    """Share of values farther than n_sigma standard deviations from their sample's mean.
+
+    Per sample b: fraction of i with |x_b,i - mu_b| > n_sigma * sigma_b (unbiased sigma), averaged over
+    samples like the other metrics. For a Gaussian, 6 sigma is ~2e-9: anything visible is an outlier."""
+    if not n_sigma > 0:
+        raise ValueError(f"n_sigma must be > 0, got {n_sigma}")
+    rows = per_sample_rows(x, batch_dim)
+    mu = rows.mean(dim=1, keepdim=True)
+    sigma = rows.std(dim=1, correction=1, keepdim=True)
+    return ((rows - mu).abs() > n_sigma * sigma).to(torch.float64).mean(dim=1).mean().item()
+
+
+def outlier_channels(x: torch.Tensor, k: int = 8) -> tuple[list[int], list[float]]:
+    """The hidden dimensions carrying the outliers: the k channels (indices along the LAST dim) with
+    the largest max |x| over all other dims, with those max values, largest first."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError(f"expected a tensor with a hidden (last) dimension, got {type(x).__name__}")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    per_channel = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0)
+    values, indices = per_channel.topk(min(k, per_channel.numel()))
+    return indices.tolist(), values.tolist()
+
+
+def attention_sink_mass(
+    probs: torch.Tensor,
+    sink_logits: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Mean attention mass on the first key and on the sink, over all rows (batch, head, query).
+
+    probs: [b, h, sq, sk] attention probabilities over the real keys (Softmax_1 / softmax_n /
+    learnable-offset rows sum to less than 1; vanilla rows sum to 1).
+    Sink mass of a row = 1 - sum_j p_j: the share the implicit extra key (logit a_h, value 0) takes.
+    If the per-head sink logits a_h ([h]) and the rows' log-normalisers L ([b, h, sq], sink included,
+    as the flash form stores them) are both given, the sink mass is computed directly as
+    exp(a_h - L), which stays accurate when it is tiny (1 - sum loses it in rounding).
+    """
+    if not isinstance(probs, torch.Tensor) or probs.dim() != 4:
+        shape = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__
+        raise ValueError(f"probs must be a [b, h, sq, sk] tensor, got {shape}")
+    if (sink_logits is None) != (lse is None):
+        raise ValueError("sink_logits and lse go together: give both (exact sink mass) or neither (1 - row sum)")
+    p = probs.detach().to(torch.float64)
+    first = p[..., 0].mean().item()
+    if sink_logits is None:
+        sink = (1.0 - p.sum(dim=-1)).mean().item()
+    else:
+        b, h, sq, _ = p.shape
+        if sink_logits.numel() != h or tuple(lse.shape) != (b, h, sq):
+            raise ValueError(
+                f"sink_logits must have {h} values and lse shape {(b, h, sq)}, "
+                f"got {tuple(sink_logits.shape)} and {tuple(lse.shape)}"
+            )
+        a = sink_logits.detach().to(torch.float64).reshape(1, h, 1)
+        sink = torch.exp(a - lse.detach().to(torch.float64)).mean().item()
+    return {"first_token_mass": first, "sink_mass": sink}
+
+
+class OutlierCollector:
+    """Forward hooks that gather the paper's per-component outlier statistics over several batches.
+
+    components: {name: submodule}; each name's kind (one of COMPONENT_KINDS) is `kinds[name]` if given,
+    else the text after the name's last '.' (so "layer3.fc2" is an fc2 output). The caller builds the
+    mapping for its model (see hf_opt_components for Hugging Face OPT).
+    batch_dim: where the batch sits in the hooked outputs (0 for HF, 1 for megatron's [s, b, h]).
+    root: optional model whose forward input tells the batch size. Some models flatten (batch, tokens)
+    into one dim inside a layer (HF OPT runs its FFN on [b*s, d]); with the batch size known, such a
+    2-D output is reshaped back to (batch, tokens*dim) so its rows are still samples, as the paper's
+    definition requires. Without root, every output must carry the batch along batch_dim.
+
+    Disabled, it registers no hooks at all (zero overhead). Use enable()/disable() or `with collector:`.
+    Aggregates in summary():
+        max_inf_norm        max over all components
+        max_layer_inf_norm  max over 'layer' components (residual stream; the paper's OPT number)
+        max_ffn_inf_norm    max over 'fc2' components
+        avg_kurtosis        mean over all components of their (sample-averaged) kurtosis
+        max_kurtosis        max over all components
+    """
+
+    def __init__(
+        self,
+        components: Mapping[str, nn.Module],
+        kinds: Mapping[str, str] | None = None,
+        batch_dim: int = 0,
+        root: nn.Module | None = None,
+    ):
+        if not components:
+            raise ValueError("components is empty: expected {name: submodule}")
+        kinds = dict(kinds or {})
+        self._kinds: dict[str, str] = {}
+        for name, module in components.items():
+            if not isinstance(module, nn.Module):
+                raise ValueError(f"component {name!r} is a {type(module).__name__}, expected an nn.Module")
+            kind = kinds.get(name, name.rsplit(".", 1)[-1])
+            if kind not in COMPONENT_KINDS:
+                raise ValueError(f"component {name!r} has kind {kind!r}; expected one of {COMPONENT_KINDS}")
+            self._kinds[name] = kind
+        self._components = dict(components)
+        self.batch_dim = batch_dim
+        self._root = root
+        self._batch_size: int | None = None
+        self._handles: list = []
+        self.reset()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        return bool(self._handles)
+
+    def enable(self) -> "OutlierCollector":
+        if not self._handles:
+            if self._root is not None:
+                self._handles.append(self._root.register_forward_pre_hook(self._record_batch, with_kwargs=True))
+            for name, module in self._components.items():
+                self._handles.append(module.register_forward_hook(self._make_hook(name)))
+        return self
+
+    def disable(self) -> "OutlierCollector":
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        return self
+
+    def __enter__(self) -> "OutlierCollector":
+        return self.enable()
+
+    def __exit__(self, *exc) -> None:
+        self.disable()
+
+    def reset(self) -> None:
+        self._inf: dict[str, list[torch.Tensor]] = {n: [] for n in self._components}
+        self._kurt: dict[str, list[torch.Tensor]] = {n: [] for n in self._components}
+
+    def _record_batch(self, module, args, kwargs):
+        # The batch size is the batch_dim size of the root's first tensor input (input_ids, embeds...).
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        self._batch_size = None if first is None else first.shape[self.batch_dim]
+
+    def _make_hook(self, name: str):
+        def hook(module, args, output):
+            # Decoder layers may return a tuple (hidden_states, ...): the first item is the output.
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            b = self._batch_size
+            if b is not None and out.dim() == 2 and out.shape[self.batch_dim] != b:
+                # [b*s, d] -> (b, s*d); with batch_dim 1 the flattened order is s-major ([s*b, d]).
+                if out.shape[0] % b != 0:
+                    raise ValueError(f"component {name!r}: output rows {out.shape[0]} are not a multiple of batch {b}")
+                out = out.reshape(b, -1, out.shape[-1]) if self.batch_dim == 0 else out.reshape(-1, b, out.shape[-1])
+            self._inf[name].append(inf_norm_per_sample(out, self.batch_dim).cpu())
+            self._kurt[name].append(kurtosis_per_sample(out, self.batch_dim).cpu())
+
+        return hook
+
+    # -- results -----------------------------------------------------------------------------------
+    def per_sample(self, name: str) -> dict[str, torch.Tensor]:
+        """All per-sample values gathered for one component: {'inf_norm': (n,), 'kurtosis': (n,)}."""
+        if name not in self._components:
+            raise ValueError(f"unknown component {name!r}; known: {sorted(self._components)}")
+        cat = lambda xs: torch.cat(xs) if xs else torch.empty(0, dtype=torch.float64)  # noqa: E731
+        return {"inf_norm": cat(self._inf[name]), "kurtosis": cat(self._kurt[name])}
+
+    def summary(self) -> dict:
+        """{'components': {name: {'kind', 'inf_norm', 'kurtosis', 'samples'}}, plus the aggregates}."""
+        comps = {}
+        for name in self._components:
+            vals = self.per_sample(name)
+            if vals["inf_norm"].numel() == 0:
+                continue
+            comps[name] = {
+                "kind": self._kinds[name],
+                "inf_norm": vals["inf_norm"].mean().item(),
+                "kurtosis": vals["kurtosis"].mean().item(),
+                "samples": vals["inf_norm"].numel(),
+            }
+        if not comps:
+            raise ValueError("no activations collected: enable() the collector and run the model first")
+
+        def agg(fn, key, kind=None):
+            xs = [c[key] for c in comps.values() if kind is None or c["kind"] == kind]
+            return fn(xs) if xs else math.nan
+
+        return {
+            "components": comps,
+            "max_inf_norm": agg(max, "inf_norm"),
+            "max_layer_inf_norm": agg(max, "inf_norm", "layer"),
+            "max_ffn_inf_norm": agg(max, "inf_norm", "fc2"),
+            "avg_kurtosis": agg(lambda xs: sum(xs) / len(xs), "kurtosis"),
+            "max_kurtosis": agg(max, "kurtosis"),
+        }
+
+
+def hf_opt_collector(model: nn.Module) -> OutlierCollector:
+    """An OutlierCollector over hf_opt_components(model), with the model as root (HF OPT flattens the
+    FFN input to [b*s, d], so the collector needs the batch size to keep rows per sample)."""
+    return OutlierCollector(hf_opt_components(model), root=model)
+
+
+def hf_opt_components(model: nn.Module) -> dict[str, nn.Module]:
+    """{name: module} for a Hugging Face OPTForCausalLM / OPTModel, names 'layer{i}.{kind}' + 'final_ln'.
+
+    HF naming: self_attn_layer_norm (attention LN), self_attn.out_proj, final_layer_norm (the
+    pre-FFN LN inside a layer), fc2, the layer itself (its output is the residual stream), and the
+    decoder's final_layer_norm."""
+    decoder = getattr(getattr(model, "model", model), "decoder", None)
+    if decoder is None or not hasattr(decoder, "layers"):
+        raise ValueError(f"expected a Hugging Face OPT model with .model.decoder.layers, got {type(model).__name__}")
+    comps: dict[str, nn.Module] = {}
+    for i, layer in enumerate(decoder.layers):
+        comps[f"layer{i}.attn_ln"] = layer.self_attn_layer_norm
+        comps[f"layer{i}.attn_out"] = layer.self_attn.out_proj
+        comps[f"layer{i}.ffn_ln"] = layer.final_layer_norm
+        comps[f"layer{i}.fc2"] = layer.fc2
+        comps[f"layer{i}.layer"] = layer
+    if getattr(decoder, "final_layer_norm", None) is not None:
+        comps["final_ln"] = decoder.final_layer_norm
+    return comps

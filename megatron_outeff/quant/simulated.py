@@ -1,0 +1,102 @@
+"""The paper's simulated (fake-quantized) W8A8 protocol, applied to any torch model.
+
+Quantized (field notes section 2): every nn.Linear weight and output, nn.Embedding weight and output,
+nn.LayerNorm weight and output, and every QuantPoint output (Q K^T, softmax output, P V, residual
+sums, where the model's attention inserts them). Weights: 8-bit symmetric per-tensor (min-max, or MSE
+search). Activations: 8-bit asymmetric per-tensor, running min-max (momentum 0.9) clipped at the
+99.999th percentile, calibrated on a few batches and then frozen. Biases stay float.
+Not quantized: modules whose qualified name matches an `exclude` pattern (fnmatch), with their
+children: by default the LM head ("lm_head"); a gate is excluded by naming it.
+
+The float model is never modified: the protocol runs on a deep copy. A quantized weight is a new
+Parameter on the copy, so a weight tied to an excluded module (OPT's embedding and LM head) unties:
+the LM head keeps the float weight.
+Only plain nn.Linear / nn.LayerNorm / nn.Embedding (and subclasses) are recognised; tensor-parallel
+linears of other libraries are not.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .points import QuantPoint
+from .quantizers import ActivationQuantizer, WeightQuantizer
+
+__all__ = ["SimulatedW8A8", "apply_simulated_w8a8", "QUANTIZED_TYPES"]
+
+QUANTIZED_TYPES = (nn.Linear, nn.Embedding, nn.LayerNorm, QuantPoint)
+
+
+@dataclass
+class SimulatedW8A8:
+    """The quantized copy and its quantizers, by module name."""
+
+    model: nn.Module
+    weight_quantizers: dict[str, WeightQuantizer] = field(default_factory=dict)
+    act_quantizers: dict[str, ActivationQuantizer] = field(default_factory=dict)
+    excluded: list[str] = field(default_factory=list)
+    uncalibrated: list[str] = field(default_factory=list)  # never ran in calibration; raise if used
+
+
+def _is_excluded(name: str, patterns: Iterable[str]) -> bool:
+    # A module is excluded if it or any parent matches a pattern.
+    parts = name.split(".")
+    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(fnmatch.fnmatchcase(p, pat) for p in prefixes for pat in patterns)
+
+
+def apply_simulated_w8a8(
+    model: nn.Module,
+    calibrate: Callable[[nn.Module], object],
+    *,
+    exclude: Iterable[str] = ("lm_head",),
+    weight_bits: int = 8,
+    act_bits: int = 8,
+    weight_method: str = "minmax",
+    act_percentile: float | None = 99.999,
+    act_momentum: float = 0.9,
+) -> SimulatedW8A8:
+    """Deep-copy `model`, fake-quantize it, calibrate with `calibrate(qmodel)`, freeze; return it.
+
+    `calibrate` runs the quantized copy on the calibration batches (the paper: 4 batches of 8 x 512),
+    e.g. `lambda m: [m(ids) for ids in batches]`; it runs under torch.no_grad() in eval mode.
+    The returned model is frozen and ready to evaluate."""
+    if not callable(calibrate):
+        raise ValueError(f"calibrate must be a callable taking the model, got {type(calibrate).__name__}")
+    exclude = [exclude] if isinstance(exclude, str) else list(exclude)
+    qmodel = copy.deepcopy(model).eval()
+    result = SimulatedW8A8(model=qmodel)
+
+    for name, module in list(qmodel.named_modules()):
+        if not isinstance(module, QUANTIZED_TYPES):
+            continue
+        if _is_excluded(name, exclude):
+            result.excluded.append(name)
+            continue
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, QuantPoint) and weight is not None:
+            wq = WeightQuantizer(weight_bits, method=weight_method)
+            with torch.no_grad():
+                qweight = wq(weight).detach()
+            wq.freeze()
+            if not torch.isfinite(qweight).all():
+                raise ValueError(f"module {name!r}: weight has non-finite values; expected finite weights")
+            # A new Parameter, not an in-place write: unties the weight from excluded sharers.
+            module.weight = nn.Parameter(qweight, requires_grad=False)
+            result.weight_quantizers[name] = wq
+        aq = ActivationQuantizer(act_bits, symmetric=False, momentum=act_momentum, percentile=act_percentile)
+        module.register_forward_hook(lambda mod, args, out, aq=aq: aq(out))
+        result.act_quantizers[name] = aq
+
+    with torch.no_grad():
+        calibrate(qmodel)
+    unseen = [n for n, q in result.act_quantizers.items() if not q.calibrated]
+    for q in result.act_quantizers.values():
+        q.freeze()
+    result.uncalibrated = unseen
+    return result
