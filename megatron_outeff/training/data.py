@@ -46,6 +46,15 @@ class BatchSource:
         self.consumed_samples += self.global_batch_size
         return micro
 
+    def first_microbatch(self) -> dict:
+        """This rank's first micro-batch of the stream (position unchanged)."""
+        saved = self.consumed_samples
+        self.consumed_samples = 0
+        try:
+            return self.next_global_batch()[0]
+        finally:
+            self.consumed_samples = saved
+
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples}
 
@@ -93,7 +102,7 @@ def indexed_samplers(cfg, *, vocab_size: int) -> tuple[Callable[[int], dict], Ca
     if not d.tokenizer:
         raise ConfigError("data.source=indexed needs data.tokenizer")
     n_train = t.train_iters * p.global_batch_size
-    n_valid = t.eval_iters * p.global_batch_size if t.eval_interval else 0
+    n_valid = t.eval_iters * p.global_batch_size if (t.eval_interval or cfg.logging.outlier_interval) else 0
     try:
         tokenizer = load_tokenizer(d.tokenizer)
         if tokenizer.vocab_size > vocab_size:

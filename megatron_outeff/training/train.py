@@ -125,6 +125,11 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
 
     logger = MetricsLogger(cfg.logging.tensorboard_dir, seq_length=cfg.data.seq_length,
                            log_interval=cfg.logging.log_interval)
+    outliers = None
+    if cfg.logging.outlier_interval > 0 and valid_data is not None:
+        from .outliers import OutlierMonitor
+
+        outliers = OutlierMonitor(engine.module, cfg.logging.outlier_interval)
     stop = StopRequest()
     history = []  # (iteration, loss) on this rank, for tests and the final summary
 
@@ -149,6 +154,10 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
             valid_data.load_state_dict({"consumed_samples": 0})
             losses = [eval_loss(trainer, valid_data.next_global_batch()) for _ in range(cfg.train.eval_iters)]
             logger.validation(iteration, train_data.consumed_samples, sum(losses) / len(losses))
+
+        if outliers is not None and outliers.due(iteration):
+            probe = valid_data.first_microbatch()  # the same batch every time
+            logger.scalars(iteration, outliers.measure(lambda: eval_loss(trainer, [probe])))
 
         exit_now = bool(cfg.train.exit_interval) and iteration % cfg.train.exit_interval == 0
         if stop.any_rank():

@@ -25,7 +25,7 @@ def _run_oracle(tmp_path_factory, extra):
 def oracle(tmp_path_factory):
     """The single-process run every parallel layout must reproduce (fp32, no clipping, no dropout).
     Also writes TensorBoard and its initial weights (pipeline layouts start from them)."""
-    return _run_oracle(tmp_path_factory, ["train.eval_interval=2", "train.eval_iters=1"])
+    return _run_oracle(tmp_path_factory, ["train.eval_interval=2", "train.eval_iters=1", "logging.outlier_interval=2"])
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,15 @@ def test_tensorboard_tags(oracle):
     assert [e.step for e in acc.Scalars("lm loss vs samples")] == [4, 8, 12, 16]
     assert [e.step for e in acc.Scalars("lm loss vs tokens")] == [128, 256, 384, 512]
     assert [e.step for e in acc.Scalars("lm loss validation")] == [2, 4]
+    # outlier metrics every 2 steps: per component (global layer index) and the paper's aggregates
+    for i in (0, 1):
+        for kind in ("attn_ln", "attn_out", "ffn_ln", "fc2", "layer"):
+            for stat in ("inf_norm", "kurtosis"):
+                assert f"outliers/layer{i}/{kind}/{stat}" in tags
+    for agg in ("max_inf_norm", "max_layer_inf_norm", "max_ffn_inf_norm", "avg_kurtosis", "max_kurtosis"):
+        assert [e.step for e in acc.Scalars(f"outliers/{agg}")] == [2, 4]
+    assert "outliers/final_ln/inf_norm" in tags
+    assert acc.Scalars("outliers/max_layer_inf_norm")[0].value > 0
 
 
 def _resume_cfg(ckpt, extra=()):
