@@ -29,6 +29,10 @@ def _check_layouts(nproc, layouts, oracle, oracle_clip, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     results = json.loads((tmp_path / "out.json").read_text())
     assert sorted(results) == sorted(layout.split(":")[0] for layout in layouts)
+    # "<name>_part1" + "<name>_part2": a run stopped (exit_interval) and resumed from its checkpoint
+    for part1 in [n for n in results if n.endswith("_part1")]:
+        base = part1[: -len("_part1")]
+        results[base] = results.pop(part1) + results.pop(base + "_part2")
     for name, losses in results.items():
         expected = oracle_clip if name.endswith("_clip") else oracle
         assert losses == pytest.approx(expected["losses"], abs=TOL), name
@@ -38,7 +42,8 @@ CLIP = "train.clip_grad=0.5"
 
 
 def test_parallel_layouts_match_single_process(oracle, oracle_clip, tmp_path):
-    """2 processes: DP=2 under ZeRO 0/1/2/3, TP=2 (with and without SP), PP=2 under ZeRO 0/1."""
+    """2 processes: DP=2 under ZeRO 0/1/2/3, TP=2 (with and without SP), PP=2 under ZeRO 0/1,
+    activation recomputation, and stop/resume under ZeRO-3 and PP."""
     _check_layouts(2, [
         "dp_zero0:", "dp_zero1:parallel.zero_stage=1", "dp_zero2:parallel.zero_stage=2",
         "dp_zero3:parallel.zero_stage=3", "tp2_zero0:parallel.tensor_parallel=2",
@@ -46,6 +51,12 @@ def test_parallel_layouts_match_single_process(oracle, oracle_clip, tmp_path):
         "pp2_zero1:parallel.pipeline_parallel=2,parallel.zero_stage=1",
         f"pp2_zero0_clip:parallel.pipeline_parallel=2,{CLIP}",
         f"tp2_sp_zero2_clip:parallel.tensor_parallel=2,parallel.sequence_parallel=true,parallel.zero_stage=2,{CLIP}",
+        "dp_zero1_recompute:parallel.zero_stage=1,model.recompute_granularity=full",
+        # stop after 2 steps, resume from the checkpoint: ZeRO-3 shards and a pipeline's stages
+        *[f"{name}_{part}:{sets},checkpoint.dir={tmp_path / name}{',train.exit_interval=2' if part == 'part1' else ''}"
+          for name, sets in (("dp_zero3_resumed", "parallel.zero_stage=3"),
+                             ("pp2_zero1_resumed_clip", f"parallel.pipeline_parallel=2,parallel.zero_stage=1,{CLIP}"))
+          for part in ("part1", "part2")],
     ], oracle, oracle_clip, tmp_path)
 
 
