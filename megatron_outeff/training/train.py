@@ -92,6 +92,7 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
     from .model import arch_config, build_model
 
     # 1. Process groups, seeds, and every check that can fail before anything is written.
+    cfg.grad_accumulation_steps(int(os.environ.get("WORLD_SIZE", "1")))  # layout / batch divisibility
     init_model_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.train.seed)
     set_seeds(cfg.train.seed)
     world = dist.get_world_size()
@@ -184,7 +185,9 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.set)
         train(cfg, force_resume=args.resume)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+        if rank == 0:  # every rank fails alike: say it once
+            print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
         if dist.is_initialized():
