@@ -71,20 +71,23 @@ def test_four_process_layouts_match_single_process(oracle, oracle_clip, tmp_path
 
 
 def test_two_nodes_on_loopback(oracle, tmp_path):
-    """Two torchrun 'nodes' (one process each) on 127.0.0.1 train one DP=2 ZeRO-1 job together."""
+    """Two 'nodes' (launch/train_torchrun.sh, one process each) on 127.0.0.1 train one DP=2 ZeRO-1 job."""
     port = free_port()
+    sets = [a for s in BASE + ["parallel.zero_stage=1"] for a in ("--set", s)]
     procs = []
     for node_rank in (0, 1):
-        cmd = [TORCHRUN, "--nnodes", "2", "--node_rank", str(node_rank), "--nproc_per_node", "1",
-               "--master_addr", "127.0.0.1", "--master_port", str(port), WORKER, str(tmp_path / "out.json"),
-               "dp_zero1:parallel.zero_stage=1"]
-        procs.append(subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        e = dict(env(), NNODES="2", NODE_RANK=str(node_rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                 GPUS_PER_NODE="1", PYTHON=PYTHON)
+        procs.append(subprocess.Popen(["bash", str(ROOT / "launch/train_torchrun.sh"), DEMO, *sets], env=e, cwd=tmp_path,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=400)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
     assert "world 2 = TP 1 x PP 1 x DP 2" in outs[0]
-    losses = json.loads((tmp_path / "out.json").read_text())["dp_zero1"]
-    assert losses == pytest.approx(oracle["losses"], abs=TOL)
+    assert _losses(outs[0]) == pytest.approx(oracle["losses"], abs=TOL)
+
+
+def _losses(stdout):
+    return [float(line.split("|")[1].split()[-1]) for line in stdout.splitlines() if line.startswith("iter ")]
 
 
 def _train_cmd(sets):
@@ -126,7 +129,7 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(oracle, tmp_path):
     r = subprocess.run(_train_cmd(sets), env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "resumed from" in r.stdout and "iter_0000002" in r.stdout
-    resumed = [float(line.split("|")[1].split()[-1]) for line in r.stdout.splitlines() if line.startswith("iter ")]
+    resumed = _losses(r.stdout)
     assert resumed == pytest.approx(oracle["losses"][2:], abs=TOL)
     assert (ck / "latest").read_text().strip() == "iter_0000004"
     assert not (ck / "iter_0000004.tmp").exists()
