@@ -204,9 +204,15 @@ def build_engine(cfg: Config, model: torch.nn.Module) -> Trainer:
         raise ConfigError("parallel.pipeline_parallel > 1 supports precision.dtype=fp32 only (for now)")
     if cfg.parallel.sequence_parallel:
         _allreduce_sequence_parallel_grads(model)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg), lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps,
-    )
+    adamw = dict(lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps)
+    if cfg.parallel.cpu_offload:
+        # ZeRO-Offload steps on the CPU: DeepSpeed's vectorised CPU AdamW (JIT-built once into
+        # TORCH_EXTENSIONS_DIR); DeepSpeed refuses a torch optimizer there.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(param_groups(model, cfg), adamw_mode=True, **adamw)
+    else:
+        optimizer = torch.optim.AdamW(param_groups(model, cfg), **adamw)
     scheduler = WarmupDecayLR(
         optimizer, max_lr=cfg.optimizer.lr, min_lr=cfg.schedule.min_lr, warmup_iters=cfg.schedule.warmup_iters,
         decay_iters=cfg.schedule.decay_iters or cfg.train.train_iters, decay_style=cfg.schedule.decay_style,

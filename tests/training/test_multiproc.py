@@ -43,7 +43,7 @@ CLIP = "train.clip_grad=0.5"
 
 def test_parallel_layouts_match_single_process(oracle, oracle_clip, tmp_path):
     """2 processes: DP=2 under ZeRO 0/1/2/3, TP=2 (with and without SP), PP=2 under ZeRO 0/1,
-    activation recomputation, and stop/resume under ZeRO-3 and PP."""
+    activation recomputation, ZeRO-2 with CPU offload, and stop/resume under ZeRO-3 and PP."""
     _check_layouts(2, [
         "dp_zero0:", "dp_zero1:parallel.zero_stage=1", "dp_zero2:parallel.zero_stage=2",
         "dp_zero3:parallel.zero_stage=3", "tp2_zero0:parallel.tensor_parallel=2",
@@ -52,6 +52,7 @@ def test_parallel_layouts_match_single_process(oracle, oracle_clip, tmp_path):
         f"pp2_zero0_clip:parallel.pipeline_parallel=2,{CLIP}",
         f"tp2_sp_zero2_clip:parallel.tensor_parallel=2,parallel.sequence_parallel=true,parallel.zero_stage=2,{CLIP}",
         "dp_zero1_recompute:parallel.zero_stage=1,model.recompute_granularity=full",
+        "dp_zero2_cpu_offload:parallel.zero_stage=2,parallel.cpu_offload=true",  # DeepSpeedCPUAdam
         # stop after 2 steps, resume from the checkpoint: ZeRO-3 shards and a pipeline's stages
         *[f"{name}_{part}:{sets},checkpoint.dir={tmp_path / name}{',train.exit_interval=2' if part == 'part1' else ''}"
           for name, sets in (("dp_zero3_resumed", "parallel.zero_stage=3"),
