@@ -237,8 +237,18 @@ def build_engine(cfg: Config, model: torch.nn.Module) -> Trainer:
                    is_last_stage=parallel_state.is_pipeline_last_stage(), pipelined=pipelined)
 
 
+def device() -> torch.device:
+    """Where this rank computes (and where NCCL collectives need their tensors)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def to_device(batch: dict) -> dict:
+    return {k: v.to(device(), non_blocking=True) for k, v in batch.items()}
+
+
 def masked_lm_loss(model, batch: dict) -> torch.Tensor:
     """Mean next-token cross-entropy over the tokens whose loss_mask is 1."""
+    batch = to_device(batch)
     per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     mask = batch["loss_mask"]
     return (per_token.float() * mask).sum() / mask.sum().clamp(min=1)
@@ -299,7 +309,7 @@ def _run_pipeline(t: Trainer, micro_batches: list[dict], forward_only: bool) -> 
     from megatron_outeff.megatron.cpu_support import cpu_safe_forward_backward_func
 
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
+        batch = to_device(next(data_iterator))
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
 
         def loss_func(per_token):
@@ -322,7 +332,7 @@ def _pipeline_loss(outputs: list[dict]) -> torch.Tensor:
     """Mean micro-batch loss, from the last stage to every stage of the pipeline."""
     from megatron.core import parallel_state
 
-    loss = torch.stack([o["lm loss"] for o in outputs]).mean() if outputs else torch.zeros(())
+    loss = torch.stack([o["lm loss"] for o in outputs]).mean() if outputs else torch.zeros((), device=device())
     loss = loss.float().reshape(())
     dist.all_reduce(loss, group=parallel_state.get_pipeline_model_parallel_group())  # zero elsewhere
     return loss
@@ -445,7 +455,7 @@ def grad_norm_fp32(model: torch.nn.Module) -> float:
     from megatron.core import parallel_state
 
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    sq = torch.zeros((), dtype=torch.float64)
+    sq = torch.zeros((), dtype=torch.float64, device=device())
     for p in model.parameters():
         if p.grad is None:
             continue

@@ -67,7 +67,9 @@ class StopRequest:
         self.received = True
 
     def any_rank(self) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0])
+        from .engine import device
+
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
