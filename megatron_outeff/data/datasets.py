@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy
@@ -105,12 +106,18 @@ def check_indexed_dataset(prefix: str, tokenizer: Optional[Tokenizer] = None,
         raise DataError(f"dataset prefix {prefix!r}: holds no documents")
     dtype = numpy.dtype(ds.index.dtype)
     docs = numpy.unique(numpy.linspace(0, n - 1, num=min(n, sample_documents)).astype(numpy.int64))
-    max_id = max(int(ds[int(i)].max(initial=0)) for i in docs)
+    sampled = [ds[int(i)] for i in docs]
+    max_id = max(int(d.max(initial=0)) for d in sampled)
     if tokenizer is not None and max_id >= tokenizer.vocab_size:
         raise DataError(
             f"dataset prefix {prefix!r} holds token id {max_id} but the tokenizer's vocab size is "
             f"{tokenizer.vocab_size}: it was preprocessed with a different tokenizer"
         )
+    if tokenizer is not None and not all(d.size and int(d[-1]) == tokenizer.eod for d in sampled):
+        # Not fatal (data from other tools may lack eods), but GPTDataset's eod-based masks and
+        # position resets would silently do nothing, and it often means a tokenizer mismatch.
+        warnings.warn(f"dataset prefix {prefix!r}: sampled documents do not end with the "
+                      f"tokenizer's eod id {tokenizer.eod} (other tokenizer, or no eod appended)")
     return {"documents": n, "tokens": int(ds.sequence_lengths.sum(dtype=numpy.int64)),
             "dtype": dtype.name, "max_sampled_id": max_id}
 

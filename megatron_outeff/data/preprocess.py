@@ -100,11 +100,9 @@ def preprocess_corpus(
     try:
         docs = iter_documents(files, json_key=json_key, txt_mode=txt_mode)
         if workers == 1:
-            _init_worker_local = tok  # encode in-process, no pool start-up cost
-
-            def encoded():
+            def encoded():  # in-process: no pool start-up cost
                 for d in docs:
-                    yield _init_worker_local.encode(d) + [_init_worker_local.eod]
+                    yield tok.encode(d) + [tok.eod]
 
             stream: Iterable[List[int]] = encoded()
         else:

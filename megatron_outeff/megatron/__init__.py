@@ -24,6 +24,8 @@ _EXPORTS = {
     "check_variant_fits": "core_attention",
     "OutEffSelfAttention": "self_attention",
     "OutEffHeadGate": "self_attention",
+    "check_state_dict_fits": "self_attention",
+    "install_state_dict_guard": "self_attention",
     "init_model_parallel": "parallel",
     "destroy_model_parallel": "parallel",
     "apply_cpu_patches": "cpu_support",

@@ -204,7 +204,13 @@ class OutEffCoreAttention(MegatronModule):
     # ------------------------------------------------------------------ construction helpers
     @classmethod
     def with_variant(cls, variant: AttentionVariantConfig, seq_length: Optional[int] = None, **kwargs):
-        """A core-attention builder for ``SelfAttentionSubmodules.core_attention`` bound to ``variant``."""
+        """A core-attention builder for ``SelfAttentionSubmodules.core_attention`` bound to ``variant``.
+
+        For megatron's stock ``SelfAttention`` (or any attention that builds its core from the
+        submodules). Gated variants need the layer input, which only ``OutEffSelfAttention`` has.
+        """
+        if variant is not None and AttentionVariantConfig.from_dict(variant).gated:
+            raise ValueError(f"gate={variant.gate!r}: a gate needs OutEffSelfAttention (get_outeff_layer_spec), not a core attention alone")
         return functools.partial(cls, variant=variant, seq_length=seq_length, **kwargs)
 
     @contextlib.contextmanager

@@ -13,6 +13,9 @@ its CPU equivalent and nothing else; they are applied only when CUDA is absent, 
 4. ``torch.cuda.synchronize()`` (p2p communication, dist_checkpointing) becomes a no-op.
 5. Pipeline schedules create a few tensors with ``device="cuda"``: ``cpu_safe_forward_backward_func``
    runs the schedule under a TorchFunctionMode that redirects those factory calls to CPU.
+6. With PP > 1 and tied embeddings, ``LanguageModule.setup_embeddings_and_output_layer`` moves the
+   shared weight with ``weight.data.cuda()`` before all-reducing it over the embedding group: model
+   construction runs under ``cpu_model_construction()``, in which ``Tensor.cuda`` returns the tensor.
 
 Keep megatron's fusion flags off on CPU (bias_gelu/bias_dropout/masked_softmax/persist_layer_norm
 /gradient_accumulation_fusion): their kernels are CUDA-only.
@@ -115,3 +118,18 @@ def cpu_safe_forward_backward_func(*args, **kwargs):
             return schedule(**schedule_kwargs)
 
     return run_schedule
+
+
+@contextlib.contextmanager
+def cpu_model_construction():
+    """(6) Build megatron models without CUDA: ``Tensor.cuda`` returns the tensor itself, only inside
+    this block and only when CUDA is absent (a global patch would hide real device bugs elsewhere)."""
+    if cuda_available():
+        yield
+        return
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original

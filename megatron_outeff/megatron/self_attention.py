@@ -143,6 +143,8 @@ class OutEffSelfAttention(SelfAttention):
         variant = resolve_variant(config, variant)
         tp_size = pg_collection.tp.size() if pg_collection is not None else _mpu_tp_size()
         check_variant_fits(variant, config, tp_size)  # before megatron allocates anything
+        if getattr(config, "flash_decode", False):
+            raise ValueError("flash_decode=True: megatron's flash-decode path bypasses the core attention, so the attention variant would be lost")
         core = submodules.core_attention
         if _accepts_variant(core):
             submodules = dataclasses.replace(
@@ -157,6 +159,10 @@ class OutEffSelfAttention(SelfAttention):
         self._pending_gate: Optional[Tensor] = None
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor, *args, **kwargs):
+        context = kwargs.get("inference_context", kwargs.get("inference_params", args[1] if len(args) > 1 else None))
+        if context is not None and not context.is_static_batching():
+            # megatron's dynamic-batching kernel (flash_decode_and_prefill) bypasses core_attention.
+            raise ValueError("dynamic-batching inference bypasses the core attention: the attention variant would be lost; use static batching")
         if self.head_gate is None:
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
         gate = self.head_gate(hidden_states)  # [b, sq, heads_per_partition], from the layer input
@@ -195,3 +201,41 @@ def _mpu_tp_size() -> int:
     from megatron.core import parallel_state
 
     return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def check_state_dict_fits(model: torch.nn.Module, state_dict) -> None:
+    """One-line ValueError if ``state_dict`` has an offset / gate tensor that does not fit ``model``.
+
+    torch's ``load_state_dict`` copies module by module and reports shape mismatches only at the
+    end, after the other weights were overwritten; this check looks at every outlier-efficient
+    tensor first. ``install_state_dict_guard`` runs it automatically on ``model.load_state_dict``.
+    """
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, OutEffCoreAttention):
+            key = prefix + "softmax_offset"
+            if module.softmax_offset is None:
+                if key in state_dict:
+                    raise ValueError(f"{key}: the checkpoint has a learnable offset but this layer is {module.variant.describe()!r}")
+                continue
+            tensors = {key: module.softmax_offset}
+        elif isinstance(module, OutEffHeadGate):
+            tensors = {prefix + n: p for n, p in module.named_parameters(recurse=False)}
+        else:
+            continue
+        for key, param in tensors.items():
+            if key in state_dict and tuple(state_dict[key].shape) != tuple(param.shape):
+                raise ValueError(
+                    f"{key}: checkpoint shape {tuple(state_dict[key].shape)} does not fit this model's {tuple(param.shape)}"
+                )
+
+
+def install_state_dict_guard(model: torch.nn.Module) -> torch.nn.Module:
+    """Run ``check_state_dict_fits`` before ``model.load_state_dict`` touches any weight. Returns model."""
+
+    def pre_hook(module, state_dict, prefix, *args):
+        stripped = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        check_state_dict_fits(model, stripped)
+
+    model.register_load_state_dict_pre_hook(pre_hook)
+    return model

@@ -31,6 +31,8 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from megatron_outeff.megatron.cpu_support import cpu_model_construction
+
 # Hugging Face OPTLearnedPositionalEmbedding.offset (inherited from fairseq's padding_idx + 1).
 OPT_POSITION_OFFSET = 2
 
@@ -228,6 +230,9 @@ def check_parallel_layout(arch: OPTArchConfig, tp_size: int, pp_size: int) -> No
 def opt_transformer_config(arch: Union[OPTArchConfig, str], variant=None, **overrides):
     """megatron-core TransformerConfig for an OPT architecture (and an attention variant).
 
+    ``variant`` is accepted for symmetry with build_opt_model but changes nothing here: the attention
+    variant travels in the layer spec's params (megatron_outeff.megatron.layer_spec), so one config
+    serves every variant and megatron's own ``softmax_type`` stays 'vanilla'.
     TP/PP sizes come from megatron's parallel_state (1/1 if it is not initialised). Every fusion
     flag is off: the fused kernels are CUDA-only (and bias-activation fusion has no ReLU kernel);
     callers on GPU may switch them on through ``overrides``.
@@ -271,8 +276,6 @@ def opt_transformer_config(arch: Union[OPTArchConfig, str], variant=None, **over
     )
     if not arch.scaled_output_layer_init:
         kw["output_layer_init_method"] = init_method_normal(arch.init_method_std)
-    if variant is not None:
-        kw.update(_variant_config_kwargs(variant))
     unknown = sorted(k for k in overrides if k not in {f.name for f in dataclasses.fields(TransformerConfig)})
     if unknown:
         raise ValueError(f"transformer overrides {unknown}: not TransformerConfig fields")
@@ -280,18 +283,17 @@ def opt_transformer_config(arch: Union[OPTArchConfig, str], variant=None, **over
     return TransformerConfig(**kw)
 
 
-def _variant_config_kwargs(variant) -> dict:
-    """TransformerConfig fields an attention variant sets (none until the variant module defines them)."""
-    fn = getattr(variant, "transformer_config_kwargs", None)
-    return dict(fn()) if callable(fn) else {}
-
-
-def _is_vanilla(variant) -> bool:
+def _as_variant(variant):
+    """None stays None (megatron's own local attention); a mapping becomes an AttentionVariantConfig."""
     if variant is None:
-        return True
-    return str(getattr(variant, "name", getattr(variant, "softmax", ""))) == "vanilla" and not any(
-        getattr(variant, a, None) for a in ("clip", "gate", "gated")
-    )
+        return None
+    from megatron_outeff.megatron.variant import AttentionVariantConfig
+
+    if isinstance(variant, AttentionVariantConfig):
+        return variant
+    if isinstance(variant, dict):
+        return AttentionVariantConfig.from_dict(variant)
+    raise ValueError(f"variant={variant!r}: expected None, an AttentionVariantConfig or a mapping of its fields")
 
 
 class OPTLayerNorm(torch.nn.LayerNorm):
@@ -300,7 +302,8 @@ class OPTLayerNorm(torch.nn.LayerNorm):
     megatron's WrappedTorchNorm refuses sequence parallelism (apex/TE norms carry the flag, neither
     exists on CPU). Under SP each TP rank normalises its own sequence slice, so the LayerNorm
     gradients are partial sums: the ``sequence_parallel`` attribute makes megatron's
-    finalize_model_grads all-reduce them over the TP group.
+    finalize_model_grads all-reduce them over the TP group. (Same as layer_spec.TorchNorm; kept
+    here so the vanilla path does not import the variant machinery.)
     """
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
@@ -309,32 +312,36 @@ class OPTLayerNorm(torch.nn.LayerNorm):
             setattr(p, "sequence_parallel", bool(config.sequence_parallel))
 
 
-def opt_layer_spec(variant=None):
-    """The transformer-layer ModuleSpec: megatron's local (non-TE) layer with OPTLayerNorm for vanilla
-    attention, megatron_outeff's outlier-efficient layer spec otherwise."""
+def opt_block_spec(config, variant=None, *, seq_length: Optional[int] = None):
+    """This pipeline stage's TransformerBlock spec (layers + final LayerNorm).
+
+    variant None: megatron's local (non-TE) layer, i.e. megatron's own DotProductAttention.
+    Otherwise: megatron_outeff's outlier-efficient layer (``get_outeff_block_spec``), even for a
+    vanilla AttentionVariantConfig, so every variant of an experiment runs the same attention code.
+    Norms are SP-capable torch LayerNorms where megatron would pick WrappedTorchNorm (no apex).
+    """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-    if _is_vanilla(variant):
-        spec = get_gpt_layer_local_spec()
-    else:
-        try:
-            from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
-        except ImportError as e:
-            raise ValueError(f"attention variant {variant!r} needs megatron_outeff.megatron.layer_spec ({e})") from None
-        spec = get_outeff_layer_spec(variant)
-    # Swap only norms that are megatron's torch fallback (SP-incapable); keep apex/TE norms.
-    # Copies, not in-place edits: a spec may be cached and shared by its provider.
+    from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlock,
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
 
-    sub = spec.submodules
-    swap = {
-        attr: OPTLayerNorm
-        for attr in ("input_layernorm", "pre_mlp_layernorm")
-        if getattr(sub, attr, None) in (WrappedTorchNorm, torch.nn.LayerNorm)
-    }
-    if swap:
-        spec = dataclasses.replace(spec, submodules=dataclasses.replace(sub, **swap))
-    return spec
+    variant = _as_variant(variant)
+    if variant is not None:
+        from megatron_outeff.megatron.layer_spec import get_outeff_block_spec
+
+        sub = get_outeff_block_spec(config, variant, seq_length=seq_length)
+    else:
+        layer = get_gpt_layer_local_spec()
+        ls = layer.submodules
+        swap = {a: OPTLayerNorm for a in ("input_layernorm", "pre_mlp_layernorm")
+                if getattr(ls, a) in (WrappedTorchNorm, torch.nn.LayerNorm)}
+        layer = dataclasses.replace(layer, submodules=dataclasses.replace(ls, **swap))
+        sub = TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=OPTLayerNorm)
+    return ModuleSpec(module=TransformerBlock, submodules=sub)
 
 
 class OPTPositionEmbedding(torch.nn.Embedding):
@@ -403,32 +410,32 @@ def build_opt_model(
     sequence_parallel: bool = False,
     pre_process: Optional[bool] = None,
     post_process: Optional[bool] = None,
+    seq_length: Optional[int] = None,
     **transformer_overrides,
 ):
     """An OPT megatron-core GPTModel for this rank's (TP, PP) position in megatron's parallel_state.
 
     vocab_size: rows of the (TP-split) embedding; default ``padded_vocab_size(arch.vocab_size, tp)``.
+    variant: None (megatron's own attention) or an AttentionVariantConfig / mapping of its fields
+    (megatron_outeff's layer spec: softmax_1, softmax_n, learnable offsets, clipping, gates).
     pre_process / post_process: default to this rank being the first / last pipeline stage.
+    seq_length: training sequence length; needed only by clipped variants in the clip_alpha form.
     Forward takes megatron-native 0-based ``position_ids``; the OPT offset is applied inside.
     """
-    from megatron.core import parallel_state as ps
-    from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.transformer_block import (
-        TransformerBlock,
-        TransformerBlockSubmodules,
-        get_num_layers_to_build,
-    )
-
-    from megatron_outeff.megatron.cpu_support import apply_cpu_patches
-
     arch = load_arch_config(arch)
     reason = arch.unsupported_reason()
     if reason:
-        raise ValueError(reason)
+        raise ValueError(reason)  # before importing megatron: refusals stay cheap
+
+    from megatron.core import parallel_state as ps
+
+    from megatron_outeff.megatron.cpu_support import apply_cpu_patches
+
     tp, pp = _parallel_sizes()
     check_parallel_layout(arch, tp, pp)
     if sequence_parallel and tp == 1:
         sequence_parallel = False  # megatron rejects SP without TP; it would be a no-op anyway
+    variant = _as_variant(variant)
     apply_cpu_patches()
     config = opt_transformer_config(
         arch, variant, params_dtype=params_dtype, sequence_parallel=sequence_parallel, **transformer_overrides
@@ -442,21 +449,23 @@ def build_opt_model(
     if post_process is None:
         post_process = ps.is_pipeline_last_stage() if ps.model_parallel_is_initialized() else True
 
-    layer_spec = opt_layer_spec(variant)
-    # A block spec (rather than the layer spec) so the final LayerNorm is OPTLayerNorm too.
-    block_spec = ModuleSpec(
-        module=TransformerBlock,
-        submodules=TransformerBlockSubmodules(
-            layer_specs=[layer_spec] * get_num_layers_to_build(config), layer_norm=OPTLayerNorm
-        ),
-    )
-    return opt_gpt_model_class()(
-        config,
-        block_spec,
-        vocab_size=vocab_size,
-        max_positions=arch.max_position_embeddings,
-        pre_process=pre_process,
-        post_process=post_process,
-        share_embeddings_and_output_weights=True,
-        parallel_output=True,
-    )
+    # A block spec (rather than a layer spec) so the final LayerNorm is SP-capable too.
+    block_spec = opt_block_spec(config, variant, seq_length=seq_length)
+    with cpu_model_construction():
+        model = opt_gpt_model_class()(
+            config,
+            block_spec,
+            vocab_size=vocab_size,
+            max_positions=arch.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=True,
+            parallel_output=True,
+        )
+    if params_dtype != torch.float32:
+        # megatron creates its linears/embeddings in params_dtype but torch LayerNorms and the
+        # position table in fp32; a mixed model fails in its first matmul unless wrapped in
+        # Float16Module. Cast once here (what Float16Module does too, so wrapping stays harmless).
+        model.to(params_dtype)
+    return model
+

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .points import QuantPoint
+from .points import QuantPoint, is_quant_point
 from .quantizers import ActivationQuantizer, WeightQuantizer
 
 __all__ = ["SimulatedW8A8", "apply_simulated_w8a8", "QUANTIZED_TYPES"]
@@ -73,13 +73,13 @@ def apply_simulated_w8a8(
     result = SimulatedW8A8(model=qmodel)
 
     for name, module in list(qmodel.named_modules()):
-        if not isinstance(module, QUANTIZED_TYPES):
+        if not (isinstance(module, QUANTIZED_TYPES) or is_quant_point(module)):
             continue
         if _is_excluded(name, exclude):
             result.excluded.append(name)
             continue
         weight = getattr(module, "weight", None)
-        if not isinstance(module, QuantPoint) and weight is not None:
+        if not is_quant_point(module) and weight is not None:
             wq = WeightQuantizer(weight_bits, method=weight_method)
             with torch.no_grad():
                 qweight = wq(weight).detach()

@@ -90,6 +90,9 @@ def test_bad_dataset_inputs(prefixes, spm_model, hf_tokenizer_json, tmp_path):
     missing = str(tmp_path / "nothere")
     with pytest.raises(DataError, match=r"dataset prefix '.*nothere': missing .*nothere.bin and"):
         build_gpt_datasets(missing, tokenizer=tok, seq_length=SEQ, cache_dir=str(tmp_path))
+    from megatron.core.tokenizers import MegatronTokenizerBase
+
+    assert isinstance(tok, MegatronTokenizerBase)  # registered virtual subclass
     small = load_tokenizer(hf_tokenizer_json)  # 320 ids < the 400 of the data's tokenizer
     with pytest.raises(DataError, match="holds token id .* vocab size is 320"):
         check_indexed_dataset(prefixes["a"], small)
@@ -154,3 +157,46 @@ def test_build_with_process_group(prefixes, spm_model, tmp_path):
     assert len(train) == len(ref) == 200  # a BlendedDataset has exactly the requested size
     for i in (0, 57, 199):
         assert torch.equal(train[i]["tokens"], ref[i]["tokens"])
+
+
+def _rank_worker(rank, world, init_file, data, cache_dir, spm_model, result_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        tok = load_tokenizer(spm_model)
+        train, valid, _ = build_gpt_datasets(
+            data, tokenizer=tok, seq_length=SEQ, split="90,10,0", num_samples=(100, 10, 0),
+            seed=5, cache_dir=cache_dir)
+        rows = [train[i]["tokens"].tolist() for i in (0, 50, 99)] + [valid[0]["tokens"].tolist()]
+        with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
+            import json
+
+            json.dump(rows, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.multiproc
+def test_build_on_two_ranks(prefixes, spm_model, tmp_path):
+    """Two gloo ranks (forked: no second megatron import): rank 0 builds, rank 1 hits the cache,
+    both see the same samples."""
+    import json
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    data = f"0.6 {prefixes['a']} 0.4 {prefixes['b']}"
+    procs = [ctx.Process(target=_rank_worker, args=(r, 2, str(tmp_path / "init"), data,
+                                                    str(tmp_path / "cache"), spm_model,
+                                                    str(tmp_path)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    r0, r1 = (json.load(open(tmp_path / f"rank{r}.json")) for r in range(2))
+    assert r0 == r1
+    # one set of index files per dataset: rank 1 reused rank 0's cache
+    files = os.listdir(tmp_path / "cache")
+    assert len([f for f in files if f.endswith("shuffle_index.npy")]) == 4  # 2 prefixes x 2 splits

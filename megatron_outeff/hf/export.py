@@ -1,0 +1,321 @@
+"""Export an OPT-architecture model (Hugging Face OPT state-dict naming) as a Hugging Face directory.
+
+    export_hf_dir(out_dir, hf_opt_state_dict, opt_config_kwargs, variant, *,
+                  extra_state=None, tokenizer_dir=None, dtype=None, calibration_batches=None) -> Path
+
+``variant``: a softmax name ("vanilla" | "softmax1" | "softmax_n" | "learnable") or a dict with
+keys from ``VARIANT_KEYS``:
+    softmax, softmax_n, gate ("none" | "linear" | "mlp" | "shared_linear"), gate_init_prob,
+    clip_gamma + clip_zeta (explicit), or clip_alpha + clip_seq_len (+ optional clip_zeta, default 1):
+    the paper's form gamma = -alpha / T, resolved here to an explicit gamma for T = clip_seq_len.
+
+Vanilla softmax without clip and gate (softmax_n with n = 0 included) is written as a plain
+``OPTForCausalLM`` directory (model_type "opt", no remote code). Every other variant is written as
+``OutEffOPTForCausalLM`` remote code: config.json with auto_map, modeling_outeff_opt.py,
+configuration_outeff_opt.py, outeff_deps.py (rewritten to import its siblings) and verbatim copies
+of megatron_outeff/ops/reference.py, megatron_outeff/ops/variants.py and
+megatron_outeff/quant/points.py, so that
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works without megatron_outeff.
+
+Extra state (``extra_state`` or inside ``hf_opt_state_dict``; i = layer index):
+    model.decoder.layers.{i}.self_attn.softmax_offset      [H]                      learnable
+    model.decoder.layers.{i}.self_attn.gate.weight         [H, d_head]              gate linear
+    model.decoder.layers.{i}.self_attn.gate.weight         [H, d_model]             gate shared_linear
+    model.decoder.layers.{i}.self_attn.gate.bias           [H]                      gate linear / shared_linear
+    model.decoder.layers.{i}.self_attn.gate.fc1_weight     [H, d_head // 4, d_head] gate mlp
+    model.decoder.layers.{i}.self_attn.gate.fc1_bias       [H, d_head // 4]         gate mlp
+    model.decoder.layers.{i}.self_attn.gate.fc2_weight     [H, d_head // 4]         gate mlp
+    model.decoder.layers.{i}.self_attn.gate.fc2_bias       [H]                      gate mlp
+
+Safety: a non-empty ``out_dir`` is refused; everything is checked (variant, finiteness, key set and
+shapes, fp16 range) before anything is written; files go to a temporary directory beside
+``out_dir`` that is renamed into place at the end. Errors are one-line ``ValueError``s.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping, Optional
+
+import torch
+
+FP16_MAX = 65504.0
+
+VARIANT_KEYS = ("softmax", "softmax_n", "clip_gamma", "clip_zeta", "clip_alpha", "clip_seq_len", "gate", "gate_init_prob")
+
+# Verbatim copies placed beside the modeling file of a remote-code export: file name -> module.
+COPIED_SOURCES = {
+    "reference.py": "megatron_outeff.ops.reference",
+    "variants.py": "megatron_outeff.ops.variants",
+    "points.py": "megatron_outeff.quant.points",
+}
+
+EXPORTED_DEPS_SOURCE = '''"""Attention math and QuantPoint for this exported directory.
+
+reference.py, variants.py and points.py beside this file are verbatim copies of
+megatron_outeff/ops/reference.py, megatron_outeff/ops/variants.py and megatron_outeff/quant/points.py
+(written by megatron_outeff.hf.export), so this directory loads without megatron_outeff installed.
+"""
+from .points import QuantPoint
+from .reference import causal_mask, outeff_softmax_reference
+from .variants import Clip, resolve_sink
+
+__all__ = ["Clip", "QuantPoint", "causal_mask", "outeff_softmax_reference", "resolve_sink"]
+'''
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "chat_template.jinja",
+)
+
+_DTYPES = {
+    None: torch.float32, "fp32": torch.float32, "float32": torch.float32, torch.float32: torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16, torch.float16: torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, torch.bfloat16: torch.bfloat16,
+}
+
+
+def _fail(msg: str):
+    raise ValueError(f"export_hf_dir: {msg}")
+
+
+def resolve_variant(variant) -> dict:
+    """The config fields of a variant: softmax, softmax_n, clip_gamma, clip_zeta, gate, gate_init_prob."""
+    from .configuration_outeff_opt import GATE_CHOICES, SOFTMAX_CHOICES
+
+    if isinstance(variant, str):
+        variant = {"softmax": variant}
+    if not isinstance(variant, Mapping):
+        _fail(f"variant={variant!r}: expected a softmax name or a dict with keys from {VARIANT_KEYS}")
+    unknown = sorted(set(variant) - set(VARIANT_KEYS))
+    if unknown:
+        _fail(f"unknown variant key(s) {unknown}: expected keys from {VARIANT_KEYS}")
+    v = dict(variant)
+    out = {
+        "softmax": v.get("softmax", "vanilla"),
+        "softmax_n": v.get("softmax_n", 1.0),
+        "gate": v.get("gate", "none"),
+        "gate_init_prob": v.get("gate_init_prob", 0.25),
+        "clip_gamma": v.get("clip_gamma"),
+        "clip_zeta": v.get("clip_zeta"),
+    }
+    if out["softmax"] not in SOFTMAX_CHOICES:
+        _fail(f"unknown softmax variant {out['softmax']!r}: expected one of {SOFTMAX_CHOICES}")
+    if out["gate"] not in GATE_CHOICES:
+        _fail(f"unknown gate variant {out['gate']!r}: expected one of {GATE_CHOICES}")
+    if "clip_alpha" in v or "clip_seq_len" in v:
+        if out["clip_gamma"] is not None:
+            _fail("give clip_gamma or clip_alpha + clip_seq_len, not both")
+        alpha, seq_len = v.get("clip_alpha"), v.get("clip_seq_len")
+        if alpha is None or not isinstance(seq_len, int) or seq_len <= 0:
+            _fail(f"clip_alpha={alpha!r}, clip_seq_len={seq_len!r}: expected alpha >= 0 and the training sequence length T > 0")
+        out["clip_gamma"] = -float(alpha) / seq_len
+        if out["clip_zeta"] is None:
+            out["clip_zeta"] = 1.0
+    return out
+
+
+def is_plain_opt(fields: Mapping) -> bool:
+    """Vanilla softmax (or softmax_n with n = 0), no clip, no gate: a plain transformers OPT model."""
+    vanilla = fields["softmax"] == "vanilla" or (fields["softmax"] == "softmax_n" and float(fields["softmax_n"]) == 0.0)
+    return vanilla and fields["clip_gamma"] is None and fields["gate"] == "none"
+
+
+def fp16_overflow_report(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """One line per floating tensor with a finite value of magnitude > 65504 (inf in fp16)."""
+    lines = []
+    for name, t in state_dict.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+            a = t.detach().abs().float()
+            a = a[torch.isfinite(a)]
+            if a.numel() and float(a.max()) > FP16_MAX:
+                n = int((a > FP16_MAX).sum())
+                lines.append(f"{name}: max|x| = {float(a.max()):.6g} > {FP16_MAX:g} ({n} of {t.numel()} values)")
+    return lines
+
+
+@torch.no_grad()
+def fp16_activation_report(model: torch.nn.Module, batches: Iterable, *, limit: float = FP16_MAX) -> dict[str, float]:
+    """max|activation| of every module output over calibration batches, for modules exceeding ``limit``.
+
+    ``batches``: input_ids tensors [b, s] or dicts of model kwargs. Runs ``model`` as it is (run the
+    fp32 model to see what an fp16 copy would overflow). Returns {module name: max|output|}.
+    """
+    peaks: dict[str, float] = {}
+
+    def hook_for(name):
+        def hook(_mod, _inp, out):
+            tensors = out if isinstance(out, (tuple, list)) else (out,)
+            for t in tensors:
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+                    peaks[name] = max(peaks.get(name, 0.0), float(t.detach().abs().max()))
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in model.named_modules() if n]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            if isinstance(batch, Mapping):
+                model(**batch)
+            else:
+                model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {n: v for n, v in peaks.items() if not v <= limit}
+
+
+def _check_finite(sd: Mapping[str, torch.Tensor]):
+    for name, t in sd.items():
+        if not isinstance(t, torch.Tensor):
+            _fail(f"state-dict entry {name!r} is a {type(t).__name__}, not a tensor")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            _fail(f"tensor {name!r} has {bad} non-finite value(s) (nan/inf) of {t.numel()}")
+
+
+def _source_file(module_name: str) -> Path:
+    return Path(inspect.getsourcefile(importlib.import_module(module_name)))
+
+
+def _check_relative_imports_resolve(directory: Path):
+    """Every `from .x import` in the written .py files names a file in the directory (what the loader needs)."""
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    for f in directory.glob("*.py"):
+        for rel in get_relative_imports(f):
+            if not (directory / f"{rel}.py").is_file():
+                _fail(f"{f.name} imports .{rel}, which is not in the exported directory")
+
+
+def export_hf_dir(
+    out_dir,
+    hf_opt_state_dict: Mapping[str, torch.Tensor],
+    opt_config_kwargs: Mapping,
+    variant,
+    *,
+    extra_state: Optional[Mapping[str, torch.Tensor]] = None,
+    tokenizer_dir=None,
+    dtype=None,
+    calibration_batches: Optional[Iterable] = None,
+) -> Path:
+    """Write a Hugging Face model directory; see the module docstring. Returns ``Path(out_dir)``.
+
+    opt_config_kwargs: transformers ``OPTConfig`` fields (vocab_size, hidden_size, num_hidden_layers,
+    ffn_dim, num_attention_heads, max_position_embeddings, ...). dtype: None/"fp32", "fp16", "bf16"
+    (or the torch dtype). With fp16, weights beyond 65504 are refused, and ``calibration_batches``
+    (input_ids tensors) if given are run through the fp32 model and activations beyond 65504 refused.
+    """
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from .configuration_outeff_opt import OutEffOPTConfig
+    from .modeling_outeff_opt import OutEffOPTForCausalLM
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        _fail(f"{out_dir} exists and is not an empty directory; refusing to overwrite")
+    if dtype not in _DTYPES:
+        _fail(f"dtype={dtype!r}: expected fp32, fp16 or bf16")
+    torch_dtype = _DTYPES[dtype]
+    fields = resolve_variant(variant)
+    overlap = sorted(set(opt_config_kwargs) & (set(fields) | {"model_type", "auto_map"}))
+    if overlap:
+        _fail(f"opt_config_kwargs must not contain {overlap}: the variant sets them")
+
+    sd = dict(hf_opt_state_dict)
+    for k, t in (extra_state or {}).items():
+        if k in sd:
+            _fail(f"extra_state key {k!r} is also in hf_opt_state_dict")
+        sd[k] = t
+    _check_finite(sd)
+
+    plain = is_plain_opt(fields)
+    try:
+        if plain:
+            config = OPTConfig(**opt_config_kwargs)
+        else:
+            config = OutEffOPTConfig(**opt_config_kwargs, **fields)
+    except (TypeError, ValueError) as e:
+        _fail(f"bad config: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # every weight is loaded below: skip the random init
+        model = (OPTForCausalLM if plain else OutEffOPTForCausalLM)(config).eval()
+    model.tie_weights()
+
+    tied = bool(getattr(config, "tie_word_embeddings", True))
+    if tied and "lm_head.weight" in sd:
+        emb = sd.get("model.decoder.embed_tokens.weight")
+        if emb is None or not torch.equal(sd["lm_head.weight"], emb):
+            _fail("lm_head.weight differs from model.decoder.embed_tokens.weight but tie_word_embeddings=True")
+        del sd["lm_head.weight"]
+    expected = {k: p for k, p in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        _fail(f"state-dict keys do not match the {type(model).__name__} of this variant: "
+              f"missing {missing[:6]}{'...' if len(missing) > 6 else ''}, "
+              f"unexpected {unexpected[:6]}{'...' if len(unexpected) > 6 else ''}")
+    for k, t in sd.items():
+        if tuple(t.shape) != tuple(expected[k].shape):
+            _fail(f"tensor {k!r} has shape {tuple(t.shape)}, expected {tuple(expected[k].shape)}")
+    if torch_dtype == torch.float16:
+        over = fp16_overflow_report(sd)
+        if over:
+            _fail(f"{len(over)} tensor(s) overflow fp16: " + "; ".join(over[:4]) + ("; ..." if len(over) > 4 else ""))
+    with torch.no_grad():
+        model.load_state_dict({k: t.detach().to(expected[k].dtype) for k, t in sd.items()}, strict=not tied)
+    if tied and model.lm_head.weight is not model.get_input_embeddings().weight:
+        _fail("internal: lm_head is not tied to the input embeddings")  # never written untied garbage
+    if torch_dtype == torch.float16 and calibration_batches is not None:
+        act = fp16_activation_report(model, calibration_batches)
+        if act:
+            worst = sorted(act.items(), key=lambda kv: -kv[1])[:4]
+            _fail(f"{len(act)} module output(s) overflow fp16 on the calibration batches: "
+                  + "; ".join(f"{n}: max|x| = {v:.6g}" for n, v in worst))
+
+    tok_files = []
+    if tokenizer_dir is not None:
+        tokenizer_dir = Path(tokenizer_dir)
+        tok_files = [tokenizer_dir / f for f in TOKENIZER_FILES if (tokenizer_dir / f).is_file()]
+        if not tok_files:
+            _fail(f"tokenizer_dir {tokenizer_dir} holds none of {TOKENIZER_FILES}")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        model.to(torch_dtype)
+        model.save_pretrained(tmp)
+        if not plain:
+            (tmp / "outeff_deps.py").write_text(EXPORTED_DEPS_SOURCE)
+            for fname, module_name in COPIED_SOURCES.items():
+                shutil.copyfile(_source_file(module_name), tmp / fname)
+            _check_relative_imports_resolve(tmp)
+        for f in tok_files:
+            shutil.copyfile(f, tmp / f.name)
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+__all__ = [
+    "COPIED_SOURCES",
+    "FP16_MAX",
+    "VARIANT_KEYS",
+    "export_hf_dir",
+    "fp16_activation_report",
+    "fp16_overflow_report",
+    "is_plain_opt",
+    "resolve_variant",
+]

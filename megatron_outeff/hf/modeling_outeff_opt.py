@@ -1,0 +1,262 @@
+"""Hugging Face OPT with outlier-efficient attention (remote code of an exported directory).
+
+Subclasses transformers' OPT classes and replaces only the attention module, plus the decoder
+layer's forward so that its two residual sums pass through ``QuantPoint`` markers.
+
+Attention per layer (q already scaled by 1/sqrt(d_head), as in OPT):
+    scores = q k^T                       -> QuantPoint ``qk_quant``
+    p      = softmax variant (sink) + mask + optional clip, in fp32
+                                          -> QuantPoint ``softmax_quant``
+    o      = p v                          -> QuantPoint ``pv_quant``
+    o_h   *= sigmoid(G_h(x_h))            (gated variants; x = the attention layer's input)
+    out    = out_proj(o)
+The softmax/clip math is megatron_outeff's ``outeff_softmax_reference`` (imported through
+``outeff_deps``), never re-implemented here.
+
+Masks: the model runs transformers' "eager" mask path (sdpa/flash/flex are declared unsupported,
+since none of them computes these variants), so each layer receives OPT's causal + padding mask
+as a 4D additive float mask (0 = attend, dtype-min = masked) or a 4D bool mask (True = attend);
+both are turned into the boolean "True = masked out" mask of the reference softmax. A query row
+with every key masked (a left-padding position) yields a zero attention output.
+
+Extra parameters (state-dict keys, i = layer index):
+    model.decoder.layers.{i}.self_attn.softmax_offset        [H]            softmax == "learnable"
+    model.decoder.layers.{i}.self_attn.gate.weight           [H, d_head]    gate == "linear"
+    model.decoder.layers.{i}.self_attn.gate.bias             [H]            gate == "linear"
+    model.decoder.layers.{i}.self_attn.gate.weight           [H, d_model]   gate == "shared_linear"
+    model.decoder.layers.{i}.self_attn.gate.bias             [H]            gate == "shared_linear"
+    model.decoder.layers.{i}.self_attn.gate.fc1_weight       [H, d_head//4, d_head]   gate == "mlp"
+    model.decoder.layers.{i}.self_attn.gate.fc1_bias         [H, d_head//4]           gate == "mlp"
+    model.decoder.layers.{i}.self_attn.gate.fc2_weight       [H, d_head//4]           gate == "mlp"
+    model.decoder.layers.{i}.self_attn.gate.fc2_bias         [H]                      gate == "mlp"
+Head h reads the input slice x[..., h*d_head:(h+1)*d_head] (linear, mlp); shared_linear reads all
+of x and its output column h is head h's gate logit.
+
+QuantPoints (identities in float), per decoder layer: self_attn.qk_quant, self_attn.softmax_quant,
+self_attn.pv_quant, attn_residual_quant, ffn_residual_quant (5 per layer).
+"""
+import math
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.models.opt.modeling_opt import (
+    OPTAttention,
+    OPTDecoder,
+    OPTDecoderLayer,
+    OPTForCausalLM,
+    OPTModel,
+)
+
+from .configuration_outeff_opt import OutEffOPTConfig
+from .outeff_deps import Clip, QuantPoint, causal_mask, outeff_softmax_reference, resolve_sink
+
+QUANT_POINTS_PER_LAYER = 5
+
+
+class OutEffHeadGate(nn.Module):
+    """Per-head attention gate: [batch, seq, d_model] -> [batch, seq, heads] in (0, 1)."""
+
+    def __init__(self, kind: str, hidden_size: int, num_heads: int, init_prob: float):
+        super().__init__()
+        self.kind = kind
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.init_bias = math.log(init_prob / (1.0 - init_prob))
+        h, d = num_heads, self.head_dim
+        if kind == "linear":
+            self.weight = nn.Parameter(torch.empty(h, d))
+            self.bias = nn.Parameter(torch.empty(h))
+        elif kind == "shared_linear":
+            self.weight = nn.Parameter(torch.empty(h, hidden_size))
+            self.bias = nn.Parameter(torch.empty(h))
+        elif kind == "mlp":
+            r = d // 4
+            self.fc1_weight = nn.Parameter(torch.empty(h, r, d))
+            self.fc1_bias = nn.Parameter(torch.empty(h, r))
+            self.fc2_weight = nn.Parameter(torch.empty(h, r))
+            self.fc2_bias = nn.Parameter(torch.empty(h))
+        else:
+            raise ValueError(f"gate={kind!r}: expected 'linear', 'mlp' or 'shared_linear'")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "shared_linear":
+            logits = nn.functional.linear(x, self.weight, self.bias)
+        else:
+            xh = x.view(*x.shape[:-1], self.num_heads, self.head_dim)            # [b, s, H, d]
+            if self.kind == "linear":
+                logits = torch.einsum("bshd,hd->bsh", xh, self.weight) + self.bias
+            else:
+                hid = torch.relu(torch.einsum("bshd,hrd->bshr", xh, self.fc1_weight) + self.fc1_bias)
+                logits = torch.einsum("bshr,hr->bsh", hid, self.fc2_weight) + self.fc2_bias
+        return torch.sigmoid(logits)
+
+
+def _masked_out(attention_mask, bsz: int, q_len: int, kv_len: int, device) -> torch.Tensor:
+    """OPT's 4D mask (bool True = attend, or additive float) -> bool, True = masked out."""
+    if attention_mask is None:
+        return causal_mask(q_len, kv_len, device).view(1, 1, q_len, kv_len)
+    if attention_mask.dim() != 4:
+        raise ValueError(f"attention mask of shape {tuple(attention_mask.shape)}: expected a 4D mask from the eager path")
+    mask = attention_mask[:, :, :, :kv_len]
+    if mask.dtype == torch.bool:
+        return ~mask
+    masked = mask <= torch.finfo(mask.dtype).min / 2
+    if not torch.all(masked | (mask == 0)):
+        raise ValueError("additive attention bias other than 0 / -inf is not supported by outeff attention")
+    return masked
+
+
+class OutEffOPTAttention(OPTAttention):
+    """OPT attention with a sink softmax variant, optional clipping and an optional per-head gate."""
+
+    def __init__(self, config: OutEffOPTConfig, layer_idx: int | None = None, **kwargs):
+        super().__init__(config, layer_idx=layer_idx, **kwargs)
+        self.softmax_type = config.softmax
+        self.softmax_n = float(config.softmax_n)
+        self.clip = None if config.clip_gamma is None else Clip.parse((config.clip_gamma, config.clip_zeta))
+        if config.softmax == "learnable":
+            self.softmax_offset = nn.Parameter(torch.zeros(self.num_heads))
+        else:
+            self.softmax_offset = None
+        if config.gate != "none":
+            self.gate = OutEffHeadGate(config.gate, self.embed_dim, self.num_heads, config.gate_init_prob)
+        else:
+            self.gate = None
+        self.qk_quant = QuantPoint()
+        self.softmax_quant = QuantPoint()
+        self.pv_quant = QuantPoint()
+
+    def forward(self, hidden_states, past_key_values=None, attention_mask=None, output_attentions=False, **kwargs):
+        bsz, tgt_len, _ = hidden_states.size()
+        query_states = self.q_proj(hidden_states) * self.scaling
+        query_states = query_states.view(bsz, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(bsz, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(bsz, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        kv_len = key_states.shape[2]
+
+        scores = self.qk_quant(torch.matmul(query_states, key_states.transpose(-1, -2)))   # [b, H, sq, sk]
+        masked = _masked_out(attention_mask, bsz, tgt_len, kv_len, scores.device)
+        sink = resolve_sink(self.softmax_type, self.softmax_n, self.softmax_offset, self.num_heads, scores.device)
+        probs = outeff_softmax_reference(scores, scale=1.0, sink=sink, mask=masked, clip=self.clip)
+        probs = self.softmax_quant(probs.to(value_states.dtype))
+        probs_d = nn.functional.dropout(probs, p=self.dropout, training=self.training)
+        attn_output = self.pv_quant(torch.matmul(probs_d, value_states))                   # [b, H, sq, d]
+        attn_output = attn_output.transpose(1, 2)                                          # [b, sq, H, d]
+        if self.gate is not None:
+            attn_output = attn_output * self.gate(hidden_states).to(attn_output.dtype).unsqueeze(-1)
+        attn_output = self.out_proj(attn_output.reshape(bsz, tgt_len, -1).contiguous())
+        return attn_output, probs
+
+
+class OutEffOPTDecoderLayer(OPTDecoderLayer):
+    """OPT decoder layer with ``OutEffOPTAttention`` and QuantPoints on both residual sums."""
+
+    def __init__(self, config: OutEffOPTConfig, layer_idx: int | None = None):
+        super().__init__(config, layer_idx=layer_idx)
+        self.self_attn = OutEffOPTAttention(config=config, layer_idx=layer_idx)
+        self.attn_residual_quant = QuantPoint()
+        self.ffn_residual_quant = QuantPoint()
+
+    def forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False, position_ids=None, **kwargs):
+        # Same computation as OPTDecoderLayer.forward; only the QuantPoints are added.
+        residual = hidden_states
+        if self.do_layer_norm_before:
+            hidden_states = self.self_attn_layer_norm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            **kwargs,
+        )
+        hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+        hidden_states = self.attn_residual_quant(residual + hidden_states)
+        if not self.do_layer_norm_before:
+            hidden_states = self.self_attn_layer_norm(hidden_states)
+
+        hidden_states_shape = hidden_states.shape
+        hidden_states = hidden_states.reshape(-1, hidden_states.size(-1))
+        residual = hidden_states
+        if self.do_layer_norm_before:
+            hidden_states = self.final_layer_norm(hidden_states)
+        hidden_states = self.fc2(self.activation_fn(self.fc1(hidden_states)))
+        hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+        hidden_states = self.ffn_residual_quant(residual + hidden_states).view(hidden_states_shape)
+        if not self.do_layer_norm_before:
+            hidden_states = self.final_layer_norm(hidden_states)
+        return hidden_states
+
+
+class _OutEffOPTPreTrained:
+    """Class attributes and weight init shared by the OutEff OPT model classes (mixed in first)."""
+
+    config_class = OutEffOPTConfig
+    _no_split_modules = ["OutEffOPTDecoderLayer"]
+    # The eager path only: no sdpa / flash / flex kernel computes these softmax variants.
+    _supports_attention_backend = False
+    _supports_flash_attn = False
+    _supports_sdpa = False
+    _supports_flex_attn = False
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, OutEffOPTAttention) and module.softmax_offset is not None:
+            init.zeros_(module.softmax_offset)
+        elif isinstance(module, OutEffHeadGate):
+            std = self.config.init_std
+            for name, param in module.named_parameters(recurse=False):
+                if name in ("bias", "fc2_bias"):
+                    init.constant_(param, module.init_bias)
+                elif name == "fc1_bias":
+                    init.zeros_(param)
+                else:
+                    init.normal_(param, mean=0.0, std=std)
+
+
+# Each constructor lets transformers' OPT constructor build its parts, then swaps in the OutEff part.
+# The parent's parts are built under no_init_weights (no torch or transformers init work, nothing tied);
+# the closing post_init() initialises (and ties) the final module tree once. Nested inside another
+# no_init_weights block, that post_init is a no-op too and the outermost one does the work.
+
+
+class OutEffOPTDecoder(_OutEffOPTPreTrained, OPTDecoder):
+    def __init__(self, config: OutEffOPTConfig):
+        with init.no_init_weights():
+            super().__init__(config)
+            self.layers = nn.ModuleList(
+                [OutEffOPTDecoderLayer(config, layer_idx=i) for i in range(config.num_hidden_layers)]
+            )
+        self.post_init()
+
+
+class OutEffOPTModel(_OutEffOPTPreTrained, OPTModel):
+    def __init__(self, config: OutEffOPTConfig):
+        with init.no_init_weights():
+            super().__init__(config)
+            self.decoder = OutEffOPTDecoder(config)
+        self.post_init()
+
+
+class OutEffOPTForCausalLM(_OutEffOPTPreTrained, OPTForCausalLM):
+    def __init__(self, config: OutEffOPTConfig):
+        with init.no_init_weights():
+            super().__init__(config)
+            self.model = OutEffOPTModel(config)
+        self.post_init()
+
+
+OutEffOPTConfig.register_for_auto_class()
+OutEffOPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = [
+    "OutEffHeadGate",
+    "OutEffOPTAttention",
+    "OutEffOPTDecoder",
+    "OutEffOPTDecoderLayer",
+    "OutEffOPTForCausalLM",
+    "OutEffOPTModel",
+    "QUANT_POINTS_PER_LAYER",
+]

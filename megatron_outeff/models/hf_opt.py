@@ -1,0 +1,525 @@
+"""Lossless Hugging Face OPT <-> megatron-core OPT (``build_opt_model``) weight mapping at any TP/PP.
+
+Layouts (H heads of width d, hidden h = H*d, per TP rank r of T, per PP stage p of P):
+
+* ``linear_qkv`` (column parallel): megatron fuses Q, K, V per query group. OPT is multi-head
+  attention, so one group per head and the rows are [q_0 k_0 v_0 | q_1 k_1 v_1 | ...], d rows
+  each (megatron's SelfAttention views the output as [.., groups, (q_per_group + 2) * d] and
+  splits it q | k | v). Rank r holds heads r*H/T .. (r+1)*H/T - 1: a contiguous row block.
+  Bias: same layout.
+* ``linear_fc1`` (column parallel): row block of weight and bias.
+* ``linear_proj`` (= out_proj) and ``linear_fc2`` (row parallel): column block of the weight; the
+  bias is NOT split: every rank holds the full bias and megatron adds it once, after the TP
+  all-reduce. Export takes it from TP rank 0 (never a sum over ranks).
+* Word embeddings: the vocabulary is zero-padded to ``padded_vocab_size`` rows and split by rows
+  across TP; export concatenates and drops the padding rows. The LM head is tied: no tensor of
+  its own except on the last stage of a pipeline (megatron's ``output_layer.weight`` copy there).
+* Positions: the full ``max_positions + 2`` table, copied as is (see models/opt.py).
+* Pipeline: stage p holds layers p*L/P .. (p+1)*L/P - 1 as ``decoder.layers.0..``; embeddings on
+  stage 0, final LayerNorm (and the output-layer copy when P > 1) on stage P-1.
+
+Forward passes are identical. One training-time difference is inherent, not a mapping loss:
+Hugging Face's ``embed_tokens`` has ``padding_idx=pad_token_id`` (1), which zeroes that row's
+lookup gradient; megatron's vocab-parallel embedding has no padding row.
+
+Reads config.json + safetensors only (never pickles). Every check runs before any weight is touched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+
+from .opt import OPT_POSITION_OFFSET, OPTArchConfig, check_parallel_layout, load_arch_config, padded_vocab_size
+
+HF_DECODER = "model.decoder."
+HF_LM_HEAD = "lm_head.weight"
+
+# Architecture fields a checkpoint must agree on with the target (dropouts and init do not matter).
+STRUCTURAL_FIELDS = (
+    "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size",
+    "max_position_embeddings", "word_embed_proj_dim", "do_layer_norm_before", "activation",
+)
+
+# (HF name inside decoder.layers.N., megatron name inside decoder.layers.N.)
+_LAYER_NORMS = (
+    ("self_attn_layer_norm", "input_layernorm"),
+    ("final_layer_norm", "pre_mlp_layernorm"),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Config translation.
+
+
+def arch_from_hf_config(cfg: Mapping, name: Optional[str] = None) -> OPTArchConfig:
+    """OPTArchConfig of a Hugging Face OPT config.json mapping (one-line ValueError if not OPT)."""
+    mt = cfg.get("model_type")
+    if mt != "opt":
+        raise ValueError(f"config.json model_type={mt!r}: expected 'opt'")
+    # Features our megatron OPT has no representation for: refuse rather than silently change the model.
+    for key, want in (("enable_bias", True), ("layer_norm_elementwise_affine", True),
+                      ("_remove_final_layer_norm", False), ("tie_word_embeddings", True)):
+        if cfg.get(key, want) != want:
+            raise ValueError(f"config.json {key}={cfg.get(key)!r}: expected {want!r} (only standard OPT is supported)")
+    if float(cfg.get("layerdrop", 0.0)) != 0.0:
+        raise ValueError(f"config.json layerdrop={cfg.get('layerdrop')!r}: expected 0")
+    hidden = cfg.get("hidden_size", 768)
+    wep = cfg.get("word_embed_proj_dim")
+    if name is None:
+        name = Path(str(cfg.get("_name_or_path") or "")).name or f"opt-hf-{cfg.get('num_hidden_layers')}x{hidden}"
+    return OPTArchConfig(
+        name=name,
+        num_layers=cfg.get("num_hidden_layers", 12),
+        hidden_size=hidden,
+        num_attention_heads=cfg.get("num_attention_heads", 12),
+        ffn_hidden_size=cfg.get("ffn_dim", 3072),
+        vocab_size=cfg.get("vocab_size", 50272),
+        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        word_embed_proj_dim=None if wep in (None, hidden) else wep,
+        do_layer_norm_before=cfg.get("do_layer_norm_before", True),
+        layernorm_epsilon=1e-5,  # hard-coded in HF OPT (nn.LayerNorm default)
+        activation=cfg.get("activation_function", "relu"),
+        hidden_dropout=float(cfg.get("dropout", 0.1)),
+        attention_dropout=float(cfg.get("attention_dropout", 0.0)),
+        init_method_std=float(cfg.get("init_std", 0.02)),
+    )
+
+
+def hf_config_dict(arch: OPTArchConfig, dtype: Optional[torch.dtype] = None) -> dict:
+    """Keyword arguments of transformers.OPTConfig describing ``arch``."""
+    arch = load_arch_config(arch)
+    if arch.layernorm_epsilon != 1e-5:
+        raise ValueError(f"{arch.name}: layernorm_epsilon={arch.layernorm_epsilon}: Hugging Face OPT hard-codes 1e-5")
+    d = dict(
+        vocab_size=arch.vocab_size,
+        hidden_size=arch.hidden_size,
+        num_hidden_layers=arch.num_layers,
+        ffn_dim=arch.ffn_hidden_size,
+        max_position_embeddings=arch.max_position_embeddings,
+        do_layer_norm_before=arch.do_layer_norm_before,
+        word_embed_proj_dim=arch.embed_dim,
+        dropout=arch.hidden_dropout,
+        attention_dropout=arch.attention_dropout,
+        num_attention_heads=arch.num_attention_heads,
+        activation_function=arch.activation,
+        init_std=arch.init_method_std,
+        enable_bias=True,
+        layer_norm_elementwise_affine=True,
+        tie_word_embeddings=True,
+    )
+    if dtype is not None:
+        d["dtype"] = str(dtype).removeprefix("torch.")
+    return d
+
+
+def check_same_architecture(got: OPTArchConfig, expected: OPTArchConfig, what: str = "checkpoint") -> None:
+    diffs = [f for f in STRUCTURAL_FIELDS
+             if (got.embed_dim if f == "word_embed_proj_dim" else getattr(got, f))
+             != (expected.embed_dim if f == "word_embed_proj_dim" else getattr(expected, f))]
+    if diffs:
+        g = ", ".join(f"{f}={getattr(got, f)}" for f in diffs)
+        e = ", ".join(f"{f}={getattr(expected, f)}" for f in diffs)
+        raise ValueError(f"{what} has {g}; expected {expected.name}'s {e}")
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face state dict: expected shapes and validation.
+
+
+def hf_expected_shapes(arch: OPTArchConfig) -> dict[str, tuple]:
+    h, f, v = arch.hidden_size, arch.ffn_hidden_size, arch.vocab_size
+    shapes = {
+        HF_DECODER + "embed_tokens.weight": (v, h),
+        HF_DECODER + "embed_positions.weight": (arch.max_position_embeddings + OPT_POSITION_OFFSET, h),
+        HF_DECODER + "final_layer_norm.weight": (h,),
+        HF_DECODER + "final_layer_norm.bias": (h,),
+    }
+    for i in range(arch.num_layers):
+        # In OPTForCausalLM.state_dict() order (module registration order).
+        p = f"{HF_DECODER}layers.{i}."
+        for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
+            shapes[p + f"self_attn.{proj}.weight"] = (h, h)
+            shapes[p + f"self_attn.{proj}.bias"] = (h,)
+        for name, shape in (("self_attn_layer_norm", (h,)), ("fc1", (f, h)), ("fc2", (h, f)), ("final_layer_norm", (h,))):
+            shapes[p + f"{name}.weight"] = shape
+            shapes[p + f"{name}.bias"] = shape[:1]
+    return shapes
+
+
+def validate_hf_state_dict(hf_sd: Mapping[str, torch.Tensor], arch: OPTArchConfig) -> None:
+    """One-line ValueError unless ``hf_sd`` is exactly a standard OPT of architecture ``arch``."""
+    reason = arch.unsupported_reason()
+    if reason:
+        raise ValueError(reason)
+    shapes = hf_expected_shapes(arch)
+    missing = [k for k in shapes if k not in hf_sd]
+    if missing:
+        raise ValueError(f"Hugging Face state dict lacks {len(missing)} tensor(s) of {arch.name}, e.g. {missing[:3]}")
+    unexpected = [k for k in hf_sd if k not in shapes and k != HF_LM_HEAD]
+    if unexpected:
+        raise ValueError(f"Hugging Face state dict has {len(unexpected)} tensor(s) unknown to OPT, e.g. {unexpected[:3]}")
+    for k, shape in shapes.items():
+        if tuple(hf_sd[k].shape) != shape:
+            raise ValueError(f"{k}: shape {tuple(hf_sd[k].shape)}, expected {shape} for {arch.name}")
+    if HF_LM_HEAD in hf_sd and not torch.equal(hf_sd[HF_LM_HEAD], hf_sd[HF_DECODER + "embed_tokens.weight"]):
+        raise ValueError(f"{HF_LM_HEAD} differs from the token embedding; expected tied weights (OPT)")
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face -> one megatron rank.
+
+
+def _stage_layers(arch: OPTArchConfig, pp_rank: int, pp_size: int) -> range:
+    n = arch.num_layers // pp_size
+    return range(pp_rank * n, (pp_rank + 1) * n)
+
+
+def _check_ranks(arch: OPTArchConfig, tp_rank: int, tp_size: int, pp_rank: int, pp_size: int) -> None:
+    check_parallel_layout(arch, tp_size, pp_size)
+    if not (0 <= tp_rank < tp_size and 0 <= pp_rank < pp_size):
+        raise ValueError(f"tp_rank={tp_rank}/tp_size={tp_size}, pp_rank={pp_rank}/pp_size={pp_size}: expected 0 <= rank < size")
+
+
+def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """[h(, h)] x3 -> megatron's per-head interleaved [q_0 k_0 v_0 | q_1 k_1 v_1 | ...] rows."""
+    d = q.shape[0] // heads
+    rest = q.shape[1:]
+    return torch.stack([t.reshape(heads, d, *rest) for t in (q, k, v)], dim=1).reshape(3 * heads * d, *rest)
+
+
+def _unfuse_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    d = qkv.shape[0] // (3 * heads)
+    rest = qkv.shape[1:]
+    g = qkv.reshape(heads, 3, d, *rest)
+    return tuple(g[:, j].reshape(heads * d, *rest).contiguous() for j in range(3))
+
+
+def _chunk(t: torch.Tensor, rank: int, size: int, dim: int = 0) -> torch.Tensor:
+    return t.chunk(size, dim=dim)[rank].clone()
+
+
+def _padded_embedding(embed: torch.Tensor, vocab_rows: int) -> torch.Tensor:
+    if vocab_rows == embed.shape[0]:
+        return embed
+    pad = embed.new_zeros(vocab_rows - embed.shape[0], embed.shape[1])
+    return torch.cat([embed, pad], dim=0)
+
+
+def hf_state_dict_to_megatron(
+    hf_sd: Mapping[str, torch.Tensor],
+    arch: Union[OPTArchConfig, str],
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    pp_rank: int = 0,
+    pp_size: int = 1,
+    *,
+    vocab_size: Optional[int] = None,
+) -> dict[str, torch.Tensor]:
+    """The state dict of one (tp_rank, pp_rank) megatron OPT model (``build_opt_model``) from a full
+    Hugging Face OPTForCausalLM state dict. ``vocab_size``: the megatron model's (padded) vocabulary,
+    default ``padded_vocab_size(arch.vocab_size, tp_size)`` as in build_opt_model.
+
+    Returned tensors are fresh copies in the checkpoint's dtype; load them with
+    :func:`load_megatron_state_dict` (megatron's ``_extra_state`` entries carry no weights).
+    """
+    arch = load_arch_config(arch)
+    _check_ranks(arch, tp_rank, tp_size, pp_rank, pp_size)
+    validate_hf_state_dict(hf_sd, arch)
+    vocab_rows = padded_vocab_size(arch.vocab_size, tp_size) if vocab_size is None else vocab_size
+    if vocab_rows < arch.vocab_size or vocab_rows % tp_size != 0:
+        raise ValueError(f"vocab_size={vocab_rows}: expected >= {arch.vocab_size} and divisible by tp_size={tp_size}")
+
+    H = arch.num_attention_heads
+    out: dict[str, torch.Tensor] = {}
+    first, last = pp_rank == 0, pp_rank == pp_size - 1
+    word = None
+    if first or (last and pp_size > 1):
+        word = _chunk(_padded_embedding(hf_sd[HF_DECODER + "embed_tokens.weight"], vocab_rows), tp_rank, tp_size)
+    if first:
+        out["embedding.word_embeddings.weight"] = word
+        out["embedding.position_embeddings.weight"] = hf_sd[HF_DECODER + "embed_positions.weight"].clone()
+    for local, g in enumerate(_stage_layers(arch, pp_rank, pp_size)):
+        hp, mp = f"{HF_DECODER}layers.{g}.", f"decoder.layers.{local}."
+        for kind in ("weight", "bias"):
+            q, k, v = (hf_sd[f"{hp}self_attn.{n}_proj.{kind}"] for n in "qkv")
+            out[f"{mp}self_attention.linear_qkv.{kind}"] = _chunk(_fuse_qkv(q, k, v, H), tp_rank, tp_size)
+            out[f"{mp}mlp.linear_fc1.{kind}"] = _chunk(hf_sd[f"{hp}fc1.{kind}"], tp_rank, tp_size)
+            for hf_ln, mg_ln in _LAYER_NORMS:
+                out[f"{mp}{mg_ln}.{kind}"] = hf_sd[f"{hp}{hf_ln}.{kind}"].clone()
+        out[f"{mp}self_attention.linear_proj.weight"] = _chunk(hf_sd[f"{hp}self_attn.out_proj.weight"], tp_rank, tp_size, 1)
+        out[f"{mp}mlp.linear_fc2.weight"] = _chunk(hf_sd[f"{hp}fc2.weight"], tp_rank, tp_size, 1)
+        # Row-parallel biases: the full bias on every rank (megatron adds it after the all-reduce).
+        out[f"{mp}self_attention.linear_proj.bias"] = hf_sd[f"{hp}self_attn.out_proj.bias"].clone()
+        out[f"{mp}mlp.linear_fc2.bias"] = hf_sd[f"{hp}fc2.bias"].clone()
+    if last:
+        for kind in ("weight", "bias"):
+            out[f"decoder.final_layernorm.{kind}"] = hf_sd[f"{HF_DECODER}final_layer_norm.{kind}"].clone()
+        if pp_size > 1:
+            # Tied head on a stage without the embedding: megatron keeps a synchronised copy.
+            out["output_layer.weight"] = word.clone() if first else word
+    return out
+
+
+def load_megatron_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
+                             allow_missing: Sequence[str] = ()) -> None:
+    """``model.load_state_dict`` that tolerates only megatron's weightless ``_extra_state`` entries
+    (and keys matching the regexes in ``allow_missing``, e.g. a variant's extra parameters) missing."""
+    result = model.load_state_dict(dict(state_dict), strict=False)
+    missing = [k for k in result.missing_keys
+               if not k.endswith("._extra_state") and not any(re.search(p, k) for p in allow_missing)]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"state dict does not fit the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+
+
+# --------------------------------------------------------------------------------------------
+# megatron ranks -> Hugging Face.
+
+
+def _strip_wrappers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop DDP / Float16Module 'module.' prefixes and megatron's weightless _extra_state entries."""
+    out = {}
+    for k, v in sd.items():
+        while k.startswith("module."):
+            k = k[len("module."):]
+        if k.endswith("._extra_state"):
+            continue
+        out[k] = v
+    return out
+
+
+def _as_grid(rank_state_dicts) -> list[list[dict]]:
+    """{(tp_rank, pp_rank): sd} or [pp][tp] nested sequences -> grid[pp][tp]."""
+    if isinstance(rank_state_dicts, Mapping):
+        keys = list(rank_state_dicts)
+        if not keys or not all(isinstance(k, tuple) and len(k) == 2 for k in keys):
+            raise ValueError("rank_state_dicts: expected a mapping {(tp_rank, pp_rank): state_dict} or a [pp][tp] list")
+        tp = max(k[0] for k in keys) + 1
+        pp = max(k[1] for k in keys) + 1
+        if len(keys) != tp * pp:
+            raise ValueError(f"rank_state_dicts: {len(keys)} ranks given, expected all {tp} x {pp} (tp x pp)")
+        return [[_strip_wrappers(rank_state_dicts[(t, p)]) for t in range(tp)] for p in range(pp)]
+    grid = [list(row) for row in rank_state_dicts]
+    if not grid or any(len(row) != len(grid[0]) or not row for row in grid):
+        raise ValueError("rank_state_dicts: expected a non-empty [pp][tp] list with the same tp count per stage")
+    return [[_strip_wrappers(sd) for sd in row] for row in grid]
+
+
+def megatron_to_hf_state_dict(
+    rank_state_dicts, arch: Union[OPTArchConfig, str], *, strict: bool = True
+) -> dict[str, torch.Tensor]:
+    """The full Hugging Face OPTForCausalLM state dict (``lm_head.weight`` included, tied to the
+    embedding) from every model-parallel rank's megatron state dict.
+
+    rank_state_dicts: {(tp_rank, pp_rank): state_dict} or a nested [pp][tp] list, e.g. sharded
+    checkpoints read by a single-process tool or the result of :func:`gather_megatron_state_dicts`.
+    strict: refuse megatron tensors with no Hugging Face OPT counterpart (e.g. a softmax variant's
+    learnable offsets or gates), instead of dropping them.
+    """
+    arch = load_arch_config(arch)
+    reason = arch.unsupported_reason()
+    if reason:
+        raise ValueError(reason)
+    grid = _as_grid(rank_state_dicts)
+    pp_size, tp_size = len(grid), len(grid[0])
+    check_parallel_layout(arch, tp_size, pp_size)
+    used: list[list[set]] = [[set() for _ in row] for row in grid]
+
+    def take(p: int, t: int, key: str) -> torch.Tensor:
+        sd = grid[p][t]
+        if key not in sd:
+            raise ValueError(f"megatron state dict of tp_rank={t}, pp_rank={p} lacks {key!r}")
+        used[p][t].add(key)
+        return sd[key]
+
+    def cat(p: int, key: str, dim: int) -> torch.Tensor:
+        return torch.cat([take(p, t, key) for t in range(tp_size)], dim=dim)
+
+    def replicated(p: int, key: str) -> torch.Tensor:
+        for t in range(1, tp_size):
+            take(p, t, key)  # present on every rank; one logical copy, read from TP rank 0
+        return take(p, 0, key).clone()
+
+    H, V = arch.num_attention_heads, arch.vocab_size
+    hf: dict[str, torch.Tensor] = {}
+    embed = cat(0, "embedding.word_embeddings.weight", 0)
+    if embed.shape[0] < V:
+        raise ValueError(f"megatron word embeddings have {embed.shape[0]} rows, fewer than vocab_size={V}")
+    embed = embed[:V].clone()
+    hf[HF_DECODER + "embed_tokens.weight"] = embed
+    hf[HF_DECODER + "embed_positions.weight"] = replicated(0, "embedding.position_embeddings.weight")
+    if pp_size > 1:
+        head = cat(pp_size - 1, "output_layer.weight", 0)[:V]
+        if not torch.equal(head, embed):
+            raise ValueError("output_layer.weight on the last pipeline stage differs from the word embeddings; expected tied copies")
+    per_stage = arch.num_layers // pp_size
+    for p in range(pp_size):
+        for local in range(per_stage):
+            hp, mp = f"{HF_DECODER}layers.{p * per_stage + local}.", f"decoder.layers.{local}."
+            for kind in ("weight", "bias"):
+                q, k, v = _unfuse_qkv(cat(p, f"{mp}self_attention.linear_qkv.{kind}", 0), H)
+                hf[f"{hp}self_attn.q_proj.{kind}"] = q
+                hf[f"{hp}self_attn.k_proj.{kind}"] = k
+                hf[f"{hp}self_attn.v_proj.{kind}"] = v
+            hf[f"{hp}self_attn.out_proj.weight"] = cat(p, f"{mp}self_attention.linear_proj.weight", 1)
+            hf[f"{hp}self_attn.out_proj.bias"] = replicated(p, f"{mp}self_attention.linear_proj.bias")
+            for kind in ("weight", "bias"):
+                for hf_ln, mg_ln in _LAYER_NORMS:
+                    hf[f"{hp}{hf_ln}.{kind}"] = replicated(p, f"{mp}{mg_ln}.{kind}")
+                hf[f"{hp}fc1.{kind}"] = cat(p, f"{mp}mlp.linear_fc1.{kind}", 0)
+            hf[f"{hp}fc2.weight"] = cat(p, f"{mp}mlp.linear_fc2.weight", 1)
+            hf[f"{hp}fc2.bias"] = replicated(p, f"{mp}mlp.linear_fc2.bias")
+    for kind in ("weight", "bias"):
+        hf[f"{HF_DECODER}final_layer_norm.{kind}"] = replicated(pp_size - 1, f"decoder.final_layernorm.{kind}")
+    if strict:
+        for p in range(pp_size):
+            for t in range(tp_size):
+                left = sorted(set(grid[p][t]) - used[p][t])
+                if left:
+                    raise ValueError(
+                        f"megatron tensors without a Hugging Face OPT counterpart on tp_rank={t}, pp_rank={p}: "
+                        f"{left[:3]} (pass strict=False to drop them)"
+                    )
+    # Order as OPTForCausalLM.state_dict(); the head is the embedding itself (tied).
+    ordered = {k: hf[k] for k in hf_expected_shapes(arch)}
+    ordered[HF_LM_HEAD] = embed
+    return ordered
+
+
+def gather_megatron_state_dicts(model: Optional[torch.nn.Module] = None, state_dict: Optional[Mapping] = None
+                                ) -> dict[tuple[int, int], dict]:
+    """{(tp_rank, pp_rank): CPU state dict} of every rank of this rank's model-parallel group
+    (collective over that group; every member gets the result). Small and medium models only:
+    every rank holds a full copy. ``state_dict`` instead of ``model``: any per-rank mapping with the
+    model's keys (e.g. parameter gradients)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if (model is None) == (state_dict is None):
+        raise ValueError("gather_megatron_state_dicts: pass exactly one of model and state_dict")
+    src = model.state_dict() if model is not None else state_dict
+    sd = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in src.items()}
+    mine = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), sd)
+    group = ps.get_model_parallel_group()
+    allv = [None] * dist.get_world_size(group=group)
+    dist.all_gather_object(allv, mine, group=group)
+    return {(t, p): s for t, p, s in allv}
+
+
+# --------------------------------------------------------------------------------------------
+# Directories (config.json + model.safetensors).
+
+
+def load_hf_opt_dir(path: Union[str, Path], expected_arch: Union[OPTArchConfig, str, None] = None
+                    ) -> tuple[OPTArchConfig, dict[str, torch.Tensor]]:
+    """(architecture, state dict) of a Hugging Face OPT directory: config.json + *.safetensors only.
+
+    Validates model_type, (optionally) the architecture against ``expected_arch``, and the tensors,
+    before returning anything.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ValueError(f"{path}: no config.json; expected a Hugging Face model directory")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    arch = arch_from_hf_config(cfg, name=path.name or None)
+    if expected_arch is not None:
+        check_same_architecture(arch, load_arch_config(expected_arch), what=str(path))
+    reason = arch.unsupported_reason()
+    if reason:
+        raise ValueError(reason)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path}: no *.safetensors weights (pickled .bin checkpoints are not read)")
+    sd: dict[str, torch.Tensor] = {}
+    for fp in files:
+        part = load_file(str(fp))
+        dup = set(part) & set(sd)
+        if dup:
+            raise ValueError(f"{fp}: tensor(s) {sorted(dup)[:3]} appear in more than one safetensors file")
+        sd.update(part)
+    # save_pretrained stores the checkpoint under the base-model prefix when saved from OPTModel.
+    if not any(k.startswith(HF_DECODER) for k in sd) and any(k.startswith("decoder.") for k in sd):
+        sd = {("model." + k if k.startswith("decoder.") else k): v for k, v in sd.items()}
+    validate_hf_state_dict(sd, arch)
+    return arch, sd
+
+
+def save_hf_opt_dir(path: Union[str, Path], arch: Union[OPTArchConfig, str], state_dict: Mapping[str, torch.Tensor]) -> Path:
+    """Write config.json + model.safetensors loadable by ``OPTForCausalLM.from_pretrained(path)``.
+
+    ``path`` must not exist or be an empty directory: nothing is ever overwritten. Files are written
+    to a temporary sibling directory first and renamed into place, so a failure leaves no partial model.
+    """
+    from safetensors.torch import save_file
+    from transformers import OPTConfig
+
+    arch = load_arch_config(arch)
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(f"{path}: exists and is not an empty directory; refusing to overwrite")
+    validate_hf_state_dict(state_dict, arch)
+    dtypes = {t.dtype for t in state_dict.values()}
+    config = OPTConfig(**hf_config_dict(arch, dtype=dtypes.pop() if len(dtypes) == 1 else None))
+    config.architectures = ["OPTForCausalLM"]
+    # The head is tied to the embedding: store it once, as save_pretrained does.
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items() if k != HF_LM_HEAD}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        config.to_json_file(str(tmp / "config.json"))
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if path.exists():
+            path.rmdir()  # empty (checked above); rename needs the name free on every platform
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Conveniences on a live (distributed) megatron model.
+
+# Parameters of megatron_outeff's attention variants that Hugging Face OPT has no counterpart for:
+# after an import they keep their initialisation (gates open to gate_init_prob, offsets at init).
+VARIANT_PARAM_PATTERNS = (r"\.head_gate\.", r"\.core_attention\.softmax_offset$")
+
+
+def load_hf_opt_into_model(model: torch.nn.Module, hf: Union[str, Path, Mapping[str, torch.Tensor]],
+                           arch: Union[OPTArchConfig, str], *,
+                           allow_missing: Sequence[str] = VARIANT_PARAM_PATTERNS) -> None:
+    """Load a Hugging Face OPT (directory or state dict) into this rank's ``build_opt_model`` model,
+    using megatron's parallel_state for this rank's (TP, PP) position."""
+    from megatron.core import parallel_state as ps
+
+    arch = load_arch_config(arch)
+    if isinstance(hf, Mapping):
+        hf_sd = hf
+    else:
+        _, hf_sd = load_hf_opt_dir(hf, expected_arch=arch)
+    vocab_rows = None
+    if getattr(model, "pre_process", True) and hasattr(model, "embedding"):
+        vocab_rows = model.embedding.word_embeddings.num_embeddings  # the model's own (padded) size
+    sd = hf_state_dict_to_megatron(
+        hf_sd, arch,
+        ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size(),
+        vocab_size=vocab_rows or getattr(model, "vocab_size", None),
+    )
+    load_megatron_state_dict(model, sd, allow_missing)
+
+
+def megatron_model_to_hf_state_dict(model: torch.nn.Module, arch: Union[OPTArchConfig, str], *,
+                                    strict: bool = True) -> dict[str, torch.Tensor]:
+    """Gather this model-parallel group's shards and convert them (collective; every member gets it)."""
+    return megatron_to_hf_state_dict(gather_megatron_state_dicts(model), arch, strict=strict)

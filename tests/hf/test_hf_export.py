@@ -1,0 +1,263 @@
+"""Export every attention variant to a Hugging Face directory, reload it as remote code in a process
+where megatron_outeff is not importable, and compare its logits with an independent oracle."""
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+from hf_testlib import TINY, oracle_logits, random_weights
+
+from megatron_outeff.hf import (
+    QUANT_POINTS_PER_LAYER,
+    OutEffOPTConfig,
+    OutEffOPTForCausalLM,
+    export_hf_dir,
+    fp16_activation_report,
+    fp16_overflow_report,
+    resolve_variant,
+)
+from megatron_outeff.hf.export import is_plain_opt
+
+VARIANTS = {
+    "vanilla": {"softmax": "vanilla"},
+    "softmax1": {"softmax": "softmax1"},
+    "softmax_n": {"softmax": "softmax_n", "softmax_n": 2.5},
+    "learnable": {"softmax": "learnable"},
+    "clipped": {"softmax": "vanilla", "clip_gamma": -0.03, "clip_zeta": 1.0},
+    "clipped_softmax1": {"softmax": "softmax1", "clip_gamma": -0.03, "clip_zeta": 1.0},
+    "gated_linear": {"softmax": "vanilla", "gate": "linear"},
+    "gated_mlp": {"softmax": "vanilla", "gate": "mlp"},
+    "gated_shared_linear": {"softmax": "vanilla", "gate": "shared_linear"},
+    "gated_softmax1": {"softmax": "softmax1", "gate": "linear"},
+}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_inputs):
+    """Export all variants (same base weights) and load them all in ONE isolated subprocess."""
+    root = tmp_path_factory.mktemp("hf_export")
+    ids, am = tiny_inputs
+    data = {}
+    for name, variant in VARIANTS.items():
+        fields = resolve_variant(variant)
+        opt_sd, extra = random_weights(fields, seed=0)
+        out = export_hf_dir(root / name, opt_sd, TINY, variant, extra_state=extra)
+        data[name] = dict(fields=fields, sd={**opt_sd, **extra}, dir=out)
+    job, res = root / "job.pt", root / "result.pt"
+    torch.save({"dirs": {n: str(d["dir"]) for n, d in data.items()}, "ids": ids, "am": am}, job)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+    env.update(HF_HOME=str(root / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONNOUSERSITE="1")
+    script = Path(__file__).with_name("_load_isolated.py")
+    proc = subprocess.run(
+        [sys.executable, "-S", str(script), sysconfig.get_paths()["purelib"], str(job), str(res)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    loaded = torch.load(res)
+    return data, loaded
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_isolated_reload_matches_oracle(exported, tiny_inputs, name):
+    data, loaded = exported
+    ids, am = tiny_inputs
+    got = loaded[name]
+    assert not got["megatron_outeff_loaded"]
+    ref = oracle_logits(data[name]["sd"], data[name]["fields"], ids, am)
+    real = am.bool()
+    # Real (non-padding) query positions: every model must match the oracle.
+    torch.testing.assert_close(got["logits"][real], ref[real], rtol=0, atol=1e-5)
+    if name != "vanilla":
+        # Remote code: fully masked (left-padding) rows give a zero attention output, as in the oracle.
+        torch.testing.assert_close(got["logits"], ref, rtol=0, atol=1e-5)
+        assert got["class"] == "OutEffOPTForCausalLM" and got["module"].startswith("transformers_modules")
+        assert len(got["quant_points"]) == QUANT_POINTS_PER_LAYER * TINY["num_hidden_layers"]
+    else:
+        assert got["class"] == "OPTForCausalLM" and got["module"].startswith("transformers.models.opt")
+
+
+def test_variants_change_the_output(exported, tiny_inputs):
+    """Guard against a test that cannot see the variant: each differs from vanilla softmax on the same weights."""
+    data, loaded = exported
+    ids, am = tiny_inputs
+    real = am.bool()
+    base = loaded["vanilla"]["logits"][real]
+    for name in VARIANTS:
+        if name == "vanilla" or name.startswith("gated"):
+            continue  # gated ones have extra weights; they differ from vanilla trivially
+        assert (loaded[name]["logits"][real] - base).abs().max() > 1e-3, name
+    # the clip really clips, on top of softmax1
+    diff = loaded["clipped_softmax1"]["logits"][real] - loaded["softmax1"]["logits"][real]
+    assert diff.abs().max() > 1e-4
+
+
+def test_export_directory_layout(exported):
+    data, _ = exported
+    d = data["learnable"]["dir"]
+    names = sorted(p.name for p in d.iterdir())
+    for f in ("config.json", "model.safetensors", "modeling_outeff_opt.py", "configuration_outeff_opt.py",
+              "outeff_deps.py", "reference.py", "variants.py", "points.py"):
+        assert f in names
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["model_type"] == "outeff_opt" and cfg["softmax"] == "learnable"
+    assert cfg["auto_map"] == {"AutoConfig": "configuration_outeff_opt.OutEffOPTConfig",
+                               "AutoModelForCausalLM": "modeling_outeff_opt.OutEffOPTForCausalLM"}
+    import megatron_outeff.ops.reference as ref_mod
+    import megatron_outeff.ops.variants as var_mod
+    import megatron_outeff.quant.points as pts_mod
+    for f, mod in (("reference.py", ref_mod), ("variants.py", var_mod), ("points.py", pts_mod)):
+        assert (d / f).read_bytes() == Path(mod.__file__).read_bytes()   # verbatim copies
+    assert "megatron_outeff" not in (d / "outeff_deps.py").read_text().split('"""')[-1]
+    v = data["vanilla"]["dir"]
+    vcfg = json.loads((v / "config.json").read_text())
+    assert vcfg["model_type"] == "opt" and "auto_map" not in vcfg
+    assert not list(v.glob("*.py"))
+    # no temporary directories left behind
+    assert not [p for p in d.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_vanilla_loads_as_plain_opt(exported, tiny_inputs):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    data, _ = exported
+    ids, am = tiny_inputs
+    loaded = OPTForCausalLM.from_pretrained(data["vanilla"]["dir"]).eval()
+    built = OPTForCausalLM(OPTConfig(**TINY)).eval()
+    missing, unexpected = built.load_state_dict(data["vanilla"]["sd"], strict=False)
+    assert missing == ["lm_head.weight"] and not unexpected
+    with torch.no_grad():
+        a = loaded(input_ids=ids, attention_mask=am).logits
+        b = built(input_ids=ids, attention_mask=am).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_quant_points_placed_and_identity(tiny_inputs):
+    fields = resolve_variant({"softmax": "learnable", "gate": "linear", "clip_gamma": -0.03, "clip_zeta": 1.0})
+    model = OutEffOPTForCausalLM(OutEffOPTConfig(**TINY, **fields)).eval()
+    from megatron_outeff.quant.points import QuantPoint
+
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantPoint)]
+    per_layer = ["self_attn.qk_quant", "self_attn.softmax_quant", "self_attn.pv_quant",
+                 "attn_residual_quant", "ffn_residual_quant"]
+    assert len(per_layer) == QUANT_POINTS_PER_LAYER
+    assert sorted(names) == sorted(f"model.decoder.layers.{i}.{p}" for i in range(TINY["num_hidden_layers"]) for p in per_layer)
+    seen = {}
+
+    def hook(mod, inp, out):
+        seen[mod] = (inp[0].shape, torch.equal(inp[0], out))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, QuantPoint)]
+    ids, am = tiny_inputs
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=am)
+    for h in handles:
+        h.remove()
+    assert len(seen) == len(names) and all(eq for _, eq in seen.values())
+    attn = model.model.decoder.layers[0].self_attn
+    b, s = ids.shape
+    assert seen[attn.qk_quant][0] == (b, 4, s, s) and seen[attn.softmax_quant][0] == (b, 4, s, s)
+    assert seen[attn.pv_quant][0] == (b, 4, s, 16)
+
+
+def test_kv_cache_decoding_matches_full_forward():
+    fields = resolve_variant({"softmax": "learnable", "gate": "mlp", "clip_gamma": -0.03, "clip_zeta": 1.0})
+    opt_sd, extra = random_weights(fields, seed=3)
+    model = OutEffOPTForCausalLM(OutEffOPTConfig(**TINY, **fields)).eval()
+    model.load_state_dict({**opt_sd, **extra}, strict=False)
+    ids = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        out = model(input_ids=ids[:, :5], use_cache=True)
+        steps = [out.logits]
+        past = out.past_key_values
+        for t in range(5, 8):
+            out = model(input_ids=ids[:, t:t + 1], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5)
+
+
+def test_clip_alpha_resolved_to_gamma():
+    f = resolve_variant({"softmax": "softmax1", "clip_alpha": 12, "clip_seq_len": 512})
+    assert f["clip_gamma"] == pytest.approx(-12 / 512) and f["clip_zeta"] == 1.0
+    assert is_plain_opt(resolve_variant("vanilla")) and is_plain_opt(resolve_variant({"softmax": "softmax_n", "softmax_n": 0}))
+    assert not is_plain_opt(resolve_variant({"softmax": "vanilla", "clip_gamma": -0.1, "clip_zeta": 1.1}))
+
+
+def _one_line_error(fn, match):
+    with pytest.raises(ValueError, match=match) as e:
+        fn()
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_bad_inputs_write_nothing(tmp_path):
+    fields = resolve_variant("softmax1")
+    opt_sd, extra = random_weights(fields, seed=1)
+    # non-empty out dir
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("x")
+    _one_line_error(lambda: export_hf_dir(full, opt_sd, TINY, "softmax1"), "not an empty directory")
+    assert [p.name for p in full.iterdir()] == ["keep.txt"]
+    # non-finite weight, named
+    bad = dict(opt_sd)
+    bad["model.decoder.layers.1.fc2.weight"] = bad["model.decoder.layers.1.fc2.weight"].clone()
+    bad["model.decoder.layers.1.fc2.weight"][0, 0] = float("nan")
+    _one_line_error(lambda: export_hf_dir(tmp_path / "a", bad, TINY, "softmax1"), r"'model\.decoder\.layers\.1\.fc2\.weight'.*non-finite")
+    # unknown variant (softmax name, key, gate)
+    _one_line_error(lambda: export_hf_dir(tmp_path / "b", opt_sd, TINY, "softmax2"), "unknown softmax variant 'softmax2'")
+    _one_line_error(lambda: export_hf_dir(tmp_path / "c", opt_sd, TINY, {"softmax": "softmax1", "temperature": 2}), "unknown variant key")
+    _one_line_error(lambda: export_hf_dir(tmp_path / "d", opt_sd, TINY, {"gate": "conv"}), "unknown gate variant")
+    # weights of another variant (missing offsets)
+    _one_line_error(lambda: export_hf_dir(tmp_path / "e", opt_sd, TINY, "learnable"), "missing.*softmax_offset")
+    # fp16 overflow, named
+    big = dict(opt_sd)
+    big["model.decoder.layers.0.fc1.bias"] = big["model.decoder.layers.0.fc1.bias"] + 1e5
+    assert len(fp16_overflow_report(big)) == 1
+    _one_line_error(lambda: export_hf_dir(tmp_path / "f", big, TINY, "softmax1", dtype="fp16"), r"overflow fp16: model\.decoder\.layers\.0\.fc1\.bias")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
+
+
+def test_fp16_export_and_activation_report(tmp_path, tiny_inputs):
+    fields = resolve_variant({"softmax": "softmax1", "gate": "shared_linear"})
+    opt_sd, extra = random_weights(fields, seed=2)
+    ids, _ = tiny_inputs
+    out = export_hf_dir(tmp_path / "fp16", opt_sd, TINY, fields, extra_state=extra, dtype="fp16", calibration_batches=[ids])
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    model = OutEffOPTForCausalLM(OutEffOPTConfig(**TINY, **fields)).eval()
+    model.load_state_dict({**opt_sd, **extra}, strict=False)
+    assert fp16_activation_report(model, [ids]) == {}
+    with torch.no_grad():  # weights stay < 65504, activations do not
+        model.model.decoder.layers[0].fc1.bias.fill_(5e4)
+    report = fp16_activation_report(model, [ids])
+    assert "model.decoder.layers.0.fc2" in report and report["model.decoder.layers.0.fc2"] > 65504
+    sd = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    assert fp16_overflow_report(sd) == []
+    _one_line_error(
+        lambda: export_hf_dir(tmp_path / "fp16b", {k: v for k, v in sd.items() if k not in extra},
+                              TINY, fields, extra_state=extra, dtype="fp16", calibration_batches=[ids]),
+        "overflow fp16 on the calibration batches",
+    )
+    assert not (tmp_path / "fp16b").exists()
+
+
+def test_fresh_model_is_initialised_once_and_tied():
+    import math
+
+    cfg = OutEffOPTConfig(**TINY, softmax="learnable", gate="mlp", gate_init_prob=0.25)
+    m = OutEffOPTForCausalLM(cfg)
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    assert m.lm_head.weight is m.model.decoder.embed_tokens.weight
+    attn = m.model.decoder.layers[1].self_attn
+    assert torch.equal(attn.softmax_offset, torch.zeros(4))
+    torch.testing.assert_close(attn.gate.fc2_bias, torch.full((4,), math.log(0.25 / 0.75)))
+    assert 0.015 < float(m.model.decoder.layers[1].fc1.weight.detach().std()) < 0.025   # init_std 0.02
+    assert torch.equal(m.model.decoder.layers[1].final_layer_norm.weight, torch.ones(64))

@@ -1,0 +1,142 @@
+"""torchrun worker (2 processes, gloo): imports a saved Hugging Face OPT into megatron at TP=1, TP=2
+(+SP) and PP=2, compares logits with the HF model and exports back. Rank 0 writes JSON to argv[2]."""
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def main(hf_dir: str, out_json: str, export_dir: str) -> None:
+    from megatron.core import parallel_state as ps
+
+    from megatron_outeff.megatron.parallel import init_model_parallel
+    from megatron_outeff.models.hf_opt import (
+        gather_megatron_state_dicts,
+        hf_state_dict_to_megatron,
+        load_hf_opt_dir,
+        load_megatron_state_dict,
+        megatron_to_hf_state_dict,
+        save_hf_opt_dir,
+    )
+    from megatron_outeff.models.opt import build_opt_model
+    from transformers import OPTForCausalLM
+
+    arch, hf_sd = load_hf_opt_dir(hf_dir)
+    arch.hidden_dropout = arch.attention_dropout = 0.0
+    hf = OPTForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
+    ref_sd = hf.state_dict()
+    g = torch.Generator().manual_seed(7)
+    # No pad token (id 1) in the input: HF's embed_tokens has padding_idx=1, which zeroes that row's
+    # lookup gradient; megatron's embedding has no padding row (forward is identical either way).
+    tokens = torch.randint(2, arch.vocab_size, (2, 24), generator=g)
+    positions = torch.arange(24).unsqueeze(0).expand(2, -1)
+    with torch.no_grad():
+        ref = hf(tokens).logits
+    V = arch.vocab_size
+    res = {}
+
+    def exported_equal(hf_out):
+        bad = [k for k in ref_sd if k not in hf_out or not torch.equal(hf_out[k], ref_sd[k])]
+        return {"n_keys": len(hf_out), "n_ref": len(ref_sd), "bad": bad[:5],
+                "extra": sorted(set(hf_out) - set(ref_sd))[:5]}
+
+    loss_w = torch.randn(ref.shape, generator=g)
+    hf.zero_grad()
+    (hf(tokens).logits * loss_w).sum().backward()
+    ref_grads = {k: p.grad.clone() for k, p in hf.named_parameters()}  # lm_head is the embedding
+
+    def run(tag, tp, pp, sp=False, variant=None, allow_missing=(), dtype=torch.float32, grad_check=False):
+        init_model_parallel(tp, pp, seed=1)
+        tpr, ppr = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+        model = build_opt_model(arch, variant, sequence_parallel=sp, params_dtype=dtype).eval()
+        load_megatron_state_dict(model, hf_state_dict_to_megatron(hf_sd, arch, tpr, tp, ppr, pp), allow_missing)
+        with torch.no_grad():
+            if pp == 1:
+                out = model(tokens, positions, None, runtime_gather_output=True)
+            else:
+                # Manual 2-stage pipeline: stage 0's hidden states [s, b, h] go to stage 1.
+                if ppr == 0:
+                    hidden = model(tokens, positions, None)
+                    dist.send(hidden.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+                    out = None
+                else:
+                    hidden = torch.empty(tokens.shape[1], tokens.shape[0], arch.hidden_size)
+                    dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+                    model.set_input_tensor(hidden)
+                    out = model(tokens, positions, None, runtime_gather_output=True)
+        if grad_check:
+            # Same scalar loss on both sides; the megatron gradients, mapped to HF layout by the same
+            # converter, must equal HF's. Under SP the LayerNorm grads are partial sums per rank:
+            # all-reduce those marked sequence_parallel, as megatron's finalize_model_grads does.
+            model.zero_grad()
+            out = model(tokens, positions, None, runtime_gather_output=True)
+            (out[..., :V].float() * loss_w).sum().backward()
+            grads = {}
+            for name, p in model.named_parameters():
+                g = p.grad
+                if getattr(p, "sequence_parallel", False) and sp:
+                    g = g.clone()
+                    dist.all_reduce(g, group=ps.get_tensor_model_parallel_group())
+                grads[name] = g
+            hf_grads = megatron_to_hf_state_dict(gather_megatron_state_dicts(state_dict=grads), arch)
+            # k_proj biases have an exactly-zero true gradient (softmax is shift-invariant): both sides
+            # hold rounding noise there, checked against the largest gradient anywhere instead.
+            top = max(float(v.abs().max()) for v in ref_grads.values())
+            kb = [k for k in ref_grads if k.endswith("k_proj.bias")]
+            diffs = sorted(((float((hf_grads[k] - ref_grads[k]).abs().max() / ref_grads[k].abs().max()), k)
+                            for k in ref_grads if k not in kb), reverse=True)
+            res[f"{tag}_grad_rel_diff"] = diffs[0][0]
+            res[f"{tag}_grad_worst_keys"] = diffs[:3]
+            res[f"{tag}_k_bias_grad_rel"] = max(float(hf_grads[k].abs().max()) for k in kb) / top
+        if out is not None:
+            res[f"{tag}_logits_shape"] = list(out.shape)
+            res[f"{tag}_max_abs_diff"] = float((out[..., :V].float() - ref).abs().max())
+            res[f"{tag}_rel_diff"] = float((out[..., :V].float() - ref).norm() / ref.norm())
+        gathered = gather_megatron_state_dicts(model)
+        if allow_missing:
+            # Variant parameters have no Hugging Face OPT counterpart: strict export refuses them.
+            try:
+                megatron_to_hf_state_dict(gathered, arch)
+                res[f"{tag}_strict_error"] = None
+            except ValueError as e:
+                res[f"{tag}_strict_error"] = str(e)
+        if dtype != torch.float32:
+            return ps.destroy_model_parallel()
+        res[f"{tag}_export"] = exported_equal(megatron_to_hf_state_dict(gathered, arch, strict=not allow_missing))
+        if tag == "tp2" and dist.get_rank() == 0:
+            save_hf_opt_dir(export_dir, arch, megatron_to_hf_state_dict(gathered, arch))
+        ps.destroy_model_parallel()
+
+    run("tp1", 1, 1, grad_check=True)
+    run("tp2", 2, 1, grad_check=True)
+    run("tp2sp", 2, 1, sp=True, grad_check=True)
+    run("pp2", 1, 2)
+    run("tp2bf16", 2, 1, dtype=torch.bfloat16)  # a bare bf16 model (no Float16Module) runs
+
+    # The live-model conveniences: directory -> model, model -> HF state dict (PP=2 here).
+    from megatron_outeff.models.hf_opt import load_hf_opt_into_model, megatron_model_to_hf_state_dict
+
+    init_model_parallel(1, 2, seed=3)
+    model = build_opt_model(arch, dict(softmax="learnable"))
+    load_hf_opt_into_model(model, hf_dir, arch)
+    res["convenience_export"] = exported_equal(megatron_model_to_hf_state_dict(model, arch, strict=False))
+    ps.destroy_model_parallel()
+    # megatron_outeff's attention (layer spec from wt/mcore) with the vanilla variant == HF OPT.
+    run("tp2_outeff_vanilla", 2, 1, variant={})
+    # A gated Softmax_1 model still takes every OPT weight; its gates stay at their init.
+    run("tp2_gated_sm1", 2, 1, variant=dict(softmax="softmax1", gate="linear"), allow_missing=(r"head_gate\.",))
+    # Every rank computed some entries (PP=2 logits live on the last stage): merge on rank 0.
+    all_res = [None] * dist.get_world_size()
+    dist.all_gather_object(all_res, res)
+    if dist.get_rank() == 0:
+        merged = {}
+        for r in all_res:
+            merged.update(r)
+        with open(out_json, "w") as f:
+            json.dump(merged, f, indent=1)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

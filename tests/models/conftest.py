@@ -1,0 +1,55 @@
+"""A random, fully non-trivial Hugging Face OPT built offline: the reference nobody here wrote."""
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_HF = dict(
+    vocab_size=250,  # not a multiple of 8 * tp: exercises megatron's vocabulary padding
+    hidden_size=64,
+    num_hidden_layers=2,
+    ffn_dim=256,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    dropout=0.0,
+    attention_dropout=0.0,
+    activation_function="relu",
+    do_layer_norm_before=True,
+    word_embed_proj_dim=64,
+)
+
+
+def make_hf_opt(seed: int = 0, **overrides):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = OPTConfig(**{**TINY_HF, **overrides})
+    cfg._attn_implementation = "eager"
+    model = OPTForCausalLM(cfg).eval()
+    # HF initialises biases to 0 and LayerNorms to (1, 0): randomise everything, so a swapped or
+    # dropped bias / LayerNorm / offset row cannot hide.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.2 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="session")
+def private_tmp():
+    """A temporary directory of our own: pytest's shared basetemp (/tmp/pytest-of-USER) rotates
+    away directories while concurrent pytest sessions of other checkouts run."""
+    with tempfile.TemporaryDirectory(prefix="outeff-opt-tests-") as d:
+        yield Path(d)
+
+
+@pytest.fixture(scope="session")
+def hf_opt_dir(private_tmp):
+    """(directory, model): a random tiny OPTForCausalLM saved with save_pretrained (safetensors)."""
+    model = make_hf_opt()
+    path = private_tmp / "tiny-opt"
+    model.save_pretrained(str(path), safe_serialization=True)
+    return path, model

@@ -1,0 +1,96 @@
+"""Model YAMLs -> OPTArchConfig; strictness and refusals (no megatron process groups needed)."""
+import pytest
+import yaml
+
+from megatron_outeff.models.opt import (
+    CONFIG_DIR,
+    OPTArchConfig,
+    available_sizes,
+    load_arch_config,
+    load_parallelism_hint,
+    padded_vocab_size,
+)
+
+# (layers, hidden, heads) from the OPT paper, Table 1.
+PUBLISHED = {
+    "125m": (12, 768, 12), "350m": (24, 1024, 16), "1.3b": (24, 2048, 32), "2.7b": (32, 2560, 32),
+    "6.7b": (32, 4096, 32), "13b": (40, 5120, 40), "30b": (48, 7168, 56), "66b": (64, 9216, 72),
+    "175b": (96, 12288, 96),
+}
+
+
+def test_every_size_has_a_yaml():
+    assert set(available_sizes()) == set(PUBLISHED) | {"tiny"}
+
+
+@pytest.mark.parametrize("size", sorted(PUBLISHED))
+def test_published_architectures(size):
+    a = load_arch_config(size)
+    assert (a.num_layers, a.hidden_size, a.num_attention_heads) == PUBLISHED[size]
+    assert a.ffn_hidden_size == 4 * a.hidden_size
+    assert (a.vocab_size, a.max_position_embeddings, a.layernorm_epsilon) == (50272, 2048, 1e-5)
+    assert (a.activation, a.hidden_dropout, a.attention_dropout, a.init_method_std) == ("relu", 0.1, 0.0, 0.006)
+    assert a.unsupported_reason() is None or size == "350m"
+    hint = load_parallelism_hint(size)
+    assert a.num_attention_heads % hint.tensor_model_parallel_size == 0
+    assert a.num_layers % hint.pipeline_model_parallel_size == 0
+
+
+def test_name_forms_and_paths():
+    assert load_arch_config("opt-125m") == load_arch_config("125m") == load_arch_config(CONFIG_DIR / "opt-125m.yaml")
+    tiny = load_arch_config("tiny")
+    assert (tiny.num_layers, tiny.hidden_size, tiny.num_attention_heads, tiny.ffn_hidden_size) == (2, 64, 4, 256)
+
+
+def test_350m_is_refused_with_one_line():
+    a = load_arch_config("350m")
+    assert a.word_embed_proj_dim == 512 and a.do_layer_norm_before is False
+    reason = a.unsupported_reason()
+    assert "word_embed_proj_dim=512" in reason and "\n" not in reason
+
+
+def test_unknown_keys_are_errors(tmp_path):
+    doc = yaml.safe_load((CONFIG_DIR / "opt-tiny.yaml").read_text())
+    doc["arch"]["num_heads"] = 4
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['num_heads'\]"):
+        load_arch_config(p)
+    doc["arch"].pop("num_heads")
+    doc["training"] = {}
+    p.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match="unknown top-level key"):
+        load_arch_config(p)
+    doc.pop("training")
+    doc["parallelism"]["tp"] = 2
+    p.write_text(yaml.safe_dump(doc))
+    load_arch_config(p)  # the arch is fine; only the hint is wrong
+    with pytest.raises(ValueError, match=r"parallelism: unknown key"):
+        load_parallelism_hint(p)
+
+
+def test_bad_values_and_names():
+    with pytest.raises(ValueError, match="unknown OPT size"):
+        load_arch_config("7b")
+    with pytest.raises(ValueError, match="not divisible by num_attention_heads"):
+        OPTArchConfig(name="x", num_layers=2, hidden_size=64, num_attention_heads=5, ffn_hidden_size=256)
+    with pytest.raises(ValueError, match="activation='silu'"):
+        OPTArchConfig(name="x", num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256, activation="silu")
+    with pytest.raises(ValueError, match="missing required"):
+        OPTArchConfig.from_dict({"name": "x"})
+
+
+def test_padded_vocab():
+    assert padded_vocab_size(50272, 1) == padded_vocab_size(50272, 4) == 50272
+    assert padded_vocab_size(50272, 8) == 50304
+    assert padded_vocab_size(250, 2) == 256
+
+
+def test_build_refuses_350m_and_bad_tp():
+    # Validation happens before any megatron state is needed.
+    from megatron_outeff.models.opt import build_opt_model, check_parallel_layout
+
+    with pytest.raises(ValueError, match="word_embed_proj_dim"):
+        build_opt_model("350m")
+    with pytest.raises(ValueError, match="num_attention_heads=40 is not divisible by tensor parallel size 16"):
+        check_parallel_layout(load_arch_config("13b"), 16, 1)
