@@ -8,7 +8,7 @@ import pytest  # noqa: E402
 
 
 def _run_oracle(tmp_path_factory, extra):
-    from common import BASE, DEMO
+    from train_testlib import BASE, DEMO
     from layouts_worker import weights_hook
 
     from megatron_outeff.training.config import load_config

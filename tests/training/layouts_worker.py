@@ -1,7 +1,7 @@
 """Run several parallel layouts in one torchrun job and write each one's loss curve to JSON.
 
     torchrun --nproc_per_node N tests/training/layouts_worker.py OUT.json LAYOUT [LAYOUT ...]
-LAYOUT: name:key=value,key=value (config overrides on top of common.BASE), e.g. "zero2:parallel.zero_stage=2".
+LAYOUT: name:key=value,key=value (config overrides on top of train_testlib.BASE), e.g. "zero2:parallel.zero_stage=2".
 
 megatron initialises TP layouts identically to TP=1 (use_cpu_initialization), but a pipeline stage
 draws its layers' weights from a different RNG position. With WEIGHTS=path set, a single-process
@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from common import BASE, DEMO  # noqa: E402
+from train_testlib import BASE, DEMO  # noqa: E402
 from megatron_outeff.training.config import load_config  # noqa: E402
 from megatron_outeff.training.model import unwrap  # noqa: E402
 from megatron_outeff.training.train import train  # noqa: E402

@@ -5,7 +5,7 @@ import pytest
 
 from megatron_outeff.training.config import ConfigError, config_from_dict, deepspeed_config, load_config
 
-from common import DEMO, ROOT
+from train_testlib import DEMO, ROOT
 
 PAPER = ROOT / "configs/train/opt-125m-paper.yaml"
 

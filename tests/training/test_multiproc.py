@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from common import BASE, DEMO, PYTHON, ROOT, TORCHRUN, env, free_port
+from train_testlib import BASE, DEMO, PYTHON, ROOT, TORCHRUN, env, free_port
 
 pytestmark = pytest.mark.multiproc
 WORKER = str(Path(__file__).with_name("layouts_worker.py"))

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from common import BASE, DEMO
+from train_testlib import BASE, DEMO
 from megatron_outeff.training.config import ConfigError, load_config
 from megatron_outeff.training.train import train
 
