@@ -98,7 +98,8 @@ def _train_cmd(sets):
     return cmd
 
 
-def test_sigterm_saves_at_end_of_step_and_exits_0(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_signal_saves_at_end_of_step_and_exits_0(sig, tmp_path):
     ck = tmp_path / "ck"
     p = subprocess.Popen(_train_cmd(["train.train_iters=100000", f"checkpoint.dir={ck}"]), env=env(), cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -107,7 +108,7 @@ def test_sigterm_saves_at_end_of_step_and_exits_0(tmp_path):
     for line in p.stdout:
         lines.append(line)
         if line.startswith("iter 2 "):
-            p.send_signal(signal.SIGTERM)
+            p.send_signal(sig)
             break
         assert time.time() < deadline
     out = "".join(lines) + p.communicate(timeout=120)[0]
