@@ -181,6 +181,11 @@ def validate(cfg: Config) -> None:
             f"parallel.zero_stage={p.zero_stage} with pipeline_parallel={p.pipeline_parallel}: "
             "ZeRO-2/3 partition gradients/parameters that pipeline stages need whole; use zero_stage 0 or 1"
         )
+    if pr.dtype == "bf16" and p.zero_stage == 0 and p.tensor_parallel > 1:
+        raise ConfigError(
+            "precision.dtype=bf16 with zero_stage=0 and tensor_parallel > 1: DeepSpeed's bf16 ZeRO-0 optimizer "
+            "miscounts TP-replicated parameters in the grad norm (wrong clipping); use zero_stage >= 1"
+        )
     if p.sequence_parallel and p.tensor_parallel == 1:
         raise ConfigError("parallel.sequence_parallel needs tensor_parallel > 1")
     if p.cpu_offload and p.zero_stage == 0:

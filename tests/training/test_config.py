@@ -43,6 +43,7 @@ def test_overrides_and_derived():
     (["precision.dtype=fp8"], "precision.dtype"),
     (["parallel.zero_stage=x"], "expected an integer"),
     (["parallel.sequence_parallel=true"], "sequence_parallel needs tensor_parallel"),
+    (["precision.dtype=bf16", "parallel.zero_stage=0", "parallel.tensor_parallel=2"], "use zero_stage >= 1"),
 ])
 def test_bad_config(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
