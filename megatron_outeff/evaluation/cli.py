@@ -10,12 +10,12 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 from megatron_outeff.data.errors import DataError
+from megatron_outeff.utils.atomic import atomic_output_dir
 
 __all__ = ["export_main", "report_main"]
 
@@ -151,9 +151,7 @@ def _write_fp16(model_dir, model, out_dir: Path):
     """fp16 copy of `model` saved in HF layout (remote-code files copied by save_pretrained), via temp + rename."""
     import copy
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_output_dir(out_dir) as tmp:
         half = copy.deepcopy(model).half()
         half.save_pretrained(tmp)
         # remote code: save_pretrained copies the modeling file and its relative imports; copy any
@@ -162,12 +160,6 @@ def _write_fp16(model_dir, model, out_dir: Path):
             if not (tmp / f.name).exists():
                 shutil.copyfile(f, tmp / f.name)
         _copy_tokenizer(model_dir, tmp)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def export_main(argv: Optional[Sequence[str]] = None) -> int:

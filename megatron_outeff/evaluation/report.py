@@ -31,16 +31,15 @@ import json
 import math
 import os
 import platform
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
 from megatron_outeff.metrics import attention_sink_mass, hf_opt_collector
+from megatron_outeff.utils.atomic import atomic_output_dir, check_empty_output_dir
 
 from .quant_eval import evaluate_quantization, load_hf_model, model_info
 
@@ -426,26 +425,14 @@ def _json_default(o):
     raise TypeError(f"not JSON-serializable: {type(o).__name__}")
 
 
-def check_out_dir(out_dir) -> Path:
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ValueError(f"output directory {out_dir} exists and is not empty; refusing to overwrite")
-    return out_dir
+check_out_dir = check_empty_output_dir  # callers check early, before any expensive work
 
 
 def write_report(report: dict, out_dir) -> list[Path]:
     """report.json, report.md and the PNGs into out_dir (new or empty), via a temp dir + rename."""
     out_dir = check_out_dir(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_output_dir(out_dir) as tmp:
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=_json_default, allow_nan=True))
         (tmp / "report.md").write_text(render_markdown(report))
         pngs = plot_report(report, tmp)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return [out_dir / "report.json", out_dir / "report.md"] + [out_dir / p.name for p in pngs]

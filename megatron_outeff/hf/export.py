@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
 import torch
+
+from megatron_outeff.utils.atomic import atomic_output_dir
 
 FP16_MAX = 65504.0
 
@@ -288,9 +288,7 @@ def export_hf_dir(
         if not tok_files:
             _fail(f"tokenizer_dir {tokenizer_dir} holds none of {TOKENIZER_FILES}")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_output_dir(out_dir) as tmp:
         model.to(torch_dtype)
         model.save_pretrained(tmp)
         if not plain:
@@ -300,12 +298,6 @@ def export_hf_dir(
             _check_relative_imports_resolve(tmp)
         for f in tok_files:
             shutil.copyfile(f, tmp / f.name)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -29,14 +29,14 @@ from __future__ import annotations
 import copy
 import fnmatch
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from megatron_outeff.utils.atomic import atomic_output_dir
 
 from .quantizers import ActivationQuantizer, asymmetric_qparams, fake_quantize, quantize_weight_per_channel, symmetric_qparams
 
@@ -226,16 +226,7 @@ def export_compressed_tensors_w8a8(
         if written.dtype != torch.int8 or not torch.equal(written.detach().cpu(), p.weight):
             raise ValueError(f"compressed-tensors quantized {name!r} differently from quantize_weight_per_channel")
 
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".ct_export_", dir=parent)
-    try:
-        qmodel.save_pretrained(tmp)
-        compressor.update_config(tmp)
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)  # empty (checked above); rmdir refuses if something appeared since
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_output_dir(out_dir) as tmp:
+        qmodel.save_pretrained(str(tmp))
+        compressor.update_config(str(tmp))
     return params

@@ -1,0 +1,38 @@
+"""All-or-nothing outputs: a reader never sees a half-written export or checkpoint that looks valid."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+def check_empty_output_dir(out_dir) -> Path:
+    """``out_dir`` as a Path if it does not exist or is an empty directory; ValueError otherwise."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(f"output directory {out_dir} exists and is not empty; refusing to overwrite")
+    return out_dir
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir) -> Iterator[Path]:
+    """Yield a fresh temporary sibling of ``out_dir`` to write into; on success rename it to ``out_dir``.
+
+    ``out_dir`` must be absent or empty (nothing is ever overwritten). On any error, including a
+    KeyboardInterrupt, the temporary directory is removed and ``out_dir`` is left as it was. The
+    sibling lives in the same parent so the final rename is atomic on one filesystem.
+    """
+    out_dir = check_empty_output_dir(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked); rmdir refuses if something appeared meanwhile
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
