@@ -1,0 +1,1 @@
+"""Training entrypoint: DeepSpeed ZeRO around megatron-core models (the only DeepSpeed-aware package)."""

@@ -1,0 +1,371 @@
+"""All training configuration in one typed place.
+
+A YAML file (configs/train/*.yaml) maps one-to-one onto the dataclasses below; ``--set a.b=c``
+overrides are applied on top. Unknown keys are an error that names the key. Values derived from
+several sections (gradient accumulation, the DeepSpeed JSON) are computed here, never written twice.
+
+    cfg = load_config("configs/train/demo-tiny.yaml", ["train.train_iters=10", "parallel.zero_stage=2"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line before anything starts."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    arch: str = "tiny"  # "tiny" | "125m" | ... | path to an arch YAML (megatron_outeff.models.opt)
+    arch_overrides: dict = field(default_factory=dict)  # OPTArchConfig fields, e.g. {vocab_size: 256}
+    vocab_size: Optional[int] = None  # embedding rows; None: the arch's vocabulary padded for TP
+    # Extra megatron TransformerConfig fields, e.g. {hidden_dropout: 0.0}.
+    transformer_overrides: dict = field(default_factory=dict)
+    # Activation recomputation, passed to megatron: null | "full" | "selective".
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None  # "uniform" | "block" (full recomputation only)
+    recompute_num_layers: Optional[int] = None
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    sequence_parallel: bool = False
+    zero_stage: int = 0  # 0..3 (ZeRO-2/3 cannot be combined with pipeline parallelism)
+    cpu_offload: bool = False  # ZeRO optimizer state (and ZeRO-3 parameters) offloaded to CPU memory
+    micro_batch_size: int = 1  # samples per micro-batch per data-parallel rank
+    global_batch_size: int = 1  # samples per optimizer step, all data-parallel ranks together
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 4e-4
+    betas: tuple = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_norm_weights: bool = True  # LayerNorm weights decayed (the paper); biases never are
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_iters: int = 0
+    decay_style: str = "linear"  # "linear" | "cosine" | "constant"
+    decay_iters: Optional[int] = None  # None: train.train_iters
+    min_lr: float = 0.0
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: str = "fp32"  # "fp32" | "fp16" (dynamic loss scaling) | "bf16"
+    initial_loss_scale_power: int = 16  # fp16: initial scale 2**power
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    min_loss_scale: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    train_iters: int = 10
+    clip_grad: float = 1.0  # 0 disables clipping
+    eval_interval: int = 0  # 0 disables validation
+    eval_iters: int = 1
+    exit_interval: int = 0  # >0: save and stop after this many iterations (resume continues)
+    seed: int = 1234
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # None: no checkpoints
+    save_interval: int = 0  # 0: save only at the end
+    keep_last: int = 2  # 0 keeps all
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard_dir: Optional[str] = None  # None: no TensorBoard
+    log_interval: int = 1
+    outlier_interval: int = 0  # 0: no outlier metrics
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # "synthetic" | "indexed"
+    seq_length: int = 32
+    # indexed (megatron_outeff.data): a list of .bin/.idx prefixes, or megatron's ["0.7", "a", "0.3", "b"].
+    train_paths: list = field(default_factory=list)
+    valid_paths: list = field(default_factory=list)
+    tokenizer: Optional[str] = None  # sentencepiece .model / tokenizer.json / a directory holding one
+    split: str = "969,30,1"  # train/valid/test document shares when valid_paths is empty
+    cache_dir: Optional[str] = None  # megatron's index cache (shared by all ranks); default beside the data
+    eod_mask_loss: bool = False  # no loss on predicting the end-of-document token
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # Attention variant: the fields of megatron_outeff.megatron.variant.AttentionVariantConfig
+    # (e.g. {softmax: softmax1}); empty = vanilla softmax. Validated by that dataclass when built.
+    attention: dict = field(default_factory=dict)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    # Path to a DeepSpeed JSON merged over the generated one (only keys the typed config does not
+    # own, e.g. bucket sizes or overlap_comm); a key contradicting the typed config is an error.
+    deepspeed_overrides: Optional[str] = None
+
+    # ---- derived values -------------------------------------------------------------------------
+    def data_parallel_size(self, world_size: int) -> int:
+        mp = self.parallel.tensor_parallel * self.parallel.pipeline_parallel
+        if world_size % mp:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel = {mp}"
+            )
+        return world_size // mp
+
+    def grad_accumulation_steps(self, world_size: int) -> int:
+        dp = self.data_parallel_size(world_size)
+        p = self.parallel
+        if p.global_batch_size % (p.micro_batch_size * dp):
+            raise ConfigError(
+                f"parallel.global_batch_size={p.global_batch_size} is not divisible by "
+                f"micro_batch_size x data_parallel = {p.micro_batch_size} x {dp}"
+            )
+        return p.global_batch_size // (p.micro_batch_size * dp)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that defines the run's trajectory (not where/how often it is saved
+        or logged, nor when it stops early). A checkpoint dir holding another fingerprint is
+        another run."""
+        d = self.to_dict()
+        for volatile in ("checkpoint", "logging"):
+            d.pop(volatile)
+        d["train"].pop("exit_interval")
+        d["train"].pop("eval_interval")
+        d["train"].pop("eval_iters")
+        blob = json.dumps(d, sort_keys=True, default=list)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+def validate(cfg: Config) -> None:
+    """Checks that need no process group. World-size checks live in grad_accumulation_steps()."""
+    p, o, s, pr, t = cfg.parallel, cfg.optimizer, cfg.schedule, cfg.precision, cfg.train
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage}: expected 0, 1, 2 or 3")
+    if p.pipeline_parallel > 1 and p.zero_stage > 1:
+        raise ConfigError(
+            f"parallel.zero_stage={p.zero_stage} with pipeline_parallel={p.pipeline_parallel}: "
+            "ZeRO-2/3 partition gradients/parameters that pipeline stages need whole; use zero_stage 0 or 1"
+        )
+    if p.sequence_parallel and p.tensor_parallel == 1:
+        raise ConfigError("parallel.sequence_parallel needs tensor_parallel > 1")
+    if p.cpu_offload and p.zero_stage == 0:
+        raise ConfigError("parallel.cpu_offload needs zero_stage >= 1")
+    for name in ("tensor_parallel", "pipeline_parallel", "micro_batch_size", "global_batch_size"):
+        if getattr(p, name) < 1:
+            raise ConfigError(f"parallel.{name}={getattr(p, name)}: must be >= 1")
+    if p.global_batch_size % p.micro_batch_size:
+        raise ConfigError(
+            f"parallel.global_batch_size={p.global_batch_size} is not divisible by "
+            f"micro_batch_size={p.micro_batch_size}"
+        )
+    if o.name.lower() != "adamw":
+        raise ConfigError(f"optimizer.name={o.name!r}: only 'adamw' is supported")
+    if len(o.betas) != 2:
+        raise ConfigError(f"optimizer.betas={o.betas}: expected two numbers")
+    if s.decay_style not in ("linear", "cosine", "constant"):
+        raise ConfigError(f"schedule.decay_style={s.decay_style!r}: expected linear, cosine or constant")
+    if pr.dtype not in ("fp32", "fp16", "bf16"):
+        raise ConfigError(f"precision.dtype={pr.dtype!r}: expected fp32, fp16 or bf16")
+    if cfg.model.recompute_granularity not in (None, "full", "selective"):
+        raise ConfigError(
+            f"model.recompute_granularity={cfg.model.recompute_granularity!r}: expected null, full or selective"
+        )
+    if t.train_iters < 1:
+        raise ConfigError(f"train.train_iters={t.train_iters}: must be >= 1")
+    if cfg.data.source not in ("synthetic", "indexed"):
+        raise ConfigError(f"data.source={cfg.data.source!r}: expected synthetic or indexed")
+    if cfg.data.source == "indexed" and not cfg.data.train_paths:
+        raise ConfigError("data.source=indexed needs data.train_paths")
+
+
+# --------------------------------------------------------------------------------------------------
+# YAML <-> dataclasses
+# --------------------------------------------------------------------------------------------------
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert a YAML value to the dataclass field's type (one level of Optional/tuple/list)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(value, inner, where)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}={value!r}: expected true or false")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}={value!r}: expected an integer")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}={value!r}: expected a number")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}={value!r}: expected a string")
+        return value
+    if annotation is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}={value!r}: expected a list")
+        return tuple(value)
+    if annotation is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}={value!r}: expected a list")
+        return list(value)
+    if annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}={value!r}: expected a mapping")
+        return dict(value)
+    return value
+
+
+def _from_dict(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"unknown config key '{where + '.' if where else ''}{key}'")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        key = f"{where}.{f.name}" if where else f.name
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _from_dict(hint, data[f.name] or {}, key)
+        else:
+            kwargs[f.name] = _coerce(data[f.name], hint, key)
+    return cls(**kwargs)
+
+
+def _apply_override(data: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key.path=value")
+    path, raw = item.split("=", 1)
+    keys = path.strip().split(".")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
+    data = json.loads(json.dumps(data or {}))  # deep copy
+    for item in overrides or []:
+        _apply_override(data, item)
+    cfg = _from_dict(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    data = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+    return config_from_dict(data, overrides)
+
+
+def dump_config(cfg: Config) -> str:
+    d = cfg.to_dict()
+    d["optimizer"]["betas"] = list(d["optimizer"]["betas"])
+    return yaml.safe_dump(d, sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# The DeepSpeed JSON, generated from the typed config
+# --------------------------------------------------------------------------------------------------
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed config for this run. The optimizer and LR scheduler are client objects
+    (built in engine.py), so no "optimizer"/"scheduler" sections (and no FusedAdam JIT build)."""
+    p, pr = cfg.parallel, cfg.precision
+    zero: dict = {"stage": p.zero_stage}
+    if p.cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if p.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    ds = {
+        "train_micro_batch_size_per_gpu": p.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accumulation_steps(world_size),
+        # DeepSpeed 0.19 clips at 1.0 unless told otherwise: always explicit.
+        "gradient_clipping": float(cfg.train.clip_grad),
+        "zero_optimization": zero,
+        "fp16": {
+            "enabled": pr.dtype == "fp16",
+            "loss_scale": 0,  # dynamic
+            "initial_scale_power": pr.initial_loss_scale_power,
+            "loss_scale_window": pr.loss_scale_window,
+            "hysteresis": pr.hysteresis,
+            "min_loss_scale": pr.min_loss_scale,
+        },
+        "bf16": {"enabled": pr.dtype == "bf16"},
+        "steps_per_print": 10**9,  # logging is ours
+        "wall_clock_breakdown": False,
+    }
+    # DeepSpeed checks train_batch_size == micro x accumulation x its DP size: let it derive it.
+    if cfg.deepspeed_overrides:
+        try:
+            extra = json.loads(Path(cfg.deepspeed_overrides).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"deepspeed_overrides file not found: {cfg.deepspeed_overrides}") from None
+        _merge_owned_checked(ds, extra, "")
+    return ds
+
+
+def _merge_owned_checked(base: dict, extra: dict, where: str) -> None:
+    for key, value in extra.items():
+        name = f"{where}{key}"
+        if key in ("optimizer", "scheduler", "train_batch_size"):
+            raise ConfigError(f"deepspeed_overrides: '{name}' is owned by the typed config (optimizer/schedule/parallel)")
+        if key in base and isinstance(base[key], dict) and isinstance(value, dict):
+            _merge_owned_checked(base[key], value, name + ".")
+        elif key in base and base[key] != value:
+            raise ConfigError(
+                f"deepspeed_overrides: '{name}'={value!r} contradicts the typed config ({base[key]!r})"
+            )
+        else:
+            base[key] = value

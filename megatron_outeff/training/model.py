@@ -1,0 +1,107 @@
+"""Build this rank's megatron-core OPT model (its TP shard / PP stage) from the typed config.
+
+``build_model(cfg)`` is the single place the training code gets a model from: the OPT builder
+(megatron_outeff.models.opt) with the attention variant of ``cfg.attention``, wrapped in megatron's
+Float16Module for fp16/bf16 (it casts the parameters and the first stage's inputs). Knows nothing
+of DeepSpeed.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+
+from .config import Config, ConfigError
+
+
+def arch_config(cfg: Config):
+    """The OPTArchConfig of model.arch with model.arch_overrides applied."""
+    from megatron_outeff.models.opt import OPTArchConfig, load_arch_config
+
+    try:
+        arch = load_arch_config(cfg.model.arch)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise ConfigError(f"model.arch={cfg.model.arch!r}: {e}") from None
+    names = {f.name for f in dataclasses.fields(OPTArchConfig)}
+    for key in cfg.model.arch_overrides:
+        if key not in names:
+            raise ConfigError(f"unknown config key 'model.arch_overrides.{key}' (not an OPTArchConfig field)")
+    try:
+        arch = dataclasses.replace(arch, **cfg.model.arch_overrides)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.arch_overrides: {e}") from None
+    if cfg.data.seq_length > arch.max_position_embeddings:
+        raise ConfigError(
+            f"data.seq_length={cfg.data.seq_length} exceeds max_position_embeddings={arch.max_position_embeddings}"
+        )
+    return arch
+
+
+def attention_variant(cfg: Config):
+    """cfg.attention -> AttentionVariantConfig (vanilla softmax when empty)."""
+    from megatron_outeff.megatron.variant import AttentionVariantConfig
+
+    try:
+        return AttentionVariantConfig.from_dict(dict(cfg.attention))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"attention: {e}") from None
+
+
+def transformer_overrides(cfg: Config) -> dict:
+    """TransformerConfig fields set by the training config (on top of the arch's)."""
+    over = dict(cfg.model.transformer_overrides)
+    # Identical initial weights for every TP layout: TP shards are exact slices of the full matrices.
+    over.setdefault("use_cpu_initialization", True)
+    over["fp16"] = cfg.precision.dtype == "fp16"
+    over["bf16"] = cfg.precision.dtype == "bf16"
+    if cfg.precision.dtype != "fp32":
+        over["pipeline_dtype"] = torch.float16 if cfg.precision.dtype == "fp16" else torch.bfloat16
+    if cfg.model.recompute_granularity:
+        over["recompute_granularity"] = cfg.model.recompute_granularity
+        if cfg.model.recompute_granularity == "full":
+            over["recompute_method"] = cfg.model.recompute_method or "uniform"
+            over["recompute_num_layers"] = cfg.model.recompute_num_layers or 1
+    return over
+
+
+def build_model(cfg: Config, *, pre_process: bool, post_process: bool) -> torch.nn.Module:
+    from megatron_outeff.models.opt import build_opt_model
+
+    arch = arch_config(cfg)
+    try:
+        with _tensor_cuda_is_identity_without_cuda():
+            model = build_opt_model(
+                arch, attention_variant(cfg), vocab_size=cfg.model.vocab_size, params_dtype=torch.float32,
+                sequence_parallel=cfg.parallel.sequence_parallel, pre_process=pre_process, post_process=post_process,
+                **transformer_overrides(cfg),
+            )
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+    if cfg.precision.dtype in ("fp16", "bf16"):
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(model.config, model)
+    return model
+
+
+@contextlib.contextmanager
+def _tensor_cuda_is_identity_without_cuda():
+    """With pipeline parallelism megatron syncs the tied output layer with ``weight.data.cuda()``
+    (LanguageModule.setup_embeddings_and_output_layer); without CUDA that copy stays on the CPU."""
+    if torch.cuda.is_available():
+        yield
+        return
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The megatron GPTModel inside DeepSpeed / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model

@@ -1,0 +1,79 @@
+"""Typed config: YAML -> dataclasses, overrides, bad input, the generated DeepSpeed JSON."""
+import json
+
+import pytest
+
+from megatron_outeff.training.config import ConfigError, config_from_dict, deepspeed_config, load_config
+
+from train_testlib import DEMO, ROOT
+
+PAPER = ROOT / "configs/train/opt-125m-paper.yaml"
+
+
+def test_paper_recipe():
+    cfg = load_config(PAPER)
+    assert cfg.optimizer.lr == 4e-4 and tuple(cfg.optimizer.betas) == (0.9, 0.95)
+    assert cfg.optimizer.weight_decay == 0.1 and cfg.optimizer.decay_norm_weights
+    assert cfg.schedule.decay_style == "linear" and cfg.schedule.warmup_iters == 2000
+    assert cfg.train.train_iters == 125_000 and cfg.train.clip_grad == 1.0 and cfg.train.seed == 1000
+    assert cfg.parallel.global_batch_size == 192 and cfg.data.seq_length == 512
+    assert cfg.precision.dtype == "fp16"
+    assert cfg.model.arch_overrides["hidden_dropout"] == 0.1 and cfg.model.arch_overrides["init_method_std"] == 0.006
+    ds = deepspeed_config(cfg, world_size=8)
+    assert ds["gradient_accumulation_steps"] == 1 and ds["gradient_clipping"] == 1.0 and ds["fp16"]["enabled"]
+    assert "optimizer" not in ds and "scheduler" not in ds
+
+
+def test_overrides_and_derived():
+    cfg = load_config(DEMO, ["parallel.zero_stage=3", "optimizer.betas=[0.8, 0.9]", "train.clip_grad=0"])
+    assert cfg.parallel.zero_stage == 3 and cfg.optimizer.betas == (0.8, 0.9)
+    assert cfg.grad_accumulation_steps(world_size=2) == 2  # 8 / (2 x 2)
+    ds = deepspeed_config(cfg, 2)
+    assert ds["zero_optimization"]["stage"] == 3 and ds["gradient_clipping"] == 0.0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.zero_stge=1"], "unknown config key 'parallel.zero_stge'"),
+    (["bogus=1"], "unknown config key 'bogus'"),
+    (["parallel.global_batch_size=7"], "not divisible"),
+    (["parallel.pipeline_parallel=2", "parallel.zero_stage=2"], "ZeRO-2/3"),
+    (["parallel.pipeline_parallel=2", "parallel.zero_stage=3"], "ZeRO-2/3"),
+    (["precision.dtype=fp8"], "precision.dtype"),
+    (["parallel.zero_stage=x"], "expected an integer"),
+    (["parallel.sequence_parallel=true"], "sequence_parallel needs tensor_parallel"),
+])
+def test_bad_config(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(DEMO, overrides)
+
+
+def test_batch_not_divisible_by_dp():
+    cfg = load_config(DEMO, ["parallel.global_batch_size=6"])  # micro 2: fine for DP 1
+    assert cfg.grad_accumulation_steps(1) == 3
+    with pytest.raises(ConfigError, match="not divisible by micro_batch_size x data_parallel"):
+        cfg.grad_accumulation_steps(2)
+    with pytest.raises(ConfigError, match="world size 3 is not divisible"):
+        load_config(DEMO, ["parallel.tensor_parallel=2"]).grad_accumulation_steps(3)
+
+
+def test_deepspeed_overrides(tmp_path):
+    ok = tmp_path / "ok.json"
+    ok.write_text(json.dumps({"zero_optimization": {"stage": 1, "reduce_bucket_size": 1000}}))
+    ds = deepspeed_config(load_config(DEMO, [f"deepspeed_overrides={ok}"]), 1)
+    assert ds["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError, match="zero_optimization.stage"):
+        deepspeed_config(load_config(DEMO, [f"deepspeed_overrides={bad}"]), 1)
+    for name in ("zero1", "zero2", "zero3", "zero2-cpu-offload"):  # shipped examples parse and merge
+        stage = int(name[4])
+        deepspeed_config(load_config(DEMO, [f"deepspeed_overrides={ROOT}/configs/deepspeed/{name}.json",
+                                            f"parallel.zero_stage={stage}"]), 1)
+
+
+def test_fingerprint_ignores_logging_and_checkpoint_places():
+    a = config_from_dict({"train": {"train_iters": 5}})
+    b = config_from_dict({"train": {"train_iters": 5, "exit_interval": 2}, "checkpoint": {"dir": "x"},
+                          "logging": {"tensorboard_dir": "y"}})
+    c = config_from_dict({"train": {"train_iters": 6}})
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()

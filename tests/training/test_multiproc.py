@@ -1,0 +1,144 @@
+"""Multi-process runs (torchrun over gloo) and process-level behaviour (signals, crash in save).
+
+Every layout reproduces the single-process oracle's loss curve (fp32, no clipping, no dropout).
+"""
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from train_testlib import BASE, DEMO, PYTHON, ROOT, TORCHRUN, env, free_port
+
+pytestmark = pytest.mark.multiproc
+WORKER = str(Path(__file__).with_name("layouts_worker.py"))
+TOL = 1e-5
+
+
+def _torchrun(nproc, out, layouts, weights, timeout=560):
+    cmd = [TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), WORKER, str(out), *layouts]
+    return subprocess.run(cmd, env=dict(env(), WEIGHTS=str(weights)), cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _check_layouts(nproc, layouts, oracle, oracle_clip, tmp_path):
+    r = _torchrun(nproc, tmp_path / "out.json", layouts, oracle["weights"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    results = json.loads((tmp_path / "out.json").read_text())
+    assert sorted(results) == sorted(layout.split(":")[0] for layout in layouts)
+    # "<name>_part1" + "<name>_part2": a run stopped (exit_interval) and resumed from its checkpoint
+    for part1 in [n for n in results if n.endswith("_part1")]:
+        base = part1[: -len("_part1")]
+        results[base] = results.pop(part1) + results.pop(base + "_part2")
+    for name, losses in results.items():
+        expected = oracle_clip if name.endswith("_clip") else oracle
+        assert losses == pytest.approx(expected["losses"], abs=TOL), name
+
+
+CLIP = "train.clip_grad=0.5"
+
+
+def test_parallel_layouts_match_single_process(oracle, oracle_clip, tmp_path):
+    """2 processes: DP=2 under ZeRO 0/1/2/3, TP=2 (with and without SP), PP=2 under ZeRO 0/1,
+    activation recomputation, ZeRO-2 with CPU offload, and stop/resume under ZeRO-3 and PP."""
+    _check_layouts(2, [
+        "dp_zero0:", "dp_zero1:parallel.zero_stage=1", "dp_zero2:parallel.zero_stage=2",
+        "dp_zero3:parallel.zero_stage=3", "tp2_zero0:parallel.tensor_parallel=2",
+        "tp2_sp_zero1:parallel.tensor_parallel=2,parallel.sequence_parallel=true,parallel.zero_stage=1",
+        "pp2_zero1:parallel.pipeline_parallel=2,parallel.zero_stage=1",
+        f"pp2_zero0_clip:parallel.pipeline_parallel=2,{CLIP}",
+        f"tp2_sp_zero2_clip:parallel.tensor_parallel=2,parallel.sequence_parallel=true,parallel.zero_stage=2,{CLIP}",
+        "dp_zero1_recompute:parallel.zero_stage=1,model.recompute_granularity=full",
+        "dp_zero2_cpu_offload:parallel.zero_stage=2,parallel.cpu_offload=true",  # DeepSpeedCPUAdam
+        # stop after 2 steps, resume from the checkpoint: ZeRO-3 shards and a pipeline's stages
+        *[f"{name}_{part}:{sets},checkpoint.dir={tmp_path / name}{',train.exit_interval=2' if part == 'part1' else ''}"
+          for name, sets in (("dp_zero3_resumed", "parallel.zero_stage=3"),
+                             ("pp2_zero1_resumed_clip", f"parallel.pipeline_parallel=2,parallel.zero_stage=1,{CLIP}"))
+          for part in ("part1", "part2")],
+    ], oracle, oracle_clip, tmp_path)
+
+
+@pytest.mark.slow
+def test_four_process_layouts_match_single_process(oracle, oracle_clip, tmp_path):
+    """4 processes: TP=2 x DP=2 and PP=2 x DP=2 (ZeRO-1), with clipping."""
+    _check_layouts(4, [
+        f"tp2_dp2_zero1_clip:parallel.tensor_parallel=2,parallel.zero_stage=1,{CLIP}",
+        f"pp2_dp2_zero1_clip:parallel.pipeline_parallel=2,parallel.zero_stage=1,{CLIP}",
+        "tp2_pp2:parallel.tensor_parallel=2,parallel.pipeline_parallel=2",
+    ], oracle, oracle_clip, tmp_path)
+
+
+def test_two_nodes_on_loopback(oracle, tmp_path):
+    """Two 'nodes' (launch/train_torchrun.sh, one process each) on 127.0.0.1 train one DP=2 ZeRO-1 job."""
+    port = free_port()
+    sets = [a for s in BASE + ["parallel.zero_stage=1"] for a in ("--set", s)]
+    procs = []
+    for node_rank in (0, 1):
+        e = dict(env(), NNODES="2", NODE_RANK=str(node_rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                 GPUS_PER_NODE="1", PYTHON=PYTHON)
+        procs.append(subprocess.Popen(["bash", str(ROOT / "launch/train_torchrun.sh"), DEMO, *sets], env=e, cwd=tmp_path,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    assert "world 2 = TP 1 x PP 1 x DP 2" in outs[0]
+    assert _losses(outs[0]) == pytest.approx(oracle["losses"], abs=TOL)
+
+
+def _losses(stdout):
+    return [float(line.split("|")[1].split()[-1]) for line in stdout.splitlines() if line.startswith("iter ")]
+
+
+def _train_cmd(sets):
+    cmd = [PYTHON, "-m", "megatron_outeff.training.train", "--config", DEMO]
+    for s in BASE + sets:
+        cmd += ["--set", s]
+    return cmd
+
+
+def test_sigterm_saves_at_end_of_step_and_exits_0(tmp_path):
+    ck = tmp_path / "ck"
+    p = subprocess.Popen(_train_cmd(["train.train_iters=100000", f"checkpoint.dir={ck}"]), env=env(), cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.time() + 300
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith("iter 2 "):
+            p.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline
+    out = "".join(lines) + p.communicate(timeout=120)[0]
+    assert p.returncode == 0, out[-3000:]
+    assert "stop requested" in out
+    tag = (ck / "latest").read_text().strip()
+    state = json.loads((ck / tag / "train_state.json").read_text())
+    assert 2 <= state["iteration"] < 100000 and tag == f"iter_{state['iteration']:07d}"
+
+
+def test_kill_during_save_leaves_previous_checkpoint_loadable(oracle, tmp_path):
+    ck = tmp_path / "ck"
+    sets = [f"checkpoint.dir={ck}", "checkpoint.save_interval=2"]
+    r = subprocess.run(_train_cmd(sets), env=dict(env(), OUTEFF_TEST_KILL_IN_SAVE="4"), cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (ck / "latest").read_text().strip() == "iter_0000002"
+    assert (ck / "iter_0000004.tmp").is_dir() and not (ck / "iter_0000004").exists()
+    # the same command again resumes from iteration 2 and reproduces the uninterrupted curve
+    r = subprocess.run(_train_cmd(sets), env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "resumed from" in r.stdout and "iter_0000002" in r.stdout
+    resumed = _losses(r.stdout)
+    assert resumed == pytest.approx(oracle["losses"][2:], abs=TOL)
+    assert (ck / "latest").read_text().strip() == "iter_0000004"
+    assert not (ck / "iter_0000004.tmp").exists()
+
+
+def test_config_error_is_one_line_before_start(tmp_path):
+    r = subprocess.run(_train_cmd(["parallel.pipeline_parallel=2", "parallel.zero_stage=3"]), env=env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "ZeRO-2/3" in errors[0], r.stderr[-2000:]

@@ -1,0 +1,145 @@
+"""Single-process training runs inside the test process: TensorBoard tags, exact resume, directory
+ownership, LR schedule and optimizer groups."""
+import json
+import math
+
+import pytest
+
+from train_testlib import BASE, DEMO
+from megatron_outeff.training.config import ConfigError, load_config
+from megatron_outeff.training.train import train
+
+
+def test_loss_curve_is_finite_and_moves(oracle):
+    losses = oracle["losses"]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    assert abs(losses[0] - math.log(256)) < 0.2  # random init predicts ~uniformly
+
+
+def test_tensorboard_tags(oracle):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(oracle["tensorboard_dir"]))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for base in ("lm loss", "learning-rate", "grad-norm", "lm loss validation", "lm loss validation ppl"):
+        for suffix in ("", " vs samples", " vs tokens"):
+            assert base + suffix in tags, base + suffix
+    assert {"iteration-time", "throughput/tokens_per_sec"} <= tags
+    assert "loss-scale" not in tags  # fp32: no loss scaler
+    loss = acc.Scalars("lm loss")
+    assert [e.step for e in loss] == [1, 2, 3, 4]
+    assert [e.value for e in loss] == pytest.approx(oracle["losses"], rel=1e-6)
+    assert [e.step for e in acc.Scalars("lm loss vs samples")] == [4, 8, 12, 16]
+    assert [e.step for e in acc.Scalars("lm loss vs tokens")] == [128, 256, 384, 512]
+    assert [e.step for e in acc.Scalars("lm loss validation")] == [2, 4]
+    # outlier metrics every 2 steps: per component (global layer index) and the paper's aggregates
+    for i in (0, 1):
+        for kind in ("attn_ln", "attn_out", "ffn_ln", "fc2", "layer"):
+            for stat in ("inf_norm", "kurtosis"):
+                assert f"outliers/layer{i}/{kind}/{stat}" in tags
+    for agg in ("max_inf_norm", "max_layer_inf_norm", "max_ffn_inf_norm", "avg_kurtosis", "max_kurtosis"):
+        assert [e.step for e in acc.Scalars(f"outliers/{agg}")] == [2, 4]
+    assert "outliers/final_ln/inf_norm" in tags
+    assert acc.Scalars("outliers/max_layer_inf_norm")[0].value > 0
+
+
+def _resume_cfg(ckpt, extra=()):
+    # dropout on: resuming must restore the RNG streams too, not only weights and optimizer
+    return load_config(DEMO, BASE + [
+        "train.train_iters=6", "train.clip_grad=1.0", "schedule.warmup_iters=2",
+        "model.arch_overrides={vocab_size: 256, hidden_dropout: 0.1, attention_dropout: 0.1}",
+        f"checkpoint.dir={ckpt or 'null'}", "checkpoint.keep_last=1", *extra])
+
+
+def test_stop_and_resume_equals_uninterrupted(tmp_path):
+    full = train(_resume_cfg(None))["history"]
+    first = train(_resume_cfg(tmp_path / "ck", ["train.exit_interval=3"]))["history"]
+    assert [i for i, _ in first] == [1, 2, 3]
+    assert (tmp_path / "ck" / "latest").read_text().strip() == "iter_0000003"
+    second = train(_resume_cfg(tmp_path / "ck"))["history"]  # same config: resumes automatically
+    assert [i for i, _ in second] == [4, 5, 6]
+    assert [x for _, x in first + second] == pytest.approx([x for _, x in full], abs=1e-6)
+    # keep_last=1: only the final checkpoint is left; the run directory is recorded
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["iter_0000006", "latest", "run.json"]
+    state = json.loads((tmp_path / "ck" / "iter_0000006" / "train_state.json").read_text())
+    assert state["iteration"] == 6 and state["data"]["consumed_samples"] == 24
+
+
+def test_directory_of_another_run_is_refused(tmp_path):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    run = ck / "run.json"
+    run.write_text(json.dumps({"fingerprint": "0123456789abcdef"}))
+    before = run.read_text()
+    with pytest.raises(ConfigError, match="holds another run"):
+        train(load_config(DEMO, BASE + [f"checkpoint.dir={ck}"]))
+    assert run.read_text() == before and sorted(p.name for p in ck.iterdir()) == ["run.json"]
+    with pytest.raises(ConfigError, match="no complete checkpoint"):  # --resume with nothing to resume
+        train(load_config(DEMO, BASE + [f"checkpoint.dir={ck}"]), force_resume=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "data.bin").write_text("x")
+    with pytest.raises(ConfigError, match="not empty"):
+        train(load_config(DEMO, BASE + [f"checkpoint.dir={tmp_path / 'other'}"]))
+
+
+def test_lr_schedule():
+    import torch
+
+    from megatron_outeff.training.engine import WarmupDecayLR
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    lin = WarmupDecayLR(opt, max_lr=1.0, min_lr=0.1, warmup_iters=2, decay_iters=6, decay_style="linear")
+    assert [lin.get_lr(k) for k in range(8)] == pytest.approx([0, 0.5, 1.0, 0.775, 0.55, 0.325, 0.1, 0.1])
+    cos = WarmupDecayLR(opt, max_lr=1.0, min_lr=0.0, warmup_iters=0, decay_iters=4, decay_style="cosine")
+    assert [cos.get_lr(k) for k in range(5)] == pytest.approx([1.0, 0.853553, 0.5, 0.146447, 0.0], abs=1e-6)
+    lin.step()
+    lin.step()
+    assert opt.param_groups[0]["lr"] == 1.0 and lin.state_dict() == {"num_steps": 2}
+
+
+def test_param_groups_decay_norm_weights_never_biases():
+    from megatron_outeff.megatron.parallel import init_model_parallel
+    from megatron_outeff.training.engine import param_groups
+    from megatron_outeff.training.model import build_model
+
+    init_model_parallel(1, 1, 1)
+    for decay_norm in (True, False):
+        cfg = load_config(DEMO, BASE + [f"optimizer.decay_norm_weights={str(decay_norm).lower()}"])
+        model = build_model(cfg, pre_process=True, post_process=True)
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = {g["name"]: [names[id(p)] for p in g["params"]] for g in param_groups(model, cfg)}
+        assert not any(n.endswith(".bias") for n in groups["decay"])
+        norm_weights = [n for n in names.values() if "norm" in n and n.endswith(".weight")]
+        assert norm_weights
+        target = groups["decay"] if decay_norm else groups["no_decay"]
+        assert set(norm_weights) <= set(target)
+        assert "embedding.word_embeddings.weight" in groups["decay"]
+
+
+def test_indexed_dataset_source(tmp_path):
+    """data.source=indexed: megatron GPTDatasets built from a preprocessed corpus; resumes exactly."""
+    import random
+
+    from megatron_outeff.data.preprocess import preprocess_corpus
+    from megatron_outeff.data.tokenizer_training import train_sentencepiece
+
+    rng = random.Random(0)
+    words = "the of and to in a is that for it as was with be by on not he this are or his from at".split()
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(60))}) + "\n"
+                              for _ in range(120)))
+    tok = train_sentencepiece([str(corpus)], str(tmp_path / "spm"), vocab_size=300, num_threads=1)
+    prefix = str(tmp_path / "idx" / "corpus")
+    preprocess_corpus(str(corpus), prefix, tok, progress=False)
+
+    def cfg(ck, extra=()):
+        return load_config(DEMO, BASE + [
+            "model.arch_overrides.vocab_size=304", "data.source=indexed", f"data.train_paths=[{prefix}]", f"data.tokenizer={tok}", "data.split=90,10,0",
+            "train.train_iters=4", "train.eval_interval=2", "train.eval_iters=1", f"checkpoint.dir={ck or 'null'}", *extra])
+
+    full = train(cfg(None))["history"]
+    assert all(math.isfinite(x) for _, x in full) and abs(full[0][1] - math.log(304)) < 0.3
+    first = train(cfg(tmp_path / "ck", ["train.exit_interval=2"]))["history"]
+    second = train(cfg(tmp_path / "ck"))["history"]
+    assert [x for _, x in first + second] == pytest.approx([x for _, x in full], abs=1e-6)
