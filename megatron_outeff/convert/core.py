@@ -45,11 +45,19 @@ def merge_ranks(states: Mapping[tuple, dict], arch) -> tuple[dict, torch.Tensor]
     """({HF OPT + variant tensors}, the full padded megatron word embedding) of every rank's state."""
     from megatron_outeff.models.hf_opt import megatron_to_hf_state_dict
 
+    tp, pp = max(t for t, _ in states) + 1, max(p for _, p in states) + 1
+    if pp > 1:
+        # The last stage's tied LM-head copy: training re-syncs it from the first stage's embedding
+        # before every step (engine.sync_tied_embedding), so a checkpoint written after a step may
+        # hold a stale copy. The embedding is authoritative.
+        states = dict(states)
+        for t in range(tp):
+            states[(t, pp - 1)] = dict(states[(t, pp - 1)],
+                                       **{"output_layer.weight": states[(t, 0)]["embedding.word_embeddings.weight"]})
     try:
         hf = megatron_to_hf_state_dict(states, arch, strict=True, variant_extras=True)
     except ValueError as e:
         raise ConvertError(str(e)) from None
-    tp = max(t for t, _ in states) + 1
     padded = torch.cat([states[(t, 0)]["embedding.word_embeddings.weight"] for t in range(tp)], dim=0)
     return hf, padded
 

@@ -6,7 +6,8 @@
 2. ``z3``: DP=2 ZeRO-3, Softmax_1 + mlp gates, 1 step -> OUT/z3.
 3. rank 0: reshard OUT/src -> OUT/r_tp1 (TP=1) and OUT/r_pp2 (PP=2).
 4. three new runs, 1 step each, start from those weights (checkpoint.init_from): TP=2 from OUT/src,
-   TP=1 x DP=2 from OUT/r_tp1, PP=2 from OUT/r_pp2: their first losses go to OUT/results.json.
+   TP=1 x DP=2 from OUT/r_tp1, PP=2 from OUT/r_pp2 (saving OUT/pp2): their first losses go to
+   OUT/results.json.
 5. megatron logits of OUT/r_tp1 at TP=1 on fixed tokens -> OUT/megatron_logits.safetensors.
 """
 import json
@@ -51,7 +52,8 @@ def main():
     dist.barrier()
     one = ["train.train_iters=1", "schedule.warmup_iters=0"]
     results["init_src_tp2"] = run([VARIANT, "parallel.tensor_parallel=2", f"checkpoint.init_from={out / 'src'}"] + one)
-    results["init_pp2"] = run([VARIANT, "parallel.pipeline_parallel=2", f"checkpoint.init_from={out / 'r_pp2'}"] + one)
+    results["init_pp2"] = run([VARIANT, "parallel.pipeline_parallel=2", f"checkpoint.init_from={out / 'r_pp2'}",
+                               f"checkpoint.dir={out / 'pp2'}"] + one)
     results["init_tp1_dp2"] = run([VARIANT, f"checkpoint.init_from={out / 'r_tp1'}"] + one)
 
     # megatron logits at TP=1 (parallel state of the last run: TP=1, PP=1, DP=2)

@@ -60,6 +60,33 @@ def test_checkpoints_hold_model_files(trained):
     assert all(v.numel() and v.abs().sum() > 0 for k, v in sd.items() if k.endswith("weight"))
 
 
+def test_pipeline_checkpoint_converts(trained, tmp_path):
+    m, states = _files(trained / "pp2")
+    assert (m["tp"], m["pp"]) == (1, 2) and "output_layer.weight" in states[(0, 1)]
+    assert "embedding.word_embeddings.weight" not in states[(0, 1)] and "decoder.final_layernorm.weight" in states[(0, 1)]
+    to_hf(trained / "pp2", tmp_path / "hf")
+    back = _files(reshard(trained / "pp2", tmp_path / "r", tp=2, pp=1))[1]
+    assert torch.equal(torch.cat([back[(t, 0)]["embedding.word_embeddings.weight"] for t in range(2)]),
+                       states[(0, 0)]["embedding.word_embeddings.weight"])
+
+
+def test_init_from_refuses_another_variant(trained):
+    from megatron_outeff.convert import load_into_model
+    from megatron_outeff.megatron.variant import AttentionVariantConfig
+    from megatron_outeff.models.opt import OPTArchConfig
+
+    arch = OPTArchConfig.from_dict(json.loads((resolve_model_dir(trained / "src") / MANIFEST).read_text())["arch"])
+    with pytest.raises(ConvertError, match="attention variant"):
+        load_into_model(torch.nn.Module(), trained / "src", arch=arch, variant=AttentionVariantConfig(softmax="softmax1"),
+                        seq_length=32, tp_rank=0, tp=1, pp_rank=0, pp=1)
+    with pytest.raises(ConvertError, match="hidden_size"):
+        import dataclasses
+
+        load_into_model(torch.nn.Module(), trained / "src", arch=dataclasses.replace(arch, hidden_size=128),
+                        variant=AttentionVariantConfig(softmax="learnable", gate="linear"),
+                        seq_length=32, tp_rank=0, tp=1, pp_rank=0, pp=1)
+
+
 def test_reshard_round_trips_are_identical(trained, tmp_path):
     _, original = _files(trained / "src")
     for name in ("r_tp1", "r_pp2"):  # written by the worker from src
