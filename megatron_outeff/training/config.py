@@ -185,6 +185,11 @@ def validate(cfg: Config) -> None:
             f"parallel.zero_stage={p.zero_stage} with pipeline_parallel={p.pipeline_parallel}: "
             "ZeRO-2/3 partition gradients/parameters that pipeline stages need whole; use zero_stage 0 or 1"
         )
+    if pr.dtype == "bf16" and p.zero_stage == 0 and p.tensor_parallel > 1:
+        raise ConfigError(
+            "precision.dtype=bf16 with zero_stage=0 and tensor_parallel > 1: DeepSpeed's bf16 ZeRO-0 optimizer "
+            "miscounts TP-replicated parameters in the grad norm (wrong clipping); use zero_stage >= 1"
+        )
     if p.sequence_parallel and p.tensor_parallel == 1:
         raise ConfigError("parallel.sequence_parallel needs tensor_parallel > 1")
     if p.cpu_offload and p.zero_stage == 0:
@@ -238,6 +243,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"{where}={value!r}: expected an integer")
         return value
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}={value!r}: expected a number")
         return float(value)

@@ -200,8 +200,9 @@ def build_engine(cfg: Config, model: torch.nn.Module) -> Trainer:
     if cfg.precision.dtype == "fp16" and not torch.cuda.is_available():
         raise ConfigError("precision.dtype=fp16: DeepSpeed supports fp16 only on CUDA devices; use bf16 or fp32 on CPU")
     pipelined = cfg.parallel.pipeline_parallel > 1
-    if pipelined and cfg.precision.dtype != "fp32":
-        raise ConfigError("parallel.pipeline_parallel > 1 supports precision.dtype=fp32 only (for now)")
+    if pipelined and cfg.precision.dtype == "fp16":
+        # the schedule would need DeepSpeed's loss scale as grad_scale_func: not wired yet
+        raise ConfigError("parallel.pipeline_parallel > 1 supports precision.dtype fp32 or bf16, not fp16 (yet)")
     if cfg.parallel.sequence_parallel:
         _allreduce_sequence_parallel_grads(model)
     adamw = dict(lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps)

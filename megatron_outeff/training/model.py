@@ -7,7 +7,6 @@ of DeepSpeed.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import torch
@@ -70,13 +69,12 @@ def build_model(cfg: Config, *, pre_process: bool, post_process: bool) -> torch.
 
     arch = arch_config(cfg)
     try:
-        with _tensor_cuda_is_identity_without_cuda():
-            model = build_opt_model(
-                arch, attention_variant(cfg), vocab_size=cfg.model.vocab_size, params_dtype=torch.float32,
-                sequence_parallel=cfg.parallel.sequence_parallel, pre_process=pre_process, post_process=post_process,
-                seq_length=cfg.data.seq_length,  # clipped variants in the clip_alpha form
-                **transformer_overrides(cfg),
-            )
+        model = build_opt_model(
+            arch, attention_variant(cfg), vocab_size=cfg.model.vocab_size, params_dtype=torch.float32,
+            sequence_parallel=cfg.parallel.sequence_parallel, pre_process=pre_process, post_process=post_process,
+            seq_length=cfg.data.seq_length,  # clipped variants in the clip_alpha form
+            **transformer_overrides(cfg),
+        )
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
     if cfg.precision.dtype in ("fp16", "bf16"):
@@ -84,21 +82,6 @@ def build_model(cfg: Config, *, pre_process: bool, post_process: bool) -> torch.
 
         model = Float16Module(model.config, model)
     return model
-
-
-@contextlib.contextmanager
-def _tensor_cuda_is_identity_without_cuda():
-    """With pipeline parallelism megatron syncs the tied output layer with ``weight.data.cuda()``
-    (LanguageModule.setup_embeddings_and_output_layer); without CUDA that copy stays on the CPU."""
-    if torch.cuda.is_available():
-        yield
-        return
-    original = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda = original
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

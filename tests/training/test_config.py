@@ -25,7 +25,9 @@ def test_paper_recipe():
 
 
 def test_overrides_and_derived():
-    cfg = load_config(DEMO, ["parallel.zero_stage=3", "optimizer.betas=[0.8, 0.9]", "train.clip_grad=0"])
+    cfg = load_config(DEMO, ["parallel.zero_stage=3", "optimizer.betas=[0.8, 0.9]", "train.clip_grad=0",
+                             "optimizer.lr=3e-4"])
+    assert cfg.optimizer.lr == 3e-4
     assert cfg.parallel.zero_stage == 3 and cfg.optimizer.betas == (0.8, 0.9)
     assert cfg.grad_accumulation_steps(world_size=2) == 2  # 8 / (2 x 2)
     ds = deepspeed_config(cfg, 2)
@@ -41,6 +43,7 @@ def test_overrides_and_derived():
     (["precision.dtype=fp8"], "precision.dtype"),
     (["parallel.zero_stage=x"], "expected an integer"),
     (["parallel.sequence_parallel=true"], "sequence_parallel needs tensor_parallel"),
+    (["precision.dtype=bf16", "parallel.zero_stage=0", "parallel.tensor_parallel=2"], "use zero_stage >= 1"),
 ])
 def test_bad_config(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -35,7 +35,8 @@ def _check_layouts(nproc, layouts, oracle, oracle_clip, tmp_path):
         results[base] = results.pop(part1) + results.pop(base + "_part2")
     for name, losses in results.items():
         expected = oracle_clip if name.endswith("_clip") else oracle
-        assert losses == pytest.approx(expected["losses"], abs=TOL), name
+        tol = 5e-3 if "bf16" in name else TOL  # bf16 layouts: a smoke check against the fp32 curve
+        assert losses == pytest.approx(expected["losses"], abs=tol), name
 
 
 CLIP = "train.clip_grad=0.5"
@@ -52,6 +53,8 @@ def test_parallel_layouts_match_single_process(oracle, oracle_clip, tmp_path):
         f"pp2_zero0_clip:parallel.pipeline_parallel=2,{CLIP}",
         f"tp2_sp_zero2_clip:parallel.tensor_parallel=2,parallel.sequence_parallel=true,parallel.zero_stage=2,{CLIP}",
         "dp_zero1_recompute:parallel.zero_stage=1,model.recompute_granularity=full",
+        "pp2_zero1_bf16:parallel.pipeline_parallel=2,parallel.zero_stage=1,precision.dtype=bf16",
+        "dp_zero2_bf16:parallel.zero_stage=2,precision.dtype=bf16",
         "dp_zero2_cpu_offload:parallel.zero_stage=2,parallel.cpu_offload=true",  # DeepSpeedCPUAdam
         # stop after 2 steps, resume from the checkpoint: ZeRO-3 shards and a pipeline's stages
         *[f"{name}_{part}:{sets},checkpoint.dir={tmp_path / name}{',train.exit_interval=2' if part == 'part1' else ''}"
@@ -98,7 +101,8 @@ def _train_cmd(sets):
     return cmd
 
 
-def test_sigterm_saves_at_end_of_step_and_exits_0(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_signal_saves_at_end_of_step_and_exits_0(sig, tmp_path):
     ck = tmp_path / "ck"
     p = subprocess.Popen(_train_cmd(["train.train_iters=100000", f"checkpoint.dir={ck}"]), env=env(), cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -107,7 +111,7 @@ def test_sigterm_saves_at_end_of_step_and_exits_0(tmp_path):
     for line in p.stdout:
         lines.append(line)
         if line.startswith("iter 2 "):
-            p.send_signal(signal.SIGTERM)
+            p.send_signal(sig)
             break
         assert time.time() < deadline
     out = "".join(lines) + p.communicate(timeout=120)[0]

@@ -143,3 +143,14 @@ def test_indexed_dataset_source(tmp_path):
     first = train(cfg(tmp_path / "ck", ["train.exit_interval=2"]))["history"]
     second = train(cfg(tmp_path / "ck"))["history"]
     assert [x for _, x in first + second] == pytest.approx([x for _, x in full], abs=1e-6)
+
+
+def test_resume_flag_continues_with_a_changed_config(tmp_path):
+    ck = tmp_path / "ck"
+    train(load_config(DEMO, BASE + ["train.train_iters=2", f"checkpoint.dir={ck}"]))
+    longer = load_config(DEMO, BASE + ["train.train_iters=3", f"checkpoint.dir={ck}"])
+    with pytest.raises(ConfigError, match="holds another run"):
+        train(longer)
+    assert (ck / "latest").read_text().strip() == "iter_0000002"
+    assert [i for i, _ in train(longer, force_resume=True)["history"]] == [3]
+    assert json.loads((ck / "run.json").read_text())["fingerprint"] == longer.fingerprint()
