@@ -221,6 +221,12 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(trained, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
 
 
+def test_iteration_selection(trained, tmp_path):
+    assert to_hf(trained / "src", tmp_path / "hf", iteration=2).is_dir()
+    _one_line_error(lambda: to_hf(trained / "src", tmp_path / "hf5", iteration=5), "iter_0000005 not found")
+    assert to_hf(trained / "src" / "iter_0000002", tmp_path / "hf_iterdir").is_dir()  # an iter_ directory itself
+
+
 def test_cli_round_trip(trained, tmp_path):
     r = subprocess.run([sys.executable, CLI, "reshard", str(trained / "src"), str(tmp_path / "r"), "--tp", "1", "--pp", "2"],
                        env=env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
