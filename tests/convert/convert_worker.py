@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 tests/convert/convert_worker.py OUT_DIR
 
 1. ``src``: TP=2 ZeRO-1, learnable offsets + linear gates, 2 steps -> OUT/src (training checkpoint).
-2. ``z3``: DP=2 ZeRO-3, Softmax_1 + mlp gates, 1 step -> OUT/z3.
+2. ``z3``: DP=2 ZeRO-3, Softmax_1 + mlp gates, 1 step -> OUT/z3; the same under ZeRO-0 -> OUT/z0.
 3. rank 0: reshard OUT/src -> OUT/r_tp1 (TP=1) and OUT/r_pp2 (PP=2).
 4. three new runs, 1 step each, start from those weights (checkpoint.init_from): TP=2 from OUT/src,
    TP=1 x DP=2 from OUT/r_tp1, PP=2 from OUT/r_pp2 (saving OUT/pp2): their first losses go to
@@ -44,6 +44,7 @@ def main():
     results["src"] = run([VARIANT, "parallel.tensor_parallel=2", "parallel.zero_stage=1", "train.train_iters=2",
                           f"checkpoint.dir={out / 'src'}"])
     results["z3"] = run([Z3_VARIANT, "parallel.zero_stage=3", "train.train_iters=1", f"checkpoint.dir={out / 'z3'}"])
+    results["z0"] = run([Z3_VARIANT, "parallel.zero_stage=0", "train.train_iters=1", f"checkpoint.dir={out / 'z0'}"])
     if dist.get_rank() == 0:
         from megatron_outeff.convert import reshard
 

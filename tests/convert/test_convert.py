@@ -44,6 +44,7 @@ def _assert_same(a, b):
             assert torch.equal(a[rank][k], b[rank][k]), (rank, k)
 
 
+@pytest.mark.multiproc
 def test_checkpoints_hold_model_files(trained):
     m, states = _files(trained / "src")
     assert (m["tp"], m["pp"], m["iteration"], m["seq_length"], m["dtype"]) == (2, 1, 2, 32, "fp32")
@@ -58,8 +59,14 @@ def test_checkpoints_hold_model_files(trained):
     assert sd["decoder.layers.1.mlp.linear_fc1.weight"].shape == (256, 64)
     assert sd["decoder.layers.1.self_attention.head_gate.fc1_weight"].shape == (4, 4, 16)
     assert all(v.numel() and v.abs().sum() > 0 for k, v in sd.items() if k.endswith("weight"))
+    # ... and they are the trained weights: the same step under ZeRO-0
+    z0 = _files(trained / "z0")[1][(0, 0)]
+    assert sorted(z0) == sorted(sd)
+    for k in sd:
+        assert torch.allclose(sd[k], z0[k], atol=1e-5, rtol=0), k
 
 
+@pytest.mark.multiproc
 def test_pipeline_checkpoint_converts(trained, tmp_path):
     m, states = _files(trained / "pp2")
     assert (m["tp"], m["pp"]) == (1, 2) and "output_layer.weight" in states[(0, 1)]
@@ -70,6 +77,7 @@ def test_pipeline_checkpoint_converts(trained, tmp_path):
                        states[(0, 0)]["embedding.word_embeddings.weight"])
 
 
+@pytest.mark.multiproc
 def test_init_from_refuses_another_variant(trained):
     from megatron_outeff.convert import load_into_model
     from megatron_outeff.megatron.variant import AttentionVariantConfig
@@ -87,6 +95,7 @@ def test_init_from_refuses_another_variant(trained):
                         seq_length=32, tp_rank=0, tp=1, pp_rank=0, pp=1)
 
 
+@pytest.mark.multiproc
 def test_reshard_round_trips_are_identical(trained, tmp_path):
     _, original = _files(trained / "src")
     for name in ("r_tp1", "r_pp2"):  # written by the worker from src
@@ -98,6 +107,7 @@ def test_reshard_round_trips_are_identical(trained, tmp_path):
     assert (trained / "r_pp2" / "latest").read_text().strip() == "iter_0000002"
 
 
+@pytest.mark.multiproc
 def test_training_starts_from_resharded_weights(trained):
     results = json.loads((trained / "results.json").read_text())
     source = results["init_src_tp2"][0]  # the source model (TP=2 files as saved) on the first batch
@@ -106,6 +116,7 @@ def test_training_starts_from_resharded_weights(trained):
     assert source != pytest.approx(results["src"][0], abs=1e-4)  # trained weights, not the initial ones
 
 
+@pytest.mark.multiproc
 def test_to_hf_reproduces_megatron_logits(trained, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -119,6 +130,7 @@ def test_to_hf_reproduces_megatron_logits(trained, tmp_path):
     assert (logits - ref["logits"][..., : logits.shape[-1]]).abs().max() <= 1e-4
 
 
+@pytest.mark.multiproc
 def test_zero3_checkpoint_converts(trained, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -184,6 +196,7 @@ def _one_line_error(fn, match):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.multiproc
 def test_bad_inputs_are_one_line_errors_and_write_nothing(trained, tmp_path):
     out = tmp_path / "out"
     # a missing rank file
@@ -221,12 +234,14 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(trained, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
 
 
+@pytest.mark.multiproc
 def test_iteration_selection(trained, tmp_path):
     assert to_hf(trained / "src", tmp_path / "hf", iteration=2).is_dir()
     _one_line_error(lambda: to_hf(trained / "src", tmp_path / "hf5", iteration=5), "iter_0000005 not found")
     assert to_hf(trained / "src" / "iter_0000002", tmp_path / "hf_iterdir").is_dir()  # an iter_ directory itself
 
 
+@pytest.mark.multiproc
 def test_cli_round_trip(trained, tmp_path):
     r = subprocess.run([sys.executable, CLI, "reshard", str(trained / "src"), str(tmp_path / "r"), "--tp", "1", "--pp", "2"],
                        env=env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
