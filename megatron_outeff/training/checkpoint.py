@@ -213,18 +213,20 @@ def save_model_files(engine, cfg: Config, iteration: int, tag_dir: Path) -> None
     from .model import arch_config, attention_variant, unwrap
 
     module = engine.module
+    writer = ps.get_data_parallel_rank() == 0
+    state = None
     if cfg.parallel.zero_stage == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            state = tensor_state(unwrap(module))
-    else:
+            state = tensor_state(unwrap(module)) if writer else None
+    elif writer:
         state = tensor_state(unwrap(module))
     model_dir = tag_dir / MODEL_SUBDIR
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-    if ps.get_data_parallel_rank() == 0:
+    if writer:
         write_rank_file(model_dir, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), state)
-    if dist.get_rank() == 0:
+    if dist.get_rank() == 0:  # global rank 0 is data-parallel rank 0 of (tp 0, pp 0): state is set
         dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
         write_manifest(model_dir, make_manifest(
             arch=arch_config(cfg), variant=attention_variant(cfg), tp=tp, pp=pp,
