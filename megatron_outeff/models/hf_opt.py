@@ -53,6 +53,31 @@ _LAYER_NORMS = (
     ("final_layer_norm", "pre_mlp_layernorm"),
 )
 
+# Attention-variant tensors (megatron_outeff.megatron / megatron_outeff.hf naming), all sharded by
+# head along dim 0 across TP ranks and concatenated in Hugging Face layout:
+#   decoder.layers.N.self_attention.core_attention.softmax_offset [H/T] <-> ...layers.N.self_attn.softmax_offset [H]
+#   decoder.layers.N.self_attention.head_gate.X                         <-> ...layers.N.self_attn.gate.X
+# (X: weight, bias, fc1_weight, fc1_bias, fc2_weight; megatron's mlp-gate ``bias`` is HF's ``fc2_bias``).
+MG_OFFSET = "self_attention.core_attention.softmax_offset"
+MG_GATE = "self_attention.head_gate."
+HF_OFFSET = "self_attn.softmax_offset"
+HF_GATE = "self_attn.gate."
+_HF_VARIANT_RE = re.compile(r"^model\.decoder\.layers\.(\d+)\.self_attn\.(softmax_offset|gate\.\w+)$")
+
+
+def split_variant_state(hf_sd: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(standard OPT tensors, attention-variant tensors) of a Hugging Face state dict."""
+    plain, extra = {}, {}
+    for k, v in hf_sd.items():
+        (extra if _HF_VARIANT_RE.match(k) else plain)[k] = v
+    return plain, extra
+
+
+def _gate_names(megatron_names) -> dict[str, str]:
+    """{megatron head_gate tensor name: HF gate tensor name} for one layer's gate."""
+    mlp = "fc1_weight" in megatron_names
+    return {n: ("fc2_bias" if mlp and n == "bias" else n) for n in megatron_names}
+
 
 # --------------------------------------------------------------------------------------------
 # Config translation.
@@ -221,16 +246,23 @@ def hf_state_dict_to_megatron(
     pp_size: int = 1,
     *,
     vocab_size: Optional[int] = None,
+    variant_extras: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The state dict of one (tp_rank, pp_rank) megatron OPT model (``build_opt_model``) from a full
     Hugging Face OPTForCausalLM state dict. ``vocab_size``: the megatron model's (padded) vocabulary,
     default ``padded_vocab_size(arch.vocab_size, tp_size)`` as in build_opt_model.
+    ``variant_extras``: also map the attention-variant tensors of ``hf_sd`` (learnable
+    ``self_attn.softmax_offset``, ``self_attn.gate.*``; see megatron_outeff/hf) to this rank's heads;
+    without it they are refused as unknown to OPT.
 
     Returned tensors are fresh copies in the checkpoint's dtype; load them with
     :func:`load_megatron_state_dict` (megatron's ``_extra_state`` entries carry no weights).
     """
     arch = load_arch_config(arch)
     _check_ranks(arch, tp_rank, tp_size, pp_rank, pp_size)
+    extras: dict = {}
+    if variant_extras:
+        hf_sd, extras = split_variant_state(hf_sd)
     validate_hf_state_dict(hf_sd, arch)
     vocab_rows = padded_vocab_size(arch.vocab_size, tp_size) if vocab_size is None else vocab_size
     if vocab_rows < arch.vocab_size or vocab_rows % tp_size != 0:
@@ -258,6 +290,12 @@ def hf_state_dict_to_megatron(
         # Row-parallel biases: the full bias on every rank (megatron adds it after the all-reduce).
         out[f"{mp}self_attention.linear_proj.bias"] = hf_sd[f"{hp}self_attn.out_proj.bias"].clone()
         out[f"{mp}mlp.linear_fc2.bias"] = hf_sd[f"{hp}fc2.bias"].clone()
+        if extras:
+            _variant_to_megatron(extras, g, hp, mp, out, H, tp_rank, tp_size)
+    if extras:
+        layers = sorted({int(_HF_VARIANT_RE.match(k).group(1)) for k in extras})
+        if layers[-1] >= arch.num_layers:
+            raise ValueError(f"attention-variant tensors for layer {layers[-1]}, but {arch.name} has {arch.num_layers} layers")
     if last:
         for kind in ("weight", "bias"):
             out[f"decoder.final_layernorm.{kind}"] = hf_sd[f"{HF_DECODER}final_layer_norm.{kind}"].clone()
@@ -265,6 +303,27 @@ def hf_state_dict_to_megatron(
             # Tied head on a stage without the embedding: megatron keeps a synchronised copy.
             out["output_layer.weight"] = word.clone() if first else word
     return out
+
+
+def _variant_to_megatron(extras: Mapping[str, torch.Tensor], layer: int, hp: str, mp: str, out: dict,
+                         heads: int, tp_rank: int, tp_size: int) -> None:
+    """This rank's heads of one layer's offset / gate tensors (HF names under ``hp``)."""
+    def shard(key: str) -> torch.Tensor:
+        t = extras[key]
+        if t.dim() == 0 or t.shape[0] != heads:
+            raise ValueError(f"{key}: shape {tuple(t.shape)}, expected {heads} heads along dim 0")
+        return _chunk(t, tp_rank, tp_size)
+
+    if hp + HF_OFFSET in extras:
+        out[mp + MG_OFFSET] = shard(hp + HF_OFFSET)
+    gate = sorted(k[len(hp + HF_GATE):] for k in extras if k.startswith(hp + HF_GATE))
+    if gate:
+        mlp = "fc1_weight" in gate
+        for hf_name in gate:
+            mg_name = "bias" if mlp and hf_name == "fc2_bias" else hf_name
+            if (mlp and hf_name == "bias") or mg_name not in ("weight", "bias", "fc1_weight", "fc1_bias", "fc2_weight"):
+                raise ValueError(f"{hp + HF_GATE + hf_name}: not a tensor of any gate kind")
+            out[mp + MG_GATE + mg_name] = shard(hp + HF_GATE + hf_name)
 
 
 def load_megatron_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
@@ -312,7 +371,7 @@ def _as_grid(rank_state_dicts) -> list[list[dict]]:
 
 
 def megatron_to_hf_state_dict(
-    rank_state_dicts, arch: Union[OPTArchConfig, str], *, strict: bool = True
+    rank_state_dicts, arch: Union[OPTArchConfig, str], *, strict: bool = True, variant_extras: bool = False
 ) -> dict[str, torch.Tensor]:
     """The full Hugging Face OPTForCausalLM state dict (``lm_head.weight`` included, tied to the
     embedding) from every model-parallel rank's megatron state dict.
@@ -321,6 +380,8 @@ def megatron_to_hf_state_dict(
     checkpoints read by a single-process tool or the result of :func:`gather_megatron_state_dicts`.
     strict: refuse megatron tensors with no Hugging Face OPT counterpart (e.g. a softmax variant's
     learnable offsets or gates), instead of dropping them.
+    variant_extras: map the attention-variant tensors too (learnable offsets, gates; TP shards
+    concatenated by head) and append them, in megatron_outeff.hf's names, after the OPT tensors.
     """
     arch = load_arch_config(arch)
     reason = arch.unsupported_reason()
@@ -348,6 +409,7 @@ def megatron_to_hf_state_dict(
 
     H, V = arch.num_attention_heads, arch.vocab_size
     hf: dict[str, torch.Tensor] = {}
+    extras: dict[str, torch.Tensor] = {}
     embed = cat(0, "embedding.word_embeddings.weight", 0)
     if embed.shape[0] < V:
         raise ValueError(f"megatron word embeddings have {embed.shape[0]} rows, fewer than vocab_size={V}")
@@ -375,6 +437,12 @@ def megatron_to_hf_state_dict(
                 hf[f"{hp}fc1.{kind}"] = cat(p, f"{mp}mlp.linear_fc1.{kind}", 0)
             hf[f"{hp}fc2.weight"] = cat(p, f"{mp}mlp.linear_fc2.weight", 1)
             hf[f"{hp}fc2.bias"] = replicated(p, f"{mp}mlp.linear_fc2.bias")
+            if variant_extras:
+                if mp + MG_OFFSET in grid[p][0]:
+                    extras[hp + HF_OFFSET] = cat(p, mp + MG_OFFSET, 0)
+                gate = [k[len(mp + MG_GATE):] for k in grid[p][0] if k.startswith(mp + MG_GATE)]
+                for mg_name, hf_name in _gate_names(gate).items():
+                    extras[hp + HF_GATE + hf_name] = cat(p, mp + MG_GATE + mg_name, 0)
     for kind in ("weight", "bias"):
         hf[f"{HF_DECODER}final_layer_norm.{kind}"] = replicated(pp_size - 1, f"decoder.final_layernorm.{kind}")
     if strict:
@@ -389,6 +457,7 @@ def megatron_to_hf_state_dict(
     # Order as OPTForCausalLM.state_dict(); the head is the embedding itself (tied).
     ordered = {k: hf[k] for k in hf_expected_shapes(arch)}
     ordered[HF_LM_HEAD] = embed
+    ordered.update(extras)
     return ordered
 
 

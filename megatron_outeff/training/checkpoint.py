@@ -7,6 +7,10 @@ Layout of ``checkpoint.dir``::
     iter_0000100/            DeepSpeed's files (model, optimizer, LR scheduler, loss scaler; ZeRO shards)
         train_state.json     iteration, consumed samples, fingerprint
         rng/rank00000.safetensors   python / numpy / torch (CPU, CUDA) / megatron RNG-tracker states
+        model/manifest.json  arch, attention variant, tp, pp, vocab sizes, dtype, seq_length, iteration
+        model/tp00_pp00.safetensors  each model-parallel rank's weights (data-parallel rank 0 writes them;
+                             gathered first under ZeRO-3): what the converter and ``checkpoint.init_from``
+                             read (megatron_outeff/convert/model_files.py), no pickles
 
 A save writes everything into ``iter_XXXXXXX.tmp``, renames it to ``iter_XXXXXXX`` and only then
 replaces ``latest`` (os.replace): a crash at any moment leaves the previous checkpoint as latest.
@@ -172,6 +176,7 @@ def save(engine, cfg: Config, iteration: int, train_state: dict) -> str:
     dist.barrier()
     engine.save_checkpoint(str(ckpt), tag=tmp_tag, client_state={}, save_latest=False)
 
+    save_model_files(engine, cfg, iteration, ckpt / tmp_tag)
     (ckpt / tmp_tag / "rng").mkdir(parents=True, exist_ok=True)
     tensors, meta = rng_state_tensors()
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(ckpt / tmp_tag / "rng" / f"rank{rank:05d}.safetensors"),
@@ -193,6 +198,40 @@ def save(engine, cfg: Config, iteration: int, train_state: dict) -> str:
         _prune(ckpt, cfg.checkpoint.keep_last, keep=tag)
     dist.barrier()
     return tag
+
+
+def save_model_files(engine, cfg: Config, iteration: int, tag_dir: Path) -> None:
+    """Collective. ``tag_dir/model/``: this (tp, pp) rank's weights as safetensors (written by its
+    data-parallel rank 0) and the manifest (global rank 0). Under ZeRO-3 the partitioned parameters
+    are gathered around the state-dict read (every data-parallel rank takes part)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_outeff.convert.model_files import (
+        DTYPE_NAMES, MODEL_SUBDIR, make_manifest, tensor_state, write_manifest, write_rank_file,
+    )
+
+    from .model import arch_config, attention_variant, unwrap
+
+    module = engine.module
+    writer = ps.get_data_parallel_rank() == 0
+    state = None
+    if cfg.parallel.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            state = tensor_state(unwrap(module)) if writer else None
+    elif writer:
+        state = tensor_state(unwrap(module))
+    model_dir = tag_dir / MODEL_SUBDIR
+    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    if writer:
+        write_rank_file(model_dir, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), state)
+    if dist.get_rank() == 0:  # global rank 0 is data-parallel rank 0 of (tp 0, pp 0): state is set
+        dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+        write_manifest(model_dir, make_manifest(
+            arch=arch_config(cfg), variant=attention_variant(cfg), tp=tp, pp=pp,
+            padded_vocab_size=unwrap(module).vocab_size, seq_length=cfg.data.seq_length, iteration=iteration,
+            dtype=DTYPE_NAMES.get(dtypes.pop(), "fp32") if len(dtypes) == 1 else "mixed", source="training"))
 
 
 def _prune(ckpt: Path, keep_last: int, keep: str) -> None:

@@ -92,6 +92,10 @@ class CheckpointConfig:
     dir: Optional[str] = None  # None: no checkpoints
     save_interval: int = 0  # 0: save only at the end
     keep_last: int = 2  # 0 keeps all
+    # Start a NEW run from these weights (fresh optimizer, iteration 0), at any TP/PP: a model-only
+    # checkpoint (tools/convert_checkpoint.py reshard / from-hf) or a training checkpoint dir. Ignored
+    # when resuming this run's own checkpoint.
+    init_from: Optional[str] = None
 
 
 @dataclass

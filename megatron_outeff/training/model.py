@@ -72,6 +72,7 @@ def build_model(cfg: Config, *, pre_process: bool, post_process: bool) -> torch.
         model = build_opt_model(
             arch, attention_variant(cfg), vocab_size=cfg.model.vocab_size, params_dtype=torch.float32,
             sequence_parallel=cfg.parallel.sequence_parallel, pre_process=pre_process, post_process=post_process,
+            seq_length=cfg.data.seq_length,  # clipped variants in the clip_alpha form
             **transformer_overrides(cfg),
         )
     except ValueError as e:

@@ -80,6 +80,26 @@ def set_seeds(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _init_from(cfg: Config, model, arch) -> None:
+    """checkpoint.init_from: this rank's weights from a model-only / training checkpoint at any layout."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_outeff.convert import ConvertError, load_into_model
+
+    from .logging import print_rank0
+    from .model import attention_variant
+
+    try:
+        manifest = load_into_model(
+            model, cfg.checkpoint.init_from, arch=arch, variant=attention_variant(cfg), seq_length=cfg.data.seq_length,
+            tp_rank=ps.get_tensor_model_parallel_rank(), tp=ps.get_tensor_model_parallel_world_size(),
+            pp_rank=ps.get_pipeline_model_parallel_rank(), pp=ps.get_pipeline_model_parallel_world_size())
+    except ConvertError as e:
+        raise ConfigError(f"checkpoint.init_from: {e}") from None
+    print_rank0(f"initialised from {cfg.checkpoint.init_from} (tp={manifest['tp']}, pp={manifest['pp']}, "
+                f"iteration {manifest['iteration']}); fresh optimizer")
+
+
 def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
     """Run (or resume) the training described by cfg. model_hook(model), if given, sees this rank's
     freshly built megatron model before DeepSpeed wraps it (e.g. to load initial weights).
@@ -109,6 +129,8 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
     model = build_model(cfg, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
     if model_hook is not None:
         model_hook(model)
+    if cfg.checkpoint.init_from and not resume:
+        _init_from(cfg, model, arch)
     trainer = build_engine(cfg, model)
     engine = trainer.engine
 

@@ -1,0 +1,381 @@
+"""Checkpoint conversions, composed from the existing mappings (models/hf_opt.py, hf/export.py).
+
+    to_hf(ckpt, out_dir, iteration=None, tokenizer=None, dtype=None)     training / model-only checkpoint -> HF directory
+    reshard(ckpt, out_dir, tp, pp, iteration=None)                      -> model-only checkpoint at another TP/PP
+    from_hf(hf_dir, out_dir, tp, pp, variant=None, ...)                 HF OPT directory -> model-only checkpoint
+    load_into_model(model, path, arch, variant, seq_length, ...)        training's checkpoint.init_from
+
+The "full" form in between is the Hugging Face OPT state dict plus the variant tensors
+(``megatron_to_hf_state_dict(..., variant_extras=True)``) and the megatron embedding with its
+vocabulary-padding rows (those take part in the training loss through the tied LM head, so a
+reshard keeps them; Hugging Face drops them).
+All inputs are checked before anything is written; outputs go to a temporary sibling directory
+renamed into place at the end. Errors: one-line ``ConvertError``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Mapping, Optional
+
+import torch
+
+from .model_files import (
+    DTYPE_NAMES, MODEL_SUBDIR, ConvertError, check_output_dir, make_manifest, manifest_arch_variant, read_model_files,
+    resolve_model_dir, tag_for, variant_hf_shapes, write_manifest, write_rank_file,
+)
+
+Progress = Optional[Callable[[str], None]]
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _say(progress: Progress, msg: str) -> None:
+    if progress:
+        progress(msg)
+
+
+# --------------------------------------------------------------------------------------------------
+# merge / split
+# --------------------------------------------------------------------------------------------------
+def merge_ranks(states: Mapping[tuple, dict], arch) -> tuple[dict, torch.Tensor]:
+    """({HF OPT + variant tensors}, the full padded megatron word embedding) of every rank's state."""
+    from megatron_outeff.models.hf_opt import megatron_to_hf_state_dict
+
+    tp, pp = max(t for t, _ in states) + 1, max(p for _, p in states) + 1
+    if pp > 1:
+        # The last stage's tied LM-head copy: training re-syncs it from the first stage's embedding
+        # before every step (engine.sync_tied_embedding), so a checkpoint written after a step may
+        # hold a stale copy. The embedding is authoritative.
+        states = dict(states)
+        for t in range(tp):
+            states[(t, pp - 1)] = dict(states[(t, pp - 1)],
+                                       **{"output_layer.weight": states[(t, 0)]["embedding.word_embeddings.weight"]})
+    try:
+        hf = megatron_to_hf_state_dict(states, arch, strict=True, variant_extras=True)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
+    padded = torch.cat([states[(t, 0)]["embedding.word_embeddings.weight"] for t in range(tp)], dim=0)
+    return hf, padded
+
+
+def split_rank(hf: Mapping[str, torch.Tensor], padded_embed: Optional[torch.Tensor], arch, tp_rank: int, tp: int,
+               pp_rank: int, pp: int, vocab_rows: int) -> dict[str, torch.Tensor]:
+    """Rank (tp_rank, pp_rank)'s megatron state dict; the embedding (and the last stage's tied copy)
+    taken from ``padded_embed`` (padding rows kept, zero rows added if ``vocab_rows`` is larger)."""
+    from megatron_outeff.models.hf_opt import hf_state_dict_to_megatron
+
+    try:
+        sd = hf_state_dict_to_megatron(hf, arch, tp_rank, tp, pp_rank, pp, vocab_size=vocab_rows, variant_extras=True)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
+    if padded_embed is not None:
+        emb = padded_embed[:vocab_rows]
+        if emb.shape[0] < vocab_rows:
+            emb = torch.cat([emb, emb.new_zeros(vocab_rows - emb.shape[0], emb.shape[1])])
+        mine = emb.chunk(tp, dim=0)[tp_rank].clone()
+        for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            if key in sd:
+                sd[key] = mine.clone()
+    return sd
+
+
+def _resolved_variant(variant, seq_length, where):
+    try:
+        return variant.resolved(seq_length)
+    except ValueError as e:
+        raise ConvertError(f"{where}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Output directories
+# --------------------------------------------------------------------------------------------------
+def _atomic_dir(out_dir: Path):
+    out_dir = check_output_dir(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return out_dir, Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+
+
+def _finish(tmp: Path, out_dir: Path) -> Path:
+    if out_dir.exists():
+        out_dir.rmdir()  # empty (checked before)
+    os.rename(tmp, out_dir)
+    return out_dir
+
+
+def write_model_checkpoint(out_dir, rank_states: Callable[[int, int], dict], *, arch, variant, tp: int, pp: int,
+                           padded_vocab: int, seq_length, iteration: int, source: str, progress: Progress = None) -> Path:
+    """A model-only checkpoint: OUT/latest + OUT/iter_XXXXXXX/model/{manifest.json, tp.._pp...safetensors}.
+    ``rank_states(t, p)`` builds one rank's state dict (all are built and checked before the rename)."""
+    from .model_files import expected_rank_shapes
+
+    out_dir, tmp = _atomic_dir(Path(out_dir))
+    try:
+        tag = tag_for(iteration)
+        model_dir = tmp / tag / MODEL_SUBDIR
+        dtypes = set()
+        for p in range(pp):
+            for t in range(tp):
+                sd = rank_states(t, p)
+                expected = expected_rank_shapes(arch, variant, t, tp, p, pp, padded_vocab)
+                got = {k: tuple(v.shape) for k, v in sd.items()}
+                if got != expected:
+                    raise ConvertError(f"internal: rank tp={t}, pp={p} tensors differ from the expected layout: "
+                                       f"{sorted(set(got) ^ set(expected))[:3]}")
+                dtypes |= {v.dtype for v in sd.values()}
+                write_rank_file(model_dir, t, p, sd)
+                _say(progress, f"wrote {tag}/{MODEL_SUBDIR}/tp{t:02d}_pp{p:02d}.safetensors")
+        dtype = DTYPE_NAMES.get(dtypes.pop(), "fp32") if len(dtypes) == 1 else "mixed"
+        write_manifest(model_dir, make_manifest(arch=arch, variant=variant, tp=tp, pp=pp, padded_vocab_size=padded_vocab,
+                                                dtype=dtype, seq_length=seq_length, iteration=iteration, source=source))
+        (tmp / "latest").write_text(tag + "\n")
+        return _finish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------------
+def load_checkpoint_full(ckpt, iteration=None, progress: Progress = None):
+    """(manifest, arch, variant, hf full state, padded embedding) of a checkpoint, everything checked."""
+    model_dir = resolve_model_dir(ckpt, iteration)
+    manifest, states = read_model_files(model_dir, progress=progress)
+    arch, variant = manifest_arch_variant(manifest, str(model_dir))
+    _say(progress, f"merging tp={manifest['tp']} x pp={manifest['pp']} ({arch.name}, {variant.describe()})")
+    hf, padded = merge_ranks(states, arch)
+    return manifest, arch, variant, hf, padded
+
+
+def export_variant_dict(variant, seq_length) -> dict:
+    """AttentionVariantConfig -> megatron_outeff.hf.export_hf_dir's variant dict."""
+    d = {"softmax": variant.softmax, "softmax_n": float(variant.n), "gate": variant.gate,
+         "gate_init_prob": float(variant.gate_init_prob)}
+    if variant.clip_gamma is not None:
+        d.update(clip_gamma=float(variant.clip_gamma), clip_zeta=float(variant.clip_zeta))
+    elif variant.clip_alpha is not None:
+        if not seq_length:
+            raise ConvertError(f"clip_alpha={variant.clip_alpha} needs the training seq_length, which the manifest lacks")
+        d.update(clip_alpha=float(variant.clip_alpha), clip_seq_len=int(seq_length))
+    return d
+
+
+def to_hf(ckpt, out_dir, *, iteration=None, tokenizer=None, dtype: Optional[str] = None, progress: Progress = None) -> Path:
+    from megatron_outeff.hf import export_hf_dir
+    from megatron_outeff.models.hf_opt import hf_config_dict, split_variant_state
+
+    out_dir = check_output_dir(out_dir)
+    if dtype not in (None, "fp32", "fp16", "bf16"):
+        raise ConvertError(f"--dtype {dtype!r}: expected fp32, fp16 or bf16")
+    manifest, arch, variant, hf, _ = load_checkpoint_full(ckpt, iteration, progress)
+    plain, extras = split_variant_state(hf)
+    vdict = export_variant_dict(variant, manifest.get("seq_length"))
+    try:
+        opt_kwargs = hf_config_dict(arch)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
+    _say(progress, f"exporting to {out_dir} ({dtype or 'fp32'})")
+    try:
+        return export_hf_dir(out_dir, plain, opt_kwargs, vdict, extra_state=extras, tokenizer_dir=tokenizer,
+                             dtype=dtype or "fp32")
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
+
+
+def reshard(ckpt, out_dir, *, tp: int, pp: int, iteration=None, progress: Progress = None) -> Path:
+    from megatron_outeff.models.opt import check_parallel_layout, padded_vocab_size
+
+    out_dir = check_output_dir(out_dir)
+    manifest, arch, variant, hf, padded = load_checkpoint_full(ckpt, iteration, progress)
+    try:
+        check_parallel_layout(arch, tp, pp)
+    except ValueError as e:
+        raise ConvertError(f"--tp {tp} --pp {pp}: {e}") from None
+    old_rows = manifest["padded_vocab_size"]
+    rows = old_rows if old_rows % tp == 0 else padded_vocab_size(arch.vocab_size, tp)
+    return write_model_checkpoint(out_dir, lambda t, p: split_rank(hf, padded, arch, t, tp, p, pp, rows), arch=arch,
+                                  variant=variant, tp=tp, pp=pp, padded_vocab=rows, seq_length=manifest.get("seq_length"),
+                                  iteration=manifest["iteration"], source="reshard", progress=progress)
+
+
+def parse_variant(text) -> "object":
+    """--variant: a softmax name ("softmax1") or a JSON object of AttentionVariantConfig fields."""
+    from megatron_outeff.megatron.variant import AttentionVariantConfig
+
+    if text is None:
+        return None
+    try:
+        d = json.loads(text) if str(text).lstrip().startswith("{") else {"softmax": str(text)}
+        return AttentionVariantConfig.from_dict(d)
+    except (ValueError, TypeError) as e:
+        raise ConvertError(f"--variant {text!r}: {e}") from None
+
+
+def _variant_from_hf_config(cfg: dict):
+    from megatron_outeff.megatron.variant import AttentionVariantConfig
+
+    try:
+        return AttentionVariantConfig(
+            softmax=cfg.get("softmax", "softmax1"), n=float(cfg.get("softmax_n", 1.0)),
+            clip_gamma=cfg.get("clip_gamma"), clip_zeta=float(cfg.get("clip_zeta") or 1.0),
+            gate=cfg.get("gate", "none"), gate_init_prob=float(cfg.get("gate_init_prob", 0.25)))
+    except (TypeError, ValueError) as e:
+        raise ConvertError(f"config.json: bad attention variant: {e}") from None
+
+
+def init_variant_tensors(arch, variant, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Initial values of variant tensors a Hugging Face OPT lacks: learnable offsets 0 (Softmax_1 at
+    the start), gate weights N(0, init_method_std) (seeded), gate biases logit(gate_init_prob)
+    (gates open to gate_init_prob), mlp-gate hidden biases 0."""
+    g = torch.Generator().manual_seed(seed)
+    logit = math.log(variant.gate_init_prob / (1.0 - variant.gate_init_prob))
+    out = {}
+    for k, shape in variant_hf_shapes(arch, variant).items():
+        name = k.rsplit(".", 1)[1]
+        if k.endswith("softmax_offset") or name == "fc1_bias":
+            out[k] = torch.zeros(shape)
+        elif name in ("bias", "fc2_bias"):
+            out[k] = torch.full(shape, logit)
+        else:
+            out[k] = torch.randn(shape, generator=g) * arch.init_method_std
+    return out
+
+
+def read_hf_dir(hf_dir, variant=None, *, seq_length: Optional[int] = None, seed: int = 0, progress: Progress = None):
+    """(arch, variant, HF full state incl. variant tensors, initialised variant tensor names) of a Hugging
+    Face OPT directory: the public layout (model_type opt) or ours (outeff_opt, variant from config.json)."""
+    from safetensors.torch import load_file
+
+    from megatron_outeff.models.hf_opt import (
+        HF_DECODER, arch_from_hf_config, split_variant_state, validate_hf_state_dict,
+    )
+
+    hf_dir = Path(hf_dir)
+    cfg_path = hf_dir / "config.json"
+    if not cfg_path.is_file():
+        raise ConvertError(f"{hf_dir}: no config.json; expected a Hugging Face model directory")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"{cfg_path}: not JSON ({e})") from None
+    mt = cfg.get("model_type")
+    if mt == "outeff_opt":
+        ours = _variant_from_hf_config(cfg)
+        if variant is not None and _resolved_variant(variant, seq_length, "--variant") != ours:
+            raise ConvertError(f"--variant {variant.describe()!r} contradicts {cfg_path}'s {ours.describe()!r}")
+        variant = ours
+        cfg = dict(cfg, model_type="opt")
+    elif mt != "opt":
+        raise ConvertError(f"{cfg_path}: model_type={mt!r}: expected 'opt' or 'outeff_opt'")
+    from megatron_outeff.megatron.variant import AttentionVariantConfig
+
+    variant = variant or AttentionVariantConfig()
+    try:
+        arch = arch_from_hf_config(cfg, name=hf_dir.name or None)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
+    reason = arch.unsupported_reason()
+    if reason:
+        raise ConvertError(reason)
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        raise ConvertError(f"{hf_dir}: no *.safetensors weights (pickled .bin checkpoints are not read)")
+    sd: dict = {}
+    for fp in files:
+        _say(progress, f"reading {fp.name}")
+        part = load_file(str(fp))
+        dup = set(part) & set(sd)
+        if dup:
+            raise ConvertError(f"{fp}: tensor(s) {sorted(dup)[:3]} appear in more than one safetensors file")
+        sd.update(part)
+    if not any(k.startswith(HF_DECODER) for k in sd) and any(k.startswith("decoder.") for k in sd):
+        sd = {("model." + k if k.startswith("decoder.") else k): v for k, v in sd.items()}
+    plain, extras = split_variant_state(sd)
+    try:
+        validate_hf_state_dict(plain, arch)
+    except ValueError as e:
+        raise ConvertError(f"{hf_dir}: {e}") from None
+    expected = variant_hf_shapes(arch, variant)
+    unexpected = sorted(set(extras) - set(expected))
+    if unexpected:
+        raise ConvertError(f"{hf_dir}: tensor(s) {unexpected[:3]} do not belong to the variant {variant.describe()!r}")
+    for k, v in extras.items():
+        if tuple(v.shape) != expected[k]:
+            raise ConvertError(f"{hf_dir}: {k} has shape {tuple(v.shape)}, expected {expected[k]}")
+    initialised = sorted(set(expected) - set(extras))
+    if initialised and extras:
+        raise ConvertError(f"{hf_dir}: has some but not all tensors of the variant {variant.describe()!r}, e.g. missing {initialised[:3]}")
+    full = dict(plain)
+    full.update(extras)
+    if initialised:
+        full.update(init_variant_tensors(arch, variant, seed))
+    for k, v in full.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ConvertError(f"{hf_dir}: {k} has {int((~torch.isfinite(v)).sum())} non-finite value(s)")
+    return arch, variant, full, initialised
+
+
+def from_hf(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, variant=None, seq_length: Optional[int] = None,
+            seed: int = 0, progress: Progress = None) -> Path:
+    from megatron_outeff.models.opt import check_parallel_layout, padded_vocab_size
+
+    out_dir = check_output_dir(out_dir)
+    if isinstance(variant, (str, type(None))):
+        variant = parse_variant(variant)
+    arch, variant, full, initialised = read_hf_dir(hf_dir, variant, seq_length=seq_length, seed=seed, progress=progress)
+    if variant.clip_alpha is not None and not seq_length:
+        raise ConvertError(f"variant clip_alpha={variant.clip_alpha} needs --seq-length (gamma = -alpha / seq_length)")
+    try:
+        check_parallel_layout(arch, tp, pp)
+    except ValueError as e:
+        raise ConvertError(f"--tp {tp} --pp {pp}: {e}") from None
+    if initialised:
+        _say(progress, f"initialised {len(initialised)} variant tensor(s) the Hugging Face model lacks "
+                       f"(offsets 0, gates open to {variant.gate_init_prob})")
+    rows = padded_vocab_size(arch.vocab_size, tp)
+    return write_model_checkpoint(out_dir, lambda t, p: split_rank(full, None, arch, t, tp, p, pp, rows), arch=arch,
+                                  variant=variant, tp=tp, pp=pp, padded_vocab=rows, seq_length=seq_length, iteration=0,
+                                  source="from-hf", progress=progress)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training: checkpoint.init_from
+# --------------------------------------------------------------------------------------------------
+def load_into_model(model: torch.nn.Module, path, *, arch, variant, seq_length, tp_rank: int, tp: int, pp_rank: int,
+                    pp: int, progress: Progress = None) -> dict:
+    """Load a model-only (or training) checkpoint's weights into this rank's megatron model at any
+    layout. The architecture and the (resolved) attention variant must match. Returns the manifest."""
+    from megatron_outeff.models.hf_opt import check_same_architecture, load_megatron_state_dict
+
+    while hasattr(model, "module"):
+        model = model.module
+    model_dir = resolve_model_dir(path)
+    from .model_files import read_manifest
+
+    manifest = read_manifest(model_dir)
+    src_arch, src_variant = manifest_arch_variant(manifest, str(model_dir))
+    try:
+        check_same_architecture(src_arch, arch, what=f"init_from {path}")
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
+    mine = _resolved_variant(variant, seq_length, "the training config")
+    theirs = _resolved_variant(src_variant, manifest.get("seq_length"), str(model_dir))
+    if mine != theirs:
+        raise ConvertError(f"init_from {path}: attention variant {theirs.describe()!r} differs from the config's {mine.describe()!r}")
+    rows = model.vocab_size
+    manifest, states = read_model_files(model_dir, progress=progress)
+    if (manifest["tp"], manifest["pp"], manifest["padded_vocab_size"]) == (tp, pp, rows):
+        sd = states[(tp_rank, pp_rank)]  # same layout: this rank's file as is
+    else:
+        hf, padded = merge_ranks(states, src_arch)
+        sd = split_rank(hf, padded, src_arch, tp_rank, tp, pp_rank, pp, rows)
+    try:
+        with torch.no_grad():
+            load_megatron_state_dict(model, sd)
+    except (ValueError, RuntimeError) as e:
+        raise ConvertError(f"init_from {path}: {str(e).splitlines()[0]}") from None
+    return manifest

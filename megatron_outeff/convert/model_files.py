@@ -1,0 +1,260 @@
+"""The model-only checkpoint format: per-rank safetensors + a JSON manifest (never pickles).
+
+    CKPT_DIR/latest                             "iter_XXXXXXX" (training checkpoints and converter outputs)
+    CKPT_DIR/iter_XXXXXXX/model/manifest.json   see ``make_manifest``
+    CKPT_DIR/iter_XXXXXXX/model/tp{t:02d}_pp{p:02d}.safetensors
+                                                rank (t, p)'s megatron state dict (build_opt_model names,
+                                                local layer numbers, no wrapper prefixes, no _extra_state)
+
+Written by every training checkpoint (megatron_outeff.training.checkpoint) and by the converter
+(``reshard``, ``from-hf``); read by the converter and by training's ``checkpoint.init_from``.
+Every reader check raises a one-line ``ConvertError`` before anything is written.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+
+FORMAT = "megatron_outeff.model_checkpoint"
+FORMAT_VERSION = 1
+MODEL_SUBDIR = "model"
+MANIFEST = "manifest.json"
+_RANK_FILE_RE = re.compile(r"^tp(\d{2,})_pp(\d{2,})\.safetensors$")
+_ITER_RE = re.compile(r"^iter_(\d{7})$")
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+class ConvertError(ValueError):
+    """Bad input for a conversion: reported as one line, nothing written."""
+
+
+def rank_file_name(tp_rank: int, pp_rank: int) -> str:
+    return f"tp{tp_rank:02d}_pp{pp_rank:02d}.safetensors"
+
+
+def tag_for(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def make_manifest(*, arch, variant, tp: int, pp: int, padded_vocab_size: int, dtype: str,
+                  seq_length: Optional[int], iteration: int, source: str) -> dict:
+    """The manifest.json of a model-only checkpoint.
+
+    format / format_version   "megatron_outeff.model_checkpoint" / 1
+    arch                      OPTArchConfig fields (models/opt.py)
+    attention                 AttentionVariantConfig fields (megatron/variant.py); clip_alpha stays
+                              as trained and is resolved with seq_length
+    tp, pp                    the layout of the rank files
+    vocab_size                the architecture's vocabulary (Hugging Face rows)
+    padded_vocab_size         the embedding rows of the megatron model (all TP shards together)
+    dtype                     fp32 | fp16 | bf16 of the stored weights
+    seq_length                the training sequence length (null if unknown)
+    iteration                 the training iteration of the weights (0 for an import)
+    source                    "training" | "reshard" | "from-hf"
+    files                     {"tp00_pp00": "tp00_pp00.safetensors", ...}
+    """
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "arch": arch.to_dict(), "attention": variant.to_dict(),
+        "tp": int(tp), "pp": int(pp), "vocab_size": int(arch.vocab_size), "padded_vocab_size": int(padded_vocab_size),
+        "dtype": dtype, "seq_length": None if seq_length is None else int(seq_length), "iteration": int(iteration),
+        "source": source,
+        "files": {rank_file_name(t, p)[: -len(".safetensors")]: rank_file_name(t, p) for p in range(pp) for t in range(tp)},
+    }
+
+
+def tensor_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A megatron model's tensors for a rank file: CPU copies, wrapper prefixes and _extra_state dropped."""
+    out = {}
+    for k, v in module.state_dict().items():
+        while k.startswith("module."):
+            k = k[len("module."):]
+        if k.endswith("._extra_state") or not isinstance(v, torch.Tensor):
+            continue
+        out[k] = v.detach().to("cpu", copy=True).contiguous()
+    return out
+
+
+def write_rank_file(model_dir: Path, tp_rank: int, pp_rank: int, state: Mapping[str, torch.Tensor]) -> Path:
+    from safetensors.torch import save_file
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    path = model_dir / rank_file_name(tp_rank, pp_rank)
+    # Each tensor its own storage (safetensors refuses shared storage, e.g. tied copies).
+    save_file({k: v.detach().cpu().clone().contiguous() for k, v in state.items()}, str(path),
+              metadata={"format": "pt", "tp_rank": str(tp_rank), "pp_rank": str(pp_rank)})
+    return path
+
+
+def write_manifest(model_dir: Path, manifest: dict) -> Path:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    path = model_dir / MANIFEST
+    path.write_text(json.dumps(manifest, indent=1) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+def resolve_model_dir(path, iteration: Optional[int] = None) -> Path:
+    """The ``model/`` directory of a checkpoint directory (``latest`` or ``iteration``), of an
+    ``iter_XXXXXXX`` directory, or the model directory itself."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConvertError(f"{path}: no such checkpoint directory")
+    if iteration is None:
+        if (path / MANIFEST).is_file():
+            return path
+        if (path / MODEL_SUBDIR / MANIFEST).is_file():
+            return path / MODEL_SUBDIR
+        latest = path / "latest"
+        if not latest.is_file():
+            raise ConvertError(f"{path}: no 'latest' file and no {MODEL_SUBDIR}/{MANIFEST}; expected a megatron_outeff checkpoint directory")
+        tag = latest.read_text().strip()
+    else:
+        tag = tag_for(int(iteration))
+    model_dir = path / tag / MODEL_SUBDIR
+    if not (path / tag).is_dir():
+        raise ConvertError(f"{path}: checkpoint {tag} not found")
+    if not (model_dir / MANIFEST).is_file():
+        raise ConvertError(f"{model_dir}: no {MANIFEST} (checkpoint written before model files were added to checkpoints?)")
+    return model_dir
+
+
+def read_manifest(model_dir: Path) -> dict:
+    try:
+        m = json.loads((model_dir / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConvertError(f"{model_dir / MANIFEST}: unreadable ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise ConvertError(f"{model_dir / MANIFEST}: not a {FORMAT} manifest")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise ConvertError(f"{model_dir / MANIFEST}: format_version {m.get('format_version')!r}, expected {FORMAT_VERSION}")
+    for key in ("arch", "attention", "tp", "pp", "padded_vocab_size", "dtype", "iteration"):
+        if key not in m:
+            raise ConvertError(f"{model_dir / MANIFEST}: missing key {key!r}")
+    for key in ("tp", "pp", "padded_vocab_size"):
+        if not isinstance(m[key], int) or m[key] < 1:
+            raise ConvertError(f"{model_dir / MANIFEST}: {key}={m[key]!r}, expected a positive integer")
+    return m
+
+
+def manifest_arch_variant(m: dict, where: str = "manifest"):
+    from megatron_outeff.megatron.variant import AttentionVariantConfig
+    from megatron_outeff.models.opt import OPTArchConfig
+
+    try:
+        arch = OPTArchConfig.from_dict(dict(m["arch"]), source=f"{where} arch")
+    except (TypeError, ValueError) as e:
+        raise ConvertError(f"{where}: bad arch: {e}") from None
+    try:
+        variant = AttentionVariantConfig.from_dict(m["attention"])
+    except (TypeError, ValueError) as e:
+        raise ConvertError(f"{where}: bad attention variant: {e}") from None
+    reason = arch.unsupported_reason()
+    if reason:
+        raise ConvertError(f"{where}: {reason}")
+    return arch, variant
+
+
+def variant_hf_shapes(arch, variant) -> dict[str, tuple]:
+    """Hugging Face names and shapes of the variant's tensors (megatron_outeff/hf README)."""
+    H, h = arch.num_attention_heads, arch.hidden_size
+    d = h // H
+    per_layer = {}
+    if variant.learnable_offset:
+        per_layer["self_attn.softmax_offset"] = (H,)
+    if variant.gate == "linear":
+        per_layer.update({"self_attn.gate.weight": (H, d), "self_attn.gate.bias": (H,)})
+    elif variant.gate == "shared_linear":
+        per_layer.update({"self_attn.gate.weight": (H, h), "self_attn.gate.bias": (H,)})
+    elif variant.gate == "mlp":
+        r = d // 4
+        per_layer.update({"self_attn.gate.fc1_weight": (H, r, d), "self_attn.gate.fc1_bias": (H, r),
+                          "self_attn.gate.fc2_weight": (H, r), "self_attn.gate.fc2_bias": (H,)})
+    return {f"model.decoder.layers.{i}.{k}": s for i in range(arch.num_layers) for k, s in per_layer.items()}
+
+
+def expected_rank_shapes(arch, variant, tp_rank: int, tp: int, pp_rank: int, pp: int, padded_vocab: int) -> dict[str, tuple]:
+    """{megatron key: shape} of rank (tp_rank, pp_rank), derived with the mapping itself on meta tensors."""
+    from megatron_outeff.models.hf_opt import hf_expected_shapes, hf_state_dict_to_megatron
+
+    meta = {k: torch.empty(s, device="meta") for k, s in {**hf_expected_shapes(arch), **variant_hf_shapes(arch, variant)}.items()}
+    sd = hf_state_dict_to_megatron(meta, arch, tp_rank, tp, pp_rank, pp, vocab_size=padded_vocab, variant_extras=True)
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def read_model_files(model_dir, *, progress=None) -> tuple[dict, dict]:
+    """(manifest, {(tp_rank, pp_rank): state dict}) with every check done: all and only the manifest's
+    ranks present, each holding exactly the tensors (names, shapes) of the manifest's architecture,
+    variant and layout, all finite."""
+    from safetensors.torch import load_file
+
+    from megatron_outeff.models.opt import check_parallel_layout
+
+    model_dir = Path(model_dir)
+    m = read_manifest(model_dir)
+    arch, variant = manifest_arch_variant(m, str(model_dir / MANIFEST))
+    tp, pp = m["tp"], m["pp"]
+    try:
+        check_parallel_layout(arch, tp, pp)
+    except ValueError as e:
+        raise ConvertError(f"{model_dir / MANIFEST}: tp={tp}, pp={pp}: {e}") from None
+    if m["padded_vocab_size"] < arch.vocab_size or m["padded_vocab_size"] % tp:
+        raise ConvertError(f"{model_dir / MANIFEST}: padded_vocab_size={m['padded_vocab_size']} must be >= vocab_size="
+                           f"{arch.vocab_size} and divisible by tp={tp}")
+    present = {}
+    for f in model_dir.iterdir():
+        mt = _RANK_FILE_RE.match(f.name)
+        if mt:
+            present[(int(mt.group(1)), int(mt.group(2)))] = f
+    wanted = {(t, p) for p in range(pp) for t in range(tp)}
+    missing = sorted(wanted - set(present))
+    if missing:
+        names = [rank_file_name(t, p) for t, p in missing]
+        raise ConvertError(f"{model_dir}: {len(missing)} rank file(s) missing for tp={tp} x pp={pp}: {', '.join(names[:4])}")
+    extra = sorted(set(present) - wanted)
+    if extra:
+        raise ConvertError(f"{model_dir}: rank file(s) {', '.join(present[k].name for k in extra[:4])} outside the manifest's "
+                           f"tp={tp} x pp={pp}: manifest and files disagree")
+    states = {}
+    for i, (t, p) in enumerate(sorted(wanted, key=lambda k: (k[1], k[0]))):
+        path = present[(t, p)]
+        if progress:
+            progress(f"reading {path.name} ({i + 1}/{len(wanted)})")
+        try:
+            sd = load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types
+            raise ConvertError(f"{path}: unreadable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        expected = expected_rank_shapes(arch, variant, t, tp, p, pp, m["padded_vocab_size"])
+        miss = sorted(set(expected) - set(sd))
+        unexp = sorted(set(sd) - set(expected))
+        if miss or unexp:
+            raise ConvertError(f"{path}: tensors do not match {arch.name} ({variant.describe()}) at tp={tp}, pp={pp}: "
+                               f"missing {miss[:3]}, unexpected {unexp[:3]}")
+        for k, shape in expected.items():
+            v = sd[k]
+            if tuple(v.shape) != shape:
+                raise ConvertError(f"{path}: {k} has shape {tuple(v.shape)}, expected {shape}")
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise ConvertError(f"{path}: {k} has {int((~torch.isfinite(v)).sum())} non-finite value(s)")
+        states[(t, p)] = sd
+    return m, states
+
+
+def check_output_dir(out_dir) -> Path:
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ConvertError(f"{out_dir}: exists and is not an empty directory; refusing to overwrite")
+    return out_dir
+
+
+__all__ = [
+    "ConvertError", "FORMAT", "MANIFEST", "MODEL_SUBDIR", "check_output_dir", "expected_rank_shapes", "make_manifest",
+    "manifest_arch_variant", "rank_file_name", "read_manifest", "read_model_files", "resolve_model_dir", "tag_for",
+    "tensor_state", "variant_hf_shapes", "write_manifest", "write_rank_file",
+]

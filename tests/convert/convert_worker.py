@@ -1,0 +1,85 @@
+"""One torchrun job (2 processes) producing everything the conversion tests check.
+
+    torchrun --nproc_per_node 2 tests/convert/convert_worker.py OUT_DIR
+
+1. ``src``: TP=2 ZeRO-1, learnable offsets + linear gates, 2 steps -> OUT/src (training checkpoint).
+2. ``z3``: DP=2 ZeRO-3, Softmax_1 + mlp gates, 1 step -> OUT/z3; the same under ZeRO-0 -> OUT/z0.
+3. rank 0: reshard OUT/src -> OUT/r_tp1 (TP=1) and OUT/r_pp2 (PP=2).
+4. three new runs, 1 step each, start from those weights (checkpoint.init_from): TP=2 from OUT/src,
+   TP=1 x DP=2 from OUT/r_tp1, PP=2 from OUT/r_pp2 (saving OUT/pp2): their first losses go to
+   OUT/results.json.
+5. megatron logits of OUT/r_tp1 at TP=1 on fixed tokens -> OUT/megatron_logits.safetensors.
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "training"))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from train_testlib import BASE, DEMO  # noqa: E402
+from megatron_outeff.training.config import load_config  # noqa: E402
+from megatron_outeff.training.train import train  # noqa: E402
+
+VARIANT = "attention={softmax: learnable, gate: linear}"
+Z3_VARIANT = "attention={softmax: softmax1, gate: mlp}"
+
+
+def tokens():
+    g = torch.Generator().manual_seed(7)
+    return torch.randint(0, 256, (2, 16), generator=g)
+
+
+def run(sets):
+    cfg = load_config(DEMO, BASE + sets)
+    return [loss for _, loss in train(cfg)["history"]]
+
+
+def main():
+    out = Path(sys.argv[1])
+    results = {}
+    results["src"] = run([VARIANT, "parallel.tensor_parallel=2", "parallel.zero_stage=1", "train.train_iters=2",
+                          f"checkpoint.dir={out / 'src'}"])
+    results["z3"] = run([Z3_VARIANT, "parallel.zero_stage=3", "train.train_iters=1", f"checkpoint.dir={out / 'z3'}"])
+    results["z0"] = run([Z3_VARIANT, "parallel.zero_stage=0", "train.train_iters=1", f"checkpoint.dir={out / 'z0'}"])
+    if dist.get_rank() == 0:
+        from megatron_outeff.convert import reshard
+
+        reshard(out / "src", out / "r_tp1", tp=1, pp=1)
+        reshard(out / "src", out / "r_pp2", tp=1, pp=2)
+    dist.barrier()
+    one = ["train.train_iters=1", "schedule.warmup_iters=0"]
+    results["init_src_tp2"] = run([VARIANT, "parallel.tensor_parallel=2", f"checkpoint.init_from={out / 'src'}"] + one)
+    results["init_pp2"] = run([VARIANT, "parallel.pipeline_parallel=2", f"checkpoint.init_from={out / 'r_pp2'}",
+                               f"checkpoint.dir={out / 'pp2'}"] + one)
+    results["init_tp1_dp2"] = run([VARIANT, f"checkpoint.init_from={out / 'r_tp1'}"] + one)
+
+    # megatron logits at TP=1 (parallel state of the last run: TP=1, PP=1, DP=2)
+    from megatron.core import parallel_state as ps
+
+    from megatron_outeff.convert import load_into_model
+    from megatron_outeff.training.model import arch_config, attention_variant, build_model
+
+    cfg = load_config(DEMO, BASE + [VARIANT])
+    assert ps.get_tensor_model_parallel_world_size() == 1 and ps.get_pipeline_model_parallel_world_size() == 1
+    model = build_model(cfg, pre_process=True, post_process=True)
+    load_into_model(model, out / "r_tp1", arch=arch_config(cfg), variant=attention_variant(cfg), seq_length=32,
+                    tp_rank=0, tp=1, pp_rank=0, pp=1)
+    model.eval()
+    ids = tokens()
+    with torch.no_grad():
+        logits = model(ids, torch.arange(ids.shape[1]).expand_as(ids), None)
+    if dist.get_rank() == 0:
+        from safetensors.torch import save_file
+
+        save_file({"tokens": ids, "logits": logits.float().contiguous()}, str(out / "megatron_logits.safetensors"))
+        (out / "results.json").write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

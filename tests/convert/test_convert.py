@@ -1,0 +1,250 @@
+"""Checkpoint conversion: training checkpoints (TP=2, ZeRO-3) -> Hugging Face / other layouts / back.
+
+One torchrun launch (convert_worker.py, 2 processes) trains and restarts; everything else runs here.
+"""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from train_testlib import ROOT, TORCHRUN, env, free_port
+
+from megatron_outeff.convert import ConvertError, from_hf, reshard, to_hf
+from megatron_outeff.convert.model_files import MANIFEST, read_model_files, resolve_model_dir
+
+WORKER = str(Path(__file__).with_name("convert_worker.py"))
+CLI = str(ROOT / "tools" / "convert_checkpoint.py")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("convert")
+    cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), WORKER, str(out)]
+    r = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=500)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out
+
+
+def _files(ckpt):
+    """{(tp, pp): state dict} of a checkpoint's model files (all checks of read_model_files)."""
+    manifest, states = read_model_files(resolve_model_dir(ckpt))
+    return manifest, states
+
+
+def _assert_same(a, b):
+    assert sorted(a) == sorted(b)
+    for rank in a:
+        assert sorted(a[rank]) == sorted(b[rank]), rank
+        for k in a[rank]:
+            assert torch.equal(a[rank][k], b[rank][k]), (rank, k)
+
+
+@pytest.mark.multiproc
+def test_checkpoints_hold_model_files(trained):
+    m, states = _files(trained / "src")
+    assert (m["tp"], m["pp"], m["iteration"], m["seq_length"], m["dtype"]) == (2, 1, 2, 32, "fp32")
+    assert m["attention"]["softmax"] == "learnable" and m["attention"]["gate"] == "linear"
+    assert sorted(states) == [(0, 0), (1, 0)]
+    key = "decoder.layers.0.self_attention.core_attention.softmax_offset"
+    assert states[(0, 0)][key].shape == (2,) and not torch.equal(states[(0, 0)][key], states[(1, 0)][key])
+    # ZeRO-3 (DP=2): the partitioned parameters are gathered, not saved as empty placeholders
+    m3, z3 = _files(trained / "z3")
+    assert (m3["tp"], m3["pp"]) == (1, 1) and m3["attention"]["gate"] == "mlp"
+    sd = z3[(0, 0)]
+    assert sd["decoder.layers.1.mlp.linear_fc1.weight"].shape == (256, 64)
+    assert sd["decoder.layers.1.self_attention.head_gate.fc1_weight"].shape == (4, 4, 16)
+    assert all(v.numel() and v.abs().sum() > 0 for k, v in sd.items() if k.endswith("weight"))
+    # ... and they are the trained weights: the same step under ZeRO-0
+    z0 = _files(trained / "z0")[1][(0, 0)]
+    assert sorted(z0) == sorted(sd)
+    for k in sd:
+        assert torch.allclose(sd[k], z0[k], atol=1e-5, rtol=0), k
+
+
+@pytest.mark.multiproc
+def test_pipeline_checkpoint_converts(trained, tmp_path):
+    m, states = _files(trained / "pp2")
+    assert (m["tp"], m["pp"]) == (1, 2) and "output_layer.weight" in states[(0, 1)]
+    assert "embedding.word_embeddings.weight" not in states[(0, 1)] and "decoder.final_layernorm.weight" in states[(0, 1)]
+    to_hf(trained / "pp2", tmp_path / "hf")
+    back = _files(reshard(trained / "pp2", tmp_path / "r", tp=2, pp=1))[1]
+    assert torch.equal(torch.cat([back[(t, 0)]["embedding.word_embeddings.weight"] for t in range(2)]),
+                       states[(0, 0)]["embedding.word_embeddings.weight"])
+
+
+@pytest.mark.multiproc
+def test_init_from_refuses_another_variant(trained):
+    from megatron_outeff.convert import load_into_model
+    from megatron_outeff.megatron.variant import AttentionVariantConfig
+    from megatron_outeff.models.opt import OPTArchConfig
+
+    arch = OPTArchConfig.from_dict(json.loads((resolve_model_dir(trained / "src") / MANIFEST).read_text())["arch"])
+    with pytest.raises(ConvertError, match="attention variant"):
+        load_into_model(torch.nn.Module(), trained / "src", arch=arch, variant=AttentionVariantConfig(softmax="softmax1"),
+                        seq_length=32, tp_rank=0, tp=1, pp_rank=0, pp=1)
+    with pytest.raises(ConvertError, match="hidden_size"):
+        import dataclasses
+
+        load_into_model(torch.nn.Module(), trained / "src", arch=dataclasses.replace(arch, hidden_size=128),
+                        variant=AttentionVariantConfig(softmax="learnable", gate="linear"),
+                        seq_length=32, tp_rank=0, tp=1, pp_rank=0, pp=1)
+
+
+@pytest.mark.multiproc
+def test_reshard_round_trips_are_identical(trained, tmp_path):
+    _, original = _files(trained / "src")
+    for name in ("r_tp1", "r_pp2"):  # written by the worker from src
+        back = reshard(trained / name, tmp_path / f"{name}_back", tp=2, pp=1)
+        _assert_same(_files(back)[1], original)
+    m, r_pp2 = _files(trained / "r_pp2")
+    assert (m["tp"], m["pp"], m["source"]) == (1, 2, "reshard")
+    assert torch.equal(r_pp2[(0, 1)]["output_layer.weight"], r_pp2[(0, 0)]["embedding.word_embeddings.weight"])
+    assert (trained / "r_pp2" / "latest").read_text().strip() == "iter_0000002"
+
+
+@pytest.mark.multiproc
+def test_training_starts_from_resharded_weights(trained):
+    results = json.loads((trained / "results.json").read_text())
+    source = results["init_src_tp2"][0]  # the source model (TP=2 files as saved) on the first batch
+    assert source == pytest.approx(results["init_tp1_dp2"][0], abs=1e-5)
+    assert source == pytest.approx(results["init_pp2"][0], abs=1e-5)
+    assert source != pytest.approx(results["src"][0], abs=1e-4)  # trained weights, not the initial ones
+
+
+@pytest.mark.multiproc
+def test_to_hf_reproduces_megatron_logits(trained, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    hf_dir = to_hf(trained / "src", tmp_path / "hf")
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    assert cfg["model_type"] == "outeff_opt" and cfg["softmax"] == "learnable" and cfg["gate"] == "linear"
+    ref = load_file(str(trained / "megatron_logits.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=True).eval()
+    with torch.no_grad():
+        logits = model(ref["tokens"]).logits
+    assert (logits - ref["logits"][..., : logits.shape[-1]]).abs().max() <= 1e-4
+
+
+@pytest.mark.multiproc
+def test_zero3_checkpoint_converts(trained, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    hf_dir = to_hf(trained / "z3", tmp_path / "hf3", dtype="bf16")
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=True).eval()
+    assert model.config.gate == "mlp" and model.config.softmax == "softmax1" and model.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[5, 6, 7]])).logits.float()).all()
+
+
+def _random_hf_opt(path, vocab=250):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, ffn_dim=256,
+                                     num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.2 * torch.randn_like(p))
+    model.save_pretrained(str(path))
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_from_hf_to_hf_is_identical(tmp_path):
+    original = _random_hf_opt(tmp_path / "opt")  # vocab 250: padded rows at TP=2
+    ck = from_hf(tmp_path / "opt", tmp_path / "ck", tp=2, pp=2)
+    m, states = _files(ck)
+    assert (m["tp"], m["pp"], m["padded_vocab_size"], m["source"]) == (2, 2, 256, "from-hf")
+    back = to_hf(ck, tmp_path / "back")
+    assert json.loads((back / "config.json").read_text())["model_type"] == "opt"  # vanilla: plain OPT
+    again = load_file(str(back / "model.safetensors"))
+    assert sorted(again) == sorted(original)
+    for k in original:
+        assert torch.equal(again[k], original[k]), k
+
+
+def test_from_hf_with_variant_and_our_remote_code_dirs(tmp_path):
+    _random_hf_opt(tmp_path / "opt")
+    variant = '{"softmax": "learnable", "gate": "mlp", "gate_init_prob": 0.5}'
+    ck = from_hf(tmp_path / "opt", tmp_path / "ck", tp=2, pp=1, variant=variant)
+    sd = _files(ck)[1][(1, 0)]
+    assert torch.equal(sd["decoder.layers.0.self_attention.head_gate.bias"], torch.zeros(2))  # logit(0.5)
+    hf1 = to_hf(ck, tmp_path / "hf1")
+    ck2 = from_hf(hf1, tmp_path / "ck2", tp=1, pp=2)  # the variant comes from config.json
+    assert json.loads((resolve_model_dir(ck2) / MANIFEST).read_text())["attention"]["gate"] == "mlp"
+    hf2 = to_hf(ck2, tmp_path / "hf2")
+    a, b = load_file(str(hf1 / "model.safetensors")), load_file(str(hf2 / "model.safetensors"))
+    assert sorted(a) == sorted(b) and "model.decoder.layers.1.self_attn.gate.fc2_bias" in a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConvertError, match="contradicts"):
+        from_hf(hf1, tmp_path / "ck3", variant="softmax1")
+    assert not (tmp_path / "ck3").exists()
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return resolve_model_dir(dst)
+
+
+def _one_line_error(fn, match):
+    with pytest.raises(ConvertError, match=match) as e:
+        fn()
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.multiproc
+def test_bad_inputs_are_one_line_errors_and_write_nothing(trained, tmp_path):
+    out = tmp_path / "out"
+    # a missing rank file
+    md = _copy(trained / "src", tmp_path / "missing")
+    (md / "tp01_pp00.safetensors").unlink()
+    _one_line_error(lambda: to_hf(tmp_path / "missing", out), "missing for tp=2")
+    # manifest says TP=1 while there are 2 rank files; TP=4 while there are 2
+    md = _copy(trained / "src", tmp_path / "tp_mismatch")
+    m = json.loads((md / MANIFEST).read_text())
+    (md / MANIFEST).write_text(json.dumps(dict(m, tp=1)))
+    _one_line_error(lambda: reshard(tmp_path / "tp_mismatch", out, tp=1, pp=1), "outside the manifest")
+    (md / MANIFEST).write_text(json.dumps(dict(m, tp=4)))
+    _one_line_error(lambda: reshard(tmp_path / "tp_mismatch", out, tp=1, pp=1), "missing for tp=4")
+    # a NaN weight
+    md = _copy(trained / "src", tmp_path / "nan")
+    sd = load_file(str(md / "tp01_pp00.safetensors"))
+    sd["decoder.layers.1.mlp.linear_fc1.weight"][3, 3] = float("nan")
+    save_file(sd, str(md / "tp01_pp00.safetensors"))
+    _one_line_error(lambda: to_hf(tmp_path / "nan", out), "non-finite")
+    # an unknown variant
+    md = _copy(trained / "src", tmp_path / "variant")
+    (md / MANIFEST).write_text(json.dumps(dict(m, attention={"softmax": "softmax7"})))
+    _one_line_error(lambda: to_hf(tmp_path / "variant", out), "softmax7")
+    assert not out.exists()
+    # an output directory that already holds something: refused, left untouched
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _one_line_error(lambda: reshard(trained / "src", out, tp=1, pp=1), "not an empty directory")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    # the CLI: exit 2, one line on stderr
+    r = subprocess.run([sys.executable, CLI, "to-hf", str(tmp_path / "missing"), str(tmp_path / "cli_out")], env=env(),
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:"), r.stderr
+    assert not (tmp_path / "cli_out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+@pytest.mark.multiproc
+def test_iteration_selection(trained, tmp_path):
+    assert to_hf(trained / "src", tmp_path / "hf", iteration=2).is_dir()
+    _one_line_error(lambda: to_hf(trained / "src", tmp_path / "hf5", iteration=5), "iter_0000005 not found")
+    assert to_hf(trained / "src" / "iter_0000002", tmp_path / "hf_iterdir").is_dir()  # an iter_ directory itself
+
+
+@pytest.mark.multiproc
+def test_cli_round_trip(trained, tmp_path):
+    r = subprocess.run([sys.executable, CLI, "reshard", str(trained / "src"), str(tmp_path / "r"), "--tp", "1", "--pp", "2"],
+                       env=env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "wrote iter_0000002/model/tp00_pp01.safetensors" in r.stdout
+    _assert_same(_files(tmp_path / "r")[1], _files(trained / "r_pp2")[1])
