@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
 import torch
+
+from megatron_outeff.utils.atomic import atomic_output_dir
 
 from .model_files import (
     DTYPE_NAMES, MODEL_SUBDIR, ConvertError, check_output_dir, make_manifest, manifest_arch_variant, read_model_files,
@@ -93,27 +92,14 @@ def _resolved_variant(variant, seq_length, where):
 # --------------------------------------------------------------------------------------------------
 # Output directories
 # --------------------------------------------------------------------------------------------------
-def _atomic_dir(out_dir: Path):
-    out_dir = check_output_dir(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return out_dir, Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-
-
-def _finish(tmp: Path, out_dir: Path) -> Path:
-    if out_dir.exists():
-        out_dir.rmdir()  # empty (checked before)
-    os.rename(tmp, out_dir)
-    return out_dir
-
-
 def write_model_checkpoint(out_dir, rank_states: Callable[[int, int], dict], *, arch, variant, tp: int, pp: int,
                            padded_vocab: int, seq_length, iteration: int, source: str, progress: Progress = None) -> Path:
     """A model-only checkpoint: OUT/latest + OUT/iter_XXXXXXX/model/{manifest.json, tp.._pp...safetensors}.
     ``rank_states(t, p)`` builds one rank's state dict (all are built and checked before the rename)."""
     from .model_files import expected_rank_shapes
 
-    out_dir, tmp = _atomic_dir(Path(out_dir))
-    try:
+    out_dir = check_output_dir(Path(out_dir))
+    with atomic_output_dir(out_dir) as tmp:
         tag = tag_for(iteration)
         model_dir = tmp / tag / MODEL_SUBDIR
         dtypes = set()
@@ -132,10 +118,7 @@ def write_model_checkpoint(out_dir, rank_states: Callable[[int, int], dict], *, 
         write_manifest(model_dir, make_manifest(arch=arch, variant=variant, tp=tp, pp=pp, padded_vocab_size=padded_vocab,
                                                 dtype=dtype, seq_length=seq_length, iteration=iteration, source=source))
         (tmp / "latest").write_text(tag + "\n")
-        return _finish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return out_dir
 
 
 # --------------------------------------------------------------------------------------------------

@@ -27,14 +27,13 @@ Reads config.json + safetensors only (never pickles). Every check runs before an
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
+
+from megatron_outeff.utils.atomic import atomic_output_dir
 
 from .opt import OPT_POSITION_OFFSET, OPTArchConfig, check_parallel_layout, load_arch_config, padded_vocab_size
 
@@ -542,17 +541,9 @@ def save_hf_opt_dir(path: Union[str, Path], arch: Union[OPTArchConfig, str], sta
     config.architectures = ["OPTForCausalLM"]
     # The head is tied to the embedding: store it once, as save_pretrained does.
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items() if k != HF_LM_HEAD}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_output_dir(path) as tmp:
         config.to_json_file(str(tmp / "config.json"))
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if path.exists():
-            path.rmdir()  # empty (checked above); rename needs the name free on every platform
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
