@@ -19,11 +19,9 @@ Backends:
 Encoding never adds special tokens (no BOS, no OPT-style leading `</s>`): documents get exactly
 one eod appended by the preprocessing step, which is the only place special ids enter the data.
 
-Not done yet: saving a sentencepiece model as a Hugging Face-loadable tokenizer (for the HF
-export of a trained model). The intended route is transformers' `convert_slow_tokenizer` (a
-LlamaTokenizer-style wrapper around the .model, byte fallback on) writing tokenizer.json +
-tokenizer_config.json with pad/bos/eos/unk set to the fixed ids 0/1/2/3 that
-`train_sentencepiece` reserves.
+Saving a sentencepiece model as a Hugging Face-loadable tokenizer (for the HF export of a
+trained model): `megatron_outeff.data.hf_tokenizer.save_hf_tokenizer`, which rebuilds it with the
+`tokenizers` library (exact encode/decode, pad/bos/eos/unk = 0/1/2/3, no automatic BOS/EOS).
 """
 from __future__ import annotations
 

@@ -17,6 +17,11 @@ of megatron_outeff/ops/reference.py, megatron_outeff/ops/variants.py and
 megatron_outeff/quant/points.py, so that
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works without megatron_outeff.
 
+``tokenizer_dir``: a directory whose Hugging Face tokenizer files are copied; or a sentencepiece
+``.model`` / ``tokenizer.json`` file, or a directory holding our sentencepiece ``.model`` but no
+tokenizer.json, which is converted with ``megatron_outeff.data.hf_tokenizer.save_hf_tokenizer``
+(tokenizer.json + tokenizer_config.json that AutoTokenizer loads, encoding exactly like ours).
+
 Extra state (``extra_state`` or inside ``hf_opt_state_dict``; i = layer index):
     model.decoder.layers.{i}.self_attn.softmax_offset      [H]                      learnable
     model.decoder.layers.{i}.self_attn.gate.weight         [H, d_head]              gate linear
@@ -195,6 +200,25 @@ def _check_relative_imports_resolve(directory: Path):
                 _fail(f"{f.name} imports .{rel}, which is not in the exported directory")
 
 
+def _tokenizer_source(tokenizer_dir: Path) -> Optional[Path]:
+    """The tokenizer file to convert with save_hf_tokenizer, or None to copy the directory's files.
+
+    A file (sentencepiece .model or tokenizer.json) is converted; so is a directory holding our
+    sentencepiece model (tokenizer.model or exactly one *.model) but no tokenizer.json.
+    """
+    if tokenizer_dir.is_file():
+        if tokenizer_dir.suffix not in (".model", ".json"):
+            _fail(f"tokenizer file {tokenizer_dir}: expected a sentencepiece .model or a tokenizer.json")
+        return tokenizer_dir
+    if not tokenizer_dir.is_dir():
+        _fail(f"tokenizer_dir {tokenizer_dir} does not exist")
+    if (tokenizer_dir / "tokenizer.json").is_file():
+        return None
+    models = [tokenizer_dir / "tokenizer.model"] if (tokenizer_dir / "tokenizer.model").is_file() \
+        else sorted(tokenizer_dir.glob("*.model"))
+    return models[0] if len(models) == 1 else None
+
+
 def export_hf_dir(
     out_dir,
     hf_opt_state_dict: Mapping[str, torch.Tensor],
@@ -281,12 +305,14 @@ def export_hf_dir(
             _fail(f"{len(act)} module output(s) overflow fp16 on the calibration batches: "
                   + "; ".join(f"{n}: max|x| = {v:.6g}" for n, v in worst))
 
-    tok_files = []
+    tok_files, tok_source = [], None
     if tokenizer_dir is not None:
         tokenizer_dir = Path(tokenizer_dir)
-        tok_files = [tokenizer_dir / f for f in TOKENIZER_FILES if (tokenizer_dir / f).is_file()]
-        if not tok_files:
-            _fail(f"tokenizer_dir {tokenizer_dir} holds none of {TOKENIZER_FILES}")
+        tok_source = _tokenizer_source(tokenizer_dir)
+        if tok_source is None:
+            tok_files = [tokenizer_dir / f for f in TOKENIZER_FILES if (tokenizer_dir / f).is_file()]
+            if not tok_files:
+                _fail(f"tokenizer_dir {tokenizer_dir} holds none of {TOKENIZER_FILES}")
 
     with atomic_output_dir(out_dir) as tmp:
         model.to(torch_dtype)
@@ -298,6 +324,10 @@ def export_hf_dir(
             _check_relative_imports_resolve(tmp)
         for f in tok_files:
             shutil.copyfile(f, tmp / f.name)
+        if tok_source is not None:
+            from megatron_outeff.data.hf_tokenizer import save_hf_tokenizer
+
+            save_hf_tokenizer(tok_source, tmp)
     return out_dir
 
 

@@ -1,0 +1,55 @@
+"""export_hf_dir(tokenizer_dir=<sentencepiece .model>) converts our tokenizer into the export
+directory: AutoTokenizer loads it offline and encodes/decodes exactly like load_tokenizer."""
+import json
+import random
+
+import pytest
+from hf_testlib import TINY, random_weights
+
+from megatron_outeff.data.tokenizer import load_tokenizer
+from megatron_outeff.data.tokenizer_training import train_sentencepiece
+from megatron_outeff.hf import export_hf_dir, resolve_variant
+
+WORDS = "the of and to in a is that for it as was with be by on naïve façade Ωμέγα 日本語 🙂 12 345".split()
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("spm")
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) for _ in range(300)]
+    (root / "c.txt").write_text("\n".join(lines), encoding="utf-8")
+    return train_sentencepiece(str(root / "c.txt"), str(root / "tok"), vocab_size=300, num_threads=1)
+
+
+@pytest.mark.parametrize("as_dir", [False, True])
+def test_export_with_sentencepiece_model(tmp_path, spm_model, as_dir):
+    from transformers import AutoTokenizer
+
+    ours = load_tokenizer(spm_model)
+    kwargs = dict(TINY, vocab_size=ours.vocab_size)
+    variant = {"softmax": "vanilla"}
+    sd, extra = random_weights(resolve_variant(variant), seed=0, opt_kwargs=kwargs)
+    tok_arg = spm_model
+    if as_dir:  # a run directory holding only our .model (+ .vocab)
+        tok_arg = tmp_path / "run"
+        tok_arg.mkdir()
+        (tok_arg / "spm.model").write_bytes(open(spm_model, "rb").read())
+    out = export_hf_dir(tmp_path / "m", sd, kwargs, variant, extra_state=extra, tokenizer_dir=tok_arg)
+    assert (out / "tokenizer.json").is_file()
+    assert json.loads((out / "tokenizer_config.json").read_text())["eos_token"] == "</s>"
+    hf = AutoTokenizer.from_pretrained(out)
+    assert hf.eos_token_id == ours.eod
+    for text in ["", "the naïve  façade\t12 345\r\n", "unseen ✓ 𝔘 ß 中文 🙂🙂", "  lead and trail  ", "</s> <s>"]:
+        ids = ours.encode(text)
+        assert hf(text, add_special_tokens=False).input_ids == ids
+        assert hf.decode(ids) == ours.decode(ids) == text
+
+
+def test_export_rejects_bad_tokenizer_file(tmp_path):
+    bad = tmp_path / "vocab.txt"
+    bad.write_text("x")
+    sd, extra = random_weights(resolve_variant("vanilla"), seed=0)
+    with pytest.raises(ValueError, match="expected a sentencepiece .model or a tokenizer.json"):
+        export_hf_dir(tmp_path / "m", sd, TINY, "vanilla", extra_state=extra, tokenizer_dir=bad)
+    assert not (tmp_path / "m").exists()
