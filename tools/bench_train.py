@@ -1,0 +1,205 @@
+"""Training throughput benchmark: tokens/s and peak memory of vanilla, Softmax_1 and gated attention.
+
+A benchmark, not a test. Every variant runs through the real training components (megatron-core
+OPT model, DeepSpeed engine, the project's train_step) on synthetic tokens. All engines are built in
+ONE process and stepped round-robin (A B C A B C ...), so drift of a shared machine falls on all
+variants alike; the table prints each variant's median step time and its ratio to vanilla.
+
+Peak memory: on CUDA, torch.cuda.max_memory_allocated over each variant's own steps. On CPU, the
+peak resident set (VmHWM) of a fresh subprocess that builds the variant and runs a few steps.
+
+Defaults: on CUDA the paper's OPT-125m at seq 2048, bf16, ZeRO-1 (target: Softmax_1 >= 0.97x
+vanilla tokens/s) and MFU from --peak-tflops (H100 SXM dense bf16: 989); on CPU the demo's small OPT
+at seq 128, fp32. Results: --out JSON (device, versions, command) and --md.
+
+    python tools/bench_train.py [--steps 20] [--warmup 3] [--out tools/results/bench_train_cpu.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+VARIANTS = {
+    "vanilla": {"softmax": "vanilla"},
+    "softmax1": {"softmax": "softmax1"},
+    "gated softmax1": {"softmax": "softmax1", "gate": "linear"},
+}
+
+
+def base_overrides(cuda: bool, seq: int | None, micro_batch: int | None) -> tuple[str, list[str]]:
+    """(config path, overrides) for the default shape of this device."""
+    common = ["data.source=synthetic", "checkpoint.dir=", "logging.tensorboard_dir=", "logging.outlier_interval=0",
+              "train.eval_interval=0", "model.arch_overrides.hidden_dropout=0.0"]
+    if cuda:
+        seq, mb = seq or 2048, micro_batch or 8
+        return str(ROOT / "configs/train/opt-125m-paper.yaml"), common + [
+            f"data.seq_length={seq}", "model.arch_overrides.max_position_embeddings=2048", "precision.dtype=bf16",
+            "parallel.zero_stage=1", f"parallel.micro_batch_size={mb}", f"parallel.global_batch_size={mb}"]
+    seq, mb = seq or 128, micro_batch or 16
+    return str(ROOT / "configs/train/demo-shakespeare.yaml"), common + [
+        f"data.seq_length={seq}", f"parallel.micro_batch_size={mb}", f"parallel.global_batch_size={mb}"]
+
+
+def build(cfg_path: str, overrides: list[str], variant: dict):
+    """One variant's (trainer, data source, config) through the training package's own builders."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_outeff.training.config import load_config
+    from megatron_outeff.training.data import build_sources
+    from megatron_outeff.training.engine import build_engine
+    from megatron_outeff.training.model import arch_config, build_model
+
+    attention = [f"attention.{k}={v}" for k, v in variant.items()]
+    cfg = load_config(cfg_path, overrides + attention)
+    model = build_model(cfg, pre_process=True, post_process=True)
+    trainer = build_engine(cfg, model)
+    data, _ = build_sources(cfg, vocab_size=arch_config(cfg).vocab_size, dp_rank=ps.get_data_parallel_rank(),
+                            dp_size=ps.get_data_parallel_world_size())
+    return trainer, data, cfg
+
+
+def model_flops_per_token(cfg) -> float:
+    """Training FLOPs per token: 6 x parameters (matmuls, fwd + bwd) + 12 x layers x hidden x seq (attention)."""
+    from megatron_outeff.training.model import arch_config
+
+    a = arch_config(cfg)
+    h, L, s = a.hidden_size, a.num_layers, cfg.data.seq_length
+    params = L * (4 * h * h + 2 * h * a.ffn_hidden_size) + a.vocab_size * h
+    return 6 * params + 12 * L * h * s
+
+
+def memory_probe(args) -> None:
+    """Child process: build one variant, run a few steps, print peak RSS in MiB."""
+    from megatron_outeff.megatron.parallel import init_model_parallel
+    from megatron_outeff.training.engine import train_step
+
+    cfg_path, overrides = base_overrides(False, args.seq, args.micro_batch)
+    init_model_parallel(1, 1, seed=1234)
+    trainer, data, _ = build(cfg_path, overrides, VARIANTS[args.memory_probe])
+    for _ in range(3):
+        train_step(trainer, data.next_global_batch())
+    status = Path("/proc/self/status").read_text()
+    hwm_kib = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
+    print(f"PEAK_RSS_MIB {hwm_kib / 1024:.1f}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    parser.add_argument("--seq", type=int, default=None, help="sequence length (default: 2048 CUDA / 128 CPU)")
+    parser.add_argument("--micro-batch", type=int, default=None, help="micro-batch size (default: 8 CUDA / 16 CPU)")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (CUDA only)")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--md", default=None, help="write a Markdown table here")
+    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_probe:
+        memory_probe(args)
+        return 0
+
+    import torch
+
+    from megatron_outeff.megatron.parallel import init_model_parallel
+    from megatron_outeff.training.engine import train_step
+
+    cuda = torch.cuda.is_available()
+    cfg_path, overrides = base_overrides(cuda, args.seq, args.micro_batch)
+    init_model_parallel(1, 1, seed=1234)
+    runs = {name: build(cfg_path, overrides, v) for name, v in VARIANTS.items()}
+    cfg = next(iter(runs.values()))[2]
+    tokens_per_step = cfg.parallel.global_batch_size * cfg.data.seq_length
+
+    times = {name: [] for name in runs}
+    peak = {name: 0 for name in runs}
+    for step in range(args.warmup + args.steps):
+        for name, (trainer, data, _) in runs.items():  # round-robin across variants
+            batch = data.next_global_batch()
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            train_step(trainer, batch)
+            if cuda:
+                torch.cuda.synchronize()
+                peak[name] = max(peak[name], torch.cuda.max_memory_allocated())
+            if step >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+
+    if not cuda:  # per-variant peak RSS in fresh subprocesses
+        for name in runs:
+            cmd = [sys.executable, __file__, "--memory-probe", name] + (
+                ["--seq", str(args.seq)] if args.seq else []) + (
+                ["--micro-batch", str(args.micro_batch)] if args.micro_batch else [])
+            # A fresh single-process group: drop the rendezvous variables this process set for itself.
+            env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**env, "PYTHONWARNINGS": "ignore"})
+            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("PEAK_RSS_MIB")), None)
+            if line is None:
+                raise RuntimeError(f"memory probe for {name!r} failed: {out.stderr.strip().splitlines()[-1:]}")
+            peak[name] = float(line.split()[1]) * 2**20
+
+    flops_per_token = model_flops_per_token(cfg)
+    base = statistics.median(times["vanilla"])
+    rows = []
+    for name in runs:
+        med = statistics.median(times[name])
+        tok_s = tokens_per_step / med
+        row = {"variant": name, "median_step_s": med, "tokens_per_s": tok_s, "throughput_vs_vanilla": base / med,
+               "peak_memory_mib": peak[name] / 2**20}
+        if cuda:
+            row["mfu"] = tok_s * flops_per_token / (args.peak_tflops * 1e12)
+        rows.append(row)
+
+    import deepspeed
+    import megatron.core
+
+    device = torch.cuda.get_device_name() if cuda else f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    result = {
+        "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:])),
+        "device": device,
+        "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
+                     "megatron_core": megatron.core.__version__, "python": platform.python_version()},
+        "shape": {"config": os.path.relpath(cfg_path, ROOT), "overrides": overrides,
+                  "global_batch": cfg.parallel.global_batch_size, "seq_length": cfg.data.seq_length,
+                  "dtype": cfg.precision.dtype, "zero_stage": cfg.parallel.zero_stage},
+        "steps": args.steps, "warmup": args.warmup,
+        "memory": "torch.cuda.max_memory_allocated" if cuda else "peak RSS (VmHWM) of a fresh process per variant",
+        "load_average": os.getloadavg(),
+        "rows": rows,
+    }
+    header = "| variant | median step s | tokens/s | x vanilla throughput | peak MiB |" + (" MFU |" if cuda else "")
+    lines = [f"# Training throughput ({device})", "", f"Command: `{result['command']}`", "",
+             f"Versions: {result['versions']}; shape: {result['shape']}; memory: {result['memory']}; "
+             f"load average at end: {result['load_average']}", "", header,
+             "|---|---:|---:|---:|---:|" + ("---:|" if cuda else "")]
+    for r in rows:
+        line = (f"| {r['variant']} | {r['median_step_s']:.4f} | {r['tokens_per_s']:.0f} | "
+                f"{r['throughput_vs_vanilla']:.3f} | {r['peak_memory_mib']:.0f} |")
+        lines.append(line + (f" {r['mfu']:.3f} |" if cuda else ""))
+    if cuda:
+        sm1 = next(r for r in rows if r["variant"] == "softmax1")["throughput_vs_vanilla"]
+        lines.append(f"\nTarget Softmax_1 >= 0.97x vanilla tokens/s: {'MET' if sm1 >= 0.97 else 'NOT MET'} ({sm1:.3f}).")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    if args.md:
+        Path(args.md).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
