@@ -5,6 +5,10 @@ OPT model, DeepSpeed engine, the project's train_step) on synthetic tokens. All 
 ONE process and stepped round-robin (A B C A B C ...), so drift of a shared machine falls on all
 variants alike; the table prints each variant's median step time and its ratio to vanilla.
 
+Outlier-metric overhead: the time of one OutlierMonitor measurement (forward hooks + attention-mass
+probe on one micro-batch) divided by --outlier-interval training steps (the issue's target: <= 5%
+at the default interval; 0 when disabled, since nothing is built then).
+
 Peak memory: on CUDA, torch.cuda.max_memory_allocated over each variant's own steps. On CPU, the
 peak resident set (VmHWM) of a fresh subprocess that builds the variant and runs a few steps.
 
@@ -101,6 +105,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default: 2048 CUDA / 128 CPU)")
     parser.add_argument("--micro-batch", type=int, default=None, help="micro-batch size (default: 8 CUDA / 16 CPU)")
+    parser.add_argument("--outlier-interval", type=int, default=None,
+                        help="interval for the overhead figure (default: 1000 CUDA, the paper recipe's; 200 CPU, the demo's)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (CUDA only)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--md", default=None, help="write a Markdown table here")
@@ -151,6 +157,24 @@ def main(argv=None) -> int:
                 raise RuntimeError(f"memory probe for {name!r} failed: {out.stderr.strip().splitlines()[-1:]}")
             peak[name] = float(line.split()[1]) * 2**20
 
+    # Outlier metrics: one measurement per variant (timed after a warm-up call), as the loop runs it.
+    from megatron_outeff.training.engine import eval_loss
+    from megatron_outeff.training.outliers import OutlierMonitor
+
+    interval = args.outlier_interval or (1000 if cuda else 200)
+    probe_s = {}
+    for name, (trainer, data, _) in runs.items():
+        monitor = OutlierMonitor(trainer.engine.module, interval)
+        probe = data.next_global_batch()[:1]
+        samples = []
+        for _ in range(4):
+            t0 = time.perf_counter()
+            monitor.measure(lambda: eval_loss(trainer, probe))
+            if cuda:
+                torch.cuda.synchronize()
+            samples.append(time.perf_counter() - t0)
+        probe_s[name] = statistics.median(samples[1:])
+
     flops_per_token = model_flops_per_token(cfg)
     base = statistics.median(times["vanilla"])
     rows = []
@@ -158,7 +182,8 @@ def main(argv=None) -> int:
         med = statistics.median(times[name])
         tok_s = tokens_per_step / med
         row = {"variant": name, "median_step_s": med, "tokens_per_s": tok_s, "throughput_vs_vanilla": base / med,
-               "peak_memory_mib": peak[name] / 2**20}
+               "peak_memory_mib": peak[name] / 2**20, "outlier_probe_s": probe_s[name],
+               "outlier_overhead": probe_s[name] / (interval * med)}
         if cuda:
             row["mfu"] = tok_s * flops_per_token / (args.peak_tflops * 1e12)
         rows.append(row)
@@ -175,19 +200,21 @@ def main(argv=None) -> int:
         "shape": {"config": os.path.relpath(cfg_path, ROOT), "overrides": overrides,
                   "global_batch": cfg.parallel.global_batch_size, "seq_length": cfg.data.seq_length,
                   "dtype": cfg.precision.dtype, "zero_stage": cfg.parallel.zero_stage},
-        "steps": args.steps, "warmup": args.warmup,
+        "steps": args.steps, "warmup": args.warmup, "outlier_interval": interval,
         "memory": "torch.cuda.max_memory_allocated" if cuda else "peak RSS (VmHWM) of a fresh process per variant",
         "load_average": os.getloadavg(),
         "rows": rows,
     }
-    header = "| variant | median step s | tokens/s | x vanilla throughput | peak MiB |" + (" MFU |" if cuda else "")
+    header = (f"| variant | median step s | tokens/s | x vanilla throughput | peak MiB | outlier overhead (1 per {interval} steps) |"
+              + (" MFU |" if cuda else ""))
     lines = [f"# Training throughput ({device})", "", f"Command: `{result['command']}`", "",
              f"Versions: {result['versions']}; shape: {result['shape']}; memory: {result['memory']}; "
              f"load average at end: {result['load_average']}", "", header,
-             "|---|---:|---:|---:|---:|" + ("---:|" if cuda else "")]
+             "|---|---:|---:|---:|---:|---:|" + ("---:|" if cuda else "")]
     for r in rows:
         line = (f"| {r['variant']} | {r['median_step_s']:.4f} | {r['tokens_per_s']:.0f} | "
-                f"{r['throughput_vs_vanilla']:.3f} | {r['peak_memory_mib']:.0f} |")
+                f"{r['throughput_vs_vanilla']:.3f} | {r['peak_memory_mib']:.0f} | "
+                f"{100 * r['outlier_overhead']:.2f}% ({r['outlier_probe_s']:.3f} s) |")
         lines.append(line + (f" {r['mfu']:.3f} |" if cuda else ""))
     if cuda:
         sm1 = next(r for r in rows if r["variant"] == "softmax1")["throughput_vs_vanilla"]

@@ -64,7 +64,7 @@ from megatron.core.transformer.utils import (
 )
 
 from megatron_outeff.ops import outeff_attention, outeff_softmax_reference, resolve_sink
-from megatron_outeff.ops.reference import causal_mask, expand_kv_heads
+from megatron_outeff.ops.reference import build_mask, causal_mask, expand_kv_heads
 
 from .variant import AttentionVariantConfig
 
@@ -284,18 +284,38 @@ class OutEffCoreAttention(MegatronModule):
             return True, None, None
         return False, None, mask
 
-    def _materialised_attention(self, q, k, v, mask, gate, dropout_p):
-        """Arbitrary mask: materialise the scores, run the ops' row softmax on them, then P @ V."""
+    def _probabilities(self, q, k, mask, clip) -> Tensor:
+        """Materialised attention probabilities [b, h, sq, sk] (fp32) of q [b, sq, h, d], k [b, sk, g, d];
+        mask: dense bool, True = masked out, or None."""
         heads = q.shape[2]
         sink = resolve_sink(self.variant.softmax, self.variant.n, self.softmax_offset, heads, q.device)
         qt = q.transpose(1, 2).float()                                   # [b, h, sq, d]
         kt = expand_kv_heads(k, heads).transpose(1, 2).float()
-        vt = expand_kv_heads(v, heads).transpose(1, 2)
         scores = qt @ kt.transpose(-1, -2)                               # [b, h, sq, sk], fp32
         softmax_fn = outeff_softmax_reference
         if q.device.type == "cuda":
             from megatron_outeff.ops.row_softmax import fused_outeff_softmax as softmax_fn  # noqa: F811
-        p = softmax_fn(scores, scale=self.softmax_scale, sink=sink, mask=mask, clip=_as_clip(self.clip))
+        return softmax_fn(scores, scale=self.softmax_scale, sink=sink, mask=mask, clip=_as_clip(clip))
+
+    @torch.no_grad()
+    def probe_probabilities(self, query, key, attention_mask, attn_mask_type=None) -> Tensor:
+        """The softmax probabilities this layer computes for megatron-layout inputs (query [sq, b, np, hn],
+        key [sk, b, ng, hn]), BEFORE clipping, materialised [b, heads, sq, sk]: for monitoring (e.g. the
+        attention mass on the sink, 1 - row sum), never on the training path."""
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        sq, b = query.shape[:2]
+        sk = key.shape[0]
+        q, k = query.transpose(0, 1), key.transpose(0, 1)
+        causal, key_padding, dense_mask = self._resolve_mask(attention_mask, mask_type, b, sq, sk)
+        if dense_mask is None:
+            dense_mask = build_mask(b, sq, sk, causal, key_padding, q.device)
+        return self._probabilities(q, k, dense_mask, clip=None)
+
+    def _materialised_attention(self, q, k, v, mask, gate, dropout_p):
+        """Arbitrary mask: materialise the scores, run the ops' row softmax on them, then P @ V."""
+        heads = q.shape[2]
+        vt = expand_kv_heads(v, heads).transpose(1, 2)
+        p = self._probabilities(q, k, mask, self.clip)
         if dropout_p > 0:
             p = torch.nn.functional.dropout(p, dropout_p, training=True)
         out = (p.to(vt.dtype) @ vt).transpose(1, 2)                      # [b, sq, h, d]

@@ -343,3 +343,38 @@ def test_bf16_model_close_to_megatron():
         b = Float16Module(mine.config, mine)(ids, pos, None).float()
     assert b.dtype == torch.float32 and torch.isfinite(b).all()
     assert (a - b).abs().max().item() < 0.05 * a.abs().max().item()
+
+
+@pytest.mark.parametrize("softmax", ["softmax1", "learnable"])
+def test_probe_probabilities_equal_an_independent_softmax(softmax):
+    """The monitoring probe's probabilities (training's sink / first-token mass) against megatron-style
+    concatenated-sink softmax in float64, on the layer's real inputs. The clip is set but the probe
+    reports the softmax before clipping."""
+    from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
+    from megatron_outeff.megatron.variant import AttentionVariantConfig
+
+    model = gpt(make_config(), get_outeff_layer_spec(AttentionVariantConfig(softmax=softmax, clip_gamma=-0.03)))
+    core = model.decoder.layers[1].self_attention.core_attention
+    offset = torch.zeros(4, dtype=torch.float64)
+    if softmax == "learnable":
+        offset = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+        with torch.no_grad():
+            core.softmax_offset.copy_(offset)
+    store = {}
+    handle = _capture(core, store, "in", inputs=True)
+    ids, pos = batch()
+    with torch.no_grad():
+        model(ids, pos, None)
+    handle.remove()
+    args, kwargs = store["in"]
+    query, key, _, mask = args[:4]
+    probs = core.probe_probabilities(query, key, mask, kwargs.get("attn_mask_type"))
+
+    q, k = (t.permute(1, 2, 0, 3).double() for t in (query, key))  # [b, h, s, d]
+    scores = (q @ k.transpose(-1, -2)) * core.softmax_scale
+    s = scores.shape[-1]
+    scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+    sink = offset.view(1, -1, 1, 1).expand(scores.shape[0], -1, s, 1)
+    oracle = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    torch.testing.assert_close(probs.double(), oracle, atol=1e-6, rtol=1e-5)
+    assert (1 - oracle.sum(-1)).min() > 0  # the sink holds mass on every row

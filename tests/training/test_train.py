@@ -42,6 +42,13 @@ def test_tensorboard_tags(oracle):
         assert [e.step for e in acc.Scalars(f"outliers/{agg}")] == [2, 4]
     assert "outliers/final_ln/inf_norm" in tags
     assert acc.Scalars("outliers/max_layer_inf_norm")[0].value > 0
+    # attention mass (the demo config is Softmax_1: the sink takes a share of every row)
+    for i in (0, 1):
+        for stat in ("first_token_mass", "sink_mass"):
+            assert [e.step for e in acc.Scalars(f"outliers/layer{i}/attn_probs/{stat}")] == [2, 4]
+    sink = [e.value for e in acc.Scalars("outliers/mean_sink_mass")]
+    first = [e.value for e in acc.Scalars("outliers/mean_first_token_mass")]
+    assert all(0 < v < 1 for v in sink + first) and all(a + b < 1 for a, b in zip(sink, first))
 
 
 def _resume_cfg(ckpt, extra=()):
