@@ -231,10 +231,8 @@ def init_variant_tensors(arch, variant, seed: int = 0) -> dict[str, torch.Tensor
 def read_hf_dir(hf_dir, variant=None, *, seq_length: Optional[int] = None, seed: int = 0, progress: Progress = None):
     """(arch, variant, HF full state incl. variant tensors, initialised variant tensor names) of a Hugging
     Face OPT directory: the public layout (model_type opt) or ours (outeff_opt, variant from config.json)."""
-    from safetensors.torch import load_file
-
     from megatron_outeff.models.hf_opt import (
-        HF_DECODER, arch_from_hf_config, split_variant_state, validate_hf_state_dict,
+        arch_from_hf_config, read_hf_safetensors, split_variant_state, validate_hf_state_dict,
     )
 
     hf_dir = Path(hf_dir)
@@ -264,19 +262,10 @@ def read_hf_dir(hf_dir, variant=None, *, seq_length: Optional[int] = None, seed:
     reason = arch.unsupported_reason()
     if reason:
         raise ConvertError(reason)
-    files = sorted(hf_dir.glob("*.safetensors"))
-    if not files:
-        raise ConvertError(f"{hf_dir}: no *.safetensors weights (pickled .bin checkpoints are not read)")
-    sd: dict = {}
-    for fp in files:
-        _say(progress, f"reading {fp.name}")
-        part = load_file(str(fp))
-        dup = set(part) & set(sd)
-        if dup:
-            raise ConvertError(f"{fp}: tensor(s) {sorted(dup)[:3]} appear in more than one safetensors file")
-        sd.update(part)
-    if not any(k.startswith(HF_DECODER) for k in sd) and any(k.startswith("decoder.") for k in sd):
-        sd = {("model." + k if k.startswith("decoder.") else k): v for k, v in sd.items()}
+    try:
+        sd = read_hf_safetensors(hf_dir, on_file=lambda name: _say(progress, f"reading {name}"))
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
     plain, extras = split_variant_state(sd)
     try:
         validate_hf_state_dict(plain, arch)

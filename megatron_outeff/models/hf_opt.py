@@ -491,8 +491,6 @@ def load_hf_opt_dir(path: Union[str, Path], expected_arch: Union[OPTArchConfig, 
     Validates model_type, (optionally) the architecture against ``expected_arch``, and the tensors,
     before returning anything.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
@@ -505,11 +503,24 @@ def load_hf_opt_dir(path: Union[str, Path], expected_arch: Union[OPTArchConfig, 
     reason = arch.unsupported_reason()
     if reason:
         raise ValueError(reason)
+    sd = read_hf_safetensors(path)
+    validate_hf_state_dict(sd, arch)
+    return arch, sd
+
+
+def read_hf_safetensors(path: Union[str, Path], on_file=None) -> dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face directory's ``*.safetensors`` shards (never pickled ``.bin``),
+    keyed under the ``model.decoder.`` prefix. ``on_file(name)`` is called before each shard is read."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ValueError(f"{path}: no *.safetensors weights (pickled .bin checkpoints are not read)")
     sd: dict[str, torch.Tensor] = {}
     for fp in files:
+        if on_file is not None:
+            on_file(fp.name)
         part = load_file(str(fp))
         dup = set(part) & set(sd)
         if dup:
@@ -518,8 +529,7 @@ def load_hf_opt_dir(path: Union[str, Path], expected_arch: Union[OPTArchConfig, 
     # save_pretrained stores the checkpoint under the base-model prefix when saved from OPTModel.
     if not any(k.startswith(HF_DECODER) for k in sd) and any(k.startswith("decoder.") for k in sd):
         sd = {("model." + k if k.startswith("decoder.") else k): v for k, v in sd.items()}
-    validate_hf_state_dict(sd, arch)
-    return arch, sd
+    return sd
 
 
 def save_hf_opt_dir(path: Union[str, Path], arch: Union[OPTArchConfig, str], state_dict: Mapping[str, torch.Tensor]) -> Path:
