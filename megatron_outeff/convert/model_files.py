@@ -5,6 +5,11 @@
     CKPT_DIR/iter_XXXXXXX/model/tp{t:02d}_pp{p:02d}.safetensors
                                                 rank (t, p)'s megatron state dict (build_opt_model names,
                                                 local layer numbers, no wrapper prefixes, no _extra_state)
+    CKPT_DIR/iter_XXXXXXX/model/fp32_master/tp{t:02d}_pp{p:02d}.safetensors
+                                                mixed-precision training only (bf16 / fp16): the optimizer's
+                                                fp32 master weights of the same tensors (what training
+                                                resumes from); the rank files above hold their bf16/fp16
+                                                copies. Readers take the master weights whenever present.
 
 Written by every training checkpoint (megatron_outeff.training.checkpoint) and by the converter
 (``reshard``, ``from-hf``); read by the converter and by training's ``checkpoint.init_from``.
@@ -22,6 +27,7 @@ import torch
 FORMAT = "megatron_outeff.model_checkpoint"
 FORMAT_VERSION = 1
 MODEL_SUBDIR = "model"
+MASTER_SUBDIR = "fp32_master"
 MANIFEST = "manifest.json"
 _RANK_FILE_RE = re.compile(r"^tp(\d{2,})_pp(\d{2,})\.safetensors$")
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
@@ -41,7 +47,7 @@ def tag_for(iteration: int) -> str:
 
 
 def make_manifest(*, arch, variant, tp: int, pp: int, padded_vocab_size: int, dtype: str,
-                  seq_length: Optional[int], iteration: int, source: str) -> dict:
+                  seq_length: Optional[int], iteration: int, source: str, fp32_master: bool = False) -> dict:
     """The manifest.json of a model-only checkpoint.
 
     format / format_version   "megatron_outeff.model_checkpoint" / 1
@@ -56,6 +62,8 @@ def make_manifest(*, arch, variant, tp: int, pp: int, padded_vocab_size: int, dt
     iteration                 the training iteration of the weights (0 for an import)
     source                    "training" | "reshard" | "from-hf"
     files                     {"tp00_pp00": "tp00_pp00.safetensors", ...}
+    fp32_master               "fp32_master" (the subdirectory holding the fp32 master weights of every rank
+                              file, same names) or null (no master copy: fp32 training, or an import)
     """
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
@@ -64,17 +72,21 @@ def make_manifest(*, arch, variant, tp: int, pp: int, padded_vocab_size: int, dt
         "dtype": dtype, "seq_length": None if seq_length is None else int(seq_length), "iteration": int(iteration),
         "source": source,
         "files": {rank_file_name(t, p)[: -len(".safetensors")]: rank_file_name(t, p) for p in range(pp) for t in range(tp)},
+        "fp32_master": MASTER_SUBDIR if fp32_master else None,
     }
 
 
-def tensor_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A megatron model's tensors for a rank file: CPU copies, wrapper prefixes and _extra_state dropped."""
+def tensor_state(module: torch.nn.Module, replace: Optional[Mapping[int, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """A megatron model's tensors for a rank file: CPU copies, wrapper prefixes and _extra_state dropped.
+    ``replace`` maps ``id(parameter)`` to the tensor stored in its place (the fp32 master weights)."""
     out = {}
-    for k, v in module.state_dict().items():
+    for k, v in module.state_dict(keep_vars=True).items():
         while k.startswith("module."):
             k = k[len("module."):]
         if k.endswith("._extra_state") or not isinstance(v, torch.Tensor):
             continue
+        if replace is not None and id(v) in replace:
+            v = replace[id(v)]
         out[k] = v.detach().to("cpu", copy=True).contiguous()
     return out
 
@@ -188,14 +200,19 @@ def expected_rank_shapes(arch, variant, tp_rank: int, tp: int, pp_rank: int, pp:
     return {k: tuple(v.shape) for k, v in sd.items()}
 
 
-def read_model_files(model_dir, *, progress=None) -> tuple[dict, dict]:
+def read_model_files(model_dir, *, progress=None, weights: str = "auto") -> tuple[dict, dict]:
     """(manifest, {(tp_rank, pp_rank): state dict}) with every check done: all and only the manifest's
     ranks present, each holding exactly the tensors (names, shapes) of the manifest's architecture,
-    variant and layout, all finite."""
-    from safetensors.torch import load_file
+    variant and layout, all finite.
 
+    weights: "auto" reads the fp32 master weights when the checkpoint has them (mixed-precision
+    training), else the rank files; "model" always reads the rank files (the bf16/fp16 copies).
+    The returned manifest carries ``weights_read``: "fp32_master" or "model", and ``weights_read_text``,
+    a sentence saying which (progress prints it too)."""
     from megatron_outeff.models.opt import check_parallel_layout
 
+    if weights not in ("auto", "model"):
+        raise ValueError(f"weights={weights!r}: expected 'auto' or 'model'")
     model_dir = Path(model_dir)
     m = read_manifest(model_dir)
     arch, variant = manifest_arch_variant(m, str(model_dir / MANIFEST))
@@ -207,8 +224,33 @@ def read_model_files(model_dir, *, progress=None) -> tuple[dict, dict]:
     if m["padded_vocab_size"] < arch.vocab_size or m["padded_vocab_size"] % tp:
         raise ConvertError(f"{model_dir / MANIFEST}: padded_vocab_size={m['padded_vocab_size']} must be >= vocab_size="
                            f"{arch.vocab_size} and divisible by tp={tp}")
+    master = m.get("fp32_master")
+    if master is not None and master != MASTER_SUBDIR:
+        raise ConvertError(f"{model_dir / MANIFEST}: fp32_master={master!r}, expected {MASTER_SUBDIR!r} or null")
+    m = dict(m)
+    if master and weights == "auto":
+        m["weights_read"] = "fp32_master"
+        m["weights_read_text"] = f"reading the fp32 master weights ({m['dtype']} training; {MASTER_SUBDIR}/)"
+        states = _read_rank_dir(model_dir / MASTER_SUBDIR, m, arch, variant, progress, dtype=torch.float32)
+    else:
+        m["weights_read"] = "model"
+        why = ("fp32 training" if m["dtype"] == "fp32" else
+               "weights only, as asked" if master else "this checkpoint holds no fp32 master copy")
+        m["weights_read_text"] = f"reading the model weights ({m['dtype']}; {why})"
+        states = _read_rank_dir(model_dir, m, arch, variant, progress)
+    return m, states
+
+
+def _read_rank_dir(rank_dir: Path, m: dict, arch, variant, progress, dtype: Optional[torch.dtype] = None) -> dict:
+    from safetensors.torch import load_file
+
+    if progress:
+        progress(m["weights_read_text"])
+    if not rank_dir.is_dir():
+        raise ConvertError(f"{rank_dir}: no such directory (the manifest names it)")
+    tp, pp = m["tp"], m["pp"]
     present = {}
-    for f in model_dir.iterdir():
+    for f in rank_dir.iterdir():
         mt = _RANK_FILE_RE.match(f.name)
         if mt:
             present[(int(mt.group(1)), int(mt.group(2)))] = f
@@ -216,10 +258,10 @@ def read_model_files(model_dir, *, progress=None) -> tuple[dict, dict]:
     missing = sorted(wanted - set(present))
     if missing:
         names = [rank_file_name(t, p) for t, p in missing]
-        raise ConvertError(f"{model_dir}: {len(missing)} rank file(s) missing for tp={tp} x pp={pp}: {', '.join(names[:4])}")
+        raise ConvertError(f"{rank_dir}: {len(missing)} rank file(s) missing for tp={tp} x pp={pp}: {', '.join(names[:4])}")
     extra = sorted(set(present) - wanted)
     if extra:
-        raise ConvertError(f"{model_dir}: rank file(s) {', '.join(present[k].name for k in extra[:4])} outside the manifest's "
+        raise ConvertError(f"{rank_dir}: rank file(s) {', '.join(present[k].name for k in extra[:4])} outside the manifest's "
                            f"tp={tp} x pp={pp}: manifest and files disagree")
     states = {}
     for i, (t, p) in enumerate(sorted(wanted, key=lambda k: (k[1], k[0]))):
@@ -240,10 +282,12 @@ def read_model_files(model_dir, *, progress=None) -> tuple[dict, dict]:
             v = sd[k]
             if tuple(v.shape) != shape:
                 raise ConvertError(f"{path}: {k} has shape {tuple(v.shape)}, expected {shape}")
+            if dtype is not None and v.dtype != dtype:
+                raise ConvertError(f"{path}: {k} is {v.dtype}, expected {dtype} master weights")
             if v.is_floating_point() and not bool(torch.isfinite(v).all()):
                 raise ConvertError(f"{path}: {k} has {int((~torch.isfinite(v)).sum())} non-finite value(s)")
         states[(t, p)] = sd
-    return m, states
+    return states
 
 
 def check_output_dir(out_dir) -> Path:
@@ -254,7 +298,7 @@ def check_output_dir(out_dir) -> Path:
 
 
 __all__ = [
-    "ConvertError", "FORMAT", "MANIFEST", "MODEL_SUBDIR", "check_output_dir", "expected_rank_shapes", "make_manifest",
+    "ConvertError", "FORMAT", "MANIFEST", "MASTER_SUBDIR", "MODEL_SUBDIR", "check_output_dir", "expected_rank_shapes", "make_manifest",
     "manifest_arch_variant", "rank_file_name", "read_manifest", "read_model_files", "resolve_model_dir", "tag_for",
     "tensor_state", "variant_hf_shapes", "write_manifest", "write_rank_file",
 ]

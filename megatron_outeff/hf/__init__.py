@@ -5,12 +5,12 @@ Public API:
     OutEffOPTConfig, OutEffOPTForCausalLM                       (configuration_/modeling_outeff_opt)
     export_hf_dir(out_dir, hf_opt_state_dict, opt_config_kwargs, variant, *, extra_state=None,
                   tokenizer_dir=None, dtype=None, calibration_batches=None) -> Path
-    resolve_variant(variant), fp16_overflow_report(state_dict), fp16_activation_report(model, batches)
+    resolve_variant(variant), fp16_overflow_report(state_dict), fp16_overflow_check(model, batches)
     perplexity(model, blocks=None, *, text=None, tokenizer=None, block_size=None, batch_size=8,
                device=None, add_special_tokens=False) -> {"loss", "ppl", "tokens"}
 """
 from .configuration_outeff_opt import OutEffOPTConfig
-from .export import export_hf_dir, fp16_activation_report, fp16_overflow_report, resolve_variant
+from .export import export_hf_dir, fp16_overflow_check, fp16_overflow_report, resolve_variant
 from .modeling_outeff_opt import QUANT_POINTS_PER_LAYER, OutEffOPTForCausalLM
 from .perplexity import perplexity, tokenize_blocks
 
@@ -19,7 +19,7 @@ __all__ = [
     "OutEffOPTForCausalLM",
     "QUANT_POINTS_PER_LAYER",
     "export_hf_dir",
-    "fp16_activation_report",
+    "fp16_overflow_check",
     "fp16_overflow_report",
     "perplexity",
     "resolve_variant",

@@ -144,37 +144,78 @@ def fp16_overflow_report(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
     return lines
 
 
+class _FirstOverflow(Exception):
+    pass
+
+
+# aten ops whose -inf output can only be an overflow (additions may legitimately meet a -65504 mask).
+_PRODUCT_OPS = ("mm", "bmm", "addmm", "baddbmm", "matmul", "linear", "mul", "div", "_scaled_dot_product")
+
+
+def _overflow_mode(module_stack: list, where: list):
+    """A TorchDispatchMode that raises _FirstOverflow at the first fp16 op output holding nan or +inf
+    (or -inf from a product), naming the module that ran it, the op and the shape."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float16 and t.numel():
+                    bad = torch.isnan(t).any() or torch.isposinf(t).any() or (
+                        name.startswith(_PRODUCT_OPS) and torch.isneginf(t).any())
+                    if bad:
+                        finite = t[torch.isfinite(t)]
+                        peak = f"max finite |x| = {float(finite.abs().max()):.6g}, " if finite.numel() else ""
+                        raise _FirstOverflow(
+                            f"{module_stack[-1] if module_stack else '(model)'}: aten.{name} output "
+                            f"{list(t.shape)} overflows fp16 ({peak}{int((~torch.isfinite(t)).sum())} inf/nan "
+                            f"value(s)) on {where[0]}")
+            return out
+
+    return Mode()
+
+
 @torch.no_grad()
-def fp16_activation_report(model: torch.nn.Module, batches: Iterable, *, limit: float = FP16_MAX) -> dict[str, float]:
-    """max|activation| of every module output over calibration batches, for modules exceeding ``limit``.
+def fp16_overflow_check(model: torch.nn.Module, batches: Iterable) -> Optional[str]:
+    """Run a copy of ``model`` in fp16 on ``batches`` and return a one-line description of the FIRST fp16
+    tensor that overflows (nan, +inf, or -inf out of a product: |x| > 65504), or None if none does.
 
-    ``batches``: input_ids tensors [b, s] or dicts of model kwargs. Runs ``model`` as it is (run the
-    fp32 model to see what an fp16 copy would overflow). Returns {module name: max|output|}.
+    Every intermediate fp16 holds is checked, not only module outputs: each aten op of the fp16 forward
+    (a TorchDispatchMode), attention scores Q K^T included; attention runs materialised ("eager"),
+    where the scores exist as a tensor. The description names the innermost module, the op, the
+    shape and the batch. ``batches``: input_ids tensors [b, s] or dicts of model kwargs. On a device
+    without fp16 kernels the forward raises and this raises that error.
     """
-    peaks: dict[str, float] = {}
+    import copy
 
-    def hook_for(name):
-        def hook(_mod, _inp, out):
-            tensors = out if isinstance(out, (tuple, list)) else (out,)
-            for t in tensors:
-                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
-                    peaks[name] = max(peaks.get(name, 0.0), float(t.detach().abs().max()))
-        return hook
-
-    handles = [m.register_forward_hook(hook_for(n)) for n, m in model.named_modules() if n]
-    was_training = model.training
-    model.eval()
+    half = copy.deepcopy(model).to(torch.float16).eval()
+    if hasattr(half, "set_attn_implementation"):
+        try:
+            half.set_attn_implementation("eager")
+        except (ValueError, AttributeError, NotImplementedError):
+            pass
+    stack: list = []
+    handles = []
+    for n, m in half.named_modules():
+        if n:
+            handles.append(m.register_forward_pre_hook(lambda _m, _a, n=n: stack.append(n)))
+            handles.append(m.register_forward_hook(lambda _m, _a, _o: stack.pop() and None))  # None: output kept
+    where = [""]
     try:
-        for batch in batches:
-            if isinstance(batch, Mapping):
-                model(**batch)
-            else:
-                model(batch)
+        for i, batch in enumerate(batches):
+            where[0] = f"calibration batch {i + 1}"
+            stack.clear()
+            with _overflow_mode(stack, where):
+                half(**batch) if isinstance(batch, Mapping) else half(batch)
+    except _FirstOverflow as e:
+        return str(e)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
-    return {n: v for n, v in peaks.items() if not v <= limit}
+    return None
 
 
 def _check_finite(sd: Mapping[str, torch.Tensor]):
@@ -235,7 +276,8 @@ def export_hf_dir(
     opt_config_kwargs: transformers ``OPTConfig`` fields (vocab_size, hidden_size, num_hidden_layers,
     ffn_dim, num_attention_heads, max_position_embeddings, ...). dtype: None/"fp32", "fp16", "bf16"
     (or the torch dtype). With fp16, weights beyond 65504 are refused, and ``calibration_batches``
-    (input_ids tensors) if given are run through the fp32 model and activations beyond 65504 refused.
+    (input_ids tensors) if given are run through the fp16 model (``fp16_overflow_check``): the first
+    intermediate that overflows is named and the export refused.
     """
     from transformers import OPTConfig, OPTForCausalLM
 
@@ -299,11 +341,9 @@ def export_hf_dir(
     if tied and model.lm_head.weight is not model.get_input_embeddings().weight:
         _fail("internal: lm_head is not tied to the input embeddings")  # never written untied garbage
     if torch_dtype == torch.float16 and calibration_batches is not None:
-        act = fp16_activation_report(model, calibration_batches)
-        if act:
-            worst = sorted(act.items(), key=lambda kv: -kv[1])[:4]
-            _fail(f"{len(act)} module output(s) overflow fp16 on the calibration batches: "
-                  + "; ".join(f"{n}: max|x| = {v:.6g}" for n, v in worst))
+        first = fp16_overflow_check(model, calibration_batches)
+        if first:
+            _fail(f"fp16 refused: {first}")
 
     tok_files, tok_source = [], None
     if tokenizer_dir is not None:
@@ -336,7 +376,7 @@ __all__ = [
     "FP16_MAX",
     "VARIANT_KEYS",
     "export_hf_dir",
-    "fp16_activation_report",
+    "fp16_overflow_check",
     "fp16_overflow_report",
     "is_plain_opt",
     "resolve_variant",

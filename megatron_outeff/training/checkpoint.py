@@ -11,6 +11,9 @@ Layout of ``checkpoint.dir``::
         model/tp00_pp00.safetensors  each model-parallel rank's weights (data-parallel rank 0 writes them;
                              gathered first under ZeRO-3): what the converter and ``checkpoint.init_from``
                              read (megatron_outeff/convert/model_files.py), no pickles
+        model/fp32_master/tp00_pp00.safetensors  bf16 / fp16 training: the optimizer's fp32 master weights
+                             of the same tensors (gathered over data-parallel ranks at every ZeRO stage);
+                             readers prefer them
 
 A save writes everything into ``iter_XXXXXXX.tmp``, renames it to ``iter_XXXXXXX`` and only then
 replaces ``latest`` (os.replace): a crash at any moment leaves the previous checkpoint as latest.
@@ -207,31 +210,79 @@ def save_model_files(engine, cfg: Config, iteration: int, tag_dir: Path) -> None
     from megatron.core import parallel_state as ps
 
     from megatron_outeff.convert.model_files import (
-        DTYPE_NAMES, MODEL_SUBDIR, make_manifest, tensor_state, write_manifest, write_rank_file,
+        DTYPE_NAMES, MASTER_SUBDIR, MODEL_SUBDIR, make_manifest, tensor_state, write_manifest, write_rank_file,
     )
 
     from .model import arch_config, attention_variant, unwrap
 
     module = engine.module
     writer = ps.get_data_parallel_rank() == 0
-    state = None
+    master = fp32_master_weights(engine)  # collective over the data-parallel group
+    state = master_state = None
     if cfg.parallel.zero_stage == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            state = tensor_state(unwrap(module)) if writer else None
+            if writer:
+                state = tensor_state(unwrap(module))
+                master_state = tensor_state(unwrap(module), replace=master) if master is not None else None
     elif writer:
         state = tensor_state(unwrap(module))
+        master_state = tensor_state(unwrap(module), replace=master) if master is not None else None
     model_dir = tag_dir / MODEL_SUBDIR
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     if writer:
-        write_rank_file(model_dir, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), state)
+        t, p = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+        write_rank_file(model_dir, t, p, state)
+        if master_state is not None:
+            write_rank_file(model_dir / MASTER_SUBDIR, t, p, master_state)
     if dist.get_rank() == 0:  # global rank 0 is data-parallel rank 0 of (tp 0, pp 0): state is set
         dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
         write_manifest(model_dir, make_manifest(
             arch=arch_config(cfg), variant=attention_variant(cfg), tp=tp, pp=pp,
             padded_vocab_size=unwrap(module).vocab_size, seq_length=cfg.data.seq_length, iteration=iteration,
-            dtype=DTYPE_NAMES.get(dtypes.pop(), "fp32") if len(dtypes) == 1 else "mixed", source="training"))
+            dtype=DTYPE_NAMES.get(dtypes.pop(), "fp32") if len(dtypes) == 1 else "mixed", source="training",
+            fp32_master=master is not None))
+
+
+def fp32_master_weights(engine) -> dict[int, torch.Tensor] | None:
+    """{id(parameter): its fp32 master weight, full (this rank's TP/PP shard, gathered over data-parallel
+    ranks), on the CPU} of a bf16 / fp16 DeepSpeed engine; None for fp32 training (the parameters are
+    the master weights). Collective over the data-parallel group at ZeRO 1-3 (every rank calls it).
+
+    ZeRO 1-3 (and DeepSpeed's BF16_Optimizer): ``deepspeed.utils.safe_get_full_fp32_param``.
+    ZeRO-0 (FP16_Optimizer, also DeepSpeed's bf16 ZeRO-0 wrapper): the optimizer's flat fp32 groups,
+    unflattened along its low-precision groups (fused) or its per-parameter fp32 copies (unfused).
+    Raises RuntimeError if a trainable parameter has no master weight (an optimizer we do not know)."""
+    if not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    out = {}
+    if engine.zero_optimization_stage() > 0:
+        for p in params:
+            v = safe_get_full_fp32_param(p)
+            if v is not None:
+                out[id(p)] = v.detach().to("cpu", torch.float32, copy=True).reshape(
+                    p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+    else:
+        from torch._utils import _unflatten_dense_tensors
+
+        opt = engine.optimizer
+        lp_groups = getattr(opt, "fp16_groups", None) or []
+        if hasattr(opt, "fp32_groups_flat"):
+            hp_groups = [_unflatten_dense_tensors(flat, group) for flat, group in zip(opt.fp32_groups_flat, lp_groups)]
+        else:
+            hp_groups = getattr(opt, "fp32_groups", None) or []
+        for group, hp in zip(lp_groups, hp_groups):
+            for p, v in zip(group, hp):
+                out[id(p)] = v.detach().to("cpu", torch.float32, copy=True).reshape(p.shape)
+    missing = [p for p in params if id(p) not in out]
+    if missing:
+        raise RuntimeError(f"{len(missing)} trainable parameter(s) have no fp32 master weight in "
+                           f"{type(engine.optimizer).__name__}: cannot save the trained weights")
+    return out
 
 
 def _prune(ckpt: Path, keep_last: int, keep: str) -> None:

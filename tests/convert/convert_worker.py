@@ -9,6 +9,9 @@
    TP=1 x DP=2 from OUT/r_tp1, PP=2 from OUT/r_pp2 (saving OUT/pp2): their first losses go to
    OUT/results.json.
 5. megatron logits of OUT/r_tp1 at TP=1 on fixed tokens -> OUT/megatron_logits.safetensors.
+6. bf16 (fp32 master weights): DP=2 ZeRO-1 (3 steps) -> OUT/bf16_z1, DP=2 ZeRO-3 -> OUT/bf16_z3,
+   TP=2 ZeRO-2 -> OUT/bf16_tp2, PP=2 ZeRO-0 -> OUT/bf16_pp2; then OUT/bf16_z1 loaded with init_from's
+   loader into an fp32 TP=1 model -> OUT/init_from_bf16_z1.safetensors (its state dict).
 """
 import json
 import os
@@ -56,6 +59,11 @@ def main():
     results["init_pp2"] = run([VARIANT, "parallel.pipeline_parallel=2", f"checkpoint.init_from={out / 'r_pp2'}",
                                f"checkpoint.dir={out / 'pp2'}"] + one)
     results["init_tp1_dp2"] = run([VARIANT, f"checkpoint.init_from={out / 'r_tp1'}"] + one)
+    bf16 = [VARIANT, "precision.dtype=bf16", "optimizer.lr=0.003", "train.train_iters=2"]
+    run(bf16 + ["parallel.tensor_parallel=2", "parallel.zero_stage=2", f"checkpoint.dir={out / 'bf16_tp2'}"])
+    run(bf16 + ["parallel.pipeline_parallel=2", "parallel.zero_stage=0", f"checkpoint.dir={out / 'bf16_pp2'}"])
+    run(bf16 + ["parallel.zero_stage=3", f"checkpoint.dir={out / 'bf16_z3'}"])
+    run(bf16 + ["parallel.zero_stage=1", "train.train_iters=3", f"checkpoint.dir={out / 'bf16_z1'}"])
 
     # megatron logits at TP=1 (parallel state of the last run: TP=1, PP=1, DP=2)
     from megatron.core import parallel_state as ps
@@ -70,12 +78,17 @@ def main():
                     tp_rank=0, tp=1, pp_rank=0, pp=1)
     model.eval()
     ids = tokens()
+    bf16_model = build_model(cfg, pre_process=True, post_process=True)
+    load_into_model(bf16_model, out / "bf16_z1", arch=arch_config(cfg), variant=attention_variant(cfg), seq_length=32,
+                    tp_rank=0, tp=1, pp_rank=0, pp=1)
     with torch.no_grad():
         logits = model(ids, torch.arange(ids.shape[1]).expand_as(ids), None)
     if dist.get_rank() == 0:
         from safetensors.torch import save_file
 
         save_file({"tokens": ids, "logits": logits.float().contiguous()}, str(out / "megatron_logits.safetensors"))
+        save_file({k: v.contiguous() for k, v in bf16_model.state_dict().items() if isinstance(v, torch.Tensor)
+                   and not k.endswith("_extra_state")}, str(out / "init_from_bf16_z1.safetensors"))
         (out / "results.json").write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()

@@ -248,3 +248,74 @@ def test_cli_round_trip(trained, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "wrote iter_0000002/model/tp00_pp01.safetensors" in r.stdout
     _assert_same(_files(tmp_path / "r")[1], _files(trained / "r_pp2")[1])
+
+
+# --------------------------------------------------------------------------------------------------
+# Mixed precision: the fp32 master weights, checked against DeepSpeed's own zero_to_fp32
+# --------------------------------------------------------------------------------------------------
+def _deepspeed_fp32(ckpt):
+    """DeepSpeed's reconstruction of the fp32 master weights from its optimizer-state files (the oracle)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _check_master_and_copies(ckpt):
+    """Our master files: fp32, read by default (and said so); the bf16 rank files are their rounding and
+    differ from them. Returns (manifest, master states)."""
+    m, master = _files(ckpt)
+    assert m["dtype"] == "bf16" and m["fp32_master"] == "fp32_master" and m["weights_read"] == "fp32_master"
+    assert "fp32 master" in m["weights_read_text"]
+    m_model, copies = read_model_files(resolve_model_dir(ckpt), weights="model")
+    assert m_model["weights_read"] == "model" and sorted(copies) == sorted(master)
+    largest = 0.0
+    for rank in master:
+        for k, v in master[rank].items():
+            assert v.dtype == torch.float32 and copies[rank][k].dtype == torch.bfloat16, (rank, k)
+            assert torch.equal(v.to(torch.bfloat16), copies[rank][k]), (rank, k)
+            largest = max(largest, float((v - copies[rank][k].float()).abs().max()))
+    assert largest > 0  # the bf16 copies are not the trained weights
+    return m, master
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("name", ["bf16_z1", "bf16_z3"])
+def test_bf16_checkpoint_holds_deepspeeds_fp32_master_weights(trained, tmp_path, name):
+    _, master = _check_master_and_copies(trained / name)
+    oracle = _deepspeed_fp32(trained / name)
+    sd = master[(0, 0)]
+    assert set(oracle) == {k for k in sd if not k.endswith("_extra_state")}, sorted(set(oracle) ^ set(sd))[:4]
+    for k, v in oracle.items():
+        assert torch.equal(sd[k], v.float()), k
+    # to-hf (default fp32) exports exactly the master weights, and says it read them
+    r = subprocess.run([sys.executable, CLI, "to-hf", str(trained / name), str(tmp_path / "hf")], env=env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "reading the fp32 master weights" in r.stdout
+    hf = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert torch.equal(hf["model.decoder.layers.1.fc1.weight"], oracle["decoder.layers.1.mlp.linear_fc1.weight"])
+    assert torch.equal(hf["model.decoder.embed_tokens.weight"], oracle["embedding.word_embeddings.weight"][:256])
+
+
+@pytest.mark.multiproc
+def test_init_from_loads_the_fp32_master_weights(trained):
+    loaded = load_file(str(trained / "init_from_bf16_z1.safetensors"))  # an fp32 model after init_from's loader
+    oracle = _deepspeed_fp32(trained / "bf16_z1")
+    for k, v in oracle.items():
+        assert torch.equal(loaded[k], v.float()), k
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("name", ["bf16_tp2", "bf16_pp2"])
+def test_reshard_of_tp_pp_bf16_checkpoints_reads_the_master_weights(trained, tmp_path, name):
+    m, master = _check_master_and_copies(trained / name)
+    one = reshard(trained / name, tmp_path / "one", tp=1, pp=1)
+    m1, merged = _files(one)
+    assert m1["dtype"] == "fp32" and m1["weights_read"] == "model"  # a reshard writes the master weights as fp32
+    back = _files(reshard(one, tmp_path / "back", tp=m["tp"], pp=m["pp"]))[1]
+    if m["pp"] > 1:  # the last stage's tied LM-head copy is taken from the embedding (merge_ranks)
+        last = (0, m["pp"] - 1)
+        assert torch.equal(back[last]["output_layer.weight"], master[(0, 0)]["embedding.word_embeddings.weight"])
+        back[last]["output_layer.weight"] = master[last]["output_layer.weight"]
+    _assert_same(back, master)

@@ -16,7 +16,7 @@ from megatron_outeff.hf import (
     OutEffOPTConfig,
     OutEffOPTForCausalLM,
     export_hf_dir,
-    fp16_activation_report,
+    fp16_overflow_check,
     fp16_overflow_report,
     resolve_variant,
 )
@@ -234,17 +234,17 @@ def test_fp16_export_and_activation_report(tmp_path, tiny_inputs):
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     model = OutEffOPTForCausalLM(OutEffOPTConfig(**TINY, **fields)).eval()
     model.load_state_dict({**opt_sd, **extra}, strict=False)
-    assert fp16_activation_report(model, [ids]) == {}
+    assert fp16_overflow_check(model, [ids]) is None
     with torch.no_grad():  # weights stay < 65504, activations do not
         model.model.decoder.layers[0].fc1.bias.fill_(5e4)
-    report = fp16_activation_report(model, [ids])
-    assert "model.decoder.layers.0.fc2" in report and report["model.decoder.layers.0.fc2"] > 65504
+    first = fp16_overflow_check(model, [ids])
+    assert first.startswith("model.decoder.layers.0.fc2: aten.") and "overflows fp16" in first
     sd = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     assert fp16_overflow_report(sd) == []
     _one_line_error(
         lambda: export_hf_dir(tmp_path / "fp16b", {k: v for k, v in sd.items() if k not in extra},
                               TINY, fields, extra_state=extra, dtype="fp16", calibration_batches=[ids]),
-        "overflow fp16 on the calibration batches",
+        "fp16 refused: model.decoder.layers.0.fc2",
     )
     assert not (tmp_path / "fp16b").exists()
 

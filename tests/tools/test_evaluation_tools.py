@@ -169,9 +169,59 @@ def test_export_refuses_fp16_overflow(env, capsys, tmp_path):
         opt[f"model.decoder.layers.{i}.fc2.bias"] = torch.full_like(opt[f"model.decoder.layers.{i}.fc2.bias"], 4e4)
     src = export_hf_dir(tmp_path / "big", opt, evallib.TINY, "vanilla", tokenizer_dir=env["tok"])
     rc = export_main([str(src), "--out", str(tmp_path / "o"), "--calib-data", env["train"], *DATA_ARGS])
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # earlier lines: transformers' loading bars
-    assert rc == 2 and "fp16 refused" in err and "overflow fp16 on the calibration data" in err and "\n" not in err
+    err = capsys.readouterr().err.strip()
+    # layer 0 adds 4e4 to the residual stream (fits), layer 1 another 4e4: its residual add overflows first
+    assert rc == 2 and err.startswith("error: fp16 refused: model.decoder.layers.1: aten.add") and "overflows fp16" in err
     assert not (tmp_path / "o" / "fp16").exists() and not (tmp_path / "o" / "w8a8").exists()
+
+
+def _large_qk(variant, seed=4):
+    """The issue's construction: equal query and key projections with entries of std 20."""
+    opt, extra = evallib.random_weights({"softmax": variant}, seed=seed)
+    w = 20.0 * torch.randn(64, 64, generator=torch.Generator().manual_seed(seed))
+    for i in (0, 1):
+        opt[f"model.decoder.layers.{i}.self_attn.q_proj.weight"] = w.clone()
+        opt[f"model.decoder.layers.{i}.self_attn.k_proj.weight"] = w.clone()
+    return opt, extra
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "softmax1"])
+def test_export_refuses_overflowing_attention_scores(env, capsys, tmp_path, variant):
+    from megatron_outeff.hf import export_hf_dir
+
+    opt, extra = _large_qk(variant)
+    src = export_hf_dir(tmp_path / "m", opt, evallib.TINY, variant, extra_state=extra or None, tokenizer_dir=env["tok"])
+    ids = calibration_batches(env["train"], env["tok"], num_batches=1, batch_size=2, block_size=BLOCK).batches[0]
+    # the premise, from transformers' own fp16 forward: the fp16 model gives nan logits
+    half = _load(src, dtype=torch.float16, attn_implementation="eager")
+    with torch.no_grad():
+        assert torch.isnan(half(ids).logits).all()
+    if variant == "vanilla":  # ... while every module output of the fp32 model fits fp16 (the old check passed)
+        model, peak = _load(src), [0.0]
+
+        def hook(_m, _i, out):
+            for t in (out if isinstance(out, tuple) else (out,)):
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    peak[0] = max(peak[0], float(t.abs().max()))
+        handles = [m.register_forward_hook(hook) for n, m in model.named_modules() if n]
+        with torch.no_grad():
+            model(ids)
+        for h in handles:
+            h.remove()
+        assert peak[0] < 65504
+    capsys.readouterr()
+    rc = export_main([str(src), "--out", str(tmp_path / "o"), "--calib-data", env["train"], *DATA_ARGS])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err, err
+    assert err.startswith("error: fp16 refused: model.decoder.layers.0.self_attn: aten.")
+    assert "overflows fp16" in err
+    assert not (tmp_path / "o").exists()
+    # the same weights with normal query/key projections export
+    opt_ok, extra_ok = evallib.random_weights({"softmax": variant}, seed=4)
+    from megatron_outeff.hf import fp16_overflow_check
+
+    fine = export_hf_dir(tmp_path / "fine", opt_ok, evallib.TINY, variant, extra_state=extra_ok or None)
+    assert fp16_overflow_check(_load(fine), [ids]) is None
 
 
 BAD_INPUT_CASES = [(tool, case) for tool in ("report", "export")
