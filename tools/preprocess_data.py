@@ -55,6 +55,10 @@ def main(argv=None) -> int:
     )
     print(f"wrote {s.prefix}.bin/.idx: {s.documents} documents, {s.tokens} tokens ({s.dtype}) "
           f"in {s.seconds:.1f} s ({s.tokens / max(s.seconds, 1e-9):.3g} tokens/s)")
+    if s.lossy_documents:
+        print(f"warning: {s.lossy_documents} of {s.documents} documents do not round-trip "
+              f"(decode(encode(text)) != text; the first is document {s.first_lossy}, 0-based): with a "
+              f"sentencepiece tokenizer, text holding U+2581 decodes it as a space")
     return 0
 
 

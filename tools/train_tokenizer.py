@@ -2,7 +2,9 @@
 """Train a sentencepiece tokenizer for megatron_outeff.
 
 The model reserves <pad>=0, <s>=1, </s>=2 (end of document), <unk>=3 and uses byte fallback with
-identity normalization, so decode(encode(text)) == text for any UTF-8 text. Writes
+identity normalization, so decode(encode(text)) == text for any UTF-8 text without U+2581
+(sentencepiece's whitespace symbol "\u2581" decodes as a space; tools/preprocess_data.py counts
+and reports documents that do not round-trip). Writes
 OUTPUT_PREFIX.model (load it with megatron_outeff.data.tokenizer.load_tokenizer, or pass it to
 tools/preprocess_data.py --tokenizer) and OUTPUT_PREFIX.vocab (human-readable pieces).
 

@@ -1,7 +1,10 @@
 """Raw corpus -> megatron indexed dataset (PREFIX.bin + PREFIX.idx).
 
 Each document becomes one sequence (one "document" in the .idx, as megatron's GPT pipeline
-expects) holding tokenizer.encode(doc) + [eod]. The token dtype is megatron's rule for the vocab
+expects) holding tokenizer.encode(doc) + [eod]. Documents whose text does not come back from
+decode(encode(text)) (with our sentencepiece models: text holding U+2581, sentencepiece's own
+whitespace symbol, which decodes as a space) are still written; they are counted and the first
+one named in the stats (``lossy_documents``, ``first_lossy``), which the tool prints. The token dtype is megatron's rule for the vocab
 (uint16 below 65500 ids, else int32).
 
 Workers: documents are read and JSON-parsed in the main process (so input errors carry the file
@@ -37,9 +40,14 @@ def _init_worker(tokenizer_path: str, eod_token: Optional[str]) -> None:
     _WORKER_TOKENIZER = load_tokenizer(tokenizer_path, eod_token)
 
 
-def _encode_doc(text: str) -> List[int]:
-    tok = _WORKER_TOKENIZER
-    return tok.encode(text) + [tok.eod]
+def _encode_checked(tok: Tokenizer, text: str) -> tuple[List[int], bool]:
+    """(encode(text) + [eod], whether decode gives the text back)."""
+    ids = tok.encode(text)
+    return ids + [tok.eod], tok.decode(ids) == text
+
+
+def _encode_doc(text: str) -> tuple[List[int], bool]:
+    return _encode_checked(_WORKER_TOKENIZER, text)
 
 
 @dataclass
@@ -49,6 +57,8 @@ class PreprocessStats:
     tokens: int  # including one eod per document
     dtype: str
     seconds: float
+    lossy_documents: int = 0  # documents with decode(encode(text)) != text
+    first_lossy: Optional[int] = None  # 0-based index of the first of them
 
 
 def _bin_idx(prefix: str):
@@ -94,7 +104,8 @@ def preprocess_corpus(
     tmp_bin, tmp_idx = bin_path + suffix, idx_path + suffix
     builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
     pool = None
-    n_docs = n_tokens = 0
+    n_docs = n_tokens = lossy = 0
+    first_lossy = None
     t0 = time.time()
     bar = None
     try:
@@ -102,9 +113,9 @@ def preprocess_corpus(
         if workers == 1:
             def encoded():  # in-process: no pool start-up cost
                 for d in docs:
-                    yield tok.encode(d) + [tok.eod]
+                    yield _encode_checked(tok, d)
 
-            stream: Iterable[List[int]] = encoded()
+            stream: Iterable[tuple[List[int], bool]] = encoded()
         else:
             # fork: workers inherit the imported modules (megatron.core is ~5 s to import).
             ctx = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
@@ -115,7 +126,10 @@ def preprocess_corpus(
 
             bar = tqdm(desc=f"tokenizing -> {os.path.basename(output_prefix)}", unit="doc",
                        dynamic_ncols=True, mininterval=0.5)
-        for ids in stream:
+        for ids, lossless in stream:
+            if not lossless:
+                lossy += 1
+                first_lossy = n_docs if first_lossy is None else first_lossy
             arr = numpy.asarray(ids, dtype=numpy.int64)
             builder.add_document(arr, [arr.size])
             n_docs += 1
@@ -150,4 +164,4 @@ def preprocess_corpus(
             pool.terminate()
             pool.join()
     return PreprocessStats(output_prefix, n_docs, n_tokens, numpy.dtype(dtype).name,
-                           time.time() - t0)
+                           time.time() - t0, lossy, first_lossy)

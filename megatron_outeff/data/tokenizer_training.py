@@ -5,8 +5,10 @@ Choices and why:
     and configs can rely on it.
   * byte_fallback=True: characters outside the learned vocab become <0xNN> byte pieces instead of
     <unk>, and normalization is "identity" with whitespace kept as is, so
-    decode(encode(text)) == text for any UTF-8 text (needed for lossless data and fair
-    perplexities).
+    decode(encode(text)) == text for any UTF-8 text WITHOUT U+2581 (needed for lossless data and
+    fair perplexities). U+2581 ("▁") is sentencepiece's own whitespace symbol: it is encoded as a
+    space and decodes as " " (no sentencepiece option escapes it). Preprocessing counts and reports
+    the documents that do not round-trip.
   * sentencepiece reads "sentences"; we feed it the lines of each document (it never sees the
     newline itself, which is encoded by byte fallback as the single piece <0x0A>).
 """

@@ -260,6 +260,137 @@ def _tokenizer_source(tokenizer_dir: Path) -> Optional[Path]:
     return models[0] if len(models) == 1 else None
 
 
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _load_plain_tokenizer(directory: Path):
+    """The directory's tokenizer as transformers' PreTrainedTokenizerFast, without reading config.json."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(directory))
+
+
+def _use_tokenizer_special_ids(model, directory: Path) -> None:
+    """config and generation_config take bos / eos / pad ids from the tokenizer written in ``directory``
+    (OPT's defaults 2 / 2 / 1 are another tokenizer's); the embedding's padding_idx follows."""
+    from transformers import GenerationConfig
+
+    try:
+        tok = _load_plain_tokenizer(directory)
+    except Exception as e:  # tokenizers / transformers raise their own types
+        _fail(f"the tokenizer files do not load: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    for key in SPECIAL_IDS:
+        setattr(model.config, key, getattr(tok, key))
+    model.generation_config = GenerationConfig.from_model_config(model.config)
+    model.get_input_embeddings().padding_idx = model.config.pad_token_id
+
+
+def _greedy(model, ids, mask, pad_id, n):
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=pad_id)
+    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, dim=1).float()
+
+
+def check_exported_dir(directory, model=None, *, plain: bool, new_tokens: int = 3) -> None:
+    """Reload ``directory`` the way a user would and raise a one-line ValueError where anything disagrees:
+
+    * ``AutoConfig`` (trust_remote_code for remote-code exports) gives the written model_type;
+    * with tokenizer files: ``AutoTokenizer`` loads (trust_remote_code as the model needs: transformers 5
+      reads config.json before the tokenizer files), so does ``PreTrainedTokenizerFast`` (no custom
+      code, config.json not read), both encode alike, and their bos / eos / pad ids equal
+      config.json's and generation_config.json's;
+    * ``AutoModelForCausalLM`` (same trust_remote_code) loads every tensor equal to ``model``'s;
+    * ``generate`` on a left-padded batch of two prompts of different lengths (tokenized text, or
+      ids when there is no tokenizer) gives each row the greedy tokens its unpadded prompt gives.
+      Logits are compared with a bound of 32 eps(dtype) x max(1, max|logits|); a differing token is
+      accepted only where the unpadded run's two candidates are within that bound (a tie).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    directory = Path(directory)
+    trust = None if plain else True
+
+    def fail(msg):
+        _fail(f"the exported directory does not reload consistently: {msg}")
+
+    def first_line(e):
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust)
+    except Exception as e:
+        fail(f"AutoConfig: {first_line(e)}")
+    want_type = "opt" if plain else "outeff_opt"
+    if cfg.model_type != want_type:
+        fail(f"AutoConfig gives model_type {cfg.model_type!r}, expected {want_type!r}")
+    gen = GenerationConfig.from_pretrained(str(directory)) if (directory / "generation_config.json").is_file() else None
+    tok = None
+    if (directory / "tokenizer.json").is_file() or (directory / "tokenizer_config.json").is_file():
+        try:
+            tok = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust)
+            plain_tok = _load_plain_tokenizer(directory)
+        except Exception as e:
+            fail(f"AutoTokenizer: {first_line(e)}")
+        sample = "Hello world, the quick brown fox."
+        if plain_tok(sample)["input_ids"] != tok(sample)["input_ids"]:
+            fail("AutoTokenizer and PreTrainedTokenizerFast (no custom code) encode differently")
+        for key in SPECIAL_IDS:
+            ids = {"tokenizer": getattr(tok, key), "config.json": getattr(cfg, key, None),
+                   "tokenizer without custom code": getattr(plain_tok, key)}
+            if gen is not None:
+                ids["generation_config.json"] = getattr(gen, key, None)
+            if len(set(ids.values())) > 1:
+                fail(f"{key} differs: " + ", ".join(f"{k} {v}" for k, v in ids.items()))
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(str(directory), trust_remote_code=trust).eval()
+    except Exception as e:
+        fail(f"AutoModelForCausalLM: {first_line(e)}")
+    if model is not None:
+        mine, theirs = model.state_dict(), loaded.state_dict()
+        if sorted(mine) != sorted(theirs):
+            fail(f"reloaded tensors differ in names: {sorted(set(mine) ^ set(theirs))[:3]}")
+        for k, v in mine.items():
+            if v.dtype != theirs[k].dtype or not torch.equal(v, theirs[k]):
+                fail(f"reloaded {k} differs from the exported tensor ({theirs[k].dtype} vs {v.dtype})")
+
+    pad = next((i for i in (cfg.pad_token_id, cfg.eos_token_id) if i is not None), 0)  # masked out anyway
+    limit = max(2, min(16, int(getattr(cfg, "max_position_embeddings", 16)) - new_tokens))
+    if tok is not None:
+        tok.padding_side = "left"
+        texts = ["Hello", "Hello world, the quick brown fox jumps over the lazy dog."]
+        prompts = [tok(t)["input_ids"][:limit] for t in texts]
+    else:
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (2, limit)]
+    if min(map(len, prompts)) == 0 or len(prompts[0]) == len(prompts[1]):
+        fail(f"the check's prompts tokenize to lengths {[len(p) for p in prompts]}: cannot build a padded batch")
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        try:
+            batch_tokens, batch_logits = _greedy(loaded, ids, mask, pad, new_tokens)
+        except Exception as e:
+            fail(f"generate on a padded batch: {first_line(e)}")
+        for r, p in enumerate(prompts):
+            one = torch.tensor([p])
+            tokens, logits = _greedy(loaded, one, torch.ones_like(one), pad, new_tokens)
+            if not torch.isfinite(batch_logits[r]).all():
+                fail(f"generate on a padded batch gives non-finite logits (row {r})")
+            eps = torch.finfo(next(loaded.parameters()).dtype).eps
+            tol = 32 * eps * max(1.0, float(logits.abs().max()))
+            for t in range(new_tokens):
+                diff = float((batch_logits[r, t] - logits[0, t]).abs().max())
+                if diff > tol:
+                    fail(f"padded batch row {r}, new token {t}: logits differ from the unpadded prompt's by {diff:.3g} "
+                         f"(bound {tol:.3g})")
+                a, b = int(batch_tokens[r, t]), int(tokens[0, t])
+                if a != b:
+                    if float(logits[0, t, b] - logits[0, t, a]) > tol:
+                        fail(f"padded batch row {r} generates token {a} at step {t}, its unpadded prompt {b}")
+                    break  # a tie: the continuations diverge legitimately
+
+
 def export_hf_dir(
     out_dir,
     hf_opt_state_dict: Mapping[str, torch.Tensor],
@@ -355,6 +486,14 @@ def export_hf_dir(
                 _fail(f"tokenizer_dir {tokenizer_dir} holds none of {TOKENIZER_FILES}")
 
     with atomic_output_dir(out_dir) as tmp:
+        for f in tok_files:
+            shutil.copyfile(f, tmp / f.name)
+        if tok_source is not None:
+            from megatron_outeff.data.hf_tokenizer import save_hf_tokenizer
+
+            save_hf_tokenizer(tok_source, tmp)
+        if tok_files or tok_source is not None:
+            _use_tokenizer_special_ids(model, tmp)
         model.to(torch_dtype)
         model.save_pretrained(tmp)
         if not plain:
@@ -362,12 +501,7 @@ def export_hf_dir(
             for fname, module_name in COPIED_SOURCES.items():
                 shutil.copyfile(_source_file(module_name), tmp / fname)
             _check_relative_imports_resolve(tmp)
-        for f in tok_files:
-            shutil.copyfile(f, tmp / f.name)
-        if tok_source is not None:
-            from megatron_outeff.data.hf_tokenizer import save_hf_tokenizer
-
-            save_hf_tokenizer(tok_source, tmp)
+        check_exported_dir(tmp, model, plain=plain)  # a failure leaves nothing behind
     return out_dir
 
 
@@ -376,6 +510,7 @@ __all__ = [
     "FP16_MAX",
     "VARIANT_KEYS",
     "export_hf_dir",
+    "check_exported_dir",
     "fp16_overflow_check",
     "fp16_overflow_report",
     "is_plain_opt",

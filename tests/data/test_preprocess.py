@@ -129,3 +129,27 @@ def test_cli_one_line_errors(tmp_path, corpus, spm_model, capsys):
                                 "--vocab-size", "300", "--json-key", "nokey"])
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().startswith("error: ")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_documents_that_do_not_round_trip_are_counted(tmp_path, spm_model, workers, capsys):
+    tok = load_tokenizer(spm_model)
+    docs = ["plain text", "a\u2581b", "more plain text", "x \u2581\u2581 y"]
+    lossy = [i for i, d in enumerate(docs) if tok.decode(tok.encode(d)) != d]  # the oracle: the tokenizer itself
+    assert lossy == [1, 3]
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    stats = preprocess_corpus(str(src), str(tmp_path / "ds"), spm_model, workers=workers, progress=False, chunksize=1)
+    assert (stats.documents, stats.lossy_documents, stats.first_lossy) == (4, 2, 1)
+    if workers == 1:  # the tool reports them
+        import runpy
+
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from megatron_outeff.data.cli import run_cli
+
+        pre = runpy.run_path(os.path.join(root, "tools", "preprocess_data.py"))
+        with pytest.raises(SystemExit) as e:
+            run_cli(pre["main"], ["--input", str(src), "--tokenizer", spm_model, "--no-progress",
+                                  "--output-prefix", str(tmp_path / "ds2")])
+        assert e.value.code == 0
+        assert "warning: 2 of 4 documents do not round-trip" in capsys.readouterr().out

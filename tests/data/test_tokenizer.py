@@ -119,3 +119,11 @@ def test_train_tokenizer_errors(tmp_path):
     with pytest.raises(DataError, match="not found"):
         train_sentencepiece(str(tmp_path / "nope.txt"), str(tmp_path / "m"))
     assert not list(tmp_path.glob("m.*"))
+
+
+def test_sentencepiece_round_trip_exception_is_exactly_u2581(spm_model):
+    """The narrowed promise: text holding U+2581 (sentencepiece's whitespace symbol) decodes it as a
+    space; the same text without it round-trips."""
+    tok = load_tokenizer(spm_model)
+    assert tok.decode(tok.encode("a\u2581b")) == "a b"
+    assert tok.decode(tok.encode("a b")) == "a b"

@@ -53,3 +53,41 @@ def test_export_rejects_bad_tokenizer_file(tmp_path):
     with pytest.raises(ValueError, match="expected a sentencepiece .model or a tokenizer.json"):
         export_hf_dir(tmp_path / "m", sd, TINY, "vanilla", extra_state=extra, tokenizer_dir=bad)
     assert not (tmp_path / "m").exists()
+
+
+def test_export_ids_come_from_the_tokenizer(tmp_path, spm_model):
+    """config.json and generation_config.json carry the sentencepiece model's own special ids (not OPT's
+    defaults bos 2 / pad 1), and the tokenizer loads without custom code."""
+    import sentencepiece as spm
+    from transformers import PreTrainedTokenizerFast
+
+    sp = spm.SentencePieceProcessor(model_file=spm_model)  # the oracle: sentencepiece itself
+    want = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
+    assert want["pad_token_id"] != TINY["pad_token_id"] or want["bos_token_id"] != 2  # not OPT's defaults
+    kwargs = dict(TINY, vocab_size=sp.get_piece_size())
+    for variant in ("vanilla", "softmax1"):
+        sd, extra = random_weights(resolve_variant(variant), seed=0, opt_kwargs=kwargs)
+        out = export_hf_dir(tmp_path / variant, sd, kwargs, variant, extra_state=extra, tokenizer_dir=spm_model)
+        cfg = json.loads((out / "config.json").read_text())
+        gen = json.loads((out / "generation_config.json").read_text())
+        for key, v in want.items():
+            assert cfg[key] == gen[key] == (v if v >= 0 else None), (variant, key)
+        tok = PreTrainedTokenizerFast.from_pretrained(out)  # no config.json, no remote code
+        assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == tuple(want.values())
+
+
+def test_export_whose_reload_check_fails_leaves_nothing(tmp_path):
+    """A tokenizer whose ids do not fit the model's vocabulary: the final reload-and-generate check
+    fails, one line, and the output directory never appears."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "Hello": 300, "world,": 301}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    sd, extra = random_weights(resolve_variant("softmax1"), seed=0)  # vocab 256
+    with pytest.raises(ValueError, match="does not reload consistently: generate on a padded batch") as e:
+        export_hf_dir(tmp_path / "m", sd, TINY, "softmax1", extra_state=extra, tokenizer_dir=tmp_path / "tok")
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]
