@@ -65,6 +65,8 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+from megatron_outeff.utils.cli import OneLineArgumentParser, nonnegative_int, output_file, positive_int  # noqa: E402
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CLIP = (-0.025, 1.0)
 METHODS = [
@@ -357,23 +359,23 @@ def format_table(results: List[Dict]) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sq", type=int, nargs="+", help="sequence lengths (sq = sk, causal)")
-    p.add_argument("--d", type=int, nargs="+", help="head dims")
+    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sq", type=positive_int, nargs="+", help="sequence lengths (sq = sk, causal)")
+    p.add_argument("--d", type=positive_int, nargs="+", help="head dims")
     p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help="dtypes")
-    p.add_argument("--b", type=int, help="batch (default CUDA: tokens // sq; CPU: 1)")
-    p.add_argument("--h", type=int, help="heads (default CUDA: hidden // d; CPU: 8)")
-    p.add_argument("--tokens", type=int, help="CUDA default b = tokens // sq (16384)")
-    p.add_argument("--hidden", type=int, help="CUDA default h = hidden // d (2048)")
+    p.add_argument("--b", type=positive_int, help="batch (default CUDA: tokens // sq; CPU: 1)")
+    p.add_argument("--h", type=positive_int, help="heads (default CUDA: hidden // d; CPU: 8)")
+    p.add_argument("--tokens", type=positive_int, help="CUDA default b = tokens // sq (16384)")
+    p.add_argument("--hidden", type=positive_int, help="CUDA default h = hidden // d (2048)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
-    p.add_argument("--warmup", type=int)
-    p.add_argument("--repeats", type=int)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--warmup", type=nonnegative_int)
+    p.add_argument("--repeats", type=positive_int)
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
                    help="time the methods round-robin, one call each per round (default: on CPU only)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak memory measurement")
-    p.add_argument("--out", default=None, help="JSON output path (default tools/results/bench_attention_<device>.json)")
-    p.add_argument("--md", default=None, help="also write the Markdown table here")
+    p.add_argument("--out", type=output_file, default=None, help="JSON output path (default tools/results/bench_attention_<device>.json)")
+    p.add_argument("--md", type=output_file, default=None, help="also write the Markdown table here")
     p.add_argument("--memprobe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memprobe:

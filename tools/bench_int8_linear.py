@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from megatron_outeff.quant import quantize_weight_per_channel
 from megatron_outeff.quant.int8_linear import Int8Linear, cpu_has_vnni
+from megatron_outeff.utils.cli import OneLineArgumentParser, positive_int
 
 SHAPES = [  # (name, in_features, out_features)
     ("fc1 (768->3072)", 768, 3072),
@@ -42,14 +43,14 @@ def paired(fns: dict, reps: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=512)
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=None)
+def main(argv=None) -> None:
+    ap = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=positive_int, default=512)
+    ap.add_argument("--reps", type=positive_int, default=20)
+    ap.add_argument("--threads", type=positive_int, default=None)
     ap.add_argument("--reduce-range", choices=["auto", "on", "off"], default="auto",
                     help="7-bit activations: auto = unless the CPU has VNNI")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -12,7 +12,6 @@ Writes --out-json (default tools/results/bench_layer_<device>.json) and a markdo
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -24,6 +23,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from megatron_outeff.utils.cli import OneLineArgumentParser, nonnegative_int, output_file, positive_int  # noqa: E402
 
 
 def variants(seq):
@@ -68,15 +68,15 @@ def build_layers(args, device, dtype):
     return {k: m.to(device=device, dtype=dtype) for k, m in layers.items()}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seq", type=int, default=None, help="sequence length (default 512 on CPU, 2048 on GPU)")
-    p.add_argument("--batch", type=int, default=None, help="batch size (default 1 on CPU, 4 on GPU)")
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+def main(argv=None):
+    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seq", type=positive_int, default=None, help="sequence length (default 512 on CPU, 2048 on GPU)")
+    p.add_argument("--batch", type=positive_int, default=None, help="batch size (default 1 on CPU, 4 on GPU)")
+    p.add_argument("--reps", type=positive_int, default=5)
+    p.add_argument("--warmup", type=nonnegative_int, default=1)
     p.add_argument("--dtype", default=None, help="float32 (CPU default) | bfloat16 (GPU default)")
-    p.add_argument("--out-json", default=None)
-    args = p.parse_args()
+    p.add_argument("--out-json", type=output_file, default=None)
+    args = p.parse_args(argv)
 
     from megatron_outeff.megatron.parallel import init_model_parallel
 

@@ -33,6 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from megatron_outeff.utils.cli import (  # noqa: E402
+    OneLineArgumentParser, nonnegative_int, output_file, positive_float, positive_int,
+)
 
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 VARIANTS = {
@@ -100,16 +103,16 @@ def memory_probe(args) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
-    parser.add_argument("--seq", type=int, default=None, help="sequence length (default: 2048 CUDA / 128 CPU)")
-    parser.add_argument("--micro-batch", type=int, default=None, help="micro-batch size (default: 8 CUDA / 16 CPU)")
-    parser.add_argument("--outlier-interval", type=int, default=None,
+    parser = OneLineArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=positive_int, default=20, help="timed steps per variant")
+    parser.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed steps per variant first")
+    parser.add_argument("--seq", type=positive_int, default=None, help="sequence length (default: 2048 CUDA / 128 CPU)")
+    parser.add_argument("--micro-batch", type=positive_int, default=None, help="micro-batch size (default: 8 CUDA / 16 CPU)")
+    parser.add_argument("--outlier-interval", type=positive_int, default=None,
                         help="interval for the overhead figure (default: 1000 CUDA, the paper recipe's; 200 CPU, the demo's)")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (CUDA only)")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
-    parser.add_argument("--md", default=None, help="write a Markdown table here")
+    parser.add_argument("--peak-tflops", type=positive_float, default=989.0, help="device peak for MFU (CUDA only)")
+    parser.add_argument("--out", type=output_file, default=None, help="write the results as JSON here")
+    parser.add_argument("--md", type=output_file, default=None, help="write a Markdown table here")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_probe:

@@ -13,7 +13,6 @@ Reads safetensors + JSON only. Bad input: one line on stderr, exit 2, nothing wr
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -21,32 +20,34 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_outeff.utils.cli import OneLineArgumentParser, nonnegative_int, positive_int  # noqa: E402
+
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser = OneLineArgumentParser(description=__doc__.split("\n")[1])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("to-hf", help="checkpoint -> Hugging Face directory (plain OPT or remote code)")
     p.add_argument("ckpt")
     p.add_argument("out")
-    p.add_argument("--iteration", type=int, default=None, help="default: the checkpoint's latest")
+    p.add_argument("--iteration", type=nonnegative_int, default=None, help="default: the checkpoint's latest")
     p.add_argument("--tokenizer", default=None, help="directory with tokenizer files to copy")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     p = sub.add_parser("reshard", help="checkpoint -> model-only checkpoint at another TP/PP")
     p.add_argument("ckpt")
     p.add_argument("out")
-    p.add_argument("--tp", type=int, required=True)
-    p.add_argument("--pp", type=int, required=True)
-    p.add_argument("--iteration", type=int, default=None)
+    p.add_argument("--tp", type=positive_int, required=True)
+    p.add_argument("--pp", type=positive_int, required=True)
+    p.add_argument("--iteration", type=nonnegative_int, default=None)
     p = sub.add_parser("from-hf", help="Hugging Face OPT directory -> model-only checkpoint")
     p.add_argument("hf_dir")
     p.add_argument("out")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--tp", type=positive_int, default=1)
+    p.add_argument("--pp", type=positive_int, default=1)
     p.add_argument("--variant", default=None,
                    help='attention variant of a public OPT: a softmax name (softmax1) or JSON, e.g. '
                         '\'{"softmax": "learnable", "gate": "linear"}\'; our remote-code dirs carry their own')
-    p.add_argument("--seq-length", type=int, default=None, help="training sequence length (clip_alpha variants)")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialised gate weights")
+    p.add_argument("--seq-length", type=positive_int, default=None, help="training sequence length (clip_alpha variants)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of initialised gate weights")
     args = parser.parse_args(argv)
 
     from megatron_outeff.convert import ConvertError, from_hf, reshard, to_hf
@@ -56,10 +57,6 @@ def main(argv=None) -> int:
     def progress(msg):
         print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
 
-    for name in ("tp", "pp"):
-        if getattr(args, name, 1) < 1:
-            print(f"error: --{name} {getattr(args, name)}: must be >= 1", file=sys.stderr)
-            return 2
     try:
         if args.command == "to-hf":
             out = to_hf(args.ckpt, args.out, iteration=args.iteration, tokenizer=args.tokenizer, dtype=args.dtype,

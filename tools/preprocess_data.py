@@ -22,10 +22,11 @@ if os.path.isdir(os.path.join(_ROOT, "megatron_outeff")):
     sys.path.insert(0, _ROOT)
 
 from megatron_outeff.data.cli import run_cli
+from megatron_outeff.utils.cli import OneLineArgumentParser, positive_int
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB",
                    help=".txt and/or .jsonl/.json/.ndjson files or quoted globs, read in the given order")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--json-key", default="text", help="field holding the text in JSONL (default 'text')")
     p.add_argument("--txt-mode", choices=["file", "paragraph"], default="file",
                    help="one document per .txt file, or per blank-line-separated block (default file)")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer worker processes (default 1)")
+    p.add_argument("--workers", type=positive_int, default=1, help="tokenizer worker processes (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)

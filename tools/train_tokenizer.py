@@ -23,26 +23,27 @@ if os.path.isdir(os.path.join(_ROOT, "megatron_outeff")):
     sys.path.insert(0, _ROOT)
 
 from megatron_outeff.data.cli import run_cli
+from megatron_outeff.utils.cli import OneLineArgumentParser, positive_float, positive_int
 from megatron_outeff.data.tokenizer_training import MODEL_TYPES, train_sentencepiece
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB",
                    help=".txt files (one document per file, or per paragraph with --txt-mode "
                         "paragraph) and/or .jsonl files (one JSON object per line); quote globs")
     p.add_argument("--output-prefix", required=True,
                    help="writes PREFIX.model and PREFIX.vocab (directories are created)")
-    p.add_argument("--vocab-size", type=int, default=8192, help="total pieces incl. specials and 256 bytes (default 8192)")
+    p.add_argument("--vocab-size", type=positive_int, default=8192, help="total pieces incl. specials and 256 bytes (default 8192)")
     p.add_argument("--model-type", choices=MODEL_TYPES, default="bpe", help="default bpe")
     p.add_argument("--json-key", default="text", help="field holding the text in JSONL (default 'text')")
     p.add_argument("--txt-mode", choices=["file", "paragraph"], default="file",
                    help="document unit of .txt input (only matters for sampling; default file)")
-    p.add_argument("--character-coverage", type=float, default=0.9995,
+    p.add_argument("--character-coverage", type=positive_float, default=0.9995,
                    help="share of characters covered by pieces; the rest falls back to bytes")
-    p.add_argument("--input-sentence-size", type=int, default=2_000_000,
+    p.add_argument("--input-sentence-size", type=positive_int, default=2_000_000,
                    help="max lines sentencepiece samples into memory (default 2M)")
-    p.add_argument("--threads", type=int, default=None, help="trainer threads (default: CPU count)")
+    p.add_argument("--threads", type=positive_int, default=None, help="trainer threads (default: CPU count)")
     p.add_argument("--verbose", action="store_true", help="show sentencepiece's own log")
     a = p.parse_args(argv)
     path = train_sentencepiece(

@@ -140,8 +140,8 @@ def resolve_model_dir(path, iteration: Optional[int] = None) -> Path:
 def read_manifest(model_dir: Path) -> dict:
     try:
         m = json.loads((model_dir / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConvertError(f"{model_dir / MANIFEST}: unreadable ({e})") from None
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise ConvertError(f"{model_dir / MANIFEST}: unreadable ({' '.join(str(e).split())})") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise ConvertError(f"{model_dir / MANIFEST}: not a {FORMAT} manifest")
     if m.get("format_version") != FORMAT_VERSION:

@@ -97,6 +97,7 @@ def preprocess_corpus(
     if existing and not overwrite:
         raise DataError(f"output exists: {existing[0]} (pass --overwrite to replace it)")
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
+    created_dir = not os.path.isdir(out_dir)  # removed again if the run fails
     os.makedirs(out_dir, exist_ok=True)
 
     dtype = token_dtype_for_vocab(tok.vocab_size)
@@ -124,7 +125,8 @@ def preprocess_corpus(
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(desc=f"tokenizing -> {os.path.basename(output_prefix)}", unit="doc",
+            # stdout: stderr carries only the error line if the input turns out bad
+            bar = tqdm(desc=f"tokenizing -> {os.path.basename(output_prefix)}", unit="doc", file=sys.stdout,
                        dynamic_ncols=True, mininterval=0.5)
         for ids, lossless in stream:
             if not lossless:
@@ -156,6 +158,11 @@ def preprocess_corpus(
         for p in (tmp_bin, tmp_idx):
             if os.path.exists(p):
                 os.remove(p)
+        if created_dir:
+            try:
+                os.rmdir(out_dir)
+            except OSError:
+                pass
         raise
     finally:
         if bar is not None:

@@ -61,7 +61,6 @@ def train_sentencepiece(
     if vocab_size < min_vocab:
         raise DataError(f"vocab size {vocab_size} too small: byte fallback needs >= {min_vocab}")
     out_dir = os.path.dirname(os.path.abspath(model_prefix))
-    os.makedirs(out_dir, exist_ok=True)
 
     counter = {"documents": 0, "sentences": 0}
     sentences = _sentences(inputs, json_key, txt_mode, counter)
@@ -75,11 +74,27 @@ def train_sentencepiece(
         yield first
         yield from sentences
 
+    created = not os.path.isdir(out_dir)  # made only now, after the inputs proved readable; removed on failure
+    os.makedirs(out_dir, exist_ok=True)
+    try:
+        return _train(spm, all_sentences(), model_prefix, out_dir, model_type, vocab_size, character_coverage,
+                      input_sentence_size, seed_sentencepiece_size, num_threads, verbose)
+    except BaseException:
+        if created:
+            try:
+                os.rmdir(out_dir)
+            except OSError:
+                pass
+        raise
+
+
+def _train(spm, all_sentences, model_prefix, out_dir, model_type, vocab_size, character_coverage, input_sentence_size,
+           seed_sentencepiece_size, num_threads, verbose) -> str:
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".spm-train-") as tmp:
         tmp_prefix = os.path.join(tmp, "m")
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=all_sentences(),
+                sentence_iterator=all_sentences,
                 model_prefix=tmp_prefix,
                 model_type=model_type,
                 vocab_size=vocab_size,

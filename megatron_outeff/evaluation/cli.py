@@ -16,14 +16,12 @@ from typing import Optional, Sequence
 
 from megatron_outeff.data.errors import DataError
 from megatron_outeff.utils.atomic import atomic_output_dir
+from megatron_outeff.utils.cli import OneLineArgumentParser, positive_float, positive_int
 
 __all__ = ["export_main", "report_main"]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse's own code), no usage dump
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
+_Parser = OneLineArgumentParser
 
 
 def _say(msg: str):
@@ -34,9 +32,9 @@ def _data_args(p: argparse.ArgumentParser, calib_default: str):
     p.add_argument("--tokenizer", help="tokenizer file/dir for raw text data and the vocab check (default: the "
                    "first model directory, if it holds tokenizer.json / *.model)")
     p.add_argument("--json-key", default="text", help="JSONL key holding the text (default: text)")
-    p.add_argument("--block-size", type=int, default=512, help="tokens per block (default 512, the paper's)")
-    p.add_argument("--num-calib-batches", type=int, default=4, help="calibration batches (paper: 4)")
-    p.add_argument("--calib-batch-size", type=int, default=8, help="blocks per calibration batch (paper: 8)")
+    p.add_argument("--block-size", type=positive_int, default=512, help="tokens per block (default 512, the paper's)")
+    p.add_argument("--num-calib-batches", type=positive_int, default=4, help="calibration batches (paper: 4)")
+    p.add_argument("--calib-batch-size", type=positive_int, default=8, help="blocks per calibration batch (paper: 8)")
 
 
 def _tokenizer_for(args, model_dirs):
@@ -183,10 +181,10 @@ def _report(argv) -> int:
     p.add_argument("--data", required=True, help="evaluation data: indexed dataset prefix, or .txt/.jsonl files/glob")
     p.add_argument("--calib-data", help="calibration data for W8A8 (paper: training data; default: --data, noted in the report)")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-    p.add_argument("--max-blocks", type=int, default=8, help="evaluation blocks (default 8)")
-    p.add_argument("--batch-size", type=int, default=8, help="evaluation batch size (default 8)")
-    p.add_argument("--top-k", type=int, default=8, help="outlier channels listed per component (default 8)")
-    p.add_argument("--n-sigma", type=float, default=6.0, help="outlier threshold in standard deviations (default 6)")
+    p.add_argument("--max-blocks", type=positive_int, default=8, help="evaluation blocks (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="evaluation batch size (default 8)")
+    p.add_argument("--top-k", type=positive_int, default=8, help="outlier channels listed per component (default 8)")
+    p.add_argument("--n-sigma", type=positive_float, default=6.0, help="outlier threshold in standard deviations (default 6)")
     p.add_argument("--skip-quant", action="store_true", help="skip the W8A8 perplexities (faster)")
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
     _data_args(p, "")

@@ -65,11 +65,15 @@ def check_model_dir(model_dir) -> dict:
     try:
         config = json.loads(cfg.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg}: not valid JSON ({e})") from None
+        raise ValueError(f"{cfg}: not valid JSON ({' '.join(str(e).split())})") from None
     if not isinstance(config, dict) or "model_type" not in config:
         raise ValueError(f"{cfg}: no model_type; not a Hugging Face model config")
     if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
         raise ValueError(f"{p} holds no weights (*.safetensors / *.bin)")
+    if any(p.glob("*.safetensors")):
+        from megatron_outeff.models.hf_opt import check_hf_safetensors
+
+        check_hf_safetensors(p)
     return config
 
 

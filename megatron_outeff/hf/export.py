@@ -245,7 +245,8 @@ def _tokenizer_source(tokenizer_dir: Path) -> Optional[Path]:
     """The tokenizer file to convert with save_hf_tokenizer, or None to copy the directory's files.
 
     A file (sentencepiece .model or tokenizer.json) is converted; so is a directory holding our
-    sentencepiece model (tokenizer.model or exactly one *.model) but no tokenizer.json.
+    sentencepiece model (tokenizer.model or exactly one *.model) but no tokenizer.json, or a
+    tokenizer.json without tokenizer_config.json.
     """
     if tokenizer_dir.is_file():
         if tokenizer_dir.suffix not in (".model", ".json"):
@@ -254,7 +255,9 @@ def _tokenizer_source(tokenizer_dir: Path) -> Optional[Path]:
     if not tokenizer_dir.is_dir():
         _fail(f"tokenizer_dir {tokenizer_dir} does not exist")
     if (tokenizer_dir / "tokenizer.json").is_file():
-        return None
+        # without tokenizer_config.json, AutoTokenizer would pick the model type's class (OPT's adds
+        # a BOS): write ours, which names the plain fast class
+        return None if (tokenizer_dir / "tokenizer_config.json").is_file() else tokenizer_dir / "tokenizer.json"
     models = [tokenizer_dir / "tokenizer.model"] if (tokenizer_dir / "tokenizer.model").is_file() \
         else sorted(tokenizer_dir.glob("*.model"))
     return models[0] if len(models) == 1 else None
@@ -332,7 +335,7 @@ def check_exported_dir(directory, model=None, *, plain: bool, new_tokens: int = 
         except Exception as e:
             fail(f"AutoTokenizer: {first_line(e)}")
         sample = "Hello world, the quick brown fox."
-        if plain_tok(sample)["input_ids"] != tok(sample)["input_ids"]:
+        if plain_tok(sample, add_special_tokens=False)["input_ids"] != tok(sample, add_special_tokens=False)["input_ids"]:
             fail("AutoTokenizer and PreTrainedTokenizerFast (no custom code) encode differently")
         for key in SPECIAL_IDS:
             ids = {"tokenizer": getattr(tok, key), "config.json": getattr(cfg, key, None),

@@ -508,20 +508,54 @@ def load_hf_opt_dir(path: Union[str, Path], expected_arch: Union[OPTArchConfig, 
     return arch, sd
 
 
-def read_hf_safetensors(path: Union[str, Path], on_file=None) -> dict[str, torch.Tensor]:
-    """All tensors of a Hugging Face directory's ``*.safetensors`` shards (never pickled ``.bin``),
-    keyed under the ``model.decoder.`` prefix. ``on_file(name)`` is called before each shard is read."""
-    from safetensors.torch import load_file
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def check_hf_safetensors(path: Union[str, Path]) -> list[Path]:
+    """The ``*.safetensors`` shards of a Hugging Face directory, every one checked readable (header and
+    size, without loading tensors) and, with a ``model.safetensors.index.json``, the index valid JSON
+    whose weight_map names exactly the shards present. One-line ValueError naming the bad file."""
+    import json
+
+    from safetensors import safe_open
 
     path = Path(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ValueError(f"{path}: no *.safetensors weights (pickled .bin checkpoints are not read)")
+    index = path / SAFETENSORS_INDEX
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            named = set(weight_map.values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index (expected JSON with a weight_map: "
+                             f"{' '.join(str(e).split()) or type(e).__name__})") from None
+        if named != {f.name for f in files}:
+            raise ValueError(f"{index}: names shards {sorted(named)[:3]}, the directory holds {[f.name for f in files][:3]}")
+    for fp in files:
+        try:
+            with safe_open(str(fp), framework="pt"):
+                pass
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"{fp}: unreadable safetensors file ({' '.join(str(e).split()) or type(e).__name__})") from None
+    return files
+
+
+def read_hf_safetensors(path: Union[str, Path], on_file=None) -> dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face directory's ``*.safetensors`` shards (never pickled ``.bin``),
+    keyed under the ``model.decoder.`` prefix. ``on_file(name)`` is called before each shard is read."""
+    from safetensors.torch import load_file
+
+    files = check_hf_safetensors(path)
     sd: dict[str, torch.Tensor] = {}
     for fp in files:
         if on_file is not None:
             on_file(fp.name)
-        part = load_file(str(fp))
+        try:
+            part = load_file(str(fp))
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"{fp}: unreadable safetensors file ({' '.join(str(e).split()) or type(e).__name__})") from None
         dup = set(part) & set(sd)
         if dup:
             raise ValueError(f"{fp}: tensor(s) {sorted(dup)[:3]} appear in more than one safetensors file")

@@ -39,8 +39,10 @@ from .config import Config, ConfigError, load_config
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    parser.add_argument("--config", required=True, help="training YAML (configs/train/*.yaml)")
+    from megatron_outeff.utils.cli import OneLineArgumentParser, input_text_file
+
+    parser = OneLineArgumentParser(description=__doc__.split("\n")[1])
+    parser.add_argument("--config", required=True, type=input_text_file, help="training YAML (configs/train/*.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.train_iters=100 (repeatable)")
     parser.add_argument("--resume", action="store_true",

@@ -1,0 +1,207 @@
+"""Every CLI against a battery of malformed inputs: each ends with exactly one line on stderr that
+names the bad value, exit code 2, and nothing written or overwritten anywhere in the workspace.
+
+The CLIs run in-process through their main(argv) (one import of each library for the whole module),
+stderr captured at the file-descriptor level so that library output would count too."""
+import hashlib
+import os
+import runpy
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import evallib  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_CFG = str(ROOT / "configs" / "train" / "demo-tiny.yaml")
+
+
+def _truncate(path: Path, keep: float = 0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """The workspace: valid inputs and their malformed copies."""
+    import torch
+
+    from megatron_outeff.convert import from_hf
+    from megatron_outeff.hf import export_hf_dir, resolve_variant
+
+    w = tmp_path_factory.mktemp("bad_inputs")
+    (w / "empty.txt").write_bytes(b"")
+    (w / "latin1.txt").write_bytes("caf\u00e9 na\u00efve\n".encode("latin-1") + b"\xff\xfe\n")
+    (w / "adir").mkdir()
+    (w / "adir" / "keep.txt").write_text("x")
+    evallib.write_tokenizer(w / "tok")
+    evallib.write_corpus(w / "corpus.jsonl", 12, seed=0)
+    opt, _ = evallib.random_weights(resolve_variant("vanilla"), seed=0)
+    export_hf_dir(w / "hf", opt, evallib.TINY, "vanilla", tokenizer_dir=w / "tok")
+    for name in ("hf_trunc", "hf_badcfg"):
+        shutil.copytree(w / "hf", w / name)
+    _truncate(w / "hf_trunc" / "model.safetensors")
+    _truncate(w / "hf_badcfg" / "config.json")
+    # a sharded directory whose index is truncated
+    from transformers import OPTForCausalLM
+
+    model = OPTForCausalLM.from_pretrained(str(w / "hf"))
+    model.save_pretrained(str(w / "hf_index_trunc"), max_shard_size="100KB")
+    _truncate(w / "hf_index_trunc" / "model.safetensors.index.json")
+    from_hf(w / "hf", w / "ck")
+    md = w / "ck" / "iter_0000000" / "model"
+    for name, damage in (("ck_trunc", "tp00_pp00.safetensors"), ("ck_manifest_trunc", "manifest.json")):
+        shutil.copytree(w / "ck", w / name)
+        _truncate(w / name / "iter_0000000" / "model" / damage)
+    shutil.copytree(w / "ck", w / "ck_nonutf8")
+    (w / "ck_nonutf8" / "iter_0000000" / "model" / "manifest.json").write_bytes(b'{"format": "\xff\xfe"}')
+    shutil.copytree(w / "ck", w / "ck_layout")  # manifest says TP=2, the files are TP=1
+    text = (md / "manifest.json").read_text()
+    (w / "ck_layout" / "iter_0000000" / "model" / "manifest.json").write_text(text.replace('"tp": 1', '"tp": 2'))
+    shutil.copytree(w / "ck", w / "ck_variant")  # a Softmax_1 manifest over vanilla files with a learnable offset expected
+    (w / "ck_variant" / "iter_0000000" / "model" / "manifest.json").write_text(
+        text.replace('"softmax": "vanilla"', '"softmax": "learnable"'))
+    # a megatron indexed dataset with a truncated .idx
+    from megatron_outeff.data.preprocess import preprocess_corpus
+
+    preprocess_corpus(str(w / "corpus.jsonl"), str(w / "ds"), str(w / "tok" / "tokenizer.json"), progress=False)
+    _truncate(Path(str(w / "ds") + ".idx"))
+    del torch
+    return w
+
+
+def _tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        h.update(str(p.relative_to(root)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+_TOOLS = {}
+
+
+def _tool(name):
+    if name not in _TOOLS:
+        _TOOLS[name] = runpy.run_path(str(ROOT / "tools" / f"{name}.py"))["main"]
+    return _TOOLS[name]
+
+
+def _invoke(cli, argv) -> int:
+    from megatron_outeff.data.cli import run_cli
+
+    try:
+        if cli == "train":
+            from megatron_outeff.training.train import main
+
+            return main(argv)
+        if cli in ("preprocess_data", "train_tokenizer"):
+            run_cli(_tool(cli), argv)
+            return 0
+        if cli == "export":
+            from megatron_outeff.evaluation.cli import export_main
+
+            return export_main(argv)
+        if cli == "outlier_report":
+            from megatron_outeff.evaluation.cli import report_main
+
+            return report_main(argv)
+        return _tool(cli)(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+
+
+# (cli, argv with {w} for the workspace and {out} for an output that must not appear, text the line must name)
+CASES = {
+    # convert_checkpoint
+    "convert_missing": ("convert_checkpoint", ["to-hf", "{w}/missing", "{out}"], "missing"),
+    "convert_file_not_dir": ("convert_checkpoint", ["to-hf", "{w}/empty.txt", "{out}"], "empty.txt"),
+    "convert_empty_dir": ("convert_checkpoint", ["to-hf", "{w}/adir", "{out}"], "adir"),
+    "convert_truncated_rank_file": ("convert_checkpoint", ["to-hf", "{w}/ck_trunc", "{out}"], "tp00_pp00.safetensors"),
+    "convert_truncated_manifest": ("convert_checkpoint", ["reshard", "{w}/ck_manifest_trunc", "{out}", "--tp", "1", "--pp", "1"], "manifest.json"),
+    "convert_non_utf8_manifest": ("convert_checkpoint", ["to-hf", "{w}/ck_nonutf8", "{out}"], "manifest.json"),
+    "convert_other_layout": ("convert_checkpoint", ["to-hf", "{w}/ck_layout", "{out}"], "tp=2"),
+    "convert_other_variant": ("convert_checkpoint", ["to-hf", "{w}/ck_variant", "{out}"], "softmax_offset"),
+    "convert_zero_tp": ("convert_checkpoint", ["reshard", "{w}/ck", "{out}", "--tp", "0", "--pp", "1"], "'0'"),
+    "convert_negative_pp": ("convert_checkpoint", ["reshard", "{w}/ck", "{out}", "--tp", "1", "--pp", "-2"], "'-2'"),
+    "convert_negative_iteration": ("convert_checkpoint", ["to-hf", "{w}/ck", "{out}", "--iteration", "-1"], "'-1'"),
+    "convert_truncated_hf_safetensors": ("convert_checkpoint", ["from-hf", "{w}/hf_trunc", "{out}"], "model.safetensors"),
+    "convert_truncated_hf_index": ("convert_checkpoint", ["from-hf", "{w}/hf_index_trunc", "{out}"], "model.safetensors.index.json"),
+    "convert_truncated_hf_config": ("convert_checkpoint", ["from-hf", "{w}/hf_badcfg", "{out}"], "config.json"),
+    "convert_bad_tokenizer": ("convert_checkpoint", ["to-hf", "{w}/ck", "{out}", "--tokenizer", "{w}/latin1.txt"], "latin1.txt"),
+    "convert_negative_seq_length": ("convert_checkpoint", ["from-hf", "{w}/hf", "{out}", "--seq-length", "-4"], "'-4'"),
+    # export (FP16 / W8A8)
+    "export_missing_model": ("export", ["{w}/missing", "--out", "{out}", "--calib-data", "{w}/corpus.jsonl"], "missing"),
+    "export_model_is_file": ("export", ["{w}/empty.txt", "--out", "{out}", "--calib-data", "{w}/corpus.jsonl"], "empty.txt"),
+    "export_truncated_safetensors": ("export", ["{w}/hf_trunc", "--out", "{out}", "--calib-data", "{w}/corpus.jsonl"], "model.safetensors"),
+    "export_truncated_config": ("export", ["{w}/hf_badcfg", "--out", "{out}", "--calib-data", "{w}/corpus.jsonl"], "config.json"),
+    "export_non_utf8_data": ("export", ["{w}/hf", "--out", "{out}", "--calib-data", "{w}/latin1.txt"], "latin1.txt"),
+    "export_empty_data": ("export", ["{w}/hf", "--out", "{out}", "--calib-data", "{w}/empty.txt"], "empty.txt"),
+    "export_data_is_dir": ("export", ["{w}/hf", "--out", "{out}", "--calib-data", "{w}/adir"], "adir"),
+    "export_truncated_idx": ("export", ["{w}/hf", "--out", "{out}", "--calib-data", "{w}/ds"], "ds"),
+    "export_zero_block": ("export", ["{w}/hf", "--out", "{out}", "--calib-data", "{w}/corpus.jsonl", "--block-size", "0"], "'0'"),
+    "export_negative_batches": ("export", ["{w}/hf", "--out", "{out}", "--calib-data", "{w}/corpus.jsonl", "--num-calib-batches", "-1"], "'-1'"),
+    # outlier report
+    "report_missing_model": ("outlier_report", ["--model", "m={w}/missing", "--data", "{w}/corpus.jsonl", "--out", "{out}"], "missing"),
+    "report_truncated_model": ("outlier_report", ["--model", "m={w}/hf_trunc", "--data", "{w}/corpus.jsonl", "--out", "{out}"], "model.safetensors"),
+    "report_non_utf8_data": ("outlier_report", ["--model", "m={w}/hf", "--data", "{w}/latin1.txt", "--out", "{out}"], "latin1.txt"),
+    "report_empty_data": ("outlier_report", ["--model", "m={w}/hf", "--data", "{w}/empty.txt", "--out", "{out}"], "empty.txt"),
+    "report_zero_blocks": ("outlier_report", ["--model", "m={w}/hf", "--data", "{w}/corpus.jsonl", "--out", "{out}", "--max-blocks", "0"], "'0'"),
+    "report_negative_batch": ("outlier_report", ["--model", "m={w}/hf", "--data", "{w}/corpus.jsonl", "--out", "{out}", "--batch-size", "-3"], "'-3'"),
+    "report_zero_sigma": ("outlier_report", ["--model", "m={w}/hf", "--data", "{w}/corpus.jsonl", "--out", "{out}", "--n-sigma", "0"], "'0'"),
+    # preprocess_data
+    "preprocess_missing": ("preprocess_data", ["--input", "{w}/missing.jsonl", "--tokenizer", "{w}/tok/tokenizer.json", "--output-prefix", "{out}/ds"], "missing.jsonl"),
+    "preprocess_empty": ("preprocess_data", ["--input", "{w}/empty.txt", "--tokenizer", "{w}/tok/tokenizer.json", "--output-prefix", "{out}/ds"], "empty.txt"),
+    "preprocess_dir": ("preprocess_data", ["--input", "{w}/adir", "--tokenizer", "{w}/tok/tokenizer.json", "--output-prefix", "{out}/ds"], "adir"),
+    "preprocess_non_utf8": ("preprocess_data", ["--input", "{w}/latin1.txt", "--tokenizer", "{w}/tok/tokenizer.json", "--output-prefix", "{out}/ds"], "latin1.txt"),
+    "preprocess_missing_tokenizer": ("preprocess_data", ["--input", "{w}/corpus.jsonl", "--tokenizer", "{w}/missing.model", "--output-prefix", "{out}/ds"], "missing.model"),
+    "preprocess_empty_tokenizer": ("preprocess_data", ["--input", "{w}/corpus.jsonl", "--tokenizer", "{w}/empty.txt", "--output-prefix", "{out}/ds"], "empty.txt"),
+    "preprocess_bad_tokenizer": ("preprocess_data", ["--input", "{w}/corpus.jsonl", "--tokenizer", "{w}/latin1.txt", "--output-prefix", "{out}/ds"], "latin1.txt"),
+    "preprocess_zero_workers": ("preprocess_data", ["--input", "{w}/corpus.jsonl", "--tokenizer", "{w}/tok/tokenizer.json", "--output-prefix", "{out}/ds", "--workers", "0"], "'0'"),
+    # train_tokenizer
+    "tokenizer_missing": ("train_tokenizer", ["--input", "{w}/missing.txt", "--output-prefix", "{out}/t", "--vocab-size", "300"], "missing.txt"),
+    "tokenizer_empty": ("train_tokenizer", ["--input", "{w}/empty.txt", "--output-prefix", "{out}/t", "--vocab-size", "300"], "empty.txt"),
+    "tokenizer_dir": ("train_tokenizer", ["--input", "{w}/adir", "--output-prefix", "{out}/t", "--vocab-size", "300"], "adir"),
+    "tokenizer_non_utf8": ("train_tokenizer", ["--input", "{w}/latin1.txt", "--output-prefix", "{out}/t", "--vocab-size", "300"], "latin1.txt"),
+    "tokenizer_zero_vocab": ("train_tokenizer", ["--input", "{w}/corpus.jsonl", "--output-prefix", "{out}/t", "--vocab-size", "0"], "'0'"),
+    "tokenizer_negative_threads": ("train_tokenizer", ["--input", "{w}/corpus.jsonl", "--output-prefix", "{out}/t", "--threads", "-1"], "'-1'"),
+    "tokenizer_zero_sentences": ("train_tokenizer", ["--input", "{w}/corpus.jsonl", "--output-prefix", "{out}/t", "--input-sentence-size", "0"], "'0'"),
+    # train
+    "train_missing_config": ("train", ["--config", "{w}/missing.yaml"], "missing.yaml"),
+    "train_config_dir": ("train", ["--config", "{w}/adir"], "adir"),
+    "train_empty_config": ("train", ["--config", "{w}/empty.txt"], "empty.txt"),
+    "train_non_utf8_config": ("train", ["--config", "{w}/latin1.txt"], "latin1.txt"),
+    "train_zero_micro_batch": ("train", ["--config", DEMO_CFG, "--set", "parallel.micro_batch_size=0", "--set", "checkpoint.dir={out}"], "micro_batch_size"),
+    "train_negative_iters": ("train", ["--config", DEMO_CFG, "--set", "train.train_iters=-5", "--set", "checkpoint.dir={out}"], "train_iters"),
+    # benchmarks
+    "bench_attention_zero_sq": ("bench_attention", ["--sq", "0", "--out", "{out}/b.json"], "'0'"),
+    "bench_attention_negative_d": ("bench_attention", ["--d", "-64", "--out", "{out}/b.json"], "'-64'"),
+    "bench_attention_out_is_dir": ("bench_attention", ["--sq", "16", "--out", "{w}/adir"], "adir"),
+    "bench_layer_zero_seq": ("bench_layer", ["--seq", "0", "--out-json", "{out}/b.json"], "'0'"),
+    "bench_layer_negative_reps": ("bench_layer", ["--reps", "-1", "--out-json", "{out}/b.json"], "'-1'"),
+    "bench_train_zero_steps": ("bench_train", ["--steps", "0", "--out", "{out}/b.json"], "'0'"),
+    "bench_train_negative_seq": ("bench_train", ["--seq", "-128", "--out", "{out}/b.json"], "'-128'"),
+    "bench_train_out_is_dir": ("bench_train", ["--steps", "1", "--out", "{w}/adir"], "adir"),
+    "bench_int8_zero_tokens": ("bench_int8_linear", ["--tokens", "0"], "'0'"),
+    "bench_int8_negative_reps": ("bench_int8_linear", ["--reps", "-2"], "'-2'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input(ws, case, capfd):
+    cli, argv, names = CASES[case]
+    out = ws / f"out_{case}"
+    argv = [a.format(w=ws, out=out) for a in argv]
+    before = _tree_digest(ws)
+    capfd.readouterr()
+    rc = _invoke(cli, argv)
+    err = capfd.readouterr().err.strip()
+    assert rc == 2, (rc, err[-2000:])
+    assert err.count("\n") == 0 and err.startswith("error: "), err[-2000:]
+    assert names in err, err
+    assert _tree_digest(ws) == before, "something was written or changed"
+    assert not out.exists()
