@@ -99,7 +99,7 @@ def _init_from(cfg: Config, model, arch) -> None:
     except ConvertError as e:
         raise ConfigError(f"checkpoint.init_from: {e}") from None
     print_rank0(f"initialised from {cfg.checkpoint.init_from} (tp={manifest['tp']}, pp={manifest['pp']}, "
-                f"iteration {manifest['iteration']}); fresh optimizer")
+                f"iteration {manifest['iteration']}; {manifest['weights_read_text']}); fresh optimizer")
 
 
 def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
