@@ -45,6 +45,16 @@ DTYPE_IDS = ["fp32", "fp16", "bf16"]
 CLIP = Clip(gamma=-0.03, zeta=1.03)  # mild: with short rows many p lie either side of the clip
 
 
+@pytest.fixture(autouse=True)
+def _interpreter_tests_need_a_cpu_machine(request):
+    """The tests below run the kernel on CPU tensors under the Triton interpreter, which
+    tests/conftest.py switches on only without CUDA; on a CUDA machine only the `gpu` tests (compiled,
+    on the GPU) and the `slow` sm_90 compile test run here."""
+    node = request.node
+    if torch.cuda.is_available() and node.get_closest_marker("gpu") is None and node.get_closest_marker("slow") is None:
+        pytest.skip("CPU-interpreter test (the gpu-marked tests cover the compiled kernel on this machine)")
+
+
 def _sink(variant, h):
     """The sink logits a_h of each variant (requires_grad so its gradient is checked too)."""
     if variant == "vanilla":
@@ -94,7 +104,7 @@ def _run_both(scores, *, scale=1.0, sink=None, mask=None, clip=None, max_block_c
     y = fused_outeff_softmax(x, scale=scale, sink=s, mask=mask, clip=clip, **kw)
     assert y.dtype == scores.dtype and y.shape == scores.shape
     gen = torch.Generator().manual_seed(seed + 1)
-    dy = torch.randn(y.shape, generator=gen).to(y.dtype)
+    dy = torch.randn(y.shape, generator=gen).to(device=y.device, dtype=y.dtype)
     inputs = (x, s) if s is not None else (x,)
     grads = torch.autograd.grad(y, inputs, dy)
 
@@ -371,6 +381,29 @@ def test_gpu_compiled(sk, clip, dtype):
     yr = outeff_softmax_reference(xr, scale=0.5, sink=sr, mask=mask, clip=clip)
     ref = (yr, *torch.autograd.grad(yr, (xr, sr), dy.float()))
     _assert_matches(ours, ref, dtype, f"gpu sk={sk}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("sk", [1000, 12000])
+def test_gpu_extreme_logits(sk, dtype):
+    """Compiled, single- and multi-block rows: logits of +-1e4 (finite in fp16) stay finite and match
+    the reference; a row of only very negative logits is exactly 0 under every sink >= -8."""
+    dev = torch.device("cuda")
+    b, h, sq = 1, 4, 6
+    gen = torch.Generator().manual_seed(sk)
+    scores = torch.full((b, h, sq, sk), -1e4)
+    scores[:, :, 0, 3] = 1e4                            # one huge logit among very negative ones
+    scores[:, :, 1, ::2] = 1e4                          # several equal huge logits
+    scores[:, :, 2] = -1e4                              # all very negative
+    scores[:, :, 3] = torch.linspace(-1e4, 1e4, sk)
+    scores[:, :, 4:] = torch.randn(b, h, 2, sk, generator=gen) * 1e4
+    scores = scores.to(dev, dtype)
+    sink = _sink("learnable", h).detach().to(dev)
+    for clip in (None, CLIP):
+        ours, ref = _run_both(scores, sink=sink, clip=clip)
+        _assert_matches(ours, ref, dtype, f"gpu extreme sk={sk} clip={clip}")
+    assert (fused_outeff_softmax(scores, sink=sink)[0, :, 2] == 0).all()
 
 
 # --------------------------------------------------------------------------------------------
