@@ -59,7 +59,7 @@ else
 fi
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$WORK/torch_extensions}"
-export TOKENIZERS_PARALLELISM=false
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1   # the GPU machine has no network
 exec > >(tee -a "$OUT/run.log") 2>&1
 TEE_PID=$!
 cd "$ROOT"
@@ -121,7 +121,7 @@ run_step setup "$(lim SETUP 120)" "bundle $BUNDLE -> $SITE (--no-deps --no-index
 # ---- env: device, driver, versions, imports ------------------------------------------------------
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem \
   --format=csv 2>/dev/null
-run_step env "$(lim ENV 90)" "device, driver, versions, imports" \
+run_step env "$(lim ENV $( (( REHEARSE )) && echo 300 || echo 90))" "device, driver, versions, imports" \
   "$PY" tools/gpu/env_report.py --out "$WORK/env.json" --bundle "$BUNDLE"
 
 if (( REHEARSE )); then
@@ -166,18 +166,32 @@ run_step bench_train "$(lim TRAIN $( (( REHEARSE )) && echo 1200 || echo 100))" 
   "$PY" tools/bench_train.py "${TRAIN_ARGS[@]}" --out "$OUT/bench_train.json" --md "$WORK/2_bench_train.md"
 
 # ---- d: the science experiment's GPU configuration ------------------------------------------------
+# The experiment resumes finished arms and writes each arm's result.json when the arm is done, so a
+# run cut by its limit still leaves the finished arms (packed with every small file it wrote).
 export EXP_CFG=configs/experiments/bb-sink-gpu.yaml
+EXP_SET=()
+if (( REHEARSE )); then   # the science tests' tiny size (tests/tools/test_experiment.py)
+  for s in "arms=[vanilla, softmax1]" \
+      "training.model.arch_overrides={num_layers: 2, hidden_size: 32, num_attention_heads: 2, ffn_hidden_size: 64, vocab_size: 16, max_position_embeddings: 16, hidden_dropout: 0.0, attention_dropout: 0.0}" \
+      "training.data.seq_length=16" "training.data.bigram_backcopy.vocab_size=16" \
+      "training.parallel.micro_batch_size=4" "training.parallel.global_batch_size=4" \
+      "training.train.train_iters=4" "training.logging.outlier_interval=2" "training.logging.log_interval=2" \
+      "training.schedule.warmup_iters=1" "training.checkpoint.save_interval=0" \
+      "evaluation={heldout_sequences: 8, calib_batches: 1, calib_batch_size: 4, batch_size: 4}"; do
+    EXP_SET+=(--set "$s")
+  done
+fi
 run_experiment() {
   mkdir -p "$WORK/experiment"
-  "$PY" tools/run_experiment.py --config "$EXP_CFG" --out "$WORK/experiment"
+  "$PY" tools/run_experiment.py --config "$EXP_CFG" --out "$WORK/experiment" "$@"
   local rc=$?
   # small result files only (logs, JSON, tables, plots; no checkpoints), one archive
   (cd "$WORK" && find experiment -type f -size -4M -print0 | tar --null -czf "$OUT/experiment.tar.gz" -T -)
   return $rc
 }
 if [[ -f tools/run_experiment.py && -f "$EXP_CFG" ]]; then
-  run_step experiment "$(lim EXPERIMENT $( (( REHEARSE )) && echo 900 || echo 90))" "tools/run_experiment.py --config $EXP_CFG" \
-    run_experiment
+  run_step experiment "$(lim EXPERIMENT $( (( REHEARSE )) && echo 900 || echo 200))" \
+    "tools/run_experiment.py --config $EXP_CFG$( (( REHEARSE )) && echo ' (tiny --set overrides)')" run_experiment "${EXP_SET[@]}"
 else
   echo "== [experiment] not present: tools/run_experiment.py or $EXP_CFG missing on this branch"
   printf '{"name": "experiment", "status": "skipped", "rc": null, "seconds": 0, "limit_s": 0, "note": "not present: tools/run_experiment.py or %s missing"}\n' \
