@@ -186,7 +186,7 @@ run_experiment() {
   "$PY" tools/run_experiment.py --config "$EXP_CFG" --out "$WORK/experiment" "$@"
   local rc=$?
   # small result files only (logs, JSON, tables, plots; no checkpoints), one archive
-  (cd "$WORK" && find experiment -type f -size -4M -print0 | tar --null -czf "$OUT/experiment.tar.gz" -T -)
+  (cd "$WORK" && find experiment -type f -size -4M -not -path '*/checkpoints/*' -print0 | tar --null -czf "$OUT/experiment.tar.gz" -T -)
   return $rc
 }
 if [[ -f tools/run_experiment.py && -f "$EXP_CFG" ]]; then
