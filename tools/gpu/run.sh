@@ -14,14 +14,14 @@
 #                    No bundle: the packages must already be installed (where a network exists).
 #   env              device, driver, versions, every import the checks need (tools/gpu/env_report.py)
 #   aot_sm90         (--rehearse only) every Triton kernel compiled ahead of time for sm_90
-#   tests            a: pytest tests/ops -m "not slow" with compiled Triton (gpu-marked large shapes and
-#                    every small-shape kernel test run on the GPU), xdist-parallel where available
+#   tests            a: pytest tests/ops -m "not slow" with compiled Triton (the gpu-marked tests and
+#                    every small-shape flash test run on the GPU), xdist-parallel where available
 #   bench_attention  b: SDPA vanilla, megatron-core off-by-one, our flash (plain, clipped, gated) and row
 #                    kernels, bf16, causal, sq 1k-16k, d 64/128: fwd, fwd+bwd, peak memory
 #   bench_train      c: OPT-125m vanilla / Softmax_1 / gated Softmax_1 through the real training loop
 #                    (megatron-core + DeepSpeed ZeRO-1, bf16): tokens/s, MFU, peak memory
 #   experiment       d: the science experiment's GPU configuration, if tools/run_experiment.py exists
-# OUT_DIR gets at most 8 files: run.log, tests.xml, bench_attention.json, bench_train.json,
+# OUT_DIR gets at most 7 files (8 come back from the lent machine): run.log, tests.xml, bench_attention.json, bench_train.json,
 # experiment.tar.gz, summary.json, summary.md.
 # Environment: PYTHON (default python3), GPU_BUNDLE (default ROOT/.gpu-bundle), GPU_SITE (private
 # install folder, default a fresh temporary one).
@@ -31,7 +31,7 @@ OUT="" REHEARSE=0
 for arg in "$@"; do
   case "$arg" in
     --rehearse) REHEARSE=1 ;;
-    -h|--help) sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "run.sh: unknown option '$arg': expected --rehearse" >&2; exit 2 ;;
     *) if [[ -n "$OUT" ]]; then echo "run.sh: two output folders '$OUT' and '$arg': expected one OUT_DIR" >&2; exit 2; fi
        OUT="$arg" ;;
