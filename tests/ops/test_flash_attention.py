@@ -29,9 +29,6 @@ sk = 96 spans three key blocks and sq, sk not multiples of 32 exercise the ragge
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -400,13 +397,9 @@ _AOT_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_kernels_compile_for_sm90():
+def test_kernels_compile_for_sm90(run_compiled_triton):
     """~1 min cold on 2 cores (Triton's cache makes reruns fast)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    res = run_compiled_triton(_AOT_SCRIPT)
     assert res.returncode == 0 and "AOT OK" in res.stdout, res.stdout[-2000:] + res.stderr[-4000:]
 
 
@@ -448,3 +441,29 @@ def test_gpu_fp32():
     leaves, kw = make_inputs(b=1, sq=512, sk=512, h=2, h_kv=2, d=64, dtype=torch.float32, variant="softmax1",
                              gate=True, device="cuda")
     check_against_reference(leaves, dict(kw, causal=True), tol=GPU_TOL[torch.float32])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_masked_rows_and_extreme_logits(d, dtype):
+    """Compiled kernels at the CUDA block sizes, GQA 4 -> 2 / 4 -> 1, gate, causal:
+    - fully masked rows (batch 0 has every key padded; causal with sq > sk leaves the first sq - sk
+      queries of batch 1 with no key), clipped learnable offset: exact zeros in output and gradients;
+    - logits of +-1e4 (q scaled by 4000), Softmax_1: finite and equal to the reference."""
+    b, sq, sk = 2, 320, 200
+    leaves, kw = make_inputs(b=b, sq=sq, sk=sk, h=4, h_kv=2, d=d, dtype=dtype, variant="learnable", gate=True,
+                             device="cuda")
+    m = torch.ones(b, sk, dtype=torch.bool, device="cuda")
+    m[0] = False
+    out, grads = check_against_reference(leaves, dict(kw, key_padding_mask=m, causal=True, clip=(-0.03, 1.0)),
+                                         tol=GPU_TOL[dtype])
+    assert (out[0] == 0).all() and (out[1, : sq - sk] == 0).all()
+    assert (grads["q"][0] == 0).all() and (grads["q"][1, : sq - sk] == 0).all()
+    assert (grads["k"][0] == 0).all() and (grads["v"][0] == 0).all() and (grads["gate"][0] == 0).all()
+
+    leaves, kw = make_inputs(b=1, sq=256, sk=384, h=4, h_kv=1, d=d, dtype=dtype, variant="softmax1", q_scale=4000.0,
+                             gate=True, device="cuda")
+    logits = torch.einsum("bqhd,bkd->bhqk", leaves["q"].float(), leaves["k"][:, :, 0].float()) / math.sqrt(d)
+    assert logits.abs().max() > 1e4
+    check_against_reference(leaves, dict(kw, causal=True), tol=GPU_TOL[dtype], operand_scaled=True)

@@ -45,6 +45,16 @@ DTYPE_IDS = ["fp32", "fp16", "bf16"]
 CLIP = Clip(gamma=-0.03, zeta=1.03)  # mild: with short rows many p lie either side of the clip
 
 
+@pytest.fixture(autouse=True)
+def _interpreter_tests_need_a_cpu_machine(request):
+    """The tests below run the kernel on CPU tensors under the Triton interpreter, which
+    tests/conftest.py switches on only without CUDA; on a CUDA machine only the `gpu` tests (compiled,
+    on the GPU) and the `slow` sm_90 compile test run here."""
+    node = request.node
+    if torch.cuda.is_available() and node.get_closest_marker("gpu") is None and node.get_closest_marker("slow") is None:
+        pytest.skip("CPU-interpreter test (the gpu-marked tests cover the compiled kernel on this machine)")
+
+
 def _sink(variant, h):
     """The sink logits a_h of each variant (requires_grad so its gradient is checked too)."""
     if variant == "vanilla":
@@ -94,7 +104,7 @@ def _run_both(scores, *, scale=1.0, sink=None, mask=None, clip=None, max_block_c
     y = fused_outeff_softmax(x, scale=scale, sink=s, mask=mask, clip=clip, **kw)
     assert y.dtype == scores.dtype and y.shape == scores.shape
     gen = torch.Generator().manual_seed(seed + 1)
-    dy = torch.randn(y.shape, generator=gen).to(y.dtype)
+    dy = torch.randn(y.shape, generator=gen).to(device=y.device, dtype=y.dtype)
     inputs = (x, s) if s is not None else (x,)
     grads = torch.autograd.grad(y, inputs, dy)
 
@@ -371,3 +381,63 @@ def test_gpu_compiled(sk, clip, dtype):
     yr = outeff_softmax_reference(xr, scale=0.5, sink=sr, mask=mask, clip=clip)
     ref = (yr, *torch.autograd.grad(yr, (xr, sr), dy.float()))
     _assert_matches(ours, ref, dtype, f"gpu sk={sk}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("sk", [1000, 12000])
+def test_gpu_extreme_logits(sk, dtype):
+    """Compiled, single- and multi-block rows: logits of +-1e4 (finite in fp16) stay finite and match
+    the reference; a row of only very negative logits is exactly 0 under every sink >= -8."""
+    dev = torch.device("cuda")
+    b, h, sq = 1, 4, 6
+    gen = torch.Generator().manual_seed(sk)
+    scores = torch.full((b, h, sq, sk), -1e4)
+    scores[:, :, 0, 3] = 1e4                            # one huge logit among very negative ones
+    scores[:, :, 1, ::2] = 1e4                          # several equal huge logits
+    scores[:, :, 2] = -1e4                              # all very negative
+    scores[:, :, 3] = torch.linspace(-1e4, 1e4, sk)
+    scores[:, :, 4:] = torch.randn(b, h, 2, sk, generator=gen) * 1e4
+    scores = scores.to(dev, dtype)
+    sink = _sink("learnable", h).detach().to(dev)
+    for clip in (None, CLIP):
+        ours, ref = _run_both(scores, sink=sink, clip=clip)
+        _assert_matches(ours, ref, dtype, f"gpu extreme sk={sk} clip={clip}")
+    assert (fused_outeff_softmax(scores, sink=sink)[0, :, 2] == 0).all()
+
+
+# --------------------------------------------------------------------------------------------
+# 8. compilation for H100 / H200 (sm_90) without a GPU: both kernels, single- and multi-block rows,
+#    fp16 and bf16, every flag on, with the launch configuration the CUDA path picks
+# --------------------------------------------------------------------------------------------
+_AOT_SCRIPT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from megatron_outeff.ops import row_softmax as rs
+
+DATA = {"X", "Y", "DY", "S", "DX"}
+FP32 = {"ROW_M", "ROW_L", "SINK", "DSINK_ROW"}
+SCALARS = {"scale", "gamma", "zeta"}
+
+def build(fn, dt, consts, num_warps):
+    sig = {n: ("constexpr" if n in consts else "*" + dt if n in DATA else "*fp32" if n in FP32
+               else "*u8" if n == "MASK" else "fp32" if n in SCALARS else "i32") for n in fn.arg_names}
+    triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts),
+                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    print("compiled", fn.__name__, dt, consts, flush=True)
+
+for dt, sk in (("fp16", 1000), ("bf16", 12000)):
+    block_r, block_c, single, warps = rs._launch_config(2 * 4 * 64, sk, rs.MAX_BLOCK_COLS)
+    flags = dict(HAS_SINK=True, HAS_MASK=True, HAS_CLIP=True, SINGLE=single, BLOCK_R=block_r, BLOCK_C=block_c)
+    build(rs._fwd_kernel, dt, flags, warps)
+    build(rs._bwd_kernel, dt, dict(flags, NEED_DSINK=True), warps)
+print("AOT OK")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90(run_compiled_triton):
+    """Both row-softmax kernels compile for sm_90 (the interpreter accepts what the compiler may not)."""
+    res = run_compiled_triton(_AOT_SCRIPT)
+    assert res.returncode == 0 and "AOT OK" in res.stdout, res.stdout[-2000:] + res.stderr[-4000:]
+    assert res.stdout.count("compiled _fwd_kernel") == 2 and res.stdout.count("compiled _bwd_kernel") == 2

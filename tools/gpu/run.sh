@@ -1,0 +1,221 @@
+#!/usr/bin/env bash
+# The GPU check: one command that runs every CUDA path of the project and leaves its results in
+# OUT_DIR even when a step fails or runs out of time (tools/gpu/README.md).
+#
+#   bash tools/gpu/run.sh OUT_DIR              on a CUDA machine (H100/H200): whole run < 8 minutes
+#   bash tools/gpu/run.sh OUT_DIR --rehearse   on a CPU: the same steps, Triton interpreter, tiny shapes,
+#                                              plus the sm_90 ahead-of-time compile of every kernel
+#
+# Steps, each under its own time limit (seconds; GPU_LIMIT_<STEP> overrides) and inside an overall
+# budget (GPU_CHECK_BUDGET_S, default 465 s on a GPU) that shortens the last steps when earlier ones
+# ran long; after each step tools/gpu/summarize.py rewrites OUT_DIR/summary.{json,md}:
+#   setup            offline install of .gpu-bundle/ (tools/gpu/bundle.sh) with --no-deps into a private
+#                    --target folder on PYTHONPATH; the preinstalled torch/triton are never touched.
+#                    No bundle: the packages must already be installed (where a network exists).
+#   env              device, driver, versions, every import the checks need (tools/gpu/env_report.py)
+#   aot_sm90         (--rehearse only) every Triton kernel compiled ahead of time for sm_90
+#   tests            a: pytest tests/ops -m "not slow" with compiled Triton (the gpu-marked tests and
+#                    every small-shape flash test run on the GPU), xdist-parallel where available
+#   bench_attention  b: SDPA vanilla, megatron-core off-by-one, our flash (plain, clipped, gated) and row
+#                    kernels, bf16, causal, sq 1k-16k, d 64/128: fwd, fwd+bwd, peak memory
+#   bench_train      c: OPT-125m vanilla / Softmax_1 / gated Softmax_1 through the real training loop
+#                    (megatron-core + DeepSpeed ZeRO-1, bf16): tokens/s, MFU, peak memory
+#   experiment       d: the science experiment's GPU configuration, if tools/run_experiment.py exists
+# OUT_DIR gets at most 7 files (8 come back from the lent machine): run.log, tests.xml, bench_attention.json, bench_train.json,
+# experiment.tar.gz, summary.json, summary.md.
+# Environment: PYTHON (default python3), GPU_BUNDLE (default ROOT/.gpu-bundle), GPU_SITE (private
+# install folder, default a fresh temporary one).
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+OUT="" REHEARSE=0
+for arg in "$@"; do
+  case "$arg" in
+    --rehearse) REHEARSE=1 ;;
+    -h|--help) sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "run.sh: unknown option '$arg': expected --rehearse" >&2; exit 2 ;;
+    *) if [[ -n "$OUT" ]]; then echo "run.sh: two output folders '$OUT' and '$arg': expected one OUT_DIR" >&2; exit 2; fi
+       OUT="$arg" ;;
+  esac
+done
+if [[ -z "$OUT" ]]; then echo "run.sh: no OUT_DIR: expected 'bash tools/gpu/run.sh OUT_DIR [--rehearse]'" >&2; exit 2; fi
+if [[ -e "$OUT" && ! -d "$OUT" ]]; then echo "run.sh: OUT_DIR '$OUT' is a file: expected a new or empty folder" >&2; exit 2; fi
+if [[ -d "$OUT" && -n "$(ls -A "$OUT")" ]]; then
+  echo "run.sh: OUT_DIR '$OUT' is not empty: expected a new or empty folder (nothing is overwritten)" >&2; exit 2
+fi
+PY="${PYTHON:-python3}"
+if ! "$PY" -c 'import torch' 2>/dev/null; then echo "run.sh: PYTHON '$PY' cannot import torch: expected the Python that has torch" >&2; exit 2; fi
+mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/outeff-gpu.XXXXXX")"
+SITE="${GPU_SITE:-$WORK/site}"
+BUNDLE="${GPU_BUNDLE:-$ROOT/.gpu-bundle}"
+export PY SITE BUNDLE WORK OUT
+T0=$(date +%s)
+if (( REHEARSE )); then
+  BUDGET="${GPU_CHECK_BUDGET_S:-7200}"
+  export TRITON_INTERPRET=1            # before any kernel is decorated
+else
+  BUDGET="${GPU_CHECK_BUDGET_S:-465}"
+  unset TRITON_INTERPRET
+fi
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$WORK/torch_extensions}"
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1   # the GPU machine has no network
+exec > >(tee -a "$OUT/run.log") 2>&1
+TEE_PID=$!
+cd "$ROOT"
+echo "== GPU check $(date -u +%FT%TZ) on $(hostname), repo $(git rev-parse --short HEAD 2>/dev/null || echo '?')" \
+     "$( (( REHEARSE )) && echo '(CPU REHEARSAL: Triton interpreter, tiny shapes)')"
+echo "   OUT_DIR $OUT, scratch $WORK, overall budget ${BUDGET}s"
+
+summarize() {
+  "$PY" tools/gpu/summarize.py --out "$OUT" --work "$WORK" $( (( REHEARSE )) && echo --rehearsal ) \
+    || echo "!! summarize.py failed (rc $?)"
+}
+
+# run_step NAME LIMIT_S NOTE CMD...: the command under `timeout`, shortened to what the overall budget
+# leaves (10 s kept for the summary); its status, rc and seconds appended to WORK/steps.jsonl.
+run_step() {
+  local name="$1" limit="$2" note="$3"; shift 3
+  local left=$(( BUDGET - ($(date +%s) - T0) - 10 )) why="overall budget spent"
+  (( limit < 5 )) && why="GPU_LIMIT set to $limit"
+  (( left < limit )) && limit=$left
+  if (( limit < 5 )); then
+    echo "== [$name] SKIPPED: $why"
+    printf '{"name": "%s", "status": "skipped", "rc": null, "seconds": 0, "limit_s": 0, "note": "%s"}\n' \
+      "$name" "$why" >> "$WORK/steps.jsonl"
+    summarize; return
+  fi
+  echo "== [$name] start $(date -u +%T), limit ${limit}s: $*"
+  local s=$(date +%s)
+  if declare -F "$1" >/dev/null; then   # a function of this script: run it in a child bash
+    export -f "$1"
+    timeout -k 15 "$limit" bash -c '"$@"' _ "$@"
+  else
+    timeout -k 15 "$limit" "$@"
+  fi
+  local rc=$?
+  local dt=$(( $(date +%s) - s )) status=ok
+  if (( rc == 124 || rc == 137 )); then status=timeout; elif (( rc != 0 )); then status=failed; fi
+  echo "== [$name] $status (rc $rc) after ${dt}s"
+  "$PY" -c 'import json, sys; print(json.dumps(dict(name=sys.argv[1], status=sys.argv[2], rc=int(sys.argv[3]),
+seconds=int(sys.argv[4]), limit_s=int(sys.argv[5]), note=sys.argv[6])))' \
+    "$name" "$status" "$rc" "$dt" "$limit" "$note" >> "$WORK/steps.jsonl"
+  summarize
+}
+
+lim() { local v="GPU_LIMIT_$1"; echo "${!v:-$2}"; }
+
+# ---- setup: the offline bundle into a private target folder ---------------------------------------
+install_bundle() {
+  if ! ls "$BUNDLE"/*.whl >/dev/null 2>&1; then
+    echo "no bundle at $BUNDLE: using what is installed (megatron-core, deepspeed, compressed-tensors must be there)"
+    return 0
+  fi
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
+    --target "$SITE" "$BUNDLE"/*.whl || return 1
+  ls "$SITE" | grep -i dist-info
+}
+export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+run_step setup "$(lim SETUP 120)" "bundle $BUNDLE -> $SITE (--no-deps --no-index)" install_bundle
+
+# ---- env: device, driver, versions, imports ------------------------------------------------------
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem \
+  --format=csv 2>/dev/null
+run_step env "$(lim ENV $( (( REHEARSE )) && echo 300 || echo 90))" "device, driver, versions, imports" \
+  "$PY" tools/gpu/env_report.py --out "$WORK/env.json" --bundle "$BUNDLE"
+
+if (( REHEARSE )); then
+  # ---- every kernel compiled ahead of time for sm_90 by this triton (no GPU needed) ---------------
+  run_step aot_sm90 "$(lim AOT 1500)" "tests/ops *::test_kernels_compile_for_sm90 (flash + row softmax)" \
+    "$PY" -m pytest -q -p no:cacheprovider \
+      tests/ops/test_flash_attention.py::test_kernels_compile_for_sm90 \
+      tests/ops/test_row_softmax.py::test_kernels_compile_for_sm90
+fi
+
+# ---- a: the kernel tests, compiled on the GPU ---------------------------------------------------
+SELECT=()
+if (( REHEARSE )); then
+  # the whole ops suite under the interpreter (~3-10 min on a shared 2-core CPU; the gpu-marked
+  # tests are skipped there); GPU_REHEARSE_TESTS_K="expr" rehearses a -k selection instead
+  K="${GPU_REHEARSE_TESTS_K-}"
+  [[ -n "$K" ]] && SELECT=(-k "$K")
+elif "$PY" -c 'import xdist' 2>/dev/null; then
+  SELECT=(-n "${GPU_TEST_WORKERS:-12}")   # Triton compiles in parallel across the workers
+fi
+run_step tests "$(lim TESTS $( (( REHEARSE )) && echo 2400 || echo 150))" "pytest tests/ops -m 'not slow' ${SELECT[*]}" \
+  "$PY" -m pytest tests/ops -m "not slow" -q -p no:cacheprovider "${SELECT[@]}" --junitxml "$OUT/tests.xml"
+
+# ---- b: attention benchmark --------------------------------------------------------------------
+ATTN_METHODS=(sdpa_vanilla mcore_offbyone outeff_rowwise outeff_flash outeff_flash_clipped outeff_flash_gated)
+if (( REHEARSE )); then
+  ATTN_ARGS=(--interpret --sq 64 128 --d 64 128 --dtype bf16 --b 1 --h 2 --warmup 0 --repeats 1 --no-memory)
+else
+  ATTN_ARGS=(--sq 1024 2048 4096 8192 16384 --d 64 128 --dtype bf16 --warmup 3 --repeats 10)
+fi
+run_step bench_attention "$(lim ATTN $( (( REHEARSE )) && echo 900 || echo 110))" "tools/bench_attention.py ${ATTN_ARGS[*]}" \
+  "$PY" tools/bench_attention.py "${ATTN_ARGS[@]}" --methods "${ATTN_METHODS[@]}" \
+    --out "$OUT/bench_attention.json" --md "$WORK/1_bench_attention.md"
+
+# ---- c: training throughput ----------------------------------------------------------------------
+if (( REHEARSE )); then
+  TRAIN_ARGS=(--steps 2 --warmup 1 --seq 64 --micro-batch 2)
+else
+  TRAIN_ARGS=(--steps 15 --warmup 3)   # OPT-125m, seq 2048, micro-batch 8, bf16, ZeRO-1
+fi
+run_step bench_train "$(lim TRAIN $( (( REHEARSE )) && echo 1200 || echo 100))" "tools/bench_train.py ${TRAIN_ARGS[*]}" \
+  "$PY" tools/bench_train.py "${TRAIN_ARGS[@]}" --out "$OUT/bench_train.json" --md "$WORK/2_bench_train.md"
+
+# ---- d: the science experiment's GPU configuration ------------------------------------------------
+# The experiment resumes finished arms and writes each arm's result.json when the arm is done, so a
+# run cut by its limit still leaves the finished arms (packed with every small file it wrote).
+export EXP_CFG=configs/experiments/bb-sink-gpu.yaml
+EXP_SET=()
+if (( REHEARSE )); then   # the science tests' tiny size (tests/tools/test_experiment.py)
+  for s in "arms=[vanilla, softmax1]" \
+      "training.model.arch_overrides={num_layers: 2, hidden_size: 32, num_attention_heads: 2, ffn_hidden_size: 64, vocab_size: 16, max_position_embeddings: 16, hidden_dropout: 0.0, attention_dropout: 0.0}" \
+      "training.data.seq_length=16" "training.data.bigram_backcopy.vocab_size=16" \
+      "training.parallel.micro_batch_size=4" "training.parallel.global_batch_size=4" \
+      "training.train.train_iters=4" "training.logging.outlier_interval=2" "training.logging.log_interval=2" \
+      "training.schedule.warmup_iters=1" "training.checkpoint.save_interval=0" \
+      "evaluation={heldout_sequences: 8, calib_batches: 1, calib_batch_size: 4, batch_size: 4}"; do
+    EXP_SET+=(--set "$s")
+  done
+fi
+run_experiment() {
+  mkdir -p "$WORK/experiment"
+  "$PY" tools/run_experiment.py --config "$EXP_CFG" --out "$WORK/experiment" "$@"
+  local rc=$?
+  # small result files only (logs, JSON, tables, plots; no checkpoints), one archive
+  (cd "$WORK" && find experiment -type f -size -4M -not -path '*/checkpoints/*' -print0 | tar --null -czf "$OUT/experiment.tar.gz" -T -)
+  return $rc
+}
+if [[ -f tools/run_experiment.py && -f "$EXP_CFG" ]]; then
+  run_step experiment "$(lim EXPERIMENT $( (( REHEARSE )) && echo 900 || echo 200))" \
+    "tools/run_experiment.py --config $EXP_CFG$( (( REHEARSE )) && echo ' (tiny --set overrides)')" run_experiment "${EXP_SET[@]}"
+else
+  echo "== [experiment] not present: tools/run_experiment.py or $EXP_CFG missing on this branch"
+  printf '{"name": "experiment", "status": "skipped", "rc": null, "seconds": 0, "limit_s": 0, "note": "not present: tools/run_experiment.py or %s missing"}\n' \
+    "$EXP_CFG" >> "$WORK/steps.jsonl"
+  summarize
+fi
+
+# ---- e: the summary (already current after each step) --------------------------------------------
+summarize
+n=$(find "$OUT" -type f | wc -l)
+echo "== done in $(( $(date +%s) - T0 ))s; $n files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
+(( n <= 8 )) || echo "!! more than 8 files in OUT_DIR: only 8 come back from the GPU machine"
+"$PY" - "$OUT/summary.json" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+print("steps: " + ", ".join(f"{k} {v.get('status')}" for k, v in s["steps"].items()))
+t = s["tests"]
+print("tests: " + ("no report" if t is None else f"{t['passed']} passed, {t['failed']} failed, {t['errors']} errors, {t['skipped']} skipped"))
+for k, v in s["targets"].items():
+    met = {True: "MET", False: "NOT MET", None: "-"}[v["met"]]
+    print(f"  {met:7s} {k}: {v['value']} ({v['op']} {v['goal']})")
+PY
+failed=$(grep -c '"status": "\(failed\|timeout\)"' "$WORK/steps.jsonl" || true)
+exec >&- 2>&-
+wait "$TEE_PID" 2>/dev/null
+rm -rf "$WORK"
+(( failed == 0 ))
