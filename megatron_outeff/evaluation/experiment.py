@@ -41,6 +41,8 @@ from typing import Any, Optional
 
 import yaml
 
+from megatron_outeff.training.config import ConfigError, _apply_override, _from_dict, config_from_dict
+
 __all__ = ["ARMS", "ExperimentError", "ExperimentConfig", "load_experiment", "run_experiment", "judge",
            "read_curves", "CURVE_TAGS", "main"]
 
@@ -116,38 +118,15 @@ class ExperimentConfig:
         return hashlib.sha256(json.dumps(self.source, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _fields(cls, data, where):
-    if data is None:
-        return cls()
-    if not isinstance(data, dict):
-        raise ExperimentError(f"{where}: expected a mapping, got {data!r}")
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    for k, v in data.items():
-        if k not in names:
-            raise ExperimentError(f"unknown experiment key '{where}.{k}'")
-        want = type(names[k].default)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (want is int and not isinstance(v, int)):
-            raise ExperimentError(f"{where}.{k}={v!r}: expected {'an integer' if want is int else 'a number'}")
-    return cls(**data)
-
-
-def _apply_override(data: dict, item: str) -> None:
-    if "=" not in item:
-        raise ExperimentError(f"override {item!r}: expected key.path=value")
-    path, raw = item.split("=", 1)
-    keys = path.strip().split(".")
-    node = data
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise ExperimentError(f"override {item!r}: {k} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
-
-
 def load_experiment(path, overrides: Optional[list] = None) -> ExperimentConfig:
     """Read and validate everything (arms, the training config, the task) before anything is written."""
-    from megatron_outeff.training.config import ConfigError, config_from_dict
+    try:
+        return _load_experiment(path, overrides)
+    except ConfigError as e:
+        raise ExperimentError(str(e)) from None
 
+
+def _load_experiment(path, overrides) -> ExperimentConfig:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
@@ -155,7 +134,7 @@ def load_experiment(path, overrides: Optional[list] = None) -> ExperimentConfig:
     if not isinstance(data, dict):
         raise ExperimentError(f"{path}: expected a mapping")
     for item in overrides or []:
-        _apply_override(data, item)
+        _apply_override(data, item)  # the training config's --set syntax
     unknown = sorted(set(data) - {"name", "arms", "training", "evaluation", "claim"})
     if unknown:
         raise ExperimentError(f"unknown experiment key '{unknown[0]}' (expected name, arms, training, evaluation, claim)")
@@ -185,8 +164,8 @@ def load_experiment(path, overrides: Optional[list] = None) -> ExperimentConfig:
         raise ExperimentError(f"training.logging.outlier_interval={oi}: must be >= 1 and divide train.train_iters={ti}")
     if cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel != 1:
         raise ExperimentError("training.parallel: the experiment runner trains each arm in one process (TP = PP = 1)")
-    ev = _fields(EvaluationConfig, data.get("evaluation"), "evaluation")
-    claim = _fields(ClaimConfig, data.get("claim"), "claim")
+    ev = _from_dict(EvaluationConfig, data.get("evaluation") or {}, "evaluation")
+    claim = _from_dict(ClaimConfig, data.get("claim") or {}, "claim")
     for k in ("heldout_sequences", "calib_batches", "calib_batch_size", "batch_size"):
         if getattr(ev, k) < 1:
             raise ExperimentError(f"evaluation.{k}={getattr(ev, k)}: must be >= 1")
@@ -274,6 +253,9 @@ def _train_arm(exp: ExperimentConfig, arm: str, arm_dir: Path, log) -> float:
     cfg_path = arm_dir / "train.yaml"
     cfg_path.write_text(yaml.safe_dump(arm_training_config(exp, arm, arm_dir), sort_keys=False))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # One intra-op thread per training process unless the caller says otherwise: on a shared 2-core
+    # machine OpenMP's spinning threads made a step 5-10x slower (measured, tools/results/experiments/).
+    env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
     repo = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -519,8 +501,12 @@ def plot_curves(rep: dict, out_dir: Path) -> list[Path]:
 
 
 def run_experiment(exp: ExperimentConfig, out, *, command: list, log=print) -> dict:
+    import torch
+
     out = Path(out)
     claim_out_dir(out, exp)
+    # Evaluation here uses one intra-op thread too, unless OMP_NUM_THREADS says otherwise (_train_arm).
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     t0 = time.time()
     results = {}
     for i, arm in enumerate(exp.arms):

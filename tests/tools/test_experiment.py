@@ -117,5 +117,5 @@ def test_experiment_configs_load():
     for path in (CPU_CONFIG, GPU_CONFIG):
         exp = load_experiment(path)
         assert exp.arms == ["vanilla", "softmax1", "learnable", "gated_softmax1", "clipped_softmax1"]
-    with pytest.raises(ExperimentError, match="unknown experiment key 'claim.fator'"):
+    with pytest.raises(ExperimentError, match="unknown config key 'claim.fator'"):
         load_experiment(CPU_CONFIG, ["claim.fator=3"])
