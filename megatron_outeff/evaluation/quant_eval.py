@@ -15,8 +15,10 @@ The four numbers (all on the same blocks, token-weighted, `megatron_outeff.hf.pe
                   fp32 compute on fp16-ROUNDED weights and says so in "mode" / "note".
   w8a8_simulated  the paper's protocol (field notes section 2) via `apply_simulated_w8a8`: every
                   Linear / Embedding / LayerNorm weight and output and every QuantPoint (Q K^T, softmax
-                  output, P V, residual sums; OutEffOPT only, a plain OPT has none) fake-quantized;
-                  LM head and gates excluded; activation ranges calibrated on `calib_batches`.
+                  output, P V, residual sums) fake-quantized; LM head and gates excluded; activation
+                  ranges calibrated on `calib_batches`. Like-for-like: a plain OPT (the vanilla
+                  export) is evaluated through `quantizable_model`, OutEffOPT with softmax "vanilla",
+                  so it has the same quantization points as every other variant.
   w8a8_deployable the Linear-only compressed-tensors "int-quantized" checkpoint written by
                   `export_compressed_tensors_w8a8` (calibrated on the same batches), reloaded with
                   transformers + compressed-tensors and evaluated as a consumer would load it.
@@ -43,6 +45,7 @@ __all__ = [
     "model_info",
     "fp16_perplexity",
     "simulated_w8a8_perplexity",
+    "quantizable_model",
     "deployable_w8a8_perplexity",
     "evaluate_quantization",
 ]
@@ -158,12 +161,33 @@ def fp16_perplexity(model, blocks, *, batch_size: int = 8) -> dict:
     return res
 
 
+def quantizable_model(model):
+    """The model the simulated W8A8 protocol runs on: a plain transformers OPT (how vanilla models
+    are exported) becomes the same weights in ``OutEffOPTForCausalLM`` with softmax "vanilla", whose
+    QuantPoints (Q K^T, softmax output, P V, residual sums) put exactly the quantization points of
+    the other variants into the baseline too (like-for-like: only variant-only modules such as gates
+    differ). The float function is unchanged (same math, same weights). Other models are returned as is."""
+    if getattr(model.config, "model_type", None) != "opt":
+        return model
+    from megatron_outeff.hf import OutEffOPTConfig, OutEffOPTForCausalLM
+
+    cfg = model.config.to_dict()
+    for k in ("model_type", "architectures", "auto_map", "transformers_version"):
+        cfg.pop(k, None)
+    outeff = OutEffOPTForCausalLM(OutEffOPTConfig(**cfg, softmax="vanilla")).to(dtype=next(model.parameters()).dtype)
+    outeff.load_state_dict(model.state_dict(), strict=True)
+    return outeff.to(_device_of(model)).eval()
+
+
 def simulated_w8a8_perplexity(model, blocks, calib_batches, *, batch_size: int = 8,
                               exclude: Sequence[str] = SIMULATED_EXCLUDE) -> dict:
-    """The paper's simulated W8A8 perplexity (module doc). The float model is not modified."""
+    """The paper's simulated W8A8 perplexity (module doc), like-for-like: a plain OPT is evaluated
+    through ``quantizable_model`` so every variant has the same quantized op set. The float model is
+    not modified."""
     from megatron_outeff.quant import apply_simulated_w8a8
     from megatron_outeff.quant.points import is_quant_point
 
+    model = quantizable_model(model)
     sim = apply_simulated_w8a8(model, _calibrate_fn(calib_batches, _device_of(model)), exclude=exclude)
     res = perplexity(sim.model, blocks, batch_size=batch_size)
     n_points = sum(1 for n in sim.act_quantizers if is_quant_point(sim.model.get_submodule(n)))
@@ -175,8 +199,8 @@ def simulated_w8a8_perplexity(model, blocks, calib_batches, *, batch_size: int =
         uncalibrated=sim.uncalibrated,
         note=("paper protocol: W 8-bit symmetric per-tensor min-max; A 8-bit asymmetric running min-max "
               "(momentum 0.9, 99.999th percentile); Linear/Embedding/LayerNorm weights+outputs"
-              + (", Q K^T, softmax, P V, residual sums" if n_points else " (plain OPT: no attention-internal points)")
-              + "; LM head and gates float"),
+              + (", Q K^T, softmax, P V, residual sums" if n_points else " (no attention-internal points)")
+              + "; LM head and gates float; plain OPT evaluated through OutEffOPT(vanilla): same op set"),
     )
     del sim
     return res

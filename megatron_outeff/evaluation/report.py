@@ -238,6 +238,7 @@ HEADLINE_ROWS = [
     ("ppl W8A8 simulated (paper protocol)", _ppl("w8a8_simulated"), True, "ppl"),
     ("ppl W8A8 deployable (compressed-tensors, Linear only)", _ppl("w8a8_deployable"), True, "ppl"),
     ("W8A8 simulated / FP32 ppl", lambda m: _ratio(m, "w8a8_simulated"), True, "{:.4f}"),
+    ("W8A8 simulated: quantized activation tensors", lambda m: (m.get("perplexity") or {}).get("w8a8_simulated", {}).get("quantized_activations"), None, "{:d}"),
     ("W8A8 deployable / FP32 ppl", lambda m: _ratio(m, "w8a8_deployable"), True, "{:.4f}"),
 ]
 

@@ -34,6 +34,11 @@ __all__ = [
     "channel_absmax",
     "outlier_channels",
     "attention_sink_mass",
+    "first_token_mass_per_head",
+    "sink_head_share",
+    "SINK_THRESHOLD",
+    "first_token_norm_ratio",
+    "masked_mean",
     "OutlierCollector",
     "hf_opt_components",
     "hf_opt_collector",
@@ -158,6 +163,66 @@ def attention_sink_mass(
         a = sink_logits.detach().to(torch.float64).reshape(1, h, 1)
         sink = torch.exp(a - lse.detach().to(torch.float64)).mean().item()
     return {"first_token_mass": first, "sink_mass": sink}
+
+
+# Gu et al. (arXiv 2410.10781) call a head a sink head when its mean attention on the first token
+# exceeds epsilon; Sink^epsilon is the share of such heads. Their headline epsilon is 0.3.
+SINK_THRESHOLD = 0.3
+
+
+def first_token_mass_per_head(probs: torch.Tensor, query_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean attention probability on the first key, per head, over the selected query rows.
+
+    probs: [b, h, sq, sk] attention probabilities. query_mask: [b, sq] bool, True = include that
+    query row (e.g. the positions where a head has nothing to do); None = every row (Gu et al.'s
+    alpha_h = 1/T sum_t A_h[t, 0], averaged over the batch too). Returns [h] float64; NaN for
+    every head if no row is selected."""
+    if not isinstance(probs, torch.Tensor) or probs.dim() != 4:
+        raise ValueError(f"probs must be a [b, h, sq, sk] tensor, got {getattr(probs, 'shape', type(probs).__name__)}")
+    first = probs.detach().to(torch.float64)[..., 0]  # [b, h, sq]
+    if query_mask is None:
+        return first.mean(dim=(0, 2))
+    b, _, sq = first.shape
+    if tuple(query_mask.shape) != (b, sq):
+        raise ValueError(f"query_mask must have shape {(b, sq)}, got {tuple(query_mask.shape)}")
+    w = query_mask.to(device=first.device, dtype=torch.float64).unsqueeze(1)  # [b, 1, sq]
+    return (first * w).sum(dim=(0, 2)) / w.sum()
+
+
+def sink_head_share(first_token_mass: torch.Tensor, threshold: float = SINK_THRESHOLD) -> float:
+    """Share of heads whose mean first-token mass exceeds ``threshold`` (Gu et al.'s Sink^epsilon).
+    first_token_mass: per-head masses (any shape, e.g. [layers, h] or [h])."""
+    m = torch.as_tensor(first_token_mass, dtype=torch.float64).reshape(-1)
+    if m.numel() == 0:
+        raise ValueError("first_token_mass is empty: expected one value per head")
+    return (m > threshold).to(torch.float64).mean().item()
+
+
+def first_token_norm_ratio(x: torch.Tensor, token_dim: int = 0) -> float:
+    """Norm of the first token's vector over the median norm across all positions, averaged.
+
+    x: activations with the token axis at ``token_dim`` and the feature axis LAST, e.g. a residual
+    stream [s, b, d] (megatron, token_dim 0) or [b, s, d] (token_dim 1), or value vectors
+    [s, b, h, d_head] (one ratio per sample and head). For every other index (sample, head):
+    ||x[0]||_2 / median_t ||x[t]||_2 (median over all s positions, the first included; the mean of
+    the two middle values for even s), then the mean over those indices. A massive-activation sink
+    token gives >> 1; a sink with a small value vector gives << 1. float64."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise ValueError(f"x must be a tensor with a token axis and a feature (last) axis, got {getattr(x, 'shape', x)}")
+    if not -x.dim() <= token_dim < x.dim() or token_dim % x.dim() == x.dim() - 1:
+        raise ValueError(f"token_dim={token_dim} must not be the feature (last) axis of shape {tuple(x.shape)}")
+    norms = x.detach().to(torch.float64).norm(dim=-1).movedim(token_dim, 0)  # [s, ...]
+    median = torch.quantile(norms.reshape(norms.shape[0], -1), 0.5, dim=0).reshape(norms.shape[1:])
+    return (norms[0] / median).mean().item()
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean of ``values`` where ``mask`` is true (same shape); NaN when nothing is selected. float64."""
+    if values.shape != mask.shape:
+        raise ValueError(f"values {tuple(values.shape)} and mask {tuple(mask.shape)} differ in shape")
+    m = mask.to(device=values.device, dtype=torch.bool)
+    n = int(m.sum())
+    return values.detach().to(torch.float64)[m].sum().item() / n if n else math.nan
 
 
 class OutlierCollector:

@@ -106,8 +106,21 @@ class LoggingConfig:
 
 
 @dataclass
+class BigramBackcopyConfig:
+    """data.source=bigram_backcopy (megatron_outeff.data.bigram_backcopy; Guo et al. arXiv 2410.13835):
+    BOS, a fixed random bigram chain, and after a trigger token a copy of the token before it.
+    The training stream is seeded by train.seed, the held-out stream by heldout_seed."""
+
+    vocab_size: int = 64  # BOS + triggers + regular tokens (<= the model's vocabulary)
+    num_triggers: int = 3
+    seed: int = 0  # the task itself (bigram matrix)
+    heldout_seed: int = 999_983  # the fixed held-out (validation / probe) stream
+    logit_scale: float = 2.0  # bigram rows: softmax(logit_scale * N(0, 1))
+
+
+@dataclass
 class DataConfig:
-    source: str = "synthetic"  # "synthetic" | "indexed"
+    source: str = "synthetic"  # "synthetic" | "indexed" | "bigram_backcopy"
     seq_length: int = 32
     # indexed (megatron_outeff.data): a list of .bin/.idx prefixes, or megatron's ["0.7", "a", "0.3", "b"].
     train_paths: list = field(default_factory=list)
@@ -116,6 +129,7 @@ class DataConfig:
     split: str = "969,30,1"  # train/valid/test document shares when valid_paths is empty
     cache_dir: Optional[str] = None  # megatron's index cache (shared by all ranks); default beside the data
     eod_mask_loss: bool = False  # no loss on predicting the end-of-document token
+    bigram_backcopy: BigramBackcopyConfig = field(default_factory=BigramBackcopyConfig)
 
 
 @dataclass
@@ -216,10 +230,24 @@ def validate(cfg: Config) -> None:
         )
     if t.train_iters < 1:
         raise ConfigError(f"train.train_iters={t.train_iters}: must be >= 1")
-    if cfg.data.source not in ("synthetic", "indexed"):
-        raise ConfigError(f"data.source={cfg.data.source!r}: expected synthetic or indexed")
+    if cfg.data.source not in ("synthetic", "indexed", "bigram_backcopy"):
+        raise ConfigError(f"data.source={cfg.data.source!r}: expected synthetic, indexed or bigram_backcopy")
+    if cfg.data.source == "bigram_backcopy":
+        bigram_backcopy_task(cfg)  # impossible task parameters fail here
     if cfg.data.source == "indexed" and not cfg.data.train_paths:
         raise ConfigError("data.source=indexed needs data.train_paths")
+
+
+def bigram_backcopy_task(cfg: Config):
+    """The BigramBackcopyTask of data.bigram_backcopy and data.seq_length (ConfigError if impossible)."""
+    from megatron_outeff.data.bigram_backcopy import BigramBackcopyTask
+
+    b = cfg.data.bigram_backcopy
+    try:
+        return BigramBackcopyTask(vocab_size=b.vocab_size, num_triggers=b.num_triggers, seq_length=cfg.data.seq_length,
+                                  seed=b.seed, logit_scale=b.logit_scale)
+    except ValueError as e:
+        raise ConfigError(f"data.bigram_backcopy: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------------

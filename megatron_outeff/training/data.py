@@ -132,12 +132,28 @@ def indexed_samplers(cfg, *, vocab_size: int) -> tuple[Callable[[int], dict], Ca
     return sampler(train), (sampler(valid) if valid is not None and n_valid else None)
 
 
+def bigram_backcopy_samplers(cfg, *, vocab_size: int) -> tuple[Callable[[int], dict], Callable[[int], dict]]:
+    """Training stream (seed train.seed) and the fixed held-out stream (data.bigram_backcopy.heldout_seed)."""
+    from .config import ConfigError, bigram_backcopy_task
+
+    task = bigram_backcopy_task(cfg)
+    if task.vocab_size > vocab_size:
+        raise ConfigError(f"data.bigram_backcopy.vocab_size={task.vocab_size} exceeds the model's vocabulary ({vocab_size})")
+
+    def sampler(stream_seed: int):
+        return lambda i: make_sample(task.sequence(stream_seed, i))
+
+    return sampler(cfg.train.seed), sampler(cfg.data.bigram_backcopy.heldout_seed)
+
+
 def build_sources(cfg, *, vocab_size: int, dp_rank: int, dp_size: int) -> tuple[BatchSource, BatchSource | None]:
     """(train, validation) sources for this rank. Validation restarts from sample 0 at each evaluation."""
     d, p = cfg.data, cfg.parallel
     if d.source == "synthetic":
         train = synthetic_sampler(vocab_size, d.seq_length, cfg.train.seed)
         valid = synthetic_sampler(vocab_size, d.seq_length, cfg.train.seed + 1)
+    elif d.source == "bigram_backcopy":
+        train, valid = bigram_backcopy_samplers(cfg, vocab_size=vocab_size)
     else:
         train, valid = indexed_samplers(cfg, vocab_size=vocab_size)
     kw = dict(micro_batch_size=p.micro_batch_size, global_batch_size=p.global_batch_size, dp_rank=dp_rank, dp_size=dp_size)

@@ -13,6 +13,14 @@ first key and on the sink (1 - row sum), ``outliers/layer{i}/attn_probs/{first_t
 and their means over layers, ``outliers/mean_first_token_mass`` / ``outliers/mean_sink_mass``. Only
 on the probe step: the training path never materialises probabilities. TP rank 0's heads.
 
+Token-wise outliers (same probe): per head, the mean first-key mass over all query rows (Gu et al.'s
+alpha_h; ``outliers/sink_head_share_0.3`` = share of heads above 0.3, their Sink^0.3) and, when the
+data source marks idle query rows (bigram_backcopy: non-trigger positions), over those rows only
+(``outliers/layer{i}/attn_probs/first_token_mass_idle`` head mean, ``max_head_first_token_mass_idle``);
+the first token's value-norm ratio (``outliers/layer{i}/value_norm_ratio``: ||v_0|| / median_t ||v_t||,
+head mean) and residual-norm ratio (``outliers/layer{i}/layer/first_token_norm_ratio``, the layer
+output); with position classes, the probe loss per class (``outliers/loss/{copy,bigram}``).
+
 Notes: megatron's linear_proj / linear_fc2 return their output without the bias (added in the
 fused bias-dropout-add), so attn_out / fc2 are measured before the bias. Under sequence parallelism
 a TP rank holds a sequence slice, so the statistics are those of TP rank 0's slice.
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.distributed as dist
 
 from .model import unwrap
@@ -52,24 +61,72 @@ def core_attentions(model) -> dict:
 
 
 class AttentionMassProbe:
-    """Forward hooks that record each core attention's mean first-key and sink mass while active."""
+    """Forward hooks that record, per core attention, the mean first-key and sink mass, the per-head
+    first-key mass over all query rows (Gu et al.'s alpha_h) and over the ``idle`` rows if a query
+    mask is set, and the first token's value-norm ratio, while active."""
 
     def __init__(self, attentions: dict):
         self.attentions = attentions
         self.values = {}
+        self.idle = None  # [b, sq] bool: query rows where the task gives the head nothing to do
 
     def __enter__(self):
-        from megatron_outeff.metrics.outliers import attention_sink_mass
+        from megatron_outeff.metrics.outliers import (attention_sink_mass, first_token_mass_per_head,
+                                                      first_token_norm_ratio)
 
         def hook(name):
             def record(module, args, kwargs, output):
-                query, key, _, mask = args[:4]
+                query, key, value, mask = args[:4]
                 probs = module.probe_probabilities(query, key, mask, kwargs.get("attn_mask_type"))
-                self.values[name] = attention_sink_mass(probs)
+                m = attention_sink_mass(probs)
+                m["first_token_mass_per_head"] = first_token_mass_per_head(probs).tolist()
+                m["value_norm_ratio"] = first_token_norm_ratio(value, token_dim=0)  # [sk, b, heads, d]
+                if self.idle is not None:
+                    m["first_token_mass_idle_per_head"] = first_token_mass_per_head(probs, self.idle).tolist()
+                self.values[name] = m
             return record
 
         self.values = {}
         self.handles = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in self.attentions.items()]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+class TokenProbe:
+    """Forward hooks for token-wise outliers: each layer's first-token residual-norm ratio (layer
+    output [s, b, h]) and, on the last stage, the per-token loss split into the task's position
+    classes (``position_masks``: {name: [b, s] bool}, e.g. copy / bigram positions)."""
+
+    def __init__(self, model):
+        gpt = unwrap(model)
+        self.layers = {f"layer{layer.layer_number - 1}": layer for layer in gpt.decoder.layers}
+        self.gpt = gpt if getattr(gpt, "post_process", False) else None
+        self.position_masks = None
+        self.values = {}
+
+    def __enter__(self):
+        from megatron_outeff.metrics.outliers import first_token_norm_ratio, masked_mean
+
+        def layer_hook(name):
+            def record(module, args, output):
+                out = output[0] if isinstance(output, (tuple, list)) else output
+                self.values.setdefault("residual_norm_ratio", {})[name] = first_token_norm_ratio(out, token_dim=0)
+            return record
+
+        def loss_hook(module, args, output):
+            if self.position_masks is None or not isinstance(output, torch.Tensor) or output.dim() != 2:
+                return
+            for cls, mask in self.position_masks.items():
+                self.values.setdefault("loss", {})[cls] = masked_mean(output, mask.to(output.device))
+
+        self.values = {}
+        self.handles = [m.register_forward_hook(layer_hook(n)) for n, m in self.layers.items()]
+        if self.gpt is not None:
+            self.handles.append(self.gpt.register_forward_hook(loss_hook))
         return self
 
     def __exit__(self, *exc):
@@ -88,29 +145,38 @@ class OutlierMonitor:
         # megatron's activations are [s, b, h]: the batch is dim 1
         self.collector = OutlierCollector(megatron_components(model), batch_dim=1)
         self.attention_mass = AttentionMassProbe(core_attentions(model))
+        self.tokens = TokenProbe(model)
 
     def due(self, iteration: int) -> bool:
         return self.interval > 0 and iteration % self.interval == 0
 
-    def measure(self, forward) -> dict:
+    def measure(self, forward, position_masks: dict | None = None, idle: "torch.Tensor | None" = None) -> dict:
         """Run ``forward()`` (collective: every rank) with the hooks on; returns {tag: value} on the
-        logging rank (empty elsewhere)."""
+        logging rank (empty elsewhere). position_masks ({name: [b, s] bool} over the probe batch):
+        the loss is also logged per position class (``outliers/loss/{name}``); idle ([b, s] bool):
+        the query rows where the task gives a head nothing to do (first-token mass there)."""
         from megatron.core import parallel_state as ps
+        from megatron_outeff.metrics.outliers import SINK_THRESHOLD, sink_head_share
 
         self.collector.reset()
-        with self.collector, self.attention_mass:
+        self.attention_mass.idle = idle
+        self.tokens.position_masks = position_masks
+        with self.collector, self.attention_mass, self.tokens:
             forward()
         summary = None
         if self.measuring:
             summary = self.collector.summary()
             summary["attention_mass"] = dict(self.attention_mass.values)
+            summary["tokens"] = dict(self.tokens.values)
         gathered = [None] * ps.get_pipeline_model_parallel_world_size()
         dist.all_gather_object(gathered, summary, group=ps.get_pipeline_model_parallel_group())
-        comps, masses = {}, {}
+        comps, masses, ratios, losses = {}, {}, {}, {}
         for s in gathered:
             if s:
                 comps.update(s["components"])
                 masses.update(s.get("attention_mass", {}))
+                ratios.update(s.get("tokens", {}).get("residual_norm_ratio", {}))
+                losses.update(s.get("tokens", {}).get("loss", {}))
         if not comps:
             return {}
         tags = {}
@@ -131,7 +197,27 @@ class OutlierMonitor:
         for layer, m in masses.items():
             tags[f"outliers/{layer}/attn_probs/first_token_mass"] = m["first_token_mass"]
             tags[f"outliers/{layer}/attn_probs/sink_mass"] = m["sink_mass"]
+            tags[f"outliers/{layer}/attn_probs/sink_head_share"] = sink_head_share(m["first_token_mass_per_head"])
+            tags[f"outliers/{layer}/value_norm_ratio"] = m["value_norm_ratio"]
+            if "first_token_mass_idle_per_head" in m:
+                per_head = m["first_token_mass_idle_per_head"]
+                tags[f"outliers/{layer}/attn_probs/first_token_mass_idle"] = sum(per_head) / len(per_head)
+                tags[f"outliers/{layer}/attn_probs/max_head_first_token_mass_idle"] = max(per_head)
         if masses:
             for key in ("first_token_mass", "sink_mass"):
                 tags[f"outliers/mean_{key}"] = sum(m[key] for m in masses.values()) / len(masses)
+            # Gu et al.'s Sink^0.3 over every head of every (TP rank 0) layer
+            tags[f"outliers/sink_head_share_{SINK_THRESHOLD}"] = sink_head_share(
+                [x for m in masses.values() for x in m["first_token_mass_per_head"]])
+            tags["outliers/min_value_norm_ratio"] = min(m["value_norm_ratio"] for m in masses.values())
+            idle = [x for m in masses.values() for x in m.get("first_token_mass_idle_per_head", [])]
+            if idle:
+                tags["outliers/mean_first_token_mass_idle"] = sum(idle) / len(idle)
+                tags["outliers/max_head_first_token_mass_idle"] = max(idle)
+        for layer, r in ratios.items():
+            tags[f"outliers/{layer}/layer/first_token_norm_ratio"] = r
+        if ratios:
+            tags["outliers/max_first_token_norm_ratio"] = max(ratios.values())
+        for cls, value in losses.items():
+            tags[f"outliers/loss/{cls}"] = value
         return tags

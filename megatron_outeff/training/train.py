@@ -184,7 +184,8 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
 
         if outliers is not None and outliers.due(iteration):
             probe = valid_data.first_microbatch()  # the same batch every time
-            logger.scalars(iteration, outliers.measure(lambda: eval_loss(trainer, [probe])))
+            logger.scalars(iteration, outliers.measure(lambda: eval_loss(trainer, [probe]),
+                                                       **probe_position_masks(cfg, probe["tokens"])))
 
         exit_now = bool(cfg.train.exit_interval) and iteration % cfg.train.exit_interval == 0
         if stop.any_rank():
@@ -202,6 +203,18 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
     stop.close()
     print_rank0(f"done at iteration {iteration}" + (" (stopped early)" if stopped_early else ""))
     return {"iteration": iteration, "history": history}
+
+
+def probe_position_masks(cfg: Config, tokens: torch.Tensor) -> dict:
+    """The outlier probe's task-specific position classes: for data.source=bigram_backcopy, the loss
+    split into copy / bigram positions and the idle query rows (non-trigger positions); else none."""
+    if cfg.data.source != "bigram_backcopy":
+        return {}
+    from .config import bigram_backcopy_task
+
+    task = bigram_backcopy_task(cfg)
+    copy = task.copy_positions(tokens)
+    return {"position_masks": {"copy": copy, "bigram": ~copy}, "idle": task.idle_positions(tokens)}
 
 
 def main(argv=None) -> int:
