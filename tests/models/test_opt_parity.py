@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,8 +27,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def parity(hf_opt_dir, private_tmp):
     hf_dir, _ = hf_opt_dir
-    tmp = private_tmp / "parity"
-    tmp.mkdir()
+    tmp = Path(tempfile.mkdtemp(prefix="parity-", dir=private_tmp))  # its own dir each time the module is set up
     out_json, export_dir = tmp / "result.json", tmp / "exported"
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     torchrun = Path(sys.executable).with_name("torchrun")
