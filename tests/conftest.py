@@ -25,6 +25,30 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_process_group_across_modules():
+    """Each test module leaves no torch.distributed process group, megatron parallel state or the
+    rendezvous variables a single-process group sets (megatron_outeff.megatron.parallel.init_distributed)
+    behind: no module depends on another having run before it (the suite passes in shuffled order)."""
+    saved = {k: os.environ.get(k) for k in _DIST_ENV}
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        from megatron_outeff.megatron.parallel import destroy_model_parallel
+
+        destroy_model_parallel()
+        dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture
 def run_compiled_triton():
     """A function script -> CompletedProcess that runs `python -c script` in a subprocess with compiled

@@ -2,7 +2,9 @@
 
 Layout of ``checkpoint.dir``::
 
-    run.json                 config fingerprint + config of the run that owns this directory
+    run.json                 config fingerprint + config of the run that owns this directory (written
+                             once the run is built; a directory without a complete checkpoint never
+                             blocks a new run, which takes it over)
     latest                   name of the newest complete checkpoint (replaced atomically, last)
     iter_0000100/            DeepSpeed's files (model, optimizer, LR scheduler, loss scaler; ZeRO shards)
         train_state.json     iteration, consumed samples, fingerprint
@@ -81,9 +83,14 @@ def _fsync_dir(path: Path) -> None:
 # Ownership of the checkpoint directory
 # --------------------------------------------------------------------------------------------------
 def claim_run_dir(cfg: Config, force_resume: bool) -> bool:
-    """Check ``checkpoint.dir`` belongs to this run (same config fingerprint) and record it.
-    Returns True if there is a checkpoint to resume from. Raises ConfigError (nothing written)
-    if the directory holds another run and ``force_resume`` is False. Collective."""
+    """Decide whether this run may use ``checkpoint.dir``; writes nothing (``record_run`` does, once
+    the run is built). Returns True if there is a checkpoint of this run to resume from.
+
+    The rule: a directory whose ``latest`` names a complete checkpoint belongs to the run of its
+    ``run.json`` (same config fingerprint: resume; another: refused unless ``force_resume``). A
+    directory holding no complete checkpoint never blocks: a new run takes it over. A non-empty
+    directory without ``run.json`` is not a run directory and is refused. Raises ConfigError
+    (nothing written). Collective."""
     ckpt = cfg.checkpoint.dir
     if not ckpt:
         if force_resume:
@@ -105,16 +112,25 @@ def _decide(cfg: Config, ckpt: Path, force_resume: bool) -> tuple[str | None, bo
     latest = read_latest(ckpt)
     if run_file.exists():
         theirs = json.loads(run_file.read_text()).get("fingerprint")
-        if theirs != fingerprint and not force_resume:
+        if theirs != fingerprint and latest is not None and not force_resume:
             return (f"checkpoint.dir={ckpt} holds another run (config fingerprint {theirs}, this config "
                     f"{fingerprint}); use another directory, or --resume to continue it with this config", False)
     elif ckpt.exists() and any(ckpt.iterdir()):
         return (f"checkpoint.dir={ckpt} is not empty and holds no {RUN_FILE}; refusing to overwrite it", False)
     if force_resume and latest is None:
-        return (f"--resume: no complete checkpoint in {ckpt}", False)
-    ckpt.mkdir(parents=True, exist_ok=True)
-    _write_atomic(run_file, json.dumps({"fingerprint": fingerprint, "config": yaml_safe(cfg)}, indent=1))
+        return (f"--resume: no complete checkpoint in {ckpt}; without --resume a new run starts there", False)
     return None, latest is not None
+
+
+def record_run(cfg: Config) -> None:
+    """Write ``run.json`` (this run's fingerprint and config) into ``checkpoint.dir``: called once the
+    model, engine and data are built and a resumed checkpoint is loaded, so a config that fails earlier
+    leaves nothing behind. Collective."""
+    if cfg.checkpoint.dir and dist.get_rank() == 0:
+        ckpt = Path(cfg.checkpoint.dir)
+        ckpt.mkdir(parents=True, exist_ok=True)
+        _write_atomic(ckpt / RUN_FILE, json.dumps({"fingerprint": cfg.fingerprint(), "config": yaml_safe(cfg)}, indent=1))
+    dist.barrier()
 
 
 def yaml_safe(cfg: Config):

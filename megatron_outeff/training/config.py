@@ -57,7 +57,10 @@ class OptimizerConfig:
     betas: tuple = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
-    decay_norm_weights: bool = True  # LayerNorm weights decayed (the paper); biases never are
+    # Weight decay by parameter role (training/engine.py decay_role): matrices and embeddings decayed;
+    # biases and other 1-D parameters (softmax_offset) never, as in megatron-core; LayerNorm weights
+    # only when true (megatron-core: false; the paper's OPT recipe: true).
+    decay_norm_weights: bool = False
 
 
 @dataclass
@@ -136,7 +139,7 @@ class DataConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     # Attention variant: the fields of megatron_outeff.megatron.variant.AttentionVariantConfig
-    # (e.g. {softmax: softmax1}); empty = vanilla softmax. Validated by that dataclass when built.
+    # (e.g. {softmax: softmax1}); empty = vanilla softmax. Validated by that dataclass at load.
     attention: dict = field(default_factory=dict)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -190,7 +193,9 @@ class Config:
 # Validation
 # --------------------------------------------------------------------------------------------------
 def validate(cfg: Config) -> None:
-    """Checks that need no process group. World-size checks live in grad_accumulation_steps()."""
+    """Every key, checked when the config is loaded (before anything is built or written), without a
+    process group: the sections here, the model and attention keys in model.check_model. World-size
+    checks live in grad_accumulation_steps() and deepspeed_config()."""
     p, o, s, pr, t = cfg.parallel, cfg.optimizer, cfg.schedule, cfg.precision, cfg.train
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={p.zero_stage}: expected 0, 1, 2 or 3")
@@ -236,6 +241,21 @@ def validate(cfg: Config) -> None:
         bigram_backcopy_task(cfg)  # impossible task parameters fail here
     if cfg.data.source == "indexed" and not cfg.data.train_paths:
         raise ConfigError("data.source=indexed needs data.train_paths")
+    if cfg.model.recompute_method not in (None, "uniform", "block"):
+        raise ConfigError(f"model.recompute_method={cfg.model.recompute_method!r}: expected null, uniform or block")
+    for where, value, least in (
+        ("schedule.warmup_iters", s.warmup_iters, 0), ("train.eval_interval", t.eval_interval, 0),
+        ("train.eval_iters", t.eval_iters, 1), ("train.exit_interval", t.exit_interval, 0),
+        ("checkpoint.save_interval", cfg.checkpoint.save_interval, 0), ("checkpoint.keep_last", cfg.checkpoint.keep_last, 0),
+        ("logging.log_interval", cfg.logging.log_interval, 1), ("logging.outlier_interval", cfg.logging.outlier_interval, 0),
+        ("data.seq_length", cfg.data.seq_length, 1),
+    ):
+        if value < least:
+            raise ConfigError(f"{where}={value}: must be >= {least}")
+    _read_deepspeed_overrides(cfg)
+    from .model import check_model  # arch, overrides, attention variant, megatron TransformerConfig
+
+    check_model(cfg)
 
 
 def bigram_backcopy_task(cfg: Config):
@@ -389,13 +409,23 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "wall_clock_breakdown": False,
     }
     # DeepSpeed checks train_batch_size == micro x accumulation x its DP size: let it derive it.
-    if cfg.deepspeed_overrides:
-        try:
-            extra = json.loads(Path(cfg.deepspeed_overrides).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"deepspeed_overrides file not found: {cfg.deepspeed_overrides}") from None
-        _merge_owned_checked(ds, extra, "")
+    _merge_owned_checked(ds, _read_deepspeed_overrides(cfg), "")
     return ds
+
+
+def _read_deepspeed_overrides(cfg: Config) -> dict:
+    """The JSON of ``deepspeed_overrides`` ({} when unset); ConfigError if missing, unreadable or not a mapping."""
+    if not cfg.deepspeed_overrides:
+        return {}
+    try:
+        extra = json.loads(Path(cfg.deepspeed_overrides).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"deepspeed_overrides file not found: {cfg.deepspeed_overrides}") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"deepspeed_overrides={cfg.deepspeed_overrides}: not readable JSON ({e})") from None
+    if not isinstance(extra, dict):
+        raise ConfigError(f"deepspeed_overrides={cfg.deepspeed_overrides}: expected a JSON object")
+    return extra
 
 
 def _merge_owned_checked(base: dict, extra: dict, where: str) -> None:

@@ -3,7 +3,8 @@
 - ``MegatronMPU``: megatron's parallel_state under the names DeepSpeed calls, so DeepSpeed reduces
   gradients over the data-parallel group only (never across TP shards) and sums grad norms over the
   model-parallel group (TP x PP), counting TP-duplicated parameters once.
-- ``param_groups``: AdamW groups; biases never decayed, LayerNorm weights decayed if configured.
+- ``param_groups``: AdamW groups by parameter role (``decay_role``): biases and 1-D parameters never
+  decayed, LayerNorm weights only if ``optimizer.decay_norm_weights``.
 - ``WarmupDecayLR``: linear warmup, then linear / cosine decay to ``min_lr`` (a client scheduler,
   saved in DeepSpeed checkpoints).
 - ``build_engine``: model -> deepspeed.initialize with a client torch AdamW (no FusedAdam JIT build).
@@ -84,22 +85,42 @@ class MegatronMPU:
 # --------------------------------------------------------------------------------------------------
 # Optimizer parameter groups and LR schedule
 # --------------------------------------------------------------------------------------------------
-def _is_norm_weight(name: str, module: torch.nn.Module) -> bool:
-    return isinstance(module, torch.nn.LayerNorm) or "norm" in type(module).__name__.lower() or "norm" in name
+def _is_norm_module(module: torch.nn.Module) -> bool:
+    return isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)) or "norm" in type(module).__name__.lower()
+
+
+def decay_role(param_name: str, param: torch.Tensor, module: torch.nn.Module) -> str:
+    """The parameter's role for weight decay (``param_name`` is its name inside ``module``):
+
+    - "bias": named ``bias`` or ``*_bias``, of any shape (linear biases, the gates' biases, e.g. the
+      MLP gate's per-head ``fc1_bias``);
+    - "norm_weight": the scale of a normalisation layer (LayerNorm/RMSNorm);
+    - "vector": any other 1-D parameter (the learnable ``softmax_offset``, ...);
+    - "matrix": everything else (linear weights, embeddings, per-head gate weights).
+    megatron-core's rule (megatron/core/optimizer: no decay for ``*.bias`` and 1-D parameters) by role,
+    extended to biases that are not 1-D."""
+    if param_name == "bias" or param_name.endswith("_bias"):
+        return "bias"
+    if param.dim() <= 1:
+        return "norm_weight" if param_name == "weight" and _is_norm_module(module) else "vector"
+    return "matrix"
+
+
+def decays(role: str, cfg: Config) -> bool:
+    """Whether a parameter of this role is weight-decayed: matrices always; LayerNorm weights iff
+    ``optimizer.decay_norm_weights`` (the paper's OPT recipe decays them; megatron-core does not);
+    biases and other 1-D parameters never."""
+    return role == "matrix" or (role == "norm_weight" and cfg.optimizer.decay_norm_weights)
 
 
 def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
-    """Two AdamW groups: decayed (matrices, embeddings, LayerNorm weights if decay_norm_weights) and
-    not decayed (every bias; LayerNorm weights otherwise)."""
+    """Two AdamW groups by ``decay_role`` / ``decays``: "decay" (weight_decay) and "no_decay" (0)."""
     decay, no_decay = [], []
-    for mod_name, module in model.named_modules():
+    for module in model.modules():
         for p_name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
-            if p_name == "bias" or (not cfg.optimizer.decay_norm_weights and _is_norm_weight(mod_name, module)):
-                no_decay.append(p)
-            else:
-                decay.append(p)
+            (decay if decays(decay_role(p_name, p, module), cfg) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.optimizer.weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     return [g for g in groups if g["params"]]

@@ -3,10 +3,19 @@
 TensorBoard is written by one rank only: the last pipeline stage's first TP / DP rank (where the
 loss lives). Every scalar is logged against the iteration and, as megatron does, as
 "<tag> vs samples" and "<tag> vs tokens". Disabled (no directory) means no writer and no work.
+
+One writer per step axis: ``tensorboard_dir`` (iterations), ``tensorboard_dir/vs_samples`` and
+``tensorboard_dir/vs_tokens``. A (re)start writes TensorBoard's restart marker into each
+(SummaryWriter ``purge_step``: a SessionLog START at that step; TensorBoard then drops every earlier
+event of the same run with step >= it), at the first step this run will log on that axis: the events
+a crashed run wrote past its last complete checkpoint disappear from every tag, and a fresh run in a
+reused directory starts clean. Each axis needs its own run directory since the purge applies to all
+tags of a run at one step value.
 """
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 
@@ -25,24 +34,34 @@ def print_rank0(*args) -> None:
         print(*args, flush=True)
 
 
+# step axis -> (tag suffix, sub-directory of tensorboard_dir)
+AXES = {"iteration": ("", ""), "samples": (" vs samples", "vs_samples"), "tokens": (" vs tokens", "vs_tokens")}
+
+
 class MetricsLogger:
-    def __init__(self, tensorboard_dir: str | None, *, seq_length: int, log_interval: int):
+    def __init__(self, tensorboard_dir: str | None, *, seq_length: int, log_interval: int,
+                 start_iteration: int = 0, start_samples: int = 0):
+        """start_iteration / start_samples: where this run starts (the resumed checkpoint's iteration
+        and consumed samples; 0 for a new run). Events past them on any axis are purged."""
         self.seq_length = seq_length
         self.log_interval = max(1, log_interval)
-        self.writer = None
+        self.writers = {}
         self.console = is_logging_rank()
         if tensorboard_dir and self.console:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=tensorboard_dir, max_queue=100)
+            start = {"iteration": start_iteration, "samples": start_samples, "tokens": start_samples * seq_length}
+            self.writers = {axis: SummaryWriter(log_dir=os.path.join(tensorboard_dir, sub), max_queue=100,
+                                                purge_step=start[axis] + 1)
+                            for axis, (_, sub) in AXES.items()}
         self._t0 = time.perf_counter()
 
     def _scalar(self, tag: str, value, iteration: int, samples: int) -> None:
-        if self.writer is None or value is None:
+        if not self.writers or value is None:
             return
-        self.writer.add_scalar(tag, value, iteration)
-        self.writer.add_scalar(tag + " vs samples", value, samples)
-        self.writer.add_scalar(tag + " vs tokens", value, samples * self.seq_length)
+        steps = {"iteration": iteration, "samples": samples, "tokens": samples * self.seq_length}
+        for axis, (suffix, _) in AXES.items():
+            self.writers[axis].add_scalar(tag + suffix, value, steps[axis])
 
     def step_start(self) -> None:
         self._t0 = time.perf_counter()
@@ -56,9 +75,7 @@ class MetricsLogger:
         for tag, value in (("lm loss", result.loss), ("learning-rate", result.lr), ("grad-norm", result.grad_norm),
                            ("loss-scale", result.loss_scale)):
             self._scalar(tag, value, iteration, samples)
-        if self.writer is not None:
-            self.writer.add_scalar("iteration-time", dt, iteration)
-            self.writer.add_scalar("throughput/tokens_per_sec", tokens_per_sec, iteration)
+        self.scalars(iteration, {"iteration-time": dt, "throughput/tokens_per_sec": tokens_per_sec})
         if self.console:
             parts = [f"iter {iteration}", f"lm loss {result.loss:.6f}", f"lr {result.lr:.3e}"]
             if result.grad_norm is not None:
@@ -79,14 +96,20 @@ class MetricsLogger:
             print(f"validation at iter {iteration} | lm loss {loss:.6f} | ppl {ppl:.3f}", flush=True)
 
     def scalars(self, iteration: int, values: dict) -> None:
-        if self.writer is None:
+        """Scalars against the iteration only."""
+        if not self.writers:
             return
         for tag, value in values.items():
-            self.writer.add_scalar(tag, value, iteration)
+            self.writers["iteration"].add_scalar(tag, value, iteration)
+
+    def flush(self) -> None:
+        """Everything logged so far onto disk (called before each checkpoint save)."""
+        for w in self.writers.values():
+            w.flush()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
-            self.writer = None
+        for w in self.writers.values():
+            w.flush()
+            w.close()
+        self.writers = {}
         sys.stdout.flush()

@@ -47,6 +47,44 @@ def attention_variant(cfg: Config):
         raise ConfigError(f"attention: {e}") from None
 
 
+def check_model(cfg: Config) -> None:
+    """Every model-defining key checked when the config is loaded, before anything is built or written:
+    model.arch and model.arch_overrides (OPTArchConfig fields), the attention variant (with
+    data.seq_length for the clip_alpha form), the TP/PP layout, model.vocab_size, and megatron's
+    TransformerConfig built from the arch and model.transformer_overrides (its own field names and
+    checks). Builds no module. Raises ConfigError naming the bad key."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_outeff.models.opt import check_parallel_layout, opt_transformer_config
+
+    arch = arch_config(cfg)
+    try:
+        attention_variant(cfg).clip_pair(cfg.data.seq_length)
+    except ValueError as e:
+        raise ConfigError(f"attention: {e}") from None
+    reason = arch.unsupported_reason()
+    if reason:
+        raise ConfigError(f"model.arch={cfg.model.arch!r}: {reason}")
+    tp, pp = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
+    try:
+        check_parallel_layout(arch, tp, pp)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+    vocab = cfg.model.vocab_size
+    if vocab is not None and (vocab < arch.vocab_size or vocab % tp):
+        raise ConfigError(f"model.vocab_size={vocab}: expected >= the arch's {arch.vocab_size} and divisible by "
+                          f"tensor_parallel={tp}")
+    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    for key in cfg.model.transformer_overrides:
+        if key not in fields:
+            raise ConfigError(f"unknown config key 'model.transformer_overrides.{key}' "
+                              "(not a megatron TransformerConfig field)")
+    try:
+        opt_transformer_config(arch, **transformer_overrides(cfg))
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ConfigError(f"model.transformer_overrides: megatron's TransformerConfig refuses them: {e}") from None
+
+
 def transformer_overrides(cfg: Config) -> dict:
     """TransformerConfig fields set by the training config (on top of the arch's)."""
     over = dict(cfg.model.transformer_overrides)

@@ -4,8 +4,9 @@
     torchrun --nproc_per_node 2 -m megatron_outeff.training.train --config ...
     deepspeed --hostfile launch/hostfile.example megatron_outeff/training/train.py --config ...
 
-The loop, top to bottom: config -> process groups -> checkpoint-dir ownership -> model -> DeepSpeed
-engine -> data -> resume -> [fetch micro-batches, forward/backward/step, log, validate, save]* -> end.
+The loop, top to bottom: config (every key validated at load) -> process groups -> checkpoint-dir
+ownership (decided, nothing written) -> model -> DeepSpeed engine -> data -> resume -> run.json ->
+[fetch micro-batches, forward/backward/step, log, validate, save]* -> end.
 SIGTERM / SIGUSR1: finish the current step, save, exit 0. A run with a checkpoint directory that
 already holds this run's checkpoints resumes from `latest` automatically.
 """
@@ -35,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, deepspeed_config, load_config
 
 
 def parse_args(argv=None):
@@ -116,7 +117,7 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
     from .model import arch_config, build_model
 
     # 1. Process groups, seeds, and every check that can fail before anything is written.
-    cfg.grad_accumulation_steps(int(os.environ.get("WORLD_SIZE", "1")))  # layout / batch divisibility
+    deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # layout / batch divisibility, overrides
     init_model_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.train.seed)
     set_seeds(cfg.train.seed)
     world = dist.get_world_size()
@@ -149,9 +150,11 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
         checkpoint.restore_rng(cfg, state["tag"])
         print_rank0(f"resumed from {cfg.checkpoint.dir}/{state['tag']} at iteration {iteration}")
     last_saved = iteration if resume else None
+    checkpoint.record_run(cfg)  # run.json only now: everything that can refuse this config has run
 
     logger = MetricsLogger(cfg.logging.tensorboard_dir, seq_length=cfg.data.seq_length,
-                           log_interval=cfg.logging.log_interval)
+                           log_interval=cfg.logging.log_interval, start_iteration=iteration,
+                           start_samples=train_data.consumed_samples)
     outliers = None
     if cfg.logging.outlier_interval > 0 and valid_data is not None:
         from .outliers import OutlierMonitor
@@ -163,6 +166,7 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
     def save_now():
         nonlocal last_saved
         if cfg.checkpoint.dir and last_saved != iteration:
+            logger.flush()  # the events up to a checkpoint are on disk with it
             tag = checkpoint.save(engine, cfg, iteration, {"data": train_data.state_dict()})
             print_rank0(f"saved {cfg.checkpoint.dir}/{tag}")
             last_saved = iteration

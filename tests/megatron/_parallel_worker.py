@@ -237,7 +237,8 @@ def main():
             ref_weights = {n: p.detach().clone() for n, p in ref.named_parameters()}
             ref_loss = run_step(ref)
             ref_grads = {n: p.grad.detach().clone() for n, p in ref.named_parameters() if p.grad is not None}
-            results.setdefault("tp1", {})[vname] = {"loss": ref_loss, "num_grads": len(ref_grads)}
+            results.setdefault("tp1", {})[vname] = {"loss": ref_loss, "num_grads": len(ref_grads),
+                                                    "grad_max": max(float(g.abs().max()) for g in ref_grads.values())}
             for lname, (tp, pp, sp) in LAYOUTS.items():
                 init_model_parallel(tp, pp, seed=SEED)
                 model = build(vname, tp, pp, sp)

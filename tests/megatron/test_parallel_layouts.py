@@ -8,9 +8,11 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 import importlib.util
+
+import pytest
+import torch
+from tolerance import network_depth, rounding_bound
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -19,7 +21,15 @@ _spec = importlib.util.spec_from_file_location("_outeff_parallel_worker", os.pat
 _worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_worker)
 LAYOUTS, VARIANTS = _worker.LAYOUTS, _worker.VARIANTS
-TOL = 1e-5
+# float32 on both sides; TP/PP/SP only reorder sums (all-reduces over gloo, split matmuls): the bound
+# of tests/tolerance.py for the worker's model (2 layers, hidden 64, FFN 128, 16 tokens, vocab 128;
+# backward doubles the chain), on the loss's and the largest gradient's magnitude.
+DEPTH = 2 * (network_depth(dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, max_position_embeddings=16)) + 128)
+
+
+def _check(entry, ref):
+    assert entry["loss_diff"] <= rounding_bound(torch.float32, ref["loss"], DEPTH), entry
+    assert entry["grad_diff"] <= rounding_bound(torch.float32, ref["grad_max"], DEPTH), entry
 
 pytestmark = pytest.mark.multiproc
 
@@ -41,8 +51,7 @@ def report(tmp_path_factory):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_layout_matches_tp1(report, layout, variant):
     entry = report[layout][variant]
-    assert entry["loss_diff"] <= TOL, entry
-    assert entry["grad_diff"] <= TOL, entry
+    _check(entry, report["tp1"][variant])
     assert entry["num_grads"] == report["tp1"][variant]["num_grads"], entry
     if "init_slice_diff" in entry:  # same seed + use_cpu_initialization: shards are exact slices
         assert entry["init_slice_diff"] == 0.0, entry
@@ -51,16 +60,17 @@ def test_layout_matches_tp1(report, layout, variant):
 @pytest.mark.parametrize("variant", _worker.DDP_VARIANTS)
 def test_megatron_ddp_finalize_grads_tp2_sp(report, variant):
     entry = report["tp2_sp_megatron_ddp"][variant]
-    assert entry["loss_diff"] <= TOL and entry["grad_diff"] <= TOL, entry
+    _check(entry, report["tp1"][variant])
     assert entry["num_grads"] == report["tp1"][variant]["num_grads"], entry
 
 
 def test_variants_differ_from_vanilla(report):
-    # The parity checks above only mean something if the variants really change the model.
+    # The parity checks above only mean something if the variants really change the model, by more
+    # than the bound those checks allow.
     losses = {k: v["loss"] for k, v in report["tp1"].items()}
     for name, loss in losses.items():
         if name != "vanilla":
-            assert abs(loss - losses["vanilla"]) > 1e-4, (name, losses)
+            assert abs(loss - losses["vanilla"]) > rounding_bound(torch.float32, loss, DEPTH), (name, losses)
 
 
 @pytest.mark.parametrize("variant", ["learnable", "gated_softmax1", "gated_mlp_learnable"])

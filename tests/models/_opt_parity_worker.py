@@ -92,6 +92,7 @@ def main(hf_dir: str, out_json: str, export_dir: str) -> None:
         if out is not None:
             res[f"{tag}_logits_shape"] = list(out.shape)
             res[f"{tag}_max_abs_diff"] = float((out[..., :V].float() - ref).abs().max())
+            res[f"{tag}_logits_max"] = float(ref.abs().max())  # the magnitude of the derived bound
             res[f"{tag}_rel_diff"] = float((out[..., :V].float() - ref).norm() / ref.norm())
         gathered = gather_megatron_state_dicts(model)
         if allow_missing:

@@ -4,12 +4,18 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from tolerance import network_depth, rounding_bound
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+# conftest.TINY_HF's sizes, at the worker's 24 tokens
+DEPTH = network_depth(dict(hidden_size=64, ffn_dim=256, num_hidden_layers=2, max_position_embeddings=24))
 
 
 def _free_port() -> int:
@@ -21,8 +27,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def parity(hf_opt_dir, private_tmp):
     hf_dir, _ = hf_opt_dir
-    tmp = private_tmp / "parity"
-    tmp.mkdir()
+    tmp = Path(tempfile.mkdtemp(prefix="parity-", dir=private_tmp))  # its own dir each time the module is set up
     out_json, export_dir = tmp / "result.json", tmp / "exported"
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -38,7 +43,8 @@ def parity(hf_opt_dir, private_tmp):
 def test_logits_match_hf(parity, tag):
     res, _ = parity
     assert res[f"{tag}_logits_shape"] == [2, 24, 256]  # vocab 250 padded to 256
-    assert res[f"{tag}_max_abs_diff"] <= 1e-4, res
+    # float32 on both sides, summed in other orders (TP/PP splits, other kernels): tests/tolerance.py
+    assert res[f"{tag}_max_abs_diff"] <= rounding_bound(torch.float32, res[f"{tag}_logits_max"], DEPTH), res
 
 
 @pytest.mark.multiproc
@@ -85,5 +91,8 @@ def test_bf16_model_runs_close_to_fp32(parity):
 @pytest.mark.parametrize("tag", ["tp1", "tp2", "tp2sp"])
 def test_gradients_match_hf(parity, tag):
     res, _ = parity
-    assert res[f"{tag}_grad_rel_diff"] <= 1e-4, res[f"{tag}_grad_worst_keys"]
-    assert res[f"{tag}_k_bias_grad_rel"] <= 1e-5, res[f"{tag}_k_bias_grad_rel"]
+    # relative to each tensor's largest gradient (k_proj biases, exactly zero in exact arithmetic:
+    # relative to the largest gradient anywhere); backward doubles the chain of roundings
+    bound = rounding_bound(torch.float32, 1.0, 2 * DEPTH)
+    assert res[f"{tag}_grad_rel_diff"] <= bound, res[f"{tag}_grad_worst_keys"]
+    assert res[f"{tag}_k_bias_grad_rel"] <= bound, res[f"{tag}_k_bias_grad_rel"]

@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from tolerance import assert_close_bound, network_depth, rounding_bound
 from safetensors.torch import load_file
 
 from megatron_outeff.quant import quantize_weight_per_channel
@@ -51,8 +52,12 @@ def test_round_trip_matches_our_simulation(tiny_opt, tmp_path, symmetric):
     ours = simulate_w8a8_model(model, params)
     with torch.no_grad():
         got, want, flt = reloaded(ids).logits, ours(ids).logits, model(ids).logits
-    # the same ops in the same order: equal to float32 rounding (measured: bit-identical)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    # the same ops in the same order (measured: bit-identical); allowed float32 rounding of a 2-layer
+    # model in case a kernel sums in another order (tests/tolerance.py), far below the quantization effect
+    cfg = model.config
+    depth = network_depth(dict(hidden_size=cfg.hidden_size, ffn_dim=cfg.ffn_dim, num_hidden_layers=cfg.num_hidden_layers,
+                               max_position_embeddings=ids.shape[-1]))
+    assert_close_bound(got, want, rounding_bound(torch.float32, want.abs().max(), depth))
     assert (got - flt).abs().max() > 1e-3  # and it is really quantized
 
 

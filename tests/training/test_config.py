@@ -44,6 +44,18 @@ def test_overrides_and_derived():
     (["parallel.zero_stage=x"], "expected an integer"),
     (["parallel.sequence_parallel=true"], "sequence_parallel needs tensor_parallel"),
     (["precision.dtype=bf16", "parallel.zero_stage=0", "parallel.tensor_parallel=2"], "use zero_stage >= 1"),
+    # the nested mappings are checked at load too, by their owners
+    (["attention.sofmax=softmax1"], "attention: attention variant key 'sofmax'"),
+    (["attention.softmax=softmax2"], "softmax='softmax2'"),
+    (["attention={softmax: softmax1, clip_gamma: 0.5}"], "clip_gamma=0.5"),
+    (["model.transformer_overrides={hiden_dropout: 0.0}"], "unknown config key 'model.transformer_overrides.hiden_dropout'"),
+    (["model.arch_overrides={hiden_size: 8}"], "unknown config key 'model.arch_overrides.hiden_size'"),
+    (["model.arch=tinny"], "model.arch='tinny'"),
+    (["model.recompute_method=blok"], "model.recompute_method='blok'"),
+    (["parallel.tensor_parallel=3", "parallel.zero_stage=1"], "not divisible by tensor parallel size 3"),
+    (["model.vocab_size=100"], "model.vocab_size=100"),
+    (["logging.log_interval=0"], "logging.log_interval=0"),
+    (["deepspeed_overrides=/nonexistent/ds.json"], "deepspeed_overrides file not found"),
 ])
 def test_bad_config(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

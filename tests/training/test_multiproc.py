@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from train_testlib import BASE, DEMO, PYTHON, ROOT, TORCHRUN, env, free_port
+from train_testlib import BASE, DEMO, PYTHON, ROOT, TORCHRUN, env, free_port, tensorboard_scalars
 
 pytestmark = pytest.mark.multiproc
 WORKER = str(Path(__file__).with_name("layouts_worker.py"))
@@ -123,13 +123,15 @@ def test_signal_saves_at_end_of_step_and_exits_0(sig, tmp_path):
 
 
 def test_kill_during_save_leaves_previous_checkpoint_loadable(oracle, tmp_path):
-    ck = tmp_path / "ck"
-    sets = [f"checkpoint.dir={ck}", "checkpoint.save_interval=2"]
+    ck, tb = tmp_path / "ck", tmp_path / "tb"
+    sets = [f"checkpoint.dir={ck}", "checkpoint.save_interval=2", f"logging.tensorboard_dir={tb}"]
     r = subprocess.run(_train_cmd(sets), env=dict(env(), OUTEFF_TEST_KILL_IN_SAVE="4"), cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == -signal.SIGKILL, r.stdout[-2000:] + r.stderr[-2000:]
     assert (ck / "latest").read_text().strip() == "iter_0000002"
     assert (ck / "iter_0000004.tmp").is_dir() and not (ck / "iter_0000004").exists()
+    crashed = _losses(r.stdout)
+    assert len(crashed) == 4
     # the same command again resumes from iteration 2 and reproduces the uninterrupted curve
     r = subprocess.run(_train_cmd(sets), env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -138,6 +140,35 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(oracle, tmp_path):
     assert resumed == pytest.approx(oracle["losses"][2:], abs=TOL)
     assert (ck / "latest").read_text().strip() == "iter_0000004"
     assert not (ck / "iter_0000004.tmp").exists()
+    # TensorBoard: the crashed run's steps 3-4 (written before the kill) are purged on every tag and
+    # axis; each tag holds one value per step: the crashed run's up to the checkpoint, then the resumed run's
+    scalars = tensorboard_scalars(tb)
+    for tag, events in scalars.items():
+        steps = [step for step, _ in events]
+        assert steps == sorted(set(steps)), (tag, steps)
+    assert [s for s, _ in scalars["lm loss"]] == [1, 2, 3, 4]
+    assert [v for _, v in scalars["lm loss"]] == pytest.approx(crashed[:2] + resumed, rel=1e-6)
+    assert [s for s, _ in scalars["lm loss vs samples"]] == [4, 8, 12, 16]
+    assert [s for s, _ in scalars["learning-rate vs tokens"]] == [128, 256, 384, 512]
+    assert [s for s, _ in scalars["iteration-time"]] == [1, 2, 3, 4]
+
+
+def test_config_typo_writes_nothing_and_the_corrected_command_runs(tmp_path):
+    """A typo anywhere in the config (the attention variant, megatron's transformer overrides) is one
+    error line and exit code 2 before anything is written; the corrected command then just runs."""
+    ck, tb = tmp_path / "ck", tmp_path / "tb"
+    sets = [f"checkpoint.dir={ck}", f"logging.tensorboard_dir={tb}", "train.train_iters=2"]
+    for typo, name in (("attention.sofmax=softmax1", "sofmax"),
+                       ("model.transformer_overrides={hiden_dropout: 0.0}", "hiden_dropout")):
+        r = subprocess.run(_train_cmd(sets + [typo]), env=env(), cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert r.returncode == 2 and len(errors) == 1 and name in errors[0], r.stderr[-2000:]
+        assert not ck.exists() and not tb.exists() and list(tmp_path.iterdir()) == []
+    r = subprocess.run(_train_cmd(sets + ["attention.softmax=softmax1"]), env=env(), cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (ck / "latest").read_text().strip() == "iter_0000002" and (ck / "run.json").exists()
 
 
 def test_config_error_is_one_line_before_start(tmp_path):

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from train_testlib import BASE, DEMO
+from train_testlib import BASE, DEMO, tensorboard_scalars
 from megatron_outeff.training.config import ConfigError, load_config
 from megatron_outeff.training.train import train
 
@@ -17,37 +17,34 @@ def test_loss_curve_is_finite_and_moves(oracle):
 
 
 def test_tensorboard_tags(oracle):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(oracle["tensorboard_dir"]))
-    acc.Reload()
-    tags = set(acc.Tags()["scalars"])
+    scalars = tensorboard_scalars(oracle["tensorboard_dir"])
+    tags = set(scalars)
     for base in ("lm loss", "learning-rate", "grad-norm", "lm loss validation", "lm loss validation ppl"):
         for suffix in ("", " vs samples", " vs tokens"):
             assert base + suffix in tags, base + suffix
     assert {"iteration-time", "throughput/tokens_per_sec"} <= tags
     assert "loss-scale" not in tags  # fp32: no loss scaler
-    loss = acc.Scalars("lm loss")
-    assert [e.step for e in loss] == [1, 2, 3, 4]
-    assert [e.value for e in loss] == pytest.approx(oracle["losses"], rel=1e-6)
-    assert [e.step for e in acc.Scalars("lm loss vs samples")] == [4, 8, 12, 16]
-    assert [e.step for e in acc.Scalars("lm loss vs tokens")] == [128, 256, 384, 512]
-    assert [e.step for e in acc.Scalars("lm loss validation")] == [2, 4]
+    steps = {tag: [s for s, _ in events] for tag, events in scalars.items()}
+    assert steps["lm loss"] == [1, 2, 3, 4]
+    assert [v for _, v in scalars["lm loss"]] == pytest.approx(oracle["losses"], rel=1e-6)
+    assert steps["lm loss vs samples"] == [4, 8, 12, 16]
+    assert steps["lm loss vs tokens"] == [128, 256, 384, 512]
+    assert steps["lm loss validation"] == [2, 4]
     # outlier metrics every 2 steps: per component (global layer index) and the paper's aggregates
     for i in (0, 1):
         for kind in ("attn_ln", "attn_out", "ffn_ln", "fc2", "layer"):
             for stat in ("inf_norm", "kurtosis"):
                 assert f"outliers/layer{i}/{kind}/{stat}" in tags
     for agg in ("max_inf_norm", "max_layer_inf_norm", "max_ffn_inf_norm", "avg_kurtosis", "max_kurtosis"):
-        assert [e.step for e in acc.Scalars(f"outliers/{agg}")] == [2, 4]
+        assert steps[f"outliers/{agg}"] == [2, 4]
     assert "outliers/final_ln/inf_norm" in tags
-    assert acc.Scalars("outliers/max_layer_inf_norm")[0].value > 0
+    assert scalars["outliers/max_layer_inf_norm"][0][1] > 0
     # attention mass (the demo config is Softmax_1: the sink takes a share of every row)
     for i in (0, 1):
         for stat in ("first_token_mass", "sink_mass"):
-            assert [e.step for e in acc.Scalars(f"outliers/layer{i}/attn_probs/{stat}")] == [2, 4]
-    sink = [e.value for e in acc.Scalars("outliers/mean_sink_mass")]
-    first = [e.value for e in acc.Scalars("outliers/mean_first_token_mass")]
+            assert steps[f"outliers/layer{i}/attn_probs/{stat}"] == [2, 4]
+    sink = [v for _, v in scalars["outliers/mean_sink_mass"]]
+    first = [v for _, v in scalars["outliers/mean_first_token_mass"]]
     assert all(0 < v < 1 for v in sink + first) and all(a + b < 1 for a, b in zip(sink, first))
 
 
@@ -75,19 +72,34 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path):
 
 def test_directory_of_another_run_is_refused(tmp_path):
     ck = tmp_path / "ck"
-    ck.mkdir()
+    (ck / "iter_0000002").mkdir(parents=True)  # another run's complete checkpoint
+    (ck / "latest").write_text("iter_0000002\n")
     run = ck / "run.json"
     run.write_text(json.dumps({"fingerprint": "0123456789abcdef"}))
     before = run.read_text()
     with pytest.raises(ConfigError, match="holds another run"):
         train(load_config(DEMO, BASE + [f"checkpoint.dir={ck}"]))
-    assert run.read_text() == before and sorted(p.name for p in ck.iterdir()) == ["run.json"]
-    with pytest.raises(ConfigError, match="no complete checkpoint"):  # --resume with nothing to resume
-        train(load_config(DEMO, BASE + [f"checkpoint.dir={ck}"]), force_resume=True)
+    assert run.read_text() == before and sorted(p.name for p in ck.iterdir()) == ["iter_0000002", "latest", "run.json"]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "data.bin").write_text("x")
     with pytest.raises(ConfigError, match="not empty"):
         train(load_config(DEMO, BASE + [f"checkpoint.dir={tmp_path / 'other'}"]))
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["data.bin"]
+
+
+def test_directory_without_a_complete_checkpoint_never_blocks(tmp_path):
+    """A run that failed before its first checkpoint (another config, an interrupted save) leaves a
+    directory that the next run takes over; --resume there is refused without writing anything."""
+    ck = tmp_path / "ck"
+    (ck / "iter_0000002.tmp").mkdir(parents=True)  # a save interrupted before its rename
+    (ck / "run.json").write_text(json.dumps({"fingerprint": "0123456789abcdef"}))
+    cfg = load_config(DEMO, BASE + ["train.train_iters=2", f"checkpoint.dir={ck}"])
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        train(cfg, force_resume=True)
+    assert json.loads((ck / "run.json").read_text())["fingerprint"] == "0123456789abcdef"
+    assert [i for i, _ in train(cfg)["history"]] == [1, 2]
+    assert json.loads((ck / "run.json").read_text())["fingerprint"] == cfg.fingerprint()
+    assert (ck / "latest").read_text().strip() == "iter_0000002"
 
 
 def test_lr_schedule():
@@ -105,23 +117,69 @@ def test_lr_schedule():
     assert opt.param_groups[0]["lr"] == 1.0 and lin.state_dict() == {"num_steps": 2}
 
 
-def test_param_groups_decay_norm_weights_never_biases():
+# Oracle for the weight-decay rule: every parameter name the OPT model can hold (layer index and
+# wrapper prefixes dropped), with its role written out by hand. A parameter missing here fails the test.
+ROLES = {
+    "embedding.word_embeddings.weight": "matrix", "embedding.position_embeddings.weight": "matrix",
+    "input_layernorm.weight": "norm", "input_layernorm.bias": "bias",
+    "pre_mlp_layernorm.weight": "norm", "pre_mlp_layernorm.bias": "bias",
+    "final_layernorm.weight": "norm", "final_layernorm.bias": "bias",
+    "self_attention.linear_qkv.weight": "matrix", "self_attention.linear_qkv.bias": "bias",
+    "self_attention.linear_proj.weight": "matrix", "self_attention.linear_proj.bias": "bias",
+    "mlp.linear_fc1.weight": "matrix", "mlp.linear_fc1.bias": "bias",
+    "mlp.linear_fc2.weight": "matrix", "mlp.linear_fc2.bias": "bias",
+    "self_attention.core_attention.softmax_offset": "vector",  # learnable per-head offset, 1-D
+    "self_attention.head_gate.weight": "matrix", "self_attention.head_gate.bias": "bias",  # linear / shared_linear
+    "self_attention.head_gate.fc1_weight": "matrix", "self_attention.head_gate.fc1_bias": "bias",  # mlp gate, 2-D bias
+    "self_attention.head_gate.fc2_weight": "matrix",
+}
+VARIANTS = ["{softmax: vanilla}", "{softmax: softmax1}", "{softmax: softmax_n, n: 2.0}", "{softmax: learnable}",
+            "{softmax: softmax1, clip_alpha: 4.0}", "{softmax: softmax1, gate: linear}",
+            "{softmax: vanilla, gate: mlp}", "{softmax: learnable, gate: shared_linear}"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("decay_norm", [True, False], ids=["decay_norm", "megatron"])
+def test_weight_decay_by_parameter_role(variant, decay_norm):
+    """Every parameter of a real built model lands in the group its role says (biases of any shape and
+    1-D parameters never decayed, LayerNorm weights iff decay_norm_weights), and one AdamW step with
+    zero gradients moves exactly the decayed ones, by the factor 1 - lr * weight_decay."""
+    import re
+
+    import torch
+
     from megatron_outeff.megatron.parallel import init_model_parallel
     from megatron_outeff.training.engine import param_groups
     from megatron_outeff.training.model import build_model
 
     init_model_parallel(1, 1, 1)
-    for decay_norm in (True, False):
-        cfg = load_config(DEMO, BASE + [f"optimizer.decay_norm_weights={str(decay_norm).lower()}"])
-        model = build_model(cfg, pre_process=True, post_process=True)
-        names = {id(p): n for n, p in model.named_parameters()}
-        groups = {g["name"]: [names[id(p)] for p in g["params"]] for g in param_groups(model, cfg)}
-        assert not any(n.endswith(".bias") for n in groups["decay"])
-        norm_weights = [n for n in names.values() if "norm" in n and n.endswith(".weight")]
-        assert norm_weights
-        target = groups["decay"] if decay_norm else groups["no_decay"]
-        assert set(norm_weights) <= set(target)
-        assert "embedding.word_embeddings.weight" in groups["decay"]
+    cfg = load_config(DEMO, BASE + [f"attention={variant}", f"optimizer.decay_norm_weights={str(decay_norm).lower()}"])
+    model = build_model(cfg, pre_process=True, post_process=True)
+    names = {id(p): re.sub(r"^(module\.)*|decoder\.(layers\.\d+\.)?", "", n) for n, p in model.named_parameters()}
+    groups = param_groups(model, cfg)
+    grouped = [names[id(p)] for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(names.values())  # every parameter exactly once
+    unknown = set(grouped) - set(ROLES)
+    assert not unknown, f"parameters without a role in the oracle: {unknown}"
+    decayed_roles = {"matrix", "norm"} if decay_norm else {"matrix"}
+    for g in groups:
+        for p in g["params"]:
+            want = cfg.optimizer.weight_decay if ROLES[names[id(p)]] in decayed_roles else 0.0
+            assert g["weight_decay"] == want, (names[id(p)], g["name"])
+    # megatron-core's rule (no decay for '*.bias' and 1-D parameters) holds wherever it applies
+    for n, p in model.named_parameters():
+        if (n.endswith(".bias") or p.dim() == 1) and ROLES[names[id(p)]] != "norm":
+            assert not any(p is q for g in groups if g["weight_decay"] for q in g["params"]), n
+    # the groups drive the optimizer: zero gradients, so AdamW's only change is the decoupled decay
+    lr = 0.5
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    torch.optim.AdamW(groups, lr=lr).step()
+    for p in model.parameters():
+        factor = 1.0 - lr * cfg.optimizer.weight_decay if ROLES[names[id(p)]] in decayed_roles else 1.0
+        # one float32 multiply per element: within one rounding of the exact product
+        torch.testing.assert_close(p.detach(), before[id(p)] * factor, rtol=torch.finfo(torch.float32).eps, atol=0)
 
 
 def test_indexed_dataset_source(tmp_path):

@@ -34,3 +34,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tensorboard_scalars(tb_dir) -> dict:
+    """{tag: [(step, value), ...]} over every run directory MetricsLogger writes (the iteration axis in
+    tb_dir, the samples / tokens axes in its vs_samples / vs_tokens), read by TensorBoard's own
+    EventAccumulator, which applies restart purges as the TensorBoard UI does."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = {}
+    for sub in ("", "vs_samples", "vs_tokens"):
+        if not (Path(tb_dir) / sub).is_dir():
+            continue  # the callers assert on the tags they expect
+        acc = EventAccumulator(str(Path(tb_dir) / sub))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            assert tag not in out, f"{tag} written on two step axes"
+            out[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
+    return out
