@@ -43,11 +43,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
 
-    # Imported here so `--help` answers without the ~5 s megatron.core import; its warnings about
-    # missing Transformer Engine / Apex concern the model stack, not this tool.
-    import warnings
-
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    # Imported here so `--help` answers without the ~5 s megatron.core import.
     from megatron_outeff.data.preprocess import preprocess_corpus
 
     s = preprocess_corpus(

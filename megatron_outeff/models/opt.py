@@ -273,6 +273,7 @@ def opt_transformer_config(arch: Union[OPTArchConfig, str], variant=None, **over
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
         cross_entropy_loss_fusion=False,
+        cuda_graph_scope=[],  # megatron's spelling of its default ("full" warns as deprecated)
     )
     if not arch.scaled_output_layer_init:
         kw["output_layer_init_method"] = init_method_normal(arch.init_method_std)
