@@ -1,5 +1,8 @@
 """torchrun worker (2 processes, gloo): imports a saved Hugging Face OPT into megatron at TP=1, TP=2
-(+SP) and PP=2, compares logits with the HF model and exports back. Rank 0 writes JSON to argv[2]."""
+(+SP) and PP=2, compares logits with the HF model and exports back; then the same at TP=2 (+SP) and
+PP=2 for an OPT-350m-shaped model (argv[4]: post-LN, project_in/out) with megatron's attention and
+with the learnable-offset variant (reference: our remote-code OutEffOPTForCausalLM, i.e. transformers'
+OPT with the variant's attention). Rank 0 writes JSON to argv[2]."""
 import json
 import sys
 
@@ -7,7 +10,75 @@ import torch
 import torch.distributed as dist
 
 
-def main(hf_dir: str, out_json: str, export_dir: str) -> None:
+def forward(model, tokens, positions, hidden_size: int, pp: int):
+    """Logits [b, s, V] on the last pipeline stage (None elsewhere); a manual 2-stage pipeline for pp=2."""
+    from megatron.core import parallel_state as ps
+
+    if pp == 1:
+        return model(tokens, positions, None, runtime_gather_output=True)
+    # Manual 2-stage pipeline: stage 0's hidden states [s, b, h] go to stage 1.
+    if ps.get_pipeline_model_parallel_rank() == 0:
+        hidden = model(tokens, positions, None)
+        dist.send(hidden.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+        return None
+    hidden = torch.empty(tokens.shape[1], tokens.shape[0], hidden_size)
+    dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+    model.set_input_tensor(hidden)
+    return model(tokens, positions, None, runtime_gather_output=True)
+
+
+def opt_350m_runs(hf_dir: str, res: dict) -> None:
+    from megatron.core import parallel_state as ps
+    from transformers import OPTForCausalLM
+
+    from megatron_outeff.hf import OutEffOPTConfig, OutEffOPTForCausalLM
+    from megatron_outeff.megatron.parallel import init_model_parallel
+    from megatron_outeff.models.hf_opt import (
+        gather_megatron_state_dicts,
+        hf_state_dict_to_megatron,
+        load_hf_opt_dir,
+        load_megatron_state_dict,
+        megatron_to_hf_state_dict,
+    )
+    from megatron_outeff.models.opt import build_opt_model
+
+    arch, hf_sd = load_hf_opt_dir(hf_dir)
+    arch.hidden_dropout = arch.attention_dropout = 0.0
+    hf = OPTForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
+    # The learnable-offset variant: the same weights plus random per-head offsets (sharded by head at TP=2).
+    g = torch.Generator().manual_seed(11)
+    offsets = {f"model.decoder.layers.{i}.self_attn.softmax_offset": 2.0 * torch.randn(arch.num_attention_heads, generator=g)
+               for i in range(arch.num_layers)}
+    cfg = OutEffOPTConfig(**{**hf.config.to_dict(), "softmax": "learnable"})
+    cfg._attn_implementation = "eager"
+    ref_var = OutEffOPTForCausalLM(cfg).eval()
+    ref_var.load_state_dict({**hf_sd, **offsets}, strict=False)  # lm_head tied
+    tokens = torch.randint(2, arch.vocab_size, (2, 20), generator=g)
+    positions = torch.arange(20).unsqueeze(0).expand(2, -1)
+    with torch.no_grad():
+        refs = {None: hf(tokens).logits, "learnable": ref_var(tokens).logits}
+    res["opt_350m_variant_changes_logits"] = float((refs[None] - refs["learnable"]).abs().max())
+    full = {None: hf_sd, "learnable": {**hf_sd, **offsets}}
+    for tag, tp, pp, sp, variant in [("tp2", 2, 1, False, None), ("tp2sp", 2, 1, True, None), ("pp2", 1, 2, False, None),
+                                     ("tp2_learnable", 2, 1, False, "learnable"), ("pp2_learnable", 1, 2, False, "learnable")]:
+        init_model_parallel(tp, pp, seed=1)
+        tpr, ppr = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+        model = build_opt_model(arch, variant and {"softmax": variant}, sequence_parallel=sp).eval()
+        load_megatron_state_dict(model, hf_state_dict_to_megatron(full[variant], arch, tpr, tp, ppr, pp,
+                                                                  variant_extras=variant is not None))
+        with torch.no_grad():
+            out = forward(model, tokens, positions, arch.hidden_size, pp)
+        if out is not None:
+            res[f"opt_350m_{tag}_max_abs_diff"] = float((out[..., :arch.vocab_size] - refs[variant]).abs().max())
+            res[f"opt_350m_{tag}_ref_max"] = float(refs[variant].abs().max())
+        back = megatron_to_hf_state_dict(gather_megatron_state_dicts(model), arch, variant_extras=variant is not None)
+        want = {**full[variant], "lm_head.weight": hf_sd["model.decoder.embed_tokens.weight"]}
+        res[f"opt_350m_{tag}_export_bad"] = sorted(k for k in set(want) | set(back)
+                                                   if k not in back or k not in want or not torch.equal(back[k], want[k]))[:5]
+        ps.destroy_model_parallel()
+
+
+def main(hf_dir: str, out_json: str, export_dir: str, hf_350m_dir: str) -> None:
     from megatron.core import parallel_state as ps
 
     from megatron_outeff.megatron.parallel import init_model_parallel
@@ -52,19 +123,7 @@ def main(hf_dir: str, out_json: str, export_dir: str) -> None:
         model = build_opt_model(arch, variant, sequence_parallel=sp, params_dtype=dtype).eval()
         load_megatron_state_dict(model, hf_state_dict_to_megatron(hf_sd, arch, tpr, tp, ppr, pp), allow_missing)
         with torch.no_grad():
-            if pp == 1:
-                out = model(tokens, positions, None, runtime_gather_output=True)
-            else:
-                # Manual 2-stage pipeline: stage 0's hidden states [s, b, h] go to stage 1.
-                if ppr == 0:
-                    hidden = model(tokens, positions, None)
-                    dist.send(hidden.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
-                    out = None
-                else:
-                    hidden = torch.empty(tokens.shape[1], tokens.shape[0], arch.hidden_size)
-                    dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
-                    model.set_input_tensor(hidden)
-                    out = model(tokens, positions, None, runtime_gather_output=True)
+            out = forward(model, tokens, positions, arch.hidden_size, pp)
         if grad_check:
             # Same scalar loss on both sides; the megatron gradients, mapped to HF layout by the same
             # converter, must equal HF's. Under SP the LayerNorm grads are partial sums per rank:
@@ -126,6 +185,7 @@ def main(hf_dir: str, out_json: str, export_dir: str) -> None:
     run("tp2_outeff_vanilla", 2, 1, variant={})
     # A gated Softmax_1 model still takes every OPT weight; its gates stay at their init.
     run("tp2_gated_sm1", 2, 1, variant=dict(softmax="softmax1", gate="linear"), allow_missing=(r"head_gate\.",))
+    opt_350m_runs(hf_350m_dir, res)
     # Every rank computed some entries (PP=2 logits live on the last stage): merge on rank 0.
     all_res = [None] * dist.get_world_size()
     dist.all_gather_object(all_res, res)
@@ -139,4 +199,4 @@ def main(hf_dir: str, out_json: str, export_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])
