@@ -8,12 +8,31 @@ import sys
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_outeff.megatron.parallel import init_model_parallel
+from megatron_outeff.models.hf_opt import (
+    gather_megatron_state_dicts,
+    hf_state_dict_to_megatron,
+    load_hf_opt_dir,
+    load_megatron_state_dict,
+    megatron_to_hf_state_dict,
+    save_hf_opt_dir,
+)
+from megatron_outeff.models.opt import build_opt_model
+
+
+def load_reference(hf_dir: str):
+    """(arch without dropout, HF state dict, transformers' OPTForCausalLM in eval mode) of a saved OPT."""
+    from transformers import OPTForCausalLM
+
+    arch, hf_sd = load_hf_opt_dir(hf_dir)
+    arch.hidden_dropout = arch.attention_dropout = 0.0
+    return arch, hf_sd, OPTForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
 
 
 def forward(model, tokens, positions, hidden_size: int, pp: int):
     """Logits [b, s, V] on the last pipeline stage (None elsewhere); a manual 2-stage pipeline for pp=2."""
-    from megatron.core import parallel_state as ps
-
     if pp == 1:
         return model(tokens, positions, None, runtime_gather_output=True)
     # Manual 2-stage pipeline: stage 0's hidden states [s, b, h] go to stage 1.
@@ -28,23 +47,9 @@ def forward(model, tokens, positions, hidden_size: int, pp: int):
 
 
 def opt_350m_runs(hf_dir: str, res: dict) -> None:
-    from megatron.core import parallel_state as ps
-    from transformers import OPTForCausalLM
-
     from megatron_outeff.hf import OutEffOPTConfig, OutEffOPTForCausalLM
-    from megatron_outeff.megatron.parallel import init_model_parallel
-    from megatron_outeff.models.hf_opt import (
-        gather_megatron_state_dicts,
-        hf_state_dict_to_megatron,
-        load_hf_opt_dir,
-        load_megatron_state_dict,
-        megatron_to_hf_state_dict,
-    )
-    from megatron_outeff.models.opt import build_opt_model
 
-    arch, hf_sd = load_hf_opt_dir(hf_dir)
-    arch.hidden_dropout = arch.attention_dropout = 0.0
-    hf = OPTForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
+    arch, hf_sd, hf = load_reference(hf_dir)
     # The learnable-offset variant: the same weights plus random per-head offsets (sharded by head at TP=2).
     g = torch.Generator().manual_seed(11)
     offsets = {f"model.decoder.layers.{i}.self_attn.softmax_offset": 2.0 * torch.randn(arch.num_attention_heads, generator=g)
@@ -79,23 +84,7 @@ def opt_350m_runs(hf_dir: str, res: dict) -> None:
 
 
 def main(hf_dir: str, out_json: str, export_dir: str, hf_350m_dir: str) -> None:
-    from megatron.core import parallel_state as ps
-
-    from megatron_outeff.megatron.parallel import init_model_parallel
-    from megatron_outeff.models.hf_opt import (
-        gather_megatron_state_dicts,
-        hf_state_dict_to_megatron,
-        load_hf_opt_dir,
-        load_megatron_state_dict,
-        megatron_to_hf_state_dict,
-        save_hf_opt_dir,
-    )
-    from megatron_outeff.models.opt import build_opt_model
-    from transformers import OPTForCausalLM
-
-    arch, hf_sd = load_hf_opt_dir(hf_dir)
-    arch.hidden_dropout = arch.attention_dropout = 0.0
-    hf = OPTForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
+    arch, hf_sd, hf = load_reference(hf_dir)
     ref_sd = hf.state_dict()
     g = torch.Generator().manual_seed(7)
     # No pad token (id 1) in the input: HF's embed_tokens has padding_idx=1, which zeroes that row's
