@@ -105,3 +105,46 @@ def test_opt_350m_megatron_vanilla_matches_transformers_logits_and_grads():
         rel = float((grads[k] - p.grad).abs().max() / p.grad.abs().max())
         assert rel <= 1e-4, (k, rel)
     assert "model.decoder.project_in.weight" in grads and "model.decoder.project_out.weight" in grads
+
+
+def test_opt_350m_outlier_components_hook_the_same_tensors_as_hf():
+    """Training's outlier hooks (megatron names) and the HF report's hooks see identical activations on a
+    post-LN model: attn_ln / ffn_ln are the post-residual LayerNorms on both sides, no final_ln."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from megatron_outeff.metrics.outliers import hf_opt_components
+    from megatron_outeff.models.hf_opt import hf_state_dict_to_megatron, load_megatron_state_dict
+    from megatron_outeff.models.opt import build_opt_model
+    from megatron_outeff.training.outliers import megatron_components
+
+    arch = _arch()
+    opt_sd, _ = random_weights({"softmax": "vanilla"}, seed=8, opt_kwargs=TINY_350M)
+    cfg = OPTConfig(**TINY_350M)
+    cfg._attn_implementation = "eager"
+    hf = OPTForCausalLM(cfg).eval()
+    hf.load_state_dict(opt_sd, strict=False)
+    model = build_opt_model(arch, None).eval()
+    load_megatron_state_dict(model, hf_state_dict_to_megatron(opt_sd, arch))
+    mg_comps, hf_comps = megatron_components(model), hf_opt_components(hf)
+    assert sorted(mg_comps) == sorted(hf_comps) and "final_ln" not in mg_comps
+    seen = {}
+
+    def hook(side, name):
+        def fn(_m, _i, out):
+            out = out[0] if isinstance(out, tuple) else out
+            seen[(side, name)] = out.transpose(0, 1) if side == "mg" else out  # megatron is [s, b, h]
+        return fn
+
+    for side, comps in (("mg", mg_comps), ("hf", hf_comps)):
+        for name, m in comps.items():
+            if name.endswith(("attn_ln", "ffn_ln", ".layer")):
+                m.register_forward_hook(hook(side, name))
+    tokens = torch.randint(2, 250, (2, 10), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        model(tokens, torch.arange(10).expand(2, -1), None)
+        hf(tokens)
+    names = sorted(n for s, n in seen if s == "hf")
+    assert len(names) == 6
+    for n in names:
+        want = seen[("hf", n)].reshape(seen[("mg", n)].shape)
+        torch.testing.assert_close(seen[("mg", n)], want, rtol=0, atol=64 * torch.finfo(torch.float32).eps * float(want.abs().max()))
