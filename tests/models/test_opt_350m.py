@@ -148,3 +148,22 @@ def test_opt_350m_outlier_components_hook_the_same_tensors_as_hf():
     for n in names:
         want = seen[("hf", n)].reshape(seen[("mg", n)].shape)
         torch.testing.assert_close(seen[("mg", n)], want, rtol=0, atol=64 * torch.finfo(torch.float32).eps * float(want.abs().max()))
+
+
+def test_full_size_opt_350m_builds_with_transformers_parameter_count():
+    """configs/model/opt-350m.yaml builds (no refusal) into exactly the parameters of transformers'
+    OPTForCausalLM with facebook/opt-350m's config (331,196,416, the LM head tied), same names/shapes mapped."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from megatron_outeff.models.hf_opt import hf_config_dict, hf_state_dict_to_megatron
+    from megatron_outeff.models.opt import build_opt_model, load_arch_config
+
+    arch = load_arch_config("350m")
+    model = build_opt_model(arch, perform_initialization=False)
+    with torch.device("meta"):
+        hf = OPTForCausalLM(OPTConfig(**hf_config_dict(arch)))
+    hf_sd = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}  # tied (meta: no equality check)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in hf.parameters()) == 331_196_416
+    mapped = hf_state_dict_to_megatron(hf_sd, arch)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    assert ours == {k: tuple(v.shape) for k, v in mapped.items()}
