@@ -46,6 +46,41 @@ def forward(model, tokens, positions, hidden_size: int, pp: int):
     return model(tokens, positions, None, runtime_gather_output=True)
 
 
+def hf_reference_grads(hf, tokens, loss_w) -> dict:
+    """{name: grad} of sum(logits * loss_w) for the HF model (lm_head is the embedding)."""
+    hf.zero_grad()
+    (hf(tokens).logits * loss_w).sum().backward()
+    return {k: p.grad.clone() for k, p in hf.named_parameters()}
+
+
+def grad_check_into(res, tag, model, arch, tokens, positions, loss_w, ref_grads, sp):
+    """Same scalar loss on both sides; the megatron gradients, mapped to HF layout by the same
+    converter, must equal HF's. Under SP the LayerNorm (and project_out) grads are partial sums per
+    rank: all-reduce those marked sequence_parallel, as megatron's finalize_model_grads does.
+    Returns the logits (TP=1 pipeline only)."""
+    model.zero_grad()
+    out = model(tokens, positions, None, runtime_gather_output=True)
+    (out[..., :arch.vocab_size].float() * loss_w).sum().backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad
+        if getattr(p, "sequence_parallel", False) and sp:
+            g = g.clone()
+            dist.all_reduce(g, group=ps.get_tensor_model_parallel_group())
+        grads[name] = g
+    hf_grads = megatron_to_hf_state_dict(gather_megatron_state_dicts(state_dict=grads), arch)
+    # k_proj biases have an exactly-zero true gradient (softmax is shift-invariant): both sides
+    # hold rounding noise there, checked against the largest gradient anywhere instead.
+    top = max(float(v.abs().max()) for v in ref_grads.values())
+    kb = [k for k in ref_grads if k.endswith("k_proj.bias")]
+    diffs = sorted(((float((hf_grads[k] - ref_grads[k]).abs().max() / ref_grads[k].abs().max()), k)
+                    for k in ref_grads if k not in kb), reverse=True)
+    res[f"{tag}_grad_rel_diff"] = diffs[0][0]
+    res[f"{tag}_grad_worst_keys"] = diffs[:3]
+    res[f"{tag}_k_bias_grad_rel"] = max(float(hf_grads[k].abs().max()) for k in kb) / top
+    return out
+
+
 def opt_350m_runs(hf_dir: str, res: dict) -> None:
     from megatron_outeff.hf import OutEffOPTConfig, OutEffOPTForCausalLM
 
@@ -63,6 +98,8 @@ def opt_350m_runs(hf_dir: str, res: dict) -> None:
     with torch.no_grad():
         refs = {None: hf(tokens).logits, "learnable": ref_var(tokens).logits}
     res["opt_350m_variant_changes_logits"] = float((refs[None] - refs["learnable"]).abs().max())
+    loss_w = torch.randn(refs[None].shape, generator=g)
+    ref_grads = hf_reference_grads(hf, tokens, loss_w)
     full = {None: hf_sd, "learnable": {**hf_sd, **offsets}}
     for tag, tp, pp, sp, variant in [("tp2", 2, 1, False, None), ("tp2sp", 2, 1, True, None), ("pp2", 1, 2, False, None),
                                      ("tp2_learnable", 2, 1, False, "learnable"), ("pp2_learnable", 1, 2, False, "learnable")]:
@@ -73,6 +110,8 @@ def opt_350m_runs(hf_dir: str, res: dict) -> None:
                                                                   variant_extras=variant is not None))
         with torch.no_grad():
             out = forward(model, tokens, positions, arch.hidden_size, pp)
+        if tag == "tp2sp":  # replicated project_in/out: grads equal on every rank, project_out's SP-reduced
+            grad_check_into(res, f"opt_350m_{tag}", model, arch, tokens, positions, loss_w, ref_grads, sp)
         if out is not None:
             res[f"opt_350m_{tag}_max_abs_diff"] = float((out[..., :arch.vocab_size] - refs[variant]).abs().max())
             res[f"opt_350m_{tag}_ref_max"] = float(refs[variant].abs().max())
@@ -102,9 +141,7 @@ def main(hf_dir: str, out_json: str, export_dir: str, hf_350m_dir: str) -> None:
                 "extra": sorted(set(hf_out) - set(ref_sd))[:5]}
 
     loss_w = torch.randn(ref.shape, generator=g)
-    hf.zero_grad()
-    (hf(tokens).logits * loss_w).sum().backward()
-    ref_grads = {k: p.grad.clone() for k, p in hf.named_parameters()}  # lm_head is the embedding
+    ref_grads = hf_reference_grads(hf, tokens, loss_w)
 
     def run(tag, tp, pp, sp=False, variant=None, allow_missing=(), dtype=torch.float32, grad_check=False):
         init_model_parallel(tp, pp, seed=1)
@@ -114,29 +151,7 @@ def main(hf_dir: str, out_json: str, export_dir: str, hf_350m_dir: str) -> None:
         with torch.no_grad():
             out = forward(model, tokens, positions, arch.hidden_size, pp)
         if grad_check:
-            # Same scalar loss on both sides; the megatron gradients, mapped to HF layout by the same
-            # converter, must equal HF's. Under SP the LayerNorm grads are partial sums per rank:
-            # all-reduce those marked sequence_parallel, as megatron's finalize_model_grads does.
-            model.zero_grad()
-            out = model(tokens, positions, None, runtime_gather_output=True)
-            (out[..., :V].float() * loss_w).sum().backward()
-            grads = {}
-            for name, p in model.named_parameters():
-                g = p.grad
-                if getattr(p, "sequence_parallel", False) and sp:
-                    g = g.clone()
-                    dist.all_reduce(g, group=ps.get_tensor_model_parallel_group())
-                grads[name] = g
-            hf_grads = megatron_to_hf_state_dict(gather_megatron_state_dicts(state_dict=grads), arch)
-            # k_proj biases have an exactly-zero true gradient (softmax is shift-invariant): both sides
-            # hold rounding noise there, checked against the largest gradient anywhere instead.
-            top = max(float(v.abs().max()) for v in ref_grads.values())
-            kb = [k for k in ref_grads if k.endswith("k_proj.bias")]
-            diffs = sorted(((float((hf_grads[k] - ref_grads[k]).abs().max() / ref_grads[k].abs().max()), k)
-                            for k in ref_grads if k not in kb), reverse=True)
-            res[f"{tag}_grad_rel_diff"] = diffs[0][0]
-            res[f"{tag}_grad_worst_keys"] = diffs[:3]
-            res[f"{tag}_k_bias_grad_rel"] = max(float(hf_grads[k].abs().max()) for k in kb) / top
+            out = grad_check_into(res, tag, model, arch, tokens, positions, loss_w, ref_grads, sp)
         if out is not None:
             res[f"{tag}_logits_shape"] = list(out.shape)
             res[f"{tag}_max_abs_diff"] = float((out[..., :V].float() - ref).abs().max())

@@ -83,7 +83,7 @@ def test_bf16_model_runs_close_to_fp32(parity):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("tag", ["tp1", "tp2", "tp2sp"])
+@pytest.mark.parametrize("tag", ["tp1", "tp2", "tp2sp", "opt_350m_tp2sp"])
 def test_gradients_match_hf(parity, tag):
     res, _ = parity
     assert res[f"{tag}_grad_rel_diff"] <= 1e-4, res[f"{tag}_grad_worst_keys"]
