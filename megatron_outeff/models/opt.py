@@ -4,9 +4,10 @@ OPT in megatron-core terms: pre-LayerNorm decoder, ReLU FFN of width 4h (no GLU)
 linear (QKV included), learned absolute positions, a final LayerNorm, and the LM head tied to the
 token embedding. OPT-350m differs: post-LayerNorm layers (no final LayerNorm) and a 512-wide token
 embedding projected to the 1024-wide model (``project_in`` / ``project_out``); both are built from
-megatron's own layer through specs and thin subclasses in :mod:`megatron_outeff.models.opt_layers`. Architectures live in ``configs/model/opt-<size>.yaml`` and load into
-:class:`OPTArchConfig`; :func:`build_opt_model` turns one into a GPTModel for the tensor/pipeline
-layout that megatron's ``parallel_state`` was initialised with (by the caller).
+megatron's own layer through specs and thin subclasses in :mod:`megatron_outeff.models.opt_layers`.
+Architectures live in ``configs/model/opt-<size>.yaml`` and load into :class:`OPTArchConfig`;
+:func:`build_opt_model` turns one into a GPTModel for the tensor/pipeline layout that megatron's
+``parallel_state`` was initialised with (by the caller).
 
 Position offset (Hugging Face / metaseq OPT reads row ``pos + 2`` of a table of ``max_positions + 2``
 rows): the megatron model keeps the SAME ``max_positions + 2``-row table as one ordinary parameter
