@@ -259,9 +259,6 @@ def read_hf_dir(hf_dir, variant=None, *, seq_length: Optional[int] = None, seed:
         arch = arch_from_hf_config(cfg, name=hf_dir.name or None)
     except ValueError as e:
         raise ConvertError(str(e)) from None
-    reason = arch.unsupported_reason()
-    if reason:
-        raise ConvertError(reason)
     try:
         sd = read_hf_safetensors(hf_dir, on_file=lambda name: _say(progress, f"reading {name}"))
     except ValueError as e:

@@ -167,9 +167,6 @@ def manifest_arch_variant(m: dict, where: str = "manifest"):
         variant = AttentionVariantConfig.from_dict(m["attention"])
     except (TypeError, ValueError) as e:
         raise ConvertError(f"{where}: bad attention variant: {e}") from None
-    reason = arch.unsupported_reason()
-    if reason:
-        raise ConvertError(f"{where}: {reason}")
     return arch, variant
 
 

@@ -52,6 +52,8 @@ KURTOSIS_EPS = 1e-6
 #   ffn_ln    LayerNorm before the FFN            fc2       FFN output (second linear)
 #   layer     a whole layer's output = the residual stream after the layer
 #   final_ln  the final LayerNorm of the decoder
+# Post-LayerNorm models (OPT-350m): attn_ln / ffn_ln are the same LayerNorm modules (HF
+# self_attn_layer_norm / final_layer_norm), applied after the attention / FFN residual add; no final_ln.
 COMPONENT_KINDS = ("attn_ln", "attn_out", "ffn_ln", "fc2", "layer", "final_ln")
 
 

@@ -9,6 +9,9 @@ models.opt
                     sequence_parallel=False, pre_process=None, post_process=None, seq_length=None,
                     **transformer_overrides) -> OPTGPTModel (a megatron-core GPTModel)
     padded_vocab_size(vocab_size, tp_size), OPT_POSITION_OFFSET
+models.opt_layers (imported by models.opt when needed; OPT-350m)
+    OPTPostLNTransformerLayer + OPTPostLNLayerSubmodules, post_layernorm_layer_spec(layer_spec),
+    OPTProjectedWordEmbedding (project_in), OPTProjectedOutputLayer (project_out)
 models.hf_opt
     load_hf_opt_dir(path, expected_arch=None) -> (OPTArchConfig, hf_state_dict)
     save_hf_opt_dir(path, arch, hf_state_dict)

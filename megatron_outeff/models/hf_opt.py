@@ -17,6 +17,12 @@ Layouts (H heads of width d, hidden h = H*d, per TP rank r of T, per PP stage p 
 * Positions: the full ``max_positions + 2`` table, copied as is (see models/opt.py).
 * Pipeline: stage p holds layers p*L/P .. (p+1)*L/P - 1 as ``decoder.layers.0..``; embeddings on
   stage 0, final LayerNorm (and the output-layer copy when P > 1) on stage P-1.
+* OPT-350m (models/opt_layers.py): the token embedding (and the tied head) is E =
+  ``word_embed_proj_dim`` wide; ``model.decoder.project_in.weight`` [h, E] <->
+  ``embedding.word_embeddings.project_in.weight`` (stage 0) and ``model.decoder.project_out.weight``
+  [E, h] <-> ``output_layer.project_out.weight`` (stage P-1), both replicated on every TP rank.
+  Post-LN layers: ``self_attn_layer_norm`` <-> ``post_self_attn_layernorm`` and the layer's
+  ``final_layer_norm`` <-> ``post_mlp_layernorm``; there is no decoder-level final LayerNorm.
 
 Forward passes are identical. One training-time difference is inherent, not a mapping loss:
 Hugging Face's ``embed_tokens`` has ``padding_idx=pad_token_id`` (1), which zeroes that row's
@@ -46,11 +52,21 @@ STRUCTURAL_FIELDS = (
     "max_position_embeddings", "word_embed_proj_dim", "do_layer_norm_before", "activation",
 )
 
-# (HF name inside decoder.layers.N., megatron name inside decoder.layers.N.)
+# (HF name inside decoder.layers.N., megatron name inside decoder.layers.N.), pre-LN / post-LN.
 _LAYER_NORMS = (
     ("self_attn_layer_norm", "input_layernorm"),
     ("final_layer_norm", "pre_mlp_layernorm"),
 )
+_POST_LAYER_NORMS = (
+    ("self_attn_layer_norm", "post_self_attn_layernorm"),
+    ("final_layer_norm", "post_mlp_layernorm"),
+)
+HF_PROJECT_IN, MG_PROJECT_IN = HF_DECODER + "project_in.weight", "embedding.word_embeddings.project_in.weight"
+HF_PROJECT_OUT, MG_PROJECT_OUT = HF_DECODER + "project_out.weight", "output_layer.project_out.weight"
+
+
+def _layer_norms(arch: OPTArchConfig) -> tuple:
+    return _LAYER_NORMS if arch.do_layer_norm_before else _POST_LAYER_NORMS
 
 # Attention-variant tensors (megatron_outeff.megatron / megatron_outeff.hf naming), all sharded by
 # head along dim 0 across TP ranks and concatenated in Hugging Face layout:
@@ -158,13 +174,18 @@ def check_same_architecture(got: OPTArchConfig, expected: OPTArchConfig, what: s
 
 
 def hf_expected_shapes(arch: OPTArchConfig) -> dict[str, tuple]:
-    h, f, v = arch.hidden_size, arch.ffn_hidden_size, arch.vocab_size
+    """{name: shape} of OPTForCausalLM's state dict (lm_head.weight excluded), in its order."""
+    h, f, v, e = arch.hidden_size, arch.ffn_hidden_size, arch.vocab_size, arch.embed_dim
     shapes = {
-        HF_DECODER + "embed_tokens.weight": (v, h),
+        HF_DECODER + "embed_tokens.weight": (v, e),
         HF_DECODER + "embed_positions.weight": (arch.max_position_embeddings + OPT_POSITION_OFFSET, h),
-        HF_DECODER + "final_layer_norm.weight": (h,),
-        HF_DECODER + "final_layer_norm.bias": (h,),
     }
+    if e != h:
+        shapes[HF_PROJECT_OUT] = (e, h)
+        shapes[HF_PROJECT_IN] = (h, e)
+    if arch.do_layer_norm_before:
+        shapes[HF_DECODER + "final_layer_norm.weight"] = (h,)
+        shapes[HF_DECODER + "final_layer_norm.bias"] = (h,)
     for i in range(arch.num_layers):
         # In OPTForCausalLM.state_dict() order (module registration order).
         p = f"{HF_DECODER}layers.{i}."
@@ -179,9 +200,6 @@ def hf_expected_shapes(arch: OPTArchConfig) -> dict[str, tuple]:
 
 def validate_hf_state_dict(hf_sd: Mapping[str, torch.Tensor], arch: OPTArchConfig) -> None:
     """One-line ValueError unless ``hf_sd`` is exactly a standard OPT of architecture ``arch``."""
-    reason = arch.unsupported_reason()
-    if reason:
-        raise ValueError(reason)
     shapes = hf_expected_shapes(arch)
     missing = [k for k in shapes if k not in hf_sd]
     if missing:
@@ -273,8 +291,11 @@ def hf_state_dict_to_megatron(
     word = None
     if first or (last and pp_size > 1):
         word = _chunk(_padded_embedding(hf_sd[HF_DECODER + "embed_tokens.weight"], vocab_rows), tp_rank, tp_size)
+    projected = arch.embed_dim != arch.hidden_size
     if first:
         out["embedding.word_embeddings.weight"] = word
+        if projected:
+            out[MG_PROJECT_IN] = hf_sd[HF_PROJECT_IN].clone()
         out["embedding.position_embeddings.weight"] = hf_sd[HF_DECODER + "embed_positions.weight"].clone()
     for local, g in enumerate(_stage_layers(arch, pp_rank, pp_size)):
         hp, mp = f"{HF_DECODER}layers.{g}.", f"decoder.layers.{local}."
@@ -282,7 +303,7 @@ def hf_state_dict_to_megatron(
             q, k, v = (hf_sd[f"{hp}self_attn.{n}_proj.{kind}"] for n in "qkv")
             out[f"{mp}self_attention.linear_qkv.{kind}"] = _chunk(_fuse_qkv(q, k, v, H), tp_rank, tp_size)
             out[f"{mp}mlp.linear_fc1.{kind}"] = _chunk(hf_sd[f"{hp}fc1.{kind}"], tp_rank, tp_size)
-            for hf_ln, mg_ln in _LAYER_NORMS:
+            for hf_ln, mg_ln in _layer_norms(arch):
                 out[f"{mp}{mg_ln}.{kind}"] = hf_sd[f"{hp}{hf_ln}.{kind}"].clone()
         out[f"{mp}self_attention.linear_proj.weight"] = _chunk(hf_sd[f"{hp}self_attn.out_proj.weight"], tp_rank, tp_size, 1)
         out[f"{mp}mlp.linear_fc2.weight"] = _chunk(hf_sd[f"{hp}fc2.weight"], tp_rank, tp_size, 1)
@@ -296,8 +317,11 @@ def hf_state_dict_to_megatron(
         if layers[-1] >= arch.num_layers:
             raise ValueError(f"attention-variant tensors for layer {layers[-1]}, but {arch.name} has {arch.num_layers} layers")
     if last:
-        for kind in ("weight", "bias"):
-            out[f"decoder.final_layernorm.{kind}"] = hf_sd[f"{HF_DECODER}final_layer_norm.{kind}"].clone()
+        if arch.do_layer_norm_before:
+            for kind in ("weight", "bias"):
+                out[f"decoder.final_layernorm.{kind}"] = hf_sd[f"{HF_DECODER}final_layer_norm.{kind}"].clone()
+        if projected:
+            out[MG_PROJECT_OUT] = hf_sd[HF_PROJECT_OUT].clone()
         if pp_size > 1:
             # Tied head on a stage without the embedding: megatron keeps a synchronised copy.
             out["output_layer.weight"] = word.clone() if first else word
@@ -383,9 +407,6 @@ def megatron_to_hf_state_dict(
     concatenated by head) and append them, in megatron_outeff.hf's names, after the OPT tensors.
     """
     arch = load_arch_config(arch)
-    reason = arch.unsupported_reason()
-    if reason:
-        raise ValueError(reason)
     grid = _as_grid(rank_state_dicts)
     pp_size, tp_size = len(grid), len(grid[0])
     check_parallel_layout(arch, tp_size, pp_size)
@@ -415,6 +436,9 @@ def megatron_to_hf_state_dict(
     embed = embed[:V].clone()
     hf[HF_DECODER + "embed_tokens.weight"] = embed
     hf[HF_DECODER + "embed_positions.weight"] = replicated(0, "embedding.position_embeddings.weight")
+    if arch.embed_dim != arch.hidden_size:
+        hf[HF_PROJECT_IN] = replicated(0, MG_PROJECT_IN)
+        hf[HF_PROJECT_OUT] = replicated(pp_size - 1, MG_PROJECT_OUT)
     if pp_size > 1:
         head = cat(pp_size - 1, "output_layer.weight", 0)[:V]
         if not torch.equal(head, embed):
@@ -431,7 +455,7 @@ def megatron_to_hf_state_dict(
             hf[f"{hp}self_attn.out_proj.weight"] = cat(p, f"{mp}self_attention.linear_proj.weight", 1)
             hf[f"{hp}self_attn.out_proj.bias"] = replicated(p, f"{mp}self_attention.linear_proj.bias")
             for kind in ("weight", "bias"):
-                for hf_ln, mg_ln in _LAYER_NORMS:
+                for hf_ln, mg_ln in _layer_norms(arch):
                     hf[f"{hp}{hf_ln}.{kind}"] = replicated(p, f"{mp}{mg_ln}.{kind}")
                 hf[f"{hp}fc1.{kind}"] = cat(p, f"{mp}mlp.linear_fc1.{kind}", 0)
             hf[f"{hp}fc2.weight"] = cat(p, f"{mp}mlp.linear_fc2.weight", 1)
@@ -442,8 +466,9 @@ def megatron_to_hf_state_dict(
                 gate = [k[len(mp + MG_GATE):] for k in grid[p][0] if k.startswith(mp + MG_GATE)]
                 for mg_name, hf_name in _gate_names(gate).items():
                     extras[hp + HF_GATE + hf_name] = cat(p, mp + MG_GATE + mg_name, 0)
-    for kind in ("weight", "bias"):
-        hf[f"{HF_DECODER}final_layer_norm.{kind}"] = replicated(pp_size - 1, f"decoder.final_layernorm.{kind}")
+    if arch.do_layer_norm_before:
+        for kind in ("weight", "bias"):
+            hf[f"{HF_DECODER}final_layer_norm.{kind}"] = replicated(pp_size - 1, f"decoder.final_layernorm.{kind}")
     if strict:
         for p in range(pp_size):
             for t in range(tp_size):
@@ -500,9 +525,6 @@ def load_hf_opt_dir(path: Union[str, Path], expected_arch: Union[OPTArchConfig, 
     arch = arch_from_hf_config(cfg, name=path.name or None)
     if expected_arch is not None:
         check_same_architecture(arch, load_arch_config(expected_arch), what=str(path))
-    reason = arch.unsupported_reason()
-    if reason:
-        raise ValueError(reason)
     sd = read_hf_safetensors(path)
     validate_hf_state_dict(sd, arch)
     return arch, sd

@@ -2,9 +2,12 @@
 
 OPT in megatron-core terms: pre-LayerNorm decoder, ReLU FFN of width 4h (no GLU), biases on every
 linear (QKV included), learned absolute positions, a final LayerNorm, and the LM head tied to the
-token embedding. Architectures live in ``configs/model/opt-<size>.yaml`` and load into
-:class:`OPTArchConfig`; :func:`build_opt_model` turns one into a GPTModel for the tensor/pipeline
-layout that megatron's ``parallel_state`` was initialised with (by the caller).
+token embedding. OPT-350m differs: post-LayerNorm layers (no final LayerNorm) and a 512-wide token
+embedding projected to the 1024-wide model (``project_in`` / ``project_out``); both are built from
+megatron's own layer through specs and thin subclasses in :mod:`megatron_outeff.models.opt_layers`.
+Architectures live in ``configs/model/opt-<size>.yaml`` and load into :class:`OPTArchConfig`;
+:func:`build_opt_model` turns one into a GPTModel for the tensor/pipeline layout that megatron's
+``parallel_state`` was initialised with (by the caller).
 
 Position offset (Hugging Face / metaseq OPT reads row ``pos + 2`` of a table of ``max_positions + 2``
 rows): the megatron model keeps the SAME ``max_positions + 2``-row table as one ordinary parameter
@@ -53,8 +56,8 @@ class OPTArchConfig:
     ffn_hidden_size: int
     vocab_size: int = 50272
     max_position_embeddings: int = 2048
-    # Width of the token embedding; None means hidden_size. Only OPT-350m differs (512, with
-    # project_in / project_out linears around the decoder).
+    # Width of the token embedding (and the tied LM head); None means hidden_size. Only OPT-350m
+    # differs (512, with project_in / project_out linears around the decoder; models/opt_layers.py).
     word_embed_proj_dim: Optional[int] = None
     # False only for OPT-350m (post-LayerNorm, no final LayerNorm).
     do_layer_norm_before: bool = True
@@ -86,6 +89,12 @@ class OPTArchConfig:
                 raise ValueError(f"{self.name}: {f}={v!r}: expected a probability in [0, 1)")
         if not float(self.init_method_std) > 0:
             raise ValueError(f"{self.name}: init_method_std={self.init_method_std!r}: expected > 0")
+        if self.word_embed_proj_dim is not None and (
+                not isinstance(self.word_embed_proj_dim, int) or isinstance(self.word_embed_proj_dim, bool)
+                or self.word_embed_proj_dim < 1):
+            raise ValueError(f"{self.name}: word_embed_proj_dim={self.word_embed_proj_dim!r}: expected a positive integer or null")
+        if not isinstance(self.do_layer_norm_before, bool):
+            raise ValueError(f"{self.name}: do_layer_norm_before={self.do_layer_norm_before!r}: expected true or false")
         if not float(self.layernorm_epsilon) > 0:
             raise ValueError(f"{self.name}: layernorm_epsilon={self.layernorm_epsilon!r}: expected > 0")
 
@@ -96,17 +105,6 @@ class OPTArchConfig:
     @property
     def embed_dim(self) -> int:
         return self.word_embed_proj_dim if self.word_embed_proj_dim is not None else self.hidden_size
-
-    def unsupported_reason(self) -> Optional[str]:
-        """Why our megatron OPT cannot represent this architecture, or None if it can."""
-        if self.embed_dim != self.hidden_size:
-            return (
-                f"{self.name}: word_embed_proj_dim={self.embed_dim} != hidden_size={self.hidden_size} "
-                "(OPT-350m's project_in/project_out) is not supported; expected word_embed_proj_dim == hidden_size"
-            )
-        if not self.do_layer_norm_before:
-            return f"{self.name}: do_layer_norm_before=False (post-LayerNorm, OPT-350m) is not supported; expected pre-LayerNorm"
-        return None
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "arch") -> "OPTArchConfig":
@@ -313,8 +311,10 @@ class OPTLayerNorm(torch.nn.LayerNorm):
             setattr(p, "sequence_parallel", bool(config.sequence_parallel))
 
 
-def opt_block_spec(config, variant=None, *, seq_length: Optional[int] = None):
+def opt_block_spec(config, variant=None, *, seq_length: Optional[int] = None, post_layernorm: bool = False):
     """This pipeline stage's TransformerBlock spec (layers + final LayerNorm).
+
+    post_layernorm: OPT-350m's post-LN layers (``opt_layers.post_layernorm_layer_spec``), no final norm.
 
     variant None: megatron's local (non-TE) layer, i.e. megatron's own DotProductAttention.
     Otherwise: megatron_outeff's outlier-efficient layer (``get_outeff_block_spec``), even for a
@@ -342,7 +342,13 @@ def opt_block_spec(config, variant=None, *, seq_length: Optional[int] = None):
                 if getattr(ls, a) in (WrappedTorchNorm, torch.nn.LayerNorm)}
         layer = dataclasses.replace(layer, submodules=dataclasses.replace(ls, **swap))
         sub = TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=OPTLayerNorm)
-    return ModuleSpec(module=TransformerBlock, submodules=sub)
+    if not post_layernorm:
+        return ModuleSpec(module=TransformerBlock, submodules=sub)
+    from .opt_layers import post_layernorm_layer_spec
+
+    # Post-LN: the layer's norms move behind the residual adds; no final LayerNorm.
+    layers = [post_layernorm_layer_spec(s) for s in sub.layer_specs]
+    return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(layer_specs=layers, layer_norm=None))
 
 
 class OPTPositionEmbedding(torch.nn.Embedding):
@@ -361,7 +367,10 @@ def _gpt_model_class():
     class OPTGPTModel(GPTModel):
         """GPTModel whose position table has OPT's two extra leading rows (0-based position ids in)."""
 
-        def __init__(self, config, transformer_layer_spec, vocab_size: int, max_positions: int, **kwargs):
+        def __init__(self, config, transformer_layer_spec, vocab_size: int, max_positions: int,
+                     embedding_dim: Optional[int] = None, **kwargs):
+            # Read by setup_embeddings_and_output_layer, which GPTModel.__init__ calls.
+            object.__setattr__(self, "_opt_embedding_dim", embedding_dim or config.hidden_size)
             super().__init__(
                 config=config,
                 transformer_layer_spec=transformer_layer_spec,
@@ -378,6 +387,30 @@ def _gpt_model_class():
                 # only the lookup gains the offset.
                 emb.__class__ = OPTPositionEmbedding
                 self.embedding.max_sequence_length = max_positions
+
+        def setup_embeddings_and_output_layer(self) -> None:
+            # OPT-350m: GPTModel built the embedding and LM head hidden_size wide; swap in the
+            # embedding_dim-wide ones with project_in / project_out (opt_layers) before megatron ties
+            # and synchronises them. Same arguments as GPTModel's own construction otherwise.
+            if self._opt_embedding_dim != self.config.hidden_size:
+                from .opt_layers import OPTProjectedOutputLayer, OPTProjectedWordEmbedding
+
+                E, h, cfg = self._opt_embedding_dim, self.config.hidden_size, self.config
+                if self.pre_process:
+                    self.embedding.word_embeddings = OPTProjectedWordEmbedding(
+                        self.vocab_size, E, h, init_method=cfg.embedding_init_method, config=cfg,
+                        reduce_scatter_embeddings=self.embedding.reduce_scatter_embeddings,
+                        tp_group=self.embedding.tp_group,
+                    )
+                if self.post_process:
+                    self.output_layer = OPTProjectedOutputLayer(
+                        h, E, self.vocab_size, config=cfg, init_method=cfg.init_method, bias=False,
+                        skip_bias_add=False, gather_output=not self.parallel_output,
+                        skip_weight_param_allocation=self.pre_process and self.share_embeddings_and_output_weights,
+                        embedding_activation_buffer=self.embedding_activation_buffer,
+                        grad_output_buffer=self.grad_output_buffer, tp_group=self.pg_collection.tp,
+                    )
+            super().setup_embeddings_and_output_layer()
 
     # Importable (and picklable) as megatron_outeff.models.opt.OPTGPTModel.
     OPTGPTModel.__module__ = __name__
@@ -424,9 +457,6 @@ def build_opt_model(
     Forward takes megatron-native 0-based ``position_ids``; the OPT offset is applied inside.
     """
     arch = load_arch_config(arch)
-    reason = arch.unsupported_reason()
-    if reason:
-        raise ValueError(reason)  # before importing megatron: refusals stay cheap
 
     from megatron.core import parallel_state as ps
 
@@ -451,13 +481,14 @@ def build_opt_model(
         post_process = ps.is_pipeline_last_stage() if ps.model_parallel_is_initialized() else True
 
     # A block spec (rather than a layer spec) so the final LayerNorm is SP-capable too.
-    block_spec = opt_block_spec(config, variant, seq_length=seq_length)
+    block_spec = opt_block_spec(config, variant, seq_length=seq_length, post_layernorm=not arch.do_layer_norm_before)
     with cpu_model_construction():
         model = opt_gpt_model_class()(
             config,
             block_spec,
             vocab_size=vocab_size,
             max_positions=arch.max_position_embeddings,
+            embedding_dim=arch.embed_dim,
             pre_process=pre_process,
             post_process=post_process,
             share_embeddings_and_output_weights=True,

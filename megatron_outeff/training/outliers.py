@@ -41,9 +41,13 @@ def megatron_components(model) -> dict:
     comps = {}
     for layer in gpt.decoder.layers:
         i = layer.layer_number - 1
-        comps[f"layer{i}.attn_ln"] = layer.input_layernorm
+        # Post-LN layers (OPT-350m, models/opt_layers.py): the same LayerNorms as Hugging Face's
+        # self_attn_layer_norm / final_layer_norm (metrics.outliers.hf_opt_components), here placed
+        # after the attention / FFN residual adds.
+        post = hasattr(layer, "post_self_attn_layernorm")
+        comps[f"layer{i}.attn_ln"] = layer.post_self_attn_layernorm if post else layer.input_layernorm
         comps[f"layer{i}.attn_out"] = layer.self_attention.linear_proj
-        comps[f"layer{i}.ffn_ln"] = layer.pre_mlp_layernorm
+        comps[f"layer{i}.ffn_ln"] = layer.post_mlp_layernorm if post else layer.pre_mlp_layernorm
         comps[f"layer{i}.fc2"] = layer.mlp.linear_fc2
         comps[f"layer{i}.layer"] = layer
     final = getattr(gpt.decoder, "final_layernorm", None)

@@ -12,6 +12,9 @@
 6. bf16 (fp32 master weights): DP=2 ZeRO-1 (3 steps) -> OUT/bf16_z1, DP=2 ZeRO-3 -> OUT/bf16_z3,
    TP=2 ZeRO-2 -> OUT/bf16_tp2, PP=2 ZeRO-0 -> OUT/bf16_pp2; then OUT/bf16_z1 loaded with init_from's
    loader into an fp32 TP=1 model -> OUT/init_from_bf16_z1.safetensors (its state dict).
+7. OPT-350m's shape in miniature (post-LN, 32-wide embeddings projected to 64): bf16 DP=2 ZeRO-1 ->
+   OUT/opt_350m_bf16_z1, fp32 TP=2 ZeRO-1 -> OUT/opt_350m_tp2, fp32 PP=2 -> OUT/opt_350m_pp2; the
+   megatron logits of OUT/opt_350m_bf16_z1 at TP=1 -> OUT/opt_350m_logits.safetensors.
 """
 import json
 import os
@@ -29,6 +32,8 @@ from megatron_outeff.training.train import train  # noqa: E402
 
 VARIANT = "attention={softmax: learnable, gate: linear}"
 Z3_VARIANT = "attention={softmax: softmax1, gate: mlp}"
+OPT_350M = ("model.arch_overrides={vocab_size: 256, hidden_dropout: 0.0, attention_dropout: 0.0, "
+            "do_layer_norm_before: false, word_embed_proj_dim: 32}")
 
 
 def tokens():
@@ -60,6 +65,10 @@ def main():
                                f"checkpoint.dir={out / 'pp2'}"] + one)
     results["init_tp1_dp2"] = run([VARIANT, f"checkpoint.init_from={out / 'r_tp1'}"] + one)
     bf16 = [VARIANT, "precision.dtype=bf16", "optimizer.lr=0.003", "train.train_iters=2"]
+    run(bf16 + [OPT_350M, "parallel.zero_stage=1", f"checkpoint.dir={out / 'opt_350m_bf16_z1'}"])
+    results["opt_350m_tp2"] = run([VARIANT, OPT_350M, "parallel.tensor_parallel=2", "parallel.zero_stage=1",
+                                   f"checkpoint.dir={out / 'opt_350m_tp2'}"])
+    results["opt_350m_pp2"] = run([VARIANT, OPT_350M, "parallel.pipeline_parallel=2", f"checkpoint.dir={out / 'opt_350m_pp2'}"])
     run(bf16 + ["parallel.tensor_parallel=2", "parallel.zero_stage=2", f"checkpoint.dir={out / 'bf16_tp2'}"])
     run(bf16 + ["parallel.pipeline_parallel=2", "parallel.zero_stage=0", f"checkpoint.dir={out / 'bf16_pp2'}"])
     run(bf16 + ["parallel.zero_stage=3", f"checkpoint.dir={out / 'bf16_z3'}"])
@@ -81,11 +90,18 @@ def main():
     bf16_model = build_model(cfg, pre_process=True, post_process=True)
     load_into_model(bf16_model, out / "bf16_z1", arch=arch_config(cfg), variant=attention_variant(cfg), seq_length=32,
                     tp_rank=0, tp=1, pp_rank=0, pp=1)
+    cfg_350m = load_config(DEMO, BASE + [VARIANT, OPT_350M])
+    model_350m = build_model(cfg_350m, pre_process=True, post_process=True)
+    load_into_model(model_350m, out / "opt_350m_bf16_z1", arch=arch_config(cfg_350m), variant=attention_variant(cfg_350m),
+                    seq_length=32, tp_rank=0, tp=1, pp_rank=0, pp=1)
+    model_350m.eval()
     with torch.no_grad():
         logits = model(ids, torch.arange(ids.shape[1]).expand_as(ids), None)
+        logits_350m = model_350m(ids, torch.arange(ids.shape[1]).expand_as(ids), None)
     if dist.get_rank() == 0:
         from safetensors.torch import save_file
 
+        save_file({"tokens": ids, "logits": logits_350m.float().contiguous()}, str(out / "opt_350m_logits.safetensors"))
         save_file({"tokens": ids, "logits": logits.float().contiguous()}, str(out / "megatron_logits.safetensors"))
         save_file({k: v.contiguous() for k, v in bf16_model.state_dict().items() if isinstance(v, torch.Tensor)
                    and not k.endswith("_extra_state")}, str(out / "init_from_bf16_z1.safetensors"))

@@ -3,6 +3,7 @@
 One torchrun launch (convert_worker.py, 2 processes) trains and restarts; everything else runs here.
 """
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -325,3 +326,115 @@ def test_reshard_of_tp_pp_bf16_checkpoints_reads_the_master_weights(trained, tmp
         assert torch.equal(back[last]["output_layer.weight"], master[(0, 0)]["embedding.word_embeddings.weight"])
         back[last]["output_layer.weight"] = master[last]["output_layer.weight"]
     _assert_same(back, master)
+
+
+# --------------------------------------------------------------------------------------------------
+# OPT-350m's shape (post-LN, 32-wide embeddings projected to the 64-wide model): training, conversion, export
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.multiproc
+def test_opt_350m_zero_to_fp32_script_in_the_checkpoint_matches_our_master_weights(trained, tmp_path):
+    """DeepSpeed's own zero_to_fp32.py, which DeepSpeed copies into every checkpoint directory, run the
+    way a user runs it, reconstructs exactly our fp32 master files (and the layout holds project_in/out)."""
+    ckpt = trained / "opt_350m_bf16_z1"
+    script = ckpt / "zero_to_fp32.py"
+    assert script.is_file()
+    r = subprocess.run([sys.executable, str(script), str(ckpt), str(tmp_path / "fp32"), "--safe_serialization"],
+                       env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    files = sorted((tmp_path / "fp32").glob("*.safetensors"))
+    assert files, sorted(p.name for p in (tmp_path / "fp32").iterdir())
+    theirs = {}
+    for f in files:
+        theirs.update({k.removeprefix("module."): v for k, v in load_file(str(f)).items()})
+    _, master = _check_master_and_copies(ckpt)
+    ours = master[(0, 0)]
+    assert ours["embedding.word_embeddings.weight"].shape == (256, 32)
+    assert ours["embedding.word_embeddings.project_in.weight"].shape == (64, 32)
+    assert ours["output_layer.project_out.weight"].shape == (32, 64)
+    assert "decoder.layers.1.post_mlp_layernorm.weight" in ours and "decoder.final_layernorm.weight" not in ours
+    assert set(theirs) == set(ours), sorted(set(theirs) ^ set(ours))[:4]
+    for k in ours:
+        assert theirs[k].dtype == torch.float32 and torch.equal(theirs[k], ours[k]), k
+
+
+@pytest.mark.multiproc
+def test_opt_350m_trained_checkpoint_to_hf_and_fp16_w8a8_export(trained, tmp_path):
+    """to-hf (CLI) of the trained bf16 ZeRO-1 checkpoint reproduces megatron's logits in transformers
+    (remote code: learnable offsets + gates); tools/export.py writes reloadable fp16 and W8A8 models."""
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(ROOT / "tests" / "tools"))
+    import evallib
+
+    tok = tmp_path / "tok"
+    evallib.write_tokenizer(tok)
+    r = subprocess.run([sys.executable, CLI, "to-hf", str(trained / "opt_350m_bf16_z1"), str(tmp_path / "hf"), "--tokenizer", str(tok)],
+                       env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (cfg["do_layer_norm_before"], cfg["word_embed_proj_dim"], cfg["hidden_size"]) == (False, 32, 64)
+    ref = load_file(str(trained / "opt_350m_logits.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True).eval()
+    with torch.no_grad():
+        logits = model(ref["tokens"]).logits
+    want = ref["logits"][..., : logits.shape[-1]]
+    assert (logits - want).abs().max() <= 64 * torch.finfo(torch.float32).eps * float(want.abs().max())
+
+    calib = evallib.write_corpus(tmp_path / "calib.jsonl", 20, seed=3)
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "export.py"), str(tmp_path / "hf"), "--out", str(tmp_path / "exp"),
+                        "--calib-data", calib, "--block-size", "16", "--num-calib-batches", "2", "--calib-batch-size", "2"],
+                       env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    ids = ref["tokens"][:, :8] % 90  # ids inside the word-level tokenizer's vocabulary
+    fp16 = AutoModelForCausalLM.from_pretrained(str(tmp_path / "exp" / "fp16"), trust_remote_code=True, dtype="auto").eval()
+    assert fp16.model.decoder.project_in.weight.dtype == torch.float16
+    w8 = AutoModelForCausalLM.from_pretrained(str(tmp_path / "exp" / "w8a8"), trust_remote_code=True).eval()
+    assert w8.model.decoder.layers[0].fc1.quantization_scheme is not None
+    with torch.no_grad():
+        flt, half, q = model(ids).logits, fp16(ids).logits.float(), w8(ids).logits
+    scale = float(flt.abs().max())
+    # fp16 weights + fp16 compute over 2 layers: a few fp16 ulps (2^-10) of the logit magnitude
+    assert (half - flt).abs().max() <= 16 * 2.0 ** -10 * scale
+    assert torch.isfinite(q).all() and 0 < float((q - flt).abs().max()) <= 0.5 * scale
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("name", ["opt_350m_tp2", "opt_350m_pp2"])
+def test_opt_350m_tp2_pp2_training_checkpoints_convert(trained, tmp_path, name):
+    """TP=2 / PP=2 training of the 350m shape runs (finite losses), its checkpoints reshard to TP=1 and
+    back identically, and to-hf gives the same Hugging Face tensors from either layout."""
+    results = json.loads((trained / "results.json").read_text())
+    assert all(math.isfinite(x) for x in results[name]) and len(results[name]) == 4
+    m, states = _files(trained / name)
+    last = (0, m["pp"] - 1)
+    assert "output_layer.project_out.weight" in states[last] and "embedding.word_embeddings.project_in.weight" in states[(0, 0)]
+    one = reshard(trained / name, tmp_path / "one", tp=1, pp=1)
+    back = _files(reshard(one, tmp_path / "back", tp=m["tp"], pp=m["pp"]))[1]
+    if m["pp"] > 1:  # the last stage's tied head copy comes from the embedding (merge_ranks)
+        back[last]["output_layer.weight"] = states[last]["output_layer.weight"]
+    _assert_same(back, states)
+    a = load_file(str(to_hf(trained / name, tmp_path / "hf_a") / "model.safetensors"))
+    b = load_file(str(to_hf(one, tmp_path / "hf_b") / "model.safetensors"))
+    assert sorted(a) == sorted(b) and "model.decoder.project_out.weight" in a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("layer_norm_elementwise_affine", False, "layer_norm_elementwise_affine=False: expected True"),
+    ("_remove_final_layer_norm", True, "_remove_final_layer_norm=True: expected False"),
+    ("activation_function", "silu", "activation='silu': expected one of"),
+    ("word_embed_proj_dim", 0, "word_embed_proj_dim=0: expected a positive integer"),
+])
+def test_opt_350m_unsupported_hf_variant_is_one_line_and_writes_nothing(tmp_path, key, value, expected):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    src = tmp_path / "opt"
+    OPTForCausalLM(OPTConfig(vocab_size=250, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+                             max_position_embeddings=32, do_layer_norm_before=False, word_embed_proj_dim=32)).save_pretrained(str(src))
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(dict(cfg, **{key: value})))
+    r = subprocess.run([sys.executable, CLI, "from-hf", str(src), str(tmp_path / "out"), "--tp", "1", "--pp", "1"],
+                       env=env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and expected in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["opt"]

@@ -47,8 +47,11 @@ def linear(x, sd, prefix):
 
 
 def oracle_logits(sd: dict, fields: dict, ids: torch.Tensor, attention_mask: torch.Tensor, opt_kwargs: dict = TINY):
-    """Plain-torch OPT forward (pre-LN, ReLU, learned positions offset 2, tied head) whose attention is
-    the project's operator ``outeff_attention(..., impl="torch")``; gates computed here from their definition."""
+    """Plain-torch OPT forward (ReLU, learned positions offset 2, tied head) whose attention is
+    the project's operator ``outeff_attention(..., impl="torch")``; gates computed here from their definition.
+    Pre-LN by default; ``opt_kwargs`` with ``do_layer_norm_before=False`` (OPT-350m) normalises after each
+    residual add and has no final LayerNorm; ``word_embed_proj_dim`` != hidden_size adds the bias-free
+    ``project_in`` (after the token lookup) and ``project_out`` (before the tied head)."""
     from megatron_outeff.ops import outeff_attention
 
     H, D = opt_kwargs["num_attention_heads"], opt_kwargs["hidden_size"]
@@ -56,11 +59,16 @@ def oracle_logits(sd: dict, fields: dict, ids: torch.Tensor, attention_mask: tor
     b, s = ids.shape
     am = attention_mask.long()
     pos = (torch.cumsum(am, 1) * am - 1) + 2
-    x = sd["model.decoder.embed_tokens.weight"][ids] + sd["model.decoder.embed_positions.weight"][pos]
+    pre_ln = opt_kwargs.get("do_layer_norm_before", True)
+    projected = opt_kwargs.get("word_embed_proj_dim", D) != D
+    x = sd["model.decoder.embed_tokens.weight"][ids]
+    if projected:
+        x = x @ sd["model.decoder.project_in.weight"].T
+    x = x + sd["model.decoder.embed_positions.weight"][pos]
     clip = None if fields.get("clip_gamma") is None else (fields["clip_gamma"], fields["clip_zeta"])
     for i in range(opt_kwargs["num_hidden_layers"]):
         p = f"model.decoder.layers.{i}"
-        h = layer_norm(x, sd, f"{p}.self_attn_layer_norm")
+        h = layer_norm(x, sd, f"{p}.self_attn_layer_norm") if pre_ln else x
         q, k, v = (linear(h, sd, f"{p}.self_attn.{n}_proj").view(b, s, H, d) for n in "qkv")
         gate, kind, gp = None, fields.get("gate", "none"), f"{p}.self_attn.gate"
         if kind == "linear":
@@ -82,7 +90,14 @@ def oracle_logits(sd: dict, fields: dict, ids: torch.Tensor, attention_mask: tor
             clip=clip, gate=gate, causal=True, key_padding_mask=attention_mask.bool(), impl="torch",
         )
         x = x + linear(o.reshape(b, s, D), sd, f"{p}.self_attn.out_proj")
-        h = layer_norm(x, sd, f"{p}.final_layer_norm")
+        if not pre_ln:
+            x = layer_norm(x, sd, f"{p}.self_attn_layer_norm")
+        h = layer_norm(x, sd, f"{p}.final_layer_norm") if pre_ln else x
         x = x + linear(torch.relu(linear(h, sd, f"{p}.fc1")), sd, f"{p}.fc2")
-    x = layer_norm(x, sd, "model.decoder.final_layer_norm")
+        if not pre_ln:
+            x = layer_norm(x, sd, f"{p}.final_layer_norm")
+    if pre_ln:
+        x = layer_norm(x, sd, "model.decoder.final_layer_norm")
+    if projected:
+        x = x @ sd["model.decoder.project_out.weight"].T
     return x @ sd["model.decoder.embed_tokens.weight"].T

@@ -36,6 +36,10 @@ VARIANTS = {
     "gated_softmax1": {"softmax": "softmax1", "gate": "linear"},
 }
 
+# OPT-350m's shape in miniature: post-LayerNorm, 32-wide embeddings projected to the 64-wide model.
+TINY_350M = dict(TINY, do_layer_norm_before=False, word_embed_proj_dim=32)
+VARIANTS_350M = ("vanilla", "softmax1", "learnable", "clipped", "gated_linear")
+
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_inputs):
@@ -48,6 +52,11 @@ def exported(tmp_path_factory, tiny_inputs):
         opt_sd, extra = random_weights(fields, seed=0)
         out = export_hf_dir(root / name, opt_sd, TINY, variant, extra_state=extra)
         data[name] = dict(fields=fields, sd={**opt_sd, **extra}, dir=out)
+    for name in VARIANTS_350M:  # same isolated subprocess: no extra launch
+        fields = resolve_variant(VARIANTS[name])
+        opt_sd, extra = random_weights(fields, seed=1, opt_kwargs=TINY_350M)
+        out = export_hf_dir(root / f"opt_350m_{name}", opt_sd, TINY_350M, VARIANTS[name], extra_state=extra)
+        data[f"opt_350m_{name}"] = dict(fields=fields, sd={**opt_sd, **extra}, dir=out)
     job, res = root / "job.pt", root / "result.pt"
     torch.save({"dirs": {n: str(d["dir"]) for n, d in data.items()}, "ids": ids, "am": am}, job)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
@@ -81,6 +90,24 @@ def test_isolated_reload_matches_oracle(exported, tiny_inputs, name):
         assert len(got["quant_points"]) == QUANT_POINTS_PER_LAYER * TINY["num_hidden_layers"]
     else:
         assert got["class"] == "OPTForCausalLM" and got["module"].startswith("transformers.models.opt")
+
+
+@pytest.mark.parametrize("name", VARIANTS_350M)
+def test_opt_350m_isolated_reload_matches_oracle(exported, tiny_inputs, name):
+    """Post-LN + project_in/project_out: plain OPTForCausalLM (vanilla) and our remote code (the rest)."""
+    data, loaded = exported
+    ids, am = tiny_inputs
+    d, got = data[f"opt_350m_{name}"], loaded[f"opt_350m_{name}"]
+    assert d["sd"]["model.decoder.embed_tokens.weight"].shape == (TINY["vocab_size"], 32)
+    assert "model.decoder.final_layer_norm.weight" not in d["sd"]
+    ref = oracle_logits(d["sd"], d["fields"], ids, am, opt_kwargs=TINY_350M)
+    real = am.bool()
+    torch.testing.assert_close(got["logits"][real], ref[real], rtol=0, atol=1e-5)
+    assert got["class"] == ("OPTForCausalLM" if name == "vanilla" else "OutEffOPTForCausalLM")
+    # The oracle sees the post-LN placement: the pre-LN reading of the same weights differs.
+    pre = dict(TINY_350M, do_layer_norm_before=True)
+    sd_pre = {**d["sd"], "model.decoder.final_layer_norm.weight": torch.ones(64), "model.decoder.final_layer_norm.bias": torch.zeros(64)}
+    assert (oracle_logits(sd_pre, d["fields"], ids, am, opt_kwargs=pre)[real] - ref[real]).abs().max() > 1e-2
 
 
 def test_variants_change_the_output(exported, tiny_inputs):

@@ -1,30 +1,129 @@
 """torchrun worker (2 processes, gloo): imports a saved Hugging Face OPT into megatron at TP=1, TP=2
-(+SP) and PP=2, compares logits with the HF model and exports back. Rank 0 writes JSON to argv[2]."""
+(+SP) and PP=2, compares logits with the HF model and exports back; then the same at TP=2 (+SP) and
+PP=2 for an OPT-350m-shaped model (argv[4]: post-LN, project_in/out) with megatron's attention and
+with the learnable-offset variant (reference: our remote-code OutEffOPTForCausalLM, i.e. transformers'
+OPT with the variant's attention). Rank 0 writes JSON to argv[2]."""
 import json
 import sys
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_outeff.megatron.parallel import init_model_parallel
+from megatron_outeff.models.hf_opt import (
+    gather_megatron_state_dicts,
+    hf_state_dict_to_megatron,
+    load_hf_opt_dir,
+    load_megatron_state_dict,
+    megatron_to_hf_state_dict,
+    save_hf_opt_dir,
+)
+from megatron_outeff.models.opt import build_opt_model
 
 
-def main(hf_dir: str, out_json: str, export_dir: str) -> None:
-    from megatron.core import parallel_state as ps
-
-    from megatron_outeff.megatron.parallel import init_model_parallel
-    from megatron_outeff.models.hf_opt import (
-        gather_megatron_state_dicts,
-        hf_state_dict_to_megatron,
-        load_hf_opt_dir,
-        load_megatron_state_dict,
-        megatron_to_hf_state_dict,
-        save_hf_opt_dir,
-    )
-    from megatron_outeff.models.opt import build_opt_model
+def load_reference(hf_dir: str):
+    """(arch without dropout, HF state dict, transformers' OPTForCausalLM in eval mode) of a saved OPT."""
     from transformers import OPTForCausalLM
 
     arch, hf_sd = load_hf_opt_dir(hf_dir)
     arch.hidden_dropout = arch.attention_dropout = 0.0
-    hf = OPTForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
+    return arch, hf_sd, OPTForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
+
+
+def forward(model, tokens, positions, hidden_size: int, pp: int):
+    """Logits [b, s, V] on the last pipeline stage (None elsewhere); a manual 2-stage pipeline for pp=2."""
+    if pp == 1:
+        return model(tokens, positions, None, runtime_gather_output=True)
+    # Manual 2-stage pipeline: stage 0's hidden states [s, b, h] go to stage 1.
+    if ps.get_pipeline_model_parallel_rank() == 0:
+        hidden = model(tokens, positions, None)
+        dist.send(hidden.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+        return None
+    hidden = torch.empty(tokens.shape[1], tokens.shape[0], hidden_size)
+    dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+    model.set_input_tensor(hidden)
+    return model(tokens, positions, None, runtime_gather_output=True)
+
+
+def hf_reference_grads(hf, tokens, loss_w) -> dict:
+    """{name: grad} of sum(logits * loss_w) for the HF model (lm_head is the embedding)."""
+    hf.zero_grad()
+    (hf(tokens).logits * loss_w).sum().backward()
+    return {k: p.grad.clone() for k, p in hf.named_parameters()}
+
+
+def grad_check_into(res, tag, model, arch, tokens, positions, loss_w, ref_grads, sp):
+    """Same scalar loss on both sides; the megatron gradients, mapped to HF layout by the same
+    converter, must equal HF's. Under SP the LayerNorm (and project_out) grads are partial sums per
+    rank: all-reduce those marked sequence_parallel, as megatron's finalize_model_grads does.
+    Returns the logits (TP=1 pipeline only)."""
+    model.zero_grad()
+    out = model(tokens, positions, None, runtime_gather_output=True)
+    (out[..., :arch.vocab_size].float() * loss_w).sum().backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad
+        if getattr(p, "sequence_parallel", False) and sp:
+            g = g.clone()
+            dist.all_reduce(g, group=ps.get_tensor_model_parallel_group())
+        grads[name] = g
+    hf_grads = megatron_to_hf_state_dict(gather_megatron_state_dicts(state_dict=grads), arch)
+    # k_proj biases have an exactly-zero true gradient (softmax is shift-invariant): both sides
+    # hold rounding noise there, checked against the largest gradient anywhere instead.
+    top = max(float(v.abs().max()) for v in ref_grads.values())
+    kb = [k for k in ref_grads if k.endswith("k_proj.bias")]
+    diffs = sorted(((float((hf_grads[k] - ref_grads[k]).abs().max() / ref_grads[k].abs().max()), k)
+                    for k in ref_grads if k not in kb), reverse=True)
+    res[f"{tag}_grad_rel_diff"] = diffs[0][0]
+    res[f"{tag}_grad_worst_keys"] = diffs[:3]
+    res[f"{tag}_k_bias_grad_rel"] = max(float(hf_grads[k].abs().max()) for k in kb) / top
+    return out
+
+
+def opt_350m_runs(hf_dir: str, res: dict) -> None:
+    from megatron_outeff.hf import OutEffOPTConfig, OutEffOPTForCausalLM
+
+    arch, hf_sd, hf = load_reference(hf_dir)
+    # The learnable-offset variant: the same weights plus random per-head offsets (sharded by head at TP=2).
+    g = torch.Generator().manual_seed(11)
+    offsets = {f"model.decoder.layers.{i}.self_attn.softmax_offset": 2.0 * torch.randn(arch.num_attention_heads, generator=g)
+               for i in range(arch.num_layers)}
+    cfg = OutEffOPTConfig(**{**hf.config.to_dict(), "softmax": "learnable"})
+    cfg._attn_implementation = "eager"
+    ref_var = OutEffOPTForCausalLM(cfg).eval()
+    ref_var.load_state_dict({**hf_sd, **offsets}, strict=False)  # lm_head tied
+    tokens = torch.randint(2, arch.vocab_size, (2, 20), generator=g)
+    positions = torch.arange(20).unsqueeze(0).expand(2, -1)
+    with torch.no_grad():
+        refs = {None: hf(tokens).logits, "learnable": ref_var(tokens).logits}
+    res["opt_350m_variant_changes_logits"] = float((refs[None] - refs["learnable"]).abs().max())
+    loss_w = torch.randn(refs[None].shape, generator=g)
+    ref_grads = hf_reference_grads(hf, tokens, loss_w)
+    full = {None: hf_sd, "learnable": {**hf_sd, **offsets}}
+    for tag, tp, pp, sp, variant in [("tp2", 2, 1, False, None), ("tp2sp", 2, 1, True, None), ("pp2", 1, 2, False, None),
+                                     ("tp2_learnable", 2, 1, False, "learnable"), ("pp2_learnable", 1, 2, False, "learnable")]:
+        init_model_parallel(tp, pp, seed=1)
+        tpr, ppr = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+        model = build_opt_model(arch, variant and {"softmax": variant}, sequence_parallel=sp).eval()
+        load_megatron_state_dict(model, hf_state_dict_to_megatron(full[variant], arch, tpr, tp, ppr, pp,
+                                                                  variant_extras=variant is not None))
+        with torch.no_grad():
+            out = forward(model, tokens, positions, arch.hidden_size, pp)
+        if tag == "tp2sp":  # replicated project_in/out: grads equal on every rank, project_out's SP-reduced
+            grad_check_into(res, f"opt_350m_{tag}", model, arch, tokens, positions, loss_w, ref_grads, sp)
+        if out is not None:
+            res[f"opt_350m_{tag}_max_abs_diff"] = float((out[..., :arch.vocab_size] - refs[variant]).abs().max())
+            res[f"opt_350m_{tag}_ref_max"] = float(refs[variant].abs().max())
+        back = megatron_to_hf_state_dict(gather_megatron_state_dicts(model), arch, variant_extras=variant is not None)
+        want = {**full[variant], "lm_head.weight": hf_sd["model.decoder.embed_tokens.weight"]}
+        res[f"opt_350m_{tag}_export_bad"] = sorted(k for k in set(want) | set(back)
+                                                   if k not in back or k not in want or not torch.equal(back[k], want[k]))[:5]
+        ps.destroy_model_parallel()
+
+
+def main(hf_dir: str, out_json: str, export_dir: str, hf_350m_dir: str) -> None:
+    arch, hf_sd, hf = load_reference(hf_dir)
     ref_sd = hf.state_dict()
     g = torch.Generator().manual_seed(7)
     # No pad token (id 1) in the input: HF's embed_tokens has padding_idx=1, which zeroes that row's
@@ -42,9 +141,7 @@ def main(hf_dir: str, out_json: str, export_dir: str) -> None:
                 "extra": sorted(set(hf_out) - set(ref_sd))[:5]}
 
     loss_w = torch.randn(ref.shape, generator=g)
-    hf.zero_grad()
-    (hf(tokens).logits * loss_w).sum().backward()
-    ref_grads = {k: p.grad.clone() for k, p in hf.named_parameters()}  # lm_head is the embedding
+    ref_grads = hf_reference_grads(hf, tokens, loss_w)
 
     def run(tag, tp, pp, sp=False, variant=None, allow_missing=(), dtype=torch.float32, grad_check=False):
         init_model_parallel(tp, pp, seed=1)
@@ -52,43 +149,9 @@ def main(hf_dir: str, out_json: str, export_dir: str) -> None:
         model = build_opt_model(arch, variant, sequence_parallel=sp, params_dtype=dtype).eval()
         load_megatron_state_dict(model, hf_state_dict_to_megatron(hf_sd, arch, tpr, tp, ppr, pp), allow_missing)
         with torch.no_grad():
-            if pp == 1:
-                out = model(tokens, positions, None, runtime_gather_output=True)
-            else:
-                # Manual 2-stage pipeline: stage 0's hidden states [s, b, h] go to stage 1.
-                if ppr == 0:
-                    hidden = model(tokens, positions, None)
-                    dist.send(hidden.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
-                    out = None
-                else:
-                    hidden = torch.empty(tokens.shape[1], tokens.shape[0], arch.hidden_size)
-                    dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
-                    model.set_input_tensor(hidden)
-                    out = model(tokens, positions, None, runtime_gather_output=True)
+            out = forward(model, tokens, positions, arch.hidden_size, pp)
         if grad_check:
-            # Same scalar loss on both sides; the megatron gradients, mapped to HF layout by the same
-            # converter, must equal HF's. Under SP the LayerNorm grads are partial sums per rank:
-            # all-reduce those marked sequence_parallel, as megatron's finalize_model_grads does.
-            model.zero_grad()
-            out = model(tokens, positions, None, runtime_gather_output=True)
-            (out[..., :V].float() * loss_w).sum().backward()
-            grads = {}
-            for name, p in model.named_parameters():
-                g = p.grad
-                if getattr(p, "sequence_parallel", False) and sp:
-                    g = g.clone()
-                    dist.all_reduce(g, group=ps.get_tensor_model_parallel_group())
-                grads[name] = g
-            hf_grads = megatron_to_hf_state_dict(gather_megatron_state_dicts(state_dict=grads), arch)
-            # k_proj biases have an exactly-zero true gradient (softmax is shift-invariant): both sides
-            # hold rounding noise there, checked against the largest gradient anywhere instead.
-            top = max(float(v.abs().max()) for v in ref_grads.values())
-            kb = [k for k in ref_grads if k.endswith("k_proj.bias")]
-            diffs = sorted(((float((hf_grads[k] - ref_grads[k]).abs().max() / ref_grads[k].abs().max()), k)
-                            for k in ref_grads if k not in kb), reverse=True)
-            res[f"{tag}_grad_rel_diff"] = diffs[0][0]
-            res[f"{tag}_grad_worst_keys"] = diffs[:3]
-            res[f"{tag}_k_bias_grad_rel"] = max(float(hf_grads[k].abs().max()) for k in kb) / top
+            out = grad_check_into(res, tag, model, arch, tokens, positions, loss_w, ref_grads, sp)
         if out is not None:
             res[f"{tag}_logits_shape"] = list(out.shape)
             res[f"{tag}_max_abs_diff"] = float((out[..., :V].float() - ref).abs().max())
@@ -127,6 +190,7 @@ def main(hf_dir: str, out_json: str, export_dir: str) -> None:
     run("tp2_outeff_vanilla", 2, 1, variant={})
     # A gated Softmax_1 model still takes every OPT weight; its gates stay at their init.
     run("tp2_gated_sm1", 2, 1, variant=dict(softmax="softmax1", gate="linear"), allow_missing=(r"head_gate\.",))
+    opt_350m_runs(hf_350m_dir, res)
     # Every rank computed some entries (PP=2 logits live on the last stage): merge on rank 0.
     all_res = [None] * dist.get_world_size()
     dist.all_gather_object(all_res, res)
@@ -140,4 +204,4 @@ def main(hf_dir: str, out_json: str, export_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

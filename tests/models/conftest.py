@@ -53,3 +53,13 @@ def hf_opt_dir(private_tmp):
     path = private_tmp / "tiny-opt"
     model.save_pretrained(str(path), safe_serialization=True)
     return path, model
+
+
+@pytest.fixture(scope="session")
+def hf_opt_350m_dir(private_tmp):
+    """(directory, model): OPT-350m's shape in miniature (post-LayerNorm, 32-wide embeddings projected
+    to the 64-wide model), random, saved with save_pretrained."""
+    model = make_hf_opt(seed=2, do_layer_norm_before=False, word_embed_proj_dim=32)
+    path = private_tmp / "tiny-opt-350m"
+    model.save_pretrained(str(path), safe_serialization=True)
+    return path, model

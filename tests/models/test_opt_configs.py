@@ -30,7 +30,8 @@ def test_published_architectures(size):
     assert a.ffn_hidden_size == 4 * a.hidden_size
     assert (a.vocab_size, a.max_position_embeddings, a.layernorm_epsilon) == (50272, 2048, 1e-5)
     assert (a.activation, a.hidden_dropout, a.attention_dropout, a.init_method_std) == ("relu", 0.1, 0.0, 0.006)
-    assert a.unsupported_reason() is None or size == "350m"
+    # Only OPT-350m projects a 512-wide embedding and normalises after the residual adds.
+    assert (a.embed_dim, a.do_layer_norm_before) == ((512, False) if size == "350m" else (a.hidden_size, True))
     hint = load_parallelism_hint(size)
     assert a.num_attention_heads % hint.tensor_model_parallel_size == 0
     assert a.num_layers % hint.pipeline_model_parallel_size == 0
@@ -42,11 +43,13 @@ def test_name_forms_and_paths():
     assert (tiny.num_layers, tiny.hidden_size, tiny.num_attention_heads, tiny.ffn_hidden_size) == (2, 64, 4, 256)
 
 
-def test_350m_is_refused_with_one_line():
+def test_opt_350m_yaml_and_bad_projection_values():
     a = load_arch_config("350m")
-    assert a.word_embed_proj_dim == 512 and a.do_layer_norm_before is False
-    reason = a.unsupported_reason()
-    assert "word_embed_proj_dim=512" in reason and "\n" not in reason
+    assert (a.word_embed_proj_dim, a.embed_dim, a.hidden_size, a.do_layer_norm_before) == (512, 512, 1024, False)
+    with pytest.raises(ValueError, match=r"word_embed_proj_dim=0: expected a positive integer or null"):
+        OPTArchConfig(name="x", num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256, word_embed_proj_dim=0)
+    with pytest.raises(ValueError, match=r"do_layer_norm_before='no': expected true or false"):
+        OPTArchConfig(name="x", num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256, do_layer_norm_before="no")
 
 
 def test_unknown_keys_are_errors(tmp_path):
@@ -86,11 +89,8 @@ def test_padded_vocab():
     assert padded_vocab_size(250, 2) == 256
 
 
-def test_build_refuses_350m_and_bad_tp():
-    # Validation happens before any megatron state is needed.
-    from megatron_outeff.models.opt import build_opt_model, check_parallel_layout
+def test_build_refuses_bad_tp():
+    from megatron_outeff.models.opt import check_parallel_layout
 
-    with pytest.raises(ValueError, match="word_embed_proj_dim"):
-        build_opt_model("350m")
     with pytest.raises(ValueError, match="num_attention_heads=40 is not divisible by tensor parallel size 16"):
         check_parallel_layout(load_arch_config("13b"), 16, 1)

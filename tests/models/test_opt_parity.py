@@ -25,14 +25,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def parity(hf_opt_dir, private_tmp):
+def parity(hf_opt_dir, hf_opt_350m_dir, private_tmp):
     hf_dir, _ = hf_opt_dir
+    hf_350m_dir, _ = hf_opt_350m_dir
     tmp = Path(tempfile.mkdtemp(prefix="parity-", dir=private_tmp))  # its own dir each time the module is set up
     out_json, export_dir = tmp / "result.json", tmp / "exported"
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(Path(__file__).with_name("_opt_parity_worker.py")), str(hf_dir), str(out_json), str(export_dir)]
+           str(Path(__file__).with_name("_opt_parity_worker.py")), str(hf_dir), str(out_json), str(export_dir), str(hf_350m_dir)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out_json.read_text()), export_dir
@@ -88,7 +89,7 @@ def test_bf16_model_runs_close_to_fp32(parity):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("tag", ["tp1", "tp2", "tp2sp"])
+@pytest.mark.parametrize("tag", ["tp1", "tp2", "tp2sp", "opt_350m_tp2sp"])
 def test_gradients_match_hf(parity, tag):
     res, _ = parity
     # relative to each tensor's largest gradient (k_proj biases, exactly zero in exact arithmetic:
@@ -96,3 +97,16 @@ def test_gradients_match_hf(parity, tag):
     bound = rounding_bound(torch.float32, 1.0, 2 * DEPTH)
     assert res[f"{tag}_grad_rel_diff"] <= bound, res[f"{tag}_grad_worst_keys"]
     assert res[f"{tag}_k_bias_grad_rel"] <= bound, res[f"{tag}_k_bias_grad_rel"]
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("tag", ["tp2", "tp2sp", "pp2", "tp2_learnable", "pp2_learnable"])
+def test_opt_350m_logits_match_transformers_at_tp2_pp2(parity, tag):
+    """Post-LN + project_in/out at TP=2 (+SP) and PP=2: megatron's attention against transformers'
+    OPTForCausalLM; the learnable-offset variant against OutEffOPTForCausalLM (transformers' OPT with
+    the variant's attention); export gives back exactly the imported tensors."""
+    res, _ = parity
+    # float32, logits O(ref_max): a bound of 64 float32 ulps of the largest logit (2 layers, TP all-reduce order).
+    assert res[f"opt_350m_{tag}_max_abs_diff"] <= 64 * torch.finfo(torch.float32).eps * res[f"opt_350m_{tag}_ref_max"], res
+    assert res[f"opt_350m_{tag}_export_bad"] == []
+    assert res["opt_350m_variant_changes_logits"] > 1e-2  # the variant reference really differs
