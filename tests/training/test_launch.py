@@ -82,12 +82,15 @@ def _wait_done(job_id, restarts=0, timeout=600) -> dict:
     pytest.fail(f"job {job_id} not finished after {timeout} s: {_job(job_id).get('JobState')}")
 
 
-def _wait_for_line(path: Path, prefix: str, job_id, timeout=600) -> None:
+def _wait_for_line(path: Path, prefix: str, job_id, after: str = "", timeout=600) -> None:
+    """Until the job's output has a line starting with prefix (after the text `after`)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if path.exists() and any(line.startswith(prefix) for line in path.read_text().splitlines()):
+        text = path.read_text() if path.exists() else ""
+        tail = text if not after else text.split(after, 1)[1] if after in text else ""
+        if any(line.startswith(prefix) for line in tail.splitlines()):
             return
-        assert _job(job_id)["JobState"] in ("PENDING", "CONFIGURING", "RUNNING"), path.read_text()[-3000:]
+        assert _job(job_id)["JobState"] in ("PENDING", "CONFIGURING", "RUNNING", "REQUEUED"), path.read_text()[-3000:]
         time.sleep(0.05)
     pytest.fail(f"no line '{prefix}' in {path} after {timeout} s")
 
@@ -108,10 +111,12 @@ def test_sbatch_two_tasks_match_single_process(slurm_cluster, oracle, tmp_path):
 
 @pytest.mark.slurm
 def test_preempted_job_saves_exits_0_and_requeued_job_resumes(slurm_cluster, tmp_path):
-    """scancel --signal=TERM mid-run: every rank saves and the job COMPLETES with exit 0; scontrol requeue
-    runs the same batch script again, which resumes from the checkpoint; the two parts together give
-    the uninterrupted single-process run's curve."""
-    iters = 60  # long enough that the signal lands mid-run (steps take ~30-100 ms)
+    """scancel --signal=TERM to the tasks mid-run: every rank saves and the job COMPLETES with exit 0;
+    scontrol requeue runs the same batch script again, which resumes from the checkpoint. That run gets
+    SIGUSR1 on its batch shell (what --signal=B:USR1@120 sends before the time limit): it saves and
+    exits 0 too; requeued once more it finishes. The three parts give the uninterrupted single-process
+    run's curve."""
+    iters = 100  # long enough that the signals land mid-run (steps take ~30-100 ms)
     extra = [f"train.train_iters={iters}"]
     ref_tb = tmp_path / "ref_tb"
     job_id = _sbatch(tmp_path, 2, [*extra, f"checkpoint.dir={tmp_path / 'ck'}", f"logging.tensorboard_dir={tmp_path / 'tb'}"],
@@ -133,10 +138,21 @@ def test_preempted_job_saves_exits_0_and_requeued_job_resumes(slurm_cluster, tmp
     assert (tmp_path / "ck/latest").read_text().strip() == f"iter_{stopped_at:07d}"
 
     subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+    _wait_for_line(log, f"iter {stopped_at + 1} ", job_id, after="(restart 1)")
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True, timeout=30)
     job = _wait_done(job_id, restarts=1)
-    out = log.read_text()
-    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), out[-3000:]
-    assert f"at iteration {stopped_at}" in out.split("(restart 1)")[1], out[-3000:]  # "resumed from ... at iteration k"
+    part2 = log.read_text().split("(restart 1)")[1]
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), part2[-3000:]
+    assert f"resumed from {tmp_path / 'ck'}/iter_{stopped_at:07d} at iteration {stopped_at}" in part2, part2[-3000:]
+    assert "time limit near" in part2 and "stop requested" in part2, part2[-3000:]
+    stopped_again = int(re.search(r"done at iteration (\d+) \(stopped early\)", part2).group(1))
+    assert stopped_at < stopped_again < iters
+
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+    job = _wait_done(job_id, restarts=2)
+    part3 = log.read_text().split("(restart 2)")[1]
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), part3[-3000:]
+    assert f"at iteration {stopped_again}" in part3 and f"done at iteration {iters}\n" in part3, part3[-3000:]
     assert (tmp_path / "ck/latest").read_text().strip() == f"iter_{iters:07d}"
     losses, expected = tb_losses(tmp_path / "tb"), tb_losses(ref_tb)
     assert sorted(losses) == list(range(1, iters + 1))
