@@ -35,6 +35,21 @@ def sets(extra=()):
     return [a for s in [*BASE, *extra] for a in ("--set", s)]
 
 
+@pytest.mark.parametrize("world, sets_, error", [
+    (2, ["parallel.tensor_parallel=2"], None),
+    (3, ["parallel.tensor_parallel=2"], "error: SLURM_NTASKS=3: world size 3 is not divisible by "
+                                        "tensor_parallel x pipeline_parallel = 2"),
+    (3, [], "error: SLURM_NTASKS=3: parallel.global_batch_size=8 is not divisible by micro_batch_size x "
+            "data_parallel = 2 x 3"),
+])
+def test_launch_check_names_the_task_count_and_the_layout(world, sets_, error):
+    """The check the sbatch script runs before starting any rank (demo-tiny: global batch 8, micro 2)."""
+    r = subprocess.run([PYTHON, "-m", "megatron_outeff.training.launch_checks", "--world-size", str(world),
+                        "--world-from", f"SLURM_NTASKS={world}", "--config", DEMO, *[a for s in sets_ for a in ("--set", s)],
+                        "--resume"], env=env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout, r.stderr.strip() or None) == ((2 if error else 0), "", error)
+
+
 # --------------------------------------------------------------------------------------------------
 # SLURM
 # --------------------------------------------------------------------------------------------------
