@@ -22,8 +22,11 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
     say "installing slurmctld slurmd slurm-client munge (apt)"
     export DEBIAN_FRONTEND=noninteractive
     pkgs=(slurmctld slurmd slurm-client munge)
-    apt-get install -y -q --no-install-recommends "${pkgs[@]}" >/dev/null 2>&1 \
-        || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends "${pkgs[@]}" >/dev/null; } \
+    # the .deb files are kept in the repository's .cache (beside the torch extensions) for a cached CI
+    debs="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/.cache/apt/archives"
+    mkdir -p "$debs/partial"
+    install=(apt-get install -y -q --no-install-recommends -o "Dir::Cache::archives=$debs" "${pkgs[@]}")
+    "${install[@]}" >/dev/null 2>&1 || { apt-get update -q >/dev/null && "${install[@]}" >/dev/null; } \
         || die "apt-get install ${pkgs[*]} failed"
 fi
 
@@ -90,7 +93,7 @@ if [[ ! -f "$CONF" ]] || [[ "$(cat "$CONF")" != "$NEW_CONF" ]]; then
     RECONF=1
 fi
 
-alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+alive() { [[ -f "$1" ]] && grep -qs '^State:[[:space:]]*[^Z]' "/proc/$(cat "$1")/status"; }  # not a zombie
 for daemon in slurmctld slurmd; do
     pidfile="/run/outeff-slurm/$daemon.pid"
     if [[ -n "${RECONF:-}" ]] && alive "$pidfile"; then  # some settings are read only at start
