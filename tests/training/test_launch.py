@@ -206,6 +206,7 @@ def _two_agents(tmp_path, sets_per_node, timeout=400):
 
 
 @pytest.mark.multinode
+@pytest.mark.multiproc
 def test_two_node_agents_match_single_process(oracle, tmp_path):
     """NNODES=2, started twice (NODE_RANK 0 and 1), one process each, c10d rendezvous on 127.0.0.1:
     one DP=2 ZeRO-1 job with the single-process curve."""
@@ -219,6 +220,7 @@ def test_two_node_agents_match_single_process(oracle, tmp_path):
 
 
 @pytest.mark.multinode
+@pytest.mark.multiproc
 def test_node_agents_with_different_configs_stop_with_one_error(tmp_path):
     """Agents given different configs: the trainers stop before building anything, with one line naming
     the first differing key and both values; nothing is written."""
