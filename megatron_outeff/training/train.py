@@ -109,15 +109,18 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
     Returns {"iteration", "history": [(iteration, loss), ...]}."""
     from megatron.core import parallel_state as ps
 
-    from megatron_outeff.megatron.parallel import init_model_parallel
+    from megatron_outeff.megatron.parallel import init_distributed, init_model_parallel
 
     from .data import build_sources
     from .engine import build_engine, eval_loss, train_step
+    from .launch_checks import check_ranks_agree
     from .logging import MetricsLogger, print_rank0
     from .model import arch_config, build_model
 
     # 1. Process groups, seeds, and every check that can fail before anything is written.
     deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # layout / batch divisibility, overrides
+    init_distributed()
+    check_ranks_agree(cfg)  # node agents launched with different configs: one error, before any group
     init_model_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.train.seed)
     set_seeds(cfg.train.seed)
     world = dist.get_world_size()
