@@ -10,8 +10,12 @@ Methods (all causal self-attention, q/k/v [b, s, h, d]):
   mcore_offbyone        megatron-core's off-by-one path: Q K^T -> FusedScaleMaskSoftmax
                         (scaled_masked_softmax_fusion=False, attention_mask_func, explicit causal bool
                         mask, softmax_offset = zeros[h]) -> P V
+  outeff_cpu            megatron_outeff, Softmax_1, impl="auto" on CPU = "sdpa" (torch's fused CPU flash
+                        kernel + the sink as a sigmoid(lse - a_h) rescale, ops/sdpa_attention.py)  CPU only
+  outeff_cpu_learnable  the same with softmax="learnable" (offset [h] requiring grad)           CPU only
   outeff_torch          megatron_outeff, Softmax_1, impl="torch" (PyTorch reference, materialised)
-  outeff_torch_clipped  the same with a clip (gamma=-0.025, zeta=1.0)
+  outeff_torch_clipped  the same with a clip (gamma=-0.025, zeta=1.0); what impl="auto" runs for a
+                        clipped variant on CPU
   outeff_rowwise        Softmax_1, impl="rowwise" (matmuls + the fused Triton row softmax)   CUDA only
   outeff_flash          Softmax_1, impl="triton" (the flash kernel)                          CUDA only
   outeff_flash_clipped  the flash kernel with the clip (two passes over K)                   CUDA only
@@ -35,7 +39,11 @@ Peak memory:
         the allocator's and the OS's page granularity and anything torch caches, so read it as an
         order of magnitude (materialised O(sq^2) vs O(sq)), not as an exact figure.
 
-Targets from the project (checked and printed only when run on CUDA; meant for an H100):
+Targets on CPU (issue 14; fp32, d 64, causal; checked when run on CPU):
+  C1  outeff_cpu and outeff_cpu_learnable forward+backward <= 1.3x SDPA vanilla (sq 512-4096).
+  C2  outeff_cpu >= 3x faster (forward+backward) than megatron-core's off-by-one path at sq 2048.
+  C3  outeff_cpu / outeff_cpu_learnable peak memory <= 2x SDPA vanilla's (every shape).
+Targets on CUDA (checked and printed only when run on CUDA; meant for an H100):
   T1  Softmax_1 flash forward+backward <= 1.10x SDPA vanilla (every shape).
   T2  Softmax_1 flash >= 3x faster (forward+backward) than megatron-core's off-by-one path at
       sq=4096, with memory linear in sq (peak memory grows <= 2.5x per doubling of sq).
@@ -68,10 +76,11 @@ import torch  # noqa: E402
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CLIP = (-0.025, 1.0)
 METHODS = [
-    "sdpa_vanilla", "mcore_offbyone", "outeff_torch", "outeff_torch_clipped",
+    "sdpa_vanilla", "mcore_offbyone", "outeff_cpu", "outeff_cpu_learnable", "outeff_torch", "outeff_torch_clipped",
     "outeff_rowwise", "outeff_flash", "outeff_flash_clipped",
 ]
 TRITON_METHODS = {"outeff_rowwise", "outeff_flash", "outeff_flash_clipped"}
+CPU_METHODS = {"outeff_cpu", "outeff_cpu_learnable"}
 # bytes per score-matrix element a materialised method keeps alive in forward+backward (estimate,
 # used to skip shapes that would not fit)
 MATERIALISED_BYTES = {"mcore_offbyone": 24, "outeff_torch": 24, "outeff_torch_clipped": 28, "outeff_rowwise": 10}
@@ -120,9 +129,16 @@ def build_method(name: str, q, k, v) -> Callable[[], torch.Tensor]:
         from megatron_outeff.ops import outeff_attention
     except Exception as e:  # noqa: BLE001
         raise Unavailable(f"{type(e).__name__}: {e}") from None
-    impl = {"outeff_torch": "torch", "outeff_torch_clipped": "torch", "outeff_rowwise": "rowwise",
+    impl = {"outeff_cpu": "auto", "outeff_cpu_learnable": "auto", "outeff_torch": "torch",
+            "outeff_torch_clipped": "torch", "outeff_rowwise": "rowwise",
             "outeff_flash": "triton", "outeff_flash_clipped": "triton"}[name]
     clip = CLIP if name.endswith("clipped") else None
+    if name == "outeff_cpu_learnable":
+        offset = torch.zeros(h, device=q.device, requires_grad=True)
+
+        def f():
+            return outeff_attention(q, k, v, softmax="learnable", offset=offset, causal=True, impl=impl)
+        return f
 
     def f():
         return outeff_attention(q, k, v, softmax="softmax1", clip=clip, causal=True, impl=impl)
@@ -265,7 +281,7 @@ def default_config(cuda: bool) -> Dict:
     if cuda:
         return dict(sq=[512, 1024, 2048, 4096, 8192, 16384], d=[64, 128], dtype=["fp16", "bf16"],
                     b=None, h=None, tokens=16384, hidden=2048, warmup=5, repeats=20)
-    return dict(sq=[256, 512, 1024], d=[64], dtype=["fp32"], b=1, h=8, tokens=None, hidden=None,
+    return dict(sq=[512, 1024, 2048, 4096], d=[64], dtype=["fp32"], b=1, h=8, tokens=None, hidden=None,
                 warmup=2, repeats=7)
 
 
@@ -340,6 +356,37 @@ def check_targets(results: List[Dict]) -> List[Dict]:
     return checks
 
 
+def check_cpu_targets(results: List[Dict]) -> List[Dict]:
+    """C1-C3 (see the module docstring) from the CPU results."""
+    checks = []
+    by = {}
+    for r in results:
+        by.setdefault((r["dtype"], r["d"], r["sq"]), {})[r["method"]] = r
+
+    def ok(r):
+        return r is not None and r.get("status") == "ok"
+
+    for (dt, d, sq), m in sorted(by.items()):
+        base = m.get("sdpa_vanilla")
+        for name in ("outeff_cpu", "outeff_cpu_learnable"):
+            r = m.get(name)
+            if not (ok(r) and ok(base)):
+                continue
+            if 512 <= sq <= 4096:
+                checks.append(dict(target=f"C1 {name} fwd+bwd <= 1.3x SDPA", dtype=dt, d=d, sq=sq,
+                                   value=r["ratio_fwdbwd"], met=r["ratio_fwdbwd"] <= 1.3))
+            if r.get("peak_mib") is not None and base.get("peak_mib"):
+                mem = r["peak_mib"] / base["peak_mib"]
+                checks.append(dict(target=f"C3 {name} peak memory <= 2x SDPA's", dtype=dt, d=d, sq=sq,
+                                   value=mem, met=mem <= 2.0))
+        mc, oc = m.get("mcore_offbyone"), m.get("outeff_cpu")
+        if sq == 2048 and ok(mc) and ok(oc):
+            speedup = mc["fwdbwd_ms"] / oc["fwdbwd_ms"]
+            checks.append(dict(target="C2 outeff_cpu >= 3x faster than mcore off-by-one at sq=2048", dtype=dt,
+                               d=d, sq=sq, value=speedup, met=speedup >= 3.0))
+    return checks
+
+
 def format_table(results: List[Dict]) -> str:
     head = "| dtype | b | h | sq | d | method | fwd ms | fwd+bwd ms | peak MiB | fwd x SDPA | fwd+bwd x SDPA | status |"
     lines = [head, "|" + "---|" * 12]
@@ -389,7 +436,8 @@ def main(argv=None):
             cfg[key] = getattr(args, key)
     if not cuda and (cfg["b"] is None or cfg["h"] is None):
         cfg["b"], cfg["h"] = cfg["b"] or 1, cfg["h"] or 8
-    total_mem = torch.cuda.get_device_properties(device).total_memory if cuda else None
+    total_mem = (torch.cuda.get_device_properties(device).total_memory if cuda
+                 else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     interleave = (not cuda) if args.interleave is None else args.interleave
 
     meta = dict(device=device_name(device), device_type=device.type, versions=versions(),
@@ -416,8 +464,11 @@ def main(argv=None):
                     if method in TRITON_METHODS and not cuda:
                         row["status"] = "skipped: CUDA only (interpreter timings are meaningless)"
                         continue
+                    if method in CPU_METHODS and cuda:
+                        row["status"] = "skipped: CPU only (impl='auto' runs the flash kernel on CUDA: outeff_flash)"
+                        continue
                     need = MATERIALISED_BYTES.get(method, 0) * b * h * sq * sq
-                    if cuda and need > 0.6 * total_mem:
+                    if need > 0.6 * total_mem:
                         row["status"] = f"skipped: needs ~{need / 2**30:.0f} GiB (score matrix materialised)"
                         continue
                     try:
@@ -495,7 +546,14 @@ def main(argv=None):
             print(f"  {'MET    ' if c['met'] else 'NOT MET'} {c['target']}  [{c['dtype']} d={c['d']} sq={c['sq']}] "
                   f"value {c['value']:.2f}")
     else:
-        print("\nproject targets: checked only on CUDA (this run is CPU)")
+        checks = check_cpu_targets(results)
+        print("\nproject targets (CPU, issue 14):")
+        if not checks:
+            print("  none could be checked")
+    if not cuda:
+        for c in checks:
+            print(f"  {'MET    ' if c['met'] else 'NOT MET'} {c['target']}  [{c['dtype']} d={c['d']} sq={c['sq']}] "
+                  f"value {c['value']:.2f}")
     meta["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     meta["loadavg_end"] = _loadavg()
     out = args.out or os.path.join(ROOT, "tools", "results", f"bench_attention_{device.type}.json")
@@ -512,6 +570,11 @@ def main(argv=None):
                      f"Load average (1/5/15 min) at start {meta['loadavg_start']}, at end {meta['loadavg_end']} "
                      f"on {os.cpu_count()} logical cores: on a shared CPU the times are noisy.\n\n")
             fh.write(table + "\n")
+            if checks:
+                fh.write("\nProject targets:\n\n")
+                for c in checks:
+                    fh.write(f"- {'MET' if c['met'] else 'NOT MET'}: {c['target']} [{c['dtype']} d={c['d']} sq={c['sq']}] "
+                             f"value {c['value']:.2f}\n")
         print(f"wrote {args.md}")
     return 0
 
