@@ -13,9 +13,11 @@ Methods (all causal self-attention, q/k/v [b, s, h, d]):
   outeff_cpu            megatron_outeff, Softmax_1, impl="auto" on CPU = "sdpa" (torch's fused CPU flash
                         kernel + the sink as a sigmoid(lse - a_h) rescale, ops/sdpa_attention.py)  CPU only
   outeff_cpu_learnable  the same with softmax="learnable" (offset [h] requiring grad)           CPU only
+  outeff_cpu_clipped    Softmax_1 with the clip, impl="auto" on CPU = "cpu": the lean materialised
+                        clipped path (one [sq, sk] buffer, only P saved)                       CPU only
   outeff_torch          megatron_outeff, Softmax_1, impl="torch" (PyTorch reference, materialised)
-  outeff_torch_clipped  the same with a clip (gamma=-0.025, zeta=1.0); what impl="auto" runs for a
-                        clipped variant on CPU
+  outeff_torch_clipped  the same with a clip (gamma=-0.025, zeta=1.0); what impl="auto" ran for a
+                        clipped variant on CPU before outeff_cpu_clipped
   outeff_rowwise        Softmax_1, impl="rowwise" (matmuls + the fused Triton row softmax)   CUDA only
   outeff_flash          Softmax_1, impl="triton" (the flash kernel)                          CUDA only
   outeff_flash_clipped  the flash kernel with the clip (two passes over K)                   CUDA only
@@ -43,6 +45,7 @@ Targets on CPU (issue 14; fp32, d 64, causal; checked when run on CPU):
   C1  outeff_cpu and outeff_cpu_learnable forward+backward <= 1.3x SDPA vanilla (sq 512-4096).
   C2  outeff_cpu >= 3x faster (forward+backward) than megatron-core's off-by-one path at sq 2048.
   C3  outeff_cpu / outeff_cpu_learnable peak memory <= 2x SDPA vanilla's (every shape).
+  C4  clipped: outeff_cpu_clipped forward+backward no slower than outeff_torch_clipped (every shape).
 Targets on CUDA (checked and printed only when run on CUDA; meant for an H100):
   T1  Softmax_1 flash forward+backward <= 1.10x SDPA vanilla (every shape).
   T2  Softmax_1 flash >= 3x faster (forward+backward) than megatron-core's off-by-one path at
@@ -76,14 +79,16 @@ import torch  # noqa: E402
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CLIP = (-0.025, 1.0)
 METHODS = [
-    "sdpa_vanilla", "mcore_offbyone", "outeff_cpu", "outeff_cpu_learnable", "outeff_torch", "outeff_torch_clipped",
+    "sdpa_vanilla", "mcore_offbyone", "outeff_cpu", "outeff_cpu_learnable", "outeff_cpu_clipped", "outeff_torch",
+    "outeff_torch_clipped",
     "outeff_rowwise", "outeff_flash", "outeff_flash_clipped",
 ]
 TRITON_METHODS = {"outeff_rowwise", "outeff_flash", "outeff_flash_clipped"}
-CPU_METHODS = {"outeff_cpu", "outeff_cpu_learnable"}
+CPU_METHODS = {"outeff_cpu", "outeff_cpu_learnable", "outeff_cpu_clipped"}
 # bytes per score-matrix element a materialised method keeps alive in forward+backward (estimate,
 # used to skip shapes that would not fit)
-MATERIALISED_BYTES = {"mcore_offbyone": 24, "outeff_torch": 24, "outeff_torch_clipped": 28, "outeff_rowwise": 10}
+MATERIALISED_BYTES = {"mcore_offbyone": 24, "outeff_torch": 24, "outeff_torch_clipped": 28, "outeff_cpu_clipped": 12,
+                      "outeff_rowwise": 10}
 
 
 class Unavailable(Exception):
@@ -129,7 +134,7 @@ def build_method(name: str, q, k, v) -> Callable[[], torch.Tensor]:
         from megatron_outeff.ops import outeff_attention
     except Exception as e:  # noqa: BLE001
         raise Unavailable(f"{type(e).__name__}: {e}") from None
-    impl = {"outeff_cpu": "auto", "outeff_cpu_learnable": "auto", "outeff_torch": "torch",
+    impl = {"outeff_cpu": "auto", "outeff_cpu_learnable": "auto", "outeff_cpu_clipped": "auto", "outeff_torch": "torch",
             "outeff_torch_clipped": "torch", "outeff_rowwise": "rowwise",
             "outeff_flash": "triton", "outeff_flash_clipped": "triton"}[name]
     clip = CLIP if name.endswith("clipped") else None
@@ -379,6 +384,11 @@ def check_cpu_targets(results: List[Dict]) -> List[Dict]:
                 mem = r["peak_mib"] / base["peak_mib"]
                 checks.append(dict(target=f"C3 {name} peak memory <= 2x SDPA's", dtype=dt, d=d, sq=sq,
                                    value=mem, met=mem <= 2.0))
+        new, old = m.get("outeff_cpu_clipped"), m.get("outeff_torch_clipped")
+        if ok(new) and ok(old):
+            ratio = new["fwdbwd_ms"] / old["fwdbwd_ms"]
+            checks.append(dict(target="C4 outeff_cpu_clipped fwd+bwd <= outeff_torch_clipped's", dtype=dt, d=d,
+                               sq=sq, value=ratio, met=ratio <= 1.0))
         mc, oc = m.get("mcore_offbyone"), m.get("outeff_cpu")
         if sq == 2048 and ok(mc) and ok(oc):
             speedup = mc["fwdbwd_ms"] / oc["fwdbwd_ms"]

@@ -1,5 +1,5 @@
-"""The public entry point: ``outeff_attention``, dispatching to the Triton kernels, torch's fused CPU kernel
-(``sdpa_attention``) or the PyTorch reference."""
+"""The public entry point: ``outeff_attention``, dispatching to the Triton kernels, the CPU paths
+(``cpu_attention``) or the PyTorch reference."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from .reference import build_mask, expand_kv_heads, outeff_attention_reference
-from .sdpa_attention import sdpa_outeff_attention, sdpa_unsupported_reason
+from .cpu_attention import clipped_outeff_attention, cpu_unsupported_reason, sdpa_outeff_attention
 from .variants import Clip, resolve_sink, validate_attention_args
 
 
@@ -46,10 +46,10 @@ def outeff_attention(
     scale: defaults to 1/sqrt(d). dropout_p: dropout on the (clipped) probabilities.
     impl: "auto" chooses:
         CUDA: "triton" (the flash kernel), or "rowwise" when dropout_p > 0;
-        CPU:  "sdpa" (torch's fused CPU flash kernel + the sink as a sigmoid rescale, memory linear in
-              sq) when clip is None and dropout_p == 0, else "torch" (the materialised reference).
-    "torch" (the PyTorch reference), "sdpa" (forced; CPU only, no clip, no dropout), "triton" (forced;
-    on CPU only under TRITON_INTERPRET=1), "rowwise" (materialised scores + fused row softmax kernel).
+        CPU:  "cpu" when dropout_p == 0 (unclipped: torch's fused CPU flash kernel + the sink as a
+              sigmoid rescale, memory linear in sq; clipped: a lean materialised path), else "torch".
+    "torch" (the PyTorch reference), "cpu" (forced; CPU tensors, no dropout), "triton" (forced; on CPU
+    only under TRITON_INTERPRET=1), "rowwise" (materialised scores + fused row softmax kernel).
 
     Errors: ValueError naming the bad argument (shapes, dtypes, devices, variant, clip, impl that
     cannot serve the arguments).
@@ -60,17 +60,21 @@ def outeff_attention(
 
     if impl == "auto":
         if q.device.type != "cuda":
-            impl = "sdpa" if sdpa_unsupported_reason(q.device, clip, dropout_p) is None else "torch"
+            impl = "cpu" if cpu_unsupported_reason(q.device, dropout_p) is None else "torch"
         else:
             impl = "rowwise" if dropout_p > 0 else "triton"
     if impl in ("triton", "rowwise") and not triton_runs_on(q.device):
         raise ValueError(
             f"impl={impl!r} on device {q.device}: Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
         )
-    if impl == "sdpa":
-        reason = sdpa_unsupported_reason(q.device, clip, dropout_p)
+    if impl == "cpu":
+        reason = cpu_unsupported_reason(q.device, dropout_p)
         if reason is not None:
-            raise ValueError(f"impl='sdpa': {reason}; use impl='torch' or 'auto'")
+            raise ValueError(f"impl='cpu': {reason}; use impl='torch' or 'auto'")
+        if clip is not None:
+            return clipped_outeff_attention(
+                q, k, v, scale=scale, clip=clip, sink=sink, gate=gate, causal=causal, key_padding_mask=key_padding_mask,
+            )
         return sdpa_outeff_attention(
             q, k, v, scale=scale, sink=sink, gate=gate, causal=causal, key_padding_mask=key_padding_mask,
         )

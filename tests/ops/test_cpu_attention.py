@@ -1,7 +1,8 @@
-"""The fused CPU path (megatron_outeff/ops/sdpa_attention.py, ``impl="sdpa"``) against two oracles.
+"""The CPU paths (megatron_outeff/ops/cpu_attention.py, ``impl="cpu"``: the fused flash kernel for
+unclipped variants, the lean materialised path for clipped ones) against two oracles.
 
 1. A float64 oracle written here from the definition (field notes section 1): materialised scores,
-   the sink as one extra column of logit a_h (value zero), torch.softmax, P @ V, gate; gradients by
+   the sink as one extra column of logit a_h (value zero), torch.softmax, clip, P @ V, gate; gradients by
    autograd. fp64 inputs run the kernel in fp64, so the comparison is tight: atol = rtol = 1e-10
    (observed errors ~1e-15; the bound leaves room for summation order over a few hundred terms).
 2. The PyTorch reference (``impl="torch"``) on fp32 copies of the very same inputs, for fp32 / fp16 /
@@ -80,6 +81,9 @@ def oracle_fp64(leaves, kw, dout):
              "learnable": lambda: xs["offset"]}[softmax]()
         col = a.view(1, h, 1, 1).expand(b, h, sq, 1)
         p = torch.softmax(torch.cat([s, col], dim=-1), dim=-1)[..., :sk]
+    if kw.get("clip") is not None:
+        gamma, zeta = kw["clip"]
+        p = torch.clamp((zeta - gamma) * p + gamma, 0.0, 1.0)
     out = (p @ vt).transpose(1, 2)
     if "gate" in xs:
         out = out * xs["gate"].unsqueeze(-1)
@@ -137,7 +141,7 @@ def check_fp64(variant, mask, h_kv):
     leaves, kw = make_inputs(sq=m["sq"], sk=m["sk"], h_kv=h_kv, variant=variant, pad=m["pad"])
     kw["causal"] = m["causal"]
     dout = dout_for(leaves)
-    out, grads = run(leaves, kw, "sdpa", dout)
+    out, grads = run(leaves, kw, "cpu", dout)
     ref, ref_grads = oracle_fp64(leaves, kw, dout)
     assert_match(out, grads, ref, ref_grads, FP64_TOL, leaves)
 
@@ -148,7 +152,7 @@ def test_fp64_short_and_long_rows(variant, sk):
     """Short rows are where the sink matters most; sk = 300 spans several of the kernel's key blocks."""
     leaves, kw = make_inputs(b=1, sq=7, sk=sk, variant=variant)
     dout = dout_for(leaves)
-    out, grads = run(leaves, kw, "sdpa", dout)
+    out, grads = run(leaves, kw, "cpu", dout)
     ref, ref_grads = oracle_fp64(leaves, kw, dout)
     assert_match(out, grads, ref, ref_grads, FP64_TOL, leaves)
 
@@ -164,7 +168,7 @@ def test_against_reference(dtype, variant, mask):
     leaves, kw = make_inputs(sq=m["sq"], sk=m["sk"], variant=variant, pad=m["pad"], dtype=dtype, d=32)
     kw["causal"] = m["causal"]
     dout = dout_for(leaves)
-    out, grads = run(leaves, kw, "sdpa", dout)
+    out, grads = run(leaves, kw, "cpu", dout)
     assert out.dtype == dtype
     ref, ref_grads = run(leaves, kw, "torch", dout.float(), upcast=True)
     assert_match(out, grads, ref, ref_grads, TOL[dtype], leaves, gate_extra=gate_rounding_bound(ref, leaves, dout))
@@ -183,7 +187,7 @@ def test_fp32_long_rows_against_reference(variant):
     leaves, kw = make_inputs(b=1, sq=200, sk=200, h=2, h_kv=1, d=64, variant=variant, dtype=torch.float32)
     kw["causal"] = True
     dout = dout_for(leaves)
-    out, grads = run(leaves, kw, "sdpa", dout)
+    out, grads = run(leaves, kw, "cpu", dout)
     ref, ref_grads = run(leaves, kw, "torch", dout)
     assert_match(out, grads, ref, ref_grads, TOL[torch.float32], leaves)
 
@@ -202,7 +206,7 @@ def test_extreme_logits(variant, magnitude):
     assert logits.abs().min() > 0.9e4
     kw["causal"] = True
     dout = dout_for(leaves)
-    out, grads = run(leaves, kw, "sdpa", dout)
+    out, grads = run(leaves, kw, "cpu", dout)
     ref, ref_grads = oracle_fp64(leaves, kw, dout)
     # dS = P (dP - D) cancels in saturated rows; the rounding of D (~1e-16 * |O| |dO|) is multiplied by
     # |k| ~ 10 for dq and |q| ~ 1e3 for dk: scale the atol by the other operand's magnitude.
@@ -212,9 +216,10 @@ def test_extreme_logits(variant, magnitude):
     torch.testing.assert_close(out, ref, **FP64_TOL)
 
 
+@pytest.mark.parametrize("clip", [None, (-0.1, 1.1)], ids=["noclip", "clip11"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_fully_masked_rows(variant, dtype):
+def test_fully_masked_rows(variant, dtype, clip):
     """Batch 0 has every key padded; causal with sq > sk leaves the first sq - sk queries of batch 1 with
     no key. Those rows: exactly zero output and gradients; the rest matches the reference."""
     b, sq, sk = 2, 12, 7
@@ -222,9 +227,9 @@ def test_fully_masked_rows(variant, dtype):
     mask = torch.ones(b, sk, dtype=torch.bool)
     mask[0] = False
     mask[1, 0] = False
-    kw.update(key_padding_mask=mask, causal=True)
+    kw.update(key_padding_mask=mask, causal=True, clip=clip)
     dout = dout_for(leaves)
-    out, grads = run(leaves, kw, "sdpa", dout)
+    out, grads = run(leaves, kw, "cpu", dout)
     ref, ref_grads = run(leaves, kw, "torch", dout.float() if dtype != torch.float64 else dout,
                          upcast=dtype != torch.float64)
     empty = sq - sk + 1          # batch 1: rows 0 .. sq - sk see only key 0, which is padded
@@ -238,42 +243,85 @@ def test_fully_masked_rows(variant, dtype):
 # ------------------------------------------------------------------------------------------------
 # dispatch and structure
 # ------------------------------------------------------------------------------------------------
-def test_auto_chooses_sdpa_on_cpu(monkeypatch):
-    """impl='auto' on CPU runs the fused path for unclipped variants without dropout, else the reference."""
+def test_auto_chooses_the_cpu_paths(monkeypatch):
+    """impl='auto' on CPU: the fused path for unclipped variants, the lean materialised one for clipped
+    variants, the reference for dropout."""
     calls = []
-    real = attention_module.sdpa_outeff_attention
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("sink"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(attention_module, "sdpa_outeff_attention", spy)
+    for name in ("sdpa_outeff_attention", "clipped_outeff_attention"):
+        real = getattr(attention_module, name)
+        monkeypatch.setattr(attention_module, name,
+                            lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
     q = torch.randn(1, 8, 2, 16)
     for variant, kw in VARIANTS.items():
         if variant == "learnable":
             kw = dict(kw, offset=torch.zeros(2))
         calls.clear()
         outeff_attention(q, q, q, causal=True, **kw)
-        assert len(calls) == 1, f"{variant}: impl='auto' did not run the fused CPU path"
-        calls.clear()
         outeff_attention(q, q, q, causal=True, clip=(-0.03, 1.0), **kw)
+        assert calls == ["sdpa_outeff_attention", "clipped_outeff_attention"], f"{variant}: {calls}"
+        calls.clear()
         outeff_attention(q, q, q, causal=True, dropout_p=0.1, **kw)
-        assert calls == [], f"{variant}: clipped / dropout must run the reference"
+        outeff_attention(q, q, q, causal=True, dropout_p=0.1, clip=(-0.03, 1.0), **kw)
+        assert calls == [], f"{variant}: dropout must run the reference"
 
 
-@pytest.mark.parametrize("bad", [dict(clip=(-0.03, 1.0)), dict(dropout_p=0.1)], ids=["clip", "dropout"])
-def test_forced_sdpa_refuses_what_it_cannot_serve(bad):
+def test_forced_cpu_refuses_dropout():
     q = torch.randn(1, 4, 2, 8)
-    with pytest.raises(ValueError, match="impl='sdpa'"):
-        outeff_attention(q, q, q, impl="sdpa", **bad)
+    with pytest.raises(ValueError, match="impl='cpu'.*dropout"):
+        outeff_attention(q, q, q, impl="cpu", dropout_p=0.1)
 
 
-def test_saved_tensors_are_linear_in_sq():
-    """Nothing the backward keeps is O(sq * sk): the largest saved tensor is q / k / v / out sized."""
-    b, s, h, d = 1, 256, 2, 16
+# ------------------------------------------------------------------------------------------------
+# clipped variants (lean materialised path)
+# ------------------------------------------------------------------------------------------------
+CLIPS = {"clip03": (-0.03, 1.0), "clip11": (-0.1, 1.1), "gamma0": (0.0, 1.0)}
+CLIP_CASES = [(v, c, m) for v in VARIANTS for c in CLIPS for m in ("causal", "causal_pad_sq>sk", "pad")
+              if not (v == "vanilla" and m == "causal_pad_sq>sk")]
+
+
+@pytest.mark.parametrize("variant,clip,mask", CLIP_CASES, ids=[f"{v}-{c}-{m}" for v, c, m in CLIP_CASES])
+def test_clipped_fp64_against_definition(variant, clip, mask):
+    m = MASKS[mask]
+    leaves, kw = make_inputs(sq=m["sq"], sk=m["sk"], h_kv=2, variant=variant, pad=m["pad"])
+    kw.update(causal=m["causal"], clip=CLIPS[clip])
+    dout = dout_for(leaves)
+    out, grads = run(leaves, kw, "cpu", dout)
+    ref, ref_grads = oracle_fp64(leaves, kw, dout)
+    assert_match(out, grads, ref, ref_grads, FP64_TOL, leaves)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", ["softmax1", "learnable"])
+def test_clipped_against_reference(dtype, variant):
+    leaves, kw = make_inputs(b=1, sq=40, sk=40, h=4, h_kv=1, d=32, variant=variant, dtype=dtype, pad=True)
+    kw.update(causal=True, clip=CLIPS["clip11"])
+    dout = dout_for(leaves)
+    out, grads = run(leaves, kw, "cpu", dout)
+    ref, ref_grads = run(leaves, kw, "torch", dout.float(), upcast=True)
+    assert_match(out, grads, ref, ref_grads, TOL[dtype], leaves)
+
+
+def saved_tensor_sizes(b, s, h, d, clip):
+    """numel of every tensor autograd saves for one learnable-offset, gated, causal forward (impl='auto')."""
     leaves, kw = make_inputs(b=b, sq=s, sk=s, h=h, h_kv=h, d=d, variant="learnable", dtype=torch.float32)
     xs = {n: t.clone().requires_grad_(True) for n, t in leaves.items()}
     sizes = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
-        outeff_attention(xs["q"], xs["k"], xs["v"], offset=xs["offset"], gate=xs["gate"], causal=True, impl="auto", **kw)
-    assert sizes and max(sizes) <= b * s * h * d, f"saved tensor of {max(sizes)} elements (score matrix: {b * h * s * s})"
+        outeff_attention(xs["q"], xs["k"], xs["v"], offset=xs["offset"], gate=xs["gate"], causal=True,
+                         clip=clip, impl="auto", **kw)
+    assert sizes
+    return sizes
+
+
+def test_saved_tensors_are_linear_in_sq():
+    """Unclipped: nothing the backward keeps is O(sq * sk), the largest saved tensor is q / k / v / out sized."""
+    b, s, h, d = 1, 256, 2, 16
+    sizes = saved_tensor_sizes(b, s, h, d, clip=None)
+    assert max(sizes) <= b * s * h * d, f"saved tensor of {max(sizes)} elements (score matrix: {b * h * s * s})"
+
+
+def test_clipped_saves_one_score_matrix():
+    """Clipped: exactly one [b, h, sq, sk] tensor (P) is kept for the backward."""
+    b, s, h, d = 1, 64, 2, 16
+    sizes = saved_tensor_sizes(b, s, h, d, clip=CLIPS["clip03"])
+    assert sum(n >= b * h * s * s for n in sizes) == 1, sizes
