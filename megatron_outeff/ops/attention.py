@@ -7,8 +7,8 @@ from typing import Optional
 
 import torch
 
-from .reference import build_mask, expand_kv_heads, outeff_attention_reference
 from .cpu_attention import clipped_outeff_attention, cpu_unsupported_reason, sdpa_outeff_attention
+from .reference import build_mask, expand_kv_heads, outeff_attention_reference
 from .variants import Clip, resolve_sink, validate_attention_args
 
 
