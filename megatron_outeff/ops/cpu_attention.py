@@ -86,30 +86,43 @@ class _FlashSinkAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, sink, scale, is_causal, bias, visible):
+        # Element-wise work on [b, h, sq, d] tensors is kept to one multiply (and one matmul in the
+        # backward): on a loaded CPU every parallel region costs up to a scheduler time slice, and
+        # torch.exp opens one even on small tensors; sigmoid and logaddexp do not.
         out, lse = _FWD(q, k, v, 0.0, is_causal, attn_mask=bias, scale=scale)
+        p_sink = None
         if sink is not None:
             a = sink.detach().to(lse.dtype).view(1, -1, 1)
             keep = torch.sigmoid(lse - a)                       # 1 - P_sink, [b, h, sq]
+            p_sink = torch.sigmoid(a - lse)                     # P_sink = exp(a - L)
             lse = torch.logaddexp(lse, a)
             out = out * keep.unsqueeze(-1) if out.dtype == keep.dtype else (out.to(keep.dtype) * keep.unsqueeze(-1)).to(q.dtype)
         if visible is not None:
             out = out.masked_fill(~visible.unsqueeze(-1), 0.0)
             lse = lse.masked_fill(~visible, 0.0)                # finite: recomputed P = exp(-inf - 0) = 0
-        ctx.save_for_backward(q, k, v, out, lse, sink)
+        ctx.save_for_backward(q, k, v, out, lse, sink, p_sink)
         ctx.scale, ctx.is_causal, ctx.bias = scale, is_causal, bias
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, sink = ctx.saved_tensors
+        q, k, v, out, lse, sink, p_sink = ctx.saved_tensors
         dout = dout.to(out.dtype)
         dq, dk, dv = _BWD(dout, q, k, v, out, lse, 0.0, ctx.is_causal, attn_mask=ctx.bias, scale=ctx.scale)
         dsink = None
         if sink is not None and ctx.needs_input_grad[3]:
-            delta = torch.linalg.vecdot(dout.to(lse.dtype), out.to(lse.dtype))            # D, [b, h, sq]
-            p_sink = torch.exp(sink.detach().to(lse.dtype).view(1, -1, 1) - lse)
-            dsink = -(p_sink * delta).sum(dim=(0, 2)).to(sink.dtype)
+            delta = _row_dot(dout.to(lse.dtype), out.to(lse.dtype))                      # D = rowsum(dO * out)
+            dsink = -(p_sink * delta).sum(dim=(0, 2)).to(sink.dtype)                     # -sum P_sink * D
         return dq, dk, dv, dsink, None, None, None, None
+
+
+def _row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum_d x * y for [b, h, s, d] tensors -> [b, h, s], as one batched matmul over the memory order
+    [b, s, h, d] that the kernel's output and its gradient have (no copies, one parallel region)."""
+    xt, yt = x.transpose(1, 2), y.transpose(1, 2)
+    if not (xt.is_contiguous() and yt.is_contiguous()):
+        xt, yt = xt.contiguous(), yt.contiguous()
+    return torch.matmul(xt.unsqueeze(-2), yt.unsqueeze(-1)).reshape(xt.shape[:-1]).transpose(1, 2)
 
 
 def sdpa_outeff_attention(
