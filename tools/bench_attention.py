@@ -10,8 +10,14 @@ Methods (all causal self-attention, q/k/v [b, s, h, d]):
   mcore_offbyone        megatron-core's off-by-one path: Q K^T -> FusedScaleMaskSoftmax
                         (scaled_masked_softmax_fusion=False, attention_mask_func, explicit causal bool
                         mask, softmax_offset = zeros[h]) -> P V
+  outeff_cpu            megatron_outeff, Softmax_1, impl="auto" on CPU = "sdpa" (torch's fused CPU flash
+                        kernel + the sink as a sigmoid(lse - a_h) rescale, ops/sdpa_attention.py)  CPU only
+  outeff_cpu_learnable  the same with softmax="learnable" (offset [h] requiring grad)           CPU only
+  outeff_cpu_clipped    Softmax_1 with the clip, impl="auto" on CPU = "cpu": the lean materialised
+                        clipped path (one [sq, sk] buffer, only P saved)                       CPU only
   outeff_torch          megatron_outeff, Softmax_1, impl="torch" (PyTorch reference, materialised)
-  outeff_torch_clipped  the same with a clip (gamma=-0.025, zeta=1.0)
+  outeff_torch_clipped  the same with a clip (gamma=-0.025, zeta=1.0); what impl="auto" ran for a
+                        clipped variant on CPU before outeff_cpu_clipped
   outeff_rowwise        Softmax_1, impl="rowwise" (matmuls + the fused Triton row softmax)   CUDA only
   outeff_flash          Softmax_1, impl="triton" (the flash kernel)                          CUDA only
   outeff_flash_clipped  the flash kernel with the clip (two passes over K)                   CUDA only
@@ -37,8 +43,13 @@ Peak memory:
         the allocator's and the OS's page granularity and anything torch caches, so read it as an
         order of magnitude (materialised O(sq^2) vs O(sq)), not as an exact figure.
 
-Targets from the project (meant for an H100/H200 in bf16; checked whenever the flash results exist,
-so a CPU rehearsal exercises the checks, but only CUDA values mean anything):
+Targets on CPU (issue 14; fp32, d 64, causal; checked when run on CPU):
+  C1  outeff_cpu and outeff_cpu_learnable forward+backward <= 1.3x SDPA vanilla (sq 512-4096).
+  C2  outeff_cpu >= 3x faster (forward+backward) than megatron-core's off-by-one path at sq 2048.
+  C3  outeff_cpu / outeff_cpu_learnable peak memory <= 2x SDPA vanilla's (every shape).
+  C4  clipped: outeff_cpu_clipped forward+backward no slower than outeff_torch_clipped (every shape).
+Targets on CUDA (meant for an H100/H200 in bf16; checked whenever the flash results exist, so a CPU
+rehearsal exercises the checks, but only CUDA values mean anything):
   T1  Softmax_1 flash forward+backward <= 1.10x SDPA vanilla (every shape with 2k <= sq <= 16k).
   T2  Softmax_1 flash >= 3x faster (forward+backward) than megatron-core's off-by-one path at
       sq=4096, with memory linear in sq (peak memory grows <= 2.5x per doubling of sq).
@@ -74,14 +85,16 @@ from megatron_outeff.utils.cli import OneLineArgumentParser, nonnegative_int, ou
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CLIP = (-0.025, 1.0)
 METHODS = [
-    "sdpa_vanilla", "mcore_offbyone", "outeff_torch", "outeff_torch_clipped",
-    "outeff_rowwise", "outeff_flash", "outeff_flash_clipped", "outeff_flash_gated",
+    "sdpa_vanilla", "mcore_offbyone", "outeff_cpu", "outeff_cpu_learnable", "outeff_cpu_clipped", "outeff_torch",
+    "outeff_torch_clipped", "outeff_rowwise", "outeff_flash", "outeff_flash_clipped", "outeff_flash_gated",
 ]
 TRITON_METHODS = {"outeff_rowwise", "outeff_flash", "outeff_flash_clipped", "outeff_flash_gated"}
+CPU_METHODS = {"outeff_cpu", "outeff_cpu_learnable", "outeff_cpu_clipped"}
 TARGET_SQ = (2048, 16384)  # T1, T3, T4 hold over this range of sq (the project's performance targets)
 # bytes per score-matrix element a materialised method keeps alive in forward+backward (estimate,
 # used to skip shapes that would not fit)
-MATERIALISED_BYTES = {"mcore_offbyone": 24, "outeff_torch": 24, "outeff_torch_clipped": 28, "outeff_rowwise": 10}
+MATERIALISED_BYTES = {"mcore_offbyone": 24, "outeff_torch": 24, "outeff_torch_clipped": 28, "outeff_cpu_clipped": 12,
+                      "outeff_rowwise": 10}
 
 
 class Unavailable(Exception):
@@ -127,13 +140,20 @@ def build_method(name: str, q, k, v) -> Callable[[], torch.Tensor]:
         from megatron_outeff.ops import outeff_attention
     except Exception as e:  # noqa: BLE001
         raise Unavailable(f"{type(e).__name__}: {e}") from None
-    impl = {"outeff_torch": "torch", "outeff_torch_clipped": "torch", "outeff_rowwise": "rowwise",
+    impl = {"outeff_cpu": "auto", "outeff_cpu_learnable": "auto", "outeff_cpu_clipped": "auto", "outeff_torch": "torch",
+            "outeff_torch_clipped": "torch", "outeff_rowwise": "rowwise",
             "outeff_flash": "triton", "outeff_flash_clipped": "triton", "outeff_flash_gated": "triton"}[name]
     clip = CLIP if name.endswith("clipped") else None
     gate = None
     if name.endswith("gated"):  # a per-head gate in (0, 1), trained with the rest: its gradient counts
         g = torch.Generator(device="cpu").manual_seed(1)
         gate = torch.rand(b, s, h, generator=g).to(device=q.device, dtype=q.dtype).requires_grad_(q.requires_grad)
+    if name == "outeff_cpu_learnable":
+        offset = torch.zeros(h, device=q.device, requires_grad=True)
+
+        def f():
+            return outeff_attention(q, k, v, softmax="learnable", offset=offset, causal=True, impl=impl)
+        return f
 
     def f():
         return outeff_attention(q, k, v, softmax="softmax1", clip=clip, gate=gate, causal=True, impl=impl)
@@ -276,7 +296,7 @@ def default_config(cuda: bool) -> Dict:
     if cuda:
         return dict(sq=[512, 1024, 2048, 4096, 8192, 16384], d=[64, 128], dtype=["fp16", "bf16"],
                     b=None, h=None, tokens=16384, hidden=2048, warmup=5, repeats=20)
-    return dict(sq=[256, 512, 1024], d=[64], dtype=["fp32"], b=1, h=8, tokens=None, hidden=None,
+    return dict(sq=[512, 1024, 2048, 4096], d=[64], dtype=["fp32"], b=1, h=8, tokens=None, hidden=None,
                 warmup=2, repeats=7)
 
 
@@ -359,6 +379,42 @@ def check_targets(results: List[Dict]) -> List[Dict]:
     return checks
 
 
+def check_cpu_targets(results: List[Dict]) -> List[Dict]:
+    """C1-C3 (see the module docstring) from the CPU results."""
+    checks = []
+    by = {}
+    for r in results:
+        by.setdefault((r["dtype"], r["d"], r["sq"]), {})[r["method"]] = r
+
+    def ok(r):
+        return r is not None and r.get("status") == "ok"
+
+    for (dt, d, sq), m in sorted(by.items()):
+        base = m.get("sdpa_vanilla")
+        for name in ("outeff_cpu", "outeff_cpu_learnable"):
+            r = m.get(name)
+            if not (ok(r) and ok(base)):
+                continue
+            if 512 <= sq <= 4096:
+                checks.append(dict(target=f"C1 {name} fwd+bwd <= 1.3x SDPA", dtype=dt, d=d, sq=sq,
+                                   value=r["ratio_fwdbwd"], met=r["ratio_fwdbwd"] <= 1.3))
+            if r.get("peak_mib") is not None and base.get("peak_mib"):
+                mem = r["peak_mib"] / base["peak_mib"]
+                checks.append(dict(target=f"C3 {name} peak memory <= 2x SDPA's", dtype=dt, d=d, sq=sq,
+                                   value=mem, met=mem <= 2.0))
+        new, old = m.get("outeff_cpu_clipped"), m.get("outeff_torch_clipped")
+        if ok(new) and ok(old):
+            ratio = new["fwdbwd_ms"] / old["fwdbwd_ms"]
+            checks.append(dict(target="C4 outeff_cpu_clipped fwd+bwd <= outeff_torch_clipped's", dtype=dt, d=d,
+                               sq=sq, value=ratio, met=ratio <= 1.0))
+        mc, oc = m.get("mcore_offbyone"), m.get("outeff_cpu")
+        if sq == 2048 and ok(mc) and ok(oc):
+            speedup = mc["fwdbwd_ms"] / oc["fwdbwd_ms"]
+            checks.append(dict(target="C2 outeff_cpu >= 3x faster than mcore off-by-one at sq=2048", dtype=dt,
+                               d=d, sq=sq, value=speedup, met=speedup >= 3.0))
+    return checks
+
+
 def format_table(results: List[Dict]) -> str:
     head = "| dtype | b | h | sq | d | method | fwd ms | fwd+bwd ms | peak MiB | fwd x SDPA | fwd+bwd x SDPA | status |"
     lines = [head, "|" + "---|" * 12]
@@ -412,7 +468,8 @@ def main(argv=None):
             cfg[key] = getattr(args, key)
     if not cuda and (cfg["b"] is None or cfg["h"] is None):
         cfg["b"], cfg["h"] = cfg["b"] or 1, cfg["h"] or 8
-    total_mem = torch.cuda.get_device_properties(device).total_memory if cuda else None
+    total_mem = (torch.cuda.get_device_properties(device).total_memory if cuda
+                 else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     interleave = (not cuda) if args.interleave is None else args.interleave
 
     meta = dict(device=device_name(device), device_type=device.type, versions=versions(),
@@ -442,8 +499,11 @@ def main(argv=None):
                     if method in TRITON_METHODS and not cuda and not args.interpret:
                         row["status"] = "skipped: CUDA only (interpreter timings are meaningless)"
                         continue
+                    if method in CPU_METHODS and cuda:
+                        row["status"] = "skipped: CPU only (impl='auto' runs the flash kernel on CUDA: outeff_flash)"
+                        continue
                     need = MATERIALISED_BYTES.get(method, 0) * b * h * sq * sq
-                    if cuda and need > 0.6 * total_mem:
+                    if need > 0.6 * total_mem:
                         row["status"] = f"skipped: needs ~{need / 2**30:.0f} GiB (score matrix materialised)"
                         continue
                     try:
@@ -516,16 +576,20 @@ def main(argv=None):
 
     table = format_table(results)
     print("\n" + table)
-    checks = check_targets(results)
-    if cuda or checks:
-        print("\nproject targets (H100/H200)" + ("" if cuda else " - CPU rehearsal, values meaningless") + ":")
-        if not checks:
-            print("  none could be checked (flash kernel unavailable?)")
-        for c in checks:
+    checks = check_targets(results)  # T1-T4 (flash results: CUDA, or a CPU rehearsal under --interpret)
+    cpu_checks = [] if cuda else check_cpu_targets(results)  # C1-C4
+    sections = [("project targets (H100/H200)" + ("" if cuda else " - CPU rehearsal, values meaningless"), checks)]
+    if not cuda:
+        sections.append(("project targets (CPU, issue 14)", cpu_checks))
+    for title, section in sections:
+        if section or title.startswith("project targets (H100/H200)") and cuda or title.endswith("(CPU, issue 14)"):
+            print(f"\n{title}:")
+            if not section:
+                print("  none could be checked")
+        for c in section:
             print(f"  {'MET    ' if c['met'] else 'NOT MET'} {c['target']}  [{c['dtype']} d={c['d']} sq={c['sq']}] "
                   f"value {c['value']:.2f}")
-    else:
-        print("\nproject targets: checked only on CUDA (this run is CPU)")
+    checks = checks + cpu_checks
     meta["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     meta["loadavg_end"] = _loadavg()
     with open(out, "w") as fh:
@@ -540,6 +604,11 @@ def main(argv=None):
                      f"Load average (1/5/15 min) at start {meta['loadavg_start']}, at end {meta['loadavg_end']} "
                      f"on {os.cpu_count()} logical cores: on a shared CPU the times are noisy.\n\n")
             fh.write(table + "\n")
+            if checks:
+                fh.write("\nProject targets:\n\n")
+                for c in checks:
+                    fh.write(f"- {'MET' if c['met'] else 'NOT MET'}: {c['target']} [{c['dtype']} d={c['d']} sq={c['sq']}] "
+                             f"value {c['value']:.2f}\n")
         print(f"wrote {args.md}")
     return 0
 

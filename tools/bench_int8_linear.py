@@ -1,11 +1,22 @@
-"""Benchmark: fp32 Linear vs real int8 Linear (oneDNN, Int8Linear) on CPU, same process.
+"""Benchmark: fp32 vs real int8 (oneDNN, Int8Linear) on CPU, same process: the Linears, then a whole model.
 
-    PYTHONPATH=$PWD python tools/bench_int8_linear.py [--tokens 512] [--reps 20] [--threads N] [--reduce-range auto|on|off]
+    PYTHONPATH=$PWD python tools/bench_int8_linear.py [--tokens 512] [--reps 20] [--threads 1 2]
+        [--reduce-range auto|on|off] [--model] [--model-reps 5]
 
-Shapes: OPT-125m's Linears for one 512-token sequence (the LM head stays float in our scheme and is
-not benchmarked). Reports median wall times and fp32 / int8 ratios (> 1: int8 faster), for the GEMM
-alone (input already uint8) and for the full module (float input quantized on the fly).
-A benchmark, not a test: numbers depend on the CPU, its load and thread count.
+Linears: OPT-125m's shapes for one 512-token sequence (the LM head stays float in our scheme and is not
+benchmarked). Median wall times and fp32 / int8 ratios (> 1: int8 faster), for the GEMM alone (input
+already uint8) and for the full module (float input quantized on the fly), for each thread count in
+turn (torch.set_num_threads in this process).
+
+--model: the deployable W8A8 model against its fp32 model. A random-weight Hugging Face
+OPTForCausalLM with OPT-125m's shape (transformers' OPTConfig defaults: 12 layers, hidden 768, FFN
+3072, vocab 50272), calibrated on random tokens with `calibrate_w8a8_linears` (the parameters
+`export_compressed_tensors_w8a8` writes), its Linears swapped for Int8Linear (`int8_model`; lm_head
+float). Timed: one prefill forward of 1 x `tokens` tokens under torch.no_grad with logits_to_keep=1
+(what generate() computes for a prompt), fp32 and int8 interleaved; tokens/s = tokens / median time.
+Also printed: the relative error of the int8 model's logits and of the simulated compressed-tensors
+W8A8 model's (simulate_w8a8_model: the same codes, float GEMMs) against fp32.
+A benchmark, not a test: numbers depend on the CPU, its load (printed) and thread count.
 """
 from __future__ import annotations
 
@@ -18,8 +29,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from megatron_outeff.quant import quantize_weight_per_channel
-from megatron_outeff.quant.int8_linear import Int8Linear, cpu_has_vnni
+from megatron_outeff.quant import calibrate_w8a8_linears, quantize_weight_per_channel, simulate_w8a8_model
+from megatron_outeff.quant.int8_linear import Int8Linear, cpu_has_vnni, int8_model
 from megatron_outeff.utils.cli import OneLineArgumentParser, positive_int
 
 SHAPES = [  # (name, in_features, out_features)
@@ -43,34 +54,77 @@ def paired(fns: dict, reps: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def main(argv=None) -> None:
-    ap = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=positive_int, default=512)
-    ap.add_argument("--reps", type=positive_int, default=20)
-    ap.add_argument("--threads", type=positive_int, default=None)
-    ap.add_argument("--reduce-range", choices=["auto", "on", "off"], default="auto",
-                    help="7-bit activations: auto = unless the CPU has VNNI")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, VNNI {cpu_has_vnni()}, threads {torch.get_num_threads()}, "
-          f"tokens {args.tokens}, median of {args.reps} interleaved reps; load average {os.getloadavg()[0]:.1f}")
+def load() -> str:
+    return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def bench_linears(args, reduce_range) -> None:
     print(f"{'shape':28s} {'fp32 ms':>9s} {'int8 gemm ms':>13s} {'int8 module ms':>15s} {'ratio gemm':>11s} {'ratio module':>13s}")
     for name, k, n in SHAPES:
         x = torch.randn(args.tokens, k)
         w = torch.randn(n, k) * 0.02
         b = torch.randn(n) * 0.02
         q, s = quantize_weight_per_channel(w)
-        m = Int8Linear(q, s, input_scale=x.abs().max().item() / 127, bias=b,
-                         reduce_range={"auto": None, "on": True, "off": False}[args.reduce_range])
+        m = Int8Linear(q, s, input_scale=x.abs().max().item() / 127, bias=b, reduce_range=reduce_range)
         codes = m.quantize_input(x)
         with torch.no_grad():
             t = paired({"fp": lambda: F.linear(x, w, b), "gemm": lambda: m.forward_codes(codes), "mod": lambda: m(x)}, args.reps)
             t_fp, t_gemm, t_mod = t["fp"], t["gemm"], t["mod"]
         print(f"{name:28s} {t_fp * 1e3:9.3f} {t_gemm * 1e3:13.3f} {t_mod * 1e3:15.3f} {t_fp / t_gemm:11.2f} {t_fp / t_mod:13.2f}"
-              f"   (reduce_range={m.reduce_range})")
+              f"   (reduce_range={m.reduce_range})", flush=True)
+
+
+def build_models(tokens: int, reduce_range):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(dropout=0.0, attention_dropout=0.0)).eval()
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.randint(2, model.config.vocab_size, (1, tokens), generator=gen) for _ in range(2)]
+    with torch.no_grad():
+        params = calibrate_w8a8_linears(model, lambda m: [m(c) for c in calib])
+    return model, int8_model(model, params, reduce_range), simulate_w8a8_model(model, params)
+
+
+def bench_model(args, model, qmodel, simulated) -> None:
+    ids = torch.randint(2, model.config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = {n: m(ids).logits.double() for n, m in (("fp32", model), ("int8", qmodel), ("sim", simulated))}
+        rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+        print(f"  logits, relative L2 error against fp32: int8 {rel(logits['int8'], logits['fp32']):.2e}, "
+              f"simulated W8A8 {rel(logits['sim'], logits['fp32']):.2e} (int8 vs simulated "
+              f"{rel(logits['int8'], logits['sim']):.2e}: per Linear they agree to fp32 rounding, but a 1e-6 "
+              f"difference upstream moves values across rounding ties downstream)")
+        t = paired({"fp32": lambda: model(ids, logits_to_keep=1), "int8": lambda: qmodel(ids, logits_to_keep=1)}, args.model_reps)
+    tps = {k: args.tokens / v for k, v in t.items()}
+    print(f"  prefill 1 x {args.tokens}: fp32 {tps['fp32']:8.1f} tokens/s ({t['fp32'] * 1e3:.0f} ms), "
+          f"int8 {tps['int8']:8.1f} tokens/s ({t['int8'] * 1e3:.0f} ms), int8 / fp32 {tps['int8'] / tps['fp32']:.2f}x; {load()}",
+          flush=True)
+
+
+def main(argv=None) -> None:
+    ap = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=positive_int, default=512)
+    ap.add_argument("--reps", type=positive_int, default=20)
+    ap.add_argument("--threads", type=positive_int, nargs="+", default=None,
+                    help="torch thread counts, measured in turn (default: torch's)")
+    ap.add_argument("--reduce-range", choices=["auto", "on", "off"], default="auto",
+                    help="7-bit activations: auto = unless the CPU has VNNI")
+    ap.add_argument("--model", action="store_true", help="also measure the whole OPT-125m-shaped model")
+    ap.add_argument("--model-reps", type=positive_int, default=5)
+    args = ap.parse_args(argv)
+    reduce_range = {"auto": None, "on": True, "off": False}[args.reduce_range]
+    torch.manual_seed(0)
+    models = build_models(args.tokens, reduce_range) if args.model else None
+    for threads in args.threads or [torch.get_num_threads()]:
+        torch.set_num_threads(threads)
+        print(f"\ntorch {torch.__version__}, {platform.processor() or platform.machine()}, capability "
+              f"{torch.backends.cpu.get_cpu_capability()}, VNNI {cpu_has_vnni()}, threads {torch.get_num_threads()}, "
+              f"tokens {args.tokens}, median of {args.reps} interleaved reps; {load()}", flush=True)
+        bench_linears(args, reduce_range)
+        if models:
+            print(f"whole model (OPT-125m shape, random weights, lm_head fp32), median of {args.model_reps}:")
+            bench_model(args, *models)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The public entry point: ``outeff_attention``, dispatching to the Triton or PyTorch implementation."""
+"""The public entry point: ``outeff_attention``, dispatching to the Triton kernels, the CPU paths
+(``cpu_attention``) or the PyTorch reference."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from .cpu_attention import clipped_outeff_attention, cpu_unsupported_reason, sdpa_outeff_attention
 from .reference import build_mask, expand_kv_heads, outeff_attention_reference
 from .variants import Clip, resolve_sink, validate_attention_args
 
@@ -42,9 +44,15 @@ def outeff_attention(
     gate: None or [batch, sq, heads] in (0, 1), multiplying each head's output after P @ V.
     causal: bottom-right aligned causal mask. key_padding_mask: bool [batch, sk], True = real token.
     scale: defaults to 1/sqrt(d). dropout_p: dropout on the (clipped) probabilities.
-    impl: "auto" (Triton flash on CUDA, PyTorch on CPU; the materialised row kernel when
-    dropout_p > 0 on CUDA), "torch", "triton" (forced; on CPU only under TRITON_INTERPRET=1),
-    "rowwise" (materialised scores + fused row softmax kernel).
+    impl: "auto" chooses:
+        CUDA: "triton" (the flash kernel), or "rowwise" when dropout_p > 0;
+        CPU:  "cpu" when dropout_p == 0 (unclipped: torch's fused CPU flash kernel + the sink as a
+              sigmoid rescale, memory linear in sq; clipped: a lean materialised path), else "torch".
+    "torch" (the PyTorch reference), "cpu" (forced; CPU tensors, no dropout), "triton" (forced; on CPU
+    only under TRITON_INTERPRET=1), "rowwise" (materialised scores + fused row softmax kernel).
+
+    Errors: ValueError naming the bad argument (shapes, dtypes, devices, variant, clip, impl that
+    cannot serve the arguments).
     """
     _, sq, sk, h, _, scale = validate_attention_args(q, k, v, gate, key_padding_mask, scale, dropout_p, impl)
     sink = resolve_sink(softmax, n, offset, h, q.device)
@@ -52,12 +60,23 @@ def outeff_attention(
 
     if impl == "auto":
         if q.device.type != "cuda":
-            impl = "torch"
+            impl = "cpu" if cpu_unsupported_reason(q.device, dropout_p) is None else "torch"
         else:
             impl = "rowwise" if dropout_p > 0 else "triton"
     if impl in ("triton", "rowwise") and not triton_runs_on(q.device):
         raise ValueError(
             f"impl={impl!r} on device {q.device}: Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
+        )
+    if impl == "cpu":
+        reason = cpu_unsupported_reason(q.device, dropout_p)
+        if reason is not None:
+            raise ValueError(f"impl='cpu': {reason}; use impl='torch' or 'auto'")
+        if clip is not None:
+            return clipped_outeff_attention(
+                q, k, v, scale=scale, clip=clip, sink=sink, gate=gate, causal=causal, key_padding_mask=key_padding_mask,
+            )
+        return sdpa_outeff_attention(
+            q, k, v, scale=scale, sink=sink, gate=gate, causal=causal, key_padding_mask=key_padding_mask,
         )
     if impl == "torch":
         return outeff_attention_reference(

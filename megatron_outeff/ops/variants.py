@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 import torch
 
 SOFTMAX_VARIANTS = ("vanilla", "softmax1", "softmax_n", "learnable")
-IMPLEMENTATIONS = ("auto", "torch", "triton", "rowwise")
+IMPLEMENTATIONS = ("auto", "torch", "cpu", "triton", "rowwise")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from .compressed_tensors_export import (  # compressed-tensors itself is importe
     simulate_w8a8_linear,
     simulate_w8a8_model,
 )
-from .int8_linear import Int8Linear, cpu_has_vnni
+from .int8_linear import Int8Linear, cpu_has_vnni, int8_model
 
 __all__ = [
     "QuantPoint",
@@ -44,5 +44,6 @@ __all__ = [
     "simulate_w8a8_linear",
     "simulate_w8a8_model",
     "Int8Linear",
+    "int8_model",
     "cpu_has_vnni",
 ]

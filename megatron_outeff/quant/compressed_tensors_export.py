@@ -147,13 +147,18 @@ class _SimulatedLinear(nn.Module):
 
 def simulate_w8a8_model(model: nn.Module, params: dict[str, LinearW8A8]) -> nn.Module:
     """A deep copy of `model` whose Linears named in `params` run simulate_w8a8_linear."""
+    return replace_linears(model, params, _SimulatedLinear)
+
+
+def replace_linears(model: nn.Module, params: dict[str, LinearW8A8], make: Callable[[LinearW8A8], nn.Module]) -> nn.Module:
+    """A deep copy of `model` (eval mode) with each nn.Linear named in `params` replaced by make(params[name])."""
     qmodel = copy.deepcopy(model).eval()
     for name, p in params.items():
         parent_name, _, child = name.rpartition(".")
         parent = qmodel.get_submodule(parent_name) if parent_name else qmodel
         if not isinstance(getattr(parent, child), nn.Linear):
             raise ValueError(f"{name!r} is not an nn.Linear in this model")
-        setattr(parent, child, _SimulatedLinear(p))
+        setattr(parent, child, make(p))
     return qmodel
 
 

@@ -3,10 +3,13 @@
 Built from an exported Linear (int8 weight [out, in], per-channel weight scale, static per-tensor
 input scale and int8-grid zero point, as `calibrate_w8a8_linears` / compressed-tensors store them):
 
-    codes = clamp(round(x / s_x + z_u), 0, qmax)           uint8 activations (quantize_int)
-    y     = s_x * scale_o * sum_i (codes_i - z_u) q_oi + b_o   int32 accumulation in oneDNN
+    codes = clamp(round(x / s_x + z), -128, 127) + 128      uint8 activations: compressed-tensors'
+                                                            int8 codes, shifted onto oneDNN's uint8 grid
+    y     = s_x * scale_o * sum_i (codes_i - z_u) q_oi + b_o   int32 accumulation in oneDNN, z_u = z + 128
 
-The int8-grid zero point z (grid [-128, 127]) becomes z_u = z + 128 on oneDNN's uint8 grid [0, 255].
+The shift by 128 happens after rounding, on integers: round(x / s + z + 128) in fp32 is NOT the same
+(adding 128 before rounding drops low bits of x / s, so values within ~1e-5 of a .5 tie round the other
+way - seen as a 1e-3 difference in an OPT fc2 output before this was fixed).
 reduce_range: CPUs without VNNI (AVX2 only) multiply u8 x s8 with vpmaddubsw, which adds pairs of
 products into SATURATING int16: 255 * 127 * 2 > 32767, so 8-bit activations can be silently wrong.
 With 7-bit activations (grid [0, 127], scale 2 s_x, zero point round(z_u / 2)) every pair fits and the
@@ -14,6 +17,22 @@ result is exact. Default (None): 7-bit unless the CPU reports VNNI (avx512_vnni 
 whose instructions accumulate in int32. 7-bit activations are coarser than the exported scheme, so
 with reduce_range the module approximates (not reproduces) the compressed-tensors model; it is always
 exact against `emulate`, the same integer arithmetic in float64.
+
+Threads (measured, tools/results/bench_int8_linear.txt): with 2 threads on a loaded machine the module
+ran slower than fp32 although its GEMM was 5x faster, because of the activation quantization:
+- torch.round (like floor) on CPU opens an OpenMP parallel region even for a few thousand elements,
+  and on a loaded machine a region waits for its slowest thread to be scheduled again: ~30 ms per call
+  at load ~10 on 2 cores, against 0.03 ms for an element-wise add of the same size;
+- every other element-wise pass (divide, add, clamp, cast) opens one too above
+  at::internal::GRAIN_SIZE (32768) elements.
+The module therefore rounds with the fp32 round-to-nearest-even of the hardware ((y + 1.5 * 2^23) -
+1.5 * 2^23 is exactly torch.round(y) for |y| <= 2^22, true after clamping to the grid: clamp before
+round equals round before clamp for integer bounds), and, with 2 to INLINE_QUANTIZE_MAX_THREADS threads,
+quantizes in row blocks of at most GRAIN_SIZE elements, which torch
+runs inline on the calling thread (no parallel region; the pass is O(M K) against the GEMM's O(M K N),
+a few ms at most for OPT-125m shapes). With one thread there are no regions and no blocks; with more
+threads the passes run parallel. The codes are exactly
+`quantize_int`'s (compressed-tensors' formula), tested bit for bit, near ties included.
 """
 from __future__ import annotations
 
@@ -22,9 +41,12 @@ import functools
 import torch
 from torch import nn
 
-from .quantizers import quantize_int
 
-__all__ = ["Int8Linear", "cpu_has_vnni"]
+__all__ = ["Int8Linear", "cpu_has_vnni", "int8_model"]
+
+GRAIN_SIZE = 32768               # at::internal::GRAIN_SIZE: smaller element-wise ops run inline
+INLINE_QUANTIZE_MAX_THREADS = 4  # up to this many torch threads, quantize in inline row blocks
+_RNE_MAGIC = 1.5 * 2.0**23       # fp32 (y + M) - M rounds y to the nearest integer, ties to even
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,10 +95,13 @@ class Int8Linear(nn.Module):
         self.reduce_range = (not cpu_has_vnni()) if reduce_range is None else bool(reduce_range)
         self.in_features, self.out_features = in_features, out_features
         z_u = z + 128
+        # x_zero_point / x_qmax: oneDNN's uint8 grid; _grid: (zero point, lo, hi, shift) of the rounding
         if self.reduce_range:
             self.x_scale, self.x_zero_point, self.x_qmax = 2.0 * s_x, min(max(round(z_u / 2), 0), 127), 127
+            self._grid = (self.x_zero_point, 0, 127, 0)
         else:
             self.x_scale, self.x_zero_point, self.x_qmax = s_x, z_u, 255
+            self._grid = (z, -128, 127, 128)
         self.register_buffer("weight", weight.detach().clone())
         self.register_buffer("weight_scale", weight_scale)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
@@ -89,8 +114,25 @@ class Int8Linear(nn.Module):
         return cls(p.weight, p.weight_scale, p.input_scale, p.input_zero_point, p.bias, reduce_range)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 codes of x on this module's activation grid."""
-        return quantize_int(x.float(), self.x_scale, self.x_zero_point, 0, self.x_qmax).to(torch.uint8)
+        """uint8 codes of x [..., in] on this module's activation grid (same shape as x): 8-bit,
+        compressed-tensors' int8 codes clamp(round(x / s + z), -128, 127) (``quantize_int``) + 128;
+        7-bit (reduce_range), clamp(round(x / (2 s) + z_7), 0, 127)."""
+        x = x.float()
+        threads = torch.get_num_threads()
+        if threads == 1 or threads > INLINE_QUANTIZE_MAX_THREADS or x.numel() <= GRAIN_SIZE:
+            return self._codes(x, torch.empty(x.shape, dtype=torch.uint8))
+        flat = x.reshape(-1, self.in_features)
+        codes = torch.empty(flat.shape, dtype=torch.uint8)
+        rows = max(1, GRAIN_SIZE // self.in_features)
+        for i in range(0, flat.shape[0], rows):
+            self._codes(flat[i:i + rows], codes[i:i + rows])
+        return codes.reshape(x.shape)
+
+    def _codes(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        zero_point, lo, hi, shift = self._grid
+        y = torch.div(x, self.x_scale).add_(zero_point).clamp_(lo, hi)
+        # (y + M) - M rounds half to even (exact for |y| <= 2^22); - (M - shift) adds the integer shift exactly
+        return out.copy_(y.add_(_RNE_MAGIC).sub_(_RNE_MAGIC - shift))
 
     def forward_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """The int8 GEMM alone, on [M, in] uint8 codes; float32 [M, out]."""
@@ -117,3 +159,13 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, reduce_range={self.reduce_range}"
+
+
+def int8_model(model: nn.Module, params: dict, reduce_range: bool | None = None) -> nn.Module:
+    """A deep copy of ``model`` (eval mode) whose Linears named in ``params`` (name -> LinearW8A8, as
+    ``calibrate_w8a8_linears`` / ``export_compressed_tensors_w8a8`` return them) run ``Int8Linear``.
+
+    Inference only (Int8Linear has no backward). Errors: ValueError if a name is not an nn.Linear."""
+    from .compressed_tensors_export import replace_linears
+
+    return replace_linears(model, params, lambda p: Int8Linear.from_params(p, reduce_range))

@@ -34,35 +34,21 @@ import textwrap
 import pytest
 import torch
 
+from attention_cases import OFFSETS, TOL, VARIANTS
 from megatron_outeff.ops import flash_attention as fa
 from megatron_outeff.ops import outeff_attention
 
-TOL = {
-    torch.float32: dict(atol=1e-5, rtol=1e-4),
-    torch.float16: dict(atol=2e-3, rtol=2e-3),
-    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
-}
 GPU_TOL = {
     torch.float32: dict(atol=1e-4, rtol=1e-3),
     torch.float16: dict(atol=5e-3, rtol=1e-2),
     torch.bfloat16: dict(atol=4e-2, rtol=4e-2),
 }
 
-VARIANTS = {
-    "vanilla": dict(softmax="vanilla"),
-    "softmax1": dict(softmax="softmax1"),
-    "softmax_n2.5": dict(softmax="softmax_n", n=2.5),
-    "softmax_n0.5": dict(softmax="softmax_n", n=0.5),
-    "learnable": dict(softmax="learnable"),
-}
 CLIPS = {"noclip": None, "clip03": (-0.03, 1.0), "clip11": (-0.1, 1.1)}
 # On a CUDA machine the same small-shape tests run with compiled Triton (fp16/bf16 dot operands),
 # compared at GPU_TOL; on CPU they run under the interpreter at TOL.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL_TOL = GPU_TOL if DEVICE == "cuda" else TOL
-
-# learnable offsets: mixed signs, including large ones (sink dominates / sink negligible)
-OFFSETS = [0.7, -1.3, 8.0, -8.0]
 
 
 def make_inputs(b=2, sq=20, sk=12, h=4, h_kv=2, d=32, dtype=torch.float32, variant="softmax1", gate=False,
@@ -364,7 +350,8 @@ def test_unsupported_dtype():
 _AOT_SCRIPT = textwrap.dedent("""
     import triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
-    from megatron_outeff.ops import flash_attention as fa
+    from attention_cases import OFFSETS, TOL, VARIANTS
+from megatron_outeff.ops import flash_attention as fa
 
     PTRS = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", "Gate"}
     FP32_PTRS = {"OutU", "Lse", "Sink", "Delta", "O", "DGate"}

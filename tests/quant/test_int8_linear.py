@@ -3,8 +3,11 @@ import pytest
 import torch
 
 from megatron_outeff.quant import quantize_weight_per_channel
-from megatron_outeff.quant.compressed_tensors_export import calibrate_w8a8_linears, simulate_w8a8_linear
-from megatron_outeff.quant.int8_linear import Int8Linear, cpu_has_vnni
+from megatron_outeff.quant.compressed_tensors_export import (
+    calibrate_w8a8_linears, simulate_w8a8_linear, simulate_w8a8_model,
+)
+from megatron_outeff.quant.int8_linear import Int8Linear, cpu_has_vnni, int8_model
+from megatron_outeff.quant.quantizers import quantize_int
 
 
 def _layer(seed=0, out_f=96, in_f=256, zp=0):
@@ -71,3 +74,62 @@ def test_int8_linear_bad_inputs():
         Int8Linear(q, s, 0.1, input_zero_point=200)
     with pytest.raises(ValueError, match="last dim"):
         Int8Linear(q, s, 0.1)(torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 8], ids=lambda t: f"threads{t}")
+@pytest.mark.parametrize("zp", [0, -37, 127, -128])
+def test_int8_codes_are_compressed_tensors_codes(zp, threads):
+    """The uint8 codes are compressed-tensors' int8 codes clamp(round(x / s + z), -128, 127) (quantize_int)
+    shifted by +128, bit for bit: exact .5 ties and values 1e-6 off a tie (where rounding x / s + z + 128
+    in fp32 would flip), saturation, +-inf, -0. 1 and 8 threads quantize in one go, 2 in inline row blocks;
+    600 rows x 768 > GRAIN_SIZE elements, so several blocks."""
+    q, s, _, _ = _layer(in_f=768)
+    scale = 0.0123
+    g = torch.Generator().manual_seed(3)
+    k = torch.randint(-300, 300, (600, 768), generator=g).float()
+    x = torch.randn(600, 768, generator=g) * 2
+    x[0::3] = ((k + 0.5) * scale)[0::3]
+    x[1::3] = ((k + 0.5) * scale * (1 + 1e-6))[1::3]
+    x[2, :8] = torch.tensor([1e30, -1e30, float("inf"), -float("inf"), 0.0, -0.0, 1e-30, 3e5])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        m8 = Int8Linear(q, s, input_scale=scale, input_zero_point=zp, reduce_range=False)
+        m7 = Int8Linear(q, s, input_scale=scale, input_zero_point=zp, reduce_range=True)
+        codes8, codes7 = m8.quantize_input(x), m7.quantize_input(x)
+    finally:
+        torch.set_num_threads(previous)
+    assert codes8.dtype == torch.uint8 and codes8.shape == x.shape
+    assert torch.equal(codes8.int() - 128, quantize_int(x, scale, zp, -128, 127).int())
+    assert torch.equal(codes7.int(), quantize_int(x, m7.x_scale, m7.x_zero_point, 0, 127).int())
+
+
+def test_int8_model_matches_simulated_w8a8(tiny_opt):
+    """int8_model puts an Int8Linear in place of every calibrated Linear; on the inputs each one sees in
+    the int8 model it gives the simulated compressed-tensors Linear's output up to fp32 GEMM rounding
+    (identical codes; with 8-bit activations, i.e. VNNI). Whole-model logits are compared with fp32 only
+    loosely: a 1e-6 rounding difference upstream can move a value across a rounding tie downstream."""
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randint(0, 512, (2, 16), generator=g) for _ in range(2)]
+    params = calibrate_w8a8_linears(tiny_opt, lambda m: [m(b) for b in calib])
+    rr = not cpu_has_vnni()
+    qmodel = int8_model(tiny_opt, params, reduce_range=rr)
+    assert sum(isinstance(m, Int8Linear) for m in qmodel.modules()) == len(params)
+    assert not any(isinstance(m, Int8Linear) for m in tiny_opt.modules())  # the float model is untouched
+    seen = {}
+    hooks = [qmodel.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, (a[0], o)))
+             for n in params]
+    ids = torch.randint(0, 512, (2, 16), generator=g)
+    with torch.no_grad():
+        y = qmodel(ids).logits.double()
+        flt = tiny_opt(ids).logits.double()
+    for h in hooks:
+        h.remove()
+    assert set(seen) == set(params)
+    assert torch.isfinite(y).all() and ((y - flt).norm() / flt.norm()).item() < 0.1
+    if not rr:  # 8-bit activations: the export's codes; 7-bit ones only approximate it
+        for name, (x, out) in seen.items():
+            ref = simulate_w8a8_linear(x, params[name])
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-5 * ref.abs().max().item(), msg=lambda m, n=name: f"{n}: {m}")
+    with pytest.raises(ValueError, match="not an nn.Linear"):
+        int8_model(tiny_opt, {"model.decoder.layers.0.self_attn": params["model.decoder.layers.0.fc1"]})
