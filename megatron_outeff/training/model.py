@@ -62,9 +62,6 @@ def check_model(cfg: Config) -> None:
         attention_variant(cfg).clip_pair(cfg.data.seq_length)
     except ValueError as e:
         raise ConfigError(f"attention: {e}") from None
-    reason = arch.unsupported_reason()
-    if reason:
-        raise ConfigError(f"model.arch={cfg.model.arch!r}: {reason}")
     tp, pp = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
     try:
         check_parallel_layout(arch, tp, pp)
