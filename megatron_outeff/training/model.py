@@ -58,8 +58,9 @@ def check_model(cfg: Config) -> None:
     from megatron_outeff.models.opt import check_parallel_layout, opt_transformer_config
 
     arch = arch_config(cfg)
+    variant = attention_variant(cfg)  # raises its own "attention: ..." ConfigError
     try:
-        attention_variant(cfg).clip_pair(cfg.data.seq_length)
+        variant.clip_pair(cfg.data.seq_length)
     except ValueError as e:
         raise ConfigError(f"attention: {e}") from None
     tp, pp = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
