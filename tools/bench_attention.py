@@ -379,6 +379,15 @@ def check_targets(results: List[Dict]) -> List[Dict]:
     return checks
 
 
+def print_checks(title: str, checks: List[Dict], if_none: str) -> None:
+    print(f"\n{title}:")
+    if not checks:
+        print(f"  {if_none}")
+    for c in checks:
+        print(f"  {'MET    ' if c['met'] else 'NOT MET'} {c['target']}  [{c['dtype']} d={c['d']} sq={c['sq']}] "
+              f"value {c['value']:.2f}")
+
+
 def check_cpu_targets(results: List[Dict]) -> List[Dict]:
     """C1-C3 (see the module docstring) from the CPU results."""
     checks = []
@@ -577,19 +586,13 @@ def main(argv=None):
     table = format_table(results)
     print("\n" + table)
     checks = check_targets(results)  # T1-T4 (flash results: CUDA, or a CPU rehearsal under --interpret)
-    cpu_checks = [] if cuda else check_cpu_targets(results)  # C1-C4
-    sections = [("project targets (H100/H200)" + ("" if cuda else " - CPU rehearsal, values meaningless"), checks)]
+    if cuda or checks:
+        print_checks("project targets (H100/H200)" + ("" if cuda else " - CPU rehearsal, values meaningless"),
+                     checks, "none could be checked (flash kernel unavailable?)")
     if not cuda:
-        sections.append(("project targets (CPU, issue 14)", cpu_checks))
-    for title, section in sections:
-        if section or title.startswith("project targets (H100/H200)") and cuda or title.endswith("(CPU, issue 14)"):
-            print(f"\n{title}:")
-            if not section:
-                print("  none could be checked")
-        for c in section:
-            print(f"  {'MET    ' if c['met'] else 'NOT MET'} {c['target']}  [{c['dtype']} d={c['d']} sq={c['sq']}] "
-                  f"value {c['value']:.2f}")
-    checks = checks + cpu_checks
+        cpu_checks = check_cpu_targets(results)  # C1-C4
+        print_checks("project targets (CPU, issue 14)", cpu_checks, "none could be checked")
+        checks = checks + cpu_checks
     meta["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     meta["loadavg_end"] = _loadavg()
     with open(out, "w") as fh:
