@@ -41,7 +41,7 @@ from typing import Any, Optional
 
 import yaml
 
-from megatron_outeff.training.config import ConfigError, _apply_override, _from_dict, config_from_dict
+from megatron_outeff.training.config import ConfigError, apply_override, dataclass_from_dict, config_from_dict
 
 __all__ = ["ARMS", "ExperimentError", "ExperimentConfig", "load_experiment", "run_experiment", "judge",
            "read_curves", "CURVE_TAGS", "main"]
@@ -134,7 +134,7 @@ def _load_experiment(path, overrides) -> ExperimentConfig:
     if not isinstance(data, dict):
         raise ExperimentError(f"{path}: expected a mapping")
     for item in overrides or []:
-        _apply_override(data, item)  # the training config's --set syntax
+        apply_override(data, item)  # the training config's --set syntax
     unknown = sorted(set(data) - {"name", "arms", "training", "evaluation", "claim"})
     if unknown:
         raise ExperimentError(f"unknown experiment key '{unknown[0]}' (expected name, arms, training, evaluation, claim)")
@@ -164,8 +164,8 @@ def _load_experiment(path, overrides) -> ExperimentConfig:
         raise ExperimentError(f"training.logging.outlier_interval={oi}: must be >= 1 and divide train.train_iters={ti}")
     if cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel != 1:
         raise ExperimentError("training.parallel: the experiment runner trains each arm in one process (TP = PP = 1)")
-    ev = _from_dict(EvaluationConfig, data.get("evaluation") or {}, "evaluation")
-    claim = _from_dict(ClaimConfig, data.get("claim") or {}, "claim")
+    ev = dataclass_from_dict(EvaluationConfig, data.get("evaluation") or {}, "evaluation")
+    claim = dataclass_from_dict(ClaimConfig, data.get("claim") or {}, "claim")
     for k in ("heldout_sequences", "calib_batches", "calib_batch_size", "batch_size"):
         if getattr(ev, k) < 1:
             raise ExperimentError(f"evaluation.{k}={getattr(ev, k)}: must be >= 1")

@@ -318,7 +318,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-def _from_dict(cls, data: dict, where: str):
+def dataclass_from_dict(cls, data: dict, where: str):
+    """A typed config dataclass from a mapping: unknown keys and wrong types raise ConfigError naming `where`."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -333,13 +334,14 @@ def _from_dict(cls, data: dict, where: str):
         key = f"{where}.{f.name}" if where else f.name
         hint = hints[f.name]
         if dataclasses.is_dataclass(hint):
-            kwargs[f.name] = _from_dict(hint, data[f.name] or {}, key)
+            kwargs[f.name] = dataclass_from_dict(hint, data[f.name] or {}, key)
         else:
             kwargs[f.name] = _coerce(data[f.name], hint, key)
     return cls(**kwargs)
 
 
-def _apply_override(data: dict, item: str) -> None:
+def apply_override(data: dict, item: str) -> None:
+    """Apply one `--set key.path=value` (YAML value) to a raw config mapping in place."""
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected key.path=value")
     path, raw = item.split("=", 1)
@@ -356,8 +358,8 @@ def _apply_override(data: dict, item: str) -> None:
 def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
     data = json.loads(json.dumps(data or {}))  # deep copy
     for item in overrides or []:
-        _apply_override(data, item)
-    cfg = _from_dict(Config, data, "")
+        apply_override(data, item)
+    cfg = dataclass_from_dict(Config, data, "")
     validate(cfg)
     return cfg
 
