@@ -69,20 +69,13 @@ def base_overrides(cuda: bool, seq: int | None, micro_batch: int | None) -> tupl
 
 
 def build(cfg_path: str, overrides: list[str], variant: dict):
-    """One variant's (trainer, data source, config) through the training package's own builders."""
-    from megatron.core import parallel_state as ps
-
+    """One variant's (trainer, data source, config) through the training package's own builder."""
     from megatron_outeff.training.config import load_config
-    from megatron_outeff.training.data import build_sources
-    from megatron_outeff.training.engine import build_engine
-    from megatron_outeff.training.model import arch_config, build_model
+    from megatron_outeff.training.engine import build_trainer
 
     attention = [f"attention.{k}={v}" for k, v in variant.items()]
     cfg = load_config(cfg_path, overrides + attention)
-    model = build_model(cfg, pre_process=True, post_process=True)
-    trainer = build_engine(cfg, model)
-    data, _ = build_sources(cfg, vocab_size=arch_config(cfg).vocab_size, dp_rank=ps.get_data_parallel_rank(),
-                            dp_size=ps.get_data_parallel_world_size())
+    trainer, data, _ = build_trainer(cfg)
     return trainer, data, cfg
 
 
@@ -99,7 +92,7 @@ def model_flops_per_token(cfg) -> float:
 def memory_probe(args) -> None:
     """Child process: build one variant, run a few steps, print peak RSS in MiB."""
     from megatron_outeff.megatron.parallel import init_model_parallel
-    from megatron_outeff.training.engine import train_step
+    from megatron_outeff.training.step import train_step
 
     cfg_path, overrides = base_overrides(False, args.seq, args.micro_batch)
     init_model_parallel(1, 1, seed=1234)
@@ -131,7 +124,7 @@ def main(argv=None) -> int:
     import torch
 
     from megatron_outeff.megatron.parallel import init_model_parallel
-    from megatron_outeff.training.engine import train_step
+    from megatron_outeff.training.step import train_step
 
     cuda = torch.cuda.is_available()
     cfg_path, overrides = base_overrides(cuda, args.seq, args.micro_batch)
@@ -170,7 +163,7 @@ def main(argv=None) -> int:
             peak[name] = float(line.split()[1]) * 2**20
 
     # Outlier metrics: one measurement per variant (timed after a warm-up call), as the loop runs it.
-    from megatron_outeff.training.engine import eval_loss
+    from megatron_outeff.training.step import eval_loss
     from megatron_outeff.training.outliers import OutlierMonitor
 
     interval = args.outlier_interval or (1000 if cuda else 200)

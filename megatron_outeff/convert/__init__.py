@@ -1,9 +1,8 @@
 """Checkpoint conversion: training checkpoints (any TP/PP, any ZeRO stage) <-> other layouts <-> Hugging Face.
 
-See megatron_outeff/convert/README.md; CLI: tools/convert_checkpoint.py.
+See megatron_outeff/convert/README.md; CLI: tools/convert_checkpoint.py. The checkpoint format itself
+(model files, manifest, merge / split of TP/PP shards): megatron_outeff.checkpoint_format.
 """
-from .core import from_hf, load_into_model, reshard, to_hf
-from .model_files import ConvertError, make_manifest, read_model_files, resolve_model_dir
+from .core import ConvertError, from_hf, reshard, to_hf
 
-__all__ = ["ConvertError", "from_hf", "load_into_model", "make_manifest", "read_model_files", "reshard",
-           "resolve_model_dir", "to_hf"]
+__all__ = ["ConvertError", "from_hf", "reshard", "to_hf"]

@@ -1,14 +1,10 @@
-"""Checkpoint conversions, composed from the existing mappings (models/hf_opt.py, hf/export.py).
+"""Checkpoint conversions, composed from the existing mappings (models/hf_opt.py, hf/export.py) and the
+checkpoint format (megatron_outeff.checkpoint_format: model files, merge / split of TP/PP shards).
 
     to_hf(ckpt, out_dir, iteration=None, tokenizer=None, dtype=None)     training / model-only checkpoint -> HF directory
     reshard(ckpt, out_dir, tp, pp, iteration=None)                      -> model-only checkpoint at another TP/PP
     from_hf(hf_dir, out_dir, tp, pp, variant=None, ...)                 HF OPT directory -> model-only checkpoint
-    load_into_model(model, path, arch, variant, seq_length, ...)        training's checkpoint.init_from
 
-The "full" form in between is the Hugging Face OPT state dict plus the variant tensors
-(``megatron_to_hf_state_dict(..., variant_extras=True)``) and the megatron embedding with its
-vocabulary-padding rows (those take part in the training loss through the tied LM head, so a
-reshard keeps them; Hugging Face drops them).
 All inputs are checked before anything is written; outputs go to a temporary sibling directory
 renamed into place at the end. Errors: one-line ``ConvertError``.
 """
@@ -17,16 +13,20 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import Callable, Optional
 
 import torch
 
+from megatron_outeff.checkpoint_format import (
+    MODEL_SUBDIR, CheckpointError, dtype_name, expected_rank_shapes, make_manifest, manifest_arch_variant, merge_ranks,
+    rank_file_name, read_model_files, resolve_model_dir, resolved_variant, split_rank, tag_for, variant_hf_shapes,
+    write_latest, write_manifest, write_rank_file,
+)
 from megatron_outeff.utils.atomic import atomic_output_dir
 
-from .model_files import (
-    DTYPE_NAMES, MODEL_SUBDIR, ConvertError, check_output_dir, make_manifest, manifest_arch_variant, read_model_files,
-    resolve_model_dir, tag_for, variant_hf_shapes, write_manifest, write_rank_file,
-)
+# Bad input for a conversion (reported as one line, nothing written): the checkpoint format's error,
+# so that a reader's check and a conversion's own check are caught alike.
+ConvertError = CheckpointError
 
 Progress = Optional[Callable[[str], None]]
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -38,71 +38,24 @@ def _say(progress: Progress, msg: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# merge / split
-# --------------------------------------------------------------------------------------------------
-def merge_ranks(states: Mapping[tuple, dict], arch) -> tuple[dict, torch.Tensor]:
-    """({HF OPT + variant tensors}, the full padded megatron word embedding) of every rank's state."""
-    from megatron_outeff.models.hf_opt import megatron_to_hf_state_dict
-
-    tp, pp = max(t for t, _ in states) + 1, max(p for _, p in states) + 1
-    if pp > 1:
-        # The last stage's tied LM-head copy: training re-syncs it from the first stage's embedding
-        # before every step (engine.sync_tied_embedding), so a checkpoint written after a step may
-        # hold a stale copy. The embedding is authoritative.
-        states = dict(states)
-        for t in range(tp):
-            states[(t, pp - 1)] = dict(states[(t, pp - 1)],
-                                       **{"output_layer.weight": states[(t, 0)]["embedding.word_embeddings.weight"]})
-    try:
-        hf = megatron_to_hf_state_dict(states, arch, strict=True, variant_extras=True)
-    except ValueError as e:
-        raise ConvertError(str(e)) from None
-    padded = torch.cat([states[(t, 0)]["embedding.word_embeddings.weight"] for t in range(tp)], dim=0)
-    return hf, padded
-
-
-def split_rank(hf: Mapping[str, torch.Tensor], padded_embed: Optional[torch.Tensor], arch, tp_rank: int, tp: int,
-               pp_rank: int, pp: int, vocab_rows: int) -> dict[str, torch.Tensor]:
-    """Rank (tp_rank, pp_rank)'s megatron state dict; the embedding (and the last stage's tied copy)
-    taken from ``padded_embed`` (padding rows kept, zero rows added if ``vocab_rows`` is larger)."""
-    from megatron_outeff.models.hf_opt import hf_state_dict_to_megatron
-
-    try:
-        sd = hf_state_dict_to_megatron(hf, arch, tp_rank, tp, pp_rank, pp, vocab_size=vocab_rows, variant_extras=True)
-    except ValueError as e:
-        raise ConvertError(str(e)) from None
-    if padded_embed is not None:
-        emb = padded_embed[:vocab_rows]
-        if emb.shape[0] < vocab_rows:
-            emb = torch.cat([emb, emb.new_zeros(vocab_rows - emb.shape[0], emb.shape[1])])
-        mine = emb.chunk(tp, dim=0)[tp_rank].clone()
-        for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
-            if key in sd:
-                sd[key] = mine.clone()
-    return sd
-
-
-def _resolved_variant(variant, seq_length, where):
-    try:
-        return variant.resolved(seq_length)
-    except ValueError as e:
-        raise ConvertError(f"{where}: {e}") from None
-
-
-# --------------------------------------------------------------------------------------------------
 # Output directories
 # --------------------------------------------------------------------------------------------------
+def check_output_dir(out_dir) -> Path:
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ConvertError(f"{out_dir}: exists and is not an empty directory; refusing to overwrite")
+    return out_dir
+
+
 def write_model_checkpoint(out_dir, rank_states: Callable[[int, int], dict], *, arch, variant, tp: int, pp: int,
                            padded_vocab: int, seq_length, iteration: int, source: str, progress: Progress = None) -> Path:
     """A model-only checkpoint: OUT/latest + OUT/iter_XXXXXXX/model/{manifest.json, tp.._pp...safetensors}.
     ``rank_states(t, p)`` builds one rank's state dict (all are built and checked before the rename)."""
-    from .model_files import expected_rank_shapes
-
     out_dir = check_output_dir(Path(out_dir))
     with atomic_output_dir(out_dir) as tmp:
         tag = tag_for(iteration)
         model_dir = tmp / tag / MODEL_SUBDIR
-        dtypes = set()
+        states = []
         for p in range(pp):
             for t in range(tp):
                 sd = rank_states(t, p)
@@ -111,13 +64,13 @@ def write_model_checkpoint(out_dir, rank_states: Callable[[int, int], dict], *, 
                 if got != expected:
                     raise ConvertError(f"internal: rank tp={t}, pp={p} tensors differ from the expected layout: "
                                        f"{sorted(set(got) ^ set(expected))[:3]}")
-                dtypes |= {v.dtype for v in sd.values()}
+                states.append(sd)
                 write_rank_file(model_dir, t, p, sd)
-                _say(progress, f"wrote {tag}/{MODEL_SUBDIR}/tp{t:02d}_pp{p:02d}.safetensors")
-        dtype = DTYPE_NAMES.get(dtypes.pop(), "fp32") if len(dtypes) == 1 else "mixed"
+                _say(progress, f"wrote {tag}/{MODEL_SUBDIR}/{rank_file_name(t, p)}")
+        dtype = dtype_name(v for sd in states for v in sd.values())
         write_manifest(model_dir, make_manifest(arch=arch, variant=variant, tp=tp, pp=pp, padded_vocab_size=padded_vocab,
                                                 dtype=dtype, seq_length=seq_length, iteration=iteration, source=source))
-        (tmp / "latest").write_text(tag + "\n")
+        write_latest(tmp, tag)
     return out_dir
 
 
@@ -246,7 +199,7 @@ def read_hf_dir(hf_dir, variant=None, *, seq_length: Optional[int] = None, seed:
     mt = cfg.get("model_type")
     if mt == "outeff_opt":
         ours = _variant_from_hf_config(cfg)
-        if variant is not None and _resolved_variant(variant, seq_length, "--variant") != ours:
+        if variant is not None and resolved_variant(variant, seq_length, "--variant") != ours:
             raise ConvertError(f"--variant {variant.describe()!r} contradicts {cfg_path}'s {ours.describe()!r}")
         variant = ours
         cfg = dict(cfg, model_type="opt")
@@ -309,42 +262,3 @@ def from_hf(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, variant=None, seq_leng
     return write_model_checkpoint(out_dir, lambda t, p: split_rank(full, None, arch, t, tp, p, pp, rows), arch=arch,
                                   variant=variant, tp=tp, pp=pp, padded_vocab=rows, seq_length=seq_length, iteration=0,
                                   source="from-hf", progress=progress)
-
-
-# --------------------------------------------------------------------------------------------------
-# Training: checkpoint.init_from
-# --------------------------------------------------------------------------------------------------
-def load_into_model(model: torch.nn.Module, path, *, arch, variant, seq_length, tp_rank: int, tp: int, pp_rank: int,
-                    pp: int, progress: Progress = None) -> dict:
-    """Load a model-only (or training) checkpoint's weights into this rank's megatron model at any
-    layout. The architecture and the (resolved) attention variant must match. Returns the manifest."""
-    from megatron_outeff.models.hf_opt import check_same_architecture, load_megatron_state_dict
-
-    while hasattr(model, "module"):
-        model = model.module
-    model_dir = resolve_model_dir(path)
-    from .model_files import read_manifest
-
-    manifest = read_manifest(model_dir)
-    src_arch, src_variant = manifest_arch_variant(manifest, str(model_dir))
-    try:
-        check_same_architecture(src_arch, arch, what=f"init_from {path}")
-    except ValueError as e:
-        raise ConvertError(str(e)) from None
-    mine = _resolved_variant(variant, seq_length, "the training config")
-    theirs = _resolved_variant(src_variant, manifest.get("seq_length"), str(model_dir))
-    if mine != theirs:
-        raise ConvertError(f"init_from {path}: attention variant {theirs.describe()!r} differs from the config's {mine.describe()!r}")
-    rows = model.vocab_size
-    manifest, states = read_model_files(model_dir, progress=progress)
-    if (manifest["tp"], manifest["pp"], manifest["padded_vocab_size"]) == (tp, pp, rows):
-        sd = states[(tp_rank, pp_rank)]  # same layout: this rank's file as is
-    else:
-        hf, padded = merge_ranks(states, src_arch)
-        sd = split_rank(hf, padded, src_arch, tp_rank, tp, pp_rank, pp, rows)
-    try:
-        with torch.no_grad():
-            load_megatron_state_dict(model, sd)
-    except (ValueError, RuntimeError) as e:
-        raise ConvertError(f"init_from {path}: {str(e).splitlines()[0]}") from None
-    return manifest

@@ -1,24 +1,14 @@
-"""Atomic, exactly-resumable checkpoints.
+"""Atomic, exactly-resumable checkpoints: save / load with DeepSpeed, our own state beside it.
 
-Layout of ``checkpoint.dir``::
+What a checkpoint directory holds (our files and DeepSpeed's) and what each file means:
+megatron_outeff/checkpoint_format/README.md; the names come from ``megatron_outeff.checkpoint_format``.
 
-    run.json                 config fingerprint + config of the run that owns this directory (written
-                             once the run is built; a directory without a complete checkpoint never
-                             blocks a new run, which takes it over)
-    latest                   name of the newest complete checkpoint (replaced atomically, last)
-    iter_0000100/            DeepSpeed's files (model, optimizer, LR scheduler, loss scaler; ZeRO shards)
-        train_state.json     iteration, consumed samples, fingerprint
-        rng/rank00000.safetensors   python / numpy / torch (CPU, CUDA) / megatron RNG-tracker states
-        model/manifest.json  arch, attention variant, tp, pp, vocab sizes, dtype, seq_length, iteration
-        model/tp00_pp00.safetensors  each model-parallel rank's weights (data-parallel rank 0 writes them;
-                             gathered first under ZeRO-3): what the converter and ``checkpoint.init_from``
-                             read (megatron_outeff/convert/model_files.py), no pickles
-        model/fp32_master/tp00_pp00.safetensors  bf16 / fp16 training: the optimizer's fp32 master weights
-                             of the same tensors (gathered over data-parallel ranks at every ZeRO stage);
-                             readers prefer them
-
-A save writes everything into ``iter_XXXXXXX.tmp``, renames it to ``iter_XXXXXXX`` and only then
-replaces ``latest`` (os.replace): a crash at any moment leaves the previous checkpoint as latest.
+- ``claim_run_dir`` / ``record_run``: whether this run may use ``checkpoint.dir`` (run.json).
+- ``save``: DeepSpeed's files, this rank's model files (``save_model_files``), RNG states and the
+  train state into ``iter_XXXXXXX.tmp``, renamed to ``iter_XXXXXXX``; only then ``latest`` is replaced
+  (os.replace): a crash at any moment leaves the previous checkpoint as latest.
+- ``load`` / ``restore_rng``: resume from ``latest``; ``init_from``: a new run's weights from a
+  checkpoint's model files, at any TP/PP.
 Our own state is JSON/safetensors, never pickled. (DeepSpeed's own files are torch pickles that its
 checkpoint engine loads with weights_only=False; only load checkpoints you trust.)
 """
@@ -27,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import signal
 from pathlib import Path
@@ -36,47 +25,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import Config, ConfigError, dump_config
+from megatron_outeff.checkpoint_format import (
+    MASTER_SUBDIR, MODEL_SUBDIR, RUN_FILE, CheckpointError, checkpoint_tags, dtype_name, is_partial_tag,
+    load_into_model, make_manifest, partial_tag, read_latest, read_run_file, read_train_state, rng_file, tag_for,
+    tensor_state, write_latest, write_manifest, write_rank_file, write_run_file, write_train_state,
+)
+from megatron_outeff.utils.atomic import fsync_dir
 
-LATEST = "latest"
-RUN_FILE = "run.json"
-_ITER_RE = re.compile(r"^iter_(\d{7})$")
+from .config import Config, ConfigError, dump_config
 
 # Test hook: SIGKILL this process in the middle of saving the checkpoint of this iteration
 # (after DeepSpeed's files and part of our own are written, before the rename).
 KILL_IN_SAVE_ENV = "OUTEFF_TEST_KILL_IN_SAVE"
-
-
-def tag_for(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
-
-
-def read_latest(ckpt_dir: str | Path) -> str | None:
-    path = Path(ckpt_dir) / LATEST
-    if not path.exists():
-        return None
-    tag = path.read_text().strip()
-    return tag if (Path(ckpt_dir) / tag).is_dir() else None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,11 +67,11 @@ def claim_run_dir(cfg: Config, force_resume: bool) -> bool:
 
 
 def _decide(cfg: Config, ckpt: Path, force_resume: bool) -> tuple[str | None, bool]:
-    run_file = ckpt / RUN_FILE
+    run = read_run_file(ckpt)
     fingerprint = cfg.fingerprint()
     latest = read_latest(ckpt)
-    if run_file.exists():
-        theirs = json.loads(run_file.read_text()).get("fingerprint")
+    if run is not None:
+        theirs = run.get("fingerprint")
         if theirs != fingerprint and latest is not None and not force_resume:
             return (f"checkpoint.dir={ckpt} holds another run (config fingerprint {theirs}, this config "
                     f"{fingerprint}); use another directory, or --resume to continue it with this config", False)
@@ -129,7 +89,7 @@ def record_run(cfg: Config) -> None:
     if cfg.checkpoint.dir and dist.get_rank() == 0:
         ckpt = Path(cfg.checkpoint.dir)
         ckpt.mkdir(parents=True, exist_ok=True)
-        _write_atomic(ckpt / RUN_FILE, json.dumps({"fingerprint": cfg.fingerprint(), "config": yaml_safe(cfg)}, indent=1))
+        write_run_file(ckpt, cfg.fingerprint(), yaml_safe(cfg))
     dist.barrier()
 
 
@@ -188,32 +148,32 @@ def save(engine, cfg: Config, iteration: int, train_state: dict) -> str:
     from safetensors.torch import save_file
 
     ckpt = Path(cfg.checkpoint.dir)
-    tag, tmp_tag = tag_for(iteration), tag_for(iteration) + ".tmp"
+    tag = tag_for(iteration)
+    tmp_dir = ckpt / partial_tag(tag)
     rank = dist.get_rank()
     if rank == 0:
-        shutil.rmtree(ckpt / tmp_tag, ignore_errors=True)  # leftovers of an interrupted save
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # leftovers of an interrupted save
     dist.barrier()
-    engine.save_checkpoint(str(ckpt), tag=tmp_tag, client_state={}, save_latest=False)
+    engine.save_checkpoint(str(ckpt), tag=tmp_dir.name, client_state={}, save_latest=False)
 
-    save_model_files(engine, cfg, iteration, ckpt / tmp_tag)
-    (ckpt / tmp_tag / "rng").mkdir(parents=True, exist_ok=True)
+    save_model_files(engine, cfg, iteration, tmp_dir)
     tensors, meta = rng_state_tensors()
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(ckpt / tmp_tag / "rng" / f"rank{rank:05d}.safetensors"),
-              metadata=meta)
+    path = rng_file(tmp_dir, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
     if os.environ.get(KILL_IN_SAVE_ENV) == str(iteration):
         os.kill(os.getpid(), signal.SIGKILL)
     if rank == 0:
-        state = dict(train_state, iteration=iteration, fingerprint=cfg.fingerprint())
-        _write_atomic(ckpt / tmp_tag / "train_state.json", json.dumps(state, indent=1))
+        write_train_state(tmp_dir, dict(train_state, iteration=iteration, fingerprint=cfg.fingerprint()))
     dist.barrier()
     if rank == 0:
         final = ckpt / tag
         if final.exists():  # re-saving an iteration: never the one `latest` names (see train.py)
             shutil.rmtree(final)
-        os.rename(ckpt / tmp_tag, final)
-        _fsync_dir(ckpt)
-        _write_atomic(ckpt / LATEST, tag + "\n")
-        _fsync_dir(ckpt)
+        os.rename(tmp_dir, final)
+        fsync_dir(ckpt)
+        write_latest(ckpt, tag)
+        fsync_dir(ckpt)
         _prune(ckpt, cfg.checkpoint.keep_last, keep=tag)
     dist.barrier()
     return tag
@@ -224,10 +184,6 @@ def save_model_files(engine, cfg: Config, iteration: int, tag_dir: Path) -> None
     data-parallel rank 0) and the manifest (global rank 0). Under ZeRO-3 the partitioned parameters
     are gathered around the state-dict read (every data-parallel rank takes part)."""
     from megatron.core import parallel_state as ps
-
-    from megatron_outeff.convert.model_files import (
-        DTYPE_NAMES, MASTER_SUBDIR, MODEL_SUBDIR, make_manifest, tensor_state, write_manifest, write_rank_file,
-    )
 
     from .model import arch_config, attention_variant, unwrap
 
@@ -253,11 +209,10 @@ def save_model_files(engine, cfg: Config, iteration: int, tag_dir: Path) -> None
         if master_state is not None:
             write_rank_file(model_dir / MASTER_SUBDIR, t, p, master_state)
     if dist.get_rank() == 0:  # global rank 0 is data-parallel rank 0 of (tp 0, pp 0): state is set
-        dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
         write_manifest(model_dir, make_manifest(
             arch=arch_config(cfg), variant=attention_variant(cfg), tp=tp, pp=pp,
             padded_vocab_size=unwrap(module).vocab_size, seq_length=cfg.data.seq_length, iteration=iteration,
-            dtype=DTYPE_NAMES.get(dtypes.pop(), "fp32") if len(dtypes) == 1 else "mixed", source="training",
+            dtype=dtype_name(state.values()), source="training",
             fp32_master=master is not None))
 
 
@@ -304,12 +259,11 @@ def fp32_master_weights(engine) -> dict[int, torch.Tensor] | None:
 def _prune(ckpt: Path, keep_last: int, keep: str) -> None:
     if keep_last <= 0:
         return
-    tags = sorted(p.name for p in ckpt.iterdir() if p.is_dir() and _ITER_RE.match(p.name))
-    for old in tags[:-keep_last]:
+    for old in checkpoint_tags(ckpt)[:-keep_last]:
         if old != keep:
             shutil.rmtree(ckpt / old, ignore_errors=True)
     for p in ckpt.iterdir():  # interrupted saves
-        if p.is_dir() and p.name.endswith(".tmp") and p.name.startswith("iter_"):
+        if p.is_dir() and is_partial_tag(p.name):
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -325,7 +279,7 @@ def load(engine, cfg: Config) -> dict:
                                           load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load {ckpt / tag}")
-    state = json.loads((ckpt / tag / "train_state.json").read_text())
+    state = read_train_state(ckpt / tag)
     state["tag"] = tag
     return state
 
@@ -334,9 +288,30 @@ def restore_rng(cfg: Config, tag: str) -> None:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    path = Path(cfg.checkpoint.dir) / tag / "rng" / f"rank{dist.get_rank():05d}.safetensors"
+    path = rng_file(Path(cfg.checkpoint.dir) / tag, dist.get_rank())
     if not path.exists():
         raise ConfigError(f"{path} missing: the checkpoint was written with another number of ranks")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     set_rng_state_tensors(load_file(str(path)), meta)
+
+
+def init_from(cfg: Config, model: torch.nn.Module) -> dict:
+    """checkpoint.init_from: this rank's weights from a training or model-only checkpoint at any layout
+    (fresh optimizer, iteration 0). Returns the manifest; ConfigError if the checkpoint does not fit."""
+    from megatron.core import parallel_state as ps
+
+    from .metrics_logger import print_rank0
+    from .model import arch_config, attention_variant
+
+    try:
+        manifest = load_into_model(
+            model, cfg.checkpoint.init_from, arch=arch_config(cfg), variant=attention_variant(cfg),
+            seq_length=cfg.data.seq_length, tp_rank=ps.get_tensor_model_parallel_rank(),
+            tp=ps.get_tensor_model_parallel_world_size(), pp_rank=ps.get_pipeline_model_parallel_rank(),
+            pp=ps.get_pipeline_model_parallel_world_size())
+    except CheckpointError as e:
+        raise ConfigError(f"checkpoint.init_from: {e}") from None
+    print_rank0(f"initialised from {cfg.checkpoint.init_from} (tp={manifest['tp']}, pp={manifest['pp']}, "
+                f"iteration {manifest['iteration']}; {manifest['weights_read_text']}); fresh optimizer")
+    return manifest

@@ -57,7 +57,7 @@ class OptimizerConfig:
     betas: tuple = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
-    # Weight decay by parameter role (training/engine.py decay_role): matrices and embeddings decayed;
+    # Weight decay by parameter role (training/optimizer.py decay_role): matrices and embeddings decayed;
     # biases and other 1-D parameters (softmax_offset) never, as in megatron-core; LayerNorm weights
     # only when true (megatron-core: false; the paper's OPT recipe: true).
     decay_norm_weights: bool = False
@@ -385,7 +385,7 @@ def dump_config(cfg: Config) -> str:
 # --------------------------------------------------------------------------------------------------
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
     """The DeepSpeed config for this run. The optimizer and LR scheduler are client objects
-    (built in engine.py), so no "optimizer"/"scheduler" sections (and no FusedAdam JIT build)."""
+    (built in optimizer.py), so no "optimizer"/"scheduler" sections (and no FusedAdam JIT build)."""
     p, pr = cfg.parallel, cfg.precision
     zero: dict = {"stage": p.zero_stage}
     if p.cpu_offload:

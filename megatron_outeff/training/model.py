@@ -1,9 +1,9 @@
 """Build this rank's megatron-core OPT model (its TP shard / PP stage) from the typed config.
 
-``build_model(cfg)`` is the single place the training code gets a model from: the OPT builder
-(megatron_outeff.models.opt) with the attention variant of ``cfg.attention``, wrapped in megatron's
-Float16Module for fp16/bf16 (it casts the parameters and the first stage's inputs). Knows nothing
-of DeepSpeed.
+``build_model(cfg)`` is the single place the training code, the benchmarks and the tests get a model
+from: the OPT builder (megatron_outeff.models.opt) with the attention variant of ``cfg.attention``,
+wrapped in megatron's Float16Module for fp16/bf16 (it casts the parameters and the first stage's
+inputs). ``device()``: where this rank's model runs. Knows nothing of DeepSpeed.
 """
 from __future__ import annotations
 
@@ -100,9 +100,16 @@ def transformer_overrides(cfg: Config) -> dict:
     return over
 
 
-def build_model(cfg: Config, *, pre_process: bool, post_process: bool) -> torch.nn.Module:
+def build_model(cfg: Config, *, pre_process: bool | None = None, post_process: bool | None = None) -> torch.nn.Module:
+    """This rank's model: its TP shard of the pipeline stage parallel_state gives it (the embedding if
+    ``pre_process``, the output layer and loss if ``post_process``; both by default on the first / last
+    stage). Raises ConfigError for a model the config cannot build."""
+    from megatron.core import parallel_state as ps
+
     from megatron_outeff.models.opt import build_opt_model
 
+    pre_process = ps.is_pipeline_first_stage() if pre_process is None else pre_process
+    post_process = ps.is_pipeline_last_stage() if post_process is None else post_process
     arch = arch_config(cfg)
     try:
         model = build_opt_model(
@@ -125,3 +132,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while hasattr(model, "module"):
         model = model.module
     return model
+
+
+def device() -> torch.device:
+    """Where this rank computes (and where NCCL collectives need their tensors): its CUDA device, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

@@ -64,7 +64,18 @@ def core_attentions(model) -> dict:
             if hasattr(layer.self_attention.core_attention, "probe_probabilities")}
 
 
-class AttentionMassProbe:
+class _Hooks:
+    """A context holding forward hooks (``__enter__`` registers them into ``handles``), removed on exit."""
+
+    handles: tuple | list = ()
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+class AttentionMassProbe(_Hooks):
     """Forward hooks that record, per core attention, the mean first-key and sink mass, the per-head
     first-key mass over all query rows (Gu et al.'s alpha_h) and over the ``idle`` rows if a query
     mask is set, and the first token's value-norm ratio, while active."""
@@ -94,13 +105,8 @@ class AttentionMassProbe:
         self.handles = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in self.attentions.items()]
         return self
 
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
 
-
-class TokenProbe:
+class TokenProbe(_Hooks):
     """Forward hooks for token-wise outliers: each layer's first-token residual-norm ratio (layer
     output [s, b, h]) and, on the last stage, the per-token loss split into the task's position
     classes (``position_masks``: {name: [b, s] bool}, e.g. copy / bigram positions)."""
@@ -132,11 +138,6 @@ class TokenProbe:
         if self.gpt is not None:
             self.handles.append(self.gpt.register_forward_hook(loss_hook))
         return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
 
 
 class OutlierMonitor:

@@ -15,13 +15,11 @@ from __future__ import annotations
 import sys
 
 if __name__ == "__main__" and not __package__:
-    # Run as a file (the deepspeed launcher does this): import it as the package instead, and keep this
-    # directory off sys.path, where its logging.py would shadow the standard library's.
+    # Run as a file (the deepspeed launcher does this): run the package's module instead, whose relative
+    # imports need the package, found from the repository root.
     from pathlib import Path
 
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from megatron_outeff.training.train import main
 
     sys.exit(main())
@@ -70,7 +68,7 @@ class StopRequest:
         self.received = True
 
     def any_rank(self) -> bool:
-        from .engine import device
+        from .model import device
 
         flag = torch.tensor([1.0 if self.received else 0.0], device=device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -83,26 +81,6 @@ def set_seeds(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _init_from(cfg: Config, model, arch) -> None:
-    """checkpoint.init_from: this rank's weights from a model-only / training checkpoint at any layout."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_outeff.convert import ConvertError, load_into_model
-
-    from .logging import print_rank0
-    from .model import attention_variant
-
-    try:
-        manifest = load_into_model(
-            model, cfg.checkpoint.init_from, arch=arch, variant=attention_variant(cfg), seq_length=cfg.data.seq_length,
-            tp_rank=ps.get_tensor_model_parallel_rank(), tp=ps.get_tensor_model_parallel_world_size(),
-            pp_rank=ps.get_pipeline_model_parallel_rank(), pp=ps.get_pipeline_model_parallel_world_size())
-    except ConvertError as e:
-        raise ConfigError(f"checkpoint.init_from: {e}") from None
-    print_rank0(f"initialised from {cfg.checkpoint.init_from} (tp={manifest['tp']}, pp={manifest['pp']}, "
-                f"iteration {manifest['iteration']}; {manifest['weights_read_text']}); fresh optimizer")
-
-
 def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
     """Run (or resume) the training described by cfg. model_hook(model), if given, sees this rank's
     freshly built megatron model before DeepSpeed wraps it (e.g. to load initial weights).
@@ -111,11 +89,10 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
 
     from megatron_outeff.megatron.parallel import init_distributed, init_model_parallel
 
-    from .data import build_sources
-    from .engine import build_engine, eval_loss, train_step
+    from .engine import build_trainer
     from .launch_checks import check_ranks_agree
-    from .logging import MetricsLogger, print_rank0
-    from .model import arch_config, build_model
+    from .metrics_logger import MetricsLogger, print_rank0
+    from .step import eval_loss, train_step
 
     # 1. Process groups, seeds, and every check that can fail before anything is written.
     deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # layout / batch divisibility, overrides
@@ -125,26 +102,23 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
     set_seeds(cfg.train.seed)
     world = dist.get_world_size()
     num_micro = cfg.grad_accumulation_steps(world)
-    arch = arch_config(cfg)
     resume = checkpoint.claim_run_dir(cfg, force_resume)
     print_rank0(f"world {world} = TP {cfg.parallel.tensor_parallel} x PP {cfg.parallel.pipeline_parallel} x "
                 f"DP {ps.get_data_parallel_world_size()}; ZeRO-{cfg.parallel.zero_stage}; {cfg.precision.dtype}; "
                 f"{num_micro} micro-batches of {cfg.parallel.micro_batch_size} per DP rank; fingerprint {cfg.fingerprint()}")
 
-    # 2. Model (this rank's TP shard / PP stage) and the DeepSpeed engine.
-    model = build_model(cfg, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
-    if model_hook is not None:
-        model_hook(model)
-    if cfg.checkpoint.init_from and not resume:
-        _init_from(cfg, model, arch)
-    trainer = build_engine(cfg, model)
+    # 2. This rank's model (TP shard / PP stage) with its initial weights, the DeepSpeed engine, and
+    #    this DP rank's slice of each global batch.
+    def prepare_model(model):
+        if model_hook is not None:
+            model_hook(model)
+        if cfg.checkpoint.init_from and not resume:  # a resumed run has its own weights
+            checkpoint.init_from(cfg, model)
+
+    trainer, train_data, valid_data = build_trainer(cfg, prepare_model=prepare_model)
     engine = trainer.engine
 
-    # 3. Data: this DP rank's slice of each global batch.
-    train_data, valid_data = build_sources(cfg, vocab_size=arch.vocab_size, dp_rank=ps.get_data_parallel_rank(),
-                                           dp_size=ps.get_data_parallel_world_size())
-
-    # 4. Resume: model/optimizer/scheduler/loss scale from DeepSpeed, data position, then RNG last.
+    # 3. Resume: model/optimizer/scheduler/loss scale from DeepSpeed, data position, then RNG last.
     iteration = 0
     if resume:
         state = checkpoint.load(engine, cfg)
@@ -174,7 +148,7 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
             print_rank0(f"saved {cfg.checkpoint.dir}/{tag}")
             last_saved = iteration
 
-    # 5. The loop.
+    # 4. The loop.
     stopped_early = False
     while iteration < cfg.train.train_iters:
         logger.step_start()
@@ -204,7 +178,7 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
             stopped_early = iteration < cfg.train.train_iters
             break
 
-    # 6. End: final checkpoint.
+    # 5. End: final checkpoint.
     save_now()
     logger.close()
     stop.close()

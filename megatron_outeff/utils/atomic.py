@@ -36,3 +36,27 @@ def atomic_output_dir(out_dir) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Replace the file ``path`` with ``text`` all at once: written to ``path.tmp``, fsynced, then renamed
+    over ``path`` (os.replace), so a reader or a crash sees the old content or the new, never a part."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def fsync_dir(path) -> None:
+    """Make the renames inside directory ``path`` durable (best effort: skipped where a directory cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -77,21 +77,21 @@ def main():
     # megatron logits at TP=1 (parallel state of the last run: TP=1, PP=1, DP=2)
     from megatron.core import parallel_state as ps
 
-    from megatron_outeff.convert import load_into_model
+    from megatron_outeff.checkpoint_format import load_into_model
     from megatron_outeff.training.model import arch_config, attention_variant, build_model
 
     cfg = load_config(DEMO, BASE + [VARIANT])
     assert ps.get_tensor_model_parallel_world_size() == 1 and ps.get_pipeline_model_parallel_world_size() == 1
-    model = build_model(cfg, pre_process=True, post_process=True)
+    model = build_model(cfg)
     load_into_model(model, out / "r_tp1", arch=arch_config(cfg), variant=attention_variant(cfg), seq_length=32,
                     tp_rank=0, tp=1, pp_rank=0, pp=1)
     model.eval()
     ids = tokens()
-    bf16_model = build_model(cfg, pre_process=True, post_process=True)
+    bf16_model = build_model(cfg)
     load_into_model(bf16_model, out / "bf16_z1", arch=arch_config(cfg), variant=attention_variant(cfg), seq_length=32,
                     tp_rank=0, tp=1, pp_rank=0, pp=1)
     cfg_350m = load_config(DEMO, BASE + [VARIANT, OPT_350M])
-    model_350m = build_model(cfg_350m, pre_process=True, post_process=True)
+    model_350m = build_model(cfg_350m)
     load_into_model(model_350m, out / "opt_350m_bf16_z1", arch=arch_config(cfg_350m), variant=attention_variant(cfg_350m),
                     seq_length=32, tp_rank=0, tp=1, pp_rank=0, pp=1)
     model_350m.eval()

@@ -4,6 +4,7 @@ One torchrun launch (convert_worker.py, 2 processes) trains and restarts; everyt
 """
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -16,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from tolerance import assert_close_bound, network_depth, rounding_bound
 from train_testlib import ROOT, TORCHRUN, env, free_port
 
+from megatron_outeff.checkpoint_format import MANIFEST, read_model_files, resolve_model_dir
 from megatron_outeff.convert import ConvertError, from_hf, reshard, to_hf
-from megatron_outeff.convert.model_files import MANIFEST, read_model_files, resolve_model_dir
 
 # The training tests' model (the tiny arch, vocabulary 256, 32 tokens): float32 rounding chain (tests/tolerance.py)
 DEPTH = network_depth(dict(hidden_size=64, ffn_dim=256, num_hidden_layers=2, max_position_embeddings=32)) + 256
@@ -84,7 +85,7 @@ def test_pipeline_checkpoint_converts(trained, tmp_path):
 
 @pytest.mark.multiproc
 def test_init_from_refuses_another_variant(trained):
-    from megatron_outeff.convert import load_into_model
+    from megatron_outeff.checkpoint_format import load_into_model
     from megatron_outeff.megatron.variant import AttentionVariantConfig
     from megatron_outeff.models.opt import OPTArchConfig
 
@@ -255,6 +256,36 @@ def test_cli_round_trip(trained, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "wrote iter_0000002/model/tp00_pp01.safetensors" in r.stdout
     _assert_same(_files(tmp_path / "r")[1], _files(trained / "r_pp2")[1])
+
+
+def _documented_names():
+    """Patterns of every file and directory name that megatron_outeff/checkpoint_format/README.md shows
+    in its tree and its table of DeepSpeed's files (``iter_0000100`` / ``rankNNNNN`` / ``mp_rank_MM``:
+    any digits; ``[bf16_]``: optional)."""
+    text = (ROOT / "megatron_outeff" / "checkpoint_format" / "README.md").read_text()
+    tree = text.split("## The tree", 1)[1].split("```", 2)[1]
+    deepspeed = text.split("### DeepSpeed's files", 1)[1].split("## Atomicity", 1)[0]
+    file_name = r"(?:\[bf16_\])?\w+\.(?:pt|py|json|safetensors)\b"
+    names = set(re.findall(file_name, tree + deepspeed)) | set(re.findall(r"(?<![.\w])([a-z]\w*)/", tree)) | {"latest"}
+    patterns = []
+    for name in names:
+        optional_bf16 = name.startswith("[bf16_]")
+        pattern = re.sub(r"[A-Z]{2,}|\d+", r"\\d+", re.escape(name.removeprefix("[bf16_]")))
+        patterns.append(re.compile(("(?:bf16_)?" if optional_bf16 else "") + pattern))
+    return patterns
+
+
+@pytest.mark.multiproc
+def test_the_format_readme_names_every_file_of_every_checkpoint(trained):
+    """The one description of the checkpoint tree covers what training (ZeRO 0-3, TP, PP, fp32 and
+    bf16: DeepSpeed's files included) and the converter really write."""
+    patterns = _documented_names()
+    checkpoints = sorted(p for p in trained.iterdir() if (p / "latest").is_file())
+    assert len(checkpoints) >= 10
+    for ckpt in checkpoints:
+        for path in ckpt.rglob("*"):
+            for part in path.relative_to(ckpt).parts:
+                assert any(pat.fullmatch(part) for pat in patterns), f"{path.relative_to(trained)}: {part} is not in the README"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from megatron_outeff.convert.model_files import variant_hf_shapes
+from megatron_outeff.checkpoint_format import variant_hf_shapes
 from megatron_outeff.megatron.variant import AttentionVariantConfig
 from megatron_outeff.models.hf_opt import hf_expected_shapes, hf_state_dict_to_megatron, megatron_to_hf_state_dict
 from megatron_outeff.models.opt import OPTArchConfig

@@ -105,7 +105,7 @@ def test_directory_without_a_complete_checkpoint_never_blocks(tmp_path):
 def test_lr_schedule():
     import torch
 
-    from megatron_outeff.training.engine import WarmupDecayLR
+    from megatron_outeff.training.optimizer import WarmupDecayLR
 
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     lin = WarmupDecayLR(opt, max_lr=1.0, min_lr=0.1, warmup_iters=2, decay_iters=6, decay_style="linear")
@@ -149,12 +149,12 @@ def test_weight_decay_by_parameter_role(variant, decay_norm):
     import torch
 
     from megatron_outeff.megatron.parallel import init_model_parallel
-    from megatron_outeff.training.engine import param_groups
+    from megatron_outeff.training.optimizer import param_groups
     from megatron_outeff.training.model import build_model
 
     init_model_parallel(1, 1, 1)
     cfg = load_config(DEMO, BASE + [f"attention={variant}", f"optimizer.decay_norm_weights={str(decay_norm).lower()}"])
-    model = build_model(cfg, pre_process=True, post_process=True)
+    model = build_model(cfg)
     names = {id(p): re.sub(r"^(module\.)*|decoder\.(layers\.\d+\.)?", "", n) for n, p in model.named_parameters()}
     groups = param_groups(model, cfg)
     grouped = [names[id(p)] for g in groups for p in g["params"]]

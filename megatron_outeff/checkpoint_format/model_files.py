@@ -1,70 +1,36 @@
-"""The model-only checkpoint format: per-rank safetensors + a JSON manifest (never pickles).
-
-    CKPT_DIR/latest                             "iter_XXXXXXX" (training checkpoints and converter outputs)
-    CKPT_DIR/iter_XXXXXXX/model/manifest.json   see ``make_manifest``
-    CKPT_DIR/iter_XXXXXXX/model/tp{t:02d}_pp{p:02d}.safetensors
-                                                rank (t, p)'s megatron state dict (build_opt_model names,
-                                                local layer numbers, no wrapper prefixes, no _extra_state)
-    CKPT_DIR/iter_XXXXXXX/model/fp32_master/tp{t:02d}_pp{p:02d}.safetensors
-                                                mixed-precision training only (bf16 / fp16): the optimizer's
-                                                fp32 master weights of the same tensors (what training
-                                                resumes from); the rank files above hold their bf16/fp16
-                                                copies. Readers take the master weights whenever present.
-
-Written by every training checkpoint (megatron_outeff.training.checkpoint) and by the converter
-(``reshard``, ``from-hf``); read by the converter and by training's ``checkpoint.init_from``.
-Every reader check raises a one-line ``ConvertError`` before anything is written.
+"""The model files of a checkpoint (``iter_XXXXXXX/model/``: per-rank safetensors + a JSON manifest,
+never pickles): written with ``tensor_state``, ``write_rank_file``, ``make_manifest``,
+``write_manifest``; read with every check by ``resolve_model_dir``, ``read_manifest``,
+``read_model_files``. What they hold, who writes and who reads them: README.md in this package.
+Every reader check raises a one-line ``CheckpointError`` before anything is written.
 """
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Iterable, Mapping, Optional
 
 import torch
 
+from .layout import LATEST, MANIFEST, MASTER_SUBDIR, MODEL_SUBDIR, CheckpointError, latest_tag, rank_file_name, tag_for
+
 FORMAT = "megatron_outeff.model_checkpoint"
 FORMAT_VERSION = 1
-MODEL_SUBDIR = "model"
-MASTER_SUBDIR = "fp32_master"
-MANIFEST = "manifest.json"
 _RANK_FILE_RE = re.compile(r"^tp(\d{2,})_pp(\d{2,})\.safetensors$")
-_ITER_RE = re.compile(r"^iter_(\d{7})$")
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-class ConvertError(ValueError):
-    """Bad input for a conversion: reported as one line, nothing written."""
-
-
-def rank_file_name(tp_rank: int, pp_rank: int) -> str:
-    return f"tp{tp_rank:02d}_pp{pp_rank:02d}.safetensors"
-
-
-def tag_for(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
+def dtype_name(tensors: Iterable[torch.Tensor]) -> str:
+    """The manifest's ``dtype`` of these weights: fp32 | fp16 | bf16 when all floating-point tensors
+    share it, else "mixed"."""
+    dtypes = {v.dtype for v in tensors if v.is_floating_point()}
+    return DTYPE_NAMES.get(dtypes.pop(), "fp32") if len(dtypes) == 1 else "mixed"
 
 
 def make_manifest(*, arch, variant, tp: int, pp: int, padded_vocab_size: int, dtype: str,
                   seq_length: Optional[int], iteration: int, source: str, fp32_master: bool = False) -> dict:
-    """The manifest.json of a model-only checkpoint.
-
-    format / format_version   "megatron_outeff.model_checkpoint" / 1
-    arch                      OPTArchConfig fields (models/opt.py)
-    attention                 AttentionVariantConfig fields (megatron/variant.py); clip_alpha stays
-                              as trained and is resolved with seq_length
-    tp, pp                    the layout of the rank files
-    vocab_size                the architecture's vocabulary (Hugging Face rows)
-    padded_vocab_size         the embedding rows of the megatron model (all TP shards together)
-    dtype                     fp32 | fp16 | bf16 of the stored weights
-    seq_length                the training sequence length (null if unknown)
-    iteration                 the training iteration of the weights (0 for an import)
-    source                    "training" | "reshard" | "from-hf"
-    files                     {"tp00_pp00": "tp00_pp00.safetensors", ...}
-    fp32_master               "fp32_master" (the subdirectory holding the fp32 master weights of every rank
-                              file, same names) or null (no master copy: fp32 training, or an import)
-    """
+    """The manifest.json of a checkpoint's model files; its fields: README.md in this package."""
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "arch": arch.to_dict(), "attention": variant.to_dict(),
@@ -117,23 +83,22 @@ def resolve_model_dir(path, iteration: Optional[int] = None) -> Path:
     ``iter_XXXXXXX`` directory, or the model directory itself."""
     path = Path(path)
     if not path.is_dir():
-        raise ConvertError(f"{path}: no such checkpoint directory")
+        raise CheckpointError(f"{path}: no such checkpoint directory")
     if iteration is None:
         if (path / MANIFEST).is_file():
             return path
         if (path / MODEL_SUBDIR / MANIFEST).is_file():
             return path / MODEL_SUBDIR
-        latest = path / "latest"
-        if not latest.is_file():
-            raise ConvertError(f"{path}: no 'latest' file and no {MODEL_SUBDIR}/{MANIFEST}; expected a megatron_outeff checkpoint directory")
-        tag = latest.read_text().strip()
+        tag = latest_tag(path)
+        if tag is None:
+            raise CheckpointError(f"{path}: no '{LATEST}' file and no {MODEL_SUBDIR}/{MANIFEST}; expected a megatron_outeff checkpoint directory")
     else:
         tag = tag_for(int(iteration))
     model_dir = path / tag / MODEL_SUBDIR
     if not (path / tag).is_dir():
-        raise ConvertError(f"{path}: checkpoint {tag} not found")
+        raise CheckpointError(f"{path}: checkpoint {tag} not found")
     if not (model_dir / MANIFEST).is_file():
-        raise ConvertError(f"{model_dir}: no {MANIFEST} (checkpoint written before model files were added to checkpoints?)")
+        raise CheckpointError(f"{model_dir}: no {MANIFEST} (checkpoint written before model files were added to checkpoints?)")
     return model_dir
 
 
@@ -141,17 +106,17 @@ def read_manifest(model_dir: Path) -> dict:
     try:
         m = json.loads((model_dir / MANIFEST).read_text())
     except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
-        raise ConvertError(f"{model_dir / MANIFEST}: unreadable ({' '.join(str(e).split())})") from None
+        raise CheckpointError(f"{model_dir / MANIFEST}: unreadable ({' '.join(str(e).split())})") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise ConvertError(f"{model_dir / MANIFEST}: not a {FORMAT} manifest")
+        raise CheckpointError(f"{model_dir / MANIFEST}: not a {FORMAT} manifest")
     if m.get("format_version") != FORMAT_VERSION:
-        raise ConvertError(f"{model_dir / MANIFEST}: format_version {m.get('format_version')!r}, expected {FORMAT_VERSION}")
+        raise CheckpointError(f"{model_dir / MANIFEST}: format_version {m.get('format_version')!r}, expected {FORMAT_VERSION}")
     for key in ("arch", "attention", "tp", "pp", "padded_vocab_size", "dtype", "iteration"):
         if key not in m:
-            raise ConvertError(f"{model_dir / MANIFEST}: missing key {key!r}")
+            raise CheckpointError(f"{model_dir / MANIFEST}: missing key {key!r}")
     for key in ("tp", "pp", "padded_vocab_size"):
         if not isinstance(m[key], int) or m[key] < 1:
-            raise ConvertError(f"{model_dir / MANIFEST}: {key}={m[key]!r}, expected a positive integer")
+            raise CheckpointError(f"{model_dir / MANIFEST}: {key}={m[key]!r}, expected a positive integer")
     return m
 
 
@@ -162,11 +127,11 @@ def manifest_arch_variant(m: dict, where: str = "manifest"):
     try:
         arch = OPTArchConfig.from_dict(dict(m["arch"]), source=f"{where} arch")
     except (TypeError, ValueError) as e:
-        raise ConvertError(f"{where}: bad arch: {e}") from None
+        raise CheckpointError(f"{where}: bad arch: {e}") from None
     try:
         variant = AttentionVariantConfig.from_dict(m["attention"])
     except (TypeError, ValueError) as e:
-        raise ConvertError(f"{where}: bad attention variant: {e}") from None
+        raise CheckpointError(f"{where}: bad attention variant: {e}") from None
     return arch, variant
 
 
@@ -217,13 +182,13 @@ def read_model_files(model_dir, *, progress=None, weights: str = "auto") -> tupl
     try:
         check_parallel_layout(arch, tp, pp)
     except ValueError as e:
-        raise ConvertError(f"{model_dir / MANIFEST}: tp={tp}, pp={pp}: {e}") from None
+        raise CheckpointError(f"{model_dir / MANIFEST}: tp={tp}, pp={pp}: {e}") from None
     if m["padded_vocab_size"] < arch.vocab_size or m["padded_vocab_size"] % tp:
-        raise ConvertError(f"{model_dir / MANIFEST}: padded_vocab_size={m['padded_vocab_size']} must be >= vocab_size="
+        raise CheckpointError(f"{model_dir / MANIFEST}: padded_vocab_size={m['padded_vocab_size']} must be >= vocab_size="
                            f"{arch.vocab_size} and divisible by tp={tp}")
     master = m.get("fp32_master")
     if master is not None and master != MASTER_SUBDIR:
-        raise ConvertError(f"{model_dir / MANIFEST}: fp32_master={master!r}, expected {MASTER_SUBDIR!r} or null")
+        raise CheckpointError(f"{model_dir / MANIFEST}: fp32_master={master!r}, expected {MASTER_SUBDIR!r} or null")
     m = dict(m)
     if master and weights == "auto":
         m["weights_read"] = "fp32_master"
@@ -244,7 +209,7 @@ def _read_rank_dir(rank_dir: Path, m: dict, arch, variant, progress, dtype: Opti
     if progress:
         progress(m["weights_read_text"])
     if not rank_dir.is_dir():
-        raise ConvertError(f"{rank_dir}: no such directory (the manifest names it)")
+        raise CheckpointError(f"{rank_dir}: no such directory (the manifest names it)")
     tp, pp = m["tp"], m["pp"]
     present = {}
     for f in rank_dir.iterdir():
@@ -255,10 +220,10 @@ def _read_rank_dir(rank_dir: Path, m: dict, arch, variant, progress, dtype: Opti
     missing = sorted(wanted - set(present))
     if missing:
         names = [rank_file_name(t, p) for t, p in missing]
-        raise ConvertError(f"{rank_dir}: {len(missing)} rank file(s) missing for tp={tp} x pp={pp}: {', '.join(names[:4])}")
+        raise CheckpointError(f"{rank_dir}: {len(missing)} rank file(s) missing for tp={tp} x pp={pp}: {', '.join(names[:4])}")
     extra = sorted(set(present) - wanted)
     if extra:
-        raise ConvertError(f"{rank_dir}: rank file(s) {', '.join(present[k].name for k in extra[:4])} outside the manifest's "
+        raise CheckpointError(f"{rank_dir}: rank file(s) {', '.join(present[k].name for k in extra[:4])} outside the manifest's "
                            f"tp={tp} x pp={pp}: manifest and files disagree")
     states = {}
     for i, (t, p) in enumerate(sorted(wanted, key=lambda k: (k[1], k[0]))):
@@ -268,34 +233,20 @@ def _read_rank_dir(rank_dir: Path, m: dict, arch, variant, progress, dtype: Opti
         try:
             sd = load_file(str(path))
         except Exception as e:  # safetensors raises its own error types
-            raise ConvertError(f"{path}: unreadable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            raise CheckpointError(f"{path}: unreadable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         expected = expected_rank_shapes(arch, variant, t, tp, p, pp, m["padded_vocab_size"])
         miss = sorted(set(expected) - set(sd))
         unexp = sorted(set(sd) - set(expected))
         if miss or unexp:
-            raise ConvertError(f"{path}: tensors do not match {arch.name} ({variant.describe()}) at tp={tp}, pp={pp}: "
+            raise CheckpointError(f"{path}: tensors do not match {arch.name} ({variant.describe()}) at tp={tp}, pp={pp}: "
                                f"missing {miss[:3]}, unexpected {unexp[:3]}")
         for k, shape in expected.items():
             v = sd[k]
             if tuple(v.shape) != shape:
-                raise ConvertError(f"{path}: {k} has shape {tuple(v.shape)}, expected {shape}")
+                raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)}, expected {shape}")
             if dtype is not None and v.dtype != dtype:
-                raise ConvertError(f"{path}: {k} is {v.dtype}, expected {dtype} master weights")
+                raise CheckpointError(f"{path}: {k} is {v.dtype}, expected {dtype} master weights")
             if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-                raise ConvertError(f"{path}: {k} has {int((~torch.isfinite(v)).sum())} non-finite value(s)")
+                raise CheckpointError(f"{path}: {k} has {int((~torch.isfinite(v)).sum())} non-finite value(s)")
         states[(t, p)] = sd
     return states
-
-
-def check_output_dir(out_dir) -> Path:
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ConvertError(f"{out_dir}: exists and is not an empty directory; refusing to overwrite")
-    return out_dir
-
-
-__all__ = [
-    "ConvertError", "FORMAT", "MANIFEST", "MASTER_SUBDIR", "MODEL_SUBDIR", "check_output_dir", "expected_rank_shapes", "make_manifest",
-    "manifest_arch_variant", "rank_file_name", "read_manifest", "read_model_files", "resolve_model_dir", "tag_for",
-    "tensor_state", "variant_hf_shapes", "write_manifest", "write_rank_file",
-]

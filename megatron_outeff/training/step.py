@@ -1,0 +1,223 @@
+"""One optimizer step and the validation loss, over this rank's micro-batches, with one loss (``lm_loss``).
+
+- ``train_step``: forward + backward of every micro-batch, the data-parallel reduction, clipping, the
+  update and the LR schedule; returns the step's statistics (``StepResult``).
+  Without pipeline parallelism DeepSpeed accumulates the micro-batches and reduces / clips / steps at
+  the last one. With it (``pipeline_train_step``) megatron's 1F1B schedule runs every micro-batch's
+  forward and backward across the stages, then DeepSpeed reduces over DP and steps once.
+- ``eval_loss``: the same loss without gradients.
+Losses are averaged over micro-batches and data-parallel ranks, so every rank reports the same value.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .engine import Trainer
+from .model import device, unwrap
+from .optimizer import clip_grads_fp32
+
+
+def to_device(batch: dict) -> dict:
+    return {k: v.to(device(), non_blocking=True) for k, v in batch.items()}
+
+
+def lm_loss(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the tokens whose loss_mask is 1. ``per_token`` [b, s]: megatron's
+    per-token losses (the model called with ``labels``); ``loss_mask`` [b, s] of 0 / 1."""
+    return (per_token.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+
+
+def _forward(model, batch: dict) -> torch.Tensor:
+    """The model on a batch already on the device: per-token losses on the last pipeline stage, the
+    hidden states for the next stage before it."""
+    return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+
+
+def masked_lm_loss(model, batch: dict) -> torch.Tensor:
+    """``lm_loss`` of one micro-batch through the whole model (no pipeline parallelism)."""
+    batch = to_device(batch)
+    return lm_loss(_forward(model, batch), batch["loss_mask"])
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over this step's micro-batches and data-parallel ranks
+    grad_norm: float | None
+    loss_scale: float | None
+    lr: float  # the learning rate this step used
+    skipped: bool  # fp16 overflow: no update
+
+
+def train_step(t: Trainer, micro_batches: list[dict]) -> StepResult:
+    """Forward + backward each micro-batch (DeepSpeed accumulates, reduces over DP and steps at the
+    last one), then the step's statistics."""
+    if t.pipelined:
+        return pipeline_train_step(t, micro_batches)
+    engine = t.engine
+    lr = t.lr
+    losses = []
+    skipped_before = engine.skipped_steps
+    grad_norm = None
+    for i, batch in enumerate(micro_batches):
+        loss = masked_lm_loss(engine, batch)
+        engine.backward(loss)
+        if i == len(micro_batches) - 1 and t.own_clipping:  # grads are DP-reduced by now
+            grad_norm = clip_grads_fp32(engine.module, t.cfg.train.clip_grad)
+        engine.step()
+        losses.append(loss.detach())
+    if grad_norm is None:
+        grad_norm = _deepspeed_grad_norm(engine)
+    return StepResult(
+        loss=_dp_mean(torch.stack(losses).mean()), grad_norm=grad_norm, loss_scale=_loss_scale(engine), lr=lr,
+        skipped=engine.skipped_steps > skipped_before,
+    )
+
+
+@torch.no_grad()
+def eval_loss(t: Trainer, micro_batches: list[dict]) -> float:
+    """Mean ``lm_loss`` of the micro-batches (eval mode, no gradients), averaged over data-parallel ranks."""
+    t.engine.eval()
+    try:
+        if t.pipelined:
+            sync_tied_embedding(t.engine.module)
+            return _dp_mean(_pipeline_loss(_run_pipeline(t, micro_batches, forward_only=True)))
+        losses = [masked_lm_loss(t.engine, b) for b in micro_batches]
+    finally:
+        t.engine.train()
+    return _dp_mean(torch.stack(losses).mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# Pipeline parallelism: megatron's schedule computes the gradients, DeepSpeed reduces and steps
+# --------------------------------------------------------------------------------------------------
+def pipeline_train_step(t: Trainer, micro_batches: list[dict]) -> StepResult:
+    engine = t.engine
+    lr = t.lr
+    sync_tied_embedding(engine.module)
+    outputs = _run_pipeline(t, micro_batches, forward_only=False)
+    _allreduce_tied_embedding_grads(engine.module)
+    if t.own_clipping:
+        _allreduce_dp_mean(engine.module)
+        grad_norm = clip_grads_fp32(engine.module, t.cfg.train.clip_grad)
+        engine.step()  # update, LR schedule
+    else:
+        engine.step()  # ZeRO-1: reduce over DP, clip, update, LR schedule
+        grad_norm = _deepspeed_grad_norm(engine)
+    return StepResult(loss=_dp_mean(_pipeline_loss(outputs)), grad_norm=grad_norm, loss_scale=None, lr=lr,
+                      skipped=False)
+
+
+def _pipeline_loss_func(loss_mask: torch.Tensor, per_token: torch.Tensor):
+    loss = lm_loss(per_token, loss_mask)
+    # megatron divides the returned loss by num_microbatches in place: log a copy
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def _run_pipeline(t: Trainer, micro_batches: list[dict], forward_only: bool) -> list[dict]:
+    from megatron_outeff.megatron.cpu_support import cpu_safe_forward_backward_func
+
+    def forward_step(data_iterator, model):
+        batch = to_device(next(data_iterator))
+        return _forward(model, batch), functools.partial(_pipeline_loss_func, batch["loss_mask"])
+
+    schedule = cpu_safe_forward_backward_func()
+    return schedule(
+        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[t.engine.module],
+        num_microbatches=len(micro_batches), seq_length=micro_batches[0]["tokens"].shape[1],
+        micro_batch_size=micro_batches[0]["tokens"].shape[0], forward_only=forward_only,
+    )
+
+
+def _pipeline_loss(outputs: list[dict]) -> torch.Tensor:
+    """Mean micro-batch loss, from the last stage to every stage of the pipeline."""
+    from megatron.core import parallel_state
+
+    loss = torch.stack([o["lm loss"] for o in outputs]).mean() if outputs else torch.zeros((), device=device())
+    loss = loss.float().reshape(())
+    dist.all_reduce(loss, group=parallel_state.get_pipeline_model_parallel_group())  # zero elsewhere
+    return loss
+
+
+def _tied_embedding(module: torch.nn.Module):
+    """The tied word-embedding / output-layer weight if this rank holds one under PP, else None."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.is_rank_in_embedding_group(ignore_virtual=True):
+        return None
+    model = unwrap(module)
+    if not getattr(model, "share_embeddings_and_output_weights", False):
+        return None
+    return model.shared_embedding_or_output_weight()
+
+
+def sync_tied_embedding(module: torch.nn.Module) -> None:
+    """Under PP the tied matrix is held twice: by the first stage (word embedding: the copy the
+    optimizer updates) and by the last stage (output layer, marked ``shared``). Copy the first
+    stage's into the last stage's, before every step (so also right after a resume)."""
+    from megatron.core import parallel_state
+
+    weight = _tied_embedding(module)
+    if weight is not None:
+        dist.broadcast(weight.data, src=parallel_state.get_pipeline_model_parallel_first_rank(),
+                       group=parallel_state.get_embedding_group())
+
+
+def _allreduce_tied_embedding_grads(module: torch.nn.Module) -> None:
+    """Sum the two copies' gradients over the embedding group; the last stage's copy then drops its
+    gradient, so DeepSpeed neither updates it nor counts it twice in the grad norm."""
+    from megatron.core import parallel_state
+
+    weight = _tied_embedding(module)
+    if weight is None:
+        return
+    if weight.grad is None:
+        weight.grad = torch.zeros_like(weight)
+    dist.all_reduce(weight.grad, group=parallel_state.get_embedding_group())
+    if getattr(weight, "shared", False):
+        weight.grad = None
+
+
+def _allreduce_dp_mean(model: torch.nn.Module) -> None:
+    """Average the gradients over the data-parallel group (one flat all-reduce), where we clip before
+    DeepSpeed's update and DeepSpeed's own reduction is off (pipelined fp32 ZeRO-0)."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_data_parallel_group()
+    size = parallel_state.get_data_parallel_world_size()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if size == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+# --------------------------------------------------------------------------------------------------
+# Step statistics
+# --------------------------------------------------------------------------------------------------
+def _dp_mean(x: torch.Tensor) -> float:
+    from megatron.core import parallel_state
+
+    x = x.detach().float().clone()
+    dist.all_reduce(x, group=parallel_state.get_data_parallel_group())
+    return float(x) / parallel_state.get_data_parallel_world_size()
+
+
+def _deepspeed_grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else None
+
+
+def _loss_scale(engine):
+    scale = getattr(engine.optimizer, "cur_scale", None)
+    if scale is None:
+        scale = getattr(getattr(engine.optimizer, "loss_scaler", None), "cur_scale", None)
+    return float(scale) if scale is not None and engine.fp16_enabled() else None
