@@ -7,7 +7,7 @@ Layout of ``checkpoint.dir``::
                              blocks a new run, which takes it over)
     latest                   name of the newest complete checkpoint (replaced atomically, last)
     iter_0000100/            DeepSpeed's files (model, optimizer, LR scheduler, loss scaler; ZeRO shards)
-        train_state.json     iteration, consumed samples, fingerprint
+        train_state.json     iteration, consumed samples, fingerprint, layout (DP, TP, PP, ZeRO stage, ...)
         rng/rank00000.safetensors   python / numpy / torch (CPU, CUDA) / megatron RNG-tracker states
         model/manifest.json  arch, attention variant, tp, pp, vocab sizes, dtype, seq_length, iteration
         model/tp00_pp00.safetensors  each model-parallel rank's weights (data-parallel rank 0 writes them;
@@ -16,6 +16,8 @@ Layout of ``checkpoint.dir``::
         model/fp32_master/tp00_pp00.safetensors  bf16 / fp16 training: the optimizer's fp32 master weights
                              of the same tensors (gathered over data-parallel ranks at every ZeRO stage);
                              readers prefer them
+        optimizer/           Adam's moments per parameter in the model files' layout + state.json (Adam step,
+                             LR schedule): what a resume on another layout reads (training/elastic.py)
 
 A save writes everything into ``iter_XXXXXXX.tmp``, renames it to ``iter_XXXXXXX`` and only then
 replaces ``latest`` (os.replace): a crash at any moment leaves the previous checkpoint as latest.
@@ -36,6 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import elastic
 from .config import Config, ConfigError, dump_config
 
 LATEST = "latest"
@@ -98,7 +101,7 @@ def claim_run_dir(cfg: Config, force_resume: bool) -> bool:
         return False
     decision = [None]
     if dist.get_rank() == 0:
-        decision[0] = _decide(cfg, Path(ckpt), force_resume)
+        decision[0] = _decide(cfg, Path(ckpt), force_resume, dist.get_world_size())
     dist.broadcast_object_list(decision, src=0)
     error, resume = decision[0]
     if error:
@@ -106,7 +109,7 @@ def claim_run_dir(cfg: Config, force_resume: bool) -> bool:
     return resume
 
 
-def _decide(cfg: Config, ckpt: Path, force_resume: bool) -> tuple[str | None, bool]:
+def _decide(cfg: Config, ckpt: Path, force_resume: bool, world_size: int) -> tuple[str | None, bool]:
     run_file = ckpt / RUN_FILE
     fingerprint = cfg.fingerprint()
     latest = read_latest(ckpt)
@@ -119,6 +122,10 @@ def _decide(cfg: Config, ckpt: Path, force_resume: bool) -> tuple[str | None, bo
         return (f"checkpoint.dir={ckpt} is not empty and holds no {RUN_FILE}; refusing to overwrite it", False)
     if force_resume and latest is None:
         return (f"--resume: no complete checkpoint in {ckpt}; without --resume a new run starts there", False)
+    if latest is not None:
+        error = elastic.check_resume(cfg, ckpt / latest, world_size)  # saved at another layout: can it resume here?
+        if error:
+            return error, False
     return None, latest is not None
 
 
@@ -196,6 +203,7 @@ def save(engine, cfg: Config, iteration: int, train_state: dict) -> str:
     engine.save_checkpoint(str(ckpt), tag=tmp_tag, client_state={}, save_latest=False)
 
     save_model_files(engine, cfg, iteration, ckpt / tmp_tag)
+    elastic.save_optimizer_files(engine, cfg, iteration, ckpt / tmp_tag)
     (ckpt / tmp_tag / "rng").mkdir(parents=True, exist_ok=True)
     tensors, meta = rng_state_tensors()
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(ckpt / tmp_tag / "rng" / f"rank{rank:05d}.safetensors"),
@@ -203,7 +211,8 @@ def save(engine, cfg: Config, iteration: int, train_state: dict) -> str:
     if os.environ.get(KILL_IN_SAVE_ENV) == str(iteration):
         os.kill(os.getpid(), signal.SIGKILL)
     if rank == 0:
-        state = dict(train_state, iteration=iteration, fingerprint=cfg.fingerprint())
+        state = dict(train_state, iteration=iteration, fingerprint=cfg.fingerprint(),
+                     layout=elastic.layout(cfg, dist.get_world_size()))
         _write_atomic(ckpt / tmp_tag / "train_state.json", json.dumps(state, indent=1))
     dist.barrier()
     if rank == 0:
@@ -321,12 +330,16 @@ def load(engine, cfg: Config) -> dict:
     tag = read_latest(ckpt)
     if tag is None:
         raise ConfigError(f"no complete checkpoint in {ckpt}")
+    state = json.loads((ckpt / tag / "train_state.json").read_text())
+    state["tag"] = tag
+    if elastic.layout_changed(state, cfg, dist.get_world_size()):  # DeepSpeed's files are another layout's
+        elastic.load(engine, cfg, ckpt / tag)
+        state["elastic"] = True
+        return state
     load_path, _ = engine.load_checkpoint(str(ckpt), tag=tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load {ckpt / tag}")
-    state = json.loads((ckpt / tag / "train_state.json").read_text())
-    state["tag"] = tag
     return state
 
 

@@ -30,12 +30,13 @@ import argparse
 import os
 import random
 import signal
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import checkpoint
+from . import checkpoint, elastic
 from .config import Config, ConfigError, deepspeed_config, load_config
 
 
@@ -132,7 +133,10 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
                 f"{num_micro} micro-batches of {cfg.parallel.micro_batch_size} per DP rank; fingerprint {cfg.fingerprint()}")
 
     # 2. Model (this rank's TP shard / PP stage) and the DeepSpeed engine.
-    model = build_model(cfg, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    model_cfg = cfg
+    if resume:  # at another tensor-parallel size: the checkpoint's vocabulary rows, not this TP's padding
+        model_cfg = elastic.model_config(cfg, Path(cfg.checkpoint.dir) / checkpoint.read_latest(cfg.checkpoint.dir))
+    model = build_model(model_cfg, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
     if model_hook is not None:
         model_hook(model)
     if cfg.checkpoint.init_from and not resume:
@@ -150,8 +154,13 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
         state = checkpoint.load(engine, cfg)
         iteration = state["iteration"]
         train_data.load_state_dict(state["data"])
-        checkpoint.restore_rng(cfg, state["tag"])
-        print_rank0(f"resumed from {cfg.checkpoint.dir}/{state['tag']} at iteration {iteration}")
+        if state.get("elastic"):  # saved at another layout: its RNG streams belong to other ranks
+            elastic.reseed(cfg.train.seed, iteration)
+            print_rank0(f"resumed from {cfg.checkpoint.dir}/{state['tag']} at iteration {iteration}, saved at "
+                        f"{elastic.describe(state['layout'])}, now {elastic.describe(elastic.layout(cfg, world))}")
+        else:
+            checkpoint.restore_rng(cfg, state["tag"])
+            print_rank0(f"resumed from {cfg.checkpoint.dir}/{state['tag']} at iteration {iteration}")
     last_saved = iteration if resume else None
     checkpoint.record_run(cfg)  # run.json only now: everything that can refuse this config has run
 
