@@ -19,6 +19,11 @@ RNG_SUBDIR = "rng"
 MODEL_SUBDIR = "model"
 MASTER_SUBDIR = "fp32_master"
 MANIFEST = "manifest.json"
+OPTIM_SUBDIR = "optimizer"  # per-parameter optimizer state in the model files' layout (resume on another layout)
+OPTIM_STATE = "state.json"
+OPTIM_FORMAT = "megatron_outeff.optimizer_state"
+OPTIM_FORMAT_VERSION = 1
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-element state: optimizer/<moment>/ model-files directories
 PARTIAL_SUFFIX = ".tmp"
 _TAG_RE = re.compile(r"^iter_(\d{7})$")
 
@@ -84,7 +89,7 @@ def read_run_file(ckpt_dir: str | Path) -> Optional[dict]:
 
 
 def write_train_state(tag_dir: str | Path, state: dict) -> None:
-    """``train_state.json``: iteration, consumed samples (the data position), config fingerprint."""
+    """``train_state.json``: iteration, consumed samples (the data position), config fingerprint, layout."""
     write_text_atomic(Path(tag_dir) / TRAIN_STATE, json.dumps(state, indent=1))
 
 

@@ -32,6 +32,7 @@ from megatron_outeff.checkpoint_format import (
 )
 from megatron_outeff.utils.atomic import fsync_dir
 
+from . import elastic
 from .config import Config, ConfigError, dump_config
 
 # Test hook: SIGKILL this process in the middle of saving the checkpoint of this iteration
@@ -58,7 +59,7 @@ def claim_run_dir(cfg: Config, force_resume: bool) -> bool:
         return False
     decision = [None]
     if dist.get_rank() == 0:
-        decision[0] = _decide(cfg, Path(ckpt), force_resume)
+        decision[0] = _decide(cfg, Path(ckpt), force_resume, dist.get_world_size())
     dist.broadcast_object_list(decision, src=0)
     error, resume = decision[0]
     if error:
@@ -66,7 +67,7 @@ def claim_run_dir(cfg: Config, force_resume: bool) -> bool:
     return resume
 
 
-def _decide(cfg: Config, ckpt: Path, force_resume: bool) -> tuple[str | None, bool]:
+def _decide(cfg: Config, ckpt: Path, force_resume: bool, world_size: int) -> tuple[str | None, bool]:
     run = read_run_file(ckpt)
     fingerprint = cfg.fingerprint()
     latest = read_latest(ckpt)
@@ -79,6 +80,10 @@ def _decide(cfg: Config, ckpt: Path, force_resume: bool) -> tuple[str | None, bo
         return (f"checkpoint.dir={ckpt} is not empty and holds no {RUN_FILE}; refusing to overwrite it", False)
     if force_resume and latest is None:
         return (f"--resume: no complete checkpoint in {ckpt}; without --resume a new run starts there", False)
+    if latest is not None:
+        error = elastic.check_resume(cfg, ckpt / latest, world_size)  # saved at another layout: can it resume here?
+        if error:
+            return error, False
     return None, latest is not None
 
 
@@ -157,6 +162,7 @@ def save(engine, cfg: Config, iteration: int, train_state: dict) -> str:
     engine.save_checkpoint(str(ckpt), tag=tmp_dir.name, client_state={}, save_latest=False)
 
     save_model_files(engine, cfg, iteration, tmp_dir)
+    elastic.save_optimizer_files(engine, cfg, iteration, tmp_dir)
     tensors, meta = rng_state_tensors()
     path = rng_file(tmp_dir, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +170,8 @@ def save(engine, cfg: Config, iteration: int, train_state: dict) -> str:
     if os.environ.get(KILL_IN_SAVE_ENV) == str(iteration):
         os.kill(os.getpid(), signal.SIGKILL)
     if rank == 0:
-        write_train_state(tmp_dir, dict(train_state, iteration=iteration, fingerprint=cfg.fingerprint()))
+        write_train_state(tmp_dir, dict(train_state, iteration=iteration, fingerprint=cfg.fingerprint(),
+                                        layout=elastic.layout(cfg, dist.get_world_size())))
     dist.barrier()
     if rank == 0:
         final = ckpt / tag
@@ -275,12 +282,16 @@ def load(engine, cfg: Config) -> dict:
     tag = read_latest(ckpt)
     if tag is None:
         raise ConfigError(f"no complete checkpoint in {ckpt}")
+    state = read_train_state(ckpt / tag)
+    state["tag"] = tag
+    if elastic.layout_changed(state, cfg, dist.get_world_size()):  # DeepSpeed's files are another layout's
+        elastic.load(engine, cfg, ckpt / tag)
+        state["elastic"] = True
+        return state
     load_path, _ = engine.load_checkpoint(str(ckpt), tag=tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load {ckpt / tag}")
-    state = read_train_state(ckpt / tag)
-    state["tag"] = tag
     return state
 
 

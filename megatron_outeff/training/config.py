@@ -39,6 +39,12 @@ class ModelConfig:
     recompute_num_layers: Optional[int] = None
 
 
+# How the run is laid out over ranks, not what it computes: not part of the fingerprint (a run resumes
+# on another layout; global_batch_size, which sets the trajectory, is).
+LAYOUT_KEYS = ("tensor_parallel", "pipeline_parallel", "sequence_parallel", "zero_stage", "cpu_offload",
+               "micro_batch_size")
+
+
 @dataclass
 class ParallelConfig:
     tensor_parallel: int = 1
@@ -177,14 +183,17 @@ class Config:
 
     def fingerprint(self) -> str:
         """Hash of everything that defines the run's trajectory (not where/how often it is saved
-        or logged, nor when it stops early). A checkpoint dir holding another fingerprint is
-        another run."""
+        or logged, nor when it stops early, nor its layout: ``LAYOUT_KEYS`` and the world size, which
+        change only the floating-point reduction order; a run resumes on another layout, see
+        training/elastic.py). A checkpoint dir holding another fingerprint is another run."""
         d = self.to_dict()
         for volatile in ("checkpoint", "logging"):
             d.pop(volatile)
         d["train"].pop("exit_interval")
         d["train"].pop("eval_interval")
         d["train"].pop("eval_iters")
+        for key in LAYOUT_KEYS:
+            d["parallel"].pop(key)
         blob = json.dumps(d, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -123,16 +123,19 @@ def build_engine(cfg: Config, model: torch.nn.Module) -> Trainer:
                    own_clipping=own_clipping)
 
 
-def build_trainer(cfg: Config, *, prepare_model: Optional[Callable[[torch.nn.Module], None]] = None):
+def build_trainer(cfg: Config, *, prepare_model: Optional[Callable[[torch.nn.Module], None]] = None,
+                  model_cfg: Optional[Config] = None):
     """(trainer, training batches, validation batches or None) of this rank; process groups must exist
     (megatron.parallel.init_model_parallel). ``prepare_model(model)`` sees the freshly built model
-    before DeepSpeed wraps it (initial weights: checkpoint.init_from, a test's)."""
+    before DeepSpeed wraps it (initial weights: checkpoint.init_from, a test's). ``model_cfg`` (default
+    ``cfg``) builds the model where it differs (a resume on another layout keeps the checkpoint's
+    vocabulary rows: training/elastic.py ``model_config``)."""
     from megatron.core import parallel_state as ps
 
     from .data import build_sources
     from .model import arch_config, build_model
 
-    model = build_model(cfg)  # this rank's TP shard / PP stage
+    model = build_model(model_cfg or cfg)  # this rank's TP shard / PP stage
     if prepare_model is not None:
         prepare_model(model)
     trainer = build_engine(cfg, model)

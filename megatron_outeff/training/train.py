@@ -28,12 +28,13 @@ import argparse
 import os
 import random
 import signal
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import checkpoint
+from . import checkpoint, elastic
 from .config import Config, ConfigError, deepspeed_config, load_config
 
 
@@ -115,7 +116,10 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
         if cfg.checkpoint.init_from and not resume:  # a resumed run has its own weights
             checkpoint.init_from(cfg, model)
 
-    trainer, train_data, valid_data = build_trainer(cfg, prepare_model=prepare_model)
+    model_cfg = cfg
+    if resume:  # at another tensor-parallel size: the checkpoint's vocabulary rows, not this TP's padding
+        model_cfg = elastic.model_config(cfg, Path(cfg.checkpoint.dir) / checkpoint.read_latest(cfg.checkpoint.dir))
+    trainer, train_data, valid_data = build_trainer(cfg, prepare_model=prepare_model, model_cfg=model_cfg)
     engine = trainer.engine
 
     # 3. Resume: model/optimizer/scheduler/loss scale from DeepSpeed, data position, then RNG last.
@@ -124,8 +128,13 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
         state = checkpoint.load(engine, cfg)
         iteration = state["iteration"]
         train_data.load_state_dict(state["data"])
-        checkpoint.restore_rng(cfg, state["tag"])
-        print_rank0(f"resumed from {cfg.checkpoint.dir}/{state['tag']} at iteration {iteration}")
+        if state.get("elastic"):  # saved at another layout: its RNG streams belong to other ranks
+            elastic.reseed(cfg.train.seed, iteration)
+            print_rank0(f"resumed from {cfg.checkpoint.dir}/{state['tag']} at iteration {iteration}, saved at "
+                        f"{elastic.describe(state['layout'])}, now {elastic.describe(elastic.layout(cfg, world))}")
+        else:
+            checkpoint.restore_rng(cfg, state["tag"])
+            print_rank0(f"resumed from {cfg.checkpoint.dir}/{state['tag']} at iteration {iteration}")
     last_saved = iteration if resume else None
     checkpoint.record_run(cfg)  # run.json only now: everything that can refuse this config has run
 
