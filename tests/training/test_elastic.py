@@ -149,8 +149,8 @@ def runs(tmp_path_factory):
 def _full(ckpt: Path, sub: str, iteration: int = ITERS) -> dict:
     """A checkpoint's tensors of model/ or optimizer/<moment>/, merged to one full (Hugging Face-named)
     state with the model files' own reader and merge rule."""
-    from megatron_outeff.convert.core import merge_ranks
-    from megatron_outeff.convert.model_files import manifest_arch_variant, read_model_files
+    from megatron_outeff.checkpoint_format import merge_ranks
+    from megatron_outeff.checkpoint_format import manifest_arch_variant, read_model_files
 
     manifest, states = read_model_files(ckpt / f"iter_{iteration:07d}" / sub)  # bf16: the fp32 master weights
     arch, _ = manifest_arch_variant(manifest)
@@ -253,7 +253,7 @@ def test_elastic_bad_layout_is_one_line_and_writes_nothing(runs, capsys, tmp_pat
 def test_elastic_vocabulary_rows_must_divide(tmp_path):
     """OPT's 50272 rows (saved at TP 1) cannot be split over tensor_parallel=3 (12 heads can): the resume
     check names the rows and the size, before anything is built."""
-    from megatron_outeff.convert.model_files import make_manifest, write_manifest
+    from megatron_outeff.checkpoint_format import make_manifest, write_manifest
     from megatron_outeff.megatron.variant import AttentionVariantConfig
     from megatron_outeff.training import elastic
     from megatron_outeff.training.config import load_config
