@@ -32,7 +32,7 @@ def variants(seq):
     return {
         "vanilla": V(),
         "softmax1": V(softmax="softmax1"),
-        "softmax_n(n=2)": V(softmax="softmax_n", n=2.0),
+        "softmax_n(n=2)": V(softmax="softmax_n", softmax_n=2.0),
         "learnable": V(softmax="learnable"),
         "clipped(alpha=12)": V(clip_alpha=12.0),
         "clipped softmax1": V(softmax="softmax1", clip_alpha=12.0),

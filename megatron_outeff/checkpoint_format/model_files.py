@@ -137,19 +137,18 @@ def manifest_arch_variant(m: dict, where: str = "manifest"):
 
 def variant_hf_shapes(arch, variant) -> dict[str, tuple]:
     """Hugging Face names and shapes of the variant's tensors (megatron_outeff/hf README)."""
+    from megatron_outeff.ops.gate import gate_parameter_shapes
+
     H, h = arch.num_attention_heads, arch.hidden_size
-    d = h // H
     per_layer = {}
     if variant.learnable_offset:
         per_layer["self_attn.softmax_offset"] = (H,)
-    if variant.gate == "linear":
-        per_layer.update({"self_attn.gate.weight": (H, d), "self_attn.gate.bias": (H,)})
-    elif variant.gate == "shared_linear":
-        per_layer.update({"self_attn.gate.weight": (H, h), "self_attn.gate.bias": (H,)})
-    elif variant.gate == "mlp":
-        r = d // 4
-        per_layer.update({"self_attn.gate.fc1_weight": (H, r, d), "self_attn.gate.fc1_bias": (H, r),
-                          "self_attn.gate.fc2_weight": (H, r), "self_attn.gate.fc2_bias": (H,)})
+    if variant.gated:
+        try:
+            shapes = gate_parameter_shapes(variant.gate, H, h // H, h)
+        except ValueError as e:
+            raise ConvertError(f"{arch.name}: {e}") from None
+        per_layer.update({f"self_attn.gate.{name}": shape for name, shape in shapes.items()})
     return {f"model.decoder.layers.{i}.{k}": s for i in range(arch.num_layers) for k, s in per_layer.items()}
 
 

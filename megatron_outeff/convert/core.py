@@ -11,7 +11,6 @@ renamed into place at the end. Errors: one-line ``ConvertError``.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -87,19 +86,6 @@ def load_checkpoint_full(ckpt, iteration=None, progress: Progress = None):
     return manifest, arch, variant, hf, padded
 
 
-def export_variant_dict(variant, seq_length) -> dict:
-    """AttentionVariantConfig -> megatron_outeff.hf.export_hf_dir's variant dict."""
-    d = {"softmax": variant.softmax, "softmax_n": float(variant.n), "gate": variant.gate,
-         "gate_init_prob": float(variant.gate_init_prob)}
-    if variant.clip_gamma is not None:
-        d.update(clip_gamma=float(variant.clip_gamma), clip_zeta=float(variant.clip_zeta))
-    elif variant.clip_alpha is not None:
-        if not seq_length:
-            raise ConvertError(f"clip_alpha={variant.clip_alpha} needs the training seq_length, which the manifest lacks")
-        d.update(clip_alpha=float(variant.clip_alpha), clip_seq_len=int(seq_length))
-    return d
-
-
 def to_hf(ckpt, out_dir, *, iteration=None, tokenizer=None, dtype: Optional[str] = None, progress: Progress = None) -> Path:
     from megatron_outeff.hf import export_hf_dir
     from megatron_outeff.models.hf_opt import hf_config_dict, split_variant_state
@@ -109,15 +95,14 @@ def to_hf(ckpt, out_dir, *, iteration=None, tokenizer=None, dtype: Optional[str]
         raise ConvertError(f"--dtype {dtype!r}: expected fp32, fp16 or bf16")
     manifest, arch, variant, hf, _ = load_checkpoint_full(ckpt, iteration, progress)
     plain, extras = split_variant_state(hf)
-    vdict = export_variant_dict(variant, manifest.get("seq_length"))
     try:
         opt_kwargs = hf_config_dict(arch)
     except ValueError as e:
         raise ConvertError(str(e)) from None
     _say(progress, f"exporting to {out_dir} ({dtype or 'fp32'})")
     try:
-        return export_hf_dir(out_dir, plain, opt_kwargs, vdict, extra_state=extras, tokenizer_dir=tokenizer,
-                             dtype=dtype or "fp32")
+        return export_hf_dir(out_dir, plain, opt_kwargs, variant, seq_length=manifest.get("seq_length"), extra_state=extras,
+                             tokenizer_dir=tokenizer, dtype=dtype or "fp32")
     except ValueError as e:
         raise ConvertError(str(e)) from None
 
@@ -138,46 +123,29 @@ def reshard(ckpt, out_dir, *, tp: int, pp: int, iteration=None, progress: Progre
                                   iteration=manifest["iteration"], source="reshard", progress=progress)
 
 
-def parse_variant(text) -> "object":
+def parse_variant(text):
     """--variant: a softmax name ("softmax1") or a JSON object of AttentionVariantConfig fields."""
-    from megatron_outeff.megatron.variant import AttentionVariantConfig
+    from megatron_outeff.ops.variants import AttentionVariantConfig
 
     if text is None:
         return None
     try:
-        d = json.loads(text) if str(text).lstrip().startswith("{") else {"softmax": str(text)}
-        return AttentionVariantConfig.from_dict(d)
-    except (ValueError, TypeError) as e:
+        return AttentionVariantConfig.parse(text)
+    except ValueError as e:
         raise ConvertError(f"--variant {text!r}: {e}") from None
-
-
-def _variant_from_hf_config(cfg: dict):
-    from megatron_outeff.megatron.variant import AttentionVariantConfig
-
-    try:
-        return AttentionVariantConfig(
-            softmax=cfg.get("softmax", "softmax1"), n=float(cfg.get("softmax_n", 1.0)),
-            clip_gamma=cfg.get("clip_gamma"), clip_zeta=float(cfg.get("clip_zeta") or 1.0),
-            gate=cfg.get("gate", "none"), gate_init_prob=float(cfg.get("gate_init_prob", 0.25)))
-    except (TypeError, ValueError) as e:
-        raise ConvertError(f"config.json: bad attention variant: {e}") from None
 
 
 def init_variant_tensors(arch, variant, seed: int = 0) -> dict[str, torch.Tensor]:
     """Initial values of variant tensors a Hugging Face OPT lacks: learnable offsets 0 (Softmax_1 at
-    the start), gate weights N(0, init_method_std) (seeded), gate biases logit(gate_init_prob)
-    (gates open to gate_init_prob), mlp-gate hidden biases 0."""
+    the start), gate tensors as ``ops.gate.gate_initial_value`` says (weights N(0, init_method_std),
+    seeded; gates open to gate_init_prob)."""
+    from megatron_outeff.ops.gate import gate_initial_value
+
     g = torch.Generator().manual_seed(seed)
-    logit = math.log(variant.gate_init_prob / (1.0 - variant.gate_init_prob))
     out = {}
     for k, shape in variant_hf_shapes(arch, variant).items():
-        name = k.rsplit(".", 1)[1]
-        if k.endswith("softmax_offset") or name == "fc1_bias":
-            out[k] = torch.zeros(shape)
-        elif name in ("bias", "fc2_bias"):
-            out[k] = torch.full(shape, logit)
-        else:
-            out[k] = torch.randn(shape, generator=g) * arch.init_method_std
+        value = 0.0 if k.endswith("softmax_offset") else gate_initial_value(k.rsplit(".", 1)[1], variant.gate_init_prob)
+        out[k] = torch.randn(shape, generator=g) * arch.init_method_std if value is None else torch.full(shape, value)
     return out
 
 
@@ -187,6 +155,7 @@ def read_hf_dir(hf_dir, variant=None, *, seq_length: Optional[int] = None, seed:
     from megatron_outeff.models.hf_opt import (
         arch_from_hf_config, read_hf_safetensors, split_variant_state, validate_hf_state_dict,
     )
+    from megatron_outeff.ops.variants import AttentionVariantConfig
 
     hf_dir = Path(hf_dir)
     cfg_path = hf_dir / "config.json"
@@ -198,15 +167,16 @@ def read_hf_dir(hf_dir, variant=None, *, seq_length: Optional[int] = None, seed:
         raise ConvertError(f"{cfg_path}: not JSON ({e})") from None
     mt = cfg.get("model_type")
     if mt == "outeff_opt":
-        ours = _variant_from_hf_config(cfg)
+        try:
+            ours = AttentionVariantConfig.from_fields(cfg)
+        except ValueError as e:
+            raise ConvertError(f"{cfg_path}: bad attention variant: {e}") from None
         if variant is not None and resolved_variant(variant, seq_length, "--variant") != ours:
             raise ConvertError(f"--variant {variant.describe()!r} contradicts {cfg_path}'s {ours.describe()!r}")
         variant = ours
         cfg = dict(cfg, model_type="opt")
     elif mt != "opt":
         raise ConvertError(f"{cfg_path}: model_type={mt!r}: expected 'opt' or 'outeff_opt'")
-    from megatron_outeff.megatron.variant import AttentionVariantConfig
-
     variant = variant or AttentionVariantConfig()
     try:
         arch = arch_from_hf_config(cfg, name=hf_dir.name or None)

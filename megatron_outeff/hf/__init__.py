@@ -3,9 +3,9 @@ of a Hugging Face directory from OPT weights, and perplexity. Knows nothing of M
 
 Public API:
     OutEffOPTConfig, OutEffOPTForCausalLM                       (configuration_/modeling_outeff_opt)
-    export_hf_dir(out_dir, hf_opt_state_dict, opt_config_kwargs, variant, *, extra_state=None,
+    export_hf_dir(out_dir, hf_opt_state_dict, opt_config_kwargs, variant, *, seq_length=None, extra_state=None,
                   tokenizer_dir=None, dtype=None, calibration_batches=None) -> Path
-    resolve_variant(variant), fp16_overflow_report(state_dict), fp16_overflow_check(model, batches)
+    resolve_variant(variant, seq_length=None), fp16_overflow_report(state_dict), fp16_overflow_check(model, batches)
     perplexity(model, blocks=None, *, text=None, tokenizer=None, block_size=None, batch_size=8,
                device=None, add_special_tokens=False) -> {"loss", "ppl", "tokens"}
 """

@@ -1,20 +1,19 @@
 """Export an OPT-architecture model (Hugging Face OPT state-dict naming) as a Hugging Face directory.
 
-    export_hf_dir(out_dir, hf_opt_state_dict, opt_config_kwargs, variant, *,
+    export_hf_dir(out_dir, hf_opt_state_dict, opt_config_kwargs, variant, *, seq_length=None,
                   extra_state=None, tokenizer_dir=None, dtype=None, calibration_batches=None) -> Path
 
-``variant``: a softmax name ("vanilla" | "softmax1" | "softmax_n" | "learnable") or a dict with
-keys from ``VARIANT_KEYS``:
-    softmax, softmax_n, gate ("none" | "linear" | "mlp" | "shared_linear"), gate_init_prob,
-    clip_gamma + clip_zeta (explicit), or clip_alpha + clip_seq_len (+ optional clip_zeta, default 1):
-    the paper's form gamma = -alpha / T, resolved here to an explicit gamma for T = clip_seq_len.
+``variant``: anything ``AttentionVariantConfig.parse`` takes (megatron_outeff/ops/variants.py): a
+variant, a softmax name ("vanilla" | "softmax1" | "softmax_n" | "learnable"), or a dict of its
+fields. The paper's clip_alpha form (gamma = -alpha / T) is resolved here to an explicit clip_gamma
+for T = ``seq_length``, the training sequence length.
 
-Vanilla softmax without clip and gate (softmax_n with n = 0 included) is written as a plain
-``OPTForCausalLM`` directory (model_type "opt", no remote code). Every other variant is written as
-``OutEffOPTForCausalLM`` remote code: config.json with auto_map, modeling_outeff_opt.py,
-configuration_outeff_opt.py, outeff_deps.py (rewritten to import its siblings) and verbatim copies
-of megatron_outeff/ops/reference.py, megatron_outeff/ops/variants.py and
-megatron_outeff/quant/points.py, so that
+Plain softmax attention (vanilla, or softmax_n with n = 0, without clip and gate) is written as a
+plain ``OPTForCausalLM`` directory (model_type "opt", no remote code). Every other variant is
+written as ``OutEffOPTForCausalLM`` remote code: config.json with auto_map (the variant's fields as
+flat keys), modeling_outeff_opt.py, configuration_outeff_opt.py, and ``exported_sources()``:
+outeff_deps.py with its imports made relative, next to verbatim copies of the megatron_outeff
+modules it imports (and theirs), so that
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works without megatron_outeff.
 
 ``tokenizer_dir``: a directory whose Hugging Face tokenizer files are copied; or a sentencepiece
@@ -23,14 +22,8 @@ tokenizer.json, which is converted with ``megatron_outeff.data.hf_tokenizer.save
 (tokenizer.json + tokenizer_config.json that AutoTokenizer loads, encoding exactly like ours).
 
 Extra state (``extra_state`` or inside ``hf_opt_state_dict``; i = layer index):
-    model.decoder.layers.{i}.self_attn.softmax_offset      [H]                      learnable
-    model.decoder.layers.{i}.self_attn.gate.weight         [H, d_head]              gate linear
-    model.decoder.layers.{i}.self_attn.gate.weight         [H, d_model]             gate shared_linear
-    model.decoder.layers.{i}.self_attn.gate.bias           [H]                      gate linear / shared_linear
-    model.decoder.layers.{i}.self_attn.gate.fc1_weight     [H, d_head // 4, d_head] gate mlp
-    model.decoder.layers.{i}.self_attn.gate.fc1_bias       [H, d_head // 4]         gate mlp
-    model.decoder.layers.{i}.self_attn.gate.fc2_weight     [H, d_head // 4]         gate mlp
-    model.decoder.layers.{i}.self_attn.gate.fc2_bias       [H]                      gate mlp
+    model.decoder.layers.{i}.self_attn.softmax_offset      [H]    learnable
+    model.decoder.layers.{i}.self_attn.gate.<name>         gated: ``ops.gate.gate_parameter_shapes``
 
 Safety: a non-empty ``out_dir`` is refused; everything is checked (variant, finiteness, key set and
 shapes, fp16 range) before anything is written; files go to a temporary directory beside
@@ -40,6 +33,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 import shutil
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
@@ -50,27 +44,9 @@ from megatron_outeff.utils.atomic import atomic_output_dir
 
 FP16_MAX = 65504.0
 
-VARIANT_KEYS = ("softmax", "softmax_n", "clip_gamma", "clip_zeta", "clip_alpha", "clip_seq_len", "gate", "gate_init_prob")
-
-# Verbatim copies placed beside the modeling file of a remote-code export: file name -> module.
-COPIED_SOURCES = {
-    "reference.py": "megatron_outeff.ops.reference",
-    "variants.py": "megatron_outeff.ops.variants",
-    "points.py": "megatron_outeff.quant.points",
-}
-
-EXPORTED_DEPS_SOURCE = '''"""Attention math and QuantPoint for this exported directory.
-
-reference.py, variants.py and points.py beside this file are verbatim copies of
-megatron_outeff/ops/reference.py, megatron_outeff/ops/variants.py and megatron_outeff/quant/points.py
-(written by megatron_outeff.hf.export), so this directory loads without megatron_outeff installed.
-"""
-from .points import QuantPoint
-from .reference import causal_mask, outeff_softmax_reference
-from .variants import Clip, resolve_sink
-
-__all__ = ["Clip", "QuantPoint", "causal_mask", "outeff_softmax_reference", "resolve_sink"]
-'''
+# The in-package module whose megatron_outeff imports an exported directory needs (made relative).
+DEPS_MODULE = "megatron_outeff.hf.outeff_deps"
+_PACKAGE_IMPORT = re.compile(r"^from megatron_outeff\.\w+\.(\w+) import", re.M)
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -89,46 +65,22 @@ def _fail(msg: str):
     raise ValueError(f"export_hf_dir: {msg}")
 
 
-def resolve_variant(variant) -> dict:
-    """The config fields of a variant: softmax, softmax_n, clip_gamma, clip_zeta, gate, gate_init_prob."""
-    from .configuration_outeff_opt import GATE_CHOICES, SOFTMAX_CHOICES
+def resolve_variant(variant, seq_length: Optional[int] = None) -> dict:
+    """The Hugging Face config fields of a variant (``AttentionVariantConfig.to_dict()``, the clip_alpha
+    form resolved for ``seq_length``). One-line ValueError naming a bad value."""
+    from megatron_outeff.ops.variants import AttentionVariantConfig
 
-    if isinstance(variant, str):
-        variant = {"softmax": variant}
-    if not isinstance(variant, Mapping):
-        _fail(f"variant={variant!r}: expected a softmax name or a dict with keys from {VARIANT_KEYS}")
-    unknown = sorted(set(variant) - set(VARIANT_KEYS))
-    if unknown:
-        _fail(f"unknown variant key(s) {unknown}: expected keys from {VARIANT_KEYS}")
-    v = dict(variant)
-    out = {
-        "softmax": v.get("softmax", "vanilla"),
-        "softmax_n": v.get("softmax_n", 1.0),
-        "gate": v.get("gate", "none"),
-        "gate_init_prob": v.get("gate_init_prob", 0.25),
-        "clip_gamma": v.get("clip_gamma"),
-        "clip_zeta": v.get("clip_zeta"),
-    }
-    if out["softmax"] not in SOFTMAX_CHOICES:
-        _fail(f"unknown softmax variant {out['softmax']!r}: expected one of {SOFTMAX_CHOICES}")
-    if out["gate"] not in GATE_CHOICES:
-        _fail(f"unknown gate variant {out['gate']!r}: expected one of {GATE_CHOICES}")
-    if "clip_alpha" in v or "clip_seq_len" in v:
-        if out["clip_gamma"] is not None:
-            _fail("give clip_gamma or clip_alpha + clip_seq_len, not both")
-        alpha, seq_len = v.get("clip_alpha"), v.get("clip_seq_len")
-        if alpha is None or not isinstance(seq_len, int) or seq_len <= 0:
-            _fail(f"clip_alpha={alpha!r}, clip_seq_len={seq_len!r}: expected alpha >= 0 and the training sequence length T > 0")
-        out["clip_gamma"] = -float(alpha) / seq_len
-        if out["clip_zeta"] is None:
-            out["clip_zeta"] = 1.0
-    return out
+    try:
+        return AttentionVariantConfig.parse(variant).resolved(seq_length).to_dict()
+    except ValueError as e:
+        _fail(str(e))
 
 
 def is_plain_opt(fields: Mapping) -> bool:
-    """Vanilla softmax (or softmax_n with n = 0), no clip, no gate: a plain transformers OPT model."""
-    vanilla = fields["softmax"] == "vanilla" or (fields["softmax"] == "softmax_n" and float(fields["softmax_n"]) == 0.0)
-    return vanilla and fields["clip_gamma"] is None and fields["gate"] == "none"
+    """Plain softmax attention (vanilla or softmax_n with n = 0, no clip, no gate): a plain transformers OPT model."""
+    from megatron_outeff.ops.variants import AttentionVariantConfig
+
+    return AttentionVariantConfig.from_dict(fields).plain_softmax
 
 
 def fp16_overflow_report(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
@@ -229,6 +181,30 @@ def _check_finite(sd: Mapping[str, torch.Tensor]):
 
 def _source_file(module_name: str) -> Path:
     return Path(inspect.getsourcefile(importlib.import_module(module_name)))
+
+
+def exported_sources() -> dict[str, bytes]:
+    """{file name: contents} of the project's sources a remote-code export ships beside the modeling files:
+    outeff_deps.py with each ``from megatron_outeff.<package>.<module> import`` made ``from .<module>
+    import``, and verbatim copies of those modules and, recursively, of the modules they import
+    relatively (their siblings)."""
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    deps = _source_file(DEPS_MODULE)
+    text = deps.read_text(encoding="utf-8")
+    files = {deps.name: _PACKAGE_IMPORT.sub(r"from .\1 import", text).encode("utf-8")}
+    pending = [_source_file(m.group(0)[len("from "):-len(" import")]) for m in _PACKAGE_IMPORT.finditer(text)]
+    seen = {}
+    while pending:
+        path = pending.pop()
+        if path.name in seen:
+            if seen[path.name] != path:
+                _fail(f"internal: two exported sources named {path.name}: {seen[path.name]} and {path}")
+            continue
+        seen[path.name] = path
+        files[path.name] = path.read_bytes()
+        pending.extend(path.parent / f"{name}.py" for name in get_relative_imports(path))
+    return files
 
 
 def _check_relative_imports_resolve(directory: Path):
@@ -400,6 +376,7 @@ def export_hf_dir(
     opt_config_kwargs: Mapping,
     variant,
     *,
+    seq_length: Optional[int] = None,
     extra_state: Optional[Mapping[str, torch.Tensor]] = None,
     tokenizer_dir=None,
     dtype=None,
@@ -407,6 +384,7 @@ def export_hf_dir(
 ) -> Path:
     """Write a Hugging Face model directory; see the module docstring. Returns ``Path(out_dir)``.
 
+    seq_length: the training sequence length (needed only by the clip_alpha form).
     opt_config_kwargs: transformers ``OPTConfig`` fields (vocab_size, hidden_size, num_hidden_layers,
     ffn_dim, num_attention_heads, max_position_embeddings, ...). dtype: None/"fp32", "fp16", "bf16"
     (or the torch dtype). With fp16, weights beyond 65504 are refused, and ``calibration_batches``
@@ -424,7 +402,7 @@ def export_hf_dir(
     if dtype not in _DTYPES:
         _fail(f"dtype={dtype!r}: expected fp32, fp16 or bf16")
     torch_dtype = _DTYPES[dtype]
-    fields = resolve_variant(variant)
+    fields = resolve_variant(variant, seq_length)
     overlap = sorted(set(opt_config_kwargs) & (set(fields) | {"model_type", "auto_map"}))
     if overlap:
         _fail(f"opt_config_kwargs must not contain {overlap}: the variant sets them")
@@ -500,19 +478,17 @@ def export_hf_dir(
         model.to(torch_dtype)
         model.save_pretrained(tmp)
         if not plain:
-            (tmp / "outeff_deps.py").write_text(EXPORTED_DEPS_SOURCE)
-            for fname, module_name in COPIED_SOURCES.items():
-                shutil.copyfile(_source_file(module_name), tmp / fname)
+            for fname, data in exported_sources().items():
+                (tmp / fname).write_bytes(data)
             _check_relative_imports_resolve(tmp)
         check_exported_dir(tmp, model, plain=plain)  # a failure leaves nothing behind
     return out_dir
 
 
 __all__ = [
-    "COPIED_SOURCES",
     "FP16_MAX",
-    "VARIANT_KEYS",
     "export_hf_dir",
+    "exported_sources",
     "check_exported_dir",
     "fp16_overflow_check",
     "fp16_overflow_report",

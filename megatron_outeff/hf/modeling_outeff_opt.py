@@ -10,8 +10,9 @@ Attention per layer (q already scaled by 1/sqrt(d_head), as in OPT):
     o      = p v                          -> QuantPoint ``pv_quant``
     o_h   *= sigmoid(G_h(x_h))            (gated variants; x = the attention layer's input)
     out    = out_proj(o)
-The softmax/clip math is megatron_outeff's ``outeff_softmax_reference`` (imported through
-``outeff_deps``), never re-implemented here.
+The variant (``config.attention_variant()``), the softmax/clip math (``outeff_softmax_reference``)
+and the gate (``head_gate``, its parameters and initial values) are megatron_outeff's own, imported
+through ``outeff_deps``, never re-implemented here.
 
 Masks: the model runs transformers' "eager" mask path (sdpa/flash/flex are declared unsupported,
 since none of them computes these variants), so each layer receives OPT's causal + padding mask
@@ -21,22 +22,12 @@ with every key masked (a left-padding position) yields a zero attention output.
 
 Extra parameters (state-dict keys, i = layer index):
     model.decoder.layers.{i}.self_attn.softmax_offset        [H]            softmax == "learnable"
-    model.decoder.layers.{i}.self_attn.gate.weight           [H, d_head]    gate == "linear"
-    model.decoder.layers.{i}.self_attn.gate.bias             [H]            gate == "linear"
-    model.decoder.layers.{i}.self_attn.gate.weight           [H, d_model]   gate == "shared_linear"
-    model.decoder.layers.{i}.self_attn.gate.bias             [H]            gate == "shared_linear"
-    model.decoder.layers.{i}.self_attn.gate.fc1_weight       [H, d_head//4, d_head]   gate == "mlp"
-    model.decoder.layers.{i}.self_attn.gate.fc1_bias         [H, d_head//4]           gate == "mlp"
-    model.decoder.layers.{i}.self_attn.gate.fc2_weight       [H, d_head//4]           gate == "mlp"
-    model.decoder.layers.{i}.self_attn.gate.fc2_bias         [H]                      gate == "mlp"
-Head h reads the input slice x[..., h*d_head:(h+1)*d_head] (linear, mlp); shared_linear reads all
-of x and its output column h is head h's gate logit.
+    model.decoder.layers.{i}.self_attn.gate.<name>           gate != "none": ``gate_parameter_shapes``
+                                                              (ops/gate.py) names and shapes
 
 QuantPoints (identities in float), per decoder layer: self_attn.qk_quant, self_attn.softmax_quant,
 self_attn.pv_quant, attn_residual_quant, ffn_residual_quant (5 per layer).
 """
-import math
-
 import torch
 from torch import nn
 from transformers import initialization as init
@@ -49,47 +40,26 @@ from transformers.models.opt.modeling_opt import (
 )
 
 from .configuration_outeff_opt import OutEffOPTConfig
-from .outeff_deps import Clip, QuantPoint, causal_mask, outeff_softmax_reference, resolve_sink
+from .outeff_deps import (
+    Clip, QuantPoint, causal_mask, gate_initial_value, gate_parameter_shapes, head_gate, outeff_softmax_reference,
+    resolve_sink,
+)
 
 QUANT_POINTS_PER_LAYER = 5
 
 
 class OutEffHeadGate(nn.Module):
-    """Per-head attention gate: [batch, seq, d_model] -> [batch, seq, heads] in (0, 1)."""
+    """Per-head attention gate (``head_gate``): [batch, seq, d_model] -> [batch, seq, heads] in (0, 1), fp32."""
 
     def __init__(self, kind: str, hidden_size: int, num_heads: int, init_prob: float):
         super().__init__()
         self.kind = kind
-        self.num_heads = num_heads
-        self.head_dim = hidden_size // num_heads
-        self.init_bias = math.log(init_prob / (1.0 - init_prob))
-        h, d = num_heads, self.head_dim
-        if kind == "linear":
-            self.weight = nn.Parameter(torch.empty(h, d))
-            self.bias = nn.Parameter(torch.empty(h))
-        elif kind == "shared_linear":
-            self.weight = nn.Parameter(torch.empty(h, hidden_size))
-            self.bias = nn.Parameter(torch.empty(h))
-        elif kind == "mlp":
-            r = d // 4
-            self.fc1_weight = nn.Parameter(torch.empty(h, r, d))
-            self.fc1_bias = nn.Parameter(torch.empty(h, r))
-            self.fc2_weight = nn.Parameter(torch.empty(h, r))
-            self.fc2_bias = nn.Parameter(torch.empty(h))
-        else:
-            raise ValueError(f"gate={kind!r}: expected 'linear', 'mlp' or 'shared_linear'")
+        self.init_prob = init_prob
+        for name, shape in gate_parameter_shapes(kind, num_heads, hidden_size // num_heads, hidden_size).items():
+            self.register_parameter(name, nn.Parameter(torch.empty(shape)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "shared_linear":
-            logits = nn.functional.linear(x, self.weight, self.bias)
-        else:
-            xh = x.view(*x.shape[:-1], self.num_heads, self.head_dim)            # [b, s, H, d]
-            if self.kind == "linear":
-                logits = torch.einsum("bshd,hd->bsh", xh, self.weight) + self.bias
-            else:
-                hid = torch.relu(torch.einsum("bshd,hrd->bshr", xh, self.fc1_weight) + self.fc1_bias)
-                logits = torch.einsum("bshr,hr->bsh", hid, self.fc2_weight) + self.fc2_bias
-        return torch.sigmoid(logits)
+        return head_gate(x, self.kind, dict(self.named_parameters(recurse=False)))
 
 
 def _masked_out(attention_mask, bsz: int, q_len: int, kv_len: int, device) -> torch.Tensor:
@@ -112,15 +82,14 @@ class OutEffOPTAttention(OPTAttention):
 
     def __init__(self, config: OutEffOPTConfig, layer_idx: int | None = None, **kwargs):
         super().__init__(config, layer_idx=layer_idx, **kwargs)
-        self.softmax_type = config.softmax
-        self.softmax_n = float(config.softmax_n)
-        self.clip = None if config.clip_gamma is None else Clip.parse((config.clip_gamma, config.clip_zeta))
-        if config.softmax == "learnable":
+        self.variant = config.attention_variant()
+        self.clip = Clip.parse(self.variant.clip_pair())
+        if self.variant.learnable_offset:
             self.softmax_offset = nn.Parameter(torch.zeros(self.num_heads))
         else:
             self.softmax_offset = None
-        if config.gate != "none":
-            self.gate = OutEffHeadGate(config.gate, self.embed_dim, self.num_heads, config.gate_init_prob)
+        if self.variant.gated:
+            self.gate = OutEffHeadGate(self.variant.gate, self.embed_dim, self.num_heads, self.variant.gate_init_prob)
         else:
             self.gate = None
         self.qk_quant = QuantPoint()
@@ -139,7 +108,8 @@ class OutEffOPTAttention(OPTAttention):
 
         scores = self.qk_quant(torch.matmul(query_states, key_states.transpose(-1, -2)))   # [b, H, sq, sk]
         masked = _masked_out(attention_mask, bsz, tgt_len, kv_len, scores.device)
-        sink = resolve_sink(self.softmax_type, self.softmax_n, self.softmax_offset, self.num_heads, scores.device)
+        sink = resolve_sink(**self.variant.softmax_args(), offset=self.softmax_offset, num_heads=self.num_heads,
+                            device=scores.device)
         probs = outeff_softmax_reference(scores, scale=1.0, sink=sink, mask=masked, clip=self.clip)
         probs = self.softmax_quant(probs.to(value_states.dtype))
         probs_d = nn.functional.dropout(probs, p=self.dropout, training=self.training)
@@ -206,14 +176,12 @@ class _OutEffOPTPreTrained:
         if isinstance(module, OutEffOPTAttention) and module.softmax_offset is not None:
             init.zeros_(module.softmax_offset)
         elif isinstance(module, OutEffHeadGate):
-            std = self.config.init_std
             for name, param in module.named_parameters(recurse=False):
-                if name in ("bias", "fc2_bias"):
-                    init.constant_(param, module.init_bias)
-                elif name == "fc1_bias":
-                    init.zeros_(param)
+                value = gate_initial_value(name, module.init_prob)
+                if value is None:
+                    init.normal_(param, mean=0.0, std=self.config.init_std)
                 else:
-                    init.normal_(param, mean=0.0, std=std)
+                    init.constant_(param, value)
 
 
 # Each constructor lets transformers' OPT constructor build its parts, then swaps in the OutEff part.

@@ -1,13 +1,16 @@
-"""Where the modeling file gets the project's attention math and ``QuantPoint`` from.
+"""Where the Hugging Face remote code gets the project's attention variant, attention math, gate and
+``QuantPoint`` from: one implementation of each, never re-implemented in the remote code.
 
-Inside the package these are megatron_outeff's own objects (one implementation of each formula,
-one ``QuantPoint`` class). In an exported directory the exporter replaces this file by one that
-imports verbatim copies of megatron_outeff/ops/{reference,variants}.py and
-megatron_outeff/quant/points.py placed beside it (see ``export.EXPORTED_DEPS_SOURCE``), so the
-directory loads without megatron_outeff installed.
+Inside the package these imports are megatron_outeff's own modules. An exported directory holds
+this file with each import made relative to a verbatim copy of the module placed beside it
+(``export.exported_sources``), so the directory loads without megatron_outeff installed.
 """
+from megatron_outeff.ops.gate import gate_initial_value, gate_parameter_shapes, head_gate
 from megatron_outeff.ops.reference import causal_mask, outeff_softmax_reference
-from megatron_outeff.ops.variants import Clip, resolve_sink
+from megatron_outeff.ops.variants import AttentionVariantConfig, Clip, resolve_sink
 from megatron_outeff.quant.points import QuantPoint
 
-__all__ = ["Clip", "QuantPoint", "causal_mask", "outeff_softmax_reference", "resolve_sink"]
+__all__ = [
+    "AttentionVariantConfig", "Clip", "QuantPoint", "causal_mask", "gate_initial_value", "gate_parameter_shapes",
+    "head_gate", "outeff_softmax_reference", "resolve_sink",
+]

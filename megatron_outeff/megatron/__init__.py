@@ -1,11 +1,12 @@
 """megatron-core integration: outlier-efficient attention through ModuleSpecs. Knows nothing of DeepSpeed.
 
 Public API (imported lazily: ``import megatron.core`` costs seconds):
-    AttentionVariantConfig                       variant.py     the typed variant (softmax x clip x gate)
+    AttentionVariantConfig                       variant.py     the typed variant (owner: megatron_outeff.ops.variants)
+    from_megatron_softmax_type, megatron_softmax_type   variant.py  (the translator to/from megatron's softmax_type)
     get_outeff_layer_spec(variant, *, qk_layernorm, seq_length, normalization)   layer_spec.py
     get_outeff_block_spec(config, variant, ...)  layer_spec.py  (final norm usable with SP without apex)
     replace_self_attention(layer_spec, variant)  layer_spec.py  (any TransformerLayer spec, e.g. TE's)
-    variant_from_megatron(config)                layer_spec.py  (megatron softmax_type -> variant)
+    variant_from_megatron(config)                variant.py     (megatron config.softmax_type -> variant)
     OutEffCoreAttention                          core_attention.py  (drop-in DotProductAttention)
     OutEffSelfAttention, OutEffHeadGate          self_attention.py
     TorchNorm                                    layer_spec.py
@@ -18,7 +19,9 @@ _EXPORTS = {
     "get_outeff_layer_spec": "layer_spec",
     "get_outeff_block_spec": "layer_spec",
     "replace_self_attention": "layer_spec",
-    "variant_from_megatron": "layer_spec",
+    "variant_from_megatron": "variant",
+    "from_megatron_softmax_type": "variant",
+    "megatron_softmax_type": "variant",
     "TorchNorm": "layer_spec",
     "OutEffCoreAttention": "core_attention",
     "check_variant_fits": "core_attention",

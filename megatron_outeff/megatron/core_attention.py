@@ -22,14 +22,16 @@ matmul's scale by the layer number and multiplies the fp32 scores back by it bef
 softmax; the product is unchanged, and the ops already do all softmax math in fp32, so the net
 scale is used directly.
 
+This module only translates megatron's layouts ([s, b, h, d] -> the ops' [b, s, h, d]) and masks;
+every step of the attention (scores, sink softmax, clip, dropout, P V, gate) and the choice of a
+kernel for the device are ``outeff_attention`` / ``outeff_attention_probs``.
+
 Masks (megatron's convention: bool, True = masked out):
     attention_mask None, causal type, sq > 1   -> causal (sq == sk, as megatron asserts)
     attention_mask None otherwise              -> no mask
     attention_mask [b|1, 1, 1, sk]             -> key padding (outeff_attention key_padding_mask)
     attention_mask [b|1, 1, sq, sk] == causal  -> causal (the flash path)
-    any other mask                             -> materialised path: scores, then the ops' row
-                                                  softmax (``fused_outeff_softmax`` on CUDA,
-                                                  ``outeff_softmax_reference`` on CPU) with the mask
+    any other mask                             -> outeff_attention(mask=...) (a materialised path)
 As in megatron's torch path a given mask replaces the causal one. One intentional difference: a
 fully masked row gives a zero output here (megatron fills -10000 and, for vanilla softmax,
 averages the masked values).
@@ -63,32 +65,10 @@ from megatron.core.transformer.utils import (
     make_sharded_tensors_for_checkpoint,
 )
 
-from megatron_outeff.ops import outeff_attention, outeff_softmax_reference, resolve_sink
-from megatron_outeff.ops.reference import build_mask, causal_mask, expand_kv_heads
+from megatron_outeff.ops import gate_parameter_shapes, outeff_attention, outeff_attention_probs
+from megatron_outeff.ops.reference import causal_mask
 
-from .variant import AttentionVariantConfig
-
-
-def resolve_variant(config: TransformerConfig, variant: Optional[AttentionVariantConfig]) -> AttentionVariantConfig:
-    """The variant a layer runs: ``variant`` if given, else megatron's ``config.softmax_type``.
-
-    Both at once must agree: a model cannot be 'learnable' for megatron and something else for us.
-    """
-    megatron_type = getattr(config, "softmax_type", "vanilla")
-    if variant is None:
-        return AttentionVariantConfig.from_megatron_softmax_type(megatron_type)
-    if isinstance(variant, dict):
-        variant = AttentionVariantConfig.from_dict(variant)
-    if not isinstance(variant, AttentionVariantConfig):
-        raise ValueError(f"variant={variant!r}: expected an AttentionVariantConfig, a dict or None")
-    if megatron_type != "vanilla":
-        implied = AttentionVariantConfig.from_megatron_softmax_type(megatron_type).softmax
-        if variant.softmax != implied:
-            raise ValueError(
-                f"config.softmax_type={megatron_type!r} conflicts with variant softmax={variant.softmax!r}: "
-                f"set softmax_type='vanilla' and let the variant choose"
-            )
-    return variant
+from .variant import AttentionVariantConfig, resolve_variant
 
 
 def check_variant_fits(variant: AttentionVariantConfig, config: TransformerConfig, tp_size: int) -> None:
@@ -105,14 +85,8 @@ def check_variant_fits(variant: AttentionVariantConfig, config: TransformerConfi
         raise ValueError(f"context_parallel_size={config.context_parallel_size}: OutEffCoreAttention has no context parallelism")
     if getattr(config, "window_size", None) is not None:
         raise ValueError(f"window_size={config.window_size}: sliding-window attention is not supported by OutEffCoreAttention")
-    d_head = config.kv_channels or config.hidden_size // heads
-    if variant.gate in ("linear", "mlp") and d_head * heads != config.hidden_size:
-        raise ValueError(
-            f"gate={variant.gate!r} reads head h's d_head-wide slice of the input, which needs hidden_size "
-            f"({config.hidden_size}) == num_attention_heads * kv_channels ({heads} * {d_head}); use gate='shared_linear'"
-        )
-    if variant.gate == "mlp" and d_head < 4:
-        raise ValueError(f"gate='mlp' with head_dim={d_head}: the hidden width head_dim // 4 would be 0 (needs head_dim >= 4)")
+    if variant.gated:  # the gate's own shape rules (ops.gate)
+        gate_parameter_shapes(variant.gate, heads, config.kv_channels or config.hidden_size // heads, config.hidden_size)
 
 
 def init_sharded_parameter(
@@ -248,21 +222,17 @@ class OutEffCoreAttention(MegatronModule):
         # [s, b, h, d] -> [b, s, h, d]: the ops' layout (a view; the ops handle strides).
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))
         causal, key_padding, dense_mask = self._resolve_mask(attention_mask, mask_type, b, sq, sk)
-        gate = self._gate
         dropout_p = self.dropout_p if self.training else 0.0
 
         rng = contextlib.nullcontext()
         if dropout_p > 0 and not self.config.sequence_parallel:
             rng = tensor_parallel.get_cuda_rng_tracker().fork()
         with rng:
-            if dense_mask is None:
-                out = outeff_attention(
-                    q, k, v, softmax=self.variant.softmax, n=self.variant.n, offset=self.softmax_offset,
-                    clip=self.clip, gate=gate, causal=causal, key_padding_mask=key_padding,
-                    scale=self.softmax_scale, dropout_p=dropout_p, impl=self.impl,
-                )
-            else:
-                out = self._materialised_attention(q, k, v, dense_mask, gate, dropout_p)
+            out = outeff_attention(
+                q, k, v, **self._softmax_args(), clip=self.clip, gate=self._gate, causal=causal,
+                key_padding_mask=key_padding, mask=dense_mask, scale=self.softmax_scale, dropout_p=dropout_p,
+                impl=self.impl,
+            )
         # [b, sq, np, hn] -> [sq, b, np * hn]
         return out.transpose(0, 1).reshape(sq, b, heads * out.shape[-1])
 
@@ -284,18 +254,8 @@ class OutEffCoreAttention(MegatronModule):
             return True, None, None
         return False, None, mask
 
-    def _probabilities(self, q, k, mask, clip) -> Tensor:
-        """Materialised attention probabilities [b, h, sq, sk] (fp32) of q [b, sq, h, d], k [b, sk, g, d];
-        mask: dense bool, True = masked out, or None."""
-        heads = q.shape[2]
-        sink = resolve_sink(self.variant.softmax, self.variant.n, self.softmax_offset, heads, q.device)
-        qt = q.transpose(1, 2).float()                                   # [b, h, sq, d]
-        kt = expand_kv_heads(k, heads).transpose(1, 2).float()
-        scores = qt @ kt.transpose(-1, -2)                               # [b, h, sq, sk], fp32
-        softmax_fn = outeff_softmax_reference
-        if q.device.type == "cuda":
-            from megatron_outeff.ops.row_softmax import fused_outeff_softmax as softmax_fn  # noqa: F811
-        return softmax_fn(scores, scale=self.softmax_scale, sink=sink, mask=mask, clip=_as_clip(clip))
+    def _softmax_args(self) -> dict:
+        return dict(self.variant.softmax_args(), offset=self.softmax_offset)
 
     @torch.no_grad()
     def probe_probabilities(self, query, key, attention_mask, attn_mask_type=None) -> Tensor:
@@ -305,23 +265,11 @@ class OutEffCoreAttention(MegatronModule):
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         sq, b = query.shape[:2]
         sk = key.shape[0]
-        q, k = query.transpose(0, 1), key.transpose(0, 1)
         causal, key_padding, dense_mask = self._resolve_mask(attention_mask, mask_type, b, sq, sk)
-        if dense_mask is None:
-            dense_mask = build_mask(b, sq, sk, causal, key_padding, q.device)
-        return self._probabilities(q, k, dense_mask, clip=None)
-
-    def _materialised_attention(self, q, k, v, mask, gate, dropout_p):
-        """Arbitrary mask: materialise the scores, run the ops' row softmax on them, then P @ V."""
-        heads = q.shape[2]
-        vt = expand_kv_heads(v, heads).transpose(1, 2)
-        p = self._probabilities(q, k, mask, self.clip)
-        if dropout_p > 0:
-            p = torch.nn.functional.dropout(p, dropout_p, training=True)
-        out = (p.to(vt.dtype) @ vt).transpose(1, 2)                      # [b, sq, h, d]
-        if gate is not None:
-            out = out * gate.to(out.dtype).unsqueeze(-1)
-        return out
+        return outeff_attention_probs(
+            query.transpose(0, 1), key.transpose(0, 1), **self._softmax_args(), causal=causal,
+            key_padding_mask=key_padding, mask=dense_mask, scale=self.softmax_scale,
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
@@ -353,8 +301,3 @@ class OutEffCoreAttention(MegatronModule):
     def extra_repr(self) -> str:
         return f"variant={self.variant.describe()!r}, heads_per_partition={self.num_attention_heads_per_partition}, scale={self.softmax_scale:.4g}"
 
-
-def _as_clip(pair):
-    from megatron_outeff.ops import Clip
-
-    return Clip.parse(pair)

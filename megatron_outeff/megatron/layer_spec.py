@@ -12,7 +12,7 @@ RowParallel linears, MLP, bias-dropout-add) stays megatron's.
 Where the variant lives: in the self-attention ModuleSpec's ``params`` (``variant``,
 ``seq_length``), megatron's mechanism for per-module options; ``TransformerConfig`` is untouched,
 so one config can build models of several variants and megatron's ``softmax_type`` keeps its own
-meaning (``variant=None`` means "follow config.softmax_type", see ``variant_from_megatron``).
+meaning (``variant=None`` means "follow config.softmax_type", see ``variant.variant_from_megatron``).
 
 Norms: without apex, megatron's local spec uses ``WrappedTorchNorm``, which refuses sequence
 parallelism. ``TorchNorm`` below is the same torch LayerNorm / RMSNorm whose parameters carry the
@@ -76,11 +76,6 @@ class TorchNorm:
         for p in norm.parameters():
             p.sequence_parallel = bool(config.sequence_parallel)
         return norm
-
-
-def variant_from_megatron(config: TransformerConfig) -> AttentionVariantConfig:
-    """megatron's ``config.softmax_type`` as our variant: vanilla / off-by-one -> softmax1 / learnable."""
-    return AttentionVariantConfig.from_megatron_softmax_type(config.softmax_type)
 
 
 def _torch_norm_if_wrapped(norm):

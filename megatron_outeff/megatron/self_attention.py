@@ -6,11 +6,11 @@ A thin subclass used through the layer spec (``get_outeff_layer_spec``). It adds
    ``seq_length``): megatron's per-module option mechanism. Because megatron's ``Attention``
    calls the core-attention class directly (no ModuleSpec there), this class binds the variant to
    an ``OutEffCoreAttention`` core with ``functools.partial`` before megatron builds it.
-2. Gated attention (Bondarenko et al. 2023): per head h,
-       g_h = sigmoid(G_h(x_h))      x_h = head h's d_head-wide slice of the layer INPUT hidden state
-   and head h's core-attention output is multiplied by g_h before linear_proj (passed as
-   ``gate=`` to ``megatron_outeff.ops.outeff_attention``). ``OutEffHeadGate`` computes g; the
-   forward opens ``core_attention.gate_scope(g)`` around megatron's unchanged forward.
+2. Gated attention (``megatron_outeff.ops.gate``): per head h, g_h = sigmoid(G_h(x_h)) with x_h
+   head h's d_head-wide slice of the layer INPUT hidden state; head h's core-attention output is
+   multiplied by g_h before linear_proj (passed as ``gate=`` to ``megatron_outeff.ops.outeff_attention``).
+   ``OutEffHeadGate`` holds this rank's gate parameters and computes g; the forward opens
+   ``core_attention.gate_scope(g)`` around megatron's unchanged forward.
 
 Tensor / sequence parallelism: a TP rank owns the gates of its own heads (parameters sharded
 along the head dim, ``tensor_model_parallel=True, partition_dim=0, partition_stride=1``) and reads
@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -44,19 +42,22 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 
-from .core_attention import OutEffCoreAttention, check_variant_fits, init_sharded_parameter, resolve_variant
-from .variant import AttentionVariantConfig
+from megatron_outeff.ops import gate_initial_value, gate_parameter_shapes, head_gate
+
+from .core_attention import OutEffCoreAttention, check_variant_fits, init_sharded_parameter
+from .variant import AttentionVariantConfig, from_megatron_softmax_type, resolve_variant
+
+# megatron checkpoint names of ops.gate parameters that differ (the mlp gate's output bias).
+_MEGATRON_GATE_NAMES = {"fc2_bias": "bias"}
 
 
 class OutEffHeadGate(MegatronModule):
     """Per-head attention gate for this TP rank's heads: hidden [s(/tp), b, d_model] -> g [b, s, heads/tp].
 
-    linear         logit_h = w_h . x_h + b_h                     w [H, d_head], b [H]
-    mlp            logit_h = w2_h . relu(W1_h x_h + b1_h) + b_h  W1 [H, d_head/4, d_head], b1 [H, d_head/4], w2 [H, d_head/4]
-    shared_linear  logit = W x + b over the whole hidden state   W [H, d_model], b [H]
-    (shapes for all H heads; each rank stores rows [rank*H/tp, (rank+1)*H/tp)). b starts at
-    logit(gate_init_prob); weights use config.init_method (megatron's weight init). The gate is
-    sigmoid(logit) computed in fp32.
+    The gate's parameters, initial values and math are ``megatron_outeff.ops.gate`` (shapes there are
+    for all H heads; each rank stores rows [rank*H/tp, (rank+1)*H/tp)); weights use config.init_method
+    (megatron's weight init). Parameter names as there, except the mlp gate's ``fc2_bias``, which
+    megatron checkpoints call ``bias`` (as every other gate's output bias).
     """
 
     def __init__(self, config: TransformerConfig, variant: AttentionVariantConfig, tp_group):
@@ -68,46 +69,24 @@ class OutEffHeadGate(MegatronModule):
         self.heads_per_partition = heads // tp_size
         self.d_head = d_head
         self.tp_rank = tp_rank
-        bias0 = math.log(variant.gate_init_prob / (1.0 - variant.gate_init_prob))  # logit(p)
-
-        def param(shape, init):
-            return init_sharded_parameter(config, shape, init, tp_rank, tp_size, partition_dim=0)
-
-        def constant(value):
-            return lambda t: torch.nn.init.constant_(t, value)
-
-        if self.kind == "linear":
-            self.weight = param((heads, d_head), config.init_method)
-        elif self.kind == "mlp":
-            hidden = d_head // 4
-            self.fc1_weight = param((heads, hidden, d_head), config.init_method)
-            self.fc1_bias = param((heads, hidden), constant(0.0))
-            self.fc2_weight = param((heads, hidden), config.init_method)
-        elif self.kind == "shared_linear":
-            self.weight = param((heads, config.hidden_size), config.init_method)
-        else:
-            raise ValueError(f"gate={self.kind!r}: OutEffHeadGate needs one of linear, mlp, shared_linear")
-        # The bias is constant at init, so it is the same on every rank whatever the init path.
-        self.bias = param((heads,), constant(bias0))
+        self._names = {}  # ops.gate name -> this module's parameter name
+        for name, shape in gate_parameter_shapes(self.kind, heads, d_head, config.hidden_size).items():
+            value = gate_initial_value(name, variant.gate_init_prob)
+            # Constants (the biases) are the same on every rank whatever the init path.
+            init = config.init_method if value is None else functools.partial(torch.nn.init.constant_, val=value)
+            self._names[name] = _MEGATRON_GATE_NAMES.get(name, name)
+            setattr(self, self._names[name], init_sharded_parameter(config, shape, init, tp_rank, tp_size, partition_dim=0))
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         if self.config.sequence_parallel:
             x = gather_from_sequence_parallel_region(hidden_states, group=self.tp_group)  # [s, b, d_model]
         else:
             x = copy_to_tensor_model_parallel_region(hidden_states, group=self.tp_group)
-        s, b = x.shape[:2]
-        if self.kind == "shared_linear":
-            logits = torch.nn.functional.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))  # [s, b, np]
-        else:
+        if self.kind != "shared_linear":  # this rank's heads' slices of the input
             lo = self.tp_rank * self.heads_per_partition * self.d_head
-            x_h = x[..., lo : lo + self.heads_per_partition * self.d_head].reshape(s, b, self.heads_per_partition, self.d_head)
-            if self.kind == "linear":
-                logits = torch.einsum("sbhd,hd->sbh", x_h, self.weight.to(x.dtype))
-            else:
-                hid = torch.relu(torch.einsum("sbhd,hkd->sbhk", x_h, self.fc1_weight.to(x.dtype)) + self.fc1_bias.to(x.dtype))
-                logits = torch.einsum("sbhk,hk->sbh", hid, self.fc2_weight.to(x.dtype))
-            logits = logits + self.bias.to(x.dtype)
-        return torch.sigmoid(logits.float()).transpose(0, 1)  # [b, s, np]
+            x = x[..., lo : lo + self.heads_per_partition * self.d_head]
+        params = {name: getattr(self, mine) for name, mine in self._names.items()}
+        return head_gate(x, self.kind, params).transpose(0, 1)  # [b, s, np], fp32
 
     def sharded_state_dict(
         self, prefix: str = "", sharded_offsets: Tuple[Tuple[int, int, int], ...] = (), metadata: Optional[dict] = None
@@ -150,7 +129,7 @@ class OutEffSelfAttention(SelfAttention):
             submodules = dataclasses.replace(
                 submodules, core_attention=functools.partial(core, variant=variant, seq_length=seq_length)
             )
-        elif variant != AttentionVariantConfig.from_megatron_softmax_type(getattr(config, "softmax_type", "vanilla")):
+        elif variant != from_megatron_softmax_type(getattr(config, "softmax_type", "vanilla")):
             name = getattr(core, "__name__", repr(core))
             raise ValueError(f"core_attention={name} cannot run the attention variant {variant.describe()!r}: use OutEffCoreAttention")
         super().__init__(config, submodules, layer_number, attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type, pg_collection=pg_collection)

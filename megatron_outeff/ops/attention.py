@@ -7,8 +7,10 @@ from typing import Optional
 
 import torch
 
-from .cpu_attention import clipped_outeff_attention, cpu_unsupported_reason, sdpa_outeff_attention
-from .reference import build_mask, expand_kv_heads, outeff_attention_reference
+from .cpu_attention import cpu_outeff_attention, cpu_unsupported_reason
+from .reference import (
+    attention_scores, build_mask, compute_dtype, expand_kv_heads, outeff_attention_reference, outeff_softmax_reference,
+)
 from .variants import Clip, resolve_sink, validate_attention_args
 
 
@@ -31,6 +33,7 @@ def outeff_attention(
     gate: Optional[torch.Tensor] = None,
     causal: bool = False,
     key_padding_mask: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     impl: str = "auto",
@@ -39,22 +42,25 @@ def outeff_attention(
 
     q: [batch, sq, heads, d]; k, v: [batch, sk, kv_heads, d] (kv_heads divides heads) -> [batch, sq, heads, d].
 
-    softmax: "vanilla" | "softmax1" | "softmax_n" (uses ``n``) | "learnable" (uses ``offset`` [heads]).
+    softmax: "vanilla" | "softmax1" | "softmax_n" (uses ``n``, the n of softmax_n) | "learnable"
+    (uses ``offset`` [heads]); the variants' math: ``megatron_outeff.ops.variants``.
     clip: None or (gamma, zeta): probabilities become clip((zeta - gamma) * p + gamma, 0, 1).
     gate: None or [batch, sq, heads] in (0, 1), multiplying each head's output after P @ V.
     causal: bottom-right aligned causal mask. key_padding_mask: bool [batch, sk], True = real token.
+    mask: any dense bool mask broadcastable to [batch, heads, sq, sk] (each dim its size or 1), True =
+    masked out (megatron-core's convention); combined with causal and key_padding_mask.
     scale: defaults to 1/sqrt(d). dropout_p: dropout on the (clipped) probabilities.
     impl: "auto" chooses:
-        CUDA: "triton" (the flash kernel), or "rowwise" when dropout_p > 0;
+        CUDA: "triton" (the flash kernel), or "rowwise" when dropout_p > 0 or a dense mask is given;
         CPU:  "cpu" when dropout_p == 0 (unclipped: torch's fused CPU flash kernel + the sink as a
               sigmoid rescale, memory linear in sq; clipped: a lean materialised path), else "torch".
     "torch" (the PyTorch reference), "cpu" (forced; CPU tensors, no dropout), "triton" (forced; on CPU
-    only under TRITON_INTERPRET=1), "rowwise" (materialised scores + fused row softmax kernel).
+    only under TRITON_INTERPRET=1; no dense mask), "rowwise" (materialised scores + fused row softmax kernel).
 
     Errors: ValueError naming the bad argument (shapes, dtypes, devices, variant, clip, impl that
     cannot serve the arguments).
     """
-    _, sq, sk, h, _, scale = validate_attention_args(q, k, v, gate, key_padding_mask, scale, dropout_p, impl)
+    _, sq, sk, h, _, scale = validate_attention_args(q, k, v, gate, key_padding_mask, scale, dropout_p, impl, mask)
     sink = resolve_sink(softmax, n, offset, h, q.device)
     clip = Clip.parse(clip)
 
@@ -62,7 +68,7 @@ def outeff_attention(
         if q.device.type != "cuda":
             impl = "cpu" if cpu_unsupported_reason(q.device, dropout_p) is None else "torch"
         else:
-            impl = "rowwise" if dropout_p > 0 else "triton"
+            impl = "rowwise" if dropout_p > 0 or mask is not None else "triton"
     if impl in ("triton", "rowwise") and not triton_runs_on(q.device):
         raise ValueError(
             f"impl={impl!r} on device {q.device}: Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
@@ -71,21 +77,20 @@ def outeff_attention(
         reason = cpu_unsupported_reason(q.device, dropout_p)
         if reason is not None:
             raise ValueError(f"impl='cpu': {reason}; use impl='torch' or 'auto'")
-        if clip is not None:
-            return clipped_outeff_attention(
-                q, k, v, scale=scale, clip=clip, sink=sink, gate=gate, causal=causal, key_padding_mask=key_padding_mask,
-            )
-        return sdpa_outeff_attention(
-            q, k, v, scale=scale, sink=sink, gate=gate, causal=causal, key_padding_mask=key_padding_mask,
+        return cpu_outeff_attention(
+            q, k, v, scale=scale, clip=clip, sink=sink, gate=gate, causal=causal, key_padding_mask=key_padding_mask,
+            mask=mask,
         )
     if impl == "torch":
         return outeff_attention_reference(
             q, k, v, scale=scale, sink=sink, clip=clip, gate=gate, causal=causal,
-            key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+            key_padding_mask=key_padding_mask, mask=mask, dropout_p=dropout_p,
         )
     if impl == "triton":
         if dropout_p > 0:
             raise ValueError(f"dropout_p={dropout_p} with impl='triton': the flash kernel has no dropout; use impl='rowwise' or 'auto'")
+        if mask is not None:
+            raise ValueError("mask with impl='triton': the flash kernel takes causal and key_padding_mask only; use impl='rowwise' or 'auto'")
         from .flash_attention import flash_outeff_attention
 
         return flash_outeff_attention(
@@ -96,11 +101,9 @@ def outeff_attention(
     from .row_softmax import fused_outeff_softmax
 
     b = q.shape[0]
-    qt = q.transpose(1, 2)
-    kt = expand_kv_heads(k, h).transpose(1, 2)
     vt = expand_kv_heads(v, h).transpose(1, 2)
-    scores = qt @ kt.transpose(-1, -2)
-    mask = build_mask(b, sq, sk, causal, key_padding_mask, q.device)
+    scores = attention_scores(q, k, q.dtype)
+    mask = build_mask(b, sq, sk, causal, key_padding_mask, q.device, mask)
     p = fused_outeff_softmax(scores, scale=scale, sink=sink, mask=mask, clip=clip)  # q's dtype
     if dropout_p > 0:
         p = torch.nn.functional.dropout(p, dropout_p, training=True)
@@ -108,3 +111,34 @@ def outeff_attention(
     if gate is not None:
         out = out * gate.to(out.dtype).unsqueeze(-1)
     return out.contiguous()
+
+
+def outeff_attention_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    softmax: str = "softmax1",
+    n: float = 1.0,
+    offset: Optional[torch.Tensor] = None,
+    causal: bool = False,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """The attention probabilities of ``outeff_attention`` before clipping (the same arguments but v,
+    clip, gate and dropout), materialised: q [batch, sq, heads, d], k [batch, sk, kv_heads, d] ->
+    [batch, heads, sq, sk], fp32 (fp64 for fp64 inputs). For monitoring (e.g. the attention mass on
+    the sink, 1 - row sum), not for training: no kernel keeps this matrix.
+
+    Scores q k^T in fp32; the softmax runs the fused row kernel on CUDA, the PyTorch reference
+    elsewhere. Errors: as ``outeff_attention``.
+    """
+    _, sq, sk, h, _, scale = validate_attention_args(q, k, k, None, key_padding_mask, scale, 0.0, "auto", mask)
+    sink = resolve_sink(softmax, n, offset, h, q.device)
+    scores = attention_scores(q, k, compute_dtype(q.dtype))
+    mask = build_mask(q.shape[0], sq, sk, causal, key_padding_mask, q.device, mask)
+    if q.device.type == "cuda":
+        from .row_softmax import fused_outeff_softmax
+
+        return fused_outeff_softmax(scores, scale=scale, sink=sink, mask=mask)
+    return outeff_softmax_reference(scores, scale=scale, sink=sink, mask=mask)

@@ -1,5 +1,6 @@
 """CPU attention: every unclipped softmax variant on torch's fused flash-attention kernel, clipped ones
-on a lean materialised path (``outeff_attention(impl="cpu")``, what ``impl="auto"`` runs on CPU).
+on a lean materialised path (``cpu_outeff_attention``: ``outeff_attention(impl="cpu")``, what
+``impl="auto"`` runs on CPU).
 
 torch's CPU flash kernel (``aten::_scaled_dot_product_flash_attention_for_cpu``, what
 ``F.scaled_dot_product_attention`` runs on CPU) computes vanilla attention in blocks, never
@@ -20,7 +21,8 @@ tensors are [b, h, sq] row statistics and one [b, h, sq, d] output copy.
 
 Masks: ``causal`` with sq == sk uses the kernel's own causal mode (it skips masked blocks); causal
 with sq != sk (bottom-right aligned, see ``reference.causal_mask``) and key padding become an
-additive -inf bias of q's dtype ([1|b, 1, sq|1, sk]; the kernel broadcasts it). Rows with no visible
+additive -inf bias of q's dtype ([1|b, 1, sq|1, sk]; the kernel broadcasts it); a dense ``mask``
+is combined with them into one bias of its shape. Rows with no visible
 key (all keys padded, or causal with sq > sk) are set to exactly zero output with a finite L, so the
 recomputed P is 0 there and every gradient is exactly 0, for every variant.
 GQA is native: the kernel maps query head h to kv head h // (h / h_kv) in both directions.
@@ -56,10 +58,18 @@ def cpu_unsupported_reason(device: torch.device, dropout_p: float) -> Optional[s
     return None
 
 
-def _kernel_masks(b, sq, sk, causal, key_padding_mask, dtype, device):
-    """(is_causal for the kernel, additive bias or None, visible-row mask [b, 1, sq] or None).
+def _kernel_masks(b, sq, sk, causal, key_padding_mask, dtype, device, mask=None):
+    """(is_causal for the kernel, additive bias or None, visible-row mask [b|1, 1|h, sq|1] or None).
 
-    The visible-row mask is None when every row sees at least one key."""
+    The visible-row mask is None when every row sees at least one key. A dense ``mask`` (True =
+    masked out) is combined with the others into one bias of its shape."""
+    if mask is not None:
+        from .reference import build_mask
+
+        combined = build_mask(b, sq, sk, causal, key_padding_mask, device, mask)
+        bias = torch.zeros(combined.shape, dtype=dtype, device=device).masked_fill_(combined, float("-inf"))
+        visible = ~combined.all(dim=-1)
+        return False, bias, (None if bool(visible.all()) else visible)
     is_causal = causal and sq == sk
     bias = None
     if causal and sq != sk:
@@ -125,26 +135,38 @@ def _row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.matmul(xt.unsqueeze(-2), yt.unsqueeze(-1)).reshape(xt.shape[:-1]).transpose(1, 2)
 
 
-def sdpa_outeff_attention(
+def cpu_outeff_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     *,
     scale: float,
+    clip: Optional[Clip] = None,
     sink: Optional[torch.Tensor] = None,
     gate: Optional[torch.Tensor] = None,
     causal: bool = False,
     key_padding_mask: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """q [b, sq, h, d], k/v [b, sk, h_kv, d] -> [b, sq, h, d] in q's dtype, on torch's CPU flash kernel.
+    """``outeff_attention(impl="cpu")``: q [b, sq, h, d], k/v [b, sk, h_kv, d] -> [b, sq, h, d] in q's dtype.
 
-    sink: [h] sink logits (None = vanilla; differentiable for the learnable offset). gate [b, sq, h]
-    multiplies each head's output. Arguments are assumed validated by ``outeff_attention``; clip and
-    dropout are not served (see ``cpu_unsupported_reason``). Errors: those of the kernel.
+    Unclipped: torch's CPU flash kernel (``sdpa_outeff_attention``); clipped: the lean materialised
+    path (``clipped_outeff_attention``). sink: [h] sink logits (None = vanilla; differentiable for the
+    learnable offset). gate [b, sq, h] multiplies each head's output. mask: dense bool (True = masked
+    out). Arguments are assumed validated by ``outeff_attention``; dropout is not served (see
+    ``cpu_unsupported_reason``). Errors: those of the kernel.
     """
+    if clip is not None:
+        return clipped_outeff_attention(q, k, v, scale, clip, sink, gate, causal, key_padding_mask, mask)
+    return sdpa_outeff_attention(q, k, v, scale, sink, gate, causal, key_padding_mask, mask)
+
+
+def sdpa_outeff_attention(q, k, v, scale, sink, gate, causal, key_padding_mask, mask) -> torch.Tensor:
+    """Unclipped variants on torch's CPU flash kernel (arguments: ``cpu_outeff_attention``); a dense
+    mask becomes an additive bias of its shape."""
     b, sq, h, _ = q.shape
     sk = k.shape[1]
-    is_causal, bias, visible = _kernel_masks(b, sq, sk, causal, key_padding_mask, q.dtype, q.device)
+    is_causal, bias, visible = _kernel_masks(b, sq, sk, causal, key_padding_mask, q.dtype, q.device, mask)
     out = _FlashSinkAttention.apply(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), sink, scale, is_causal, bias, visible
     ).transpose(1, 2)                                           # [b, sq, h, d]
@@ -216,19 +238,8 @@ def _clipped(p: torch.Tensor, clip: Clip) -> torch.Tensor:
     return torch.mul(p, clip.zeta - clip.gamma).add_(clip.gamma).clamp_(0.0, 1.0)
 
 
-def clipped_outeff_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scale: float,
-    clip: Clip,
-    sink: Optional[torch.Tensor] = None,
-    gate: Optional[torch.Tensor] = None,
-    causal: bool = False,
-    key_padding_mask: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Clipped variants on CPU: q [b, sq, h, d], k/v [b, sk, h_kv, d] -> [b, sq, h, d] in q's dtype.
+def clipped_outeff_attention(q, k, v, scale, clip, sink, gate, causal, key_padding_mask, mask) -> torch.Tensor:
+    """Clipped variants on CPU (arguments: ``cpu_outeff_attention``).
 
     Materialised (the clip needs the normaliser first) but lean: math in fp32 (fp64 for fp64), scale,
     mask, softmax and clip in place on one [b, h, sq, sk] buffer, only the unclipped P saved for the
@@ -242,7 +253,7 @@ def clipped_outeff_attention(
     qt = q.transpose(1, 2).to(compute)
     kt = expand_kv_heads(k, h).transpose(1, 2).to(compute)
     vt = expand_kv_heads(v, h).transpose(1, 2).to(compute)
-    mask = build_mask(b, sq, sk, causal, key_padding_mask, q.device)
+    mask = build_mask(b, sq, sk, causal, key_padding_mask, q.device, mask)
     out = _ClippedAttention.apply(qt, kt, vt, sink, scale, clip, mask).transpose(1, 2)
     if gate is not None:
         out = out * gate.to(compute).unsqueeze(-1)

@@ -84,21 +84,21 @@ def outeff_attention_reference(
     gate: Optional[torch.Tensor] = None,
     causal: bool = False,
     key_padding_mask: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """q [b, sq, h, d], k/v [b, sk, h_kv, d] -> [b, sq, h, d] in q's dtype (math in fp32).
 
     Arguments are assumed validated (see ``megatron_outeff.ops.outeff_attention``).
-    gate [b, sq, h] multiplies each head's output after P @ V.
+    gate [b, sq, h] multiplies each head's output after P @ V. mask: dense bool, True = masked out,
+    combined with ``causal`` and ``key_padding_mask``.
     """
     b, sq, h, d = q.shape
     sk = k.shape[1]
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qf = q.to(compute).transpose(1, 2)                          # [b, h, sq, d]
-    kf = expand_kv_heads(k, h).to(compute).transpose(1, 2)      # [b, h, sk, d]
+    compute = compute_dtype(q.dtype)
     vf = expand_kv_heads(v, h).to(compute).transpose(1, 2)
-    scores = qf @ kf.transpose(-1, -2)                          # [b, h, sq, sk]
-    mask = build_mask(b, sq, sk, causal, key_padding_mask, q.device)
+    scores = attention_scores(q, k, compute)                    # [b, h, sq, sk]
+    mask = build_mask(b, sq, sk, causal, key_padding_mask, q.device, mask)
     p = outeff_softmax_reference(scores, scale=scale, sink=sink, mask=mask, clip=clip).to(compute)
     if dropout_p > 0:
         p = torch.nn.functional.dropout(p, dropout_p, training=True)
@@ -108,12 +108,28 @@ def outeff_attention_reference(
     return out.to(q.dtype)
 
 
-def build_mask(b, sq, sk, causal, key_padding_mask, device) -> Optional[torch.Tensor]:
-    """Combined bool mask broadcastable to [b, h, sq, sk], True = masked out; None if nothing is masked."""
-    mask = None
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the softmax math: fp64 for fp64 inputs, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def attention_scores(q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Unscaled scores q k^T [b, h, sq, sk] in ``dtype`` of q [b, sq, h, d], k [b, sk, h_kv, d]."""
+    qf = q.to(dtype).transpose(1, 2)                                     # [b, h, sq, d]
+    kf = expand_kv_heads(k, q.shape[2]).to(dtype).transpose(1, 2)        # [b, h, sk, d]
+    return qf @ kf.transpose(-1, -2)
+
+
+def build_mask(b, sq, sk, causal, key_padding_mask, device, mask=None) -> Optional[torch.Tensor]:
+    """Combined bool mask broadcastable to [b, h, sq, sk], True = masked out; None if nothing is masked.
+
+    causal (bottom-right aligned), key_padding_mask [b, sk] (True = real token) and a dense ``mask``
+    (True = masked out) are combined: a key is masked if any of them masks it."""
+    combined = mask
     if causal:
-        mask = causal_mask(sq, sk, device).view(1, 1, sq, sk)
+        c = causal_mask(sq, sk, device).view(1, 1, sq, sk)
+        combined = c if combined is None else (combined | c)
     if key_padding_mask is not None:
         pad = (~key_padding_mask).view(b, 1, 1, sk)
-        mask = pad if mask is None else (mask | pad)
-    return mask
+        combined = pad if combined is None else (combined | pad)
+    return combined

@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 import yaml
 
+from megatron_outeff.ops.variants import AttentionVariantConfig
+
 
 class ConfigError(ValueError):
     """A configuration problem, reported as one line before anything starts."""
@@ -144,9 +146,9 @@ class DataConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    # Attention variant: the fields of megatron_outeff.megatron.variant.AttentionVariantConfig
-    # (e.g. {softmax: softmax1}); empty = vanilla softmax. Validated by that dataclass at load.
-    attention: dict = field(default_factory=dict)
+    # Attention variant (its owner: megatron_outeff/ops/variants.py), e.g. {softmax: softmax1}; empty =
+    # vanilla softmax. Parsed and validated by AttentionVariantConfig.from_dict when the config loads.
+    attention: AttentionVariantConfig = field(default_factory=AttentionVariantConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -342,7 +344,12 @@ def dataclass_from_dict(cls, data: dict, where: str):
             continue
         key = f"{where}.{f.name}" if where else f.name
         hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
+        if hasattr(hint, "from_dict"):  # a section whose owner parses it (the attention variant)
+            try:
+                kwargs[f.name] = hint.from_dict(data[f.name])
+            except ValueError as e:
+                raise ConfigError(f"{key}: {e}") from None
+        elif dataclasses.is_dataclass(hint):
             kwargs[f.name] = dataclass_from_dict(hint, data[f.name] or {}, key)
         else:
             kwargs[f.name] = _coerce(data[f.name], hint, key)

@@ -38,13 +38,8 @@ def arch_config(cfg: Config):
 
 
 def attention_variant(cfg: Config):
-    """cfg.attention -> AttentionVariantConfig (vanilla softmax when empty)."""
-    from megatron_outeff.megatron.variant import AttentionVariantConfig
-
-    try:
-        return AttentionVariantConfig.from_dict(dict(cfg.attention))
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"attention: {e}") from None
+    """cfg.attention: the typed AttentionVariantConfig (parsed and validated when the config loaded)."""
+    return cfg.attention
 
 
 def check_model(cfg: Config) -> None:
@@ -58,7 +53,7 @@ def check_model(cfg: Config) -> None:
     from megatron_outeff.models.opt import check_parallel_layout, opt_transformer_config
 
     arch = arch_config(cfg)
-    variant = attention_variant(cfg)  # raises its own "attention: ..." ConfigError
+    variant = attention_variant(cfg)
     try:
         variant.clip_pair(cfg.data.seq_length)
     except ValueError as e:

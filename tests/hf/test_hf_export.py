@@ -130,16 +130,17 @@ def test_export_directory_layout(exported):
     d = data["learnable"]["dir"]
     names = sorted(p.name for p in d.iterdir())
     for f in ("config.json", "model.safetensors", "modeling_outeff_opt.py", "configuration_outeff_opt.py",
-              "outeff_deps.py", "reference.py", "variants.py", "points.py"):
+              "outeff_deps.py", "reference.py", "variants.py", "gate.py", "points.py"):
         assert f in names
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["model_type"] == "outeff_opt" and cfg["softmax"] == "learnable"
     assert cfg["auto_map"] == {"AutoConfig": "configuration_outeff_opt.OutEffOPTConfig",
                                "AutoModelForCausalLM": "modeling_outeff_opt.OutEffOPTForCausalLM"}
+    import megatron_outeff.ops.gate as gate_mod
     import megatron_outeff.ops.reference as ref_mod
     import megatron_outeff.ops.variants as var_mod
     import megatron_outeff.quant.points as pts_mod
-    for f, mod in (("reference.py", ref_mod), ("variants.py", var_mod), ("points.py", pts_mod)):
+    for f, mod in (("reference.py", ref_mod), ("variants.py", var_mod), ("gate.py", gate_mod), ("points.py", pts_mod)):
         assert (d / f).read_bytes() == Path(mod.__file__).read_bytes()   # verbatim copies
     assert "megatron_outeff" not in (d / "outeff_deps.py").read_text().split('"""')[-1]
     v = data["vanilla"]["dir"]
@@ -216,7 +217,7 @@ def test_kv_cache_decoding_matches_full_forward():
 
 
 def test_clip_alpha_resolved_to_gamma():
-    f = resolve_variant({"softmax": "softmax1", "clip_alpha": 12, "clip_seq_len": 512})
+    f = resolve_variant({"softmax": "softmax1", "clip_alpha": 12}, seq_length=512)
     assert f["clip_gamma"] == pytest.approx(-12 / 512) and f["clip_zeta"] == 1.0
     assert is_plain_opt(resolve_variant("vanilla")) and is_plain_opt(resolve_variant({"softmax": "softmax_n", "softmax_n": 0}))
     assert not is_plain_opt(resolve_variant({"softmax": "vanilla", "clip_gamma": -0.1, "clip_zeta": 1.1}))
@@ -295,3 +296,25 @@ def test_fresh_model_is_initialised_once_and_tied():
     torch.testing.assert_close(attn.gate.fc2_bias, torch.full((4,), math.log(0.25 / 0.75)))
     assert 0.015 < float(m.model.decoder.layers[1].fc1.weight.detach().std()) < 0.025   # init_std 0.02
     assert torch.equal(m.model.decoder.layers[1].final_layer_norm.weight, torch.ones(64))
+
+
+def test_config_holds_the_variant_under_its_field_names(tmp_path):
+    """config.json is the variant's to_dict (flat keys, the owner's names) and reads back into the same
+    variant; a config.json of an earlier export (clip_zeta null, no clip_alpha key) still loads."""
+    from megatron_outeff.ops import AttentionVariantConfig
+
+    v = AttentionVariantConfig(softmax="softmax_n", softmax_n=2.5, clip_gamma=-0.03, gate="mlp", gate_init_prob=0.3)
+    cfg = OutEffOPTConfig(**TINY, **v.to_dict())
+    assert cfg.attention_variant() == v
+    cfg.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert {k: saved[k] for k in v.to_dict()} == v.to_dict()
+    assert OutEffOPTConfig.from_pretrained(tmp_path).attention_variant() == v
+    old = {k: val for k, val in saved.items() if k != "clip_alpha"}
+    old.update(clip_gamma=None, clip_zeta=None)
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert OutEffOPTConfig.from_pretrained(tmp_path).attention_variant() == v.replace(clip_gamma=None)
+    for kwargs, needle in ((dict(softmax="softmax2"), "softmax='softmax2'"),
+                           (dict(clip_alpha=12), "needs the training sequence length"),
+                           (dict(hidden_size=8, gate="mlp"), "head_dim=2")):
+        _one_line_error(lambda: OutEffOPTConfig(**{**TINY, **kwargs}), needle)

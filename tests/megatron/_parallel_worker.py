@@ -36,7 +36,7 @@ VARIANTS = {
     "gated": dict(gate="linear"),
     "gated_softmax1": dict(softmax="softmax1", gate="linear"),
     "gated_mlp_learnable": dict(softmax="learnable", gate="mlp"),
-    "gated_shared_softmax_n": dict(softmax="softmax_n", n=2.0, gate="shared_linear"),
+    "gated_shared_softmax_n": dict(softmax="softmax_n", softmax_n=2.0, gate="shared_linear"),
     "gqa_gated_learnable": dict(softmax="learnable", gate="linear"),
 }
 CONFIG_OVERRIDES = {"gqa_gated_learnable": dict(num_query_groups=2)}  # 2 KV groups, 4 query heads

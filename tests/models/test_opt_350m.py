@@ -25,7 +25,7 @@ VARIANTS = {
     "megatron_vanilla": ({"softmax": "vanilla"}, None),
     "vanilla": ({"softmax": "vanilla"}, {}),
     "softmax1": ({"softmax": "softmax1"}, {"softmax": "softmax1"}),
-    "softmax_n": ({"softmax": "softmax_n", "softmax_n": 2.5}, {"softmax": "softmax_n", "n": 2.5}),
+    "softmax_n": ({"softmax": "softmax_n", "softmax_n": 2.5}, {"softmax": "softmax_n", "softmax_n": 2.5}),
     "learnable": ({"softmax": "learnable"}, {"softmax": "learnable"}),
     "clipped": ({"softmax": "vanilla", "clip_gamma": -0.03, "clip_zeta": 1.0}, {"clip_gamma": -0.03, "clip_zeta": 1.0}),
     "gated_linear": ({"softmax": "vanilla", "gate": "linear"}, {"gate": "linear"}),

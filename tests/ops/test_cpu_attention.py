@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from attention_cases import OFFSETS, TOL, VARIANTS
-from megatron_outeff.ops import attention as attention_module
+from megatron_outeff.ops import cpu_attention as cpu_attention_module
 from megatron_outeff.ops import outeff_attention
 
 FP64_TOL = dict(atol=1e-10, rtol=1e-10)
@@ -70,6 +70,8 @@ def oracle_fp64(leaves, kw, dout):
         allowed &= torch.ones(sq, sk, dtype=torch.bool).tril(diagonal=sk - sq)
     if kw.get("key_padding_mask") is not None:
         allowed &= kw["key_padding_mask"][:, None, None, :]
+    if kw.get("mask") is not None:
+        allowed = allowed & ~kw["mask"]
     s = s.masked_fill(~allowed, float("-inf"))
     softmax = kw["softmax"]
     if softmax == "vanilla":
@@ -241,6 +243,69 @@ def test_fully_masked_rows(variant, dtype, clip):
 
 
 # ------------------------------------------------------------------------------------------------
+# dense masks (outeff_attention(mask=...): megatron's arbitrary attention_mask)
+# ------------------------------------------------------------------------------------------------
+def dense_mask(b, sq, sk, h=1, seed=2):
+    """Bool [b, h, sq, sk], True = masked out: random holes (~40%); key 0 always visible."""
+    m = torch.rand(b, h, sq, sk, generator=torch.Generator().manual_seed(seed)) < 0.4
+    m[..., 0] = False
+    return m
+
+
+DENSE_CASES = [(v, c, i) for v in ("vanilla", "softmax_n2.5", "learnable") for c in (None, (-0.1, 1.1))
+               for i in ("cpu", "torch")]
+
+
+@pytest.mark.parametrize("variant,clip,impl", DENSE_CASES, ids=[f"{v}-{'clip' if c else 'noclip'}-{i}" for v, c, i in DENSE_CASES])
+def test_fp64_dense_mask_against_definition(variant, clip, impl):
+    """A dense mask combined with causal and key padding (the oracle ANDs the allowed sets), GQA 2:1."""
+    leaves, kw = make_inputs(sq=9, sk=11, variant=variant, pad=True)
+    kw.update(causal=True, clip=clip, mask=dense_mask(2, 9, 11))
+    dout = dout_for(leaves)
+    out, grads = run(leaves, kw, impl, dout)
+    ref, ref_grads = oracle_fp64(leaves, kw, dout)
+    assert_match(out, grads, ref, ref_grads, FP64_TOL, leaves)
+
+
+@pytest.mark.parametrize("shape", ["per_head", "per_sample_row"])
+@pytest.mark.parametrize("impl", ["cpu", "torch"])
+def test_fp64_dense_mask_broadcast_shapes(impl, shape):
+    """[1, h, sq, sk] (one mask per head) and [b, 1, 1, sk] (a padding mask in dense form)."""
+    leaves, kw = make_inputs(sq=6, sk=8, variant="learnable")
+    kw["mask"] = dense_mask(1, 6, 8, h=4) if shape == "per_head" else dense_mask(2, 1, 8)
+    dout = dout_for(leaves)
+    out, grads = run(leaves, kw, impl, dout)
+    ref, ref_grads = oracle_fp64(leaves, kw, dout)
+    assert_match(out, grads, ref, ref_grads, FP64_TOL, leaves)
+
+
+@pytest.mark.parametrize("clip", [None, (-0.1, 1.1)], ids=["noclip", "clip11"])
+@pytest.mark.parametrize("variant", ["vanilla", "learnable"])
+def test_dense_mask_fully_masked_rows(variant, clip):
+    """Rows a dense mask masks entirely: exactly zero output and gradients (fp64), the rest as the oracle."""
+    leaves, kw = make_inputs(sq=7, sk=7, variant=variant)
+    mask = dense_mask(2, 7, 7)
+    mask[0, 0, 3] = True
+    mask[1, 0, 0] = True
+    kw.update(mask=mask, clip=clip)
+    dout = dout_for(leaves)
+    for impl in ("cpu", "torch"):
+        out, grads = run(leaves, kw, impl, dout)
+        assert (out[0, 3] == 0).all() and (out[1, 0] == 0).all(), impl
+        assert (grads["q"][0, 3] == 0).all() and (grads["gate"][1, 0] == 0).all(), impl
+        live = torch.ones(2, 7, dtype=torch.bool)
+        live[0, 3] = live[1, 0] = False
+        ref, _ = oracle_fp64(leaves, kw, dout)
+        torch.testing.assert_close(out[live], ref[live], **FP64_TOL)
+
+
+def test_dense_mask_is_refused_by_the_flash_kernel():
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="mask with impl='triton'"):
+        outeff_attention(q, q, q, mask=torch.zeros(1, 1, 4, 4, dtype=torch.bool), impl="triton")
+
+
+# ------------------------------------------------------------------------------------------------
 # dispatch and structure
 # ------------------------------------------------------------------------------------------------
 def test_auto_chooses_the_cpu_paths(monkeypatch):
@@ -248,8 +313,8 @@ def test_auto_chooses_the_cpu_paths(monkeypatch):
     variants, the reference for dropout."""
     calls = []
     for name in ("sdpa_outeff_attention", "clipped_outeff_attention"):
-        real = getattr(attention_module, name)
-        monkeypatch.setattr(attention_module, name,
+        real = getattr(cpu_attention_module, name)
+        monkeypatch.setattr(cpu_attention_module, name,
                             lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
     q = torch.randn(1, 8, 2, 16)
     for variant, kw in VARIANTS.items():

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tolerance import assert_close_bound, attention_bound
+from tolerance import assert_close_bound, attention_bound, rounding_bound
 
-from megatron_outeff.ops import Clip, outeff_attention, outeff_softmax_reference
+from megatron_outeff.ops import Clip, outeff_attention, outeff_attention_probs, outeff_softmax_reference
 
 torch.manual_seed(0)
 
@@ -143,6 +143,35 @@ def test_fully_masked_rows_give_zero_output_and_zero_grad(softmax, clipped):
         assert torch.isfinite(offset.grad).all()
 
 
+@pytest.mark.parametrize("softmax", ["vanilla", "softmax1", "softmax_n", "learnable"])
+def test_attention_probs_match_concatenated_sink_softmax(softmax):
+    """outeff_attention_probs (the monitoring probe's source): causal + key padding + a dense mask, GQA,
+    against the float64 concatenated-sink softmax of the masked scores; the clip never applies."""
+    b, sq, sk, h = 2, 6, 9, 4
+    q, k, _ = rand_qkv(b=b, sq=sq, sk=sk, h=h, h_kv=2)
+    kpm = torch.ones(b, sk, dtype=torch.bool)
+    kpm[1, :2] = False
+    dense = torch.rand(b, 1, sq, sk, generator=torch.Generator().manual_seed(4)) < 0.3
+    dense[..., 3] = False  # the first key every row sees (causal, batch 1's first two padded)
+    offset = torch.tensor([0.5, -1.0, 2.0, 8.0])
+    sink = {"vanilla": None, "softmax1": torch.zeros(h), "softmax_n": torch.full((h,), math.log(2.5)),
+            "learnable": offset}[softmax]
+    probs = outeff_attention_probs(q, k, softmax=softmax, n=2.5, offset=offset if softmax == "learnable" else None,
+                                   causal=True, key_padding_mask=kpm, mask=dense)
+    allowed = allowed_mask(b, sq, sk, True, kpm) & ~dense
+    kt = k.double().repeat_interleave(2, dim=2)
+    x = (q.double().transpose(1, 2) @ kt.permute(0, 2, 3, 1)) / math.sqrt(8)
+    x = x.masked_fill(~allowed, float("-inf"))
+    oracle = torch.softmax(x, -1) if sink is None else sink_softmax_oracle(x, sink)
+    assert probs.shape == (b, h, sq, sk) and probs.dtype == torch.float32
+    # float32 probabilities (<= 1): a score's rounding error d eps S (S = max scale sum |q k|) moves p by
+    # twice that relative (numerator and normaliser); the exponentials and the sum add (sk + 1) eps
+    S = ((q.double().abs().transpose(1, 2) @ kt.abs().permute(0, 2, 3, 1)) / math.sqrt(8)).max().item()
+    assert_close_bound(probs, oracle, rounding_bound(torch.float32, 1.0, int(2 * 8 * S) + sk + 2))
+    if sink is not None:
+        assert (oracle.sum(-1) < 1).all()
+
+
 def test_clip_matches_formula_and_is_applied():
     x = torch.randn(2, 3, 4, 6, dtype=torch.float64)
     gamma, zeta = -0.1, 1.1
@@ -221,6 +250,9 @@ BAD = [
     (dict(gate=torch.rand(2, 7, 3)), "gate shape (2, 7, 3)"),
     (dict(key_padding_mask=torch.ones(2, 7)), "key_padding_mask dtype torch.float32"),
     (dict(key_padding_mask=torch.ones(2, 6, dtype=torch.bool)), "key_padding_mask shape (2, 6)"),
+    (dict(mask=torch.ones(2, 1, 7, 7)), "mask dtype torch.float32"),
+    (dict(mask=torch.ones(2, 1, 6, 7, dtype=torch.bool)), "mask shape (2, 1, 6, 7)"),
+    (dict(mask=torch.ones(7, 7, dtype=torch.bool)), "mask shape (7, 7)"),
     (dict(k=torch.randn(2, 5, 4, 8).half(), v=torch.randn(2, 5, 4, 8).half()), "dtypes q=torch.float32"),
     (dict(impl="cuda"), "impl='cuda'"),
     (dict(dropout_p=1.0), "dropout_p=1.0"),

@@ -62,6 +62,18 @@ def test_bad_config(overrides, message):
         load_config(DEMO, overrides)
 
 
+def test_attention_is_a_typed_section():
+    """`attention` loads as the typed variant (its owner parses it); an empty section is vanilla softmax, and
+    spelling out a default changes neither the variant nor the run's fingerprint."""
+    from megatron_outeff.ops.variants import AttentionVariantConfig
+
+    cfg = load_config(DEMO, ["attention={softmax: softmax_n, softmax_n: 2}"])
+    assert cfg.attention == AttentionVariantConfig(softmax="softmax_n", softmax_n=2.0)
+    empty, explicit = load_config(DEMO, ["attention={}"]), load_config(DEMO, ["attention={softmax: vanilla}"])
+    assert empty.attention == explicit.attention == AttentionVariantConfig()
+    assert empty.fingerprint() == explicit.fingerprint() != cfg.fingerprint()
+
+
 def test_batch_not_divisible_by_dp():
     cfg = load_config(DEMO, ["parallel.global_batch_size=6"])  # micro 2: fine for DP 1
     assert cfg.grad_accumulation_steps(1) == 3

@@ -133,7 +133,7 @@ ROLES = {
     "self_attention.head_gate.fc1_weight": "matrix", "self_attention.head_gate.fc1_bias": "bias",  # mlp gate, 2-D bias
     "self_attention.head_gate.fc2_weight": "matrix",
 }
-VARIANTS = ["{softmax: vanilla}", "{softmax: softmax1}", "{softmax: softmax_n, n: 2.0}", "{softmax: learnable}",
+VARIANTS = ["{softmax: vanilla}", "{softmax: softmax1}", "{softmax: softmax_n, softmax_n: 2.0}", "{softmax: learnable}",
             "{softmax: softmax1, clip_alpha: 4.0}", "{softmax: softmax1, gate: linear}",
             "{softmax: vanilla, gate: mlp}", "{softmax: learnable, gate: shared_linear}"]
 
