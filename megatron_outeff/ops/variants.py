@@ -97,15 +97,21 @@ def resolve_sink(
     return torch.full((num_heads,), value, dtype=torch.float32, device=device)
 
 
+def check_float_tensor(name: str, t, layout: str) -> None:
+    """ValueError naming ``name`` unless t is a rank-4 torch.Tensor (``layout``, e.g. "[batch, seq,
+    heads, head_dim]") of float32, float16, bfloat16 or float64."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} has rank {t.dim()} (shape {tuple(t.shape)}): expected rank 4 {layout}")
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(f"{name} dtype {t.dtype}: expected float32, float16, bfloat16 (or float64)")
+
+
 def validate_attention_args(q, k, v, gate, key_padding_mask, scale, dropout_p, impl) -> Tuple[int, int, int, int, int, float]:
     """Check shapes/dtypes/devices of the attention inputs. Returns (b, sq, sk, h, h_kv, scale)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} has rank {t.dim()} (shape {tuple(t.shape)}): expected rank 4 [batch, seq, heads, head_dim]")
-        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            raise ValueError(f"{name} dtype {t.dtype}: expected float32, float16, bfloat16 (or float64)")
+        check_float_tensor(name, t, "[batch, seq, heads, head_dim]")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"dtypes q={q.dtype}, k={k.dtype}, v={v.dtype}: expected one dtype")
     if not (q.device == k.device == v.device):
