@@ -2,7 +2,6 @@
 (``cpu_attention``) or the PyTorch reference."""
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -18,7 +17,9 @@ def triton_runs_on(device: torch.device) -> bool:
     """Triton kernels run on CUDA tensors, and on CPU tensors only under TRITON_INTERPRET=1."""
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    from ._triton_common import interpreting  # imports triton, so only when asked
+
+    return device.type == "cpu" and interpreting(device)
 
 
 def outeff_attention(

@@ -18,7 +18,9 @@ BLOCK_R rows x BLOCK_C columns. When sk fits one column block (BLOCK_C = next_po
 column limit, 8192 by default) a row is read once and written once. Longer rows loop over column
 blocks: pass 1 keeps an online (running max, running sum) state that starts at (a_h, 1) with a
 sink and (-inf, 0) without, pass 2 re-reads the row and writes the probabilities. The backward
-uses the same structure (pass 1: D = rowsum(p * g); pass 2: dx = scale * p * (g - D)).
+uses the same structure (pass 1: D = rowsum(p * g); pass 2: dx = scale * p * (g - D)). The online
+softmax step and the clip with its derivative are the @triton.jit blocks of _triton_common.py,
+shared with the flash kernel.
 
 The mask is never expanded in memory: it is read through its broadcast strides (stride 0 on the
 broadcast dimensions). Each row also stores its shift m and denominator l (sink included), two
@@ -41,7 +43,6 @@ fp32 [R] buffer and a torch sum over (b, sq) finishes it (no atomics, determinis
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
@@ -49,17 +50,14 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .variants import Clip
+from ._triton_common import clip_grad, clip_probs, interpreting, online_softmax_step
+from .variants import Clip, check_float_rank4
 
 # Longest row handled in a single column block; longer rows use the two-pass loop.
 MAX_BLOCK_COLS = 8192
 # Elements per program tile (rows are packed into a tile when sk is short).
 _TILE_ELEMS_GPU = 4096
 _TILE_ELEMS_INTERPRETER = 16384  # the interpreter pays per program and per op, not per element
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -72,6 +70,13 @@ def _load_logits(X, MASK, x_row, m_row, cols, SK, row_ok, msk, scale, HAS_MASK: 
         mk = tl.load(MASK + m_row[:, None] + cols[None, :].to(tl.int64) * msk, mask=ok, other=1)
         ok = ok & (mk == 0)
     return tl.where(ok, x, float("-inf"))
+
+
+@triton.jit
+def _store_tile(Y, x_row, cols, SK, row_ok, y):
+    """Writes the fp32 tile y [BLOCK_R, BLOCK_C] in Y's dtype, inside the row / matrix only."""
+    ok = row_ok[:, None] & (cols[None, :] < SK)
+    tl.store(Y + x_row[:, None] + cols[None, :], y.to(Y.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -97,48 +102,35 @@ def _fwd_kernel(
     pid = tl.program_id(0)
     rows, row_ok, x_row, hi, m_row = _row_offsets(pid, R, SK, H, SQ, msb, msh, msq, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
+    # online softmax state (running max, running sum): (a_h, 1) with a sink, (-inf, 0) without
     if HAS_SINK:
-        a = tl.load(SINK + hi).to(tl.float32)
-        m_i = a
+        m_i = tl.load(SINK + hi).to(tl.float32)
         l_i = tl.full([BLOCK_R], 1.0, tl.float32)
     else:
-        a = tl.zeros([BLOCK_R], tl.float32)
         m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_R], tl.float32)
 
-    if SINGLE:
+    if SINGLE:  # the whole row in one tile: one step, its exponentials kept
         x = _load_logits(X, MASK, x_row, m_row, cols, SK, row_ok, msk, scale, HAS_MASK)
-        m_i = tl.maximum(m_i, tl.max(x, axis=1))
-        m_s = tl.where(m_i == float("-inf"), 0.0, m_i)  # fully masked, no sink: shift by 0
-        e = tl.exp(x - m_s[:, None])
-        if HAS_SINK:
-            l_i = tl.sum(e, axis=1) + tl.exp(a - m_s)
-        else:
-            l_i = tl.sum(e, axis=1)
-        l_i = tl.where(l_i > 0, l_i, 1.0)
-        p = e / l_i[:, None]
-        if HAS_CLIP:
-            p = tl.minimum(tl.maximum((zeta - gamma) * p + gamma, 0.0), 1.0)
-        ok = row_ok[:, None] & (cols[None, :] < SK)
-        tl.store(Y + x_row[:, None] + cols[None, :], p.to(Y.dtype.element_ty), mask=ok)
-    else:
-        # pass 1: online max / sum over column blocks
+        m_i, l_i, _, e = online_softmax_step(m_i, l_i, x, False)
+    else:  # pass 1 over the column blocks
         for c0 in range(0, SK, BLOCK_C):
             x = _load_logits(X, MASK, x_row + c0, m_row + c0 * msk, cols, SK - c0, row_ok, msk, scale, HAS_MASK)
-            m_new = tl.maximum(m_i, tl.max(x, axis=1))
-            m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp(m_i - m_s) + tl.sum(tl.exp(x - m_s[:, None]), axis=1)
-            m_i = m_new
-        m_s = tl.where(m_i == float("-inf"), 0.0, m_i)
-        l_i = tl.where(l_i > 0, l_i, 1.0)
-        # pass 2: write the probabilities
+            m_i, l_i, _, _ = online_softmax_step(m_i, l_i, x, False)
+    m_s = tl.where(m_i == float("-inf"), 0.0, m_i)  # fully masked, no sink: shift by 0
+    l_i = tl.where(l_i > 0, l_i, 1.0)
+    if SINGLE:
+        p = e / l_i[:, None]
+        if HAS_CLIP:
+            p = clip_probs(p, zeta - gamma, gamma)
+        _store_tile(Y, x_row, cols, SK, row_ok, p)
+    else:  # pass 2: write the probabilities
         for c0 in range(0, SK, BLOCK_C):
             x = _load_logits(X, MASK, x_row + c0, m_row + c0 * msk, cols, SK - c0, row_ok, msk, scale, HAS_MASK)
             p = tl.exp(x - m_s[:, None]) / l_i[:, None]
             if HAS_CLIP:
-                p = tl.minimum(tl.maximum((zeta - gamma) * p + gamma, 0.0), 1.0)
-            ok = row_ok[:, None] & (cols[None, :] < SK - c0)
-            tl.store(Y + x_row[:, None] + c0 + cols[None, :], p.to(Y.dtype.element_ty), mask=ok)
+                p = clip_probs(p, zeta - gamma, gamma)
+            _store_tile(Y, x_row + c0, cols, SK - c0, row_ok, p)
     tl.store(ROW_M + rows, m_s, mask=row_ok)
     tl.store(ROW_L + rows, l_i, mask=row_ok)
 
@@ -153,8 +145,7 @@ def _bwd_block(DY, S, MASK, x_row, m_row, cols, SK, row_ok, msk, rm, rl, scale, 
         # S holds the input scores: recompute p = exp(scale * x - m) / l in fp32, as the forward did
         x = _load_logits(S, MASK, x_row, m_row, cols, SK, row_ok, msk, scale, HAS_MASK)
         p = tl.exp(x - rm[:, None]) / rl[:, None]
-        lin = (zeta - gamma) * p + gamma
-        g = tl.where((lin >= 0.0) & (lin <= 1.0), dy * (zeta - gamma), 0.0)
+        _, g = clip_grad(p, dy, zeta - gamma, gamma)
     else:
         # S holds the saved output P
         p = tl.load(S + x_row[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -179,9 +170,7 @@ def _bwd_kernel(
         p, g = _bwd_block(DY, S, MASK, x_row, m_row, cols, SK, row_ok, msk, rm, rl, scale, gamma, zeta,
                           HAS_MASK, HAS_CLIP)
         d = tl.sum(p * g, axis=1)
-        dx = scale * p * (g - d[:, None])
-        ok = row_ok[:, None] & (cols[None, :] < SK)
-        tl.store(DX + x_row[:, None] + cols[None, :], dx.to(DX.dtype.element_ty), mask=ok)
+        _store_tile(DX, x_row, cols, SK, row_ok, scale * p * (g - d[:, None]))
     else:
         d = tl.zeros([BLOCK_R], tl.float32)
         for c0 in range(0, SK, BLOCK_C):
@@ -191,18 +180,16 @@ def _bwd_kernel(
         for c0 in range(0, SK, BLOCK_C):
             p, g = _bwd_block(DY, S, MASK, x_row + c0, m_row + c0 * msk, cols, SK - c0, row_ok, msk, rm, rl,
                               scale, gamma, zeta, HAS_MASK, HAS_CLIP)
-            dx = scale * p * (g - d[:, None])
-            ok = row_ok[:, None] & (cols[None, :] < SK - c0)
-            tl.store(DX + x_row[:, None] + c0 + cols[None, :], dx.to(DX.dtype.element_ty), mask=ok)
+            _store_tile(DX, x_row + c0, cols, SK - c0, row_ok, scale * p * (g - d[:, None]))
     if NEED_DSINK:
         a = tl.load(SINK + hi).to(tl.float32)
         tl.store(DSINK_ROW + rows, -(tl.exp(a - rm) / rl) * d, mask=row_ok)
 
 
-def _launch_config(R: int, sk: int, max_block_cols: int):
+def _launch_config(R: int, sk: int, max_block_cols: int, interpreted: bool):
     block_c = min(triton.next_power_of_2(max(sk, 1)), triton.next_power_of_2(max_block_cols))
     single = sk <= block_c
-    tile = _TILE_ELEMS_INTERPRETER if _interpreted() else _TILE_ELEMS_GPU
+    tile = _TILE_ELEMS_INTERPRETER if interpreted else _TILE_ELEMS_GPU
     block_r = max(1, min(triton.next_power_of_2(R), tile // block_c))
     elems = block_r * block_c
     num_warps = 4 if elems <= 2048 else (8 if elems <= 8192 else 16)
@@ -228,7 +215,7 @@ class _FusedOutEffSoftmax(torch.autograd.Function):
         sink_f = sink.detach().float().contiguous() if sink is not None else None
         mask_t, (msb, msh, msq, msk) = _mask_args(mask, scores.shape, x)
         gamma, zeta = (clip.gamma, clip.zeta) if clip is not None else (0.0, 1.0)
-        block_r, block_c, single, num_warps = _launch_config(R, sk, max_block_cols)
+        block_r, block_c, single, num_warps = _launch_config(R, sk, max_block_cols, interpreting(x.device))
         grid = (triton.cdiv(R, block_r),)
         _fwd_kernel[grid](
             x, y, row_m, row_l, sink_f if sink_f is not None else row_m, mask_t,
@@ -260,7 +247,7 @@ class _FusedOutEffSoftmax(torch.autograd.Function):
         mask_t, (msb, msh, msq, msk) = _mask_args(mask, saved.shape, saved)
         clip = ctx.clip
         gamma, zeta = (clip.gamma, clip.zeta) if clip is not None else (0.0, 1.0)
-        block_r, block_c, single, num_warps = _launch_config(R, sk, ctx.max_block_cols)
+        block_r, block_c, single, num_warps = _launch_config(R, sk, ctx.max_block_cols, interpreting(saved.device))
         grid = (triton.cdiv(R, block_r),)
         _bwd_kernel[grid](
             dy, saved, row_m, row_l, sink_f if sink_f is not None else row_m, mask_t, dx, dsink_row,
@@ -275,12 +262,7 @@ class _FusedOutEffSoftmax(torch.autograd.Function):
 
 
 def _validate(scores, scale, sink, mask, clip, max_block_cols):
-    if not isinstance(scores, torch.Tensor):
-        raise ValueError(f"scores: expected a torch.Tensor, got {type(scores).__name__}")
-    if scores.dim() != 4:
-        raise ValueError(f"scores has rank {scores.dim()} (shape {tuple(scores.shape)}): expected rank 4 [batch, heads, sq, sk]")
-    if scores.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise ValueError(f"scores dtype {scores.dtype}: expected float32, float16 or bfloat16")
+    check_float_rank4("scores", scores, "[batch, heads, sq, sk]")
     h = scores.shape[1]
     try:
         scale = float(scale)

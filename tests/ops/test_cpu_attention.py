@@ -20,7 +20,7 @@ import math
 import pytest
 import torch
 
-from attention_cases import OFFSETS, TOL, VARIANTS
+from attention_cases import OFFSETS, TOL, VARIANTS, assert_all_close
 from megatron_outeff.ops import cpu_attention as cpu_attention_module
 from megatron_outeff.ops import outeff_attention
 
@@ -95,14 +95,7 @@ def oracle_fp64(leaves, kw, dout):
 
 def assert_match(out, grads, ref, ref_grads, tol, leaves, gate_extra=0.0):
     """gate_extra: added to the atol of the gate's gradient (see gate_rounding_bound)."""
-    assert torch.isfinite(out).all(), "non-finite output"
-    torch.testing.assert_close(out.double(), ref.double(), **tol, msg=lambda m: f"output: {m}")
-    for name, g in grads.items():
-        assert g is not None, f"no gradient for {name}"
-        assert g.dtype == leaves[name].dtype, f"grad {name} dtype {g.dtype}"
-        assert torch.isfinite(g).all(), f"non-finite gradient for {name}"
-        t = dict(tol, atol=tol["atol"] + gate_extra) if name == "gate" else tol
-        torch.testing.assert_close(g.double(), ref_grads[name].double(), **t, msg=lambda m, n=name: f"grad {n}: {m}")
+    assert_all_close(out, grads, ref, ref_grads, leaves, tol, {"gate": tol["atol"] + gate_extra})
 
 
 def dout_for(leaves, seed=1):

@@ -34,7 +34,7 @@ import textwrap
 import pytest
 import torch
 
-from attention_cases import OFFSETS, TOL, VARIANTS
+from attention_cases import OFFSETS, TOL, VARIANTS, assert_all_close
 from megatron_outeff.ops import flash_attention as fa
 from megatron_outeff.ops import outeff_attention
 
@@ -93,17 +93,11 @@ def check_against_reference(leaves, kw, tol=None, seed=1, operand_scaled=False):
     out, grads = run_attention(leaves, kw, "triton", dout)
     ref, ref_grads = run_attention(leaves, kw, "torch", dout.float(), upcast=True)
     assert out.dtype == dtype and out.shape == (b, sq, h, d)
-    assert torch.isfinite(out).all(), "non-finite output"
-    torch.testing.assert_close(out.float(), ref.float(), **tol, msg=lambda m: f"output: {m}")
-    for name, g in grads.items():
-        assert g is not None, f"no gradient for {name}"
-        assert g.dtype == leaves[name].dtype, f"grad {name} dtype {g.dtype}"
-        assert torch.isfinite(g).all(), f"non-finite gradient for {name}"
-        t = dict(tol)
-        if operand_scaled and name in ("q", "k"):
-            other = leaves["k" if name == "q" else "q"].float()
-            t["atol"] = tol["atol"] * max(1.0, other.abs().max().item())
-        torch.testing.assert_close(g.float(), ref_grads[name].float(), **t, msg=lambda m, n=name: f"grad {n}: {m}")
+    atol = {}
+    if operand_scaled:
+        for name, other in (("q", "k"), ("k", "q")):
+            atol[name] = tol["atol"] * max(1.0, leaves[other].float().abs().max().item())
+    assert_all_close(out, grads, ref, ref_grads, leaves, tol, atol, dtype=torch.float32)
     return out, grads
 
 
@@ -344,7 +338,8 @@ def test_unsupported_dtype():
 # ---------------------------------------------------------------------------------------------
 # Compilation for H100 (sm_90) without a GPU: the interpreter accepts constructs that the compiler
 # rejects (tl.dot shapes and dtypes, type unification across branches), so compile every kernel
-# ahead of time with the CUDA defaults of _config, in a subprocess without TRITON_INTERPRET.
+# ahead of time with the CUDA defaults of _config, in a subprocess without TRITON_INTERPRET: every
+# constexpr flag on (fp16 unclipped, bf16 clipped) and off (fp16 clipped), both passes of the dQ kernel.
 # ---------------------------------------------------------------------------------------------
 
 _AOT_SCRIPT = textwrap.dedent("""
@@ -355,28 +350,31 @@ _AOT_SCRIPT = textwrap.dedent("""
     PTRS = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", "Gate"}
     FP32_PTRS = {"OutU", "Lse", "Sink", "Delta", "O", "DGate"}
     SCALARS = {"qk_scale", "sm_scale", "clip_c", "clip_gamma"}
+    STRIDES = {"stride_q", "stride_k", "stride_v", "stride_o", "stride_do", "stride_g", "stride_dq", "stride_dk"}
 
     def build(fn, dt, consts, cfg):
         sig = {}
         for n in fn.arg_names:
             sig[n] = ("constexpr" if n in consts else "*" + dt if n in PTRS else "*fp32" if n in FP32_PTRS
-                      else "*i8" if n == "Kpm" else "fp32" if n in SCALARS else "i32")
+                      else "*i8" if n == "Kpm" else "fp32" if n in SCALARS else ("i32",) * 3 if n in STRIDES
+                      else "i32")
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
         triton.compile(src, target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=cfg["warps"], num_stages=cfg["stages"]))
         print("compiled", fn.__name__, dt, consts["BLOCK_D"], flush=True)
 
-    for dt, d, clip in (("fp16", 64, False), ("bf16", 128, True)):
+    for dt, d, clip, on in (("fp16", 64, False, True), ("bf16", 128, True, True), ("fp16", 32, True, False)):
         cfg = fa._config(d, False)
-        base = dict(DOT_T=getattr(tl, {"fp16": "float16", "bf16": "bfloat16"}[dt]), PREC="ieee", BLOCK_D=d,
-                    HAS_GATE=True, CAUSAL=True, HAS_KPM=True)
-        build(fa._fwd_kernel, dt, dict(base, HAS_SINK=True, HAS_CLIP=clip, SAVE_UNGATED=True,
+        base = dict(DOT_T=getattr(tl, {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dt]), PREC="ieee",
+                    BLOCK_D=d, HAS_GATE=on, CAUSAL=on, HAS_KPM=on)
+        build(fa._fwd_kernel, dt, dict(base, HAS_SINK=on, HAS_CLIP=clip, SAVE_UNGATED=on,
                                        BLOCK_M=cfg["fwd"][0], BLOCK_N=cfg["fwd"][1]), cfg)
-        build(fa._bwd_preprocess_kernel, dt, dict(HAS_GATE=True, O_UNGATED=True, STORE_DELTA=not clip,
-                                                  BLOCK_M=cfg["dq"][0], BLOCK_D=d), cfg)
-        if clip:
-            build(fa._bwd_clip_delta_kernel, dt, dict(base, BLOCK_M=cfg["dq"][0], BLOCK_N=cfg["dq"][1]), cfg)
-        build(fa._bwd_dq_kernel, dt, dict(base, HAS_CLIP=clip, BLOCK_M=cfg["dq"][0], BLOCK_N=cfg["dq"][1]), cfg)
+        if on or not clip:  # launched only then
+            build(fa._bwd_preprocess_kernel, dt, dict(HAS_GATE=on, O_UNGATED=on, STORE_DELTA=not clip,
+                                                      BLOCK_M=cfg["dq"][0], BLOCK_D=d), cfg)
+        for delta_pass in ((True, False) if clip else (False,)):
+            build(fa._bwd_dq_kernel, dt, dict(base, CLIP_DELTA=delta_pass, HAS_CLIP=clip,
+                                              BLOCK_M=cfg["dq"][0], BLOCK_N=cfg["dq"][1]), cfg)
         build(fa._bwd_dkdv_kernel, dt, dict(base, HAS_CLIP=clip, BLOCK_M=cfg["dkdv"][0], BLOCK_N=cfg["dkdv"][1]), cfg)
     print("AOT OK")
 """)

@@ -408,7 +408,7 @@ def test_gpu_extreme_logits(sk, dtype):
 
 # --------------------------------------------------------------------------------------------
 # 8. compilation for H100 / H200 (sm_90) without a GPU: both kernels, single- and multi-block rows,
-#    fp16 and bf16, every flag on, with the launch configuration the CUDA path picks
+#    fp16 and bf16, every flag on and every flag off, with the launch configuration the CUDA path picks
 # --------------------------------------------------------------------------------------------
 _AOT_SCRIPT = """
 import triton
@@ -427,10 +427,11 @@ def build(fn, dt, consts, num_warps):
     print("compiled", fn.__name__, dt, consts, flush=True)
 
 for dt, sk in (("fp16", 1000), ("bf16", 12000)):
-    block_r, block_c, single, warps = rs._launch_config(2 * 4 * 64, sk, rs.MAX_BLOCK_COLS)
-    flags = dict(HAS_SINK=True, HAS_MASK=True, HAS_CLIP=True, SINGLE=single, BLOCK_R=block_r, BLOCK_C=block_c)
-    build(rs._fwd_kernel, dt, flags, warps)
-    build(rs._bwd_kernel, dt, dict(flags, NEED_DSINK=True), warps)
+    block_r, block_c, single, warps = rs._launch_config(2 * 4 * 64, sk, rs.MAX_BLOCK_COLS, False)
+    for on in (True, False):
+        flags = dict(HAS_SINK=on, HAS_MASK=on, HAS_CLIP=on, SINGLE=single, BLOCK_R=block_r, BLOCK_C=block_c)
+        build(rs._fwd_kernel, dt, flags, warps)
+        build(rs._bwd_kernel, dt, dict(flags, NEED_DSINK=on), warps)
 print("AOT OK")
 """
 
@@ -440,4 +441,4 @@ def test_kernels_compile_for_sm90(run_compiled_triton):
     """Both row-softmax kernels compile for sm_90 (the interpreter accepts what the compiler may not)."""
     res = run_compiled_triton(_AOT_SCRIPT)
     assert res.returncode == 0 and "AOT OK" in res.stdout, res.stdout[-2000:] + res.stderr[-4000:]
-    assert res.stdout.count("compiled _fwd_kernel") == 2 and res.stdout.count("compiled _bwd_kernel") == 2
+    assert res.stdout.count("compiled _fwd_kernel") == 4 and res.stdout.count("compiled _bwd_kernel") == 4

@@ -1,0 +1,60 @@
+"""What the two Triton kernel files (``flash_attention.py``, ``row_softmax.py``) share: interpreter
+detection and the @triton.jit blocks of the softmax and of the clip.
+
+A @triton.jit helper is inlined into the kernel that calls it and its tl.constexpr arguments are
+resolved at compile time, so a kernel compiles to the same code as with the block written out.
+Math: field notes section 1 and ``variants.py``.
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import triton
+import triton.language as tl
+
+if TYPE_CHECKING:
+    import torch
+
+
+def interpreting(device: "torch.device") -> bool:
+    """True when Triton kernels on tensors of ``device`` run under Triton's CPU interpreter:
+    TRITON_INTERPRET=1 (which Triton reads when the kernels are decorated) and a non-CUDA device."""
+    return device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def online_softmax_step(m_i, l_i, s, BASE2: tl.constexpr):
+    """One block of the online softmax (FlashAttention-2): the running row max m_i and row sum l_i
+    [rows] updated with the logits s [rows, cols] (-inf where masked; base-2 logits when BASE2).
+
+    The sink a_h enters as the initial state (m, l) = (a_h, 1); vanilla starts at (-inf, 0).
+    Returns (m_new, l_new, alpha, p): alpha = e^(m_i - m_new) rescales what was accumulated with
+    m_i, p = e^(s - m_new). A row with nothing seen yet (max -inf) is shifted by 0, so alpha and p
+    are exact zeros, not NaN.
+    """
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if BASE2:
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+    else:
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+    return m_new, l_i * alpha + tl.sum(p, 1), alpha, p
+
+
+@triton.jit
+def clip_probs(p, c, gamma):
+    """Clipped softmax (Bondarenko et al. 2023): clamp(c * p + gamma, 0, 1), c = zeta - gamma."""
+    return tl.minimum(tl.maximum(c * p + gamma, 0.0), 1.0)
+
+
+@triton.jit
+def clip_grad(p, g, c, gamma):
+    """(clip_probs(p), the clip's chain rule g * d clip_probs(p) / dp): c * g where
+    0 <= c * p + gamma <= 1, else 0 (torch.clamp's gradient passes through at both bounds
+    inclusive, as the reference). A caller that needs only the gradient drops the first (the
+    compiler removes it)."""
+    lin = c * p + gamma
+    return tl.minimum(tl.maximum(lin, 0.0), 1.0), tl.where((lin >= 0.0) & (lin <= 1.0), g * c, 0.0)
