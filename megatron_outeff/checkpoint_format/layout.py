@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from megatron_outeff.errors import OutEffError
 from megatron_outeff.utils.atomic import write_text_atomic
 
 LATEST = "latest"
@@ -21,10 +22,6 @@ MASTER_SUBDIR = "fp32_master"
 MANIFEST = "manifest.json"
 PARTIAL_SUFFIX = ".tmp"
 _TAG_RE = re.compile(r"^iter_(\d{7})$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete or does not fit what reads it: one line, nothing written."""
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from megatron_outeff.training.config import ConfigError, config_from_dict, deepspeed_config, load_config
+from megatron_outeff.errors import OutEffError
+from megatron_outeff.training.config import config_from_dict, deepspeed_config, load_config
 
 from train_testlib import DEMO, ROOT
 
@@ -58,16 +59,16 @@ def test_overrides_and_derived():
     (["deepspeed_overrides=/nonexistent/ds.json"], "deepspeed_overrides file not found"),
 ])
 def test_bad_config(overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(OutEffError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(DEMO, overrides)
 
 
 def test_batch_not_divisible_by_dp():
     cfg = load_config(DEMO, ["parallel.global_batch_size=6"])  # micro 2: fine for DP 1
     assert cfg.grad_accumulation_steps(1) == 3
-    with pytest.raises(ConfigError, match="not divisible by micro_batch_size x data_parallel"):
+    with pytest.raises(OutEffError, match="not divisible by micro_batch_size x data_parallel"):
         cfg.grad_accumulation_steps(2)
-    with pytest.raises(ConfigError, match="world size 3 is not divisible"):
+    with pytest.raises(OutEffError, match="world size 3 is not divisible"):
         load_config(DEMO, ["parallel.tensor_parallel=2"]).grad_accumulation_steps(3)
 
 
@@ -78,7 +79,7 @@ def test_deepspeed_overrides(tmp_path):
     assert ds["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000}
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-    with pytest.raises(ConfigError, match="zero_optimization.stage"):
+    with pytest.raises(OutEffError, match="zero_optimization.stage"):
         deepspeed_config(load_config(DEMO, [f"deepspeed_overrides={bad}"]), 1)
     for name in ("zero1", "zero2", "zero3", "zero2-cpu-offload"):  # shipped examples parse and merge
         stage = int(name[4])
