@@ -126,15 +126,16 @@ class OPTArchConfig:
 
 
 @dataclass
-class OPTParallelismHint:
-    """The ``parallelism:`` section of a model YAML: a suggestion for users, never read by the builder."""
+class OPTParallelHint:
+    """The ``parallel:`` section of a model YAML: a suggested layout under the training config's own
+    ``parallel:`` key names (to copy there), never read by the builder."""
 
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
     zero_stage: int = 0
 
 
-_YAML_SECTIONS = {"arch", "parallelism"}
+_YAML_SECTIONS = {"arch", "parallel"}
 
 
 def resolve_arch_path(name_or_path: Union[str, Path]) -> Path:
@@ -175,15 +176,18 @@ def load_arch_config(name_or_path: Union[str, Path, OPTArchConfig]) -> OPTArchCo
     return OPTArchConfig.from_dict(doc["arch"], source=f"{path}: arch")
 
 
-def load_parallelism_hint(name_or_path: Union[str, Path]) -> OPTParallelismHint:
-    """The suggested (tp, pp, zero stage) of a model YAML; defaults when it has no such section."""
+def load_parallel_hint(name_or_path: Union[str, Path]) -> OPTParallelHint:
+    """The suggested layout (tensor_parallel, pipeline_parallel, zero_stage) of a model YAML, checked
+    against its architecture; defaults when it has no such section."""
     path, doc = _load_yaml(name_or_path)
-    d = doc.get("parallelism") or {}
-    known = {f.name for f in dataclasses.fields(OPTParallelismHint)}
+    d = doc.get("parallel") or {}
+    known = {f.name for f in dataclasses.fields(OPTParallelHint)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise OutEffError(f"{path}: parallelism: unknown key(s) {unknown}; expected a subset of {sorted(known)}")
-    return OPTParallelismHint(**d)
+        raise OutEffError(f"{path}: parallel: unknown key(s) {unknown}; expected a subset of {sorted(known)}")
+    hint = OPTParallelHint(**d)
+    check_parallel_layout(load_arch_config(path), hint.tensor_parallel, hint.pipeline_parallel)
+    return hint
 
 
 def available_sizes() -> list[str]:
