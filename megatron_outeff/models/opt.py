@@ -258,22 +258,14 @@ def opt_transformer_config(arch: Union[OPTArchConfig, str], variant=None, **over
     arch = load_arch_config(arch)
     tp, pp = _parallel_sizes()
     params_dtype = overrides.pop("params_dtype", torch.float32)
-    kw: dict[str, Any] = dict(
-        num_layers=arch.num_layers,
-        hidden_size=arch.hidden_size,
-        num_attention_heads=arch.num_attention_heads,
-        ffn_hidden_size=arch.ffn_hidden_size,
-        kv_channels=arch.head_dim,
-        activation_func=_ACTIVATIONS[arch.activation],
-        gated_linear_unit=False,
-        add_bias_linear=True,
-        add_qkv_bias=True,
-        normalization="LayerNorm",
-        layernorm_epsilon=arch.layernorm_epsilon,
+    # the architecture's fields (TRANSFORMER_FIELDS_FROM_ARCH), then what OPT fixes, then the layout
+    kw: dict[str, Any] = {name: getattr(arch, ours) for name, ours in TRANSFORMER_FIELDS_FROM_ARCH.items()
+                          if ours and name not in ("activation_func", "output_layer_init_method")}
+    kw.update(
+        kv_channels=arch.head_dim, activation_func=_ACTIVATIONS[arch.activation],
+        # OPT: a plain (non-GLU) FFN, biases on every linear, LayerNorm, the residual taken before the norm
+        gated_linear_unit=False, add_bias_linear=True, add_qkv_bias=True, normalization="LayerNorm",
         apply_residual_connection_post_layernorm=False,
-        hidden_dropout=arch.hidden_dropout,
-        attention_dropout=arch.attention_dropout,
-        init_method_std=arch.init_method_std,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         params_dtype=params_dtype,

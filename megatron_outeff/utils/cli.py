@@ -117,22 +117,25 @@ def positive_float(text: str) -> float:
     return value
 
 
+def _existing(text: str, kind: str) -> str:
+    """``text`` if it names an existing ``kind`` ("file" or "directory"); else the error naming what it is."""
+    is_kind, other, is_other = ((os.path.isfile, "directory", os.path.isdir) if kind == "file"
+                                else (os.path.isdir, "file", os.path.isfile))
+    if is_other(text):
+        raise argparse.ArgumentTypeError(f"{text}: is a {other}, expected a {kind}")
+    if not is_kind(text):
+        raise argparse.ArgumentTypeError(f"{text}: no such {kind}")
+    return text
+
+
 def input_file(text: str) -> str:
-    if os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text}: is a directory, expected a file")
-    if not os.path.isfile(text):
-        raise argparse.ArgumentTypeError(f"{text}: no such file")
-    if os.path.getsize(text) == 0:
+    if os.path.getsize(_existing(text, "file")) == 0:
         raise argparse.ArgumentTypeError(f"{text}: is empty, expected a non-empty file")
     return text
 
 
 def input_dir(text: str) -> str:
-    if os.path.isfile(text):
-        raise argparse.ArgumentTypeError(f"{text}: is a file, expected a directory")
-    if not os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text}: no such directory")
-    return text
+    return _existing(text, "directory")
 
 
 def output_file(text: str) -> str:
