@@ -24,7 +24,7 @@ start=$(date +%s)
 
 DATA="$OUT/data"
 step "1/7 demo corpus -> $DATA"
-"$PY" tools/fetch_demo_corpus.py "$DATA/corpus"
+"$PY" tools/fetch_demo_corpus.py --output-dir "$DATA/corpus"
 
 step "2/7 sentencepiece tokenizer (BPE, 8192)"
 [[ -f "$DATA/tokenizer.model" ]] || "$PY" tools/train_tokenizer.py \
@@ -49,9 +49,9 @@ done
 for run in "${RUNS[@]}"; do
     step "5/7 convert $run -> Hugging Face directory"
     [[ -f "$OUT/export/$run/hf/config.json" ]] || "$PY" tools/convert_checkpoint.py to-hf \
-        "$OUT/checkpoints/$run" "$OUT/export/$run/hf" --tokenizer "$DATA/tokenizer.model"
+        "$OUT/checkpoints/$run" --output-dir "$OUT/export/$run/hf" --tokenizer "$DATA/tokenizer.model"
     step "6/7 export $run: FP16 and W8A8 (compressed-tensors)"
-    [[ -d "$OUT/export/$run/w8a8" ]] || "$PY" tools/export.py "$OUT/export/$run/hf" --out "$OUT/export/$run" \
+    [[ -d "$OUT/export/$run/w8a8" ]] || "$PY" tools/export_fp16_w8a8.py "$OUT/export/$run/hf" --output-dir "$OUT/export/$run" \
         --calib-data "$DATA/shakespeare_train" --tokenizer "$DATA/tokenizer.model" \
         --num-calib-batches 4 --calib-batch-size 8 --block-size 128
 done
@@ -60,7 +60,7 @@ step "7/7 outlier report -> $OUT/report"
 [[ -f "$OUT/report/report.md" ]] || "$PY" tools/outlier_report.py \
     --model "vanilla=$OUT/export/vanilla/hf" --model "softmax1=$OUT/export/softmax1/hf" \
     --data "$DATA/shakespeare_valid" --calib-data "$DATA/shakespeare_train" --tokenizer "$DATA/tokenizer.model" \
-    --block-size 128 --max-blocks 32 --out "$OUT/report"
+    --block-size 128 --max-blocks 32 --output-dir "$OUT/report"
 
 echo
 echo "==> demo finished in $(( $(date +%s) - start )) s. Summary ($OUT/report/report.md):"

@@ -58,7 +58,7 @@ rehearsal exercises the checks, but only CUDA values mean anything):
 
 Usage:
   python tools/bench_attention.py                          # defaults for the device found
-  python tools/bench_attention.py --sq 1024 4096 --d 128 --dtype bf16 --repeats 20 --out r.json
+  python tools/bench_attention.py --sq 1024 4096 --d 128 --dtype bf16 --repeats 20 --output-json r.json
 """
 from __future__ import annotations
 
@@ -74,13 +74,11 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional
 
+import torch
+
+from megatron_outeff.utils.cli import OneLineArgumentParser, command, nonnegative_int, output_file, positive_int
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import torch  # noqa: E402
-
-from megatron_outeff.utils.cli import OneLineArgumentParser, nonnegative_int, output_file, positive_int  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CLIP = (-0.025, 1.0)
@@ -440,6 +438,7 @@ def format_table(results: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+@command
 def main(argv=None):
     p = OneLineArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sq", type=positive_int, nargs="+", help="sequence lengths (sq = sk, causal)")
@@ -456,8 +455,8 @@ def main(argv=None):
     p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
                    help="time the methods round-robin, one call each per round (default: on CPU only)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak memory measurement")
-    p.add_argument("--out", type=output_file, default=None, help="JSON output path (default tools/results/bench_attention_<device>.json)")
-    p.add_argument("--md", type=output_file, default=None, help="also write the Markdown table here")
+    p.add_argument("--output-json", type=output_file, default=None, help="JSON output path (default tools/results/bench_attention_<device>.json)")
+    p.add_argument("--output-md", type=output_file, default=None, help="also write the Markdown table here")
     p.add_argument("--interpret", action="store_true",
                    help="CPU only: run the Triton methods under the Triton interpreter (a rehearsal: times mean nothing)")
     p.add_argument("--memprobe", help=argparse.SUPPRESS)
@@ -491,7 +490,7 @@ def main(argv=None):
                 started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 loadavg_start=_loadavg())
     print(f"device: {meta['device']}\nversions: {meta['versions']}")
-    out = args.out or os.path.join(ROOT, "tools", "results", f"bench_attention_{device.type}.json")
+    out = args.output_json or os.path.join(ROOT, "tools", "results", f"bench_attention_{device.type}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     results = []
     for dt_name in cfg["dtype"]:
@@ -598,8 +597,8 @@ def main(argv=None):
     with open(out, "w") as fh:
         json.dump(dict(meta=meta, results=results, targets=checks), fh, indent=1)
     print(f"\nwrote {out}")
-    if args.md:
-        with open(args.md, "w") as fh:
+    if args.output_md:
+        with open(args.output_md, "w") as fh:
             fh.write(f"# Attention benchmark ({meta['device']})\n\n")
             fh.write(f"Command: `{meta['command']}`\n\n")
             fh.write(f"Versions: {meta['versions']}\n\nTimer: {meta['timer']}, median of {cfg['repeats']} "
@@ -612,7 +611,7 @@ def main(argv=None):
                 for c in checks:
                     fh.write(f"- {'MET' if c['met'] else 'NOT MET'}: {c['target']} [{c['dtype']} d={c['d']} sq={c['sq']}] "
                              f"value {c['value']:.2f}\n")
-        print(f"wrote {args.md}")
+        print(f"wrote {args.output_md}")
     return 0
 
 

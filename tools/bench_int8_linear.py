@@ -1,6 +1,6 @@
 """Benchmark: fp32 vs real int8 (oneDNN, Int8Linear) on CPU, same process: the Linears, then a whole model.
 
-    PYTHONPATH=$PWD python tools/bench_int8_linear.py [--tokens 512] [--reps 20] [--threads 1 2]
+    python tools/bench_int8_linear.py [--tokens 512] [--reps 20] [--threads 1 2]
         [--reduce-range auto|on|off] [--model] [--model-reps 5]
 
 Linears: OPT-125m's shapes for one 512-token sequence (the LM head stays float in our scheme and is not
@@ -24,6 +24,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from megatron_outeff.quant import calibrate_w8a8_linears, quantize_weight_per_channel, simulate_w8a8_model
 from megatron_outeff.quant.int8_linear import Int8Linear, cpu_has_vnni, int8_model
-from megatron_outeff.utils.cli import OneLineArgumentParser, positive_int
+from megatron_outeff.utils.cli import OneLineArgumentParser, command, positive_int
 
 SHAPES = [  # (name, in_features, out_features)
     ("fc1 (768->3072)", 768, 3072),
@@ -102,6 +103,7 @@ def bench_model(args, model, qmodel, simulated) -> None:
           flush=True)
 
 
+@command
 def main(argv=None) -> None:
     ap = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=positive_int, default=512)
@@ -128,4 +130,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

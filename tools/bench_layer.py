@@ -8,7 +8,7 @@ softmax_type='off-by-one') is timed too, as the reference point.
 
     python tools/bench_layer.py                       # CPU: seq 512, batch 1
     python tools/bench_layer.py --seq 2048 --batch 4  # GPU (CUDA: Triton flash path)
-Writes --out-json (default tools/results/bench_layer_<device>.json) and a markdown table beside it.
+Writes --output-json (default tools/results/bench_layer_<device>.json) and a markdown table beside it.
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import time
 
 import torch
 
+from megatron_outeff.utils.cli import OneLineArgumentParser, command, nonnegative_int, output_file, positive_int
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from megatron_outeff.utils.cli import OneLineArgumentParser, nonnegative_int, output_file, positive_int  # noqa: E402
 
 
 def variants(seq):
@@ -68,6 +68,7 @@ def build_layers(args, device, dtype):
     return {k: m.to(device=device, dtype=dtype) for k, m in layers.items()}
 
 
+@command
 def main(argv=None):
     p = OneLineArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seq", type=positive_int, default=None, help="sequence length (default 512 on CPU, 2048 on GPU)")
@@ -75,7 +76,8 @@ def main(argv=None):
     p.add_argument("--reps", type=positive_int, default=5)
     p.add_argument("--warmup", type=nonnegative_int, default=1)
     p.add_argument("--dtype", default=None, help="float32 (CPU default) | bfloat16 (GPU default)")
-    p.add_argument("--out-json", type=output_file, default=None)
+    p.add_argument("--output-json", type=output_file, default=None,
+                   help="default tools/results/bench_layer_<device>.json; the Markdown table beside it (.md)")
     args = p.parse_args(argv)
 
     from megatron_outeff.megatron.parallel import init_model_parallel
@@ -127,7 +129,7 @@ def main(argv=None):
         "command": "python " + " ".join(sys.argv), "rows": rows,
         "loadavg_1min_before_after": [load_before and load_before[0], os.getloadavg()[0] if load_before else None],
     }
-    out_json = args.out_json or os.path.join(ROOT, "tools", "results", f"bench_layer_{'gpu' if cuda else 'cpu'}.json")
+    out_json = args.output_json or os.path.join(ROOT, "tools", "results", f"bench_layer_{'gpu' if cuda else 'cpu'}.json")
     os.makedirs(os.path.dirname(out_json), exist_ok=True)
     with open(out_json, "w") as f:
         json.dump(report, f, indent=1)
@@ -147,4 +149,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -14,13 +14,13 @@ peak resident set (VmHWM) of a fresh subprocess that builds the variant and runs
 
 Defaults: on CUDA the paper's OPT-125m at seq 2048, bf16, ZeRO-1 and MFU from --peak-tflops (H100 /
 H200 SXM dense bf16 by the datasheet: 989); on CPU the demo's small OPT at seq 128, fp32. Results:
---out JSON (device, versions, command, rows, targets) and --md.
+--output-json (device, versions, command, rows, targets) and --output-md.
 
 Targets (TARGETS; meant for OPT-125m in bf16 on one H100/H200; computed on any device, so that a CPU
 rehearsal exercises them, but only CUDA values mean anything): Softmax_1 tokens/s >= 0.97x vanilla,
 and Softmax_1 >= 400k tokens/s.
 
-    python tools/bench_train.py [--steps 20] [--warmup 3] [--out tools/results/bench_train_cpu.json]
+    python tools/bench_train.py [--steps 20] [--warmup 3] [--output-json tools/results/bench_train_cpu.json]
 """
 from __future__ import annotations
 
@@ -34,12 +34,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-from megatron_outeff.utils.cli import (  # noqa: E402
-    OneLineArgumentParser, nonnegative_int, output_file, positive_float, positive_int,
+from megatron_outeff.utils.cli import (
+    OneLineArgumentParser, command, nonnegative_int, output_file, positive_float, positive_int,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # (name, row variant, row key, goal): met when row[key] >= goal
@@ -104,6 +103,7 @@ def memory_probe(args) -> None:
     print(f"PEAK_RSS_MIB {hwm_kib / 1024:.1f}")
 
 
+@command
 def main(argv=None) -> int:
     parser = OneLineArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=positive_int, default=20, help="timed steps per variant")
@@ -113,8 +113,8 @@ def main(argv=None) -> int:
     parser.add_argument("--outlier-interval", type=positive_int, default=None,
                         help="interval for the overhead figure (default: 1000 CUDA, the paper recipe's; 200 CPU, the demo's)")
     parser.add_argument("--peak-tflops", type=positive_float, default=989.0, help="device peak for MFU (CUDA only)")
-    parser.add_argument("--out", type=output_file, default=None, help="write the results as JSON here")
-    parser.add_argument("--md", type=output_file, default=None, help="write a Markdown table here")
+    parser.add_argument("--output-json", type=output_file, default=None, help="write the results as JSON here")
+    parser.add_argument("--output-md", type=output_file, default=None, help="write a Markdown table here")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_probe:
@@ -228,10 +228,10 @@ def main(argv=None) -> int:
         f"{t['target']}: {'MET' if t['met'] else 'NOT MET'} ({t['value']:.3f})" for t in result["targets"]))
     text = "\n".join(lines)
     print(text)
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
-    if args.md:
-        Path(args.md).write_text(text + "\n")
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(result, indent=2))
+    if args.output_md:
+        Path(args.output_md).write_text(text + "\n")
     return 0
 
 

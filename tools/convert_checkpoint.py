@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Convert megatron_outeff checkpoints (any TP/PP, any ZeRO stage) to other layouts and Hugging Face.
 
-    convert_checkpoint.py to-hf   CKPT_DIR OUT_DIR [--iteration N] [--tokenizer TOK] [--dtype fp32|fp16|bf16]
-    convert_checkpoint.py reshard CKPT_DIR OUT_DIR --tp T --pp P [--iteration N]
-    convert_checkpoint.py from-hf HF_DIR OUT_DIR --tp T --pp P [--variant NAME|JSON] [--seq-length S] [--seed K]
+    convert_checkpoint.py to-hf   CKPT_DIR --output-dir OUT_DIR [--iteration N] [--tokenizer TOK] [--dtype fp32|fp16|bf16]
+    convert_checkpoint.py reshard CKPT_DIR --output-dir OUT_DIR --tp T --pp P [--iteration N]
+    convert_checkpoint.py from-hf HF_DIR --output-dir OUT_DIR --tp T --pp P [--variant NAME|JSON] [--seq-length S] [--seed K]
 
 CKPT_DIR: a training checkpoint directory (its `latest`, or --iteration), an iter_XXXXXXX directory,
 or a model-only checkpoint written by reshard / from-hf. reshard and from-hf write model-only
@@ -16,31 +16,29 @@ from __future__ import annotations
 import os
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_outeff.utils.cli import OneLineArgumentParser, nonnegative_int, positive_int  # noqa: E402
+from megatron_outeff.utils.cli import OneLineArgumentParser, command, nonnegative_int, positive_int
 
 
+@command
 def main(argv=None) -> int:
     parser = OneLineArgumentParser(description=__doc__.split("\n")[1])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("to-hf", help="checkpoint -> Hugging Face directory (plain OPT or remote code)")
     p.add_argument("ckpt")
-    p.add_argument("out")
+    p.add_argument("--output-dir", required=True, help="OUT_DIR: must not exist or be empty")
     p.add_argument("--iteration", type=nonnegative_int, default=None, help="default: the checkpoint's latest")
     p.add_argument("--tokenizer", default=None, help="directory with tokenizer files to copy")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     p = sub.add_parser("reshard", help="checkpoint -> model-only checkpoint at another TP/PP")
     p.add_argument("ckpt")
-    p.add_argument("out")
+    p.add_argument("--output-dir", required=True, help="OUT_DIR: must not exist or be empty")
     p.add_argument("--tp", type=positive_int, required=True)
     p.add_argument("--pp", type=positive_int, required=True)
     p.add_argument("--iteration", type=nonnegative_int, default=None)
     p = sub.add_parser("from-hf", help="Hugging Face OPT directory -> model-only checkpoint")
     p.add_argument("hf_dir")
-    p.add_argument("out")
+    p.add_argument("--output-dir", required=True, help="OUT_DIR: must not exist or be empty")
     p.add_argument("--tp", type=positive_int, default=1)
     p.add_argument("--pp", type=positive_int, default=1)
     p.add_argument("--variant", default=None,
@@ -50,25 +48,21 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of initialised gate weights")
     args = parser.parse_args(argv)
 
-    from megatron_outeff.convert import ConvertError, from_hf, reshard, to_hf
+    from megatron_outeff.convert import from_hf, reshard, to_hf
 
     t0 = time.time()
 
     def progress(msg):
         print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
 
-    try:
-        if args.command == "to-hf":
-            out = to_hf(args.ckpt, args.out, iteration=args.iteration, tokenizer=args.tokenizer, dtype=args.dtype,
-                        progress=progress)
-        elif args.command == "reshard":
-            out = reshard(args.ckpt, args.out, tp=args.tp, pp=args.pp, iteration=args.iteration, progress=progress)
-        else:
-            out = from_hf(args.hf_dir, args.out, tp=args.tp, pp=args.pp, variant=args.variant,
-                          seq_length=args.seq_length, seed=args.seed, progress=progress)
-    except (ConvertError, ValueError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
+    if args.command == "to-hf":
+        out = to_hf(args.ckpt, args.output_dir, iteration=args.iteration, tokenizer=args.tokenizer, dtype=args.dtype,
+                    progress=progress)
+    elif args.command == "reshard":
+        out = reshard(args.ckpt, args.output_dir, tp=args.tp, pp=args.pp, iteration=args.iteration, progress=progress)
+    else:
+        out = from_hf(args.hf_dir, args.output_dir, tp=args.tp, pp=args.pp, variant=args.variant,
+                      seq_length=args.seq_length, seed=args.seed, progress=progress)
     progress(f"done: {out}")
     return 0
 

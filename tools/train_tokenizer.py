@@ -14,19 +14,13 @@ Examples:
       --model-type unigram --output-prefix tok/uni32k
 """
 import argparse
-import os
 import sys
 
-# Run the package of the checkout this tool lives in, even if another copy is installed.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isdir(os.path.join(_ROOT, "megatron_outeff")):
-    sys.path.insert(0, _ROOT)
-
-from megatron_outeff.data.cli import run_cli
-from megatron_outeff.utils.cli import OneLineArgumentParser, positive_float, positive_int
 from megatron_outeff.data.tokenizer_training import MODEL_TYPES, train_sentencepiece
+from megatron_outeff.utils.cli import OneLineArgumentParser, command, positive_float, positive_int
 
 
+@command
 def main(argv=None) -> int:
     p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB",
@@ -56,4 +50,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    sys.exit(main())

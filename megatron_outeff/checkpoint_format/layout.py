@@ -28,10 +28,6 @@ PARTIAL_SUFFIX = ".tmp"
 _TAG_RE = re.compile(r"^iter_(\d{7})$")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete or does not fit what reads it: one line, nothing written."""
-
-
 # --------------------------------------------------------------------------------------------------
 # Tags: iter_XXXXXXX (complete) and iter_XXXXXXX.tmp (a save in progress, or interrupted)
 # --------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 never pickles): written with ``tensor_state``, ``write_rank_file``, ``make_manifest``,
 ``write_manifest``; read with every check by ``resolve_model_dir``, ``read_manifest``,
 ``read_model_files``. What they hold, who writes and who reads them: README.md in this package.
-Every reader check raises a one-line ``CheckpointError`` before anything is written.
+Every reader check raises a one-line ``OutEffError`` before anything is written.
 """
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from typing import Iterable, Mapping, Optional
 
 import torch
 
-from .layout import LATEST, MANIFEST, MASTER_SUBDIR, MODEL_SUBDIR, CheckpointError, latest_tag, rank_file_name, tag_for
+from megatron_outeff.errors import OutEffError, with_context
+
+from .layout import LATEST, MANIFEST, MASTER_SUBDIR, MODEL_SUBDIR, latest_tag, rank_file_name, tag_for
 
 FORMAT = "megatron_outeff.model_checkpoint"
 FORMAT_VERSION = 1
@@ -83,7 +85,7 @@ def resolve_model_dir(path, iteration: Optional[int] = None) -> Path:
     ``iter_XXXXXXX`` directory, or the model directory itself."""
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint directory")
+        raise OutEffError(f"{path}: no such checkpoint directory")
     if iteration is None:
         if (path / MANIFEST).is_file():
             return path
@@ -91,14 +93,14 @@ def resolve_model_dir(path, iteration: Optional[int] = None) -> Path:
             return path / MODEL_SUBDIR
         tag = latest_tag(path)
         if tag is None:
-            raise CheckpointError(f"{path}: no '{LATEST}' file and no {MODEL_SUBDIR}/{MANIFEST}; expected a megatron_outeff checkpoint directory")
+            raise OutEffError(f"{path}: no '{LATEST}' file and no {MODEL_SUBDIR}/{MANIFEST}; expected a megatron_outeff checkpoint directory")
     else:
         tag = tag_for(int(iteration))
     model_dir = path / tag / MODEL_SUBDIR
     if not (path / tag).is_dir():
-        raise CheckpointError(f"{path}: checkpoint {tag} not found")
+        raise OutEffError(f"{path}: checkpoint {tag} not found")
     if not (model_dir / MANIFEST).is_file():
-        raise CheckpointError(f"{model_dir}: no {MANIFEST} (checkpoint written before model files were added to checkpoints?)")
+        raise OutEffError(f"{model_dir}: no {MANIFEST} (checkpoint written before model files were added to checkpoints?)")
     return model_dir
 
 
@@ -106,17 +108,17 @@ def read_manifest(model_dir: Path) -> dict:
     try:
         m = json.loads((model_dir / MANIFEST).read_text())
     except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
-        raise CheckpointError(f"{model_dir / MANIFEST}: unreadable ({' '.join(str(e).split())})") from None
+        raise OutEffError(f"{model_dir / MANIFEST}: unreadable ({' '.join(str(e).split())})") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise CheckpointError(f"{model_dir / MANIFEST}: not a {FORMAT} manifest")
+        raise OutEffError(f"{model_dir / MANIFEST}: not a {FORMAT} manifest")
     if m.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{model_dir / MANIFEST}: format_version {m.get('format_version')!r}, expected {FORMAT_VERSION}")
+        raise OutEffError(f"{model_dir / MANIFEST}: format_version {m.get('format_version')!r}, expected {FORMAT_VERSION}")
     for key in ("arch", "attention", "tp", "pp", "padded_vocab_size", "dtype", "iteration"):
         if key not in m:
-            raise CheckpointError(f"{model_dir / MANIFEST}: missing key {key!r}")
+            raise OutEffError(f"{model_dir / MANIFEST}: missing key {key!r}")
     for key in ("tp", "pp", "padded_vocab_size"):
         if not isinstance(m[key], int) or m[key] < 1:
-            raise CheckpointError(f"{model_dir / MANIFEST}: {key}={m[key]!r}, expected a positive integer")
+            raise OutEffError(f"{model_dir / MANIFEST}: {key}={m[key]!r}, expected a positive integer")
     return m
 
 
@@ -125,13 +127,13 @@ def manifest_arch_variant(m: dict, where: str = "manifest"):
     from megatron_outeff.models.opt import OPTArchConfig
 
     try:
-        arch = OPTArchConfig.from_dict(dict(m["arch"]), source=f"{where} arch")
+        arch = OPTArchConfig.from_dict(dict(m["arch"]), source=f"{where}: arch")
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{where}: bad arch: {e}") from None
+        raise with_context(f"{where}: arch", e) from None
     try:
         variant = AttentionVariantConfig.from_dict(m["attention"])
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{where}: bad attention variant: {e}") from None
+        raise with_context(f"{where}: bad attention variant", e) from None
     return arch, variant
 
 
@@ -147,7 +149,7 @@ def variant_hf_shapes(arch, variant) -> dict[str, tuple]:
         try:
             shapes = gate_parameter_shapes(variant.gate, H, h // H, h)
         except ValueError as e:
-            raise ConvertError(f"{arch.name}: {e}") from None
+            raise with_context(arch.name, e) from None
         per_layer.update({f"self_attn.gate.{name}": shape for name, shape in shapes.items()})
     return {f"model.decoder.layers.{i}.{k}": s for i in range(arch.num_layers) for k, s in per_layer.items()}
 
@@ -180,14 +182,14 @@ def read_model_files(model_dir, *, progress=None, weights: str = "auto") -> tupl
     tp, pp = m["tp"], m["pp"]
     try:
         check_parallel_layout(arch, tp, pp)
-    except ValueError as e:
-        raise CheckpointError(f"{model_dir / MANIFEST}: tp={tp}, pp={pp}: {e}") from None
+    except OutEffError as e:
+        raise with_context(f"{model_dir / MANIFEST}: tp={tp}, pp={pp}", e) from None
     if m["padded_vocab_size"] < arch.vocab_size or m["padded_vocab_size"] % tp:
-        raise CheckpointError(f"{model_dir / MANIFEST}: padded_vocab_size={m['padded_vocab_size']} must be >= vocab_size="
+        raise OutEffError(f"{model_dir / MANIFEST}: padded_vocab_size={m['padded_vocab_size']} must be >= vocab_size="
                            f"{arch.vocab_size} and divisible by tp={tp}")
     master = m.get("fp32_master")
     if master is not None and master != MASTER_SUBDIR:
-        raise CheckpointError(f"{model_dir / MANIFEST}: fp32_master={master!r}, expected {MASTER_SUBDIR!r} or null")
+        raise OutEffError(f"{model_dir / MANIFEST}: fp32_master={master!r}, expected {MASTER_SUBDIR!r} or null")
     m = dict(m)
     if master and weights == "auto":
         m["weights_read"] = "fp32_master"
@@ -208,7 +210,7 @@ def _read_rank_dir(rank_dir: Path, m: dict, arch, variant, progress, dtype: Opti
     if progress:
         progress(m["weights_read_text"])
     if not rank_dir.is_dir():
-        raise CheckpointError(f"{rank_dir}: no such directory (the manifest names it)")
+        raise OutEffError(f"{rank_dir}: no such directory (the manifest names it)")
     tp, pp = m["tp"], m["pp"]
     present = {}
     for f in rank_dir.iterdir():
@@ -219,10 +221,10 @@ def _read_rank_dir(rank_dir: Path, m: dict, arch, variant, progress, dtype: Opti
     missing = sorted(wanted - set(present))
     if missing:
         names = [rank_file_name(t, p) for t, p in missing]
-        raise CheckpointError(f"{rank_dir}: {len(missing)} rank file(s) missing for tp={tp} x pp={pp}: {', '.join(names[:4])}")
+        raise OutEffError(f"{rank_dir}: {len(missing)} rank file(s) missing for tp={tp} x pp={pp}: {', '.join(names[:4])}")
     extra = sorted(set(present) - wanted)
     if extra:
-        raise CheckpointError(f"{rank_dir}: rank file(s) {', '.join(present[k].name for k in extra[:4])} outside the manifest's "
+        raise OutEffError(f"{rank_dir}: rank file(s) {', '.join(present[k].name for k in extra[:4])} outside the manifest's "
                            f"tp={tp} x pp={pp}: manifest and files disagree")
     states = {}
     for i, (t, p) in enumerate(sorted(wanted, key=lambda k: (k[1], k[0]))):
@@ -232,20 +234,20 @@ def _read_rank_dir(rank_dir: Path, m: dict, arch, variant, progress, dtype: Opti
         try:
             sd = load_file(str(path))
         except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{path}: unreadable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            raise OutEffError(f"{path}: unreadable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         expected = expected_rank_shapes(arch, variant, t, tp, p, pp, m["padded_vocab_size"])
         miss = sorted(set(expected) - set(sd))
         unexp = sorted(set(sd) - set(expected))
         if miss or unexp:
-            raise CheckpointError(f"{path}: tensors do not match {arch.name} ({variant.describe()}) at tp={tp}, pp={pp}: "
+            raise OutEffError(f"{path}: tensors do not match {arch.name} ({variant.describe()}) at tp={tp}, pp={pp}: "
                                f"missing {miss[:3]}, unexpected {unexp[:3]}")
         for k, shape in expected.items():
             v = sd[k]
             if tuple(v.shape) != shape:
-                raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)}, expected {shape}")
+                raise OutEffError(f"{path}: {k} has shape {tuple(v.shape)}, expected {shape}")
             if dtype is not None and v.dtype != dtype:
-                raise CheckpointError(f"{path}: {k} is {v.dtype}, expected {dtype} master weights")
+                raise OutEffError(f"{path}: {k} is {v.dtype}, expected {dtype} master weights")
             if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-                raise CheckpointError(f"{path}: {k} has {int((~torch.isfinite(v)).sum())} non-finite value(s)")
+                raise OutEffError(f"{path}: {k} has {int((~torch.isfinite(v)).sum())} non-finite value(s)")
         states[(t, p)] = sd
     return states

@@ -4,7 +4,7 @@ another layout, and load a checkpoint's weights into this rank's megatron model 
 The full state in between is the Hugging Face OPT state dict plus the variant tensors
 (``models.hf_opt.megatron_to_hf_state_dict(..., variant_extras=True)``) and the megatron word
 embedding with its vocabulary-padding rows (they take part in the training loss through the tied LM
-head, so a re-split keeps them; Hugging Face drops them). Errors: one-line ``CheckpointError``.
+head, so a re-split keeps them; Hugging Face drops them). Errors: one-line ``OutEffError``.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from .layout import CheckpointError
+from megatron_outeff.errors import OutEffError, with_context
 from .model_files import manifest_arch_variant, read_manifest, read_model_files, resolve_model_dir
 
 
@@ -29,10 +29,7 @@ def merge_ranks(states: Mapping[tuple, dict], arch) -> tuple[dict, torch.Tensor]
         for t in range(tp):
             states[(t, pp - 1)] = dict(states[(t, pp - 1)],
                                        **{"output_layer.weight": states[(t, 0)]["embedding.word_embeddings.weight"]})
-    try:
-        hf = megatron_to_hf_state_dict(states, arch, strict=True, variant_extras=True)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
+    hf = megatron_to_hf_state_dict(states, arch, strict=True, variant_extras=True)
     padded = torch.cat([states[(t, 0)]["embedding.word_embeddings.weight"] for t in range(tp)], dim=0)
     return hf, padded
 
@@ -43,10 +40,7 @@ def split_rank(hf: Mapping[str, torch.Tensor], padded_embed: Optional[torch.Tens
     taken from ``padded_embed`` (padding rows kept, zero rows added if ``vocab_rows`` is larger)."""
     from megatron_outeff.models.hf_opt import hf_state_dict_to_megatron
 
-    try:
-        sd = hf_state_dict_to_megatron(hf, arch, tp_rank, tp, pp_rank, pp, vocab_size=vocab_rows, variant_extras=True)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
+    sd = hf_state_dict_to_megatron(hf, arch, tp_rank, tp, pp_rank, pp, vocab_size=vocab_rows, variant_extras=True)
     if padded_embed is not None:
         emb = padded_embed[:vocab_rows]
         if emb.shape[0] < vocab_rows:
@@ -61,8 +55,8 @@ def split_rank(hf: Mapping[str, torch.Tensor], padded_embed: Optional[torch.Tens
 def resolved_variant(variant, seq_length, where):
     try:
         return variant.resolved(seq_length)
-    except ValueError as e:
-        raise CheckpointError(f"{where}: {e}") from None
+    except ValueError as e:  # megatron_outeff.megatron.variant's check
+        raise with_context(where, e) from None
 
 
 def load_into_model(model: torch.nn.Module, path, *, arch, variant, seq_length, tp_rank: int, tp: int, pp_rank: int,
@@ -78,14 +72,11 @@ def load_into_model(model: torch.nn.Module, path, *, arch, variant, seq_length, 
     model_dir = resolve_model_dir(path)
     manifest = read_manifest(model_dir)
     src_arch, src_variant = manifest_arch_variant(manifest, str(model_dir))
-    try:
-        check_same_architecture(src_arch, arch, what=f"init_from {path}")
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
+    check_same_architecture(src_arch, arch, what=str(path))
     mine = resolved_variant(variant, seq_length, "the training config")
     theirs = resolved_variant(src_variant, manifest.get("seq_length"), str(model_dir))
     if mine != theirs:
-        raise CheckpointError(f"init_from {path}: attention variant {theirs.describe()!r} differs from the config's {mine.describe()!r}")
+        raise OutEffError(f"{path}: attention variant {theirs.describe()!r} differs from the config's {mine.describe()!r}")
     rows = model.vocab_size
     manifest, states = read_model_files(model_dir, progress=progress)
     if (manifest["tp"], manifest["pp"], manifest["padded_vocab_size"]) == (tp, pp, rows):
@@ -97,5 +88,5 @@ def load_into_model(model: torch.nn.Module, path, *, arch, variant, seq_length, 
         with torch.no_grad():
             load_megatron_state_dict(model, sd)
     except (ValueError, RuntimeError) as e:
-        raise CheckpointError(f"init_from {path}: {str(e).splitlines()[0]}") from None
+        raise with_context(str(path), ValueError(str(e).splitlines()[0])) from None
     return manifest

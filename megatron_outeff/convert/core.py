@@ -6,7 +6,7 @@ checkpoint format (megatron_outeff.checkpoint_format: model files, merge / split
     from_hf(hf_dir, out_dir, tp, pp, variant=None, ...)                 HF OPT directory -> model-only checkpoint
 
 All inputs are checked before anything is written; outputs go to a temporary sibling directory
-renamed into place at the end. Errors: one-line ``ConvertError``.
+renamed into place at the end. Errors: one-line ``OutEffError``.
 """
 from __future__ import annotations
 
@@ -17,15 +17,12 @@ from typing import Callable, Optional
 import torch
 
 from megatron_outeff.checkpoint_format import (
-    MODEL_SUBDIR, CheckpointError, dtype_name, expected_rank_shapes, make_manifest, manifest_arch_variant, merge_ranks,
+    MODEL_SUBDIR, dtype_name, expected_rank_shapes, make_manifest, manifest_arch_variant, merge_ranks,
     rank_file_name, read_model_files, resolve_model_dir, resolved_variant, split_rank, tag_for, variant_hf_shapes,
     write_latest, write_manifest, write_rank_file,
 )
-from megatron_outeff.utils.atomic import atomic_output_dir
-
-# Bad input for a conversion (reported as one line, nothing written): the checkpoint format's error,
-# so that a reader's check and a conversion's own check are caught alike.
-ConvertError = CheckpointError
+from megatron_outeff.errors import OutEffError, with_context
+from megatron_outeff.utils.atomic import atomic_output_dir, check_empty_output_dir
 
 Progress = Optional[Callable[[str], None]]
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -36,21 +33,11 @@ def _say(progress: Progress, msg: str) -> None:
         progress(msg)
 
 
-# --------------------------------------------------------------------------------------------------
-# Output directories
-# --------------------------------------------------------------------------------------------------
-def check_output_dir(out_dir) -> Path:
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ConvertError(f"{out_dir}: exists and is not an empty directory; refusing to overwrite")
-    return out_dir
-
-
 def write_model_checkpoint(out_dir, rank_states: Callable[[int, int], dict], *, arch, variant, tp: int, pp: int,
                            padded_vocab: int, seq_length, iteration: int, source: str, progress: Progress = None) -> Path:
     """A model-only checkpoint: OUT/latest + OUT/iter_XXXXXXX/model/{manifest.json, tp.._pp...safetensors}.
     ``rank_states(t, p)`` builds one rank's state dict (all are built and checked before the rename)."""
-    out_dir = check_output_dir(Path(out_dir))
+    out_dir = check_empty_output_dir(Path(out_dir))
     with atomic_output_dir(out_dir) as tmp:
         tag = tag_for(iteration)
         model_dir = tmp / tag / MODEL_SUBDIR
@@ -61,7 +48,7 @@ def write_model_checkpoint(out_dir, rank_states: Callable[[int, int], dict], *, 
                 expected = expected_rank_shapes(arch, variant, t, tp, p, pp, padded_vocab)
                 got = {k: tuple(v.shape) for k, v in sd.items()}
                 if got != expected:
-                    raise ConvertError(f"internal: rank tp={t}, pp={p} tensors differ from the expected layout: "
+                    raise OutEffError(f"internal: rank tp={t}, pp={p} tensors differ from the expected layout: "
                                        f"{sorted(set(got) ^ set(expected))[:3]}")
                 states.append(sd)
                 write_rank_file(model_dir, t, p, sd)
@@ -90,32 +77,29 @@ def to_hf(ckpt, out_dir, *, iteration=None, tokenizer=None, dtype: Optional[str]
     from megatron_outeff.hf import export_hf_dir
     from megatron_outeff.models.hf_opt import hf_config_dict, split_variant_state
 
-    out_dir = check_output_dir(out_dir)
+    out_dir = check_empty_output_dir(out_dir)
     if dtype not in (None, "fp32", "fp16", "bf16"):
-        raise ConvertError(f"--dtype {dtype!r}: expected fp32, fp16 or bf16")
+        raise OutEffError(f"--dtype {dtype!r}: expected fp32, fp16 or bf16")
     manifest, arch, variant, hf, _ = load_checkpoint_full(ckpt, iteration, progress)
     plain, extras = split_variant_state(hf)
-    try:
-        opt_kwargs = hf_config_dict(arch)
-    except ValueError as e:
-        raise ConvertError(str(e)) from None
+    opt_kwargs = hf_config_dict(arch)
     _say(progress, f"exporting to {out_dir} ({dtype or 'fp32'})")
     try:
         return export_hf_dir(out_dir, plain, opt_kwargs, variant, seq_length=manifest.get("seq_length"), extra_state=extras,
                              tokenizer_dir=tokenizer, dtype=dtype or "fp32")
-    except ValueError as e:
-        raise ConvertError(str(e)) from None
+    except ValueError as e:  # megatron_outeff.hf's checks of the written directory
+        raise with_context("", e) from None
 
 
 def reshard(ckpt, out_dir, *, tp: int, pp: int, iteration=None, progress: Progress = None) -> Path:
     from megatron_outeff.models.opt import check_parallel_layout, padded_vocab_size
 
-    out_dir = check_output_dir(out_dir)
+    out_dir = check_empty_output_dir(out_dir)
     manifest, arch, variant, hf, padded = load_checkpoint_full(ckpt, iteration, progress)
     try:
         check_parallel_layout(arch, tp, pp)
-    except ValueError as e:
-        raise ConvertError(f"--tp {tp} --pp {pp}: {e}") from None
+    except OutEffError as e:
+        raise with_context(f"--tp {tp} --pp {pp}", e) from None
     old_rows = manifest["padded_vocab_size"]
     rows = old_rows if old_rows % tp == 0 else padded_vocab_size(arch.vocab_size, tp)
     return write_model_checkpoint(out_dir, lambda t, p: split_rank(hf, padded, arch, t, tp, p, pp, rows), arch=arch,
@@ -132,7 +116,7 @@ def parse_variant(text):
     try:
         return AttentionVariantConfig.parse(text)
     except ValueError as e:
-        raise ConvertError(f"--variant {text!r}: {e}") from None
+        raise OutEffError(f"--variant {text!r}: {e}") from None
 
 
 def init_variant_tensors(arch, variant, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -160,54 +144,48 @@ def read_hf_dir(hf_dir, variant=None, *, seq_length: Optional[int] = None, seed:
     hf_dir = Path(hf_dir)
     cfg_path = hf_dir / "config.json"
     if not cfg_path.is_file():
-        raise ConvertError(f"{hf_dir}: no config.json; expected a Hugging Face model directory")
+        raise OutEffError(f"{hf_dir}: no config.json; expected a Hugging Face model directory")
     try:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
-        raise ConvertError(f"{cfg_path}: not JSON ({e})") from None
+        raise OutEffError(f"{cfg_path}: not JSON ({e})") from None
     mt = cfg.get("model_type")
     if mt == "outeff_opt":
         try:
             ours = AttentionVariantConfig.from_fields(cfg)
         except ValueError as e:
-            raise ConvertError(f"{cfg_path}: bad attention variant: {e}") from None
+            raise OutEffError(f"{cfg_path}: bad attention variant: {e}") from None
         if variant is not None and resolved_variant(variant, seq_length, "--variant") != ours:
-            raise ConvertError(f"--variant {variant.describe()!r} contradicts {cfg_path}'s {ours.describe()!r}")
+            raise OutEffError(f"--variant {variant.describe()!r} contradicts {cfg_path}'s {ours.describe()!r}")
         variant = ours
         cfg = dict(cfg, model_type="opt")
     elif mt != "opt":
-        raise ConvertError(f"{cfg_path}: model_type={mt!r}: expected 'opt' or 'outeff_opt'")
+        raise OutEffError(f"{cfg_path}: model_type={mt!r}: expected 'opt' or 'outeff_opt'")
     variant = variant or AttentionVariantConfig()
-    try:
-        arch = arch_from_hf_config(cfg, name=hf_dir.name or None)
-    except ValueError as e:
-        raise ConvertError(str(e)) from None
-    try:
-        sd = read_hf_safetensors(hf_dir, on_file=lambda name: _say(progress, f"reading {name}"))
-    except ValueError as e:
-        raise ConvertError(str(e)) from None
+    arch = arch_from_hf_config(cfg, name=hf_dir.name or None)
+    sd = read_hf_safetensors(hf_dir, on_file=lambda name: _say(progress, f"reading {name}"))
     plain, extras = split_variant_state(sd)
     try:
         validate_hf_state_dict(plain, arch)
-    except ValueError as e:
-        raise ConvertError(f"{hf_dir}: {e}") from None
+    except OutEffError as e:
+        raise with_context(str(hf_dir), e) from None
     expected = variant_hf_shapes(arch, variant)
     unexpected = sorted(set(extras) - set(expected))
     if unexpected:
-        raise ConvertError(f"{hf_dir}: tensor(s) {unexpected[:3]} do not belong to the variant {variant.describe()!r}")
+        raise OutEffError(f"{hf_dir}: tensor(s) {unexpected[:3]} do not belong to the variant {variant.describe()!r}")
     for k, v in extras.items():
         if tuple(v.shape) != expected[k]:
-            raise ConvertError(f"{hf_dir}: {k} has shape {tuple(v.shape)}, expected {expected[k]}")
+            raise OutEffError(f"{hf_dir}: {k} has shape {tuple(v.shape)}, expected {expected[k]}")
     initialised = sorted(set(expected) - set(extras))
     if initialised and extras:
-        raise ConvertError(f"{hf_dir}: has some but not all tensors of the variant {variant.describe()!r}, e.g. missing {initialised[:3]}")
+        raise OutEffError(f"{hf_dir}: has some but not all tensors of the variant {variant.describe()!r}, e.g. missing {initialised[:3]}")
     full = dict(plain)
     full.update(extras)
     if initialised:
         full.update(init_variant_tensors(arch, variant, seed))
     for k, v in full.items():
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise ConvertError(f"{hf_dir}: {k} has {int((~torch.isfinite(v)).sum())} non-finite value(s)")
+            raise OutEffError(f"{hf_dir}: {k} has {int((~torch.isfinite(v)).sum())} non-finite value(s)")
     return arch, variant, full, initialised
 
 
@@ -215,16 +193,16 @@ def from_hf(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, variant=None, seq_leng
             seed: int = 0, progress: Progress = None) -> Path:
     from megatron_outeff.models.opt import check_parallel_layout, padded_vocab_size
 
-    out_dir = check_output_dir(out_dir)
+    out_dir = check_empty_output_dir(out_dir)
     if isinstance(variant, (str, type(None))):
         variant = parse_variant(variant)
     arch, variant, full, initialised = read_hf_dir(hf_dir, variant, seq_length=seq_length, seed=seed, progress=progress)
     if variant.clip_alpha is not None and not seq_length:
-        raise ConvertError(f"variant clip_alpha={variant.clip_alpha} needs --seq-length (gamma = -alpha / seq_length)")
+        raise OutEffError(f"variant clip_alpha={variant.clip_alpha} needs --seq-length (gamma = -alpha / seq_length)")
     try:
         check_parallel_layout(arch, tp, pp)
-    except ValueError as e:
-        raise ConvertError(f"--tp {tp} --pp {pp}: {e}") from None
+    except OutEffError as e:
+        raise with_context(f"--tp {tp} --pp {pp}", e) from None
     if initialised:
         _say(progress, f"initialised {len(initialised)} variant tensor(s) the Hugging Face model lacks "
                        f"(offsets 0, gates open to {variant.gate_init_prob})")

@@ -8,6 +8,3 @@ under megatron.core costs ~5 s to import, which the tokenizer CLIs should not pa
   megatron_outeff.data.preprocess  preprocess_corpus            (imports megatron.core)
   megatron_outeff.data.datasets    build_gpt_datasets, ResumableBatchSampler, MicroBatchIterator
 """
-from .errors import DataError
-
-__all__ = ["DataError"]

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_outeff.errors import OutEffError
+
 __all__ = ["BOS", "BigramBackcopyTask"]
 
 BOS = 0
@@ -50,15 +52,15 @@ class BigramBackcopyTask:
 
     def __post_init__(self):
         if not isinstance(self.seq_length, int) or self.seq_length < 3:
-            raise ValueError(f"seq_length={self.seq_length!r}: bigram_backcopy needs a sequence length >= 3")
+            raise OutEffError(f"seq_length={self.seq_length!r}: bigram_backcopy needs a sequence length >= 3")
         if not isinstance(self.num_triggers, int) or self.num_triggers < 1:
-            raise ValueError(f"num_triggers={self.num_triggers!r}: expected an integer >= 1")
+            raise OutEffError(f"num_triggers={self.num_triggers!r}: expected an integer >= 1")
         if not isinstance(self.vocab_size, int) or self.vocab_size < self.num_triggers + 3:
-            raise ValueError(
+            raise OutEffError(
                 f"vocab_size={self.vocab_size!r} with num_triggers={self.num_triggers}: the vocabulary needs BOS, "
                 f"the triggers and at least 2 regular tokens (vocab_size >= num_triggers + 3)")
         if not self.logit_scale > 0:
-            raise ValueError(f"logit_scale={self.logit_scale!r}: expected > 0")
+            raise OutEffError(f"logit_scale={self.logit_scale!r}: expected > 0")
         g = torch.Generator().manual_seed(int(self.seed))
         n_reg = self.vocab_size - 1 - self.num_triggers
         # Rows: one per regular token; columns: next token among triggers + regular tokens (ids 1..V-1).

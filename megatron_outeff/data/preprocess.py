@@ -28,7 +28,7 @@ from typing import Iterable, List, Optional, Sequence, Union
 import numpy
 
 from .corpus import expand_inputs, iter_documents
-from .errors import DataError
+from megatron_outeff.errors import OutEffError
 from .tokenizer import Tokenizer, load_tokenizer, token_dtype_for_vocab
 
 # Per-process tokenizer of the pool workers (set by the Pool initializer).
@@ -80,7 +80,7 @@ def preprocess_corpus(
     """Tokenize `inputs` (paths/globs of .txt/.jsonl) into `output_prefix`.bin/.idx.
 
     `tokenizer`: a path (loaded with `load_tokenizer(path, eod_token)`) or a loaded Tokenizer
-    (workers reload it from its file). Raises DataError (one line) for a missing input, an
+    (workers reload it from its file). Raises OutEffError (one line) for a missing input, an
     unknown JSON key or invalid JSON line, an empty corpus, or an existing output without
     `overwrite`; in every failure case no .bin/.idx is left behind.
     """
@@ -90,12 +90,12 @@ def preprocess_corpus(
     tok_path, tok_eod = tok.path, tok._eod_token_arg
     files = expand_inputs(inputs)  # fail on missing inputs before touching the output
     if workers < 1:
-        raise DataError(f"workers must be >= 1, got {workers}")
+        raise OutEffError(f"workers must be >= 1, got {workers}")
 
     bin_path, idx_path = _bin_idx(output_prefix)
     existing = [p for p in (bin_path, idx_path) if os.path.exists(p)]
     if existing and not overwrite:
-        raise DataError(f"output exists: {existing[0]} (pass --overwrite to replace it)")
+        raise OutEffError(f"output exists: {existing[0]} (pass --overwrite to replace it)")
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     created_dir = not os.path.isdir(out_dir)  # removed again if the run fails
     os.makedirs(out_dir, exist_ok=True)
@@ -142,7 +142,7 @@ def preprocess_corpus(
                     bar.set_postfix(tokens=n_tokens,
                                     tok_per_s=f"{n_tokens / max(time.time() - t0, 1e-9):.3g}")
         if n_docs == 0:
-            raise DataError(f"empty corpus: no non-blank documents in {', '.join(files)}")
+            raise OutEffError(f"empty corpus: no non-blank documents in {', '.join(files)}")
         if bar is not None:
             bar.set_postfix(tokens=n_tokens,
                             tok_per_s=f"{n_tokens / max(time.time() - t0, 1e-9):.3g}")

@@ -30,7 +30,7 @@ import os
 from collections import OrderedDict
 from typing import Iterable, List, Optional, Sequence
 
-from .errors import DataError
+from megatron_outeff.errors import OutEffError
 
 # Fixed ids train_sentencepiece reserves, so the eod id of our own tokenizers is always 2.
 SPM_SPECIAL_IDS = OrderedDict([("<pad>", 0), ("<s>", 1), ("</s>", 2), ("<unk>", 3)])
@@ -144,17 +144,17 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self._sp = spm.SentencePieceProcessor(model_file=self.path)
         except Exception as e:  # sentencepiece raises OSError/RuntimeError with long text
-            raise DataError(f"cannot load sentencepiece model {path!r}: {str(e).splitlines()[0]}")
+            raise OutEffError(f"cannot load sentencepiece model {path!r}: {str(e).splitlines()[0]}")
         self._digest = _file_digest(self.path)
         if eod_token is None:
             eos = self._sp.eos_id()
             if eos < 0:
-                raise DataError(f"sentencepiece model {path!r} has no eos piece; pass eod_token")
+                raise OutEffError(f"sentencepiece model {path!r} has no eos piece; pass eod_token")
             self._eod, self._eod_token = eos, self._sp.id_to_piece(eos)
         else:
             i = self.token_to_id(eod_token)
             if i is None:
-                raise DataError(f"eod token {eod_token!r} is not in sentencepiece model {path!r}")
+                raise OutEffError(f"eod token {eod_token!r} is not in sentencepiece model {path!r}")
             self._eod, self._eod_token = i, eod_token
 
     def tokenize(self, text: str) -> List[int]:
@@ -219,7 +219,7 @@ class HFTokenizer(Tokenizer):
         try:
             self._tok = _HFTok.from_file(self.path)
         except Exception as e:
-            raise DataError(f"cannot load Hugging Face tokenizer {path!r}: {str(e).splitlines()[0]}")
+            raise OutEffError(f"cannot load Hugging Face tokenizer {path!r}: {str(e).splitlines()[0]}")
         self._digest = _file_digest(self.path)
         self._vocab = self._tok.get_vocab(with_added_tokens=True)
         candidates = [eod_token] if eod_token is not None else ["<|endoftext|>", "</s>"]
@@ -228,7 +228,7 @@ class HFTokenizer(Tokenizer):
                 self._eod, self._eod_token = self._vocab[tok], tok
                 break
         else:
-            raise DataError(
+            raise OutEffError(
                 f"Hugging Face tokenizer {path!r} has none of the eod tokens {candidates}; "
                 "pass eod_token"
             )
@@ -278,7 +278,7 @@ def _resolve(path: str) -> str:
         models = sorted(n for n in os.listdir(path) if n.endswith(".model"))
         if len(models) == 1:
             return os.path.join(path, models[0])
-        raise DataError(f"no tokenizer.json or single *.model file in directory {path!r}")
+        raise OutEffError(f"no tokenizer.json or single *.model file in directory {path!r}")
     return path
 
 
@@ -289,17 +289,17 @@ def load_tokenizer(path: "str | os.PathLike", eod_token: Optional[str] = None) -
     holding `tokenizer.json` / `tokenizer.model` / exactly one `*.model`.
     `eod_token`: the end-of-document token; default: the sentencepiece eos piece, or for
     tokenizer.json `<|endoftext|>` if present else `</s>`.
-    Raises DataError (one line) for a missing file or unknown type.
+    Raises OutEffError (one line) for a missing file or unknown type.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise DataError(f"tokenizer not found: {path}")
+        raise OutEffError(f"tokenizer not found: {path}")
     path = _resolve(path)
     if path.endswith(".model"):
         return SentencePieceTokenizer(path, eod_token)
     if path.endswith(".json"):
         return HFTokenizer(path, eod_token)
-    raise DataError(
+    raise OutEffError(
         f"unknown tokenizer file type: {path} (expected a sentencepiece .model or a Hugging Face "
         "tokenizer.json)"
     )

@@ -19,7 +19,7 @@ import tempfile
 from typing import Iterator, Optional, Sequence, Union
 
 from .corpus import iter_documents
-from .errors import DataError
+from megatron_outeff.errors import OutEffError
 from .tokenizer import SPM_SPECIAL_IDS
 
 MODEL_TYPES = ("bpe", "unigram")
@@ -51,24 +51,24 @@ def train_sentencepiece(
 
     Writes `model_prefix + ".model"` and `".vocab"` (via temporary names, renamed at the end) and
     returns the .model path. `input_sentence_size` caps the lines sentencepiece samples (it holds
-    them in memory). Raises DataError for bad input, an empty corpus or an impossible vocab size.
+    them in memory). Raises OutEffError for bad input, an empty corpus or an impossible vocab size.
     """
     import sentencepiece as spm
 
     if model_type not in MODEL_TYPES:
-        raise DataError(f"unknown model type {model_type!r} (choose from {', '.join(MODEL_TYPES)})")
+        raise OutEffError(f"unknown model type {model_type!r} (choose from {', '.join(MODEL_TYPES)})")
     min_vocab = len(SPM_SPECIAL_IDS) + 256 + 1  # specials + 256 byte pieces + at least one piece
     if vocab_size < min_vocab:
-        raise DataError(f"vocab size {vocab_size} too small: byte fallback needs >= {min_vocab}")
+        raise OutEffError(f"vocab size {vocab_size} too small: byte fallback needs >= {min_vocab}")
     out_dir = os.path.dirname(os.path.abspath(model_prefix))
 
     counter = {"documents": 0, "sentences": 0}
     sentences = _sentences(inputs, json_key, txt_mode, counter)
-    # Pull the first sentence here so input errors (and an empty corpus) surface as DataError
+    # Pull the first sentence here so input errors (and an empty corpus) surface as OutEffError
     # before sentencepiece starts, rather than as an exception from inside its C++ callback.
     first = next(sentences, None)
     if first is None:
-        raise DataError(f"empty corpus: no non-blank text in {inputs}")
+        raise OutEffError(f"empty corpus: no non-blank text in {inputs}")
 
     def all_sentences():
         yield first
@@ -119,12 +119,12 @@ def _train(spm, all_sentences, model_prefix, out_dir, model_type, vocab_size, ch
                 num_threads=num_threads or min(os.cpu_count() or 1, 16),
                 minloglevel=0 if verbose else 2,
             )
-        except DataError:
+        except OutEffError:
             raise
         except RuntimeError as e:
             # e.g. "Vocabulary size is too high (8192). Please set it to a value <= 1234."
             msg = " ".join(str(e).split())
-            raise DataError(f"sentencepiece training failed: {msg}") from None
+            raise OutEffError(f"sentencepiece training failed: {msg}") from None
         for ext in (".model", ".vocab"):
             os.replace(tmp_prefix + ext, model_prefix + ext)
     return model_prefix + ".model"

@@ -1,9 +1,9 @@
-"""User-facing evaluation: evaluation/calibration data, FP/W8A8 perplexity, outlier reports, CLIs.
+"""User-facing evaluation: evaluation/calibration data, FP/W8A8 perplexity, outlier reports, the outlier experiment.
 
-    eval_data   eval_blocks, calibration_batches, load_token_stream, EvalData
+    eval_data   eval_blocks, calibration_batches, load_token_stream, EvalData, check_data_source, tokenizer_for
     quant_eval  evaluate_quantization, fp16_perplexity, simulated_w8a8_perplexity,
                 deployable_w8a8_perplexity, load_hf_model, check_model_dir, model_info
     report      collect_model_stats, build_report, write_report, render_markdown, plot_report
-    cli         export_main(argv), report_main(argv)   (tools/export.py, tools/outlier_report.py)
+    experiment  load_experiment, run_experiment, judge   (tools/run_experiment.py)
 Import the submodules directly (this __init__ stays import-light).
 """

@@ -6,6 +6,11 @@
         -> EvalData(blocks [n, block_size] LongTensor, description)
     calibration_batches(source, tokenizer=None, *, num_batches=4, batch_size=8, block_size=512, ...)
         -> EvalData whose .batches is a list of [batch_size, block_size] LongTensors
+    check_data_source(source, what)        a source that names nothing is refused before any work
+    tokenizer_for(tokenizer, model_dirs)   the tokenizer to use: the given one, else the first model
+                                           directory holding tokenizer files, else None
+    add_data_arguments(parser)             the data flags the evaluation tools share (--tokenizer,
+                                           --json-key, --block-size, --num-calib-batches, --calib-batch-size)
 
 `source` is either
   (a) a megatron indexed dataset PREFIX (PREFIX.bin + PREFIX.idx exist): documents are read in
@@ -22,7 +27,7 @@ The paper calibrates on 4 batches of 8 x 512 tokens of TRAINING data and evaluat
 pass a training source to calibration_batches and a validation source to eval_blocks. If there are
 fewer blocks than num_batches * batch_size, fewer (or smaller) batches are returned and the
 description says so ("requested" vs "got").
-All errors are one-line DataErrors (ValueError) naming the bad input.
+All errors are one-line OutEffErrors (megatron_outeff.errors) naming the bad input.
 """
 from __future__ import annotations
 
@@ -33,9 +38,10 @@ from typing import Optional, Sequence, Union
 import numpy
 import torch
 
-from megatron_outeff.data.errors import DataError
+from megatron_outeff.errors import OutEffError
 
-__all__ = ["EvalData", "is_indexed_prefix", "load_token_stream", "eval_blocks", "calibration_batches"]
+__all__ = ["EvalData", "add_data_arguments", "calibration_batches", "check_data_source", "eval_blocks", "is_indexed_prefix",
+           "load_token_stream", "tokenizer_for"]
 
 Source = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 
@@ -65,6 +71,45 @@ def is_indexed_prefix(source: Source) -> bool:
     return len(srcs) == 1 and (os.path.isfile(srcs[0] + ".bin") or os.path.isfile(srcs[0] + ".idx"))
 
 
+def check_data_source(source: str, what: str) -> None:
+    """OutEffError naming ``what`` if ``source`` is not an indexed dataset prefix, an existing file, or a
+    glob that matches files."""
+    if is_indexed_prefix(source):
+        return
+    import glob
+
+    if glob.has_magic(source):
+        if not glob.glob(source):
+            raise OutEffError(f"{what} glob matches no files: {source}")
+    elif not os.path.isfile(source):
+        raise OutEffError(f"{what} not found: {source} (expected a .txt/.jsonl file, a glob, or an indexed dataset prefix)")
+
+
+def tokenizer_for(tokenizer: Optional[str], model_dirs: Sequence[str]) -> Optional[str]:
+    """The tokenizer path to use: ``tokenizer`` (OutEffError if missing), else the first model directory
+    holding tokenizer.json / tokenizer.model, else None (fine for indexed data without a vocab check)."""
+    if tokenizer:
+        if not os.path.exists(tokenizer):
+            raise OutEffError(f"tokenizer not found: {tokenizer}")
+        return tokenizer
+    for d in model_dirs:
+        if any(os.path.isfile(os.path.join(d, f)) for f in ("tokenizer.json", "tokenizer.model")):
+            return str(d)
+    return None
+
+
+def add_data_arguments(parser) -> None:
+    """The data flags of the evaluation tools (tools/export_fp16_w8a8.py, tools/outlier_report.py)."""
+    from megatron_outeff.utils.cli import positive_int
+
+    parser.add_argument("--tokenizer", help="tokenizer file/dir for raw text data and the vocab check (default: the "
+                        "first model directory, if it holds tokenizer.json / *.model)")
+    parser.add_argument("--json-key", default="text", help="JSONL key holding the text (default: text)")
+    parser.add_argument("--block-size", type=positive_int, default=512, help="tokens per block (default 512, the paper's)")
+    parser.add_argument("--num-calib-batches", type=positive_int, default=4, help="calibration batches (paper: 4)")
+    parser.add_argument("--calib-batch-size", type=positive_int, default=8, help="blocks per calibration batch (paper: 8)")
+
+
 def _load_tok(tokenizer):
     if tokenizer is None or not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
@@ -86,7 +131,7 @@ def load_token_stream(
     `tokenizer`: a loaded megatron_outeff Tokenizer or a path for `load_tokenizer`."""
     srcs = _as_list(source)
     if not srcs:
-        raise DataError("no evaluation data given")
+        raise OutEffError("no evaluation data given")
     tok = _load_tok(tokenizer)
     ids: list[int] = []
     n_docs = 0
@@ -112,7 +157,7 @@ def load_token_stream(
         from megatron_outeff.data.corpus import iter_documents
 
         if tok is None:
-            raise DataError(f"raw text data {srcs} needs a tokenizer (--tokenizer, or a model directory holding one)")
+            raise OutEffError(f"raw text data {srcs} needs a tokenizer (--tokenizer, or a model directory holding one)")
         for doc in iter_documents(srcs, json_key=json_key, txt_mode=txt_mode):
             ids.extend(tok.encode(doc))
             ids.append(tok.eod)
@@ -133,23 +178,23 @@ def _cut(ids: torch.Tensor, block_size: int, max_blocks: Optional[int], what: st
     if max_blocks is not None:
         n = min(n, max_blocks)
     if n == 0:
-        raise DataError(f"{what}: {desc['source']} holds {len(ids)} tokens, fewer than one block of {block_size}")
+        raise OutEffError(f"{what}: {desc['source']} holds {len(ids)} tokens, fewer than one block of {block_size}")
     return ids[: n * block_size].clone().view(n, block_size)
 
 
 def _check_args(block_size, **counts):
     if not isinstance(block_size, int) or block_size < 2:
-        raise DataError(f"block size must be an int >= 2, got {block_size!r}")
+        raise OutEffError(f"block size must be an int >= 2, got {block_size!r}")
     for name, v in counts.items():
         if v is not None and (not isinstance(v, int) or v < 1):
-            raise DataError(f"{name} must be a positive int, got {v!r}")
+            raise OutEffError(f"{name} must be a positive int, got {v!r}")
 
 
 def _check_vocab(blocks: torch.Tensor, vocab_size: Optional[int], desc: dict):
     if vocab_size is not None and blocks.numel():
         top = int(blocks.max())
         if top >= vocab_size:
-            raise DataError(f"data {desc['source']} holds token id {top} but the model's vocab size is {vocab_size}: "
+            raise OutEffError(f"data {desc['source']} holds token id {top} but the model's vocab size is {vocab_size}: "
                             "tokenized with a different tokenizer")
 
 

@@ -1,7 +1,7 @@
 """The outlier experiment: train every attention variant ("arm") on Bigram-Backcopy with the same
 seed, data order and step count through the real training stack, evaluate each, and report.
 
-    python tools/run_experiment.py --config configs/experiments/bb-sink-cpu.yaml --out OUT_DIR [--set k=v ...]
+    python tools/run_experiment.py --config configs/experiments/bb-sink-cpu.yaml --output-dir OUT_DIR [--set k=v ...]
 
 An experiment YAML (configs/experiments/*.yaml):
     name:       a label
@@ -41,10 +41,11 @@ from typing import Any, Optional
 
 import yaml
 
-from megatron_outeff.training.config import ConfigError, apply_override, dataclass_from_dict, config_from_dict
+from megatron_outeff.errors import OutEffError, with_context
+from megatron_outeff.training.config import apply_override, dataclass_from_dict, config_from_dict
 
-__all__ = ["ARMS", "ExperimentError", "ExperimentConfig", "load_experiment", "run_experiment", "judge",
-           "read_curves", "CURVE_TAGS", "main"]
+__all__ = ["ARMS", "ExperimentConfig", "load_experiment", "run_experiment", "judge",
+           "read_curves", "CURVE_TAGS"]
 
 # Arm name -> attention variant (megatron_outeff.megatron.variant.AttentionVariantConfig fields).
 ARMS = {
@@ -75,16 +76,14 @@ CURVE_TAGS = {
 }
 
 
-class ExperimentError(ValueError):
-    """A bad experiment configuration or output directory: one line, nothing written."""
-
-
 @dataclasses.dataclass
 class EvaluationConfig:
-    heldout_sequences: int = 128
-    calib_batches: int = 4
-    calib_batch_size: int = 8
-    batch_size: int = 16
+    """How each arm's Hugging Face export is evaluated (every count >= 1)."""
+
+    heldout_sequences: int = 128  # held-out Bigram-Backcopy sequences: loss, loss_copy, loss_bigram, perplexities
+    calib_batches: int = 4  # W8A8 calibration batches (the paper: 4) ...
+    calib_batch_size: int = 8  # ... of this many sequences (the paper: 8)
+    batch_size: int = 16  # evaluation batch size
 
 
 @dataclasses.dataclass
@@ -121,54 +120,47 @@ class ExperimentConfig:
 def load_experiment(path, overrides: Optional[list] = None) -> ExperimentConfig:
     """Read and validate everything (arms, the training config, the task) before anything is written."""
     try:
-        return _load_experiment(path, overrides)
-    except ConfigError as e:
-        raise ExperimentError(str(e)) from None
-
-
-def _load_experiment(path, overrides) -> ExperimentConfig:
-    try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
-        raise ExperimentError(f"experiment config not found: {path}") from None
+        raise OutEffError(f"experiment config not found: {path}") from None
     if not isinstance(data, dict):
-        raise ExperimentError(f"{path}: expected a mapping")
+        raise OutEffError(f"{path}: expected a mapping")
     for item in overrides or []:
         apply_override(data, item)  # the training config's --set syntax
     unknown = sorted(set(data) - {"name", "arms", "training", "evaluation", "claim"})
     if unknown:
-        raise ExperimentError(f"unknown experiment key '{unknown[0]}' (expected name, arms, training, evaluation, claim)")
+        raise OutEffError(f"unknown experiment key '{unknown[0]}' (expected name, arms, training, evaluation, claim)")
     arms = data.get("arms")
     if not isinstance(arms, list) or not arms:
-        raise ExperimentError(f"arms={arms!r}: expected a non-empty list of arm names from {sorted(ARMS)}")
+        raise OutEffError(f"arms={arms!r}: expected a non-empty list of arm names from {sorted(ARMS)}")
     for a in arms:
         if a not in ARMS:
-            raise ExperimentError(f"unknown arm {a!r}: expected one of {sorted(ARMS)}")
+            raise OutEffError(f"unknown arm {a!r}: expected one of {sorted(ARMS)}")
     if len(set(arms)) != len(arms):
-        raise ExperimentError(f"arms={arms}: an arm is listed twice")
+        raise OutEffError(f"arms={arms}: an arm is listed twice")
     if "vanilla" not in arms:
-        raise ExperimentError("arms: 'vanilla' (the positive control) must be one of the arms")
+        raise OutEffError("arms: 'vanilla' (the positive control) must be one of the arms")
     training = data.get("training")
     if not isinstance(training, dict):
-        raise ExperimentError("training: expected a training config mapping (megatron_outeff.training.config)")
+        raise OutEffError("training: expected a training config mapping (megatron_outeff.training.config)")
     if training.get("attention"):
-        raise ExperimentError("training.attention: set by each arm; leave it out of the shared training config")
+        raise OutEffError("training.attention: set by each arm; leave it out of the shared training config")
     try:
         cfg = config_from_dict(training)
-    except ConfigError as e:
-        raise ExperimentError(f"training: {e}") from None
+    except OutEffError as e:  # the training config's messages name its keys, not where it sits here
+        raise with_context("training", e) from None
     if cfg.data.source != "bigram_backcopy":
-        raise ExperimentError(f"training.data.source={cfg.data.source!r}: the experiment needs bigram_backcopy")
+        raise OutEffError(f"training.data.source={cfg.data.source!r}: the experiment needs bigram_backcopy")
     oi, ti = cfg.logging.outlier_interval, cfg.train.train_iters
     if oi < 1 or ti % oi:
-        raise ExperimentError(f"training.logging.outlier_interval={oi}: must be >= 1 and divide train.train_iters={ti}")
+        raise OutEffError(f"training.logging.outlier_interval={oi}: must be >= 1 and divide train.train_iters={ti}")
     if cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel != 1:
-        raise ExperimentError("training.parallel: the experiment runner trains each arm in one process (TP = PP = 1)")
+        raise OutEffError("training.parallel: the experiment runner trains each arm in one process (TP = PP = 1)")
     ev = dataclass_from_dict(EvaluationConfig, data.get("evaluation") or {}, "evaluation")
     claim = dataclass_from_dict(ClaimConfig, data.get("claim") or {}, "claim")
     for k in ("heldout_sequences", "calib_batches", "calib_batch_size", "batch_size"):
         if getattr(ev, k) < 1:
-            raise ExperimentError(f"evaluation.{k}={getattr(ev, k)}: must be >= 1")
+            raise OutEffError(f"evaluation.{k}={getattr(ev, k)}: must be >= 1")
     return ExperimentConfig(name=str(data.get("name", Path(path).stem)), arms=list(arms), training=training,
                             evaluation=ev, claim=claim, source=data)
 
@@ -180,16 +172,16 @@ def claim_out_dir(out: Path, exp: ExperimentConfig) -> None:
     """OUT_DIR must be absent, empty, or hold THIS experiment (same fingerprint: continue)."""
     marker = out / "experiment.json"
     if out.exists() and not out.is_dir():
-        raise ExperimentError(f"--out {out}: exists and is not a directory")
+        raise OutEffError(f"--output-dir {out}: exists and is not a directory")
     if out.exists() and any(out.iterdir()):
         if not marker.is_file():
-            raise ExperimentError(f"--out {out}: not empty and holds no experiment.json; refusing to overwrite")
+            raise OutEffError(f"--output-dir {out}: not empty and holds no experiment.json; refusing to overwrite")
         try:
             held = json.loads(marker.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ExperimentError(f"--out {out}: experiment.json is unreadable; refusing to overwrite") from None
+            raise OutEffError(f"--output-dir {out}: experiment.json is unreadable; refusing to overwrite") from None
         if held.get("fingerprint") != exp.fingerprint():
-            raise ExperimentError(f"--out {out}: holds another experiment ({held.get('name')!r}, fingerprint "
+            raise OutEffError(f"--output-dir {out}: holds another experiment ({held.get('name')!r}, fingerprint "
                                   f"{held.get('fingerprint')}; this one is {exp.fingerprint()}); refusing to overwrite")
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -525,21 +517,3 @@ def run_experiment(exp: ExperimentConfig, out, *, command: list, log=print) -> d
         f"{'passed' if rep['positive_control'] else 'FAILED'}, effect claimed: {rep['effect_claimed']}")
     return rep
 
-
-def main(argv=None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Run the Bigram-Backcopy outlier experiment (all arms) and report.")
-    parser.add_argument("--config", required=True, help="experiment YAML (configs/experiments/*.yaml)")
-    parser.add_argument("--out", required=True, help="output directory (new, empty, or this experiment's: continues)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override an experiment value, e.g. --set training.train.train_iters=10 (repeatable)")
-    args = parser.parse_args(argv)
-    try:
-        exp = load_experiment(args.config, args.set)
-        run_experiment(exp, args.out, command=[Path(sys.argv[0]).name if argv is None else "run_experiment.py",
-                                                *(sys.argv[1:] if argv is None else argv)])
-    except ExperimentError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    return 0

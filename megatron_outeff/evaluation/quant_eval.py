@@ -36,7 +36,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from megatron_outeff.errors import OutEffError
 from megatron_outeff.hf.perplexity import perplexity
+from megatron_outeff.quant.export import calibration_fn
 
 __all__ = [
     "SIMULATED_EXCLUDE",
@@ -59,20 +61,20 @@ def check_model_dir(model_dir) -> dict:
     """The parsed config.json of a Hugging Face model directory; ValueError (one line) if it is not one."""
     p = Path(model_dir)
     if not p.exists():
-        raise ValueError(f"model directory not found: {p}")
+        raise OutEffError(f"model directory not found: {p}")
     if not p.is_dir():
-        raise ValueError(f"not a directory: {p}")
+        raise OutEffError(f"not a directory: {p}")
     cfg = p / "config.json"
     if not cfg.is_file():
-        raise ValueError(f"{p} is not a Hugging Face model directory (no config.json)")
+        raise OutEffError(f"{p} is not a Hugging Face model directory (no config.json)")
     try:
         config = json.loads(cfg.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg}: not valid JSON ({' '.join(str(e).split())})") from None
+        raise OutEffError(f"{cfg}: not valid JSON ({' '.join(str(e).split())})") from None
     if not isinstance(config, dict) or "model_type" not in config:
-        raise ValueError(f"{cfg}: no model_type; not a Hugging Face model config")
+        raise OutEffError(f"{cfg}: no model_type; not a Hugging Face model config")
     if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
-        raise ValueError(f"{p} holds no weights (*.safetensors / *.bin)")
+        raise OutEffError(f"{p} holds no weights (*.safetensors / *.bin)")
     if any(p.glob("*.safetensors")):
         from megatron_outeff.models.hf_opt import check_hf_safetensors
 
@@ -122,13 +124,6 @@ def model_info(model) -> dict:
     if info["model_type"] == "opt":
         info.update(softmax="vanilla", gate="none", clip_gamma=None)
     return info
-
-
-def _calibrate_fn(batches: Sequence[torch.Tensor], device=None) -> Callable:
-    def run(m):
-        for b in batches:
-            m(input_ids=b if device is None else b.to(device), use_cache=False)
-    return run
 
 
 def _device_of(model):
@@ -188,7 +183,7 @@ def simulated_w8a8_perplexity(model, blocks, calib_batches, *, batch_size: int =
     from megatron_outeff.quant.points import is_quant_point
 
     model = quantizable_model(model)
-    sim = apply_simulated_w8a8(model, _calibrate_fn(calib_batches, _device_of(model)), exclude=exclude)
+    sim = apply_simulated_w8a8(model, calibration_fn(calib_batches, _device_of(model)), exclude=exclude)
     res = perplexity(sim.model, blocks, batch_size=batch_size)
     n_points = sum(1 for n in sim.act_quantizers if is_quant_point(sim.model.get_submodule(n)))
     res.update(
@@ -212,7 +207,7 @@ def deployable_w8a8_perplexity(model, blocks, calib_batches, out_dir, *, batch_s
 
     from megatron_outeff.quant import export_compressed_tensors_w8a8
 
-    params = export_compressed_tensors_w8a8(model, _calibrate_fn(calib_batches, _device_of(model)), out_dir)
+    params = export_compressed_tensors_w8a8(model, calibration_fn(calib_batches, _device_of(model)), out_dir)
     reloaded = AutoModelForCausalLM.from_pretrained(str(out_dir), trust_remote_code=True).eval()
     reloaded.to(_device_of(model))
     res = perplexity(reloaded, blocks, batch_size=batch_size)
@@ -257,7 +252,7 @@ def evaluate_quantization(
     if skip_quant:
         return out
     if not calib_batches:
-        raise ValueError("W8A8 evaluation needs calibration batches")
+        raise OutEffError("W8A8 evaluation needs calibration batches")
     timed("w8a8_simulated", lambda: simulated_w8a8_perplexity(model, blocks, calib_batches, batch_size=batch_size))
     if work_dir is not None:
         timed("w8a8_deployable", lambda: deployable_w8a8_perplexity(model, blocks, calib_batches, Path(work_dir), batch_size=batch_size))

@@ -38,6 +38,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
+from megatron_outeff.errors import OutEffError
 from megatron_outeff.metrics import attention_sink_mass, hf_opt_collector
 from megatron_outeff.utils.atomic import atomic_output_dir, check_empty_output_dir
 
@@ -64,7 +65,7 @@ def _softmax_points(model) -> list:
 def collect_model_stats(model, blocks: torch.Tensor, *, batch_size: int = 8, top_k: int = 8, n_sigma: float = 6.0) -> dict:
     """Outlier and attention statistics of `model` on `blocks` [n, s] (see the module doc)."""
     if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.shape[0] == 0:
-        raise ValueError(f"blocks must be a non-empty [n, seq] tensor, got {getattr(blocks, 'shape', type(blocks))}")
+        raise OutEffError(f"blocks must be a non-empty [n, seq] tensor, got {getattr(blocks, 'shape', type(blocks))}")
     n_layers = len(model.model.decoder.layers)
     dev = next(model.parameters()).device
     collector = hf_opt_collector(model, detail=True, n_sigma=n_sigma, top_k=top_k)
@@ -93,7 +94,7 @@ def collect_model_stats(model, blocks: torch.Tensor, *, batch_size: int = 8, top
                 else:
                     out = model(input_ids=ids, use_cache=False, output_attentions=True)
                     if not out.attentions or any(a is None for a in out.attentions):
-                        raise ValueError("the model returned no attention probabilities; load it with attn_implementation='eager'")
+                        raise OutEffError("the model returned no attention probabilities; load it with attn_implementation='eager'")
                     for li, a in enumerate(out.attentions):
                         add(li, a, no_sink=True)
     finally:
@@ -183,9 +184,9 @@ def build_report(
     """The report dict for {label: model_dir}. eval_data / calib_data: `eval_data.EvalData` (calib
     may be None with skip_quant). Everything needed to reproduce goes in: command, versions, data."""
     if not models:
-        raise ValueError("no models given")
+        raise OutEffError("no models given")
     if not skip_quant and (calib_data is None or not calib_data.batches):
-        raise ValueError("W8A8 perplexity needs calibration batches (or skip quantization)")
+        raise OutEffError("W8A8 perplexity needs calibration batches (or skip quantization)")
     report = {
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": list(command) if command is not None else list(sys.argv),
@@ -201,7 +202,7 @@ def build_report(
         model = load_hf_model(path, device=device)
         info = model_info(model)
         if info["vocab_size"] is not None and int(eval_data.blocks.max()) >= info["vocab_size"]:
-            raise ValueError(f"model {label!r}: evaluation data holds token id {int(eval_data.blocks.max())} "
+            raise OutEffError(f"model {label!r}: evaluation data holds token id {int(eval_data.blocks.max())} "
                              f">= its vocab size {info['vocab_size']}")
         log(f"[{label}] outlier statistics on {eval_data.blocks.shape[0]} blocks of {eval_data.blocks.shape[1]}")
         stats = collect_model_stats(model, eval_data.blocks, batch_size=batch_size, top_k=top_k, n_sigma=n_sigma)

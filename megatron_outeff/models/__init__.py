@@ -3,7 +3,7 @@
 Public API (import the submodules; ``import megatron.core`` costs seconds, so nothing is imported here):
 
 models.opt
-    OPTArchConfig, load_arch_config(name_or_path), load_parallelism_hint(name_or_path), available_sizes()
+    OPTArchConfig, load_arch_config(name_or_path), load_parallel_hint(name_or_path), available_sizes()
     opt_transformer_config(arch, variant=None, **overrides) -> TransformerConfig
     build_opt_model(arch, variant=None, *, vocab_size=None, params_dtype=torch.float32,
                     sequence_parallel=False, pre_process=None, post_process=None, seq_length=None,

@@ -39,6 +39,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
+from megatron_outeff.errors import OutEffError
 from megatron_outeff.utils.atomic import atomic_output_dir
 
 from .opt import OPT_POSITION_OFFSET, OPTArchConfig, check_parallel_layout, load_arch_config, padded_vocab_size
@@ -98,62 +99,48 @@ def _gate_names(megatron_names) -> dict[str, str]:
 # Config translation.
 
 
+# Hugging Face OPTConfig key -> (the OPTArchConfig field it holds, transformers' OPTConfig default): the one
+# name mapping both directions use (arch_from_hf_config, hf_config_dict). Besides these: word_embed_proj_dim
+# (None in the arch when equal to hidden_size) and layernorm_epsilon (HF OPT hard-codes 1e-5).
+HF_CONFIG_KEYS = {
+    "num_hidden_layers": ("num_layers", 12), "hidden_size": ("hidden_size", 768),
+    "num_attention_heads": ("num_attention_heads", 12), "ffn_dim": ("ffn_hidden_size", 3072),
+    "vocab_size": ("vocab_size", 50272), "max_position_embeddings": ("max_position_embeddings", 2048),
+    "do_layer_norm_before": ("do_layer_norm_before", True), "activation_function": ("activation", "relu"),
+    "dropout": ("hidden_dropout", 0.1), "attention_dropout": ("attention_dropout", 0.0), "init_std": ("init_method_std", 0.02),
+}
+
+
 def arch_from_hf_config(cfg: Mapping, name: Optional[str] = None) -> OPTArchConfig:
     """OPTArchConfig of a Hugging Face OPT config.json mapping (one-line ValueError if not OPT)."""
     mt = cfg.get("model_type")
     if mt != "opt":
-        raise ValueError(f"config.json model_type={mt!r}: expected 'opt'")
+        raise OutEffError(f"config.json model_type={mt!r}: expected 'opt'")
     # Features our megatron OPT has no representation for: refuse rather than silently change the model.
     for key, want in (("enable_bias", True), ("layer_norm_elementwise_affine", True),
                       ("_remove_final_layer_norm", False), ("tie_word_embeddings", True)):
         if cfg.get(key, want) != want:
-            raise ValueError(f"config.json {key}={cfg.get(key)!r}: expected {want!r} (only standard OPT is supported)")
+            raise OutEffError(f"config.json {key}={cfg.get(key)!r}: expected {want!r} (only standard OPT is supported)")
     if float(cfg.get("layerdrop", 0.0)) != 0.0:
-        raise ValueError(f"config.json layerdrop={cfg.get('layerdrop')!r}: expected 0")
+        raise OutEffError(f"config.json layerdrop={cfg.get('layerdrop')!r}: expected 0")
     hidden = cfg.get("hidden_size", 768)
     wep = cfg.get("word_embed_proj_dim")
     if name is None:
         name = Path(str(cfg.get("_name_or_path") or "")).name or f"opt-hf-{cfg.get('num_hidden_layers')}x{hidden}"
-    return OPTArchConfig(
-        name=name,
-        num_layers=cfg.get("num_hidden_layers", 12),
-        hidden_size=hidden,
-        num_attention_heads=cfg.get("num_attention_heads", 12),
-        ffn_hidden_size=cfg.get("ffn_dim", 3072),
-        vocab_size=cfg.get("vocab_size", 50272),
-        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-        word_embed_proj_dim=None if wep in (None, hidden) else wep,
-        do_layer_norm_before=cfg.get("do_layer_norm_before", True),
-        layernorm_epsilon=1e-5,  # hard-coded in HF OPT (nn.LayerNorm default)
-        activation=cfg.get("activation_function", "relu"),
-        hidden_dropout=float(cfg.get("dropout", 0.1)),
-        attention_dropout=float(cfg.get("attention_dropout", 0.0)),
-        init_method_std=float(cfg.get("init_std", 0.02)),
-    )
+    fields = {ours: float(cfg.get(key, default)) if isinstance(default, float) else cfg.get(key, default)
+              for key, (ours, default) in HF_CONFIG_KEYS.items()}
+    return OPTArchConfig(name=name, word_embed_proj_dim=None if wep in (None, hidden) else wep,
+                         layernorm_epsilon=1e-5, **fields)  # 1e-5: hard-coded in HF OPT (nn.LayerNorm default)
 
 
 def hf_config_dict(arch: OPTArchConfig, dtype: Optional[torch.dtype] = None) -> dict:
     """Keyword arguments of transformers.OPTConfig describing ``arch``."""
     arch = load_arch_config(arch)
     if arch.layernorm_epsilon != 1e-5:
-        raise ValueError(f"{arch.name}: layernorm_epsilon={arch.layernorm_epsilon}: Hugging Face OPT hard-codes 1e-5")
-    d = dict(
-        vocab_size=arch.vocab_size,
-        hidden_size=arch.hidden_size,
-        num_hidden_layers=arch.num_layers,
-        ffn_dim=arch.ffn_hidden_size,
-        max_position_embeddings=arch.max_position_embeddings,
-        do_layer_norm_before=arch.do_layer_norm_before,
-        word_embed_proj_dim=arch.embed_dim,
-        dropout=arch.hidden_dropout,
-        attention_dropout=arch.attention_dropout,
-        num_attention_heads=arch.num_attention_heads,
-        activation_function=arch.activation,
-        init_std=arch.init_method_std,
-        enable_bias=True,
-        layer_norm_elementwise_affine=True,
-        tie_word_embeddings=True,
-    )
+        raise OutEffError(f"{arch.name}: layernorm_epsilon={arch.layernorm_epsilon}: Hugging Face OPT hard-codes 1e-5")
+    d = {key: getattr(arch, ours) for key, (ours, _) in HF_CONFIG_KEYS.items()}
+    d.update(word_embed_proj_dim=arch.embed_dim, enable_bias=True, layer_norm_elementwise_affine=True,
+             tie_word_embeddings=True)
     if dtype is not None:
         d["dtype"] = str(dtype).removeprefix("torch.")
     return d
@@ -166,7 +153,7 @@ def check_same_architecture(got: OPTArchConfig, expected: OPTArchConfig, what: s
     if diffs:
         g = ", ".join(f"{f}={getattr(got, f)}" for f in diffs)
         e = ", ".join(f"{f}={getattr(expected, f)}" for f in diffs)
-        raise ValueError(f"{what} has {g}; expected {expected.name}'s {e}")
+        raise OutEffError(f"{what} has {g}; expected {expected.name}'s {e}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,15 +190,15 @@ def validate_hf_state_dict(hf_sd: Mapping[str, torch.Tensor], arch: OPTArchConfi
     shapes = hf_expected_shapes(arch)
     missing = [k for k in shapes if k not in hf_sd]
     if missing:
-        raise ValueError(f"Hugging Face state dict lacks {len(missing)} tensor(s) of {arch.name}, e.g. {missing[:3]}")
+        raise OutEffError(f"Hugging Face state dict lacks {len(missing)} tensor(s) of {arch.name}, e.g. {missing[:3]}")
     unexpected = [k for k in hf_sd if k not in shapes and k != HF_LM_HEAD]
     if unexpected:
-        raise ValueError(f"Hugging Face state dict has {len(unexpected)} tensor(s) unknown to OPT, e.g. {unexpected[:3]}")
+        raise OutEffError(f"Hugging Face state dict has {len(unexpected)} tensor(s) unknown to OPT, e.g. {unexpected[:3]}")
     for k, shape in shapes.items():
         if tuple(hf_sd[k].shape) != shape:
-            raise ValueError(f"{k}: shape {tuple(hf_sd[k].shape)}, expected {shape} for {arch.name}")
+            raise OutEffError(f"{k}: shape {tuple(hf_sd[k].shape)}, expected {shape} for {arch.name}")
     if HF_LM_HEAD in hf_sd and not torch.equal(hf_sd[HF_LM_HEAD], hf_sd[HF_DECODER + "embed_tokens.weight"]):
-        raise ValueError(f"{HF_LM_HEAD} differs from the token embedding; expected tied weights (OPT)")
+        raise OutEffError(f"{HF_LM_HEAD} differs from the token embedding; expected tied weights (OPT)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,7 +213,7 @@ def _stage_layers(arch: OPTArchConfig, pp_rank: int, pp_size: int) -> range:
 def _check_ranks(arch: OPTArchConfig, tp_rank: int, tp_size: int, pp_rank: int, pp_size: int) -> None:
     check_parallel_layout(arch, tp_size, pp_size)
     if not (0 <= tp_rank < tp_size and 0 <= pp_rank < pp_size):
-        raise ValueError(f"tp_rank={tp_rank}/tp_size={tp_size}, pp_rank={pp_rank}/pp_size={pp_size}: expected 0 <= rank < size")
+        raise OutEffError(f"tp_rank={tp_rank}/tp_size={tp_size}, pp_rank={pp_rank}/pp_size={pp_size}: expected 0 <= rank < size")
 
 
 def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
@@ -283,7 +270,7 @@ def hf_state_dict_to_megatron(
     validate_hf_state_dict(hf_sd, arch)
     vocab_rows = padded_vocab_size(arch.vocab_size, tp_size) if vocab_size is None else vocab_size
     if vocab_rows < arch.vocab_size or vocab_rows % tp_size != 0:
-        raise ValueError(f"vocab_size={vocab_rows}: expected >= {arch.vocab_size} and divisible by tp_size={tp_size}")
+        raise OutEffError(f"vocab_size={vocab_rows}: expected >= {arch.vocab_size} and divisible by tp_size={tp_size}")
 
     H = arch.num_attention_heads
     out: dict[str, torch.Tensor] = {}
@@ -315,7 +302,7 @@ def hf_state_dict_to_megatron(
     if extras:
         layers = sorted({int(_HF_VARIANT_RE.match(k).group(1)) for k in extras})
         if layers[-1] >= arch.num_layers:
-            raise ValueError(f"attention-variant tensors for layer {layers[-1]}, but {arch.name} has {arch.num_layers} layers")
+            raise OutEffError(f"attention-variant tensors for layer {layers[-1]}, but {arch.name} has {arch.num_layers} layers")
     if last:
         if arch.do_layer_norm_before:
             for kind in ("weight", "bias"):
@@ -334,7 +321,7 @@ def _variant_to_megatron(extras: Mapping[str, torch.Tensor], layer: int, hp: str
     def shard(key: str) -> torch.Tensor:
         t = extras[key]
         if t.dim() == 0 or t.shape[0] != heads:
-            raise ValueError(f"{key}: shape {tuple(t.shape)}, expected {heads} heads along dim 0")
+            raise OutEffError(f"{key}: shape {tuple(t.shape)}, expected {heads} heads along dim 0")
         return _chunk(t, tp_rank, tp_size)
 
     if hp + HF_OFFSET in extras:
@@ -345,7 +332,7 @@ def _variant_to_megatron(extras: Mapping[str, torch.Tensor], layer: int, hp: str
         for hf_name in gate:
             mg_name = "bias" if mlp and hf_name == "fc2_bias" else hf_name
             if (mlp and hf_name == "bias") or mg_name not in ("weight", "bias", "fc1_weight", "fc1_bias", "fc2_weight"):
-                raise ValueError(f"{hp + HF_GATE + hf_name}: not a tensor of any gate kind")
+                raise OutEffError(f"{hp + HF_GATE + hf_name}: not a tensor of any gate kind")
             out[mp + MG_GATE + mg_name] = shard(hp + HF_GATE + hf_name)
 
 
@@ -357,7 +344,7 @@ def load_megatron_state_dict(model: torch.nn.Module, state_dict: Mapping[str, to
     missing = [k for k in result.missing_keys
                if not k.endswith("._extra_state") and not any(re.search(p, k) for p in allow_missing)]
     if missing or result.unexpected_keys:
-        raise ValueError(f"state dict does not fit the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+        raise OutEffError(f"state dict does not fit the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,15 +368,15 @@ def _as_grid(rank_state_dicts) -> list[list[dict]]:
     if isinstance(rank_state_dicts, Mapping):
         keys = list(rank_state_dicts)
         if not keys or not all(isinstance(k, tuple) and len(k) == 2 for k in keys):
-            raise ValueError("rank_state_dicts: expected a mapping {(tp_rank, pp_rank): state_dict} or a [pp][tp] list")
+            raise OutEffError("rank_state_dicts: expected a mapping {(tp_rank, pp_rank): state_dict} or a [pp][tp] list")
         tp = max(k[0] for k in keys) + 1
         pp = max(k[1] for k in keys) + 1
         if len(keys) != tp * pp:
-            raise ValueError(f"rank_state_dicts: {len(keys)} ranks given, expected all {tp} x {pp} (tp x pp)")
+            raise OutEffError(f"rank_state_dicts: {len(keys)} ranks given, expected all {tp} x {pp} (tp x pp)")
         return [[_strip_wrappers(rank_state_dicts[(t, p)]) for t in range(tp)] for p in range(pp)]
     grid = [list(row) for row in rank_state_dicts]
     if not grid or any(len(row) != len(grid[0]) or not row for row in grid):
-        raise ValueError("rank_state_dicts: expected a non-empty [pp][tp] list with the same tp count per stage")
+        raise OutEffError("rank_state_dicts: expected a non-empty [pp][tp] list with the same tp count per stage")
     return [[_strip_wrappers(sd) for sd in row] for row in grid]
 
 
@@ -415,7 +402,7 @@ def megatron_to_hf_state_dict(
     def take(p: int, t: int, key: str) -> torch.Tensor:
         sd = grid[p][t]
         if key not in sd:
-            raise ValueError(f"megatron state dict of tp_rank={t}, pp_rank={p} lacks {key!r}")
+            raise OutEffError(f"megatron state dict of tp_rank={t}, pp_rank={p} lacks {key!r}")
         used[p][t].add(key)
         return sd[key]
 
@@ -432,7 +419,7 @@ def megatron_to_hf_state_dict(
     extras: dict[str, torch.Tensor] = {}
     embed = cat(0, "embedding.word_embeddings.weight", 0)
     if embed.shape[0] < V:
-        raise ValueError(f"megatron word embeddings have {embed.shape[0]} rows, fewer than vocab_size={V}")
+        raise OutEffError(f"megatron word embeddings have {embed.shape[0]} rows, fewer than vocab_size={V}")
     embed = embed[:V].clone()
     hf[HF_DECODER + "embed_tokens.weight"] = embed
     hf[HF_DECODER + "embed_positions.weight"] = replicated(0, "embedding.position_embeddings.weight")
@@ -442,7 +429,7 @@ def megatron_to_hf_state_dict(
     if pp_size > 1:
         head = cat(pp_size - 1, "output_layer.weight", 0)[:V]
         if not torch.equal(head, embed):
-            raise ValueError("output_layer.weight on the last pipeline stage differs from the word embeddings; expected tied copies")
+            raise OutEffError("output_layer.weight on the last pipeline stage differs from the word embeddings; expected tied copies")
     per_stage = arch.num_layers // pp_size
     for p in range(pp_size):
         for local in range(per_stage):
@@ -474,7 +461,7 @@ def megatron_to_hf_state_dict(
             for t in range(tp_size):
                 left = sorted(set(grid[p][t]) - used[p][t])
                 if left:
-                    raise ValueError(
+                    raise OutEffError(
                         f"megatron tensors without a Hugging Face OPT counterpart on tp_rank={t}, pp_rank={p}: "
                         f"{left[:3]} (pass strict=False to drop them)"
                     )
@@ -495,7 +482,7 @@ def gather_megatron_state_dicts(model: Optional[torch.nn.Module] = None, state_d
     from megatron.core import parallel_state as ps
 
     if (model is None) == (state_dict is None):
-        raise ValueError("gather_megatron_state_dicts: pass exactly one of model and state_dict")
+        raise OutEffError("gather_megatron_state_dicts: pass exactly one of model and state_dict")
     src = model.state_dict() if model is not None else state_dict
     sd = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in src.items()}
     mine = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), sd)
@@ -519,7 +506,7 @@ def load_hf_opt_dir(path: Union[str, Path], expected_arch: Union[OPTArchConfig, 
     path = Path(path)
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
-        raise ValueError(f"{path}: no config.json; expected a Hugging Face model directory")
+        raise OutEffError(f"{path}: no config.json; expected a Hugging Face model directory")
     with open(cfg_path) as f:
         cfg = json.load(f)
     arch = arch_from_hf_config(cfg, name=path.name or None)
@@ -544,23 +531,23 @@ def check_hf_safetensors(path: Union[str, Path]) -> list[Path]:
     path = Path(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise ValueError(f"{path}: no *.safetensors weights (pickled .bin checkpoints are not read)")
+        raise OutEffError(f"{path}: no *.safetensors weights (pickled .bin checkpoints are not read)")
     index = path / SAFETENSORS_INDEX
     if index.exists():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             named = set(weight_map.values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{index}: not a valid safetensors index (expected JSON with a weight_map: "
+            raise OutEffError(f"{index}: not a valid safetensors index (expected JSON with a weight_map: "
                              f"{' '.join(str(e).split()) or type(e).__name__})") from None
         if named != {f.name for f in files}:
-            raise ValueError(f"{index}: names shards {sorted(named)[:3]}, the directory holds {[f.name for f in files][:3]}")
+            raise OutEffError(f"{index}: names shards {sorted(named)[:3]}, the directory holds {[f.name for f in files][:3]}")
     for fp in files:
         try:
             with safe_open(str(fp), framework="pt"):
                 pass
         except Exception as e:  # safetensors raises its own error types
-            raise ValueError(f"{fp}: unreadable safetensors file ({' '.join(str(e).split()) or type(e).__name__})") from None
+            raise OutEffError(f"{fp}: unreadable safetensors file ({' '.join(str(e).split()) or type(e).__name__})") from None
     return files
 
 
@@ -577,10 +564,10 @@ def read_hf_safetensors(path: Union[str, Path], on_file=None) -> dict[str, torch
         try:
             part = load_file(str(fp))
         except Exception as e:  # safetensors raises its own error types
-            raise ValueError(f"{fp}: unreadable safetensors file ({' '.join(str(e).split()) or type(e).__name__})") from None
+            raise OutEffError(f"{fp}: unreadable safetensors file ({' '.join(str(e).split()) or type(e).__name__})") from None
         dup = set(part) & set(sd)
         if dup:
-            raise ValueError(f"{fp}: tensor(s) {sorted(dup)[:3]} appear in more than one safetensors file")
+            raise OutEffError(f"{fp}: tensor(s) {sorted(dup)[:3]} appear in more than one safetensors file")
         sd.update(part)
     # save_pretrained stores the checkpoint under the base-model prefix when saved from OPTModel.
     if not any(k.startswith(HF_DECODER) for k in sd) and any(k.startswith("decoder.") for k in sd):
@@ -600,7 +587,7 @@ def save_hf_opt_dir(path: Union[str, Path], arch: Union[OPTArchConfig, str], sta
     arch = load_arch_config(arch)
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ValueError(f"{path}: exists and is not an empty directory; refusing to overwrite")
+        raise OutEffError(f"{path}: exists and is not an empty directory; refusing to overwrite")
     validate_hf_state_dict(state_dict, arch)
     dtypes = {t.dtype for t in state_dict.values()}
     config = OPTConfig(**hf_config_dict(arch, dtype=dtypes.pop() if len(dtypes) == 1 else None))

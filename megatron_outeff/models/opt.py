@@ -34,6 +34,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from megatron_outeff.errors import OutEffError
 from megatron_outeff.megatron.cpu_support import cpu_model_construction
 
 # Hugging Face OPTLearnedPositionalEmbedding.offset (inherited from fairseq's padding_idx + 1).
@@ -75,28 +76,28 @@ class OPTArchConfig:
                   "max_position_embeddings"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{self.name}: {f}={v!r}: expected a positive integer")
+                raise OutEffError(f"{self.name}: {f}={v!r}: expected a positive integer")
         if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(
+            raise OutEffError(
                 f"{self.name}: hidden_size={self.hidden_size} is not divisible by "
                 f"num_attention_heads={self.num_attention_heads}"
             )
         if self.activation not in _ACTIVATIONS:
-            raise ValueError(f"{self.name}: activation={self.activation!r}: expected one of {sorted(_ACTIVATIONS)}")
+            raise OutEffError(f"{self.name}: activation={self.activation!r}: expected one of {sorted(_ACTIVATIONS)}")
         for f in ("hidden_dropout", "attention_dropout"):
             v = getattr(self, f)
             if not 0.0 <= float(v) < 1.0:
-                raise ValueError(f"{self.name}: {f}={v!r}: expected a probability in [0, 1)")
+                raise OutEffError(f"{self.name}: {f}={v!r}: expected a probability in [0, 1)")
         if not float(self.init_method_std) > 0:
-            raise ValueError(f"{self.name}: init_method_std={self.init_method_std!r}: expected > 0")
+            raise OutEffError(f"{self.name}: init_method_std={self.init_method_std!r}: expected > 0")
         if self.word_embed_proj_dim is not None and (
                 not isinstance(self.word_embed_proj_dim, int) or isinstance(self.word_embed_proj_dim, bool)
                 or self.word_embed_proj_dim < 1):
-            raise ValueError(f"{self.name}: word_embed_proj_dim={self.word_embed_proj_dim!r}: expected a positive integer or null")
+            raise OutEffError(f"{self.name}: word_embed_proj_dim={self.word_embed_proj_dim!r}: expected a positive integer or null")
         if not isinstance(self.do_layer_norm_before, bool):
-            raise ValueError(f"{self.name}: do_layer_norm_before={self.do_layer_norm_before!r}: expected true or false")
+            raise OutEffError(f"{self.name}: do_layer_norm_before={self.do_layer_norm_before!r}: expected true or false")
         if not float(self.layernorm_epsilon) > 0:
-            raise ValueError(f"{self.name}: layernorm_epsilon={self.layernorm_epsilon!r}: expected > 0")
+            raise OutEffError(f"{self.name}: layernorm_epsilon={self.layernorm_epsilon!r}: expected > 0")
 
     @property
     def head_dim(self) -> int:
@@ -109,15 +110,15 @@ class OPTArchConfig:
     @classmethod
     def from_dict(cls, d: dict, source: str = "arch") -> "OPTArchConfig":
         if not isinstance(d, dict):
-            raise ValueError(f"{source}: expected a mapping of OPTArchConfig fields, got {type(d).__name__}")
+            raise OutEffError(f"{source}: expected a mapping of OPTArchConfig fields, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown key(s) {unknown}; expected a subset of {sorted(known)}")
+            raise OutEffError(f"{source}: unknown key(s) {unknown}; expected a subset of {sorted(known)}")
         missing = sorted(f.name for f in dataclasses.fields(cls)
                          if f.default is dataclasses.MISSING and f.name not in d)
         if missing:
-            raise ValueError(f"{source}: missing required key(s) {missing}")
+            raise OutEffError(f"{source}: missing required key(s) {missing}")
         return cls(**d)
 
     def to_dict(self) -> dict:
@@ -125,15 +126,16 @@ class OPTArchConfig:
 
 
 @dataclass
-class OPTParallelismHint:
-    """The ``parallelism:`` section of a model YAML: a suggestion for users, never read by the builder."""
+class OPTParallelHint:
+    """The ``parallel:`` section of a model YAML: a suggested layout under the training config's own
+    ``parallel:`` key names (to copy there), never read by the builder."""
 
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
     zero_stage: int = 0
 
 
-_YAML_SECTIONS = {"arch", "parallelism"}
+_YAML_SECTIONS = {"arch", "parallel"}
 
 
 def resolve_arch_path(name_or_path: Union[str, Path]) -> Path:
@@ -141,14 +143,14 @@ def resolve_arch_path(name_or_path: Union[str, Path]) -> Path:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.is_file():
-            raise ValueError(f"model config {str(name_or_path)!r}: no such file")
+            raise OutEffError(f"model config {str(name_or_path)!r}: no such file")
         return p
     name = str(name_or_path).lower()
     name = name[4:] if name.startswith("opt-") else name
     path = CONFIG_DIR / f"opt-{name}.yaml"
     if not path.is_file():
         known = sorted(q.stem[4:] for q in CONFIG_DIR.glob("opt-*.yaml"))
-        raise ValueError(f"model config {str(name_or_path)!r}: unknown OPT size; expected one of {known} or a YAML path")
+        raise OutEffError(f"model config {str(name_or_path)!r}: unknown OPT size; expected one of {known} or a YAML path")
     return path
 
 
@@ -159,10 +161,10 @@ def _load_yaml(name_or_path) -> tuple[Path, dict]:
     with open(path) as f:
         doc = yaml.safe_load(f)
     if not isinstance(doc, dict) or "arch" not in doc:
-        raise ValueError(f"{path}: expected a mapping with an 'arch:' section")
+        raise OutEffError(f"{path}: expected a mapping with an 'arch:' section")
     unknown = sorted(set(doc) - _YAML_SECTIONS)
     if unknown:
-        raise ValueError(f"{path}: unknown top-level key(s) {unknown}; expected a subset of {sorted(_YAML_SECTIONS)}")
+        raise OutEffError(f"{path}: unknown top-level key(s) {unknown}; expected a subset of {sorted(_YAML_SECTIONS)}")
     return path, doc
 
 
@@ -174,15 +176,18 @@ def load_arch_config(name_or_path: Union[str, Path, OPTArchConfig]) -> OPTArchCo
     return OPTArchConfig.from_dict(doc["arch"], source=f"{path}: arch")
 
 
-def load_parallelism_hint(name_or_path: Union[str, Path]) -> OPTParallelismHint:
-    """The suggested (tp, pp, zero stage) of a model YAML; defaults when it has no such section."""
+def load_parallel_hint(name_or_path: Union[str, Path]) -> OPTParallelHint:
+    """The suggested layout (tensor_parallel, pipeline_parallel, zero_stage) of a model YAML, checked
+    against its architecture; defaults when it has no such section."""
     path, doc = _load_yaml(name_or_path)
-    d = doc.get("parallelism") or {}
-    known = {f.name for f in dataclasses.fields(OPTParallelismHint)}
+    d = doc.get("parallel") or {}
+    known = {f.name for f in dataclasses.fields(OPTParallelHint)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ValueError(f"{path}: parallelism: unknown key(s) {unknown}; expected a subset of {sorted(known)}")
-    return OPTParallelismHint(**d)
+        raise OutEffError(f"{path}: parallel: unknown key(s) {unknown}; expected a subset of {sorted(known)}")
+    hint = OPTParallelHint(**d)
+    check_parallel_layout(load_arch_config(path), hint.tensor_parallel, hint.pipeline_parallel)
+    return hint
 
 
 def available_sizes() -> list[str]:
@@ -211,18 +216,30 @@ def _parallel_sizes() -> tuple[int, int]:
 
 def check_parallel_layout(arch: OPTArchConfig, tp_size: int, pp_size: int) -> None:
     if arch.num_attention_heads % tp_size != 0:
-        raise ValueError(
+        raise OutEffError(
             f"{arch.name}: num_attention_heads={arch.num_attention_heads} is not divisible by "
             f"tensor parallel size {tp_size}"
         )
     if arch.ffn_hidden_size % tp_size != 0:
-        raise ValueError(f"{arch.name}: ffn_hidden_size={arch.ffn_hidden_size} is not divisible by tensor parallel size {tp_size}")
+        raise OutEffError(f"{arch.name}: ffn_hidden_size={arch.ffn_hidden_size} is not divisible by tensor parallel size {tp_size}")
     if arch.num_layers % pp_size != 0:
-        raise ValueError(f"{arch.name}: num_layers={arch.num_layers} is not divisible by pipeline parallel size {pp_size}")
+        raise OutEffError(f"{arch.name}: num_layers={arch.num_layers} is not divisible by pipeline parallel size {pp_size}")
 
 
 # --------------------------------------------------------------------------------------------
 # TransformerConfig and model.
+
+
+# The TransformerConfig fields opt_transformer_config sets from the architecture: megatron's name -> the
+# OPTArchConfig field that sets it, or None where the OPT family fixes the value (or derives it).
+TRANSFORMER_FIELDS_FROM_ARCH = {
+    "num_layers": "num_layers", "hidden_size": "hidden_size", "num_attention_heads": "num_attention_heads",
+    "ffn_hidden_size": "ffn_hidden_size", "layernorm_epsilon": "layernorm_epsilon", "activation_func": "activation",
+    "hidden_dropout": "hidden_dropout", "attention_dropout": "attention_dropout", "init_method_std": "init_method_std",
+    "output_layer_init_method": "scaled_output_layer_init", "kv_channels": None, "gated_linear_unit": None,
+    "add_bias_linear": None, "add_qkv_bias": None, "normalization": None,
+    "apply_residual_connection_post_layernorm": None,
+}
 
 
 def opt_transformer_config(arch: Union[OPTArchConfig, str], variant=None, **overrides):
@@ -241,22 +258,14 @@ def opt_transformer_config(arch: Union[OPTArchConfig, str], variant=None, **over
     arch = load_arch_config(arch)
     tp, pp = _parallel_sizes()
     params_dtype = overrides.pop("params_dtype", torch.float32)
-    kw: dict[str, Any] = dict(
-        num_layers=arch.num_layers,
-        hidden_size=arch.hidden_size,
-        num_attention_heads=arch.num_attention_heads,
-        ffn_hidden_size=arch.ffn_hidden_size,
-        kv_channels=arch.head_dim,
-        activation_func=_ACTIVATIONS[arch.activation],
-        gated_linear_unit=False,
-        add_bias_linear=True,
-        add_qkv_bias=True,
-        normalization="LayerNorm",
-        layernorm_epsilon=arch.layernorm_epsilon,
+    # the architecture's fields (TRANSFORMER_FIELDS_FROM_ARCH), then what OPT fixes, then the layout
+    kw: dict[str, Any] = {name: getattr(arch, ours) for name, ours in TRANSFORMER_FIELDS_FROM_ARCH.items()
+                          if ours and name not in ("activation_func", "output_layer_init_method")}
+    kw.update(
+        kv_channels=arch.head_dim, activation_func=_ACTIVATIONS[arch.activation],
+        # OPT: a plain (non-GLU) FFN, biases on every linear, LayerNorm, the residual taken before the norm
+        gated_linear_unit=False, add_bias_linear=True, add_qkv_bias=True, normalization="LayerNorm",
         apply_residual_connection_post_layernorm=False,
-        hidden_dropout=arch.hidden_dropout,
-        attention_dropout=arch.attention_dropout,
-        init_method_std=arch.init_method_std,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         params_dtype=params_dtype,
@@ -277,7 +286,7 @@ def opt_transformer_config(arch: Union[OPTArchConfig, str], variant=None, **over
         kw["output_layer_init_method"] = init_method_normal(arch.init_method_std)
     unknown = sorted(k for k in overrides if k not in {f.name for f in dataclasses.fields(TransformerConfig)})
     if unknown:
-        raise ValueError(f"transformer overrides {unknown}: not TransformerConfig fields")
+        raise OutEffError(f"transformer overrides {unknown}: not TransformerConfig fields")
     kw.update(overrides)
     return TransformerConfig(**kw)
 
@@ -292,7 +301,7 @@ def _as_variant(variant):
         return variant
     if isinstance(variant, dict):
         return AttentionVariantConfig.from_dict(variant)
-    raise ValueError(f"variant={variant!r}: expected None, an AttentionVariantConfig or a mapping of its fields")
+    raise OutEffError(f"variant={variant!r}: expected None, an AttentionVariantConfig or a mapping of its fields")
 
 
 class OPTLayerNorm(torch.nn.LayerNorm):
@@ -474,7 +483,7 @@ def build_opt_model(
     if vocab_size is None:
         vocab_size = padded_vocab_size(arch.vocab_size, tp)
     elif vocab_size < arch.vocab_size or vocab_size % tp != 0:
-        raise ValueError(f"vocab_size={vocab_size}: expected >= {arch.vocab_size} and divisible by tensor parallel size {tp}")
+        raise OutEffError(f"vocab_size={vocab_size}: expected >= {arch.vocab_size} and divisible by tensor parallel size {tp}")
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage() if ps.model_parallel_is_initialized() else True
     if post_process is None:

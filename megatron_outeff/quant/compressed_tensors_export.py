@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_outeff.errors import OutEffError
 from megatron_outeff.utils.atomic import atomic_output_dir
 
 from .quantizers import ActivationQuantizer, asymmetric_qparams, fake_quantize, quantize_weight_per_channel, symmetric_qparams
@@ -72,7 +73,7 @@ def _excluded(name: str, patterns: Iterable[str]) -> bool:
 def _check_finite(model: nn.Module) -> None:
     for name, p in model.named_parameters():
         if not bool(torch.isfinite(p).all()):
-            raise ValueError(f"parameter {name!r} has non-finite values (inf/nan); expected finite weights")
+            raise OutEffError(f"parameter {name!r} has non-finite values (inf/nan); expected finite weights")
 
 
 @torch.no_grad()
@@ -186,7 +187,7 @@ def export_compressed_tensors_w8a8(
 
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise ValueError(f"out_dir {out_dir!r} exists and is not empty; expected a new or empty directory")
+        raise OutEffError(f"out_dir {out_dir!r} exists and is not empty; expected a new or empty directory")
     if not hasattr(model, "save_pretrained"):
         raise ValueError(f"expected a Hugging Face PreTrainedModel (with save_pretrained), got {type(model).__name__}")
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)

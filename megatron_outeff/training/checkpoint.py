@@ -26,14 +26,15 @@ import torch
 import torch.distributed as dist
 
 from megatron_outeff.checkpoint_format import (
-    MASTER_SUBDIR, MODEL_SUBDIR, RUN_FILE, CheckpointError, checkpoint_tags, dtype_name, is_partial_tag,
+    MASTER_SUBDIR, MODEL_SUBDIR, RUN_FILE, checkpoint_tags, dtype_name, is_partial_tag,
     load_into_model, make_manifest, partial_tag, read_latest, read_run_file, read_train_state, rng_file, tag_for,
     tensor_state, write_latest, write_manifest, write_rank_file, write_run_file, write_train_state,
 )
+from megatron_outeff.errors import OutEffError, with_context
 from megatron_outeff.utils.atomic import fsync_dir
 
 from . import elastic
-from .config import Config, ConfigError, dump_config
+from .config import Config, dump_config
 
 # Test hook: SIGKILL this process in the middle of saving the checkpoint of this iteration
 # (after DeepSpeed's files and part of our own are written, before the rename).
@@ -50,12 +51,12 @@ def claim_run_dir(cfg: Config, force_resume: bool) -> bool:
     The rule: a directory whose ``latest`` names a complete checkpoint belongs to the run of its
     ``run.json`` (same config fingerprint: resume; another: refused unless ``force_resume``). A
     directory holding no complete checkpoint never blocks: a new run takes it over. A non-empty
-    directory without ``run.json`` is not a run directory and is refused. Raises ConfigError
+    directory without ``run.json`` is not a run directory and is refused. Raises OutEffError
     (nothing written). Collective."""
     ckpt = cfg.checkpoint.dir
     if not ckpt:
         if force_resume:
-            raise ConfigError("--resume needs checkpoint.dir")
+            raise OutEffError("--resume needs checkpoint.dir")
         return False
     decision = [None]
     if dist.get_rank() == 0:
@@ -63,7 +64,7 @@ def claim_run_dir(cfg: Config, force_resume: bool) -> bool:
     dist.broadcast_object_list(decision, src=0)
     error, resume = decision[0]
     if error:
-        raise ConfigError(error)
+        raise OutEffError(error)
     return resume
 
 
@@ -281,7 +282,7 @@ def load(engine, cfg: Config) -> dict:
     ckpt = Path(cfg.checkpoint.dir)
     tag = read_latest(ckpt)
     if tag is None:
-        raise ConfigError(f"no complete checkpoint in {ckpt}")
+        raise OutEffError(f"no complete checkpoint in {ckpt}")
     state = read_train_state(ckpt / tag)
     state["tag"] = tag
     if elastic.layout_changed(state, cfg, dist.get_world_size()):  # DeepSpeed's files are another layout's
@@ -301,7 +302,7 @@ def restore_rng(cfg: Config, tag: str) -> None:
 
     path = rng_file(Path(cfg.checkpoint.dir) / tag, dist.get_rank())
     if not path.exists():
-        raise ConfigError(f"{path} missing: the checkpoint was written with another number of ranks")
+        raise OutEffError(f"{path} missing: the checkpoint was written with another number of ranks")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     set_rng_state_tensors(load_file(str(path)), meta)
@@ -309,7 +310,7 @@ def restore_rng(cfg: Config, tag: str) -> None:
 
 def init_from(cfg: Config, model: torch.nn.Module) -> dict:
     """checkpoint.init_from: this rank's weights from a training or model-only checkpoint at any layout
-    (fresh optimizer, iteration 0). Returns the manifest; ConfigError if the checkpoint does not fit."""
+    (fresh optimizer, iteration 0). Returns the manifest; OutEffError if the checkpoint does not fit."""
     from megatron.core import parallel_state as ps
 
     from .metrics_logger import print_rank0
@@ -321,8 +322,8 @@ def init_from(cfg: Config, model: torch.nn.Module) -> dict:
             seq_length=cfg.data.seq_length, tp_rank=ps.get_tensor_model_parallel_rank(),
             tp=ps.get_tensor_model_parallel_world_size(), pp_rank=ps.get_pipeline_model_parallel_rank(),
             pp=ps.get_pipeline_model_parallel_world_size())
-    except CheckpointError as e:
-        raise ConfigError(f"checkpoint.init_from: {e}") from None
+    except OutEffError as e:  # the checkpoint's messages name its files, not the config key
+        raise with_context("checkpoint.init_from", e) from None
     print_rank0(f"initialised from {cfg.checkpoint.init_from} (tp={manifest['tp']}, pp={manifest['pp']}, "
                 f"iteration {manifest['iteration']}; {manifest['weights_read_text']}); fresh optimizer")
     return manifest

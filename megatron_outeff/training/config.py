@@ -9,6 +9,7 @@ several sections (gradient accumulation, the DeepSpeed JSON) are computed here, 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import json
 import typing
@@ -18,11 +19,8 @@ from typing import Any, Optional
 
 import yaml
 
+from megatron_outeff.errors import OutEffError, with_context
 from megatron_outeff.ops.variants import AttentionVariantConfig
-
-
-class ConfigError(ValueError):
-    """A configuration problem, reported as one line before anything starts."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -31,9 +29,13 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     arch: str = "tiny"  # "tiny" | "125m" | ... | path to an arch YAML (megatron_outeff.models.opt)
-    arch_overrides: dict = field(default_factory=dict)  # OPTArchConfig fields, e.g. {vocab_size: 256}
+    # OPTArchConfig fields: the keys of a model YAML's arch: section, e.g. {vocab_size: 256, hidden_dropout: 0.0};
+    # checked at load against OPTArchConfig's fields and types (training/model.py arch_config).
+    arch_overrides: dict = field(default_factory=dict)
     vocab_size: Optional[int] = None  # embedding rows; None: the arch's vocabulary padded for TP
-    # Extra megatron TransformerConfig fields, e.g. {hidden_dropout: 0.0}.
+    # Further megatron TransformerConfig fields under megatron's names, e.g. {apply_query_key_layer_scaling: true};
+    # checked at load against TransformerConfig's fields and types. A field another key owns (the
+    # architecture's, precision, parallel, recompute, attention) is refused, naming that key.
     transformer_overrides: dict = field(default_factory=dict)
     # Activation recomputation, passed to megatron: null | "full" | "selective".
     recompute_granularity: Optional[str] = None
@@ -165,7 +167,7 @@ class Config:
     def data_parallel_size(self, world_size: int) -> int:
         mp = self.parallel.tensor_parallel * self.parallel.pipeline_parallel
         if world_size % mp:
-            raise ConfigError(
+            raise OutEffError(
                 f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel = {mp}"
             )
         return world_size // mp
@@ -174,7 +176,7 @@ class Config:
         dp = self.data_parallel_size(world_size)
         p = self.parallel
         if p.global_batch_size % (p.micro_batch_size * dp):
-            raise ConfigError(
+            raise OutEffError(
                 f"parallel.global_batch_size={p.global_batch_size} is not divisible by "
                 f"micro_batch_size x data_parallel = {p.micro_batch_size} x {dp}"
             )
@@ -209,51 +211,51 @@ def validate(cfg: Config) -> None:
     checks live in grad_accumulation_steps() and deepspeed_config()."""
     p, o, s, pr, t = cfg.parallel, cfg.optimizer, cfg.schedule, cfg.precision, cfg.train
     if p.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"parallel.zero_stage={p.zero_stage}: expected 0, 1, 2 or 3")
+        raise OutEffError(f"parallel.zero_stage={p.zero_stage}: expected 0, 1, 2 or 3")
     if p.pipeline_parallel > 1 and p.zero_stage > 1:
-        raise ConfigError(
+        raise OutEffError(
             f"parallel.zero_stage={p.zero_stage} with pipeline_parallel={p.pipeline_parallel}: "
             "ZeRO-2/3 partition gradients/parameters that pipeline stages need whole; use zero_stage 0 or 1"
         )
     if pr.dtype == "bf16" and p.zero_stage == 0 and p.tensor_parallel > 1:
-        raise ConfigError(
+        raise OutEffError(
             "precision.dtype=bf16 with zero_stage=0 and tensor_parallel > 1: DeepSpeed's bf16 ZeRO-0 optimizer "
             "miscounts TP-replicated parameters in the grad norm (wrong clipping); use zero_stage >= 1"
         )
     if p.sequence_parallel and p.tensor_parallel == 1:
-        raise ConfigError("parallel.sequence_parallel needs tensor_parallel > 1")
+        raise OutEffError("parallel.sequence_parallel needs tensor_parallel > 1")
     if p.cpu_offload and p.zero_stage == 0:
-        raise ConfigError("parallel.cpu_offload needs zero_stage >= 1")
+        raise OutEffError("parallel.cpu_offload needs zero_stage >= 1")
     for name in ("tensor_parallel", "pipeline_parallel", "micro_batch_size", "global_batch_size"):
         if getattr(p, name) < 1:
-            raise ConfigError(f"parallel.{name}={getattr(p, name)}: must be >= 1")
+            raise OutEffError(f"parallel.{name}={getattr(p, name)}: must be >= 1")
     if p.global_batch_size % p.micro_batch_size:
-        raise ConfigError(
+        raise OutEffError(
             f"parallel.global_batch_size={p.global_batch_size} is not divisible by "
             f"micro_batch_size={p.micro_batch_size}"
         )
     if o.name.lower() != "adamw":
-        raise ConfigError(f"optimizer.name={o.name!r}: only 'adamw' is supported")
+        raise OutEffError(f"optimizer.name={o.name!r}: only 'adamw' is supported")
     if len(o.betas) != 2:
-        raise ConfigError(f"optimizer.betas={o.betas}: expected two numbers")
+        raise OutEffError(f"optimizer.betas={o.betas}: expected two numbers")
     if s.decay_style not in ("linear", "cosine", "constant"):
-        raise ConfigError(f"schedule.decay_style={s.decay_style!r}: expected linear, cosine or constant")
+        raise OutEffError(f"schedule.decay_style={s.decay_style!r}: expected linear, cosine or constant")
     if pr.dtype not in ("fp32", "fp16", "bf16"):
-        raise ConfigError(f"precision.dtype={pr.dtype!r}: expected fp32, fp16 or bf16")
+        raise OutEffError(f"precision.dtype={pr.dtype!r}: expected fp32, fp16 or bf16")
     if cfg.model.recompute_granularity not in (None, "full", "selective"):
-        raise ConfigError(
+        raise OutEffError(
             f"model.recompute_granularity={cfg.model.recompute_granularity!r}: expected null, full or selective"
         )
     if t.train_iters < 1:
-        raise ConfigError(f"train.train_iters={t.train_iters}: must be >= 1")
+        raise OutEffError(f"train.train_iters={t.train_iters}: must be >= 1")
     if cfg.data.source not in ("synthetic", "indexed", "bigram_backcopy"):
-        raise ConfigError(f"data.source={cfg.data.source!r}: expected synthetic, indexed or bigram_backcopy")
+        raise OutEffError(f"data.source={cfg.data.source!r}: expected synthetic, indexed or bigram_backcopy")
     if cfg.data.source == "bigram_backcopy":
         bigram_backcopy_task(cfg)  # impossible task parameters fail here
     if cfg.data.source == "indexed" and not cfg.data.train_paths:
-        raise ConfigError("data.source=indexed needs data.train_paths")
+        raise OutEffError("data.source=indexed needs data.train_paths")
     if cfg.model.recompute_method not in (None, "uniform", "block"):
-        raise ConfigError(f"model.recompute_method={cfg.model.recompute_method!r}: expected null, uniform or block")
+        raise OutEffError(f"model.recompute_method={cfg.model.recompute_method!r}: expected null, uniform or block")
     for where, value, least in (
         ("schedule.warmup_iters", s.warmup_iters, 0), ("train.eval_interval", t.eval_interval, 0),
         ("train.eval_iters", t.eval_iters, 1), ("train.exit_interval", t.exit_interval, 0),
@@ -262,7 +264,7 @@ def validate(cfg: Config) -> None:
         ("data.seq_length", cfg.data.seq_length, 1),
     ):
         if value < least:
-            raise ConfigError(f"{where}={value}: must be >= {least}")
+            raise OutEffError(f"{where}={value}: must be >= {least}")
     _read_deepspeed_overrides(cfg)
     from .model import check_model  # arch, overrides, attention variant, megatron TransformerConfig
 
@@ -270,36 +272,48 @@ def validate(cfg: Config) -> None:
 
 
 def bigram_backcopy_task(cfg: Config):
-    """The BigramBackcopyTask of data.bigram_backcopy and data.seq_length (ConfigError if impossible)."""
+    """The BigramBackcopyTask of data.bigram_backcopy and data.seq_length (OutEffError if impossible)."""
     from megatron_outeff.data.bigram_backcopy import BigramBackcopyTask
 
     b = cfg.data.bigram_backcopy
     try:
         return BigramBackcopyTask(vocab_size=b.vocab_size, num_triggers=b.num_triggers, seq_length=cfg.data.seq_length,
                                   seed=b.seed, logit_scale=b.logit_scale)
-    except ValueError as e:
-        raise ConfigError(f"data.bigram_backcopy: {e}") from None
+    except OutEffError as e:
+        raise with_context("data.bigram_backcopy", e) from None
 
 
 # --------------------------------------------------------------------------------------------------
 # YAML <-> dataclasses
 # --------------------------------------------------------------------------------------------------
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Convert a YAML value to the dataclass field's type (one level of Optional/tuple/list)."""
+    """Convert a YAML value to the dataclass field's type (bool, int, float, str, tuple, list, dict, a
+    Literal's choices, an Enum's member names, Optional of one of them); other types are left to the
+    dataclass's own checks."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
+    if origin is typing.Union:
+        if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)][0]
-        return _coerce(value, inner, where)
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where) if len(inner) == 1 else value
+    if origin is typing.Literal:
+        if value not in args:
+            raise OutEffError(f"{where}={value!r}: expected one of {', '.join(repr(a) for a in args)}")
+        return value
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):  # by member name
+        if isinstance(value, annotation):
+            return value
+        if value not in annotation.__members__:
+            raise OutEffError(f"{where}={value!r}: expected one of {', '.join(annotation.__members__)}")
+        return annotation[value]
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}={value!r}: expected true or false")
+        raise OutEffError(f"{where}={value!r}: expected true or false")
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}={value!r}: expected an integer")
+            raise OutEffError(f"{where}={value!r}: expected an integer")
         return value
     if annotation is float:
         if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
@@ -308,58 +322,65 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}={value!r}: expected a number")
+            raise OutEffError(f"{where}={value!r}: expected a number")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}={value!r}: expected a string")
+            raise OutEffError(f"{where}={value!r}: expected a string")
         return value
     if annotation is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}={value!r}: expected a list")
+            raise OutEffError(f"{where}={value!r}: expected a list")
         return tuple(value)
     if annotation is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}={value!r}: expected a list")
+            raise OutEffError(f"{where}={value!r}: expected a list")
         return list(value)
     if annotation is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}={value!r}: expected a mapping")
+            raise OutEffError(f"{where}={value!r}: expected a mapping")
         return dict(value)
     return value
 
 
-def dataclass_from_dict(cls, data: dict, where: str):
-    """A typed config dataclass from a mapping: unknown keys and wrong types raise ConfigError naming `where`."""
+def typed_fields(cls, data: dict, where: str) -> dict:
+    """The mapping ``data`` checked against the fields of dataclass ``cls``: an unknown key or a value of
+    the wrong type raises OutEffError naming ``where.key``; values converted to the fields' types,
+    nested dataclasses built. Only the keys given are returned (overrides of some fields)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+        raise OutEffError(f"{where or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            raise ConfigError(f"unknown config key '{where + '.' if where else ''}{key}'")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
+            raise OutEffError(f"unknown config key '{where + '.' if where else ''}{key}'")
+    out = {}
+    for name in names:
+        if name not in data:
             continue
-        key = f"{where}.{f.name}" if where else f.name
-        hint = hints[f.name]
+        key = f"{where}.{name}" if where else name
+        hint = hints[name]
         if hasattr(hint, "from_dict"):  # a section whose owner parses it (the attention variant)
             try:
-                kwargs[f.name] = hint.from_dict(data[f.name])
+                out[name] = hint.from_dict(data[name])
             except ValueError as e:
-                raise ConfigError(f"{key}: {e}") from None
+                raise with_context(key, e) from None
         elif dataclasses.is_dataclass(hint):
-            kwargs[f.name] = dataclass_from_dict(hint, data[f.name] or {}, key)
+            out[name] = dataclass_from_dict(hint, data[name] or {}, key)
         else:
-            kwargs[f.name] = _coerce(data[f.name], hint, key)
-    return cls(**kwargs)
+            out[name] = _coerce(data[name], hint, key)
+    return out
+
+
+def dataclass_from_dict(cls, data: dict, where: str):
+    """A typed config dataclass from a mapping: unknown keys and wrong types raise OutEffError naming `where`."""
+    return cls(**typed_fields(cls, data, where))
 
 
 def apply_override(data: dict, item: str) -> None:
     """Apply one `--set key.path=value` (YAML value) to a raw config mapping in place."""
     if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key.path=value")
+        raise OutEffError(f"override {item!r}: expected key.path=value")
     path, raw = item.split("=", 1)
     keys = path.strip().split(".")
     value = yaml.safe_load(raw) if raw.strip() else None
@@ -367,7 +388,7 @@ def apply_override(data: dict, item: str) -> None:
     for k in keys[:-1]:
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {k} is not a section")
+            raise OutEffError(f"override {item!r}: {k} is not a section")
     node[keys[-1]] = value
 
 
@@ -386,7 +407,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
+            raise OutEffError(f"config file not found: {path}") from None
     return config_from_dict(data, overrides)
 
 
@@ -432,17 +453,17 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
 
 
 def _read_deepspeed_overrides(cfg: Config) -> dict:
-    """The JSON of ``deepspeed_overrides`` ({} when unset); ConfigError if missing, unreadable or not a mapping."""
+    """The JSON of ``deepspeed_overrides`` ({} when unset); OutEffError if missing, unreadable or not a mapping."""
     if not cfg.deepspeed_overrides:
         return {}
     try:
         extra = json.loads(Path(cfg.deepspeed_overrides).read_text())
     except FileNotFoundError:
-        raise ConfigError(f"deepspeed_overrides file not found: {cfg.deepspeed_overrides}") from None
+        raise OutEffError(f"deepspeed_overrides file not found: {cfg.deepspeed_overrides}") from None
     except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"deepspeed_overrides={cfg.deepspeed_overrides}: not readable JSON ({e})") from None
+        raise OutEffError(f"deepspeed_overrides={cfg.deepspeed_overrides}: not readable JSON ({e})") from None
     if not isinstance(extra, dict):
-        raise ConfigError(f"deepspeed_overrides={cfg.deepspeed_overrides}: expected a JSON object")
+        raise OutEffError(f"deepspeed_overrides={cfg.deepspeed_overrides}: expected a JSON object")
     return extra
 
 
@@ -450,11 +471,11 @@ def _merge_owned_checked(base: dict, extra: dict, where: str) -> None:
     for key, value in extra.items():
         name = f"{where}{key}"
         if key in ("optimizer", "scheduler", "train_batch_size"):
-            raise ConfigError(f"deepspeed_overrides: '{name}' is owned by the typed config (optimizer/schedule/parallel)")
+            raise OutEffError(f"deepspeed_overrides: '{name}' is owned by the typed config (optimizer/schedule/parallel)")
         if key in base and isinstance(base[key], dict) and isinstance(value, dict):
             _merge_owned_checked(base[key], value, name + ".")
         elif key in base and base[key] != value:
-            raise ConfigError(
+            raise OutEffError(
                 f"deepspeed_overrides: '{name}'={value!r} contradicts the typed config ({base[key]!r})"
             )
         else:

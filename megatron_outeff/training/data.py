@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from megatron_outeff.errors import OutEffError, with_context
+
 
 class BatchSource:
     """Micro-batches of this data-parallel rank from a sample function ``sample(i) -> dict`` of
@@ -93,20 +95,17 @@ def indexed_samplers(cfg, *, vocab_size: int) -> tuple[Callable[[int], dict], Ca
     blend cut by data.split, or train/valid blends of their own when data.valid_paths is set.
     Collective (every rank builds; rank 0 writes the index cache first)."""
     from megatron_outeff.data.datasets import build_gpt_datasets
-    from megatron_outeff.data.errors import DataError
     from megatron_outeff.data.tokenizer import load_tokenizer
-
-    from .config import ConfigError
 
     d, t, p = cfg.data, cfg.train, cfg.parallel
     if not d.tokenizer:
-        raise ConfigError("data.source=indexed needs data.tokenizer")
+        raise OutEffError("data.source=indexed needs data.tokenizer")
     n_train = t.train_iters * p.global_batch_size
     n_valid = t.eval_iters * p.global_batch_size if (t.eval_interval or cfg.logging.outlier_interval) else 0
     try:
         tokenizer = load_tokenizer(d.tokenizer)
         if tokenizer.vocab_size > vocab_size:
-            raise ConfigError(f"data.tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {vocab_size}")
+            raise OutEffError(f"data.tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {vocab_size}")
         common = dict(tokenizer=tokenizer, seq_length=d.seq_length, seed=t.seed, cache_dir=d.cache_dir,
                       eod_mask_loss=d.eod_mask_loss)
         if d.valid_paths:
@@ -115,10 +114,10 @@ def indexed_samplers(cfg, *, vocab_size: int) -> tuple[Callable[[int], dict], Ca
         else:
             train, valid, _ = build_gpt_datasets(list(d.train_paths), split=d.split,
                                                  num_samples=(n_train, max(n_valid, 1), None), **common)
-    except DataError as e:
-        raise ConfigError(f"data: {e}") from None
+    except OutEffError as e:  # the data pipeline names the file, not the config key it came from
+        raise with_context("data", e) from None
     if train is None or len(train) < n_train:
-        raise ConfigError(f"data: the training split holds {0 if train is None else len(train)} samples, "
+        raise OutEffError(f"data: the training split holds {0 if train is None else len(train)} samples, "
                           f"{n_train} needed (train_iters x global_batch_size)")
 
     def sampler(dataset):
@@ -134,11 +133,11 @@ def indexed_samplers(cfg, *, vocab_size: int) -> tuple[Callable[[int], dict], Ca
 
 def bigram_backcopy_samplers(cfg, *, vocab_size: int) -> tuple[Callable[[int], dict], Callable[[int], dict]]:
     """Training stream (seed train.seed) and the fixed held-out stream (data.bigram_backcopy.heldout_seed)."""
-    from .config import ConfigError, bigram_backcopy_task
+    from .config import bigram_backcopy_task
 
     task = bigram_backcopy_task(cfg)
     if task.vocab_size > vocab_size:
-        raise ConfigError(f"data.bigram_backcopy.vocab_size={task.vocab_size} exceeds the model's vocabulary ({vocab_size})")
+        raise OutEffError(f"data.bigram_backcopy.vocab_size={task.vocab_size} exceeds the model's vocabulary ({vocab_size})")
 
     def sampler(stream_seed: int):
         return lambda i: make_sample(task.sequence(stream_seed, i))

@@ -42,11 +42,13 @@ import torch.distributed as dist
 
 from megatron_outeff.checkpoint_format import (
     MANIFEST, MODEL_SUBDIR, MOMENTS, OPTIM_FORMAT, OPTIM_FORMAT_VERSION, OPTIM_STATE, OPTIM_SUBDIR, TRAIN_STATE,
-    CheckpointError, make_manifest, manifest_arch_variant, merge_ranks, read_model_files, read_train_state,
+    make_manifest, manifest_arch_variant, merge_ranks, read_model_files, read_train_state,
     split_rank, tensor_state, write_manifest, write_rank_file,
 )
 
-from .config import Config, ConfigError
+from megatron_outeff.errors import OutEffError, with_context
+
+from .config import Config
 # What DeepSpeed's own checkpoint files depend on: any change and they cannot be loaded.
 SHARD_KEYS = ("data_parallel", "tensor_parallel", "pipeline_parallel", "zero_stage", "cpu_offload")
 
@@ -246,8 +248,8 @@ def _rank_state(directory: Path, weights: str, model) -> dict[str, torch.Tensor]
         arch, _ = manifest_arch_variant(manifest, str(directory))
         hf, padded = merge_ranks(states, arch)
         return split_rank(hf, padded, arch, t, tp, p, pp, model.vocab_size)
-    except CheckpointError as e:
-        raise ConfigError(f"resuming on another layout: {e}") from None
+    except OutEffError as e:
+        raise with_context("resuming on another layout", e) from None
 
 
 def load(engine, cfg: Config, tag_dir: Path) -> dict:
@@ -266,7 +268,7 @@ def load(engine, cfg: Config, tag_dir: Path) -> dict:
         raise RuntimeError(f"resuming on another layout: {type(engine.optimizer).__name__} is not supported")
     meta = json.loads((tag_dir / OPTIM_SUBDIR / OPTIM_STATE).read_text())
     if meta.get("format") != OPTIM_FORMAT or meta.get("format_version") != OPTIM_FORMAT_VERSION:
-        raise ConfigError(f"{tag_dir / OPTIM_SUBDIR / OPTIM_STATE}: not a {OPTIM_FORMAT} v{OPTIM_FORMAT_VERSION} file")
+        raise OutEffError(f"{tag_dir / OPTIM_SUBDIR / OPTIM_STATE}: not a {OPTIM_FORMAT} v{OPTIM_FORMAT_VERSION} file")
     model = unwrap(engine.module)
     weights = _rank_state(tag_dir / MODEL_SUBDIR, "auto", model)  # fp32 master copies where the checkpoint has them
     moments = {k: _rank_state(tag_dir / OPTIM_SUBDIR / k, "model", model) for k in MOMENTS}

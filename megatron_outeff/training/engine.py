@@ -17,7 +17,9 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .config import Config, ConfigError, deepspeed_config
+from megatron_outeff.errors import OutEffError
+
+from .config import Config, deepspeed_config
 from .optimizer import build_optimizer, build_scheduler, clips_itself
 
 
@@ -89,18 +91,18 @@ class Trainer:
 
 
 def build_engine(cfg: Config, model: torch.nn.Module) -> Trainer:
-    """``deepspeed.initialize`` around this rank's model. Raises ConfigError for precisions DeepSpeed
+    """``deepspeed.initialize`` around this rank's model. Raises OutEffError for precisions DeepSpeed
     cannot run here (fp16 on CPU; fp16 with pipeline parallelism)."""
     import deepspeed
     from megatron.core import parallel_state
 
     world = dist.get_world_size()
     if cfg.precision.dtype == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("precision.dtype=fp16: DeepSpeed supports fp16 only on CUDA devices; use bf16 or fp32 on CPU")
+        raise OutEffError("precision.dtype=fp16: DeepSpeed supports fp16 only on CUDA devices; use bf16 or fp32 on CPU")
     pipelined = cfg.parallel.pipeline_parallel > 1
     if pipelined and cfg.precision.dtype == "fp16":
         # the schedule would need DeepSpeed's loss scale as grad_scale_func: not wired yet
-        raise ConfigError("parallel.pipeline_parallel > 1 supports precision.dtype fp32 or bf16, not fp16 (yet)")
+        raise OutEffError("parallel.pipeline_parallel > 1 supports precision.dtype fp32 or bf16, not fp16 (yet)")
     if cfg.parallel.sequence_parallel:
         _allreduce_sequence_parallel_grads(model)
     optimizer = build_optimizer(cfg, model)

@@ -10,22 +10,24 @@ Two things a launcher can get wrong that the config alone cannot see:
 * :func:`check_ranks_agree`: collective, right after the process group exists: every rank must have
   loaded the same config (node agents started with different files or ``--set`` values would
   otherwise build different groups and hang, or silently train different models). Raises
-  ConfigError naming the first differing key and the ranks' values.
+  OutEffError naming the first differing key and the ranks' values.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
-from .config import Config, ConfigError, load_config
+from megatron_outeff.errors import OutEffError, with_context
+from megatron_outeff.utils.cli import OneLineArgumentParser, command, input_text_file, positive_int
+
+from .config import Config, load_config
 
 
 def check_world(cfg: Config, world_size: int, world_from: str) -> int:
-    """The gradient accumulation steps for world_size ranks; ConfigError prefixed with world_from."""
+    """The gradient accumulation steps for world_size ranks; OutEffError prefixed with world_from."""
     try:
         return cfg.grad_accumulation_steps(world_size)
-    except ConfigError as e:
-        raise ConfigError(f"{world_from}: {e}") from None
+    except OutEffError as e:
+        raise with_context(world_from, e) from None
 
 
 def _first_difference(a, b, where: str = "") -> str | None:
@@ -39,7 +41,7 @@ def _first_difference(a, b, where: str = "") -> str | None:
 
 
 def check_ranks_agree(cfg: Config) -> None:
-    """Collective over the default process group. Raises ConfigError on every rank when the ranks'
+    """Collective over the default process group. Raises OutEffError on every rank when the ranks'
     configs differ: 'config differs between ranks: <key> is <v0> on rank 0 but <v> on rank r'."""
     import torch.distributed as dist
 
@@ -55,24 +57,19 @@ def check_ranks_agree(cfg: Config) -> None:
                 for part in key.split("."):
                     d = d.get(part) if isinstance(d, dict) else None
                 return d
-            raise ConfigError(f"config differs between ranks (node agents started with different configs?): "
+            raise OutEffError(f"config differs between ranks (node agents started with different configs?): "
                               f"{key} is {value(everyone[0])!r} on rank 0 but {value(theirs)!r} on rank {rank}")
 
 
+@command
 def main(argv=None) -> int:
-    from megatron_outeff.utils.cli import OneLineArgumentParser, input_text_file, positive_int
-
     parser = OneLineArgumentParser(description="check a launcher's world size against a training config")
     parser.add_argument("--world-size", type=positive_int, required=True, help="processes the launcher will start")
     parser.add_argument("--world-from", default="world size", help="where the number comes from, for the message")
     parser.add_argument("--config", required=True, type=input_text_file)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args, _ = parser.parse_known_args(argv)  # the trainer's other flags (--resume) are not ours
-    try:
-        check_world(load_config(args.config, args.set), args.world_size, args.world_from)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+    check_world(load_config(args.config, args.set), args.world_size, args.world_from)
     return 0
 
 

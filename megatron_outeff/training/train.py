@@ -15,11 +15,8 @@ from __future__ import annotations
 import sys
 
 if __name__ == "__main__" and not __package__:
-    # Run as a file (the deepspeed launcher does this): run the package's module instead, whose relative
-    # imports need the package, found from the repository root.
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    # Run as a file (the deepspeed launcher does this): run the installed package's module instead,
+    # whose relative imports need the package.
     from megatron_outeff.training.train import main
 
     sys.exit(main())
@@ -34,13 +31,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_outeff.utils.cli import OneLineArgumentParser, command, input_text_file
+
 from . import checkpoint, elastic
-from .config import Config, ConfigError, deepspeed_config, load_config
+from .config import Config, deepspeed_config, load_config
 
 
 def parse_args(argv=None):
-    from megatron_outeff.utils.cli import OneLineArgumentParser, input_text_file
-
     parser = OneLineArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--config", required=True, type=input_text_file, help="training YAML (configs/train/*.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -207,17 +204,12 @@ def probe_position_masks(cfg: Config, tokens: torch.Tensor) -> dict:
     return {"position_masks": {"copy": copy, "bigram": ~copy}, "idle": task.idle_positions(tokens)}
 
 
+@command  # bad input: one `error:` line (rank 0 only: every rank fails alike), exit 2
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
     try:
-        cfg = load_config(args.config, args.set)
-        train(cfg, force_resume=args.resume)
-    except ConfigError as e:
-        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
-        if rank == 0:  # every rank fails alike: say it once
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        train(load_config(args.config, args.set), force_resume=args.resume)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -8,12 +8,14 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from megatron_outeff.errors import OutEffError
+
 
 def check_empty_output_dir(out_dir) -> Path:
-    """``out_dir`` as a Path if it does not exist or is an empty directory; ValueError otherwise."""
+    """``out_dir`` as a Path if it does not exist or is an empty directory; OutEffError otherwise."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ValueError(f"output directory {out_dir} exists and is not empty; refusing to overwrite")
+        raise OutEffError(f"{out_dir}: exists and is not an empty directory; refusing to overwrite")
     return out_dir
 
 

@@ -18,7 +18,8 @@ from tolerance import assert_close_bound, network_depth, rounding_bound
 from train_testlib import ROOT, TORCHRUN, env, free_port
 
 from megatron_outeff.checkpoint_format import MANIFEST, read_model_files, resolve_model_dir
-from megatron_outeff.convert import ConvertError, from_hf, reshard, to_hf
+from megatron_outeff.errors import OutEffError
+from megatron_outeff.convert import from_hf, reshard, to_hf
 
 # The training tests' model (the tiny arch, vocabulary 256, 32 tokens): float32 rounding chain (tests/tolerance.py)
 DEPTH = network_depth(dict(hidden_size=64, ffn_dim=256, num_hidden_layers=2, max_position_embeddings=32)) + 256
@@ -90,10 +91,10 @@ def test_init_from_refuses_another_variant(trained):
     from megatron_outeff.models.opt import OPTArchConfig
 
     arch = OPTArchConfig.from_dict(json.loads((resolve_model_dir(trained / "src") / MANIFEST).read_text())["arch"])
-    with pytest.raises(ConvertError, match="attention variant"):
+    with pytest.raises(OutEffError, match="attention variant"):
         load_into_model(torch.nn.Module(), trained / "src", arch=arch, variant=AttentionVariantConfig(softmax="softmax1"),
                         seq_length=32, tp_rank=0, tp=1, pp_rank=0, pp=1)
-    with pytest.raises(ConvertError, match="hidden_size"):
+    with pytest.raises(OutEffError, match="hidden_size"):
         import dataclasses
 
         load_into_model(torch.nn.Module(), trained / "src", arch=dataclasses.replace(arch, hidden_size=128),
@@ -188,7 +189,7 @@ def test_from_hf_with_variant_and_our_remote_code_dirs(tmp_path):
     a, b = load_file(str(hf1 / "model.safetensors")), load_file(str(hf2 / "model.safetensors"))
     assert sorted(a) == sorted(b) and "model.decoder.layers.1.self_attn.gate.fc2_bias" in a
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(ConvertError, match="contradicts"):
+    with pytest.raises(OutEffError, match="contradicts"):
         from_hf(hf1, tmp_path / "ck3", variant="softmax1")
     assert not (tmp_path / "ck3").exists()
 
@@ -199,7 +200,7 @@ def _copy(src, dst):
 
 
 def _one_line_error(fn, match):
-    with pytest.raises(ConvertError, match=match) as e:
+    with pytest.raises(OutEffError, match=match) as e:
         fn()
     assert "\n" not in str(e.value)
 
@@ -235,7 +236,7 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(trained, tmp_path):
     _one_line_error(lambda: reshard(trained / "src", out, tp=1, pp=1), "not an empty directory")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     # the CLI: exit 2, one line on stderr
-    r = subprocess.run([sys.executable, CLI, "to-hf", str(tmp_path / "missing"), str(tmp_path / "cli_out")], env=env(),
+    r = subprocess.run([sys.executable, CLI, "to-hf", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "cli_out")], env=env(),
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:"), r.stderr
     assert not (tmp_path / "cli_out").exists()
@@ -251,7 +252,7 @@ def test_iteration_selection(trained, tmp_path):
 
 @pytest.mark.multiproc
 def test_cli_round_trip(trained, tmp_path):
-    r = subprocess.run([sys.executable, CLI, "reshard", str(trained / "src"), str(tmp_path / "r"), "--tp", "1", "--pp", "2"],
+    r = subprocess.run([sys.executable, CLI, "reshard", str(trained / "src"), "--output-dir", str(tmp_path / "r"), "--tp", "1", "--pp", "2"],
                        env=env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "wrote iter_0000002/model/tp00_pp01.safetensors" in r.stdout
@@ -327,7 +328,7 @@ def test_bf16_checkpoint_holds_deepspeeds_fp32_master_weights(trained, tmp_path,
     for k, v in oracle.items():
         assert torch.equal(sd[k], v.float()), k
     # to-hf (default fp32) exports exactly the master weights, and says it read them
-    r = subprocess.run([sys.executable, CLI, "to-hf", str(trained / name), str(tmp_path / "hf")], env=env(), cwd=ROOT,
+    r = subprocess.run([sys.executable, CLI, "to-hf", str(trained / name), "--output-dir", str(tmp_path / "hf")], env=env(), cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "reading the fp32 master weights" in r.stdout
@@ -391,7 +392,7 @@ def test_opt_350m_zero_to_fp32_script_in_the_checkpoint_matches_our_master_weigh
 @pytest.mark.multiproc
 def test_opt_350m_trained_checkpoint_to_hf_and_fp16_w8a8_export(trained, tmp_path):
     """to-hf (CLI) of the trained bf16 ZeRO-1 checkpoint reproduces megatron's logits in transformers
-    (remote code: learnable offsets + gates); tools/export.py writes reloadable fp16 and W8A8 models."""
+    (remote code: learnable offsets + gates); tools/export_fp16_w8a8.py writes reloadable fp16 and W8A8 models."""
     from transformers import AutoModelForCausalLM
 
     sys.path.insert(0, str(ROOT / "tests" / "tools"))
@@ -399,7 +400,7 @@ def test_opt_350m_trained_checkpoint_to_hf_and_fp16_w8a8_export(trained, tmp_pat
 
     tok = tmp_path / "tok"
     evallib.write_tokenizer(tok)
-    r = subprocess.run([sys.executable, CLI, "to-hf", str(trained / "opt_350m_bf16_z1"), str(tmp_path / "hf"), "--tokenizer", str(tok)],
+    r = subprocess.run([sys.executable, CLI, "to-hf", str(trained / "opt_350m_bf16_z1"), "--output-dir", str(tmp_path / "hf"), "--tokenizer", str(tok)],
                        env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
@@ -412,7 +413,8 @@ def test_opt_350m_trained_checkpoint_to_hf_and_fp16_w8a8_export(trained, tmp_pat
     assert (logits - want).abs().max() <= 64 * torch.finfo(torch.float32).eps * float(want.abs().max())
 
     calib = evallib.write_corpus(tmp_path / "calib.jsonl", 20, seed=3)
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "export.py"), str(tmp_path / "hf"), "--out", str(tmp_path / "exp"),
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "export_fp16_w8a8.py"), str(tmp_path / "hf"),
+                        "--output-dir", str(tmp_path / "exp"),
                         "--calib-data", calib, "--block-size", "16", "--num-calib-batches", "2", "--calib-batch-size", "2"],
                        env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -465,7 +467,7 @@ def test_opt_350m_unsupported_hf_variant_is_one_line_and_writes_nothing(tmp_path
                              max_position_embeddings=32, do_layer_norm_before=False, word_embed_proj_dim=32)).save_pretrained(str(src))
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps(dict(cfg, **{key: value})))
-    r = subprocess.run([sys.executable, CLI, "from-hf", str(src), str(tmp_path / "out"), "--tp", "1", "--pp", "1"],
+    r = subprocess.run([sys.executable, CLI, "from-hf", str(src), "--output-dir", str(tmp_path / "out"), "--tp", "1", "--pp", "1"],
                        env=env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and expected in r.stderr, r.stderr
     assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["opt"]

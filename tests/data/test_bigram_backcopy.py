@@ -95,14 +95,15 @@ def test_impossible_parameters(kwargs, word):
 
 
 def test_training_config_source():
-    from megatron_outeff.training.config import ConfigError, config_from_dict
+    from megatron_outeff.errors import OutEffError
+    from megatron_outeff.training.config import config_from_dict
 
     cfg = config_from_dict({"data": {"source": "bigram_backcopy", "seq_length": 16,
                                      "bigram_backcopy": {"vocab_size": 20, "num_triggers": 2}}})
     assert cfg.data.bigram_backcopy.num_triggers == 2
-    with pytest.raises(ConfigError, match="num_triggers=30"):
+    with pytest.raises(OutEffError, match="num_triggers=30"):
         config_from_dict({"data": {"source": "bigram_backcopy", "bigram_backcopy": {"vocab_size": 20, "num_triggers": 30}}})
-    with pytest.raises(ConfigError, match="seq_length=2"):
+    with pytest.raises(OutEffError, match="seq_length=2"):
         config_from_dict({"data": {"source": "bigram_backcopy", "seq_length": 2}})
-    with pytest.raises(ConfigError, match="'nonsense'"):
+    with pytest.raises(OutEffError, match="'nonsense'"):
         config_from_dict({"data": {"source": "nonsense"}})

@@ -13,7 +13,7 @@ from megatron_outeff.data.datasets import (
     check_indexed_dataset,
     parse_blend,
 )
-from megatron_outeff.data.errors import DataError
+from megatron_outeff.errors import OutEffError
 from megatron_outeff.data.tokenizer import load_tokenizer
 
 SEQ = 32
@@ -25,7 +25,7 @@ def test_parse_blend():
     assert parse_blend("0.7 a 0.3 b") == (["a", "b"], [0.7, 0.3])
     assert parse_blend(["0.7", "a", "0.3", "b"]) == (["a", "b"], [0.7, 0.3])
     assert parse_blend((["a", "b"], [2, 1])) == (["a", "b"], [2.0, 1.0])
-    with pytest.raises(DataError, match="2 weights for 1 prefixes"):
+    with pytest.raises(OutEffError, match="2 weights for 1 prefixes"):
         parse_blend(["a"], weights=[1, 2])
 
 
@@ -88,18 +88,18 @@ def test_blend_per_split(prefixes, spm_model, tmp_path):
 def test_bad_dataset_inputs(prefixes, spm_model, hf_tokenizer_json, tmp_path):
     tok = load_tokenizer(spm_model)
     missing = str(tmp_path / "nothere")
-    with pytest.raises(DataError, match=r"dataset prefix '.*nothere': missing .*nothere.bin and"):
+    with pytest.raises(OutEffError, match=r"dataset prefix '.*nothere': missing .*nothere.bin and"):
         build_gpt_datasets(missing, tokenizer=tok, seq_length=SEQ, cache_dir=str(tmp_path))
     from megatron.core.tokenizers import MegatronTokenizerBase
 
     assert isinstance(tok, MegatronTokenizerBase)  # registered virtual subclass
     small = load_tokenizer(hf_tokenizer_json)  # 320 ids < the 400 of the data's tokenizer
-    with pytest.raises(DataError, match="holds token id .* vocab size is 320"):
+    with pytest.raises(OutEffError, match="holds token id .* vocab size is 320"):
         check_indexed_dataset(prefixes["a"], small)
-    with pytest.raises(DataError, match="gives the test split 0 of the 200 documents"):
+    with pytest.raises(OutEffError, match="gives the test split 0 of the 200 documents"):
         build_gpt_datasets(prefixes["a"], tokenizer=tok, seq_length=SEQ, split="969,30,1",
                            num_samples=(10, 10, 10), cache_dir=str(tmp_path))
-    with pytest.raises(DataError, match="needs num_samples"):
+    with pytest.raises(OutEffError, match="needs num_samples"):
         build_gpt_datasets([prefixes["a"], prefixes["b"]], weights=[1, 1], tokenizer=tok,
                            seq_length=SEQ, cache_dir=str(tmp_path))
 

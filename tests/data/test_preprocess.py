@@ -5,7 +5,7 @@ import os
 import numpy
 import pytest
 
-from megatron_outeff.data.errors import DataError
+from megatron_outeff.errors import OutEffError
 from megatron_outeff.data.preprocess import preprocess_corpus
 from megatron_outeff.data.tokenizer import load_tokenizer
 
@@ -62,7 +62,7 @@ def test_failure_mid_way_leaves_nothing(tmp_path, corpus, spm_model):
     lines.insert(70, '{"text": "truncated')
     (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
     for workers in (1, 2):
-        with pytest.raises(DataError, match=r"bad.jsonl:71: invalid JSON"):
+        with pytest.raises(OutEffError, match=r"bad.jsonl:71: invalid JSON"):
             preprocess_corpus(str(tmp_path / "bad.jsonl"), str(tmp_path / "ds"), spm_model,
                               workers=workers, progress=False, chunksize=2)
         assert leftovers(tmp_path, "ds") == []
@@ -71,11 +71,11 @@ def test_failure_mid_way_leaves_nothing(tmp_path, corpus, spm_model):
 def test_overwrite(tmp_path, corpus, spm_model):
     prefix = str(tmp_path / "ds")
     preprocess_corpus(corpus["b"], prefix, spm_model, progress=False)
-    with pytest.raises(DataError, match="output exists: .*ds.bin .*--overwrite"):
+    with pytest.raises(OutEffError, match="output exists: .*ds.bin .*--overwrite"):
         preprocess_corpus(corpus["b"], prefix, spm_model, progress=False)
     # a failed overwrite keeps the old pair intact
     (tmp_path / "keyless.jsonl").write_text('{"body": "x"}\n')
-    with pytest.raises(DataError):
+    with pytest.raises(OutEffError):
         preprocess_corpus(str(tmp_path / "keyless.jsonl"), prefix, spm_model, overwrite=True,
                           progress=False)
     assert len(read_indexed(prefix)[0]) == len(corpus["docs_b"])
@@ -88,16 +88,16 @@ def test_overwrite(tmp_path, corpus, spm_model):
 
 def test_bad_inputs(tmp_path, corpus, spm_model):
     out = str(tmp_path / "ds")
-    with pytest.raises(DataError, match="input file not found: .*missing.jsonl"):
+    with pytest.raises(OutEffError, match="input file not found: .*missing.jsonl"):
         preprocess_corpus(str(tmp_path / "missing.jsonl"), out, spm_model, progress=False)
-    with pytest.raises(DataError, match="glob matches no files"):
+    with pytest.raises(OutEffError, match="glob matches no files"):
         preprocess_corpus(str(tmp_path / "*.nothing"), out, spm_model, progress=False)
-    with pytest.raises(DataError, match="no key 'content' .*set --json-key"):
+    with pytest.raises(OutEffError, match="no key 'content' .*set --json-key"):
         preprocess_corpus(corpus["a"], out, spm_model, json_key="content", progress=False)
     (tmp_path / "empty.jsonl").write_text("\n\n" + json.dumps({"text": "  "}) + "\n")
-    with pytest.raises(DataError, match="empty corpus"):
+    with pytest.raises(OutEffError, match="empty corpus"):
         preprocess_corpus(str(tmp_path / "empty.jsonl"), out, spm_model, progress=False)
-    with pytest.raises(DataError, match="tokenizer not found"):
+    with pytest.raises(OutEffError, match="tokenizer not found"):
         preprocess_corpus(corpus["a"], out, str(tmp_path / "nope.model"), progress=False)
     assert leftovers(tmp_path, "ds") == []
 
@@ -108,26 +108,21 @@ def test_cli_one_line_errors(tmp_path, corpus, spm_model, capsys):
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     pre = runpy.run_path(os.path.join(root, "tools", "preprocess_data.py"))
-    from megatron_outeff.data.cli import run_cli
-
-    with pytest.raises(SystemExit) as e:
-        run_cli(pre["main"], ["--input", str(tmp_path / "nope.jsonl"), "--tokenizer", spm_model,
-                              "--output-prefix", str(tmp_path / "x")])
-    assert e.value.code == 2
+    code = pre["main"](["--input", str(tmp_path / "nope.jsonl"), "--tokenizer", spm_model,
+                        "--output-prefix", str(tmp_path / "x")])
+    assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: input file not found") and "\n" not in err
 
-    with pytest.raises(SystemExit) as e:
-        run_cli(pre["main"], ["--input", corpus["b"], "--tokenizer", spm_model, "--no-progress",
-                              "--output-prefix", str(tmp_path / "x"), "--workers", "2"])
-    assert e.value.code == 0
+    code = pre["main"](["--input", corpus["b"], "--tokenizer", spm_model, "--no-progress",
+                        "--output-prefix", str(tmp_path / "x"), "--workers", "2"])
+    assert code == 0
     assert "120 documents" in capsys.readouterr().out
 
     train = runpy.run_path(os.path.join(root, "tools", "train_tokenizer.py"))
-    with pytest.raises(SystemExit) as e:
-        run_cli(train["main"], ["--input", corpus["b"], "--output-prefix", str(tmp_path / "t"),
-                                "--vocab-size", "300", "--json-key", "nokey"])
-    assert e.value.code == 2
+    code = train["main"](["--input", corpus["b"], "--output-prefix", str(tmp_path / "t"),
+                          "--vocab-size", "300", "--json-key", "nokey"])
+    assert code == 2
     assert capsys.readouterr().err.strip().startswith("error: ")
 
 
@@ -145,11 +140,8 @@ def test_documents_that_do_not_round_trip_are_counted(tmp_path, spm_model, worke
         import runpy
 
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from megatron_outeff.data.cli import run_cli
-
         pre = runpy.run_path(os.path.join(root, "tools", "preprocess_data.py"))
-        with pytest.raises(SystemExit) as e:
-            run_cli(pre["main"], ["--input", str(src), "--tokenizer", spm_model, "--no-progress",
-                                  "--output-prefix", str(tmp_path / "ds2")])
-        assert e.value.code == 0
+        code = pre["main"](["--input", str(src), "--tokenizer", spm_model, "--no-progress",
+                            "--output-prefix", str(tmp_path / "ds2")])
+        assert code == 0
         assert "warning: 2 of 4 documents do not round-trip" in capsys.readouterr().out

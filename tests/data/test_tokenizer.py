@@ -3,7 +3,7 @@ import pickle
 
 import pytest
 
-from megatron_outeff.data.errors import DataError
+from megatron_outeff.errors import OutEffError
 from megatron_outeff.data.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
 
 ROUND_TRIP = [
@@ -70,7 +70,7 @@ def test_hf_special_tokens_and_eod_choice(hf_tokenizer_json, tmp_path):
 
     tok2 = load_tokenizer(os.path.dirname(hf_tokenizer_json), eod_token="<s>")
     assert tok2.eod == 0
-    with pytest.raises(DataError, match="eod token"):
+    with pytest.raises(OutEffError, match="eod token"):
         load_tokenizer(hf_tokenizer_json, eod_token="<|nope|>")
 
     # GPT-2 style vocab: <|endoftext|> is preferred, and a missing pad reads as AttributeError
@@ -89,18 +89,18 @@ def test_hf_special_tokens_and_eod_choice(hf_tokenizer_json, tmp_path):
 
 
 def test_load_tokenizer_errors(tmp_path):
-    with pytest.raises(DataError, match="tokenizer not found"):
+    with pytest.raises(OutEffError, match="tokenizer not found"):
         load_tokenizer(tmp_path / "missing.model")
     (tmp_path / "vocab.txt").write_text("x")
-    with pytest.raises(DataError, match="unknown tokenizer file type"):
+    with pytest.raises(OutEffError, match="unknown tokenizer file type"):
         load_tokenizer(tmp_path / "vocab.txt")
     (tmp_path / "bad.model").write_bytes(b"not a model")
-    with pytest.raises(DataError, match="cannot load sentencepiece"):
+    with pytest.raises(OutEffError, match="cannot load sentencepiece"):
         load_tokenizer(tmp_path / "bad.model")
     (tmp_path / "bad.json").write_text("{}")
-    with pytest.raises(DataError, match="cannot load Hugging Face"):
+    with pytest.raises(OutEffError, match="cannot load Hugging Face"):
         load_tokenizer(tmp_path / "bad.json")
-    for e in (DataError("x"),):
+    for e in (OutEffError("x"),):
         assert "\n" not in str(e)
 
 
@@ -108,15 +108,15 @@ def test_train_tokenizer_errors(tmp_path):
     from megatron_outeff.data.tokenizer_training import train_sentencepiece
 
     (tmp_path / "empty.txt").write_text("  \n\n")
-    with pytest.raises(DataError, match="empty corpus"):
+    with pytest.raises(OutEffError, match="empty corpus"):
         train_sentencepiece(str(tmp_path / "empty.txt"), str(tmp_path / "m"), vocab_size=300)
     (tmp_path / "small.txt").write_text("tiny corpus " * 10)
-    with pytest.raises(DataError, match="sentencepiece training failed"):
+    with pytest.raises(OutEffError, match="sentencepiece training failed"):
         train_sentencepiece(str(tmp_path / "small.txt"), str(tmp_path / "m"), vocab_size=5000,
                             num_threads=1)
-    with pytest.raises(DataError, match="too small"):
+    with pytest.raises(OutEffError, match="too small"):
         train_sentencepiece(str(tmp_path / "small.txt"), str(tmp_path / "m"), vocab_size=100)
-    with pytest.raises(DataError, match="not found"):
+    with pytest.raises(OutEffError, match="not found"):
         train_sentencepiece(str(tmp_path / "nope.txt"), str(tmp_path / "m"))
     assert not list(tmp_path.glob("m.*"))
 

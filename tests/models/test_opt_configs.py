@@ -7,7 +7,7 @@ from megatron_outeff.models.opt import (
     OPTArchConfig,
     available_sizes,
     load_arch_config,
-    load_parallelism_hint,
+    load_parallel_hint,
     padded_vocab_size,
 )
 
@@ -32,9 +32,9 @@ def test_published_architectures(size):
     assert (a.activation, a.hidden_dropout, a.attention_dropout, a.init_method_std) == ("relu", 0.1, 0.0, 0.006)
     # Only OPT-350m projects a 512-wide embedding and normalises after the residual adds.
     assert (a.embed_dim, a.do_layer_norm_before) == ((512, False) if size == "350m" else (a.hidden_size, True))
-    hint = load_parallelism_hint(size)
-    assert a.num_attention_heads % hint.tensor_model_parallel_size == 0
-    assert a.num_layers % hint.pipeline_model_parallel_size == 0
+    hint = load_parallel_hint(size)
+    assert a.num_attention_heads % hint.tensor_parallel == 0
+    assert a.num_layers % hint.pipeline_parallel == 0
 
 
 def test_name_forms_and_paths():
@@ -65,11 +65,15 @@ def test_unknown_keys_are_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown top-level key"):
         load_arch_config(p)
     doc.pop("training")
-    doc["parallelism"]["tp"] = 2
+    doc["parallel"]["tp"] = 2
     p.write_text(yaml.safe_dump(doc))
     load_arch_config(p)  # the arch is fine; only the hint is wrong
-    with pytest.raises(ValueError, match=r"parallelism: unknown key"):
-        load_parallelism_hint(p)
+    with pytest.raises(ValueError, match=r"parallel: unknown key"):
+        load_parallel_hint(p)
+    doc["parallel"] = {"tensor_parallel": 3}  # tiny has 4 heads
+    p.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match="not divisible by tensor parallel size 3"):
+        load_parallel_hint(p)
 
 
 def test_bad_values_and_names():
@@ -94,3 +98,21 @@ def test_build_refuses_bad_tp():
 
     with pytest.raises(ValueError, match="num_attention_heads=40 is not divisible by tensor parallel size 16"):
         check_parallel_layout(load_arch_config("13b"), 16, 1)
+
+
+def test_transformer_fields_from_arch():
+    """TRANSFORMER_FIELDS_FROM_ARCH (what model.transformer_overrides refuses) names TransformerConfig fields,
+    and each one mapped to an arch field carries that field's value in opt_transformer_config."""
+    import dataclasses
+
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_outeff.models.opt import TRANSFORMER_FIELDS_FROM_ARCH, opt_transformer_config
+
+    assert set(TRANSFORMER_FIELDS_FROM_ARCH) <= {f.name for f in dataclasses.fields(TransformerConfig)}
+    arch = dataclasses.replace(load_arch_config("tiny"), hidden_dropout=0.25, attention_dropout=0.125,
+                               layernorm_epsilon=1e-6, init_method_std=0.02)
+    tc = opt_transformer_config(arch)
+    plain = {k: v for k, v in TRANSFORMER_FIELDS_FROM_ARCH.items()
+             if v and k not in ("activation_func", "output_layer_init_method")}
+    assert {k: getattr(tc, k) for k in plain} == {k: getattr(arch, v) for k, v in plain.items()}

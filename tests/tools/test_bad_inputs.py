@@ -17,6 +17,7 @@ import evallib  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_CFG = str(ROOT / "configs" / "train" / "demo-tiny.yaml")
+EXP_CFG = str(ROOT / "configs" / "experiments" / "bb-sink-cpu.yaml")
 
 
 def _truncate(path: Path, keep: float = 0.5):
@@ -92,81 +93,61 @@ def _tool(name):
 
 
 def _invoke(cli, argv) -> int:
-    from megatron_outeff.data.cli import run_cli
+    """Every CLI is a main(argv) -> exit code (megatron_outeff.utils.cli.command): it never raises SystemExit."""
+    if cli == "train":
+        from megatron_outeff.training.train import main
 
-    try:
-        if cli == "train":
-            from megatron_outeff.training.train import main
-
-            return main(argv)
-        if cli in ("preprocess_data", "train_tokenizer"):
-            run_cli(_tool(cli), argv)
-            return 0
-        if cli == "export":
-            from megatron_outeff.evaluation.cli import export_main
-
-            return export_main(argv)
-        if cli == "outlier_report":
-            from megatron_outeff.evaluation.cli import report_main
-
-            return report_main(argv)
-        return _tool(cli)(argv)
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 2
+        return main(argv)
+    return _tool(cli)(argv)
 
 
 # (cli, argv with {w} for the workspace and {out} for an output that must not appear, text the line must name)
 CASES = {
     # convert_checkpoint
-    "convert_missing": ("convert_checkpoint", ["to-hf", "{w}/missing", "{out}"], "missing"),
-    "convert_file_not_dir": ("convert_checkpoint", ["to-hf", "{w}/empty.txt", "{out}"], "empty.txt"),
-    "convert_empty_dir": ("convert_checkpoint", ["to-hf", "{w}/adir", "{out}"], "adir"),
-    "convert_truncated_rank_file": ("convert_checkpoint", ["to-hf", "{w}/ck_trunc", "{out}"], "tp00_pp00.safetensors"),
-    "convert_truncated_manifest": ("convert_checkpoint", ["reshard", "{w}/ck_manifest_trunc", "{out}", "--tp", "1", "--pp", "1"], "manifest.json"),
-    "convert_non_utf8_manifest": ("convert_checkpoint", ["to-hf", "{w}/ck_nonutf8", "{out}"], "manifest.json"),
-    "convert_other_layout": ("convert_checkpoint", ["to-hf", "{w}/ck_layout", "{out}"], "tp=2"),
-    "convert_other_variant": ("convert_checkpoint", ["to-hf", "{w}/ck_variant", "{out}"], "softmax_offset"),
-    "convert_zero_tp": ("convert_checkpoint", ["reshard", "{w}/ck", "{out}", "--tp", "0", "--pp", "1"], "'0'"),
-    "convert_negative_pp": ("convert_checkpoint", ["reshard", "{w}/ck", "{out}", "--tp", "1", "--pp", "-2"], "'-2'"),
-    "convert_negative_iteration": ("convert_checkpoint", ["to-hf", "{w}/ck", "{out}", "--iteration", "-1"], "'-1'"),
-    "convert_truncated_hf_safetensors": ("convert_checkpoint", ["from-hf", "{w}/hf_trunc", "{out}"], "model.safetensors"),
-    "convert_truncated_hf_index": ("convert_checkpoint", ["from-hf", "{w}/hf_index_trunc", "{out}"], "model.safetensors.index.json"),
-    "convert_truncated_hf_config": ("convert_checkpoint", ["from-hf", "{w}/hf_badcfg", "{out}"], "config.json"),
-    "convert_bad_tokenizer": ("convert_checkpoint", ["to-hf", "{w}/ck", "{out}", "--tokenizer", "{w}/latin1.txt"], "latin1.txt"),
-    "convert_negative_seq_length": ("convert_checkpoint", ["from-hf", "{w}/hf", "{out}", "--seq-length", "-4"], "'-4'"),
-    # export (FP16 / W8A8)
-    "export_missing_model": ("export", ["{w}/missing", "--out", "{out}", "--calib-data", "{w}/corpus.jsonl"], "missing"),
-    "export_model_is_file": ("export", ["{w}/empty.txt", "--out", "{out}", "--calib-data", "{w}/corpus.jsonl"], "empty.txt"),
-    "export_truncated_safetensors": ("export", ["{w}/hf_trunc", "--out", "{out}", "--calib-data", "{w}/corpus.jsonl"], "model.safetensors"),
-    "export_truncated_config": ("export", ["{w}/hf_badcfg", "--out", "{out}", "--calib-data", "{w}/corpus.jsonl"], "config.json"),
-    "export_non_utf8_data": ("export", ["{w}/hf", "--out", "{out}", "--calib-data", "{w}/latin1.txt"], "latin1.txt"),
-    "export_empty_data": ("export", ["{w}/hf", "--out", "{out}", "--calib-data", "{w}/empty.txt"], "empty.txt"),
-    "export_data_is_dir": ("export", ["{w}/hf", "--out", "{out}", "--calib-data", "{w}/adir"], "adir"),
-    "export_truncated_idx": ("export", ["{w}/hf", "--out", "{out}", "--calib-data", "{w}/ds"], "ds"),
-    "export_zero_block": ("export", ["{w}/hf", "--out", "{out}", "--calib-data", "{w}/corpus.jsonl", "--block-size", "0"], "'0'"),
-    "export_negative_batches": ("export", ["{w}/hf", "--out", "{out}", "--calib-data", "{w}/corpus.jsonl", "--num-calib-batches", "-1"], "'-1'"),
+    "convert_missing": ("convert_checkpoint", ["to-hf", "{w}/missing", "--output-dir", "{out}"], "missing"),
+    "convert_file_not_dir": ("convert_checkpoint", ["to-hf", "{w}/empty.txt", "--output-dir", "{out}"], "empty.txt"),
+    "convert_empty_dir": ("convert_checkpoint", ["to-hf", "{w}/adir", "--output-dir", "{out}"], "adir"),
+    "convert_truncated_rank_file": ("convert_checkpoint", ["to-hf", "{w}/ck_trunc", "--output-dir", "{out}"], "tp00_pp00.safetensors"),
+    "convert_truncated_manifest": ("convert_checkpoint", ["reshard", "{w}/ck_manifest_trunc", "--output-dir", "{out}", "--tp", "1", "--pp", "1"], "manifest.json"),
+    "convert_non_utf8_manifest": ("convert_checkpoint", ["to-hf", "{w}/ck_nonutf8", "--output-dir", "{out}"], "manifest.json"),
+    "convert_other_layout": ("convert_checkpoint", ["to-hf", "{w}/ck_layout", "--output-dir", "{out}"], "tp=2"),
+    "convert_other_variant": ("convert_checkpoint", ["to-hf", "{w}/ck_variant", "--output-dir", "{out}"], "softmax_offset"),
+    "convert_zero_tp": ("convert_checkpoint", ["reshard", "{w}/ck", "--output-dir", "{out}", "--tp", "0", "--pp", "1"], "'0'"),
+    "convert_negative_pp": ("convert_checkpoint", ["reshard", "{w}/ck", "--output-dir", "{out}", "--tp", "1", "--pp", "-2"], "'-2'"),
+    "convert_negative_iteration": ("convert_checkpoint", ["to-hf", "{w}/ck", "--output-dir", "{out}", "--iteration", "-1"], "'-1'"),
+    "convert_truncated_hf_safetensors": ("convert_checkpoint", ["from-hf", "{w}/hf_trunc", "--output-dir", "{out}"], "model.safetensors"),
+    "convert_truncated_hf_index": ("convert_checkpoint", ["from-hf", "{w}/hf_index_trunc", "--output-dir", "{out}"], "model.safetensors.index.json"),
+    "convert_truncated_hf_config": ("convert_checkpoint", ["from-hf", "{w}/hf_badcfg", "--output-dir", "{out}"], "config.json"),
+    "convert_bad_tokenizer": ("convert_checkpoint", ["to-hf", "{w}/ck", "--output-dir", "{out}", "--tokenizer", "{w}/latin1.txt"], "latin1.txt"),
+    "convert_negative_seq_length": ("convert_checkpoint", ["from-hf", "{w}/hf", "--output-dir", "{out}", "--seq-length", "-4"], "'-4'"),
+    # export_fp16_w8a8
+    "export_missing_model": ("export_fp16_w8a8", ["{w}/missing", "--output-dir", "{out}", "--calib-data", "{w}/corpus.jsonl"], "missing"),
+    "export_model_is_file": ("export_fp16_w8a8", ["{w}/empty.txt", "--output-dir", "{out}", "--calib-data", "{w}/corpus.jsonl"], "empty.txt"),
+    "export_truncated_safetensors": ("export_fp16_w8a8", ["{w}/hf_trunc", "--output-dir", "{out}", "--calib-data", "{w}/corpus.jsonl"], "model.safetensors"),
+    "export_truncated_config": ("export_fp16_w8a8", ["{w}/hf_badcfg", "--output-dir", "{out}", "--calib-data", "{w}/corpus.jsonl"], "config.json"),
+    "export_non_utf8_data": ("export_fp16_w8a8", ["{w}/hf", "--output-dir", "{out}", "--calib-data", "{w}/latin1.txt"], "latin1.txt"),
+    "export_empty_data": ("export_fp16_w8a8", ["{w}/hf", "--output-dir", "{out}", "--calib-data", "{w}/empty.txt"], "empty.txt"),
+    "export_data_is_dir": ("export_fp16_w8a8", ["{w}/hf", "--output-dir", "{out}", "--calib-data", "{w}/adir"], "adir"),
+    "export_truncated_idx": ("export_fp16_w8a8", ["{w}/hf", "--output-dir", "{out}", "--calib-data", "{w}/ds"], "ds"),
+    "export_zero_block": ("export_fp16_w8a8", ["{w}/hf", "--output-dir", "{out}", "--calib-data", "{w}/corpus.jsonl", "--block-size", "0"], "'0'"),
+    "export_negative_batches": ("export_fp16_w8a8", ["{w}/hf", "--output-dir", "{out}", "--calib-data", "{w}/corpus.jsonl", "--num-calib-batches", "-1"], "'-1'"),
     # outlier report
-    "report_missing_model": ("outlier_report", ["--model", "m={w}/missing", "--data", "{w}/corpus.jsonl", "--out", "{out}"], "missing"),
-    "report_truncated_model": ("outlier_report", ["--model", "m={w}/hf_trunc", "--data", "{w}/corpus.jsonl", "--out", "{out}"], "model.safetensors"),
-    "report_non_utf8_data": ("outlier_report", ["--model", "m={w}/hf", "--data", "{w}/latin1.txt", "--out", "{out}"], "latin1.txt"),
-    "report_empty_data": ("outlier_report", ["--model", "m={w}/hf", "--data", "{w}/empty.txt", "--out", "{out}"], "empty.txt"),
-    "report_zero_blocks": ("outlier_report", ["--model", "m={w}/hf", "--data", "{w}/corpus.jsonl", "--out", "{out}", "--max-blocks", "0"], "'0'"),
-    "report_negative_batch": ("outlier_report", ["--model", "m={w}/hf", "--data", "{w}/corpus.jsonl", "--out", "{out}", "--batch-size", "-3"], "'-3'"),
-    "report_zero_sigma": ("outlier_report", ["--model", "m={w}/hf", "--data", "{w}/corpus.jsonl", "--out", "{out}", "--n-sigma", "0"], "'0'"),
-    # preprocess_data
-    "preprocess_missing": ("preprocess_data", ["--input", "{w}/missing.jsonl", "--tokenizer", "{w}/tok/tokenizer.json", "--output-prefix", "{out}/ds"], "missing.jsonl"),
-    "preprocess_empty": ("preprocess_data", ["--input", "{w}/empty.txt", "--tokenizer", "{w}/tok/tokenizer.json", "--output-prefix", "{out}/ds"], "empty.txt"),
-    "preprocess_dir": ("preprocess_data", ["--input", "{w}/adir", "--tokenizer", "{w}/tok/tokenizer.json", "--output-prefix", "{out}/ds"], "adir"),
-    "preprocess_non_utf8": ("preprocess_data", ["--input", "{w}/latin1.txt", "--tokenizer", "{w}/tok/tokenizer.json", "--output-prefix", "{out}/ds"], "latin1.txt"),
+    "report_missing_model": ("outlier_report", ["--model", "m={w}/missing", "--data", "{w}/corpus.jsonl", "--output-dir", "{out}"], "missing"),
+    "report_truncated_model": ("outlier_report", ["--model", "m={w}/hf_trunc", "--data", "{w}/corpus.jsonl", "--output-dir", "{out}"], "model.safetensors"),
+    "report_non_utf8_data": ("outlier_report", ["--model", "m={w}/hf", "--data", "{w}/latin1.txt", "--output-dir", "{out}"], "latin1.txt"),
+    "report_empty_data": ("outlier_report", ["--model", "m={w}/hf", "--data", "{w}/empty.txt", "--output-dir", "{out}"], "empty.txt"),
+    "report_zero_blocks": ("outlier_report", ["--model", "m={w}/hf", "--data", "{w}/corpus.jsonl", "--output-dir", "{out}", "--max-blocks", "0"], "'0'"),
+    "report_negative_batch": ("outlier_report", ["--model", "m={w}/hf", "--data", "{w}/corpus.jsonl", "--output-dir", "{out}", "--batch-size", "-3"], "'-3'"),
+    "report_zero_sigma": ("outlier_report", ["--model", "m={w}/hf", "--data", "{w}/corpus.jsonl", "--output-dir", "{out}", "--n-sigma", "0"], "'0'"),
+    # preprocess_data, train_tokenizer: the same bad --input files
+    **{f"{prefix}_{what}": (cli, ["--input", f"{{w}}/{name}", *argv], name) for prefix, cli, argv in (
+        ("preprocess", "preprocess_data", ["--tokenizer", "{w}/tok/tokenizer.json", "--output-prefix", "{out}/ds"]),
+        ("tokenizer", "train_tokenizer", ["--output-prefix", "{out}/t", "--vocab-size", "300"]),
+    ) for what, name in (("missing", "missing.txt"), ("empty", "empty.txt"), ("dir", "adir"), ("non_utf8", "latin1.txt"))},
     "preprocess_missing_tokenizer": ("preprocess_data", ["--input", "{w}/corpus.jsonl", "--tokenizer", "{w}/missing.model", "--output-prefix", "{out}/ds"], "missing.model"),
     "preprocess_empty_tokenizer": ("preprocess_data", ["--input", "{w}/corpus.jsonl", "--tokenizer", "{w}/empty.txt", "--output-prefix", "{out}/ds"], "empty.txt"),
     "preprocess_bad_tokenizer": ("preprocess_data", ["--input", "{w}/corpus.jsonl", "--tokenizer", "{w}/latin1.txt", "--output-prefix", "{out}/ds"], "latin1.txt"),
     "preprocess_zero_workers": ("preprocess_data", ["--input", "{w}/corpus.jsonl", "--tokenizer", "{w}/tok/tokenizer.json", "--output-prefix", "{out}/ds", "--workers", "0"], "'0'"),
-    # train_tokenizer
-    "tokenizer_missing": ("train_tokenizer", ["--input", "{w}/missing.txt", "--output-prefix", "{out}/t", "--vocab-size", "300"], "missing.txt"),
-    "tokenizer_empty": ("train_tokenizer", ["--input", "{w}/empty.txt", "--output-prefix", "{out}/t", "--vocab-size", "300"], "empty.txt"),
-    "tokenizer_dir": ("train_tokenizer", ["--input", "{w}/adir", "--output-prefix", "{out}/t", "--vocab-size", "300"], "adir"),
-    "tokenizer_non_utf8": ("train_tokenizer", ["--input", "{w}/latin1.txt", "--output-prefix", "{out}/t", "--vocab-size", "300"], "latin1.txt"),
     "tokenizer_zero_vocab": ("train_tokenizer", ["--input", "{w}/corpus.jsonl", "--output-prefix", "{out}/t", "--vocab-size", "0"], "'0'"),
     "tokenizer_negative_threads": ("train_tokenizer", ["--input", "{w}/corpus.jsonl", "--output-prefix", "{out}/t", "--threads", "-1"], "'-1'"),
     "tokenizer_zero_sentences": ("train_tokenizer", ["--input", "{w}/corpus.jsonl", "--output-prefix", "{out}/t", "--input-sentence-size", "0"], "'0'"),
@@ -177,15 +158,18 @@ CASES = {
     "train_non_utf8_config": ("train", ["--config", "{w}/latin1.txt"], "latin1.txt"),
     "train_zero_micro_batch": ("train", ["--config", DEMO_CFG, "--set", "parallel.micro_batch_size=0", "--set", "checkpoint.dir={out}"], "micro_batch_size"),
     "train_negative_iters": ("train", ["--config", DEMO_CFG, "--set", "train.train_iters=-5", "--set", "checkpoint.dir={out}"], "train_iters"),
+    # run_experiment
+    "experiment_missing_config": ("run_experiment", ["--config", "{w}/missing.yaml", "--output-dir", "{out}"], "missing.yaml"),
+    "experiment_unknown_arm": ("run_experiment", ["--config", EXP_CFG, "--output-dir", "{out}", "--set", "arms=[vanilla, sotfmax1]"], "sotfmax1"),
     # benchmarks
-    "bench_attention_zero_sq": ("bench_attention", ["--sq", "0", "--out", "{out}/b.json"], "'0'"),
-    "bench_attention_negative_d": ("bench_attention", ["--d", "-64", "--out", "{out}/b.json"], "'-64'"),
-    "bench_attention_out_is_dir": ("bench_attention", ["--sq", "16", "--out", "{w}/adir"], "adir"),
-    "bench_layer_zero_seq": ("bench_layer", ["--seq", "0", "--out-json", "{out}/b.json"], "'0'"),
-    "bench_layer_negative_reps": ("bench_layer", ["--reps", "-1", "--out-json", "{out}/b.json"], "'-1'"),
-    "bench_train_zero_steps": ("bench_train", ["--steps", "0", "--out", "{out}/b.json"], "'0'"),
-    "bench_train_negative_seq": ("bench_train", ["--seq", "-128", "--out", "{out}/b.json"], "'-128'"),
-    "bench_train_out_is_dir": ("bench_train", ["--steps", "1", "--out", "{w}/adir"], "adir"),
+    "bench_attention_zero_sq": ("bench_attention", ["--sq", "0", "--output-json", "{out}/b.json"], "'0'"),
+    "bench_attention_negative_d": ("bench_attention", ["--d", "-64", "--output-json", "{out}/b.json"], "'-64'"),
+    "bench_attention_out_is_dir": ("bench_attention", ["--sq", "16", "--output-json", "{w}/adir"], "adir"),
+    "bench_layer_zero_seq": ("bench_layer", ["--seq", "0", "--output-json", "{out}/b.json"], "'0'"),
+    "bench_layer_negative_reps": ("bench_layer", ["--reps", "-1", "--output-json", "{out}/b.json"], "'-1'"),
+    "bench_train_zero_steps": ("bench_train", ["--steps", "0", "--output-json", "{out}/b.json"], "'0'"),
+    "bench_train_negative_seq": ("bench_train", ["--seq", "-128", "--output-json", "{out}/b.json"], "'-128'"),
+    "bench_train_out_is_dir": ("bench_train", ["--steps", "1", "--output-json", "{w}/adir"], "adir"),
     "bench_int8_zero_tokens": ("bench_int8_linear", ["--tokens", "0"], "'0'"),
     "bench_int8_negative_reps": ("bench_int8_linear", ["--reps", "-2"], "'-2'"),
 }

@@ -1,11 +1,13 @@
-"""The evaluation tools (tools/export.py, tools/outlier_report.py) on tiny random models, in-process.
+"""The evaluation tools (tools/export_fp16_w8a8.py, tools/outlier_report.py) on tiny random models, in-process.
 
 Two models exported with export_hf_dir: a plain OPT whose final LayerNorm weight has channel 17 scaled
 by 50 (a planted outlier: we KNOW which model and channel must show it) and a softmax1 OutEffOPT."""
 import json
 import math
 import os
+import runpy
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +15,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import evallib  # noqa: E402
 
-from megatron_outeff.evaluation.cli import export_main, report_main  # noqa: E402
 from megatron_outeff.evaluation.eval_data import calibration_batches, eval_blocks  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+export_main = runpy.run_path(str(ROOT / "tools" / "export_fp16_w8a8.py"))["main"]
+report_main = runpy.run_path(str(ROOT / "tools" / "outlier_report.py"))["main"]
 
 BLOCK, MAX_BLOCKS, BATCH = 16, 6, 4
 DATA_ARGS = ["--block-size", str(BLOCK), "--num-calib-batches", "2", "--calib-batch-size", "2"]
@@ -28,7 +33,7 @@ def env(tmp_path_factory):
     train = evallib.write_corpus(root / "train.jsonl", 30, seed=2)
     report_dir = root / "report"
     rc = report_main(["--model", f"vanilla={models['vanilla']}", "--model", f"sm1={models['sm1']}",
-                      "--data", valid, "--calib-data", train, "--out", str(report_dir),
+                      "--data", valid, "--calib-data", train, "--output-dir", str(report_dir),
                       "--max-blocks", str(MAX_BLOCKS), "--batch-size", str(BATCH), *DATA_ARGS])
     assert rc == 0
     report = json.loads((report_dir / "report.json").read_text())
@@ -138,7 +143,7 @@ def test_export_writes_reloadable_fp16_and_w8a8(env, capsys):
     from megatron_outeff.hf import perplexity
 
     out = env["root"] / "export"
-    rc = export_main([env["models"]["sm1"], "--out", str(out), "--calib-data", env["train"], *DATA_ARGS])
+    rc = export_main([env["models"]["sm1"], "--output-dir", str(out), "--calib-data", env["train"], *DATA_ARGS])
     assert rc == 0
     log = capsys.readouterr().out
     assert "[1/4]" in log and "[4/4]" in log
@@ -159,7 +164,7 @@ def test_export_writes_reloadable_fp16_and_w8a8(env, capsys):
     # A second run into the same (now non-empty) output is refused and changes nothing.
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     capsys.readouterr()
-    rc = export_main([env["models"]["sm1"], "--out", str(out), "--calib-data", env["train"], *DATA_ARGS])
+    rc = export_main([env["models"]["sm1"], "--output-dir", str(out), "--calib-data", env["train"], *DATA_ARGS])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error:") and "refusing to overwrite" in err and "\n" not in err
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
@@ -172,7 +177,7 @@ def test_export_refuses_fp16_overflow(env, capsys, tmp_path):
     for i in (0, 1):  # weights stay below 65504, the residual stream reaches ~8e4
         opt[f"model.decoder.layers.{i}.fc2.bias"] = torch.full_like(opt[f"model.decoder.layers.{i}.fc2.bias"], 4e4)
     src = export_hf_dir(tmp_path / "big", opt, evallib.TINY, "vanilla", tokenizer_dir=env["tok"])
-    rc = export_main([str(src), "--out", str(tmp_path / "o"), "--calib-data", env["train"], *DATA_ARGS])
+    rc = export_main([str(src), "--output-dir", str(tmp_path / "o"), "--calib-data", env["train"], *DATA_ARGS])
     err = capsys.readouterr().err.strip()
     # layer 0 adds 4e4 to the residual stream (fits), layer 1 another 4e4: its residual add overflows first
     assert rc == 2 and err.startswith("error: fp16 refused: model.decoder.layers.1: aten.add") and "overflows fp16" in err
@@ -214,7 +219,7 @@ def test_export_refuses_overflowing_attention_scores(env, capsys, tmp_path, vari
             h.remove()
         assert peak[0] < 65504
     capsys.readouterr()
-    rc = export_main([str(src), "--out", str(tmp_path / "o"), "--calib-data", env["train"], *DATA_ARGS])
+    rc = export_main([str(src), "--output-dir", str(tmp_path / "o"), "--calib-data", env["train"], *DATA_ARGS])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err, err
     assert err.startswith("error: fp16 refused: model.decoder.layers.0.self_attn: aten.")
@@ -241,10 +246,10 @@ def test_bad_input_one_line_exit_2_nothing_written(env, capsys, tmp_path, case, 
     if tool == "report":
         spec = model if case == "bad_label" else f"m={model}"
         extra = ["--block-size", "x"] if case == "bad_option" else []
-        rc = report_main(["--model", spec, "--data", data, "--out", str(out), "--skip-quant", *DATA_ARGS, *extra])
+        rc = report_main(["--model", spec, "--data", data, "--output-dir", str(out), "--skip-quant", *DATA_ARGS, *extra])
     else:
         extra = ["--num-calib-batches", "0"] if case == "bad_option" else []
-        rc = export_main([model, "--out", str(out), "--calib-data", data, *DATA_ARGS, *extra])
+        rc = export_main([model, "--output-dir", str(out), "--calib-data", data, *DATA_ARGS, *extra])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error:") and "\n" not in err, err
     assert not out.exists()

@@ -2,16 +2,18 @@
 steps, bf16 on CPU), its continuation after a finished arm, and its refusals of bad input."""
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from megatron_outeff.evaluation.experiment import (ClaimConfig, ExperimentError, judge, load_experiment,
-                                                   main, positive_control)
+from megatron_outeff.errors import OutEffError
+from megatron_outeff.evaluation.experiment import ClaimConfig, judge, load_experiment, positive_control
 
 ROOT = Path(__file__).resolve().parents[2]
+main = runpy.run_path(str(ROOT / "tools" / "run_experiment.py"))["main"]
 GPU_CONFIG = ROOT / "configs" / "experiments" / "bb-sink-gpu.yaml"
 CPU_CONFIG = ROOT / "configs" / "experiments" / "bb-sink-cpu.yaml"
 TINY = [
@@ -38,7 +40,7 @@ def _run(args, tmp_path):
 
 def test_runner_end_to_end_tiny(tmp_path):
     out = tmp_path / "exp"
-    args = ["--config", str(GPU_CONFIG), "--out", str(out)] + [a for s in TINY for a in ("--set", s)]
+    args = ["--config", str(GPU_CONFIG), "--output-dir", str(out)] + [a for s in TINY for a in ("--set", s)]
     r = _run(args, tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "arm 1/2: vanilla" in r.stdout and "[softmax1] iter 2" in r.stdout  # progress
@@ -62,7 +64,7 @@ def test_runner_end_to_end_tiny(tmp_path):
     assert r2.returncode == 0 and r2.stdout.count("already complete") == 2, r2.stdout[-2000:] + r2.stderr[-2000:]
     # another experiment in the same directory is refused, nothing touched
     before = sorted(p.name for p in out.iterdir())
-    r3 = _run(["--config", str(GPU_CONFIG), "--out", str(out), "--set", "arms=[vanilla]"], tmp_path)
+    r3 = _run(["--config", str(GPU_CONFIG), "--output-dir", str(out), "--set", "arms=[vanilla]"], tmp_path)
     assert r3.returncode == 2 and "holds another experiment" in r3.stderr and len(r3.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in out.iterdir()) == before
 
@@ -77,7 +79,7 @@ def test_runner_end_to_end_tiny(tmp_path):
 ])
 def test_bad_input_one_line_nothing_written(tmp_path, capsys, override, message):
     out = tmp_path / "never"
-    assert main(["--config", str(CPU_CONFIG), "--out", str(out), "--set", override]) == 2
+    assert main(["--config", str(CPU_CONFIG), "--output-dir", str(out), "--set", override]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not out.exists()
@@ -85,7 +87,7 @@ def test_bad_input_one_line_nothing_written(tmp_path, capsys, override, message)
 
 def test_non_empty_foreign_dir_refused(tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("x")
-    assert main(["--config", str(CPU_CONFIG), "--out", str(tmp_path)]) == 2
+    assert main(["--config", str(CPU_CONFIG), "--output-dir", str(tmp_path)]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
 
@@ -117,5 +119,5 @@ def test_experiment_configs_load():
     for path in (CPU_CONFIG, GPU_CONFIG):
         exp = load_experiment(path)
         assert exp.arms == ["vanilla", "softmax1", "learnable", "gated_softmax1", "clipped_softmax1"]
-    with pytest.raises(ExperimentError, match="unknown config key 'claim.fator'"):
+    with pytest.raises(OutEffError, match="unknown config key 'claim.fator'"):
         load_experiment(CPU_CONFIG, ["claim.fator=3"])

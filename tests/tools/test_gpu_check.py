@@ -45,7 +45,7 @@ def test_targets_worst_shape_and_range(tmp_path):
     (out / "bench_train.json").write_text(json.dumps({"rows": [], "targets": [
         {"target": "OPT-125m Softmax_1 tokens/s >= 0.97x vanilla", "value": 0.99, "goal": 0.97, "op": ">=", "met": True},
         {"target": "OPT-125m Softmax_1 >= 400k tokens/s", "value": 350e3, "goal": 400e3, "op": ">=", "met": False}]}))
-    assert summarize.main(["--out", str(out), "--work", str(work)]) == 0
+    assert summarize.main(["--output-dir", str(out), "--work", str(work)]) == 0
     t = json.loads((out / "summary.json").read_text())["targets"]
     assert t["softmax1_flash_fwdbwd_vs_sdpa"]["value"] == pytest.approx(1.20)      # worst of 2k, 4k; not 1k
     assert t["softmax1_flash_fwdbwd_vs_sdpa"]["met"] is False
@@ -67,7 +67,7 @@ def test_summary_without_any_step_output(tmp_path):
     out.mkdir(), work.mkdir()
     (work / "steps.jsonl").write_text(json.dumps(dict(name="setup", status="ok", rc=0, seconds=3, limit_s=120,
                                                       note="")) + "\n")
-    assert summarize.main(["--out", str(out), "--work", str(work)]) == 0
+    assert summarize.main(["--output-dir", str(out), "--work", str(work)]) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["steps"]["setup"]["status"] == "ok" and s["steps"]["tests"] == {"status": "not run"}
     assert s["tests"] is None and all(v["value"] is None for v in s["targets"].values())
@@ -75,9 +75,9 @@ def test_summary_without_any_step_output(tmp_path):
 
 
 def test_summarize_bad_folder(tmp_path, capsys):
-    assert summarize.main(["--out", str(tmp_path / "missing"), "--work", str(tmp_path)]) == 2
+    assert summarize.main(["--output-dir", str(tmp_path / "missing"), "--work", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "--out" in err and "missing" in err and "\n" not in err
+    assert "--output-dir" in err and "missing" in err and "\n" not in err
     assert list(tmp_path.iterdir()) == []
 
 

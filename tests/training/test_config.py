@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from megatron_outeff.training.config import ConfigError, config_from_dict, deepspeed_config, load_config
+from megatron_outeff.errors import OutEffError
+from megatron_outeff.training.config import config_from_dict, deepspeed_config, load_config
 
 from train_testlib import DEMO, ROOT
 
@@ -50,6 +51,20 @@ def test_overrides_and_derived():
     (["attention={softmax: softmax1, clip_gamma: 0.5}"], "clip_gamma=0.5"),
     (["model.transformer_overrides={hiden_dropout: 0.0}"], "unknown config key 'model.transformer_overrides.hiden_dropout'"),
     (["model.arch_overrides={hiden_size: 8}"], "unknown config key 'model.arch_overrides.hiden_size'"),
+    # typed: model.arch_overrides against OPTArchConfig, model.transformer_overrides against TransformerConfig,
+    # and each knob in one place
+    (["model.arch_overrides={hidden_size: x}"], "model.arch_overrides.hidden_size='x': expected an integer"),
+    (["model.arch_overrides={hidden_size: 63}"], "model.arch_overrides: opt-tiny: hidden_size=63 is not divisible"),
+    (["model.transformer_overrides={apply_query_key_layer_scaling: 3}"],
+     "model.transformer_overrides.apply_query_key_layer_scaling=3: expected true or false"),
+    (["model.transformer_overrides={attention_backend: 3}"], "attention_backend=3: expected one of flash, fused"),
+    (["model.transformer_overrides={init_method: 3}"], "init_method=3: megatron expects a Python object"),
+    (["model.transformer_overrides={hidden_dropout: 0.0}"],
+     "model.transformer_overrides.hidden_dropout: set by the architecture: use model.arch_overrides.hidden_dropout"),
+    (["model.transformer_overrides={normalization: RMSNorm}"], "normalization: fixed by the OPT architecture"),
+    (["model.transformer_overrides={fp16: true}"], "model.transformer_overrides.fp16: set by precision.dtype"),
+    (["model.transformer_overrides={recompute_method: block}"], "set by model.recompute_method"),
+    (["model.transformer_overrides={softmax_type: learnable}"], "softmax_type: set by attention"),
     (["model.arch=tinny"], "model.arch='tinny'"),
     (["model.recompute_method=blok"], "model.recompute_method='blok'"),
     (["parallel.tensor_parallel=3", "parallel.zero_stage=1"], "not divisible by tensor parallel size 3"),
@@ -58,7 +73,7 @@ def test_overrides_and_derived():
     (["deepspeed_overrides=/nonexistent/ds.json"], "deepspeed_overrides file not found"),
 ])
 def test_bad_config(overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(OutEffError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(DEMO, overrides)
 
 
@@ -74,12 +89,25 @@ def test_attention_is_a_typed_section():
     assert empty.fingerprint() == explicit.fingerprint() != cfg.fingerprint()
 
 
+def test_typed_overrides_reach_megatron():
+    """Overrides in their types: an Enum field by its member name, a float given as YAML's "1e-3" string."""
+    from megatron.core.transformer.enums import AttnBackend
+
+    from megatron_outeff.training.model import arch_config, transformer_overrides
+
+    cfg = load_config(DEMO, ["model.transformer_overrides={attention_backend: local}",
+                             "model.arch_overrides.init_method_std=1e-3"])
+    assert transformer_overrides(cfg)["attention_backend"] is AttnBackend.local
+    assert arch_config(cfg).init_method_std == 1e-3
+    assert cfg.model.transformer_overrides == {"attention_backend": "local"}  # the config (and its fingerprint) as written
+
+
 def test_batch_not_divisible_by_dp():
     cfg = load_config(DEMO, ["parallel.global_batch_size=6"])  # micro 2: fine for DP 1
     assert cfg.grad_accumulation_steps(1) == 3
-    with pytest.raises(ConfigError, match="not divisible by micro_batch_size x data_parallel"):
+    with pytest.raises(OutEffError, match="not divisible by micro_batch_size x data_parallel"):
         cfg.grad_accumulation_steps(2)
-    with pytest.raises(ConfigError, match="world size 3 is not divisible"):
+    with pytest.raises(OutEffError, match="world size 3 is not divisible"):
         load_config(DEMO, ["parallel.tensor_parallel=2"]).grad_accumulation_steps(3)
 
 
@@ -90,7 +118,7 @@ def test_deepspeed_overrides(tmp_path):
     assert ds["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000}
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-    with pytest.raises(ConfigError, match="zero_optimization.stage"):
+    with pytest.raises(OutEffError, match="zero_optimization.stage"):
         deepspeed_config(load_config(DEMO, [f"deepspeed_overrides={bad}"]), 1)
     for name in ("zero1", "zero2", "zero3", "zero2-cpu-offload"):  # shipped examples parse and merge
         stage = int(name[4])

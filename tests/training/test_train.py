@@ -6,7 +6,8 @@ import math
 import pytest
 
 from train_testlib import BASE, DEMO, tensorboard_scalars
-from megatron_outeff.training.config import ConfigError, load_config
+from megatron_outeff.errors import OutEffError
+from megatron_outeff.training.config import load_config
 from megatron_outeff.training.train import train
 
 
@@ -77,12 +78,12 @@ def test_directory_of_another_run_is_refused(tmp_path):
     run = ck / "run.json"
     run.write_text(json.dumps({"fingerprint": "0123456789abcdef"}))
     before = run.read_text()
-    with pytest.raises(ConfigError, match="holds another run"):
+    with pytest.raises(OutEffError, match="holds another run"):
         train(load_config(DEMO, BASE + [f"checkpoint.dir={ck}"]))
     assert run.read_text() == before and sorted(p.name for p in ck.iterdir()) == ["iter_0000002", "latest", "run.json"]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "data.bin").write_text("x")
-    with pytest.raises(ConfigError, match="not empty"):
+    with pytest.raises(OutEffError, match="not empty"):
         train(load_config(DEMO, BASE + [f"checkpoint.dir={tmp_path / 'other'}"]))
     assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["data.bin"]
 
@@ -94,7 +95,7 @@ def test_directory_without_a_complete_checkpoint_never_blocks(tmp_path):
     (ck / "iter_0000002.tmp").mkdir(parents=True)  # a save interrupted before its rename
     (ck / "run.json").write_text(json.dumps({"fingerprint": "0123456789abcdef"}))
     cfg = load_config(DEMO, BASE + ["train.train_iters=2", f"checkpoint.dir={ck}"])
-    with pytest.raises(ConfigError, match="no complete checkpoint"):
+    with pytest.raises(OutEffError, match="no complete checkpoint"):
         train(cfg, force_resume=True)
     assert json.loads((ck / "run.json").read_text())["fingerprint"] == "0123456789abcdef"
     assert [i for i, _ in train(cfg)["history"]] == [1, 2]
@@ -214,7 +215,7 @@ def test_resume_flag_continues_with_a_changed_config(tmp_path):
     ck = tmp_path / "ck"
     train(load_config(DEMO, BASE + ["train.train_iters=2", f"checkpoint.dir={ck}"]))
     longer = load_config(DEMO, BASE + ["train.train_iters=3", f"checkpoint.dir={ck}"])
-    with pytest.raises(ConfigError, match="holds another run"):
+    with pytest.raises(OutEffError, match="holds another run"):
         train(longer)
     assert (ck / "latest").read_text().strip() == "iter_0000002"
     assert [i for i, _ in train(longer, force_resume=True)["history"]] == [3]

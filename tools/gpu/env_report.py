@@ -13,7 +13,7 @@ Prints a short report and writes it as JSON (tools/gpu/summarize.py puts it into
                   markers evaluated) that the installed packages do not satisfy ([] = all satisfied)
   ok              true when every import resolved and every requirement is satisfied
 
-    python tools/gpu/env_report.py --out env.json [--bundle .gpu-bundle]
+    python tools/gpu/env_report.py --output-json env.json [--bundle .gpu-bundle]
 Exit code 0 even when something is missing (the report says what); 2 on bad arguments.
 """
 from __future__ import annotations
@@ -106,11 +106,11 @@ def collect(bundle: Path | None) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="JSON report path")
+    p.add_argument("--output-json", required=True, help="JSON report path")
     p.add_argument("--bundle", default=None, help="the offline bundle folder whose requirements to check")
     args = p.parse_args(argv)
-    if not Path(args.out).parent.is_dir():
-        print(f"env_report.py: --out {args.out}: its folder does not exist", file=sys.stderr)
+    if not Path(args.output_json).parent.is_dir():
+        print(f"env_report.py: --output-json {args.output_json}: its folder does not exist", file=sys.stderr)
         return 2
     report = collect(Path(args.bundle) if args.bundle else None)
     print(f"device: {report['device']} (capability {report['capability']}), driver {report['driver']}, "
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
             print(f"UNMET {dist} requires {b}")
     print(f"environment {'OK' if report['ok'] else 'INCOMPLETE'}: {sum(v == 'ok' for v in report['imports'].values())}"
           f"/{len(report['imports'])} imports resolve")
-    Path(args.out).write_text(json.dumps(report, indent=1))
+    Path(args.output_json).write_text(json.dumps(report, indent=1))
     return 0
 
 

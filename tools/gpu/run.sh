@@ -68,7 +68,7 @@ echo "== GPU check $(date -u +%FT%TZ) on $(hostname), repo $(git rev-parse --sho
 echo "   OUT_DIR $OUT, scratch $WORK, overall budget ${BUDGET}s"
 
 summarize() {
-  "$PY" tools/gpu/summarize.py --out "$OUT" --work "$WORK" $( (( REHEARSE )) && echo --rehearsal ) \
+  "$PY" tools/gpu/summarize.py --output-dir "$OUT" --work "$WORK" $( (( REHEARSE )) && echo --rehearsal ) \
     || echo "!! summarize.py failed (rc $?)"
 }
 
@@ -122,7 +122,7 @@ run_step setup "$(lim SETUP 120)" "bundle $BUNDLE -> $SITE (--no-deps --no-index
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem \
   --format=csv 2>/dev/null
 run_step env "$(lim ENV $( (( REHEARSE )) && echo 300 || echo 90))" "device, driver, versions, imports" \
-  "$PY" tools/gpu/env_report.py --out "$WORK/env.json" --bundle "$BUNDLE"
+  "$PY" tools/gpu/env_report.py --output-json "$WORK/env.json" --bundle "$BUNDLE"
 
 if (( REHEARSE )); then
   # ---- every kernel compiled ahead of time for sm_90 by this triton (no GPU needed) ---------------
@@ -154,7 +154,7 @@ else
 fi
 run_step bench_attention "$(lim ATTN $( (( REHEARSE )) && echo 900 || echo 110))" "tools/bench_attention.py ${ATTN_ARGS[*]}" \
   "$PY" tools/bench_attention.py "${ATTN_ARGS[@]}" --methods "${ATTN_METHODS[@]}" \
-    --out "$OUT/bench_attention.json" --md "$WORK/1_bench_attention.md"
+    --output-json "$OUT/bench_attention.json" --output-md "$WORK/1_bench_attention.md"
 
 # ---- c: training throughput ----------------------------------------------------------------------
 if (( REHEARSE )); then
@@ -163,7 +163,7 @@ else
   TRAIN_ARGS=(--steps 15 --warmup 3)   # OPT-125m, seq 2048, micro-batch 8, bf16, ZeRO-1
 fi
 run_step bench_train "$(lim TRAIN $( (( REHEARSE )) && echo 1200 || echo 100))" "tools/bench_train.py ${TRAIN_ARGS[*]}" \
-  "$PY" tools/bench_train.py "${TRAIN_ARGS[@]}" --out "$OUT/bench_train.json" --md "$WORK/2_bench_train.md"
+  "$PY" tools/bench_train.py "${TRAIN_ARGS[@]}" --output-json "$OUT/bench_train.json" --output-md "$WORK/2_bench_train.md"
 
 # ---- d: the science experiment's GPU configuration ------------------------------------------------
 # The experiment resumes finished arms and writes each arm's result.json when the arm is done, so a
@@ -183,7 +183,7 @@ if (( REHEARSE )); then   # the science tests' tiny size (tests/tools/test_exper
 fi
 run_experiment() {
   mkdir -p "$WORK/experiment"
-  "$PY" tools/run_experiment.py --config "$EXP_CFG" --out "$WORK/experiment" "$@"
+  "$PY" tools/run_experiment.py --config "$EXP_CFG" --output-dir "$WORK/experiment" "$@"
   local rc=$?
   # small result files only (logs, JSON, tables, plots; no checkpoints), one archive
   (cd "$WORK" && find experiment -type f -size -4M -not -path '*/checkpoints/*' -print0 | tar --null -czf "$OUT/experiment.tar.gz" -T -)

@@ -15,7 +15,7 @@ Outputs: OUT/summary.json and OUT/summary.md (the shape of tools/results/gpu/sum
   the worst value over them (the largest ratio for "<=" goals, the smallest for ">=") and is met
   only when every shape meets it; value and met are null when no step measured it.
 
-    python tools/gpu/summarize.py --out OUT_DIR --work WORK_DIR [--rehearsal]
+    python tools/gpu/summarize.py --output-dir OUT_DIR --work WORK_DIR [--rehearsal]
 """
 from __future__ import annotations
 
@@ -151,12 +151,12 @@ def markdown(summary: dict, work: Path) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="the run's OUT_DIR")
+    p.add_argument("--output-dir", required=True, help="the run's OUT_DIR")
     p.add_argument("--work", required=True, help="the run's scratch folder (env.json, steps.jsonl, *.md)")
     p.add_argument("--rehearsal", action="store_true", help="the run was a CPU rehearsal")
     args = p.parse_args(argv)
-    out, work = Path(args.out), Path(args.work)
-    for flag, path in (("--out", out), ("--work", work)):
+    out, work = Path(args.output_dir), Path(args.work)
+    for flag, path in (("--output-dir", out), ("--work", work)):
         if not path.is_dir():
             print(f"summarize.py: {flag} {path}: not a folder", file=sys.stderr)
             return 2
