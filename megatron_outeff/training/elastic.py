@@ -48,7 +48,7 @@ from megatron_outeff.checkpoint_format import (
 
 from megatron_outeff.errors import OutEffError, with_context
 
-from .config import Config
+from .config import LAYOUT_KEYS, Config
 # What DeepSpeed's own checkpoint files depend on: any change and they cannot be loaded.
 SHARD_KEYS = ("data_parallel", "tensor_parallel", "pipeline_parallel", "zero_stage", "cpu_offload")
 
@@ -59,10 +59,8 @@ SHARD_KEYS = ("data_parallel", "tensor_parallel", "pipeline_parallel", "zero_sta
 def layout(cfg: Config, world_size: int) -> dict:
     """The run's layout (saved in train_state.json): data / tensor / pipeline parallel sizes, ZeRO
     stage, CPU offload, micro-batch size, sequence parallelism."""
-    p = cfg.parallel
-    return {"data_parallel": cfg.data_parallel_size(world_size), "tensor_parallel": p.tensor_parallel,
-            "pipeline_parallel": p.pipeline_parallel, "zero_stage": p.zero_stage, "cpu_offload": p.cpu_offload,
-            "micro_batch_size": p.micro_batch_size, "sequence_parallel": p.sequence_parallel}
+    return {"data_parallel": cfg.data_parallel_size(world_size),
+            **{key: getattr(cfg.parallel, key) for key in LAYOUT_KEYS}}
 
 
 def describe(lay: dict) -> str:
