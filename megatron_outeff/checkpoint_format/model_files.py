@@ -123,7 +123,7 @@ def read_manifest(model_dir: Path) -> dict:
 
 
 def manifest_arch_variant(m: dict, where: str = "manifest"):
-    from megatron_outeff.megatron.variant import AttentionVariantConfig
+    from megatron_outeff.ops.variants import AttentionVariantConfig
     from megatron_outeff.models.opt import OPTArchConfig
 
     try:

@@ -295,7 +295,7 @@ def _as_variant(variant):
     """None stays None (megatron's own local attention); a mapping becomes an AttentionVariantConfig."""
     if variant is None:
         return None
-    from megatron_outeff.megatron.variant import AttentionVariantConfig
+    from megatron_outeff.ops.variants import AttentionVariantConfig
 
     if isinstance(variant, AttentionVariantConfig):
         return variant

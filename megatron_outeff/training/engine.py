@@ -1,5 +1,5 @@
-"""Build the DeepSpeed engine around this rank's megatron-core model (with checkpoint.py and
-optimizer.py, the only modules that import DeepSpeed).
+"""Build the DeepSpeed engine around this rank's megatron-core model (with checkpoint.py,
+optimizer.py and elastic.py, the only modules that import DeepSpeed).
 
 - ``build_trainer``: the builder train.py, tools/bench_train.py and the tests share: model ->
   initial weights -> engine -> data sources.
