@@ -219,6 +219,8 @@ CASES = {
 SUBPROCESS = {"report_truncated_idx", "dsconfig_unknown_key"}
 
 
+# an exception in a finalizer ("Exception ignored in ... __del__") is garbage on a user's stderr: fail on it in-process too
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input(ws, case, capfd):
     cli, argv, names = CASES[case]
@@ -238,3 +240,15 @@ def test_bad_input(ws, case, capfd):
     assert names in err, err
     assert _tree_digest(ws) == before, "something was written or changed"
     assert not out.exists()
+
+
+def test_convert_to_hf_progress_on_stdout_and_nothing_on_stderr(ws, tmp_path):
+    """A good run of tools/convert_checkpoint.py to-hf (a fresh interpreter): its progress lines on stdout, stderr
+    empty (no transformers progress bars: it is the error line's channel); the --tokenizer conversion it does
+    before reading the checkpoint gives the same tokenizer files as export_hf_dir's own conversion (ws/hf)."""
+    out = tmp_path / "hf"
+    rc, err = _run_subprocess("convert_checkpoint", ["to-hf", str(ws / "ck"), "--output-dir", str(out),
+                                                     "--tokenizer", str(ws / "tok")])
+    assert rc == 0 and err == "", err[-2000:]
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (ws / "hf" / name).read_bytes(), name
