@@ -229,7 +229,7 @@ def tokenizer_inputs(tokenizer_dir) -> tuple[list[Path], Optional[Path]]:
     tokenizer_dir = Path(tokenizer_dir)
     if tokenizer_dir.is_file():
         if tokenizer_dir.suffix not in (".model", ".json"):
-            raise ValueError("expected a sentencepiece .model, a tokenizer.json or a tokenizer directory")
+            raise ValueError("expected a sentencepiece .model or a tokenizer.json (or a tokenizer directory)")
         return [], tokenizer_dir
     if not tokenizer_dir.is_dir():
         raise ValueError("does not exist")
