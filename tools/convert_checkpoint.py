@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from megatron_outeff.utils.cli import OneLineArgumentParser, command, nonnegative_int, positive_int
+from megatron_outeff.utils.cli import OneLineArgumentParser, command, nonnegative_int, positive_int, quiet_transformers
 
 
 @command
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     p.add_argument("--seq-length", type=positive_int, default=None, help="training sequence length (clip_alpha variants)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of initialised gate weights")
     args = parser.parse_args(argv)
-
+    quiet_transformers()  # progress is ours, on stdout; stderr is for the one error line
     from megatron_outeff.convert import from_hf, reshard, to_hf
 
     t0 = time.time()

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     quiet_transformers()
     from megatron_outeff.evaluation.eval_data import calibration_batches, check_data_source, tokenizer_for
-    from megatron_outeff.evaluation.quant_eval import check_model_dir, load_hf_model
+    from megatron_outeff.evaluation.quant_eval import check_model_dir, check_runnable, load_hf_model
     from megatron_outeff.quant.export import check_export_dirs, export_fp16, export_w8a8
 
     t0 = time.time()
@@ -44,10 +44,11 @@ def main(argv=None) -> int:
     check_export_dirs(args.output_dir, targets)
     check_data_source(args.calib_data, "calibration data")
     tok = tokenizer_for(args.tokenizer, [args.model_dir])
+    block_size = check_runnable(args.model_dir, config, args.block_size)
 
     print(f"[{next(step)}/{steps}] calibration data {args.calib_data}", flush=True)
     calib = calibration_batches(args.calib_data, tok, num_batches=args.num_calib_batches, batch_size=args.calib_batch_size,
-                                block_size=args.block_size, vocab_size=config.get("vocab_size"), json_key=args.json_key)
+                                block_size=block_size, vocab_size=config.get("vocab_size"), json_key=args.json_key)
     d = calib.description
     print(f"      {d['batches']} batches {d['batch_sizes']} x {d['block_size']} tokens", flush=True)
     print(f"[{next(step)}/{steps}] loading {args.model_dir}", flush=True)

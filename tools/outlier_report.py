@@ -42,10 +42,11 @@ def main(argv=None) -> int:
     quiet_transformers()
     from megatron_outeff.errors import OutEffError
     from megatron_outeff.evaluation.eval_data import calibration_batches, check_data_source, eval_blocks, tokenizer_for
-    from megatron_outeff.evaluation.quant_eval import check_model_dir
+    from megatron_outeff.evaluation.quant_eval import check_device, check_model_dir, check_runnable
     from megatron_outeff.evaluation.report import build_report, check_out_dir, write_report
 
     t0 = time.time()
+    check_device(args.device)
     models = {}
     for spec in args.model:
         label, sep, path = spec.partition("=")
@@ -54,22 +55,24 @@ def main(argv=None) -> int:
         if label in models:
             raise OutEffError(f"--model label {label!r} given twice")
         models[label] = path
-    vocab = {check_model_dir(path).get("vocab_size") for path in models.values()} - {None}
+    configs = {path: check_model_dir(path) for path in models.values()}
+    vocab = {c.get("vocab_size") for c in configs.values()} - {None}
     check_out_dir(args.output_dir)
     check_data_source(args.data, "evaluation data")
     if args.calib_data:
         check_data_source(args.calib_data, "calibration data")
     tok = tokenizer_for(args.tokenizer, list(models.values()))
+    block_size = min(check_runnable(path, c, args.block_size) for path, c in configs.items())
     vocab_size = min(vocab) if vocab else None
 
     print(f"evaluation data {args.data}", flush=True)
-    data = eval_blocks(args.data, tok, block_size=args.block_size, max_blocks=args.max_blocks,
+    data = eval_blocks(args.data, tok, block_size=block_size, max_blocks=args.max_blocks,
                        vocab_size=vocab_size, json_key=args.json_key)
-    print(f"  {data.description['blocks']} blocks x {args.block_size} tokens", flush=True)
+    print(f"  {data.description['blocks']} blocks x {block_size} tokens", flush=True)
     calib = None
     if not args.skip_quant:
         calib = calibration_batches(args.calib_data or args.data, tok, num_batches=args.num_calib_batches,
-                                    batch_size=args.calib_batch_size, block_size=args.block_size,
+                                    batch_size=args.calib_batch_size, block_size=block_size,
                                     vocab_size=vocab_size, json_key=args.json_key)
         if not args.calib_data:
             calib.description["note"] = "calibrated on the evaluation data (no --calib-data given)"

@@ -38,12 +38,14 @@ def main(argv=None) -> int:
     p.add_argument("--input-sentence-size", type=positive_int, default=2_000_000,
                    help="max lines sentencepiece samples into memory (default 2M)")
     p.add_argument("--threads", type=positive_int, default=None, help="trainer threads (default: CPU count)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.model/.vocab")
     p.add_argument("--verbose", action="store_true", help="show sentencepiece's own log")
     a = p.parse_args(argv)
     path = train_sentencepiece(
         a.input, a.output_prefix, vocab_size=a.vocab_size, model_type=a.model_type,
         json_key=a.json_key, txt_mode=a.txt_mode, character_coverage=a.character_coverage,
         input_sentence_size=a.input_sentence_size, num_threads=a.threads, verbose=a.verbose,
+        overwrite=a.overwrite,
     )
     print(f"wrote {path} ({a.model_type}, vocab {a.vocab_size}, eod '</s>' = 2)")
     return 0

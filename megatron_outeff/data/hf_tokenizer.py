@@ -38,6 +38,8 @@ import shutil
 from pathlib import Path
 from typing import List, Union
 
+from megatron_outeff.errors import OutEffError
+
 SPACE = "\u2581"  # sentencepiece's whitespace symbol "▁"
 
 # sentencepiece ModelProto.SentencePiece.Type / TrainerSpec.ModelType values
@@ -47,7 +49,7 @@ _UNREACHABLE_SCORE = -1e9  # unigram score of pieces sentencepiece never matches
 
 
 def _fail(msg: str):
-    raise ValueError(f"save_hf_tokenizer: {msg}")
+    raise OutEffError(msg)  # the message names the file; callers add the flag (convert_checkpoint: --tokenizer)
 
 
 def _load_proto(path: Path):

@@ -46,12 +46,14 @@ def train_sentencepiece(
     num_threads: Optional[int] = None,
     seed_sentencepiece_size: int = 1_000_000,
     verbose: bool = False,
+    overwrite: bool = False,
 ) -> str:
     """Train a sentencepiece model on `inputs` (paths/globs of .txt or .jsonl files).
 
     Writes `model_prefix + ".model"` and `".vocab"` (via temporary names, renamed at the end) and
     returns the .model path. `input_sentence_size` caps the lines sentencepiece samples (it holds
-    them in memory). Raises OutEffError for bad input, an empty corpus or an impossible vocab size.
+    them in memory). Raises OutEffError for bad input, an empty corpus, an impossible vocab size or
+    an existing output without `overwrite`.
     """
     import sentencepiece as spm
 
@@ -60,6 +62,9 @@ def train_sentencepiece(
     min_vocab = len(SPM_SPECIAL_IDS) + 256 + 1  # specials + 256 byte pieces + at least one piece
     if vocab_size < min_vocab:
         raise OutEffError(f"vocab size {vocab_size} too small: byte fallback needs >= {min_vocab}")
+    existing = [p for p in (model_prefix + ".model", model_prefix + ".vocab") if os.path.exists(p)]
+    if existing and not overwrite:
+        raise OutEffError(f"output exists: {existing[0]} (pass --overwrite to replace it)")
     out_dir = os.path.dirname(os.path.abspath(model_prefix))
 
     counter = {"documents": 0, "sentences": 0}

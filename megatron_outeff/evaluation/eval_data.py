@@ -105,7 +105,8 @@ def add_data_arguments(parser) -> None:
     parser.add_argument("--tokenizer", help="tokenizer file/dir for raw text data and the vocab check (default: the "
                         "first model directory, if it holds tokenizer.json / *.model)")
     parser.add_argument("--json-key", default="text", help="JSONL key holding the text (default: text)")
-    parser.add_argument("--block-size", type=positive_int, default=512, help="tokens per block (default 512, the paper's)")
+    parser.add_argument("--block-size", type=positive_int, default=None,
+                        help="tokens per block (default 512, the paper's, or the model's max_position_embeddings if smaller)")
     parser.add_argument("--num-calib-batches", type=positive_int, default=4, help="calibration batches (paper: 4)")
     parser.add_argument("--calib-batch-size", type=positive_int, default=8, help="blocks per calibration batch (paper: 8)")
 

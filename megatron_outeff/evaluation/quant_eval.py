@@ -1,7 +1,9 @@
 """Perplexity of one Hugging Face model directory in FP32, FP16 and the two W8A8 forms.
 
     load_hf_model(model_dir, *, device=None, eager=False) -> model      (trust_remote_code=True)
-    check_model_dir(model_dir) -> dict(config.json)                      (one-line ValueError otherwise)
+    check_model_dir(model_dir) -> dict(config.json)                      (one-line OutEffError otherwise)
+    check_runnable(model_dir, config, block_size=None) -> block size      (float model, <= max positions)
+    check_device(device) -> device                                       (one-line OutEffError if absent)
     fp16_perplexity(model, blocks, ...) -> {"loss", "ppl", "tokens", "mode", "note"}
     simulated_w8a8_perplexity(model, blocks, calib_batches, ...) -> {..., "quantized_modules", ...}
     deployable_w8a8_perplexity(model, blocks, calib_batches, out_dir, ...) -> {..., "dir"}
@@ -43,6 +45,8 @@ from megatron_outeff.quant.export import calibration_fn
 __all__ = [
     "SIMULATED_EXCLUDE",
     "check_model_dir",
+    "check_runnable",
+    "check_device",
     "load_hf_model",
     "model_info",
     "fp16_perplexity",
@@ -55,6 +59,7 @@ __all__ = [
 # LM head stays float (paper); per-head gates are not quantized (they are not Linear modules in our
 # remote code, so this pattern is belt and braces for any future nn.Linear gate).
 SIMULATED_EXCLUDE = ("lm_head", "*.gate", "*.gate.*")
+PAPER_BLOCK_SIZE = 512  # tokens per evaluation / calibration block (paper)
 
 
 def check_model_dir(model_dir) -> dict:
@@ -80,6 +85,39 @@ def check_model_dir(model_dir) -> dict:
 
         check_hf_safetensors(p)
     return config
+
+
+def check_runnable(model_dir, config: dict, block_size: Optional[int] = None) -> int:
+    """The block size (tokens) to run ``model_dir`` (its parsed ``config``, from check_model_dir) on:
+    ``block_size``, or when None the paper's 512 capped at the model's max_position_embeddings.
+    OutEffError (one line) for a quantized directory (quantization_config in config.json: the float one is
+    needed) or a ``block_size`` beyond max_position_embeddings (the position table would be indexed past its end)."""
+    if config.get("quantization_config"):
+        raise OutEffError(f"{model_dir}: a quantized checkpoint (quantization_config in config.json); expected the "
+                          "float Hugging Face directory")
+    n_pos = config.get("max_position_embeddings")
+    if block_size is None:
+        return PAPER_BLOCK_SIZE if n_pos is None else min(PAPER_BLOCK_SIZE, n_pos)
+    if n_pos is not None and block_size > n_pos:
+        raise OutEffError(f"--block-size {block_size}: exceeds {model_dir}'s max_position_embeddings={n_pos}")
+    return block_size
+
+
+def check_device(device: Optional[str]) -> Optional[str]:
+    """``device`` (a torch device string, None for the default) if this machine has it; OutEffError (one line,
+    naming --device) for a malformed string or a CUDA device that is not there."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise OutEffError(f"--device {device}: expected a torch device such as cpu, cuda or cuda:1") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OutEffError(f"--device {device}: CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise OutEffError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def load_hf_model(model_dir, *, device=None, dtype=torch.float32, eager: bool = True):

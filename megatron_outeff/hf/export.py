@@ -217,26 +217,37 @@ def _check_relative_imports_resolve(directory: Path):
                 _fail(f"{f.name} imports .{rel}, which is not in the exported directory")
 
 
-def _tokenizer_source(tokenizer_dir: Path) -> Optional[Path]:
-    """The tokenizer file to convert with save_hf_tokenizer, or None to copy the directory's files.
+def tokenizer_inputs(tokenizer_dir) -> tuple[list[Path], Optional[Path]]:
+    """(Hugging Face tokenizer files to copy, tokenizer file to convert with save_hf_tokenizer or None) for
+    ``tokenizer_dir``; one of the two is empty. ValueError whose message is the reason only (the caller names
+    the input: ``export_hf_dir`` says tokenizer_dir, tools/convert_checkpoint.py says --tokenizer).
 
     A file (sentencepiece .model or tokenizer.json) is converted; so is a directory holding our
     sentencepiece model (tokenizer.model or exactly one *.model) but no tokenizer.json, or a
-    tokenizer.json without tokenizer_config.json.
+    tokenizer.json without tokenizer_config.json; any other directory's TOKENIZER_FILES are copied.
     """
+    tokenizer_dir = Path(tokenizer_dir)
     if tokenizer_dir.is_file():
         if tokenizer_dir.suffix not in (".model", ".json"):
-            _fail(f"tokenizer file {tokenizer_dir}: expected a sentencepiece .model or a tokenizer.json")
-        return tokenizer_dir
+            raise ValueError("expected a sentencepiece .model or a tokenizer.json (or a tokenizer directory)")
+        return [], tokenizer_dir
     if not tokenizer_dir.is_dir():
-        _fail(f"tokenizer_dir {tokenizer_dir} does not exist")
+        raise ValueError("does not exist")
+    source = None
     if (tokenizer_dir / "tokenizer.json").is_file():
         # without tokenizer_config.json, AutoTokenizer would pick the model type's class (OPT's adds
         # a BOS): write ours, which names the plain fast class
-        return None if (tokenizer_dir / "tokenizer_config.json").is_file() else tokenizer_dir / "tokenizer.json"
-    models = [tokenizer_dir / "tokenizer.model"] if (tokenizer_dir / "tokenizer.model").is_file() \
-        else sorted(tokenizer_dir.glob("*.model"))
-    return models[0] if len(models) == 1 else None
+        source = None if (tokenizer_dir / "tokenizer_config.json").is_file() else tokenizer_dir / "tokenizer.json"
+    else:
+        models = [tokenizer_dir / "tokenizer.model"] if (tokenizer_dir / "tokenizer.model").is_file() \
+            else sorted(tokenizer_dir.glob("*.model"))
+        source = models[0] if len(models) == 1 else None
+    if source is not None:
+        return [], source
+    files = [tokenizer_dir / f for f in TOKENIZER_FILES if (tokenizer_dir / f).is_file()]
+    if not files:
+        raise ValueError(f"holds none of {TOKENIZER_FILES}")
+    return files, None
 
 
 SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -459,12 +470,10 @@ def export_hf_dir(
 
     tok_files, tok_source = [], None
     if tokenizer_dir is not None:
-        tokenizer_dir = Path(tokenizer_dir)
-        tok_source = _tokenizer_source(tokenizer_dir)
-        if tok_source is None:
-            tok_files = [tokenizer_dir / f for f in TOKENIZER_FILES if (tokenizer_dir / f).is_file()]
-            if not tok_files:
-                _fail(f"tokenizer_dir {tokenizer_dir} holds none of {TOKENIZER_FILES}")
+        try:
+            tok_files, tok_source = tokenizer_inputs(tokenizer_dir)
+        except ValueError as e:
+            _fail(f"tokenizer_dir {tokenizer_dir}: {e}")
 
     with atomic_output_dir(out_dir) as tmp:
         for f in tok_files:
@@ -489,6 +498,7 @@ __all__ = [
     "FP16_MAX",
     "export_hf_dir",
     "exported_sources",
+    "tokenizer_inputs",
     "check_exported_dir",
     "fp16_overflow_check",
     "fp16_overflow_report",

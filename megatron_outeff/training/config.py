@@ -460,7 +460,7 @@ def _read_deepspeed_overrides(cfg: Config) -> dict:
         extra = json.loads(Path(cfg.deepspeed_overrides).read_text())
     except FileNotFoundError:
         raise OutEffError(f"deepspeed_overrides file not found: {cfg.deepspeed_overrides}") from None
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
         raise OutEffError(f"deepspeed_overrides={cfg.deepspeed_overrides}: not readable JSON ({e})") from None
     if not isinstance(extra, dict):
         raise OutEffError(f"deepspeed_overrides={cfg.deepspeed_overrides}: expected a JSON object")

@@ -84,6 +84,13 @@ def quiet_transformers() -> None:
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error and no prefix matching (allow_abbrev=False: a retired flag such as
+    ``--out`` must not pass as an abbreviation of ``--output-dir``); sub-commands inherit both."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # one line, exit 2 (argparse's own code), no usage dump
         error_line(f"{message} (see --help)")
         raise SystemExit(2)

@@ -270,3 +270,14 @@ def test_indexed_dataset_gives_the_same_blocks_as_text(env, tmp_path):
         eval_blocks(prefix, None, block_size=BLOCK, max_blocks=2, vocab_size=10)
     with pytest.raises(ValueError, match="fewer than one block"):
         eval_blocks(env["valid"], env["tok"], block_size=100000)
+
+
+def test_default_block_size_follows_the_model():
+    """No --block-size: the paper's 512, capped at the model's max_position_embeddings (a 32-position model
+    runs 32-token blocks instead of failing); a given size is kept when it fits."""
+    from megatron_outeff.evaluation.quant_eval import check_runnable
+
+    assert check_runnable("m", {"max_position_embeddings": 32}) == 32
+    assert check_runnable("m", {"max_position_embeddings": 2048}) == 512
+    assert check_runnable("m", {}) == 512
+    assert check_runnable("m", {"max_position_embeddings": 32}, 16) == 16
