@@ -2,7 +2,7 @@
 (compressed-tensors int-quantized W8A8).
 
     python tools/export_fp16_w8a8.py MODEL_DIR --output-dir OUT --calib-data DATA [--tokenizer TOK]
-        [--num-calib-batches 4] [--calib-batch-size 8] [--block-size 512] [--skip-fp16] [--skip-w8a8]
+        [--num-calib-batches 4] [--calib-batch-size 8] [--block-size N] [--skip-fp16] [--skip-w8a8]
 
 DATA: a megatron indexed dataset prefix (PREFIX.bin/.idx) or .txt/.jsonl files / a glob (then a
 tokenizer is needed: --tokenizer, or MODEL_DIR holding tokenizer.json / *.model). Every input is

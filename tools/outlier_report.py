@@ -1,7 +1,7 @@
 """Outlier report (report.json, report.md, inf_norm.png, kurtosis.png, ppl.png) for one or more models.
 
     python tools/outlier_report.py --model vanilla=runs/a/hf --model sm1=runs/b/hf \\
-        --data VALID --calib-data TRAIN --output-dir reports/cmp [--tokenizer TOK] [--block-size 512]
+        --data VALID --calib-data TRAIN --output-dir reports/cmp [--tokenizer TOK] [--block-size N]
         [--max-blocks 8] [--batch-size 8] [--num-calib-batches 4] [--calib-batch-size 8]
         [--top-k 8] [--n-sigma 6] [--skip-quant] [--device cuda]
 
