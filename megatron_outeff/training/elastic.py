@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from megatron_outeff.checkpoint_format import (
     MANIFEST, MODEL_SUBDIR, MOMENTS, OPTIM_FORMAT, OPTIM_FORMAT_VERSION, OPTIM_STATE, OPTIM_SUBDIR, TRAIN_STATE,
-    make_manifest, manifest_arch_variant, merge_ranks, read_model_files, read_train_state,
+    make_manifest, manifest_arch_variant, merge_ranks, read_manifest, read_model_files, read_train_state,
     split_rank, tensor_state, write_manifest, write_rank_file,
 )
 
@@ -96,7 +96,10 @@ def check_resume(cfg: Config, tag_dir: Path, world_size: int) -> str | None:
     if not (tag_dir / OPTIM_SUBDIR / OPTIM_STATE).is_file():
         return (f"{where} has no {OPTIM_SUBDIR}/{OPTIM_STATE} (per-parameter optimizer state: written by checkpoints "
                 f"since elastic resume, not at bf16/fp16 ZeRO-0), so it resumes only at that layout, not at {describe(now)}")
-    rows = json.loads((tag_dir / MODEL_SUBDIR / MANIFEST).read_text())["padded_vocab_size"]
+    try:
+        rows = read_manifest(tag_dir / MODEL_SUBDIR)["padded_vocab_size"]
+    except OutEffError as e:  # a reason to return, not raise: rank 0 decides here, the others wait for it
+        return f"{where}: {e}"
     tp = cfg.parallel.tensor_parallel
     if rows % tp:
         return (f"parallel.tensor_parallel={tp}: {where} has {rows} vocabulary rows, which {tp} tensor-parallel "
@@ -110,10 +113,10 @@ def model_config(cfg: Config, tag_dir: Path) -> Config:
     checkpoint's rows instead (the padding rows take part in the loss through the tied output layer)."""
     import dataclasses
 
-    manifest = tag_dir / MODEL_SUBDIR / MANIFEST
-    if cfg.model.vocab_size is not None or not manifest.is_file():
+    model_dir = tag_dir / MODEL_SUBDIR
+    if cfg.model.vocab_size is not None or not (model_dir / MANIFEST).is_file():
         return cfg
-    rows = json.loads(manifest.read_text())["padded_vocab_size"]
+    rows = read_manifest(model_dir)["padded_vocab_size"]
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=rows))
 
 

@@ -271,3 +271,20 @@ def test_elastic_vocabulary_rows_must_divide(tmp_path):
     assert elastic.check_resume(load_config(None, ["model.arch=125m", "parallel.tensor_parallel=2"]), tag, 2) is None
     error = elastic.check_resume(load_config(None, ["model.arch=125m", "parallel.tensor_parallel=3"]), tag, 3)
     assert error and "parallel.tensor_parallel=3" in error and "50272 vocabulary rows" in error, error
+
+
+def test_elastic_unreadable_manifest_is_a_reason_not_a_traceback(tmp_path):
+    """A checkpoint at another layout whose model manifest is corrupt: the resume check returns one line
+    naming the file (rank 0 decides and broadcasts; an exception there would leave the others waiting)."""
+    from megatron_outeff.training import elastic
+    from megatron_outeff.training.config import load_config
+
+    saved = load_config(None, ["model.arch=125m"])
+    tag = tmp_path / "iter_0000002"
+    (tag / "model").mkdir(parents=True)
+    (tag / "model" / "manifest.json").write_text("{not json")
+    (tag / "optimizer").mkdir()
+    (tag / "optimizer" / "state.json").write_text("{}")
+    (tag / "train_state.json").write_text(json.dumps({"iteration": 2, "layout": elastic.layout(saved, 1)}))
+    error = elastic.check_resume(load_config(None, ["model.arch=125m", "parallel.tensor_parallel=2"]), tag, 2)
+    assert error and "manifest.json: unreadable" in error and "\n" not in error, error
