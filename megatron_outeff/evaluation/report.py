@@ -39,7 +39,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 
 from megatron_outeff.errors import OutEffError
-from megatron_outeff.metrics import attention_sink_mass, hf_opt_collector
+from megatron_outeff.metrics import attention_sink_mass, hf_collector, hf_decoder_layers
 from megatron_outeff.utils.atomic import atomic_output_dir, check_empty_output_dir
 
 from .quant_eval import evaluate_quantization, load_hf_model, model_info
@@ -55,8 +55,8 @@ KIND_TITLES = {
 
 
 def _softmax_points(model) -> list:
-    """Per layer, the self_attn.softmax_quant module of an OutEffOPT model, else []."""
-    layers = model.model.decoder.layers
+    """Per layer, the self_attn.softmax_quant module of our remote-code model (any family), else []."""
+    layers = hf_decoder_layers(model)
     pts = [getattr(layer.self_attn, "softmax_quant", None) for layer in layers]
     return pts if all(p is not None for p in pts) else []
 
@@ -66,9 +66,9 @@ def collect_model_stats(model, blocks: torch.Tensor, *, batch_size: int = 8, top
     """Outlier and attention statistics of `model` on `blocks` [n, s] (see the module doc)."""
     if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.shape[0] == 0:
         raise OutEffError(f"blocks must be a non-empty [n, seq] tensor, got {getattr(blocks, 'shape', type(blocks))}")
-    n_layers = len(model.model.decoder.layers)
+    n_layers = len(hf_decoder_layers(model))
     dev = next(model.parameters()).device
-    collector = hf_opt_collector(model, detail=True, n_sigma=n_sigma, top_k=top_k)
+    collector = hf_collector(model, detail=True, n_sigma=n_sigma, top_k=top_k)
     acc = [{"first": 0.0, "sink": 0.0, "rows": 0} for _ in range(n_layers)]
 
     def add(i, probs, no_sink=False):

@@ -46,6 +46,10 @@ from .opt import OPT_POSITION_OFFSET, OPTArchConfig, check_parallel_layout, load
 
 HF_DECODER = "model.decoder."
 HF_LM_HEAD = "lm_head.weight"
+HF_LAYER_PREFIX = HF_DECODER + "layers."  # the family interface (models/family.py)
+# {megatron vocabulary-parallel tensor: the full padded tensor it is cut from}: the LM head is tied (family.py)
+VOCAB_PARALLEL = {"embedding.word_embeddings.weight": "embedding.word_embeddings.weight",
+                  "output_layer.weight": "embedding.word_embeddings.weight"}
 
 # Architecture fields a checkpoint must agree on with the target (dropouts and init do not matter).
 STRUCTURAL_FIELDS = (

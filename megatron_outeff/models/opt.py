@@ -29,7 +29,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,7 @@ _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 class OPTArchConfig:
     """One OPT architecture: the ``arch:`` section of ``configs/model/opt-<size>.yaml``."""
 
+    family: ClassVar[str] = "opt"  # models/family.py
     name: str
     num_layers: int
     hidden_size: int
@@ -135,29 +136,35 @@ class OPTParallelHint:
     zero_stage: int = 0
 
 
-_YAML_SECTIONS = {"arch", "parallel"}
+_YAML_SECTIONS = {"family", "arch", "parallel"}
 
 
-def resolve_arch_path(name_or_path: Union[str, Path]) -> Path:
-    """'125m', 'opt-125m' -> configs/model/opt-125m.yaml in this repository; anything else is a path."""
+def resolve_arch_path(name_or_path: Union[str, Path], family: str = "opt") -> Path:
+    """'125m', 'opt-125m' -> configs/model/opt-125m.yaml in this repository (``family``'s prefix); anything
+    else is a path."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.is_file():
             raise OutEffError(f"model config {str(name_or_path)!r}: no such file")
         return p
+    prefix = f"{family}-"
     name = str(name_or_path).lower()
-    name = name[4:] if name.startswith("opt-") else name
-    path = CONFIG_DIR / f"opt-{name}.yaml"
+    name = name[len(prefix):] if name.startswith(prefix) else name
+    path = CONFIG_DIR / f"{prefix}{name}.yaml"
     if not path.is_file():
-        known = sorted(q.stem[4:] for q in CONFIG_DIR.glob("opt-*.yaml"))
-        raise OutEffError(f"model config {str(name_or_path)!r}: unknown OPT size; expected one of {known} or a YAML path")
+        from .family import get_family
+
+        known = sorted(q.stem[len(prefix):] for q in CONFIG_DIR.glob(f"{prefix}*.yaml"))
+        raise OutEffError(f"model config {str(name_or_path)!r}: unknown {get_family(family).label} size; "
+                          f"expected one of {known} or a YAML path")
     return path
 
 
-def _load_yaml(name_or_path) -> tuple[Path, dict]:
+def _load_yaml(name_or_path, family: str = "opt") -> tuple[Path, dict]:
+    """(path, document) of a model YAML of ``family`` (its ``family:`` key, OPT when absent)."""
     import yaml
 
-    path = resolve_arch_path(name_or_path)
+    path = resolve_arch_path(name_or_path, family)
     with open(path) as f:
         doc = yaml.safe_load(f)
     if not isinstance(doc, dict) or "arch" not in doc:
@@ -165,6 +172,8 @@ def _load_yaml(name_or_path) -> tuple[Path, dict]:
     unknown = sorted(set(doc) - _YAML_SECTIONS)
     if unknown:
         raise OutEffError(f"{path}: unknown top-level key(s) {unknown}; expected a subset of {sorted(_YAML_SECTIONS)}")
+    if doc.get("family", "opt") != family:
+        raise OutEffError(f"{path}: family={doc.get('family')!r}, expected {family!r} here")
     return path, doc
 
 
@@ -180,14 +189,19 @@ def load_parallel_hint(name_or_path: Union[str, Path]) -> OPTParallelHint:
     """The suggested layout (tensor_parallel, pipeline_parallel, zero_stage) of a model YAML, checked
     against its architecture; defaults when it has no such section."""
     path, doc = _load_yaml(name_or_path)
+    hint = parallel_hint_section(path, doc)
+    check_parallel_layout(load_arch_config(path), hint.tensor_parallel, hint.pipeline_parallel)
+    return hint
+
+
+def parallel_hint_section(path: Path, doc: dict) -> OPTParallelHint:
+    """The ``parallel:`` section of a model YAML document (any family), its keys checked."""
     d = doc.get("parallel") or {}
     known = {f.name for f in dataclasses.fields(OPTParallelHint)}
     unknown = sorted(set(d) - known)
     if unknown:
         raise OutEffError(f"{path}: parallel: unknown key(s) {unknown}; expected a subset of {sorted(known)}")
-    hint = OPTParallelHint(**d)
-    check_parallel_layout(load_arch_config(path), hint.tensor_parallel, hint.pipeline_parallel)
-    return hint
+    return OPTParallelHint(**d)
 
 
 def available_sizes() -> list[str]:
@@ -510,3 +524,8 @@ def build_opt_model(
         model.to(params_dtype)
     return model
 
+
+# The family interface (models/family.py): the names every family's arch module offers.
+ArchConfig = OPTArchConfig
+transformer_config = opt_transformer_config
+build_model = build_opt_model

@@ -28,9 +28,11 @@ from megatron_outeff.ops.variants import AttentionVariantConfig
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class ModelConfig:
-    arch: str = "tiny"  # "tiny" | "125m" | ... | path to an arch YAML (megatron_outeff.models.opt)
-    # OPTArchConfig fields: the keys of a model YAML's arch: section, e.g. {vocab_size: 256, hidden_dropout: 0.0};
-    # checked at load against OPTArchConfig's fields and types (training/model.py arch_config).
+    # "tiny" | "125m" | ... (OPT) | "llama-tiny" | "llama-3-8b" | ... | path to an arch YAML (configs/model/;
+    # the family, models/family.py, follows from the name's prefix or the YAML's family: key)
+    arch: str = "tiny"
+    # The family's ArchConfig fields (OPTArchConfig, LlamaArchConfig): the keys of a model YAML's arch: section,
+    # e.g. {vocab_size: 256, hidden_dropout: 0.0}; checked at load against them (training/model.py arch_config).
     arch_overrides: dict = field(default_factory=dict)
     vocab_size: Optional[int] = None  # embedding rows; None: the arch's vocabulary padded for TP
     # Further megatron TransformerConfig fields under megatron's names, e.g. {apply_query_key_layer_scaling: true};

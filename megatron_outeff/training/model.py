@@ -1,7 +1,7 @@
-"""Build this rank's megatron-core OPT model (its TP shard / PP stage) from the typed config.
+"""Build this rank's megatron-core model (its TP shard / PP stage) from the typed config.
 
 ``build_model(cfg)`` is the single place the training code, the benchmarks and the tests get a model
-from: the OPT builder (megatron_outeff.models.opt) with the attention variant of ``cfg.attention``,
+from: the builder of model.arch's family (models/family.py: OPT, Llama) with the attention variant of ``cfg.attention``,
 wrapped in megatron's Float16Module for fp16/bf16 (it casts the parameters and the first stage's
 inputs). ``device()``: where this rank's model runs. Knows nothing of DeepSpeed.
 """
@@ -31,17 +31,19 @@ TRANSFORMER_FIELDS_OWNED = {
 
 
 def arch_config(cfg: Config):
-    """The OPTArchConfig of model.arch with model.arch_overrides applied (checked against OPTArchConfig's
-    fields and types: the keys of a model YAML's arch: section)."""
-    from megatron_outeff.models.opt import OPTArchConfig, load_arch_config
+    """The architecture config (its family's ArchConfig: OPTArchConfig, LlamaArchConfig) of model.arch with
+    model.arch_overrides applied (checked against that class's fields and types: the keys of a model
+    YAML's arch: section)."""
+    from megatron_outeff.models.family import family_for_arch
 
     from .config import typed_fields
 
     try:
-        arch = load_arch_config(cfg.model.arch)
+        family = family_for_arch(cfg.model.arch)
+        arch = family.arch.load_arch_config(cfg.model.arch)
     except (OutEffError, OSError) as e:
         raise with_context(f"model.arch={cfg.model.arch!r}", e) from None
-    overrides = typed_fields(OPTArchConfig, cfg.model.arch_overrides, "model.arch_overrides")
+    overrides = typed_fields(family.arch.ArchConfig, cfg.model.arch_overrides, "model.arch_overrides")
     try:
         arch = dataclasses.replace(arch, **overrides)
     except OutEffError as e:  # OPTArchConfig's value checks name the arch, not the config key
@@ -60,15 +62,16 @@ def attention_variant(cfg: Config):
 
 def check_model(cfg: Config) -> None:
     """Every model-defining key checked when the config is loaded, before anything is built or written:
-    model.arch and model.arch_overrides (OPTArchConfig fields), the attention variant (with
+    model.arch and model.arch_overrides (the family's ArchConfig fields), the attention variant (with
     data.seq_length for the clip_alpha form), the TP/PP layout, model.vocab_size, and megatron's
     TransformerConfig built from the arch and model.transformer_overrides (its own field names and
     checks). Builds no module. Raises OutEffError naming the bad key."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_outeff.models.opt import check_parallel_layout, opt_transformer_config
+    from megatron_outeff.models.family import family_of
 
     arch = arch_config(cfg)
+    family = family_of(arch)
     variant = attention_variant(cfg)  # raises its own "attention: ..." OutEffError
     try:
         variant.clip_pair(cfg.data.seq_length)
@@ -76,7 +79,7 @@ def check_model(cfg: Config) -> None:
         raise OutEffError(f"attention: {e}") from None
     tp, pp = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
     try:
-        check_parallel_layout(arch, tp, pp)
+        family.arch.check_parallel_layout(arch, tp, pp)
     except OutEffError as e:
         raise with_context("model", e) from None
     vocab = cfg.model.vocab_size
@@ -84,30 +87,33 @@ def check_model(cfg: Config) -> None:
         raise OutEffError(f"model.vocab_size={vocab}: expected >= the arch's {arch.vocab_size} and divisible by "
                           f"tensor_parallel={tp}")
     try:
-        opt_transformer_config(arch, **transformer_overrides(cfg))
+        family.arch.transformer_config(arch, **transformer_overrides(cfg))
     except (TypeError, ValueError, AssertionError) as e:
         raise with_context("model.transformer_overrides: megatron's TransformerConfig refuses them", e) from None
 
 
-def check_transformer_overrides(overrides: dict) -> dict:
+def check_transformer_overrides(overrides: dict, family=None) -> dict:
     """model.transformer_overrides checked against megatron's TransformerConfig: its field names, the types a
     YAML value can have (bool, int, float, str, Literal choices, Enum member names; a Python object such as
     a callable or a torch.dtype cannot come from YAML), and no field another key owns. Returns the
-    converted mapping."""
+    converted mapping. ``family``: model.arch's (models/family.py; default OPT), whose architecture owns
+    some fields."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_outeff.models.opt import TRANSFORMER_FIELDS_FROM_ARCH
+    from megatron_outeff.models.family import DEFAULT_FAMILY, get_family
 
     from .config import typed_fields
 
+    family = family or get_family(DEFAULT_FAMILY)
+    from_arch = family.arch.TRANSFORMER_FIELDS_FROM_ARCH
     where = "model.transformer_overrides"
     for key in overrides:
         if key in TRANSFORMER_FIELDS_OWNED:
             raise OutEffError(f"{where}.{key}: set by {TRANSFORMER_FIELDS_OWNED[key]}, not here")
-        if key in TRANSFORMER_FIELDS_FROM_ARCH:
-            arch_key = TRANSFORMER_FIELDS_FROM_ARCH[key]
+        if key in from_arch:
+            arch_key = from_arch[key]
             raise OutEffError(f"{where}.{key}: " + (f"set by the architecture: use model.arch_overrides.{arch_key}"
-                              if arch_key else "fixed by the OPT architecture"))
+                              if arch_key else f"fixed by the {family.label} architecture"))
     checked = typed_fields(TransformerConfig, overrides, where)
     hints = typing.get_type_hints(TransformerConfig)
     for key, value in checked.items():
@@ -127,7 +133,9 @@ def _python_object(hint) -> bool:
 def transformer_overrides(cfg: Config) -> dict:
     """TransformerConfig fields set by the training config (on top of the arch's): model.transformer_overrides
     (checked, converted) and what precision and model.recompute_* ask for."""
-    over = check_transformer_overrides(cfg.model.transformer_overrides)
+    from megatron_outeff.models.family import family_for_arch
+
+    over = check_transformer_overrides(cfg.model.transformer_overrides, family_for_arch(cfg.model.arch))
     # Identical initial weights for every TP layout: TP shards are exact slices of the full matrices.
     over.setdefault("use_cpu_initialization", True)
     over["fp16"] = cfg.precision.dtype == "fp16"
@@ -148,13 +156,13 @@ def build_model(cfg: Config, *, pre_process: bool | None = None, post_process: b
     stage). Raises OutEffError for a model the config cannot build."""
     from megatron.core import parallel_state as ps
 
-    from megatron_outeff.models.opt import build_opt_model
+    from megatron_outeff.models.family import family_of
 
     pre_process = ps.is_pipeline_first_stage() if pre_process is None else pre_process
     post_process = ps.is_pipeline_last_stage() if post_process is None else post_process
     arch, variant = arch_config(cfg), attention_variant(cfg)  # each raises its own complete OutEffError
     try:
-        model = build_opt_model(
+        model = family_of(arch).arch.build_model(
             arch, variant, vocab_size=cfg.model.vocab_size, params_dtype=torch.float32,
             sequence_parallel=cfg.parallel.sequence_parallel, pre_process=pre_process, post_process=post_process,
             seq_length=cfg.data.seq_length,  # clipped variants in the clip_alpha form
