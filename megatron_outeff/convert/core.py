@@ -189,10 +189,7 @@ def read_hf_dir(hf_dir, variant=None, *, seq_length: Optional[int] = None, seed:
         cfg = {k: v for k, v in cfg.items() if k not in AttentionVariantConfig.field_names()}
         cfg["model_type"] = family.hf_model_type
     variant = variant or AttentionVariantConfig()
-    try:
-        arch = family.hf.arch_from_hf_config(cfg, name=hf_dir.name or None)
-    except OutEffError as e:
-        raise with_context(str(cfg_path), e) from None
+    arch = family.hf.arch_from_hf_config(cfg, name=hf_dir.name or None)
     sd = read_hf_safetensors(hf_dir, on_file=lambda name: _say(progress, f"reading {name}"))
     plain, extras = family.hf.split_variant_state(sd)
     try:
