@@ -34,7 +34,10 @@ import torch.nn.functional as F
 from megatron_outeff.errors import OutEffError
 from megatron_outeff.megatron.cpu_support import cpu_model_construction
 
-from .opt import _as_variant, _load_yaml, _parallel_sizes, padded_vocab_size, parallel_hint_section  # noqa: F401
+from .common import (
+    arch_from_dict, as_variant, check_arch_values, megatron_transformer_config, padded_vocab_size, prepare_build,
+)
+from .opt import _load_yaml, parallel_hint_section
 
 FAMILY = "llama"
 CONFIG_PREFIX = "llama-"
@@ -70,11 +73,11 @@ class LlamaArchConfig:
     scaled_output_layer_init: bool = True
 
     def __post_init__(self):
-        for f in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size",
-                  "max_position_embeddings"):
-            _positive_int(self, f, getattr(self, f))
-        if self.num_query_groups is not None:
-            _positive_int(self, "num_query_groups", self.num_query_groups)
+        check_arch_values(self, positive_ints=("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                                               "vocab_size", "max_position_embeddings")
+                          + (("num_query_groups",) if self.num_query_groups is not None else ()),
+                          probabilities=("hidden_dropout", "attention_dropout"),
+                          positive=("init_method_std", "layernorm_epsilon", "rope_theta"))
         if self.hidden_size % self.num_attention_heads != 0:
             raise OutEffError(f"{self.name}: hidden_size={self.hidden_size} is not divisible by "
                               f"num_attention_heads={self.num_attention_heads}")
@@ -83,13 +86,6 @@ class LlamaArchConfig:
                               f"num_query_groups={self.query_groups}")
         if self.head_dim % 2:
             raise OutEffError(f"{self.name}: head dimension {self.head_dim} is odd; rotary embeddings rotate pairs")
-        for f in ("hidden_dropout", "attention_dropout"):
-            v = getattr(self, f)
-            if not 0.0 <= float(v) < 1.0:
-                raise OutEffError(f"{self.name}: {f}={v!r}: expected a probability in [0, 1)")
-        for f in ("init_method_std", "layernorm_epsilon", "rope_theta"):
-            if not float(getattr(self, f)) > 0:
-                raise OutEffError(f"{self.name}: {f}={getattr(self, f)!r}: expected > 0")
         if self.rope_scaling_factor is not None and not float(self.rope_scaling_factor) > 0:
             raise OutEffError(f"{self.name}: rope_scaling_factor={self.rope_scaling_factor!r}: expected > 0 or null")
 
@@ -104,16 +100,7 @@ class LlamaArchConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "arch") -> "LlamaArchConfig":
-        if not isinstance(d, dict):
-            raise OutEffError(f"{source}: expected a mapping of LlamaArchConfig fields, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise OutEffError(f"{source}: unknown key(s) {unknown}; expected a subset of {sorted(known)}")
-        missing = sorted(f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in d)
-        if missing:
-            raise OutEffError(f"{source}: missing required key(s) {missing}")
-        return cls(**d)
+        return arch_from_dict(cls, d, source)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -123,11 +110,6 @@ class LlamaArchConfig:
         h, f, v, kv = self.hidden_size, self.ffn_hidden_size, self.vocab_size, self.query_groups * self.head_dim
         layer = h * h * 2 + 2 * h * kv + 3 * h * f + 2 * h
         return self.num_layers * layer + 2 * v * h + h
-
-
-def _positive_int(arch, field: str, v) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise OutEffError(f"{arch.name}: {field}={v!r}: expected a positive integer")
 
 
 def load_arch_config(name_or_path: Union[str, Path, LlamaArchConfig]) -> LlamaArchConfig:
@@ -183,12 +165,9 @@ def llama_transformer_config(arch: Union[LlamaArchConfig, str], variant=None, **
     nothing here), TP/PP sizes come from megatron's parallel_state (1/1 if not initialised), every
     CUDA-only fusion is off (callers on GPU may switch them on through ``overrides``).
     """
-    from megatron.core.transformer.transformer_config import TransformerConfig
     from megatron.core.utils import init_method_normal
 
     arch = load_arch_config(arch)
-    tp, pp = _parallel_sizes()
-    params_dtype = overrides.pop("params_dtype", torch.float32)
     kw: dict[str, Any] = {name: getattr(arch, ours) for name, ours in TRANSFORMER_FIELDS_FROM_ARCH.items()
                           if ours and name != "output_layer_init_method"}
     kw.update(
@@ -196,21 +175,10 @@ def llama_transformer_config(arch: Union[LlamaArchConfig, str], variant=None, **
         # Llama: SwiGLU FFN without biases, RMSNorm, pre-norm residuals, half-split RoPE (module doc)
         activation_func=F.silu, gated_linear_unit=True, add_bias_linear=False, add_qkv_bias=False,
         normalization="RMSNorm", apply_residual_connection_post_layernorm=False, rotary_interleaved=False,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        params_dtype=params_dtype, pipeline_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
-        use_cpu_initialization=not torch.cuda.is_available(),
-        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
-        cross_entropy_loss_fusion=False, cuda_graph_scope=[],
     )
     if not arch.scaled_output_layer_init:
         kw["output_layer_init_method"] = init_method_normal(arch.init_method_std)
-    unknown = sorted(k for k in overrides if k not in {f.name for f in dataclasses.fields(TransformerConfig)})
-    if unknown:
-        raise OutEffError(f"transformer overrides {unknown}: not TransformerConfig fields")
-    kw.update(overrides)
-    return TransformerConfig(**kw)
+    return megatron_transformer_config(kw, overrides)
 
 
 def llama_block_spec(config, variant=None, *, seq_length: Optional[int] = None):
@@ -228,7 +196,7 @@ def llama_block_spec(config, variant=None, *, seq_length: Optional[int] = None):
 
     from megatron_outeff.megatron.layer_spec import TorchNorm, get_outeff_block_spec
 
-    variant = _as_variant(variant)
+    variant = as_variant(variant)
     if variant is not None:
         return ModuleSpec(module=TransformerBlock, submodules=get_outeff_block_spec(config, variant, seq_length=seq_length))
     layer = get_gpt_layer_local_spec(normalization=config.normalization)
@@ -259,28 +227,14 @@ def build_llama_model(
     first / last pipeline stage), seq_length (clipped variants in the clip_alpha form). Forward takes
     0-based ``position_ids`` (megatron's RoPE ignores them: positions are 0..s-1 of the sequence).
     """
-    from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_outeff.megatron.cpu_support import apply_cpu_patches
-
     arch = load_arch_config(arch)
-    tp, pp = _parallel_sizes()
-    check_parallel_layout(arch, tp, pp)
-    if sequence_parallel and tp == 1:
-        sequence_parallel = False  # megatron rejects SP without TP; it would be a no-op anyway
-    variant = _as_variant(variant)
-    apply_cpu_patches()
+    variant, sequence_parallel, vocab_size, pre_process, post_process = prepare_build(
+        arch, check_parallel_layout, variant, vocab_size=vocab_size, sequence_parallel=sequence_parallel,
+        pre_process=pre_process, post_process=post_process)
     config = llama_transformer_config(arch, variant, params_dtype=params_dtype, sequence_parallel=sequence_parallel,
                                       **transformer_overrides)
-    if vocab_size is None:
-        vocab_size = padded_vocab_size(arch.vocab_size, tp)
-    elif vocab_size < arch.vocab_size or vocab_size % tp != 0:
-        raise OutEffError(f"vocab_size={vocab_size}: expected >= {arch.vocab_size} and divisible by tensor parallel size {tp}")
-    if pre_process is None:
-        pre_process = ps.is_pipeline_first_stage() if ps.model_parallel_is_initialized() else True
-    if post_process is None:
-        post_process = ps.is_pipeline_last_stage() if ps.model_parallel_is_initialized() else True
     block_spec = llama_block_spec(config, variant, seq_length=seq_length)
     with cpu_model_construction():
         model = GPTModel(

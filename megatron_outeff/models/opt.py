@@ -26,7 +26,6 @@ rows): the megatron model keeps the SAME ``max_positions + 2``-row table as one 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Optional, Union
@@ -36,6 +35,10 @@ import torch.nn.functional as F
 
 from megatron_outeff.errors import OutEffError
 from megatron_outeff.megatron.cpu_support import cpu_model_construction
+
+from .common import arch_from_dict, check_arch_values, megatron_transformer_config, padded_vocab_size, prepare_build
+from .common import as_variant as _as_variant  # noqa: F401  (imported by callers under these names)
+from .common import parallel_sizes as _parallel_sizes  # noqa: F401
 
 # Hugging Face OPTLearnedPositionalEmbedding.offset (inherited from fairseq's padding_idx + 1).
 OPT_POSITION_OFFSET = 2
@@ -73,11 +76,8 @@ class OPTArchConfig:
     scaled_output_layer_init: bool = True
 
     def __post_init__(self):
-        for f in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size",
-                  "max_position_embeddings"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise OutEffError(f"{self.name}: {f}={v!r}: expected a positive integer")
+        check_arch_values(self, positive_ints=("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                                               "vocab_size", "max_position_embeddings"))
         if self.hidden_size % self.num_attention_heads != 0:
             raise OutEffError(
                 f"{self.name}: hidden_size={self.hidden_size} is not divisible by "
@@ -85,12 +85,8 @@ class OPTArchConfig:
             )
         if self.activation not in _ACTIVATIONS:
             raise OutEffError(f"{self.name}: activation={self.activation!r}: expected one of {sorted(_ACTIVATIONS)}")
-        for f in ("hidden_dropout", "attention_dropout"):
-            v = getattr(self, f)
-            if not 0.0 <= float(v) < 1.0:
-                raise OutEffError(f"{self.name}: {f}={v!r}: expected a probability in [0, 1)")
-        if not float(self.init_method_std) > 0:
-            raise OutEffError(f"{self.name}: init_method_std={self.init_method_std!r}: expected > 0")
+        check_arch_values(self, positive_ints=(), probabilities=("hidden_dropout", "attention_dropout"),
+                          positive=("init_method_std",))
         if self.word_embed_proj_dim is not None and (
                 not isinstance(self.word_embed_proj_dim, int) or isinstance(self.word_embed_proj_dim, bool)
                 or self.word_embed_proj_dim < 1):
@@ -110,17 +106,7 @@ class OPTArchConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "arch") -> "OPTArchConfig":
-        if not isinstance(d, dict):
-            raise OutEffError(f"{source}: expected a mapping of OPTArchConfig fields, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise OutEffError(f"{source}: unknown key(s) {unknown}; expected a subset of {sorted(known)}")
-        missing = sorted(f.name for f in dataclasses.fields(cls)
-                         if f.default is dataclasses.MISSING and f.name not in d)
-        if missing:
-            raise OutEffError(f"{source}: missing required key(s) {missing}")
-        return cls(**d)
+        return arch_from_dict(cls, d, source)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -209,23 +195,7 @@ def available_sizes() -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Parallel layout helpers (shared with the Hugging Face mapping).
-
-
-def padded_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 8) -> int:
-    """Vocabulary rows in the megatron model: megatron's VocabParallelEmbedding needs a multiple of
-    the TP size; multiples of 8 per rank keep GEMM shapes aligned. OPT's 50272 needs no padding for
-    TP <= 4. Padding rows are zero on import from Hugging Face and dropped on export."""
-    m = divisible_by * tp_size
-    return int(math.ceil(vocab_size / m) * m)
-
-
-def _parallel_sizes() -> tuple[int, int]:
-    from megatron.core import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized():
-        return 1, 1
-    return ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+# Parallel layout (padded_vocab_size, shared with the Hugging Face mapping: models/common.py).
 
 
 def check_parallel_layout(arch: OPTArchConfig, tp_size: int, pp_size: int) -> None:
@@ -266,13 +236,11 @@ def opt_transformer_config(arch: Union[OPTArchConfig, str], variant=None, **over
     flag is off: the fused kernels are CUDA-only (and bias-activation fusion has no ReLU kernel);
     callers on GPU may switch them on through ``overrides``.
     """
-    from megatron.core.transformer.transformer_config import TransformerConfig
     from megatron.core.utils import init_method_normal
 
     arch = load_arch_config(arch)
-    tp, pp = _parallel_sizes()
-    params_dtype = overrides.pop("params_dtype", torch.float32)
-    # the architecture's fields (TRANSFORMER_FIELDS_FROM_ARCH), then what OPT fixes, then the layout
+    # the architecture's fields (TRANSFORMER_FIELDS_FROM_ARCH), then what OPT fixes (the layout, dtype and
+    # fusion flags: models/common.py)
     kw: dict[str, Any] = {name: getattr(arch, ours) for name, ours in TRANSFORMER_FIELDS_FROM_ARCH.items()
                           if ours and name not in ("activation_func", "output_layer_init_method")}
     kw.update(
@@ -280,42 +248,10 @@ def opt_transformer_config(arch: Union[OPTArchConfig, str], variant=None, **over
         # OPT: a plain (non-GLU) FFN, biases on every linear, LayerNorm, the residual taken before the norm
         gated_linear_unit=False, add_bias_linear=True, add_qkv_bias=True, normalization="LayerNorm",
         apply_residual_connection_post_layernorm=False,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        params_dtype=params_dtype,
-        pipeline_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        fp16=params_dtype == torch.float16,
-        use_cpu_initialization=not torch.cuda.is_available(),
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
-        cross_entropy_loss_fusion=False,
-        cuda_graph_scope=[],  # megatron's spelling of its default ("full" warns as deprecated)
     )
     if not arch.scaled_output_layer_init:
         kw["output_layer_init_method"] = init_method_normal(arch.init_method_std)
-    unknown = sorted(k for k in overrides if k not in {f.name for f in dataclasses.fields(TransformerConfig)})
-    if unknown:
-        raise OutEffError(f"transformer overrides {unknown}: not TransformerConfig fields")
-    kw.update(overrides)
-    return TransformerConfig(**kw)
-
-
-def _as_variant(variant):
-    """None stays None (megatron's own local attention); a mapping becomes an AttentionVariantConfig."""
-    if variant is None:
-        return None
-    from megatron_outeff.ops.variants import AttentionVariantConfig
-
-    if isinstance(variant, AttentionVariantConfig):
-        return variant
-    if isinstance(variant, dict):
-        return AttentionVariantConfig.from_dict(variant)
-    raise OutEffError(f"variant={variant!r}: expected None, an AttentionVariantConfig or a mapping of its fields")
+    return megatron_transformer_config(kw, overrides)
 
 
 class OPTLayerNorm(torch.nn.LayerNorm):
@@ -480,28 +416,12 @@ def build_opt_model(
     Forward takes megatron-native 0-based ``position_ids``; the OPT offset is applied inside.
     """
     arch = load_arch_config(arch)
-
-    from megatron.core import parallel_state as ps
-
-    from megatron_outeff.megatron.cpu_support import apply_cpu_patches
-
-    tp, pp = _parallel_sizes()
-    check_parallel_layout(arch, tp, pp)
-    if sequence_parallel and tp == 1:
-        sequence_parallel = False  # megatron rejects SP without TP; it would be a no-op anyway
-    variant = _as_variant(variant)
-    apply_cpu_patches()
+    variant, sequence_parallel, vocab_size, pre_process, post_process = prepare_build(
+        arch, check_parallel_layout, variant, vocab_size=vocab_size, sequence_parallel=sequence_parallel,
+        pre_process=pre_process, post_process=post_process)
     config = opt_transformer_config(
         arch, variant, params_dtype=params_dtype, sequence_parallel=sequence_parallel, **transformer_overrides
     )
-    if vocab_size is None:
-        vocab_size = padded_vocab_size(arch.vocab_size, tp)
-    elif vocab_size < arch.vocab_size or vocab_size % tp != 0:
-        raise OutEffError(f"vocab_size={vocab_size}: expected >= {arch.vocab_size} and divisible by tensor parallel size {tp}")
-    if pre_process is None:
-        pre_process = ps.is_pipeline_first_stage() if ps.model_parallel_is_initialized() else True
-    if post_process is None:
-        post_process = ps.is_pipeline_last_stage() if ps.model_parallel_is_initialized() else True
 
     # A block spec (rather than a layer spec) so the final LayerNorm is SP-capable too.
     block_spec = opt_block_spec(config, variant, seq_length=seq_length, post_layernorm=not arch.do_layer_norm_before)
