@@ -9,7 +9,9 @@ A tiny Llama (configs/model/llama-tiny.yaml on train_testlib.BASE: vocabulary 25
 2. ``tp2``: TP=2 ZeRO-1, gated, stopped after 2 steps (exit_interval) and resumed to 4 -> OUT/tp2
    (with TensorBoard in OUT/tb_tp2 and the outlier probe every 2 steps); ``tp2_sp_zero2``: TP=2 + SP under
    ZeRO-2, 4 steps; ``pp2``: PP=2 ZeRO-1, vanilla, stopped after 2 and resumed -> OUT/pp2;
-   ``dp2_zero3``: DP=2 ZeRO-3, gated. The TP / PP layouts start from the oracle's initial weights.
+   ``dp2_zero3``: DP=2 ZeRO-3, gated; ``tp2_to_pp2``: the TP=2 checkpoint at step 2 resumed at PP=2 (elastic:
+   another layout, from our model and optimizer files). The TP / PP layouts start from the oracle's
+   initial weights.
 3. megatron logits at TP=1 of OUT/tp2 and OUT/pp2 (merged with the model files' own rules) on fixed tokens
    -> OUT/megatron_logits.safetensors. Losses -> OUT/losses.json.
 """
@@ -59,6 +61,11 @@ def main():
     tp2 = ["parallel.tensor_parallel=2", "parallel.zero_stage=1", f"checkpoint.dir={out / 'tp2'}",
            f"logging.tensorboard_dir={out / 'tb_tp2'}", "logging.outlier_interval=2"]
     losses["tp2"] = run("gated", tp2 + ["train.exit_interval=2"], weights_hook(w["gated"]))
+    if dist.get_rank() == 0:  # the step-2 checkpoint, to resume on another layout below
+        import shutil
+
+        shutil.copytree(out / "tp2", out / "tp2_to_pp2")
+    dist.barrier()
     losses["tp2"] += run("gated", tp2, weights_hook(w["gated"]))  # resumes from iteration 2
     losses["tp2_sp_zero2"] = run("gated", ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true",
                                            "parallel.zero_stage=2"], weights_hook(w["gated"]))
@@ -66,6 +73,8 @@ def main():
     pp2 = ["parallel.pipeline_parallel=2", "parallel.zero_stage=1", f"checkpoint.dir={out / 'pp2'}"]
     losses["pp2"] = run("vanilla", pp2 + ["train.exit_interval=2"], weights_hook(w["vanilla"]))
     losses["pp2"] += run("vanilla", pp2, weights_hook(w["vanilla"]))
+    losses["tp2_to_pp2"] = run("gated", ["parallel.pipeline_parallel=2", "parallel.zero_stage=1",
+                                         f"checkpoint.dir={out / 'tp2_to_pp2'}"])  # steps 3 and 4
     losses["dp2_zero3"] = run("gated", ["parallel.zero_stage=3"])  # TP=1: the oracle's initial weights by construction
 
     # megatron logits at TP=1 (the last run's parallel state: TP=1, PP=1, DP=2) of the two checkpoints

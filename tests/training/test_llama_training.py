@@ -1,6 +1,6 @@
 """A tiny Llama end to end (issue 23's "done when"): trains under TP=2 (Softmax_1 + per-head gates) and PP=2
 (vanilla), each stopped after 2 steps and resumed, at the single-process loss curve; TP=2 + SP under
-ZeRO-2 and ZeRO-3 too; converts to our remote code and to a plain transformers LlamaForCausalLM whose
+ZeRO-2, ZeRO-3 and a resume from TP=2 at PP=2 too; converts to our remote code and to a plain transformers LlamaForCausalLM whose
 logits match our megatron model's; the FP16 and W8A8 exports reload; the int8 CPU path and the outlier
 report run on it; TensorBoard carries OPT's tags. One torchrun launch (llama_worker.py)."""
 import json
@@ -46,6 +46,14 @@ def test_layouts_and_resumes_follow_the_single_process_curve(trained, name, ref)
     assert len(losses[ref]) == 4 and losses[name] == pytest.approx(losses[ref], abs=TOL), losses
     if name in ("tp2", "pp2"):  # stopped at 2, resumed from the checkpoint to 4
         assert (trained / name / "latest").read_text().strip() == "iter_0000004"
+
+
+def test_resume_on_another_layout(trained):
+    """Elastic: the TP=2 checkpoint of step 2 resumed at PP=2 (weights, Adam moments, schedule merged and
+    re-split for the new layout) continues the single-process curve (float32 rounding only: the sums of
+    the new layout run in another order; training/README.md "Resume on another layout")."""
+    losses = json.loads((trained / "losses.json").read_text())
+    assert losses["tp2_to_pp2"] == pytest.approx(losses["ref_gated"][2:], abs=TOL), losses
 
 
 def test_the_variant_changes_the_curve(trained):
