@@ -211,12 +211,14 @@ def hf_expected_shapes(arch: LlamaArchConfig) -> dict[str, tuple]:
 
 
 def validate_hf_state_dict(hf_sd: Mapping[str, torch.Tensor], arch: LlamaArchConfig) -> None:
-    """One-line OutEffError unless ``hf_sd`` is exactly a standard Llama of architecture ``arch``."""
+    """One-line OutEffError unless ``hf_sd`` is exactly a standard Llama of architecture ``arch`` (RoPE's
+    ``rotary_emb.inv_freq`` buffers, which older conversions saved, are derived from rope_theta, not weights:
+    ignored here and never read, as transformers ignores them)."""
     shapes = hf_expected_shapes(arch)
     missing = [k for k in shapes if k not in hf_sd]
     if missing:
         raise OutEffError(f"Hugging Face state dict lacks {len(missing)} tensor(s) of {arch.name}, e.g. {missing[:3]}")
-    unexpected = [k for k in hf_sd if k not in shapes]
+    unexpected = [k for k in hf_sd if k not in shapes and not k.endswith("rotary_emb.inv_freq")]
     if unexpected:
         raise OutEffError(f"Hugging Face state dict has {len(unexpected)} tensor(s) unknown to Llama, e.g. {unexpected[:3]}")
     for k, shape in shapes.items():

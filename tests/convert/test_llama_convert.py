@@ -60,6 +60,19 @@ def test_from_hf_to_hf_is_lossless_at_tp2_pp2(tmp_path):
         _assert_same(sd, states[rank])
 
 
+def test_saved_rotary_buffers_of_older_conversions_are_ignored(tmp_path):
+    """Llama checkpoints converted by older transformers hold model.layers.N.self_attn.rotary_emb.inv_freq:
+    derived from rope_theta, not weights; the import ignores them and the export is transformers' own."""
+    from safetensors.torch import save_file
+
+    original = _random_hf_llama(tmp_path / "llama")
+    d = 16
+    buffers = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": 1.0 / 10000 ** (torch.arange(0, d, 2) / d) for i in range(2)}
+    save_file({**original, **buffers}, str(tmp_path / "llama" / "model.safetensors"), metadata={"format": "pt"})
+    back = to_hf(from_hf(tmp_path / "llama", tmp_path / "ck"), tmp_path / "back")
+    _assert_same(load_file(str(back / "model.safetensors")), original)
+
+
 def test_remote_code_round_trip_and_contradicting_variant(tmp_path):
     _random_hf_llama(tmp_path / "llama")
     ck = from_hf(tmp_path / "llama", tmp_path / "ck", tp=2, pp=1, variant='{"softmax": "softmax1", "gate": "linear"}')
