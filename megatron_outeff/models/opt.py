@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from megatron_outeff.errors import OutEffError
 from megatron_outeff.megatron.cpu_support import cpu_model_construction
 
-from .common import arch_from_dict, check_arch_values, megatron_transformer_config, padded_vocab_size, prepare_build
-from .common import as_variant as _as_variant  # noqa: F401  (imported by callers under these names)
-from .common import parallel_sizes as _parallel_sizes  # noqa: F401
+from .common import (  # noqa: F401  (padded_vocab_size: imported from here by callers)
+    arch_from_dict, as_variant, check_arch_values, megatron_transformer_config, padded_vocab_size, prepare_build,
+)
 
 # Hugging Face OPTLearnedPositionalEmbedding.offset (inherited from fairseq's padding_idx + 1).
 OPT_POSITION_OFFSET = 2
@@ -289,7 +289,7 @@ def opt_block_spec(config, variant=None, *, seq_length: Optional[int] = None, po
         get_num_layers_to_build,
     )
 
-    variant = _as_variant(variant)
+    variant = as_variant(variant)
     if variant is not None:
         from megatron_outeff.megatron.layer_spec import get_outeff_block_spec
 

@@ -8,7 +8,8 @@ A tiny Llama (configs/model/llama-tiny.yaml on train_testlib.BASE: vocabulary 25
    saves its initial weights (OUT/w_<variant>.pt; TP=1, so rank 0 holds the full model).
 2. ``tp2``: TP=2 ZeRO-1, gated, stopped after 2 steps (exit_interval) and resumed to 4 -> OUT/tp2
    (with TensorBoard in OUT/tb_tp2 and the outlier probe every 2 steps); ``tp2_sp_zero2``: TP=2 + SP under
-   ZeRO-2, 4 steps; ``pp2``: PP=2 ZeRO-1, vanilla, stopped after 2 and resumed -> OUT/pp2;
+   ZeRO-2, 4 steps; ``tp2_bf16``: TP=2 in bf16 (ZeRO-1); ``pp2``: PP=2 ZeRO-1, vanilla, stopped after 2 and
+   resumed -> OUT/pp2;
    ``dp2_zero3``: DP=2 ZeRO-3, gated; ``tp2_to_pp2``: the TP=2 checkpoint at step 2 resumed at PP=2 (elastic:
    another layout, from our model and optimizer files). The TP / PP layouts start from the oracle's
    initial weights.
@@ -69,6 +70,8 @@ def main():
     losses["tp2"] += run("gated", tp2, weights_hook(w["gated"]))  # resumes from iteration 2
     losses["tp2_sp_zero2"] = run("gated", ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true",
                                            "parallel.zero_stage=2"], weights_hook(w["gated"]))
+    losses["tp2_bf16"] = run("gated", ["parallel.tensor_parallel=2", "parallel.zero_stage=1", "precision.dtype=bf16"],
+                             weights_hook(w["gated"]))  # llama-125m.yaml's precision
     losses["ref_vanilla"] = run("vanilla", [], save_hook(w["vanilla"]))
     pp2 = ["parallel.pipeline_parallel=2", "parallel.zero_stage=1", f"checkpoint.dir={out / 'pp2'}"]
     losses["pp2"] = run("vanilla", pp2 + ["train.exit_interval=2"], weights_hook(w["vanilla"]))

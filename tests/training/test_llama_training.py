@@ -48,6 +48,11 @@ def test_layouts_and_resumes_follow_the_single_process_curve(trained, name, ref)
         assert (trained / name / "latest").read_text().strip() == "iter_0000004"
 
 
+def test_bf16_follows_the_fp32_curve(trained):
+    losses = json.loads((trained / "losses.json").read_text())
+    assert losses["tp2_bf16"] == pytest.approx(losses["ref_gated"], abs=5e-3), losses  # as the OPT bf16 layouts
+
+
 def test_resume_on_another_layout(trained):
     """Elastic: the TP=2 checkpoint of step 2 resumed at PP=2 (weights, Adam moments, schedule merged and
     re-split for the new layout) continues the single-process curve (float32 rounding only: the sums of
