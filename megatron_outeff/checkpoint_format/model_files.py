@@ -159,7 +159,8 @@ def variant_hf_shapes(arch, variant) -> dict[str, tuple]:
 def expected_rank_shapes(arch, variant, tp_rank: int, tp: int, pp_rank: int, pp: int, padded_vocab: int) -> dict[str, tuple]:
     """{megatron key: shape} of rank (tp_rank, pp_rank), derived with the mapping itself on meta tensors."""
     mapping = family_of(arch).hf
-    meta = {k: torch.empty(s, device="meta") for k, s in {**mapping.hf_expected_shapes(arch), **variant_hf_shapes(arch, variant)}.items()}
+    shapes = {**mapping.hf_expected_shapes(arch), **variant_hf_shapes(arch, variant)}
+    meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
     sd = mapping.hf_state_dict_to_megatron(meta, arch, tp_rank, tp, pp_rank, pp, vocab_size=padded_vocab, variant_extras=True)
     return {k: tuple(v.shape) for k, v in sd.items()}
 

@@ -88,8 +88,9 @@ def oracle_logits(sd, fields, ids, am):
             gate = torch.sigmoid(torch.stack(cols, -1))
         softmax = fields.get("softmax", "vanilla")
         clip = None if fields.get("clip_gamma") is None else (fields["clip_gamma"], fields["clip_zeta"])
-        o = outeff_attention(q, k, v, softmax=softmax, offset=sd.get(p + "self_attn.softmax_offset") if softmax == "learnable" else None,
-                             clip=clip, gate=gate, causal=True, key_padding_mask=am.bool(), impl="torch")
+        offset = sd.get(p + "self_attn.softmax_offset") if softmax == "learnable" else None
+        o = outeff_attention(q, k, v, softmax=softmax, offset=offset, clip=clip, gate=gate, causal=True,
+                             key_padding_mask=am.bool(), impl="torch")
         x = x + o.reshape(b, s, D) @ sd[p + "self_attn.o_proj.weight"].T
         h = rms(x, sd[p + "post_attention_layernorm.weight"])
         ffn = torch.nn.functional.silu(h @ sd[p + "mlp.gate_proj.weight"].T) * (h @ sd[p + "mlp.up_proj.weight"].T)

@@ -155,7 +155,8 @@ def main(out_json):
     arch3 = arch_from_hf_config(hf3.config.to_dict())
     res["llama3_rope_scaling_factor"] = arch3.rope_scaling_factor
     init_model_parallel(1, 1, seed=1)
-    for tag, a in (("llama3_rope", arch3), ("llama3_rope_unscaled", arch3.__class__(**{**arch3.to_dict(), "rope_scaling_factor": None}))):
+    unscaled = arch3.__class__(**{**arch3.to_dict(), "rope_scaling_factor": None})
+    for tag, a in (("llama3_rope", arch3), ("llama3_rope_unscaled", unscaled)):
         model = build_llama_model(a, {}).eval()
         load_megatron_state_dict(model, hf_state_dict_to_megatron(hf3.state_dict(), a))
         with torch.no_grad():

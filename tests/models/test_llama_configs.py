@@ -118,7 +118,8 @@ def test_layouts_the_model_cannot_divide(tp, pp, message):
     (["model.transformer_overrides={num_query_groups: 1}"], "use model.arch_overrides.num_query_groups"),
     (["model.transformer_overrides={normalization: LayerNorm}"], "normalization: fixed by the Llama architecture"),
     (["model.transformer_overrides={rotary_interleaved: true}"], "rotary_interleaved: fixed by the Llama architecture"),
-    (["parallel.tensor_parallel=4", "parallel.global_batch_size=8"], "num_query_groups=2 is not divisible by tensor parallel size 4"),
+    (["parallel.tensor_parallel=4", "parallel.global_batch_size=8"],
+     "num_query_groups=2 is not divisible by tensor parallel size 4"),
     (["model.arch=llama-huge"], "model.arch='llama-huge': model config 'llama-huge': unknown Llama size"),
 ])
 def test_training_config_refusals_name_the_key(overrides, message):

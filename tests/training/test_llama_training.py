@@ -124,7 +124,8 @@ def test_outlier_report_and_simulated_w8a8_cover_the_llama_ops(exported):
     for name in ("tp2", "pp2"):
         model = load_hf_model(exported[name])
         stats[name] = collect_model_stats(model, blocks, batch_size=2)
-        assert len(stats[name]["layers"]) == 2 and all(torch.isfinite(torch.tensor(v)) for v in stats[name]["aggregates"].values())
+        agg = stats[name]["aggregates"]
+        assert len(stats[name]["layers"]) == 2 and all(torch.isfinite(torch.tensor(v)) for v in agg.values())
         sim = simulated_w8a8_perplexity(model, blocks, [blocks[:2]], batch_size=2)
         # like for like: the plain export goes through our remote code with vanilla softmax. Per layer 7 Linears,
         # 2 RMSNorms, 5 QuantPoints; plus the embedding and the final RMSNorm (the LM head stays float).
