@@ -35,6 +35,7 @@ from megatron_outeff.utils.cli import OneLineArgumentParser, command, input_text
 
 from . import checkpoint, elastic
 from .config import Config, deepspeed_config, load_config
+from .data import order_change_note
 
 
 def parse_args(argv=None):
@@ -125,6 +126,8 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
         state = checkpoint.load(engine, cfg)
         iteration = state["iteration"]
         train_data.load_state_dict(state["data"])
+        if order_change_note(state["data"], train_data):  # another seed, sequence length, data: said, not silent
+            print_rank0(order_change_note(state["data"], train_data))
         if state.get("elastic"):  # saved at another layout: its RNG streams belong to other ranks
             elastic.reseed(cfg.train.seed, iteration)
             print_rank0(f"resumed from {cfg.checkpoint.dir}/{state['tag']} at iteration {iteration}, saved at "
