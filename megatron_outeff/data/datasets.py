@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -130,6 +131,18 @@ def check_indexed_dataset(prefix: str, tokenizer: Optional[Tokenizer] = None,
 _SPLIT_NAMES = ("train", "valid", "test")
 
 
+def split_shares(split: str, name: str = "split") -> List[float]:
+    """The normalised (train, valid, test) shares of a split string such as "969,30,1" (1 to 3
+    comma-separated non-negative numbers with a positive sum; missing shares are 0), as megatron-core
+    parses it; OutEffError ``<name>=<split>: ...`` otherwise."""
+    parts = [p.strip() for p in str(split).split(",")]
+    if not (1 <= len(parts) <= 3 and all(re.fullmatch(r"\d+(\.\d*)?|\.\d+", p) for p in parts)
+            and any(float(p) > 0 for p in parts)):
+        raise OutEffError(f"{name}={split!r}: expected up to three comma-separated shares (train, valid, test) "
+                          f"with a positive sum, e.g. '969,30,1'")
+    return parse_and_normalize_split(split)
+
+
 def _check_split_ranges(split: str, stats: Dict[str, Dict[str, Any]]) -> None:
     """Every split with a positive share must get >= 1 document of every prefix.
 
@@ -221,8 +234,7 @@ def build_gpt_datasets(
     if data is not None:
         blends: List[Optional[Blend]] = [parse_blend(data, weights)]
         blend, blend_per_split = blends[0], None
-        if not any(float(x) > 0 for x in split.replace(",", " ").split()):
-            raise OutEffError(f"split {split!r} has no positive share")
+        split_shares(split)  # well-formed, with a positive share
     else:
         if weights is not None:
             raise OutEffError("weights= applies to data=; put weights inside each per-split spec")

@@ -206,11 +206,9 @@ def sample_order(cfg) -> dict:
 
 
 def _split_shares(split):
-    if split is None:
-        return None
-    from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
+    from megatron_outeff.data.datasets import split_shares
 
-    return parse_and_normalize_split(split)
+    return None if split is None else split_shares(split)
 
 
 def order_changes(saved: dict | None, current: dict) -> list[tuple[str, Any, Any]]:
