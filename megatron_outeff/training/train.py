@@ -89,12 +89,12 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
     from megatron_outeff.megatron.parallel import init_distributed, init_model_parallel
 
     from .engine import build_trainer
-    from .launch_checks import check_ranks_agree
+    from .launch_checks import check_launch_world, check_ranks_agree
     from .metrics_logger import MetricsLogger, print_rank0
     from .step import eval_loss, train_step
 
     # 1. Process groups, seeds, and every check that can fail before anything is written.
-    deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # layout / batch divisibility, overrides
+    deepspeed_config(cfg, check_launch_world(cfg))  # the world init_distributed will make vs the layout; overrides
     init_distributed()
     check_ranks_agree(cfg)  # node agents launched with different configs: one error, before any group
     init_model_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.train.seed)
