@@ -169,8 +169,8 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
 
         if valid_data is not None and cfg.train.eval_interval and iteration % cfg.train.eval_interval == 0:
             valid_data.load_state_dict({"consumed_samples": 0})
-            losses = [eval_loss(trainer, valid_data.next_global_batch()) for _ in range(cfg.train.eval_iters)]
-            logger.validation(iteration, train_data.consumed_samples, sum(losses) / len(losses))
+            batches = [b for _ in range(cfg.train.eval_iters) for b in valid_data.next_global_batch()]
+            logger.validation(iteration, train_data.consumed_samples, eval_loss(trainer, batches))  # per token of all
 
         if outliers is not None and outliers.due(iteration):
             probe = valid_data.first_microbatch()  # the same batch every time
