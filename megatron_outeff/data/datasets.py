@@ -1,8 +1,14 @@
-"""Train/valid/test GPT datasets through megatron-core, and a resumable micro-batch sampler.
+"""Train/valid/test GPT datasets through megatron-core, endless sample streams over them, and a
+resumable micro-batch sampler.
 
-Sampling (blending, splitting, shuffling, packing documents into sequences) is megatron-core's:
-we only map our arguments onto `GPTDatasetConfig` + `BlendedMegatronDatasetBuilder` and check the
-inputs first. Each sample is GPTDataset's dict: "tokens", "labels" (int64, [seq_length]),
+`build_gpt_datasets`: megatron's datasets sized for a number of samples (megatron shuffles all the
+epochs it needs together, so the order depends on that number). `build_gpt_streams`: what training
+reads, streams whose sample i never depends on how many samples are read (`EpochStream`,
+`BlendStream`: megatron's one-epoch datasets epoch after epoch, mixed by megatron's blending rule).
+
+Sampling (blending, splitting, shuffling, packing documents into sequences) is megatron-core's
+(the streams add only the order of the epochs after the first): we only map our arguments onto
+`GPTDatasetConfig` + `BlendedMegatronDatasetBuilder` and check the inputs first. Each sample is GPTDataset's dict: "tokens", "labels" (int64, [seq_length]),
 "loss_mask" (float), "position_ids" and, with create_attention_mask=True, "attention_mask"
 (bool [1, seq, seq], True = masked out).
 
