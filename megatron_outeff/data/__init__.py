@@ -6,5 +6,5 @@ under megatron.core costs ~5 s to import, which the tokenizer CLIs should not pa
   megatron_outeff.data.tokenizer   load_tokenizer, SentencePieceTokenizer, HFTokenizer
   megatron_outeff.data.tokenizer_training   train_sentencepiece
   megatron_outeff.data.preprocess  preprocess_corpus            (imports megatron.core)
-  megatron_outeff.data.datasets    build_gpt_datasets, ResumableBatchSampler, MicroBatchIterator
+  megatron_outeff.data.datasets    build_gpt_datasets, build_gpt_streams, ResumableBatchSampler, MicroBatchIterator
 """

@@ -1,8 +1,14 @@
-"""Train/valid/test GPT datasets through megatron-core, and a resumable micro-batch sampler.
+"""Train/valid/test GPT datasets through megatron-core, endless sample streams over them, and a
+resumable micro-batch sampler.
 
-Sampling (blending, splitting, shuffling, packing documents into sequences) is megatron-core's:
-we only map our arguments onto `GPTDatasetConfig` + `BlendedMegatronDatasetBuilder` and check the
-inputs first. Each sample is GPTDataset's dict: "tokens", "labels" (int64, [seq_length]),
+`build_gpt_datasets`: megatron's datasets sized for a number of samples (megatron shuffles all the
+epochs it needs together, so the order depends on that number). `build_gpt_streams`: what training
+reads, streams whose sample i never depends on how many samples are read (`EpochStream`,
+`BlendStream`: megatron's one-epoch datasets epoch after epoch, mixed by megatron's blending rule).
+
+Sampling (blending, splitting, shuffling, packing documents into sequences) is megatron-core's
+(the streams add only the order of the epochs after the first): we only map our arguments onto
+`GPTDatasetConfig` + `BlendedMegatronDatasetBuilder` and check the inputs first. Each sample is GPTDataset's dict: "tokens", "labels" (int64, [seq_length]),
 "loss_mask" (float), "position_ids" and, with create_attention_mask=True, "attention_mask"
 (bool [1, seq, seq], True = masked out).
 
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -130,6 +137,18 @@ def check_indexed_dataset(prefix: str, tokenizer: Optional[Tokenizer] = None,
 _SPLIT_NAMES = ("train", "valid", "test")
 
 
+def split_shares(split: str, name: str = "split") -> List[float]:
+    """The normalised (train, valid, test) shares of a split string such as "969,30,1" (1 to 3
+    comma-separated non-negative numbers with a positive sum; missing shares are 0), as megatron-core
+    parses it; OutEffError ``<name>=<split>: ...`` otherwise."""
+    parts = [p.strip() for p in str(split).split(",")]
+    if not (1 <= len(parts) <= 3 and all(re.fullmatch(r"\d+(\.\d*)?|\.\d+", p) for p in parts)
+            and any(float(p) > 0 for p in parts)):
+        raise OutEffError(f"{name}={split!r}: expected up to three comma-separated shares (train, valid, test) "
+                          f"with a positive sum, e.g. '969,30,1'")
+    return parse_and_normalize_split(split)
+
+
 def _check_split_ranges(split: str, stats: Dict[str, Dict[str, Any]]) -> None:
     """Every split with a positive share must get >= 1 document of every prefix.
 
@@ -221,8 +240,7 @@ def build_gpt_datasets(
     if data is not None:
         blends: List[Optional[Blend]] = [parse_blend(data, weights)]
         blend, blend_per_split = blends[0], None
-        if not any(float(x) > 0 for x in split.replace(",", " ").split()):
-            raise OutEffError(f"split {split!r} has no positive share")
+        split_shares(split)  # well-formed, with a positive share
     else:
         if weights is not None:
             raise OutEffError("weights= applies to data=; put weights inside each per-split spec")
@@ -269,6 +287,155 @@ def build_gpt_datasets(
     with _no_process_group_get_rank():
         train, valid, test = builder.build()
     return train, valid, test
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Sample streams: sample i depends on the data, the seed and i, never on a run's length
+# --------------------------------------------------------------------------------------------------
+class EpochStream:
+    """Sample i (any i >= 0) of the endless sequence of epochs of one megatron dataset.
+
+    ``dataset`` holds exactly one epoch of L samples (a GPTDataset built with num_samples=None:
+    megatron's document shuffle, packing into sequences and sample shuffle, seeded by its config's
+    random_seed). Epoch e = i // L reads those L samples once each: epoch 0 in megatron's own order
+    (the order megatron gives any run that fits in one epoch), epoch e >= 1 in a permutation of it
+    drawn by numpy's RandomState (whose streams numpy keeps fixed across versions) from
+    SeedSequence((seed, e)). Documents are packed into sequences once; a later epoch re-reads the
+    same sequences in a new order. Why not megatron's own multi-epoch dataset: it shuffles all of its
+    epochs together, so its order depends on how many samples were asked for, and a run extended on
+    resume would re-read samples it trained on and skip others.
+    """
+
+    def __init__(self, dataset, seed: int, name: str):
+        self.dataset = dataset
+        self.seed = int(seed)
+        self.name = name
+        self.epoch_length = len(dataset)
+        self._epoch, self._permutation = None, None  # the last epoch read (reads are in order per rank)
+
+    def permutation(self, epoch: int) -> numpy.ndarray:
+        """Epoch ``epoch``'s order: positions into the one-epoch dataset (epoch 0: the identity)."""
+        if epoch == 0:
+            return numpy.arange(self.epoch_length)
+        if epoch != self._epoch:
+            entropy = numpy.random.SeedSequence([self.seed, epoch]).generate_state(1)[0]
+            order = numpy.arange(self.epoch_length, dtype=numpy.uint32 if self.epoch_length < 2**32 else numpy.int64)
+            numpy.random.RandomState(entropy).shuffle(order)  # megatron's shuffle index is built the same way
+            self._epoch, self._permutation = epoch, order
+        return self._permutation
+
+    def check(self) -> None:
+        """OutEffError naming the split and prefix when an epoch holds no sample."""
+        if self.epoch_length < 1:
+            raise OutEffError(f"{self.name} holds no sample: fewer tokens than one sequence")
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        self.check()
+        epoch, j = divmod(int(i), self.epoch_length)
+        return self.dataset[int(self.permutation(epoch)[j]) if epoch else j]
+
+
+class BlendStream:
+    """Sample i of a weighted blend of streams, by megatron's BlendedDataset rule
+    (``helpers.build_blending_indices``: sample i comes from the stream furthest below its share,
+    and is that stream's next sample). The rule looks only at the samples before i, so the index
+    is computed for as many samples as have been asked for and grown (recomputed, twice as long)
+    on demand: sample i never depends on how many samples a run reads. Samples carry "dataset_id"
+    (the position of their prefix in the blend), as megatron's do."""
+
+    def __init__(self, streams: Sequence[EpochStream], weights: Sequence[float], dataset_ids: Sequence[int]):
+        from megatron.core.datasets.utils import normalize
+
+        self.streams = list(streams)
+        self.weights = numpy.asarray(normalize(list(weights)), dtype=numpy.float64)
+        self.dataset_ids = list(dataset_ids)
+        self._dataset_index = numpy.zeros(0, dtype=numpy.int16)
+        self._sample_index = numpy.zeros(0, dtype=numpy.int64)
+
+    def check(self) -> None:
+        for stream in self.streams:
+            stream.check()
+
+    def _grow(self, size: int) -> None:
+        from megatron.core.datasets import helpers
+
+        size = max(size, 2 * len(self._dataset_index), 1024)
+        dataset_index = numpy.zeros(size, dtype=numpy.int16)
+        sample_index = numpy.zeros(size, dtype=numpy.int64)
+        helpers.build_blending_indices(dataset_index, sample_index, self.weights, len(self.streams), size, False)
+        self._dataset_index, self._sample_index = dataset_index, sample_index
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        i = int(i)
+        if i >= len(self._dataset_index):
+            self._grow(i + 1)
+        d = int(self._dataset_index[i])
+        return {"dataset_id": self.dataset_ids[d], **self.streams[d][int(self._sample_index[i])]}
+
+
+def build_gpt_streams(
+    data: Optional[BlendSpec] = None,
+    *,
+    tokenizer: Tokenizer,
+    seq_length: int,
+    split: str = "969,30,1",
+    weights: Optional[Sequence[float]] = None,
+    train_data: Optional[BlendSpec] = None,
+    valid_data: Optional[BlendSpec] = None,
+    test_data: Optional[BlendSpec] = None,
+    seed: int = 1234,
+    cache_dir: Optional[str] = None,
+    **gpt_options,
+) -> Tuple[Any, Any, Any]:
+    """(train, valid, test) endless sample streams (``stream[i]``: GPTDataset's sample dict; None
+    for a split without data), whose order does not depend on how many samples are read.
+
+    The arguments are ``build_gpt_datasets``'s (``gpt_options``: eod_mask_loss, reset_position_ids,
+    reset_attention_mask, create_attention_mask, is_built_on_rank), without num_samples. Each
+    prefix's splits are built once, one epoch each, by megatron (``build_gpt_datasets`` with
+    num_samples=None: the documents of a prefix are cut by ``split`` exactly as megatron cuts a
+    blend); each becomes an ``EpochStream``; several prefixes are mixed by a ``BlendStream`` with
+    the blend's weights, or without weights in proportion to their samples per epoch (megatron's
+    rule for an unweighted blend). A prefix with weight 0 is left out. Within the first epoch of
+    every prefix the samples are exactly those of ``build_gpt_datasets`` sized for that many
+    samples. Collective like ``build_gpt_datasets`` (one build per prefix, in blend order).
+    """
+    if (data is None) == all(d is None for d in (train_data, valid_data, test_data)):
+        raise OutEffError("pass either data (with split) or train_data/valid_data/test_data")
+    common = dict(tokenizer=tokenizer, seq_length=seq_length, seed=seed, cache_dir=cache_dir,
+                  num_samples=(None, None, None), **gpt_options)
+    if data is not None:
+        prefixes, blend_weights = parse_blend(data, weights)
+        built = [build_gpt_datasets(([p], None), split=split, **common) for p in prefixes]  # (train, valid, test) per prefix
+        per_split = [(prefixes, blend_weights, [b[k] for b in built]) for k in range(3)]
+    else:
+        if weights is not None:
+            raise OutEffError("weights= applies to data=; put weights inside each per-split spec")
+        per_split = []
+        for k, (name, spec) in enumerate(zip(_SPLIT_NAMES, (train_data, valid_data, test_data))):
+            if spec is None:
+                per_split.append(None)
+                continue
+            prefixes, blend_weights = parse_blend(spec)
+            per_split.append((prefixes, blend_weights,
+                              [build_gpt_datasets(**{f"{name}_data": ([p], None)}, **common)[k] for p in prefixes]))
+
+    streams = []
+    for k, entry in enumerate(per_split):
+        if entry is None or all(ds is None for ds in entry[2]):
+            streams.append(None)
+            continue
+        prefixes, blend_weights, datasets = entry
+        parts = [(i, EpochStream(ds, seed, f"the {_SPLIT_NAMES[k]} split of {p!r}"))
+                 for i, (p, ds) in enumerate(zip(prefixes, datasets)) if ds is not None]
+        shares = [blend_weights[i] if blend_weights is not None else s.epoch_length for i, s in parts]
+        drawn = [(i, s, w) for (i, s), w in zip(parts, shares) if w > 0]
+        if len(drawn) == 1 or not drawn:  # one source: the plain stream (none: reading it says why)
+            streams.append((drawn or parts)[0][1])
+        else:
+            streams.append(BlendStream([s for _, s, _ in drawn], [w for _, _, w in drawn], [i for i, _, _ in drawn]))
+    return tuple(streams)
 
 
 class ResumableBatchSampler:

@@ -7,19 +7,38 @@ import os
 import torch
 import torch.distributed as dist
 
+from megatron_outeff.errors import OutEffError
+
 from .cpu_support import apply_cpu_patches, cuda_available
+
+
+def launcher_world_size() -> int | None:
+    """The world size ``init_distributed`` takes from a launcher's environment: WORLD_SIZE when RANK is
+    set (torchrun, the SLURM and deepspeed launchers set both), else None (a single-process group: a
+    WORLD_SIZE left in the environment without RANK is ignored). An existing process group's own size
+    wins. OutEffError naming WORLD_SIZE when it is not a positive integer."""
+    if dist.is_initialized():
+        return dist.get_world_size()
+    if "RANK" not in os.environ:
+        return None
+    raw = os.environ.get("WORLD_SIZE", "")
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise OutEffError(f"WORLD_SIZE={raw!r} in the environment (RANK={os.environ['RANK']} is set, so the launcher's "
+                          "variables are used): expected a positive integer")
+    return int(raw)
 
 
 def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> None:
     """Initialise torch.distributed from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...).
 
-    Without those variables a single-process group is created on a free local port, so the same
-    code paths run under plain ``python`` too. Backend: NCCL with CUDA, gloo otherwise.
+    Without RANK a single-process group is created on a free local port (overwriting a stale
+    WORLD_SIZE), so the same code paths run under plain ``python`` too (``launcher_world_size``
+    says which). Backend: NCCL with CUDA, gloo otherwise.
     """
     if dist.is_initialized():
         return
     backend = backend or ("nccl" if cuda_available() else "gloo")
-    if "RANK" not in os.environ:
+    if launcher_world_size() is None:
         import socket
 
         with socket.socket() as s:

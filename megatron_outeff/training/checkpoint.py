@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_outeff.checkpoint_format import (
-    MASTER_SUBDIR, MODEL_SUBDIR, RUN_FILE, checkpoint_tags, dtype_name, is_partial_tag,
+    MASTER_SUBDIR, MODEL_SUBDIR, RUN_FILE, TRAIN_STATE, checkpoint_tags, dtype_name, is_partial_tag,
     load_into_model, make_manifest, partial_tag, read_latest, read_run_file, read_train_state, rng_file, tag_for,
     tensor_state, write_latest, write_manifest, write_rank_file, write_run_file, write_train_state,
 )
@@ -35,6 +35,7 @@ from megatron_outeff.utils.atomic import fsync_dir
 
 from . import elastic
 from .config import Config, dump_config
+from .data import check_resumed_order
 
 # Test hook: SIGKILL this process in the middle of saving the checkpoint of this iteration
 # (after DeepSpeed's files and part of our own are written, before the rename).
@@ -83,6 +84,8 @@ def _decide(cfg: Config, ckpt: Path, force_resume: bool, world_size: int) -> tup
         return (f"--resume: no complete checkpoint in {ckpt}; without --resume a new run starts there", False)
     if latest is not None:
         error = elastic.check_resume(cfg, ckpt / latest, world_size)  # saved at another layout: can it resume here?
+        if not error and (ckpt / latest / TRAIN_STATE).is_file():  # a resumed change of the data order (training/data.py)
+            error = check_resumed_order(read_train_state(ckpt / latest).get("data"), cfg)
         if error:
             return error, False
     return None, latest is not None

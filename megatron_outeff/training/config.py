@@ -256,6 +256,8 @@ def validate(cfg: Config) -> None:
         bigram_backcopy_task(cfg)  # impossible task parameters fail here
     if cfg.data.source == "indexed" and not cfg.data.train_paths:
         raise OutEffError("data.source=indexed needs data.train_paths")
+    if cfg.data.source == "indexed":
+        _check_validation_split(cfg)
     if cfg.model.recompute_method not in (None, "uniform", "block"):
         raise OutEffError(f"model.recompute_method={cfg.model.recompute_method!r}: expected null, uniform or block")
     for where, value, least in (
@@ -271,6 +273,22 @@ def validate(cfg: Config) -> None:
     from .model import check_model  # arch, overrides, attention variant, megatron TransformerConfig
 
     check_model(cfg)
+
+
+def _check_validation_split(cfg: Config) -> None:
+    """data.split well-formed; validation (train.eval_interval) and the outlier probe
+    (logging.outlier_interval) need a validation split: one without a share and no data.valid_paths
+    would turn them off silently."""
+    from megatron_outeff.data.datasets import split_shares
+
+    d = cfg.data
+    shares = split_shares(d.split, "data.split")
+    wanted = [f"{key}={value}" for key, value in (("train.eval_interval", cfg.train.eval_interval),
+                                                  ("logging.outlier_interval", cfg.logging.outlier_interval)) if value > 0]
+    if wanted and not d.valid_paths and shares[1] == 0:
+        raise OutEffError(f"{' and '.join(wanted)} need validation data, but data.split={d.split!r} gives the validation "
+                          "split no share and data.valid_paths is empty; give it a share (e.g. data.split=969,30,1), "
+                          f"set data.valid_paths, or set {' and '.join(w.split('=')[0] for w in wanted)} to 0")
 
 
 def bigram_backcopy_task(cfg: Config):

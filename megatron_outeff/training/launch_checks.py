@@ -30,6 +30,17 @@ def check_world(cfg: Config, world_size: int, world_from: str) -> int:
         raise with_context(world_from, e) from None
 
 
+def check_launch_world(cfg: Config) -> int:
+    """The world size process-group initialisation will create (``launcher_world_size``: the launcher's
+    WORLD_SIZE when RANK is set, else 1), checked against the layout before any rendezvous; the error
+    names WORLD_SIZE when the number came from the environment. Returns the world size."""
+    from megatron_outeff.megatron.parallel import launcher_world_size
+
+    world = launcher_world_size()
+    check_world(cfg, world or 1, f"WORLD_SIZE={world}" if world is not None else "")
+    return world or 1
+
+
 def _first_difference(a, b, where: str = "") -> str | None:
     if isinstance(a, dict) and isinstance(b, dict):
         for key in list(a) + [k for k in b if k not in a]:

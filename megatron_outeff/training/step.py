@@ -6,7 +6,16 @@
   the last one. With it (``pipeline_train_step``) megatron's 1F1B schedule runs every micro-batch's
   forward and backward across the stages, then DeepSpeed reduces over DP and steps once.
 - ``eval_loss``: the same loss without gradients.
-Losses are averaged over micro-batches and data-parallel ranks, so every rank reports the same value.
+
+The loss of a step is per token of the whole global batch: the sum of the masked per-token losses of
+every micro-batch on every data-parallel rank, divided by the global batch's number of unmasked tokens
+(``global_token_count``, one all-reduce over DP before the forward passes), as megatron-core's per-token
+loss (``calculate_per_token_loss``) and transformers' gradient-accumulation fix (``num_items_in_batch``)
+do. Each micro-batch backpropagates its masked sum / that count, times DP because DeepSpeed averages the
+gradients over the data-parallel ranks (and without DeepSpeed's division by the accumulation steps:
+``scale_wrt_gas=False``; the pipeline schedule's division by the number of micro-batches is undone the
+same way), so the gradient is that of the global per-token loss whatever the micro-batch size, the
+accumulation or the DP size. Every rank reports the same loss.
 """
 from __future__ import annotations
 
@@ -25,10 +34,25 @@ def to_device(batch: dict) -> dict:
     return {k: v.to(device(), non_blocking=True) for k, v in batch.items()}
 
 
-def lm_loss(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the tokens whose loss_mask is 1. ``per_token`` [b, s]: megatron's
-    per-token losses (the model called with ``labels``); ``loss_mask`` [b, s] of 0 / 1."""
-    return (per_token.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+def lm_loss(per_token: torch.Tensor, loss_mask: torch.Tensor, num_tokens=None) -> torch.Tensor:
+    """Next-token cross-entropy summed over the tokens whose loss_mask is 1, divided by ``num_tokens``
+    (default: this batch's own count of them, i.e. its mean per token; in a step: the global batch's count,
+    ``global_token_count``, so that the micro-batches' losses add up to the step's per-token mean; a count
+    of 0 divides by 1). ``per_token`` [b, s]: megatron's per-token losses (the model called with
+    ``labels``); ``loss_mask`` [b, s] of 0 / 1."""
+    if num_tokens is None:
+        num_tokens = loss_mask.sum()
+    return (per_token.float() * loss_mask).sum() / torch.clamp(torch.as_tensor(num_tokens, dtype=torch.float32), min=1)
+
+
+def global_token_count(micro_batches: list[dict]) -> torch.Tensor:
+    """The number of unmasked tokens in these micro-batches on every data-parallel rank together (one
+    all-reduce over the DP group; collective). Counted in float64: exact far beyond any batch."""
+    from megatron.core import parallel_state
+
+    count = torch.stack([b["loss_mask"].sum(dtype=torch.float64) for b in micro_batches]).sum().to(device())
+    dist.all_reduce(count, group=parallel_state.get_data_parallel_group())
+    return count
 
 
 def _forward(model, batch: dict) -> torch.Tensor:
@@ -37,19 +61,25 @@ def _forward(model, batch: dict) -> torch.Tensor:
     return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
 
 
-def masked_lm_loss(model, batch: dict) -> torch.Tensor:
+def masked_lm_loss(model, batch: dict, num_tokens=None) -> torch.Tensor:
     """``lm_loss`` of one micro-batch through the whole model (no pipeline parallelism)."""
     batch = to_device(batch)
-    return lm_loss(_forward(model, batch), batch["loss_mask"])
+    return lm_loss(_forward(model, batch), batch["loss_mask"], num_tokens)
 
 
 @dataclass
 class StepResult:
-    loss: float  # mean over this step's micro-batches and data-parallel ranks
+    loss: float  # per unmasked token of the whole global batch (every micro-batch and data-parallel rank)
     grad_norm: float | None
     loss_scale: float | None
     lr: float  # the learning rate this step used
     skipped: bool  # fp16 overflow: no update
+
+
+def _dp_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_world_size()
 
 
 def train_step(t: Trainer, micro_batches: list[dict]) -> StepResult:
@@ -59,12 +89,14 @@ def train_step(t: Trainer, micro_batches: list[dict]) -> StepResult:
         return pipeline_train_step(t, micro_batches)
     engine = t.engine
     lr = t.lr
-    losses = []
+    num_tokens = global_token_count(micro_batches)
+    losses = []  # each micro-batch's share of the step's per-token loss
     skipped_before = engine.skipped_steps
     grad_norm = None
     for i, batch in enumerate(micro_batches):
-        loss = masked_lm_loss(engine, batch)
-        engine.backward(loss)
+        loss = masked_lm_loss(engine, batch, num_tokens)
+        # DeepSpeed averages gradients over DP: x DP makes the sum over ranks; no division by accumulation steps
+        engine.backward(loss * _dp_size(), scale_wrt_gas=False)
         if i == len(micro_batches) - 1 and t.own_clipping:  # grads are DP-reduced by now
             grad_norm = clip_grads_fp32(engine.module, t.cfg.train.clip_grad)
         engine.step()
@@ -72,23 +104,25 @@ def train_step(t: Trainer, micro_batches: list[dict]) -> StepResult:
     if grad_norm is None:
         grad_norm = _deepspeed_grad_norm(engine)
     return StepResult(
-        loss=_dp_mean(torch.stack(losses).mean()), grad_norm=grad_norm, loss_scale=_loss_scale(engine), lr=lr,
+        loss=_dp_sum(torch.stack(losses).sum()), grad_norm=grad_norm, loss_scale=_loss_scale(engine), lr=lr,
         skipped=engine.skipped_steps > skipped_before,
     )
 
 
 @torch.no_grad()
 def eval_loss(t: Trainer, micro_batches: list[dict]) -> float:
-    """Mean ``lm_loss`` of the micro-batches (eval mode, no gradients), averaged over data-parallel ranks."""
+    """The loss per unmasked token of these micro-batches on every data-parallel rank together (eval mode,
+    no gradients). Collective over DP."""
+    num_tokens = global_token_count(micro_batches)
     t.engine.eval()
     try:
         if t.pipelined:
             sync_tied_embedding(t.engine.module)
-            return _dp_mean(_pipeline_loss(_run_pipeline(t, micro_batches, forward_only=True)))
-        losses = [masked_lm_loss(t.engine, b) for b in micro_batches]
+            return _dp_sum(_pipeline_loss(_run_pipeline(t, micro_batches, num_tokens, forward_only=True)))
+        losses = [masked_lm_loss(t.engine, b, num_tokens) for b in micro_batches]
     finally:
         t.engine.train()
-    return _dp_mean(torch.stack(losses).mean())
+    return _dp_sum(torch.stack(losses).sum())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -98,7 +132,7 @@ def pipeline_train_step(t: Trainer, micro_batches: list[dict]) -> StepResult:
     engine = t.engine
     lr = t.lr
     sync_tied_embedding(engine.module)
-    outputs = _run_pipeline(t, micro_batches, forward_only=False)
+    outputs = _run_pipeline(t, micro_batches, global_token_count(micro_batches), forward_only=False)
     _allreduce_tied_embedding_grads(engine.module)
     if t.own_clipping:
         _allreduce_dp_mean(engine.module)
@@ -107,22 +141,25 @@ def pipeline_train_step(t: Trainer, micro_batches: list[dict]) -> StepResult:
     else:
         engine.step()  # ZeRO-1: reduce over DP, clip, update, LR schedule
         grad_norm = _deepspeed_grad_norm(engine)
-    return StepResult(loss=_dp_mean(_pipeline_loss(outputs)), grad_norm=grad_norm, loss_scale=None, lr=lr,
+    return StepResult(loss=_dp_sum(_pipeline_loss(outputs)), grad_norm=grad_norm, loss_scale=None, lr=lr,
                       skipped=False)
 
 
-def _pipeline_loss_func(loss_mask: torch.Tensor, per_token: torch.Tensor):
-    loss = lm_loss(per_token, loss_mask)
-    # megatron divides the returned loss by num_microbatches in place: log a copy
-    return loss, {"lm loss": loss.detach().clone()}
+def _pipeline_loss_func(loss_mask: torch.Tensor, num_tokens: torch.Tensor, num_microbatches: int,
+                        per_token: torch.Tensor):
+    loss = lm_loss(per_token, loss_mask, num_tokens)  # this micro-batch's share of the step's per-token loss
+    # megatron's schedule divides the returned loss by num_microbatches (and backpropagates that); DeepSpeed
+    # then averages the gradients over DP: x (micro-batches x DP) gives the global per-token loss's gradient
+    return loss * (num_microbatches * _dp_size()), {"lm loss": loss.detach().clone()}
 
 
-def _run_pipeline(t: Trainer, micro_batches: list[dict], forward_only: bool) -> list[dict]:
+def _run_pipeline(t: Trainer, micro_batches: list[dict], num_tokens: torch.Tensor, forward_only: bool) -> list[dict]:
     from megatron_outeff.megatron.cpu_support import cpu_safe_forward_backward_func
 
     def forward_step(data_iterator, model):
         batch = to_device(next(data_iterator))
-        return _forward(model, batch), functools.partial(_pipeline_loss_func, batch["loss_mask"])
+        return _forward(model, batch), functools.partial(_pipeline_loss_func, batch["loss_mask"], num_tokens,
+                                                         len(micro_batches))
 
     schedule = cpu_safe_forward_backward_func()
     return schedule(
@@ -133,10 +170,10 @@ def _run_pipeline(t: Trainer, micro_batches: list[dict], forward_only: bool) -> 
 
 
 def _pipeline_loss(outputs: list[dict]) -> torch.Tensor:
-    """Mean micro-batch loss, from the last stage to every stage of the pipeline."""
+    """The sum of the micro-batches' shares of the per-token loss, from the last stage to every stage."""
     from megatron.core import parallel_state
 
-    loss = torch.stack([o["lm loss"] for o in outputs]).mean() if outputs else torch.zeros((), device=device())
+    loss = torch.stack([o["lm loss"] for o in outputs]).sum() if outputs else torch.zeros((), device=device())
     loss = loss.float().reshape(())
     dist.all_reduce(loss, group=parallel_state.get_pipeline_model_parallel_group())  # zero elsewhere
     return loss
@@ -203,12 +240,13 @@ def _allreduce_dp_mean(model: torch.nn.Module) -> None:
 # --------------------------------------------------------------------------------------------------
 # Step statistics
 # --------------------------------------------------------------------------------------------------
-def _dp_mean(x: torch.Tensor) -> float:
+def _dp_sum(x: torch.Tensor) -> float:
+    """The sum over the data-parallel ranks (of their shares of a per-token loss)."""
     from megatron.core import parallel_state
 
     x = x.detach().float().clone()
     dist.all_reduce(x, group=parallel_state.get_data_parallel_group())
-    return float(x) / parallel_state.get_data_parallel_world_size()
+    return float(x)
 
 
 def _deepspeed_grad_norm(engine) -> float | None:

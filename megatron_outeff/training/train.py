@@ -35,6 +35,7 @@ from megatron_outeff.utils.cli import OneLineArgumentParser, command, input_text
 
 from . import checkpoint, elastic
 from .config import Config, deepspeed_config, load_config
+from .data import order_change_note
 
 
 def parse_args(argv=None):
@@ -88,12 +89,12 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
     from megatron_outeff.megatron.parallel import init_distributed, init_model_parallel
 
     from .engine import build_trainer
-    from .launch_checks import check_ranks_agree
+    from .launch_checks import check_launch_world, check_ranks_agree
     from .metrics_logger import MetricsLogger, print_rank0
     from .step import eval_loss, train_step
 
     # 1. Process groups, seeds, and every check that can fail before anything is written.
-    deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # layout / batch divisibility, overrides
+    deepspeed_config(cfg, check_launch_world(cfg))  # the world init_distributed will make vs the layout; overrides
     init_distributed()
     check_ranks_agree(cfg)  # node agents launched with different configs: one error, before any group
     init_model_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.train.seed)
@@ -125,6 +126,8 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
         state = checkpoint.load(engine, cfg)
         iteration = state["iteration"]
         train_data.load_state_dict(state["data"])
+        if order_change_note(state["data"], train_data):  # another seed, sequence length, data: said, not silent
+            print_rank0(order_change_note(state["data"], train_data))
         if state.get("elastic"):  # saved at another layout: its RNG streams belong to other ranks
             elastic.reseed(cfg.train.seed, iteration)
             print_rank0(f"resumed from {cfg.checkpoint.dir}/{state['tag']} at iteration {iteration}, saved at "
@@ -166,8 +169,8 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
 
         if valid_data is not None and cfg.train.eval_interval and iteration % cfg.train.eval_interval == 0:
             valid_data.load_state_dict({"consumed_samples": 0})
-            losses = [eval_loss(trainer, valid_data.next_global_batch()) for _ in range(cfg.train.eval_iters)]
-            logger.validation(iteration, train_data.consumed_samples, sum(losses) / len(losses))
+            batches = [b for _ in range(cfg.train.eval_iters) for b in valid_data.next_global_batch()]
+            logger.validation(iteration, train_data.consumed_samples, eval_loss(trainer, batches))  # per token of all
 
         if outliers is not None and outliers.due(iteration):
             probe = valid_data.first_microbatch()  # the same batch every time

@@ -132,3 +132,34 @@ def test_fingerprint_ignores_logging_and_checkpoint_places():
                           "logging": {"tensorboard_dir": "y"}})
     c = config_from_dict({"train": {"train_iters": 6}})
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+@pytest.mark.parametrize("interval, named", [
+    ("train.eval_interval=5", "train.eval_interval=5"),
+    ("logging.outlier_interval=10", "logging.outlier_interval=10"),
+])
+def test_empty_validation_split_with_an_interval_is_refused_at_load(interval, named, tmp_path):
+    """Issue 19 item 5: validation / the outlier probe on with a validation split that has no share would
+    train without them, silently. Refused when the config loads (so before anything is written), naming
+    the interval and the split; the trainer's CLI gives that one line and exit code 2."""
+    from megatron_outeff.training.train import main
+
+    indexed = ["data.source=indexed", f"data.train_paths=[{tmp_path / 'corpus'}]", f"data.tokenizer={tmp_path / 'tok.model'}",
+               "train.eval_interval=0", "logging.outlier_interval=0"]
+    for split in ("100,0,0", "99,0,1", "1,0"):
+        with pytest.raises(OutEffError, match=rf"{named}.*data\.split='{split}' gives the validation split no share"):
+            load_config(DEMO, indexed + [interval, f"data.split={split}"])
+    load_config(DEMO, indexed + [interval, "data.split=99,1,0"])  # a validation share
+    load_config(DEMO, indexed + [interval, "data.split=100,0,0", f"data.valid_paths=[{tmp_path / 'valid'}]"])
+    load_config(DEMO, indexed + ["data.split=100,0,0"])  # no interval: no validation wanted
+    ck, tb = tmp_path / "ck", tmp_path / "tb"
+    argv = ["--config", DEMO] + [a for s in indexed + [interval, "data.split=100,0,0", f"checkpoint.dir={ck}",
+                                                       f"logging.tensorboard_dir={tb}"] for a in ("--set", s)]
+    assert main(argv) == 2
+    assert not ck.exists() and not tb.exists()
+
+
+@pytest.mark.parametrize("split", ["969;30;1", "a,b", "1,2,3,4", "0,0,0", "-1,2,0"])
+def test_a_malformed_split_is_refused_at_load(split, tmp_path):
+    with pytest.raises(OutEffError, match=rf"data\.split='{split}'"):
+        load_config(DEMO, ["data.source=indexed", f"data.train_paths=[{tmp_path / 'corpus'}]", f"data.split={split}"])

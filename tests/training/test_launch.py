@@ -50,6 +50,33 @@ def test_launch_check_names_the_task_count_and_the_layout(world, sets_, error):
     assert (r.returncode, r.stdout, r.stderr.strip() or None) == ((2 if error else 0), "", error)
 
 
+def _trainer(extra_env, sets_):
+    cmd = [PYTHON, "-m", "megatron_outeff.training.train", "--config", DEMO, *sets(sets_)]
+    return subprocess.run(cmd, env=dict(env(), **extra_env), cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_a_stale_world_size_does_not_break_a_one_process_run(tmp_path):
+    """Issue 19 item 12: WORLD_SIZE left in the environment without a launcher (no RANK) is not the world:
+    process-group initialisation makes a single-process group there, and the layout check agrees."""
+    r = _trainer({"WORLD_SIZE": "3"}, ["train.train_iters=1"])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "world 1 = TP 1 x PP 1 x DP 1" in r.stdout
+
+
+def test_the_launchers_world_size_is_named_in_a_layout_error(tmp_path):
+    """With a launcher's RANK, WORLD_SIZE is the world: a layout it does not fit is one line naming the variable,
+    before any rendezvous (nothing waits for the two ranks that will never come)."""
+    r = _trainer({"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                  "MASTER_PORT": str(free_port())}, [f"checkpoint.dir={tmp_path / 'ck'}"])
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and errors == [
+        "error: WORLD_SIZE=3: parallel.global_batch_size=4 is not divisible by micro_batch_size x data_parallel = 1 x 3"
+    ], r.stderr[-2000:]
+    r = _trainer({"RANK": "0", "WORLD_SIZE": "two", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}, [])
+    assert r.returncode == 2 and "error: WORLD_SIZE='two'" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "ck").exists()
+
+
 # --------------------------------------------------------------------------------------------------
 # SLURM
 # --------------------------------------------------------------------------------------------------

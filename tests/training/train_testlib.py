@@ -52,3 +52,42 @@ def tensorboard_scalars(tb_dir) -> dict:
             assert tag not in out, f"{tag} written on two step axes"
             out[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
     return out
+
+
+WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at".split()
+INDEXED_VOCAB = 304  # the model's vocabulary for indexed_corpus's tokenizer (300 ids)
+
+
+def indexed_corpus(directory, sizes: dict, *, min_words: int = 3, max_words: int = 30, seed: int = 0) -> dict:
+    """Megatron indexed datasets of random-word documents, one per name in ``sizes`` ({name: number of
+    documents of min_words..max_words words}), and the sentencepiece tokenizer (300 ids, trained on a
+    fixed larger corpus) they were tokenized with: {name: prefix, ..., "tokenizer": path}. Short documents
+    put several end-of-document tokens in a sample, so eod_mask_loss gives each sample another mask."""
+    import json
+    import random
+
+    from megatron_outeff.data.preprocess import preprocess_corpus
+    from megatron_outeff.data.tokenizer_training import train_sentencepiece
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def write(path, n, lo, hi, rng):
+        path.write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))})
+                                + "\n" for _ in range(n)))
+        return str(path)
+
+    text = write(directory / "tokenizer_corpus.jsonl", 120, 60, 60, random.Random(0))
+    out = {"tokenizer": train_sentencepiece([text], str(directory / "spm"), vocab_size=300, num_threads=1)}
+    rng = random.Random(seed)
+    for name, n in sizes.items():
+        corpus = write(directory / f"{name}.jsonl", n, min_words, max_words, rng)
+        out[name] = str(directory / "idx" / name)
+        preprocess_corpus(corpus, out[name], out["tokenizer"], progress=False)
+    return out
+
+
+def indexed_sets(corpus: dict, train_paths: str, *extra: str) -> list:
+    """Config overrides for data.source=indexed on indexed_corpus's data (train_paths: a YAML list)."""
+    return [f"model.arch_overrides.vocab_size={INDEXED_VOCAB}", "data.source=indexed", f"data.train_paths={train_paths}",
+            f"data.tokenizer={corpus['tokenizer']}", *extra]
