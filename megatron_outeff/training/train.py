@@ -67,6 +67,12 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def _handler(self, signum, frame):
         self.received = True
 
@@ -99,95 +105,93 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None, stop: StopRe
     from .metrics_logger import MetricsLogger, print_rank0
     from .step import SkippedSteps, TrainingDiverged, eval_loss, train_step
 
-    own_stop = stop is None
-    stop = stop or StopRequest()
-    try:
-        # 1. Process groups, seeds, and every check that can fail before anything is written; the
-        #    checkpoint directory: may this run use it, and which checkpoint does it resume.
-        deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # layout / batch divisibility, overrides
-        init_distributed()
-        check_ranks_agree(cfg)  # node agents launched with different configs: one error, before any group
-        init_model_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.train.seed)
-        set_seeds(cfg.train.seed)
-        world = dist.get_world_size()
-        num_micro = cfg.grad_accumulation_steps(world)
-        ckpt = checkpoint.Checkpointer(cfg, force_resume)
-        print_rank0(f"world {world} = TP {cfg.parallel.tensor_parallel} x PP {cfg.parallel.pipeline_parallel} x "
-                    f"DP {ps.get_data_parallel_world_size()}; ZeRO-{cfg.parallel.zero_stage}; {cfg.precision.dtype}; "
-                    f"{num_micro} micro-batches of {cfg.parallel.micro_batch_size} per DP rank; fingerprint {cfg.fingerprint()}")
-        if stopped_before_start(stop):
-            return {"iteration": 0, "history": []}
+    if stop is None:  # called as a library: this call owns the handler
+        with StopRequest() as stop:
+            return train(cfg, force_resume, model_hook, stop)
 
-        # 2. This rank's model (TP shard / PP stage) with its initial weights, the DeepSpeed engine, and
-        #    this DP rank's slice of each global batch; then resume in one call (weights, optimizer,
-        #    data position, RNG).
-        def prepare_model(model):
-            if model_hook is not None:
-                model_hook(model)
-            ckpt.init_weights(model)  # checkpoint.init_from, for a new run
+    # 1. Process groups, seeds, and every check that can fail before anything is written; the
+    #    checkpoint directory: may this run use it, and which checkpoint does it resume.
+    deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # layout / batch divisibility, overrides
+    init_distributed()
+    check_ranks_agree(cfg)  # node agents launched with different configs: one error, before any group
+    init_model_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.train.seed)
+    set_seeds(cfg.train.seed)
+    world = dist.get_world_size()
+    num_micro = cfg.grad_accumulation_steps(world)
+    ckpt = checkpoint.Checkpointer(cfg, force_resume)
+    print_rank0(f"world {world} = TP {cfg.parallel.tensor_parallel} x PP {cfg.parallel.pipeline_parallel} x "
+                f"DP {ps.get_data_parallel_world_size()}; ZeRO-{cfg.parallel.zero_stage}; {cfg.precision.dtype}; "
+                f"{num_micro} micro-batches of {cfg.parallel.micro_batch_size} per DP rank; fingerprint {cfg.fingerprint()}")
+    if stopped_before_start(stop):
+        return {"iteration": 0, "history": []}
 
-        trainer, train_data, valid_data = build_trainer(cfg, prepare_model=prepare_model, model_cfg=ckpt.model_config)
-        engine = trainer.engine
-        iteration = ckpt.load(engine, train_data)
-        if stopped_before_start(stop):
-            return {"iteration": iteration, "history": []}
-        ckpt.record_run()  # run.json only now: everything that can refuse this config has run
+    # 2. This rank's model (TP shard / PP stage) with its initial weights, the DeepSpeed engine, and
+    #    this DP rank's slice of each global batch; then resume in one call (weights, optimizer,
+    #    data position, RNG).
+    def prepare_model(model):
+        if model_hook is not None:
+            model_hook(model)
+        ckpt.init_weights(model)  # checkpoint.init_from, for a new run
 
-        logger = MetricsLogger(cfg.logging.tensorboard_dir, seq_length=cfg.data.seq_length,
-                               log_interval=cfg.logging.log_interval, start_iteration=iteration,
-                               start_samples=train_data.consumed_samples)
-        outliers = None
-        if cfg.logging.outlier_interval > 0 and valid_data is not None:
-            from .outliers import OutlierMonitor
+    trainer, train_data, valid_data = build_trainer(cfg, prepare_model=prepare_model, model_cfg=ckpt.model_config)
+    engine = trainer.engine
+    iteration = ckpt.load(engine, train_data)
+    if stopped_before_start(stop):
+        return {"iteration": iteration, "history": []}
+    ckpt.record_run()  # run.json only now: everything that can refuse this config has run
 
-            outliers = OutlierMonitor(engine.module, cfg.logging.outlier_interval)
-        skipped = SkippedSteps.of(cfg)  # DeepSpeed skipped the update: non-finite gradients
-        history = []  # (iteration, loss) on this rank, for tests and the final summary
+    logger = MetricsLogger(cfg.logging.tensorboard_dir, seq_length=cfg.data.seq_length,
+                           log_interval=cfg.logging.log_interval, start_iteration=iteration,
+                           start_samples=train_data.consumed_samples)
+    outliers = None
+    if cfg.logging.outlier_interval > 0 and valid_data is not None:
+        from .outliers import OutlierMonitor
 
-        # 3. The loop.
-        stopping = False
-        while not stopping and iteration < cfg.train.train_iters:
-            logger.step_start()
-            micro_batches = train_data.next_global_batch()
+        outliers = OutlierMonitor(engine.module, cfg.logging.outlier_interval)
+    skipped = SkippedSteps.of(cfg)  # DeepSpeed skipped the update: non-finite gradients
+    history = []  # (iteration, loss) on this rank, for tests and the final summary
+
+    # 3. The loop.
+    stopping = False
+    while not stopping and iteration < cfg.train.train_iters:
+        logger.step_start()
+        micro_batches = train_data.next_global_batch()
+        try:
+            result = train_step(trainer, micro_batches)  # checks loss and grad norm before the update
+            skipped.update(result)
+        except TrainingDiverged as e:  # nothing of this step is saved; say where the work is
+            raise TrainingDiverged(f"iteration {iteration + 1}: {e}; training stopped before its optimizer "
+                                   f"step. {ckpt.describe_last()}. {NEXT_STEP}") from None
+        iteration += 1
+        history.append((iteration, result.loss))
+        logger.train_step(iteration, train_data.consumed_samples, cfg.parallel.global_batch_size, result)
+
+        if valid_data is not None and cfg.train.eval_interval and iteration % cfg.train.eval_interval == 0:
+            valid_data.load_state_dict({"consumed_samples": 0})
+            losses = [eval_loss(trainer, valid_data.next_global_batch()) for _ in range(cfg.train.eval_iters)]
+            logger.validation(iteration, train_data.consumed_samples, sum(losses) / len(losses))
+
+        if outliers is not None and outliers.due(iteration):
+            probe = valid_data.first_microbatch()  # the same batch every time
+            logger.scalars(iteration, outliers.measure(lambda: eval_loss(trainer, [probe]),
+                                                       **probe_position_masks(cfg, probe["tokens"])))
+
+        stopping = iteration >= cfg.train.train_iters or (
+            bool(cfg.train.exit_interval) and iteration % cfg.train.exit_interval == 0)
+        if stop.any_rank():
+            print_rank0(f"stop requested: saving at iteration {iteration} and exiting")
+            stopping = True
+        if ckpt.save_due(iteration, stopping):
+            logger.flush()  # the events up to a checkpoint are on disk with it
             try:
-                result = train_step(trainer, micro_batches)  # checks loss and grad norm before the update
-                skipped.update(result)
-            except TrainingDiverged as e:  # nothing of this step is saved; say where the work is
-                raise TrainingDiverged(f"iteration {iteration + 1}: {e}; training stopped before its optimizer "
-                                       f"step. {ckpt.describe_last()}. {NEXT_STEP}") from None
-            iteration += 1
-            history.append((iteration, result.loss))
-            logger.train_step(iteration, train_data.consumed_samples, cfg.parallel.global_batch_size, result)
+                ckpt.save(engine, iteration, train_data)
+            except TrainingDiverged as e:  # non-finite weights are never saved
+                raise TrainingDiverged(f"{e}. {ckpt.describe_last()}. {NEXT_STEP}") from None
 
-            if valid_data is not None and cfg.train.eval_interval and iteration % cfg.train.eval_interval == 0:
-                valid_data.load_state_dict({"consumed_samples": 0})
-                losses = [eval_loss(trainer, valid_data.next_global_batch()) for _ in range(cfg.train.eval_iters)]
-                logger.validation(iteration, train_data.consumed_samples, sum(losses) / len(losses))
-
-            if outliers is not None and outliers.due(iteration):
-                probe = valid_data.first_microbatch()  # the same batch every time
-                logger.scalars(iteration, outliers.measure(lambda: eval_loss(trainer, [probe]),
-                                                           **probe_position_masks(cfg, probe["tokens"])))
-
-            stopping = iteration >= cfg.train.train_iters or (
-                bool(cfg.train.exit_interval) and iteration % cfg.train.exit_interval == 0)
-            if stop.any_rank():
-                print_rank0(f"stop requested: saving at iteration {iteration} and exiting")
-                stopping = True
-            if ckpt.save_due(iteration, stopping):
-                logger.flush()  # the events up to a checkpoint are on disk with it
-                try:
-                    ckpt.save(engine, iteration, train_data)
-                except TrainingDiverged as e:  # non-finite weights are never saved
-                    raise TrainingDiverged(f"{e}. {ckpt.describe_last()}. {NEXT_STEP}") from None
-
-        # 4. End.
-        logger.close()
-        print_rank0(f"done at iteration {iteration}" + (" (stopped early)" if iteration < cfg.train.train_iters else ""))
-        return {"iteration": iteration, "history": history}
-    finally:
-        if own_stop:
-            stop.close()
+    # 4. End.
+    logger.close()
+    print_rank0(f"done at iteration {iteration}" + (" (stopped early)" if iteration < cfg.train.train_iters else ""))
+    return {"iteration": iteration, "history": history}
 
 
 # What the user does after divergence (the same command would diverge again: resume is exact).
@@ -222,18 +226,18 @@ def probe_position_masks(cfg: Config, tokens: torch.Tensor) -> dict:
 def main(argv=None) -> int:
     from .step import DIVERGED_EXIT_CODE, TrainingDiverged
 
-    stop = StopRequest()  # first: a SIGTERM while the config loads or the model builds is a stop, not a kill
-    try:
-        args = parse_args(argv)
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
-        train(load_config(args.config, args.set), force_resume=args.resume, stop=stop)
-    except TrainingDiverged as e:  # every rank stops at the same step: one line, from rank 0
-        error_line(one_line(e))
-        return DIVERGED_EXIT_CODE
-    finally:
-        stop.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    # first: a SIGTERM while the config loads, the model builds or a checkpoint loads is a stop, not a kill
+    with StopRequest() as stop:
+        try:
+            args = parse_args(argv)
+            os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
+            train(load_config(args.config, args.set), force_resume=args.resume, stop=stop)
+        except TrainingDiverged as e:  # every rank stops at the same step: one line, from rank 0
+            error_line(one_line(e))
+            return DIVERGED_EXIT_CODE
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
     return 0
 
 
