@@ -5,7 +5,6 @@ LAYOUT: name:kind:rank:key=value,key=value (config overrides on top of train_tes
 "loss" (train_testlib.poison_hook), rank the one global rank whose gradient / loss turns NaN.
 OUT.json: {name: [each rank's TrainingDiverged message, or null if it finished]}.
 """
-import json
 import os
 import sys
 
@@ -13,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch.distributed as dist  # noqa: E402
 
-from train_testlib import BASE, DEMO, poison_hook  # noqa: E402
+from train_testlib import BASE, DEMO, finish_worker, poison_hook  # noqa: E402
 from megatron_outeff.training.config import load_config  # noqa: E402
 from megatron_outeff.training.step import TrainingDiverged  # noqa: E402
 from megatron_outeff.training.train import train  # noqa: E402
@@ -36,10 +35,7 @@ def main():
         messages = [None] * dist.get_world_size()
         dist.all_gather_object(messages, message)
         results[name] = messages
-    if dist.get_rank() == 0:
-        with open(out, "w") as f:
-            json.dump(results, f)
-    dist.destroy_process_group()
+    finish_worker(out, results)
 
 
 if __name__ == "__main__":

@@ -102,3 +102,16 @@ def read_model_file(ckpt, tag, name="tp00_pp00.safetensors"):
     from safetensors.torch import load_file
 
     return load_file(str(Path(ckpt) / tag / "model" / name))
+
+
+def finish_worker(out, results: dict) -> None:
+    """End of a torchrun test worker: global rank 0 writes ``results`` as JSON to ``out``; the process
+    group goes."""
+    import json
+
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        with open(out, "w") as f:
+            json.dump(results, f)
+    dist.destroy_process_group()
