@@ -62,7 +62,7 @@ def latest_tag(ckpt_dir: str | Path) -> Optional[str]:
 def read_latest(ckpt_dir: str | Path) -> Optional[str]:
     """The tag of the newest complete checkpoint: what ``latest`` names if that directory exists, else None."""
     tag = latest_tag(ckpt_dir)
-    return tag if tag is not None and (Path(ckpt_dir) / tag).is_dir() else None
+    return tag if tag and _TAG_RE.match(tag) and (Path(ckpt_dir) / tag).is_dir() else None
 
 
 def write_latest(ckpt_dir: str | Path, tag: str) -> None:

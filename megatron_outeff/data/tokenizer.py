@@ -282,6 +282,12 @@ def _resolve(path: str) -> str:
     return path
 
 
+def tokenizer_file(path: "str | os.PathLike") -> str:
+    """The tokenizer file ``path`` stands for: itself, or for a directory the tokenizer file inside it
+    (as ``load_tokenizer`` picks it). OutEffError for a directory without one."""
+    return _resolve(os.fspath(path))
+
+
 def load_tokenizer(path: "str | os.PathLike", eod_token: Optional[str] = None) -> Tokenizer:
     """Load a tokenizer, choosing the backend by file type.
 
@@ -318,6 +324,7 @@ __all__ = [
     "SentencePieceTokenizer",
     "HFTokenizer",
     "load_tokenizer",
+    "tokenizer_file",
     "token_dtype_for_vocab",
     "SPM_SPECIAL_IDS",
 ]

@@ -1,14 +1,31 @@
-"""Atomic, exactly-resumable checkpoints: save / load with DeepSpeed, our own state beside it.
+"""The run's checkpoints: atomic save and exact resume at any layout, in one object (``Checkpointer``).
 
 What a checkpoint directory holds (our files and DeepSpeed's) and what each file means:
 megatron_outeff/checkpoint_format/README.md; the names come from ``megatron_outeff.checkpoint_format``.
 
-- ``claim_run_dir`` / ``record_run``: whether this run may use ``checkpoint.dir`` (run.json).
-- ``save``: DeepSpeed's files, this rank's model files (``save_model_files``), RNG states and the
-  train state into ``iter_XXXXXXX.tmp``, renamed to ``iter_XXXXXXX``; only then ``latest`` is replaced
-  (os.replace): a crash at any moment leaves the previous checkpoint as latest.
-- ``load`` / ``restore_rng``: resume from ``latest``; ``init_from``: a new run's weights from a
-  checkpoint's model files, at any TP/PP.
+As torchtitan's checkpointer, train.py makes one call per concern (every call collective):
+
+    ckpt = Checkpointer(cfg, force_resume)   # may this run use checkpoint.dir, which checkpoint it
+                                             # resumes, can it at this layout; nothing written
+    build the model from ckpt.model_config   # at another TP a resume keeps the checkpoint's vocabulary rows
+    iteration = ckpt.load(engine, data)      # resume in one call: weights and optimizer (DeepSpeed's files
+                                             # at the same layout, ours via elastic.py at another), data
+                                             # position, then the RNG (restored, or reseeded at another layout)
+    ckpt.record_run()                        # run.json, once everything that can refuse the config has run
+    if ckpt.save_due(iteration, stopping):   # the save decision
+        ckpt.save(engine, iteration, data)
+
+- Which checkpoint resumes (``resume_point``): the one ``latest`` names if it is complete, else (the
+  pointer missing, empty, unreadable or naming nothing complete) the newest complete ``iter_*``
+  directory, said in one line. Complete checkpoints are the truth: a directory gets its
+  ``iter_XXXXXXX`` name only from the rename that ends its save, and is renamed away before it is
+  deleted (``_retire``), so no crash leaves a partial directory under that name.
+- ``save``: refused (TrainingDiverged) before anything is written if a weight is NaN / inf; then
+  DeepSpeed's files, the model and optimizer files, RNG states and the train state into
+  ``iter_XXXXXXX.tmp``, renamed to ``iter_XXXXXXX``; only then ``latest`` is replaced (os.replace) and
+  older checkpoints pruned (``keep_last``): a crash at any moment leaves the previous checkpoint as
+  latest, and every checkpoint kept has finite weights.
+- ``init_from``: a new run's weights from a checkpoint's model files, at any TP/PP.
 Our own state is JSON/safetensors, never pickled. (DeepSpeed's own files are torch pickles that its
 checkpoint engine loads with weights_only=False; only load checkpoints you trust.)
 """
@@ -26,69 +43,194 @@ import torch
 import torch.distributed as dist
 
 from megatron_outeff.checkpoint_format import (
-    MASTER_SUBDIR, MODEL_SUBDIR, RUN_FILE, TRAIN_STATE, checkpoint_tags, dtype_name, is_partial_tag,
-    load_into_model, make_manifest, partial_tag, read_latest, read_run_file, read_train_state, rng_file, tag_for,
+    LATEST, MASTER_SUBDIR, MODEL_SUBDIR, RUN_FILE, TRAIN_STATE, checkpoint_tags, dtype_name, is_partial_tag,
+    latest_tag, load_into_model, make_manifest, partial_tag, read_run_file, read_train_state, rng_file, tag_for,
     tensor_state, write_latest, write_manifest, write_rank_file, write_run_file, write_train_state,
 )
 from megatron_outeff.errors import OutEffError, with_context
 from megatron_outeff.utils.atomic import fsync_dir
+from megatron_outeff.utils.finite import require_finite
 
 from . import elastic
 from .config import Config, dump_config
-from .data import check_resumed_order
+from .data import check_resumed_order, order_change_note
+from .step import TrainingDiverged
 
-# Test hook: SIGKILL this process in the middle of saving the checkpoint of this iteration
-# (after DeepSpeed's files and part of our own are written, before the rename).
+# Test hook: SIGKILL this process while it saves the checkpoint of iteration N: "N" or "N:files" after
+# DeepSpeed's files and part of ours are written, "N:renamed" after the rename (before `latest`),
+# "N:latest" after `latest` (before pruning), "N:pruning" in the middle of pruning.
 KILL_IN_SAVE_ENV = "OUTEFF_TEST_KILL_IN_SAVE"
+RETIRED = ".retired"  # iter_XXXXXXX.retired.tmp: a complete checkpoint renamed away to be deleted
+
+
+class Checkpointer:
+    """One run's ``checkpoint.dir``: ownership, resume, the save decision and the save, called in the
+    order of the module docstring. Every method is collective (every rank calls it)."""
+
+    def __init__(self, cfg: Config, force_resume: bool = False):
+        """Decide whether this run may use ``checkpoint.dir`` and which checkpoint it resumes, with the
+        layout check (``elastic.check_resume``); writes nothing. OutEffError (one line) if refused."""
+        self.cfg = cfg
+        self.dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
+        self.tag = claim_run_dir(cfg, force_resume)  # the checkpoint to resume; None: a new run
+        self.last_saved: int | None = None
+
+    @property
+    def model_config(self) -> Config:
+        """The config to build the model from: at another TP a resumed run keeps the checkpoint's
+        vocabulary rows (``elastic.model_config``)."""
+        return elastic.model_config(self.cfg, self.dir / self.tag) if self.tag else self.cfg
+
+    def init_weights(self, model: torch.nn.Module) -> None:
+        """A new run's initial weights from ``checkpoint.init_from`` (a resumed run has its own)."""
+        if self.cfg.checkpoint.init_from and self.tag is None:
+            init_from(self.cfg, model)
+
+    def load(self, engine, train_data) -> int:
+        """Resume in one call; returns the iteration to continue from (0 for a new run). Weights,
+        optimizer, LR schedule and loss scale from DeepSpeed's files at the layout they were written
+        at, from our per-parameter files merged and split for this layout otherwise (``elastic.load``);
+        then the data position; then the RNG, last, after everything that draws random numbers: every
+        stream restored at the same layout, reseeded from (seed, iteration) at another (the ranks changed)."""
+        from .metrics_logger import print_rank0
+
+        if self.tag is None:
+            return 0
+        tag_dir = self.dir / self.tag
+        state = read_train_state(tag_dir)
+        iteration = state["iteration"]
+        world = dist.get_world_size()
+        other_layout = elastic.layout_changed(state, self.cfg, world)
+        if other_layout:  # DeepSpeed's files are another layout's
+            elastic.load(engine, self.cfg, tag_dir)
+        else:
+            load_path, _ = engine.load_checkpoint(str(self.dir), tag=self.tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed could not load {tag_dir}")
+        train_data.load_state_dict(state["data"])
+        note = order_change_note(state["data"], train_data)  # another seed, sequence length, data: said, not silent
+        if note:
+            print_rank0(note)
+        if other_layout:  # the saved RNG streams belong to ranks that no longer exist
+            elastic.reseed(self.cfg.train.seed, iteration)
+            print_rank0(f"resumed from {tag_dir} at iteration {iteration}, saved at "
+                        f"{elastic.describe(state['layout'])}, now {elastic.describe(elastic.layout(self.cfg, world))}")
+        else:
+            restore_rng(tag_dir)
+            print_rank0(f"resumed from {tag_dir} at iteration {iteration}")
+        self.last_saved = iteration
+        return iteration
+
+    def record_run(self) -> None:
+        record_run(self.cfg)
+
+    def save_due(self, iteration: int, stopping: bool) -> bool:
+        """The save decision after step ``iteration``: every ``checkpoint.save_interval`` steps and when
+        the run stops (its last step, ``train.exit_interval``, a stop signal); never without
+        ``checkpoint.dir``, nor twice for one iteration (so never over the checkpoint it resumed)."""
+        interval = self.cfg.checkpoint.save_interval
+        return (self.dir is not None and iteration != self.last_saved
+                and (stopping or bool(interval) and iteration % interval == 0))
+
+    def save(self, engine, iteration: int, train_data) -> str:
+        """Save the checkpoint of ``iteration`` (``save``); returns its tag."""
+        from .metrics_logger import print_rank0
+
+        tag = save(engine, self.cfg, iteration, {"data": train_data.state_dict()})
+        self.last_saved = iteration
+        print_rank0(f"saved {self.dir / tag}")
+        return tag
+
+    def describe_last(self) -> str:
+        """Where the run's work is, for the message that stops it."""
+        if self.dir is None:
+            return "nothing was saved (no checkpoint.dir)"
+        if self.last_saved is None:
+            return f"no checkpoint in {self.dir} yet"
+        return f"{self.dir / LATEST} names {tag_for(self.last_saved)}, the last checkpoint (finite weights)"
 
 
 # --------------------------------------------------------------------------------------------------
-# Ownership of the checkpoint directory
+# Ownership of the checkpoint directory, and which checkpoint resumes
 # --------------------------------------------------------------------------------------------------
-def claim_run_dir(cfg: Config, force_resume: bool) -> bool:
+def claim_run_dir(cfg: Config, force_resume: bool) -> str | None:
     """Decide whether this run may use ``checkpoint.dir``; writes nothing (``record_run`` does, once
-    the run is built). Returns True if there is a checkpoint of this run to resume from.
+    the run is built). Returns the tag of the checkpoint to resume (``resume_point``), None for a new run.
 
-    The rule: a directory whose ``latest`` names a complete checkpoint belongs to the run of its
-    ``run.json`` (same config fingerprint: resume; another: refused unless ``force_resume``). A
-    directory holding no complete checkpoint never blocks: a new run takes it over. A non-empty
-    directory without ``run.json`` is not a run directory and is refused. Raises OutEffError
-    (nothing written). Collective."""
+    The rule: a directory holding a complete checkpoint belongs to the run of its ``run.json`` (same
+    config fingerprint: resume; another: refused unless ``force_resume``). A directory holding no
+    complete checkpoint (nor an ``iter_*`` directory that is not one) never blocks: a new run takes it
+    over. A non-empty directory without ``run.json`` is not a run directory and is refused. Raises
+    OutEffError (nothing written). Collective."""
     ckpt = cfg.checkpoint.dir
     if not ckpt:
         if force_resume:
             raise OutEffError("--resume needs checkpoint.dir")
-        return False
+        return None
     decision = [None]
     if dist.get_rank() == 0:
         decision[0] = _decide(cfg, Path(ckpt), force_resume, dist.get_world_size())
     dist.broadcast_object_list(decision, src=0)
-    error, resume = decision[0]
+    error, tag, note = decision[0]
     if error:
         raise OutEffError(error)
-    return resume
+    if note:
+        from .metrics_logger import print_rank0
+
+        print_rank0(note)
+    return tag
 
 
-def _decide(cfg: Config, ckpt: Path, force_resume: bool, world_size: int) -> tuple[str | None, bool]:
-    run = read_run_file(ckpt)
+def resume_point(ckpt: Path) -> tuple[str | None, str | None]:
+    """(tag, note): the checkpoint a run in ``ckpt`` resumes from, and the line to print when it is not
+    the one ``latest`` names. ``latest`` wins when it names a complete checkpoint (an operator may roll
+    back by rewriting it); when it is missing, empty, unreadable or names no complete checkpoint, the
+    newest complete one resumes. Complete: an ``iter_XXXXXXX`` directory holding ``train_state.json``.
+    (None, None) when there is none."""
+    if not ckpt.is_dir():
+        return None, None
+    complete = [t for t in checkpoint_tags(ckpt) if (ckpt / t / TRAIN_STATE).is_file()]
+    try:
+        named = latest_tag(ckpt)
+    except (OSError, ValueError):  # ValueError: not UTF-8
+        named = False
+    if named in complete:
+        return named, None
+    if not complete:
+        return None, None
+    why = {None: "missing", False: "unreadable", "": "empty"}.get(named, f"{named!r}, not a complete checkpoint")
+    return complete[-1], f"{ckpt / LATEST} is {why}: resuming from the newest complete checkpoint {complete[-1]}"
+
+
+def _decide(cfg: Config, ckpt: Path, force_resume: bool, world_size: int) -> tuple[str | None, str | None, str | None]:
+    """(error, tag to resume, note): claim_run_dir's decision, on rank 0."""
+    try:
+        run = read_run_file(ckpt)
+    except (OSError, ValueError) as e:  # ValueError: not JSON, not UTF-8
+        return f"checkpoint.dir={ckpt}: {RUN_FILE} is unreadable ({' '.join(str(e).split())})", None, None
     fingerprint = cfg.fingerprint()
-    latest = read_latest(ckpt)
+    tag, note = resume_point(ckpt)
+    stray = checkpoint_tags(ckpt) if tag is None and ckpt.is_dir() else []
+    if stray:  # a new run would overwrite or prune them
+        return (f"checkpoint.dir={ckpt} holds {', '.join(stray)} without {TRAIN_STATE} (not complete checkpoints); "
+                "refusing to start a new run over them: move them away or use another directory", None, None)
     if run is not None:
-        theirs = run.get("fingerprint")
-        if theirs != fingerprint and latest is not None and not force_resume:
+        theirs = run.get("fingerprint") if isinstance(run, dict) else None
+        if theirs != fingerprint and tag is not None and not force_resume:
             return (f"checkpoint.dir={ckpt} holds another run (config fingerprint {theirs}, this config "
-                    f"{fingerprint}); use another directory, or --resume to continue it with this config", False)
+                    f"{fingerprint}); use another directory, or --resume to continue it with this config", None, None)
     elif ckpt.exists() and any(ckpt.iterdir()):
-        return (f"checkpoint.dir={ckpt} is not empty and holds no {RUN_FILE}; refusing to overwrite it", False)
-    if force_resume and latest is None:
-        return (f"--resume: no complete checkpoint in {ckpt}; without --resume a new run starts there", False)
-    if latest is not None:
-        error = elastic.check_resume(cfg, ckpt / latest, world_size)  # saved at another layout: can it resume here?
-        if not error and (ckpt / latest / TRAIN_STATE).is_file():  # a resumed change of the data order (training/data.py)
-            error = check_resumed_order(read_train_state(ckpt / latest).get("data"), cfg)
+        return f"checkpoint.dir={ckpt} is not empty and holds no {RUN_FILE}; refusing to overwrite it", None, None
+    if force_resume and tag is None:
+        return f"--resume: no complete checkpoint in {ckpt}; without --resume a new run starts there", None, None
+    if tag is not None:
+        error = elastic.check_resume(cfg, ckpt / tag, world_size)  # saved at another layout: can it resume here?
+        if not error:  # a resumed change of the data order (training/data.py)
+            error = check_resumed_order(read_train_state(ckpt / tag).get("data"), cfg)
         if error:
-            return error, False
-    return None, latest is not None
+            return error, None, None
+    return None, tag, note
 
 
 def record_run(cfg: Config) -> None:
@@ -106,6 +248,8 @@ def yaml_safe(cfg: Config):
     import yaml
 
     return yaml.safe_load(dump_config(cfg))
+
+
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,9 +297,11 @@ def set_rng_state_tensors(tensors: dict, meta: dict) -> None:
 # Save / load
 # --------------------------------------------------------------------------------------------------
 def save(engine, cfg: Config, iteration: int, train_state: dict) -> str:
-    """Collective: every rank calls it. Returns the tag saved."""
+    """Collective: every rank calls it. Returns the tag saved. TrainingDiverged, with nothing written,
+    if any rank's weights hold NaN / inf (``require_finite_weights``)."""
     from safetensors.torch import save_file
 
+    require_finite_weights(engine, iteration)
     ckpt = Path(cfg.checkpoint.dir)
     tag = tag_for(iteration)
     tmp_dir = ckpt / partial_tag(tag)
@@ -171,23 +317,62 @@ def save(engine, cfg: Config, iteration: int, train_state: dict) -> str:
     path = rng_file(tmp_dir, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
-    if os.environ.get(KILL_IN_SAVE_ENV) == str(iteration):
-        os.kill(os.getpid(), signal.SIGKILL)
+    _test_kill(iteration, "files")
     if rank == 0:
         write_train_state(tmp_dir, dict(train_state, iteration=iteration, fingerprint=cfg.fingerprint(),
                                         layout=elastic.layout(cfg, dist.get_world_size())))
     dist.barrier()
     if rank == 0:
-        final = ckpt / tag
-        if final.exists():  # re-saving an iteration: never the one `latest` names (see train.py)
-            shutil.rmtree(final)
-        os.rename(tmp_dir, final)
+        if (ckpt / tag).exists():  # re-saving an iteration: never the one `latest` names (Checkpointer.save_due)
+            _retire(ckpt, tag)
+        os.rename(tmp_dir, ckpt / tag)
         fsync_dir(ckpt)
+        _test_kill(iteration, "renamed")
         write_latest(ckpt, tag)
         fsync_dir(ckpt)
-        _prune(ckpt, cfg.checkpoint.keep_last, keep=tag)
+        _test_kill(iteration, "latest")
+        _prune(ckpt, cfg.checkpoint.keep_last, keep=tag, iteration=iteration)
     dist.barrier()
     return tag
+
+
+def require_finite_weights(engine, iteration: int) -> None:
+    """Collective. TrainingDiverged naming the first non-finite weight (``utils.finite.require_finite``)
+    if any rank's parameters hold NaN / inf; each rank checks what it holds (under ZeRO-3 its
+    partition). Such weights are never saved, so ``latest`` and every checkpoint ``keep_last`` keeps
+    are finite."""
+    from .model import unwrap
+
+    message = ""
+    for name, p in unwrap(engine.module).named_parameters():
+        local = p.ds_tensor if hasattr(p, "ds_tensor") else p  # ZeRO-3: this rank's partition
+        try:
+            require_finite(local.detach(), f"weight {name} after iteration {iteration}")
+        except OutEffError as e:
+            message = f"{e}; not saved"
+            break
+    messages = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    first = next((m for m in messages if m), None)
+    if first:
+        raise TrainingDiverged(first)
+
+
+def _test_kill(iteration: int, point: str) -> None:
+    """KILL_IN_SAVE_ENV: SIGKILL this process at ``point`` of saving ``iteration`` (tests only)."""
+    when = os.environ.get(KILL_IN_SAVE_ENV)
+    if when and (when == f"{iteration}:{point}" or (point == "files" and when == str(iteration))):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _retire(ckpt: Path, tag: str) -> None:
+    """Delete the complete checkpoint ``tag``: first renamed to a partial tag (atomic), so that a crash
+    in the middle of the deletion never leaves a part of it under a complete checkpoint's name."""
+    retired = ckpt / partial_tag(tag + RETIRED)
+    shutil.rmtree(retired, ignore_errors=True)
+    os.rename(ckpt / tag, retired)
+    fsync_dir(ckpt)
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def save_model_files(engine, cfg: Config, iteration: int, tag_dir: Path) -> None:
@@ -267,43 +452,26 @@ def fp32_master_weights(engine) -> dict[int, torch.Tensor] | None:
     return out
 
 
-def _prune(ckpt: Path, keep_last: int, keep: str) -> None:
-    if keep_last <= 0:
-        return
-    for old in checkpoint_tags(ckpt)[:-keep_last]:
-        if old != keep:
-            shutil.rmtree(ckpt / old, ignore_errors=True)
-    for p in ckpt.iterdir():  # interrupted saves
-        if p.is_dir() and is_partial_tag(p.name):
+def _prune(ckpt: Path, keep_last: int, keep: str, iteration: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints, never ``keep`` (the one just saved,
+    named by ``latest``: ``save`` writes finite weights only, so the newest finite checkpoint is always
+    kept), and the leftovers of interrupted saves and deletions."""
+    if keep_last > 0:
+        for i, old in enumerate(t for t in checkpoint_tags(ckpt)[:-keep_last] if t != keep):
+            _retire(ckpt, old)
+            if i == 0:
+                _test_kill(iteration, "pruning")
+    for p in ckpt.iterdir():
+        if p.is_dir() and (is_partial_tag(p.name) or is_partial_tag(p.name.replace(RETIRED, ""))):
             shutil.rmtree(p, ignore_errors=True)
 
 
-def load(engine, cfg: Config) -> dict:
-    """Collective. Loads the `latest` checkpoint into the engine (model, optimizer, scheduler, loss
-    scaler) and returns our train state; RNG is restored separately (``restore_rng``) right before
-    the first step, after everything that might draw random numbers."""
-    ckpt = Path(cfg.checkpoint.dir)
-    tag = read_latest(ckpt)
-    if tag is None:
-        raise OutEffError(f"no complete checkpoint in {ckpt}")
-    state = read_train_state(ckpt / tag)
-    state["tag"] = tag
-    if elastic.layout_changed(state, cfg, dist.get_world_size()):  # DeepSpeed's files are another layout's
-        elastic.load(engine, cfg, ckpt / tag)
-        state["elastic"] = True
-        return state
-    load_path, _ = engine.load_checkpoint(str(ckpt), tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load {ckpt / tag}")
-    return state
-
-
-def restore_rng(cfg: Config, tag: str) -> None:
+def restore_rng(tag_dir: Path) -> None:
+    """This rank's RNG streams from the checkpoint ``tag_dir`` (saved at this layout)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    path = rng_file(Path(cfg.checkpoint.dir) / tag, dist.get_rank())
+    path = rng_file(tag_dir, dist.get_rank())
     if not path.exists():
         raise OutEffError(f"{path} missing: the checkpoint was written with another number of ranks")
     with safe_open(str(path), framework="pt") as f:

@@ -90,6 +90,10 @@ class PrecisionConfig:
     loss_scale_window: int = 1000
     hysteresis: int = 2
     min_loss_scale: float = 1.0
+    # fp16: stop (training/step.py SkippedSteps) after this many optimizer steps in a row skipped by the
+    # loss scaler (0: never). A healthy start skips a few while the scale falls; 10 stops before
+    # DeepSpeed's own min-scale exception at the defaults (2**16 falls to 1 after 17 skips).
+    max_skipped_steps: int = 10
 
 
 @dataclass
@@ -191,17 +195,58 @@ class Config:
         """Hash of everything that defines the run's trajectory (not where/how often it is saved
         or logged, nor when it stops early, nor its layout: ``LAYOUT_KEYS`` and the world size, which
         change only the floating-point reduction order; a run resumes on another layout, see
-        training/elastic.py). A checkpoint dir holding another fingerprint is another run."""
+        training/elastic.py). A checkpoint dir holding another fingerprint is another run.
+        Places are not hashed (checkpoint, logging, data.cache_dir) and files are hashed by what they
+        are, not how they are written (``_identity``): a moved cache or another spelling of a data path
+        is the same run."""
         d = self.to_dict()
         for volatile in ("checkpoint", "logging"):
             d.pop(volatile)
         d["train"].pop("exit_interval")
         d["train"].pop("eval_interval")
         d["train"].pop("eval_iters")
+        d["precision"].pop("max_skipped_steps")  # when a diverged run stops, not what it computes
         for key in LAYOUT_KEYS:
             d["parallel"].pop(key)
+        _identity(d)
         blob = json.dumps(d, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _identity(d: dict) -> None:
+    """In the fingerprint's copy of the config ``d``: the index cache is a place (its key stays, as null,
+    so configs without one keep their fingerprint); data prefixes are their resolved paths (symlinks,
+    ``./``, ``..`` and relative spellings resolved; megatron's blend weights kept); the tokenizer, an
+    arch YAML and the DeepSpeed overrides are their content (sha256), wherever they lie."""
+    data = d["data"]
+    data["cache_dir"] = None
+    for key in ("train_paths", "valid_paths"):
+        data[key] = [p if _is_number(p) else str(Path(str(p)).resolve()) for p in data[key]]
+    if data["tokenizer"]:
+        from megatron_outeff.data.tokenizer import tokenizer_file
+
+        data["tokenizer"] = _content_hash(tokenizer_file(data["tokenizer"]))
+    if Path(d["model"]["arch"]).is_file():
+        d["model"]["arch"] = _content_hash(d["model"]["arch"])
+    if d["deepspeed_overrides"]:
+        d["deepspeed_overrides"] = _content_hash(d["deepspeed_overrides"])
+
+
+def _is_number(text) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _content_hash(path) -> str:
+    """``sha256:<hex>`` of a file's bytes; a path that is not a file stays its resolved path (the
+    config's own checks name it)."""
+    p = Path(path)
+    if not p.is_file():
+        return str(p.resolve())
+    return "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,7 +310,7 @@ def validate(cfg: Config) -> None:
         ("train.eval_iters", t.eval_iters, 1), ("train.exit_interval", t.exit_interval, 0),
         ("checkpoint.save_interval", cfg.checkpoint.save_interval, 0), ("checkpoint.keep_last", cfg.checkpoint.keep_last, 0),
         ("logging.log_interval", cfg.logging.log_interval, 1), ("logging.outlier_interval", cfg.logging.outlier_interval, 0),
-        ("data.seq_length", cfg.data.seq_length, 1),
+        ("data.seq_length", cfg.data.seq_length, 1), ("precision.max_skipped_steps", pr.max_skipped_steps, 0),
     ):
         if value < least:
             raise OutEffError(f"{where}={value}: must be >= {least}")

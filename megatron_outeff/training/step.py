@@ -16,6 +16,14 @@ gradients over the data-parallel ranks (and without DeepSpeed's division by the 
 ``scale_wrt_gas=False``; the pipeline schedule's division by the number of micro-batches is undone the
 same way), so the gradient is that of the global per-token loss whatever the micro-batch size, the
 accumulation or the DP size. Every rank reports the same loss.
+
+Divergence (``TrainingDiverged``): the step's loss, and the gradient norm where we clip
+(``optimizer.clips_itself``), are checked for NaN / inf (``utils.finite.require_finite``) right before
+``engine.step()``, as megatron-core checks loss and gradients before its optimizer step. Where
+DeepSpeed clips, its own check sees the non-finite gradient norm first and skips the update
+(ZeRO 1-3, bf16 at ZeRO-0); ``SkippedSteps`` then stops the run: at the first skipped step in fp32 /
+bf16, after ``precision.max_skipped_steps`` in a row in fp16 (its loss scaler skips overflowing
+steps by design). Either way the weights are never updated from a non-finite step.
 """
 from __future__ import annotations
 
@@ -25,9 +33,30 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_outeff.errors import OutEffError
+from megatron_outeff.utils.finite import require_finite
+
 from .engine import Trainer
 from .model import device, unwrap
 from .optimizer import clip_grads_fp32
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm of a step is NaN / inf (or fp16 skipped too many steps in a row):
+    training stops before that step's update. The CLI prints one ``error:`` line and exits with
+    ``DIVERGED_EXIT_CODE``."""
+
+
+DIVERGED_EXIT_CODE = 3  # distinct from bad input (2): rerunning the same command diverges again
+
+
+def require_finite_step(value, what: str) -> None:
+    """``utils.finite.require_finite`` for a step statistic (the same value on every rank: reduced over
+    data / model / pipeline parallel ranks), raised as TrainingDiverged."""
+    try:
+        require_finite(value, what)
+    except OutEffError as e:
+        raise TrainingDiverged(str(e)) from None
 
 
 def to_device(batch: dict) -> dict:
@@ -97,14 +126,18 @@ def train_step(t: Trainer, micro_batches: list[dict]) -> StepResult:
         loss = masked_lm_loss(engine, batch, num_tokens)
         # DeepSpeed averages gradients over DP: x DP makes the sum over ranks; no division by accumulation steps
         engine.backward(loss * _dp_size(), scale_wrt_gas=False)
-        if i == len(micro_batches) - 1 and t.own_clipping:  # grads are DP-reduced by now
-            grad_norm = clip_grads_fp32(engine.module, t.cfg.train.clip_grad)
-        engine.step()
         losses.append(loss.detach())
+        if i == len(micro_batches) - 1:  # the update comes with this engine.step(): check first
+            step_loss = _dp_sum(torch.stack(losses).sum())
+            require_finite_step(step_loss, "lm loss")
+            if t.own_clipping:  # grads are DP-reduced by now
+                grad_norm = clip_grads_fp32(engine.module, t.cfg.train.clip_grad)
+                require_finite_step(grad_norm, "grad norm")
+        engine.step()
     if grad_norm is None:
         grad_norm = _deepspeed_grad_norm(engine)
     return StepResult(
-        loss=_dp_sum(torch.stack(losses).sum()), grad_norm=grad_norm, loss_scale=_loss_scale(engine), lr=lr,
+        loss=step_loss, grad_norm=grad_norm, loss_scale=_loss_scale(engine), lr=lr,
         skipped=engine.skipped_steps > skipped_before,
     )
 
@@ -133,16 +166,20 @@ def pipeline_train_step(t: Trainer, micro_batches: list[dict]) -> StepResult:
     lr = t.lr
     sync_tied_embedding(engine.module)
     outputs = _run_pipeline(t, micro_batches, global_token_count(micro_batches), forward_only=False)
+    step_loss = _dp_sum(_pipeline_loss(outputs))
+    require_finite_step(step_loss, "lm loss")
     _allreduce_tied_embedding_grads(engine.module)
+    skipped_before = engine.skipped_steps
     if t.own_clipping:
         _allreduce_dp_mean(engine.module)
         grad_norm = clip_grads_fp32(engine.module, t.cfg.train.clip_grad)
+        require_finite_step(grad_norm, "grad norm")
         engine.step()  # update, LR schedule
     else:
-        engine.step()  # ZeRO-1: reduce over DP, clip, update, LR schedule
+        engine.step()  # ZeRO-1: reduce over DP, clip (skipped on a non-finite norm), update, LR schedule
         grad_norm = _deepspeed_grad_norm(engine)
-    return StepResult(loss=_dp_sum(_pipeline_loss(outputs)), grad_norm=grad_norm, loss_scale=None, lr=lr,
-                      skipped=False)
+    return StepResult(loss=step_loss, grad_norm=grad_norm, loss_scale=None, lr=lr,
+                      skipped=engine.skipped_steps > skipped_before)
 
 
 def _pipeline_loss_func(loss_mask: torch.Tensor, num_tokens: torch.Tensor, num_microbatches: int,
@@ -240,6 +277,37 @@ def _allreduce_dp_mean(model: torch.nn.Module) -> None:
 # --------------------------------------------------------------------------------------------------
 # Step statistics
 # --------------------------------------------------------------------------------------------------
+class SkippedSteps:
+    """Stops the run (TrainingDiverged) when DeepSpeed skipped ``limit`` optimizer steps in a row.
+
+    DeepSpeed skips an update when the gradient norm is non-finite (its overflow check, before the
+    update; every rank agrees). Without a loss scaler (fp32, bf16) nothing else makes it skip, so the
+    first skipped step is divergence (limit 1; without this DeepSpeed would skip every later step
+    too, with a warning, and save unchanged weights forever). In fp16 the dynamic loss scaler skips
+    the overflowing steps by design while it lowers the scale: ``precision.max_skipped_steps`` in a
+    row (0: never) means no scale helps."""
+
+    def __init__(self, limit: int, fp16: bool):
+        self.limit, self.fp16 = limit, fp16
+        self.in_a_row = 0
+
+    @classmethod
+    def of(cls, cfg) -> "SkippedSteps":
+        fp16 = cfg.precision.dtype == "fp16"
+        return cls(cfg.precision.max_skipped_steps if fp16 else 1, fp16)
+
+    def update(self, result: StepResult) -> None:
+        self.in_a_row = self.in_a_row + 1 if result.skipped else 0
+        if not self.limit or self.in_a_row < self.limit:
+            return
+        if not self.fp16:
+            raise TrainingDiverged(f"grad norm is {result.grad_norm!r}: non-finite gradients (DeepSpeed skipped the "
+                                   "update); expected a finite value")
+        raise TrainingDiverged(
+            f"{self.in_a_row} steps in a row skipped by the fp16 loss scaler (non-finite gradients down to loss scale "
+            f"{result.loss_scale}); expected fewer than precision.max_skipped_steps={self.limit}")
+
+
 def _dp_sum(x: torch.Tensor) -> float:
     """The sum over the data-parallel ranks (of their shares of a per-token loss)."""
     from megatron.core import parallel_state

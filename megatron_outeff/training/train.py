@@ -4,11 +4,14 @@
     torchrun --nproc_per_node 2 -m megatron_outeff.training.train --config ...
     deepspeed --hostfile launch/hostfile.example megatron_outeff/training/train.py --config ...
 
-The loop, top to bottom: config (every key validated at load) -> process groups -> checkpoint-dir
-ownership (decided, nothing written) -> model -> DeepSpeed engine -> data -> resume -> run.json ->
-[fetch micro-batches, forward/backward/step, log, validate, save]* -> end.
-SIGTERM / SIGUSR1: finish the current step, save, exit 0. A run with a checkpoint directory that
-already holds this run's checkpoints resumes from `latest` automatically.
+The loop, top to bottom: stop-signal handler -> config (every key validated at load) -> process
+groups -> checkpoint-dir ownership and what to resume (decided, nothing written) -> model ->
+DeepSpeed engine -> data -> resume (one call) -> run.json -> [fetch micro-batches, forward/backward,
+check, step, log, validate, save]* -> end.
+SIGTERM / SIGUSR1: finish the current step, save, exit 0; before the first step: exit 0 without
+writing. A run with a checkpoint directory that already holds this run's checkpoints resumes
+automatically. A non-finite loss or gradient norm stops the run before its optimizer step (one
+``error:`` line, exit code 3): ``latest`` stays the last checkpoint, whose weights are finite.
 """
 from __future__ import annotations
 
@@ -25,17 +28,16 @@ import argparse
 import os
 import random
 import signal
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_outeff.utils.cli import OneLineArgumentParser, command, input_text_file
+from megatron_outeff.errors import one_line
+from megatron_outeff.utils.cli import OneLineArgumentParser, command, error_line, input_text_file
 
-from . import checkpoint, elastic
+from . import checkpoint
 from .config import Config, deepspeed_config, load_config
-from .data import order_change_note
 
 
 def parse_args(argv=None):
@@ -50,8 +52,10 @@ def parse_args(argv=None):
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 set a flag; the loop saves and stops after the current step. Ranks agree
-    (an all-reduce) so all of them take part in the final save."""
+    """SIGTERM / SIGUSR1 set a flag; the loop saves and stops after the current step, and a stop asked
+    for before the first step ends the run without writing anything. Installed first thing (before the
+    config loads, the model builds and the checkpoint loads), since SLURM's scancel and torchrun send
+    SIGTERM at any moment. Ranks agree (an all-reduce) so all of them take part in the final save."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -62,6 +66,12 @@ class StopRequest:
     def close(self):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def _handler(self, signum, frame):
         self.received = True
@@ -80,10 +90,12 @@ def set_seeds(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
+def train(cfg: Config, force_resume: bool = False, model_hook=None, stop: StopRequest | None = None) -> dict:
     """Run (or resume) the training described by cfg. model_hook(model), if given, sees this rank's
-    freshly built megatron model before DeepSpeed wraps it (e.g. to load initial weights).
-    Returns {"iteration", "history": [(iteration, loss), ...]}."""
+    freshly built megatron model before DeepSpeed wraps it (e.g. to load initial weights). ``stop``: the
+    signal handler main() installed first (else one is installed here).
+    Returns {"iteration", "history": [(iteration, loss), ...]}. Raises TrainingDiverged (nothing
+    saved past the last finite checkpoint) and OutEffError (bad input, nothing written)."""
     from megatron.core import parallel_state as ps
 
     from megatron_outeff.megatron.parallel import init_distributed, init_model_parallel
@@ -91,9 +103,14 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
     from .engine import build_trainer
     from .launch_checks import check_launch_world, check_ranks_agree
     from .metrics_logger import MetricsLogger, print_rank0
-    from .step import eval_loss, train_step
+    from .step import SkippedSteps, TrainingDiverged, eval_loss, train_step
 
-    # 1. Process groups, seeds, and every check that can fail before anything is written.
+    if stop is None:  # called as a library: this call owns the handler
+        with StopRequest() as stop:
+            return train(cfg, force_resume, model_hook, stop)
+
+    # 1. Process groups, seeds, and every check that can fail before anything is written; the
+    #    checkpoint directory: may this run use it, and which checkpoint does it resume.
     deepspeed_config(cfg, check_launch_world(cfg))  # the world init_distributed will make vs the layout; overrides
     init_distributed()
     check_ranks_agree(cfg)  # node agents launched with different configs: one error, before any group
@@ -101,42 +118,27 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
     set_seeds(cfg.train.seed)
     world = dist.get_world_size()
     num_micro = cfg.grad_accumulation_steps(world)
-    resume = checkpoint.claim_run_dir(cfg, force_resume)
+    ckpt = checkpoint.Checkpointer(cfg, force_resume)
     print_rank0(f"world {world} = TP {cfg.parallel.tensor_parallel} x PP {cfg.parallel.pipeline_parallel} x "
                 f"DP {ps.get_data_parallel_world_size()}; ZeRO-{cfg.parallel.zero_stage}; {cfg.precision.dtype}; "
                 f"{num_micro} micro-batches of {cfg.parallel.micro_batch_size} per DP rank; fingerprint {cfg.fingerprint()}")
+    if stopped_before_start(stop):
+        return {"iteration": 0, "history": []}
 
     # 2. This rank's model (TP shard / PP stage) with its initial weights, the DeepSpeed engine, and
-    #    this DP rank's slice of each global batch.
+    #    this DP rank's slice of each global batch; then resume in one call (weights, optimizer,
+    #    data position, RNG).
     def prepare_model(model):
         if model_hook is not None:
             model_hook(model)
-        if cfg.checkpoint.init_from and not resume:  # a resumed run has its own weights
-            checkpoint.init_from(cfg, model)
+        ckpt.init_weights(model)  # checkpoint.init_from, for a new run
 
-    model_cfg = cfg
-    if resume:  # at another tensor-parallel size: the checkpoint's vocabulary rows, not this TP's padding
-        model_cfg = elastic.model_config(cfg, Path(cfg.checkpoint.dir) / checkpoint.read_latest(cfg.checkpoint.dir))
-    trainer, train_data, valid_data = build_trainer(cfg, prepare_model=prepare_model, model_cfg=model_cfg)
+    trainer, train_data, valid_data = build_trainer(cfg, prepare_model=prepare_model, model_cfg=ckpt.model_config)
     engine = trainer.engine
-
-    # 3. Resume: model/optimizer/scheduler/loss scale from DeepSpeed, data position, then RNG last.
-    iteration = 0
-    if resume:
-        state = checkpoint.load(engine, cfg)
-        iteration = state["iteration"]
-        train_data.load_state_dict(state["data"])
-        if order_change_note(state["data"], train_data):  # another seed, sequence length, data: said, not silent
-            print_rank0(order_change_note(state["data"], train_data))
-        if state.get("elastic"):  # saved at another layout: its RNG streams belong to other ranks
-            elastic.reseed(cfg.train.seed, iteration)
-            print_rank0(f"resumed from {cfg.checkpoint.dir}/{state['tag']} at iteration {iteration}, saved at "
-                        f"{elastic.describe(state['layout'])}, now {elastic.describe(elastic.layout(cfg, world))}")
-        else:
-            checkpoint.restore_rng(cfg, state["tag"])
-            print_rank0(f"resumed from {cfg.checkpoint.dir}/{state['tag']} at iteration {iteration}")
-    last_saved = iteration if resume else None
-    checkpoint.record_run(cfg)  # run.json only now: everything that can refuse this config has run
+    iteration = ckpt.load(engine, train_data)
+    if stopped_before_start(stop):
+        return {"iteration": iteration, "history": []}
+    ckpt.record_run()  # run.json only now: everything that can refuse this config has run
 
     logger = MetricsLogger(cfg.logging.tensorboard_dir, seq_length=cfg.data.seq_length,
                            log_interval=cfg.logging.log_interval, start_iteration=iteration,
@@ -146,23 +148,20 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
         from .outliers import OutlierMonitor
 
         outliers = OutlierMonitor(engine.module, cfg.logging.outlier_interval)
-    stop = StopRequest()
+    skipped = SkippedSteps.of(cfg)  # DeepSpeed skipped the update: non-finite gradients
     history = []  # (iteration, loss) on this rank, for tests and the final summary
 
-    def save_now():
-        nonlocal last_saved
-        if cfg.checkpoint.dir and last_saved != iteration:
-            logger.flush()  # the events up to a checkpoint are on disk with it
-            tag = checkpoint.save(engine, cfg, iteration, {"data": train_data.state_dict()})
-            print_rank0(f"saved {cfg.checkpoint.dir}/{tag}")
-            last_saved = iteration
-
-    # 4. The loop.
-    stopped_early = False
-    while iteration < cfg.train.train_iters:
+    # 3. The loop.
+    stopping = False
+    while not stopping and iteration < cfg.train.train_iters:
         logger.step_start()
         micro_batches = train_data.next_global_batch()
-        result = train_step(trainer, micro_batches)
+        try:
+            result = train_step(trainer, micro_batches)  # checks loss and grad norm before the update
+            skipped.update(result)
+        except TrainingDiverged as e:  # nothing of this step is saved; say where the work is
+            raise TrainingDiverged(f"iteration {iteration + 1}: {e}; training stopped before its optimizer "
+                                   f"step. {ckpt.describe_last()}. {NEXT_STEP}") from None
         iteration += 1
         history.append((iteration, result.loss))
         logger.train_step(iteration, train_data.consumed_samples, cfg.parallel.global_batch_size, result)
@@ -177,22 +176,38 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None) -> dict:
             logger.scalars(iteration, outliers.measure(lambda: eval_loss(trainer, [probe]),
                                                        **probe_position_masks(cfg, probe["tokens"])))
 
-        exit_now = bool(cfg.train.exit_interval) and iteration % cfg.train.exit_interval == 0
+        stopping = iteration >= cfg.train.train_iters or (
+            bool(cfg.train.exit_interval) and iteration % cfg.train.exit_interval == 0)
         if stop.any_rank():
             print_rank0(f"stop requested: saving at iteration {iteration} and exiting")
-            exit_now = True
-        if cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0 or exit_now:
-            save_now()
-        if exit_now:
-            stopped_early = iteration < cfg.train.train_iters
-            break
+            stopping = True
+        if ckpt.save_due(iteration, stopping):
+            logger.flush()  # the events up to a checkpoint are on disk with it
+            try:
+                ckpt.save(engine, iteration, train_data)
+            except TrainingDiverged as e:  # non-finite weights are never saved
+                raise TrainingDiverged(f"{e}. {ckpt.describe_last()}. {NEXT_STEP}") from None
 
-    # 5. End: final checkpoint.
-    save_now()
+    # 4. End.
     logger.close()
-    stop.close()
-    print_rank0(f"done at iteration {iteration}" + (" (stopped early)" if stopped_early else ""))
+    print_rank0(f"done at iteration {iteration}" + (" (stopped early)" if iteration < cfg.train.train_iters else ""))
     return {"iteration": iteration, "history": history}
+
+
+# What the user does after divergence (the same command would diverge again: resume is exact).
+NEXT_STEP = ("To go on, change what diverged (e.g. lower optimizer.lr, raise schedule.warmup_iters, set "
+             "train.clip_grad) and rerun with --resume, which continues from that checkpoint")
+
+
+def stopped_before_start(stop: StopRequest) -> bool:
+    """Collective: a stop asked for before the first step (SIGTERM at start-up) ends the run here,
+    before anything is written."""
+    from .metrics_logger import print_rank0
+
+    if not stop.any_rank():
+        return False
+    print_rank0("stop requested before the first step: exiting without writing anything")
+    return True
 
 
 def probe_position_masks(cfg: Config, tokens: torch.Tensor) -> dict:
@@ -209,13 +224,20 @@ def probe_position_masks(cfg: Config, tokens: torch.Tensor) -> dict:
 
 @command  # bad input: one `error:` line (rank 0 only: every rank fails alike), exit 2
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
-    try:
-        train(load_config(args.config, args.set), force_resume=args.resume)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    from .step import DIVERGED_EXIT_CODE, TrainingDiverged
+
+    # first: a SIGTERM while the config loads, the model builds or a checkpoint loads is a stop, not a kill
+    with StopRequest() as stop:
+        try:
+            args = parse_args(argv)
+            os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
+            train(load_config(args.config, args.set), force_resume=args.resume, stop=stop)
+        except TrainingDiverged as e:  # every rank stops at the same step: one line, from rank 0
+            error_line(one_line(e))
+            return DIVERGED_EXIT_CODE
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
     return 0
 
 

@@ -76,6 +76,12 @@ def ws(tmp_path_factory):
     shutil.copytree(w / "ck", w / "ck_variant")  # a Softmax_1 manifest over vanilla files with a learnable offset expected
     (w / "ck_variant" / "iter_0000000" / "model" / "manifest.json").write_text(
         text.replace('"softmax": "vanilla"', '"softmax": "learnable"'))
+    # training checkpoint directories a run must not take over: a run.json that is not JSON; an iter_*
+    # directory that is not a complete checkpoint (no train_state.json)
+    (w / "run_badjson").mkdir()
+    (w / "run_badjson" / "run.json").write_text("{not json")
+    (w / "run_stray" / "iter_0000002" / "model").mkdir(parents=True)
+    (w / "run_stray" / "run.json").write_text(json.dumps({"fingerprint": "0123456789abcdef"}))
     # a megatron indexed dataset with a truncated .idx
     from megatron_outeff.data.preprocess import preprocess_corpus
 
@@ -193,6 +199,8 @@ CASES = {
     "train_non_utf8_config": ("train", ["--config", "{w}/latin1.txt"], "latin1.txt"),
     "train_zero_micro_batch": ("train", ["--config", DEMO_CFG, "--set", "parallel.micro_batch_size=0", "--set", "checkpoint.dir={out}"], "micro_batch_size"),
     "train_negative_iters": ("train", ["--config", DEMO_CFG, "--set", "train.train_iters=-5", "--set", "checkpoint.dir={out}"], "train_iters"),
+    "train_unreadable_run_file": ("train", ["--config", DEMO_CFG, "--set", "checkpoint.dir={w}/run_badjson"], "run.json is unreadable"),
+    "train_incomplete_checkpoints": ("train", ["--config", DEMO_CFG, "--set", "checkpoint.dir={w}/run_stray"], "iter_0000002 without train_state.json"),
     # print_deepspeed_config
     "dsconfig_unknown_key": ("print_deepspeed_config", ["--config", DEMO_CFG, "--set", "train.no_such_key=1"], "no_such_key"),
     "dsconfig_world_size": ("print_deepspeed_config", ["--config", DEMO_CFG, "--world-size", "3"], "2 x 3"),

@@ -8,7 +8,6 @@ draws its layers' weights from a different RNG position. With WEIGHTS=path set, 
 layout saves its initial weights there (global layer numbers) and every other layout loads its
 PP stage / TP slice of them.
 """
-import json
 import os
 import re
 import sys
@@ -18,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from train_testlib import BASE, DEMO  # noqa: E402
+from train_testlib import BASE, DEMO, finish_worker  # noqa: E402
 from megatron_outeff.training.config import load_config  # noqa: E402
 from megatron_outeff.training.model import unwrap  # noqa: E402
 from megatron_outeff.training.train import train  # noqa: E402
@@ -75,10 +74,7 @@ def main():
         cfg = load_config(DEMO, BASE + [s for s in sets.split(",") if s])
         hook = weights_hook(weights) if weights else None
         results[name] = [loss for _, loss in train(cfg, model_hook=hook)["history"]]
-    if dist.get_rank() == 0:
-        with open(out, "w") as f:
-            json.dump(results, f)
-    dist.destroy_process_group()
+    finish_worker(out, results)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Typed config: YAML -> dataclasses, overrides, bad input, the generated DeepSpeed JSON."""
 import json
+import shutil
 
 import pytest
 
@@ -163,3 +164,52 @@ def test_empty_validation_split_with_an_interval_is_refused_at_load(interval, na
 def test_a_malformed_split_is_refused_at_load(split, tmp_path):
     with pytest.raises(OutEffError, match=rf"data\.split='{split}'"):
         load_config(DEMO, ["data.source=indexed", f"data.train_paths=[{tmp_path / 'corpus'}]", f"data.split={split}"])
+
+
+def test_fingerprint_identifies_files_by_what_they_are(tmp_path, monkeypatch):
+    """Places (the index cache) are not part of the run, and a data path, the tokenizer, an arch YAML or
+    the DeepSpeed overrides count by what they are, not how they are written: another spelling, a
+    symlink, a copy of the same bytes elsewhere is the same run; other data or other bytes are not.
+    Before, a moved cache_dir or `./data/x` for `data/x` was refused as another run."""
+    import os
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (tmp_path / "alias").symlink_to(data)
+    tok = tmp_path / "tok" / "spm.model"
+    tok.parent.mkdir()
+    tok.write_bytes(b"tokenizer bytes")
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(tok, tmp_path / "elsewhere" / "copy.model")
+    arch = tmp_path / "arch.yaml"
+    shutil.copy(ROOT / "configs/model/opt-tiny.yaml", arch)
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}}))
+    monkeypatch.chdir(tmp_path)
+
+    def fp(train_paths, tokenizer=str(tok), cache=None, arch_path=str(arch), ds_path=str(ds)):
+        return config_from_dict({"model": {"arch": arch_path}, "deepspeed_overrides": ds_path, "data": {
+            "source": "indexed", "train_paths": train_paths, "tokenizer": tokenizer, "cache_dir": cache}}).fingerprint()
+
+    base = fp([str(data / "corpus")])
+    same = [
+        fp([str(data / "corpus")], cache=str(tmp_path / "moved-cache")),  # a place
+        fp(["data/corpus"]), fp(["./data/../data/corpus"]), fp([str(tmp_path / "alias" / "corpus")]),  # spellings
+        fp([str(data / "corpus")], tokenizer=str(tok.parent)),  # the directory holding the tokenizer
+        fp([str(data / "corpus")], tokenizer=str(tmp_path / "elsewhere" / "copy.model")),  # the same bytes elsewhere
+        fp([str(data / "corpus")], arch_path="./arch.yaml"), fp([str(data / "corpus")], ds_path="ds.json"),
+    ]
+    assert same == [base] * len(same)
+    (tmp_path / "other.model").write_bytes(b"other tokenizer")
+    other_arch = tmp_path / "other.yaml"
+    other_arch.write_text(arch.read_text().replace("num_layers: 2", "num_layers: 3"))
+    assert other_arch.read_text() != arch.read_text()
+    different = [
+        fp([str(data / "other")]), fp(["0.5", str(data / "corpus"), "0.5", str(data / "other")]),
+        fp([str(data / "corpus")], tokenizer=str(tmp_path / "other.model")),
+        fp([str(data / "corpus")], arch_path=str(other_arch)),
+    ]
+    assert len({base, *different}) == 1 + len(different)
+    # blend weights stay numbers, paths resolve: two spellings of one weighted blend agree
+    assert fp(["0.3", "data/corpus", "0.7", "data/other"]) == fp(["0.3", str(data / "corpus"), "0.7",
+                                                                 os.path.join(".", "data", "other")])

@@ -4,6 +4,7 @@ Every layout reproduces the single-process oracle's loss curve (fp32, no clippin
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -74,6 +75,41 @@ def test_four_process_layouts_match_single_process(oracle, oracle_clip, tmp_path
     ], oracle, oracle_clip, tmp_path)
 
 
+def test_divergence_on_one_rank_stops_every_rank_before_the_update(tmp_path):
+    """A NaN gradient or loss at step 3 on one rank only: every rank stops at iteration 3 with the same
+    message, before the update, and latest stays the finite checkpoint of iteration 2 (keep_last=1), on
+    the pipeline path where we clip (fp32 ZeRO-0) and where DeepSpeed clips (ZeRO-1), under data
+    parallelism where we clip and under ZeRO-2, and under tensor parallelism (one shard's NaN)."""
+    from safetensors.torch import load_file
+
+    layouts = {
+        "pp2_zero0_own_clipping": ("grad", 1, f"parallel.pipeline_parallel=2,{CLIP}"),
+        "pp2_zero1": ("grad", 1, "parallel.pipeline_parallel=2,parallel.zero_stage=1"),
+        "pp2_zero1_loss": ("loss", 1, "parallel.pipeline_parallel=2,parallel.zero_stage=1"),
+        "dp2_zero0_own_clipping": ("grad", 1, CLIP),
+        "dp2_zero2": ("grad", 1, "parallel.zero_stage=2"),
+        "tp2_zero1": ("grad", 1, "parallel.tensor_parallel=2,parallel.zero_stage=1"),
+    }
+    cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(Path(__file__).with_name("diverge_worker.py")), str(tmp_path / "out.json"), str(tmp_path),
+           *[f"{name}:{kind}:{rank}:{sets}" for name, (kind, rank, sets) in layouts.items()]]
+    r = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    results = json.loads((tmp_path / "out.json").read_text())
+    for name, (kind, _, _) in layouts.items():
+        messages = results[name]
+        assert messages[0] is not None and messages == [messages[0]] * 2, (name, messages)
+        stat = "lm loss" if kind == "loss" else "grad norm"
+        assert messages[0].startswith(f"iteration 3: {stat} is "), (name, messages[0])
+        ck = tmp_path / name
+        assert (ck / "latest").read_text().strip() == "iter_0000002", name
+        assert sorted(p.name for p in ck.iterdir() if p.name.startswith("iter_")) == ["iter_0000002"], name
+        files = list((ck / "iter_0000002" / "model").glob("*.safetensors"))
+        assert len(files) == (1 if name.startswith("dp") else 2), name
+        for f in files:
+            assert all(bool(t.float().isfinite().all()) for t in load_file(str(f)).values()), (name, f)
+
+
 def _losses(stdout):
     return [float(line.split("|")[1].split()[-1]) for line in stdout.splitlines() if line.startswith("iter ")]
 
@@ -104,6 +140,60 @@ def test_signal_saves_at_end_of_step_and_exits_0(sig, tmp_path):
     tag = (ck / "latest").read_text().strip()
     state = json.loads((ck / tag / "train_state.json").read_text())
     assert 2 <= state["iteration"] < 100000 and tag == f"iter_{state['iteration']:07d}"
+
+
+def _signal_at_line(cmd, prefix, sig=signal.SIGTERM, timeout=300):
+    """Run cmd, send it `sig` as soon as a line of its output starts with `prefix`; (returncode, output)."""
+    p = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.time() + timeout
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith(prefix):
+            p.send_signal(sig)
+            break
+        assert time.time() < deadline, "".join(lines)[-3000:]
+    out = "".join(lines) + p.communicate(timeout=timeout)[0]
+    return p.returncode, out
+
+
+def _snapshot(path):
+    return {str(f.relative_to(path)): (f.stat().st_mtime_ns, f.read_bytes() if f.is_file() else None)
+            for f in sorted(path.rglob("*"))}
+
+
+@pytest.mark.parametrize("resumed", [False, True], ids=["new_run", "resuming"])
+def test_sigterm_during_startup_exits_0_without_writing(resumed, tmp_path):
+    """SIGTERM while the trainer starts (as scancel sends it to every task), here right after the
+    checkpoint directory is claimed, before the model is built and a checkpoint loaded: exit 0 and
+    nothing written (no checkpoint, run.json, TensorBoard), a resumable directory untouched. It used
+    to kill the trainer (exit -15): the handler came only after the model and checkpoint."""
+    ck, tb = tmp_path / "ck", tmp_path / "tb"
+    sets = [f"checkpoint.dir={ck}", f"logging.tensorboard_dir={tb}", "train.train_iters=4"]
+    if resumed:
+        r = subprocess.run(_train_cmd(sets + ["train.exit_interval=2"]), env=env(), cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0 and (ck / "latest").read_text().strip() == "iter_0000002", r.stderr[-2000:]
+    before = _snapshot(tmp_path)
+    code, out = _signal_at_line(_train_cmd(sets), "world 1 = ")
+    assert code == 0, out[-3000:]
+    assert "stop requested before the first step" in out and "\niter " not in out, out[-3000:]
+    assert _snapshot(tmp_path) == before
+
+
+def test_sigterm_to_torchrun_during_startup_exits_0_without_writing(tmp_path):
+    """torchrun forwards its SIGTERM to the workers and kills them after a timeout: both trainers stop
+    before the first step, exit 0 in time (no forced kill) and write nothing."""
+    ck, tb = tmp_path / "ck", tmp_path / "tb"
+    cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "megatron_outeff.training.train",
+           "--config", DEMO]
+    for s in BASE + [f"checkpoint.dir={ck}", f"logging.tensorboard_dir={tb}", "parallel.zero_stage=1"]:
+        cmd += ["--set", s]
+    code, out = _signal_at_line(cmd, "world 2 = ")
+    # torchrun itself then exits 1 with its own SignalException traceback (its way of reporting the signal)
+    assert "stop requested before the first step" in out, out[-3000:]
+    assert "forcefully" not in out and not re.search(r'File ".*megatron_outeff', out), out[-3000:]
+    assert not ck.exists() and not tb.exists()
 
 
 def test_kill_during_save_leaves_previous_checkpoint_loadable(oracle, tmp_path):

@@ -74,6 +74,7 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path):
 def test_directory_of_another_run_is_refused(tmp_path):
     ck = tmp_path / "ck"
     (ck / "iter_0000002").mkdir(parents=True)  # another run's complete checkpoint
+    (ck / "iter_0000002" / "train_state.json").write_text(json.dumps({"iteration": 2}))
     (ck / "latest").write_text("iter_0000002\n")
     run = ck / "run.json"
     run.write_text(json.dumps({"fingerprint": "0123456789abcdef"}))
@@ -81,6 +82,10 @@ def test_directory_of_another_run_is_refused(tmp_path):
     with pytest.raises(OutEffError, match="holds another run"):
         train(load_config(DEMO, BASE + [f"checkpoint.dir={ck}"]))
     assert run.read_text() == before and sorted(p.name for p in ck.iterdir()) == ["iter_0000002", "latest", "run.json"]
+    (ck / "latest").unlink()  # a lost pointer does not make another run's checkpoints anyone's
+    with pytest.raises(OutEffError, match="holds another run"):
+        train(load_config(DEMO, BASE + [f"checkpoint.dir={ck}"]))
+    assert run.read_text() == before and sorted(p.name for p in ck.iterdir()) == ["iter_0000002", "run.json"]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "data.bin").write_text("x")
     with pytest.raises(OutEffError, match="not empty"):

@@ -91,3 +91,66 @@ def indexed_sets(corpus: dict, train_paths: str, *extra: str) -> list:
     """Config overrides for data.source=indexed on indexed_corpus's data (train_paths: a YAML list)."""
     return [f"model.arch_overrides.vocab_size={INDEXED_VOCAB}", "data.source=indexed", f"data.train_paths={train_paths}",
             f"data.tokenizer={corpus['tokenizer']}", *extra]
+
+
+def poison_hook(iteration: int, micro_per_step: int, kind: str = "grad", ranks=None):
+    """A ``train()`` model_hook that makes step ``iteration`` (1-based) non-finite on the given global
+    ranks (all if None): ``kind="grad"`` puts a NaN into one gradient element of decoder layer 0's fc1
+    weight on the first micro-batch (the loss stays finite), ``"loss"`` adds NaN to the model's
+    per-token losses. The models it saw are in ``hook.models``."""
+
+    def hook(model):
+        import torch
+        import torch.distributed as dist
+
+        from megatron_outeff.training.model import unwrap
+
+        hook.models.append(model)
+        if ranks is not None and dist.get_rank() not in ranks:
+            return
+        calls = [0]
+
+        def step():  # the step of the micro-batch being computed
+            return (calls[0] - 1) // micro_per_step + 1
+
+        def count(module, args):
+            calls[0] += 1
+
+        model.register_forward_pre_hook(count)
+        if kind == "grad":
+            def poison_grad(grad):
+                if step() != iteration or (calls[0] - 1) % micro_per_step:
+                    return grad
+                grad = grad.clone()
+                grad.view(-1)[0] = float("nan")
+                return grad
+
+            unwrap(model).decoder.layers[0].mlp.linear_fc1.weight.register_hook(poison_grad)
+        else:
+            def poison_loss(module, args, output):
+                return output + float("nan") if step() == iteration else output
+
+            model.register_forward_hook(poison_loss)
+
+    hook.models = []
+    return hook
+
+
+def read_model_file(ckpt, tag, name="tp00_pp00.safetensors"):
+    """{name: tensor} of a checkpoint's model file."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(ckpt) / tag / "model" / name))
+
+
+def finish_worker(out, results: dict) -> None:
+    """End of a torchrun test worker: global rank 0 writes ``results`` as JSON to ``out``; the process
+    group goes."""
+    import json
+
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        with open(out, "w") as f:
+            json.dump(results, f)
+    dist.destroy_process_group()
