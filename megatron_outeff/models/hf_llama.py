@@ -230,20 +230,28 @@ def validate_hf_state_dict(hf_sd: Mapping[str, torch.Tensor], arch: LlamaArchCon
 # Layout helpers.
 
 
-def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, groups: int) -> torch.Tensor:
-    """q [H*d, ...], k / v [G*d, ...] -> megatron's grouped rows [(H + 2G)*d, ...] (module doc)."""
-    d, rest = q.shape[0] // heads, q.shape[1:]
-    parts = (q.reshape(groups, heads // groups, d, *rest), k.reshape(groups, 1, d, *rest), v.reshape(groups, 1, d, *rest))
-    return torch.cat(parts, dim=1).reshape((heads + 2 * groups) * d, *rest)
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, groups: int,
+             gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q [H*d, ...], k / v [G*d, ...] -> megatron's grouped rows [(H + 2G)*d, ...] (module doc). With
+    ``gate`` [H*d, ...] (megatron's ``attention_output_gate``, the elementwise output gate) each group's
+    block is [its query heads, their gate rows, k, v]: [(2H + 2G)*d, ...] (megatron's SelfAttention
+    ``get_query_key_value_tensors`` splits q | gate | k | v per group)."""
+    d, rest, per = q.shape[0] // heads, q.shape[1:], heads // groups
+    parts = [q.reshape(groups, per, d, *rest)]
+    if gate is not None:
+        parts.append(gate.reshape(groups, per, d, *rest))
+    parts += [k.reshape(groups, 1, d, *rest), v.reshape(groups, 1, d, *rest)]
+    return torch.cat(parts, dim=1).reshape(-1, *rest)
 
 
-def unfuse_qkv(qkv: torch.Tensor, heads: int, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The inverse of :func:`fuse_qkv`."""
+def unfuse_qkv(qkv: torch.Tensor, heads: int, groups: int, gate: bool = False) -> tuple[torch.Tensor, ...]:
+    """The inverse of :func:`fuse_qkv`: (q, k, v), or (q, gate, k, v) with ``gate``."""
     per = heads // groups
-    d, rest = qkv.shape[0] // (heads + 2 * groups), qkv.shape[1:]
-    g = qkv.reshape(groups, per + 2, d, *rest)
-    return (g[:, :per].reshape(heads * d, *rest).contiguous(), g[:, per].reshape(groups * d, *rest).contiguous(),
-            g[:, per + 1].reshape(groups * d, *rest).contiguous())
+    width = 2 * per + 2 if gate else per + 2
+    d, rest = qkv.shape[0] // (groups * width), qkv.shape[1:]
+    g = qkv.reshape(groups, width, d, *rest)
+    blocks = [g[:, :per]] + ([g[:, per:2 * per]] if gate else []) + [g[:, width - 2:width - 1], g[:, width - 1:]]
+    return tuple(b.reshape(-1, *rest).contiguous() for b in blocks)
 
 
 def _stage_layers(arch, pp_rank: int, pp_size: int) -> range:
