@@ -40,24 +40,23 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 
-from megatron_outeff.ops import gate_initial_value, gate_parameter_shapes, head_gate
+from megatron_outeff.ops import head_gate
+from megatron_outeff.ops.variants import variant_tensor_owners
 
-from .core_attention import OutEffCoreAttention, check_variant_fits, init_sharded_parameter
+from .core_attention import (
+    OutEffCoreAttention, check_variant_fits, create_variant_parameters, local_name, sharded_variant_state_dict,
+)
 from .variant import AttentionVariantConfig, from_megatron_softmax_type, resolve_variant
-
-# megatron checkpoint names of ops.gate parameters that differ (the mlp gate's output bias).
-_MEGATRON_GATE_NAMES = {"fc2_bias": "bias"}
 
 
 class OutEffHeadGate(MegatronModule):
     """Per-head attention gate for this TP rank's heads: hidden [s(/tp), b, d_model] -> g [b, s, heads/tp].
 
-    The gate's parameters, initial values and math are ``megatron_outeff.ops.gate`` (shapes there are
-    for all H heads; each rank stores rows [rank*H/tp, (rank+1)*H/tp)); weights use config.init_method
-    (megatron's weight init). Parameter names as there, except the mlp gate's ``fc2_bias``, which
-    megatron checkpoints call ``bias`` (as every other gate's output bias).
+    The gate's math is ``megatron_outeff.ops.gate``; its parameters (names, shapes for all H heads,
+    initial values, head split) are ``ops.variants.variant_tensors``' ``head_gate.*`` tensors: each rank
+    stores rows [rank*H/tp, (rank+1)*H/tp) (``create_variant_parameters``); weights use config.init_method
+    (megatron's weight init). The mlp gate's ``fc2_bias`` is ``bias`` here, as every gate's output bias.
     """
 
     def __init__(self, config: TransformerConfig, variant: AttentionVariantConfig, tp_group):
@@ -69,13 +68,7 @@ class OutEffHeadGate(MegatronModule):
         self.heads_per_partition = heads // tp_size
         self.d_head = d_head
         self.tp_rank = tp_rank
-        self._names = {}  # ops.gate name -> this module's parameter name
-        for name, shape in gate_parameter_shapes(self.kind, heads, d_head, config.hidden_size).items():
-            value = gate_initial_value(name, variant.gate_init_prob)
-            # Constants (the biases) are the same on every rank whatever the init path.
-            init = config.init_method if value is None else functools.partial(torch.nn.init.constant_, val=value)
-            self._names[name] = _MEGATRON_GATE_NAMES.get(name, name)
-            setattr(self, self._names[name], init_sharded_parameter(config, shape, init, tp_rank, tp_size, partition_dim=0))
+        self.variant_tensors = create_variant_parameters(self, "head_gate", variant, config, tp_rank, tp_size)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         if self.config.sequence_parallel:
@@ -85,19 +78,14 @@ class OutEffHeadGate(MegatronModule):
         if self.kind != "shared_linear":  # this rank's heads' slices of the input
             lo = self.tp_rank * self.heads_per_partition * self.d_head
             x = x[..., lo : lo + self.heads_per_partition * self.d_head]
-        params = {name: getattr(self, mine) for name, mine in self._names.items()}
+        params = {t.name: getattr(self, local_name(t)) for t in self.variant_tensors}
         return head_gate(x, self.kind, params).transpose(0, 1)  # [b, s, np], fp32
 
     def sharded_state_dict(
         self, prefix: str = "", sharded_offsets: Tuple[Tuple[int, int, int], ...] = (), metadata: Optional[dict] = None
     ) -> ShardedStateDict:
-        """Every gate tensor is sharded by head along dim 0."""
-        state_dict = self.state_dict(prefix="", keep_vars=True)
-        metadata = ensure_metadata_has_dp_cp_group(metadata)
-        return make_sharded_tensors_for_checkpoint(
-            state_dict, prefix, {name: 0 for name in state_dict}, sharded_offsets,
-            tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
-        )
+        """Every gate tensor is sharded by head along its ``tp_dim`` (dim 0)."""
+        return sharded_variant_state_dict(self, prefix, sharded_offsets, metadata)
 
 
 def _accepts_variant(builder) -> bool:
@@ -183,30 +171,28 @@ def _mpu_tp_size() -> int:
 
 
 def check_state_dict_fits(model: torch.nn.Module, state_dict) -> None:
-    """One-line ValueError if ``state_dict`` has an offset / gate tensor that does not fit ``model``.
+    """One-line ValueError if ``state_dict`` has a variant tensor (``ops.variants.variant_tensors``: offset,
+    gate) that does not fit ``model``: another variant's, or of another shape.
 
     torch's ``load_state_dict`` copies module by module and reports shape mismatches only at the
     end, after the other weights were overwritten; this check looks at every outlier-efficient
     tensor first. ``install_state_dict_guard`` runs it automatically on ``model.load_state_dict``.
     """
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
-        if isinstance(module, OutEffCoreAttention):
-            key = prefix + "softmax_offset"
-            if module.softmax_offset is None:
-                if key in state_dict:
-                    raise ValueError(f"{key}: the checkpoint has a learnable offset but this layer is {module.variant.describe()!r}")
-                continue
-            tensors = {key: module.softmax_offset}
-        elif isinstance(module, OutEffHeadGate):
-            tensors = {prefix + n: p for n, p in module.named_parameters(recurse=False)}
-        else:
+    mine = dict(model.named_parameters())
+    variants = {name[: -len(".core_attention")]: m.variant for name, m in model.named_modules()
+                if isinstance(m, OutEffCoreAttention)}
+    owners = variant_tensor_owners("megatron")
+    for key, value in state_dict.items():
+        name = next((n for n in owners if key.endswith("." + n)), None)
+        if name is None:
             continue
-        for key, param in tensors.items():
-            if key in state_dict and tuple(state_dict[key].shape) != tuple(param.shape):
-                raise ValueError(
-                    f"{key}: checkpoint shape {tuple(state_dict[key].shape)} does not fit this model's {tuple(param.shape)}"
-                )
+        param = mine.get(key)
+        if param is None or getattr(param, "variant_tensor", None) is None:
+            layer = next((v.describe() for p, v in variants.items() if key.startswith(p + ".")), None)
+            raise ValueError(f"{key}: the checkpoint has a tensor of {' or '.join(owners[name])}"
+                             + (f" but this layer is {layer!r}" if layer else " but this model has none"))
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} does not fit this model's {tuple(param.shape)}")
 
 
 def install_state_dict_guard(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,7 +1,6 @@
-"""Per-head attention gate (gated attention, Bondarenko et al. 2023): its parameters, their initial
-values and its math, for every module that holds a gate (megatron's ``OutEffHeadGate``, the Hugging
-Face remote code). Knows nothing of Megatron; imports torch and its sibling ``variants`` only, so the
-Hugging Face export ships both verbatim.
+"""Per-head attention gate (gated attention, Bondarenko et al. 2023): its math, for every module that
+holds a gate (megatron's ``OutEffHeadGate``, the Hugging Face remote code). Knows nothing of Megatron;
+imports torch and its sibling ``variants`` only, so the Hugging Face export ships both verbatim.
 
 Per head h, with x the attention layer's input [..., d_model] and x_h head h's d_head-wide slice
 x[..., h*d_head:(h+1)*d_head]:
@@ -13,64 +12,37 @@ x[..., h*d_head:(h+1)*d_head]:
     shared_linear  G(x) = W x + b over all of x                       weight [H, d_model], bias [H]
 
 and head h's attention output (after P V) is multiplied by g_h before the output projection.
-Initial values: weights by the caller's weight init (N(0, std)); fc1_bias 0; the output bias
-(bias / fc2_bias) logit(gate_init_prob), so every gate opens to gate_init_prob.
-Parameter names are those of the Hugging Face checkpoints; megatron checkpoints name the mlp gate's
-fc2_bias "bias" (``megatron_outeff.megatron.self_attention``).
+The parameters (names, shapes, initial values, megatron / Hugging Face names) are described with every
+other tensor a variant adds in ``variants.variant_tensors``.
 """
 from __future__ import annotations
 
-import math
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Mapping, Tuple
 
 import torch
 
-from .variants import GATE_VARIANTS, check_choice
+from .variants import GATE_VARIANTS, AttentionVariantConfig, check_choice, variant_tensors
 
 GATE_KINDS = tuple(g for g in GATE_VARIANTS if g != "none")  # the gates with parameters
 
 
-def gate_parameter_shapes(kind: str, num_heads: int, head_dim: int, hidden_size: int) -> Dict[str, Tuple[int, ...]]:
-    """{parameter name: shape} of a ``kind`` gate over ``num_heads`` heads, in creation order.
-
-    Errors (one-line ValueError): an unknown kind; linear/mlp when hidden_size != num_heads * head_dim
-    (they read head h's slice of the input); mlp with head_dim < 4 (hidden width head_dim // 4 = 0).
-    """
-    H, d = num_heads, head_dim
+def gate_parameter_names(kind: str) -> Tuple[str, ...]:
+    """The names of a ``kind`` gate's parameters in ``head_gate`` (``variants.variant_tensors``' ``name``)."""
     check_choice("gate", kind, GATE_KINDS)
-    if kind == "shared_linear":
-        return {"weight": (H, hidden_size), "bias": (H,)}
-    if d * H != hidden_size:
-        raise ValueError(
-            f"gate={kind!r} reads head h's d_head-wide slice of the input, which needs hidden_size "
-            f"({hidden_size}) == num_attention_heads * head_dim ({H} * {d}); use gate='shared_linear'"
-        )
-    if kind == "linear":
-        return {"weight": (H, d), "bias": (H,)}
-    if d < 4:
-        raise ValueError(f"gate='mlp' with head_dim={d}: the hidden width head_dim // 4 would be 0 (needs head_dim >= 4)")
-    r = d // 4
-    return {"fc1_weight": (H, r, d), "fc1_bias": (H, r), "fc2_weight": (H, r), "fc2_bias": (H,)}
-
-
-def gate_initial_value(name: str, gate_init_prob: float) -> Optional[float]:
-    """The constant a freshly initialised gate parameter holds, or None for a weight (the caller's
-    weight init). The output bias is logit(gate_init_prob): sigmoid(bias) = gate_init_prob."""
-    if name in ("bias", "fc2_bias"):
-        return math.log(gate_init_prob / (1.0 - gate_init_prob))
-    if name == "fc1_bias":
-        return 0.0
-    return None
+    return tuple(t.name for t in variant_tensors(AttentionVariantConfig(gate=kind), num_heads=1, head_dim=4, hidden_size=4))
 
 
 def head_gate(x: torch.Tensor, kind: str, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Gate values g [..., H] in (0, 1), fp32 (fp64 for fp64 x), of the input x [..., width].
 
-    params: ``gate_parameter_shapes``' tensors (for H heads: possibly a tensor-parallel rank's heads).
-    width: H * d_head (linear, mlp: the heads' slices of the input) or d_model (shared_linear).
+    params: the gate's tensors by ``gate_parameter_names(kind)`` (for H heads: possibly a tensor-parallel
+    rank's heads). width: H * d_head (linear, mlp: the heads' slices of the input) or d_model (shared_linear).
     Products run in x's dtype (parameters cast to it), the sigmoid in fp32 (fp64 for fp64).
+    Errors: one-line ValueError for an unknown kind or parameter names other than the kind's.
     """
-    check_choice("gate", kind, GATE_KINDS)
+    names = gate_parameter_names(kind)
+    if sorted(params) != sorted(names):
+        raise ValueError(f"gate={kind!r} parameters {sorted(params)}: expected {sorted(names)}")
     p = {name: t.to(x.dtype) for name, t in params.items()}
     if kind == "shared_linear":
         logits = torch.nn.functional.linear(x, p["weight"], p["bias"])
@@ -84,4 +56,4 @@ def head_gate(x: torch.Tensor, kind: str, params: Mapping[str, torch.Tensor]) ->
     return torch.sigmoid(logits.to(torch.promote_types(logits.dtype, torch.float32)))
 
 
-__all__ = ["GATE_KINDS", "gate_initial_value", "gate_parameter_shapes", "head_gate"]
+__all__ = ["GATE_KINDS", "gate_parameter_names", "head_gate"]

@@ -23,6 +23,11 @@ Optional per-head gate (Bondarenko et al. 2023): ``megatron_outeff.ops.gate``.
 everywhere: the training config's ``attention`` section, the checkpoint manifest's ``attention``,
 the Hugging Face config.json (flat keys) and the converter's ``--variant``. The translation to and
 from megatron-core's ``softmax_type`` is ``megatron_outeff.megatron.variant``.
+
+``variant_tensors`` is the one description of every tensor a variant adds to an attention layer
+(name, shape, initial value, megatron and Hugging Face names, tensor-parallel split, weight decay):
+megatron's layer, the Hugging Face remote code, the converter, the checkpoint format and the
+optimizer's parameter roles iterate it instead of naming tensors.
 """
 from __future__ import annotations
 
@@ -267,6 +272,133 @@ class AttentionVariantConfig:
             parts.append(f"clipped(alpha={self.clip_alpha:g})")
         parts.append(f"softmax_n(n={self.softmax_n:g})" if self.softmax == "softmax_n" else self.softmax)
         return " ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# The tensors a variant adds
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VariantTensor:
+    """One tensor a variant adds to an attention layer, for all H heads of the layer.
+
+    name       its name in the variant's math: the learnable offset's "softmax_offset"; a per-head gate's
+               parameter name in ``ops.gate.head_gate`` ("weight", "bias", "fc1_weight", ..., "fc2_bias")
+    shape      the full shape (every head), from the model's dims
+    init       the constant a freshly initialised tensor holds, or None: drawn by the model's weight init
+               (N(0, init_method_std)), like every other weight
+    megatron   its name inside megatron-core's ``SelfAttention`` module (the layer's ``self_attention.``):
+               "core_attention.softmax_offset" (megatron-core's own name), "head_gate.<name>"
+    hf         its name inside the Hugging Face attention module (the layer's ``self_attn.``):
+               "softmax_offset", "gate.<name>"
+    tp_dim     the dim split by head across tensor-parallel ranks (rank r of T holds heads
+               [r H/T, (r+1) H/T)): 0 for every tensor here; None would be replicated
+    decay      whether the optimizer decays it (weights: yes; biases and the offset: no, as megatron-core)
+
+    Family-independent: names are relative to the attention module; a model family's mapping adds its
+    layer prefix (OPT: ``decoder.layers.{i}.self_attention.`` / ``model.decoder.layers.{i}.self_attn.``).
+    """
+
+    name: str
+    shape: Tuple[int, ...]
+    init: Optional[float]
+    megatron: str
+    hf: str
+    tp_dim: Optional[int]
+    decay: bool
+
+    def initial_tensor(self, std: float, generator: Optional[torch.Generator] = None,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A freshly initialised full tensor: ``init`` everywhere, or N(0, std) drawn from ``generator``."""
+        if self.init is None:
+            return torch.randn(self.shape, generator=generator, dtype=dtype) * std
+        return torch.full(self.shape, self.init, dtype=dtype)
+
+
+def logit(p: float) -> float:
+    """log(p / (1 - p)): the bias whose sigmoid is p (a gate opening to p)."""
+    return math.log(p / (1.0 - p))
+
+
+def variant_tensors(variant: "AttentionVariantConfig", *, num_heads: int, head_dim: int,
+                    hidden_size: int) -> Tuple[VariantTensor, ...]:
+    """Every tensor ``variant`` adds to one attention layer of H = ``num_heads`` heads of width
+    d = ``head_dim`` reading a ``hidden_size``-wide input, in creation order (``VariantTensor``).
+
+        learnable        softmax_offset [H], init 0
+        linear           weight [H, d], bias [H]                     g_h = sigmoid(w_h . x_h + b_h)
+        shared_linear    weight [H, hidden], bias [H]                g = sigmoid(W x + b)
+        mlp              fc1_weight [H, r, d], fc1_bias [H, r] (init 0), fc2_weight [H, r], fc2_bias [H];
+                         r = d // 4 (megatron names the output bias ``head_gate.bias``, as the others')
+
+    Initial values, one per tensor (the same when training from scratch, when importing a Hugging Face
+    OPT that lacks the tensor, and in the Hugging Face remote code's own init):
+    * weights (init None): the model's weight init, N(0, init_method_std), like the layer's other weights;
+    * a gate's output bias: logit(gate_init_prob), so every gate opens to gate_init_prob (Bondarenko et
+      al.'s OPT scripts use 0.25, the default);
+    * the mlp gate's hidden bias: 0;
+    * the learnable offset: 0, i.e. a run starts as Softmax_1 (OutEffHop) and learns from there. Not
+      megatron-core's N(0, init_method_std) draw: at OPT's std of 0.006 it only adds noise to that start,
+      and a constant needs no random stream, so every TP layout, ``from-hf`` and Hugging Face's own init
+      give the same value without a seed.
+
+    Errors (one-line ValueError): the gate's shape rules: linear / mlp read head h's d-wide slice of the
+    input (hidden_size == H * d); mlp needs d >= 4 (r >= 1).
+    """
+    H, d = int(num_heads), int(head_dim)
+    out = []
+    if variant.learnable_offset:
+        out.append(VariantTensor("softmax_offset", (H,), 0.0, "core_attention.softmax_offset", "softmax_offset",
+                                 tp_dim=0, decay=False))
+    kind = variant.gate
+    if kind == "none":
+        return tuple(out)
+    bias = logit(variant.gate_init_prob)
+    if kind == "shared_linear":
+        shapes = {"weight": ((H, hidden_size), None), "bias": ((H,), bias)}
+    else:
+        if d * H != hidden_size:
+            raise ValueError(
+                f"gate={kind!r} reads head h's d_head-wide slice of the input, which needs hidden_size "
+                f"({hidden_size}) == num_attention_heads * head_dim ({H} * {d}); use gate='shared_linear'"
+            )
+        if kind == "linear":
+            shapes = {"weight": ((H, d), None), "bias": ((H,), bias)}
+        else:  # mlp
+            if d < 4:
+                raise ValueError(f"gate='mlp' with head_dim={d}: the hidden width head_dim // 4 would be 0 (needs head_dim >= 4)")
+            r = d // 4
+            shapes = {"fc1_weight": ((H, r, d), None), "fc1_bias": ((H, r), 0.0), "fc2_weight": ((H, r), None),
+                      "fc2_bias": ((H,), bias)}
+    for name, (shape, init) in shapes.items():
+        megatron = "head_gate." + ("bias" if name == "fc2_bias" else name)
+        out.append(VariantTensor(name, shape, init, megatron, "gate." + name, tp_dim=0, decay=init is None))
+    return tuple(out)
+
+
+def variant_tensor_owners(side: str) -> dict:
+    """{name: the variant choices that add it, e.g. ("softmax='learnable'",) or ("gate='linear'",
+    "gate='shared_linear'")} for every name (``side``: "hf" or "megatron", relative to the attention module)
+    that some variant of the vocabulary gives a tensor: how a reader tells a variant's tensors from a model
+    family's own, and says whose a stray one is."""
+    if side not in ("hf", "megatron"):
+        raise ValueError(f"side={side!r}: expected 'hf' or 'megatron'")
+    owners: dict = {}
+    choices = [("softmax", s) for s in SOFTMAX_VARIANTS] + [("gate", g) for g in GATE_VARIANTS]
+    for field_name, value in choices:
+        variant = AttentionVariantConfig(**{field_name: value})
+        for t in variant_tensors(variant, num_heads=1, head_dim=4, hidden_size=4):
+            owners.setdefault(getattr(t, side), []).append(f"{field_name}={value!r}")
+    return {name: tuple(v) for name, v in owners.items()}
+
+
+def find_variant_tensor(tensors, side: str, name: str) -> VariantTensor:
+    """The tensor of ``tensors`` (a ``variant_tensors`` result) whose ``side`` name ("name", "hf" or
+    "megatron") is ``name``; a one-line ValueError naming it and the known names otherwise."""
+    for t in tensors:
+        if getattr(t, side) == name:
+            return t
+    raise ValueError(f"{name!r}: not a tensor of this attention variant, expected one of "
+                     f"{[getattr(t, side) for t in tensors]}")
 
 
 def resolve_sink(

@@ -263,7 +263,7 @@ def test_wrong_offset_in_state_dict_touches_nothing():
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was overwritten
     # a learnable-offset checkpoint into a softmax1 model: also refused up front
     other = install_state_dict_guard(gpt(make_config(), get_outeff_layer_spec(V(softmax="softmax1"))))
-    with pytest.raises(ValueError, match="learnable offset"):
+    with pytest.raises(ValueError, match="softmax='learnable' but this layer is 'softmax1'"):
         other.load_state_dict(model.state_dict())
     # without the guard the module's own check still gives one line
     plain = gpt(make_config(), get_outeff_layer_spec(V(softmax="learnable")))

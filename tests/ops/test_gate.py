@@ -4,15 +4,23 @@ import math
 import pytest
 import torch
 
-from megatron_outeff.ops.gate import gate_initial_value, gate_parameter_shapes, head_gate
+from megatron_outeff.ops.gate import head_gate
+from megatron_outeff.ops.variants import AttentionVariantConfig, variant_tensors
 
 H, D_HEAD = 4, 8
 D_MODEL = H * D_HEAD
 
 
+def shapes(kind, heads=H, d_head=D_HEAD, hidden=D_MODEL, **fields):
+    """{name: shape} of a ``kind`` gate's parameters, as the variant's tensor description gives them."""
+    tensors = variant_tensors(AttentionVariantConfig(gate=kind, **fields), num_heads=heads, head_dim=d_head,
+                              hidden_size=hidden)
+    return {t.name: t.shape for t in tensors}
+
+
 def params(kind, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in gate_parameter_shapes(kind, H, D_HEAD, D_MODEL).items()}
+    return {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in shapes(kind).items()}
 
 
 def by_hand(x, kind, p):
@@ -51,24 +59,36 @@ def test_a_ranks_heads_are_a_slice():
 
 
 def test_shapes_and_initial_values():
-    assert gate_parameter_shapes("linear", 4, 8, 32) == {"weight": (4, 8), "bias": (4,)}
-    assert gate_parameter_shapes("shared_linear", 4, 8, 48) == {"weight": (4, 48), "bias": (4,)}
-    assert gate_parameter_shapes("mlp", 4, 8, 32) == {"fc1_weight": (4, 2, 8), "fc1_bias": (4, 2), "fc2_weight": (4, 2),
-                                                     "fc2_bias": (4,)}
-    assert gate_initial_value("bias", 0.25) == gate_initial_value("fc2_bias", 0.25) == pytest.approx(math.log(1 / 3))
-    assert gate_initial_value("fc1_bias", 0.25) == 0.0 and gate_initial_value("weight", 0.25) is None
+    assert shapes("linear", 4, 8, 32) == {"weight": (4, 8), "bias": (4,)}
+    assert shapes("shared_linear", 4, 8, 48) == {"weight": (4, 48), "bias": (4,)}
+    assert shapes("mlp", 4, 8, 32) == {"fc1_weight": (4, 2, 8), "fc1_bias": (4, 2), "fc2_weight": (4, 2), "fc2_bias": (4,)}
+    init = {t.name: t.init for t in variant_tensors(AttentionVariantConfig(gate="mlp", gate_init_prob=0.25),
+                                                    num_heads=H, head_dim=D_HEAD, hidden_size=D_MODEL)}
+    assert init["fc2_bias"] == pytest.approx(math.log(1 / 3)) and init["fc1_bias"] == 0.0
+    assert init["fc1_weight"] is None and init["fc2_weight"] is None
     # a gate with zero weights opens exactly to gate_init_prob
-    p = {n: torch.zeros(s) if gate_initial_value(n, 0.3) is None else torch.full(s, gate_initial_value(n, 0.3))
-         for n, s in gate_parameter_shapes("mlp", H, D_HEAD, D_MODEL).items()}
+    p = {t.name: torch.zeros(t.shape) if t.init is None else torch.full(t.shape, t.init)
+         for t in variant_tensors(AttentionVariantConfig(gate="mlp", gate_init_prob=0.3), num_heads=H, head_dim=D_HEAD,
+                                  hidden_size=D_MODEL)}
     torch.testing.assert_close(head_gate(torch.randn(2, D_MODEL), "mlp", p), torch.full((2, H), 0.3))
 
 
 @pytest.mark.parametrize("args,needle", [
-    (("conv", 4, 8, 32), "gate='conv'"),
     (("linear", 4, 8, 48), "use gate='shared_linear'"),
     (("mlp", 4, 2, 8), "head_dim=2"),
 ])
 def test_bad_shapes_are_one_line_errors(args, needle):
     with pytest.raises(ValueError, match=needle) as e:
-        gate_parameter_shapes(*args)
+        shapes(*args)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kind,params_,needle", [
+    ("conv", {}, "gate='conv'"),
+    ("linear", {"weight": torch.zeros(H, D_HEAD)}, r"parameters \['weight'\]: expected \['bias', 'weight'\]"),
+    ("linear", {"weight": torch.zeros(H, D_HEAD), "bias": torch.zeros(H), "fc9": torch.zeros(1)}, "'fc9'"),
+])
+def test_bad_gate_arguments_are_one_line_errors(kind, params_, needle):
+    with pytest.raises(ValueError, match=needle) as e:
+        head_gate(torch.zeros(2, D_MODEL), kind, params_)
     assert "\n" not in str(e.value)
