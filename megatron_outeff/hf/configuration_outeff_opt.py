@@ -38,7 +38,8 @@ class OutEffOPTConfig(OPTConfig):
         ``hf`` names are inside ``self_attn``)."""
         variant = self.attention_variant() if variant is None else variant
         return variant_tensors(variant, num_heads=self.num_attention_heads,
-                               head_dim=self.hidden_size // self.num_attention_heads, hidden_size=self.hidden_size)
+                               head_dim=self.hidden_size // self.num_attention_heads, hidden_size=self.hidden_size,
+                               qkv_bias=bool(getattr(self, "enable_bias", True)))
 
 
 __all__ = ["OutEffOPTConfig"]

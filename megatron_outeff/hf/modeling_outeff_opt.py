@@ -8,7 +8,9 @@ Attention per layer (q already scaled by 1/sqrt(d_head), as in OPT):
     p      = softmax variant (sink) + mask + optional clip, in fp32
                                           -> QuantPoint ``softmax_quant``
     o      = p v                          -> QuantPoint ``pv_quant``
-    o_h   *= sigmoid(G_h(x_h))            (gated variants; x = the attention layer's input)
+    o_h   *= sigmoid(G_h(x_h))            (per-head gates; x = the attention layer's input)
+    o     *= sigmoid(gate_proj(x))        (the elementwise gate, per head and channel; a Linear, quantized
+                                           like q/k/v/out_proj by both W8A8 paths)
     out    = out_proj(o)
 The variant (``config.attention_variant()``), the softmax/clip math (``outeff_softmax_reference``),
 the gate (``head_gate``) and the variant's tensors (``variant_tensors``: names, shapes, initial values)
@@ -22,7 +24,7 @@ with every key masked (a left-padding position) yields a zero attention output.
 
 Extra parameters (state-dict keys, i = layer index): ``model.decoder.layers.{i}.self_attn.<hf>`` for
 every tensor of ``variant_tensors`` (ops/variants.py): ``softmax_offset`` [H] (learnable), ``gate.<name>``
-(per-head gates).
+(per-head gates), ``gate_proj.weight`` [H*d, h] / ``gate_proj.bias`` [H*d] (elementwise gate).
 
 QuantPoints (identities in float), per decoder layer: self_attn.qk_quant, self_attn.softmax_quant,
 self_attn.pv_quant, attn_residual_quant, ffn_residual_quant (5 per layer).
@@ -39,7 +41,9 @@ from transformers.models.opt.modeling_opt import (
 )
 
 from .configuration_outeff_opt import OutEffOPTConfig
-from .outeff_deps import Clip, QuantPoint, causal_mask, head_gate, outeff_softmax_reference, resolve_sink
+from .outeff_deps import (
+    Clip, QuantPoint, apply_output_gate, causal_mask, elementwise_gate, head_gate, outeff_softmax_reference, resolve_sink,
+)
 
 QUANT_POINTS_PER_LAYER = 5
 
@@ -75,7 +79,8 @@ def _masked_out(attention_mask, bsz: int, q_len: int, kv_len: int, device) -> to
 
 
 class OutEffOPTAttention(OPTAttention):
-    """OPT attention with a sink softmax variant, optional clipping and an optional per-head gate."""
+    """OPT attention with a sink softmax variant, optional clipping and an optional output gate (per head or
+    elementwise)."""
 
     def __init__(self, config: OutEffOPTConfig, layer_idx: int | None = None, **kwargs):
         super().__init__(config, layer_idx=layer_idx, **kwargs)
@@ -90,6 +95,12 @@ class OutEffOPTAttention(OPTAttention):
         for t in by_owner.get("", []):
             self.register_parameter(t.hf, nn.Parameter(torch.empty(t.shape)))
         self.gate = OutEffHeadGate(self.variant.gate, by_owner["gate"]) if "gate" in by_owner else None
+        self.gate_proj = None  # the elementwise gate's Linear (x W^T + b)
+        if "gate_proj" in by_owner:
+            shapes = {t.name: t.shape for t in by_owner["gate_proj"]}
+            out_features, in_features = shapes["weight"]
+            self.gate_proj = nn.Linear(in_features, out_features, bias="bias" in shapes)
+            self.gate_proj.variant_params = tuple((t.name, t) for t in by_owner["gate_proj"])
         self.qk_quant = QuantPoint()
         self.softmax_quant = QuantPoint()
         self.pv_quant = QuantPoint()
@@ -115,6 +126,9 @@ class OutEffOPTAttention(OPTAttention):
         attn_output = attn_output.transpose(1, 2)                                          # [b, sq, H, d]
         if self.gate is not None:
             attn_output = attn_output * self.gate(hidden_states).to(attn_output.dtype).unsqueeze(-1)
+        if self.gate_proj is not None:
+            gate = elementwise_gate(self.gate_proj(hidden_states)).view(bsz, tgt_len, self.num_heads, self.head_dim)
+            attn_output = apply_output_gate(attn_output, gate)
         attn_output = self.out_proj(attn_output.reshape(bsz, tgt_len, -1).contiguous())
         return attn_output, probs
 

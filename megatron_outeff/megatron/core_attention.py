@@ -14,7 +14,8 @@ off-by-one / learnable).
 Math (per query-head h; a_h the sink logit, see ``megatron_outeff.ops.variants``):
     p   = exp(s * q k^T) / (exp(a_h) + sum_j exp(s * q k_j^T))        s = softmax scale
     p'  = clip((zeta - gamma) p + gamma, 0, 1)                         (clipped variants)
-    out = g_h * dropout(p') V                                          (gated variants)
+    out = g * dropout(p') V                                            (gated variants: g_h per head, or
+                                                                        g_{h,c} per head and channel)
 
 Softmax scale: as ``DotProductAttention``: ``softmax_scale`` (megatron passes
 ``config.softmax_scale``) or 1/sqrt(head_dim). ``apply_query_key_layer_scaling`` divides the
@@ -88,14 +89,18 @@ def check_variant_fits(variant: AttentionVariantConfig, config: TransformerConfi
         raise ValueError(f"context_parallel_size={config.context_parallel_size}: OutEffCoreAttention has no context parallelism")
     if getattr(config, "window_size", None) is not None:
         raise ValueError(f"window_size={config.window_size}: sliding-window attention is not supported by OutEffCoreAttention")
+    if variant.gate == "elementwise" and groups < tp_size:
+        raise ValueError(f"gate='elementwise' with num_query_groups={groups} < tensor_model_parallel_size={tp_size}: "
+                         "megatron-core 0.16.1 does not split the gate rows of a query group shared by several ranks")
     layer_variant_tensors(variant, config)  # the gate's own shape rules (ops.variants.variant_tensors)
 
 
 def layer_variant_tensors(variant: AttentionVariantConfig, config: TransformerConfig) -> Tuple[VariantTensor, ...]:
-    """The tensors ``variant`` adds to one attention layer of this config (``ops.variants.variant_tensors``)."""
+    """The tensors ``variant`` adds to one attention layer of this config (``ops.variants.variant_tensors``;
+    the elementwise gate has a bias iff megatron's linear_qkv has one)."""
     heads = config.num_attention_heads
     return variant_tensors(variant, num_heads=heads, head_dim=config.kv_channels or config.hidden_size // heads,
-                           hidden_size=config.hidden_size)
+                           hidden_size=config.hidden_size, qkv_bias=bool(config.add_bias_linear or config.add_qkv_bias))
 
 
 def create_variant_parameters(module: torch.nn.Module, owner: str, variant: AttentionVariantConfig,
@@ -212,18 +217,22 @@ class OutEffCoreAttention(MegatronModule):
         """A core-attention builder for ``SelfAttentionSubmodules.core_attention`` bound to ``variant``.
 
         For megatron's stock ``SelfAttention`` (or any attention that builds its core from the
-        submodules). Gated variants need the layer input, which only ``OutEffSelfAttention`` has.
+        submodules). Per-head gates need the layer input, which only ``OutEffSelfAttention`` has; the elementwise
+        gate is megatron's own ``attention_output_gate``, which megatron's ``SelfAttention`` applies itself.
         """
-        if variant is not None and AttentionVariantConfig.from_dict(variant).gated:
-            raise ValueError(f"gate={variant.gate!r}: a gate needs OutEffSelfAttention (get_outeff_layer_spec), not a core attention alone")
+        if variant is not None and AttentionVariantConfig.from_dict(variant).gate in ("linear", "mlp", "shared_linear"):
+            raise ValueError(f"gate={variant.gate!r}: a per-head gate needs OutEffSelfAttention (get_outeff_layer_spec), not a core attention alone")
         return functools.partial(cls, variant=variant, seq_length=seq_length, **kwargs)
 
     @contextlib.contextmanager
-    def gate_scope(self, gate: Optional[Tensor]):
-        """Within this scope forward() multiplies head h's output by gate[b, sq, h] (in (0, 1)).
+    def gate_scope(self, gate):
+        """Within this scope forward() multiplies its output by the gate: per head, gate [b, sq, h], or per
+        head and channel, gate [b, sq, h, d] (values in (0, 1)); ``gate`` is the tensor or a function
+        returning it when forward() runs.
 
-        ``OutEffSelfAttention`` computes the gate from the layer input and opens this scope around
-        megatron's forward; the core attention itself never sees the layer input.
+        ``OutEffSelfAttention`` computes the gate (per head from the layer input; elementwise from its
+        rows of linear_qkv, inside megatron's forward) and opens this scope around megatron's forward;
+        the core attention itself never sees the layer input.
         """
         previous, self._gate = self._gate, gate
         try:
@@ -259,8 +268,9 @@ class OutEffCoreAttention(MegatronModule):
         if dropout_p > 0 and not self.config.sequence_parallel:
             rng = tensor_parallel.get_cuda_rng_tracker().fork()
         with rng:
+            gate = self._gate() if callable(self._gate) else self._gate
             out = outeff_attention(
-                q, k, v, **self._softmax_args(), clip=self.clip, gate=self._gate, causal=causal,
+                q, k, v, **self._softmax_args(), clip=self.clip, gate=gate, causal=causal,
                 key_padding_mask=key_padding, mask=dense_mask, scale=self.softmax_scale, dropout_p=dropout_p,
                 impl=self.impl,
             )

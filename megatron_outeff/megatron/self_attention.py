@@ -1,6 +1,6 @@
-"""``OutEffSelfAttention``: megatron's ``SelfAttention`` with an attention variant and a per-head gate.
+"""``OutEffSelfAttention``: megatron's ``SelfAttention`` with an attention variant and an output gate.
 
-A thin subclass used through the layer spec (``get_outeff_layer_spec``). It adds two things:
+A thin subclass used through the layer spec (``get_outeff_layer_spec``). It adds three things:
 
 1. The variant travels in the self-attention ModuleSpec's ``params`` (``variant``,
    ``seq_length``): megatron's per-module option mechanism. Because megatron's ``Attention``
@@ -11,6 +11,13 @@ A thin subclass used through the layer spec (``get_outeff_layer_spec``). It adds
    multiplied by g_h before linear_proj (passed as ``gate=`` to ``megatron_outeff.ops.outeff_attention``).
    ``OutEffHeadGate`` holds this rank's gate parameters and computes g; the forward opens
    ``core_attention.gate_scope(g)`` around megatron's unchanged forward.
+3. The elementwise gate (``gate='elementwise'``, megatron-core's ``attention_output_gate``: the config says
+   ``attention_output_gate=True``, so megatron's linear_qkv holds the gate rows, per query group after
+   the queries, and megatron splits them off in ``get_query_key_value_tensors``). This class takes the
+   gate's logits there, hands sigmoid(logits) [b, sq, heads, d] to the core attention (the ops'
+   elementwise gate, ``ops.gate.apply_output_gate``) and returns no gate to megatron's forward, whose own
+   multiply is then skipped: one multiply, numerically megatron's (fp32, rounded once). Its bias rows start
+   at logit(gate_init_prob) (``ops.variants.variant_tensors``); its weight rows are megatron's own draw.
 
 Tensor / sequence parallelism: a TP rank owns the gates of its own heads (parameters sharded
 along the head dim, ``tensor_model_parallel=True, partition_dim=0, partition_stride=1``) and reads
@@ -41,11 +48,12 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_outeff.ops import head_gate
+from megatron_outeff.ops import elementwise_gate, head_gate
 from megatron_outeff.ops.variants import variant_tensor_owners
 
 from .core_attention import (
-    OutEffCoreAttention, check_variant_fits, create_variant_parameters, local_name, sharded_variant_state_dict,
+    OutEffCoreAttention, check_variant_fits, create_variant_parameters, layer_variant_tensors, local_name,
+    sharded_variant_state_dict,
 )
 from .variant import AttentionVariantConfig, from_megatron_softmax_type, resolve_variant
 
@@ -94,7 +102,7 @@ def _accepts_variant(builder) -> bool:
 
 
 class OutEffSelfAttention(SelfAttention):
-    """megatron ``SelfAttention`` + attention variant (spec params) + per-head input gate."""
+    """megatron ``SelfAttention`` + attention variant (spec params) + output gate (per head or elementwise)."""
 
     def __init__(
         self,
@@ -122,23 +130,50 @@ class OutEffSelfAttention(SelfAttention):
             raise ValueError(f"core_attention={name} cannot run the attention variant {variant.describe()!r}: use OutEffCoreAttention")
         super().__init__(config, submodules, layer_number, attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
         self.variant = variant
-        self.head_gate = OutEffHeadGate(config, variant, self.pg_collection.tp) if variant.gated else None
+        per_head = variant.gate in ("linear", "mlp", "shared_linear")
+        self.head_gate = OutEffHeadGate(config, variant, self.pg_collection.tp) if per_head else None
+        self.elementwise_gate = variant.gate == "elementwise"
+        if self.elementwise_gate:
+            self._init_fused_gate_rows(layer_variant_tensors(variant, config))
         self._pending_gate: Optional[Tensor] = None
+
+    @torch.no_grad()
+    def _init_fused_gate_rows(self, tensors) -> None:
+        """The constant initial values of the gate's rows inside linear_qkv (its bias: logit(gate_init_prob));
+        megatron's rows per query group are [q (heads/group * d) | gate (heads/group * d) | k (d) | v (d)]."""
+        groups = self.num_query_groups_per_partition
+        rows = self.num_attention_heads_per_partition // groups * self.hidden_size_per_attention_head
+        for t in tensors:
+            if not t.fused_qkv or t.init is None or not self.config.perform_initialization:
+                continue
+            fused = self.linear_qkv.get_parameter(t.megatron.partition(".")[2])
+            fused.view(groups, -1, *fused.shape[1:])[:, rows : 2 * rows].fill_(t.init)
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor, *args, **kwargs):
         context = kwargs.get("inference_context", kwargs.get("inference_params", args[1] if len(args) > 1 else None))
         if context is not None and not context.is_static_batching():
             # megatron's dynamic-batching kernel (flash_decode_and_prefill) bypasses core_attention.
             raise ValueError("dynamic-batching inference bypasses the core attention: the attention variant would be lost; use static batching")
-        if self.head_gate is None:
+        if self.head_gate is None and not self.elementwise_gate:
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
-        gate = self.head_gate(hidden_states)  # [b, sq, heads_per_partition], from the layer input
-        self._pending_gate = gate
-        try:
-            with self.core_attention.gate_scope(gate):
+        if self.head_gate is not None:
+            self._pending_gate = self.head_gate(hidden_states)  # [b, sq, heads_per_partition], from the layer input
+        try:  # the elementwise gate is set by get_query_key_value_tensors, inside megatron's forward
+            with self.core_attention.gate_scope(lambda: self._pending_gate):
                 return super().forward(hidden_states, attention_mask, *args, **kwargs)
         finally:
             self._pending_gate = None
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True):
+        """megatron's split of linear_qkv's output; with the elementwise gate, its sigmoid goes to the core
+        attention ([b, sq, heads_per_partition, d], fp32) and megatron's forward gets no gate to apply."""
+        qkv = super().get_query_key_value_tensors(hidden_states, key_value_states, output_gate=output_gate,
+                                                  split_qkv=split_qkv)
+        if not output_gate:
+            return qkv
+        query, key, value, gate = qkv  # gate: logits [sq, b, np, hn]
+        self._pending_gate = elementwise_gate(gate).transpose(0, 1)
+        return query, key, value, None
 
     def _checkpointed_attention_forward(
         self, query, key, value, attention_mask, rotary_pos_emb=None, attn_mask_type=None,

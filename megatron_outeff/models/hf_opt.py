@@ -6,7 +6,9 @@ Layouts (H heads of width d, hidden h = H*d, per TP rank r of T, per PP stage p 
   attention, so one group per head and the rows are [q_0 k_0 v_0 | q_1 k_1 v_1 | ...], d rows
   each (megatron's SelfAttention views the output as [.., groups, (q_per_group + 2) * d] and
   splits it q | k | v). Rank r holds heads r*H/T .. (r+1)*H/T - 1: a contiguous row block.
-  Bias: same layout.
+  Bias: same layout. With the elementwise gate (``attention_output_gate``; the variant's ``fused_qkv``
+  tensors) each head's block is [q_h g_h k_h v_h]: the gate rows come from Hugging Face's
+  ``self_attn.gate_proj``.
 * ``linear_fc1`` (column parallel): row block of weight and bias.
 * ``linear_proj`` (= out_proj) and ``linear_fc2`` (row parallel): column block of the weight; the
   bias is NOT split: every rank holds the full bias and megatron adds it once, after the TP
@@ -231,18 +233,24 @@ def _check_ranks(arch: OPTArchConfig, tp_rank: int, tp_size: int, pp_rank: int, 
         raise OutEffError(f"tp_rank={tp_rank}/tp_size={tp_size}, pp_rank={pp_rank}/pp_size={pp_size}: expected 0 <= rank < size")
 
 
-def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """[h(, h)] x3 -> megatron's per-head interleaved [q_0 k_0 v_0 | q_1 k_1 v_1 | ...] rows."""
-    d = q.shape[0] // heads
-    rest = q.shape[1:]
-    return torch.stack([t.reshape(heads, d, *rest) for t in (q, k, v)], dim=1).reshape(3 * heads * d, *rest)
+def _fuse_qkv(parts: Sequence[torch.Tensor], heads: int) -> torch.Tensor:
+    """[h(, h)] each of q(, gate), k, v -> megatron's per-head interleaved [q_0 (g_0) k_0 v_0 | q_1 ...] rows."""
+    d = parts[0].shape[0] // heads
+    rest = parts[0].shape[1:]
+    return torch.stack([t.reshape(heads, d, *rest) for t in parts], dim=1).reshape(len(parts) * heads * d, *rest)
 
 
-def _unfuse_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    d = qkv.shape[0] // (3 * heads)
+def _unfuse_qkv(qkv: torch.Tensor, heads: int, n_parts: int = 3) -> tuple[torch.Tensor, ...]:
+    """The inverse of ``_fuse_qkv``: ``n_parts`` tensors [h(, h)] (q, k, v; or q, gate, k, v)."""
+    d = qkv.shape[0] // (n_parts * heads)
     rest = qkv.shape[1:]
-    g = qkv.reshape(heads, 3, d, *rest)
-    return tuple(g[:, j].reshape(heads * d, *rest).contiguous() for j in range(3))
+    g = qkv.reshape(heads, n_parts, d, *rest)
+    return tuple(g[:, j].reshape(heads * d, *rest).contiguous() for j in range(n_parts))
+
+
+def _fused_gate(tensors, kind: str):
+    """The variant's tensor fused into linear_qkv.<kind> (the elementwise gate's rows), or None."""
+    return next((t for t in tensors if t.fused_qkv and t.megatron == f"linear_qkv.{kind}"), None)
 
 
 def _chunk(t: torch.Tensor, rank: int, size: int, dim: int = 0) -> torch.Tensor:
@@ -305,7 +313,9 @@ def hf_state_dict_to_megatron(
         hp, mp = f"{HF_DECODER}layers.{g}.", f"decoder.layers.{local}."
         for kind in ("weight", "bias"):
             q, k, v = (hf_sd[f"{hp}self_attn.{n}_proj.{kind}"] for n in "qkv")
-            out[f"{mp}self_attention.linear_qkv.{kind}"] = _chunk(_fuse_qkv(q, k, v, H), tp_rank, tp_size)
+            gate = _fused_gate(tensors, kind)  # megatron's rows per head: q (gate) k v
+            parts = (q, k, v) if gate is None else (q, extras[hp + HF_ATTENTION + gate.hf], k, v)
+            out[f"{mp}self_attention.linear_qkv.{kind}"] = _chunk(_fuse_qkv(parts, H), tp_rank, tp_size)
             out[f"{mp}mlp.linear_fc1.{kind}"] = _chunk(hf_sd[f"{hp}fc1.{kind}"], tp_rank, tp_size)
             for hf_ln, mg_ln in _layer_norms(arch):
                 out[f"{mp}{mg_ln}.{kind}"] = hf_sd[f"{hp}{hf_ln}.{kind}"].clone()
@@ -314,7 +324,7 @@ def hf_state_dict_to_megatron(
         # Row-parallel biases: the full bias on every rank (megatron adds it after the all-reduce).
         out[f"{mp}self_attention.linear_proj.bias"] = hf_sd[f"{hp}self_attn.out_proj.bias"].clone()
         out[f"{mp}mlp.linear_fc2.bias"] = hf_sd[f"{hp}fc2.bias"].clone()
-        for t in tensors:  # this rank's heads of each variant tensor
+        for t in (t for t in tensors if not t.fused_qkv):  # this rank's heads of each variant tensor
             full = extras[hp + HF_ATTENTION + t.hf]
             out[mp + MG_ATTENTION + t.megatron] = full.clone() if t.tp_dim is None else _chunk(full, tp_rank, tp_size, t.tp_dim)
     if last:
@@ -451,7 +461,11 @@ def megatron_to_hf_state_dict(
         for local in range(per_stage):
             hp, mp = f"{HF_DECODER}layers.{p * per_stage + local}.", f"decoder.layers.{local}."
             for kind in ("weight", "bias"):
-                q, k, v = _unfuse_qkv(cat(p, f"{mp}self_attention.linear_qkv.{kind}", 0), H)
+                gate = _fused_gate(tensors, kind)
+                parts = _unfuse_qkv(cat(p, f"{mp}self_attention.linear_qkv.{kind}", 0), H, 3 if gate is None else 4)
+                if gate is not None:
+                    extras[hp + HF_ATTENTION + gate.hf] = parts[1]
+                q, k, v = parts[0], parts[-2], parts[-1]
                 hf[f"{hp}self_attn.q_proj.{kind}"] = q
                 hf[f"{hp}self_attn.k_proj.{kind}"] = k
                 hf[f"{hp}self_attn.v_proj.{kind}"] = v
@@ -463,7 +477,7 @@ def megatron_to_hf_state_dict(
                 hf[f"{hp}fc1.{kind}"] = cat(p, f"{mp}mlp.linear_fc1.{kind}", 0)
             hf[f"{hp}fc2.weight"] = cat(p, f"{mp}mlp.linear_fc2.weight", 1)
             hf[f"{hp}fc2.bias"] = replicated(p, f"{mp}mlp.linear_fc2.bias")
-            for t in tensors:
+            for t in (t for t in tensors if not t.fused_qkv):
                 key = mp + MG_ATTENTION + t.megatron
                 extras[hp + HF_ATTENTION + t.hf] = replicated(p, key) if t.tp_dim is None else cat(p, key, t.tp_dim)
     if arch.do_layer_norm_before:

@@ -6,10 +6,10 @@ Public API:
     outeff_softmax_reference(scores, *, scale, sink, mask, clip)   # plain PyTorch row softmax
     AttentionVariantConfig, SOFTMAX_VARIANTS, GATE_VARIANTS, resolve_sink, Clip   (variants.py)
     VariantTensor, variant_tensors   (variants.py: every tensor a variant adds, its names, shape, init, TP split, decay)
-    gate_parameter_names, head_gate                                                  (gate.py)
+    gate_parameter_names, head_gate, elementwise_gate, apply_output_gate              (gate.py)
 """
 from .attention import outeff_attention, outeff_attention_probs, triton_runs_on
-from .gate import gate_parameter_names, head_gate
+from .gate import apply_output_gate, elementwise_gate, gate_parameter_names, head_gate
 from .reference import causal_mask, outeff_attention_reference, outeff_softmax_reference
 from .variants import (
     GATE_VARIANTS, IMPLEMENTATIONS, SOFTMAX_VARIANTS, AttentionVariantConfig, Clip, VariantTensor, resolve_sink,
@@ -33,4 +33,6 @@ __all__ = [
     "variant_tensors",
     "gate_parameter_names",
     "head_gate",
+    "elementwise_gate",
+    "apply_output_gate",
 ]

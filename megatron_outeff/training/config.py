@@ -550,7 +550,7 @@ def check_model(cfg: Config) -> None:
         raise OutEffError(f"model.vocab_size={vocab}: expected >= the arch's {arch.vocab_size} and divisible by "
                           f"tensor_parallel={tp}")
     try:
-        opt_transformer_config(arch, **transformer_overrides(cfg))
+        opt_transformer_config(arch, variant, **transformer_overrides(cfg))
     except (TypeError, ValueError, AssertionError) as e:
         raise with_context("model.transformer_overrides: megatron's TransformerConfig refuses them", e) from None
 

@@ -68,3 +68,30 @@ def test_unknown_missing_and_misshapen_variant_tensors_are_one_line_errors():
     ranks = {(0, 0): hf_state_dict_to_megatron(hf, ARCH, variant=variant)}
     with pytest.raises(OutEffError, match="lacks 'decoder.layers.0.self_attention.head_gate.fc1_weight'"):
         megatron_to_hf_state_dict(ranks, ARCH, variant=AttentionVariantConfig(softmax="learnable", gate="mlp"))
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2), (4, 1)])
+def test_elementwise_gate_rows_fused_as_megatron_lays_them_out(tp, pp):
+    """The elementwise gate (Hugging Face's self_attn.gate_proj) lives in megatron's linear_qkv: per head the
+    rows are [q_h | gate_h | k_h | v_h] (megatron-core's attention_output_gate layout), rank r of T holding its
+    heads' blocks; weights and biases; the round trip is exact."""
+    variant = AttentionVariantConfig(softmax="learnable", gate="elementwise")
+    shapes = {**hf_expected_shapes(ARCH), **variant_hf_shapes(ARCH, variant)}
+    assert shapes["model.decoder.layers.0.self_attn.gate_proj.weight"] == (64, 64)
+    torch.manual_seed(1)
+    hf = {k: torch.randn(s) for k, s in shapes.items()}
+    ranks = {(t, p): hf_state_dict_to_megatron(hf, ARCH, t, tp, p, pp, variant=variant)
+             for t in range(tp) for p in range(pp)}
+    H, d, per_stage = 4, 16, ARCH.num_layers // pp
+    for (t, p), sd in ranks.items():
+        for local in range(per_stage):
+            hp = f"model.decoder.layers.{p * per_stage + local}.self_attn."
+            for kind in ("weight", "bias"):
+                want = torch.cat([hf[f"{hp}{proj}.{kind}"][h * d:(h + 1) * d]
+                                  for h in range(t * H // tp, (t + 1) * H // tp)
+                                  for proj in ("q_proj", "gate_proj", "k_proj", "v_proj")])
+                assert torch.equal(sd[f"decoder.layers.{local}.self_attention.linear_qkv.{kind}"], want)
+            assert not any("gate_proj" in k for k in sd)
+    back = megatron_to_hf_state_dict(ranks, ARCH, variant=variant)
+    assert sorted(back) == sorted(list(hf) + ["lm_head.weight"])
+    assert all(torch.equal(back[k], hf[k]) for k in hf)

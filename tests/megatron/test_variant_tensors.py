@@ -32,12 +32,14 @@ def megatron_model(variant):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
+    from megatron_outeff.megatron.variant import transformer_config_fields
 
     config = TransformerConfig(num_layers=LAYERS, hidden_size=H * D, num_attention_heads=H, ffn_hidden_size=128,
                                use_cpu_initialization=True, init_method_std=STD, hidden_dropout=0.0,
                                attention_dropout=0.0, bias_activation_fusion=False, bias_dropout_fusion=False,
-                               masked_softmax_fusion=False, persist_layer_norm=False,
-                               gradient_accumulation_fusion=False, apply_rope_fusion=False)
+                               masked_softmax_fusion=False, persist_layer_norm=False, add_bias_linear=True,
+                               gradient_accumulation_fusion=False, apply_rope_fusion=False,
+                               **transformer_config_fields(variant))
     torch.manual_seed(0)
     return GPTModel(config, transformer_layer_spec=get_outeff_layer_spec(variant), vocab_size=128, max_sequence_length=32)
 
@@ -52,7 +54,8 @@ def assert_initialised_as_described(t, value: torch.Tensor, where: str):
 @pytest.mark.parametrize("softmax,gate", COMBINATIONS)
 def test_megatron_layer_holds_exactly_the_described_tensors(softmax, gate):
     """Per layer: the parameters carrying a description are exactly the described ones, under their megatron
-    names, with their shapes (TP=1: the full shape), initial values and the optimizer role their ``decay`` says."""
+    names, with their shapes (TP=1: the full shape), initial values and the optimizer role their ``decay`` says;
+    a tensor fused into linear_qkv is its rows there (per head: q, gate, k, v)."""
     from megatron_outeff.training.optimizer import decay_role
 
     variant = AttentionVariantConfig(softmax=softmax, gate=gate)
@@ -63,12 +66,19 @@ def test_megatron_layer_holds_exactly_the_described_tensors(softmax, gate):
         prefix = f"decoder.layers.{i}.self_attention."
         found = {n[len(prefix):]: p for n, p in model.named_parameters()
                  if n.startswith(prefix) and getattr(p, "variant_tensor", None) is not None}
-        assert sorted(found) == sorted(t.megatron for t in tensors)
+        assert sorted(found) == sorted(t.megatron for t in tensors if not t.fused_qkv)
+        params = dict(model.named_parameters())
         for t in tensors:
-            p = found[t.megatron]
-            assert p.variant_tensor == t and tuple(p.shape) == t.shape
+            if t.fused_qkv:  # rows 1 of every 4 d-row blocks of the megatron tensor
+                p = params[prefix + t.megatron]
+                assert p.shape[0] == 4 * H * D and tuple(p.shape[1:]) == t.shape[1:]
+                value = p.detach().reshape(H, 4, D, *p.shape[1:])[:, 1].reshape(t.shape)
+            else:
+                p = found[t.megatron]
+                assert p.variant_tensor == t and tuple(p.shape) == t.shape
+                value = p.detach()
             assert (p.tensor_model_parallel, p.partition_dim) == (True, t.tp_dim)
-            assert_initialised_as_described(t, p.detach(), t.megatron)
+            assert_initialised_as_described(t, value, t.megatron)
             owner, _, local = (prefix + t.megatron).rpartition(".")
             role = decay_role(local, p, modules[owner])
             assert (role == "matrix") == t.decay, (t, role)
@@ -110,7 +120,10 @@ def test_from_hf_initialises_as_training_does(softmax, gate):
         for t in described(variant):
             value = extras[f"model.decoder.layers.{i}.self_attn.{t.hf}"]
             assert_initialised_as_described(t, value, t.hf)
-            assert torch.equal(sd[f"decoder.layers.{i}.self_attention.{t.megatron}"], value)
+            mine = sd[f"decoder.layers.{i}.self_attention.{t.megatron}"]
+            if t.fused_qkv:  # per head: q, gate, k, v
+                mine = mine.reshape(H, 4, D, *mine.shape[1:])[:, 1].reshape(t.shape)
+            assert torch.equal(mine, value)
 
 
 def test_the_learnable_offset_starts_at_zero_everywhere():
