@@ -242,6 +242,20 @@ TRANSFORMER_FIELDS_FROM_ARCH = {
 }
 
 
+# TransformerConfig fields the OPT family does not support through overrides, with the reason: each would change
+# the parameter set (in a way OPT's converter and Hugging Face export cannot represent), or it selects a layer
+# structure the OPT layer spec does not build (megatron would ignore it silently). The training config refuses them.
+_NOT_BUILT = "selects a layer structure the OPT family's layer spec does not build, so megatron would silently ignore it"
+TRANSFORMER_FIELDS_UNSUPPORTED = {
+    "num_query_groups": "grouped-query attention changes linear_qkv's shape; OPT is multi-head attention (one "
+                        "key/value head per query head), which its converter and Hugging Face export assume: not "
+                        "supported for the OPT family",
+    "num_moe_experts": _NOT_BUILT, "moe_layer_freq": _NOT_BUILT, "multi_latent_attention": _NOT_BUILT,
+    "experimental_attention_variant": _NOT_BUILT, "qk_layernorm": _NOT_BUILT, "mtp_num_layers": _NOT_BUILT,
+    "heterogeneous_block_specs": _NOT_BUILT,
+}
+
+
 def opt_transformer_config(arch: Union[OPTArchConfig, str], variant=None, **overrides):
     """megatron-core TransformerConfig for an OPT architecture (and an attention variant).
 

@@ -496,6 +496,25 @@ TRANSFORMER_FIELDS_OWNED = {
     "recompute_granularity": "model.recompute_granularity", "recompute_method": "model.recompute_method",
     "recompute_num_layers": "model.recompute_num_layers", "softmax_type": "attention",
 }
+# TransformerConfig fields refused with a reason naming the supported way: each changes the parameter set, which
+# layers a pipeline stage holds, or the function the checkpoint's weights compute, in a way the checkpoint format,
+# the converter, resharding, resume on another layout and the Hugging Face export do not handle (megatron README
+# "Overrides"). The model family adds its own (models.opt.TRANSFORMER_FIELDS_UNSUPPORTED).
+_PIPELINE_SPLIT = ("moves layers between pipeline stages, while the checkpoint format (model files, resharding, "
+                   "resume on another layout) gives every stage num_layers / parallel.pipeline_parallel layers and "
+                   "has no virtual stages: use parallel.pipeline_parallel")
+TRANSFORMER_FIELDS_REFUSED = {
+    "attention_output_gate": "adds the elementwise output gate's rows to linear_qkv outside the attention variant, "
+                             "so the converter, export and resume would not know them: use attention.gate: elementwise "
+                             "(the same parameterization, converted, resharded, resumed and exported)",
+    "softmax_scale": "changes the attention's scale, which neither the checkpoint's manifest nor the Hugging Face "
+                     "export records (both compute 1/sqrt(head_dim)), so a converted model would compute another "
+                     "function: not supported",
+    **{key: _PIPELINE_SPLIT for key in (
+        "num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage", "pipeline_model_parallel_layout",
+        "account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split",
+        "virtual_pipeline_model_parallel_size")},
+}
 
 
 def arch_config(cfg: Config):
@@ -549,8 +568,9 @@ def check_model(cfg: Config) -> None:
     if vocab is not None and (vocab < arch.vocab_size or vocab % tp):
         raise OutEffError(f"model.vocab_size={vocab}: expected >= the arch's {arch.vocab_size} and divisible by "
                           f"tensor_parallel={tp}")
+    overrides = transformer_overrides(cfg)  # our own checks: complete one-line errors, passed on unchanged
     try:
-        opt_transformer_config(arch, variant, **transformer_overrides(cfg))
+        opt_transformer_config(arch, variant, **overrides)
     except (TypeError, ValueError, AssertionError) as e:
         raise with_context("model.transformer_overrides: megatron's TransformerConfig refuses them", e) from None
 
@@ -558,16 +578,20 @@ def check_model(cfg: Config) -> None:
 def check_transformer_overrides(overrides: dict) -> dict:
     """model.transformer_overrides checked against megatron's TransformerConfig: its field names, the types a
     YAML value can have (bool, int, float, str, Literal choices, Enum member names; a Python object such as
-    a callable or a torch.dtype cannot come from YAML), and no field another key owns. Returns the
-    converted mapping."""
+    a callable or a torch.dtype cannot come from YAML), no field another key owns, and none that makes a
+    model the checkpoint format, converter or export cannot handle (``TRANSFORMER_FIELDS_REFUSED``, the
+    family's ``TRANSFORMER_FIELDS_UNSUPPORTED``; one line with the supported way). Returns the converted mapping."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_outeff.models.opt import TRANSFORMER_FIELDS_FROM_ARCH
+    from megatron_outeff.models.opt import TRANSFORMER_FIELDS_FROM_ARCH, TRANSFORMER_FIELDS_UNSUPPORTED
 
     where = "model.transformer_overrides"
     for key in overrides:
         if key in TRANSFORMER_FIELDS_OWNED:
             raise OutEffError(f"{where}.{key}: set by {TRANSFORMER_FIELDS_OWNED[key]}, not here")
+        reason = TRANSFORMER_FIELDS_REFUSED.get(key) or TRANSFORMER_FIELDS_UNSUPPORTED.get(key)
+        if reason:
+            raise OutEffError(f"{where}.{key}: {reason}")
         if key in TRANSFORMER_FIELDS_FROM_ARCH:
             arch_key = TRANSFORMER_FIELDS_FROM_ARCH[key]
             raise OutEffError(f"{where}.{key}: " + (f"set by the architecture: use model.arch_overrides.{arch_key}"
