@@ -87,9 +87,12 @@ class OutEffOPTAttention(OPTAttention):
         self.variant = config.attention_variant()
         self.clip = Clip.parse(self.variant.clip_pair())
         self.variant_tensors = config.variant_tensors(self.variant)  # names relative to this module (``hf``)
-        by_owner = {}
+        by_owner = {}  # "" (this module), "gate" (OutEffHeadGate), "gate_proj" (the elementwise gate's Linear)
         for t in self.variant_tensors:
             by_owner.setdefault(t.hf.rpartition(".")[0], []).append(t)
+        unknown = sorted(set(by_owner) - {"", "gate", "gate_proj"})
+        if unknown:
+            raise ValueError(f"variant tensors under {unknown}: OutEffOPTAttention holds none there")
         self.register_parameter("softmax_offset", None)  # the learnable offset, when the variant has one:
         self.variant_params = tuple((t.hf, t) for t in by_owner.get("", []))  # this module's own tensors
         for t in by_owner.get("", []):

@@ -70,7 +70,7 @@ from megatron.core.transformer.utils import (
 
 from megatron_outeff.ops import outeff_attention, outeff_attention_probs, variant_tensors
 from megatron_outeff.ops.reference import causal_mask
-from megatron_outeff.ops.variants import VariantTensor
+from megatron_outeff.ops.variants import GATE_FAMILIES, VariantTensor
 
 from .variant import AttentionVariantConfig, resolve_variant
 
@@ -220,7 +220,7 @@ class OutEffCoreAttention(MegatronModule):
         submodules). Per-head gates need the layer input, which only ``OutEffSelfAttention`` has; the elementwise
         gate is megatron's own ``attention_output_gate``, which megatron's ``SelfAttention`` applies itself.
         """
-        if variant is not None and AttentionVariantConfig.from_dict(variant).gate in ("linear", "mlp", "shared_linear"):
+        if variant is not None and GATE_FAMILIES.get(AttentionVariantConfig.from_dict(variant).gate) == "head":
             raise ValueError(f"gate={variant.gate!r}: a per-head gate needs OutEffSelfAttention (get_outeff_layer_spec), not a core attention alone")
         return functools.partial(cls, variant=variant, seq_length=seq_length, **kwargs)
 

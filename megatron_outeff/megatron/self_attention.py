@@ -49,7 +49,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_outeff.ops import elementwise_gate, head_gate
-from megatron_outeff.ops.variants import variant_tensor_owners
+from megatron_outeff.ops.variants import GATE_FAMILIES, variant_tensor_owners
 
 from .core_attention import (
     OutEffCoreAttention, check_variant_fits, create_variant_parameters, layer_variant_tensors, local_name,
@@ -130,9 +130,11 @@ class OutEffSelfAttention(SelfAttention):
             raise ValueError(f"core_attention={name} cannot run the attention variant {variant.describe()!r}: use OutEffCoreAttention")
         super().__init__(config, submodules, layer_number, attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
         self.variant = variant
-        per_head = variant.gate in ("linear", "mlp", "shared_linear")
-        self.head_gate = OutEffHeadGate(config, variant, self.pg_collection.tp) if per_head else None
-        self.elementwise_gate = variant.gate == "elementwise"
+        family = GATE_FAMILIES.get(variant.gate, "unknown")
+        if family not in (None, "head", "elementwise"):
+            raise ValueError(f"gate={variant.gate!r}: OutEffSelfAttention builds per-head and elementwise gates, not {family!r}")
+        self.head_gate = OutEffHeadGate(config, variant, self.pg_collection.tp) if family == "head" else None
+        self.elementwise_gate = family == "elementwise"
         if self.elementwise_gate:
             self._init_fused_gate_rows(layer_variant_tensors(variant, config))
         self._pending_gate: Optional[Tensor] = None

@@ -23,6 +23,20 @@ MEGATRON_SOFTMAX_TYPES: Tuple[str, ...] = get_args(MegatronSoftmaxType)
 
 # megatron softmax_type -> our softmax name
 _FROM_MEGATRON = {"vanilla": "vanilla", "off-by-one": "softmax1", "learnable": "learnable"}
+# Every name of our vocabulary -> megatron's: softmax name -> softmax_type (None: megatron has none; a function
+# of n for softmax_n); gate kind -> attention_output_gate (None: megatron has no such gate). Keys are checked
+# against ops.variants' Literals (tests/megatron/test_variant_vocabulary.py).
+TO_MEGATRON_SOFTMAX = {
+    "vanilla": "vanilla", "softmax1": "off-by-one", "learnable": "learnable",
+    "softmax_n": lambda n: {1.0: "off-by-one", 0.0: "vanilla"}.get(n),
+}
+TO_MEGATRON_GATE = {"none": False, "elementwise": True, "linear": None, "mlp": None, "shared_linear": None}
+
+
+def _to_megatron(table: dict, field: str, value):
+    if value not in table:
+        raise ValueError(f"{field}={value!r}: no megatron-core translation for it (megatron/variant.py)")
+    return table[value]
 
 
 def from_megatron_softmax_type(softmax_type: str, **fields) -> AttentionVariantConfig:
@@ -37,24 +51,24 @@ def megatron_softmax_type(variant: AttentionVariantConfig) -> Optional[str]:
     """The equivalent megatron-core ``softmax_type``, or None when megatron has no equivalent
     (clipped or per-head gated variants, softmax_n with n other than 0 or 1). The elementwise gate is
     megatron's own (``attention_output_gate``, ``transformer_config_fields``)."""
-    if variant.clipped or (variant.gated and variant.gate != "elementwise"):
+    theirs = _to_megatron(TO_MEGATRON_SOFTMAX, "softmax", variant.softmax)
+    if variant.clipped or _to_megatron(TO_MEGATRON_GATE, "gate", variant.gate) is None:
         return None
-    if variant.softmax == "softmax_n":
-        return {1.0: "off-by-one", 0.0: "vanilla"}.get(variant.softmax_n)
-    return {ours: theirs for theirs, ours in _FROM_MEGATRON.items()}[variant.softmax]
+    return theirs(variant.softmax_n) if callable(theirs) else theirs
 
 
 def variant_from_megatron(config) -> AttentionVariantConfig:
     """megatron's ``config.softmax_type`` (vanilla / off-by-one -> softmax1 / learnable) and
     ``config.attention_output_gate`` (-> gate 'elementwise') as our variant."""
-    gate = "elementwise" if getattr(config, "attention_output_gate", False) else "none"
+    output_gate = bool(getattr(config, "attention_output_gate", False))
+    gate = next(ours for ours, theirs in TO_MEGATRON_GATE.items() if theirs is output_gate)
     return from_megatron_softmax_type(getattr(config, "softmax_type", "vanilla"), gate=gate)
 
 
 def transformer_config_fields(variant: AttentionVariantConfig) -> dict:
     """The TransformerConfig fields a model of this variant is built with: ``attention_output_gate`` (the
     elementwise gate's rows in linear_qkv). The softmax stays in the layer spec (``softmax_type`` 'vanilla')."""
-    return {"attention_output_gate": variant.gate == "elementwise"}
+    return {"attention_output_gate": bool(_to_megatron(TO_MEGATRON_GATE, "gate", variant.gate))}
 
 
 def resolve_variant(config, variant=None) -> AttentionVariantConfig:
@@ -79,7 +93,7 @@ def resolve_variant(config, variant=None) -> AttentionVariantConfig:
                 f"set softmax_type='vanilla' and let the variant choose"
             )
     output_gate = bool(getattr(config, "attention_output_gate", False))
-    if output_gate != (variant.gate == "elementwise"):
+    if output_gate != transformer_config_fields(variant)["attention_output_gate"]:
         raise ValueError(
             f"config.attention_output_gate={output_gate} conflicts with variant gate={variant.gate!r}: the elementwise "
             f"gate's rows live in linear_qkv, so build the config with transformer_config_fields(variant) "

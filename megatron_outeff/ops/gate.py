@@ -35,9 +35,9 @@ from typing import Mapping, Tuple
 
 import torch
 
-from .variants import AttentionVariantConfig, check_choice, variant_tensors
+from .variants import GATE_FAMILIES, AttentionVariantConfig, check_choice, variant_tensors
 
-HEAD_GATE_KINDS = ("linear", "mlp", "shared_linear")  # the per-head gates (``head_gate``)
+HEAD_GATE_KINDS = tuple(k for k, family in GATE_FAMILIES.items() if family == "head")  # ``head_gate``'s kinds
 
 
 def gate_parameter_names(kind: str) -> Tuple[str, ...]:
@@ -63,10 +63,12 @@ def head_gate(x: torch.Tensor, kind: str, params: Mapping[str, torch.Tensor]) ->
     elif kind == "linear":
         xh = x.reshape(*x.shape[:-1], p["weight"].shape[0], -1)                           # [..., H, d]
         logits = torch.einsum("...hd,hd->...h", xh, p["weight"]) + p["bias"]
-    else:  # mlp
+    elif kind == "mlp":
         xh = x.reshape(*x.shape[:-1], p["fc1_weight"].shape[0], -1)
         hidden = torch.relu(torch.einsum("...hd,hrd->...hr", xh, p["fc1_weight"]) + p["fc1_bias"])
         logits = torch.einsum("...hr,hr->...h", hidden, p["fc2_weight"]) + p["fc2_bias"]
+    else:
+        raise ValueError(f"gate={kind!r}: head_gate has no math for it")
     return torch.sigmoid(logits.to(torch.promote_types(logits.dtype, torch.float32)))
 
 

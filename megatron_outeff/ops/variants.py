@@ -48,6 +48,23 @@ SOFTMAX_VARIANTS: Tuple[str, ...] = typing.get_args(SoftmaxType)
 GATE_VARIANTS: Tuple[str, ...] = typing.get_args(GateType)
 IMPLEMENTATIONS = ("auto", "torch", "cpu", "triton", "rowwise")
 
+# The per-head sink logit a_h of each softmax variant (module docstring): a constant (None: no sink, plain
+# softmax), a function of the variant's n, or "offset": the learnable per-head tensor. Every softmax name
+# has an entry (tests/megatron/test_variant_vocabulary.py); ``resolve_sink`` reads it.
+SINK_LOGITS: Mapping[str, Any] = {
+    "vanilla": None,
+    "softmax1": 0.0,
+    "softmax_n": lambda n: None if n == 0 else math.log(n),  # softmax_0 is vanilla softmax
+    "learnable": "offset",
+}
+# The family of each gate kind (``megatron_outeff.ops.gate``): None (no gate), "head" (one value per head,
+# ``gate.head_gate`` of the layer input) or "elementwise" (one value per head and channel, from rows fused
+# into the QKV projection). Every gate name has an entry; megatron's layer and the Hugging Face remote code
+# build a gate by its family.
+GATE_FAMILIES: Mapping[str, Optional[str]] = {
+    "none": None, "linear": "head", "mlp": "head", "shared_linear": "head", "elementwise": "elementwise",
+}
+
 # Field names of files written before 2026-11-30, still read: checkpoint manifests said "n".
 LEGACY_FIELD_NAMES = {"n": "softmax_n"}
 
@@ -230,9 +247,8 @@ class AttentionVariantConfig:
 
     @property
     def plain_softmax(self) -> bool:
-        """Plain softmax attention: vanilla (or softmax_n with n = 0), no clip, no gate."""
-        vanilla = self.softmax == "vanilla" or (self.softmax == "softmax_n" and self.softmax_n == 0.0)
-        return vanilla and not self.clipped and not self.gated
+        """Plain softmax attention: no sink (vanilla, or softmax_n with n = 0), no clip, no gate."""
+        return sink_logit(self.softmax, self.softmax_n) is None and not self.clipped and not self.gated
 
     def softmax_args(self) -> dict:
         """The softmax arguments of ``outeff_attention`` / ``resolve_sink`` for this variant (the
@@ -369,29 +385,30 @@ def variant_tensors(variant: "AttentionVariantConfig", *, num_heads: int, head_d
     if kind == "none":
         return tuple(out)
     bias = logit(variant.gate_init_prob)
-    if kind == "elementwise":
+    if GATE_FAMILIES.get(kind) == "elementwise":
         out.append(VariantTensor("weight", (H * d, hidden_size), None, "linear_qkv.weight", "gate_proj.weight",
                                  tp_dim=0, decay=True, fused_qkv=True))
         if qkv_bias:
             out.append(VariantTensor("bias", (H * d,), bias, "linear_qkv.bias", "gate_proj.bias",
                                      tp_dim=0, decay=False, fused_qkv=True))
         return tuple(out)
+    if kind in ("linear", "mlp") and d * H != hidden_size:
+        raise ValueError(
+            f"gate={kind!r} reads head h's d_head-wide slice of the input, which needs hidden_size "
+            f"({hidden_size}) == num_attention_heads * head_dim ({H} * {d}); use gate='shared_linear'"
+        )
     if kind == "shared_linear":
         shapes = {"weight": ((H, hidden_size), None), "bias": ((H,), bias)}
+    elif kind == "linear":
+        shapes = {"weight": ((H, d), None), "bias": ((H,), bias)}
+    elif kind == "mlp":
+        if d < 4:
+            raise ValueError(f"gate='mlp' with head_dim={d}: the hidden width head_dim // 4 would be 0 (needs head_dim >= 4)")
+        r = d // 4
+        shapes = {"fc1_weight": ((H, r, d), None), "fc1_bias": ((H, r), 0.0), "fc2_weight": ((H, r), None),
+                  "fc2_bias": ((H,), bias)}
     else:
-        if d * H != hidden_size:
-            raise ValueError(
-                f"gate={kind!r} reads head h's d_head-wide slice of the input, which needs hidden_size "
-                f"({hidden_size}) == num_attention_heads * head_dim ({H} * {d}); use gate='shared_linear'"
-            )
-        if kind == "linear":
-            shapes = {"weight": ((H, d), None), "bias": ((H,), bias)}
-        else:  # mlp
-            if d < 4:
-                raise ValueError(f"gate='mlp' with head_dim={d}: the hidden width head_dim // 4 would be 0 (needs head_dim >= 4)")
-            r = d // 4
-            shapes = {"fc1_weight": ((H, r, d), None), "fc1_bias": ((H, r), 0.0), "fc2_weight": ((H, r), None),
-                      "fc2_bias": ((H,), bias)}
+        raise ValueError(f"gate={kind!r}: its tensors are not described (variants.variant_tensors)")
     for name, (shape, init) in shapes.items():
         megatron = "head_gate." + ("bias" if name == "fc2_bias" else name)
         out.append(VariantTensor(name, shape, init, megatron, "gate." + name, tp_dim=0, decay=init is None))
@@ -439,8 +456,8 @@ def resolve_sink(
     least fp32 (a differentiable cast, so gradients flow to ``offset``; an fp64 offset stays fp64
     for gradcheck).
     """
-    check_choice("softmax", softmax, SOFTMAX_VARIANTS)
-    if softmax == "learnable":
+    value = sink_logit(softmax, n)
+    if value == "offset":
         if offset is None:
             raise ValueError("offset=None: softmax='learnable' needs an offset tensor of shape [heads]")
         if not isinstance(offset, torch.Tensor) or offset.shape != (num_heads,):
@@ -451,16 +468,19 @@ def resolve_sink(
         return offset.to(torch.promote_types(offset.dtype, torch.float32))
     if offset is not None:
         raise ValueError(f"offset given with softmax={softmax!r}: an offset is only used with softmax='learnable'")
-    if softmax == "vanilla":
+    if value is None:
         return None
-    if softmax == "softmax1":
-        value = 0.0
-    else:  # softmax_n
-        n = _softmax_n(n)
-        if n == 0:
-            return None  # softmax_0 is vanilla softmax
-        value = math.log(n)
     return torch.full((num_heads,), value, dtype=torch.float32, device=device)
+
+
+def sink_logit(softmax: str, n: float = 1.0):
+    """The sink logit a_h of a softmax variant (``SINK_LOGITS``): a float, None (no sink) or "offset" (the
+    learnable per-head tensor). One-line ValueError for an unknown name or a bad n."""
+    check_choice("softmax", softmax, SOFTMAX_VARIANTS)
+    if softmax not in SINK_LOGITS:
+        raise ValueError(f"softmax={softmax!r}: no sink logit defined for it (variants.SINK_LOGITS)")
+    rule = SINK_LOGITS[softmax]
+    return rule(_softmax_n(n)) if callable(rule) else rule
 
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
