@@ -123,12 +123,13 @@ def elementwise_oracle(q, k, v, gate, softmax, n, offset, clip, causal):
 ELEMENTWISE_CASES = [(sm, clip) for sm in ("vanilla", "softmax1", "softmax_n", "learnable") for clip in (None, (-0.05, 1.0))]
 
 
-def _elementwise_inputs(dtype, seed=0, b=2, sq=8, sk=8, h=4, h_kv=2, d=32):
+def _elementwise_inputs(dtype, seed=0, b=2, sq=8, sk=8, h=4, h_kv=2, d=32, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     leaves = {"q": torch.randn(b, sq, h, d, generator=g), "k": torch.randn(b, sk, h_kv, d, generator=g),
               "v": torch.randn(b, sk, h_kv, d, generator=g), "gate": torch.rand(b, sq, h, d, generator=g) * 0.98 + 0.01,
               "offset": torch.tensor([0.7, -1.3, 8.0, -8.0])}
-    return {n: t.to(dtype) for n, t in leaves.items()}, torch.randn(b, sq, h, d, generator=g)
+    dout = torch.randn(b, sq, h, d, generator=g).to(device)
+    return {n: t.to(device=device, dtype=dtype) for n, t in leaves.items()}, dout
 
 
 def _run_elementwise(leaves, dout, impl, softmax, clip):
@@ -156,20 +157,25 @@ def test_elementwise_gate_fp64_against_definition(impl, softmax, clip):
     assert set(grads) == {"q", "k", "v", "gate"} | ({"offset"} if softmax == "learnable" else set())
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @pytest.mark.parametrize("impl", ["triton", "rowwise"])
 @pytest.mark.parametrize("softmax,clip", [("softmax1", None), ("learnable", (-0.05, 1.0))])
 def test_elementwise_gate_kernels_match_the_reference(impl, softmax, clip):
-    """The Triton paths (the interpreter on CPU) with an elementwise gate: the same post-multiply as the
-    reference, float32, at the kernel tests' float32 tolerance (tests/ops/attention_cases.py TOL)."""
+    """The Triton paths (compiled on CUDA, the interpreter on CPU) with an elementwise gate: the same
+    post-multiply as the reference, float32, at the kernel tests' float32 tolerance (tests/ops/attention_cases.py
+    TOL under the interpreter; compiled kernels take fp16 dot operands: test_flash_attention.py's GPU_TOL)."""
     from attention_cases import TOL
 
-    leaves, dout = _elementwise_inputs(torch.float32, seed=1)
+    tol = TOL[torch.float32] if DEVICE == "cpu" else dict(atol=1e-4, rtol=1e-3)
+    leaves, dout = _elementwise_inputs(torch.float32, seed=1, device=DEVICE)
     out, grads = _run_elementwise(leaves, dout, impl, softmax, clip)
     ref, ref_grads = _run_elementwise(leaves, dout, "torch", softmax, clip)
-    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    torch.testing.assert_close(out, ref, **tol)
     assert set(grads) == set(ref_grads)
     for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], **TOL[torch.float32])
+        torch.testing.assert_close(grads[name], ref_grads[name], **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
