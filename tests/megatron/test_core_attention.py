@@ -137,6 +137,20 @@ def test_sharded_state_dict_key_matches_megatron():
     assert (param.tensor_model_parallel, param.partition_dim, param.partition_stride) == (True, 0, 1)
 
 
+def _run_capturing_attention(model, attn) -> dict:
+    """One forward of ``model`` recording ``attn``'s inputs, its core attention's inputs and output, and
+    linear_proj's inputs."""
+    store = {}
+    hooks = [_capture(attn, store, "attn_in", inputs=True), _capture(attn.core_attention, store, "core_in", inputs=True),
+             _capture(attn.core_attention, store, "core_out"), _capture(attn.linear_proj, store, "proj_in", inputs=True)]
+    ids, pos = batch()
+    with torch.no_grad():
+        model(ids, pos, None)
+    for h in hooks:
+        h.remove()
+    return store
+
+
 def _capture(module, store, key, inputs=False):
     def hook(mod, args, kwargs, output=None):
         store[key] = (args, kwargs) if inputs else output
@@ -153,14 +167,7 @@ def test_gate_equals_hand_computation(gate):
 
     model = gpt(make_config(), get_outeff_layer_spec(AttentionVariantConfig(softmax="softmax1", gate=gate)))
     attn = model.decoder.layers[0].self_attention
-    store = {}
-    hooks = [_capture(attn, store, "attn_in", inputs=True), _capture(attn.core_attention, store, "core_in", inputs=True),
-             _capture(attn.core_attention, store, "core_out"), _capture(attn.linear_proj, store, "proj_in", inputs=True)]
-    ids, pos = batch()
-    with torch.no_grad():
-        model(ids, pos, None)
-    for h in hooks:
-        h.remove()
+    store = _run_capturing_attention(model, attn)
     x = store["attn_in"][1].get("hidden_states", store["attn_in"][0][0] if store["attn_in"][0] else None)  # [s, b, d]
     s, b, d = x.shape
     H, dh = 4, d // 4
@@ -422,14 +429,8 @@ def test_elementwise_gate_equals_a_hand_computation_and_opens_at_gate_init_prob(
     bias = attn.linear_qkv.bias.detach().view(H, 4, dh)
     assert torch.allclose(bias[:, 1], torch.full((H, dh), math.log(0.3 / 0.7)))
     assert torch.equal(bias[:, [0, 2, 3]], torch.zeros(H, 3, dh))
-    store = {}
-    hooks = [_capture(attn, store, "attn_in", inputs=True), _capture(attn.core_attention, store, "core_in", inputs=True),
-             _capture(attn.core_attention, store, "core_out"), _capture(attn.linear_proj, store, "proj_in", inputs=True)]
-    ids, pos = batch()
+    store = _run_capturing_attention(model, attn)
     with torch.no_grad():
-        model(ids, pos, None)
-        for h in hooks:
-            h.remove()
         x = store["attn_in"][0][0]                                               # [s, b, 64] normed input
         w = attn.linear_qkv.weight.view(H, 4, dh, 64)[:, 1].reshape(H * dh, 64)
         gate = torch.sigmoid(x.double() @ w.double().T + bias[:, 1].reshape(-1).double())  # [s, b, H * dh]
