@@ -367,3 +367,24 @@ def test_elementwise_gate_equals_transformers_qwen3_next_gated_attention():
     with torch.no_grad():  # the comparison sees the gate: opened fully (sigmoid = 1) the output is another one
         ours.gate_proj.bias.fill_(50.0)
         assert (ours(x, attention_mask=causal)[0] - want).abs().max() > 1e-2
+
+
+def test_elementwise_gate_linear_is_quantized_by_the_simulated_w8a8(tiny_inputs):
+    """The paper's simulated W8A8 (evaluation's exclusions: the LM head and per-head gates) quantizes the
+    elementwise gate's Linear like q / k / v / out_proj: its weight on the 8-bit grid, its output observed."""
+    from megatron_outeff.evaluation.quant_eval import SIMULATED_EXCLUDE
+    from megatron_outeff.quant.simulated import apply_simulated_w8a8
+
+    fields = resolve_variant({"softmax": "softmax1", "gate": "elementwise"})
+    opt_sd, extra = random_weights(fields, seed=4)
+    model = OutEffOPTForCausalLM(OutEffOPTConfig(**TINY, **fields)).eval()
+    model.load_state_dict({**opt_sd, **extra}, strict=False)
+    ids, am = tiny_inputs
+    sim = apply_simulated_w8a8(model, lambda m: m(input_ids=ids, attention_mask=am), exclude=SIMULATED_EXCLUDE)
+    for i in range(TINY["num_hidden_layers"]):
+        name = f"model.decoder.layers.{i}.self_attn.gate_proj"
+        assert name in sim.weight_quantizers and name in sim.act_quantizers and name not in sim.uncalibrated
+        w = sim.model.get_submodule(name).weight
+        levels = torch.unique(torch.round(w / (w.abs().max() / 127)))
+        assert levels.numel() <= 255 and not torch.equal(w, model.get_submodule(name).weight)
+    assert "lm_head" in sim.excluded
