@@ -2,7 +2,7 @@
 another layout, and load a checkpoint's weights into this rank's megatron model at any layout.
 
 The full state in between is the Hugging Face OPT state dict plus the variant tensors
-(``models.hf_opt.megatron_to_hf_state_dict(..., variant_extras=True)``) and the megatron word
+(``models.hf_opt.megatron_to_hf_state_dict(..., variant=...)``: ``ops.variants.variant_tensors``) and the megatron word
 embedding with its vocabulary-padding rows (they take part in the training loss through the tied LM
 head, so a re-split keeps them; Hugging Face drops them). Errors: one-line ``OutEffError``.
 """
@@ -16,8 +16,8 @@ from megatron_outeff.errors import OutEffError, with_context
 from .model_files import manifest_arch_variant, read_manifest, read_model_files, resolve_model_dir
 
 
-def merge_ranks(states: Mapping[tuple, dict], arch) -> tuple[dict, torch.Tensor]:
-    """({HF OPT + variant tensors}, the full padded megatron word embedding) of every rank's state."""
+def merge_ranks(states: Mapping[tuple, dict], arch, variant) -> tuple[dict, torch.Tensor]:
+    """({HF OPT + ``variant``'s tensors}, the full padded megatron word embedding) of every rank's state."""
     from megatron_outeff.models.hf_opt import megatron_to_hf_state_dict
 
     tp, pp = max(t for t, _ in states) + 1, max(p for _, p in states) + 1
@@ -29,18 +29,19 @@ def merge_ranks(states: Mapping[tuple, dict], arch) -> tuple[dict, torch.Tensor]
         for t in range(tp):
             states[(t, pp - 1)] = dict(states[(t, pp - 1)],
                                        **{"output_layer.weight": states[(t, 0)]["embedding.word_embeddings.weight"]})
-    hf = megatron_to_hf_state_dict(states, arch, strict=True, variant_extras=True)
+    hf = megatron_to_hf_state_dict(states, arch, strict=True, variant=variant)
     padded = torch.cat([states[(t, 0)]["embedding.word_embeddings.weight"] for t in range(tp)], dim=0)
     return hf, padded
 
 
-def split_rank(hf: Mapping[str, torch.Tensor], padded_embed: Optional[torch.Tensor], arch, tp_rank: int, tp: int,
-               pp_rank: int, pp: int, vocab_rows: int) -> dict[str, torch.Tensor]:
-    """Rank (tp_rank, pp_rank)'s megatron state dict; the embedding (and the last stage's tied copy)
-    taken from ``padded_embed`` (padding rows kept, zero rows added if ``vocab_rows`` is larger)."""
+def split_rank(hf: Mapping[str, torch.Tensor], padded_embed: Optional[torch.Tensor], arch, variant, tp_rank: int,
+               tp: int, pp_rank: int, pp: int, vocab_rows: int) -> dict[str, torch.Tensor]:
+    """Rank (tp_rank, pp_rank)'s megatron state dict (``variant``'s tensors included); the embedding (and the
+    last stage's tied copy) taken from ``padded_embed`` (padding rows kept, zero rows added if ``vocab_rows``
+    is larger)."""
     from megatron_outeff.models.hf_opt import hf_state_dict_to_megatron
 
-    sd = hf_state_dict_to_megatron(hf, arch, tp_rank, tp, pp_rank, pp, vocab_size=vocab_rows, variant_extras=True)
+    sd = hf_state_dict_to_megatron(hf, arch, tp_rank, tp, pp_rank, pp, vocab_size=vocab_rows, variant=variant)
     if padded_embed is not None:
         emb = padded_embed[:vocab_rows]
         if emb.shape[0] < vocab_rows:
@@ -82,8 +83,8 @@ def load_into_model(model: torch.nn.Module, path, *, arch, variant, seq_length, 
     if (manifest["tp"], manifest["pp"], manifest["padded_vocab_size"]) == (tp, pp, rows):
         sd = states[(tp_rank, pp_rank)]  # same layout: this rank's file as is
     else:
-        hf, padded = merge_ranks(states, src_arch)
-        sd = split_rank(hf, padded, src_arch, tp_rank, tp, pp_rank, pp, rows)
+        hf, padded = merge_ranks(states, src_arch, src_variant)
+        sd = split_rank(hf, padded, src_arch, src_variant, tp_rank, tp, pp_rank, pp, rows)
     try:
         with torch.no_grad():
             load_megatron_state_dict(model, sd)

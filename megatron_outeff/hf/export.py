@@ -22,8 +22,7 @@ tokenizer.json, which is converted with ``megatron_outeff.data.hf_tokenizer.save
 (tokenizer.json + tokenizer_config.json that AutoTokenizer loads, encoding exactly like ours).
 
 Extra state (``extra_state`` or inside ``hf_opt_state_dict``; i = layer index):
-    model.decoder.layers.{i}.self_attn.softmax_offset      [H]    learnable
-    model.decoder.layers.{i}.self_attn.gate.<name>         gated: ``ops.gate.gate_parameter_shapes``
+    model.decoder.layers.{i}.self_attn.<hf name>    every tensor of ``ops.variants.variant_tensors``
 
 Safety: a non-empty ``out_dir`` is refused; everything is checked (variant, finiteness, key set and
 shapes, fp16 range) before anything is written; files go to a temporary directory beside
