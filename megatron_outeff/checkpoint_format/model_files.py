@@ -139,21 +139,9 @@ def manifest_arch_variant(m: dict, where: str = "manifest"):
 
 
 def variant_hf_shapes(arch, variant) -> dict[str, tuple]:
-    """Hugging Face names and shapes of the variant's tensors (megatron_outeff/hf README)."""
-    from megatron_outeff.ops.gate import gate_parameter_shapes
-
-    H, h = arch.num_attention_heads, arch.hidden_size
-    per_layer = {}
-    if variant.learnable_offset:
-        per_layer["self_attn.softmax_offset"] = (H,)
-    if variant.gated:
-        try:
-            shapes = gate_parameter_shapes(variant.gate, H, h // H, h)
-        except ValueError as e:
-            raise with_context(arch.name, e) from None
-        per_layer.update({f"self_attn.gate.{name}": shape for name, shape in shapes.items()})
-    prefix = family_of(arch).hf.HF_LAYER_PREFIX  # the layers of the family's Hugging Face model
-    return {f"{prefix}{i}.{k}": s for i in range(arch.num_layers) for k, s in per_layer.items()}
+    """Hugging Face names and shapes of the variant's tensors of every layer (``ops.variants.variant_tensors``
+    through the architecture family's mapping: ``models.hf_opt`` / ``models.hf_llama`` ``variant_hf_shapes``)."""
+    return family_of(arch).hf.variant_hf_shapes(arch, variant)
 
 
 def expected_rank_shapes(arch, variant, tp_rank: int, tp: int, pp_rank: int, pp: int, padded_vocab: int) -> dict[str, tuple]:
@@ -161,7 +149,7 @@ def expected_rank_shapes(arch, variant, tp_rank: int, tp: int, pp_rank: int, pp:
     mapping = family_of(arch).hf
     shapes = {**mapping.hf_expected_shapes(arch), **variant_hf_shapes(arch, variant)}
     meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
-    sd = mapping.hf_state_dict_to_megatron(meta, arch, tp_rank, tp, pp_rank, pp, vocab_size=padded_vocab, variant_extras=True)
+    sd = mapping.hf_state_dict_to_megatron(meta, arch, tp_rank, tp, pp_rank, pp, vocab_size=padded_vocab, variant=variant)
     return {k: tuple(v.shape) for k, v in sd.items()}
 
 

@@ -2,10 +2,10 @@
 another layout, and load a checkpoint's weights into this rank's megatron model at any layout.
 
 The full state in between is the family's Hugging Face state dict plus the variant tensors (the
-family's ``megatron_to_hf_state_dict(..., variant_extras=True)``: models/family.py) and the megatron
-vocabulary-parallel tensors with their vocabulary-padding rows (``padded``: the word embedding, and the
-LM head where it is not tied to it; the padding rows take part in the training loss through the LM
-head, so a re-split keeps them; Hugging Face drops them). Errors: one-line ``OutEffError``.
+family's ``megatron_to_hf_state_dict(..., variant=...)``: models/family.py; ``ops.variants.variant_tensors``)
+and the megatron vocabulary-parallel tensors with their vocabulary-padding rows (``padded``: the word
+embedding, and the LM head where it is not tied to it; the padding rows take part in the training loss
+through the LM head, so a re-split keeps them; Hugging Face drops them). Errors: one-line ``OutEffError``.
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from .model_files import manifest_arch_variant, read_manifest, read_model_files,
 EMBED = "embedding.word_embeddings.weight"
 
 
-def merge_ranks(states: Mapping[tuple, dict], arch) -> tuple[dict, dict]:
-    """({HF + variant tensors}, {megatron key: the full padded vocabulary-parallel tensor}) of every rank's
-    state (``padded``: the word embedding, and the LM head of an untied family)."""
+def merge_ranks(states: Mapping[tuple, dict], arch, variant) -> tuple[dict, dict]:
+    """({HF + ``variant``'s tensors}, {megatron key: the full padded vocabulary-parallel tensor}) of every
+    rank's state (``padded``: the word embedding, and the LM head of an untied family)."""
     mapping = family_of(arch).hf
     tp, pp = max(t for t, _ in states) + 1, max(p for _, p in states) + 1
     sources = sorted(set(mapping.VOCAB_PARALLEL.values()))
@@ -36,19 +36,19 @@ def merge_ranks(states: Mapping[tuple, dict], arch) -> tuple[dict, dict]:
         for t in range(tp):
             states[(t, pp - 1)] = dict(states[(t, pp - 1)],
                                        **{"output_layer.weight": states[(t, 0)]["embedding.word_embeddings.weight"]})
-    hf = mapping.megatron_to_hf_state_dict(states, arch, strict=True, variant_extras=True)
+    hf = mapping.megatron_to_hf_state_dict(states, arch, strict=True, variant=variant)
     stage = {EMBED: 0}  # the embedding on the first stage, everything else (the LM head) on the last
     padded = {k: torch.cat([states[(t, stage.get(k, pp - 1))][k] for t in range(tp)], dim=0) for k in sources}
     return hf, padded
 
 
-def split_rank(hf: Mapping[str, torch.Tensor], padded: Optional[Mapping[str, torch.Tensor]], arch, tp_rank: int,
-               tp: int, pp_rank: int, pp: int, vocab_rows: int) -> dict[str, torch.Tensor]:
-    """Rank (tp_rank, pp_rank)'s megatron state dict; its vocabulary-parallel tensors (the embedding, the
-    LM head or the last stage's tied copy) cut from ``padded`` (``merge_ranks``; padding rows kept, zero
-    rows added if ``vocab_rows`` is larger); None: from ``hf`` with zero padding rows."""
+def split_rank(hf: Mapping[str, torch.Tensor], padded: Optional[Mapping[str, torch.Tensor]], arch, variant,
+               tp_rank: int, tp: int, pp_rank: int, pp: int, vocab_rows: int) -> dict[str, torch.Tensor]:
+    """Rank (tp_rank, pp_rank)'s megatron state dict (``variant``'s tensors included); its vocabulary-parallel
+    tensors (the embedding, the LM head or the last stage's tied copy) cut from ``padded`` (``merge_ranks``;
+    padding rows kept, zero rows added if ``vocab_rows`` is larger); None: from ``hf`` with zero padding rows."""
     mapping = family_of(arch).hf
-    sd = mapping.hf_state_dict_to_megatron(hf, arch, tp_rank, tp, pp_rank, pp, vocab_size=vocab_rows, variant_extras=True)
+    sd = mapping.hf_state_dict_to_megatron(hf, arch, tp_rank, tp, pp_rank, pp, vocab_size=vocab_rows, variant=variant)
     for key, source in mapping.VOCAB_PARALLEL.items():
         if padded is None or key not in sd:
             continue
@@ -92,8 +92,8 @@ def load_into_model(model: torch.nn.Module, path, *, arch, variant, seq_length, 
     if (manifest["tp"], manifest["pp"], manifest["padded_vocab_size"]) == (tp, pp, rows):
         sd = states[(tp_rank, pp_rank)]  # same layout: this rank's file as is
     else:
-        hf, padded = merge_ranks(states, src_arch)
-        sd = split_rank(hf, padded, src_arch, tp_rank, tp, pp_rank, pp, rows)
+        hf, padded = merge_ranks(states, src_arch, src_variant)
+        sd = split_rank(hf, padded, src_arch, src_variant, tp_rank, tp, pp_rank, pp, rows)
     try:
         with torch.no_grad():
             load_megatron_state_dict(model, sd)

@@ -72,7 +72,7 @@ def load_checkpoint_full(ckpt, iteration=None, progress: Progress = None):
     manifest, states = read_model_files(model_dir, progress=progress)
     arch, variant = manifest_arch_variant(manifest, str(model_dir))
     _say(progress, f"merging tp={manifest['tp']} x pp={manifest['pp']} ({arch.name}, {variant.describe()})")
-    hf, padded = merge_ranks(states, arch)
+    hf, padded = merge_ranks(states, arch, variant)
     return manifest, arch, variant, hf, padded
 
 
@@ -127,7 +127,7 @@ def reshard(ckpt, out_dir, *, tp: int, pp: int, iteration=None, progress: Progre
         raise with_context(f"--tp {tp} --pp {pp}", e) from None
     old_rows = manifest["padded_vocab_size"]
     rows = old_rows if old_rows % tp == 0 else padded_vocab_size(arch.vocab_size, tp)
-    return write_model_checkpoint(out_dir, lambda t, p: split_rank(hf, padded, arch, t, tp, p, pp, rows), arch=arch,
+    return write_model_checkpoint(out_dir, lambda t, p: split_rank(hf, padded, arch, variant, t, tp, p, pp, rows), arch=arch,
                                   variant=variant, tp=tp, pp=pp, padded_vocab=rows, seq_length=manifest.get("seq_length"),
                                   iteration=manifest["iteration"], source="reshard", progress=progress)
 
@@ -145,17 +145,14 @@ def parse_variant(text):
 
 
 def init_variant_tensors(arch, variant, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Initial values of variant tensors a Hugging Face OPT lacks: learnable offsets 0 (Softmax_1 at
-    the start), gate tensors as ``ops.gate.gate_initial_value`` says (weights N(0, init_method_std),
-    seeded; gates open to gate_init_prob)."""
-    from megatron_outeff.ops.gate import gate_initial_value
-
+    """Initial values of the variant tensors a Hugging Face OPT / Llama lacks, each as ``ops.variants.variant_tensors``
+    says (the same value training from scratch gives: offsets 0, gate biases logit(gate_init_prob), weights
+    N(0, init_method_std) drawn from a generator seeded with ``seed``), under their Hugging Face names."""
+    mapping = family_of(arch).hf
     g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, shape in variant_hf_shapes(arch, variant).items():
-        value = 0.0 if k.endswith("softmax_offset") else gate_initial_value(k.rsplit(".", 1)[1], variant.gate_init_prob)
-        out[k] = torch.randn(shape, generator=g) * arch.init_method_std if value is None else torch.full(shape, value)
-    return out
+    tensors = mapping.variant_tensors_of(arch, variant)
+    return {f"{mapping.HF_LAYER_PREFIX}{i}.{mapping.HF_ATTENTION}{t.hf}": t.initial_tensor(arch.init_method_std, g)
+            for i in range(arch.num_layers) for t in tensors}
 
 
 def read_hf_dir(hf_dir, variant=None, *, seq_length: Optional[int] = None, seed: int = 0, progress: Progress = None):
@@ -234,6 +231,6 @@ def from_hf(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, variant=None, seq_leng
         _say(progress, f"initialised {len(initialised)} variant tensor(s) the Hugging Face model lacks "
                        f"(offsets 0, gates open to {variant.gate_init_prob})")
     rows = padded_vocab_size(arch.vocab_size, tp)
-    return write_model_checkpoint(out_dir, lambda t, p: split_rank(full, None, arch, t, tp, p, pp, rows), arch=arch,
+    return write_model_checkpoint(out_dir, lambda t, p: split_rank(full, None, arch, variant, t, tp, p, pp, rows), arch=arch,
                                   variant=variant, tp=tp, pp=pp, padded_vocab=rows, seq_length=seq_length, iteration=0,
                                   source="from-hf", progress=progress)

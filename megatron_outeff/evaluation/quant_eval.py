@@ -57,7 +57,8 @@ __all__ = [
 ]
 
 # LM head stays float (paper); per-head gates are not quantized (they are not Linear modules in our
-# remote code, so this pattern is belt and braces for any future nn.Linear gate).
+# remote code, so this pattern is belt and braces). The elementwise gate's Linear, self_attn.gate_proj, is
+# quantized like the other Linears (it does not match these patterns).
 SIMULATED_EXCLUDE = ("lm_head", "*.gate", "*.gate.*")
 PAPER_BLOCK_SIZE = 512  # tokens per evaluation / calibration block (paper)
 

@@ -8,7 +8,7 @@ loads it with ``trust_remote_code=True`` without megatron_outeff installed.
 """
 from transformers import LlamaConfig
 
-from .outeff_deps import AttentionVariantConfig, gate_parameter_shapes
+from .outeff_deps import AttentionVariantConfig, variant_tensors
 
 
 class OutEffLlamaConfig(LlamaConfig):
@@ -16,7 +16,7 @@ class OutEffLlamaConfig(LlamaConfig):
     softmax_n, clip_gamma, clip_zeta, clip_alpha, gate, gate_init_prob; its defaults).
 
     ``clip_alpha`` must be resolved to an explicit ``clip_gamma`` (the exporter does, with the training
-    sequence length). Errors: the variant's one-line ValueError, or the gate's shape rules (``ops.gate``).
+    sequence length). Errors: the variant's one-line ValueError, or the gate's shape rules (``variant_tensors``).
     """
 
     model_type = "outeff_llama"
@@ -25,13 +25,20 @@ class OutEffLlamaConfig(LlamaConfig):
         variant = AttentionVariantConfig.from_fields(kwargs, pop=True)
         super().__post_init__(**kwargs)
         variant.clip_pair()  # an unresolved clip_alpha is refused here
-        if variant.gated:
-            gate_parameter_shapes(variant.gate, self.num_attention_heads, self.head_dim, self.hidden_size)
+        self.variant_tensors(variant)  # the gate's shape rules
         for name, value in variant.to_dict().items():
             setattr(self, name, value)
 
     def attention_variant(self) -> AttentionVariantConfig:
         return AttentionVariantConfig.from_fields(vars(self))
+
+    def variant_tensors(self, variant=None):
+        """The tensors the variant adds to each attention layer (``ops.variants.variant_tensors``; their ``hf``
+        names are inside ``self_attn``). Llama's q/k/v projections have no bias, so neither has the elementwise
+        gate (sigmoid(x W^T): Qiu et al.'s form and megatron's linear_qkv rows without a bias)."""
+        variant = self.attention_variant() if variant is None else variant
+        return variant_tensors(variant, num_heads=self.num_attention_heads, head_dim=self.head_dim,
+                               hidden_size=self.hidden_size, qkv_bias=bool(getattr(self, "attention_bias", False)))
 
 
 __all__ = ["OutEffLlamaConfig"]

@@ -8,7 +8,7 @@ megatron_outeff installed.
 """
 from transformers import OPTConfig
 
-from .outeff_deps import AttentionVariantConfig, gate_parameter_shapes
+from .outeff_deps import AttentionVariantConfig, variant_tensors
 
 
 class OutEffOPTConfig(OPTConfig):
@@ -17,7 +17,7 @@ class OutEffOPTConfig(OPTConfig):
 
     ``clip_alpha`` must be resolved to an explicit ``clip_gamma`` (the exporter does, with the
     training sequence length). ``gate_init_prob`` is the value of a freshly initialised (not loaded)
-    gate. Errors: the variant's one-line ValueError, or the gate's shape rules (``ops.gate``).
+    gate. Errors: the variant's one-line ValueError, or the gate's shape rules (``variant_tensors``).
     """
 
     model_type = "outeff_opt"
@@ -26,14 +26,20 @@ class OutEffOPTConfig(OPTConfig):
         variant = AttentionVariantConfig.from_fields(kwargs, pop=True)
         super().__post_init__(**kwargs)
         variant.clip_pair()  # an unresolved clip_alpha is refused here
-        if variant.gated:
-            gate_parameter_shapes(variant.gate, self.num_attention_heads, self.hidden_size // self.num_attention_heads,
-                                  self.hidden_size)
+        self.variant_tensors(variant)  # the gate's shape rules
         for name, value in variant.to_dict().items():
             setattr(self, name, value)
 
     def attention_variant(self) -> AttentionVariantConfig:
         return AttentionVariantConfig.from_fields(vars(self))
+
+    def variant_tensors(self, variant=None):
+        """The tensors the variant adds to each attention layer (``ops.variants.variant_tensors``; their
+        ``hf`` names are inside ``self_attn``)."""
+        variant = self.attention_variant() if variant is None else variant
+        return variant_tensors(variant, num_heads=self.num_attention_heads,
+                               head_dim=self.hidden_size // self.num_attention_heads, hidden_size=self.hidden_size,
+                               qkv_bias=bool(getattr(self, "enable_bias", True)))
 
 
 __all__ = ["OutEffOPTConfig"]

@@ -11,8 +11,8 @@ for T = ``seq_length``, the training sequence length.
 Plain softmax attention (vanilla, or softmax_n with n = 0, without clip and gate) is written as a
 plain ``OPTForCausalLM`` directory (model_type "opt", no remote code; ``family="llama"``: a plain
 ``LlamaForCausalLM``, model_type "llama"). Every other variant is
-written as ``OutEffOPTForCausalLM`` remote code (``family="llama"``: ``OutEffLlamaForCausalLM``, whose directory
-also holds the OPT remote code files it imports): config.json with auto_map (the variant's fields as
+written as ``OutEffOPTForCausalLM`` remote code (``family="llama"``: ``OutEffLlamaForCausalLM``;
+the shared ``remote_attention.py`` beside either): config.json with auto_map (the variant's fields as
 flat keys), modeling_outeff_opt.py, configuration_outeff_opt.py, and ``exported_sources()``:
 outeff_deps.py with its imports made relative, next to verbatim copies of the megatron_outeff
 modules it imports (and theirs), so that
@@ -24,8 +24,7 @@ tokenizer.json, which is converted with ``megatron_outeff.data.hf_tokenizer.save
 (tokenizer.json + tokenizer_config.json that AutoTokenizer loads, encoding exactly like ours).
 
 Extra state (``extra_state`` or inside ``hf_opt_state_dict``; i = layer index):
-    model.decoder.layers.{i}.self_attn.softmax_offset      [H]    learnable
-    model.decoder.layers.{i}.self_attn.gate.<name>         gated: ``ops.gate.gate_parameter_shapes``
+    model.decoder.layers.{i}.self_attn.<hf name>    every tensor of ``ops.variants.variant_tensors``
 
 Safety: a non-empty ``out_dir`` is refused; everything is checked (variant, finiteness, key set and
 shapes, fp16 range) before anything is written; files go to a temporary directory beside

@@ -2,7 +2,8 @@
 
 Subclasses transformers' Llama classes and replaces only the attention module, plus the decoder
 layer's forward so that its two residual sums pass through ``QuantPoint`` markers (as the OPT remote
-code, ``modeling_outeff_opt.py``, whose per-head gate module and mask conversion it reuses).
+code, ``modeling_outeff_opt.py``; the variant's tensors, the gates and the mask conversion are both's:
+``remote_attention.py``).
 
 Attention per layer (transformers' Llama up to the scores: q / k / v projections, its RoPE
 ``apply_rotary_pos_emb``, the KV cache, ``repeat_kv`` for grouped-query attention):
@@ -10,16 +11,19 @@ Attention per layer (transformers' Llama up to the scores: q / k / v projections
     p      = softmax variant (sink) + mask + optional clip, in fp32
                                           -> QuantPoint ``softmax_quant``
     o      = p v                          -> QuantPoint ``pv_quant``
-    o_h   *= sigmoid(G_h(x_h))            (gated variants; x = the attention's input, after input_layernorm)
+    o_h   *= sigmoid(G_h(x_h))            (per-head gates; x = the attention's input, after input_layernorm)
+    o     *= sigmoid(x W_g^T)             (the elementwise gate, per head and channel: ``gate_proj``, a Linear
+                                           without bias as Llama's projections; quantized like them in W8A8)
     out    = o_proj(o)
-The variant (``config.attention_variant()``), the softmax / clip math (``outeff_softmax_reference``)
-and the gate (``head_gate``, its parameters and initial values) are megatron_outeff's own, imported
-through ``outeff_deps``, never re-implemented here. Masks: transformers' eager path only (the same
+The variant (``config.attention_variant()``), the softmax / clip math (``outeff_softmax_reference``),
+the gates and the variant's tensors (``variant_tensors``: names, shapes, initial values) are
+megatron_outeff's own, imported through ``outeff_deps``, never re-implemented here. Masks: transformers' eager path only (the same
 conversion as OPT's); a query row with every key masked (left padding) gives a zero attention output.
 
 Extra parameters (state-dict keys, i = layer index; per query head, also with grouped-query attention):
-    model.layers.{i}.self_attn.softmax_offset       [H]   softmax == "learnable"
-    model.layers.{i}.self_attn.gate.<name>          gate != "none": ``gate_parameter_shapes`` (ops/gate.py)
+``model.layers.{i}.self_attn.<hf>`` for every tensor of ``variant_tensors`` (ops/variants.py):
+``softmax_offset`` [H] (learnable), ``gate.<name>`` (per-head gates), ``gate_proj.weight`` [H*d, h]
+(the elementwise gate).
 
 QuantPoints (identities in float), per decoder layer: self_attn.qk_quant, self_attn.softmax_quant,
 self_attn.pv_quant, attn_residual_quant, ffn_residual_quant (5 per layer).
@@ -37,24 +41,23 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from .configuration_outeff_llama import OutEffLlamaConfig
-from .modeling_outeff_opt import OutEffHeadGate, _masked_out
-from .outeff_deps import Clip, QuantPoint, gate_initial_value, outeff_softmax_reference, resolve_sink
+from .outeff_deps import Clip, QuantPoint, outeff_softmax_reference, resolve_sink
+from .remote_attention import gate_output, init_variant_params, install_variant_tensors, masked_out
 
 QUANT_POINTS_PER_LAYER = 5
 
 
 class OutEffLlamaAttention(LlamaAttention):
     """Llama attention (RoPE, grouped-query) with a sink softmax variant, optional clipping and an
-    optional per-head gate."""
+    optional output gate (per head or elementwise)."""
 
     def __init__(self, config: OutEffLlamaConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         self.num_heads = config.num_attention_heads
         self.variant = config.attention_variant()
         self.clip = Clip.parse(self.variant.clip_pair())
-        self.softmax_offset = nn.Parameter(torch.zeros(self.num_heads)) if self.variant.learnable_offset else None
-        self.gate = (OutEffHeadGate(self.variant.gate, config.hidden_size, self.num_heads, self.variant.gate_init_prob)
-                     if self.variant.gated else None)
+        self.variant_tensors = config.variant_tensors(self.variant)  # names relative to this module (``hf``)
+        install_variant_tensors(self, self.variant, self.variant_tensors)  # softmax_offset, gate, gate_proj
         self.qk_quant = QuantPoint()
         self.softmax_quant = QuantPoint()
         self.pv_quant = QuantPoint()
@@ -74,15 +77,14 @@ class OutEffLlamaAttention(LlamaAttention):
         q_len, kv_len = query_states.shape[2], key_states.shape[2]
 
         scores = self.qk_quant(torch.matmul(query_states, key_states.transpose(2, 3)) * self.scaling)
-        masked = _masked_out(attention_mask, input_shape[0], q_len, kv_len, scores.device)
+        masked = masked_out(attention_mask, input_shape[0], q_len, kv_len, scores.device)
         sink = resolve_sink(**self.variant.softmax_args(), offset=self.softmax_offset, num_heads=self.num_heads,
                             device=scores.device)
         probs = outeff_softmax_reference(scores, scale=1.0, sink=sink, mask=masked, clip=self.clip)
         probs = self.softmax_quant(probs.to(value_states.dtype))
         probs_d = nn.functional.dropout(probs, p=self.attention_dropout, training=self.training)
         attn_output = self.pv_quant(torch.matmul(probs_d, value_states)).transpose(1, 2)  # [b, sq, H, d]
-        if self.gate is not None:
-            attn_output = attn_output * self.gate(hidden_states).to(attn_output.dtype).unsqueeze(-1)
+        attn_output = gate_output(self, attn_output, hidden_states)
         attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
         return attn_output, probs
 
@@ -124,15 +126,7 @@ class _OutEffLlamaPreTrained:
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, OutEffLlamaAttention) and module.softmax_offset is not None:
-            init.zeros_(module.softmax_offset)
-        elif isinstance(module, OutEffHeadGate):
-            for name, param in module.named_parameters(recurse=False):
-                value = gate_initial_value(name, module.init_prob)
-                if value is None:
-                    init.normal_(param, mean=0.0, std=self.config.initializer_range)
-                else:
-                    init.constant_(param, value)
+        init_variant_params(module, self.config.initializer_range)  # each variant tensor's one initial value
 
 
 # As in the OPT remote code: transformers' constructor builds its parts under no_init_weights, the OutEff

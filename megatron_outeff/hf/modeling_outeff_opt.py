@@ -8,11 +8,15 @@ Attention per layer (q already scaled by 1/sqrt(d_head), as in OPT):
     p      = softmax variant (sink) + mask + optional clip, in fp32
                                           -> QuantPoint ``softmax_quant``
     o      = p v                          -> QuantPoint ``pv_quant``
-    o_h   *= sigmoid(G_h(x_h))            (gated variants; x = the attention layer's input)
+    o_h   *= sigmoid(G_h(x_h))            (per-head gates; x = the attention layer's input)
+    o     *= sigmoid(gate_proj(x))        (the elementwise gate, per head and channel; a Linear, quantized
+                                           like q/k/v/out_proj by both W8A8 paths)
     out    = out_proj(o)
-The variant (``config.attention_variant()``), the softmax/clip math (``outeff_softmax_reference``)
-and the gate (``head_gate``, its parameters and initial values) are megatron_outeff's own, imported
-through ``outeff_deps``, never re-implemented here.
+The variant (``config.attention_variant()``), the softmax/clip math (``outeff_softmax_reference``),
+the gate (``head_gate``) and the variant's tensors (``variant_tensors``: names, shapes, initial values)
+are megatron_outeff's own, imported through ``outeff_deps``, never re-implemented here; the modules
+holding the variant's tensors, the gates' application and the mask conversion are ``remote_attention.py``
+(shared with the Llama remote code).
 
 Masks: the model runs transformers' "eager" mask path (sdpa/flash/flex are declared unsupported,
 since none of them computes these variants), so each layer receives OPT's causal + padding mask
@@ -20,10 +24,9 @@ as a 4D additive float mask (0 = attend, dtype-min = masked) or a 4D bool mask (
 both are turned into the boolean "True = masked out" mask of the reference softmax. A query row
 with every key masked (a left-padding position) yields a zero attention output.
 
-Extra parameters (state-dict keys, i = layer index):
-    model.decoder.layers.{i}.self_attn.softmax_offset        [H]            softmax == "learnable"
-    model.decoder.layers.{i}.self_attn.gate.<name>           gate != "none": ``gate_parameter_shapes``
-                                                              (ops/gate.py) names and shapes
+Extra parameters (state-dict keys, i = layer index): ``model.decoder.layers.{i}.self_attn.<hf>`` for
+every tensor of ``variant_tensors`` (ops/variants.py): ``softmax_offset`` [H] (learnable), ``gate.<name>``
+(per-head gates), ``gate_proj.weight`` [H*d, h] / ``gate_proj.bias`` [H*d] (elementwise gate).
 
 QuantPoints (identities in float), per decoder layer: self_attn.qk_quant, self_attn.softmax_quant,
 self_attn.pv_quant, attn_residual_quant, ffn_residual_quant (5 per layer).
@@ -40,58 +43,24 @@ from transformers.models.opt.modeling_opt import (
 )
 
 from .configuration_outeff_opt import OutEffOPTConfig
-from .outeff_deps import (
-    Clip, QuantPoint, causal_mask, gate_initial_value, gate_parameter_shapes, head_gate, outeff_softmax_reference,
-    resolve_sink,
-)
+from .outeff_deps import Clip, QuantPoint, outeff_softmax_reference, resolve_sink
+from .remote_attention import OutEffHeadGate, gate_output, init_variant_params, install_variant_tensors
+from .remote_attention import masked_out as _masked_out
 
 QUANT_POINTS_PER_LAYER = 5
 
 
-class OutEffHeadGate(nn.Module):
-    """Per-head attention gate (``head_gate``): [batch, seq, d_model] -> [batch, seq, heads] in (0, 1), fp32."""
-
-    def __init__(self, kind: str, hidden_size: int, num_heads: int, init_prob: float):
-        super().__init__()
-        self.kind = kind
-        self.init_prob = init_prob
-        for name, shape in gate_parameter_shapes(kind, num_heads, hidden_size // num_heads, hidden_size).items():
-            self.register_parameter(name, nn.Parameter(torch.empty(shape)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return head_gate(x, self.kind, dict(self.named_parameters(recurse=False)))
-
-
-def _masked_out(attention_mask, bsz: int, q_len: int, kv_len: int, device) -> torch.Tensor:
-    """OPT's 4D mask (bool True = attend, or additive float) -> bool, True = masked out."""
-    if attention_mask is None:
-        return causal_mask(q_len, kv_len, device).view(1, 1, q_len, kv_len)
-    if attention_mask.dim() != 4:
-        raise ValueError(f"attention mask of shape {tuple(attention_mask.shape)}: expected a 4D mask from the eager path")
-    mask = attention_mask[:, :, :, :kv_len]
-    if mask.dtype == torch.bool:
-        return ~mask
-    masked = mask <= torch.finfo(mask.dtype).min / 2
-    if not torch.all(masked | (mask == 0)):
-        raise ValueError("additive attention bias other than 0 / -inf is not supported by outeff attention")
-    return masked
-
-
 class OutEffOPTAttention(OPTAttention):
-    """OPT attention with a sink softmax variant, optional clipping and an optional per-head gate."""
+    """OPT attention with a sink softmax variant, optional clipping and an optional output gate (per head or
+    elementwise)."""
 
     def __init__(self, config: OutEffOPTConfig, layer_idx: int | None = None, **kwargs):
         super().__init__(config, layer_idx=layer_idx, **kwargs)
         self.variant = config.attention_variant()
         self.clip = Clip.parse(self.variant.clip_pair())
-        if self.variant.learnable_offset:
-            self.softmax_offset = nn.Parameter(torch.zeros(self.num_heads))
-        else:
-            self.softmax_offset = None
-        if self.variant.gated:
-            self.gate = OutEffHeadGate(self.variant.gate, self.embed_dim, self.num_heads, self.variant.gate_init_prob)
-        else:
-            self.gate = None
+        self.variant_tensors = config.variant_tensors(self.variant)  # names relative to this module (``hf``)
+        # softmax_offset, gate (per head), gate_proj (the elementwise gate's Linear x W^T + b): remote_attention.py
+        install_variant_tensors(self, self.variant, self.variant_tensors)
         self.qk_quant = QuantPoint()
         self.softmax_quant = QuantPoint()
         self.pv_quant = QuantPoint()
@@ -114,9 +83,7 @@ class OutEffOPTAttention(OPTAttention):
         probs = self.softmax_quant(probs.to(value_states.dtype))
         probs_d = nn.functional.dropout(probs, p=self.dropout, training=self.training)
         attn_output = self.pv_quant(torch.matmul(probs_d, value_states))                   # [b, H, sq, d]
-        attn_output = attn_output.transpose(1, 2)                                          # [b, sq, H, d]
-        if self.gate is not None:
-            attn_output = attn_output * self.gate(hidden_states).to(attn_output.dtype).unsqueeze(-1)
+        attn_output = gate_output(self, attn_output.transpose(1, 2), hidden_states)        # [b, sq, H, d]
         attn_output = self.out_proj(attn_output.reshape(bsz, tgt_len, -1).contiguous())
         return attn_output, probs
 
@@ -173,15 +140,9 @@ class _OutEffOPTPreTrained:
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, OutEffOPTAttention) and module.softmax_offset is not None:
-            init.zeros_(module.softmax_offset)
-        elif isinstance(module, OutEffHeadGate):
-            for name, param in module.named_parameters(recurse=False):
-                value = gate_initial_value(name, module.init_prob)
-                if value is None:
-                    init.normal_(param, mean=0.0, std=self.config.init_std)
-                else:
-                    init.constant_(param, value)
+        # A module holding variant tensors (``variant_params``) gets the one initial value of each
+        # (``variant_tensors``), after transformers' own init of the module.
+        init_variant_params(module, self.config.init_std)
 
 
 # Each constructor lets transformers' OPT constructor build its parts, then swaps in the OutEff part.

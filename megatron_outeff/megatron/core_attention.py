@@ -14,7 +14,8 @@ off-by-one / learnable).
 Math (per query-head h; a_h the sink logit, see ``megatron_outeff.ops.variants``):
     p   = exp(s * q k^T) / (exp(a_h) + sum_j exp(s * q k_j^T))        s = softmax scale
     p'  = clip((zeta - gamma) p + gamma, 0, 1)                         (clipped variants)
-    out = g_h * dropout(p') V                                          (gated variants)
+    out = g * dropout(p') V                                            (gated variants: g_h per head, or
+                                                                        g_{h,c} per head and channel)
 
 Softmax scale: as ``DotProductAttention``: ``softmax_scale`` (megatron passes
 ``config.softmax_scale``) or 1/sqrt(head_dim). ``apply_query_key_layer_scaling`` divides the
@@ -42,7 +43,9 @@ Dropout runs inside the megatron RNG tracker's fork (unless sequence parallel), 
 Learnable offset: parameter ``softmax_offset`` [heads_per_partition], sharded by head
 (``tensor_model_parallel``, ``partition_dim`` 0, ``partition_stride`` 1), with megatron's checkpoint
 key and ``sharded_state_dict``: megatron's ``softmax_type='learnable'`` checkpoints load here and
-back. Softmax_1 / softmax_n need no state (megatron's 'off-by-one' keeps a plain, unsaved tensor).
+back. Its shape, initial value (0) and names are ``ops.variants.variant_tensors``' (created here by
+``create_variant_parameters``). Softmax_1 / softmax_n need no state (megatron's 'off-by-one' keeps
+a plain, unsaved tensor).
 """
 from __future__ import annotations
 
@@ -65,8 +68,9 @@ from megatron.core.transformer.utils import (
     make_sharded_tensors_for_checkpoint,
 )
 
-from megatron_outeff.ops import gate_parameter_shapes, outeff_attention, outeff_attention_probs
+from megatron_outeff.ops import outeff_attention, outeff_attention_probs, variant_tensors
 from megatron_outeff.ops.reference import causal_mask
+from megatron_outeff.ops.variants import GATE_FAMILIES, VariantTensor
 
 from .variant import AttentionVariantConfig, resolve_variant
 
@@ -85,8 +89,44 @@ def check_variant_fits(variant: AttentionVariantConfig, config: TransformerConfi
         raise ValueError(f"context_parallel_size={config.context_parallel_size}: OutEffCoreAttention has no context parallelism")
     if getattr(config, "window_size", None) is not None:
         raise ValueError(f"window_size={config.window_size}: sliding-window attention is not supported by OutEffCoreAttention")
-    if variant.gated:  # the gate's own shape rules (ops.gate)
-        gate_parameter_shapes(variant.gate, heads, config.kv_channels or config.hidden_size // heads, config.hidden_size)
+    if variant.gate == "elementwise" and groups < tp_size:
+        raise ValueError(f"gate='elementwise' with num_query_groups={groups} < tensor_model_parallel_size={tp_size}: "
+                         "megatron-core 0.16.1 does not split the gate rows of a query group shared by several ranks")
+    layer_variant_tensors(variant, config)  # the gate's own shape rules (ops.variants.variant_tensors)
+
+
+def layer_variant_tensors(variant: AttentionVariantConfig, config: TransformerConfig) -> Tuple[VariantTensor, ...]:
+    """The tensors ``variant`` adds to one attention layer of this config (``ops.variants.variant_tensors``;
+    the elementwise gate has a bias iff megatron's linear_qkv has one)."""
+    heads = config.num_attention_heads
+    return variant_tensors(variant, num_heads=heads, head_dim=config.kv_channels or config.hidden_size // heads,
+                           hidden_size=config.hidden_size, qkv_bias=bool(config.add_bias_linear or config.add_qkv_bias))
+
+
+def create_variant_parameters(module: torch.nn.Module, owner: str, variant: AttentionVariantConfig,
+                              config: TransformerConfig, tp_rank: int, tp_size: int) -> Tuple[VariantTensor, ...]:
+    """Register on ``module`` this rank's shards of the variant tensors megatron keeps in ``owner``
+    ("core_attention", "head_gate": the first part of ``VariantTensor.megatron``), under the rest of that
+    name, initialised as the description says (a constant, or ``config.init_method``). Each parameter
+    carries its description as ``param.variant_tensor`` (the optimizer's parameter roles read it).
+    Returns those descriptions, in creation order."""
+    mine = []
+    for t in layer_variant_tensors(variant, config):
+        where, _, name = t.megatron.partition(".")
+        if where != owner:
+            continue
+        # Constants are the same on every rank whatever the init path.
+        init = config.init_method if t.init is None else functools.partial(torch.nn.init.constant_, val=t.init)
+        param = init_sharded_parameter(config, t.shape, init, tp_rank, tp_size, partition_dim=t.tp_dim)
+        param.variant_tensor = t
+        module.register_parameter(name, param)
+        mine.append(t)
+    return tuple(mine)
+
+
+def local_name(t: VariantTensor) -> str:
+    """The parameter's name inside the module that holds it ("softmax_offset", "bias", ...)."""
+    return t.megatron.partition(".")[2]
 
 
 def init_sharded_parameter(
@@ -167,12 +207,8 @@ class OutEffCoreAttention(MegatronModule):
         self.dropout_p = float(config.attention_dropout if attention_dropout is None else attention_dropout)
         self.clip = self.variant.clip_pair(seq_length)
 
-        if self.variant.learnable_offset:
-            self.softmax_offset = init_sharded_parameter(
-                config, (heads,), config.init_method, tp_rank, tp_size, partition_dim=0
-            )
-        else:
-            self.softmax_offset = None
+        self.register_parameter("softmax_offset", None)  # the learnable offset, if the variant has one:
+        self.variant_tensors = create_variant_parameters(self, "core_attention", self.variant, config, tp_rank, tp_size)
         self._gate: Optional[Tensor] = None  # set only inside gate_scope()
 
     # ------------------------------------------------------------------ construction helpers
@@ -181,18 +217,22 @@ class OutEffCoreAttention(MegatronModule):
         """A core-attention builder for ``SelfAttentionSubmodules.core_attention`` bound to ``variant``.
 
         For megatron's stock ``SelfAttention`` (or any attention that builds its core from the
-        submodules). Gated variants need the layer input, which only ``OutEffSelfAttention`` has.
+        submodules). Per-head gates need the layer input, which only ``OutEffSelfAttention`` has; the elementwise
+        gate is megatron's own ``attention_output_gate``, which megatron's ``SelfAttention`` applies itself.
         """
-        if variant is not None and AttentionVariantConfig.from_dict(variant).gated:
-            raise ValueError(f"gate={variant.gate!r}: a gate needs OutEffSelfAttention (get_outeff_layer_spec), not a core attention alone")
+        if variant is not None and GATE_FAMILIES.get(AttentionVariantConfig.from_dict(variant).gate) == "head":
+            raise ValueError(f"gate={variant.gate!r}: a per-head gate needs OutEffSelfAttention (get_outeff_layer_spec), not a core attention alone")
         return functools.partial(cls, variant=variant, seq_length=seq_length, **kwargs)
 
     @contextlib.contextmanager
-    def gate_scope(self, gate: Optional[Tensor]):
-        """Within this scope forward() multiplies head h's output by gate[b, sq, h] (in (0, 1)).
+    def gate_scope(self, gate):
+        """Within this scope forward() multiplies its output by the gate: per head, gate [b, sq, h], or per
+        head and channel, gate [b, sq, h, d] (values in (0, 1)); ``gate`` is the tensor or a function
+        returning it when forward() runs.
 
-        ``OutEffSelfAttention`` computes the gate from the layer input and opens this scope around
-        megatron's forward; the core attention itself never sees the layer input.
+        ``OutEffSelfAttention`` computes the gate (per head from the layer input; elementwise from its
+        rows of linear_qkv, inside megatron's forward) and opens this scope around megatron's forward;
+        the core attention itself never sees the layer input.
         """
         previous, self._gate = self._gate, gate
         try:
@@ -228,8 +268,9 @@ class OutEffCoreAttention(MegatronModule):
         if dropout_p > 0 and not self.config.sequence_parallel:
             rng = tensor_parallel.get_cuda_rng_tracker().fork()
         with rng:
+            gate = self._gate() if callable(self._gate) else self._gate
             out = outeff_attention(
-                q, k, v, **self._softmax_args(), clip=self.clip, gate=self._gate, causal=causal,
+                q, k, v, **self._softmax_args(), clip=self.clip, gate=gate, causal=causal,
                 key_padding_mask=key_padding, mask=dense_mask, scale=self.softmax_scale, dropout_p=dropout_p,
                 impl=self.impl,
             )
@@ -274,12 +315,11 @@ class OutEffCoreAttention(MegatronModule):
     # ------------------------------------------------------------------ checkpoints
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # A one-line error for an offset that does not fit this layer (instead of torch's list).
-        key = prefix + "softmax_offset"
-        if key in state_dict and self.softmax_offset is not None:
-            shape = tuple(state_dict[key].shape)
-            if shape != tuple(self.softmax_offset.shape):
+        for t in self.variant_tensors:
+            key, param = prefix + local_name(t), getattr(self, local_name(t))
+            if key in state_dict and tuple(state_dict[key].shape) != tuple(param.shape):
                 raise ValueError(
-                    f"{key}: checkpoint shape {shape} does not fit {tuple(self.softmax_offset.shape)} "
+                    f"{key}: checkpoint shape {tuple(state_dict[key].shape)} does not fit {tuple(param.shape)} "
                     f"(heads per tensor-parallel partition) of this {self.variant.describe()} layer"
                 )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
@@ -291,13 +331,18 @@ class OutEffCoreAttention(MegatronModule):
         metadata: Optional[dict] = None,
     ) -> ShardedStateDict:
         """As megatron's ``DotProductAttention``: ``softmax_offset`` sharded along heads (dim 0)."""
-        state_dict = self.state_dict(prefix="", keep_vars=True) if self.softmax_offset is not None else {}
-        metadata = ensure_metadata_has_dp_cp_group(metadata)
-        return make_sharded_tensors_for_checkpoint(
-            state_dict, prefix, {"softmax_offset": 0}, sharded_offsets,
-            tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
-        )
+        return sharded_variant_state_dict(self, prefix, sharded_offsets, metadata)
 
     def extra_repr(self) -> str:
         return f"variant={self.variant.describe()!r}, heads_per_partition={self.num_attention_heads_per_partition}, scale={self.softmax_scale:.4g}"
 
+
+def sharded_variant_state_dict(module, prefix: str, sharded_offsets, metadata) -> ShardedStateDict:
+    """dist_checkpointing's view of a module holding variant tensors (``module.variant_tensors``): each
+    sharded along its ``tp_dim`` (megatron's ``make_sharded_tensors_for_checkpoint``)."""
+    state_dict = module.state_dict(prefix="", keep_vars=True)
+    metadata = ensure_metadata_has_dp_cp_group(metadata)
+    return make_sharded_tensors_for_checkpoint(
+        state_dict, prefix, {local_name(t): t.tp_dim for t in module.variant_tensors}, sharded_offsets,
+        tp_group=module.tp_group, dp_cp_group=metadata["dp_cp_group"],
+    )

@@ -1,6 +1,6 @@
-"""``OutEffSelfAttention``: megatron's ``SelfAttention`` with an attention variant and a per-head gate.
+"""``OutEffSelfAttention``: megatron's ``SelfAttention`` with an attention variant and an output gate.
 
-A thin subclass used through the layer spec (``get_outeff_layer_spec``). It adds two things:
+A thin subclass used through the layer spec (``get_outeff_layer_spec``). It adds three things:
 
 1. The variant travels in the self-attention ModuleSpec's ``params`` (``variant``,
    ``seq_length``): megatron's per-module option mechanism. Because megatron's ``Attention``
@@ -11,6 +11,13 @@ A thin subclass used through the layer spec (``get_outeff_layer_spec``). It adds
    multiplied by g_h before linear_proj (passed as ``gate=`` to ``megatron_outeff.ops.outeff_attention``).
    ``OutEffHeadGate`` holds this rank's gate parameters and computes g; the forward opens
    ``core_attention.gate_scope(g)`` around megatron's unchanged forward.
+3. The elementwise gate (``gate='elementwise'``, megatron-core's ``attention_output_gate``: the config says
+   ``attention_output_gate=True``, so megatron's linear_qkv holds the gate rows, per query group after
+   the queries, and megatron splits them off in ``get_query_key_value_tensors``). This class takes the
+   gate's logits there, hands sigmoid(logits) [b, sq, heads, d] to the core attention (the ops'
+   elementwise gate, ``ops.gate.apply_output_gate``) and returns no gate to megatron's forward, whose own
+   multiply is then skipped: one multiply, numerically megatron's (fp32, rounded once). Its bias rows start
+   at logit(gate_init_prob) (``ops.variants.variant_tensors``); its weight rows are megatron's own draw.
 
 Tensor / sequence parallelism: a TP rank owns the gates of its own heads (parameters sharded
 along the head dim, ``tensor_model_parallel=True, partition_dim=0, partition_stride=1``) and reads
@@ -40,24 +47,24 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 
-from megatron_outeff.ops import gate_initial_value, gate_parameter_shapes, head_gate
+from megatron_outeff.ops import elementwise_gate, head_gate
+from megatron_outeff.ops.variants import GATE_FAMILIES, variant_tensor_owners
 
-from .core_attention import OutEffCoreAttention, check_variant_fits, init_sharded_parameter
+from .core_attention import (
+    OutEffCoreAttention, check_variant_fits, create_variant_parameters, layer_variant_tensors, local_name,
+    sharded_variant_state_dict,
+)
 from .variant import AttentionVariantConfig, from_megatron_softmax_type, resolve_variant
-
-# megatron checkpoint names of ops.gate parameters that differ (the mlp gate's output bias).
-_MEGATRON_GATE_NAMES = {"fc2_bias": "bias"}
 
 
 class OutEffHeadGate(MegatronModule):
     """Per-head attention gate for this TP rank's heads: hidden [s(/tp), b, d_model] -> g [b, s, heads/tp].
 
-    The gate's parameters, initial values and math are ``megatron_outeff.ops.gate`` (shapes there are
-    for all H heads; each rank stores rows [rank*H/tp, (rank+1)*H/tp)); weights use config.init_method
-    (megatron's weight init). Parameter names as there, except the mlp gate's ``fc2_bias``, which
-    megatron checkpoints call ``bias`` (as every other gate's output bias).
+    The gate's math is ``megatron_outeff.ops.gate``; its parameters (names, shapes for all H heads,
+    initial values, head split) are ``ops.variants.variant_tensors``' ``head_gate.*`` tensors: each rank
+    stores rows [rank*H/tp, (rank+1)*H/tp) (``create_variant_parameters``); weights use config.init_method
+    (megatron's weight init). The mlp gate's ``fc2_bias`` is ``bias`` here, as every gate's output bias.
     """
 
     def __init__(self, config: TransformerConfig, variant: AttentionVariantConfig, tp_group):
@@ -69,13 +76,7 @@ class OutEffHeadGate(MegatronModule):
         self.heads_per_partition = heads // tp_size
         self.d_head = d_head
         self.tp_rank = tp_rank
-        self._names = {}  # ops.gate name -> this module's parameter name
-        for name, shape in gate_parameter_shapes(self.kind, heads, d_head, config.hidden_size).items():
-            value = gate_initial_value(name, variant.gate_init_prob)
-            # Constants (the biases) are the same on every rank whatever the init path.
-            init = config.init_method if value is None else functools.partial(torch.nn.init.constant_, val=value)
-            self._names[name] = _MEGATRON_GATE_NAMES.get(name, name)
-            setattr(self, self._names[name], init_sharded_parameter(config, shape, init, tp_rank, tp_size, partition_dim=0))
+        self.variant_tensors = create_variant_parameters(self, "head_gate", variant, config, tp_rank, tp_size)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         if self.config.sequence_parallel:
@@ -85,19 +86,14 @@ class OutEffHeadGate(MegatronModule):
         if self.kind != "shared_linear":  # this rank's heads' slices of the input
             lo = self.tp_rank * self.heads_per_partition * self.d_head
             x = x[..., lo : lo + self.heads_per_partition * self.d_head]
-        params = {name: getattr(self, mine) for name, mine in self._names.items()}
+        params = {t.name: getattr(self, local_name(t)) for t in self.variant_tensors}
         return head_gate(x, self.kind, params).transpose(0, 1)  # [b, s, np], fp32
 
     def sharded_state_dict(
         self, prefix: str = "", sharded_offsets: Tuple[Tuple[int, int, int], ...] = (), metadata: Optional[dict] = None
     ) -> ShardedStateDict:
-        """Every gate tensor is sharded by head along dim 0."""
-        state_dict = self.state_dict(prefix="", keep_vars=True)
-        metadata = ensure_metadata_has_dp_cp_group(metadata)
-        return make_sharded_tensors_for_checkpoint(
-            state_dict, prefix, {name: 0 for name in state_dict}, sharded_offsets,
-            tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
-        )
+        """Every gate tensor is sharded by head along its ``tp_dim`` (dim 0)."""
+        return sharded_variant_state_dict(self, prefix, sharded_offsets, metadata)
 
 
 def _accepts_variant(builder) -> bool:
@@ -106,7 +102,7 @@ def _accepts_variant(builder) -> bool:
 
 
 class OutEffSelfAttention(SelfAttention):
-    """megatron ``SelfAttention`` + attention variant (spec params) + per-head input gate."""
+    """megatron ``SelfAttention`` + attention variant (spec params) + output gate (per head or elementwise)."""
 
     def __init__(
         self,
@@ -134,23 +130,52 @@ class OutEffSelfAttention(SelfAttention):
             raise ValueError(f"core_attention={name} cannot run the attention variant {variant.describe()!r}: use OutEffCoreAttention")
         super().__init__(config, submodules, layer_number, attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
         self.variant = variant
-        self.head_gate = OutEffHeadGate(config, variant, self.pg_collection.tp) if variant.gated else None
+        family = GATE_FAMILIES.get(variant.gate, "unknown")
+        if family not in (None, "head", "elementwise"):
+            raise ValueError(f"gate={variant.gate!r}: OutEffSelfAttention builds per-head and elementwise gates, not {family!r}")
+        self.head_gate = OutEffHeadGate(config, variant, self.pg_collection.tp) if family == "head" else None
+        self.elementwise_gate = family == "elementwise"
+        if self.elementwise_gate:
+            self._init_fused_gate_rows(layer_variant_tensors(variant, config))
         self._pending_gate: Optional[Tensor] = None
+
+    @torch.no_grad()
+    def _init_fused_gate_rows(self, tensors) -> None:
+        """The constant initial values of the gate's rows inside linear_qkv (its bias: logit(gate_init_prob));
+        megatron's rows per query group are [q (heads/group * d) | gate (heads/group * d) | k (d) | v (d)]."""
+        groups = self.num_query_groups_per_partition
+        rows = self.num_attention_heads_per_partition // groups * self.hidden_size_per_attention_head
+        for t in tensors:
+            if not t.fused_qkv or t.init is None or not self.config.perform_initialization:
+                continue
+            fused = self.linear_qkv.get_parameter(t.megatron.partition(".")[2])
+            fused.view(groups, -1, *fused.shape[1:])[:, rows : 2 * rows].fill_(t.init)
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor, *args, **kwargs):
         context = kwargs.get("inference_context", kwargs.get("inference_params", args[1] if len(args) > 1 else None))
         if context is not None and not context.is_static_batching():
             # megatron's dynamic-batching kernel (flash_decode_and_prefill) bypasses core_attention.
             raise ValueError("dynamic-batching inference bypasses the core attention: the attention variant would be lost; use static batching")
-        if self.head_gate is None:
+        if self.head_gate is None and not self.elementwise_gate:
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
-        gate = self.head_gate(hidden_states)  # [b, sq, heads_per_partition], from the layer input
-        self._pending_gate = gate
-        try:
-            with self.core_attention.gate_scope(gate):
+        if self.head_gate is not None:
+            self._pending_gate = self.head_gate(hidden_states)  # [b, sq, heads_per_partition], from the layer input
+        try:  # the elementwise gate is set by get_query_key_value_tensors, inside megatron's forward
+            with self.core_attention.gate_scope(lambda: self._pending_gate):
                 return super().forward(hidden_states, attention_mask, *args, **kwargs)
         finally:
             self._pending_gate = None
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True):
+        """megatron's split of linear_qkv's output; with the elementwise gate, its sigmoid goes to the core
+        attention ([b, sq, heads_per_partition, d], fp32) and megatron's forward gets no gate to apply."""
+        qkv = super().get_query_key_value_tensors(hidden_states, key_value_states, output_gate=output_gate,
+                                                  split_qkv=split_qkv)
+        if not output_gate:
+            return qkv
+        query, key, value, gate = qkv  # gate: logits [sq, b, np, hn]
+        self._pending_gate = elementwise_gate(gate).transpose(0, 1)
+        return query, key, value, None
 
     def _checkpointed_attention_forward(
         self, query, key, value, attention_mask, rotary_pos_emb=None, attn_mask_type=None,
@@ -183,30 +208,28 @@ def _mpu_tp_size() -> int:
 
 
 def check_state_dict_fits(model: torch.nn.Module, state_dict) -> None:
-    """One-line ValueError if ``state_dict`` has an offset / gate tensor that does not fit ``model``.
+    """One-line ValueError if ``state_dict`` has a variant tensor (``ops.variants.variant_tensors``: offset,
+    gate) that does not fit ``model``: another variant's, or of another shape.
 
     torch's ``load_state_dict`` copies module by module and reports shape mismatches only at the
     end, after the other weights were overwritten; this check looks at every outlier-efficient
     tensor first. ``install_state_dict_guard`` runs it automatically on ``model.load_state_dict``.
     """
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
-        if isinstance(module, OutEffCoreAttention):
-            key = prefix + "softmax_offset"
-            if module.softmax_offset is None:
-                if key in state_dict:
-                    raise ValueError(f"{key}: the checkpoint has a learnable offset but this layer is {module.variant.describe()!r}")
-                continue
-            tensors = {key: module.softmax_offset}
-        elif isinstance(module, OutEffHeadGate):
-            tensors = {prefix + n: p for n, p in module.named_parameters(recurse=False)}
-        else:
+    mine = dict(model.named_parameters())
+    variants = {name[: -len(".core_attention")]: m.variant for name, m in model.named_modules()
+                if isinstance(m, OutEffCoreAttention)}
+    owners = variant_tensor_owners("megatron")
+    for key, value in state_dict.items():
+        name = next((n for n in owners if key.endswith("." + n)), None)
+        if name is None:
             continue
-        for key, param in tensors.items():
-            if key in state_dict and tuple(state_dict[key].shape) != tuple(param.shape):
-                raise ValueError(
-                    f"{key}: checkpoint shape {tuple(state_dict[key].shape)} does not fit this model's {tuple(param.shape)}"
-                )
+        param = mine.get(key)
+        if param is None or getattr(param, "variant_tensor", None) is None:
+            layer = next((v.describe() for p, v in variants.items() if key.startswith(p + ".")), None)
+            raise ValueError(f"{key}: the checkpoint has a tensor of {' or '.join(owners[name])}"
+                             + (f" but this layer is {layer!r}" if layer else " but this model has none"))
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} does not fit this model's {tuple(param.shape)}")
 
 
 def install_state_dict_guard(model: torch.nn.Module) -> torch.nn.Module:

@@ -39,7 +39,8 @@ models.llama
                       pre_process=None, post_process=None, seq_length=None, **transformer_overrides) -> GPTModel
 models.hf_llama
     arch_from_hf_config(cfg), hf_config_dict(arch), load_hf_llama_dir(path), load_hf_llama_into_model(model, hf, arch)
-    hf_state_dict_to_megatron(hf_sd, arch, tp_rank, tp_size, pp_rank, pp_size, *, vocab_size=None, variant_extras=False)
-    megatron_to_hf_state_dict(rank_state_dicts, arch, *, strict=True, variant_extras=False)
-    fuse_qkv / unfuse_qkv (grouped-query layout), variant_tensor_names (the variant's tensors, HF <-> megatron)
+    hf_state_dict_to_megatron(hf_sd, arch, tp_rank, tp_size, pp_rank, pp_size, *, vocab_size=None, variant=None)
+    megatron_to_hf_state_dict(rank_state_dicts, arch, *, strict=True, variant=None)
+    llama_variant_tensors(arch, variant), variant_hf_shapes(arch, variant) (ops.variants.variant_tensors for Llama)
+    fuse_qkv / unfuse_qkv (grouped-query layout, the elementwise gate's rows)
 """

@@ -75,12 +75,14 @@ def check_arch_values(arch, *, positive_ints: Iterable[str], probabilities: Iter
             raise OutEffError(f"{arch.name}: {f}={getattr(arch, f)!r}: expected > 0")
 
 
-def megatron_transformer_config(arch_kwargs: dict, overrides: dict):
+def megatron_transformer_config(arch_kwargs: dict, overrides: dict, variant=None):
     """megatron-core's TransformerConfig from a family's architecture settings (``arch_kwargs``) plus what
     no family decides: the TP/PP layout of parallel_state, the dtype (``overrides['params_dtype']``,
-    default fp32), CPU initialisation without CUDA, and every fusion flag off (the fused kernels are
-    CUDA-only; callers on GPU may switch them on through ``overrides``). ``overrides`` must be
-    TransformerConfig fields."""
+    default fp32), CPU initialisation without CUDA, every fusion flag off (the fused kernels are
+    CUDA-only; callers on GPU may switch them on through ``overrides``) and what megatron sizes the
+    attention variant's parameters by (``megatron.variant.transformer_config_fields``:
+    ``attention_output_gate`` for the elementwise gate's rows in linear_qkv; the variant itself travels in
+    the layer spec). ``overrides`` must be TransformerConfig fields."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     overrides = dict(overrides)
@@ -97,6 +99,11 @@ def megatron_transformer_config(arch_kwargs: dict, overrides: dict):
         cross_entropy_loss_fusion=False,
         cuda_graph_scope=[],  # megatron's spelling of its default ("full" warns as deprecated)
     )
+    variant = as_variant(variant)
+    if variant is not None:
+        from megatron_outeff.megatron.variant import transformer_config_fields
+
+        kw.update(transformer_config_fields(variant))
     unknown = sorted(k for k in overrides if k not in {f.name for f in dataclasses.fields(TransformerConfig)})
     if unknown:
         raise OutEffError(f"transformer overrides {unknown}: not TransformerConfig fields")

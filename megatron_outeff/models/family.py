@@ -8,13 +8,15 @@ family up and call what its modules offer, the same functions for every family:
         ArchConfig, load_arch_config(name_or_path), load_parallel_hint(name_or_path), available_sizes(),
         check_parallel_layout(arch, tp, pp), padded_vocab_size(vocab, tp),
         transformer_config(arch, variant=None, **overrides), build_model(arch, variant=None, **kw),
-        TRANSFORMER_FIELDS_FROM_ARCH ({megatron TransformerConfig field: the arch field setting it or None})
+        TRANSFORMER_FIELDS_FROM_ARCH ({megatron TransformerConfig field: the arch field setting it or None}),
+        TRANSFORMER_FIELDS_UNSUPPORTED ({TransformerConfig field: why model.transformer_overrides refuses it})
     Hugging Face mapping (``family.hf``, e.g. models/hf_opt.py, models/hf_llama.py)
         HF_LAYER_PREFIX ('model.decoder.layers.' / 'model.layers.'), VOCAB_PARALLEL (see below),
+        variant_hf_shapes(arch, variant) (the variant's tensors, ops.variants.variant_tensors, by HF name),
         arch_from_hf_config(cfg), hf_config_dict(arch), hf_expected_shapes(arch), validate_hf_state_dict(sd, arch),
         split_variant_state(sd), check_same_architecture(got, expected, what),
-        hf_state_dict_to_megatron(sd, arch, tp_rank, tp, pp_rank, pp, *, vocab_size, variant_extras),
-        megatron_to_hf_state_dict(rank_state_dicts, arch, *, strict, variant_extras)
+        hf_state_dict_to_megatron(sd, arch, tp_rank, tp, pp_rank, pp, *, vocab_size, variant),
+        megatron_to_hf_state_dict(rank_state_dicts, arch, *, strict, variant)
 
 ``VOCAB_PARALLEL``: {megatron key of a vocabulary-parallel tensor: the megatron key whose full padded
 tensor it is cut from}; the LM head of a tied family (OPT) is cut from the word embedding.

@@ -20,8 +20,11 @@ per PP stage p of P):
   stage 0, the output layer and final norm on stage P-1.
 * RoPE has no weights (megatron's ``rotary_interleaved=False`` is transformers' ``rotate_half``:
   models/llama.py), so no q / k row permutation either way.
-* Attention-variant tensors (learnable ``softmax_offset``, per-head gate tensors) are sharded by query
-  head along dim 0 and named as for OPT under each family's layer prefix (``variant_tensor_names``).
+* Attention-variant tensors: exactly those of ``ops.variants.variant_tensors`` (``llama_variant_tensors``:
+  learnable ``softmax_offset``, per-head gate tensors, split by query head along their ``tp_dim``; the
+  elementwise gate's ``self_attn.gate_proj.weight`` rows fused into ``linear_qkv`` per key/value group
+  [its query heads | their gate rows | k | v], megatron-core's ``attention_output_gate`` layout), under
+  ``model.layers.N.self_attn.`` / ``decoder.layers.N.self_attention.``.
 
 Reads config.json + safetensors only (never pickles). Every check runs before any weight is touched.
 Errors: one-line ``OutEffError``.
@@ -34,12 +37,12 @@ from typing import Iterable, Mapping, Optional, Union
 
 import torch
 
-from megatron_outeff.errors import OutEffError
+from megatron_outeff.errors import OutEffError, with_context
 
 # Family-neutral helpers shared with the OPT mapping (state-dict plumbing, no OPT names).
 from .hf_opt import (  # noqa: F401  (re-exported: the family interface)
-    _as_grid, _chunk, _padded_embedding, check_hf_safetensors, gather_megatron_state_dicts, load_megatron_state_dict,
-    read_hf_safetensors,
+    VARIANT_PARAM_PATTERNS, _as_grid, _check_variant_state, _chunk, _padded_embedding, check_hf_safetensors,
+    gather_megatron_state_dicts, load_megatron_state_dict, read_hf_safetensors,
 )
 from .llama import LlamaArchConfig, check_parallel_layout, load_arch_config, padded_vocab_size
 
@@ -61,51 +64,54 @@ STRUCTURAL_FIELDS = (
 # Per layer: (HF name under model.layers.N., megatron name under decoder.layers.N.) of the RMSNorms.
 _LAYER_NORMS = (("input_layernorm.weight", "input_layernorm.weight"),
                 ("post_attention_layernorm.weight", "pre_mlp_layernorm.weight"))
-_HF_VARIANT_RE = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.(?:softmax_offset|gate\.\w+))$")
+HF_ATTENTION, MG_ATTENTION = "self_attn.", "self_attention."  # where a variant's tensors live (ops/variants.py)
+_HF_VARIANT_RE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(.+)$")
 
 
 # --------------------------------------------------------------------------------------------
-# The attention variant's tensors: the one place the Llama mapping names them.
+# The attention variant's tensors: ops.variants.variant_tensors, the one description (names inside the
+# attention module on both sides, shapes, TP split, fused linear_qkv rows); the Llama mapping iterates it.
 
 
-_OFFSET = ("self_attn.softmax_offset", "self_attention.core_attention.softmax_offset")  # (HF, megatron)
-_GATE = ("self_attn.gate.", "self_attention.head_gate.")
-_GATE_TENSORS = ("weight", "bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")  # ops/gate.py names
+def llama_variant_tensors(arch: LlamaArchConfig, variant) -> tuple:
+    """The tensors ``variant`` (an AttentionVariantConfig or a mapping of its fields) adds to each attention
+    layer of ``arch`` (``ops.variants.variant_tensors``): per query head, also under grouped-query attention;
+    the elementwise gate without a bias (Llama's projections have none). One-line OutEffError for a gate the
+    architecture cannot have."""
+    from megatron_outeff.ops.variants import AttentionVariantConfig, variant_tensors
+
+    try:
+        return variant_tensors(AttentionVariantConfig.from_dict(variant), num_heads=arch.num_attention_heads,
+                               head_dim=arch.head_dim, hidden_size=arch.hidden_size, qkv_bias=False)
+    except ValueError as e:
+        raise with_context(arch.name, e) from None
 
 
-def variant_tensor_names(names: Iterable[str], side: str = "hf") -> dict[str, str]:
-    """{HF name: megatron name} of one layer's attention-variant tensors given by their ``side`` ("hf" or
-    "megatron") names, all relative to the layer: ``self_attn.softmax_offset`` <->
-    ``self_attention.core_attention.softmax_offset``, ``self_attn.gate.X`` <-> ``self_attention.head_gate.X``
-    (X: ops/gate.py's names, except the mlp gate's ``fc2_bias``, which megatron calls ``bias``). Every one
-    is sharded by query head along dim 0. OutEffError for a name of no variant."""
-    names = list(names)
-    i = 0 if side == "hf" else 1
-    mlp = _GATE[i] + "fc1_weight" in names
-    out = {}
-    for name in names:
-        if name == _OFFSET[i]:
-            out[_OFFSET[0]] = _OFFSET[1]
-            continue
-        t = name[len(_GATE[i]):] if name.startswith(_GATE[i]) else None
-        hf_t = "fc2_bias" if (i == 1 and mlp and t == "bias") else t
-        if hf_t not in _GATE_TENSORS or (mlp and hf_t == "bias") or (i == 1 and t == "fc2_bias"):
-            raise OutEffError(f"{name}: not a tensor of any attention variant")
-        out[_GATE[0] + hf_t] = _GATE[1] + ("bias" if hf_t == "fc2_bias" else hf_t)
-    return out
+variant_tensors_of = llama_variant_tensors  # the family interface (models/family.py)
+
+
+def variant_hf_shapes(arch: LlamaArchConfig, variant) -> dict[str, tuple]:
+    """{Hugging Face name: full shape} of every variant tensor of every layer, in layer order."""
+    tensors = llama_variant_tensors(arch, variant)
+    return {f"{HF_LAYER_PREFIX}{i}.{HF_ATTENTION}{t.hf}": t.shape for i in range(arch.num_layers) for t in tensors}
 
 
 def split_variant_state(hf_sd: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
-    """(standard Llama tensors, attention-variant tensors) of a Hugging Face state dict."""
+    """(standard Llama tensors, attention-variant tensors) of a Hugging Face state dict: a variant tensor is any
+    name some variant gives a tensor inside ``self_attn`` (``ops.variants.variant_tensor_owners``)."""
+    from megatron_outeff.ops.variants import variant_tensor_owners
+
+    names = variant_tensor_owners("hf")
     plain, extra = {}, {}
     for k, v in hf_sd.items():
-        (extra if _HF_VARIANT_RE.match(k) else plain)[k] = v
+        m = _HF_VARIANT_RE.match(k)
+        (extra if m and m.group(2) in names else plain)[k] = v
     return plain, extra
 
 
-def _layer_variant_names(extras: Mapping, layer: int) -> dict[str, str]:
-    prefix = f"{HF_LAYER_PREFIX}{layer}."
-    return variant_tensor_names(k[len(prefix):] for k in extras if k.startswith(prefix))
+def _fused_gate(tensors):
+    """The variant's tensor fused into linear_qkv's weight (the elementwise gate's rows), or None."""
+    return next((t for t in tensors if t.fused_qkv and t.megatron == "linear_qkv.weight"), None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,21 +278,24 @@ def hf_state_dict_to_megatron(
     pp_size: int = 1,
     *,
     vocab_size: Optional[int] = None,
-    variant_extras: bool = False,
+    variant=None,
 ) -> dict[str, torch.Tensor]:
     """The state dict of one (tp_rank, pp_rank) megatron Llama model (``build_llama_model``) from a full
     Hugging Face LlamaForCausalLM state dict. ``vocab_size``: the megatron model's (padded) vocabulary,
-    default ``padded_vocab_size(arch.vocab_size, tp_size)``. ``variant_extras``: also map the
-    attention-variant tensors of ``hf_sd`` to this rank's heads (refused as unknown without it).
+    default ``padded_vocab_size(arch.vocab_size, tp_size)``. ``variant``: the attention variant whose tensors
+    ``hf_sd`` holds (exactly those of ``llama_variant_tensors`` for every layer), mapped to this rank's heads
+    (the elementwise gate's rows into linear_qkv); None: plain Llama, a variant tensor is refused as unknown.
     Returned tensors are fresh copies (load them with ``load_megatron_state_dict``)."""
     arch = load_arch_config(arch)
     check_parallel_layout(arch, tp_size, pp_size)
     if not (0 <= tp_rank < tp_size and 0 <= pp_rank < pp_size):
         raise OutEffError(f"tp_rank={tp_rank}/tp_size={tp_size}, pp_rank={pp_rank}/pp_size={pp_size}: expected 0 <= rank < size")
-    extras: dict = {}
-    if variant_extras:
+    extras, tensors = {}, ()
+    if variant is not None:
         hf_sd, extras = split_variant_state(hf_sd)
+        tensors = _check_variant_state(extras, arch, variant)
     validate_hf_state_dict(hf_sd, arch)
+    gate = _fused_gate(tensors)
     rows = padded_vocab_size(arch.vocab_size, tp_size) if vocab_size is None else vocab_size
     if rows < arch.vocab_size or rows % tp_size != 0:
         raise OutEffError(f"vocab_size={rows}: expected >= {arch.vocab_size} and divisible by tp_size={tp_size}")
@@ -301,22 +310,17 @@ def hf_state_dict_to_megatron(
     for local, g in enumerate(_stage_layers(arch, pp_rank, pp_size)):
         hp, mp = f"{HF_LAYER_PREFIX}{g}.", f"decoder.layers.{local}."
         q, k, v = (hf_sd[f"{hp}self_attn.{n}_proj.weight"] for n in "qkv")
-        out[mp + "self_attention.linear_qkv.weight"] = cut(fuse_qkv(q, k, v, H, G))
+        gate_rows = None if gate is None else extras[hp + HF_ATTENTION + gate.hf]
+        out[mp + "self_attention.linear_qkv.weight"] = cut(fuse_qkv(q, k, v, H, G, gate=gate_rows))
         out[mp + "self_attention.linear_proj.weight"] = cut(hf_sd[hp + "self_attn.o_proj.weight"], 1)
         out[mp + "mlp.linear_fc1.weight"] = torch.cat([cut(hf_sd[hp + "mlp.gate_proj.weight"]),
                                                        cut(hf_sd[hp + "mlp.up_proj.weight"])])
         out[mp + "mlp.linear_fc2.weight"] = cut(hf_sd[hp + "mlp.down_proj.weight"], 1)
         for hf_ln, mg_ln in _LAYER_NORMS:
             out[mp + mg_ln] = hf_sd[hp + hf_ln].clone()
-        for hf_name, mg_name in _layer_variant_names(extras, g).items():
-            t = extras[hp + hf_name]
-            if t.dim() == 0 or t.shape[0] != H:
-                raise OutEffError(f"{hp + hf_name}: shape {tuple(t.shape)}, expected {H} heads along dim 0")
-            out[mp + mg_name] = cut(t)
-    if extras:
-        last = max(int(_HF_VARIANT_RE.match(k).group(1)) for k in extras)
-        if last >= arch.num_layers:
-            raise OutEffError(f"attention-variant tensors for layer {last}, but {arch.name} has {arch.num_layers} layers")
+        for t in (t for t in tensors if not t.fused_qkv):  # this rank's heads of each variant tensor
+            full = extras[hp + HF_ATTENTION + t.hf]
+            out[mp + MG_ATTENTION + t.megatron] = full.clone() if t.tp_dim is None else cut(full, t.tp_dim)
     if pp_rank == pp_size - 1:
         out[MG_NORM] = hf_sd[HF_NORM].clone()
         out[MG_HEAD] = cut(_padded_embedding(hf_sd[HF_LM_HEAD], rows))
@@ -328,13 +332,14 @@ def hf_state_dict_to_megatron(
 
 
 def megatron_to_hf_state_dict(
-    rank_state_dicts, arch: Union[LlamaArchConfig, str], *, strict: bool = True, variant_extras: bool = False
+    rank_state_dicts, arch: Union[LlamaArchConfig, str], *, strict: bool = True, variant=None
 ) -> dict[str, torch.Tensor]:
     """The full Hugging Face LlamaForCausalLM state dict from every model-parallel rank's megatron state
     dict ({(tp_rank, pp_rank): sd} or a [pp][tp] list). ``strict``: refuse megatron tensors with no Hugging
     Face Llama counterpart (e.g. a variant's offsets or gates) instead of dropping them.
-    ``variant_extras``: map the attention-variant tensors too (TP shards concatenated by head) and append
-    them, in megatron_outeff.hf's names, after the Llama tensors."""
+    ``variant``: the attention variant of the ranks: its tensors (``llama_variant_tensors``; TP shards
+    concatenated along their ``tp_dim``, the elementwise gate's rows taken out of linear_qkv) are mapped
+    too and appended, in their Hugging Face names, after the Llama tensors."""
     arch = load_arch_config(arch)
     grid = _as_grid(rank_state_dicts)
     pp_size, tp_size = len(grid), len(grid[0])
@@ -356,6 +361,8 @@ def megatron_to_hf_state_dict(
         return take(p, 0, key).clone()
 
     H, G, V = arch.num_attention_heads, arch.query_groups, arch.vocab_size
+    tensors = () if variant is None else llama_variant_tensors(arch, variant)
+    gate = _fused_gate(tensors)
     hf: dict[str, torch.Tensor] = {}
     extras: dict[str, torch.Tensor] = {}
     for key, name, p in ((HF_EMBED, MG_EMBED, 0), (HF_LM_HEAD, MG_HEAD, pp_size - 1)):
@@ -368,7 +375,15 @@ def megatron_to_hf_state_dict(
     for p in range(pp_size):
         for local in range(per_stage):
             hp, mp = f"{HF_LAYER_PREFIX}{p * per_stage + local}.", f"decoder.layers.{local}."
-            q, k, v = unfuse_qkv(cat(p, mp + "self_attention.linear_qkv.weight"), H, G)
+            qkv = cat(p, mp + "self_attention.linear_qkv.weight")
+            rows = (H + 2 * G + (H if gate is not None else 0)) * arch.head_dim
+            if qkv.shape[0] != rows:  # e.g. the elementwise gate's rows, read without its variant
+                raise OutEffError(f"{mp}self_attention.linear_qkv.weight has {qkv.shape[0]} rows, expected {rows} for "
+                                  f"{arch.name} ({'with' if gate is not None else 'without'} the elementwise gate's rows)")
+            parts = unfuse_qkv(qkv, H, G, gate=gate is not None)
+            q, k, v = parts[0], parts[-2], parts[-1]
+            if gate is not None:
+                extras[hp + HF_ATTENTION + gate.hf] = parts[1]
             hf.update({hp + "self_attn.q_proj.weight": q, hp + "self_attn.k_proj.weight": k,
                        hp + "self_attn.v_proj.weight": v})
             hf[hp + "self_attn.o_proj.weight"] = cat(p, mp + "self_attention.linear_proj.weight", 1)
@@ -378,11 +393,9 @@ def megatron_to_hf_state_dict(
             hf[hp + "mlp.down_proj.weight"] = cat(p, mp + "mlp.linear_fc2.weight", 1)
             for hf_ln, mg_ln in _LAYER_NORMS:
                 hf[hp + hf_ln] = replicated(p, mp + mg_ln)
-            if variant_extras:
-                mg_rel = [k[len(mp):] for k in grid[p][0]
-                          if k.startswith(mp + _GATE[1]) or k == mp + _OFFSET[1]]
-                for hf_name, mg_name in variant_tensor_names(mg_rel, side="megatron").items():
-                    extras[hp + hf_name] = cat(p, mp + mg_name)
+            for t in (t for t in tensors if not t.fused_qkv):
+                key = mp + MG_ATTENTION + t.megatron
+                extras[hp + HF_ATTENTION + t.hf] = replicated(p, key) if t.tp_dim is None else cat(p, key, t.tp_dim)
     if strict:
         for p in range(pp_size):
             for t in range(tp_size):
@@ -418,7 +431,7 @@ def load_hf_llama_dir(path: Union[str, Path], expected_arch=None) -> tuple[Llama
 
 def load_hf_llama_into_model(model: torch.nn.Module, hf: Union[str, Path, Mapping[str, torch.Tensor]],
                              arch: Union[LlamaArchConfig, str], *,
-                             allow_missing: Iterable[str] = (r"\.head_gate\.", r"\.core_attention\.softmax_offset$")) -> None:
+                             allow_missing: Iterable[str] = VARIANT_PARAM_PATTERNS) -> None:
     """Load a Hugging Face Llama (directory or state dict) into this rank's ``build_llama_model`` model,
     using megatron's parallel_state for this rank's (TP, PP) position; the variant's own tensors keep
     their initialisation."""
@@ -433,9 +446,9 @@ def load_hf_llama_into_model(model: torch.nn.Module, hf: Union[str, Path, Mappin
 
 
 __all__ = [
-    "HF_CONFIG_KEYS", "HF_LAYER_PREFIX", "STRUCTURAL_FIELDS", "VOCAB_PARALLEL", "arch_from_hf_config",
+    "HF_CONFIG_KEYS", "HF_LAYER_PREFIX", "STRUCTURAL_FIELDS", "VOCAB_PARALLEL", "arch_from_hf_config", "llama_variant_tensors",
     "check_same_architecture", "fuse_qkv", "gather_megatron_state_dicts", "hf_config_dict", "hf_expected_shapes",
     "hf_state_dict_to_megatron", "load_hf_llama_dir", "load_hf_llama_into_model", "load_megatron_state_dict",
     "megatron_to_hf_state_dict", "read_hf_safetensors", "split_variant_state", "unfuse_qkv", "validate_hf_state_dict",
-    "variant_tensor_names",
+    "variant_hf_shapes", "variant_tensors_of",
 ]

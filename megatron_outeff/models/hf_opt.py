@@ -6,7 +6,9 @@ Layouts (H heads of width d, hidden h = H*d, per TP rank r of T, per PP stage p 
   attention, so one group per head and the rows are [q_0 k_0 v_0 | q_1 k_1 v_1 | ...], d rows
   each (megatron's SelfAttention views the output as [.., groups, (q_per_group + 2) * d] and
   splits it q | k | v). Rank r holds heads r*H/T .. (r+1)*H/T - 1: a contiguous row block.
-  Bias: same layout.
+  Bias: same layout. With the elementwise gate (``attention_output_gate``; the variant's ``fused_qkv``
+  tensors) each head's block is [q_h g_h k_h v_h]: the gate rows come from Hugging Face's
+  ``self_attn.gate_proj``.
 * ``linear_fc1`` (column parallel): row block of weight and bias.
 * ``linear_proj`` (= out_proj) and ``linear_fc2`` (row parallel): column block of the weight; the
   bias is NOT split: every rank holds the full bias and megatron adds it once, after the TP
@@ -39,7 +41,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
-from megatron_outeff.errors import OutEffError
+from megatron_outeff.errors import OutEffError, with_context
 from megatron_outeff.utils.atomic import atomic_output_dir
 
 from .opt import OPT_POSITION_OFFSET, OPTArchConfig, check_parallel_layout, load_arch_config, padded_vocab_size
@@ -73,30 +75,48 @@ HF_PROJECT_OUT, MG_PROJECT_OUT = HF_DECODER + "project_out.weight", "output_laye
 def _layer_norms(arch: OPTArchConfig) -> tuple:
     return _LAYER_NORMS if arch.do_layer_norm_before else _POST_LAYER_NORMS
 
-# Attention-variant tensors (megatron_outeff.megatron / megatron_outeff.hf naming), all sharded by
-# head along dim 0 across TP ranks and concatenated in Hugging Face layout:
-#   decoder.layers.N.self_attention.core_attention.softmax_offset [H/T] <-> ...layers.N.self_attn.softmax_offset [H]
-#   decoder.layers.N.self_attention.head_gate.X                         <-> ...layers.N.self_attn.gate.X
-# (X: weight, bias, fc1_weight, fc1_bias, fc2_weight; megatron's mlp-gate ``bias`` is HF's ``fc2_bias``).
-MG_OFFSET = "self_attention.core_attention.softmax_offset"
-MG_GATE = "self_attention.head_gate."
-HF_OFFSET = "self_attn.softmax_offset"
-HF_GATE = "self_attn.gate."
-_HF_VARIANT_RE = re.compile(r"^model\.decoder\.layers\.(\d+)\.self_attn\.(softmax_offset|gate\.\w+)$")
+# Attention-variant tensors: every tensor the variant adds (megatron_outeff.ops.variants.variant_tensors, the one
+# description: names inside the attention module, shape, TP split) lives at
+#   decoder.layers.N.self_attention.<megatron name> (this rank's heads) <-> model.decoder.layers.N.self_attn.<hf name>
+MG_ATTENTION = "self_attention."
+HF_ATTENTION = "self_attn."
+_HF_VARIANT_RE = re.compile(r"^model\.decoder\.layers\.(\d+)\.self_attn\.(.+)$")
+
+
+def opt_variant_tensors(arch: OPTArchConfig, variant) -> tuple:
+    """The tensors ``variant`` (an AttentionVariantConfig or a mapping of its fields) adds to each attention
+    layer of ``arch`` (``ops.variants.variant_tensors``). One-line OutEffError for a gate the architecture
+    cannot have."""
+    from megatron_outeff.ops.variants import AttentionVariantConfig, variant_tensors
+
+    try:
+        variant = AttentionVariantConfig.from_dict(variant)
+        return variant_tensors(variant, num_heads=arch.num_attention_heads, head_dim=arch.head_dim,
+                               hidden_size=arch.hidden_size)
+    except ValueError as e:
+        raise with_context(arch.name, e) from None
+
+
+variant_tensors_of = opt_variant_tensors  # the family interface (models/family.py)
+
+
+def variant_hf_shapes(arch: OPTArchConfig, variant) -> dict[str, tuple]:
+    """{Hugging Face name: full shape} of every variant tensor of every layer, in layer order."""
+    tensors = opt_variant_tensors(arch, variant)
+    return {f"{HF_DECODER}layers.{i}.{HF_ATTENTION}{t.hf}": t.shape for i in range(arch.num_layers) for t in tensors}
 
 
 def split_variant_state(hf_sd: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
-    """(standard OPT tensors, attention-variant tensors) of a Hugging Face state dict."""
+    """(standard OPT tensors, attention-variant tensors) of a Hugging Face state dict: a variant tensor is any
+    name some variant gives a tensor (``ops.variants.variant_tensor_owners``)."""
+    from megatron_outeff.ops.variants import variant_tensor_owners
+
+    names = variant_tensor_owners("hf")
     plain, extra = {}, {}
     for k, v in hf_sd.items():
-        (extra if _HF_VARIANT_RE.match(k) else plain)[k] = v
+        m = _HF_VARIANT_RE.match(k)
+        (extra if m and m.group(2) in names else plain)[k] = v
     return plain, extra
-
-
-def _gate_names(megatron_names) -> dict[str, str]:
-    """{megatron head_gate tensor name: HF gate tensor name} for one layer's gate."""
-    mlp = "fc1_weight" in megatron_names
-    return {n: ("fc2_bias" if mlp and n == "bias" else n) for n in megatron_names}
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,18 +240,24 @@ def _check_ranks(arch: OPTArchConfig, tp_rank: int, tp_size: int, pp_rank: int, 
         raise OutEffError(f"tp_rank={tp_rank}/tp_size={tp_size}, pp_rank={pp_rank}/pp_size={pp_size}: expected 0 <= rank < size")
 
 
-def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """[h(, h)] x3 -> megatron's per-head interleaved [q_0 k_0 v_0 | q_1 k_1 v_1 | ...] rows."""
-    d = q.shape[0] // heads
-    rest = q.shape[1:]
-    return torch.stack([t.reshape(heads, d, *rest) for t in (q, k, v)], dim=1).reshape(3 * heads * d, *rest)
+def _fuse_qkv(parts: Sequence[torch.Tensor], heads: int) -> torch.Tensor:
+    """[h(, h)] each of q(, gate), k, v -> megatron's per-head interleaved [q_0 (g_0) k_0 v_0 | q_1 ...] rows."""
+    d = parts[0].shape[0] // heads
+    rest = parts[0].shape[1:]
+    return torch.stack([t.reshape(heads, d, *rest) for t in parts], dim=1).reshape(len(parts) * heads * d, *rest)
 
 
-def _unfuse_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    d = qkv.shape[0] // (3 * heads)
+def _unfuse_qkv(qkv: torch.Tensor, heads: int, n_parts: int = 3) -> tuple[torch.Tensor, ...]:
+    """The inverse of ``_fuse_qkv``: ``n_parts`` tensors [h(, h)] (q, k, v; or q, gate, k, v)."""
+    d = qkv.shape[0] // (n_parts * heads)
     rest = qkv.shape[1:]
-    g = qkv.reshape(heads, 3, d, *rest)
-    return tuple(g[:, j].reshape(heads * d, *rest).contiguous() for j in range(3))
+    g = qkv.reshape(heads, n_parts, d, *rest)
+    return tuple(g[:, j].reshape(heads * d, *rest).contiguous() for j in range(n_parts))
+
+
+def _fused_gate(tensors, kind: str):
+    """The variant's tensor fused into linear_qkv.<kind> (the elementwise gate's rows), or None."""
+    return next((t for t in tensors if t.fused_qkv and t.megatron == f"linear_qkv.{kind}"), None)
 
 
 def _chunk(t: torch.Tensor, rank: int, size: int, dim: int = 0) -> torch.Tensor:
@@ -254,14 +280,14 @@ def hf_state_dict_to_megatron(
     pp_size: int = 1,
     *,
     vocab_size: Optional[int] = None,
-    variant_extras: bool = False,
+    variant=None,
 ) -> dict[str, torch.Tensor]:
     """The state dict of one (tp_rank, pp_rank) megatron OPT model (``build_opt_model``) from a full
     Hugging Face OPTForCausalLM state dict. ``vocab_size``: the megatron model's (padded) vocabulary,
     default ``padded_vocab_size(arch.vocab_size, tp_size)`` as in build_opt_model.
-    ``variant_extras``: also map the attention-variant tensors of ``hf_sd`` (learnable
-    ``self_attn.softmax_offset``, ``self_attn.gate.*``; see megatron_outeff/hf) to this rank's heads;
-    without it they are refused as unknown to OPT.
+    ``variant``: the attention variant (``AttentionVariantConfig``) whose tensors ``hf_sd`` holds, exactly
+    those of ``ops.variants.variant_tensors`` for every layer, mapped to this rank's heads; None: plain OPT,
+    any variant tensor is refused as unknown to OPT.
 
     Returned tensors are fresh copies in the checkpoint's dtype; load them with
     :func:`load_megatron_state_dict` (megatron's ``_extra_state`` entries carry no weights).
@@ -269,8 +295,10 @@ def hf_state_dict_to_megatron(
     arch = load_arch_config(arch)
     _check_ranks(arch, tp_rank, tp_size, pp_rank, pp_size)
     extras: dict = {}
-    if variant_extras:
+    tensors = ()
+    if variant is not None:
         hf_sd, extras = split_variant_state(hf_sd)
+        tensors = _check_variant_state(extras, arch, variant)
     validate_hf_state_dict(hf_sd, arch)
     vocab_rows = padded_vocab_size(arch.vocab_size, tp_size) if vocab_size is None else vocab_size
     if vocab_rows < arch.vocab_size or vocab_rows % tp_size != 0:
@@ -292,7 +320,9 @@ def hf_state_dict_to_megatron(
         hp, mp = f"{HF_DECODER}layers.{g}.", f"decoder.layers.{local}."
         for kind in ("weight", "bias"):
             q, k, v = (hf_sd[f"{hp}self_attn.{n}_proj.{kind}"] for n in "qkv")
-            out[f"{mp}self_attention.linear_qkv.{kind}"] = _chunk(_fuse_qkv(q, k, v, H), tp_rank, tp_size)
+            gate = _fused_gate(tensors, kind)  # megatron's rows per head: q (gate) k v
+            parts = (q, k, v) if gate is None else (q, extras[hp + HF_ATTENTION + gate.hf], k, v)
+            out[f"{mp}self_attention.linear_qkv.{kind}"] = _chunk(_fuse_qkv(parts, H), tp_rank, tp_size)
             out[f"{mp}mlp.linear_fc1.{kind}"] = _chunk(hf_sd[f"{hp}fc1.{kind}"], tp_rank, tp_size)
             for hf_ln, mg_ln in _layer_norms(arch):
                 out[f"{mp}{mg_ln}.{kind}"] = hf_sd[f"{hp}{hf_ln}.{kind}"].clone()
@@ -301,12 +331,9 @@ def hf_state_dict_to_megatron(
         # Row-parallel biases: the full bias on every rank (megatron adds it after the all-reduce).
         out[f"{mp}self_attention.linear_proj.bias"] = hf_sd[f"{hp}self_attn.out_proj.bias"].clone()
         out[f"{mp}mlp.linear_fc2.bias"] = hf_sd[f"{hp}fc2.bias"].clone()
-        if extras:
-            _variant_to_megatron(extras, g, hp, mp, out, H, tp_rank, tp_size)
-    if extras:
-        layers = sorted({int(_HF_VARIANT_RE.match(k).group(1)) for k in extras})
-        if layers[-1] >= arch.num_layers:
-            raise OutEffError(f"attention-variant tensors for layer {layers[-1]}, but {arch.name} has {arch.num_layers} layers")
+        for t in (t for t in tensors if not t.fused_qkv):  # this rank's heads of each variant tensor
+            full = extras[hp + HF_ATTENTION + t.hf]
+            out[mp + MG_ATTENTION + t.megatron] = full.clone() if t.tp_dim is None else _chunk(full, tp_rank, tp_size, t.tp_dim)
     if last:
         if arch.do_layer_norm_before:
             for kind in ("weight", "bias"):
@@ -319,25 +346,28 @@ def hf_state_dict_to_megatron(
     return out
 
 
-def _variant_to_megatron(extras: Mapping[str, torch.Tensor], layer: int, hp: str, mp: str, out: dict,
-                         heads: int, tp_rank: int, tp_size: int) -> None:
-    """This rank's heads of one layer's offset / gate tensors (HF names under ``hp``)."""
-    def shard(key: str) -> torch.Tensor:
-        t = extras[key]
-        if t.dim() == 0 or t.shape[0] != heads:
-            raise OutEffError(f"{key}: shape {tuple(t.shape)}, expected {heads} heads along dim 0")
-        return _chunk(t, tp_rank, tp_size)
+def _check_variant_state(extras: Mapping[str, torch.Tensor], arch, variant) -> tuple:
+    """The variant's tensor descriptions, after checking that ``extras`` holds exactly its tensors (names and
+    full shapes, every layer). One-line OutEffError naming the first unknown, missing or misshapen tensor.
+    Any model family (``arch``'s mapping, models/family.py: its ``variant_tensors_of`` and ``variant_hf_shapes``)."""
+    from megatron_outeff.models.family import family_of
+    from megatron_outeff.ops.variants import AttentionVariantConfig
 
-    if hp + HF_OFFSET in extras:
-        out[mp + MG_OFFSET] = shard(hp + HF_OFFSET)
-    gate = sorted(k[len(hp + HF_GATE):] for k in extras if k.startswith(hp + HF_GATE))
-    if gate:
-        mlp = "fc1_weight" in gate
-        for hf_name in gate:
-            mg_name = "bias" if mlp and hf_name == "fc2_bias" else hf_name
-            if (mlp and hf_name == "bias") or mg_name not in ("weight", "bias", "fc1_weight", "fc1_bias", "fc2_weight"):
-                raise OutEffError(f"{hp + HF_GATE + hf_name}: not a tensor of any gate kind")
-            out[mp + MG_GATE + mg_name] = shard(hp + HF_GATE + hf_name)
+    mapping = family_of(arch).hf
+    tensors = mapping.variant_tensors_of(arch, variant)
+    expected = mapping.variant_hf_shapes(arch, variant)
+    variant = AttentionVariantConfig.from_dict(variant)
+    unknown = [k for k in extras if k not in expected]
+    if unknown:
+        raise OutEffError(f"{unknown[0]}: not a tensor of the attention variant {variant.describe()!r} of {arch.name}, "
+                          f"whose layers hold {[HF_ATTENTION + t.hf for t in tensors]}")
+    missing = [k for k in expected if k not in extras]
+    if missing:
+        raise OutEffError(f"{len(missing)} tensor(s) of the attention variant {variant.describe()!r} missing, e.g. {missing[:3]}")
+    for k, shape in expected.items():
+        if tuple(extras[k].shape) != shape:
+            raise OutEffError(f"{k}: shape {tuple(extras[k].shape)}, expected {shape} for {arch.name}")
+    return tensors
 
 
 def load_megatron_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
@@ -385,7 +415,7 @@ def _as_grid(rank_state_dicts) -> list[list[dict]]:
 
 
 def megatron_to_hf_state_dict(
-    rank_state_dicts, arch: Union[OPTArchConfig, str], *, strict: bool = True, variant_extras: bool = False
+    rank_state_dicts, arch: Union[OPTArchConfig, str], *, strict: bool = True, variant=None
 ) -> dict[str, torch.Tensor]:
     """The full Hugging Face OPTForCausalLM state dict (``lm_head.weight`` included, tied to the
     embedding) from every model-parallel rank's megatron state dict.
@@ -394,8 +424,9 @@ def megatron_to_hf_state_dict(
     checkpoints read by a single-process tool or the result of :func:`gather_megatron_state_dicts`.
     strict: refuse megatron tensors with no Hugging Face OPT counterpart (e.g. a softmax variant's
     learnable offsets or gates), instead of dropping them.
-    variant_extras: map the attention-variant tensors too (learnable offsets, gates; TP shards
-    concatenated by head) and append them, in megatron_outeff.hf's names, after the OPT tensors.
+    variant: the attention variant (``AttentionVariantConfig``) of the ranks: its tensors
+    (``ops.variants.variant_tensors``: learnable offsets, gates; TP shards concatenated along their
+    ``tp_dim``) are mapped too and appended, in their Hugging Face names, after the OPT tensors.
     """
     arch = load_arch_config(arch)
     grid = _as_grid(rank_state_dicts)
@@ -419,6 +450,7 @@ def megatron_to_hf_state_dict(
         return take(p, 0, key).clone()
 
     H, V = arch.num_attention_heads, arch.vocab_size
+    tensors = () if variant is None else opt_variant_tensors(arch, variant)
     hf: dict[str, torch.Tensor] = {}
     extras: dict[str, torch.Tensor] = {}
     embed = cat(0, "embedding.word_embeddings.weight", 0)
@@ -439,7 +471,11 @@ def megatron_to_hf_state_dict(
         for local in range(per_stage):
             hp, mp = f"{HF_DECODER}layers.{p * per_stage + local}.", f"decoder.layers.{local}."
             for kind in ("weight", "bias"):
-                q, k, v = _unfuse_qkv(cat(p, f"{mp}self_attention.linear_qkv.{kind}", 0), H)
+                gate = _fused_gate(tensors, kind)
+                parts = _unfuse_qkv(cat(p, f"{mp}self_attention.linear_qkv.{kind}", 0), H, 3 if gate is None else 4)
+                if gate is not None:
+                    extras[hp + HF_ATTENTION + gate.hf] = parts[1]
+                q, k, v = parts[0], parts[-2], parts[-1]
                 hf[f"{hp}self_attn.q_proj.{kind}"] = q
                 hf[f"{hp}self_attn.k_proj.{kind}"] = k
                 hf[f"{hp}self_attn.v_proj.{kind}"] = v
@@ -451,12 +487,9 @@ def megatron_to_hf_state_dict(
                 hf[f"{hp}fc1.{kind}"] = cat(p, f"{mp}mlp.linear_fc1.{kind}", 0)
             hf[f"{hp}fc2.weight"] = cat(p, f"{mp}mlp.linear_fc2.weight", 1)
             hf[f"{hp}fc2.bias"] = replicated(p, f"{mp}mlp.linear_fc2.bias")
-            if variant_extras:
-                if mp + MG_OFFSET in grid[p][0]:
-                    extras[hp + HF_OFFSET] = cat(p, mp + MG_OFFSET, 0)
-                gate = [k[len(mp + MG_GATE):] for k in grid[p][0] if k.startswith(mp + MG_GATE)]
-                for mg_name, hf_name in _gate_names(gate).items():
-                    extras[hp + HF_GATE + hf_name] = cat(p, mp + MG_GATE + mg_name, 0)
+            for t in (t for t in tensors if not t.fused_qkv):
+                key = mp + MG_ATTENTION + t.megatron
+                extras[hp + HF_ATTENTION + t.hf] = replicated(p, key) if t.tp_dim is None else cat(p, key, t.tp_dim)
     if arch.do_layer_norm_before:
         for kind in ("weight", "bias"):
             hf[f"{HF_DECODER}final_layer_norm.{kind}"] = replicated(pp_size - 1, f"decoder.final_layernorm.{kind}")
@@ -607,9 +640,15 @@ def save_hf_opt_dir(path: Union[str, Path], arch: Union[OPTArchConfig, str], sta
 # --------------------------------------------------------------------------------------------
 # Conveniences on a live (distributed) megatron model.
 
-# Parameters of megatron_outeff's attention variants that Hugging Face OPT has no counterpart for:
-# after an import they keep their initialisation (gates open to gate_init_prob, offsets at init).
-VARIANT_PARAM_PATTERNS = (r"\.head_gate\.", r"\.core_attention\.softmax_offset$")
+def _variant_param_patterns() -> tuple:
+    from megatron_outeff.ops.variants import variant_tensor_owners
+
+    return tuple(r"\." + re.escape(MG_ATTENTION + name) + "$" for name in variant_tensor_owners("megatron"))
+
+
+# Parameters of megatron_outeff's attention variants that Hugging Face OPT has no counterpart for
+# (``ops.variants.variant_tensors``): after an import they keep their initialisation.
+VARIANT_PARAM_PATTERNS = _variant_param_patterns()
 
 
 def load_hf_opt_into_model(model: torch.nn.Module, hf: Union[str, Path, Mapping[str, torch.Tensor]],

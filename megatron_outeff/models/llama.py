@@ -158,11 +158,21 @@ TRANSFORMER_FIELDS_FROM_ARCH = {
 }
 
 
+# TransformerConfig fields the Llama family does not support through overrides (the training config refuses
+# them with the reason; models/opt.py has OPT's): layer structures the Llama layer spec does not build.
+# num_query_groups is the architecture's (TRANSFORMER_FIELDS_FROM_ARCH: model.arch_overrides.num_query_groups).
+TRANSFORMER_FIELDS_UNSUPPORTED = {
+    key: "selects a layer structure the Llama family's layer spec does not build, so megatron would silently ignore it"
+    for key in ("num_moe_experts", "moe_layer_freq", "multi_latent_attention", "experimental_attention_variant",
+                "qk_layernorm", "mtp_num_layers", "heterogeneous_block_specs")
+}
+
+
 def llama_transformer_config(arch: Union[LlamaArchConfig, str], variant=None, **overrides):
     """megatron-core TransformerConfig for a Llama architecture.
 
-    As ``opt_transformer_config``: the attention variant travels in the layer spec (``variant`` changes
-    nothing here), TP/PP sizes come from megatron's parallel_state (1/1 if not initialised), every
+    As ``opt_transformer_config``: the attention variant travels in the layer spec (``variant`` sets only
+    what megatron sizes its parameters by: ``attention_output_gate`` for the elementwise gate), TP/PP sizes come from megatron's parallel_state (1/1 if not initialised), every
     CUDA-only fusion is off (callers on GPU may switch them on through ``overrides``).
     """
     from megatron.core.utils import init_method_normal
@@ -178,7 +188,7 @@ def llama_transformer_config(arch: Union[LlamaArchConfig, str], variant=None, **
     )
     if not arch.scaled_output_layer_init:
         kw["output_layer_init_method"] = init_method_normal(arch.init_method_std)
-    return megatron_transformer_config(kw, overrides)
+    return megatron_transformer_config(kw, overrides, variant)
 
 
 def llama_block_spec(config, variant=None, *, seq_length: Optional[int] = None):
@@ -254,7 +264,7 @@ transformer_config = llama_transformer_config
 build_model = build_llama_model
 
 __all__ = [
-    "ArchConfig", "LlamaArchConfig", "TRANSFORMER_FIELDS_FROM_ARCH", "available_sizes", "build_llama_model",
+    "ArchConfig", "LlamaArchConfig", "TRANSFORMER_FIELDS_FROM_ARCH", "TRANSFORMER_FIELDS_UNSUPPORTED", "available_sizes", "build_llama_model",
     "build_model", "check_parallel_layout", "llama_block_spec", "llama_transformer_config", "load_arch_config",
     "load_parallel_hint", "padded_vocab_size", "transformer_config",
 ]

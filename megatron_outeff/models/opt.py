@@ -226,12 +226,27 @@ TRANSFORMER_FIELDS_FROM_ARCH = {
 }
 
 
+# TransformerConfig fields the OPT family does not support through overrides, with the reason: each would change
+# the parameter set (in a way OPT's converter and Hugging Face export cannot represent), or it selects a layer
+# structure the OPT layer spec does not build (megatron would ignore it silently). The training config refuses them.
+_NOT_BUILT = "selects a layer structure the OPT family's layer spec does not build, so megatron would silently ignore it"
+TRANSFORMER_FIELDS_UNSUPPORTED = {
+    "num_query_groups": "grouped-query attention changes linear_qkv's shape; OPT is multi-head attention (one "
+                        "key/value head per query head), which its converter and Hugging Face export assume: not "
+                        "supported for the OPT family",
+    "num_moe_experts": _NOT_BUILT, "moe_layer_freq": _NOT_BUILT, "multi_latent_attention": _NOT_BUILT,
+    "experimental_attention_variant": _NOT_BUILT, "qk_layernorm": _NOT_BUILT, "mtp_num_layers": _NOT_BUILT,
+    "heterogeneous_block_specs": _NOT_BUILT,
+}
+
+
 def opt_transformer_config(arch: Union[OPTArchConfig, str], variant=None, **overrides):
     """megatron-core TransformerConfig for an OPT architecture (and an attention variant).
 
-    ``variant`` is accepted for symmetry with build_opt_model but changes nothing here: the attention
-    variant travels in the layer spec's params (megatron_outeff.megatron.layer_spec), so one config
-    serves every variant and megatron's own ``softmax_type`` stays 'vanilla'.
+    The attention variant travels in the layer spec's params (megatron_outeff.megatron.layer_spec) and
+    megatron's own ``softmax_type`` stays 'vanilla'; the config carries only what megatron sizes its
+    parameters by (``megatron.variant.transformer_config_fields``: ``attention_output_gate`` for the
+    elementwise gate's rows in linear_qkv).
     TP/PP sizes come from megatron's parallel_state (1/1 if it is not initialised). Every fusion
     flag is off: the fused kernels are CUDA-only (and bias-activation fusion has no ReLU kernel);
     callers on GPU may switch them on through ``overrides``.
@@ -251,7 +266,7 @@ def opt_transformer_config(arch: Union[OPTArchConfig, str], variant=None, **over
     )
     if not arch.scaled_output_layer_init:
         kw["output_layer_init_method"] = init_method_normal(arch.init_method_std)
-    return megatron_transformer_config(kw, overrides)
+    return megatron_transformer_config(kw, overrides, variant)
 
 
 class OPTLayerNorm(torch.nn.LayerNorm):

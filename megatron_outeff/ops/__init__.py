@@ -5,12 +5,16 @@ Public API:
     outeff_attention_probs(q, k, *, softmax, n, offset, causal, key_padding_mask, mask, scale)   # monitoring
     outeff_softmax_reference(scores, *, scale, sink, mask, clip)   # plain PyTorch row softmax
     AttentionVariantConfig, SOFTMAX_VARIANTS, GATE_VARIANTS, resolve_sink, Clip   (variants.py)
-    gate_parameter_shapes, gate_initial_value, head_gate                             (gate.py)
+    VariantTensor, variant_tensors   (variants.py: every tensor a variant adds, its names, shape, init, TP split, decay)
+    gate_parameter_names, head_gate, elementwise_gate, apply_output_gate              (gate.py)
 """
 from .attention import outeff_attention, outeff_attention_probs, triton_runs_on
-from .gate import gate_initial_value, gate_parameter_shapes, head_gate
+from .gate import apply_output_gate, elementwise_gate, gate_parameter_names, head_gate
 from .reference import causal_mask, outeff_attention_reference, outeff_softmax_reference
-from .variants import GATE_VARIANTS, IMPLEMENTATIONS, SOFTMAX_VARIANTS, AttentionVariantConfig, Clip, resolve_sink
+from .variants import (
+    GATE_VARIANTS, IMPLEMENTATIONS, SOFTMAX_VARIANTS, AttentionVariantConfig, Clip, VariantTensor, resolve_sink,
+    variant_tensors,
+)
 
 __all__ = [
     "outeff_attention",
@@ -25,7 +29,10 @@ __all__ = [
     "SOFTMAX_VARIANTS",
     "GATE_VARIANTS",
     "IMPLEMENTATIONS",
-    "gate_initial_value",
-    "gate_parameter_shapes",
+    "VariantTensor",
+    "variant_tensors",
+    "gate_parameter_names",
     "head_gate",
+    "elementwise_gate",
+    "apply_output_gate",
 ]

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from .cpu_attention import cpu_outeff_attention, cpu_unsupported_reason
+from .gate import apply_output_gate
 from .reference import (
     attention_scores, build_mask, compute_dtype, expand_kv_heads, outeff_attention_reference, outeff_softmax_reference,
 )
@@ -46,7 +47,9 @@ def outeff_attention(
     softmax: "vanilla" | "softmax1" | "softmax_n" (uses ``n``, the n of softmax_n) | "learnable"
     (uses ``offset`` [heads]); the variants' math: ``megatron_outeff.ops.variants``.
     clip: None or (gamma, zeta): probabilities become clip((zeta - gamma) * p + gamma, 0, 1).
-    gate: None or [batch, sq, heads] in (0, 1), multiplying each head's output after P @ V.
+    gate: None, or values in (0, 1) multiplying the output after P @ V: [batch, sq, heads] (per-head gate,
+    fused into the kernels that fuse it) or [batch, sq, heads, d] (elementwise gate: every impl runs
+    ungated, then one multiply, ``gate.apply_output_gate``).
     causal: bottom-right aligned causal mask. key_padding_mask: bool [batch, sk], True = real token.
     mask: any dense bool mask broadcastable to [batch, heads, sq, sk] (each dim its size or 1), True =
     masked out (megatron-core's convention); combined with causal and key_padding_mask.
@@ -62,6 +65,10 @@ def outeff_attention(
     cannot serve the arguments).
     """
     _, sq, sk, h, _, scale = validate_attention_args(q, k, v, gate, key_padding_mask, scale, dropout_p, impl, mask)
+    if gate is not None and gate.dim() == 4:  # elementwise: a post-multiply, the same for every impl
+        out = outeff_attention(q, k, v, softmax=softmax, n=n, offset=offset, clip=clip, causal=causal,
+                               key_padding_mask=key_padding_mask, mask=mask, scale=scale, dropout_p=dropout_p, impl=impl)
+        return apply_output_gate(out, gate)
     sink = resolve_sink(softmax, n, offset, h, q.device)
     clip = Clip.parse(clip)
 

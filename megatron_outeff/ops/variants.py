@@ -17,12 +17,19 @@ normaliser, never the output direction (``resolve_sink`` turns a variant into a_
 Optional clipping (Bondarenko et al. 2023) maps each probability through
 clip((zeta - gamma) * p + gamma, 0, 1) with gamma <= 0 and zeta >= 1 (``Clip``).
 
-Optional per-head gate (Bondarenko et al. 2023): ``megatron_outeff.ops.gate``.
+Optional output gate, one of two families (papers, math and how they map: ``megatron_outeff.ops.gate``):
+per head (Bondarenko et al. 2023: ``linear``, ``mlp``, ``shared_linear``) or per head and channel
+(``elementwise``: Qiu et al. 2025, megatron-core's ``attention_output_gate``, Qwen3-Next's gate).
 
 ``AttentionVariantConfig`` names one choice of all three. Its fields are the variant's names
 everywhere: the training config's ``attention`` section, the checkpoint manifest's ``attention``,
 the Hugging Face config.json (flat keys) and the converter's ``--variant``. The translation to and
-from megatron-core's ``softmax_type`` is ``megatron_outeff.megatron.variant``.
+from megatron-core's ``softmax_type`` / ``attention_output_gate`` is ``megatron_outeff.megatron.variant``.
+
+``variant_tensors`` is the one description of every tensor a variant adds to an attention layer
+(name, shape, initial value, megatron and Hugging Face names, tensor-parallel split, weight decay):
+megatron's layer, the Hugging Face remote code, the converter, the checkpoint format and the
+optimizer's parameter roles iterate it instead of naming tensors.
 """
 from __future__ import annotations
 
@@ -36,10 +43,27 @@ from typing import Any, Callable, Literal, Mapping, Optional, Tuple
 import torch
 
 SoftmaxType = Literal["vanilla", "softmax1", "softmax_n", "learnable"]
-GateType = Literal["none", "linear", "mlp", "shared_linear"]
+GateType = Literal["none", "linear", "mlp", "shared_linear", "elementwise"]
 SOFTMAX_VARIANTS: Tuple[str, ...] = typing.get_args(SoftmaxType)
 GATE_VARIANTS: Tuple[str, ...] = typing.get_args(GateType)
 IMPLEMENTATIONS = ("auto", "torch", "cpu", "triton", "rowwise")
+
+# The per-head sink logit a_h of each softmax variant (module docstring): a constant (None: no sink, plain
+# softmax), a function of the variant's n, or "offset": the learnable per-head tensor. Every softmax name
+# has an entry (tests/megatron/test_variant_vocabulary.py); ``resolve_sink`` reads it.
+SINK_LOGITS: Mapping[str, Any] = {
+    "vanilla": None,
+    "softmax1": 0.0,
+    "softmax_n": lambda n: None if n == 0 else math.log(n),  # softmax_0 is vanilla softmax
+    "learnable": "offset",
+}
+# The family of each gate kind (``megatron_outeff.ops.gate``): None (no gate), "head" (one value per head,
+# ``gate.head_gate`` of the layer input) or "elementwise" (one value per head and channel, from rows fused
+# into the QKV projection). Every gate name has an entry; megatron's layer and the Hugging Face remote code
+# build a gate by its family.
+GATE_FAMILIES: Mapping[str, Optional[str]] = {
+    "none": None, "linear": "head", "mlp": "head", "shared_linear": "head", "elementwise": "elementwise",
+}
 
 # Field names of files written before 2026-11-30, still read: checkpoint manifests said "n".
 LEGACY_FIELD_NAMES = {"n": "softmax_n"}
@@ -111,8 +135,10 @@ class AttentionVariantConfig:
     clip_zeta       clipped softmax upper stretch (>= 1)
     clip_alpha      the paper's OPT form instead of clip_gamma: gamma = -alpha / T, zeta = 1, T the
                     training sequence length (known only when a model is built: ``clip_pair(seq_length)``)
-    gate            none | linear | mlp | shared_linear (``megatron_outeff.ops.gate``)
-    gate_init_prob  every gate's value at initialisation, sigmoid(bias) (in (0, 1))
+    gate            none | linear | mlp | shared_linear (per head) | elementwise (per head and channel)
+                    (``megatron_outeff.ops.gate``)
+    gate_init_prob  every gate's value at initialisation, sigmoid(bias) (in (0, 1)); for the elementwise
+                    gate its bias's (the gate is sigmoid(x W + b), W drawn like every weight)
 
     Numbers are stored as floats. Errors: one-line ValueError naming the field, the bad value and
     what was expected.
@@ -221,9 +247,8 @@ class AttentionVariantConfig:
 
     @property
     def plain_softmax(self) -> bool:
-        """Plain softmax attention: vanilla (or softmax_n with n = 0), no clip, no gate."""
-        vanilla = self.softmax == "vanilla" or (self.softmax == "softmax_n" and self.softmax_n == 0.0)
-        return vanilla and not self.clipped and not self.gated
+        """Plain softmax attention: no sink (vanilla, or softmax_n with n = 0), no clip, no gate."""
+        return sink_logit(self.softmax, self.softmax_n) is None and not self.clipped and not self.gated
 
     def softmax_args(self) -> dict:
         """The softmax arguments of ``outeff_attention`` / ``resolve_sink`` for this variant (the
@@ -269,6 +294,155 @@ class AttentionVariantConfig:
         return " ".join(parts)
 
 
+# --------------------------------------------------------------------------------------------------
+# The tensors a variant adds
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VariantTensor:
+    """One tensor a variant adds to an attention layer, for all H heads of the layer.
+
+    name       its name in the variant's math: the learnable offset's "softmax_offset"; a per-head gate's
+               parameter name in ``ops.gate.head_gate`` ("weight", "bias", "fc1_weight", ..., "fc2_bias");
+               the elementwise gate's "weight" / "bias" (its Linear, x W^T + b)
+    shape      the full shape (every head), from the model's dims
+    init       the constant a freshly initialised tensor holds, or None: drawn by the model's weight init
+               (N(0, init_method_std)), like every other weight
+    megatron   its name inside megatron-core's ``SelfAttention`` module (the layer's ``self_attention.``):
+               "core_attention.softmax_offset" (megatron-core's own name), "head_gate.<name>"; a fused
+               tensor names the megatron tensor holding its rows ("linear_qkv.weight")
+    hf         its name inside the Hugging Face attention module (the layer's ``self_attn.``):
+               "softmax_offset", "gate.<name>", "gate_proj.weight"
+    tp_dim     the dim split by head across tensor-parallel ranks (rank r of T holds heads
+               [r H/T, (r+1) H/T)): 0 for every tensor here; None would be replicated
+    decay      whether the optimizer decays it (weights: yes; biases and the offset: no, as megatron-core)
+    fused_qkv  rows of megatron's fused ``linear_qkv`` instead of a parameter of their own: per query group
+               right after the group's query rows (megatron-core 0.16.1's ``attention_output_gate`` layout
+               [q | gate | k | v] per group, d_head rows per head); megatron's own rule then applies to
+               them (``decay`` says the same)
+
+    Family-independent: names are relative to the attention module; a model family's mapping adds its
+    layer prefix (OPT: ``decoder.layers.{i}.self_attention.`` / ``model.decoder.layers.{i}.self_attn.``).
+    """
+
+    name: str
+    shape: Tuple[int, ...]
+    init: Optional[float]
+    megatron: str
+    hf: str
+    tp_dim: Optional[int]
+    decay: bool
+    fused_qkv: bool = False
+
+    def initial_tensor(self, std: float, generator: Optional[torch.Generator] = None,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A freshly initialised full tensor: ``init`` everywhere, or N(0, std) drawn from ``generator``."""
+        if self.init is None:
+            return torch.randn(self.shape, generator=generator, dtype=dtype) * std
+        return torch.full(self.shape, self.init, dtype=dtype)
+
+
+def logit(p: float) -> float:
+    """log(p / (1 - p)): the bias whose sigmoid is p (a gate opening to p)."""
+    return math.log(p / (1.0 - p))
+
+
+def variant_tensors(variant: "AttentionVariantConfig", *, num_heads: int, head_dim: int, hidden_size: int,
+                    qkv_bias: bool = True) -> Tuple[VariantTensor, ...]:
+    """Every tensor ``variant`` adds to one attention layer of H = ``num_heads`` heads of width
+    d = ``head_dim`` reading a ``hidden_size``-wide input, in creation order (``VariantTensor``).
+    ``qkv_bias``: the model's QKV projection has a bias (OPT), so the elementwise gate has one too (its
+    rows share megatron's linear_qkv bias); without one (Llama) the gate is sigmoid(x W^T), Qiu et al.'s form.
+
+        learnable        softmax_offset [H], init 0
+        linear           weight [H, d], bias [H]                     g_h = sigmoid(w_h . x_h + b_h)
+        shared_linear    weight [H, hidden], bias [H]                g = sigmoid(W x + b)
+        mlp              fc1_weight [H, r, d], fc1_bias [H, r] (init 0), fc2_weight [H, r], fc2_bias [H];
+                         r = d // 4 (megatron names the output bias ``head_gate.bias``, as the others')
+        elementwise      weight [H*d, hidden], bias [H*d] (if qkv_bias): megatron's linear_qkv rows,
+                         Hugging Face's ``gate_proj`` Linear; g = sigmoid(x W^T + b) per head and channel
+
+    Initial values, one per tensor (the same when training from scratch, when importing a Hugging Face
+    OPT that lacks the tensor, and in the Hugging Face remote code's own init):
+    * weights (init None): the model's weight init, N(0, init_method_std), like the layer's other weights;
+    * a gate's output bias: logit(gate_init_prob), so every gate opens to gate_init_prob (Bondarenko et
+      al.'s OPT scripts use 0.25, the default); for the elementwise gate, gate_init_prob 0.5 (bias 0) is
+      megatron-core's own ``attention_output_gate`` initialisation (linear_qkv's bias starts at zero);
+    * the mlp gate's hidden bias: 0;
+    * the learnable offset: 0, i.e. a run starts as Softmax_1 (OutEffHop) and learns from there. Not
+      megatron-core's N(0, init_method_std) draw: at OPT's std of 0.006 it only adds noise to that start,
+      and a constant needs no random stream, so every TP layout, ``from-hf`` and Hugging Face's own init
+      give the same value without a seed.
+
+    Errors (one-line ValueError): the gate's shape rules: linear / mlp read head h's d-wide slice of the
+    input (hidden_size == H * d); mlp needs d >= 4 (r >= 1).
+    """
+    H, d = int(num_heads), int(head_dim)
+    out = []
+    if variant.learnable_offset:
+        out.append(VariantTensor("softmax_offset", (H,), 0.0, "core_attention.softmax_offset", "softmax_offset",
+                                 tp_dim=0, decay=False))
+    kind = variant.gate
+    if kind == "none":
+        return tuple(out)
+    bias = logit(variant.gate_init_prob)
+    if GATE_FAMILIES.get(kind) == "elementwise":
+        out.append(VariantTensor("weight", (H * d, hidden_size), None, "linear_qkv.weight", "gate_proj.weight",
+                                 tp_dim=0, decay=True, fused_qkv=True))
+        if qkv_bias:
+            out.append(VariantTensor("bias", (H * d,), bias, "linear_qkv.bias", "gate_proj.bias",
+                                     tp_dim=0, decay=False, fused_qkv=True))
+        return tuple(out)
+    if kind in ("linear", "mlp") and d * H != hidden_size:
+        raise ValueError(
+            f"gate={kind!r} reads head h's d_head-wide slice of the input, which needs hidden_size "
+            f"({hidden_size}) == num_attention_heads * head_dim ({H} * {d}); use gate='shared_linear'"
+        )
+    if kind == "shared_linear":
+        shapes = {"weight": ((H, hidden_size), None), "bias": ((H,), bias)}
+    elif kind == "linear":
+        shapes = {"weight": ((H, d), None), "bias": ((H,), bias)}
+    elif kind == "mlp":
+        if d < 4:
+            raise ValueError(f"gate='mlp' with head_dim={d}: the hidden width head_dim // 4 would be 0 (needs head_dim >= 4)")
+        r = d // 4
+        shapes = {"fc1_weight": ((H, r, d), None), "fc1_bias": ((H, r), 0.0), "fc2_weight": ((H, r), None),
+                  "fc2_bias": ((H,), bias)}
+    else:
+        raise ValueError(f"gate={kind!r}: its tensors are not described (variants.variant_tensors)")
+    for name, (shape, init) in shapes.items():
+        megatron = "head_gate." + ("bias" if name == "fc2_bias" else name)
+        out.append(VariantTensor(name, shape, init, megatron, "gate." + name, tp_dim=0, decay=init is None))
+    return tuple(out)
+
+
+def variant_tensor_owners(side: str) -> dict:
+    """{name: the variant choices that add it, e.g. ("softmax='learnable'",) or ("gate='linear'",
+    "gate='shared_linear'")} for every name (``side``: "hf" or "megatron", relative to the attention module)
+    that some variant of the vocabulary gives a tensor of its own: how a reader tells a variant's tensors
+    from a model family's own, and says whose a stray one is. megatron's fused linear_qkv rows are the
+    family's tensor, not listed on the megatron side."""
+    if side not in ("hf", "megatron"):
+        raise ValueError(f"side={side!r}: expected 'hf' or 'megatron'")
+    owners: dict = {}
+    choices = [("softmax", s) for s in SOFTMAX_VARIANTS] + [("gate", g) for g in GATE_VARIANTS]
+    for field_name, value in choices:
+        variant = AttentionVariantConfig(**{field_name: value})
+        for t in variant_tensors(variant, num_heads=1, head_dim=4, hidden_size=4):
+            if not (side == "megatron" and t.fused_qkv):
+                owners.setdefault(getattr(t, side), []).append(f"{field_name}={value!r}")
+    return {name: tuple(v) for name, v in owners.items()}
+
+
+def find_variant_tensor(tensors, side: str, name: str) -> VariantTensor:
+    """The tensor of ``tensors`` (a ``variant_tensors`` result) whose ``side`` name ("name", "hf" or
+    "megatron") is ``name``; a one-line ValueError naming it and the known names otherwise."""
+    for t in tensors:
+        if getattr(t, side) == name:
+            return t
+    raise ValueError(f"{name!r}: not a tensor of this attention variant, expected one of "
+                     f"{[getattr(t, side) for t in tensors]}")
+
+
 def resolve_sink(
     softmax: str,
     n: float,
@@ -282,8 +456,8 @@ def resolve_sink(
     least fp32 (a differentiable cast, so gradients flow to ``offset``; an fp64 offset stays fp64
     for gradcheck).
     """
-    check_choice("softmax", softmax, SOFTMAX_VARIANTS)
-    if softmax == "learnable":
+    value = sink_logit(softmax, n)
+    if value == "offset":
         if offset is None:
             raise ValueError("offset=None: softmax='learnable' needs an offset tensor of shape [heads]")
         if not isinstance(offset, torch.Tensor) or offset.shape != (num_heads,):
@@ -294,16 +468,19 @@ def resolve_sink(
         return offset.to(torch.promote_types(offset.dtype, torch.float32))
     if offset is not None:
         raise ValueError(f"offset given with softmax={softmax!r}: an offset is only used with softmax='learnable'")
-    if softmax == "vanilla":
+    if value is None:
         return None
-    if softmax == "softmax1":
-        value = 0.0
-    else:  # softmax_n
-        n = _softmax_n(n)
-        if n == 0:
-            return None  # softmax_0 is vanilla softmax
-        value = math.log(n)
     return torch.full((num_heads,), value, dtype=torch.float32, device=device)
+
+
+def sink_logit(softmax: str, n: float = 1.0):
+    """The sink logit a_h of a softmax variant (``SINK_LOGITS``): a float, None (no sink) or "offset" (the
+    learnable per-head tensor). One-line ValueError for an unknown name or a bad n."""
+    check_choice("softmax", softmax, SOFTMAX_VARIANTS)
+    if softmax not in SINK_LOGITS:
+        raise ValueError(f"softmax={softmax!r}: no sink logit defined for it (variants.SINK_LOGITS)")
+    rule = SINK_LOGITS[softmax]
+    return rule(_softmax_n(n)) if callable(rule) else rule
 
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -354,7 +531,8 @@ def validate_attention_args(q, k, v, gate, key_padding_mask, scale, dropout_p, i
         raise ValueError(f"kv heads {h_kv}: expected a divisor of the {h} query heads")
     if gate is not None:
         _check_tensor("gate", gate, q.device, lambda t: t.is_floating_point(), "a floating dtype with values in (0, 1)",
-                      lambda s: s == (b, sq, h), f"({b}, {sq}, {h}) = [batch, sq, heads]")
+                      lambda s: s in ((b, sq, h), (b, sq, h, d)),
+                      f"({b}, {sq}, {h}) = [batch, sq, heads] (per head) or ({b}, {sq}, {h}, {d}) (elementwise)")
     if key_padding_mask is not None:
         _check_tensor("key_padding_mask", key_padding_mask, q.device, lambda t: t.dtype == torch.bool,
                       "torch.bool, True for real tokens", lambda s: s == (b, sk), f"({b}, {sk}) = [batch, sk]")

@@ -8,6 +8,8 @@ several sections (gradient accumulation, the DeepSpeed JSON) are computed here, 
 """
 from __future__ import annotations
 
+import collections.abc
+import contextlib
 import dataclasses
 import enum
 import hashlib
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 import yaml
 
 from megatron_outeff.errors import OutEffError, with_context
@@ -32,7 +35,7 @@ class ModelConfig:
     # the family, models/family.py, follows from the name's prefix or the YAML's family: key)
     arch: str = "tiny"
     # The family's ArchConfig fields (OPTArchConfig, LlamaArchConfig): the keys of a model YAML's arch: section,
-    # e.g. {vocab_size: 256, hidden_dropout: 0.0}; checked at load against them (training/model.py arch_config).
+    # e.g. {vocab_size: 256, hidden_dropout: 0.0}; checked at load against them (arch_config below).
     arch_overrides: dict = field(default_factory=dict)
     vocab_size: Optional[int] = None  # embedding rows; None: the arch's vocabulary padded for TP
     # Further megatron TransformerConfig fields under megatron's names, e.g. {apply_query_key_layer_scaling: true};
@@ -254,7 +257,7 @@ def _content_hash(path) -> str:
 # --------------------------------------------------------------------------------------------------
 def validate(cfg: Config) -> None:
     """Every key, checked when the config is loaded (before anything is built or written), without a
-    process group: the sections here, the model and attention keys in model.check_model. World-size
+    process group: the sections here, the model and attention keys in check_model. World-size
     checks live in grad_accumulation_steps() and deepspeed_config()."""
     p, o, s, pr, t = cfg.parallel, cfg.optimizer, cfg.schedule, cfg.precision, cfg.train
     if p.zero_stage not in (0, 1, 2, 3):
@@ -315,9 +318,7 @@ def validate(cfg: Config) -> None:
         if value < least:
             raise OutEffError(f"{where}={value}: must be >= {least}")
     _read_deepspeed_overrides(cfg)
-    from .model import check_model  # arch, overrides, attention variant, megatron TransformerConfig
-
-    check_model(cfg)
+    check_model(cfg)  # arch, overrides, attention variant, megatron TransformerConfig
 
 
 def _check_validation_split(cfg: Config) -> None:
@@ -545,3 +546,158 @@ def _merge_owned_checked(base: dict, extra: dict, where: str) -> None:
             )
         else:
             base[key] = value
+
+
+# --------------------------------------------------------------------------------------------------
+# The model section: architecture, attention variant, megatron's TransformerConfig (checked at load;
+# training/model.py builds the model from them)
+# --------------------------------------------------------------------------------------------------
+# TransformerConfig fields the training config sets through its own keys (model.transformer_overrides
+# refuses them, naming the key).
+TRANSFORMER_FIELDS_OWNED = {
+    "fp16": "precision.dtype", "bf16": "precision.dtype", "params_dtype": "precision.dtype",
+    "pipeline_dtype": "precision.dtype", "sequence_parallel": "parallel.sequence_parallel",
+    "tensor_model_parallel_size": "parallel.tensor_parallel", "pipeline_model_parallel_size": "parallel.pipeline_parallel",
+    "recompute_granularity": "model.recompute_granularity", "recompute_method": "model.recompute_method",
+    "recompute_num_layers": "model.recompute_num_layers", "softmax_type": "attention",
+}
+# TransformerConfig fields refused with a reason naming the supported way: each changes the parameter set, which
+# layers a pipeline stage holds, or the function the checkpoint's weights compute, in a way the checkpoint format,
+# the converter, resharding, resume on another layout and the Hugging Face export do not handle (megatron README
+# "Overrides"). The model family adds its own (models.opt / models.llama TRANSFORMER_FIELDS_UNSUPPORTED).
+_PIPELINE_SPLIT = ("moves layers between pipeline stages, while the checkpoint format (model files, resharding, "
+                   "resume on another layout) gives every stage num_layers / parallel.pipeline_parallel layers and "
+                   "has no virtual stages: use parallel.pipeline_parallel")
+TRANSFORMER_FIELDS_REFUSED = {
+    "attention_output_gate": "adds the elementwise output gate's rows to linear_qkv outside the attention variant, "
+                             "so the converter, export and resume would not know them: use attention.gate: elementwise "
+                             "(the same parameterization, converted, resharded, resumed and exported)",
+    "softmax_scale": "changes the attention's scale, which neither the checkpoint's manifest nor the Hugging Face "
+                     "export records (both compute 1/sqrt(head_dim)), so a converted model would compute another "
+                     "function: not supported",
+    **{key: _PIPELINE_SPLIT for key in (
+        "num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage", "pipeline_model_parallel_layout",
+        "account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split",
+        "virtual_pipeline_model_parallel_size")},
+}
+
+
+def arch_config(cfg: Config):
+    """The architecture config (its family's ArchConfig: OPTArchConfig, LlamaArchConfig; models/family.py) of
+    model.arch with model.arch_overrides applied (checked against that class's fields and types: the keys of
+    a model YAML's arch: section)."""
+    from megatron_outeff.models.family import family_for_arch
+
+    try:
+        family = family_for_arch(cfg.model.arch)
+        arch = family.arch.load_arch_config(cfg.model.arch)
+    except (OutEffError, OSError) as e:
+        raise with_context(f"model.arch={cfg.model.arch!r}", e) from None
+    overrides = typed_fields(family.arch.ArchConfig, cfg.model.arch_overrides, "model.arch_overrides")
+    try:
+        arch = dataclasses.replace(arch, **overrides)
+    except OutEffError as e:  # the ArchConfig's value checks name the arch, not the config key
+        raise with_context("model.arch_overrides", e) from None
+    if cfg.data.seq_length > arch.max_position_embeddings:
+        raise OutEffError(
+            f"data.seq_length={cfg.data.seq_length} exceeds max_position_embeddings={arch.max_position_embeddings}"
+        )
+    return arch
+
+
+def attention_variant(cfg: Config):
+    """cfg.attention: the typed AttentionVariantConfig (parsed and validated when the config loaded)."""
+    return cfg.attention
+
+
+def check_model(cfg: Config) -> None:
+    """Every model-defining key checked when the config is loaded, before anything is built or written:
+    model.arch and model.arch_overrides (the family's ArchConfig fields), the attention variant (with
+    data.seq_length for the clip_alpha form), the TP/PP layout, model.vocab_size, and megatron's
+    TransformerConfig built from the arch and model.transformer_overrides (its own field names and
+    checks). Builds no module. Raises OutEffError naming the bad key."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_outeff.models.family import family_of
+
+    arch = arch_config(cfg)
+    family = family_of(arch)
+    variant = attention_variant(cfg)  # raises its own "attention: ..." OutEffError
+    try:
+        variant.clip_pair(cfg.data.seq_length)
+    except ValueError as e:
+        raise OutEffError(f"attention: {e}") from None
+    tp, pp = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
+    try:
+        family.arch.check_parallel_layout(arch, tp, pp)
+    except OutEffError as e:
+        raise with_context("model", e) from None
+    vocab = cfg.model.vocab_size
+    if vocab is not None and (vocab < arch.vocab_size or vocab % tp):
+        raise OutEffError(f"model.vocab_size={vocab}: expected >= the arch's {arch.vocab_size} and divisible by "
+                          f"tensor_parallel={tp}")
+    overrides = transformer_overrides(cfg)  # our own checks: complete one-line errors, passed on unchanged
+    try:
+        family.arch.transformer_config(arch, variant, **overrides)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise with_context("model.transformer_overrides: megatron's TransformerConfig refuses them", e) from None
+
+
+def check_transformer_overrides(overrides: dict, family=None) -> dict:
+    """model.transformer_overrides checked against megatron's TransformerConfig: its field names, the types a
+    YAML value can have (bool, int, float, str, Literal choices, Enum member names; a Python object such as
+    a callable or a torch.dtype cannot come from YAML), no field another key owns, and none that makes a
+    model the checkpoint format, converter or export cannot handle (``TRANSFORMER_FIELDS_REFUSED``, the
+    family's ``TRANSFORMER_FIELDS_UNSUPPORTED``; one line with the supported way). Returns the converted mapping.
+    ``family``: model.arch's (models/family.py; default OPT), whose architecture owns some fields."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_outeff.models.family import DEFAULT_FAMILY, get_family
+
+    family = family or get_family(DEFAULT_FAMILY)
+    from_arch, unsupported = family.arch.TRANSFORMER_FIELDS_FROM_ARCH, family.arch.TRANSFORMER_FIELDS_UNSUPPORTED
+    where = "model.transformer_overrides"
+    for key in overrides:
+        if key in TRANSFORMER_FIELDS_OWNED:
+            raise OutEffError(f"{where}.{key}: set by {TRANSFORMER_FIELDS_OWNED[key]}, not here")
+        reason = TRANSFORMER_FIELDS_REFUSED.get(key) or unsupported.get(key)
+        if reason:
+            raise OutEffError(f"{where}.{key}: {reason}")
+        if key in from_arch:
+            arch_key = from_arch[key]
+            raise OutEffError(f"{where}.{key}: " + (f"set by the architecture: use model.arch_overrides.{arch_key}"
+                              if arch_key else f"fixed by the {family.label} architecture"))
+    checked = typed_fields(TransformerConfig, overrides, where)
+    hints = typing.get_type_hints(TransformerConfig)
+    for key, value in checked.items():
+        if _python_object(hints[key]):
+            raise OutEffError(f"{where}.{key}={value!r}: megatron expects a Python object ({hints[key]}), "
+                              "which a config value cannot be")
+    return checked
+
+
+def _python_object(hint) -> bool:
+    """A TransformerConfig field type that no YAML value has (a callable, a torch.dtype, a context manager)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return all(a is torch.dtype or typing.get_origin(a) in (collections.abc.Callable, contextlib.AbstractContextManager)
+               or a in (collections.abc.Callable, typing.Callable) for a in args)
+
+
+def transformer_overrides(cfg: Config) -> dict:
+    """TransformerConfig fields set by the training config (on top of the arch's): model.transformer_overrides
+    (checked, converted) and what precision and model.recompute_* ask for."""
+    from megatron_outeff.models.family import family_for_arch
+
+    over = check_transformer_overrides(cfg.model.transformer_overrides, family_for_arch(cfg.model.arch))
+    # Identical initial weights for every TP layout: TP shards are exact slices of the full matrices.
+    over.setdefault("use_cpu_initialization", True)
+    over["fp16"] = cfg.precision.dtype == "fp16"
+    over["bf16"] = cfg.precision.dtype == "bf16"
+    if cfg.precision.dtype != "fp32":
+        over["pipeline_dtype"] = torch.float16 if cfg.precision.dtype == "fp16" else torch.bfloat16
+    if cfg.model.recompute_granularity:
+        over["recompute_granularity"] = cfg.model.recompute_granularity
+        if cfg.model.recompute_granularity == "full":
+            over["recompute_method"] = cfg.model.recompute_method or "uniform"
+            over["recompute_num_layers"] = cfg.model.recompute_num_layers or 1
+    return over

@@ -246,9 +246,9 @@ def _rank_state(directory: Path, weights: str, model) -> dict[str, torch.Tensor]
         t, p = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         if (manifest["tp"], manifest["pp"], manifest["padded_vocab_size"]) == (tp, pp, model.vocab_size):
             return states[(t, p)]
-        arch, _ = manifest_arch_variant(manifest, str(directory))
-        hf, padded = merge_ranks(states, arch)
-        return split_rank(hf, padded, arch, t, tp, p, pp, model.vocab_size)
+        arch, variant = manifest_arch_variant(manifest, str(directory))
+        hf, padded = merge_ranks(states, arch, variant)  # per tensor, the variant's included (ops.variants.variant_tensors)
+        return split_rank(hf, padded, arch, variant, t, tp, p, pp, model.vocab_size)
     except OutEffError as e:
         raise with_context("resuming on another layout", e) from None
 

@@ -36,7 +36,11 @@ def decay_role(param_name: str, param: torch.Tensor, module: torch.nn.Module) ->
     - "vector": any other 1-D parameter (the learnable ``softmax_offset``, ...);
     - "matrix": everything else (linear weights, embeddings, per-head gate weights).
     megatron-core's rule (megatron/core/optimizer: no decay for ``*.bias`` and 1-D parameters) by role,
-    extended to biases that are not 1-D."""
+    extended to biases that are not 1-D. A variant's tensor (offset, gate) says itself whether it is
+    decayed (``param.variant_tensor``, ``ops.variants.variant_tensors``): "matrix" if so, else "bias" / "vector"."""
+    described = getattr(param, "variant_tensor", None)
+    if described is not None:
+        return "matrix" if described.decay else ("bias" if described.name.endswith("bias") else "vector")
     if param_name == "bias" or param_name.endswith("_bias"):
         return "bias"
     if param.dim() <= 1:

@@ -73,40 +73,51 @@ def test_saved_rotary_buffers_of_older_conversions_are_ignored(tmp_path):
     _assert_same(load_file(str(back / "model.safetensors")), original)
 
 
-def test_remote_code_round_trip_and_contradicting_variant(tmp_path):
+@pytest.mark.parametrize("gate, tensor", [("linear", "gate.weight"), ("elementwise", "gate_proj.weight")])
+def test_remote_code_round_trip_and_contradicting_variant(tmp_path, gate, tensor):
     _random_hf_llama(tmp_path / "llama")
-    ck = from_hf(tmp_path / "llama", tmp_path / "ck", tp=2, pp=1, variant='{"softmax": "softmax1", "gate": "linear"}')
+    ck = from_hf(tmp_path / "llama", tmp_path / "ck", tp=2, pp=1, variant=f'{{"softmax": "softmax1", "gate": "{gate}"}}')
     hf1 = to_hf(ck, tmp_path / "hf1")
     cfg = json.loads((hf1 / "config.json").read_text())
-    assert cfg["model_type"] == "outeff_llama" and cfg["softmax"] == "softmax1" and cfg["gate"] == "linear"
+    assert cfg["model_type"] == "outeff_llama" and cfg["softmax"] == "softmax1" and cfg["gate"] == gate
     ck2 = from_hf(hf1, tmp_path / "ck2", tp=1, pp=2)  # the variant comes from config.json
-    assert json.loads((resolve_model_dir(ck2) / MANIFEST).read_text())["attention"]["gate"] == "linear"
+    assert json.loads((resolve_model_dir(ck2) / MANIFEST).read_text())["attention"]["gate"] == gate
     hf2 = to_hf(ck2, tmp_path / "hf2")
     a, b = load_file(str(hf1 / "model.safetensors")), load_file(str(hf2 / "model.safetensors"))
-    assert "model.layers.1.self_attn.gate.weight" in a
+    assert f"model.layers.1.self_attn.{tensor}" in a
     _assert_same(a, b)
     with pytest.raises(OutEffError, match="contradicts"):
         from_hf(hf1, tmp_path / "ck3", variant="learnable")
     assert not (tmp_path / "ck3").exists()
 
 
-@pytest.mark.parametrize("gate", ["linear", "mlp", "shared_linear"])
+@pytest.mark.parametrize("gate", ["linear", "mlp", "shared_linear", "elementwise"])
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
 def test_variant_tensors_round_trip_at_any_layout(gate, tp, pp):
     torch.manual_seed(0)
-    shapes = {**hf_expected_shapes(ARCH), **variant_hf_shapes(ARCH, AttentionVariantConfig(softmax="learnable", gate=gate))}
+    variant = AttentionVariantConfig(softmax="learnable", gate=gate)
+    shapes = {**hf_expected_shapes(ARCH), **variant_hf_shapes(ARCH, variant)}
     assert all(k.startswith(("model.", "lm_head")) for k in shapes)
     hf = {k: torch.randn(s) for k, s in shapes.items()}
-    ranks = {(t, p): hf_state_dict_to_megatron(hf, ARCH, t, tp, p, pp, variant_extras=True) for t in range(tp) for p in range(pp)}
+    ranks = {(t, p): hf_state_dict_to_megatron(hf, ARCH, t, tp, p, pp, variant=variant) for t in range(tp) for p in range(pp)}
     sd, heads, local = ranks[(tp - 1, pp - 1)], 4 // tp, ARCH.num_layers // pp - 1
-    off = hf[f"model.layers.{ARCH.num_layers - 1}.self_attn.softmax_offset"]
-    assert torch.equal(sd[f"decoder.layers.{local}.self_attention.core_attention.softmax_offset"], off[-heads:])
-    bias = "fc2_bias" if gate == "mlp" else "bias"
-    assert torch.equal(sd[f"decoder.layers.{local}.self_attention.head_gate.bias"],
-                       hf[f"model.layers.{ARCH.num_layers - 1}.self_attn.gate.{bias}"][-heads:])
-    _assert_same(megatron_to_hf_state_dict(ranks, ARCH, variant_extras=True), hf)
-    with pytest.raises(OutEffError, match="without a Hugging Face Llama counterpart"):
-        megatron_to_hf_state_dict(ranks, ARCH)  # strict, no variant_extras: refused
+    hp, mp = f"model.layers.{ARCH.num_layers - 1}.self_attn.", f"decoder.layers.{local}.self_attention."
+    assert torch.equal(sd[mp + "core_attention.softmax_offset"], hf[hp + "softmax_offset"][-heads:])
+    if gate == "elementwise":  # the last group's rows: [its 2 query heads, their gate rows, k, v] (no bias: Llama)
+        d = ARCH.head_dim
+        block = sd[mp + "linear_qkv.weight"].view(-1, 6, d, 64)[-1]
+        assert torch.equal(block[2:4].reshape(-1, 64), hf[hp + "gate_proj.weight"][-2 * d:])
+        assert hp + "gate_proj.bias" not in hf
+    else:
+        bias = "fc2_bias" if gate == "mlp" else "bias"
+        assert torch.equal(sd[mp + "head_gate.bias"], hf[hp + f"gate.{bias}"][-heads:])
+    _assert_same(megatron_to_hf_state_dict(ranks, ARCH, variant=variant), hf)
+    # without the variant: its tensors refused (strict), or linear_qkv's gate rows not taken for a plain Llama's
+    with pytest.raises(OutEffError, match="linear_qkv.weight has 192 rows, expected 128" if gate == "elementwise" else
+                       "without a Hugging Face Llama counterpart"):
+        megatron_to_hf_state_dict(ranks, ARCH)
+    with pytest.raises(OutEffError, match="missing|not a tensor of the attention variant"):
+        hf_state_dict_to_megatron(hf, ARCH, 0, tp, 0, pp, variant=AttentionVariantConfig(gate="linear" if gate != "linear" else "mlp"))
 
 
 def test_swiglu_and_gqa_layout_per_rank():

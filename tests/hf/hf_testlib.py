@@ -34,7 +34,7 @@ def random_weights(fields: dict, seed: int = 0, opt_kwargs: dict = TINY):
             v = 0.5 * torch.randn(t.shape, generator=g)
         else:
             v = 0.2 * torch.randn(t.shape, generator=g)
-        (extra if ("softmax_offset" in k or ".gate." in k) else opt)[k] = v
+        (extra if ("softmax_offset" in k or ".gate." in k or ".gate_proj." in k) else opt)[k] = v
     return opt, extra
 
 
@@ -89,6 +89,8 @@ def oracle_logits(sd: dict, fields: dict, ids: torch.Tensor, attention_mask: tor
             offset=sd.get(f"{p}.self_attn.softmax_offset") if softmax == "learnable" else None,
             clip=clip, gate=gate, causal=True, key_padding_mask=attention_mask.bool(), impl="torch",
         )
+        if kind == "elementwise":  # Qiu et al.: o * sigmoid(x W^T + b), per head and channel, here in plain torch
+            o = o * torch.sigmoid(linear(h, sd, f"{p}.self_attn.gate_proj")).view(b, s, H, d)
         x = x + linear(o.reshape(b, s, D), sd, f"{p}.self_attn.out_proj")
         if not pre_ln:
             x = layer_norm(x, sd, f"{p}.self_attn_layer_norm")

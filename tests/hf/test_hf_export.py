@@ -34,11 +34,14 @@ VARIANTS = {
     "gated_mlp": {"softmax": "vanilla", "gate": "mlp"},
     "gated_shared_linear": {"softmax": "vanilla", "gate": "shared_linear"},
     "gated_softmax1": {"softmax": "softmax1", "gate": "linear"},
+    "gated_elementwise": {"softmax": "vanilla", "gate": "elementwise"},
+    "gated_elementwise_learnable_clipped": {"softmax": "learnable", "gate": "elementwise", "clip_gamma": -0.03,
+                                            "clip_zeta": 1.0},
 }
 
 # OPT-350m's shape in miniature: post-LayerNorm, 32-wide embeddings projected to the 64-wide model.
 TINY_350M = dict(TINY, do_layer_norm_before=False, word_embed_proj_dim=32)
-VARIANTS_350M = ("vanilla", "softmax1", "learnable", "clipped", "gated_linear")
+VARIANTS_350M = ("vanilla", "softmax1", "learnable", "clipped", "gated_linear", "gated_elementwise")
 
 
 @pytest.fixture(scope="module")
@@ -194,8 +197,9 @@ def test_quant_points_placed_and_identity(tiny_inputs):
     assert seen[attn.pv_quant][0] == (b, 4, s, 16)
 
 
-def test_kv_cache_decoding_matches_full_forward():
-    fields = resolve_variant({"softmax": "learnable", "gate": "mlp", "clip_gamma": -0.03, "clip_zeta": 1.0})
+@pytest.mark.parametrize("gate", ["mlp", "elementwise"])
+def test_kv_cache_decoding_matches_full_forward(gate):
+    fields = resolve_variant({"softmax": "learnable", "gate": gate, "clip_gamma": -0.03, "clip_zeta": 1.0})
     opt_sd, extra = random_weights(fields, seed=3)
     # Structural (cached keys/values must give the same logits): float64, so the bound is ~1e-12 on
     # any machine while a wrong cache position or mask is off by O(1).
@@ -318,3 +322,69 @@ def test_config_holds_the_variant_under_its_field_names(tmp_path):
                            (dict(clip_alpha=12), "needs the training sequence length"),
                            (dict(hidden_size=8, gate="mlp"), "head_dim=2")):
         _one_line_error(lambda: OutEffOPTConfig(**{**TINY, **kwargs}), needle)
+
+
+def test_elementwise_gate_equals_transformers_qwen3_next_gated_attention():
+    """The elementwise gate against transformers' own gated attention: Qwen3-Next's attention (q_proj's rows per
+    head are [query | gate], output * sigmoid(gate), Qiu et al.'s G1 gate), float64, with its per-head q / k
+    RMSNorms replaced by identities and rotary embeddings at angle 0 (cos 1, sin 0), so that it is plain
+    multi-head attention with that gate; ours (vanilla softmax, gate='elementwise') gets the same weights:
+    q_proj / gate_proj are the two halves of its fused q_proj (q pre-scaled in OPT; the scale is the same)."""
+    from transformers.models.qwen3_next.configuration_qwen3_next import Qwen3NextConfig
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextAttention
+
+    H, d, D, b, s = 4, 16, 64, 2, 7
+    qcfg = Qwen3NextConfig(hidden_size=D, num_attention_heads=H, num_key_value_heads=H, head_dim=d,
+                           attention_bias=True, attention_dropout=0.0)
+    qcfg._attn_implementation = "eager"
+    theirs = Qwen3NextAttention(qcfg, layer_idx=0).double().eval()
+    theirs.q_norm, theirs.k_norm = torch.nn.Identity(), torch.nn.Identity()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+    fields = resolve_variant({"softmax": "vanilla", "gate": "elementwise"})
+    ours = OutEffOPTForCausalLM(OutEffOPTConfig(**TINY, **fields)).double().eval().model.decoder.layers[0].self_attn
+    qg_w = theirs.q_proj.weight.view(H, 2, d, D)
+    qg_b = theirs.q_proj.bias.view(H, 2, d)
+    with torch.no_grad():
+        for mine, w, bias in ((ours.q_proj, qg_w[:, 0], qg_b[:, 0]), (ours.gate_proj, qg_w[:, 1], qg_b[:, 1]),
+                              (ours.k_proj, theirs.k_proj.weight, theirs.k_proj.bias),
+                              (ours.v_proj, theirs.v_proj.weight, theirs.v_proj.bias),
+                              (ours.out_proj, theirs.o_proj.weight, theirs.o_proj.bias)):
+            mine.weight.copy_(w.reshape(mine.weight.shape))
+            mine.bias.copy_(bias.reshape(mine.bias.shape))
+    x = torch.randn(b, s, D, generator=g, dtype=torch.float64)
+    causal = torch.full((s, s), float("-inf"), dtype=torch.float64).triu(1).expand(b, 1, s, s)
+    angle0 = (torch.ones(b, s, d, dtype=torch.float64), torch.zeros(b, s, d, dtype=torch.float64))
+    with torch.no_grad():
+        want, _ = theirs(x, position_embeddings=angle0, attention_mask=causal)
+        got, _ = ours(x, attention_mask=causal)
+    # float64 on both sides except transformers' eager softmax, which runs in float32 (dtype=torch.float32):
+    # its probabilities carry float32 rounding over the s keys, propagated through P V and o_proj (the
+    # largest output as magnitude); a wrong layout or gate is off by O(1)
+    assert_close_bound(got, want, rounding_bound(torch.float32, want.abs().max(), 2 * s))
+    with torch.no_grad():  # the comparison sees the gate: opened fully (sigmoid = 1) the output is another one
+        ours.gate_proj.bias.fill_(50.0)
+        assert (ours(x, attention_mask=causal)[0] - want).abs().max() > 1e-2
+
+
+def test_elementwise_gate_linear_is_quantized_by_the_simulated_w8a8(tiny_inputs):
+    """The paper's simulated W8A8 (evaluation's exclusions: the LM head and per-head gates) quantizes the
+    elementwise gate's Linear like q / k / v / out_proj: its weight on the 8-bit grid, its output observed."""
+    from megatron_outeff.evaluation.quant_eval import SIMULATED_EXCLUDE
+    from megatron_outeff.quant.simulated import apply_simulated_w8a8
+
+    fields = resolve_variant({"softmax": "softmax1", "gate": "elementwise"})
+    opt_sd, extra = random_weights(fields, seed=4)
+    model = OutEffOPTForCausalLM(OutEffOPTConfig(**TINY, **fields)).eval()
+    model.load_state_dict({**opt_sd, **extra}, strict=False)
+    ids, am = tiny_inputs
+    sim = apply_simulated_w8a8(model, lambda m: m(input_ids=ids, attention_mask=am), exclude=SIMULATED_EXCLUDE)
+    for i in range(TINY["num_hidden_layers"]):
+        name = f"model.decoder.layers.{i}.self_attn.gate_proj"
+        assert name in sim.weight_quantizers and name in sim.act_quantizers and name not in sim.uncalibrated
+        w = sim.model.get_submodule(name).weight
+        levels = torch.unique(torch.round(w / (w.abs().max() / 127)))
+        assert levels.numel() <= 255 and not torch.equal(w, model.get_submodule(name).weight)
+    assert "lm_head" in sim.excluded

@@ -28,6 +28,7 @@ VARIANTS = {
     "gated_linear": {"softmax": "vanilla", "gate": "linear"},
     "gated_mlp": {"softmax": "vanilla", "gate": "mlp"},
     "gated_softmax1": {"softmax": "softmax1", "gate": "linear"},
+    "elementwise_softmax1": {"softmax": "softmax1", "gate": "elementwise"},
 }
 
 
@@ -46,7 +47,7 @@ def random_weights(fields, seed=0):
             v = 2.0 * torch.randn(t.shape, generator=g)
         else:
             v = (0.5 if "q_proj" in k or "k_proj" in k else 0.2) * torch.randn(t.shape, generator=g)
-        (extra if ("softmax_offset" in k or ".gate." in k) else plain)[k] = v
+        (extra if ("softmax_offset" in k or ".gate." in k or "self_attn.gate_proj" in k) else plain)[k] = v
     return plain, extra
 
 
@@ -54,7 +55,8 @@ def oracle_logits(sd, fields, ids, am):
     """Plain-torch Llama forward from the definitions: RMSNorm, half-split RoPE (theta_j = 10000^(-2j/d),
     position p rotates the pair (x_j, x_{j+d/2}) by p theta_j), query head h reading key/value head
     h // (H/G), SwiGLU, untied head; the attention by ``outeff_attention(..., impl="torch")``, gates from
-    their definition (as tests/hf/hf_testlib.py for OPT). Positions 0..s-1 in every row."""
+    their definition (per head; elementwise: sigmoid(x W_g^T) per head and channel; as tests/hf/hf_testlib.py
+    for OPT). Positions 0..s-1 in every row."""
     from megatron_outeff.ops import outeff_attention
 
     H, G, D = TINY["num_attention_heads"], TINY["num_key_value_heads"], TINY["hidden_size"]
@@ -86,6 +88,8 @@ def oracle_logits(sd, fields, ids, am):
             cols = [torch.relu(xs[:, :, j] @ sd[gp + ".fc1_weight"][j].T + sd[gp + ".fc1_bias"][j]) @ sd[gp + ".fc2_weight"][j]
                     + sd[gp + ".fc2_bias"][j] for j in range(H)]
             gate = torch.sigmoid(torch.stack(cols, -1))
+        elif kind == "elementwise":  # per head and channel: sigmoid(h W_g^T), no bias (Llama)
+            gate = torch.sigmoid(h @ sd[p + "self_attn.gate_proj.weight"].T).view(b, s, H, d)
         softmax = fields.get("softmax", "vanilla")
         clip = None if fields.get("clip_gamma") is None else (fields["clip_gamma"], fields["clip_zeta"])
         offset = sd.get(p + "self_attn.softmax_offset") if softmax == "learnable" else None
@@ -138,7 +142,8 @@ def test_isolated_reload_matches_oracle(exported, tiny_inputs, name):
         assert_close_bound(got["logits"], ref, bound, name)
         assert got["class"] == "OutEffLlamaForCausalLM" and got["module"].startswith("transformers_modules")
         assert len(got["quant_points"]) == 5 * TINY["num_hidden_layers"]
-        assert "modeling_outeff_llama.py" in files and "outeff_deps.py" in files
+        assert {"modeling_outeff_llama.py", "remote_attention.py", "outeff_deps.py"} <= set(files)
+        assert "modeling_outeff_opt.py" not in files  # the shared pieces only, not the OPT model
 
 
 def test_the_oracle_sees_each_variant_and_the_grouping(exported, tiny_inputs):
@@ -181,7 +186,7 @@ def test_outeff_vanilla_is_transformers_llama():
     assert_close_bound(a, b, rounding_bound(torch.float32, b.abs().max(), DEPTH), "OutEffLlama(vanilla) vs LlamaForCausalLM")
 
 
-@pytest.mark.parametrize("name", ["softmax1", "learnable", "gated_softmax1"])
+@pytest.mark.parametrize("name", ["softmax1", "learnable", "gated_softmax1", "elementwise_softmax1"])
 def test_kv_cache_and_padded_batches_in_float64(exported, name):
     """Our remote code, structurally in float64: decoding token by token with the KV cache gives the logits
     of full recomputation, and a left-padded batch (position ids from the mask, as generate makes them)

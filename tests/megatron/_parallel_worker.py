@@ -38,12 +38,17 @@ VARIANTS = {
     "gated_mlp_learnable": dict(softmax="learnable", gate="mlp"),
     "gated_shared_softmax_n": dict(softmax="softmax_n", softmax_n=2.0, gate="shared_linear"),
     "gqa_gated_learnable": dict(softmax="learnable", gate="linear"),
+    "elementwise_softmax1": dict(softmax="softmax1", gate="elementwise"),
+    "elementwise_clipped_learnable": dict(softmax="learnable", gate="elementwise", clip_gamma=-0.03, clip_zeta=1.0),
+    "gqa_elementwise_softmax_n": dict(softmax="softmax_n", softmax_n=2.0, gate="elementwise"),
 }
-CONFIG_OVERRIDES = {"gqa_gated_learnable": dict(num_query_groups=2)}  # 2 KV groups, 4 query heads
+# 2 KV groups, 4 query heads
+CONFIG_OVERRIDES = {"gqa_gated_learnable": dict(num_query_groups=2), "gqa_elementwise_softmax_n": dict(num_query_groups=2)}
 LAYOUTS = {"tp2": (2, 1, False), "tp2_sp": (2, 1, True), "pp2": (1, 2, False)}
 # Also through megatron's own DistributedDataParallel + finalize_model_grads at TP=2 + SP: megatron's
 # machinery (not this worker) reduces the SP norm grads and leaves TP-sharded gate/offset grads alone.
-DDP_VARIANTS = ("learnable", "gated_softmax1", "gated_mlp_learnable")
+DDP_VARIANTS = ("learnable", "gated_softmax1", "gated_mlp_learnable", "elementwise_clipped_learnable")
+CHECKPOINT_VARIANTS = ("learnable", "gated_mlp_learnable", "gated_softmax1", "elementwise_clipped_learnable")
 
 
 def make_config(tp, pp, sp, **overrides):
@@ -63,10 +68,11 @@ def build(vname, tp, pp, sp):
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron_outeff.megatron.layer_spec import get_outeff_block_spec
-    from megatron_outeff.megatron.variant import AttentionVariantConfig
+    from megatron_outeff.megatron.variant import AttentionVariantConfig, transformer_config_fields
 
-    cfg = make_config(tp, pp, sp, **CONFIG_OVERRIDES.get(vname, {}))
-    spec = get_outeff_block_spec(cfg, AttentionVariantConfig(**VARIANTS[vname]))
+    variant = AttentionVariantConfig(**VARIANTS[vname])
+    cfg = make_config(tp, pp, sp, **transformer_config_fields(variant), **CONFIG_OVERRIDES.get(vname, {}))
+    spec = get_outeff_block_spec(cfg, variant)
     torch.manual_seed(SEED)
     return GPTModel(
         cfg, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ,
@@ -253,7 +259,7 @@ def main():
                 entry["grad_diff"], entry["grad_worst"] = max_diff(grads, ref_grads)
                 entry["num_grads"] = len(grads)
                 results.setdefault(lname, {})[vname] = entry
-                if lname == "tp2" and vname in ("learnable", "gated_mlp_learnable", "gated_softmax1"):
+                if lname == "tp2" and vname in CHECKPOINT_VARIANTS:
                     tp2_models[vname] = (model, gather_full(model, lambda p: p, False))
             if vname in DDP_VARIANTS:
                 results.setdefault("tp2_sp_megatron_ddp", {})[vname] = ddp_entry(vname, ref_loss, ref_grads)

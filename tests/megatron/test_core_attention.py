@@ -1,7 +1,8 @@
 """Single-process checks of the megatron-core integration (one process group, TP=1).
 
 * our softmax1 / learnable / vanilla(GQA, layer scaling, masks) layers vs megatron-core's own
-  softmax_type='off-by-one' / 'learnable' / 'vanilla' GPTModel with the same weights;
+  softmax_type='off-by-one' / 'learnable' / 'vanilla' GPTModel with the same weights, and our elementwise
+  gate vs megatron-core's own gated attention (attention_output_gate=True), with each softmax and GQA;
 * the gate equals a hand computation, and opens at gate_init_prob;
 * bad inputs fail with one-line errors.
 """
@@ -9,7 +10,7 @@ import math
 
 import pytest
 import torch
-from tolerance import assert_close_bound, network_depth, rounding_bound
+from tolerance import F32_EPS, assert_close_bound, network_depth, rounding_bound
 
 from megatron_outeff.megatron.parallel import init_model_parallel
 
@@ -89,6 +90,13 @@ MEGATRON_CASES = {
     "off-by-one-causal-mask": ("off-by-one", dict(softmax="softmax1"), {}, "causal"),
     "learnable-arbitrary-mask": ("learnable", dict(softmax="learnable"), {}, "arbitrary"),
     "vanilla-padding-mask": ("vanilla", dict(), {}, "padding"),
+    # megatron-core's own elementwise output gate (its gate rows in linear_qkv) = our gate='elementwise'
+    "output-gate": ("vanilla", dict(gate="elementwise"), dict(attention_output_gate=True), None),
+    "output-gate-off-by-one-causal-mask": ("off-by-one", dict(softmax="softmax1", gate="elementwise"),
+                                           dict(attention_output_gate=True), "causal"),
+    "output-gate-learnable-gqa-arbitrary-mask": ("learnable", dict(softmax="learnable", gate="elementwise"),
+                                                 dict(attention_output_gate=True, num_query_groups=2), "arbitrary"),
+    "output-gate-from-config": ("learnable", None, dict(attention_output_gate=True), "padding"),
 }
 
 
@@ -129,6 +137,20 @@ def test_sharded_state_dict_key_matches_megatron():
     assert (param.tensor_model_parallel, param.partition_dim, param.partition_stride) == (True, 0, 1)
 
 
+def _run_capturing_attention(model, attn) -> dict:
+    """One forward of ``model`` recording ``attn``'s inputs, its core attention's inputs and output, and
+    linear_proj's inputs."""
+    store = {}
+    hooks = [_capture(attn, store, "attn_in", inputs=True), _capture(attn.core_attention, store, "core_in", inputs=True),
+             _capture(attn.core_attention, store, "core_out"), _capture(attn.linear_proj, store, "proj_in", inputs=True)]
+    ids, pos = batch()
+    with torch.no_grad():
+        model(ids, pos, None)
+    for h in hooks:
+        h.remove()
+    return store
+
+
 def _capture(module, store, key, inputs=False):
     def hook(mod, args, kwargs, output=None):
         store[key] = (args, kwargs) if inputs else output
@@ -145,14 +167,7 @@ def test_gate_equals_hand_computation(gate):
 
     model = gpt(make_config(), get_outeff_layer_spec(AttentionVariantConfig(softmax="softmax1", gate=gate)))
     attn = model.decoder.layers[0].self_attention
-    store = {}
-    hooks = [_capture(attn, store, "attn_in", inputs=True), _capture(attn.core_attention, store, "core_in", inputs=True),
-             _capture(attn.core_attention, store, "core_out"), _capture(attn.linear_proj, store, "proj_in", inputs=True)]
-    ids, pos = batch()
-    with torch.no_grad():
-        model(ids, pos, None)
-    for h in hooks:
-        h.remove()
+    store = _run_capturing_attention(model, attn)
     x = store["attn_in"][1].get("hidden_states", store["attn_in"][0][0] if store["attn_in"][0] else None)  # [s, b, d]
     s, b, d = x.shape
     H, dh = 4, d // 4
@@ -192,13 +207,15 @@ def test_gate_init_prob_exact_with_zero_weights():
     assert out.shape == (B, SEQ, 4) and torch.allclose(out, torch.full_like(out, 0.25))
 
 
-def test_selective_recompute_of_core_attention_keeps_gate_gradients():
+@pytest.mark.parametrize("gate", ["linear", "elementwise"])
+def test_selective_recompute_of_core_attention_keeps_gate_gradients(gate):
     from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
-    from megatron_outeff.megatron.variant import AttentionVariantConfig
+    from megatron_outeff.megatron.variant import AttentionVariantConfig, transformer_config_fields
 
-    v = AttentionVariantConfig(softmax="softmax1", gate="linear")
-    plain = gpt(make_config(), get_outeff_layer_spec(v))
-    recompute = gpt(make_config(recompute_granularity="selective", recompute_modules=["core_attn"]), get_outeff_layer_spec(v))
+    v = AttentionVariantConfig(softmax="softmax1", gate=gate)
+    plain = gpt(make_config(**transformer_config_fields(v)), get_outeff_layer_spec(v))
+    recompute = gpt(make_config(recompute_granularity="selective", recompute_modules=["core_attn"], **transformer_config_fields(v)),
+                    get_outeff_layer_spec(v))
     recompute.load_state_dict(plain.state_dict())
     assert recompute.decoder.layers[0].self_attention.checkpoint_core_attention
     assert_same(run(plain), run(recompute))
@@ -243,6 +260,11 @@ def test_bad_inputs_one_line_errors():
     # mlp gate with head_dim 2 < 4: refused in OutEffSelfAttention before megatron builds the attention
     expect(lambda: gpt(make_config(hidden_size=8, num_attention_heads=4, ffn_hidden_size=16), get_outeff_layer_spec(V(gate="mlp"))), "head_dim=2")
     expect(lambda: gpt(make_config(kv_channels=8), get_outeff_layer_spec(V(gate="linear"))), "shared_linear")
+    # the elementwise gate's rows live in linear_qkv: the config and the variant must agree, both ways
+    expect(lambda: gpt(make_config(), get_outeff_layer_spec(V(gate="elementwise"))), "attention_output_gate=False conflicts")
+    expect(lambda: gpt(make_config(attention_output_gate=True), get_outeff_layer_spec(V(gate="linear"))),
+           "attention_output_gate=True conflicts")
+    expect(lambda: check_variant_fits(V(gate="elementwise"), make_config(num_query_groups=2), 4), "num_query_groups=2 <")
     expect(lambda: gpt(make_config(softmax_type="learnable"), get_outeff_layer_spec(V(softmax="softmax1"))), "conflicts")
     assert all("\n" not in e for e in errors), errors
 
@@ -263,7 +285,7 @@ def test_wrong_offset_in_state_dict_touches_nothing():
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was overwritten
     # a learnable-offset checkpoint into a softmax1 model: also refused up front
     other = install_state_dict_guard(gpt(make_config(), get_outeff_layer_spec(V(softmax="softmax1"))))
-    with pytest.raises(ValueError, match="learnable offset"):
+    with pytest.raises(ValueError, match="softmax='learnable' but this layer is 'softmax1'"):
         other.load_state_dict(model.state_dict())
     # without the guard the module's own check still gives one line
     plain = gpt(make_config(), get_outeff_layer_spec(V(softmax="learnable")))
@@ -316,13 +338,16 @@ def test_core_attention_alone_in_megatrons_self_attention():
         OutEffCoreAttention.with_variant(V(gate="linear"))
 
 
-def test_static_kv_cache_decode_matches_full_forward():
+@pytest.mark.parametrize("gate", ["linear", "elementwise"])
+def test_static_kv_cache_decode_matches_full_forward(gate):
     """megatron's static-batching inference (prefill 8 tokens, then decode 1 at a time, sq=1)."""
     from megatron.core.inference.contexts import StaticInferenceContext
     from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
     from megatron_outeff.megatron.variant import AttentionVariantConfig as V
+    from megatron_outeff.megatron.variant import transformer_config_fields
 
-    m = gpt(make_config(), get_outeff_layer_spec(V(softmax="learnable", gate="linear", clip_gamma=-0.03))).eval()
+    v = V(softmax="learnable", gate=gate, clip_gamma=-0.03)
+    m = gpt(make_config(**transformer_config_fields(v)), get_outeff_layer_spec(v)).eval()
     ids, pos = batch()
     with torch.no_grad():
         full = m(ids, pos, None)
@@ -388,3 +413,31 @@ def test_probe_probabilities_equal_an_independent_softmax(softmax):
     # float32 probabilities (<= 1) vs the float64 oracle: scores reduce over d_head, the softmax over s keys
     assert_close_bound(probs, oracle, rounding_bound(torch.float32, 1.0, q.shape[-1] + s))
     assert (1 - oracle.sum(-1)).min() > 0  # the sink holds mass on every row
+
+
+def test_elementwise_gate_equals_a_hand_computation_and_opens_at_gate_init_prob():
+    """The elementwise gate: head h's channel c of the core-attention output times sigmoid of the gate rows of
+    linear_qkv (per head [q | gate | k | v], megatron-core's layout) applied to the layer input, before
+    linear_proj; its bias rows start at logit(gate_init_prob), the q / k / v bias rows at megatron's 0."""
+    from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
+    from megatron_outeff.megatron.variant import AttentionVariantConfig, transformer_config_fields
+
+    v = AttentionVariantConfig(softmax="softmax1", gate="elementwise", gate_init_prob=0.3)
+    model = gpt(make_config(**transformer_config_fields(v)), get_outeff_layer_spec(v))
+    attn = model.decoder.layers[0].self_attention
+    H, dh = 4, 16
+    bias = attn.linear_qkv.bias.detach().view(H, 4, dh)
+    assert torch.allclose(bias[:, 1], torch.full((H, dh), math.log(0.3 / 0.7)))
+    assert torch.equal(bias[:, [0, 2, 3]], torch.zeros(H, 3, dh))
+    store = _run_capturing_attention(model, attn)
+    with torch.no_grad():
+        x = store["attn_in"][0][0]                                               # [s, b, 64] normed input
+        w = attn.linear_qkv.weight.view(H, 4, dh, 64)[:, 1].reshape(H * dh, 64)
+        gate = torch.sigmoid(x.double() @ w.double().T + bias[:, 1].reshape(-1).double())  # [s, b, H * dh]
+        args, kwargs = store["core_in"]
+        ungated = attn.core_attention(*args, **kwargs)                         # outside gate_scope: no gate
+    # the gate's float32 logits sum 64 products and the bias (sigmoid' <= 1/4), then one multiply by the output
+    logit_magnitude = (x.abs() @ w.abs().T + bias[:, 1].reshape(-1).abs()).max()
+    bound = float(ungated.abs().max()) * (rounding_bound(torch.float32, logit_magnitude, 65) / 4 + F32_EPS)
+    assert_close_bound(store["core_out"], ungated.double() * gate, bound, "gated core attention")
+    assert torch.equal(store["proj_in"][0][0], store["core_out"])

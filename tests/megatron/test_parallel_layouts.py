@@ -73,7 +73,7 @@ def test_variants_differ_from_vanilla(report):
             assert abs(loss - losses["vanilla"]) > rounding_bound(torch.float32, loss, DEPTH), (name, losses)
 
 
-@pytest.mark.parametrize("variant", ["learnable", "gated_softmax1", "gated_mlp_learnable"])
+@pytest.mark.parametrize("variant", _worker.CHECKPOINT_VARIANTS)
 def test_dist_checkpoint_tp2_to_tp1(report, variant):
     entry = report["ckpt_tp2_to_tp1"][variant]
     assert entry["weight_diff"] == 0.0, entry

@@ -6,8 +6,9 @@ The reference is a random transformers LlamaForCausalLM with grouped-query atten
 2 key/value heads), every weight randomised (RMSNorm weights around 1), vocabulary 250 (padded at TP=2).
 Its state dict is mapped into megatron (models/hf_llama.py) at TP=1 (megatron's own attention and
 ours), TP=2, TP=2 + SP and PP=2; logits and gradients are compared with transformers', the mapping back
-with the original tensors (torch.equal). The attention variant (learnable offsets + linear gates) is
-compared at TP=2 and PP=2 with our remote code (transformers' Llama with the variant's attention).
+with the original tensors (torch.equal). Two attention variants (learnable offsets + per-head linear gates;
+Softmax_1 + the elementwise gate, megatron-core's attention_output_gate rows in linear_qkv) are compared at
+TP=2 (+SP) and PP=2 with our remote code (transformers' Llama with the variant's attention).
 Negative controls show the comparison sees the two classic mistakes: the interleaved rotary
 convention and a wrong query-head -> key/value-group assignment. Rank 0 writes JSON to argv[1].
 """
@@ -45,17 +46,17 @@ def make_hf(seed=0, **overrides):
     return model
 
 
-def variant_tensors(arch, seed=11):
-    """Random learnable offsets and linear-gate tensors in Hugging Face names (per query head)."""
+VARIANTS = {"variant": {"softmax": "learnable", "gate": "linear"}, "elementwise": {"softmax": "softmax1", "gate": "elementwise"}}
+
+
+def variant_tensors(arch, variant, seed=11):
+    """Random tensors of the variant (learnable offsets, per-head linear gates; the elementwise gate's
+    gate_proj) in Hugging Face names, shaped by the variant's description (llama_variant_tensors)."""
+    from megatron_outeff.models.hf_llama import variant_hf_shapes
+
     g = torch.Generator().manual_seed(seed)
-    H, d = arch.num_attention_heads, arch.head_dim
-    out = {}
-    for i in range(arch.num_layers):
-        p = f"model.layers.{i}.self_attn."
-        out[p + "softmax_offset"] = 2.0 * torch.randn(H, generator=g)
-        out[p + "gate.weight"] = 0.3 * torch.randn(H, d, generator=g)
-        out[p + "gate.bias"] = torch.randn(H, generator=g)
-    return out
+    return {k: (2.0 if k.endswith("softmax_offset") else 0.3) * torch.randn(s, generator=g)
+            for k, s in variant_hf_shapes(arch, variant).items()}
 
 
 def forward(model, tokens, hidden_size, pp):
@@ -79,28 +80,32 @@ def main(out_json):
     hf = make_hf()
     hf_sd = hf.state_dict()
     arch = arch_from_hf_config(hf.config.to_dict())
-    extras = variant_tensors(arch)
-    vcfg = OutEffLlamaConfig(**{**hf.config.to_dict(), "softmax": "learnable", "gate": "linear"})
-    vcfg._attn_implementation = "eager"
-    hf_var = OutEffLlamaForCausalLM(vcfg).eval()
-    hf_var.load_state_dict({**hf_sd, **extras})
+    extras, refs = {}, {}
     g = torch.Generator().manual_seed(7)
     tokens = torch.randint(0, VOCAB, (2, SEQ), generator=g)
+    for ref, fields in VARIANTS.items():  # references: our remote code, transformers' Llama with the variant
+        extras[ref] = variant_tensors(arch, fields)
+        vcfg = OutEffLlamaConfig(**{**hf.config.to_dict(), **fields})
+        vcfg._attn_implementation = "eager"
+        hf_var = OutEffLlamaForCausalLM(vcfg).eval()
+        hf_var.load_state_dict({**hf_sd, **extras[ref]})
+        with torch.no_grad():
+            refs[ref] = hf_var(tokens).logits
     with torch.no_grad():
-        refs = {"plain": hf(tokens).logits, "variant": hf_var(tokens).logits}
+        refs["plain"] = hf(tokens).logits
     loss_w = torch.randn(refs["plain"].shape, generator=g)
     hf.zero_grad()
     (hf(tokens).logits * loss_w).sum().backward()
     ref_grads = {k: p.grad.clone() for k, p in hf.named_parameters()}
-    res = {"variant_changes_logits": float((refs["plain"] - refs["variant"]).abs().max())}
+    res = {f"{ref}_changes_logits": float((refs["plain"] - refs[ref]).abs().max()) for ref in VARIANTS}
 
     def run(tag, tp, pp, sp=False, variant=None, ref="plain", grad_check=False, state=None, **overrides):
         init_model_parallel(tp, pp, seed=1)
         tpr, ppr = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         model = build_llama_model(arch, variant, sequence_parallel=sp, **overrides).eval()
-        full = state if state is not None else ({**hf_sd, **extras} if ref == "variant" else hf_sd)
-        load_megatron_state_dict(model, hf_state_dict_to_megatron(full, arch, tpr, tp, ppr, pp,
-                                                                  variant_extras=ref == "variant"))
+        fields = VARIANTS.get(ref)
+        full = state if state is not None else ({**hf_sd, **extras[ref]} if fields else hf_sd)
+        load_megatron_state_dict(model, hf_state_dict_to_megatron(full, arch, tpr, tp, ppr, pp, variant=fields))
         with torch.no_grad():
             out = forward(model, tokens, arch.hidden_size, pp)
         if out is not None:
@@ -120,8 +125,8 @@ def main(out_json):
             mapped = megatron_to_hf_state_dict(gather_megatron_state_dicts(state_dict=grads), arch)
             res[f"{tag}_grad_rel_diff"] = max(float((mapped[k] - v).abs().max() / v.abs().max()) for k, v in ref_grads.items())
         if state is None:
-            back = megatron_to_hf_state_dict(gather_megatron_state_dicts(model), arch, variant_extras=ref == "variant")
-            want = {**hf_sd, **extras} if ref == "variant" else hf_sd
+            back = megatron_to_hf_state_dict(gather_megatron_state_dicts(model), arch, variant=fields)
+            want = {**hf_sd, **extras[ref]} if fields else hf_sd
             res[f"{tag}_export_bad"] = sorted(k for k in set(want) | set(back)
                                               if k not in back or k not in want or not torch.equal(back[k], want[k]))[:5]
         ps.destroy_model_parallel()
@@ -131,8 +136,10 @@ def main(out_json):
     run("tp2", 2, 1, variant={}, grad_check=True)
     run("tp2sp", 2, 1, sp=True, variant={}, grad_check=True)
     run("pp2", 1, 2, variant={})
-    run("tp2_variant", 2, 1, variant={"softmax": "learnable", "gate": "linear"}, ref="variant")
-    run("pp2_variant", 1, 2, variant={"softmax": "learnable", "gate": "linear"}, ref="variant")
+    run("tp2_variant", 2, 1, variant=VARIANTS["variant"], ref="variant")
+    run("pp2_variant", 1, 2, variant=VARIANTS["variant"], ref="variant")
+    run("tp2sp_elementwise", 2, 1, sp=True, variant=VARIANTS["elementwise"], ref="elementwise")
+    run("pp2_elementwise", 1, 2, variant=VARIANTS["elementwise"], ref="elementwise")
     # Negative controls: the same comparison with the other rotary convention, and with the query heads
     # assigned to the wrong key/value groups (head j -> group j % G instead of j // (H/G)).
     run("wrong_rotary_interleaved", 1, 1, variant={}, state=hf_sd, rotary_interleaved=True)

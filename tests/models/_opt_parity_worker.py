@@ -22,6 +22,13 @@ from megatron_outeff.models.hf_opt import (
 from megatron_outeff.models.opt import build_opt_model
 
 
+def _variant(softmax):
+    """The AttentionVariantConfig of a softmax name (None: plain OPT, no variant tensors)."""
+    from megatron_outeff.ops.variants import AttentionVariantConfig
+
+    return None if softmax is None else AttentionVariantConfig(softmax=softmax)
+
+
 def load_reference(hf_dir: str):
     """(arch without dropout, HF state dict, transformers' OPTForCausalLM in eval mode) of a saved OPT."""
     from transformers import OPTForCausalLM
@@ -107,7 +114,7 @@ def opt_350m_runs(hf_dir: str, res: dict) -> None:
         tpr, ppr = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         model = build_opt_model(arch, variant and {"softmax": variant}, sequence_parallel=sp).eval()
         load_megatron_state_dict(model, hf_state_dict_to_megatron(full[variant], arch, tpr, tp, ppr, pp,
-                                                                  variant_extras=variant is not None))
+                                                                  variant=_variant(variant)))
         with torch.no_grad():
             out = forward(model, tokens, positions, arch.hidden_size, pp)
         if tag == "tp2sp":  # replicated project_in/out: grads equal on every rank, project_out's SP-reduced
@@ -115,7 +122,7 @@ def opt_350m_runs(hf_dir: str, res: dict) -> None:
         if out is not None:
             res[f"opt_350m_{tag}_max_abs_diff"] = float((out[..., :arch.vocab_size] - refs[variant]).abs().max())
             res[f"opt_350m_{tag}_ref_max"] = float(refs[variant].abs().max())
-        back = megatron_to_hf_state_dict(gather_megatron_state_dicts(model), arch, variant_extras=variant is not None)
+        back = megatron_to_hf_state_dict(gather_megatron_state_dicts(model), arch, variant=_variant(variant))
         want = {**full[variant], "lm_head.weight": hf_sd["model.decoder.embed_tokens.weight"]}
         res[f"opt_350m_{tag}_export_bad"] = sorted(k for k in set(want) | set(back)
                                                    if k not in back or k not in want or not torch.equal(back[k], want[k]))[:5]

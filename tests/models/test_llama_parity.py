@@ -43,11 +43,11 @@ def _bound(res, tag):
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("tag", ["tp1_megatron_attention", "tp1", "tp2", "tp2sp", "pp2", "tp2_variant", "pp2_variant",
-                                 "llama3_rope"])
+                                 "tp2sp_elementwise", "pp2_elementwise", "llama3_rope"])
 def test_logits_match_transformers(parity, tag):
     """fp32 on both sides, summed in other orders (TP/PP splits, other kernels): the derived bound.
-    The *_variant layouts are compared with OutEffLlamaForCausalLM (transformers' Llama with the
-    variant's attention: learnable offsets, per-head linear gates)."""
+    The *_variant / *_elementwise layouts are compared with OutEffLlamaForCausalLM (transformers' Llama with
+    the variant's attention: learnable offsets and per-head linear gates; Softmax_1 and the elementwise gate)."""
     assert parity[f"{tag}_max_abs_diff"] <= _bound(parity, tag), parity
     if tag in ("tp2", "tp2sp"):
         assert parity[f"{tag}_padded_vocab"] == 256  # vocab 250 padded for TP=2
@@ -61,7 +61,8 @@ def test_gradients_match_transformers(parity, tag):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("tag", ["tp1_megatron_attention", "tp1", "tp2", "tp2sp", "pp2", "tp2_variant", "pp2_variant"])
+@pytest.mark.parametrize("tag", ["tp1_megatron_attention", "tp1", "tp2", "tp2sp", "pp2", "tp2_variant", "pp2_variant",
+                                 "tp2sp_elementwise", "pp2_elementwise"])
 def test_mapping_back_is_identical(parity, tag):
     assert parity[f"{tag}_export_bad"] == []
 
@@ -77,5 +78,5 @@ def test_the_comparison_sees_the_classic_mistakes(parity, tag):
 
 @pytest.mark.multiproc
 def test_variant_reference_differs_and_rope_scaling_was_read(parity):
-    assert parity["variant_changes_logits"] > 1e-2  # the variant's reference really is another function
+    assert parity["variant_changes_logits"] > 1e-2 and parity["elementwise_changes_logits"] > 1e-2  # other functions
     assert parity["llama3_rope_scaling_factor"] == 8.0

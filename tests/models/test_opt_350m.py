@@ -61,7 +61,7 @@ def test_opt_350m_megatron_matches_oracle_and_round_trips(name):
     names = set(model.state_dict())
     assert "embedding.word_embeddings.project_in.weight" in names and "output_layer.project_out.weight" in names
     assert "decoder.layers.1.post_mlp_layernorm.weight" in names and not any("final_layernorm" in k for k in names)
-    load_megatron_state_dict(model, hf_state_dict_to_megatron(hf_sd, arch, variant_extras=True))
+    load_megatron_state_dict(model, hf_state_dict_to_megatron(hf_sd, arch, variant=variant))
     g = torch.Generator().manual_seed(5)
     tokens = torch.randint(2, 250, (2, 12), generator=g)
     with torch.no_grad():
@@ -69,7 +69,7 @@ def test_opt_350m_megatron_matches_oracle_and_round_trips(name):
     ref = oracle_logits(hf_sd, hf_fields, tokens, torch.ones_like(tokens), opt_kwargs=TINY_350M)
     # float32 throughout; logits are O(10): a few float32 ulps of that magnitude, summed over 2 layers.
     torch.testing.assert_close(got, ref, rtol=0, atol=64 * torch.finfo(torch.float32).eps * float(ref.abs().max()))
-    back = megatron_to_hf_state_dict({(0, 0): model.state_dict()}, arch, variant_extras=True)
+    back = megatron_to_hf_state_dict({(0, 0): model.state_dict()}, arch, variant=variant)
     assert set(back) == set(hf_sd) | {"lm_head.weight"}
     assert all(torch.equal(back[k], hf_sd[k]) for k in hf_sd)
 

@@ -19,7 +19,7 @@ def test_defaults_and_roundtrip():
 
 def test_choices_are_the_literal_types():
     assert SOFTMAX_VARIANTS == ("vanilla", "softmax1", "softmax_n", "learnable")
-    assert GATE_VARIANTS == ("none", "linear", "mlp", "shared_linear")
+    assert GATE_VARIANTS == ("none", "linear", "mlp", "shared_linear", "elementwise")
     for s in SOFTMAX_VARIANTS:
         for g in GATE_VARIANTS:
             assert V.from_dict({"softmax": s, "gate": g}).to_dict()["softmax"] == s

@@ -4,16 +4,17 @@
 
 A tiny Llama (configs/model/llama-tiny.yaml on train_testlib.BASE: vocabulary 256, no dropout, fp32,
 4 steps of global batch 4):
-1. ``ref_gated`` (Softmax_1 + per-head linear gates) and ``ref_vanilla`` at DP=2 ZeRO-0, the oracles; each
-   saves its initial weights (OUT/w_<variant>.pt; TP=1, so rank 0 holds the full model).
+1. ``ref_gated`` (Softmax_1 + per-head linear gates), ``ref_vanilla`` and ``ref_elementwise`` (Softmax_1 + the
+   elementwise output gate) at DP=2 ZeRO-0, the oracles; each saves its initial weights (OUT/w_<variant>.pt;
+   TP=1, so rank 0 holds the full model).
 2. ``tp2``: TP=2 ZeRO-1, gated, stopped after 2 steps (exit_interval) and resumed to 4 -> OUT/tp2
    (with TensorBoard in OUT/tb_tp2 and the outlier probe every 2 steps); ``tp2_sp_zero2``: TP=2 + SP under
    ZeRO-2, 4 steps; ``tp2_bf16``: TP=2 in bf16 (ZeRO-1); ``pp2``: PP=2 ZeRO-1, vanilla, stopped after 2 and
    resumed -> OUT/pp2;
-   ``dp2_zero3``: DP=2 ZeRO-3, gated; ``tp2_to_pp2``: the TP=2 checkpoint at step 2 resumed at PP=2 (elastic:
+   ``tp2_elementwise``: TP=2 ZeRO-1 -> OUT/tp2_elementwise; ``dp2_zero3``: DP=2 ZeRO-3, gated; ``tp2_to_pp2``: the TP=2 checkpoint at step 2 resumed at PP=2 (elastic:
    another layout, from our model and optimizer files). The TP / PP layouts start from the oracle's
    initial weights.
-3. megatron logits at TP=1 of OUT/tp2 and OUT/pp2 (merged with the model files' own rules) on fixed tokens
+3. megatron logits at TP=1 of OUT/tp2, OUT/pp2 and OUT/tp2_elementwise (merged with the model files' own rules) on fixed tokens
    -> OUT/megatron_logits.safetensors. Losses -> OUT/losses.json.
 """
 import json
@@ -33,7 +34,8 @@ from megatron_outeff.training.model import unwrap  # noqa: E402
 from megatron_outeff.training.train import train  # noqa: E402
 
 LLAMA = ["model.arch=llama-tiny"]
-VARIANTS = {"gated": "attention={softmax: softmax1, gate: linear}", "vanilla": "attention={softmax: vanilla}"}
+VARIANTS = {"gated": "attention={softmax: softmax1, gate: linear}", "vanilla": "attention={softmax: vanilla}",
+            "elementwise": "attention={softmax: softmax1, gate: elementwise}"}
 
 
 def tokens():
@@ -78,6 +80,9 @@ def main():
     losses["pp2"] += run("vanilla", pp2, weights_hook(w["vanilla"]))
     losses["tp2_to_pp2"] = run("gated", ["parallel.pipeline_parallel=2", "parallel.zero_stage=1",
                                          f"checkpoint.dir={out / 'tp2_to_pp2'}"])  # steps 3 and 4
+    losses["ref_elementwise"] = run("elementwise", [], save_hook(w["elementwise"]))
+    losses["tp2_elementwise"] = run("elementwise", ["parallel.tensor_parallel=2", "parallel.zero_stage=1",
+                                                    f"checkpoint.dir={out / 'tp2_elementwise'}"], weights_hook(w["elementwise"]))
     losses["dp2_zero3"] = run("gated", ["parallel.zero_stage=3"])  # TP=1: the oracle's initial weights by construction
 
     # megatron logits at TP=1 (the last run's parallel state: TP=1, PP=1, DP=2) of the two checkpoints
@@ -88,7 +93,7 @@ def main():
 
     assert ps.get_tensor_model_parallel_world_size() == 1 and ps.get_pipeline_model_parallel_world_size() == 1
     ids, logits = tokens(), {}
-    for name, variant in (("tp2", "gated"), ("pp2", "vanilla")):
+    for name, variant in (("tp2", "gated"), ("pp2", "vanilla"), ("tp2_elementwise", "elementwise")):
         cfg = load_config(DEMO, BASE + LLAMA + [VARIANTS[variant]])
         model = build_model(cfg)
         load_into_model(model, out / name, arch=arch_config(cfg), variant=attention_variant(cfg), seq_length=32,

@@ -66,6 +66,16 @@ def test_overrides_and_derived():
     (["model.transformer_overrides={fp16: true}"], "model.transformer_overrides.fp16: set by precision.dtype"),
     (["model.transformer_overrides={recompute_method: block}"], "set by model.recompute_method"),
     (["model.transformer_overrides={softmax_type: learnable}"], "softmax_type: set by attention"),
+    # knobs that make a model the checkpoint format / converter / export cannot handle: the supported way named
+    (["model.transformer_overrides={attention_output_gate: true}"],
+     "model.transformer_overrides.attention_output_gate: adds the elementwise output gate's rows to linear_qkv"),
+    (["model.transformer_overrides={attention_output_gate: true}"], "use attention.gate: elementwise"),
+    (["model.transformer_overrides={num_query_groups: 2}"], "num_query_groups: grouped-query attention"),
+    (["model.transformer_overrides={num_query_groups: 2}"], "not supported for the OPT family"),
+    (["model.transformer_overrides={num_layers_in_first_pipeline_stage: 1}"], "use parallel.pipeline_parallel"),
+    (["model.transformer_overrides={virtual_pipeline_model_parallel_size: 2}"], "no virtual stages"),
+    (["model.transformer_overrides={num_moe_experts: 4}"], "silently ignore"),
+    (["model.transformer_overrides={qk_layernorm: true}"], "silently ignore"),
     (["model.arch=tinny"], "model.arch='tinny'"),
     (["model.recompute_method=blok"], "model.recompute_method='blok'"),
     (["parallel.tensor_parallel=3", "parallel.zero_stage=1"], "not divisible by tensor parallel size 3"),
@@ -213,3 +223,77 @@ def test_fingerprint_identifies_files_by_what_they_are(tmp_path, monkeypatch):
     # blend weights stay numbers, paths resolve: two spellings of one weighted blend agree
     assert fp(["0.3", "data/corpus", "0.7", "data/other"]) == fp(["0.3", str(data / "corpus"), "0.7",
                                                                  os.path.join(".", "data", "other")])
+
+
+def test_every_override_that_makes_an_unconvertible_model_is_refused():
+    """Each TransformerConfig field a YAML value can set (bool flipped, int 1 / 2, float 0.3, every Literal
+    choice), applied to a tiny OPT model: any that changes its parameter set (names or shapes, which the
+    checkpoint format, converter and export follow) or, with the same weights, its logits (which the exported
+    model would then not reproduce) must be refused by model.transformer_overrides, in one line. megatron-core
+    decides which do, so a new knob of a later version fails this test until it is handled."""
+    import contextlib
+    import dataclasses
+    import io
+    import typing
+
+    import torch
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_outeff.megatron.parallel import init_model_parallel
+    from megatron_outeff.models.opt import OPTArchConfig, build_opt_model
+    from megatron_outeff.training.config import check_transformer_overrides
+
+    init_model_parallel(1, 1, 1)
+    arch = OPTArchConfig(name="t", num_layers=1, hidden_size=16, num_attention_heads=4, ffn_hidden_size=32,
+                         vocab_size=32, max_position_embeddings=8, hidden_dropout=0.0, attention_dropout=0.0)
+    ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def build(**override):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            torch.manual_seed(0)
+            return build_opt_model(arch, None, **override).eval()  # megatron's own layers: every knob they read
+
+    def logits(model):
+        with torch.no_grad():
+            return model(ids, torch.arange(8).expand_as(ids), None)
+
+    base_model = build()
+    # weights large enough that the attention pattern matters (the init's std 0.006 makes it nearly uniform)
+    weights = {k: v * 40 if v.dim() == 2 else v for k, v in base_model.state_dict().items() if torch.is_tensor(v)}
+    base_model.load_state_dict(weights, strict=False)
+    base_shapes, base_logits = {k: tuple(v.shape) for k, v in weights.items()}, logits(base_model)
+    hints = typing.get_type_hints(TransformerConfig)
+    changing = []
+    for f in dataclasses.fields(TransformerConfig):
+        types = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
+        values = []
+        for t in types:
+            if t is bool:
+                values.append(not f.default)
+            elif t is int:
+                values += [1, 2]
+            elif t is float:
+                values.append(0.3)
+            elif typing.get_origin(t) is typing.Literal:
+                values += list(typing.get_args(t))
+        for value in values:
+            if value == f.default:
+                continue
+            try:
+                model = build(**{f.name: value})
+                shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if torch.is_tensor(v)}
+                changed = shapes != base_shapes
+                if not changed:
+                    model.load_state_dict(weights, strict=False)
+                    changed = not torch.allclose(logits(model), base_logits, rtol=1e-4, atol=1e-4)
+            except Exception:  # megatron (or our layer) refuses the value itself: it builds or runs no model
+                continue
+            if changed:
+                changing.append((f.name, value))
+    # the scan sees the knobs that change linear_qkv (grouped-query attention, megatron's own output gate) and
+    # the one that changes the function (the attention's scale)
+    assert {("num_query_groups", 2), ("attention_output_gate", True), ("softmax_scale", 0.3)} <= set(changing)
+    for name, value in changing:
+        with pytest.raises(OutEffError) as e:
+            check_transformer_overrides({name: value})
+        assert "\n" not in str(e.value)

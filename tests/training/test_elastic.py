@@ -153,8 +153,8 @@ def _full(ckpt: Path, sub: str, iteration: int = ITERS) -> dict:
     from megatron_outeff.checkpoint_format import manifest_arch_variant, read_model_files
 
     manifest, states = read_model_files(ckpt / f"iter_{iteration:07d}" / sub)  # bf16: the fp32 master weights
-    arch, _ = manifest_arch_variant(manifest)
-    hf, padded = merge_ranks(states, arch)
+    arch, variant = manifest_arch_variant(manifest)
+    hf, padded = merge_ranks(states, arch, variant)
     return {**hf, **{f"padded {k}": v for k, v in padded.items()}}
 
 

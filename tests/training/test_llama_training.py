@@ -1,5 +1,5 @@
-"""A tiny Llama end to end (issue 23's "done when"): trains under TP=2 (Softmax_1 + per-head gates) and PP=2
-(vanilla), each stopped after 2 steps and resumed, at the single-process loss curve; TP=2 + SP under
+"""A tiny Llama end to end (issue 23's "done when"): trains under TP=2 (Softmax_1 + per-head gates, and
+Softmax_1 + the elementwise gate) and PP=2 (vanilla), stopped after 2 steps and resumed, at the single-process loss curve; TP=2 + SP under
 ZeRO-2, ZeRO-3 and a resume from TP=2 at PP=2 too; converts to our remote code and to a plain transformers LlamaForCausalLM whose
 logits match our megatron model's; the FP16 and W8A8 exports reload; the int8 CPU path and the outlier
 report run on it; TensorBoard carries OPT's tags. One torchrun launch (llama_worker.py)."""
@@ -36,11 +36,11 @@ def exported(trained, tmp_path_factory):
     from megatron_outeff.convert import to_hf
 
     out = tmp_path_factory.mktemp("llama_hf")
-    return {name: to_hf(trained / name, out / name) for name in ("tp2", "pp2")}
+    return {name: to_hf(trained / name, out / name) for name in ("tp2", "pp2", "tp2_elementwise")}
 
 
 @pytest.mark.parametrize("name, ref", [("tp2", "ref_gated"), ("pp2", "ref_vanilla"), ("tp2_sp_zero2", "ref_gated"),
-                                       ("dp2_zero3", "ref_gated")])
+                                       ("dp2_zero3", "ref_gated"), ("tp2_elementwise", "ref_elementwise")])
 def test_layouts_and_resumes_follow_the_single_process_curve(trained, name, ref):
     losses = json.loads((trained / "losses.json").read_text())
     assert len(losses[ref]) == 4 and losses[name] == pytest.approx(losses[ref], abs=TOL), losses
@@ -64,10 +64,12 @@ def test_resume_on_another_layout(trained):
 def test_the_variant_changes_the_curve(trained):
     losses = json.loads((trained / "losses.json").read_text())
     assert abs(losses["ref_gated"][-1] - losses["ref_vanilla"][-1]) > 1e-4
+    assert abs(losses["ref_elementwise"][-1] - losses["ref_vanilla"][-1]) > 1e-4
 
 
 @pytest.mark.parametrize("name, model_type, cls", [("tp2", "outeff_llama", "OutEffLlamaForCausalLM"),
-                                                    ("pp2", "llama", "LlamaForCausalLM")])
+                                                    ("pp2", "llama", "LlamaForCausalLM"),
+                                                    ("tp2_elementwise", "outeff_llama", "OutEffLlamaForCausalLM")])
 def test_exports_load_in_transformers_and_match_megatron(trained, exported, name, model_type, cls):
     from transformers import AutoModelForCausalLM
 
@@ -75,7 +77,7 @@ def test_exports_load_in_transformers_and_match_megatron(trained, exported, name
     cfg = json.loads((hf_dir / "config.json").read_text())
     assert cfg["model_type"] == model_type and cfg["num_key_value_heads"] == 2
     assert (sorted(p.name for p in hf_dir.glob("*.py")) == []) == (name == "pp2")  # vanilla: no remote code
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=name == "tp2").eval()
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=name != "pp2").eval()
     assert type(model).__name__ == cls
     ref = load_file(str(trained / "megatron_logits.safetensors"))
     with torch.no_grad():
@@ -84,10 +86,12 @@ def test_exports_load_in_transformers_and_match_megatron(trained, exported, name
     assert_close_bound(logits, want, rounding_bound(torch.float32, want.abs().max(), DEPTH), f"{name}: HF vs megatron")
 
 
-def test_fp16_and_w8a8_exports_reload_and_the_int8_path_runs(exported, tmp_path):
-    """export_fp16 / export_w8a8 (tools/export_fp16_w8a8.py's library) on the gated Llama: the W8A8 directory
-    reloads with transformers + compressed-tensors and gives our simulation of its Linears bit for bit;
-    the int8 CPU path (Int8Linear in every calibrated Linear) stays near the float model."""
+@pytest.mark.parametrize("name, linears", [("tp2", 7), ("tp2_elementwise", 8)])
+def test_fp16_and_w8a8_exports_reload_and_the_int8_path_runs(exported, tmp_path, name, linears):
+    """export_fp16 / export_w8a8 (tools/export_fp16_w8a8.py's library) on the gated Llamas: the W8A8 directory
+    reloads with transformers + compressed-tensors and gives our simulation of its Linears bit for bit (per
+    layer q, k, v, o, gate, up, down, and the elementwise gate's gate_proj; the LM head stays float); the int8
+    CPU path (Int8Linear in every calibrated Linear) stays near the float model."""
     from transformers import AutoModelForCausalLM
 
     from megatron_outeff.evaluation.quant_eval import load_hf_model
@@ -95,14 +99,14 @@ def test_fp16_and_w8a8_exports_reload_and_the_int8_path_runs(exported, tmp_path)
     from megatron_outeff.quant.export import export_fp16, export_w8a8
     from megatron_outeff.quant.int8_linear import Int8Linear, cpu_has_vnni, int8_model
 
-    model = load_hf_model(exported["tp2"])
+    model = load_hf_model(exported[name])
     g = torch.Generator().manual_seed(3)
     batches = [torch.randint(0, 256, (2, 16), generator=g) for _ in range(2)]
-    export_fp16(model, exported["tp2"], batches, tmp_path / "fp16")
+    export_fp16(model, exported[name], batches, tmp_path / "fp16")
     half = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fp16"), trust_remote_code=True)
     assert half.dtype == torch.float16 and type(half).__name__ == "OutEffLlamaForCausalLM"
-    params = export_w8a8(model, exported["tp2"], batches, tmp_path / "w8a8")
-    assert len(params) == 7 * 2  # q, k, v, o, gate, up, down per layer; the LM head stays float
+    params = export_w8a8(model, exported[name], batches, tmp_path / "w8a8")
+    assert len(params) == linears * 2
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "w8a8"), trust_remote_code=True).eval()
     ids = torch.randint(0, 256, (2, 16), generator=g)
     with torch.no_grad():

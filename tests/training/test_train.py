@@ -141,7 +141,8 @@ ROLES = {
 }
 VARIANTS = ["{softmax: vanilla}", "{softmax: softmax1}", "{softmax: softmax_n, softmax_n: 2.0}", "{softmax: learnable}",
             "{softmax: softmax1, clip_alpha: 4.0}", "{softmax: softmax1, gate: linear}",
-            "{softmax: vanilla, gate: mlp}", "{softmax: learnable, gate: shared_linear}"]
+            "{softmax: vanilla, gate: mlp}", "{softmax: learnable, gate: shared_linear}",
+            "{softmax: learnable, gate: elementwise}"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
