@@ -159,12 +159,20 @@ TRANSFORMER_FIELDS_FROM_ARCH = {
 
 
 # TransformerConfig fields the Llama family does not support through overrides (the training config refuses
-# them with the reason; models/opt.py has OPT's): layer structures the Llama layer spec does not build.
+# them with the reason; models/opt.py has OPT's): layer structures the Llama layer spec does not build, and
+# knobs that change what its layers compute away from Hugging Face's Llama (found by the scan in
+# tests/training/test_config.py, which sets every YAML-settable field on a tiny Llama too).
 # num_query_groups is the architecture's (TRANSFORMER_FIELDS_FROM_ARCH: model.arch_overrides.num_query_groups).
+_NOT_HF_LLAMA = ("changes the function Llama's layers compute ({what}), which the checkpoint's manifest and the "
+                 "Hugging Face Llama export do not represent: not supported for the Llama family")
 TRANSFORMER_FIELDS_UNSUPPORTED = {
-    key: "selects a layer structure the Llama family's layer spec does not build, so megatron would silently ignore it"
-    for key in ("num_moe_experts", "moe_layer_freq", "multi_latent_attention", "experimental_attention_variant",
-                "qk_layernorm", "mtp_num_layers", "heterogeneous_block_specs")
+    **{key: "selects a layer structure the Llama family's layer spec does not build, so megatron would silently "
+            "ignore it"
+       for key in ("num_moe_experts", "moe_layer_freq", "multi_latent_attention", "experimental_attention_variant",
+                   "qk_layernorm", "mtp_num_layers", "heterogeneous_block_specs")},
+    "glu_linear_offset": _NOT_HF_LLAMA.format(what="SwiGLU's up projection shifted by an offset"),
+    "activation_func_clamp_value": _NOT_HF_LLAMA.format(what="SwiGLU's inputs clamped"),
+    "no_rope_freq": _NOT_HF_LLAMA.format(what="rotary embeddings skipped in some layers"),
 }
 
 
