@@ -42,7 +42,7 @@ from transformers.models.llama.modeling_llama import (
 
 from .configuration_outeff_llama import OutEffLlamaConfig
 from .outeff_deps import Clip, QuantPoint, outeff_softmax_reference, resolve_sink
-from .remote_attention import gate_output, init_variant_params, install_variant_tensors, masked_out
+from .remote_attention import VariantPreTrainedMixin, gate_output, install_variant_tensors, masked_out
 
 QUANT_POINTS_PER_LAYER = 5
 
@@ -113,20 +113,12 @@ class OutEffLlamaDecoderLayer(LlamaDecoderLayer):
         return self.ffn_residual_quant(residual + hidden_states)
 
 
-class _OutEffLlamaPreTrained:
-    """Class attributes and weight init shared by the OutEff Llama model classes (mixed in first)."""
+class _OutEffLlamaPreTrained(VariantPreTrainedMixin):
+    """Class attributes and weight init shared by the OutEff Llama model classes (mixed in first): eager
+    attention only and the variant tensors' initial values (``VariantPreTrainedMixin``; std initializer_range)."""
 
     config_class = OutEffLlamaConfig
     _no_split_modules = ["OutEffLlamaDecoderLayer"]
-    # The eager path only: no sdpa / flash / flex kernel computes these softmax variants.
-    _supports_attention_backend = False
-    _supports_flash_attn = False
-    _supports_sdpa = False
-    _supports_flex_attn = False
-
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        init_variant_params(module, self.config.initializer_range)  # each variant tensor's one initial value
 
 
 # As in the OPT remote code: transformers' constructor builds its parts under no_init_weights, the OutEff

@@ -44,7 +44,7 @@ from transformers.models.opt.modeling_opt import (
 
 from .configuration_outeff_opt import OutEffOPTConfig
 from .outeff_deps import Clip, QuantPoint, outeff_softmax_reference, resolve_sink
-from .remote_attention import OutEffHeadGate, gate_output, init_variant_params, install_variant_tensors
+from .remote_attention import OutEffHeadGate, VariantPreTrainedMixin, gate_output, install_variant_tensors
 from .remote_attention import masked_out as _masked_out
 
 QUANT_POINTS_PER_LAYER = 5
@@ -127,22 +127,13 @@ class OutEffOPTDecoderLayer(OPTDecoderLayer):
         return hidden_states
 
 
-class _OutEffOPTPreTrained:
-    """Class attributes and weight init shared by the OutEff OPT model classes (mixed in first)."""
+class _OutEffOPTPreTrained(VariantPreTrainedMixin):
+    """Class attributes and weight init shared by the OutEff OPT model classes (mixed in first): eager attention
+    only and the variant tensors' initial values (``VariantPreTrainedMixin``), OPT's init std."""
 
     config_class = OutEffOPTConfig
     _no_split_modules = ["OutEffOPTDecoderLayer"]
-    # The eager path only: no sdpa / flash / flex kernel computes these softmax variants.
-    _supports_attention_backend = False
-    _supports_flash_attn = False
-    _supports_sdpa = False
-    _supports_flex_attn = False
-
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        # A module holding variant tensors (``variant_params``) gets the one initial value of each
-        # (``variant_tensors``), after transformers' own init of the module.
-        init_variant_params(module, self.config.init_std)
+    variant_init_std = "init_std"
 
 
 # Each constructor lets transformers' OPT constructor build its parts, then swaps in the OutEff part.

@@ -1,7 +1,8 @@
-"""The family-independent part of the remote-code attention (OPT: ``modeling_outeff_opt.py``, Llama:
-``modeling_outeff_llama.py``): the variant's tensors on an attention module, its output gates, their
-initialisation, and the eager-mask conversion. A model family's attention computes q, k, v its own way
-(OPT's scaled queries, Llama's RoPE and grouped-query heads) and uses these for the rest.
+"""The family-independent part of the remote code (OPT: ``modeling_outeff_opt.py``, Llama:
+``modeling_outeff_llama.py``): the variant's fields on a config (``VariantConfigMixin``), the variant's
+tensors on an attention module, its output gates, their initialisation (``VariantPreTrainedMixin``), and
+the eager-mask conversion. A model family's attention computes q, k, v its own way (OPT's scaled queries,
+Llama's RoPE and grouped-query heads) and uses these for the rest.
 
 Imports the project's code only through ``outeff_deps`` (an exported directory ships this file beside it:
 transformers copies a modeling file's relative imports).
@@ -9,7 +10,7 @@ transformers copies a modeling file's relative imports).
 import torch
 from torch import nn
 
-from .outeff_deps import apply_output_gate, causal_mask, elementwise_gate, head_gate
+from .outeff_deps import AttentionVariantConfig, apply_output_gate, causal_mask, elementwise_gate, head_gate, variant_tensors
 
 
 class OutEffHeadGate(nn.Module):
@@ -93,4 +94,47 @@ def init_variant_params(module: nn.Module, std: float) -> None:
             init.constant_(param, t.init)
 
 
-__all__ = ["OutEffHeadGate", "gate_output", "init_variant_params", "install_variant_tensors", "masked_out"]
+class VariantConfigMixin:
+    """The attention variant on a transformers config (mixed in before the family's config class): the fields
+    of ``AttentionVariantConfig`` as flat config.json keys under the same names, parsed and validated by it.
+    The family says its head width and whether its q/k/v projections have a bias (``variant_head_dim``,
+    ``variant_qkv_bias``)."""
+
+    def _set_variant(self, variant) -> None:
+        """Check ``variant`` for this model (an unresolved clip_alpha, the gate's shape rules) and store its
+        fields; called by the family config's ``__post_init__`` after its own."""
+        variant.clip_pair()  # an unresolved clip_alpha is refused here
+        self.variant_tensors(variant)  # the gate's shape rules
+        for name, value in variant.to_dict().items():
+            setattr(self, name, value)
+
+    def attention_variant(self) -> AttentionVariantConfig:
+        return AttentionVariantConfig.from_fields(vars(self))
+
+    def variant_tensors(self, variant=None):
+        """The tensors the variant adds to each attention layer (``ops.variants.variant_tensors``; their ``hf``
+        names are inside ``self_attn``)."""
+        variant = self.attention_variant() if variant is None else variant
+        return variant_tensors(variant, num_heads=self.num_attention_heads, head_dim=self.variant_head_dim(),
+                               hidden_size=self.hidden_size, qkv_bias=self.variant_qkv_bias())
+
+
+class VariantPreTrainedMixin:
+    """What every OutEff model class shares (mixed in first): transformers' eager attention only (no sdpa /
+    flash / flex kernel computes these softmax variants), and each variant tensor's one initial value after
+    transformers' own init of its module (``init_variant_params``; N(0, the config's ``variant_init_std``
+    attribute) where the description has no constant)."""
+
+    _supports_attention_backend = False
+    _supports_flash_attn = False
+    _supports_sdpa = False
+    _supports_flex_attn = False
+    variant_init_std = "initializer_range"
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        init_variant_params(module, getattr(self.config, self.variant_init_std))
+
+
+__all__ = ["OutEffHeadGate", "VariantConfigMixin", "VariantPreTrainedMixin", "gate_output", "init_variant_params",
+           "install_variant_tensors", "masked_out"]
