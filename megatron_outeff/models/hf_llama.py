@@ -41,9 +41,11 @@ from megatron_outeff.errors import OutEffError, with_context
 
 # Family-neutral helpers shared with the OPT mapping (state-dict plumbing, no OPT names).
 from .hf_opt import (  # noqa: F401  (re-exported: the family interface)
-    VARIANT_PARAM_PATTERNS, _as_grid, _check_variant_state, _chunk, _padded_embedding, check_hf_safetensors,
-    gather_megatron_state_dicts, load_megatron_state_dict, read_hf_safetensors,
+    HF_ATTENTION, MG_ATTENTION, VARIANT_PARAM_PATTERNS, _as_grid, _check_variant_state, _chunk, _padded_embedding, arch_variant_tensors,
+    check_hf_safetensors, gather_megatron_state_dicts, layer_variant_shapes, load_megatron_state_dict,
+    read_hf_safetensors,
 )
+from .hf_opt import split_variant_state as split_opt_variant_state
 from .llama import LlamaArchConfig, check_parallel_layout, load_arch_config, padded_vocab_size
 
 HF_MODEL = "model."
@@ -64,7 +66,6 @@ STRUCTURAL_FIELDS = (
 # Per layer: (HF name under model.layers.N., megatron name under decoder.layers.N.) of the RMSNorms.
 _LAYER_NORMS = (("input_layernorm.weight", "input_layernorm.weight"),
                 ("post_attention_layernorm.weight", "pre_mlp_layernorm.weight"))
-HF_ATTENTION, MG_ATTENTION = "self_attn.", "self_attention."  # where a variant's tensors live (ops/variants.py)
 _HF_VARIANT_RE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(.+)$")
 
 
@@ -74,17 +75,10 @@ _HF_VARIANT_RE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(.+)$")
 
 
 def llama_variant_tensors(arch: LlamaArchConfig, variant) -> tuple:
-    """The tensors ``variant`` (an AttentionVariantConfig or a mapping of its fields) adds to each attention
-    layer of ``arch`` (``ops.variants.variant_tensors``): per query head, also under grouped-query attention;
-    the elementwise gate without a bias (Llama's projections have none). One-line OutEffError for a gate the
-    architecture cannot have."""
-    from megatron_outeff.ops.variants import AttentionVariantConfig, variant_tensors
-
-    try:
-        return variant_tensors(AttentionVariantConfig.from_dict(variant), num_heads=arch.num_attention_heads,
-                               head_dim=arch.head_dim, hidden_size=arch.hidden_size, qkv_bias=False)
-    except ValueError as e:
-        raise with_context(arch.name, e) from None
+    """The tensors ``variant`` adds to each attention layer of ``arch`` (``ops.variants.variant_tensors``): per
+    query head, also under grouped-query attention; the elementwise gate without a bias (Llama's projections
+    have none). One-line OutEffError for a gate the architecture cannot have."""
+    return arch_variant_tensors(arch, variant, qkv_bias=False)
 
 
 variant_tensors_of = llama_variant_tensors  # the family interface (models/family.py)
@@ -92,21 +86,13 @@ variant_tensors_of = llama_variant_tensors  # the family interface (models/famil
 
 def variant_hf_shapes(arch: LlamaArchConfig, variant) -> dict[str, tuple]:
     """{Hugging Face name: full shape} of every variant tensor of every layer, in layer order."""
-    tensors = llama_variant_tensors(arch, variant)
-    return {f"{HF_LAYER_PREFIX}{i}.{HF_ATTENTION}{t.hf}": t.shape for i in range(arch.num_layers) for t in tensors}
+    return layer_variant_shapes(llama_variant_tensors(arch, variant), arch.num_layers, HF_LAYER_PREFIX)
 
 
 def split_variant_state(hf_sd: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
-    """(standard Llama tensors, attention-variant tensors) of a Hugging Face state dict: a variant tensor is any
-    name some variant gives a tensor inside ``self_attn`` (``ops.variants.variant_tensor_owners``)."""
-    from megatron_outeff.ops.variants import variant_tensor_owners
-
-    names = variant_tensor_owners("hf")
-    plain, extra = {}, {}
-    for k, v in hf_sd.items():
-        m = _HF_VARIANT_RE.match(k)
-        (extra if m and m.group(2) in names else plain)[k] = v
-    return plain, extra
+    """(standard Llama tensors, attention-variant tensors) of a Hugging Face state dict (``hf_opt``'s rule at
+    Llama's layers)."""
+    return split_opt_variant_state(hf_sd, _HF_VARIANT_RE)
 
 
 def _fused_gate(tensors):
