@@ -121,3 +121,23 @@ def test_sweep_dose_response_and_first_token_exclusion(tiny):
     assert ranges["max"] > 1.5 * rest["max"] and ranges["max_tensor"] in ranges["tensors"]
     assert len(ranges["tensors"]) == simulated_w8a8_perplexity(tiny["massive"], tiny["blocks"], tiny["calib"],
                                                                batch_size=4)["quantized_activations"]
+
+
+def test_report_metrics_a_quantizer_sees(tiny):
+    """evaluation.report: MA / RI / first-token ratio per layer output against the formulas applied to
+    transformers' own hidden states (output_hidden_states; entry i + 1 is layer i's output for every
+    layer but the last, whose entry is after the final LayerNorm); the planted activation shows."""
+    from megatron_outeff.evaluation.report import collect_model_stats
+    from megatron_outeff.metrics import first_token_norm_ratio, massive_activation_ratio, range_inflation
+
+    stats = {n: collect_model_stats(tiny[n], tiny["blocks"], batch_size=4) for n in ("plain", "massive")}
+    with torch.no_grad():
+        hs = tiny["massive"](input_ids=tiny["blocks"], output_hidden_states=True).hidden_states
+    row = stats["massive"]["layers"][0]
+    assert row["massive_activation"] == pytest.approx(massive_activation_ratio(hs[1], token_dim=1), rel=1e-5)
+    assert row["range_inflation"] == pytest.approx(range_inflation(hs[1], token_dim=1), rel=1e-5)
+    assert row["first_token_norm_ratio"] == pytest.approx(first_token_norm_ratio(hs[1], token_dim=1), rel=1e-5)
+    a, b = stats["massive"]["aggregates"], stats["plain"]["aggregates"]
+    assert a["max_massive_activation"] > 5 * b["max_massive_activation"] and a["max_range_inflation"] > 5 * b["max_range_inflation"]
+    assert a["first_token_excess_norm"] == pytest.approx(max(r["first_token_norm_ratio"] for r in stats["massive"]["layers"]) - 1)
+    assert a["max_absmax_over_rms_component"] in stats["massive"]["components"]
