@@ -454,8 +454,9 @@ def read_curves(tensorboard_dir) -> dict[str, list]:
 
 def _train_run(exp: ExperimentConfig, run: Run, run_dir: Path, log) -> dict:
     """Run the training CLI for one run (resumes from its checkpoint). With ``time_limit_s`` the trainer
-    gets SIGTERM after that long (it finishes the step, saves, exits 0). Returns {"seconds",
-    "time_limited"}; ``train_done.json`` records a finished training, so a re-run does not train again."""
+    gets SIGTERM that long after its first logged iteration (start-up, imports and engine building not
+    counted; it finishes the step, saves, exits 0). Returns {"seconds", "time_limited"};
+    ``train_done.json`` records a finished training, so a re-run does not train again."""
     done = run_dir / "train_done.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -475,14 +476,16 @@ def _train_run(exp: ExperimentConfig, run: Run, run_dir: Path, log) -> dict:
     with open(run_dir / "train.log", "a") as logf:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=repo)
         timer = None
-        if exp.time_limit_s:
-            def stop():
-                limited.set()
-                proc.send_signal(signal.SIGTERM)
-            timer = threading.Timer(exp.time_limit_s, stop)
-            timer.start()
+
+        def stop():
+            limited.set()
+            proc.send_signal(signal.SIGTERM)
+
         try:
             for line in proc.stdout:
+                if exp.time_limit_s and timer is None and line.startswith("iter "):
+                    timer = threading.Timer(exp.time_limit_s, stop)
+                    timer.start()
                 logf.write(line)
                 if line.startswith(("iter ", "resumed", "done", "error", "Traceback", "stop requested")) or "Error" in line:
                     log(f"[{run.label}] {line.rstrip()}")
