@@ -791,19 +791,26 @@ def plot_curves(rep: dict, out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
         for a, pts in series.items():
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=2.5, label=a)
-        vals = [p[1] for pts in series.values() for p in pts if p[1] is not None and p[1] > 0]
-        if vals and max(vals) / max(min(vals), 1e-12) > 50:
-            ax.set_yscale("log")
-        ax.set_xlabel("training step")
-        ax.set_title(f"{name} ({CURVE_TAGS[name]})", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / f"{name}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save_curve_figure(fig, ax, name, [p[1] for pts in series.values() for p in pts], out_dir))
     return paths
+
+
+def _save_curve_figure(fig, ax, name: str, values: list, out_dir: Path) -> Path:
+    """Log y when the positive values span > 50x; labels, legend; saved as OUT/<name>.png and closed."""
+    import matplotlib.pyplot as plt
+
+    pos = [v for v in values if v is not None and v > 0]
+    if pos and max(pos) / max(min(pos), 1e-12) > 50:
+        ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_title(f"{name} ({CURVE_TAGS[name]})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / f"{name}.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 
@@ -1114,18 +1121,7 @@ def plot_curves_v2(rep: dict, out_dir: Path) -> list[Path]:
         if not drawn:
             plt.close(fig)
             continue
-        pos = [v for v in vals if v is not None and v > 0]
-        if pos and max(pos) / max(min(pos), 1e-12) > 50:
-            ax.set_yscale("log")
-        ax.set_xlabel("training step")
-        ax.set_title(f"{name} ({CURVE_TAGS[name]})", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out_dir / f"{name}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save_curve_figure(fig, ax, name, vals, out_dir))
     return paths
 
 
