@@ -433,7 +433,9 @@ def run_training_config(exp: ExperimentConfig, run: Run, run_dir: Path) -> dict:
 
 def read_curves(tensorboard_dir) -> dict[str, list]:
     """{metric: [[step, value], ...]} for CURVE_TAGS from a run's TensorBoard event files, plus
-    ``absmax_over_rms_components``: {component: [[step, value], ...]} (the probe's per-component tags)."""
+    ``absmax_over_rms_components`` ({component: [[step, value], ...]}, the probe's per-component tags) and
+    ``first_token_norm_sources`` ({embedding | layer{i}.attn_out | layer{i}.fc2 | layer{i}.layer: ...}: where
+    the first token's vector comes from)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(tensorboard_dir), size_guidance={"scalars": 0})
@@ -445,10 +447,11 @@ def read_curves(tensorboard_dir) -> dict[str, list]:
         return [[s, by_step[s]] for s in sorted(by_step)]
 
     curves = {name: points(tag) for name, tag in CURVE_TAGS.items() if tag in have}
-    comps = {t[len("outliers/"):-len("/absmax_over_rms")].replace("/", "."): points(t) for t in sorted(have)
-             if t.startswith("outliers/") and t.endswith("/absmax_over_rms") and t != CURVE_TAGS["max_absmax_over_rms"]}
-    if comps:
-        curves["absmax_over_rms_components"] = comps
+    for suffix, key in (("/absmax_over_rms", "absmax_over_rms_components"), ("/first_token_norm", "first_token_norm_sources")):
+        per = {t[len("outliers/"):-len(suffix)].replace("/", "."): points(t) for t in sorted(have)
+               if t.startswith("outliers/") and t.endswith(suffix) and t != CURVE_TAGS["max_absmax_over_rms"]}
+        if per:
+            curves[key] = per
     return curves
 
 
@@ -987,6 +990,11 @@ def summarize(exp: ExperimentConfig, results: dict, verdict: dict) -> dict:
         rows["matched_step"] = _stats([r["matched_step"] for r in runs])
         names = [r["final"].get("max_absmax_over_rms_quantized_tensor") for r in runs]
         rows["max_absmax_over_rms_quantized_tensor"] = sorted({n for n in names if n})
+        sources = [results[(arm, seed)]["curve"].get("first_token_norm_sources") or {} for seed in exp.seeds]
+        rows["first_token_norm_sources"] = {
+            src: _stats([curve_score(per[src], end_step=verdict["common_step"], tail=exp.claim.tail_probes)["last"]
+                         for per in sources if per.get(src)])
+            for src in sorted({k for per in sources for k in per})}
         out[arm] = rows
     return out
 
@@ -1068,6 +1076,15 @@ def render_markdown_v2(rep: dict) -> str:
               "| metric | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
     for title, key, fmt in MATCHED_ROWS:
         lines.append(f"| {title} | " + " | ".join(_cell(rep["summary"][a].get(key), fmt) for a in arms) + " |")
+    srcs = sorted({k for a in arms for k in rep["summary"][a].get("first_token_norm_sources", {})},
+                  key=lambda k: (k != "embedding", k))
+    if srcs:
+        lines += ["", "Where the first token's vector comes from: ||x_0|| at each source (same step; attention / MLP "
+                  "outputs before their bias; `layer` = the residual stream after the layer):", "",
+                  "| source | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+        for src in srcs:
+            lines.append(f"| {src} | " + " | ".join(_cell(rep["summary"][a].get("first_token_norm_sources", {}).get(src), "{:.3g}")
+                                                  for a in arms) + " |")
     lines += ["", "| rule | arm | claimed | same step, every seed | matched copy loss, every seed | per seed (same step) |",
               "|---|---|---|---|---|---|"]
     for r in v["rules"]:

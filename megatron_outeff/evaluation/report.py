@@ -98,10 +98,26 @@ def collect_model_stats(model, blocks: torch.Tensor, *, batch_size: int = 8, top
         st["first_token_norm_ratio"] += first_token_norm_ratio(h, token_dim=1) * n
         st["n"] += n
 
+    # where the first token's vector comes from: ||x_0|| at the token and position embeddings and at each
+    # layer's attention (out_proj) and MLP (fc2) outputs, summed over sequences; HF OPT runs fc2 on
+    # [b*s, d] rows (b-major): position 0 is every s-th row
+    first_norm: dict[str, float] = {}
+    seq_len = [blocks.shape[1]]
+
+    def add_first(name, out):
+        x = (out[0] if isinstance(out, (tuple, list)) else out).detach().double()
+        x0 = x[:, 0] if x.dim() == 3 else x[::seq_len[0]]
+        first_norm[name] = first_norm.get(name, 0.0) + x0.norm(dim=-1).sum().item()
+
+    decoder = model.model.decoder
+    sources = {"embed_tokens": decoder.embed_tokens, "embed_positions": decoder.embed_positions}
+    for i, layer in enumerate(decoder.layers):
+        sources[f"layer{i}.attn_out"], sources[f"layer{i}.fc2"] = layer.self_attn.out_proj, layer.fc2
     points = _softmax_points(model)
     handles = [p.register_forward_hook(lambda mod, args, out, i=i: add(i, args[0])) for i, p in enumerate(points)]
     handles += [layer.register_forward_hook(lambda mod, args, out, i=i: add_tokens(i, out))
                 for i, layer in enumerate(model.model.decoder.layers)]
+    handles += [m.register_forward_hook(lambda mod, args, out, n=n: add_first(n, out)) for n, m in sources.items()]
     source = "softmax_quant QuantPoint input (forward hook)" if points else "output_attentions=True (eager attention)"
     was_training = model.training
     model.eval()
@@ -168,6 +184,7 @@ def collect_model_stats(model, blocks: torch.Tensor, *, batch_size: int = 8, top
             "max_absmax_over_rms": summ["max_absmax_over_rms"],
             "max_absmax_over_rms_component": summ["max_absmax_over_rms_component"],
         },
+        "first_token_norm_sources": {n: v / blocks.shape[0] for n, v in first_norm.items()},
         "top_outlier_channels": [{"channel": ch, "max_abs": v, "component": name} for ch, (v, name) in top],
         "top_residual_channels": [{"channel": ch, "max_abs": v} for ch, v in top_r],
         "layers": layers,
@@ -366,6 +383,10 @@ def render_markdown(report: dict) -> str:
             dims = ", ".join(f"{c}:{v:.3g}" for c, v in zip(f["top_channels"][:3], f["top_channel_values"][:3]))
             lines.append(f"\nFinal LayerNorm output: inf norm {f['inf_norm']:.4g}, kurtosis {f['kurtosis']:.4g}, "
                          f"outlier share {f['outlier_share']:.2e}, top dims {dims}.")
+        src = m.get("first_token_norm_sources") or {}
+        if src:
+            lines.append("\nFirst token's vector by source (||x_0||, mean over sequences; out_proj / fc2 with bias): "
+                         + ", ".join(f"{n} {v:.4g}" for n, v in src.items()) + ".")
         tops = ", ".join(f"dim {t['channel']} = {t['max_abs']:.4g} ({t['component']})" for t in m["top_outlier_channels"][:5])
         lines.append(f"\nTop outlier dimensions (all components): {tops}.")
     return "\n".join(lines) + "\n"

@@ -141,3 +141,24 @@ def test_report_metrics_a_quantizer_sees(tiny):
     assert a["max_massive_activation"] > 5 * b["max_massive_activation"] and a["max_range_inflation"] > 5 * b["max_range_inflation"]
     assert a["first_token_excess_norm"] == pytest.approx(max(r["first_token_norm_ratio"] for r in stats["massive"]["layers"]) - 1)
     assert a["max_absmax_over_rms_component"] in stats["massive"]["components"]
+
+
+def test_report_first_token_sources(tiny):
+    """evaluation.report: ||x_0|| per source against the same modules' outputs captured independently."""
+    from megatron_outeff.evaluation.report import collect_model_stats
+
+    m = tiny["massive"]
+    dec = m.model.decoder
+    seen = {}
+    hooks = [dec.embed_positions.register_forward_hook(lambda mod, a, out: seen.__setitem__("pos", out.detach().double())),
+             dec.layers[0].fc2.register_forward_hook(lambda mod, a, out: seen.__setitem__("fc2", out.detach().double()))]
+    with torch.no_grad():
+        m(input_ids=tiny["blocks"])
+    for h in hooks:
+        h.remove()
+    src = collect_model_stats(m, tiny["blocks"], batch_size=4)["first_token_norm_sources"]
+    s = tiny["blocks"].shape[1]
+    want_pos = seen["pos"].reshape(-1, s, seen["pos"].shape[-1])[:, 0].norm(dim=-1).mean().item()
+    want_fc2 = seen["fc2"].reshape(-1, s, seen["fc2"].shape[-1])[:, 0].norm(dim=-1).mean().item()
+    assert src["embed_positions"] == pytest.approx(want_pos, rel=1e-6) and src["layer0.fc2"] == pytest.approx(want_fc2, rel=1e-6)
+    assert src["embed_positions"] > 20 * src["embed_tokens"]  # the planted position-0 embedding
