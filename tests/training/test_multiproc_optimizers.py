@@ -3,8 +3,8 @@ OrthoAdam at DP=2 and PP=2 follows the single-process run (its rotations are key
 parameter names, so a pipeline stage rotates as the whole model does), and resumes its single-process
 checkpoint at PP=2 and DP=2 (elastic, its moments in their rotated basis); at TP=2 it runs (the split
 axes get a block-diagonal rotation, another optimizer than at TP=1: runs, finite, near the TP=1 curve)
-and a TP change on resume is refused. SGD at DP=2 ZeRO-2 and Muon at DP=2 ZeRO-1 follow their
-single-process curves."""
+and a TP change on resume is refused. SGD at DP=2 ZeRO-2 and TP=2 ZeRO-1, Muon at DP=2 ZeRO-1 and
+PP=2 ZeRO-1 follow their single-process curves."""
 import json
 import shutil
 import subprocess
@@ -55,6 +55,8 @@ def runs(tmp_path_factory):
         "ortho_resume_pp2": ORTHO + ["parallel.pipeline_parallel=2", f"checkpoint.dir={resumes['pp2']}"],
         "ortho_resume_dp2": ORTHO + [f"checkpoint.dir={resumes['dp2']}"],
         "sgd_dp2_z2": SGD + ["parallel.zero_stage=2"], "muon_dp2_z1": MUON + ["parallel.zero_stage=1"],
+        "sgd_tp2_z1": SGD + ["parallel.tensor_parallel=2", "parallel.zero_stage=1"],
+        "muon_pp2_z1": MUON + ["parallel.pipeline_parallel=2", "parallel.zero_stage=1"],
     }
     cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), WORKER, str(out / "job.json"),
            *[f"{n}:" + ",".join(s) for n, s in layouts.items()]]
@@ -98,6 +100,7 @@ def test_orthoadam_tp2_runs_and_a_tp_change_on_resume_is_refused(runs, tmp_path)
     assert elastic.check_resume(load_config(DEMO, BASE + ORTHO + ["parallel.pipeline_parallel=2"]), tag, 2) is None
 
 
-@pytest.mark.parametrize("kind, layout", [("sgd", "sgd_dp2_z2"), ("muon", "muon_dp2_z1")])
-def test_sgd_and_muon_data_parallel_follow_one_process(runs, kind, layout):
+@pytest.mark.parametrize("kind, layout", [("sgd", "sgd_dp2_z2"), ("muon", "muon_dp2_z1"), ("sgd", "sgd_tp2_z1"),
+                                          ("muon", "muon_pp2_z1")])
+def test_sgd_and_muon_layouts_follow_one_process(runs, kind, layout):
     torch.testing.assert_close(torch.tensor(runs[layout]), torch.tensor(runs[kind]), rtol=LOSS_RTOL, atol=0)
