@@ -39,7 +39,7 @@ SoftmaxType = Literal["vanilla", "softmax1", "softmax_n", "learnable"]
 GateType = Literal["none", "linear", "mlp", "shared_linear"]
 SOFTMAX_VARIANTS: Tuple[str, ...] = typing.get_args(SoftmaxType)
 GATE_VARIANTS: Tuple[str, ...] = typing.get_args(GateType)
-IMPLEMENTATIONS = ("auto", "torch", "cpu", "triton", "rowwise")
+IMPLEMENTATIONS = ("auto", "torch", "cpu", "triton", "rowwise", "sdpa")
 
 # Field names of files written before 2026-11-30, still read: checkpoint manifests said "n".
 LEGACY_FIELD_NAMES = {"n": "softmax_n"}
