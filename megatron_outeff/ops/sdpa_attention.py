@@ -196,26 +196,37 @@ _LSE_BASE: Dict[Tuple[str, str, torch.dtype], float] = {}
 _LSE_LOCK = threading.Lock()
 
 
-def lse_base(kernel: str, device: torch.device, dtype: torch.dtype) -> float:
+def lse_base(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int = 64) -> float:
     """ln(base) of the kernel's log-sum-exp: 1.0 for the natural log, ln 2 for base 2 (cached per
-    kernel, device, dtype). Measured on q = k = 0.25 (d 64, sq = sk = 16), whose scores are all
-    0.25^2 * 64 / 8 = 0.5: L = 0.5 + ln 16. Errors: RuntimeError for any other value."""
+    kernel, device, dtype). Measured on q = k = v = c (one head, sq = sk = 16, the call's head dim),
+    whose scores all equal s = c^2 d / sqrt(d): L = s + ln 16 exactly. Errors: RuntimeError for any
+    other value. A kernel that refuses the probe itself (a shape limit of its own) is assumed to use
+    the natural log, with a warning (the GPU check's tests measure every kernel's base directly)."""
     key = (kernel, str(device), dtype)
     if key in _LSE_BASE:
         return _LSE_BASE[key]
     with _LSE_LOCK, torch.no_grad():
-        q = torch.full((1, 1, 16, 64), 0.25, dtype=dtype, device=device)
-        _, lse, _ = KERNELS[kernel].forward(q, q, q, None, 0.0, False, 0.125)
-        got = float(lse_rows(lse, 16).float().mean())
-        natural = 0.5 + math.log(16.0)
+        scale = head_dim ** -0.5
+        q = torch.full((1, 1, 16, head_dim), (0.5 / (head_dim * scale)) ** 0.5, dtype=dtype, device=device)
+        c = float(q.flatten()[0].double())
+        natural = c * c * head_dim * scale + math.log(16.0)
+        try:
+            _, lse, _ = KERNELS[kernel].forward(q, q, q, None, 0.0, False, scale)
+        except RuntimeError as e:
+            warnings.warn(f"torch's {kernel} kernel refused the log-sum-exp probe ({str(e).splitlines()[0][:120]}); "
+                          "assuming the natural log", RuntimeWarning, stacklevel=2)
+            _LSE_BASE[key] = 1.0
+            return 1.0
+        got = float(lse_rows(lse, 16).double().mean())
         for ln_base in (1.0, math.log(2.0)):
             if abs(got * ln_base - natural) < 1e-2:
                 _LSE_BASE[key] = ln_base
                 return ln_base
         raise RuntimeError(
             f"torch's {kernel} kernel ({dtype}, {device}) returned a log-sum-exp of {got:.4f} for scores that "
-            f"all equal 0.5 over 16 keys: expected {natural:.4f} (natural log) or {natural / math.log(2.0):.4f} "
-            f"(base 2); the sink rescale out * sigmoid(lse - a_h) needs the natural log of the scaled scores")
+            f"all equal {natural - math.log(16.0):.4f} over 16 keys: expected {natural:.4f} (natural log) or "
+            f"{natural / math.log(2.0):.4f} (base 2); the sink rescale out * sigmoid(lse - a_h) needs the natural "
+            f"log of the scaled scores")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -449,7 +460,7 @@ def sdpa_outeff_attention(
         if not impl.takes_bias:
             raise SDPAUnavailable(f"the {kernel} kernel takes no bias (key padding, dense masks, causal with sq != sk)")
         bias = impl.prepare_bias(bias, qt, kt)
-    ln_base = 1.0 if q.device.type == "meta" else lse_base(kernel, q.device, q.dtype)
+    ln_base = 1.0 if q.device.type == "meta" else lse_base(kernel, q.device, q.dtype, dp)
     if kt.shape[1] != k.shape[2]:
         name += "+expanded_kv"
     _note(name)

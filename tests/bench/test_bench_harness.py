@@ -138,3 +138,19 @@ def test_targets_range_worst_and_report():
     assert mfu["value"] == 0.4 and mfu["met"] is None and mfu["op"] == "report"
     assert aggregate([], "clipped_fwdbwd_vs_sdpa") == dict(value=None, goal=2.0, op="<=", met=None, detail="not measured")
     assert {t.key for t in GPU_TARGETS} <= set(TARGETS) and not math.isnan(TARGETS["gated_fwdbwd_vs_sdpa"].goal)
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--variants", "vanilla", "bogus"], "--variants: benchmark variant 'bogus'"),
+    (["--variants", "softmax1"], "expected 'vanilla' among them"),
+])
+def test_bench_train_refuses_unknown_variants(tmp_path, args, pattern):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, str(root / "tools/bench_train.py"), *args, "--output-json", str(tmp_path / "b.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and pattern in res.stderr and res.stderr.strip().count("\n") == 0, res.stderr
+    assert list(tmp_path.iterdir()) == []

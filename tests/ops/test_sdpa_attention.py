@@ -247,6 +247,24 @@ def test_lse_base_trap_is_real(emulated, monkeypatch):
     assert (out - ref).abs().max() > 1e-2
 
 
+def test_lse_probe_refused_by_the_kernel_warns_and_assumes_natural(emulated, monkeypatch):
+    """A kernel with a shape limit of its own that refuses the tiny probe: the call goes on (natural log
+    assumed, which the GPU check's test_sdpa_cuda.py measures for every real kernel), with a warning."""
+    real = emulated._scaled_dot_product_cudnn_attention
+
+    def picky(*args, **kwargs):
+        if args[0].shape[2] == 16:
+            raise RuntimeError("cuDNN: sequence length 16 not supported (test)")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(emulated, "_scaled_dot_product_cudnn_attention", picky)
+    leaves, kw = make_inputs(sq=9, sk=9, variant="learnable")
+    dout = dout_for(leaves)
+    with pytest.warns(RuntimeWarning, match="refused the log-sum-exp probe"):
+        out, grads = run_kernel(leaves, kw, "cudnn", dout)
+    ref, ref_grads = oracle_fp64(leaves, kw, dout)
+    assert_match(out, grads, ref, ref_grads, FP64_TOL, leaves)
+
+
 def test_lse_of_unscaled_scores_is_refused(emulated):
     """An LSE in neither convention (here: of the unscaled scores) stops the call with the reason."""
     emulated.lse_unscaled = True
