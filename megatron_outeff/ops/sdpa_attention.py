@@ -441,6 +441,8 @@ def sdpa_outeff_attention(
     """
     b, sq, h, d = q.shape
     sk = k.shape[1]
+    if q.numel() == 0 or sk == 0:      # no query, or no key (every row fully masked: zeros); the kernels divide by these
+        return torch.zeros_like(q) + 0.0 * (q.sum() + k.sum() + v.sum())
     dp = d
     if d % 8 and (q.device.type != "cpu" or kernel not in (None, "cpu_flash")):   # as SDPA on CUDA: head dim to a multiple of 8
         dp = d + 8 - d % 8

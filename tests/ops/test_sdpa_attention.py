@@ -349,6 +349,19 @@ def test_auto_falls_back_with_one_warning(monkeypatch):
         outeff_attention(q, q, q, causal=True)                              # the second time: no warning
 
 
+@pytest.mark.parametrize("shape", [(0, 4, 4), (1, 0, 4), (1, 4, 0)], ids=["b0", "sq0", "sk0"])
+def test_empty_inputs(shape):
+    """No batch, no query or no key: an empty (or, without keys, all-zero) output and zero gradients; the
+    CPU kernel itself dies of a division by zero (SIGFPE) on sq = 0."""
+    b, sq, sk = shape
+    q = torch.randn(b, sq, 2, 8, requires_grad=True)
+    k = torch.randn(b, sk, 2, 8, requires_grad=True)
+    out = outeff_attention(q, k, k, softmax="softmax1", causal=False)
+    assert out.shape == (b, sq, 2, 8) and (out == 0).all()
+    out.sum().backward()
+    assert (q.grad == 0).all() and (k.grad == 0).all()
+
+
 def test_forced_sdpa_refusals():
     q = torch.randn(1, 4, 2, 8)
     with pytest.raises(ValueError, match="clip with impl='sdpa'"):
