@@ -449,12 +449,15 @@ def sdpa_outeff_attention(
         q, k, v = (torch.nn.functional.pad(t, (0, dp - d)) for t in (q, k, v))
     is_causal, bias, visible = kernel_masks(b, sq, sk, causal, key_padding_mask, q.dtype, q.device, mask)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    relaxed = ""
     if kernel is None:
+        was_causal = is_causal
         kernel, is_causal, bias, kt, vt = choose_kernel(qt, kt, vt, bias, dropout_p, is_causal, scale)
+        relaxed = "+causal_in_bias" if was_causal and not is_causal else ""
     elif kt.shape[1] != qt.shape[1] and kernel == "efficient":     # no GQA in the memory-efficient kernel
         g = h // kt.shape[1]
         kt, vt = kt.repeat_interleave(g, dim=1), vt.repeat_interleave(g, dim=1)
-    name = kernel
+    name = kernel + relaxed
     if dropout_p > 0 and not KERNELS[kernel].dropout:
         raise SDPAUnavailable(f"dropout_p={dropout_p}: the {kernel} kernel has no RNG state to hand to its backward")
     impl = KERNELS[kernel]

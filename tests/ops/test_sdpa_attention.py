@@ -320,7 +320,7 @@ def test_choice_relaxations(monkeypatch):
     sdpa_outeff_attention(q, k, v, scale=0.125, causal=True, key_padding_mask=kpm).sum().backward()
     assert [(c.heads, c.causal, c.result) for c in choice.calls] == [
         ((4, 2), True, 0), ((4, 4), True, 0), ((4, 2), False, 0), ((4, 4), False, 2)]
-    assert sdpa_attention.sdpa_backend_record()["last"] == "efficient+expanded_kv"
+    assert sdpa_attention.sdpa_backend_record()["last"] == "efficient+causal_in_bias+expanded_kv"
     assert q.grad.shape == q.shape and k.grad.shape == k.shape
 
 
