@@ -41,7 +41,6 @@ from megatron_outeff.utils.cli import (
 
 ROOT = Path(__file__).resolve().parents[1]
 
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 DEFAULT_VARIANTS = ("vanilla", "softmax1", "gated softmax1")   # names in megatron_outeff.bench.variants
 
 
@@ -227,8 +226,9 @@ def cpu_peak_mib(name: str, args) -> float | None:
         ["--micro-batch", str(args.micro_batch)] if args.micro_batch else [])
     # A fresh single-process group: drop the rendezvous variables this process set for itself.
     from megatron_outeff.bench.harness import probe_subprocess
+    from megatron_outeff.megatron.parallel import single_process_env
 
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env = single_process_env()
     return probe_subprocess(cmd, env={**env, "PYTHONWARNINGS": "ignore"})
 
 

@@ -466,13 +466,9 @@ def _train_run(exp: ExperimentConfig, run: Run, run_dir: Path, log) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir / "train.yaml"
     cfg_path.write_text(yaml.safe_dump(run_training_config(exp, run, run_dir), sort_keys=False))
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    # One intra-op thread per training process unless the caller says otherwise: on a shared 2-core
-    # machine OpenMP's spinning threads made a step 5-10x slower (measured, tools/results/experiments/).
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env = _child_env()
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
     repo = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [sys.executable, "-m", "megatron_outeff.training.train", "--config", str(cfg_path)]
     t0 = time.time()
     limited = threading.Event()
@@ -1150,7 +1146,13 @@ class ExperimentFailed(RuntimeError):
 
 
 def _child_env() -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    """The environment of a run's process: its own single-process group (no launcher variables
+    inherited), one intra-op thread unless the caller set OMP_NUM_THREADS, this repository importable."""
+    from megatron_outeff.megatron.parallel import single_process_env
+
+    env = dict(single_process_env(), PYTHONUNBUFFERED="1")
+    # One intra-op thread per training process unless the caller says otherwise: on a shared 2-core
+    # machine OpenMP's spinning threads made a step 5-10x slower (measured, tools/results/experiments/).
     env.setdefault("OMP_NUM_THREADS", "1")
     repo = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

@@ -65,7 +65,7 @@ class ParallelConfig:
 
 @dataclass
 class OptimizerConfig:
-    # training/optimizer.py build_optimizer; which layouts each supports: optimizer.unsupported_layout.
+    # training/optimizer.py build_optimizer; which layouts each supports: optimizer_layout_refusal.
     # adamw: torch AdamW (DeepSpeed's CPU AdamW under ZeRO-Offload). orthoadam: AdamW in a fixed random
     # orthogonal basis per parameter (training/orthoadam.py; Kaul et al. 2025). sgd: torch SGD with
     # momentum. muon: DeepSpeed's Muon (hidden matrices) with AdamW for the rest.
@@ -272,6 +272,33 @@ def _content_hash(path) -> str:
 # --------------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------------
+def optimizer_layout_refusal(cfg: Config) -> str | None:
+    """Why ``optimizer.type`` cannot run this config's layout (one line), or None. Checked by
+    validate, before anything is built. (Resume on another layout: elastic.check_resume.)"""
+    o, p, dtype = cfg.optimizer, cfg.parallel, cfg.precision.dtype
+    kind = f"optimizer.type={o.type}"
+    if o.type == "adamw":
+        return None
+    if p.cpu_offload:
+        return (f"{kind} with parallel.cpu_offload: ZeRO-Offload steps only DeepSpeed's own CPU optimizers "
+                "(DeepSpeedCPUAdam for adamw); use cpu_offload: false")
+    if o.type == "orthoadam" and (p.zero_stage > 0 or dtype != "fp32"):
+        what = f"parallel.zero_stage={p.zero_stage}" if p.zero_stage > 0 else f"precision.dtype={dtype}"
+        return (f"{kind} with {what}: DeepSpeed's ZeRO-1/2/3 and bf16/fp16 optimizers hand the base optimizer flat "
+                "fp32 partitions that cut across parameters, and a per-axis rotation needs each parameter whole; "
+                "expected zero_stage 0 with precision.dtype fp32 (DP, TP and PP are supported)")
+    if o.type == "muon":
+        if p.tensor_parallel > 1:
+            return (f"{kind} with parallel.tensor_parallel={p.tensor_parallel}: DeepSpeed's Muon orthogonalizes each "
+                    "rank's local shard (a block-wise Muon, a different optimizer than at TP=1), and megatron-core's "
+                    "TP-exact TensorParallelMuon needs the emerging_optimizers package and megatron's own optimizer "
+                    "wrappers instead of the DeepSpeed engine; expected tensor_parallel 1")
+        if dtype != "fp32":
+            return (f"{kind} with precision.dtype={dtype}: verified in fp32 only (DeepSpeed's bf16 Muon needs fp32 "
+                    "gradient accumulation and dense DP); expected precision.dtype fp32")
+    return None
+
+
 def validate(cfg: Config) -> None:
     """Every key, checked when the config is loaded (before anything is built or written), without a
     process group: the sections here, the model and attention keys in check_model. World-size
@@ -312,9 +339,7 @@ def validate(cfg: Config) -> None:
     for where, value in (("optimizer.lr", o.lr), ("optimizer.muon_lr", o.muon_lr)):
         if value is not None and not value > 0:
             raise OutEffError(f"{where}={value}: must be > 0")
-    from .optimizer import unsupported_layout  # what each optimizer type can run
-
-    reason = unsupported_layout(cfg)
+    reason = optimizer_layout_refusal(cfg)  # what each optimizer type can run
     if reason:
         raise OutEffError(reason)
     if s.decay_style not in ("linear", "cosine", "constant"):

@@ -8,7 +8,7 @@ our fp32 gradient clipping.
   AdamW, no FusedAdam JIT build; DeepSpeed's CPU AdamW under ZeRO-Offload), ``orthoadam`` (ours,
   training/orthoadam.py, rotations from ``orthoadam_rotations``), ``sgd`` (torch SGD with momentum),
   ``muon`` (DeepSpeed's MuonWithAuxAdam: Muon for the hidden matrices, AdamW for the rest).
-- ``unsupported_layout``: why an optimizer cannot run a layout (checked when the config loads);
+- which layouts each optimizer can run: ``config.optimizer_layout_refusal`` (checked when the config loads);
   ``state_keys``: its per-element state, for training/elastic.py.
 - ``WarmupDecayLR`` / ``build_scheduler``: linear warmup, then linear / cosine decay to ``min_lr`` (a
   client scheduler, saved in DeepSpeed checkpoints).
@@ -83,33 +83,6 @@ SGD_MOMENTUM, MUON_MOMENTUM = 0.9, 0.95  # optimizer.momentum=null: torch's usua
 def momentum(cfg: Config) -> float:
     o = cfg.optimizer
     return o.momentum if o.momentum is not None else (MUON_MOMENTUM if o.type == "muon" else SGD_MOMENTUM)
-
-
-def unsupported_layout(cfg: Config) -> str | None:
-    """Why ``optimizer.type`` cannot run this config's layout (one line), or None. Called by
-    config.validate, before anything is built. (Resume on another layout: elastic.check_resume.)"""
-    o, p, dtype = cfg.optimizer, cfg.parallel, cfg.precision.dtype
-    kind = f"optimizer.type={o.type}"
-    if o.type == "adamw":
-        return None
-    if p.cpu_offload:
-        return (f"{kind} with parallel.cpu_offload: ZeRO-Offload steps only DeepSpeed's own CPU optimizers "
-                "(DeepSpeedCPUAdam for adamw); use cpu_offload: false")
-    if o.type == "orthoadam" and (p.zero_stage > 0 or dtype != "fp32"):
-        what = f"parallel.zero_stage={p.zero_stage}" if p.zero_stage > 0 else f"precision.dtype={dtype}"
-        return (f"{kind} with {what}: DeepSpeed's ZeRO-1/2/3 and bf16/fp16 optimizers hand the base optimizer flat "
-                "fp32 partitions that cut across parameters, and a per-axis rotation needs each parameter whole; "
-                "expected zero_stage 0 with precision.dtype fp32 (DP, TP and PP are supported)")
-    if o.type == "muon":
-        if p.tensor_parallel > 1:
-            return (f"{kind} with parallel.tensor_parallel={p.tensor_parallel}: DeepSpeed's Muon orthogonalizes each "
-                    "rank's local shard (a block-wise Muon, a different optimizer than at TP=1), and megatron-core's "
-                    "TP-exact TensorParallelMuon needs the emerging_optimizers package and megatron's own optimizer "
-                    "wrappers instead of the DeepSpeed engine; expected tensor_parallel 1")
-        if dtype != "fp32":
-            return (f"{kind} with precision.dtype={dtype}: verified in fp32 only (DeepSpeed's bf16 Muon needs fp32 "
-                    "gradient accumulation and dense DP); expected precision.dtype fp32")
-    return None
 
 
 def state_keys(cfg: Config) -> tuple[str, ...] | None:
