@@ -16,23 +16,23 @@ float). Timed: one prefill forward of 1 x `tokens` tokens under torch.no_grad wi
 (what generate() computes for a prompt), fp32 and int8 interleaved; tokens/s = tokens / median time.
 Also printed: the relative error of the int8 model's logits and of the simulated compressed-tensors
 W8A8 model's (simulate_w8a8_model: the same codes, float GEMMs) against fp32.
-A benchmark, not a test: numbers depend on the CPU, its load (printed) and thread count.
+A benchmark, not a test: numbers depend on the CPU, its load (printed) and thread count. Timing,
+interleaving and the device / load record are the shared harness's (megatron_outeff/bench/harness.py);
+--output-json / --output-md write every row as it is measured.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
+from megatron_outeff.bench import harness
 from megatron_outeff.quant import calibrate_w8a8_linears, quantize_weight_per_channel, simulate_w8a8_model
 from megatron_outeff.quant.int8_linear import Int8Linear, cpu_has_vnni, int8_model
-from megatron_outeff.utils.cli import OneLineArgumentParser, command, positive_int
+from megatron_outeff.utils.cli import OneLineArgumentParser, command, output_file, positive_int
 
 SHAPES = [  # (name, in_features, out_features)
     ("fc1 (768->3072)", 768, 3072),
@@ -42,21 +42,20 @@ SHAPES = [  # (name, in_features, out_features)
 
 
 def paired(fns: dict, reps: int) -> dict:
-    """Median time per function, the functions interleaved rep by rep so that a load change on a
-    shared machine hits all of them alike."""
-    for f in fns.values():
-        f(), f()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """Median seconds per function, the functions interleaved rep by rep (harness.round_robin) so that a
+    load change on a shared machine hits all of them alike."""
+    samples = harness.round_robin(fns, warmup=2, repeats=reps, device=torch.device("cpu"), rotate=False)
+    for name, s in samples.items():
+        if not s.ok:
+            raise RuntimeError(f"{name}: {s.error}")
+    return {k: s.median / 1e3 for k, s in samples.items()}
 
 
 def load() -> str:
-    return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
+    return "load average " + " ".join(f"{x:.1f}" for x in (harness.loadavg() or []))
+
+
+ROWS: list = []
 
 
 def bench_linears(args, reduce_range) -> None:
@@ -73,6 +72,9 @@ def bench_linears(args, reduce_range) -> None:
             t_fp, t_gemm, t_mod = t["fp"], t["gemm"], t["mod"]
         print(f"{name:28s} {t_fp * 1e3:9.3f} {t_gemm * 1e3:13.3f} {t_mod * 1e3:15.3f} {t_fp / t_gemm:11.2f} {t_fp / t_mod:13.2f}"
               f"   (reduce_range={m.reduce_range})", flush=True)
+        ROWS.append(dict(what=name, threads=torch.get_num_threads(), fp32_ms=t_fp * 1e3, int8_gemm_ms=t_gemm * 1e3,
+                         int8_module_ms=t_mod * 1e3, ratio_gemm=t_fp / t_gemm, ratio_module=t_fp / t_mod,
+                         reduce_range=m.reduce_range))
 
 
 def build_models(tokens: int, reduce_range):
@@ -98,6 +100,8 @@ def bench_model(args, model, qmodel, simulated) -> None:
               f"difference upstream moves values across rounding ties downstream)")
         t = paired({"fp32": lambda: model(ids, logits_to_keep=1), "int8": lambda: qmodel(ids, logits_to_keep=1)}, args.model_reps)
     tps = {k: args.tokens / v for k, v in t.items()}
+    ROWS.append(dict(what=f"whole model, prefill 1 x {args.tokens}", threads=torch.get_num_threads(),
+                     fp32_ms=t["fp32"] * 1e3, int8_module_ms=t["int8"] * 1e3, ratio_module=t["fp32"] / t["int8"]))
     print(f"  prefill 1 x {args.tokens}: fp32 {tps['fp32']:8.1f} tokens/s ({t['fp32'] * 1e3:.0f} ms), "
           f"int8 {tps['int8']:8.1f} tokens/s ({t['int8'] * 1e3:.0f} ms), int8 / fp32 {tps['int8'] / tps['fp32']:.2f}x; {load()}",
           flush=True)
@@ -114,7 +118,12 @@ def main(argv=None) -> None:
                     help="7-bit activations: auto = unless the CPU has VNNI")
     ap.add_argument("--model", action="store_true", help="also measure the whole OPT-125m-shaped model")
     ap.add_argument("--model-reps", type=positive_int, default=5)
+    ap.add_argument("--output-json", type=output_file, default=None, help="the rows as JSON (rewritten after each)")
+    ap.add_argument("--output-md", type=output_file, default=None, help="the rows as a Markdown table")
     args = ap.parse_args(argv)
+    meta = dict(harness.environment(torch.device("cpu"), modules=("transformers",)), cpu_has_vnni=cpu_has_vnni(),
+                tokens=args.tokens, reps=args.reps)
+    report = harness.Report(args.output_json, args.output_md, meta, render=render)
     reduce_range = {"auto": None, "on": True, "off": False}[args.reduce_range]
     torch.manual_seed(0)
     models = build_models(args.tokens, reduce_range) if args.model else None
@@ -124,9 +133,24 @@ def main(argv=None) -> None:
               f"{torch.backends.cpu.get_cpu_capability()}, VNNI {cpu_has_vnni()}, threads {torch.get_num_threads()}, "
               f"tokens {args.tokens}, median of {args.reps} interleaved reps; {load()}", flush=True)
         bench_linears(args, reduce_range)
+        report.save(rows=ROWS)
         if models:
             print(f"whole model (OPT-125m shape, random weights, lm_head fp32), median of {args.model_reps}:")
             bench_model(args, *models)
+            report.save(rows=ROWS)
+    report.finish(rows=ROWS)
+
+
+COLUMNS = [("what", "what", ""), ("threads", "threads", ""), ("fp32 ms", "fp32_ms", ".3f"),
+           ("int8 GEMM ms", "int8_gemm_ms", ".3f"), ("int8 module ms", "int8_module_ms", ".3f"),
+           ("fp32 / int8 GEMM", "ratio_gemm", ".2f"), ("fp32 / int8 module", "ratio_module", ".2f")]
+
+
+def render(doc: dict) -> str:
+    m = doc["meta"]
+    return (f"# fp32 vs int8 Linear ({m['device']}, capability {m['cpu_capability']}, VNNI {m['cpu_has_vnni']})\n\n"
+            f"Command: `{m['command']}`; versions {m['versions']}; load average at start {m['loadavg_start']}, "
+            f"now {m.get('loadavg_now')}.\n\n" + harness.markdown_table(doc["rows"], COLUMNS) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,52 +1,36 @@
+#!/usr/bin/env python
 """Benchmark: one megatron-core TransformerLayer forward + backward per attention variant.
 
-OPT-125m layer shape (hidden 768, 12 heads, FFN 3072). Every variant is timed in the same process
-as the vanilla baseline, round-robin (each repetition runs every variant once, in a rotating
-order) so that load drift on a shared machine hits all variants alike; the median is reported
-with its ratio to our vanilla layer. megatron-core's own DotProductAttention (vanilla and
-softmax_type='off-by-one') is timed too, as the reference point.
+OPT-125m layer shape (hidden 768, 12 heads, FFN 3072). Every variant of the one benchmark list
+(megatron_outeff/bench/variants.py, BENCH_VARIANTS) is timed in the same process as the vanilla
+baseline, round-robin (each repetition runs every variant once, in a rotating order: the shared
+harness, megatron_outeff/bench/harness.py), so that load drift on a shared machine hits all variants
+alike; the median is reported with its ratio to our vanilla layer. megatron-core's own
+DotProductAttention (vanilla and softmax_type='off-by-one') is timed too, as the reference point.
+JSON (--output-json, default tools/results/bench_layer_<device>.json) is rewritten after every
+round; a Markdown table goes beside it.
 
     python tools/bench_layer.py                       # CPU: seq 512, batch 1
-    python tools/bench_layer.py --seq 2048 --batch 4  # GPU (CUDA: Triton flash path)
-Writes --output-json (default tools/results/bench_layer_<device>.json) and a markdown table beside it.
+    python tools/bench_layer.py --seq 2048 --batch 4  # GPU (CUDA: torch's fused kernels; Triton for clipped)
 """
 from __future__ import annotations
 
-import json
 import os
-import platform
-import statistics
 import sys
-import time
 
 import torch
 
 from megatron_outeff.utils.cli import OneLineArgumentParser, command, nonnegative_int, output_file, positive_int
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def variants(seq):
-    from megatron_outeff.megatron.variant import AttentionVariantConfig as V
-
-    return {
-        "vanilla": V(),
-        "softmax1": V(softmax="softmax1"),
-        "softmax_n(n=2)": V(softmax="softmax_n", softmax_n=2.0),
-        "learnable": V(softmax="learnable"),
-        "clipped(alpha=12)": V(clip_alpha=12.0),
-        "clipped softmax1": V(softmax="softmax1", clip_alpha=12.0),
-        "gated(linear)": V(gate="linear"),
-        "gated(linear) softmax1": V(softmax="softmax1", gate="linear"),
-        "gated(mlp)": V(gate="mlp"),
-        "gated(shared_linear)": V(gate="shared_linear"),
-    }
+MCORE = ("megatron DotProductAttention vanilla", "megatron DotProductAttention off-by-one")
 
 
 def build_layers(args, device, dtype):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import build_module
     from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron_outeff.bench.variants import BENCH_VARIANTS
     from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
 
     def config(**kw):
@@ -58,14 +42,32 @@ def build_layers(args, device, dtype):
             persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False, **kw,
         )
 
-    layers = {}
-    for name, v in variants(args.seq).items():
-        layers[name] = build_module(get_outeff_layer_spec(v, seq_length=args.seq), config=config(), layer_number=1)
-    layers["megatron DotProductAttention vanilla"] = build_module(get_gpt_layer_local_spec(), config=config(), layer_number=1)
-    layers["megatron DotProductAttention off-by-one"] = build_module(
-        get_gpt_layer_local_spec(), config=config(softmax_type="off-by-one"), layer_number=1
-    )
+    layers = {name: build_module(get_outeff_layer_spec(v, seq_length=args.seq), config=config(), layer_number=1)
+              for name, v in BENCH_VARIANTS.items()}
+    layers[MCORE[0]] = build_module(get_gpt_layer_local_spec(), config=config(), layer_number=1)
+    layers[MCORE[1]] = build_module(get_gpt_layer_local_spec(), config=config(softmax_type="off-by-one"), layer_number=1)
     return {k: m.to(device=device, dtype=dtype) for k, m in layers.items()}
+
+
+COLUMNS = [("variant", "variant", ""), ("median ms", "median_ms", ".1f"), ("min ms", "min_ms", ".1f"),
+           ("median ratio", "ratio_to_vanilla", ".2f"), ("min ratio", "min_ratio_to_vanilla", ".2f"), ("status", "status", "")]
+
+
+def render(doc: dict) -> str:
+    from megatron_outeff.bench.harness import markdown_table
+
+    m = doc["meta"]
+    s = m["shape"]
+    return "\n".join([
+        f"# TransformerLayer forward+backward, OPT-125m shape (hidden 768, 12 heads, FFN 3072), seq {s['seq']}, "
+        f"batch {s['batch']}, {m['dtype']}", "",
+        f"Device: {m['device']}; versions {m['versions']}; median of {m['reps']} round-robin repetitions after "
+        f"{m['warmup']} warm-up{' (PARTIAL)' if m['partial'] else ''}.", "",
+        f"Command: `{m['command']}`", "",
+        f"Load average at start {m['loadavg_start']}, now {m.get('loadavg_now')} (CPU count {m['cpu_count']}).", "",
+        "Both ratios are to our vanilla layer. On a shared, loaded CPU (see the load average) differences under "
+        "~15% are noise; the GPU run (--seq 2048) is the one to judge kernels by.", "",
+        markdown_table(doc["rows"], COLUMNS)]) + "\n"
 
 
 @command
@@ -75,11 +77,13 @@ def main(argv=None):
     p.add_argument("--batch", type=positive_int, default=None, help="batch size (default 1 on CPU, 4 on GPU)")
     p.add_argument("--reps", type=positive_int, default=5)
     p.add_argument("--warmup", type=nonnegative_int, default=1)
-    p.add_argument("--dtype", default=None, help="float32 (CPU default) | bfloat16 (GPU default)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="float32 (CPU default) | bfloat16 (GPU default)")
     p.add_argument("--output-json", type=output_file, default=None,
                    help="default tools/results/bench_layer_<device>.json; the Markdown table beside it (.md)")
     args = p.parse_args(argv)
 
+    from megatron_outeff.bench import harness
     from megatron_outeff.megatron.parallel import init_model_parallel
 
     init_model_parallel(1, 1, seed=1234)
@@ -92,60 +96,39 @@ def main(argv=None):
     x = torch.randn(args.seq, args.batch, 768, device=device, dtype=dtype)
 
     def step(layer):
-        h = x.detach().requires_grad_(True)
-        out, _ = layer(h, attention_mask=None)
-        out.float().sum().backward()
-        if cuda:
-            torch.cuda.synchronize()
+        def run():
+            layer.zero_grad(set_to_none=True)
+            h = x.detach().requires_grad_(True)
+            out, _ = layer(h, attention_mask=None)
+            out.float().sum().backward()
+        return run
 
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    names = list(layers)
-    times = {n: [] for n in names}
-    for n in names:
-        for _ in range(args.warmup):
-            step(layers[n])
-    for r in range(args.reps):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for n in order:
-            layers[n].zero_grad(set_to_none=True)
-            t = time.perf_counter()
-            step(layers[n])
-            times[n].append(time.perf_counter() - t)
-
-    base, base_min = statistics.median(times["vanilla"]), min(times["vanilla"])
-    rows = [
-        {"variant": n, "median_ms": 1e3 * statistics.median(times[n]), "min_ms": 1e3 * min(times[n]),
-         "ratio_to_vanilla": statistics.median(times[n]) / base, "min_ratio_to_vanilla": min(times[n]) / base_min}
-        for n in names
-    ]
-    import megatron.core
-
-    report = {
-        "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__, "megatron_core": getattr(megatron.core, "__version__", "?"),
-        "python": platform.python_version(), "shape": {"hidden": 768, "heads": 12, "ffn": 3072, "seq": args.seq, "batch": args.batch},
-        "dtype": str(dtype).replace("torch.", ""), "reps": args.reps, "warmup": args.warmup,
-        "what": "one TransformerLayer (local spec) forward + backward, input grad included",
-        "command": "python " + " ".join(sys.argv), "rows": rows,
-        "loadavg_1min_before_after": [load_before and load_before[0], os.getloadavg()[0] if load_before else None],
-    }
     out_json = args.output_json or os.path.join(ROOT, "tools", "results", f"bench_layer_{'gpu' if cuda else 'cpu'}.json")
-    os.makedirs(os.path.dirname(out_json), exist_ok=True)
-    with open(out_json, "w") as f:
-        json.dump(report, f, indent=1)
-    lines = [
-        f"# TransformerLayer forward+backward, OPT-125m shape (hidden 768, 12 heads, FFN 3072), seq {args.seq}, batch {args.batch}, {report['dtype']}",
-        "", f"Device: {report['device']}; torch {report['torch']}, megatron-core {report['megatron_core']}; "
-        f"median of {args.reps} round-robin repetitions after {args.warmup} warm-up.", "",
-        f"Command: `{report['command']}`", "",
-        f"1-minute load average before / after: {report['loadavg_1min_before_after']} (CPU count {os.cpu_count()}).", "",
-        "Both ratios are to our vanilla layer. On a shared, loaded CPU (see the load average) differences under ~15% are noise; the GPU run (--seq 2048) is the one to judge kernels by.", "",
-        "| variant | median ms | min ms | median ratio | min ratio |", "|---|---:|---:|---:|---:|",
-    ] + [f"| {r['variant']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['ratio_to_vanilla']:.2f} | {r['min_ratio_to_vanilla']:.2f} |" for r in rows]
-    md = "\n".join(lines) + "\n"
-    with open(out_json[:-5] + ".md", "w") as f:
-        f.write(md)
-    print(md)
+    meta = dict(harness.environment(device), dtype=str(dtype).replace("torch.", ""), reps=args.reps, warmup=args.warmup,
+                shape={"hidden": 768, "heads": 12, "ffn": 3072, "seq": args.seq, "batch": args.batch},
+                what="one TransformerLayer (local spec) forward + backward, input grad included")
+    report = harness.Report(out_json, out_json[:-5] + ".md", meta, render=render)
+
+    def rows(samples):
+        out = []
+        for name, s in samples.items():
+            r = {"variant": name, "status": "ok" if s.ok else (s.error or "not timed yet")}
+            if s.ok:
+                r.update(median_ms=s.median, min_ms=s.min, ratio_to_vanilla=harness.ratio(samples, name, "vanilla"),
+                         min_ratio_to_vanilla=harness.ratio(samples, name, "vanilla", "min"))
+            out.append(r)
+        return out
+
+    fns = {name: step(layer) for name, layer in layers.items()}
+    try:
+        samples = harness.round_robin(fns, warmup=args.warmup, repeats=args.reps, device=device,
+                                      after_round=lambda r, s: report.save(rows=rows(s)))
+    except KeyboardInterrupt:
+        print(f"interrupted: partial results in {out_json}")
+        return 130
+    doc = report.finish(rows=rows(samples))
+    print(render(doc))
+    return 0
 
 
 if __name__ == "__main__":

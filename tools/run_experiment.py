@@ -1,9 +1,11 @@
-"""Run the Bigram-Backcopy outlier experiment: every arm trained, evaluated and reported.
+"""Run the Bigram-Backcopy outlier experiment: every arm (x seed) trained, evaluated and reported.
 
-    python tools/run_experiment.py --config configs/experiments/bb-sink-cpu.yaml --output-dir OUT_DIR [--set k=v ...]
+    python tools/run_experiment.py --config configs/experiments/bb-massive-cpu.yaml --output-dir OUT_DIR [--set k=v ...]
 
-OUT_DIR: new, empty, or this experiment's (then it continues: finished arms are kept). Logic in
-megatron_outeff/evaluation/experiment.py (module doc: outputs, the claim rule).
+OUT_DIR: new, empty, or this experiment's (then it continues: finished runs are kept). Runs go
+``jobs`` at a time, one process each. Logic in megatron_outeff/evaluation/experiment.py (module doc:
+outputs, the claim rules). Exit code 2: bad input (one line, nothing written); 1: a run failed (its
+log says why; the finished runs are kept and the same command retries the others).
 """
 import sys
 
@@ -18,10 +20,14 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override an experiment value, e.g. --set training.train.train_iters=10 (repeatable)")
     args = parser.parse_args(argv)
-    from megatron_outeff.evaluation.experiment import load_experiment, run_experiment
+    from megatron_outeff.evaluation.experiment import ExperimentFailed, load_experiment, run_experiment
 
-    run_experiment(load_experiment(args.config, args.set), args.output_dir,
-                   command=["run_experiment.py", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        run_experiment(load_experiment(args.config, args.set), args.output_dir,
+                       command=["run_experiment.py", *(sys.argv[1:] if argv is None else argv)])
+    except ExperimentFailed as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

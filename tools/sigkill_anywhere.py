@@ -43,7 +43,6 @@ from pathlib import Path
 from megatron_outeff.utils.cli import OneLineArgumentParser, command, nonnegative_int, output_file, positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 SAVE_POINTS = ("files", "renamed", "latest", "pruning")
 KEEP_LAST = 2
 
@@ -61,7 +60,9 @@ def trainer_cmd(ckpt: Path, iters: int, zero_stage: int) -> list[str]:
 
 
 def trainer_env(extra: dict | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    from megatron_outeff.megatron.parallel import single_process_env
+
+    env = single_process_env()
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache/torch_extensions"))
     env["PYTHONUNBUFFERED"] = "1"

@@ -5,7 +5,9 @@
     check_runnable(model_dir, config, block_size=None) -> block size      (float model, <= max positions)
     check_device(device) -> device                                       (one-line OutEffError if absent)
     fp16_perplexity(model, blocks, ...) -> {"loss", "ppl", "tokens", "mode", "note"}
-    simulated_w8a8_perplexity(model, blocks, calib_batches, ...) -> {..., "quantized_modules", ...}
+    simulated_w8a8_perplexity(model, blocks, calib_batches, ..., act_bits=8, exclude_first_token=False) -> {...}
+    activation_bit_sweep(model, blocks, calib_batches, act_bits=(8, 6, 5, 4)) -> {..., "b_star"}   (dose-response)
+    quantized_activation_ranges(model, blocks) -> {"tensors": {name: max|x| / RMS}, "max", "max_tensor"}
     deployable_w8a8_perplexity(model, blocks, calib_batches, out_dir, ...) -> {..., "dir"}
     evaluate_quantization(model_dir, blocks, calib_batches, *, skip_quant=False, ...) -> dict
 
@@ -54,6 +56,12 @@ __all__ = [
     "quantizable_model",
     "deployable_w8a8_perplexity",
     "evaluate_quantization",
+    "SWEEP_ACT_BITS",
+    "check_bits",
+    "first_token_mask",
+    "sensitivity_bits",
+    "activation_bit_sweep",
+    "quantized_activation_ranges",
 ]
 
 # LM head stays float (paper); per-head gates are not quantized (they are not Linear modules in our
@@ -225,15 +233,22 @@ def quantizable_model(model):
 
 
 def simulated_w8a8_perplexity(model, blocks, calib_batches, *, batch_size: int = 8,
-                              exclude: Sequence[str] = SIMULATED_EXCLUDE) -> dict:
+                              exclude: Sequence[str] = SIMULATED_EXCLUDE, act_bits: int = 8, weight_bits: int = 8,
+                              exclude_first_token: bool = False) -> dict:
     """The paper's simulated W8A8 perplexity (module doc), like-for-like: a plain OPT is evaluated
     through ``quantizable_model`` so every variant has the same quantized op set. The float model is
-    not modified."""
+    not modified. act_bits / weight_bits: the grids (the paper: 8 / 8; ``activation_bit_sweep``).
+    exclude_first_token: position 0 of every quantized activation stays in floating point and out of
+    calibration (PrefixQuant-style; ``first_token_mask``)."""
     from megatron_outeff.quant import apply_simulated_w8a8
     from megatron_outeff.quant.points import is_quant_point
 
+    check_bits(act_bits, "act_bits")
+    check_bits(weight_bits, "weight_bits")
     model = quantizable_model(model)
-    sim = apply_simulated_w8a8(model, calibration_fn(calib_batches, _device_of(model)), exclude=exclude)
+    sim = apply_simulated_w8a8(model, calibration_fn(calib_batches, _device_of(model)), exclude=exclude,
+                               act_bits=act_bits, weight_bits=weight_bits,
+                               keep_float=first_token_mask if exclude_first_token else None)
     res = perplexity(sim.model, blocks, batch_size=batch_size)
     n_points = sum(1 for n in sim.act_quantizers if is_quant_point(sim.model.get_submodule(n)))
     res.update(
@@ -242,13 +257,139 @@ def simulated_w8a8_perplexity(model, blocks, calib_batches, *, batch_size: int =
         quant_points=n_points,
         excluded=sim.excluded,
         uncalibrated=sim.uncalibrated,
-        note=("paper protocol: W 8-bit symmetric per-tensor min-max; A 8-bit asymmetric running min-max "
-              "(momentum 0.9, 99.999th percentile); Linear/Embedding/LayerNorm weights+outputs"
+        act_bits=act_bits, weight_bits=weight_bits, first_token_float=exclude_first_token,
+        note=(f"paper protocol: W {weight_bits}-bit symmetric per-tensor min-max; A {act_bits}-bit asymmetric running "
+              "min-max (momentum 0.9, 99.999th percentile); Linear/Embedding/LayerNorm weights+outputs"
               + (", Q K^T, softmax, P V, residual sums" if n_points else " (no attention-internal points)")
-              + "; LM head and gates float; plain OPT evaluated through OutEffOPT(vanilla): same op set"),
+              + "; LM head and gates float; plain OPT evaluated through OutEffOPT(vanilla): same op set"
+              + ("; position 0 kept in float and out of calibration" if exclude_first_token else "")),
     )
     del sim
     return res
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantization sensitivity as a dose-response (issue 21)
+# --------------------------------------------------------------------------------------------------
+SWEEP_ACT_BITS = (8, 6, 5, 4)
+SENSITIVITY_TOLERANCE = 0.05  # b*: the fewest activation bits whose perplexity increase stays below 5%
+
+
+def check_bits(bits, where: str = "bits") -> int:
+    """``bits`` if it is an integer bit width in [2, 16] (the quantizers' grids), else OutEffError (one line)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
+        raise OutEffError(f"{where}={bits!r}: expected an integer bit width from 2 to 16")
+    return bits
+
+
+def first_token_mask(name: str, out: torch.Tensor, input_shape: tuple) -> torch.Tensor:
+    """The entries of a quantized activation of an OutEffOPT model (``quantizable_model``) that belong
+    to position 0, for ``input_shape`` (batch, seq): token-major tensors [b, s, ...] (embeddings,
+    LayerNorms, q/k/v/out projections, the attention residual) at s = 0; rows r of flattened [b*s, d]
+    tensors (HF OPT's FFN, its LayerNorm and residual) with r % s == 0; P V [b, H, s, d] at s = 0; the
+    token x token tensors Q K^T and the softmax output ([b, H, s, s]: module names ``qk_quant`` /
+    ``softmax_quant``) in row 0 and column 0 (every score of the first query and every score on the
+    first key). A layout not listed is a ValueError naming the module (never a silent guess)."""
+    if len(input_shape) != 2:
+        raise ValueError(f"first_token_mask: expected input ids [batch, seq], got input shape {input_shape}")
+    b, s = input_shape
+    shape = tuple(out.shape)
+    mask = torch.zeros(shape, dtype=torch.bool, device=out.device)
+    if out.dim() == 4 and name.rsplit(".", 1)[-1] in ("qk_quant", "softmax_quant") and shape[2] == shape[3] == s:
+        mask[:, :, 0, :] = True
+        mask[:, :, :, 0] = True
+    elif out.dim() == 4 and shape[0] == b and shape[2] == s:
+        mask[:, :, 0] = True
+    elif out.dim() == 3 and shape[0] in (b, 1) and shape[1] == s:
+        mask[:, 0] = True
+    elif out.dim() == 2 and shape[0] == b * s:
+        mask[::s] = True
+    else:
+        raise ValueError(f"first_token_mask: {name}: output of shape {shape} has no known token axis for input {input_shape}")
+    return mask
+
+
+def sensitivity_bits(increase: dict, tolerance: float = SENSITIVITY_TOLERANCE):
+    """b* from {act_bits: relative perplexity increase}: the fewest bits b such that every swept width
+    >= b increases perplexity by less than ``tolerance`` (so a non-monotone sweep cannot report a low
+    b* above a failing width); None if even the widest fails."""
+    ok = None
+    for bits in sorted(increase, reverse=True):
+        if not increase[bits] < tolerance:
+            break
+        ok = bits
+    return ok
+
+
+def activation_bit_sweep(model, blocks, calib_batches, *, act_bits: Sequence[int] = SWEEP_ACT_BITS,
+                         weight_bits: int = 8, batch_size: int = 8, tolerance: float = SENSITIVITY_TOLERANCE,
+                         fp32_ppl: Optional[float] = None, log: Callable[[str], None] = lambda s: None) -> dict:
+    """The paper's protocol (per-tensor static, the same op set for every model) at each activation
+    width with ``weight_bits`` weights, once as is and once with position 0 in float and out of
+    calibration. Returns {"fp32_ppl", "weight_bits", "tolerance", "all": {bits: {"ppl", "increase"}},
+    "first_token_float": {...}, "b_star": {"all": b*, "first_token_float": b*}}; increase = ppl / fp32 - 1."""
+    widths = [check_bits(b, "act_bits") for b in act_bits]
+    if not widths or len(set(widths)) != len(widths):
+        raise OutEffError(f"act_bits={list(act_bits)}: expected distinct bit widths")
+    check_bits(weight_bits, "weight_bits")
+    if fp32_ppl is None:
+        fp32_ppl = perplexity(model, blocks, batch_size=batch_size)["ppl"]
+    out = {"fp32_ppl": fp32_ppl, "weight_bits": weight_bits, "tolerance": tolerance, "b_star": {}}
+    for key, excl in (("all", False), ("first_token_float", True)):
+        points = {}
+        for bits in widths:
+            r = simulated_w8a8_perplexity(model, blocks, calib_batches, batch_size=batch_size, act_bits=bits,
+                                          weight_bits=weight_bits, exclude_first_token=excl)
+            points[bits] = {"ppl": r["ppl"], "increase": r["ppl"] / fp32_ppl - 1.0}
+            log(f"  W{weight_bits}A{bits}{' (position 0 float)' if excl else ''}: ppl {r['ppl']:.4f} "
+                f"({points[bits]['increase']:+.2%})")
+        out[key] = points
+        out["b_star"][key] = sensitivity_bits({b: p["increase"] for b, p in points.items()}, tolerance)
+    return out
+
+
+def quantized_activation_ranges(model, blocks, *, batch_size: int = 8, exclude: Sequence[str] = SIMULATED_EXCLUDE,
+                                exclude_first_token: bool = False) -> dict:
+    """max|x| / RMS(x) of every activation the simulated protocol quantizes (the same modules as
+    ``simulated_w8a8_perplexity``: Linear / Embedding / LayerNorm outputs and QuantPoints, lm_head and
+    gates excluded), each over all ``blocks`` (one tensor per module, as one per-tensor range sees it).
+    exclude_first_token: over the entries outside ``first_token_mask``. Returns {"tensors": {name:
+    ratio}, "max": the largest, "max_tensor": its module name}."""
+    from megatron_outeff.quant.points import is_quant_point
+    from megatron_outeff.quant.simulated import QUANTIZED_TYPES, _is_excluded
+
+    model = quantizable_model(model)
+    acc: dict[str, list] = {}
+    shape = [()]
+    handles = [model.register_forward_pre_hook(
+        lambda m, args, kwargs: shape.__setitem__(0, tuple(kwargs["input_ids"].shape)), with_kwargs=True)]
+
+    def hook(name):
+        def record(module, args, out):
+            x = out.detach().to(torch.float64)
+            if exclude_first_token:
+                x = x[~first_token_mask(name, out, shape[0])]
+            a = acc.setdefault(name, [0.0, 0.0, 0])
+            if x.numel():
+                a[0] = max(a[0], x.abs().max().item())
+                a[1] += x.pow(2).sum().item()
+                a[2] += x.numel()
+        return record
+
+    for name, module in model.named_modules():
+        if (isinstance(module, QUANTIZED_TYPES) or is_quant_point(module)) and not _is_excluded(name, exclude):
+            handles.append(module.register_forward_hook(hook(name)))
+    dev = _device_of(model)
+    try:
+        with torch.no_grad():
+            for i in range(0, blocks.shape[0], batch_size):
+                model(input_ids=blocks[i:i + batch_size].to(dev), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    ratios = {n: (a[0] / (a[1] / a[2]) ** 0.5 if a[1] > 0 else 0.0) for n, a in acc.items()}
+    worst = max(ratios, key=ratios.get)
+    return {"tensors": ratios, "max": ratios[worst], "max_tensor": worst}
 
 
 def deployable_w8a8_perplexity(model, blocks, calib_batches, out_dir, *, batch_size: int = 8) -> dict:

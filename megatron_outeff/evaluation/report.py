@@ -18,6 +18,10 @@ Attention, per layer (mean over batch, heads and query rows):
   OutEffOPT remote code: the probabilities are the input of each layer's `self_attn.softmax_quant`
   QuantPoint (after clipping), captured by a forward hook. Plain OPT: output_attentions=True with
   eager attention.
+What a per-tensor quantizer sees (issue 21; metrics.outliers): per layer output MA = max_c |h_0,c| /
+median |h|, RI = max |h_0| / max_(t>=1) |h_t| and the first-token norm ratio (means over sequences);
+aggregates max_massive_activation, max_range_inflation, first_token_excess_norm (E = ratio - 1) and
+the component with the largest max|x| / RMS of its whole tensor.
 Aggregates (the paper's): max_inf_norm (all components), max_layer_inf_norm (residual stream; the
 paper's OPT "max inf norm"), max_ffn_inf_norm (fc2), avg_kurtosis / max_kurtosis (all components);
 plus max_outlier_share, mean first-token / sink mass, and the model's top outlier channels (max over
@@ -39,7 +43,8 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 
 from megatron_outeff.errors import OutEffError
-from megatron_outeff.metrics import attention_sink_mass, hf_collector, hf_decoder_layers
+from megatron_outeff.metrics import (attention_sink_mass, first_token_norm_ratio, hf_collector, hf_components,
+                                     hf_decoder_layers, hf_embedding_modules, massive_activation_ratio, range_inflation)
 from megatron_outeff.utils.atomic import atomic_output_dir, check_empty_output_dir
 
 from .quant_eval import evaluate_quantization, load_hf_model, model_info
@@ -80,8 +85,40 @@ def collect_model_stats(model, blocks: torch.Tensor, *, batch_size: int = 8, top
         acc[i]["sink"] += m["sink_mass"] * rows
         acc[i]["rows"] += rows
 
+    # what a per-tensor quantizer sees at each layer output ([b, s, d]): MA, RI, the first-token norm
+    # ratio (metrics.outliers), per batch weighted by its sequences = the mean over all sequences
+    token_stats = [{"massive_activation": 0.0, "range_inflation": 0.0, "first_token_norm_ratio": 0.0, "n": 0}
+                   for _ in range(n_layers)]
+
+    def add_tokens(i, out):
+        h = out[0] if isinstance(out, (tuple, list)) else out
+        st, n = token_stats[i], h.shape[0]
+        st["massive_activation"] += massive_activation_ratio(h, token_dim=1) * n
+        st["range_inflation"] += range_inflation(h, token_dim=1) * n
+        st["first_token_norm_ratio"] += first_token_norm_ratio(h, token_dim=1) * n
+        st["n"] += n
+
+    # where the first token's vector comes from: ||x_0|| at the token and position embeddings and at each
+    # layer's attention (out_proj) and MLP (fc2) outputs, summed over sequences; HF OPT runs fc2 on
+    # [b*s, d] rows (b-major): position 0 is every s-th row
+    first_norm: dict[str, float] = {}
+    seq_len = [blocks.shape[1]]
+
+    def add_first(name, out):
+        x = (out[0] if isinstance(out, (tuple, list)) else out).detach().double()
+        x0 = x[:, 0] if x.dim() == 3 else x[::seq_len[0]]
+        first_norm[name] = first_norm.get(name, 0.0) + x0.norm(dim=-1).sum().item()
+
+    # the model family's modules (models/family.py): OPT's out_proj / fc2 and token + position embeddings,
+    # Llama's o_proj / mlp.down_proj and token embedding
+    sources, named = hf_embedding_modules(model), hf_components(model)
+    for i in range(n_layers):
+        sources[f"layer{i}.attn_out"], sources[f"layer{i}.fc2"] = named[f"layer{i}.attn_out"], named[f"layer{i}.fc2"]
     points = _softmax_points(model)
     handles = [p.register_forward_hook(lambda mod, args, out, i=i: add(i, args[0])) for i, p in enumerate(points)]
+    handles += [layer.register_forward_hook(lambda mod, args, out, i=i: add_tokens(i, out))
+                for i, layer in enumerate(hf_decoder_layers(model))]
+    handles += [m.register_forward_hook(lambda mod, args, out, n=n: add_first(n, out)) for n, m in sources.items()]
     source = "softmax_quant QuantPoint input (forward hook)" if points else "output_attentions=True (eager attention)"
     was_training = model.training
     model.eval()
@@ -111,6 +148,8 @@ def collect_model_stats(model, blocks: torch.Tensor, *, batch_size: int = 8, top
             row[kind] = comps[f"layer{i}.{kind}"]
         row["first_token_mass"] = acc[i]["first"] / acc[i]["rows"] if acc[i]["rows"] else math.nan
         row["sink_mass"] = acc[i]["sink"] / acc[i]["rows"] if acc[i]["rows"] else math.nan
+        for key in ("massive_activation", "range_inflation", "first_token_norm_ratio"):
+            row[key] = token_stats[i][key] / token_stats[i]["n"]
         layers.append(row)
     # Model-wide top outlier channels: max over components of each channel's max|x|. Exact from the
     # per-component top-k lists (a channel in the global top-k is in the top-k of its own argmax component).
@@ -138,7 +177,15 @@ def collect_model_stats(model, blocks: torch.Tensor, *, batch_size: int = 8, top
             "max_outlier_share": max(c["outlier_share"] for c in comps.values()),
             "mean_first_token_mass": sum(fm) / len(fm),
             "mean_sink_mass": sum(sm) / len(sm),
+            # issue 21: MA and RI (max over layer outputs), E = max first-token norm ratio - 1, and the
+            # hooked component whose whole tensor has the largest max|x| / RMS
+            "max_massive_activation": max(r["massive_activation"] for r in layers),
+            "max_range_inflation": max(r["range_inflation"] for r in layers),
+            "first_token_excess_norm": max(r["first_token_norm_ratio"] for r in layers) - 1.0,
+            "max_absmax_over_rms": summ["max_absmax_over_rms"],
+            "max_absmax_over_rms_component": summ["max_absmax_over_rms_component"],
         },
+        "first_token_norm_sources": {n: v / blocks.shape[0] for n, v in first_norm.items()},
         "top_outlier_channels": [{"channel": ch, "max_abs": v, "component": name} for ch, (v, name) in top],
         "top_residual_channels": [{"channel": ch, "max_abs": v} for ch, v in top_r],
         "layers": layers,
@@ -232,6 +279,10 @@ HEADLINE_ROWS = [
     ("max kurtosis", _agg("max_kurtosis"), True, "{:.4g}"),
     ("max share of values beyond n sigma", _agg("max_outlier_share"), True, "{:.3e}"),
     ("top outlier channel (max abs)", lambda m: m["top_outlier_channels"][0]["max_abs"] if m["top_outlier_channels"] else None, None, None),
+    ("massive activation MA = max_c |h_0,c| / median |h| (max layer)", _agg("max_massive_activation"), True, "{:.4g}"),
+    ("range inflation RI = max |h_0| / max_(t>=1) |h_t| (max layer)", _agg("max_range_inflation"), True, "{:.4g}"),
+    ("first-token excess norm E = ||h_0|| / median ||h_t|| - 1 (max layer)", _agg("first_token_excess_norm"), True, "{:.4g}"),
+    ("max |x| / RMS(x), largest component", _agg("max_absmax_over_rms"), True, "{:.4g}"),
     ("attention mass on first token (mean)", _agg("mean_first_token_mass"), None, "{:.4f}"),
     ("attention mass on sink (mean)", _agg("mean_sink_mass"), None, "{:.4f}"),
     ("ppl FP32", _ppl("fp32"), True, "ppl"),
@@ -302,6 +353,8 @@ def render_markdown(report: dict) -> str:
         finite = [v for v in vals if v is not None and math.isfinite(v)]
         best = (min(finite) if lower else max(finite)) if (lower is not None and finite and len(ms) > 1) else None
         cells = [(f"**{_fmt(v, fmt)}**" if best is not None and v == best else _fmt(v, fmt)) for v in vals]
+        if title.startswith("max |x| / RMS"):  # named
+            cells = [c if c == "-" else f"{c} ({m['aggregates'].get('max_absmax_over_rms_component')})" for c, m in zip(cells, ms)]
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
     fp16_modes = {m["perplexity"].get("fp16", {}).get("note") for m in ms} - {None}
     for note in sorted(fp16_modes):
@@ -331,6 +384,10 @@ def render_markdown(report: dict) -> str:
             dims = ", ".join(f"{c}:{v:.3g}" for c, v in zip(f["top_channels"][:3], f["top_channel_values"][:3]))
             lines.append(f"\nFinal LayerNorm output: inf norm {f['inf_norm']:.4g}, kurtosis {f['kurtosis']:.4g}, "
                          f"outlier share {f['outlier_share']:.2e}, top dims {dims}.")
+        src = m.get("first_token_norm_sources") or {}
+        if src:
+            lines.append("\nFirst token's vector by source (||x_0||, mean over sequences; out_proj / fc2 with bias): "
+                         + ", ".join(f"{n} {v:.4g}" for n, v in src.items()) + ".")
         tops = ", ".join(f"dim {t['channel']} = {t['max_abs']:.4g} ({t['component']})" for t in m["top_outlier_channels"][:5])
         lines.append(f"\nTop outlier dimensions (all components): {tops}.")
     return "\n".join(lines) + "\n"

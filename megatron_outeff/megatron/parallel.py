@@ -12,6 +12,20 @@ from megatron_outeff.errors import OutEffError
 from .cpu_support import apply_cpu_patches, cuda_available
 
 
+# What a launcher (torchrun, SLURM's srun wrapper, the deepspeed launcher) tells each rank; init_distributed
+# writes the first five itself for a single-process group.
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def single_process_env(base=None) -> dict:
+    """A copy of ``base`` (default: this process's environment) without the launcher's variables
+    (``LAUNCHER_ENV``), for a child process that must start its own single-process group: a process that
+    called ``init_distributed`` holds RANK / MASTER_PORT of its own group, and children inheriting them
+    would all rendezvous on that one port (EADDRINUSE when several run at once)."""
+    return {k: v for k, v in (os.environ if base is None else base).items() if k not in LAUNCHER_ENV}
+
+
 def launcher_world_size() -> int | None:
     """The world size ``init_distributed`` takes from a launcher's environment: WORLD_SIZE when RANK is
     set (torchrun, the SLURM and deepspeed launchers set both), else None (a single-process group: a

@@ -38,6 +38,10 @@ __all__ = [
     "sink_head_share",
     "SINK_THRESHOLD",
     "first_token_norm_ratio",
+    "massive_activation_ratio",
+    "range_inflation",
+    "first_token_norm",
+    "absmax_over_rms",
     "masked_mean",
     "OutlierCollector",
     "hf_opt_components",
@@ -45,6 +49,7 @@ __all__ = [
     "hf_collector",
     "hf_components",
     "hf_decoder_layers",
+    "hf_embedding_modules",
 ]
 
 # The 1e-6 added to sigma^4 in the denominator of the paper's kurtosis.
@@ -221,6 +226,58 @@ def first_token_norm_ratio(x: torch.Tensor, token_dim: int = 0) -> float:
     return (norms[0] / median).mean().item()
 
 
+def _token_first(x: torch.Tensor, token_dim: int, what: str) -> torch.Tensor:
+    """|x| in float64 as [s, samples, d]: the token axis first, the feature (last) axis last, every
+    other axis (batch, heads) one sample axis."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise ValueError(f"{what}: x must be a tensor with a token axis and a feature (last) axis, got {getattr(x, 'shape', x)}")
+    if not -x.dim() <= token_dim < x.dim() or token_dim % x.dim() == x.dim() - 1:
+        raise ValueError(f"{what}: token_dim={token_dim} must not be the feature (last) axis of shape {tuple(x.shape)}")
+    a = x.detach().to(torch.float64).abs().movedim(token_dim, 0)
+    if a.shape[0] < 2:
+        raise ValueError(f"{what}: needs at least 2 tokens, got shape {tuple(x.shape)}")
+    return a.reshape(a.shape[0], -1, a.shape[-1])
+
+
+def massive_activation_ratio(x: torch.Tensor, token_dim: int = 0) -> float:
+    """MA: how far the first token's largest channel stands above a typical activation, as a per-tensor
+    quantizer's range sees it: max_c |x_0,c| / median_{t,c} |x_t,c| (median over every position, the
+    first included, and channel), per sample (every index of the axes other than token and feature),
+    then the mean over samples. 1-ish without a massive activation; float64. x: e.g. a residual stream
+    [s, b, d] (token_dim 0) or [b, s, d] (token_dim 1). (Sun et al. 2024 "Massive activations" compare
+    a token's top magnitude with the median magnitude; here the token is the first.)"""
+    a = _token_first(x, token_dim, "massive_activation_ratio")  # [s, n, d]
+    top0 = a[0].amax(dim=-1)  # [n]
+    median = torch.quantile(a.permute(1, 0, 2).reshape(a.shape[1], -1), 0.5, dim=1)
+    return (top0 / median).mean().item()
+
+
+def range_inflation(x: torch.Tensor, token_dim: int = 0) -> float:
+    """RI: does the first token set the quantization range? max_c |x_0,c| / max_{t>=1,c} |x_t,c| per
+    sample, then the mean over samples (<= 1: another token sets the range; >> 1: the first token
+    alone stretches it). float64; same layouts as ``massive_activation_ratio``."""
+    a = _token_first(x, token_dim, "range_inflation")
+    return (a[0].amax(dim=-1) / a[1:].amax(dim=(0, 2))).mean().item()
+
+
+def first_token_norm(x: torch.Tensor, token_dim: int = 0) -> float:
+    """||x_0||_2, the first token's vector norm, averaged over samples (where its vector comes from:
+    the embedding and each layer's attention / MLP output at position 0). float64."""
+    a = _token_first(x, token_dim, "first_token_norm")
+    return a[0].pow(2).sum(dim=-1).sqrt().mean().item()
+
+
+def absmax_over_rms(x: torch.Tensor) -> float:
+    """max|x| / sqrt(mean(x^2)) over the WHOLE tensor (what one per-tensor quantization range has to
+    cover, in units of the tensor's typical size: a Gaussian tensor of n values gives ~sqrt(2 ln n));
+    0 for an all-zero tensor. float64."""
+    if not isinstance(x, torch.Tensor) or x.numel() == 0:
+        raise ValueError(f"absmax_over_rms: expected a non-empty tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    a = x.detach().to(torch.float64)
+    rms = a.pow(2).mean().sqrt().item()
+    return a.abs().max().item() / rms if rms > 0 else 0.0
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean of ``values`` where ``mask`` is true (same shape); NaN when nothing is selected. float64."""
     if values.shape != mask.shape:
@@ -247,7 +304,9 @@ class OutlierCollector:
     carry the outliers; summary() gives the `top_k` of them). Off by default (extra cost per hook).
 
     Disabled, it registers no hooks at all (zero overhead). Use enable()/disable() or `with collector:`.
-    Aggregates in summary():
+    Per component also ``absmax_over_rms`` of the whole tensor (all batches), as one per-tensor
+    quantization range sees it. Aggregates in summary():
+        max_absmax_over_rms (+ _component: its name)  the largest over all components
         max_inf_norm        max over all components
         max_layer_inf_norm  max over 'layer' components (residual stream; the paper's OPT number)
         max_ffn_inf_norm    max over 'fc2' components
@@ -316,6 +375,8 @@ class OutlierCollector:
         self._kurt: dict[str, list[torch.Tensor]] = {n: [] for n in self._components}
         self._share: dict[str, list[torch.Tensor]] = {n: [] for n in self._components}
         self._chan: dict[str, torch.Tensor | None] = {n: None for n in self._components}
+        # whole-tensor max|x|, sum x^2 and count over every batch: absmax_over_rms of the concatenation
+        self._absrms: dict[str, list[float]] = {n: [0.0, 0.0, 0] for n in self._components}
 
     def _record_batch(self, module, args, kwargs):
         # The batch size is the batch_dim size of the root's first tensor input (input_ids, embeds...).
@@ -334,6 +395,10 @@ class OutlierCollector:
                 out = out.reshape(b, -1, out.shape[-1]) if self.batch_dim == 0 else out.reshape(-1, b, out.shape[-1])
             self._inf[name].append(inf_norm_per_sample(out, self.batch_dim).cpu())
             self._kurt[name].append(kurtosis_per_sample(out, self.batch_dim).cpu())
+            acc, flat = self._absrms[name], out.detach().to(torch.float64)
+            acc[0] = max(acc[0], flat.abs().max().item())
+            acc[1] += flat.pow(2).sum().item()
+            acc[2] += flat.numel()
             if self.detail:
                 self._share[name].append(outlier_share_per_sample(out, self.n_sigma, self.batch_dim).cpu())
                 ch = channel_absmax(out).to(torch.float64).cpu()
@@ -357,11 +422,13 @@ class OutlierCollector:
             vals = self.per_sample(name)
             if vals["inf_norm"].numel() == 0:
                 continue
+            amax, sq, count = self._absrms[name]
             comps[name] = {
                 "kind": self._kinds[name],
                 "inf_norm": vals["inf_norm"].mean().item(),
                 "kurtosis": vals["kurtosis"].mean().item(),
                 "samples": vals["inf_norm"].numel(),
+                "absmax_over_rms": amax / math.sqrt(sq / count) if sq > 0 else 0.0,
             }
             if self.detail:
                 idx, top = outlier_channels(self._chan[name], self.top_k)
@@ -375,8 +442,11 @@ class OutlierCollector:
             xs = [c[key] for c in comps.values() if kind is None or c["kind"] == kind]
             return fn(xs) if xs else math.nan
 
+        worst = max(comps, key=lambda n: comps[n]["absmax_over_rms"])
         return {
             "components": comps,
+            "max_absmax_over_rms": comps[worst]["absmax_over_rms"],
+            "max_absmax_over_rms_component": worst,
             "max_inf_norm": agg(max, "inf_norm"),
             "max_layer_inf_norm": agg(max, "inf_norm", "layer"),
             "max_ffn_inf_norm": agg(max, "inf_norm", "fc2"),
@@ -433,6 +503,12 @@ def hf_components(model: nn.Module) -> dict[str, nn.Module]:
     if final is not None:  # post-LN OPT (350m) has none
         comps["final_ln"] = final
     return comps
+
+
+def hf_embedding_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """{name: module} of the embeddings whose outputs sum to the first layer's input (OPT: embed_tokens,
+    embed_positions; Llama: embed_tokens; models/family.py ``HFComponents.embeddings``)."""
+    return {name: _hf_module(model, path) for name, path in _family_components(model).embeddings}
 
 
 def hf_collector(model: nn.Module, **kwargs) -> OutlierCollector:

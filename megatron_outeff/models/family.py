@@ -57,6 +57,7 @@ class HFComponents:
     ffn_ln: str  # the norm before the FFN
     fc2: str  # the FFN output projection
     final_ln: str  # the decoder's final norm, from the root ('' if none)
+    embeddings: tuple = ()  # (name, path from the root) of the modules whose outputs sum to the first layer's input
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,9 @@ FAMILIES: dict[str, ModelFamily] = {
         hf_remote_model="megatron_outeff.hf.modeling_outeff_opt:OutEffOPTForCausalLM",
         hf_components=HFComponents(layers="model.decoder.layers", attn_ln="self_attn_layer_norm",
                                    attn_out="self_attn.out_proj", ffn_ln="final_layer_norm", fc2="fc2",
-                                   final_ln="model.decoder.final_layer_norm"),
+                                   final_ln="model.decoder.final_layer_norm",
+                                   embeddings=(("embed_tokens", "model.decoder.embed_tokens"),
+                                               ("embed_positions", "model.decoder.embed_positions"))),
     ),
     "llama": ModelFamily(
         name="llama", label="Llama", arch_module="megatron_outeff.models.llama", hf_module="megatron_outeff.models.hf_llama",
@@ -114,7 +117,8 @@ FAMILIES: dict[str, ModelFamily] = {
         hf_remote_config="megatron_outeff.hf.configuration_outeff_llama:OutEffLlamaConfig",
         hf_remote_model="megatron_outeff.hf.modeling_outeff_llama:OutEffLlamaForCausalLM",
         hf_components=HFComponents(layers="model.layers", attn_ln="input_layernorm", attn_out="self_attn.o_proj",
-                                   ffn_ln="post_attention_layernorm", fc2="mlp.down_proj", final_ln="model.norm"),
+                                   ffn_ln="post_attention_layernorm", fc2="mlp.down_proj", final_ln="model.norm",
+                                   embeddings=(("embed_tokens", "model.embed_tokens"),)),  # RoPE: no position table
     ),
 }
 DEFAULT_FAMILY = "opt"  # a size name without a family prefix, a model YAML without `family:`, an old manifest

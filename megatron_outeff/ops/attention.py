@@ -1,5 +1,6 @@
-"""The public entry point: ``outeff_attention``, dispatching to the Triton kernels, the CPU paths
-(``cpu_attention``) or the PyTorch reference."""
+"""The public entry point: ``outeff_attention``, dispatching (``dispatch.auto_impl``) to torch's fused
+kernels with the sink (``sdpa_attention``), the Triton kernels, the CPU clipped path (``cpu_attention``)
+or the PyTorch reference."""
 from __future__ import annotations
 
 from typing import Optional
@@ -8,9 +9,11 @@ import torch
 
 from .cpu_attention import cpu_outeff_attention, cpu_unsupported_reason
 from .gate import apply_output_gate
+from .dispatch import auto_impl, fallback_impl, mask_kind
 from .reference import (
     attention_scores, build_mask, compute_dtype, expand_kv_heads, outeff_attention_reference, outeff_softmax_reference,
 )
+from .sdpa_attention import SDPAUnavailable, sdpa_outeff_attention, warn_fallback
 from .variants import Clip, resolve_sink, validate_attention_args
 
 
@@ -54,12 +57,14 @@ def outeff_attention(
     mask: any dense bool mask broadcastable to [batch, heads, sq, sk] (each dim its size or 1), True =
     masked out (megatron-core's convention); combined with causal and key_padding_mask.
     scale: defaults to 1/sqrt(d). dropout_p: dropout on the (clipped) probabilities.
-    impl: "auto" chooses:
-        CUDA: "triton" (the flash kernel), or "rowwise" when dropout_p > 0 or a dense mask is given;
-        CPU:  "cpu" when dropout_p == 0 (unclipped: torch's fused CPU flash kernel + the sink as a
-              sigmoid rescale, memory linear in sq; clipped: a lean materialised path), else "torch".
-    "torch" (the PyTorch reference), "cpu" (forced; CPU tensors, no dropout), "triton" (forced; on CPU
-    only under TRITON_INTERPRET=1; no dense mask), "rowwise" (materialised scores + fused row softmax kernel).
+    impl: "auto" chooses (``dispatch.auto_impl``): every unclipped variant runs "sdpa" on CUDA (fp16 /
+        bf16 / fp32, head dim <= 256) and on CPU (without dropout); clipped ones run "triton" on CUDA
+        ("rowwise" with dropout or a dense mask) and "cpu" on CPU; dropout on CPU runs "torch".
+    "sdpa" (torch's fused flash / cuDNN / memory-efficient kernels, SDPA's choice, with the sink as a
+    sigmoid rescale of the output and the LSE; no clip; dropout on CUDA only), "torch" (the PyTorch
+    reference), "cpu" (forced; CPU tensors, no dropout: "sdpa" unclipped, a lean materialised path
+    clipped), "triton" (forced; on CPU only under TRITON_INTERPRET=1; no dense mask), "rowwise"
+    (materialised scores + fused row softmax kernel).
 
     Errors: ValueError naming the bad argument (shapes, dtypes, devices, variant, clip, impl that
     cannot serve the arguments).
@@ -72,11 +77,24 @@ def outeff_attention(
     sink = resolve_sink(softmax, n, offset, h, q.device)
     clip = Clip.parse(clip)
 
-    if impl == "auto":
-        if q.device.type != "cuda":
-            impl = "cpu" if cpu_unsupported_reason(q.device, dropout_p) is None else "torch"
-        else:
-            impl = "rowwise" if dropout_p > 0 or mask is not None else "triton"
+    kind = (q.device.type, dropout_p > 0, q.dtype, q.shape[-1], mask_kind(causal, key_padding_mask, mask))
+    auto = impl == "auto"
+    if auto:
+        impl = auto_impl(kind[0], softmax, clip is not None, *kind[1:])
+    if impl == "sdpa":
+        if clip is not None:
+            raise ValueError("clip with impl='sdpa': torch's fused kernels never hold the normalised P the clip "
+                             "needs; use impl='auto', 'triton', 'cpu' or 'torch'")
+        try:
+            return sdpa_outeff_attention(
+                q, k, v, scale=scale, sink=sink, gate=gate, causal=causal, key_padding_mask=key_padding_mask,
+                mask=mask, dropout_p=dropout_p,
+            )
+        except SDPAUnavailable as e:
+            if not auto:
+                raise ValueError(f"impl='sdpa': {e}; use impl='auto'") from None
+            impl = fallback_impl(*kind)
+            warn_fallback(str(e), impl)
     if impl in ("triton", "rowwise") and not triton_runs_on(q.device):
         raise ValueError(
             f"impl={impl!r} on device {q.device}: Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"

@@ -46,7 +46,7 @@ SoftmaxType = Literal["vanilla", "softmax1", "softmax_n", "learnable"]
 GateType = Literal["none", "linear", "mlp", "shared_linear", "elementwise"]
 SOFTMAX_VARIANTS: Tuple[str, ...] = typing.get_args(SoftmaxType)
 GATE_VARIANTS: Tuple[str, ...] = typing.get_args(GateType)
-IMPLEMENTATIONS = ("auto", "torch", "cpu", "triton", "rowwise")
+IMPLEMENTATIONS = ("auto", "torch", "cpu", "triton", "rowwise", "sdpa")
 
 # The per-head sink logit a_h of each softmax variant (module docstring): a constant (None: no sink, plain
 # softmax), a function of the variant's n, or "offset": the learnable per-head tensor. Every softmax name

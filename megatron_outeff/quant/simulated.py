@@ -66,12 +66,18 @@ def apply_simulated_w8a8(
     weight_method: str = "minmax",
     act_percentile: float | None = 99.999,
     act_momentum: float = 0.9,
+    keep_float: Callable[[str, torch.Tensor, tuple], torch.Tensor | None] | None = None,
 ) -> SimulatedW8A8:
     """Deep-copy `model`, fake-quantize it, calibrate with `calibrate(qmodel)`, freeze; return it.
 
     `calibrate` runs the quantized copy on the calibration batches (the paper: 4 batches of 8 x 512),
     e.g. `lambda m: [m(ids) for ids in batches]`; it runs under torch.no_grad() in eval mode.
-    The returned model is frozen and ready to evaluate."""
+    The returned model is frozen and ready to evaluate.
+
+    keep_float(name, output, input_shape) -> bool mask or None: entries of an activation left in
+    floating point AND out of its calibration range (e.g. the first token, PrefixQuant-style);
+    input_shape is the shape of the model's first tensor input of this forward ((batch, seq) for
+    input ids). The quantizer then sees only the other entries: its range, and its grid, per tensor."""
     if not callable(calibrate):
         raise ValueError(f"calibrate must be a callable taking the model, got {type(calibrate).__name__}")
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
@@ -96,8 +102,19 @@ def apply_simulated_w8a8(
             module.weight = nn.Parameter(qweight, requires_grad=False)
             result.weight_quantizers[name] = wq
         aq = ActivationQuantizer(act_bits, symmetric=False, momentum=act_momentum, percentile=act_percentile)
-        module.register_forward_hook(lambda mod, args, out, aq=aq: aq(out))
+        if keep_float is None:
+            module.register_forward_hook(lambda mod, args, out, aq=aq: aq(out))
+        else:
+            module.register_forward_hook(lambda mod, args, out, aq=aq, name=name: _quantize_except(
+                aq, out, keep_float(name, out, input_shape[0])))
         result.act_quantizers[name] = aq
+
+    input_shape = [()]
+    if keep_float is not None:  # the forward's input shape, for keep_float
+        def record_shape(mod, args, kwargs):
+            first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            input_shape[0] = () if first is None else tuple(first.shape)
+        qmodel.register_forward_pre_hook(record_shape, with_kwargs=True)
 
     with torch.no_grad():
         calibrate(qmodel)
@@ -106,3 +123,14 @@ def apply_simulated_w8a8(
         q.freeze()
     result.uncalibrated = unseen
     return result
+
+
+def _quantize_except(aq: ActivationQuantizer, out: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``aq`` on the entries of ``out`` outside ``keep`` (calibrating: their range only); the kept
+    entries pass through in floating point."""
+    if keep is None:
+        return aq(out)
+    keep = keep.expand_as(out)
+    res = out.clone()
+    res[~keep] = aq(out[~keep])
+    return res

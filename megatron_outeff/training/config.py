@@ -17,7 +17,7 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import yaml
@@ -67,15 +67,31 @@ class ParallelConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"
+    # training/optimizer.py build_optimizer; which layouts each supports: optimizer_layout_refusal.
+    # adamw: torch AdamW (DeepSpeed's CPU AdamW under ZeRO-Offload). orthoadam: AdamW in a fixed random
+    # orthogonal basis per parameter (training/orthoadam.py; Kaul et al. 2025). sgd: torch SGD with
+    # momentum. muon: DeepSpeed's Muon (hidden matrices) with AdamW for the rest.
+    type: Literal["adamw", "orthoadam", "sgd", "muon"] = "adamw"
     lr: float = 4e-4
-    betas: tuple = (0.9, 0.95)
-    eps: float = 1e-8
+    betas: tuple = (0.9, 0.95)  # adamw, orthoadam, muon's AdamW half
+    eps: float = 1e-8  # adamw, orthoadam, muon's AdamW half
     weight_decay: float = 0.1
     # Weight decay by parameter role (training/optimizer.py decay_role): matrices and embeddings decayed;
     # biases and other 1-D parameters (softmax_offset) never, as in megatron-core; LayerNorm weights
-    # only when true (megatron-core: false; the paper's OPT recipe: true).
+    # only when true (megatron-core: false; the paper's OPT recipe: true). Every type keeps the roles
+    # (sgd: torch SGD's L2 form; the others decoupled, in the original basis).
     decay_norm_weights: bool = False
+    momentum: Optional[float] = None  # sgd (null: 0.9) and muon's Muon half (null: 0.95, DeepSpeed's default)
+    nesterov: bool = False  # sgd
+    rotation_seed: int = 0  # orthoadam: the rotations derive from it and each parameter's global name
+    rotation_block_size: int = 1024  # orthoadam: a longer axis gets a block-diagonal rotation (memory)
+    muon_lr: Optional[float] = None  # muon: peak lr of the Muon half (null: lr); the AdamW half uses lr
+
+
+# Optimizer keys added with optimizer.type and their defaults: a config that leaves them so hashes as
+# before (Config.fingerprint), so checkpoints written earlier stay this run's.
+_OPTIMIZER_KEYS_SINCE_TYPE = {"momentum": None, "nesterov": False, "rotation_seed": 0, "rotation_block_size": 1024,
+                              "muon_lr": None}
 
 
 @dataclass
@@ -212,6 +228,9 @@ class Config:
         for key in LAYOUT_KEYS:
             d["parallel"].pop(key)
         _identity(d)
+        o = d["optimizer"]
+        if o["type"] == "adamw" and all(o[k] == v for k, v in _OPTIMIZER_KEYS_SINCE_TYPE.items()):
+            d["optimizer"] = {"name": "adamw", **{k: v for k, v in o.items() if k != "type" and k not in _OPTIMIZER_KEYS_SINCE_TYPE}}
         blob = json.dumps(d, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -255,6 +274,33 @@ def _content_hash(path) -> str:
 # --------------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------------
+def optimizer_layout_refusal(cfg: Config) -> str | None:
+    """Why ``optimizer.type`` cannot run this config's layout (one line), or None. Checked by
+    validate, before anything is built. (Resume on another layout: elastic.check_resume.)"""
+    o, p, dtype = cfg.optimizer, cfg.parallel, cfg.precision.dtype
+    kind = f"optimizer.type={o.type}"
+    if o.type == "adamw":
+        return None
+    if p.cpu_offload:
+        return (f"{kind} with parallel.cpu_offload: ZeRO-Offload steps only DeepSpeed's own CPU optimizers "
+                "(DeepSpeedCPUAdam for adamw); use cpu_offload: false")
+    if o.type == "orthoadam" and (p.zero_stage > 0 or dtype != "fp32"):
+        what = f"parallel.zero_stage={p.zero_stage}" if p.zero_stage > 0 else f"precision.dtype={dtype}"
+        return (f"{kind} with {what}: DeepSpeed's ZeRO-1/2/3 and bf16/fp16 optimizers hand the base optimizer flat "
+                "fp32 partitions that cut across parameters, and a per-axis rotation needs each parameter whole; "
+                "expected zero_stage 0 with precision.dtype fp32 (DP, TP and PP are supported)")
+    if o.type == "muon":
+        if p.tensor_parallel > 1:
+            return (f"{kind} with parallel.tensor_parallel={p.tensor_parallel}: DeepSpeed's Muon orthogonalizes each "
+                    "rank's local shard (a block-wise Muon, a different optimizer than at TP=1), and megatron-core's "
+                    "TP-exact TensorParallelMuon needs the emerging_optimizers package and megatron's own optimizer "
+                    "wrappers instead of the DeepSpeed engine; expected tensor_parallel 1")
+        if dtype != "fp32":
+            return (f"{kind} with precision.dtype={dtype}: verified in fp32 only (DeepSpeed's bf16 Muon needs fp32 "
+                    "gradient accumulation and dense DP); expected precision.dtype fp32")
+    return None
+
+
 def validate(cfg: Config) -> None:
     """Every key, checked when the config is loaded (before anything is built or written), without a
     process group: the sections here, the model and attention keys in check_model. World-size
@@ -284,10 +330,20 @@ def validate(cfg: Config) -> None:
             f"parallel.global_batch_size={p.global_batch_size} is not divisible by "
             f"micro_batch_size={p.micro_batch_size}"
         )
-    if o.name.lower() != "adamw":
-        raise OutEffError(f"optimizer.name={o.name!r}: only 'adamw' is supported")
     if len(o.betas) != 2:
         raise OutEffError(f"optimizer.betas={o.betas}: expected two numbers")
+    if o.momentum is not None and not 0.0 <= o.momentum < 1.0:
+        raise OutEffError(f"optimizer.momentum={o.momentum}: expected a number in [0, 1)")
+    if o.nesterov and o.type == "sgd" and o.momentum == 0:
+        raise OutEffError("optimizer.nesterov=true needs optimizer.momentum > 0")
+    if o.rotation_block_size < 1:
+        raise OutEffError(f"optimizer.rotation_block_size={o.rotation_block_size}: must be >= 1")
+    for where, value in (("optimizer.lr", o.lr), ("optimizer.muon_lr", o.muon_lr)):
+        if value is not None and not value > 0:
+            raise OutEffError(f"{where}={value}: must be > 0")
+    reason = optimizer_layout_refusal(cfg)  # what each optimizer type can run
+    if reason:
+        raise OutEffError(reason)
     if s.decay_style not in ("linear", "cosine", "constant"):
         raise OutEffError(f"schedule.decay_style={s.decay_style!r}: expected linear, cosine or constant")
     if pr.dtype not in ("fp32", "fp16", "bf16"):
@@ -511,6 +567,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         },
         "bf16": {"enabled": pr.dtype == "bf16"},
         "steps_per_print": 10**9,  # logging is ours
+        # our client optimizers other than AdamW are not on DeepSpeed's ZeRO list (they run: training README)
+        **({"zero_allow_untested_optimizer": True} if p.zero_stage > 0 and cfg.optimizer.type != "adamw" else {}),
         "wall_clock_breakdown": False,
     }
     # DeepSpeed checks train_batch_size == micro x accumulation x its DP size: let it derive it.

@@ -49,6 +49,7 @@ from megatron_outeff.checkpoint_format import (
 from megatron_outeff.errors import OutEffError, with_context
 
 from .config import LAYOUT_KEYS, Config
+from .optimizer import state_keys
 # What DeepSpeed's own checkpoint files depend on: any change and they cannot be loaded.
 SHARD_KEYS = ("data_parallel", "tensor_parallel", "pipeline_parallel", "zero_stage", "cpu_offload")
 
@@ -93,9 +94,27 @@ def check_resume(cfg: Config, tag_dir: Path, world_size: int) -> str | None:
         return (f"parallel.zero_stage=0 with precision.dtype={cfg.precision.dtype}: resuming {where} at {describe(now)} "
                 "needs DeepSpeed's fp32-master optimizers; its ZeRO-0 FP16_Optimizer keeps flat fp32 groups we do "
                 "not map; expected zero_stage >= 1")
+    keys = state_keys(cfg)
+    if keys is None:
+        return (f"optimizer.type={cfg.optimizer.type}: resuming {where} at {describe(now)} is not supported (DeepSpeed "
+                "keeps Muon's momentum in per-rank flat buffers that the per-parameter optimizer files do not map); "
+                "resume at the saved layout")
+    if (cfg.optimizer.type == "orthoadam" and saved["tensor_parallel"] != now["tensor_parallel"]
+            and max(saved["tensor_parallel"], now["tensor_parallel"]) > 1):
+        return (f"optimizer.type=orthoadam: resuming {where} at tensor_parallel={now['tensor_parallel']}: the moments "
+                "of TP-split parameters live in a rotation that is block-diagonal by TP rank, and the second moment "
+                "(elementwise squares) cannot be carried into another TP size's rotation; resume at "
+                f"tensor_parallel={saved['tensor_parallel']} (DP, PP and ZeRO-0 changes are supported)")
     if not (tag_dir / OPTIM_SUBDIR / OPTIM_STATE).is_file():
         return (f"{where} has no {OPTIM_SUBDIR}/{OPTIM_STATE} (per-parameter optimizer state: written by checkpoints "
                 f"since elastic resume, not at bf16/fp16 ZeRO-0), so it resumes only at that layout, not at {describe(now)}")
+    try:
+        saved_keys = tuple(json.loads((tag_dir / OPTIM_SUBDIR / OPTIM_STATE).read_text()).get("moments", MOMENTS))
+    except (OSError, ValueError) as e:
+        return f"{where}: {OPTIM_SUBDIR}/{OPTIM_STATE} is unreadable ({e})"
+    if saved_keys != tuple(keys):
+        return (f"{where} holds optimizer state {list(saved_keys)}, but optimizer.type={cfg.optimizer.type} keeps "
+                f"{list(keys)}; resume with the checkpoint's optimizer")
     try:
         rows = read_manifest(tag_dir / MODEL_SUBDIR)["padded_vocab_size"]
     except OutEffError as e:  # a reason to return, not raise: rank 0 decides here, the others wait for it
@@ -143,15 +162,17 @@ def _access(engine) -> str | None:
 
 def _adam_step(base: torch.optim.Optimizer) -> int:
     """The optimizer's step count: equal in every state entry (one per parameter, or per flat ZeRO
-    partition); 0 before the first step."""
+    partition); 0 before the first step, and for an optimizer without one (SGD: the LR schedule's
+    step count is saved beside it)."""
     steps = {float(s["step"]) for s in base.state.values() if "step" in s}
     if len(steps) > 1:
         raise RuntimeError(f"optimizer state entries disagree on the Adam step: {sorted(steps)}")
     return int(steps.pop()) if steps else 0
 
 
-def _create_adam_state(engine, step: int) -> None:
-    """Give every tensor the base optimizer steps an AdamW state at ``step`` with zero moments: the
+def _create_adam_state(engine, step: int, keys: tuple = MOMENTS) -> None:
+    """Give every tensor the base optimizer steps an AdamW state at ``step`` with zero moments (the
+    state ``keys``; SGD: only its momentum buffer, no step): the
     module's parameters at ZeRO-0, DeepSpeed's flat fp32 partitions otherwise (ZeRO-3 puts its
     sub-group partitions into the param groups only during its step), as DeepSpeed's universal
     loader does. Then link DeepSpeed's per-parameter fragments to it (done at the first step
@@ -160,10 +181,14 @@ def _create_adam_state(engine, step: int) -> None:
 
     base = engine.basic_optimizer
     flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO-3
-    tensors = list(flat) if flat is not None else [p for g in base.param_groups for p in g["params"]]
+    # (ZeRO-0: not the last pipeline stage's copy of the tied embedding, marked ``shared``: its gradient
+    # is dropped before every step (step.py), so the optimizer never steps it and a state created here
+    # would keep the resumed step count while the others advance)
+    tensors = list(flat) if flat is not None else [p for g in base.param_groups for p in g["params"]
+                                                   if not getattr(p, "shared", False)]
     for t in tensors:  # each entry its own counter: torch AdamW increments it in place
         count = int(step) if isinstance(base, DeepSpeedCPUAdam) else torch.tensor(float(step), dtype=torch.float32)
-        base.state[t] = {"step": count, **{k: torch.zeros_like(t) for k in MOMENTS}}
+        base.state[t] = {**({"step": count} if "exp_avg" in keys else {}), **{k: torch.zeros_like(t) for k in keys}}
     _link_fragments(engine)
 
 
@@ -193,22 +218,24 @@ def save_optimizer_files(engine, cfg: Config, iteration: int, tag_dir: Path) -> 
     from .model import arch_config, attention_variant, unwrap
 
     access = _access(engine)
-    if access is None:
+    keys = state_keys(cfg)
+    if access is None or keys is None:
         return
     base = engine.basic_optimizer
     step = _adam_step(base)
-    if access == "deepspeed" and step > 0:
+    stepped = step > 0 or int(engine.global_steps) > 0  # SGD's state has no step count
+    if access == "deepspeed" and stepped:
         _link_fragments(engine)
     model = unwrap(engine.module)
     writer = ps.get_data_parallel_rank() == 0
-    moments = {k: {} for k in MOMENTS}
+    moments = {k: {} for k in keys}
     for _, p in _trainable(engine):  # the same order on every data-parallel rank: the gathers pair up
         shape = tuple(getattr(p, "ds_shape", p.shape))
-        for k in MOMENTS:
+        for k in keys:
             if access == "plain":
                 v = base.state.get(p, {}).get(k)
             else:
-                v = safe_get_full_optimizer_state(p, k) if step > 0 else None  # collective over DP
+                v = safe_get_full_optimizer_state(p, k) if stepped else None  # collective over DP
             if writer:
                 moments[k][id(p)] = (torch.zeros(shape) if v is None else
                                      v.detach().to("cpu", torch.float32, copy=True).reshape(shape))
@@ -218,15 +245,16 @@ def save_optimizer_files(engine, cfg: Config, iteration: int, tag_dir: Path) -> 
         others = {id(v): torch.zeros(tuple(getattr(v, "ds_shape", v.shape)))
                   for v in model.state_dict(keep_vars=True).values() if isinstance(v, torch.Tensor)}
         t, p_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-        for k in MOMENTS:
+        for k in keys:
             write_rank_file(tag_dir / OPTIM_SUBDIR / k, t, p_rank, tensor_state(model, replace={**others, **moments[k]}))
     if dist.get_rank() == 0:
-        for k in MOMENTS:
+        (tag_dir / OPTIM_SUBDIR).mkdir(parents=True, exist_ok=True)
+        for k in keys:
             write_manifest(tag_dir / OPTIM_SUBDIR / k, make_manifest(
                 arch=arch_config(cfg), variant=attention_variant(cfg), tp=tp, pp=pp, padded_vocab_size=model.vocab_size,
                 seq_length=cfg.data.seq_length, iteration=iteration, dtype="fp32", source=f"training optimizer {k}"))
         state = {"format": OPTIM_FORMAT, "format_version": OPTIM_FORMAT_VERSION, "optimizer": type(base).__name__,
-                 "moments": list(MOMENTS), "step": step, "scheduler": engine.lr_scheduler.state_dict(),
+                 "moments": list(keys), "step": step, "scheduler": engine.lr_scheduler.state_dict(),
                  "global_steps": int(engine.global_steps), "global_samples": int(engine.global_samples),
                  "skipped_steps": int(engine.skipped_steps)}
         (tag_dir / OPTIM_SUBDIR / OPTIM_STATE).write_text(json.dumps(state, indent=1) + "\n")
@@ -271,8 +299,9 @@ def load(engine, cfg: Config, tag_dir: Path) -> dict:
     if meta.get("format") != OPTIM_FORMAT or meta.get("format_version") != OPTIM_FORMAT_VERSION:
         raise OutEffError(f"{tag_dir / OPTIM_SUBDIR / OPTIM_STATE}: not a {OPTIM_FORMAT} v{OPTIM_FORMAT_VERSION} file")
     model = unwrap(engine.module)
+    keys = tuple(meta.get("moments", MOMENTS))  # check_resume: the optimizer's own state_keys
     weights = _rank_state(tag_dir / MODEL_SUBDIR, "auto", model)  # fp32 master copies where the checkpoint has them
-    moments = {k: _rank_state(tag_dir / OPTIM_SUBDIR / k, "model", model) for k in MOMENTS}
+    moments = {k: _rank_state(tag_dir / OPTIM_SUBDIR / k, "model", model) for k in keys}
 
     # 1. The module's weights (under ZeRO-3 gathered, set, and re-partitioned from rank 0's copy).
     params = list(model.parameters())
@@ -284,15 +313,17 @@ def load(engine, cfg: Config, tag_dir: Path) -> dict:
             load_megatron_state_dict(model, weights)
 
     # 2. The optimizer: an AdamW state at the saved step, then every parameter's fp32 master and moments.
-    _create_adam_state(engine, int(meta["step"]))
+    _create_adam_state(engine, int(meta["step"]), keys)
     base = engine.basic_optimizer
     for name, p in _trainable(engine):
         if access == "plain":  # the parameter is its own master (step 1); the state is keyed by it
-            for k in MOMENTS:
+            if getattr(p, "shared", False):
+                continue  # the tied embedding's last-stage copy: re-synced from the first stage, never stepped
+            for k in keys:
                 base.state[p][k].copy_(moments[k][name])
         else:
             safe_set_full_fp32_param(p, weights[name].to(torch.float32))
-            for k in MOMENTS:
+            for k in keys:
                 safe_set_full_optimizer_state(p, moments[k][name].to(torch.float32), k)
 
     # 3. LR schedule and DeepSpeed's counters.

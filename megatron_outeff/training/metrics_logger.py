@@ -101,6 +101,8 @@ class MetricsLogger:
             return
         for tag, value in values.items():
             self.writers["iteration"].add_scalar(tag, value, iteration)
+        if any(tag.startswith("outliers/") for tag in values):  # a probe (rare): on disk at once, so a
+            self.writers["iteration"].flush()                   # run stopped from outside keeps its probes
 
     def flush(self) -> None:
         """Everything logged so far onto disk (called before each checkpoint save)."""

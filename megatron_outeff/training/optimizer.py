@@ -1,9 +1,15 @@
-"""The optimizer: AdamW groups by parameter role, the LR schedule, and our fp32 gradient clipping.
+"""The optimizer: groups by parameter role, the optimizer of ``optimizer.type``, the LR schedule, and
+our fp32 gradient clipping.
 
-- ``param_groups``: AdamW groups by parameter role (``decay_role``): biases and 1-D parameters never
-  decayed, LayerNorm weights only if ``optimizer.decay_norm_weights``.
-- ``build_optimizer``: a client torch AdamW (no FusedAdam JIT build); DeepSpeed's CPU AdamW under
-  ZeRO-Offload.
+- ``param_groups``: weight-decay groups by parameter role (``decay_role``): biases and 1-D parameters
+  never decayed, LayerNorm weights only if ``optimizer.decay_norm_weights``. Every optimizer type
+  keeps these roles.
+- ``build_optimizer``: the client optimizer DeepSpeed wraps, by ``optimizer.type``: ``adamw`` (torch
+  AdamW, no FusedAdam JIT build; DeepSpeed's CPU AdamW under ZeRO-Offload), ``orthoadam`` (ours,
+  training/orthoadam.py, rotations from ``orthoadam_rotations``), ``sgd`` (torch SGD with momentum),
+  ``muon`` (DeepSpeed's MuonWithAuxAdam: Muon for the hidden matrices, AdamW for the rest).
+- which layouts each optimizer can run: ``config.optimizer_layout_refusal`` (checked when the config loads);
+  ``state_keys``: its per-element state, for training/elastic.py.
 - ``WarmupDecayLR`` / ``build_scheduler``: linear warmup, then linear / cosine decay to ``min_lr`` (a
   client scheduler, saved in DeepSpeed checkpoints).
 - ``clip_grads_fp32``: the global grad norm over TP x PP and clipping, where we clip instead of
@@ -68,9 +74,118 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+# --------------------------------------------------------------------------------------------------
+# The optimizer of optimizer.type
+# --------------------------------------------------------------------------------------------------
+SGD_MOMENTUM, MUON_MOMENTUM = 0.9, 0.95  # optimizer.momentum=null: torch's usual heavy ball, DeepSpeed's Muon default
+
+
+def momentum(cfg: Config) -> float:
+    o = cfg.optimizer
+    return o.momentum if o.momentum is not None else (MUON_MOMENTUM if o.type == "muon" else SGD_MOMENTUM)
+
+
+def state_keys(cfg: Config) -> tuple[str, ...] | None:
+    """The optimizer's per-element state tensors (what training/elastic.py saves per parameter and
+    moves to another layout), or None where they cannot be mapped per parameter (muon: DeepSpeed
+    keeps Muon's momentum in its own per-rank flat buffers under ZeRO-1/2)."""
+    t = cfg.optimizer.type
+    if t in ("adamw", "orthoadam"):
+        return ("exp_avg", "exp_avg_sq")  # OrthoAdam's: in its rotated basis
+    if t == "sgd":
+        return ("momentum_buffer",) if momentum(cfg) > 0 else ()
+    return None
+
+
+def global_parameter_names(model: torch.nn.Module) -> dict[int, str]:
+    """{id(parameter): its name with the global layer number} for this rank's model (a pipeline stage
+    numbers its layers from 0; ``layer_number`` is global): a key that is the same at every layout."""
+    from .model import unwrap
+
+    gpt = unwrap(model)
+    layers = getattr(getattr(gpt, "decoder", None), "layers", [])
+    out = {}
+    for name, param in gpt.named_parameters():
+        parts = name.split(".")
+        if parts[:2] == ["decoder", "layers"] and len(parts) > 2 and parts[2].isdigit():
+            parts[2] = str(layers[int(parts[2])].layer_number - 1)
+        out[id(param)] = ".".join(parts)
+    return out
+
+
+def orthoadam_rotations(model: torch.nn.Module, cfg: Config):
+    """The rotation callable OrthoAdam takes: per axis of a parameter, ``orthoadam.axis_rotation``
+    seeded by (optimizer.rotation_seed, the parameter's global name, the axis). Under tensor
+    parallelism the split axis (``partition_dim`` of a ``tensor_model_parallel`` parameter) is also
+    keyed by the TP rank and size: the whole tensor then has a block-diagonal rotation on that axis (one
+    Haar block per rank), the other axes the same rotation on every rank."""
+    from megatron.core import parallel_state as ps
+
+    from .orthoadam import axis_rotation
+
+    names = global_parameter_names(model)
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    o = cfg.optimizer
+
+    def rotations(p: torch.Tensor):
+        if id(p) not in names:
+            raise ValueError(f"OrthoAdam: a parameter of shape {tuple(p.shape)} is not one of the model's")
+        split = p.partition_dim if getattr(p, "tensor_model_parallel", False) and tp > 1 else None
+        return [axis_rotation(n, o.rotation_seed, f"{names[id(p)]}/axis{axis}"
+                              + (f"/tp{tp_rank}of{tp}" if axis == split else ""), o.rotation_block_size)
+                for axis, n in enumerate(p.shape)]
+
+    return rotations
+
+
+def _is_embedding(param: torch.nn.Parameter, module: torch.nn.Module) -> bool:
+    return getattr(param, "is_embedding_or_output_parameter", False) or isinstance(module, torch.nn.Embedding) \
+        or "embedding" in type(module).__name__.lower()
+
+
+def muon_param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
+    """The role groups split into Muon halves (hidden matrices: role "matrix" and not an embedding or
+    the output layer, tagged ``use_muon`` for DeepSpeed's ZeRO code) and AdamW halves (the rest), with
+    each role group's weight decay; the Muon half's lr is ``optimizer.muon_lr`` (``lr_scale`` keeps its
+    ratio to ``lr`` under the schedule)."""
+    o = cfg.optimizer
+    muon_params = set()
+    for module in model.modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            if decay_role(p_name, p, module) == "matrix" and not _is_embedding(p, module):
+                muon_params.add(id(p))
+    scale = (o.muon_lr if o.muon_lr is not None else o.lr) / o.lr
+    groups = []
+    for g in param_groups(model, cfg):
+        for use_muon in (True, False):
+            half = [p for p in g["params"] if (id(p) in muon_params) is use_muon]
+            for p in half:
+                p.use_muon = use_muon
+            if not half:
+                continue
+            settings = (dict(momentum=momentum(cfg), ns_method="gram", lr_scale=scale) if use_muon
+                        else dict(betas=tuple(o.betas), eps=o.eps))
+            groups.append(dict(params=half, use_muon=use_muon, name=f"{g['name']}-{'muon' if use_muon else 'adam'}",
+                               lr=o.lr * (scale if use_muon else 1.0), weight_decay=g["weight_decay"], **settings))
+    return groups
+
+
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW over ``param_groups(model, cfg)`` with optimizer.lr / betas / eps."""
-    adamw = dict(lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps)
+    """The client optimizer of ``optimizer.type`` over the role groups (module doc)."""
+    o = cfg.optimizer
+    adamw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    if o.type == "orthoadam":
+        from .orthoadam import OrthoAdam
+
+        return OrthoAdam(param_groups(model, cfg), orthoadam_rotations(model, cfg), **adamw)
+    if o.type == "sgd":  # weight decay as torch's SGD applies it: L2, added to the gradient
+        return torch.optim.SGD(param_groups(model, cfg), lr=o.lr, momentum=momentum(cfg), nesterov=o.nesterov)
+    if o.type == "muon":
+        # DeepSpeed's own Muon (the class its "muon" config builds), as a client optimizer over our role
+        # groups; its AdamW half runs inline (no FusedAdam build).
+        from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+
+        return MuonWithAuxAdam(muon_param_groups(model, cfg))
     if cfg.parallel.cpu_offload:
         # ZeRO-Offload steps on the CPU: DeepSpeed's vectorised CPU AdamW (JIT-built once into
         # TORCH_EXTENSIONS_DIR); DeepSpeed refuses a torch optimizer there.
@@ -116,7 +231,7 @@ class WarmupDecayLR:
     def _apply(self) -> None:
         lr = self.get_lr()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # lr_scale: Muon's half (muon_param_groups)
 
     def step(self, *args, **kwargs) -> None:
         self.num_steps += 1

@@ -21,6 +21,15 @@ the first token's value-norm ratio (``outliers/layer{i}/value_norm_ratio``: ||v_
 head mean) and residual-norm ratio (``outliers/layer{i}/layer/first_token_norm_ratio``, the layer
 output); with position classes, the probe loss per class (``outliers/loss/{copy,bigram}``).
 
+What a quantizer sees (same probe; issue 21): per hooked component ``.../absmax_over_rms`` (max|x| /
+RMS of the whole tensor) and the largest, ``outliers/max_absmax_over_rms``; per layer output the
+massive-activation ratio MA (``outliers/layer{i}/layer/massive_activation``: max_c |h_0,c| / median
+|h|) and the range inflation RI (``.../range_inflation``: max|h_0| / max_{t>=1} |h_t|), their maxima
+over layers ``outliers/max_massive_activation`` / ``outliers/max_range_inflation``, and E =
+``outliers/first_token_excess_norm`` = max_first_token_norm_ratio - 1; where the first token's
+vector comes from: ``outliers/embedding/first_token_norm``, ``outliers/layer{i}/{attn_out,fc2,layer}/first_token_norm``
+(||x_0||, mean over the probe's sequences).
+
 Notes: megatron's linear_proj / linear_fc2 return their output without the bias (added in the
 fused bias-dropout-add), so attn_out / fc2 are measured before the bias. Under sequence parallelism
 a TP rank holds a sequence slice, so the statistics are those of TP rank 0's slice.
@@ -107,24 +116,41 @@ class AttentionMassProbe(_Hooks):
 
 
 class TokenProbe(_Hooks):
-    """Forward hooks for token-wise outliers: each layer's first-token residual-norm ratio (layer
-    output [s, b, h]) and, on the last stage, the per-token loss split into the task's position
-    classes (``position_masks``: {name: [b, s] bool}, e.g. copy / bigram positions)."""
+    """Forward hooks for token-wise outliers: each layer's output (residual stream [s, b, h]): the
+    first-token residual-norm ratio, the massive-activation ratio MA and the range inflation RI
+    (metrics.outliers), and the first token's norm; where that vector comes from: the first token's
+    norm at the embedding output and at each layer's attention and MLP outputs (linear_proj /
+    linear_fc2, before their bias); on the last stage, the per-token loss split into the task's
+    position classes (``position_masks``: {name: [b, s] bool}, e.g. copy / bigram positions)."""
 
     def __init__(self, model):
         gpt = unwrap(model)
         self.layers = {f"layer{layer.layer_number - 1}": layer for layer in gpt.decoder.layers}
+        self.sources = {f"{name}.attn_out": layer.self_attention.linear_proj for name, layer in self.layers.items()}
+        self.sources.update({f"{name}.fc2": layer.mlp.linear_fc2 for name, layer in self.layers.items()})
+        if getattr(gpt, "pre_process", False) and getattr(gpt, "embedding", None) is not None:
+            self.sources["embedding"] = gpt.embedding
         self.gpt = gpt if getattr(gpt, "post_process", False) else None
         self.position_masks = None
         self.values = {}
 
     def __enter__(self):
-        from megatron_outeff.metrics.outliers import first_token_norm_ratio, masked_mean
+        from megatron_outeff.metrics.outliers import (first_token_norm, first_token_norm_ratio, masked_mean,
+                                                      massive_activation_ratio, range_inflation)
 
         def layer_hook(name):
             def record(module, args, output):
                 out = output[0] if isinstance(output, (tuple, list)) else output
                 self.values.setdefault("residual_norm_ratio", {})[name] = first_token_norm_ratio(out, token_dim=0)
+                self.values.setdefault("massive_activation", {})[name] = massive_activation_ratio(out, token_dim=0)
+                self.values.setdefault("range_inflation", {})[name] = range_inflation(out, token_dim=0)
+                self.values.setdefault("first_token_norm", {})[f"{name}.layer"] = first_token_norm(out, token_dim=0)
+            return record
+
+        def source_hook(name):
+            def record(module, args, output):
+                out = output[0] if isinstance(output, (tuple, list)) else output  # [s, b, h]
+                self.values.setdefault("first_token_norm", {})[name] = first_token_norm(out, token_dim=0)
             return record
 
         def loss_hook(module, args, output):
@@ -135,6 +161,7 @@ class TokenProbe(_Hooks):
 
         self.values = {}
         self.handles = [m.register_forward_hook(layer_hook(n)) for n, m in self.layers.items()]
+        self.handles += [m.register_forward_hook(source_hook(n)) for n, m in self.sources.items()]
         if self.gpt is not None:
             self.handles.append(self.gpt.register_forward_hook(loss_hook))
         return self
@@ -176,12 +203,16 @@ class OutlierMonitor:
         gathered = [None] * ps.get_pipeline_model_parallel_world_size()
         dist.all_gather_object(gathered, summary, group=ps.get_pipeline_model_parallel_group())
         comps, masses, ratios, losses = {}, {}, {}, {}
+        massive, inflation, norms = {}, {}, {}
         for s in gathered:
             if s:
                 comps.update(s["components"])
                 masses.update(s.get("attention_mass", {}))
                 ratios.update(s.get("tokens", {}).get("residual_norm_ratio", {}))
                 losses.update(s.get("tokens", {}).get("loss", {}))
+                massive.update(s.get("tokens", {}).get("massive_activation", {}))
+                inflation.update(s.get("tokens", {}).get("range_inflation", {}))
+                norms.update(s.get("tokens", {}).get("first_token_norm", {}))
         if not comps:
             return {}
         tags = {}
@@ -189,6 +220,7 @@ class OutlierMonitor:
             path = name.replace(".", "/")
             tags[f"outliers/{path}/inf_norm"] = c["inf_norm"]
             tags[f"outliers/{path}/kurtosis"] = c["kurtosis"]
+            tags[f"outliers/{path}/absmax_over_rms"] = c["absmax_over_rms"]
 
         def agg(fn, key, kind=None):
             xs = [c[key] for c in comps.values() if kind is None or c["kind"] == kind]
@@ -219,10 +251,24 @@ class OutlierMonitor:
             if idle:
                 tags["outliers/mean_first_token_mass_idle"] = sum(idle) / len(idle)
                 tags["outliers/max_head_first_token_mass_idle"] = max(idle)
+        # what a per-tensor quantizer sees (the component with the largest ratio: the largest
+        # outliers/<component>/absmax_over_rms tag; evaluation/experiment.py names it)
+        tags["outliers/max_absmax_over_rms"] = agg(max, "absmax_over_rms")
         for layer, r in ratios.items():
             tags[f"outliers/{layer}/layer/first_token_norm_ratio"] = r
         if ratios:
             tags["outliers/max_first_token_norm_ratio"] = max(ratios.values())
+            tags["outliers/first_token_excess_norm"] = max(ratios.values()) - 1.0  # E
+        for layer, v in massive.items():
+            tags[f"outliers/{layer}/layer/massive_activation"] = v
+        if massive:
+            tags["outliers/max_massive_activation"] = max(massive.values())  # MA
+        for layer, v in inflation.items():
+            tags[f"outliers/{layer}/layer/range_inflation"] = v
+        if inflation:
+            tags["outliers/max_range_inflation"] = max(inflation.values())  # RI
+        for name, v in norms.items():
+            tags[f"outliers/{name.replace('.', '/')}/first_token_norm"] = v
         for cls, value in losses.items():
             tags[f"outliers/loss/{cls}"] = value
         return tags

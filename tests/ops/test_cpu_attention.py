@@ -1,5 +1,7 @@
-"""The CPU paths (megatron_outeff/ops/cpu_attention.py, ``impl="cpu"``: the fused flash kernel for
-unclipped variants, the lean materialised path for clipped ones) against two oracles.
+"""The CPU paths against two oracles: ``impl="cpu"`` (megatron_outeff/ops/cpu_attention.py), i.e. torch's
+fused CPU flash kernel with the sink (ops/sdpa_attention.py, what ``impl="auto"`` runs for unclipped
+variants on CPU) and the lean materialised path for clipped ones. The same sink code on torch's CUDA
+kernels is tested in test_sdpa_attention.py (emulated kernels, meta tensors) and test_sdpa_cuda.py (GPU).
 
 1. A float64 oracle written here from the definition (field notes section 1): materialised scores,
    the sink as one extra column of logit a_h (value zero), torch.softmax, clip, P @ V, gate; gradients by
@@ -21,6 +23,7 @@ import pytest
 import torch
 
 from attention_cases import OFFSETS, TOL, VARIANTS, assert_all_close
+from megatron_outeff.ops import attention as attention_module
 from megatron_outeff.ops import cpu_attention as cpu_attention_module
 from megatron_outeff.ops import outeff_attention
 
@@ -56,8 +59,9 @@ def run(leaves, kw, impl, dout, upcast=False):
     return out.detach(), {n: t.grad for n, t in xs.items()}
 
 
-def oracle_fp64(leaves, kw, dout):
-    """Definition in float64: softmax over [scores, a_h] (sink column dropped), P @ V, gate."""
+def oracle_fp64(leaves, kw, dout, drop=None):
+    """Definition in float64: softmax over [scores, a_h] (sink column dropped), P @ V, gate.
+    drop: None or (keep mask [b, h, sq, sk], dropout_p): dropout of the (clipped) probabilities."""
     xs = {n: t.detach().double().clone().requires_grad_(True) for n, t in leaves.items()}
     q, k, v = xs["q"], xs["k"], xs["v"]
     b, sq, h, d = q.shape
@@ -86,6 +90,8 @@ def oracle_fp64(leaves, kw, dout):
     if kw.get("clip") is not None:
         gamma, zeta = kw["clip"]
         p = torch.clamp((zeta - gamma) * p + gamma, 0.0, 1.0)
+    if drop is not None:
+        p = p * drop[0] / (1.0 - drop[1])
     out = (p @ vt).transpose(1, 2)
     if "gate" in xs:
         out = out * xs["gate"].unsqueeze(-1)
@@ -305,9 +311,9 @@ def test_auto_chooses_the_cpu_paths(monkeypatch):
     """impl='auto' on CPU: the fused path for unclipped variants, the lean materialised one for clipped
     variants, the reference for dropout."""
     calls = []
-    for name in ("sdpa_outeff_attention", "clipped_outeff_attention"):
-        real = getattr(cpu_attention_module, name)
-        monkeypatch.setattr(cpu_attention_module, name,
+    for module, name in ((attention_module, "sdpa_outeff_attention"), (cpu_attention_module, "clipped_outeff_attention")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name,
                             lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
     q = torch.randn(1, 8, 2, 16)
     for variant, kw in VARIANTS.items():

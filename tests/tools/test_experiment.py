@@ -118,6 +118,7 @@ def test_claim_rule_by_hand():
 def test_experiment_configs_load():
     for path in (CPU_CONFIG, GPU_CONFIG):
         exp = load_experiment(path)
-        assert exp.arms == ["vanilla", "softmax1", "learnable", "gated_softmax1", "clipped_softmax1"]
+        assert list(exp.arms) == ["vanilla", "softmax1", "learnable", "gated_softmax1", "clipped_softmax1"]
+        assert exp.legacy and exp.seeds == [1234] and [r.dir.as_posix() for r in exp.runs()][0] == "arms/vanilla"
     with pytest.raises(OutEffError, match="unknown config key 'claim.fator'"):
         load_experiment(CPU_CONFIG, ["claim.fator=3"])

@@ -11,6 +11,9 @@ Prints a short report and writes it as JSON (tools/gpu/summarize.py puts it into
   imports         module -> "ok" | "<ExceptionType>: <message>" for every module the checks import
   requirements    for each distribution of the offline bundle: its Requires-Dist entries (no extras,
                   markers evaluated) that the installed packages do not satisfy ([] = all satisfied)
+  sdpa_backend    {shape: backend}: torch._fused_sdp_choice (what F.scaled_dot_product_attention, and so
+                  our sink attention, runs) for bf16 causal self-attention, 16 heads, sq 4096, d 64 / 128
+                  (CUDA only)
   ok              true when every import resolved and every requirement is satisfied
 
     python tools/gpu/env_report.py --output-json env.json [--bundle .gpu-bundle]
@@ -77,6 +80,23 @@ def _unmet_requirements(bundle: Path) -> dict:
     return unmet
 
 
+def _sdpa_backend() -> dict | None:
+    """SDPA's backend choice for the headline shapes (bf16, causal, with gradients), CUDA only."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    names = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
+    out = {}
+    for d in (128, 64):
+        q = torch.empty(1, 16, 4096, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        try:
+            out[f"bf16 causal sq=4096 d={d}"] = names.get(int(torch._fused_sdp_choice(q, q, q, None, 0.0, True)), "?")
+        except RuntimeError as e:
+            out[f"bf16 causal sq=4096 d={d}"] = f"error: {str(e).splitlines()[0][:100]}"
+    return out
+
+
 def collect(bundle: Path | None) -> dict:
     import torch
 
@@ -99,6 +119,7 @@ def collect(bundle: Path | None) -> dict:
         "versions": {d: _version(d) for d in DISTRIBUTIONS},
         "imports": imports,
         "requirements": _unmet_requirements(bundle) if bundle and bundle.is_dir() else {},
+        "sdpa_backend": _sdpa_backend(),
     }
     report["ok"] = all(v == "ok" for v in imports.values()) and not any(report["requirements"].values())
     return report
@@ -114,7 +135,7 @@ def main(argv=None) -> int:
         return 2
     report = collect(Path(args.bundle) if args.bundle else None)
     print(f"device: {report['device']} (capability {report['capability']}), driver {report['driver']}, "
-          f"CUDA {report['cuda']}, python {report['python']}")
+          f"CUDA {report['cuda']}, python {report['python']}, SDPA backend {report['sdpa_backend']}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()))
     for mod, status in report["imports"].items():
         if status != "ok":

@@ -10,12 +10,14 @@ fails, hangs or the whole run is stopped. Inputs (each optional; a missing one i
   OUT/bench_attention.json  tools/bench_attention.py (step b): per-shape target checks
   OUT/bench_train.json      tools/bench_train.py (step c): training throughput targets
 Outputs: OUT/summary.json and OUT/summary.md (the shape of tools/results/gpu/summary.json):
-  device, capability, driver, versions, rehearsal, steps, tests, and targets: a map from each
-  performance target to {value, goal, op, met, detail}. A target measured at several shapes takes
-  the worst value over them (the largest ratio for "<=" goals, the smallest for ">=") and is met
-  only when every shape meets it; value and met are null when no step measured it.
+  device, capability, driver, versions, rehearsal, time_scale, budget_s, steps, tests, sdpa_backend
+  (SDPA's choice per shape and the kernels our methods ran), training, and targets: a map from each
+  performance target (megatron_outeff/bench/targets.py, GPU_TARGETS: the one list) to
+  {value, goal, op, met, detail}. A target measured at several shapes takes the worst value over them
+  (the largest ratio for "<=" goals, the smallest for ">=") and is met only when every shape meets
+  it; value and met are null when no step measured it ("report" targets: met is always null).
 
-    python tools/gpu/summarize.py --output-dir OUT_DIR --work WORK_DIR [--rehearsal]
+    python tools/gpu/summarize.py --output-dir OUT_DIR --work WORK_DIR [--rehearsal] [--time-scale F] [--budget S]
 """
 from __future__ import annotations
 
@@ -26,21 +28,9 @@ import time
 from pathlib import Path
 from xml.etree import ElementTree
 
-# The project's performance targets (H100/H200, bf16), in the order the summary lists them:
-# key -> (source file, the name its producer gives the check, goal, op)
-TARGETS = {
-    "softmax1_flash_fwdbwd_vs_sdpa": ("bench_attention.json", "T1 flash softmax1 fwd+bwd <= 1.10x SDPA", 1.10, "<="),
-    "softmax1_flash_speedup_vs_mcore_offbyone_s4096": (
-        "bench_attention.json", "T2 flash >= 3x faster than mcore off-by-one at sq=4096", 3.0, ">="),
-    "softmax1_flash_memory_growth_per_doubling_s": (
-        "bench_attention.json", "T2 flash memory linear in sq (growth per doubling <= 2.5x)", 2.5, "<="),
-    "clipped_flash_fwdbwd_vs_sdpa": ("bench_attention.json", "T3 clipped flash fwd+bwd <= 2.0x SDPA", 2.0, "<="),
-    "gated_flash_fwdbwd_vs_sdpa": ("bench_attention.json", "T4 gated flash softmax1 fwd+bwd <= 1.10x SDPA", 1.10, "<="),
-    "opt125m_softmax1_tokens_per_s_vs_vanilla": (
-        "bench_train.json", "OPT-125m Softmax_1 tokens/s >= 0.97x vanilla", 0.97, ">="),
-    "opt125m_softmax1_tokens_per_s": ("bench_train.json", "OPT-125m Softmax_1 >= 400k tokens/s", 400e3, ">="),
-}
-STEP_ORDER = ("setup", "env", "aot_sm90", "tests", "bench_attention", "bench_train", "experiment")
+from megatron_outeff.bench.targets import GPU_TARGETS, aggregate
+
+STEP_ORDER = ("setup", "env", "aot_sm90", "bench_attention", "bench_train", "tests", "experiment")
 
 
 def _load_json(path: Path):
@@ -48,18 +38,6 @@ def _load_json(path: Path):
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def aggregate(checks: list[dict], name: str, goal: float, op: str) -> dict:
-    """The worst of one target's per-shape checks: {value, goal, op, met, detail}."""
-    mine = [c for c in checks if c.get("target") == name and c.get("value") is not None]
-    if not mine:
-        return {"value": None, "goal": goal, "op": op, "met": None, "detail": "not measured"}
-    worst = (max if op == "<=" else min)(mine, key=lambda c: c["value"])
-    met = all((c["value"] <= goal) if op == "<=" else (c["value"] >= goal) for c in mine)
-    where = {k: worst[k] for k in ("dtype", "d", "sq") if worst.get(k) is not None}
-    return {"value": worst["value"], "goal": goal, "op": op, "met": met,
-            "detail": f"worst of {len(mine)} measurement(s)" + (f" at {where}" if where else "")}
 
 
 def test_counts(xml_path: Path) -> dict | None:
@@ -84,7 +62,21 @@ def test_counts(xml_path: Path) -> dict | None:
     return counts
 
 
-def build(out: Path, work: Path, rehearsal: bool) -> dict:
+def sdpa_backends(doc: dict | None) -> dict | None:
+    """SDPA's backend per shape (the baseline's torch._fused_sdp_choice) and the kernels each of our
+    methods ran, from bench_attention.json."""
+    if not doc:
+        return None
+    ran = {}
+    for r in doc.get("results", []):
+        if r.get("kernel") and r.get("status") == "ok":
+            ran.setdefault(r["method"], set()).add(r["kernel"])
+    return {"sdpa_choice": (doc.get("meta") or {}).get("sdpa_backends"),
+            "pinned": (doc.get("meta") or {}).get("sdpa_backend_pin"),
+            "kernels_ran": {m: sorted(k) for m, k in ran.items()}}
+
+
+def build(out: Path, work: Path, rehearsal: bool, time_scale: float = 1.0, budget: int | None = None) -> dict:
     env = _load_json(work / "env.json") or {}
     steps = {}
     if (work / "steps.jsonl").is_file():
@@ -92,27 +84,30 @@ def build(out: Path, work: Path, rehearsal: bool) -> dict:
             if line.strip():
                 rec = json.loads(line)
                 steps[rec.pop("name")] = rec
-    sources = {f: _load_json(out / f) for f in {t[0] for t in TARGETS.values()}}
+    sources = {t.source: _load_json(out / f"{t.source}.json") for t in GPU_TARGETS}
     targets = {}
-    for key, (src, name, goal, op) in TARGETS.items():
-        doc = sources.get(src)
-        targets[key] = aggregate((doc or {}).get("targets", []), name, goal, op)
+    for t in GPU_TARGETS:
+        doc = sources.get(t.source)
+        targets[t.key] = aggregate((doc or {}).get("targets", []), t.key)
+        targets[t.key]["what"] = t.what
         if doc is None:
-            targets[key]["detail"] = f"not measured: no {src}"
+            targets[t.key]["detail"] = f"not measured: no {t.source}.json"
         elif (doc.get("meta") or {}).get("partial"):
-            targets[key]["detail"] += " (partial run: stopped before every shape was measured)"
-    train = sources.get("bench_train.json") or {}
+            targets[t.key]["detail"] += f" (partial {t.source} run: cut before it ended)"
+    train = sources.get("bench_train") or {}
     return {
         "device": env.get("device"), "capability": env.get("capability"), "driver": env.get("driver"),
         "cuda": env.get("cuda"), "python": env.get("python"), "versions": env.get("versions", {}),
         "environment_ok": env.get("ok"),
-        "rehearsal": rehearsal,
+        "rehearsal": rehearsal, "time_scale": time_scale, "budget_s": budget,
         "note": ("CPU rehearsal (Triton interpreter, tiny shapes): values prove the pipeline, not performance"
                  if rehearsal else "measured on the device named above"),
         "updated_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "steps": {k: steps.get(k, {"status": "not run"}) for k in STEP_ORDER if k in steps or k != "aot_sm90"},
         "tests": test_counts(out / "tests.xml"),
-        "training": [{k: r.get(k) for k in ("variant", "tokens_per_s", "throughput_vs_vanilla", "mfu", "peak_memory_mib")}
+        "sdpa_backend": dict(env=env.get("sdpa_backend"), **(sdpa_backends(sources.get("bench_attention")) or {})),
+        "training": [{k: r.get(k) for k in ("variant", "tokens_per_s", "throughput_vs_vanilla", "mfu", "peak_memory_mib",
+                                            "steps_timed")}
                      for r in train.get("rows", [])],
         "targets": targets,
     }
@@ -131,6 +126,8 @@ def markdown(summary: dict, work: Path) -> str:
              f"{summary['note']}. Updated {summary['updated_utc']}.", "",
              f"Driver {summary['driver']}, CUDA {summary['cuda']}, Python {summary['python']}; "
              + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()), "",
+             f"Time scale {summary['time_scale']}, overall budget {summary['budget_s']} s. SDPA backend: "
+             f"{summary['sdpa_backend']}", "",
              "| step | status | seconds | limit s | note |", "|---|---|---:|---:|---|"]
     for name, st in summary["steps"].items():
         lines.append(f"| {name} | {st.get('status')} | {_fmt(st.get('seconds'))} | {_fmt(st.get('limit_s'))} | "
@@ -154,13 +151,15 @@ def main(argv=None) -> int:
     p.add_argument("--output-dir", required=True, help="the run's OUT_DIR")
     p.add_argument("--work", required=True, help="the run's scratch folder (env.json, steps.jsonl, *.md)")
     p.add_argument("--rehearsal", action="store_true", help="the run was a CPU rehearsal")
+    p.add_argument("--time-scale", type=float, default=1.0, help="run.sh's --time-scale (recorded)")
+    p.add_argument("--budget", type=int, default=None, help="run.sh's overall budget in seconds (recorded)")
     args = p.parse_args(argv)
     out, work = Path(args.output_dir), Path(args.work)
     for flag, path in (("--output-dir", out), ("--work", work)):
         if not path.is_dir():
             print(f"summarize.py: {flag} {path}: not a folder", file=sys.stderr)
             return 2
-    summary = build(out, work, args.rehearsal)
+    summary = build(out, work, args.rehearsal, args.time_scale, args.budget)
     (out / "summary.json.tmp").write_text(json.dumps(summary, indent=1))
     (out / "summary.json.tmp").replace(out / "summary.json")
     (out / "summary.md.tmp").write_text(markdown(summary, work))
