@@ -605,7 +605,7 @@ _TABLE = {
                            dq=(_cfg(128, 32, 8, 3), _cfg(128, 64, 8, 3))),
     (80, 64, False): dict(fwd=(_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)), bwd=(_cfg(32, 128, 8, 3), _cfg(32, 64, 4, 3)),
                           dq=(_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3))),
-    (80, 128, False): dict(fwd=(_cfg(128, 32, 8, 3), _cfg(64, 32, 4, 3)), bwd=(_cfg(32, 64, 8, 3), _cfg(16, 128, 8, 3)),
+    (80, 128, False): dict(fwd=(_cfg(128, 32, 8, 3),), bwd=(_cfg(32, 64, 8, 3), _cfg(16, 128, 8, 3)),
                            dq=(_cfg(64, 32, 4, 3),)),
 }
 for _arch in (80, 90):  # fp32 inputs (TF32 products): operands twice as wide in shared memory

@@ -90,7 +90,7 @@ def _short(dtype: str) -> str:
 
 
 def _describe(meta: dict, dtype: str) -> str:
-    parts = [dtype, f"d{meta['BLOCK_D']}"]
+    parts = [dtype] + ([f"d{meta['BLOCK_D']}"] if "BLOCK_D" in meta else [])
     for k, v in meta.items():
         if k in ("BLOCK_D", "DOT_T", "PREC"):
             continue
