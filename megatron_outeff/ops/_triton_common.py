@@ -1,5 +1,7 @@
 """What the two Triton kernel files (``flash_attention.py``, ``row_softmax.py``) share: interpreter
-detection and the @triton.jit blocks of the softmax and of the clip.
+detection, the description of a kernel launch (``KernelLaunch``, which ``triton_compile`` compiles
+ahead of time exactly as it will run) and its runner, and the @triton.jit blocks of the softmax and
+of the clip.
 
 A @triton.jit helper is inlined into the kernel that calls it and its tl.constexpr arguments are
 resolved at compile time, so a kernel compiles to the same code as with the block written out.
@@ -8,7 +10,8 @@ Math: field notes section 1 and ``variants.py``.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Dict, Tuple
 
 import triton
 import triton.language as tl
@@ -21,6 +24,47 @@ def interpreting(device: "torch.device") -> bool:
     """True when Triton kernels on tensors of ``device`` run under Triton's CPU interpreter:
     TRITON_INTERPRET=1 (which Triton reads when the kernels are decorated) and a non-CUDA device."""
     return device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass
+class KernelLaunch:
+    """One kernel launch as the launcher makes it (and as the ahead-of-time compile check compiles it).
+
+    kind: the launcher's name for the kernel (flash: ``KERNELS``); args: positional arguments (tensors, stride tuples, ints, floats);
+    meta: the tl.constexpr flags other than the tiles; grid: config kwargs -> grid; configs: the
+    candidates (flash: ``kernel_configs``; the first is the default); reset_to_zero: arguments the kernel accumulates into (atomics),
+    zeroed before each autotuning trial; tune_key: what, besides the flags and dtypes, keys tuning."""
+
+    kernel: Any
+    kind: str
+    args: tuple
+    meta: Dict[str, Any]
+    grid: Callable[[Dict[str, Any]], Tuple[int, ...]]
+    configs: Tuple[triton.Config, ...]
+    reset_to_zero: Tuple[str, ...] = ()
+    tune_key: tuple = field(default_factory=tuple)
+
+
+_TUNERS: Dict[tuple, Any] = {}
+
+
+def run_launch(launch: KernelLaunch) -> None:
+    """Launches one kernel: the first candidate when there is one (interpreter) or autotuning is off
+    (``OUTEFF_FLASH_AUTOTUNE=0``, which every Triton kernel of ours honours), else ``triton.autotune`` over the candidates, one tuner per
+    (kernel, tune_key) keyed by the flags and the dtypes."""
+    if len(launch.configs) == 1 or os.environ.get("OUTEFF_FLASH_AUTOTUNE", "1") == "0":
+        cfg = launch.configs[0]
+        launch.kernel[launch.grid(cfg.kwargs)](*launch.args, **launch.meta, **cfg.kwargs,
+                                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return
+    key = (launch.kernel.__name__, launch.configs, launch.tune_key)
+    tuner = _TUNERS.get(key)
+    if tuner is None:
+        tuner = triton.autotune(configs=list(launch.configs), key=sorted(launch.meta),
+                                reset_to_zero=list(launch.reset_to_zero) or None)(launch.kernel)
+        _TUNERS[key] = tuner
+    tuner[launch.grid](*launch.args, **launch.meta)
+
 
 
 @triton.jit

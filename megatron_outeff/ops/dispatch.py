@@ -40,12 +40,9 @@ def mask_kind(causal: bool, key_padding_mask: Optional[torch.Tensor], mask: Opti
 
 def triton_takes_head_dim(head_dim: int) -> bool:
     """Whether the Triton flash kernel (``flash_attention.py``) takes this head dim."""
-    from . import flash_attention
+    from .flash_attention import supports_head_dim
 
-    supports = getattr(flash_attention, "supports_head_dim", None)
-    if supports is not None:
-        return bool(supports(head_dim))
-    return head_dim in getattr(flash_attention, "SUPPORTED_HEAD_DIMS", ())
+    return supports_head_dim(head_dim)
 
 
 def auto_impl(device_type: str, softmax: str, clipped: bool, dropout: bool, dtype: torch.dtype, head_dim: int,

@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._triton_common import clip_grad, clip_probs, interpreting, online_softmax_step
+from ._triton_common import KernelLaunch, clip_grad, clip_probs, interpreting, online_softmax_step, run_launch
 from .variants import Clip, check_float_rank4
 
 # Longest row handled in a single column block; longer rows use the two-pass loop.
@@ -203,29 +203,53 @@ def _mask_args(mask: Optional[torch.Tensor], shape, dummy: torch.Tensor):
     return m.view(torch.uint8), m.stride()
 
 
+def _launch(kernel, kind, args, R, sk, max_block_cols, interpreted, **flags) -> KernelLaunch:
+    """One launch of either kernel as ``_launch_config`` sizes it (deterministic: one config)."""
+    block_r, block_c, single, num_warps = _launch_config(R, sk, max_block_cols, interpreted)
+    grid = (triton.cdiv(R, block_r),)
+    return KernelLaunch(kernel, kind, args, dict(flags, SINGLE=single, BLOCK_R=block_r, BLOCK_C=block_c),
+                        lambda _: grid, (triton.Config({}, num_warps=num_warps),))
+
+
+def forward_launch(x, sink_f, mask, scale, clip, max_block_cols, interpreted):
+    """(launch, y, row_m, row_l): the forward kernel's launch on the contiguous scores x and its outputs."""
+    b, h, sq, sk = x.shape
+    R = b * h * sq
+    y = torch.empty_like(x)
+    row_m = torch.empty(R, dtype=torch.float32, device=x.device)
+    row_l = torch.empty(R, dtype=torch.float32, device=x.device)
+    mask_t, (msb, msh, msq, msk) = _mask_args(mask, x.shape, x)
+    gamma, zeta = (clip.gamma, clip.zeta) if clip is not None else (0.0, 1.0)
+    args = (x, y, row_m, row_l, sink_f if sink_f is not None else row_m, mask_t, R, sk, h, sq, msb, msh, msq, msk,
+            float(scale), float(gamma), float(zeta))
+    launch = _launch(_fwd_kernel, "fwd", args, R, sk, max_block_cols, interpreted, HAS_SINK=sink_f is not None,
+                     HAS_MASK=mask is not None, HAS_CLIP=clip is not None)
+    return launch, y, row_m, row_l
+
+
+def backward_launch(dy, saved, row_m, row_l, sink_f, mask, scale, clip, max_block_cols, need_dsink, interpreted):
+    """(launch, dx, dsink_row): the backward kernel's launch and its outputs (``saved``: see forward)."""
+    b, h, sq, sk = saved.shape
+    R = b * h * sq
+    dx = torch.empty_like(saved)
+    dsink_row = torch.empty(R, dtype=torch.float32, device=saved.device) if need_dsink else row_m
+    mask_t, (msb, msh, msq, msk) = _mask_args(mask, saved.shape, saved)
+    gamma, zeta = (clip.gamma, clip.zeta) if clip is not None else (0.0, 1.0)
+    args = (dy, saved, row_m, row_l, sink_f if sink_f is not None else row_m, mask_t, dx, dsink_row,
+            R, sk, h, sq, msb, msh, msq, msk, float(scale), float(gamma), float(zeta))
+    launch = _launch(_bwd_kernel, "bwd", args, R, sk, max_block_cols, interpreted, HAS_SINK=sink_f is not None,
+                     NEED_DSINK=need_dsink, HAS_MASK=mask is not None, HAS_CLIP=clip is not None)
+    return launch, dx, dsink_row
+
+
 class _FusedOutEffSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores, sink, mask, scale, clip, max_block_cols):
-        b, h, sq, sk = scores.shape
         x = scores.contiguous()
-        y = torch.empty_like(x)
-        R = b * h * sq
-        row_m = torch.empty(R, dtype=torch.float32, device=x.device)
-        row_l = torch.empty(R, dtype=torch.float32, device=x.device)
         sink_f = sink.detach().float().contiguous() if sink is not None else None
-        mask_t, (msb, msh, msq, msk) = _mask_args(mask, scores.shape, x)
-        gamma, zeta = (clip.gamma, clip.zeta) if clip is not None else (0.0, 1.0)
-        block_r, block_c, single, num_warps = _launch_config(R, sk, max_block_cols, interpreting(x.device))
-        grid = (triton.cdiv(R, block_r),)
-        _fwd_kernel[grid](
-            x, y, row_m, row_l, sink_f if sink_f is not None else row_m, mask_t,
-            R, sk, h, sq, msb, msh, msq, msk,
-            float(scale), float(gamma), float(zeta),
-            HAS_SINK=sink is not None, HAS_MASK=mask is not None, HAS_CLIP=clip is not None,
-            SINGLE=single, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
-        )
+        launch, y, row_m, row_l = forward_launch(x, sink_f, mask, scale, clip, max_block_cols, interpreting(x.device))
+        run_launch(launch)
         ctx.scale, ctx.clip, ctx.max_block_cols = scale, clip, max_block_cols
-        ctx.has_mask = mask is not None
         ctx.sink_dtype = sink.dtype if sink is not None else None
         saved = x if clip is not None else y  # see the module docstring
         ctx.save_for_backward(saved, row_m, row_l, sink_f, mask)
@@ -235,28 +259,15 @@ class _FusedOutEffSoftmax(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         saved, row_m, row_l, sink_f, mask = ctx.saved_tensors
-        b, h, sq, sk = saved.shape
-        R = b * h * sq
+        b, h, sq, _ = saved.shape
         dy = dy.contiguous()
         need_dx = ctx.needs_input_grad[0]
         need_dsink = sink_f is not None and ctx.needs_input_grad[1]
         if not (need_dx or need_dsink):
             return None, None, None, None, None, None
-        dx = torch.empty_like(saved)
-        dsink_row = torch.empty(R, dtype=torch.float32, device=saved.device) if need_dsink else row_m
-        mask_t, (msb, msh, msq, msk) = _mask_args(mask, saved.shape, saved)
-        clip = ctx.clip
-        gamma, zeta = (clip.gamma, clip.zeta) if clip is not None else (0.0, 1.0)
-        block_r, block_c, single, num_warps = _launch_config(R, sk, ctx.max_block_cols, interpreting(saved.device))
-        grid = (triton.cdiv(R, block_r),)
-        _bwd_kernel[grid](
-            dy, saved, row_m, row_l, sink_f if sink_f is not None else row_m, mask_t, dx, dsink_row,
-            R, sk, h, sq, msb, msh, msq, msk,
-            float(ctx.scale), float(gamma), float(zeta),
-            HAS_SINK=sink_f is not None, NEED_DSINK=need_dsink, HAS_MASK=ctx.has_mask,
-            HAS_CLIP=clip is not None, SINGLE=single, BLOCK_R=block_r, BLOCK_C=block_c,
-            num_warps=num_warps,
-        )
+        launch, dx, dsink_row = backward_launch(dy, saved, row_m, row_l, sink_f, mask, ctx.scale, ctx.clip,
+                                                ctx.max_block_cols, need_dsink, interpreting(saved.device))
+        run_launch(launch)
         dsink = dsink_row.view(b, h, sq).sum(dim=(0, 2)).to(ctx.sink_dtype) if need_dsink else None
         return (dx if need_dx else None), dsink, None, None, None, None
 

@@ -407,38 +407,55 @@ def test_gpu_extreme_logits(sk, dtype):
 
 
 # --------------------------------------------------------------------------------------------
-# 8. compilation for H100 / H200 (sm_90) without a GPU: both kernels, single- and multi-block rows,
-#    fp16 and bf16, every flag on and every flag off, with the launch configuration the CUDA path picks
+# 8. compilation for A100 (sm_80) and H100 / H200 (sm_90) without a GPU: both kernels, single- and
+#    multi-block rows, fp16 and bf16, every flag on and every flag off, with the launch the CUDA path
+#    makes (row_softmax.forward_launch / backward_launch), specialised on its arguments as Triton's
+#    runtime would (16-byte aligned pointers, strides divisible by 16)
 # --------------------------------------------------------------------------------------------
 _AOT_SCRIPT = """
-import triton
-from triton.backends.compiler import GPUTarget
+import json, torch
 from megatron_outeff.ops import row_softmax as rs
+from megatron_outeff.ops.triton_compile import compile_launch
+from megatron_outeff.ops.variants import Clip
 
-DATA = {"X", "Y", "DY", "S", "DX"}
-FP32 = {"ROW_M", "ROW_L", "SINK", "DSINK_ROW"}
-SCALARS = {"scale", "gamma", "zeta"}
-
-def build(fn, dt, consts, num_warps):
-    sig = {n: ("constexpr" if n in consts else "*" + dt if n in DATA else "*fp32" if n in FP32
-               else "*u8" if n == "MASK" else "fp32" if n in SCALARS else "i32") for n in fn.arg_names}
-    triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts),
-                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
-    print("compiled", fn.__name__, dt, consts, flush=True)
-
-for dt, sk in (("fp16", 1000), ("bf16", 12000)):
-    block_r, block_c, single, warps = rs._launch_config(2 * 4 * 64, sk, rs.MAX_BLOCK_COLS, False)
+facts = []
+for dt, sk in (("float16", 1000), ("bfloat16", 12000)):
+    x = torch.empty(2, 4, 64, sk, dtype=getattr(torch, dt))
     for on in (True, False):
-        flags = dict(HAS_SINK=on, HAS_MASK=on, HAS_CLIP=on, SINGLE=single, BLOCK_R=block_r, BLOCK_C=block_c)
-        build(rs._fwd_kernel, dt, flags, warps)
-        build(rs._bwd_kernel, dt, dict(flags, NEED_DSINK=on), warps)
-print("AOT OK")
+        sink = torch.empty(4) if on else None
+        mask = torch.zeros(2, 1, 64, sk, dtype=torch.bool) if on else None  # megatron's [b, 1, sq, sk]
+        clip = Clip(-0.03, 1.0) if on else None
+        la, y, rm, rl = rs.forward_launch(x, sink, mask, 0.125, clip, rs.MAX_BLOCK_COLS, False)
+        lb = rs.backward_launch(torch.empty_like(x), x if on else y, rm, rl, sink, mask, 0.125, clip,
+                                rs.MAX_BLOCK_COLS, on, False)[0]
+        facts += compile_launch(la, ARCH, dt) + compile_launch(lb, ARCH, dt)
+print("FACTS " + json.dumps([f.as_dict() for f in facts]))
 """
+
+
+def _check_aot(run_compiled_triton, arch):
+    import json
+
+    from megatron_outeff.ops.triton_compile import SHARED_MEMORY_LIMIT
+
+    res = run_compiled_triton(_AOT_SCRIPT.replace("ARCH", str(arch)))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    facts = json.loads(next(x for x in res.stdout.splitlines() if x.startswith("FACTS "))[len("FACTS "):])
+    assert sorted(f["kernel"] for f in facts) == ["_bwd_kernel"] * 4 + ["_fwd_kernel"] * 4
+    for f in facts:
+        where = f"{f['kernel']} sm_{arch} {f['config']} [{f['specialisation']}]"
+        assert f["unaligned"] == "", f"{where}: pointers not specialised 16-byte aligned: {f['unaligned']}"
+        assert f["shared_bytes"] <= SHARED_MEMORY_LIMIT[arch], where
+        assert f["spill_stores"] == f["spill_loads"] == f["stack_bytes"] == 0, f"{where}: register spills"
 
 
 @pytest.mark.slow
 def test_kernels_compile_for_sm90(run_compiled_triton):
-    """Both row-softmax kernels compile for sm_90 (the interpreter accepts what the compiler may not)."""
-    res = run_compiled_triton(_AOT_SCRIPT)
-    assert res.returncode == 0 and "AOT OK" in res.stdout, res.stdout[-2000:] + res.stderr[-4000:]
-    assert res.stdout.count("compiled _fwd_kernel") == 4 and res.stdout.count("compiled _bwd_kernel") == 4
+    """Both row-softmax kernels compile for sm_90 as they will run: within shared memory, no spills."""
+    _check_aot(run_compiled_triton, 90)
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm80(run_compiled_triton):
+    """The same for sm_80 (A100)."""
+    _check_aot(run_compiled_triton, 80)
