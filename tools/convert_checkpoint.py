@@ -24,7 +24,7 @@ from megatron_outeff.utils.cli import OneLineArgumentParser, command, nonnegativ
 def main(argv=None) -> int:
     parser = OneLineArgumentParser(description=__doc__.split("\n")[1])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("to-hf", help="checkpoint -> Hugging Face directory (plain OPT or remote code)")
+    p = sub.add_parser("to-hf", help="checkpoint -> Hugging Face directory (plain OPT / Llama or remote code)")
     p.add_argument("ckpt")
     p.add_argument("--output-dir", required=True, help="OUT_DIR: must not exist or be empty")
     p.add_argument("--iteration", type=nonnegative_int, default=None, help="default: the checkpoint's latest")
@@ -36,13 +36,13 @@ def main(argv=None) -> int:
     p.add_argument("--tp", type=positive_int, required=True)
     p.add_argument("--pp", type=positive_int, required=True)
     p.add_argument("--iteration", type=nonnegative_int, default=None)
-    p = sub.add_parser("from-hf", help="Hugging Face OPT directory -> model-only checkpoint")
+    p = sub.add_parser("from-hf", help="Hugging Face OPT or Llama directory -> model-only checkpoint")
     p.add_argument("hf_dir")
     p.add_argument("--output-dir", required=True, help="OUT_DIR: must not exist or be empty")
     p.add_argument("--tp", type=positive_int, default=1)
     p.add_argument("--pp", type=positive_int, default=1)
     p.add_argument("--variant", default=None,
-                   help='attention variant of a public OPT: a softmax name (softmax1) or JSON, e.g. '
+                   help='attention variant of a public OPT or Llama: a softmax name (softmax1) or JSON, e.g. '
                         '\'{"softmax": "learnable", "gate": "linear"}\'; our remote-code dirs carry their own')
     p.add_argument("--seq-length", type=positive_int, default=None, help="training sequence length (clip_alpha variants)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of initialised gate weights")

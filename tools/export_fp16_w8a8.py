@@ -23,7 +23,7 @@ from megatron_outeff.utils.cli import OneLineArgumentParser, command, quiet_tran
 @command
 def main(argv=None) -> int:
     p = OneLineArgumentParser(prog="tools/export_fp16_w8a8.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("model_dir", help="Hugging Face model directory (plain OPT or OutEffOPT remote code)")
+    p.add_argument("model_dir", help="Hugging Face model directory (plain OPT / Llama or our remote code)")
     p.add_argument("--output-dir", required=True, help="OUT: OUT/fp16 and OUT/w8a8 must not exist or be empty")
     p.add_argument("--calib-data", required=True, help="calibration data: indexed dataset prefix, or .txt/.jsonl files/glob")
     p.add_argument("--skip-fp16", action="store_true", help="write only w8a8 (e.g. when activations overflow fp16)")

@@ -14,6 +14,7 @@ from typing import Iterable, Mapping, Optional
 import torch
 
 from megatron_outeff.errors import OutEffError, with_context
+from megatron_outeff.models.family import family_of
 
 from .layout import LATEST, MANIFEST, MASTER_SUBDIR, MODEL_SUBDIR, latest_tag, rank_file_name, tag_for
 
@@ -35,7 +36,7 @@ def make_manifest(*, arch, variant, tp: int, pp: int, padded_vocab_size: int, dt
     """The manifest.json of a checkpoint's model files; its fields: README.md in this package."""
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "arch": arch.to_dict(), "attention": variant.to_dict(),
+        "family": arch.family, "arch": arch.to_dict(), "attention": variant.to_dict(),
         "tp": int(tp), "pp": int(pp), "vocab_size": int(arch.vocab_size), "padded_vocab_size": int(padded_vocab_size),
         "dtype": dtype, "seq_length": None if seq_length is None else int(seq_length), "iteration": int(iteration),
         "source": source,
@@ -123,11 +124,11 @@ def read_manifest(model_dir: Path) -> dict:
 
 
 def manifest_arch_variant(m: dict, where: str = "manifest"):
+    from megatron_outeff.models.family import family_for_manifest
     from megatron_outeff.ops.variants import AttentionVariantConfig
-    from megatron_outeff.models.opt import OPTArchConfig
 
     try:
-        arch = OPTArchConfig.from_dict(dict(m["arch"]), source=f"{where}: arch")
+        arch = family_for_manifest(m).arch.ArchConfig.from_dict(dict(m["arch"]), source=f"{where}: arch")
     except (TypeError, ValueError) as e:
         raise with_context(f"{where}: arch", e) from None
     try:
@@ -139,18 +140,16 @@ def manifest_arch_variant(m: dict, where: str = "manifest"):
 
 def variant_hf_shapes(arch, variant) -> dict[str, tuple]:
     """Hugging Face names and shapes of the variant's tensors of every layer (``ops.variants.variant_tensors``
-    through the architecture's mapping, ``models.hf_opt.variant_hf_shapes``)."""
-    from megatron_outeff.models.hf_opt import variant_hf_shapes as shapes
-
-    return shapes(arch, variant)
+    through the architecture family's mapping: ``models.hf_opt`` / ``models.hf_llama`` ``variant_hf_shapes``)."""
+    return family_of(arch).hf.variant_hf_shapes(arch, variant)
 
 
 def expected_rank_shapes(arch, variant, tp_rank: int, tp: int, pp_rank: int, pp: int, padded_vocab: int) -> dict[str, tuple]:
     """{megatron key: shape} of rank (tp_rank, pp_rank), derived with the mapping itself on meta tensors."""
-    from megatron_outeff.models.hf_opt import hf_expected_shapes, hf_state_dict_to_megatron
-
-    meta = {k: torch.empty(s, device="meta") for k, s in {**hf_expected_shapes(arch), **variant_hf_shapes(arch, variant)}.items()}
-    sd = hf_state_dict_to_megatron(meta, arch, tp_rank, tp, pp_rank, pp, vocab_size=padded_vocab, variant=variant)
+    mapping = family_of(arch).hf
+    shapes = {**mapping.hf_expected_shapes(arch), **variant_hf_shapes(arch, variant)}
+    meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    sd = mapping.hf_state_dict_to_megatron(meta, arch, tp_rank, tp, pp_rank, pp, vocab_size=padded_vocab, variant=variant)
     return {k: tuple(v.shape) for k, v in sd.items()}
 
 
@@ -163,8 +162,6 @@ def read_model_files(model_dir, *, progress=None, weights: str = "auto") -> tupl
     training), else the rank files; "model" always reads the rank files (the bf16/fp16 copies).
     The returned manifest carries ``weights_read``: "fp32_master" or "model", and ``weights_read_text``,
     a sentence saying which (progress prints it too)."""
-    from megatron_outeff.models.opt import check_parallel_layout
-
     if weights not in ("auto", "model"):
         raise ValueError(f"weights={weights!r}: expected 'auto' or 'model'")
     model_dir = Path(model_dir)
@@ -172,7 +169,7 @@ def read_model_files(model_dir, *, progress=None, weights: str = "auto") -> tupl
     arch, variant = manifest_arch_variant(m, str(model_dir / MANIFEST))
     tp, pp = m["tp"], m["pp"]
     try:
-        check_parallel_layout(arch, tp, pp)
+        family_of(arch).arch.check_parallel_layout(arch, tp, pp)
     except OutEffError as e:
         raise with_context(f"{model_dir / MANIFEST}: tp={tp}, pp={pp}", e) from None
     if m["padded_vocab_size"] < arch.vocab_size or m["padded_vocab_size"] % tp:

@@ -1,9 +1,10 @@
-"""Checkpoint conversions, composed from the existing mappings (models/hf_opt.py, hf/export.py) and the
+"""Checkpoint conversions, composed from the existing mappings (each model family's Hugging Face mapping,
+models/hf_opt.py and models/hf_llama.py, chosen through models/family.py; hf/export.py) and the
 checkpoint format (megatron_outeff.checkpoint_format: model files, merge / split of TP/PP shards).
 
     to_hf(ckpt, out_dir, iteration=None, tokenizer=None, dtype=None)     training / model-only checkpoint -> HF directory
     reshard(ckpt, out_dir, tp, pp, iteration=None)                      -> model-only checkpoint at another TP/PP
-    from_hf(hf_dir, out_dir, tp, pp, variant=None, ...)                 HF OPT directory -> model-only checkpoint
+    from_hf(hf_dir, out_dir, tp, pp, variant=None, ...)                 HF OPT / Llama directory -> model-only checkpoint
 
 All inputs are checked before anything is written; outputs go to a temporary sibling directory
 renamed into place at the end. Errors: one-line ``OutEffError``.
@@ -23,6 +24,7 @@ from megatron_outeff.checkpoint_format import (
     write_latest, write_manifest, write_rank_file,
 )
 from megatron_outeff.errors import OutEffError, with_context
+from megatron_outeff.models.family import family_for_hf_model_type, family_of
 from megatron_outeff.utils.atomic import atomic_output_dir, check_empty_output_dir
 
 Progress = Optional[Callable[[str], None]]
@@ -76,7 +78,6 @@ def load_checkpoint_full(ckpt, iteration=None, progress: Progress = None):
 
 def to_hf(ckpt, out_dir, *, iteration=None, tokenizer=None, dtype: Optional[str] = None, progress: Progress = None) -> Path:
     from megatron_outeff.hf import export_hf_dir
-    from megatron_outeff.models.hf_opt import hf_config_dict, split_variant_state
 
     out_dir = check_empty_output_dir(out_dir)
     if dtype not in (None, "fp32", "fp16", "bf16"):
@@ -84,12 +85,14 @@ def to_hf(ckpt, out_dir, *, iteration=None, tokenizer=None, dtype: Optional[str]
     with tempfile.TemporaryDirectory() as tok_tmp:
         tokenizer_dir = _hf_tokenizer_dir(tokenizer, Path(tok_tmp))
         manifest, arch, variant, hf, _ = load_checkpoint_full(ckpt, iteration, progress)
-        plain, extras = split_variant_state(hf)
-        opt_kwargs = hf_config_dict(arch)
+        family = family_of(arch)
+        plain, extras = family.hf.split_variant_state(hf)
+        config_kwargs = family.hf.hf_config_dict(arch)
         _say(progress, f"exporting to {out_dir} ({dtype or 'fp32'})")
         try:
-            return export_hf_dir(out_dir, plain, opt_kwargs, variant, seq_length=manifest.get("seq_length"),
-                                 extra_state=extras, tokenizer_dir=tokenizer_dir, dtype=dtype or "fp32")
+            return export_hf_dir(out_dir, plain, config_kwargs, variant, seq_length=manifest.get("seq_length"),
+                                 extra_state=extras, tokenizer_dir=tokenizer_dir, dtype=dtype or "fp32",
+                                 family=family.name)
         except ValueError as e:  # megatron_outeff.hf's checks of the written directory
             raise with_context("", e) from None
 
@@ -114,12 +117,12 @@ def _hf_tokenizer_dir(tokenizer, tmp: Path) -> Optional[Path]:
 
 
 def reshard(ckpt, out_dir, *, tp: int, pp: int, iteration=None, progress: Progress = None) -> Path:
-    from megatron_outeff.models.opt import check_parallel_layout, padded_vocab_size
+    from megatron_outeff.models.opt import padded_vocab_size
 
     out_dir = check_empty_output_dir(out_dir)
     manifest, arch, variant, hf, padded = load_checkpoint_full(ckpt, iteration, progress)
     try:
-        check_parallel_layout(arch, tp, pp)
+        family_of(arch).arch.check_parallel_layout(arch, tp, pp)
     except OutEffError as e:
         raise with_context(f"--tp {tp} --pp {pp}", e) from None
     old_rows = manifest["padded_vocab_size"]
@@ -142,23 +145,21 @@ def parse_variant(text):
 
 
 def init_variant_tensors(arch, variant, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Initial values of the variant tensors a Hugging Face OPT lacks, each as ``ops.variants.variant_tensors``
+    """Initial values of the variant tensors a Hugging Face OPT / Llama lacks, each as ``ops.variants.variant_tensors``
     says (the same value training from scratch gives: offsets 0, gate biases logit(gate_init_prob), weights
     N(0, init_method_std) drawn from a generator seeded with ``seed``), under their Hugging Face names."""
-    from megatron_outeff.models.hf_opt import HF_ATTENTION, HF_DECODER, opt_variant_tensors
-
+    mapping = family_of(arch).hf
     g = torch.Generator().manual_seed(seed)
-    tensors = opt_variant_tensors(arch, variant)
-    return {f"{HF_DECODER}layers.{i}.{HF_ATTENTION}{t.hf}": t.initial_tensor(arch.init_method_std, g)
+    tensors = mapping.variant_tensors_of(arch, variant)
+    return {f"{mapping.HF_LAYER_PREFIX}{i}.{mapping.HF_ATTENTION}{t.hf}": t.initial_tensor(arch.init_method_std, g)
             for i in range(arch.num_layers) for t in tensors}
 
 
 def read_hf_dir(hf_dir, variant=None, *, seq_length: Optional[int] = None, seed: int = 0, progress: Progress = None):
     """(arch, variant, HF full state incl. variant tensors, initialised variant tensor names) of a Hugging
-    Face OPT directory: the public layout (model_type opt) or ours (outeff_opt, variant from config.json)."""
-    from megatron_outeff.models.hf_opt import (
-        arch_from_hf_config, read_hf_safetensors, split_variant_state, validate_hf_state_dict,
-    )
+    Face directory of a model family (models/family.py): the public layout (model_type opt, llama) or ours
+    (outeff_opt, outeff_llama: the variant from config.json)."""
+    from megatron_outeff.models.hf_opt import read_hf_safetensors
     from megatron_outeff.ops.variants import AttentionVariantConfig
 
     hf_dir = Path(hf_dir)
@@ -169,8 +170,12 @@ def read_hf_dir(hf_dir, variant=None, *, seq_length: Optional[int] = None, seed:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise OutEffError(f"{cfg_path}: not JSON ({e})") from None
-    mt = cfg.get("model_type")
-    if mt == "outeff_opt":
+    mt = cfg.get("model_type") if isinstance(cfg, dict) else None
+    try:
+        family = family_for_hf_model_type(mt)
+    except OutEffError as e:
+        raise with_context(str(cfg_path), e) from None
+    if mt == family.remote_model_type:
         try:
             ours = AttentionVariantConfig.from_fields(cfg)
         except ValueError as e:
@@ -178,15 +183,14 @@ def read_hf_dir(hf_dir, variant=None, *, seq_length: Optional[int] = None, seed:
         if variant is not None and resolved_variant(variant, seq_length, "--variant") != ours:
             raise OutEffError(f"--variant {variant.describe()!r} contradicts {cfg_path}'s {ours.describe()!r}")
         variant = ours
-        cfg = dict(cfg, model_type="opt")
-    elif mt != "opt":
-        raise OutEffError(f"{cfg_path}: model_type={mt!r}: expected 'opt' or 'outeff_opt'")
+        cfg = {k: v for k, v in cfg.items() if k not in AttentionVariantConfig.field_names()}
+        cfg["model_type"] = family.hf_model_type
     variant = variant or AttentionVariantConfig()
-    arch = arch_from_hf_config(cfg, name=hf_dir.name or None)
+    arch = family.hf.arch_from_hf_config(cfg, name=hf_dir.name or None)
     sd = read_hf_safetensors(hf_dir, on_file=lambda name: _say(progress, f"reading {name}"))
-    plain, extras = split_variant_state(sd)
+    plain, extras = family.hf.split_variant_state(sd)
     try:
-        validate_hf_state_dict(plain, arch)
+        family.hf.validate_hf_state_dict(plain, arch)
     except OutEffError as e:
         raise with_context(str(hf_dir), e) from None
     expected = variant_hf_shapes(arch, variant)
@@ -211,7 +215,7 @@ def read_hf_dir(hf_dir, variant=None, *, seq_length: Optional[int] = None, seed:
 
 def from_hf(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, variant=None, seq_length: Optional[int] = None,
             seed: int = 0, progress: Progress = None) -> Path:
-    from megatron_outeff.models.opt import check_parallel_layout, padded_vocab_size
+    from megatron_outeff.models.opt import padded_vocab_size
 
     out_dir = check_empty_output_dir(out_dir)
     if isinstance(variant, (str, type(None))):
@@ -220,7 +224,7 @@ def from_hf(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, variant=None, seq_leng
     if variant.clip_alpha is not None and not seq_length:
         raise OutEffError(f"variant clip_alpha={variant.clip_alpha} needs --seq-length (gamma = -alpha / seq_length)")
     try:
-        check_parallel_layout(arch, tp, pp)
+        family_of(arch).arch.check_parallel_layout(arch, tp, pp)
     except OutEffError as e:
         raise with_context(f"--tp {tp} --pp {pp}", e) from None
     if initialised:

@@ -168,9 +168,17 @@ def model_info(model) -> dict:
     for k in ("softmax", "softmax_n", "gate", "clip_gamma", "clip_zeta"):
         if hasattr(c, k):
             info[k] = getattr(c, k)
-    if info["model_type"] == "opt":
+    if _plain_family(model) is not None:  # a plain transformers export (OPT, Llama): vanilla attention
         info.update(softmax="vanilla", gate="none", clip_gamma=None)
     return info
+
+
+def _plain_family(model):
+    """The model family (models/family.py) of a plain transformers model (model_type 'opt', 'llama'), else None."""
+    from megatron_outeff.models.family import FAMILIES
+
+    mt = getattr(model.config, "model_type", None)
+    return next((f for f in FAMILIES.values() if f.hf_model_type == mt), None)
 
 
 def _device_of(model):
@@ -208,15 +216,18 @@ def quantizable_model(model):
     are exported) becomes the same weights in ``OutEffOPTForCausalLM`` with softmax "vanilla", whose
     QuantPoints (Q K^T, softmax output, P V, residual sums) put exactly the quantization points of
     the other variants into the baseline too (like-for-like: only variant-only modules such as gates
-    differ). The float function is unchanged (same math, same weights). Other models are returned as is."""
-    if getattr(model.config, "model_type", None) != "opt":
+    differ). The float function is unchanged (same math, same weights). A plain Llama becomes
+    ``OutEffLlamaForCausalLM`` likewise (its family's remote code: models/family.py). Other models are
+    returned as is."""
+    family = _plain_family(model)
+    if family is None:
         return model
-    from megatron_outeff.hf import OutEffOPTConfig, OutEffOPTForCausalLM
+    config_class, model_class = family.hf_classes(plain=False)
 
     cfg = model.config.to_dict()
     for k in ("model_type", "architectures", "auto_map", "transformers_version"):
         cfg.pop(k, None)
-    outeff = OutEffOPTForCausalLM(OutEffOPTConfig(**cfg, softmax="vanilla")).to(dtype=next(model.parameters()).dtype)
+    outeff = model_class(config_class(**cfg, softmax="vanilla")).to(dtype=next(model.parameters()).dtype)
     outeff.load_state_dict(model.state_dict(), strict=True)
     return outeff.to(_device_of(model)).eval()
 

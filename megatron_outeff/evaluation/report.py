@@ -43,8 +43,8 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 
 from megatron_outeff.errors import OutEffError
-from megatron_outeff.metrics import (attention_sink_mass, first_token_norm_ratio, hf_opt_collector, massive_activation_ratio,
-                                     range_inflation)
+from megatron_outeff.metrics import (attention_sink_mass, first_token_norm_ratio, hf_collector, hf_components,
+                                     hf_decoder_layers, hf_embedding_modules, massive_activation_ratio, range_inflation)
 from megatron_outeff.utils.atomic import atomic_output_dir, check_empty_output_dir
 
 from .quant_eval import evaluate_quantization, load_hf_model, model_info
@@ -60,8 +60,8 @@ KIND_TITLES = {
 
 
 def _softmax_points(model) -> list:
-    """Per layer, the self_attn.softmax_quant module of an OutEffOPT model, else []."""
-    layers = model.model.decoder.layers
+    """Per layer, the self_attn.softmax_quant module of our remote-code model (any family), else []."""
+    layers = hf_decoder_layers(model)
     pts = [getattr(layer.self_attn, "softmax_quant", None) for layer in layers]
     return pts if all(p is not None for p in pts) else []
 
@@ -71,9 +71,9 @@ def collect_model_stats(model, blocks: torch.Tensor, *, batch_size: int = 8, top
     """Outlier and attention statistics of `model` on `blocks` [n, s] (see the module doc)."""
     if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.shape[0] == 0:
         raise OutEffError(f"blocks must be a non-empty [n, seq] tensor, got {getattr(blocks, 'shape', type(blocks))}")
-    n_layers = len(model.model.decoder.layers)
+    n_layers = len(hf_decoder_layers(model))
     dev = next(model.parameters()).device
-    collector = hf_opt_collector(model, detail=True, n_sigma=n_sigma, top_k=top_k)
+    collector = hf_collector(model, detail=True, n_sigma=n_sigma, top_k=top_k)
     acc = [{"first": 0.0, "sink": 0.0, "rows": 0} for _ in range(n_layers)]
 
     def add(i, probs, no_sink=False):
@@ -109,14 +109,15 @@ def collect_model_stats(model, blocks: torch.Tensor, *, batch_size: int = 8, top
         x0 = x[:, 0] if x.dim() == 3 else x[::seq_len[0]]
         first_norm[name] = first_norm.get(name, 0.0) + x0.norm(dim=-1).sum().item()
 
-    decoder = model.model.decoder
-    sources = {"embed_tokens": decoder.embed_tokens, "embed_positions": decoder.embed_positions}
-    for i, layer in enumerate(decoder.layers):
-        sources[f"layer{i}.attn_out"], sources[f"layer{i}.fc2"] = layer.self_attn.out_proj, layer.fc2
+    # the model family's modules (models/family.py): OPT's out_proj / fc2 and token + position embeddings,
+    # Llama's o_proj / mlp.down_proj and token embedding
+    sources, named = hf_embedding_modules(model), hf_components(model)
+    for i in range(n_layers):
+        sources[f"layer{i}.attn_out"], sources[f"layer{i}.fc2"] = named[f"layer{i}.attn_out"], named[f"layer{i}.fc2"]
     points = _softmax_points(model)
     handles = [p.register_forward_hook(lambda mod, args, out, i=i: add(i, args[0])) for i, p in enumerate(points)]
     handles += [layer.register_forward_hook(lambda mod, args, out, i=i: add_tokens(i, out))
-                for i, layer in enumerate(model.model.decoder.layers)]
+                for i, layer in enumerate(hf_decoder_layers(model))]
     handles += [m.register_forward_hook(lambda mod, args, out, n=n: add_first(n, out)) for n, m in sources.items()]
     source = "softmax_quant QuantPoint input (forward hook)" if points else "output_attentions=True (eager attention)"
     was_training = model.training

@@ -1,19 +1,20 @@
 """Hugging Face configuration of an OPT model with outlier-efficient attention.
 
 transformers' ``OPTConfig`` plus the attention variant: the fields of ``AttentionVariantConfig``
-(megatron_outeff/ops/variants.py, its owner) as flat config.json keys under the same names, parsed
-and validated by it (``attention_variant()`` gives the variant back). Imports the project's code only
-through ``outeff_deps``, so an exported directory loads it with ``trust_remote_code=True`` without
-megatron_outeff installed.
+(megatron_outeff/ops/variants.py, its owner) as flat config.json keys under the same names, parsed and
+validated by it (``attention_variant()`` gives the variant back). Imports the project's code only through
+``outeff_deps`` (and ``remote_attention``, which does the same), so an exported directory loads it with
+``trust_remote_code=True`` without megatron_outeff installed.
 """
 from transformers import OPTConfig
 
-from .outeff_deps import AttentionVariantConfig, variant_tensors
+from .outeff_deps import AttentionVariantConfig
+from .remote_attention import VariantConfigMixin
 
 
-class OutEffOPTConfig(OPTConfig):
+class OutEffOPTConfig(VariantConfigMixin, OPTConfig):
     """``OPTConfig`` plus the attention variant's fields (``AttentionVariantConfig``: softmax,
-    softmax_n, clip_gamma, clip_zeta, clip_alpha, gate, gate_init_prob; its defaults).
+    softmax_n, clip_gamma, clip_zeta, clip_alpha, gate, gate_init_prob; its defaults): ``VariantConfigMixin``.
 
     ``clip_alpha`` must be resolved to an explicit ``clip_gamma`` (the exporter does, with the
     training sequence length). ``gate_init_prob`` is the value of a freshly initialised (not loaded)
@@ -25,21 +26,13 @@ class OutEffOPTConfig(OPTConfig):
     def __post_init__(self, **kwargs):
         variant = AttentionVariantConfig.from_fields(kwargs, pop=True)
         super().__post_init__(**kwargs)
-        variant.clip_pair()  # an unresolved clip_alpha is refused here
-        self.variant_tensors(variant)  # the gate's shape rules
-        for name, value in variant.to_dict().items():
-            setattr(self, name, value)
+        self._set_variant(variant)
 
-    def attention_variant(self) -> AttentionVariantConfig:
-        return AttentionVariantConfig.from_fields(vars(self))
+    def variant_head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
 
-    def variant_tensors(self, variant=None):
-        """The tensors the variant adds to each attention layer (``ops.variants.variant_tensors``; their
-        ``hf`` names are inside ``self_attn``)."""
-        variant = self.attention_variant() if variant is None else variant
-        return variant_tensors(variant, num_heads=self.num_attention_heads,
-                               head_dim=self.hidden_size // self.num_attention_heads, hidden_size=self.hidden_size,
-                               qkv_bias=bool(getattr(self, "enable_bias", True)))
+    def variant_qkv_bias(self) -> bool:
+        return bool(getattr(self, "enable_bias", True))
 
 
 __all__ = ["OutEffOPTConfig"]

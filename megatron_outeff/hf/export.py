@@ -9,8 +9,10 @@ fields. The paper's clip_alpha form (gamma = -alpha / T) is resolved here to an 
 for T = ``seq_length``, the training sequence length.
 
 Plain softmax attention (vanilla, or softmax_n with n = 0, without clip and gate) is written as a
-plain ``OPTForCausalLM`` directory (model_type "opt", no remote code). Every other variant is
-written as ``OutEffOPTForCausalLM`` remote code: config.json with auto_map (the variant's fields as
+plain ``OPTForCausalLM`` directory (model_type "opt", no remote code; ``family="llama"``: a plain
+``LlamaForCausalLM``, model_type "llama"). Every other variant is
+written as ``OutEffOPTForCausalLM`` remote code (``family="llama"``: ``OutEffLlamaForCausalLM``;
+the shared ``remote_attention.py`` beside either): config.json with auto_map (the variant's fields as
 flat keys), modeling_outeff_opt.py, configuration_outeff_opt.py, and ``exported_sources()``:
 outeff_deps.py with its imports made relative, next to verbatim copies of the megatron_outeff
 modules it imports (and theirs), so that
@@ -39,6 +41,7 @@ from typing import Iterable, Mapping, Optional
 
 import torch
 
+from megatron_outeff.models.family import get_family
 from megatron_outeff.utils.atomic import atomic_output_dir
 
 FP16_MAX = 65504.0
@@ -280,7 +283,7 @@ def _greedy(model, ids, mask, pad_id, n):
     return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, dim=1).float()
 
 
-def check_exported_dir(directory, model=None, *, plain: bool, new_tokens: int = 3) -> None:
+def check_exported_dir(directory, model=None, *, plain: bool, new_tokens: int = 3, family: str = "opt") -> None:
     """Reload ``directory`` the way a user would and raise a one-line ValueError where anything disagrees:
 
     * ``AutoConfig`` (trust_remote_code for remote-code exports) gives the written model_type;
@@ -309,7 +312,8 @@ def check_exported_dir(directory, model=None, *, plain: bool, new_tokens: int = 
         cfg = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust)
     except Exception as e:
         fail(f"AutoConfig: {first_line(e)}")
-    want_type = "opt" if plain else "outeff_opt"
+    fam = get_family(family)
+    want_type = fam.hf_model_type if plain else fam.remote_model_type
     if cfg.model_type != want_type:
         fail(f"AutoConfig gives model_type {cfg.model_type!r}, expected {want_type!r}")
     gen = GenerationConfig.from_pretrained(str(directory)) if (directory / "generation_config.json").is_file() else None
@@ -391,8 +395,13 @@ def export_hf_dir(
     tokenizer_dir=None,
     dtype=None,
     calibration_batches: Optional[Iterable] = None,
+    family: str = "opt",
 ) -> Path:
     """Write a Hugging Face model directory; see the module docstring. Returns ``Path(out_dir)``.
+
+    family: the model family (megatron_outeff/models/family.py) whose transformers classes (vanilla) or
+    remote code (other variants) the directory holds; its config kwargs and state-dict names
+    (``opt_config_kwargs`` / ``hf_opt_state_dict`` then hold that family's, e.g. LlamaConfig fields).
 
     seq_length: the training sequence length (needed only by the clip_alpha form).
     opt_config_kwargs: transformers ``OPTConfig`` fields (vocab_size, hidden_size, num_hidden_layers,
@@ -401,12 +410,11 @@ def export_hf_dir(
     (input_ids tensors) if given are run through the fp16 model (``fp16_overflow_check``): the first
     intermediate that overflows is named and the export refused.
     """
-    from transformers import OPTConfig, OPTForCausalLM
-
-    from .configuration_outeff_opt import OutEffOPTConfig
-    from .modeling_outeff_opt import OutEffOPTForCausalLM
-
     out_dir = Path(out_dir)
+    try:
+        fam = get_family(family)
+    except ValueError as e:
+        _fail(str(e))
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         _fail(f"{out_dir} exists and is not an empty directory; refusing to overwrite")
     if dtype not in _DTYPES:
@@ -425,24 +433,23 @@ def export_hf_dir(
     _check_finite(sd)
 
     plain = is_plain_opt(fields)
+    config_class, model_class = fam.hf_classes(plain)
     try:
-        if plain:
-            config = OPTConfig(**opt_config_kwargs)
-        else:
-            config = OutEffOPTConfig(**opt_config_kwargs, **fields)
+        config = config_class(**opt_config_kwargs, **({} if plain else fields))
     except (TypeError, ValueError) as e:
         _fail(f"bad config: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     from transformers.initialization import no_init_weights
 
     with no_init_weights():  # every weight is loaded below: skip the random init
-        model = (OPTForCausalLM if plain else OutEffOPTForCausalLM)(config).eval()
+        model = model_class(config).eval()
     model.tie_weights()
 
     tied = bool(getattr(config, "tie_word_embeddings", True))
     if tied and "lm_head.weight" in sd:
-        emb = sd.get("model.decoder.embed_tokens.weight")
+        emb_key = next(k for k, p in model.state_dict(keep_vars=True).items() if p is model.get_input_embeddings().weight)
+        emb = sd.get(emb_key)
         if emb is None or not torch.equal(sd["lm_head.weight"], emb):
-            _fail("lm_head.weight differs from model.decoder.embed_tokens.weight but tie_word_embeddings=True")
+            _fail(f"lm_head.weight differs from {emb_key} but tie_word_embeddings=True")
         del sd["lm_head.weight"]
     expected = {k: p for k, p in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     missing = sorted(set(expected) - set(sd))
@@ -489,7 +496,7 @@ def export_hf_dir(
             for fname, data in exported_sources().items():
                 (tmp / fname).write_bytes(data)
             _check_relative_imports_resolve(tmp)
-        check_exported_dir(tmp, model, plain=plain)  # a failure leaves nothing behind
+        check_exported_dir(tmp, model, plain=plain, family=family)  # a failure leaves nothing behind
     return out_dir
 
 

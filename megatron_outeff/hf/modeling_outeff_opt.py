@@ -14,7 +14,9 @@ Attention per layer (q already scaled by 1/sqrt(d_head), as in OPT):
     out    = out_proj(o)
 The variant (``config.attention_variant()``), the softmax/clip math (``outeff_softmax_reference``),
 the gate (``head_gate``) and the variant's tensors (``variant_tensors``: names, shapes, initial values)
-are megatron_outeff's own, imported through ``outeff_deps``, never re-implemented here.
+are megatron_outeff's own, imported through ``outeff_deps``, never re-implemented here; the modules
+holding the variant's tensors, the gates' application and the mask conversion are ``remote_attention.py``
+(shared with the Llama remote code).
 
 Masks: the model runs transformers' "eager" mask path (sdpa/flash/flex are declared unsupported,
 since none of them computes these variants), so each layer receives OPT's causal + padding mask
@@ -41,41 +43,11 @@ from transformers.models.opt.modeling_opt import (
 )
 
 from .configuration_outeff_opt import OutEffOPTConfig
-from .outeff_deps import (
-    Clip, QuantPoint, apply_output_gate, causal_mask, elementwise_gate, head_gate, outeff_softmax_reference, resolve_sink,
-)
+from .outeff_deps import Clip, QuantPoint, outeff_softmax_reference, resolve_sink
+from .remote_attention import OutEffHeadGate, VariantPreTrainedMixin, gate_output, install_variant_tensors
+from .remote_attention import masked_out as _masked_out
 
 QUANT_POINTS_PER_LAYER = 5
-
-
-class OutEffHeadGate(nn.Module):
-    """Per-head attention gate (``head_gate``): [batch, seq, d_model] -> [batch, seq, heads] in (0, 1), fp32.
-    Its parameters: the variant's ``gate.<name>`` tensors (``variant_tensors``)."""
-
-    def __init__(self, kind: str, tensors):
-        super().__init__()
-        self.kind = kind
-        self.variant_params = tuple((t.name, t) for t in tensors)  # initialised by _init_weights
-        for t in tensors:
-            self.register_parameter(t.name, nn.Parameter(torch.empty(t.shape)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return head_gate(x, self.kind, dict(self.named_parameters(recurse=False)))
-
-
-def _masked_out(attention_mask, bsz: int, q_len: int, kv_len: int, device) -> torch.Tensor:
-    """OPT's 4D mask (bool True = attend, or additive float) -> bool, True = masked out."""
-    if attention_mask is None:
-        return causal_mask(q_len, kv_len, device).view(1, 1, q_len, kv_len)
-    if attention_mask.dim() != 4:
-        raise ValueError(f"attention mask of shape {tuple(attention_mask.shape)}: expected a 4D mask from the eager path")
-    mask = attention_mask[:, :, :, :kv_len]
-    if mask.dtype == torch.bool:
-        return ~mask
-    masked = mask <= torch.finfo(mask.dtype).min / 2
-    if not torch.all(masked | (mask == 0)):
-        raise ValueError("additive attention bias other than 0 / -inf is not supported by outeff attention")
-    return masked
 
 
 class OutEffOPTAttention(OPTAttention):
@@ -87,23 +59,8 @@ class OutEffOPTAttention(OPTAttention):
         self.variant = config.attention_variant()
         self.clip = Clip.parse(self.variant.clip_pair())
         self.variant_tensors = config.variant_tensors(self.variant)  # names relative to this module (``hf``)
-        by_owner = {}  # "" (this module), "gate" (OutEffHeadGate), "gate_proj" (the elementwise gate's Linear)
-        for t in self.variant_tensors:
-            by_owner.setdefault(t.hf.rpartition(".")[0], []).append(t)
-        unknown = sorted(set(by_owner) - {"", "gate", "gate_proj"})
-        if unknown:
-            raise ValueError(f"variant tensors under {unknown}: OutEffOPTAttention holds none there")
-        self.register_parameter("softmax_offset", None)  # the learnable offset, when the variant has one:
-        self.variant_params = tuple((t.hf, t) for t in by_owner.get("", []))  # this module's own tensors
-        for t in by_owner.get("", []):
-            self.register_parameter(t.hf, nn.Parameter(torch.empty(t.shape)))
-        self.gate = OutEffHeadGate(self.variant.gate, by_owner["gate"]) if "gate" in by_owner else None
-        self.gate_proj = None  # the elementwise gate's Linear (x W^T + b)
-        if "gate_proj" in by_owner:
-            shapes = {t.name: t.shape for t in by_owner["gate_proj"]}
-            out_features, in_features = shapes["weight"]
-            self.gate_proj = nn.Linear(in_features, out_features, bias="bias" in shapes)
-            self.gate_proj.variant_params = tuple((t.name, t) for t in by_owner["gate_proj"])
+        # softmax_offset, gate (per head), gate_proj (the elementwise gate's Linear x W^T + b): remote_attention.py
+        install_variant_tensors(self, self.variant, self.variant_tensors)
         self.qk_quant = QuantPoint()
         self.softmax_quant = QuantPoint()
         self.pv_quant = QuantPoint()
@@ -126,12 +83,7 @@ class OutEffOPTAttention(OPTAttention):
         probs = self.softmax_quant(probs.to(value_states.dtype))
         probs_d = nn.functional.dropout(probs, p=self.dropout, training=self.training)
         attn_output = self.pv_quant(torch.matmul(probs_d, value_states))                   # [b, H, sq, d]
-        attn_output = attn_output.transpose(1, 2)                                          # [b, sq, H, d]
-        if self.gate is not None:
-            attn_output = attn_output * self.gate(hidden_states).to(attn_output.dtype).unsqueeze(-1)
-        if self.gate_proj is not None:
-            gate = elementwise_gate(self.gate_proj(hidden_states)).view(bsz, tgt_len, self.num_heads, self.head_dim)
-            attn_output = apply_output_gate(attn_output, gate)
+        attn_output = gate_output(self, attn_output.transpose(1, 2), hidden_states)        # [b, sq, H, d]
         attn_output = self.out_proj(attn_output.reshape(bsz, tgt_len, -1).contiguous())
         return attn_output, probs
 
@@ -175,27 +127,13 @@ class OutEffOPTDecoderLayer(OPTDecoderLayer):
         return hidden_states
 
 
-class _OutEffOPTPreTrained:
-    """Class attributes and weight init shared by the OutEff OPT model classes (mixed in first)."""
+class _OutEffOPTPreTrained(VariantPreTrainedMixin):
+    """Class attributes and weight init shared by the OutEff OPT model classes (mixed in first): eager attention
+    only and the variant tensors' initial values (``VariantPreTrainedMixin``), OPT's init std."""
 
     config_class = OutEffOPTConfig
     _no_split_modules = ["OutEffOPTDecoderLayer"]
-    # The eager path only: no sdpa / flash / flex kernel computes these softmax variants.
-    _supports_attention_backend = False
-    _supports_flash_attn = False
-    _supports_sdpa = False
-    _supports_flex_attn = False
-
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        # A module holding variant tensors (``variant_params``: (its parameter name, description) pairs) gets
-        # the one initial value of each (``variant_tensors``), after transformers' own init of the module.
-        for name, t in getattr(module, "variant_params", ()):
-            param = module.get_parameter(name)
-            if t.init is None:
-                init.normal_(param, mean=0.0, std=self.config.init_std)
-            else:
-                init.constant_(param, t.init)
+    variant_init_std = "init_std"
 
 
 # Each constructor lets transformers' OPT constructor build its parts, then swaps in the OutEff part.

@@ -46,6 +46,10 @@ __all__ = [
     "OutlierCollector",
     "hf_opt_components",
     "hf_opt_collector",
+    "hf_collector",
+    "hf_components",
+    "hf_decoder_layers",
+    "hf_embedding_modules",
 ]
 
 # The 1e-6 added to sigma^4 in the denominator of the paper's kurtosis.
@@ -477,3 +481,56 @@ def hf_opt_components(model: nn.Module) -> dict[str, nn.Module]:
     if getattr(decoder, "final_layer_norm", None) is not None:
         comps["final_ln"] = decoder.final_layer_norm
     return comps
+
+
+def hf_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a Hugging Face causal LM (or its base model) of any model family
+    (megatron_outeff/models/family.py: ``model.decoder.layers`` for OPT, ``model.layers`` for Llama)."""
+    return _hf_module(model, _family_components(model).layers)
+
+
+def hf_components(model: nn.Module) -> dict[str, nn.Module]:
+    """{name: module} for a Hugging Face causal LM of any model family, names 'layer{i}.{kind}' + 'final_ln'
+    (kinds as ``hf_opt_components``; the family's module names: models/family.py ``HFComponents``, e.g.
+    Llama's input_layernorm, self_attn.o_proj, post_attention_layernorm, mlp.down_proj, model.norm)."""
+    names = _family_components(model)
+    comps: dict[str, nn.Module] = {}
+    for i, layer in enumerate(_hf_module(model, names.layers)):
+        for kind in ("attn_ln", "attn_out", "ffn_ln", "fc2"):
+            comps[f"layer{i}.{kind}"] = layer.get_submodule(getattr(names, kind))
+        comps[f"layer{i}.layer"] = layer
+    final = _hf_module(model, names.final_ln, required=False)
+    if final is not None:  # post-LN OPT (350m) has none
+        comps["final_ln"] = final
+    return comps
+
+
+def hf_embedding_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """{name: module} of the embeddings whose outputs sum to the first layer's input (OPT: embed_tokens,
+    embed_positions; Llama: embed_tokens; models/family.py ``HFComponents.embeddings``)."""
+    return {name: _hf_module(model, path) for name, path in _family_components(model).embeddings}
+
+
+def hf_collector(model: nn.Module, **kwargs) -> OutlierCollector:
+    """An OutlierCollector over hf_components(model), with the model as root (see hf_opt_collector)."""
+    return OutlierCollector(hf_components(model), root=model, **kwargs)
+
+
+def _family_components(model: nn.Module):
+    from megatron_outeff.models.family import family_for_hf_model_type
+
+    return family_for_hf_model_type(getattr(getattr(model, "config", None), "model_type", None)).hf_components
+
+
+def _hf_module(model: nn.Module, path: str, required: bool = True):
+    """The submodule at ``path`` (from the CausalLM root; a base model lacks the leading 'model.')."""
+    for p in (path, path[len("model."):] if path.startswith("model.") else None):
+        if p is None:
+            continue
+        try:
+            return model.get_submodule(p)
+        except AttributeError:
+            pass
+    if required:
+        raise ValueError(f"{type(model).__name__} has no module {path!r}")
+    return None

@@ -48,6 +48,10 @@ from .opt import OPT_POSITION_OFFSET, OPTArchConfig, check_parallel_layout, load
 
 HF_DECODER = "model.decoder."
 HF_LM_HEAD = "lm_head.weight"
+HF_LAYER_PREFIX = HF_DECODER + "layers."  # the family interface (models/family.py)
+# {megatron vocabulary-parallel tensor: the full padded tensor it is cut from}: the LM head is tied (family.py)
+VOCAB_PARALLEL = {"embedding.word_embeddings.weight": "embedding.word_embeddings.weight",
+                  "output_layer.weight": "embedding.word_embeddings.weight"}
 
 # Architecture fields a checkpoint must agree on with the target (dropouts and init do not matter).
 STRUCTURAL_FIELDS = (
@@ -79,35 +83,48 @@ HF_ATTENTION = "self_attn."
 _HF_VARIANT_RE = re.compile(r"^model\.decoder\.layers\.(\d+)\.self_attn\.(.+)$")
 
 
-def opt_variant_tensors(arch: OPTArchConfig, variant) -> tuple:
+def arch_variant_tensors(arch, variant, *, qkv_bias: bool = True) -> tuple:
     """The tensors ``variant`` (an AttentionVariantConfig or a mapping of its fields) adds to each attention
-    layer of ``arch`` (``ops.variants.variant_tensors``). One-line OutEffError for a gate the architecture
-    cannot have."""
+    layer of ``arch`` (any family's: num_attention_heads, head_dim, hidden_size; ``ops.variants.variant_tensors``).
+    One-line OutEffError for a gate the architecture cannot have."""
     from megatron_outeff.ops.variants import AttentionVariantConfig, variant_tensors
 
     try:
         variant = AttentionVariantConfig.from_dict(variant)
         return variant_tensors(variant, num_heads=arch.num_attention_heads, head_dim=arch.head_dim,
-                               hidden_size=arch.hidden_size)
+                               hidden_size=arch.hidden_size, qkv_bias=qkv_bias)
     except ValueError as e:
         raise with_context(arch.name, e) from None
 
 
+def opt_variant_tensors(arch: OPTArchConfig, variant) -> tuple:
+    """``arch_variant_tensors`` of an OPT (biases on q/k/v, so on the elementwise gate too)."""
+    return arch_variant_tensors(arch, variant, qkv_bias=True)
+
+
+variant_tensors_of = opt_variant_tensors  # the family interface (models/family.py)
+
+
+def layer_variant_shapes(tensors, num_layers: int, layer_prefix: str) -> dict[str, tuple]:
+    """{Hugging Face name: full shape} of ``tensors`` in every layer ``{layer_prefix}{i}.self_attn.``, in layer order."""
+    return {f"{layer_prefix}{i}.{HF_ATTENTION}{t.hf}": t.shape for i in range(num_layers) for t in tensors}
+
+
 def variant_hf_shapes(arch: OPTArchConfig, variant) -> dict[str, tuple]:
     """{Hugging Face name: full shape} of every variant tensor of every layer, in layer order."""
-    tensors = opt_variant_tensors(arch, variant)
-    return {f"{HF_DECODER}layers.{i}.{HF_ATTENTION}{t.hf}": t.shape for i in range(arch.num_layers) for t in tensors}
+    return layer_variant_shapes(opt_variant_tensors(arch, variant), arch.num_layers, HF_LAYER_PREFIX)
 
 
-def split_variant_state(hf_sd: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
-    """(standard OPT tensors, attention-variant tensors) of a Hugging Face state dict: a variant tensor is any
-    name some variant gives a tensor (``ops.variants.variant_tensor_owners``)."""
+def split_variant_state(hf_sd: Mapping[str, torch.Tensor], layer_re: re.Pattern = _HF_VARIANT_RE) -> tuple[dict, dict]:
+    """(standard tensors, attention-variant tensors) of a Hugging Face state dict: a variant tensor is any
+    name some variant gives a tensor (``ops.variants.variant_tensor_owners``) inside a layer's ``self_attn``
+    (``layer_re``: group 2 the name inside it; OPT's layers by default)."""
     from megatron_outeff.ops.variants import variant_tensor_owners
 
     names = variant_tensor_owners("hf")
     plain, extra = {}, {}
     for k, v in hf_sd.items():
-        m = _HF_VARIANT_RE.match(k)
+        m = layer_re.match(k)
         (extra if m and m.group(2) in names else plain)[k] = v
     return plain, extra
 
@@ -339,13 +356,16 @@ def hf_state_dict_to_megatron(
     return out
 
 
-def _check_variant_state(extras: Mapping[str, torch.Tensor], arch: OPTArchConfig, variant) -> tuple:
+def _check_variant_state(extras: Mapping[str, torch.Tensor], arch, variant) -> tuple:
     """The variant's tensor descriptions, after checking that ``extras`` holds exactly its tensors (names and
-    full shapes, every layer). One-line OutEffError naming the first unknown, missing or misshapen tensor."""
+    full shapes, every layer). One-line OutEffError naming the first unknown, missing or misshapen tensor.
+    Any model family (``arch``'s mapping, models/family.py: its ``variant_tensors_of`` and ``variant_hf_shapes``)."""
+    from megatron_outeff.models.family import family_of
     from megatron_outeff.ops.variants import AttentionVariantConfig
 
-    tensors = opt_variant_tensors(arch, variant)
-    expected = variant_hf_shapes(arch, variant)
+    mapping = family_of(arch).hf
+    tensors = mapping.variant_tensors_of(arch, variant)
+    expected = mapping.variant_hf_shapes(arch, variant)
     variant = AttentionVariantConfig.from_dict(variant)
     unknown = [k for k in extras if k not in expected]
     if unknown:

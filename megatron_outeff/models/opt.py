@@ -26,16 +26,19 @@ rows): the megatron model keeps the SAME ``max_positions + 2``-row table as one 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from megatron_outeff.errors import OutEffError
 from megatron_outeff.megatron.cpu_support import cpu_model_construction
+
+from .common import (  # noqa: F401  (padded_vocab_size: imported from here by callers)
+    arch_from_dict, as_variant, check_arch_values, megatron_transformer_config, padded_vocab_size, prepare_build,
+)
 
 # Hugging Face OPTLearnedPositionalEmbedding.offset (inherited from fairseq's padding_idx + 1).
 OPT_POSITION_OFFSET = 2
@@ -50,6 +53,7 @@ _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 class OPTArchConfig:
     """One OPT architecture: the ``arch:`` section of ``configs/model/opt-<size>.yaml``."""
 
+    family: ClassVar[str] = "opt"  # models/family.py
     name: str
     num_layers: int
     hidden_size: int
@@ -72,11 +76,8 @@ class OPTArchConfig:
     scaled_output_layer_init: bool = True
 
     def __post_init__(self):
-        for f in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size",
-                  "max_position_embeddings"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise OutEffError(f"{self.name}: {f}={v!r}: expected a positive integer")
+        check_arch_values(self, positive_ints=("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                                               "vocab_size", "max_position_embeddings"))
         if self.hidden_size % self.num_attention_heads != 0:
             raise OutEffError(
                 f"{self.name}: hidden_size={self.hidden_size} is not divisible by "
@@ -84,12 +85,8 @@ class OPTArchConfig:
             )
         if self.activation not in _ACTIVATIONS:
             raise OutEffError(f"{self.name}: activation={self.activation!r}: expected one of {sorted(_ACTIVATIONS)}")
-        for f in ("hidden_dropout", "attention_dropout"):
-            v = getattr(self, f)
-            if not 0.0 <= float(v) < 1.0:
-                raise OutEffError(f"{self.name}: {f}={v!r}: expected a probability in [0, 1)")
-        if not float(self.init_method_std) > 0:
-            raise OutEffError(f"{self.name}: init_method_std={self.init_method_std!r}: expected > 0")
+        check_arch_values(self, positive_ints=(), probabilities=("hidden_dropout", "attention_dropout"),
+                          positive=("init_method_std",))
         if self.word_embed_proj_dim is not None and (
                 not isinstance(self.word_embed_proj_dim, int) or isinstance(self.word_embed_proj_dim, bool)
                 or self.word_embed_proj_dim < 1):
@@ -109,17 +106,7 @@ class OPTArchConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "arch") -> "OPTArchConfig":
-        if not isinstance(d, dict):
-            raise OutEffError(f"{source}: expected a mapping of OPTArchConfig fields, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise OutEffError(f"{source}: unknown key(s) {unknown}; expected a subset of {sorted(known)}")
-        missing = sorted(f.name for f in dataclasses.fields(cls)
-                         if f.default is dataclasses.MISSING and f.name not in d)
-        if missing:
-            raise OutEffError(f"{source}: missing required key(s) {missing}")
-        return cls(**d)
+        return arch_from_dict(cls, d, source)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -135,29 +122,35 @@ class OPTParallelHint:
     zero_stage: int = 0
 
 
-_YAML_SECTIONS = {"arch", "parallel"}
+_YAML_SECTIONS = {"family", "arch", "parallel"}
 
 
-def resolve_arch_path(name_or_path: Union[str, Path]) -> Path:
-    """'125m', 'opt-125m' -> configs/model/opt-125m.yaml in this repository; anything else is a path."""
+def resolve_arch_path(name_or_path: Union[str, Path], family: str = "opt") -> Path:
+    """'125m', 'opt-125m' -> configs/model/opt-125m.yaml in this repository (``family``'s prefix); anything
+    else is a path."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.is_file():
             raise OutEffError(f"model config {str(name_or_path)!r}: no such file")
         return p
+    prefix = f"{family}-"
     name = str(name_or_path).lower()
-    name = name[4:] if name.startswith("opt-") else name
-    path = CONFIG_DIR / f"opt-{name}.yaml"
+    name = name[len(prefix):] if name.startswith(prefix) else name
+    path = CONFIG_DIR / f"{prefix}{name}.yaml"
     if not path.is_file():
-        known = sorted(q.stem[4:] for q in CONFIG_DIR.glob("opt-*.yaml"))
-        raise OutEffError(f"model config {str(name_or_path)!r}: unknown OPT size; expected one of {known} or a YAML path")
+        from .family import get_family
+
+        known = sorted(q.stem[len(prefix):] for q in CONFIG_DIR.glob(f"{prefix}*.yaml"))
+        raise OutEffError(f"model config {str(name_or_path)!r}: unknown {get_family(family).label} size; "
+                          f"expected one of {known} or a YAML path")
     return path
 
 
-def _load_yaml(name_or_path) -> tuple[Path, dict]:
+def _load_yaml(name_or_path, family: str = "opt") -> tuple[Path, dict]:
+    """(path, document) of a model YAML of ``family`` (its ``family:`` key, OPT when absent)."""
     import yaml
 
-    path = resolve_arch_path(name_or_path)
+    path = resolve_arch_path(name_or_path, family)
     with open(path) as f:
         doc = yaml.safe_load(f)
     if not isinstance(doc, dict) or "arch" not in doc:
@@ -165,6 +158,8 @@ def _load_yaml(name_or_path) -> tuple[Path, dict]:
     unknown = sorted(set(doc) - _YAML_SECTIONS)
     if unknown:
         raise OutEffError(f"{path}: unknown top-level key(s) {unknown}; expected a subset of {sorted(_YAML_SECTIONS)}")
+    if doc.get("family", "opt") != family:
+        raise OutEffError(f"{path}: family={doc.get('family')!r}, expected {family!r} here")
     return path, doc
 
 
@@ -180,14 +175,19 @@ def load_parallel_hint(name_or_path: Union[str, Path]) -> OPTParallelHint:
     """The suggested layout (tensor_parallel, pipeline_parallel, zero_stage) of a model YAML, checked
     against its architecture; defaults when it has no such section."""
     path, doc = _load_yaml(name_or_path)
+    hint = parallel_hint_section(path, doc)
+    check_parallel_layout(load_arch_config(path), hint.tensor_parallel, hint.pipeline_parallel)
+    return hint
+
+
+def parallel_hint_section(path: Path, doc: dict) -> OPTParallelHint:
+    """The ``parallel:`` section of a model YAML document (any family), its keys checked."""
     d = doc.get("parallel") or {}
     known = {f.name for f in dataclasses.fields(OPTParallelHint)}
     unknown = sorted(set(d) - known)
     if unknown:
         raise OutEffError(f"{path}: parallel: unknown key(s) {unknown}; expected a subset of {sorted(known)}")
-    hint = OPTParallelHint(**d)
-    check_parallel_layout(load_arch_config(path), hint.tensor_parallel, hint.pipeline_parallel)
-    return hint
+    return OPTParallelHint(**d)
 
 
 def available_sizes() -> list[str]:
@@ -195,23 +195,7 @@ def available_sizes() -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Parallel layout helpers (shared with the Hugging Face mapping).
-
-
-def padded_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 8) -> int:
-    """Vocabulary rows in the megatron model: megatron's VocabParallelEmbedding needs a multiple of
-    the TP size; multiples of 8 per rank keep GEMM shapes aligned. OPT's 50272 needs no padding for
-    TP <= 4. Padding rows are zero on import from Hugging Face and dropped on export."""
-    m = divisible_by * tp_size
-    return int(math.ceil(vocab_size / m) * m)
-
-
-def _parallel_sizes() -> tuple[int, int]:
-    from megatron.core import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized():
-        return 1, 1
-    return ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+# Parallel layout (padded_vocab_size, shared with the Hugging Face mapping: models/common.py).
 
 
 def check_parallel_layout(arch: OPTArchConfig, tp_size: int, pp_size: int) -> None:
@@ -267,13 +251,11 @@ def opt_transformer_config(arch: Union[OPTArchConfig, str], variant=None, **over
     flag is off: the fused kernels are CUDA-only (and bias-activation fusion has no ReLU kernel);
     callers on GPU may switch them on through ``overrides``.
     """
-    from megatron.core.transformer.transformer_config import TransformerConfig
     from megatron.core.utils import init_method_normal
 
     arch = load_arch_config(arch)
-    tp, pp = _parallel_sizes()
-    params_dtype = overrides.pop("params_dtype", torch.float32)
-    # the architecture's fields (TRANSFORMER_FIELDS_FROM_ARCH), then what OPT fixes, then the layout
+    # the architecture's fields (TRANSFORMER_FIELDS_FROM_ARCH), then what OPT fixes (the layout, dtype and
+    # fusion flags: models/common.py)
     kw: dict[str, Any] = {name: getattr(arch, ours) for name, ours in TRANSFORMER_FIELDS_FROM_ARCH.items()
                           if ours and name not in ("activation_func", "output_layer_init_method")}
     kw.update(
@@ -281,47 +263,10 @@ def opt_transformer_config(arch: Union[OPTArchConfig, str], variant=None, **over
         # OPT: a plain (non-GLU) FFN, biases on every linear, LayerNorm, the residual taken before the norm
         gated_linear_unit=False, add_bias_linear=True, add_qkv_bias=True, normalization="LayerNorm",
         apply_residual_connection_post_layernorm=False,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        params_dtype=params_dtype,
-        pipeline_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        fp16=params_dtype == torch.float16,
-        use_cpu_initialization=not torch.cuda.is_available(),
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
-        cross_entropy_loss_fusion=False,
-        cuda_graph_scope=[],  # megatron's spelling of its default ("full" warns as deprecated)
     )
     if not arch.scaled_output_layer_init:
         kw["output_layer_init_method"] = init_method_normal(arch.init_method_std)
-    variant = _as_variant(variant)
-    if variant is not None:
-        from megatron_outeff.megatron.variant import transformer_config_fields
-
-        kw.update(transformer_config_fields(variant))
-    unknown = sorted(k for k in overrides if k not in {f.name for f in dataclasses.fields(TransformerConfig)})
-    if unknown:
-        raise OutEffError(f"transformer overrides {unknown}: not TransformerConfig fields")
-    kw.update(overrides)
-    return TransformerConfig(**kw)
-
-
-def _as_variant(variant):
-    """None stays None (megatron's own local attention); a mapping becomes an AttentionVariantConfig."""
-    if variant is None:
-        return None
-    from megatron_outeff.ops.variants import AttentionVariantConfig
-
-    if isinstance(variant, AttentionVariantConfig):
-        return variant
-    if isinstance(variant, dict):
-        return AttentionVariantConfig.from_dict(variant)
-    raise OutEffError(f"variant={variant!r}: expected None, an AttentionVariantConfig or a mapping of its fields")
+    return megatron_transformer_config(kw, overrides, variant)
 
 
 class OPTLayerNorm(torch.nn.LayerNorm):
@@ -359,7 +304,7 @@ def opt_block_spec(config, variant=None, *, seq_length: Optional[int] = None, po
         get_num_layers_to_build,
     )
 
-    variant = _as_variant(variant)
+    variant = as_variant(variant)
     if variant is not None:
         from megatron_outeff.megatron.layer_spec import get_outeff_block_spec
 
@@ -486,28 +431,12 @@ def build_opt_model(
     Forward takes megatron-native 0-based ``position_ids``; the OPT offset is applied inside.
     """
     arch = load_arch_config(arch)
-
-    from megatron.core import parallel_state as ps
-
-    from megatron_outeff.megatron.cpu_support import apply_cpu_patches
-
-    tp, pp = _parallel_sizes()
-    check_parallel_layout(arch, tp, pp)
-    if sequence_parallel and tp == 1:
-        sequence_parallel = False  # megatron rejects SP without TP; it would be a no-op anyway
-    variant = _as_variant(variant)
-    apply_cpu_patches()
+    variant, sequence_parallel, vocab_size, pre_process, post_process = prepare_build(
+        arch, check_parallel_layout, variant, vocab_size=vocab_size, sequence_parallel=sequence_parallel,
+        pre_process=pre_process, post_process=post_process)
     config = opt_transformer_config(
         arch, variant, params_dtype=params_dtype, sequence_parallel=sequence_parallel, **transformer_overrides
     )
-    if vocab_size is None:
-        vocab_size = padded_vocab_size(arch.vocab_size, tp)
-    elif vocab_size < arch.vocab_size or vocab_size % tp != 0:
-        raise OutEffError(f"vocab_size={vocab_size}: expected >= {arch.vocab_size} and divisible by tensor parallel size {tp}")
-    if pre_process is None:
-        pre_process = ps.is_pipeline_first_stage() if ps.model_parallel_is_initialized() else True
-    if post_process is None:
-        post_process = ps.is_pipeline_last_stage() if ps.model_parallel_is_initialized() else True
 
     # A block spec (rather than a layer spec) so the final LayerNorm is SP-capable too.
     block_spec = opt_block_spec(config, variant, seq_length=seq_length, post_layernorm=not arch.do_layer_norm_before)
@@ -530,3 +459,8 @@ def build_opt_model(
         model.to(params_dtype)
     return model
 
+
+# The family interface (models/family.py): the names every family's arch module offers.
+ArchConfig = OPTArchConfig
+transformer_config = opt_transformer_config
+build_model = build_opt_model

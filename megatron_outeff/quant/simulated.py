@@ -1,7 +1,8 @@
 """The paper's simulated (fake-quantized) W8A8 protocol, applied to any torch model.
 
 Quantized (field notes section 2): every nn.Linear weight and output, nn.Embedding weight and output,
-nn.LayerNorm weight and output, and every QuantPoint output (Q K^T, softmax output, P V, residual
+nn.LayerNorm weight and output (RMSNorm for Llama-family models: torch's nn.RMSNorm and transformers'
+per-model ``*RMSNorm`` classes, which are not its subclasses), and every QuantPoint output (Q K^T, softmax output, P V, residual
 sums, where the model's attention inserts them). Weights: 8-bit symmetric per-tensor (min-max, or MSE
 search). Activations: 8-bit asymmetric per-tensor, running min-max (momentum 0.9) clipped at the
 99.999th percentile, calibrated on a few batches and then frozen. Biases stay float.
@@ -11,7 +12,7 @@ children: by default the LM head ("lm_head"); a gate is excluded by naming it.
 The float model is never modified: the protocol runs on a deep copy. A quantized weight is a new
 Parameter on the copy, so a weight tied to an excluded module (OPT's embedding and LM head) unties:
 the LM head keeps the float weight.
-Only plain nn.Linear / nn.LayerNorm / nn.Embedding (and subclasses) are recognised; tensor-parallel
+Only plain nn.Linear / nn.LayerNorm / RMSNorm / nn.Embedding (and subclasses) are recognised; tensor-parallel
 linears of other libraries are not.
 """
 from __future__ import annotations
@@ -29,7 +30,12 @@ from .quantizers import ActivationQuantizer, WeightQuantizer
 
 __all__ = ["SimulatedW8A8", "apply_simulated_w8a8", "QUANTIZED_TYPES"]
 
-QUANTIZED_TYPES = (nn.Linear, nn.Embedding, nn.LayerNorm, QuantPoint)
+QUANTIZED_TYPES = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.RMSNorm, QuantPoint)
+
+
+def _is_quantized_type(module: nn.Module) -> bool:
+    # transformers' RMSNorms (LlamaRMSNorm, ...) are their own nn.Module classes, named *RMSNorm
+    return isinstance(module, QUANTIZED_TYPES) or is_quant_point(module) or type(module).__name__.endswith("RMSNorm")
 
 
 @dataclass
@@ -79,7 +85,7 @@ def apply_simulated_w8a8(
     result = SimulatedW8A8(model=qmodel)
 
     for name, module in list(qmodel.named_modules()):
-        if not (isinstance(module, QUANTIZED_TYPES) or is_quant_point(module)):
+        if not _is_quantized_type(module):
             continue
         if _is_excluded(name, exclude):
             result.excluded.append(name)

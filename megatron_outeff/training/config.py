@@ -31,9 +31,11 @@ from megatron_outeff.ops.variants import AttentionVariantConfig
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class ModelConfig:
-    arch: str = "tiny"  # "tiny" | "125m" | ... | path to an arch YAML (megatron_outeff.models.opt)
-    # OPTArchConfig fields: the keys of a model YAML's arch: section, e.g. {vocab_size: 256, hidden_dropout: 0.0};
-    # checked at load against OPTArchConfig's fields and types (arch_config below).
+    # "tiny" | "125m" | ... (OPT) | "llama-tiny" | "llama-3-8b" | ... | path to an arch YAML (configs/model/;
+    # the family, models/family.py, follows from the name's prefix or the YAML's family: key)
+    arch: str = "tiny"
+    # The family's ArchConfig fields (OPTArchConfig, LlamaArchConfig): the keys of a model YAML's arch: section,
+    # e.g. {vocab_size: 256, hidden_dropout: 0.0}; checked at load against them (arch_config below).
     arch_overrides: dict = field(default_factory=dict)
     vocab_size: Optional[int] = None  # embedding rows; None: the arch's vocabulary padded for TP
     # Further megatron TransformerConfig fields under megatron's names, e.g. {apply_query_key_layer_scaling: true};
@@ -620,7 +622,7 @@ TRANSFORMER_FIELDS_OWNED = {
 # TransformerConfig fields refused with a reason naming the supported way: each changes the parameter set, which
 # layers a pipeline stage holds, or the function the checkpoint's weights compute, in a way the checkpoint format,
 # the converter, resharding, resume on another layout and the Hugging Face export do not handle (megatron README
-# "Overrides"). The model family adds its own (models.opt.TRANSFORMER_FIELDS_UNSUPPORTED).
+# "Overrides"). The model family adds its own (models.opt / models.llama TRANSFORMER_FIELDS_UNSUPPORTED).
 _PIPELINE_SPLIT = ("moves layers between pipeline stages, while the checkpoint format (model files, resharding, "
                    "resume on another layout) gives every stage num_layers / parallel.pipeline_parallel layers and "
                    "has no virtual stages: use parallel.pipeline_parallel")
@@ -639,18 +641,20 @@ TRANSFORMER_FIELDS_REFUSED = {
 
 
 def arch_config(cfg: Config):
-    """The OPTArchConfig of model.arch with model.arch_overrides applied (checked against OPTArchConfig's
-    fields and types: the keys of a model YAML's arch: section)."""
-    from megatron_outeff.models.opt import OPTArchConfig, load_arch_config
+    """The architecture config (its family's ArchConfig: OPTArchConfig, LlamaArchConfig; models/family.py) of
+    model.arch with model.arch_overrides applied (checked against that class's fields and types: the keys of
+    a model YAML's arch: section)."""
+    from megatron_outeff.models.family import family_for_arch
 
     try:
-        arch = load_arch_config(cfg.model.arch)
+        family = family_for_arch(cfg.model.arch)
+        arch = family.arch.load_arch_config(cfg.model.arch)
     except (OutEffError, OSError) as e:
         raise with_context(f"model.arch={cfg.model.arch!r}", e) from None
-    overrides = typed_fields(OPTArchConfig, cfg.model.arch_overrides, "model.arch_overrides")
+    overrides = typed_fields(family.arch.ArchConfig, cfg.model.arch_overrides, "model.arch_overrides")
     try:
         arch = dataclasses.replace(arch, **overrides)
-    except OutEffError as e:  # OPTArchConfig's value checks name the arch, not the config key
+    except OutEffError as e:  # the ArchConfig's value checks name the arch, not the config key
         raise with_context("model.arch_overrides", e) from None
     if cfg.data.seq_length > arch.max_position_embeddings:
         raise OutEffError(
@@ -666,15 +670,16 @@ def attention_variant(cfg: Config):
 
 def check_model(cfg: Config) -> None:
     """Every model-defining key checked when the config is loaded, before anything is built or written:
-    model.arch and model.arch_overrides (OPTArchConfig fields), the attention variant (with
+    model.arch and model.arch_overrides (the family's ArchConfig fields), the attention variant (with
     data.seq_length for the clip_alpha form), the TP/PP layout, model.vocab_size, and megatron's
     TransformerConfig built from the arch and model.transformer_overrides (its own field names and
     checks). Builds no module. Raises OutEffError naming the bad key."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_outeff.models.opt import check_parallel_layout, opt_transformer_config
+    from megatron_outeff.models.family import family_of
 
     arch = arch_config(cfg)
+    family = family_of(arch)
     variant = attention_variant(cfg)  # raises its own "attention: ..." OutEffError
     try:
         variant.clip_pair(cfg.data.seq_length)
@@ -682,7 +687,7 @@ def check_model(cfg: Config) -> None:
         raise OutEffError(f"attention: {e}") from None
     tp, pp = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
     try:
-        check_parallel_layout(arch, tp, pp)
+        family.arch.check_parallel_layout(arch, tp, pp)
     except OutEffError as e:
         raise with_context("model", e) from None
     vocab = cfg.model.vocab_size
@@ -691,32 +696,35 @@ def check_model(cfg: Config) -> None:
                           f"tensor_parallel={tp}")
     overrides = transformer_overrides(cfg)  # our own checks: complete one-line errors, passed on unchanged
     try:
-        opt_transformer_config(arch, variant, **overrides)
+        family.arch.transformer_config(arch, variant, **overrides)
     except (TypeError, ValueError, AssertionError) as e:
         raise with_context("model.transformer_overrides: megatron's TransformerConfig refuses them", e) from None
 
 
-def check_transformer_overrides(overrides: dict) -> dict:
+def check_transformer_overrides(overrides: dict, family=None) -> dict:
     """model.transformer_overrides checked against megatron's TransformerConfig: its field names, the types a
     YAML value can have (bool, int, float, str, Literal choices, Enum member names; a Python object such as
     a callable or a torch.dtype cannot come from YAML), no field another key owns, and none that makes a
     model the checkpoint format, converter or export cannot handle (``TRANSFORMER_FIELDS_REFUSED``, the
-    family's ``TRANSFORMER_FIELDS_UNSUPPORTED``; one line with the supported way). Returns the converted mapping."""
+    family's ``TRANSFORMER_FIELDS_UNSUPPORTED``; one line with the supported way). Returns the converted mapping.
+    ``family``: model.arch's (models/family.py; default OPT), whose architecture owns some fields."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_outeff.models.opt import TRANSFORMER_FIELDS_FROM_ARCH, TRANSFORMER_FIELDS_UNSUPPORTED
+    from megatron_outeff.models.family import DEFAULT_FAMILY, get_family
 
+    family = family or get_family(DEFAULT_FAMILY)
+    from_arch, unsupported = family.arch.TRANSFORMER_FIELDS_FROM_ARCH, family.arch.TRANSFORMER_FIELDS_UNSUPPORTED
     where = "model.transformer_overrides"
     for key in overrides:
         if key in TRANSFORMER_FIELDS_OWNED:
             raise OutEffError(f"{where}.{key}: set by {TRANSFORMER_FIELDS_OWNED[key]}, not here")
-        reason = TRANSFORMER_FIELDS_REFUSED.get(key) or TRANSFORMER_FIELDS_UNSUPPORTED.get(key)
+        reason = TRANSFORMER_FIELDS_REFUSED.get(key) or unsupported.get(key)
         if reason:
             raise OutEffError(f"{where}.{key}: {reason}")
-        if key in TRANSFORMER_FIELDS_FROM_ARCH:
-            arch_key = TRANSFORMER_FIELDS_FROM_ARCH[key]
+        if key in from_arch:
+            arch_key = from_arch[key]
             raise OutEffError(f"{where}.{key}: " + (f"set by the architecture: use model.arch_overrides.{arch_key}"
-                              if arch_key else "fixed by the OPT architecture"))
+                              if arch_key else f"fixed by the {family.label} architecture"))
     checked = typed_fields(TransformerConfig, overrides, where)
     hints = typing.get_type_hints(TransformerConfig)
     for key, value in checked.items():
@@ -736,7 +744,9 @@ def _python_object(hint) -> bool:
 def transformer_overrides(cfg: Config) -> dict:
     """TransformerConfig fields set by the training config (on top of the arch's): model.transformer_overrides
     (checked, converted) and what precision and model.recompute_* ask for."""
-    over = check_transformer_overrides(cfg.model.transformer_overrides)
+    from megatron_outeff.models.family import family_for_arch
+
+    over = check_transformer_overrides(cfg.model.transformer_overrides, family_for_arch(cfg.model.arch))
     # Identical initial weights for every TP layout: TP shards are exact slices of the full matrices.
     over.setdefault("use_cpu_initialization", True)
     over["fp16"] = cfg.precision.dtype == "fp16"

@@ -1,7 +1,7 @@
-"""Build this rank's megatron-core OPT model (its TP shard / PP stage) from the typed config.
+"""Build this rank's megatron-core model (its TP shard / PP stage) from the typed config.
 
 ``build_model(cfg)`` is the single place the training code, the benchmarks and the tests get a model
-from: the OPT builder (megatron_outeff.models.opt) with the attention variant of ``cfg.attention``,
+from: the builder of model.arch's family (models/family.py: OPT, Llama) with the attention variant of ``cfg.attention``,
 wrapped in megatron's Float16Module for fp16/bf16 (it casts the parameters and the first stage's
 inputs). ``device()``: where this rank's model runs. Knows nothing of DeepSpeed. The model section's
 checks (architecture, overrides, variant) belong to the config (``config.check_model``): this module
@@ -24,13 +24,13 @@ def build_model(cfg: Config, *, pre_process: bool | None = None, post_process: b
     stage). Raises OutEffError for a model the config cannot build."""
     from megatron.core import parallel_state as ps
 
-    from megatron_outeff.models.opt import build_opt_model
+    from megatron_outeff.models.family import family_of
 
     pre_process = ps.is_pipeline_first_stage() if pre_process is None else pre_process
     post_process = ps.is_pipeline_last_stage() if post_process is None else post_process
     arch, variant = arch_config(cfg), attention_variant(cfg)  # each raises its own complete OutEffError
     try:
-        model = build_opt_model(
+        model = family_of(arch).arch.build_model(
             arch, variant, vocab_size=cfg.model.vocab_size, params_dtype=torch.float32,
             sequence_parallel=cfg.parallel.sequence_parallel, pre_process=pre_process, post_process=post_process,
             seq_length=cfg.data.seq_length,  # clipped variants in the clip_alpha form

@@ -7,7 +7,7 @@ Per-name tables (each must have exactly the vocabulary's names): the sink logit 
 (``megatron/variant.py TO_MEGATRON_SOFTMAX / TO_MEGATRON_GATE``). Then every softmax x gate combination
 through each translator: the tensor description, the math (sink, gate), the megatron translator, the training
 config, the manifest and Hugging Face config.json forms, the converter's mapping, the Hugging Face remote code
-and megatron's layer (built and run)."""
+(each model family's: OPT, Llama) and megatron's layer (built and run)."""
 import json
 from pathlib import Path
 
@@ -24,6 +24,8 @@ DEMO = str(Path(__file__).resolve().parents[2] / "configs" / "train" / "demo-tin
 H, D = 4, 16
 TINY_HF = dict(vocab_size=64, hidden_size=H * D, num_hidden_layers=1, ffn_dim=64, num_attention_heads=H,
                max_position_embeddings=16, dropout=0.0)
+TINY_LLAMA = dict(vocab_size=64, hidden_size=H * D, num_hidden_layers=1, intermediate_size=64, num_attention_heads=H,
+                  num_key_value_heads=H // 2, max_position_embeddings=16)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -113,6 +115,17 @@ def test_the_translators_handle_every_name(softmax, gate):
     ranks = {(t, 0): hf_state_dict_to_megatron(hf, arch, t, 2, variant=variant) for t in range(2)}
     back = megatron_to_hf_state_dict(ranks, arch, variant=variant)
     assert all(torch.equal(back[k], hf[k]) for k in hf) and sorted(back) == sorted(list(hf) + ["lm_head.weight"])
+    # the Llama family's mapping (grouped-query attention: 4 query heads on 2 key/value heads) and its config.json
+    from megatron_outeff.hf.configuration_outeff_llama import OutEffLlamaConfig
+    from megatron_outeff.models import hf_llama
+
+    assert OutEffLlamaConfig(**TINY_LLAMA, **variant.to_dict()).attention_variant() == variant
+    arch = hf_llama.arch_from_hf_config({"model_type": "llama", **TINY_LLAMA})
+    shapes = {**hf_llama.hf_expected_shapes(arch), **hf_llama.variant_hf_shapes(arch, variant)}
+    hf = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    ranks = {(t, 0): hf_llama.hf_state_dict_to_megatron(hf, arch, t, 2, variant=variant) for t in range(2)}
+    back = hf_llama.megatron_to_hf_state_dict(ranks, arch, variant=variant)
+    assert sorted(back) == sorted(hf) and all(torch.equal(back[k], hf[k]) for k in hf)
 
 
 @pytest.mark.parametrize("softmax,gate", COMBINATIONS)
@@ -141,3 +154,9 @@ def test_the_models_handle_every_name(softmax, gate):
     hf = OutEffOPTForCausalLM(OutEffOPTConfig(**TINY_HF, **variant.to_dict())).eval()
     with torch.no_grad():
         assert torch.isfinite(hf(input_ids=ids).logits).all()
+    from megatron_outeff.hf.configuration_outeff_llama import OutEffLlamaConfig
+    from megatron_outeff.hf.modeling_outeff_llama import OutEffLlamaForCausalLM
+
+    llama = OutEffLlamaForCausalLM(OutEffLlamaConfig(**TINY_LLAMA, **variant.to_dict())).eval()
+    with torch.no_grad():
+        assert torch.isfinite(llama(input_ids=ids).logits).all()

@@ -55,7 +55,10 @@ def weights_hook(path):
                 if src is None:
                     continue
                 if getattr(param, "tensor_model_parallel", False) and tp > 1:
-                    src = src.chunk(tp, dim=param.partition_dim)[tp_rank]
+                    # megatron's split (_initialize_affine_weight_cpu): tp * stride blocks, rank r takes r, r + tp, ...
+                    # (stride 2: SwiGLU's fc1 holds [gate rows of r; up rows of r])
+                    stride = getattr(param, "partition_stride", 1)
+                    src = torch.cat(src.chunk(tp * stride, dim=param.partition_dim)[tp_rank::tp], dim=param.partition_dim)
                 assert src.shape == param.shape, (local, src.shape, param.shape)
                 param.copy_(src)
 

@@ -225,12 +225,13 @@ def test_fingerprint_identifies_files_by_what_they_are(tmp_path, monkeypatch):
                                                                  os.path.join(".", "data", "other")])
 
 
-def test_every_override_that_makes_an_unconvertible_model_is_refused():
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_every_override_that_makes_an_unconvertible_model_is_refused(family):
     """Each TransformerConfig field a YAML value can set (bool flipped, int 1 / 2, float 0.3, every Literal
-    choice), applied to a tiny OPT model: any that changes its parameter set (names or shapes, which the
-    checkpoint format, converter and export follow) or, with the same weights, its logits (which the exported
-    model would then not reproduce) must be refused by model.transformer_overrides, in one line. megatron-core
-    decides which do, so a new knob of a later version fails this test until it is handled."""
+    choice), applied to a tiny model of each family: any that changes its parameter set (names or shapes, which
+    the checkpoint format, converter and export follow) or, with the same weights, its logits (which the
+    exported model would then not reproduce) must be refused by model.transformer_overrides, in one line.
+    megatron-core decides which do, so a new knob of a later version fails this test until it is handled."""
     import contextlib
     import dataclasses
     import io
@@ -240,18 +241,21 @@ def test_every_override_that_makes_an_unconvertible_model_is_refused():
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_outeff.megatron.parallel import init_model_parallel
-    from megatron_outeff.models.opt import OPTArchConfig, build_opt_model
+    from megatron_outeff.models.family import get_family
     from megatron_outeff.training.config import check_transformer_overrides
 
     init_model_parallel(1, 1, 1)
-    arch = OPTArchConfig(name="t", num_layers=1, hidden_size=16, num_attention_heads=4, ffn_hidden_size=32,
-                         vocab_size=32, max_position_embeddings=8, hidden_dropout=0.0, attention_dropout=0.0)
+    fam = get_family(family)
+    extra = {"num_query_groups": 2} if family == "llama" else {}  # grouped-query attention
+    arch = fam.arch.ArchConfig(name="t", num_layers=1, hidden_size=16, num_attention_heads=4, ffn_hidden_size=32,
+                               vocab_size=32, max_position_embeddings=8, hidden_dropout=0.0, attention_dropout=0.0,
+                               **extra)
     ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
 
     def build(**override):
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             torch.manual_seed(0)
-            return build_opt_model(arch, None, **override).eval()  # megatron's own layers: every knob they read
+            return fam.arch.build_model(arch, None, **override).eval()  # megatron's own layers: every knob they read
 
     def logits(model):
         with torch.no_grad():
@@ -292,8 +296,11 @@ def test_every_override_that_makes_an_unconvertible_model_is_refused():
                 changing.append((f.name, value))
     # the scan sees the knobs that change linear_qkv (grouped-query attention, megatron's own output gate) and
     # the one that changes the function (the attention's scale)
-    assert {("num_query_groups", 2), ("attention_output_gate", True), ("softmax_scale", 0.3)} <= set(changing)
+    assert {("num_query_groups", 1 if family == "llama" else 2), ("attention_output_gate", True),
+            ("softmax_scale", 0.3)} <= set(changing)
+    if family == "llama":  # and what only Llama's layers read: the rotary embedding and SwiGLU
+        assert {("rotary_interleaved", True), ("no_rope_freq", 1), ("glu_linear_offset", 0.3)} <= set(changing)
     for name, value in changing:
         with pytest.raises(OutEffError) as e:
-            check_transformer_overrides({name: value})
+            check_transformer_overrides({name: value}, fam)
         assert "\n" not in str(e.value)

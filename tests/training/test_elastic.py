@@ -155,7 +155,7 @@ def _full(ckpt: Path, sub: str, iteration: int = ITERS) -> dict:
     manifest, states = read_model_files(ckpt / f"iter_{iteration:07d}" / sub)  # bf16: the fp32 master weights
     arch, variant = manifest_arch_variant(manifest)
     hf, padded = merge_ranks(states, arch, variant)
-    return {**hf, "padded_embedding": padded}
+    return {**hf, **{f"padded {k}": v for k, v in padded.items()}}
 
 
 @pytest.mark.parametrize("transition", TRANSITIONS, ids=[f"{a}->{b}" for a, b in TRANSITIONS])

@@ -1,0 +1,142 @@
+"""What the model families' builders share (models/opt.py, models/llama.py; the registry: models/family.py):
+the parallel layout, the vocabulary padding, the architecture configs' parsing and value checks, the
+megatron TransformerConfig settings no family decides (layout, dtypes, CUDA-only fusions off), and
+the checks before a model is built. Imports megatron only inside functions. Errors: one-line OutEffError.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Iterable, Optional
+
+import torch
+
+from megatron_outeff.errors import OutEffError
+
+
+def parallel_sizes() -> tuple[int, int]:
+    """(TP, PP) of megatron's parallel_state, (1, 1) when it is not initialised."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return 1, 1
+    return ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+
+
+def padded_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 8) -> int:
+    """Vocabulary rows in the megatron model: megatron's VocabParallelEmbedding needs a multiple of
+    the TP size; multiples of 8 per rank keep GEMM shapes aligned. OPT's 50272 needs no padding for
+    TP <= 4. Padding rows are zero on import from Hugging Face and dropped on export."""
+    m = divisible_by * tp_size
+    return int(math.ceil(vocab_size / m) * m)
+
+
+def as_variant(variant):
+    """None stays None (megatron's own local attention); a mapping becomes an AttentionVariantConfig."""
+    if variant is None:
+        return None
+    from megatron_outeff.ops.variants import AttentionVariantConfig
+
+    if isinstance(variant, AttentionVariantConfig):
+        return variant
+    if isinstance(variant, dict):
+        return AttentionVariantConfig.from_dict(variant)
+    raise OutEffError(f"variant={variant!r}: expected None, an AttentionVariantConfig or a mapping of its fields")
+
+
+def arch_from_dict(cls, d, source: str):
+    """An architecture config dataclass from a mapping: unknown and missing keys are one-line errors."""
+    if not isinstance(d, dict):
+        raise OutEffError(f"{source}: expected a mapping of {cls.__name__} fields, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise OutEffError(f"{source}: unknown key(s) {unknown}; expected a subset of {sorted(known)}")
+    missing = sorted(f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in d)
+    if missing:
+        raise OutEffError(f"{source}: missing required key(s) {missing}")
+    return cls(**d)
+
+
+def check_arch_values(arch, *, positive_ints: Iterable[str], probabilities: Iterable[str] = (),
+                      positive: Iterable[str] = ()) -> None:
+    """One-line OutEffError (naming the architecture) for a field that is not a positive integer, not a
+    probability in [0, 1), or not > 0."""
+    for f in positive_ints:
+        v = getattr(arch, f)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise OutEffError(f"{arch.name}: {f}={v!r}: expected a positive integer")
+    for f in probabilities:
+        v = getattr(arch, f)
+        if not 0.0 <= float(v) < 1.0:
+            raise OutEffError(f"{arch.name}: {f}={v!r}: expected a probability in [0, 1)")
+    for f in positive:
+        if not float(getattr(arch, f)) > 0:
+            raise OutEffError(f"{arch.name}: {f}={getattr(arch, f)!r}: expected > 0")
+
+
+def megatron_transformer_config(arch_kwargs: dict, overrides: dict, variant=None):
+    """megatron-core's TransformerConfig from a family's architecture settings (``arch_kwargs``) plus what
+    no family decides: the TP/PP layout of parallel_state, the dtype (``overrides['params_dtype']``,
+    default fp32), CPU initialisation without CUDA, every fusion flag off (the fused kernels are
+    CUDA-only; callers on GPU may switch them on through ``overrides``) and what megatron sizes the
+    attention variant's parameters by (``megatron.variant.transformer_config_fields``:
+    ``attention_output_gate`` for the elementwise gate's rows in linear_qkv; the variant itself travels in
+    the layer spec). ``overrides`` must be TransformerConfig fields."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    overrides = dict(overrides)
+    tp, pp = parallel_sizes()
+    params_dtype = overrides.pop("params_dtype", torch.float32)
+    kw: dict[str, Any] = dict(arch_kwargs)
+    kw.update(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        params_dtype=params_dtype, pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
+        cross_entropy_loss_fusion=False,
+        cuda_graph_scope=[],  # megatron's spelling of its default ("full" warns as deprecated)
+    )
+    variant = as_variant(variant)
+    if variant is not None:
+        from megatron_outeff.megatron.variant import transformer_config_fields
+
+        kw.update(transformer_config_fields(variant))
+    unknown = sorted(k for k in overrides if k not in {f.name for f in dataclasses.fields(TransformerConfig)})
+    if unknown:
+        raise OutEffError(f"transformer overrides {unknown}: not TransformerConfig fields")
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+def prepare_build(arch, check_parallel_layout, variant, *, vocab_size: Optional[int], sequence_parallel: bool,
+                  pre_process: Optional[bool], post_process: Optional[bool]):
+    """The checks and defaults before building this rank's model: the layout against ``arch``, megatron's
+    CPU patches, the variant parsed, SP off without TP, the vocabulary rows (default padded for TP) and
+    this rank's pipeline role. Returns (variant, sequence_parallel, vocab_size, pre_process, post_process)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_outeff.megatron.cpu_support import apply_cpu_patches
+
+    tp, pp = parallel_sizes()
+    check_parallel_layout(arch, tp, pp)
+    if sequence_parallel and tp == 1:
+        sequence_parallel = False  # megatron rejects SP without TP; it would be a no-op anyway
+    variant = as_variant(variant)
+    apply_cpu_patches()
+    if vocab_size is None:
+        vocab_size = padded_vocab_size(arch.vocab_size, tp)
+    elif vocab_size < arch.vocab_size or vocab_size % tp != 0:
+        raise OutEffError(f"vocab_size={vocab_size}: expected >= {arch.vocab_size} and divisible by tensor parallel size {tp}")
+    initialized = ps.model_parallel_is_initialized()
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage() if initialized else True
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage() if initialized else True
+    return variant, sequence_parallel, vocab_size, pre_process, post_process
+
+
+__all__ = ["arch_from_dict", "as_variant", "check_arch_values", "megatron_transformer_config", "padded_vocab_size",
+           "parallel_sizes", "prepare_build"]
