@@ -8,7 +8,8 @@
 #                             ahead-of-time compile of every kernel
 #     --time-scale F          every step's limit (and the overall budget) times F (> 0): F = 0.05 cuts
 #                             the steps and shows that each leaves its partial results
-#     --experiment-config P   the experiment step's configuration (default configs/experiments/bb-sink-gpu.yaml)
+#     --experiment-config P   the experiment step's configuration (default configs/experiments/bb-massive-gpu.yaml;
+#                             --rehearse: with the overrides of its .rehearsal file)
 #
 # Steps, each under its own time limit (seconds; GPU_LIMIT_<STEP> overrides, 0 skips) inside an overall
 # budget (GPU_CHECK_BUDGET_S, default 400 s on a GPU) that shortens the last steps when earlier ones ran
@@ -32,7 +33,7 @@
 # install folder, default a fresh temporary one).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-OUT="" REHEARSE=0 SCALE=1 EXP_CFG="configs/experiments/bb-sink-gpu.yaml"
+OUT="" REHEARSE=0 SCALE=1 EXP_CFG="configs/experiments/bb-massive-gpu.yaml"
 usage="expected 'bash tools/gpu/run.sh OUT_DIR [--rehearse] [--time-scale F] [--experiment-config PATH]'"
 while (( $# )); do
   case "$1" in
@@ -192,16 +193,17 @@ run_step tests "$(lim TESTS $( (( REHEARSE )) && echo 2400 || echo 120))" "pytes
 # run cut by its limit still leaves the finished arms; its small files are packed AFTER the step
 # returns (cut or not), from the scratch folder, which lives until the end of this script.
 EXP_SET=()
-if (( REHEARSE )); then   # the science tests' tiny size (tests/tools/test_experiment.py)
-  for s in "arms=[vanilla, softmax1]" \
-      "training.model.arch_overrides={num_layers: 2, hidden_size: 32, num_attention_heads: 2, ffn_hidden_size: 64, vocab_size: 16, max_position_embeddings: 16, hidden_dropout: 0.0, attention_dropout: 0.0}" \
-      "training.data.seq_length=16" "training.data.bigram_backcopy.vocab_size=16" \
-      "training.parallel.micro_batch_size=4" "training.parallel.global_batch_size=4" \
-      "training.train.train_iters=4" "training.logging.outlier_interval=2" "training.logging.log_interval=2" \
-      "training.schedule.warmup_iters=1" "training.checkpoint.save_interval=0" \
-      "evaluation={heldout_sequences: 8, calib_batches: 1, calib_batch_size: 4, batch_size: 4}"; do
-    EXP_SET+=(--set "$s")
-  done
+EXP_LIMIT="$(lim EXPERIMENT $( (( REHEARSE )) && echo 900 || echo 150))"
+if (( REHEARSE )); then   # the science tests' tiny size: the config's .rehearsal overrides, one per line
+  rehearsal="${EXP_CFG%.yaml}.rehearsal"
+  if [[ -f "$rehearsal" ]]; then
+    while IFS= read -r s; do
+      [[ -z "${s// }" || "$s" =~ ^[[:space:]]*# ]] || EXP_SET+=(--set "$s")
+    done < "$rehearsal"
+  fi
+else   # train until the step's limit, less ~70 s for start-up and the evaluation (the runs are time-limited)
+  left=$(( BUDGET - ($(date +%s) - T0) - 10 )); (( left < EXP_LIMIT )) && EXP_LIMIT=$left
+  EXP_SET+=(--set "time_limit_s=$(( EXP_LIMIT > 100 ? EXP_LIMIT - 70 : EXP_LIMIT * 3 / 10 + 1 ))")
 fi
 pack_experiment() {   # small result files only (logs, JSON, tables, plots; no checkpoints), one archive
   [[ -d "$WORK/experiment" ]] || return 0
@@ -210,7 +212,7 @@ pack_experiment() {   # small result files only (logs, JSON, tables, plots; no c
 }
 if [[ -f tools/run_experiment.py && -f "$EXP_CFG" ]]; then
   mkdir -p "$WORK/experiment"
-  run_step experiment "$(lim EXPERIMENT $( (( REHEARSE )) && echo 900 || echo 150))" \
+  run_step experiment "$EXP_LIMIT" \
     "tools/run_experiment.py --config $EXP_CFG$( (( REHEARSE )) && echo ' (tiny --set overrides)')" \
     "$PY" tools/run_experiment.py --config "$EXP_CFG" --output-dir "$WORK/experiment" "${EXP_SET[@]}"
   pack_experiment
