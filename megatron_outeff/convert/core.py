@@ -24,6 +24,7 @@ from megatron_outeff.checkpoint_format import (
 )
 from megatron_outeff.errors import OutEffError, with_context
 from megatron_outeff.utils.atomic import atomic_output_dir, check_empty_output_dir
+from megatron_outeff.utils.finite import require_finite
 
 Progress = Optional[Callable[[str], None]]
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -206,8 +207,7 @@ def read_hf_dir(hf_dir, variant=None, *, seq_length: Optional[int] = None, seed:
     if initialised:
         full.update(init_variant_tensors(arch, variant, seed))
     for k, v in full.items():
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise OutEffError(f"{hf_dir}: {k} has {int((~torch.isfinite(v)).sum())} non-finite value(s)")
+        require_finite(v, f"{hf_dir}: {k}")
     return arch, variant, full, initialised
 
 

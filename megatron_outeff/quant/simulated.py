@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from megatron_outeff.utils.finite import require_finite
+
 from .points import QuantPoint, is_quant_point
-from .quantizers import ActivationQuantizer, WeightQuantizer
+from .quantizers import ActivationQuantizer, CalibrationBatches, WeightQuantizer
 
 __all__ = ["SimulatedW8A8", "apply_simulated_w8a8", "QUANTIZED_TYPES"]
 
@@ -80,21 +82,24 @@ def apply_simulated_w8a8(
             continue
         weight = getattr(module, "weight", None)
         if not is_quant_point(module) and weight is not None:
+            require_finite(weight.detach(), f"module {name!r} weight")
             wq = WeightQuantizer(weight_bits, method=weight_method)
             with torch.no_grad():
                 qweight = wq(weight).detach()
             wq.freeze()
-            if not torch.isfinite(qweight).all():
-                raise ValueError(f"module {name!r}: weight has non-finite values; expected finite weights")
             # A new Parameter, not an in-place write: unties the weight from excluded sharers.
             module.weight = nn.Parameter(qweight, requires_grad=False)
             result.weight_quantizers[name] = wq
         aq = ActivationQuantizer(act_bits, symmetric=False, momentum=act_momentum, percentile=act_percentile)
-        module.register_forward_hook(lambda mod, args, out, aq=aq: aq(out))
+        module.register_forward_hook(lambda mod, args, out, aq=aq, name=name: aq(out, batches.where(f"module {name!r} output")))
         result.act_quantizers[name] = aq
 
-    with torch.no_grad():
-        calibrate(qmodel)
+    batches = CalibrationBatches(qmodel)  # a NaN / inf activation is refused naming the module and the batch
+    try:
+        with torch.no_grad():
+            calibrate(qmodel)
+    finally:
+        batches.remove()
     unseen = [n for n, q in result.act_quantizers.items() if not q.calibrated]
     for q in result.act_quantizers.values():
         q.freeze()
