@@ -43,6 +43,7 @@ import yaml
 
 from megatron_outeff.errors import OutEffError, with_context
 from megatron_outeff.training.config import apply_override, dataclass_from_dict, config_from_dict
+from megatron_outeff.utils.yaml_loader import load_yaml_file
 
 __all__ = ["ARMS", "ExperimentConfig", "load_experiment", "run_experiment", "judge",
            "read_curves", "CURVE_TAGS"]
@@ -119,10 +120,7 @@ class ExperimentConfig:
 
 def load_experiment(path, overrides: Optional[list] = None) -> ExperimentConfig:
     """Read and validate everything (arms, the training config, the task) before anything is written."""
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise OutEffError(f"experiment config not found: {path}") from None
+    data = load_yaml_file(path) or {}
     if not isinstance(data, dict):
         raise OutEffError(f"{path}: expected a mapping")
     for item in overrides or []:

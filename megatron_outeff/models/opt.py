@@ -155,11 +155,10 @@ def resolve_arch_path(name_or_path: Union[str, Path]) -> Path:
 
 
 def _load_yaml(name_or_path) -> tuple[Path, dict]:
-    import yaml
+    from megatron_outeff.utils.yaml_loader import load_yaml_file
 
     path = resolve_arch_path(name_or_path)
-    with open(path) as f:
-        doc = yaml.safe_load(f)
+    doc = load_yaml_file(path)
     if not isinstance(doc, dict) or "arch" not in doc:
         raise OutEffError(f"{path}: expected a mapping with an 'arch:' section")
     unknown = sorted(set(doc) - _YAML_SECTIONS)
