@@ -85,6 +85,11 @@ def to_hf(ckpt, out_dir, *, iteration=None, tokenizer=None, dtype: Optional[str]
     with tempfile.TemporaryDirectory() as tok_tmp:
         tokenizer_dir = _hf_tokenizer_dir(tokenizer, Path(tok_tmp))
         manifest, arch, variant, hf, _ = load_checkpoint_full(ckpt, iteration, progress)
+        if tokenizer_dir is not None:  # training's refusal, naming the flag (export_hf_dir would name a temp dir)
+            from megatron_outeff.data.tokenizer import check_vocab_fits
+            from megatron_outeff.hf.export import hf_tokenizer_id_count
+
+            check_vocab_fits(hf_tokenizer_id_count(tokenizer_dir), arch.vocab_size, f"--tokenizer {tokenizer}")
         plain, extras = split_variant_state(hf)
         opt_kwargs = hf_config_dict(arch)
         _say(progress, f"exporting to {out_dir} ({dtype or 'fp32'})")

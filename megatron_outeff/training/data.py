@@ -95,7 +95,7 @@ def indexed_samplers(cfg, *, vocab_size: int) -> tuple[Callable[[int], dict], Ca
     blend cut by data.split, or train/valid blends of their own when data.valid_paths is set.
     Collective (every rank builds; rank 0 writes the index cache first)."""
     from megatron_outeff.data.datasets import build_gpt_datasets
-    from megatron_outeff.data.tokenizer import load_tokenizer
+    from megatron_outeff.data.tokenizer import check_vocab_fits, load_tokenizer
 
     d, t, p = cfg.data, cfg.train, cfg.parallel
     if not d.tokenizer:
@@ -104,8 +104,7 @@ def indexed_samplers(cfg, *, vocab_size: int) -> tuple[Callable[[int], dict], Ca
     n_valid = t.eval_iters * p.global_batch_size if (t.eval_interval or cfg.logging.outlier_interval) else 0
     try:
         tokenizer = load_tokenizer(d.tokenizer)
-        if tokenizer.vocab_size > vocab_size:
-            raise OutEffError(f"data.tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {vocab_size}")
+        check_vocab_fits(tokenizer.vocab_size, vocab_size, "data.tokenizer")
         common = dict(tokenizer=tokenizer, seq_length=d.seq_length, seed=t.seed, cache_dir=d.cache_dir,
                       eod_mask_loss=d.eod_mask_loss)
         if d.valid_paths:
