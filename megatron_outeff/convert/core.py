@@ -89,7 +89,11 @@ def to_hf(ckpt, out_dir, *, iteration=None, tokenizer=None, dtype: Optional[str]
             from megatron_outeff.data.tokenizer import check_vocab_fits
             from megatron_outeff.hf.export import hf_tokenizer_id_count
 
-            check_vocab_fits(hf_tokenizer_id_count(tokenizer_dir), arch.vocab_size, f"--tokenizer {tokenizer}")
+            try:
+                n_ids = hf_tokenizer_id_count(tokenizer_dir)
+            except OutEffError as e:
+                raise with_context(f"--tokenizer {tokenizer}", e) from None
+            check_vocab_fits(n_ids, arch.vocab_size, f"--tokenizer {tokenizer}")
         plain, extras = split_variant_state(hf)
         opt_kwargs = hf_config_dict(arch)
         _say(progress, f"exporting to {out_dir} ({dtype or 'fp32'})")

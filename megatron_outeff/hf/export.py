@@ -261,8 +261,14 @@ def _load_plain_tokenizer(directory: Path):
 
 def hf_tokenizer_id_count(directory) -> int:
     """Largest token id + 1 of the Hugging Face tokenizer files in ``directory`` (added tokens included),
-    as transformers loads them (PreTrainedTokenizerFast: tokenizer.json, or slow files it converts)."""
-    tok = _load_plain_tokenizer(Path(directory))
+    as transformers loads them (PreTrainedTokenizerFast: tokenizer.json, or slow files it converts).
+    OutEffError ``the tokenizer files do not load (<reason>)``: the caller names the input."""
+    from megatron_outeff.errors import OutEffError
+
+    try:
+        tok = _load_plain_tokenizer(Path(directory))
+    except Exception as e:  # tokenizers / transformers raise their own types
+        raise OutEffError(f"the tokenizer files do not load ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     return max(tok.get_vocab().values()) + 1
 
 

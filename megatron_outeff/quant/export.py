@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from megatron_outeff.errors import OutEffError
+from megatron_outeff.errors import OutEffError, with_context
 from megatron_outeff.utils.atomic import atomic_output_dir, check_empty_output_dir
 
 from .compressed_tensors_export import LinearW8A8, export_compressed_tensors_w8a8
@@ -69,8 +69,8 @@ def check_tokenizers(model_dir, tokenizer, vocab_size: int) -> None:
     if any((Path(model_dir) / f).is_file() for f in TOKENIZER_FILES):
         try:
             n = hf_tokenizer_id_count(model_dir)
-        except Exception as e:  # tokenizers / transformers raise their own types
-            raise OutEffError(f"{model_dir}: its tokenizer files do not load ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        except OutEffError as e:
+            raise with_context(str(model_dir), e) from None
         check_vocab_fits(n, vocab_size, f"{model_dir}'s tokenizer")
 
 
