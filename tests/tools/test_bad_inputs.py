@@ -85,6 +85,13 @@ def ws(tmp_path_factory):
     _write_big_tokenizer(w / "big_tok")
     shutil.copytree(w / "hf", w / "hf_bigtok")
     shutil.copyfile(w / "big_tok" / "tokenizer.json", w / "hf_bigtok" / "tokenizer.json")
+    # finite weights whose activations overflow fp32: layer 0's fc1 output is inf (calibration must refuse it)
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(w / "hf", w / "hf_overflow")
+    sd = load_file(str(w / "hf_overflow" / "model.safetensors"))
+    sd["model.decoder.layers.0.fc1.weight"] = torch.full_like(sd["model.decoder.layers.0.fc1.weight"], 1e38)
+    save_file(sd, str(w / "hf_overflow" / "model.safetensors"), metadata={"format": "pt"})
     # YAML with a key written twice (the later block would silently replace the earlier one)
     (w / "dup.yaml").write_text("model: {arch: tiny}\ntrain: {train_iters: 5}\ndata: {source: synthetic}\ntrain: {seed: 7}\n")
     (w / "dup_arch.yaml").write_text("arch:\n  name: opt-dup\n  num_layers: 2\n  hidden_size: 64\n  num_layers: 4\n")
@@ -191,6 +198,8 @@ CASES = {
     "train_duplicate_key_in_arch": ("train", ["--config", DEMO_CFG, "--set", "model.arch={w}/dup_arch.yaml", "--set", "checkpoint.dir={out}"], "dup_arch.yaml:5: duplicate key 'num_layers' (first at line 3)"),
     "dsconfig_duplicate_key": ("print_deepspeed_config", ["--config", "{w}/dup.yaml"], "dup.yaml:4: duplicate key 'train' (first at line 2)"),
     "experiment_duplicate_key": ("run_experiment", ["--config", "{w}/dup_exp.yaml", "--output-dir", "{out}"], "dup_exp.yaml:3: duplicate key 'name' (first at line 1)"),
+    "export_nonfinite_calibration": ("export_fp16_w8a8", ["{w}/hf_overflow", "--output-dir", "{out}", "--calib-data", "{w}/corpus.jsonl", "--skip-fp16"], "Linear 'model.decoder.layers.0.fc2' input, calibration batch 1: "),
+    "report_nonfinite_calibration": ("outlier_report", ["--model", "m={w}/hf_overflow", "--data", "{w}/corpus.jsonl", "--output-dir", "{out}", "--max-blocks", "2"], "module 'model.decoder.layers.0.fc1' output, calibration batch 1: "),
     "export_negative_batches": ("export_fp16_w8a8", ["{w}/hf", "--output-dir", "{out}", "--calib-data", "{w}/corpus.jsonl", "--num-calib-batches", "-1"], "'-1'"),
     # outlier report
     "report_missing_model": ("outlier_report", ["--model", "m={w}/missing", "--data", "{w}/corpus.jsonl", "--output-dir", "{out}"], "missing"),
