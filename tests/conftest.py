@@ -26,6 +26,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# As the session found them: a session-scoped fixture that trains in-process (tests/training/conftest.py
+# ``oracle``) is set up before the first module's own fixtures, so values saved at a module's start could
+# already be its leftovers (a later module's subprocess then inherited RANK and a port still bound here).
+_SESSION_DIST_ENV = {k: os.environ.get(k) for k in _DIST_ENV}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -33,7 +37,7 @@ def _no_process_group_across_modules():
     """Each test module leaves no torch.distributed process group, megatron parallel state or the
     rendezvous variables a single-process group sets (megatron_outeff.megatron.parallel.init_distributed)
     behind: no module depends on another having run before it (the suite passes in shuffled order)."""
-    saved = {k: os.environ.get(k) for k in _DIST_ENV}
+    saved = dict(_SESSION_DIST_ENV)
     yield
     import torch.distributed as dist
 

@@ -1,38 +1,26 @@
 """Tolerances derived from the dtype's epsilon and the magnitude, never tuned to one machine.
 
-Two computations of the same values in one floating-point dtype (the code under test and an oracle,
-or two code paths) differ by rounding only. Each output accumulates at most ``n`` roundings, each at
-most eps (``torch.finfo(dtype).eps``, twice the unit roundoff: both sides round) relative to the
-terms it combines, whose absolute values sum to at most ``magnitude``. The worst-case bound of a
-length-n summation (Higham, "Accuracy and Stability of Numerical Algorithms", 2nd ed., sec. 4.2) is
-
-    |a - b| <= n * eps * magnitude
-
-It holds whatever order a kernel sums in (other CPUs' vector widths, thread counts, TP/PP splits,
-cached vs. recomputed keys), which is what changes between machines. ``n`` is the longest chain of
-roundings behind one output: for a network, the sum of the reduction lengths it passes through.
-
-Checks that are structural (two paths that must agree exactly in exact arithmetic) run in float64,
-where this bound is ~1e-12 and any real mistake is orders of magnitude above it.
+The rule and its derivation live in the product, ``megatron_outeff.utils.tolerance`` (its own reload
+checks use it too): two computations of the same values in one dtype differ by at most
+``n * eps(dtype) * magnitude``, n the longest chain of roundings behind one output. Structural
+checks (two paths that must agree exactly in exact arithmetic) run in float64.
+This module adds the test-side helpers: a HF-config form of ``network_depth``, ``assert_close_bound``
+(the ratio in the message) and ``attention_bound``.
 """
 import torch
+
+from megatron_outeff.utils.tolerance import network_depth as _network_depth
+from megatron_outeff.utils.tolerance import rounding_bound  # noqa: F401  (re-exported for the tests)
 
 F32_EPS = torch.finfo(torch.float32).eps
 F64_EPS = torch.finfo(torch.float64).eps
 
 
-def rounding_bound(dtype: torch.dtype, magnitude: float, n: int = 1) -> float:
-    """n * eps(dtype) * magnitude: see the module docstring."""
-    return n * torch.finfo(dtype).eps * float(magnitude)
-
-
 def network_depth(cfg: dict) -> int:
-    """``n`` for a decoder with hidden size h, FFN width f and L layers at sequence length s (a HF OPT
-    config dict): each layer reduces over h (QKV, out-projection, LayerNorm twice), s (scores and the
-    weighted sum of values) and f (fc2), the LM head over h once more."""
-    h, f, L = cfg["hidden_size"], cfg["ffn_dim"], cfg["num_hidden_layers"]
-    s = cfg.get("max_position_embeddings", 64)
-    return L * (4 * h + 2 * s + f + h) + h
+    """``n`` for a decoder described by a HF OPT config dict (hidden_size, ffn_dim, num_hidden_layers,
+    max_position_embeddings as the sequence length, default 64): megatron_outeff.utils.tolerance.network_depth."""
+    return _network_depth(cfg["hidden_size"], cfg["ffn_dim"], cfg["num_hidden_layers"],
+                          cfg.get("max_position_embeddings", 64))
 
 
 def assert_close_bound(actual: torch.Tensor, expected: torch.Tensor, bound: float, what: str = "") -> None:

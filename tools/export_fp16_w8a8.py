@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     quiet_transformers()
     from megatron_outeff.evaluation.eval_data import calibration_batches, check_data_source, tokenizer_for
     from megatron_outeff.evaluation.quant_eval import check_model_dir, check_runnable, load_hf_model
-    from megatron_outeff.quant.export import check_export_dirs, export_fp16, export_w8a8
+    from megatron_outeff.quant.export import check_export_dirs, check_tokenizers, export_fp16, export_w8a8
 
     t0 = time.time()
     targets = [n for n, skip in (("fp16", args.skip_fp16), ("w8a8", args.skip_w8a8)) if not skip]
@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     check_export_dirs(args.output_dir, targets)
     check_data_source(args.calib_data, "calibration data")
     tok = tokenizer_for(args.tokenizer, [args.model_dir])
+    check_tokenizers(args.model_dir, args.tokenizer, config.get("vocab_size"))
     block_size = check_runnable(args.model_dir, config, args.block_size)
 
     print(f"[{next(step)}/{steps}] calibration data {args.calib_data}", flush=True)

@@ -16,7 +16,7 @@ Examples:
 import argparse
 import sys
 
-from megatron_outeff.data.tokenizer_training import MODEL_TYPES, train_sentencepiece
+from megatron_outeff.data.tokenizer_training import MAX_SENTENCE_BYTES, MODEL_TYPES, train_sentencepiece
 from megatron_outeff.utils.cli import OneLineArgumentParser, command, positive_float, positive_int
 
 
@@ -41,13 +41,18 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.model/.vocab")
     p.add_argument("--verbose", action="store_true", help="show sentencepiece's own log")
     a = p.parse_args(argv)
+    stats = {}
     path = train_sentencepiece(
         a.input, a.output_prefix, vocab_size=a.vocab_size, model_type=a.model_type,
         json_key=a.json_key, txt_mode=a.txt_mode, character_coverage=a.character_coverage,
         input_sentence_size=a.input_sentence_size, num_threads=a.threads, verbose=a.verbose,
-        overwrite=a.overwrite,
+        overwrite=a.overwrite, stats=stats,
     )
-    print(f"wrote {path} ({a.model_type}, vocab {a.vocab_size}, eod '</s>' = 2)")
+    print(f"wrote {path} ({a.model_type}, vocab {a.vocab_size}, eod '</s>' = 2) from {stats['documents']} documents, "
+          f"{stats['sentences']} lines")
+    if stats["long_lines"]:
+        print(f"note: {stats['long_lines']} line(s) longer than {MAX_SENTENCE_BYTES} bytes (sentencepiece's maximum "
+              f"sentence length) were cut at spaces into {stats['chunks']} pieces for training; nothing was skipped")
     return 0
 
 

@@ -15,6 +15,7 @@ import torch
 
 from megatron_outeff.errors import OutEffError, with_context
 from megatron_outeff.models.family import family_of
+from megatron_outeff.utils.finite import require_finite
 
 from .layout import LATEST, MANIFEST, MASTER_SUBDIR, MODEL_SUBDIR, latest_tag, rank_file_name, tag_for
 
@@ -235,7 +236,6 @@ def _read_rank_dir(rank_dir: Path, m: dict, arch, variant, progress, dtype: Opti
                 raise OutEffError(f"{path}: {k} has shape {tuple(v.shape)}, expected {shape}")
             if dtype is not None and v.dtype != dtype:
                 raise OutEffError(f"{path}: {k} is {v.dtype}, expected {dtype} master weights")
-            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-                raise OutEffError(f"{path}: {k} has {int((~torch.isfinite(v)).sum())} non-finite value(s)")
+            require_finite(v, f"{path}: {k}")
         states[(t, p)] = sd
     return states

@@ -26,6 +26,7 @@ from megatron_outeff.checkpoint_format import (
 from megatron_outeff.errors import OutEffError, with_context
 from megatron_outeff.models.family import family_for_hf_model_type, family_of
 from megatron_outeff.utils.atomic import atomic_output_dir, check_empty_output_dir
+from megatron_outeff.utils.finite import require_finite
 
 Progress = Optional[Callable[[str], None]]
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -88,6 +89,15 @@ def to_hf(ckpt, out_dir, *, iteration=None, tokenizer=None, dtype: Optional[str]
         family = family_of(arch)
         plain, extras = family.hf.split_variant_state(hf)
         config_kwargs = family.hf.hf_config_dict(arch)
+        if tokenizer_dir is not None:  # training's refusal, naming the flag (export_hf_dir would name a temp dir)
+            from megatron_outeff.data.tokenizer import check_vocab_fits
+            from megatron_outeff.hf.export import hf_tokenizer_id_count
+
+            try:
+                n_ids = hf_tokenizer_id_count(tokenizer_dir)
+            except OutEffError as e:
+                raise with_context(f"--tokenizer {tokenizer}", e) from None
+            check_vocab_fits(n_ids, arch.vocab_size, f"--tokenizer {tokenizer}")
         _say(progress, f"exporting to {out_dir} ({dtype or 'fp32'})")
         try:
             return export_hf_dir(out_dir, plain, config_kwargs, variant, seq_length=manifest.get("seq_length"),
@@ -208,8 +218,7 @@ def read_hf_dir(hf_dir, variant=None, *, seq_length: Optional[int] = None, seed:
     if initialised:
         full.update(init_variant_tensors(arch, variant, seed))
     for k, v in full.items():
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise OutEffError(f"{hf_dir}: {k} has {int((~torch.isfinite(v)).sum())} non-finite value(s)")
+        require_finite(v, f"{hf_dir}: {k}")
     return arch, variant, full, initialised
 
 

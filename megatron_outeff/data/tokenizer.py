@@ -311,6 +311,47 @@ def load_tokenizer(path: "str | os.PathLike", eod_token: Optional[str] = None) -
     )
 
 
+def check_vocab_fits(num_ids: int, vocab_size: int, what: str) -> None:
+    """The one refusal of a tokenizer whose ids do not fit a model's embedding (training's data.tokenizer,
+    every export and conversion that takes a tokenizer): OutEffError ``<what> has N tokens but the
+    model's vocabulary is V``. ``num_ids``: the tokenizer's largest id + 1 (``Tokenizer.vocab_size``,
+    ``tokenizer_id_count``); ``vocab_size``: the model's (unpadded) vocabulary."""
+    if int(num_ids) > int(vocab_size):
+        raise OutEffError(f"{what} has {int(num_ids)} tokens but the model's vocabulary is {int(vocab_size)} "
+                          f"(every token id must be < {int(vocab_size)})")
+
+
+def tokenizer_id_count(path: "str | os.PathLike") -> int:
+    """Largest token id + 1 of a sentencepiece ``.model``, a ``tokenizer.json`` or a directory holding one
+    (as ``load_tokenizer`` resolves it), added tokens included; no eod token needed. OutEffError when
+    ``path`` holds neither."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise OutEffError(f"tokenizer not found: {path}")
+    path = _resolve(path)
+    if path.endswith(".model"):
+        return _spm_piece_count(path)
+    if path.endswith(".json"):
+        from tokenizers import Tokenizer as _HFTok
+
+        try:
+            vocab = _HFTok.from_file(path).get_vocab(with_added_tokens=True)
+        except Exception as e:
+            raise OutEffError(f"cannot load Hugging Face tokenizer {path!r}: {str(e).splitlines()[0]}") from None
+        return max(vocab.values()) + 1 if vocab else 0
+    raise OutEffError(f"unknown tokenizer file type: {path} (expected a sentencepiece .model or a Hugging Face "
+                      "tokenizer.json)")
+
+
+def _spm_piece_count(path: str) -> int:
+    import sentencepiece as spm
+
+    try:
+        return spm.SentencePieceProcessor(model_file=path).get_piece_size()
+    except Exception as e:
+        raise OutEffError(f"cannot load sentencepiece model {path!r}: {str(e).splitlines()[0]}") from None
+
+
 def token_dtype_for_vocab(vocab_size: int):
     """numpy dtype for token ids of a vocab: megatron's own rule (DType.optimal_dtype: uint16
     below 65500, else int32), restated here so the CLIs need not import megatron.core."""
@@ -325,6 +366,8 @@ __all__ = [
     "HFTokenizer",
     "load_tokenizer",
     "tokenizer_file",
+    "check_vocab_fits",
+    "tokenizer_id_count",
     "token_dtype_for_vocab",
     "SPM_SPECIAL_IDS",
 ]

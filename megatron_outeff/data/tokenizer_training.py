@@ -11,6 +11,12 @@ Choices and why:
     the documents that do not round-trip.
   * sentencepiece reads "sentences"; we feed it the lines of each document (it never sees the
     newline itself, which is encoded by byte fallback as the single piece <0x0A>).
+  * sentencepiece silently skips a sentence longer than its max_sentence_length (bytes; its warning is
+    hidden at our log level), so a document stored as one long line would never reach the
+    vocabulary. A line over MAX_SENTENCE_BYTES is cut into chunks of at most that many bytes, each
+    cut at the last space before the limit (pieces never span a space: sentencepiece splits at
+    whitespace) or, in text without spaces, at a character boundary; the lines cut and the chunks
+    made are counted (``stats``) and tools/train_tokenizer.py reports them.
 """
 from __future__ import annotations
 
@@ -23,6 +29,30 @@ from megatron_outeff.errors import OutEffError
 from .tokenizer import SPM_SPECIAL_IDS
 
 MODEL_TYPES = ("bpe", "unigram")
+MAX_SENTENCE_BYTES = 1 << 16  # sentencepiece's max_sentence_length (bytes): longer lines are cut, never skipped
+
+
+def chunk_line(line: str, limit: int = MAX_SENTENCE_BYTES) -> list[str]:
+    """``line`` cut into pieces of at most ``limit`` UTF-8 bytes whose concatenation is ``line``: each cut
+    just before the last space within the limit (the space starts the next piece, as sentencepiece marks a
+    word start), else at the last character boundary (text without spaces)."""
+    if limit < 4:
+        raise ValueError(f"limit {limit}: expected >= 4 bytes (one UTF-8 character)")
+    data = line.encode("utf-8")
+    if len(data) <= limit:
+        return [line]
+    chunks, start = [], 0
+    while len(data) - start > limit:
+        end = start + limit
+        cut = data.rfind(b" ", start + 1, end + 1)
+        if cut <= start:
+            cut = end
+            while data[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte: back off to the character's start
+                cut -= 1
+        chunks.append(data[start:cut].decode("utf-8"))
+        start = cut
+    chunks.append(data[start:].decode("utf-8"))
+    return chunks
 
 
 def _sentences(inputs, json_key: str, txt_mode: str, counter: dict) -> Iterator[str]:
@@ -30,8 +60,14 @@ def _sentences(inputs, json_key: str, txt_mode: str, counter: dict) -> Iterator[
         counter["documents"] += 1
         for line in doc.splitlines():
             if line.strip():
-                counter["sentences"] += 1
-                yield line
+                pieces = chunk_line(line)
+                if len(pieces) > 1:
+                    counter["long_lines"] += 1
+                    counter["chunks"] += len(pieces)
+                for piece in pieces:
+                    if piece.strip():
+                        counter["sentences"] += 1
+                        yield piece
 
 
 def train_sentencepiece(
@@ -47,13 +83,16 @@ def train_sentencepiece(
     seed_sentencepiece_size: int = 1_000_000,
     verbose: bool = False,
     overwrite: bool = False,
+    stats: Optional[dict] = None,
 ) -> str:
     """Train a sentencepiece model on `inputs` (paths/globs of .txt or .jsonl files).
 
     Writes `model_prefix + ".model"` and `".vocab"` (via temporary names, renamed at the end) and
     returns the .model path. `input_sentence_size` caps the lines sentencepiece samples (it holds
     them in memory). Raises OutEffError for bad input, an empty corpus, an impossible vocab size or
-    an existing output without `overwrite`.
+    an existing output without `overwrite`. `stats` (a dict, optional) receives the counts:
+    documents, sentences (what sentencepiece was given), long_lines (lines over MAX_SENTENCE_BYTES,
+    cut) and chunks (the pieces they were cut into).
     """
     import sentencepiece as spm
 
@@ -67,7 +106,7 @@ def train_sentencepiece(
         raise OutEffError(f"output exists: {existing[0]} (pass --overwrite to replace it)")
     out_dir = os.path.dirname(os.path.abspath(model_prefix))
 
-    counter = {"documents": 0, "sentences": 0}
+    counter = {"documents": 0, "sentences": 0, "long_lines": 0, "chunks": 0}
     sentences = _sentences(inputs, json_key, txt_mode, counter)
     # Pull the first sentence here so input errors (and an empty corpus) surface as OutEffError
     # before sentencepiece starts, rather than as an exception from inside its C++ callback.
@@ -82,8 +121,11 @@ def train_sentencepiece(
     created = not os.path.isdir(out_dir)  # made only now, after the inputs proved readable; removed on failure
     os.makedirs(out_dir, exist_ok=True)
     try:
-        return _train(spm, all_sentences(), model_prefix, out_dir, model_type, vocab_size, character_coverage,
+        path = _train(spm, all_sentences(), model_prefix, out_dir, model_type, vocab_size, character_coverage,
                       input_sentence_size, seed_sentencepiece_size, num_threads, verbose)
+        if stats is not None:
+            stats.update(counter)
+        return path
     except BaseException:
         if created:
             try:
@@ -120,7 +162,7 @@ def _train(spm, all_sentences, model_prefix, out_dir, model_type, vocab_size, ch
                 input_sentence_size=input_sentence_size,
                 shuffle_input_sentence=True,
                 seed_sentencepiece_size=seed_sentencepiece_size,
-                max_sentence_length=1 << 16,
+                max_sentence_length=MAX_SENTENCE_BYTES,
                 num_threads=num_threads or min(os.cpu_count() or 1, 16),
                 minloglevel=0 if verbose else 2,
             )

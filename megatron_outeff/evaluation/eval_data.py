@@ -38,7 +38,7 @@ from typing import Optional, Sequence, Union
 import numpy
 import torch
 
-from megatron_outeff.errors import OutEffError
+from megatron_outeff.errors import OutEffError, with_context
 
 __all__ = ["EvalData", "add_data_arguments", "calibration_batches", "check_data_source", "eval_blocks", "is_indexed_prefix",
            "load_token_stream", "tokenizer_for"]
@@ -78,11 +78,14 @@ def check_data_source(source: str, what: str) -> None:
         return
     import glob
 
-    if glob.has_magic(source):
-        if not glob.glob(source):
-            raise OutEffError(f"{what} glob matches no files: {source}")
-    elif not os.path.isfile(source):
+    from megatron_outeff.data.corpus import expand_input
+
+    if not os.path.exists(source) and not glob.has_magic(source):
         raise OutEffError(f"{what} not found: {source} (expected a .txt/.jsonl file, a glob, or an indexed dataset prefix)")
+    try:
+        expand_input(source)  # the inputs' one rule: an existing file is literal, even named data[1].jsonl
+    except OutEffError as e:
+        raise with_context(what, e) from None
 
 
 def tokenizer_for(tokenizer: Optional[str], model_dirs: Sequence[str]) -> Optional[str]:

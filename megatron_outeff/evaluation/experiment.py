@@ -60,6 +60,7 @@ import yaml
 
 from megatron_outeff.errors import OutEffError, with_context
 from megatron_outeff.training.config import apply_override, config_from_dict, dataclass_from_dict
+from megatron_outeff.utils.yaml_loader import load_yaml_file
 
 __all__ = ["ARMS", "ExperimentConfig", "load_experiment", "run_experiment", "judge", "judge_rules",
            "read_curves", "curve_score", "CURVE_TAGS", "ExperimentFailed"]
@@ -239,10 +240,7 @@ def _positive_int(value, where: str) -> int:
 def load_experiment(path, overrides: Optional[list] = None) -> ExperimentConfig:
     """Read and validate everything (arms, every arm's training config, the task, the claim rules)
     before anything is written."""
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise OutEffError(f"experiment config not found: {path}") from None
+    data = load_yaml_file(path) or {}
     if not isinstance(data, dict):
         raise OutEffError(f"{path}: expected a mapping")
     for item in overrides or []:

@@ -43,6 +43,7 @@ import torch
 
 from megatron_outeff.models.family import get_family
 from megatron_outeff.utils.atomic import atomic_output_dir
+from megatron_outeff.utils.finite import require_finite
 
 FP16_MAX = 65504.0
 
@@ -176,9 +177,7 @@ def _check_finite(sd: Mapping[str, torch.Tensor]):
     for name, t in sd.items():
         if not isinstance(t, torch.Tensor):
             _fail(f"state-dict entry {name!r} is a {type(t).__name__}, not a tensor")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            _fail(f"tensor {name!r} has {bad} non-finite value(s) (nan/inf) of {t.numel()}")
+        require_finite(t, f"export_hf_dir: tensor {name!r}")
 
 
 def _source_file(module_name: str) -> Path:
@@ -262,15 +261,32 @@ def _load_plain_tokenizer(directory: Path):
     return PreTrainedTokenizerFast.from_pretrained(str(directory))
 
 
-def _use_tokenizer_special_ids(model, directory: Path) -> None:
+def hf_tokenizer_id_count(directory) -> int:
+    """Largest token id + 1 of the Hugging Face tokenizer files in ``directory`` (added tokens included),
+    as transformers loads them (PreTrainedTokenizerFast: tokenizer.json, or slow files it converts).
+    OutEffError ``the tokenizer files do not load (<reason>)``: the caller names the input."""
+    from megatron_outeff.errors import OutEffError
+
+    try:
+        tok = _load_plain_tokenizer(Path(directory))
+    except Exception as e:  # tokenizers / transformers raise their own types
+        raise OutEffError(f"the tokenizer files do not load ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return max(tok.get_vocab().values()) + 1
+
+
+def _use_tokenizer_special_ids(model, directory: Path, what: str) -> None:
     """config and generation_config take bos / eos / pad ids from the tokenizer written in ``directory``
-    (OPT's defaults 2 / 2 / 1 are another tokenizer's); the embedding's padding_idx follows."""
+    (OPT's defaults 2 / 2 / 1 are another tokenizer's); the embedding's padding_idx follows. A tokenizer
+    with more ids than the model's vocabulary is refused (training's refusal, naming ``what``)."""
     from transformers import GenerationConfig
+
+    from megatron_outeff.data.tokenizer import check_vocab_fits
 
     try:
         tok = _load_plain_tokenizer(directory)
     except Exception as e:  # tokenizers / transformers raise their own types
         _fail(f"the tokenizer files do not load: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    check_vocab_fits(max(tok.get_vocab().values()) + 1, model.config.vocab_size, f"export_hf_dir: {what}")
     for key in SPECIAL_IDS:
         setattr(model.config, key, getattr(tok, key))
     model.generation_config = GenerationConfig.from_model_config(model.config)
@@ -280,7 +296,34 @@ def _use_tokenizer_special_ids(model, directory: Path) -> None:
 def _greedy(model, ids, mask, pad_id, n):
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                          output_logits=True, return_dict_in_generate=True, pad_token_id=pad_id)
-    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, dim=1).float()
+    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, dim=1).double()
+
+
+def _head_term_magnitude(model):
+    """(hook handle, [M]): M = max over the positions the LM head sees of sum_i |h_i| |W_ji|, the sum of
+    absolute values of the terms of one logit (the ``magnitude`` of megatron_outeff.utils.tolerance)."""
+    head = model.get_output_embeddings()
+    peak = [0.0]
+
+    def hook(_m, args):
+        h = args[0].detach().abs().reshape(-1, args[0].shape[-1])
+        peak[0] = max(peak[0], float((h @ head.weight.detach().abs().t()).max()))
+
+    return head.register_forward_pre_hook(hook), peak
+
+
+def padding_check_bound(config, seq_length: int, magnitude: float) -> float:
+    """The bound of the padded-vs-unpadded check: both runs compute the same real numbers (padding keys
+    are masked to an exact zero probability), so in float64 they differ by rounding only, in whatever
+    order each shape's kernels sum: n eps64 M (megatron_outeff.utils.tolerance), n the network's depth
+    at ``seq_length`` and M the LM head's term magnitude. First order: the relative error n eps64 the
+    final hidden state carries moves a logit by at most that times sum_i |h_i W_ji| <= M."""
+    from megatron_outeff.utils.tolerance import network_depth, rounding_bound
+
+    hidden = int(config.hidden_size)
+    ffn = getattr(config, "ffn_dim", None) or getattr(config, "intermediate_size", None) or 4 * hidden
+    return rounding_bound(torch.float64, max(1.0, magnitude),
+                          network_depth(hidden, ffn, int(config.num_hidden_layers), seq_length))
 
 
 def check_exported_dir(directory, model=None, *, plain: bool, new_tokens: int = 3, family: str = "opt") -> None:
@@ -294,8 +337,11 @@ def check_exported_dir(directory, model=None, *, plain: bool, new_tokens: int = 
     * ``AutoModelForCausalLM`` (same trust_remote_code) loads every tensor equal to ``model``'s;
     * ``generate`` on a left-padded batch of two prompts of different lengths (tokenized text, or
       ids when there is no tokenizer) gives each row the greedy tokens its unpadded prompt gives.
-      Logits are compared with a bound of 32 eps(dtype) x max(1, max|logits|); a differing token is
-      accepted only where the unpadded run's two candidates are within that bound (a tie).
+      This is structural (padding must not change a prompt's result), so it runs on the reloaded model
+      cast to float64, whatever the exported dtype, with the derived float64 bound of
+      ``padding_check_bound`` (~1e-12 relative; a real padding or position bug is ~1e-2): no bound of
+      one machine's fp32 kernels (AVX-512 and AVX2 sum in other orders than the scalar path). A
+      differing token is accepted only where the unpadded run's two candidates are within the bound (a tie).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -360,23 +406,26 @@ def check_exported_dir(directory, model=None, *, plain: bool, new_tokens: int = 
     width = max(map(len, prompts))
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    loaded.to(torch.float64)  # the structural check in float64 (the tensors were compared above)
+    handle, magnitude = _head_term_magnitude(loaded)
     with torch.no_grad():
         try:
             batch_tokens, batch_logits = _greedy(loaded, ids, mask, pad, new_tokens)
+            singles = [_greedy(loaded, torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), pad, new_tokens)
+                       for p in prompts]
         except Exception as e:
             fail(f"generate on a padded batch: {first_line(e)}")
-        for r, p in enumerate(prompts):
-            one = torch.tensor([p])
-            tokens, logits = _greedy(loaded, one, torch.ones_like(one), pad, new_tokens)
+        finally:
+            handle.remove()
+        tol = padding_check_bound(cfg, width + new_tokens, magnitude[0])
+        for r, (tokens, logits) in enumerate(singles):
             if not torch.isfinite(batch_logits[r]).all():
                 fail(f"generate on a padded batch gives non-finite logits (row {r})")
-            eps = torch.finfo(next(loaded.parameters()).dtype).eps
-            tol = 32 * eps * max(1.0, float(logits.abs().max()))
             for t in range(new_tokens):
                 diff = float((batch_logits[r, t] - logits[0, t]).abs().max())
                 if diff > tol:
                     fail(f"padded batch row {r}, new token {t}: logits differ from the unpadded prompt's by {diff:.3g} "
-                         f"(bound {tol:.3g})")
+                         f"in float64 (derived bound {tol:.3g})")
                 a, b = int(batch_tokens[r, t]), int(tokens[0, t])
                 if a != b:
                     if float(logits[0, t, b] - logits[0, t, a]) > tol:
@@ -489,7 +538,7 @@ def export_hf_dir(
 
             save_hf_tokenizer(tok_source, tmp)
         if tok_files or tok_source is not None:
-            _use_tokenizer_special_ids(model, tmp)
+            _use_tokenizer_special_ids(model, tmp, f"tokenizer_dir {tokenizer_dir}")
         model.to(torch_dtype)
         model.save_pretrained(tmp)
         if not plain:
@@ -508,6 +557,7 @@ __all__ = [
     "check_exported_dir",
     "fp16_overflow_check",
     "fp16_overflow_report",
+    "hf_tokenizer_id_count",
     "is_plain_opt",
     "resolve_variant",
 ]

@@ -148,11 +148,10 @@ def resolve_arch_path(name_or_path: Union[str, Path], family: str = "opt") -> Pa
 
 def _load_yaml(name_or_path, family: str = "opt") -> tuple[Path, dict]:
     """(path, document) of a model YAML of ``family`` (its ``family:`` key, OPT when absent)."""
-    import yaml
+    from megatron_outeff.utils.yaml_loader import load_yaml_file
 
     path = resolve_arch_path(name_or_path, family)
-    with open(path) as f:
-        doc = yaml.safe_load(f)
+    doc = load_yaml_file(path)
     if not isinstance(doc, dict) or "arch" not in doc:
         raise OutEffError(f"{path}: expected a mapping with an 'arch:' section")
     unknown = sorted(set(doc) - _YAML_SECTIONS)

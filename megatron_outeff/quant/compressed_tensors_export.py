@@ -38,8 +38,9 @@ from torch import nn
 
 from megatron_outeff.errors import OutEffError
 from megatron_outeff.utils.atomic import atomic_output_dir
+from megatron_outeff.utils.finite import require_finite
 
-from .quantizers import ActivationQuantizer, asymmetric_qparams, fake_quantize, quantize_weight_per_channel, symmetric_qparams
+from .quantizers import ActivationQuantizer, CalibrationBatches, asymmetric_qparams, fake_quantize, keep_nonfinite, quantize_weight_per_channel, symmetric_qparams
 
 __all__ = [
     "LinearW8A8",
@@ -72,8 +73,7 @@ def _excluded(name: str, patterns: Iterable[str]) -> bool:
 
 def _check_finite(model: nn.Module) -> None:
     for name, p in model.named_parameters():
-        if not bool(torch.isfinite(p).all()):
-            raise OutEffError(f"parameter {name!r} has non-finite values (inf/nan); expected finite weights")
+        require_finite(p.detach(), f"parameter {name!r}")
 
 
 @torch.no_grad()
@@ -98,7 +98,10 @@ def calibrate_w8a8_linears(
     if not linears:
         raise ValueError("no nn.Linear left to quantize after exclusions")
     observers = {n: ActivationQuantizer(8, symmetric=activation_symmetric, momentum=act_momentum, percentile=act_percentile) for n in linears}
-    handles = [m.register_forward_pre_hook(lambda mod, args, o=observers[n]: o.observe(args[0])) for n, m in linears.items()]
+    batches = CalibrationBatches(model)  # a NaN / inf input is refused naming the Linear and the batch
+    handles = [m.register_forward_pre_hook(
+        lambda mod, args, o=observers[n], n=n: o.observe(args[0], batches.where(f"Linear {n!r} input")))
+        for n, m in linears.items()]
     was_training = model.training
     try:
         model.eval()
@@ -106,6 +109,7 @@ def calibrate_w8a8_linears(
     finally:
         for h in handles:
             h.remove()
+        batches.remove()
         model.train(was_training)
 
     params = {}
@@ -131,9 +135,10 @@ def calibrate_w8a8_linears(
 
 
 def simulate_w8a8_linear(x: torch.Tensor, p: LinearW8A8) -> torch.Tensor:
-    """Our emulation of compressed-tensors' W8A8 Linear: F.linear(fq(x), q * scale, bias)."""
+    """Our emulation of compressed-tensors' W8A8 Linear: F.linear(fq(x), q * scale, bias). A NaN / +-inf
+    input element stays non-finite (``keep_nonfinite``), as on the float path."""
     zp = p.input_zero_point.to(x.dtype)
-    x_hat = fake_quantize(x, p.input_scale.to(x.dtype), zp, INT8_MIN, INT8_MAX)
+    x_hat = keep_nonfinite(x, fake_quantize(x, p.input_scale.to(x.dtype), zp, INT8_MIN, INT8_MAX))
     return F.linear(x_hat, p.dequantized_weight().to(x.dtype), None if p.bias is None else p.bias.to(x.dtype))
 
 

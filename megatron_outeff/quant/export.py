@@ -2,6 +2,9 @@
 
     check_export_dirs(output_dir, targets)   refuse (OutEffError) an OUT/fp16 or OUT/w8a8 that exists and
                                              is not an empty directory, before anything is loaded or written
+    check_tokenizers(model_dir, tokenizer, vocab_size)
+                                             refuse a tokenizer with more ids than the model's vocabulary
+                                             (training's refusal): --tokenizer and the copied tokenizer files
     export_fp16(model, model_dir, batches, out_dir)
         fp16 safetensors in Hugging Face layout (remote-code files and tokenizer copied); refused
         (OutEffError) when a weight, or any fp16 intermediate on the calibration ``batches``, overflows
@@ -25,12 +28,12 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from megatron_outeff.errors import OutEffError
+from megatron_outeff.errors import OutEffError, with_context
 from megatron_outeff.utils.atomic import atomic_output_dir, check_empty_output_dir
 
 from .compressed_tensors_export import LinearW8A8, export_compressed_tensors_w8a8
 
-__all__ = ["TARGETS", "calibration_fn", "check_export_dirs", "export_fp16", "export_w8a8"]
+__all__ = ["TARGETS", "calibration_fn", "check_export_dirs", "check_tokenizers", "export_fp16", "export_w8a8"]
 
 TARGETS = ("fp16", "w8a8")
 
@@ -50,6 +53,25 @@ def check_export_dirs(output_dir, targets: Iterable[str]) -> None:
         raise OutEffError("nothing to do: both --skip-fp16 and --skip-w8a8 given")
     for name in targets:
         check_empty_output_dir(Path(output_dir) / name)
+
+
+def check_tokenizers(model_dir, tokenizer, vocab_size: int) -> None:
+    """OutEffError (``data.tokenizer.check_vocab_fits``, training's refusal) when ``tokenizer`` (the one the
+    calibration data is tokenized with: a path, or None) or the tokenizer files of ``model_dir`` (copied
+    into OUT/fp16 and OUT/w8a8) hold more ids than the model's ``vocab_size``."""
+    from megatron_outeff.data.tokenizer import check_vocab_fits, tokenizer_id_count
+    from megatron_outeff.hf.export import TOKENIZER_FILES, hf_tokenizer_id_count
+
+    if vocab_size is None:
+        return
+    if tokenizer is not None:
+        check_vocab_fits(tokenizer_id_count(tokenizer), vocab_size, f"--tokenizer {tokenizer}")
+    if any((Path(model_dir) / f).is_file() for f in TOKENIZER_FILES):
+        try:
+            n = hf_tokenizer_id_count(model_dir)
+        except OutEffError as e:
+            raise with_context(str(model_dir), e) from None
+        check_vocab_fits(n, vocab_size, f"{model_dir}'s tokenizer")
 
 
 def _copy_tokenizer(src, dst) -> None:

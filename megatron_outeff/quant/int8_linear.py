@@ -33,6 +33,12 @@ runs inline on the calling thread (no parallel region; the pass is O(M K) agains
 a few ms at most for OPT-125m shapes). With one thread there are no regions and no blocks; with more
 threads the passes run parallel. The codes are exactly
 `quantize_int`'s (compressed-tensors' formula), tested bit for bit, near ties included.
+
+Non-finite inputs: an integer code cannot hold NaN or +-inf (a NaN cast to uint8 becomes some code), so
+the module marks every row whose input holds one (a float64 row sum: finite for any finite fp32 row)
+and returns NaN for that whole row, as the float Linear does (one non-finite term makes every output
+of its row non-finite) and as the simulated W8A8 path does (``quantizers.keep_nonfinite``). The row
+sums run in the same inline row blocks as the codes.
 """
 from __future__ import annotations
 
@@ -116,20 +122,29 @@ class Int8Linear(nn.Module):
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 codes of x [..., in] on this module's activation grid (same shape as x): 8-bit,
         compressed-tensors' int8 codes clamp(round(x / s + z), -128, 127) (``quantize_int``) + 128;
-        7-bit (reduce_range), clamp(round(x / (2 s) + z_7), 0, 127)."""
+        7-bit (reduce_range), clamp(round(x / (2 s) + z_7), 0, 127). A row holding NaN / +-inf gets
+        meaningless codes: ``forward`` returns NaN for it."""
+        return self._quantize(x)[0]
+
+    def _quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 codes like x, bool [rows of x]: the row holds a non-finite value)."""
         x = x.float()
+        bad = torch.empty(x.shape[:-1], dtype=torch.bool)
         threads = torch.get_num_threads()
         if threads == 1 or threads > INLINE_QUANTIZE_MAX_THREADS or x.numel() <= GRAIN_SIZE:
-            return self._codes(x, torch.empty(x.shape, dtype=torch.uint8))
+            return self._codes(x, torch.empty(x.shape, dtype=torch.uint8), bad), bad
         flat = x.reshape(-1, self.in_features)
         codes = torch.empty(flat.shape, dtype=torch.uint8)
+        flat_bad = bad.view(-1)
         rows = max(1, GRAIN_SIZE // self.in_features)
         for i in range(0, flat.shape[0], rows):
-            self._codes(flat[i:i + rows], codes[i:i + rows])
-        return codes.reshape(x.shape)
+            self._codes(flat[i:i + rows], codes[i:i + rows], flat_bad[i:i + rows])
+        return codes.reshape(x.shape), bad
 
-    def _codes(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _codes(self, x: torch.Tensor, out: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
         zero_point, lo, hi, shift = self._grid
+        # a row is non-finite iff its float64 sum is (fp32 values cannot overflow a float64 sum)
+        torch.logical_not(torch.isfinite(x.sum(-1, dtype=torch.float64)), out=bad)
         y = torch.div(x, self.x_scale).add_(zero_point).clamp_(lo, hi)
         # (y + M) - M rounds half to even (exact for |y| <= 2^22); - (M - shift) adds the integer shift exactly
         return out.copy_(y.add_(_RNE_MAGIC).sub_(_RNE_MAGIC - shift))
@@ -145,16 +160,20 @@ class Int8Linear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input last dim must be {self.in_features}, got {tuple(x.shape)}")
         lead = x.shape[:-1]
-        y = self.forward_codes(self.quantize_input(x.reshape(-1, self.in_features)).contiguous())
+        codes, bad = self._quantize(x.reshape(-1, self.in_features))
+        y = self.forward_codes(codes.contiguous())
+        if bad.any():
+            y[bad] = float("nan")  # non-finite in, non-finite out: as the float and simulated paths
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
     def emulate(self, x: torch.Tensor) -> torch.Tensor:
-        """The same integer arithmetic in float64 (exact products and sums), for testing."""
-        codes = self.quantize_input(x.reshape(-1, self.in_features)).double() - self.x_zero_point
-        acc = codes @ self.weight.double().t()
+        """The same integer arithmetic in float64 (exact products and sums), for testing; NaN rows as ``forward``."""
+        codes, bad = self._quantize(x.reshape(-1, self.in_features))
+        acc = (codes.double() - self.x_zero_point) @ self.weight.double().t()
         y = acc * self.x_scale * self.weight_scale.double()
         if self.bias is not None:
             y = y + self.bias.double()
+        y[bad] = float("nan")
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -25,9 +25,12 @@ import math
 import torch
 from torch import nn
 
+from megatron_outeff.utils.finite import require_finite
+
 __all__ = [
     "int_grid",
     "fake_quantize",
+    "keep_nonfinite",
     "quantize_int",
     "symmetric_qparams",
     "asymmetric_qparams",
@@ -36,6 +39,7 @@ __all__ = [
     "WeightQuantizer",
     "ActivationQuantizer",
     "quantize_weight_per_channel",
+    "CalibrationBatches",
 ]
 
 
@@ -63,8 +67,20 @@ def fake_quantize(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> t
     return (quantize_int(x, scale, zero_point, qmin, qmax) - zero_point) * scale
 
 
+def keep_nonfinite(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """``x_hat`` (a fresh tensor, changed in place) with NaN wherever ``x`` is NaN or +-inf, exact elsewhere.
+
+    The quantized paths treat a non-finite value as the float path does, they propagate it: NaN already
+    survives round and clamp, but clamp would turn +-inf into the grid's end, a finite value. x - x is
+    0 for a finite x (adding it changes nothing) and NaN for NaN and +-inf. (compressed-tensors' own
+    runtime, which we reproduce bit for bit on finite inputs, clamps +-inf.)"""
+    return x_hat.add_(x - x)
+
+
 def _positive_scale(scale: torch.Tensor) -> torch.Tensor:
-    # An all-zero tensor has range 0: any positive scale represents it exactly; use 1.
+    # An all-zero tensor has range 0: any positive scale represents it exactly; use 1. Only a zero range:
+    # a NaN or infinite range (non-finite data) is refused, never quietly given scale 1.
+    require_finite(scale, "quantization range")
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
@@ -79,8 +95,9 @@ def symmetric_qparams(absmax: torch.Tensor, n_bits: int = 8) -> tuple[torch.Tens
 def asymmetric_qparams(lo: torch.Tensor, hi: torch.Tensor, n_bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero_point) for an unsigned grid covering [min(lo, 0), max(hi, 0)]."""
     qmin, qmax = int_grid(n_bits, symmetric=False)
-    lo = torch.clamp(torch.as_tensor(lo, dtype=torch.float32), max=0.0)
-    hi = torch.clamp(torch.as_tensor(hi, dtype=torch.float32), min=0.0)
+    lo, hi = torch.as_tensor(lo, dtype=torch.float32), torch.as_tensor(hi, dtype=torch.float32)
+    require_finite(torch.stack(torch.broadcast_tensors(lo, hi)), "quantization range")  # before clamp hides a -inf
+    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
     scale = _positive_scale((hi - lo) / (qmax - qmin))
     zero_point = torch.clamp(torch.round(-lo / scale), qmin, qmax)
     return scale, zero_point
@@ -156,7 +173,7 @@ class _FakeQuantizer(nn.Module):
     def _quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale is None:
             raise ValueError(f"{type(self).__name__} has no range: run it in calibration mode before freezing")
-        return fake_quantize(x, self.scale.to(x.dtype), self.zero_point.to(x.dtype), self.qmin, self.qmax)
+        return keep_nonfinite(x, fake_quantize(x, self.scale.to(x.dtype), self.zero_point.to(x.dtype), self.qmin, self.qmax))
 
     def extra_repr(self) -> str:
         mode = "calibrating" if self.calibrating else "frozen"
@@ -199,7 +216,10 @@ class ActivationQuantizer(_FakeQuantizer):
         self.register_buffer("running_max", None)
 
     @torch.no_grad()
-    def observe(self, x: torch.Tensor) -> None:
+    def observe(self, x: torch.Tensor, what: str = "calibration activation") -> None:
+        """Update the running range with ``x``; OutEffError naming ``what`` if x holds NaN or +-inf (a
+        range from non-finite data would be garbage: NaN used to become scale 1)."""
+        require_finite(x.detach(), what)
         if self.percentile is None:
             lo, hi = x.detach().min().float(), x.detach().max().float()
         else:
@@ -216,12 +236,30 @@ class ActivationQuantizer(_FakeQuantizer):
         else:
             self.scale, self.zero_point = asymmetric_qparams(self.running_min, self.running_max, self.n_bits)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, what: str = "calibration activation") -> torch.Tensor:
         if x.numel() == 0:
             return x
         if self.calibrating:
-            self.observe(x)
+            self.observe(x, what)
         return self._quantize(x)
+
+
+class CalibrationBatches:
+    """Counts the calibration batches: a forward pre-hook on the root model (each batch is one call of
+    it), so that an error in a hook below can say "calibration batch k" (1-based). ``remove()`` when done."""
+
+    def __init__(self, model: nn.Module):
+        self.count = 0
+        self._handle = model.register_forward_pre_hook(self._step)
+
+    def _step(self, _module, _args):
+        self.count += 1
+
+    def where(self, what: str) -> str:
+        return f"{what}, calibration batch {self.count}"
+
+    def remove(self) -> None:
+        self._handle.remove()
 
 
 def quantize_weight_per_channel(w: torch.Tensor, n_bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,8 +270,7 @@ def quantize_weight_per_channel(w: torch.Tensor, n_bits: int = 8) -> tuple[torch
         raise ValueError(f"deployment weights are int8: n_bits must be 8, got {n_bits}")
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
         raise ValueError(f"expected a 2-D [out, in] weight, got {getattr(w, 'shape', type(w).__name__)}")
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError("weight has non-finite values (inf/nan); expected finite weights")
+    require_finite(w.detach(), "weight")
     w = w.detach().float()
     qmin, qmax = int_grid(8, symmetric=True)
     scale, zp = symmetric_qparams(w.abs().amax(dim=1, keepdim=True), 8)

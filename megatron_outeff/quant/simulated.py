@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from megatron_outeff.utils.finite import require_finite
+
 from .points import QuantPoint, is_quant_point
-from .quantizers import ActivationQuantizer, WeightQuantizer
+from .quantizers import ActivationQuantizer, CalibrationBatches, WeightQuantizer
 
 __all__ = ["SimulatedW8A8", "apply_simulated_w8a8", "QUANTIZED_TYPES"]
 
@@ -92,21 +94,18 @@ def apply_simulated_w8a8(
             continue
         weight = getattr(module, "weight", None)
         if not is_quant_point(module) and weight is not None:
+            require_finite(weight.detach(), f"module {name!r} weight")
             wq = WeightQuantizer(weight_bits, method=weight_method)
             with torch.no_grad():
                 qweight = wq(weight).detach()
             wq.freeze()
-            if not torch.isfinite(qweight).all():
-                raise ValueError(f"module {name!r}: weight has non-finite values; expected finite weights")
             # A new Parameter, not an in-place write: unties the weight from excluded sharers.
             module.weight = nn.Parameter(qweight, requires_grad=False)
             result.weight_quantizers[name] = wq
         aq = ActivationQuantizer(act_bits, symmetric=False, momentum=act_momentum, percentile=act_percentile)
-        if keep_float is None:
-            module.register_forward_hook(lambda mod, args, out, aq=aq: aq(out))
-        else:
-            module.register_forward_hook(lambda mod, args, out, aq=aq, name=name: _quantize_except(
-                aq, out, keep_float(name, out, input_shape[0])))
+        module.register_forward_hook(lambda mod, args, out, aq=aq, name=name: _quantize_except(
+            aq, out, None if keep_float is None else keep_float(name, out, input_shape[0]),
+            batches.where(f"module {name!r} output")))
         result.act_quantizers[name] = aq
 
     input_shape = [()]
@@ -116,8 +115,12 @@ def apply_simulated_w8a8(
             input_shape[0] = () if first is None else tuple(first.shape)
         qmodel.register_forward_pre_hook(record_shape, with_kwargs=True)
 
-    with torch.no_grad():
-        calibrate(qmodel)
+    batches = CalibrationBatches(qmodel)  # a NaN / inf activation is refused naming the module and the batch
+    try:
+        with torch.no_grad():
+            calibrate(qmodel)
+    finally:
+        batches.remove()
     unseen = [n for n, q in result.act_quantizers.items() if not q.calibrated]
     for q in result.act_quantizers.values():
         q.freeze()
@@ -125,12 +128,13 @@ def apply_simulated_w8a8(
     return result
 
 
-def _quantize_except(aq: ActivationQuantizer, out: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+def _quantize_except(aq: ActivationQuantizer, out: torch.Tensor, keep: torch.Tensor | None,
+                     what: str) -> torch.Tensor:
     """``aq`` on the entries of ``out`` outside ``keep`` (calibrating: their range only); the kept
-    entries pass through in floating point."""
+    entries pass through in floating point. ``what`` names ``out`` in a non-finite refusal."""
     if keep is None:
-        return aq(out)
+        return aq(out, what)
     keep = keep.expand_as(out)
     res = out.clone()
-    res[~keep] = aq(out[~keep])
+    res[~keep] = aq(out[~keep], what)
     return res

@@ -24,6 +24,7 @@ import yaml
 
 from megatron_outeff.errors import OutEffError, with_context
 from megatron_outeff.ops.variants import AttentionVariantConfig
+from megatron_outeff.utils.yaml_loader import load_yaml, load_yaml_file
 
 
 # --------------------------------------------------------------------------------------------------
@@ -505,7 +506,7 @@ def apply_override(data: dict, item: str) -> None:
         raise OutEffError(f"override {item!r}: expected key.path=value")
     path, raw = item.split("=", 1)
     keys = path.strip().split(".")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    value = load_yaml(raw, f"--set {path.strip()}") if raw.strip() else None
     node = data
     for k in keys[:-1]:
         node = node.setdefault(k, {})
@@ -526,10 +527,7 @@ def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     data = {}
     if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise OutEffError(f"config file not found: {path}") from None
+        data = load_yaml_file(path) or {}
     return config_from_dict(data, overrides)
 
 

@@ -103,7 +103,7 @@ def indexed_samplers(cfg, *, vocab_size: int) -> tuple[Callable[[int], dict], Ca
     streams (``build_gpt_streams``): nothing here depends on train.train_iters. Collective (every rank
     builds; rank 0 writes the index cache first)."""
     from megatron_outeff.data.datasets import build_gpt_streams
-    from megatron_outeff.data.tokenizer import load_tokenizer
+    from megatron_outeff.data.tokenizer import check_vocab_fits, load_tokenizer
 
     d, t = cfg.data, cfg.train
     if not d.tokenizer:
@@ -111,8 +111,7 @@ def indexed_samplers(cfg, *, vocab_size: int) -> tuple[Callable[[int], dict], Ca
     need_valid = bool(t.eval_interval or cfg.logging.outlier_interval)
     try:
         tokenizer = load_tokenizer(d.tokenizer)
-        if tokenizer.vocab_size > vocab_size:
-            raise OutEffError(f"data.tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {vocab_size}")
+        check_vocab_fits(tokenizer.vocab_size, vocab_size, "data.tokenizer")
         common = dict(tokenizer=tokenizer, seq_length=d.seq_length, seed=t.seed, cache_dir=d.cache_dir,
                       eod_mask_loss=d.eod_mask_loss)
         if d.valid_paths:

@@ -145,3 +145,22 @@ def test_documents_that_do_not_round_trip_are_counted(tmp_path, spm_model, worke
                             "--output-prefix", str(tmp_path / "ds2")])
         assert code == 0
         assert "warning: 2 of 4 documents do not round-trip" in capsys.readouterr().out
+
+
+def test_existing_file_with_glob_characters_is_taken_literally(tmp_path):
+    """A file named data[1].jsonl exists: it is that file, not a glob matching nothing; a name that is no
+    file is still a glob (data[12].jsonl matches data1.jsonl and data2.jsonl); one rule for every tool
+    (corpus.expand_input, also behind the evaluation / export tools' check_data_source)."""
+    from megatron_outeff.data.corpus import expand_inputs, iter_documents
+    from megatron_outeff.evaluation.eval_data import check_data_source
+
+    for name, text in (("data[1].jsonl", "literal"), ("data1.jsonl", "one"), ("data2.jsonl", "two"), ("a*b?.txt", "star")):
+        (tmp_path / name).write_text(json.dumps({"text": text}) + "\n" if name.endswith(".jsonl") else text)
+    literal = str(tmp_path / "data[1].jsonl")
+    assert expand_inputs(literal) == [literal]
+    assert list(iter_documents(literal)) == ["literal"]
+    assert expand_inputs(str(tmp_path / "a*b?.txt")) == [str(tmp_path / "a*b?.txt")]
+    assert expand_inputs(str(tmp_path / "data[12].jsonl")) == [str(tmp_path / "data1.jsonl"), str(tmp_path / "data2.jsonl")]
+    check_data_source(literal, "calibration data")  # raised "glob matches no files" before
+    with pytest.raises(OutEffError, match=r"calibration data: input glob matches no files: .*data\[34\]\.jsonl"):
+        check_data_source(str(tmp_path / "data[34].jsonl"), "calibration data")

@@ -1,4 +1,6 @@
 """Tokenizer adapters and sentencepiece training: lossless round trips, special ids, errors."""
+import json
+import os
 import pickle
 
 import pytest
@@ -127,3 +129,55 @@ def test_sentencepiece_round_trip_exception_is_exactly_u2581(spm_model):
     tok = load_tokenizer(spm_model)
     assert tok.decode(tok.encode("a\u2581b")) == "a b"
     assert tok.decode(tok.encode("a b")) == "a b"
+
+
+def test_long_lines_reach_the_vocabulary(tmp_path):
+    """A document stored as one line longer than sentencepiece's max_sentence_length (which sentencepiece
+    skips silently) is cut at spaces and trained on: its only word becomes one piece, and the cut is
+    counted."""
+    import sentencepiece as spm
+
+    from megatron_outeff.data.tokenizer_training import MAX_SENTENCE_BYTES, chunk_line, train_sentencepiece
+
+    filler = [f"the {w} of and to in a is" for w in ("cat", "dog", "sun", "sea")] * 50
+    long_doc = " ".join(["quokkaberry"] * (MAX_SENTENCE_BYTES // 12 + 200))  # ~67 KB, one line
+    assert len(long_doc.encode()) > MAX_SENTENCE_BYTES
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": t}) for t in [*filler, long_doc]) + "\n")
+    stats = {}
+    model = train_sentencepiece(str(corpus), str(tmp_path / "m"), vocab_size=300, num_threads=1, stats=stats)
+    sp = spm.SentencePieceProcessor(model_file=model)
+    assert sp.encode("quokkaberry", out_type=str) == ["\u2581quokkaberry"]
+    assert stats["long_lines"] == 1 and stats["chunks"] == 2 and stats["documents"] == len(filler) + 1
+
+    # the cut: pieces of at most the limit, at a space, concatenating to the line; no space -> a character boundary
+    pieces = chunk_line(long_doc)
+    assert "".join(pieces) == long_doc and all(len(p.encode()) <= MAX_SENTENCE_BYTES for p in pieces)
+    assert pieces[1].startswith(" quokkaberry")
+    cjk = "日本語" * 30000
+    pieces = chunk_line(cjk)
+    assert "".join(pieces) == cjk and all(len(p.encode()) <= MAX_SENTENCE_BYTES for p in pieces) and len(pieces) == 5
+
+
+def test_vocab_refusal_has_one_owner(spm_model, hf_tokenizer_json, tmp_path):
+    """check_vocab_fits is training's refusal (data.tokenizer of a model with a smaller vocabulary) and the
+    exports' (tests/tools/test_bad_inputs.py *_larger_than_vocab); tokenizer_id_count counts largest id + 1."""
+    from megatron_outeff.data.tokenizer import check_vocab_fits, tokenizer_id_count
+    from megatron_outeff.training.config import load_config
+    from megatron_outeff.training.data import indexed_samplers
+
+    assert tokenizer_id_count(spm_model) == 400 == load_tokenizer(spm_model).vocab_size
+    assert tokenizer_id_count(hf_tokenizer_json) == load_tokenizer(hf_tokenizer_json).vocab_size
+    data = json.loads(open(hf_tokenizer_json).read())
+    data["model"]["vocab"]["late"] = 999  # a hole in the id range
+    (tmp_path / "holes.json").write_text(json.dumps(data))
+    assert tokenizer_id_count(tmp_path / "holes.json") == 1000  # the id, not the count of entries
+    check_vocab_fits(400, 400, "t")
+    with pytest.raises(OutEffError, match=r"^t has 401 tokens but the model's vocabulary is 400 \(every token id must be < 400\)$"):
+        check_vocab_fits(401, 400, "t")
+    demo = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "train",
+                        "demo-tiny.yaml")
+    cfg = load_config(demo, ["data.source=indexed", f"data.tokenizer={spm_model}",
+                                                       f"data.train_paths=[{tmp_path / 'none'}]"])
+    with pytest.raises(OutEffError, match=r"data.tokenizer has 400 tokens but the model's vocabulary is 256 \(every"):
+        indexed_samplers(cfg, vocab_size=256)

@@ -103,9 +103,11 @@ def test_opt_350m_isolated_reload_matches_oracle(exported, tiny_inputs, name):
     d, got = data[f"opt_350m_{name}"], loaded[f"opt_350m_{name}"]
     assert d["sd"]["model.decoder.embed_tokens.weight"].shape == (TINY["vocab_size"], 32)
     assert "model.decoder.final_layer_norm.weight" not in d["sd"]
-    ref = oracle_logits(d["sd"], d["fields"], ids, am, opt_kwargs=TINY_350M)
+    # the oracle in float64, the reloaded model in float32: its own rounding only (tolerance.py)
+    ref = oracle_logits({k: v.double() for k, v in d["sd"].items()}, d["fields"], ids, am, opt_kwargs=TINY_350M)
     real = am.bool()
-    torch.testing.assert_close(got["logits"][real], ref[real], rtol=0, atol=1e-5)
+    assert_close_bound(got["logits"][real], ref[real], rounding_bound(torch.float32, ref.abs().max(), network_depth(TINY_350M)), name)
+    ref = ref.float()
     assert got["class"] == ("OPTForCausalLM" if name == "vanilla" else "OutEffOPTForCausalLM")
     # The oracle sees the post-LN placement: the pre-LN reading of the same weights differs.
     pre = dict(TINY_350M, do_layer_norm_before=True)

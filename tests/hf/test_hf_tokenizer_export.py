@@ -76,9 +76,9 @@ def test_export_ids_come_from_the_tokenizer(tmp_path, spm_model):
         assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == tuple(want.values())
 
 
-def test_export_whose_reload_check_fails_leaves_nothing(tmp_path):
-    """A tokenizer whose ids do not fit the model's vocabulary: the final reload-and-generate check
-    fails, one line, and the output directory never appears."""
+def test_export_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path):
+    """A tokenizer whose ids do not fit the model's vocabulary (issue 19 item 10): training's refusal, one
+    line, before the directory appears (it used to be written, or caught only by the generate check)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "Hello": 300, "world,": 301}
@@ -87,7 +87,38 @@ def test_export_whose_reload_check_fails_leaves_nothing(tmp_path):
     (tmp_path / "tok").mkdir()
     tok.save(str(tmp_path / "tok" / "tokenizer.json"))
     sd, extra = random_weights(resolve_variant("softmax1"), seed=0)  # vocab 256
-    with pytest.raises(ValueError, match="does not reload consistently: generate on a padded batch") as e:
+    with pytest.raises(ValueError, match=r"^export_hf_dir: tokenizer_dir .*tok has 302 tokens but the model's "
+                                         r"vocabulary is 256") as e:
         export_hf_dir(tmp_path / "m", sd, TINY, "softmax1", extra_state=extra, tokenizer_dir=tmp_path / "tok")
     assert "\n" not in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]
+
+
+def test_reload_check_catches_a_padding_bug_in_float64(tmp_path, spm_model):
+    """The reload check's padded-vs-unpadded comparison runs in float64 with a derived bound (issue 19 item
+    0: the fp32 bound of one machine refused good models on AVX-512): a correct export passes on every
+    ATEN_CPU_CAPABILITY, and an exported modeling file that ignores the padding mask is still caught."""
+    from megatron_outeff.hf.export import check_exported_dir, padding_check_bound
+
+    ours = load_tokenizer(spm_model)
+    kwargs = dict(TINY, vocab_size=ours.vocab_size)
+    sd, extra = random_weights(resolve_variant("softmax1"), seed=0, opt_kwargs=kwargs)
+    out = export_hf_dir(tmp_path / "good", sd, kwargs, "softmax1", extra_state=extra, tokenizer_dir=spm_model)
+    check_exported_dir(out, plain=False)  # again, stand-alone
+    modeling = out / "modeling_outeff_opt.py"
+    text = modeling.read_text()
+    needle = "masked = _masked_out(attention_mask, bsz, tgt_len, kv_len, scores.device)"
+    assert text.count(needle) == 1
+    broken = tmp_path / "padding_bug"
+    broken.mkdir()
+    for f in out.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / modeling.name).write_text(text.replace(needle, needle.replace("attention_mask,", "None,")))  # causal only
+    with pytest.raises(ValueError, match=r"padded batch row 0, new token 0: logits differ from the unpadded "
+                                         r"prompt's by .* in float64 \(derived bound .*\)$"):
+        check_exported_dir(broken, plain=False)
+    # the bound: n eps64 M, ~1e-12 relative for this model (a real bug is ~1e-2)
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(out), trust_remote_code=True)
+    assert padding_check_bound(cfg, 20, 10.0) < 1e-10

@@ -87,8 +87,38 @@ def ws(tmp_path_factory):
 
     preprocess_corpus(str(w / "corpus.jsonl"), str(w / "ds"), str(w / "tok" / "tokenizer.json"), progress=False)
     _truncate(Path(str(w / "ds") + ".idx"))
+    # issue 19: a tokenizer with more ids than the model's vocabulary (TINY: 256), as --tokenizer and inside a model dir
+    _write_big_tokenizer(w / "big_tok")
+    shutil.copytree(w / "hf", w / "hf_bigtok")
+    shutil.copyfile(w / "big_tok" / "tokenizer.json", w / "hf_bigtok" / "tokenizer.json")
+    # finite weights whose activations overflow fp32: layer 0's fc1 output is inf (calibration must refuse it)
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(w / "hf", w / "hf_overflow")
+    sd = load_file(str(w / "hf_overflow" / "model.safetensors"))
+    sd["model.decoder.layers.0.fc1.weight"] = torch.full_like(sd["model.decoder.layers.0.fc1.weight"], 1e38)
+    save_file(sd, str(w / "hf_overflow" / "model.safetensors"), metadata={"format": "pt"})
+    # YAML with a key written twice (the later block would silently replace the earlier one)
+    (w / "dup.yaml").write_text("model: {arch: tiny}\ntrain: {train_iters: 5}\ndata: {source: synthetic}\ntrain: {seed: 7}\n")
+    (w / "dup_arch.yaml").write_text("arch:\n  name: opt-dup\n  num_layers: 2\n  hidden_size: 64\n  num_layers: 4\n")
+    (w / "dup_exp.yaml").write_text("name: a\narms: [vanilla]\nname: b\n")
+    # a JSONL string holding a lone surrogate escape: valid JSON, not Unicode text (line 2)
+    lines = (w / "corpus.jsonl").read_text().splitlines()
+    lines.insert(1, '{"text": "the of and \\ud800 to in"}')
+    (w / "surrogate.jsonl").write_text("\n".join(lines) + "\n")
     del torch
     return w
+
+
+def _write_big_tokenizer(directory: Path):
+    """evallib's word-level tokenizer plus an added token at id 301: 302 ids for a 256-row model."""
+    from tokenizers import Tokenizer
+
+    evallib.write_tokenizer(directory)
+    data = json.loads((directory / "tokenizer.json").read_text())
+    data["model"]["vocab"]["zebra"] = 301
+    (directory / "tokenizer.json").write_text(json.dumps(data))
+    assert max(Tokenizer.from_file(str(directory / "tokenizer.json")).get_vocab().values()) == 301
 
 
 def _tree_digest(root: Path) -> str:
@@ -149,6 +179,7 @@ CASES = {
     "convert_truncated_hf_config": ("convert_checkpoint", ["from-hf", "{w}/hf_badcfg", "--output-dir", "{out}"], "config.json"),
     "convert_bad_tokenizer": ("convert_checkpoint", ["to-hf", "{w}/ck", "--output-dir", "{out}", "--tokenizer", "{w}/latin1.txt"], "--tokenizer {w}/latin1.txt"),
     "convert_tokenizer_not_sentencepiece": ("convert_checkpoint", ["to-hf", "{w}/ck", "--output-dir", "{out}", "--tokenizer", "{w}/bad.model"], "--tokenizer {w}/bad.model"),
+    "convert_tokenizer_larger_than_vocab": ("convert_checkpoint", ["to-hf", "{w}/ck", "--output-dir", "{out}", "--tokenizer", "{w}/big_tok"], "--tokenizer {w}/big_tok has 302 tokens but the model's vocabulary is 256"),
     "convert_negative_seq_length": ("convert_checkpoint", ["from-hf", "{w}/hf", "--output-dir", "{out}", "--seq-length", "-4"], "'-4'"),
     # export_fp16_w8a8
     "export_missing_model": ("export_fp16_w8a8", ["{w}/missing", "--output-dir", "{out}", "--calib-data", "{w}/corpus.jsonl"], "missing"),
@@ -162,6 +193,19 @@ CASES = {
     "export_zero_block": ("export_fp16_w8a8", ["{w}/hf", "--output-dir", "{out}", "--calib-data", "{w}/corpus.jsonl", "--block-size", "0"], "'0'"),
     "export_block_size_over_positions": ("export_fp16_w8a8", ["{w}/hf", "--output-dir", "{out}", "--calib-data", "{w}/corpus.jsonl", "--block-size", "100000"], "--block-size 100000"),
     "export_quantized_model": ("export_fp16_w8a8", ["{w}/hf_w8a8", "--output-dir", "{out}", "--calib-data", "{w}/corpus.jsonl"], "quantization_config"),
+    "export_tokenizer_larger_than_vocab": ("export_fp16_w8a8", ["{w}/hf", "--output-dir", "{out}", "--calib-data", "{w}/corpus.jsonl", "--tokenizer", "{w}/big_tok"], "--tokenizer {w}/big_tok has 302 tokens but the model's vocabulary is 256"),
+    "export_model_tokenizer_larger_than_vocab": ("export_fp16_w8a8", ["{w}/hf_bigtok", "--output-dir", "{out}", "--calib-data", "{w}/corpus.jsonl"], "hf_bigtok's tokenizer has 302 tokens but the model's vocabulary is 256"),
+    "export_lone_surrogate": ("export_fp16_w8a8", ["{w}/hf", "--output-dir", "{out}", "--calib-data", "{w}/surrogate.jsonl"], "surrogate.jsonl:2: 'text' holds a lone surrogate"),
+    "report_lone_surrogate": ("outlier_report", ["--model", "m={w}/hf", "--data", "{w}/surrogate.jsonl", "--output-dir", "{out}"], "surrogate.jsonl:2: 'text' holds a lone surrogate"),
+    "preprocess_lone_surrogate": ("preprocess_data", ["--input", "{w}/surrogate.jsonl", "--tokenizer", "{w}/tok/tokenizer.json", "--output-prefix", "{out}/ds"], "surrogate.jsonl:2: 'text' holds a lone surrogate"),
+    "tokenizer_lone_surrogate": ("train_tokenizer", ["--input", "{w}/surrogate.jsonl", "--output-prefix", "{out}/t", "--vocab-size", "300"], "surrogate.jsonl:2: 'text' holds a lone surrogate"),
+    "train_duplicate_key": ("train", ["--config", "{w}/dup.yaml"], "dup.yaml:4: duplicate key 'train' (first at line 2)"),
+    "train_duplicate_key_in_set": ("train", ["--config", DEMO_CFG, "--set", "attention={{softmax: softmax1, softmax: vanilla}}", "--set", "checkpoint.dir={out}"], "--set attention:1: duplicate key 'softmax'"),
+    "train_duplicate_key_in_arch": ("train", ["--config", DEMO_CFG, "--set", "model.arch={w}/dup_arch.yaml", "--set", "checkpoint.dir={out}"], "dup_arch.yaml:5: duplicate key 'num_layers' (first at line 3)"),
+    "dsconfig_duplicate_key": ("print_deepspeed_config", ["--config", "{w}/dup.yaml"], "dup.yaml:4: duplicate key 'train' (first at line 2)"),
+    "experiment_duplicate_key": ("run_experiment", ["--config", "{w}/dup_exp.yaml", "--output-dir", "{out}"], "dup_exp.yaml:3: duplicate key 'name' (first at line 1)"),
+    "export_nonfinite_calibration": ("export_fp16_w8a8", ["{w}/hf_overflow", "--output-dir", "{out}", "--calib-data", "{w}/corpus.jsonl", "--skip-fp16"], "Linear 'model.decoder.layers.0.fc2' input, calibration batch 1: "),
+    "report_nonfinite_calibration": ("outlier_report", ["--model", "m={w}/hf_overflow", "--data", "{w}/corpus.jsonl", "--output-dir", "{out}", "--max-blocks", "2"], "module 'model.decoder.layers.0.fc1' output, calibration batch 1: "),
     "export_negative_batches": ("export_fp16_w8a8", ["{w}/hf", "--output-dir", "{out}", "--calib-data", "{w}/corpus.jsonl", "--num-calib-batches", "-1"], "'-1'"),
     # outlier report
     "report_missing_model": ("outlier_report", ["--model", "m={w}/missing", "--data", "{w}/corpus.jsonl", "--output-dir", "{out}"], "missing"),
@@ -260,3 +304,26 @@ def test_convert_to_hf_progress_on_stdout_and_nothing_on_stderr(ws, tmp_path):
     assert rc == 0 and err == "", err[-2000:]
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (out / name).read_bytes() == (ws / "hf" / name).read_bytes(), name
+
+
+def test_inputs_named_like_globs_are_taken_literally(ws, tmp_path, capfd):
+    """Every CLI that takes input files reads an existing file whose name holds glob characters
+    (``corpus[1].jsonl``) as that file (issue 19 item 14: it was a glob matching nothing)."""
+    data = tmp_path / "corpus[1].jsonl"
+    shutil.copyfile(ws / "corpus.jsonl", data)
+    runs = {
+        "preprocess_data": ["--input", str(data), "--tokenizer", str(ws / "tok" / "tokenizer.json"),
+                            "--output-prefix", str(tmp_path / "ds"), "--no-progress"],
+        "train_tokenizer": ["--input", str(data), "--output-prefix", str(tmp_path / "t"), "--vocab-size", "300",
+                            "--threads", "1"],
+        "export_fp16_w8a8": [str(ws / "hf"), "--output-dir", str(tmp_path / "exp"), "--calib-data", str(data),
+                             "--skip-fp16", "--num-calib-batches", "1", "--calib-batch-size", "1", "--block-size", "16"],
+        "outlier_report": ["--model", f"m={ws / 'hf'}", "--data", str(data), "--output-dir", str(tmp_path / "rep"),
+                           "--skip-quant", "--max-blocks", "2", "--block-size", "16"],
+    }
+    for cli, argv in runs.items():
+        capfd.readouterr()
+        rc = _invoke(cli, argv)
+        assert rc == 0, (cli, capfd.readouterr().err[-2000:])
+    assert (tmp_path / "ds.idx").is_file() and (tmp_path / "t.model").is_file()
+    assert (tmp_path / "exp" / "w8a8" / "config.json").is_file() and any((tmp_path / "rep").iterdir())
