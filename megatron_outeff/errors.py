@@ -11,6 +11,7 @@
 An OutEffError is re-raised only to add context its message lacks; a complete message travels up
 unchanged (no ``model: attention: ...`` piles).
 """
+
 from __future__ import annotations
 
 import re

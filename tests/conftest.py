@@ -4,6 +4,7 @@ On a machine without CUDA the Triton kernels run under the Triton interpreter, w
 switched on before any kernel is decorated, so it is set here before the package is imported.
 GPU-only tests carry the `gpu` marker and are skipped without CUDA.
 """
+
 import os
 import subprocess
 import sys
@@ -76,8 +77,16 @@ def tiny_opt():
 
     torch.manual_seed(0)
     cfg = OPTConfig(
-        vocab_size=512, hidden_size=64, num_hidden_layers=2, ffn_dim=256, num_attention_heads=4,
-        max_position_embeddings=64, word_embed_proj_dim=64, dropout=0.0, attention_dropout=0.0,
-        do_layer_norm_before=True, init_std=0.05,
+        vocab_size=512,
+        hidden_size=64,
+        num_hidden_layers=2,
+        ffn_dim=256,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        word_embed_proj_dim=64,
+        dropout=0.0,
+        attention_dropout=0.0,
+        do_layer_norm_before=True,
+        init_std=0.05,
     )
     return OPTForCausalLM(cfg).eval()

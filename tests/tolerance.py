@@ -7,6 +7,7 @@ checks (two paths that must agree exactly in exact arithmetic) run in float64.
 This module adds the test-side helpers: a HF-config form of ``network_depth``, ``assert_close_bound``
 (the ratio in the message) and ``attention_bound``.
 """
+
 import torch
 
 from megatron_outeff.utils.tolerance import network_depth as _network_depth
@@ -19,8 +20,9 @@ F64_EPS = torch.finfo(torch.float64).eps
 def network_depth(cfg: dict) -> int:
     """``n`` for a decoder described by a HF OPT config dict (hidden_size, ffn_dim, num_hidden_layers,
     max_position_embeddings as the sequence length, default 64): megatron_outeff.utils.tolerance.network_depth."""
-    return _network_depth(cfg["hidden_size"], cfg["ffn_dim"], cfg["num_hidden_layers"],
-                          cfg.get("max_position_embeddings", 64))
+    return _network_depth(
+        cfg["hidden_size"], cfg["ffn_dim"], cfg["num_hidden_layers"], cfg.get("max_position_embeddings", 64)
+    )
 
 
 def assert_close_bound(actual: torch.Tensor, expected: torch.Tensor, bound: float, what: str = "") -> None:

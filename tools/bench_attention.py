@@ -45,6 +45,7 @@ Usage:
   python tools/bench_attention.py                          # defaults for the device found
   python tools/bench_attention.py --sq 4096 --d 128 --dtype bf16 --repeats 20 --output-json r.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,15 +79,25 @@ METHODS = list(BASELINES) + list(OUTEFF)
 TRITON_IMPLS = ("triton", "rowwise")
 DEFAULT_METHODS = {
     "cuda": ["sdpa_vanilla", "mcore_offbyone", "outeff_softmax1", "outeff_learnable", "outeff_gated", "outeff_clipped"],
-    "cpu": ["sdpa_vanilla", "mcore_offbyone", "outeff_softmax1", "outeff_learnable", "outeff_clipped",
-            "outeff_clipped_torch"],
+    "cpu": [
+        "sdpa_vanilla",
+        "mcore_offbyone",
+        "outeff_softmax1",
+        "outeff_learnable",
+        "outeff_clipped",
+        "outeff_clipped_torch",
+    ],
 }
-HEADLINE = ((128, 4096), (128, 16384))        # (d, sq) measured first
+HEADLINE = ((128, 4096), (128, 16384))  # (d, sq) measured first
 # bytes per score-matrix element a materialised method keeps alive in forward+backward (estimate,
 # used to skip shapes that would not fit)
-MATERIALISED_BYTES = {"mcore_offbyone": 24, "outeff_softmax1_torch": 24, "outeff_clipped_torch": 28,
-                      "outeff_softmax1_rowwise": 10}
-CPU_CLIPPED_BYTES = 12                          # outeff_clipped on CPU: one [sq, sk] buffer
+MATERIALISED_BYTES = {
+    "mcore_offbyone": 24,
+    "outeff_softmax1_torch": 24,
+    "outeff_clipped_torch": 28,
+    "outeff_softmax1_rowwise": 10,
+}
+CPU_CLIPPED_BYTES = 12  # outeff_clipped on CPU: one [sq, sk] buffer
 
 
 class Unavailable(Exception):
@@ -100,9 +111,12 @@ def build_method(name: str, q, k, v) -> Callable[[], torch.Tensor]:
     b, s, h, d = q.shape
     scale = 1.0 / math.sqrt(d)
     if name == "sdpa_vanilla":
-        def f():   # SDPA wants [b, h, s, d]: the transposed views a [b, s, h, d] model passes
+
+        def f():  # SDPA wants [b, h, s, d]: the transposed views a [b, s, h, d] model passes
             return torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True).transpose(1, 2)
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+            ).transpose(1, 2)
+
         return f
     if name == "mcore_offbyone":
         try:
@@ -112,27 +126,36 @@ def build_method(name: str, q, k, v) -> Callable[[], torch.Tensor]:
         except Exception as e:  # noqa: BLE001
             raise Unavailable(f"{type(e).__name__}: {e}") from None
         fsm = FusedScaleMaskSoftmax(
-            input_in_fp16=q.dtype == torch.float16, input_in_bf16=q.dtype == torch.bfloat16,
-            attn_mask_type=AttnMaskType.causal, scaled_masked_softmax_fusion=False,
-            mask_func=attention_mask_func, softmax_in_fp32=True, scale=scale,
+            input_in_fp16=q.dtype == torch.float16,
+            input_in_bf16=q.dtype == torch.bfloat16,
+            attn_mask_type=AttnMaskType.causal,
+            scaled_masked_softmax_fusion=False,
+            mask_func=attention_mask_func,
+            softmax_in_fp32=True,
+            scale=scale,
         )
-        mask = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1).view(1, 1, s, s)   # its default is built on "cuda"
+        mask = (
+            torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1).view(1, 1, s, s)
+        )  # its default is built on "cuda"
         offset = torch.zeros(h, device=q.device)
 
         def f():
             qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             p = fsm(qt @ kt.transpose(-1, -2), mask, softmax_offset=offset)
             return (p.to(vt.dtype) @ vt).transpose(1, 2)
+
         return f
     from megatron_outeff.bench.variants import BENCH_VARIANTS, attention_kwargs
     from megatron_outeff.ops import outeff_attention
 
     variant, impl = OUTEFF[name]
-    kw = attention_kwargs(BENCH_VARIANTS[variant], b=b, s=s, h=h, device=q.device, dtype=q.dtype,
-                          requires_grad=q.requires_grad)
+    kw = attention_kwargs(
+        BENCH_VARIANTS[variant], b=b, s=s, h=h, device=q.device, dtype=q.dtype, requires_grad=q.requires_grad
+    )
 
     def f():
         return outeff_attention(q, k, v, impl=impl, **kw)
+
     return f
 
 
@@ -147,8 +170,10 @@ def _materialised_bytes(method: str, device_type: str) -> int:
 # ------------------------------------------------------------------------------------------------
 def make_inputs(b, s, h, d, dtype, device, requires_grad=True, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
-    return [torch.randn(b, s, h, d, generator=g).to(device=device, dtype=dtype).requires_grad_(requires_grad)
-            for _ in range(3)]
+    return [
+        torch.randn(b, s, h, d, generator=g).to(device=device, dtype=dtype).requires_grad_(requires_grad)
+        for _ in range(3)
+    ]
 
 
 def fwd_bwd(f, q, k, v, grad):
@@ -156,6 +181,7 @@ def fwd_bwd(f, q, k, v, grad):
         for t in (q, k, v):
             t.grad = None
         f().backward(grad)
+
     return run
 
 
@@ -166,7 +192,7 @@ def memprobe_main(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype, b, s, h, d = DTYPES[args.dtype[0]], args.b, args.sq[0], args.h, args.d[0]
-    tq, tk, tv = make_inputs(1, 16, h, d, dtype, "cpu")                  # library / thread-pool start-up
+    tq, tk, tv = make_inputs(1, 16, h, d, dtype, "cpu")  # library / thread-pool start-up
     fwd_bwd(build_method(args.memprobe, tq, tk, tv), tq, tk, tv, torch.randn_like(tq))()
     del tq, tk, tv
     q, k, v = make_inputs(b, s, h, d, dtype, "cpu")
@@ -181,8 +207,22 @@ def memprobe_main(args) -> int:
 def cpu_peak_mib(method, b, s, h, d, dtype_name, threads) -> Optional[float]:
     from megatron_outeff.bench import harness
 
-    cmd = [sys.executable, os.path.abspath(__file__), "--memprobe", method, "--b", str(b), "--h", str(h),
-           "--sq", str(s), "--d", str(d), "--dtype", dtype_name] + (["--threads", str(threads)] if threads else [])
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--memprobe",
+        method,
+        "--b",
+        str(b),
+        "--h",
+        str(h),
+        "--sq",
+        str(s),
+        "--d",
+        str(d),
+        "--dtype",
+        dtype_name,
+    ] + (["--threads", str(threads)] if threads else [])
     return harness.probe_subprocess(cmd)
 
 
@@ -208,16 +248,24 @@ def check_targets(results: List[Dict]) -> List[Dict]:
     for (dt, d), per_sq in sorted(_by_shape(results).items()):
         for sq, m in sorted(per_sq.items()):
             where = dict(dtype=dt, d=d, sq=sq)
-            for key, method in (("softmax1_fwdbwd_vs_sdpa", "outeff_softmax1"), ("learnable_fwdbwd_vs_sdpa", "outeff_learnable"),
-                                ("gated_fwdbwd_vs_sdpa", "outeff_gated"), ("clipped_fwdbwd_vs_sdpa", "outeff_clipped")):
+            for key, method in (
+                ("softmax1_fwdbwd_vs_sdpa", "outeff_softmax1"),
+                ("learnable_fwdbwd_vs_sdpa", "outeff_learnable"),
+                ("gated_fwdbwd_vs_sdpa", "outeff_gated"),
+                ("clipped_fwdbwd_vs_sdpa", "outeff_clipped"),
+            ):
                 r = m.get(method)
                 if _ok(r):
                     checks.append(check(key, r.get("ratio_fwdbwd"), **where, kernel=r.get("kernel")))
             fl, mc = m.get("outeff_softmax1"), m.get("mcore_offbyone")
             if _ok(fl) and _ok(mc):
-                checks.append(check("softmax1_speedup_vs_mcore_offbyone_s4096", mc["fwdbwd_ms"] / fl["fwdbwd_ms"], **where))
+                checks.append(
+                    check("softmax1_speedup_vs_mcore_offbyone_s4096", mc["fwdbwd_ms"] / fl["fwdbwd_ms"], **where)
+                )
         # memory linear in sq: peak per sequence grows <= 2.5x per doubling (2x = linear)
-        sqs = sorted(s for s in per_sq if _ok(per_sq[s].get("outeff_softmax1")) and per_sq[s]["outeff_softmax1"].get("peak_mib"))
+        sqs = sorted(
+            s for s in per_sq if _ok(per_sq[s].get("outeff_softmax1")) and per_sq[s]["outeff_softmax1"].get("peak_mib")
+        )
         if len(sqs) >= 2:
             worst = 0.0
             for s0, s1 in zip(sqs, sqs[1:]):
@@ -237,8 +285,10 @@ def check_cpu_targets(results: List[Dict]) -> List[Dict]:
         for sq, m in sorted(per_sq.items()):
             where = dict(dtype=dt, d=d, sq=sq)
             base = m.get("sdpa_vanilla")
-            for name, c1, c3 in (("outeff_softmax1", "C1_softmax1_fwdbwd_vs_sdpa", "C3_softmax1_memory_vs_sdpa"),
-                                 ("outeff_learnable", "C1_learnable_fwdbwd_vs_sdpa", "C3_learnable_memory_vs_sdpa")):
+            for name, c1, c3 in (
+                ("outeff_softmax1", "C1_softmax1_fwdbwd_vs_sdpa", "C3_softmax1_memory_vs_sdpa"),
+                ("outeff_learnable", "C1_learnable_fwdbwd_vs_sdpa", "C3_learnable_memory_vs_sdpa"),
+            ):
                 r = m.get(name)
                 if not (_ok(r) and _ok(base)):
                     continue
@@ -250,37 +300,62 @@ def check_cpu_targets(results: List[Dict]) -> List[Dict]:
                 checks.append(check("C4_clipped_vs_reference_clipped", new["fwdbwd_ms"] / old["fwdbwd_ms"], **where))
             mc, oc = m.get("mcore_offbyone"), m.get("outeff_softmax1")
             if _ok(mc) and _ok(oc):
-                checks.append(check("C2_softmax1_speedup_vs_mcore_offbyone_s2048", mc["fwdbwd_ms"] / oc["fwdbwd_ms"], **where))
+                checks.append(
+                    check("C2_softmax1_speedup_vs_mcore_offbyone_s2048", mc["fwdbwd_ms"] / oc["fwdbwd_ms"], **where)
+                )
     return [c for c in checks if c is not None]
 
 
 # ------------------------------------------------------------------------------------------------
 # output
 # ------------------------------------------------------------------------------------------------
-COLUMNS = [("dtype", "dtype", ""), ("b", "b", ""), ("h", "h", ""), ("sq", "sq", ""), ("d", "d", ""),
-           ("method", "method", ""), ("kernel", "kernel", ""), ("fwd ms", "fwd_ms", ".2f"),
-           ("fwd+bwd ms", "fwdbwd_ms", ".2f"), ("peak MiB", "peak_mib", ".0f"), ("fwd x SDPA", "ratio_fwd", ".3f"),
-           ("fwd+bwd x SDPA", "ratio_fwdbwd", ".3f"), ("fwd+bwd TFLOP/s", "tflops_fwdbwd", ".1f"), ("status", "status", "")]
+COLUMNS = [
+    ("dtype", "dtype", ""),
+    ("b", "b", ""),
+    ("h", "h", ""),
+    ("sq", "sq", ""),
+    ("d", "d", ""),
+    ("method", "method", ""),
+    ("kernel", "kernel", ""),
+    ("fwd ms", "fwd_ms", ".2f"),
+    ("fwd+bwd ms", "fwdbwd_ms", ".2f"),
+    ("peak MiB", "peak_mib", ".0f"),
+    ("fwd x SDPA", "ratio_fwd", ".3f"),
+    ("fwd+bwd x SDPA", "ratio_fwdbwd", ".3f"),
+    ("fwd+bwd TFLOP/s", "tflops_fwdbwd", ".1f"),
+    ("status", "status", ""),
+]
 
 
 def render(doc: dict) -> str:
     from megatron_outeff.bench.harness import markdown_table
 
     meta = doc["meta"]
-    lines = [f"# Attention benchmark ({meta['device']})", "", f"Command: `{meta['command']}`", "",
-             f"Versions: {meta['versions']}", "",
-             f"Timer: {meta['timer']}, median of {meta['config']['repeats']} after {meta['config']['warmup']} warm-up"
-             f"{', methods round-robin' if meta['interleaved'] else ''}. Peak memory: {meta['memory']}. "
-             f"SDPA backend per shape (torch._fused_sdp_choice for the baseline): {meta.get('sdpa_backends')}; "
-             f"pinned: {meta.get('sdpa_backend_pin')}.", "",
-             f"Load average (1/5/15 min) at start {meta['loadavg_start']}, now {meta.get('loadavg_now')} on "
-             f"{meta['cpu_count']} logical cores{'; PARTIAL: stopped before every shape was measured' if meta['partial'] else ''}.",
-             "", markdown_table(doc["results"], COLUMNS)]
+    lines = [
+        f"# Attention benchmark ({meta['device']})",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        f"Versions: {meta['versions']}",
+        "",
+        f"Timer: {meta['timer']}, median of {meta['config']['repeats']} after {meta['config']['warmup']} warm-up"
+        f"{', methods round-robin' if meta['interleaved'] else ''}. Peak memory: {meta['memory']}. "
+        f"SDPA backend per shape (torch._fused_sdp_choice for the baseline): {meta.get('sdpa_backends')}; "
+        f"pinned: {meta.get('sdpa_backend_pin')}.",
+        "",
+        f"Load average (1/5/15 min) at start {meta['loadavg_start']}, now {meta.get('loadavg_now')} on "
+        f"{meta['cpu_count']} logical cores{'; PARTIAL: stopped before every shape was measured' if meta['partial'] else ''}.",
+        "",
+        markdown_table(doc["results"], COLUMNS),
+    ]
     checks = doc.get("targets") or []
     if checks:
         lines += ["", "Targets:", ""]
-        lines += [f"- {'-' if c['met'] is None else 'MET' if c['met'] else 'NOT MET'}: {c['target']} "
-                  f"[{c.get('dtype')} d={c.get('d')} sq={c.get('sq')}] value {c['value']:.3f}" for c in checks]
+        lines += [
+            f"- {'-' if c['met'] is None else 'MET' if c['met'] else 'NOT MET'}: {c['target']} "
+            f"[{c.get('dtype')} d={c.get('d')} sq={c.get('sq')}] value {c['value']:.3f}"
+            for c in checks
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -318,16 +393,31 @@ def main(argv=None):
     p.add_argument("--warmup", type=nonnegative_int)
     p.add_argument("--repeats", type=positive_int)
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
-    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
-                   help="time the methods round-robin, one call each per round (default: on CPU only)")
-    p.add_argument("--sdpa-backend", choices=["auto", "flash", "efficient", "cudnn"], default="auto",
-                   help="pin torch's SDPA backend for the baseline and our sdpa methods (default: SDPA's choice)")
+    p.add_argument(
+        "--interleave",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time the methods round-robin, one call each per round (default: on CPU only)",
+    )
+    p.add_argument(
+        "--sdpa-backend",
+        choices=["auto", "flash", "efficient", "cudnn"],
+        default="auto",
+        help="pin torch's SDPA backend for the baseline and our sdpa methods (default: SDPA's choice)",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the peak memory measurement")
-    p.add_argument("--output-json", type=output_file, default=None,
-                   help="JSON output path (default tools/results/bench_attention_<device>.json), rewritten after every shape")
+    p.add_argument(
+        "--output-json",
+        type=output_file,
+        default=None,
+        help="JSON output path (default tools/results/bench_attention_<device>.json), rewritten after every shape",
+    )
     p.add_argument("--output-md", type=output_file, default=None, help="also write the Markdown table here")
-    p.add_argument("--interpret", action="store_true",
-                   help="CPU only: run the Triton methods under the Triton interpreter (a rehearsal: times mean nothing)")
+    p.add_argument(
+        "--interpret",
+        action="store_true",
+        help="CPU only: run the Triton methods under the Triton interpreter (a rehearsal: times mean nothing)",
+    )
     p.add_argument("--memprobe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.interpret:  # before megatron_outeff.ops is imported (kernels are decorated at import)
@@ -341,34 +431,68 @@ def main(argv=None):
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    cfg = (dict(sq=[4096, 16384, 2048, 8192], d=[128, 64], dtype=["bf16"], b=None, h=None, tokens=16384, hidden=2048,
-                warmup=3, repeats=10) if cuda else
-           dict(sq=[512, 1024, 2048, 4096], d=[64], dtype=["fp32"], b=1, h=8, tokens=None, hidden=None, warmup=2, repeats=7))
+    cfg = (
+        dict(
+            sq=[4096, 16384, 2048, 8192],
+            d=[128, 64],
+            dtype=["bf16"],
+            b=None,
+            h=None,
+            tokens=16384,
+            hidden=2048,
+            warmup=3,
+            repeats=10,
+        )
+        if cuda
+        else dict(
+            sq=[512, 1024, 2048, 4096], d=[64], dtype=["fp32"], b=1, h=8, tokens=None, hidden=None, warmup=2, repeats=7
+        )
+    )
     for key in ("sq", "d", "dtype", "b", "h", "tokens", "hidden", "warmup", "repeats"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     if not cuda:
         cfg["b"], cfg["h"] = cfg["b"] or 1, cfg["h"] or 8
     methods = args.methods or DEFAULT_METHODS[device.type]
-    total_mem = (torch.cuda.get_device_properties(device).total_memory if cuda
-                 else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    total_mem = (
+        torch.cuda.get_device_properties(device).total_memory
+        if cuda
+        else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    )
     interleave = (not cuda) if args.interleave is None else args.interleave
     pin = contextlib.nullcontext()
     if args.sdpa_backend != "auto":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        pin = sdpa_kernel([{"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                            "cudnn": SDPBackend.CUDNN_ATTENTION}[args.sdpa_backend]])
-    meta = dict(harness.environment(device), config=cfg, methods=methods,
-                variants={m: OUTEFF[m] for m in methods if m in OUTEFF},
-                timer="torch.cuda.Event" if cuda else "time.perf_counter", interleaved=interleave,
-                triton_interpreter=bool(args.interpret), sdpa_backend_pin=args.sdpa_backend, sdpa_backends={},
-                memory=("torch.cuda.max_memory_allocated minus allocated before (MiB)" if cuda else
-                        "approximate: peak RSS (VmHWM) of a subprocess running one fwd+bwd minus its RSS before (MiB)"))
+        pin = sdpa_kernel(
+            [
+                {
+                    "flash": SDPBackend.FLASH_ATTENTION,
+                    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                    "cudnn": SDPBackend.CUDNN_ATTENTION,
+                }[args.sdpa_backend]
+            ]
+        )
+    meta = dict(
+        harness.environment(device),
+        config=cfg,
+        methods=methods,
+        variants={m: OUTEFF[m] for m in methods if m in OUTEFF},
+        timer="torch.cuda.Event" if cuda else "time.perf_counter",
+        interleaved=interleave,
+        triton_interpreter=bool(args.interpret),
+        sdpa_backend_pin=args.sdpa_backend,
+        sdpa_backends={},
+        memory=(
+            "torch.cuda.max_memory_allocated minus allocated before (MiB)"
+            if cuda
+            else "approximate: peak RSS (VmHWM) of a subprocess running one fwd+bwd minus its RSS before (MiB)"
+        ),
+    )
     out_json = args.output_json or os.path.join(ROOT, "tools", "results", f"bench_attention_{device.type}.json")
     report = harness.Report(out_json, args.output_md, meta, render=render)
     results: List[Dict] = []
-    report.save(results=results, targets=[])             # a file from the start: a cut run leaves what it has
+    report.save(results=results, targets=[])  # a file from the start: a cut run leaves what it has
     print(f"device: {meta['device']}\nversions: {meta['versions']}", flush=True)
 
     def all_checks():
@@ -379,10 +503,23 @@ def main(argv=None):
         with pin:
             for dt_name in cfg["dtype"]:
                 for d, sq in shape_order(cfg["d"], cfg["sq"]):
-                    measure_shape(args, cfg, device, total_mem, interleave, methods, dt_name, d, sq, results, meta,
-                                  sdpa_attention, harness)
+                    measure_shape(
+                        args,
+                        cfg,
+                        device,
+                        total_mem,
+                        interleave,
+                        methods,
+                        dt_name,
+                        d,
+                        sq,
+                        results,
+                        meta,
+                        sdpa_attention,
+                        harness,
+                    )
                     report.save(results=results, targets=all_checks())
-    except KeyboardInterrupt:       # a time limit's SIGINT: keep what was measured
+    except KeyboardInterrupt:  # a time limit's SIGINT: keep what was measured
         for r in results:
             r.setdefault("status", "interrupted")
         report.save(results=results, targets=all_checks())
@@ -394,15 +531,16 @@ def main(argv=None):
     return 0
 
 
-def measure_shape(args, cfg, device, total_mem, interleave, methods, dt_name, d, sq, results, meta, sdpa_attention,
-                  harness) -> None:
+def measure_shape(
+    args, cfg, device, total_mem, interleave, methods, dt_name, d, sq, results, meta, sdpa_attention, harness
+) -> None:
     """Time every method at one shape (round-robin), append its rows to ``results``."""
     from megatron_outeff.bench.variants import attention_flops
 
     cuda = device.type == "cuda"
     dtype = DTYPES[dt_name]
-    b = cfg["b"] or max(1, cfg["tokens"] // sq)        # b * sq (tokens) fixed on CUDA
-    h = cfg["h"] or max(1, cfg["hidden"] // d)          # h * d (hidden) fixed on CUDA
+    b = cfg["b"] or max(1, cfg["tokens"] // sq)  # b * sq (tokens) fixed on CUDA
+    h = cfg["h"] or max(1, cfg["hidden"] // d)  # h * d (hidden) fixed on CUDA
     q, k, v = make_inputs(b, sq, h, d, dtype, device)
     grad = torch.randn(b, sq, h, d, dtype=dtype, device=device)
     backend = sdpa_choice_name(q, k, v)
@@ -423,7 +561,7 @@ def measure_shape(args, cfg, device, total_mem, interleave, methods, dt_name, d,
             f = build_method(method, q, k, v)
             sdpa_attention.sdpa_backend_record(reset=True)
             with torch.no_grad():
-                f()                                         # compiles, probes; says which kernel ran
+                f()  # compiles, probes; says which kernel ran
             row["kernel"] = _kernel(method, sdpa_attention.sdpa_backend_record()["last"], backend, device, dtype, d)
             if method in OUTEFF and row["kernel"]:
                 row["same_backend"] = row["kernel"].split("+")[0] == backend
@@ -435,8 +573,9 @@ def measure_shape(args, cfg, device, total_mem, interleave, methods, dt_name, d,
             row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
         if cuda:
             torch.cuda.empty_cache()
-    samples = harness.round_robin(fns, warmup=cfg["warmup"], repeats=cfg["repeats"], device=device,
-                                  interleave=interleave)
+    samples = harness.round_robin(
+        fns, warmup=cfg["warmup"], repeats=cfg["repeats"], device=device, interleave=interleave
+    )
     for method, row in rows.items():
         if "status" in row:
             continue
@@ -444,12 +583,21 @@ def measure_shape(args, cfg, device, total_mem, interleave, methods, dt_name, d,
         if not (fwd.ok and fb.ok):
             row["status"] = fwd.error or fb.error
             continue
-        row.update(fwd_ms=fwd.median, fwdbwd_ms=fb.median, fwd_min_ms=fwd.min, fwdbwd_min_ms=fb.min, status="ok",
-                   tflops_fwdbwd=attention_flops(b, sq, h, d) / (fb.median * 1e9))
+        row.update(
+            fwd_ms=fwd.median,
+            fwdbwd_ms=fb.median,
+            fwd_min_ms=fwd.min,
+            fwdbwd_min_ms=fb.min,
+            status="ok",
+            tflops_fwdbwd=attention_flops(b, sq, h, d) / (fb.median * 1e9),
+        )
         if not args.no_memory:
             try:
-                row["peak_mib"] = (harness.cuda_peak_mib(fns[f"{method}/fwdbwd"], device) if cuda else
-                                   cpu_peak_mib(method, b, sq, h, d, dt_name, args.threads))
+                row["peak_mib"] = (
+                    harness.cuda_peak_mib(fns[f"{method}/fwdbwd"], device)
+                    if cuda
+                    else cpu_peak_mib(method, b, sq, h, d, dt_name, args.threads)
+                )
             except torch.cuda.OutOfMemoryError:
                 row["peak_mib"] = None
     base = rows.get("sdpa_vanilla")
@@ -457,10 +605,13 @@ def measure_shape(args, cfg, device, total_mem, interleave, methods, dt_name, d,
         if _ok(base) and _ok(row):
             row["ratio_fwd"] = row["fwd_ms"] / base["fwd_ms"]
             row["ratio_fwdbwd"] = row["fwdbwd_ms"] / base["fwdbwd_ms"]
-        print(f"  {dt_name} b={b} h={h} sq={sq} d={d} {method:24s} kernel {str(row.get('kernel')):22s} "
-              f"fwd {row.get('fwd_ms', float('nan')):9.2f} ms  fwd+bwd {row.get('fwdbwd_ms', float('nan')):9.2f} ms  "
-              f"peak {row.get('peak_mib') if row.get('peak_mib') is None else round(row['peak_mib'])} MiB  "
-              f"x SDPA {row.get('ratio_fwdbwd', float('nan')):.3f}  {row['status']}", flush=True)
+        print(
+            f"  {dt_name} b={b} h={h} sq={sq} d={d} {method:24s} kernel {str(row.get('kernel')):22s} "
+            f"fwd {row.get('fwd_ms', float('nan')):9.2f} ms  fwd+bwd {row.get('fwdbwd_ms', float('nan')):9.2f} ms  "
+            f"peak {row.get('peak_mib') if row.get('peak_mib') is None else round(row['peak_mib'])} MiB  "
+            f"x SDPA {row.get('ratio_fwdbwd', float('nan')):.3f}  {row['status']}",
+            flush=True,
+        )
 
 
 def _kernel(method, recorded, backend, device, dtype, d) -> str:

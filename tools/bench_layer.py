@@ -13,6 +13,7 @@ round; a Markdown table goes beside it.
     python tools/bench_layer.py                       # CPU: seq 512, batch 1
     python tools/bench_layer.py --seq 2048 --batch 4  # GPU (CUDA: torch's fused kernels; Triton for clipped)
 """
+
 from __future__ import annotations
 
 import os
@@ -30,27 +31,49 @@ def build_layers(args, device, dtype):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import build_module
     from megatron.core.transformer.transformer_config import TransformerConfig
+
     from megatron_outeff.bench.variants import BENCH_VARIANTS
     from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
 
     def config(**kw):
         return TransformerConfig(
-            num_layers=1, hidden_size=768, num_attention_heads=12, ffn_hidden_size=3072,
-            use_cpu_initialization=device.type == "cpu", params_dtype=dtype,
-            bf16=dtype == torch.bfloat16, hidden_dropout=0.0, attention_dropout=0.0,
-            bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=device.type == "cuda",
-            persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False, **kw,
+            num_layers=1,
+            hidden_size=768,
+            num_attention_heads=12,
+            ffn_hidden_size=3072,
+            use_cpu_initialization=device.type == "cpu",
+            params_dtype=dtype,
+            bf16=dtype == torch.bfloat16,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            bias_activation_fusion=False,
+            bias_dropout_fusion=False,
+            masked_softmax_fusion=device.type == "cuda",
+            persist_layer_norm=False,
+            gradient_accumulation_fusion=False,
+            apply_rope_fusion=False,
+            **kw,
         )
 
-    layers = {name: build_module(get_outeff_layer_spec(v, seq_length=args.seq), config=config(), layer_number=1)
-              for name, v in BENCH_VARIANTS.items()}
+    layers = {
+        name: build_module(get_outeff_layer_spec(v, seq_length=args.seq), config=config(), layer_number=1)
+        for name, v in BENCH_VARIANTS.items()
+    }
     layers[MCORE[0]] = build_module(get_gpt_layer_local_spec(), config=config(), layer_number=1)
-    layers[MCORE[1]] = build_module(get_gpt_layer_local_spec(), config=config(softmax_type="off-by-one"), layer_number=1)
+    layers[MCORE[1]] = build_module(
+        get_gpt_layer_local_spec(), config=config(softmax_type="off-by-one"), layer_number=1
+    )
     return {k: m.to(device=device, dtype=dtype) for k, m in layers.items()}
 
 
-COLUMNS = [("variant", "variant", ""), ("median ms", "median_ms", ".1f"), ("min ms", "min_ms", ".1f"),
-           ("median ratio", "ratio_to_vanilla", ".2f"), ("min ratio", "min_ratio_to_vanilla", ".2f"), ("status", "status", "")]
+COLUMNS = [
+    ("variant", "variant", ""),
+    ("median ms", "median_ms", ".1f"),
+    ("min ms", "min_ms", ".1f"),
+    ("median ratio", "ratio_to_vanilla", ".2f"),
+    ("min ratio", "min_ratio_to_vanilla", ".2f"),
+    ("status", "status", ""),
+]
 
 
 def render(doc: dict) -> str:
@@ -58,16 +81,27 @@ def render(doc: dict) -> str:
 
     m = doc["meta"]
     s = m["shape"]
-    return "\n".join([
-        f"# TransformerLayer forward+backward, OPT-125m shape (hidden 768, 12 heads, FFN 3072), seq {s['seq']}, "
-        f"batch {s['batch']}, {m['dtype']}", "",
-        f"Device: {m['device']}; versions {m['versions']}; median of {m['reps']} round-robin repetitions after "
-        f"{m['warmup']} warm-up{' (PARTIAL)' if m['partial'] else ''}.", "",
-        f"Command: `{m['command']}`", "",
-        f"Load average at start {m['loadavg_start']}, now {m.get('loadavg_now')} (CPU count {m['cpu_count']}).", "",
-        "Both ratios are to our vanilla layer. On a shared, loaded CPU (see the load average) differences under "
-        "~15% are noise; the GPU run (--seq 2048) is the one to judge kernels by.", "",
-        markdown_table(doc["rows"], COLUMNS)]) + "\n"
+    return (
+        "\n".join(
+            [
+                f"# TransformerLayer forward+backward, OPT-125m shape (hidden 768, 12 heads, FFN 3072), seq {s['seq']}, "
+                f"batch {s['batch']}, {m['dtype']}",
+                "",
+                f"Device: {m['device']}; versions {m['versions']}; median of {m['reps']} round-robin repetitions after "
+                f"{m['warmup']} warm-up{' (PARTIAL)' if m['partial'] else ''}.",
+                "",
+                f"Command: `{m['command']}`",
+                "",
+                f"Load average at start {m['loadavg_start']}, now {m.get('loadavg_now')} (CPU count {m['cpu_count']}).",
+                "",
+                "Both ratios are to our vanilla layer. On a shared, loaded CPU (see the load average) differences under "
+                "~15% are noise; the GPU run (--seq 2048) is the one to judge kernels by.",
+                "",
+                markdown_table(doc["rows"], COLUMNS),
+            ]
+        )
+        + "\n"
+    )
 
 
 @command
@@ -77,10 +111,18 @@ def main(argv=None):
     p.add_argument("--batch", type=positive_int, default=None, help="batch size (default 1 on CPU, 4 on GPU)")
     p.add_argument("--reps", type=positive_int, default=5)
     p.add_argument("--warmup", type=nonnegative_int, default=1)
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="float32 (CPU default) | bfloat16 (GPU default)")
-    p.add_argument("--output-json", type=output_file, default=None,
-                   help="default tools/results/bench_layer_<device>.json; the Markdown table beside it (.md)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="float32 (CPU default) | bfloat16 (GPU default)",
+    )
+    p.add_argument(
+        "--output-json",
+        type=output_file,
+        default=None,
+        help="default tools/results/bench_layer_<device>.json; the Markdown table beside it (.md)",
+    )
     args = p.parse_args(argv)
 
     from megatron_outeff.bench import harness
@@ -101,12 +143,20 @@ def main(argv=None):
             h = x.detach().requires_grad_(True)
             out, _ = layer(h, attention_mask=None)
             out.float().sum().backward()
+
         return run
 
-    out_json = args.output_json or os.path.join(ROOT, "tools", "results", f"bench_layer_{'gpu' if cuda else 'cpu'}.json")
-    meta = dict(harness.environment(device), dtype=str(dtype).replace("torch.", ""), reps=args.reps, warmup=args.warmup,
-                shape={"hidden": 768, "heads": 12, "ffn": 3072, "seq": args.seq, "batch": args.batch},
-                what="one TransformerLayer (local spec) forward + backward, input grad included")
+    out_json = args.output_json or os.path.join(
+        ROOT, "tools", "results", f"bench_layer_{'gpu' if cuda else 'cpu'}.json"
+    )
+    meta = dict(
+        harness.environment(device),
+        dtype=str(dtype).replace("torch.", ""),
+        reps=args.reps,
+        warmup=args.warmup,
+        shape={"hidden": 768, "heads": 12, "ffn": 3072, "seq": args.seq, "batch": args.batch},
+        what="one TransformerLayer (local spec) forward + backward, input grad included",
+    )
     report = harness.Report(out_json, out_json[:-5] + ".md", meta, render=render)
 
     def rows(samples):
@@ -114,15 +164,24 @@ def main(argv=None):
         for name, s in samples.items():
             r = {"variant": name, "status": "ok" if s.ok else (s.error or "not timed yet")}
             if s.ok:
-                r.update(median_ms=s.median, min_ms=s.min, ratio_to_vanilla=harness.ratio(samples, name, "vanilla"),
-                         min_ratio_to_vanilla=harness.ratio(samples, name, "vanilla", "min"))
+                r.update(
+                    median_ms=s.median,
+                    min_ms=s.min,
+                    ratio_to_vanilla=harness.ratio(samples, name, "vanilla"),
+                    min_ratio_to_vanilla=harness.ratio(samples, name, "vanilla", "min"),
+                )
             out.append(r)
         return out
 
     fns = {name: step(layer) for name, layer in layers.items()}
     try:
-        samples = harness.round_robin(fns, warmup=args.warmup, repeats=args.reps, device=device,
-                                      after_round=lambda r, s: report.save(rows=rows(s)))
+        samples = harness.round_robin(
+            fns,
+            warmup=args.warmup,
+            repeats=args.reps,
+            device=device,
+            after_round=lambda r, s: report.save(rows=rows(s)),
+        )
     except KeyboardInterrupt:
         print(f"interrupted: partial results in {out_json}")
         return 130

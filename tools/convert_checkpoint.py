@@ -11,6 +11,7 @@ checkpoints (OUT/latest, OUT/iter_XXXXXXX/model/{manifest.json, tpTT_ppPP.safete
 starts from with `--set checkpoint.init_from=OUT_DIR` (fresh optimizer, any TP/PP).
 Reads safetensors + JSON only. Bad input: one line on stderr, exit 2, nothing written.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,10 +42,15 @@ def main(argv=None) -> int:
     p.add_argument("--output-dir", required=True, help="OUT_DIR: must not exist or be empty")
     p.add_argument("--tp", type=positive_int, default=1)
     p.add_argument("--pp", type=positive_int, default=1)
-    p.add_argument("--variant", default=None,
-                   help='attention variant of a public OPT or Llama: a softmax name (softmax1) or JSON, e.g. '
-                        '\'{"softmax": "learnable", "gate": "linear"}\'; our remote-code dirs carry their own')
-    p.add_argument("--seq-length", type=positive_int, default=None, help="training sequence length (clip_alpha variants)")
+    p.add_argument(
+        "--variant",
+        default=None,
+        help="attention variant of a public OPT or Llama: a softmax name (softmax1) or JSON, e.g. "
+        '\'{"softmax": "learnable", "gate": "linear"}\'; our remote-code dirs carry their own',
+    )
+    p.add_argument(
+        "--seq-length", type=positive_int, default=None, help="training sequence length (clip_alpha variants)"
+    )
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of initialised gate weights")
     args = parser.parse_args(argv)
     quiet_transformers()  # progress is ours, on stdout; stderr is for the one error line
@@ -56,13 +62,27 @@ def main(argv=None) -> int:
         print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
 
     if args.command == "to-hf":
-        out = to_hf(args.ckpt, args.output_dir, iteration=args.iteration, tokenizer=args.tokenizer, dtype=args.dtype,
-                    progress=progress)
+        out = to_hf(
+            args.ckpt,
+            args.output_dir,
+            iteration=args.iteration,
+            tokenizer=args.tokenizer,
+            dtype=args.dtype,
+            progress=progress,
+        )
     elif args.command == "reshard":
         out = reshard(args.ckpt, args.output_dir, tp=args.tp, pp=args.pp, iteration=args.iteration, progress=progress)
     else:
-        out = from_hf(args.hf_dir, args.output_dir, tp=args.tp, pp=args.pp, variant=args.variant,
-                      seq_length=args.seq_length, seed=args.seed, progress=progress)
+        out = from_hf(
+            args.hf_dir,
+            args.output_dir,
+            tp=args.tp,
+            pp=args.pp,
+            variant=args.variant,
+            seq_length=args.seq_length,
+            seed=args.seed,
+            progress=progress,
+        )
     progress(f"done: {out}")
     return 0
 

@@ -10,6 +10,7 @@ checked before anything is written; each output directory appears complete or no
 Logic: megatron_outeff/quant/export.py. (A training checkpoint becomes MODEL_DIR through
 tools/convert_checkpoint.py to-hf.)
 """
+
 import os
 import sys
 import time
@@ -25,7 +26,9 @@ def main(argv=None) -> int:
     p = OneLineArgumentParser(prog="tools/export_fp16_w8a8.py", description=__doc__.split("\n\n")[0])
     p.add_argument("model_dir", help="Hugging Face model directory (plain OPT / Llama or our remote code)")
     p.add_argument("--output-dir", required=True, help="OUT: OUT/fp16 and OUT/w8a8 must not exist or be empty")
-    p.add_argument("--calib-data", required=True, help="calibration data: indexed dataset prefix, or .txt/.jsonl files/glob")
+    p.add_argument(
+        "--calib-data", required=True, help="calibration data: indexed dataset prefix, or .txt/.jsonl files/glob"
+    )
     p.add_argument("--skip-fp16", action="store_true", help="write only w8a8 (e.g. when activations overflow fp16)")
     p.add_argument("--skip-w8a8", action="store_true", help="write only fp16")
     from megatron_outeff.evaluation.eval_data import add_data_arguments
@@ -48,22 +51,33 @@ def main(argv=None) -> int:
     block_size = check_runnable(args.model_dir, config, args.block_size)
 
     print(f"[{next(step)}/{steps}] calibration data {args.calib_data}", flush=True)
-    calib = calibration_batches(args.calib_data, tok, num_batches=args.num_calib_batches, batch_size=args.calib_batch_size,
-                                block_size=block_size, vocab_size=config.get("vocab_size"), json_key=args.json_key)
+    calib = calibration_batches(
+        args.calib_data,
+        tok,
+        num_batches=args.num_calib_batches,
+        batch_size=args.calib_batch_size,
+        block_size=block_size,
+        vocab_size=config.get("vocab_size"),
+        json_key=args.json_key,
+    )
     d = calib.description
     print(f"      {d['batches']} batches {d['batch_sizes']} x {d['block_size']} tokens", flush=True)
     print(f"[{next(step)}/{steps}] loading {args.model_dir}", flush=True)
     model = load_hf_model(args.model_dir, eager=False)
     out = os.path.join(args.output_dir, "fp16")
     if "fp16" in targets:
-        print(f"[{next(step)}/{steps}] fp16: checking the weights, then running the model in fp16 on the calibration data",
-              flush=True)
+        print(
+            f"[{next(step)}/{steps}] fp16: checking the weights, then running the model in fp16 on the calibration data",
+            flush=True,
+        )
         export_fp16(model, args.model_dir, calib.batches, out)
         print(f"      wrote {out}", flush=True)
     out = os.path.join(args.output_dir, "w8a8")
     if "w8a8" in targets:
-        print(f"[{next(step)}/{steps}] w8a8: calibrating Linear inputs and writing compressed-tensors int-quantized",
-              flush=True)
+        print(
+            f"[{next(step)}/{steps}] w8a8: calibrating Linear inputs and writing compressed-tensors int-quantized",
+            flush=True,
+        )
         params = export_w8a8(model, args.model_dir, calib.batches, out)
         print(f"      wrote {out} ({len(params)} int8 Linear layers; LM head float)", flush=True)
     print(f"done in {time.time() - t0:.1f} s", flush=True)

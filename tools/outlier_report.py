@@ -9,6 +9,7 @@ VALID / TRAIN: megatron indexed dataset prefixes or .txt/.jsonl files / globs. A
 on the same blocks (Hugging Face model directories, FP and W8A8 perplexity). Logic:
 megatron_outeff/evaluation/report.py.
 """
+
 import os
 import sys
 import time
@@ -17,22 +18,35 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")  # our own per-step lines are the progress; no library bars
 
 from megatron_outeff.utils.cli import (  # noqa: E402
-    OneLineArgumentParser, command, positive_float, positive_int, quiet_transformers,
+    OneLineArgumentParser,
+    command,
+    positive_float,
+    positive_int,
+    quiet_transformers,
 )
 
 
 @command
 def main(argv=None) -> int:
     p = OneLineArgumentParser(prog="tools/outlier_report.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", action="append", required=True, metavar="LABEL=PATH",
-                   help="a model directory with its label in the report (repeat for several models)")
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="LABEL=PATH",
+        help="a model directory with its label in the report (repeat for several models)",
+    )
     p.add_argument("--data", required=True, help="evaluation data: indexed dataset prefix, or .txt/.jsonl files/glob")
-    p.add_argument("--calib-data", help="calibration data for W8A8 (paper: training data; default: --data, noted in the report)")
+    p.add_argument(
+        "--calib-data", help="calibration data for W8A8 (paper: training data; default: --data, noted in the report)"
+    )
     p.add_argument("--output-dir", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--max-blocks", type=positive_int, default=8, help="evaluation blocks (default 8)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="evaluation batch size (default 8)")
     p.add_argument("--top-k", type=positive_int, default=8, help="outlier channels listed per component (default 8)")
-    p.add_argument("--n-sigma", type=positive_float, default=6.0, help="outlier threshold in standard deviations (default 6)")
+    p.add_argument(
+        "--n-sigma", type=positive_float, default=6.0, help="outlier threshold in standard deviations (default 6)"
+    )
     p.add_argument("--skip-quant", action="store_true", help="skip the W8A8 perplexities (faster)")
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
     from megatron_outeff.evaluation.eval_data import add_data_arguments
@@ -66,21 +80,37 @@ def main(argv=None) -> int:
     vocab_size = min(vocab) if vocab else None
 
     print(f"evaluation data {args.data}", flush=True)
-    data = eval_blocks(args.data, tok, block_size=block_size, max_blocks=args.max_blocks,
-                       vocab_size=vocab_size, json_key=args.json_key)
+    data = eval_blocks(
+        args.data, tok, block_size=block_size, max_blocks=args.max_blocks, vocab_size=vocab_size, json_key=args.json_key
+    )
     print(f"  {data.description['blocks']} blocks x {block_size} tokens", flush=True)
     calib = None
     if not args.skip_quant:
-        calib = calibration_batches(args.calib_data or args.data, tok, num_batches=args.num_calib_batches,
-                                    batch_size=args.calib_batch_size, block_size=block_size,
-                                    vocab_size=vocab_size, json_key=args.json_key)
+        calib = calibration_batches(
+            args.calib_data or args.data,
+            tok,
+            num_batches=args.num_calib_batches,
+            batch_size=args.calib_batch_size,
+            block_size=block_size,
+            vocab_size=vocab_size,
+            json_key=args.json_key,
+        )
         if not args.calib_data:
             calib.description["note"] = "calibrated on the evaluation data (no --calib-data given)"
         print(f"calibration: {calib.description['batches']} batches {calib.description['batch_sizes']}", flush=True)
     command_line = ["tools/outlier_report.py", *(sys.argv[1:] if argv is None else argv)]
-    report = build_report(models, data, calib, skip_quant=args.skip_quant, batch_size=args.batch_size,
-                          top_k=args.top_k, n_sigma=args.n_sigma, device=args.device, command=command_line,
-                          log=lambda msg: print(msg, flush=True))
+    report = build_report(
+        models,
+        data,
+        calib,
+        skip_quant=args.skip_quant,
+        batch_size=args.batch_size,
+        top_k=args.top_k,
+        n_sigma=args.n_sigma,
+        device=args.device,
+        command=command_line,
+        log=lambda msg: print(msg, flush=True),
+    )
     for f in write_report(report, args.output_dir):
         print(f"wrote {f}", flush=True)
     print(f"done in {time.time() - t0:.1f} s", flush=True)

@@ -12,6 +12,7 @@ Examples:
   python tools/preprocess_data.py --input 'books/*.txt' --txt-mode paragraph \\
       --tokenizer opt/tokenizer.json --output-prefix data/books
 """
+
 import argparse
 import sys
 
@@ -21,17 +22,32 @@ from megatron_outeff.utils.cli import OneLineArgumentParser, command, positive_i
 @command
 def main(argv=None) -> int:
     p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB",
-                   help=".txt and/or .jsonl/.json/.ndjson files or quoted globs, read in the given order")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PATH_OR_GLOB",
+        help=".txt and/or .jsonl/.json/.ndjson files or quoted globs, read in the given order",
+    )
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
-    p.add_argument("--tokenizer", required=True,
-                   help="sentencepiece .model, Hugging Face tokenizer.json, or a directory holding one")
-    p.add_argument("--eod-token", default=None,
-                   help="end-of-document token (default: sentencepiece eos; tokenizer.json: "
-                        "'<|endoftext|>' if present else '</s>')")
+    p.add_argument(
+        "--tokenizer",
+        required=True,
+        help="sentencepiece .model, Hugging Face tokenizer.json, or a directory holding one",
+    )
+    p.add_argument(
+        "--eod-token",
+        default=None,
+        help="end-of-document token (default: sentencepiece eos; tokenizer.json: "
+        "'<|endoftext|>' if present else '</s>')",
+    )
     p.add_argument("--json-key", default="text", help="field holding the text in JSONL (default 'text')")
-    p.add_argument("--txt-mode", choices=["file", "paragraph"], default="file",
-                   help="one document per .txt file, or per blank-line-separated block (default file)")
+    p.add_argument(
+        "--txt-mode",
+        choices=["file", "paragraph"],
+        default="file",
+        help="one document per .txt file, or per blank-line-separated block (default file)",
+    )
     p.add_argument("--workers", type=positive_int, default=1, help="tokenizer worker processes (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -41,15 +57,26 @@ def main(argv=None) -> int:
     from megatron_outeff.data.preprocess import preprocess_corpus
 
     s = preprocess_corpus(
-        a.input, a.output_prefix, a.tokenizer, json_key=a.json_key, txt_mode=a.txt_mode,
-        workers=a.workers, overwrite=a.overwrite, progress=not a.no_progress, eod_token=a.eod_token,
+        a.input,
+        a.output_prefix,
+        a.tokenizer,
+        json_key=a.json_key,
+        txt_mode=a.txt_mode,
+        workers=a.workers,
+        overwrite=a.overwrite,
+        progress=not a.no_progress,
+        eod_token=a.eod_token,
     )
-    print(f"wrote {s.prefix}.bin/.idx: {s.documents} documents, {s.tokens} tokens ({s.dtype}) "
-          f"in {s.seconds:.1f} s ({s.tokens / max(s.seconds, 1e-9):.3g} tokens/s)")
+    print(
+        f"wrote {s.prefix}.bin/.idx: {s.documents} documents, {s.tokens} tokens ({s.dtype}) "
+        f"in {s.seconds:.1f} s ({s.tokens / max(s.seconds, 1e-9):.3g} tokens/s)"
+    )
     if s.lossy_documents:
-        print(f"warning: {s.lossy_documents} of {s.documents} documents do not round-trip "
-              f"(decode(encode(text)) != text; the first is document {s.first_lossy}, 0-based): with a "
-              f"sentencepiece tokenizer, text holding U+2581 decodes it as a space")
+        print(
+            f"warning: {s.lossy_documents} of {s.documents} documents do not round-trip "
+            f"(decode(encode(text)) != text; the first is document {s.first_lossy}, 0-based): with a "
+            f"sentencepiece tokenizer, text holding U+2581 decodes it as a space"
+        )
     return 0
 
 

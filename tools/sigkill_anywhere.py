@@ -25,6 +25,7 @@ optimizer state and RNG states must equal the reference's bit for bit.
 Exit code 0 when everything matched, 1 otherwise. The Markdown report (--output-md) records the
 command, versions, the machine's load, every attempt and the verdict.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,12 +49,30 @@ KEEP_LAST = 2
 
 
 def trainer_cmd(ckpt: Path, iters: int, zero_stage: int) -> list[str]:
-    sets = [f"checkpoint.dir={ckpt}", "checkpoint.save_interval=1", f"checkpoint.keep_last={KEEP_LAST}",
-            f"train.train_iters={iters}", "train.eval_interval=0", "logging.tensorboard_dir=null",
-            "logging.outlier_interval=0", "logging.log_interval=1", "precision.dtype=fp32", f"parallel.zero_stage={zero_stage}",
-            "parallel.micro_batch_size=1", "parallel.global_batch_size=4", "train.clip_grad=1.0",
-            "schedule.warmup_iters=2", "model.arch_overrides={vocab_size: 256, hidden_dropout: 0.1, attention_dropout: 0.1}"]
-    cmd = [sys.executable, "-m", "megatron_outeff.training.train", "--config", str(ROOT / "configs/train/demo-tiny.yaml")]
+    sets = [
+        f"checkpoint.dir={ckpt}",
+        "checkpoint.save_interval=1",
+        f"checkpoint.keep_last={KEEP_LAST}",
+        f"train.train_iters={iters}",
+        "train.eval_interval=0",
+        "logging.tensorboard_dir=null",
+        "logging.outlier_interval=0",
+        "logging.log_interval=1",
+        "precision.dtype=fp32",
+        f"parallel.zero_stage={zero_stage}",
+        "parallel.micro_batch_size=1",
+        "parallel.global_batch_size=4",
+        "train.clip_grad=1.0",
+        "schedule.warmup_iters=2",
+        "model.arch_overrides={vocab_size: 256, hidden_dropout: 0.1, attention_dropout: 0.1}",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron_outeff.training.train",
+        "--config",
+        str(ROOT / "configs/train/demo-tiny.yaml"),
+    ]
     for s in sets:
         cmd += ["--set", s]
     return cmd
@@ -76,8 +95,9 @@ def run(cmd, env, kill: tuple[str, float] | None, log: Path) -> tuple[int, list[
     that many seconds after the first output line starting with prefix ("" = the start), if still running.
     The lines are also written to log."""
     start = time.time()
-    p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         errors="replace")
+    p = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    )
     lines, timers = [], []
 
     def arm(delay):
@@ -176,7 +196,12 @@ def last_event(lines) -> str:
 @command
 def main(argv=None) -> int:
     p = OneLineArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--kills", type=positive_int, default=12, help="SIGKILLs to land before the run may finish (fewer if it reaches its last step first; default 12)")
+    p.add_argument(
+        "--kills",
+        type=positive_int,
+        default=12,
+        help="SIGKILLs to land before the run may finish (fewer if it reaches its last step first; default 12)",
+    )
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--iters", type=positive_int, default=12, help="training steps (a checkpoint after each)")
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=1)
@@ -196,7 +221,9 @@ def main(argv=None) -> int:
     ref_ckpt, ckpt = work / "reference", work / "killed"
     for d in (ref_ckpt, ckpt):
         shutil.rmtree(d, ignore_errors=True)
-    code, ref_lines = run(trainer_cmd(ref_ckpt, args.iters, args.zero_stage), trainer_env(), None, work / "reference.log")
+    code, ref_lines = run(
+        trainer_cmd(ref_ckpt, args.iters, args.zero_stage), trainer_env(), None, work / "reference.log"
+    )
     if code != 0:
         print((work / "reference.log").read_text()[-3000:])
         print(f"the uninterrupted run failed (exit {code})")
@@ -204,8 +231,11 @@ def main(argv=None) -> int:
     ref_seconds = ref_lines[-1][0]
     iter_times = [t for t, line in ref_lines if line.startswith("iter ")]
     first_step, per_step = iter_times[0], (iter_times[-1] - iter_times[0]) / max(1, len(iter_times) - 1)
-    print(f"reference: {ref_seconds:.1f} s, {args.iters} steps; first step after {first_step:.1f} s, "
-          f"then {per_step:.1f} s per step and save", flush=True)
+    print(
+        f"reference: {ref_seconds:.1f} s, {args.iters} steps; first step after {first_step:.1f} s, "
+        f"then {per_step:.1f} s per step and save",
+        flush=True,
+    )
 
     rows, problems, all_losses = [], [], {}
     kills = attempt = 0
@@ -242,7 +272,10 @@ def main(argv=None) -> int:
         elif code != 0:
             problems.append(f"attempt {attempt}: exit code {code} (see {log})")
         rows.append((attempt, mode, f"iteration {resume}", code, last_event(lines), lost))
-        print(f"attempt {attempt}: {rows[-1][1]}, resumed at {resume}, exit {code}, last: {rows[-1][4]} {lost}", flush=True)
+        print(
+            f"attempt {attempt}: {rows[-1][1]}, resumed at {resume}, exit {code}, last: {rows[-1][4]} {lost}",
+            flush=True,
+        )
         if code == 0:
             break
         if attempt > 4 * args.kills + 10:
@@ -265,25 +298,33 @@ def main(argv=None) -> int:
             if seen != {ref_losses.get(i)}:
                 mismatched.append(f"loss of iteration {i}: {sorted(seen)} vs {ref_losses.get(i)}")
     ok = not problems and not mismatched
-    verdict = (f"final checkpoint equals the uninterrupted run's bit for bit ({n_tensors} tensors and states: model, "
-               f"Adam moments, optimizer state, RNG) after {kills} SIGKILLs; every logged loss equal"
-               if ok else f"FAILED: {problems or mismatched}")
+    verdict = (
+        f"final checkpoint equals the uninterrupted run's bit for bit ({n_tensors} tensors and states: model, "
+        f"Adam moments, optimizer state, RNG) after {kills} SIGKILLs; every logged loss equal"
+        if ok
+        else f"FAILED: {problems or mismatched}"
+    )
     print(verdict)
 
     if args.output_md:
         import deepspeed
 
         lines = [
-            "# SIGKILL anywhere, resume each time (tools/sigkill_anywhere.py)", "",
+            "# SIGKILL anywhere, resume each time (tools/sigkill_anywhere.py)",
+            "",
             f"Command: `python tools/sigkill_anywhere.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
             f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}; load average "
             f"{load_before[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end (a shared machine); "
             f"python {platform.python_version()}, torch {torch.__version__}, deepspeed {deepspeed.__version__}",
             f"Run: fp32, CPU, ZeRO-{args.zero_stage}, dropout 0.1, {args.iters} steps, a checkpoint after every step, "
-            f"keep_last {KEEP_LAST}; reference (uninterrupted) {ref_seconds:.1f} s; total {time.time() - started:.0f} s.", "",
-            "| attempt | killed | resumed at | exit | last line before the end | then |", "|---|---|---|---|---|---|",
-            *[f"| {a} | {m} | {r} | {c} | `{e}` | {x} |" for a, m, r, c, e, x in rows], "",
-            f"**Verdict**: {verdict}", "",
+            f"keep_last {KEEP_LAST}; reference (uninterrupted) {ref_seconds:.1f} s; total {time.time() - started:.0f} s.",
+            "",
+            "| attempt | killed | resumed at | exit | last line before the end | then |",
+            "|---|---|---|---|---|---|",
+            *[f"| {a} | {m} | {r} | {c} | `{e}` | {x} |" for a, m, r, c, e, x in rows],
+            "",
+            f"**Verdict**: {verdict}",
+            "",
         ]
         Path(args.output_md).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output_md).write_text("\n".join(lines))

@@ -14,6 +14,7 @@ Nothing is timed: these are the facts a kernel's speed depends on, not its speed
 Writes PREFIX.json (every compiled kernel) and PREFIX.md (one table per architecture), default
 tools/results/flash_compile_report.*; prints one progress line per compiled launch.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -31,32 +32,49 @@ ATOMIC_CASES = tuple(("bfloat16", d, f) for d in (64, 128) for f in ("all", "non
 def _markdown(report: dict) -> str:
     from megatron_outeff.ops.triton_compile import FAMILY_SHARED_MEMORY_LIMIT
 
-    lines = ["# Flash-attention kernels compiled ahead of time (no GPU)", "",
-             f"Command: `{report['command']}`  ", f"Date: {report['date']}; triton {report['triton']}, torch "
-             f"{report['torch']}, Python {report['python']}; load average before / after: {report['load_before']} / "
-             f"{report['load_after']} (compile seconds are wall-clock on a shared machine; ~0: from Triton's cache)", "",
-             "Columns: shared = dynamic shared memory per block (KiB); regs = registers per thread; stack / STL / "
-             "LDL = stack frame (bytes) and spill store / load instructions (our kernels have no local arrays, "
-             "so any of them is a spill); wgmma / mma = Hopper warpgroup (HGMMA) and warp-level (HMMA) matrix "
-             "instructions in the SASS; instr = SASS instructions. Specialisation: input dtype, head-dim tile, "
-             "the constexpr flags that are on, [flag set (all: every flag on and GQA; none: no flag, MHA), dQ "
-             "structure, head dim].", ""]
+    lines = [
+        "# Flash-attention kernels compiled ahead of time (no GPU)",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Date: {report['date']}; triton {report['triton']}, torch "
+        f"{report['torch']}, Python {report['python']}; load average before / after: {report['load_before']} / "
+        f"{report['load_after']} (compile seconds are wall-clock on a shared machine; ~0: from Triton's cache)",
+        "",
+        "Columns: shared = dynamic shared memory per block (KiB); regs = registers per thread; stack / STL / "
+        "LDL = stack frame (bytes) and spill store / load instructions (our kernels have no local arrays, "
+        "so any of them is a spill); wgmma / mma = Hopper warpgroup (HGMMA) and warp-level (HMMA) matrix "
+        "instructions in the SASS; instr = SASS instructions. Specialisation: input dtype, head-dim tile, "
+        "the constexpr flags that are on, [flag set (all: every flag on and GQA; none: no flag, MHA), dQ "
+        "structure, head dim].",
+        "",
+    ]
     for arch in report["archs"]:
         facts = [f for f in report["facts"] if f["arch"] == arch]
         limit = FAMILY_SHARED_MEMORY_LIMIT[arch] / 1024
-        spills = [f for f in facts if (f["spill_stores"] or f["spill_loads"] or f["stack_bytes"])
-                  and "not a candidate" not in f["specialisation"]]
-        lines += [f"## sm_{arch} ({len(facts)} compiled kernels; shared-memory limit {limit:.0f} KiB"
-                  + (", sm_86 / sm_89's: one table serves sm_80-89" if arch == 80 else "") + ")", "",
-                  f"Largest shared memory: {max(f['shared_bytes'] for f in facts) / 1024:.1f} KiB; kernels with "
-                  f"spills (launcher candidates; OUTEFF_FLASH_DQ=atomic included): {len(spills)} "
-                  f"({', '.join(sorted({f['specialisation'].split()[0] for f in spills})) or '-'}).",
-                  "", "| kernel | config | specialisation | shared KiB | regs | stack | STL | LDL | wgmma | mma | instr | s |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        spills = [
+            f
+            for f in facts
+            if (f["spill_stores"] or f["spill_loads"] or f["stack_bytes"])
+            and "not a candidate" not in f["specialisation"]
+        ]
+        lines += [
+            f"## sm_{arch} ({len(facts)} compiled kernels; shared-memory limit {limit:.0f} KiB"
+            + (", sm_86 / sm_89's: one table serves sm_80-89" if arch == 80 else "")
+            + ")",
+            "",
+            f"Largest shared memory: {max(f['shared_bytes'] for f in facts) / 1024:.1f} KiB; kernels with "
+            f"spills (launcher candidates; OUTEFF_FLASH_DQ=atomic included): {len(spills)} "
+            f"({', '.join(sorted({f['specialisation'].split()[0] for f in spills})) or '-'}).",
+            "",
+            "| kernel | config | specialisation | shared KiB | regs | stack | STL | LDL | wgmma | mma | instr | s |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for f in sorted(facts, key=lambda f: (f["kernel"], f["specialisation"], f["config"])):
-            lines.append(f"| {f['kernel']} | {f['config']} | {f['specialisation']} | {f['shared_bytes'] / 1024:.1f} | "
-                         f"{f['registers']} | {f['stack_bytes']} | {f['spill_stores']} | {f['spill_loads']} | "
-                         f"{f['wgmma']} | {f['mma']} | {f['instructions']} | {f['compile_s']} |")
+            lines.append(
+                f"| {f['kernel']} | {f['config']} | {f['specialisation']} | {f['shared_bytes'] / 1024:.1f} | "
+                f"{f['registers']} | {f['stack_bytes']} | {f['spill_stores']} | {f['spill_loads']} | "
+                f"{f['wgmma']} | {f['mma']} | {f['instructions']} | {f['compile_s']} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -87,14 +105,31 @@ def _atomic_wgmma_evidence(arch, progress):
 @command
 def main(argv=None):
     p = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", type=int, nargs="+", choices=(80, 90), default=[80, 90],
-                   help="compute capabilities to compile for (default: 80 90)")
-    p.add_argument("--workers", type=positive_int, default=min(2, os.cpu_count() or 1),
-                   help="compile processes (default: min(2, CPUs))")
-    p.add_argument("--no-atomic-dq", dest="with_atomic_dq", action="store_false",
-                   help="skip the dK/dV kernel with dQ by atomics (OUTEFF_FLASH_DQ=atomic; bf16, d 64 and 128)")
-    p.add_argument("--output-prefix", default=os.path.join(ROOT, "tools", "results", "flash_compile_report"),
-                   help="writes PREFIX.json and PREFIX.md")
+    p.add_argument(
+        "--arch",
+        type=int,
+        nargs="+",
+        choices=(80, 90),
+        default=[80, 90],
+        help="compute capabilities to compile for (default: 80 90)",
+    )
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=min(2, os.cpu_count() or 1),
+        help="compile processes (default: min(2, CPUs))",
+    )
+    p.add_argument(
+        "--no-atomic-dq",
+        dest="with_atomic_dq",
+        action="store_false",
+        help="skip the dK/dV kernel with dQ by atomics (OUTEFF_FLASH_DQ=atomic; bf16, d 64 and 128)",
+    )
+    p.add_argument(
+        "--output-prefix",
+        default=os.path.join(ROOT, "tools", "results", "flash_compile_report"),
+        help="writes PREFIX.json and PREFIX.md",
+    )
     args = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -107,11 +142,17 @@ def main(argv=None):
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
     facts = []
     for arch in args.arch:
+
         def progress(done, total, got, arch=arch):
             worst = max(got, key=lambda f: f.spill_stores)
-            print(f"[sm_{arch} {done}/{total}] {worst.kernel} {worst.specialisation}: "
-                  + "; ".join(f"{f.config} {f.shared_bytes / 1024:.0f}K {f.registers}r {f.spill_stores}stl "
-                              f"{f.wgmma}wg {f.mma}mma" for f in got), flush=True)
+            print(
+                f"[sm_{arch} {done}/{total}] {worst.kernel} {worst.specialisation}: "
+                + "; ".join(
+                    f"{f.config} {f.shared_bytes / 1024:.0f}K {f.registers}r {f.spill_stores}stl {f.wgmma}wg {f.mma}mma"
+                    for f in got
+                ),
+                flush=True,
+            )
 
         items = flash_items(arch)
         if args.with_atomic_dq:  # the 5-product structure (OUTEFF_FLASH_DQ=atomic), for the record
@@ -122,9 +163,13 @@ def main(argv=None):
     report = {
         "command": "python tools/triton_compile_report.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "triton": triton.__version__, "torch": torch.__version__, "python": platform.python_version(),
-        "load_before": load_before, "load_after": " ".join(f"{x:.1f}" for x in os.getloadavg()),
-        "archs": args.arch, "facts": facts,
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_before": load_before,
+        "load_after": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "archs": args.arch,
+        "facts": facts,
     }
     with open(args.output_prefix + ".json", "w") as f:
         json.dump(report, f, indent=1)

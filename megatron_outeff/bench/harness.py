@@ -23,6 +23,7 @@ same process, the device and load record, JSON / Markdown output written as resu
 Timing reports the median and the minimum of the timed calls; ratios are taken against a baseline
 timed in the same rounds (``ratio``). Knows torch only.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,6 +64,7 @@ def time_ms(fn: Callable[[], object], device: torch.device) -> float:
 @dataclass
 class Samples:
     """The timed calls of one function (milliseconds), the error that stopped it, its CUDA peak."""
+
     ms: List[float] = field(default_factory=list)
     error: Optional[str] = None
     peak_mib: Optional[float] = None
@@ -86,9 +88,17 @@ def _error_text(e: BaseException) -> str:
     return f"error: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
 
-def round_robin(fns: Dict[str, Callable[[], object]], *, warmup: int, repeats: int, device: torch.device,
-                interleave: bool = True, rotate: bool = True, track_cuda_peak: bool = False,
-                after_round: Optional[Callable[[int, Dict[str, Samples]], None]] = None) -> Dict[str, Samples]:
+def round_robin(
+    fns: Dict[str, Callable[[], object]],
+    *,
+    warmup: int,
+    repeats: int,
+    device: torch.device,
+    interleave: bool = True,
+    rotate: bool = True,
+    track_cuda_peak: bool = False,
+    after_round: Optional[Callable[[int, Dict[str, Samples]], None]] = None,
+) -> Dict[str, Samples]:
     """{name: Samples} of ``repeats`` timed calls of each function after ``warmup`` untimed ones.
 
     interleave: one call of each function per round (rotating the order each round when ``rotate``);
@@ -99,7 +109,7 @@ def round_robin(fns: Dict[str, Callable[[], object]], *, warmup: int, repeats: i
     names = list(fns)
     rounds = warmup + repeats
     if interleave:
-        schedule = [(r, names[r % len(names):] + names[: r % len(names)] if rotate else names) for r in range(rounds)]
+        schedule = [(r, names[r % len(names) :] + names[: r % len(names)] if rotate else names) for r in range(rounds)]
     else:
         schedule = [(r, [n]) for n in names for r in range(rounds)]
     for r, group in schedule:
@@ -183,8 +193,9 @@ def reset_peak_rss() -> None:
         pass
 
 
-def probe_subprocess(cmd: Sequence[str], *, key: str = "peak_mib", env: Optional[dict] = None,
-                     timeout: float = 600) -> Optional[float]:
+def probe_subprocess(
+    cmd: Sequence[str], *, key: str = "peak_mib", env: Optional[dict] = None, timeout: float = 600
+) -> Optional[float]:
     """Run a memory probe (a fresh process printing one JSON line {key: value}); the value or None."""
     try:
         r = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, env=env)
@@ -237,14 +248,23 @@ def versions(modules: Iterable[str] = ("triton", "megatron.core", "deepspeed")) 
 
 def environment(device: torch.device, modules: Iterable[str] = ("triton", "megatron.core", "deepspeed")) -> dict:
     """The record every result file carries: device, versions, threads, load, time, command."""
-    env = dict(device=device_name(device), device_type=device.type, versions=versions(modules),
-               torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
-               command=" ".join([os.path.basename(sys.executable)] + [os.path.relpath(sys.argv[0])] + sys.argv[1:]),
-               started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), loadavg_start=loadavg())
+    env = dict(
+        device=device_name(device),
+        device_type=device.type,
+        versions=versions(modules),
+        torch_threads=torch.get_num_threads(),
+        cpu_count=os.cpu_count(),
+        command=" ".join([os.path.basename(sys.executable)] + [os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+        started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        loadavg_start=loadavg(),
+    )
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env.update(capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
-                   memory_gib=round(props.total_memory / 2**30, 1))
+        env.update(
+            capability=f"{props.major}.{props.minor}",
+            cuda=torch.version.cuda,
+            memory_gib=round(props.total_memory / 2**30, 1),
+        )
     else:
         env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     return env
@@ -253,19 +273,22 @@ def environment(device: torch.device, modules: Iterable[str] = ("triton", "megat
 # ------------------------------------------------------------------------------------------------
 # output
 # ------------------------------------------------------------------------------------------------
-Column = Tuple[str, str, str]      # (header, row key, format spec: "" for str, ".2f", ...)
+Column = Tuple[str, str, str]  # (header, row key, format spec: "" for str, ".2f", ...)
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
     """Rows as a Markdown table; a missing value prints as "-"."""
+
     def cell(row, key, fmt):
         v = row.get(key)
         if v is None:
             return "-"
         return format(v, fmt) if fmt and isinstance(v, (int, float)) else str(v)
 
-    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |",
-             "|" + "|".join("---:" if fmt else "---" for _, _, fmt in columns) + "|"]
+    lines = [
+        "| " + " | ".join(h for h, _, _ in columns) + " |",
+        "|" + "|".join("---:" if fmt else "---" for _, _, fmt in columns) + "|",
+    ]
     lines += ["| " + " | ".join(cell(r, k, f) for _, k, f in columns) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -278,8 +301,9 @@ class Report:
     raise KeyboardInterrupt even when the parent process ignored it (a time limit's SIGINT, as
     tools/gpu/run.sh sends, must reach the benchmark so that it saves what it measured)."""
 
-    def __init__(self, json_path, md_path=None, meta: Optional[dict] = None,
-                 render: Optional[Callable[[dict], str]] = None):
+    def __init__(
+        self, json_path, md_path=None, meta: Optional[dict] = None, render: Optional[Callable[[dict], str]] = None
+    ):
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, signal.default_int_handler)
         self.json_path = Path(json_path) if json_path else None

@@ -6,6 +6,7 @@ by name (``select``).
 Clipping uses the paper's OPT form, clip_alpha = 12 (gamma = -12 / T, zeta = 1), with T the sequence
 length of the run; gates start at the variant's default (sigmoid = 0.25).
 """
+
 from __future__ import annotations
 
 from typing import Dict, Iterable
@@ -45,8 +46,9 @@ def config_overrides(variant: _V) -> list:
     return [f"attention.{k}={v}" for k, v in variant.to_dict().items() if v != default[k]]
 
 
-def attention_kwargs(variant: _V, *, b: int, s: int, h: int, device, dtype, requires_grad: bool = True,
-                     seed: int = 1) -> dict:
+def attention_kwargs(
+    variant: _V, *, b: int, s: int, h: int, device, dtype, requires_grad: bool = True, seed: int = 1
+) -> dict:
     """Keyword arguments of ``outeff_attention`` for ``variant`` on q [b, s, h, d], causal self-attention
     of length s: softmax (+ a learnable offset [h] of zeros), clip (alpha form resolved at T = s), and
     a per-head gate [b, s, h] in (0, 1) for a gated variant (its gradient counts, as in training)."""
@@ -65,4 +67,3 @@ def attention_flops(b: int, s: int, h: int, d: int, causal: bool = True, backwar
     (FlashAttention-2's count: 5 products with recomputation, vs 2 forward), halved when causal."""
     fwd = 4.0 * b * h * s * s * d * (0.5 if causal else 1.0)
     return fwd * (3.5 if backward else 1.0)
-

@@ -3,6 +3,7 @@ save is written), ``latest``, ``run.json``, ``train_state.json``, the RNG and ra
 What each file holds: README.md in this package. The JSON files are written atomically (temporary
 file, fsync, rename): a reader sees the old content or the new one, never a part.
 """
+
 from __future__ import annotations
 
 import json

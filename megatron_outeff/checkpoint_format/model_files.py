@@ -4,6 +4,7 @@ never pickles): written with ``tensor_state``, ``write_rank_file``, ``make_manif
 ``read_model_files``. What they hold, who writes and who reads them: README.md in this package.
 Every reader check raises a one-line ``OutEffError`` before anything is written.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,27 +33,50 @@ def dtype_name(tensors: Iterable[torch.Tensor]) -> str:
     return DTYPE_NAMES.get(dtypes.pop(), "fp32") if len(dtypes) == 1 else "mixed"
 
 
-def make_manifest(*, arch, variant, tp: int, pp: int, padded_vocab_size: int, dtype: str,
-                  seq_length: Optional[int], iteration: int, source: str, fp32_master: bool = False) -> dict:
+def make_manifest(
+    *,
+    arch,
+    variant,
+    tp: int,
+    pp: int,
+    padded_vocab_size: int,
+    dtype: str,
+    seq_length: Optional[int],
+    iteration: int,
+    source: str,
+    fp32_master: bool = False,
+) -> dict:
     """The manifest.json of a checkpoint's model files; its fields: README.md in this package."""
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "family": arch.family, "arch": arch.to_dict(), "attention": variant.to_dict(),
-        "tp": int(tp), "pp": int(pp), "vocab_size": int(arch.vocab_size), "padded_vocab_size": int(padded_vocab_size),
-        "dtype": dtype, "seq_length": None if seq_length is None else int(seq_length), "iteration": int(iteration),
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "family": arch.family,
+        "arch": arch.to_dict(),
+        "attention": variant.to_dict(),
+        "tp": int(tp),
+        "pp": int(pp),
+        "vocab_size": int(arch.vocab_size),
+        "padded_vocab_size": int(padded_vocab_size),
+        "dtype": dtype,
+        "seq_length": None if seq_length is None else int(seq_length),
+        "iteration": int(iteration),
         "source": source,
-        "files": {rank_file_name(t, p)[: -len(".safetensors")]: rank_file_name(t, p) for p in range(pp) for t in range(tp)},
+        "files": {
+            rank_file_name(t, p)[: -len(".safetensors")]: rank_file_name(t, p) for p in range(pp) for t in range(tp)
+        },
         "fp32_master": MASTER_SUBDIR if fp32_master else None,
     }
 
 
-def tensor_state(module: torch.nn.Module, replace: Optional[Mapping[int, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+def tensor_state(
+    module: torch.nn.Module, replace: Optional[Mapping[int, torch.Tensor]] = None
+) -> dict[str, torch.Tensor]:
     """A megatron model's tensors for a rank file: CPU copies, wrapper prefixes and _extra_state dropped.
     ``replace`` maps ``id(parameter)`` to the tensor stored in its place (the fp32 master weights)."""
     out = {}
     for k, v in module.state_dict(keep_vars=True).items():
         while k.startswith("module."):
-            k = k[len("module."):]
+            k = k[len("module.") :]
         if k.endswith("._extra_state") or not isinstance(v, torch.Tensor):
             continue
         if replace is not None and id(v) in replace:
@@ -67,8 +91,11 @@ def write_rank_file(model_dir: Path, tp_rank: int, pp_rank: int, state: Mapping[
     model_dir.mkdir(parents=True, exist_ok=True)
     path = model_dir / rank_file_name(tp_rank, pp_rank)
     # Each tensor its own storage (safetensors refuses shared storage, e.g. tied copies).
-    save_file({k: v.detach().cpu().clone().contiguous() for k, v in state.items()}, str(path),
-              metadata={"format": "pt", "tp_rank": str(tp_rank), "pp_rank": str(pp_rank)})
+    save_file(
+        {k: v.detach().cpu().clone().contiguous() for k, v in state.items()},
+        str(path),
+        metadata={"format": "pt", "tp_rank": str(tp_rank), "pp_rank": str(pp_rank)},
+    )
     return path
 
 
@@ -95,14 +122,18 @@ def resolve_model_dir(path, iteration: Optional[int] = None) -> Path:
             return path / MODEL_SUBDIR
         tag = latest_tag(path)
         if tag is None:
-            raise OutEffError(f"{path}: no '{LATEST}' file and no {MODEL_SUBDIR}/{MANIFEST}; expected a megatron_outeff checkpoint directory")
+            raise OutEffError(
+                f"{path}: no '{LATEST}' file and no {MODEL_SUBDIR}/{MANIFEST}; expected a megatron_outeff checkpoint directory"
+            )
     else:
         tag = tag_for(int(iteration))
     model_dir = path / tag / MODEL_SUBDIR
     if not (path / tag).is_dir():
         raise OutEffError(f"{path}: checkpoint {tag} not found")
     if not (model_dir / MANIFEST).is_file():
-        raise OutEffError(f"{model_dir}: no {MANIFEST} (checkpoint written before model files were added to checkpoints?)")
+        raise OutEffError(
+            f"{model_dir}: no {MANIFEST} (checkpoint written before model files were added to checkpoints?)"
+        )
     return model_dir
 
 
@@ -114,7 +145,9 @@ def read_manifest(model_dir: Path) -> dict:
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise OutEffError(f"{model_dir / MANIFEST}: not a {FORMAT} manifest")
     if m.get("format_version") != FORMAT_VERSION:
-        raise OutEffError(f"{model_dir / MANIFEST}: format_version {m.get('format_version')!r}, expected {FORMAT_VERSION}")
+        raise OutEffError(
+            f"{model_dir / MANIFEST}: format_version {m.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
     for key in ("arch", "attention", "tp", "pp", "padded_vocab_size", "dtype", "iteration"):
         if key not in m:
             raise OutEffError(f"{model_dir / MANIFEST}: missing key {key!r}")
@@ -145,12 +178,16 @@ def variant_hf_shapes(arch, variant) -> dict[str, tuple]:
     return family_of(arch).hf.variant_hf_shapes(arch, variant)
 
 
-def expected_rank_shapes(arch, variant, tp_rank: int, tp: int, pp_rank: int, pp: int, padded_vocab: int) -> dict[str, tuple]:
+def expected_rank_shapes(
+    arch, variant, tp_rank: int, tp: int, pp_rank: int, pp: int, padded_vocab: int
+) -> dict[str, tuple]:
     """{megatron key: shape} of rank (tp_rank, pp_rank), derived with the mapping itself on meta tensors."""
     mapping = family_of(arch).hf
     shapes = {**mapping.hf_expected_shapes(arch), **variant_hf_shapes(arch, variant)}
     meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
-    sd = mapping.hf_state_dict_to_megatron(meta, arch, tp_rank, tp, pp_rank, pp, vocab_size=padded_vocab, variant=variant)
+    sd = mapping.hf_state_dict_to_megatron(
+        meta, arch, tp_rank, tp, pp_rank, pp, vocab_size=padded_vocab, variant=variant
+    )
     return {k: tuple(v.shape) for k, v in sd.items()}
 
 
@@ -174,8 +211,10 @@ def read_model_files(model_dir, *, progress=None, weights: str = "auto") -> tupl
     except OutEffError as e:
         raise with_context(f"{model_dir / MANIFEST}: tp={tp}, pp={pp}", e) from None
     if m["padded_vocab_size"] < arch.vocab_size or m["padded_vocab_size"] % tp:
-        raise OutEffError(f"{model_dir / MANIFEST}: padded_vocab_size={m['padded_vocab_size']} must be >= vocab_size="
-                           f"{arch.vocab_size} and divisible by tp={tp}")
+        raise OutEffError(
+            f"{model_dir / MANIFEST}: padded_vocab_size={m['padded_vocab_size']} must be >= vocab_size="
+            f"{arch.vocab_size} and divisible by tp={tp}"
+        )
     master = m.get("fp32_master")
     if master is not None and master != MASTER_SUBDIR:
         raise OutEffError(f"{model_dir / MANIFEST}: fp32_master={master!r}, expected {MASTER_SUBDIR!r} or null")
@@ -186,8 +225,13 @@ def read_model_files(model_dir, *, progress=None, weights: str = "auto") -> tupl
         states = _read_rank_dir(model_dir / MASTER_SUBDIR, m, arch, variant, progress, dtype=torch.float32)
     else:
         m["weights_read"] = "model"
-        why = ("fp32 training" if m["dtype"] == "fp32" else
-               "weights only, as asked" if master else "this checkpoint holds no fp32 master copy")
+        why = (
+            "fp32 training"
+            if m["dtype"] == "fp32"
+            else "weights only, as asked"
+            if master
+            else "this checkpoint holds no fp32 master copy"
+        )
         m["weights_read_text"] = f"reading the model weights ({m['dtype']}; {why})"
         states = _read_rank_dir(model_dir, m, arch, variant, progress)
     return m, states
@@ -210,11 +254,15 @@ def _read_rank_dir(rank_dir: Path, m: dict, arch, variant, progress, dtype: Opti
     missing = sorted(wanted - set(present))
     if missing:
         names = [rank_file_name(t, p) for t, p in missing]
-        raise OutEffError(f"{rank_dir}: {len(missing)} rank file(s) missing for tp={tp} x pp={pp}: {', '.join(names[:4])}")
+        raise OutEffError(
+            f"{rank_dir}: {len(missing)} rank file(s) missing for tp={tp} x pp={pp}: {', '.join(names[:4])}"
+        )
     extra = sorted(set(present) - wanted)
     if extra:
-        raise OutEffError(f"{rank_dir}: rank file(s) {', '.join(present[k].name for k in extra[:4])} outside the manifest's "
-                           f"tp={tp} x pp={pp}: manifest and files disagree")
+        raise OutEffError(
+            f"{rank_dir}: rank file(s) {', '.join(present[k].name for k in extra[:4])} outside the manifest's "
+            f"tp={tp} x pp={pp}: manifest and files disagree"
+        )
     states = {}
     for i, (t, p) in enumerate(sorted(wanted, key=lambda k: (k[1], k[0]))):
         path = present[(t, p)]
@@ -223,13 +271,17 @@ def _read_rank_dir(rank_dir: Path, m: dict, arch, variant, progress, dtype: Opti
         try:
             sd = load_file(str(path))
         except Exception as e:  # safetensors raises its own error types
-            raise OutEffError(f"{path}: unreadable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            raise OutEffError(
+                f"{path}: unreadable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+            ) from None
         expected = expected_rank_shapes(arch, variant, t, tp, p, pp, m["padded_vocab_size"])
         miss = sorted(set(expected) - set(sd))
         unexp = sorted(set(sd) - set(expected))
         if miss or unexp:
-            raise OutEffError(f"{path}: tensors do not match {arch.name} ({variant.describe()}) at tp={tp}, pp={pp}: "
-                               f"missing {miss[:3]}, unexpected {unexp[:3]}")
+            raise OutEffError(
+                f"{path}: tensors do not match {arch.name} ({variant.describe()}) at tp={tp}, pp={pp}: "
+                f"missing {miss[:3]}, unexpected {unexp[:3]}"
+            )
         for k, shape in expected.items():
             v = sd[k]
             if tuple(v.shape) != shape:

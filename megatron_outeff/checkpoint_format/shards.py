@@ -7,6 +7,7 @@ and the megatron vocabulary-parallel tensors with their vocabulary-padding rows 
 embedding, and the LM head where it is not tied to it; the padding rows take part in the training loss
 through the LM head, so a re-split keeps them; Hugging Face drops them). Errors: one-line ``OutEffError``.
 """
+
 from __future__ import annotations
 
 from typing import Mapping, Optional
@@ -15,8 +16,8 @@ import torch
 
 from megatron_outeff.errors import OutEffError, with_context
 from megatron_outeff.models.family import family_of
-from .model_files import manifest_arch_variant, read_manifest, read_model_files, resolve_model_dir
 
+from .model_files import manifest_arch_variant, read_manifest, read_model_files, resolve_model_dir
 
 EMBED = "embedding.word_embeddings.weight"
 
@@ -34,16 +35,26 @@ def merge_ranks(states: Mapping[tuple, dict], arch, variant) -> tuple[dict, dict
         # may hold a stale copy. The embedding is authoritative.
         states = dict(states)
         for t in range(tp):
-            states[(t, pp - 1)] = dict(states[(t, pp - 1)],
-                                       **{"output_layer.weight": states[(t, 0)]["embedding.word_embeddings.weight"]})
+            states[(t, pp - 1)] = dict(
+                states[(t, pp - 1)], **{"output_layer.weight": states[(t, 0)]["embedding.word_embeddings.weight"]}
+            )
     hf = mapping.megatron_to_hf_state_dict(states, arch, strict=True, variant=variant)
     stage = {EMBED: 0}  # the embedding on the first stage, everything else (the LM head) on the last
     padded = {k: torch.cat([states[(t, stage.get(k, pp - 1))][k] for t in range(tp)], dim=0) for k in sources}
     return hf, padded
 
 
-def split_rank(hf: Mapping[str, torch.Tensor], padded: Optional[Mapping[str, torch.Tensor]], arch, variant,
-               tp_rank: int, tp: int, pp_rank: int, pp: int, vocab_rows: int) -> dict[str, torch.Tensor]:
+def split_rank(
+    hf: Mapping[str, torch.Tensor],
+    padded: Optional[Mapping[str, torch.Tensor]],
+    arch,
+    variant,
+    tp_rank: int,
+    tp: int,
+    pp_rank: int,
+    pp: int,
+    vocab_rows: int,
+) -> dict[str, torch.Tensor]:
     """Rank (tp_rank, pp_rank)'s megatron state dict (``variant``'s tensors included); its vocabulary-parallel
     tensors (the embedding, the LM head or the last stage's tied copy) cut from ``padded`` (``merge_ranks``;
     padding rows kept, zero rows added if ``vocab_rows`` is larger); None: from ``hf`` with zero padding rows."""
@@ -66,8 +77,19 @@ def resolved_variant(variant, seq_length, where):
         raise with_context(where, e) from None
 
 
-def load_into_model(model: torch.nn.Module, path, *, arch, variant, seq_length, tp_rank: int, tp: int, pp_rank: int,
-                    pp: int, progress=None) -> dict:
+def load_into_model(
+    model: torch.nn.Module,
+    path,
+    *,
+    arch,
+    variant,
+    seq_length,
+    tp_rank: int,
+    tp: int,
+    pp_rank: int,
+    pp: int,
+    progress=None,
+) -> dict:
     """Load a checkpoint's model files (a training or model-only checkpoint) into this rank's megatron
     model at any layout: its own rank file as is when the layout matches, else all ranks merged and
     re-split for (tp_rank, pp_rank). The architecture and the (resolved) attention variant must match.
@@ -80,13 +102,17 @@ def load_into_model(model: torch.nn.Module, path, *, arch, variant, seq_length, 
     manifest = read_manifest(model_dir)
     src_arch, src_variant = manifest_arch_variant(manifest, str(model_dir))
     if src_arch.family != arch.family:
-        raise OutEffError(f"{path}: a {src_arch.family} checkpoint ({src_arch.name}); the config's model.arch is "
-                          f"{arch.name}, a {arch.family} model")
+        raise OutEffError(
+            f"{path}: a {src_arch.family} checkpoint ({src_arch.name}); the config's model.arch is "
+            f"{arch.name}, a {arch.family} model"
+        )
     family_of(arch).hf.check_same_architecture(src_arch, arch, what=str(path))
     mine = resolved_variant(variant, seq_length, "the training config")
     theirs = resolved_variant(src_variant, manifest.get("seq_length"), str(model_dir))
     if mine != theirs:
-        raise OutEffError(f"{path}: attention variant {theirs.describe()!r} differs from the config's {mine.describe()!r}")
+        raise OutEffError(
+            f"{path}: attention variant {theirs.describe()!r} differs from the config's {mine.describe()!r}"
+        )
     rows = model.vocab_size
     manifest, states = read_model_files(model_dir, progress=progress)
     if (manifest["tp"], manifest["pp"], manifest["padded_vocab_size"]) == (tp, pp, rows):

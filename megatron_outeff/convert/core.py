@@ -9,6 +9,7 @@ checkpoint format (megatron_outeff.checkpoint_format: model files, merge / split
 All inputs are checked before anything is written; outputs go to a temporary sibling directory
 renamed into place at the end. Errors: one-line ``OutEffError``.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,22 @@ from typing import Callable, Optional
 import torch
 
 from megatron_outeff.checkpoint_format import (
-    MODEL_SUBDIR, dtype_name, expected_rank_shapes, make_manifest, manifest_arch_variant, merge_ranks,
-    rank_file_name, read_model_files, resolve_model_dir, resolved_variant, split_rank, tag_for, variant_hf_shapes,
-    write_latest, write_manifest, write_rank_file,
+    MODEL_SUBDIR,
+    dtype_name,
+    expected_rank_shapes,
+    make_manifest,
+    manifest_arch_variant,
+    merge_ranks,
+    rank_file_name,
+    read_model_files,
+    resolve_model_dir,
+    resolved_variant,
+    split_rank,
+    tag_for,
+    variant_hf_shapes,
+    write_latest,
+    write_manifest,
+    write_rank_file,
 )
 from megatron_outeff.errors import OutEffError, with_context
 from megatron_outeff.models.family import family_for_hf_model_type, family_of
@@ -37,8 +51,20 @@ def _say(progress: Progress, msg: str) -> None:
         progress(msg)
 
 
-def write_model_checkpoint(out_dir, rank_states: Callable[[int, int], dict], *, arch, variant, tp: int, pp: int,
-                           padded_vocab: int, seq_length, iteration: int, source: str, progress: Progress = None) -> Path:
+def write_model_checkpoint(
+    out_dir,
+    rank_states: Callable[[int, int], dict],
+    *,
+    arch,
+    variant,
+    tp: int,
+    pp: int,
+    padded_vocab: int,
+    seq_length,
+    iteration: int,
+    source: str,
+    progress: Progress = None,
+) -> Path:
     """A model-only checkpoint: OUT/latest + OUT/iter_XXXXXXX/model/{manifest.json, tp.._pp...safetensors}.
     ``rank_states(t, p)`` builds one rank's state dict (all are built and checked before the rename)."""
     out_dir = check_empty_output_dir(Path(out_dir))
@@ -52,14 +78,28 @@ def write_model_checkpoint(out_dir, rank_states: Callable[[int, int], dict], *, 
                 expected = expected_rank_shapes(arch, variant, t, tp, p, pp, padded_vocab)
                 got = {k: tuple(v.shape) for k, v in sd.items()}
                 if got != expected:
-                    raise OutEffError(f"internal: rank tp={t}, pp={p} tensors differ from the expected layout: "
-                                       f"{sorted(set(got) ^ set(expected))[:3]}")
+                    raise OutEffError(
+                        f"internal: rank tp={t}, pp={p} tensors differ from the expected layout: "
+                        f"{sorted(set(got) ^ set(expected))[:3]}"
+                    )
                 states.append(sd)
                 write_rank_file(model_dir, t, p, sd)
                 _say(progress, f"wrote {tag}/{MODEL_SUBDIR}/{rank_file_name(t, p)}")
         dtype = dtype_name(v for sd in states for v in sd.values())
-        write_manifest(model_dir, make_manifest(arch=arch, variant=variant, tp=tp, pp=pp, padded_vocab_size=padded_vocab,
-                                                dtype=dtype, seq_length=seq_length, iteration=iteration, source=source))
+        write_manifest(
+            model_dir,
+            make_manifest(
+                arch=arch,
+                variant=variant,
+                tp=tp,
+                pp=pp,
+                padded_vocab_size=padded_vocab,
+                dtype=dtype,
+                seq_length=seq_length,
+                iteration=iteration,
+                source=source,
+            ),
+        )
         write_latest(tmp, tag)
     return out_dir
 
@@ -77,7 +117,9 @@ def load_checkpoint_full(ckpt, iteration=None, progress: Progress = None):
     return manifest, arch, variant, hf, padded
 
 
-def to_hf(ckpt, out_dir, *, iteration=None, tokenizer=None, dtype: Optional[str] = None, progress: Progress = None) -> Path:
+def to_hf(
+    ckpt, out_dir, *, iteration=None, tokenizer=None, dtype: Optional[str] = None, progress: Progress = None
+) -> Path:
     from megatron_outeff.hf import export_hf_dir
 
     out_dir = check_empty_output_dir(out_dir)
@@ -100,9 +142,17 @@ def to_hf(ckpt, out_dir, *, iteration=None, tokenizer=None, dtype: Optional[str]
             check_vocab_fits(n_ids, arch.vocab_size, f"--tokenizer {tokenizer}")
         _say(progress, f"exporting to {out_dir} ({dtype or 'fp32'})")
         try:
-            return export_hf_dir(out_dir, plain, config_kwargs, variant, seq_length=manifest.get("seq_length"),
-                                 extra_state=extras, tokenizer_dir=tokenizer_dir, dtype=dtype or "fp32",
-                                 family=family.name)
+            return export_hf_dir(
+                out_dir,
+                plain,
+                config_kwargs,
+                variant,
+                seq_length=manifest.get("seq_length"),
+                extra_state=extras,
+                tokenizer_dir=tokenizer_dir,
+                dtype=dtype or "fp32",
+                family=family.name,
+            )
         except ValueError as e:  # megatron_outeff.hf's checks of the written directory
             raise with_context("", e) from None
 
@@ -137,9 +187,19 @@ def reshard(ckpt, out_dir, *, tp: int, pp: int, iteration=None, progress: Progre
         raise with_context(f"--tp {tp} --pp {pp}", e) from None
     old_rows = manifest["padded_vocab_size"]
     rows = old_rows if old_rows % tp == 0 else padded_vocab_size(arch.vocab_size, tp)
-    return write_model_checkpoint(out_dir, lambda t, p: split_rank(hf, padded, arch, variant, t, tp, p, pp, rows), arch=arch,
-                                  variant=variant, tp=tp, pp=pp, padded_vocab=rows, seq_length=manifest.get("seq_length"),
-                                  iteration=manifest["iteration"], source="reshard", progress=progress)
+    return write_model_checkpoint(
+        out_dir,
+        lambda t, p: split_rank(hf, padded, arch, variant, t, tp, p, pp, rows),
+        arch=arch,
+        variant=variant,
+        tp=tp,
+        pp=pp,
+        padded_vocab=rows,
+        seq_length=manifest.get("seq_length"),
+        iteration=manifest["iteration"],
+        source="reshard",
+        progress=progress,
+    )
 
 
 def parse_variant(text):
@@ -161,8 +221,11 @@ def init_variant_tensors(arch, variant, seed: int = 0) -> dict[str, torch.Tensor
     mapping = family_of(arch).hf
     g = torch.Generator().manual_seed(seed)
     tensors = mapping.variant_tensors_of(arch, variant)
-    return {f"{mapping.HF_LAYER_PREFIX}{i}.{mapping.HF_ATTENTION}{t.hf}": t.initial_tensor(arch.init_method_std, g)
-            for i in range(arch.num_layers) for t in tensors}
+    return {
+        f"{mapping.HF_LAYER_PREFIX}{i}.{mapping.HF_ATTENTION}{t.hf}": t.initial_tensor(arch.init_method_std, g)
+        for i in range(arch.num_layers)
+        for t in tensors
+    }
 
 
 def read_hf_dir(hf_dir, variant=None, *, seq_length: Optional[int] = None, seed: int = 0, progress: Progress = None):
@@ -212,7 +275,9 @@ def read_hf_dir(hf_dir, variant=None, *, seq_length: Optional[int] = None, seed:
             raise OutEffError(f"{hf_dir}: {k} has shape {tuple(v.shape)}, expected {expected[k]}")
     initialised = sorted(set(expected) - set(extras))
     if initialised and extras:
-        raise OutEffError(f"{hf_dir}: has some but not all tensors of the variant {variant.describe()!r}, e.g. missing {initialised[:3]}")
+        raise OutEffError(
+            f"{hf_dir}: has some but not all tensors of the variant {variant.describe()!r}, e.g. missing {initialised[:3]}"
+        )
     full = dict(plain)
     full.update(extras)
     if initialised:
@@ -222,8 +287,17 @@ def read_hf_dir(hf_dir, variant=None, *, seq_length: Optional[int] = None, seed:
     return arch, variant, full, initialised
 
 
-def from_hf(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, variant=None, seq_length: Optional[int] = None,
-            seed: int = 0, progress: Progress = None) -> Path:
+def from_hf(
+    hf_dir,
+    out_dir,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    variant=None,
+    seq_length: Optional[int] = None,
+    seed: int = 0,
+    progress: Progress = None,
+) -> Path:
     from megatron_outeff.models.opt import padded_vocab_size
 
     out_dir = check_empty_output_dir(out_dir)
@@ -237,9 +311,22 @@ def from_hf(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, variant=None, seq_leng
     except OutEffError as e:
         raise with_context(f"--tp {tp} --pp {pp}", e) from None
     if initialised:
-        _say(progress, f"initialised {len(initialised)} variant tensor(s) the Hugging Face model lacks "
-                       f"(offsets 0, gates open to {variant.gate_init_prob})")
+        _say(
+            progress,
+            f"initialised {len(initialised)} variant tensor(s) the Hugging Face model lacks "
+            f"(offsets 0, gates open to {variant.gate_init_prob})",
+        )
     rows = padded_vocab_size(arch.vocab_size, tp)
-    return write_model_checkpoint(out_dir, lambda t, p: split_rank(full, None, arch, variant, t, tp, p, pp, rows), arch=arch,
-                                  variant=variant, tp=tp, pp=pp, padded_vocab=rows, seq_length=seq_length, iteration=0,
-                                  source="from-hf", progress=progress)
+    return write_model_checkpoint(
+        out_dir,
+        lambda t, p: split_rank(full, None, arch, variant, t, tp, p, pp, rows),
+        arch=arch,
+        variant=variant,
+        tp=tp,
+        pp=pp,
+        padded_vocab=rows,
+        seq_length=seq_length,
+        iteration=0,
+        source="from-hf",
+        progress=progress,
+    )

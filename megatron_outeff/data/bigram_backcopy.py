@@ -21,6 +21,7 @@ a fixed ``heldout_seed`` over the same bigram matrix.
 
 Knows nothing of Megatron or DeepSpeed (torch only).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -58,7 +59,8 @@ class BigramBackcopyTask:
         if not isinstance(self.vocab_size, int) or self.vocab_size < self.num_triggers + 3:
             raise OutEffError(
                 f"vocab_size={self.vocab_size!r} with num_triggers={self.num_triggers}: the vocabulary needs BOS, "
-                f"the triggers and at least 2 regular tokens (vocab_size >= num_triggers + 3)")
+                f"the triggers and at least 2 regular tokens (vocab_size >= num_triggers + 3)"
+            )
         if not self.logit_scale > 0:
             raise OutEffError(f"logit_scale={self.logit_scale!r}: expected > 0")
         g = torch.Generator().manual_seed(int(self.seed))

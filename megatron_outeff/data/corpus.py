@@ -7,6 +7,7 @@ This is the one JSONL reader of the tools: a bad line (invalid JSON, a missing k
 a lone surrogate escape such as "\\ud800", which is valid JSON but not Unicode text) is one
 OutEffError naming the file and the line.
 """
+
 from __future__ import annotations
 
 import glob
@@ -93,14 +94,11 @@ def iter_file_documents(path: str, json_key: str = "text", txt_mode: str = "file
                     if not isinstance(record, dict) or json_key not in record:
                         keys = list(record) if isinstance(record, dict) else type(record).__name__
                         raise OutEffError(
-                            f"{path}:{lineno}: no key {json_key!r} in JSON record (has {keys}); "
-                            "set --json-key"
+                            f"{path}:{lineno}: no key {json_key!r} in JSON record (has {keys}); set --json-key"
                         )
                     text = record[json_key]
                     if not isinstance(text, str):
-                        raise OutEffError(
-                            f"{path}:{lineno}: {json_key!r} is {type(text).__name__}, not a string"
-                        )
+                        raise OutEffError(f"{path}:{lineno}: {json_key!r} is {type(text).__name__}, not a string")
                     if _SURROGATE_ESCAPE.search(line):  # only a \uD800-\uDFFF escape can make one
                         bad = _LONE_SURROGATE.search(text)
                         if bad:
@@ -125,9 +123,7 @@ def iter_file_documents(path: str, json_key: str = "text", txt_mode: str = "file
         raise OutEffError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def iter_documents(
-    inputs: Union[str, Sequence[str]], json_key: str = "text", txt_mode: str = "file"
-) -> Iterator[str]:
+def iter_documents(inputs: Union[str, Sequence[str]], json_key: str = "text", txt_mode: str = "file") -> Iterator[str]:
     """All documents of all inputs (paths or globs), in input order."""
     for path in expand_inputs(inputs):
         yield from iter_file_documents(path, json_key=json_key, txt_mode=txt_mode)

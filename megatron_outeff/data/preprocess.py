@@ -16,6 +16,7 @@ index is complete are they renamed, .bin first, then .idx (IndexedDataset.exists
 so there is no moment when a valid-looking but mismatched pair exists). On any failure the
 temporaries are deleted. With overwrite, an old .idx is removed before the old .bin is replaced.
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -27,8 +28,9 @@ from typing import Iterable, List, Optional, Sequence, Union
 
 import numpy
 
-from .corpus import expand_inputs, iter_documents
 from megatron_outeff.errors import OutEffError
+
+from .corpus import expand_inputs, iter_documents
 from .tokenizer import Tokenizer, load_tokenizer, token_dtype_for_vocab
 
 # Per-process tokenizer of the pool workers (set by the Pool initializer).
@@ -112,6 +114,7 @@ def preprocess_corpus(
     try:
         docs = iter_documents(files, json_key=json_key, txt_mode=txt_mode)
         if workers == 1:
+
             def encoded():  # in-process: no pool start-up cost
                 for d in docs:
                     yield _encode_checked(tok, d)
@@ -126,8 +129,13 @@ def preprocess_corpus(
             from tqdm import tqdm
 
             # stdout: stderr carries only the error line if the input turns out bad
-            bar = tqdm(desc=f"tokenizing -> {os.path.basename(output_prefix)}", unit="doc", file=sys.stdout,
-                       dynamic_ncols=True, mininterval=0.5)
+            bar = tqdm(
+                desc=f"tokenizing -> {os.path.basename(output_prefix)}",
+                unit="doc",
+                file=sys.stdout,
+                dynamic_ncols=True,
+                mininterval=0.5,
+            )
         for ids, lossless in stream:
             if not lossless:
                 lossy += 1
@@ -139,13 +147,11 @@ def preprocess_corpus(
             if bar is not None:
                 bar.update(1)
                 if n_docs % 64 == 0:
-                    bar.set_postfix(tokens=n_tokens,
-                                    tok_per_s=f"{n_tokens / max(time.time() - t0, 1e-9):.3g}")
+                    bar.set_postfix(tokens=n_tokens, tok_per_s=f"{n_tokens / max(time.time() - t0, 1e-9):.3g}")
         if n_docs == 0:
             raise OutEffError(f"empty corpus: no non-blank documents in {', '.join(files)}")
         if bar is not None:
-            bar.set_postfix(tokens=n_tokens,
-                            tok_per_s=f"{n_tokens / max(time.time() - t0, 1e-9):.3g}")
+            bar.set_postfix(tokens=n_tokens, tok_per_s=f"{n_tokens / max(time.time() - t0, 1e-9):.3g}")
         builder.finalize(tmp_idx)
         # Publish: remove a stale .idx first so an old index never pairs with the new .bin.
         if os.path.exists(idx_path):
@@ -170,5 +176,6 @@ def preprocess_corpus(
         if pool is not None:
             pool.terminate()
             pool.join()
-    return PreprocessStats(output_prefix, n_docs, n_tokens, numpy.dtype(dtype).name,
-                           time.time() - t0, lossy, first_lossy)
+    return PreprocessStats(
+        output_prefix, n_docs, n_tokens, numpy.dtype(dtype).name, time.time() - t0, lossy, first_lossy
+    )

@@ -23,12 +23,13 @@ Saving a sentencepiece model as a Hugging Face-loadable tokenizer (for the HF ex
 trained model): `megatron_outeff.data.hf_tokenizer.save_hf_tokenizer`, which rebuilds it with the
 `tokenizers` library (exact encode/decode, pad/bos/eos/unk = 0/1/2/3, no automatic BOS/EOS).
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
 from collections import OrderedDict
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional
 
 from megatron_outeff.errors import OutEffError
 
@@ -126,10 +127,7 @@ class Tokenizer:
         return (load_tokenizer, (self.path, self._eod_token_arg))
 
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}({self.path!r}, vocab_size={self.vocab_size}, "
-            f"eod={self.eod} {self._eod_token!r})"
-        )
+        return f"{type(self).__name__}({self.path!r}, vocab_size={self.vocab_size}, eod={self.eod} {self._eod_token!r})"
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -144,7 +142,7 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self._sp = spm.SentencePieceProcessor(model_file=self.path)
         except Exception as e:  # sentencepiece raises OSError/RuntimeError with long text
-            raise OutEffError(f"cannot load sentencepiece model {path!r}: {str(e).splitlines()[0]}")
+            raise OutEffError(f"cannot load sentencepiece model {path!r}: {str(e).splitlines()[0]}") from None
         self._digest = _file_digest(self.path)
         if eod_token is None:
             eos = self._sp.eos_id()
@@ -219,7 +217,7 @@ class HFTokenizer(Tokenizer):
         try:
             self._tok = _HFTok.from_file(self.path)
         except Exception as e:
-            raise OutEffError(f"cannot load Hugging Face tokenizer {path!r}: {str(e).splitlines()[0]}")
+            raise OutEffError(f"cannot load Hugging Face tokenizer {path!r}: {str(e).splitlines()[0]}") from None
         self._digest = _file_digest(self.path)
         self._vocab = self._tok.get_vocab(with_added_tokens=True)
         candidates = [eod_token] if eod_token is not None else ["<|endoftext|>", "</s>"]
@@ -229,8 +227,7 @@ class HFTokenizer(Tokenizer):
                 break
         else:
             raise OutEffError(
-                f"Hugging Face tokenizer {path!r} has none of the eod tokens {candidates}; "
-                "pass eod_token"
+                f"Hugging Face tokenizer {path!r} has none of the eod tokens {candidates}; pass eod_token"
             )
 
     def tokenize(self, text: str) -> List[int]:
@@ -306,8 +303,7 @@ def load_tokenizer(path: "str | os.PathLike", eod_token: Optional[str] = None) -
     if path.endswith(".json"):
         return HFTokenizer(path, eod_token)
     raise OutEffError(
-        f"unknown tokenizer file type: {path} (expected a sentencepiece .model or a Hugging Face "
-        "tokenizer.json)"
+        f"unknown tokenizer file type: {path} (expected a sentencepiece .model or a Hugging Face tokenizer.json)"
     )
 
 
@@ -317,8 +313,10 @@ def check_vocab_fits(num_ids: int, vocab_size: int, what: str) -> None:
     model's vocabulary is V``. ``num_ids``: the tokenizer's largest id + 1 (``Tokenizer.vocab_size``,
     ``tokenizer_id_count``); ``vocab_size``: the model's (unpadded) vocabulary."""
     if int(num_ids) > int(vocab_size):
-        raise OutEffError(f"{what} has {int(num_ids)} tokens but the model's vocabulary is {int(vocab_size)} "
-                          f"(every token id must be < {int(vocab_size)})")
+        raise OutEffError(
+            f"{what} has {int(num_ids)} tokens but the model's vocabulary is {int(vocab_size)} "
+            f"(every token id must be < {int(vocab_size)})"
+        )
 
 
 def tokenizer_id_count(path: "str | os.PathLike") -> int:
@@ -339,8 +337,9 @@ def tokenizer_id_count(path: "str | os.PathLike") -> int:
         except Exception as e:
             raise OutEffError(f"cannot load Hugging Face tokenizer {path!r}: {str(e).splitlines()[0]}") from None
         return max(vocab.values()) + 1 if vocab else 0
-    raise OutEffError(f"unknown tokenizer file type: {path} (expected a sentencepiece .model or a Hugging Face "
-                      "tokenizer.json)")
+    raise OutEffError(
+        f"unknown tokenizer file type: {path} (expected a sentencepiece .model or a Hugging Face tokenizer.json)"
+    )
 
 
 def _spm_piece_count(path: str) -> int:

@@ -18,14 +18,16 @@ Choices and why:
     whitespace) or, in text without spaces, at a character boundary; the lines cut and the chunks
     made are counted (``stats``) and tools/train_tokenizer.py reports them.
 """
+
 from __future__ import annotations
 
 import os
 import tempfile
 from typing import Iterator, Optional, Sequence, Union
 
-from .corpus import iter_documents
 from megatron_outeff.errors import OutEffError
+
+from .corpus import iter_documents
 from .tokenizer import SPM_SPECIAL_IDS
 
 MODEL_TYPES = ("bpe", "unigram")
@@ -121,8 +123,19 @@ def train_sentencepiece(
     created = not os.path.isdir(out_dir)  # made only now, after the inputs proved readable; removed on failure
     os.makedirs(out_dir, exist_ok=True)
     try:
-        path = _train(spm, all_sentences(), model_prefix, out_dir, model_type, vocab_size, character_coverage,
-                      input_sentence_size, seed_sentencepiece_size, num_threads, verbose)
+        path = _train(
+            spm,
+            all_sentences(),
+            model_prefix,
+            out_dir,
+            model_type,
+            vocab_size,
+            character_coverage,
+            input_sentence_size,
+            seed_sentencepiece_size,
+            num_threads,
+            verbose,
+        )
         if stats is not None:
             stats.update(counter)
         return path
@@ -135,8 +148,19 @@ def train_sentencepiece(
         raise
 
 
-def _train(spm, all_sentences, model_prefix, out_dir, model_type, vocab_size, character_coverage, input_sentence_size,
-           seed_sentencepiece_size, num_threads, verbose) -> str:
+def _train(
+    spm,
+    all_sentences,
+    model_prefix,
+    out_dir,
+    model_type,
+    vocab_size,
+    character_coverage,
+    input_sentence_size,
+    seed_sentencepiece_size,
+    num_threads,
+    verbose,
+) -> str:
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".spm-train-") as tmp:
         tmp_prefix = os.path.join(tmp, "m")
         try:

@@ -29,6 +29,7 @@ fewer blocks than num_batches * batch_size, fewer (or smaller) batches are retur
 description says so ("requested" vs "got").
 All errors are one-line OutEffErrors (megatron_outeff.errors) naming the bad input.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,16 @@ import torch
 
 from megatron_outeff.errors import OutEffError, with_context
 
-__all__ = ["EvalData", "add_data_arguments", "calibration_batches", "check_data_source", "eval_blocks", "is_indexed_prefix",
-           "load_token_stream", "tokenizer_for"]
+__all__ = [
+    "EvalData",
+    "add_data_arguments",
+    "calibration_batches",
+    "check_data_source",
+    "eval_blocks",
+    "is_indexed_prefix",
+    "load_token_stream",
+    "tokenizer_for",
+]
 
 Source = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 
@@ -81,7 +90,9 @@ def check_data_source(source: str, what: str) -> None:
     from megatron_outeff.data.corpus import expand_input
 
     if not os.path.exists(source) and not glob.has_magic(source):
-        raise OutEffError(f"{what} not found: {source} (expected a .txt/.jsonl file, a glob, or an indexed dataset prefix)")
+        raise OutEffError(
+            f"{what} not found: {source} (expected a .txt/.jsonl file, a glob, or an indexed dataset prefix)"
+        )
     try:
         expand_input(source)  # the inputs' one rule: an existing file is literal, even named data[1].jsonl
     except OutEffError as e:
@@ -105,13 +116,22 @@ def add_data_arguments(parser) -> None:
     """The data flags of the evaluation tools (tools/export_fp16_w8a8.py, tools/outlier_report.py)."""
     from megatron_outeff.utils.cli import positive_int
 
-    parser.add_argument("--tokenizer", help="tokenizer file/dir for raw text data and the vocab check (default: the "
-                        "first model directory, if it holds tokenizer.json / *.model)")
+    parser.add_argument(
+        "--tokenizer",
+        help="tokenizer file/dir for raw text data and the vocab check (default: the "
+        "first model directory, if it holds tokenizer.json / *.model)",
+    )
     parser.add_argument("--json-key", default="text", help="JSONL key holding the text (default: text)")
-    parser.add_argument("--block-size", type=positive_int, default=None,
-                        help="tokens per block (default 512, the paper's, or the model's max_position_embeddings if smaller)")
+    parser.add_argument(
+        "--block-size",
+        type=positive_int,
+        default=None,
+        help="tokens per block (default 512, the paper's, or the model's max_position_embeddings if smaller)",
+    )
     parser.add_argument("--num-calib-batches", type=positive_int, default=4, help="calibration batches (paper: 4)")
-    parser.add_argument("--calib-batch-size", type=positive_int, default=8, help="blocks per calibration batch (paper: 8)")
+    parser.add_argument(
+        "--calib-batch-size", type=positive_int, default=8, help="blocks per calibration batch (paper: 8)"
+    )
 
 
 def _load_tok(tokenizer):
@@ -155,8 +175,12 @@ def load_token_stream(
             if max_tokens is not None and n_tok >= max_tokens:
                 break
         ids = numpy.concatenate(chunks) if chunks else numpy.zeros(0, dtype=numpy.int64)
-        desc = {"kind": "megatron_indexed", "source": os.path.abspath(prefix),
-                "dataset_documents": stats["documents"], "dataset_tokens": stats["tokens"]}
+        desc = {
+            "kind": "megatron_indexed",
+            "source": os.path.abspath(prefix),
+            "dataset_documents": stats["documents"],
+            "dataset_tokens": stats["tokens"],
+        }
     else:
         from megatron_outeff.data.corpus import iter_documents
 
@@ -168,8 +192,12 @@ def load_token_stream(
             n_docs += 1
             if max_tokens is not None and len(ids) >= max_tokens:
                 break
-        desc = {"kind": "text", "source": [os.path.abspath(s) for s in srcs], "json_key": json_key,
-                "txt_mode": txt_mode}
+        desc = {
+            "kind": "text",
+            "source": [os.path.abspath(s) for s in srcs],
+            "json_key": json_key,
+            "txt_mode": txt_mode,
+        }
     if tok is not None:
         desc["tokenizer"] = os.path.abspath(tok.path) if getattr(tok, "path", None) else repr(tok)
     ids = torch.as_tensor(numpy.asarray(ids, dtype=numpy.int64))
@@ -198,8 +226,10 @@ def _check_vocab(blocks: torch.Tensor, vocab_size: Optional[int], desc: dict):
     if vocab_size is not None and blocks.numel():
         top = int(blocks.max())
         if top >= vocab_size:
-            raise OutEffError(f"data {desc['source']} holds token id {top} but the model's vocab size is {vocab_size}: "
-                            "tokenized with a different tokenizer")
+            raise OutEffError(
+                f"data {desc['source']} holds token id {top} but the model's vocab size is {vocab_size}: "
+                "tokenized with a different tokenizer"
+            )
 
 
 def eval_blocks(
@@ -242,6 +272,12 @@ def calibration_batches(
     blocks = _cut(ids, block_size, want, "calibration data", desc)
     _check_vocab(blocks, vocab_size, desc)
     batches = list(blocks.split(batch_size))
-    desc.update(block_size=block_size, requested_batches=num_batches, requested_batch_size=batch_size,
-                batches=len(batches), batch_sizes=[int(b.shape[0]) for b in batches], tokens=int(blocks.numel()))
+    desc.update(
+        block_size=block_size,
+        requested_batches=num_batches,
+        requested_batch_size=batch_size,
+        batches=len(batches),
+        batch_sizes=[int(b.shape[0]) for b in batches],
+        tokens=int(blocks.numel()),
+    )
     return EvalData(blocks=blocks, description=desc, batches=batches)

@@ -40,6 +40,7 @@ megatron_outeff.training.train``, one process) and evaluates the Hugging Face ex
 OUT_DIR/report.json, report.md and one plot per metric (all arms on one figure; with seeds, the mean
 and a band from the lowest to the highest seed) at the end.
 """
+
 from __future__ import annotations
 
 import copy
@@ -62,8 +63,18 @@ from megatron_outeff.errors import OutEffError, with_context
 from megatron_outeff.training.config import apply_override, config_from_dict, dataclass_from_dict
 from megatron_outeff.utils.yaml_loader import load_yaml_file
 
-__all__ = ["ARMS", "ExperimentConfig", "load_experiment", "run_experiment", "judge", "judge_rules",
-           "read_curves", "curve_score", "CURVE_TAGS", "ExperimentFailed"]
+__all__ = [
+    "ARMS",
+    "ExperimentConfig",
+    "load_experiment",
+    "run_experiment",
+    "judge",
+    "judge_rules",
+    "read_curves",
+    "curve_score",
+    "CURVE_TAGS",
+    "ExperimentFailed",
+]
 
 # Arm name -> attention variant (megatron_outeff.megatron.variant.AttentionVariantConfig fields): the
 # list form of ``arms``.
@@ -276,8 +287,10 @@ def experiment_from_dict(data: dict, default_name: str = "experiment") -> Experi
                 raise OutEffError(f"arms.{a}: expected a mapping with keys from {list(ARM_KEYS)}, got {overlay!r}")
             arm_overlays[a] = overlay
     else:
-        raise OutEffError(f"arms={arms!r}: expected a mapping of arm name -> {{attention, optimizer}} or a list "
-                          f"of names from {sorted(ARMS)}")
+        raise OutEffError(
+            f"arms={arms!r}: expected a mapping of arm name -> {{attention, optimizer}} or a list "
+            f"of names from {sorted(ARMS)}"
+        )
     training = data.get("training")
     if not isinstance(training, dict):
         raise OutEffError("training: expected a training config mapping (megatron_outeff.training.config)")
@@ -300,8 +313,12 @@ def experiment_from_dict(data: dict, default_name: str = "experiment") -> Experi
         except OutEffError as e:
             raise with_context(f"arms.{a}", e) from None
     seeds = data.get("seeds", [cfg.train.seed])
-    if not isinstance(seeds, list) or not seeds or any(isinstance(x, bool) or not isinstance(x, int) for x in seeds) \
-            or len(set(seeds)) != len(seeds):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or any(isinstance(x, bool) or not isinstance(x, int) for x in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
         raise OutEffError(f"seeds={seeds!r}: expected a non-empty list of distinct integers")
     if legacy and len(seeds) > 1:
         raise OutEffError("seeds: several seeds need the mapping form of arms (arm: {attention, optimizer})")
@@ -327,14 +344,25 @@ def experiment_from_dict(data: dict, default_name: str = "experiment") -> Experi
         claim = dataclass_from_dict(ClaimConfig, data.get("claim") or {}, "claim")
     else:
         claim = _rules_claim(data.get("claim"), arm_overlays, ev)
-    return ExperimentConfig(name=str(data.get("name", default_name)), arms=arm_overlays, seeds=list(seeds), jobs=jobs,
-                            time_limit_s=limit, training=training, evaluation=ev, claim=claim, source=data,
-                            legacy=legacy)
+    return ExperimentConfig(
+        name=str(data.get("name", default_name)),
+        arms=arm_overlays,
+        seeds=list(seeds),
+        jobs=jobs,
+        time_limit_s=limit,
+        training=training,
+        evaluation=ev,
+        claim=claim,
+        source=data,
+        legacy=legacy,
+    )
 
 
 def _rules_claim(data, arms: dict, ev: EvaluationConfig) -> RulesClaim:
     if not isinstance(data, dict) or "baseline" not in data or "rules" not in data:
-        raise OutEffError("claim: expected a mapping with baseline (an arm) and rules (a list) for the mapping form of arms")
+        raise OutEffError(
+            "claim: expected a mapping with baseline (an arm) and rules (a list) for the mapping form of arms"
+        )
     claim = dataclass_from_dict(RulesClaim, data, "claim")
     if claim.baseline not in arms:
         raise OutEffError(f"claim.baseline={claim.baseline!r}: not an arm of this experiment (arms: {', '.join(arms)})")
@@ -349,20 +377,27 @@ def _rules_claim(data, arms: dict, ev: EvaluationConfig) -> RulesClaim:
             raise OutEffError(f"claim.rules[{i}].arms={rule.arms!r}: expected a non-empty list of arms")
         for a in rule.arms:
             if a not in arms:
-                raise OutEffError(f"claim.rules[{i}] ({rule.rule}) refers to arm {a!r}, which is not in this experiment "
-                                  f"(arms: {', '.join(arms)})")
+                raise OutEffError(
+                    f"claim.rules[{i}] ({rule.rule}) refers to arm {a!r}, which is not in this experiment "
+                    f"(arms: {', '.join(arms)})"
+                )
             if a == claim.baseline:
                 raise OutEffError(f"claim.rules[{i}] ({rule.rule}): arm {a!r} is the baseline it is compared with")
         for m in rule.outlier_metrics:
             if m not in CURVE_TAGS:
-                raise OutEffError(f"claim.rules[{i}].outlier_metrics: {m!r} is not a probe metric ({', '.join(CURVE_TAGS)})")
+                raise OutEffError(
+                    f"claim.rules[{i}].outlier_metrics: {m!r} is not a probe metric ({', '.join(CURVE_TAGS)})"
+                )
         if rule.rule == "lowers_quantization_sensitivity" and not ev.act_bits:
-            raise OutEffError(f"claim.rules[{i}] (lowers_quantization_sensitivity) needs evaluation.act_bits (the sweep)")
+            raise OutEffError(
+                f"claim.rules[{i}] (lowers_quantization_sensitivity) needs evaluation.act_bits (the sweep)"
+            )
         rules.append(rule)
     claim.rules = rules
     if ev.act_bits and claim.pipeline_control.bits not in ev.act_bits:
-        raise OutEffError(f"claim.pipeline_control.bits={claim.pipeline_control.bits}: not one of evaluation.act_bits "
-                          f"{ev.act_bits}")
+        raise OutEffError(
+            f"claim.pipeline_control.bits={claim.pipeline_control.bits}: not one of evaluation.act_bits {ev.act_bits}"
+        )
     _positive_int(claim.tail_probes, "claim.tail_probes")
     return claim
 
@@ -386,8 +421,10 @@ def claim_out_dir(out: Path, exp: ExperimentConfig) -> None:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise OutEffError(f"--output-dir {out}: experiment.json is unreadable; refusing to overwrite") from None
         if held.get("fingerprint") != exp.fingerprint():
-            raise OutEffError(f"--output-dir {out}: holds another experiment ({held.get('name')!r}, fingerprint "
-                              f"{held.get('fingerprint')}; this one is {exp.fingerprint()}); refusing to overwrite")
+            raise OutEffError(
+                f"--output-dir {out}: holds another experiment ({held.get('name')!r}, fingerprint "
+                f"{held.get('fingerprint')}; this one is {exp.fingerprint()}); refusing to overwrite"
+            )
         return
     out.mkdir(parents=True, exist_ok=True)
     _write_json(marker, {"name": exp.name, "fingerprint": exp.fingerprint(), "config": exp.source})
@@ -445,9 +482,15 @@ def read_curves(tensorboard_dir) -> dict[str, list]:
         return [[s, by_step[s]] for s in sorted(by_step)]
 
     curves = {name: points(tag) for name, tag in CURVE_TAGS.items() if tag in have}
-    for suffix, key in (("/absmax_over_rms", "absmax_over_rms_components"), ("/first_token_norm", "first_token_norm_sources")):
-        per = {t[len("outliers/"):-len(suffix)].replace("/", "."): points(t) for t in sorted(have)
-               if t.startswith("outliers/") and t.endswith(suffix) and t != CURVE_TAGS["max_absmax_over_rms"]}
+    for suffix, key in (
+        ("/absmax_over_rms", "absmax_over_rms_components"),
+        ("/first_token_norm", "first_token_norm_sources"),
+    ):
+        per = {
+            t[len("outliers/") : -len(suffix)].replace("/", "."): points(t)
+            for t in sorted(have)
+            if t.startswith("outliers/") and t.endswith(suffix) and t != CURVE_TAGS["max_absmax_over_rms"]
+        }
         if per:
             curves[key] = per
     return curves
@@ -484,7 +527,10 @@ def _train_run(exp: ExperimentConfig, run: Run, run_dir: Path, log) -> dict:
                     timer = threading.Timer(exp.time_limit_s, stop)
                     timer.start()
                 logf.write(line)
-                if line.startswith(("iter ", "resumed", "done", "error", "Traceback", "stop requested")) or "Error" in line:
+                if (
+                    line.startswith(("iter ", "resumed", "done", "error", "Traceback", "stop requested"))
+                    or "Error" in line
+                ):
                     log(f"[{run.label}] {line.rstrip()}")
             rc = proc.wait()
         finally:
@@ -507,15 +553,19 @@ def _split_losses(model, blocks, task, batch_size: int) -> dict:
     losses, copies = [], []
     with torch.no_grad():
         for i in range(0, blocks.shape[0], batch_size):
-            ids = blocks[i:i + batch_size].to(dev)
+            ids = blocks[i : i + batch_size].to(dev)
             logits = model(input_ids=ids, use_cache=False).logits.float()
             nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
             losses.append(nll.cpu())
-            copies.append(task.copy_positions(blocks[i:i + batch_size])[:, :-1])
+            copies.append(task.copy_positions(blocks[i : i + batch_size])[:, :-1])
     nll, copy_mask = torch.cat(losses), torch.cat(copies)
-    return {"loss": masked_mean(nll, torch.ones_like(copy_mask)), "loss_copy": masked_mean(nll, copy_mask),
-            "loss_bigram": masked_mean(nll, ~copy_mask), "tokens": int(nll.numel()),
-            "copy_tokens": int(copy_mask.sum())}
+    return {
+        "loss": masked_mean(nll, torch.ones_like(copy_mask)),
+        "loss_copy": masked_mean(nll, copy_mask),
+        "loss_bigram": masked_mean(nll, ~copy_mask),
+        "tokens": int(nll.numel()),
+        "copy_tokens": int(copy_mask.sum()),
+    }
 
 
 def _evaluate_run(exp: ExperimentConfig, run: Run, run_dir: Path, log) -> dict:
@@ -525,8 +575,14 @@ def _evaluate_run(exp: ExperimentConfig, run: Run, run_dir: Path, log) -> dict:
     from megatron_outeff.hf.perplexity import perplexity
     from megatron_outeff.training.config import bigram_backcopy_task
 
-    from .quant_eval import (activation_bit_sweep, evaluate_quantization, load_hf_model, model_info,
-                             quantized_activation_ranges, simulated_w8a8_perplexity)
+    from .quant_eval import (
+        activation_bit_sweep,
+        evaluate_quantization,
+        load_hf_model,
+        model_info,
+        quantized_activation_ranges,
+        simulated_w8a8_perplexity,
+    )
 
     cfg = config_from_dict(run_training_config(exp, run, run_dir))
     task = bigram_backcopy_task(cfg)
@@ -546,17 +602,29 @@ def _evaluate_run(exp: ExperimentConfig, run: Run, run_dir: Path, log) -> dict:
         out["perplexity"] = evaluate_quantization(hf_dir, blocks, calib, model=model, batch_size=ev.batch_size, log=say)
     else:
         say(f"evaluating FP32 / W8A8 (paper protocol) on {blocks.shape[0]} held-out sequences")
-        out["perplexity"] = {"fp32": perplexity(model, blocks, batch_size=ev.batch_size),
-                             "w8a8_simulated": simulated_w8a8_perplexity(model, blocks, calib, batch_size=ev.batch_size)}
+        out["perplexity"] = {
+            "fp32": perplexity(model, blocks, batch_size=ev.batch_size),
+            "w8a8_simulated": simulated_w8a8_perplexity(model, blocks, calib, batch_size=ev.batch_size),
+        }
     if ev.act_bits:
         say(f"activation bit sweep {ev.act_bits} (W{ev.weight_bits}), also with position 0 in float")
-        out["bit_sweep"] = activation_bit_sweep(model, blocks, calib, act_bits=ev.act_bits, weight_bits=ev.weight_bits,
-                                                batch_size=ev.batch_size, tolerance=ev.sensitivity_tolerance,
-                                                fp32_ppl=out["perplexity"]["fp32"]["ppl"], log=say)
+        out["bit_sweep"] = activation_bit_sweep(
+            model,
+            blocks,
+            calib,
+            act_bits=ev.act_bits,
+            weight_bits=ev.weight_bits,
+            batch_size=ev.batch_size,
+            tolerance=ev.sensitivity_tolerance,
+            fp32_ppl=out["perplexity"]["fp32"]["ppl"],
+            log=say,
+        )
         out["activation_ranges"] = {
             "all": quantized_activation_ranges(model, blocks, batch_size=ev.batch_size),
-            "first_token_float": quantized_activation_ranges(model, blocks, batch_size=ev.batch_size,
-                                                             exclude_first_token=True)}
+            "first_token_float": quantized_activation_ranges(
+                model, blocks, batch_size=ev.batch_size, exclude_first_token=True
+            ),
+        }
     return out
 
 
@@ -605,16 +673,38 @@ def run_one(exp: ExperimentConfig, run: Run, out: Path, log=print) -> dict:
     ev = _evaluate_run(exp, run, run_dir, log)
     curves = read_curves(run_dir / "tensorboard")
     overlay = exp.arms[run.arm]
-    result = _clean({"arm": run.arm, "seed": run.seed, "variant": overlay.get("attention", {}),
-                     "optimizer": overlay.get("optimizer", {}), "train_seconds": train["seconds"],
-                     "time_limited": train["time_limited"], "eval_seconds": round(time.time() - t1, 1),
-                     "wall_seconds": round(time.time() - t0, 1), "final": _final(curves, ev), "curve": curves,
-                     "evaluation": ev})
+    result = _clean(
+        {
+            "arm": run.arm,
+            "seed": run.seed,
+            "variant": overlay.get("attention", {}),
+            "optimizer": overlay.get("optimizer", {}),
+            "train_seconds": train["seconds"],
+            "time_limited": train["time_limited"],
+            "eval_seconds": round(time.time() - t1, 1),
+            "wall_seconds": round(time.time() - t0, 1),
+            "final": _final(curves, ev),
+            "curve": curves,
+            "evaluation": ev,
+        }
+    )
     _write_json(result_path, result)
-    log(f"[{run.label}] done in {result['wall_seconds']:.0f} s: " + ", ".join(
-        f"{k} {result['final'].get(k):.4g}" for k in ("loss", "first_token_mass_idle", "bos_residual_norm_ratio",
-                                                       "massive_activation", "ppl_fp32", "ppl_w8a8_paper", "b_star")
-        if isinstance(result["final"].get(k), (int, float))))
+    log(
+        f"[{run.label}] done in {result['wall_seconds']:.0f} s: "
+        + ", ".join(
+            f"{k} {result['final'].get(k):.4g}"
+            for k in (
+                "loss",
+                "first_token_mass_idle",
+                "bos_residual_norm_ratio",
+                "massive_activation",
+                "ppl_fp32",
+                "ppl_w8a8_paper",
+                "b_star",
+            )
+            if isinstance(result["final"].get(k), (int, float))
+        )
+    )
     return result
 
 
@@ -672,17 +762,26 @@ def positive_control(vanilla: dict, c: ClaimConfig) -> dict:
     idle = f.get("first_token_mass_idle")
     ratio = f.get("bos_residual_norm_ratio")
     idle0, ratio0 = _first_value(curves, "first_token_mass_idle"), _first_value(curves, "bos_residual_norm_ratio")
-    tail = [v for _, v in (curves.get("first_token_mass_idle") or [])[-c.plateau_points:]]
+    tail = [v for _, v in (curves.get("first_token_mass_idle") or [])[-c.plateau_points :]]
     checks = {
         "idle_mass_reached": idle is not None and idle >= c.control_min_idle_mass,
         "idle_mass_rose": idle is not None and bool(idle0) and idle / idle0 >= c.control_min_rise,
-        "idle_mass_plateau": len(tail) == c.plateau_points and (max(tail) - min(tail)) <= c.plateau_rel_range * (sum(tail) / len(tail)),
+        "idle_mass_plateau": len(tail) == c.plateau_points
+        and (max(tail) - min(tail)) <= c.plateau_rel_range * (sum(tail) / len(tail)),
         "norm_ratio_reached": ratio is not None and ratio >= c.control_min_norm_ratio,
         "norm_ratio_grew": ratio is not None and bool(ratio0) and ratio / ratio0 >= c.control_min_rise,
     }
-    return {"passed": all(checks.values()), "checks": checks,
-            "values": {"idle_mass_first_probe": idle0, "idle_mass_final": idle, "idle_mass_tail": tail,
-                       "norm_ratio_first_probe": ratio0, "norm_ratio_final": ratio}}
+    return {
+        "passed": all(checks.values()),
+        "checks": checks,
+        "values": {
+            "idle_mass_first_probe": idle0,
+            "idle_mass_final": idle,
+            "idle_mass_tail": tail,
+            "norm_ratio_first_probe": ratio0,
+            "norm_ratio_final": ratio,
+        },
+    }
 
 
 def judge(results: dict, c: ClaimConfig) -> dict:
@@ -694,16 +793,31 @@ def judge(results: dict, c: ClaimConfig) -> dict:
         if name == "vanilla":
             continue
         f = r["final"]
-        idle_red = v["first_token_mass_idle"] / f["first_token_mass_idle"] if f.get("first_token_mass_idle") else math.inf
-        ratio_red = v["bos_residual_norm_ratio"] / f["bos_residual_norm_ratio"] if f.get("bos_residual_norm_ratio") else math.inf
+        idle_red = (
+            v["first_token_mass_idle"] / f["first_token_mass_idle"] if f.get("first_token_mass_idle") else math.inf
+        )
+        ratio_red = (
+            v["bos_residual_norm_ratio"] / f["bos_residual_norm_ratio"]
+            if f.get("bos_residual_norm_ratio")
+            else math.inf
+        )
         loss_rel = (f["loss"] - v["loss"]) / v["loss"]
-        arms[name] = {"idle_mass_reduction": idle_red, "norm_ratio_reduction": ratio_red, "loss_rel_diff": loss_rel,
-                      "removes_sink": idle_red >= c.factor and ratio_red >= c.factor,
-                      "equal_loss": abs(loss_rel) <= c.loss_tolerance}
+        arms[name] = {
+            "idle_mass_reduction": idle_red,
+            "norm_ratio_reduction": ratio_red,
+            "loss_rel_diff": loss_rel,
+            "removes_sink": idle_red >= c.factor and ratio_red >= c.factor,
+            "equal_loss": abs(loss_rel) <= c.loss_tolerance,
+        }
         arms[name]["effect"] = arms[name]["removes_sink"] and arms[name]["equal_loss"]
     effect_arms = [a for a, x in arms.items() if x["effect"]]
-    return {"positive_control": control["passed"], "control": control, "arms": arms,
-            "effect_claimed": control["passed"] and bool(effect_arms), "effect_arms": effect_arms if control["passed"] else []}
+    return {
+        "positive_control": control["passed"],
+        "control": control,
+        "arms": arms,
+        "effect_claimed": control["passed"] and bool(effect_arms),
+        "effect_arms": effect_arms if control["passed"] else [],
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -734,43 +848,71 @@ def build_report(exp: ExperimentConfig, results: dict, *, wall_seconds: float, c
     from .report import _versions
 
     verdict = judge(results, exp.claim)
-    return _clean({
-        "name": exp.name, "fingerprint": exp.fingerprint(), "command": command, "versions": _versions(),
-        "wall_seconds": round(wall_seconds, 1), "cpu_count": os.cpu_count(),
-        "positive_control": verdict["positive_control"], "effect_claimed": verdict["effect_claimed"],
-        "verdict": verdict, "config": exp.source,
-        "arms": {a: {k: r[k] for k in ("variant", "final", "curve", "train_seconds", "eval_seconds", "wall_seconds")}
-                 for a, r in results.items()},
-    })
+    return _clean(
+        {
+            "name": exp.name,
+            "fingerprint": exp.fingerprint(),
+            "command": command,
+            "versions": _versions(),
+            "wall_seconds": round(wall_seconds, 1),
+            "cpu_count": os.cpu_count(),
+            "positive_control": verdict["positive_control"],
+            "effect_claimed": verdict["effect_claimed"],
+            "verdict": verdict,
+            "config": exp.source,
+            "arms": {
+                a: {k: r[k] for k in ("variant", "final", "curve", "train_seconds", "eval_seconds", "wall_seconds")}
+                for a, r in results.items()
+            },
+        }
+    )
 
 
 def render_markdown(rep: dict) -> str:
     arms = list(rep["arms"])
     v = rep["verdict"]
-    lines = [f"# Experiment {rep['name']}", "",
-             f"Positive control (vanilla grows the sink): **{'passed' if rep['positive_control'] else 'FAILED'}**. "
-             f"Effect claimed (pre-registered rule): **{'yes' if rep['effect_claimed'] else 'no'}**"
-             + (f" ({', '.join(v['effect_arms'])})" if v["effect_arms"] else "") + ".",
-             f"Wall time {rep['wall_seconds']:.0f} s on {rep['cpu_count']} CPU cores. Command: `{' '.join(rep['command'])}`", "",
-             "| metric (final) | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+    lines = [
+        f"# Experiment {rep['name']}",
+        "",
+        f"Positive control (vanilla grows the sink): **{'passed' if rep['positive_control'] else 'FAILED'}**. "
+        f"Effect claimed (pre-registered rule): **{'yes' if rep['effect_claimed'] else 'no'}**"
+        + (f" ({', '.join(v['effect_arms'])})" if v["effect_arms"] else "")
+        + ".",
+        f"Wall time {rep['wall_seconds']:.0f} s on {rep['cpu_count']} CPU cores. Command: `{' '.join(rep['command'])}`",
+        "",
+        "| metric (final) | " + " | ".join(arms) + " |",
+        "|---|" + "---|" * len(arms),
+    ]
     for title, key, fmt in FINAL_ROWS:
         cells = []
         for a in arms:
             x = rep["arms"][a]["final"].get(key)
             cells.append("-" if x is None else fmt.format(x))
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
-    lines += ["", "Against vanilla (reduction = vanilla / arm; effect needs both >= "
-              f"{rep['config'].get('claim', {}).get('factor', ClaimConfig.factor)}x at |loss diff| <= "
-              f"{rep['config'].get('claim', {}).get('loss_tolerance', ClaimConfig.loss_tolerance):.0%}):", "",
-              "| arm | idle-mass reduction | norm-ratio reduction | loss diff | removes sink | equal loss | effect |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Against vanilla (reduction = vanilla / arm; effect needs both >= "
+        f"{rep['config'].get('claim', {}).get('factor', ClaimConfig.factor)}x at |loss diff| <= "
+        f"{rep['config'].get('claim', {}).get('loss_tolerance', ClaimConfig.loss_tolerance):.0%}):",
+        "",
+        "| arm | idle-mass reduction | norm-ratio reduction | loss diff | removes sink | equal loss | effect |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for a, x in v["arms"].items():
-        lines.append(f"| {a} | {x['idle_mass_reduction']:.2f}x | {x['norm_ratio_reduction']:.2f}x | {x['loss_rel_diff']:+.2%} | "
-                     f"{x['removes_sink']} | {x['equal_loss']} | {x['effect']} |")
+        lines.append(
+            f"| {a} | {x['idle_mass_reduction']:.2f}x | {x['norm_ratio_reduction']:.2f}x | {x['loss_rel_diff']:+.2%} | "
+            f"{x['removes_sink']} | {x['equal_loss']} | {x['effect']} |"
+        )
     c = v["control"]
-    lines += ["", "Positive-control checks: " + ", ".join(f"{k} {'ok' if ok else 'FAIL'}" for k, ok in c["checks"].items())
-              + f" (values: {json.dumps(c['values'])})", "",
-              "Curves: " + ", ".join(f"`{n}.png`" for n in CURVE_TAGS) + " (all arms per figure, x = training step).", ""]
+    lines += [
+        "",
+        "Positive-control checks: "
+        + ", ".join(f"{k} {'ok' if ok else 'FAIL'}" for k, ok in c["checks"].items())
+        + f" (values: {json.dumps(c['values'])})",
+        "",
+        "Curves: " + ", ".join(f"`{n}.png`" for n in CURVE_TAGS) + " (all arms per figure, x = training step).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -810,23 +952,44 @@ def _save_curve_figure(fig, ax, name: str, values: list, out_dir: Path) -> Path:
     return path
 
 
-
-
 # --------------------------------------------------------------------------------------------------
 # The rules of the mapping form (issue 21): arms x seeds
 # --------------------------------------------------------------------------------------------------
-SCORED = ("first_token_mass_idle", "sink_mass", "bos_residual_norm_ratio", "first_token_excess_norm",
-          "massive_activation", "range_inflation", "max_absmax_over_rms", "max_inf_norm", "max_layer_inf_norm",
-          "avg_kurtosis", "probe_loss_copy", "probe_loss_bigram")
-EVALUATED = ("loss", "loss_copy", "loss_bigram", "ppl_fp32", "ppl_w8a8_paper", "b_star", "b_star_first_token_float",
-             "max_absmax_over_rms_quantized", "max_absmax_over_rms_quantized_first_token_float")
+SCORED = (
+    "first_token_mass_idle",
+    "sink_mass",
+    "bos_residual_norm_ratio",
+    "first_token_excess_norm",
+    "massive_activation",
+    "range_inflation",
+    "max_absmax_over_rms",
+    "max_inf_norm",
+    "max_layer_inf_norm",
+    "avg_kurtosis",
+    "probe_loss_copy",
+    "probe_loss_bigram",
+)
+EVALUATED = (
+    "loss",
+    "loss_copy",
+    "loss_bigram",
+    "ppl_fp32",
+    "ppl_w8a8_paper",
+    "b_star",
+    "b_star_first_token_float",
+    "max_absmax_over_rms_quantized",
+    "max_absmax_over_rms_quantized_first_token_float",
+)
 B_STAR_NONE = 99  # b* of a run that fails even at the widest swept width: worse than any width
 
 
 def _common_step(results: dict) -> int:
     """The last probe step every run reached (all of them at time-limited runs' different speeds)."""
-    ends = [max(s for s, _ in r["curve"]["massive_activation"]) for r in results.values()
-            if r["curve"].get("massive_activation")]
+    ends = [
+        max(s for s, _ in r["curve"]["massive_activation"])
+        for r in results.values()
+        if r["curve"].get("massive_activation")
+    ]
     return min(ends) if ends else 0
 
 
@@ -872,31 +1035,53 @@ def judge_rules(exp: ExperimentConfig, results: dict) -> dict:
     control = {}
     for seed in exp.seeds:
         s = sc[(base, seed)]
-        values = {"first_token_mass_idle": _last(s, "first_token_mass_idle"),
-                  "first_token_excess_norm": _last(s, "first_token_excess_norm"),
-                  "massive_activation": _last(s, "massive_activation")}
-        checks = {"idle_mass": _le(c.min_idle_mass, values["first_token_mass_idle"]),
-                  "first_token_excess_norm": _le(c.min_first_token_excess_norm, values["first_token_excess_norm"]),
-                  "massive_activation": _le(c.min_massive_activation, values["massive_activation"])}
+        values = {
+            "first_token_mass_idle": _last(s, "first_token_mass_idle"),
+            "first_token_excess_norm": _last(s, "first_token_excess_norm"),
+            "massive_activation": _last(s, "massive_activation"),
+        }
+        checks = {
+            "idle_mass": _le(c.min_idle_mass, values["first_token_mass_idle"]),
+            "first_token_excess_norm": _le(c.min_first_token_excess_norm, values["first_token_excess_norm"]),
+            "massive_activation": _le(c.min_massive_activation, values["massive_activation"]),
+        }
         control[seed] = {"passed": all(checks.values()), "checks": checks, "values": values}
     control_ok = all(v["passed"] for v in control.values())
     pipeline = None
     if exp.evaluation.act_bits:
         pc = claim.pipeline_control
         runs = {f"{a}/s{s}": sc[(a, s)]["final"].get(f"ppl_increase_a{pc.bits}") for a, s in results}
-        pipeline = {"passed": all(_le(pc.min_increase, v) for v in runs.values()), "bits": pc.bits,
-                    "min_increase": pc.min_increase, "increase": runs}
+        pipeline = {
+            "passed": all(_le(pc.min_increase, v) for v in runs.values()),
+            "bits": pc.bits,
+            "min_increase": pc.min_increase,
+            "increase": runs,
+        }
     verdicts = []
     for rule in claim.rules:
         for arm in rule.arms:
             seeds = {seed: _judge_one(rule, claim, sc[(arm, seed)], sc[(base, seed)]) for seed in exp.seeds}
-            verdicts.append({"rule": rule.rule, "arm": arm, "seeds": seeds,
-                             **_claimed(rule, seeds, control_ok, pipeline, claim.matched_copy_loss is not None)})
-    return {"baseline": base, "common_step": scored["common_step"], "control": {"passed": control_ok, "seeds": control},
-            "pipeline_control": pipeline, "rules": verdicts,
-            "claims": [f"{v['rule']}: {v['arm']}" + ("" if v["claimed"] is True else f" ({v['claimed']})")
-                       for v in verdicts if v["claimed"]],
-            "scores": {f"{a}/s{s}": v for (a, s), v in sc.items()}}
+            verdicts.append(
+                {
+                    "rule": rule.rule,
+                    "arm": arm,
+                    "seeds": seeds,
+                    **_claimed(rule, seeds, control_ok, pipeline, claim.matched_copy_loss is not None),
+                }
+            )
+    return {
+        "baseline": base,
+        "common_step": scored["common_step"],
+        "control": {"passed": control_ok, "seeds": control},
+        "pipeline_control": pipeline,
+        "rules": verdicts,
+        "claims": [
+            f"{v['rule']}: {v['arm']}" + ("" if v["claimed"] is True else f" ({v['claimed']})")
+            for v in verdicts
+            if v["claimed"]
+        ],
+        "scores": {f"{a}/s{s}": v for (a, s), v in sc.items()},
+    }
 
 
 def _judge_one(rule: Rule, claim: RulesClaim, arm: dict, base: dict) -> dict:
@@ -908,17 +1093,34 @@ def _judge_one(rule: Rule, claim: RulesClaim, arm: dict, base: dict) -> dict:
         sl, sl_v = _slope(arm, "massive_activation"), _slope(base, "massive_activation")
         loss, loss_v = arm["final"].get("loss"), base["final"].get("loss")
         loss_rel = (loss - loss_v) / loss_v if loss is not None and loss_v else None
-        checks = {"ma_excess": ma is not None and ma_v is not None and ma - 1 <= (ma_v - 1) / rule.ma_excess_factor,
-                  "range_inflation": _le(ri, rule.max_range_inflation),
-                  "ma_slope": sl is not None and sl_v is not None and sl <= sl_v / rule.slope_factor,
-                  "equal_loss": loss_rel is not None and abs(loss_rel) <= claim.loss_tolerance}
-        out["same_step"] = {"checks": checks, "passed": all(checks.values()),
-                            "values": {"massive_activation": ma, "baseline_massive_activation": ma_v, "range_inflation": ri,
-                                       "ma_slope": sl, "baseline_ma_slope": sl_v, "loss_rel_diff": loss_rel}}
-        out["matched"] = _matched(arm, base, lambda a, b: {
-            "ma_excess": a.get("massive_activation") is not None and b.get("massive_activation") is not None
-            and a["massive_activation"] - 1 <= (b["massive_activation"] - 1) / rule.ma_excess_factor,
-            "range_inflation": _le(a.get("range_inflation"), rule.max_range_inflation)})
+        checks = {
+            "ma_excess": ma is not None and ma_v is not None and ma - 1 <= (ma_v - 1) / rule.ma_excess_factor,
+            "range_inflation": _le(ri, rule.max_range_inflation),
+            "ma_slope": sl is not None and sl_v is not None and sl <= sl_v / rule.slope_factor,
+            "equal_loss": loss_rel is not None and abs(loss_rel) <= claim.loss_tolerance,
+        }
+        out["same_step"] = {
+            "checks": checks,
+            "passed": all(checks.values()),
+            "values": {
+                "massive_activation": ma,
+                "baseline_massive_activation": ma_v,
+                "range_inflation": ri,
+                "ma_slope": sl,
+                "baseline_ma_slope": sl_v,
+                "loss_rel_diff": loss_rel,
+            },
+        }
+        out["matched"] = _matched(
+            arm,
+            base,
+            lambda a, b: {
+                "ma_excess": a.get("massive_activation") is not None
+                and b.get("massive_activation") is not None
+                and a["massive_activation"] - 1 <= (b["massive_activation"] - 1) / rule.ma_excess_factor,
+                "range_inflation": _le(a.get("range_inflation"), rule.max_range_inflation),
+            },
+        )
     elif rule.rule == "removes_channel_outliers":
         checks, values = {}, {}
         for m in rule.outlier_metrics:
@@ -926,9 +1128,14 @@ def _judge_one(rule: Rule, claim: RulesClaim, arm: dict, base: dict) -> dict:
             checks[m] = a is not None and b is not None and a <= b / rule.outlier_factor
             values[m], values[f"baseline_{m}"] = a, b
         out["same_step"] = {"checks": checks, "passed": all(checks.values()), "values": values}
-        out["matched"] = _matched(arm, base, lambda a, b: {
-            m: a.get(m) is not None and b.get(m) is not None and a[m] <= b[m] / rule.outlier_factor
-            for m in rule.outlier_metrics})
+        out["matched"] = _matched(
+            arm,
+            base,
+            lambda a, b: {
+                m: a.get(m) is not None and b.get(m) is not None and a[m] <= b[m] / rule.outlier_factor
+                for m in rule.outlier_metrics
+            },
+        )
     else:  # lowers_quantization_sensitivity: the final models only
         values, checks = {}, {}
         for key in ("b_star", "b_star_first_token_float"):
@@ -943,28 +1150,50 @@ def _judge_one(rule: Rule, claim: RulesClaim, arm: dict, base: dict) -> dict:
 
 def _matched(arm: dict, base: dict, checks_fn) -> dict:
     if arm["matched_step"] is None or base["matched_step"] is None:
-        return {"passed": False, "checks": {}, "reached": {"arm": arm["matched_step"], "baseline": base["matched_step"]},
-                "note": "matched copy loss not reached"}
+        return {
+            "passed": False,
+            "checks": {},
+            "reached": {"arm": arm["matched_step"], "baseline": base["matched_step"]},
+            "note": "matched copy loss not reached",
+        }
     checks = checks_fn(arm["matched"], base["matched"])
-    return {"passed": all(checks.values()), "checks": checks,
-            "reached": {"arm": arm["matched_step"], "baseline": base["matched_step"]}}
+    return {
+        "passed": all(checks.values()),
+        "checks": checks,
+        "reached": {"arm": arm["matched_step"], "baseline": base["matched_step"]},
+    }
 
 
 def _claimed(rule: Rule, seeds: dict, control_ok: bool, pipeline, with_matched: bool) -> dict:
     same = all(v["same_step"]["passed"] for v in seeds.values())
-    matched = all(v["matched"]["passed"] for v in seeds.values()) if with_matched and rule.rule != \
-        "lowers_quantization_sensitivity" else None
+    matched = (
+        all(v["matched"]["passed"] for v in seeds.values())
+        if with_matched and rule.rule != "lowers_quantization_sensitivity"
+        else None
+    )
     if rule.rule == "lowers_quantization_sensitivity":
         if pipeline is None or not pipeline["passed"]:
-            return {"claimed": False, "same_step_all_seeds": same, "matched_all_seeds": None,
-                    "why": "pipeline control failed: the sweep cannot tell sensitivities apart"}
+            return {
+                "claimed": False,
+                "same_step_all_seeds": same,
+                "matched_all_seeds": None,
+                "why": "pipeline control failed: the sweep cannot tell sensitivities apart",
+            }
         token_wise = all(v["same_step"]["checks"]["b_star"] for v in seeds.values())
         claimed = True if same else ("token-wise only" if token_wise else False)
-        return {"claimed": claimed if control_ok else False, "same_step_all_seeds": same, "matched_all_seeds": None,
-                "why": None if control_ok else "positive control failed"}
+        return {
+            "claimed": claimed if control_ok else False,
+            "same_step_all_seeds": same,
+            "matched_all_seeds": None,
+            "why": None if control_ok else "positive control failed",
+        }
     ok = same and (matched is not False)
-    return {"claimed": ok and control_ok, "same_step_all_seeds": same, "matched_all_seeds": matched,
-            "why": None if control_ok else "positive control failed"}
+    return {
+        "claimed": ok and control_ok,
+        "same_step_all_seeds": same,
+        "matched_all_seeds": matched,
+        "why": None if control_ok else "positive control failed",
+    }
 
 
 def summarize(exp: ExperimentConfig, results: dict, verdict: dict) -> dict:
@@ -986,9 +1215,15 @@ def summarize(exp: ExperimentConfig, results: dict, verdict: dict) -> dict:
         rows["max_absmax_over_rms_quantized_tensor"] = sorted({n for n in names if n})
         sources = [results[(arm, seed)]["curve"].get("first_token_norm_sources") or {} for seed in exp.seeds]
         rows["first_token_norm_sources"] = {
-            src: _stats([curve_score(per[src], end_step=verdict["common_step"], tail=exp.claim.tail_probes)["last"]
-                         for per in sources if per.get(src)])
-            for src in sorted({k for per in sources for k in per})}
+            src: _stats(
+                [
+                    curve_score(per[src], end_step=verdict["common_step"], tail=exp.claim.tail_probes)["last"]
+                    for per in sources
+                    if per.get(src)
+                ]
+            )
+            for src in sorted({k for per in sources for k in per})
+        }
         out[arm] = rows
     return out
 
@@ -1001,7 +1236,8 @@ def _stats(values: list) -> dict:
 
 
 SUMMARY_ROWS = [
-    ("held-out loss", "loss", "{:.4f}"), ("held-out loss, copy positions", "loss_copy", "{:.4f}"),
+    ("held-out loss", "loss", "{:.4f}"),
+    ("held-out loss, copy positions", "loss_copy", "{:.4f}"),
     ("first-token mass at idle positions (max head)", "first_token_mass_idle", "{:.3f}"),
     ("MA = max_c |h_0,c| / median |h| (max layer)", "massive_activation", "{:.3g}"),
     ("MA slope per 1k steps (second half)", "massive_activation_slope", "{:+.3g}"),
@@ -1013,15 +1249,20 @@ SUMMARY_ROWS = [
     ("... with position 0 excluded", "max_absmax_over_rms_quantized_first_token_float", "{:.3g}"),
     ("max inf norm (all components)", "max_inf_norm", "{:.3g}"),
     ("avg kurtosis", "avg_kurtosis", "{:.3g}"),
-    ("ppl FP32", "ppl_fp32", "{:.4f}"), ("ppl W8A8 paper protocol", "ppl_w8a8_paper", "{:.4f}"),
+    ("ppl FP32", "ppl_fp32", "{:.4f}"),
+    ("ppl W8A8 paper protocol", "ppl_w8a8_paper", "{:.4f}"),
     ("b* (fewest activation bits, < 5% ppl increase)", "b_star", "{:.0f}"),
     ("b* with position 0 in float", "b_star_first_token_float", "{:.0f}"),
 ]
-MATCHED_ROWS = [("probe step where copy loss first <= target", "matched_step", "{:.0f}"),
-                ("MA", "massive_activation_matched", "{:.3g}"), ("RI", "range_inflation_matched", "{:.3g}"),
-                ("E", "first_token_excess_norm_matched", "{:.3g}"), ("avg kurtosis", "avg_kurtosis_matched", "{:.3g}"),
-                ("max inf norm", "max_inf_norm_matched", "{:.3g}"),
-                ("first-token mass at idle positions", "first_token_mass_idle_matched", "{:.3f}")]
+MATCHED_ROWS = [
+    ("probe step where copy loss first <= target", "matched_step", "{:.0f}"),
+    ("MA", "massive_activation_matched", "{:.3g}"),
+    ("RI", "range_inflation_matched", "{:.3g}"),
+    ("E", "first_token_excess_norm_matched", "{:.3g}"),
+    ("avg kurtosis", "avg_kurtosis_matched", "{:.3g}"),
+    ("max inf norm", "max_inf_norm_matched", "{:.3g}"),
+    ("first-token mass at idle positions", "first_token_mass_idle_matched", "{:.3f}"),
+]
 
 
 def _cell(st, fmt) -> str:
@@ -1036,17 +1277,39 @@ def build_report_v2(exp: ExperimentConfig, results: dict, *, wall_seconds: float
     from .report import _versions
 
     verdict = judge_rules(exp, results)
-    return _clean({
-        "name": exp.name, "fingerprint": exp.fingerprint(), "command": command, "versions": _versions(),
-        "wall_seconds": round(wall_seconds, 1), "cpu_count": os.cpu_count(), "seeds": exp.seeds,
-        "positive_control": verdict["control"]["passed"],
-        "pipeline_control": None if verdict["pipeline_control"] is None else verdict["pipeline_control"]["passed"],
-        "claims": verdict["claims"], "verdict": verdict, "summary": summarize(exp, results, verdict),
-        "config": exp.source,
-        "runs": {f"{a}/s{s}": {k: r[k] for k in ("arm", "seed", "final", "curve", "train_seconds", "eval_seconds",
-                                                  "wall_seconds", "time_limited")}
-                 for (a, s), r in results.items()},
-    })
+    return _clean(
+        {
+            "name": exp.name,
+            "fingerprint": exp.fingerprint(),
+            "command": command,
+            "versions": _versions(),
+            "wall_seconds": round(wall_seconds, 1),
+            "cpu_count": os.cpu_count(),
+            "seeds": exp.seeds,
+            "positive_control": verdict["control"]["passed"],
+            "pipeline_control": None if verdict["pipeline_control"] is None else verdict["pipeline_control"]["passed"],
+            "claims": verdict["claims"],
+            "verdict": verdict,
+            "summary": summarize(exp, results, verdict),
+            "config": exp.source,
+            "runs": {
+                f"{a}/s{s}": {
+                    k: r[k]
+                    for k in (
+                        "arm",
+                        "seed",
+                        "final",
+                        "curve",
+                        "train_seconds",
+                        "eval_seconds",
+                        "wall_seconds",
+                        "time_limited",
+                    )
+                }
+                for (a, s), r in results.items()
+            },
+        }
+    )
 
 
 def render_markdown_v2(rep: dict) -> str:
@@ -1054,48 +1317,99 @@ def render_markdown_v2(rep: dict) -> str:
     arms = list(rep["summary"])
     seeds = ", ".join(map(str, rep["seeds"]))
     pc = v["pipeline_control"]
-    lines = [f"# Experiment {rep['name']}", "",
-             f"Arms x seeds ({seeds}), compared at step {v['common_step']} (curves: mean of the last probes; "
-             "slopes over the second half) and at matched copy loss. Cells: mean over seeds [lowest, highest].", "",
-             f"Positive control on {v['baseline']} (every seed): **{'passed' if v['control']['passed'] else 'FAILED'}**. "
-             + ("Pipeline control (every run loses >= "
-                f"{pc['min_increase']:.0%} at {pc['bits']} activation bits): **{'passed' if pc['passed'] else 'FAILED'}**. "
-                if pc else "")
-             + f"Claims (pre-registered rules, every seed agreeing): **{'; '.join(v['claims']) or 'none'}**.",
-             f"Wall time {rep['wall_seconds']:.0f} s on {rep['cpu_count']} CPU cores. Command: `{' '.join(rep['command'])}`", "",
-             "| metric | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+    lines = [
+        f"# Experiment {rep['name']}",
+        "",
+        f"Arms x seeds ({seeds}), compared at step {v['common_step']} (curves: mean of the last probes; "
+        "slopes over the second half) and at matched copy loss. Cells: mean over seeds [lowest, highest].",
+        "",
+        f"Positive control on {v['baseline']} (every seed): **{'passed' if v['control']['passed'] else 'FAILED'}**. "
+        + (
+            "Pipeline control (every run loses >= "
+            f"{pc['min_increase']:.0%} at {pc['bits']} activation bits): **{'passed' if pc['passed'] else 'FAILED'}**. "
+            if pc
+            else ""
+        )
+        + f"Claims (pre-registered rules, every seed agreeing): **{'; '.join(v['claims']) or 'none'}**.",
+        f"Wall time {rep['wall_seconds']:.0f} s on {rep['cpu_count']} CPU cores. Command: `{' '.join(rep['command'])}`",
+        "",
+        "| metric | " + " | ".join(arms) + " |",
+        "|---|" + "---|" * len(arms),
+    ]
     for title, key, fmt in SUMMARY_ROWS:
         lines.append(f"| {title} | " + " | ".join(_cell(rep["summary"][a].get(key), fmt) for a in arms) + " |")
-    lines += ["", "At matched copy loss (each run at its first probe with copy loss <= the target):", "",
-              "| metric | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+    lines += [
+        "",
+        "At matched copy loss (each run at its first probe with copy loss <= the target):",
+        "",
+        "| metric | " + " | ".join(arms) + " |",
+        "|---|" + "---|" * len(arms),
+    ]
     for title, key, fmt in MATCHED_ROWS:
         lines.append(f"| {title} | " + " | ".join(_cell(rep["summary"][a].get(key), fmt) for a in arms) + " |")
-    srcs = sorted({k for a in arms for k in rep["summary"][a].get("first_token_norm_sources", {})},
-                  key=lambda k: (k != "embedding", k))
+    srcs = sorted(
+        {k for a in arms for k in rep["summary"][a].get("first_token_norm_sources", {})},
+        key=lambda k: (k != "embedding", k),
+    )
     if srcs:
-        lines += ["", "Where the first token's vector comes from: ||x_0|| at each source (same step; attention / MLP "
-                  "outputs before their bias; `layer` = the residual stream after the layer):", "",
-                  "| source | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+        lines += [
+            "",
+            "Where the first token's vector comes from: ||x_0|| at each source (same step; attention / MLP "
+            "outputs before their bias; `layer` = the residual stream after the layer):",
+            "",
+            "| source | " + " | ".join(arms) + " |",
+            "|---|" + "---|" * len(arms),
+        ]
         for src in srcs:
-            lines.append(f"| {src} | " + " | ".join(_cell(rep["summary"][a].get("first_token_norm_sources", {}).get(src), "{:.3g}")
-                                                  for a in arms) + " |")
-    lines += ["", "| rule | arm | claimed | same step, every seed | matched copy loss, every seed | per seed (same step) |",
-              "|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {src} | "
+                + " | ".join(
+                    _cell(rep["summary"][a].get("first_token_norm_sources", {}).get(src), "{:.3g}") for a in arms
+                )
+                + " |"
+            )
+    lines += [
+        "",
+        "| rule | arm | claimed | same step, every seed | matched copy loss, every seed | per seed (same step) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in v["rules"]:
-        per_seed = "; ".join(f"s{s}: " + ", ".join(f"{k} {'ok' if ok else 'no'}" for k, ok in x["same_step"]["checks"].items())
-                             for s, x in r["seeds"].items())
-        lines.append(f"| {r['rule']} | {r['arm']} | {r['claimed']}" + (f" ({r['why']})" if r.get("why") else "")
-                     + f" | {r['same_step_all_seeds']} | {r['matched_all_seeds']} | {per_seed} |")
-    ctl = "; ".join(f"s{s}: " + ", ".join(f"{k} {x['values'][m]:.3g}" if x['values'][m] is not None else f"{k} -"
-                                          for k, m in (("idle mass", "first_token_mass_idle"), ("E", "first_token_excess_norm"),
-                                                       ("MA", "massive_activation")))
-                    for s, x in v["control"]["seeds"].items())
+        per_seed = "; ".join(
+            f"s{s}: " + ", ".join(f"{k} {'ok' if ok else 'no'}" for k, ok in x["same_step"]["checks"].items())
+            for s, x in r["seeds"].items()
+        )
+        lines.append(
+            f"| {r['rule']} | {r['arm']} | {r['claimed']}"
+            + (f" ({r['why']})" if r.get("why") else "")
+            + f" | {r['same_step_all_seeds']} | {r['matched_all_seeds']} | {per_seed} |"
+        )
+    ctl = "; ".join(
+        f"s{s}: "
+        + ", ".join(
+            f"{k} {x['values'][m]:.3g}" if x["values"][m] is not None else f"{k} -"
+            for k, m in (
+                ("idle mass", "first_token_mass_idle"),
+                ("E", "first_token_excess_norm"),
+                ("MA", "massive_activation"),
+            )
+        )
+        for s, x in v["control"]["seeds"].items()
+    )
     lines += ["", f"Positive control values: {ctl}."]
     if pc:
-        lines.append("Pipeline control, increase at A" + str(pc["bits"]) + ": "
-                     + ", ".join(f"{k} {x:+.1%}" if x is not None else f"{k} -" for k, x in pc["increase"].items()) + ".")
-    lines += ["", "Curves: " + ", ".join(f"`{n}.png`" for n in CURVE_TAGS) + " (all arms per figure; line = mean over "
-              "seeds, band = lowest to highest seed; x = training step).", ""]
+        lines.append(
+            "Pipeline control, increase at A"
+            + str(pc["bits"])
+            + ": "
+            + ", ".join(f"{k} {x:+.1%}" if x is not None else f"{k} -" for k, x in pc["increase"].items())
+            + "."
+        )
+    lines += [
+        "",
+        "Curves: " + ", ".join(f"`{n}.png`" for n in CURVE_TAGS) + " (all arms per figure; line = mean over "
+        "seeds, band = lowest to highest seed; x = training step).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -1115,8 +1429,11 @@ def plot_curves_v2(rep: dict, out_dir: Path) -> list[Path]:
             curves = [r["curve"].get(name) for r in rep["runs"].values() if r["arm"] == arm and r["curve"].get(name)]
             if not curves:
                 continue
-            steps = sorted({s for c in curves for s, _ in c if s <= end} if name != "train_loss" else
-                           {s for c in curves for s, _ in c})
+            steps = sorted(
+                {s for c in curves for s, _ in c if s <= end}
+                if name != "train_loss"
+                else {s for c in curves for s, _ in c}
+            )
             by = [{s: v for s, v in c} for c in curves]
             rows = [(s, [b[s] for b in by if b.get(s) is not None]) for s in steps]
             rows = [(s, xs) for s, xs in rows if xs]
@@ -1173,17 +1490,26 @@ def _run_all(exp: ExperimentConfig, out: Path, runs: list, log, t0: float) -> li
             say(line.rstrip())
         if proc.wait() != 0:
             failed.append(run.label)
-            say(f"[{run.label}] FAILED (exit code {proc.returncode}; see {out / run.dir / 'train.log'} and the lines above)")
+            say(
+                f"[{run.label}] FAILED (exit code {proc.returncode}; see {out / run.dir / 'train.log'} and the lines above)"
+            )
 
     active: list = []
     for i, run in enumerate(runs):
         while len([t for t in active if t.is_alive()]) >= exp.jobs:
             time.sleep(0.2)
-        what = f"arm {i + 1}/{len(runs)}: {run.arm}" if legacy else f"run {i + 1}/{len(runs)}: {run.arm} seed {run.seed}"
+        what = (
+            f"arm {i + 1}/{len(runs)}: {run.arm}" if legacy else f"run {i + 1}/{len(runs)}: {run.arm} seed {run.seed}"
+        )
         say(f"==> {what} ({time.time() - t0:.0f} s elapsed)")
-        proc = subprocess.Popen([sys.executable, "-m", "megatron_outeff.evaluation.experiment", str(out), run.arm,
-                                 str(run.seed)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=_child_env(), cwd=str(Path(__file__).resolve().parents[2]))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "megatron_outeff.evaluation.experiment", str(out), run.arm, str(run.seed)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=_child_env(),
+            cwd=str(Path(__file__).resolve().parents[2]),
+        )
         t = threading.Thread(target=pump, args=(proc, run), daemon=True)
         t.start()
         active.append(t)
@@ -1209,8 +1535,10 @@ def run_experiment(exp: ExperimentConfig, out, *, command: list, log=print) -> d
     spent.append({"seconds": round(time.time() - t0, 1), "runs": [r.label for r in pending], "failed": failed})
     _write_json(invocations, spent)
     if failed:
-        raise ExperimentFailed(f"{len(failed)} of {len(runs)} runs failed ({', '.join(failed)}); finished runs are "
-                               "kept: run the same command again to retry the others")
+        raise ExperimentFailed(
+            f"{len(failed)} of {len(runs)} runs failed ({', '.join(failed)}); finished runs are "
+            "kept: run the same command again to retry the others"
+        )
     results = {(r.arm, r.seed): json.loads((out / r.dir / "result.json").read_text()) for r in runs}
     t_report = time.time()
     wall = sum(x["seconds"] for x in spent)
@@ -1223,8 +1551,10 @@ def run_experiment(exp: ExperimentConfig, out, *, command: list, log=print) -> d
         rep = build_report_v2(exp, results, wall_seconds=wall, command=command)
         plots = plot_curves_v2(rep, out)
         md = render_markdown_v2(rep)
-        status = (f"positive control {'passed' if rep['positive_control'] else 'FAILED'}, pipeline control "
-                  f"{rep['pipeline_control']}, claims: {'; '.join(rep['claims']) or 'none'}")
+        status = (
+            f"positive control {'passed' if rep['positive_control'] else 'FAILED'}, pipeline control "
+            f"{rep['pipeline_control']}, claims: {'; '.join(rep['claims']) or 'none'}"
+        )
     rep["wall_seconds"] = round(wall + time.time() - t_report, 1)
     rep["wall_seconds_this_invocation"] = round(time.time() - t0, 1)
     _write_json(out / "report.json", rep)

@@ -28,11 +28,11 @@ The four numbers (all on the same blocks, token-weighted, `megatron_outeff.hf.pe
                   transformers + compressed-tensors and evaluated as a consumer would load it.
 The two W8A8 numbers measure different things (everything quantized vs Linear layers only).
 """
+
 from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -102,8 +102,10 @@ def check_runnable(model_dir, config: dict, block_size: Optional[int] = None) ->
     OutEffError (one line) for a quantized directory (quantization_config in config.json: the float one is
     needed) or a ``block_size`` beyond max_position_embeddings (the position table would be indexed past its end)."""
     if config.get("quantization_config"):
-        raise OutEffError(f"{model_dir}: a quantized checkpoint (quantization_config in config.json); expected the "
-                          "float Hugging Face directory")
+        raise OutEffError(
+            f"{model_dir}: a quantized checkpoint (quantization_config in config.json); expected the "
+            "float Hugging Face directory"
+        )
     n_pos = config.get("max_position_embeddings")
     if block_size is None:
         return PAPER_BLOCK_SIZE if n_pos is None else min(PAPER_BLOCK_SIZE, n_pos)
@@ -141,7 +143,7 @@ def load_hf_model(model_dir, *, device=None, dtype=torch.float32, eager: bool = 
         kwargs["attn_implementation"] = "eager"
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError):
         if not eager:
             raise
         # A model class that refuses the argument: load with its default (ours are eager only).
@@ -201,9 +203,11 @@ def fp16_perplexity(model, blocks, *, batch_size: int = 8) -> dict:
             for p in rounded.parameters():
                 p.copy_(p.half().float())
         res = perplexity(rounded, blocks, batch_size=batch_size)
-        res.update(mode="fp16_weights_fp32_compute",
-                   note=f"fp16 forward failed on {dev.type} ({str(e).splitlines()[0][:120]}); "
-                        "evaluated in fp32 after rounding the weights to fp16 (activations not rounded)")
+        res.update(
+            mode="fp16_weights_fp32_compute",
+            note=f"fp16 forward failed on {dev.type} ({str(e).splitlines()[0][:120]}); "
+            "evaluated in fp32 after rounding the weights to fp16 (activations not rounded)",
+        )
     finally:
         del half
     if not math.isfinite(res["loss"]):
@@ -232,9 +236,17 @@ def quantizable_model(model):
     return outeff.to(_device_of(model)).eval()
 
 
-def simulated_w8a8_perplexity(model, blocks, calib_batches, *, batch_size: int = 8,
-                              exclude: Sequence[str] = SIMULATED_EXCLUDE, act_bits: int = 8, weight_bits: int = 8,
-                              exclude_first_token: bool = False) -> dict:
+def simulated_w8a8_perplexity(
+    model,
+    blocks,
+    calib_batches,
+    *,
+    batch_size: int = 8,
+    exclude: Sequence[str] = SIMULATED_EXCLUDE,
+    act_bits: int = 8,
+    weight_bits: int = 8,
+    exclude_first_token: bool = False,
+) -> dict:
     """The paper's simulated W8A8 perplexity (module doc), like-for-like: a plain OPT is evaluated
     through ``quantizable_model`` so every variant has the same quantized op set. The float model is
     not modified. act_bits / weight_bits: the grids (the paper: 8 / 8; ``activation_bit_sweep``).
@@ -246,9 +258,14 @@ def simulated_w8a8_perplexity(model, blocks, calib_batches, *, batch_size: int =
     check_bits(act_bits, "act_bits")
     check_bits(weight_bits, "weight_bits")
     model = quantizable_model(model)
-    sim = apply_simulated_w8a8(model, calibration_fn(calib_batches, _device_of(model)), exclude=exclude,
-                               act_bits=act_bits, weight_bits=weight_bits,
-                               keep_float=first_token_mask if exclude_first_token else None)
+    sim = apply_simulated_w8a8(
+        model,
+        calibration_fn(calib_batches, _device_of(model)),
+        exclude=exclude,
+        act_bits=act_bits,
+        weight_bits=weight_bits,
+        keep_float=first_token_mask if exclude_first_token else None,
+    )
     res = perplexity(sim.model, blocks, batch_size=batch_size)
     n_points = sum(1 for n in sim.act_quantizers if is_quant_point(sim.model.get_submodule(n)))
     res.update(
@@ -257,12 +274,16 @@ def simulated_w8a8_perplexity(model, blocks, calib_batches, *, batch_size: int =
         quant_points=n_points,
         excluded=sim.excluded,
         uncalibrated=sim.uncalibrated,
-        act_bits=act_bits, weight_bits=weight_bits, first_token_float=exclude_first_token,
-        note=(f"paper protocol: W {weight_bits}-bit symmetric per-tensor min-max; A {act_bits}-bit asymmetric running "
-              "min-max (momentum 0.9, 99.999th percentile); Linear/Embedding/LayerNorm weights+outputs"
-              + (", Q K^T, softmax, P V, residual sums" if n_points else " (no attention-internal points)")
-              + "; LM head and gates float; plain OPT evaluated through OutEffOPT(vanilla): same op set"
-              + ("; position 0 kept in float and out of calibration" if exclude_first_token else "")),
+        act_bits=act_bits,
+        weight_bits=weight_bits,
+        first_token_float=exclude_first_token,
+        note=(
+            f"paper protocol: W {weight_bits}-bit symmetric per-tensor min-max; A {act_bits}-bit asymmetric running "
+            "min-max (momentum 0.9, 99.999th percentile); Linear/Embedding/LayerNorm weights+outputs"
+            + (", Q K^T, softmax, P V, residual sums" if n_points else " (no attention-internal points)")
+            + "; LM head and gates float; plain OPT evaluated through OutEffOPT(vanilla): same op set"
+            + ("; position 0 kept in float and out of calibration" if exclude_first_token else "")
+        ),
     )
     del sim
     return res
@@ -305,7 +326,9 @@ def first_token_mask(name: str, out: torch.Tensor, input_shape: tuple) -> torch.
     elif out.dim() == 2 and shape[0] == b * s:
         mask[::s] = True
     else:
-        raise ValueError(f"first_token_mask: {name}: output of shape {shape} has no known token axis for input {input_shape}")
+        raise ValueError(
+            f"first_token_mask: {name}: output of shape {shape} has no known token axis for input {input_shape}"
+        )
     return mask
 
 
@@ -321,9 +344,18 @@ def sensitivity_bits(increase: dict, tolerance: float = SENSITIVITY_TOLERANCE):
     return ok
 
 
-def activation_bit_sweep(model, blocks, calib_batches, *, act_bits: Sequence[int] = SWEEP_ACT_BITS,
-                         weight_bits: int = 8, batch_size: int = 8, tolerance: float = SENSITIVITY_TOLERANCE,
-                         fp32_ppl: Optional[float] = None, log: Callable[[str], None] = lambda s: None) -> dict:
+def activation_bit_sweep(
+    model,
+    blocks,
+    calib_batches,
+    *,
+    act_bits: Sequence[int] = SWEEP_ACT_BITS,
+    weight_bits: int = 8,
+    batch_size: int = 8,
+    tolerance: float = SENSITIVITY_TOLERANCE,
+    fp32_ppl: Optional[float] = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict:
     """The paper's protocol (per-tensor static, the same op set for every model) at each activation
     width with ``weight_bits`` weights, once as is and once with position 0 in float and out of
     calibration. Returns {"fp32_ppl", "weight_bits", "tolerance", "all": {bits: {"ppl", "increase"}},
@@ -338,18 +370,28 @@ def activation_bit_sweep(model, blocks, calib_batches, *, act_bits: Sequence[int
     for key, excl in (("all", False), ("first_token_float", True)):
         points = {}
         for bits in widths:
-            r = simulated_w8a8_perplexity(model, blocks, calib_batches, batch_size=batch_size, act_bits=bits,
-                                          weight_bits=weight_bits, exclude_first_token=excl)
+            r = simulated_w8a8_perplexity(
+                model,
+                blocks,
+                calib_batches,
+                batch_size=batch_size,
+                act_bits=bits,
+                weight_bits=weight_bits,
+                exclude_first_token=excl,
+            )
             points[bits] = {"ppl": r["ppl"], "increase": r["ppl"] / fp32_ppl - 1.0}
-            log(f"  W{weight_bits}A{bits}{' (position 0 float)' if excl else ''}: ppl {r['ppl']:.4f} "
-                f"({points[bits]['increase']:+.2%})")
+            log(
+                f"  W{weight_bits}A{bits}{' (position 0 float)' if excl else ''}: ppl {r['ppl']:.4f} "
+                f"({points[bits]['increase']:+.2%})"
+            )
         out[key] = points
         out["b_star"][key] = sensitivity_bits({b: p["increase"] for b, p in points.items()}, tolerance)
     return out
 
 
-def quantized_activation_ranges(model, blocks, *, batch_size: int = 8, exclude: Sequence[str] = SIMULATED_EXCLUDE,
-                                exclude_first_token: bool = False) -> dict:
+def quantized_activation_ranges(
+    model, blocks, *, batch_size: int = 8, exclude: Sequence[str] = SIMULATED_EXCLUDE, exclude_first_token: bool = False
+) -> dict:
     """max|x| / RMS(x) of every activation the simulated protocol quantizes (the same modules as
     ``simulated_w8a8_perplexity``: Linear / Embedding / LayerNorm outputs and QuantPoints, lm_head and
     gates excluded), each over all ``blocks`` (one tensor per module, as one per-tensor range sees it).
@@ -361,8 +403,11 @@ def quantized_activation_ranges(model, blocks, *, batch_size: int = 8, exclude: 
     model = quantizable_model(model)
     acc: dict[str, list] = {}
     shape = [()]
-    handles = [model.register_forward_pre_hook(
-        lambda m, args, kwargs: shape.__setitem__(0, tuple(kwargs["input_ids"].shape)), with_kwargs=True)]
+    handles = [
+        model.register_forward_pre_hook(
+            lambda m, args, kwargs: shape.__setitem__(0, tuple(kwargs["input_ids"].shape)), with_kwargs=True
+        )
+    ]
 
     def hook(name):
         def record(module, args, out):
@@ -374,6 +419,7 @@ def quantized_activation_ranges(model, blocks, *, batch_size: int = 8, exclude: 
                 a[0] = max(a[0], x.abs().max().item())
                 a[1] += x.pow(2).sum().item()
                 a[2] += x.numel()
+
         return record
 
     for name, module in model.named_modules():
@@ -383,7 +429,7 @@ def quantized_activation_ranges(model, blocks, *, batch_size: int = 8, exclude: 
     try:
         with torch.no_grad():
             for i in range(0, blocks.shape[0], batch_size):
-                model(input_ids=blocks[i:i + batch_size].to(dev), use_cache=False)
+                model(input_ids=blocks[i : i + batch_size].to(dev), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -402,9 +448,12 @@ def deployable_w8a8_perplexity(model, blocks, calib_batches, out_dir, *, batch_s
     reloaded = AutoModelForCausalLM.from_pretrained(str(out_dir), trust_remote_code=True).eval()
     reloaded.to(_device_of(model))
     res = perplexity(reloaded, blocks, batch_size=batch_size)
-    res.update(quantized_linears=len(params), dir=str(out_dir),
-               note="compressed-tensors int-quantized: Linear layers only (int8 per-channel W, static per-tensor "
-                    "symmetric int8 inputs), LM head float; reloaded with transformers")
+    res.update(
+        quantized_linears=len(params),
+        dir=str(out_dir),
+        note="compressed-tensors int-quantized: Linear layers only (int8 per-channel W, static per-tensor "
+        "symmetric int8 inputs), LM head float; reloaded with transformers",
+    )
     del reloaded
     return res
 
@@ -446,9 +495,17 @@ def evaluate_quantization(
         raise OutEffError("W8A8 evaluation needs calibration batches")
     timed("w8a8_simulated", lambda: simulated_w8a8_perplexity(model, blocks, calib_batches, batch_size=batch_size))
     if work_dir is not None:
-        timed("w8a8_deployable", lambda: deployable_w8a8_perplexity(model, blocks, calib_batches, Path(work_dir), batch_size=batch_size))
+        timed(
+            "w8a8_deployable",
+            lambda: deployable_w8a8_perplexity(model, blocks, calib_batches, Path(work_dir), batch_size=batch_size),
+        )
     else:
         with tempfile.TemporaryDirectory(prefix="outeff_w8a8_") as tmp:
-            timed("w8a8_deployable", lambda: deployable_w8a8_perplexity(model, blocks, calib_batches, Path(tmp) / "w8a8", batch_size=batch_size))
+            timed(
+                "w8a8_deployable",
+                lambda: deployable_w8a8_perplexity(
+                    model, blocks, calib_batches, Path(tmp) / "w8a8", batch_size=batch_size
+                ),
+            )
             out["w8a8_deployable"]["dir"] = None  # deleted
     return out

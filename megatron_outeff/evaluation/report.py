@@ -28,6 +28,7 @@ plus max_outlier_share, mean first-token / sink mass, and the model's top outlie
 all components). Perplexities: `quant_eval.evaluate_quantization` (FP32, FP16, W8A8 simulated = the
 paper's protocol, W8A8 deployable = compressed-tensors Linear-only).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -43,8 +44,16 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 
 from megatron_outeff.errors import OutEffError
-from megatron_outeff.metrics import (attention_sink_mass, first_token_norm_ratio, hf_collector, hf_components,
-                                     hf_decoder_layers, hf_embedding_modules, massive_activation_ratio, range_inflation)
+from megatron_outeff.metrics import (
+    attention_sink_mass,
+    first_token_norm_ratio,
+    hf_collector,
+    hf_components,
+    hf_decoder_layers,
+    hf_embedding_modules,
+    massive_activation_ratio,
+    range_inflation,
+)
 from megatron_outeff.utils.atomic import atomic_output_dir, check_empty_output_dir
 
 from .quant_eval import evaluate_quantization, load_hf_model, model_info
@@ -53,9 +62,12 @@ __all__ = ["collect_model_stats", "build_report", "write_report", "render_markdo
 
 LAYER_KINDS = ("attn_ln", "attn_out", "ffn_ln", "fc2", "layer")
 KIND_TITLES = {
-    "attn_ln": "attention LayerNorm output", "attn_out": "attention out_proj output",
-    "ffn_ln": "pre-FFN LayerNorm output", "fc2": "FFN fc2 output",
-    "layer": "layer output (residual stream)", "final_ln": "final LayerNorm output",
+    "attn_ln": "attention LayerNorm output",
+    "attn_out": "attention out_proj output",
+    "ffn_ln": "pre-FFN LayerNorm output",
+    "fc2": "FFN fc2 output",
+    "layer": "layer output (residual stream)",
+    "final_ln": "final LayerNorm output",
 }
 
 
@@ -67,7 +79,9 @@ def _softmax_points(model) -> list:
 
 
 @torch.no_grad()
-def collect_model_stats(model, blocks: torch.Tensor, *, batch_size: int = 8, top_k: int = 8, n_sigma: float = 6.0) -> dict:
+def collect_model_stats(
+    model, blocks: torch.Tensor, *, batch_size: int = 8, top_k: int = 8, n_sigma: float = 6.0
+) -> dict:
     """Outlier and attention statistics of `model` on `blocks` [n, s] (see the module doc)."""
     if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.shape[0] == 0:
         raise OutEffError(f"blocks must be a non-empty [n, seq] tensor, got {getattr(blocks, 'shape', type(blocks))}")
@@ -87,8 +101,10 @@ def collect_model_stats(model, blocks: torch.Tensor, *, batch_size: int = 8, top
 
     # what a per-tensor quantizer sees at each layer output ([b, s, d]): MA, RI, the first-token norm
     # ratio (metrics.outliers), per batch weighted by its sequences = the mean over all sequences
-    token_stats = [{"massive_activation": 0.0, "range_inflation": 0.0, "first_token_norm_ratio": 0.0, "n": 0}
-                   for _ in range(n_layers)]
+    token_stats = [
+        {"massive_activation": 0.0, "range_inflation": 0.0, "first_token_norm_ratio": 0.0, "n": 0}
+        for _ in range(n_layers)
+    ]
 
     def add_tokens(i, out):
         h = out[0] if isinstance(out, (tuple, list)) else out
@@ -106,7 +122,7 @@ def collect_model_stats(model, blocks: torch.Tensor, *, batch_size: int = 8, top
 
     def add_first(name, out):
         x = (out[0] if isinstance(out, (tuple, list)) else out).detach().double()
-        x0 = x[:, 0] if x.dim() == 3 else x[::seq_len[0]]
+        x0 = x[:, 0] if x.dim() == 3 else x[:: seq_len[0]]
         first_norm[name] = first_norm.get(name, 0.0) + x0.norm(dim=-1).sum().item()
 
     # the model family's modules (models/family.py): OPT's out_proj / fc2 and token + position embeddings,
@@ -116,8 +132,10 @@ def collect_model_stats(model, blocks: torch.Tensor, *, batch_size: int = 8, top
         sources[f"layer{i}.attn_out"], sources[f"layer{i}.fc2"] = named[f"layer{i}.attn_out"], named[f"layer{i}.fc2"]
     points = _softmax_points(model)
     handles = [p.register_forward_hook(lambda mod, args, out, i=i: add(i, args[0])) for i, p in enumerate(points)]
-    handles += [layer.register_forward_hook(lambda mod, args, out, i=i: add_tokens(i, out))
-                for i, layer in enumerate(hf_decoder_layers(model))]
+    handles += [
+        layer.register_forward_hook(lambda mod, args, out, i=i: add_tokens(i, out))
+        for i, layer in enumerate(hf_decoder_layers(model))
+    ]
     handles += [m.register_forward_hook(lambda mod, args, out, n=n: add_first(n, out)) for n, m in sources.items()]
     source = "softmax_quant QuantPoint input (forward hook)" if points else "output_attentions=True (eager attention)"
     was_training = model.training
@@ -125,13 +143,15 @@ def collect_model_stats(model, blocks: torch.Tensor, *, batch_size: int = 8, top
     try:
         with collector:
             for i in range(0, blocks.shape[0], batch_size):
-                ids = blocks[i:i + batch_size].to(dev)
+                ids = blocks[i : i + batch_size].to(dev)
                 if points:
                     model(input_ids=ids, use_cache=False)
                 else:
                     out = model(input_ids=ids, use_cache=False, output_attentions=True)
                     if not out.attentions or any(a is None for a in out.attentions):
-                        raise OutEffError("the model returned no attention probabilities; load it with attn_implementation='eager'")
+                        raise OutEffError(
+                            "the model returned no attention probabilities; load it with attn_implementation='eager'"
+                        )
                     for li, a in enumerate(out.attentions):
                         add(li, a, no_sink=True)
     finally:
@@ -207,9 +227,12 @@ def _versions() -> dict:
             out[pkg] = None
     try:
         repo = Path(__file__).resolve().parents[2]
-        out["megatron_outeff_commit"] = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
-        ).stdout.strip() or None
+        out["megatron_outeff_commit"] = (
+            subprocess.run(
+                ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         out["megatron_outeff_commit"] = None
     return out
@@ -249,13 +272,22 @@ def build_report(
         model = load_hf_model(path, device=device)
         info = model_info(model)
         if info["vocab_size"] is not None and int(eval_data.blocks.max()) >= info["vocab_size"]:
-            raise OutEffError(f"model {label!r}: evaluation data holds token id {int(eval_data.blocks.max())} "
-                             f">= its vocab size {info['vocab_size']}")
+            raise OutEffError(
+                f"model {label!r}: evaluation data holds token id {int(eval_data.blocks.max())} "
+                f">= its vocab size {info['vocab_size']}"
+            )
         log(f"[{label}] outlier statistics on {eval_data.blocks.shape[0]} blocks of {eval_data.blocks.shape[1]}")
         stats = collect_model_stats(model, eval_data.blocks, batch_size=batch_size, top_k=top_k, n_sigma=n_sigma)
         log(f"[{label}] perplexity" + (" (quantization skipped)" if skip_quant else " FP32 / FP16 / W8A8"))
-        ppl = evaluate_quantization(path, eval_data.blocks, None if calib_data is None else calib_data.batches,
-                                    model=model, batch_size=batch_size, skip_quant=skip_quant, log=log)
+        ppl = evaluate_quantization(
+            path,
+            eval_data.blocks,
+            None if calib_data is None else calib_data.batches,
+            model=model,
+            batch_size=batch_size,
+            skip_quant=skip_quant,
+            log=log,
+        )
         report["models"][label] = {"path": os.path.abspath(path), "model": info, **stats, "perplexity": ppl}
         del model
     return report
@@ -278,10 +310,20 @@ HEADLINE_ROWS = [
     ("avg kurtosis", _agg("avg_kurtosis"), True, "{:.4g}"),
     ("max kurtosis", _agg("max_kurtosis"), True, "{:.4g}"),
     ("max share of values beyond n sigma", _agg("max_outlier_share"), True, "{:.3e}"),
-    ("top outlier channel (max abs)", lambda m: m["top_outlier_channels"][0]["max_abs"] if m["top_outlier_channels"] else None, None, None),
+    (
+        "top outlier channel (max abs)",
+        lambda m: m["top_outlier_channels"][0]["max_abs"] if m["top_outlier_channels"] else None,
+        None,
+        None,
+    ),
     ("massive activation MA = max_c |h_0,c| / median |h| (max layer)", _agg("max_massive_activation"), True, "{:.4g}"),
     ("range inflation RI = max |h_0| / max_(t>=1) |h_t| (max layer)", _agg("max_range_inflation"), True, "{:.4g}"),
-    ("first-token excess norm E = ||h_0|| / median ||h_t|| - 1 (max layer)", _agg("first_token_excess_norm"), True, "{:.4g}"),
+    (
+        "first-token excess norm E = ||h_0|| / median ||h_t|| - 1 (max layer)",
+        _agg("first_token_excess_norm"),
+        True,
+        "{:.4g}",
+    ),
     ("max |x| / RMS(x), largest component", _agg("max_absmax_over_rms"), True, "{:.4g}"),
     ("attention mass on first token (mean)", _agg("mean_first_token_mass"), None, "{:.4f}"),
     ("attention mass on sink (mean)", _agg("mean_sink_mass"), None, "{:.4f}"),
@@ -290,7 +332,12 @@ HEADLINE_ROWS = [
     ("ppl W8A8 simulated (paper protocol)", _ppl("w8a8_simulated"), True, "ppl"),
     ("ppl W8A8 deployable (compressed-tensors, Linear only)", _ppl("w8a8_deployable"), True, "ppl"),
     ("W8A8 simulated / FP32 ppl", lambda m: _ratio(m, "w8a8_simulated"), True, "{:.4f}"),
-    ("W8A8 simulated: quantized activation tensors", lambda m: (m.get("perplexity") or {}).get("w8a8_simulated", {}).get("quantized_activations"), None, "{:d}"),
+    (
+        "W8A8 simulated: quantized activation tensors",
+        lambda m: (m.get("perplexity") or {}).get("w8a8_simulated", {}).get("quantized_activations"),
+        None,
+        "{:d}",
+    ),
     ("W8A8 deployable / FP32 ppl", lambda m: _ratio(m, "w8a8_deployable"), True, "{:.4f}"),
 ]
 
@@ -325,18 +372,25 @@ def _src(s) -> str:
 
 def render_markdown(report: dict) -> str:
     labels = list(report["models"])
-    ms = [report["models"][l] for l in labels]
+    ms = [report["models"][label] for label in labels]
     ed = report["eval_data"]
     lines = ["# Outlier report", ""]
-    lines.append(f"Created {report['created_utc']} on {report['device']}. Evaluation data: {ed.get('kind')} "
-                 f"`{_src(ed.get('source'))}`, {ed.get('blocks')} blocks x {ed.get('block_size')} tokens "
-                 f"({ed.get('tokens')} tokens).")
+    lines.append(
+        f"Created {report['created_utc']} on {report['device']}. Evaluation data: {ed.get('kind')} "
+        f"`{_src(ed.get('source'))}`, {ed.get('blocks')} blocks x {ed.get('block_size')} tokens "
+        f"({ed.get('tokens')} tokens)."
+    )
     cd = report.get("calibration_data")
     if cd:
-        lines.append(f"Calibration (W8A8): {cd.get('batches')} batches {cd.get('batch_sizes')} x {cd.get('block_size')} "
-                     f"tokens from {cd.get('kind')} `{_src(cd.get('source'))}`" + (f" ({cd['note']})." if cd.get("note") else "."))
-    lines.append("Lower is better for every bold-able row; **bold** = best model. "
-                 f"Outlier share: values with |x - mean| > {report['settings']['n_sigma']} sigma.")
+        lines.append(
+            f"Calibration (W8A8): {cd.get('batches')} batches {cd.get('batch_sizes')} x {cd.get('block_size')} "
+            f"tokens from {cd.get('kind')} `{_src(cd.get('source'))}`"
+            + (f" ({cd['note']})." if cd.get("note") else ".")
+        )
+    lines.append(
+        "Lower is better for every bold-able row; **bold** = best model. "
+        f"Outlier share: values with |x - mean| > {report['settings']['n_sigma']} sigma."
+    )
     lines += ["", "| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     lines.append("| variant | " + " | ".join(_variant(m["model"]) for m in ms) + " |")
     for title, get, lower, fmt in HEADLINE_ROWS:
@@ -354,41 +408,70 @@ def render_markdown(report: dict) -> str:
         best = (min(finite) if lower else max(finite)) if (lower is not None and finite and len(ms) > 1) else None
         cells = [(f"**{_fmt(v, fmt)}**" if best is not None and v == best else _fmt(v, fmt)) for v in vals]
         if title.startswith("max |x| / RMS"):  # named
-            cells = [c if c == "-" else f"{c} ({m['aggregates'].get('max_absmax_over_rms_component')})" for c, m in zip(cells, ms)]
+            cells = [
+                c if c == "-" else f"{c} ({m['aggregates'].get('max_absmax_over_rms_component')})"
+                for c, m in zip(cells, ms)
+            ]
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
     fp16_modes = {m["perplexity"].get("fp16", {}).get("note") for m in ms} - {None}
     for note in sorted(fp16_modes):
         lines.append(f"\nFP16: {note}.")
-    lines.append("\nW8A8 simulated = the paper's protocol (weights, activations, LayerNorms, embeddings, attention "
-                 "internals and residual sums fake-quantized; LM head float). W8A8 deployable = compressed-tensors "
-                 "int-quantized checkpoint (Linear layers only), reloaded with transformers. Different measurements.")
+    lines.append(
+        "\nW8A8 simulated = the paper's protocol (weights, activations, LayerNorms, embeddings, attention "
+        "internals and residual sums fake-quantized; LM head float). W8A8 deployable = compressed-tensors "
+        "int-quantized checkpoint (Linear layers only), reloaded with transformers. Different measurements."
+    )
     lines.append("\nPlots: `inf_norm.png`, `kurtosis.png`, `ppl.png`.")
 
     for label, m in zip(labels, ms):
-        lines += ["", f"## {label}", "", f"`{m['path']}` - {m['model']['class']}, {_variant(m['model'])}, "
-                  f"{m['model']['layers']} layers, hidden {m['model']['hidden_size']}. "
-                  f"Attention probabilities from {m['attention_source']}.", ""]
-        head = ["layer"] + [f"inf norm {k}" for k in LAYER_KINDS] + [f"kurtosis {k}" for k in LAYER_KINDS] + \
-               ["outlier share (max)", "top residual dims", "first-token mass", "sink mass"]
+        lines += [
+            "",
+            f"## {label}",
+            "",
+            f"`{m['path']}` - {m['model']['class']}, {_variant(m['model'])}, "
+            f"{m['model']['layers']} layers, hidden {m['model']['hidden_size']}. "
+            f"Attention probabilities from {m['attention_source']}.",
+            "",
+        ]
+        head = (
+            ["layer"]
+            + [f"inf norm {k}" for k in LAYER_KINDS]
+            + [f"kurtosis {k}" for k in LAYER_KINDS]
+            + ["outlier share (max)", "top residual dims", "first-token mass", "sink mass"]
+        )
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in m["layers"]:
             res = row["layer"]
             dims = ", ".join(f"{c}:{v:.3g}" for c, v in zip(res["top_channels"][:3], res["top_channel_values"][:3]))
-            cells = [str(row["index"])] + [f"{row[k]['inf_norm']:.4g}" for k in LAYER_KINDS] + \
-                    [f"{row[k]['kurtosis']:.4g}" for k in LAYER_KINDS] + \
-                    [f"{max(row[k]['outlier_share'] for k in LAYER_KINDS):.2e}", dims,
-                     f"{row['first_token_mass']:.4f}", f"{row['sink_mass']:.4f}"]
+            cells = (
+                [str(row["index"])]
+                + [f"{row[k]['inf_norm']:.4g}" for k in LAYER_KINDS]
+                + [f"{row[k]['kurtosis']:.4g}" for k in LAYER_KINDS]
+                + [
+                    f"{max(row[k]['outlier_share'] for k in LAYER_KINDS):.2e}",
+                    dims,
+                    f"{row['first_token_mass']:.4f}",
+                    f"{row['sink_mass']:.4f}",
+                ]
+            )
             lines.append("| " + " | ".join(cells) + " |")
         f = m.get("final_ln")
         if f:
             dims = ", ".join(f"{c}:{v:.3g}" for c, v in zip(f["top_channels"][:3], f["top_channel_values"][:3]))
-            lines.append(f"\nFinal LayerNorm output: inf norm {f['inf_norm']:.4g}, kurtosis {f['kurtosis']:.4g}, "
-                         f"outlier share {f['outlier_share']:.2e}, top dims {dims}.")
+            lines.append(
+                f"\nFinal LayerNorm output: inf norm {f['inf_norm']:.4g}, kurtosis {f['kurtosis']:.4g}, "
+                f"outlier share {f['outlier_share']:.2e}, top dims {dims}."
+            )
         src = m.get("first_token_norm_sources") or {}
         if src:
-            lines.append("\nFirst token's vector by source (||x_0||, mean over sequences; out_proj / fc2 with bias): "
-                         + ", ".join(f"{n} {v:.4g}" for n, v in src.items()) + ".")
-        tops = ", ".join(f"dim {t['channel']} = {t['max_abs']:.4g} ({t['component']})" for t in m["top_outlier_channels"][:5])
+            lines.append(
+                "\nFirst token's vector by source (||x_0||, mean over sequences; out_proj / fc2 with bias): "
+                + ", ".join(f"{n} {v:.4g}" for n, v in src.items())
+                + "."
+            )
+        tops = ", ".join(
+            f"dim {t['channel']} = {t['max_abs']:.4g} ({t['component']})" for t in m["top_outlier_channels"][:5]
+        )
         lines.append(f"\nTop outlier dimensions (all components): {tops}.")
     return "\n".join(lines) + "\n"
 
@@ -403,13 +486,15 @@ def plot_report(report: dict, out_dir) -> list[Path]:
 
     out_dir = Path(out_dir)
     labels = list(report["models"])
-    ms = [report["models"][l] for l in labels]
+    ms = [report["models"][label] for label in labels]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     width = 0.8 / len(labels)
     written = []
 
-    for metric, ylabel, fname in (("inf_norm", "inf norm  (mean over samples of max|x|)", "inf_norm.png"),
-                                  ("kurtosis", "kurtosis  (Pearson; Gaussian = 3)", "kurtosis.png")):
+    for metric, ylabel, fname in (
+        ("inf_norm", "inf norm  (mean over samples of max|x|)", "inf_norm.png"),
+        ("kurtosis", "kurtosis  (Pearson; Gaussian = 3)", "kurtosis.png"),
+    ):
         kinds = list(LAYER_KINDS) + ["final_ln"]
         fig, axes = plt.subplots(2, 3, figsize=(15, 8.5), sharey=True, constrained_layout=True)
         allv = []
@@ -441,20 +526,33 @@ def plot_report(report: dict, out_dir) -> list[Path]:
         if allv:  # bars on a log axis need a common floor below every value, or they mislead
             axes.flat[0].set_ylim(min(allv) / 2, max(allv) * 2)
         axes.flat[0].legend(title="model")
-        title = "Per-layer inf norm (log scale)" if metric == "inf_norm" else "Per-layer kurtosis (log scale; dashed = Gaussian 3)"
-        fig.suptitle(f"{title} - {report['eval_data'].get('blocks')} blocks x {report['eval_data'].get('block_size')} tokens", fontsize=14)
+        title = (
+            "Per-layer inf norm (log scale)"
+            if metric == "inf_norm"
+            else "Per-layer kurtosis (log scale; dashed = Gaussian 3)"
+        )
+        fig.suptitle(
+            f"{title} - {report['eval_data'].get('blocks')} blocks x {report['eval_data'].get('block_size')} tokens",
+            fontsize=14,
+        )
         fig.savefig(out_dir / fname, dpi=100)
         plt.close(fig)
         written.append(out_dir / fname)
 
-    keys = [("fp32", "FP32"), ("fp16", "FP16"), ("w8a8_simulated", "W8A8 simulated (paper)"),
-            ("w8a8_deployable", "W8A8 deployable (Linear only)")]
+    keys = [
+        ("fp32", "FP32"),
+        ("fp16", "FP16"),
+        ("w8a8_simulated", "W8A8 simulated (paper)"),
+        ("w8a8_deployable", "W8A8 deployable (Linear only)"),
+    ]
     keys = [(k, t) for k, t in keys if any(k in m["perplexity"] for m in ms)]
     fig, ax = plt.subplots(figsize=(max(8, 2.2 * len(labels) + 5), 5), constrained_layout=True)
     w = 0.8 / len(keys)
     for j, (k, t) in enumerate(keys):
         ys = [m["perplexity"].get(k, {}).get("ppl", math.nan) for m in ms]
-        bars = ax.bar([i - 0.4 + w * (j + 0.5) for i in range(len(labels))], ys, w, label=t, color=colors[j % len(colors)])
+        bars = ax.bar(
+            [i - 0.4 + w * (j + 0.5) for i in range(len(labels))], ys, w, label=t, color=colors[j % len(colors)]
+        )
         big = any(math.isfinite(y) and y >= 1e5 for y in ys)
         ax.bar_label(bars, fmt="%.4g", fontsize=8, padding=2, rotation=90 if big else 0)
     allp = [m["perplexity"].get(k, {}).get("ppl", math.nan) for m in ms for k, _ in keys]

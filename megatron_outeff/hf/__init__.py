@@ -10,6 +10,7 @@ Public API:
     perplexity(model, blocks=None, *, text=None, tokenizer=None, block_size=None, batch_size=8,
                device=None, add_special_tokens=False) -> {"loss", "ppl", "tokens"}
 """
+
 from .configuration_outeff_llama import OutEffLlamaConfig
 from .configuration_outeff_opt import OutEffOPTConfig
 from .export import export_hf_dir, fp16_overflow_check, fp16_overflow_report, resolve_variant

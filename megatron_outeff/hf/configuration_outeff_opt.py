@@ -6,6 +6,7 @@ validated by it (``attention_variant()`` gives the variant back). Imports the pr
 ``outeff_deps`` (and ``remote_attention``, which does the same), so an exported directory loads it with
 ``trust_remote_code=True`` without megatron_outeff installed.
 """
+
 from transformers import OPTConfig
 
 from .outeff_deps import AttentionVariantConfig

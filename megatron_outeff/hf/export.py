@@ -30,6 +30,7 @@ Safety: a non-empty ``out_dir`` is refused; everything is checked (variant, fini
 shapes, fp16 range) before anything is written; files go to a temporary directory beside
 ``out_dir`` that is renamed into place at the end. Errors are one-line ``ValueError``s.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -52,15 +53,30 @@ DEPS_MODULE = "megatron_outeff.hf.outeff_deps"
 _PACKAGE_IMPORT = re.compile(r"^from megatron_outeff\.\w+\.(\w+) import", re.M)
 
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
     "chat_template.jinja",
 )
 
 _DTYPES = {
-    None: torch.float32, "fp32": torch.float32, "float32": torch.float32, torch.float32: torch.float32,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16, torch.float16: torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, torch.bfloat16: torch.bfloat16,
+    None: torch.float32,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    torch.float32: torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    torch.float16: torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    torch.bfloat16: torch.bfloat16,
 }
 
 
@@ -119,15 +135,19 @@ def _overflow_mode(module_stack: list, where: list):
             name = func.overloadpacket.__name__
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor) and t.dtype == torch.float16 and t.numel():
-                    bad = torch.isnan(t).any() or torch.isposinf(t).any() or (
-                        name.startswith(_PRODUCT_OPS) and torch.isneginf(t).any())
+                    bad = (
+                        torch.isnan(t).any()
+                        or torch.isposinf(t).any()
+                        or (name.startswith(_PRODUCT_OPS) and torch.isneginf(t).any())
+                    )
                     if bad:
                         finite = t[torch.isfinite(t)]
                         peak = f"max finite |x| = {float(finite.abs().max()):.6g}, " if finite.numel() else ""
                         raise _FirstOverflow(
                             f"{module_stack[-1] if module_stack else '(model)'}: aten.{name} output "
                             f"{list(t.shape)} overflows fp16 ({peak}{int((~torch.isfinite(t)).sum())} inf/nan "
-                            f"value(s)) on {where[0]}")
+                            f"value(s)) on {where[0]}"
+                        )
             return out
 
     return Mode()
@@ -194,7 +214,7 @@ def exported_sources() -> dict[str, bytes]:
     deps = _source_file(DEPS_MODULE)
     text = deps.read_text(encoding="utf-8")
     files = {deps.name: _PACKAGE_IMPORT.sub(r"from .\1 import", text).encode("utf-8")}
-    pending = [_source_file(m.group(0)[len("from "):-len(" import")]) for m in _PACKAGE_IMPORT.finditer(text)]
+    pending = [_source_file(m.group(0)[len("from ") : -len(" import")]) for m in _PACKAGE_IMPORT.finditer(text)]
     seen = {}
     while pending:
         path = pending.pop()
@@ -240,8 +260,11 @@ def tokenizer_inputs(tokenizer_dir) -> tuple[list[Path], Optional[Path]]:
         # a BOS): write ours, which names the plain fast class
         source = None if (tokenizer_dir / "tokenizer_config.json").is_file() else tokenizer_dir / "tokenizer.json"
     else:
-        models = [tokenizer_dir / "tokenizer.model"] if (tokenizer_dir / "tokenizer.model").is_file() \
+        models = (
+            [tokenizer_dir / "tokenizer.model"]
+            if (tokenizer_dir / "tokenizer.model").is_file()
             else sorted(tokenizer_dir.glob("*.model"))
+        )
         source = models[0] if len(models) == 1 else None
     if source is not None:
         return [], source
@@ -270,7 +293,9 @@ def hf_tokenizer_id_count(directory) -> int:
     try:
         tok = _load_plain_tokenizer(Path(directory))
     except Exception as e:  # tokenizers / transformers raise their own types
-        raise OutEffError(f"the tokenizer files do not load ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise OutEffError(
+            f"the tokenizer files do not load ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
     return max(tok.get_vocab().values()) + 1
 
 
@@ -294,9 +319,17 @@ def _use_tokenizer_special_ids(model, directory: Path, what: str) -> None:
 
 
 def _greedy(model, ids, mask, pad_id, n):
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                         output_logits=True, return_dict_in_generate=True, pad_token_id=pad_id)
-    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, dim=1).double()
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=pad_id,
+    )
+    return out.sequences[:, ids.shape[1] :], torch.stack(out.logits, dim=1).double()
 
 
 def _head_term_magnitude(model):
@@ -322,8 +355,9 @@ def padding_check_bound(config, seq_length: int, magnitude: float) -> float:
 
     hidden = int(config.hidden_size)
     ffn = getattr(config, "ffn_dim", None) or getattr(config, "intermediate_size", None) or 4 * hidden
-    return rounding_bound(torch.float64, max(1.0, magnitude),
-                          network_depth(hidden, ffn, int(config.num_hidden_layers), seq_length))
+    return rounding_bound(
+        torch.float64, max(1.0, magnitude), network_depth(hidden, ffn, int(config.num_hidden_layers), seq_length)
+    )
 
 
 def check_exported_dir(directory, model=None, *, plain: bool, new_tokens: int = 3, family: str = "opt") -> None:
@@ -371,11 +405,17 @@ def check_exported_dir(directory, model=None, *, plain: bool, new_tokens: int = 
         except Exception as e:
             fail(f"AutoTokenizer: {first_line(e)}")
         sample = "Hello world, the quick brown fox."
-        if plain_tok(sample, add_special_tokens=False)["input_ids"] != tok(sample, add_special_tokens=False)["input_ids"]:
+        if (
+            plain_tok(sample, add_special_tokens=False)["input_ids"]
+            != tok(sample, add_special_tokens=False)["input_ids"]
+        ):
             fail("AutoTokenizer and PreTrainedTokenizerFast (no custom code) encode differently")
         for key in SPECIAL_IDS:
-            ids = {"tokenizer": getattr(tok, key), "config.json": getattr(cfg, key, None),
-                   "tokenizer without custom code": getattr(plain_tok, key)}
+            ids = {
+                "tokenizer": getattr(tok, key),
+                "config.json": getattr(cfg, key, None),
+                "tokenizer without custom code": getattr(plain_tok, key),
+            }
             if gen is not None:
                 ids["generation_config.json"] = getattr(gen, key, None)
             if len(set(ids.values())) > 1:
@@ -411,8 +451,10 @@ def check_exported_dir(directory, model=None, *, plain: bool, new_tokens: int = 
     with torch.no_grad():
         try:
             batch_tokens, batch_logits = _greedy(loaded, ids, mask, pad, new_tokens)
-            singles = [_greedy(loaded, torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), pad, new_tokens)
-                       for p in prompts]
+            singles = [
+                _greedy(loaded, torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), pad, new_tokens)
+                for p in prompts
+            ]
         except Exception as e:
             fail(f"generate on a padded batch: {first_line(e)}")
         finally:
@@ -424,8 +466,10 @@ def check_exported_dir(directory, model=None, *, plain: bool, new_tokens: int = 
             for t in range(new_tokens):
                 diff = float((batch_logits[r, t] - logits[0, t]).abs().max())
                 if diff > tol:
-                    fail(f"padded batch row {r}, new token {t}: logits differ from the unpadded prompt's by {diff:.3g} "
-                         f"in float64 (derived bound {tol:.3g})")
+                    fail(
+                        f"padded batch row {r}, new token {t}: logits differ from the unpadded prompt's by {diff:.3g} "
+                        f"in float64 (derived bound {tol:.3g})"
+                    )
                 a, b = int(batch_tokens[r, t]), int(tokens[0, t])
                 if a != b:
                     if float(logits[0, t, b] - logits[0, t, a]) > tol:
@@ -495,7 +539,9 @@ def export_hf_dir(
 
     tied = bool(getattr(config, "tie_word_embeddings", True))
     if tied and "lm_head.weight" in sd:
-        emb_key = next(k for k, p in model.state_dict(keep_vars=True).items() if p is model.get_input_embeddings().weight)
+        emb_key = next(
+            k for k, p in model.state_dict(keep_vars=True).items() if p is model.get_input_embeddings().weight
+        )
         emb = sd.get(emb_key)
         if emb is None or not torch.equal(sd["lm_head.weight"], emb):
             _fail(f"lm_head.weight differs from {emb_key} but tie_word_embeddings=True")
@@ -504,9 +550,11 @@ def export_hf_dir(
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     if missing or unexpected:
-        _fail(f"state-dict keys do not match the {type(model).__name__} of this variant: "
-              f"missing {missing[:6]}{'...' if len(missing) > 6 else ''}, "
-              f"unexpected {unexpected[:6]}{'...' if len(unexpected) > 6 else ''}")
+        _fail(
+            f"state-dict keys do not match the {type(model).__name__} of this variant: "
+            f"missing {missing[:6]}{'...' if len(missing) > 6 else ''}, "
+            f"unexpected {unexpected[:6]}{'...' if len(unexpected) > 6 else ''}"
+        )
     for k, t in sd.items():
         if tuple(t.shape) != tuple(expected[k].shape):
             _fail(f"tensor {k!r} has shape {tuple(t.shape)}, expected {tuple(expected[k].shape)}")

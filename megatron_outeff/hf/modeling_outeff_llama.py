@@ -28,6 +28,7 @@ Extra parameters (state-dict keys, i = layer index; per query head, also with gr
 QuantPoints (identities in float), per decoder layer: self_attn.qk_quant, self_attn.softmax_quant,
 self_attn.pv_quant, attn_residual_quant, ffn_residual_quant (5 per layer).
 """
+
 import torch
 from torch import nn
 from transformers import initialization as init
@@ -65,21 +66,22 @@ class OutEffLlamaAttention(LlamaAttention):
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)   # [b, H, sq, d]
-        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)     # [b, G, sq, d]
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [b, H, sq, d]
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [b, G, sq, d]
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
-        key_states = repeat_kv(key_states, self.num_key_value_groups)                   # [b, H, sk, d]
+        key_states = repeat_kv(key_states, self.num_key_value_groups)  # [b, H, sk, d]
         value_states = repeat_kv(value_states, self.num_key_value_groups)
         q_len, kv_len = query_states.shape[2], key_states.shape[2]
 
         scores = self.qk_quant(torch.matmul(query_states, key_states.transpose(2, 3)) * self.scaling)
         masked = masked_out(attention_mask, input_shape[0], q_len, kv_len, scores.device)
-        sink = resolve_sink(**self.variant.softmax_args(), offset=self.softmax_offset, num_heads=self.num_heads,
-                            device=scores.device)
+        sink = resolve_sink(
+            **self.variant.softmax_args(), offset=self.softmax_offset, num_heads=self.num_heads, device=scores.device
+        )
         probs = outeff_softmax_reference(scores, scale=1.0, sink=sink, mask=masked, clip=self.clip)
         probs = self.softmax_quant(probs.to(value_states.dtype))
         probs_d = nn.functional.dropout(probs, p=self.attention_dropout, training=self.training)
@@ -98,14 +100,26 @@ class OutEffLlamaDecoderLayer(LlamaDecoderLayer):
         self.attn_residual_quant = QuantPoint()
         self.ffn_residual_quant = QuantPoint()
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
-                position_embeddings=None, **kwargs):
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        use_cache=False,
+        position_embeddings=None,
+        **kwargs,
+    ):
         # Same computation as LlamaDecoderLayer.forward; only the QuantPoints are added.
         residual = hidden_states
         hidden_states, _ = self.self_attn(
-            hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
-            position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
-            position_embeddings=position_embeddings, **kwargs,
+            hidden_states=self.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
         )
         hidden_states = self.attn_residual_quant(residual + hidden_states)
         residual = hidden_states

@@ -31,6 +31,7 @@ every tensor of ``variant_tensors`` (ops/variants.py): ``softmax_offset`` [H] (l
 QuantPoints (identities in float), per decoder layer: self_attn.qk_quant, self_attn.softmax_quant,
 self_attn.pv_quant, attn_residual_quant, ffn_residual_quant (5 per layer).
 """
+
 import torch
 from torch import nn
 from transformers import initialization as init
@@ -75,15 +76,16 @@ class OutEffOPTAttention(OPTAttention):
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
         kv_len = key_states.shape[2]
 
-        scores = self.qk_quant(torch.matmul(query_states, key_states.transpose(-1, -2)))   # [b, H, sq, sk]
+        scores = self.qk_quant(torch.matmul(query_states, key_states.transpose(-1, -2)))  # [b, H, sq, sk]
         masked = _masked_out(attention_mask, bsz, tgt_len, kv_len, scores.device)
-        sink = resolve_sink(**self.variant.softmax_args(), offset=self.softmax_offset, num_heads=self.num_heads,
-                            device=scores.device)
+        sink = resolve_sink(
+            **self.variant.softmax_args(), offset=self.softmax_offset, num_heads=self.num_heads, device=scores.device
+        )
         probs = outeff_softmax_reference(scores, scale=1.0, sink=sink, mask=masked, clip=self.clip)
         probs = self.softmax_quant(probs.to(value_states.dtype))
         probs_d = nn.functional.dropout(probs, p=self.dropout, training=self.training)
-        attn_output = self.pv_quant(torch.matmul(probs_d, value_states))                   # [b, H, sq, d]
-        attn_output = gate_output(self, attn_output.transpose(1, 2), hidden_states)        # [b, sq, H, d]
+        attn_output = self.pv_quant(torch.matmul(probs_d, value_states))  # [b, H, sq, d]
+        attn_output = gate_output(self, attn_output.transpose(1, 2), hidden_states)  # [b, sq, H, d]
         attn_output = self.out_proj(attn_output.reshape(bsz, tgt_len, -1).contiguous())
         return attn_output, probs
 
@@ -97,7 +99,9 @@ class OutEffOPTDecoderLayer(OPTDecoderLayer):
         self.attn_residual_quant = QuantPoint()
         self.ffn_residual_quant = QuantPoint()
 
-    def forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False, position_ids=None, **kwargs):
+    def forward(
+        self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False, position_ids=None, **kwargs
+    ):
         # Same computation as OPTDecoderLayer.forward; only the QuantPoints are added.
         residual = hidden_states
         if self.do_layer_norm_before:

@@ -14,6 +14,7 @@ s - 1 predictions; blocks are independent (no context carried across). ``loss`` 
 token-weighted mean NLL over all predictions (summed in float64), ``ppl`` = exp(loss), ``tokens``
 the number of predictions.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,7 +24,9 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 
-def tokenize_blocks(text: Union[str, Sequence[str]], tokenizer, block_size: int, add_special_tokens: bool = False) -> list[list[int]]:
+def tokenize_blocks(
+    text: Union[str, Sequence[str]], tokenizer, block_size: int, add_special_tokens: bool = False
+) -> list[list[int]]:
     """Tokenize each text, concatenate, cut into blocks of ``block_size`` tokens (last block may be shorter).
 
     add_special_tokens=True adds the tokenizer's special tokens to every text (OPT's tokenizer prepends
@@ -35,14 +38,16 @@ def tokenize_blocks(text: Union[str, Sequence[str]], tokenizer, block_size: int,
     ids: list[int] = []
     for t in texts:
         ids.extend(tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"])
-    return [ids[i:i + block_size] for i in range(0, len(ids), block_size)]
+    return [ids[i : i + block_size] for i in range(0, len(ids), block_size)]
 
 
 def _logits_fn(model) -> Callable[[torch.Tensor], torch.Tensor]:
     if isinstance(model, torch.nn.Module) and hasattr(model, "config"):
+
         def fn(ids):
             out = model(input_ids=ids, use_cache=False)
             return out.logits if hasattr(out, "logits") else out[0]
+
         return fn
     return model
 
@@ -90,7 +95,7 @@ def perplexity(
         for length in sorted(by_len):
             group = by_len[length]
             for i in range(0, len(group), batch_size):
-                ids = torch.stack(group[i:i + batch_size])
+                ids = torch.stack(group[i : i + batch_size])
                 if device is not None:
                     ids = ids.to(device)
                 logits = fn(ids)

@@ -7,10 +7,18 @@ Llama's RoPE and grouped-query heads) and uses these for the rest.
 Imports the project's code only through ``outeff_deps`` (an exported directory ships this file beside it:
 transformers copies a modeling file's relative imports).
 """
+
 import torch
 from torch import nn
 
-from .outeff_deps import AttentionVariantConfig, apply_output_gate, causal_mask, elementwise_gate, head_gate, variant_tensors
+from .outeff_deps import (
+    AttentionVariantConfig,
+    apply_output_gate,
+    causal_mask,
+    elementwise_gate,
+    head_gate,
+    variant_tensors,
+)
 
 
 class OutEffHeadGate(nn.Module):
@@ -34,7 +42,9 @@ def masked_out(attention_mask, bsz: int, q_len: int, kv_len: int, device) -> tor
     if attention_mask is None:
         return causal_mask(q_len, kv_len, device).view(1, 1, q_len, kv_len)
     if attention_mask.dim() != 4:
-        raise ValueError(f"attention mask of shape {tuple(attention_mask.shape)}: expected a 4D mask from the eager path")
+        raise ValueError(
+            f"attention mask of shape {tuple(attention_mask.shape)}: expected a 4D mask from the eager path"
+        )
     mask = attention_mask[:, :, :, :kv_len]
     if mask.dtype == torch.bool:
         return ~mask
@@ -115,8 +125,13 @@ class VariantConfigMixin:
         """The tensors the variant adds to each attention layer (``ops.variants.variant_tensors``; their ``hf``
         names are inside ``self_attn``)."""
         variant = self.attention_variant() if variant is None else variant
-        return variant_tensors(variant, num_heads=self.num_attention_heads, head_dim=self.variant_head_dim(),
-                               hidden_size=self.hidden_size, qkv_bias=self.variant_qkv_bias())
+        return variant_tensors(
+            variant,
+            num_heads=self.num_attention_heads,
+            head_dim=self.variant_head_dim(),
+            hidden_size=self.hidden_size,
+            qkv_bias=self.variant_qkv_bias(),
+        )
 
 
 class VariantPreTrainedMixin:
@@ -136,5 +151,12 @@ class VariantPreTrainedMixin:
         init_variant_params(module, getattr(self.config, self.variant_init_std))
 
 
-__all__ = ["OutEffHeadGate", "VariantConfigMixin", "VariantPreTrainedMixin", "gate_output", "init_variant_params",
-           "install_variant_tensors", "masked_out"]
+__all__ = [
+    "OutEffHeadGate",
+    "VariantConfigMixin",
+    "VariantPreTrainedMixin",
+    "gate_output",
+    "init_variant_params",
+    "install_variant_tensors",
+    "masked_out",
+]

@@ -12,6 +12,7 @@ Public API (imported lazily: ``import megatron.core`` costs seconds):
     TorchNorm                                    layer_spec.py
     init_model_parallel, apply_cpu_patches, cpu_safe_forward_backward_func
 """
+
 import importlib
 
 _EXPORTS = {

@@ -47,6 +47,7 @@ back. Its shape, initial value (0) and names are ``ops.variants.variant_tensors`
 ``create_variant_parameters``). Softmax_1 / softmax_n need no state (megatron's 'off-by-one' keeps
 a plain, unsaved tensor).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,8 +56,6 @@ import math
 from typing import Optional, Tuple
 
 import torch
-from torch import Tensor
-
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -67,6 +66,7 @@ from megatron.core.transformer.utils import (
     ensure_metadata_has_dp_cp_group,
     make_sharded_tensors_for_checkpoint,
 )
+from torch import Tensor
 
 from megatron_outeff.ops import outeff_attention, outeff_attention_probs, variant_tensors
 from megatron_outeff.ops.reference import causal_mask
@@ -84,14 +84,22 @@ def check_variant_fits(variant: AttentionVariantConfig, config: TransformerConfi
     if heads % tp_size != 0:
         raise ValueError(f"num_attention_heads={heads} is not divisible by tensor_model_parallel_size={tp_size}")
     if groups % tp_size != 0 and tp_size % groups != 0:
-        raise ValueError(f"num_query_groups={groups} and tensor_model_parallel_size={tp_size}: one must divide the other")
+        raise ValueError(
+            f"num_query_groups={groups} and tensor_model_parallel_size={tp_size}: one must divide the other"
+        )
     if getattr(config, "context_parallel_size", 1) != 1:
-        raise ValueError(f"context_parallel_size={config.context_parallel_size}: OutEffCoreAttention has no context parallelism")
+        raise ValueError(
+            f"context_parallel_size={config.context_parallel_size}: OutEffCoreAttention has no context parallelism"
+        )
     if getattr(config, "window_size", None) is not None:
-        raise ValueError(f"window_size={config.window_size}: sliding-window attention is not supported by OutEffCoreAttention")
+        raise ValueError(
+            f"window_size={config.window_size}: sliding-window attention is not supported by OutEffCoreAttention"
+        )
     if variant.gate == "elementwise" and groups < tp_size:
-        raise ValueError(f"gate='elementwise' with num_query_groups={groups} < tensor_model_parallel_size={tp_size}: "
-                         "megatron-core 0.16.1 does not split the gate rows of a query group shared by several ranks")
+        raise ValueError(
+            f"gate='elementwise' with num_query_groups={groups} < tensor_model_parallel_size={tp_size}: "
+            "megatron-core 0.16.1 does not split the gate rows of a query group shared by several ranks"
+        )
     layer_variant_tensors(variant, config)  # the gate's own shape rules (ops.variants.variant_tensors)
 
 
@@ -99,12 +107,23 @@ def layer_variant_tensors(variant: AttentionVariantConfig, config: TransformerCo
     """The tensors ``variant`` adds to one attention layer of this config (``ops.variants.variant_tensors``;
     the elementwise gate has a bias iff megatron's linear_qkv has one)."""
     heads = config.num_attention_heads
-    return variant_tensors(variant, num_heads=heads, head_dim=config.kv_channels or config.hidden_size // heads,
-                           hidden_size=config.hidden_size, qkv_bias=bool(config.add_bias_linear or config.add_qkv_bias))
+    return variant_tensors(
+        variant,
+        num_heads=heads,
+        head_dim=config.kv_channels or config.hidden_size // heads,
+        hidden_size=config.hidden_size,
+        qkv_bias=bool(config.add_bias_linear or config.add_qkv_bias),
+    )
 
 
-def create_variant_parameters(module: torch.nn.Module, owner: str, variant: AttentionVariantConfig,
-                              config: TransformerConfig, tp_rank: int, tp_size: int) -> Tuple[VariantTensor, ...]:
+def create_variant_parameters(
+    module: torch.nn.Module,
+    owner: str,
+    variant: AttentionVariantConfig,
+    config: TransformerConfig,
+    tp_rank: int,
+    tp_size: int,
+) -> Tuple[VariantTensor, ...]:
     """Register on ``module`` this rank's shards of the variant tensors megatron keeps in ``owner``
     ("core_attention", "head_gate": the first part of ``VariantTensor.megatron``), under the rest of that
     name, initialised as the description says (a constant, or ``config.init_method``). Each parameter
@@ -146,7 +165,9 @@ def init_sharded_parameter(
     """
     shard_shape = list(full_shape)
     if shard_shape[partition_dim] % tp_size != 0:
-        raise ValueError(f"parameter shape {tuple(full_shape)} dim {partition_dim} is not divisible by TP size {tp_size}")
+        raise ValueError(
+            f"parameter shape {tuple(full_shape)} dim {partition_dim} is not divisible by TP size {tp_size}"
+        )
     shard_shape[partition_dim] //= tp_size
     if config.use_cpu_initialization:
         full = torch.zeros(full_shape, dtype=torch.float32)
@@ -221,7 +242,9 @@ class OutEffCoreAttention(MegatronModule):
         gate is megatron's own ``attention_output_gate``, which megatron's ``SelfAttention`` applies itself.
         """
         if variant is not None and GATE_FAMILIES.get(AttentionVariantConfig.from_dict(variant).gate) == "head":
-            raise ValueError(f"gate={variant.gate!r}: a per-head gate needs OutEffSelfAttention (get_outeff_layer_spec), not a core attention alone")
+            raise ValueError(
+                f"gate={variant.gate!r}: a per-head gate needs OutEffSelfAttention (get_outeff_layer_spec), not a core attention alone"
+            )
         return functools.partial(cls, variant=variant, seq_length=seq_length, **kwargs)
 
     @contextlib.contextmanager
@@ -270,8 +293,17 @@ class OutEffCoreAttention(MegatronModule):
         with rng:
             gate = self._gate() if callable(self._gate) else self._gate
             out = outeff_attention(
-                q, k, v, **self._softmax_args(), clip=self.clip, gate=gate, causal=causal,
-                key_padding_mask=key_padding, mask=dense_mask, scale=self.softmax_scale, dropout_p=dropout_p,
+                q,
+                k,
+                v,
+                **self._softmax_args(),
+                clip=self.clip,
+                gate=gate,
+                causal=causal,
+                key_padding_mask=key_padding,
+                mask=dense_mask,
+                scale=self.softmax_scale,
+                dropout_p=dropout_p,
                 impl=self.impl,
             )
         # [b, sq, np, hn] -> [sq, b, np * hn]
@@ -282,13 +314,25 @@ class OutEffCoreAttention(MegatronModule):
         if mask is None:
             if mask_type == AttnMaskType.causal and sq > 1:
                 if sq != sk:
-                    raise ValueError(f"causal mask with sq={sq} != sk={sk}: megatron's causal type is for self attention")
+                    raise ValueError(
+                        f"causal mask with sq={sq} != sk={sk}: megatron's causal type is for self attention"
+                    )
                 return True, None, None
             return False, None, None
         if mask.dtype != torch.bool:
-            raise ValueError(f"attention_mask dtype {mask.dtype}: expected torch.bool, True = masked out (megatron convention)")
-        if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, b) or mask.shape[-1] != sk or mask.shape[-2] not in (1, sq):
-            raise ValueError(f"attention_mask shape {tuple(mask.shape)}: expected [b or 1, 1, sq or 1, sk] = [*, 1, {sq}, {sk}]")
+            raise ValueError(
+                f"attention_mask dtype {mask.dtype}: expected torch.bool, True = masked out (megatron convention)"
+            )
+        if (
+            mask.dim() != 4
+            or mask.shape[1] != 1
+            or mask.shape[0] not in (1, b)
+            or mask.shape[-1] != sk
+            or mask.shape[-2] not in (1, sq)
+        ):
+            raise ValueError(
+                f"attention_mask shape {tuple(mask.shape)}: expected [b or 1, 1, sq or 1, sk] = [*, 1, {sq}, {sk}]"
+            )
         if mask.shape[-2] == 1:  # one row per sample: a key padding mask
             return False, (~mask.reshape(mask.shape[0], sk)).expand(b, sk), None
         if sq == sk and torch.equal(mask, causal_mask(sq, sk, mask.device).view(1, 1, sq, sk).expand_as(mask)):
@@ -308,12 +352,19 @@ class OutEffCoreAttention(MegatronModule):
         sk = key.shape[0]
         causal, key_padding, dense_mask = self._resolve_mask(attention_mask, mask_type, b, sq, sk)
         return outeff_attention_probs(
-            query.transpose(0, 1), key.transpose(0, 1), **self._softmax_args(), causal=causal,
-            key_padding_mask=key_padding, mask=dense_mask, scale=self.softmax_scale,
+            query.transpose(0, 1),
+            key.transpose(0, 1),
+            **self._softmax_args(),
+            causal=causal,
+            key_padding_mask=key_padding,
+            mask=dense_mask,
+            scale=self.softmax_scale,
         )
 
     # ------------------------------------------------------------------ checkpoints
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # A one-line error for an offset that does not fit this layer (instead of torch's list).
         for t in self.variant_tensors:
             key, param = prefix + local_name(t), getattr(self, local_name(t))
@@ -322,7 +373,9 @@ class OutEffCoreAttention(MegatronModule):
                     f"{key}: checkpoint shape {tuple(state_dict[key].shape)} does not fit {tuple(param.shape)} "
                     f"(heads per tensor-parallel partition) of this {self.variant.describe()} layer"
                 )
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def sharded_state_dict(
         self,
@@ -343,6 +396,10 @@ def sharded_variant_state_dict(module, prefix: str, sharded_offsets, metadata) -
     state_dict = module.state_dict(prefix="", keep_vars=True)
     metadata = ensure_metadata_has_dp_cp_group(metadata)
     return make_sharded_tensors_for_checkpoint(
-        state_dict, prefix, {local_name(t): t.tp_dim for t in module.variant_tensors}, sharded_offsets,
-        tp_group=module.tp_group, dp_cp_group=metadata["dp_cp_group"],
+        state_dict,
+        prefix,
+        {local_name(t): t.tp_dim for t in module.variant_tensors},
+        sharded_offsets,
+        tp_group=module.tp_group,
+        dp_cp_group=metadata["dp_cp_group"],
     )

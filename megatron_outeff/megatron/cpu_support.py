@@ -20,6 +20,7 @@ its CPU equivalent and nothing else; they are applied only when CUDA is absent, 
 Keep megatron's fusion flags off on CPU (bias_gelu/bias_dropout/masked_softmax/persist_layer_norm
 /gradient_accumulation_fusion): their kernels are CUDA-only.
 """
+
 from __future__ import annotations
 
 import contextlib

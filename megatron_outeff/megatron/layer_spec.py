@@ -30,13 +30,13 @@ the TE spec fuses the input LayerNorm into linear_qkv, so ``SelfAttention`` rece
 un-normalised residual stream; the gate must read the normalised input, so for gated variants set
 ``input_layernorm=TENorm`` and ``linear_qkv=TEColumnParallelLinear`` (un-fused) as well.
 """
+
 from __future__ import annotations
 
 import dataclasses
 from typing import Optional
 
 import torch
-
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
@@ -66,7 +66,9 @@ class TorchNorm:
         normalization: str = "LayerNorm",
     ):
         if config.layernorm_zero_centered_gamma or config.persist_layer_norm or config.memory_efficient_layer_norm:
-            raise ValueError("layernorm_zero_centered_gamma / persist_layer_norm / memory_efficient_layer_norm need apex or TE, not TorchNorm")
+            raise ValueError(
+                "layernorm_zero_centered_gamma / persist_layer_norm / memory_efficient_layer_norm need apex or TE, not TorchNorm"
+            )
         if config.normalization == "LayerNorm":
             norm = torch.nn.LayerNorm(hidden_size, eps=eps)
         elif config.normalization == "RMSNorm":
@@ -147,8 +149,9 @@ def get_outeff_block_spec(
     Same layers as ``get_outeff_layer_spec``; the final norm is ``TorchNorm`` when megatron would
     pick ``WrappedTorchNorm`` (no apex), so sequence parallelism works without apex / TE.
     """
-    layer = get_outeff_layer_spec(variant, qk_layernorm=qk_layernorm, seq_length=seq_length,
-                                  normalization=config.normalization)
+    layer = get_outeff_layer_spec(
+        variant, qk_layernorm=qk_layernorm, seq_length=seq_length, normalization=config.normalization
+    )
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     from megatron.core.transformer import transformer_block
 

@@ -1,4 +1,5 @@
 """Process groups and megatron-core model-parallel state, on GPUs (NCCL) or CPUs (gloo)."""
+
 from __future__ import annotations
 
 import datetime
@@ -11,11 +12,19 @@ from megatron_outeff.errors import OutEffError
 
 from .cpu_support import apply_cpu_patches, cuda_available
 
-
 # What a launcher (torchrun, SLURM's srun wrapper, the deepspeed launcher) tells each rank; init_distributed
 # writes the first five itself for a single-process group.
-LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+LAUNCHER_ENV = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "TORCHELASTIC_RUN_ID",
+)
 
 
 def single_process_env(base=None) -> dict:
@@ -37,8 +46,10 @@ def launcher_world_size() -> int | None:
         return None
     raw = os.environ.get("WORLD_SIZE", "")
     if not raw.strip().isdigit() or int(raw) < 1:
-        raise OutEffError(f"WORLD_SIZE={raw!r} in the environment (RANK={os.environ['RANK']} is set, so the launcher's "
-                          "variables are used): expected a positive integer")
+        raise OutEffError(
+            f"WORLD_SIZE={raw!r} in the environment (RANK={os.environ['RANK']} is set, so the launcher's "
+            "variables are used): expected a positive integer"
+        )
     return int(raw)
 
 

@@ -28,6 +28,7 @@ input gradient sums every rank's gate contribution.
 Selective recompute of the core attention ('core_attn' in recompute_modules) checkpoints the gate
 as an input of the recomputed region, so its gradient flows through the recomputation.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,8 +36,6 @@ import functools
 from typing import Optional, Tuple
 
 import torch
-from torch import Tensor
-
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.tensor_parallel.mappings import (
@@ -47,12 +46,17 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
 
 from megatron_outeff.ops import elementwise_gate, head_gate
 from megatron_outeff.ops.variants import GATE_FAMILIES, variant_tensor_owners
 
 from .core_attention import (
-    OutEffCoreAttention, check_variant_fits, create_variant_parameters, layer_variant_tensors, local_name,
+    OutEffCoreAttention,
+    check_variant_fits,
+    create_variant_parameters,
+    layer_variant_tensors,
+    local_name,
     sharded_variant_state_dict,
 )
 from .variant import AttentionVariantConfig, from_megatron_softmax_type, resolve_variant
@@ -119,7 +123,9 @@ class OutEffSelfAttention(SelfAttention):
         tp_size = pg_collection.tp.size() if pg_collection is not None else _mpu_tp_size()
         check_variant_fits(variant, config, tp_size)  # before megatron allocates anything
         if getattr(config, "flash_decode", False):
-            raise ValueError("flash_decode=True: megatron's flash-decode path bypasses the core attention, so the attention variant would be lost")
+            raise ValueError(
+                "flash_decode=True: megatron's flash-decode path bypasses the core attention, so the attention variant would be lost"
+            )
         core = submodules.core_attention
         if _accepts_variant(core):
             submodules = dataclasses.replace(
@@ -127,12 +133,23 @@ class OutEffSelfAttention(SelfAttention):
             )
         elif variant != from_megatron_softmax_type(getattr(config, "softmax_type", "vanilla")):
             name = getattr(core, "__name__", repr(core))
-            raise ValueError(f"core_attention={name} cannot run the attention variant {variant.describe()!r}: use OutEffCoreAttention")
-        super().__init__(config, submodules, layer_number, attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
+            raise ValueError(
+                f"core_attention={name} cannot run the attention variant {variant.describe()!r}: use OutEffCoreAttention"
+            )
+        super().__init__(
+            config,
+            submodules,
+            layer_number,
+            attn_mask_type=attn_mask_type,
+            cp_comm_type=cp_comm_type,
+            pg_collection=pg_collection,
+        )
         self.variant = variant
         family = GATE_FAMILIES.get(variant.gate, "unknown")
         if family not in (None, "head", "elementwise"):
-            raise ValueError(f"gate={variant.gate!r}: OutEffSelfAttention builds per-head and elementwise gates, not {family!r}")
+            raise ValueError(
+                f"gate={variant.gate!r}: OutEffSelfAttention builds per-head and elementwise gates, not {family!r}"
+            )
         self.head_gate = OutEffHeadGate(config, variant, self.pg_collection.tp) if family == "head" else None
         self.elementwise_gate = family == "elementwise"
         if self.elementwise_gate:
@@ -155,7 +172,9 @@ class OutEffSelfAttention(SelfAttention):
         context = kwargs.get("inference_context", kwargs.get("inference_params", args[1] if len(args) > 1 else None))
         if context is not None and not context.is_static_batching():
             # megatron's dynamic-batching kernel (flash_decode_and_prefill) bypasses core_attention.
-            raise ValueError("dynamic-batching inference bypasses the core attention: the attention variant would be lost; use static batching")
+            raise ValueError(
+                "dynamic-batching inference bypasses the core attention: the attention variant would be lost; use static batching"
+            )
         if self.head_gate is None and not self.elementwise_gate:
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
         if self.head_gate is not None:
@@ -169,8 +188,9 @@ class OutEffSelfAttention(SelfAttention):
     def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True):
         """megatron's split of linear_qkv's output; with the elementwise gate, its sigmoid goes to the core
         attention ([b, sq, heads_per_partition, d], fp32) and megatron's forward gets no gate to apply."""
-        qkv = super().get_query_key_value_tensors(hidden_states, key_value_states, output_gate=output_gate,
-                                                  split_qkv=split_qkv)
+        qkv = super().get_query_key_value_tensors(
+            hidden_states, key_value_states, output_gate=output_gate, split_qkv=split_qkv
+        )
         if not output_gate:
             return qkv
         query, key, value, gate = qkv  # gate: logits [sq, b, np, hn]
@@ -178,15 +198,28 @@ class OutEffSelfAttention(SelfAttention):
         return query, key, value, None
 
     def _checkpointed_attention_forward(
-        self, query, key, value, attention_mask, rotary_pos_emb=None, attn_mask_type=None,
-        attention_bias=None, packed_seq_params=None,
+        self,
+        query,
+        key,
+        value,
+        attention_mask,
+        rotary_pos_emb=None,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
     ):
         """Selective recompute: the gate is an explicit input of the checkpointed region."""
         gate = self._pending_gate
         if gate is None:
             return super()._checkpointed_attention_forward(
-                query, key, value, attention_mask, rotary_pos_emb=rotary_pos_emb, attn_mask_type=attn_mask_type,
-                attention_bias=attention_bias, packed_seq_params=packed_seq_params,
+                query,
+                key,
+                value,
+                attention_mask,
+                rotary_pos_emb=rotary_pos_emb,
+                attn_mask_type=attn_mask_type,
+                attention_bias=attention_bias,
+                packed_seq_params=packed_seq_params,
             )
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         mask_type = torch.tensor([mask_type.value], dtype=torch.int)
@@ -194,8 +227,13 @@ class OutEffSelfAttention(SelfAttention):
         def custom_forward(q, k, v, mask, mask_type_t, g):
             with self.core_attention.gate_scope(g):
                 return self.core_attention(
-                    q, k, v, mask, attn_mask_type=AttnMaskType(mask_type_t.item()),
-                    attention_bias=attention_bias, packed_seq_params=packed_seq_params,
+                    q,
+                    k,
+                    v,
+                    mask,
+                    attn_mask_type=AttnMaskType(mask_type_t.item()),
+                    attention_bias=attention_bias,
+                    packed_seq_params=packed_seq_params,
                 )
 
         return tensor_parallel.checkpoint(custom_forward, False, query, key, value, attention_mask, mask_type, gate)
@@ -216,8 +254,11 @@ def check_state_dict_fits(model: torch.nn.Module, state_dict) -> None:
     tensor first. ``install_state_dict_guard`` runs it automatically on ``model.load_state_dict``.
     """
     mine = dict(model.named_parameters())
-    variants = {name[: -len(".core_attention")]: m.variant for name, m in model.named_modules()
-                if isinstance(m, OutEffCoreAttention)}
+    variants = {
+        name[: -len(".core_attention")]: m.variant
+        for name, m in model.named_modules()
+        if isinstance(m, OutEffCoreAttention)
+    }
     owners = variant_tensor_owners("megatron")
     for key, value in state_dict.items():
         name = next((n for n in owners if key.endswith("." + n)), None)
@@ -226,17 +267,21 @@ def check_state_dict_fits(model: torch.nn.Module, state_dict) -> None:
         param = mine.get(key)
         if param is None or getattr(param, "variant_tensor", None) is None:
             layer = next((v.describe() for p, v in variants.items() if key.startswith(p + ".")), None)
-            raise ValueError(f"{key}: the checkpoint has a tensor of {' or '.join(owners[name])}"
-                             + (f" but this layer is {layer!r}" if layer else " but this model has none"))
+            raise ValueError(
+                f"{key}: the checkpoint has a tensor of {' or '.join(owners[name])}"
+                + (f" but this layer is {layer!r}" if layer else " but this model has none")
+            )
         if tuple(value.shape) != tuple(param.shape):
-            raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} does not fit this model's {tuple(param.shape)}")
+            raise ValueError(
+                f"{key}: checkpoint shape {tuple(value.shape)} does not fit this model's {tuple(param.shape)}"
+            )
 
 
 def install_state_dict_guard(model: torch.nn.Module) -> torch.nn.Module:
     """Run ``check_state_dict_fits`` before ``model.load_state_dict`` touches any weight. Returns model."""
 
     def pre_hook(module, state_dict, prefix, *args):
-        stripped = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        stripped = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         check_state_dict_fits(model, stripped)
 
     model.register_load_state_dict_pre_hook(pre_hook)

@@ -12,6 +12,7 @@ The softmax travels in the layer spec (megatron's ``softmax_type`` stays 'vanill
 changes linear_qkv's size, which megatron's ``SelfAttention`` reads from the config, so a config that
 builds it says ``attention_output_gate=True`` (``transformer_config_fields``). Imports nothing of megatron.
 """
+
 from __future__ import annotations
 
 from typing import Literal, Optional, Tuple, get_args
@@ -27,7 +28,9 @@ _FROM_MEGATRON = {"vanilla": "vanilla", "off-by-one": "softmax1", "learnable": "
 # of n for softmax_n); gate kind -> attention_output_gate (None: megatron has no such gate). Keys are checked
 # against ops.variants' Literals (tests/megatron/test_variant_vocabulary.py).
 TO_MEGATRON_SOFTMAX = {
-    "vanilla": "vanilla", "softmax1": "off-by-one", "learnable": "learnable",
+    "vanilla": "vanilla",
+    "softmax1": "off-by-one",
+    "learnable": "learnable",
     "softmax_n": lambda n: {1.0: "off-by-one", 0.0: "vanilla"}.get(n),
 }
 TO_MEGATRON_GATE = {"none": False, "elementwise": True, "linear": None, "mlp": None, "shared_linear": None}

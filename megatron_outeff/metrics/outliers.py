@@ -13,6 +13,7 @@ mean over all samples seen, exactly as if all batches had been concatenated.
 
 Knows nothing of Megatron or DeepSpeed: it works on any nn.Module; callers name the components.
 """
+
 from __future__ import annotations
 
 import math
@@ -218,7 +219,9 @@ def first_token_norm_ratio(x: torch.Tensor, token_dim: int = 0) -> float:
     the two middle values for even s), then the mean over those indices. A massive-activation sink
     token gives >> 1; a sink with a small value vector gives << 1. float64."""
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
-        raise ValueError(f"x must be a tensor with a token axis and a feature (last) axis, got {getattr(x, 'shape', x)}")
+        raise ValueError(
+            f"x must be a tensor with a token axis and a feature (last) axis, got {getattr(x, 'shape', x)}"
+        )
     if not -x.dim() <= token_dim < x.dim() or token_dim % x.dim() == x.dim() - 1:
         raise ValueError(f"token_dim={token_dim} must not be the feature (last) axis of shape {tuple(x.shape)}")
     norms = x.detach().to(torch.float64).norm(dim=-1).movedim(token_dim, 0)  # [s, ...]
@@ -230,7 +233,9 @@ def _token_first(x: torch.Tensor, token_dim: int, what: str) -> torch.Tensor:
     """|x| in float64 as [s, samples, d]: the token axis first, the feature (last) axis last, every
     other axis (batch, heads) one sample axis."""
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
-        raise ValueError(f"{what}: x must be a tensor with a token axis and a feature (last) axis, got {getattr(x, 'shape', x)}")
+        raise ValueError(
+            f"{what}: x must be a tensor with a token axis and a feature (last) axis, got {getattr(x, 'shape', x)}"
+        )
     if not -x.dim() <= token_dim < x.dim() or token_dim % x.dim() == x.dim() - 1:
         raise ValueError(f"{what}: token_dim={token_dim} must not be the feature (last) axis of shape {tuple(x.shape)}")
     a = x.detach().to(torch.float64).abs().movedim(token_dim, 0)
@@ -524,7 +529,7 @@ def _family_components(model: nn.Module):
 
 def _hf_module(model: nn.Module, path: str, required: bool = True):
     """The submodule at ``path`` (from the CausalLM root; a base model lacks the leading 'model.')."""
-    for p in (path, path[len("model."):] if path.startswith("model.") else None):
+    for p in (path, path[len("model.") :] if path.startswith("model.") else None):
         if p is None:
             continue
         try:

@@ -3,6 +3,7 @@ the parallel layout, the vocabulary padding, the architecture configs' parsing a
 megatron TransformerConfig settings no family decides (layout, dtypes, CUDA-only fusions off), and
 the checks before a model is built. Imports megatron only inside functions. Errors: one-line OutEffError.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,8 +59,9 @@ def arch_from_dict(cls, d, source: str):
     return cls(**d)
 
 
-def check_arch_values(arch, *, positive_ints: Iterable[str], probabilities: Iterable[str] = (),
-                      positive: Iterable[str] = ()) -> None:
+def check_arch_values(
+    arch, *, positive_ints: Iterable[str], probabilities: Iterable[str] = (), positive: Iterable[str] = ()
+) -> None:
     """One-line OutEffError (naming the architecture) for a field that is not a positive integer, not a
     probability in [0, 1), or not > 0."""
     for f in positive_ints:
@@ -90,12 +92,19 @@ def megatron_transformer_config(arch_kwargs: dict, overrides: dict, variant=None
     params_dtype = overrides.pop("params_dtype", torch.float32)
     kw: dict[str, Any] = dict(arch_kwargs)
     kw.update(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        params_dtype=params_dtype, pipeline_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
         use_cpu_initialization=not torch.cuda.is_available(),
-        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
         cross_entropy_loss_fusion=False,
         cuda_graph_scope=[],  # megatron's spelling of its default ("full" warns as deprecated)
     )
@@ -111,8 +120,16 @@ def megatron_transformer_config(arch_kwargs: dict, overrides: dict, variant=None
     return TransformerConfig(**kw)
 
 
-def prepare_build(arch, check_parallel_layout, variant, *, vocab_size: Optional[int], sequence_parallel: bool,
-                  pre_process: Optional[bool], post_process: Optional[bool]):
+def prepare_build(
+    arch,
+    check_parallel_layout,
+    variant,
+    *,
+    vocab_size: Optional[int],
+    sequence_parallel: bool,
+    pre_process: Optional[bool],
+    post_process: Optional[bool],
+):
     """The checks and defaults before building this rank's model: the layout against ``arch``, megatron's
     CPU patches, the variant parsed, SP off without TP, the vocabulary rows (default padded for TP) and
     this rank's pipeline role. Returns (variant, sequence_parallel, vocab_size, pre_process, post_process)."""
@@ -129,7 +146,9 @@ def prepare_build(arch, check_parallel_layout, variant, *, vocab_size: Optional[
     if vocab_size is None:
         vocab_size = padded_vocab_size(arch.vocab_size, tp)
     elif vocab_size < arch.vocab_size or vocab_size % tp != 0:
-        raise OutEffError(f"vocab_size={vocab_size}: expected >= {arch.vocab_size} and divisible by tensor parallel size {tp}")
+        raise OutEffError(
+            f"vocab_size={vocab_size}: expected >= {arch.vocab_size} and divisible by tensor parallel size {tp}"
+        )
     initialized = ps.model_parallel_is_initialized()
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage() if initialized else True
@@ -138,5 +157,12 @@ def prepare_build(arch, check_parallel_layout, variant, *, vocab_size: Optional[
     return variant, sequence_parallel, vocab_size, pre_process, post_process
 
 
-__all__ = ["arch_from_dict", "as_variant", "check_arch_values", "megatron_transformer_config", "padded_vocab_size",
-           "parallel_sizes", "prepare_build"]
+__all__ = [
+    "arch_from_dict",
+    "as_variant",
+    "check_arch_values",
+    "megatron_transformer_config",
+    "padded_vocab_size",
+    "parallel_sizes",
+    "prepare_build",
+]

@@ -33,6 +33,7 @@ Which family:
 Imports nothing heavy (no megatron, no transformers): megatron-free code (the Hugging Face exporter,
 the evaluation tools) may import it. Errors: one-line ``OutEffError``.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -99,26 +100,49 @@ def _load(path: str):
 
 FAMILIES: dict[str, ModelFamily] = {
     "opt": ModelFamily(
-        name="opt", label="OPT", arch_module="megatron_outeff.models.opt", hf_module="megatron_outeff.models.hf_opt",
-        hf_model_type="opt", remote_model_type="outeff_opt",
-        hf_plain_config="transformers:OPTConfig", hf_plain_model="transformers:OPTForCausalLM",
+        name="opt",
+        label="OPT",
+        arch_module="megatron_outeff.models.opt",
+        hf_module="megatron_outeff.models.hf_opt",
+        hf_model_type="opt",
+        remote_model_type="outeff_opt",
+        hf_plain_config="transformers:OPTConfig",
+        hf_plain_model="transformers:OPTForCausalLM",
         hf_remote_config="megatron_outeff.hf.configuration_outeff_opt:OutEffOPTConfig",
         hf_remote_model="megatron_outeff.hf.modeling_outeff_opt:OutEffOPTForCausalLM",
-        hf_components=HFComponents(layers="model.decoder.layers", attn_ln="self_attn_layer_norm",
-                                   attn_out="self_attn.out_proj", ffn_ln="final_layer_norm", fc2="fc2",
-                                   final_ln="model.decoder.final_layer_norm",
-                                   embeddings=(("embed_tokens", "model.decoder.embed_tokens"),
-                                               ("embed_positions", "model.decoder.embed_positions"))),
+        hf_components=HFComponents(
+            layers="model.decoder.layers",
+            attn_ln="self_attn_layer_norm",
+            attn_out="self_attn.out_proj",
+            ffn_ln="final_layer_norm",
+            fc2="fc2",
+            final_ln="model.decoder.final_layer_norm",
+            embeddings=(
+                ("embed_tokens", "model.decoder.embed_tokens"),
+                ("embed_positions", "model.decoder.embed_positions"),
+            ),
+        ),
     ),
     "llama": ModelFamily(
-        name="llama", label="Llama", arch_module="megatron_outeff.models.llama", hf_module="megatron_outeff.models.hf_llama",
-        hf_model_type="llama", remote_model_type="outeff_llama",
-        hf_plain_config="transformers:LlamaConfig", hf_plain_model="transformers:LlamaForCausalLM",
+        name="llama",
+        label="Llama",
+        arch_module="megatron_outeff.models.llama",
+        hf_module="megatron_outeff.models.hf_llama",
+        hf_model_type="llama",
+        remote_model_type="outeff_llama",
+        hf_plain_config="transformers:LlamaConfig",
+        hf_plain_model="transformers:LlamaForCausalLM",
         hf_remote_config="megatron_outeff.hf.configuration_outeff_llama:OutEffLlamaConfig",
         hf_remote_model="megatron_outeff.hf.modeling_outeff_llama:OutEffLlamaForCausalLM",
-        hf_components=HFComponents(layers="model.layers", attn_ln="input_layernorm", attn_out="self_attn.o_proj",
-                                   ffn_ln="post_attention_layernorm", fc2="mlp.down_proj", final_ln="model.norm",
-                                   embeddings=(("embed_tokens", "model.embed_tokens"),)),  # RoPE: no position table
+        hf_components=HFComponents(
+            layers="model.layers",
+            attn_ln="input_layernorm",
+            attn_out="self_attn.o_proj",
+            ffn_ln="post_attention_layernorm",
+            fc2="mlp.down_proj",
+            final_ln="model.norm",
+            embeddings=(("embed_tokens", "model.embed_tokens"),),
+        ),  # RoPE: no position table
     ),
 }
 DEFAULT_FAMILY = "opt"  # a size name without a family prefix, a model YAML without `family:`, an old manifest
@@ -187,6 +211,15 @@ def available_archs() -> list[str]:
 
 
 __all__ = [
-    "DEFAULT_FAMILY", "FAMILIES", "HFComponents", "ModelFamily", "available_archs", "family_for_arch",
-    "family_for_hf_model_type", "family_for_manifest", "family_of", "get_family", "yaml_family",
+    "DEFAULT_FAMILY",
+    "FAMILIES",
+    "HFComponents",
+    "ModelFamily",
+    "available_archs",
+    "family_for_arch",
+    "family_for_hf_model_type",
+    "family_for_manifest",
+    "family_of",
+    "get_family",
+    "yaml_family",
 ]

@@ -29,6 +29,7 @@ per PP stage p of P):
 Reads config.json + safetensors only (never pickles). Every check runs before any weight is touched.
 Errors: one-line ``OutEffError``.
 """
+
 from __future__ import annotations
 
 import re
@@ -37,12 +38,22 @@ from typing import Iterable, Mapping, Optional, Union
 
 import torch
 
-from megatron_outeff.errors import OutEffError, with_context
+from megatron_outeff.errors import OutEffError
 
 # Family-neutral helpers shared with the OPT mapping (state-dict plumbing, no OPT names).
 from .hf_opt import (  # noqa: F401  (re-exported: the family interface)
-    HF_ATTENTION, MG_ATTENTION, VARIANT_PARAM_PATTERNS, _as_grid, _check_variant_state, _chunk, _padded_embedding, arch_variant_tensors,
-    check_hf_safetensors, gather_megatron_state_dicts, layer_variant_shapes, load_megatron_state_dict,
+    HF_ATTENTION,
+    MG_ATTENTION,
+    VARIANT_PARAM_PATTERNS,
+    _as_grid,
+    _check_variant_state,
+    _chunk,
+    _padded_embedding,
+    arch_variant_tensors,
+    check_hf_safetensors,
+    gather_megatron_state_dicts,
+    layer_variant_shapes,
+    load_megatron_state_dict,
     read_hf_safetensors,
 )
 from .hf_opt import split_variant_state as split_opt_variant_state
@@ -59,13 +70,23 @@ VOCAB_PARALLEL = {MG_EMBED: MG_EMBED, MG_HEAD: MG_HEAD}
 
 # Architecture fields a checkpoint must agree on with the target (dropouts and init do not matter).
 STRUCTURAL_FIELDS = (
-    "num_layers", "hidden_size", "num_attention_heads", "query_groups", "ffn_hidden_size", "vocab_size",
-    "max_position_embeddings", "rope_theta", "rope_scaling_factor", "layernorm_epsilon",
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "query_groups",
+    "ffn_hidden_size",
+    "vocab_size",
+    "max_position_embeddings",
+    "rope_theta",
+    "rope_scaling_factor",
+    "layernorm_epsilon",
 )
 
 # Per layer: (HF name under model.layers.N., megatron name under decoder.layers.N.) of the RMSNorms.
-_LAYER_NORMS = (("input_layernorm.weight", "input_layernorm.weight"),
-                ("post_attention_layernorm.weight", "pre_mlp_layernorm.weight"))
+_LAYER_NORMS = (
+    ("input_layernorm.weight", "input_layernorm.weight"),
+    ("post_attention_layernorm.weight", "pre_mlp_layernorm.weight"),
+)
 _HF_VARIANT_RE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(.+)$")
 
 
@@ -107,10 +128,16 @@ def _fused_gate(tensors):
 # Hugging Face LlamaConfig key -> the LlamaArchConfig field it holds: the one name mapping both directions
 # use. RoPE (rope_parameters) is translated separately; hidden_dropout has no Hugging Face counterpart.
 HF_CONFIG_KEYS = {
-    "num_hidden_layers": "num_layers", "hidden_size": "hidden_size", "num_attention_heads": "num_attention_heads",
-    "num_key_value_heads": "num_query_groups", "intermediate_size": "ffn_hidden_size", "vocab_size": "vocab_size",
-    "max_position_embeddings": "max_position_embeddings", "rms_norm_eps": "layernorm_epsilon",
-    "attention_dropout": "attention_dropout", "initializer_range": "init_method_std",
+    "num_hidden_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "num_key_value_heads": "num_query_groups",
+    "intermediate_size": "ffn_hidden_size",
+    "vocab_size": "vocab_size",
+    "max_position_embeddings": "max_position_embeddings",
+    "rms_norm_eps": "layernorm_epsilon",
+    "attention_dropout": "attention_dropout",
+    "initializer_range": "init_method_std",
 }
 # megatron-core's fixed "llama3" RoPE scaling parameters (RotaryEmbedding._apply_scaling's defaults).
 MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -129,19 +156,27 @@ def arch_from_hf_config(cfg: Mapping, name: Optional[str] = None) -> LlamaArchCo
         c = LlamaConfig.from_dict({k: v for k, v in cfg.items() if k not in ("architectures", "auto_map")})
     except (TypeError, ValueError) as e:
         raise OutEffError(f"config.json: not a valid Llama config ({' '.join(str(e).split())[:200]})") from None
-    for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
-                      ("tie_word_embeddings", False), ("head_dim", c.hidden_size // c.num_attention_heads)):
+    for key, want in (
+        ("hidden_act", "silu"),
+        ("attention_bias", False),
+        ("mlp_bias", False),
+        ("tie_word_embeddings", False),
+        ("head_dim", c.hidden_size // c.num_attention_heads),
+    ):
         if getattr(c, key, want) != want:
-            raise OutEffError(f"config.json {key}={getattr(c, key)!r}: expected {want!r} (our megatron Llama: SwiGLU, "
-                              "no biases, untied LM head, head_dim = hidden_size / num_attention_heads)")
+            raise OutEffError(
+                f"config.json {key}={getattr(c, key)!r}: expected {want!r} (our megatron Llama: SwiGLU, "
+                "no biases, untied LM head, head_dim = hidden_size / num_attention_heads)"
+            )
     rope = dict(c.rope_parameters or {})
     kind = rope.get("rope_type", "default")
     scaling = None
     if kind == "llama3":
         for key, want in MEGATRON_LLAMA3_ROPE.items():
             if float(rope.get(key, -1)) != want:
-                raise OutEffError(f"config.json rope {key}={rope.get(key)!r}: megatron-core's llama3 RoPE scaling fixes "
-                                  f"it at {want}")
+                raise OutEffError(
+                    f"config.json rope {key}={rope.get(key)!r}: megatron-core's llama3 RoPE scaling fixes it at {want}"
+                )
         scaling = float(rope["factor"])
     elif kind != "default":
         raise OutEffError(f"config.json rope_type={kind!r}: expected 'default' or 'llama3'")
@@ -150,8 +185,13 @@ def arch_from_hf_config(cfg: Mapping, name: Optional[str] = None) -> LlamaArchCo
     fields = {ours: getattr(c, key) for key, ours in HF_CONFIG_KEYS.items()}
     for f in ("layernorm_epsilon", "attention_dropout", "init_method_std"):
         fields[f] = float(fields[f])
-    return LlamaArchConfig(name=name, rope_theta=float(rope.get("rope_theta", 10000.0)), rope_scaling_factor=scaling,
-                           hidden_dropout=0.0, **fields)
+    return LlamaArchConfig(
+        name=name,
+        rope_theta=float(rope.get("rope_theta", 10000.0)),
+        rope_scaling_factor=scaling,
+        hidden_dropout=0.0,
+        **fields,
+    )
 
 
 def hf_config_dict(arch: Union[LlamaArchConfig, str], dtype: Optional[torch.dtype] = None) -> dict:
@@ -162,8 +202,14 @@ def hf_config_dict(arch: Union[LlamaArchConfig, str], dtype: Optional[torch.dtyp
     rope = {"rope_type": "default", "rope_theta": float(arch.rope_theta)}
     if arch.rope_scaling_factor is not None:
         rope.update(rope_type="llama3", factor=float(arch.rope_scaling_factor), **MEGATRON_LLAMA3_ROPE)
-    d.update(rope_parameters=rope, head_dim=arch.head_dim, hidden_act="silu", attention_bias=False, mlp_bias=False,
-             tie_word_embeddings=False)
+    d.update(
+        rope_parameters=rope,
+        head_dim=arch.head_dim,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=False,
+    )
     if dtype is not None:
         d["dtype"] = str(dtype).removeprefix("torch.")
     return d
@@ -171,8 +217,10 @@ def hf_config_dict(arch: Union[LlamaArchConfig, str], dtype: Optional[torch.dtyp
 
 def check_same_architecture(got: LlamaArchConfig, expected: LlamaArchConfig, what: str = "checkpoint") -> None:
     if getattr(expected, "family", None) != got.family:
-        raise OutEffError(f"{what} is a {got.family} model ({got.name}); expected {expected.name}, a "
-                          f"{getattr(expected, 'family', type(expected).__name__)} model")
+        raise OutEffError(
+            f"{what} is a {got.family} model ({got.name}); expected {expected.name}, a "
+            f"{getattr(expected, 'family', type(expected).__name__)} model"
+        )
     diffs = [f for f in STRUCTURAL_FIELDS if getattr(got, f) != getattr(expected, f)]
     if diffs:
         g = ", ".join(f"{f}={getattr(got, f)}" for f in diffs)
@@ -191,10 +239,17 @@ def hf_expected_shapes(arch: LlamaArchConfig) -> dict[str, tuple]:
     shapes = {HF_EMBED: (v, h)}
     for i in range(arch.num_layers):
         p = f"{HF_LAYER_PREFIX}{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (H * d, h), p + "self_attn.k_proj.weight": (G * d, h),
-                       p + "self_attn.v_proj.weight": (G * d, h), p + "self_attn.o_proj.weight": (h, H * d),
-                       p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-                       p + "mlp.down_proj.weight": (h, f)})
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (H * d, h),
+                p + "self_attn.k_proj.weight": (G * d, h),
+                p + "self_attn.v_proj.weight": (G * d, h),
+                p + "self_attn.o_proj.weight": (h, H * d),
+                p + "mlp.gate_proj.weight": (f, h),
+                p + "mlp.up_proj.weight": (f, h),
+                p + "mlp.down_proj.weight": (h, f),
+            }
+        )
         for hf_ln, _ in _LAYER_NORMS:
             shapes[p + hf_ln] = (h,)
     shapes[HF_NORM] = (h,)
@@ -212,7 +267,9 @@ def validate_hf_state_dict(hf_sd: Mapping[str, torch.Tensor], arch: LlamaArchCon
         raise OutEffError(f"Hugging Face state dict lacks {len(missing)} tensor(s) of {arch.name}, e.g. {missing[:3]}")
     unexpected = [k for k in hf_sd if k not in shapes and not k.endswith("rotary_emb.inv_freq")]
     if unexpected:
-        raise OutEffError(f"Hugging Face state dict has {len(unexpected)} tensor(s) unknown to Llama, e.g. {unexpected[:3]}")
+        raise OutEffError(
+            f"Hugging Face state dict has {len(unexpected)} tensor(s) unknown to Llama, e.g. {unexpected[:3]}"
+        )
     for k, shape in shapes.items():
         if tuple(hf_sd[k].shape) != shape:
             raise OutEffError(f"{k}: shape {tuple(hf_sd[k].shape)}, expected {shape} for {arch.name}")
@@ -222,8 +279,9 @@ def validate_hf_state_dict(hf_sd: Mapping[str, torch.Tensor], arch: LlamaArchCon
 # Layout helpers.
 
 
-def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, groups: int,
-             gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+def fuse_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, groups: int, gate: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """q [H*d, ...], k / v [G*d, ...] -> megatron's grouped rows [(H + 2G)*d, ...] (module doc). With
     ``gate`` [H*d, ...] (megatron's ``attention_output_gate``, the elementwise output gate) each group's
     block is [its query heads, their gate rows, k, v]: [(2H + 2G)*d, ...] (megatron's SelfAttention
@@ -242,7 +300,7 @@ def unfuse_qkv(qkv: torch.Tensor, heads: int, groups: int, gate: bool = False) -
     width = 2 * per + 2 if gate else per + 2
     d, rest = qkv.shape[0] // (groups * width), qkv.shape[1:]
     g = qkv.reshape(groups, width, d, *rest)
-    blocks = [g[:, :per]] + ([g[:, per:2 * per]] if gate else []) + [g[:, width - 2:width - 1], g[:, width - 1:]]
+    blocks = [g[:, :per]] + ([g[:, per : 2 * per]] if gate else []) + [g[:, width - 2 : width - 1], g[:, width - 1 :]]
     return tuple(b.reshape(-1, *rest).contiguous() for b in blocks)
 
 
@@ -275,7 +333,9 @@ def hf_state_dict_to_megatron(
     arch = load_arch_config(arch)
     check_parallel_layout(arch, tp_size, pp_size)
     if not (0 <= tp_rank < tp_size and 0 <= pp_rank < pp_size):
-        raise OutEffError(f"tp_rank={tp_rank}/tp_size={tp_size}, pp_rank={pp_rank}/pp_size={pp_size}: expected 0 <= rank < size")
+        raise OutEffError(
+            f"tp_rank={tp_rank}/tp_size={tp_size}, pp_rank={pp_rank}/pp_size={pp_size}: expected 0 <= rank < size"
+        )
     extras, tensors = {}, ()
     if variant is not None:
         hf_sd, extras = split_variant_state(hf_sd)
@@ -299,8 +359,9 @@ def hf_state_dict_to_megatron(
         gate_rows = None if gate is None else extras[hp + HF_ATTENTION + gate.hf]
         out[mp + "self_attention.linear_qkv.weight"] = cut(fuse_qkv(q, k, v, H, G, gate=gate_rows))
         out[mp + "self_attention.linear_proj.weight"] = cut(hf_sd[hp + "self_attn.o_proj.weight"], 1)
-        out[mp + "mlp.linear_fc1.weight"] = torch.cat([cut(hf_sd[hp + "mlp.gate_proj.weight"]),
-                                                       cut(hf_sd[hp + "mlp.up_proj.weight"])])
+        out[mp + "mlp.linear_fc1.weight"] = torch.cat(
+            [cut(hf_sd[hp + "mlp.gate_proj.weight"]), cut(hf_sd[hp + "mlp.up_proj.weight"])]
+        )
         out[mp + "mlp.linear_fc2.weight"] = cut(hf_sd[hp + "mlp.down_proj.weight"], 1)
         for hf_ln, mg_ln in _LAYER_NORMS:
             out[mp + mg_ln] = hf_sd[hp + hf_ln].clone()
@@ -364,14 +425,21 @@ def megatron_to_hf_state_dict(
             qkv = cat(p, mp + "self_attention.linear_qkv.weight")
             rows = (H + 2 * G + (H if gate is not None else 0)) * arch.head_dim
             if qkv.shape[0] != rows:  # e.g. the elementwise gate's rows, read without its variant
-                raise OutEffError(f"{mp}self_attention.linear_qkv.weight has {qkv.shape[0]} rows, expected {rows} for "
-                                  f"{arch.name} ({'with' if gate is not None else 'without'} the elementwise gate's rows)")
+                raise OutEffError(
+                    f"{mp}self_attention.linear_qkv.weight has {qkv.shape[0]} rows, expected {rows} for "
+                    f"{arch.name} ({'with' if gate is not None else 'without'} the elementwise gate's rows)"
+                )
             parts = unfuse_qkv(qkv, H, G, gate=gate is not None)
             q, k, v = parts[0], parts[-2], parts[-1]
             if gate is not None:
                 extras[hp + HF_ATTENTION + gate.hf] = parts[1]
-            hf.update({hp + "self_attn.q_proj.weight": q, hp + "self_attn.k_proj.weight": k,
-                       hp + "self_attn.v_proj.weight": v})
+            hf.update(
+                {
+                    hp + "self_attn.q_proj.weight": q,
+                    hp + "self_attn.k_proj.weight": k,
+                    hp + "self_attn.v_proj.weight": v,
+                }
+            )
             hf[hp + "self_attn.o_proj.weight"] = cat(p, mp + "self_attention.linear_proj.weight", 1)
             halves = [take(p, t, mp + "mlp.linear_fc1.weight").chunk(2) for t in range(tp_size)]
             hf[hp + "mlp.gate_proj.weight"] = torch.cat([gate for gate, _ in halves])
@@ -387,8 +455,10 @@ def megatron_to_hf_state_dict(
             for t in range(tp_size):
                 left = sorted(set(grid[p][t]) - used[p][t])
                 if left:
-                    raise OutEffError(f"megatron tensors without a Hugging Face Llama counterpart on tp_rank={t}, "
-                                      f"pp_rank={p}: {left[:3]} (pass strict=False to drop them)")
+                    raise OutEffError(
+                        f"megatron tensors without a Hugging Face Llama counterpart on tp_rank={t}, "
+                        f"pp_rank={p}: {left[:3]} (pass strict=False to drop them)"
+                    )
     ordered = {k: hf[k] for k in hf_expected_shapes(arch)}
     ordered.update(extras)
     return ordered
@@ -415,9 +485,13 @@ def load_hf_llama_dir(path: Union[str, Path], expected_arch=None) -> tuple[Llama
     return arch, sd
 
 
-def load_hf_llama_into_model(model: torch.nn.Module, hf: Union[str, Path, Mapping[str, torch.Tensor]],
-                             arch: Union[LlamaArchConfig, str], *,
-                             allow_missing: Iterable[str] = VARIANT_PARAM_PATTERNS) -> None:
+def load_hf_llama_into_model(
+    model: torch.nn.Module,
+    hf: Union[str, Path, Mapping[str, torch.Tensor]],
+    arch: Union[LlamaArchConfig, str],
+    *,
+    allow_missing: Iterable[str] = VARIANT_PARAM_PATTERNS,
+) -> None:
     """Load a Hugging Face Llama (directory or state dict) into this rank's ``build_llama_model`` model,
     using megatron's parallel_state for this rank's (TP, PP) position; the variant's own tensors keep
     their initialisation."""
@@ -425,16 +499,39 @@ def load_hf_llama_into_model(model: torch.nn.Module, hf: Union[str, Path, Mappin
 
     arch = load_arch_config(arch)
     hf_sd = hf if isinstance(hf, Mapping) else load_hf_llama_dir(hf, expected_arch=arch)[1]
-    sd = hf_state_dict_to_megatron(hf_sd, arch, ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
-                                   ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size(),
-                                   vocab_size=getattr(model, "vocab_size", None))
+    sd = hf_state_dict_to_megatron(
+        hf_sd,
+        arch,
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_rank(),
+        ps.get_pipeline_model_parallel_world_size(),
+        vocab_size=getattr(model, "vocab_size", None),
+    )
     load_megatron_state_dict(model, sd, tuple(allow_missing))
 
 
 __all__ = [
-    "HF_CONFIG_KEYS", "HF_LAYER_PREFIX", "STRUCTURAL_FIELDS", "VOCAB_PARALLEL", "arch_from_hf_config", "llama_variant_tensors",
-    "check_same_architecture", "fuse_qkv", "gather_megatron_state_dicts", "hf_config_dict", "hf_expected_shapes",
-    "hf_state_dict_to_megatron", "load_hf_llama_dir", "load_hf_llama_into_model", "load_megatron_state_dict",
-    "megatron_to_hf_state_dict", "read_hf_safetensors", "split_variant_state", "unfuse_qkv", "validate_hf_state_dict",
-    "variant_hf_shapes", "variant_tensors_of",
+    "HF_CONFIG_KEYS",
+    "HF_LAYER_PREFIX",
+    "STRUCTURAL_FIELDS",
+    "VOCAB_PARALLEL",
+    "arch_from_hf_config",
+    "llama_variant_tensors",
+    "check_same_architecture",
+    "fuse_qkv",
+    "gather_megatron_state_dicts",
+    "hf_config_dict",
+    "hf_expected_shapes",
+    "hf_state_dict_to_megatron",
+    "load_hf_llama_dir",
+    "load_hf_llama_into_model",
+    "load_megatron_state_dict",
+    "megatron_to_hf_state_dict",
+    "read_hf_safetensors",
+    "split_variant_state",
+    "unfuse_qkv",
+    "validate_hf_state_dict",
+    "variant_hf_shapes",
+    "variant_tensors_of",
 ]

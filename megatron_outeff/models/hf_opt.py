@@ -32,6 +32,7 @@ lookup gradient; megatron's vocab-parallel embedding has no padding row.
 
 Reads config.json + safetensors only (never pickles). Every check runs before any weight is touched.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,13 +51,22 @@ HF_DECODER = "model.decoder."
 HF_LM_HEAD = "lm_head.weight"
 HF_LAYER_PREFIX = HF_DECODER + "layers."  # the family interface (models/family.py)
 # {megatron vocabulary-parallel tensor: the full padded tensor it is cut from}: the LM head is tied (family.py)
-VOCAB_PARALLEL = {"embedding.word_embeddings.weight": "embedding.word_embeddings.weight",
-                  "output_layer.weight": "embedding.word_embeddings.weight"}
+VOCAB_PARALLEL = {
+    "embedding.word_embeddings.weight": "embedding.word_embeddings.weight",
+    "output_layer.weight": "embedding.word_embeddings.weight",
+}
 
 # Architecture fields a checkpoint must agree on with the target (dropouts and init do not matter).
 STRUCTURAL_FIELDS = (
-    "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size",
-    "max_position_embeddings", "word_embed_proj_dim", "do_layer_norm_before", "activation",
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "ffn_hidden_size",
+    "vocab_size",
+    "max_position_embeddings",
+    "word_embed_proj_dim",
+    "do_layer_norm_before",
+    "activation",
 )
 
 # (HF name inside decoder.layers.N., megatron name inside decoder.layers.N.), pre-LN / post-LN.
@@ -75,6 +85,7 @@ HF_PROJECT_OUT, MG_PROJECT_OUT = HF_DECODER + "project_out.weight", "output_laye
 def _layer_norms(arch: OPTArchConfig) -> tuple:
     return _LAYER_NORMS if arch.do_layer_norm_before else _POST_LAYER_NORMS
 
+
 # Attention-variant tensors: every tensor the variant adds (megatron_outeff.ops.variants.variant_tensors, the one
 # description: names inside the attention module, shape, TP split) lives at
 #   decoder.layers.N.self_attention.<megatron name> (this rank's heads) <-> model.decoder.layers.N.self_attn.<hf name>
@@ -91,8 +102,13 @@ def arch_variant_tensors(arch, variant, *, qkv_bias: bool = True) -> tuple:
 
     try:
         variant = AttentionVariantConfig.from_dict(variant)
-        return variant_tensors(variant, num_heads=arch.num_attention_heads, head_dim=arch.head_dim,
-                               hidden_size=arch.hidden_size, qkv_bias=qkv_bias)
+        return variant_tensors(
+            variant,
+            num_heads=arch.num_attention_heads,
+            head_dim=arch.head_dim,
+            hidden_size=arch.hidden_size,
+            qkv_bias=qkv_bias,
+        )
     except ValueError as e:
         raise with_context(arch.name, e) from None
 
@@ -137,11 +153,17 @@ def split_variant_state(hf_sd: Mapping[str, torch.Tensor], layer_re: re.Pattern 
 # name mapping both directions use (arch_from_hf_config, hf_config_dict). Besides these: word_embed_proj_dim
 # (None in the arch when equal to hidden_size) and layernorm_epsilon (HF OPT hard-codes 1e-5).
 HF_CONFIG_KEYS = {
-    "num_hidden_layers": ("num_layers", 12), "hidden_size": ("hidden_size", 768),
-    "num_attention_heads": ("num_attention_heads", 12), "ffn_dim": ("ffn_hidden_size", 3072),
-    "vocab_size": ("vocab_size", 50272), "max_position_embeddings": ("max_position_embeddings", 2048),
-    "do_layer_norm_before": ("do_layer_norm_before", True), "activation_function": ("activation", "relu"),
-    "dropout": ("hidden_dropout", 0.1), "attention_dropout": ("attention_dropout", 0.0), "init_std": ("init_method_std", 0.02),
+    "num_hidden_layers": ("num_layers", 12),
+    "hidden_size": ("hidden_size", 768),
+    "num_attention_heads": ("num_attention_heads", 12),
+    "ffn_dim": ("ffn_hidden_size", 3072),
+    "vocab_size": ("vocab_size", 50272),
+    "max_position_embeddings": ("max_position_embeddings", 2048),
+    "do_layer_norm_before": ("do_layer_norm_before", True),
+    "activation_function": ("activation", "relu"),
+    "dropout": ("hidden_dropout", 0.1),
+    "attention_dropout": ("attention_dropout", 0.0),
+    "init_std": ("init_method_std", 0.02),
 }
 
 
@@ -151,8 +173,12 @@ def arch_from_hf_config(cfg: Mapping, name: Optional[str] = None) -> OPTArchConf
     if mt != "opt":
         raise OutEffError(f"config.json model_type={mt!r}: expected 'opt'")
     # Features our megatron OPT has no representation for: refuse rather than silently change the model.
-    for key, want in (("enable_bias", True), ("layer_norm_elementwise_affine", True),
-                      ("_remove_final_layer_norm", False), ("tie_word_embeddings", True)):
+    for key, want in (
+        ("enable_bias", True),
+        ("layer_norm_elementwise_affine", True),
+        ("_remove_final_layer_norm", False),
+        ("tie_word_embeddings", True),
+    ):
         if cfg.get(key, want) != want:
             raise OutEffError(f"config.json {key}={cfg.get(key)!r}: expected {want!r} (only standard OPT is supported)")
     if float(cfg.get("layerdrop", 0.0)) != 0.0:
@@ -161,10 +187,13 @@ def arch_from_hf_config(cfg: Mapping, name: Optional[str] = None) -> OPTArchConf
     wep = cfg.get("word_embed_proj_dim")
     if name is None:
         name = Path(str(cfg.get("_name_or_path") or "")).name or f"opt-hf-{cfg.get('num_hidden_layers')}x{hidden}"
-    fields = {ours: float(cfg.get(key, default)) if isinstance(default, float) else cfg.get(key, default)
-              for key, (ours, default) in HF_CONFIG_KEYS.items()}
-    return OPTArchConfig(name=name, word_embed_proj_dim=None if wep in (None, hidden) else wep,
-                         layernorm_epsilon=1e-5, **fields)  # 1e-5: hard-coded in HF OPT (nn.LayerNorm default)
+    fields = {
+        ours: float(cfg.get(key, default)) if isinstance(default, float) else cfg.get(key, default)
+        for key, (ours, default) in HF_CONFIG_KEYS.items()
+    }
+    return OPTArchConfig(
+        name=name, word_embed_proj_dim=None if wep in (None, hidden) else wep, layernorm_epsilon=1e-5, **fields
+    )  # 1e-5: hard-coded in HF OPT (nn.LayerNorm default)
 
 
 def hf_config_dict(arch: OPTArchConfig, dtype: Optional[torch.dtype] = None) -> dict:
@@ -173,17 +202,24 @@ def hf_config_dict(arch: OPTArchConfig, dtype: Optional[torch.dtype] = None) -> 
     if arch.layernorm_epsilon != 1e-5:
         raise OutEffError(f"{arch.name}: layernorm_epsilon={arch.layernorm_epsilon}: Hugging Face OPT hard-codes 1e-5")
     d = {key: getattr(arch, ours) for key, (ours, _) in HF_CONFIG_KEYS.items()}
-    d.update(word_embed_proj_dim=arch.embed_dim, enable_bias=True, layer_norm_elementwise_affine=True,
-             tie_word_embeddings=True)
+    d.update(
+        word_embed_proj_dim=arch.embed_dim,
+        enable_bias=True,
+        layer_norm_elementwise_affine=True,
+        tie_word_embeddings=True,
+    )
     if dtype is not None:
         d["dtype"] = str(dtype).removeprefix("torch.")
     return d
 
 
 def check_same_architecture(got: OPTArchConfig, expected: OPTArchConfig, what: str = "checkpoint") -> None:
-    diffs = [f for f in STRUCTURAL_FIELDS
-             if (got.embed_dim if f == "word_embed_proj_dim" else getattr(got, f))
-             != (expected.embed_dim if f == "word_embed_proj_dim" else getattr(expected, f))]
+    diffs = [
+        f
+        for f in STRUCTURAL_FIELDS
+        if (got.embed_dim if f == "word_embed_proj_dim" else getattr(got, f))
+        != (expected.embed_dim if f == "word_embed_proj_dim" else getattr(expected, f))
+    ]
     if diffs:
         g = ", ".join(f"{f}={getattr(got, f)}" for f in diffs)
         e = ", ".join(f"{f}={getattr(expected, f)}" for f in diffs)
@@ -213,7 +249,12 @@ def hf_expected_shapes(arch: OPTArchConfig) -> dict[str, tuple]:
         for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
             shapes[p + f"self_attn.{proj}.weight"] = (h, h)
             shapes[p + f"self_attn.{proj}.bias"] = (h,)
-        for name, shape in (("self_attn_layer_norm", (h,)), ("fc1", (f, h)), ("fc2", (h, f)), ("final_layer_norm", (h,))):
+        for name, shape in (
+            ("self_attn_layer_norm", (h,)),
+            ("fc1", (f, h)),
+            ("fc2", (h, f)),
+            ("final_layer_norm", (h,)),
+        ):
             shapes[p + f"{name}.weight"] = shape
             shapes[p + f"{name}.bias"] = shape[:1]
     return shapes
@@ -227,7 +268,9 @@ def validate_hf_state_dict(hf_sd: Mapping[str, torch.Tensor], arch: OPTArchConfi
         raise OutEffError(f"Hugging Face state dict lacks {len(missing)} tensor(s) of {arch.name}, e.g. {missing[:3]}")
     unexpected = [k for k in hf_sd if k not in shapes and k != HF_LM_HEAD]
     if unexpected:
-        raise OutEffError(f"Hugging Face state dict has {len(unexpected)} tensor(s) unknown to OPT, e.g. {unexpected[:3]}")
+        raise OutEffError(
+            f"Hugging Face state dict has {len(unexpected)} tensor(s) unknown to OPT, e.g. {unexpected[:3]}"
+        )
     for k, shape in shapes.items():
         if tuple(hf_sd[k].shape) != shape:
             raise OutEffError(f"{k}: shape {tuple(hf_sd[k].shape)}, expected {shape} for {arch.name}")
@@ -247,7 +290,9 @@ def _stage_layers(arch: OPTArchConfig, pp_rank: int, pp_size: int) -> range:
 def _check_ranks(arch: OPTArchConfig, tp_rank: int, tp_size: int, pp_rank: int, pp_size: int) -> None:
     check_parallel_layout(arch, tp_size, pp_size)
     if not (0 <= tp_rank < tp_size and 0 <= pp_rank < pp_size):
-        raise OutEffError(f"tp_rank={tp_rank}/tp_size={tp_size}, pp_rank={pp_rank}/pp_size={pp_size}: expected 0 <= rank < size")
+        raise OutEffError(
+            f"tp_rank={tp_rank}/tp_size={tp_size}, pp_rank={pp_rank}/pp_size={pp_size}: expected 0 <= rank < size"
+        )
 
 
 def _fuse_qkv(parts: Sequence[torch.Tensor], heads: int) -> torch.Tensor:
@@ -336,14 +381,18 @@ def hf_state_dict_to_megatron(
             out[f"{mp}mlp.linear_fc1.{kind}"] = _chunk(hf_sd[f"{hp}fc1.{kind}"], tp_rank, tp_size)
             for hf_ln, mg_ln in _layer_norms(arch):
                 out[f"{mp}{mg_ln}.{kind}"] = hf_sd[f"{hp}{hf_ln}.{kind}"].clone()
-        out[f"{mp}self_attention.linear_proj.weight"] = _chunk(hf_sd[f"{hp}self_attn.out_proj.weight"], tp_rank, tp_size, 1)
+        out[f"{mp}self_attention.linear_proj.weight"] = _chunk(
+            hf_sd[f"{hp}self_attn.out_proj.weight"], tp_rank, tp_size, 1
+        )
         out[f"{mp}mlp.linear_fc2.weight"] = _chunk(hf_sd[f"{hp}fc2.weight"], tp_rank, tp_size, 1)
         # Row-parallel biases: the full bias on every rank (megatron adds it after the all-reduce).
         out[f"{mp}self_attention.linear_proj.bias"] = hf_sd[f"{hp}self_attn.out_proj.bias"].clone()
         out[f"{mp}mlp.linear_fc2.bias"] = hf_sd[f"{hp}fc2.bias"].clone()
         for t in (t for t in tensors if not t.fused_qkv):  # this rank's heads of each variant tensor
             full = extras[hp + HF_ATTENTION + t.hf]
-            out[mp + MG_ATTENTION + t.megatron] = full.clone() if t.tp_dim is None else _chunk(full, tp_rank, tp_size, t.tp_dim)
+            out[mp + MG_ATTENTION + t.megatron] = (
+                full.clone() if t.tp_dim is None else _chunk(full, tp_rank, tp_size, t.tp_dim)
+            )
     if last:
         if arch.do_layer_norm_before:
             for kind in ("weight", "bias"):
@@ -369,26 +418,36 @@ def _check_variant_state(extras: Mapping[str, torch.Tensor], arch, variant) -> t
     variant = AttentionVariantConfig.from_dict(variant)
     unknown = [k for k in extras if k not in expected]
     if unknown:
-        raise OutEffError(f"{unknown[0]}: not a tensor of the attention variant {variant.describe()!r} of {arch.name}, "
-                          f"whose layers hold {[HF_ATTENTION + t.hf for t in tensors]}")
+        raise OutEffError(
+            f"{unknown[0]}: not a tensor of the attention variant {variant.describe()!r} of {arch.name}, "
+            f"whose layers hold {[HF_ATTENTION + t.hf for t in tensors]}"
+        )
     missing = [k for k in expected if k not in extras]
     if missing:
-        raise OutEffError(f"{len(missing)} tensor(s) of the attention variant {variant.describe()!r} missing, e.g. {missing[:3]}")
+        raise OutEffError(
+            f"{len(missing)} tensor(s) of the attention variant {variant.describe()!r} missing, e.g. {missing[:3]}"
+        )
     for k, shape in expected.items():
         if tuple(extras[k].shape) != shape:
             raise OutEffError(f"{k}: shape {tuple(extras[k].shape)}, expected {shape} for {arch.name}")
     return tensors
 
 
-def load_megatron_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
-                             allow_missing: Sequence[str] = ()) -> None:
+def load_megatron_state_dict(
+    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], allow_missing: Sequence[str] = ()
+) -> None:
     """``model.load_state_dict`` that tolerates only megatron's weightless ``_extra_state`` entries
     (and keys matching the regexes in ``allow_missing``, e.g. a variant's extra parameters) missing."""
     result = model.load_state_dict(dict(state_dict), strict=False)
-    missing = [k for k in result.missing_keys
-               if not k.endswith("._extra_state") and not any(re.search(p, k) for p in allow_missing)]
+    missing = [
+        k
+        for k in result.missing_keys
+        if not k.endswith("._extra_state") and not any(re.search(p, k) for p in allow_missing)
+    ]
     if missing or result.unexpected_keys:
-        raise OutEffError(f"state dict does not fit the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+        raise OutEffError(
+            f"state dict does not fit the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,7 +459,7 @@ def _strip_wrappers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in sd.items():
         while k.startswith("module."):
-            k = k[len("module."):]
+            k = k[len("module.") :]
         if k.endswith("._extra_state"):
             continue
         out[k] = v
@@ -412,7 +471,9 @@ def _as_grid(rank_state_dicts) -> list[list[dict]]:
     if isinstance(rank_state_dicts, Mapping):
         keys = list(rank_state_dicts)
         if not keys or not all(isinstance(k, tuple) and len(k) == 2 for k in keys):
-            raise OutEffError("rank_state_dicts: expected a mapping {(tp_rank, pp_rank): state_dict} or a [pp][tp] list")
+            raise OutEffError(
+                "rank_state_dicts: expected a mapping {(tp_rank, pp_rank): state_dict} or a [pp][tp] list"
+            )
         tp = max(k[0] for k in keys) + 1
         pp = max(k[1] for k in keys) + 1
         if len(keys) != tp * pp:
@@ -475,7 +536,9 @@ def megatron_to_hf_state_dict(
     if pp_size > 1:
         head = cat(pp_size - 1, "output_layer.weight", 0)[:V]
         if not torch.equal(head, embed):
-            raise OutEffError("output_layer.weight on the last pipeline stage differs from the word embeddings; expected tied copies")
+            raise OutEffError(
+                "output_layer.weight on the last pipeline stage differs from the word embeddings; expected tied copies"
+            )
     per_stage = arch.num_layers // pp_size
     for p in range(pp_size):
         for local in range(per_stage):
@@ -519,8 +582,9 @@ def megatron_to_hf_state_dict(
     return ordered
 
 
-def gather_megatron_state_dicts(model: Optional[torch.nn.Module] = None, state_dict: Optional[Mapping] = None
-                                ) -> dict[tuple[int, int], dict]:
+def gather_megatron_state_dicts(
+    model: Optional[torch.nn.Module] = None, state_dict: Optional[Mapping] = None
+) -> dict[tuple[int, int], dict]:
     """{(tp_rank, pp_rank): CPU state dict} of every rank of this rank's model-parallel group
     (collective over that group; every member gets the result). Small and medium models only:
     every rank holds a full copy. ``state_dict`` instead of ``model``: any per-rank mapping with the
@@ -543,8 +607,9 @@ def gather_megatron_state_dicts(model: Optional[torch.nn.Module] = None, state_d
 # Directories (config.json + model.safetensors).
 
 
-def load_hf_opt_dir(path: Union[str, Path], expected_arch: Union[OPTArchConfig, str, None] = None
-                    ) -> tuple[OPTArchConfig, dict[str, torch.Tensor]]:
+def load_hf_opt_dir(
+    path: Union[str, Path], expected_arch: Union[OPTArchConfig, str, None] = None
+) -> tuple[OPTArchConfig, dict[str, torch.Tensor]]:
     """(architecture, state dict) of a Hugging Face OPT directory: config.json + *.safetensors only.
 
     Validates model_type, (optionally) the architecture against ``expected_arch``, and the tensors,
@@ -585,16 +650,22 @@ def check_hf_safetensors(path: Union[str, Path]) -> list[Path]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             named = set(weight_map.values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise OutEffError(f"{index}: not a valid safetensors index (expected JSON with a weight_map: "
-                             f"{' '.join(str(e).split()) or type(e).__name__})") from None
+            raise OutEffError(
+                f"{index}: not a valid safetensors index (expected JSON with a weight_map: "
+                f"{' '.join(str(e).split()) or type(e).__name__})"
+            ) from None
         if named != {f.name for f in files}:
-            raise OutEffError(f"{index}: names shards {sorted(named)[:3]}, the directory holds {[f.name for f in files][:3]}")
+            raise OutEffError(
+                f"{index}: names shards {sorted(named)[:3]}, the directory holds {[f.name for f in files][:3]}"
+            )
     for fp in files:
         try:
             with safe_open(str(fp), framework="pt"):
                 pass
         except Exception as e:  # safetensors raises its own error types
-            raise OutEffError(f"{fp}: unreadable safetensors file ({' '.join(str(e).split()) or type(e).__name__})") from None
+            raise OutEffError(
+                f"{fp}: unreadable safetensors file ({' '.join(str(e).split()) or type(e).__name__})"
+            ) from None
     return files
 
 
@@ -611,7 +682,9 @@ def read_hf_safetensors(path: Union[str, Path], on_file=None) -> dict[str, torch
         try:
             part = load_file(str(fp))
         except Exception as e:  # safetensors raises its own error types
-            raise OutEffError(f"{fp}: unreadable safetensors file ({' '.join(str(e).split()) or type(e).__name__})") from None
+            raise OutEffError(
+                f"{fp}: unreadable safetensors file ({' '.join(str(e).split()) or type(e).__name__})"
+            ) from None
         dup = set(part) & set(sd)
         if dup:
             raise OutEffError(f"{fp}: tensor(s) {sorted(dup)[:3]} appear in more than one safetensors file")
@@ -622,7 +695,9 @@ def read_hf_safetensors(path: Union[str, Path], on_file=None) -> dict[str, torch
     return sd
 
 
-def save_hf_opt_dir(path: Union[str, Path], arch: Union[OPTArchConfig, str], state_dict: Mapping[str, torch.Tensor]) -> Path:
+def save_hf_opt_dir(
+    path: Union[str, Path], arch: Union[OPTArchConfig, str], state_dict: Mapping[str, torch.Tensor]
+) -> Path:
     """Write config.json + model.safetensors loadable by ``OPTForCausalLM.from_pretrained(path)``.
 
     ``path`` must not exist or be an empty directory: nothing is ever overwritten. Files are written
@@ -650,6 +725,7 @@ def save_hf_opt_dir(path: Union[str, Path], arch: Union[OPTArchConfig, str], sta
 # --------------------------------------------------------------------------------------------
 # Conveniences on a live (distributed) megatron model.
 
+
 def _variant_param_patterns() -> tuple:
     from megatron_outeff.ops.variants import variant_tensor_owners
 
@@ -661,9 +737,13 @@ def _variant_param_patterns() -> tuple:
 VARIANT_PARAM_PATTERNS = _variant_param_patterns()
 
 
-def load_hf_opt_into_model(model: torch.nn.Module, hf: Union[str, Path, Mapping[str, torch.Tensor]],
-                           arch: Union[OPTArchConfig, str], *,
-                           allow_missing: Sequence[str] = VARIANT_PARAM_PATTERNS) -> None:
+def load_hf_opt_into_model(
+    model: torch.nn.Module,
+    hf: Union[str, Path, Mapping[str, torch.Tensor]],
+    arch: Union[OPTArchConfig, str],
+    *,
+    allow_missing: Sequence[str] = VARIANT_PARAM_PATTERNS,
+) -> None:
     """Load a Hugging Face OPT (directory or state dict) into this rank's ``build_opt_model`` model,
     using megatron's parallel_state for this rank's (TP, PP) position."""
     from megatron.core import parallel_state as ps
@@ -677,15 +757,19 @@ def load_hf_opt_into_model(model: torch.nn.Module, hf: Union[str, Path, Mapping[
     if getattr(model, "pre_process", True) and hasattr(model, "embedding"):
         vocab_rows = model.embedding.word_embeddings.num_embeddings  # the model's own (padded) size
     sd = hf_state_dict_to_megatron(
-        hf_sd, arch,
-        ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
-        ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size(),
+        hf_sd,
+        arch,
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_rank(),
+        ps.get_pipeline_model_parallel_world_size(),
         vocab_size=vocab_rows or getattr(model, "vocab_size", None),
     )
     load_megatron_state_dict(model, sd, allow_missing)
 
 
-def megatron_model_to_hf_state_dict(model: torch.nn.Module, arch: Union[OPTArchConfig, str], *,
-                                    strict: bool = True) -> dict[str, torch.Tensor]:
+def megatron_model_to_hf_state_dict(
+    model: torch.nn.Module, arch: Union[OPTArchConfig, str], *, strict: bool = True
+) -> dict[str, torch.Tensor]:
     """Gather this model-parallel group's shards and convert them (collective; every member gets it)."""
     return megatron_to_hf_state_dict(gather_megatron_state_dicts(model), arch, strict=strict)

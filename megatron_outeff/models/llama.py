@@ -21,6 +21,7 @@ Architectures live in ``configs/model/llama-<size>.yaml`` (``family: llama``) an
 :class:`LlamaArchConfig`; :func:`build_llama_model` builds this rank's TP shard / PP stage from
 megatron's ``parallel_state``. The family interface (``models/family.py``) is at the end of the module.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,7 +36,12 @@ from megatron_outeff.errors import OutEffError
 from megatron_outeff.megatron.cpu_support import cpu_model_construction
 
 from .common import (
-    arch_from_dict, as_variant, check_arch_values, megatron_transformer_config, padded_vocab_size, prepare_build,
+    arch_from_dict,
+    as_variant,
+    check_arch_values,
+    megatron_transformer_config,
+    padded_vocab_size,
+    prepare_build,
 )
 from .opt import _load_yaml, parallel_hint_section
 
@@ -73,17 +79,30 @@ class LlamaArchConfig:
     scaled_output_layer_init: bool = True
 
     def __post_init__(self):
-        check_arch_values(self, positive_ints=("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
-                                               "vocab_size", "max_position_embeddings")
-                          + (("num_query_groups",) if self.num_query_groups is not None else ()),
-                          probabilities=("hidden_dropout", "attention_dropout"),
-                          positive=("init_method_std", "layernorm_epsilon", "rope_theta"))
+        check_arch_values(
+            self,
+            positive_ints=(
+                "num_layers",
+                "hidden_size",
+                "num_attention_heads",
+                "ffn_hidden_size",
+                "vocab_size",
+                "max_position_embeddings",
+            )
+            + (("num_query_groups",) if self.num_query_groups is not None else ()),
+            probabilities=("hidden_dropout", "attention_dropout"),
+            positive=("init_method_std", "layernorm_epsilon", "rope_theta"),
+        )
         if self.hidden_size % self.num_attention_heads != 0:
-            raise OutEffError(f"{self.name}: hidden_size={self.hidden_size} is not divisible by "
-                              f"num_attention_heads={self.num_attention_heads}")
+            raise OutEffError(
+                f"{self.name}: hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
         if self.num_attention_heads % self.query_groups != 0:
-            raise OutEffError(f"{self.name}: num_attention_heads={self.num_attention_heads} is not divisible by "
-                              f"num_query_groups={self.query_groups}")
+            raise OutEffError(
+                f"{self.name}: num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"num_query_groups={self.query_groups}"
+            )
         if self.head_dim % 2:
             raise OutEffError(f"{self.name}: head dimension {self.head_dim} is odd; rotary embeddings rotate pairs")
         if self.rope_scaling_factor is not None and not float(self.rope_scaling_factor) > 0:
@@ -131,30 +150,46 @@ def load_parallel_hint(name_or_path: Union[str, Path]):
 def available_sizes() -> list[str]:
     from .opt import CONFIG_DIR
 
-    return sorted(q.stem[len(CONFIG_PREFIX):] for q in CONFIG_DIR.glob(f"{CONFIG_PREFIX}*.yaml"))
+    return sorted(q.stem[len(CONFIG_PREFIX) :] for q in CONFIG_DIR.glob(f"{CONFIG_PREFIX}*.yaml"))
 
 
 def check_parallel_layout(arch: LlamaArchConfig, tp_size: int, pp_size: int) -> None:
     """One-line OutEffError unless TP divides heads, key/value heads and the FFN, and PP the layers
     (megatron gives each TP rank whole query groups)."""
-    for field, value in (("num_attention_heads", arch.num_attention_heads), ("num_query_groups", arch.query_groups),
-                         ("ffn_hidden_size", arch.ffn_hidden_size)):
+    for field, value in (
+        ("num_attention_heads", arch.num_attention_heads),
+        ("num_query_groups", arch.query_groups),
+        ("ffn_hidden_size", arch.ffn_hidden_size),
+    ):
         if value % tp_size != 0:
             raise OutEffError(f"{arch.name}: {field}={value} is not divisible by tensor parallel size {tp_size}")
     if arch.num_layers % pp_size != 0:
-        raise OutEffError(f"{arch.name}: num_layers={arch.num_layers} is not divisible by pipeline parallel size {pp_size}")
+        raise OutEffError(
+            f"{arch.name}: num_layers={arch.num_layers} is not divisible by pipeline parallel size {pp_size}"
+        )
 
 
 # The TransformerConfig fields llama_transformer_config sets from the architecture: megatron's name ->
 # the LlamaArchConfig field that sets it, or None where the Llama family fixes (or derives) the value.
 TRANSFORMER_FIELDS_FROM_ARCH = {
-    "num_layers": "num_layers", "hidden_size": "hidden_size", "num_attention_heads": "num_attention_heads",
-    "num_query_groups": "num_query_groups", "ffn_hidden_size": "ffn_hidden_size",
-    "layernorm_epsilon": "layernorm_epsilon", "hidden_dropout": "hidden_dropout",
-    "attention_dropout": "attention_dropout", "init_method_std": "init_method_std",
-    "output_layer_init_method": "scaled_output_layer_init", "kv_channels": None, "activation_func": None,
-    "gated_linear_unit": None, "add_bias_linear": None, "add_qkv_bias": None, "normalization": None,
-    "apply_residual_connection_post_layernorm": None, "rotary_interleaved": None,
+    "num_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "num_query_groups": "num_query_groups",
+    "ffn_hidden_size": "ffn_hidden_size",
+    "layernorm_epsilon": "layernorm_epsilon",
+    "hidden_dropout": "hidden_dropout",
+    "attention_dropout": "attention_dropout",
+    "init_method_std": "init_method_std",
+    "output_layer_init_method": "scaled_output_layer_init",
+    "kv_channels": None,
+    "activation_func": None,
+    "gated_linear_unit": None,
+    "add_bias_linear": None,
+    "add_qkv_bias": None,
+    "normalization": None,
+    "apply_residual_connection_post_layernorm": None,
+    "rotary_interleaved": None,
 }
 
 
@@ -163,13 +198,24 @@ TRANSFORMER_FIELDS_FROM_ARCH = {
 # knobs that change what its layers compute away from Hugging Face's Llama (found by the scan in
 # tests/training/test_config.py, which sets every YAML-settable field on a tiny Llama too).
 # num_query_groups is the architecture's (TRANSFORMER_FIELDS_FROM_ARCH: model.arch_overrides.num_query_groups).
-_NOT_HF_LLAMA = ("changes the function Llama's layers compute ({what}), which the checkpoint's manifest and the "
-                 "Hugging Face Llama export do not represent: not supported for the Llama family")
+_NOT_HF_LLAMA = (
+    "changes the function Llama's layers compute ({what}), which the checkpoint's manifest and the "
+    "Hugging Face Llama export do not represent: not supported for the Llama family"
+)
 TRANSFORMER_FIELDS_UNSUPPORTED = {
-    **{key: "selects a layer structure the Llama family's layer spec does not build, so megatron would silently "
-            "ignore it"
-       for key in ("num_moe_experts", "moe_layer_freq", "multi_latent_attention", "experimental_attention_variant",
-                   "qk_layernorm", "mtp_num_layers", "heterogeneous_block_specs")},
+    **{
+        key: "selects a layer structure the Llama family's layer spec does not build, so megatron would silently "
+        "ignore it"
+        for key in (
+            "num_moe_experts",
+            "moe_layer_freq",
+            "multi_latent_attention",
+            "experimental_attention_variant",
+            "qk_layernorm",
+            "mtp_num_layers",
+            "heterogeneous_block_specs",
+        )
+    },
     "glu_linear_offset": _NOT_HF_LLAMA.format(what="SwiGLU's up projection shifted by an offset"),
     "activation_func_clamp_value": _NOT_HF_LLAMA.format(what="SwiGLU's inputs clamped"),
     "no_rope_freq": _NOT_HF_LLAMA.format(what="rotary embeddings skipped in some layers"),
@@ -186,13 +232,22 @@ def llama_transformer_config(arch: Union[LlamaArchConfig, str], variant=None, **
     from megatron.core.utils import init_method_normal
 
     arch = load_arch_config(arch)
-    kw: dict[str, Any] = {name: getattr(arch, ours) for name, ours in TRANSFORMER_FIELDS_FROM_ARCH.items()
-                          if ours and name != "output_layer_init_method"}
+    kw: dict[str, Any] = {
+        name: getattr(arch, ours)
+        for name, ours in TRANSFORMER_FIELDS_FROM_ARCH.items()
+        if ours and name != "output_layer_init_method"
+    }
     kw.update(
-        num_query_groups=arch.query_groups, kv_channels=arch.head_dim,
+        num_query_groups=arch.query_groups,
+        kv_channels=arch.head_dim,
         # Llama: SwiGLU FFN without biases, RMSNorm, pre-norm residuals, half-split RoPE (module doc)
-        activation_func=F.silu, gated_linear_unit=True, add_bias_linear=False, add_qkv_bias=False,
-        normalization="RMSNorm", apply_residual_connection_post_layernorm=False, rotary_interleaved=False,
+        activation_func=F.silu,
+        gated_linear_unit=True,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        normalization="RMSNorm",
+        apply_residual_connection_post_layernorm=False,
+        rotary_interleaved=False,
     )
     if not arch.scaled_output_layer_init:
         kw["output_layer_init_method"] = init_method_normal(arch.init_method_std)
@@ -209,14 +264,18 @@ def llama_block_spec(config, variant=None, *, seq_length: Optional[int] = None):
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
     from megatron.core.transformer.transformer_block import (
-        TransformerBlock, TransformerBlockSubmodules, get_num_layers_to_build,
+        TransformerBlock,
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
     )
 
     from megatron_outeff.megatron.layer_spec import TorchNorm, get_outeff_block_spec
 
     variant = as_variant(variant)
     if variant is not None:
-        return ModuleSpec(module=TransformerBlock, submodules=get_outeff_block_spec(config, variant, seq_length=seq_length))
+        return ModuleSpec(
+            module=TransformerBlock, submodules=get_outeff_block_spec(config, variant, seq_length=seq_length)
+        )
     layer = get_gpt_layer_local_spec(normalization=config.normalization)
     ls = layer.submodules
     swap = {a: TorchNorm for a in ("input_layernorm", "pre_mlp_layernorm") if getattr(ls, a) is WrappedTorchNorm}
@@ -249,17 +308,33 @@ def build_llama_model(
 
     arch = load_arch_config(arch)
     variant, sequence_parallel, vocab_size, pre_process, post_process = prepare_build(
-        arch, check_parallel_layout, variant, vocab_size=vocab_size, sequence_parallel=sequence_parallel,
-        pre_process=pre_process, post_process=post_process)
-    config = llama_transformer_config(arch, variant, params_dtype=params_dtype, sequence_parallel=sequence_parallel,
-                                      **transformer_overrides)
+        arch,
+        check_parallel_layout,
+        variant,
+        vocab_size=vocab_size,
+        sequence_parallel=sequence_parallel,
+        pre_process=pre_process,
+        post_process=post_process,
+    )
+    config = llama_transformer_config(
+        arch, variant, params_dtype=params_dtype, sequence_parallel=sequence_parallel, **transformer_overrides
+    )
     block_spec = llama_block_spec(config, variant, seq_length=seq_length)
     with cpu_model_construction():
         model = GPTModel(
-            config, block_spec, vocab_size=vocab_size, max_sequence_length=arch.max_position_embeddings,
-            pre_process=pre_process, post_process=post_process, share_embeddings_and_output_weights=False,
-            parallel_output=True, position_embedding_type="rope", rotary_percent=1.0, rotary_base=arch.rope_theta,
-            rope_scaling=arch.rope_scaling_factor is not None, rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+            config,
+            block_spec,
+            vocab_size=vocab_size,
+            max_sequence_length=arch.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=False,
+            parallel_output=True,
+            position_embedding_type="rope",
+            rotary_percent=1.0,
+            rotary_base=arch.rope_theta,
+            rope_scaling=arch.rope_scaling_factor is not None,
+            rope_scaling_factor=arch.rope_scaling_factor or 8.0,
         )
     if params_dtype != torch.float32:
         model.to(params_dtype)  # torch norms are created in fp32 (see build_opt_model)
@@ -272,7 +347,18 @@ transformer_config = llama_transformer_config
 build_model = build_llama_model
 
 __all__ = [
-    "ArchConfig", "LlamaArchConfig", "TRANSFORMER_FIELDS_FROM_ARCH", "TRANSFORMER_FIELDS_UNSUPPORTED", "available_sizes", "build_llama_model",
-    "build_model", "check_parallel_layout", "llama_block_spec", "llama_transformer_config", "load_arch_config",
-    "load_parallel_hint", "padded_vocab_size", "transformer_config",
+    "ArchConfig",
+    "LlamaArchConfig",
+    "TRANSFORMER_FIELDS_FROM_ARCH",
+    "TRANSFORMER_FIELDS_UNSUPPORTED",
+    "available_sizes",
+    "build_llama_model",
+    "build_model",
+    "check_parallel_layout",
+    "llama_block_spec",
+    "llama_transformer_config",
+    "load_arch_config",
+    "load_parallel_hint",
+    "padded_vocab_size",
+    "transformer_config",
 ]

@@ -23,6 +23,7 @@ rows): the megatron model keeps the SAME ``max_positions + 2``-row table as one 
     is harmless: Hugging Face reads them only for left-padding positions (-1 -> row 1), whose
     outputs are masked anyway.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,7 +38,12 @@ from megatron_outeff.errors import OutEffError
 from megatron_outeff.megatron.cpu_support import cpu_model_construction
 
 from .common import (  # noqa: F401  (padded_vocab_size: imported from here by callers)
-    arch_from_dict, as_variant, check_arch_values, megatron_transformer_config, padded_vocab_size, prepare_build,
+    arch_from_dict,
+    as_variant,
+    check_arch_values,
+    megatron_transformer_config,
+    padded_vocab_size,
+    prepare_build,
 )
 
 # Hugging Face OPTLearnedPositionalEmbedding.offset (inherited from fairseq's padding_idx + 1).
@@ -76,8 +82,17 @@ class OPTArchConfig:
     scaled_output_layer_init: bool = True
 
     def __post_init__(self):
-        check_arch_values(self, positive_ints=("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
-                                               "vocab_size", "max_position_embeddings"))
+        check_arch_values(
+            self,
+            positive_ints=(
+                "num_layers",
+                "hidden_size",
+                "num_attention_heads",
+                "ffn_hidden_size",
+                "vocab_size",
+                "max_position_embeddings",
+            ),
+        )
         if self.hidden_size % self.num_attention_heads != 0:
             raise OutEffError(
                 f"{self.name}: hidden_size={self.hidden_size} is not divisible by "
@@ -85,14 +100,21 @@ class OPTArchConfig:
             )
         if self.activation not in _ACTIVATIONS:
             raise OutEffError(f"{self.name}: activation={self.activation!r}: expected one of {sorted(_ACTIVATIONS)}")
-        check_arch_values(self, positive_ints=(), probabilities=("hidden_dropout", "attention_dropout"),
-                          positive=("init_method_std",))
+        check_arch_values(
+            self, positive_ints=(), probabilities=("hidden_dropout", "attention_dropout"), positive=("init_method_std",)
+        )
         if self.word_embed_proj_dim is not None and (
-                not isinstance(self.word_embed_proj_dim, int) or isinstance(self.word_embed_proj_dim, bool)
-                or self.word_embed_proj_dim < 1):
-            raise OutEffError(f"{self.name}: word_embed_proj_dim={self.word_embed_proj_dim!r}: expected a positive integer or null")
+            not isinstance(self.word_embed_proj_dim, int)
+            or isinstance(self.word_embed_proj_dim, bool)
+            or self.word_embed_proj_dim < 1
+        ):
+            raise OutEffError(
+                f"{self.name}: word_embed_proj_dim={self.word_embed_proj_dim!r}: expected a positive integer or null"
+            )
         if not isinstance(self.do_layer_norm_before, bool):
-            raise OutEffError(f"{self.name}: do_layer_norm_before={self.do_layer_norm_before!r}: expected true or false")
+            raise OutEffError(
+                f"{self.name}: do_layer_norm_before={self.do_layer_norm_before!r}: expected true or false"
+            )
         if not float(self.layernorm_epsilon) > 0:
             raise OutEffError(f"{self.name}: layernorm_epsilon={self.layernorm_epsilon!r}: expected > 0")
 
@@ -135,14 +157,16 @@ def resolve_arch_path(name_or_path: Union[str, Path], family: str = "opt") -> Pa
         return p
     prefix = f"{family}-"
     name = str(name_or_path).lower()
-    name = name[len(prefix):] if name.startswith(prefix) else name
+    name = name[len(prefix) :] if name.startswith(prefix) else name
     path = CONFIG_DIR / f"{prefix}{name}.yaml"
     if not path.is_file():
         from .family import get_family
 
-        known = sorted(q.stem[len(prefix):] for q in CONFIG_DIR.glob(f"{prefix}*.yaml"))
-        raise OutEffError(f"model config {str(name_or_path)!r}: unknown {get_family(family).label} size; "
-                          f"expected one of {known} or a YAML path")
+        known = sorted(q.stem[len(prefix) :] for q in CONFIG_DIR.glob(f"{prefix}*.yaml"))
+        raise OutEffError(
+            f"model config {str(name_or_path)!r}: unknown {get_family(family).label} size; "
+            f"expected one of {known} or a YAML path"
+        )
     return path
 
 
@@ -204,9 +228,13 @@ def check_parallel_layout(arch: OPTArchConfig, tp_size: int, pp_size: int) -> No
             f"tensor parallel size {tp_size}"
         )
     if arch.ffn_hidden_size % tp_size != 0:
-        raise OutEffError(f"{arch.name}: ffn_hidden_size={arch.ffn_hidden_size} is not divisible by tensor parallel size {tp_size}")
+        raise OutEffError(
+            f"{arch.name}: ffn_hidden_size={arch.ffn_hidden_size} is not divisible by tensor parallel size {tp_size}"
+        )
     if arch.num_layers % pp_size != 0:
-        raise OutEffError(f"{arch.name}: num_layers={arch.num_layers} is not divisible by pipeline parallel size {pp_size}")
+        raise OutEffError(
+            f"{arch.name}: num_layers={arch.num_layers} is not divisible by pipeline parallel size {pp_size}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,11 +244,21 @@ def check_parallel_layout(arch: OPTArchConfig, tp_size: int, pp_size: int) -> No
 # The TransformerConfig fields opt_transformer_config sets from the architecture: megatron's name -> the
 # OPTArchConfig field that sets it, or None where the OPT family fixes the value (or derives it).
 TRANSFORMER_FIELDS_FROM_ARCH = {
-    "num_layers": "num_layers", "hidden_size": "hidden_size", "num_attention_heads": "num_attention_heads",
-    "ffn_hidden_size": "ffn_hidden_size", "layernorm_epsilon": "layernorm_epsilon", "activation_func": "activation",
-    "hidden_dropout": "hidden_dropout", "attention_dropout": "attention_dropout", "init_method_std": "init_method_std",
-    "output_layer_init_method": "scaled_output_layer_init", "kv_channels": None, "gated_linear_unit": None,
-    "add_bias_linear": None, "add_qkv_bias": None, "normalization": None,
+    "num_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "ffn_hidden_size": "ffn_hidden_size",
+    "layernorm_epsilon": "layernorm_epsilon",
+    "activation_func": "activation",
+    "hidden_dropout": "hidden_dropout",
+    "attention_dropout": "attention_dropout",
+    "init_method_std": "init_method_std",
+    "output_layer_init_method": "scaled_output_layer_init",
+    "kv_channels": None,
+    "gated_linear_unit": None,
+    "add_bias_linear": None,
+    "add_qkv_bias": None,
+    "normalization": None,
     "apply_residual_connection_post_layernorm": None,
 }
 
@@ -228,13 +266,19 @@ TRANSFORMER_FIELDS_FROM_ARCH = {
 # TransformerConfig fields the OPT family does not support through overrides, with the reason: each would change
 # the parameter set (in a way OPT's converter and Hugging Face export cannot represent), or it selects a layer
 # structure the OPT layer spec does not build (megatron would ignore it silently). The training config refuses them.
-_NOT_BUILT = "selects a layer structure the OPT family's layer spec does not build, so megatron would silently ignore it"
+_NOT_BUILT = (
+    "selects a layer structure the OPT family's layer spec does not build, so megatron would silently ignore it"
+)
 TRANSFORMER_FIELDS_UNSUPPORTED = {
     "num_query_groups": "grouped-query attention changes linear_qkv's shape; OPT is multi-head attention (one "
-                        "key/value head per query head), which its converter and Hugging Face export assume: not "
-                        "supported for the OPT family",
-    "num_moe_experts": _NOT_BUILT, "moe_layer_freq": _NOT_BUILT, "multi_latent_attention": _NOT_BUILT,
-    "experimental_attention_variant": _NOT_BUILT, "qk_layernorm": _NOT_BUILT, "mtp_num_layers": _NOT_BUILT,
+    "key/value head per query head), which its converter and Hugging Face export assume: not "
+    "supported for the OPT family",
+    "num_moe_experts": _NOT_BUILT,
+    "moe_layer_freq": _NOT_BUILT,
+    "multi_latent_attention": _NOT_BUILT,
+    "experimental_attention_variant": _NOT_BUILT,
+    "qk_layernorm": _NOT_BUILT,
+    "mtp_num_layers": _NOT_BUILT,
     "heterogeneous_block_specs": _NOT_BUILT,
 }
 
@@ -255,12 +299,19 @@ def opt_transformer_config(arch: Union[OPTArchConfig, str], variant=None, **over
     arch = load_arch_config(arch)
     # the architecture's fields (TRANSFORMER_FIELDS_FROM_ARCH), then what OPT fixes (the layout, dtype and
     # fusion flags: models/common.py)
-    kw: dict[str, Any] = {name: getattr(arch, ours) for name, ours in TRANSFORMER_FIELDS_FROM_ARCH.items()
-                          if ours and name not in ("activation_func", "output_layer_init_method")}
+    kw: dict[str, Any] = {
+        name: getattr(arch, ours)
+        for name, ours in TRANSFORMER_FIELDS_FROM_ARCH.items()
+        if ours and name not in ("activation_func", "output_layer_init_method")
+    }
     kw.update(
-        kv_channels=arch.head_dim, activation_func=_ACTIVATIONS[arch.activation],
+        kv_channels=arch.head_dim,
+        activation_func=_ACTIVATIONS[arch.activation],
         # OPT: a plain (non-GLU) FFN, biases on every linear, LayerNorm, the residual taken before the norm
-        gated_linear_unit=False, add_bias_linear=True, add_qkv_bias=True, normalization="LayerNorm",
+        gated_linear_unit=False,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        normalization="LayerNorm",
         apply_residual_connection_post_layernorm=False,
     )
     if not arch.scaled_output_layer_init:
@@ -281,7 +332,7 @@ class OPTLayerNorm(torch.nn.LayerNorm):
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
         super().__init__(hidden_size, eps=eps)
         for p in self.parameters():
-            setattr(p, "sequence_parallel", bool(config.sequence_parallel))
+            p.sequence_parallel = bool(config.sequence_parallel)
 
 
 def opt_block_spec(config, variant=None, *, seq_length: Optional[int] = None, post_layernorm: bool = False):
@@ -311,8 +362,11 @@ def opt_block_spec(config, variant=None, *, seq_length: Optional[int] = None, po
     else:
         layer = get_gpt_layer_local_spec()
         ls = layer.submodules
-        swap = {a: OPTLayerNorm for a in ("input_layernorm", "pre_mlp_layernorm")
-                if getattr(ls, a) in (WrappedTorchNorm, torch.nn.LayerNorm)}
+        swap = {
+            a: OPTLayerNorm
+            for a in ("input_layernorm", "pre_mlp_layernorm")
+            if getattr(ls, a) in (WrappedTorchNorm, torch.nn.LayerNorm)
+        }
         layer = dataclasses.replace(layer, submodules=dataclasses.replace(ls, **swap))
         sub = TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=OPTLayerNorm)
     if not post_layernorm:
@@ -321,7 +375,9 @@ def opt_block_spec(config, variant=None, *, seq_length: Optional[int] = None, po
 
     # Post-LN: the layer's norms move behind the residual adds; no final LayerNorm.
     layers = [post_layernorm_layer_spec(s) for s in sub.layer_specs]
-    return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(layer_specs=layers, layer_norm=None))
+    return ModuleSpec(
+        module=TransformerBlock, submodules=TransformerBlockSubmodules(layer_specs=layers, layer_norm=None)
+    )
 
 
 class OPTPositionEmbedding(torch.nn.Embedding):
@@ -340,8 +396,15 @@ def _gpt_model_class():
     class OPTGPTModel(GPTModel):
         """GPTModel whose position table has OPT's two extra leading rows (0-based position ids in)."""
 
-        def __init__(self, config, transformer_layer_spec, vocab_size: int, max_positions: int,
-                     embedding_dim: Optional[int] = None, **kwargs):
+        def __init__(
+            self,
+            config,
+            transformer_layer_spec,
+            vocab_size: int,
+            max_positions: int,
+            embedding_dim: Optional[int] = None,
+            **kwargs,
+        ):
             # Read by setup_embeddings_and_output_layer, which GPTModel.__init__ calls.
             object.__setattr__(self, "_opt_embedding_dim", embedding_dim or config.hidden_size)
             super().__init__(
@@ -371,17 +434,28 @@ def _gpt_model_class():
                 E, h, cfg = self._opt_embedding_dim, self.config.hidden_size, self.config
                 if self.pre_process:
                     self.embedding.word_embeddings = OPTProjectedWordEmbedding(
-                        self.vocab_size, E, h, init_method=cfg.embedding_init_method, config=cfg,
+                        self.vocab_size,
+                        E,
+                        h,
+                        init_method=cfg.embedding_init_method,
+                        config=cfg,
                         reduce_scatter_embeddings=self.embedding.reduce_scatter_embeddings,
                         tp_group=self.embedding.tp_group,
                     )
                 if self.post_process:
                     self.output_layer = OPTProjectedOutputLayer(
-                        h, E, self.vocab_size, config=cfg, init_method=cfg.init_method, bias=False,
-                        skip_bias_add=False, gather_output=not self.parallel_output,
+                        h,
+                        E,
+                        self.vocab_size,
+                        config=cfg,
+                        init_method=cfg.init_method,
+                        bias=False,
+                        skip_bias_add=False,
+                        gather_output=not self.parallel_output,
                         skip_weight_param_allocation=self.pre_process and self.share_embeddings_and_output_weights,
                         embedding_activation_buffer=self.embedding_activation_buffer,
-                        grad_output_buffer=self.grad_output_buffer, tp_group=self.pg_collection.tp,
+                        grad_output_buffer=self.grad_output_buffer,
+                        tp_group=self.pg_collection.tp,
                     )
             super().setup_embeddings_and_output_layer()
 
@@ -431,8 +505,14 @@ def build_opt_model(
     """
     arch = load_arch_config(arch)
     variant, sequence_parallel, vocab_size, pre_process, post_process = prepare_build(
-        arch, check_parallel_layout, variant, vocab_size=vocab_size, sequence_parallel=sequence_parallel,
-        pre_process=pre_process, post_process=post_process)
+        arch,
+        check_parallel_layout,
+        variant,
+        vocab_size=vocab_size,
+        sequence_parallel=sequence_parallel,
+        pre_process=pre_process,
+        post_process=post_process,
+    )
     config = opt_transformer_config(
         arch, variant, params_dtype=params_dtype, sequence_parallel=sequence_parallel, **transformer_overrides
     )

@@ -29,6 +29,7 @@ to SP only after adding them).
 State-dict names: ``embedding.word_embeddings.project_in.weight`` (first pipeline stage) and
 ``output_layer.project_out.weight`` (last stage).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -74,13 +75,22 @@ def post_layernorm_layer_spec(layer_spec: ModuleSpec) -> ModuleSpec:
     if not issubclass(layer_spec.module, TransformerLayer) or s.input_layernorm is IdentityOp:
         raise ValueError(f"post_layernorm_layer_spec: expected a pre-LN TransformerLayer spec, got {layer_spec.module}")
     fields = {f.name: getattr(s, f.name) for f in dataclasses.fields(TransformerLayerSubmodules)}
-    fields.update(input_layernorm=IdentityOp, pre_mlp_layernorm=IdentityOp,
-                  post_self_attn_layernorm=s.input_layernorm, post_mlp_layernorm=s.pre_mlp_layernorm)
-    return ModuleSpec(module=OPTPostLNTransformerLayer, params=dict(layer_spec.params or {}),
-                      submodules=OPTPostLNLayerSubmodules(**fields))
+    fields.update(
+        input_layernorm=IdentityOp,
+        pre_mlp_layernorm=IdentityOp,
+        post_self_attn_layernorm=s.input_layernorm,
+        post_mlp_layernorm=s.pre_mlp_layernorm,
+    )
+    return ModuleSpec(
+        module=OPTPostLNTransformerLayer,
+        params=dict(layer_spec.params or {}),
+        submodules=OPTPostLNLayerSubmodules(**fields),
+    )
 
 
-def _replicated_linear(in_features: int, out_features: int, config, init_method, sequence_parallel: bool) -> torch.nn.Linear:
+def _replicated_linear(
+    in_features: int, out_features: int, config, init_method, sequence_parallel: bool
+) -> torch.nn.Linear:
     lin = torch.nn.Linear(in_features, out_features, bias=False, dtype=config.params_dtype)
     if config.perform_initialization:
         init_method(lin.weight)
@@ -94,7 +104,9 @@ class OPTProjectedWordEmbedding(VocabParallelEmbedding):
     def __init__(self, num_embeddings: int, embedding_dim: int, hidden_size: int, *, init_method, config, **kwargs):
         super().__init__(num_embeddings, embedding_dim, init_method=init_method, config=config, **kwargs)
         if self.reduce_scatter_embeddings:
-            raise ValueError("OPTProjectedWordEmbedding: reduce_scatter_embeddings is not supported (learned positions never use it)")
+            raise ValueError(
+                "OPTProjectedWordEmbedding: reduce_scatter_embeddings is not supported (learned positions never use it)"
+            )
         self.project_in = _replicated_linear(embedding_dim, hidden_size, config, init_method, sequence_parallel=False)
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
@@ -107,8 +119,9 @@ class OPTProjectedOutputLayer(ColumnParallelLinear):
 
     def __init__(self, hidden_size: int, embedding_dim: int, vocab_size: int, *, config, init_method, **kwargs):
         super().__init__(embedding_dim, vocab_size, config=config, init_method=init_method, **kwargs)
-        self.project_out = _replicated_linear(hidden_size, embedding_dim, config, config.init_method,
-                                              sequence_parallel=config.sequence_parallel)
+        self.project_out = _replicated_linear(
+            hidden_size, embedding_dim, config, config.init_method, sequence_parallel=config.sequence_parallel
+        )
 
     def forward(self, input_: torch.Tensor, weight=None, runtime_gather_output=None):
         """[s, b, h] -> ([s, b, V/tp] or gathered [s, b, V], None)."""

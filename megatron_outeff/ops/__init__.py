@@ -9,12 +9,19 @@ Public API:
     VariantTensor, variant_tensors   (variants.py: every tensor a variant adds, its names, shape, init, TP split, decay)
     gate_parameter_names, head_gate, elementwise_gate, apply_output_gate              (gate.py)
 """
+
 from .attention import outeff_attention, outeff_attention_probs, triton_runs_on
 from .gate import apply_output_gate, elementwise_gate, gate_parameter_names, head_gate
 from .reference import causal_mask, outeff_attention_reference, outeff_softmax_reference
 from .sdpa_attention import sdpa_backend_record
 from .variants import (
-    GATE_VARIANTS, IMPLEMENTATIONS, SOFTMAX_VARIANTS, AttentionVariantConfig, Clip, VariantTensor, resolve_sink,
+    GATE_VARIANTS,
+    IMPLEMENTATIONS,
+    SOFTMAX_VARIANTS,
+    AttentionVariantConfig,
+    Clip,
+    VariantTensor,
+    resolve_sink,
     variant_tensors,
 )
 

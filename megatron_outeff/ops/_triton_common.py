@@ -7,6 +7,7 @@ A @triton.jit helper is inlined into the kernel that calls it and its tl.constex
 resolved at compile time, so a kernel compiles to the same code as with the block written out.
 Math: field notes section 1 and ``variants.py``.
 """
+
 from __future__ import annotations
 
 import os
@@ -54,17 +55,18 @@ def run_launch(launch: KernelLaunch) -> None:
     (kernel, tune_key) keyed by the flags and the dtypes."""
     if len(launch.configs) == 1 or os.environ.get("OUTEFF_FLASH_AUTOTUNE", "1") == "0":
         cfg = launch.configs[0]
-        launch.kernel[launch.grid(cfg.kwargs)](*launch.args, **launch.meta, **cfg.kwargs,
-                                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        launch.kernel[launch.grid(cfg.kwargs)](
+            *launch.args, **launch.meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages
+        )
         return
     key = (launch.kernel.__name__, launch.configs, launch.tune_key)
     tuner = _TUNERS.get(key)
     if tuner is None:
-        tuner = triton.autotune(configs=list(launch.configs), key=sorted(launch.meta),
-                                reset_to_zero=list(launch.reset_to_zero) or None)(launch.kernel)
+        tuner = triton.autotune(
+            configs=list(launch.configs), key=sorted(launch.meta), reset_to_zero=list(launch.reset_to_zero) or None
+        )(launch.kernel)
         _TUNERS[key] = tuner
     tuner[launch.grid](*launch.args, **launch.meta)
-
 
 
 @triton.jit

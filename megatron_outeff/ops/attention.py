@@ -1,6 +1,7 @@
 """The public entry point: ``outeff_attention``, dispatching (``dispatch.auto_impl``) to torch's fused
 kernels with the sink (``sdpa_attention``), the Triton kernels, the CPU clipped path (``cpu_attention``)
 or the PyTorch reference."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -8,10 +9,15 @@ from typing import Optional
 import torch
 
 from .cpu_attention import cpu_outeff_attention, cpu_unsupported_reason
-from .gate import apply_output_gate
 from .dispatch import auto_impl, fallback_impl, mask_kind
+from .gate import apply_output_gate
 from .reference import (
-    attention_scores, build_mask, compute_dtype, expand_kv_heads, outeff_attention_reference, outeff_softmax_reference,
+    attention_scores,
+    build_mask,
+    compute_dtype,
+    expand_kv_heads,
+    outeff_attention_reference,
+    outeff_softmax_reference,
 )
 from .sdpa_attention import SDPAUnavailable, sdpa_outeff_attention, warn_fallback
 from .variants import Clip, resolve_sink, validate_attention_args
@@ -71,8 +77,21 @@ def outeff_attention(
     """
     _, sq, sk, h, _, scale = validate_attention_args(q, k, v, gate, key_padding_mask, scale, dropout_p, impl, mask)
     if gate is not None and gate.dim() == 4:  # elementwise: a post-multiply, the same for every impl
-        out = outeff_attention(q, k, v, softmax=softmax, n=n, offset=offset, clip=clip, causal=causal,
-                               key_padding_mask=key_padding_mask, mask=mask, scale=scale, dropout_p=dropout_p, impl=impl)
+        out = outeff_attention(
+            q,
+            k,
+            v,
+            softmax=softmax,
+            n=n,
+            offset=offset,
+            clip=clip,
+            causal=causal,
+            key_padding_mask=key_padding_mask,
+            mask=mask,
+            scale=scale,
+            dropout_p=dropout_p,
+            impl=impl,
+        )
         return apply_output_gate(out, gate)
     sink = resolve_sink(softmax, n, offset, h, q.device)
     clip = Clip.parse(clip)
@@ -83,12 +102,22 @@ def outeff_attention(
         impl = auto_impl(kind[0], softmax, clip is not None, *kind[1:])
     if impl == "sdpa":
         if clip is not None:
-            raise ValueError("clip with impl='sdpa': torch's fused kernels never hold the normalised P the clip "
-                             "needs; use impl='auto', 'triton', 'cpu' or 'torch'")
+            raise ValueError(
+                "clip with impl='sdpa': torch's fused kernels never hold the normalised P the clip "
+                "needs; use impl='auto', 'triton', 'cpu' or 'torch'"
+            )
         try:
             return sdpa_outeff_attention(
-                q, k, v, scale=scale, sink=sink, gate=gate, causal=causal, key_padding_mask=key_padding_mask,
-                mask=mask, dropout_p=dropout_p,
+                q,
+                k,
+                v,
+                scale=scale,
+                sink=sink,
+                gate=gate,
+                causal=causal,
+                key_padding_mask=key_padding_mask,
+                mask=mask,
+                dropout_p=dropout_p,
             )
         except SDPAUnavailable as e:
             if not auto:
@@ -104,23 +133,51 @@ def outeff_attention(
         if reason is not None:
             raise ValueError(f"impl='cpu': {reason}; use impl='torch' or 'auto'")
         return cpu_outeff_attention(
-            q, k, v, scale=scale, clip=clip, sink=sink, gate=gate, causal=causal, key_padding_mask=key_padding_mask,
+            q,
+            k,
+            v,
+            scale=scale,
+            clip=clip,
+            sink=sink,
+            gate=gate,
+            causal=causal,
+            key_padding_mask=key_padding_mask,
             mask=mask,
         )
     if impl == "torch":
         return outeff_attention_reference(
-            q, k, v, scale=scale, sink=sink, clip=clip, gate=gate, causal=causal,
-            key_padding_mask=key_padding_mask, mask=mask, dropout_p=dropout_p,
+            q,
+            k,
+            v,
+            scale=scale,
+            sink=sink,
+            clip=clip,
+            gate=gate,
+            causal=causal,
+            key_padding_mask=key_padding_mask,
+            mask=mask,
+            dropout_p=dropout_p,
         )
     if impl == "triton":
         if dropout_p > 0:
-            raise ValueError(f"dropout_p={dropout_p} with impl='triton': the flash kernel has no dropout; use impl='rowwise' or 'auto'")
+            raise ValueError(
+                f"dropout_p={dropout_p} with impl='triton': the flash kernel has no dropout; use impl='rowwise' or 'auto'"
+            )
         if mask is not None:
-            raise ValueError("mask with impl='triton': the flash kernel takes causal and key_padding_mask only; use impl='rowwise' or 'auto'")
+            raise ValueError(
+                "mask with impl='triton': the flash kernel takes causal and key_padding_mask only; use impl='rowwise' or 'auto'"
+            )
         from .flash_attention import flash_outeff_attention
 
         return flash_outeff_attention(
-            q, k, v, scale=scale, sink=sink, clip=clip, gate=gate, causal=causal,
+            q,
+            k,
+            v,
+            scale=scale,
+            sink=sink,
+            clip=clip,
+            gate=gate,
+            causal=causal,
             key_padding_mask=key_padding_mask,
         )
     # rowwise: materialise the scores with matmuls, fuse scale + mask + softmax variant + clip.

@@ -10,6 +10,7 @@ Not served (``cpu_unsupported_reason``): dropout (the fused CPU kernel has no RN
 its backward, and the clipped path has none either), non-CPU tensors. ``outeff_attention(impl="auto")``
 sends those to the PyTorch reference.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -56,8 +57,18 @@ def cpu_outeff_attention(
     """
     if clip is not None:
         return clipped_outeff_attention(q, k, v, scale, clip, sink, gate, causal, key_padding_mask, mask)
-    return sdpa_outeff_attention(q, k, v, scale=scale, sink=sink, gate=gate, causal=causal,
-                                 key_padding_mask=key_padding_mask, mask=mask, kernel="cpu_flash")
+    return sdpa_outeff_attention(
+        q,
+        k,
+        v,
+        scale=scale,
+        sink=sink,
+        gate=gate,
+        causal=causal,
+        key_padding_mask=key_padding_mask,
+        mask=mask,
+        kernel="cpu_flash",
+    )
 
 
 class _ClippedAttention(torch.autograd.Function):
@@ -72,7 +83,7 @@ class _ClippedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, sink, scale, clip, mask):
-        s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)                       # the one [sq, sk] buffer
+        s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # the one [sq, sk] buffer
         if mask is not None:
             s.masked_fill_(mask, float("-inf"))
         m = s.amax(dim=-1, keepdim=True)
@@ -80,7 +91,7 @@ class _ClippedAttention(torch.autograd.Function):
         if sink is not None:
             a = sink.detach().to(s.dtype).view(1, -1, 1, 1)
             m = torch.maximum(m, a)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))                 # fully masked rows
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # fully masked rows
         p = s.sub_(m).exp_()
         denom = p.sum(dim=-1, keepdim=True)
         p_sink = None
@@ -90,7 +101,7 @@ class _ClippedAttention(torch.autograd.Function):
         denom = torch.where(denom > 0, denom, torch.ones_like(denom))
         p.div_(denom)
         if a is not None:
-            p_sink = e_sink / denom                                                 # [b, h, sq, 1]
+            p_sink = e_sink / denom  # [b, h, sq, 1]
         out = torch.matmul(_clipped(p, clip), v)
         ctx.save_for_backward(q, k, v, p, p_sink, sink)
         ctx.scale, ctx.clip = scale, clip
@@ -102,11 +113,11 @@ class _ClippedAttention(torch.autograd.Function):
         clip = ctx.clip
         dout = dout.to(p.dtype)
         width = clip.zeta - clip.gamma
-        buf = torch.mul(p, width).add_(clip.gamma)                                  # T = (zeta - gamma) P + gamma
+        buf = torch.mul(p, width).add_(clip.gamma)  # T = (zeta - gamma) P + gamma
         inside = (buf >= 0) & (buf <= 1)
-        dv = torch.matmul(buf.clamp_(0.0, 1.0).transpose(-1, -2), dout)             # P'^T dO
+        dv = torch.matmul(buf.clamp_(0.0, 1.0).transpose(-1, -2), dout)  # P'^T dO
         dp = torch.matmul(dout, v.transpose(-1, -2), out=buf).mul_(inside).mul_(width)
-        delta = torch.matmul(p.unsqueeze(-2), dp.unsqueeze(-1)).squeeze(-1)         # D = rowsum(P * dP), [.., sq, 1]
+        delta = torch.matmul(p.unsqueeze(-2), dp.unsqueeze(-1)).squeeze(-1)  # D = rowsum(P * dP), [.., sq, 1]
         ds = dp.sub_(delta).mul_(p).mul_(ctx.scale)
         dq = torch.matmul(ds, k)
         dk = torch.matmul(ds.transpose(-1, -2), q)

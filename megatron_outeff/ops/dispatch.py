@@ -16,6 +16,7 @@ When torch itself finds no fused kernel for an ``sdpa`` call at run time (an old
 stride), ``fallback_impl`` names what runs instead and ``sdpa_attention.warn_fallback`` warns once
 and records it (``sdpa_backend_record``: "fallback:<impl>"), so a benchmark or the GPU check shows it.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -25,7 +26,7 @@ import torch
 from .variants import SOFTMAX_VARIANTS, check_choice
 
 MASK_KINDS = ("none", "causal", "key_padding", "causal+key_padding", "dense")
-SDPA_MAX_HEAD_DIM = 256          # torch's fused kernels' documented head dim limit (flash, cuDNN on sm_90)
+SDPA_MAX_HEAD_DIM = 256  # torch's fused kernels' documented head dim limit (flash, cuDNN on sm_90)
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -45,8 +46,9 @@ def triton_takes_head_dim(head_dim: int) -> bool:
     return supports_head_dim(head_dim)
 
 
-def auto_impl(device_type: str, softmax: str, clipped: bool, dropout: bool, dtype: torch.dtype, head_dim: int,
-              mask_kind: str) -> str:
+def auto_impl(
+    device_type: str, softmax: str, clipped: bool, dropout: bool, dtype: torch.dtype, head_dim: int, mask_kind: str
+) -> str:
     """The implementation ``impl="auto"`` runs (module docstring's table). Errors: ValueError for a
     softmax or mask kind outside the vocabulary."""
     check_choice("softmax", softmax, SOFTMAX_VARIANTS)

@@ -68,10 +68,11 @@ Every launch is described by a ``KernelLaunch`` (``forward_launches`` / ``backwa
 which the autograd Function runs and ``megatron_outeff.ops.triton_compile`` compiles ahead of time
 with the very arguments (pointer alignment, strides) the launcher passes.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
@@ -134,11 +135,37 @@ def _key_range(m0, SQ, SK, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N:
 
 
 @triton.jit
-def _fwd_tiles(acc, m_i, l_i, q, K_head, V_head, kpm_row, lo, hi, offs_m, sk_n, sv_n, SQ, SK, HEAD_D, lse2,
-               qk_scale, clip_c, clip_gamma,
-               MASK: tl.constexpr, CLIP_PASS: tl.constexpr, WITH_V: tl.constexpr, CAUSAL: tl.constexpr,
-               HAS_KPM: tl.constexpr, PAD_D: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _fwd_tiles(
+    acc,
+    m_i,
+    l_i,
+    q,
+    K_head,
+    V_head,
+    kpm_row,
+    lo,
+    hi,
+    offs_m,
+    sk_n,
+    sv_n,
+    SQ,
+    SK,
+    HEAD_D,
+    lse2,
+    qk_scale,
+    clip_c,
+    clip_gamma,
+    MASK: tl.constexpr,
+    CLIP_PASS: tl.constexpr,
+    WITH_V: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    PAD_D: tl.constexpr,
+    DOT_T: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """The key tiles [lo, hi) of one query block (forward). K_head / V_head: the kv head's key 0;
     sk_n / sv_n: the sequence strides of K / V (tile starts in int64, offsets inside a tile in int32:
     ``tile_addressable``). MASK: the tiles straddle the causal diagonal or the end of the keys. Pass 1 (not CLIP_PASS): the online softmax state (m_i, l_i), and acc += p v when WITH_V.
@@ -198,11 +225,37 @@ def _fwd_tiles(acc, m_i, l_i, q, K_head, V_head, kpm_row, lo, hi, offs_m, sk_n, 
 
 
 @triton.jit
-def _dq_tiles(acc, q, do, lse2, delta, K_head, V_head, kpm_row, lo, hi, offs_m, sk_n, sv_n, SQ, SK, HEAD_D,
-              qk_scale, clip_c, clip_gamma,
-              MASK: tl.constexpr, CLIP_DELTA: tl.constexpr, HAS_CLIP: tl.constexpr, CAUSAL: tl.constexpr,
-              HAS_KPM: tl.constexpr, PAD_D: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _dq_tiles(
+    acc,
+    q,
+    do,
+    lse2,
+    delta,
+    K_head,
+    V_head,
+    kpm_row,
+    lo,
+    hi,
+    offs_m,
+    sk_n,
+    sv_n,
+    SQ,
+    SK,
+    HEAD_D,
+    qk_scale,
+    clip_c,
+    clip_gamma,
+    MASK: tl.constexpr,
+    CLIP_DELTA: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    PAD_D: tl.constexpr,
+    DOT_T: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """The key tiles [lo, hi) of one query block (backward, queries on M): acc += dS K (unscaled),
     dS = P * (dP' - D); CLIP_DELTA: acc += rowsum(P * dP') instead (the clipped softmax's D')."""
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -249,11 +302,45 @@ def _dq_tiles(acc, q, do, lse2, delta, K_head, V_head, kpm_row, lo, hi, offs_m, 
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, key_ok, offs_n, Q_b, DO_b, G_b, Lse_b, Delta_b, DQ_b, head0, GROUP,
-                lo, hi, stride_q, stride_o, stride_g, stride_dqa, SQ, SK, HEAD_D, qk_scale, clip_c, clip_gamma,
-                MASK: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_GATE: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_KPM: tl.constexpr, ATOMIC_DQ: tl.constexpr, PAD_D: tl.constexpr, DOT_T: tl.constexpr,
-                PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _dkdv_tiles(
+    dk,
+    dv,
+    k,
+    v,
+    key_ok,
+    offs_n,
+    Q_b,
+    DO_b,
+    G_b,
+    Lse_b,
+    Delta_b,
+    DQ_b,
+    head0,
+    GROUP,
+    lo,
+    hi,
+    stride_q,
+    stride_o,
+    stride_g,
+    stride_dqa,
+    SQ,
+    SK,
+    HEAD_D,
+    qk_scale,
+    clip_c,
+    clip_gamma,
+    MASK: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
+    PAD_D: tl.constexpr,
+    DOT_T: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """The query tiles [lo, hi) of one key tile, for each of the GROUP query heads head0.. of its kv
     head (backward, keys on M): dV += Y^T dO, dK += dS^T Q (unscaled) and, with ATOMIC_DQ, dQ += dS K
     atomically into the fp32 buffer (unscaled). One flat loop over (head, tile) pairs: a loop over
@@ -328,14 +415,41 @@ def _dkdv_tiles(dk, dv, k, v, key_ok, offs_n, Q_b, DO_b, G_b, Lse_b, Delta_b, DQ
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, OutU, Lse, Sink, Gate, Kpm,
-    stride_q, stride_k, stride_v, stride_o, stride_g, stride_kpmb,
-    H, GROUP, SQ, SK, HEAD_D,
-    qk_scale, clip_c, clip_gamma,
-    HAS_SINK: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_GATE: tl.constexpr,
-    SAVE_UNGATED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, PAD_D: tl.constexpr,
-    DOT_T: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    Out,
+    OutU,
+    Lse,
+    Sink,
+    Gate,
+    Kpm,
+    stride_q,
+    stride_k,
+    stride_v,
+    stride_o,
+    stride_g,
+    stride_kpmb,
+    H,
+    GROUP,
+    SQ,
+    SK,
+    HEAD_D,
+    qk_scale,
+    clip_c,
+    clip_gamma,
+    HAS_SINK: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    SAVE_UNGATED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    PAD_D: tl.constexpr,
+    DOT_T: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """One query tile of one (batch, head); grid (b * H * cdiv(SQ, BLOCK_M),)."""
     num_m = tl.cdiv(SQ, BLOCK_M)
@@ -354,8 +468,15 @@ def _fwd_kernel(
     rd_ok = row_ok[:, None]
     if PAD_D:
         rd_ok = rd_ok & (offs_d[None, :] < HEAD_D)
-    q = tl.load(Q + bi * stride_q[0] + hi.to(tl.int64) * stride_q[2] + offs_m[:, None].to(tl.int64) * stride_q[1]
-                + offs_d[None, :], mask=rd_ok, other=0.0).to(DOT_T)
+    q = tl.load(
+        Q
+        + bi * stride_q[0]
+        + hi.to(tl.int64) * stride_q[2]
+        + offs_m[:, None].to(tl.int64) * stride_q[1]
+        + offs_d[None, :],
+        mask=rd_ok,
+        other=0.0,
+    ).to(DOT_T)
     k_head = K + bi * stride_k[0] + hk.to(tl.int64) * stride_k[2]
     v_head = V + bi * stride_v[0] + hk.to(tl.int64) * stride_v[2]
     sk_n = stride_k[1]
@@ -373,44 +494,173 @@ def _fwd_kernel(
 
     n_full, n_end = _key_range(m0, SQ, SK, CAUSAL, BLOCK_M, BLOCK_N)
     # pass 1 (the only pass without clipping): online softmax over the full tiles, then the masked ones
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_head, v_head, kpm_row, 0, n_full, offs_m, sk_n, sv_n, SQ, SK,
-                               HEAD_D, m_i, qk_scale, clip_c, clip_gamma, False, False, not HAS_CLIP, CAUSAL,
-                               HAS_KPM, PAD_D, DOT_T, PREC, BLOCK_N, BLOCK_D)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_head, v_head, kpm_row, n_full, n_end, offs_m, sk_n, sv_n, SQ, SK,
-                               HEAD_D, m_i, qk_scale, clip_c, clip_gamma, True, False, not HAS_CLIP, CAUSAL,
-                               HAS_KPM, PAD_D, DOT_T, PREC, BLOCK_N, BLOCK_D)
+    acc, m_i, l_i = _fwd_tiles(
+        acc,
+        m_i,
+        l_i,
+        q,
+        k_head,
+        v_head,
+        kpm_row,
+        0,
+        n_full,
+        offs_m,
+        sk_n,
+        sv_n,
+        SQ,
+        SK,
+        HEAD_D,
+        m_i,
+        qk_scale,
+        clip_c,
+        clip_gamma,
+        False,
+        False,
+        not HAS_CLIP,
+        CAUSAL,
+        HAS_KPM,
+        PAD_D,
+        DOT_T,
+        PREC,
+        BLOCK_N,
+        BLOCK_D,
+    )
+    acc, m_i, l_i = _fwd_tiles(
+        acc,
+        m_i,
+        l_i,
+        q,
+        k_head,
+        v_head,
+        kpm_row,
+        n_full,
+        n_end,
+        offs_m,
+        sk_n,
+        sv_n,
+        SQ,
+        SK,
+        HEAD_D,
+        m_i,
+        qk_scale,
+        clip_c,
+        clip_gamma,
+        True,
+        False,
+        not HAS_CLIP,
+        CAUSAL,
+        HAS_KPM,
+        PAD_D,
+        DOT_T,
+        PREC,
+        BLOCK_N,
+        BLOCK_D,
+    )
     has_mass = l_i > 0.0
     lse2 = tl.where(has_mass, m_i + tl.log2(tl.where(has_mass, l_i, 1.0)), float("inf"))
     if HAS_CLIP:
         # pass 2: clipped probabilities against the final normaliser
-        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_head, v_head, kpm_row, 0, n_full, offs_m, sk_n, sv_n, SQ, SK,
-                                   HEAD_D, lse2, qk_scale, clip_c, clip_gamma, False, True, True, CAUSAL,
-                                   HAS_KPM, PAD_D, DOT_T, PREC, BLOCK_N, BLOCK_D)
-        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_head, v_head, kpm_row, n_full, n_end, offs_m, sk_n, sv_n, SQ,
-                                   SK, HEAD_D, lse2, qk_scale, clip_c, clip_gamma, True, True, True, CAUSAL,
-                                   HAS_KPM, PAD_D, DOT_T, PREC, BLOCK_N, BLOCK_D)
+        acc, m_i, l_i = _fwd_tiles(
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_head,
+            v_head,
+            kpm_row,
+            0,
+            n_full,
+            offs_m,
+            sk_n,
+            sv_n,
+            SQ,
+            SK,
+            HEAD_D,
+            lse2,
+            qk_scale,
+            clip_c,
+            clip_gamma,
+            False,
+            True,
+            True,
+            CAUSAL,
+            HAS_KPM,
+            PAD_D,
+            DOT_T,
+            PREC,
+            BLOCK_N,
+            BLOCK_D,
+        )
+        acc, m_i, l_i = _fwd_tiles(
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_head,
+            v_head,
+            kpm_row,
+            n_full,
+            n_end,
+            offs_m,
+            sk_n,
+            sv_n,
+            SQ,
+            SK,
+            HEAD_D,
+            lse2,
+            qk_scale,
+            clip_c,
+            clip_gamma,
+            True,
+            True,
+            True,
+            CAUSAL,
+            HAS_KPM,
+            PAD_D,
+            DOT_T,
+            PREC,
+            BLOCK_N,
+            BLOCK_D,
+        )
         o = acc
     else:
         o = acc / tl.where(has_mass, l_i, 1.0)[:, None]
 
     tl.store(Lse + bh.to(tl.int64) * SQ + offs_m, lse2, mask=row_ok)
-    o_off = bi * stride_o[0] + hi.to(tl.int64) * stride_o[2] + offs_m[:, None].to(tl.int64) * stride_o[1] + offs_d[None, :]
+    o_off = (
+        bi * stride_o[0] + hi.to(tl.int64) * stride_o[2] + offs_m[:, None].to(tl.int64) * stride_o[1] + offs_d[None, :]
+    )
     if HAS_GATE:
         if SAVE_UNGATED:
             tl.store(OutU + o_off, o.to(OutU.dtype.element_ty), mask=rd_ok)
-        g = tl.load(Gate + bi * stride_g[0] + hi.to(tl.int64) * stride_g[2] + offs_m.to(tl.int64) * stride_g[1],
-                    mask=row_ok, other=0.0)
+        g = tl.load(
+            Gate + bi * stride_g[0] + hi.to(tl.int64) * stride_g[2] + offs_m.to(tl.int64) * stride_g[1],
+            mask=row_ok,
+            other=0.0,
+        )
         o = o * g.to(tl.float32)[:, None]
     tl.store(Out + o_off, o.to(Out.dtype.element_ty), mask=rd_ok)
 
 
 @triton.jit
 def _bwd_preprocess_kernel(
-    O, DO, Gate, Delta, DGate,
-    stride_o, stride_do, stride_g,
-    H, SQ, HEAD_D,
-    HAS_GATE: tl.constexpr, O_UNGATED: tl.constexpr, STORE_DELTA: tl.constexpr, PAD_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    O,
+    DO,
+    Gate,
+    Delta,
+    DGate,
+    stride_o,
+    stride_do,
+    stride_g,
+    H,
+    SQ,
+    HEAD_D,
+    HAS_GATE: tl.constexpr,
+    O_UNGATED: tl.constexpr,
+    STORE_DELTA: tl.constexpr,
+    PAD_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Per row t = rowsum(dOut * O). O ungated (gate needs a gradient): d(gate) = t, D = t * gate.
     O is the returned output otherwise (gated or not): D = t. D goes to [b, h, sq], d(gate) to [b, sq, h].
@@ -427,17 +677,26 @@ def _bwd_preprocess_kernel(
     if PAD_D:
         rd_ok = rd_ok & (offs_d[None, :] < HEAD_D)
     rows = offs_m[:, None].to(tl.int64)
-    o = tl.load(O + bi * stride_o[0] + hi.to(tl.int64) * stride_o[2] + rows * stride_o[1] + offs_d[None, :],
-                mask=rd_ok, other=0.0).to(tl.float32)
-    do = tl.load(DO + bi * stride_do[0] + hi.to(tl.int64) * stride_do[2] + rows * stride_do[1] + offs_d[None, :],
-                 mask=rd_ok, other=0.0).to(tl.float32)
+    o = tl.load(
+        O + bi * stride_o[0] + hi.to(tl.int64) * stride_o[2] + rows * stride_o[1] + offs_d[None, :],
+        mask=rd_ok,
+        other=0.0,
+    ).to(tl.float32)
+    do = tl.load(
+        DO + bi * stride_do[0] + hi.to(tl.int64) * stride_do[2] + rows * stride_do[1] + offs_d[None, :],
+        mask=rd_ok,
+        other=0.0,
+    ).to(tl.float32)
     t = tl.sum(o * do, 1)
     delta = t
     if HAS_GATE:
         if O_UNGATED:
             tl.store(DGate + (bi * SQ + offs_m) * H + hi, t, mask=row_ok)
-            g = tl.load(Gate + bi * stride_g[0] + hi.to(tl.int64) * stride_g[2] + offs_m.to(tl.int64) * stride_g[1],
-                        mask=row_ok, other=0.0)
+            g = tl.load(
+                Gate + bi * stride_g[0] + hi.to(tl.int64) * stride_g[2] + offs_m.to(tl.int64) * stride_g[1],
+                mask=row_ok,
+                other=0.0,
+            )
             delta = t * g.to(tl.float32)
     if STORE_DELTA:
         tl.store(Delta + bh.to(tl.int64) * SQ + offs_m, delta, mask=row_ok)
@@ -445,13 +704,42 @@ def _bwd_preprocess_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, Gate, Kpm, DQ,
-    stride_q, stride_k, stride_v, stride_o, stride_g, stride_kpmb, stride_dq,
-    H, GROUP, SQ, SK, HEAD_D,
-    qk_scale, sm_scale, clip_c, clip_gamma,
-    CLIP_DELTA: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_GATE: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_KPM: tl.constexpr, PAD_D: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    Lse,
+    Delta,
+    Gate,
+    Kpm,
+    DQ,
+    stride_q,
+    stride_k,
+    stride_v,
+    stride_o,
+    stride_g,
+    stride_kpmb,
+    stride_dq,
+    H,
+    GROUP,
+    SQ,
+    SK,
+    HEAD_D,
+    qk_scale,
+    sm_scale,
+    clip_c,
+    clip_gamma,
+    CLIP_DELTA: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    PAD_D: tl.constexpr,
+    DOT_T: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """One query tile over the key tiles (grid as the forward's): dQ = scale * dS K (the deterministic
     second pass). CLIP_DELTA (clipped softmax, a pass before the others): D' = rowsum(P * dP') to Delta
@@ -473,13 +761,22 @@ def _bwd_dq_kernel(
     if PAD_D:
         rd_ok = rd_ok & (offs_d[None, :] < HEAD_D)
     rows = offs_m[:, None].to(tl.int64)
-    q = tl.load(Q + bi * stride_q[0] + hi.to(tl.int64) * stride_q[2] + rows * stride_q[1] + offs_d[None, :],
-                mask=rd_ok, other=0.0).to(DOT_T)
-    do = tl.load(DO + bi * stride_o[0] + hi.to(tl.int64) * stride_o[2] + rows * stride_o[1] + offs_d[None, :],
-                 mask=rd_ok, other=0.0)
+    q = tl.load(
+        Q + bi * stride_q[0] + hi.to(tl.int64) * stride_q[2] + rows * stride_q[1] + offs_d[None, :],
+        mask=rd_ok,
+        other=0.0,
+    ).to(DOT_T)
+    do = tl.load(
+        DO + bi * stride_o[0] + hi.to(tl.int64) * stride_o[2] + rows * stride_o[1] + offs_d[None, :],
+        mask=rd_ok,
+        other=0.0,
+    )
     if HAS_GATE:
-        g = tl.load(Gate + bi * stride_g[0] + hi.to(tl.int64) * stride_g[2] + offs_m.to(tl.int64) * stride_g[1],
-                    mask=row_ok, other=0.0)
+        g = tl.load(
+            Gate + bi * stride_g[0] + hi.to(tl.int64) * stride_g[2] + offs_m.to(tl.int64) * stride_g[1],
+            mask=row_ok,
+            other=0.0,
+        )
         do = do.to(tl.float32) * g.to(tl.float32)[:, None]
     do = do.to(DOT_T)
     lse2 = tl.load(Lse + bh.to(tl.int64) * SQ + offs_m, mask=row_ok, other=float("inf"))
@@ -496,29 +793,121 @@ def _bwd_dq_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     n_full, n_end = _key_range(m0, SQ, SK, CAUSAL, BLOCK_M, BLOCK_N)
-    acc = _dq_tiles(acc, q, do, lse2, delta, k_head, v_head, kpm_row, 0, n_full, offs_m, sk_n, sv_n, SQ, SK, HEAD_D,
-                    qk_scale, clip_c, clip_gamma, False, CLIP_DELTA, HAS_CLIP, CAUSAL, HAS_KPM, PAD_D, DOT_T, PREC,
-                    BLOCK_N, BLOCK_D)
-    acc = _dq_tiles(acc, q, do, lse2, delta, k_head, v_head, kpm_row, n_full, n_end, offs_m, sk_n, sv_n, SQ, SK,
-                    HEAD_D, qk_scale, clip_c, clip_gamma, True, CLIP_DELTA, HAS_CLIP, CAUSAL, HAS_KPM, PAD_D, DOT_T,
-                    PREC, BLOCK_N, BLOCK_D)
+    acc = _dq_tiles(
+        acc,
+        q,
+        do,
+        lse2,
+        delta,
+        k_head,
+        v_head,
+        kpm_row,
+        0,
+        n_full,
+        offs_m,
+        sk_n,
+        sv_n,
+        SQ,
+        SK,
+        HEAD_D,
+        qk_scale,
+        clip_c,
+        clip_gamma,
+        False,
+        CLIP_DELTA,
+        HAS_CLIP,
+        CAUSAL,
+        HAS_KPM,
+        PAD_D,
+        DOT_T,
+        PREC,
+        BLOCK_N,
+        BLOCK_D,
+    )
+    acc = _dq_tiles(
+        acc,
+        q,
+        do,
+        lse2,
+        delta,
+        k_head,
+        v_head,
+        kpm_row,
+        n_full,
+        n_end,
+        offs_m,
+        sk_n,
+        sv_n,
+        SQ,
+        SK,
+        HEAD_D,
+        qk_scale,
+        clip_c,
+        clip_gamma,
+        True,
+        CLIP_DELTA,
+        HAS_CLIP,
+        CAUSAL,
+        HAS_KPM,
+        PAD_D,
+        DOT_T,
+        PREC,
+        BLOCK_N,
+        BLOCK_D,
+    )
     if CLIP_DELTA:
         tl.store(Delta + bh.to(tl.int64) * SQ + offs_m, acc, mask=row_ok)
     else:
         dq = acc * sm_scale
-        tl.store(DQ + bi * stride_dq[0] + hi.to(tl.int64) * stride_dq[2] + rows * stride_dq[1] + offs_d[None, :],
-                 dq.to(DQ.dtype.element_ty), mask=rd_ok)
+        tl.store(
+            DQ + bi * stride_dq[0] + hi.to(tl.int64) * stride_dq[2] + rows * stride_dq[1] + offs_d[None, :],
+            dq.to(DQ.dtype.element_ty),
+            mask=rd_ok,
+        )
 
 
 @triton.jit
 def _bwd_kernel(
-    Q, K, V, DO, Lse, Delta, Gate, Kpm, DK, DV, DQacc,
-    stride_q, stride_k, stride_v, stride_o, stride_g, stride_kpmb, stride_dk, stride_dqa,
-    H, H_KV, GROUP, SQ, SK, HEAD_D,
-    qk_scale, sm_scale, clip_c, clip_gamma,
-    HAS_CLIP: tl.constexpr, HAS_GATE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, PAD_D: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    Lse,
+    Delta,
+    Gate,
+    Kpm,
+    DK,
+    DV,
+    DQacc,
+    stride_q,
+    stride_k,
+    stride_v,
+    stride_o,
+    stride_g,
+    stride_kpmb,
+    stride_dk,
+    stride_dqa,
+    H,
+    H_KV,
+    GROUP,
+    SQ,
+    SK,
+    HEAD_D,
+    qk_scale,
+    sm_scale,
+    clip_c,
+    clip_gamma,
+    HAS_CLIP: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
+    PAD_D: tl.constexpr,
+    DOT_T: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """One key tile of one (batch, kv head), over the query tiles of every query head of its group
     (grid (b * H_KV * cdiv(SK, BLOCK_N),)): dK, dV and (ATOMIC_DQ) dQ += dS K into the fp32 DQacc,
@@ -536,10 +925,16 @@ def _bwd_kernel(
     if PAD_D:
         kd_ok = kd_ok & (offs_d[None, :] < HEAD_D)
     keys = offs_n[:, None].to(tl.int64)
-    k = tl.load(K + bi * stride_k[0] + hk.to(tl.int64) * stride_k[2] + keys * stride_k[1] + offs_d[None, :],
-                mask=kd_ok, other=0.0).to(DOT_T)
-    v = tl.load(V + bi * stride_v[0] + hk.to(tl.int64) * stride_v[2] + keys * stride_v[1] + offs_d[None, :],
-                mask=kd_ok, other=0.0).to(DOT_T)
+    k = tl.load(
+        K + bi * stride_k[0] + hk.to(tl.int64) * stride_k[2] + keys * stride_k[1] + offs_d[None, :],
+        mask=kd_ok,
+        other=0.0,
+    ).to(DOT_T)
+    v = tl.load(
+        V + bi * stride_v[0] + hk.to(tl.int64) * stride_v[2] + keys * stride_v[1] + offs_d[None, :],
+        mask=kd_ok,
+        other=0.0,
+    ).to(DOT_T)
     if HAS_KPM:
         key_ok = key_ok & (tl.load(Kpm + bi * stride_kpmb + offs_n, mask=key_ok, other=0) != 0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -563,14 +958,84 @@ def _bwd_kernel(
     lse_b = Lse + bi * H * SQ
     delta_b = Delta + bi * H * SQ
     head0 = hk * GROUP
-    dk, dv = _dkdv_tiles(dk, dv, k, v, key_ok, offs_n, q_b, do_b, g_b, lse_b, delta_b, dq_b, head0, GROUP,
-                         m_lo, m_mid, stride_q, stride_o, stride_g, stride_dqa, SQ, SK, HEAD_D, qk_scale, clip_c,
-                         clip_gamma, True, HAS_CLIP, HAS_GATE, CAUSAL, HAS_KPM, ATOMIC_DQ, PAD_D, DOT_T, PREC,
-                         BLOCK_M, BLOCK_D)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, key_ok, offs_n, q_b, do_b, g_b, lse_b, delta_b, dq_b, head0, GROUP,
-                         m_full, SQ, stride_q, stride_o, stride_g, stride_dqa, SQ, SK, HEAD_D, qk_scale, clip_c,
-                         clip_gamma, False, HAS_CLIP, HAS_GATE, CAUSAL, HAS_KPM, ATOMIC_DQ, PAD_D, DOT_T, PREC,
-                         BLOCK_M, BLOCK_D)
+    dk, dv = _dkdv_tiles(
+        dk,
+        dv,
+        k,
+        v,
+        key_ok,
+        offs_n,
+        q_b,
+        do_b,
+        g_b,
+        lse_b,
+        delta_b,
+        dq_b,
+        head0,
+        GROUP,
+        m_lo,
+        m_mid,
+        stride_q,
+        stride_o,
+        stride_g,
+        stride_dqa,
+        SQ,
+        SK,
+        HEAD_D,
+        qk_scale,
+        clip_c,
+        clip_gamma,
+        True,
+        HAS_CLIP,
+        HAS_GATE,
+        CAUSAL,
+        HAS_KPM,
+        ATOMIC_DQ,
+        PAD_D,
+        DOT_T,
+        PREC,
+        BLOCK_M,
+        BLOCK_D,
+    )
+    dk, dv = _dkdv_tiles(
+        dk,
+        dv,
+        k,
+        v,
+        key_ok,
+        offs_n,
+        q_b,
+        do_b,
+        g_b,
+        lse_b,
+        delta_b,
+        dq_b,
+        head0,
+        GROUP,
+        m_full,
+        SQ,
+        stride_q,
+        stride_o,
+        stride_g,
+        stride_dqa,
+        SQ,
+        SK,
+        HEAD_D,
+        qk_scale,
+        clip_c,
+        clip_gamma,
+        False,
+        HAS_CLIP,
+        HAS_GATE,
+        CAUSAL,
+        HAS_KPM,
+        ATOMIC_DQ,
+        PAD_D,
+        DOT_T,
+        PREC,
+        BLOCK_M,
+        BLOCK_D,
+    )
     dk = dk * sm_scale
     off = bi * stride_dk[0] + hk.to(tl.int64) * stride_dk[2] + keys * stride_dk[1] + offs_d[None, :]
     tl.store(DK + off, dk.to(DK.dtype.element_ty), mask=kd_ok)
@@ -599,20 +1064,36 @@ _PRE = (triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1),)
 # are in tools/results/flash_compile_report.md. Tiles are chosen from those facts, not from timings
 # (no GPU has run them yet): autotuning picks among them on the GPU.
 _TABLE = {
-    (90, 64, False): dict(fwd=(_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3)), bwd=(_cfg(32, 128, 8, 3), _cfg(32, 64, 4, 3)),
-                          dq=(_cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3))),
-    (90, 128, False): dict(fwd=(_cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3)), bwd=(_cfg(16, 128, 8, 3),),
-                           dq=(_cfg(128, 32, 8, 3), _cfg(128, 64, 8, 3))),
-    (80, 64, False): dict(fwd=(_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)), bwd=(_cfg(32, 128, 8, 3), _cfg(32, 64, 4, 3)),
-                          dq=(_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3))),
-    (80, 128, False): dict(fwd=(_cfg(128, 32, 8, 3),), bwd=(_cfg(32, 64, 8, 3), _cfg(16, 128, 8, 3)),
-                           dq=(_cfg(64, 32, 4, 3),)),
+    (90, 64, False): dict(
+        fwd=(_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3)),
+        bwd=(_cfg(32, 128, 8, 3), _cfg(32, 64, 4, 3)),
+        dq=(_cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3)),
+    ),
+    (90, 128, False): dict(
+        fwd=(_cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3)),
+        bwd=(_cfg(16, 128, 8, 3),),
+        dq=(_cfg(128, 32, 8, 3), _cfg(128, 64, 8, 3)),
+    ),
+    (80, 64, False): dict(
+        fwd=(_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)),
+        bwd=(_cfg(32, 128, 8, 3), _cfg(32, 64, 4, 3)),
+        dq=(_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)),
+    ),
+    (80, 128, False): dict(
+        fwd=(_cfg(128, 32, 8, 3),), bwd=(_cfg(32, 64, 8, 3), _cfg(16, 128, 8, 3)), dq=(_cfg(64, 32, 4, 3),)
+    ),
 }
 for _arch in (80, 90):  # fp32 inputs (TF32 products): operands twice as wide in shared memory
     for _bd in (64, 128):
-        _TABLE[(_arch, _bd, True)] = dict(fwd=(_cfg(64, 32, 4, 2),), bwd=(_cfg(32, 32, 4, 2),), dq=(_cfg(32, 32, 4, 2),))
-_INTERPRETER = dict(fwd=(_cfg(32, 32, 4, 1),), bwd=(_cfg(32, 32, 4, 1),), dq=(_cfg(32, 32, 4, 1),),
-                    pre=(triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=1),))
+        _TABLE[(_arch, _bd, True)] = dict(
+            fwd=(_cfg(64, 32, 4, 2),), bwd=(_cfg(32, 32, 4, 2),), dq=(_cfg(32, 32, 4, 2),)
+        )
+_INTERPRETER = dict(
+    fwd=(_cfg(32, 32, 4, 1),),
+    bwd=(_cfg(32, 32, 4, 1),),
+    dq=(_cfg(32, 32, 4, 1),),
+    pre=(triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=1),),
+)
 
 # How the backward forms dQ. "pass" (the default, and always under torch.use_deterministic_algorithms):
 # a second pass over the keys with the query rows on M (_bwd_dq_kernel), 7 matrix products in all;
@@ -700,8 +1181,10 @@ def tile_addressable(t: torch.Tensor, what: str) -> torch.Tensor:
         return t
     c = t.contiguous()
     if c.stride(1) * rows + c.shape[-1] >= 2**31:
-        raise ValueError(f"{what} shape {tuple(t.shape)}: one sequence position holds {c.stride(1)} elements; "
-                         f"impl='triton' addresses tiles of {rows} positions with 32-bit offsets (< 2^31)")
+        raise ValueError(
+            f"{what} shape {tuple(t.shape)}: one sequence position holds {c.stride(1)} elements; "
+            f"impl='triton' addresses tiles of {rows} positions with 32-bit offsets (< 2^31)"
+        )
     return c
 
 
@@ -718,8 +1201,15 @@ def _common(q, k, gate, kpm, causal, arch):
     sk, h_kv = k.shape[1], k.shape[2]
     bd = block_d(d)
     dot_t, prec = _dot_types(q.dtype, arch)
-    meta = dict(HAS_GATE=gate is not None, CAUSAL=causal, HAS_KPM=kpm is not None, PAD_D=bd != d, DOT_T=dot_t,
-                PREC=prec, BLOCK_D=bd)
+    meta = dict(
+        HAS_GATE=gate is not None,
+        CAUSAL=causal,
+        HAS_KPM=kpm is not None,
+        PAD_D=bd != d,
+        DOT_T=dot_t,
+        PREC=prec,
+        BLOCK_D=bd,
+    )
     gate_args = (gate, gate.stride()) if gate is not None else (q, (0, 0, 0))
     kpm_args = (kpm, kpm.stride(0)) if kpm is not None else (q, 0)
     tune_key = (triton.next_power_of_2(max(sq, sk)),)
@@ -730,31 +1220,76 @@ def forward_launches(q, k, v, sink, gate, kpm, scale, clip_c, clip_g, has_clip, 
     """(launches, out, out_u, lse): the forward's one launch and the tensors it writes.
     out_u (fp32) is the ungated output when ``save_ungated`` (a gate that needs a gradient), else out."""
     (b, sq, h, d, sk, h_kv), meta, (gate_arg, g_strides), (kpm_arg, kpm_stride), tune_key = _common(
-        q, k, gate, kpm, causal, arch)
+        q, k, gate, kpm, causal, arch
+    )
     out = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device)
     out_u = torch.empty(out.shape, dtype=torch.float32, device=q.device) if save_ungated else out
     lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
     sink_arg = sink if sink is not None else lse
     configs = kernel_configs("fwd", d, q.dtype, causal, arch)
     launch = KernelLaunch(
-        _fwd_kernel, "fwd",
-        (q, k, v, out, out_u, lse, sink_arg, gate_arg, kpm_arg,
-         _strides(q), _strides(k), _strides(v), _strides(out), g_strides, kpm_stride,
-         h, h // h_kv, sq, sk, d, scale * LOG2E, clip_c, clip_g),
+        _fwd_kernel,
+        "fwd",
+        (
+            q,
+            k,
+            v,
+            out,
+            out_u,
+            lse,
+            sink_arg,
+            gate_arg,
+            kpm_arg,
+            _strides(q),
+            _strides(k),
+            _strides(v),
+            _strides(out),
+            g_strides,
+            kpm_stride,
+            h,
+            h // h_kv,
+            sq,
+            sk,
+            d,
+            scale * LOG2E,
+            clip_c,
+            clip_g,
+        ),
         dict(meta, HAS_SINK=sink is not None, HAS_CLIP=has_clip, SAVE_UNGATED=save_ungated),
         lambda c: (_check_grid(b * h * triton.cdiv(sq, c["BLOCK_M"]), "forward"),),
-        configs, tune_key=tune_key)
+        configs,
+        tune_key=tune_key,
+    )
     return [launch], out, out_u, lse
 
 
-def backward_launches(q, k, v, dout, gate, kpm, o_saved, lse, scale, clip_c, clip_g, has_clip, causal,
-                      save_ungated, need_dq, need_dkdv, deterministic, arch):
+def backward_launches(
+    q,
+    k,
+    v,
+    dout,
+    gate,
+    kpm,
+    o_saved,
+    lse,
+    scale,
+    clip_c,
+    clip_g,
+    has_clip,
+    causal,
+    save_ungated,
+    need_dq,
+    need_dkdv,
+    deterministic,
+    arch,
+):
     """(launches, delta, dgate, dq_out, dk, dv, atomic_dq), launches in order: the preprocessing (D,
     d(gate)), the clip's D' pass, the dQ pass, the dK/dV kernel (which forms dQ by atomics instead of
     the pass when ``dq_mode`` says "atomic"). dq_out is the fp32 atomic buffer (unscaled; atomic_dq)
     or the finished dQ, None when not needed."""
     (b, sq, h, d, sk, h_kv), meta, (gate_arg, g_strides), (kpm_arg, kpm_stride), tune_key = _common(
-        q, k, gate, kpm, causal, arch)
+        q, k, gate, kpm, causal, arch
+    )
     dev = q.device
     common = (_strides(q), _strides(k), _strides(v), _strides(dout), g_strides, kpm_stride)
     scales = (scale * LOG2E, scale, clip_c, clip_g)
@@ -766,28 +1301,99 @@ def backward_launches(q, k, v, dout, gate, kpm, o_saved, lse, scale, clip_c, cli
         return (_check_grid(b * h * triton.cdiv(sq, c["BLOCK_M"]), "backward"),)
 
     if save_ungated or not has_clip:
-        launches.append(KernelLaunch(
-            _bwd_preprocess_kernel, "pre",
-            (o_saved, dout, gate_arg, delta, dgate if save_ungated else delta,
-             _strides(o_saved), _strides(dout), g_strides, h, sq, d),
-            dict(HAS_GATE=meta["HAS_GATE"], O_UNGATED=save_ungated, STORE_DELTA=not has_clip, PAD_D=meta["PAD_D"],
-                 BLOCK_D=meta["BLOCK_D"]),
-            row_grid, kernel_configs("pre", d, q.dtype, causal, arch), tune_key=tune_key))
+        launches.append(
+            KernelLaunch(
+                _bwd_preprocess_kernel,
+                "pre",
+                (
+                    o_saved,
+                    dout,
+                    gate_arg,
+                    delta,
+                    dgate if save_ungated else delta,
+                    _strides(o_saved),
+                    _strides(dout),
+                    g_strides,
+                    h,
+                    sq,
+                    d,
+                ),
+                dict(
+                    HAS_GATE=meta["HAS_GATE"],
+                    O_UNGATED=save_ungated,
+                    STORE_DELTA=not has_clip,
+                    PAD_D=meta["PAD_D"],
+                    BLOCK_D=meta["BLOCK_D"],
+                ),
+                row_grid,
+                kernel_configs("pre", d, q.dtype, causal, arch),
+                tune_key=tune_key,
+            )
+        )
     dq_configs = kernel_configs("dq", d, q.dtype, causal, arch)
     if has_clip:  # D' = rowsum(P * dP'): the dQ kernel's loop, writing Delta
-        launches.append(KernelLaunch(
-            _bwd_dq_kernel, "dq",
-            (q, k, v, dout, lse, delta, gate_arg, kpm_arg, delta, *common, (0, 0, 0), h, h // h_kv, sq, sk, d, *scales),
-            dict(meta, CLIP_DELTA=True, HAS_CLIP=True), row_grid, dq_configs, tune_key=tune_key))
+        launches.append(
+            KernelLaunch(
+                _bwd_dq_kernel,
+                "dq",
+                (
+                    q,
+                    k,
+                    v,
+                    dout,
+                    lse,
+                    delta,
+                    gate_arg,
+                    kpm_arg,
+                    delta,
+                    *common,
+                    (0, 0, 0),
+                    h,
+                    h // h_kv,
+                    sq,
+                    sk,
+                    d,
+                    *scales,
+                ),
+                dict(meta, CLIP_DELTA=True, HAS_CLIP=True),
+                row_grid,
+                dq_configs,
+                tune_key=tune_key,
+            )
+        )
     atomic_dq = need_dq and dq_mode(deterministic) == "atomic"
     dq_out = None
     if need_dq and not atomic_dq:
         dq_out = torch.empty((b, sq, h, d), dtype=q.dtype, device=dev)
-        launches.append(KernelLaunch(
-            _bwd_dq_kernel, "dq",
-            (q, k, v, dout, lse, delta, gate_arg, kpm_arg, dq_out, *common, _strides(dq_out), h, h // h_kv, sq, sk, d,
-             *scales),
-            dict(meta, CLIP_DELTA=False, HAS_CLIP=has_clip), row_grid, dq_configs, tune_key=tune_key))
+        launches.append(
+            KernelLaunch(
+                _bwd_dq_kernel,
+                "dq",
+                (
+                    q,
+                    k,
+                    v,
+                    dout,
+                    lse,
+                    delta,
+                    gate_arg,
+                    kpm_arg,
+                    dq_out,
+                    *common,
+                    _strides(dq_out),
+                    h,
+                    h // h_kv,
+                    sq,
+                    sk,
+                    d,
+                    *scales,
+                ),
+                dict(meta, CLIP_DELTA=False, HAS_CLIP=has_clip),
+                row_grid,
+                dq_configs,
+                tune_key=tune_key,
+            )
+        )
     dk = dv = None
     if need_dkdv or atomic_dq:
         if atomic_dq:
@@ -795,14 +1401,40 @@ def backward_launches(q, k, v, dout, gate, kpm, o_saved, lse, scale, clip_c, cli
         dk = torch.empty((b, sk, h_kv, d), dtype=k.dtype, device=dev)
         dv = torch.empty((b, sk, h_kv, d), dtype=v.dtype, device=dev)
         dqa = dq_out if atomic_dq else dk
-        launches.append(KernelLaunch(
-            _bwd_kernel, "bwd",
-            (q, k, v, dout, lse, delta, gate_arg, kpm_arg, dk, dv, dqa, *common, _strides(dk), _strides(dqa),
-             h, h_kv, h // h_kv, sq, sk, d, *scales),
-            dict(meta, HAS_CLIP=has_clip, ATOMIC_DQ=atomic_dq),
-            lambda c: (_check_grid(b * h_kv * triton.cdiv(sk, c["BLOCK_N"]), "backward"),),
-            kernel_configs("bwd", d, q.dtype, causal, arch),
-            reset_to_zero=("DQacc",) if atomic_dq else (), tune_key=tune_key))
+        launches.append(
+            KernelLaunch(
+                _bwd_kernel,
+                "bwd",
+                (
+                    q,
+                    k,
+                    v,
+                    dout,
+                    lse,
+                    delta,
+                    gate_arg,
+                    kpm_arg,
+                    dk,
+                    dv,
+                    dqa,
+                    *common,
+                    _strides(dk),
+                    _strides(dqa),
+                    h,
+                    h_kv,
+                    h // h_kv,
+                    sq,
+                    sk,
+                    d,
+                    *scales,
+                ),
+                dict(meta, HAS_CLIP=has_clip, ATOMIC_DQ=atomic_dq),
+                lambda c: (_check_grid(b * h_kv * triton.cdiv(sk, c["BLOCK_N"]), "backward"),),
+                kernel_configs("bwd", d, q.dtype, causal, arch),
+                reset_to_zero=("DQacc",) if atomic_dq else (),
+                tune_key=tune_key,
+            )
+        )
     return launches, delta, dgate, dq_out, dk, dv, atomic_dq
 
 
@@ -823,8 +1455,9 @@ class _FlashOutEffAttention(torch.autograd.Function):
         clip_g = float(clip_gamma) if has_clip else 0.0
         save_ungated = gate is not None and ctx.needs_input_grad[4]
         sink_arg = sink.detach().contiguous() if sink is not None else None
-        launches, out, out_u, lse = forward_launches(q, k, v, sink_arg, gate, kpm, scale, clip_c, clip_g, has_clip,
-                                                     causal, save_ungated, arch)
+        launches, out, out_u, lse = forward_launches(
+            q, k, v, sink_arg, gate, kpm, scale, clip_c, clip_g, has_clip, causal, save_ungated, arch
+        )
         for launch in launches:
             run_launch(launch)
         # the ungated output is kept in fp32 for d(gate) = rowsum(dOut * O)
@@ -842,8 +1475,25 @@ class _FlashOutEffAttention(torch.autograd.Function):
         need_dkdv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         deterministic = torch.are_deterministic_algorithms_enabled()
         launches, delta, dgate, dq, dk, dv, atomic_dq = backward_launches(
-            q, k, v, dout, gate, kpm, o_saved, lse, scale, clip_c, clip_g, has_clip, causal, save_ungated,
-            need_dq, need_dkdv, deterministic, arch)
+            q,
+            k,
+            v,
+            dout,
+            gate,
+            kpm,
+            o_saved,
+            lse,
+            scale,
+            clip_c,
+            clip_g,
+            has_clip,
+            causal,
+            save_ungated,
+            need_dq,
+            need_dkdv,
+            deterministic,
+            arch,
+        )
         for launch in launches:
             run_launch(launch)
         if atomic_dq:
@@ -903,7 +1553,15 @@ def flash_outeff_attention(
         kpm = key_padding_mask.to(torch.int8).contiguous()
     has_clip = clip is not None
     return _FlashOutEffAttention.apply(
-        q, k, v, sink, gate, kpm, float(scale),
-        float(clip.gamma) if has_clip else 0.0, float(clip.zeta) if has_clip else 1.0,
-        has_clip, bool(causal),
+        q,
+        k,
+        v,
+        sink,
+        gate,
+        kpm,
+        float(scale),
+        float(clip.gamma) if has_clip else 0.0,
+        float(clip.zeta) if has_clip else 1.0,
+        has_clip,
+        bool(causal),
     )

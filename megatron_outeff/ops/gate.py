@@ -29,6 +29,7 @@ Qiu et al.'s headwise form, g_h = sigmoid(x . w_h) with one w_h per head over th
 have, starts at logit(gate_init_prob) (0 for gate_init_prob 0.5) and is trained. Bondarenko et al.'s linear
 and mlp gates read only head h's slice x_h.
 """
+
 from __future__ import annotations
 
 from typing import Mapping, Tuple
@@ -43,7 +44,9 @@ HEAD_GATE_KINDS = tuple(k for k, family in GATE_FAMILIES.items() if family == "h
 def gate_parameter_names(kind: str) -> Tuple[str, ...]:
     """The names of a per-head ``kind`` gate's parameters in ``head_gate`` (``variants.variant_tensors``' ``name``)."""
     check_choice("gate", kind, HEAD_GATE_KINDS)
-    return tuple(t.name for t in variant_tensors(AttentionVariantConfig(gate=kind), num_heads=1, head_dim=4, hidden_size=4))
+    return tuple(
+        t.name for t in variant_tensors(AttentionVariantConfig(gate=kind), num_heads=1, head_dim=4, hidden_size=4)
+    )
 
 
 def head_gate(x: torch.Tensor, kind: str, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -61,7 +64,7 @@ def head_gate(x: torch.Tensor, kind: str, params: Mapping[str, torch.Tensor]) ->
     if kind == "shared_linear":
         logits = torch.nn.functional.linear(x, p["weight"], p["bias"])
     elif kind == "linear":
-        xh = x.reshape(*x.shape[:-1], p["weight"].shape[0], -1)                           # [..., H, d]
+        xh = x.reshape(*x.shape[:-1], p["weight"].shape[0], -1)  # [..., H, d]
         logits = torch.einsum("...hd,hd->...h", xh, p["weight"]) + p["bias"]
     elif kind == "mlp":
         xh = x.reshape(*x.shape[:-1], p["fc1_weight"].shape[0], -1)

@@ -10,6 +10,7 @@ Math (per row of scores x, sink logit a = a_h or absent):
 A fully masked row has no finite logit: without a sink its probabilities are defined as 0
 (zero output, zero gradient), with a sink they are exactly 0 already (numerator 0, normaliser 1).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -97,12 +98,12 @@ def outeff_attention_reference(
     sk = k.shape[1]
     compute = compute_dtype(q.dtype)
     vf = expand_kv_heads(v, h).to(compute).transpose(1, 2)
-    scores = attention_scores(q, k, compute)                    # [b, h, sq, sk]
+    scores = attention_scores(q, k, compute)  # [b, h, sq, sk]
     mask = build_mask(b, sq, sk, causal, key_padding_mask, q.device, mask)
     p = outeff_softmax_reference(scores, scale=scale, sink=sink, mask=mask, clip=clip).to(compute)
     if dropout_p > 0:
         p = torch.nn.functional.dropout(p, dropout_p, training=True)
-    out = (p @ vf).transpose(1, 2)                               # [b, sq, h, d]
+    out = (p @ vf).transpose(1, 2)  # [b, sq, h, d]
     if gate is not None:
         out = out * gate.to(compute).unsqueeze(-1)
     return out.to(q.dtype)
@@ -115,8 +116,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def attention_scores(q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Unscaled scores q k^T [b, h, sq, sk] in ``dtype`` of q [b, sq, h, d], k [b, sk, h_kv, d]."""
-    qf = q.to(dtype).transpose(1, 2)                                     # [b, h, sq, d]
-    kf = expand_kv_heads(k, q.shape[2]).to(dtype).transpose(1, 2)        # [b, h, sk, d]
+    qf = q.to(dtype).transpose(1, 2)  # [b, h, sq, d]
+    kf = expand_kv_heads(k, q.shape[2]).to(dtype).transpose(1, 2)  # [b, h, sk, d]
     return qf @ kf.transpose(-1, -2)
 
 

@@ -40,6 +40,7 @@ What the backward saves (see ``_FusedOutEffSoftmax.forward``):
 The gradient of the sink is -sum over (b, sq) of P_sink * D; each row writes its own term into an
 fp32 [R] buffer and a torch sum over (b, sq) finishes it (no atomics, deterministic).
 """
+
 from __future__ import annotations
 
 import math
@@ -93,11 +94,29 @@ def _row_offsets(pid, R, SK, H, SQ, msb, msh, msq, BLOCK_R: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(
-    X, Y, ROW_M, ROW_L, SINK, MASK,
-    R, SK, H, SQ, msb, msh, msq, msk,
-    scale, gamma, zeta,
-    HAS_SINK: tl.constexpr, HAS_MASK: tl.constexpr, HAS_CLIP: tl.constexpr,
-    SINGLE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    X,
+    Y,
+    ROW_M,
+    ROW_L,
+    SINK,
+    MASK,
+    R,
+    SK,
+    H,
+    SQ,
+    msb,
+    msh,
+    msq,
+    msk,
+    scale,
+    gamma,
+    zeta,
+    HAS_SINK: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    SINGLE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows, row_ok, x_row, hi, m_row = _row_offsets(pid, R, SK, H, SQ, msb, msh, msq, BLOCK_R)
@@ -136,8 +155,24 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_block(DY, S, MASK, x_row, m_row, cols, SK, row_ok, msk, rm, rl, scale, gamma, zeta,
-               HAS_MASK: tl.constexpr, HAS_CLIP: tl.constexpr):
+def _bwd_block(
+    DY,
+    S,
+    MASK,
+    x_row,
+    m_row,
+    cols,
+    SK,
+    row_ok,
+    msk,
+    rm,
+    rl,
+    scale,
+    gamma,
+    zeta,
+    HAS_MASK: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+):
     """(p, g) for one tile: p the unclipped probabilities, g = dLoss/dp (through the clip)."""
     ok = row_ok[:, None] & (cols[None, :] < SK)
     dy = tl.load(DY + x_row[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -155,11 +190,32 @@ def _bwd_block(DY, S, MASK, x_row, m_row, cols, SK, row_ok, msk, rm, rl, scale, 
 
 @triton.jit
 def _bwd_kernel(
-    DY, S, ROW_M, ROW_L, SINK, MASK, DX, DSINK_ROW,
-    R, SK, H, SQ, msb, msh, msq, msk,
-    scale, gamma, zeta,
-    HAS_SINK: tl.constexpr, NEED_DSINK: tl.constexpr, HAS_MASK: tl.constexpr, HAS_CLIP: tl.constexpr,
-    SINGLE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    DY,
+    S,
+    ROW_M,
+    ROW_L,
+    SINK,
+    MASK,
+    DX,
+    DSINK_ROW,
+    R,
+    SK,
+    H,
+    SQ,
+    msb,
+    msh,
+    msq,
+    msk,
+    scale,
+    gamma,
+    zeta,
+    HAS_SINK: tl.constexpr,
+    NEED_DSINK: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    SINGLE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows, row_ok, x_row, hi, m_row = _row_offsets(pid, R, SK, H, SQ, msb, msh, msq, BLOCK_R)
@@ -167,19 +223,52 @@ def _bwd_kernel(
     rm = tl.load(ROW_M + rows, mask=row_ok, other=0.0)
     rl = tl.load(ROW_L + rows, mask=row_ok, other=1.0)
     if SINGLE:
-        p, g = _bwd_block(DY, S, MASK, x_row, m_row, cols, SK, row_ok, msk, rm, rl, scale, gamma, zeta,
-                          HAS_MASK, HAS_CLIP)
+        p, g = _bwd_block(
+            DY, S, MASK, x_row, m_row, cols, SK, row_ok, msk, rm, rl, scale, gamma, zeta, HAS_MASK, HAS_CLIP
+        )
         d = tl.sum(p * g, axis=1)
         _store_tile(DX, x_row, cols, SK, row_ok, scale * p * (g - d[:, None]))
     else:
         d = tl.zeros([BLOCK_R], tl.float32)
         for c0 in range(0, SK, BLOCK_C):
-            p, g = _bwd_block(DY, S, MASK, x_row + c0, m_row + c0 * msk, cols, SK - c0, row_ok, msk, rm, rl,
-                              scale, gamma, zeta, HAS_MASK, HAS_CLIP)
+            p, g = _bwd_block(
+                DY,
+                S,
+                MASK,
+                x_row + c0,
+                m_row + c0 * msk,
+                cols,
+                SK - c0,
+                row_ok,
+                msk,
+                rm,
+                rl,
+                scale,
+                gamma,
+                zeta,
+                HAS_MASK,
+                HAS_CLIP,
+            )
             d += tl.sum(p * g, axis=1)
         for c0 in range(0, SK, BLOCK_C):
-            p, g = _bwd_block(DY, S, MASK, x_row + c0, m_row + c0 * msk, cols, SK - c0, row_ok, msk, rm, rl,
-                              scale, gamma, zeta, HAS_MASK, HAS_CLIP)
+            p, g = _bwd_block(
+                DY,
+                S,
+                MASK,
+                x_row + c0,
+                m_row + c0 * msk,
+                cols,
+                SK - c0,
+                row_ok,
+                msk,
+                rm,
+                rl,
+                scale,
+                gamma,
+                zeta,
+                HAS_MASK,
+                HAS_CLIP,
+            )
             _store_tile(DX, x_row + c0, cols, SK - c0, row_ok, scale * p * (g - d[:, None]))
     if NEED_DSINK:
         a = tl.load(SINK + hi).to(tl.float32)
@@ -207,8 +296,14 @@ def _launch(kernel, kind, args, R, sk, max_block_cols, interpreted, **flags) -> 
     """One launch of either kernel as ``_launch_config`` sizes it (deterministic: one config)."""
     block_r, block_c, single, num_warps = _launch_config(R, sk, max_block_cols, interpreted)
     grid = (triton.cdiv(R, block_r),)
-    return KernelLaunch(kernel, kind, args, dict(flags, SINGLE=single, BLOCK_R=block_r, BLOCK_C=block_c),
-                        lambda _: grid, (triton.Config({}, num_warps=num_warps),))
+    return KernelLaunch(
+        kernel,
+        kind,
+        args,
+        dict(flags, SINGLE=single, BLOCK_R=block_r, BLOCK_C=block_c),
+        lambda _: grid,
+        (triton.Config({}, num_warps=num_warps),),
+    )
 
 
 def forward_launch(x, sink_f, mask, scale, clip, max_block_cols, interpreted):
@@ -220,10 +315,37 @@ def forward_launch(x, sink_f, mask, scale, clip, max_block_cols, interpreted):
     row_l = torch.empty(R, dtype=torch.float32, device=x.device)
     mask_t, (msb, msh, msq, msk) = _mask_args(mask, x.shape, x)
     gamma, zeta = (clip.gamma, clip.zeta) if clip is not None else (0.0, 1.0)
-    args = (x, y, row_m, row_l, sink_f if sink_f is not None else row_m, mask_t, R, sk, h, sq, msb, msh, msq, msk,
-            float(scale), float(gamma), float(zeta))
-    launch = _launch(_fwd_kernel, "fwd", args, R, sk, max_block_cols, interpreted, HAS_SINK=sink_f is not None,
-                     HAS_MASK=mask is not None, HAS_CLIP=clip is not None)
+    args = (
+        x,
+        y,
+        row_m,
+        row_l,
+        sink_f if sink_f is not None else row_m,
+        mask_t,
+        R,
+        sk,
+        h,
+        sq,
+        msb,
+        msh,
+        msq,
+        msk,
+        float(scale),
+        float(gamma),
+        float(zeta),
+    )
+    launch = _launch(
+        _fwd_kernel,
+        "fwd",
+        args,
+        R,
+        sk,
+        max_block_cols,
+        interpreted,
+        HAS_SINK=sink_f is not None,
+        HAS_MASK=mask is not None,
+        HAS_CLIP=clip is not None,
+    )
     return launch, y, row_m, row_l
 
 
@@ -235,10 +357,40 @@ def backward_launch(dy, saved, row_m, row_l, sink_f, mask, scale, clip, max_bloc
     dsink_row = torch.empty(R, dtype=torch.float32, device=saved.device) if need_dsink else row_m
     mask_t, (msb, msh, msq, msk) = _mask_args(mask, saved.shape, saved)
     gamma, zeta = (clip.gamma, clip.zeta) if clip is not None else (0.0, 1.0)
-    args = (dy, saved, row_m, row_l, sink_f if sink_f is not None else row_m, mask_t, dx, dsink_row,
-            R, sk, h, sq, msb, msh, msq, msk, float(scale), float(gamma), float(zeta))
-    launch = _launch(_bwd_kernel, "bwd", args, R, sk, max_block_cols, interpreted, HAS_SINK=sink_f is not None,
-                     NEED_DSINK=need_dsink, HAS_MASK=mask is not None, HAS_CLIP=clip is not None)
+    args = (
+        dy,
+        saved,
+        row_m,
+        row_l,
+        sink_f if sink_f is not None else row_m,
+        mask_t,
+        dx,
+        dsink_row,
+        R,
+        sk,
+        h,
+        sq,
+        msb,
+        msh,
+        msq,
+        msk,
+        float(scale),
+        float(gamma),
+        float(zeta),
+    )
+    launch = _launch(
+        _bwd_kernel,
+        "bwd",
+        args,
+        R,
+        sk,
+        max_block_cols,
+        interpreted,
+        HAS_SINK=sink_f is not None,
+        NEED_DSINK=need_dsink,
+        HAS_MASK=mask is not None,
+        HAS_CLIP=clip is not None,
+    )
     return launch, dx, dsink_row
 
 
@@ -265,8 +417,19 @@ class _FusedOutEffSoftmax(torch.autograd.Function):
         need_dsink = sink_f is not None and ctx.needs_input_grad[1]
         if not (need_dx or need_dsink):
             return None, None, None, None, None, None
-        launch, dx, dsink_row = backward_launch(dy, saved, row_m, row_l, sink_f, mask, ctx.scale, ctx.clip,
-                                                ctx.max_block_cols, need_dsink, interpreting(saved.device))
+        launch, dx, dsink_row = backward_launch(
+            dy,
+            saved,
+            row_m,
+            row_l,
+            sink_f,
+            mask,
+            ctx.scale,
+            ctx.clip,
+            ctx.max_block_cols,
+            need_dsink,
+            interpreting(saved.device),
+        )
         run_launch(launch)
         dsink = dsink_row.view(b, h, sq).sum(dim=(0, 2)).to(ctx.sink_dtype) if need_dsink else None
         return (dx if need_dx else None), dsink, None, None, None, None
@@ -298,7 +461,9 @@ def _validate(scores, scale, sink, mask, clip, max_block_cols):
         except RuntimeError:
             ok = False
         if not ok:
-            raise ValueError(f"mask shape {tuple(mask.shape)}: expected a shape broadcastable to scores {tuple(scores.shape)}")
+            raise ValueError(
+                f"mask shape {tuple(mask.shape)}: expected a shape broadcastable to scores {tuple(scores.shape)}"
+            )
         if mask.device != scores.device:
             raise ValueError(f"mask on {mask.device}: expected the device of scores ({scores.device})")
     clip = Clip.parse(clip)

@@ -56,6 +56,7 @@ fused pass never has: ``cpu_attention.clipped_outeff_attention`` on CPU, the Tri
 dropout on CPU (the CPU kernel has no RNG state to hand to its backward), float64 on CUDA, and
 arguments no fused kernel of the installed torch takes.
 """
+
 from __future__ import annotations
 
 import math
@@ -68,13 +69,13 @@ import torch
 
 from .reference import causal_mask
 
-_aten = torch.ops.aten          # the one handle on the fused ops (tests swap in emulators of them)
+_aten = torch.ops.aten  # the one handle on the fused ops (tests swap in emulators of them)
 
 # torch.nn.attention.SDPBackend values that torch._fused_sdp_choice returns -> our kernel names
 _CHOICE_NAMES = {1: "flash", 2: "efficient", 3: "cudnn"}
 SDPA_KERNELS = ("cpu_flash", "flash", "efficient", "cudnn")
-_CUDNN_MASK_VALUE = -65504.0    # SDPA's own additive mask value for cuDNN (its -inf issue)
-_BIAS_ALIGN = 16                 # the memory-efficient kernel wants bias strides divisible by 8 (16 in torch <= 2.3)
+_CUDNN_MASK_VALUE = -65504.0  # SDPA's own additive mask value for cuDNN (its -inf issue)
+_BIAS_ALIGN = 16  # the memory-efficient kernel wants bias strides divisible by 8 (16 in torch <= 2.3)
 
 
 class SDPAUnavailable(ValueError):
@@ -102,12 +103,14 @@ class _CpuFlash(_Kernel):
 
     def forward(self, q, k, v, bias, dropout_p, is_causal, scale):
         out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, dropout_p, is_causal, attn_mask=bias, scale=scale)
+            q, k, v, dropout_p, is_causal, attn_mask=bias, scale=scale
+        )
         return out, lse, ()
 
     def backward(self, dout, q, k, v, out, lse, bias, dropout_p, is_causal, scale, rng):
         return _aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out, lse, dropout_p, is_causal, attn_mask=bias, scale=scale)
+            dout, q, k, v, out, lse, dropout_p, is_causal, attn_mask=bias, scale=scale
+        )
 
 
 class _Flash(_Kernel):
@@ -116,13 +119,15 @@ class _Flash(_Kernel):
     def forward(self, q, k, v, bias, dropout_p, is_causal, scale):
         # -> (output, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k, rng_state, unused, debug_attn_mask)
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = _aten._scaled_dot_product_flash_attention(
-            q, k, v, dropout_p, is_causal, False, scale=scale)
+            q, k, v, dropout_p, is_causal, False, scale=scale
+        )
         return out, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
 
     def backward(self, dout, q, k, v, out, lse, bias, dropout_p, is_causal, scale, rng):
         cum_q, cum_k, max_q, max_k, seed, offset = rng
         return _aten._scaled_dot_product_flash_attention_backward(
-            dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, dropout_p, is_causal, seed, offset, scale=scale)
+            dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, dropout_p, is_causal, seed, offset, scale=scale
+        )
 
 
 class _Efficient(_Kernel):
@@ -139,13 +144,15 @@ class _Efficient(_Kernel):
     def forward(self, q, k, v, bias, dropout_p, is_causal, scale):
         # -> (output, log_sumexp [b, h, ceil(sq / 32) * 32], philox_seed, philox_offset)
         out, lse, seed, offset = _aten._scaled_dot_product_efficient_attention(
-            q, k, v, bias, True, dropout_p, is_causal, scale=scale)
+            q, k, v, bias, True, dropout_p, is_causal, scale=scale
+        )
         return out, lse, (seed, offset)
 
     def backward(self, dout, q, k, v, out, lse, bias, dropout_p, is_causal, scale, rng):
         seed, offset = rng
         dq, dk, dv, _ = _aten._scaled_dot_product_efficient_attention_backward(
-            dout, q, k, v, bias, out, lse, seed, offset, dropout_p, [True, True, True, False], is_causal, scale=scale)
+            dout, q, k, v, bias, out, lse, seed, offset, dropout_p, [True, True, True, False], is_causal, scale=scale
+        )
         return dq, dk, dv
 
 
@@ -153,18 +160,20 @@ class _Cudnn(_Kernel):
     name = "cudnn"
 
     def prepare_bias(self, bias, q, k):
-        return bias.clamp_min(_CUDNN_MASK_VALUE)          # as SDPA: no -inf for cuDNN
+        return bias.clamp_min(_CUDNN_MASK_VALUE)  # as SDPA: no -inf for cuDNN
 
     def forward(self, q, k, v, bias, dropout_p, is_causal, scale):
         # -> (output, logsumexp [b, h, sq, 1], cum_seq_q, cum_seq_k, max_q, max_k, philox_seed, philox_offset, debug)
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = _aten._scaled_dot_product_cudnn_attention(
-            q, k, v, bias, True, dropout_p, is_causal, False, scale=scale)
+            q, k, v, bias, True, dropout_p, is_causal, False, scale=scale
+        )
         return out, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
 
     def backward(self, dout, q, k, v, out, lse, bias, dropout_p, is_causal, scale, rng):
         cum_q, cum_k, max_q, max_k, seed, offset = rng
         return _aten._scaled_dot_product_cudnn_attention_backward(
-            dout, q, k, v, out, lse, seed, offset, bias, cum_q, cum_k, max_q, max_k, dropout_p, is_causal, scale=scale)
+            dout, q, k, v, out, lse, seed, offset, bias, cum_q, cum_k, max_q, max_k, dropout_p, is_causal, scale=scale
+        )
 
 
 KERNELS: Dict[str, _Kernel] = {k.name: k for k in (_CpuFlash(), _Flash(), _Efficient(), _Cudnn())}
@@ -206,15 +215,19 @@ def lse_base(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: in
     if key in _LSE_BASE:
         return _LSE_BASE[key]
     with _LSE_LOCK, torch.no_grad():
-        scale = head_dim ** -0.5
+        scale = head_dim**-0.5
         q = torch.full((1, 1, 16, head_dim), (0.5 / (head_dim * scale)) ** 0.5, dtype=dtype, device=device)
         c = float(q.flatten()[0].double())
         natural = c * c * head_dim * scale + math.log(16.0)
         try:
             _, lse, _ = KERNELS[kernel].forward(q, q, q, None, 0.0, False, scale)
         except RuntimeError as e:
-            warnings.warn(f"torch's {kernel} kernel refused the log-sum-exp probe ({str(e).splitlines()[0][:120]}); "
-                          "assuming the natural log", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"torch's {kernel} kernel refused the log-sum-exp probe ({str(e).splitlines()[0][:120]}); "
+                "assuming the natural log",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             _LSE_BASE[key] = 1.0
             return 1.0
         got = float(lse_rows(lse, 16).double().mean())
@@ -226,7 +239,8 @@ def lse_base(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: in
             f"torch's {kernel} kernel ({dtype}, {device}) returned a log-sum-exp of {got:.4f} for scores that "
             f"all equal {natural - math.log(16.0):.4f} over 16 keys: expected {natural:.4f} (natural log) or "
             f"{natural / math.log(2.0):.4f} (base 2); the sink rescale out * sigmoid(lse - a_h) needs the natural "
-            f"log of the scaled scores")
+            f"log of the scaled scores"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,18 +282,18 @@ class _SinkAttention(torch.autograd.Function):
         p_sink = None
         if sink is not None:
             a = sink.detach().to(lse.dtype).view(1, -1, 1)
-            keep = torch.sigmoid(lse - a)                       # 1 - P_sink, [b, h, sq]
-            p_sink = torch.sigmoid(a - lse)                     # P_sink = exp(a - L)
+            keep = torch.sigmoid(lse - a)  # 1 - P_sink, [b, h, sq]
+            p_sink = torch.sigmoid(a - lse)  # P_sink = exp(a - L)
             lse = torch.logaddexp(lse, a)
-            out.mul_(keep.unsqueeze(-1))                        # fp32 math, one rounding to out's dtype
+            out.mul_(keep.unsqueeze(-1))  # fp32 math, one rounding to out's dtype
         if visible is not None:
             out.masked_fill_(~visible.unsqueeze(-1), 0.0)
-            lse = lse.masked_fill(~visible, 0.0)                # finite: recomputed P = exp(-inf - 0) = 0
+            lse = lse.masked_fill(~visible, 0.0)  # finite: recomputed P = exp(-inf - 0) = 0
             if p_sink is not None:
                 p_sink = p_sink.masked_fill(~visible, 0.0)
         if ln_base != 1.0:
             lse = lse / ln_base
-        if sink is not None or visible is not None or ln_base != 1.0:   # else the kernel's own LSE goes back
+        if sink is not None or visible is not None or ln_base != 1.0:  # else the kernel's own LSE goes back
             kernel_lse = lse_for_kernel(kernel_lse, lse)
         ctx.save_for_backward(q, k, v, out, kernel_lse, sink, p_sink, bias)
         ctx.kernel, ctx.rng, ctx.scale, ctx.is_causal, ctx.dropout_p = kernel, rng, scale, is_causal, dropout_p
@@ -290,12 +304,14 @@ class _SinkAttention(torch.autograd.Function):
         q, k, v, out, lse, sink, p_sink, bias = ctx.saved_tensors
         dout = dout.to(out.dtype)
         if ctx.kernel.name != "cpu_flash" and dout.stride() != out.stride():
-            dout = torch.empty_like(out).copy_(dout)            # cuDNN's backward wants dO strided as O
-        dq, dk, dv = ctx.kernel.backward(dout, q, k, v, out, lse, bias, ctx.dropout_p, ctx.is_causal, ctx.scale, ctx.rng)
+            dout = torch.empty_like(out).copy_(dout)  # cuDNN's backward wants dO strided as O
+        dq, dk, dv = ctx.kernel.backward(
+            dout, q, k, v, out, lse, bias, ctx.dropout_p, ctx.is_causal, ctx.scale, ctx.rng
+        )
         dsink = None
         if sink is not None and ctx.needs_input_grad[3]:
-            delta = row_dot(dout, out, torch.promote_types(out.dtype, torch.float32))   # D = rowsum(dO * out)
-            dsink = -(p_sink * delta).sum(dim=(0, 2)).to(sink.dtype)                      # -sum P_sink * D
+            delta = row_dot(dout, out, torch.promote_types(out.dtype, torch.float32))  # D = rowsum(dO * out)
+            dsink = -(p_sink * delta).sum(dim=(0, 2)).to(sink.dtype)  # -sum P_sink * D
         return dq, dk, dv, dsink, None, None, None, None, None, None, None
 
 
@@ -348,10 +364,12 @@ def kernel_masks(b, sq, sk, causal, key_padding_mask, dtype, device, mask=None):
     bias = None
     if causal and sq != sk:
         bias = torch.zeros(1, 1, sq, sk, dtype=dtype, device=device).masked_fill_(
-            causal_mask(sq, sk, device).view(1, 1, sq, sk), float("-inf"))
+            causal_mask(sq, sk, device).view(1, 1, sq, sk), float("-inf")
+        )
     if key_padding_mask is not None:
         pad = torch.zeros(b, 1, 1, sk, dtype=dtype, device=device).masked_fill_(
-            ~key_padding_mask.view(b, 1, 1, sk), float("-inf"))
+            ~key_padding_mask.view(b, 1, 1, sk), float("-inf")
+        )
         bias = pad if bias is None else bias + pad
     visible = None
     if key_padding_mask is not None or (causal and sq > sk):
@@ -359,7 +377,7 @@ def kernel_masks(b, sq, sk, causal, key_padding_mask, dtype, device, mask=None):
         last = torch.arange(sq, device=device) + (sk - sq) if causal else torch.full((sq,), sk - 1, device=device)
         visible = (last >= 0).view(1, sq).expand(b, sq)
         if key_padding_mask is not None:
-            real_before = key_padding_mask.cumsum(-1)                              # [b, sk]
+            real_before = key_padding_mask.cumsum(-1)  # [b, sk]
             visible = visible & (real_before[:, last.clamp(min=0)] > 0)
         visible = visible.reshape(b, 1, sq)
     return is_causal, bias, visible
@@ -367,7 +385,8 @@ def kernel_masks(b, sq, sk, causal, key_padding_mask, dtype, device, mask=None):
 
 def _causal_bias(sq: int, sk: int, dtype, device) -> torch.Tensor:
     return torch.zeros(1, 1, sq, sk, dtype=dtype, device=device).masked_fill_(
-        causal_mask(sq, sk, device).view(1, 1, sq, sk), float("-inf"))
+        causal_mask(sq, sk, device).view(1, 1, sq, sk), float("-inf")
+    )
 
 
 def choose_kernel(q, k, v, bias, dropout_p, is_causal, scale):
@@ -377,10 +396,12 @@ def choose_kernel(q, k, v, bias, dropout_p, is_causal, scale):
     SDPAUnavailable naming what was tried."""
     if q.device.type == "cpu":
         if dropout_p > 0:
-            raise SDPAUnavailable(f"dropout_p={dropout_p}: torch's fused CPU kernel has no RNG state to hand to its "
-                                  "backward (impl='torch' has dropout)")
+            raise SDPAUnavailable(
+                f"dropout_p={dropout_p}: torch's fused CPU kernel has no RNG state to hand to its "
+                "backward (impl='torch' has dropout)"
+            )
         return "cpu_flash", is_causal, bias, k, v
-    if q.device.type not in ("cuda", "meta"):                   # meta: as CUDA, for shape-only tests
+    if q.device.type not in ("cuda", "meta"):  # meta: as CUDA, for shape-only tests
         raise SDPAUnavailable(f"device {q.device}: torch's fused attention kernels are used on CUDA and CPU")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise SDPAUnavailable(f"dtype {q.dtype}: torch's fused CUDA kernels take float16, bfloat16 and float32")
@@ -399,9 +420,12 @@ def choose_kernel(q, k, v, bias, dropout_p, is_causal, scale):
                 g = q.shape[1] // k.shape[1]
                 ck, cv = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
             try:
-                choice = int(torch._fused_sdp_choice(q, ck, cv, c_bias, dropout_p, c_causal, scale=scale,
-                                                     enable_gqa=ck.shape[1] != q.shape[1]))
-            except RuntimeError as e:       # every enabled backend refused (sdpa_kernel pinned, math off)
+                choice = int(
+                    torch._fused_sdp_choice(
+                        q, ck, cv, c_bias, dropout_p, c_causal, scale=scale, enable_gqa=ck.shape[1] != q.shape[1]
+                    )
+                )
+            except RuntimeError as e:  # every enabled backend refused (sdpa_kernel pinned, math off)
                 choice = f"none ({str(e).splitlines()[0][:80]})"
             tried.append(f"{'causal in bias, ' if fold else ''}{'K/V expanded, ' if expand else ''}choice {choice}")
             if choice in _CHOICE_NAMES:
@@ -409,7 +433,8 @@ def choose_kernel(q, k, v, bias, dropout_p, is_causal, scale):
     raise SDPAUnavailable(
         f"torch {torch.__version__} has no fused CUDA attention kernel for {q.dtype} head_dim={q.shape[-1]} "
         f"sq={q.shape[2]} sk={k.shape[2]} heads={q.shape[1]}/{k.shape[1]} bias={bias is not None} "
-        f"dropout_p={dropout_p} ({'; '.join(tried)}; torch.nn.attention.SDPBackend: 1 flash, 2 efficient, 3 cudnn)")
+        f"dropout_p={dropout_p} ({'; '.join(tried)}; torch.nn.attention.SDPBackend: 1 flash, 2 efficient, 3 cudnn)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -441,10 +466,12 @@ def sdpa_outeff_attention(
     """
     b, sq, h, d = q.shape
     sk = k.shape[1]
-    if q.numel() == 0 or sk == 0:      # no query, or no key (every row fully masked: zeros); the kernels divide by these
+    if q.numel() == 0 or sk == 0:  # no query, or no key (every row fully masked: zeros); the kernels divide by these
         return torch.zeros_like(q) + 0.0 * (q.sum() + k.sum() + v.sum())
     dp = d
-    if d % 8 and (q.device.type != "cpu" or kernel not in (None, "cpu_flash")):   # as SDPA on CUDA: head dim to a multiple of 8
+    if d % 8 and (
+        q.device.type != "cpu" or kernel not in (None, "cpu_flash")
+    ):  # as SDPA on CUDA: head dim to a multiple of 8
         dp = d + 8 - d % 8
         q, k, v = (torch.nn.functional.pad(t, (0, dp - d)) for t in (q, k, v))
     is_causal, bias, visible = kernel_masks(b, sq, sk, causal, key_padding_mask, q.dtype, q.device, mask)
@@ -454,7 +481,7 @@ def sdpa_outeff_attention(
         was_causal = is_causal
         kernel, is_causal, bias, kt, vt = choose_kernel(qt, kt, vt, bias, dropout_p, is_causal, scale)
         relaxed = "+causal_in_bias" if was_causal and not is_causal else ""
-    elif kt.shape[1] != qt.shape[1] and kernel == "efficient":     # no GQA in the memory-efficient kernel
+    elif kt.shape[1] != qt.shape[1] and kernel == "efficient":  # no GQA in the memory-efficient kernel
         g = h // kt.shape[1]
         kt, vt = kt.repeat_interleave(g, dim=1), vt.repeat_interleave(g, dim=1)
     name = kernel + relaxed
@@ -469,8 +496,9 @@ def sdpa_outeff_attention(
     if kt.shape[1] != k.shape[2]:
         name += "+expanded_kv"
     _note(name)
-    out = _SinkAttention.apply(qt, kt, vt, sink, impl, float(scale), bool(is_causal), bias, visible,
-                               float(dropout_p), ln_base).transpose(1, 2)          # [b, sq, h, dp]
+    out = _SinkAttention.apply(
+        qt, kt, vt, sink, impl, float(scale), bool(is_causal), bias, visible, float(dropout_p), ln_base
+    ).transpose(1, 2)  # [b, sq, h, dp]
     if dp != d:
         out = out[..., :d]
     if gate is not None:
@@ -483,7 +511,9 @@ def warn_fallback(reason: str, impl: str) -> None:
     key = (reason, impl)
     if key not in _WARNED:
         _WARNED.add(key)
-        warnings.warn(f"outeff_attention(impl='auto'): {reason}; running impl={impl!r} instead", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"outeff_attention(impl='auto'): {reason}; running impl={impl!r} instead", RuntimeWarning, stacklevel=3
+        )
     _note(f"fallback:{impl}")
 
 

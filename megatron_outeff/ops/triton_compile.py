@@ -17,6 +17,7 @@ instruction count. cuobjdump is the one shipped with Triton's NVIDIA backend.
 Used by the ahead-of-time tests (``tests/ops/test_flash_attention.py``) and
 ``tools/triton_compile_report.py``.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,7 +38,7 @@ FAMILY_SHARED_MEMORY_LIMIT = {80: 99 * 1024, 90: 227 * 1024}
 class KernelFacts:
     kernel: str
     arch: int
-    config: str          # "BLOCK_M=128 BLOCK_N=64 warps=8 stages=3"
+    config: str  # "BLOCK_M=128 BLOCK_N=64 warps=8 stages=3"
     specialisation: str  # the constexpr flags that differ from False / the dtype, e.g. "bf16 d128 CAUSAL HAS_SINK"
     shared_bytes: int
     registers: int
@@ -73,7 +74,9 @@ def cubin_facts(cubin: bytes) -> Dict[str, int]:
         f.write(cubin)
         path = f.name
     try:
-        res = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True).stdout
+        res = subprocess.run(
+            [_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True
+        ).stdout
         sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(path)
@@ -81,8 +84,15 @@ def cubin_facts(cubin: bytes) -> Dict[str, int]:
     if m is None:
         raise RuntimeError(f"cuobjdump -res-usage: no REG/STACK line in {res[:200]!r}")
     ops = [op.split(".")[0] for op in _SASS_OP.findall(sass)]
-    return dict(registers=int(m.group(1)), stack_bytes=int(m.group(2)), spill_stores=ops.count("STL"),
-                spill_loads=ops.count("LDL"), wgmma=ops.count("HGMMA"), mma=ops.count("HMMA"), instructions=len(ops))
+    return dict(
+        registers=int(m.group(1)),
+        stack_bytes=int(m.group(2)),
+        spill_stores=ops.count("STL"),
+        spill_loads=ops.count("LDL"),
+        wgmma=ops.count("HGMMA"),
+        mma=ops.count("HMMA"),
+        instructions=len(ops),
+    )
 
 
 def _short(dtype: str) -> str:
@@ -123,17 +133,27 @@ def compile_launch(launch, arch: int, dtype: str = "") -> List[KernelFacts]:
         kwargs = dict(launch.meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         bound, specialization, options = binder(*launch.args, **kwargs)
         options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-        unaligned = [name for i, name in enumerate(fn.arg_names) if str(signature.get(name, "")).startswith("*")
-                     and ["tt.divisibility", 16] not in attrs.get((i,), [])]
+        unaligned = [
+            name
+            for i, name in enumerate(fn.arg_names)
+            if str(signature.get(name, "")).startswith("*") and ["tt.divisibility", 16] not in attrs.get((i,), [])
+        ]
         t0 = time.perf_counter()
-        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                                  options=options.__dict__)
+        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
         elapsed = time.perf_counter() - t0
         config = " ".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f" warps={cfg.num_warps} stages={cfg.num_stages}"
-        facts.append(KernelFacts(
-            kernel=fn.__name__, arch=arch, config=config, specialisation=_describe(launch.meta, dtype),
-            shared_bytes=int(compiled.metadata.shared), compile_s=round(elapsed, 2), unaligned=",".join(unaligned),
-            **cubin_facts(compiled.asm["cubin"])))
+        facts.append(
+            KernelFacts(
+                kernel=fn.__name__,
+                arch=arch,
+                config=config,
+                specialisation=_describe(launch.meta, dtype),
+                shared_bytes=int(compiled.metadata.shared),
+                compile_s=round(elapsed, 2),
+                unaligned=",".join(unaligned),
+                **cubin_facts(compiled.asm["cubin"]),
+            )
+        )
     return facts
 
 
@@ -144,9 +164,11 @@ def compile_launch(launch, arch: int, dtype: str = "") -> List[KernelFacts]:
 # (dtype, head dim, flag set): BLOCK_D 64 and 128 with every flag on and off in fp16 / bf16 (spills
 # are checked there), fp32 (TF32) with every flag on (shared memory), and OPT-2.7b's 80 (BLOCK_D 128
 # with masked columns) with every flag on
-FLASH_CASES = tuple((dt, d, f) for dt in ("float16", "bfloat16") for d in (64, 128) for f in ("all", "none")) + \
-    tuple((dt, d, "all") for dt in ("float16", "bfloat16", "float32") for d in (80,)) + \
-    tuple(("float32", d, "all") for d in (64, 128))
+FLASH_CASES = (
+    tuple((dt, d, f) for dt in ("float16", "bfloat16") for d in (64, 128) for f in ("all", "none"))
+    + tuple((dt, d, "all") for dt in ("float16", "bfloat16", "float32") for d in (80,))
+    + tuple(("float32", d, "all") for d in (64, 128))
+)
 
 
 def _flash_item_launches(arch: int, dtype_name: str, head_dim: int, flags: str, mode: str):
@@ -173,8 +195,26 @@ def _flash_item_launches(arch: int, dtype_name: str, head_dim: int, flags: str, 
     saved = os.environ.get("OUTEFF_FLASH_DQ")
     os.environ["OUTEFF_FLASH_DQ"] = mode
     try:
-        bwd = fa.backward_launches(q, k, v, torch.empty_like(out), gate, kpm, out_u, lse, 0.125, 1.03, -0.03, on, on,
-                                   on, True, True, False, arch)[0]
+        bwd = fa.backward_launches(
+            q,
+            k,
+            v,
+            torch.empty_like(out),
+            gate,
+            kpm,
+            out_u,
+            lse,
+            0.125,
+            1.03,
+            -0.03,
+            on,
+            on,
+            on,
+            True,
+            True,
+            False,
+            arch,
+        )[0]
     finally:
         if saved is None:
             os.environ.pop("OUTEFF_FLASH_DQ")
@@ -194,8 +234,12 @@ def flash_items(arch: int, cases=FLASH_CASES, dq_modes=("pass",)):
             for i, la in enumerate(_flash_item_launches(arch, dt, d, flags, mode)):
                 if mode == "atomic" and not la.meta.get("ATOMIC_DQ"):
                     continue  # the other launches are the pass's
-                key = (la.kernel.__name__, dt, tuple(sorted((k, str(v)) for k, v in la.meta.items())),
-                       tuple(str(c) for c in la.configs))
+                key = (
+                    la.kernel.__name__,
+                    dt,
+                    tuple(sorted((k, str(v)) for k, v in la.meta.items())),
+                    tuple(str(c) for c in la.configs),
+                )
                 if key not in seen:
                     seen.add(key)
                     items.append((dt, d, flags, mode, i))

@@ -31,6 +31,7 @@ from megatron-core's ``softmax_type`` / ``attention_output_gate`` is ``megatron_
 megatron's layer, the Hugging Face remote code, the converter, the checkpoint format and the
 optimizer's parameter roles iterate it instead of naming tensors.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,7 +63,11 @@ SINK_LOGITS: Mapping[str, Any] = {
 # into the QKV projection). Every gate name has an entry; megatron's layer and the Hugging Face remote code
 # build a gate by its family.
 GATE_FAMILIES: Mapping[str, Optional[str]] = {
-    "none": None, "linear": "head", "mlp": "head", "shared_linear": "head", "elementwise": "elementwise",
+    "none": None,
+    "linear": "head",
+    "mlp": "head",
+    "shared_linear": "head",
+    "elementwise": "elementwise",
 }
 
 # Field names of files written before 2026-11-30, still read: checkpoint manifests said "n".
@@ -163,10 +168,12 @@ class AttentionVariantConfig:
             softmax_n=_softmax_n(self.softmax_n),
             clip_gamma=None if self.clip_gamma is None else _clip_gamma(self.clip_gamma),
             clip_zeta=_clip_zeta(self.clip_zeta),
-            clip_alpha=None if self.clip_alpha is None else check_real(
-                "clip_alpha", self.clip_alpha, "alpha > 0 (gamma = -alpha / seq_length)", lambda x: x > 0),
-            gate_init_prob=check_real("gate_init_prob", self.gate_init_prob, "a probability in (0, 1)",
-                                      lambda x: 0.0 < x < 1.0),
+            clip_alpha=None
+            if self.clip_alpha is None
+            else check_real("clip_alpha", self.clip_alpha, "alpha > 0 (gamma = -alpha / seq_length)", lambda x: x > 0),
+            gate_init_prob=check_real(
+                "gate_init_prob", self.gate_init_prob, "a probability in (0, 1)", lambda x: 0.0 < x < 1.0
+            ),
         )
         if numbers["clip_alpha"] is not None and numbers["clip_zeta"] != 1.0:
             raise ValueError(f"clip_alpha with clip_zeta={self.clip_zeta}: the alpha form fixes zeta = 1")
@@ -333,8 +340,9 @@ class VariantTensor:
     decay: bool
     fused_qkv: bool = False
 
-    def initial_tensor(self, std: float, generator: Optional[torch.Generator] = None,
-                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def initial_tensor(
+        self, std: float, generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
         """A freshly initialised full tensor: ``init`` everywhere, or N(0, std) drawn from ``generator``."""
         if self.init is None:
             return torch.randn(self.shape, generator=generator, dtype=dtype) * std
@@ -346,8 +354,9 @@ def logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
 
-def variant_tensors(variant: "AttentionVariantConfig", *, num_heads: int, head_dim: int, hidden_size: int,
-                    qkv_bias: bool = True) -> Tuple[VariantTensor, ...]:
+def variant_tensors(
+    variant: "AttentionVariantConfig", *, num_heads: int, head_dim: int, hidden_size: int, qkv_bias: bool = True
+) -> Tuple[VariantTensor, ...]:
     """Every tensor ``variant`` adds to one attention layer of H = ``num_heads`` heads of width
     d = ``head_dim`` reading a ``hidden_size``-wide input, in creation order (``VariantTensor``).
     ``qkv_bias``: the model's QKV projection has a bias (OPT), so the elementwise gate has one too (its
@@ -379,18 +388,34 @@ def variant_tensors(variant: "AttentionVariantConfig", *, num_heads: int, head_d
     H, d = int(num_heads), int(head_dim)
     out = []
     if variant.learnable_offset:
-        out.append(VariantTensor("softmax_offset", (H,), 0.0, "core_attention.softmax_offset", "softmax_offset",
-                                 tp_dim=0, decay=False))
+        out.append(
+            VariantTensor(
+                "softmax_offset", (H,), 0.0, "core_attention.softmax_offset", "softmax_offset", tp_dim=0, decay=False
+            )
+        )
     kind = variant.gate
     if kind == "none":
         return tuple(out)
     bias = logit(variant.gate_init_prob)
     if GATE_FAMILIES.get(kind) == "elementwise":
-        out.append(VariantTensor("weight", (H * d, hidden_size), None, "linear_qkv.weight", "gate_proj.weight",
-                                 tp_dim=0, decay=True, fused_qkv=True))
+        out.append(
+            VariantTensor(
+                "weight",
+                (H * d, hidden_size),
+                None,
+                "linear_qkv.weight",
+                "gate_proj.weight",
+                tp_dim=0,
+                decay=True,
+                fused_qkv=True,
+            )
+        )
         if qkv_bias:
-            out.append(VariantTensor("bias", (H * d,), bias, "linear_qkv.bias", "gate_proj.bias",
-                                     tp_dim=0, decay=False, fused_qkv=True))
+            out.append(
+                VariantTensor(
+                    "bias", (H * d,), bias, "linear_qkv.bias", "gate_proj.bias", tp_dim=0, decay=False, fused_qkv=True
+                )
+            )
         return tuple(out)
     if kind in ("linear", "mlp") and d * H != hidden_size:
         raise ValueError(
@@ -403,10 +428,16 @@ def variant_tensors(variant: "AttentionVariantConfig", *, num_heads: int, head_d
         shapes = {"weight": ((H, d), None), "bias": ((H,), bias)}
     elif kind == "mlp":
         if d < 4:
-            raise ValueError(f"gate='mlp' with head_dim={d}: the hidden width head_dim // 4 would be 0 (needs head_dim >= 4)")
+            raise ValueError(
+                f"gate='mlp' with head_dim={d}: the hidden width head_dim // 4 would be 0 (needs head_dim >= 4)"
+            )
         r = d // 4
-        shapes = {"fc1_weight": ((H, r, d), None), "fc1_bias": ((H, r), 0.0), "fc2_weight": ((H, r), None),
-                  "fc2_bias": ((H,), bias)}
+        shapes = {
+            "fc1_weight": ((H, r, d), None),
+            "fc1_bias": ((H, r), 0.0),
+            "fc2_weight": ((H, r), None),
+            "fc2_bias": ((H,), bias),
+        }
     else:
         raise ValueError(f"gate={kind!r}: its tensors are not described (variants.variant_tensors)")
     for name, (shape, init) in shapes.items():
@@ -439,8 +470,9 @@ def find_variant_tensor(tensors, side: str, name: str) -> VariantTensor:
     for t in tensors:
         if getattr(t, side) == name:
             return t
-    raise ValueError(f"{name!r}: not a tensor of this attention variant, expected one of "
-                     f"{[getattr(t, side) for t in tensors]}")
+    raise ValueError(
+        f"{name!r}: not a tensor of this attention variant, expected one of {[getattr(t, side) for t in tensors]}"
+    )
 
 
 def resolve_sink(
@@ -509,7 +541,9 @@ def _check_tensor(name, t, device, dtype_ok, dtype_expected: str, shape_ok, shap
         raise ValueError(f"{name} on {t.device}: expected the device of q ({device})")
 
 
-def validate_attention_args(q, k, v, gate, key_padding_mask, scale, dropout_p, impl, mask=None) -> Tuple[int, int, int, int, int, float]:
+def validate_attention_args(
+    q, k, v, gate, key_padding_mask, scale, dropout_p, impl, mask=None
+) -> Tuple[int, int, int, int, int, float]:
     """Check shapes/dtypes/devices of the attention inputs. Returns (b, sq, sk, h, h_kv, scale).
 
     mask: None or a bool tensor broadcastable to [b, h, sq, sk] (each dim its size or 1), True = masked out."""
@@ -530,16 +564,35 @@ def validate_attention_args(q, k, v, gate, key_padding_mask, scale, dropout_p, i
     if h_kv == 0 or h % h_kv != 0:
         raise ValueError(f"kv heads {h_kv}: expected a divisor of the {h} query heads")
     if gate is not None:
-        _check_tensor("gate", gate, q.device, lambda t: t.is_floating_point(), "a floating dtype with values in (0, 1)",
-                      lambda s: s in ((b, sq, h), (b, sq, h, d)),
-                      f"({b}, {sq}, {h}) = [batch, sq, heads] (per head) or ({b}, {sq}, {h}, {d}) (elementwise)")
+        _check_tensor(
+            "gate",
+            gate,
+            q.device,
+            lambda t: t.is_floating_point(),
+            "a floating dtype with values in (0, 1)",
+            lambda s: s in ((b, sq, h), (b, sq, h, d)),
+            f"({b}, {sq}, {h}) = [batch, sq, heads] (per head) or ({b}, {sq}, {h}, {d}) (elementwise)",
+        )
     if key_padding_mask is not None:
-        _check_tensor("key_padding_mask", key_padding_mask, q.device, lambda t: t.dtype == torch.bool,
-                      "torch.bool, True for real tokens", lambda s: s == (b, sk), f"({b}, {sk}) = [batch, sk]")
+        _check_tensor(
+            "key_padding_mask",
+            key_padding_mask,
+            q.device,
+            lambda t: t.dtype == torch.bool,
+            "torch.bool, True for real tokens",
+            lambda s: s == (b, sk),
+            f"({b}, {sk}) = [batch, sk]",
+        )
     if mask is not None:
-        _check_tensor("mask", mask, q.device, lambda t: t.dtype == torch.bool, "torch.bool, True = masked out",
-                      lambda s: len(s) == 4 and all(m in (1, n) for m, n in zip(s, (b, h, sq, sk))),
-                      f"[b|1, h|1, sq|1, sk|1] = ({b}, {h}, {sq}, {sk}) or 1s")
+        _check_tensor(
+            "mask",
+            mask,
+            q.device,
+            lambda t: t.dtype == torch.bool,
+            "torch.bool, True = masked out",
+            lambda s: len(s) == 4 and all(m in (1, n) for m, n in zip(s, (b, h, sq, sk))),
+            f"[b|1, h|1, sq|1, sk|1] = ({b}, {h}, {sq}, {sk}) or 1s",
+        )
     if scale is None:
         scale = 1.0 / math.sqrt(d)
     else:

@@ -24,6 +24,7 @@ parameters -> ModelCompressor.compress_model -> save_pretrained -> ModelCompress
 (quantization_config in config.json). Output goes to a temporary sibling directory renamed into place
 at the end, so a failure leaves nothing half-written; an existing non-empty directory is refused.
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,7 +41,15 @@ from megatron_outeff.errors import OutEffError
 from megatron_outeff.utils.atomic import atomic_output_dir
 from megatron_outeff.utils.finite import require_finite
 
-from .quantizers import ActivationQuantizer, CalibrationBatches, asymmetric_qparams, fake_quantize, keep_nonfinite, quantize_weight_per_channel, symmetric_qparams
+from .quantizers import (
+    ActivationQuantizer,
+    CalibrationBatches,
+    asymmetric_qparams,
+    fake_quantize,
+    keep_nonfinite,
+    quantize_weight_per_channel,
+    symmetric_qparams,
+)
 
 __all__ = [
     "LinearW8A8",
@@ -97,11 +106,17 @@ def calibrate_w8a8_linears(
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _excluded(n, exclude)}
     if not linears:
         raise ValueError("no nn.Linear left to quantize after exclusions")
-    observers = {n: ActivationQuantizer(8, symmetric=activation_symmetric, momentum=act_momentum, percentile=act_percentile) for n in linears}
+    observers = {
+        n: ActivationQuantizer(8, symmetric=activation_symmetric, momentum=act_momentum, percentile=act_percentile)
+        for n in linears
+    }
     batches = CalibrationBatches(model)  # a NaN / inf input is refused naming the Linear and the batch
-    handles = [m.register_forward_pre_hook(
-        lambda mod, args, o=observers[n], n=n: o.observe(args[0], batches.where(f"Linear {n!r} input")))
-        for n, m in linears.items()]
+    handles = [
+        m.register_forward_pre_hook(
+            lambda mod, args, o=observers[n], n=n: o.observe(args[0], batches.where(f"Linear {n!r} input"))
+        )
+        for n, m in linears.items()
+    ]
     was_training = model.training
     try:
         model.eval()
@@ -156,7 +171,9 @@ def simulate_w8a8_model(model: nn.Module, params: dict[str, LinearW8A8]) -> nn.M
     return replace_linears(model, params, _SimulatedLinear)
 
 
-def replace_linears(model: nn.Module, params: dict[str, LinearW8A8], make: Callable[[LinearW8A8], nn.Module]) -> nn.Module:
+def replace_linears(
+    model: nn.Module, params: dict[str, LinearW8A8], make: Callable[[LinearW8A8], nn.Module]
+) -> nn.Module:
     """A deep copy of `model` (eval mode) with each nn.Linear named in `params` replaced by make(params[name])."""
     qmodel = copy.deepcopy(model).eval()
     for name, p in params.items():
@@ -198,8 +215,12 @@ def export_compressed_tensors_w8a8(
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
 
     params = calibrate_w8a8_linears(
-        model, calibrate, exclude=exclude, activation_symmetric=activation_symmetric,
-        act_percentile=act_percentile, act_momentum=act_momentum,
+        model,
+        calibrate,
+        exclude=exclude,
+        activation_symmetric=activation_symmetric,
+        act_percentile=act_percentile,
+        act_momentum=act_momentum,
     )
 
     # The usual form consumers (vLLM) expect: target class Linear, ignore the excluded Linears by name.
@@ -225,7 +246,9 @@ def export_compressed_tensors_w8a8(
                 lin.weight_zero_point.data.zero_()
             lin.input_scale.data = p.input_scale.to(lin.input_scale.dtype).reshape(lin.input_scale.shape)
             if hasattr(lin, "input_zero_point"):
-                lin.input_zero_point.data = p.input_zero_point.to(lin.input_zero_point.dtype).reshape(lin.input_zero_point.shape)
+                lin.input_zero_point.data = p.input_zero_point.to(lin.input_zero_point.dtype).reshape(
+                    lin.input_zero_point.shape
+                )
             elif not activation_symmetric:
                 raise ValueError(f"compressed-tensors created no input_zero_point for asymmetric Linear {name!r}")
     compressor = ModelCompressor.from_pretrained_model(qmodel, quantization_format="int-quantized")

@@ -19,6 +19,7 @@
 renamed when complete. In this package "export" means writing such a deployable copy; a training
 checkpoint becomes a Hugging Face directory through megatron_outeff.convert (to_hf).
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,9 +41,11 @@ TARGETS = ("fp16", "w8a8")
 
 def calibration_fn(batches: Sequence[torch.Tensor], device=None) -> Callable:
     """``calibrate(model)``: the model run on every batch of input_ids (moved to ``device`` if given)."""
+
     def run(m):
         for b in batches:
             m(input_ids=b if device is None else b.to(device), use_cache=False)
+
     return run
 
 

@@ -40,6 +40,7 @@ and returns NaN for that whole row, as the float Linear does (one non-finite ter
 of its row non-finite) and as the simulated W8A8 path does (``quantizers.keep_nonfinite``). The row
 sums run in the same inline row blocks as the codes.
 """
+
 from __future__ import annotations
 
 import functools
@@ -47,12 +48,11 @@ import functools
 import torch
 from torch import nn
 
-
 __all__ = ["Int8Linear", "cpu_has_vnni", "int8_model"]
 
-GRAIN_SIZE = 32768               # at::internal::GRAIN_SIZE: smaller element-wise ops run inline
+GRAIN_SIZE = 32768  # at::internal::GRAIN_SIZE: smaller element-wise ops run inline
 INLINE_QUANTIZE_MAX_THREADS = 4  # up to this many torch threads, quantize in inline row blocks
-_RNE_MAGIC = 1.5 * 2.0**23       # fp32 (y + M) - M rounds y to the nearest integer, ties to even
+_RNE_MAGIC = 1.5 * 2.0**23  # fp32 (y + M) - M rounds y to the nearest integer, ties to even
 
 
 @functools.lru_cache(maxsize=None)
@@ -138,7 +138,7 @@ class Int8Linear(nn.Module):
         flat_bad = bad.view(-1)
         rows = max(1, GRAIN_SIZE // self.in_features)
         for i in range(0, flat.shape[0], rows):
-            self._codes(flat[i:i + rows], codes[i:i + rows], flat_bad[i:i + rows])
+            self._codes(flat[i : i + rows], codes[i : i + rows], flat_bad[i : i + rows])
         return codes.reshape(x.shape), bad
 
     def _codes(self, x: torch.Tensor, out: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
@@ -152,8 +152,19 @@ class Int8Linear(nn.Module):
     def forward_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """The int8 GEMM alone, on [M, in] uint8 codes; float32 [M, out]."""
         return torch.ops.onednn.qlinear_pointwise(
-            codes, self.x_scale, self.x_zero_point, self._packed, self.weight_scale, self._w_zero_points,
-            self.bias, 1.0, 0, torch.float32, "none", [], "",
+            codes,
+            self.x_scale,
+            self.x_zero_point,
+            self._packed,
+            self.weight_scale,
+            self._w_zero_points,
+            self.bias,
+            1.0,
+            0,
+            torch.float32,
+            "none",
+            [],
+            "",
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ Q K^T, the softmax output, P V and the residual sums. The simulated-quantization
 (`apply_simulated_w8a8`) finds them with `is_quant_point` and attaches an activation fake-quantizer to their
 output, so the model code itself never knows about quantization.
 """
+
 import torch
 
 __all__ = ["QuantPoint", "is_quant_point"]

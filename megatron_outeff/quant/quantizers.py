@@ -18,6 +18,7 @@ asymmetric grid the two ends are estimated independently; a percentile of |x| wo
 range and waste half the grid on one-sided tensors (softmax probabilities, ReLU outputs).
 Percentiles interpolate linearly between order statistics (numpy's / torch.quantile's default).
 """
+
 from __future__ import annotations
 
 import math
@@ -130,7 +131,11 @@ def mse_search_absmax(w: torch.Tensor, n_bits: int = 8, ratios=None) -> torch.Te
     qmin, qmax = int_grid(n_bits, symmetric=True)
     flat = w.detach().reshape(1, -1).float()
     absmax = flat.abs().max()
-    ratios = torch.arange(100, 0, -1, dtype=torch.float64) / 100 if ratios is None else torch.as_tensor(ratios, dtype=torch.float64)
+    ratios = (
+        torch.arange(100, 0, -1, dtype=torch.float64) / 100
+        if ratios is None
+        else torch.as_tensor(ratios, dtype=torch.float64)
+    )
     if ratios.numel() == 0 or not bool(((ratios > 0) & (ratios <= 1)).all()):
         raise ValueError(f"ratios must be a non-empty set of values in (0, 1], got {ratios.tolist()}")
     ratios = ratios.reshape(-1).sort(descending=True).values
@@ -173,7 +178,9 @@ class _FakeQuantizer(nn.Module):
     def _quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale is None:
             raise ValueError(f"{type(self).__name__} has no range: run it in calibration mode before freezing")
-        return keep_nonfinite(x, fake_quantize(x, self.scale.to(x.dtype), self.zero_point.to(x.dtype), self.qmin, self.qmax))
+        return keep_nonfinite(
+            x, fake_quantize(x, self.scale.to(x.dtype), self.zero_point.to(x.dtype), self.qmin, self.qmax)
+        )
 
     def extra_repr(self) -> str:
         mode = "calibrating" if self.calibrating else "frozen"
@@ -191,7 +198,11 @@ class WeightQuantizer(_FakeQuantizer):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.calibrating:
-            absmax = w.detach().abs().max().float() if self.method == "minmax" else mse_search_absmax(w, self.n_bits, self.ratios)
+            absmax = (
+                w.detach().abs().max().float()
+                if self.method == "minmax"
+                else mse_search_absmax(w, self.n_bits, self.ratios)
+            )
             self.scale, self.zero_point = symmetric_qparams(absmax, self.n_bits)
         return self._quantize(w)
 
@@ -205,7 +216,9 @@ class ActivationQuantizer(_FakeQuantizer):
     downstream layers see quantized inputs during calibration too).
     frozen: quantize with the stored range."""
 
-    def __init__(self, n_bits: int = 8, symmetric: bool = False, momentum: float = 0.9, percentile: float | None = 99.999):
+    def __init__(
+        self, n_bits: int = 8, symmetric: bool = False, momentum: float = 0.9, percentile: float | None = 99.999
+    ):
         super().__init__(n_bits, symmetric)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")

@@ -15,6 +15,7 @@ the LM head keeps the float weight.
 Only plain nn.Linear / nn.LayerNorm / RMSNorm / nn.Embedding (and subclasses) are recognised; tensor-parallel
 linears of other libraries are not.
 """
+
 from __future__ import annotations
 
 import copy
@@ -103,16 +104,23 @@ def apply_simulated_w8a8(
             module.weight = nn.Parameter(qweight, requires_grad=False)
             result.weight_quantizers[name] = wq
         aq = ActivationQuantizer(act_bits, symmetric=False, momentum=act_momentum, percentile=act_percentile)
-        module.register_forward_hook(lambda mod, args, out, aq=aq, name=name: _quantize_except(
-            aq, out, None if keep_float is None else keep_float(name, out, input_shape[0]),
-            batches.where(f"module {name!r} output")))
+        module.register_forward_hook(
+            lambda mod, args, out, aq=aq, name=name: _quantize_except(
+                aq,
+                out,
+                None if keep_float is None else keep_float(name, out, input_shape[0]),
+                batches.where(f"module {name!r} output"),
+            )
+        )
         result.act_quantizers[name] = aq
 
     input_shape = [()]
     if keep_float is not None:  # the forward's input shape, for keep_float
+
         def record_shape(mod, args, kwargs):
             first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
             input_shape[0] = () if first is None else tuple(first.shape)
+
         qmodel.register_forward_pre_hook(record_shape, with_kwargs=True)
 
     batches = CalibrationBatches(qmodel)  # a NaN / inf activation is refused naming the module and the batch
@@ -128,8 +136,7 @@ def apply_simulated_w8a8(
     return result
 
 
-def _quantize_except(aq: ActivationQuantizer, out: torch.Tensor, keep: torch.Tensor | None,
-                     what: str) -> torch.Tensor:
+def _quantize_except(aq: ActivationQuantizer, out: torch.Tensor, keep: torch.Tensor | None, what: str) -> torch.Tensor:
     """``aq`` on the entries of ``out`` outside ``keep`` (calibrating: their range only); the kept
     entries pass through in floating point. ``what`` names ``out`` in a non-finite refusal."""
     if keep is None:

@@ -29,6 +29,7 @@ As torchtitan's checkpointer, train.py makes one call per concern (every call co
 Our own state is JSON/safetensors, never pickled. (DeepSpeed's own files are torch pickles that its
 checkpoint engine loads with weights_only=False; only load checkpoints you trust.)
 """
+
 from __future__ import annotations
 
 import json
@@ -43,9 +44,28 @@ import torch
 import torch.distributed as dist
 
 from megatron_outeff.checkpoint_format import (
-    LATEST, MASTER_SUBDIR, MODEL_SUBDIR, RUN_FILE, TRAIN_STATE, checkpoint_tags, dtype_name, is_partial_tag,
-    latest_tag, load_into_model, make_manifest, partial_tag, read_run_file, read_train_state, rng_file, tag_for,
-    tensor_state, write_latest, write_manifest, write_rank_file, write_run_file, write_train_state,
+    LATEST,
+    MASTER_SUBDIR,
+    MODEL_SUBDIR,
+    RUN_FILE,
+    TRAIN_STATE,
+    checkpoint_tags,
+    dtype_name,
+    is_partial_tag,
+    latest_tag,
+    load_into_model,
+    make_manifest,
+    partial_tag,
+    read_run_file,
+    read_train_state,
+    rng_file,
+    tag_for,
+    tensor_state,
+    write_latest,
+    write_manifest,
+    write_rank_file,
+    write_run_file,
+    write_train_state,
 )
 from megatron_outeff.errors import OutEffError, with_context
 from megatron_outeff.utils.atomic import fsync_dir
@@ -104,8 +124,9 @@ class Checkpointer:
         if other_layout:  # DeepSpeed's files are another layout's
             elastic.load(engine, self.cfg, tag_dir)
         else:
-            load_path, _ = engine.load_checkpoint(str(self.dir), tag=self.tag, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=True)
+            load_path, _ = engine.load_checkpoint(
+                str(self.dir), tag=self.tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load {tag_dir}")
         train_data.load_state_dict(state["data"])
@@ -114,8 +135,10 @@ class Checkpointer:
             print_rank0(note)
         if other_layout:  # the saved RNG streams belong to ranks that no longer exist
             elastic.reseed(self.cfg.train.seed, iteration)
-            print_rank0(f"resumed from {tag_dir} at iteration {iteration}, saved at "
-                        f"{elastic.describe(state['layout'])}, now {elastic.describe(elastic.layout(self.cfg, world))}")
+            print_rank0(
+                f"resumed from {tag_dir} at iteration {iteration}, saved at "
+                f"{elastic.describe(state['layout'])}, now {elastic.describe(elastic.layout(self.cfg, world))}"
+            )
         else:
             restore_rng(tag_dir)
             print_rank0(f"resumed from {tag_dir} at iteration {iteration}")
@@ -130,8 +153,11 @@ class Checkpointer:
         the run stops (its last step, ``train.exit_interval``, a stop signal); never without
         ``checkpoint.dir``, nor twice for one iteration (so never over the checkpoint it resumed)."""
         interval = self.cfg.checkpoint.save_interval
-        return (self.dir is not None and iteration != self.last_saved
-                and (stopping or bool(interval) and iteration % interval == 0))
+        return (
+            self.dir is not None
+            and iteration != self.last_saved
+            and (stopping or bool(interval) and iteration % interval == 0)
+        )
 
     def save(self, engine, iteration: int, train_data) -> str:
         """Save the checkpoint of ``iteration`` (``save``); returns its tag."""
@@ -213,13 +239,21 @@ def _decide(cfg: Config, ckpt: Path, force_resume: bool, world_size: int) -> tup
     tag, note = resume_point(ckpt)
     stray = checkpoint_tags(ckpt) if tag is None and ckpt.is_dir() else []
     if stray:  # a new run would overwrite or prune them
-        return (f"checkpoint.dir={ckpt} holds {', '.join(stray)} without {TRAIN_STATE} (not complete checkpoints); "
-                "refusing to start a new run over them: move them away or use another directory", None, None)
+        return (
+            f"checkpoint.dir={ckpt} holds {', '.join(stray)} without {TRAIN_STATE} (not complete checkpoints); "
+            "refusing to start a new run over them: move them away or use another directory",
+            None,
+            None,
+        )
     if run is not None:
         theirs = run.get("fingerprint") if isinstance(run, dict) else None
         if theirs != fingerprint and tag is not None and not force_resume:
-            return (f"checkpoint.dir={ckpt} holds another run (config fingerprint {theirs}, this config "
-                    f"{fingerprint}); use another directory, or --resume to continue it with this config", None, None)
+            return (
+                f"checkpoint.dir={ckpt} holds another run (config fingerprint {theirs}, this config "
+                f"{fingerprint}); use another directory, or --resume to continue it with this config",
+                None,
+                None,
+            )
     elif ckpt.exists() and any(ckpt.iterdir()):
         return f"checkpoint.dir={ckpt} is not empty and holds no {RUN_FILE}; refusing to overwrite it", None, None
     if force_resume and tag is None:
@@ -250,8 +284,6 @@ def yaml_safe(cfg: Config):
     return yaml.safe_load(dump_config(cfg))
 
 
-
-
 # --------------------------------------------------------------------------------------------------
 # RNG state as safetensors
 # --------------------------------------------------------------------------------------------------
@@ -270,22 +302,42 @@ def rng_state_tensors() -> tuple[dict, dict]:
             tensors[f"torch_cuda/{i}"] = s
     for name, state in get_cuda_rng_tracker().get_states().items():
         tensors[f"megatron_tracker/{name}"] = state.cpu() if hasattr(state, "cpu") else state
-    meta = {"python_version": str(py_version), "python_gauss": json.dumps(py_gauss), "numpy_name": np_name,
-            "numpy_pos": str(np_pos), "numpy_has_gauss": str(np_has_gauss), "numpy_gauss": repr(float(np_gauss))}
+    meta = {
+        "python_version": str(py_version),
+        "python_gauss": json.dumps(py_gauss),
+        "numpy_name": np_name,
+        "numpy_pos": str(np_pos),
+        "numpy_has_gauss": str(np_has_gauss),
+        "numpy_gauss": repr(float(np_gauss)),
+    }
     return tensors, meta
 
 
 def set_rng_state_tensors(tensors: dict, meta: dict) -> None:
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-    random.setstate((int(meta["python_version"]), tuple(int(x) for x in tensors["python"].tolist()),
-                     json.loads(meta["python_gauss"])))
-    np.random.set_state((meta["numpy_name"], tensors["numpy"].numpy().astype(np.uint32), int(meta["numpy_pos"]),
-                         int(meta["numpy_has_gauss"]), float(meta["numpy_gauss"])))
+    random.setstate(
+        (
+            int(meta["python_version"]),
+            tuple(int(x) for x in tensors["python"].tolist()),
+            json.loads(meta["python_gauss"]),
+        )
+    )
+    np.random.set_state(
+        (
+            meta["numpy_name"],
+            tensors["numpy"].numpy().astype(np.uint32),
+            int(meta["numpy_pos"]),
+            int(meta["numpy_has_gauss"]),
+            float(meta["numpy_gauss"]),
+        )
+    )
     torch.set_rng_state(tensors["torch_cpu"])
     if torch.cuda.is_available():
-        cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("torch_cuda/")),
-                                           key=lambda k: int(k.split("/")[1]))]
+        cuda = [
+            tensors[k]
+            for k in sorted((k for k in tensors if k.startswith("torch_cuda/")), key=lambda k: int(k.split("/")[1]))
+        ]
         if cuda:
             torch.cuda.set_rng_state_all(cuda)
     tracker = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("megatron_tracker/")}
@@ -319,8 +371,15 @@ def save(engine, cfg: Config, iteration: int, train_state: dict) -> str:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
     _test_kill(iteration, "files")
     if rank == 0:
-        write_train_state(tmp_dir, dict(train_state, iteration=iteration, fingerprint=cfg.fingerprint(),
-                                        layout=elastic.layout(cfg, dist.get_world_size())))
+        write_train_state(
+            tmp_dir,
+            dict(
+                train_state,
+                iteration=iteration,
+                fingerprint=cfg.fingerprint(),
+                layout=elastic.layout(cfg, dist.get_world_size()),
+            ),
+        )
     dist.barrier()
     if rank == 0:
         if (ckpt / tag).exists():  # re-saving an iteration: never the one `latest` names (Checkpointer.save_due)
@@ -405,11 +464,21 @@ def save_model_files(engine, cfg: Config, iteration: int, tag_dir: Path) -> None
         if master_state is not None:
             write_rank_file(model_dir / MASTER_SUBDIR, t, p, master_state)
     if dist.get_rank() == 0:  # global rank 0 is data-parallel rank 0 of (tp 0, pp 0): state is set
-        write_manifest(model_dir, make_manifest(
-            arch=arch_config(cfg), variant=attention_variant(cfg), tp=tp, pp=pp,
-            padded_vocab_size=unwrap(module).vocab_size, seq_length=cfg.data.seq_length, iteration=iteration,
-            dtype=dtype_name(state.values()), source="training",
-            fp32_master=master is not None))
+        write_manifest(
+            model_dir,
+            make_manifest(
+                arch=arch_config(cfg),
+                variant=attention_variant(cfg),
+                tp=tp,
+                pp=pp,
+                padded_vocab_size=unwrap(module).vocab_size,
+                seq_length=cfg.data.seq_length,
+                iteration=iteration,
+                dtype=dtype_name(state.values()),
+                source="training",
+                fp32_master=master is not None,
+            ),
+        )
 
 
 def fp32_master_weights(engine) -> dict[int, torch.Tensor] | None:
@@ -431,8 +500,11 @@ def fp32_master_weights(engine) -> dict[int, torch.Tensor] | None:
         for p in params:
             v = safe_get_full_fp32_param(p)
             if v is not None:
-                out[id(p)] = v.detach().to("cpu", torch.float32, copy=True).reshape(
-                    p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+                out[id(p)] = (
+                    v.detach()
+                    .to("cpu", torch.float32, copy=True)
+                    .reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+                )
     else:
         from torch._utils import _unflatten_dense_tensors
 
@@ -447,8 +519,10 @@ def fp32_master_weights(engine) -> dict[int, torch.Tensor] | None:
                 out[id(p)] = v.detach().to("cpu", torch.float32, copy=True).reshape(p.shape)
     missing = [p for p in params if id(p) not in out]
     if missing:
-        raise RuntimeError(f"{len(missing)} trainable parameter(s) have no fp32 master weight in "
-                           f"{type(engine.optimizer).__name__}: cannot save the trained weights")
+        raise RuntimeError(
+            f"{len(missing)} trainable parameter(s) have no fp32 master weight in "
+            f"{type(engine.optimizer).__name__}: cannot save the trained weights"
+        )
     return out
 
 
@@ -489,12 +563,20 @@ def init_from(cfg: Config, model: torch.nn.Module) -> dict:
 
     try:
         manifest = load_into_model(
-            model, cfg.checkpoint.init_from, arch=arch_config(cfg), variant=attention_variant(cfg),
-            seq_length=cfg.data.seq_length, tp_rank=ps.get_tensor_model_parallel_rank(),
-            tp=ps.get_tensor_model_parallel_world_size(), pp_rank=ps.get_pipeline_model_parallel_rank(),
-            pp=ps.get_pipeline_model_parallel_world_size())
+            model,
+            cfg.checkpoint.init_from,
+            arch=arch_config(cfg),
+            variant=attention_variant(cfg),
+            seq_length=cfg.data.seq_length,
+            tp_rank=ps.get_tensor_model_parallel_rank(),
+            tp=ps.get_tensor_model_parallel_world_size(),
+            pp_rank=ps.get_pipeline_model_parallel_rank(),
+            pp=ps.get_pipeline_model_parallel_world_size(),
+        )
     except OutEffError as e:  # the checkpoint's messages name its files, not the config key
         raise with_context("checkpoint.init_from", e) from None
-    print_rank0(f"initialised from {cfg.checkpoint.init_from} (tp={manifest['tp']}, pp={manifest['pp']}, "
-                f"iteration {manifest['iteration']}; {manifest['weights_read_text']}); fresh optimizer")
+    print_rank0(
+        f"initialised from {cfg.checkpoint.init_from} (tp={manifest['tp']}, pp={manifest['pp']}, "
+        f"iteration {manifest['iteration']}; {manifest['weights_read_text']}); fresh optimizer"
+    )
     return manifest

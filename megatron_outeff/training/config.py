@@ -6,6 +6,7 @@ several sections (gradient accumulation, the DeepSpeed JSON) are computed here, 
 
     cfg = load_config("configs/train/demo-tiny.yaml", ["train.train_iters=10", "parallel.zero_stage=2"])
 """
+
 from __future__ import annotations
 
 import collections.abc
@@ -51,8 +52,14 @@ class ModelConfig:
 
 # How the run is laid out over ranks, not what it computes: not part of the fingerprint (a run resumes
 # on another layout; global_batch_size, which sets the trajectory, is).
-LAYOUT_KEYS = ("tensor_parallel", "pipeline_parallel", "sequence_parallel", "zero_stage", "cpu_offload",
-               "micro_batch_size")
+LAYOUT_KEYS = (
+    "tensor_parallel",
+    "pipeline_parallel",
+    "sequence_parallel",
+    "zero_stage",
+    "cpu_offload",
+    "micro_batch_size",
+)
 
 
 @dataclass
@@ -91,8 +98,13 @@ class OptimizerConfig:
 
 # Optimizer keys added with optimizer.type and their defaults: a config that leaves them so hashes as
 # before (Config.fingerprint), so checkpoints written earlier stay this run's.
-_OPTIMIZER_KEYS_SINCE_TYPE = {"momentum": None, "nesterov": False, "rotation_seed": 0, "rotation_block_size": 1024,
-                              "muon_lr": None}
+_OPTIMIZER_KEYS_SINCE_TYPE = {
+    "momentum": None,
+    "nesterov": False,
+    "rotation_seed": 0,
+    "rotation_block_size": 1024,
+    "muon_lr": None,
+}
 
 
 @dataclass
@@ -193,9 +205,7 @@ class Config:
     def data_parallel_size(self, world_size: int) -> int:
         mp = self.parallel.tensor_parallel * self.parallel.pipeline_parallel
         if world_size % mp:
-            raise OutEffError(
-                f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel = {mp}"
-            )
+            raise OutEffError(f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel = {mp}")
         return world_size // mp
 
     def grad_accumulation_steps(self, world_size: int) -> int:
@@ -231,7 +241,10 @@ class Config:
         _identity(d)
         o = d["optimizer"]
         if o["type"] == "adamw" and all(o[k] == v for k, v in _OPTIMIZER_KEYS_SINCE_TYPE.items()):
-            d["optimizer"] = {"name": "adamw", **{k: v for k, v in o.items() if k != "type" and k not in _OPTIMIZER_KEYS_SINCE_TYPE}}
+            d["optimizer"] = {
+                "name": "adamw",
+                **{k: v for k, v in o.items() if k != "type" and k not in _OPTIMIZER_KEYS_SINCE_TYPE},
+            }
         blob = json.dumps(d, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -283,22 +296,30 @@ def optimizer_layout_refusal(cfg: Config) -> str | None:
     if o.type == "adamw":
         return None
     if p.cpu_offload:
-        return (f"{kind} with parallel.cpu_offload: ZeRO-Offload steps only DeepSpeed's own CPU optimizers "
-                "(DeepSpeedCPUAdam for adamw); use cpu_offload: false")
+        return (
+            f"{kind} with parallel.cpu_offload: ZeRO-Offload steps only DeepSpeed's own CPU optimizers "
+            "(DeepSpeedCPUAdam for adamw); use cpu_offload: false"
+        )
     if o.type == "orthoadam" and (p.zero_stage > 0 or dtype != "fp32"):
         what = f"parallel.zero_stage={p.zero_stage}" if p.zero_stage > 0 else f"precision.dtype={dtype}"
-        return (f"{kind} with {what}: DeepSpeed's ZeRO-1/2/3 and bf16/fp16 optimizers hand the base optimizer flat "
-                "fp32 partitions that cut across parameters, and a per-axis rotation needs each parameter whole; "
-                "expected zero_stage 0 with precision.dtype fp32 (DP, TP and PP are supported)")
+        return (
+            f"{kind} with {what}: DeepSpeed's ZeRO-1/2/3 and bf16/fp16 optimizers hand the base optimizer flat "
+            "fp32 partitions that cut across parameters, and a per-axis rotation needs each parameter whole; "
+            "expected zero_stage 0 with precision.dtype fp32 (DP, TP and PP are supported)"
+        )
     if o.type == "muon":
         if p.tensor_parallel > 1:
-            return (f"{kind} with parallel.tensor_parallel={p.tensor_parallel}: DeepSpeed's Muon orthogonalizes each "
-                    "rank's local shard (a block-wise Muon, a different optimizer than at TP=1), and megatron-core's "
-                    "TP-exact TensorParallelMuon needs the emerging_optimizers package and megatron's own optimizer "
-                    "wrappers instead of the DeepSpeed engine; expected tensor_parallel 1")
+            return (
+                f"{kind} with parallel.tensor_parallel={p.tensor_parallel}: DeepSpeed's Muon orthogonalizes each "
+                "rank's local shard (a block-wise Muon, a different optimizer than at TP=1), and megatron-core's "
+                "TP-exact TensorParallelMuon needs the emerging_optimizers package and megatron's own optimizer "
+                "wrappers instead of the DeepSpeed engine; expected tensor_parallel 1"
+            )
         if dtype != "fp32":
-            return (f"{kind} with precision.dtype={dtype}: verified in fp32 only (DeepSpeed's bf16 Muon needs fp32 "
-                    "gradient accumulation and dense DP); expected precision.dtype fp32")
+            return (
+                f"{kind} with precision.dtype={dtype}: verified in fp32 only (DeepSpeed's bf16 Muon needs fp32 "
+                "gradient accumulation and dense DP); expected precision.dtype fp32"
+            )
     return None
 
 
@@ -366,11 +387,16 @@ def validate(cfg: Config) -> None:
     if cfg.model.recompute_method not in (None, "uniform", "block"):
         raise OutEffError(f"model.recompute_method={cfg.model.recompute_method!r}: expected null, uniform or block")
     for where, value, least in (
-        ("schedule.warmup_iters", s.warmup_iters, 0), ("train.eval_interval", t.eval_interval, 0),
-        ("train.eval_iters", t.eval_iters, 1), ("train.exit_interval", t.exit_interval, 0),
-        ("checkpoint.save_interval", cfg.checkpoint.save_interval, 0), ("checkpoint.keep_last", cfg.checkpoint.keep_last, 0),
-        ("logging.log_interval", cfg.logging.log_interval, 1), ("logging.outlier_interval", cfg.logging.outlier_interval, 0),
-        ("data.seq_length", cfg.data.seq_length, 1), ("precision.max_skipped_steps", pr.max_skipped_steps, 0),
+        ("schedule.warmup_iters", s.warmup_iters, 0),
+        ("train.eval_interval", t.eval_interval, 0),
+        ("train.eval_iters", t.eval_iters, 1),
+        ("train.exit_interval", t.exit_interval, 0),
+        ("checkpoint.save_interval", cfg.checkpoint.save_interval, 0),
+        ("checkpoint.keep_last", cfg.checkpoint.keep_last, 0),
+        ("logging.log_interval", cfg.logging.log_interval, 1),
+        ("logging.outlier_interval", cfg.logging.outlier_interval, 0),
+        ("data.seq_length", cfg.data.seq_length, 1),
+        ("precision.max_skipped_steps", pr.max_skipped_steps, 0),
     ):
         if value < least:
             raise OutEffError(f"{where}={value}: must be >= {least}")
@@ -386,12 +412,20 @@ def _check_validation_split(cfg: Config) -> None:
 
     d = cfg.data
     shares = split_shares(d.split, "data.split")
-    wanted = [f"{key}={value}" for key, value in (("train.eval_interval", cfg.train.eval_interval),
-                                                  ("logging.outlier_interval", cfg.logging.outlier_interval)) if value > 0]
+    wanted = [
+        f"{key}={value}"
+        for key, value in (
+            ("train.eval_interval", cfg.train.eval_interval),
+            ("logging.outlier_interval", cfg.logging.outlier_interval),
+        )
+        if value > 0
+    ]
     if wanted and not d.valid_paths and shares[1] == 0:
-        raise OutEffError(f"{' and '.join(wanted)} need validation data, but data.split={d.split!r} gives the validation "
-                          "split no share and data.valid_paths is empty; give it a share (e.g. data.split=969,30,1), "
-                          f"set data.valid_paths, or set {' and '.join(w.split('=')[0] for w in wanted)} to 0")
+        raise OutEffError(
+            f"{' and '.join(wanted)} need validation data, but data.split={d.split!r} gives the validation "
+            "split no share and data.valid_paths is empty; give it a share (e.g. data.split=969,30,1), "
+            f"set data.valid_paths, or set {' and '.join(w.split('=')[0] for w in wanted)} to 0"
+        )
 
 
 def bigram_backcopy_task(cfg: Config):
@@ -400,8 +434,13 @@ def bigram_backcopy_task(cfg: Config):
 
     b = cfg.data.bigram_backcopy
     try:
-        return BigramBackcopyTask(vocab_size=b.vocab_size, num_triggers=b.num_triggers, seq_length=cfg.data.seq_length,
-                                  seed=b.seed, logit_scale=b.logit_scale)
+        return BigramBackcopyTask(
+            vocab_size=b.vocab_size,
+            num_triggers=b.num_triggers,
+            seq_length=cfg.data.seq_length,
+            seed=b.seed,
+            logit_scale=b.logit_scale,
+        )
     except OutEffError as e:
         raise with_context("data.bigram_backcopy", e) from None
 
@@ -593,13 +632,13 @@ def _merge_owned_checked(base: dict, extra: dict, where: str) -> None:
     for key, value in extra.items():
         name = f"{where}{key}"
         if key in ("optimizer", "scheduler", "train_batch_size"):
-            raise OutEffError(f"deepspeed_overrides: '{name}' is owned by the typed config (optimizer/schedule/parallel)")
+            raise OutEffError(
+                f"deepspeed_overrides: '{name}' is owned by the typed config (optimizer/schedule/parallel)"
+            )
         if key in base and isinstance(base[key], dict) and isinstance(value, dict):
             _merge_owned_checked(base[key], value, name + ".")
         elif key in base and base[key] != value:
-            raise OutEffError(
-                f"deepspeed_overrides: '{name}'={value!r} contradicts the typed config ({base[key]!r})"
-            )
+            raise OutEffError(f"deepspeed_overrides: '{name}'={value!r} contradicts the typed config ({base[key]!r})")
         else:
             base[key] = value
 
@@ -611,30 +650,45 @@ def _merge_owned_checked(base: dict, extra: dict, where: str) -> None:
 # TransformerConfig fields the training config sets through its own keys (model.transformer_overrides
 # refuses them, naming the key).
 TRANSFORMER_FIELDS_OWNED = {
-    "fp16": "precision.dtype", "bf16": "precision.dtype", "params_dtype": "precision.dtype",
-    "pipeline_dtype": "precision.dtype", "sequence_parallel": "parallel.sequence_parallel",
-    "tensor_model_parallel_size": "parallel.tensor_parallel", "pipeline_model_parallel_size": "parallel.pipeline_parallel",
-    "recompute_granularity": "model.recompute_granularity", "recompute_method": "model.recompute_method",
-    "recompute_num_layers": "model.recompute_num_layers", "softmax_type": "attention",
+    "fp16": "precision.dtype",
+    "bf16": "precision.dtype",
+    "params_dtype": "precision.dtype",
+    "pipeline_dtype": "precision.dtype",
+    "sequence_parallel": "parallel.sequence_parallel",
+    "tensor_model_parallel_size": "parallel.tensor_parallel",
+    "pipeline_model_parallel_size": "parallel.pipeline_parallel",
+    "recompute_granularity": "model.recompute_granularity",
+    "recompute_method": "model.recompute_method",
+    "recompute_num_layers": "model.recompute_num_layers",
+    "softmax_type": "attention",
 }
 # TransformerConfig fields refused with a reason naming the supported way: each changes the parameter set, which
 # layers a pipeline stage holds, or the function the checkpoint's weights compute, in a way the checkpoint format,
 # the converter, resharding, resume on another layout and the Hugging Face export do not handle (megatron README
 # "Overrides"). The model family adds its own (models.opt / models.llama TRANSFORMER_FIELDS_UNSUPPORTED).
-_PIPELINE_SPLIT = ("moves layers between pipeline stages, while the checkpoint format (model files, resharding, "
-                   "resume on another layout) gives every stage num_layers / parallel.pipeline_parallel layers and "
-                   "has no virtual stages: use parallel.pipeline_parallel")
+_PIPELINE_SPLIT = (
+    "moves layers between pipeline stages, while the checkpoint format (model files, resharding, "
+    "resume on another layout) gives every stage num_layers / parallel.pipeline_parallel layers and "
+    "has no virtual stages: use parallel.pipeline_parallel"
+)
 TRANSFORMER_FIELDS_REFUSED = {
     "attention_output_gate": "adds the elementwise output gate's rows to linear_qkv outside the attention variant, "
-                             "so the converter, export and resume would not know them: use attention.gate: elementwise "
-                             "(the same parameterization, converted, resharded, resumed and exported)",
+    "so the converter, export and resume would not know them: use attention.gate: elementwise "
+    "(the same parameterization, converted, resharded, resumed and exported)",
     "softmax_scale": "changes the attention's scale, which neither the checkpoint's manifest nor the Hugging Face "
-                     "export records (both compute 1/sqrt(head_dim)), so a converted model would compute another "
-                     "function: not supported",
-    **{key: _PIPELINE_SPLIT for key in (
-        "num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage", "pipeline_model_parallel_layout",
-        "account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split",
-        "virtual_pipeline_model_parallel_size")},
+    "export records (both compute 1/sqrt(head_dim)), so a converted model would compute another "
+    "function: not supported",
+    **{
+        key: _PIPELINE_SPLIT
+        for key in (
+            "num_layers_in_first_pipeline_stage",
+            "num_layers_in_last_pipeline_stage",
+            "pipeline_model_parallel_layout",
+            "account_for_embedding_in_pipeline_split",
+            "account_for_loss_in_pipeline_split",
+            "virtual_pipeline_model_parallel_size",
+        )
+    },
 }
 
 
@@ -672,7 +726,6 @@ def check_model(cfg: Config) -> None:
     data.seq_length for the clip_alpha form), the TP/PP layout, model.vocab_size, and megatron's
     TransformerConfig built from the arch and model.transformer_overrides (its own field names and
     checks). Builds no module. Raises OutEffError naming the bad key."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_outeff.models.family import family_of
 
@@ -690,8 +743,9 @@ def check_model(cfg: Config) -> None:
         raise with_context("model", e) from None
     vocab = cfg.model.vocab_size
     if vocab is not None and (vocab < arch.vocab_size or vocab % tp):
-        raise OutEffError(f"model.vocab_size={vocab}: expected >= the arch's {arch.vocab_size} and divisible by "
-                          f"tensor_parallel={tp}")
+        raise OutEffError(
+            f"model.vocab_size={vocab}: expected >= the arch's {arch.vocab_size} and divisible by tensor_parallel={tp}"
+        )
     overrides = transformer_overrides(cfg)  # our own checks: complete one-line errors, passed on unchanged
     try:
         family.arch.transformer_config(arch, variant, **overrides)
@@ -721,22 +775,34 @@ def check_transformer_overrides(overrides: dict, family=None) -> dict:
             raise OutEffError(f"{where}.{key}: {reason}")
         if key in from_arch:
             arch_key = from_arch[key]
-            raise OutEffError(f"{where}.{key}: " + (f"set by the architecture: use model.arch_overrides.{arch_key}"
-                              if arch_key else f"fixed by the {family.label} architecture"))
+            raise OutEffError(
+                f"{where}.{key}: "
+                + (
+                    f"set by the architecture: use model.arch_overrides.{arch_key}"
+                    if arch_key
+                    else f"fixed by the {family.label} architecture"
+                )
+            )
     checked = typed_fields(TransformerConfig, overrides, where)
     hints = typing.get_type_hints(TransformerConfig)
     for key, value in checked.items():
         if _python_object(hints[key]):
-            raise OutEffError(f"{where}.{key}={value!r}: megatron expects a Python object ({hints[key]}), "
-                              "which a config value cannot be")
+            raise OutEffError(
+                f"{where}.{key}={value!r}: megatron expects a Python object ({hints[key]}), "
+                "which a config value cannot be"
+            )
     return checked
 
 
 def _python_object(hint) -> bool:
     """A TransformerConfig field type that no YAML value has (a callable, a torch.dtype, a context manager)."""
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    return all(a is torch.dtype or typing.get_origin(a) in (collections.abc.Callable, contextlib.AbstractContextManager)
-               or a in (collections.abc.Callable, typing.Callable) for a in args)
+    return all(
+        a is torch.dtype
+        or typing.get_origin(a) in (collections.abc.Callable, contextlib.AbstractContextManager)
+        or a in (collections.abc.Callable, typing.Callable)
+        for a in args
+    )
 
 
 def transformer_overrides(cfg: Config) -> dict:

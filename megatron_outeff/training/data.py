@@ -15,6 +15,7 @@ draw sample i from (seed, i), indexed data reads megatron's one-epoch datasets e
 stopped. What defines the order is recorded with the position (``sample_order``); a resumed change of
 it is refused or stated (``check_resumed_order``, ``order_change_note``).
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,17 @@ class BatchSource:
     """Micro-batches of this data-parallel rank from a sample function ``sample(i) -> dict`` of
     1-D tensors (tokens, labels, loss_mask, position_ids)."""
 
-    def __init__(self, sample: Callable[[int], dict], *, micro_batch_size: int, global_batch_size: int,
-                 dp_rank: int, dp_size: int, consumed_samples: int = 0, order: dict | None = None):
+    def __init__(
+        self,
+        sample: Callable[[int], dict],
+        *,
+        micro_batch_size: int,
+        global_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        consumed_samples: int = 0,
+        order: dict | None = None,
+    ):
         self.sample = sample
         self.order = order  # what defines the stream's order (sample_order), saved with the position
         self.micro_batch_size = micro_batch_size
@@ -76,9 +86,12 @@ BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 def make_sample(seq: torch.Tensor) -> dict:
     """A [s+1] token sequence -> one sample's inputs/targets (next-token prediction)."""
-    return {"tokens": seq[:-1].long(), "labels": seq[1:].long(),
-            "loss_mask": torch.ones(seq.numel() - 1, dtype=torch.float32),
-            "position_ids": torch.arange(seq.numel() - 1)}
+    return {
+        "tokens": seq[:-1].long(),
+        "labels": seq[1:].long(),
+        "loss_mask": torch.ones(seq.numel() - 1, dtype=torch.float32),
+        "position_ids": torch.arange(seq.numel() - 1),
+    }
 
 
 def synthetic_sampler(vocab_size: int, seq_length: int, seed: int) -> Callable[[int], dict]:
@@ -112,11 +125,17 @@ def indexed_samplers(cfg, *, vocab_size: int) -> tuple[Callable[[int], dict], Ca
     try:
         tokenizer = load_tokenizer(d.tokenizer)
         check_vocab_fits(tokenizer.vocab_size, vocab_size, "data.tokenizer")
-        common = dict(tokenizer=tokenizer, seq_length=d.seq_length, seed=t.seed, cache_dir=d.cache_dir,
-                      eod_mask_loss=d.eod_mask_loss)
+        common = dict(
+            tokenizer=tokenizer,
+            seq_length=d.seq_length,
+            seed=t.seed,
+            cache_dir=d.cache_dir,
+            eod_mask_loss=d.eod_mask_loss,
+        )
         if d.valid_paths:
-            train, valid, _ = build_gpt_streams(train_data=list(d.train_paths),
-                                                valid_data=list(d.valid_paths) if need_valid else None, **common)
+            train, valid, _ = build_gpt_streams(
+                train_data=list(d.train_paths), valid_data=list(d.valid_paths) if need_valid else None, **common
+            )
         else:
             train, valid, _ = build_gpt_streams(list(d.train_paths), split=d.split, **common)
         if train is None:
@@ -130,9 +149,13 @@ def indexed_samplers(cfg, *, vocab_size: int) -> tuple[Callable[[int], dict], Ca
     def sampler(dataset):
         def sample(i: int) -> dict:
             x = dataset[i]
-            return {"tokens": torch.as_tensor(x["tokens"]).long(), "labels": torch.as_tensor(x["labels"]).long(),
-                    "loss_mask": torch.as_tensor(x["loss_mask"]).float(),
-                    "position_ids": torch.as_tensor(x["position_ids"]).long()}
+            return {
+                "tokens": torch.as_tensor(x["tokens"]).long(),
+                "labels": torch.as_tensor(x["labels"]).long(),
+                "loss_mask": torch.as_tensor(x["loss_mask"]).float(),
+                "position_ids": torch.as_tensor(x["position_ids"]).long(),
+            }
+
         return sample
 
     return sampler(train), (sampler(valid) if valid is not None and need_valid else None)
@@ -144,7 +167,9 @@ def bigram_backcopy_samplers(cfg, *, vocab_size: int) -> tuple[Callable[[int], d
 
     task = bigram_backcopy_task(cfg)
     if task.vocab_size > vocab_size:
-        raise OutEffError(f"data.bigram_backcopy.vocab_size={task.vocab_size} exceeds the model's vocabulary ({vocab_size})")
+        raise OutEffError(
+            f"data.bigram_backcopy.vocab_size={task.vocab_size} exceeds the model's vocabulary ({vocab_size})"
+        )
 
     def sampler(stream_seed: int):
         return lambda i: make_sample(task.sequence(stream_seed, i))
@@ -162,9 +187,10 @@ def build_sources(cfg, *, vocab_size: int, dp_rank: int, dp_size: int) -> tuple[
         train, valid = bigram_backcopy_samplers(cfg, vocab_size=vocab_size)
     else:
         train, valid = indexed_samplers(cfg, vocab_size=vocab_size)
-    kw = dict(micro_batch_size=p.micro_batch_size, global_batch_size=p.global_batch_size, dp_rank=dp_rank, dp_size=dp_size)
-    return (BatchSource(train, order=sample_order(cfg), **kw),
-            BatchSource(valid, **kw) if valid is not None else None)
+    kw = dict(
+        micro_batch_size=p.micro_batch_size, global_batch_size=p.global_batch_size, dp_rank=dp_rank, dp_size=dp_size
+    )
+    return (BatchSource(train, order=sample_order(cfg), **kw), BatchSource(valid, **kw) if valid is not None else None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,7 +200,7 @@ def build_sources(cfg, *, vocab_size: int, dp_rank: int, dp_size: int) -> tuple[
 # of sample_order's keys is stated in one log line when the run resumes.
 REFUSED_ORDER_KEYS = {
     "data.split": "it moves documents between the training and validation splits, so the validation loss "
-                  "would be measured on documents the run trained on",
+    "would be measured on documents the run trained on",
 }
 
 
@@ -191,7 +217,9 @@ def sample_order(cfg) -> dict:
         order["model vocabulary"] = arch_config(cfg).vocab_size  # synthetic tokens are drawn from it
     elif d.source == "bigram_backcopy":
         b = d.bigram_backcopy
-        order.update({f"data.bigram_backcopy.{k}": getattr(b, k) for k in ("vocab_size", "num_triggers", "seed", "logit_scale")})
+        order.update(
+            {f"data.bigram_backcopy.{k}": getattr(b, k) for k in ("vocab_size", "num_triggers", "seed", "logit_scale")}
+        )
     else:
         from megatron.core.datasets.utils import normalize
 
@@ -241,8 +269,10 @@ def check_resumed_order(saved_data_state: dict | None, cfg) -> str | None:
         return str(e)
     for key, old, new in order_changes((saved_data_state or {}).get("order"), current):
         if key in REFUSED_ORDER_KEYS:
-            return (f"{key} changed since the checkpoint ({_show(old)} -> {_show(new)}): {REFUSED_ORDER_KEYS[key]}; "
-                    f"start a new run instead (checkpoint.init_from takes this run's weights)")
+            return (
+                f"{key} changed since the checkpoint ({_show(old)} -> {_show(new)}): {REFUSED_ORDER_KEYS[key]}; "
+                f"start a new run instead (checkpoint.init_from takes this run's weights)"
+            )
     return None
 
 
@@ -252,5 +282,7 @@ def order_change_note(saved_data_state: dict, source: BatchSource) -> str | None
     if not changes:
         return None
     what = "; ".join(f"{key} {_show(old)} -> {_show(new)}" for key, old, new in changes)
-    return (f"data order changed since the checkpoint ({what}): training goes on at sample {source.consumed_samples} "
-            "of the new order, so it may read again samples it trained on and skip others")
+    return (
+        f"data order changed since the checkpoint ({what}): training goes on at sample {source.consumed_samples} "
+        "of the new order, so it may read again samples it trained on and skip others"
+    )

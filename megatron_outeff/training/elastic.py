@@ -32,6 +32,7 @@ FP16_Optimizer keeps flat fp32 groups we do not map), a new tensor-parallel size
 the checkpoint's vocabulary rows. Heads / FFN / layers against TP / PP and the global batch against
 micro-batch x data parallel are checked by the config as for any run.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,15 +42,30 @@ import torch
 import torch.distributed as dist
 
 from megatron_outeff.checkpoint_format import (
-    MANIFEST, MODEL_SUBDIR, MOMENTS, OPTIM_FORMAT, OPTIM_FORMAT_VERSION, OPTIM_STATE, OPTIM_SUBDIR, TRAIN_STATE,
-    make_manifest, manifest_arch_variant, merge_ranks, read_manifest, read_model_files, read_train_state,
-    split_rank, tensor_state, write_manifest, write_rank_file,
+    MANIFEST,
+    MODEL_SUBDIR,
+    MOMENTS,
+    OPTIM_FORMAT,
+    OPTIM_FORMAT_VERSION,
+    OPTIM_STATE,
+    OPTIM_SUBDIR,
+    TRAIN_STATE,
+    make_manifest,
+    manifest_arch_variant,
+    merge_ranks,
+    read_manifest,
+    read_model_files,
+    read_train_state,
+    split_rank,
+    tensor_state,
+    write_manifest,
+    write_rank_file,
 )
-
 from megatron_outeff.errors import OutEffError, with_context
 
 from .config import LAYOUT_KEYS, Config
 from .optimizer import state_keys
+
 # What DeepSpeed's own checkpoint files depend on: any change and they cannot be loaded.
 SHARD_KEYS = ("data_parallel", "tensor_parallel", "pipeline_parallel", "zero_stage", "cpu_offload")
 
@@ -60,13 +76,17 @@ SHARD_KEYS = ("data_parallel", "tensor_parallel", "pipeline_parallel", "zero_sta
 def layout(cfg: Config, world_size: int) -> dict:
     """The run's layout (saved in train_state.json): data / tensor / pipeline parallel sizes, ZeRO
     stage, CPU offload, micro-batch size, sequence parallelism."""
-    return {"data_parallel": cfg.data_parallel_size(world_size),
-            **{key: getattr(cfg.parallel, key) for key in LAYOUT_KEYS}}
+    return {
+        "data_parallel": cfg.data_parallel_size(world_size),
+        **{key: getattr(cfg.parallel, key) for key in LAYOUT_KEYS},
+    }
 
 
 def describe(lay: dict) -> str:
-    return (f"DP {lay['data_parallel']} x TP {lay['tensor_parallel']} x PP {lay['pipeline_parallel']}, "
-            f"ZeRO-{lay['zero_stage']}" + (" + CPU offload" if lay.get("cpu_offload") else ""))
+    return (
+        f"DP {lay['data_parallel']} x TP {lay['tensor_parallel']} x PP {lay['pipeline_parallel']}, "
+        f"ZeRO-{lay['zero_stage']}" + (" + CPU offload" if lay.get("cpu_offload") else "")
+    )
 
 
 def layout_changed(train_state: dict, cfg: Config, world_size: int) -> bool:
@@ -88,41 +108,58 @@ def check_resume(cfg: Config, tag_dir: Path, world_size: int) -> str | None:
     saved, now = state["layout"], layout(cfg, world_size)
     where = f"checkpoint {tag_dir} (saved at {describe(saved)})"
     if cfg.precision.dtype == "fp16":
-        return (f"{where}: resuming on another layout ({describe(now)}) supports precision.dtype fp32 and bf16, "
-                "not fp16 (its loss scale is kept only in DeepSpeed's per-layout files); resume at the saved layout")
+        return (
+            f"{where}: resuming on another layout ({describe(now)}) supports precision.dtype fp32 and bf16, "
+            "not fp16 (its loss scale is kept only in DeepSpeed's per-layout files); resume at the saved layout"
+        )
     if cfg.parallel.zero_stage == 0 and cfg.precision.dtype != "fp32":
-        return (f"parallel.zero_stage=0 with precision.dtype={cfg.precision.dtype}: resuming {where} at {describe(now)} "
-                "needs DeepSpeed's fp32-master optimizers; its ZeRO-0 FP16_Optimizer keeps flat fp32 groups we do "
-                "not map; expected zero_stage >= 1")
+        return (
+            f"parallel.zero_stage=0 with precision.dtype={cfg.precision.dtype}: resuming {where} at {describe(now)} "
+            "needs DeepSpeed's fp32-master optimizers; its ZeRO-0 FP16_Optimizer keeps flat fp32 groups we do "
+            "not map; expected zero_stage >= 1"
+        )
     keys = state_keys(cfg)
     if keys is None:
-        return (f"optimizer.type={cfg.optimizer.type}: resuming {where} at {describe(now)} is not supported (DeepSpeed "
-                "keeps Muon's momentum in per-rank flat buffers that the per-parameter optimizer files do not map); "
-                "resume at the saved layout")
-    if (cfg.optimizer.type == "orthoadam" and saved["tensor_parallel"] != now["tensor_parallel"]
-            and max(saved["tensor_parallel"], now["tensor_parallel"]) > 1):
-        return (f"optimizer.type=orthoadam: resuming {where} at tensor_parallel={now['tensor_parallel']}: the moments "
-                "of TP-split parameters live in a rotation that is block-diagonal by TP rank, and the second moment "
-                "(elementwise squares) cannot be carried into another TP size's rotation; resume at "
-                f"tensor_parallel={saved['tensor_parallel']} (DP, PP and ZeRO-0 changes are supported)")
+        return (
+            f"optimizer.type={cfg.optimizer.type}: resuming {where} at {describe(now)} is not supported (DeepSpeed "
+            "keeps Muon's momentum in per-rank flat buffers that the per-parameter optimizer files do not map); "
+            "resume at the saved layout"
+        )
+    if (
+        cfg.optimizer.type == "orthoadam"
+        and saved["tensor_parallel"] != now["tensor_parallel"]
+        and max(saved["tensor_parallel"], now["tensor_parallel"]) > 1
+    ):
+        return (
+            f"optimizer.type=orthoadam: resuming {where} at tensor_parallel={now['tensor_parallel']}: the moments "
+            "of TP-split parameters live in a rotation that is block-diagonal by TP rank, and the second moment "
+            "(elementwise squares) cannot be carried into another TP size's rotation; resume at "
+            f"tensor_parallel={saved['tensor_parallel']} (DP, PP and ZeRO-0 changes are supported)"
+        )
     if not (tag_dir / OPTIM_SUBDIR / OPTIM_STATE).is_file():
-        return (f"{where} has no {OPTIM_SUBDIR}/{OPTIM_STATE} (per-parameter optimizer state: written by checkpoints "
-                f"since elastic resume, not at bf16/fp16 ZeRO-0), so it resumes only at that layout, not at {describe(now)}")
+        return (
+            f"{where} has no {OPTIM_SUBDIR}/{OPTIM_STATE} (per-parameter optimizer state: written by checkpoints "
+            f"since elastic resume, not at bf16/fp16 ZeRO-0), so it resumes only at that layout, not at {describe(now)}"
+        )
     try:
         saved_keys = tuple(json.loads((tag_dir / OPTIM_SUBDIR / OPTIM_STATE).read_text()).get("moments", MOMENTS))
     except (OSError, ValueError) as e:
         return f"{where}: {OPTIM_SUBDIR}/{OPTIM_STATE} is unreadable ({e})"
     if saved_keys != tuple(keys):
-        return (f"{where} holds optimizer state {list(saved_keys)}, but optimizer.type={cfg.optimizer.type} keeps "
-                f"{list(keys)}; resume with the checkpoint's optimizer")
+        return (
+            f"{where} holds optimizer state {list(saved_keys)}, but optimizer.type={cfg.optimizer.type} keeps "
+            f"{list(keys)}; resume with the checkpoint's optimizer"
+        )
     try:
         rows = read_manifest(tag_dir / MODEL_SUBDIR)["padded_vocab_size"]
     except OutEffError as e:  # a reason to return, not raise: rank 0 decides here, the others wait for it
         return f"{where}: {e}"
     tp = cfg.parallel.tensor_parallel
     if rows % tp:
-        return (f"parallel.tensor_parallel={tp}: {where} has {rows} vocabulary rows, which {tp} tensor-parallel "
-                f"ranks cannot divide; expected a tensor_parallel that divides {rows}")
+        return (
+            f"parallel.tensor_parallel={tp}: {where} has {rows} vocabulary rows, which {tp} tensor-parallel "
+            f"ranks cannot divide; expected a tensor_parallel that divides {rows}"
+        )
     return None
 
 
@@ -184,8 +221,11 @@ def _create_adam_state(engine, step: int, keys: tuple = MOMENTS) -> None:
     # (ZeRO-0: not the last pipeline stage's copy of the tied embedding, marked ``shared``: its gradient
     # is dropped before every step (step.py), so the optimizer never steps it and a state created here
     # would keep the resumed step count while the others advance)
-    tensors = list(flat) if flat is not None else [p for g in base.param_groups for p in g["params"]
-                                                   if not getattr(p, "shared", False)]
+    tensors = (
+        list(flat)
+        if flat is not None
+        else [p for g in base.param_groups for p in g["params"] if not getattr(p, "shared", False)]
+    )
     for t in tensors:  # each entry its own counter: torch AdamW increments it in place
         count = int(step) if isinstance(base, DeepSpeedCPUAdam) else torch.tensor(float(step), dtype=torch.float32)
         base.state[t] = {**({"step": count} if "exp_avg" in keys else {}), **{k: torch.zeros_like(t) for k in keys}}
@@ -237,26 +277,50 @@ def save_optimizer_files(engine, cfg: Config, iteration: int, tag_dir: Path) -> 
             else:
                 v = safe_get_full_optimizer_state(p, k) if stepped else None  # collective over DP
             if writer:
-                moments[k][id(p)] = (torch.zeros(shape) if v is None else
-                                     v.detach().to("cpu", torch.float32, copy=True).reshape(shape))
+                moments[k][id(p)] = (
+                    torch.zeros(shape) if v is None else v.detach().to("cpu", torch.float32, copy=True).reshape(shape)
+                )
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     if writer:
         # every tensor of the rank file replaced: a parameter by its moment, anything else by zeros
-        others = {id(v): torch.zeros(tuple(getattr(v, "ds_shape", v.shape)))
-                  for v in model.state_dict(keep_vars=True).values() if isinstance(v, torch.Tensor)}
+        others = {
+            id(v): torch.zeros(tuple(getattr(v, "ds_shape", v.shape)))
+            for v in model.state_dict(keep_vars=True).values()
+            if isinstance(v, torch.Tensor)
+        }
         t, p_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         for k in keys:
-            write_rank_file(tag_dir / OPTIM_SUBDIR / k, t, p_rank, tensor_state(model, replace={**others, **moments[k]}))
+            write_rank_file(
+                tag_dir / OPTIM_SUBDIR / k, t, p_rank, tensor_state(model, replace={**others, **moments[k]})
+            )
     if dist.get_rank() == 0:
         (tag_dir / OPTIM_SUBDIR).mkdir(parents=True, exist_ok=True)
         for k in keys:
-            write_manifest(tag_dir / OPTIM_SUBDIR / k, make_manifest(
-                arch=arch_config(cfg), variant=attention_variant(cfg), tp=tp, pp=pp, padded_vocab_size=model.vocab_size,
-                seq_length=cfg.data.seq_length, iteration=iteration, dtype="fp32", source=f"training optimizer {k}"))
-        state = {"format": OPTIM_FORMAT, "format_version": OPTIM_FORMAT_VERSION, "optimizer": type(base).__name__,
-                 "moments": list(keys), "step": step, "scheduler": engine.lr_scheduler.state_dict(),
-                 "global_steps": int(engine.global_steps), "global_samples": int(engine.global_samples),
-                 "skipped_steps": int(engine.skipped_steps)}
+            write_manifest(
+                tag_dir / OPTIM_SUBDIR / k,
+                make_manifest(
+                    arch=arch_config(cfg),
+                    variant=attention_variant(cfg),
+                    tp=tp,
+                    pp=pp,
+                    padded_vocab_size=model.vocab_size,
+                    seq_length=cfg.data.seq_length,
+                    iteration=iteration,
+                    dtype="fp32",
+                    source=f"training optimizer {k}",
+                ),
+            )
+        state = {
+            "format": OPTIM_FORMAT,
+            "format_version": OPTIM_FORMAT_VERSION,
+            "optimizer": type(base).__name__,
+            "moments": list(keys),
+            "step": step,
+            "scheduler": engine.lr_scheduler.state_dict(),
+            "global_steps": int(engine.global_steps),
+            "global_samples": int(engine.global_samples),
+            "skipped_steps": int(engine.skipped_steps),
+        }
         (tag_dir / OPTIM_SUBDIR / OPTIM_STATE).write_text(json.dumps(state, indent=1) + "\n")
 
 
@@ -275,7 +339,9 @@ def _rank_state(directory: Path, weights: str, model) -> dict[str, torch.Tensor]
         if (manifest["tp"], manifest["pp"], manifest["padded_vocab_size"]) == (tp, pp, model.vocab_size):
             return states[(t, p)]
         arch, variant = manifest_arch_variant(manifest, str(directory))
-        hf, padded = merge_ranks(states, arch, variant)  # per tensor, the variant's included (ops.variants.variant_tensors)
+        hf, padded = merge_ranks(
+            states, arch, variant
+        )  # per tensor, the variant's included (ops.variants.variant_tensors)
         return split_rank(hf, padded, arch, variant, t, tp, p, pp, model.vocab_size)
     except OutEffError as e:
         raise with_context("resuming on another layout", e) from None

@@ -9,6 +9,7 @@ optimizer.py and elastic.py, the only modules that import DeepSpeed).
   gradients over the data-parallel group only (never across TP shards) and sums grad norms over the
   model-parallel group (TP x PP), counting TP-duplicated parameters once.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,10 +29,17 @@ class MegatronMPU:
 
     # DeepSpeed's names that parallel_state has with the same meaning
     SAME_NAMES = (
-        "get_tensor_model_parallel_rank", "get_tensor_model_parallel_world_size", "get_tensor_model_parallel_group",
-        "get_tensor_model_parallel_src_rank", "get_pipeline_model_parallel_world_size",
-        "get_pipeline_model_parallel_rank", "get_pipeline_model_parallel_group", "get_model_parallel_group",
-        "get_model_parallel_src_rank", "get_data_parallel_group", "get_data_parallel_world_size",
+        "get_tensor_model_parallel_rank",
+        "get_tensor_model_parallel_world_size",
+        "get_tensor_model_parallel_group",
+        "get_tensor_model_parallel_src_rank",
+        "get_pipeline_model_parallel_world_size",
+        "get_pipeline_model_parallel_rank",
+        "get_pipeline_model_parallel_group",
+        "get_model_parallel_group",
+        "get_model_parallel_src_rank",
+        "get_data_parallel_group",
+        "get_data_parallel_world_size",
         "get_data_parallel_rank",
     )
 
@@ -115,18 +123,31 @@ def build_engine(cfg: Config, model: torch.nn.Module) -> Trainer:
         # reduces over DP and steps once: every engine.step() is the accumulation boundary.
         ds_config["managed_gradient_accumulation"] = False
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=build_scheduler(cfg, optimizer), config=ds_config,
-        mpu=MegatronMPU(), dist_init_required=False,
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=build_scheduler(cfg, optimizer),
+        config=ds_config,
+        mpu=MegatronMPU(),
+        dist_init_required=False,
     )
     if pipelined and own_clipping:
         engine.enable_backward_allreduce = False  # we average over DP before clipping (step.pipeline_train_step)
-    return Trainer(engine=engine, cfg=cfg, num_microbatches=cfg.grad_accumulation_steps(world),
-                   is_last_stage=parallel_state.is_pipeline_last_stage(), pipelined=pipelined,
-                   own_clipping=own_clipping)
+    return Trainer(
+        engine=engine,
+        cfg=cfg,
+        num_microbatches=cfg.grad_accumulation_steps(world),
+        is_last_stage=parallel_state.is_pipeline_last_stage(),
+        pipelined=pipelined,
+        own_clipping=own_clipping,
+    )
 
 
-def build_trainer(cfg: Config, *, prepare_model: Optional[Callable[[torch.nn.Module], None]] = None,
-                  model_cfg: Optional[Config] = None):
+def build_trainer(
+    cfg: Config,
+    *,
+    prepare_model: Optional[Callable[[torch.nn.Module], None]] = None,
+    model_cfg: Optional[Config] = None,
+):
     """(trainer, training batches, validation batches or None) of this rank; process groups must exist
     (megatron.parallel.init_model_parallel). ``prepare_model(model)`` sees the freshly built model
     before DeepSpeed wraps it (initial weights: checkpoint.init_from, a test's). ``model_cfg`` (default
@@ -141,6 +162,10 @@ def build_trainer(cfg: Config, *, prepare_model: Optional[Callable[[torch.nn.Mod
     if prepare_model is not None:
         prepare_model(model)
     trainer = build_engine(cfg, model)
-    train_data, valid_data = build_sources(cfg, vocab_size=arch_config(cfg).vocab_size,
-                                           dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size())
+    train_data, valid_data = build_sources(
+        cfg,
+        vocab_size=arch_config(cfg).vocab_size,
+        dp_rank=ps.get_data_parallel_rank(),
+        dp_size=ps.get_data_parallel_world_size(),
+    )
     return trainer, train_data, valid_data

@@ -12,6 +12,7 @@ Two things a launcher can get wrong that the config alone cannot see:
   otherwise build different groups and hang, or silently train different models). Raises
   OutEffError naming the first differing key and the ranks' values.
 """
+
 from __future__ import annotations
 
 import sys
@@ -64,12 +65,16 @@ def check_ranks_agree(cfg: Config) -> None:
     for rank, theirs in enumerate(everyone):
         key = _first_difference(everyone[0], theirs)
         if key:
-            def value(d):
+
+            def value(d, key=key):
                 for part in key.split("."):
                     d = d.get(part) if isinstance(d, dict) else None
                 return d
-            raise OutEffError(f"config differs between ranks (node agents started with different configs?): "
-                              f"{key} is {value(everyone[0])!r} on rank 0 but {value(theirs)!r} on rank {rank}")
+
+            raise OutEffError(
+                f"config differs between ranks (node agents started with different configs?): "
+                f"{key} is {value(everyone[0])!r} on rank 0 but {value(theirs)!r} on rank {rank}"
+            )
 
 
 @command

@@ -12,6 +12,7 @@ a crashed run wrote past its last complete checkpoint disappear from every tag, 
 reused directory starts clean. Each axis needs its own run directory since the purge applies to all
 tags of a run at one step value.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,7 @@ import torch.distributed as dist
 def is_logging_rank() -> bool:
     from megatron.core import parallel_state as ps
 
-    return (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-            and ps.get_data_parallel_rank() == 0)
+    return ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
 
 
 def print_rank0(*args) -> None:
@@ -39,8 +39,15 @@ AXES = {"iteration": ("", ""), "samples": (" vs samples", "vs_samples"), "tokens
 
 
 class MetricsLogger:
-    def __init__(self, tensorboard_dir: str | None, *, seq_length: int, log_interval: int,
-                 start_iteration: int = 0, start_samples: int = 0):
+    def __init__(
+        self,
+        tensorboard_dir: str | None,
+        *,
+        seq_length: int,
+        log_interval: int,
+        start_iteration: int = 0,
+        start_samples: int = 0,
+    ):
         """start_iteration / start_samples: where this run starts (the resumed checkpoint's iteration
         and consumed samples; 0 for a new run). Events past them on any axis are purged."""
         self.seq_length = seq_length
@@ -51,9 +58,12 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             start = {"iteration": start_iteration, "samples": start_samples, "tokens": start_samples * seq_length}
-            self.writers = {axis: SummaryWriter(log_dir=os.path.join(tensorboard_dir, sub), max_queue=100,
-                                                purge_step=start[axis] + 1)
-                            for axis, (_, sub) in AXES.items()}
+            self.writers = {
+                axis: SummaryWriter(
+                    log_dir=os.path.join(tensorboard_dir, sub), max_queue=100, purge_step=start[axis] + 1
+                )
+                for axis, (_, sub) in AXES.items()
+            }
         self._t0 = time.perf_counter()
 
     def _scalar(self, tag: str, value, iteration: int, samples: int) -> None:
@@ -72,8 +82,12 @@ class MetricsLogger:
         if iteration % self.log_interval:
             return
         tokens_per_sec = global_batch * self.seq_length / max(dt, 1e-9)
-        for tag, value in (("lm loss", result.loss), ("learning-rate", result.lr), ("grad-norm", result.grad_norm),
-                           ("loss-scale", result.loss_scale)):
+        for tag, value in (
+            ("lm loss", result.loss),
+            ("learning-rate", result.lr),
+            ("grad-norm", result.grad_norm),
+            ("loss-scale", result.loss_scale),
+        ):
             self._scalar(tag, value, iteration, samples)
         self.scalars(iteration, {"iteration-time": dt, "throughput/tokens_per_sec": tokens_per_sec})
         if self.console:
@@ -102,7 +116,7 @@ class MetricsLogger:
         for tag, value in values.items():
             self.writers["iteration"].add_scalar(tag, value, iteration)
         if any(tag.startswith("outliers/") for tag in values):  # a probe (rare): on disk at once, so a
-            self.writers["iteration"].flush()                   # run stopped from outside keeps its probes
+            self.writers["iteration"].flush()  # run stopped from outside keeps its probes
 
     def flush(self) -> None:
         """Everything logged so far onto disk (called before each checkpoint save)."""

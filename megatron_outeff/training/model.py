@@ -7,6 +7,7 @@ inputs). ``device()``: where this rank's model runs. Knows nothing of DeepSpeed.
 checks (architecture, overrides, variant) belong to the config (``config.check_model``): this module
 imports the config, never the other way round.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,8 +32,13 @@ def build_model(cfg: Config, *, pre_process: bool | None = None, post_process: b
     arch, variant = arch_config(cfg), attention_variant(cfg)  # each raises its own complete OutEffError
     try:
         model = family_of(arch).arch.build_model(
-            arch, variant, vocab_size=cfg.model.vocab_size, params_dtype=torch.float32,
-            sequence_parallel=cfg.parallel.sequence_parallel, pre_process=pre_process, post_process=post_process,
+            arch,
+            variant,
+            vocab_size=cfg.model.vocab_size,
+            params_dtype=torch.float32,
+            sequence_parallel=cfg.parallel.sequence_parallel,
+            pre_process=pre_process,
+            post_process=post_process,
             seq_length=cfg.data.seq_length,  # clipped variants in the clip_alpha form
             **transformer_overrides(cfg),
         )

@@ -15,6 +15,7 @@ our fp32 gradient clipping.
 - ``clip_grads_fp32``: the global grad norm over TP x PP and clipping, where we clip instead of
   DeepSpeed (``clips_itself``).
 """
+
 from __future__ import annotations
 
 import math
@@ -69,8 +70,10 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
             if not p.requires_grad:
                 continue
             (decay if decays(decay_role(p_name, p, module), cfg) else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.optimizer.weight_decay, "name": "decay"},
-              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.optimizer.weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -131,16 +134,25 @@ def orthoadam_rotations(model: torch.nn.Module, cfg: Config):
         if id(p) not in names:
             raise ValueError(f"OrthoAdam: a parameter of shape {tuple(p.shape)} is not one of the model's")
         split = p.partition_dim if getattr(p, "tensor_model_parallel", False) and tp > 1 else None
-        return [axis_rotation(n, o.rotation_seed, f"{names[id(p)]}/axis{axis}"
-                              + (f"/tp{tp_rank}of{tp}" if axis == split else ""), o.rotation_block_size)
-                for axis, n in enumerate(p.shape)]
+        return [
+            axis_rotation(
+                n,
+                o.rotation_seed,
+                f"{names[id(p)]}/axis{axis}" + (f"/tp{tp_rank}of{tp}" if axis == split else ""),
+                o.rotation_block_size,
+            )
+            for axis, n in enumerate(p.shape)
+        ]
 
     return rotations
 
 
 def _is_embedding(param: torch.nn.Parameter, module: torch.nn.Module) -> bool:
-    return getattr(param, "is_embedding_or_output_parameter", False) or isinstance(module, torch.nn.Embedding) \
+    return (
+        getattr(param, "is_embedding_or_output_parameter", False)
+        or isinstance(module, torch.nn.Embedding)
         or "embedding" in type(module).__name__.lower()
+    )
 
 
 def muon_param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
@@ -163,10 +175,21 @@ def muon_param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
                 p.use_muon = use_muon
             if not half:
                 continue
-            settings = (dict(momentum=momentum(cfg), ns_method="gram", lr_scale=scale) if use_muon
-                        else dict(betas=tuple(o.betas), eps=o.eps))
-            groups.append(dict(params=half, use_muon=use_muon, name=f"{g['name']}-{'muon' if use_muon else 'adam'}",
-                               lr=o.lr * (scale if use_muon else 1.0), weight_decay=g["weight_decay"], **settings))
+            settings = (
+                dict(momentum=momentum(cfg), ns_method="gram", lr_scale=scale)
+                if use_muon
+                else dict(betas=tuple(o.betas), eps=o.eps)
+            )
+            groups.append(
+                dict(
+                    params=half,
+                    use_muon=use_muon,
+                    name=f"{g['name']}-{'muon' if use_muon else 'adam'}",
+                    lr=o.lr * (scale if use_muon else 1.0),
+                    weight_decay=g["weight_decay"],
+                    **settings,
+                )
+            )
     return groups
 
 
@@ -203,8 +226,16 @@ class WarmupDecayLR:
     decay from max_lr to min_lr at ``decay_iters``, min_lr after. ``step()`` is called by DeepSpeed
     after each applied optimizer step (skipped fp16 steps do not advance it)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, max_lr: float, min_lr: float, warmup_iters: int,
-                 decay_iters: int, decay_style: str):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        max_lr: float,
+        min_lr: float,
+        warmup_iters: int,
+        decay_iters: int,
+        decay_style: str,
+    ):
         self.optimizer = optimizer
         self.max_lr, self.min_lr = max_lr, min_lr
         self.warmup_iters, self.decay_iters, self.decay_style = warmup_iters, decay_iters, decay_style
@@ -248,8 +279,12 @@ class WarmupDecayLR:
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> WarmupDecayLR:
     """The schedule of ``cfg.schedule`` from optimizer.lr; decay_iters defaults to train.train_iters."""
     return WarmupDecayLR(
-        optimizer, max_lr=cfg.optimizer.lr, min_lr=cfg.schedule.min_lr, warmup_iters=cfg.schedule.warmup_iters,
-        decay_iters=cfg.schedule.decay_iters or cfg.train.train_iters, decay_style=cfg.schedule.decay_style,
+        optimizer,
+        max_lr=cfg.optimizer.lr,
+        min_lr=cfg.schedule.min_lr,
+        warmup_iters=cfg.schedule.warmup_iters,
+        decay_iters=cfg.schedule.decay_iters or cfg.train.train_iters,
+        decay_style=cfg.schedule.decay_style,
     )
 
 

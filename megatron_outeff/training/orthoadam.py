@@ -30,6 +30,7 @@ the same rotation on every rank (replicated tensors stay replicated). See traini
 State per parameter (torch AdamW's names, so checkpoints and training/elastic.py treat it alike):
 ``step`` (float32 scalar tensor), ``exp_avg``, ``exp_avg_sq`` (in the rotated basis).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -63,8 +64,9 @@ def haar_orthogonal(n: int, generator: torch.Generator, dtype: torch.dtype = tor
     return (q * signs).to(dtype)
 
 
-def axis_rotation(n: int, seed: int, key: str, block_size: int = DEFAULT_BLOCK_SIZE,
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def axis_rotation(
+    n: int, seed: int, key: str, block_size: int = DEFAULT_BLOCK_SIZE, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """The fixed rotation of an axis of length n: Haar if n <= block_size, else block-diagonal with
     ceil(n / block_size) independent Haar blocks of sizes differing by at most one. Deterministic in
     (n, seed, key, block_size)."""
@@ -76,7 +78,7 @@ def axis_rotation(n: int, seed: int, key: str, block_size: int = DEFAULT_BLOCK_S
     start = 0
     for b, size in enumerate(sizes):
         gen = torch.Generator().manual_seed(rotation_seed(seed, f"{key}/n{n}/block{b}of{blocks}"))
-        out[start:start + size, start:start + size] = haar_orthogonal(size, gen, dtype)
+        out[start : start + size, start : start + size] = haar_orthogonal(size, gen, dtype)
         start += size
     return out
 
@@ -105,8 +107,15 @@ class OrthoAdam(torch.optim.Optimizer):
     parameter at its first step; the result is cached, not part of ``state_dict`` (re-derivable).
     A 0-dim parameter is never rotated."""
 
-    def __init__(self, params: Iterable, rotations: Callable[[torch.Tensor], Sequence[Optional[torch.Tensor]]],
-                 lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2):
+    def __init__(
+        self,
+        params: Iterable,
+        rotations: Callable[[torch.Tensor], Sequence[Optional[torch.Tensor]]],
+        lr: float = 1e-3,
+        betas: tuple = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ):
         if not lr >= 0.0:
             raise ValueError(f"lr={lr}: expected >= 0")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -126,8 +135,9 @@ class OrthoAdam(torch.optim.Optimizer):
                 raise ValueError(f"rotations: {len(qs)} matrices for a parameter of shape {tuple(p.shape)}")
             for axis, q in enumerate(qs):
                 if q is not None and tuple(q.shape) != (p.shape[axis], p.shape[axis]):
-                    raise ValueError(f"rotation of axis {axis}: shape {tuple(q.shape)} for a parameter of shape "
-                                     f"{tuple(p.shape)}")
+                    raise ValueError(
+                        f"rotation of axis {axis}: shape {tuple(q.shape)} for a parameter of shape {tuple(p.shape)}"
+                    )
             rot = tuple(None if q is None else q.to(device=p.device, dtype=p.dtype) for q in qs)
             self._rotations[id(p)] = rot
         return rot
@@ -162,10 +172,10 @@ class OrthoAdam(torch.optim.Optimizer):
                 exp_avg.lerp_(grad, 1 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 step = step_t.item()
-                bias_correction1 = 1 - beta1 ** step
-                bias_correction2 = 1 - beta2 ** step
+                bias_correction1 = 1 - beta1**step
+                bias_correction2 = 1 - beta2**step
                 step_size = lr / bias_correction1
-                denom = (exp_avg_sq.sqrt() / bias_correction2 ** 0.5).add_(eps)
+                denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
                 if not rotated:
                     p.addcdiv_(exp_avg, denom, value=-step_size)
                     continue

@@ -34,6 +34,7 @@ Notes: megatron's linear_proj / linear_fc2 return their output without the bias 
 fused bias-dropout-add), so attn_out / fc2 are measured before the bias. Under sequence parallelism
 a TP rank holds a sequence slice, so the statistics are those of TP rank 0's slice.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,8 +70,11 @@ def core_attentions(model) -> dict:
     """{'layer{i}': core attention} for this stage's layers whose core attention can report its
     probabilities (OutEffCoreAttention; megatron's DotProductAttention cannot)."""
     gpt = unwrap(model)
-    return {f"layer{layer.layer_number - 1}": layer.self_attention.core_attention for layer in gpt.decoder.layers
-            if hasattr(layer.self_attention.core_attention, "probe_probabilities")}
+    return {
+        f"layer{layer.layer_number - 1}": layer.self_attention.core_attention
+        for layer in gpt.decoder.layers
+        if hasattr(layer.self_attention.core_attention, "probe_probabilities")
+    }
 
 
 class _Hooks:
@@ -95,8 +99,11 @@ class AttentionMassProbe(_Hooks):
         self.idle = None  # [b, sq] bool: query rows where the task gives the head nothing to do
 
     def __enter__(self):
-        from megatron_outeff.metrics.outliers import (attention_sink_mass, first_token_mass_per_head,
-                                                      first_token_norm_ratio)
+        from megatron_outeff.metrics.outliers import (
+            attention_sink_mass,
+            first_token_mass_per_head,
+            first_token_norm_ratio,
+        )
 
         def hook(name):
             def record(module, args, kwargs, output):
@@ -108,6 +115,7 @@ class AttentionMassProbe(_Hooks):
                 if self.idle is not None:
                     m["first_token_mass_idle_per_head"] = first_token_mass_per_head(probs, self.idle).tolist()
                 self.values[name] = m
+
             return record
 
         self.values = {}
@@ -135,8 +143,13 @@ class TokenProbe(_Hooks):
         self.values = {}
 
     def __enter__(self):
-        from megatron_outeff.metrics.outliers import (first_token_norm, first_token_norm_ratio, masked_mean,
-                                                      massive_activation_ratio, range_inflation)
+        from megatron_outeff.metrics.outliers import (
+            first_token_norm,
+            first_token_norm_ratio,
+            masked_mean,
+            massive_activation_ratio,
+            range_inflation,
+        )
 
         def layer_hook(name):
             def record(module, args, output):
@@ -145,12 +158,14 @@ class TokenProbe(_Hooks):
                 self.values.setdefault("massive_activation", {})[name] = massive_activation_ratio(out, token_dim=0)
                 self.values.setdefault("range_inflation", {})[name] = range_inflation(out, token_dim=0)
                 self.values.setdefault("first_token_norm", {})[f"{name}.layer"] = first_token_norm(out, token_dim=0)
+
             return record
 
         def source_hook(name):
             def record(module, args, output):
                 out = output[0] if isinstance(output, (tuple, list)) else output  # [s, b, h]
                 self.values.setdefault("first_token_norm", {})[name] = first_token_norm(out, token_dim=0)
+
             return record
 
         def loss_hook(module, args, output):
@@ -170,6 +185,7 @@ class TokenProbe(_Hooks):
 class OutlierMonitor:
     def __init__(self, model, interval: int):
         from megatron.core import parallel_state as ps
+
         from megatron_outeff.metrics.outliers import OutlierCollector
 
         self.interval = interval
@@ -188,6 +204,7 @@ class OutlierMonitor:
         the loss is also logged per position class (``outliers/loss/{name}``); idle ([b, s] bool):
         the query rows where the task gives a head nothing to do (first-token mass there)."""
         from megatron.core import parallel_state as ps
+
         from megatron_outeff.metrics.outliers import SINK_THRESHOLD, sink_head_share
 
         self.collector.reset()
@@ -245,7 +262,8 @@ class OutlierMonitor:
                 tags[f"outliers/mean_{key}"] = sum(m[key] for m in masses.values()) / len(masses)
             # Gu et al.'s Sink^0.3 over every head of every (TP rank 0) layer
             tags[f"outliers/sink_head_share_{SINK_THRESHOLD}"] = sink_head_share(
-                [x for m in masses.values() for x in m["first_token_mass_per_head"]])
+                [x for m in masses.values() for x in m["first_token_mass_per_head"]]
+            )
             tags["outliers/min_value_norm_ratio"] = min(m["value_norm_ratio"] for m in masses.values())
             idle = [x for m in masses.values() for x in m.get("first_token_mass_idle_per_head", [])]
             if idle:

@@ -1,4 +1,5 @@
 """Print the DeepSpeed JSON a training config generates: python -m megatron_outeff.training.print_deepspeed_config --config X.yaml --world-size N"""
+
 import json
 import sys
 

@@ -25,6 +25,7 @@ DeepSpeed clips, its own check sees the non-finite gradient norm first and skips
 bf16, after ``precision.max_skipped_steps`` in a row in fp16 (its loss scaler skips overflowing
 steps by design). Either way the weights are never updated from a non-finite step.
 """
+
 from __future__ import annotations
 
 import functools
@@ -137,7 +138,10 @@ def train_step(t: Trainer, micro_batches: list[dict]) -> StepResult:
     if grad_norm is None:
         grad_norm = _deepspeed_grad_norm(engine)
     return StepResult(
-        loss=step_loss, grad_norm=grad_norm, loss_scale=_loss_scale(engine), lr=lr,
+        loss=step_loss,
+        grad_norm=grad_norm,
+        loss_scale=_loss_scale(engine),
+        lr=lr,
         skipped=engine.skipped_steps > skipped_before,
     )
 
@@ -178,12 +182,14 @@ def pipeline_train_step(t: Trainer, micro_batches: list[dict]) -> StepResult:
     else:
         engine.step()  # ZeRO-1: reduce over DP, clip (skipped on a non-finite norm), update, LR schedule
         grad_norm = _deepspeed_grad_norm(engine)
-    return StepResult(loss=step_loss, grad_norm=grad_norm, loss_scale=None, lr=lr,
-                      skipped=engine.skipped_steps > skipped_before)
+    return StepResult(
+        loss=step_loss, grad_norm=grad_norm, loss_scale=None, lr=lr, skipped=engine.skipped_steps > skipped_before
+    )
 
 
-def _pipeline_loss_func(loss_mask: torch.Tensor, num_tokens: torch.Tensor, num_microbatches: int,
-                        per_token: torch.Tensor):
+def _pipeline_loss_func(
+    loss_mask: torch.Tensor, num_tokens: torch.Tensor, num_microbatches: int, per_token: torch.Tensor
+):
     loss = lm_loss(per_token, loss_mask, num_tokens)  # this micro-batch's share of the step's per-token loss
     # megatron's schedule divides the returned loss by num_microbatches (and backpropagates that); DeepSpeed
     # then averages the gradients over DP: x (micro-batches x DP) gives the global per-token loss's gradient
@@ -195,14 +201,19 @@ def _run_pipeline(t: Trainer, micro_batches: list[dict], num_tokens: torch.Tenso
 
     def forward_step(data_iterator, model):
         batch = to_device(next(data_iterator))
-        return _forward(model, batch), functools.partial(_pipeline_loss_func, batch["loss_mask"], num_tokens,
-                                                         len(micro_batches))
+        return _forward(model, batch), functools.partial(
+            _pipeline_loss_func, batch["loss_mask"], num_tokens, len(micro_batches)
+        )
 
     schedule = cpu_safe_forward_backward_func()
     return schedule(
-        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[t.engine.module],
-        num_microbatches=len(micro_batches), seq_length=micro_batches[0]["tokens"].shape[1],
-        micro_batch_size=micro_batches[0]["tokens"].shape[0], forward_only=forward_only,
+        forward_step_func=forward_step,
+        data_iterator=iter(micro_batches),
+        model=[t.engine.module],
+        num_microbatches=len(micro_batches),
+        seq_length=micro_batches[0]["tokens"].shape[1],
+        micro_batch_size=micro_batches[0]["tokens"].shape[0],
+        forward_only=forward_only,
     )
 
 
@@ -236,8 +247,11 @@ def sync_tied_embedding(module: torch.nn.Module) -> None:
 
     weight = _tied_embedding(module)
     if weight is not None:
-        dist.broadcast(weight.data, src=parallel_state.get_pipeline_model_parallel_first_rank(),
-                       group=parallel_state.get_embedding_group())
+        dist.broadcast(
+            weight.data,
+            src=parallel_state.get_pipeline_model_parallel_first_rank(),
+            group=parallel_state.get_embedding_group(),
+        )
 
 
 def _allreduce_tied_embedding_grads(module: torch.nn.Module) -> None:
@@ -270,7 +284,7 @@ def _allreduce_dp_mean(model: torch.nn.Module) -> None:
     flat /= size
     offset = 0
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
 
 
@@ -301,11 +315,14 @@ class SkippedSteps:
         if not self.limit or self.in_a_row < self.limit:
             return
         if not self.fp16:
-            raise TrainingDiverged(f"grad norm is {result.grad_norm!r}: non-finite gradients (DeepSpeed skipped the "
-                                   "update); expected a finite value")
+            raise TrainingDiverged(
+                f"grad norm is {result.grad_norm!r}: non-finite gradients (DeepSpeed skipped the "
+                "update); expected a finite value"
+            )
         raise TrainingDiverged(
             f"{self.in_a_row} steps in a row skipped by the fp16 loss scaler (non-finite gradients down to loss scale "
-            f"{result.loss_scale}); expected fewer than precision.max_skipped_steps={self.limit}")
+            f"{result.loss_scale}); expected fewer than precision.max_skipped_steps={self.limit}"
+        )
 
 
 def _dp_sum(x: torch.Tensor) -> float:

@@ -13,6 +13,7 @@ writing. A run with a checkpoint directory that already holds this run's checkpo
 automatically. A non-finite loss or gradient norm stops the run before its optimizer step (one
 ``error:`` line, exit code 3): ``latest`` stays the last checkpoint, whose weights are finite.
 """
+
 from __future__ import annotations
 
 import sys
@@ -43,11 +44,19 @@ from .config import Config, deepspeed_config, load_config
 def parse_args(argv=None):
     parser = OneLineArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--config", required=True, type=input_text_file, help="training YAML (configs/train/*.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.train_iters=100 (repeatable)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the checkpoint in checkpoint.dir even if its config differs")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.train_iters=100 (repeatable)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the checkpoint in checkpoint.dir even if its config differs"
+    )
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # deepspeed launcher
     return parser.parse_args(argv)
 
 
@@ -119,9 +128,11 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None, stop: StopRe
     world = dist.get_world_size()
     num_micro = cfg.grad_accumulation_steps(world)
     ckpt = checkpoint.Checkpointer(cfg, force_resume)
-    print_rank0(f"world {world} = TP {cfg.parallel.tensor_parallel} x PP {cfg.parallel.pipeline_parallel} x "
-                f"DP {ps.get_data_parallel_world_size()}; ZeRO-{cfg.parallel.zero_stage}; {cfg.precision.dtype}; "
-                f"{num_micro} micro-batches of {cfg.parallel.micro_batch_size} per DP rank; fingerprint {cfg.fingerprint()}")
+    print_rank0(
+        f"world {world} = TP {cfg.parallel.tensor_parallel} x PP {cfg.parallel.pipeline_parallel} x "
+        f"DP {ps.get_data_parallel_world_size()}; ZeRO-{cfg.parallel.zero_stage}; {cfg.precision.dtype}; "
+        f"{num_micro} micro-batches of {cfg.parallel.micro_batch_size} per DP rank; fingerprint {cfg.fingerprint()}"
+    )
     if stopped_before_start(stop):
         return {"iteration": 0, "history": []}
 
@@ -140,9 +151,13 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None, stop: StopRe
         return {"iteration": iteration, "history": []}
     ckpt.record_run()  # run.json only now: everything that can refuse this config has run
 
-    logger = MetricsLogger(cfg.logging.tensorboard_dir, seq_length=cfg.data.seq_length,
-                           log_interval=cfg.logging.log_interval, start_iteration=iteration,
-                           start_samples=train_data.consumed_samples)
+    logger = MetricsLogger(
+        cfg.logging.tensorboard_dir,
+        seq_length=cfg.data.seq_length,
+        log_interval=cfg.logging.log_interval,
+        start_iteration=iteration,
+        start_samples=train_data.consumed_samples,
+    )
     outliers = None
     if cfg.logging.outlier_interval > 0 and valid_data is not None:
         from .outliers import OutlierMonitor
@@ -160,8 +175,10 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None, stop: StopRe
             result = train_step(trainer, micro_batches)  # checks loss and grad norm before the update
             skipped.update(result)
         except TrainingDiverged as e:  # nothing of this step is saved; say where the work is
-            raise TrainingDiverged(f"iteration {iteration + 1}: {e}; training stopped before its optimizer "
-                                   f"step. {ckpt.describe_last()}. {NEXT_STEP}") from None
+            raise TrainingDiverged(
+                f"iteration {iteration + 1}: {e}; training stopped before its optimizer "
+                f"step. {ckpt.describe_last()}. {NEXT_STEP}"
+            ) from None
         iteration += 1
         history.append((iteration, result.loss))
         logger.train_step(iteration, train_data.consumed_samples, cfg.parallel.global_batch_size, result)
@@ -173,11 +190,16 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None, stop: StopRe
 
         if outliers is not None and outliers.due(iteration):
             probe = valid_data.first_microbatch()  # the same batch every time
-            logger.scalars(iteration, outliers.measure(lambda: eval_loss(trainer, [probe]),
-                                                       **probe_position_masks(cfg, probe["tokens"])))
+            logger.scalars(
+                iteration,
+                outliers.measure(
+                    lambda probe=probe: eval_loss(trainer, [probe]), **probe_position_masks(cfg, probe["tokens"])
+                ),
+            )
 
         stopping = iteration >= cfg.train.train_iters or (
-            bool(cfg.train.exit_interval) and iteration % cfg.train.exit_interval == 0)
+            bool(cfg.train.exit_interval) and iteration % cfg.train.exit_interval == 0
+        )
         if stop.any_rank():
             print_rank0(f"stop requested: saving at iteration {iteration} and exiting")
             stopping = True
@@ -195,8 +217,10 @@ def train(cfg: Config, force_resume: bool = False, model_hook=None, stop: StopRe
 
 
 # What the user does after divergence (the same command would diverge again: resume is exact).
-NEXT_STEP = ("To go on, change what diverged (e.g. lower optimizer.lr, raise schedule.warmup_iters, set "
-             "train.clip_grad) and rerun with --resume, which continues from that checkpoint")
+NEXT_STEP = (
+    "To go on, change what diverged (e.g. lower optimizer.lr, raise schedule.warmup_iters, set "
+    "train.clip_grad) and rerun with --resume, which continues from that checkpoint"
+)
 
 
 def stopped_before_start(stop: StopRequest) -> bool:

@@ -1,4 +1,5 @@
 """All-or-nothing outputs: a reader never sees a half-written export or checkpoint that looks valid."""
+
 from __future__ import annotations
 
 import contextlib

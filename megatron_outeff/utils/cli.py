@@ -21,6 +21,7 @@ elsewhere ``PYTHONPATH=$PWD``). Outputs are spelled ``--output-dir`` (a director
 Light on purpose (argparse only): the tools answer --help and bad options before importing torch,
 megatron-core or transformers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,18 @@ from typing import Callable, Optional, Sequence
 
 from megatron_outeff.errors import OutEffError, one_line
 
-__all__ = ["OneLineArgumentParser", "command", "input_dir", "input_file", "input_text_file", "nonnegative_int",
-           "output_file", "positive_float", "positive_int", "quiet_transformers"]
+__all__ = [
+    "OneLineArgumentParser",
+    "command",
+    "input_dir",
+    "input_file",
+    "input_text_file",
+    "nonnegative_int",
+    "output_file",
+    "positive_float",
+    "positive_int",
+    "quiet_transformers",
+]
 
 Main = Callable[[Optional[Sequence[str]]], Optional[int]]
 
@@ -126,8 +137,9 @@ def positive_float(text: str) -> float:
 
 def _existing(text: str, kind: str) -> str:
     """``text`` if it names an existing ``kind`` ("file" or "directory"); else the error naming what it is."""
-    is_kind, other, is_other = ((os.path.isfile, "directory", os.path.isdir) if kind == "file"
-                                else (os.path.isdir, "file", os.path.isfile))
+    is_kind, other, is_other = (
+        (os.path.isfile, "directory", os.path.isdir) if kind == "file" else (os.path.isdir, "file", os.path.isfile)
+    )
     if is_other(text):
         raise argparse.ArgumentTypeError(f"{text}: is a {other}, expected a {kind}")
     if not is_kind(text):

@@ -8,6 +8,7 @@ live here once:
     require_finite(x, what)   raise OutEffError ``<what>: <n> non-finite value(s) (nan/inf) of <numel>;
                               expected finite values`` when x holds any
 """
+
 from __future__ import annotations
 
 import math

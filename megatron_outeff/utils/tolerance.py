@@ -22,6 +22,7 @@ a cache entry wrong) is many orders of magnitude above it.
     rounding_bound(dtype, magnitude, n=1)            n * eps(dtype) * magnitude
     network_depth(hidden, ffn, layers, seq_length)   n for a pre-/post-LN decoder of that shape
 """
+
 from __future__ import annotations
 
 import torch

@@ -12,6 +12,7 @@ Merge keys (``<<: *anchor``) may be overridden by the mapping's own keys, as YAM
 written literally in one mapping count. A YAML syntax error is one line too, with its position.
 Errors: :class:`megatron_outeff.errors.OutEffError`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -62,8 +63,9 @@ def load_yaml(text: str, source: str) -> Any:
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except _DuplicateKey as e:
-        raise OutEffError(f"{source}:{e.line}: duplicate key {e.key!r} (first at line {e.first}); "
-                          "expected each key once per mapping") from None
+        raise OutEffError(
+            f"{source}:{e.line}: duplicate key {e.key!r} (first at line {e.first}); expected each key once per mapping"
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source

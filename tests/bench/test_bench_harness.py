@@ -1,5 +1,6 @@
 """The shared benchmark harness, the one list of benchmarked variants and the targets
 (megatron_outeff/bench/): the mechanics, not speed (speed lives in the benchmarks' committed output)."""
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,9 @@ def test_round_robin_rotates_and_drops_warmup():
     fns = {n: (lambda n=n: calls.append(n)) for n in "abc"}
     rounds = []
     samples = harness.round_robin(fns, warmup=1, repeats=2, device=CPU, after_round=lambda r, s: rounds.append(r))
-    assert calls == list("abc" "bca" "cab")                        # one call each per round, order rotating
+    assert calls == list("abcbcacab")  # one call each per round, order rotating
     assert rounds == [0, 1, 2]
-    assert all(len(s.ms) == 2 and s.ok for s in samples.values())   # the warm-up round is not timed
+    assert all(len(s.ms) == 2 and s.ok for s in samples.values())  # the warm-up round is not timed
 
 
 def test_round_robin_without_interleave_and_rotation():
@@ -56,9 +57,13 @@ def test_ratio_and_stats():
 
 def test_report_is_rewritten_whole_and_marks_partial(tmp_path):
     seen = []
-    rep = harness.Report(tmp_path / "r.json", tmp_path / "r.md", {"device": "cpu"},
-                         render=lambda doc: seen.append(doc) or f"rows {len(doc['rows'])}\n")
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # a time limit's SIGINT reaches it
+    rep = harness.Report(
+        tmp_path / "r.json",
+        tmp_path / "r.md",
+        {"device": "cpu"},
+        render=lambda doc: seen.append(doc) or f"rows {len(doc['rows'])}\n",
+    )
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # a time limit's SIGINT reaches it
     rep.save(rows=[{"a": 1}])
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["meta"]["partial"] is True and doc["rows"] == [{"a": 1}] and "loadavg_now" in doc["meta"]
@@ -66,12 +71,16 @@ def test_report_is_rewritten_whole_and_marks_partial(tmp_path):
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["meta"]["partial"] is False and "finished_utc" in doc["meta"] and len(doc["rows"]) == 2
     assert (tmp_path / "r.md").read_text() == "rows 2\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]        # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]  # no temporary left
 
 
 def test_environment_and_table():
     env = harness.environment(CPU, modules=("yaml",))
-    assert env["device_type"] == "cpu" and env["device"].startswith("CPU:") and env["versions"]["torch"] == torch.__version__
+    assert (
+        env["device_type"] == "cpu"
+        and env["device"].startswith("CPU:")
+        and env["versions"]["torch"] == torch.__version__
+    )
     assert env["cpu_capability"] and env["started_utc"].endswith("Z")
     table = harness.markdown_table([{"a": "x", "b": 1.234}, {"a": "y"}], [("A", "a", ""), ("B", "b", ".1f")])
     assert table.splitlines() == ["| A | B |", "|---|---:|", "| x | 1.2 |", "| y | - |"]
@@ -80,6 +89,7 @@ def test_environment_and_table():
 def test_memory_helpers():
     assert harness.rss_mib() > 0 and harness.peak_rss_mib() >= harness.rss_mib() * 0.5
     import sys
+
     assert harness.probe_subprocess([sys.executable, "-c", "print('noise'); print('{\"peak_mib\": 12.5}')"]) == 12.5
     assert harness.probe_subprocess([sys.executable, "-c", "print('nothing')"]) is None
 
@@ -94,7 +104,7 @@ def test_config_overrides_rebuild_the_variant(name):
     for o in config_overrides(BENCH_VARIANTS[name]):
         key, value = o.split("=", 1)
         assert key.startswith("attention.")
-        fields[key[len("attention."):]] = yaml.safe_load(value)
+        fields[key[len("attention.") :]] = yaml.safe_load(value)
     assert AttentionVariantConfig.from_dict(fields) == BENCH_VARIANTS[name]
 
 
@@ -120,14 +130,14 @@ def test_select():
 
 def test_attention_flops():
     assert attention_flops(1, 2, 1, 1, causal=False, backward=False) == 16.0
-    assert attention_flops(2, 1024, 16, 128) == pytest.approx(4 * 2 * 16 * 1024 ** 2 * 128 * 0.5 * 3.5)
+    assert attention_flops(2, 1024, 16, 128) == pytest.approx(4 * 2 * 16 * 1024**2 * 128 * 0.5 * 3.5)
 
 
 # ------------------------------------------------------------------------------------------------
 # targets
 # ------------------------------------------------------------------------------------------------
 def test_targets_range_worst_and_report():
-    assert check("softmax1_fwdbwd_vs_sdpa", 1.2, sq=1024) is None                 # outside 2k-16k
+    assert check("softmax1_fwdbwd_vs_sdpa", 1.2, sq=1024) is None  # outside 2k-16k
     assert check("softmax1_fwdbwd_vs_sdpa", None, sq=4096) is None
     checks = [check("softmax1_fwdbwd_vs_sdpa", v, sq=sq, d=128) for v, sq in ((1.01, 2048), (1.07, 4096), (1.0, 16384))]
     agg = aggregate(checks, "softmax1_fwdbwd_vs_sdpa")
@@ -136,21 +146,30 @@ def test_targets_range_worst_and_report():
     assert aggregate(up, "softmax1_speedup_vs_mcore_offbyone_s4096")["value"] == 2.9
     mfu = aggregate([check("opt125m_softmax1_mfu", 0.4)], "opt125m_softmax1_mfu")
     assert mfu["value"] == 0.4 and mfu["met"] is None and mfu["op"] == "report"
-    assert aggregate([], "clipped_fwdbwd_vs_sdpa") == dict(value=None, goal=2.0, op="<=", met=None, detail="not measured")
+    assert aggregate([], "clipped_fwdbwd_vs_sdpa") == dict(
+        value=None, goal=2.0, op="<=", met=None, detail="not measured"
+    )
     assert {t.key for t in GPU_TARGETS} <= set(TARGETS) and not math.isnan(TARGETS["gated_fwdbwd_vs_sdpa"].goal)
 
 
-@pytest.mark.parametrize("args,pattern", [
-    (["--variants", "vanilla", "bogus"], "--variants: benchmark variant 'bogus'"),
-    (["--variants", "softmax1"], "expected 'vanilla' among them"),
-])
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        (["--variants", "vanilla", "bogus"], "--variants: benchmark variant 'bogus'"),
+        (["--variants", "softmax1"], "expected 'vanilla' among them"),
+    ],
+)
 def test_bench_train_refuses_unknown_variants(tmp_path, args, pattern):
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    res = subprocess.run([sys.executable, str(root / "tools/bench_train.py"), *args, "--output-json", str(tmp_path / "b.json")],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, str(root / "tools/bench_train.py"), *args, "--output-json", str(tmp_path / "b.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 2 and pattern in res.stderr and res.stderr.strip().count("\n") == 0, res.stderr
     assert list(tmp_path.iterdir()) == []

@@ -16,6 +16,7 @@
    OUT/opt_350m_bf16_z1, fp32 TP=2 ZeRO-1 -> OUT/opt_350m_tp2, fp32 PP=2 -> OUT/opt_350m_pp2; the
    megatron logits of OUT/opt_350m_bf16_z1 at TP=1 -> OUT/opt_350m_logits.safetensors.
 """
+
 import json
 import os
 import sys
@@ -25,15 +26,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-
 from train_testlib import BASE, DEMO  # noqa: E402
+
 from megatron_outeff.training.config import load_config  # noqa: E402
 from megatron_outeff.training.train import train  # noqa: E402
 
 VARIANT = "attention={softmax: learnable, gate: linear}"
 Z3_VARIANT = "attention={softmax: softmax1, gate: mlp}"
-OPT_350M = ("model.arch_overrides={vocab_size: 256, hidden_dropout: 0.0, attention_dropout: 0.0, "
-            "do_layer_norm_before: false, word_embed_proj_dim: 32}")
+OPT_350M = (
+    "model.arch_overrides={vocab_size: 256, hidden_dropout: 0.0, attention_dropout: 0.0, "
+    "do_layer_norm_before: false, word_embed_proj_dim: 32}"
+)
 
 
 def tokens():
@@ -49,8 +52,15 @@ def run(sets):
 def main():
     out = Path(sys.argv[1])
     results = {}
-    results["src"] = run([VARIANT, "parallel.tensor_parallel=2", "parallel.zero_stage=1", "train.train_iters=2",
-                          f"checkpoint.dir={out / 'src'}"])
+    results["src"] = run(
+        [
+            VARIANT,
+            "parallel.tensor_parallel=2",
+            "parallel.zero_stage=1",
+            "train.train_iters=2",
+            f"checkpoint.dir={out / 'src'}",
+        ]
+    )
     results["z3"] = run([Z3_VARIANT, "parallel.zero_stage=3", "train.train_iters=1", f"checkpoint.dir={out / 'z3'}"])
     results["z0"] = run([Z3_VARIANT, "parallel.zero_stage=0", "train.train_iters=1", f"checkpoint.dir={out / 'z0'}"])
     if dist.get_rank() == 0:
@@ -61,14 +71,30 @@ def main():
     dist.barrier()
     one = ["train.train_iters=1", "schedule.warmup_iters=0"]
     results["init_src_tp2"] = run([VARIANT, "parallel.tensor_parallel=2", f"checkpoint.init_from={out / 'src'}"] + one)
-    results["init_pp2"] = run([VARIANT, "parallel.pipeline_parallel=2", f"checkpoint.init_from={out / 'r_pp2'}",
-                               f"checkpoint.dir={out / 'pp2'}"] + one)
+    results["init_pp2"] = run(
+        [
+            VARIANT,
+            "parallel.pipeline_parallel=2",
+            f"checkpoint.init_from={out / 'r_pp2'}",
+            f"checkpoint.dir={out / 'pp2'}",
+        ]
+        + one
+    )
     results["init_tp1_dp2"] = run([VARIANT, f"checkpoint.init_from={out / 'r_tp1'}"] + one)
     bf16 = [VARIANT, "precision.dtype=bf16", "optimizer.lr=0.003", "train.train_iters=2"]
     run(bf16 + [OPT_350M, "parallel.zero_stage=1", f"checkpoint.dir={out / 'opt_350m_bf16_z1'}"])
-    results["opt_350m_tp2"] = run([VARIANT, OPT_350M, "parallel.tensor_parallel=2", "parallel.zero_stage=1",
-                                   f"checkpoint.dir={out / 'opt_350m_tp2'}"])
-    results["opt_350m_pp2"] = run([VARIANT, OPT_350M, "parallel.pipeline_parallel=2", f"checkpoint.dir={out / 'opt_350m_pp2'}"])
+    results["opt_350m_tp2"] = run(
+        [
+            VARIANT,
+            OPT_350M,
+            "parallel.tensor_parallel=2",
+            "parallel.zero_stage=1",
+            f"checkpoint.dir={out / 'opt_350m_tp2'}",
+        ]
+    )
+    results["opt_350m_pp2"] = run(
+        [VARIANT, OPT_350M, "parallel.pipeline_parallel=2", f"checkpoint.dir={out / 'opt_350m_pp2'}"]
+    )
     run(bf16 + ["parallel.tensor_parallel=2", "parallel.zero_stage=2", f"checkpoint.dir={out / 'bf16_tp2'}"])
     run(bf16 + ["parallel.pipeline_parallel=2", "parallel.zero_stage=0", f"checkpoint.dir={out / 'bf16_pp2'}"])
     run(bf16 + ["parallel.zero_stage=3", f"checkpoint.dir={out / 'bf16_z3'}"])
@@ -83,17 +109,44 @@ def main():
     cfg = load_config(DEMO, BASE + [VARIANT])
     assert ps.get_tensor_model_parallel_world_size() == 1 and ps.get_pipeline_model_parallel_world_size() == 1
     model = build_model(cfg)
-    load_into_model(model, out / "r_tp1", arch=arch_config(cfg), variant=attention_variant(cfg), seq_length=32,
-                    tp_rank=0, tp=1, pp_rank=0, pp=1)
+    load_into_model(
+        model,
+        out / "r_tp1",
+        arch=arch_config(cfg),
+        variant=attention_variant(cfg),
+        seq_length=32,
+        tp_rank=0,
+        tp=1,
+        pp_rank=0,
+        pp=1,
+    )
     model.eval()
     ids = tokens()
     bf16_model = build_model(cfg)
-    load_into_model(bf16_model, out / "bf16_z1", arch=arch_config(cfg), variant=attention_variant(cfg), seq_length=32,
-                    tp_rank=0, tp=1, pp_rank=0, pp=1)
+    load_into_model(
+        bf16_model,
+        out / "bf16_z1",
+        arch=arch_config(cfg),
+        variant=attention_variant(cfg),
+        seq_length=32,
+        tp_rank=0,
+        tp=1,
+        pp_rank=0,
+        pp=1,
+    )
     cfg_350m = load_config(DEMO, BASE + [VARIANT, OPT_350M])
     model_350m = build_model(cfg_350m)
-    load_into_model(model_350m, out / "opt_350m_bf16_z1", arch=arch_config(cfg_350m), variant=attention_variant(cfg_350m),
-                    seq_length=32, tp_rank=0, tp=1, pp_rank=0, pp=1)
+    load_into_model(
+        model_350m,
+        out / "opt_350m_bf16_z1",
+        arch=arch_config(cfg_350m),
+        variant=attention_variant(cfg_350m),
+        seq_length=32,
+        tp_rank=0,
+        tp=1,
+        pp_rank=0,
+        pp=1,
+    )
     model_350m.eval()
     with torch.no_grad():
         logits = model(ids, torch.arange(ids.shape[1]).expand_as(ids), None)
@@ -103,8 +156,14 @@ def main():
 
         save_file({"tokens": ids, "logits": logits_350m.float().contiguous()}, str(out / "opt_350m_logits.safetensors"))
         save_file({"tokens": ids, "logits": logits.float().contiguous()}, str(out / "megatron_logits.safetensors"))
-        save_file({k: v.contiguous() for k, v in bf16_model.state_dict().items() if isinstance(v, torch.Tensor)
-                   and not k.endswith("_extra_state")}, str(out / "init_from_bf16_z1.safetensors"))
+        save_file(
+            {
+                k: v.contiguous()
+                for k, v in bf16_model.state_dict().items()
+                if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")
+            },
+            str(out / "init_from_bf16_z1.safetensors"),
+        )
         (out / "results.json").write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()

@@ -2,6 +2,7 @@
 
 One torchrun launch (convert_worker.py, 2 processes) trains and restarts; everything else runs here.
 """
+
 import json
 import math
 import re
@@ -13,13 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
 from tolerance import assert_close_bound, network_depth, rounding_bound
 from train_testlib import ROOT, TORCHRUN, env, free_port
 
 from megatron_outeff.checkpoint_format import MANIFEST, read_model_files, resolve_model_dir
-from megatron_outeff.errors import OutEffError
 from megatron_outeff.convert import from_hf, reshard, to_hf
+from megatron_outeff.errors import OutEffError
 
 # The training tests' model (the tiny arch, vocabulary 256, 32 tokens): float32 rounding chain (tests/tolerance.py)
 DEPTH = network_depth(dict(hidden_size=64, ffn_dim=256, num_hidden_layers=2, max_position_embeddings=32)) + 256
@@ -77,11 +77,15 @@ def test_checkpoints_hold_model_files(trained):
 def test_pipeline_checkpoint_converts(trained, tmp_path):
     m, states = _files(trained / "pp2")
     assert (m["tp"], m["pp"]) == (1, 2) and "output_layer.weight" in states[(0, 1)]
-    assert "embedding.word_embeddings.weight" not in states[(0, 1)] and "decoder.final_layernorm.weight" in states[(0, 1)]
+    assert (
+        "embedding.word_embeddings.weight" not in states[(0, 1)] and "decoder.final_layernorm.weight" in states[(0, 1)]
+    )
     to_hf(trained / "pp2", tmp_path / "hf")
     back = _files(reshard(trained / "pp2", tmp_path / "r", tp=2, pp=1))[1]
-    assert torch.equal(torch.cat([back[(t, 0)]["embedding.word_embeddings.weight"] for t in range(2)]),
-                       states[(0, 0)]["embedding.word_embeddings.weight"])
+    assert torch.equal(
+        torch.cat([back[(t, 0)]["embedding.word_embeddings.weight"] for t in range(2)]),
+        states[(0, 0)]["embedding.word_embeddings.weight"],
+    )
 
 
 @pytest.mark.multiproc
@@ -92,14 +96,31 @@ def test_init_from_refuses_another_variant(trained):
 
     arch = OPTArchConfig.from_dict(json.loads((resolve_model_dir(trained / "src") / MANIFEST).read_text())["arch"])
     with pytest.raises(OutEffError, match="attention variant"):
-        load_into_model(torch.nn.Module(), trained / "src", arch=arch, variant=AttentionVariantConfig(softmax="softmax1"),
-                        seq_length=32, tp_rank=0, tp=1, pp_rank=0, pp=1)
+        load_into_model(
+            torch.nn.Module(),
+            trained / "src",
+            arch=arch,
+            variant=AttentionVariantConfig(softmax="softmax1"),
+            seq_length=32,
+            tp_rank=0,
+            tp=1,
+            pp_rank=0,
+            pp=1,
+        )
     with pytest.raises(OutEffError, match="hidden_size"):
         import dataclasses
 
-        load_into_model(torch.nn.Module(), trained / "src", arch=dataclasses.replace(arch, hidden_size=128),
-                        variant=AttentionVariantConfig(softmax="learnable", gate="linear"),
-                        seq_length=32, tp_rank=0, tp=1, pp_rank=0, pp=1)
+        load_into_model(
+            torch.nn.Module(),
+            trained / "src",
+            arch=dataclasses.replace(arch, hidden_size=128),
+            variant=AttentionVariantConfig(softmax="learnable", gate="linear"),
+            seq_length=32,
+            tp_rank=0,
+            tp=1,
+            pp_rank=0,
+            pp=1,
+        )
 
 
 @pytest.mark.multiproc
@@ -154,8 +175,17 @@ def _random_hf_opt(path, vocab=250):
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(0)
-    model = OPTForCausalLM(OPTConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, ffn_dim=256,
-                                     num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64))
+    model = OPTForCausalLM(
+        OPTConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            num_hidden_layers=2,
+            ffn_dim=256,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            word_embed_proj_dim=64,
+        )
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(0.2 * torch.randn_like(p))
@@ -236,8 +266,14 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(trained, tmp_path):
     _one_line_error(lambda: reshard(trained / "src", out, tp=1, pp=1), "not an empty directory")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     # the CLI: exit 2, one line on stderr
-    r = subprocess.run([sys.executable, CLI, "to-hf", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "cli_out")], env=env(),
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, CLI, "to-hf", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "cli_out")],
+        env=env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:"), r.stderr
     assert not (tmp_path / "cli_out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
@@ -252,8 +288,25 @@ def test_iteration_selection(trained, tmp_path):
 
 @pytest.mark.multiproc
 def test_cli_round_trip(trained, tmp_path):
-    r = subprocess.run([sys.executable, CLI, "reshard", str(trained / "src"), "--output-dir", str(tmp_path / "r"), "--tp", "1", "--pp", "2"],
-                       env=env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            CLI,
+            "reshard",
+            str(trained / "src"),
+            "--output-dir",
+            str(tmp_path / "r"),
+            "--tp",
+            "1",
+            "--pp",
+            "2",
+        ],
+        env=env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "wrote iter_0000002/model/tp00_pp01.safetensors" in r.stdout
     _assert_same(_files(tmp_path / "r")[1], _files(trained / "r_pp2")[1])
@@ -286,7 +339,9 @@ def test_the_format_readme_names_every_file_of_every_checkpoint(trained):
     for ckpt in checkpoints:
         for path in ckpt.rglob("*"):
             for part in path.relative_to(ckpt).parts:
-                assert any(pat.fullmatch(part) for pat in patterns), f"{path.relative_to(trained)}: {part} is not in the README"
+                assert any(pat.fullmatch(part) for pat in patterns), (
+                    f"{path.relative_to(trained)}: {part} is not in the README"
+                )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,8 +383,14 @@ def test_bf16_checkpoint_holds_deepspeeds_fp32_master_weights(trained, tmp_path,
     for k, v in oracle.items():
         assert torch.equal(sd[k], v.float()), k
     # to-hf (default fp32) exports exactly the master weights, and says it read them
-    r = subprocess.run([sys.executable, CLI, "to-hf", str(trained / name), "--output-dir", str(tmp_path / "hf")], env=env(), cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, CLI, "to-hf", str(trained / name), "--output-dir", str(tmp_path / "hf")],
+        env=env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "reading the fp32 master weights" in r.stdout
     hf = load_file(str(tmp_path / "hf" / "model.safetensors"))
@@ -370,8 +431,14 @@ def test_opt_350m_zero_to_fp32_script_in_the_checkpoint_matches_our_master_weigh
     ckpt = trained / "opt_350m_bf16_z1"
     script = ckpt / "zero_to_fp32.py"
     assert script.is_file()
-    r = subprocess.run([sys.executable, str(script), str(ckpt), str(tmp_path / "fp32"), "--safe_serialization"],
-                       env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(script), str(ckpt), str(tmp_path / "fp32"), "--safe_serialization"],
+        env=env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     files = sorted((tmp_path / "fp32").glob("*.safetensors"))
     assert files, sorted(p.name for p in (tmp_path / "fp32").iterdir())
@@ -400,8 +467,23 @@ def test_opt_350m_trained_checkpoint_to_hf_and_fp16_w8a8_export(trained, tmp_pat
 
     tok = tmp_path / "tok"
     evallib.write_tokenizer(tok)
-    r = subprocess.run([sys.executable, CLI, "to-hf", str(trained / "opt_350m_bf16_z1"), "--output-dir", str(tmp_path / "hf"), "--tokenizer", str(tok)],
-                       env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            CLI,
+            "to-hf",
+            str(trained / "opt_350m_bf16_z1"),
+            "--output-dir",
+            str(tmp_path / "hf"),
+            "--tokenizer",
+            str(tok),
+        ],
+        env=env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (cfg["do_layer_norm_before"], cfg["word_embed_proj_dim"], cfg["hidden_size"]) == (False, 32, 64)
@@ -413,13 +495,33 @@ def test_opt_350m_trained_checkpoint_to_hf_and_fp16_w8a8_export(trained, tmp_pat
     assert (logits - want).abs().max() <= 64 * torch.finfo(torch.float32).eps * float(want.abs().max())
 
     calib = evallib.write_corpus(tmp_path / "calib.jsonl", 20, seed=3)
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "export_fp16_w8a8.py"), str(tmp_path / "hf"),
-                        "--output-dir", str(tmp_path / "exp"),
-                        "--calib-data", calib, "--block-size", "16", "--num-calib-batches", "2", "--calib-batch-size", "2"],
-                       env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "export_fp16_w8a8.py"),
+            str(tmp_path / "hf"),
+            "--output-dir",
+            str(tmp_path / "exp"),
+            "--calib-data",
+            calib,
+            "--block-size",
+            "16",
+            "--num-calib-batches",
+            "2",
+            "--calib-batch-size",
+            "2",
+        ],
+        env=env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     ids = ref["tokens"][:, :8] % 90  # ids inside the word-level tokenizer's vocabulary
-    fp16 = AutoModelForCausalLM.from_pretrained(str(tmp_path / "exp" / "fp16"), trust_remote_code=True, dtype="auto").eval()
+    fp16 = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "exp" / "fp16"), trust_remote_code=True, dtype="auto"
+    ).eval()
     assert fp16.model.decoder.project_in.weight.dtype == torch.float16
     w8 = AutoModelForCausalLM.from_pretrained(str(tmp_path / "exp" / "w8a8"), trust_remote_code=True).eval()
     assert w8.model.decoder.layers[0].fc1.quantization_scheme is not None
@@ -427,7 +529,7 @@ def test_opt_350m_trained_checkpoint_to_hf_and_fp16_w8a8_export(trained, tmp_pat
         flt, half, q = model(ids).logits, fp16(ids).logits.float(), w8(ids).logits
     scale = float(flt.abs().max())
     # fp16 weights + fp16 compute over 2 layers: a few fp16 ulps (2^-10) of the logit magnitude
-    assert (half - flt).abs().max() <= 16 * 2.0 ** -10 * scale
+    assert (half - flt).abs().max() <= 16 * 2.0**-10 * scale
     assert torch.isfinite(q).all() and 0 < float((q - flt).abs().max()) <= 0.5 * scale
 
 
@@ -440,7 +542,10 @@ def test_opt_350m_tp2_pp2_training_checkpoints_convert(trained, tmp_path, name):
     assert all(math.isfinite(x) for x in results[name]) and len(results[name]) == 4
     m, states = _files(trained / name)
     last = (0, m["pp"] - 1)
-    assert "output_layer.project_out.weight" in states[last] and "embedding.word_embeddings.project_in.weight" in states[(0, 0)]
+    assert (
+        "output_layer.project_out.weight" in states[last]
+        and "embedding.word_embeddings.project_in.weight" in states[(0, 0)]
+    )
     one = reshard(trained / name, tmp_path / "one", tp=1, pp=1)
     back = _files(reshard(one, tmp_path / "back", tp=m["tp"], pp=m["pp"]))[1]
     if m["pp"] > 1:  # the last stage's tied head copy comes from the embedding (merge_ranks)
@@ -452,22 +557,41 @@ def test_opt_350m_tp2_pp2_training_checkpoints_convert(trained, tmp_path, name):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("key,value,expected", [
-    ("layer_norm_elementwise_affine", False, "layer_norm_elementwise_affine=False: expected True"),
-    ("_remove_final_layer_norm", True, "_remove_final_layer_norm=True: expected False"),
-    ("activation_function", "silu", "activation='silu': expected one of"),
-    ("word_embed_proj_dim", 0, "word_embed_proj_dim=0: expected a positive integer"),
-])
+@pytest.mark.parametrize(
+    "key,value,expected",
+    [
+        ("layer_norm_elementwise_affine", False, "layer_norm_elementwise_affine=False: expected True"),
+        ("_remove_final_layer_norm", True, "_remove_final_layer_norm=True: expected False"),
+        ("activation_function", "silu", "activation='silu': expected one of"),
+        ("word_embed_proj_dim", 0, "word_embed_proj_dim=0: expected a positive integer"),
+    ],
+)
 def test_opt_350m_unsupported_hf_variant_is_one_line_and_writes_nothing(tmp_path, key, value, expected):
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(0)
     src = tmp_path / "opt"
-    OPTForCausalLM(OPTConfig(vocab_size=250, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
-                             max_position_embeddings=32, do_layer_norm_before=False, word_embed_proj_dim=32)).save_pretrained(str(src))
+    OPTForCausalLM(
+        OPTConfig(
+            vocab_size=250,
+            hidden_size=64,
+            num_hidden_layers=2,
+            ffn_dim=128,
+            num_attention_heads=4,
+            max_position_embeddings=32,
+            do_layer_norm_before=False,
+            word_embed_proj_dim=32,
+        )
+    ).save_pretrained(str(src))
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps(dict(cfg, **{key: value})))
-    r = subprocess.run([sys.executable, CLI, "from-hf", str(src), "--output-dir", str(tmp_path / "out"), "--tp", "1", "--pp", "1"],
-                       env=env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, CLI, "from-hf", str(src), "--output-dir", str(tmp_path / "out"), "--tp", "1", "--pp", "1"],
+        env=env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and expected in r.stderr, r.stderr
     assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["opt"]

@@ -11,14 +11,13 @@
 6. megatron-core's own ``attention_output_gate`` through ``model.transformer_overrides`` is refused: one line,
    exit code 2, naming ``attention.gate: elementwise``.
 """
+
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
 from tolerance import assert_close_bound, network_depth, rounding_bound
 from train_testlib import BASE, DEMO, PYTHON, ROOT, TORCHRUN, env, free_port, tensorboard_scalars
 
@@ -44,11 +43,17 @@ def workdir(tmp_path_factory):
     out = tmp_path_factory.mktemp("elementwise")
     ck, tb = out / "ckpt", out / "tb"
     train = ["-m", "megatron_outeff.training.train", "--config", DEMO]
-    first = _run([PYTHON] + train + _sets(RUN + ["train.exit_interval=2", f"checkpoint.dir={ck}",
-                                                 f"logging.tensorboard_dir={tb}"]))
+    first = _run(
+        [PYTHON]
+        + train
+        + _sets(RUN + ["train.exit_interval=2", f"checkpoint.dir={ck}", f"logging.tensorboard_dir={tb}"])
+    )
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    second = _run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port())] + train
-                  + _sets(RUN + ["parallel.tensor_parallel=2", f"checkpoint.dir={ck}", f"logging.tensorboard_dir={tb}"]))
+    second = _run(
+        [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port())]
+        + train
+        + _sets(RUN + ["parallel.tensor_parallel=2", f"checkpoint.dir={ck}", f"logging.tensorboard_dir={tb}"])
+    )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
 
     from megatron_outeff.training.config import load_config
@@ -70,8 +75,12 @@ def test_trains_and_resumes_at_tp2_following_the_uninterrupted_run(workdir):
     # steps 1-2 on the same layout: the same computation; 3-4 after the TP=2 resume: the TP partial sums and the
     # moments' merge change the rounding only (float32, the network's rounding chain, tests/tolerance.py)
     assert losses[:2] == pytest.approx(reference[:2], rel=0, abs=rounding_bound(torch.float32, max(reference), DEPTH))
-    assert_close_bound(torch.tensor(losses[2:]), torch.tensor(reference[2:]),
-                       rounding_bound(torch.float32, max(reference), 4 * DEPTH), "resumed losses")
+    assert_close_bound(
+        torch.tensor(losses[2:]),
+        torch.tensor(reference[2:]),
+        rounding_bound(torch.float32, max(reference), 4 * DEPTH),
+        "resumed losses",
+    )
     # the gate trains: its rows (merged from the TP=1 and the TP=2 checkpoints) moved between steps 2 and 4
     from megatron_outeff.checkpoint_format import manifest_arch_variant, merge_ranks, read_model_files
 
@@ -114,8 +123,17 @@ def test_converts_to_hugging_face_and_back_and_exports_w8a8(workdir):
     init_model_parallel(1, 1, 1)
     cfg_run = load_config(DEMO, RUN)
     model = build_model(cfg_run)
-    load_into_model(model, ck, arch=arch_config(cfg_run), variant=attention_variant(cfg_run), seq_length=32,
-                    tp_rank=0, tp=1, pp_rank=0, pp=1)
+    load_into_model(
+        model,
+        ck,
+        arch=arch_config(cfg_run),
+        variant=attention_variant(cfg_run),
+        seq_length=32,
+        tp_rank=0,
+        tp=1,
+        pp_rank=0,
+        pp=1,
+    )
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         want = model.eval()(ids, torch.arange(16).expand_as(ids), None)
@@ -136,8 +154,23 @@ def test_converts_to_hugging_face_and_back_and_exports_w8a8(workdir):
 
     # fp16 and W8A8 exports: the gate's Linear is quantized like q/k/v/out_proj
     calib = evallib.write_corpus(out / "calib.jsonl", 20, seed=3)
-    r = _run([PYTHON, EXPORT, str(hf), "--output-dir", str(out / "exp"), "--calib-data", calib, "--block-size", "16",
-              "--num-calib-batches", "2", "--calib-batch-size", "2"])
+    r = _run(
+        [
+            PYTHON,
+            EXPORT,
+            str(hf),
+            "--output-dir",
+            str(out / "exp"),
+            "--calib-data",
+            calib,
+            "--block-size",
+            "16",
+            "--num-calib-batches",
+            "2",
+            "--calib-batch-size",
+            "2",
+        ]
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     w8 = AutoModelForCausalLM.from_pretrained(str(out / "exp" / "w8a8"), trust_remote_code=True).eval()
     attn = w8.model.decoder.layers[0].self_attn
@@ -149,15 +182,19 @@ def test_converts_to_hugging_face_and_back_and_exports_w8a8(workdir):
         flt = AutoModelForCausalLM.from_pretrained(str(hf), trust_remote_code=True).eval()(small).logits
         half, q = fp16(small).logits.float(), w8(small).logits
     scale = float(flt.abs().max())
-    assert (half - flt).abs().max() <= 16 * 2.0 ** -10 * scale  # fp16 weights and compute over 2 layers
+    assert (half - flt).abs().max() <= 16 * 2.0**-10 * scale  # fp16 weights and compute over 2 layers
     assert torch.isfinite(q).all() and 0 < float((q - flt).abs().max()) <= 0.5 * scale
 
 
 @pytest.mark.multiproc
 def test_megatrons_output_gate_through_overrides_is_refused_in_one_line(tmp_path):
-    r = _run([PYTHON, "-m", "megatron_outeff.training.train", "--config", DEMO]
-             + _sets(BASE + ["model.transformer_overrides={attention_output_gate: true}", f"checkpoint.dir={tmp_path / 'c'}"]),
-             timeout=300)
+    r = _run(
+        [PYTHON, "-m", "megatron_outeff.training.train", "--config", DEMO]
+        + _sets(
+            BASE + ["model.transformer_overrides={attention_output_gate: true}", f"checkpoint.dir={tmp_path / 'c'}"]
+        ),
+        timeout=300,
+    )
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: model.transformer_overrides.attention_output_gate:")

@@ -1,6 +1,7 @@
 """Llama checkpoints through the converter (single process, no training): Hugging Face Llama in at any TP/PP,
 out again losslessly (a plain LlamaForCausalLM for vanilla, our remote code for the rest), reshard, the
 variant mapping at any layout, and the refusals as one line with nothing written."""
+
 import json
 import runpy
 from pathlib import Path
@@ -18,17 +19,39 @@ from megatron_outeff.ops.variants import AttentionVariantConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = runpy.run_path(str(ROOT / "tools" / "convert_checkpoint.py"))["main"]
-ARCH = LlamaArchConfig(name="t", num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                       ffn_hidden_size=96, vocab_size=200, max_position_embeddings=32)
+ARCH = LlamaArchConfig(
+    name="t",
+    num_layers=4,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=96,
+    vocab_size=200,
+    max_position_embeddings=32,
+)
 
 
 def _random_hf_llama(path, vocab=250, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**{**dict(vocab_size=vocab, hidden_size=64, intermediate_size=96,
-                                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                                   max_position_embeddings=64, rms_norm_eps=1e-5), **overrides}))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            **{
+                **dict(
+                    vocab_size=vocab,
+                    hidden_size=64,
+                    intermediate_size=96,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                    max_position_embeddings=64,
+                    rms_norm_eps=1e-5,
+                ),
+                **overrides,
+            }
+        )
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(0.2 * torch.randn_like(p))
@@ -50,7 +73,11 @@ def test_from_hf_to_hf_is_lossless_at_tp2_pp2(tmp_path):
     assert m["arch"]["num_query_groups"] == 2 and "output_layer.weight" in states[(1, 1)]
     back = to_hf(ck, tmp_path / "back")
     cfg = json.loads((back / "config.json").read_text())
-    assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"] and cfg["num_key_value_heads"] == 2
+    assert (
+        cfg["model_type"] == "llama"
+        and cfg["architectures"] == ["LlamaForCausalLM"]
+        and cfg["num_key_value_heads"] == 2
+    )
     assert sorted(p.name for p in back.glob("*.py")) == []  # vanilla: transformers' own class, no remote code
     _assert_same(load_file(str(back / "model.safetensors")), original)
     # reshard keeps every tensor, padding rows of the untied LM head included
@@ -67,7 +94,9 @@ def test_saved_rotary_buffers_of_older_conversions_are_ignored(tmp_path):
 
     original = _random_hf_llama(tmp_path / "llama")
     d = 16
-    buffers = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": 1.0 / 10000 ** (torch.arange(0, d, 2) / d) for i in range(2)}
+    buffers = {
+        f"model.layers.{i}.self_attn.rotary_emb.inv_freq": 1.0 / 10000 ** (torch.arange(0, d, 2) / d) for i in range(2)
+    }
     save_file({**original, **buffers}, str(tmp_path / "llama" / "model.safetensors"), metadata={"format": "pt"})
     back = to_hf(from_hf(tmp_path / "llama", tmp_path / "ck"), tmp_path / "back")
     _assert_same(load_file(str(back / "model.safetensors")), original)
@@ -76,7 +105,9 @@ def test_saved_rotary_buffers_of_older_conversions_are_ignored(tmp_path):
 @pytest.mark.parametrize("gate, tensor", [("linear", "gate.weight"), ("elementwise", "gate_proj.weight")])
 def test_remote_code_round_trip_and_contradicting_variant(tmp_path, gate, tensor):
     _random_hf_llama(tmp_path / "llama")
-    ck = from_hf(tmp_path / "llama", tmp_path / "ck", tp=2, pp=1, variant=f'{{"softmax": "softmax1", "gate": "{gate}"}}')
+    ck = from_hf(
+        tmp_path / "llama", tmp_path / "ck", tp=2, pp=1, variant=f'{{"softmax": "softmax1", "gate": "{gate}"}}'
+    )
     hf1 = to_hf(ck, tmp_path / "hf1")
     cfg = json.loads((hf1 / "config.json").read_text())
     assert cfg["model_type"] == "outeff_llama" and cfg["softmax"] == "softmax1" and cfg["gate"] == gate
@@ -99,25 +130,33 @@ def test_variant_tensors_round_trip_at_any_layout(gate, tp, pp):
     shapes = {**hf_expected_shapes(ARCH), **variant_hf_shapes(ARCH, variant)}
     assert all(k.startswith(("model.", "lm_head")) for k in shapes)
     hf = {k: torch.randn(s) for k, s in shapes.items()}
-    ranks = {(t, p): hf_state_dict_to_megatron(hf, ARCH, t, tp, p, pp, variant=variant) for t in range(tp) for p in range(pp)}
+    ranks = {
+        (t, p): hf_state_dict_to_megatron(hf, ARCH, t, tp, p, pp, variant=variant) for t in range(tp) for p in range(pp)
+    }
     sd, heads, local = ranks[(tp - 1, pp - 1)], 4 // tp, ARCH.num_layers // pp - 1
     hp, mp = f"model.layers.{ARCH.num_layers - 1}.self_attn.", f"decoder.layers.{local}.self_attention."
     assert torch.equal(sd[mp + "core_attention.softmax_offset"], hf[hp + "softmax_offset"][-heads:])
     if gate == "elementwise":  # the last group's rows: [its 2 query heads, their gate rows, k, v] (no bias: Llama)
         d = ARCH.head_dim
         block = sd[mp + "linear_qkv.weight"].view(-1, 6, d, 64)[-1]
-        assert torch.equal(block[2:4].reshape(-1, 64), hf[hp + "gate_proj.weight"][-2 * d:])
+        assert torch.equal(block[2:4].reshape(-1, 64), hf[hp + "gate_proj.weight"][-2 * d :])
         assert hp + "gate_proj.bias" not in hf
     else:
         bias = "fc2_bias" if gate == "mlp" else "bias"
         assert torch.equal(sd[mp + "head_gate.bias"], hf[hp + f"gate.{bias}"][-heads:])
     _assert_same(megatron_to_hf_state_dict(ranks, ARCH, variant=variant), hf)
     # without the variant: its tensors refused (strict), or linear_qkv's gate rows not taken for a plain Llama's
-    with pytest.raises(OutEffError, match="linear_qkv.weight has 192 rows, expected 128" if gate == "elementwise" else
-                       "without a Hugging Face Llama counterpart"):
+    with pytest.raises(
+        OutEffError,
+        match="linear_qkv.weight has 192 rows, expected 128"
+        if gate == "elementwise"
+        else "without a Hugging Face Llama counterpart",
+    ):
         megatron_to_hf_state_dict(ranks, ARCH)
     with pytest.raises(OutEffError, match="missing|not a tensor of the attention variant"):
-        hf_state_dict_to_megatron(hf, ARCH, 0, tp, 0, pp, variant=AttentionVariantConfig(gate="linear" if gate != "linear" else "mlp"))
+        hf_state_dict_to_megatron(
+            hf, ARCH, 0, tp, 0, pp, variant=AttentionVariantConfig(gate="linear" if gate != "linear" else "mlp")
+        )
 
 
 def test_swiglu_and_gqa_layout_per_rank():
@@ -132,15 +171,18 @@ def test_swiglu_and_gqa_layout_per_rank():
         assert torch.equal(gate, hf[p + "mlp.gate_proj.weight"].chunk(2)[r])
         assert torch.equal(up, hf[p + "mlp.up_proj.weight"].chunk(2)[r])
         qkv = sd["decoder.layers.0.self_attention.linear_qkv.weight"].view(4, d, 64)  # 1 group: q, q, k, v
-        assert torch.equal(qkv[:2].reshape(-1, 64), hf[p + "self_attn.q_proj.weight"][2 * r * d:(2 * r + 2) * d])
-        assert torch.equal(qkv[2], hf[p + "self_attn.k_proj.weight"][r * d:(r + 1) * d])
-        assert torch.equal(qkv[3], hf[p + "self_attn.v_proj.weight"][r * d:(r + 1) * d])
+        assert torch.equal(qkv[:2].reshape(-1, 64), hf[p + "self_attn.q_proj.weight"][2 * r * d : (2 * r + 2) * d])
+        assert torch.equal(qkv[2], hf[p + "self_attn.k_proj.weight"][r * d : (r + 1) * d])
+        assert torch.equal(qkv[3], hf[p + "self_attn.v_proj.weight"][r * d : (r + 1) * d])
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"tie_word_embeddings": True}, "tie_word_embeddings=True: expected False"),
-    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}}, "rope_type='linear'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"tie_word_embeddings": True}, "tie_word_embeddings=True: expected False"),
+        ({"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}}, "rope_type='linear'"),
+    ],
+)
 def test_unsupported_llama_is_one_line_and_writes_nothing(tmp_path, capsys, change, message):
     _random_hf_llama(tmp_path / "llama")
     cfg = json.loads((tmp_path / "llama" / "config.json").read_text())

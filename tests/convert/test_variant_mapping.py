@@ -1,4 +1,5 @@
 """megatron <-> Hugging Face mapping of the attention-variant tensors (models/hf_opt.py), any TP/PP."""
+
 import pytest
 import torch
 
@@ -7,8 +8,15 @@ from megatron_outeff.megatron.variant import AttentionVariantConfig
 from megatron_outeff.models.hf_opt import hf_expected_shapes, hf_state_dict_to_megatron, megatron_to_hf_state_dict
 from megatron_outeff.models.opt import OPTArchConfig
 
-ARCH = OPTArchConfig(name="t", num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, vocab_size=200,
-                     max_position_embeddings=32)
+ARCH = OPTArchConfig(
+    name="t",
+    num_layers=4,
+    hidden_size=64,
+    num_attention_heads=4,
+    ffn_hidden_size=128,
+    vocab_size=200,
+    max_position_embeddings=32,
+)
 
 
 @pytest.mark.parametrize("gate", ["linear", "mlp", "shared_linear"])
@@ -18,8 +26,9 @@ def test_variant_round_trip(gate, tp, pp):
     variant = AttentionVariantConfig(softmax="learnable", gate=gate)
     shapes = {**hf_expected_shapes(ARCH), **variant_hf_shapes(ARCH, variant)}
     hf = {k: torch.randn(s) for k, s in shapes.items()}
-    ranks = {(t, p): hf_state_dict_to_megatron(hf, ARCH, t, tp, p, pp, variant=variant)
-             for t in range(tp) for p in range(pp)}
+    ranks = {
+        (t, p): hf_state_dict_to_megatron(hf, ARCH, t, tp, p, pp, variant=variant) for t in range(tp) for p in range(pp)
+    }
     # per-rank: this rank's heads of the offset and gate
     sd = ranks[(tp - 1, pp - 1)]
     heads = 4 // tp
@@ -27,8 +36,10 @@ def test_variant_round_trip(gate, tp, pp):
     local = ARCH.num_layers // pp - 1
     assert torch.equal(sd[f"decoder.layers.{local}.self_attention.core_attention.softmax_offset"], off[-heads:])
     bias = "fc2_bias" if gate == "mlp" else "bias"
-    assert torch.equal(sd[f"decoder.layers.{local}.self_attention.head_gate.bias"],
-                       hf[f"model.decoder.layers.{ARCH.num_layers - 1}.self_attn.gate.{bias}"][-heads:])
+    assert torch.equal(
+        sd[f"decoder.layers.{local}.self_attention.head_gate.bias"],
+        hf[f"model.decoder.layers.{ARCH.num_layers - 1}.self_attn.gate.{bias}"][-heads:],
+    )
     back = megatron_to_hf_state_dict(ranks, ARCH, variant=variant)
     assert sorted(back) == sorted(list(hf) + ["lm_head.weight"])
     assert all(torch.equal(back[k], hf[k]) for k in hf)
@@ -56,10 +67,16 @@ def test_unknown_missing_and_misshapen_variant_tensors_are_one_line_errors():
     variant = AttentionVariantConfig(softmax="learnable", gate="linear")
     hf = {k: torch.zeros(s) for k, s in {**hf_expected_shapes(ARCH), **variant_hf_shapes(ARCH, variant)}.items()}
     cases = [
-        ({**hf, "model.decoder.layers.0.self_attn.gate.fc1_weight": torch.zeros(4, 4, 16)}, "gate.fc1_weight: not a tensor"),
+        (
+            {**hf, "model.decoder.layers.0.self_attn.gate.fc1_weight": torch.zeros(4, 4, 16)},
+            "gate.fc1_weight: not a tensor",
+        ),
         ({k: v for k, v in hf.items() if k != "model.decoder.layers.2.self_attn.gate.bias"}, "missing"),
         ({**hf, "model.decoder.layers.1.self_attn.softmax_offset": torch.zeros(3)}, r"shape \(3,\), expected \(4,\)"),
-        ({**hf, "model.decoder.layers.9.self_attn.softmax_offset": torch.zeros(4)}, "layers.9.self_attn.softmax_offset: not"),
+        (
+            {**hf, "model.decoder.layers.9.self_attn.softmax_offset": torch.zeros(4)},
+            "layers.9.self_attn.softmax_offset: not",
+        ),
     ]
     for sd, needle in cases:
         with pytest.raises(OutEffError, match=needle) as e:
@@ -80,16 +97,21 @@ def test_elementwise_gate_rows_fused_as_megatron_lays_them_out(tp, pp):
     assert shapes["model.decoder.layers.0.self_attn.gate_proj.weight"] == (64, 64)
     torch.manual_seed(1)
     hf = {k: torch.randn(s) for k, s in shapes.items()}
-    ranks = {(t, p): hf_state_dict_to_megatron(hf, ARCH, t, tp, p, pp, variant=variant)
-             for t in range(tp) for p in range(pp)}
+    ranks = {
+        (t, p): hf_state_dict_to_megatron(hf, ARCH, t, tp, p, pp, variant=variant) for t in range(tp) for p in range(pp)
+    }
     H, d, per_stage = 4, 16, ARCH.num_layers // pp
     for (t, p), sd in ranks.items():
         for local in range(per_stage):
             hp = f"model.decoder.layers.{p * per_stage + local}.self_attn."
             for kind in ("weight", "bias"):
-                want = torch.cat([hf[f"{hp}{proj}.{kind}"][h * d:(h + 1) * d]
-                                  for h in range(t * H // tp, (t + 1) * H // tp)
-                                  for proj in ("q_proj", "gate_proj", "k_proj", "v_proj")])
+                want = torch.cat(
+                    [
+                        hf[f"{hp}{proj}.{kind}"][h * d : (h + 1) * d]
+                        for h in range(t * H // tp, (t + 1) * H // tp)
+                        for proj in ("q_proj", "gate_proj", "k_proj", "v_proj")
+                    ]
+                )
                 assert torch.equal(sd[f"decoder.layers.{local}.self_attention.linear_qkv.{kind}"], want)
             assert not any("gate_proj" in k for k in sd)
     back = megatron_to_hf_state_dict(ranks, ARCH, variant=variant)

@@ -1,5 +1,6 @@
 """Shared fixtures of the data-pipeline tests: tiny generated corpora and tokenizers trained on
 them in-test (no network, no files outside tmp), built once per session to keep the suite fast."""
+
 import json
 import os
 import random
@@ -60,8 +61,7 @@ def corpus(data_dir):
 def spm_model(data_dir, corpus):
     from megatron_outeff.data.tokenizer_training import train_sentencepiece
 
-    return train_sentencepiece([corpus["a"], corpus["b"]], str(data_dir / "tok" / "spm"),
-                               vocab_size=400, num_threads=1)
+    return train_sentencepiece([corpus["a"], corpus["b"]], str(data_dir / "tok" / "spm"), vocab_size=400, num_threads=1)
 
 
 @pytest.fixture(scope="session")
@@ -73,8 +73,10 @@ def hf_tokenizer_json(data_dir, corpus):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=320,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(corpus["docs_a"][:50], trainer=trainer)
     path = data_dir / "hf" / "tokenizer.json"

@@ -1,6 +1,5 @@
 """Bigram-Backcopy generator: determinism, mid-stream resumption, the copy rule, the bigram chain,
 and refusal of impossible parameters."""
-import math
 
 import pytest
 import torch
@@ -83,12 +82,15 @@ def test_resumable_mid_stream():
                 assert torch.equal(got[m][key], batches[k][m][key])
 
 
-@pytest.mark.parametrize("kwargs, word", [
-    (dict(seq_length=2), "seq_length=2"),
-    (dict(vocab_size=5, num_triggers=3), "vocab_size=5"),
-    (dict(vocab_size=64, num_triggers=80), "vocab_size=64"),
-    (dict(num_triggers=0), "num_triggers=0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        (dict(seq_length=2), "seq_length=2"),
+        (dict(vocab_size=5, num_triggers=3), "vocab_size=5"),
+        (dict(vocab_size=64, num_triggers=80), "vocab_size=64"),
+        (dict(num_triggers=0), "num_triggers=0"),
+    ],
+)
 def test_impossible_parameters(kwargs, word):
     with pytest.raises(ValueError, match=word):
         BigramBackcopyTask(**kwargs)
@@ -98,11 +100,20 @@ def test_training_config_source():
     from megatron_outeff.errors import OutEffError
     from megatron_outeff.training.config import config_from_dict
 
-    cfg = config_from_dict({"data": {"source": "bigram_backcopy", "seq_length": 16,
-                                     "bigram_backcopy": {"vocab_size": 20, "num_triggers": 2}}})
+    cfg = config_from_dict(
+        {
+            "data": {
+                "source": "bigram_backcopy",
+                "seq_length": 16,
+                "bigram_backcopy": {"vocab_size": 20, "num_triggers": 2},
+            }
+        }
+    )
     assert cfg.data.bigram_backcopy.num_triggers == 2
     with pytest.raises(OutEffError, match="num_triggers=30"):
-        config_from_dict({"data": {"source": "bigram_backcopy", "bigram_backcopy": {"vocab_size": 20, "num_triggers": 30}}})
+        config_from_dict(
+            {"data": {"source": "bigram_backcopy", "bigram_backcopy": {"vocab_size": 20, "num_triggers": 30}}}
+        )
     with pytest.raises(OutEffError, match="seq_length=2"):
         config_from_dict({"data": {"source": "bigram_backcopy", "seq_length": 2}})
     with pytest.raises(OutEffError, match="'nonsense'"):

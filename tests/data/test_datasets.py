@@ -1,4 +1,5 @@
 """Dataset building through megatron-core (blends, splits, checks) and the resumable sampler."""
+
 import os
 import socket
 
@@ -13,8 +14,8 @@ from megatron_outeff.data.datasets import (
     check_indexed_dataset,
     parse_blend,
 )
-from megatron_outeff.errors import OutEffError
 from megatron_outeff.data.tokenizer import load_tokenizer
+from megatron_outeff.errors import OutEffError
 
 SEQ = 32
 
@@ -32,8 +33,13 @@ def test_parse_blend():
 def test_single_prefix_splits_are_disjoint(prefixes, spm_model, tmp_path):
     tok = load_tokenizer(spm_model)
     train, valid, test = build_gpt_datasets(
-        prefixes["a"], tokenizer=tok, seq_length=SEQ, split="80,15,5", num_samples=(300, 40, 10),
-        cache_dir=str(tmp_path / "cache"), seed=7,
+        prefixes["a"],
+        tokenizer=tok,
+        seq_length=SEQ,
+        split="80,15,5",
+        num_samples=(300, 40, 10),
+        cache_dir=str(tmp_path / "cache"),
+        seed=7,
     )
     # megatron builds whole epochs: at least the requested samples per split
     assert len(train) >= 300 and len(valid) >= 40 and len(test) >= 10
@@ -48,8 +54,13 @@ def test_single_prefix_splits_are_disjoint(prefixes, spm_model, tmp_path):
     # the index cache went where we asked, and a rebuild hits it with identical samples
     assert any(f.endswith("document_index.npy") for f in os.listdir(tmp_path / "cache"))
     again, _, _ = build_gpt_datasets(
-        prefixes["a"], tokenizer=tok, seq_length=SEQ, split="80,15,5", num_samples=(300, 40, 10),
-        cache_dir=str(tmp_path / "cache"), seed=7,
+        prefixes["a"],
+        tokenizer=tok,
+        seq_length=SEQ,
+        split="80,15,5",
+        num_samples=(300, 40, 10),
+        cache_dir=str(tmp_path / "cache"),
+        seed=7,
     )
     assert torch.equal(again[123]["tokens"], train[123]["tokens"])
 
@@ -58,8 +69,12 @@ def test_blend_follows_weights(prefixes, spm_model, tmp_path):
     tok = load_tokenizer(spm_model)
     n = 1000
     train, valid, test = build_gpt_datasets(
-        f"0.7 {prefixes['a']} 0.3 {prefixes['b']}", tokenizer=tok, seq_length=SEQ,
-        split="90,10,0", num_samples=(n, 100, 0), cache_dir=str(tmp_path / "cache"),
+        f"0.7 {prefixes['a']} 0.3 {prefixes['b']}",
+        tokenizer=tok,
+        seq_length=SEQ,
+        split="90,10,0",
+        num_samples=(n, 100, 0),
+        cache_dir=str(tmp_path / "cache"),
         create_attention_mask=True,
     )
     assert test is None and len(train) == n
@@ -71,15 +86,18 @@ def test_blend_follows_weights(prefixes, spm_model, tmp_path):
         assert ("beta" not in text) if ids[i] == 0 else ("alpha" not in text)
     s = train[0]
     assert s["attention_mask"].shape == (1, SEQ, SEQ)
-    assert abs((numpy.array([int(valid[i]["dataset_id"]) for i in range(len(valid))]) == 0).mean()
-               - 0.7) < 0.05
+    assert abs((numpy.array([int(valid[i]["dataset_id"]) for i in range(len(valid))]) == 0).mean() - 0.7) < 0.05
 
 
 def test_blend_per_split(prefixes, spm_model, tmp_path):
     tok = load_tokenizer(spm_model)
     train, valid, test = build_gpt_datasets(
-        train_data=prefixes["a"], valid_data=prefixes["b"], tokenizer=tok, seq_length=SEQ,
-        num_samples=(50, None, None), cache_dir=str(tmp_path / "cache"),
+        train_data=prefixes["a"],
+        valid_data=prefixes["b"],
+        tokenizer=tok,
+        seq_length=SEQ,
+        num_samples=(50, None, None),
+        cache_dir=str(tmp_path / "cache"),
     )
     assert test is None and len(train) >= 50 and len(valid) > 0
     assert len(numpy.unique(valid.document_index)) == 120  # the whole of corpus B
@@ -97,18 +115,30 @@ def test_bad_dataset_inputs(prefixes, spm_model, hf_tokenizer_json, tmp_path):
     with pytest.raises(OutEffError, match="holds token id .* vocab size is 320"):
         check_indexed_dataset(prefixes["a"], small)
     with pytest.raises(OutEffError, match="gives the test split 0 of the 200 documents"):
-        build_gpt_datasets(prefixes["a"], tokenizer=tok, seq_length=SEQ, split="969,30,1",
-                           num_samples=(10, 10, 10), cache_dir=str(tmp_path))
+        build_gpt_datasets(
+            prefixes["a"],
+            tokenizer=tok,
+            seq_length=SEQ,
+            split="969,30,1",
+            num_samples=(10, 10, 10),
+            cache_dir=str(tmp_path),
+        )
     with pytest.raises(OutEffError, match="needs num_samples"):
-        build_gpt_datasets([prefixes["a"], prefixes["b"]], weights=[1, 1], tokenizer=tok,
-                           seq_length=SEQ, cache_dir=str(tmp_path))
+        build_gpt_datasets(
+            [prefixes["a"], prefixes["b"]], weights=[1, 1], tokenizer=tok, seq_length=SEQ, cache_dir=str(tmp_path)
+        )
 
 
 def test_resumable_sampler(prefixes, spm_model, tmp_path):
     tok = load_tokenizer(spm_model)
-    train, _, _ = build_gpt_datasets(prefixes["b"], tokenizer=tok, seq_length=SEQ,
-                                     split="1,0,0", num_samples=(64, None, None),
-                                     cache_dir=str(tmp_path / "cache"))
+    train, _, _ = build_gpt_datasets(
+        prefixes["b"],
+        tokenizer=tok,
+        seq_length=SEQ,
+        split="1,0,0",
+        num_samples=(64, None, None),
+        cache_dir=str(tmp_path / "cache"),
+    )
     it = MicroBatchIterator(train, micro_batch_size=4)
     for _ in range(5):
         next(it)
@@ -143,13 +173,11 @@ def test_build_with_process_group(prefixes, spm_model, tmp_path):
     import torch.distributed as dist
 
     tok = load_tokenizer(spm_model)
-    kwargs = dict(tokenizer=tok, seq_length=SEQ, split="90,10,0", num_samples=(200, 20, 0),
-                  seed=3)
+    kwargs = dict(tokenizer=tok, seq_length=SEQ, split="90,10,0", num_samples=(200, 20, 0), seed=3)
     data = f"0.5 {prefixes['a']} 0.5 {prefixes['b']}"
     ref, _, _ = build_gpt_datasets(data, cache_dir=str(tmp_path / "c1"), **kwargs)
     assert not dist.is_initialized()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
-                            world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
         train, valid, _ = build_gpt_datasets(data, cache_dir=str(tmp_path / "c2"), **kwargs)
     finally:
@@ -166,8 +194,8 @@ def _rank_worker(rank, world, init_file, data, cache_dir, spm_model, result_dir)
     try:
         tok = load_tokenizer(spm_model)
         train, valid, _ = build_gpt_datasets(
-            data, tokenizer=tok, seq_length=SEQ, split="90,10,0", num_samples=(100, 10, 0),
-            seed=5, cache_dir=cache_dir)
+            data, tokenizer=tok, seq_length=SEQ, split="90,10,0", num_samples=(100, 10, 0), seed=5, cache_dir=cache_dir
+        )
         rows = [train[i]["tokens"].tolist() for i in (0, 50, 99)] + [valid[0]["tokens"].tolist()]
         with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
             import json
@@ -186,10 +214,13 @@ def test_build_on_two_ranks(prefixes, spm_model, tmp_path):
 
     ctx = multiprocessing.get_context("fork")
     data = f"0.6 {prefixes['a']} 0.4 {prefixes['b']}"
-    procs = [ctx.Process(target=_rank_worker, args=(r, 2, str(tmp_path / "init"), data,
-                                                    str(tmp_path / "cache"), spm_model,
-                                                    str(tmp_path)))
-             for r in range(2)]
+    procs = [
+        ctx.Process(
+            target=_rank_worker,
+            args=(r, 2, str(tmp_path / "init"), data, str(tmp_path / "cache"), spm_model, str(tmp_path)),
+        )
+        for r in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:

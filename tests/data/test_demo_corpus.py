@@ -2,6 +2,7 @@
 
 CI never depends on it; the rest of the suite uses generated text.
 """
+
 import json
 import os
 
@@ -9,8 +10,9 @@ import pytest
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not os.environ.get("OUTEFF_NETWORK_TESTS"),
-                       reason="needs the package index (set OUTEFF_NETWORK_TESTS=1)"),
+    pytest.mark.skipif(
+        not os.environ.get("OUTEFF_NETWORK_TESTS"), reason="needs the package index (set OUTEFF_NETWORK_TESTS=1)"
+    ),
 ]
 
 
@@ -37,8 +39,12 @@ def test_demo_corpus_end_to_end(tmp_path):
     for split, path in (("train", train_jsonl), ("valid", valid_jsonl)):
         preprocess_corpus(path, os.path.join(out, split), tok, workers=2, progress=False)
     train, valid, _ = build_gpt_datasets(
-        train_data=os.path.join(out, "train"), valid_data=os.path.join(out, "valid"),
-        tokenizer=tok, seq_length=256, num_samples=(1000, None, None),
-        cache_dir=os.path.join(out, "cache"))
+        train_data=os.path.join(out, "train"),
+        valid_data=os.path.join(out, "valid"),
+        tokenizer=tok,
+        seq_length=256,
+        num_samples=(1000, None, None),
+        cache_dir=os.path.join(out, "cache"),
+    )
     batch = next(MicroBatchIterator(train, micro_batch_size=8))
     assert batch["tokens"].shape == (8, 256) and len(valid) > 100

@@ -1,10 +1,12 @@
 """save_hf_tokenizer: a sentencepiece model (BPE and unigram) exported as a Hugging Face tokenizer
 directory loads offline with AutoTokenizer and encodes/decodes exactly like our tokenizer."""
+
 import json
 import os
 import random
 
 import pytest
+
 from megatron_outeff.data.hf_tokenizer import save_hf_tokenizer
 from megatron_outeff.data.tokenizer import load_tokenizer
 from megatron_outeff.data.tokenizer_training import train_sentencepiece
@@ -15,10 +17,29 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Hand-written cases: whitespace runs, tabs, newlines, CRLF, digits, accents (composed and
 # combining), emoji, and characters never seen in training (byte fallback), control chars.
 EDGE = [
-    "", " ", "  ", "   x", "a", " a", "a ", "a  b   c", "\n", "\n\n", "\r\n", "line1\r\nline2\n",
-    "\t", "\t\tindented\ttabs", " \t \n ", "12345 6.78 -9e10 0x1F", "naïve façade café",
-    "e\u0301 vs \u00e9", "Ωμέγα 日本語 🙂🙂👍🏽", "中文没有见过 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ẞ Ж ש ع",
-    "\u0000\u007f\u00a0\u200b\u2028", "▁ literal sentencepiece space ▁▁", "mixed 🙂tab\there  end  ",
+    "",
+    " ",
+    "  ",
+    "   x",
+    "a",
+    " a",
+    "a ",
+    "a  b   c",
+    "\n",
+    "\n\n",
+    "\r\n",
+    "line1\r\nline2\n",
+    "\t",
+    "\t\tindented\ttabs",
+    " \t \n ",
+    "12345 6.78 -9e10 0x1F",
+    "naïve façade café",
+    "e\u0301 vs \u00e9",
+    "Ωμέγα 日本語 🙂🙂👍🏽",
+    "中文没有见过 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ẞ Ж ש ع",
+    "\u0000\u007f\u00a0\u200b\u2028",
+    "▁ literal sentencepiece space ▁▁",
+    "mixed 🙂tab\there  end  ",
 ]
 LITERAL_SPECIALS = ["</s>", "<s>", "<unk>", "<pad>", "<0x41>", "x</s>y <s> z"]
 
@@ -29,7 +50,7 @@ def _texts(docs, seed=0, n=150):
     for _ in range(n):  # random substrings: start mid-word, mid-whitespace, end anywhere
         d = rng.choice(docs)
         s = rng.randrange(len(d))
-        out.append(d[s:s + rng.randint(0, 120)])
+        out.append(d[s : s + rng.randint(0, 120)])
     for _ in range(30):  # random joins with unusual separators
         out.append(rng.choice(["\r\n", "  ", "\t", "\n\n", " 🙂 ", "ß"]).join(rng.sample(EDGE + docs[:5], 3)))
     return out
@@ -45,13 +66,18 @@ def exported(request, tmp_path_factory, corpus):
     from transformers import AutoTokenizer
 
     root = tmp_path_factory.mktemp(f"hftok_{request.param}")
-    model = train_sentencepiece(corpus["a"], str(root / "spm"),
-                                vocab_size=400, model_type=request.param, num_threads=1)
+    model = train_sentencepiece(corpus["a"], str(root / "spm"), vocab_size=400, model_type=request.param, num_threads=1)
     out = root / "hf"
     out.mkdir()
     written = save_hf_tokenizer(model, out)
-    return dict(kind=request.param, model=model, out=out, written=written,
-                ours=load_tokenizer(model), hf=AutoTokenizer.from_pretrained(out))
+    return dict(
+        kind=request.param,
+        model=model,
+        out=out,
+        written=written,
+        ours=load_tokenizer(model),
+        hf=AutoTokenizer.from_pretrained(out),
+    )
 
 
 def test_files_and_config(exported):

@@ -1,13 +1,14 @@
 """Preprocessing into megatron indexed datasets: exact round trip, workers, atomic output, errors."""
+
 import json
 import os
 
 import numpy
 import pytest
 
-from megatron_outeff.errors import OutEffError
 from megatron_outeff.data.preprocess import preprocess_corpus
 from megatron_outeff.data.tokenizer import load_tokenizer
+from megatron_outeff.errors import OutEffError
 
 
 def read_indexed(prefix):
@@ -31,8 +32,9 @@ def test_round_trip_workers(tmp_path, corpus, spm_model, hf_tokenizer_json, tok_
     jsonl_a.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs[:60]) + "\n")
     jsonl_b.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs[60:]))
     prefix = str(tmp_path / "out" / "ds")
-    stats = preprocess_corpus(str(tmp_path / "part*.jsonl"), prefix, tok_path, json_key="body",
-                              workers=2, progress=False, chunksize=4)
+    stats = preprocess_corpus(
+        str(tmp_path / "part*.jsonl"), prefix, tok_path, json_key="body", workers=2, progress=False, chunksize=4
+    )
     ds, stored = read_indexed(prefix)
     assert len(ds) == len(docs) == stats.documents
     assert numpy.dtype(ds.index.dtype) == numpy.uint16
@@ -53,8 +55,7 @@ def test_txt_file_and_paragraph_modes(tmp_path, spm_model):
     assert [tok.decode(s[:-1]) for s in stored] == [open(f).read() for f in files]
     preprocess_corpus(files, str(tmp_path / "p"), tok, txt_mode="paragraph", progress=False)
     _, stored = read_indexed(str(tmp_path / "p"))
-    assert [tok.decode(s[:-1]) for s in stored] == [
-        "first para\nline two", "second para", "third", "whole file"]
+    assert [tok.decode(s[:-1]) for s in stored] == ["first para\nline two", "second para", "third", "whole file"]
 
 
 def test_failure_mid_way_leaves_nothing(tmp_path, corpus, spm_model):
@@ -63,8 +64,14 @@ def test_failure_mid_way_leaves_nothing(tmp_path, corpus, spm_model):
     (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
     for workers in (1, 2):
         with pytest.raises(OutEffError, match=r"bad.jsonl:71: invalid JSON"):
-            preprocess_corpus(str(tmp_path / "bad.jsonl"), str(tmp_path / "ds"), spm_model,
-                              workers=workers, progress=False, chunksize=2)
+            preprocess_corpus(
+                str(tmp_path / "bad.jsonl"),
+                str(tmp_path / "ds"),
+                spm_model,
+                workers=workers,
+                progress=False,
+                chunksize=2,
+            )
         assert leftovers(tmp_path, "ds") == []
 
 
@@ -76,12 +83,10 @@ def test_overwrite(tmp_path, corpus, spm_model):
     # a failed overwrite keeps the old pair intact
     (tmp_path / "keyless.jsonl").write_text('{"body": "x"}\n')
     with pytest.raises(OutEffError):
-        preprocess_corpus(str(tmp_path / "keyless.jsonl"), prefix, spm_model, overwrite=True,
-                          progress=False)
+        preprocess_corpus(str(tmp_path / "keyless.jsonl"), prefix, spm_model, overwrite=True, progress=False)
     assert len(read_indexed(prefix)[0]) == len(corpus["docs_b"])
     (tmp_path / "small.jsonl").write_text('{"text": "just one"}\n')
-    preprocess_corpus(str(tmp_path / "small.jsonl"), prefix, spm_model, overwrite=True,
-                      progress=False)
+    preprocess_corpus(str(tmp_path / "small.jsonl"), prefix, spm_model, overwrite=True, progress=False)
     assert len(read_indexed(prefix)[0]) == 1
     assert leftovers(tmp_path, "ds") == ["ds.bin", "ds.idx"]
 
@@ -108,20 +113,33 @@ def test_cli_one_line_errors(tmp_path, corpus, spm_model, capsys):
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     pre = runpy.run_path(os.path.join(root, "tools", "preprocess_data.py"))
-    code = pre["main"](["--input", str(tmp_path / "nope.jsonl"), "--tokenizer", spm_model,
-                        "--output-prefix", str(tmp_path / "x")])
+    code = pre["main"](
+        ["--input", str(tmp_path / "nope.jsonl"), "--tokenizer", spm_model, "--output-prefix", str(tmp_path / "x")]
+    )
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: input file not found") and "\n" not in err
 
-    code = pre["main"](["--input", corpus["b"], "--tokenizer", spm_model, "--no-progress",
-                        "--output-prefix", str(tmp_path / "x"), "--workers", "2"])
+    code = pre["main"](
+        [
+            "--input",
+            corpus["b"],
+            "--tokenizer",
+            spm_model,
+            "--no-progress",
+            "--output-prefix",
+            str(tmp_path / "x"),
+            "--workers",
+            "2",
+        ]
+    )
     assert code == 0
     assert "120 documents" in capsys.readouterr().out
 
     train = runpy.run_path(os.path.join(root, "tools", "train_tokenizer.py"))
-    code = train["main"](["--input", corpus["b"], "--output-prefix", str(tmp_path / "t"),
-                          "--vocab-size", "300", "--json-key", "nokey"])
+    code = train["main"](
+        ["--input", corpus["b"], "--output-prefix", str(tmp_path / "t"), "--vocab-size", "300", "--json-key", "nokey"]
+    )
     assert code == 2
     assert capsys.readouterr().err.strip().startswith("error: ")
 
@@ -141,8 +159,9 @@ def test_documents_that_do_not_round_trip_are_counted(tmp_path, spm_model, worke
 
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         pre = runpy.run_path(os.path.join(root, "tools", "preprocess_data.py"))
-        code = pre["main"](["--input", str(src), "--tokenizer", spm_model, "--no-progress",
-                            "--output-prefix", str(tmp_path / "ds2")])
+        code = pre["main"](
+            ["--input", str(src), "--tokenizer", spm_model, "--no-progress", "--output-prefix", str(tmp_path / "ds2")]
+        )
         assert code == 0
         assert "warning: 2 of 4 documents do not round-trip" in capsys.readouterr().out
 
@@ -154,13 +173,21 @@ def test_existing_file_with_glob_characters_is_taken_literally(tmp_path):
     from megatron_outeff.data.corpus import expand_inputs, iter_documents
     from megatron_outeff.evaluation.eval_data import check_data_source
 
-    for name, text in (("data[1].jsonl", "literal"), ("data1.jsonl", "one"), ("data2.jsonl", "two"), ("a*b?.txt", "star")):
+    for name, text in (
+        ("data[1].jsonl", "literal"),
+        ("data1.jsonl", "one"),
+        ("data2.jsonl", "two"),
+        ("a*b?.txt", "star"),
+    ):
         (tmp_path / name).write_text(json.dumps({"text": text}) + "\n" if name.endswith(".jsonl") else text)
     literal = str(tmp_path / "data[1].jsonl")
     assert expand_inputs(literal) == [literal]
     assert list(iter_documents(literal)) == ["literal"]
     assert expand_inputs(str(tmp_path / "a*b?.txt")) == [str(tmp_path / "a*b?.txt")]
-    assert expand_inputs(str(tmp_path / "data[12].jsonl")) == [str(tmp_path / "data1.jsonl"), str(tmp_path / "data2.jsonl")]
+    assert expand_inputs(str(tmp_path / "data[12].jsonl")) == [
+        str(tmp_path / "data1.jsonl"),
+        str(tmp_path / "data2.jsonl"),
+    ]
     check_data_source(literal, "calibration data")  # raised "glob matches no files" before
     with pytest.raises(OutEffError, match=r"calibration data: input glob matches no files: .*data\[34\]\.jsonl"):
         check_data_source(str(tmp_path / "data[34].jsonl"), "calibration data")

@@ -1,12 +1,13 @@
 """Tokenizer adapters and sentencepiece training: lossless round trips, special ids, errors."""
+
 import json
 import os
 import pickle
 
 import pytest
 
-from megatron_outeff.errors import OutEffError
 from megatron_outeff.data.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
+from megatron_outeff.errors import OutEffError
 
 ROUND_TRIP = [
     "Hello world.",
@@ -48,8 +49,9 @@ def test_sentencepiece_special_ids(spm_model):
 def test_unigram_option(data_dir, corpus):
     from megatron_outeff.data.tokenizer_training import train_sentencepiece
 
-    path = train_sentencepiece(corpus["b"], str(data_dir / "tok" / "uni"), vocab_size=400,
-                               model_type="unigram", num_threads=1)
+    path = train_sentencepiece(
+        corpus["b"], str(data_dir / "tok" / "uni"), vocab_size=400, model_type="unigram", num_threads=1
+    )
     tok = load_tokenizer(path)
     text = ROUND_TRIP[4]
     assert tok.decode(tok.encode(text)) == text and tok.eod == 2
@@ -81,9 +83,15 @@ def test_hf_special_tokens_and_eod_choice(hf_tokenizer_json, tmp_path):
     t = Tokenizer(models.BPE())
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     t.decoder = decoders.ByteLevel()
-    t.train_from_iterator(["some text here"] * 5, trainers.BpeTrainer(
-        vocab_size=270, special_tokens=["<|endoftext|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    t.train_from_iterator(
+        ["some text here"] * 5,
+        trainers.BpeTrainer(
+            vocab_size=270,
+            special_tokens=["<|endoftext|>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     t.save(str(tmp_path / "gpt2.json"))
     g = load_tokenizer(tmp_path / "gpt2.json")
     assert g.eod_token == "<|endoftext|>" and g.eod == 0
@@ -114,8 +122,7 @@ def test_train_tokenizer_errors(tmp_path):
         train_sentencepiece(str(tmp_path / "empty.txt"), str(tmp_path / "m"), vocab_size=300)
     (tmp_path / "small.txt").write_text("tiny corpus " * 10)
     with pytest.raises(OutEffError, match="sentencepiece training failed"):
-        train_sentencepiece(str(tmp_path / "small.txt"), str(tmp_path / "m"), vocab_size=5000,
-                            num_threads=1)
+        train_sentencepiece(str(tmp_path / "small.txt"), str(tmp_path / "m"), vocab_size=5000, num_threads=1)
     with pytest.raises(OutEffError, match="too small"):
         train_sentencepiece(str(tmp_path / "small.txt"), str(tmp_path / "m"), vocab_size=100)
     with pytest.raises(OutEffError, match="not found"):
@@ -173,11 +180,18 @@ def test_vocab_refusal_has_one_owner(spm_model, hf_tokenizer_json, tmp_path):
     (tmp_path / "holes.json").write_text(json.dumps(data))
     assert tokenizer_id_count(tmp_path / "holes.json") == 1000  # the id, not the count of entries
     check_vocab_fits(400, 400, "t")
-    with pytest.raises(OutEffError, match=r"^t has 401 tokens but the model's vocabulary is 400 \(every token id must be < 400\)$"):
+    with pytest.raises(
+        OutEffError, match=r"^t has 401 tokens but the model's vocabulary is 400 \(every token id must be < 400\)$"
+    ):
         check_vocab_fits(401, 400, "t")
-    demo = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "train",
-                        "demo-tiny.yaml")
-    cfg = load_config(demo, ["data.source=indexed", f"data.tokenizer={spm_model}",
-                                                       f"data.train_paths=[{tmp_path / 'none'}]"])
+    demo = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+        "configs",
+        "train",
+        "demo-tiny.yaml",
+    )
+    cfg = load_config(
+        demo, ["data.source=indexed", f"data.tokenizer={spm_model}", f"data.train_paths=[{tmp_path / 'none'}]"]
+    )
     with pytest.raises(OutEffError, match=r"data.tokenizer has 400 tokens but the model's vocabulary is 256 \(every"):
         indexed_samplers(cfg, vocab_size=256)

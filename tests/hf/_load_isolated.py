@@ -3,6 +3,7 @@ AutoModelForCausalLM(trust_remote_code=True) in a process where megatron_outeff 
 
 argv: site_packages job.pt result.pt
 """
+
 import sys
 
 sys.path.insert(0, sys.argv[1])
@@ -11,8 +12,8 @@ import importlib.util
 
 assert importlib.util.find_spec("megatron_outeff") is None, "megatron_outeff must not be importable here"
 
-import torch
-from transformers import AutoModelForCausalLM
+import torch  # noqa: E402 (after the check above)
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 job = torch.load(sys.argv[2])
 result = {}

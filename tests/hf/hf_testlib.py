@@ -1,17 +1,24 @@
 """Helpers for the Hugging Face export tests: tiny random OPT weights and an independent oracle.
 
 (A uniquely named module, not conftest.py: several test folders have a conftest.)"""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import pytest
 import torch
 
 TINY = dict(
-    vocab_size=256, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
-    max_position_embeddings=32, dropout=0.0, attention_dropout=0.0, pad_token_id=1,
+    vocab_size=256,
+    hidden_size=64,
+    num_hidden_layers=2,
+    ffn_dim=128,
+    num_attention_heads=4,
+    max_position_embeddings=32,
+    dropout=0.0,
+    attention_dropout=0.0,
+    pad_token_id=1,
 )
 
 
@@ -73,7 +80,9 @@ def oracle_logits(sd: dict, fields: dict, ids: torch.Tensor, attention_mask: tor
         gate, kind, gp = None, fields.get("gate", "none"), f"{p}.self_attn.gate"
         if kind == "linear":
             xs = h.view(b, s, H, d)
-            gate = torch.sigmoid(torch.stack([xs[:, :, j] @ sd[gp + ".weight"][j] + sd[gp + ".bias"][j] for j in range(H)], -1))
+            gate = torch.sigmoid(
+                torch.stack([xs[:, :, j] @ sd[gp + ".weight"][j] + sd[gp + ".bias"][j] for j in range(H)], -1)
+            )
         elif kind == "shared_linear":
             gate = torch.sigmoid(h @ sd[gp + ".weight"].T + sd[gp + ".bias"])
         elif kind == "mlp":
@@ -85,9 +94,17 @@ def oracle_logits(sd: dict, fields: dict, ids: torch.Tensor, attention_mask: tor
             gate = torch.sigmoid(torch.stack(cols, -1))
         softmax = fields.get("softmax", "vanilla")
         o = outeff_attention(
-            q, k, v, softmax=softmax, n=fields.get("softmax_n", 1.0),
+            q,
+            k,
+            v,
+            softmax=softmax,
+            n=fields.get("softmax_n", 1.0),
             offset=sd.get(f"{p}.self_attn.softmax_offset") if softmax == "learnable" else None,
-            clip=clip, gate=gate, causal=True, key_padding_mask=attention_mask.bool(), impl="torch",
+            clip=clip,
+            gate=gate,
+            causal=True,
+            key_padding_mask=attention_mask.bool(),
+            impl="torch",
         )
         if kind == "elementwise":  # Qiu et al.: o * sigmoid(x W^T + b), per head and channel, here in plain torch
             o = o * torch.sigmoid(linear(h, sd, f"{p}.self_attn.gate_proj")).view(b, s, H, d)

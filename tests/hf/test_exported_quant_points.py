@@ -3,6 +3,7 @@
 An export ships its own copy of QuantPoint (so the directory loads without megatron_outeff); that copy
 is a different class object, and the pass must still quantize Q K^T, softmax, P V and residual sums.
 """
+
 import torch
 from hf_testlib import TINY, random_weights
 

@@ -1,5 +1,6 @@
 """Export every attention variant to a Hugging Face directory, reload it as remote code in a process
 where megatron_outeff is not importable, and compare its logits with an independent oracle."""
+
 import json
 import os
 import subprocess
@@ -35,8 +36,12 @@ VARIANTS = {
     "gated_shared_linear": {"softmax": "vanilla", "gate": "shared_linear"},
     "gated_softmax1": {"softmax": "softmax1", "gate": "linear"},
     "gated_elementwise": {"softmax": "vanilla", "gate": "elementwise"},
-    "gated_elementwise_learnable_clipped": {"softmax": "learnable", "gate": "elementwise", "clip_gamma": -0.03,
-                                            "clip_zeta": 1.0},
+    "gated_elementwise_learnable_clipped": {
+        "softmax": "learnable",
+        "gate": "elementwise",
+        "clip_gamma": -0.03,
+        "clip_zeta": 1.0,
+    },
 }
 
 # OPT-350m's shape in miniature: post-LayerNorm, 32-wide embeddings projected to the 64-wide model.
@@ -67,7 +72,11 @@ def exported(tmp_path_factory, tiny_inputs):
     script = Path(__file__).with_name("_load_isolated.py")
     proc = subprocess.run(
         [sys.executable, "-S", str(script), sysconfig.get_paths()["purelib"], str(job), str(res)],
-        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     loaded = torch.load(res)
@@ -106,12 +115,18 @@ def test_opt_350m_isolated_reload_matches_oracle(exported, tiny_inputs, name):
     # the oracle in float64, the reloaded model in float32: its own rounding only (tolerance.py)
     ref = oracle_logits({k: v.double() for k, v in d["sd"].items()}, d["fields"], ids, am, opt_kwargs=TINY_350M)
     real = am.bool()
-    assert_close_bound(got["logits"][real], ref[real], rounding_bound(torch.float32, ref.abs().max(), network_depth(TINY_350M)), name)
+    assert_close_bound(
+        got["logits"][real], ref[real], rounding_bound(torch.float32, ref.abs().max(), network_depth(TINY_350M)), name
+    )
     ref = ref.float()
     assert got["class"] == ("OPTForCausalLM" if name == "vanilla" else "OutEffOPTForCausalLM")
     # The oracle sees the post-LN placement: the pre-LN reading of the same weights differs.
     pre = dict(TINY_350M, do_layer_norm_before=True)
-    sd_pre = {**d["sd"], "model.decoder.final_layer_norm.weight": torch.ones(64), "model.decoder.final_layer_norm.bias": torch.zeros(64)}
+    sd_pre = {
+        **d["sd"],
+        "model.decoder.final_layer_norm.weight": torch.ones(64),
+        "model.decoder.final_layer_norm.bias": torch.zeros(64),
+    }
     assert (oracle_logits(sd_pre, d["fields"], ids, am, opt_kwargs=pre)[real] - ref[real]).abs().max() > 1e-2
 
 
@@ -134,19 +149,31 @@ def test_export_directory_layout(exported):
     data, _ = exported
     d = data["learnable"]["dir"]
     names = sorted(p.name for p in d.iterdir())
-    for f in ("config.json", "model.safetensors", "modeling_outeff_opt.py", "configuration_outeff_opt.py",
-              "outeff_deps.py", "reference.py", "variants.py", "gate.py", "points.py"):
+    for f in (
+        "config.json",
+        "model.safetensors",
+        "modeling_outeff_opt.py",
+        "configuration_outeff_opt.py",
+        "outeff_deps.py",
+        "reference.py",
+        "variants.py",
+        "gate.py",
+        "points.py",
+    ):
         assert f in names
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["model_type"] == "outeff_opt" and cfg["softmax"] == "learnable"
-    assert cfg["auto_map"] == {"AutoConfig": "configuration_outeff_opt.OutEffOPTConfig",
-                               "AutoModelForCausalLM": "modeling_outeff_opt.OutEffOPTForCausalLM"}
+    assert cfg["auto_map"] == {
+        "AutoConfig": "configuration_outeff_opt.OutEffOPTConfig",
+        "AutoModelForCausalLM": "modeling_outeff_opt.OutEffOPTForCausalLM",
+    }
     import megatron_outeff.ops.gate as gate_mod
     import megatron_outeff.ops.reference as ref_mod
     import megatron_outeff.ops.variants as var_mod
     import megatron_outeff.quant.points as pts_mod
+
     for f, mod in (("reference.py", ref_mod), ("variants.py", var_mod), ("gate.py", gate_mod), ("points.py", pts_mod)):
-        assert (d / f).read_bytes() == Path(mod.__file__).read_bytes()   # verbatim copies
+        assert (d / f).read_bytes() == Path(mod.__file__).read_bytes()  # verbatim copies
     assert "megatron_outeff" not in (d / "outeff_deps.py").read_text().split('"""')[-1]
     v = data["vanilla"]["dir"]
     vcfg = json.loads((v / "config.json").read_text())
@@ -177,10 +204,17 @@ def test_quant_points_placed_and_identity(tiny_inputs):
     from megatron_outeff.quant.points import QuantPoint
 
     names = [n for n, m in model.named_modules() if isinstance(m, QuantPoint)]
-    per_layer = ["self_attn.qk_quant", "self_attn.softmax_quant", "self_attn.pv_quant",
-                 "attn_residual_quant", "ffn_residual_quant"]
+    per_layer = [
+        "self_attn.qk_quant",
+        "self_attn.softmax_quant",
+        "self_attn.pv_quant",
+        "attn_residual_quant",
+        "ffn_residual_quant",
+    ]
     assert len(per_layer) == QUANT_POINTS_PER_LAYER
-    assert sorted(names) == sorted(f"model.decoder.layers.{i}.{p}" for i in range(TINY["num_hidden_layers"]) for p in per_layer)
+    assert sorted(names) == sorted(
+        f"model.decoder.layers.{i}.{p}" for i in range(TINY["num_hidden_layers"]) for p in per_layer
+    )
     seen = {}
 
     def hook(mod, inp, out):
@@ -215,7 +249,7 @@ def test_kv_cache_decoding_matches_full_forward(gate):
         steps = [out.logits]
         past = out.past_key_values
         for t in range(5, 8):
-            out = model(input_ids=ids[:, t:t + 1], past_key_values=past, use_cache=True)
+            out = model(input_ids=ids[:, t : t + 1], past_key_values=past, use_cache=True)
             past = out.past_key_values
             steps.append(out.logits)
     assert full.dtype == torch.float64
@@ -225,7 +259,9 @@ def test_kv_cache_decoding_matches_full_forward(gate):
 def test_clip_alpha_resolved_to_gamma():
     f = resolve_variant({"softmax": "softmax1", "clip_alpha": 12}, seq_length=512)
     assert f["clip_gamma"] == pytest.approx(-12 / 512) and f["clip_zeta"] == 1.0
-    assert is_plain_opt(resolve_variant("vanilla")) and is_plain_opt(resolve_variant({"softmax": "softmax_n", "softmax_n": 0}))
+    assert is_plain_opt(resolve_variant("vanilla")) and is_plain_opt(
+        resolve_variant({"softmax": "softmax_n", "softmax_n": 0})
+    )
     assert not is_plain_opt(resolve_variant({"softmax": "vanilla", "clip_gamma": -0.1, "clip_zeta": 1.1}))
 
 
@@ -249,10 +285,18 @@ def test_bad_inputs_write_nothing(tmp_path):
     bad = dict(opt_sd)
     bad["model.decoder.layers.1.fc2.weight"] = bad["model.decoder.layers.1.fc2.weight"].clone()
     bad["model.decoder.layers.1.fc2.weight"][0, 0] = float("nan")
-    _one_line_error(lambda: export_hf_dir(tmp_path / "a", bad, TINY, "softmax1"), r"'model\.decoder\.layers\.1\.fc2\.weight'.*non-finite")
+    _one_line_error(
+        lambda: export_hf_dir(tmp_path / "a", bad, TINY, "softmax1"),
+        r"'model\.decoder\.layers\.1\.fc2\.weight'.*non-finite",
+    )
     # unknown variant (softmax name, key, gate)
-    _one_line_error(lambda: export_hf_dir(tmp_path / "b", opt_sd, TINY, "softmax2"), "unknown softmax variant 'softmax2'")
-    _one_line_error(lambda: export_hf_dir(tmp_path / "c", opt_sd, TINY, {"softmax": "softmax1", "temperature": 2}), "unknown variant key")
+    _one_line_error(
+        lambda: export_hf_dir(tmp_path / "b", opt_sd, TINY, "softmax2"), "unknown softmax variant 'softmax2'"
+    )
+    _one_line_error(
+        lambda: export_hf_dir(tmp_path / "c", opt_sd, TINY, {"softmax": "softmax1", "temperature": 2}),
+        "unknown variant key",
+    )
     _one_line_error(lambda: export_hf_dir(tmp_path / "d", opt_sd, TINY, {"gate": "conv"}), "unknown gate variant")
     # weights of another variant (missing offsets)
     _one_line_error(lambda: export_hf_dir(tmp_path / "e", opt_sd, TINY, "learnable"), "missing.*softmax_offset")
@@ -260,7 +304,10 @@ def test_bad_inputs_write_nothing(tmp_path):
     big = dict(opt_sd)
     big["model.decoder.layers.0.fc1.bias"] = big["model.decoder.layers.0.fc1.bias"] + 1e5
     assert len(fp16_overflow_report(big)) == 1
-    _one_line_error(lambda: export_hf_dir(tmp_path / "f", big, TINY, "softmax1", dtype="fp16"), r"overflow fp16: model\.decoder\.layers\.0\.fc1\.bias")
+    _one_line_error(
+        lambda: export_hf_dir(tmp_path / "f", big, TINY, "softmax1", dtype="fp16"),
+        r"overflow fp16: model\.decoder\.layers\.0\.fc1\.bias",
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
 
 
@@ -268,7 +315,9 @@ def test_fp16_export_and_activation_report(tmp_path, tiny_inputs):
     fields = resolve_variant({"softmax": "softmax1", "gate": "shared_linear"})
     opt_sd, extra = random_weights(fields, seed=2)
     ids, _ = tiny_inputs
-    out = export_hf_dir(tmp_path / "fp16", opt_sd, TINY, fields, extra_state=extra, dtype="fp16", calibration_batches=[ids])
+    out = export_hf_dir(
+        tmp_path / "fp16", opt_sd, TINY, fields, extra_state=extra, dtype="fp16", calibration_batches=[ids]
+    )
     from safetensors import safe_open
 
     with safe_open(out / "model.safetensors", "pt") as f:
@@ -283,8 +332,15 @@ def test_fp16_export_and_activation_report(tmp_path, tiny_inputs):
     sd = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     assert fp16_overflow_report(sd) == []
     _one_line_error(
-        lambda: export_hf_dir(tmp_path / "fp16b", {k: v for k, v in sd.items() if k not in extra},
-                              TINY, fields, extra_state=extra, dtype="fp16", calibration_batches=[ids]),
+        lambda: export_hf_dir(
+            tmp_path / "fp16b",
+            {k: v for k, v in sd.items() if k not in extra},
+            TINY,
+            fields,
+            extra_state=extra,
+            dtype="fp16",
+            calibration_batches=[ids],
+        ),
         "fp16 refused: model.decoder.layers.0.fc2",
     )
     assert not (tmp_path / "fp16b").exists()
@@ -300,7 +356,7 @@ def test_fresh_model_is_initialised_once_and_tied():
     attn = m.model.decoder.layers[1].self_attn
     assert torch.equal(attn.softmax_offset, torch.zeros(4))
     torch.testing.assert_close(attn.gate.fc2_bias, torch.full((4,), math.log(0.25 / 0.75)))
-    assert 0.015 < float(m.model.decoder.layers[1].fc1.weight.detach().std()) < 0.025   # init_std 0.02
+    assert 0.015 < float(m.model.decoder.layers[1].fc1.weight.detach().std()) < 0.025  # init_std 0.02
     assert torch.equal(m.model.decoder.layers[1].final_layer_norm.weight, torch.ones(64))
 
 
@@ -320,10 +376,12 @@ def test_config_holds_the_variant_under_its_field_names(tmp_path):
     old.update(clip_gamma=None, clip_zeta=None)
     (tmp_path / "config.json").write_text(json.dumps(old))
     assert OutEffOPTConfig.from_pretrained(tmp_path).attention_variant() == v.replace(clip_gamma=None)
-    for kwargs, needle in ((dict(softmax="softmax2"), "softmax='softmax2'"),
-                           (dict(clip_alpha=12), "needs the training sequence length"),
-                           (dict(hidden_size=8, gate="mlp"), "head_dim=2")):
-        _one_line_error(lambda: OutEffOPTConfig(**{**TINY, **kwargs}), needle)
+    for kwargs, needle in (
+        (dict(softmax="softmax2"), "softmax='softmax2'"),
+        (dict(clip_alpha=12), "needs the training sequence length"),
+        (dict(hidden_size=8, gate="mlp"), "head_dim=2"),
+    ):
+        _one_line_error(lambda kwargs=kwargs: OutEffOPTConfig(**{**TINY, **kwargs}), needle)
 
 
 def test_elementwise_gate_equals_transformers_qwen3_next_gated_attention():
@@ -336,8 +394,14 @@ def test_elementwise_gate_equals_transformers_qwen3_next_gated_attention():
     from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextAttention
 
     H, d, D, b, s = 4, 16, 64, 2, 7
-    qcfg = Qwen3NextConfig(hidden_size=D, num_attention_heads=H, num_key_value_heads=H, head_dim=d,
-                           attention_bias=True, attention_dropout=0.0)
+    qcfg = Qwen3NextConfig(
+        hidden_size=D,
+        num_attention_heads=H,
+        num_key_value_heads=H,
+        head_dim=d,
+        attention_bias=True,
+        attention_dropout=0.0,
+    )
     qcfg._attn_implementation = "eager"
     theirs = Qwen3NextAttention(qcfg, layer_idx=0).double().eval()
     theirs.q_norm, theirs.k_norm = torch.nn.Identity(), torch.nn.Identity()
@@ -350,10 +414,13 @@ def test_elementwise_gate_equals_transformers_qwen3_next_gated_attention():
     qg_w = theirs.q_proj.weight.view(H, 2, d, D)
     qg_b = theirs.q_proj.bias.view(H, 2, d)
     with torch.no_grad():
-        for mine, w, bias in ((ours.q_proj, qg_w[:, 0], qg_b[:, 0]), (ours.gate_proj, qg_w[:, 1], qg_b[:, 1]),
-                              (ours.k_proj, theirs.k_proj.weight, theirs.k_proj.bias),
-                              (ours.v_proj, theirs.v_proj.weight, theirs.v_proj.bias),
-                              (ours.out_proj, theirs.o_proj.weight, theirs.o_proj.bias)):
+        for mine, w, bias in (
+            (ours.q_proj, qg_w[:, 0], qg_b[:, 0]),
+            (ours.gate_proj, qg_w[:, 1], qg_b[:, 1]),
+            (ours.k_proj, theirs.k_proj.weight, theirs.k_proj.bias),
+            (ours.v_proj, theirs.v_proj.weight, theirs.v_proj.bias),
+            (ours.out_proj, theirs.o_proj.weight, theirs.o_proj.bias),
+        ):
             mine.weight.copy_(w.reshape(mine.weight.shape))
             mine.bias.copy_(bias.reshape(mine.bias.shape))
     x = torch.randn(b, s, D, generator=g, dtype=torch.float64)

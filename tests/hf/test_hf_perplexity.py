@@ -1,4 +1,5 @@
 """perplexity(): exact token-weighted mean NLL, from blocks or from text with a tokenizer."""
+
 import math
 
 import pytest
@@ -38,7 +39,9 @@ def _by_hand(model, blocks):
 
 def test_blocks_match_cross_entropy_by_hand(model):
     g = torch.Generator().manual_seed(0)
-    blocks = [torch.randint(3, 256, (9,), generator=g).tolist() for _ in range(3)] + [torch.randint(3, 256, (4,), generator=g).tolist()]
+    blocks = [torch.randint(3, 256, (9,), generator=g).tolist() for _ in range(3)] + [
+        torch.randint(3, 256, (4,), generator=g).tolist()
+    ]
     loss, n = _by_hand(model, blocks)
     r = perplexity(model, blocks, batch_size=2)
     assert r["tokens"] == n == 3 * 8 + 3
@@ -62,7 +65,14 @@ def test_text_with_tokenizer_from_export(tmp_path, model):
     fast.save_pretrained(tmp_path / "tok")
     sd = {k: v.float() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     extra = {k: sd.pop(k) for k in list(sd) if ".gate." in k}
-    out = export_hf_dir(tmp_path / "m", sd, TINY, {"softmax": "softmax1", "gate": "linear"}, extra_state=extra, tokenizer_dir=tmp_path / "tok")
+    out = export_hf_dir(
+        tmp_path / "m",
+        sd,
+        TINY,
+        {"softmax": "softmax1", "gate": "linear"},
+        extra_state=extra,
+        tokenizer_dir=tmp_path / "tok",
+    )
     assert (out / "tokenizer.json").is_file()
     tokenizer = AutoTokenizer.from_pretrained(out)
     text = ["the a of and to in is was he", "for it with as his on be at by the a"]

@@ -1,5 +1,6 @@
 """export_hf_dir(tokenizer_dir=<sentencepiece .model>) converts our tokenizer into the export
 directory: AutoTokenizer loads it offline and encodes/decodes exactly like load_tokenizer."""
+
 import json
 import random
 
@@ -87,8 +88,11 @@ def test_export_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path):
     (tmp_path / "tok").mkdir()
     tok.save(str(tmp_path / "tok" / "tokenizer.json"))
     sd, extra = random_weights(resolve_variant("softmax1"), seed=0)  # vocab 256
-    with pytest.raises(ValueError, match=r"^export_hf_dir: tokenizer_dir .*tok has 302 tokens but the model's "
-                                         r"vocabulary is 256") as e:
+    with pytest.raises(
+        ValueError,
+        match=r"^export_hf_dir: tokenizer_dir .*tok has 302 tokens but the model's "
+        r"vocabulary is 256",
+    ) as e:
         export_hf_dir(tmp_path / "m", sd, TINY, "softmax1", extra_state=extra, tokenizer_dir=tmp_path / "tok")
     assert "\n" not in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]
@@ -114,8 +118,11 @@ def test_reload_check_catches_a_padding_bug_in_float64(tmp_path, spm_model):
     for f in out.iterdir():
         (broken / f.name).write_bytes(f.read_bytes())
     (broken / modeling.name).write_text(text.replace(needle, needle.replace("attention_mask,", "None,")))  # causal only
-    with pytest.raises(ValueError, match=r"padded batch row 0, new token 0: logits differ from the unpadded "
-                                         r"prompt's by .* in float64 \(derived bound .*\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"padded batch row 0, new token 0: logits differ from the unpadded "
+        r"prompt's by .* in float64 \(derived bound .*\)$",
+    ):
         check_exported_dir(broken, plain=False)
     # the bound: n eps64 M, ~1e-12 relative for this model (a real bug is ~1e-2)
     from transformers import AutoConfig

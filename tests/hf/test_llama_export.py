@@ -4,6 +4,7 @@ Every directory is reloaded in ONE process where megatron_outeff is not importab
 independent float64 oracle (RoPE, RMSNorm, SwiGLU and grouped-query attention written from their
 definitions here, the attention by the project's operator); KV-cache generation and padded batches are
 structural checks in float64."""
+
 import os
 import subprocess
 import sys
@@ -16,9 +17,19 @@ from tolerance import assert_close_bound, network_depth, rounding_bound
 
 from megatron_outeff.hf import export_hf_dir, resolve_variant
 
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-5, pad_token_id=1,
-            tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+    rms_norm_eps=1e-5,
+    pad_token_id=1,
+    tie_word_embeddings=False,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+)
 DEPTH = network_depth(dict(hidden_size=64, ffn_dim=2 * 96, num_hidden_layers=2, max_position_embeddings=32))
 VARIANTS = {
     "vanilla": {"softmax": "vanilla"},
@@ -66,11 +77,11 @@ def oracle_logits(sd, fields, ids, am):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + TINY["rms_norm_eps"]) * w
 
     theta = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
-    angle = torch.arange(s, dtype=torch.float64)[:, None] * theta[None]           # [s, d/2]
+    angle = torch.arange(s, dtype=torch.float64)[:, None] * theta[None]  # [s, d/2]
     cos, sin = angle.cos()[None, :, None], angle.sin()[None, :, None]
 
     def rope(x):  # [b, s, heads, d]
-        x1, x2 = x[..., : d // 2], x[..., d // 2:]
+        x1, x2 = x[..., : d // 2], x[..., d // 2 :]
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
     x = sd["model.embed_tokens.weight"][ids]
@@ -83,18 +94,34 @@ def oracle_logits(sd, fields, ids, am):
         gate, kind, gp = None, fields.get("gate", "none"), p + "self_attn.gate"
         xs = h.view(b, s, H, d)
         if kind == "linear":
-            gate = torch.sigmoid(torch.stack([xs[:, :, j] @ sd[gp + ".weight"][j] + sd[gp + ".bias"][j] for j in range(H)], -1))
+            gate = torch.sigmoid(
+                torch.stack([xs[:, :, j] @ sd[gp + ".weight"][j] + sd[gp + ".bias"][j] for j in range(H)], -1)
+            )
         elif kind == "mlp":
-            cols = [torch.relu(xs[:, :, j] @ sd[gp + ".fc1_weight"][j].T + sd[gp + ".fc1_bias"][j]) @ sd[gp + ".fc2_weight"][j]
-                    + sd[gp + ".fc2_bias"][j] for j in range(H)]
+            cols = [
+                torch.relu(xs[:, :, j] @ sd[gp + ".fc1_weight"][j].T + sd[gp + ".fc1_bias"][j])
+                @ sd[gp + ".fc2_weight"][j]
+                + sd[gp + ".fc2_bias"][j]
+                for j in range(H)
+            ]
             gate = torch.sigmoid(torch.stack(cols, -1))
         elif kind == "elementwise":  # per head and channel: sigmoid(h W_g^T), no bias (Llama)
             gate = torch.sigmoid(h @ sd[p + "self_attn.gate_proj.weight"].T).view(b, s, H, d)
         softmax = fields.get("softmax", "vanilla")
         clip = None if fields.get("clip_gamma") is None else (fields["clip_gamma"], fields["clip_zeta"])
         offset = sd.get(p + "self_attn.softmax_offset") if softmax == "learnable" else None
-        o = outeff_attention(q, k, v, softmax=softmax, offset=offset, clip=clip, gate=gate, causal=True,
-                             key_padding_mask=am.bool(), impl="torch")
+        o = outeff_attention(
+            q,
+            k,
+            v,
+            softmax=softmax,
+            offset=offset,
+            clip=clip,
+            gate=gate,
+            causal=True,
+            key_padding_mask=am.bool(),
+            impl="torch",
+        )
         x = x + o.reshape(b, s, D) @ sd[p + "self_attn.o_proj.weight"].T
         h = rms(x, sd[p + "post_attention_layernorm.weight"])
         ffn = torch.nn.functional.silu(h @ sd[p + "mlp.gate_proj.weight"].T) * (h @ sd[p + "mlp.up_proj.weight"].T)
@@ -117,9 +144,21 @@ def exported(tmp_path_factory, tiny_inputs):
     torch.save({"dirs": {n: str(d["dir"]) for n, d in data.items()}, "ids": ids, "am": am}, job)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
     env.update(HF_HOME=str(root / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONNOUSERSITE="1")
-    proc = subprocess.run([sys.executable, "-S", str(Path(__file__).with_name("_load_isolated.py")),
-                           sysconfig.get_paths()["purelib"], str(job), str(res)],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-S",
+            str(Path(__file__).with_name("_load_isolated.py")),
+            sysconfig.get_paths()["purelib"],
+            str(job),
+            str(res),
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return data, torch.load(res)
 
@@ -183,7 +222,9 @@ def test_outeff_vanilla_is_transformers_llama():
     ids = torch.randint(2, 256, (2, 20), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         a, b = ours.eval()(ids).logits, ref.eval()(ids).logits
-    assert_close_bound(a, b, rounding_bound(torch.float32, b.abs().max(), DEPTH), "OutEffLlama(vanilla) vs LlamaForCausalLM")
+    assert_close_bound(
+        a, b, rounding_bound(torch.float32, b.abs().max(), DEPTH), "OutEffLlama(vanilla) vs LlamaForCausalLM"
+    )
 
 
 @pytest.mark.parametrize("name", ["softmax1", "learnable", "gated_softmax1", "elementwise_softmax1"])
@@ -207,15 +248,27 @@ def test_kv_cache_and_padded_batches_in_float64(exported, name):
                 out = model(seq[:, -1:], past_key_values=cache, use_cache=True)
                 cache = out.past_key_values
                 steps.append(out.logits[0, -1])
-            full = model(seq).logits[0, len(p) - 1:]
-            assert_close_bound(torch.stack(steps), full, rounding_bound(torch.float64, full.abs().max(), DEPTH),
-                               f"{name}: cached vs recomputed")
+            full = model(seq).logits[0, len(p) - 1 :]
+            assert_close_bound(
+                torch.stack(steps),
+                full,
+                rounding_bound(torch.float64, full.abs().max(), DEPTH),
+                f"{name}: cached vs recomputed",
+            )
         width = max(len(p) for p in prompts)
         batch = torch.stack([torch.cat([torch.ones(width - len(p), dtype=torch.long), p]) for p in prompts])
-        mask = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), torch.ones(len(p), dtype=torch.long)])
-                            for p in prompts])
+        mask = torch.stack(
+            [
+                torch.cat([torch.zeros(width - len(p), dtype=torch.long), torch.ones(len(p), dtype=torch.long)])
+                for p in prompts
+            ]
+        )
         padded = model(batch, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
         for r, p in enumerate(prompts):
             single = model(p[None]).logits[0]
-            assert_close_bound(padded[r, width - len(p):], single, rounding_bound(torch.float64, single.abs().max(), DEPTH),
-                               f"{name}: padded row {r}")
+            assert_close_bound(
+                padded[r, width - len(p) :],
+                single,
+                rounding_bound(torch.float64, single.abs().max(), DEPTH),
+                f"{name}: padded row {r}",
+            )

@@ -12,6 +12,7 @@ dist_checkpointing save is reloaded at TP=1 (sharded_state_dict of the offset an
 Usage: torchrun --nproc_per_node 2 tests/megatron/_parallel_worker.py OUT.json
 Rank 0 writes {layout: {variant: {...max abs diffs...}}}.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,7 +44,10 @@ VARIANTS = {
     "gqa_elementwise_softmax_n": dict(softmax="softmax_n", softmax_n=2.0, gate="elementwise"),
 }
 # 2 KV groups, 4 query heads
-CONFIG_OVERRIDES = {"gqa_gated_learnable": dict(num_query_groups=2), "gqa_elementwise_softmax_n": dict(num_query_groups=2)}
+CONFIG_OVERRIDES = {
+    "gqa_gated_learnable": dict(num_query_groups=2),
+    "gqa_elementwise_softmax_n": dict(num_query_groups=2),
+}
 LAYOUTS = {"tp2": (2, 1, False), "tp2_sp": (2, 1, True), "pp2": (1, 2, False)}
 # Also through megatron's own DistributedDataParallel + finalize_model_grads at TP=2 + SP: megatron's
 # machinery (not this worker) reduces the SP norm grads and leaves TP-sharded gate/offset grads alone.
@@ -54,19 +58,33 @@ CHECKPOINT_VARIANTS = ("learnable", "gated_mlp_learnable", "gated_softmax1", "el
 def make_config(tp, pp, sp, **overrides):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    return TransformerConfig(**overrides,
-        num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp,
-        use_cpu_initialization=True, pipeline_dtype=torch.float32, init_method_std=0.1,
-        hidden_dropout=0.0, attention_dropout=0.0,
-        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
+    return TransformerConfig(
+        **overrides,
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        ffn_hidden_size=128,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sp,
+        use_cpu_initialization=True,
+        pipeline_dtype=torch.float32,
+        init_method_std=0.1,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
     )
 
 
 def build(vname, tp, pp, sp):
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
+
     from megatron_outeff.megatron.layer_spec import get_outeff_block_spec
     from megatron_outeff.megatron.variant import AttentionVariantConfig, transformer_config_fields
 
@@ -75,8 +93,12 @@ def build(vname, tp, pp, sp):
     spec = get_outeff_block_spec(cfg, variant)
     torch.manual_seed(SEED)
     return GPTModel(
-        cfg, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ,
-        pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+        cfg,
+        transformer_layer_spec=spec,
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
     )
 
 
@@ -91,6 +113,7 @@ def run_step(model):
     ``model`` may be wrapped in megatron's DistributedDataParallel (grads land in ``main_grad``).
     """
     from megatron.core import parallel_state as ps
+
     from megatron_outeff.megatron.cpu_support import cpu_safe_forward_backward_func
 
     def forward_step(data_iterator, model):
@@ -110,8 +133,13 @@ def run_step(model):
         model.zero_grad(set_to_none=True)
     schedule = cpu_safe_forward_backward_func()
     losses = schedule(
-        forward_step_func=forward_step, data_iterator=iter(batches()), model=[model],
-        num_microbatches=NUM_MB, seq_length=SEQ, micro_batch_size=MB, forward_only=False,
+        forward_step_func=forward_step,
+        data_iterator=iter(batches()),
+        model=[model],
+        num_microbatches=NUM_MB,
+        seq_length=SEQ,
+        micro_batch_size=MB,
+        forward_only=False,
     )
     local = [float(d["loss"]) for d in losses] if ps.is_pipeline_last_stage() else None
     gathered = [None] * dist.get_world_size()
@@ -193,6 +221,7 @@ def init_slice_diff(model, ref_weights):
 def ddp_entry(vname, ref_loss, ref_grads):
     """TP=2 + SP under megatron's DistributedDataParallel with finalize_model_grads."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
     from megatron_outeff.megatron.parallel import init_model_parallel
 
     init_model_parallel(2, 1, seed=SEED)
@@ -208,6 +237,7 @@ def ddp_entry(vname, ref_loss, ref_grads):
 def checkpoint_roundtrip(results, tp2_models, ckpt_dir):
     """dist_checkpointing: save the TP=2 models, load them at TP=1, compare with the gathered weights."""
     from megatron.core import dist_checkpointing
+
     from megatron_outeff.megatron.parallel import init_model_parallel
 
     for key, (model, full_weights) in tp2_models.items():
@@ -243,8 +273,11 @@ def main():
             ref_weights = {n: p.detach().clone() for n, p in ref.named_parameters()}
             ref_loss = run_step(ref)
             ref_grads = {n: p.grad.detach().clone() for n, p in ref.named_parameters() if p.grad is not None}
-            results.setdefault("tp1", {})[vname] = {"loss": ref_loss, "num_grads": len(ref_grads),
-                                                    "grad_max": max(float(g.abs().max()) for g in ref_grads.values())}
+            results.setdefault("tp1", {})[vname] = {
+                "loss": ref_loss,
+                "num_grads": len(ref_grads),
+                "grad_max": max(float(g.abs().max()) for g in ref_grads.values()),
+            }
             for lname, (tp, pp, sp) in LAYOUTS.items():
                 init_model_parallel(tp, pp, seed=SEED)
                 model = build(vname, tp, pp, sp)

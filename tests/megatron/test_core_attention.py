@@ -6,6 +6,7 @@
 * the gate equals a hand computation, and opens at gate_init_prob;
 * bad inputs fail with one-line errors.
 """
+
 import math
 
 import pytest
@@ -27,10 +28,20 @@ def make_config(**overrides):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     kw = dict(
-        num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
-        use_cpu_initialization=True, init_method_std=0.1, hidden_dropout=0.0, attention_dropout=0.0,
-        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        ffn_hidden_size=128,
+        use_cpu_initialization=True,
+        init_method_std=0.1,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
     )
     kw.update(overrides)
     return TransformerConfig(**kw)
@@ -92,10 +103,18 @@ MEGATRON_CASES = {
     "vanilla-padding-mask": ("vanilla", dict(), {}, "padding"),
     # megatron-core's own elementwise output gate (its gate rows in linear_qkv) = our gate='elementwise'
     "output-gate": ("vanilla", dict(gate="elementwise"), dict(attention_output_gate=True), None),
-    "output-gate-off-by-one-causal-mask": ("off-by-one", dict(softmax="softmax1", gate="elementwise"),
-                                           dict(attention_output_gate=True), "causal"),
-    "output-gate-learnable-gqa-arbitrary-mask": ("learnable", dict(softmax="learnable", gate="elementwise"),
-                                                 dict(attention_output_gate=True, num_query_groups=2), "arbitrary"),
+    "output-gate-off-by-one-causal-mask": (
+        "off-by-one",
+        dict(softmax="softmax1", gate="elementwise"),
+        dict(attention_output_gate=True),
+        "causal",
+    ),
+    "output-gate-learnable-gqa-arbitrary-mask": (
+        "learnable",
+        dict(softmax="learnable", gate="elementwise"),
+        dict(attention_output_gate=True, num_query_groups=2),
+        "arbitrary",
+    ),
     "output-gate-from-config": ("learnable", None, dict(attention_output_gate=True), "padding"),
 }
 
@@ -103,6 +122,7 @@ MEGATRON_CASES = {
 @pytest.mark.parametrize("case", sorted(MEGATRON_CASES))
 def test_matches_megatron_core(case):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
     from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
     from megatron_outeff.megatron.variant import AttentionVariantConfig
 
@@ -112,9 +132,12 @@ def test_matches_megatron_core(case):
     variant = None if ours is None else AttentionVariantConfig(**ours)
     mine = gpt(our_cfg, get_outeff_layer_spec(variant), seed=1)
     mine.load_state_dict(mg.state_dict(), strict=True)  # same keys, softmax_offset included
-    mask = {None: None, "causal": torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), 1),
-            "arbitrary": causal_plus_padding_mask(),
-            "padding": torch.zeros(B, 1, 1, SEQ, dtype=torch.bool).index_fill_(-1, torch.tensor([0, 5]), True)}[mask_kind]
+    mask = {
+        None: None,
+        "causal": torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), 1),
+        "arbitrary": causal_plus_padding_mask(),
+        "padding": torch.zeros(B, 1, 1, SEQ, dtype=torch.bool).index_fill_(-1, torch.tensor([0, 5]), True),
+    }[mask_kind]
     assert_same(run(mg, mask), run(mine, mask))
     if mg_type == "learnable":  # and back: our checkpoint loads into megatron's model
         mine2 = gpt(our_cfg, get_outeff_layer_spec(variant), seed=2)
@@ -125,6 +148,7 @@ def test_matches_megatron_core(case):
 
 def test_sharded_state_dict_key_matches_megatron():
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
     from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
     from megatron_outeff.megatron.variant import AttentionVariantConfig
 
@@ -141,8 +165,12 @@ def _run_capturing_attention(model, attn) -> dict:
     """One forward of ``model`` recording ``attn``'s inputs, its core attention's inputs and output, and
     linear_proj's inputs."""
     store = {}
-    hooks = [_capture(attn, store, "attn_in", inputs=True), _capture(attn.core_attention, store, "core_in", inputs=True),
-             _capture(attn.core_attention, store, "core_out"), _capture(attn.linear_proj, store, "proj_in", inputs=True)]
+    hooks = [
+        _capture(attn, store, "attn_in", inputs=True),
+        _capture(attn.core_attention, store, "core_in", inputs=True),
+        _capture(attn.core_attention, store, "core_out"),
+        _capture(attn.linear_proj, store, "proj_in", inputs=True),
+    ]
     ids, pos = batch()
     with torch.no_grad():
         model(ids, pos, None)
@@ -174,20 +202,27 @@ def test_gate_equals_hand_computation(gate):
     g = attn.head_gate
     with torch.no_grad():
         if gate == "linear":
-            logits = torch.stack([x[..., h * dh:(h + 1) * dh] @ g.weight[h] for h in range(H)], -1) + g.bias
+            logits = torch.stack([x[..., h * dh : (h + 1) * dh] @ g.weight[h] for h in range(H)], -1) + g.bias
         elif gate == "mlp":
-            logits = torch.stack([
-                torch.relu(x[..., h * dh:(h + 1) * dh] @ g.fc1_weight[h].T + g.fc1_bias[h]) @ g.fc2_weight[h]
-                for h in range(H)], -1) + g.bias
+            logits = (
+                torch.stack(
+                    [
+                        torch.relu(x[..., h * dh : (h + 1) * dh] @ g.fc1_weight[h].T + g.fc1_bias[h]) @ g.fc2_weight[h]
+                        for h in range(H)
+                    ],
+                    -1,
+                )
+                + g.bias
+            )
         else:
             logits = x @ g.weight.T + g.bias
-        gate_val = torch.sigmoid(logits)                                  # [s, b, H]
+        gate_val = torch.sigmoid(logits)  # [s, b, H]
         args, kwargs = store["core_in"]
-        ungated = attn.core_attention(*args, **kwargs)                    # outside gate_scope: no gate
+        ungated = attn.core_attention(*args, **kwargs)  # outside gate_scope: no gate
     expected = (ungated.view(s, b, H, dh) * gate_val.unsqueeze(-1)).view(s, b, H * dh)
     # the same float32 products (one multiply per element; the gate's own sums over d_head / the MLP width)
     assert_close_bound(store["core_out"], expected, rounding_bound(torch.float32, expected.abs().max(), 2 * d))
-    assert torch.equal(store["proj_in"][0][0], store["core_out"])      # the gated output feeds linear_proj
+    assert torch.equal(store["proj_in"][0][0], store["core_out"])  # the gated output feeds linear_proj
     # initial opening: bias = logit(0.25); the gate's mean over tokens and heads is ~0.25
     assert torch.allclose(g.bias, torch.full_like(g.bias, math.log(0.25 / 0.75)))
     assert abs(gate_val.mean().item() - 0.25) < 0.1
@@ -214,8 +249,10 @@ def test_selective_recompute_of_core_attention_keeps_gate_gradients(gate):
 
     v = AttentionVariantConfig(softmax="softmax1", gate=gate)
     plain = gpt(make_config(**transformer_config_fields(v)), get_outeff_layer_spec(v))
-    recompute = gpt(make_config(recompute_granularity="selective", recompute_modules=["core_attn"], **transformer_config_fields(v)),
-                    get_outeff_layer_spec(v))
+    recompute = gpt(
+        make_config(recompute_granularity="selective", recompute_modules=["core_attn"], **transformer_config_fields(v)),
+        get_outeff_layer_spec(v),
+    )
     recompute.load_state_dict(plain.state_dict())
     assert recompute.decoder.layers[0].self_attention.checkpoint_core_attention
     assert_same(run(plain), run(recompute))
@@ -223,6 +260,7 @@ def test_selective_recompute_of_core_attention_keeps_gate_gradients(gate):
 
 def test_attention_dropout_uses_model_parallel_rng():
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
     from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
     from megatron_outeff.megatron.variant import AttentionVariantConfig
 
@@ -252,20 +290,36 @@ def test_bad_inputs_one_line_errors():
             fn()
         errors.append(str(e.value))
 
-    cfg = make_config(num_attention_heads=4)
-    expect(lambda: check_variant_fits(V(), make_config(num_attention_heads=2, hidden_size=64), 4), "not divisible by tensor_model_parallel_size=4")
+    expect(
+        lambda: check_variant_fits(V(), make_config(num_attention_heads=2, hidden_size=64), 4),
+        "not divisible by tensor_model_parallel_size=4",
+    )
     expect(lambda: check_variant_fits(V(), make_config(num_attention_heads=8, num_query_groups=8), 3), "not divisible")
     expect(lambda: V(softmax="softmax_one"), "softmax='softmax_one'")
     expect(lambda: get_outeff_layer_spec(V(clip_alpha=12.0)), "sequence length")
     # mlp gate with head_dim 2 < 4: refused in OutEffSelfAttention before megatron builds the attention
-    expect(lambda: gpt(make_config(hidden_size=8, num_attention_heads=4, ffn_hidden_size=16), get_outeff_layer_spec(V(gate="mlp"))), "head_dim=2")
+    expect(
+        lambda: gpt(
+            make_config(hidden_size=8, num_attention_heads=4, ffn_hidden_size=16), get_outeff_layer_spec(V(gate="mlp"))
+        ),
+        "head_dim=2",
+    )
     expect(lambda: gpt(make_config(kv_channels=8), get_outeff_layer_spec(V(gate="linear"))), "shared_linear")
     # the elementwise gate's rows live in linear_qkv: the config and the variant must agree, both ways
-    expect(lambda: gpt(make_config(), get_outeff_layer_spec(V(gate="elementwise"))), "attention_output_gate=False conflicts")
-    expect(lambda: gpt(make_config(attention_output_gate=True), get_outeff_layer_spec(V(gate="linear"))),
-           "attention_output_gate=True conflicts")
-    expect(lambda: check_variant_fits(V(gate="elementwise"), make_config(num_query_groups=2), 4), "num_query_groups=2 <")
-    expect(lambda: gpt(make_config(softmax_type="learnable"), get_outeff_layer_spec(V(softmax="softmax1"))), "conflicts")
+    expect(
+        lambda: gpt(make_config(), get_outeff_layer_spec(V(gate="elementwise"))),
+        "attention_output_gate=False conflicts",
+    )
+    expect(
+        lambda: gpt(make_config(attention_output_gate=True), get_outeff_layer_spec(V(gate="linear"))),
+        "attention_output_gate=True conflicts",
+    )
+    expect(
+        lambda: check_variant_fits(V(gate="elementwise"), make_config(num_query_groups=2), 4), "num_query_groups=2 <"
+    )
+    expect(
+        lambda: gpt(make_config(softmax_type="learnable"), get_outeff_layer_spec(V(softmax="softmax1"))), "conflicts"
+    )
     assert all("\n" not in e for e in errors), errors
 
 
@@ -296,6 +350,7 @@ def test_wrong_offset_in_state_dict_touches_nothing():
 def test_mask_routing():
     """megatron mask conventions -> flash-able causal / key padding, or the materialised path."""
     from megatron.core.transformer.enums import AttnMaskType
+
     from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
 
     model = gpt(make_config(), get_outeff_layer_spec())
@@ -305,7 +360,7 @@ def test_mask_routing():
     pad[0, ..., -2:] = True
     r = core._resolve_mask
     assert r(None, AttnMaskType.causal, B, SEQ, SEQ) == (True, None, None)
-    assert r(None, AttnMaskType.causal, B, 1, SEQ) == (False, None, None)      # decode step: no mask
+    assert r(None, AttnMaskType.causal, B, 1, SEQ) == (False, None, None)  # decode step: no mask
     assert r(None, AttnMaskType.padding, B, SEQ, SEQ) == (False, None, None)
     assert r(causal.expand(B, 1, SEQ, SEQ), AttnMaskType.causal, B, SEQ, SEQ) == (True, None, None)
     c, kpm, dense = r(pad, AttnMaskType.padding, B, SEQ, SEQ)
@@ -322,6 +377,7 @@ def test_core_attention_alone_in_megatrons_self_attention():
     import dataclasses
 
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
     from megatron_outeff.megatron.core_attention import OutEffCoreAttention
     from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
     from megatron_outeff.megatron.variant import AttentionVariantConfig as V
@@ -342,6 +398,7 @@ def test_core_attention_alone_in_megatrons_self_attention():
 def test_static_kv_cache_decode_matches_full_forward(gate):
     """megatron's static-batching inference (prefill 8 tokens, then decode 1 at a time, sq=1)."""
     from megatron.core.inference.contexts import StaticInferenceContext
+
     from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
     from megatron_outeff.megatron.variant import AttentionVariantConfig as V
     from megatron_outeff.megatron.variant import transformer_config_fields
@@ -355,7 +412,7 @@ def test_static_kv_cache_decode_matches_full_forward(gate):
         out = [m(ids[:, :8], pos[:, :8], None, inference_context=ctx, runtime_gather_output=True)]  # last token only
         ctx.sequence_len_offset += 8
         for t in range(8, SEQ):
-            out.append(m(ids[:, t:t + 1], pos[:, t:t + 1], None, inference_context=ctx, runtime_gather_output=True))
+            out.append(m(ids[:, t : t + 1], pos[:, t : t + 1], None, inference_context=ctx, runtime_gather_output=True))
             ctx.sequence_len_offset += 1
     assert_close_bound(torch.cat(out, 1), full[:, 7:], rounding_bound(torch.float32, full.abs().max(), DEPTH))
 
@@ -364,6 +421,7 @@ def test_bf16_model_close_to_megatron():
     """bf16 (megatron's Float16Module): our off-by-one layer vs megatron's, same weights."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.module import Float16Module
+
     from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
     from megatron_outeff.megatron.variant import AttentionVariantConfig as V
 
@@ -431,11 +489,11 @@ def test_elementwise_gate_equals_a_hand_computation_and_opens_at_gate_init_prob(
     assert torch.equal(bias[:, [0, 2, 3]], torch.zeros(H, 3, dh))
     store = _run_capturing_attention(model, attn)
     with torch.no_grad():
-        x = store["attn_in"][0][0]                                               # [s, b, 64] normed input
+        x = store["attn_in"][0][0]  # [s, b, 64] normed input
         w = attn.linear_qkv.weight.view(H, 4, dh, 64)[:, 1].reshape(H * dh, 64)
         gate = torch.sigmoid(x.double() @ w.double().T + bias[:, 1].reshape(-1).double())  # [s, b, H * dh]
         args, kwargs = store["core_in"]
-        ungated = attn.core_attention(*args, **kwargs)                         # outside gate_scope: no gate
+        ungated = attn.core_attention(*args, **kwargs)  # outside gate_scope: no gate
     # the gate's float32 logits sum 64 products and the bias (sigmoid' <= 1/4), then one multiply by the output
     logit_magnitude = (x.abs() @ w.abs().T + bias[:, 1].reshape(-1).abs()).max()
     bound = float(ungated.abs().max()) * (rounding_bound(torch.float32, logit_magnitude, 65) / 4 + F32_EPS)

@@ -3,12 +3,12 @@
 The worker (``_parallel_worker.py``) runs all variants x layouts in ONE 2-process launch over gloo
 and writes a JSON report; the tests below assert on it.
 """
+
+import importlib.util
 import json
 import os
 import subprocess
 import sys
-
-import importlib.util
 
 import pytest
 import torch
@@ -31,6 +31,7 @@ def _check(entry, ref):
     assert entry["loss_diff"] <= rounding_bound(torch.float32, ref["loss"], DEPTH), entry
     assert entry["grad_diff"] <= rounding_bound(torch.float32, ref["grad_max"], DEPTH), entry
 
+
 pytestmark = pytest.mark.multiproc
 
 
@@ -38,8 +39,16 @@ pytestmark = pytest.mark.multiproc
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel") / "report.json"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           os.path.join(ROOT, "tests", "megatron", "_parallel_worker.py"), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        os.path.join(ROOT, "tests", "megatron", "_parallel_worker.py"),
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())

@@ -1,10 +1,14 @@
 """The translator between megatron-core's softmax_type and our attention variant (megatron/variant.py)."""
+
 import typing
 
 import pytest
 
 from megatron_outeff.megatron.variant import (
-    MEGATRON_SOFTMAX_TYPES, from_megatron_softmax_type, megatron_softmax_type, resolve_variant,
+    MEGATRON_SOFTMAX_TYPES,
+    from_megatron_softmax_type,
+    megatron_softmax_type,
+    resolve_variant,
 )
 from megatron_outeff.ops.variants import AttentionVariantConfig as V
 

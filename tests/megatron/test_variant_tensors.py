@@ -2,6 +2,7 @@
 value, megatron and Hugging Face names, TP split, weight decay) against every place that holds or moves them:
 megatron's layer, the optimizer's parameter roles, the Hugging Face remote code, the converter's mapping and its
 ``from-hf`` initialisation. Every softmax x gate combination of the vocabulary."""
+
 import itertools
 
 import pytest
@@ -13,8 +14,15 @@ from megatron_outeff.ops.variants import GATE_VARIANTS, SOFTMAX_VARIANTS, Attent
 COMBINATIONS = list(itertools.product(SOFTMAX_VARIANTS, GATE_VARIANTS))
 H, D, LAYERS = 4, 16, 2
 STD = 0.02
-TINY_HF = dict(vocab_size=128, hidden_size=H * D, num_hidden_layers=LAYERS, ffn_dim=128, num_attention_heads=H,
-               max_position_embeddings=32, init_std=STD)
+TINY_HF = dict(
+    vocab_size=128,
+    hidden_size=H * D,
+    num_hidden_layers=LAYERS,
+    ffn_dim=128,
+    num_attention_heads=H,
+    max_position_embeddings=32,
+    init_std=STD,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,14 +42,28 @@ def megatron_model(variant):
     from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
     from megatron_outeff.megatron.variant import transformer_config_fields
 
-    config = TransformerConfig(num_layers=LAYERS, hidden_size=H * D, num_attention_heads=H, ffn_hidden_size=128,
-                               use_cpu_initialization=True, init_method_std=STD, hidden_dropout=0.0,
-                               attention_dropout=0.0, bias_activation_fusion=False, bias_dropout_fusion=False,
-                               masked_softmax_fusion=False, persist_layer_norm=False, add_bias_linear=True,
-                               gradient_accumulation_fusion=False, apply_rope_fusion=False,
-                               **transformer_config_fields(variant))
+    config = TransformerConfig(
+        num_layers=LAYERS,
+        hidden_size=H * D,
+        num_attention_heads=H,
+        ffn_hidden_size=128,
+        use_cpu_initialization=True,
+        init_method_std=STD,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        add_bias_linear=True,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        **transformer_config_fields(variant),
+    )
     torch.manual_seed(0)
-    return GPTModel(config, transformer_layer_spec=get_outeff_layer_spec(variant), vocab_size=128, max_sequence_length=32)
+    return GPTModel(
+        config, transformer_layer_spec=get_outeff_layer_spec(variant), vocab_size=128, max_sequence_length=32
+    )
 
 
 def assert_initialised_as_described(t, value: torch.Tensor, where: str):
@@ -64,8 +86,11 @@ def test_megatron_layer_holds_exactly_the_described_tensors(softmax, gate):
     modules = dict(model.named_modules())
     for i in range(LAYERS):
         prefix = f"decoder.layers.{i}.self_attention."
-        found = {n[len(prefix):]: p for n, p in model.named_parameters()
-                 if n.startswith(prefix) and getattr(p, "variant_tensor", None) is not None}
+        found = {
+            n[len(prefix) :]: p
+            for n, p in model.named_parameters()
+            if n.startswith(prefix) and getattr(p, "variant_tensor", None) is not None
+        }
         assert sorted(found) == sorted(t.megatron for t in tensors if not t.fused_qkv)
         params = dict(model.named_parameters())
         for t in tensors:

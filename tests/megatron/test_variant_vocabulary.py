@@ -8,6 +8,7 @@ Per-name tables (each must have exactly the vocabulary's names): the sink logit 
 through each translator: the tensor description, the math (sink, gate), the megatron translator, the training
 config, the manifest and Hugging Face config.json forms, the converter's mapping, the Hugging Face remote code
 (each model family's: OPT, Llama) and megatron's layer (built and run)."""
+
 import json
 from pathlib import Path
 
@@ -16,16 +17,35 @@ import torch
 
 from megatron_outeff.megatron.parallel import init_model_parallel
 from megatron_outeff.ops.variants import (
-    GATE_FAMILIES, GATE_VARIANTS, SINK_LOGITS, SOFTMAX_VARIANTS, AttentionVariantConfig, variant_tensors,
+    GATE_FAMILIES,
+    GATE_VARIANTS,
+    SINK_LOGITS,
+    SOFTMAX_VARIANTS,
+    AttentionVariantConfig,
+    variant_tensors,
 )
 
 COMBINATIONS = [(s, g) for s in SOFTMAX_VARIANTS for g in GATE_VARIANTS]
 DEMO = str(Path(__file__).resolve().parents[2] / "configs" / "train" / "demo-tiny.yaml")
 H, D = 4, 16
-TINY_HF = dict(vocab_size=64, hidden_size=H * D, num_hidden_layers=1, ffn_dim=64, num_attention_heads=H,
-               max_position_embeddings=16, dropout=0.0)
-TINY_LLAMA = dict(vocab_size=64, hidden_size=H * D, num_hidden_layers=1, intermediate_size=64, num_attention_heads=H,
-                  num_key_value_heads=H // 2, max_position_embeddings=16)
+TINY_HF = dict(
+    vocab_size=64,
+    hidden_size=H * D,
+    num_hidden_layers=1,
+    ffn_dim=64,
+    num_attention_heads=H,
+    max_position_embeddings=16,
+    dropout=0.0,
+)
+TINY_LLAMA = dict(
+    vocab_size=64,
+    hidden_size=H * D,
+    num_hidden_layers=1,
+    intermediate_size=64,
+    num_attention_heads=H,
+    num_key_value_heads=H // 2,
+    max_position_embeddings=16,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -57,8 +77,10 @@ def test_the_ops_handle_every_name(softmax, gate):
     from megatron_outeff.ops.gate import elementwise_gate
 
     variant = _variant(softmax, gate)
-    tensors = {t.name: t.initial_tensor(0.1, torch.Generator().manual_seed(0))
-               for t in variant_tensors(variant, num_heads=H, head_dim=D, hidden_size=H * D)}
+    tensors = {
+        t.name: t.initial_tensor(0.1, torch.Generator().manual_seed(0))
+        for t in variant_tensors(variant, num_heads=H, head_dim=D, hidden_size=H * D)
+    }
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 5, H * D, generator=g)
     q, k, v = (torch.randn(2, 5, H, D, generator=g) for _ in range(3))
@@ -70,8 +92,17 @@ def test_the_ops_handle_every_name(softmax, gate):
         logits = x @ tensors["weight"].T + tensors.get("bias", 0)
         gate_values = elementwise_gate(logits).view(2, 5, H, D)
     for impl in ("torch", "cpu"):
-        out = outeff_attention(q, k, v, **variant.softmax_args(), offset=tensors.get("softmax_offset"),
-                               clip=variant.clip_pair(), gate=gate_values, causal=True, impl=impl)
+        out = outeff_attention(
+            q,
+            k,
+            v,
+            **variant.softmax_args(),
+            offset=tensors.get("softmax_offset"),
+            clip=variant.clip_pair(),
+            gate=gate_values,
+            causal=True,
+            impl=impl,
+        )
         assert out.shape == q.shape and torch.isfinite(out).all()
 
 
@@ -80,11 +111,18 @@ def test_the_translators_handle_every_name(softmax, gate):
     """megatron's names, the training config, the manifest's and config.json's forms, the converter's mapping."""
     from megatron_outeff.hf.configuration_outeff_opt import OutEffOPTConfig
     from megatron_outeff.megatron.variant import (
-        from_megatron_softmax_type, megatron_softmax_type, resolve_variant, transformer_config_fields,
+        from_megatron_softmax_type,
+        megatron_softmax_type,
+        resolve_variant,
+        transformer_config_fields,
         variant_from_megatron,
     )
     from megatron_outeff.models.hf_opt import (
-        arch_from_hf_config, hf_expected_shapes, hf_state_dict_to_megatron, megatron_to_hf_state_dict, variant_hf_shapes,
+        arch_from_hf_config,
+        hf_expected_shapes,
+        hf_state_dict_to_megatron,
+        megatron_to_hf_state_dict,
+        variant_hf_shapes,
     )
     from megatron_outeff.training.config import load_config
 
@@ -111,7 +149,10 @@ def test_the_translators_handle_every_name(softmax, gate):
     # the converter: Hugging Face -> megatron at TP=2 -> Hugging Face, exactly
     arch = arch_from_hf_config({"model_type": "opt", **TINY_HF})
     g = torch.Generator().manual_seed(0)
-    hf = {k: torch.randn(s, generator=g) for k, s in {**hf_expected_shapes(arch), **variant_hf_shapes(arch, variant)}.items()}
+    hf = {
+        k: torch.randn(s, generator=g)
+        for k, s in {**hf_expected_shapes(arch), **variant_hf_shapes(arch, variant)}.items()
+    }
     ranks = {(t, 0): hf_state_dict_to_megatron(hf, arch, t, 2, variant=variant) for t in range(2)}
     back = megatron_to_hf_state_dict(ranks, arch, variant=variant)
     assert all(torch.equal(back[k], hf[k]) for k in hf) and sorted(back) == sorted(list(hf) + ["lm_head.weight"])
@@ -140,12 +181,25 @@ def test_the_models_handle_every_name(softmax, gate):
     from megatron_outeff.megatron.variant import transformer_config_fields
 
     variant = _variant(softmax, gate)
-    config = TransformerConfig(num_layers=1, hidden_size=H * D, num_attention_heads=H, ffn_hidden_size=64,
-                               use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
-                               bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-                               persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
-                               **transformer_config_fields(variant))
-    model = GPTModel(config, transformer_layer_spec=get_outeff_layer_spec(variant), vocab_size=64, max_sequence_length=16)
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=H * D,
+        num_attention_heads=H,
+        ffn_hidden_size=64,
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        **transformer_config_fields(variant),
+    )
+    model = GPTModel(
+        config, transformer_layer_spec=get_outeff_layer_spec(variant), vocab_size=64, max_sequence_length=16
+    )
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     logits = model(ids, torch.arange(8).expand_as(ids), None)
     logits.float().sum().backward()

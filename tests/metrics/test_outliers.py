@@ -1,4 +1,5 @@
 """Outlier metrics against numbers computed by hand, and the collector against independent captures."""
+
 import math
 
 import numpy as np

@@ -1,12 +1,12 @@
 """Token-wise outlier metrics against values computed by hand on constructed attention maps and
 hidden states."""
+
 import math
 
 import pytest
 import torch
 
-from megatron_outeff.metrics import (first_token_mass_per_head, first_token_norm_ratio, masked_mean,
-                                     sink_head_share)
+from megatron_outeff.metrics import first_token_mass_per_head, first_token_norm_ratio, masked_mean, sink_head_share
 
 
 def probs_by_hand():
@@ -127,5 +127,7 @@ def test_collector_absmax_over_rms_is_the_whole_tensor_over_batches():
     assert s["components"]["l0.layer"]["absmax_over_rms"] == pytest.approx(absmax_over_rms(whole), rel=1e-12)
     scaled = whole * torch.tensor([1.0, 1.0, 1.0, 20.0])
     assert s["components"]["l0.fc2"]["absmax_over_rms"] == pytest.approx(absmax_over_rms(scaled), rel=1e-6)
-    assert s["max_absmax_over_rms_component"] == max(("l0.layer", "l0.fc2"), key=lambda n: s["components"][n]["absmax_over_rms"])
+    assert s["max_absmax_over_rms_component"] == max(
+        ("l0.layer", "l0.fc2"), key=lambda n: s["components"][n]["absmax_over_rms"]
+    )
     assert s["max_absmax_over_rms"] == max(c["absmax_over_rms"] for c in s["components"].values())

@@ -12,6 +12,7 @@ TP=2 (+SP) and PP=2 with our remote code (transformers' Llama with the variant's
 Negative controls show the comparison sees the two classic mistakes: the interleaved rotary
 convention and a wrong query-head -> key/value-group assignment. Rank 0 writes JSON to argv[1].
 """
+
 import json
 import sys
 
@@ -21,14 +22,26 @@ from megatron.core import parallel_state as ps
 
 from megatron_outeff.megatron.parallel import init_model_parallel
 from megatron_outeff.models.hf_llama import (
-    arch_from_hf_config, gather_megatron_state_dicts, hf_state_dict_to_megatron, load_megatron_state_dict,
+    arch_from_hf_config,
+    gather_megatron_state_dicts,
+    hf_state_dict_to_megatron,
+    load_megatron_state_dict,
     megatron_to_hf_state_dict,
 )
 from megatron_outeff.models.llama import build_llama_model
 
 VOCAB, SEQ = 250, 24
-HF_SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False)
+HF_SHAPE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
 
 
 def make_hf(seed=0, **overrides):
@@ -46,7 +59,10 @@ def make_hf(seed=0, **overrides):
     return model
 
 
-VARIANTS = {"variant": {"softmax": "learnable", "gate": "linear"}, "elementwise": {"softmax": "softmax1", "gate": "elementwise"}}
+VARIANTS = {
+    "variant": {"softmax": "learnable", "gate": "linear"},
+    "elementwise": {"softmax": "softmax1", "gate": "elementwise"},
+}
 
 
 def variant_tensors(arch, variant, seed=11):
@@ -55,8 +71,10 @@ def variant_tensors(arch, variant, seed=11):
     from megatron_outeff.models.hf_llama import variant_hf_shapes
 
     g = torch.Generator().manual_seed(seed)
-    return {k: (2.0 if k.endswith("softmax_offset") else 0.3) * torch.randn(s, generator=g)
-            for k, s in variant_hf_shapes(arch, variant).items()}
+    return {
+        k: (2.0 if k.endswith("softmax_offset") else 0.3) * torch.randn(s, generator=g)
+        for k, s in variant_hf_shapes(arch, variant).items()
+    }
 
 
 def forward(model, tokens, hidden_size, pp):
@@ -123,12 +141,15 @@ def main(out_json):
                     dist.all_reduce(grad, group=ps.get_tensor_model_parallel_group())
                 grads[name] = grad
             mapped = megatron_to_hf_state_dict(gather_megatron_state_dicts(state_dict=grads), arch)
-            res[f"{tag}_grad_rel_diff"] = max(float((mapped[k] - v).abs().max() / v.abs().max()) for k, v in ref_grads.items())
+            res[f"{tag}_grad_rel_diff"] = max(
+                float((mapped[k] - v).abs().max() / v.abs().max()) for k, v in ref_grads.items()
+            )
         if state is None:
             back = megatron_to_hf_state_dict(gather_megatron_state_dicts(model), arch, variant=fields)
             want = {**hf_sd, **extras[ref]} if fields else hf_sd
-            res[f"{tag}_export_bad"] = sorted(k for k in set(want) | set(back)
-                                              if k not in back or k not in want or not torch.equal(back[k], want[k]))[:5]
+            res[f"{tag}_export_bad"] = sorted(
+                k for k in set(want) | set(back) if k not in back or k not in want or not torch.equal(back[k], want[k])
+            )[:5]
         ps.destroy_model_parallel()
 
     run("tp1_megatron_attention", 1, 1, grad_check=True)  # megatron's own DotProductAttention
@@ -156,9 +177,17 @@ def main(out_json):
 
     # Llama 3.1's "llama3" RoPE scaling (megatron's rope_scaling) at theta 5e5: head_dim 16 has
     # wavelengths beyond the 2048-token threshold, so the scaling changes the function.
-    hf3 = make_hf(seed=3, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                           "original_max_position_embeddings": 8192})
+    hf3 = make_hf(
+        seed=3,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
     arch3 = arch_from_hf_config(hf3.config.to_dict())
     res["llama3_rope_scaling_factor"] = arch3.rope_scaling_factor
     init_model_parallel(1, 1, seed=1)
@@ -168,7 +197,9 @@ def main(out_json):
         load_megatron_state_dict(model, hf_state_dict_to_megatron(hf3.state_dict(), a))
         with torch.no_grad():
             ref3 = hf3(tokens).logits
-            res[f"{tag}_max_abs_diff"] = float((forward(model, tokens, a.hidden_size, 1)[..., :VOCAB] - ref3).abs().max())
+            res[f"{tag}_max_abs_diff"] = float(
+                (forward(model, tokens, a.hidden_size, 1)[..., :VOCAB] - ref3).abs().max()
+            )
             res[f"{tag}_ref_max"] = float(ref3.abs().max())
     ps.destroy_model_parallel()
 

@@ -3,6 +3,7 @@
 PP=2 for an OPT-350m-shaped model (argv[4]: post-LN, project_in/out) with megatron's attention and
 with the learnable-offset variant (reference: our remote-code OutEffOPTForCausalLM, i.e. transformers'
 OPT with the variant's attention). Rank 0 writes JSON to argv[2]."""
+
 import json
 import sys
 
@@ -67,7 +68,7 @@ def grad_check_into(res, tag, model, arch, tokens, positions, loss_w, ref_grads,
     Returns the logits (TP=1 pipeline only)."""
     model.zero_grad()
     out = model(tokens, positions, None, runtime_gather_output=True)
-    (out[..., :arch.vocab_size].float() * loss_w).sum().backward()
+    (out[..., : arch.vocab_size].float() * loss_w).sum().backward()
     grads = {}
     for name, p in model.named_parameters():
         g = p.grad
@@ -80,8 +81,14 @@ def grad_check_into(res, tag, model, arch, tokens, positions, loss_w, ref_grads,
     # hold rounding noise there, checked against the largest gradient anywhere instead.
     top = max(float(v.abs().max()) for v in ref_grads.values())
     kb = [k for k in ref_grads if k.endswith("k_proj.bias")]
-    diffs = sorted(((float((hf_grads[k] - ref_grads[k]).abs().max() / ref_grads[k].abs().max()), k)
-                    for k in ref_grads if k not in kb), reverse=True)
+    diffs = sorted(
+        (
+            (float((hf_grads[k] - ref_grads[k]).abs().max() / ref_grads[k].abs().max()), k)
+            for k in ref_grads
+            if k not in kb
+        ),
+        reverse=True,
+    )
     res[f"{tag}_grad_rel_diff"] = diffs[0][0]
     res[f"{tag}_grad_worst_keys"] = diffs[:3]
     res[f"{tag}_k_bias_grad_rel"] = max(float(hf_grads[k].abs().max()) for k in kb) / top
@@ -94,8 +101,10 @@ def opt_350m_runs(hf_dir: str, res: dict) -> None:
     arch, hf_sd, hf = load_reference(hf_dir)
     # The learnable-offset variant: the same weights plus random per-head offsets (sharded by head at TP=2).
     g = torch.Generator().manual_seed(11)
-    offsets = {f"model.decoder.layers.{i}.self_attn.softmax_offset": 2.0 * torch.randn(arch.num_attention_heads, generator=g)
-               for i in range(arch.num_layers)}
+    offsets = {
+        f"model.decoder.layers.{i}.self_attn.softmax_offset": 2.0 * torch.randn(arch.num_attention_heads, generator=g)
+        for i in range(arch.num_layers)
+    }
     cfg = OutEffOPTConfig(**{**hf.config.to_dict(), "softmax": "learnable"})
     cfg._attn_implementation = "eager"
     ref_var = OutEffOPTForCausalLM(cfg).eval()
@@ -108,24 +117,31 @@ def opt_350m_runs(hf_dir: str, res: dict) -> None:
     loss_w = torch.randn(refs[None].shape, generator=g)
     ref_grads = hf_reference_grads(hf, tokens, loss_w)
     full = {None: hf_sd, "learnable": {**hf_sd, **offsets}}
-    for tag, tp, pp, sp, variant in [("tp2", 2, 1, False, None), ("tp2sp", 2, 1, True, None), ("pp2", 1, 2, False, None),
-                                     ("tp2_learnable", 2, 1, False, "learnable"), ("pp2_learnable", 1, 2, False, "learnable")]:
+    for tag, tp, pp, sp, variant in [
+        ("tp2", 2, 1, False, None),
+        ("tp2sp", 2, 1, True, None),
+        ("pp2", 1, 2, False, None),
+        ("tp2_learnable", 2, 1, False, "learnable"),
+        ("pp2_learnable", 1, 2, False, "learnable"),
+    ]:
         init_model_parallel(tp, pp, seed=1)
         tpr, ppr = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         model = build_opt_model(arch, variant and {"softmax": variant}, sequence_parallel=sp).eval()
-        load_megatron_state_dict(model, hf_state_dict_to_megatron(full[variant], arch, tpr, tp, ppr, pp,
-                                                                  variant=_variant(variant)))
+        load_megatron_state_dict(
+            model, hf_state_dict_to_megatron(full[variant], arch, tpr, tp, ppr, pp, variant=_variant(variant))
+        )
         with torch.no_grad():
             out = forward(model, tokens, positions, arch.hidden_size, pp)
         if tag == "tp2sp":  # replicated project_in/out: grads equal on every rank, project_out's SP-reduced
             grad_check_into(res, f"opt_350m_{tag}", model, arch, tokens, positions, loss_w, ref_grads, sp)
         if out is not None:
-            res[f"opt_350m_{tag}_max_abs_diff"] = float((out[..., :arch.vocab_size] - refs[variant]).abs().max())
+            res[f"opt_350m_{tag}_max_abs_diff"] = float((out[..., : arch.vocab_size] - refs[variant]).abs().max())
             res[f"opt_350m_{tag}_ref_max"] = float(refs[variant].abs().max())
         back = megatron_to_hf_state_dict(gather_megatron_state_dicts(model), arch, variant=_variant(variant))
         want = {**full[variant], "lm_head.weight": hf_sd["model.decoder.embed_tokens.weight"]}
-        res[f"opt_350m_{tag}_export_bad"] = sorted(k for k in set(want) | set(back)
-                                                   if k not in back or k not in want or not torch.equal(back[k], want[k]))[:5]
+        res[f"opt_350m_{tag}_export_bad"] = sorted(
+            k for k in set(want) | set(back) if k not in back or k not in want or not torch.equal(back[k], want[k])
+        )[:5]
         ps.destroy_model_parallel()
 
 
@@ -144,8 +160,12 @@ def main(hf_dir: str, out_json: str, export_dir: str, hf_350m_dir: str) -> None:
 
     def exported_equal(hf_out):
         bad = [k for k in ref_sd if k not in hf_out or not torch.equal(hf_out[k], ref_sd[k])]
-        return {"n_keys": len(hf_out), "n_ref": len(ref_sd), "bad": bad[:5],
-                "extra": sorted(set(hf_out) - set(ref_sd))[:5]}
+        return {
+            "n_keys": len(hf_out),
+            "n_ref": len(ref_sd),
+            "bad": bad[:5],
+            "extra": sorted(set(hf_out) - set(ref_sd))[:5],
+        }
 
     loss_w = torch.randn(ref.shape, generator=g)
     ref_grads = hf_reference_grads(hf, tokens, loss_w)

@@ -1,4 +1,5 @@
 """A random, fully non-trivial Hugging Face OPT built offline: the reference nobody here wrote."""
+
 import tempfile
 from pathlib import Path
 

@@ -1,5 +1,6 @@
 """Hugging Face OPT <-> megatron layouts, single process: sharding at any TP/PP, lossless round
 trips, and one-line refusals of bad input before anything is touched or written."""
+
 import json
 import os
 import shutil
@@ -65,8 +66,10 @@ def test_parallel_splits(hf):
     s00, s10, s01, s11 = ranks
     # Row-parallel biases: the full bias on every rank, never split.
     for s, layer in ((s00, 0), (s10, 0), (s01, 1), (s11, 1)):
-        assert torch.equal(s["decoder.layers.0.self_attention.linear_proj.bias"],
-                           sd[f"model.decoder.layers.{layer}.self_attn.out_proj.bias"])
+        assert torch.equal(
+            s["decoder.layers.0.self_attention.linear_proj.bias"],
+            sd[f"model.decoder.layers.{layer}.self_attn.out_proj.bias"],
+        )
         assert torch.equal(s["decoder.layers.0.mlp.linear_fc2.bias"], sd[f"model.decoder.layers.{layer}.fc2.bias"])
     assert s00["decoder.layers.0.mlp.linear_fc2.weight"].shape == (64, 128)
     assert s00["decoder.layers.0.mlp.linear_fc1.weight"].shape == (128, 64)
@@ -86,8 +89,10 @@ def test_parallel_splits(hf):
 def test_export_accepts_nested_lists_and_wrapper_prefixes(hf):
     _, arch, sd, ref = hf
     shards = shard_all(sd, arch, 2, 2)
-    grid = [[{"module." + k: v for k, v in shards[(t, p)].items()} | {"module.x._extra_state": None}
-             for t in range(2)] for p in range(2)]
+    grid = [
+        [{"module." + k: v for k, v in shards[(t, p)].items()} | {"module.x._extra_state": None} for t in range(2)]
+        for p in range(2)
+    ]
     out = megatron_to_hf_state_dict(grid, arch)
     assert all(torch.equal(out[k], ref[k]) for k in ref)
 

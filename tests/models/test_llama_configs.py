@@ -1,6 +1,7 @@
 """The Llama family's architectures (configs/model/llama-*.yaml), the family registry and the Hugging Face
 config translation: published shapes against published parameter counts and transformers' own model,
 bad input as one-line errors. No megatron model is built here (fast)."""
+
 import json
 from pathlib import Path
 
@@ -54,26 +55,53 @@ def test_hf_config_round_trip(size):
 
 def test_old_style_rope_keys_are_read():
     """config.json files written before transformers 5 say rope_theta / rope_scaling at the top level."""
-    cfg = dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0, max_position_embeddings=16384,
-               rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                             "original_max_position_embeddings": 8192})
+    cfg = dict(
+        model_type="llama",
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=500000.0,
+        max_position_embeddings=16384,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
     arch = arch_from_hf_config(cfg)
     assert (arch.rope_theta, arch.rope_scaling_factor, arch.num_query_groups) == (500000.0, 8.0, 2)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"tie_word_embeddings": True}, "tie_word_embeddings=True: expected False"),
-    ({"attention_bias": True}, "attention_bias=True: expected False"),
-    ({"mlp_bias": True}, "mlp_bias=True: expected False"),
-    ({"hidden_act": "gelu"}, "hidden_act='gelu': expected 'silu'"),
-    ({"head_dim": 32}, "head_dim=32: expected 16"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}, "rope_type='yarn'"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 2.0,
-                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
-     "low_freq_factor=2.0: megatron-core's llama3 RoPE scaling fixes it at 1.0"),
-    ({"model_type": "mistral"}, "model_type='mistral': expected 'llama'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"tie_word_embeddings": True}, "tie_word_embeddings=True: expected False"),
+        ({"attention_bias": True}, "attention_bias=True: expected False"),
+        ({"mlp_bias": True}, "mlp_bias=True: expected False"),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu': expected 'silu'"),
+        ({"head_dim": 32}, "head_dim=32: expected 16"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}, "rope_type='yarn'"),
+        (
+            {
+                "rope_parameters": {
+                    "rope_type": "llama3",
+                    "rope_theta": 1e4,
+                    "factor": 8.0,
+                    "low_freq_factor": 2.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192,
+                }
+            },
+            "low_freq_factor=2.0: megatron-core's llama3 RoPE scaling fixes it at 1.0",
+        ),
+        ({"model_type": "mistral"}, "model_type='mistral': expected 'llama'"),
+    ],
+)
 def test_unsupported_hf_configs_are_one_line_errors(change, message):
     cfg = {**hf_config_dict(load_arch_config("tiny")), "model_type": "llama", **change}
     with pytest.raises(OutEffError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
@@ -87,41 +115,60 @@ def test_the_registry_resolves_every_spelling(tmp_path):
     assert fam.family_for_arch(load_arch_config("tiny")).name == "llama"
     assert fam.family_for_arch(str(fam.CONFIG_DIR / "llama-125m.yaml")).name == "llama"
     assert fam.family_for_arch(str(fam.CONFIG_DIR / "opt-125m.yaml")).name == "opt"
-    assert fam.family_for_hf_model_type("outeff_llama").name == "llama" and fam.family_for_hf_model_type("opt").name == "opt"
+    assert (
+        fam.family_for_hf_model_type("outeff_llama").name == "llama"
+        and fam.family_for_hf_model_type("opt").name == "opt"
+    )
     assert fam.family_for_manifest({}).name == "opt" and fam.family_for_manifest({"family": "llama"}).name == "llama"
     assert {"llama-tiny", "llama-3-8b", "opt-125m", "opt-tiny"} <= set(fam.available_archs())
     own = tmp_path / "mine.yaml"
     own.write_text((fam.CONFIG_DIR / "llama-tiny.yaml").read_text().replace("name: llama-tiny", "name: mine"))
     assert fam.get_family("llama").arch.load_arch_config(own).name == "mine"
-    for bad, message in ((lambda: fam.family_for_hf_model_type("gpt2"), "model_type='gpt2': expected one of"),
-                         (lambda: fam.get_family("gpt"), "model family 'gpt'"),
-                         (lambda: load_arch_config("llama-999b"), "unknown Llama size; expected one of"),
-                         (lambda: load_arch_config(fam.CONFIG_DIR / "opt-125m.yaml"), "family=None, expected 'llama'")):
+    for bad, message in (
+        (lambda: fam.family_for_hf_model_type("gpt2"), "model_type='gpt2': expected one of"),
+        (lambda: fam.get_family("gpt"), "model family 'gpt'"),
+        (lambda: load_arch_config("llama-999b"), "unknown Llama size; expected one of"),
+        (lambda: load_arch_config(fam.CONFIG_DIR / "opt-125m.yaml"), "family=None, expected 'llama'"),
+    ):
         with pytest.raises(OutEffError, match=message) as e:
             bad()
         assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("tp, pp, message", [
-    (4, 1, "num_query_groups=2 is not divisible by tensor parallel size 4"),
-    (3, 1, "num_attention_heads=4 is not divisible by tensor parallel size 3"),
-    (1, 3, "num_layers=2 is not divisible by pipeline parallel size 3"),
-])
+@pytest.mark.parametrize(
+    "tp, pp, message",
+    [
+        (4, 1, "num_query_groups=2 is not divisible by tensor parallel size 4"),
+        (3, 1, "num_attention_heads=4 is not divisible by tensor parallel size 3"),
+        (1, 3, "num_layers=2 is not divisible by pipeline parallel size 3"),
+    ],
+)
 def test_layouts_the_model_cannot_divide(tp, pp, message):
     with pytest.raises(OutEffError, match=message):
         check_parallel_layout(load_arch_config("tiny"), tp, pp)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["model.arch_overrides={num_query_groups: 3}"], "num_attention_heads=4 is not divisible by num_query_groups=3"),
-    (["model.arch_overrides={activation: relu}"], "unknown config key 'model.arch_overrides.activation'"),
-    (["model.transformer_overrides={num_query_groups: 1}"], "use model.arch_overrides.num_query_groups"),
-    (["model.transformer_overrides={normalization: LayerNorm}"], "normalization: fixed by the Llama architecture"),
-    (["model.transformer_overrides={rotary_interleaved: true}"], "rotary_interleaved: fixed by the Llama architecture"),
-    (["parallel.tensor_parallel=4", "parallel.global_batch_size=8"],
-     "num_query_groups=2 is not divisible by tensor parallel size 4"),
-    (["model.arch=llama-huge"], "model.arch='llama-huge': model config 'llama-huge': unknown Llama size"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["model.arch_overrides={num_query_groups: 3}"],
+            "num_attention_heads=4 is not divisible by num_query_groups=3",
+        ),
+        (["model.arch_overrides={activation: relu}"], "unknown config key 'model.arch_overrides.activation'"),
+        (["model.transformer_overrides={num_query_groups: 1}"], "use model.arch_overrides.num_query_groups"),
+        (["model.transformer_overrides={normalization: LayerNorm}"], "normalization: fixed by the Llama architecture"),
+        (
+            ["model.transformer_overrides={rotary_interleaved: true}"],
+            "rotary_interleaved: fixed by the Llama architecture",
+        ),
+        (
+            ["parallel.tensor_parallel=4", "parallel.global_batch_size=8"],
+            "num_query_groups=2 is not divisible by tensor parallel size 4",
+        ),
+        (["model.arch=llama-huge"], "model.arch='llama-huge': model config 'llama-huge': unknown Llama size"),
+    ],
+)
 def test_training_config_refusals_name_the_key(overrides, message):
     from megatron_outeff.training.config import load_config
 

@@ -2,6 +2,7 @@
 2-process torchrun launch (_llama_parity_worker.py): logits, gradients, the variant against our remote
 code, the mapping back (torch.equal), and negative controls for the rotary convention and the GQA
 head grouping (the comparison must see both mistakes)."""
+
 import json
 import os
 import subprocess
@@ -22,8 +23,15 @@ DEPTH = network_depth(dict(hidden_size=64, ffn_dim=2 * 96, num_hidden_layers=2, 
 def parity(private_tmp):
     out = Path(tempfile.mkdtemp(prefix="llama-parity-", dir=private_tmp)) / "result.json"
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(Path(__file__).with_name("_llama_parity_worker.py")), str(out)]
+    cmd = [
+        str(Path(sys.executable).with_name("torchrun")),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        str(Path(__file__).with_name("_llama_parity_worker.py")),
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out.read_text())
@@ -42,8 +50,21 @@ def _bound(res, tag):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("tag", ["tp1_megatron_attention", "tp1", "tp2", "tp2sp", "pp2", "tp2_variant", "pp2_variant",
-                                 "tp2sp_elementwise", "pp2_elementwise", "llama3_rope"])
+@pytest.mark.parametrize(
+    "tag",
+    [
+        "tp1_megatron_attention",
+        "tp1",
+        "tp2",
+        "tp2sp",
+        "pp2",
+        "tp2_variant",
+        "pp2_variant",
+        "tp2sp_elementwise",
+        "pp2_elementwise",
+        "llama3_rope",
+    ],
+)
 def test_logits_match_transformers(parity, tag):
     """fp32 on both sides, summed in other orders (TP/PP splits, other kernels): the derived bound.
     The *_variant / *_elementwise layouts are compared with OutEffLlamaForCausalLM (transformers' Llama with
@@ -61,8 +82,20 @@ def test_gradients_match_transformers(parity, tag):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("tag", ["tp1_megatron_attention", "tp1", "tp2", "tp2sp", "pp2", "tp2_variant", "pp2_variant",
-                                 "tp2sp_elementwise", "pp2_elementwise"])
+@pytest.mark.parametrize(
+    "tag",
+    [
+        "tp1_megatron_attention",
+        "tp1",
+        "tp2",
+        "tp2sp",
+        "pp2",
+        "tp2_variant",
+        "pp2_variant",
+        "tp2sp_elementwise",
+        "pp2_elementwise",
+    ],
+)
 def test_mapping_back_is_identical(parity, tag):
     assert parity[f"{tag}_export_bad"] == []
 
@@ -73,7 +106,10 @@ def test_the_comparison_sees_the_classic_mistakes(parity, tag):
     """Interleaved instead of half-split rotary pairs, query heads attached to the wrong key/value
     groups, or Llama 3.1's RoPE scaling dropped: each is caught by the same bound, by a factor over 100
     (at 24 positions a dropped RoPE scaling moves only the slowest frequencies: the smallest of the three)."""
-    assert parity[f"{tag}_max_abs_diff"] > 100 * _bound(parity, tag), (parity[f"{tag}_max_abs_diff"], _bound(parity, tag))
+    assert parity[f"{tag}_max_abs_diff"] > 100 * _bound(parity, tag), (
+        parity[f"{tag}_max_abs_diff"],
+        _bound(parity, tag),
+    )
 
 
 @pytest.mark.multiproc

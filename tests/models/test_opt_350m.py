@@ -4,6 +4,7 @@ Oracles: transformers' OPTForCausalLM (vanilla) and the plain-torch OPT forward 
 (every variant; it reads the Hugging Face tensors directly). TP=2 / PP=2 parity runs in the torchrun
 worker of test_opt_parity.py; conversion, training and export in tests/convert/test_opt_350m_pipeline.py.
 """
+
 import sys
 from pathlib import Path
 
@@ -17,9 +18,19 @@ from tolerance import network_depth, rounding_bound  # noqa: E402
 from megatron_outeff.megatron.parallel import init_model_parallel  # noqa: E402
 
 # OPT-350m's shape in miniature (hidden 64, embedding 32, 2 post-LN layers).
-TINY_350M = dict(vocab_size=250, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
-                 max_position_embeddings=32, dropout=0.0, attention_dropout=0.0, pad_token_id=1,
-                 do_layer_norm_before=False, word_embed_proj_dim=32)
+TINY_350M = dict(
+    vocab_size=250,
+    hidden_size=64,
+    num_hidden_layers=2,
+    ffn_dim=128,
+    num_attention_heads=4,
+    max_position_embeddings=32,
+    dropout=0.0,
+    attention_dropout=0.0,
+    pad_token_id=1,
+    do_layer_norm_before=False,
+    word_embed_proj_dim=32,
+)
 # float32 on both sides, whatever order each path's kernels sum in: n eps max|x| (tests/tolerance.py), n the
 # network's reduction depth at the tests' 12 tokens; gradients pass the same reductions backward (2n)
 DEPTH = network_depth(dict(TINY_350M, max_position_embeddings=12))
@@ -54,7 +65,11 @@ def _arch():
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_opt_350m_megatron_matches_oracle_and_round_trips(name):
-    from megatron_outeff.models.hf_opt import hf_state_dict_to_megatron, load_megatron_state_dict, megatron_to_hf_state_dict
+    from megatron_outeff.models.hf_opt import (
+        hf_state_dict_to_megatron,
+        load_megatron_state_dict,
+        megatron_to_hf_state_dict,
+    )
     from megatron_outeff.models.opt import build_opt_model
 
     hf_fields, variant = VARIANTS[name]
@@ -81,7 +96,11 @@ def test_opt_350m_megatron_matches_oracle_and_round_trips(name):
 def test_opt_350m_megatron_vanilla_matches_transformers_logits_and_grads():
     from transformers import OPTConfig, OPTForCausalLM
 
-    from megatron_outeff.models.hf_opt import hf_state_dict_to_megatron, load_megatron_state_dict, megatron_to_hf_state_dict
+    from megatron_outeff.models.hf_opt import (
+        hf_state_dict_to_megatron,
+        load_megatron_state_dict,
+        megatron_to_hf_state_dict,
+    )
     from megatron_outeff.models.opt import build_opt_model
 
     arch = _arch()
@@ -137,6 +156,7 @@ def test_opt_350m_outlier_components_hook_the_same_tensors_as_hf():
         def fn(_m, _i, out):
             out = out[0] if isinstance(out, tuple) else out
             seen[(side, name)] = out.transpose(0, 1) if side == "mg" else out  # megatron is [s, b, h]
+
         return fn
 
     for side, comps in (("mg", mg_comps), ("hf", hf_comps)):
@@ -151,7 +171,9 @@ def test_opt_350m_outlier_components_hook_the_same_tensors_as_hf():
     assert len(names) == 6
     for n in names:
         want = seen[("hf", n)].reshape(seen[("mg", n)].shape)
-        torch.testing.assert_close(seen[("mg", n)], want, rtol=0, atol=rounding_bound(torch.float32, want.abs().max(), DEPTH))
+        torch.testing.assert_close(
+            seen[("mg", n)], want, rtol=0, atol=rounding_bound(torch.float32, want.abs().max(), DEPTH)
+        )
 
 
 def test_full_size_opt_350m_builds_with_transformers_parameter_count():

@@ -1,4 +1,5 @@
 """Model YAMLs -> OPTArchConfig; strictness and refusals (no megatron process groups needed)."""
+
 import pytest
 import yaml
 
@@ -13,8 +14,14 @@ from megatron_outeff.models.opt import (
 
 # (layers, hidden, heads) from the OPT paper, Table 1.
 PUBLISHED = {
-    "125m": (12, 768, 12), "350m": (24, 1024, 16), "1.3b": (24, 2048, 32), "2.7b": (32, 2560, 32),
-    "6.7b": (32, 4096, 32), "13b": (40, 5120, 40), "30b": (48, 7168, 56), "66b": (64, 9216, 72),
+    "125m": (12, 768, 12),
+    "350m": (24, 1024, 16),
+    "1.3b": (24, 2048, 32),
+    "2.7b": (32, 2560, 32),
+    "6.7b": (32, 4096, 32),
+    "13b": (40, 5120, 40),
+    "30b": (48, 7168, 56),
+    "66b": (64, 9216, 72),
     "175b": (96, 12288, 96),
 }
 
@@ -47,9 +54,18 @@ def test_opt_350m_yaml_and_bad_projection_values():
     a = load_arch_config("350m")
     assert (a.word_embed_proj_dim, a.embed_dim, a.hidden_size, a.do_layer_norm_before) == (512, 512, 1024, False)
     with pytest.raises(ValueError, match=r"word_embed_proj_dim=0: expected a positive integer or null"):
-        OPTArchConfig(name="x", num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256, word_embed_proj_dim=0)
+        OPTArchConfig(
+            name="x", num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256, word_embed_proj_dim=0
+        )
     with pytest.raises(ValueError, match=r"do_layer_norm_before='no': expected true or false"):
-        OPTArchConfig(name="x", num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256, do_layer_norm_before="no")
+        OPTArchConfig(
+            name="x",
+            num_layers=2,
+            hidden_size=64,
+            num_attention_heads=4,
+            ffn_hidden_size=256,
+            do_layer_norm_before="no",
+        )
 
 
 def test_unknown_keys_are_errors(tmp_path):
@@ -82,7 +98,9 @@ def test_bad_values_and_names():
     with pytest.raises(ValueError, match="not divisible by num_attention_heads"):
         OPTArchConfig(name="x", num_layers=2, hidden_size=64, num_attention_heads=5, ffn_hidden_size=256)
     with pytest.raises(ValueError, match="activation='silu'"):
-        OPTArchConfig(name="x", num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256, activation="silu")
+        OPTArchConfig(
+            name="x", num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256, activation="silu"
+        )
     with pytest.raises(ValueError, match="missing required"):
         OPTArchConfig.from_dict({"name": "x"})
 
@@ -110,9 +128,17 @@ def test_transformer_fields_from_arch():
     from megatron_outeff.models.opt import TRANSFORMER_FIELDS_FROM_ARCH, opt_transformer_config
 
     assert set(TRANSFORMER_FIELDS_FROM_ARCH) <= {f.name for f in dataclasses.fields(TransformerConfig)}
-    arch = dataclasses.replace(load_arch_config("tiny"), hidden_dropout=0.25, attention_dropout=0.125,
-                               layernorm_epsilon=1e-6, init_method_std=0.02)
+    arch = dataclasses.replace(
+        load_arch_config("tiny"),
+        hidden_dropout=0.25,
+        attention_dropout=0.125,
+        layernorm_epsilon=1e-6,
+        init_method_std=0.02,
+    )
     tc = opt_transformer_config(arch)
-    plain = {k: v for k, v in TRANSFORMER_FIELDS_FROM_ARCH.items()
-             if v and k not in ("activation_func", "output_layer_init_method")}
+    plain = {
+        k: v
+        for k, v in TRANSFORMER_FIELDS_FROM_ARCH.items()
+        if v and k not in ("activation_func", "output_layer_init_method")
+    }
     assert {k: getattr(tc, k) for k in plain} == {k: getattr(arch, v) for k, v in plain.items()}

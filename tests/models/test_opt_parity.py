@@ -1,4 +1,5 @@
 """Parity with transformers' OPT at TP=1, TP=2 (+SP) and PP=2, in ONE 2-process torchrun launch."""
+
 import json
 import os
 import socket
@@ -32,8 +33,18 @@ def parity(hf_opt_dir, hf_opt_350m_dir, private_tmp):
     out_json, export_dir = tmp / "result.json", tmp / "exported"
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(Path(__file__).with_name("_opt_parity_worker.py")), str(hf_dir), str(out_json), str(export_dir), str(hf_350m_dir)]
+    cmd = [
+        str(torchrun),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        str(Path(__file__).with_name("_opt_parity_worker.py")),
+        str(hf_dir),
+        str(out_json),
+        str(export_dir),
+        str(hf_350m_dir),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out_json.read_text()), export_dir
@@ -107,6 +118,8 @@ def test_opt_350m_logits_match_transformers_at_tp2_pp2(parity, tag):
     the variant's attention); export gives back exactly the imported tensors."""
     res, _ = parity
     # float32, logits O(ref_max): a bound of 64 float32 ulps of the largest logit (2 layers, TP all-reduce order).
-    assert res[f"opt_350m_{tag}_max_abs_diff"] <= 64 * torch.finfo(torch.float32).eps * res[f"opt_350m_{tag}_ref_max"], res
+    assert (
+        res[f"opt_350m_{tag}_max_abs_diff"] <= 64 * torch.finfo(torch.float32).eps * res[f"opt_350m_{tag}_ref_max"]
+    ), res
     assert res[f"opt_350m_{tag}_export_bad"] == []
     assert res["opt_350m_variant_changes_logits"] > 1e-2  # the variant reference really differs

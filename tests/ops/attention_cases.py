@@ -1,4 +1,5 @@
 """Cases and checks shared by the attention implementation tests (flash kernel, fused CPU path)."""
+
 import torch
 
 # every softmax variant; softmax_n with n above and below 1 (sink logit log n of either sign)

@@ -15,6 +15,7 @@ Each stand-in has the name of the aten op it replaces and
 The dropout mask of each forward is kept (``masks[seed]``) so that an oracle can apply the same one.
 ``lse_base`` = 2 makes a kernel with a base-2 LSE; ``lse_unscaled`` one whose LSE ignores the scale.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,7 +32,9 @@ def bind(op_name: str, args, kwargs) -> dict:
     schema = getattr(_REAL, op_name).default._schema
     params = list(schema.arguments)
     positional = [p for p in params if not p.kwarg_only]
-    assert len(args) <= len(positional), f"{op_name}: {len(args)} positional arguments, the schema takes {len(positional)}"
+    assert len(args) <= len(positional), (
+        f"{op_name}: {len(args)} positional arguments, the schema takes {len(positional)}"
+    )
     bound = {p.name: a for p, a in zip(positional, args)}
     names = {p.name for p in params}
     for key, value in kwargs.items():
@@ -49,15 +52,16 @@ def bind(op_name: str, args, kwargs) -> dict:
 def _check_type(op_name, p, value) -> None:
     t = str(p.type)
     ok = {
-        "Tensor": lambda x: x is None or isinstance(x, torch.Tensor),   # None: an undefined tensor, as torch passes them
+        "Tensor": lambda x: x is None or isinstance(x, torch.Tensor),  # None: an undefined tensor, as torch passes them
         "Optional[Tensor]": lambda x: x is None or isinstance(x, torch.Tensor),
         "float": lambda x: isinstance(x, (float, int)) and not isinstance(x, bool),
         "Optional[float]": lambda x: x is None or (isinstance(x, (float, int)) and not isinstance(x, bool)),
         "bool": lambda x: isinstance(x, bool),
         "SymInt": lambda x: isinstance(x, int) and not isinstance(x, bool),
         "int": lambda x: isinstance(x, int) and not isinstance(x, bool),
-        "List[bool]": lambda x: isinstance(x, (list, tuple)) and all(isinstance(e, bool) for e in x)
-        and (p.N is None or len(x) == p.N),
+        "List[bool]": lambda x: (
+            isinstance(x, (list, tuple)) and all(isinstance(e, bool) for e in x) and (p.N is None or len(x) == p.N)
+        ),
     }.get(t)
     assert ok is not None, f"{op_name}: argument {p.name!r} of type {t}: not handled by the emulator"
     assert ok(value), f"{op_name}: argument {p.name!r} expects {t}, got {type(value).__name__} {value!r}"
@@ -73,7 +77,9 @@ class EmulatedKernels:
         self._seed = 1000
         real = _REAL
         self._scaled_dot_product_flash_attention_for_cpu = real._scaled_dot_product_flash_attention_for_cpu
-        self._scaled_dot_product_flash_attention_for_cpu_backward = real._scaled_dot_product_flash_attention_for_cpu_backward
+        self._scaled_dot_product_flash_attention_for_cpu_backward = (
+            real._scaled_dot_product_flash_attention_for_cpu_backward
+        )
 
     # ---------------------------------------------------------------- the math of every kernel
     def _scores(self, q, k, bias, is_causal, scale, heads_must_match):
@@ -105,8 +111,8 @@ class EmulatedKernels:
         if self.lse_unscaled:
             lse = torch.logsumexp(s / scale, dim=-1)
         else:
-            lse = torch.logsumexp(s, dim=-1)                                   # natural log
-        p = torch.exp(s - lse.unsqueeze(-1))                                   # NaN on rows with no key
+            lse = torch.logsumexp(s, dim=-1)  # natural log
+        p = torch.exp(s - lse.unsqueeze(-1))  # NaN on rows with no key
         seed = 0
         if dropout_p > 0:
             seed = self._draw(p.shape, dropout_p)
@@ -126,7 +132,7 @@ class EmulatedKernels:
         do = dout.double()
         dv = (p * drop).transpose(-1, -2) @ do
         dp = (do @ vv.transpose(-1, -2)) * drop
-        delta = (do * out.double()).sum(-1, keepdim=True)                     # D from the out it is given
+        delta = (do * out.double()).sum(-1, keepdim=True)  # D from the out it is given
         ds = p * (dp - delta)
         dq = (ds @ kk) * scale
         dk = (ds.transpose(-1, -2) @ q.double()) * scale
@@ -140,26 +146,54 @@ class EmulatedKernels:
     def _scaled_dot_product_flash_attention(self, *args, **kwargs):
         a = bind("_scaled_dot_product_flash_attention", args, kwargs)
         q, k = a["query"], a["key"]
-        out, lse, seed = self._forward(q, k, a["value"], None, a["dropout_p"], a["is_causal"], a["scale"], False, "flash")
+        out, lse, seed = self._forward(
+            q, k, a["value"], None, a["dropout_p"], a["is_causal"], a["scale"], False, "flash"
+        )
         rng = torch.tensor([seed, 0], dtype=torch.uint64)
-        return (out, lse, None, None, q.shape[2], k.shape[2], rng, torch.tensor(0, dtype=torch.uint64),
-                torch.empty(0, dtype=q.dtype))
+        return (
+            out,
+            lse,
+            None,
+            None,
+            q.shape[2],
+            k.shape[2],
+            rng,
+            torch.tensor(0, dtype=torch.uint64),
+            torch.empty(0, dtype=q.dtype),
+        )
 
     def _scaled_dot_product_flash_attention_backward(self, *args, **kwargs):
         a = bind("_scaled_dot_product_flash_attention_backward", args, kwargs)
         assert a["logsumexp"].shape == a["query"].shape[:3], "flash backward: LSE must be [b, h, sq]"
-        return self._backward(a["grad_out"], a["query"], a["key"], a["value"], a["out"], a["logsumexp"], None,
-                              a["dropout_p"], a["is_causal"], a["scale"], a["philox_seed"][0].item(), False)
+        return self._backward(
+            a["grad_out"],
+            a["query"],
+            a["key"],
+            a["value"],
+            a["out"],
+            a["logsumexp"],
+            None,
+            a["dropout_p"],
+            a["is_causal"],
+            a["scale"],
+            a["philox_seed"][0].item(),
+            False,
+        )
 
     def _scaled_dot_product_efficient_attention(self, *args, **kwargs):
         a = bind("_scaled_dot_product_efficient_attention", args, kwargs)
         q, bias = a["query"], a["attn_bias"]
         assert a["compute_log_sumexp"] is True, "the sink needs the LSE"
         if bias is not None:
-            assert bias.shape == (q.shape[0], q.shape[1], q.shape[2], a["key"].shape[2]), f"bias {tuple(bias.shape)} not expanded"
-            assert all(s % 8 == 0 for s in bias.stride()[:-1]) and bias.stride(-1) == 1, f"bias strides {bias.stride()} unaligned"
-        out, lse, seed = self._forward(q, a["key"], a["value"], bias, a["dropout_p"], a["is_causal"], a["scale"], True,
-                                       "efficient")
+            assert bias.shape == (q.shape[0], q.shape[1], q.shape[2], a["key"].shape[2]), (
+                f"bias {tuple(bias.shape)} not expanded"
+            )
+            assert all(s % 8 == 0 for s in bias.stride()[:-1]) and bias.stride(-1) == 1, (
+                f"bias strides {bias.stride()} unaligned"
+            )
+        out, lse, seed = self._forward(
+            q, a["key"], a["value"], bias, a["dropout_p"], a["is_causal"], a["scale"], True, "efficient"
+        )
         sq = q.shape[2]
         padded = torch.full((*lse.shape[:-1], -(-sq // 32) * 32), float("inf"), dtype=lse.dtype)
         padded[..., :sq] = lse
@@ -170,8 +204,20 @@ class EmulatedKernels:
         q, lse = a["query"], a["logsumexp"]
         sq = q.shape[2]
         assert lse.shape == (*q.shape[:2], -(-sq // 32) * 32), f"efficient backward: LSE {tuple(lse.shape)} not padded"
-        dq, dk, dv = self._backward(a["grad_out_"], q, a["key"], a["value"], a["out"], lse[..., :sq], a["attn_bias"],
-                                    a["dropout_p"], a["is_causal"], a["scale"], a["philox_seed"].item(), True)
+        dq, dk, dv = self._backward(
+            a["grad_out_"],
+            q,
+            a["key"],
+            a["value"],
+            a["out"],
+            lse[..., :sq],
+            a["attn_bias"],
+            a["dropout_p"],
+            a["is_causal"],
+            a["scale"],
+            a["philox_seed"].item(),
+            True,
+        )
         return dq, dk, dv, None
 
     def _scaled_dot_product_cudnn_attention(self, *args, **kwargs):
@@ -180,7 +226,9 @@ class EmulatedKernels:
         assert a["compute_log_sumexp"] is True, "the sink needs the LSE"
         if bias is not None:
             assert torch.isfinite(bias).all(), "cuDNN bias with -inf (SDPA uses -65504 for cuDNN)"
-        out, lse, seed = self._forward(q, k, a["value"], bias, a["dropout_p"], a["is_causal"], a["scale"], False, "cudnn")
+        out, lse, seed = self._forward(
+            q, k, a["value"], bias, a["dropout_p"], a["is_causal"], a["scale"], False, "cudnn"
+        )
         return (out, lse.unsqueeze(-1), None, None, q.shape[2], k.shape[2], torch.tensor(seed), torch.tensor(0), None)
 
     def _scaled_dot_product_cudnn_attention_backward(self, *args, **kwargs):
@@ -188,8 +236,20 @@ class EmulatedKernels:
         q, lse = a["query"], a["logsumexp"]
         assert lse.shape == (*q.shape[:3], 1), f"cuDNN backward: LSE {tuple(lse.shape)} must be [b, h, sq, 1]"
         assert a["grad_out"].stride() == a["out"].stride(), "cuDNN backward: dO must be strided as O"
-        return self._backward(a["grad_out"], q, a["key"], a["value"], a["out"], lse.squeeze(-1), a["attn_bias"],
-                              a["dropout_p"], a["is_causal"], a["scale"], a["philox_seed"].item(), False)
+        return self._backward(
+            a["grad_out"],
+            q,
+            a["key"],
+            a["value"],
+            a["out"],
+            lse.squeeze(-1),
+            a["attn_bias"],
+            a["dropout_p"],
+            a["is_causal"],
+            a["scale"],
+            a["philox_seed"].item(),
+            False,
+        )
 
 
 def fake_choice(rules):
@@ -200,8 +260,11 @@ def fake_choice(rules):
     def choice(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
         bind("_fused_sdp_choice", (q, k, v, attn_mask, dropout_p, is_causal), dict(scale=scale, enable_gqa=enable_gqa))
         r = rules(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa)
-        calls.append(SimpleNamespace(heads=(q.shape[1], k.shape[1]), mask=attn_mask is not None, causal=is_causal,
-                                     gqa=enable_gqa, result=r))
+        calls.append(
+            SimpleNamespace(
+                heads=(q.shape[1], k.shape[1]), mask=attn_mask is not None, causal=is_causal, gqa=enable_gqa, result=r
+            )
+        )
         return r
 
     choice.calls = calls

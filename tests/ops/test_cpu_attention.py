@@ -15,14 +15,15 @@ Fully masked rows are checked to be exactly zero (output and every gradient). Sp
 measured by tools/bench_attention.py; here only the structure is checked: no tensor saved for the
 backward is as large as a [sq, sk] score matrix.
 """
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-
 from attention_cases import OFFSETS, TOL, VARIANTS, assert_all_close
+
 from megatron_outeff.ops import attention as attention_module
 from megatron_outeff.ops import cpu_attention as cpu_attention_module
 from megatron_outeff.ops import outeff_attention
@@ -30,8 +31,20 @@ from megatron_outeff.ops import outeff_attention
 FP64_TOL = dict(atol=1e-10, rtol=1e-10)
 
 
-def make_inputs(b=2, sq=9, sk=9, h=4, h_kv=2, d=16, dtype=torch.float64, variant="softmax1", gate=True,
-                pad=False, q_scale=1.0, seed=0):
+def make_inputs(
+    b=2,
+    sq=9,
+    sk=9,
+    h=4,
+    h_kv=2,
+    d=16,
+    dtype=torch.float64,
+    variant="softmax1",
+    gate=True,
+    pad=False,
+    q_scale=1.0,
+    seed=0,
+):
     gen = torch.Generator().manual_seed(seed)
     leaves = {
         "q": (torch.randn(b, sq, h, d, generator=gen) * q_scale).to(dtype),
@@ -40,14 +53,16 @@ def make_inputs(b=2, sq=9, sk=9, h=4, h_kv=2, d=16, dtype=torch.float64, variant
     }
     kw = dict(VARIANTS[variant])
     if variant == "learnable":
-        leaves["offset"] = torch.tensor([OFFSETS[i % len(OFFSETS)] for i in range(h)],
-                                        dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        leaves["offset"] = torch.tensor(
+            [OFFSETS[i % len(OFFSETS)] for i in range(h)],
+            dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+        )
     if gate:
         leaves["gate"] = torch.rand(b, sq, h, generator=gen).mul(0.98).add(0.01).to(dtype)
     if pad:
         m = torch.ones(b, sk, dtype=torch.bool)
-        m[0, sk - max(1, sk // 3):] = False         # tail padding
-        m[-1, : max(1, sk // 4)] = False            # head padding
+        m[0, sk - max(1, sk // 3) :] = False  # tail padding
+        m[-1, : max(1, sk // 4)] = False  # head padding
         kw["key_padding_mask"] = m
     return leaves, kw
 
@@ -68,7 +83,7 @@ def oracle_fp64(leaves, kw, dout, drop=None):
     sk, h_kv = k.shape[1], k.shape[2]
     kt = k.repeat_interleave(h // h_kv, dim=2).transpose(1, 2)
     vt = v.repeat_interleave(h // h_kv, dim=2).transpose(1, 2)
-    s = q.transpose(1, 2) @ kt.transpose(-1, -2) / math.sqrt(d)           # [b, h, sq, sk]
+    s = q.transpose(1, 2) @ kt.transpose(-1, -2) / math.sqrt(d)  # [b, h, sq, sk]
     allowed = torch.ones(b, 1, sq, sk, dtype=torch.bool)
     if kw.get("causal"):
         allowed &= torch.ones(sq, sk, dtype=torch.bool).tril(diagonal=sk - sq)
@@ -81,10 +96,12 @@ def oracle_fp64(leaves, kw, dout, drop=None):
     if softmax == "vanilla":
         p = torch.softmax(s, dim=-1)
     else:
-        a = {"softmax1": lambda: torch.zeros(h, dtype=torch.float64),
-             # resolve_sink stores log(n) in fp32 (as every implementation uses it): same rounded value
-             "softmax_n": lambda: torch.full((h,), math.log(kw["n"]), dtype=torch.float32).double(),
-             "learnable": lambda: xs["offset"]}[softmax]()
+        a = {
+            "softmax1": lambda: torch.zeros(h, dtype=torch.float64),
+            # resolve_sink stores log(n) in fp32 (as every implementation uses it): same rounded value
+            "softmax_n": lambda: torch.full((h,), math.log(kw["n"]), dtype=torch.float32).double(),
+            "learnable": lambda: xs["offset"],
+        }[softmax]()
         col = a.view(1, h, 1, 1).expand(b, h, sq, 1)
         p = torch.softmax(torch.cat([s, col], dim=-1), dim=-1)[..., :sk]
     if kw.get("clip") is not None:
@@ -213,7 +230,9 @@ def test_extreme_logits(variant, magnitude):
     # |k| ~ 10 for dq and |q| ~ 1e3 for dk: scale the atol by the other operand's magnitude.
     for name, g in grads.items():
         scale = {"q": leaves["k"].abs().max().item(), "k": leaves["q"].abs().max().item()}.get(name, 1.0)
-        torch.testing.assert_close(g, ref_grads[name], atol=1e-10 * scale, rtol=1e-8, msg=lambda m, n=name: f"grad {n}: {m}")
+        torch.testing.assert_close(
+            g, ref_grads[name], atol=1e-10 * scale, rtol=1e-8, msg=lambda m, n=name: f"grad {n}: {m}"
+        )
     torch.testing.assert_close(out, ref, **FP64_TOL)
 
 
@@ -231,9 +250,10 @@ def test_fully_masked_rows(variant, dtype, clip):
     kw.update(key_padding_mask=mask, causal=True, clip=clip)
     dout = dout_for(leaves)
     out, grads = run(leaves, kw, "cpu", dout)
-    ref, ref_grads = run(leaves, kw, "torch", dout.float() if dtype != torch.float64 else dout,
-                         upcast=dtype != torch.float64)
-    empty = sq - sk + 1          # batch 1: rows 0 .. sq - sk see only key 0, which is padded
+    ref, ref_grads = run(
+        leaves, kw, "torch", dout.float() if dtype != torch.float64 else dout, upcast=dtype != torch.float64
+    )
+    empty = sq - sk + 1  # batch 1: rows 0 .. sq - sk see only key 0, which is padded
     assert (out[0] == 0).all() and (out[1, :empty] == 0).all()
     assert (grads["q"][0] == 0).all() and (grads["q"][1, :empty] == 0).all()
     assert (grads["k"][0] == 0).all() and (grads["v"][0] == 0).all()
@@ -251,11 +271,14 @@ def dense_mask(b, sq, sk, h=1, seed=2):
     return m
 
 
-DENSE_CASES = [(v, c, i) for v in ("vanilla", "softmax_n2.5", "learnable") for c in (None, (-0.1, 1.1))
-               for i in ("cpu", "torch")]
+DENSE_CASES = [
+    (v, c, i) for v in ("vanilla", "softmax_n2.5", "learnable") for c in (None, (-0.1, 1.1)) for i in ("cpu", "torch")
+]
 
 
-@pytest.mark.parametrize("variant,clip,impl", DENSE_CASES, ids=[f"{v}-{'clip' if c else 'noclip'}-{i}" for v, c, i in DENSE_CASES])
+@pytest.mark.parametrize(
+    "variant,clip,impl", DENSE_CASES, ids=[f"{v}-{'clip' if c else 'noclip'}-{i}" for v, c, i in DENSE_CASES]
+)
 def test_fp64_dense_mask_against_definition(variant, clip, impl):
     """A dense mask combined with causal and key padding (the oracle ANDs the allowed sets), GQA 2:1."""
     leaves, kw = make_inputs(sq=9, sk=11, variant=variant, pad=True)
@@ -311,10 +334,14 @@ def test_auto_chooses_the_cpu_paths(monkeypatch):
     """impl='auto' on CPU: the fused path for unclipped variants, the lean materialised one for clipped
     variants, the reference for dropout."""
     calls = []
-    for module, name in ((attention_module, "sdpa_outeff_attention"), (cpu_attention_module, "clipped_outeff_attention")):
+    for module, name in (
+        (attention_module, "sdpa_outeff_attention"),
+        (cpu_attention_module, "clipped_outeff_attention"),
+    ):
         real = getattr(module, name)
-        monkeypatch.setattr(module, name,
-                            lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
+        monkeypatch.setattr(
+            module, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw)
+        )
     q = torch.randn(1, 8, 2, 16)
     for variant, kw in VARIANTS.items():
         if variant == "learnable":
@@ -339,8 +366,13 @@ def test_forced_cpu_refuses_dropout():
 # clipped variants (lean materialised path)
 # ------------------------------------------------------------------------------------------------
 CLIPS = {"clip03": (-0.03, 1.0), "clip11": (-0.1, 1.1), "gamma0": (0.0, 1.0)}
-CLIP_CASES = [(v, c, m) for v in VARIANTS for c in CLIPS for m in ("causal", "causal_pad_sq>sk", "pad")
-              if not (v == "vanilla" and m == "causal_pad_sq>sk")]
+CLIP_CASES = [
+    (v, c, m)
+    for v in VARIANTS
+    for c in CLIPS
+    for m in ("causal", "causal_pad_sq>sk", "pad")
+    if not (v == "vanilla" and m == "causal_pad_sq>sk")
+]
 
 
 @pytest.mark.parametrize("variant,clip,mask", CLIP_CASES, ids=[f"{v}-{c}-{m}" for v, c, m in CLIP_CASES])
@@ -371,8 +403,9 @@ def saved_tensor_sizes(b, s, h, d, clip):
     xs = {n: t.clone().requires_grad_(True) for n, t in leaves.items()}
     sizes = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
-        outeff_attention(xs["q"], xs["k"], xs["v"], offset=xs["offset"], gate=xs["gate"], causal=True,
-                         clip=clip, impl="auto", **kw)
+        outeff_attention(
+            xs["q"], xs["k"], xs["v"], offset=xs["offset"], gate=xs["gate"], causal=True, clip=clip, impl="auto", **kw
+        )
     assert sizes
     return sizes
 

@@ -30,6 +30,7 @@ property of FlashAttention's recomputation, not what these tests are about: over
 Shapes on CPU are tiny (the interpreter is ~1000x slower than torch); blocks are 32 x 32 there, so
 sk = 96 spans three key blocks and sq, sk not multiples of 32 exercise the ragged-edge masking.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,8 @@ import textwrap
 
 import pytest
 import torch
-
 from attention_cases import OFFSETS, TOL, VARIANTS, assert_all_close
+
 from megatron_outeff.ops import flash_attention as fa
 from megatron_outeff.ops import outeff_attention
 
@@ -56,8 +57,21 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL_TOL = GPU_TOL if DEVICE == "cuda" else TOL
 
 
-def make_inputs(b=2, sq=20, sk=12, h=4, h_kv=2, d=32, dtype=torch.float32, variant="softmax1", gate=False,
-                pad=False, extreme=False, seed=0, device=DEVICE):
+def make_inputs(
+    b=2,
+    sq=20,
+    sk=12,
+    h=4,
+    h_kv=2,
+    d=32,
+    dtype=torch.float32,
+    variant="softmax1",
+    gate=False,
+    pad=False,
+    extreme=False,
+    seed=0,
+    device=DEVICE,
+):
     """extreme: logits up to ~3e4 (see test_extreme_logits), q and k integers times a power of two."""
     gen = torch.Generator().manual_seed(seed)
     if extreme:
@@ -75,8 +89,8 @@ def make_inputs(b=2, sq=20, sk=12, h=4, h_kv=2, d=32, dtype=torch.float32, varia
         leaves["gate"] = torch.rand(b, sq, h, generator=gen).mul(0.98).add(0.01).to(device=device, dtype=dtype)
     if pad:
         m = torch.ones(b, sk, dtype=torch.bool)
-        m[0, sk - max(1, sk // 3):] = False          # tail padding in batch 0
-        m[-1, : sk // 4] = False                     # head padding in the last batch
+        m[0, sk - max(1, sk // 3) :] = False  # tail padding in batch 0
+        m[-1, : sk // 4] = False  # head padding in the last batch
         m[-1, sk // 2] = False
         kw["key_padding_mask"] = m.to(device)
     return leaves, kw
@@ -138,8 +152,11 @@ COMBOS = [
 ]
 
 
-@pytest.mark.parametrize("variant,clip,gate,causal,pad,sq,sk", COMBOS,
-                         ids=[f"{c[0]}-{c[1]}-g{int(c[2])}-c{int(c[3])}-p{int(c[4])}-{c[5]}x{c[6]}" for c in COMBOS])
+@pytest.mark.parametrize(
+    "variant,clip,gate,causal,pad,sq,sk",
+    COMBOS,
+    ids=[f"{c[0]}-{c[1]}-g{int(c[2])}-c{int(c[3])}-p{int(c[4])}-{c[5]}x{c[6]}" for c in COMBOS],
+)
 def test_gate_causal_padding(variant, clip, gate, causal, pad, sq, sk):
     leaves, kw = make_inputs(sq=sq, sk=sk, variant=variant, gate=gate, pad=pad)
     check_against_reference(leaves, dict(kw, clip=CLIPS.get(clip), causal=causal))
@@ -159,35 +176,54 @@ DTYPE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype,variant,clip,gate,causal,pad", DTYPE_CASES,
-                         ids=[f"{str(c[0])[6:]}-{c[1]}-{c[2]}-g{int(c[3])}-c{int(c[4])}-p{int(c[5])}" for c in DTYPE_CASES])
+@pytest.mark.parametrize(
+    "dtype,variant,clip,gate,causal,pad",
+    DTYPE_CASES,
+    ids=[f"{str(c[0])[6:]}-{c[1]}-{c[2]}-g{int(c[3])}-c{int(c[4])}-p{int(c[5])}" for c in DTYPE_CASES],
+)
 def test_low_precision(dtype, variant, clip, gate, causal, pad):
     leaves, kw = make_inputs(sq=40, sk=28, dtype=dtype, variant=variant, gate=gate, pad=pad)
     check_against_reference(leaves, dict(kw, clip=CLIPS.get(clip), causal=causal))
 
 
-@pytest.mark.parametrize("d,h,h_kv,variant,clip,causal", [
-    (16, 2, 2, "softmax1", "clip11", False),
-    (64, 4, 1, "learnable", None, True),
-    (64, 4, 4, "vanilla", "clip03", True),
-    (128, 2, 1, "softmax_n0.5", None, False),
-    # head dims that are not powers of two: padded to BLOCK_D with masked (zero) columns
-    (80, 4, 2, "learnable", "clip11", True),   # OPT-2.7b
-    (96, 2, 1, "softmax1", None, True),
-    (24, 6, 2, "vanilla", None, False),
-    (8, 2, 1, "softmax_n2.5", "clip03", True),
-], ids=["d16-mha-clip", "d64-gqa1-learnable-causal", "d64-mha-vanilla-clip-causal", "d128-gqa1-softmax_n",
-        "d80-gqa2-learnable-clip-causal", "d96-gqa1-softmax1-causal", "d24-gqa3-vanilla", "d8-softmax_n-clip-causal"])
+@pytest.mark.parametrize(
+    "d,h,h_kv,variant,clip,causal",
+    [
+        (16, 2, 2, "softmax1", "clip11", False),
+        (64, 4, 1, "learnable", None, True),
+        (64, 4, 4, "vanilla", "clip03", True),
+        (128, 2, 1, "softmax_n0.5", None, False),
+        # head dims that are not powers of two: padded to BLOCK_D with masked (zero) columns
+        (80, 4, 2, "learnable", "clip11", True),  # OPT-2.7b
+        (96, 2, 1, "softmax1", None, True),
+        (24, 6, 2, "vanilla", None, False),
+        (8, 2, 1, "softmax_n2.5", "clip03", True),
+    ],
+    ids=[
+        "d16-mha-clip",
+        "d64-gqa1-learnable-causal",
+        "d64-mha-vanilla-clip-causal",
+        "d128-gqa1-softmax_n",
+        "d80-gqa2-learnable-clip-causal",
+        "d96-gqa1-softmax1-causal",
+        "d24-gqa3-vanilla",
+        "d8-softmax_n-clip-causal",
+    ],
+)
 def test_head_dims_and_gqa(d, h, h_kv, variant, clip, causal):
     leaves, kw = make_inputs(b=1, sq=24, sk=40, h=h, h_kv=h_kv, d=d, variant=variant, gate=True)
     check_against_reference(leaves, dict(kw, clip=CLIPS.get(clip), causal=causal))
 
 
-@pytest.mark.parametrize("variant,clip,dtype", [
-    ("learnable", None, torch.float32),
-    ("softmax1", "clip11", torch.float32),
-    ("learnable", "clip03", torch.float16),
-], ids=["learnable-fp32", "softmax1-clip-fp32", "learnable-clip-fp16"])
+@pytest.mark.parametrize(
+    "variant,clip,dtype",
+    [
+        ("learnable", None, torch.float32),
+        ("softmax1", "clip11", torch.float32),
+        ("learnable", "clip03", torch.float16),
+    ],
+    ids=["learnable-fp32", "softmax1-clip-fp32", "learnable-clip-fp16"],
+)
 def test_long_rows_multi_block(variant, clip, dtype):
     """sq = sk = 96: three query and three key blocks, causal with padding and gate."""
     leaves, kw = make_inputs(b=1, sq=96, sk=96, h=2, h_kv=1, d=32, dtype=dtype, variant=variant, gate=True, pad=True)
@@ -200,15 +236,36 @@ def test_non_contiguous_inputs():
     b, s, h, d = 2, 24, 2, 32
     qkv = torch.randn(b, s, 3, h, d, generator=gen).to(DEVICE)
     gate = torch.rand(b, h, s, generator=gen).to(DEVICE).transpose(1, 2)
-    leaves = {"q": qkv[:, :, 0], "k": qkv[:, :, 1], "v": qkv[:, :, 2], "gate": gate,
-              "offset": torch.tensor([1.0, -2.0], device=DEVICE)}
+    leaves = {
+        "q": qkv[:, :, 0],
+        "k": qkv[:, :, 1],
+        "v": qkv[:, :, 2],
+        "gate": gate,
+        "offset": torch.tensor([1.0, -2.0], device=DEVICE),
+    }
     for t in ("q", "k", "v", "gate"):
         assert not leaves[t].is_contiguous()
     # run_attention clones (keeping strides of the clone = contiguous); test the views directly too
-    out = outeff_attention(leaves["q"], leaves["k"], leaves["v"], softmax="learnable", offset=leaves["offset"],
-                           gate=gate, causal=True, impl="triton")
-    ref = outeff_attention(leaves["q"], leaves["k"], leaves["v"], softmax="learnable", offset=leaves["offset"],
-                           gate=gate, causal=True, impl="torch")
+    out = outeff_attention(
+        leaves["q"],
+        leaves["k"],
+        leaves["v"],
+        softmax="learnable",
+        offset=leaves["offset"],
+        gate=gate,
+        causal=True,
+        impl="triton",
+    )
+    ref = outeff_attention(
+        leaves["q"],
+        leaves["k"],
+        leaves["v"],
+        softmax="learnable",
+        offset=leaves["offset"],
+        gate=gate,
+        causal=True,
+        impl="torch",
+    )
     torch.testing.assert_close(out, ref, **SMALL_TOL[torch.float32])
     check_against_reference(leaves, dict(softmax="learnable", causal=True, clip=(-0.1, 1.1)))
 
@@ -229,10 +286,14 @@ def test_gate_without_grad(clip):
         torch.testing.assert_close(a, b, **SMALL_TOL[torch.float32])
 
 
-@pytest.mark.parametrize("blocks", [
-    dict(fwd=(32, 16), dq=(16, 32), bwd=(32, 16)),
-    dict(fwd=(16, 32), dq=(32, 16), bwd=(16, 32)),
-], ids=["tall", "wide"])
+@pytest.mark.parametrize(
+    "blocks",
+    [
+        dict(fwd=(32, 16), dq=(16, 32), bwd=(32, 16)),
+        dict(fwd=(16, 32), dq=(32, 16), bwd=(16, 32)),
+    ],
+    ids=["tall", "wide"],
+)
 def test_unequal_block_sizes(monkeypatch, blocks):
     """BLOCK_M != BLOCK_N (as in the CUDA candidates): the causal loop bounds of every kernel."""
     cands = dict(fa._INTERPRETER, **{kind: (fa._cfg(bm, bn, 4, 1),) for kind, (bm, bn) in blocks.items()})
@@ -266,10 +327,13 @@ def test_dq_structures(monkeypatch, mode):
     q = leaves["q"]
     o = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.zeros(q.shape[0], q.shape[2], q.shape[1], device=q.device)
-    launches = fa.backward_launches(q, leaves["k"], leaves["v"], q, None, None, o, lse, 0.1, 1.0, 0.0, False,
-                                    True, False, True, True, det, None)[0]
+    launches = fa.backward_launches(
+        q, leaves["k"], leaves["v"], q, None, None, o, lse, 0.1, 1.0, 0.0, False, True, False, True, True, det, None
+    )[0]
     kinds = [(la.kind, la.meta.get("ATOMIC_DQ")) for la in launches]
-    assert kinds == ([("pre", None), ("bwd", True)] if mode == "atomic" else [("pre", None), ("dq", None), ("bwd", False)])
+    assert kinds == (
+        [("pre", None), ("bwd", True)] if mode == "atomic" else [("pre", None), ("dq", None), ("bwd", False)]
+    )
     torch.use_deterministic_algorithms(det)
     try:
         grads = [check_against_reference(leaves, kw)[1] for _ in range(1 if mode == "atomic" else 2)]
@@ -284,7 +348,6 @@ def test_autotuned_launches(monkeypatch):
     and dtypes). Here triton's own Autotuner times each candidate with a CPU clock instead of the GPU
     benchmarker; with dQ by atomics, every timed trial adds into the dQ buffer, so a wrong
     reset_to_zero shows as a wrong dQ. Both dQ structures, against the reference."""
-    import functools
     import time
 
     import triton
@@ -328,18 +391,24 @@ def test_offsets_past_2_31_elements():
     qkv = buf[:, : (h + 2 * h_kv) * d].view(sq, 1, h + 2 * h_kv, d).permute(1, 0, 2, 3)  # [b=1, sq, heads, d]
     gen = torch.Generator().manual_seed(11)
     qkv.copy_(torch.randn(qkv.shape, generator=gen).to(qkv.dtype))
-    views = {"q": qkv[:, :, :h], "k": qkv[:, :, h:h + h_kv], "v": qkv[:, :, h + h_kv:],
-             "offset": torch.tensor([0.5, -1.0], device=DEVICE)}
+    views = {
+        "q": qkv[:, :, :h],
+        "k": qkv[:, :, h : h + h_kv],
+        "v": qkv[:, :, h + h_kv :],
+        "offset": torch.tensor([0.5, -1.0], device=DEVICE),
+    }
     assert views["q"].stride()[1] == row_stride and fa.tile_addressable(views["q"], "q") is views["q"]
     kw = dict(softmax="learnable", causal=True, clip=(-0.03, 1.0))
     dout = torch.randn(1, sq, h, d, generator=gen).to(DEVICE, torch.float16)
     xs = {n: t.detach().requires_grad_(True) for n, t in views.items()}  # still views of buf
     out = outeff_attention(xs["q"], xs["k"], xs["v"], offset=xs["offset"], impl="triton", **kw)
     out.backward(dout)
-    ref, ref_grads = run_attention({n: t.contiguous() for n, t in views.items()}, kw, "torch", dout.float(),
-                                   upcast=True)
-    assert_all_close(out, {n: t.grad for n, t in xs.items()}, ref, ref_grads, views, SMALL_TOL[torch.float16],
-                     dtype=torch.float32)
+    ref, ref_grads = run_attention(
+        {n: t.contiguous() for n, t in views.items()}, kw, "torch", dout.float(), upcast=True
+    )
+    assert_all_close(
+        out, {n: t.grad for n, t in xs.items()}, ref, ref_grads, views, SMALL_TOL[torch.float16], dtype=torch.float32
+    )
     del buf, qkv, views, xs
 
 
@@ -352,9 +421,11 @@ def test_huge_sequence_stride_is_copied():
     q = buf[:, :64].view(3, 1, 2, 32).permute(1, 0, 2, 3)
     q.copy_(torch.randn(q.shape, generator=torch.Generator().manual_seed(2)))
     assert fa.tile_addressable(q, "q").is_contiguous() and not q.is_contiguous()
-    torch.testing.assert_close(outeff_attention(q, q, q, causal=True, impl="triton"),
-                               outeff_attention(q.contiguous(), q.contiguous(), q.contiguous(), causal=True,
-                                                impl="torch"), **SMALL_TOL[torch.float32])
+    torch.testing.assert_close(
+        outeff_attention(q, q, q, causal=True, impl="triton"),
+        outeff_attention(q.contiguous(), q.contiguous(), q.contiguous(), causal=True, impl="torch"),
+        **SMALL_TOL[torch.float32],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,16 +453,21 @@ def test_fully_masked_rows(variant, clip):
         assert torch.isfinite(grads["offset"]).all()
 
 
-@pytest.mark.parametrize("variant,clip,dtype", [
-    ("vanilla", None, torch.float32),
-    ("softmax1", None, torch.float32),
-    ("learnable", "clip11", torch.float32),
-    ("softmax1", None, torch.float16),
-], ids=["vanilla", "softmax1", "learnable-clip", "softmax1-fp16"])
+@pytest.mark.parametrize(
+    "variant,clip,dtype",
+    [
+        ("vanilla", None, torch.float32),
+        ("softmax1", None, torch.float32),
+        ("learnable", "clip11", torch.float32),
+        ("softmax1", None, torch.float16),
+    ],
+    ids=["vanilla", "softmax1", "learnable-clip", "softmax1-fp16"],
+)
 def test_extreme_logits(variant, clip, dtype):
     """q scaled so logits reach +-1e4: the online max and the sink shift must keep exp() finite."""
-    leaves, kw = make_inputs(b=1, sq=20, sk=40, h=2, h_kv=1, d=32, dtype=dtype, variant=variant,
-                             extreme=True, gate=True)
+    leaves, kw = make_inputs(
+        b=1, sq=20, sk=40, h=2, h_kv=1, d=32, dtype=dtype, variant=variant, extreme=True, gate=True
+    )
     d = leaves["q"].shape[-1]
     logits = torch.einsum("bqhd,bkd->bhqk", leaves["q"].float(), leaves["k"][:, :, 0].float()) / math.sqrt(d)
     assert logits.abs().max() > 1e4
@@ -441,8 +517,9 @@ def test_offset_gradient_in_bf16_parameter():
     off = torch.tensor(OFFSETS, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
     off_ref = off.detach().clone().requires_grad_(True)
     for o, impl in ((off, "triton"), (off_ref, "torch")):
-        outeff_attention(leaves["q"], leaves["k"], leaves["v"], softmax="learnable", offset=o,
-                         clip=(-0.03, 1.0), impl=impl).sum().backward()
+        outeff_attention(
+            leaves["q"], leaves["k"], leaves["v"], softmax="learnable", offset=o, clip=(-0.03, 1.0), impl=impl
+        ).sum().backward()
     assert off.grad.dtype == torch.bfloat16
     torch.testing.assert_close(off.grad.float(), off_ref.grad.float(), **SMALL_TOL[torch.bfloat16])
 
@@ -498,7 +575,7 @@ def _aot_facts(run_compiled_triton, arch):
     res = run_compiled_triton(_AOT_SCRIPT.replace("ARCH", str(arch)), timeout=3000)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-6000:]
     line = next(x for x in res.stdout.splitlines() if x.startswith("FACTS "))
-    return json.loads(line[len("FACTS "):])
+    return json.loads(line[len("FACTS ") :])
 
 
 def _check_aot(facts, arch):
@@ -513,7 +590,10 @@ def _check_aot(facts, arch):
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dt]
             for kind, name in names.items():
                 for c in fa.kernel_configs(kind, d, dtype, True, arch):
-                    cfg = " ".join(f"{k}={v}" for k, v in c.kwargs.items()) + f" warps={c.num_warps} stages={c.num_stages}"
+                    cfg = (
+                        " ".join(f"{k}={v}" for k, v in c.kwargs.items())
+                        + f" warps={c.num_warps} stages={c.num_stages}"
+                    )
                     assert (name, cfg, dt, f"d{d}") in seen, (name, cfg, dt, d)
     assert len(flash_items(arch)) <= len(facts)
     assert any(f["specialisation"].split()[1] == "d128" and "PAD_D" in f["specialisation"] for f in facts)
@@ -524,15 +604,22 @@ def _check_aot(facts, arch):
         if not f["specialisation"].startswith("fp32"):
             assert f["spill_stores"] == f["spill_loads"] == f["stack_bytes"] == 0, (
                 f"{where}: register spills ({f['spill_stores']} stores, {f['spill_loads']} loads, "
-                f"{f['registers']} registers, {f['stack_bytes']} B stack)")
+                f"{f['registers']} registers, {f['stack_bytes']} B stack)"
+            )
     if arch == 90:
         # the d=128 backward (dK/dV kernel, dQ / D' pass) runs on Hopper's warpgroup instructions only
-        bwd128 = [f for f in facts if f["kernel"] in ("_bwd_kernel", "_bwd_dq_kernel")
-                  and " d128 " in f" {f['specialisation']} " and not f["specialisation"].startswith("fp32")]
+        bwd128 = [
+            f
+            for f in facts
+            if f["kernel"] in ("_bwd_kernel", "_bwd_dq_kernel")
+            and " d128 " in f" {f['specialisation']} "
+            and not f["specialisation"].startswith("fp32")
+        ]
         assert bwd128
         for f in bwd128:
-            assert f["wgmma"] > 0 and f["mma"] == 0, f"{f['kernel']} {f['config']} [{f['specialisation']}]: " \
-                                                     f"{f['wgmma']} wgmma, {f['mma']} mma.sync"
+            assert f["wgmma"] > 0 and f["mma"] == 0, (
+                f"{f['kernel']} {f['config']} [{f['specialisation']}]: {f['wgmma']} wgmma, {f['mma']} mma.sync"
+            )
 
 
 @pytest.mark.slow
@@ -562,33 +649,38 @@ GPU_CASES = [
     (128, torch.bfloat16, "vanilla", "clip03", False, True, False),
     (64, torch.float16, "softmax_n2.5", "clip03", True, False, False),
     (128, torch.float16, "softmax1", None, False, True, True),
-    (80, torch.bfloat16, "learnable", "clip11", True, True, True),   # OPT-2.7b's head dim, padded to 128
+    (80, torch.bfloat16, "learnable", "clip11", True, True, True),  # OPT-2.7b's head dim, padded to 128
     (96, torch.float16, "softmax1", None, True, True, False),
 ]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d,dtype,variant,clip,gate,causal,pad", GPU_CASES,
-                         ids=[f"d{c[0]}-{str(c[1])[6:]}-{c[2]}-{c[3]}-g{int(c[4])}-c{int(c[5])}-p{int(c[6])}"
-                              for c in GPU_CASES])
+@pytest.mark.parametrize(
+    "d,dtype,variant,clip,gate,causal,pad",
+    GPU_CASES,
+    ids=[f"d{c[0]}-{str(c[1])[6:]}-{c[2]}-{c[3]}-g{int(c[4])}-c{int(c[5])}-p{int(c[6])}" for c in GPU_CASES],
+)
 def test_gpu_large(d, dtype, variant, clip, gate, causal, pad):
-    leaves, kw = make_inputs(b=2, sq=1024, sk=1024, h=4, h_kv=2, d=d, dtype=dtype, variant=variant,
-                             gate=gate, pad=pad, device="cuda")
+    leaves, kw = make_inputs(
+        b=2, sq=1024, sk=1024, h=4, h_kv=2, d=d, dtype=dtype, variant=variant, gate=gate, pad=pad, device="cuda"
+    )
     check_against_reference(leaves, dict(kw, clip=CLIPS.get(clip), causal=causal), tol=GPU_TOL[dtype])
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_ragged_gqa(dtype):
-    leaves, kw = make_inputs(b=2, sq=1000, sk=1100, h=8, h_kv=1, d=64, dtype=dtype, variant="learnable",
-                             gate=True, pad=True, device="cuda")
+    leaves, kw = make_inputs(
+        b=2, sq=1000, sk=1100, h=8, h_kv=1, d=64, dtype=dtype, variant="learnable", gate=True, pad=True, device="cuda"
+    )
     check_against_reference(leaves, dict(kw, clip=(-0.03, 1.0), causal=True), tol=GPU_TOL[dtype])
 
 
 @pytest.mark.gpu
 def test_gpu_fp32():
-    leaves, kw = make_inputs(b=1, sq=512, sk=512, h=2, h_kv=2, d=64, dtype=torch.float32, variant="softmax1",
-                             gate=True, device="cuda")
+    leaves, kw = make_inputs(
+        b=1, sq=512, sk=512, h=2, h_kv=2, d=64, dtype=torch.float32, variant="softmax1", gate=True, device="cuda"
+    )
     check_against_reference(leaves, dict(kw, causal=True), tol=GPU_TOL[torch.float32])
 
 
@@ -601,18 +693,21 @@ def test_gpu_masked_rows_and_extreme_logits(d, dtype):
       queries of batch 1 with no key), clipped learnable offset: exact zeros in output and gradients;
     - logits of +-1e4 (q scaled by 4000), Softmax_1: finite and equal to the reference."""
     b, sq, sk = 2, 320, 200
-    leaves, kw = make_inputs(b=b, sq=sq, sk=sk, h=4, h_kv=2, d=d, dtype=dtype, variant="learnable", gate=True,
-                             device="cuda")
+    leaves, kw = make_inputs(
+        b=b, sq=sq, sk=sk, h=4, h_kv=2, d=d, dtype=dtype, variant="learnable", gate=True, device="cuda"
+    )
     m = torch.ones(b, sk, dtype=torch.bool, device="cuda")
     m[0] = False
-    out, grads = check_against_reference(leaves, dict(kw, key_padding_mask=m, causal=True, clip=(-0.03, 1.0)),
-                                         tol=GPU_TOL[dtype])
+    out, grads = check_against_reference(
+        leaves, dict(kw, key_padding_mask=m, causal=True, clip=(-0.03, 1.0)), tol=GPU_TOL[dtype]
+    )
     assert (out[0] == 0).all() and (out[1, : sq - sk] == 0).all()
     assert (grads["q"][0] == 0).all() and (grads["q"][1, : sq - sk] == 0).all()
     assert (grads["k"][0] == 0).all() and (grads["v"][0] == 0).all() and (grads["gate"][0] == 0).all()
 
-    leaves, kw = make_inputs(b=1, sq=256, sk=384, h=4, h_kv=1, d=d, dtype=dtype, variant="softmax1", extreme=True,
-                             gate=True, device="cuda")
+    leaves, kw = make_inputs(
+        b=1, sq=256, sk=384, h=4, h_kv=1, d=d, dtype=dtype, variant="softmax1", extreme=True, gate=True, device="cuda"
+    )
     logits = torch.einsum("bqhd,bkd->bhqk", leaves["q"].float(), leaves["k"][:, :, 0].float()) / math.sqrt(d)
     assert logits.abs().max() > 1e4
     check_against_reference(leaves, dict(kw, causal=True), tol=GPU_TOL[dtype], operand_scaled=True)

@@ -1,6 +1,7 @@
 """The gates (megatron_outeff/ops/gate.py): the per-head gate against its definition written out per head in
 float64; the elementwise gate in ``outeff_attention`` (every impl, every softmax variant, clipping) against a
 float64 definition of gated attention."""
+
 import math
 
 import pytest
@@ -16,8 +17,9 @@ D_MODEL = H * D_HEAD
 
 def shapes(kind, heads=H, d_head=D_HEAD, hidden=D_MODEL, **fields):
     """{name: shape} of a ``kind`` gate's parameters, as the variant's tensor description gives them."""
-    tensors = variant_tensors(AttentionVariantConfig(gate=kind, **fields), num_heads=heads, head_dim=d_head,
-                              hidden_size=hidden)
+    tensors = variant_tensors(
+        AttentionVariantConfig(gate=kind, **fields), num_heads=heads, head_dim=d_head, hidden_size=hidden
+    )
     return {t.name: t.shape for t in tensors}
 
 
@@ -30,7 +32,7 @@ def by_hand(x, kind, p):
     """g[..., h] = sigmoid(G_h(x_h)), one head at a time (module docstring of ops/gate.py)."""
     cols = []
     for h in range(H):
-        xh = x[..., h * D_HEAD:(h + 1) * D_HEAD]
+        xh = x[..., h * D_HEAD : (h + 1) * D_HEAD]
         if kind == "linear":
             z = xh @ p["weight"][h] + p["bias"][h]
         elif kind == "mlp":
@@ -58,39 +60,57 @@ def test_a_ranks_heads_are_a_slice():
     p = params("mlp")
     x = torch.randn(2, 3, D_MODEL, dtype=torch.float64)
     half = {n: t[2:] for n, t in p.items()}
-    torch.testing.assert_close(head_gate(x[..., 2 * D_HEAD:], "mlp", half), head_gate(x, "mlp", p)[..., 2:])
+    torch.testing.assert_close(head_gate(x[..., 2 * D_HEAD :], "mlp", half), head_gate(x, "mlp", p)[..., 2:])
 
 
 def test_shapes_and_initial_values():
     assert shapes("linear", 4, 8, 32) == {"weight": (4, 8), "bias": (4,)}
     assert shapes("shared_linear", 4, 8, 48) == {"weight": (4, 48), "bias": (4,)}
-    assert shapes("mlp", 4, 8, 32) == {"fc1_weight": (4, 2, 8), "fc1_bias": (4, 2), "fc2_weight": (4, 2), "fc2_bias": (4,)}
-    init = {t.name: t.init for t in variant_tensors(AttentionVariantConfig(gate="mlp", gate_init_prob=0.25),
-                                                    num_heads=H, head_dim=D_HEAD, hidden_size=D_MODEL)}
+    assert shapes("mlp", 4, 8, 32) == {
+        "fc1_weight": (4, 2, 8),
+        "fc1_bias": (4, 2),
+        "fc2_weight": (4, 2),
+        "fc2_bias": (4,),
+    }
+    init = {
+        t.name: t.init
+        for t in variant_tensors(
+            AttentionVariantConfig(gate="mlp", gate_init_prob=0.25), num_heads=H, head_dim=D_HEAD, hidden_size=D_MODEL
+        )
+    }
     assert init["fc2_bias"] == pytest.approx(math.log(1 / 3)) and init["fc1_bias"] == 0.0
     assert init["fc1_weight"] is None and init["fc2_weight"] is None
     # a gate with zero weights opens exactly to gate_init_prob
-    p = {t.name: torch.zeros(t.shape) if t.init is None else torch.full(t.shape, t.init)
-         for t in variant_tensors(AttentionVariantConfig(gate="mlp", gate_init_prob=0.3), num_heads=H, head_dim=D_HEAD,
-                                  hidden_size=D_MODEL)}
+    p = {
+        t.name: torch.zeros(t.shape) if t.init is None else torch.full(t.shape, t.init)
+        for t in variant_tensors(
+            AttentionVariantConfig(gate="mlp", gate_init_prob=0.3), num_heads=H, head_dim=D_HEAD, hidden_size=D_MODEL
+        )
+    }
     torch.testing.assert_close(head_gate(torch.randn(2, D_MODEL), "mlp", p), torch.full((2, H), 0.3))
 
 
-@pytest.mark.parametrize("args,needle", [
-    (("linear", 4, 8, 48), "use gate='shared_linear'"),
-    (("mlp", 4, 2, 8), "head_dim=2"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (("linear", 4, 8, 48), "use gate='shared_linear'"),
+        (("mlp", 4, 2, 8), "head_dim=2"),
+    ],
+)
 def test_bad_shapes_are_one_line_errors(args, needle):
     with pytest.raises(ValueError, match=needle) as e:
         shapes(*args)
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("kind,params_,needle", [
-    ("conv", {}, "gate='conv'"),
-    ("linear", {"weight": torch.zeros(H, D_HEAD)}, r"parameters \['weight'\]: expected \['bias', 'weight'\]"),
-    ("linear", {"weight": torch.zeros(H, D_HEAD), "bias": torch.zeros(H), "fc9": torch.zeros(1)}, "'fc9'"),
-])
+@pytest.mark.parametrize(
+    "kind,params_,needle",
+    [
+        ("conv", {}, "gate='conv'"),
+        ("linear", {"weight": torch.zeros(H, D_HEAD)}, r"parameters \['weight'\]: expected \['bias', 'weight'\]"),
+        ("linear", {"weight": torch.zeros(H, D_HEAD), "bias": torch.zeros(H), "fc9": torch.zeros(1)}, "'fc9'"),
+    ],
+)
 def test_bad_gate_arguments_are_one_line_errors(kind, params_, needle):
     with pytest.raises(ValueError, match=needle) as e:
         head_gate(torch.zeros(2, D_MODEL), kind, params_)
@@ -107,9 +127,13 @@ def elementwise_oracle(q, k, v, gate, softmax, n, offset, clip, causal):
     s = q.transpose(1, 2) @ kt.transpose(-1, -2) / math.sqrt(d)
     if causal:
         s = s.masked_fill(torch.ones(sq, sk, dtype=torch.bool).tril(sk - sq).logical_not(), float("-inf"))
-    a = {"vanilla": None, "softmax1": torch.zeros(h, dtype=s.dtype), "learnable": offset,
-         # the ops hold a constant sink logit in float32 (variants.resolve_sink): log n rounded to it
-         "softmax_n": torch.full((h,), math.log(n), dtype=torch.float32).to(s.dtype)}[softmax]
+    a = {
+        "vanilla": None,
+        "softmax1": torch.zeros(h, dtype=s.dtype),
+        "learnable": offset,
+        # the ops hold a constant sink logit in float32 (variants.resolve_sink): log n rounded to it
+        "softmax_n": torch.full((h,), math.log(n), dtype=torch.float32).to(s.dtype),
+    }[softmax]
     if a is None:
         p = torch.softmax(s, dim=-1)
     else:
@@ -120,22 +144,38 @@ def elementwise_oracle(q, k, v, gate, softmax, n, offset, clip, causal):
     return (p @ vt).transpose(1, 2) * gate
 
 
-ELEMENTWISE_CASES = [(sm, clip) for sm in ("vanilla", "softmax1", "softmax_n", "learnable") for clip in (None, (-0.05, 1.0))]
+ELEMENTWISE_CASES = [
+    (sm, clip) for sm in ("vanilla", "softmax1", "softmax_n", "learnable") for clip in (None, (-0.05, 1.0))
+]
 
 
 def _elementwise_inputs(dtype, seed=0, b=2, sq=8, sk=8, h=4, h_kv=2, d=32, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    leaves = {"q": torch.randn(b, sq, h, d, generator=g), "k": torch.randn(b, sk, h_kv, d, generator=g),
-              "v": torch.randn(b, sk, h_kv, d, generator=g), "gate": torch.rand(b, sq, h, d, generator=g) * 0.98 + 0.01,
-              "offset": torch.tensor([0.7, -1.3, 8.0, -8.0])}
+    leaves = {
+        "q": torch.randn(b, sq, h, d, generator=g),
+        "k": torch.randn(b, sk, h_kv, d, generator=g),
+        "v": torch.randn(b, sk, h_kv, d, generator=g),
+        "gate": torch.rand(b, sq, h, d, generator=g) * 0.98 + 0.01,
+        "offset": torch.tensor([0.7, -1.3, 8.0, -8.0]),
+    }
     dout = torch.randn(b, sq, h, d, generator=g).to(device)
     return {n: t.to(device=device, dtype=dtype) for n, t in leaves.items()}, dout
 
 
 def _run_elementwise(leaves, dout, impl, softmax, clip):
     xs = {n: t.clone().requires_grad_(True) for n, t in leaves.items()}
-    out = outeff_attention(xs["q"], xs["k"], xs["v"], softmax=softmax, n=2.5, clip=clip, gate=xs["gate"], causal=True,
-                           offset=xs["offset"] if softmax == "learnable" else None, impl=impl)
+    out = outeff_attention(
+        xs["q"],
+        xs["k"],
+        xs["v"],
+        softmax=softmax,
+        n=2.5,
+        clip=clip,
+        gate=xs["gate"],
+        causal=True,
+        offset=xs["offset"] if softmax == "learnable" else None,
+        impl=impl,
+    )
     out.backward(dout.to(out.dtype))
     grads = {n: t.grad for n, t in xs.items() if t.grad is not None}
     return out.detach(), grads
@@ -192,7 +232,10 @@ def test_elementwise_gate_rounds_once_in_low_precision(dtype):
 
 def test_gate_shape_errors_name_both_forms():
     q = torch.zeros(1, 3, 2, 4)
-    with pytest.raises(ValueError, match=r"gate shape \(1, 3, 2, 5\): expected \(1, 3, 2\) = \[batch, sq, heads\] "
-                                         r"\(per head\) or \(1, 3, 2, 4\) \(elementwise\)") as e:
+    with pytest.raises(
+        ValueError,
+        match=r"gate shape \(1, 3, 2, 5\): expected \(1, 3, 2\) = \[batch, sq, heads\] "
+        r"\(per head\) or \(1, 3, 2, 4\) \(elementwise\)",
+    ) as e:
         outeff_attention(q, q, q, gate=torch.zeros(1, 3, 2, 5))
     assert "\n" not in str(e.value)

@@ -4,6 +4,7 @@ Oracles: torch SDPA (vanilla), the zero-key/zero-value construction for integer 
 vanilla attention over n extra keys with logit 0 and value 0), megatron-core's own SoftmaxOne
 (off-by-one / learnable), a float64 concatenated-sink softmax, and float64 gradcheck.
 """
+
 import math
 
 import pytest
@@ -132,8 +133,9 @@ def test_fully_masked_rows_give_zero_output_and_zero_grad(softmax, clipped):
     offset = torch.tensor([0.5, -2.0], requires_grad=True) if softmax == "learnable" else None
     kpm = torch.ones(2, 5, dtype=torch.bool)
     kpm[1] = False  # batch element 1: every key is padding
-    out = outeff_attention(q, k, v, softmax=softmax, offset=offset, key_padding_mask=kpm,
-                           clip=(-0.03, 1.0) if clipped else None)
+    out = outeff_attention(
+        q, k, v, softmax=softmax, offset=offset, key_padding_mask=kpm, clip=(-0.03, 1.0) if clipped else None
+    )
     out.square().sum().backward()
     assert out[1].abs().max() == 0
     for t in (q, k, v):
@@ -154,10 +156,22 @@ def test_attention_probs_match_concatenated_sink_softmax(softmax):
     dense = torch.rand(b, 1, sq, sk, generator=torch.Generator().manual_seed(4)) < 0.3
     dense[..., 3] = False  # the first key every row sees (causal, batch 1's first two padded)
     offset = torch.tensor([0.5, -1.0, 2.0, 8.0])
-    sink = {"vanilla": None, "softmax1": torch.zeros(h), "softmax_n": torch.full((h,), math.log(2.5)),
-            "learnable": offset}[softmax]
-    probs = outeff_attention_probs(q, k, softmax=softmax, n=2.5, offset=offset if softmax == "learnable" else None,
-                                   causal=True, key_padding_mask=kpm, mask=dense)
+    sink = {
+        "vanilla": None,
+        "softmax1": torch.zeros(h),
+        "softmax_n": torch.full((h,), math.log(2.5)),
+        "learnable": offset,
+    }[softmax]
+    probs = outeff_attention_probs(
+        q,
+        k,
+        softmax=softmax,
+        n=2.5,
+        offset=offset if softmax == "learnable" else None,
+        causal=True,
+        key_padding_mask=kpm,
+        mask=dense,
+    )
     allowed = allowed_mask(b, sq, sk, True, kpm) & ~dense
     kt = k.double().repeat_interleave(2, dim=2)
     x = (q.double().transpose(1, 2) @ kt.permute(0, 2, 3, 1)) / math.sqrt(8)
@@ -197,8 +211,9 @@ def test_softmax1_differs_from_vanilla_on_short_rows():
     assert (a - b).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("softmax,clip", [("softmax1", None), ("learnable", None), ("softmax_n", (-0.2, 1.2)),
-                                          ("vanilla", (-0.05, 1.0))])
+@pytest.mark.parametrize(
+    "softmax,clip", [("softmax1", None), ("learnable", None), ("softmax_n", (-0.2, 1.2)), ("vanilla", (-0.05, 1.0))]
+)
 def test_gradcheck_float64(softmax, clip):
     b, sq, sk, h, h_kv, d = 1, 3, 4, 2, 1, 4
     q = torch.randn(b, sq, h, d, dtype=torch.float64, requires_grad=True)
@@ -209,8 +224,18 @@ def test_gradcheck_float64(softmax, clip):
     kpm = torch.tensor([[True, True, False, True]])
 
     def f(q, k, v, gate, offset):
-        return outeff_attention(q, k, v, softmax=softmax, n=2.0, offset=offset if softmax == "learnable" else None,
-                                clip=clip, gate=gate, causal=True, key_padding_mask=kpm)
+        return outeff_attention(
+            q,
+            k,
+            v,
+            softmax=softmax,
+            n=2.0,
+            offset=offset if softmax == "learnable" else None,
+            clip=clip,
+            gate=gate,
+            causal=True,
+            key_padding_mask=kpm,
+        )
 
     assert torch.autograd.gradcheck(f, (q, k, v, gate, offset), eps=1e-6, atol=1e-6, rtol=1e-5)
 

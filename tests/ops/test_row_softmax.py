@@ -24,8 +24,8 @@ Fully masked rows must be exactly zero, with exactly zero gradients, in every dt
 
 Everything runs under the Triton interpreter on CPU (set by tests/conftest.py), so shapes are small.
 """
-import math
 
+import math
 import zlib
 
 import pytest
@@ -167,8 +167,8 @@ def test_long_rows_multiblock(variant, clip, dtype):
     gen = torch.Generator().manual_seed(7)
     scores = (torch.randn(b, h, sq, sk, generator=gen) * 3).to(dtype)
     mask = torch.zeros(b, 1, sq, sk, dtype=torch.bool)
-    mask[0, 0, 0, :700] = True   # the first column blocks of row 0 are entirely masked
-    mask[0, 0, 1, :] = True      # a fully masked row
+    mask[0, 0, 0, :700] = True  # the first column blocks of row 0 are entirely masked
+    mask[0, 0, 1, :] = True  # a fully masked row
     mask[0, 0, 2, 1500:] = True  # padding at the end
     sink = _sink(variant, h)
     for mbc in (256, 100):  # 8 blocks of 256; 100 -> blocks of 128 with a ragged last block
@@ -212,9 +212,9 @@ def test_extreme_logits(variant, dtype):
     """Logits of +-1e4 (finite in fp16): no overflow, no NaN; all-very-negative rows."""
     b, h, sq, sk = 1, 4, 4, 11
     scores = torch.full((b, h, sq, sk), -1e4)
-    scores[:, :, 0, 3] = 1e4                       # one huge logit among very negative ones
-    scores[:, :, 1, ::2] = 1e4                     # several equal huge logits
-    scores[:, :, 2] = -1e4                         # all very negative: Softmax_1 gives ~0
+    scores[:, :, 0, 3] = 1e4  # one huge logit among very negative ones
+    scores[:, :, 1, ::2] = 1e4  # several equal huge logits
+    scores[:, :, 2] = -1e4  # all very negative: Softmax_1 gives ~0
     scores[:, :, 3] = torch.linspace(-1e4, 1e4, sk)
     scores = scores.to(dtype)
     for clip in (None, CLIP):
@@ -245,7 +245,7 @@ def test_closed_form_equal_logits(dtype):
 
 def test_noncontiguous_scores_and_no_sink_grad():
     scores = torch.randn(2, 5, 4, 3).transpose(1, 3)  # [2, 3, 4, 5] non-contiguous
-    sink = torch.tensor([0.0, 1.0, -1.0])             # no requires_grad: gradient w.r.t. scores only
+    sink = torch.tensor([0.0, 1.0, -1.0])  # no requires_grad: gradient w.r.t. scores only
     ours, ref = _run_both(scores, sink=sink.requires_grad_(False), clip=CLIP)
     _assert_matches(ours[:2], ref[:2], torch.float32, "non-contiguous")
 
@@ -294,8 +294,13 @@ def test_matches_megatron_fused_scale_mask_softmax():
     scores, mask = _mcore_inputs(torch.float32, gen)
     h = scores.shape[1]
     fsm = FusedScaleMaskSoftmax(
-        input_in_fp16=False, input_in_bf16=False, attn_mask_type=AttnMaskType.padding,
-        scaled_masked_softmax_fusion=False, mask_func=attention_mask_func, softmax_in_fp32=True, scale=0.6,
+        input_in_fp16=False,
+        input_in_bf16=False,
+        attn_mask_type=AttnMaskType.padding,
+        scaled_masked_softmax_fusion=False,
+        mask_func=attention_mask_func,
+        softmax_in_fp32=True,
+        scale=0.6,
     )
     ym = fsm(scores.clone(), mask, softmax_offset=torch.zeros(h))
     y = fused_outeff_softmax(scores, scale=0.6, sink=torch.zeros(h), mask=mask)
@@ -321,8 +326,9 @@ def test_attention_rowwise_matches_torch(softmax, clip):
     for impl in ("rowwise", "torch"):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         off = offset.clone().requires_grad_() if offset is not None else None
-        out = outeff_attention(*leaves, softmax=softmax, offset=off, clip=clip, causal=True,
-                               key_padding_mask=pad, impl=impl)
+        out = outeff_attention(
+            *leaves, softmax=softmax, offset=off, clip=clip, causal=True, key_padding_mask=pad, impl=impl
+        )
         go = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
         grads.append(torch.autograd.grad(out, leaves + ([off] if off is not None else []), go))
         outs.append(out)
@@ -339,8 +345,14 @@ def test_attention_rowwise_matches_torch(softmax, clip):
     [
         (dict(scores=torch.randn(3, 4, 5)), r"^scores has rank 3 .*expected rank 4"),
         (dict(sink=torch.zeros(3)), r"^sink shape \(3,\): expected \(2,\)"),
-        (dict(mask=torch.zeros(1, 1, 4, 6, dtype=torch.bool)), r"^mask shape \(1, 1, 4, 6\): expected a shape broadcastable"),
-        (dict(mask=torch.zeros(3, 1, 1, 5, dtype=torch.bool)), r"^mask shape \(3, 1, 1, 5\): expected a shape broadcastable"),
+        (
+            dict(mask=torch.zeros(1, 1, 4, 6, dtype=torch.bool)),
+            r"^mask shape \(1, 1, 4, 6\): expected a shape broadcastable",
+        ),
+        (
+            dict(mask=torch.zeros(3, 1, 1, 5, dtype=torch.bool)),
+            r"^mask shape \(3, 1, 1, 5\): expected a shape broadcastable",
+        ),
         (dict(mask=torch.zeros(1, 1, 4, 5)), r"^mask dtype torch.float32: expected torch.bool"),
         (dict(scores=torch.zeros(1, 2, 4, 5, dtype=torch.int32)), r"^scores dtype torch.int32: expected"),
         (dict(scale=float("nan")), r"^scale=nan: expected a finite float"),
@@ -393,9 +405,9 @@ def test_gpu_extreme_logits(sk, dtype):
     b, h, sq = 1, 4, 6
     gen = torch.Generator().manual_seed(sk)
     scores = torch.full((b, h, sq, sk), -1e4)
-    scores[:, :, 0, 3] = 1e4                            # one huge logit among very negative ones
-    scores[:, :, 1, ::2] = 1e4                          # several equal huge logits
-    scores[:, :, 2] = -1e4                              # all very negative
+    scores[:, :, 0, 3] = 1e4  # one huge logit among very negative ones
+    scores[:, :, 1, ::2] = 1e4  # several equal huge logits
+    scores[:, :, 2] = -1e4  # all very negative
     scores[:, :, 3] = torch.linspace(-1e4, 1e4, sk)
     scores[:, :, 4:] = torch.randn(b, h, 2, sk, generator=gen) * 1e4
     scores = scores.to(dev, dtype)
@@ -440,7 +452,7 @@ def _check_aot(run_compiled_triton, arch):
 
     res = run_compiled_triton(_AOT_SCRIPT.replace("ARCH", str(arch)))
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    facts = json.loads(next(x for x in res.stdout.splitlines() if x.startswith("FACTS "))[len("FACTS "):])
+    facts = json.loads(next(x for x in res.stdout.splitlines() if x.startswith("FACTS "))[len("FACTS ") :])
     assert sorted(f["kernel"] for f in facts) == ["_bwd_kernel"] * 4 + ["_fwd_kernel"] * 4
     for f in facts:
         where = f"{f['kernel']} sm_{arch} {f['config']} [{f['specialisation']}]"

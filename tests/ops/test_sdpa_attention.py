@@ -13,20 +13,27 @@
 5. SDPA's choice and its relaxations (causal folded into the bias, GQA expanded), the fallback;
 6. the dispatch decision (ops/dispatch.py), a pure function: no unclipped variant goes to Triton on CUDA.
 The same code on a GPU: test_sdpa_cuda.py (gpu marker)."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-
 from attention_cases import VARIANTS
 from sdpa_emulation import EmulatedKernels, fake_choice
 from test_cpu_attention import FP64_TOL, MASKS, assert_match, dense_mask, dout_for, make_inputs, oracle_fp64
+
 from megatron_outeff.ops import attention as attention_module
 from megatron_outeff.ops import outeff_attention, sdpa_attention
 from megatron_outeff.ops.dispatch import MASK_KINDS, auto_impl, fallback_impl, mask_kind, triton_takes_head_dim
-from megatron_outeff.ops.sdpa_attention import SDPAUnavailable, lse_base, lse_for_kernel, lse_rows, sdpa_outeff_attention
+from megatron_outeff.ops.sdpa_attention import (
+    SDPAUnavailable,
+    lse_base,
+    lse_for_kernel,
+    lse_rows,
+    sdpa_outeff_attention,
+)
 from megatron_outeff.ops.variants import SOFTMAX_VARIANTS, resolve_sink
 
 CUDA_KERNELS = ("flash", "efficient", "cudnn")
@@ -60,9 +67,18 @@ def run_kernel(leaves, kw, kernel, dout, dropout_p=0.0):
     q = xs["q"]
     sink = resolve_sink(kw["softmax"], kw.get("n", 1.0), xs.get("offset"), q.shape[2], q.device)
     out = sdpa_outeff_attention(
-        q, xs["k"], xs["v"], scale=1.0 / math.sqrt(q.shape[-1]), sink=sink, gate=xs.get("gate"),
-        causal=kw.get("causal", False), key_padding_mask=kw.get("key_padding_mask"), mask=kw.get("mask"),
-        dropout_p=dropout_p, kernel=kernel)
+        q,
+        xs["k"],
+        xs["v"],
+        scale=1.0 / math.sqrt(q.shape[-1]),
+        sink=sink,
+        gate=xs.get("gate"),
+        causal=kw.get("causal", False),
+        key_padding_mask=kw.get("key_padding_mask"),
+        mask=kw.get("mask"),
+        dropout_p=dropout_p,
+        kernel=kernel,
+    )
     out.backward(dout.to(out.dtype))
     return out.detach(), {n: t.grad for n, t in xs.items()}
 
@@ -110,8 +126,16 @@ def test_meta_calls_through_the_real_ops(kernel, case, dtype):
     gate = torch.empty(b, sq, h, device="meta", dtype=dtype, requires_grad=True)
     kpm = torch.ones(b, sk, dtype=torch.bool, device="meta") if c.get("pad") else None
     dense = torch.zeros(b, 1, sq, sk, dtype=torch.bool, device="meta") if c.get("dense") else None
-    args = dict(scale=d ** -0.5, sink=offset.float(), gate=gate, causal=c.get("causal", False), key_padding_mask=kpm,
-                mask=dense, dropout_p=c.get("dropout", 0.0), kernel=kernel)
+    args = dict(
+        scale=d**-0.5,
+        sink=offset.float(),
+        gate=gate,
+        causal=c.get("causal", False),
+        key_padding_mask=kpm,
+        mask=dense,
+        dropout_p=c.get("dropout", 0.0),
+        kernel=kernel,
+    )
     if needs_bias and not takes_bias:
         with pytest.raises(SDPAUnavailable, match="takes no bias"):
             sdpa_outeff_attention(q, k, v, **args)
@@ -126,8 +150,9 @@ def test_meta_calls_through_the_real_ops(kernel, case, dtype):
 # ------------------------------------------------------------------------------------------------
 # 3. emulated kernels against the float64 oracle
 # ------------------------------------------------------------------------------------------------
-EMU_CASES = [(k, v, m) for k in CUDA_KERNELS for v in VARIANTS for m in MASKS
-             if not (v == "vanilla" and m == "causal_pad_sq>sk")]
+EMU_CASES = [
+    (k, v, m) for k in CUDA_KERNELS for v in VARIANTS for m in MASKS if not (v == "vanilla" and m == "causal_pad_sq>sk")
+]
 
 
 @pytest.mark.parametrize("kernel,variant,mask", EMU_CASES, ids=[f"{k}-{v}-{m}" for k, v, m in EMU_CASES])
@@ -187,7 +212,7 @@ def test_emulated_dropout_through_the_kernels_rng(emulated, kernel, variant):
     dout = dout_for(leaves)
     out, grads = run_kernel(leaves, kw, kernel, dout, dropout_p=0.3)
     keep = emulated.masks[max(emulated.masks)]
-    assert keep.float().mean() < 0.85                                       # dropout really happened
+    assert keep.float().mean() < 0.85  # dropout really happened
     ref, ref_grads = oracle_fp64(leaves, kw, dout, drop=(keep, 0.3))
     assert_match(out, grads, ref, ref_grads, FP64_TOL, leaves)
 
@@ -256,6 +281,7 @@ def test_lse_probe_refused_by_the_kernel_warns_and_assumes_natural(emulated, mon
         if args[0].shape[2] == 16:
             raise RuntimeError("cuDNN: sequence length 16 not supported (test)")
         return real(*args, **kwargs)
+
     monkeypatch.setattr(emulated, "_scaled_dot_product_cudnn_attention", picky)
     leaves, kw = make_inputs(sq=9, sk=9, variant="learnable")
     dout = dout_for(leaves)
@@ -310,8 +336,10 @@ def test_choice_is_sdpas_and_recorded(monkeypatch):
 def test_choice_relaxations(monkeypatch):
     """A kernel that takes neither GQA nor causal together with a bias (rules of the fake choice): the
     causal mask is folded into the bias, then K/V expanded; the memory-efficient kernel then runs."""
+
     def rules(q, k, v, mask, p, causal, gqa):
         return 0 if (k.shape[1] != q.shape[1] or (causal and mask is not None)) else 2
+
     choice = fake_choice(rules)
     monkeypatch.setattr(torch, "_fused_sdp_choice", choice)
     sdpa_attention.sdpa_backend_record(reset=True)
@@ -319,7 +347,11 @@ def test_choice_relaxations(monkeypatch):
     kpm = torch.ones(2, 32, dtype=torch.bool, device="meta")
     sdpa_outeff_attention(q, k, v, scale=0.125, causal=True, key_padding_mask=kpm).sum().backward()
     assert [(c.heads, c.causal, c.result) for c in choice.calls] == [
-        ((4, 2), True, 0), ((4, 4), True, 0), ((4, 2), False, 0), ((4, 4), False, 2)]
+        ((4, 2), True, 0),
+        ((4, 4), True, 0),
+        ((4, 2), False, 0),
+        ((4, 4), False, 2),
+    ]
     assert sdpa_attention.sdpa_backend_record()["last"] == "efficient+causal_in_bias+expanded_kv"
     assert q.grad.shape == q.shape and k.grad.shape == k.shape
 
@@ -334,8 +366,10 @@ def test_no_fused_kernel_raises_with_what_was_tried(monkeypatch):
 def test_auto_falls_back_with_one_warning(monkeypatch):
     """When the fused kernels say no at run time, impl='auto' warns once, records the fallback and runs
     fallback_impl's choice (on CPU: the reference)."""
+
     def unavailable(*a, **kw):
         raise SDPAUnavailable("no fused kernel (test)")
+
     monkeypatch.setattr(attention_module, "sdpa_outeff_attention", unavailable)
     monkeypatch.setattr(sdpa_attention, "_WARNED", set())
     q = torch.randn(1, 8, 2, 16)
@@ -344,9 +378,10 @@ def test_auto_falls_back_with_one_warning(monkeypatch):
     torch.testing.assert_close(out, outeff_attention(q, q, q, causal=True, impl="torch"))
     assert sdpa_attention.sdpa_backend_record()["last"] == "fallback:torch"
     import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        outeff_attention(q, q, q, causal=True)                              # the second time: no warning
+        outeff_attention(q, q, q, causal=True)  # the second time: no warning
 
 
 @pytest.mark.parametrize("shape", [(0, 4, 4), (1, 0, 4), (1, 4, 0)], ids=["b0", "sq0", "sk0"])
@@ -420,5 +455,10 @@ def test_dispatch_table():
 
 def test_mask_kind():
     kpm, dense = torch.ones(1, 4, dtype=torch.bool), torch.zeros(1, 1, 4, 4, dtype=torch.bool)
-    assert [mask_kind(False, None, None), mask_kind(True, None, None), mask_kind(False, kpm, None),
-            mask_kind(True, kpm, None), mask_kind(True, kpm, dense)] == list(MASK_KINDS)
+    assert [
+        mask_kind(False, None, None),
+        mask_kind(True, None, None),
+        mask_kind(False, kpm, None),
+        mask_kind(True, kpm, None),
+        mask_kind(True, kpm, dense),
+    ] == list(MASK_KINDS)

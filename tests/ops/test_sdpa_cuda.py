@@ -8,15 +8,16 @@ torch does not offer for a case on this GPU is skipped with the reason (impl='au
 a fused kernel for it: test_auto_never_falls_back). Dropout: the vanilla variant draws exactly
 SDPA's mask (same op, same RNG state), and Softmax_1's output and gradients equal those of
 SDPA's dropout output times sigmoid(logsumexp) under the same seed."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-
 from attention_cases import assert_all_close
 from test_cpu_attention import make_inputs
+
 from megatron_outeff.ops import outeff_attention, sdpa_attention
 
 pytestmark = pytest.mark.gpu
@@ -34,8 +35,11 @@ KERNELS = ("flash", "efficient", "cudnn")
 def _backend(kernel):
     from torch.nn.attention import SDPBackend
 
-    return {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-            "cudnn": SDPBackend.CUDNN_ATTENTION}[kernel]
+    return {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+    }[kernel]
 
 
 def cuda_inputs(**kw):
@@ -45,8 +49,9 @@ def cuda_inputs(**kw):
 
 def run(leaves, kw, impl, dout, upcast=False, **extra):
     xs = {n: (t.detach().float() if upcast else t.detach()).clone().requires_grad_(True) for n, t in leaves.items()}
-    out = outeff_attention(xs["q"], xs["k"], xs["v"], offset=xs.get("offset"), gate=xs.get("gate"), impl=impl,
-                           **kw, **extra)
+    out = outeff_attention(
+        xs["q"], xs["k"], xs["v"], offset=xs.get("offset"), gate=xs.get("gate"), impl=impl, **kw, **extra
+    )
     out.backward(dout.to(out.dtype))
     return out.detach(), {n: t.grad for n, t in xs.items()}
 
@@ -71,18 +76,28 @@ def test_lse_is_the_natural_log(kernel, dtype, monkeypatch):
 CASES = [  # (variant, d, dtype, mask, h_kv)
     ("softmax1", 128, torch.bfloat16, "causal", 4),
     ("learnable", 128, torch.bfloat16, "causal", 2),
-    ("learnable", 80, torch.bfloat16, "causal", 4),          # OPT-2.7b's head dim
+    ("learnable", 80, torch.bfloat16, "causal", 4),  # OPT-2.7b's head dim
     ("softmax_n2.5", 64, torch.float16, "causal", 1),
     ("vanilla", 64, torch.bfloat16, "pad", 4),
     ("learnable", 64, torch.float16, "causal_pad", 2),
-    ("softmax1", 72, torch.bfloat16, "causal_sq>sk", 4),     # padded head dim, rows with no key
+    ("softmax1", 72, torch.bfloat16, "causal_sq>sk", 4),  # padded head dim, rows with no key
 ]
 
 
 def _case_inputs(variant, d, dtype, mask, h_kv):
     sq, sk = (320, 200) if mask == "causal_sq>sk" else (256, 256)
-    leaves, kw = cuda_inputs(b=2, sq=sq, sk=sk, h=4, h_kv=h_kv, d=d, dtype=dtype, variant=variant, gate=True,
-                             pad=mask in ("pad", "causal_pad"))
+    leaves, kw = cuda_inputs(
+        b=2,
+        sq=sq,
+        sk=sk,
+        h=4,
+        h_kv=h_kv,
+        d=d,
+        dtype=dtype,
+        variant=variant,
+        gate=True,
+        pad=mask in ("pad", "causal_pad"),
+    )
     kw["causal"] = mask != "pad"
     if "key_padding_mask" in kw:
         kw["key_padding_mask"] = kw["key_padding_mask"].cuda()
@@ -126,10 +141,12 @@ def test_auto_never_falls_back(case):
 def test_dropout_vanilla_is_sdpas_own(kernel):
     """The vanilla variant with dropout calls the very op SDPA calls with the same RNG state: the same
     output and gradients as F.scaled_dot_product_attention under the same seed."""
-    leaves, kw = cuda_inputs(b=2, sq=256, sk=256, h=4, h_kv=4, d=64, dtype=torch.bfloat16, variant="vanilla", gate=False)
+    leaves, kw = cuda_inputs(
+        b=2, sq=256, sk=256, h=4, h_kv=4, d=64, dtype=torch.bfloat16, variant="vanilla", gate=False
+    )
     q, k, v = (leaves[n].detach().clone().requires_grad_(True) for n in "qkv")
     dout = torch.randn_like(q)
-    sdpa_attention.lse_base(kernel, q.device, q.dtype)         # the first-call probe, before the seed
+    sdpa_attention.lse_base(kernel, q.device, q.dtype)  # the first-call probe, before the seed
     with torch.nn.attention.sdpa_kernel([_backend(kernel)]):
         torch.manual_seed(7)
         ours = outeff_attention(q, k, v, softmax="vanilla", causal=True, dropout_p=0.2, impl="sdpa")
@@ -139,10 +156,11 @@ def test_dropout_vanilla_is_sdpas_own(kernel):
             t.grad = None
         torch.manual_seed(7)
         ref = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=0.2, is_causal=True).transpose(1, 2)
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=0.2, is_causal=True
+        ).transpose(1, 2)
         ref.backward(dout)
-    torch.testing.assert_close(ours, ref, atol=0, rtol=0)                  # the same mask, the same kernel
-    for a, b in zip(g_ours, (q.grad, k.grad, v.grad)):                    # (atomics: not bitwise)
+    torch.testing.assert_close(ours, ref, atol=0, rtol=0)  # the same mask, the same kernel
+    for a, b in zip(g_ours, (q.grad, k.grad, v.grad)):  # (atomics: not bitwise)
         torch.testing.assert_close(a, b, **GPU_TOL[torch.bfloat16])
 
 
@@ -150,7 +168,9 @@ def test_dropout_vanilla_is_sdpas_own(kernel):
 def test_dropout_softmax1_is_the_rescaled_sdpa(kernel):
     """Softmax_1 with dropout = SDPA's dropout output * sigmoid(logsumexp of the scaled scores), under the
     same seed: output and gradients (the right side differentiated by autograd, LSE in fp32)."""
-    leaves, kw = cuda_inputs(b=1, sq=256, sk=256, h=4, h_kv=4, d=64, dtype=torch.bfloat16, variant="softmax1", gate=False)
+    leaves, kw = cuda_inputs(
+        b=1, sq=256, sk=256, h=4, h_kv=4, d=64, dtype=torch.bfloat16, variant="softmax1", gate=False
+    )
     dout = torch.randn(leaves["q"].shape, device="cuda", dtype=torch.bfloat16)
 
     def rescaled_sdpa(q, k, v):
@@ -163,8 +183,10 @@ def test_dropout_softmax1_is_the_rescaled_sdpa(kernel):
     results = []
     sdpa_attention.lse_base(kernel, dout.device, dout.dtype)
     with torch.nn.attention.sdpa_kernel([_backend(kernel)]):
-        for f in (lambda q, k, v: outeff_attention(q, k, v, softmax="softmax1", causal=True, dropout_p=0.2, impl="sdpa"),
-                  rescaled_sdpa):
+        for f in (
+            lambda q, k, v: outeff_attention(q, k, v, softmax="softmax1", causal=True, dropout_p=0.2, impl="sdpa"),
+            rescaled_sdpa,
+        ):
             xs = [leaves[n].detach().clone().requires_grad_(True) for n in "qkv"]
             torch.manual_seed(11)
             out = f(*xs)

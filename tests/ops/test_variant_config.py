@@ -1,4 +1,5 @@
 """AttentionVariantConfig (megatron_outeff/ops/variants.py): parsing, validation, legacy names, clip pairs."""
+
 import json
 
 import pytest
@@ -66,8 +67,16 @@ def test_legacy_names_still_read():
     assert V.from_dict({"softmax": "softmax_n", "n": 3.0}) == V(softmax="softmax_n", softmax_n=3.0)
     with pytest.raises(ValueError, match="'n' and 'softmax_n'"):
         V.from_dict({"n": 3.0, "softmax_n": 3.0})
-    old_hf = {"model_type": "outeff_opt", "hidden_size": 64, "softmax": "softmax1", "softmax_n": 1.0,
-              "clip_gamma": None, "clip_zeta": None, "gate": "linear", "gate_init_prob": 0.25}
+    old_hf = {
+        "model_type": "outeff_opt",
+        "hidden_size": 64,
+        "softmax": "softmax1",
+        "softmax_n": 1.0,
+        "clip_gamma": None,
+        "clip_zeta": None,
+        "gate": "linear",
+        "gate_init_prob": 0.25,
+    }
     assert V.from_fields(old_hf) == V(softmax="softmax1", gate="linear")
     assert "hidden_size" in old_hf and "softmax" in old_hf  # from_fields reads without pop
     V.from_fields(old_hf, pop=True)

@@ -1,11 +1,12 @@
 """compressed-tensors W8A8 export: reload with transformers and compare with our own simulation."""
+
 import json
 import os
 
 import pytest
 import torch
-from tolerance import assert_close_bound, network_depth, rounding_bound
 from safetensors.torch import load_file
+from tolerance import assert_close_bound, network_depth, rounding_bound
 
 from megatron_outeff.quant import quantize_weight_per_channel
 from megatron_outeff.quant.compressed_tensors_export import (
@@ -34,7 +35,12 @@ def test_round_trip_matches_our_simulation(tiny_opt, tmp_path, symmetric):
     assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "int-quantized"
     group = cfg["config_groups"]["group_0"]
     assert group["weights"]["strategy"] == "channel" and group["weights"]["symmetric"] is True
-    assert group["input_activations"] == {**group["input_activations"], "strategy": "tensor", "dynamic": False, "symmetric": symmetric}
+    assert group["input_activations"] == {
+        **group["input_activations"],
+        "strategy": "tensor",
+        "dynamic": False,
+        "symmetric": symmetric,
+    }
     assert cfg["ignore"] == ["lm_head"]
 
     tensors = load_file(str(out / "model.safetensors"))
@@ -55,8 +61,14 @@ def test_round_trip_matches_our_simulation(tiny_opt, tmp_path, symmetric):
     # the same ops in the same order (measured: bit-identical); allowed float32 rounding of a 2-layer
     # model in case a kernel sums in another order (tests/tolerance.py), far below the quantization effect
     cfg = model.config
-    depth = network_depth(dict(hidden_size=cfg.hidden_size, ffn_dim=cfg.ffn_dim, num_hidden_layers=cfg.num_hidden_layers,
-                               max_position_embeddings=ids.shape[-1]))
+    depth = network_depth(
+        dict(
+            hidden_size=cfg.hidden_size,
+            ffn_dim=cfg.ffn_dim,
+            num_hidden_layers=cfg.num_hidden_layers,
+            max_position_embeddings=ids.shape[-1],
+        )
+    )
     assert_close_bound(got, want, rounding_bound(torch.float32, want.abs().max(), depth))
     assert (got - flt).abs().max() > 1e-3  # and it is really quantized
 

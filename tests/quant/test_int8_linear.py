@@ -1,14 +1,16 @@
 """Real int8 (oneDNN) Linear against the emulated integer arithmetic."""
+
 import pytest
 import torch
+from tolerance import rounding_bound
 
 from megatron_outeff.quant import quantize_weight_per_channel
 from megatron_outeff.quant.compressed_tensors_export import (
-    calibrate_w8a8_linears, simulate_w8a8_linear, simulate_w8a8_model,
+    calibrate_w8a8_linears,
+    simulate_w8a8_linear,
 )
 from megatron_outeff.quant.int8_linear import Int8Linear, cpu_has_vnni, int8_model
 from megatron_outeff.quant.quantizers import fake_quantize, quantize_int
-from tolerance import rounding_bound
 
 
 def _emulate_bound(m, ref):
@@ -137,8 +139,10 @@ def test_int8_model_matches_simulated_w8a8(tiny_opt):
     assert sum(isinstance(m, Int8Linear) for m in qmodel.modules()) == len(params)
     assert not any(isinstance(m, Int8Linear) for m in tiny_opt.modules())  # the float model is untouched
     seen = {}
-    hooks = [qmodel.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, (a[0], o)))
-             for n in params]
+    hooks = [
+        qmodel.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, (a[0], o)))
+        for n in params
+    ]
     ids = torch.randint(0, 512, (2, 16), generator=g)
     with torch.no_grad():
         y = qmodel(ids).logits.double()
@@ -150,6 +154,8 @@ def test_int8_model_matches_simulated_w8a8(tiny_opt):
     if not rr:  # 8-bit activations: the export's codes; 7-bit ones only approximate it
         for name, (x, out) in seen.items():
             ref = simulate_w8a8_linear(x, params[name])
-            torch.testing.assert_close(out, ref, rtol=0, atol=_simulated_bound(x, params[name]), msg=lambda m, n=name: f"{n}: {m}")
+            torch.testing.assert_close(
+                out, ref, rtol=0, atol=_simulated_bound(x, params[name]), msg=lambda m, n=name: f"{n}: {m}"
+            )
     with pytest.raises(ValueError, match="not an nn.Linear"):
         int8_model(tiny_opt, {"model.decoder.layers.0.self_attn": params["model.decoder.layers.0.fc1"]})

@@ -6,17 +6,20 @@ fallback scale. At inference every path treats non-finite inputs alike: the floa
 simulated W8A8 Linear (our compressed-tensors emulation), the paper's simulated protocol and the real
 int8 Linear all give a non-finite output row for an input row holding NaN or +-inf, and finite rows
 elsewhere (the oracle: the float path)."""
+
 import pytest
 import torch
+from tolerance import rounding_bound
 
 from megatron_outeff.errors import OutEffError
 from megatron_outeff.quant import apply_simulated_w8a8, quantize_weight_per_channel
 from megatron_outeff.quant.compressed_tensors_export import (
-    LinearW8A8, calibrate_w8a8_linears, export_compressed_tensors_w8a8, simulate_w8a8_linear,
+    LinearW8A8,
+    export_compressed_tensors_w8a8,
+    simulate_w8a8_linear,
 )
 from megatron_outeff.quant.int8_linear import Int8Linear
 from megatron_outeff.quant.quantizers import ActivationQuantizer, asymmetric_qparams, symmetric_qparams
-from tolerance import rounding_bound
 
 NONFINITE = [float("nan"), float("inf"), -float("inf")]
 
@@ -43,13 +46,19 @@ def test_calibration_refuses_nonfinite_naming_module_and_batch(tiny_opt, tmp_pat
     inputs[1][1, 5, 3] = value
     calib = lambda m: [m(inputs_embeds=e) for e in inputs]  # noqa: E731
     # the deployable export: refused, nothing written
-    with pytest.raises(OutEffError, match=r"^Linear 'model\.decoder\.layers\.0\.self_attn\.q_proj' input, "
-                                          r"calibration batch 2: \d+ non-finite value"):
+    with pytest.raises(
+        OutEffError,
+        match=r"^Linear 'model\.decoder\.layers\.0\.self_attn\.q_proj' input, "
+        r"calibration batch 2: \d+ non-finite value",
+    ):
         export_compressed_tensors_w8a8(tiny_opt, calib, tmp_path / "w8a8")
     assert list(tmp_path.iterdir()) == []
     # the paper's simulated protocol (every module output quantized): the first module that sees it
-    with pytest.raises(OutEffError, match=r"^module 'model\.decoder\.layers\.0\.self_attn_layer_norm' output, "
-                                          r"calibration batch 2: "):
+    with pytest.raises(
+        OutEffError,
+        match=r"^module 'model\.decoder\.layers\.0\.self_attn_layer_norm' output, "
+        r"calibration batch 2: ",
+    ):
         apply_simulated_w8a8(tiny_opt, calib)
 
 
@@ -72,8 +81,13 @@ def _linear_params(seed=0, out_f=24, in_f=40):
     w = torch.randn(out_f, in_f, generator=g) * 0.1
     bias = torch.randn(out_f, generator=g)
     q, s = quantize_weight_per_channel(w)
-    p = LinearW8A8(weight=q, weight_scale=s, input_scale=torch.tensor([0.02]),
-                   input_zero_point=torch.tensor([-3], dtype=torch.int8), bias=bias)
+    p = LinearW8A8(
+        weight=q,
+        weight_scale=s,
+        input_scale=torch.tensor([0.02]),
+        input_zero_point=torch.tensor([-3], dtype=torch.int8),
+        bias=bias,
+    )
     return w, bias, p
 
 
@@ -109,7 +123,9 @@ def test_every_linear_path_propagates_nonfinite_rows(value, rows, threads):
     # (the 4 roundings of the int8 output path: test_int8_linear._emulate_bound)
     i8, emu = outputs["int8 reduce_range"][ok].double(), outputs["int8 emulate"][ok]
     b = p.bias.double()
-    torch.testing.assert_close(i8, emu, rtol=0, atol=rounding_bound(torch.float32, float(((emu - b).abs() + b.abs()).max()), 4))
+    torch.testing.assert_close(
+        i8, emu, rtol=0, atol=rounding_bound(torch.float32, float(((emu - b).abs() + b.abs()).max()), 4)
+    )
 
 
 def test_simulated_protocol_propagates_nonfinite_after_calibration(tiny_opt):

@@ -1,4 +1,5 @@
 """Quantizers against scales, zero points and codes computed by hand."""
+
 import pytest
 import torch
 

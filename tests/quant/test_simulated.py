@@ -1,4 +1,5 @@
 """Simulated W8A8 on a tiny HF OPT: small but non-zero logit change; float model untouched."""
+
 import torch
 from torch import nn
 

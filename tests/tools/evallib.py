@@ -2,6 +2,7 @@
 OPT with a planted outlier channel, and a softmax1 OutEffOPT), a word-level tokenizer and a text corpus.
 
 (A uniquely named module, not conftest.py: several test folders have a conftest.)"""
+
 import json
 import os
 import random
@@ -10,7 +11,6 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hf"))
 from hf_testlib import TINY, random_weights  # noqa: E402
@@ -18,9 +18,11 @@ from hf_testlib import TINY, random_weights  # noqa: E402
 PLANT_CHANNEL = 17
 PLANT_SCALE = 50.0
 PLANT_KEY = "model.decoder.final_layer_norm.weight"
-WORDS = ("the of and to in a is that for it as was with be by on not he I this are or his from at which but "
-         "have an they you were her she there been one all we their has would when who will more if no out so "
-         "said what up its about into than them can only other new some could time these two may then do first").split()
+WORDS = (
+    "the of and to in a is that for it as was with be by on not he I this are or his from at which but "
+    "have an they you were her she there been one all we their has would when who will more if no out so "
+    "said what up its about into than them can only other new some could time these two may then do first"
+).split()
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
 
 
@@ -57,6 +59,9 @@ def build_models(root):
         if name == "vanilla":
             opt[PLANT_KEY] = opt[PLANT_KEY].clone()
             opt[PLANT_KEY][PLANT_CHANNEL] *= PLANT_SCALE
-        out[name] = str(export_hf_dir(os.path.join(root, name), opt, TINY, variant, extra_state=extra or None,
-                                      tokenizer_dir=tok_dir))
+        out[name] = str(
+            export_hf_dir(
+                os.path.join(root, name), opt, TINY, variant, extra_state=extra or None, tokenizer_dir=tok_dir
+            )
+        )
     return out, tok_dir

@@ -3,6 +3,7 @@ swept over activation widths, b* by hand, bit widths outside 2-16 refused in one
 in float and out of calibration (PrefixQuant-style) against an oracle quantizer on the other entries,
 and the pipeline control's premise: at 2-4 activation bits every model loses, and with a planted
 first-token massive activation the position-0 exclusion recovers most of the loss."""
+
 import os
 import sys
 
@@ -13,9 +14,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from hf_testlib import TINY, random_weights  # noqa: E402
 
 from megatron_outeff.errors import OutEffError  # noqa: E402
-from megatron_outeff.evaluation.quant_eval import (activation_bit_sweep, check_bits, first_token_mask,  # noqa: E402
-                                                   load_hf_model, quantized_activation_ranges, sensitivity_bits,
-                                                   simulated_w8a8_perplexity)
+from megatron_outeff.evaluation.quant_eval import (
+    activation_bit_sweep,
+    check_bits,
+    first_token_mask,  # noqa: E402
+    load_hf_model,
+    quantized_activation_ranges,
+    sensitivity_bits,
+    simulated_w8a8_perplexity,
+)
 from megatron_outeff.hf import export_hf_dir, resolve_variant  # noqa: E402
 from megatron_outeff.quant import apply_simulated_w8a8  # noqa: E402
 from megatron_outeff.quant.quantizers import ActivationQuantizer  # noqa: E402
@@ -88,8 +95,10 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     os.environ.setdefault("HF_HOME", str(root / "hf_home"))
     sd, extra = random_weights(resolve_variant("vanilla"), seed=3)
-    out = {name: load_hf_model(export_hf_dir(root / name, sd, TINY, "vanilla", extra_state=extra))
-           for name in ("plain", "massive")}
+    out = {
+        name: load_hf_model(export_hf_dir(root / name, sd, TINY, "vanilla", extra_state=extra))
+        for name in ("plain", "massive")
+    }
     with torch.no_grad():  # a planted first-token massive activation: position 0's embedding x 200
         out["massive"].model.decoder.embed_positions.weight[2] *= 200.0  # OPT's learned positions: offset 2
     g = torch.Generator().manual_seed(4)
@@ -102,25 +111,35 @@ def test_sweep_dose_response_and_first_token_exclusion(tiny):
     """Random weights: quantization noise moves the perplexity either way, so the checks are on its
     size: 8 bits is nearly harmless, 2 bits never; with the planted first-token activation, position 0
     sets the ranges and keeping it float removes most of the damage at 4 bits."""
-    sweeps = {n: activation_bit_sweep(tiny[n], tiny["blocks"], tiny["calib"], act_bits=(8, 4, 2), batch_size=4)
-              for n in ("plain", "massive")}
+    sweeps = {
+        n: activation_bit_sweep(tiny[n], tiny["blocks"], tiny["calib"], act_bits=(8, 4, 2), batch_size=4)
+        for n in ("plain", "massive")
+    }
     for n, sw in sweeps.items():
         inc = {b: p["increase"] for b, p in sw["all"].items()}
         assert inc == {b: p["ppl"] / sw["fp32_ppl"] - 1 for b, p in sw["all"].items()}
         assert abs(inc[2]) > 0.05 and abs(inc[2]) > 5 * abs(inc[8]), (n, inc)
         assert sw["b_star"]["all"] == sensitivity_bits(inc)
-        assert sw["b_star"]["first_token_float"] == sensitivity_bits({b: p["increase"] for b, p in sw["first_token_float"].items()})
+        assert sw["b_star"]["first_token_float"] == sensitivity_bits(
+            {b: p["increase"] for b, p in sw["first_token_float"].items()}
+        )
     # the A8 point is the plain simulated W8A8 number
-    assert sweeps["plain"]["all"][8]["ppl"] == simulated_w8a8_perplexity(tiny["plain"], tiny["blocks"], tiny["calib"],
-                                                                           batch_size=4)["ppl"]
+    assert (
+        sweeps["plain"]["all"][8]["ppl"]
+        == simulated_w8a8_perplexity(tiny["plain"], tiny["blocks"], tiny["calib"], batch_size=4)["ppl"]
+    )
     m = sweeps["massive"]
     assert abs(m["first_token_float"][4]["increase"]) < 0.5 * abs(m["all"][4]["increase"]), m
     ranges = quantized_activation_ranges(tiny["massive"], tiny["blocks"], batch_size=4)
     rest = quantized_activation_ranges(tiny["massive"], tiny["blocks"], batch_size=4, exclude_first_token=True)
     # one token dominating a tensor of n rows drives max|x| / RMS towards sqrt(n) (here 8 x 16 rows: 11.3)
     assert ranges["max"] > 1.5 * rest["max"] and ranges["max_tensor"] in ranges["tensors"]
-    assert len(ranges["tensors"]) == simulated_w8a8_perplexity(tiny["massive"], tiny["blocks"], tiny["calib"],
-                                                               batch_size=4)["quantized_activations"]
+    assert (
+        len(ranges["tensors"])
+        == simulated_w8a8_perplexity(tiny["massive"], tiny["blocks"], tiny["calib"], batch_size=4)[
+            "quantized_activations"
+        ]
+    )
 
 
 def test_report_metrics_a_quantizer_sees(tiny):
@@ -138,8 +157,13 @@ def test_report_metrics_a_quantizer_sees(tiny):
     assert row["range_inflation"] == pytest.approx(range_inflation(hs[1], token_dim=1), rel=1e-5)
     assert row["first_token_norm_ratio"] == pytest.approx(first_token_norm_ratio(hs[1], token_dim=1), rel=1e-5)
     a, b = stats["massive"]["aggregates"], stats["plain"]["aggregates"]
-    assert a["max_massive_activation"] > 5 * b["max_massive_activation"] and a["max_range_inflation"] > 5 * b["max_range_inflation"]
-    assert a["first_token_excess_norm"] == pytest.approx(max(r["first_token_norm_ratio"] for r in stats["massive"]["layers"]) - 1)
+    assert (
+        a["max_massive_activation"] > 5 * b["max_massive_activation"]
+        and a["max_range_inflation"] > 5 * b["max_range_inflation"]
+    )
+    assert a["first_token_excess_norm"] == pytest.approx(
+        max(r["first_token_norm_ratio"] for r in stats["massive"]["layers"]) - 1
+    )
     assert a["max_absmax_over_rms_component"] in stats["massive"]["components"]
 
 
@@ -150,8 +174,10 @@ def test_report_first_token_sources(tiny):
     m = tiny["massive"]
     dec = m.model.decoder
     seen = {}
-    hooks = [dec.embed_positions.register_forward_hook(lambda mod, a, out: seen.__setitem__("pos", out.detach().double())),
-             dec.layers[0].fc2.register_forward_hook(lambda mod, a, out: seen.__setitem__("fc2", out.detach().double()))]
+    hooks = [
+        dec.embed_positions.register_forward_hook(lambda mod, a, out: seen.__setitem__("pos", out.detach().double())),
+        dec.layers[0].fc2.register_forward_hook(lambda mod, a, out: seen.__setitem__("fc2", out.detach().double())),
+    ]
     with torch.no_grad():
         m(input_ids=tiny["blocks"])
     for h in hooks:
@@ -160,5 +186,7 @@ def test_report_first_token_sources(tiny):
     s = tiny["blocks"].shape[1]
     want_pos = seen["pos"].reshape(-1, s, seen["pos"].shape[-1])[:, 0].norm(dim=-1).mean().item()
     want_fc2 = seen["fc2"].reshape(-1, s, seen["fc2"].shape[-1])[:, 0].norm(dim=-1).mean().item()
-    assert src["embed_positions"] == pytest.approx(want_pos, rel=1e-6) and src["layer0.fc2"] == pytest.approx(want_fc2, rel=1e-6)
+    assert src["embed_positions"] == pytest.approx(want_pos, rel=1e-6) and src["layer0.fc2"] == pytest.approx(
+        want_fc2, rel=1e-6
+    )
     assert src["embed_positions"] > 20 * src["embed_tokens"]  # the planted position-0 embedding

@@ -2,6 +2,7 @@
 
 Two models exported with export_hf_dir: a plain OPT whose final LayerNorm weight has channel 17 scaled
 by 50 (a planted outlier: we KNOW which model and channel must show it) and a softmax1 OutEffOPT."""
+
 import json
 import math
 import os
@@ -32,9 +33,25 @@ def env(tmp_path_factory):
     valid = evallib.write_corpus(root / "valid.jsonl", 30, seed=1)
     train = evallib.write_corpus(root / "train.jsonl", 30, seed=2)
     report_dir = root / "report"
-    rc = report_main(["--model", f"vanilla={models['vanilla']}", "--model", f"sm1={models['sm1']}",
-                      "--data", valid, "--calib-data", train, "--output-dir", str(report_dir),
-                      "--max-blocks", str(MAX_BLOCKS), "--batch-size", str(BATCH), *DATA_ARGS])
+    rc = report_main(
+        [
+            "--model",
+            f"vanilla={models['vanilla']}",
+            "--model",
+            f"sm1={models['sm1']}",
+            "--data",
+            valid,
+            "--calib-data",
+            train,
+            "--output-dir",
+            str(report_dir),
+            "--max-blocks",
+            str(MAX_BLOCKS),
+            "--batch-size",
+            str(BATCH),
+            *DATA_ARGS,
+        ]
+    )
     assert rc == 0
     report = json.loads((report_dir / "report.json").read_text())
     return dict(root=root, models=models, tok=tok_dir, valid=valid, train=train, report_dir=report_dir, report=report)
@@ -51,8 +68,8 @@ def _by_hand(x):
     rows = x.detach().double().reshape(x.shape[0], -1)
     inf = rows.abs().max(dim=1).values
     c = rows - rows.mean(dim=1, keepdim=True)
-    var = (c ** 2).sum(dim=1) / (rows.shape[1] - 1)
-    kurt = (c ** 4).mean(dim=1) / (var ** 2 + 1e-6)
+    var = (c**2).sum(dim=1) / (rows.shape[1] - 1)
+    kurt = (c**4).mean(dim=1) / (var**2 + 1e-6)
     share = (c.abs() > 6.0 * var.sqrt()[:, None]).double().mean(dim=1)
     return inf, kurt, share
 
@@ -64,10 +81,10 @@ def test_report_numbers_equal_direct_computation(env, label):
     model = _load(env["models"][label], attn_implementation="eager")
     n_layers = model.config.num_hidden_layers
     per = {f"layer{i}.layer": [] for i in range(n_layers)} | {"final_ln": []}
-    first, sink = [[] for _ in range(n_layers)], [[] for _ in range(n_layers)]
+    first = [[] for _ in range(n_layers)]
     with torch.no_grad():
         for i in range(0, blocks.shape[0], BATCH):
-            out = model(input_ids=blocks[i:i + BATCH], output_hidden_states=True, output_attentions=True)
+            out = model(input_ids=blocks[i : i + BATCH], output_hidden_states=True, output_attentions=True)
             hs = out.hidden_states  # [embeddings, layer0 out, ..., final LN out]
             for li in range(n_layers - 1):
                 per[f"layer{li}.layer"].append(hs[li + 1])
@@ -95,7 +112,9 @@ def test_report_numbers_equal_direct_computation(env, label):
     assert agg["avg_kurtosis"] == pytest.approx(sum(c["kurtosis"] for c in comps.values()) / len(comps))
     if label == "vanilla":
         for li in range(n_layers):
-            assert rep["layers"][li]["first_token_mass"] == pytest.approx(torch.cat(first[li]).double().mean().item(), rel=1e-5)
+            assert rep["layers"][li]["first_token_mass"] == pytest.approx(
+                torch.cat(first[li]).double().mean().item(), rel=1e-5
+            )
             assert rep["layers"][li]["sink_mass"] == 0.0
     else:  # softmax1: rows sum to 1 - sink mass < 1, the sink takes a visible share
         assert rep["attention_source"].startswith("softmax_quant")
@@ -135,8 +154,10 @@ def test_report_files_and_contents(env):
     for label in ("sm1", "vanilla"):
         sim = rep["models"][label]["perplexity"]["w8a8_simulated"]
         assert sim["quant_points"] == 2 * 5, label  # QK, softmax, PV, 2 residuals per layer
-    assert (rep["models"]["vanilla"]["perplexity"]["w8a8_simulated"]["quantized_activations"]
-            == rep["models"]["sm1"]["perplexity"]["w8a8_simulated"]["quantized_activations"])
+    assert (
+        rep["models"]["vanilla"]["perplexity"]["w8a8_simulated"]["quantized_activations"]
+        == rep["models"]["sm1"]["perplexity"]["w8a8_simulated"]["quantized_activations"]
+    )
 
 
 def test_export_writes_reloadable_fp16_and_w8a8(env, capsys):
@@ -180,7 +201,9 @@ def test_export_refuses_fp16_overflow(env, capsys, tmp_path):
     rc = export_main([str(src), "--output-dir", str(tmp_path / "o"), "--calib-data", env["train"], *DATA_ARGS])
     err = capsys.readouterr().err.strip()
     # layer 0 adds 4e4 to the residual stream (fits), layer 1 another 4e4: its residual add overflows first
-    assert rc == 2 and err.startswith("error: fp16 refused: model.decoder.layers.1: aten.add") and "overflows fp16" in err
+    assert (
+        rc == 2 and err.startswith("error: fp16 refused: model.decoder.layers.1: aten.add") and "overflows fp16" in err
+    )
     assert not (tmp_path / "o" / "fp16").exists() and not (tmp_path / "o" / "w8a8").exists()
 
 
@@ -209,9 +232,10 @@ def test_export_refuses_overflowing_attention_scores(env, capsys, tmp_path, vari
         model, peak = _load(src), [0.0]
 
         def hook(_m, _i, out):
-            for t in (out if isinstance(out, tuple) else (out,)):
+            for t in out if isinstance(out, tuple) else (out,):
                 if isinstance(t, torch.Tensor) and t.is_floating_point():
                     peak[0] = max(peak[0], float(t.abs().max()))
+
         handles = [m.register_forward_hook(hook) for n, m in model.named_modules() if n]
         with torch.no_grad():
             model(ids)
@@ -233,9 +257,12 @@ def test_export_refuses_overflowing_attention_scores(env, capsys, tmp_path, vari
     assert fp16_overflow_check(_load(fine), [ids]) is None
 
 
-BAD_INPUT_CASES = [(tool, case) for tool in ("report", "export")
-                   for case in ("missing_model", "not_a_model", "missing_data", "bad_label", "bad_option")
-                   if not (tool == "export" and case == "bad_label")]  # export takes no labels
+BAD_INPUT_CASES = [
+    (tool, case)
+    for tool in ("report", "export")
+    for case in ("missing_model", "not_a_model", "missing_data", "bad_label", "bad_option")
+    if not (tool == "export" and case == "bad_label")
+]  # export takes no labels
 
 
 @pytest.mark.parametrize("tool,case", BAD_INPUT_CASES)
@@ -246,7 +273,9 @@ def test_bad_input_one_line_exit_2_nothing_written(env, capsys, tmp_path, case, 
     if tool == "report":
         spec = model if case == "bad_label" else f"m={model}"
         extra = ["--block-size", "x"] if case == "bad_option" else []
-        rc = report_main(["--model", spec, "--data", data, "--output-dir", str(out), "--skip-quant", *DATA_ARGS, *extra])
+        rc = report_main(
+            ["--model", spec, "--data", data, "--output-dir", str(out), "--skip-quant", *DATA_ARGS, *extra]
+        )
     else:
         extra = ["--num-calib-batches", "0"] if case == "bad_option" else []
         rc = export_main([model, "--output-dir", str(out), "--calib-data", data, *DATA_ARGS, *extra])

@@ -1,5 +1,6 @@
 """The experiment runner end to end at tiny size (the GPU configuration shrunk: two arms, a few
 steps, bf16 on CPU), its continuation after a finished arm, and its refusals of bad input."""
+
 import json
 import os
 import runpy
@@ -22,20 +23,41 @@ TINY = [
     "vocab_size: 16, max_position_embeddings: 16, hidden_dropout: 0.0, attention_dropout: 0.0}",
     "training.data.seq_length=16",
     "training.data.bigram_backcopy.vocab_size=16",
-    "training.parallel.micro_batch_size=4", "training.parallel.global_batch_size=4",
-    "training.train.train_iters=4", "training.logging.outlier_interval=2", "training.logging.log_interval=2",
-    "training.schedule.warmup_iters=1", "training.checkpoint.save_interval=0",
+    "training.parallel.micro_batch_size=4",
+    "training.parallel.global_batch_size=4",
+    "training.train.train_iters=4",
+    "training.logging.outlier_interval=2",
+    "training.logging.log_interval=2",
+    "training.schedule.warmup_iters=1",
+    "training.checkpoint.save_interval=0",
     "evaluation={heldout_sequences: 8, calib_batches: 1, calib_batch_size: 4, batch_size: 4}",
 ]
-FINAL_KEYS = ("loss", "loss_copy", "loss_bigram", "first_token_mass_idle", "sink_mass", "bos_residual_norm_ratio",
-              "max_inf_norm", "avg_kurtosis", "ppl_fp32", "ppl_w8a8_paper", "ppl_w8a8_deployable",
-              "quantized_activation_count")
+FINAL_KEYS = (
+    "loss",
+    "loss_copy",
+    "loss_bigram",
+    "first_token_mass_idle",
+    "sink_mass",
+    "bos_residual_norm_ratio",
+    "max_inf_norm",
+    "avg_kurtosis",
+    "ppl_fp32",
+    "ppl_w8a8_paper",
+    "ppl_w8a8_deployable",
+    "quantized_activation_count",
+)
 
 
 def _run(args, tmp_path):
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "run_experiment.py"), *args], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "run_experiment.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
 
 
 def test_runner_end_to_end_tiny(tmp_path):
@@ -45,7 +67,11 @@ def test_runner_end_to_end_tiny(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "arm 1/2: vanilla" in r.stdout and "[softmax1] iter 2" in r.stdout  # progress
     rep = json.loads((out / "report.json").read_text())
-    assert rep["wall_seconds"] > 0 and isinstance(rep["positive_control"], bool) and isinstance(rep["effect_claimed"], bool)
+    assert (
+        rep["wall_seconds"] > 0
+        and isinstance(rep["positive_control"], bool)
+        and isinstance(rep["effect_claimed"], bool)
+    )
     for arm in ("vanilla", "softmax1"):
         final = rep["arms"][arm]["final"]
         for k in FINAL_KEYS:
@@ -54,7 +80,10 @@ def test_runner_end_to_end_tiny(tmp_path):
         assert [p[0] for p in rep["arms"][arm]["curve"]["probe_loss_copy"]] == [2, 4]
         assert final["loss"] == pytest.approx(__import__("math").log(final["ppl_fp32"]), rel=1e-4)
     # like-for-like: the same quantized op set size in both arms; vanilla has no sink, Softmax_1 one
-    assert rep["arms"]["vanilla"]["final"]["quantized_activation_count"] == rep["arms"]["softmax1"]["final"]["quantized_activation_count"]
+    assert (
+        rep["arms"]["vanilla"]["final"]["quantized_activation_count"]
+        == rep["arms"]["softmax1"]["final"]["quantized_activation_count"]
+    )
     assert rep["arms"]["vanilla"]["final"]["sink_mass"] == pytest.approx(0.0, abs=1e-6)
     assert rep["arms"]["softmax1"]["final"]["sink_mass"] > 0.0
     assert (out / "report.md").read_text().startswith("# Experiment bb-sink-gpu")
@@ -69,14 +98,17 @@ def test_runner_end_to_end_tiny(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == before
 
 
-@pytest.mark.parametrize("override, message", [
-    ("arms=[vanilla, sotfmax1]", "unknown arm 'sotfmax1'"),
-    ("training.data.source=synthetic", "data.source='synthetic'"),
-    ("training.data.source=bigram", "data.source='bigram'"),
-    ("training.data.bigram_backcopy.num_triggers=200", "num_triggers=200"),
-    ("training.data.seq_length=2", "seq_length=2"),
-    ("training.logging.outlier_interval=7", "outlier_interval=7"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("arms=[vanilla, sotfmax1]", "unknown arm 'sotfmax1'"),
+        ("training.data.source=synthetic", "data.source='synthetic'"),
+        ("training.data.source=bigram", "data.source='bigram'"),
+        ("training.data.bigram_backcopy.num_triggers=200", "num_triggers=200"),
+        ("training.data.seq_length=2", "seq_length=2"),
+        ("training.logging.outlier_interval=7", "outlier_interval=7"),
+    ],
+)
 def test_bad_input_one_line_nothing_written(tmp_path, capsys, override, message):
     out = tmp_path / "never"
     assert main(["--config", str(CPU_CONFIG), "--output-dir", str(out), "--set", override]) == 2
@@ -93,23 +125,33 @@ def test_non_empty_foreign_dir_refused(tmp_path, capsys):
 
 
 def _result(idle_curve, ratio_curve, loss):
-    curve = {"first_token_mass_idle": [[i * 10, v] for i, v in enumerate(idle_curve, 1)],
-             "bos_residual_norm_ratio": [[i * 10, v] for i, v in enumerate(ratio_curve, 1)]}
-    return {"curve": curve, "final": {"first_token_mass_idle": idle_curve[-1], "bos_residual_norm_ratio": ratio_curve[-1],
-                                      "loss": loss}}
+    curve = {
+        "first_token_mass_idle": [[i * 10, v] for i, v in enumerate(idle_curve, 1)],
+        "bos_residual_norm_ratio": [[i * 10, v] for i, v in enumerate(ratio_curve, 1)],
+    }
+    return {
+        "curve": curve,
+        "final": {"first_token_mass_idle": idle_curve[-1], "bos_residual_norm_ratio": ratio_curve[-1], "loss": loss},
+    }
 
 
 def test_claim_rule_by_hand():
     c = ClaimConfig()
     vanilla = _result([0.1, 0.5, 0.8, 0.82, 0.81], [1.0, 3.0, 10.0, 10.5, 10.0], 1.00)
     assert positive_control(vanilla, c)["passed"]
-    results = {"vanilla": vanilla,
-               "good": _result([0.1, 0.1, 0.1, 0.1, 0.15], [1.0, 1.2, 1.5, 1.8, 1.9], 1.015),   # 5.4x, 5.3x, +1.5%
-               "weak": _result([0.1, 0.1, 0.1, 0.1, 0.2], [1.0, 1.2, 1.5, 1.8, 1.9], 1.00),     # idle only 4.05x
-               "worse": _result([0.1, 0.1, 0.1, 0.1, 0.1], [1.0, 1.0, 1.0, 1.0, 1.0], 1.03)}    # loss +3%
+    results = {
+        "vanilla": vanilla,
+        "good": _result([0.1, 0.1, 0.1, 0.1, 0.15], [1.0, 1.2, 1.5, 1.8, 1.9], 1.015),  # 5.4x, 5.3x, +1.5%
+        "weak": _result([0.1, 0.1, 0.1, 0.1, 0.2], [1.0, 1.2, 1.5, 1.8, 1.9], 1.00),  # idle only 4.05x
+        "worse": _result([0.1, 0.1, 0.1, 0.1, 0.1], [1.0, 1.0, 1.0, 1.0, 1.0], 1.03),
+    }  # loss +3%
     v = judge(results, c)
     assert v["positive_control"] and v["effect_claimed"] and v["effect_arms"] == ["good"]
-    assert not v["arms"]["weak"]["removes_sink"] and v["arms"]["worse"]["removes_sink"] and not v["arms"]["worse"]["equal_loss"]
+    assert (
+        not v["arms"]["weak"]["removes_sink"]
+        and v["arms"]["worse"]["removes_sink"]
+        and not v["arms"]["worse"]["equal_loss"]
+    )
     # no plateau (still rising) -> control fails -> no claim
     rising = _result([0.1, 0.3, 0.5, 0.7, 0.9], [1.0, 3.0, 10.0, 10.5, 10.0], 1.00)
     assert not judge({**results, "vanilla": rising}, c)["effect_claimed"]

@@ -3,17 +3,20 @@ curve scores by hand, the pre-registered rules judged by hand on constructed res
 agree; same step and matched copy loss; positive and pipeline controls), and the bad-input refusals
 (a rule naming an arm that is not in the experiment, a bit width outside 2-16, an arm an optimizer
 cannot serve), each one line with nothing written."""
-import copy
-import math
+
 import runpy
 from pathlib import Path
 
 import pytest
 import yaml
 
-from megatron_outeff.errors import OutEffError
-from megatron_outeff.evaluation.experiment import (curve_score, experiment_from_dict, judge_rules, load_experiment,
-                                                   matched_step)
+from megatron_outeff.evaluation.experiment import (
+    curve_score,
+    experiment_from_dict,
+    judge_rules,
+    load_experiment,
+    matched_step,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 main = runpy.run_path(str(ROOT / "tools" / "run_experiment.py"))["main"]
@@ -34,7 +37,10 @@ def test_curve_score_by_hand():
     assert curve_score([], tail=3) == {"last": None, "slope": None, "at": None}
     assert curve_score([[10, 1.0]], tail=3)["slope"] is None
     assert matched_step([[10, 0.9], [20, 0.3], [30, 0.1]], 0.3) == 20
-    assert matched_step([[10, 0.9], [20, 0.3]], 0.2) is None and matched_step([[10, 0.9], [20, 0.3]], 0.3, end_step=10) is None
+    assert (
+        matched_step([[10, 0.9], [20, 0.3]], 0.2) is None
+        and matched_step([[10, 0.9], [20, 0.3]], 0.3, end_step=10) is None
+    )
 
 
 def _curve(values, start=100):
@@ -42,19 +48,43 @@ def _curve(values, start=100):
 
 
 def _run(ma, ri, e, idle, kurt, inf, copy_loss, loss, b_star, b_star_pos0, inc4=0.5):
-    curve = {"massive_activation": _curve(ma), "range_inflation": _curve(ri), "first_token_excess_norm": _curve(e),
-             "first_token_mass_idle": _curve(idle), "avg_kurtosis": _curve(kurt), "max_inf_norm": _curve(inf),
-             "probe_loss_copy": _curve(copy_loss)}
+    curve = {
+        "massive_activation": _curve(ma),
+        "range_inflation": _curve(ri),
+        "first_token_excess_norm": _curve(e),
+        "first_token_mass_idle": _curve(idle),
+        "avg_kurtosis": _curve(kurt),
+        "max_inf_norm": _curve(inf),
+        "probe_loss_copy": _curve(copy_loss),
+    }
     final = {"loss": loss, "b_star": b_star, "b_star_first_token_float": b_star_pos0, "ppl_increase_a4": inc4}
     return {"curve": curve, "final": final}
 
 
-BASE_RUN = dict(ma=[2, 4, 8, 12, 16, 20], ri=[1.5, 2, 3, 4, 4, 4], e=[0.2, 1, 2, 2.5, 3, 3], idle=[0.1, 0.4, 0.8, 0.9, 0.9, 0.9],
-                kurt=[4, 8, 10, 12, 12, 12], inf=[10, 20, 30, 30, 30, 30], copy_loss=[3, 1, 0.3, 0.1, 0.05, 0.04],
-                loss=2.0, b_star=6, b_star_pos0=5)
-GOOD_RUN = dict(ma=[2, 2.5, 3, 3, 3, 3], ri=[1.0, 1.0, 1.1, 1.1, 1.1, 1.1], e=[0.2, 1, 2, 2.5, 3, 3],
-                idle=[0.1, 0.4, 0.8, 0.9, 0.9, 0.9], kurt=[4, 4, 4, 4, 5, 5], inf=[10, 10, 12, 12, 12, 12],
-                copy_loss=[3, 2, 1, 0.3, 0.1, 0.06], loss=2.02, b_star=5, b_star_pos0=4)
+BASE_RUN = dict(
+    ma=[2, 4, 8, 12, 16, 20],
+    ri=[1.5, 2, 3, 4, 4, 4],
+    e=[0.2, 1, 2, 2.5, 3, 3],
+    idle=[0.1, 0.4, 0.8, 0.9, 0.9, 0.9],
+    kurt=[4, 8, 10, 12, 12, 12],
+    inf=[10, 20, 30, 30, 30, 30],
+    copy_loss=[3, 1, 0.3, 0.1, 0.05, 0.04],
+    loss=2.0,
+    b_star=6,
+    b_star_pos0=5,
+)
+GOOD_RUN = dict(
+    ma=[2, 2.5, 3, 3, 3, 3],
+    ri=[1.0, 1.0, 1.1, 1.1, 1.1, 1.1],
+    e=[0.2, 1, 2, 2.5, 3, 3],
+    idle=[0.1, 0.4, 0.8, 0.9, 0.9, 0.9],
+    kurt=[4, 4, 4, 4, 5, 5],
+    inf=[10, 10, 12, 12, 12, 12],
+    copy_loss=[3, 2, 1, 0.3, 0.1, 0.06],
+    loss=2.02,
+    b_star=5,
+    b_star_pos0=4,
+)
 
 
 def _experiment(arms=("base", "good"), seeds=(1, 2), matched=0.1, rules=None):
@@ -63,8 +93,10 @@ def _experiment(arms=("base", "good"), seeds=(1, 2), matched=0.1, rules=None):
     data["seeds"] = list(seeds)
     data["claim"]["baseline"] = "base"
     data["claim"]["matched_copy_loss"] = matched
-    data["claim"]["rules"] = rules or [{"rule": r, "arms": ["good"]} for r in
-                                       ("removes_massive_activation", "removes_channel_outliers", "lowers_quantization_sensitivity")]
+    data["claim"]["rules"] = rules or [
+        {"rule": r, "arms": ["good"]}
+        for r in ("removes_massive_activation", "removes_channel_outliers", "lowers_quantization_sensitivity")
+    ]
     return experiment_from_dict(data)
 
 
@@ -105,7 +137,9 @@ def test_rules_matched_loss_control_and_pipeline():
     slow = dict(GOOD_RUN, copy_loss=[3, 2, 1.5, 1.2, 1.1, 1.0])
     v = judge_rules(exp, {**results, **{("good", s): _run(**slow) for s in (1, 2)}})
     by = {r["rule"]: r for r in v["rules"]}
-    assert by["removes_massive_activation"]["same_step_all_seeds"] and by["removes_massive_activation"]["claimed"] is False
+    assert (
+        by["removes_massive_activation"]["same_step_all_seeds"] and by["removes_massive_activation"]["claimed"] is False
+    )
     assert by["removes_massive_activation"]["seeds"][1]["matched"]["note"] == "matched copy loss not reached"
     # b* lower only with position 0 counted: token-wise only
     tw = dict(GOOD_RUN, b_star_pos0=5)
@@ -127,28 +161,45 @@ def test_shipped_configs_load():
     for path in (CPU, GPU):
         exp = load_experiment(path)
         assert not exp.legacy and len(exp.seeds) >= 2 and exp.claim.baseline in exp.arms
-        assert {"vanilla_adamw", "learnable_adamw", "vanilla_orthoadam", "learnable_orthoadam", "vanilla_sgd",
-                "vanilla_headgate"} <= set(exp.arms)
+        assert {
+            "vanilla_adamw",
+            "learnable_adamw",
+            "vanilla_orthoadam",
+            "learnable_orthoadam",
+            "vanilla_sgd",
+            "vanilla_headgate",
+        } <= set(exp.arms)
         assert exp.evaluation.act_bits == [8, 6, 5, 4]
         runs = exp.runs()
-        assert len(runs) == len(exp.arms) * len(exp.seeds) and runs[0].dir.as_posix() == f"arms/{runs[0].arm}/seed{runs[0].seed}"
+        assert (
+            len(runs) == len(exp.arms) * len(exp.seeds)
+            and runs[0].dir.as_posix() == f"arms/{runs[0].arm}/seed{runs[0].seed}"
+        )
     assert load_experiment(GPU).time_limit_s and load_experiment(CPU).time_limit_s is None
 
 
-@pytest.mark.parametrize("override, message", [
-    ("claim.rules=[{rule: removes_channel_outliers, arms: [vanilla_sdg]}]",
-     "claim.rules[0] (removes_channel_outliers) refers to arm 'vanilla_sdg', which is not in this experiment"),
-    ("claim.baseline=vanilla", "claim.baseline='vanilla': not an arm of this experiment"),
-    ("evaluation.act_bits=[8, 6, 1]", "evaluation.act_bits=1: expected an integer bit width from 2 to 16"),
-    ("evaluation.act_bits=[8, 17]", "evaluation.act_bits=17: expected an integer bit width from 2 to 16"),
-    ("evaluation.weight_bits=32", "evaluation.weight_bits=32: expected an integer bit width from 2 to 16"),
-    ("arms.vanilla_orthoadam.optimizer.type=adamx", "arms.vanilla_orthoadam: optimizer.type='adamx'"),
-    ("training.parallel.zero_stage=1", "arms.vanilla_orthoadam: optimizer.type=orthoadam with parallel.zero_stage=1"),
-    ("claim.rules=[{rule: removes_everything, arms: [vanilla_sgd]}]", "claim.rules[0].rule='removes_everything'"),
-    ("seeds=[1, 1]", "seeds=[1, 1]: expected a non-empty list of distinct integers"),
-    ("claim.pipeline_control.bits=3", "claim.pipeline_control.bits=3: not one of evaluation.act_bits"),
-    ("jobs=0", "jobs=0: expected an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "claim.rules=[{rule: removes_channel_outliers, arms: [vanilla_sdg]}]",
+            "claim.rules[0] (removes_channel_outliers) refers to arm 'vanilla_sdg', which is not in this experiment",
+        ),
+        ("claim.baseline=vanilla", "claim.baseline='vanilla': not an arm of this experiment"),
+        ("evaluation.act_bits=[8, 6, 1]", "evaluation.act_bits=1: expected an integer bit width from 2 to 16"),
+        ("evaluation.act_bits=[8, 17]", "evaluation.act_bits=17: expected an integer bit width from 2 to 16"),
+        ("evaluation.weight_bits=32", "evaluation.weight_bits=32: expected an integer bit width from 2 to 16"),
+        ("arms.vanilla_orthoadam.optimizer.type=adamx", "arms.vanilla_orthoadam: optimizer.type='adamx'"),
+        (
+            "training.parallel.zero_stage=1",
+            "arms.vanilla_orthoadam: optimizer.type=orthoadam with parallel.zero_stage=1",
+        ),
+        ("claim.rules=[{rule: removes_everything, arms: [vanilla_sgd]}]", "claim.rules[0].rule='removes_everything'"),
+        ("seeds=[1, 1]", "seeds=[1, 1]: expected a non-empty list of distinct integers"),
+        ("claim.pipeline_control.bits=3", "claim.pipeline_control.bits=3: not one of evaluation.act_bits"),
+        ("jobs=0", "jobs=0: expected an integer >= 1"),
+    ],
+)
 def test_bad_input_one_line_nothing_written(tmp_path, capsys, override, message):
     out = tmp_path / "never"
     assert main(["--config", str(CPU), "--output-dir", str(out), "--set", override]) == 2
@@ -159,8 +210,11 @@ def test_bad_input_one_line_nothing_written(tmp_path, capsys, override, message)
 
 # bb-massive-gpu at CPU-test size (2 arms x 2 seeds at once, a 4 s training time limit): the overrides the
 # GPU check's rehearsal passes too (tools/gpu/run.sh --rehearse), one owner
-TINY_GPU = [line for line in (ROOT / "configs/experiments/bb-massive-gpu.rehearsal").read_text().splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]
+TINY_GPU = [
+    line
+    for line in (ROOT / "configs/experiments/bb-massive-gpu.rehearsal").read_text().splitlines()
+    if line.strip() and not line.lstrip().startswith("#")
+]
 
 
 def test_gpu_config_rehearsal(tmp_path):
@@ -175,28 +229,49 @@ def test_gpu_config_rehearsal(tmp_path):
     out = tmp_path / "exp"
     args = ["--config", str(GPU), "--output-dir", str(out)] + [a for s in TINY_GPU for a in ("--set", s)]
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "run_experiment.py"), *args], capture_output=True, text=True,
-                       env=env, cwd=ROOT, timeout=1200)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "run_experiment.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=1200,
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
     assert "run 1/4: vanilla_adamw seed 7" in r.stdout and "[vanilla_orthoadam/s8] iter 10" in r.stdout
     rep = json.loads((out / "report.json").read_text())
-    assert sorted(rep["runs"]) == ["vanilla_adamw/s7", "vanilla_adamw/s8", "vanilla_orthoadam/s7", "vanilla_orthoadam/s8"]
+    assert sorted(rep["runs"]) == [
+        "vanilla_adamw/s7",
+        "vanilla_adamw/s8",
+        "vanilla_orthoadam/s7",
+        "vanilla_orthoadam/s8",
+    ]
     for label, run in rep["runs"].items():
         assert run["time_limited"] is True, label
         assert (out / "arms" / label.replace("/s", "/seed") / "result.json").is_file()
         steps = [s for s, _ in run["curve"]["massive_activation"]]
         assert steps and steps == list(range(10, steps[-1] + 1, 10))  # probes every 10 steps up to the stop
         f = run["final"]
-        assert {"b_star", "b_star_first_token_float", "ppl_increase_a4", "max_absmax_over_rms_quantized_tensor"} <= set(f)
+        assert {"b_star", "b_star_first_token_float", "ppl_increase_a4", "max_absmax_over_rms_quantized_tensor"} <= set(
+            f
+        )
     v = rep["verdict"]
     assert v["common_step"] == min(r["curve"]["massive_activation"][-1][0] for r in rep["runs"].values())
     assert isinstance(rep["positive_control"], bool) and {x["rule"] for x in v["rules"]} == {
-        "removes_massive_activation", "lowers_quantization_sensitivity"}
+        "removes_massive_activation",
+        "lowers_quantization_sensitivity",
+    }
     summary = rep["summary"]["vanilla_orthoadam"]["massive_activation"]
     assert summary["n"] == 2 and summary["min"] <= summary["mean"] <= summary["max"]
     md = (out / "report.md").read_text()
     assert md.startswith("# Experiment bb-massive-gpu") and "removes_massive_activation" in md
     assert (out / "massive_activation.png").is_file() and (out / "first_token_excess_norm.png").is_file()
-    r2 = subprocess.run([sys.executable, str(ROOT / "tools" / "run_experiment.py"), *args], capture_output=True,
-                        text=True, env=env, cwd=ROOT, timeout=600)
+    r2 = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "run_experiment.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert r2.returncode == 0 and r2.stdout.count("already complete") == 4, r2.stdout[-2000:] + r2.stderr[-2000:]

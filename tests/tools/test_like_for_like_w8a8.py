@@ -2,6 +2,7 @@
 A vanilla model is exported as plain transformers OPT (no Q K^T / softmax / P V / residual points);
 the evaluation runs it through OutEffOPT(softmax="vanilla") instead, so its quantized op set equals
 Softmax_1's and differs from a gated model's only by the (unquantized) gate modules."""
+
 import os
 import sys
 
@@ -12,8 +13,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from hf_testlib import TINY, random_weights  # noqa: E402
 from tolerance import assert_close_bound, network_depth, rounding_bound  # noqa: E402
 
-from megatron_outeff.evaluation.quant_eval import (SIMULATED_EXCLUDE, load_hf_model, quantizable_model,  # noqa: E402
-                                                   simulated_w8a8_perplexity)
+from megatron_outeff.evaluation.quant_eval import (
+    SIMULATED_EXCLUDE,
+    load_hf_model,
+    quantizable_model,  # noqa: E402
+    simulated_w8a8_perplexity,
+)
 from megatron_outeff.hf import export_hf_dir, resolve_variant  # noqa: E402
 from megatron_outeff.quant import apply_simulated_w8a8  # noqa: E402
 
@@ -23,8 +28,11 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("l4l")
     os.environ.setdefault("HF_HOME", str(root / "hf_home"))
     out = {}
-    for name, variant in (("vanilla", "vanilla"), ("softmax1", "softmax1"),
-                          ("gated_softmax1", {"softmax": "softmax1", "gate": "linear"})):
+    for name, variant in (
+        ("vanilla", "vanilla"),
+        ("softmax1", "softmax1"),
+        ("gated_softmax1", {"softmax": "softmax1", "gate": "linear"}),
+    ):
         sd, extra = random_weights(resolve_variant(variant), seed=1)
         out[name] = load_hf_model(export_hf_dir(root / name, sd, TINY, variant, extra_state=extra))
     return out
@@ -45,8 +53,13 @@ def test_vanilla_export_is_plain_opt_but_quantized_like_the_others(models):
     act_g, w_g = acts["gated_softmax1"]
     assert {n for n in act_g ^ act_v} <= {n for n in act_g | act_v if ".gate" in n}  # only gates may differ
     assert w_g == w_v
-    per_layer_points = {"self_attn.qk_quant", "self_attn.softmax_quant", "self_attn.pv_quant",
-                        "attn_residual_quant", "ffn_residual_quant"}
+    per_layer_points = {
+        "self_attn.qk_quant",
+        "self_attn.softmax_quant",
+        "self_attn.pv_quant",
+        "attn_residual_quant",
+        "ffn_residual_quant",
+    }
     for i in range(TINY["num_hidden_layers"]):
         assert {f"model.decoder.layers.{i}.{p}" for p in per_layer_points} <= act_v
     print({n: len(a) for n, (a, _) in acts.items()})  # quantized activation tensors per model

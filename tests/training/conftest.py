@@ -2,14 +2,16 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(__file__), "..", "..", ".cache", "torch_extensions"))
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(__file__), "..", "..", ".cache", "torch_extensions")
+)
 
 import pytest  # noqa: E402
 
 
 def _run_oracle(tmp_path_factory, extra):
-    from train_testlib import BASE, DEMO
     from layouts_worker import weights_hook
+    from train_testlib import BASE, DEMO
 
     from megatron_outeff.training.config import load_config
     from megatron_outeff.training.train import train

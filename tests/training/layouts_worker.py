@@ -8,6 +8,7 @@ draws its layers' weights from a different RNG position. With WEIGHTS=path set, 
 layout saves its initial weights there (global layer numbers) and every other layout loads its
 PP stage / TP slice of them.
 """
+
 import os
 import re
 import sys
@@ -16,8 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-
 from train_testlib import BASE, DEMO, finish_worker  # noqa: E402
+
 from megatron_outeff.training.config import load_config  # noqa: E402
 from megatron_outeff.training.model import unwrap  # noqa: E402
 from megatron_outeff.training.train import train  # noqa: E402
@@ -58,7 +59,9 @@ def weights_hook(path):
                     # megatron's split (_initialize_affine_weight_cpu): tp * stride blocks, rank r takes r, r + tp, ...
                     # (stride 2: SwiGLU's fc1 holds [gate rows of r; up rows of r])
                     stride = getattr(param, "partition_stride", 1)
-                    src = torch.cat(src.chunk(tp * stride, dim=param.partition_dim)[tp_rank::tp], dim=param.partition_dim)
+                    src = torch.cat(
+                        src.chunk(tp * stride, dim=param.partition_dim)[tp_rank::tp], dim=param.partition_dim
+                    )
                 assert src.shape == param.shape, (local, src.shape, param.shape)
                 param.copy_(src)
 

@@ -17,6 +17,7 @@ A tiny Llama (configs/model/llama-tiny.yaml on train_testlib.BASE: vocabulary 25
 3. megatron logits at TP=1 of OUT/tp2, OUT/pp2 and OUT/tp2_elementwise (merged with the model files' own rules) on fixed tokens
    -> OUT/megatron_logits.safetensors. Losses -> OUT/losses.json.
 """
+
 import json
 import os
 import sys
@@ -26,16 +27,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-
 from layouts_worker import weights_hook  # noqa: E402
 from train_testlib import BASE, DEMO  # noqa: E402
+
 from megatron_outeff.training.config import load_config  # noqa: E402
 from megatron_outeff.training.model import unwrap  # noqa: E402
 from megatron_outeff.training.train import train  # noqa: E402
 
 LLAMA = ["model.arch=llama-tiny"]
-VARIANTS = {"gated": "attention={softmax: softmax1, gate: linear}", "vanilla": "attention={softmax: vanilla}",
-            "elementwise": "attention={softmax: softmax1, gate: elementwise}"}
+VARIANTS = {
+    "gated": "attention={softmax: softmax1, gate: linear}",
+    "vanilla": "attention={softmax: vanilla}",
+    "elementwise": "attention={softmax: softmax1, gate: elementwise}",
+}
 
 
 def tokens():
@@ -44,10 +48,12 @@ def tokens():
 
 def save_hook(path):
     """Rank 0 of a TP=1, PP=1 layout saves its (full) initial weights."""
+
     def hook(model):
         if dist.get_rank() == 0:
             torch.save({k: v.clone() for k, v in unwrap(model).state_dict().items() if torch.is_tensor(v)}, path)
         dist.barrier()
+
     return hook
 
 
@@ -61,8 +67,13 @@ def main():
     w = {v: str(out / f"w_{v}.pt") for v in VARIANTS}
     losses = {}
     losses["ref_gated"] = run("gated", [], save_hook(w["gated"]))
-    tp2 = ["parallel.tensor_parallel=2", "parallel.zero_stage=1", f"checkpoint.dir={out / 'tp2'}",
-           f"logging.tensorboard_dir={out / 'tb_tp2'}", "logging.outlier_interval=2"]
+    tp2 = [
+        "parallel.tensor_parallel=2",
+        "parallel.zero_stage=1",
+        f"checkpoint.dir={out / 'tp2'}",
+        f"logging.tensorboard_dir={out / 'tb_tp2'}",
+        "logging.outlier_interval=2",
+    ]
     losses["tp2"] = run("gated", tp2 + ["train.exit_interval=2"], weights_hook(w["gated"]))
     if dist.get_rank() == 0:  # the step-2 checkpoint, to resume on another layout below
         import shutil
@@ -70,19 +81,29 @@ def main():
         shutil.copytree(out / "tp2", out / "tp2_to_pp2")
     dist.barrier()
     losses["tp2"] += run("gated", tp2, weights_hook(w["gated"]))  # resumes from iteration 2
-    losses["tp2_sp_zero2"] = run("gated", ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true",
-                                           "parallel.zero_stage=2"], weights_hook(w["gated"]))
-    losses["tp2_bf16"] = run("gated", ["parallel.tensor_parallel=2", "parallel.zero_stage=1", "precision.dtype=bf16"],
-                             weights_hook(w["gated"]))  # llama-125m.yaml's precision
+    losses["tp2_sp_zero2"] = run(
+        "gated",
+        ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true", "parallel.zero_stage=2"],
+        weights_hook(w["gated"]),
+    )
+    losses["tp2_bf16"] = run(
+        "gated",
+        ["parallel.tensor_parallel=2", "parallel.zero_stage=1", "precision.dtype=bf16"],
+        weights_hook(w["gated"]),
+    )  # llama-125m.yaml's precision
     losses["ref_vanilla"] = run("vanilla", [], save_hook(w["vanilla"]))
     pp2 = ["parallel.pipeline_parallel=2", "parallel.zero_stage=1", f"checkpoint.dir={out / 'pp2'}"]
     losses["pp2"] = run("vanilla", pp2 + ["train.exit_interval=2"], weights_hook(w["vanilla"]))
     losses["pp2"] += run("vanilla", pp2, weights_hook(w["vanilla"]))
-    losses["tp2_to_pp2"] = run("gated", ["parallel.pipeline_parallel=2", "parallel.zero_stage=1",
-                                         f"checkpoint.dir={out / 'tp2_to_pp2'}"])  # steps 3 and 4
+    losses["tp2_to_pp2"] = run(
+        "gated", ["parallel.pipeline_parallel=2", "parallel.zero_stage=1", f"checkpoint.dir={out / 'tp2_to_pp2'}"]
+    )  # steps 3 and 4
     losses["ref_elementwise"] = run("elementwise", [], save_hook(w["elementwise"]))
-    losses["tp2_elementwise"] = run("elementwise", ["parallel.tensor_parallel=2", "parallel.zero_stage=1",
-                                                    f"checkpoint.dir={out / 'tp2_elementwise'}"], weights_hook(w["elementwise"]))
+    losses["tp2_elementwise"] = run(
+        "elementwise",
+        ["parallel.tensor_parallel=2", "parallel.zero_stage=1", f"checkpoint.dir={out / 'tp2_elementwise'}"],
+        weights_hook(w["elementwise"]),
+    )
     losses["dp2_zero3"] = run("gated", ["parallel.zero_stage=3"])  # TP=1: the oracle's initial weights by construction
 
     # megatron logits at TP=1 (the last run's parallel state: TP=1, PP=1, DP=2) of the two checkpoints
@@ -96,8 +117,17 @@ def main():
     for name, variant in (("tp2", "gated"), ("pp2", "vanilla"), ("tp2_elementwise", "elementwise")):
         cfg = load_config(DEMO, BASE + LLAMA + [VARIANTS[variant]])
         model = build_model(cfg)
-        load_into_model(model, out / name, arch=arch_config(cfg), variant=attention_variant(cfg), seq_length=32,
-                        tp_rank=0, tp=1, pp_rank=0, pp=1)
+        load_into_model(
+            model,
+            out / name,
+            arch=arch_config(cfg),
+            variant=attention_variant(cfg),
+            seq_length=32,
+            tp_rank=0,
+            tp=1,
+            pp_rank=0,
+            pp=1,
+        )
         with torch.no_grad():
             logits[name] = model.eval()(ids, torch.arange(ids.shape[1]).expand_as(ids), None).float().contiguous()
     if dist.get_rank() == 0:

@@ -1,13 +1,13 @@
 """Typed config: YAML -> dataclasses, overrides, bad input, the generated DeepSpeed JSON."""
+
 import json
 import shutil
 
 import pytest
+from train_testlib import DEMO, ROOT
 
 from megatron_outeff.errors import OutEffError
 from megatron_outeff.training.config import config_from_dict, deepspeed_config, load_config
-
-from train_testlib import DEMO, ROOT
 
 PAPER = ROOT / "configs/train/opt-125m-paper.yaml"
 
@@ -27,8 +27,9 @@ def test_paper_recipe():
 
 
 def test_overrides_and_derived():
-    cfg = load_config(DEMO, ["parallel.zero_stage=3", "optimizer.betas=[0.8, 0.9]", "train.clip_grad=0",
-                             "optimizer.lr=3e-4"])
+    cfg = load_config(
+        DEMO, ["parallel.zero_stage=3", "optimizer.betas=[0.8, 0.9]", "train.clip_grad=0", "optimizer.lr=3e-4"]
+    )
     assert cfg.optimizer.lr == 3e-4
     assert cfg.parallel.zero_stage == 3 and cfg.optimizer.betas == (0.8, 0.9)
     assert cfg.grad_accumulation_steps(world_size=2) == 2  # 8 / (2 x 2)
@@ -36,53 +37,65 @@ def test_overrides_and_derived():
     assert ds["zero_optimization"]["stage"] == 3 and ds["gradient_clipping"] == 0.0
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["parallel.zero_stge=1"], "unknown config key 'parallel.zero_stge'"),
-    (["bogus=1"], "unknown config key 'bogus'"),
-    (["parallel.global_batch_size=7"], "not divisible"),
-    (["parallel.pipeline_parallel=2", "parallel.zero_stage=2"], "ZeRO-2/3"),
-    (["parallel.pipeline_parallel=2", "parallel.zero_stage=3"], "ZeRO-2/3"),
-    (["precision.dtype=fp8"], "precision.dtype"),
-    (["parallel.zero_stage=x"], "expected an integer"),
-    (["parallel.sequence_parallel=true"], "sequence_parallel needs tensor_parallel"),
-    (["precision.dtype=bf16", "parallel.zero_stage=0", "parallel.tensor_parallel=2"], "use zero_stage >= 1"),
-    # the nested mappings are checked at load too, by their owners
-    (["attention.sofmax=softmax1"], "attention: attention variant key 'sofmax'"),
-    (["attention.softmax=softmax2"], "softmax='softmax2'"),
-    (["attention={softmax: softmax1, clip_gamma: 0.5}"], "clip_gamma=0.5"),
-    (["model.transformer_overrides={hiden_dropout: 0.0}"], "unknown config key 'model.transformer_overrides.hiden_dropout'"),
-    (["model.arch_overrides={hiden_size: 8}"], "unknown config key 'model.arch_overrides.hiden_size'"),
-    # typed: model.arch_overrides against OPTArchConfig, model.transformer_overrides against TransformerConfig,
-    # and each knob in one place
-    (["model.arch_overrides={hidden_size: x}"], "model.arch_overrides.hidden_size='x': expected an integer"),
-    (["model.arch_overrides={hidden_size: 63}"], "model.arch_overrides: opt-tiny: hidden_size=63 is not divisible"),
-    (["model.transformer_overrides={apply_query_key_layer_scaling: 3}"],
-     "model.transformer_overrides.apply_query_key_layer_scaling=3: expected true or false"),
-    (["model.transformer_overrides={attention_backend: 3}"], "attention_backend=3: expected one of flash, fused"),
-    (["model.transformer_overrides={init_method: 3}"], "init_method=3: megatron expects a Python object"),
-    (["model.transformer_overrides={hidden_dropout: 0.0}"],
-     "model.transformer_overrides.hidden_dropout: set by the architecture: use model.arch_overrides.hidden_dropout"),
-    (["model.transformer_overrides={normalization: RMSNorm}"], "normalization: fixed by the OPT architecture"),
-    (["model.transformer_overrides={fp16: true}"], "model.transformer_overrides.fp16: set by precision.dtype"),
-    (["model.transformer_overrides={recompute_method: block}"], "set by model.recompute_method"),
-    (["model.transformer_overrides={softmax_type: learnable}"], "softmax_type: set by attention"),
-    # knobs that make a model the checkpoint format / converter / export cannot handle: the supported way named
-    (["model.transformer_overrides={attention_output_gate: true}"],
-     "model.transformer_overrides.attention_output_gate: adds the elementwise output gate's rows to linear_qkv"),
-    (["model.transformer_overrides={attention_output_gate: true}"], "use attention.gate: elementwise"),
-    (["model.transformer_overrides={num_query_groups: 2}"], "num_query_groups: grouped-query attention"),
-    (["model.transformer_overrides={num_query_groups: 2}"], "not supported for the OPT family"),
-    (["model.transformer_overrides={num_layers_in_first_pipeline_stage: 1}"], "use parallel.pipeline_parallel"),
-    (["model.transformer_overrides={virtual_pipeline_model_parallel_size: 2}"], "no virtual stages"),
-    (["model.transformer_overrides={num_moe_experts: 4}"], "silently ignore"),
-    (["model.transformer_overrides={qk_layernorm: true}"], "silently ignore"),
-    (["model.arch=tinny"], "model.arch='tinny'"),
-    (["model.recompute_method=blok"], "model.recompute_method='blok'"),
-    (["parallel.tensor_parallel=3", "parallel.zero_stage=1"], "not divisible by tensor parallel size 3"),
-    (["model.vocab_size=100"], "model.vocab_size=100"),
-    (["logging.log_interval=0"], "logging.log_interval=0"),
-    (["deepspeed_overrides=/nonexistent/ds.json"], "deepspeed_overrides file not found"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["parallel.zero_stge=1"], "unknown config key 'parallel.zero_stge'"),
+        (["bogus=1"], "unknown config key 'bogus'"),
+        (["parallel.global_batch_size=7"], "not divisible"),
+        (["parallel.pipeline_parallel=2", "parallel.zero_stage=2"], "ZeRO-2/3"),
+        (["parallel.pipeline_parallel=2", "parallel.zero_stage=3"], "ZeRO-2/3"),
+        (["precision.dtype=fp8"], "precision.dtype"),
+        (["parallel.zero_stage=x"], "expected an integer"),
+        (["parallel.sequence_parallel=true"], "sequence_parallel needs tensor_parallel"),
+        (["precision.dtype=bf16", "parallel.zero_stage=0", "parallel.tensor_parallel=2"], "use zero_stage >= 1"),
+        # the nested mappings are checked at load too, by their owners
+        (["attention.sofmax=softmax1"], "attention: attention variant key 'sofmax'"),
+        (["attention.softmax=softmax2"], "softmax='softmax2'"),
+        (["attention={softmax: softmax1, clip_gamma: 0.5}"], "clip_gamma=0.5"),
+        (
+            ["model.transformer_overrides={hiden_dropout: 0.0}"],
+            "unknown config key 'model.transformer_overrides.hiden_dropout'",
+        ),
+        (["model.arch_overrides={hiden_size: 8}"], "unknown config key 'model.arch_overrides.hiden_size'"),
+        # typed: model.arch_overrides against OPTArchConfig, model.transformer_overrides against TransformerConfig,
+        # and each knob in one place
+        (["model.arch_overrides={hidden_size: x}"], "model.arch_overrides.hidden_size='x': expected an integer"),
+        (["model.arch_overrides={hidden_size: 63}"], "model.arch_overrides: opt-tiny: hidden_size=63 is not divisible"),
+        (
+            ["model.transformer_overrides={apply_query_key_layer_scaling: 3}"],
+            "model.transformer_overrides.apply_query_key_layer_scaling=3: expected true or false",
+        ),
+        (["model.transformer_overrides={attention_backend: 3}"], "attention_backend=3: expected one of flash, fused"),
+        (["model.transformer_overrides={init_method: 3}"], "init_method=3: megatron expects a Python object"),
+        (
+            ["model.transformer_overrides={hidden_dropout: 0.0}"],
+            "model.transformer_overrides.hidden_dropout: set by the architecture: use model.arch_overrides.hidden_dropout",
+        ),
+        (["model.transformer_overrides={normalization: RMSNorm}"], "normalization: fixed by the OPT architecture"),
+        (["model.transformer_overrides={fp16: true}"], "model.transformer_overrides.fp16: set by precision.dtype"),
+        (["model.transformer_overrides={recompute_method: block}"], "set by model.recompute_method"),
+        (["model.transformer_overrides={softmax_type: learnable}"], "softmax_type: set by attention"),
+        # knobs that make a model the checkpoint format / converter / export cannot handle: the supported way named
+        (
+            ["model.transformer_overrides={attention_output_gate: true}"],
+            "model.transformer_overrides.attention_output_gate: adds the elementwise output gate's rows to linear_qkv",
+        ),
+        (["model.transformer_overrides={attention_output_gate: true}"], "use attention.gate: elementwise"),
+        (["model.transformer_overrides={num_query_groups: 2}"], "num_query_groups: grouped-query attention"),
+        (["model.transformer_overrides={num_query_groups: 2}"], "not supported for the OPT family"),
+        (["model.transformer_overrides={num_layers_in_first_pipeline_stage: 1}"], "use parallel.pipeline_parallel"),
+        (["model.transformer_overrides={virtual_pipeline_model_parallel_size: 2}"], "no virtual stages"),
+        (["model.transformer_overrides={num_moe_experts: 4}"], "silently ignore"),
+        (["model.transformer_overrides={qk_layernorm: true}"], "silently ignore"),
+        (["model.arch=tinny"], "model.arch='tinny'"),
+        (["model.recompute_method=blok"], "model.recompute_method='blok'"),
+        (["parallel.tensor_parallel=3", "parallel.zero_stage=1"], "not divisible by tensor parallel size 3"),
+        (["model.vocab_size=100"], "model.vocab_size=100"),
+        (["logging.log_interval=0"], "logging.log_interval=0"),
+        (["deepspeed_overrides=/nonexistent/ds.json"], "deepspeed_overrides file not found"),
+    ],
+)
 def test_bad_config(overrides, message):
     with pytest.raises(OutEffError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(DEMO, overrides)
@@ -106,11 +119,14 @@ def test_typed_overrides_reach_megatron():
 
     from megatron_outeff.training.model import arch_config, transformer_overrides
 
-    cfg = load_config(DEMO, ["model.transformer_overrides={attention_backend: local}",
-                             "model.arch_overrides.init_method_std=1e-3"])
+    cfg = load_config(
+        DEMO, ["model.transformer_overrides={attention_backend: local}", "model.arch_overrides.init_method_std=1e-3"]
+    )
     assert transformer_overrides(cfg)["attention_backend"] is AttnBackend.local
     assert arch_config(cfg).init_method_std == 1e-3
-    assert cfg.model.transformer_overrides == {"attention_backend": "local"}  # the config (and its fingerprint) as written
+    assert cfg.model.transformer_overrides == {
+        "attention_backend": "local"
+    }  # the config (and its fingerprint) as written
 
 
 def test_batch_not_divisible_by_dp():
@@ -133,30 +149,47 @@ def test_deepspeed_overrides(tmp_path):
         deepspeed_config(load_config(DEMO, [f"deepspeed_overrides={bad}"]), 1)
     for name in ("zero1", "zero2", "zero3", "zero2-cpu-offload"):  # shipped examples parse and merge
         stage = int(name[4])
-        deepspeed_config(load_config(DEMO, [f"deepspeed_overrides={ROOT}/configs/deepspeed/{name}.json",
-                                            f"parallel.zero_stage={stage}"]), 1)
+        deepspeed_config(
+            load_config(
+                DEMO, [f"deepspeed_overrides={ROOT}/configs/deepspeed/{name}.json", f"parallel.zero_stage={stage}"]
+            ),
+            1,
+        )
 
 
 def test_fingerprint_ignores_logging_and_checkpoint_places():
     a = config_from_dict({"train": {"train_iters": 5}})
-    b = config_from_dict({"train": {"train_iters": 5, "exit_interval": 2}, "checkpoint": {"dir": "x"},
-                          "logging": {"tensorboard_dir": "y"}})
+    b = config_from_dict(
+        {
+            "train": {"train_iters": 5, "exit_interval": 2},
+            "checkpoint": {"dir": "x"},
+            "logging": {"tensorboard_dir": "y"},
+        }
+    )
     c = config_from_dict({"train": {"train_iters": 6}})
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
 
 
-@pytest.mark.parametrize("interval, named", [
-    ("train.eval_interval=5", "train.eval_interval=5"),
-    ("logging.outlier_interval=10", "logging.outlier_interval=10"),
-])
+@pytest.mark.parametrize(
+    "interval, named",
+    [
+        ("train.eval_interval=5", "train.eval_interval=5"),
+        ("logging.outlier_interval=10", "logging.outlier_interval=10"),
+    ],
+)
 def test_empty_validation_split_with_an_interval_is_refused_at_load(interval, named, tmp_path):
     """Issue 19 item 5: validation / the outlier probe on with a validation split that has no share would
     train without them, silently. Refused when the config loads (so before anything is written), naming
     the interval and the split; the trainer's CLI gives that one line and exit code 2."""
     from megatron_outeff.training.train import main
 
-    indexed = ["data.source=indexed", f"data.train_paths=[{tmp_path / 'corpus'}]", f"data.tokenizer={tmp_path / 'tok.model'}",
-               "train.eval_interval=0", "logging.outlier_interval=0"]
+    indexed = [
+        "data.source=indexed",
+        f"data.train_paths=[{tmp_path / 'corpus'}]",
+        f"data.tokenizer={tmp_path / 'tok.model'}",
+        "train.eval_interval=0",
+        "logging.outlier_interval=0",
+    ]
     for split in ("100,0,0", "99,0,1", "1,0"):
         with pytest.raises(OutEffError, match=rf"{named}.*data\.split='{split}' gives the validation split no share"):
             load_config(DEMO, indexed + [interval, f"data.split={split}"])
@@ -164,8 +197,11 @@ def test_empty_validation_split_with_an_interval_is_refused_at_load(interval, na
     load_config(DEMO, indexed + [interval, "data.split=100,0,0", f"data.valid_paths=[{tmp_path / 'valid'}]"])
     load_config(DEMO, indexed + ["data.split=100,0,0"])  # no interval: no validation wanted
     ck, tb = tmp_path / "ck", tmp_path / "tb"
-    argv = ["--config", DEMO] + [a for s in indexed + [interval, "data.split=100,0,0", f"checkpoint.dir={ck}",
-                                                       f"logging.tensorboard_dir={tb}"] for a in ("--set", s)]
+    argv = ["--config", DEMO] + [
+        a
+        for s in indexed + [interval, "data.split=100,0,0", f"checkpoint.dir={ck}", f"logging.tensorboard_dir={tb}"]
+        for a in ("--set", s)
+    ]
     assert main(argv) == 2
     assert not ck.exists() and not tb.exists()
 
@@ -198,16 +234,24 @@ def test_fingerprint_identifies_files_by_what_they_are(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
     def fp(train_paths, tokenizer=str(tok), cache=None, arch_path=str(arch), ds_path=str(ds)):
-        return config_from_dict({"model": {"arch": arch_path}, "deepspeed_overrides": ds_path, "data": {
-            "source": "indexed", "train_paths": train_paths, "tokenizer": tokenizer, "cache_dir": cache}}).fingerprint()
+        return config_from_dict(
+            {
+                "model": {"arch": arch_path},
+                "deepspeed_overrides": ds_path,
+                "data": {"source": "indexed", "train_paths": train_paths, "tokenizer": tokenizer, "cache_dir": cache},
+            }
+        ).fingerprint()
 
     base = fp([str(data / "corpus")])
     same = [
         fp([str(data / "corpus")], cache=str(tmp_path / "moved-cache")),  # a place
-        fp(["data/corpus"]), fp(["./data/../data/corpus"]), fp([str(tmp_path / "alias" / "corpus")]),  # spellings
+        fp(["data/corpus"]),
+        fp(["./data/../data/corpus"]),
+        fp([str(tmp_path / "alias" / "corpus")]),  # spellings
         fp([str(data / "corpus")], tokenizer=str(tok.parent)),  # the directory holding the tokenizer
         fp([str(data / "corpus")], tokenizer=str(tmp_path / "elsewhere" / "copy.model")),  # the same bytes elsewhere
-        fp([str(data / "corpus")], arch_path="./arch.yaml"), fp([str(data / "corpus")], ds_path="ds.json"),
+        fp([str(data / "corpus")], arch_path="./arch.yaml"),
+        fp([str(data / "corpus")], ds_path="ds.json"),
     ]
     assert same == [base] * len(same)
     (tmp_path / "other.model").write_bytes(b"other tokenizer")
@@ -215,14 +259,16 @@ def test_fingerprint_identifies_files_by_what_they_are(tmp_path, monkeypatch):
     other_arch.write_text(arch.read_text().replace("num_layers: 2", "num_layers: 3"))
     assert other_arch.read_text() != arch.read_text()
     different = [
-        fp([str(data / "other")]), fp(["0.5", str(data / "corpus"), "0.5", str(data / "other")]),
+        fp([str(data / "other")]),
+        fp(["0.5", str(data / "corpus"), "0.5", str(data / "other")]),
         fp([str(data / "corpus")], tokenizer=str(tmp_path / "other.model")),
         fp([str(data / "corpus")], arch_path=str(other_arch)),
     ]
     assert len({base, *different}) == 1 + len(different)
     # blend weights stay numbers, paths resolve: two spellings of one weighted blend agree
-    assert fp(["0.3", "data/corpus", "0.7", "data/other"]) == fp(["0.3", str(data / "corpus"), "0.7",
-                                                                 os.path.join(".", "data", "other")])
+    assert fp(["0.3", "data/corpus", "0.7", "data/other"]) == fp(
+        ["0.3", str(data / "corpus"), "0.7", os.path.join(".", "data", "other")]
+    )
 
 
 @pytest.mark.parametrize("family", ["opt", "llama"])
@@ -247,9 +293,18 @@ def test_every_override_that_makes_an_unconvertible_model_is_refused(family):
     init_model_parallel(1, 1, 1)
     fam = get_family(family)
     extra = {"num_query_groups": 2} if family == "llama" else {}  # grouped-query attention
-    arch = fam.arch.ArchConfig(name="t", num_layers=1, hidden_size=16, num_attention_heads=4, ffn_hidden_size=32,
-                               vocab_size=32, max_position_embeddings=8, hidden_dropout=0.0, attention_dropout=0.0,
-                               **extra)
+    arch = fam.arch.ArchConfig(
+        name="t",
+        num_layers=1,
+        hidden_size=16,
+        num_attention_heads=4,
+        ffn_hidden_size=32,
+        vocab_size=32,
+        max_position_embeddings=8,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        **extra,
+    )
     ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
 
     def build(**override):
@@ -296,8 +351,11 @@ def test_every_override_that_makes_an_unconvertible_model_is_refused(family):
                 changing.append((f.name, value))
     # the scan sees the knobs that change linear_qkv (grouped-query attention, megatron's own output gate) and
     # the one that changes the function (the attention's scale)
-    assert {("num_query_groups", 1 if family == "llama" else 2), ("attention_output_gate", True),
-            ("softmax_scale", 0.3)} <= set(changing)
+    assert {
+        ("num_query_groups", 1 if family == "llama" else 2),
+        ("attention_output_gate", True),
+        ("softmax_scale", 0.3),
+    } <= set(changing)
     if family == "llama":  # and what only Llama's layers read: the rotary embedding and SwiGLU
         assert {("rotary_interleaved", True), ("no_rope_freq", 1), ("glu_linear_offset", 0.3)} <= set(changing)
     for name, value in changing:

@@ -6,12 +6,13 @@ samples an uninterrupted run of the new length reads, for every data source. A r
 defines the order is refused (data.split: it moves documents between training and validation) or
 stated in the log (the others); see the training README, "Data order".
 """
+
 import math
 
 import pytest
 import torch
-
 from train_testlib import BASE, DEMO, indexed_corpus, indexed_sets
+
 from megatron_outeff.data.datasets import build_gpt_datasets, build_gpt_streams
 from megatron_outeff.data.tokenizer import load_tokenizer
 from megatron_outeff.errors import OutEffError
@@ -43,8 +44,14 @@ def _sources(c):
 
 def _epoch_samples(corpus, name, tmp_path) -> int:
     """Samples in one epoch of a prefix's training split (90,10,0), counted by megatron itself."""
-    train, _, _ = build_gpt_datasets(corpus[name], tokenizer=load_tokenizer(corpus["tokenizer"]), seq_length=SEQ,
-                                     split="90,10,0", num_samples=(None, None, None), cache_dir=str(tmp_path / "count"))
+    train, _, _ = build_gpt_datasets(
+        corpus[name],
+        tokenizer=load_tokenizer(corpus["tokenizer"]),
+        seq_length=SEQ,
+        split="90,10,0",
+        num_samples=(None, None, None),
+        cache_dir=str(tmp_path / "count"),
+    )
     return len(train)
 
 
@@ -55,8 +62,17 @@ def _steps(sets, iters, steps):
     return [torch.cat([m["tokens"] for m in source.next_global_batch()]) for _ in range(steps)]
 
 
-@pytest.mark.parametrize("source", ["synthetic", "bigram_backcopy", "indexed", "indexed_weighted_blend",
-                                    "indexed_unweighted_blend", "indexed_valid_paths"])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "synthetic",
+        "bigram_backcopy",
+        "indexed",
+        "indexed_weighted_blend",
+        "indexed_unweighted_blend",
+        "indexed_valid_paths",
+    ],
+)
 def test_sample_order_does_not_depend_on_the_run_length(source, corpus, tmp_path):
     sets = _sources(corpus)[source] + [f"data.cache_dir={tmp_path / 'cache'}"]
     short = 4
@@ -81,7 +97,9 @@ def test_streams_are_megatrons_datasets_in_the_first_epoch_and_whole_epochs_afte
     n = min(int(lengths[0] / 0.7 / 1.01), int(lengths[1] / 0.3 / 1.01)) - 1  # megatron's mid-level datasets: one epoch
     ref, _, _ = build_gpt_datasets(blend, num_samples=(n, 4, 1), cache_dir=str(tmp_path / "sized"), **kw)
     for i in range(n):
-        assert int(stream[i]["dataset_id"]) == int(ref[i]["dataset_id"]) and torch.equal(stream[i]["tokens"], ref[i]["tokens"]), i
+        assert int(stream[i]["dataset_id"]) == int(ref[i]["dataset_id"]) and torch.equal(
+            stream[i]["tokens"], ref[i]["tokens"]
+        ), i
     single, _, _ = build_gpt_streams(corpus["a"], cache_dir=str(tmp_path / "streams"), **kw)
     L = single.epoch_length
     epochs = [[tuple(single[e * L + j]["tokens"].tolist()) for j in range(L)] for e in range(3)]
@@ -108,8 +126,7 @@ def test_extended_run_reads_the_samples_of_an_uninterrupted_run(source, corpus, 
     """N steps, then --resume with train.train_iters = 2N: the same samples, in the same order, as a run of
     2N steps from the start (the data crosses epochs: megatron sized by the step count shuffles them
     differently), and with a constant LR the same losses."""
-    sets = _sources(corpus)[source] + [f"data.cache_dir={tmp_path / 'cache'}",
-                                                         "schedule.decay_style=constant"]
+    sets = _sources(corpus)[source] + [f"data.cache_dir={tmp_path / 'cache'}", "schedule.decay_style=constant"]
     n = 4
     reads = _spy_reads(monkeypatch)
     full = train(load_config(DEMO, BASE + sets + [f"train.train_iters={2 * n}"]))["history"]
@@ -117,8 +134,9 @@ def test_extended_run_reads_the_samples_of_an_uninterrupted_run(source, corpus, 
     reads.clear()
     ck = tmp_path / "ck"
     first = train(load_config(DEMO, BASE + sets + [f"train.train_iters={n}", f"checkpoint.dir={ck}"]))["history"]
-    second = train(load_config(DEMO, BASE + sets + [f"train.train_iters={2 * n}", f"checkpoint.dir={ck}"]),
-                   force_resume=True)["history"]
+    second = train(
+        load_config(DEMO, BASE + sets + [f"train.train_iters={2 * n}", f"checkpoint.dir={ck}"]), force_resume=True
+    )["history"]
     assert [i for i, _ in first + second] == list(range(1, 2 * n + 1))
     assert len(reads) == len(uninterrupted) == 2 * n
     for k, (got, want) in enumerate(zip(reads, uninterrupted)):
@@ -149,11 +167,15 @@ def test_resumed_order_changes_are_stated(tmp_path, capsys):
     train(load_config(DEMO, BASE + ["train.train_iters=2", f"checkpoint.dir={ck}"]))
     capsys.readouterr()
     # a longer run with a larger global batch reads on from the same position of the same order: nothing to say
-    train(load_config(DEMO, BASE + ["train.train_iters=3", "parallel.global_batch_size=8", f"checkpoint.dir={ck}"]),
-          force_resume=True)
+    train(
+        load_config(DEMO, BASE + ["train.train_iters=3", "parallel.global_batch_size=8", f"checkpoint.dir={ck}"]),
+        force_resume=True,
+    )
     assert "data order" not in capsys.readouterr().out
-    train(load_config(DEMO, BASE + ["train.train_iters=4", "train.seed=7", "data.seq_length=16", f"checkpoint.dir={ck}"]),
-          force_resume=True)
+    train(
+        load_config(DEMO, BASE + ["train.train_iters=4", "train.seed=7", "data.seq_length=16", f"checkpoint.dir={ck}"]),
+        force_resume=True,
+    )
     lines = [line for line in capsys.readouterr().out.splitlines() if "data order" in line]
     assert len(lines) == 1, lines
     assert "train.seed 1234 -> 7" in lines[0] and "data.seq_length 32 -> 16" in lines[0] and "sample 16" in lines[0]

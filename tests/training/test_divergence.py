@@ -1,14 +1,15 @@
 """A diverged run stops before the update of its first non-finite step and keeps its last finite
 checkpoint (issue 19 item 1), through the real DeepSpeed engine on every single-process optimizer
 path; the multi-process paths (pipeline, data parallel with one rank's NaN) are in test_multiproc.py."""
+
 import json
 import math
 import subprocess
 
 import pytest
 import torch
-
 from train_testlib import BASE, DEMO, PYTHON, ROOT, env, poison_hook, read_model_file
+
 from megatron_outeff.training.config import load_config
 from megatron_outeff.training.step import DIVERGED_EXIT_CODE, SkippedSteps, StepResult, TrainingDiverged
 from megatron_outeff.training.train import train
@@ -30,8 +31,17 @@ PATHS = [
 
 
 def _cfg(ck, sets):
-    return load_config(DEMO, BASE + [f"checkpoint.dir={ck}", "checkpoint.save_interval=1", "checkpoint.keep_last=1",
-                                     "train.train_iters=5", *sets])
+    return load_config(
+        DEMO,
+        BASE
+        + [
+            f"checkpoint.dir={ck}",
+            "checkpoint.save_interval=1",
+            "checkpoint.keep_last=1",
+            "train.train_iters=5",
+            *sets,
+        ],
+    )
 
 
 def _all_finite(tensors: dict) -> bool:
@@ -64,12 +74,18 @@ def test_nonfinite_gradient_stops_before_the_update(sets, tmp_path):
         assert state and all(torch.equal(state[k], saved[k]) for k in state)
 
 
-@pytest.mark.parametrize("sets", [["parallel.zero_stage=0"], ["parallel.zero_stage=2", "precision.dtype=bf16"]],
-                         ids=["fp32_zero0", "bf16_zero2"])
+@pytest.mark.parametrize(
+    "sets",
+    [["parallel.zero_stage=0"], ["parallel.zero_stage=2", "precision.dtype=bf16"]],
+    ids=["fp32_zero0", "bf16_zero2"],
+)
 def test_nonfinite_loss_stops_before_the_update(sets, tmp_path):
     ck = tmp_path / "ck"
-    with pytest.raises(TrainingDiverged, match=r"^iteration 3: lm loss is nan; expected a finite value; training "
-                                               r"stopped before its optimizer step"):
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"^iteration 3: lm loss is nan; expected a finite value; training "
+        r"stopped before its optimizer step",
+    ):
         train(_cfg(ck, sets), model_hook=poison_hook(3, MICRO, "loss"))
     assert (ck / "latest").read_text().strip() == "iter_0000002"
     assert _all_finite(read_model_file(ck, "iter_0000002"))
@@ -82,8 +98,11 @@ def test_nonfinite_weights_are_never_saved(tmp_path):
     checkpoint of iteration 1."""
     ck = tmp_path / "ck"
     cfg = _cfg(ck, ["optimizer.lr=1e33", "optimizer.weight_decay=1e6", "schedule.decay_style=constant"])
-    with pytest.raises(TrainingDiverged, match=r"^weight \S+ after iteration 2: \d+ non-finite value\(s\) \(nan/inf\) "
-                                               r"of \d+; expected finite values; not saved\. \S+latest names iter_0000001"):
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"^weight \S+ after iteration 2: \d+ non-finite value\(s\) \(nan/inf\) "
+        r"of \d+; expected finite values; not saved\. \S+latest names iter_0000001",
+    ):
         train(cfg)
     assert (ck / "latest").read_text().strip() == "iter_0000001"
     assert sorted(p.name for p in ck.iterdir() if p.name.startswith("iter_")) == ["iter_0000001"]
@@ -96,9 +115,15 @@ def test_diverged_cli_run_is_one_line_exit_3_and_the_rerun_does_not_start_over(t
     command again resumes from it and diverges at the same step (resume is exact), writing nothing."""
     ck, tb = tmp_path / "ck", tmp_path / "tb"
     cmd = [PYTHON, "-m", "megatron_outeff.training.train", "--config", DEMO]
-    for s in BASE + [f"checkpoint.dir={ck}", f"logging.tensorboard_dir={tb}", "checkpoint.save_interval=1",
-                     "checkpoint.keep_last=1", "train.train_iters=6", "optimizer.lr=1e30",
-                     "schedule.decay_style=constant"]:
+    for s in BASE + [
+        f"checkpoint.dir={ck}",
+        f"logging.tensorboard_dir={tb}",
+        "checkpoint.save_interval=1",
+        "checkpoint.keep_last=1",
+        "train.train_iters=6",
+        "optimizer.lr=1e30",
+        "schedule.decay_style=constant",
+    ]:
         cmd += ["--set", s]
     errors = []
     for attempt in range(2):
@@ -136,8 +161,11 @@ def test_skipped_steps_counter_over_deepspeed_skips():
     trainer, data, _ = build_trainer(cfg, prepare_model=lambda m: [h(m) for h in hooks])
     counter = SkippedSteps(limit=2, fp16=True)
     seen = []
-    with pytest.raises(TrainingDiverged, match=r"^2 steps in a row skipped by the fp16 loss scaler .*"
-                                               r"expected fewer than precision.max_skipped_steps=2"):
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"^2 steps in a row skipped by the fp16 loss scaler .*"
+        r"expected fewer than precision.max_skipped_steps=2",
+    ):
         for _ in range(6):
             result = train_step(trainer, data.next_global_batch())
             seen.append((result.skipped, math.isfinite(result.grad_norm)))

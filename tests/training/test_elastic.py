@@ -6,6 +6,7 @@ Two single-process reference runs (fp32 ZeRO-0 and bf16 ZeRO-2, checkpoints at 2
 the REF -> X transitions; one torchrun job runs every 2-process start and the resumes on 2
 processes; the resumes on 1 process run here. CPU, no dropout, no clipping (train_testlib.BASE).
 """
+
 import json
 import shutil
 import subprocess
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from train_testlib import BASE, DEMO, ROOT, TORCHRUN, env, free_port
 
 pytestmark = pytest.mark.multiproc
@@ -22,8 +22,12 @@ SAVE_AT, ITERS = 2, 4  # BASE trains 4 iterations
 FINAL = f"iter_{ITERS:07d}"
 
 LAYOUTS = {  # name: (processes, overrides of BASE)
-    "dp1_z0": (1, []), "dp1_z1": (1, ["parallel.zero_stage=1"]), "dp1_z3": (1, ["parallel.zero_stage=3"]),
-    "dp2_z0": (2, []), "dp2_z1": (2, ["parallel.zero_stage=1"]), "dp2_z2": (2, ["parallel.zero_stage=2"]),
+    "dp1_z0": (1, []),
+    "dp1_z1": (1, ["parallel.zero_stage=1"]),
+    "dp1_z3": (1, ["parallel.zero_stage=3"]),
+    "dp2_z0": (2, []),
+    "dp2_z1": (2, ["parallel.zero_stage=1"]),
+    "dp2_z2": (2, ["parallel.zero_stage=2"]),
     "dp2_z3": (2, ["parallel.zero_stage=3"]),
     "tp2_z1": (2, ["parallel.tensor_parallel=2", "parallel.zero_stage=1"]),
     "tp2_z2": (2, ["parallel.tensor_parallel=2", "parallel.zero_stage=2"]),
@@ -110,7 +114,10 @@ def runs(tmp_path_factory):
     result = {}
     for ref in REFS.values():
         hook = weights_hook(str(weights)) if ref == REF else None  # the fp32 reference's initial weights
-        result[ref] = {"losses": _train_here(ref, out / ref, hook, [f"checkpoint.save_interval={SAVE_AT}"]), "dir": out / ref}
+        result[ref] = {
+            "losses": _train_here(ref, out / ref, hook, [f"checkpoint.save_interval={SAVE_AT}"]),
+            "dir": out / ref,
+        }
     tdir = {t: out / f"{t[0]}_to_{t[1]}" for t in TRANSITIONS}
     starts = {a for a, _ in TRANSITIONS if a not in result}
     assert all(LAYOUTS[a][0] == 2 for a in starts)
@@ -119,16 +126,28 @@ def runs(tmp_path_factory):
             _rewind(out / a, tdir[(a, b)])
     # One torchrun job: the 2-process starts (stopped at iteration 2), then the resumes on 2 processes
     # (from a start's own directory: each start continues on at most one 2-process layout).
-    layouts = [f"start_{a}:" + ",".join(_sets(a, out / f"start_{a}", f"train.exit_interval={SAVE_AT}"))
-               for a in sorted(starts)]
+    layouts = [
+        f"start_{a}:" + ",".join(_sets(a, out / f"start_{a}", f"train.exit_interval={SAVE_AT}")) for a in sorted(starts)
+    ]
     in_job = [t for t in TRANSITIONS if LAYOUTS[t[1]][0] == 2]
     assert len({a for a, _ in in_job if a in starts}) == len([a for a, _ in in_job if a in starts])
     for a, b in in_job:
         if a in starts:
             tdir[(a, b)] = out / f"start_{a}"
         layouts.append(f"{a}_to_{b}:" + ",".join(_sets(b, tdir[(a, b)])))
-    cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), WORKER, str(out / "job.json"), *layouts]
-    r = subprocess.run(cmd, env=dict(env(), WEIGHTS=str(weights)), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    cmd = [
+        TORCHRUN,
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        WORKER,
+        str(out / "job.json"),
+        *layouts,
+    ]
+    r = subprocess.run(
+        cmd, env=dict(env(), WEIGHTS=str(weights)), cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     job = json.loads((out / "job.json").read_text())
     for a, b in TRANSITIONS:
@@ -149,8 +168,7 @@ def runs(tmp_path_factory):
 def _full(ckpt: Path, sub: str, iteration: int = ITERS) -> dict:
     """A checkpoint's tensors of model/ or optimizer/<moment>/, merged to one full (Hugging Face-named)
     state with the model files' own reader and merge rule."""
-    from megatron_outeff.checkpoint_format import merge_ranks
-    from megatron_outeff.checkpoint_format import manifest_arch_variant, read_model_files
+    from megatron_outeff.checkpoint_format import manifest_arch_variant, merge_ranks, read_model_files
 
     manifest, states = read_model_files(ckpt / f"iter_{iteration:07d}" / sub)  # bf16: the fp32 master weights
     arch, variant = manifest_arch_variant(manifest)
@@ -179,7 +197,9 @@ def test_elastic_resume_follows_the_uninterrupted_run(runs, transition):
             if transition in EXACT:
                 assert torch.equal(got[k], want[k]), (sub, k)
             else:
-                torch.testing.assert_close(got[k], want[k], rtol=0, atol=_tol(want[k]), msg=lambda m: f"{sub} {k}: {m}")
+                torch.testing.assert_close(
+                    got[k], want[k], rtol=0, atol=_tol(want[k]), msg=lambda m, sub=sub, k=k: f"{sub} {k}: {m}"
+                )
     if transition in EXACT:
         assert run["losses"] == ref["losses"]
     # shown with pytest -rP: the largest difference per tensor in float32 epsilons of its largest magnitude
@@ -206,12 +226,27 @@ def test_elastic_fingerprint_ignores_the_layout_not_the_global_batch():
     from megatron_outeff.training.config import LAYOUT_KEYS, load_config
 
     base = load_config(DEMO, BASE)
-    other = load_config(DEMO, BASE + ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2", "parallel.zero_stage=1",
-                                      "parallel.sequence_parallel=true", "parallel.micro_batch_size=2"])
+    other = load_config(
+        DEMO,
+        BASE
+        + [
+            "parallel.tensor_parallel=2",
+            "parallel.pipeline_parallel=2",
+            "parallel.zero_stage=1",
+            "parallel.sequence_parallel=true",
+            "parallel.micro_batch_size=2",
+        ],
+    )
     assert other.fingerprint() == base.fingerprint()
     assert load_config(DEMO, BASE + ["parallel.global_batch_size=8"]).fingerprint() != base.fingerprint()
-    assert set(LAYOUT_KEYS) == {"tensor_parallel", "pipeline_parallel", "sequence_parallel", "zero_stage", "cpu_offload",
-                                "micro_batch_size"}
+    assert set(LAYOUT_KEYS) == {
+        "tensor_parallel",
+        "pipeline_parallel",
+        "sequence_parallel",
+        "zero_stage",
+        "cpu_offload",
+        "micro_batch_size",
+    }
 
 
 def _snapshot(root: Path) -> dict:
@@ -261,9 +296,20 @@ def test_elastic_vocabulary_rows_must_divide(tmp_path):
 
     saved = load_config(None, ["model.arch=125m"])
     tag = tmp_path / "iter_0000002"
-    write_manifest(tag / "model", make_manifest(arch=arch_config(saved), variant=AttentionVariantConfig(), tp=1, pp=1,
-                                                padded_vocab_size=50272, dtype="fp32", seq_length=32, iteration=2,
-                                                source="training"))
+    write_manifest(
+        tag / "model",
+        make_manifest(
+            arch=arch_config(saved),
+            variant=AttentionVariantConfig(),
+            tp=1,
+            pp=1,
+            padded_vocab_size=50272,
+            dtype="fp32",
+            seq_length=32,
+            iteration=2,
+            source="training",
+        ),
+    )
     (tag / "optimizer").mkdir()
     (tag / "optimizer" / "state.json").write_text("{}")
     (tag / "train_state.json").write_text(json.dumps({"iteration": 2, "layout": elastic.layout(saved, 1)}))

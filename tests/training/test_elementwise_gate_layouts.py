@@ -2,6 +2,7 @@
 under the trainer's parallel layouts: DP=2 at ZeRO 0/1/2/3, TP=2, TP=2 + SP, PP=2 (2 processes, one torchrun
 launch) reproduce the single-process loss curve, as every layout does for the other variants
 (test_multiproc.py)."""
+
 import pytest
 from conftest import _run_oracle
 from test_multiproc import TOL, _torchrun
@@ -19,11 +20,18 @@ def test_elementwise_gate_layouts_match_single_process(oracle_elementwise, tmp_p
     import json
 
     gate = ",".join(GATE)
-    layouts = [f"{name}:{gate}{',' if sets else ''}{sets}" for name, sets in (
-        ("dp_zero0", ""), ("dp_zero1", "parallel.zero_stage=1"), ("dp_zero2", "parallel.zero_stage=2"),
-        ("dp_zero3", "parallel.zero_stage=3"), ("tp2_zero1", "parallel.tensor_parallel=2,parallel.zero_stage=1"),
-        ("tp2_sp_zero2", "parallel.tensor_parallel=2,parallel.sequence_parallel=true,parallel.zero_stage=2"),
-        ("pp2_zero1", "parallel.pipeline_parallel=2,parallel.zero_stage=1"))]
+    layouts = [
+        f"{name}:{gate}{',' if sets else ''}{sets}"
+        for name, sets in (
+            ("dp_zero0", ""),
+            ("dp_zero1", "parallel.zero_stage=1"),
+            ("dp_zero2", "parallel.zero_stage=2"),
+            ("dp_zero3", "parallel.zero_stage=3"),
+            ("tp2_zero1", "parallel.tensor_parallel=2,parallel.zero_stage=1"),
+            ("tp2_sp_zero2", "parallel.tensor_parallel=2,parallel.sequence_parallel=true,parallel.zero_stage=2"),
+            ("pp2_zero1", "parallel.pipeline_parallel=2,parallel.zero_stage=1"),
+        )
+    ]
     r = _torchrun(2, tmp_path / "out.json", layouts, oracle_elementwise["weights"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     results = json.loads((tmp_path / "out.json").read_text())

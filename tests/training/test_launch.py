@@ -6,15 +6,14 @@ config (fp32, no clipping, no dropout). The SLURM cluster is started by tests/cl
 (root; installs Debian's packages when missing); without it the slurm tests skip, except under CI
 (CI=true), where they fail.
 """
+
 import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
 from train_testlib import BASE, DEMO, PYTHON, ROOT, env, free_port
 
 TOL = 1e-5  # fp32 losses (~5.5) of the same computation: summation order only; TensorBoard stores fp32
@@ -35,18 +34,45 @@ def sets(extra=()):
     return [a for s in [*BASE, *extra] for a in ("--set", s)]
 
 
-@pytest.mark.parametrize("world, sets_, error", [
-    (2, ["parallel.tensor_parallel=2"], None),
-    (3, ["parallel.tensor_parallel=2"], "error: SLURM_NTASKS=3: world size 3 is not divisible by "
-                                        "tensor_parallel x pipeline_parallel = 2"),
-    (3, [], "error: SLURM_NTASKS=3: parallel.global_batch_size=8 is not divisible by micro_batch_size x "
-            "data_parallel = 2 x 3"),
-])
+@pytest.mark.parametrize(
+    "world, sets_, error",
+    [
+        (2, ["parallel.tensor_parallel=2"], None),
+        (
+            3,
+            ["parallel.tensor_parallel=2"],
+            "error: SLURM_NTASKS=3: world size 3 is not divisible by tensor_parallel x pipeline_parallel = 2",
+        ),
+        (
+            3,
+            [],
+            "error: SLURM_NTASKS=3: parallel.global_batch_size=8 is not divisible by micro_batch_size x "
+            "data_parallel = 2 x 3",
+        ),
+    ],
+)
 def test_launch_check_names_the_task_count_and_the_layout(world, sets_, error):
     """The check the sbatch script runs before starting any rank (demo-tiny: global batch 8, micro 2)."""
-    r = subprocess.run([PYTHON, "-m", "megatron_outeff.training.launch_checks", "--world-size", str(world),
-                        "--world-from", f"SLURM_NTASKS={world}", "--config", DEMO, *[a for s in sets_ for a in ("--set", s)],
-                        "--resume"], env=env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "megatron_outeff.training.launch_checks",
+            "--world-size",
+            str(world),
+            "--world-from",
+            f"SLURM_NTASKS={world}",
+            "--config",
+            DEMO,
+            *[a for s in sets_ for a in ("--set", s)],
+            "--resume",
+        ],
+        env=env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert (r.returncode, r.stdout, r.stderr.strip() or None) == ((2 if error else 0), "", error)
 
 
@@ -66,8 +92,16 @@ def test_a_stale_world_size_does_not_break_a_one_process_run(tmp_path):
 def test_the_launchers_world_size_is_named_in_a_layout_error(tmp_path):
     """With a launcher's RANK, WORLD_SIZE is the world: a layout it does not fit is one line naming the variable,
     before any rendezvous (nothing waits for the two ranks that will never come)."""
-    r = _trainer({"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                  "MASTER_PORT": str(free_port())}, [f"checkpoint.dir={tmp_path / 'ck'}"])
+    r = _trainer(
+        {
+            "RANK": "0",
+            "WORLD_SIZE": "3",
+            "LOCAL_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+        },
+        [f"checkpoint.dir={tmp_path / 'ck'}"],
+    )
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 2 and errors == [
         "error: WORLD_SIZE=3: parallel.global_batch_size=4 is not divisible by micro_batch_size x data_parallel = 1 x 3"
@@ -86,8 +120,9 @@ def _under_ci() -> bool:
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    r = subprocess.run(["bash", str(ROOT / "tests/cluster/start_slurm.sh")], capture_output=True, text=True,
-                       timeout=900)
+    r = subprocess.run(
+        ["bash", str(ROOT / "tests/cluster/start_slurm.sh")], capture_output=True, text=True, timeout=900
+    )
     if r.returncode != 0:
         lines = (r.stderr or r.stdout or "no output").strip().splitlines()
         reason = f"no SLURM cluster (tests/cluster/start_slurm.sh exit {r.returncode}): {lines[-1]}"
@@ -97,9 +132,21 @@ def slurm_cluster():
 
 
 def _sbatch(tmp_path, ntasks, extra_sets=(), sbatch_args=()) -> str:
-    cmd = ["sbatch", "--parsable", f"--ntasks={ntasks}", f"--ntasks-per-node={ntasks}", "--nodes=1",
-           "--cpus-per-task=1", "--gpus-per-node=0", "--time=15", f"--output={tmp_path}/job-%j.out",
-           *sbatch_args, SBATCH, DEMO, *sets(extra_sets)]
+    cmd = [
+        "sbatch",
+        "--parsable",
+        f"--ntasks={ntasks}",
+        f"--ntasks-per-node={ntasks}",
+        "--nodes=1",
+        "--cpus-per-task=1",
+        "--gpus-per-node=0",
+        "--time=15",
+        f"--output={tmp_path}/job-%j.out",
+        *sbatch_args,
+        SBATCH,
+        DEMO,
+        *sets(extra_sets),
+    ]
     e = dict(env(), PYTHON=PYTHON, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, env=e, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -116,8 +163,14 @@ def _wait_done(job_id, restarts=0, timeout=600) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
         job = _job(job_id)
-        if int(job["Restarts"]) == restarts and job["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
-                                                                     "NODE_FAIL", "OUT_OF_MEMORY"):
+        if int(job["Restarts"]) == restarts and job["JobState"] in (
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+            "TIMEOUT",
+            "NODE_FAIL",
+            "OUT_OF_MEMORY",
+        ):
             return job
         time.sleep(0.5)
     subprocess.run(["scancel", job_id])
@@ -163,14 +216,33 @@ def test_preempted_job_saves_exits_0_and_requeued_job_resumes(slurm_cluster, tmp
     iters = 100  # long enough that the signals land mid-run (steps take ~30-100 ms)
     extra = [f"train.train_iters={iters}"]
     ref_tb = tmp_path / "ref_tb"
-    job_id = _sbatch(tmp_path, 2, [*extra, f"checkpoint.dir={tmp_path / 'ck'}", f"logging.tensorboard_dir={tmp_path / 'tb'}"],
-                     ["--requeue"])
+    job_id = _sbatch(
+        tmp_path,
+        2,
+        [*extra, f"checkpoint.dir={tmp_path / 'ck'}", f"logging.tensorboard_dir={tmp_path / 'tb'}"],
+        ["--requeue"],
+    )
     # the uninterrupted reference in the same layout (2 processes), while the job starts
     torchrun = str(Path(PYTHON).with_name("torchrun"))
-    ref = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()),
-                          "-m", "megatron_outeff.training.train", "--config", DEMO,
-                          *sets([*extra, f"logging.tensorboard_dir={ref_tb}"])],
-                         env=dict(env(), OMP_NUM_THREADS="1"), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    ref = subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "megatron_outeff.training.train",
+            "--config",
+            DEMO,
+            *sets([*extra, f"logging.tensorboard_dir={ref_tb}"]),
+        ],
+        env=dict(env(), OMP_NUM_THREADS="1"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert ref.returncode == 0, ref.stderr[-3000:]
     log = tmp_path / f"job-{job_id}.out"
     _wait_for_line(log, "iter 1 ", job_id)
@@ -207,13 +279,22 @@ def test_preempted_job_saves_exits_0_and_requeued_job_resumes(slurm_cluster, tmp
 
 @pytest.mark.slurm
 def test_task_count_that_does_not_fit_the_layout_is_one_line_and_writes_nothing(slurm_cluster, tmp_path):
-    job_id = _sbatch(tmp_path, 1, ["parallel.tensor_parallel=2", f"checkpoint.dir={tmp_path / 'ck'}",
-                                   f"logging.tensorboard_dir={tmp_path / 'tb'}"])
+    job_id = _sbatch(
+        tmp_path,
+        1,
+        [
+            "parallel.tensor_parallel=2",
+            f"checkpoint.dir={tmp_path / 'ck'}",
+            f"logging.tensorboard_dir={tmp_path / 'tb'}",
+        ],
+    )
     job = _wait_done(job_id)
     out = (tmp_path / f"job-{job_id}.out").read_text()
     assert (job["JobState"], job["ExitCode"]) == ("FAILED", "2:0"), out[-3000:]
     errors = [line for line in out.splitlines() if line.startswith("error:")]
-    assert errors == ["error: SLURM_NTASKS=1: world size 1 is not divisible by tensor_parallel x pipeline_parallel = 2"], out
+    assert errors == [
+        "error: SLURM_NTASKS=1: world size 1 is not divisible by tensor_parallel x pipeline_parallel = 2"
+    ], out
     assert not (tmp_path / "ck").exists() and not (tmp_path / "tb").exists()
 
 
@@ -224,10 +305,26 @@ def _two_agents(tmp_path, sets_per_node, timeout=400):
     port = free_port()
     procs = []
     for node_rank, node_sets in enumerate(sets_per_node):
-        e = dict(env(), NNODES="2", NODE_RANK=str(node_rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                 GPUS_PER_NODE="1", PYTHON=PYTHON, OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen(["bash", TORCHRUN_SH, DEMO, *sets(node_sets)], env=e, cwd=tmp_path,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        e = dict(
+            env(),
+            NNODES="2",
+            NODE_RANK=str(node_rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            GPUS_PER_NODE="1",
+            PYTHON=PYTHON,
+            OMP_NUM_THREADS="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                ["bash", TORCHRUN_SH, DEMO, *sets(node_sets)],
+                env=e,
+                cwd=tmp_path,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     try:
         outs = [p.communicate(timeout=timeout)[0] for p in procs]
     finally:
@@ -259,6 +356,8 @@ def test_node_agents_with_different_configs_stop_with_one_error(tmp_path):
     codes, outs = _two_agents(tmp_path, [node0, [*node0, "optimizer.lr=0.002"]])
     assert codes[0] != 0 and codes[1] != 0, outs
     errors = [line for out in outs for line in out.splitlines() if line.startswith("error:")]
-    assert errors == ["error: config differs between ranks (node agents started with different configs?): "
-                      "optimizer.lr is 0.001 on rank 0 but 0.002 on rank 1"], outs[0][-3000:] + outs[1][-3000:]
+    assert errors == [
+        "error: config differs between ranks (node agents started with different configs?): "
+        "optimizer.lr is 0.001 on rank 0 but 0.002 on rank 1"
+    ], outs[0][-3000:] + outs[1][-3000:]
     assert not (tmp_path / "ck").exists()

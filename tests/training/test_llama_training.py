@@ -3,6 +3,7 @@ Softmax_1 + the elementwise gate) and PP=2 (vanilla), stopped after 2 steps and 
 ZeRO-2, ZeRO-3 and a resume from TP=2 at PP=2 too; converts to our remote code and to a plain transformers LlamaForCausalLM whose
 logits match our megatron model's; the FP16 and W8A8 exports reload; the int8 CPU path and the outlier
 report run on it; TensorBoard carries OPT's tags. One torchrun launch (llama_worker.py)."""
+
 import json
 import math
 import subprocess
@@ -11,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from tolerance import assert_close_bound, network_depth, rounding_bound
 from train_testlib import ROOT, TORCHRUN, env, free_port, tensorboard_scalars
 
@@ -40,8 +40,16 @@ def exported(trained, tmp_path_factory):
     return {name: to_hf(trained / name, out / name) for name in ("tp2", "pp2", "tp2_elementwise")}
 
 
-@pytest.mark.parametrize("name, ref", [("tp2", "ref_gated"), ("pp2", "ref_vanilla"), ("tp2_sp_zero2", "ref_gated"),
-                                       ("dp2_zero3", "ref_gated"), ("tp2_elementwise", "ref_elementwise")])
+@pytest.mark.parametrize(
+    "name, ref",
+    [
+        ("tp2", "ref_gated"),
+        ("pp2", "ref_vanilla"),
+        ("tp2_sp_zero2", "ref_gated"),
+        ("dp2_zero3", "ref_gated"),
+        ("tp2_elementwise", "ref_elementwise"),
+    ],
+)
 def test_layouts_and_resumes_follow_the_single_process_curve(trained, name, ref):
     losses = json.loads((trained / "losses.json").read_text())
     assert len(losses[ref]) == 4 and losses[name] == pytest.approx(losses[ref], abs=TOL), losses
@@ -68,9 +76,14 @@ def test_the_variant_changes_the_curve(trained):
     assert abs(losses["ref_elementwise"][-1] - losses["ref_vanilla"][-1]) > 1e-4
 
 
-@pytest.mark.parametrize("name, model_type, cls", [("tp2", "outeff_llama", "OutEffLlamaForCausalLM"),
-                                                    ("pp2", "llama", "LlamaForCausalLM"),
-                                                    ("tp2_elementwise", "outeff_llama", "OutEffLlamaForCausalLM")])
+@pytest.mark.parametrize(
+    "name, model_type, cls",
+    [
+        ("tp2", "outeff_llama", "OutEffLlamaForCausalLM"),
+        ("pp2", "llama", "LlamaForCausalLM"),
+        ("tp2_elementwise", "outeff_llama", "OutEffLlamaForCausalLM"),
+    ],
+)
 def test_exports_load_in_transformers_and_match_megatron(trained, exported, name, model_type, cls):
     from transformers import AutoModelForCausalLM
 
@@ -142,7 +155,15 @@ def test_outlier_report_and_simulated_w8a8_cover_the_llama_ops(exported):
 
 def test_tensorboard_carries_the_opt_tags(trained):
     tags = tensorboard_scalars(trained / "tb_tp2")
-    for tag in ("lm loss", "learning-rate", "grad-norm", "lm loss vs samples", "outliers/max_inf_norm",
-                "outliers/layer1/attn_probs/sink_mass", "outliers/layer0/fc2/kurtosis", "outliers/final_ln/inf_norm"):
+    for tag in (
+        "lm loss",
+        "learning-rate",
+        "grad-norm",
+        "lm loss vs samples",
+        "outliers/max_inf_norm",
+        "outliers/layer1/attn_probs/sink_mass",
+        "outliers/layer0/fc2/kurtosis",
+        "outliers/final_ln/inf_norm",
+    ):
         assert tag in tags, sorted(tags)
     assert [s for s, _ in tags["lm loss"]] == [1, 2, 3, 4]  # the resumed run continued the same series

@@ -8,15 +8,16 @@ Data: short documents with eod_mask_loss on, so every sample masks another numbe
 the single-process run with one micro-batch of the whole global batch (micro 4 x 1), where the per-batch
 mean IS the global per-token mean; every other layout must reproduce its training and validation losses.
 """
+
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-
-from train_testlib import BASE, DEMO, ROOT, TORCHRUN, env, free_port, indexed_corpus, indexed_sets, tensorboard_scalars
 from tolerance import rounding_bound
+from train_testlib import BASE, DEMO, ROOT, TORCHRUN, env, free_port, indexed_corpus, indexed_sets, tensorboard_scalars
+
 from megatron_outeff.training.config import load_config
 from megatron_outeff.training.train import train
 
@@ -35,8 +36,16 @@ def corpus(tmp_path_factory):
 
 
 def _sets(corpus, cache):
-    return indexed_sets(corpus, f"[{corpus['short']}]", f"data.valid_paths=[{corpus['valid']}]", "data.eod_mask_loss=true", "optimizer.lr=1e-2",
-                        f"data.cache_dir={cache}", "train.eval_interval=2", "train.eval_iters=2")
+    return indexed_sets(
+        corpus,
+        f"[{corpus['short']}]",
+        f"data.valid_paths=[{corpus['valid']}]",
+        "data.eod_mask_loss=true",
+        "optimizer.lr=1e-2",
+        f"data.cache_dir={cache}",
+        "train.eval_interval=2",
+        "train.eval_iters=2",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +54,17 @@ def oracle(corpus, tmp_path_factory):
     from layouts_worker import weights_hook
 
     out = tmp_path_factory.mktemp("oracle")
-    cfg = load_config(DEMO, BASE + _sets(corpus, out / "cache") + ["parallel.micro_batch_size=4",
-                                                                   f"logging.tensorboard_dir={out / 'tb'}"])
+    cfg = load_config(
+        DEMO,
+        BASE + _sets(corpus, out / "cache") + ["parallel.micro_batch_size=4", f"logging.tensorboard_dir={out / 'tb'}"],
+    )
     history = train(cfg, model_hook=weights_hook(str(out / "weights.pt")))["history"]
-    return {"losses": [x for _, x in history], "valid": _validation(out / "tb"), "weights": out / "weights.pt",
-            "cache": out / "cache"}
+    return {
+        "losses": [x for _, x in history],
+        "valid": _validation(out / "tb"),
+        "weights": out / "weights.pt",
+        "cache": out / "cache",
+    }
 
 
 def _validation(tb):
@@ -70,7 +85,9 @@ def _masks_differ(corpus, cache):
 def _assert_close(got, want, what):
     diff = max(abs(a - b) for a, b in zip(got, want))
     print(f"{what}: max |diff| {diff:.3e}")
-    assert len(got) == len(want) and diff <= LOSS_BOUND, f"{what}: max |diff| {diff:.3e} > {LOSS_BOUND:.3e}: {got} vs {want}"
+    assert len(got) == len(want) and diff <= LOSS_BOUND, (
+        f"{what}: max |diff| {diff:.3e} > {LOSS_BOUND:.3e}: {got} vs {want}"
+    )
 
 
 def test_gradient_accumulation_is_layout_only_with_a_loss_mask(corpus, oracle, tmp_path):
@@ -86,15 +103,28 @@ def test_gradient_accumulation_is_layout_only_with_a_loss_mask(corpus, oracle, t
 def test_data_and_pipeline_parallel_layouts_are_layout_only_with_a_loss_mask(corpus, oracle, tmp_path):
     """Two processes: DP 2 under ZeRO 0-3 (with and without accumulation), PP 2 under ZeRO 0 and 1."""
     layouts = {
-        "dp2_z0": "parallel.zero_stage=0", "dp2_z1_micro2": "parallel.zero_stage=1,parallel.micro_batch_size=2",
-        "dp2_z2": "parallel.zero_stage=2", "dp2_z3": "parallel.zero_stage=3",
-        "pp2_z0": "parallel.pipeline_parallel=2", "pp2_z1_micro2": "parallel.pipeline_parallel=2,parallel.zero_stage=1,parallel.micro_batch_size=2",
+        "dp2_z0": "parallel.zero_stage=0",
+        "dp2_z1_micro2": "parallel.zero_stage=1,parallel.micro_batch_size=2",
+        "dp2_z2": "parallel.zero_stage=2",
+        "dp2_z3": "parallel.zero_stage=3",
+        "pp2_z0": "parallel.pipeline_parallel=2",
+        "pp2_z1_micro2": "parallel.pipeline_parallel=2,parallel.zero_stage=1,parallel.micro_batch_size=2",
     }
     common = ",".join(_sets(corpus, oracle["cache"]))
     args = [f"{name}:{common},{sets},logging.tensorboard_dir={tmp_path / name}" for name, sets in layouts.items()]
-    cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), WORKER, str(tmp_path / "out.json"), *args]
-    r = subprocess.run(cmd, env=dict(env(), WEIGHTS=str(oracle["weights"])), cwd=ROOT, capture_output=True, text=True,
-                       timeout=900)
+    cmd = [
+        TORCHRUN,
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        WORKER,
+        str(tmp_path / "out.json"),
+        *args,
+    ]
+    r = subprocess.run(
+        cmd, env=dict(env(), WEIGHTS=str(oracle["weights"])), cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     results = json.loads((tmp_path / "out.json").read_text())
     for name in layouts:

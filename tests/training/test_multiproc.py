@@ -2,8 +2,8 @@
 
 Every layout reproduces the single-process oracle's loss curve (fp32, no clipping, no dropout).
 """
+
 import json
-import os
 import re
 import signal
 import subprocess
@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from train_testlib import BASE, DEMO, PYTHON, ROOT, TORCHRUN, env, free_port, tensorboard_scalars
 
 pytestmark = pytest.mark.multiproc
@@ -21,8 +20,9 @@ TOL = 1e-5
 
 def _torchrun(nproc, out, layouts, weights, timeout=560):
     cmd = [TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), WORKER, str(out), *layouts]
-    return subprocess.run(cmd, env=dict(env(), WEIGHTS=str(weights)), cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        cmd, env=dict(env(), WEIGHTS=str(weights)), cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _check_layouts(nproc, layouts, oracle, oracle_clip, tmp_path):
@@ -46,33 +46,52 @@ CLIP = "train.clip_grad=0.5"
 def test_parallel_layouts_match_single_process(oracle, oracle_clip, tmp_path):
     """2 processes: DP=2 under ZeRO 0/1/2/3, TP=2 (with and without SP), PP=2 under ZeRO 0/1,
     activation recomputation, ZeRO-2 with CPU offload, and stop/resume under ZeRO-3 and PP."""
-    _check_layouts(2, [
-        "dp_zero0:", "dp_zero1:parallel.zero_stage=1", "dp_zero2:parallel.zero_stage=2",
-        "dp_zero3:parallel.zero_stage=3", "tp2_zero0:parallel.tensor_parallel=2",
-        "tp2_sp_zero1:parallel.tensor_parallel=2,parallel.sequence_parallel=true,parallel.zero_stage=1",
-        "pp2_zero1:parallel.pipeline_parallel=2,parallel.zero_stage=1",
-        f"pp2_zero0_clip:parallel.pipeline_parallel=2,{CLIP}",
-        f"tp2_sp_zero2_clip:parallel.tensor_parallel=2,parallel.sequence_parallel=true,parallel.zero_stage=2,{CLIP}",
-        "dp_zero1_recompute:parallel.zero_stage=1,model.recompute_granularity=full",
-        "pp2_zero1_bf16:parallel.pipeline_parallel=2,parallel.zero_stage=1,precision.dtype=bf16",
-        "dp_zero2_bf16:parallel.zero_stage=2,precision.dtype=bf16",
-        "dp_zero2_cpu_offload:parallel.zero_stage=2,parallel.cpu_offload=true",  # DeepSpeedCPUAdam
-        # stop after 2 steps, resume from the checkpoint: ZeRO-3 shards and a pipeline's stages
-        *[f"{name}_{part}:{sets},checkpoint.dir={tmp_path / name}{',train.exit_interval=2' if part == 'part1' else ''}"
-          for name, sets in (("dp_zero3_resumed", "parallel.zero_stage=3"),
-                             ("pp2_zero1_resumed_clip", f"parallel.pipeline_parallel=2,parallel.zero_stage=1,{CLIP}"))
-          for part in ("part1", "part2")],
-    ], oracle, oracle_clip, tmp_path)
+    _check_layouts(
+        2,
+        [
+            "dp_zero0:",
+            "dp_zero1:parallel.zero_stage=1",
+            "dp_zero2:parallel.zero_stage=2",
+            "dp_zero3:parallel.zero_stage=3",
+            "tp2_zero0:parallel.tensor_parallel=2",
+            "tp2_sp_zero1:parallel.tensor_parallel=2,parallel.sequence_parallel=true,parallel.zero_stage=1",
+            "pp2_zero1:parallel.pipeline_parallel=2,parallel.zero_stage=1",
+            f"pp2_zero0_clip:parallel.pipeline_parallel=2,{CLIP}",
+            f"tp2_sp_zero2_clip:parallel.tensor_parallel=2,parallel.sequence_parallel=true,parallel.zero_stage=2,{CLIP}",
+            "dp_zero1_recompute:parallel.zero_stage=1,model.recompute_granularity=full",
+            "pp2_zero1_bf16:parallel.pipeline_parallel=2,parallel.zero_stage=1,precision.dtype=bf16",
+            "dp_zero2_bf16:parallel.zero_stage=2,precision.dtype=bf16",
+            "dp_zero2_cpu_offload:parallel.zero_stage=2,parallel.cpu_offload=true",  # DeepSpeedCPUAdam
+            # stop after 2 steps, resume from the checkpoint: ZeRO-3 shards and a pipeline's stages
+            *[
+                f"{name}_{part}:{sets},checkpoint.dir={tmp_path / name}{',train.exit_interval=2' if part == 'part1' else ''}"
+                for name, sets in (
+                    ("dp_zero3_resumed", "parallel.zero_stage=3"),
+                    ("pp2_zero1_resumed_clip", f"parallel.pipeline_parallel=2,parallel.zero_stage=1,{CLIP}"),
+                )
+                for part in ("part1", "part2")
+            ],
+        ],
+        oracle,
+        oracle_clip,
+        tmp_path,
+    )
 
 
 @pytest.mark.slow
 def test_four_process_layouts_match_single_process(oracle, oracle_clip, tmp_path):
     """4 processes: TP=2 x DP=2 and PP=2 x DP=2 (ZeRO-1), with clipping."""
-    _check_layouts(4, [
-        f"tp2_dp2_zero1_clip:parallel.tensor_parallel=2,parallel.zero_stage=1,{CLIP}",
-        f"pp2_dp2_zero1_clip:parallel.pipeline_parallel=2,parallel.zero_stage=1,{CLIP}",
-        "tp2_pp2:parallel.tensor_parallel=2,parallel.pipeline_parallel=2",
-    ], oracle, oracle_clip, tmp_path)
+    _check_layouts(
+        4,
+        [
+            f"tp2_dp2_zero1_clip:parallel.tensor_parallel=2,parallel.zero_stage=1,{CLIP}",
+            f"pp2_dp2_zero1_clip:parallel.pipeline_parallel=2,parallel.zero_stage=1,{CLIP}",
+            "tp2_pp2:parallel.tensor_parallel=2,parallel.pipeline_parallel=2",
+        ],
+        oracle,
+        oracle_clip,
+        tmp_path,
+    )
 
 
 def test_divergence_on_one_rank_stops_every_rank_before_the_update(tmp_path):
@@ -90,9 +109,17 @@ def test_divergence_on_one_rank_stops_every_rank_before_the_update(tmp_path):
         "dp2_zero2": ("grad", 1, "parallel.zero_stage=2"),
         "tp2_zero1": ("grad", 1, "parallel.tensor_parallel=2,parallel.zero_stage=1"),
     }
-    cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(Path(__file__).with_name("diverge_worker.py")), str(tmp_path / "out.json"), str(tmp_path),
-           *[f"{name}:{kind}:{rank}:{sets}" for name, (kind, rank, sets) in layouts.items()]]
+    cmd = [
+        TORCHRUN,
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(Path(__file__).with_name("diverge_worker.py")),
+        str(tmp_path / "out.json"),
+        str(tmp_path),
+        *[f"{name}:{kind}:{rank}:{sets}" for name, (kind, rank, sets) in layouts.items()],
+    ]
     r = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     results = json.loads((tmp_path / "out.json").read_text())
@@ -124,8 +151,14 @@ def _train_cmd(sets):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_signal_saves_at_end_of_step_and_exits_0(sig, tmp_path):
     ck = tmp_path / "ck"
-    p = subprocess.Popen(_train_cmd(["train.train_iters=100000", f"checkpoint.dir={ck}"]), env=env(), cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(
+        _train_cmd(["train.train_iters=100000", f"checkpoint.dir={ck}"]),
+        env=env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines = []
     deadline = time.time() + 300
     for line in p.stdout:
@@ -158,8 +191,10 @@ def _signal_at_line(cmd, prefix, sig=signal.SIGTERM, timeout=300):
 
 
 def _snapshot(path):
-    return {str(f.relative_to(path)): (f.stat().st_mtime_ns, f.read_bytes() if f.is_file() else None)
-            for f in sorted(path.rglob("*"))}
+    return {
+        str(f.relative_to(path)): (f.stat().st_mtime_ns, f.read_bytes() if f.is_file() else None)
+        for f in sorted(path.rglob("*"))
+    }
 
 
 @pytest.mark.parametrize("resumed", [False, True], ids=["new_run", "resuming"])
@@ -171,8 +206,14 @@ def test_sigterm_during_startup_exits_0_without_writing(resumed, tmp_path):
     ck, tb = tmp_path / "ck", tmp_path / "tb"
     sets = [f"checkpoint.dir={ck}", f"logging.tensorboard_dir={tb}", "train.train_iters=4"]
     if resumed:
-        r = subprocess.run(_train_cmd(sets + ["train.exit_interval=2"]), env=env(), cwd=ROOT, capture_output=True,
-                           text=True, timeout=300)
+        r = subprocess.run(
+            _train_cmd(sets + ["train.exit_interval=2"]),
+            env=env(),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 0 and (ck / "latest").read_text().strip() == "iter_0000002", r.stderr[-2000:]
     before = _snapshot(tmp_path)
     code, out = _signal_at_line(_train_cmd(sets), "world 1 = ")
@@ -185,8 +226,17 @@ def test_sigterm_to_torchrun_during_startup_exits_0_without_writing(tmp_path):
     """torchrun forwards its SIGTERM to the workers and kills them after a timeout: both trainers stop
     before the first step, exit 0 in time (no forced kill) and write nothing."""
     ck, tb = tmp_path / "ck", tmp_path / "tb"
-    cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "megatron_outeff.training.train",
-           "--config", DEMO]
+    cmd = [
+        TORCHRUN,
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "megatron_outeff.training.train",
+        "--config",
+        DEMO,
+    ]
     for s in BASE + [f"checkpoint.dir={ck}", f"logging.tensorboard_dir={tb}", "parallel.zero_stage=1"]:
         cmd += ["--set", s]
     code, out = _signal_at_line(cmd, "world 2 = ")
@@ -199,8 +249,14 @@ def test_sigterm_to_torchrun_during_startup_exits_0_without_writing(tmp_path):
 def test_kill_during_save_leaves_previous_checkpoint_loadable(oracle, tmp_path):
     ck, tb = tmp_path / "ck", tmp_path / "tb"
     sets = [f"checkpoint.dir={ck}", "checkpoint.save_interval=2", f"logging.tensorboard_dir={tb}"]
-    r = subprocess.run(_train_cmd(sets), env=dict(env(), OUTEFF_TEST_KILL_IN_SAVE="4"), cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        _train_cmd(sets),
+        env=dict(env(), OUTEFF_TEST_KILL_IN_SAVE="4"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == -signal.SIGKILL, r.stdout[-2000:] + r.stderr[-2000:]
     assert (ck / "latest").read_text().strip() == "iter_0000002"
     assert (ck / "iter_0000004.tmp").is_dir() and not (ck / "iter_0000004").exists()
@@ -232,22 +288,35 @@ def test_config_typo_writes_nothing_and_the_corrected_command_runs(tmp_path):
     error line and exit code 2 before anything is written; the corrected command then just runs."""
     ck, tb = tmp_path / "ck", tmp_path / "tb"
     sets = [f"checkpoint.dir={ck}", f"logging.tensorboard_dir={tb}", "train.train_iters=2"]
-    for typo, name in (("attention.sofmax=softmax1", "sofmax"),
-                       ("model.transformer_overrides={hiden_dropout: 0.0}", "hiden_dropout")):
-        r = subprocess.run(_train_cmd(sets + [typo]), env=env(), cwd=ROOT, capture_output=True, text=True,
-                           timeout=120)
+    for typo, name in (
+        ("attention.sofmax=softmax1", "sofmax"),
+        ("model.transformer_overrides={hiden_dropout: 0.0}", "hiden_dropout"),
+    ):
+        r = subprocess.run(_train_cmd(sets + [typo]), env=env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
         errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
         assert r.returncode == 2 and len(errors) == 1 and name in errors[0], r.stderr[-2000:]
         assert not ck.exists() and not tb.exists() and list(tmp_path.iterdir()) == []
-    r = subprocess.run(_train_cmd(sets + ["attention.softmax=softmax1"]), env=env(), cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        _train_cmd(sets + ["attention.softmax=softmax1"]),
+        env=env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert (ck / "latest").read_text().strip() == "iter_0000002" and (ck / "run.json").exists()
 
 
 def test_config_error_is_one_line_before_start(tmp_path):
-    r = subprocess.run(_train_cmd(["parallel.pipeline_parallel=2", "parallel.zero_stage=3"]), env=env(), cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        _train_cmd(["parallel.pipeline_parallel=2", "parallel.zero_stage=3"]),
+        env=env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "ZeRO-2/3" in errors[0], r.stderr[-2000:]

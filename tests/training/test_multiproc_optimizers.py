@@ -5,6 +5,7 @@ checkpoint at PP=2 and DP=2 (elastic, its moments in their rotated basis); at TP
 axes get a block-diagonal rotation, another optimizer than at TP=1: runs, finite, near the TP=1 curve)
 and a TP change on resume is refused. SGD at DP=2 ZeRO-2 and TP=2 ZeRO-1, Muon at DP=2 ZeRO-1 and
 PP=2 ZeRO-1 follow their single-process curves."""
+
 import json
 import shutil
 import subprocess
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from train_testlib import BASE, DEMO, ROOT, TORCHRUN, env, free_port
 
 pytestmark = pytest.mark.multiproc
@@ -39,9 +39,14 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("optimizers")
     weights = out / "initial_weights.pt"
     ref_dir = out / "ortho_ref"
-    result = {"ortho": _here(ORTHO + [f"checkpoint.dir={ref_dir}", "checkpoint.save_interval=2", "checkpoint.keep_last=0"],
-                             weights_hook(str(weights))),
-              "sgd": _here(SGD), "muon": _here(MUON + ["parallel.zero_stage=1"])}
+    result = {
+        "ortho": _here(
+            ORTHO + [f"checkpoint.dir={ref_dir}", "checkpoint.save_interval=2", "checkpoint.keep_last=0"],
+            weights_hook(str(weights)),
+        ),
+        "sgd": _here(SGD),
+        "muon": _here(MUON + ["parallel.zero_stage=1"]),
+    }
     resumes = {}
     for name in ("pp2", "dp2"):  # the single-process checkpoint, rewound to iteration 2
         d = out / f"resume_{name}"
@@ -50,17 +55,29 @@ def runs(tmp_path_factory):
         (d / "latest").write_text("iter_0000002\n")
         resumes[name] = d
     layouts = {
-        "ortho_dp2": ORTHO, "ortho_pp2": ORTHO + ["parallel.pipeline_parallel=2"],
+        "ortho_dp2": ORTHO,
+        "ortho_pp2": ORTHO + ["parallel.pipeline_parallel=2"],
         "ortho_tp2": ORTHO + ["parallel.tensor_parallel=2"],
         "ortho_resume_pp2": ORTHO + ["parallel.pipeline_parallel=2", f"checkpoint.dir={resumes['pp2']}"],
         "ortho_resume_dp2": ORTHO + [f"checkpoint.dir={resumes['dp2']}"],
-        "sgd_dp2_z2": SGD + ["parallel.zero_stage=2"], "muon_dp2_z1": MUON + ["parallel.zero_stage=1"],
+        "sgd_dp2_z2": SGD + ["parallel.zero_stage=2"],
+        "muon_dp2_z1": MUON + ["parallel.zero_stage=1"],
         "sgd_tp2_z1": SGD + ["parallel.tensor_parallel=2", "parallel.zero_stage=1"],
         "muon_pp2_z1": MUON + ["parallel.pipeline_parallel=2", "parallel.zero_stage=1"],
     }
-    cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), WORKER, str(out / "job.json"),
-           *[f"{n}:" + ",".join(s) for n, s in layouts.items()]]
-    r = subprocess.run(cmd, env=dict(env(), WEIGHTS=str(weights)), cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    cmd = [
+        TORCHRUN,
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        WORKER,
+        str(out / "job.json"),
+        *[f"{n}:" + ",".join(s) for n, s in layouts.items()],
+    ]
+    r = subprocess.run(
+        cmd, env=dict(env(), WEIGHTS=str(weights)), cwd=ROOT, capture_output=True, text=True, timeout=1200
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     result.update(json.loads((out / "job.json").read_text()))
     result["dirs"] = {"ref": ref_dir, **resumes}
@@ -76,14 +93,17 @@ def test_orthoadam_dp_and_pp_follow_the_single_process_run(runs, layout):
 def test_orthoadam_resumes_on_another_dp_or_pp_layout(runs, layout):
     """Iterations 3-4 resumed at the new layout from the single-process iteration-2 checkpoint: the
     uninterrupted run's losses, and at the end its weights and rotated-basis moments."""
-    torch.testing.assert_close(torch.tensor(runs[f"ortho_resume_{layout}"]), torch.tensor(runs["ortho"][2:]),
-                               rtol=LOSS_RTOL, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(runs[f"ortho_resume_{layout}"]), torch.tensor(runs["ortho"][2:]), rtol=LOSS_RTOL, atol=0
+    )
     from test_elastic import _full, _tol
 
     for sub in ("model", "optimizer/exp_avg", "optimizer/exp_avg_sq"):
         got, want = _full(runs["dirs"][layout], sub), _full(runs["dirs"]["ref"], sub)
         for k in want:
-            torch.testing.assert_close(got[k], want[k], rtol=0, atol=_tol(want[k]), msg=lambda m: f"{sub} {k}: {m}")
+            torch.testing.assert_close(
+                got[k], want[k], rtol=0, atol=_tol(want[k]), msg=lambda m, sub=sub, k=k: f"{sub} {k}: {m}"
+            )
 
 
 def test_orthoadam_tp2_runs_and_a_tp_change_on_resume_is_refused(runs, tmp_path):
@@ -100,7 +120,8 @@ def test_orthoadam_tp2_runs_and_a_tp_change_on_resume_is_refused(runs, tmp_path)
     assert elastic.check_resume(load_config(DEMO, BASE + ORTHO + ["parallel.pipeline_parallel=2"]), tag, 2) is None
 
 
-@pytest.mark.parametrize("kind, layout", [("sgd", "sgd_dp2_z2"), ("muon", "muon_dp2_z1"), ("sgd", "sgd_tp2_z1"),
-                                          ("muon", "muon_pp2_z1")])
+@pytest.mark.parametrize(
+    "kind, layout", [("sgd", "sgd_dp2_z2"), ("muon", "muon_dp2_z1"), ("sgd", "sgd_tp2_z1"), ("muon", "muon_pp2_z1")]
+)
 def test_sgd_and_muon_layouts_follow_one_process(runs, kind, layout):
     torch.testing.assert_close(torch.tensor(runs[layout]), torch.tensor(runs[kind]), rtol=LOSS_RTOL, atol=0)

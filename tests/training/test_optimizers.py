@@ -3,12 +3,13 @@ OrthoAdam with identity rotations is AdamW bit for bit, with Haar rotations anot
 and Muon (DeepSpeed's) run at the ZeRO stages they support and keep the parameter roles; what an
 optimizer cannot run is refused when the config loads, with its reason; resume of SGD's momentum and
 OrthoAdam's moments at another ZeRO stage (one process: bit for bit)."""
+
 import pytest
 import torch
+from train_testlib import BASE, DEMO
 
 from megatron_outeff.errors import OutEffError
 from megatron_outeff.training.config import load_config
-from train_testlib import BASE, DEMO
 
 
 def _train(sets, hook=None):
@@ -119,8 +120,12 @@ def test_muon_groups_hidden_matrices_and_keeps_roles():
     assert isinstance(opt, MuonWithAuxAdam)
     names = {id(p): n for n, p in model.named_parameters()}
     muon = sorted(names[id(p)].split(".", 3)[-1] for g in opt.param_groups if g["use_muon"] for p in g["params"])
-    assert set(muon) == {"self_attention.linear_qkv.weight", "self_attention.linear_proj.weight",
-                         "mlp.linear_fc1.weight", "mlp.linear_fc2.weight"}
+    assert set(muon) == {
+        "self_attention.linear_qkv.weight",
+        "self_attention.linear_proj.weight",
+        "mlp.linear_fc1.weight",
+        "mlp.linear_fc2.weight",
+    }
     adam = [names[id(p)] for g in opt.param_groups if not g["use_muon"] for p in g["params"]]
     assert "embedding.word_embeddings.weight" in adam and "embedding.position_embeddings.weight" in adam
     for g in opt.param_groups:  # the role groups' decay survives the split; Muon's lr from muon_lr
@@ -138,23 +143,34 @@ def muon_zero0():
 def test_muon_at_zero_stages_follows_zero0(zero, muon_zero0, adamw_run):
     """DeepSpeed's ZeRO-1/2 Muon (orthogonalized while the partitions are filled) follows its
     unpartitioned Muon (ZeRO-0: the optimizer's own step); both move away from AdamW."""
-    losses, _ = _train(["optimizer.type=muon", "optimizer.muon_lr=0.02", "optimizer.lr=1e-3", f"parallel.zero_stage={zero}"])
+    losses, _ = _train(
+        ["optimizer.type=muon", "optimizer.muon_lr=0.02", "optimizer.lr=1e-3", f"parallel.zero_stage={zero}"]
+    )
     ref = muon_zero0[0]
     assert all(torch.isfinite(torch.tensor(ref))) and ref != adamw_run[0]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("sets, message", [
-    (["optimizer.type=adam"], "optimizer.type='adam': expected one of 'adamw', 'orthoadam', 'sgd', 'muon'"),
-    (["optimizer.type=orthoadam", "parallel.zero_stage=1"], "optimizer.type=orthoadam with parallel.zero_stage=1"),
-    (["optimizer.type=orthoadam", "precision.dtype=bf16"], "optimizer.type=orthoadam with precision.dtype=bf16"),
-    (["optimizer.type=sgd", "parallel.zero_stage=1", "parallel.cpu_offload=true"], "optimizer.type=sgd with parallel.cpu_offload"),
-    (["optimizer.type=muon", "parallel.tensor_parallel=2"], "optimizer.type=muon with parallel.tensor_parallel=2"),
-    (["optimizer.type=muon", "precision.dtype=bf16", "parallel.zero_stage=1"], "optimizer.type=muon with precision.dtype=bf16"),
-    (["optimizer.momentum=1.0"], "optimizer.momentum=1.0: expected a number in [0, 1)"),
-    (["optimizer.rotation_block_size=0"], "optimizer.rotation_block_size=0"),
-    (["optimizer.name=adamw"], "unknown config key 'optimizer.name'"),
-])
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["optimizer.type=adam"], "optimizer.type='adam': expected one of 'adamw', 'orthoadam', 'sgd', 'muon'"),
+        (["optimizer.type=orthoadam", "parallel.zero_stage=1"], "optimizer.type=orthoadam with parallel.zero_stage=1"),
+        (["optimizer.type=orthoadam", "precision.dtype=bf16"], "optimizer.type=orthoadam with precision.dtype=bf16"),
+        (
+            ["optimizer.type=sgd", "parallel.zero_stage=1", "parallel.cpu_offload=true"],
+            "optimizer.type=sgd with parallel.cpu_offload",
+        ),
+        (["optimizer.type=muon", "parallel.tensor_parallel=2"], "optimizer.type=muon with parallel.tensor_parallel=2"),
+        (
+            ["optimizer.type=muon", "precision.dtype=bf16", "parallel.zero_stage=1"],
+            "optimizer.type=muon with precision.dtype=bf16",
+        ),
+        (["optimizer.momentum=1.0"], "optimizer.momentum=1.0: expected a number in [0, 1)"),
+        (["optimizer.rotation_block_size=0"], "optimizer.rotation_block_size=0"),
+        (["optimizer.name=adamw"], "unknown config key 'optimizer.name'"),
+    ],
+)
 def test_unsupported_optimizer_or_layout_is_refused_at_load(sets, message):
     with pytest.raises(OutEffError) as e:
         load_config(DEMO, BASE + sets)
@@ -174,16 +190,37 @@ def test_fingerprint_of_adamw_configs_is_unchanged_by_optimizer_type():
     for k in ("exit_interval", "eval_interval", "eval_iters"):
         d["train"].pop(k)
     d["precision"].pop("max_skipped_steps")  # not part of any fingerprint (when a diverged run stops)
-    for k in ("tensor_parallel", "pipeline_parallel", "sequence_parallel", "zero_stage", "cpu_offload", "micro_batch_size"):
+    for k in (
+        "tensor_parallel",
+        "pipeline_parallel",
+        "sequence_parallel",
+        "zero_stage",
+        "cpu_offload",
+        "micro_batch_size",
+    ):
         d["parallel"].pop(k)
     o = d["optimizer"]
-    d["optimizer"] = {"name": "adamw", "lr": o["lr"], "betas": o["betas"], "eps": o["eps"],
-                      "weight_decay": o["weight_decay"], "decay_norm_weights": o["decay_norm_weights"]}
+    d["optimizer"] = {
+        "name": "adamw",
+        "lr": o["lr"],
+        "betas": o["betas"],
+        "eps": o["eps"],
+        "weight_decay": o["weight_decay"],
+        "decay_norm_weights": o["decay_norm_weights"],
+    }
     old = hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
     assert cfg.fingerprint() == old
-    fps = {load_config(DEMO, BASE + s).fingerprint() for s in (
-        [], ["optimizer.type=orthoadam"], ["optimizer.type=orthoadam", "optimizer.rotation_seed=1"],
-        ["optimizer.type=sgd"], ["optimizer.type=muon"], ["optimizer.momentum=0.5"])}
+    fps = {
+        load_config(DEMO, BASE + s).fingerprint()
+        for s in (
+            [],
+            ["optimizer.type=orthoadam"],
+            ["optimizer.type=orthoadam", "optimizer.rotation_seed=1"],
+            ["optimizer.type=sgd"],
+            ["optimizer.type=muon"],
+            ["optimizer.momentum=0.5"],
+        )
+    }
     assert len(fps) == 6
 
 
@@ -195,8 +232,11 @@ def test_resume_carries_the_optimizer_state(kind, tmp_path):
     moments are written for a resume on another DP / PP layout (test_multiproc_optimizers.py)."""
     import json
 
-    opt = {"sgd": ["optimizer.type=sgd", "optimizer.lr=0.05"], "orthoadam": ["optimizer.type=orthoadam"],
-           "muon": ["optimizer.type=muon", "optimizer.muon_lr=0.02", "optimizer.lr=1e-3", "parallel.zero_stage=1"]}[kind]
+    opt = {
+        "sgd": ["optimizer.type=sgd", "optimizer.lr=0.05"],
+        "orthoadam": ["optimizer.type=orthoadam"],
+        "muon": ["optimizer.type=muon", "optimizer.muon_lr=0.02", "optimizer.lr=1e-3", "parallel.zero_stage=1"],
+    }[kind]
     target = ["parallel.zero_stage=2"] if kind == "sgd" else []
     full, w_full = _train(opt + target)
     ck = tmp_path / "ck"
@@ -223,6 +263,8 @@ def test_resume_with_another_optimizer_state_is_refused(tmp_path):
     tag = ck / "iter_0000002"
     assert elastic.check_resume(load_config(DEMO, BASE + ["optimizer.type=sgd", "optimizer.lr=0.05"]), tag, 1) is None
     reason = elastic.check_resume(load_config(DEMO, BASE + ["parallel.zero_stage=1"]), tag, 1)
-    assert "holds optimizer state ['momentum_buffer'], but optimizer.type=adamw keeps ['exp_avg', 'exp_avg_sq']" in reason
+    assert (
+        "holds optimizer state ['momentum_buffer'], but optimizer.type=adamw keeps ['exp_avg', 'exp_avg_sq']" in reason
+    )
     reason = elastic.check_resume(load_config(DEMO, BASE + ["optimizer.type=muon", "parallel.zero_stage=1"]), tag, 1)
     assert reason.startswith("optimizer.type=muon: resuming") and "resume at the saved layout" in reason

@@ -1,5 +1,6 @@
 """OrthoAdam against torch's AdamW (identity and signed-permutation rotations: bit for bit) and against
 a float64 formula of its definition (Haar rotations), plus the rotations themselves."""
+
 import pytest
 import torch
 
@@ -18,7 +19,9 @@ def _params(seed=0):
 def _grads(seed=1):
     g = torch.Generator().manual_seed(seed)
     # heterogeneous scales per coordinate: where Adam's per-coordinate normalisation matters
-    return [[torch.randn(s, generator=g) * torch.rand(s, generator=g).pow(4) * 10 for s in SHAPES] for _ in range(STEPS)]
+    return [
+        [torch.randn(s, generator=g) * torch.rand(s, generator=g).pow(4) * 10 for s in SHAPES] for _ in range(STEPS)
+    ]
 
 
 def _groups(params):
@@ -65,7 +68,9 @@ def test_rotations_that_commute_with_adam_reproduce_adamw_bit_for_bit(kind):
         s_ref, s_got = ref_opt.state[p_ref], got_opt.state[p_got]
         assert sorted(s_got) == sorted(s_ref) and torch.equal(s_got["step"], s_ref["step"])
         if kind == "identity":
-            assert torch.equal(s_got["exp_avg"], s_ref["exp_avg"]) and torch.equal(s_got["exp_avg_sq"], s_ref["exp_avg_sq"])
+            assert torch.equal(s_got["exp_avg"], s_ref["exp_avg"]) and torch.equal(
+                s_got["exp_avg_sq"], s_ref["exp_avg_sq"]
+            )
 
 
 def _orthoadam_float64(params, grads, rotations):
@@ -86,7 +91,7 @@ def _orthoadam_float64(params, grads, rotations):
                 gr = torch.tensordot(q, gr, dims=([1], [axis])).movedim(0, axis)
             m[i] = b1 * m[i] + (1 - b1) * gr
             v[i] = b2 * v[i] + (1 - b2) * gr * gr
-            u = (m[i] / (1 - b1 ** t)) / ((v[i] / (1 - b2 ** t)).sqrt() + EPS)
+            u = (m[i] / (1 - b1**t)) / ((v[i] / (1 - b2**t)).sqrt() + EPS)
             for axis, q in enumerate(qs):  # U = U' x_axis Q^T
                 u = torch.tensordot(q.t(), u, dims=([1], [axis])).movedim(0, axis)
             ws[i] = w * (1 - lr * wd) - lr * u
@@ -95,7 +100,9 @@ def _orthoadam_float64(params, grads, rotations):
 
 def test_haar_rotation_changes_the_step_and_matches_the_float64_definition():
     init = _params()
-    rotations = [[axis_rotation(n, seed=3, key=f"p{i}/axis{a}") for a, n in enumerate(p.shape)] for i, p in enumerate(init)]
+    rotations = [
+        [axis_rotation(n, seed=3, key=f"p{i}/axis{a}") for a, n in enumerate(p.shape)] for i, p in enumerate(init)
+    ]
     by_param = {}
 
     def lookup(p):
@@ -127,7 +134,9 @@ def test_haar_matrices_are_orthogonal_deterministic_and_blocked():
     torch.testing.assert_close(q.t() @ q, torch.eye(16, dtype=torch.float64), atol=1e-12, rtol=0)
     a = axis_rotation(10, seed=1, key="x")
     assert torch.equal(a, axis_rotation(10, seed=1, key="x"))
-    assert not torch.equal(a, axis_rotation(10, seed=2, key="x")) and not torch.equal(a, axis_rotation(10, seed=1, key="y"))
+    assert not torch.equal(a, axis_rotation(10, seed=2, key="x")) and not torch.equal(
+        a, axis_rotation(10, seed=1, key="y")
+    )
     torch.testing.assert_close(a.t() @ a, torch.eye(10), atol=1e-6, rtol=0)
     blocked = axis_rotation(10, seed=1, key="x", block_size=4)  # 3 blocks: 4, 3, 3
     torch.testing.assert_close(blocked.t() @ blocked, torch.eye(10), atol=1e-6, rtol=0)

@@ -1,12 +1,13 @@
 """Which checkpoint a run resumes (issue 19 items 2 and 13): complete checkpoints are the truth when
 `latest` is lost, empty, unreadable or dangling; the run fingerprint identifies data and tokenizer by
 what they are, so a moved cache or another spelling of a path resumes."""
+
 import json
 import shutil
 
 import pytest
-
 from train_testlib import BASE, DEMO
+
 from megatron_outeff.errors import OutEffError
 from megatron_outeff.training.config import load_config
 from megatron_outeff.training.train import train
@@ -14,10 +15,18 @@ from megatron_outeff.training.train import train
 
 def _cfg(ck, extra=()):
     # dropout on: the resumed steps match only if the RNG streams of the right checkpoint are restored
-    return load_config(DEMO, BASE + [
-        "train.train_iters=6", "checkpoint.save_interval=2", "checkpoint.keep_last=0",
-        "model.arch_overrides={vocab_size: 256, hidden_dropout: 0.1, attention_dropout: 0.1}",
-        f"checkpoint.dir={ck or 'null'}", *extra])
+    return load_config(
+        DEMO,
+        BASE
+        + [
+            "train.train_iters=6",
+            "checkpoint.save_interval=2",
+            "checkpoint.keep_last=0",
+            "model.arch_overrides={vocab_size: 256, hidden_dropout: 0.1, attention_dropout: 0.1}",
+            f"checkpoint.dir={ck or 'null'}",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +40,13 @@ def stopped_at_4(tmp_path_factory):
 
 
 POINTERS = {  # what happened to `latest` -> its content (None: the file is gone)
-    "missing": None, "empty": b"", "whitespace": b"\n", "not_a_tag": b"garbage\n", "not_utf8": b"\xff\xfe\x00",
-    "dangling": b"iter_0000009\n", "escaping": b"../ck\n",
+    "missing": None,
+    "empty": b"",
+    "whitespace": b"\n",
+    "not_a_tag": b"garbage\n",
+    "not_utf8": b"\xff\xfe\x00",
+    "dangling": b"iter_0000009\n",
+    "escaping": b"../ck\n",
 }
 
 
@@ -100,8 +114,9 @@ def test_moved_cache_and_respelled_paths_resume(tmp_path, monkeypatch):
     rng = random.Random(0)
     words = "the of and to in a is that for it as was with be by on not he this are or his from at".split()
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(60))}) + "\n"
-                              for _ in range(120)))
+    corpus.write_text(
+        "".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(60))}) + "\n" for _ in range(120))
+    )
     tok = train_sentencepiece([str(corpus)], str(tmp_path / "tok" / "spm"), vocab_size=300, num_threads=1)
     prefix = tmp_path / "data" / "corpus"
     preprocess_corpus(str(corpus), str(prefix), tok, progress=False)
@@ -109,10 +124,21 @@ def test_moved_cache_and_respelled_paths_resume(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
     def cfg(ck, prefix, tokenizer, cache, extra=()):
-        return load_config(DEMO, BASE + [
-            "model.arch_overrides.vocab_size=304", "data.source=indexed", f"data.train_paths=[{prefix}]",
-            f"data.tokenizer={tokenizer}", f"data.cache_dir={cache}", "data.split=90,10,0", "train.train_iters=4",
-            f"checkpoint.dir={ck or 'null'}", *extra])
+        return load_config(
+            DEMO,
+            BASE
+            + [
+                "model.arch_overrides.vocab_size=304",
+                "data.source=indexed",
+                f"data.train_paths=[{prefix}]",
+                f"data.tokenizer={tokenizer}",
+                f"data.cache_dir={cache}",
+                "data.split=90,10,0",
+                "train.train_iters=4",
+                f"checkpoint.dir={ck or 'null'}",
+                *extra,
+            ],
+        )
 
     full = train(cfg(None, prefix, tok, tmp_path / "cache-a"))["history"]
     first = train(cfg(tmp_path / "ck", prefix, tok, tmp_path / "cache-a", ["train.exit_interval=2"]))["history"]

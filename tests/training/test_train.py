@@ -1,11 +1,12 @@
 """Single-process training runs inside the test process: TensorBoard tags, exact resume, directory
 ownership, LR schedule and optimizer groups."""
+
 import json
 import math
 
 import pytest
-
 from train_testlib import BASE, DEMO, tensorboard_scalars
+
 from megatron_outeff.errors import OutEffError
 from megatron_outeff.training.config import load_config
 from megatron_outeff.training.train import train
@@ -51,10 +52,19 @@ def test_tensorboard_tags(oracle):
 
 def _resume_cfg(ckpt, extra=()):
     # dropout on: resuming must restore the RNG streams too, not only weights and optimizer
-    return load_config(DEMO, BASE + [
-        "train.train_iters=6", "train.clip_grad=1.0", "schedule.warmup_iters=2",
-        "model.arch_overrides={vocab_size: 256, hidden_dropout: 0.1, attention_dropout: 0.1}",
-        f"checkpoint.dir={ckpt or 'null'}", "checkpoint.keep_last=1", *extra])
+    return load_config(
+        DEMO,
+        BASE
+        + [
+            "train.train_iters=6",
+            "train.clip_grad=1.0",
+            "schedule.warmup_iters=2",
+            "model.arch_overrides={vocab_size: 256, hidden_dropout: 0.1, attention_dropout: 0.1}",
+            f"checkpoint.dir={ckpt or 'null'}",
+            "checkpoint.keep_last=1",
+            *extra,
+        ],
+    )
 
 
 def test_stop_and_resume_equals_uninterrupted(tmp_path):
@@ -126,23 +136,40 @@ def test_lr_schedule():
 # Oracle for the weight-decay rule: every parameter name the OPT model can hold (layer index and
 # wrapper prefixes dropped), with its role written out by hand. A parameter missing here fails the test.
 ROLES = {
-    "embedding.word_embeddings.weight": "matrix", "embedding.position_embeddings.weight": "matrix",
-    "input_layernorm.weight": "norm", "input_layernorm.bias": "bias",
-    "pre_mlp_layernorm.weight": "norm", "pre_mlp_layernorm.bias": "bias",
-    "final_layernorm.weight": "norm", "final_layernorm.bias": "bias",
-    "self_attention.linear_qkv.weight": "matrix", "self_attention.linear_qkv.bias": "bias",
-    "self_attention.linear_proj.weight": "matrix", "self_attention.linear_proj.bias": "bias",
-    "mlp.linear_fc1.weight": "matrix", "mlp.linear_fc1.bias": "bias",
-    "mlp.linear_fc2.weight": "matrix", "mlp.linear_fc2.bias": "bias",
+    "embedding.word_embeddings.weight": "matrix",
+    "embedding.position_embeddings.weight": "matrix",
+    "input_layernorm.weight": "norm",
+    "input_layernorm.bias": "bias",
+    "pre_mlp_layernorm.weight": "norm",
+    "pre_mlp_layernorm.bias": "bias",
+    "final_layernorm.weight": "norm",
+    "final_layernorm.bias": "bias",
+    "self_attention.linear_qkv.weight": "matrix",
+    "self_attention.linear_qkv.bias": "bias",
+    "self_attention.linear_proj.weight": "matrix",
+    "self_attention.linear_proj.bias": "bias",
+    "mlp.linear_fc1.weight": "matrix",
+    "mlp.linear_fc1.bias": "bias",
+    "mlp.linear_fc2.weight": "matrix",
+    "mlp.linear_fc2.bias": "bias",
     "self_attention.core_attention.softmax_offset": "vector",  # learnable per-head offset, 1-D
-    "self_attention.head_gate.weight": "matrix", "self_attention.head_gate.bias": "bias",  # linear / shared_linear
-    "self_attention.head_gate.fc1_weight": "matrix", "self_attention.head_gate.fc1_bias": "bias",  # mlp gate, 2-D bias
+    "self_attention.head_gate.weight": "matrix",
+    "self_attention.head_gate.bias": "bias",  # linear / shared_linear
+    "self_attention.head_gate.fc1_weight": "matrix",
+    "self_attention.head_gate.fc1_bias": "bias",  # mlp gate, 2-D bias
     "self_attention.head_gate.fc2_weight": "matrix",
 }
-VARIANTS = ["{softmax: vanilla}", "{softmax: softmax1}", "{softmax: softmax_n, softmax_n: 2.0}", "{softmax: learnable}",
-            "{softmax: softmax1, clip_alpha: 4.0}", "{softmax: softmax1, gate: linear}",
-            "{softmax: vanilla, gate: mlp}", "{softmax: learnable, gate: shared_linear}",
-            "{softmax: learnable, gate: elementwise}"]
+VARIANTS = [
+    "{softmax: vanilla}",
+    "{softmax: softmax1}",
+    "{softmax: softmax_n, softmax_n: 2.0}",
+    "{softmax: learnable}",
+    "{softmax: softmax1, clip_alpha: 4.0}",
+    "{softmax: softmax1, gate: linear}",
+    "{softmax: vanilla, gate: mlp}",
+    "{softmax: learnable, gate: shared_linear}",
+    "{softmax: learnable, gate: elementwise}",
+]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -156,8 +183,8 @@ def test_weight_decay_by_parameter_role(variant, decay_norm):
     import torch
 
     from megatron_outeff.megatron.parallel import init_model_parallel
-    from megatron_outeff.training.optimizer import param_groups
     from megatron_outeff.training.model import build_model
+    from megatron_outeff.training.optimizer import param_groups
 
     init_model_parallel(1, 1, 1)
     cfg = load_config(DEMO, BASE + [f"attention={variant}", f"optimizer.decay_norm_weights={str(decay_norm).lower()}"])
@@ -199,16 +226,30 @@ def test_indexed_dataset_source(tmp_path):
     rng = random.Random(0)
     words = "the of and to in a is that for it as was with be by on not he this are or his from at".split()
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(60))}) + "\n"
-                              for _ in range(120)))
+    corpus.write_text(
+        "".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(60))}) + "\n" for _ in range(120))
+    )
     tok = train_sentencepiece([str(corpus)], str(tmp_path / "spm"), vocab_size=300, num_threads=1)
     prefix = str(tmp_path / "idx" / "corpus")
     preprocess_corpus(str(corpus), prefix, tok, progress=False)
 
     def cfg(ck, extra=()):
-        return load_config(DEMO, BASE + [
-            "model.arch_overrides.vocab_size=304", "data.source=indexed", f"data.train_paths=[{prefix}]", f"data.tokenizer={tok}", "data.split=90,10,0",
-            "train.train_iters=4", "train.eval_interval=2", "train.eval_iters=1", f"checkpoint.dir={ck or 'null'}", *extra])
+        return load_config(
+            DEMO,
+            BASE
+            + [
+                "model.arch_overrides.vocab_size=304",
+                "data.source=indexed",
+                f"data.train_paths=[{prefix}]",
+                f"data.tokenizer={tok}",
+                "data.split=90,10,0",
+                "train.train_iters=4",
+                "train.eval_interval=2",
+                "train.eval_iters=1",
+                f"checkpoint.dir={ck or 'null'}",
+                *extra,
+            ],
+        )
 
     full = train(cfg(None))["history"]
     assert all(math.isfinite(x) for _, x in full) and abs(full[0][1] - math.log(304)) < 0.3

@@ -1,4 +1,5 @@
 """Shared settings of the training tests: a tiny deterministic run (fp32, no clipping, no dropout)."""
+
 import os
 import sys
 from pathlib import Path
@@ -10,10 +11,17 @@ DEMO = str(ROOT / "configs/train/demo-tiny.yaml")
 
 # The oracle settings: every layout must reproduce this loss curve.
 BASE = [
-    "train.train_iters=4", "train.clip_grad=0", "train.eval_interval=0", "checkpoint.dir=null",
-    "logging.tensorboard_dir=null", "logging.log_interval=1", "precision.dtype=fp32",
+    "train.train_iters=4",
+    "train.clip_grad=0",
+    "train.eval_interval=0",
+    "checkpoint.dir=null",
+    "logging.tensorboard_dir=null",
+    "logging.log_interval=1",
+    "precision.dtype=fp32",
     "model.arch_overrides={vocab_size: 256, hidden_dropout: 0.0, attention_dropout: 0.0}",
-    "parallel.micro_batch_size=1", "parallel.global_batch_size=4", "schedule.warmup_iters=1",
+    "parallel.micro_batch_size=1",
+    "parallel.global_batch_size=4",
+    "schedule.warmup_iters=1",
     "parallel.zero_stage=0",
 ]
 
@@ -73,8 +81,12 @@ def indexed_corpus(directory, sizes: dict, *, min_words: int = 3, max_words: int
     directory.mkdir(parents=True, exist_ok=True)
 
     def write(path, n, lo, hi, rng):
-        path.write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))})
-                                + "\n" for _ in range(n)))
+        path.write_text(
+            "".join(
+                json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))}) + "\n"
+                for _ in range(n)
+            )
+        )
         return str(path)
 
     text = write(directory / "tokenizer_corpus.jsonl", 120, 60, 60, random.Random(0))
@@ -89,8 +101,13 @@ def indexed_corpus(directory, sizes: dict, *, min_words: int = 3, max_words: int
 
 def indexed_sets(corpus: dict, train_paths: str, *extra: str) -> list:
     """Config overrides for data.source=indexed on indexed_corpus's data (train_paths: a YAML list)."""
-    return [f"model.arch_overrides.vocab_size={INDEXED_VOCAB}", "data.source=indexed", f"data.train_paths={train_paths}",
-            f"data.tokenizer={corpus['tokenizer']}", *extra]
+    return [
+        f"model.arch_overrides.vocab_size={INDEXED_VOCAB}",
+        "data.source=indexed",
+        f"data.train_paths={train_paths}",
+        f"data.tokenizer={corpus['tokenizer']}",
+        *extra,
+    ]
 
 
 def poison_hook(iteration: int, micro_per_step: int, kind: str = "grad", ranks=None):
@@ -100,7 +117,6 @@ def poison_hook(iteration: int, micro_per_step: int, kind: str = "grad", ranks=N
     per-token losses. The models it saw are in ``hook.models``."""
 
     def hook(model):
-        import torch
         import torch.distributed as dist
 
         from megatron_outeff.training.model import unwrap
@@ -118,6 +134,7 @@ def poison_hook(iteration: int, micro_per_step: int, kind: str = "grad", ranks=N
 
         model.register_forward_pre_hook(count)
         if kind == "grad":
+
             def poison_grad(grad):
                 if step() != iteration or (calls[0] - 1) % micro_per_step:
                     return grad
@@ -127,6 +144,7 @@ def poison_hook(iteration: int, micro_per_step: int, kind: str = "grad", ranks=N
 
             unwrap(model).decoder.layers[0].mlp.linear_fc1.weight.register_hook(poison_grad)
         else:
+
             def poison_loss(module, args, output):
                 return output + float("nan") if step() == iteration else output
 

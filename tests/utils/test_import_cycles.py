@@ -2,6 +2,7 @@
 another, at module level or inside a function, read statically from the sources (a function-level import
 still ties the two modules together). Package ``__init__`` re-exports are left out: they import their
 children by construction."""
+
 import ast
 import collections
 from pathlib import Path
@@ -38,7 +39,7 @@ def cycles(mods: dict, edges: dict) -> set:
     def walk(stack):
         for nxt in edges[stack[-1]]:
             if nxt in stack:
-                cyc = stack[stack.index(nxt):]
+                cyc = stack[stack.index(nxt) :]
                 i = cyc.index(min(cyc))
                 found.add(tuple(cyc[i:] + cyc[:i]))
             elif len(stack) < 16:

@@ -1,5 +1,6 @@
 """The one YAML loader (megatron_outeff.utils.yaml_loader): PyYAML's SafeLoader that refuses a key written
 twice in one mapping, naming the key and both lines (issue 19 item 6), at any depth."""
+
 import pytest
 
 from megatron_outeff.errors import OutEffError
@@ -14,18 +15,22 @@ def test_plain_documents_load_as_safe_load_does():
     assert load_yaml("", "t") is None
 
 
-@pytest.mark.parametrize("text, line, key, first", [
-    ("train: {a: 1}\nmodel: {}\ntrain: {b: 2}\n", 3, "train", 1),               # top level: a block replaced
-    ("train:\n  seed: 1\n  iters: 2\n  seed: 3\n", 4, "seed", 2),              # nested
-    ("a: {x: 1, x: 2}\n", 1, "x", 1),                                          # flow mapping
-    ("l:\n  - {k: 1}\n  - k: 2\n    k: 3\n", 4, "k", 3),                        # inside a list
-    ("1: a\n1: b\n", 2, 1, 1),                                                 # non-string keys
-])
+@pytest.mark.parametrize(
+    "text, line, key, first",
+    [
+        ("train: {a: 1}\nmodel: {}\ntrain: {b: 2}\n", 3, "train", 1),  # top level: a block replaced
+        ("train:\n  seed: 1\n  iters: 2\n  seed: 3\n", 4, "seed", 2),  # nested
+        ("a: {x: 1, x: 2}\n", 1, "x", 1),  # flow mapping
+        ("l:\n  - {k: 1}\n  - k: 2\n    k: 3\n", 4, "k", 3),  # inside a list
+        ("1: a\n1: b\n", 2, 1, 1),  # non-string keys
+    ],
+)
 def test_duplicate_key_is_one_line_naming_key_and_both_lines(text, line, key, first):
     with pytest.raises(OutEffError) as e:
         load_yaml(text, "cfg.yaml")
-    assert str(e.value) == (f"cfg.yaml:{line}: duplicate key {key!r} (first at line {first}); "
-                            "expected each key once per mapping")
+    assert str(e.value) == (
+        f"cfg.yaml:{line}: duplicate key {key!r} (first at line {first}); expected each key once per mapping"
+    )
 
 
 def test_merge_keys_may_be_overridden():

@@ -19,6 +19,7 @@ Prints a short report and writes it as JSON (tools/gpu/summarize.py puts it into
     python tools/gpu/env_report.py --output-json env.json [--bundle .gpu-bundle]
 Exit code 0 even when something is missing (the report says what); 2 on bad arguments.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,13 +32,38 @@ import subprocess
 import sys
 from pathlib import Path
 
-DISTRIBUTIONS = ("torch", "triton", "transformers", "megatron-core", "deepspeed", "compressed-tensors",
-                 "pydantic", "numpy", "safetensors", "sentencepiece", "tensorboard")
+DISTRIBUTIONS = (
+    "torch",
+    "triton",
+    "transformers",
+    "megatron-core",
+    "deepspeed",
+    "compressed-tensors",
+    "pydantic",
+    "numpy",
+    "safetensors",
+    "sentencepiece",
+    "tensorboard",
+)
 # every module the GPU checks import, directly or through megatron_outeff
-MODULES = ("torch", "triton", "transformers", "megatron.core", "megatron.core.transformer.transformer_layer",
-           "deepspeed", "compressed_tensors", "sentencepiece", "tensorboard", "safetensors", "yaml",
-           "megatron_outeff.ops", "megatron_outeff.megatron.layer_spec", "megatron_outeff.training.engine",
-           "megatron_outeff.quant", "megatron_outeff.hf")
+MODULES = (
+    "torch",
+    "triton",
+    "transformers",
+    "megatron.core",
+    "megatron.core.transformer.transformer_layer",
+    "deepspeed",
+    "compressed_tensors",
+    "sentencepiece",
+    "tensorboard",
+    "safetensors",
+    "yaml",
+    "megatron_outeff.ops",
+    "megatron_outeff.megatron.layer_spec",
+    "megatron_outeff.training.engine",
+    "megatron_outeff.quant",
+    "megatron_outeff.hf",
+)
 
 
 def _version(dist: str) -> str:
@@ -49,8 +75,12 @@ def _version(dist: str) -> str:
 
 def _driver() -> str | None:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
@@ -114,8 +144,12 @@ def collect(bundle: Path | None) -> dict:
         except Exception as e:  # noqa: BLE001  (the report names what failed)
             imports[mod] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
     report = {
-        "device": device, "capability": cap, "driver": _driver(), "cuda": torch.version.cuda,
-        "python": platform.python_version(), "executable": sys.executable,
+        "device": device,
+        "capability": cap,
+        "driver": _driver(),
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "executable": sys.executable,
         "versions": {d: _version(d) for d in DISTRIBUTIONS},
         "imports": imports,
         "requirements": _unmet_requirements(bundle) if bundle and bundle.is_dir() else {},
@@ -134,8 +168,10 @@ def main(argv=None) -> int:
         print(f"env_report.py: --output-json {args.output_json}: its folder does not exist", file=sys.stderr)
         return 2
     report = collect(Path(args.bundle) if args.bundle else None)
-    print(f"device: {report['device']} (capability {report['capability']}), driver {report['driver']}, "
-          f"CUDA {report['cuda']}, python {report['python']}, SDPA backend {report['sdpa_backend']}")
+    print(
+        f"device: {report['device']} (capability {report['capability']}), driver {report['driver']}, "
+        f"CUDA {report['cuda']}, python {report['python']}, SDPA backend {report['sdpa_backend']}"
+    )
     print("versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()))
     for mod, status in report["imports"].items():
         if status != "ok":
@@ -143,8 +179,10 @@ def main(argv=None) -> int:
     for dist, bad in report["requirements"].items():
         for b in bad:
             print(f"UNMET {dist} requires {b}")
-    print(f"environment {'OK' if report['ok'] else 'INCOMPLETE'}: {sum(v == 'ok' for v in report['imports'].values())}"
-          f"/{len(report['imports'])} imports resolve")
+    print(
+        f"environment {'OK' if report['ok'] else 'INCOMPLETE'}: {sum(v == 'ok' for v in report['imports'].values())}"
+        f"/{len(report['imports'])} imports resolve"
+    )
     Path(args.output_json).write_text(json.dumps(report, indent=1))
     return 0
 

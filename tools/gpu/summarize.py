@@ -19,6 +19,7 @@ Outputs: OUT/summary.json and OUT/summary.md (the shape of tools/results/gpu/sum
 
     python tools/gpu/summarize.py --output-dir OUT_DIR --work WORK_DIR [--rehearsal] [--time-scale F] [--budget S]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,9 +72,11 @@ def sdpa_backends(doc: dict | None) -> dict | None:
     for r in doc.get("results", []):
         if r.get("kernel") and r.get("status") == "ok":
             ran.setdefault(r["method"], set()).add(r["kernel"])
-    return {"sdpa_choice": (doc.get("meta") or {}).get("sdpa_backends"),
-            "pinned": (doc.get("meta") or {}).get("sdpa_backend_pin"),
-            "kernels_ran": {m: sorted(k) for m, k in ran.items()}}
+    return {
+        "sdpa_choice": (doc.get("meta") or {}).get("sdpa_backends"),
+        "pinned": (doc.get("meta") or {}).get("sdpa_backend_pin"),
+        "kernels_ran": {m: sorted(k) for m, k in ran.items()},
+    }
 
 
 def build(out: Path, work: Path, rehearsal: bool, time_scale: float = 1.0, budget: int | None = None) -> dict:
@@ -96,19 +99,32 @@ def build(out: Path, work: Path, rehearsal: bool, time_scale: float = 1.0, budge
             targets[t.key]["detail"] += f" (partial {t.source} run: cut before it ended)"
     train = sources.get("bench_train") or {}
     return {
-        "device": env.get("device"), "capability": env.get("capability"), "driver": env.get("driver"),
-        "cuda": env.get("cuda"), "python": env.get("python"), "versions": env.get("versions", {}),
+        "device": env.get("device"),
+        "capability": env.get("capability"),
+        "driver": env.get("driver"),
+        "cuda": env.get("cuda"),
+        "python": env.get("python"),
+        "versions": env.get("versions", {}),
         "environment_ok": env.get("ok"),
-        "rehearsal": rehearsal, "time_scale": time_scale, "budget_s": budget,
-        "note": ("CPU rehearsal (Triton interpreter, tiny shapes): values prove the pipeline, not performance"
-                 if rehearsal else "measured on the device named above"),
+        "rehearsal": rehearsal,
+        "time_scale": time_scale,
+        "budget_s": budget,
+        "note": (
+            "CPU rehearsal (Triton interpreter, tiny shapes): values prove the pipeline, not performance"
+            if rehearsal
+            else "measured on the device named above"
+        ),
         "updated_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "steps": {k: steps.get(k, {"status": "not run"}) for k in STEP_ORDER if k in steps or k != "aot_sm90"},
         "tests": test_counts(out / "tests.xml"),
         "sdpa_backend": dict(env=env.get("sdpa_backend"), **(sdpa_backends(sources.get("bench_attention")) or {})),
-        "training": [{k: r.get(k) for k in ("variant", "tokens_per_s", "throughput_vs_vanilla", "mfu", "peak_memory_mib",
-                                            "steps_timed")}
-                     for r in train.get("rows", [])],
+        "training": [
+            {
+                k: r.get(k)
+                for k in ("variant", "tokens_per_s", "throughput_vs_vanilla", "mfu", "peak_memory_mib", "steps_timed")
+            }
+            for r in train.get("rows", [])
+        ],
         "targets": targets,
     }
 
@@ -122,19 +138,35 @@ def _fmt(x) -> str:
 
 
 def markdown(summary: dict, work: Path) -> str:
-    lines = [f"# GPU check{' (CPU rehearsal)' if summary['rehearsal'] else ''}: {summary['device']}", "",
-             f"{summary['note']}. Updated {summary['updated_utc']}.", "",
-             f"Driver {summary['driver']}, CUDA {summary['cuda']}, Python {summary['python']}; "
-             + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()), "",
-             f"Time scale {summary['time_scale']}, overall budget {summary['budget_s']} s. SDPA backend: "
-             f"{summary['sdpa_backend']}", "",
-             "| step | status | seconds | limit s | note |", "|---|---|---:|---:|---|"]
+    lines = [
+        f"# GPU check{' (CPU rehearsal)' if summary['rehearsal'] else ''}: {summary['device']}",
+        "",
+        f"{summary['note']}. Updated {summary['updated_utc']}.",
+        "",
+        f"Driver {summary['driver']}, CUDA {summary['cuda']}, Python {summary['python']}; "
+        + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()),
+        "",
+        f"Time scale {summary['time_scale']}, overall budget {summary['budget_s']} s. SDPA backend: "
+        f"{summary['sdpa_backend']}",
+        "",
+        "| step | status | seconds | limit s | note |",
+        "|---|---|---:|---:|---|",
+    ]
     for name, st in summary["steps"].items():
-        lines.append(f"| {name} | {st.get('status')} | {_fmt(st.get('seconds'))} | {_fmt(st.get('limit_s'))} | "
-                     f"{st.get('note', '')} |")
+        lines.append(
+            f"| {name} | {st.get('status')} | {_fmt(st.get('seconds'))} | {_fmt(st.get('limit_s'))} | "
+            f"{st.get('note', '')} |"
+        )
     t = summary["tests"]
-    lines += ["", "Tests: " + ("no JUnit report" if t is None else
-                               f"{t['passed']} passed, {t['failed']} failed, {t['errors']} errors, {t['skipped']} skipped")]
+    lines += [
+        "",
+        "Tests: "
+        + (
+            "no JUnit report"
+            if t is None
+            else f"{t['passed']} passed, {t['failed']} failed, {t['errors']} errors, {t['skipped']} skipped"
+        ),
+    ]
     if t and t["failures"]:
         lines += [f"- FAILED {f}" for f in t["failures"]]
     lines += ["", "| target | value | goal | met | detail |", "|---|---:|---|---|---|"]
