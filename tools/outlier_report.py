@@ -17,13 +17,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")  # our own per-step lines are the progress; no library bars
 
-from megatron_outeff.utils.cli import (  # noqa: E402
-    OneLineArgumentParser,
-    command,
-    positive_float,
-    positive_int,
-    quiet_transformers,
-)
+from megatron_outeff.utils.cli import OneLineArgumentParser, command, positive_float, positive_int, quiet_transformers  # noqa: E402
 
 
 @command

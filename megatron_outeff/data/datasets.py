@@ -558,12 +558,7 @@ class MicroBatchIterator:
     ):
         self.dataset = dataset
         self.sampler = ResumableBatchSampler(
-            len(dataset),
-            micro_batch_size,
-            data_parallel_rank,
-            data_parallel_size,
-            consumed_samples,
-            loop,
+            len(dataset), micro_batch_size, data_parallel_rank, data_parallel_size, consumed_samples, loop
         )
         self._it: Optional[Iterator[List[int]]] = None
 

@@ -143,12 +143,7 @@ def _load_tok(tokenizer):
 
 
 def load_token_stream(
-    source: Source,
-    tokenizer=None,
-    *,
-    json_key: str = "text",
-    txt_mode: str = "file",
-    max_tokens: Optional[int] = None,
+    source: Source, tokenizer=None, *, json_key: str = "text", txt_mode: str = "file", max_tokens: Optional[int] = None
 ) -> tuple[torch.Tensor, dict]:
     """The concatenated token ids (1-D int64 tensor) of all documents of `source` (see the module doc), stopping once
     `max_tokens` are read; and a description {"kind", "source", "documents", "tokens", ...}.

@@ -35,13 +35,7 @@ self_attn.pv_quant, attn_residual_quant, ffn_residual_quant (5 per layer).
 import torch
 from torch import nn
 from transformers import initialization as init
-from transformers.models.opt.modeling_opt import (
-    OPTAttention,
-    OPTDecoder,
-    OPTDecoderLayer,
-    OPTForCausalLM,
-    OPTModel,
-)
+from transformers.models.opt.modeling_opt import OPTAttention, OPTDecoder, OPTDecoderLayer, OPTForCausalLM, OPTModel
 
 from .configuration_outeff_opt import OutEffOPTConfig
 from .outeff_deps import Clip, QuantPoint, outeff_softmax_reference, resolve_sink

@@ -62,10 +62,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.utils import (
-    ensure_metadata_has_dp_cp_group,
-    make_sharded_tensors_for_checkpoint,
-)
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 from torch import Tensor
 
 from megatron_outeff.ops import outeff_attention, outeff_attention_probs, variant_tensors
@@ -149,12 +146,7 @@ def local_name(t: VariantTensor) -> str:
 
 
 def init_sharded_parameter(
-    config: TransformerConfig,
-    full_shape: Tuple[int, ...],
-    init_fn,
-    tp_rank: int,
-    tp_size: int,
-    partition_dim: int = 0,
+    config: TransformerConfig, full_shape: Tuple[int, ...], init_fn, tp_rank: int, tp_size: int, partition_dim: int = 0
 ) -> torch.nn.Parameter:
     """A TP-sharded parameter (split along ``partition_dim``) initialised like megatron's layers.
 
@@ -378,10 +370,7 @@ class OutEffCoreAttention(MegatronModule):
         )
 
     def sharded_state_dict(
-        self,
-        prefix: str = "",
-        sharded_offsets: Tuple[Tuple[int, int, int], ...] = (),
-        metadata: Optional[dict] = None,
+        self, prefix: str = "", sharded_offsets: Tuple[Tuple[int, int, int], ...] = (), metadata: Optional[dict] = None
     ) -> ShardedStateDict:
         """As megatron's ``DotProductAttention``: ``softmax_offset`` sharded along heads (dim 0)."""
         return sharded_variant_state_dict(self, prefix, sharded_offsets, metadata)

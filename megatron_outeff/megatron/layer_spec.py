@@ -85,10 +85,7 @@ def _torch_norm_if_wrapped(norm):
 
 
 def replace_self_attention(
-    layer_spec: ModuleSpec,
-    variant: Optional[AttentionVariantConfig] = None,
-    *,
-    seq_length: Optional[int] = None,
+    layer_spec: ModuleSpec, variant: Optional[AttentionVariantConfig] = None, *, seq_length: Optional[int] = None
 ) -> ModuleSpec:
     """A copy of a TransformerLayer spec whose self-attention is OutEffSelfAttention + OutEffCoreAttention."""
     if isinstance(variant, dict):

@@ -142,9 +142,7 @@ def outlier_channels(x: torch.Tensor, k: int = 8) -> tuple[list[int], list[float
 
 
 def attention_sink_mass(
-    probs: torch.Tensor,
-    sink_logits: torch.Tensor | None = None,
-    lse: torch.Tensor | None = None,
+    probs: torch.Tensor, sink_logits: torch.Tensor | None = None, lse: torch.Tensor | None = None
 ) -> dict[str, float]:
     """Mean attention mass on the first key and on the sink, over all rows (batch, head, query).
 

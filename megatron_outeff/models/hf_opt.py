@@ -70,14 +70,8 @@ STRUCTURAL_FIELDS = (
 )
 
 # (HF name inside decoder.layers.N., megatron name inside decoder.layers.N.), pre-LN / post-LN.
-_LAYER_NORMS = (
-    ("self_attn_layer_norm", "input_layernorm"),
-    ("final_layer_norm", "pre_mlp_layernorm"),
-)
-_POST_LAYER_NORMS = (
-    ("self_attn_layer_norm", "post_self_attn_layernorm"),
-    ("final_layer_norm", "post_mlp_layernorm"),
-)
+_LAYER_NORMS = (("self_attn_layer_norm", "input_layernorm"), ("final_layer_norm", "pre_mlp_layernorm"))
+_POST_LAYER_NORMS = (("self_attn_layer_norm", "post_self_attn_layernorm"), ("final_layer_norm", "post_mlp_layernorm"))
 HF_PROJECT_IN, MG_PROJECT_IN = HF_DECODER + "project_in.weight", "embedding.word_embeddings.project_in.weight"
 HF_PROJECT_OUT, MG_PROJECT_OUT = HF_DECODER + "project_out.weight", "output_layer.project_out.weight"
 

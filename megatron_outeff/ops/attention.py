@@ -170,15 +170,7 @@ def outeff_attention(
         from .flash_attention import flash_outeff_attention
 
         return flash_outeff_attention(
-            q,
-            k,
-            v,
-            scale=scale,
-            sink=sink,
-            clip=clip,
-            gate=gate,
-            causal=causal,
-            key_padding_mask=key_padding_mask,
+            q, k, v, scale=scale, sink=sink, clip=clip, gate=gate, causal=causal, key_padding_mask=key_padding_mask
         )
     # rowwise: materialise the scores with matmuls, fuse scale + mask + softmax variant + clip.
     from .row_softmax import fused_outeff_softmax

@@ -476,11 +476,7 @@ def find_variant_tensor(tensors, side: str, name: str) -> VariantTensor:
 
 
 def resolve_sink(
-    softmax: str,
-    n: float,
-    offset: Optional[torch.Tensor],
-    num_heads: int,
-    device: torch.device,
+    softmax: str, n: float, offset: Optional[torch.Tensor], num_heads: int, device: torch.device
 ) -> Optional[torch.Tensor]:
     """The per-head sink logit a_h as an fp32 tensor [num_heads], or None for vanilla softmax.
 

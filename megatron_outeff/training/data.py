@@ -200,7 +200,7 @@ def build_sources(cfg, *, vocab_size: int, dp_rank: int, dp_size: int) -> tuple[
 # of sample_order's keys is stated in one log line when the run resumes.
 REFUSED_ORDER_KEYS = {
     "data.split": "it moves documents between the training and validation splits, so the validation loss "
-    "would be measured on documents the run trained on",
+    "would be measured on documents the run trained on"
 }
 
 

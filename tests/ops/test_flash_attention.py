@@ -217,11 +217,7 @@ def test_head_dims_and_gqa(d, h, h_kv, variant, clip, causal):
 
 @pytest.mark.parametrize(
     "variant,clip,dtype",
-    [
-        ("learnable", None, torch.float32),
-        ("softmax1", "clip11", torch.float32),
-        ("learnable", "clip03", torch.float16),
-    ],
+    [("learnable", None, torch.float32), ("softmax1", "clip11", torch.float32), ("learnable", "clip03", torch.float16)],
     ids=["learnable-fp32", "softmax1-clip-fp32", "learnable-clip-fp16"],
 )
 def test_long_rows_multi_block(variant, clip, dtype):
@@ -288,10 +284,7 @@ def test_gate_without_grad(clip):
 
 @pytest.mark.parametrize(
     "blocks",
-    [
-        dict(fwd=(32, 16), dq=(16, 32), bwd=(32, 16)),
-        dict(fwd=(16, 32), dq=(32, 16), bwd=(16, 32)),
-    ],
+    [dict(fwd=(32, 16), dq=(16, 32), bwd=(32, 16)), dict(fwd=(16, 32), dq=(32, 16), bwd=(16, 32))],
     ids=["tall", "wide"],
 )
 def test_unequal_block_sizes(monkeypatch, blocks):

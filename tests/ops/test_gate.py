@@ -91,11 +91,7 @@ def test_shapes_and_initial_values():
 
 
 @pytest.mark.parametrize(
-    "args,needle",
-    [
-        (("linear", 4, 8, 48), "use gate='shared_linear'"),
-        (("mlp", 4, 2, 8), "head_dim=2"),
-    ],
+    "args,needle", [(("linear", 4, 8, 48), "use gate='shared_linear'"), (("mlp", 4, 2, 8), "head_dim=2")]
 )
 def test_bad_shapes_are_one_line_errors(args, needle):
     with pytest.raises(ValueError, match=needle) as e:

@@ -9,10 +9,7 @@ from safetensors.torch import load_file
 from tolerance import assert_close_bound, network_depth, rounding_bound
 
 from megatron_outeff.quant import quantize_weight_per_channel
-from megatron_outeff.quant.compressed_tensors_export import (
-    export_compressed_tensors_w8a8,
-    simulate_w8a8_model,
-)
+from megatron_outeff.quant.compressed_tensors_export import export_compressed_tensors_w8a8, simulate_w8a8_model
 
 
 def _batches():

@@ -5,10 +5,7 @@ import torch
 from tolerance import rounding_bound
 
 from megatron_outeff.quant import quantize_weight_per_channel
-from megatron_outeff.quant.compressed_tensors_export import (
-    calibrate_w8a8_linears,
-    simulate_w8a8_linear,
-)
+from megatron_outeff.quant.compressed_tensors_export import calibrate_w8a8_linears, simulate_w8a8_linear
 from megatron_outeff.quant.int8_linear import Int8Linear, cpu_has_vnni, int8_model
 from megatron_outeff.quant.quantizers import fake_quantize, quantize_int
 
