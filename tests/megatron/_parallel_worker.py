@@ -25,8 +25,9 @@ import traceback
 
 import torch
 import torch.distributed as dist
+from megatron_testlib import SEQ, VOCAB, gpt, tiny_config
 
-SEED, VOCAB, SEQ, MB, NUM_MB = 1234, 128, 16, 2, 2
+SEED, MB, NUM_MB = 1234, 2, 2
 
 VARIANTS = {
     "vanilla": dict(),
@@ -55,48 +56,19 @@ DDP_VARIANTS = ("learnable", "gated_softmax1", "gated_mlp_learnable", "elementwi
 CHECKPOINT_VARIANTS = ("learnable", "gated_mlp_learnable", "gated_softmax1", "elementwise_clipped_learnable")
 
 
-def make_config(tp, pp, sp, **overrides):
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    return TransformerConfig(
-        **overrides,
-        num_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        ffn_hidden_size=128,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        sequence_parallel=sp,
-        use_cpu_initialization=True,
-        pipeline_dtype=torch.float32,
-        init_method_std=0.1,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
-    )
-
-
-def build(vname, tp, pp, sp):
+def build(vname, sp):
+    """The variant's tiny GPT at the layout of megatron's parallel state (init_model_parallel comes first)."""
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
 
     from megatron_outeff.megatron.layer_spec import get_outeff_block_spec
-    from megatron_outeff.megatron.variant import AttentionVariantConfig, transformer_config_fields
+    from megatron_outeff.megatron.variant import AttentionVariantConfig
 
     variant = AttentionVariantConfig(**VARIANTS[vname])
-    cfg = make_config(tp, pp, sp, **transformer_config_fields(variant), **CONFIG_OVERRIDES.get(vname, {}))
-    spec = get_outeff_block_spec(cfg, variant)
-    torch.manual_seed(SEED)
-    return GPTModel(
+    cfg = tiny_config(variant, sequence_parallel=sp, **CONFIG_OVERRIDES.get(vname, {}))
+    return gpt(
         cfg,
-        transformer_layer_spec=spec,
-        vocab_size=VOCAB,
-        max_sequence_length=SEQ,
+        get_outeff_block_spec(cfg, variant),
+        seed=SEED,
         pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),
     )
@@ -225,7 +197,7 @@ def ddp_entry(vname, ref_loss, ref_grads):
     from megatron_outeff.megatron.parallel import init_model_parallel
 
     init_model_parallel(2, 1, seed=SEED)
-    model = build(vname, 2, 1, True)
+    model = build(vname, True)
     model.config.finalize_model_grads_func = finalize_model_grads
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
     loss = run_step(ddp)
@@ -248,7 +220,7 @@ def checkpoint_roundtrip(results, tp2_models, ckpt_dir):
         dist.barrier()
         dist_checkpointing.save(model.sharded_state_dict(), path)
         init_model_parallel(1, 1, seed=SEED)
-        fresh = build(key, 1, 1, False)
+        fresh = build(key, False)
         with torch.no_grad():  # the same seed would already give the same weights: start from zeros
             for p in fresh.parameters():
                 p.zero_()
@@ -269,7 +241,7 @@ def main():
     for vname in VARIANTS:
         try:
             init_model_parallel(1, 1, seed=SEED)
-            ref = build(vname, 1, 1, False)
+            ref = build(vname, False)
             ref_weights = {n: p.detach().clone() for n, p in ref.named_parameters()}
             ref_loss = run_step(ref)
             ref_grads = {n: p.grad.detach().clone() for n, p in ref.named_parameters() if p.grad is not None}
@@ -280,7 +252,7 @@ def main():
             }
             for lname, (tp, pp, sp) in LAYOUTS.items():
                 init_model_parallel(tp, pp, seed=SEED)
-                model = build(vname, tp, pp, sp)
+                model = build(vname, sp)
                 entry = {}
                 if pp == 1:
                     entry["init_slice_diff"] = init_slice_diff(model, ref_weights)

@@ -11,47 +11,11 @@ import math
 
 import pytest
 import torch
+from megatron_testlib import SEQ, VOCAB, gpt, tiny_config
 from tolerance import F32_EPS, assert_close_bound, network_depth, rounding_bound
 
-from megatron_outeff.megatron.parallel import init_model_parallel
-
-VOCAB, SEQ, B = 128, 16, 2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def model_parallel():
-    init_model_parallel(1, 1, seed=1234)
-    yield
-
-
-def make_config(**overrides):
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    kw = dict(
-        num_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        ffn_hidden_size=128,
-        use_cpu_initialization=True,
-        init_method_std=0.1,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
-    )
-    kw.update(overrides)
-    return TransformerConfig(**kw)
-
-
-def gpt(config, spec, seed=0):
-    from megatron.core.models.gpt import GPTModel
-
-    torch.manual_seed(seed)
-    return GPTModel(config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ)
+B = 2
+pytestmark = pytest.mark.usefixtures("model_parallel")
 
 
 def batch(seed=3):
@@ -69,7 +33,7 @@ def run(model, mask=None):
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-# The chain of roundings behind one logit of make_config()'s model (tests/tolerance.py); backward doubles it.
+# The chain of roundings behind one logit of tiny_config()'s model (tests/tolerance.py); backward doubles it.
 DEPTH = network_depth(dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, max_position_embeddings=SEQ)) + VOCAB
 
 
@@ -127,8 +91,8 @@ def test_matches_megatron_core(case):
     from megatron_outeff.megatron.variant import AttentionVariantConfig
 
     mg_type, ours, overrides, mask_kind = MEGATRON_CASES[case]
-    mg = gpt(make_config(softmax_type=mg_type, **overrides), get_gpt_layer_local_spec(), seed=0)
-    our_cfg = make_config(softmax_type=mg_type if ours is None else "vanilla", **overrides)
+    mg = gpt(tiny_config(softmax_type=mg_type, **overrides), get_gpt_layer_local_spec(), seed=0)
+    our_cfg = tiny_config(softmax_type=mg_type if ours is None else "vanilla", **overrides)
     variant = None if ours is None else AttentionVariantConfig(**ours)
     mine = gpt(our_cfg, get_outeff_layer_spec(variant), seed=1)
     mine.load_state_dict(mg.state_dict(), strict=True)  # same keys, softmax_offset included
@@ -141,7 +105,7 @@ def test_matches_megatron_core(case):
     assert_same(run(mg, mask), run(mine, mask))
     if mg_type == "learnable":  # and back: our checkpoint loads into megatron's model
         mine2 = gpt(our_cfg, get_outeff_layer_spec(variant), seed=2)
-        mg2 = gpt(make_config(softmax_type=mg_type, **overrides), get_gpt_layer_local_spec(), seed=3)
+        mg2 = gpt(tiny_config(softmax_type=mg_type, **overrides), get_gpt_layer_local_spec(), seed=3)
         mg2.load_state_dict(mine2.state_dict(), strict=True)
         assert_same(run(mg2, mask), run(mine2, mask))
 
@@ -152,8 +116,8 @@ def test_sharded_state_dict_key_matches_megatron():
     from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
     from megatron_outeff.megatron.variant import AttentionVariantConfig
 
-    mg = gpt(make_config(softmax_type="learnable"), get_gpt_layer_local_spec())
-    mine = gpt(make_config(), get_outeff_layer_spec(AttentionVariantConfig(softmax="learnable")))
+    mg = gpt(tiny_config(softmax_type="learnable"), get_gpt_layer_local_spec())
+    mine = gpt(tiny_config(), get_outeff_layer_spec(AttentionVariantConfig(softmax="learnable")))
     mk = {k: v.key for k, v in mg.sharded_state_dict().items() if "softmax_offset" in k}
     ok = {k: v.key for k, v in mine.sharded_state_dict().items() if "softmax_offset" in k}
     assert mk == ok and len(mk) == 2
@@ -193,7 +157,7 @@ def test_gate_equals_hand_computation(gate):
     from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
     from megatron_outeff.megatron.variant import AttentionVariantConfig
 
-    model = gpt(make_config(), get_outeff_layer_spec(AttentionVariantConfig(softmax="softmax1", gate=gate)))
+    model = gpt(tiny_config(), get_outeff_layer_spec(AttentionVariantConfig(softmax="softmax1", gate=gate)))
     attn = model.decoder.layers[0].self_attention
     store = _run_capturing_attention(model, attn)
     x = store["attn_in"][1].get("hidden_states", store["attn_in"][0][0] if store["attn_in"][0] else None)  # [s, b, d]
@@ -234,7 +198,7 @@ def test_gate_init_prob_exact_with_zero_weights():
     from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
     from megatron_outeff.megatron.variant import AttentionVariantConfig
 
-    model = gpt(make_config(), get_outeff_layer_spec(AttentionVariantConfig(gate="linear", gate_init_prob=0.25)))
+    model = gpt(tiny_config(), get_outeff_layer_spec(AttentionVariantConfig(gate="linear", gate_init_prob=0.25)))
     g = model.decoder.layers[0].self_attention.head_gate
     with torch.no_grad():
         g.weight.zero_()
@@ -245,13 +209,12 @@ def test_gate_init_prob_exact_with_zero_weights():
 @pytest.mark.parametrize("gate", ["linear", "elementwise"])
 def test_selective_recompute_of_core_attention_keeps_gate_gradients(gate):
     from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
-    from megatron_outeff.megatron.variant import AttentionVariantConfig, transformer_config_fields
+    from megatron_outeff.megatron.variant import AttentionVariantConfig
 
     v = AttentionVariantConfig(softmax="softmax1", gate=gate)
-    plain = gpt(make_config(**transformer_config_fields(v)), get_outeff_layer_spec(v))
+    plain = gpt(tiny_config(v), get_outeff_layer_spec(v))
     recompute = gpt(
-        make_config(recompute_granularity="selective", recompute_modules=["core_attn"], **transformer_config_fields(v)),
-        get_outeff_layer_spec(v),
+        tiny_config(v, recompute_granularity="selective", recompute_modules=["core_attn"]), get_outeff_layer_spec(v)
     )
     recompute.load_state_dict(plain.state_dict())
     assert recompute.decoder.layers[0].self_attention.checkpoint_core_attention
@@ -264,7 +227,7 @@ def test_attention_dropout_uses_model_parallel_rng():
     from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
     from megatron_outeff.megatron.variant import AttentionVariantConfig
 
-    model = gpt(make_config(attention_dropout=0.3), get_outeff_layer_spec(AttentionVariantConfig(softmax="softmax1")))
+    model = gpt(tiny_config(attention_dropout=0.3), get_outeff_layer_spec(AttentionVariantConfig(softmax="softmax1")))
     ids, pos = batch()
     tracker = get_cuda_rng_tracker()
     state = {k: v.clone() for k, v in tracker.get_states().items()}
@@ -291,34 +254,34 @@ def test_bad_inputs_one_line_errors():
         errors.append(str(e.value))
 
     expect(
-        lambda: check_variant_fits(V(), make_config(num_attention_heads=2, hidden_size=64), 4),
+        lambda: check_variant_fits(V(), tiny_config(num_attention_heads=2, hidden_size=64), 4),
         "not divisible by tensor_model_parallel_size=4",
     )
-    expect(lambda: check_variant_fits(V(), make_config(num_attention_heads=8, num_query_groups=8), 3), "not divisible")
+    expect(lambda: check_variant_fits(V(), tiny_config(num_attention_heads=8, num_query_groups=8), 3), "not divisible")
     expect(lambda: V(softmax="softmax_one"), "softmax='softmax_one'")
     expect(lambda: get_outeff_layer_spec(V(clip_alpha=12.0)), "sequence length")
     # mlp gate with head_dim 2 < 4: refused in OutEffSelfAttention before megatron builds the attention
     expect(
         lambda: gpt(
-            make_config(hidden_size=8, num_attention_heads=4, ffn_hidden_size=16), get_outeff_layer_spec(V(gate="mlp"))
+            tiny_config(hidden_size=8, num_attention_heads=4, ffn_hidden_size=16), get_outeff_layer_spec(V(gate="mlp"))
         ),
         "head_dim=2",
     )
-    expect(lambda: gpt(make_config(kv_channels=8), get_outeff_layer_spec(V(gate="linear"))), "shared_linear")
+    expect(lambda: gpt(tiny_config(kv_channels=8), get_outeff_layer_spec(V(gate="linear"))), "shared_linear")
     # the elementwise gate's rows live in linear_qkv: the config and the variant must agree, both ways
     expect(
-        lambda: gpt(make_config(), get_outeff_layer_spec(V(gate="elementwise"))),
+        lambda: gpt(tiny_config(), get_outeff_layer_spec(V(gate="elementwise"))),
         "attention_output_gate=False conflicts",
     )
     expect(
-        lambda: gpt(make_config(attention_output_gate=True), get_outeff_layer_spec(V(gate="linear"))),
+        lambda: gpt(tiny_config(attention_output_gate=True), get_outeff_layer_spec(V(gate="linear"))),
         "attention_output_gate=True conflicts",
     )
     expect(
-        lambda: check_variant_fits(V(gate="elementwise"), make_config(num_query_groups=2), 4), "num_query_groups=2 <"
+        lambda: check_variant_fits(V(gate="elementwise"), tiny_config(num_query_groups=2), 4), "num_query_groups=2 <"
     )
     expect(
-        lambda: gpt(make_config(softmax_type="learnable"), get_outeff_layer_spec(V(softmax="softmax1"))), "conflicts"
+        lambda: gpt(tiny_config(softmax_type="learnable"), get_outeff_layer_spec(V(softmax="softmax1"))), "conflicts"
     )
     assert all("\n" not in e for e in errors), errors
 
@@ -328,7 +291,7 @@ def test_wrong_offset_in_state_dict_touches_nothing():
     from megatron_outeff.megatron.self_attention import install_state_dict_guard
     from megatron_outeff.megatron.variant import AttentionVariantConfig as V
 
-    model = install_state_dict_guard(gpt(make_config(), get_outeff_layer_spec(V(softmax="learnable"))))
+    model = install_state_dict_guard(gpt(tiny_config(), get_outeff_layer_spec(V(softmax="learnable"))))
     before = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
     sd = {k: (torch.zeros_like(v) if torch.is_tensor(v) else v) for k, v in model.state_dict().items()}
     sd["decoder.layers.1.self_attention.core_attention.softmax_offset"] = torch.zeros(3)
@@ -338,11 +301,11 @@ def test_wrong_offset_in_state_dict_touches_nothing():
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was overwritten
     # a learnable-offset checkpoint into a softmax1 model: also refused up front
-    other = install_state_dict_guard(gpt(make_config(), get_outeff_layer_spec(V(softmax="softmax1"))))
+    other = install_state_dict_guard(gpt(tiny_config(), get_outeff_layer_spec(V(softmax="softmax1"))))
     with pytest.raises(ValueError, match="softmax='learnable' but this layer is 'softmax1'"):
         other.load_state_dict(model.state_dict())
     # without the guard the module's own check still gives one line
-    plain = gpt(make_config(), get_outeff_layer_spec(V(softmax="learnable")))
+    plain = gpt(tiny_config(), get_outeff_layer_spec(V(softmax="learnable")))
     with pytest.raises(ValueError, match=r"\(3,\)"):
         plain.load_state_dict(sd)
 
@@ -353,7 +316,7 @@ def test_mask_routing():
 
     from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
 
-    model = gpt(make_config(), get_outeff_layer_spec())
+    model = gpt(tiny_config(), get_outeff_layer_spec())
     core = model.decoder.layers[0].self_attention.core_attention
     causal = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), 1)
     pad = torch.zeros(B, 1, 1, SEQ, dtype=torch.bool)
@@ -386,8 +349,8 @@ def test_core_attention_alone_in_megatrons_self_attention():
     spec = get_gpt_layer_local_spec()
     attn = spec.submodules.self_attention
     attn.submodules = dataclasses.replace(attn.submodules, core_attention=OutEffCoreAttention.with_variant(v))
-    stock = gpt(make_config(), spec)
-    ours = gpt(make_config(), get_outeff_layer_spec(v))
+    stock = gpt(tiny_config(), spec)
+    ours = gpt(tiny_config(), get_outeff_layer_spec(v))
     ours.load_state_dict(stock.state_dict(), strict=True)
     assert_same(run(stock), run(ours))
     with pytest.raises(ValueError, match="OutEffSelfAttention"):
@@ -401,10 +364,9 @@ def test_static_kv_cache_decode_matches_full_forward(gate):
 
     from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
     from megatron_outeff.megatron.variant import AttentionVariantConfig as V
-    from megatron_outeff.megatron.variant import transformer_config_fields
 
     v = V(softmax="learnable", gate=gate, clip_gamma=-0.03)
-    m = gpt(make_config(**transformer_config_fields(v)), get_outeff_layer_spec(v)).eval()
+    m = gpt(tiny_config(v), get_outeff_layer_spec(v)).eval()
     ids, pos = batch()
     with torch.no_grad():
         full = m(ids, pos, None)
@@ -426,8 +388,8 @@ def test_bf16_model_close_to_megatron():
     from megatron_outeff.megatron.variant import AttentionVariantConfig as V
 
     kw = dict(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
-    mg = gpt(make_config(softmax_type="off-by-one", **kw), get_gpt_layer_local_spec())
-    mine = gpt(make_config(**kw), get_outeff_layer_spec(V(softmax="softmax1")))
+    mg = gpt(tiny_config(softmax_type="off-by-one", **kw), get_gpt_layer_local_spec())
+    mine = gpt(tiny_config(**kw), get_outeff_layer_spec(V(softmax="softmax1")))
     mine.load_state_dict(mg.state_dict())
     ids, pos = batch()
     with torch.no_grad():
@@ -445,7 +407,7 @@ def test_probe_probabilities_equal_an_independent_softmax(softmax):
     from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
     from megatron_outeff.megatron.variant import AttentionVariantConfig
 
-    model = gpt(make_config(), get_outeff_layer_spec(AttentionVariantConfig(softmax=softmax, clip_gamma=-0.03)))
+    model = gpt(tiny_config(), get_outeff_layer_spec(AttentionVariantConfig(softmax=softmax, clip_gamma=-0.03)))
     core = model.decoder.layers[1].self_attention.core_attention
     offset = torch.zeros(4, dtype=torch.float64)
     if softmax == "learnable":
@@ -478,10 +440,10 @@ def test_elementwise_gate_equals_a_hand_computation_and_opens_at_gate_init_prob(
     linear_qkv (per head [q | gate | k | v], megatron-core's layout) applied to the layer input, before
     linear_proj; its bias rows start at logit(gate_init_prob), the q / k / v bias rows at megatron's 0."""
     from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
-    from megatron_outeff.megatron.variant import AttentionVariantConfig, transformer_config_fields
+    from megatron_outeff.megatron.variant import AttentionVariantConfig
 
     v = AttentionVariantConfig(softmax="softmax1", gate="elementwise", gate_init_prob=0.3)
-    model = gpt(make_config(**transformer_config_fields(v)), get_outeff_layer_spec(v))
+    model = gpt(tiny_config(v), get_outeff_layer_spec(v))
     attn = model.decoder.layers[0].self_attention
     H, dh = 4, 16
     bias = attn.linear_qkv.bias.detach().view(H, 4, dh)

@@ -7,8 +7,8 @@ import itertools
 
 import pytest
 import torch
+from megatron_testlib import gpt, tiny_config
 
-from megatron_outeff.megatron.parallel import init_model_parallel
 from megatron_outeff.ops.variants import GATE_VARIANTS, SOFTMAX_VARIANTS, AttentionVariantConfig, variant_tensors
 
 COMBINATIONS = list(itertools.product(SOFTMAX_VARIANTS, GATE_VARIANTS))
@@ -25,10 +25,7 @@ TINY_HF = dict(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def model_parallel():
-    init_model_parallel(1, 1, seed=1234)
-    yield
+pytestmark = pytest.mark.usefixtures("model_parallel")
 
 
 def described(variant):
@@ -36,34 +33,10 @@ def described(variant):
 
 
 def megatron_model(variant):
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
     from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
-    from megatron_outeff.megatron.variant import transformer_config_fields
 
-    config = TransformerConfig(
-        num_layers=LAYERS,
-        hidden_size=H * D,
-        num_attention_heads=H,
-        ffn_hidden_size=128,
-        use_cpu_initialization=True,
-        init_method_std=STD,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        add_bias_linear=True,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
-        **transformer_config_fields(variant),
-    )
-    torch.manual_seed(0)
-    return GPTModel(
-        config, transformer_layer_spec=get_outeff_layer_spec(variant), vocab_size=128, max_sequence_length=32
-    )
+    config = tiny_config(variant, num_layers=LAYERS, hidden_size=H * D, num_attention_heads=H, init_method_std=STD)
+    return gpt(config, get_outeff_layer_spec(variant), max_sequence_length=32)
 
 
 def assert_initialised_as_described(t, value: torch.Tensor, where: str):

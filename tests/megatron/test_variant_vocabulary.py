@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from megatron_testlib import gpt, tiny_config
 
-from megatron_outeff.megatron.parallel import init_model_parallel
 from megatron_outeff.ops.variants import (
     GATE_FAMILIES,
     GATE_VARIANTS,
@@ -28,30 +28,13 @@ from megatron_outeff.ops.variants import (
 COMBINATIONS = [(s, g) for s in SOFTMAX_VARIANTS for g in GATE_VARIANTS]
 DEMO = str(Path(__file__).resolve().parents[2] / "configs" / "train" / "demo-tiny.yaml")
 H, D = 4, 16
-TINY_HF = dict(
-    vocab_size=64,
-    hidden_size=H * D,
-    num_hidden_layers=1,
-    ffn_dim=64,
-    num_attention_heads=H,
-    max_position_embeddings=16,
-    dropout=0.0,
+# The sizes both families' tiny Hugging Face models share (one layer, 4 query heads of 16).
+TINY_SHAPE = dict(
+    vocab_size=64, hidden_size=H * D, num_hidden_layers=1, num_attention_heads=H, max_position_embeddings=16
 )
-TINY_LLAMA = dict(
-    vocab_size=64,
-    hidden_size=H * D,
-    num_hidden_layers=1,
-    intermediate_size=64,
-    num_attention_heads=H,
-    num_key_value_heads=H // 2,
-    max_position_embeddings=16,
-)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def model_parallel():
-    init_model_parallel(1, 1, seed=1234)
-    yield
+TINY_HF = dict(TINY_SHAPE, ffn_dim=64, dropout=0.0)
+TINY_LLAMA = dict(TINY_SHAPE, intermediate_size=64, num_key_value_heads=H // 2)
+pytestmark = pytest.mark.usefixtures("model_parallel")
 
 
 def test_every_per_name_table_covers_the_vocabulary():
@@ -172,34 +155,14 @@ def test_the_translators_handle_every_name(softmax, gate):
 @pytest.mark.parametrize("softmax,gate", COMBINATIONS)
 def test_the_models_handle_every_name(softmax, gate):
     """megatron's layer (config from the translator) and the Hugging Face remote code build and run it."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
     from megatron_outeff.hf.configuration_outeff_opt import OutEffOPTConfig
     from megatron_outeff.hf.modeling_outeff_opt import OutEffOPTForCausalLM
     from megatron_outeff.megatron.layer_spec import get_outeff_layer_spec
-    from megatron_outeff.megatron.variant import transformer_config_fields
 
     variant = _variant(softmax, gate)
-    config = TransformerConfig(
-        num_layers=1,
-        hidden_size=H * D,
-        num_attention_heads=H,
-        ffn_hidden_size=64,
-        use_cpu_initialization=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
-        **transformer_config_fields(variant),
-    )
-    model = GPTModel(
-        config, transformer_layer_spec=get_outeff_layer_spec(variant), vocab_size=64, max_sequence_length=16
-    )
+    # megatron's default init (std 0.02): the weights' values do not matter here, only that it builds and runs
+    config = tiny_config(variant, num_layers=1, ffn_hidden_size=64, init_method_std=0.02)
+    model = gpt(config, get_outeff_layer_spec(variant), vocab_size=64)
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     logits = model(ids, torch.arange(8).expand_as(ids), None)
     logits.float().sum().backward()
