@@ -13,12 +13,11 @@ Negative controls show the comparison sees the two classic mistakes: the interle
 convention and a wrong query-head -> key/value-group assignment. Rank 0 writes JSON to argv[1].
 """
 
-import json
 import sys
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from parity_testlib import local_grads, mismatched_keys, pipeline_forward, write_merged
 
 from megatron_outeff.megatron.parallel import init_model_parallel
 from megatron_outeff.models.hf_llama import (
@@ -77,20 +76,6 @@ def variant_tensors(arch, variant, seed=11):
     }
 
 
-def forward(model, tokens, hidden_size, pp):
-    """Logits [b, s, V] on the last pipeline stage (None elsewhere); a manual 2-stage pipeline for pp=2."""
-    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
-    if pp == 1:
-        return model(tokens, positions, None, runtime_gather_output=True)
-    if ps.get_pipeline_model_parallel_rank() == 0:
-        dist.send(model(tokens, positions, None).contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
-        return None
-    hidden = torch.empty(tokens.shape[1], tokens.shape[0], hidden_size)
-    dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
-    model.set_input_tensor(hidden)
-    return model(tokens, positions, None, runtime_gather_output=True)
-
-
 def main(out_json):
     from megatron_outeff.hf.configuration_outeff_llama import OutEffLlamaConfig
     from megatron_outeff.hf.modeling_outeff_llama import OutEffLlamaForCausalLM
@@ -125,31 +110,22 @@ def main(out_json):
         full = state if state is not None else ({**hf_sd, **extras[ref]} if fields else hf_sd)
         load_megatron_state_dict(model, hf_state_dict_to_megatron(full, arch, tpr, tp, ppr, pp, variant=fields))
         with torch.no_grad():
-            out = forward(model, tokens, arch.hidden_size, pp)
+            out = pipeline_forward(model, tokens, arch.hidden_size, pp)
         if out is not None:
             res[f"{tag}_max_abs_diff"] = float((out[..., :VOCAB] - refs[ref]).abs().max())
             res[f"{tag}_ref_max"] = float(refs[ref].abs().max())
             res[f"{tag}_padded_vocab"] = out.shape[-1]
         if grad_check:
             model.zero_grad()
-            (forward(model, tokens, arch.hidden_size, pp)[..., :VOCAB] * loss_w).sum().backward()
-            grads = {}
-            for name, p in model.named_parameters():
-                grad = p.grad
-                if sp and getattr(p, "sequence_parallel", False):  # partial sums per SP rank (as megatron's finalize)
-                    grad = grad.clone()
-                    dist.all_reduce(grad, group=ps.get_tensor_model_parallel_group())
-                grads[name] = grad
-            mapped = megatron_to_hf_state_dict(gather_megatron_state_dicts(state_dict=grads), arch)
+            (pipeline_forward(model, tokens, arch.hidden_size, pp)[..., :VOCAB] * loss_w).sum().backward()
+            mapped = megatron_to_hf_state_dict(gather_megatron_state_dicts(state_dict=local_grads(model, sp)), arch)
             res[f"{tag}_grad_rel_diff"] = max(
                 float((mapped[k] - v).abs().max() / v.abs().max()) for k, v in ref_grads.items()
             )
         if state is None:
             back = megatron_to_hf_state_dict(gather_megatron_state_dicts(model), arch, variant=fields)
             want = {**hf_sd, **extras[ref]} if fields else hf_sd
-            res[f"{tag}_export_bad"] = sorted(
-                k for k in set(want) | set(back) if k not in back or k not in want or not torch.equal(back[k], want[k])
-            )[:5]
+            res[f"{tag}_export_bad"] = mismatched_keys(want, back)
         ps.destroy_model_parallel()
 
     run("tp1_megatron_attention", 1, 1, grad_check=True)  # megatron's own DotProductAttention
@@ -198,20 +174,12 @@ def main(out_json):
         with torch.no_grad():
             ref3 = hf3(tokens).logits
             res[f"{tag}_max_abs_diff"] = float(
-                (forward(model, tokens, a.hidden_size, 1)[..., :VOCAB] - ref3).abs().max()
+                (pipeline_forward(model, tokens, a.hidden_size, 1)[..., :VOCAB] - ref3).abs().max()
             )
             res[f"{tag}_ref_max"] = float(ref3.abs().max())
     ps.destroy_model_parallel()
 
-    all_res = [None] * dist.get_world_size()
-    dist.all_gather_object(all_res, res)
-    if dist.get_rank() == 0:
-        merged = {}
-        for r in all_res:
-            merged.update(r)
-        with open(out_json, "w") as f:
-            json.dump(merged, f, indent=1)
-    dist.barrier()
+    write_merged(res, out_json)
 
 
 if __name__ == "__main__":

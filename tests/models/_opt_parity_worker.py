@@ -4,12 +4,12 @@ PP=2 for an OPT-350m-shaped model (argv[4]: post-LN, project_in/out) with megatr
 with the learnable-offset variant (reference: our remote-code OutEffOPTForCausalLM, i.e. transformers'
 OPT with the variant's attention). Rank 0 writes JSON to argv[2]."""
 
-import json
 import sys
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from parity_testlib import local_grads, mismatched_keys, pipeline_forward, positions, write_merged
 
 from megatron_outeff.megatron.parallel import init_model_parallel
 from megatron_outeff.models.hf_opt import (
@@ -39,21 +39,6 @@ def load_reference(hf_dir: str):
     return arch, hf_sd, OPTForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
 
 
-def forward(model, tokens, positions, hidden_size: int, pp: int):
-    """Logits [b, s, V] on the last pipeline stage (None elsewhere); a manual 2-stage pipeline for pp=2."""
-    if pp == 1:
-        return model(tokens, positions, None, runtime_gather_output=True)
-    # Manual 2-stage pipeline: stage 0's hidden states [s, b, h] go to stage 1.
-    if ps.get_pipeline_model_parallel_rank() == 0:
-        hidden = model(tokens, positions, None)
-        dist.send(hidden.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
-        return None
-    hidden = torch.empty(tokens.shape[1], tokens.shape[0], hidden_size)
-    dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
-    model.set_input_tensor(hidden)
-    return model(tokens, positions, None, runtime_gather_output=True)
-
-
 def hf_reference_grads(hf, tokens, loss_w) -> dict:
     """{name: grad} of sum(logits * loss_w) for the HF model (lm_head is the embedding)."""
     hf.zero_grad()
@@ -61,22 +46,15 @@ def hf_reference_grads(hf, tokens, loss_w) -> dict:
     return {k: p.grad.clone() for k, p in hf.named_parameters()}
 
 
-def grad_check_into(res, tag, model, arch, tokens, positions, loss_w, ref_grads, sp):
+def grad_check_into(res, tag, model, arch, tokens, loss_w, ref_grads, sp):
     """Same scalar loss on both sides; the megatron gradients, mapped to HF layout by the same
     converter, must equal HF's. Under SP the LayerNorm (and project_out) grads are partial sums per
     rank: all-reduce those marked sequence_parallel, as megatron's finalize_model_grads does.
     Returns the logits (TP=1 pipeline only)."""
     model.zero_grad()
-    out = model(tokens, positions, None, runtime_gather_output=True)
+    out = model(tokens, positions(tokens), None, runtime_gather_output=True)
     (out[..., : arch.vocab_size].float() * loss_w).sum().backward()
-    grads = {}
-    for name, p in model.named_parameters():
-        g = p.grad
-        if getattr(p, "sequence_parallel", False) and sp:
-            g = g.clone()
-            dist.all_reduce(g, group=ps.get_tensor_model_parallel_group())
-        grads[name] = g
-    hf_grads = megatron_to_hf_state_dict(gather_megatron_state_dicts(state_dict=grads), arch)
+    hf_grads = megatron_to_hf_state_dict(gather_megatron_state_dicts(state_dict=local_grads(model, sp)), arch)
     # k_proj biases have an exactly-zero true gradient (softmax is shift-invariant): both sides
     # hold rounding noise there, checked against the largest gradient anywhere instead.
     top = max(float(v.abs().max()) for v in ref_grads.values())
@@ -110,7 +88,6 @@ def opt_350m_runs(hf_dir: str, res: dict) -> None:
     ref_var = OutEffOPTForCausalLM(cfg).eval()
     ref_var.load_state_dict({**hf_sd, **offsets}, strict=False)  # lm_head tied
     tokens = torch.randint(2, arch.vocab_size, (2, 20), generator=g)
-    positions = torch.arange(20).unsqueeze(0).expand(2, -1)
     with torch.no_grad():
         refs = {None: hf(tokens).logits, "learnable": ref_var(tokens).logits}
     res["opt_350m_variant_changes_logits"] = float((refs[None] - refs["learnable"]).abs().max())
@@ -131,17 +108,15 @@ def opt_350m_runs(hf_dir: str, res: dict) -> None:
             model, hf_state_dict_to_megatron(full[variant], arch, tpr, tp, ppr, pp, variant=_variant(variant))
         )
         with torch.no_grad():
-            out = forward(model, tokens, positions, arch.hidden_size, pp)
+            out = pipeline_forward(model, tokens, arch.hidden_size, pp)
         if tag == "tp2sp":  # replicated project_in/out: grads equal on every rank, project_out's SP-reduced
-            grad_check_into(res, f"opt_350m_{tag}", model, arch, tokens, positions, loss_w, ref_grads, sp)
+            grad_check_into(res, f"opt_350m_{tag}", model, arch, tokens, loss_w, ref_grads, sp)
         if out is not None:
             res[f"opt_350m_{tag}_max_abs_diff"] = float((out[..., : arch.vocab_size] - refs[variant]).abs().max())
             res[f"opt_350m_{tag}_ref_max"] = float(refs[variant].abs().max())
         back = megatron_to_hf_state_dict(gather_megatron_state_dicts(model), arch, variant=_variant(variant))
         want = {**full[variant], "lm_head.weight": hf_sd["model.decoder.embed_tokens.weight"]}
-        res[f"opt_350m_{tag}_export_bad"] = sorted(
-            k for k in set(want) | set(back) if k not in back or k not in want or not torch.equal(back[k], want[k])
-        )[:5]
+        res[f"opt_350m_{tag}_export_bad"] = mismatched_keys(want, back)
         ps.destroy_model_parallel()
 
 
@@ -152,7 +127,6 @@ def main(hf_dir: str, out_json: str, export_dir: str, hf_350m_dir: str) -> None:
     # No pad token (id 1) in the input: HF's embed_tokens has padding_idx=1, which zeroes that row's
     # lookup gradient; megatron's embedding has no padding row (forward is identical either way).
     tokens = torch.randint(2, arch.vocab_size, (2, 24), generator=g)
-    positions = torch.arange(24).unsqueeze(0).expand(2, -1)
     with torch.no_grad():
         ref = hf(tokens).logits
     V = arch.vocab_size
@@ -176,9 +150,9 @@ def main(hf_dir: str, out_json: str, export_dir: str, hf_350m_dir: str) -> None:
         model = build_opt_model(arch, variant, sequence_parallel=sp, params_dtype=dtype).eval()
         load_megatron_state_dict(model, hf_state_dict_to_megatron(hf_sd, arch, tpr, tp, ppr, pp), allow_missing)
         with torch.no_grad():
-            out = forward(model, tokens, positions, arch.hidden_size, pp)
+            out = pipeline_forward(model, tokens, arch.hidden_size, pp)
         if grad_check:
-            out = grad_check_into(res, tag, model, arch, tokens, positions, loss_w, ref_grads, sp)
+            out = grad_check_into(res, tag, model, arch, tokens, loss_w, ref_grads, sp)
         if out is not None:
             res[f"{tag}_logits_shape"] = list(out.shape)
             res[f"{tag}_max_abs_diff"] = float((out[..., :V].float() - ref).abs().max())
@@ -218,16 +192,7 @@ def main(hf_dir: str, out_json: str, export_dir: str, hf_350m_dir: str) -> None:
     # A gated Softmax_1 model still takes every OPT weight; its gates stay at their init.
     run("tp2_gated_sm1", 2, 1, variant=dict(softmax="softmax1", gate="linear"), allow_missing=(r"head_gate\.",))
     opt_350m_runs(hf_350m_dir, res)
-    # Every rank computed some entries (PP=2 logits live on the last stage): merge on rank 0.
-    all_res = [None] * dist.get_world_size()
-    dist.all_gather_object(all_res, res)
-    if dist.get_rank() == 0:
-        merged = {}
-        for r in all_res:
-            merged.update(r)
-        with open(out_json, "w") as f:
-            json.dump(merged, f, indent=1)
-    dist.barrier()
+    write_merged(res, out_json)
 
 
 if __name__ == "__main__":

@@ -4,45 +4,35 @@ code, the mapping back (torch.equal), and negative controls for the rotary conve
 head grouping (the comparison must see both mistakes)."""
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from parity_testlib import run_worker
 from tolerance import network_depth, rounding_bound
 
-REPO = Path(__file__).resolve().parents[2]
 # the worker's model (hidden 64, SwiGLU width 96, 2 layers) at its 24 tokens: tests/tolerance.py
 DEPTH = network_depth(dict(hidden_size=64, ffn_dim=2 * 96, num_hidden_layers=2, max_position_embeddings=24))
+# every megatron layout of the worker that loads transformers' weights (imported, compared, mapped back)
+LAYOUTS = [
+    "tp1_megatron_attention",
+    "tp1",
+    "tp2",
+    "tp2sp",
+    "pp2",
+    "tp2_variant",
+    "pp2_variant",
+    "tp2sp_elementwise",
+    "pp2_elementwise",
+]
 
 
 @pytest.fixture(scope="module")
 def parity(private_tmp):
     out = Path(tempfile.mkdtemp(prefix="llama-parity-", dir=private_tmp)) / "result.json"
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    cmd = [
-        str(Path(sys.executable).with_name("torchrun")),
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        str(Path(__file__).with_name("_llama_parity_worker.py")),
-        str(out),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run_worker("_llama_parity_worker.py", out, timeout=400)
     return json.loads(out.read_text())
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _bound(res, tag):
@@ -50,21 +40,7 @@ def _bound(res, tag):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize(
-    "tag",
-    [
-        "tp1_megatron_attention",
-        "tp1",
-        "tp2",
-        "tp2sp",
-        "pp2",
-        "tp2_variant",
-        "pp2_variant",
-        "tp2sp_elementwise",
-        "pp2_elementwise",
-        "llama3_rope",
-    ],
-)
+@pytest.mark.parametrize("tag", LAYOUTS + ["llama3_rope"])
 def test_logits_match_transformers(parity, tag):
     """fp32 on both sides, summed in other orders (TP/PP splits, other kernels): the derived bound.
     The *_variant / *_elementwise layouts are compared with OutEffLlamaForCausalLM (transformers' Llama with
@@ -82,20 +58,7 @@ def test_gradients_match_transformers(parity, tag):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize(
-    "tag",
-    [
-        "tp1_megatron_attention",
-        "tp1",
-        "tp2",
-        "tp2sp",
-        "pp2",
-        "tp2_variant",
-        "pp2_variant",
-        "tp2sp_elementwise",
-        "pp2_elementwise",
-    ],
-)
+@pytest.mark.parametrize("tag", LAYOUTS)
 def test_mapping_back_is_identical(parity, tag):
     assert parity[f"{tag}_export_bad"] == []
 

@@ -2,27 +2,16 @@
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from parity_testlib import run_worker
 from tolerance import network_depth, rounding_bound
-
-REPO = Path(__file__).resolve().parents[2]
-
 
 # conftest.TINY_HF's sizes, at the worker's 24 tokens
 DEPTH = network_depth(dict(hidden_size=64, ffn_dim=256, num_hidden_layers=2, max_position_embeddings=24))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,22 +20,7 @@ def parity(hf_opt_dir, hf_opt_350m_dir, private_tmp):
     hf_350m_dir, _ = hf_opt_350m_dir
     tmp = Path(tempfile.mkdtemp(prefix="parity-", dir=private_tmp))  # its own dir each time the module is set up
     out_json, export_dir = tmp / "result.json", tmp / "exported"
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [
-        str(torchrun),
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        str(Path(__file__).with_name("_opt_parity_worker.py")),
-        str(hf_dir),
-        str(out_json),
-        str(export_dir),
-        str(hf_350m_dir),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run_worker("_opt_parity_worker.py", hf_dir, out_json, export_dir, hf_350m_dir, timeout=300)
     return json.loads(out_json.read_text()), export_dir
 
 
