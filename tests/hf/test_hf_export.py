@@ -2,15 +2,19 @@
 where megatron_outeff is not importable, and compare its logits with an independent oracle."""
 
 import json
-import os
-import subprocess
-import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
-from hf_testlib import TINY, oracle_logits, random_weights
+from hf_testlib import (
+    TINY,
+    TINY_350M,
+    assert_reload_matches_oracle,
+    export_random,
+    oracle_logits,
+    random_weights,
+    reload_isolated,
+)
 from tolerance import assert_close_bound, network_depth, rounding_bound
 
 from megatron_outeff.hf import (
@@ -44,8 +48,6 @@ VARIANTS = {
     },
 }
 
-# OPT-350m's shape in miniature: post-LayerNorm, 32-wide embeddings projected to the 64-wide model.
-TINY_350M = dict(TINY, do_layer_norm_before=False, word_embed_proj_dim=32)
 VARIANTS_350M = ("vanilla", "softmax1", "learnable", "clipped", "gated_linear", "gated_elementwise")
 
 
@@ -53,55 +55,21 @@ VARIANTS_350M = ("vanilla", "softmax1", "learnable", "clipped", "gated_linear", 
 def exported(tmp_path_factory, tiny_inputs):
     """Export all variants (same base weights) and load them all in ONE isolated subprocess."""
     root = tmp_path_factory.mktemp("hf_export")
-    ids, am = tiny_inputs
-    data = {}
-    for name, variant in VARIANTS.items():
-        fields = resolve_variant(variant)
-        opt_sd, extra = random_weights(fields, seed=0)
-        out = export_hf_dir(root / name, opt_sd, TINY, variant, extra_state=extra)
-        data[name] = dict(fields=fields, sd={**opt_sd, **extra}, dir=out)
+    data = {name: export_random(root / name, variant, TINY) for name, variant in VARIANTS.items()}
     for name in VARIANTS_350M:  # same isolated subprocess: no extra launch
-        fields = resolve_variant(VARIANTS[name])
-        opt_sd, extra = random_weights(fields, seed=1, opt_kwargs=TINY_350M)
-        out = export_hf_dir(root / f"opt_350m_{name}", opt_sd, TINY_350M, VARIANTS[name], extra_state=extra)
-        data[f"opt_350m_{name}"] = dict(fields=fields, sd={**opt_sd, **extra}, dir=out)
-    job, res = root / "job.pt", root / "result.pt"
-    torch.save({"dirs": {n: str(d["dir"]) for n, d in data.items()}, "ids": ids, "am": am}, job)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
-    env.update(HF_HOME=str(root / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONNOUSERSITE="1")
-    script = Path(__file__).with_name("_load_isolated.py")
-    proc = subprocess.run(
-        [sys.executable, "-S", str(script), sysconfig.get_paths()["purelib"], str(job), str(res)],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    loaded = torch.load(res)
-    return data, loaded
+        data[f"opt_350m_{name}"] = export_random(root / f"opt_350m_{name}", VARIANTS[name], TINY_350M, seed=1)
+    return data, reload_isolated(root, {n: d["dir"] for n, d in data.items()}, *tiny_inputs)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_isolated_reload_matches_oracle(exported, tiny_inputs, name):
     data, loaded = exported
     ids, am = tiny_inputs
-    got = loaded[name]
-    assert not got["megatron_outeff_loaded"]
     # The oracle in float64; the reloaded model runs in float32: rounding of its own only (tolerance.py).
     ref = oracle_logits({k: v.double() for k, v in data[name]["sd"].items()}, data[name]["fields"], ids, am)
     bound = rounding_bound(torch.float32, ref.abs().max(), network_depth(TINY))
-    real = am.bool()
-    # Real (non-padding) query positions: every model must match the oracle.
-    assert_close_bound(got["logits"][real], ref[real], bound, name)
-    if name != "vanilla":
-        # Remote code: fully masked (left-padding) rows give a zero attention output, as in the oracle.
-        assert_close_bound(got["logits"], ref, bound, name)
-        assert got["class"] == "OutEffOPTForCausalLM" and got["module"].startswith("transformers_modules")
-        assert len(got["quant_points"]) == QUANT_POINTS_PER_LAYER * TINY["num_hidden_layers"]
-    else:
-        assert got["class"] == "OPTForCausalLM" and got["module"].startswith("transformers.models.opt")
+    points = QUANT_POINTS_PER_LAYER * TINY["num_hidden_layers"]
+    assert_reload_matches_oracle(loaded[name], ref, am, bound, name, "opt", points)
 
 
 @pytest.mark.parametrize("name", VARIANTS_350M)

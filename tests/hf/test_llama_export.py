@@ -5,31 +5,19 @@ independent float64 oracle (RoPE, RMSNorm, SwiGLU and grouped-query attention wr
 definitions here, the attention by the project's operator); KV-cache generation and padded batches are
 structural checks in float64."""
 
-import os
-import subprocess
-import sys
-import sysconfig
-from pathlib import Path
-
 import pytest
 import torch
+from hf_testlib import (
+    TINY_LLAMA,
+    assert_reload_matches_oracle,
+    export_random,
+    head_gate,
+    oracle_attention,
+    random_llama_weights,
+    reload_isolated,
+)
 from tolerance import assert_close_bound, network_depth, rounding_bound
 
-from megatron_outeff.hf import export_hf_dir, resolve_variant
-
-TINY = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=32,
-    rms_norm_eps=1e-5,
-    pad_token_id=1,
-    tie_word_embeddings=False,
-    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-)
 DEPTH = network_depth(dict(hidden_size=64, ffn_dim=2 * 96, num_hidden_layers=2, max_position_embeddings=32))
 VARIANTS = {
     "vanilla": {"softmax": "vanilla"},
@@ -43,38 +31,17 @@ VARIANTS = {
 }
 
 
-def random_weights(fields, seed=0):
-    """(Llama state dict, variant tensors) of a tiny model of this variant, every tensor random."""
-    from megatron_outeff.hf.configuration_outeff_llama import OutEffLlamaConfig
-    from megatron_outeff.hf.modeling_outeff_llama import OutEffLlamaForCausalLM
-
-    model = OutEffLlamaForCausalLM(OutEffLlamaConfig(**TINY, **fields))
-    g = torch.Generator().manual_seed(seed)
-    plain, extra = {}, {}
-    for k, t in model.state_dict().items():
-        if "norm" in k:
-            v = 1.0 + 0.2 * torch.randn(t.shape, generator=g)
-        elif "softmax_offset" in k:
-            v = 2.0 * torch.randn(t.shape, generator=g)
-        else:
-            v = (0.5 if "q_proj" in k or "k_proj" in k else 0.2) * torch.randn(t.shape, generator=g)
-        (extra if ("softmax_offset" in k or ".gate." in k or "self_attn.gate_proj" in k) else plain)[k] = v
-    return plain, extra
-
-
 def oracle_logits(sd, fields, ids, am):
     """Plain-torch Llama forward from the definitions: RMSNorm, half-split RoPE (theta_j = 10000^(-2j/d),
     position p rotates the pair (x_j, x_{j+d/2}) by p theta_j), query head h reading key/value head
     h // (H/G), SwiGLU, untied head; the attention by ``outeff_attention(..., impl="torch")``, gates from
     their definition (per head; elementwise: sigmoid(x W_g^T) per head and channel; as tests/hf/hf_testlib.py
     for OPT). Positions 0..s-1 in every row."""
-    from megatron_outeff.ops import outeff_attention
-
-    H, G, D = TINY["num_attention_heads"], TINY["num_key_value_heads"], TINY["hidden_size"]
+    H, G, D = TINY_LLAMA["num_attention_heads"], TINY_LLAMA["num_key_value_heads"], TINY_LLAMA["hidden_size"]
     d, (b, s) = D // H, ids.shape
 
     def rms(x, w):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + TINY["rms_norm_eps"]) * w
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + TINY_LLAMA["rms_norm_eps"]) * w
 
     theta = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
     angle = torch.arange(s, dtype=torch.float64)[:, None] * theta[None]  # [s, d/2]
@@ -85,43 +52,17 @@ def oracle_logits(sd, fields, ids, am):
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
     x = sd["model.embed_tokens.weight"][ids]
-    for i in range(TINY["num_hidden_layers"]):
+    for i in range(TINY_LLAMA["num_hidden_layers"]):
         p = f"model.layers.{i}."
         h = rms(x, sd[p + "input_layernorm.weight"])
         q = rope((h @ sd[p + "self_attn.q_proj.weight"].T).view(b, s, H, d))
         k = rope((h @ sd[p + "self_attn.k_proj.weight"].T).view(b, s, G, d)).repeat_interleave(H // G, dim=2)
         v = (h @ sd[p + "self_attn.v_proj.weight"].T).view(b, s, G, d).repeat_interleave(H // G, dim=2)
-        gate, kind, gp = None, fields.get("gate", "none"), p + "self_attn.gate"
-        xs = h.view(b, s, H, d)
-        if kind == "linear":
-            gate = torch.sigmoid(
-                torch.stack([xs[:, :, j] @ sd[gp + ".weight"][j] + sd[gp + ".bias"][j] for j in range(H)], -1)
-            )
-        elif kind == "mlp":
-            cols = [
-                torch.relu(xs[:, :, j] @ sd[gp + ".fc1_weight"][j].T + sd[gp + ".fc1_bias"][j])
-                @ sd[gp + ".fc2_weight"][j]
-                + sd[gp + ".fc2_bias"][j]
-                for j in range(H)
-            ]
-            gate = torch.sigmoid(torch.stack(cols, -1))
-        elif kind == "elementwise":  # per head and channel: sigmoid(h W_g^T), no bias (Llama)
+        kind = fields.get("gate", "none")
+        gate = head_gate(h, sd, p + "self_attn.gate", kind, H)
+        if kind == "elementwise":  # per head and channel: sigmoid(h W_g^T), no bias (Llama)
             gate = torch.sigmoid(h @ sd[p + "self_attn.gate_proj.weight"].T).view(b, s, H, d)
-        softmax = fields.get("softmax", "vanilla")
-        clip = None if fields.get("clip_gamma") is None else (fields["clip_gamma"], fields["clip_zeta"])
-        offset = sd.get(p + "self_attn.softmax_offset") if softmax == "learnable" else None
-        o = outeff_attention(
-            q,
-            k,
-            v,
-            softmax=softmax,
-            offset=offset,
-            clip=clip,
-            gate=gate,
-            causal=True,
-            key_padding_mask=am.bool(),
-            impl="torch",
-        )
+        o = oracle_attention(q, k, v, fields, sd.get(p + "self_attn.softmax_offset"), gate, am)
         x = x + o.reshape(b, s, D) @ sd[p + "self_attn.o_proj.weight"].T
         h = rms(x, sd[p + "post_attention_layernorm.weight"])
         ffn = torch.nn.functional.silu(h @ sd[p + "mlp.gate_proj.weight"].T) * (h @ sd[p + "mlp.up_proj.weight"].T)
@@ -133,54 +74,21 @@ def oracle_logits(sd, fields, ids, am):
 def exported(tmp_path_factory, tiny_inputs):
     """Export every variant (same base weights) and load them all in ONE isolated subprocess."""
     root = tmp_path_factory.mktemp("llama_export")
-    ids, am = tiny_inputs
-    data = {}
-    for name, variant in VARIANTS.items():
-        fields = resolve_variant(variant)
-        plain, extra = random_weights(fields)
-        out = export_hf_dir(root / name, plain, TINY, variant, extra_state=extra, family="llama")
-        data[name] = dict(fields=fields, sd={**plain, **extra}, dir=out)
-    job, res = root / "job.pt", root / "result.pt"
-    torch.save({"dirs": {n: str(d["dir"]) for n, d in data.items()}, "ids": ids, "am": am}, job)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
-    env.update(HF_HOME=str(root / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONNOUSERSITE="1")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-S",
-            str(Path(__file__).with_name("_load_isolated.py")),
-            sysconfig.get_paths()["purelib"],
-            str(job),
-            str(res),
-        ],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return data, torch.load(res)
+    data = {name: export_random(root / name, v, TINY_LLAMA, family="llama") for name, v in VARIANTS.items()}
+    return data, reload_isolated(root, {n: d["dir"] for n, d in data.items()}, *tiny_inputs)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_isolated_reload_matches_oracle(exported, tiny_inputs, name):
     data, loaded = exported
     ids, am = tiny_inputs
-    got = loaded[name]
-    assert not got["megatron_outeff_loaded"]
     ref = oracle_logits({k: v.double() for k, v in data[name]["sd"].items()}, data[name]["fields"], ids, am)
     bound = rounding_bound(torch.float32, ref.abs().max(), DEPTH)
-    real = am.bool()
-    assert_close_bound(got["logits"][real], ref[real], bound, name)
+    assert_reload_matches_oracle(loaded[name], ref, am, bound, name, "llama", 5 * TINY_LLAMA["num_hidden_layers"])
     files = sorted(p.name for p in data[name]["dir"].iterdir())
     if name == "vanilla":  # transformers' own class, no code in the directory
-        assert got["class"] == "LlamaForCausalLM" and got["module"].startswith("transformers.models.llama")
         assert files == ["config.json", "generation_config.json", "model.safetensors"]
-    else:  # remote code; fully masked (left-padding) rows give a zero attention output, as in the oracle
-        assert_close_bound(got["logits"], ref, bound, name)
-        assert got["class"] == "OutEffLlamaForCausalLM" and got["module"].startswith("transformers_modules")
-        assert len(got["quant_points"]) == 5 * TINY["num_hidden_layers"]
+    else:  # remote code
         assert {"modeling_outeff_llama.py", "remote_attention.py", "outeff_deps.py"} <= set(files)
         assert "modeling_outeff_opt.py" not in files  # the shared pieces only, not the OPT model
 
@@ -195,7 +103,7 @@ def test_the_oracle_sees_each_variant_and_the_grouping(exported, tiny_inputs):
         if name != "vanilla" and not name.startswith("gated"):  # gated ones carry other random tensors: differ anyway
             assert (loaded[name]["logits"][real] - loaded["vanilla"]["logits"][real]).abs().max() > 1e-3, name
     sd = {k: v.double() for k, v in data["vanilla"]["sd"].items()}
-    for i in range(TINY["num_hidden_layers"]):  # swap the two key/value heads: groups now pair with other queries
+    for i in range(TINY_LLAMA["num_hidden_layers"]):  # swap the two key/value heads: groups now pair with other queries
         k = f"model.layers.{i}.self_attn.k_proj.weight"
         sd[k] = sd[k].view(2, -1, 64).flip(0).reshape(-1, 64)
     assert (oracle_logits(sd, {}, ids, am)[real] - loaded["vanilla"]["logits"][real].double()).abs().max() > 1e-2
@@ -213,11 +121,11 @@ def test_outeff_vanilla_is_transformers_llama():
     from megatron_outeff.hf.configuration_outeff_llama import OutEffLlamaConfig
     from megatron_outeff.hf.modeling_outeff_llama import OutEffLlamaForCausalLM
 
-    plain, _ = random_weights({})
-    ref = LlamaForCausalLM(LlamaConfig(**TINY))
+    plain, _ = random_llama_weights({})
+    ref = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
     ref.config._attn_implementation = "eager"
     ref.load_state_dict(plain)
-    ours = OutEffLlamaForCausalLM(OutEffLlamaConfig(**TINY, softmax="vanilla"))
+    ours = OutEffLlamaForCausalLM(OutEffLlamaConfig(**TINY_LLAMA, softmax="vanilla"))
     ours.load_state_dict(plain)
     ids = torch.randint(2, 256, (2, 20), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():

@@ -12,25 +12,15 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
+import hf_testlib  # noqa: E402
 from hf_testlib import oracle_logits, random_weights  # noqa: E402
 from tolerance import network_depth, rounding_bound  # noqa: E402
 
 from megatron_outeff.megatron.parallel import init_model_parallel  # noqa: E402
 
-# OPT-350m's shape in miniature (hidden 64, embedding 32, 2 post-LN layers).
-TINY_350M = dict(
-    vocab_size=250,
-    hidden_size=64,
-    num_hidden_layers=2,
-    ffn_dim=128,
-    num_attention_heads=4,
-    max_position_embeddings=32,
-    dropout=0.0,
-    attention_dropout=0.0,
-    pad_token_id=1,
-    do_layer_norm_before=False,
-    word_embed_proj_dim=32,
-)
+# OPT-350m's shape in miniature (hidden 64, embedding 32, 2 post-LN layers); a vocabulary of 250, not a multiple
+# of 8: megatron pads it.
+TINY_350M = dict(hf_testlib.TINY_350M, vocab_size=250)
 # float32 on both sides, whatever order each path's kernels sum in: n eps max|x| (tests/tolerance.py), n the
 # network's reduction depth at the tests' 12 tokens; gradients pass the same reductions backward (2n)
 DEPTH = network_depth(dict(TINY_350M, max_position_embeddings=12))
