@@ -87,13 +87,13 @@ def export_random(out_dir, variant, config: dict, seed: int = 0, family: str = "
     return dict(fields=fields, sd={**plain, **extra}, dir=out)
 
 
-def reload_isolated(root: Path, dirs: dict, ids: torch.Tensor, am: torch.Tensor) -> dict:
+def reload_isolated(root: Path, data: dict, ids: torch.Tensor, am: torch.Tensor) -> dict:
     """{name: dict(logits, class, module, quant_points, megatron_outeff_loaded)} of each exported directory
-    in ``dirs``, loaded with AutoModelForCausalLM(trust_remote_code=True) and run on (ids, attention mask am)
+    ``data[name]["dir"]`` (export_random's results), loaded with AutoModelForCausalLM(trust_remote_code=True) and run on (ids, attention mask am)
     in ONE ``python -S`` process where megatron_outeff is not importable (_load_isolated.py); its Hugging
     Face cache under ``root``."""
     job, res = root / "job.pt", root / "result.pt"
-    torch.save({"dirs": {n: str(d) for n, d in dirs.items()}, "ids": ids, "am": am}, job)
+    torch.save({"dirs": {n: str(d["dir"]) for n, d in data.items()}, "ids": ids, "am": am}, job)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
     env.update(HF_HOME=str(root / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONNOUSERSITE="1")
     script = Path(__file__).with_name("_load_isolated.py")
@@ -155,14 +155,19 @@ def oracle_attention(q, k, v, fields: dict, offset, gate, attention_mask: torch.
     )
 
 
-def assert_reload_matches_oracle(got: dict, ref: torch.Tensor, am, bound: float, name: str, family: str, points: int):
-    """One directory's entry of ``reload_isolated`` (export ``name`` of ``family``) against the oracle's logits
-    ``ref`` [b, s, V] within ``bound``, loaded without megatron_outeff: at the real (non-padding) query positions
-    of ``am`` for every variant; vanilla as transformers' own class, every other variant as our remote code,
-    on every row (fully masked left-padding rows give a zero attention output, as in the oracle) and with
-    ``points`` QuantPoints."""
-    from tolerance import assert_close_bound
+def assert_reload_matches_oracle(exported, tiny_inputs, name: str, oracle, depth: int, family: str, points: int):
+    """Export ``name`` of an ``exported`` fixture ((data, reload_isolated's result) of ``family``) against
+    ``oracle(float64 state dict, fields, ids, am)`` on ``tiny_inputs`` (ids, am): the oracle in float64, the
+    reloaded model in float32, so the bound is its own rounding on a chain of ``depth`` (tests/tolerance.py).
+    Loaded without megatron_outeff; at the real (non-padding) query positions for every variant; vanilla as
+    transformers' own class, every other variant as our remote code, on every row (fully masked left-padding
+    rows give a zero attention output, as in the oracle) and with ``points`` QuantPoints."""
+    from tolerance import assert_close_bound, rounding_bound
 
+    (data, loaded), (ids, am) = exported, tiny_inputs
+    got = loaded[name]
+    ref = oracle({k: v.double() for k, v in data[name]["sd"].items()}, data[name]["fields"], ids, am)
+    bound = rounding_bound(torch.float32, ref.abs().max(), depth)
     plain = {"opt": "OPT", "llama": "Llama"}[family]
     assert not got["megatron_outeff_loaded"]
     real = am.bool()

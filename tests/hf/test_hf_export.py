@@ -58,18 +58,13 @@ def exported(tmp_path_factory, tiny_inputs):
     data = {name: export_random(root / name, variant, TINY) for name, variant in VARIANTS.items()}
     for name in VARIANTS_350M:  # same isolated subprocess: no extra launch
         data[f"opt_350m_{name}"] = export_random(root / f"opt_350m_{name}", VARIANTS[name], TINY_350M, seed=1)
-    return data, reload_isolated(root, {n: d["dir"] for n, d in data.items()}, *tiny_inputs)
+    return data, reload_isolated(root, data, *tiny_inputs)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_isolated_reload_matches_oracle(exported, tiny_inputs, name):
-    data, loaded = exported
-    ids, am = tiny_inputs
-    # The oracle in float64; the reloaded model runs in float32: rounding of its own only (tolerance.py).
-    ref = oracle_logits({k: v.double() for k, v in data[name]["sd"].items()}, data[name]["fields"], ids, am)
-    bound = rounding_bound(torch.float32, ref.abs().max(), network_depth(TINY))
     points = QUANT_POINTS_PER_LAYER * TINY["num_hidden_layers"]
-    assert_reload_matches_oracle(loaded[name], ref, am, bound, name, "opt", points)
+    assert_reload_matches_oracle(exported, tiny_inputs, name, oracle_logits, network_depth(TINY), "opt", points)
 
 
 @pytest.mark.parametrize("name", VARIANTS_350M)

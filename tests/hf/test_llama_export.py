@@ -75,17 +75,14 @@ def exported(tmp_path_factory, tiny_inputs):
     """Export every variant (same base weights) and load them all in ONE isolated subprocess."""
     root = tmp_path_factory.mktemp("llama_export")
     data = {name: export_random(root / name, v, TINY_LLAMA, family="llama") for name, v in VARIANTS.items()}
-    return data, reload_isolated(root, {n: d["dir"] for n, d in data.items()}, *tiny_inputs)
+    return data, reload_isolated(root, data, *tiny_inputs)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_isolated_reload_matches_oracle(exported, tiny_inputs, name):
-    data, loaded = exported
-    ids, am = tiny_inputs
-    ref = oracle_logits({k: v.double() for k, v in data[name]["sd"].items()}, data[name]["fields"], ids, am)
-    bound = rounding_bound(torch.float32, ref.abs().max(), DEPTH)
-    assert_reload_matches_oracle(loaded[name], ref, am, bound, name, "llama", 5 * TINY_LLAMA["num_hidden_layers"])
-    files = sorted(p.name for p in data[name]["dir"].iterdir())
+    points = 5 * TINY_LLAMA["num_hidden_layers"]
+    assert_reload_matches_oracle(exported, tiny_inputs, name, oracle_logits, DEPTH, "llama", points)
+    files = sorted(p.name for p in exported[0][name]["dir"].iterdir())
     if name == "vanilla":  # transformers' own class, no code in the directory
         assert files == ["config.json", "generation_config.json", "model.safetensors"]
     else:  # remote code

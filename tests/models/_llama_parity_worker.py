@@ -14,10 +14,14 @@ convention and a wrong query-head -> key/value-group assignment. Rank 0 writes J
 """
 
 import sys
+from pathlib import Path
 
 import torch
 from megatron.core import parallel_state as ps
 from parity_testlib import local_grads, mismatched_keys, pipeline_forward, write_merged
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
+from hf_testlib import TINY_LLAMA
 
 from megatron_outeff.megatron.parallel import init_model_parallel
 from megatron_outeff.models.hf_llama import (
@@ -30,17 +34,9 @@ from megatron_outeff.models.hf_llama import (
 from megatron_outeff.models.llama import build_llama_model
 
 VOCAB, SEQ = 250, 24
-HF_SHAPE = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
+# tests/hf's tiny Llama (hidden 64 in 4 query heads on 2 key/value heads, SwiGLU width 96, 2 layers, untied head)
+# with no pad token (transformers would zero that embedding row's gradient; megatron's has no padding row)
+HF_SHAPE = dict(TINY_LLAMA, vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=None)
 
 
 def make_hf(seed=0, **overrides):
