@@ -37,6 +37,14 @@ TINY_LLAMA = dict(
     tie_word_embeddings=False,
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
 )
+# Llama 3.1's published "llama3" RoPE scaling (its config.json rope_scaling; megatron-core's rope_scaling).
+LLAMA31_ROPE_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 def randomise(model, seed: int):

@@ -21,7 +21,7 @@ from megatron.core import parallel_state as ps
 from parity_testlib import local_grads, mismatched_keys, pipeline_forward, write_merged
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
-from hf_testlib import TINY_LLAMA
+from hf_testlib import LLAMA31_ROPE_SCALING, TINY_LLAMA
 
 from megatron_outeff.megatron.parallel import init_model_parallel
 from megatron_outeff.models.hf_llama import (
@@ -149,17 +149,7 @@ def main(out_json):
 
     # Llama 3.1's "llama3" RoPE scaling (megatron's rope_scaling) at theta 5e5: head_dim 16 has
     # wavelengths beyond the 2048-token threshold, so the scaling changes the function.
-    hf3 = make_hf(
-        seed=3,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-    )
+    hf3 = make_hf(seed=3, rope_parameters={**LLAMA31_ROPE_SCALING, "rope_theta": 500000.0})
     arch3 = arch_from_hf_config(hf3.config.to_dict())
     res["llama3_rope_scaling_factor"] = arch3.rope_scaling_factor
     init_model_parallel(1, 1, seed=1)

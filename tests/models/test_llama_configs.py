@@ -3,10 +3,14 @@ config translation: published shapes against published parameter counts and tran
 bad input as one-line errors. No megatron model is built here (fast)."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
+from hf_testlib import LLAMA31_ROPE_SCALING, TINY_LLAMA
 
 from megatron_outeff.errors import OutEffError
 from megatron_outeff.models import family as fam
@@ -55,24 +59,9 @@ def test_hf_config_round_trip(size):
 
 def test_old_style_rope_keys_are_read():
     """config.json files written before transformers 5 say rope_theta / rope_scaling at the top level."""
-    cfg = dict(
-        model_type="llama",
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_theta=500000.0,
-        max_position_embeddings=16384,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-    )
+    shape = {k: v for k, v in TINY_LLAMA.items() if k != "rope_parameters"}  # the tiny Llama, RoPE spelt as before
+    scaling = dict(LLAMA31_ROPE_SCALING)
+    cfg = dict(shape, model_type="llama", rope_theta=500000.0, max_position_embeddings=16384, rope_scaling=scaling)
     arch = arch_from_hf_config(cfg)
     assert (arch.rope_theta, arch.rope_scaling_factor, arch.num_query_groups) == (500000.0, 8.0, 2)
 
@@ -87,16 +76,7 @@ def test_old_style_rope_keys_are_read():
         ({"head_dim": 32}, "head_dim=32: expected 16"),
         ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}, "rope_type='yarn'"),
         (
-            {
-                "rope_parameters": {
-                    "rope_type": "llama3",
-                    "rope_theta": 1e4,
-                    "factor": 8.0,
-                    "low_freq_factor": 2.0,
-                    "high_freq_factor": 4.0,
-                    "original_max_position_embeddings": 8192,
-                }
-            },
+            {"rope_parameters": {**LLAMA31_ROPE_SCALING, "rope_theta": 1e4, "low_freq_factor": 2.0}},
             "low_freq_factor=2.0: megatron-core's llama3 RoPE scaling fixes it at 1.0",
         ),
         ({"model_type": "mistral"}, "model_type='mistral': expected 'llama'"),
