@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from megatron.core import parallel_state as ps
-from parity_testlib import local_grads, mismatched_keys, pipeline_forward, write_merged
+from parity_testlib import local_grads, mismatched_keys, pipeline_forward, randomise_, write_merged
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
 from hf_testlib import LLAMA31_ROPE_SCALING, TINY_LLAMA
@@ -47,11 +47,7 @@ def make_hf(seed=0, **overrides):
     torch.manual_seed(seed)
     cfg = LlamaConfig(**{**HF_SHAPE, **overrides})
     cfg._attn_implementation = "eager"
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.2 * torch.randn_like(p))
-    return model
+    return randomise_(LlamaForCausalLM(cfg).eval())
 
 
 VARIANTS = {

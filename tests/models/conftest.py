@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from parity_testlib import randomise_
 
 TINY_HF = dict(
     vocab_size=250,  # not a multiple of 8 * tp: exercises megatron's vocabulary padding
@@ -27,16 +28,7 @@ def make_hf_opt(seed: int = 0, **overrides):
     torch.manual_seed(seed)
     cfg = OPTConfig(**{**TINY_HF, **overrides})
     cfg._attn_implementation = "eager"
-    model = OPTForCausalLM(cfg).eval()
-    # HF initialises biases to 0 and LayerNorms to (1, 0): randomise everything, so a swapped or
-    # dropped bias / LayerNorm / offset row cannot hide.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layer_norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            else:
-                p.copy_(0.2 * torch.randn_like(p))
-    return model
+    return randomise_(OPTForCausalLM(cfg).eval())  # every bias, LayerNorm and offset row random
 
 
 @pytest.fixture(scope="session")

@@ -35,6 +35,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# ----------------------------------------------------------------------------- the references
+def randomise_(model):
+    """Every weight of a transformers model drawn anew from the global generator (norm weights 1 + N(0, 0.2^2),
+    the rest N(0, 0.2^2); transformers starts biases at 0 and norms at 1), so that a swapped or dropped
+    tensor cannot hide. Returns ``model``."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if name.endswith("norm.weight") else 0.2 * torch.randn_like(p))
+    return model
+
+
 # ----------------------------------------------------------------------------- the workers' side
 def positions(tokens: torch.Tensor) -> torch.Tensor:
     """Position ids 0..s-1 of every row of ``tokens`` [b, s]."""
