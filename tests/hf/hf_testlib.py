@@ -8,12 +8,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import subprocess  # noqa: E402 (after the offline switches above)
-import sys  # noqa: E402
-import sysconfig  # noqa: E402
-from pathlib import Path  # noqa: E402
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
 
-import torch  # noqa: E402
+import torch
 
 # The sizes every tiny model of these tests has, in both families: vocabulary 256 (pad id 1), hidden 64 in 4
 # heads of 16, 2 layers, 32 positions.
@@ -97,9 +97,9 @@ def export_random(out_dir, variant, config: dict, seed: int = 0, family: str = "
 
 def reload_isolated(root: Path, data: dict, ids: torch.Tensor, am: torch.Tensor) -> dict:
     """{name: dict(logits, class, module, quant_points, megatron_outeff_loaded)} of each exported directory
-    ``data[name]["dir"]`` (export_random's results), loaded with AutoModelForCausalLM(trust_remote_code=True) and run on (ids, attention mask am)
-    in ONE ``python -S`` process where megatron_outeff is not importable (_load_isolated.py); its Hugging
-    Face cache under ``root``."""
+    ``data[name]["dir"]`` (export_random's results), loaded with AutoModelForCausalLM(trust_remote_code=True)
+    and run on (ids, attention mask am) in ONE ``python -S`` process where megatron_outeff is not importable
+    (_load_isolated.py); its Hugging Face cache under ``root``."""
     job, res = root / "job.pt", root / "result.pt"
     torch.save({"dirs": {n: str(d["dir"]) for n, d in data.items()}, "ids": ids, "am": am}, job)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
