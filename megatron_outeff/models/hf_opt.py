@@ -207,17 +207,23 @@ def hf_config_dict(arch: OPTArchConfig, dtype: Optional[torch.dtype] = None) -> 
     return d
 
 
-def check_same_architecture(got: OPTArchConfig, expected: OPTArchConfig, what: str = "checkpoint") -> None:
-    diffs = [
-        f
-        for f in STRUCTURAL_FIELDS
-        if (got.embed_dim if f == "word_embed_proj_dim" else getattr(got, f))
-        != (expected.embed_dim if f == "word_embed_proj_dim" else getattr(expected, f))
-    ]
+def check_structural_fields(got, expected, fields: Sequence[str], what: str, value=getattr) -> None:
+    """One-line OutEffError naming every field of ``fields`` (compared as ``value(arch, field)``) on which
+    architecture ``got`` (of ``what``) differs from ``expected``; any family."""
+    diffs = [f for f in fields if value(got, f) != value(expected, f)]
     if diffs:
         g = ", ".join(f"{f}={getattr(got, f)}" for f in diffs)
         e = ", ".join(f"{f}={getattr(expected, f)}" for f in diffs)
         raise OutEffError(f"{what} has {g}; expected {expected.name}'s {e}")
+
+
+def _structural_value(arch: OPTArchConfig, field: str):
+    # word_embed_proj_dim None and equal to hidden_size are the same model
+    return arch.embed_dim if field == "word_embed_proj_dim" else getattr(arch, field)
+
+
+def check_same_architecture(got: OPTArchConfig, expected: OPTArchConfig, what: str = "checkpoint") -> None:
+    check_structural_fields(got, expected, STRUCTURAL_FIELDS, what, _structural_value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,20 +260,28 @@ def hf_expected_shapes(arch: OPTArchConfig) -> dict[str, tuple]:
     return shapes
 
 
-def validate_hf_state_dict(hf_sd: Mapping[str, torch.Tensor], arch: OPTArchConfig) -> None:
-    """One-line ValueError unless ``hf_sd`` is exactly a standard OPT of architecture ``arch``."""
-    shapes = hf_expected_shapes(arch)
+def check_hf_shapes(hf_sd: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple], arch, ignored=lambda k: False):
+    """One-line OutEffError unless ``hf_sd`` holds exactly the tensors of ``shapes`` (the family's
+    ``hf_expected_shapes(arch)``), each of its shape; names for which ``ignored(name)`` holds may be present too."""
+    from megatron_outeff.models.family import family_of
+
     missing = [k for k in shapes if k not in hf_sd]
     if missing:
         raise OutEffError(f"Hugging Face state dict lacks {len(missing)} tensor(s) of {arch.name}, e.g. {missing[:3]}")
-    unexpected = [k for k in hf_sd if k not in shapes and k != HF_LM_HEAD]
+    unexpected = [k for k in hf_sd if k not in shapes and not ignored(k)]
     if unexpected:
         raise OutEffError(
-            f"Hugging Face state dict has {len(unexpected)} tensor(s) unknown to OPT, e.g. {unexpected[:3]}"
+            f"Hugging Face state dict has {len(unexpected)} tensor(s) unknown to {family_of(arch).label}, "
+            f"e.g. {unexpected[:3]}"
         )
     for k, shape in shapes.items():
         if tuple(hf_sd[k].shape) != shape:
             raise OutEffError(f"{k}: shape {tuple(hf_sd[k].shape)}, expected {shape} for {arch.name}")
+
+
+def validate_hf_state_dict(hf_sd: Mapping[str, torch.Tensor], arch: OPTArchConfig) -> None:
+    """One-line ValueError unless ``hf_sd`` is exactly a standard OPT of architecture ``arch``."""
+    check_hf_shapes(hf_sd, hf_expected_shapes(arch), arch, ignored=lambda k: k == HF_LM_HEAD)
     if HF_LM_HEAD in hf_sd and not torch.equal(hf_sd[HF_LM_HEAD], hf_sd[HF_DECODER + "embed_tokens.weight"]):
         raise OutEffError(f"{HF_LM_HEAD} differs from the token embedding; expected tied weights (OPT)")
 
@@ -281,12 +295,23 @@ def _stage_layers(arch: OPTArchConfig, pp_rank: int, pp_size: int) -> range:
     return range(pp_rank * n, (pp_rank + 1) * n)
 
 
-def _check_ranks(arch: OPTArchConfig, tp_rank: int, tp_size: int, pp_rank: int, pp_size: int) -> None:
-    check_parallel_layout(arch, tp_size, pp_size)
+def _check_ranks(arch, tp_rank: int, tp_size: int, pp_rank: int, pp_size: int) -> None:
+    """The layout against ``arch`` (its family's check_parallel_layout) and the ranks inside it."""
+    from megatron_outeff.models.family import family_of
+
+    family_of(arch).arch.check_parallel_layout(arch, tp_size, pp_size)
     if not (0 <= tp_rank < tp_size and 0 <= pp_rank < pp_size):
         raise OutEffError(
             f"tp_rank={tp_rank}/tp_size={tp_size}, pp_rank={pp_rank}/pp_size={pp_size}: expected 0 <= rank < size"
         )
+
+
+def _vocab_rows(arch, vocab_size: Optional[int], tp_size: int) -> int:
+    """The megatron model's vocabulary rows: ``vocab_size``, default padded for TP (as the builders)."""
+    rows = padded_vocab_size(arch.vocab_size, tp_size) if vocab_size is None else vocab_size
+    if rows < arch.vocab_size or rows % tp_size != 0:
+        raise OutEffError(f"vocab_size={rows}: expected >= {arch.vocab_size} and divisible by tp_size={tp_size}")
+    return rows
 
 
 def _fuse_qkv(parts: Sequence[torch.Tensor], heads: int) -> torch.Tensor:
@@ -311,6 +336,18 @@ def _fused_gate(tensors, kind: str):
 
 def _chunk(t: torch.Tensor, rank: int, size: int, dim: int = 0) -> torch.Tensor:
     return t.chunk(size, dim=dim)[rank].clone()
+
+
+def _variant_shards(tensors, extras: Mapping[str, torch.Tensor], hp: str, mp: str, tp_rank: int, tp_size: int):
+    """{megatron name under ``mp``: this rank's heads} of each variant tensor not fused into linear_qkv, from
+    the full Hugging Face ones under ``hp`` (``extras``)."""
+    out = {}
+    for t in (t for t in tensors if not t.fused_qkv):
+        full = extras[hp + HF_ATTENTION + t.hf]
+        out[mp + MG_ATTENTION + t.megatron] = (
+            full.clone() if t.tp_dim is None else _chunk(full, tp_rank, tp_size, t.tp_dim)
+        )
+    return out
 
 
 def _padded_embedding(embed: torch.Tensor, vocab_rows: int) -> torch.Tensor:
@@ -349,9 +386,7 @@ def hf_state_dict_to_megatron(
         hf_sd, extras = split_variant_state(hf_sd)
         tensors = _check_variant_state(extras, arch, variant)
     validate_hf_state_dict(hf_sd, arch)
-    vocab_rows = padded_vocab_size(arch.vocab_size, tp_size) if vocab_size is None else vocab_size
-    if vocab_rows < arch.vocab_size or vocab_rows % tp_size != 0:
-        raise OutEffError(f"vocab_size={vocab_rows}: expected >= {arch.vocab_size} and divisible by tp_size={tp_size}")
+    vocab_rows = _vocab_rows(arch, vocab_size, tp_size)
 
     H = arch.num_attention_heads
     out: dict[str, torch.Tensor] = {}
@@ -382,11 +417,7 @@ def hf_state_dict_to_megatron(
         # Row-parallel biases: the full bias on every rank (megatron adds it after the all-reduce).
         out[f"{mp}self_attention.linear_proj.bias"] = hf_sd[f"{hp}self_attn.out_proj.bias"].clone()
         out[f"{mp}mlp.linear_fc2.bias"] = hf_sd[f"{hp}fc2.bias"].clone()
-        for t in (t for t in tensors if not t.fused_qkv):  # this rank's heads of each variant tensor
-            full = extras[hp + HF_ATTENTION + t.hf]
-            out[mp + MG_ATTENTION + t.megatron] = (
-                full.clone() if t.tp_dim is None else _chunk(full, tp_rank, tp_size, t.tp_dim)
-            )
+        out.update(_variant_shards(tensors, extras, hp, mp, tp_rank, tp_size))
     if last:
         if arch.do_layer_norm_before:
             for kind in ("weight", "bias"):
@@ -479,6 +510,47 @@ def _as_grid(rank_state_dicts) -> list[list[dict]]:
     return [[_strip_wrappers(sd) for sd in row] for row in grid]
 
 
+class _RankGrid:
+    """Every model-parallel rank's megatron state dict (``_as_grid``: grid[pp][tp]) read by name, keeping
+    track of what was read so that what has no Hugging Face counterpart can be refused (``check_all_read``)."""
+
+    def __init__(self, rank_state_dicts):
+        self.grid = _as_grid(rank_state_dicts)
+        self.pp_size, self.tp_size = len(self.grid), len(self.grid[0])
+        self.used: list[list[set]] = [[set() for _ in row] for row in self.grid]
+
+    def take(self, p: int, t: int, key: str) -> torch.Tensor:
+        sd = self.grid[p][t]
+        if key not in sd:
+            raise OutEffError(f"megatron state dict of tp_rank={t}, pp_rank={p} lacks {key!r}")
+        self.used[p][t].add(key)
+        return sd[key]
+
+    def cat(self, p: int, key: str, dim: int = 0) -> torch.Tensor:
+        """The TP shards of stage ``p``'s ``key`` concatenated along ``dim``."""
+        return torch.cat([self.take(p, t, key) for t in range(self.tp_size)], dim=dim)
+
+    def replicated(self, p: int, key: str) -> torch.Tensor:
+        for t in range(1, self.tp_size):
+            self.take(p, t, key)  # present on every rank; one logical copy, read from TP rank 0
+        return self.take(p, 0, key).clone()
+
+    def variant_tensor(self, p: int, key: str, t) -> torch.Tensor:
+        """A variant tensor ``t`` (ops.variants.variant_tensors) whole: its TP shards joined along ``tp_dim``."""
+        return self.replicated(p, key) if t.tp_dim is None else self.cat(p, key, t.tp_dim)
+
+    def check_all_read(self, label: str) -> None:
+        """One-line OutEffError naming the tensors no mapping read (they have no ``label`` counterpart)."""
+        for p in range(self.pp_size):
+            for t in range(self.tp_size):
+                left = sorted(set(self.grid[p][t]) - self.used[p][t])
+                if left:
+                    raise OutEffError(
+                        f"megatron tensors without a Hugging Face {label} counterpart on tp_rank={t}, pp_rank={p}: "
+                        f"{left[:3]} (pass strict=False to drop them)"
+                    )
+
+
 def megatron_to_hf_state_dict(
     rank_state_dicts, arch: Union[OPTArchConfig, str], *, strict: bool = True, variant=None
 ) -> dict[str, torch.Tensor]:
@@ -494,25 +566,9 @@ def megatron_to_hf_state_dict(
     ``tp_dim``) are mapped too and appended, in their Hugging Face names, after the OPT tensors.
     """
     arch = load_arch_config(arch)
-    grid = _as_grid(rank_state_dicts)
-    pp_size, tp_size = len(grid), len(grid[0])
-    check_parallel_layout(arch, tp_size, pp_size)
-    used: list[list[set]] = [[set() for _ in row] for row in grid]
-
-    def take(p: int, t: int, key: str) -> torch.Tensor:
-        sd = grid[p][t]
-        if key not in sd:
-            raise OutEffError(f"megatron state dict of tp_rank={t}, pp_rank={p} lacks {key!r}")
-        used[p][t].add(key)
-        return sd[key]
-
-    def cat(p: int, key: str, dim: int) -> torch.Tensor:
-        return torch.cat([take(p, t, key) for t in range(tp_size)], dim=dim)
-
-    def replicated(p: int, key: str) -> torch.Tensor:
-        for t in range(1, tp_size):
-            take(p, t, key)  # present on every rank; one logical copy, read from TP rank 0
-        return take(p, 0, key).clone()
+    ranks = _RankGrid(rank_state_dicts)
+    pp_size, cat, replicated = ranks.pp_size, ranks.cat, ranks.replicated
+    check_parallel_layout(arch, ranks.tp_size, pp_size)
 
     H, V = arch.num_attention_heads, arch.vocab_size
     tensors = () if variant is None else opt_variant_tensors(arch, variant)
@@ -555,20 +611,12 @@ def megatron_to_hf_state_dict(
             hf[f"{hp}fc2.weight"] = cat(p, f"{mp}mlp.linear_fc2.weight", 1)
             hf[f"{hp}fc2.bias"] = replicated(p, f"{mp}mlp.linear_fc2.bias")
             for t in (t for t in tensors if not t.fused_qkv):
-                key = mp + MG_ATTENTION + t.megatron
-                extras[hp + HF_ATTENTION + t.hf] = replicated(p, key) if t.tp_dim is None else cat(p, key, t.tp_dim)
+                extras[hp + HF_ATTENTION + t.hf] = ranks.variant_tensor(p, mp + MG_ATTENTION + t.megatron, t)
     if arch.do_layer_norm_before:
         for kind in ("weight", "bias"):
             hf[f"{HF_DECODER}final_layer_norm.{kind}"] = replicated(pp_size - 1, f"decoder.final_layernorm.{kind}")
     if strict:
-        for p in range(pp_size):
-            for t in range(tp_size):
-                left = sorted(set(grid[p][t]) - used[p][t])
-                if left:
-                    raise OutEffError(
-                        f"megatron tensors without a Hugging Face OPT counterpart on tp_rank={t}, pp_rank={p}: "
-                        f"{left[:3]} (pass strict=False to drop them)"
-                    )
+        ranks.check_all_read("OPT")
     # Order as OPTForCausalLM.state_dict(); the head is the embedding itself (tied).
     ordered = {k: hf[k] for k in hf_expected_shapes(arch)}
     ordered[HF_LM_HEAD] = embed
@@ -609,17 +657,27 @@ def load_hf_opt_dir(
     Validates model_type, (optionally) the architecture against ``expected_arch``, and the tensors,
     before returning anything.
     """
+    return load_hf_dir(path, "opt", expected_arch)
+
+
+def load_hf_dir(path: Union[str, Path], family: str, expected_arch=None) -> tuple:
+    """(architecture, state dict) of a Hugging Face directory of ``family`` (models/family.py; its mapping's
+    ``arch_from_hf_config``, ``check_same_architecture``, ``validate_hf_state_dict``): config.json +
+    *.safetensors only, everything validated before returning."""
+    from megatron_outeff.models.family import get_family
+
+    mapping = get_family(family).hf
     path = Path(path)
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise OutEffError(f"{path}: no config.json; expected a Hugging Face model directory")
     with open(cfg_path) as f:
         cfg = json.load(f)
-    arch = arch_from_hf_config(cfg, name=path.name or None)
+    arch = mapping.arch_from_hf_config(cfg, name=path.name or None)
     if expected_arch is not None:
-        check_same_architecture(arch, load_arch_config(expected_arch), what=str(path))
+        mapping.check_same_architecture(arch, mapping.load_arch_config(expected_arch), what=str(path))
     sd = read_hf_safetensors(path)
-    validate_hf_state_dict(sd, arch)
+    mapping.validate_hf_state_dict(sd, arch)
     return arch, sd
 
 
@@ -740,26 +798,28 @@ def load_hf_opt_into_model(
 ) -> None:
     """Load a Hugging Face OPT (directory or state dict) into this rank's ``build_opt_model`` model,
     using megatron's parallel_state for this rank's (TP, PP) position."""
-    from megatron.core import parallel_state as ps
-
     arch = load_arch_config(arch)
-    if isinstance(hf, Mapping):
-        hf_sd = hf
-    else:
-        _, hf_sd = load_hf_opt_dir(hf, expected_arch=arch)
+    hf_sd = hf if isinstance(hf, Mapping) else load_hf_opt_dir(hf, expected_arch=arch)[1]
     vocab_rows = None
     if getattr(model, "pre_process", True) and hasattr(model, "embedding"):
         vocab_rows = model.embedding.word_embeddings.num_embeddings  # the model's own (padded) size
     sd = hf_state_dict_to_megatron(
-        hf_sd,
-        arch,
+        hf_sd, arch, *this_rank_layout(), vocab_size=vocab_rows or getattr(model, "vocab_size", None)
+    )
+    load_megatron_state_dict(model, sd, allow_missing)
+
+
+def this_rank_layout() -> tuple[int, int, int, int]:
+    """(tp_rank, tp_size, pp_rank, pp_size) of this rank in megatron's parallel_state: the positional
+    layout arguments of ``hf_state_dict_to_megatron``."""
+    from megatron.core import parallel_state as ps
+
+    return (
         ps.get_tensor_model_parallel_rank(),
         ps.get_tensor_model_parallel_world_size(),
         ps.get_pipeline_model_parallel_rank(),
         ps.get_pipeline_model_parallel_world_size(),
-        vocab_size=vocab_rows or getattr(model, "vocab_size", None),
     )
-    load_megatron_state_dict(model, sd, allow_missing)
 
 
 def megatron_model_to_hf_state_dict(
