@@ -88,6 +88,28 @@ ARCH_SIZE_FIELDS = (
 )
 
 
+# The TransformerConfig fields every family sets from its architecture: megatron's name -> the arch field that
+# sets it, or None where the family fixes (or derives) the value; a family's TRANSFORMER_FIELDS_FROM_ARCH adds
+# its own (family_transformer_config).
+COMMON_TRANSFORMER_FIELDS = {
+    "num_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "ffn_hidden_size": "ffn_hidden_size",
+    "layernorm_epsilon": "layernorm_epsilon",
+    "hidden_dropout": "hidden_dropout",
+    "attention_dropout": "attention_dropout",
+    "init_method_std": "init_method_std",
+    "output_layer_init_method": "scaled_output_layer_init",
+    "kv_channels": None,
+    "gated_linear_unit": None,
+    "add_bias_linear": None,
+    "add_qkv_bias": None,
+    "normalization": None,
+    "apply_residual_connection_post_layernorm": None,
+}
+
+
 class ArchConfigBase:
     """What every family's architecture dataclass (OPTArchConfig, LlamaArchConfig) offers beyond its fields:
     the head width, parsing from a mapping (``arch_from_dict``) and the mapping back."""
@@ -296,6 +318,7 @@ def build_family_model(
 __all__ = [
     "ARCH_SIZE_FIELDS",
     "ArchConfigBase",
+    "COMMON_TRANSFORMER_FIELDS",
     "arch_from_dict",
     "as_variant",
     "build_family_model",

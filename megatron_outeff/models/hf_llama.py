@@ -45,19 +45,14 @@ from .hf_opt import (  # noqa: F401  (re-exported: the family interface)
     HF_ATTENTION,
     MG_ATTENTION,
     VARIANT_PARAM_PATTERNS,
-    _check_ranks,
-    _check_variant_state,
-    _chunk,
-    _padded_embedding,
+    RankImport,
     _RankGrid,
-    _stage_layers,
-    _variant_shards,
-    _vocab_rows,
     arch_variant_tensors,
     check_hf_safetensors,
     check_hf_shapes,
     check_structural_fields,
     gather_megatron_state_dicts,
+    hf_to_megatron,
     layer_variant_shapes,
     load_hf_dir,
     load_megatron_state_dict,
@@ -301,42 +296,24 @@ def unfuse_qkv(qkv: torch.Tensor, heads: int, groups: int, gate: bool = False) -
 # Hugging Face -> one megatron rank.
 
 
-def hf_state_dict_to_megatron(
-    hf_sd: Mapping[str, torch.Tensor],
-    arch: Union[LlamaArchConfig, str],
-    tp_rank: int = 0,
-    tp_size: int = 1,
-    pp_rank: int = 0,
-    pp_size: int = 1,
-    *,
-    vocab_size: Optional[int] = None,
-    variant=None,
-) -> dict[str, torch.Tensor]:
+def hf_state_dict_to_megatron(hf_sd: Mapping[str, torch.Tensor], arch: Union[LlamaArchConfig, str], *layout, **options):
     """The state dict of one (tp_rank, pp_rank) megatron Llama model (``build_llama_model``) from a full
-    Hugging Face LlamaForCausalLM state dict. ``vocab_size``: the megatron model's (padded) vocabulary,
-    default ``padded_vocab_size(arch.vocab_size, tp_size)``. ``variant``: the attention variant whose tensors
-    ``hf_sd`` holds (exactly those of ``llama_variant_tensors`` for every layer), mapped to this rank's heads
-    (the elementwise gate's rows into linear_qkv); None: plain Llama, a variant tensor is refused as unknown.
+    Hugging Face LlamaForCausalLM state dict: ``hf_opt.hf_to_megatron`` (``layout``: tp_rank, tp_size,
+    pp_rank, pp_size; ``options``: vocab_size, default ``padded_vocab_size(arch.vocab_size, tp_size)``, and
+    variant, whose tensors ``hf_sd`` holds: exactly those of ``llama_variant_tensors`` for every layer).
     Returned tensors are fresh copies (load them with ``load_megatron_state_dict``)."""
-    arch = load_arch_config(arch)
-    _check_ranks(arch, tp_rank, tp_size, pp_rank, pp_size)
-    extras, tensors = {}, ()
-    if variant is not None:
-        hf_sd, extras = split_variant_state(hf_sd)
-        tensors = _check_variant_state(extras, arch, variant)
-    validate_hf_state_dict(hf_sd, arch)
-    gate = _fused_gate(tensors)
-    rows = _vocab_rows(arch, vocab_size, tp_size)
+    return hf_to_megatron(hf_sd, load_arch_config(arch), *layout, **options)
+
+
+def megatron_rank_state_dict(rank: RankImport) -> dict[str, torch.Tensor]:
+    """``hf_to_megatron``'s Llama layout (module doc)."""
+    arch, hf_sd, extras, cut = rank.arch, rank.hf_sd, rank.extras, rank.cut
+    gate = _fused_gate(rank.tensors)
     H, G = arch.num_attention_heads, arch.query_groups
-
-    def cut(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        return _chunk(t, tp_rank, tp_size, dim)
-
     out: dict[str, torch.Tensor] = {}
-    if pp_rank == 0:
-        out[MG_EMBED] = cut(_padded_embedding(hf_sd[HF_EMBED], rows))
-    for local, g in enumerate(_stage_layers(arch, pp_rank, pp_size)):
-        hp, mp = f"{HF_LAYER_PREFIX}{g}.", f"decoder.layers.{local}."
+    if rank.first:
+        out[MG_EMBED] = rank.embedding(HF_EMBED)
+    for hp, mp in rank.layers(HF_LAYER_PREFIX):
         q, k, v = (hf_sd[f"{hp}self_attn.{n}_proj.weight"] for n in "qkv")
         gate_rows = None if gate is None else extras[hp + HF_ATTENTION + gate.hf]
         out[mp + "self_attention.linear_qkv.weight"] = cut(fuse_qkv(q, k, v, H, G, gate=gate_rows))
@@ -347,10 +324,10 @@ def hf_state_dict_to_megatron(
         out[mp + "mlp.linear_fc2.weight"] = cut(hf_sd[hp + "mlp.down_proj.weight"], 1)
         for hf_ln, mg_ln in _LAYER_NORMS:
             out[mp + mg_ln] = hf_sd[hp + hf_ln].clone()
-        out.update(_variant_shards(tensors, extras, hp, mp, tp_rank, tp_size))
-    if pp_rank == pp_size - 1:
+        out.update(rank.variant_shards(hp, mp))
+    if rank.last:
         out[MG_NORM] = hf_sd[HF_NORM].clone()
-        out[MG_HEAD] = cut(_padded_embedding(hf_sd[HF_LM_HEAD], rows))
+        out[MG_HEAD] = rank.embedding(HF_LM_HEAD)
     return out
 
 

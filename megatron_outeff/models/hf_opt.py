@@ -35,6 +35,7 @@ Reads config.json + safetensors only (never pickles). Every check runs before an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -45,6 +46,7 @@ import torch
 from megatron_outeff.errors import OutEffError, with_context
 from megatron_outeff.utils.atomic import atomic_output_dir
 
+from .common import ARCH_SIZE_FIELDS
 from .opt import OPT_POSITION_OFFSET, OPTArchConfig, check_parallel_layout, load_arch_config, padded_vocab_size
 
 HF_DECODER = "model.decoder."
@@ -57,17 +59,7 @@ VOCAB_PARALLEL = {
 }
 
 # Architecture fields a checkpoint must agree on with the target (dropouts and init do not matter).
-STRUCTURAL_FIELDS = (
-    "num_layers",
-    "hidden_size",
-    "num_attention_heads",
-    "ffn_hidden_size",
-    "vocab_size",
-    "max_position_embeddings",
-    "word_embed_proj_dim",
-    "do_layer_norm_before",
-    "activation",
-)
+STRUCTURAL_FIELDS = ARCH_SIZE_FIELDS + ("word_embed_proj_dim", "do_layer_norm_before", "activation")
 
 # (HF name inside decoder.layers.N., megatron name inside decoder.layers.N.), pre-LN / post-LN.
 _LAYER_NORMS = (("self_attn_layer_norm", "input_layernorm"), ("final_layer_norm", "pre_mlp_layernorm"))
@@ -338,18 +330,6 @@ def _chunk(t: torch.Tensor, rank: int, size: int, dim: int = 0) -> torch.Tensor:
     return t.chunk(size, dim=dim)[rank].clone()
 
 
-def _variant_shards(tensors, extras: Mapping[str, torch.Tensor], hp: str, mp: str, tp_rank: int, tp_size: int):
-    """{megatron name under ``mp``: this rank's heads} of each variant tensor not fused into linear_qkv, from
-    the full Hugging Face ones under ``hp`` (``extras``)."""
-    out = {}
-    for t in (t for t in tensors if not t.fused_qkv):
-        full = extras[hp + HF_ATTENTION + t.hf]
-        out[mp + MG_ATTENTION + t.megatron] = (
-            full.clone() if t.tp_dim is None else _chunk(full, tp_rank, tp_size, t.tp_dim)
-        )
-    return out
-
-
 def _padded_embedding(embed: torch.Tensor, vocab_rows: int) -> torch.Tensor:
     if vocab_rows == embed.shape[0]:
         return embed
@@ -357,9 +337,57 @@ def _padded_embedding(embed: torch.Tensor, vocab_rows: int) -> torch.Tensor:
     return torch.cat([embed, pad], dim=0)
 
 
-def hf_state_dict_to_megatron(
+@dataclasses.dataclass(frozen=True)
+class RankImport:
+    """One megatron rank's part of an import from Hugging Face, after every check (``hf_to_megatron``):
+    the standard tensors ``hf_sd``, the variant's ``extras`` and their descriptions ``tensors``, the
+    megatron vocabulary rows and this rank's (TP, PP) position. A family's ``megatron_rank_state_dict``
+    reads it."""
+
+    arch: object
+    hf_sd: Mapping[str, torch.Tensor]
+    extras: Mapping[str, torch.Tensor]
+    tensors: tuple
+    vocab_rows: int
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+
+    @property
+    def first(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def last(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    def cut(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """This TP rank's block of ``t`` along ``dim`` (a fresh copy)."""
+        return _chunk(t, self.tp_rank, self.tp_size, dim)
+
+    def embedding(self, key: str) -> torch.Tensor:
+        """This TP rank's rows of the Hugging Face vocabulary tensor ``key``, zero-padded to ``vocab_rows``."""
+        return self.cut(_padded_embedding(self.hf_sd[key], self.vocab_rows))
+
+    def layers(self, hf_layer_prefix: str):
+        """(Hugging Face prefix, megatron prefix) of each layer of this pipeline stage."""
+        for local, g in enumerate(_stage_layers(self.arch, self.pp_rank, self.pp_size)):
+            yield f"{hf_layer_prefix}{g}.", f"decoder.layers.{local}."
+
+    def variant_shards(self, hp: str, mp: str) -> dict[str, torch.Tensor]:
+        """{megatron name under ``mp``: this rank's heads} of each variant tensor not fused into linear_qkv,
+        from the full Hugging Face ones under ``hp``."""
+        out = {}
+        for t in (t for t in self.tensors if not t.fused_qkv):
+            full = self.extras[hp + HF_ATTENTION + t.hf]
+            out[mp + MG_ATTENTION + t.megatron] = full.clone() if t.tp_dim is None else self.cut(full, t.tp_dim)
+        return out
+
+
+def hf_to_megatron(
     hf_sd: Mapping[str, torch.Tensor],
-    arch: Union[OPTArchConfig, str],
+    arch,
     tp_rank: int = 0,
     tp_size: int = 1,
     pp_rank: int = 0,
@@ -368,63 +396,76 @@ def hf_state_dict_to_megatron(
     vocab_size: Optional[int] = None,
     variant=None,
 ) -> dict[str, torch.Tensor]:
-    """The state dict of one (tp_rank, pp_rank) megatron OPT model (``build_opt_model``) from a full
-    Hugging Face OPTForCausalLM state dict. ``vocab_size``: the megatron model's (padded) vocabulary,
-    default ``padded_vocab_size(arch.vocab_size, tp_size)`` as in build_opt_model.
+    """The state dict of one (tp_rank, pp_rank) megatron model of ``arch``'s family from a full Hugging Face
+    CausalLM state dict: every check first (the layout, the variant's tensors, the standard tensors, the
+    vocabulary rows), then the family mapping's ``megatron_rank_state_dict``. ``vocab_size``: the megatron
+    model's (padded) vocabulary, default ``padded_vocab_size(arch.vocab_size, tp_size)`` as in the builders.
     ``variant``: the attention variant (``AttentionVariantConfig``) whose tensors ``hf_sd`` holds, exactly
-    those of ``ops.variants.variant_tensors`` for every layer, mapped to this rank's heads; None: plain OPT,
-    any variant tensor is refused as unknown to OPT.
+    those of ``ops.variants.variant_tensors`` for every layer, mapped to this rank's heads (the elementwise
+    gate's rows into linear_qkv); None: the plain family, any variant tensor is refused as unknown.
 
     Returned tensors are fresh copies in the checkpoint's dtype; load them with
     :func:`load_megatron_state_dict` (megatron's ``_extra_state`` entries carry no weights).
     """
-    arch = load_arch_config(arch)
+    from megatron_outeff.models.family import family_of
+
+    mapping = family_of(arch).hf
     _check_ranks(arch, tp_rank, tp_size, pp_rank, pp_size)
     extras: dict = {}
     tensors = ()
     if variant is not None:
-        hf_sd, extras = split_variant_state(hf_sd)
+        hf_sd, extras = mapping.split_variant_state(hf_sd)
         tensors = _check_variant_state(extras, arch, variant)
-    validate_hf_state_dict(hf_sd, arch)
+    mapping.validate_hf_state_dict(hf_sd, arch)
     vocab_rows = _vocab_rows(arch, vocab_size, tp_size)
+    rank = RankImport(arch, hf_sd, extras, tensors, vocab_rows, tp_rank, tp_size, pp_rank, pp_size)
+    return mapping.megatron_rank_state_dict(rank)
 
+
+def hf_state_dict_to_megatron(hf_sd: Mapping[str, torch.Tensor], arch: Union[OPTArchConfig, str], *layout, **options):
+    """The state dict of one (tp_rank, pp_rank) megatron OPT model (``build_opt_model``) from a full
+    Hugging Face OPTForCausalLM state dict: ``hf_to_megatron`` (``layout``: tp_rank, tp_size, pp_rank,
+    pp_size; ``options``: vocab_size, variant)."""
+    return hf_to_megatron(hf_sd, load_arch_config(arch), *layout, **options)
+
+
+def megatron_rank_state_dict(rank: RankImport) -> dict[str, torch.Tensor]:
+    """``hf_to_megatron``'s OPT layout (module doc)."""
+    arch, hf_sd, extras, tensors = rank.arch, rank.hf_sd, rank.extras, rank.tensors
     H = arch.num_attention_heads
     out: dict[str, torch.Tensor] = {}
-    first, last = pp_rank == 0, pp_rank == pp_size - 1
+    first, last = rank.first, rank.last
     word = None
-    if first or (last and pp_size > 1):
-        word = _chunk(_padded_embedding(hf_sd[HF_DECODER + "embed_tokens.weight"], vocab_rows), tp_rank, tp_size)
+    if first or (last and rank.pp_size > 1):
+        word = rank.embedding(HF_DECODER + "embed_tokens.weight")
     projected = arch.embed_dim != arch.hidden_size
     if first:
         out["embedding.word_embeddings.weight"] = word
         if projected:
             out[MG_PROJECT_IN] = hf_sd[HF_PROJECT_IN].clone()
         out["embedding.position_embeddings.weight"] = hf_sd[HF_DECODER + "embed_positions.weight"].clone()
-    for local, g in enumerate(_stage_layers(arch, pp_rank, pp_size)):
-        hp, mp = f"{HF_DECODER}layers.{g}.", f"decoder.layers.{local}."
+    for hp, mp in rank.layers(HF_LAYER_PREFIX):
         for kind in ("weight", "bias"):
             q, k, v = (hf_sd[f"{hp}self_attn.{n}_proj.{kind}"] for n in "qkv")
             gate = _fused_gate(tensors, kind)  # megatron's rows per head: q (gate) k v
             parts = (q, k, v) if gate is None else (q, extras[hp + HF_ATTENTION + gate.hf], k, v)
-            out[f"{mp}self_attention.linear_qkv.{kind}"] = _chunk(_fuse_qkv(parts, H), tp_rank, tp_size)
-            out[f"{mp}mlp.linear_fc1.{kind}"] = _chunk(hf_sd[f"{hp}fc1.{kind}"], tp_rank, tp_size)
+            out[f"{mp}self_attention.linear_qkv.{kind}"] = rank.cut(_fuse_qkv(parts, H))
+            out[f"{mp}mlp.linear_fc1.{kind}"] = rank.cut(hf_sd[f"{hp}fc1.{kind}"])
             for hf_ln, mg_ln in _layer_norms(arch):
                 out[f"{mp}{mg_ln}.{kind}"] = hf_sd[f"{hp}{hf_ln}.{kind}"].clone()
-        out[f"{mp}self_attention.linear_proj.weight"] = _chunk(
-            hf_sd[f"{hp}self_attn.out_proj.weight"], tp_rank, tp_size, 1
-        )
-        out[f"{mp}mlp.linear_fc2.weight"] = _chunk(hf_sd[f"{hp}fc2.weight"], tp_rank, tp_size, 1)
+        out[f"{mp}self_attention.linear_proj.weight"] = rank.cut(hf_sd[f"{hp}self_attn.out_proj.weight"], 1)
+        out[f"{mp}mlp.linear_fc2.weight"] = rank.cut(hf_sd[f"{hp}fc2.weight"], 1)
         # Row-parallel biases: the full bias on every rank (megatron adds it after the all-reduce).
         out[f"{mp}self_attention.linear_proj.bias"] = hf_sd[f"{hp}self_attn.out_proj.bias"].clone()
         out[f"{mp}mlp.linear_fc2.bias"] = hf_sd[f"{hp}fc2.bias"].clone()
-        out.update(_variant_shards(tensors, extras, hp, mp, tp_rank, tp_size))
+        out.update(rank.variant_shards(hp, mp))
     if last:
         if arch.do_layer_norm_before:
             for kind in ("weight", "bias"):
                 out[f"decoder.final_layernorm.{kind}"] = hf_sd[f"{HF_DECODER}final_layer_norm.{kind}"].clone()
         if projected:
             out[MG_PROJECT_OUT] = hf_sd[HF_PROJECT_OUT].clone()
-        if pp_size > 1:
+        if rank.pp_size > 1:
             # Tied head on a stage without the embedding: megatron keeps a synchronised copy.
             out["output_layer.weight"] = word.clone() if first else word
     return out

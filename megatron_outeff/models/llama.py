@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from megatron_outeff.errors import OutEffError
 
 from .common import (
+    COMMON_TRANSFORMER_FIELDS,
     ArchConfigBase,
     as_variant,
     build_family_model,
@@ -136,23 +137,9 @@ def check_parallel_layout(arch: LlamaArchConfig, tp_size: int, pp_size: int) -> 
 # The TransformerConfig fields llama_transformer_config sets from the architecture: megatron's name ->
 # the LlamaArchConfig field that sets it, or None where the Llama family fixes (or derives) the value.
 TRANSFORMER_FIELDS_FROM_ARCH = {
-    "num_layers": "num_layers",
-    "hidden_size": "hidden_size",
-    "num_attention_heads": "num_attention_heads",
+    **COMMON_TRANSFORMER_FIELDS,
     "num_query_groups": "num_query_groups",
-    "ffn_hidden_size": "ffn_hidden_size",
-    "layernorm_epsilon": "layernorm_epsilon",
-    "hidden_dropout": "hidden_dropout",
-    "attention_dropout": "attention_dropout",
-    "init_method_std": "init_method_std",
-    "output_layer_init_method": "scaled_output_layer_init",
-    "kv_channels": None,
     "activation_func": None,
-    "gated_linear_unit": None,
-    "add_bias_linear": None,
-    "add_qkv_bias": None,
-    "normalization": None,
-    "apply_residual_connection_post_layernorm": None,
     "rotary_interleaved": None,
 }
 

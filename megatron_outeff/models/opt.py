@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from megatron_outeff.errors import OutEffError
 
 from .common import (  # noqa: F401  (padded_vocab_size: imported from here by callers)
+    COMMON_TRANSFORMER_FIELDS,
     ArchConfigBase,
     as_variant,
     build_family_model,
@@ -227,24 +228,7 @@ def check_parallel_layout(arch: OPTArchConfig, tp_size: int, pp_size: int) -> No
 
 # The TransformerConfig fields opt_transformer_config sets from the architecture: megatron's name -> the
 # OPTArchConfig field that sets it, or None where the OPT family fixes the value (or derives it).
-TRANSFORMER_FIELDS_FROM_ARCH = {
-    "num_layers": "num_layers",
-    "hidden_size": "hidden_size",
-    "num_attention_heads": "num_attention_heads",
-    "ffn_hidden_size": "ffn_hidden_size",
-    "layernorm_epsilon": "layernorm_epsilon",
-    "activation_func": "activation",
-    "hidden_dropout": "hidden_dropout",
-    "attention_dropout": "attention_dropout",
-    "init_method_std": "init_method_std",
-    "output_layer_init_method": "scaled_output_layer_init",
-    "kv_channels": None,
-    "gated_linear_unit": None,
-    "add_bias_linear": None,
-    "add_qkv_bias": None,
-    "normalization": None,
-    "apply_residual_connection_post_layernorm": None,
-}
+TRANSFORMER_FIELDS_FROM_ARCH = {**COMMON_TRANSFORMER_FIELDS, "activation_func": "activation"}
 
 
 # TransformerConfig fields the OPT family does not support through overrides, with the reason: each would change
