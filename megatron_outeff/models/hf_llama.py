@@ -52,6 +52,7 @@ from .hf_opt import (  # noqa: F401  (re-exported: the family interface)
     check_hf_shapes,
     check_structural_fields,
     gather_megatron_state_dicts,
+    hf_config_with,
     hf_to_megatron,
     layer_variant_shapes,
     load_hf_dir,
@@ -205,17 +206,8 @@ def hf_config_dict(arch: Union[LlamaArchConfig, str], dtype: Optional[torch.dtyp
     rope = {"rope_type": "default", "rope_theta": float(arch.rope_theta)}
     if arch.rope_scaling_factor is not None:
         rope.update(rope_type="llama3", factor=float(arch.rope_scaling_factor), **MEGATRON_LLAMA3_ROPE)
-    d.update(
-        rope_parameters=rope,
-        head_dim=arch.head_dim,
-        hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
-        tie_word_embeddings=False,
-    )
-    if dtype is not None:
-        d["dtype"] = str(dtype).removeprefix("torch.")
-    return d
+    fixed = dict(hidden_act="silu", attention_bias=False, mlp_bias=False, tie_word_embeddings=False)
+    return hf_config_with(d, dtype, rope_parameters=rope, head_dim=arch.head_dim, **fixed)
 
 
 def check_same_architecture(got: LlamaArchConfig, expected: LlamaArchConfig, what: str = "checkpoint") -> None:

@@ -188,12 +188,14 @@ def hf_config_dict(arch: OPTArchConfig, dtype: Optional[torch.dtype] = None) -> 
     if arch.layernorm_epsilon != 1e-5:
         raise OutEffError(f"{arch.name}: layernorm_epsilon={arch.layernorm_epsilon}: Hugging Face OPT hard-codes 1e-5")
     d = {key: getattr(arch, ours) for key, (ours, _) in HF_CONFIG_KEYS.items()}
-    d.update(
-        word_embed_proj_dim=arch.embed_dim,
-        enable_bias=True,
-        layer_norm_elementwise_affine=True,
-        tie_word_embeddings=True,
-    )
+    fixed = dict(enable_bias=True, layer_norm_elementwise_affine=True, tie_word_embeddings=True)
+    return hf_config_with(d, dtype, word_embed_proj_dim=arch.embed_dim, **fixed)
+
+
+def hf_config_with(d: dict, dtype: Optional[torch.dtype], **fields) -> dict:
+    """A family's Hugging Face config keyword arguments: ``d`` (from its HF_CONFIG_KEYS), ``fields`` (what the
+    family derives or fixes) and ``dtype`` ('float32', ... as transformers spells it; None: not recorded)."""
+    d.update(fields)
     if dtype is not None:
         d["dtype"] = str(dtype).removeprefix("torch.")
     return d
