@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 
@@ -56,6 +56,7 @@ from .hf_opt import (  # noqa: F401  (re-exported: the family interface)
     hf_to_megatron,
     layer_variant_shapes,
     load_hf_dir,
+    load_hf_into_model,
     load_megatron_state_dict,
     read_hf_safetensors,
     this_rank_layout,
@@ -404,16 +405,12 @@ def load_hf_llama_into_model(
     model: torch.nn.Module,
     hf: Union[str, Path, Mapping[str, torch.Tensor]],
     arch: Union[LlamaArchConfig, str],
-    *,
-    allow_missing: Iterable[str] = VARIANT_PARAM_PATTERNS,
+    **options,
 ) -> None:
-    """Load a Hugging Face Llama (directory or state dict) into this rank's ``build_llama_model`` model,
-    using megatron's parallel_state for this rank's (TP, PP) position; the variant's own tensors keep
-    their initialisation."""
-    arch = load_arch_config(arch)
-    hf_sd = hf if isinstance(hf, Mapping) else load_hf_llama_dir(hf, expected_arch=arch)[1]
-    sd = hf_state_dict_to_megatron(hf_sd, arch, *this_rank_layout(), vocab_size=getattr(model, "vocab_size", None))
-    load_megatron_state_dict(model, sd, tuple(allow_missing))
+    """Load a Hugging Face Llama (directory or state dict) into this rank's ``build_llama_model`` model:
+    ``hf_opt.load_hf_into_model`` (``options``: allow_missing; the variant's own tensors keep their
+    initialisation)."""
+    load_hf_into_model(model, hf, load_arch_config(arch), **options)
 
 
 __all__ = [

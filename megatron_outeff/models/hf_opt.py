@@ -39,12 +39,13 @@ import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
 from megatron_outeff.errors import OutEffError, with_context
 from megatron_outeff.utils.atomic import atomic_output_dir
+from megatron_outeff.utils.safetensors_io import check_readable, load_tensors
 
 from .common import ARCH_SIZE_FIELDS
 from .opt import OPT_POSITION_OFFSET, OPTArchConfig, check_parallel_layout, load_arch_config, padded_vocab_size
@@ -733,8 +734,6 @@ def check_hf_safetensors(path: Union[str, Path]) -> list[Path]:
     whose weight_map names exactly the shards present. One-line ValueError naming the bad file."""
     import json
 
-    from safetensors import safe_open
-
     path = Path(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -754,32 +753,19 @@ def check_hf_safetensors(path: Union[str, Path]) -> list[Path]:
                 f"{index}: names shards {sorted(named)[:3]}, the directory holds {[f.name for f in files][:3]}"
             )
     for fp in files:
-        try:
-            with safe_open(str(fp), framework="pt"):
-                pass
-        except Exception as e:  # safetensors raises its own error types
-            raise OutEffError(
-                f"{fp}: unreadable safetensors file ({' '.join(str(e).split()) or type(e).__name__})"
-            ) from None
+        check_readable(fp)
     return files
 
 
 def read_hf_safetensors(path: Union[str, Path], on_file=None) -> dict[str, torch.Tensor]:
     """All tensors of a Hugging Face directory's ``*.safetensors`` shards (never pickled ``.bin``),
     keyed under the ``model.decoder.`` prefix. ``on_file(name)`` is called before each shard is read."""
-    from safetensors.torch import load_file
-
     files = check_hf_safetensors(path)
     sd: dict[str, torch.Tensor] = {}
     for fp in files:
         if on_file is not None:
             on_file(fp.name)
-        try:
-            part = load_file(str(fp))
-        except Exception as e:  # safetensors raises its own error types
-            raise OutEffError(
-                f"{fp}: unreadable safetensors file ({' '.join(str(e).split()) or type(e).__name__})"
-            ) from None
+        part = load_tensors(fp)
         dup = set(part) & set(sd)
         if dup:
             raise OutEffError(f"{fp}: tensor(s) {sorted(dup)[:3]} appear in more than one safetensors file")
@@ -833,23 +819,33 @@ VARIANT_PARAM_PATTERNS = _variant_param_patterns()
 
 
 def load_hf_opt_into_model(
+    model: torch.nn.Module, hf: Union[str, Path, Mapping[str, torch.Tensor]], arch: Union[OPTArchConfig, str], **options
+) -> None:
+    """Load a Hugging Face OPT (directory or state dict) into this rank's ``build_opt_model`` model:
+    ``load_hf_into_model`` (``options``: allow_missing)."""
+    load_hf_into_model(model, hf, load_arch_config(arch), **options)
+
+
+def load_hf_into_model(
     model: torch.nn.Module,
     hf: Union[str, Path, Mapping[str, torch.Tensor]],
-    arch: Union[OPTArchConfig, str],
+    arch,
     *,
-    allow_missing: Sequence[str] = VARIANT_PARAM_PATTERNS,
+    allow_missing: Iterable[str] = VARIANT_PARAM_PATTERNS,
 ) -> None:
-    """Load a Hugging Face OPT (directory or state dict) into this rank's ``build_opt_model`` model,
-    using megatron's parallel_state for this rank's (TP, PP) position."""
-    arch = load_arch_config(arch)
-    hf_sd = hf if isinstance(hf, Mapping) else load_hf_opt_dir(hf, expected_arch=arch)[1]
+    """Load a Hugging Face model of ``arch``'s family (directory or state dict) into this rank's megatron model
+    (the family's ``build_model``), using megatron's parallel_state for this rank's (TP, PP) position; the
+    variant's own tensors (``allow_missing``) keep their initialisation."""
+    from megatron_outeff.models.family import family_of
+
+    hf_sd = hf if isinstance(hf, Mapping) else load_hf_dir(hf, arch.family, expected_arch=arch)[1]
     vocab_rows = None
     if getattr(model, "pre_process", True) and hasattr(model, "embedding"):
         vocab_rows = model.embedding.word_embeddings.num_embeddings  # the model's own (padded) size
-    sd = hf_state_dict_to_megatron(
+    sd = family_of(arch).hf.hf_state_dict_to_megatron(
         hf_sd, arch, *this_rank_layout(), vocab_size=vocab_rows or getattr(model, "vocab_size", None)
     )
-    load_megatron_state_dict(model, sd, allow_missing)
+    load_megatron_state_dict(model, sd, tuple(allow_missing))
 
 
 def this_rank_layout() -> tuple[int, int, int, int]:
