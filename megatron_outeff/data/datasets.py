@@ -206,6 +206,15 @@ def _no_process_group_get_rank():
         torch.distributed.get_rank = original
 
 
+def _check_blend_source(data, weights, per_split_data) -> None:
+    """One-line OutEffError unless exactly one of ``data`` (one blend cut by ``split``) and the per-split
+    blends (train, valid, test) is given, and ``weights`` only with ``data``."""
+    if (data is None) == all(d is None for d in per_split_data):
+        raise OutEffError("pass either data (with split) or train_data/valid_data/test_data")
+    if data is None and weights is not None:
+        raise OutEffError("weights= applies to data=; put weights inside each per-split spec")
+
+
 def build_gpt_datasets(
     data: Optional[BlendSpec] = None,
     *,
@@ -244,8 +253,7 @@ def build_gpt_datasets(
     `is_built_on_rank`: megatron's hook (default: every rank builds); see the module doc.
     A split with zero share or no data is None. Datasets yield GPTDataset sample dicts.
     """
-    if (data is None) == all(d is None for d in (train_data, valid_data, test_data)):
-        raise OutEffError("pass either data (with split) or train_data/valid_data/test_data")
+    _check_blend_source(data, weights, (train_data, valid_data, test_data))
     if len(num_samples) != 3:
         raise OutEffError(f"num_samples must have 3 entries (train, valid, test), got {num_samples}")
     if seq_length < 1:
@@ -256,8 +264,6 @@ def build_gpt_datasets(
         blend, blend_per_split = blends[0], None
         split_shares(split)  # well-formed, with a positive share
     else:
-        if weights is not None:
-            raise OutEffError("weights= applies to data=; put weights inside each per-split spec")
         blends = [parse_blend(d) if d is not None else None for d in (train_data, valid_data, test_data)]
         blend, blend_per_split, split = None, blends, None
 
@@ -411,8 +417,7 @@ def build_gpt_streams(
     every prefix the samples are exactly those of ``build_gpt_datasets`` sized for that many
     samples. Collective like ``build_gpt_datasets`` (one build per prefix, in blend order).
     """
-    if (data is None) == all(d is None for d in (train_data, valid_data, test_data)):
-        raise OutEffError("pass either data (with split) or train_data/valid_data/test_data")
+    _check_blend_source(data, weights, (train_data, valid_data, test_data))
     common = dict(
         tokenizer=tokenizer,
         seq_length=seq_length,
@@ -428,8 +433,6 @@ def build_gpt_streams(
         ]  # (train, valid, test) per prefix
         per_split = [(prefixes, blend_weights, [b[k] for b in built]) for k in range(3)]
     else:
-        if weights is not None:
-            raise OutEffError("weights= applies to data=; put weights inside each per-split spec")
         per_split = []
         for k, (name, spec) in enumerate(zip(_SPLIT_NAMES, (train_data, valid_data, test_data))):
             if spec is None:
