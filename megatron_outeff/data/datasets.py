@@ -393,22 +393,19 @@ class BlendStream:
 def build_gpt_streams(
     data: Optional[BlendSpec] = None,
     *,
-    tokenizer: Tokenizer,
-    seq_length: int,
-    split: str = "969,30,1",
     weights: Optional[Sequence[float]] = None,
     train_data: Optional[BlendSpec] = None,
     valid_data: Optional[BlendSpec] = None,
     test_data: Optional[BlendSpec] = None,
     seed: int = 1234,
-    cache_dir: Optional[str] = None,
-    **gpt_options,
+    **dataset_options,
 ) -> Tuple[Any, Any, Any]:
     """(train, valid, test) endless sample streams (``stream[i]``: GPTDataset's sample dict; None
     for a split without data), whose order does not depend on how many samples are read.
 
-    The arguments are ``build_gpt_datasets``'s (``gpt_options``: eod_mask_loss, reset_position_ids,
-    reset_attention_mask, create_attention_mask, is_built_on_rank), without num_samples. Each
+    The arguments are ``build_gpt_datasets``'s, without num_samples (``dataset_options``, passed on to it:
+    tokenizer, seq_length, split, cache_dir, eod_mask_loss, reset_position_ids, reset_attention_mask,
+    create_attention_mask, is_built_on_rank). Each
     prefix's splits are built once, one epoch each, by megatron (``build_gpt_datasets`` with
     num_samples=None: the documents of a prefix are cut by ``split`` exactly as megatron cuts a
     blend); each becomes an ``EpochStream``; several prefixes are mixed by a ``BlendStream`` with
@@ -418,19 +415,10 @@ def build_gpt_streams(
     samples. Collective like ``build_gpt_datasets`` (one build per prefix, in blend order).
     """
     _check_blend_source(data, weights, (train_data, valid_data, test_data))
-    common = dict(
-        tokenizer=tokenizer,
-        seq_length=seq_length,
-        seed=seed,
-        cache_dir=cache_dir,
-        num_samples=(None, None, None),
-        **gpt_options,
-    )
+    common = dict(seed=seed, num_samples=(None, None, None), **dataset_options)
     if data is not None:
         prefixes, blend_weights = parse_blend(data, weights)
-        built = [
-            build_gpt_datasets(([p], None), split=split, **common) for p in prefixes
-        ]  # (train, valid, test) per prefix
+        built = [build_gpt_datasets(([p], None), **common) for p in prefixes]  # (train, valid, test) per prefix
         per_split = [(prefixes, blend_weights, [b[k] for b in built]) for k in range(3)]
     else:
         per_split = []
