@@ -25,21 +25,25 @@ from megatron_outeff.utils.cli import OneLineArgumentParser, command, nonnegativ
 def main(argv=None) -> int:
     parser = OneLineArgumentParser(description=__doc__.split("\n")[1])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("to-hf", help="checkpoint -> Hugging Face directory (plain OPT / Llama or remote code)")
-    p.add_argument("ckpt")
-    p.add_argument("--output-dir", required=True, help="OUT_DIR: must not exist or be empty")
+    subs = {}
+    # Every flag's name (dest) is the parameter of megatron_outeff.convert's function of the same name.
+    for name, source, help in (
+        ("to-hf", "ckpt", "checkpoint -> Hugging Face directory (plain OPT / Llama or remote code)"),
+        ("reshard", "ckpt", "checkpoint -> model-only checkpoint at another TP/PP"),
+        ("from-hf", "hf_dir", "Hugging Face OPT or Llama directory -> model-only checkpoint"),
+    ):
+        subs[name] = p = sub.add_parser(name, help=help)
+        p.add_argument(source)
+        p.add_argument("--output-dir", dest="out_dir", required=True, help="OUT_DIR: must not exist or be empty")
+    p = subs["to-hf"]
     p.add_argument("--iteration", type=nonnegative_int, default=None, help="default: the checkpoint's latest")
     p.add_argument("--tokenizer", default=None, help="directory with tokenizer files to copy")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
-    p = sub.add_parser("reshard", help="checkpoint -> model-only checkpoint at another TP/PP")
-    p.add_argument("ckpt")
-    p.add_argument("--output-dir", required=True, help="OUT_DIR: must not exist or be empty")
+    p = subs["reshard"]
     p.add_argument("--tp", type=positive_int, required=True)
     p.add_argument("--pp", type=positive_int, required=True)
     p.add_argument("--iteration", type=nonnegative_int, default=None)
-    p = sub.add_parser("from-hf", help="Hugging Face OPT or Llama directory -> model-only checkpoint")
-    p.add_argument("hf_dir")
-    p.add_argument("--output-dir", required=True, help="OUT_DIR: must not exist or be empty")
+    p = subs["from-hf"]
     p.add_argument("--tp", type=positive_int, default=1)
     p.add_argument("--pp", type=positive_int, default=1)
     p.add_argument(
@@ -52,37 +56,17 @@ def main(argv=None) -> int:
         "--seq-length", type=positive_int, default=None, help="training sequence length (clip_alpha variants)"
     )
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of initialised gate weights")
-    args = parser.parse_args(argv)
+    options = vars(parser.parse_args(argv))
     quiet_transformers()  # progress is ours, on stdout; stderr is for the one error line
-    from megatron_outeff.convert import from_hf, reshard, to_hf
+    from megatron_outeff import convert
 
     t0 = time.time()
 
     def progress(msg):
         print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
 
-    if args.command == "to-hf":
-        out = to_hf(
-            args.ckpt,
-            args.output_dir,
-            iteration=args.iteration,
-            tokenizer=args.tokenizer,
-            dtype=args.dtype,
-            progress=progress,
-        )
-    elif args.command == "reshard":
-        out = reshard(args.ckpt, args.output_dir, tp=args.tp, pp=args.pp, iteration=args.iteration, progress=progress)
-    else:
-        out = from_hf(
-            args.hf_dir,
-            args.output_dir,
-            tp=args.tp,
-            pp=args.pp,
-            variant=args.variant,
-            seq_length=args.seq_length,
-            seed=args.seed,
-            progress=progress,
-        )
+    run = getattr(convert, options.pop("command").replace("-", "_"))  # to_hf, reshard, from_hf
+    out = run(**options, progress=progress)
     progress(f"done: {out}")
     return 0
 

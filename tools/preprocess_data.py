@@ -16,18 +16,16 @@ Examples:
 import argparse
 import sys
 
-from megatron_outeff.utils.cli import OneLineArgumentParser, command, positive_int
+from megatron_outeff.utils.cli import OneLineArgumentParser, add_corpus_arguments, command, positive_int
 
 
 @command
 def main(argv=None) -> int:
     p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--input",
-        nargs="+",
-        required=True,
-        metavar="PATH_OR_GLOB",
-        help=".txt and/or .jsonl/.json/.ndjson files or quoted globs, read in the given order",
+    add_corpus_arguments(
+        p,
+        input_help=".txt and/or .jsonl/.json/.ndjson files or quoted globs, read in the given order",
+        txt_mode_help="one document per .txt file, or per blank-line-separated block (default file)",
     )
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     p.add_argument(
@@ -41,32 +39,15 @@ def main(argv=None) -> int:
         help="end-of-document token (default: sentencepiece eos; tokenizer.json: "
         "'<|endoftext|>' if present else '</s>')",
     )
-    p.add_argument("--json-key", default="text", help="field holding the text in JSONL (default 'text')")
-    p.add_argument(
-        "--txt-mode",
-        choices=["file", "paragraph"],
-        default="file",
-        help="one document per .txt file, or per blank-line-separated block (default file)",
-    )
     p.add_argument("--workers", type=positive_int, default=1, help="tokenizer worker processes (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     a = p.parse_args(argv)
 
     # Imported here so `--help` answers without the ~5 s megatron.core import.
     from megatron_outeff.data.preprocess import preprocess_corpus
 
-    s = preprocess_corpus(
-        a.input,
-        a.output_prefix,
-        a.tokenizer,
-        json_key=a.json_key,
-        txt_mode=a.txt_mode,
-        workers=a.workers,
-        overwrite=a.overwrite,
-        progress=not a.no_progress,
-        eod_token=a.eod_token,
-    )
+    s = preprocess_corpus(**vars(a))  # the flags' names are its parameters'
     print(
         f"wrote {s.prefix}.bin/.idx: {s.documents} documents, {s.tokens} tokens ({s.dtype}) "
         f"in {s.seconds:.1f} s ({s.tokens / max(s.seconds, 1e-9):.3g} tokens/s)"

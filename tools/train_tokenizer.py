@@ -18,34 +18,28 @@ import argparse
 import sys
 
 from megatron_outeff.data.tokenizer_training import MAX_SENTENCE_BYTES, MODEL_TYPES, train_sentencepiece
-from megatron_outeff.utils.cli import OneLineArgumentParser, command, positive_float, positive_int
+from megatron_outeff.utils.cli import OneLineArgumentParser, add_corpus_arguments, command, positive_float, positive_int
 
 
 @command
 def main(argv=None) -> int:
     p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--input",
-        nargs="+",
-        required=True,
-        metavar="PATH_OR_GLOB",
-        help=".txt files (one document per file, or per paragraph with --txt-mode "
+    add_corpus_arguments(
+        p,
+        input_help=".txt files (one document per file, or per paragraph with --txt-mode "
         "paragraph) and/or .jsonl files (one JSON object per line); quote globs",
+        txt_mode_help="document unit of .txt input (only matters for sampling; default file)",
     )
     p.add_argument(
-        "--output-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab (directories are created)"
+        "--output-prefix",
+        dest="model_prefix",
+        required=True,
+        help="writes PREFIX.model and PREFIX.vocab (directories are created)",
     )
     p.add_argument(
         "--vocab-size", type=positive_int, default=8192, help="total pieces incl. specials and 256 bytes (default 8192)"
     )
     p.add_argument("--model-type", choices=MODEL_TYPES, default="bpe", help="default bpe")
-    p.add_argument("--json-key", default="text", help="field holding the text in JSONL (default 'text')")
-    p.add_argument(
-        "--txt-mode",
-        choices=["file", "paragraph"],
-        default="file",
-        help="document unit of .txt input (only matters for sampling; default file)",
-    )
     p.add_argument(
         "--character-coverage",
         type=positive_float,
@@ -58,25 +52,14 @@ def main(argv=None) -> int:
         default=2_000_000,
         help="max lines sentencepiece samples into memory (default 2M)",
     )
-    p.add_argument("--threads", type=positive_int, default=None, help="trainer threads (default: CPU count)")
+    p.add_argument(
+        "--threads", dest="num_threads", type=positive_int, default=None, help="trainer threads (default: CPU count)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.model/.vocab")
     p.add_argument("--verbose", action="store_true", help="show sentencepiece's own log")
     a = p.parse_args(argv)
     stats = {}
-    path = train_sentencepiece(
-        a.input,
-        a.output_prefix,
-        vocab_size=a.vocab_size,
-        model_type=a.model_type,
-        json_key=a.json_key,
-        txt_mode=a.txt_mode,
-        character_coverage=a.character_coverage,
-        input_sentence_size=a.input_sentence_size,
-        num_threads=a.threads,
-        verbose=a.verbose,
-        overwrite=a.overwrite,
-        stats=stats,
-    )
+    path = train_sentencepiece(**vars(a), stats=stats)  # the flags' names are its parameters'
     print(
         f"wrote {path} ({a.model_type}, vocab {a.vocab_size}, eod '</s>' = 2) from {stats['documents']} documents, "
         f"{stats['sentences']} lines"

@@ -17,6 +17,7 @@ import torch
 from megatron_outeff.errors import OutEffError, with_context
 from megatron_outeff.models.family import family_of
 from megatron_outeff.utils.finite import require_finite
+from megatron_outeff.utils.safetensors_io import load_tensors
 
 from .layout import LATEST, MANIFEST, MASTER_SUBDIR, MODEL_SUBDIR, latest_tag, rank_file_name, tag_for
 
@@ -238,8 +239,6 @@ def read_model_files(model_dir, *, progress=None, weights: str = "auto") -> tupl
 
 
 def _read_rank_dir(rank_dir: Path, m: dict, arch, variant, progress, dtype: Optional[torch.dtype] = None) -> dict:
-    from safetensors.torch import load_file
-
     if progress:
         progress(m["weights_read_text"])
     if not rank_dir.is_dir():
@@ -268,12 +267,7 @@ def _read_rank_dir(rank_dir: Path, m: dict, arch, variant, progress, dtype: Opti
         path = present[(t, p)]
         if progress:
             progress(f"reading {path.name} ({i + 1}/{len(wanted)})")
-        try:
-            sd = load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types
-            raise OutEffError(
-                f"{path}: unreadable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-            ) from None
+        sd = load_tensors(path)
         expected = expected_rank_shapes(arch, variant, t, tp, p, pp, m["padded_vocab_size"])
         miss = sorted(set(expected) - set(sd))
         unexp = sorted(set(sd) - set(expected))

@@ -181,24 +181,46 @@ def reshard(ckpt, out_dir, *, tp: int, pp: int, iteration=None, progress: Progre
 
     out_dir = check_empty_output_dir(out_dir)
     manifest, arch, variant, hf, padded = load_checkpoint_full(ckpt, iteration, progress)
+    _check_target_layout(arch, tp, pp)
+    old_rows = manifest["padded_vocab_size"]
+    rows = old_rows if old_rows % tp == 0 else padded_vocab_size(arch.vocab_size, tp)
+    return _write_split(
+        out_dir,
+        hf,
+        padded,
+        arch,
+        variant,
+        tp,
+        pp,
+        rows,
+        seq_length=manifest.get("seq_length"),
+        iteration=manifest["iteration"],
+        source="reshard",
+        progress=progress,
+    )
+
+
+def _check_target_layout(arch, tp: int, pp: int) -> None:
+    """The family's check_parallel_layout of the --tp / --pp asked for, the error naming them."""
     try:
         family_of(arch).arch.check_parallel_layout(arch, tp, pp)
     except OutEffError as e:
         raise with_context(f"--tp {tp} --pp {pp}", e) from None
-    old_rows = manifest["padded_vocab_size"]
-    rows = old_rows if old_rows % tp == 0 else padded_vocab_size(arch.vocab_size, tp)
+
+
+def _write_split(out_dir, full, padded, arch, variant, tp: int, pp: int, rows: int, **manifest) -> Path:
+    """write_model_checkpoint of the full (Hugging Face-named) state dict ``full`` split for every rank of
+    (tp, pp) with ``rows`` vocabulary rows (``padded``: the rows ``full``'s vocabulary tensors hold, None:
+    unpadded); ``manifest``: write_model_checkpoint's seq_length, iteration, source, progress."""
     return write_model_checkpoint(
         out_dir,
-        lambda t, p: split_rank(hf, padded, arch, variant, t, tp, p, pp, rows),
+        lambda t, p: split_rank(full, padded, arch, variant, t, tp, p, pp, rows),
         arch=arch,
         variant=variant,
         tp=tp,
         pp=pp,
         padded_vocab=rows,
-        seq_length=manifest.get("seq_length"),
-        iteration=manifest["iteration"],
-        source="reshard",
-        progress=progress,
+        **manifest,
     )
 
 
@@ -306,10 +328,7 @@ def from_hf(
     arch, variant, full, initialised = read_hf_dir(hf_dir, variant, seq_length=seq_length, seed=seed, progress=progress)
     if variant.clip_alpha is not None and not seq_length:
         raise OutEffError(f"variant clip_alpha={variant.clip_alpha} needs --seq-length (gamma = -alpha / seq_length)")
-    try:
-        family_of(arch).arch.check_parallel_layout(arch, tp, pp)
-    except OutEffError as e:
-        raise with_context(f"--tp {tp} --pp {pp}", e) from None
+    _check_target_layout(arch, tp, pp)
     if initialised:
         _say(
             progress,
@@ -317,14 +336,15 @@ def from_hf(
             f"(offsets 0, gates open to {variant.gate_init_prob})",
         )
     rows = padded_vocab_size(arch.vocab_size, tp)
-    return write_model_checkpoint(
+    return _write_split(
         out_dir,
-        lambda t, p: split_rank(full, None, arch, variant, t, tp, p, pp, rows),
-        arch=arch,
-        variant=variant,
-        tp=tp,
-        pp=pp,
-        padded_vocab=rows,
+        full,
+        None,
+        arch,
+        variant,
+        tp,
+        pp,
+        rows,
         seq_length=seq_length,
         iteration=0,
         source="from-hf",

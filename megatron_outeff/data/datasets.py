@@ -206,6 +206,15 @@ def _no_process_group_get_rank():
         torch.distributed.get_rank = original
 
 
+def _check_blend_source(data, weights, per_split_data) -> None:
+    """One-line OutEffError unless exactly one of ``data`` (one blend cut by ``split``) and the per-split
+    blends (train, valid, test) is given, and ``weights`` only with ``data``."""
+    if (data is None) == all(d is None for d in per_split_data):
+        raise OutEffError("pass either data (with split) or train_data/valid_data/test_data")
+    if data is None and weights is not None:
+        raise OutEffError("weights= applies to data=; put weights inside each per-split spec")
+
+
 def build_gpt_datasets(
     data: Optional[BlendSpec] = None,
     *,
@@ -244,8 +253,7 @@ def build_gpt_datasets(
     `is_built_on_rank`: megatron's hook (default: every rank builds); see the module doc.
     A split with zero share or no data is None. Datasets yield GPTDataset sample dicts.
     """
-    if (data is None) == all(d is None for d in (train_data, valid_data, test_data)):
-        raise OutEffError("pass either data (with split) or train_data/valid_data/test_data")
+    _check_blend_source(data, weights, (train_data, valid_data, test_data))
     if len(num_samples) != 3:
         raise OutEffError(f"num_samples must have 3 entries (train, valid, test), got {num_samples}")
     if seq_length < 1:
@@ -256,8 +264,6 @@ def build_gpt_datasets(
         blend, blend_per_split = blends[0], None
         split_shares(split)  # well-formed, with a positive share
     else:
-        if weights is not None:
-            raise OutEffError("weights= applies to data=; put weights inside each per-split spec")
         blends = [parse_blend(d) if d is not None else None for d in (train_data, valid_data, test_data)]
         blend, blend_per_split, split = None, blends, None
 
@@ -387,22 +393,19 @@ class BlendStream:
 def build_gpt_streams(
     data: Optional[BlendSpec] = None,
     *,
-    tokenizer: Tokenizer,
-    seq_length: int,
-    split: str = "969,30,1",
     weights: Optional[Sequence[float]] = None,
     train_data: Optional[BlendSpec] = None,
     valid_data: Optional[BlendSpec] = None,
     test_data: Optional[BlendSpec] = None,
     seed: int = 1234,
-    cache_dir: Optional[str] = None,
-    **gpt_options,
+    **dataset_options,
 ) -> Tuple[Any, Any, Any]:
     """(train, valid, test) endless sample streams (``stream[i]``: GPTDataset's sample dict; None
     for a split without data), whose order does not depend on how many samples are read.
 
-    The arguments are ``build_gpt_datasets``'s (``gpt_options``: eod_mask_loss, reset_position_ids,
-    reset_attention_mask, create_attention_mask, is_built_on_rank), without num_samples. Each
+    The arguments are ``build_gpt_datasets``'s, without num_samples (``dataset_options``, passed on to it:
+    tokenizer, seq_length, split, cache_dir, eod_mask_loss, reset_position_ids, reset_attention_mask,
+    create_attention_mask, is_built_on_rank). Each
     prefix's splits are built once, one epoch each, by megatron (``build_gpt_datasets`` with
     num_samples=None: the documents of a prefix are cut by ``split`` exactly as megatron cuts a
     blend); each becomes an ``EpochStream``; several prefixes are mixed by a ``BlendStream`` with
@@ -411,25 +414,13 @@ def build_gpt_streams(
     every prefix the samples are exactly those of ``build_gpt_datasets`` sized for that many
     samples. Collective like ``build_gpt_datasets`` (one build per prefix, in blend order).
     """
-    if (data is None) == all(d is None for d in (train_data, valid_data, test_data)):
-        raise OutEffError("pass either data (with split) or train_data/valid_data/test_data")
-    common = dict(
-        tokenizer=tokenizer,
-        seq_length=seq_length,
-        seed=seed,
-        cache_dir=cache_dir,
-        num_samples=(None, None, None),
-        **gpt_options,
-    )
+    _check_blend_source(data, weights, (train_data, valid_data, test_data))
+    common = dict(seed=seed, num_samples=(None, None, None), **dataset_options)
     if data is not None:
         prefixes, blend_weights = parse_blend(data, weights)
-        built = [
-            build_gpt_datasets(([p], None), split=split, **common) for p in prefixes
-        ]  # (train, valid, test) per prefix
+        built = [build_gpt_datasets(([p], None), **common) for p in prefixes]  # (train, valid, test) per prefix
         per_split = [(prefixes, blend_weights, [b[k] for b in built]) for k in range(3)]
     else:
-        if weights is not None:
-            raise OutEffError("weights= applies to data=; put weights inside each per-split spec")
         per_split = []
         for k, (name, spec) in enumerate(zip(_SPLIT_NAMES, (train_data, valid_data, test_data))):
             if spec is None:

@@ -128,13 +128,13 @@ def train_sentencepiece(
             all_sentences(),
             model_prefix,
             out_dir,
-            model_type,
-            vocab_size,
-            character_coverage,
-            input_sentence_size,
-            seed_sentencepiece_size,
-            num_threads,
-            verbose,
+            model_type=model_type,
+            vocab_size=vocab_size,
+            character_coverage=character_coverage,
+            input_sentence_size=input_sentence_size,
+            seed_sentencepiece_size=seed_sentencepiece_size,
+            num_threads=num_threads or min(os.cpu_count() or 1, 16),
+            minloglevel=0 if verbose else 2,
         )
         if stats is not None:
             stats.update(counter)
@@ -148,47 +148,35 @@ def train_sentencepiece(
         raise
 
 
-def _train(
-    spm,
-    all_sentences,
-    model_prefix,
-    out_dir,
-    model_type,
-    vocab_size,
-    character_coverage,
-    input_sentence_size,
-    seed_sentencepiece_size,
-    num_threads,
-    verbose,
-) -> str:
+# The trainer options every model of ours is trained with (the module doc's contract: specials, byte
+# fallback, identity normalisation, whitespace kept).
+_SPM_FIXED_OPTIONS = dict(
+    byte_fallback=True,
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    allow_whitespace_only_pieces=True,
+    split_digits=True,
+    pad_id=SPM_SPECIAL_IDS["<pad>"],
+    bos_id=SPM_SPECIAL_IDS["<s>"],
+    eos_id=SPM_SPECIAL_IDS["</s>"],
+    unk_id=SPM_SPECIAL_IDS["<unk>"],
+    pad_piece="<pad>",
+    bos_piece="<s>",
+    eos_piece="</s>",
+    unk_piece="<unk>",
+    shuffle_input_sentence=True,
+    max_sentence_length=MAX_SENTENCE_BYTES,
+)
+
+
+def _train(spm, all_sentences, model_prefix, out_dir, **options) -> str:
+    """sentencepiece's trainer on ``all_sentences`` with ``_SPM_FIXED_OPTIONS`` and ``options`` (the caller's
+    sizes, threads and log level), written to ``model_prefix``.model/.vocab through a temporary directory."""
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".spm-train-") as tmp:
         tmp_prefix = os.path.join(tmp, "m")
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=all_sentences,
-                model_prefix=tmp_prefix,
-                model_type=model_type,
-                vocab_size=vocab_size,
-                character_coverage=character_coverage,
-                byte_fallback=True,
-                normalization_rule_name="identity",
-                remove_extra_whitespaces=False,
-                allow_whitespace_only_pieces=True,
-                split_digits=True,
-                pad_id=SPM_SPECIAL_IDS["<pad>"],
-                bos_id=SPM_SPECIAL_IDS["<s>"],
-                eos_id=SPM_SPECIAL_IDS["</s>"],
-                unk_id=SPM_SPECIAL_IDS["<unk>"],
-                pad_piece="<pad>",
-                bos_piece="<s>",
-                eos_piece="</s>",
-                unk_piece="<unk>",
-                input_sentence_size=input_sentence_size,
-                shuffle_input_sentence=True,
-                seed_sentencepiece_size=seed_sentencepiece_size,
-                max_sentence_length=MAX_SENTENCE_BYTES,
-                num_threads=num_threads or min(os.cpu_count() or 1, 16),
-                minloglevel=0 if verbose else 2,
+                sentence_iterator=all_sentences, model_prefix=tmp_prefix, **_SPM_FIXED_OPTIONS, **options
             )
         except OutEffError:
             raise

@@ -844,18 +844,25 @@ FINAL_ROWS = [
 ]
 
 
-def build_report(exp: ExperimentConfig, results: dict, *, wall_seconds: float, command: list) -> dict:
+def _report_header(exp: ExperimentConfig, *, wall_seconds: float, command: list) -> dict:
+    """What every experiment report starts with: the experiment, the command, versions and the machine."""
     from .report import _versions
 
+    return {
+        "name": exp.name,
+        "fingerprint": exp.fingerprint(),
+        "command": command,
+        "versions": _versions(),
+        "wall_seconds": round(wall_seconds, 1),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def build_report(exp: ExperimentConfig, results: dict, *, wall_seconds: float, command: list) -> dict:
     verdict = judge(results, exp.claim)
     return _clean(
         {
-            "name": exp.name,
-            "fingerprint": exp.fingerprint(),
-            "command": command,
-            "versions": _versions(),
-            "wall_seconds": round(wall_seconds, 1),
-            "cpu_count": os.cpu_count(),
+            **_report_header(exp, wall_seconds=wall_seconds, command=command),
             "positive_control": verdict["positive_control"],
             "effect_claimed": verdict["effect_claimed"],
             "verdict": verdict,
@@ -1274,17 +1281,10 @@ def _cell(st, fmt) -> str:
 
 
 def build_report_v2(exp: ExperimentConfig, results: dict, *, wall_seconds: float, command: list) -> dict:
-    from .report import _versions
-
     verdict = judge_rules(exp, results)
     return _clean(
         {
-            "name": exp.name,
-            "fingerprint": exp.fingerprint(),
-            "command": command,
-            "versions": _versions(),
-            "wall_seconds": round(wall_seconds, 1),
-            "cpu_count": os.cpu_count(),
+            **_report_header(exp, wall_seconds=wall_seconds, command=command),
             "seeds": exp.seeds,
             "positive_control": verdict["control"]["passed"],
             "pipeline_control": None if verdict["pipeline_control"] is None else verdict["pipeline_control"]["passed"],

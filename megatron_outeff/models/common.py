@@ -77,6 +77,111 @@ def check_arch_values(
             raise OutEffError(f"{arch.name}: {f}={getattr(arch, f)!r}: expected > 0")
 
 
+# The sizes every family's architecture has, each a positive integer (check_arch_sizes).
+ARCH_SIZE_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "ffn_hidden_size",
+    "vocab_size",
+    "max_position_embeddings",
+)
+
+
+# The TransformerConfig fields every family sets from its architecture: megatron's name -> the arch field that
+# sets it, or None where the family fixes (or derives) the value; a family's TRANSFORMER_FIELDS_FROM_ARCH adds
+# its own (family_transformer_config).
+COMMON_TRANSFORMER_FIELDS = {
+    "num_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "ffn_hidden_size": "ffn_hidden_size",
+    "layernorm_epsilon": "layernorm_epsilon",
+    "hidden_dropout": "hidden_dropout",
+    "attention_dropout": "attention_dropout",
+    "init_method_std": "init_method_std",
+    "output_layer_init_method": "scaled_output_layer_init",
+    "kv_channels": None,
+    "gated_linear_unit": None,
+    "add_bias_linear": None,
+    "add_qkv_bias": None,
+    "normalization": None,
+    "apply_residual_connection_post_layernorm": None,
+}
+
+
+class ArchConfigBase:
+    """What every family's architecture dataclass (OPTArchConfig, LlamaArchConfig) offers beyond its fields:
+    the head width, parsing from a mapping (``arch_from_dict``) and the mapping back."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "arch"):
+        return arch_from_dict(cls, d, source)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def check_arch_sizes(arch, extra_positive_ints: Iterable[str] = ()) -> None:
+    """One-line OutEffError unless the sizes (ARCH_SIZE_FIELDS and ``extra_positive_ints``) are positive
+    integers and the attention heads divide the hidden size."""
+    check_arch_values(arch, positive_ints=ARCH_SIZE_FIELDS + tuple(extra_positive_ints))
+    if arch.hidden_size % arch.num_attention_heads != 0:
+        raise OutEffError(
+            f"{arch.name}: hidden_size={arch.hidden_size} is not divisible by "
+            f"num_attention_heads={arch.num_attention_heads}"
+        )
+
+
+def check_layout_divides(arch, tp_size: int, pp_size: int, tp_split: Iterable[tuple[str, int]]) -> None:
+    """One-line OutEffError unless the TP size divides every (field, value) of ``tp_split`` (what megatron
+    splits across tensor-parallel ranks) and the PP size the layers."""
+    for field, value in tp_split:
+        if value % tp_size != 0:
+            raise OutEffError(f"{arch.name}: {field}={value} is not divisible by tensor parallel size {tp_size}")
+    if arch.num_layers % pp_size != 0:
+        raise OutEffError(
+            f"{arch.name}: num_layers={arch.num_layers} is not divisible by pipeline parallel size {pp_size}"
+        )
+
+
+def family_transformer_config(arch, fields_from_arch: dict, fixed: dict, overrides: dict, variant=None):
+    """megatron_transformer_config of a family: the TransformerConfig fields the architecture sets
+    (``fields_from_arch``: megatron's name -> the arch field), then what the family fixes or derives
+    (``fixed``, which wins), and megatron's scaled output-layer init unless ``arch.scaled_output_layer_init``
+    is False (then every linear uses ``init_method_std``)."""
+    from megatron.core.utils import init_method_normal
+
+    kw: dict[str, Any] = {
+        name: getattr(arch, ours)
+        for name, ours in fields_from_arch.items()
+        if ours and name not in fixed and name != "output_layer_init_method"
+    }
+    kw.update(fixed)
+    if not arch.scaled_output_layer_init:
+        kw["output_layer_init_method"] = init_method_normal(arch.init_method_std)
+    return megatron_transformer_config(kw, overrides, variant)
+
+
+def local_block_submodules(config, norm, replace: tuple = (), **layer_spec_kwargs):
+    """This pipeline stage's TransformerBlockSubmodules of megatron's own local (non-TE) layer, i.e. its own
+    DotProductAttention, with ``norm`` (an SP-capable torch norm) wherever megatron would pick
+    WrappedTorchNorm (or a class of ``replace``), and as the final norm."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    layer = get_gpt_layer_local_spec(**layer_spec_kwargs)
+    ls = layer.submodules
+    swap = {a: norm for a in ("input_layernorm", "pre_mlp_layernorm") if getattr(ls, a) in (WrappedTorchNorm, *replace)}
+    layer = dataclasses.replace(layer, submodules=dataclasses.replace(ls, **swap))
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=norm)
+
+
 def megatron_transformer_config(arch_kwargs: dict, overrides: dict, variant=None):
     """megatron-core's TransformerConfig from a family's architecture settings (``arch_kwargs``) plus what
     no family decides: the TP/PP layout of parallel_state, the dtype (``overrides['params_dtype']``,
@@ -157,10 +262,71 @@ def prepare_build(
     return variant, sequence_parallel, vocab_size, pre_process, post_process
 
 
+def build_family_model(
+    arch,
+    variant=None,
+    *,
+    vocab_size: Optional[int] = None,
+    params_dtype: torch.dtype = torch.float32,
+    sequence_parallel: bool = False,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+    seq_length: Optional[int] = None,
+    **transformer_overrides,
+):
+    """A family's megatron-core model for this rank's (TP, PP) position in megatron's parallel_state (the body
+    of ``build_opt_model`` / ``build_llama_model``): ``arch``'s family's arch module (models/family.py)
+    gives its ``check_parallel_layout``, ``transformer_config``, ``block_spec`` and ``construct_model``.
+
+    vocab_size: rows of the (TP-split) embedding; default ``padded_vocab_size(arch.vocab_size, tp)``.
+    variant: None (megatron's own attention) or an AttentionVariantConfig / mapping of its fields
+    (megatron_outeff's layer spec: softmax_1, softmax_n, learnable offsets, clipping, gates).
+    pre_process / post_process: default to this rank being the first / last pipeline stage.
+    seq_length: training sequence length; needed only by clipped variants in the clip_alpha form.
+    ``transformer_overrides``: TransformerConfig fields (one-line OutEffError for any other name).
+    """
+    from megatron_outeff.megatron.cpu_support import cpu_model_construction
+
+    from .family import family_of
+
+    family = family_of(arch).arch
+    variant, sequence_parallel, vocab_size, pre_process, post_process = prepare_build(
+        arch,
+        family.check_parallel_layout,
+        variant,
+        vocab_size=vocab_size,
+        sequence_parallel=sequence_parallel,
+        pre_process=pre_process,
+        post_process=post_process,
+    )
+    config = family.transformer_config(
+        arch, variant, params_dtype=params_dtype, sequence_parallel=sequence_parallel, **transformer_overrides
+    )
+    block_spec = family.block_spec(config, arch, variant, seq_length)
+    with cpu_model_construction():
+        model = family.construct_model(
+            config, block_spec, arch, vocab_size=vocab_size, pre_process=pre_process, post_process=post_process
+        )
+    if params_dtype != torch.float32:
+        # megatron creates its linears/embeddings in params_dtype but torch norms (and OPT's position
+        # table) in fp32; a mixed model fails in its first matmul unless wrapped in Float16Module. Cast
+        # once here (what Float16Module does too, so wrapping stays harmless).
+        model.to(params_dtype)
+    return model
+
+
 __all__ = [
+    "ARCH_SIZE_FIELDS",
+    "ArchConfigBase",
+    "COMMON_TRANSFORMER_FIELDS",
     "arch_from_dict",
     "as_variant",
+    "build_family_model",
+    "check_arch_sizes",
     "check_arch_values",
+    "check_layout_divides",
+    "family_transformer_config",
+    "local_block_submodules",
     "megatron_transformer_config",
     "padded_vocab_size",
     "parallel_sizes",

@@ -10,6 +10,8 @@ family up and call what its modules offer, the same functions for every family:
         transformer_config(arch, variant=None, **overrides), build_model(arch, variant=None, **kw),
         TRANSFORMER_FIELDS_FROM_ARCH ({megatron TransformerConfig field: the arch field setting it or None}),
         TRANSFORMER_FIELDS_UNSUPPORTED ({TransformerConfig field: why model.transformer_overrides refuses it})
+        block_spec(config, arch, variant, seq_length), construct_model(config, spec, arch, **kw) (the hooks of
+        models.common.build_family_model, which build_model is)
     Hugging Face mapping (``family.hf``, e.g. models/hf_opt.py, models/hf_llama.py)
         HF_LAYER_PREFIX ('model.decoder.layers.' / 'model.layers.'), VOCAB_PARALLEL (see below),
         variant_hf_shapes(arch, variant) (the variant's tensors, ops.variants.variant_tensors, by HF name),
@@ -17,6 +19,7 @@ family up and call what its modules offer, the same functions for every family:
         split_variant_state(sd), check_same_architecture(got, expected, what),
         hf_state_dict_to_megatron(sd, arch, tp_rank, tp, pp_rank, pp, *, vocab_size, variant),
         megatron_to_hf_state_dict(rank_state_dicts, arch, *, strict, variant)
+        megatron_rank_state_dict(rank) (hf_opt.hf_to_megatron's hook, which hf_state_dict_to_megatron is)
 
 ``VOCAB_PARALLEL``: {megatron key of a vocabulary-parallel tensor: the megatron key whose full padded
 tensor it is cut from}; the LM head of a tied family (OPT) is cut from the word embedding.
@@ -98,19 +101,30 @@ def _load(path: str):
     return getattr(importlib.import_module(module), name)
 
 
+def _family(name: str, label: str, hf_components: HFComponents) -> ModelFamily:
+    """A family laid out by the package's convention: models/<name>.py and models/hf_<name>.py; transformers'
+    <label>Config / <label>ForCausalLM (model_type <name>); our remote code hf/configuration_outeff_<name>.py
+    (OutEff<label>Config) and hf/modeling_outeff_<name>.py (OutEff<label>ForCausalLM), model_type outeff_<name>."""
+    return ModelFamily(
+        name=name,
+        label=label,
+        arch_module=f"megatron_outeff.models.{name}",
+        hf_module=f"megatron_outeff.models.hf_{name}",
+        hf_model_type=name,
+        remote_model_type=f"outeff_{name}",
+        hf_plain_config=f"transformers:{label}Config",
+        hf_plain_model=f"transformers:{label}ForCausalLM",
+        hf_remote_config=f"megatron_outeff.hf.configuration_outeff_{name}:OutEff{label}Config",
+        hf_remote_model=f"megatron_outeff.hf.modeling_outeff_{name}:OutEff{label}ForCausalLM",
+        hf_components=hf_components,
+    )
+
+
 FAMILIES: dict[str, ModelFamily] = {
-    "opt": ModelFamily(
-        name="opt",
-        label="OPT",
-        arch_module="megatron_outeff.models.opt",
-        hf_module="megatron_outeff.models.hf_opt",
-        hf_model_type="opt",
-        remote_model_type="outeff_opt",
-        hf_plain_config="transformers:OPTConfig",
-        hf_plain_model="transformers:OPTForCausalLM",
-        hf_remote_config="megatron_outeff.hf.configuration_outeff_opt:OutEffOPTConfig",
-        hf_remote_model="megatron_outeff.hf.modeling_outeff_opt:OutEffOPTForCausalLM",
-        hf_components=HFComponents(
+    "opt": _family(
+        "opt",
+        "OPT",
+        HFComponents(
             layers="model.decoder.layers",
             attn_ln="self_attn_layer_norm",
             attn_out="self_attn.out_proj",
@@ -123,18 +137,10 @@ FAMILIES: dict[str, ModelFamily] = {
             ),
         ),
     ),
-    "llama": ModelFamily(
-        name="llama",
-        label="Llama",
-        arch_module="megatron_outeff.models.llama",
-        hf_module="megatron_outeff.models.hf_llama",
-        hf_model_type="llama",
-        remote_model_type="outeff_llama",
-        hf_plain_config="transformers:LlamaConfig",
-        hf_plain_model="transformers:LlamaForCausalLM",
-        hf_remote_config="megatron_outeff.hf.configuration_outeff_llama:OutEffLlamaConfig",
-        hf_remote_model="megatron_outeff.hf.modeling_outeff_llama:OutEffLlamaForCausalLM",
-        hf_components=HFComponents(
+    "llama": _family(
+        "llama",
+        "Llama",
+        HFComponents(
             layers="model.layers",
             attn_ln="input_layernorm",
             attn_out="self_attn.o_proj",

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 
@@ -45,19 +45,24 @@ from .hf_opt import (  # noqa: F401  (re-exported: the family interface)
     HF_ATTENTION,
     MG_ATTENTION,
     VARIANT_PARAM_PATTERNS,
-    _as_grid,
-    _check_variant_state,
-    _chunk,
-    _padded_embedding,
+    RankImport,
+    _RankGrid,
     arch_variant_tensors,
     check_hf_safetensors,
+    check_hf_shapes,
+    check_structural_fields,
     gather_megatron_state_dicts,
+    hf_config_with,
+    hf_to_megatron,
     layer_variant_shapes,
+    load_hf_dir,
+    load_hf_into_model,
     load_megatron_state_dict,
     read_hf_safetensors,
+    this_rank_layout,
 )
 from .hf_opt import split_variant_state as split_opt_variant_state
-from .llama import LlamaArchConfig, check_parallel_layout, load_arch_config, padded_vocab_size
+from .llama import LlamaArchConfig, check_parallel_layout, load_arch_config
 
 HF_MODEL = "model."
 HF_LAYER_PREFIX = "model.layers."
@@ -202,17 +207,8 @@ def hf_config_dict(arch: Union[LlamaArchConfig, str], dtype: Optional[torch.dtyp
     rope = {"rope_type": "default", "rope_theta": float(arch.rope_theta)}
     if arch.rope_scaling_factor is not None:
         rope.update(rope_type="llama3", factor=float(arch.rope_scaling_factor), **MEGATRON_LLAMA3_ROPE)
-    d.update(
-        rope_parameters=rope,
-        head_dim=arch.head_dim,
-        hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
-        tie_word_embeddings=False,
-    )
-    if dtype is not None:
-        d["dtype"] = str(dtype).removeprefix("torch.")
-    return d
+    fixed = dict(hidden_act="silu", attention_bias=False, mlp_bias=False, tie_word_embeddings=False)
+    return hf_config_with(d, dtype, rope_parameters=rope, head_dim=arch.head_dim, **fixed)
 
 
 def check_same_architecture(got: LlamaArchConfig, expected: LlamaArchConfig, what: str = "checkpoint") -> None:
@@ -221,11 +217,7 @@ def check_same_architecture(got: LlamaArchConfig, expected: LlamaArchConfig, wha
             f"{what} is a {got.family} model ({got.name}); expected {expected.name}, a "
             f"{getattr(expected, 'family', type(expected).__name__)} model"
         )
-    diffs = [f for f in STRUCTURAL_FIELDS if getattr(got, f) != getattr(expected, f)]
-    if diffs:
-        g = ", ".join(f"{f}={getattr(got, f)}" for f in diffs)
-        e = ", ".join(f"{f}={getattr(expected, f)}" for f in diffs)
-        raise OutEffError(f"{what} has {g}; expected {expected.name}'s {e}")
+    check_structural_fields(got, expected, STRUCTURAL_FIELDS, what)
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,18 +253,7 @@ def validate_hf_state_dict(hf_sd: Mapping[str, torch.Tensor], arch: LlamaArchCon
     """One-line OutEffError unless ``hf_sd`` is exactly a standard Llama of architecture ``arch`` (RoPE's
     ``rotary_emb.inv_freq`` buffers, which older conversions saved, are derived from rope_theta, not weights:
     ignored here and never read, as transformers ignores them)."""
-    shapes = hf_expected_shapes(arch)
-    missing = [k for k in shapes if k not in hf_sd]
-    if missing:
-        raise OutEffError(f"Hugging Face state dict lacks {len(missing)} tensor(s) of {arch.name}, e.g. {missing[:3]}")
-    unexpected = [k for k in hf_sd if k not in shapes and not k.endswith("rotary_emb.inv_freq")]
-    if unexpected:
-        raise OutEffError(
-            f"Hugging Face state dict has {len(unexpected)} tensor(s) unknown to Llama, e.g. {unexpected[:3]}"
-        )
-    for k, shape in shapes.items():
-        if tuple(hf_sd[k].shape) != shape:
-            raise OutEffError(f"{k}: shape {tuple(hf_sd[k].shape)}, expected {shape} for {arch.name}")
+    check_hf_shapes(hf_sd, hf_expected_shapes(arch), arch, ignored=lambda k: k.endswith("rotary_emb.inv_freq"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,57 +285,28 @@ def unfuse_qkv(qkv: torch.Tensor, heads: int, groups: int, gate: bool = False) -
     return tuple(b.reshape(-1, *rest).contiguous() for b in blocks)
 
 
-def _stage_layers(arch, pp_rank: int, pp_size: int) -> range:
-    n = arch.num_layers // pp_size
-    return range(pp_rank * n, (pp_rank + 1) * n)
-
-
 # --------------------------------------------------------------------------------------------
 # Hugging Face -> one megatron rank.
 
 
-def hf_state_dict_to_megatron(
-    hf_sd: Mapping[str, torch.Tensor],
-    arch: Union[LlamaArchConfig, str],
-    tp_rank: int = 0,
-    tp_size: int = 1,
-    pp_rank: int = 0,
-    pp_size: int = 1,
-    *,
-    vocab_size: Optional[int] = None,
-    variant=None,
-) -> dict[str, torch.Tensor]:
+def hf_state_dict_to_megatron(hf_sd: Mapping[str, torch.Tensor], arch: Union[LlamaArchConfig, str], *layout, **options):
     """The state dict of one (tp_rank, pp_rank) megatron Llama model (``build_llama_model``) from a full
-    Hugging Face LlamaForCausalLM state dict. ``vocab_size``: the megatron model's (padded) vocabulary,
-    default ``padded_vocab_size(arch.vocab_size, tp_size)``. ``variant``: the attention variant whose tensors
-    ``hf_sd`` holds (exactly those of ``llama_variant_tensors`` for every layer), mapped to this rank's heads
-    (the elementwise gate's rows into linear_qkv); None: plain Llama, a variant tensor is refused as unknown.
+    Hugging Face LlamaForCausalLM state dict: ``hf_opt.hf_to_megatron`` (``layout``: tp_rank, tp_size,
+    pp_rank, pp_size; ``options``: vocab_size, default ``padded_vocab_size(arch.vocab_size, tp_size)``, and
+    variant, whose tensors ``hf_sd`` holds: exactly those of ``llama_variant_tensors`` for every layer).
     Returned tensors are fresh copies (load them with ``load_megatron_state_dict``)."""
-    arch = load_arch_config(arch)
-    check_parallel_layout(arch, tp_size, pp_size)
-    if not (0 <= tp_rank < tp_size and 0 <= pp_rank < pp_size):
-        raise OutEffError(
-            f"tp_rank={tp_rank}/tp_size={tp_size}, pp_rank={pp_rank}/pp_size={pp_size}: expected 0 <= rank < size"
-        )
-    extras, tensors = {}, ()
-    if variant is not None:
-        hf_sd, extras = split_variant_state(hf_sd)
-        tensors = _check_variant_state(extras, arch, variant)
-    validate_hf_state_dict(hf_sd, arch)
-    gate = _fused_gate(tensors)
-    rows = padded_vocab_size(arch.vocab_size, tp_size) if vocab_size is None else vocab_size
-    if rows < arch.vocab_size or rows % tp_size != 0:
-        raise OutEffError(f"vocab_size={rows}: expected >= {arch.vocab_size} and divisible by tp_size={tp_size}")
+    return hf_to_megatron(hf_sd, load_arch_config(arch), *layout, **options)
+
+
+def megatron_rank_state_dict(rank: RankImport) -> dict[str, torch.Tensor]:
+    """``hf_to_megatron``'s Llama layout (module doc)."""
+    arch, hf_sd, extras, cut = rank.arch, rank.hf_sd, rank.extras, rank.cut
+    gate = _fused_gate(rank.tensors)
     H, G = arch.num_attention_heads, arch.query_groups
-
-    def cut(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        return _chunk(t, tp_rank, tp_size, dim)
-
     out: dict[str, torch.Tensor] = {}
-    if pp_rank == 0:
-        out[MG_EMBED] = cut(_padded_embedding(hf_sd[HF_EMBED], rows))
-    for local, g in enumerate(_stage_layers(arch, pp_rank, pp_size)):
-        hp, mp = f"{HF_LAYER_PREFIX}{g}.", f"decoder.layers.{local}."
+    if rank.first:
+        out[MG_EMBED] = rank.embedding(HF_EMBED)
+    for hp, mp in rank.layers(HF_LAYER_PREFIX):
         q, k, v = (hf_sd[f"{hp}self_attn.{n}_proj.weight"] for n in "qkv")
         gate_rows = None if gate is None else extras[hp + HF_ATTENTION + gate.hf]
         out[mp + "self_attention.linear_qkv.weight"] = cut(fuse_qkv(q, k, v, H, G, gate=gate_rows))
@@ -365,12 +317,10 @@ def hf_state_dict_to_megatron(
         out[mp + "mlp.linear_fc2.weight"] = cut(hf_sd[hp + "mlp.down_proj.weight"], 1)
         for hf_ln, mg_ln in _LAYER_NORMS:
             out[mp + mg_ln] = hf_sd[hp + hf_ln].clone()
-        for t in (t for t in tensors if not t.fused_qkv):  # this rank's heads of each variant tensor
-            full = extras[hp + HF_ATTENTION + t.hf]
-            out[mp + MG_ATTENTION + t.megatron] = full.clone() if t.tp_dim is None else cut(full, t.tp_dim)
-    if pp_rank == pp_size - 1:
+        out.update(rank.variant_shards(hp, mp))
+    if rank.last:
         out[MG_NORM] = hf_sd[HF_NORM].clone()
-        out[MG_HEAD] = cut(_padded_embedding(hf_sd[HF_LM_HEAD], rows))
+        out[MG_HEAD] = rank.embedding(HF_LM_HEAD)
     return out
 
 
@@ -388,24 +338,9 @@ def megatron_to_hf_state_dict(
     concatenated along their ``tp_dim``, the elementwise gate's rows taken out of linear_qkv) are mapped
     too and appended, in their Hugging Face names, after the Llama tensors."""
     arch = load_arch_config(arch)
-    grid = _as_grid(rank_state_dicts)
-    pp_size, tp_size = len(grid), len(grid[0])
+    ranks = _RankGrid(rank_state_dicts)
+    pp_size, tp_size, take, cat, replicated = ranks.pp_size, ranks.tp_size, ranks.take, ranks.cat, ranks.replicated
     check_parallel_layout(arch, tp_size, pp_size)
-    used: list[list[set]] = [[set() for _ in row] for row in grid]
-
-    def take(p: int, t: int, key: str) -> torch.Tensor:
-        if key not in grid[p][t]:
-            raise OutEffError(f"megatron state dict of tp_rank={t}, pp_rank={p} lacks {key!r}")
-        used[p][t].add(key)
-        return grid[p][t][key]
-
-    def cat(p: int, key: str, dim: int = 0) -> torch.Tensor:
-        return torch.cat([take(p, t, key) for t in range(tp_size)], dim=dim)
-
-    def replicated(p: int, key: str) -> torch.Tensor:
-        for t in range(1, tp_size):
-            take(p, t, key)  # present on every rank; one logical copy, read from TP rank 0
-        return take(p, 0, key).clone()
 
     H, G, V = arch.num_attention_heads, arch.query_groups, arch.vocab_size
     tensors = () if variant is None else llama_variant_tensors(arch, variant)
@@ -448,17 +383,9 @@ def megatron_to_hf_state_dict(
             for hf_ln, mg_ln in _LAYER_NORMS:
                 hf[hp + hf_ln] = replicated(p, mp + mg_ln)
             for t in (t for t in tensors if not t.fused_qkv):
-                key = mp + MG_ATTENTION + t.megatron
-                extras[hp + HF_ATTENTION + t.hf] = replicated(p, key) if t.tp_dim is None else cat(p, key, t.tp_dim)
+                extras[hp + HF_ATTENTION + t.hf] = ranks.variant_tensor(p, mp + MG_ATTENTION + t.megatron, t)
     if strict:
-        for p in range(pp_size):
-            for t in range(tp_size):
-                left = sorted(set(grid[p][t]) - used[p][t])
-                if left:
-                    raise OutEffError(
-                        f"megatron tensors without a Hugging Face Llama counterpart on tp_rank={t}, "
-                        f"pp_rank={p}: {left[:3]} (pass strict=False to drop them)"
-                    )
+        ranks.check_all_read("Llama")
     ordered = {k: hf[k] for k in hf_expected_shapes(arch)}
     ordered.update(extras)
     return ordered
@@ -471,44 +398,19 @@ def megatron_to_hf_state_dict(
 def load_hf_llama_dir(path: Union[str, Path], expected_arch=None) -> tuple[LlamaArchConfig, dict[str, torch.Tensor]]:
     """(architecture, state dict) of a Hugging Face Llama directory: config.json + *.safetensors only,
     everything validated before returning."""
-    import json
-
-    path = Path(path)
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise OutEffError(f"{path}: no config.json; expected a Hugging Face model directory")
-    arch = arch_from_hf_config(json.loads(cfg_path.read_text()), name=path.name or None)
-    if expected_arch is not None:
-        check_same_architecture(arch, load_arch_config(expected_arch), what=str(path))
-    sd = read_hf_safetensors(path)
-    validate_hf_state_dict(sd, arch)
-    return arch, sd
+    return load_hf_dir(path, "llama", expected_arch)
 
 
 def load_hf_llama_into_model(
     model: torch.nn.Module,
     hf: Union[str, Path, Mapping[str, torch.Tensor]],
     arch: Union[LlamaArchConfig, str],
-    *,
-    allow_missing: Iterable[str] = VARIANT_PARAM_PATTERNS,
+    **options,
 ) -> None:
-    """Load a Hugging Face Llama (directory or state dict) into this rank's ``build_llama_model`` model,
-    using megatron's parallel_state for this rank's (TP, PP) position; the variant's own tensors keep
-    their initialisation."""
-    from megatron.core import parallel_state as ps
-
-    arch = load_arch_config(arch)
-    hf_sd = hf if isinstance(hf, Mapping) else load_hf_llama_dir(hf, expected_arch=arch)[1]
-    sd = hf_state_dict_to_megatron(
-        hf_sd,
-        arch,
-        ps.get_tensor_model_parallel_rank(),
-        ps.get_tensor_model_parallel_world_size(),
-        ps.get_pipeline_model_parallel_rank(),
-        ps.get_pipeline_model_parallel_world_size(),
-        vocab_size=getattr(model, "vocab_size", None),
-    )
-    load_megatron_state_dict(model, sd, tuple(allow_missing))
+    """Load a Hugging Face Llama (directory or state dict) into this rank's ``build_llama_model`` model:
+    ``hf_opt.load_hf_into_model`` (``options``: allow_missing; the variant's own tensors keep their
+    initialisation)."""
+    load_hf_into_model(model, hf, load_arch_config(arch), **options)
 
 
 __all__ = [

@@ -35,16 +35,19 @@ Reads config.json + safetensors only (never pickles). Every check runs before an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
 from megatron_outeff.errors import OutEffError, with_context
 from megatron_outeff.utils.atomic import atomic_output_dir
+from megatron_outeff.utils.safetensors_io import check_readable, load_tensors
 
+from .common import ARCH_SIZE_FIELDS
 from .opt import OPT_POSITION_OFFSET, OPTArchConfig, check_parallel_layout, load_arch_config, padded_vocab_size
 
 HF_DECODER = "model.decoder."
@@ -57,17 +60,7 @@ VOCAB_PARALLEL = {
 }
 
 # Architecture fields a checkpoint must agree on with the target (dropouts and init do not matter).
-STRUCTURAL_FIELDS = (
-    "num_layers",
-    "hidden_size",
-    "num_attention_heads",
-    "ffn_hidden_size",
-    "vocab_size",
-    "max_position_embeddings",
-    "word_embed_proj_dim",
-    "do_layer_norm_before",
-    "activation",
-)
+STRUCTURAL_FIELDS = ARCH_SIZE_FIELDS + ("word_embed_proj_dim", "do_layer_norm_before", "activation")
 
 # (HF name inside decoder.layers.N., megatron name inside decoder.layers.N.), pre-LN / post-LN.
 _LAYER_NORMS = (("self_attn_layer_norm", "input_layernorm"), ("final_layer_norm", "pre_mlp_layernorm"))
@@ -196,28 +189,36 @@ def hf_config_dict(arch: OPTArchConfig, dtype: Optional[torch.dtype] = None) -> 
     if arch.layernorm_epsilon != 1e-5:
         raise OutEffError(f"{arch.name}: layernorm_epsilon={arch.layernorm_epsilon}: Hugging Face OPT hard-codes 1e-5")
     d = {key: getattr(arch, ours) for key, (ours, _) in HF_CONFIG_KEYS.items()}
-    d.update(
-        word_embed_proj_dim=arch.embed_dim,
-        enable_bias=True,
-        layer_norm_elementwise_affine=True,
-        tie_word_embeddings=True,
-    )
+    fixed = dict(enable_bias=True, layer_norm_elementwise_affine=True, tie_word_embeddings=True)
+    return hf_config_with(d, dtype, word_embed_proj_dim=arch.embed_dim, **fixed)
+
+
+def hf_config_with(d: dict, dtype: Optional[torch.dtype], **fields) -> dict:
+    """A family's Hugging Face config keyword arguments: ``d`` (from its HF_CONFIG_KEYS), ``fields`` (what the
+    family derives or fixes) and ``dtype`` ('float32', ... as transformers spells it; None: not recorded)."""
+    d.update(fields)
     if dtype is not None:
         d["dtype"] = str(dtype).removeprefix("torch.")
     return d
 
 
-def check_same_architecture(got: OPTArchConfig, expected: OPTArchConfig, what: str = "checkpoint") -> None:
-    diffs = [
-        f
-        for f in STRUCTURAL_FIELDS
-        if (got.embed_dim if f == "word_embed_proj_dim" else getattr(got, f))
-        != (expected.embed_dim if f == "word_embed_proj_dim" else getattr(expected, f))
-    ]
+def check_structural_fields(got, expected, fields: Sequence[str], what: str, value=getattr) -> None:
+    """One-line OutEffError naming every field of ``fields`` (compared as ``value(arch, field)``) on which
+    architecture ``got`` (of ``what``) differs from ``expected``; any family."""
+    diffs = [f for f in fields if value(got, f) != value(expected, f)]
     if diffs:
         g = ", ".join(f"{f}={getattr(got, f)}" for f in diffs)
         e = ", ".join(f"{f}={getattr(expected, f)}" for f in diffs)
         raise OutEffError(f"{what} has {g}; expected {expected.name}'s {e}")
+
+
+def _structural_value(arch: OPTArchConfig, field: str):
+    # word_embed_proj_dim None and equal to hidden_size are the same model
+    return arch.embed_dim if field == "word_embed_proj_dim" else getattr(arch, field)
+
+
+def check_same_architecture(got: OPTArchConfig, expected: OPTArchConfig, what: str = "checkpoint") -> None:
+    check_structural_fields(got, expected, STRUCTURAL_FIELDS, what, _structural_value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,20 +255,28 @@ def hf_expected_shapes(arch: OPTArchConfig) -> dict[str, tuple]:
     return shapes
 
 
-def validate_hf_state_dict(hf_sd: Mapping[str, torch.Tensor], arch: OPTArchConfig) -> None:
-    """One-line ValueError unless ``hf_sd`` is exactly a standard OPT of architecture ``arch``."""
-    shapes = hf_expected_shapes(arch)
+def check_hf_shapes(hf_sd: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple], arch, ignored=lambda k: False):
+    """One-line OutEffError unless ``hf_sd`` holds exactly the tensors of ``shapes`` (the family's
+    ``hf_expected_shapes(arch)``), each of its shape; names for which ``ignored(name)`` holds may be present too."""
+    from megatron_outeff.models.family import family_of
+
     missing = [k for k in shapes if k not in hf_sd]
     if missing:
         raise OutEffError(f"Hugging Face state dict lacks {len(missing)} tensor(s) of {arch.name}, e.g. {missing[:3]}")
-    unexpected = [k for k in hf_sd if k not in shapes and k != HF_LM_HEAD]
+    unexpected = [k for k in hf_sd if k not in shapes and not ignored(k)]
     if unexpected:
         raise OutEffError(
-            f"Hugging Face state dict has {len(unexpected)} tensor(s) unknown to OPT, e.g. {unexpected[:3]}"
+            f"Hugging Face state dict has {len(unexpected)} tensor(s) unknown to {family_of(arch).label}, "
+            f"e.g. {unexpected[:3]}"
         )
     for k, shape in shapes.items():
         if tuple(hf_sd[k].shape) != shape:
             raise OutEffError(f"{k}: shape {tuple(hf_sd[k].shape)}, expected {shape} for {arch.name}")
+
+
+def validate_hf_state_dict(hf_sd: Mapping[str, torch.Tensor], arch: OPTArchConfig) -> None:
+    """One-line ValueError unless ``hf_sd`` is exactly a standard OPT of architecture ``arch``."""
+    check_hf_shapes(hf_sd, hf_expected_shapes(arch), arch, ignored=lambda k: k == HF_LM_HEAD)
     if HF_LM_HEAD in hf_sd and not torch.equal(hf_sd[HF_LM_HEAD], hf_sd[HF_DECODER + "embed_tokens.weight"]):
         raise OutEffError(f"{HF_LM_HEAD} differs from the token embedding; expected tied weights (OPT)")
 
@@ -281,12 +290,23 @@ def _stage_layers(arch: OPTArchConfig, pp_rank: int, pp_size: int) -> range:
     return range(pp_rank * n, (pp_rank + 1) * n)
 
 
-def _check_ranks(arch: OPTArchConfig, tp_rank: int, tp_size: int, pp_rank: int, pp_size: int) -> None:
-    check_parallel_layout(arch, tp_size, pp_size)
+def _check_ranks(arch, tp_rank: int, tp_size: int, pp_rank: int, pp_size: int) -> None:
+    """The layout against ``arch`` (its family's check_parallel_layout) and the ranks inside it."""
+    from megatron_outeff.models.family import family_of
+
+    family_of(arch).arch.check_parallel_layout(arch, tp_size, pp_size)
     if not (0 <= tp_rank < tp_size and 0 <= pp_rank < pp_size):
         raise OutEffError(
             f"tp_rank={tp_rank}/tp_size={tp_size}, pp_rank={pp_rank}/pp_size={pp_size}: expected 0 <= rank < size"
         )
+
+
+def _vocab_rows(arch, vocab_size: Optional[int], tp_size: int) -> int:
+    """The megatron model's vocabulary rows: ``vocab_size``, default padded for TP (as the builders)."""
+    rows = padded_vocab_size(arch.vocab_size, tp_size) if vocab_size is None else vocab_size
+    if rows < arch.vocab_size or rows % tp_size != 0:
+        raise OutEffError(f"vocab_size={rows}: expected >= {arch.vocab_size} and divisible by tp_size={tp_size}")
+    return rows
 
 
 def _fuse_qkv(parts: Sequence[torch.Tensor], heads: int) -> torch.Tensor:
@@ -320,9 +340,57 @@ def _padded_embedding(embed: torch.Tensor, vocab_rows: int) -> torch.Tensor:
     return torch.cat([embed, pad], dim=0)
 
 
-def hf_state_dict_to_megatron(
+@dataclasses.dataclass(frozen=True)
+class RankImport:
+    """One megatron rank's part of an import from Hugging Face, after every check (``hf_to_megatron``):
+    the standard tensors ``hf_sd``, the variant's ``extras`` and their descriptions ``tensors``, the
+    megatron vocabulary rows and this rank's (TP, PP) position. A family's ``megatron_rank_state_dict``
+    reads it."""
+
+    arch: object
+    hf_sd: Mapping[str, torch.Tensor]
+    extras: Mapping[str, torch.Tensor]
+    tensors: tuple
+    vocab_rows: int
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+
+    @property
+    def first(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def last(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    def cut(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """This TP rank's block of ``t`` along ``dim`` (a fresh copy)."""
+        return _chunk(t, self.tp_rank, self.tp_size, dim)
+
+    def embedding(self, key: str) -> torch.Tensor:
+        """This TP rank's rows of the Hugging Face vocabulary tensor ``key``, zero-padded to ``vocab_rows``."""
+        return self.cut(_padded_embedding(self.hf_sd[key], self.vocab_rows))
+
+    def layers(self, hf_layer_prefix: str):
+        """(Hugging Face prefix, megatron prefix) of each layer of this pipeline stage."""
+        for local, g in enumerate(_stage_layers(self.arch, self.pp_rank, self.pp_size)):
+            yield f"{hf_layer_prefix}{g}.", f"decoder.layers.{local}."
+
+    def variant_shards(self, hp: str, mp: str) -> dict[str, torch.Tensor]:
+        """{megatron name under ``mp``: this rank's heads} of each variant tensor not fused into linear_qkv,
+        from the full Hugging Face ones under ``hp``."""
+        out = {}
+        for t in (t for t in self.tensors if not t.fused_qkv):
+            full = self.extras[hp + HF_ATTENTION + t.hf]
+            out[mp + MG_ATTENTION + t.megatron] = full.clone() if t.tp_dim is None else self.cut(full, t.tp_dim)
+        return out
+
+
+def hf_to_megatron(
     hf_sd: Mapping[str, torch.Tensor],
-    arch: Union[OPTArchConfig, str],
+    arch,
     tp_rank: int = 0,
     tp_size: int = 1,
     pp_rank: int = 0,
@@ -331,69 +399,76 @@ def hf_state_dict_to_megatron(
     vocab_size: Optional[int] = None,
     variant=None,
 ) -> dict[str, torch.Tensor]:
-    """The state dict of one (tp_rank, pp_rank) megatron OPT model (``build_opt_model``) from a full
-    Hugging Face OPTForCausalLM state dict. ``vocab_size``: the megatron model's (padded) vocabulary,
-    default ``padded_vocab_size(arch.vocab_size, tp_size)`` as in build_opt_model.
+    """The state dict of one (tp_rank, pp_rank) megatron model of ``arch``'s family from a full Hugging Face
+    CausalLM state dict: every check first (the layout, the variant's tensors, the standard tensors, the
+    vocabulary rows), then the family mapping's ``megatron_rank_state_dict``. ``vocab_size``: the megatron
+    model's (padded) vocabulary, default ``padded_vocab_size(arch.vocab_size, tp_size)`` as in the builders.
     ``variant``: the attention variant (``AttentionVariantConfig``) whose tensors ``hf_sd`` holds, exactly
-    those of ``ops.variants.variant_tensors`` for every layer, mapped to this rank's heads; None: plain OPT,
-    any variant tensor is refused as unknown to OPT.
+    those of ``ops.variants.variant_tensors`` for every layer, mapped to this rank's heads (the elementwise
+    gate's rows into linear_qkv); None: the plain family, any variant tensor is refused as unknown.
 
     Returned tensors are fresh copies in the checkpoint's dtype; load them with
     :func:`load_megatron_state_dict` (megatron's ``_extra_state`` entries carry no weights).
     """
-    arch = load_arch_config(arch)
+    from megatron_outeff.models.family import family_of
+
+    mapping = family_of(arch).hf
     _check_ranks(arch, tp_rank, tp_size, pp_rank, pp_size)
     extras: dict = {}
     tensors = ()
     if variant is not None:
-        hf_sd, extras = split_variant_state(hf_sd)
+        hf_sd, extras = mapping.split_variant_state(hf_sd)
         tensors = _check_variant_state(extras, arch, variant)
-    validate_hf_state_dict(hf_sd, arch)
-    vocab_rows = padded_vocab_size(arch.vocab_size, tp_size) if vocab_size is None else vocab_size
-    if vocab_rows < arch.vocab_size or vocab_rows % tp_size != 0:
-        raise OutEffError(f"vocab_size={vocab_rows}: expected >= {arch.vocab_size} and divisible by tp_size={tp_size}")
+    mapping.validate_hf_state_dict(hf_sd, arch)
+    vocab_rows = _vocab_rows(arch, vocab_size, tp_size)
+    rank = RankImport(arch, hf_sd, extras, tensors, vocab_rows, tp_rank, tp_size, pp_rank, pp_size)
+    return mapping.megatron_rank_state_dict(rank)
 
+
+def hf_state_dict_to_megatron(hf_sd: Mapping[str, torch.Tensor], arch: Union[OPTArchConfig, str], *layout, **options):
+    """The state dict of one (tp_rank, pp_rank) megatron OPT model (``build_opt_model``) from a full
+    Hugging Face OPTForCausalLM state dict: ``hf_to_megatron`` (``layout``: tp_rank, tp_size, pp_rank,
+    pp_size; ``options``: vocab_size, variant)."""
+    return hf_to_megatron(hf_sd, load_arch_config(arch), *layout, **options)
+
+
+def megatron_rank_state_dict(rank: RankImport) -> dict[str, torch.Tensor]:
+    """``hf_to_megatron``'s OPT layout (module doc)."""
+    arch, hf_sd, extras, tensors = rank.arch, rank.hf_sd, rank.extras, rank.tensors
     H = arch.num_attention_heads
     out: dict[str, torch.Tensor] = {}
-    first, last = pp_rank == 0, pp_rank == pp_size - 1
+    first, last = rank.first, rank.last
     word = None
-    if first or (last and pp_size > 1):
-        word = _chunk(_padded_embedding(hf_sd[HF_DECODER + "embed_tokens.weight"], vocab_rows), tp_rank, tp_size)
+    if first or (last and rank.pp_size > 1):
+        word = rank.embedding(HF_DECODER + "embed_tokens.weight")
     projected = arch.embed_dim != arch.hidden_size
     if first:
         out["embedding.word_embeddings.weight"] = word
         if projected:
             out[MG_PROJECT_IN] = hf_sd[HF_PROJECT_IN].clone()
         out["embedding.position_embeddings.weight"] = hf_sd[HF_DECODER + "embed_positions.weight"].clone()
-    for local, g in enumerate(_stage_layers(arch, pp_rank, pp_size)):
-        hp, mp = f"{HF_DECODER}layers.{g}.", f"decoder.layers.{local}."
+    for hp, mp in rank.layers(HF_LAYER_PREFIX):
         for kind in ("weight", "bias"):
             q, k, v = (hf_sd[f"{hp}self_attn.{n}_proj.{kind}"] for n in "qkv")
             gate = _fused_gate(tensors, kind)  # megatron's rows per head: q (gate) k v
             parts = (q, k, v) if gate is None else (q, extras[hp + HF_ATTENTION + gate.hf], k, v)
-            out[f"{mp}self_attention.linear_qkv.{kind}"] = _chunk(_fuse_qkv(parts, H), tp_rank, tp_size)
-            out[f"{mp}mlp.linear_fc1.{kind}"] = _chunk(hf_sd[f"{hp}fc1.{kind}"], tp_rank, tp_size)
+            out[f"{mp}self_attention.linear_qkv.{kind}"] = rank.cut(_fuse_qkv(parts, H))
+            out[f"{mp}mlp.linear_fc1.{kind}"] = rank.cut(hf_sd[f"{hp}fc1.{kind}"])
             for hf_ln, mg_ln in _layer_norms(arch):
                 out[f"{mp}{mg_ln}.{kind}"] = hf_sd[f"{hp}{hf_ln}.{kind}"].clone()
-        out[f"{mp}self_attention.linear_proj.weight"] = _chunk(
-            hf_sd[f"{hp}self_attn.out_proj.weight"], tp_rank, tp_size, 1
-        )
-        out[f"{mp}mlp.linear_fc2.weight"] = _chunk(hf_sd[f"{hp}fc2.weight"], tp_rank, tp_size, 1)
+        out[f"{mp}self_attention.linear_proj.weight"] = rank.cut(hf_sd[f"{hp}self_attn.out_proj.weight"], 1)
+        out[f"{mp}mlp.linear_fc2.weight"] = rank.cut(hf_sd[f"{hp}fc2.weight"], 1)
         # Row-parallel biases: the full bias on every rank (megatron adds it after the all-reduce).
         out[f"{mp}self_attention.linear_proj.bias"] = hf_sd[f"{hp}self_attn.out_proj.bias"].clone()
         out[f"{mp}mlp.linear_fc2.bias"] = hf_sd[f"{hp}fc2.bias"].clone()
-        for t in (t for t in tensors if not t.fused_qkv):  # this rank's heads of each variant tensor
-            full = extras[hp + HF_ATTENTION + t.hf]
-            out[mp + MG_ATTENTION + t.megatron] = (
-                full.clone() if t.tp_dim is None else _chunk(full, tp_rank, tp_size, t.tp_dim)
-            )
+        out.update(rank.variant_shards(hp, mp))
     if last:
         if arch.do_layer_norm_before:
             for kind in ("weight", "bias"):
                 out[f"decoder.final_layernorm.{kind}"] = hf_sd[f"{HF_DECODER}final_layer_norm.{kind}"].clone()
         if projected:
             out[MG_PROJECT_OUT] = hf_sd[HF_PROJECT_OUT].clone()
-        if pp_size > 1:
+        if rank.pp_size > 1:
             # Tied head on a stage without the embedding: megatron keeps a synchronised copy.
             out["output_layer.weight"] = word.clone() if first else word
     return out
@@ -479,6 +554,47 @@ def _as_grid(rank_state_dicts) -> list[list[dict]]:
     return [[_strip_wrappers(sd) for sd in row] for row in grid]
 
 
+class _RankGrid:
+    """Every model-parallel rank's megatron state dict (``_as_grid``: grid[pp][tp]) read by name, keeping
+    track of what was read so that what has no Hugging Face counterpart can be refused (``check_all_read``)."""
+
+    def __init__(self, rank_state_dicts):
+        self.grid = _as_grid(rank_state_dicts)
+        self.pp_size, self.tp_size = len(self.grid), len(self.grid[0])
+        self.used: list[list[set]] = [[set() for _ in row] for row in self.grid]
+
+    def take(self, p: int, t: int, key: str) -> torch.Tensor:
+        sd = self.grid[p][t]
+        if key not in sd:
+            raise OutEffError(f"megatron state dict of tp_rank={t}, pp_rank={p} lacks {key!r}")
+        self.used[p][t].add(key)
+        return sd[key]
+
+    def cat(self, p: int, key: str, dim: int = 0) -> torch.Tensor:
+        """The TP shards of stage ``p``'s ``key`` concatenated along ``dim``."""
+        return torch.cat([self.take(p, t, key) for t in range(self.tp_size)], dim=dim)
+
+    def replicated(self, p: int, key: str) -> torch.Tensor:
+        for t in range(1, self.tp_size):
+            self.take(p, t, key)  # present on every rank; one logical copy, read from TP rank 0
+        return self.take(p, 0, key).clone()
+
+    def variant_tensor(self, p: int, key: str, t) -> torch.Tensor:
+        """A variant tensor ``t`` (ops.variants.variant_tensors) whole: its TP shards joined along ``tp_dim``."""
+        return self.replicated(p, key) if t.tp_dim is None else self.cat(p, key, t.tp_dim)
+
+    def check_all_read(self, label: str) -> None:
+        """One-line OutEffError naming the tensors no mapping read (they have no ``label`` counterpart)."""
+        for p in range(self.pp_size):
+            for t in range(self.tp_size):
+                left = sorted(set(self.grid[p][t]) - self.used[p][t])
+                if left:
+                    raise OutEffError(
+                        f"megatron tensors without a Hugging Face {label} counterpart on tp_rank={t}, pp_rank={p}: "
+                        f"{left[:3]} (pass strict=False to drop them)"
+                    )
+
+
 def megatron_to_hf_state_dict(
     rank_state_dicts, arch: Union[OPTArchConfig, str], *, strict: bool = True, variant=None
 ) -> dict[str, torch.Tensor]:
@@ -494,25 +610,9 @@ def megatron_to_hf_state_dict(
     ``tp_dim``) are mapped too and appended, in their Hugging Face names, after the OPT tensors.
     """
     arch = load_arch_config(arch)
-    grid = _as_grid(rank_state_dicts)
-    pp_size, tp_size = len(grid), len(grid[0])
-    check_parallel_layout(arch, tp_size, pp_size)
-    used: list[list[set]] = [[set() for _ in row] for row in grid]
-
-    def take(p: int, t: int, key: str) -> torch.Tensor:
-        sd = grid[p][t]
-        if key not in sd:
-            raise OutEffError(f"megatron state dict of tp_rank={t}, pp_rank={p} lacks {key!r}")
-        used[p][t].add(key)
-        return sd[key]
-
-    def cat(p: int, key: str, dim: int) -> torch.Tensor:
-        return torch.cat([take(p, t, key) for t in range(tp_size)], dim=dim)
-
-    def replicated(p: int, key: str) -> torch.Tensor:
-        for t in range(1, tp_size):
-            take(p, t, key)  # present on every rank; one logical copy, read from TP rank 0
-        return take(p, 0, key).clone()
+    ranks = _RankGrid(rank_state_dicts)
+    pp_size, cat, replicated = ranks.pp_size, ranks.cat, ranks.replicated
+    check_parallel_layout(arch, ranks.tp_size, pp_size)
 
     H, V = arch.num_attention_heads, arch.vocab_size
     tensors = () if variant is None else opt_variant_tensors(arch, variant)
@@ -555,20 +655,12 @@ def megatron_to_hf_state_dict(
             hf[f"{hp}fc2.weight"] = cat(p, f"{mp}mlp.linear_fc2.weight", 1)
             hf[f"{hp}fc2.bias"] = replicated(p, f"{mp}mlp.linear_fc2.bias")
             for t in (t for t in tensors if not t.fused_qkv):
-                key = mp + MG_ATTENTION + t.megatron
-                extras[hp + HF_ATTENTION + t.hf] = replicated(p, key) if t.tp_dim is None else cat(p, key, t.tp_dim)
+                extras[hp + HF_ATTENTION + t.hf] = ranks.variant_tensor(p, mp + MG_ATTENTION + t.megatron, t)
     if arch.do_layer_norm_before:
         for kind in ("weight", "bias"):
             hf[f"{HF_DECODER}final_layer_norm.{kind}"] = replicated(pp_size - 1, f"decoder.final_layernorm.{kind}")
     if strict:
-        for p in range(pp_size):
-            for t in range(tp_size):
-                left = sorted(set(grid[p][t]) - used[p][t])
-                if left:
-                    raise OutEffError(
-                        f"megatron tensors without a Hugging Face OPT counterpart on tp_rank={t}, pp_rank={p}: "
-                        f"{left[:3]} (pass strict=False to drop them)"
-                    )
+        ranks.check_all_read("OPT")
     # Order as OPTForCausalLM.state_dict(); the head is the embedding itself (tied).
     ordered = {k: hf[k] for k in hf_expected_shapes(arch)}
     ordered[HF_LM_HEAD] = embed
@@ -609,17 +701,27 @@ def load_hf_opt_dir(
     Validates model_type, (optionally) the architecture against ``expected_arch``, and the tensors,
     before returning anything.
     """
+    return load_hf_dir(path, "opt", expected_arch)
+
+
+def load_hf_dir(path: Union[str, Path], family: str, expected_arch=None) -> tuple:
+    """(architecture, state dict) of a Hugging Face directory of ``family`` (models/family.py; its mapping's
+    ``arch_from_hf_config``, ``check_same_architecture``, ``validate_hf_state_dict``): config.json +
+    *.safetensors only, everything validated before returning."""
+    from megatron_outeff.models.family import get_family
+
+    mapping = get_family(family).hf
     path = Path(path)
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise OutEffError(f"{path}: no config.json; expected a Hugging Face model directory")
     with open(cfg_path) as f:
         cfg = json.load(f)
-    arch = arch_from_hf_config(cfg, name=path.name or None)
+    arch = mapping.arch_from_hf_config(cfg, name=path.name or None)
     if expected_arch is not None:
-        check_same_architecture(arch, load_arch_config(expected_arch), what=str(path))
+        mapping.check_same_architecture(arch, mapping.load_arch_config(expected_arch), what=str(path))
     sd = read_hf_safetensors(path)
-    validate_hf_state_dict(sd, arch)
+    mapping.validate_hf_state_dict(sd, arch)
     return arch, sd
 
 
@@ -631,8 +733,6 @@ def check_hf_safetensors(path: Union[str, Path]) -> list[Path]:
     size, without loading tensors) and, with a ``model.safetensors.index.json``, the index valid JSON
     whose weight_map names exactly the shards present. One-line ValueError naming the bad file."""
     import json
-
-    from safetensors import safe_open
 
     path = Path(path)
     files = sorted(path.glob("*.safetensors"))
@@ -653,32 +753,19 @@ def check_hf_safetensors(path: Union[str, Path]) -> list[Path]:
                 f"{index}: names shards {sorted(named)[:3]}, the directory holds {[f.name for f in files][:3]}"
             )
     for fp in files:
-        try:
-            with safe_open(str(fp), framework="pt"):
-                pass
-        except Exception as e:  # safetensors raises its own error types
-            raise OutEffError(
-                f"{fp}: unreadable safetensors file ({' '.join(str(e).split()) or type(e).__name__})"
-            ) from None
+        check_readable(fp)
     return files
 
 
 def read_hf_safetensors(path: Union[str, Path], on_file=None) -> dict[str, torch.Tensor]:
     """All tensors of a Hugging Face directory's ``*.safetensors`` shards (never pickled ``.bin``),
     keyed under the ``model.decoder.`` prefix. ``on_file(name)`` is called before each shard is read."""
-    from safetensors.torch import load_file
-
     files = check_hf_safetensors(path)
     sd: dict[str, torch.Tensor] = {}
     for fp in files:
         if on_file is not None:
             on_file(fp.name)
-        try:
-            part = load_file(str(fp))
-        except Exception as e:  # safetensors raises its own error types
-            raise OutEffError(
-                f"{fp}: unreadable safetensors file ({' '.join(str(e).split()) or type(e).__name__})"
-            ) from None
+        part = load_tensors(fp)
         dup = set(part) & set(sd)
         if dup:
             raise OutEffError(f"{fp}: tensor(s) {sorted(dup)[:3]} appear in more than one safetensors file")
@@ -732,34 +819,46 @@ VARIANT_PARAM_PATTERNS = _variant_param_patterns()
 
 
 def load_hf_opt_into_model(
+    model: torch.nn.Module, hf: Union[str, Path, Mapping[str, torch.Tensor]], arch: Union[OPTArchConfig, str], **options
+) -> None:
+    """Load a Hugging Face OPT (directory or state dict) into this rank's ``build_opt_model`` model:
+    ``load_hf_into_model`` (``options``: allow_missing)."""
+    load_hf_into_model(model, hf, load_arch_config(arch), **options)
+
+
+def load_hf_into_model(
     model: torch.nn.Module,
     hf: Union[str, Path, Mapping[str, torch.Tensor]],
-    arch: Union[OPTArchConfig, str],
+    arch,
     *,
-    allow_missing: Sequence[str] = VARIANT_PARAM_PATTERNS,
+    allow_missing: Iterable[str] = VARIANT_PARAM_PATTERNS,
 ) -> None:
-    """Load a Hugging Face OPT (directory or state dict) into this rank's ``build_opt_model`` model,
-    using megatron's parallel_state for this rank's (TP, PP) position."""
-    from megatron.core import parallel_state as ps
+    """Load a Hugging Face model of ``arch``'s family (directory or state dict) into this rank's megatron model
+    (the family's ``build_model``), using megatron's parallel_state for this rank's (TP, PP) position; the
+    variant's own tensors (``allow_missing``) keep their initialisation."""
+    from megatron_outeff.models.family import family_of
 
-    arch = load_arch_config(arch)
-    if isinstance(hf, Mapping):
-        hf_sd = hf
-    else:
-        _, hf_sd = load_hf_opt_dir(hf, expected_arch=arch)
+    hf_sd = hf if isinstance(hf, Mapping) else load_hf_dir(hf, arch.family, expected_arch=arch)[1]
     vocab_rows = None
     if getattr(model, "pre_process", True) and hasattr(model, "embedding"):
         vocab_rows = model.embedding.word_embeddings.num_embeddings  # the model's own (padded) size
-    sd = hf_state_dict_to_megatron(
-        hf_sd,
-        arch,
+    sd = family_of(arch).hf.hf_state_dict_to_megatron(
+        hf_sd, arch, *this_rank_layout(), vocab_size=vocab_rows or getattr(model, "vocab_size", None)
+    )
+    load_megatron_state_dict(model, sd, tuple(allow_missing))
+
+
+def this_rank_layout() -> tuple[int, int, int, int]:
+    """(tp_rank, tp_size, pp_rank, pp_size) of this rank in megatron's parallel_state: the positional
+    layout arguments of ``hf_state_dict_to_megatron``."""
+    from megatron.core import parallel_state as ps
+
+    return (
         ps.get_tensor_model_parallel_rank(),
         ps.get_tensor_model_parallel_world_size(),
         ps.get_pipeline_model_parallel_rank(),
         ps.get_pipeline_model_parallel_world_size(),
-        vocab_size=vocab_rows or getattr(model, "vocab_size", None),
     )
-    load_megatron_state_dict(model, sd, allow_missing)
 
 
 def megatron_model_to_hf_state_dict(

@@ -24,33 +24,34 @@ megatron's ``parallel_state``. The family interface (``models/family.py``) is at
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Union
+from typing import ClassVar, Optional, Union
 
-import torch
 import torch.nn.functional as F
 
 from megatron_outeff.errors import OutEffError
-from megatron_outeff.megatron.cpu_support import cpu_model_construction
 
 from .common import (
-    arch_from_dict,
+    COMMON_TRANSFORMER_FIELDS,
+    ArchConfigBase,
     as_variant,
+    build_family_model,
+    check_arch_sizes,
     check_arch_values,
-    megatron_transformer_config,
+    check_layout_divides,
+    family_transformer_config,
+    local_block_submodules,
     padded_vocab_size,
-    prepare_build,
 )
-from .opt import _load_yaml, parallel_hint_section
+from .opt import family_sizes, load_family_arch, load_family_parallel_hint
 
 FAMILY = "llama"
 CONFIG_PREFIX = "llama-"
 
 
 @dataclass
-class LlamaArchConfig:
+class LlamaArchConfig(ArchConfigBase):
     """One Llama architecture: the ``arch:`` section of ``configs/model/llama-<size>.yaml``.
 
     Field names follow megatron-core (and OPTArchConfig where the two families share a knob, so the
@@ -79,25 +80,13 @@ class LlamaArchConfig:
     scaled_output_layer_init: bool = True
 
     def __post_init__(self):
+        check_arch_sizes(self, ("num_query_groups",) if self.num_query_groups is not None else ())
         check_arch_values(
             self,
-            positive_ints=(
-                "num_layers",
-                "hidden_size",
-                "num_attention_heads",
-                "ffn_hidden_size",
-                "vocab_size",
-                "max_position_embeddings",
-            )
-            + (("num_query_groups",) if self.num_query_groups is not None else ()),
+            positive_ints=(),
             probabilities=("hidden_dropout", "attention_dropout"),
             positive=("init_method_std", "layernorm_epsilon", "rope_theta"),
         )
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise OutEffError(
-                f"{self.name}: hidden_size={self.hidden_size} is not divisible by "
-                f"num_attention_heads={self.num_attention_heads}"
-            )
         if self.num_attention_heads % self.query_groups != 0:
             raise OutEffError(
                 f"{self.name}: num_attention_heads={self.num_attention_heads} is not divisible by "
@@ -109,20 +98,9 @@ class LlamaArchConfig:
             raise OutEffError(f"{self.name}: rope_scaling_factor={self.rope_scaling_factor!r}: expected > 0 or null")
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
     def query_groups(self) -> int:
         """Key/value heads (num_query_groups, or num_attention_heads when unset)."""
         return self.num_query_groups or self.num_attention_heads
-
-    @classmethod
-    def from_dict(cls, d: dict, source: str = "arch") -> "LlamaArchConfig":
-        return arch_from_dict(cls, d, source)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     def num_parameters(self) -> int:
         """Parameters of the Hugging Face model (embedding and LM head untied, no padding rows)."""
@@ -133,62 +111,35 @@ class LlamaArchConfig:
 
 def load_arch_config(name_or_path: Union[str, Path, LlamaArchConfig]) -> LlamaArchConfig:
     """The architecture of a Llama size name ('tiny', 'llama-tiny', 'llama-3-8b') or of a YAML file path."""
-    if isinstance(name_or_path, LlamaArchConfig):
-        return name_or_path
-    path, doc = _load_yaml(name_or_path, FAMILY)
-    return LlamaArchConfig.from_dict(doc["arch"], source=f"{path}: arch")
+    return load_family_arch(LlamaArchConfig, name_or_path)
 
 
 def load_parallel_hint(name_or_path: Union[str, Path]):
     """The suggested layout (tensor_parallel, pipeline_parallel, zero_stage) of a Llama model YAML."""
-    path, doc = _load_yaml(name_or_path, FAMILY)
-    hint = parallel_hint_section(path, doc)
-    check_parallel_layout(load_arch_config(path), hint.tensor_parallel, hint.pipeline_parallel)
-    return hint
+    return load_family_parallel_hint(LlamaArchConfig, name_or_path, check_parallel_layout)
 
 
 def available_sizes() -> list[str]:
-    from .opt import CONFIG_DIR
-
-    return sorted(q.stem[len(CONFIG_PREFIX) :] for q in CONFIG_DIR.glob(f"{CONFIG_PREFIX}*.yaml"))
+    return family_sizes(FAMILY)
 
 
 def check_parallel_layout(arch: LlamaArchConfig, tp_size: int, pp_size: int) -> None:
     """One-line OutEffError unless TP divides heads, key/value heads and the FFN, and PP the layers
     (megatron gives each TP rank whole query groups)."""
-    for field, value in (
+    tp_split = (
         ("num_attention_heads", arch.num_attention_heads),
         ("num_query_groups", arch.query_groups),
         ("ffn_hidden_size", arch.ffn_hidden_size),
-    ):
-        if value % tp_size != 0:
-            raise OutEffError(f"{arch.name}: {field}={value} is not divisible by tensor parallel size {tp_size}")
-    if arch.num_layers % pp_size != 0:
-        raise OutEffError(
-            f"{arch.name}: num_layers={arch.num_layers} is not divisible by pipeline parallel size {pp_size}"
-        )
+    )
+    check_layout_divides(arch, tp_size, pp_size, tp_split)
 
 
 # The TransformerConfig fields llama_transformer_config sets from the architecture: megatron's name ->
 # the LlamaArchConfig field that sets it, or None where the Llama family fixes (or derives) the value.
 TRANSFORMER_FIELDS_FROM_ARCH = {
-    "num_layers": "num_layers",
-    "hidden_size": "hidden_size",
-    "num_attention_heads": "num_attention_heads",
+    **COMMON_TRANSFORMER_FIELDS,
     "num_query_groups": "num_query_groups",
-    "ffn_hidden_size": "ffn_hidden_size",
-    "layernorm_epsilon": "layernorm_epsilon",
-    "hidden_dropout": "hidden_dropout",
-    "attention_dropout": "attention_dropout",
-    "init_method_std": "init_method_std",
-    "output_layer_init_method": "scaled_output_layer_init",
-    "kv_channels": None,
     "activation_func": None,
-    "gated_linear_unit": None,
-    "add_bias_linear": None,
-    "add_qkv_bias": None,
-    "normalization": None,
-    "apply_residual_connection_post_layernorm": None,
     "rotary_interleaved": None,
 }
 
@@ -229,15 +180,8 @@ def llama_transformer_config(arch: Union[LlamaArchConfig, str], variant=None, **
     what megatron sizes its parameters by: ``attention_output_gate`` for the elementwise gate), TP/PP sizes come from megatron's parallel_state (1/1 if not initialised), every
     CUDA-only fusion is off (callers on GPU may switch them on through ``overrides``).
     """
-    from megatron.core.utils import init_method_normal
-
     arch = load_arch_config(arch)
-    kw: dict[str, Any] = {
-        name: getattr(arch, ours)
-        for name, ours in TRANSFORMER_FIELDS_FROM_ARCH.items()
-        if ours and name != "output_layer_init_method"
-    }
-    kw.update(
+    fixed = dict(
         num_query_groups=arch.query_groups,
         kv_channels=arch.head_dim,
         # Llama: SwiGLU FFN without biases, RMSNorm, pre-norm residuals, half-split RoPE (module doc)
@@ -249,25 +193,15 @@ def llama_transformer_config(arch: Union[LlamaArchConfig, str], variant=None, **
         apply_residual_connection_post_layernorm=False,
         rotary_interleaved=False,
     )
-    if not arch.scaled_output_layer_init:
-        kw["output_layer_init_method"] = init_method_normal(arch.init_method_std)
-    return megatron_transformer_config(kw, overrides, variant)
+    return family_transformer_config(arch, TRANSFORMER_FIELDS_FROM_ARCH, fixed, overrides, variant)
 
 
 def llama_block_spec(config, variant=None, *, seq_length: Optional[int] = None):
     """This pipeline stage's TransformerBlock spec: variant None -> megatron's local layer (its own
     DotProductAttention), otherwise our outlier-efficient layer (``get_outeff_block_spec``); the norms
     SP-capable torch RMSNorms (``layer_spec.TorchNorm``) either way."""
-    import dataclasses as dc
-
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-    from megatron.core.transformer.transformer_block import (
-        TransformerBlock,
-        TransformerBlockSubmodules,
-        get_num_layers_to_build,
-    )
+    from megatron.core.transformer.transformer_block import TransformerBlock
 
     from megatron_outeff.megatron.layer_spec import TorchNorm, get_outeff_block_spec
 
@@ -276,69 +210,42 @@ def llama_block_spec(config, variant=None, *, seq_length: Optional[int] = None):
         return ModuleSpec(
             module=TransformerBlock, submodules=get_outeff_block_spec(config, variant, seq_length=seq_length)
         )
-    layer = get_gpt_layer_local_spec(normalization=config.normalization)
-    ls = layer.submodules
-    swap = {a: TorchNorm for a in ("input_layernorm", "pre_mlp_layernorm") if getattr(ls, a) is WrappedTorchNorm}
-    layer = dc.replace(layer, submodules=dc.replace(ls, **swap))
-    sub = TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=TorchNorm)
+    sub = local_block_submodules(config, TorchNorm, normalization=config.normalization)
     return ModuleSpec(module=TransformerBlock, submodules=sub)
 
 
-def build_llama_model(
-    arch: Union[LlamaArchConfig, str],
-    variant=None,
-    *,
-    vocab_size: Optional[int] = None,
-    params_dtype: torch.dtype = torch.float32,
-    sequence_parallel: bool = False,
-    pre_process: Optional[bool] = None,
-    post_process: Optional[bool] = None,
-    seq_length: Optional[int] = None,
-    **transformer_overrides,
-):
+def build_llama_model(arch: Union[LlamaArchConfig, str], variant=None, **options):
     """A Llama megatron-core GPTModel for this rank's (TP, PP) position in megatron's parallel_state.
 
-    Arguments as ``build_opt_model``: vocab_size (rows of the TP-split embedding and output layer;
-    default ``padded_vocab_size(arch.vocab_size, tp)``), variant (None: megatron's own attention; an
-    AttentionVariantConfig or a mapping of its fields: ours), pre_process / post_process (default:
-    first / last pipeline stage), seq_length (clipped variants in the clip_alpha form). Forward takes
-    0-based ``position_ids`` (megatron's RoPE ignores them: positions are 0..s-1 of the sequence).
+    ``options`` (keyword-only) as ``build_opt_model`` (``models.common.build_family_model``): vocab_size,
+    params_dtype, sequence_parallel, pre_process, post_process, seq_length, and TransformerConfig overrides.
+    Forward takes 0-based ``position_ids`` (megatron's RoPE ignores them: positions are 0..s-1 of the sequence).
     """
+    return build_family_model(load_arch_config(arch), variant, **options)
+
+
+def block_spec(config, arch: LlamaArchConfig, variant, seq_length: Optional[int]):
+    """build_family_model's hook: ``llama_block_spec``."""
+    return llama_block_spec(config, variant, seq_length=seq_length)
+
+
+def construct_model(config, spec, arch: LlamaArchConfig, **kwargs):
+    """build_family_model's hook: megatron's GPTModel with RoPE and an untied LM head."""
     from megatron.core.models.gpt import GPTModel
 
-    arch = load_arch_config(arch)
-    variant, sequence_parallel, vocab_size, pre_process, post_process = prepare_build(
-        arch,
-        check_parallel_layout,
-        variant,
-        vocab_size=vocab_size,
-        sequence_parallel=sequence_parallel,
-        pre_process=pre_process,
-        post_process=post_process,
+    return GPTModel(
+        config,
+        spec,
+        max_sequence_length=arch.max_position_embeddings,
+        share_embeddings_and_output_weights=False,
+        parallel_output=True,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=arch.rope_theta,
+        rope_scaling=arch.rope_scaling_factor is not None,
+        rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+        **kwargs,
     )
-    config = llama_transformer_config(
-        arch, variant, params_dtype=params_dtype, sequence_parallel=sequence_parallel, **transformer_overrides
-    )
-    block_spec = llama_block_spec(config, variant, seq_length=seq_length)
-    with cpu_model_construction():
-        model = GPTModel(
-            config,
-            block_spec,
-            vocab_size=vocab_size,
-            max_sequence_length=arch.max_position_embeddings,
-            pre_process=pre_process,
-            post_process=post_process,
-            share_embeddings_and_output_weights=False,
-            parallel_output=True,
-            position_embedding_type="rope",
-            rotary_percent=1.0,
-            rotary_base=arch.rope_theta,
-            rope_scaling=arch.rope_scaling_factor is not None,
-            rope_scaling_factor=arch.rope_scaling_factor or 8.0,
-        )
-    if params_dtype != torch.float32:
-        model.to(params_dtype)  # torch norms are created in fp32 (see build_opt_model)
-    return model
 
 
 # The family interface (models/family.py): the names every family's arch module offers.

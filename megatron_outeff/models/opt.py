@@ -29,21 +29,24 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Union
+from typing import ClassVar, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from megatron_outeff.errors import OutEffError
-from megatron_outeff.megatron.cpu_support import cpu_model_construction
 
 from .common import (  # noqa: F401  (padded_vocab_size: imported from here by callers)
-    arch_from_dict,
+    COMMON_TRANSFORMER_FIELDS,
+    ArchConfigBase,
     as_variant,
+    build_family_model,
+    check_arch_sizes,
     check_arch_values,
-    megatron_transformer_config,
+    check_layout_divides,
+    family_transformer_config,
+    local_block_submodules,
     padded_vocab_size,
-    prepare_build,
 )
 
 # Hugging Face OPTLearnedPositionalEmbedding.offset (inherited from fairseq's padding_idx + 1).
@@ -56,7 +59,7 @@ _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
 
 @dataclass
-class OPTArchConfig:
+class OPTArchConfig(ArchConfigBase):
     """One OPT architecture: the ``arch:`` section of ``configs/model/opt-<size>.yaml``."""
 
     family: ClassVar[str] = "opt"  # models/family.py
@@ -82,22 +85,7 @@ class OPTArchConfig:
     scaled_output_layer_init: bool = True
 
     def __post_init__(self):
-        check_arch_values(
-            self,
-            positive_ints=(
-                "num_layers",
-                "hidden_size",
-                "num_attention_heads",
-                "ffn_hidden_size",
-                "vocab_size",
-                "max_position_embeddings",
-            ),
-        )
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise OutEffError(
-                f"{self.name}: hidden_size={self.hidden_size} is not divisible by "
-                f"num_attention_heads={self.num_attention_heads}"
-            )
+        check_arch_sizes(self)
         if self.activation not in _ACTIVATIONS:
             raise OutEffError(f"{self.name}: activation={self.activation!r}: expected one of {sorted(_ACTIVATIONS)}")
         check_arch_values(
@@ -119,19 +107,8 @@ class OPTArchConfig:
             raise OutEffError(f"{self.name}: layernorm_epsilon={self.layernorm_epsilon!r}: expected > 0")
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
     def embed_dim(self) -> int:
         return self.word_embed_proj_dim if self.word_embed_proj_dim is not None else self.hidden_size
-
-    @classmethod
-    def from_dict(cls, d: dict, source: str = "arch") -> "OPTArchConfig":
-        return arch_from_dict(cls, d, source)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -186,21 +163,39 @@ def _load_yaml(name_or_path, family: str = "opt") -> tuple[Path, dict]:
     return path, doc
 
 
+def load_family_arch(cls, name_or_path):
+    """The ``cls`` (a family's ArchConfig) of a size name or a model YAML path of its family; an instance
+    passes through."""
+    if isinstance(name_or_path, cls):
+        return name_or_path
+    path, doc = _load_yaml(name_or_path, cls.family)
+    return cls.from_dict(doc["arch"], source=f"{path}: arch")
+
+
+def load_family_parallel_hint(cls, name_or_path, check_layout) -> OPTParallelHint:
+    """The ``parallel:`` hint of a model YAML of ``cls``'s family, checked against its architecture by
+    ``check_layout`` (the family's check_parallel_layout); defaults when it has no such section."""
+    path, doc = _load_yaml(name_or_path, cls.family)
+    hint = parallel_hint_section(path, doc)
+    check_layout(load_family_arch(cls, path), hint.tensor_parallel, hint.pipeline_parallel)
+    return hint
+
+
+def family_sizes(family: str) -> list[str]:
+    """The size names of the shipped ``configs/model/<family>-<size>.yaml`` files."""
+    prefix = f"{family}-"
+    return sorted(q.stem[len(prefix) :] for q in CONFIG_DIR.glob(f"{prefix}*.yaml"))
+
+
 def load_arch_config(name_or_path: Union[str, Path, OPTArchConfig]) -> OPTArchConfig:
     """The architecture of an OPT size name ('125m', 'opt-1.3b', 'tiny') or of a YAML file path."""
-    if isinstance(name_or_path, OPTArchConfig):
-        return name_or_path
-    path, doc = _load_yaml(name_or_path)
-    return OPTArchConfig.from_dict(doc["arch"], source=f"{path}: arch")
+    return load_family_arch(OPTArchConfig, name_or_path)
 
 
 def load_parallel_hint(name_or_path: Union[str, Path]) -> OPTParallelHint:
     """The suggested layout (tensor_parallel, pipeline_parallel, zero_stage) of a model YAML, checked
     against its architecture; defaults when it has no such section."""
-    path, doc = _load_yaml(name_or_path)
-    hint = parallel_hint_section(path, doc)
-    check_parallel_layout(load_arch_config(path), hint.tensor_parallel, hint.pipeline_parallel)
-    return hint
+    return load_family_parallel_hint(OPTArchConfig, name_or_path, check_parallel_layout)
 
 
 def parallel_hint_section(path: Path, doc: dict) -> OPTParallelHint:
@@ -214,7 +209,7 @@ def parallel_hint_section(path: Path, doc: dict) -> OPTParallelHint:
 
 
 def available_sizes() -> list[str]:
-    return sorted(q.stem[4:] for q in CONFIG_DIR.glob("opt-*.yaml"))
+    return family_sizes("opt")
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,19 +217,9 @@ def available_sizes() -> list[str]:
 
 
 def check_parallel_layout(arch: OPTArchConfig, tp_size: int, pp_size: int) -> None:
-    if arch.num_attention_heads % tp_size != 0:
-        raise OutEffError(
-            f"{arch.name}: num_attention_heads={arch.num_attention_heads} is not divisible by "
-            f"tensor parallel size {tp_size}"
-        )
-    if arch.ffn_hidden_size % tp_size != 0:
-        raise OutEffError(
-            f"{arch.name}: ffn_hidden_size={arch.ffn_hidden_size} is not divisible by tensor parallel size {tp_size}"
-        )
-    if arch.num_layers % pp_size != 0:
-        raise OutEffError(
-            f"{arch.name}: num_layers={arch.num_layers} is not divisible by pipeline parallel size {pp_size}"
-        )
+    """One-line OutEffError unless TP divides the heads and the FFN, and PP the layers."""
+    tp_split = (("num_attention_heads", arch.num_attention_heads), ("ffn_hidden_size", arch.ffn_hidden_size))
+    check_layout_divides(arch, tp_size, pp_size, tp_split)
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,24 +228,7 @@ def check_parallel_layout(arch: OPTArchConfig, tp_size: int, pp_size: int) -> No
 
 # The TransformerConfig fields opt_transformer_config sets from the architecture: megatron's name -> the
 # OPTArchConfig field that sets it, or None where the OPT family fixes the value (or derives it).
-TRANSFORMER_FIELDS_FROM_ARCH = {
-    "num_layers": "num_layers",
-    "hidden_size": "hidden_size",
-    "num_attention_heads": "num_attention_heads",
-    "ffn_hidden_size": "ffn_hidden_size",
-    "layernorm_epsilon": "layernorm_epsilon",
-    "activation_func": "activation",
-    "hidden_dropout": "hidden_dropout",
-    "attention_dropout": "attention_dropout",
-    "init_method_std": "init_method_std",
-    "output_layer_init_method": "scaled_output_layer_init",
-    "kv_channels": None,
-    "gated_linear_unit": None,
-    "add_bias_linear": None,
-    "add_qkv_bias": None,
-    "normalization": None,
-    "apply_residual_connection_post_layernorm": None,
-}
+TRANSFORMER_FIELDS_FROM_ARCH = {**COMMON_TRANSFORMER_FIELDS, "activation_func": "activation"}
 
 
 # TransformerConfig fields the OPT family does not support through overrides, with the reason: each would change
@@ -294,17 +262,10 @@ def opt_transformer_config(arch: Union[OPTArchConfig, str], variant=None, **over
     flag is off: the fused kernels are CUDA-only (and bias-activation fusion has no ReLU kernel);
     callers on GPU may switch them on through ``overrides``.
     """
-    from megatron.core.utils import init_method_normal
-
     arch = load_arch_config(arch)
     # the architecture's fields (TRANSFORMER_FIELDS_FROM_ARCH), then what OPT fixes (the layout, dtype and
     # fusion flags: models/common.py)
-    kw: dict[str, Any] = {
-        name: getattr(arch, ours)
-        for name, ours in TRANSFORMER_FIELDS_FROM_ARCH.items()
-        if ours and name not in ("activation_func", "output_layer_init_method")
-    }
-    kw.update(
+    fixed = dict(
         kv_channels=arch.head_dim,
         activation_func=_ACTIVATIONS[arch.activation],
         # OPT: a plain (non-GLU) FFN, biases on every linear, LayerNorm, the residual taken before the norm
@@ -314,9 +275,7 @@ def opt_transformer_config(arch: Union[OPTArchConfig, str], variant=None, **over
         normalization="LayerNorm",
         apply_residual_connection_post_layernorm=False,
     )
-    if not arch.scaled_output_layer_init:
-        kw["output_layer_init_method"] = init_method_normal(arch.init_method_std)
-    return megatron_transformer_config(kw, overrides, variant)
+    return family_transformer_config(arch, TRANSFORMER_FIELDS_FROM_ARCH, fixed, overrides, variant)
 
 
 class OPTLayerNorm(torch.nn.LayerNorm):
@@ -345,14 +304,8 @@ def opt_block_spec(config, variant=None, *, seq_length: Optional[int] = None, po
     vanilla AttentionVariantConfig, so every variant of an experiment runs the same attention code.
     Norms are SP-capable torch LayerNorms where megatron would pick WrappedTorchNorm (no apex).
     """
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-    from megatron.core.transformer.transformer_block import (
-        TransformerBlock,
-        TransformerBlockSubmodules,
-        get_num_layers_to_build,
-    )
+    from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 
     variant = as_variant(variant)
     if variant is not None:
@@ -360,15 +313,7 @@ def opt_block_spec(config, variant=None, *, seq_length: Optional[int] = None, po
 
         sub = get_outeff_block_spec(config, variant, seq_length=seq_length)
     else:
-        layer = get_gpt_layer_local_spec()
-        ls = layer.submodules
-        swap = {
-            a: OPTLayerNorm
-            for a in ("input_layernorm", "pre_mlp_layernorm")
-            if getattr(ls, a) in (WrappedTorchNorm, torch.nn.LayerNorm)
-        }
-        layer = dataclasses.replace(layer, submodules=dataclasses.replace(ls, **swap))
-        sub = TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=OPTLayerNorm)
+        sub = local_block_submodules(config, OPTLayerNorm, replace=(torch.nn.LayerNorm,))
     if not post_layernorm:
         return ModuleSpec(module=TransformerBlock, submodules=sub)
     from .opt_layers import post_layernorm_layer_spec
@@ -482,61 +427,33 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def build_opt_model(
-    arch: Union[OPTArchConfig, str],
-    variant=None,
-    *,
-    vocab_size: Optional[int] = None,
-    params_dtype: torch.dtype = torch.float32,
-    sequence_parallel: bool = False,
-    pre_process: Optional[bool] = None,
-    post_process: Optional[bool] = None,
-    seq_length: Optional[int] = None,
-    **transformer_overrides,
-):
+def build_opt_model(arch: Union[OPTArchConfig, str], variant=None, **options):
     """An OPT megatron-core GPTModel for this rank's (TP, PP) position in megatron's parallel_state.
 
-    vocab_size: rows of the (TP-split) embedding; default ``padded_vocab_size(arch.vocab_size, tp)``.
-    variant: None (megatron's own attention) or an AttentionVariantConfig / mapping of its fields
-    (megatron_outeff's layer spec: softmax_1, softmax_n, learnable offsets, clipping, gates).
-    pre_process / post_process: default to this rank being the first / last pipeline stage.
-    seq_length: training sequence length; needed only by clipped variants in the clip_alpha form.
+    ``options`` (keyword-only) as ``models.common.build_family_model``: vocab_size, params_dtype,
+    sequence_parallel, pre_process, post_process, seq_length, and TransformerConfig overrides.
     Forward takes megatron-native 0-based ``position_ids``; the OPT offset is applied inside.
     """
-    arch = load_arch_config(arch)
-    variant, sequence_parallel, vocab_size, pre_process, post_process = prepare_build(
-        arch,
-        check_parallel_layout,
-        variant,
-        vocab_size=vocab_size,
-        sequence_parallel=sequence_parallel,
-        pre_process=pre_process,
-        post_process=post_process,
-    )
-    config = opt_transformer_config(
-        arch, variant, params_dtype=params_dtype, sequence_parallel=sequence_parallel, **transformer_overrides
-    )
+    return build_family_model(load_arch_config(arch), variant, **options)
 
-    # A block spec (rather than a layer spec) so the final LayerNorm is SP-capable too.
-    block_spec = opt_block_spec(config, variant, seq_length=seq_length, post_layernorm=not arch.do_layer_norm_before)
-    with cpu_model_construction():
-        model = opt_gpt_model_class()(
-            config,
-            block_spec,
-            vocab_size=vocab_size,
-            max_positions=arch.max_position_embeddings,
-            embedding_dim=arch.embed_dim,
-            pre_process=pre_process,
-            post_process=post_process,
-            share_embeddings_and_output_weights=True,
-            parallel_output=True,
-        )
-    if params_dtype != torch.float32:
-        # megatron creates its linears/embeddings in params_dtype but torch LayerNorms and the
-        # position table in fp32; a mixed model fails in its first matmul unless wrapped in
-        # Float16Module. Cast once here (what Float16Module does too, so wrapping stays harmless).
-        model.to(params_dtype)
-    return model
+
+def block_spec(config, arch: OPTArchConfig, variant, seq_length: Optional[int]):
+    """build_family_model's hook: a block spec (rather than a layer spec) so the final LayerNorm is SP-capable
+    too; OPT-350m's post-LN layers."""
+    return opt_block_spec(config, variant, seq_length=seq_length, post_layernorm=not arch.do_layer_norm_before)
+
+
+def construct_model(config, spec, arch: OPTArchConfig, **kwargs):
+    """build_family_model's hook: the OPTGPTModel (tied LM head, learned positions with OPT's offset)."""
+    return opt_gpt_model_class()(
+        config,
+        spec,
+        max_positions=arch.max_position_embeddings,
+        embedding_dim=arch.embed_dim,
+        share_embeddings_and_output_weights=True,
+        parallel_output=True,
+        **kwargs,
+    )
 
 
 # The family interface (models/family.py): the names every family's arch module offers.

@@ -11,6 +11,8 @@
     input_text_file           the same, and UTF-8 text
     input_dir                 an existing directory
     output_file               a file path to write (not an existing directory)
+    add_corpus_arguments(p)   the text-corpus input flags (--input, --json-key, --txt-mode) of the tools that
+                              read one (megatron_outeff.data's ``inputs``, ``json_key``, ``txt_mode``)
 
 Every tool in tools/ defines its flags in its own ``main(argv)`` decorated with :func:`command` and
 ends with ``sys.exit(main())``; the module CLIs (``python -m megatron_outeff.training.train``, ...)
@@ -34,6 +36,7 @@ from megatron_outeff.errors import OutEffError, one_line
 
 __all__ = [
     "OneLineArgumentParser",
+    "add_corpus_arguments",
     "command",
     "input_dir",
     "input_file",
@@ -171,3 +174,11 @@ def input_text_file(text: str) -> str:
     except UnicodeDecodeError as e:
         raise argparse.ArgumentTypeError(f"{text}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     return text
+
+
+def add_corpus_arguments(parser: argparse.ArgumentParser, *, input_help: str, txt_mode_help: str) -> None:
+    """The flags of a tool that reads a text corpus, under the names megatron_outeff.data's readers take:
+    ``--input`` (-> ``inputs``: files or quoted globs, in order), ``--json-key``, ``--txt-mode``."""
+    parser.add_argument("--input", dest="inputs", nargs="+", required=True, metavar="PATH_OR_GLOB", help=input_help)
+    parser.add_argument("--json-key", default="text", help="field holding the text in JSONL (default 'text')")
+    parser.add_argument("--txt-mode", choices=["file", "paragraph"], default="file", help=txt_mode_help)
