@@ -43,8 +43,9 @@ Structure (FlashAttention-2; Dao 2023, and the Triton fused-attention tutorial):
   the whole row before any dS, so clipped backwards run the second pass's loop once more first
   (CLIP_DELTA: 2 products).
 - masks only on diagonal tiles: every loop over tiles is written once as a @triton.jit block
-  (``_fwd_tiles``, ``_dq_tiles``, ``_dkdv_tiles``) and called for the full tiles (MASK=False) and
-  the masked ones (MASK=True); key padding, a data mask, applies to every tile.
+  (``_fwd_tiles``, ``_dq_tiles``, ``_dkdv_tiles``) that walks the full tiles (MASK=False) and the
+  masked ones (MASK=True) as a ``tl.static_range`` over the two (unrolled at compile time: one
+  specialised loop each); key padding, a data mask, applies to every tile.
 - batch x heads and the tiles of one head fold into grid axis 0 (tiles of one head adjacent, so
   they share K/V in L2); axis 0 holds 2^31 - 1 programs (axes 1 and 2: 65535).
 - 64-bit offsets: the batch, head and tile-start offsets are int64 scalars; inside a tile the
