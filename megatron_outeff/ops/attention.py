@@ -75,27 +75,22 @@ def outeff_attention(
     Errors: ValueError naming the bad argument (shapes, dtypes, devices, variant, clip, impl that
     cannot serve the arguments).
     """
-    _, sq, sk, h, _, scale = validate_attention_args(q, k, v, gate, key_padding_mask, scale, dropout_p, impl, mask)
-    if gate is not None and gate.dim() == 4:  # elementwise: a post-multiply, the same for every impl
-        out = outeff_attention(
-            q,
-            k,
-            v,
-            softmax=softmax,
-            n=n,
-            offset=offset,
-            clip=clip,
-            causal=causal,
-            key_padding_mask=key_padding_mask,
-            mask=mask,
-            scale=scale,
-            dropout_p=dropout_p,
-            impl=impl,
-        )
-        return apply_output_gate(out, gate)
+    _, _, _, h, _, scale = validate_attention_args(q, k, v, gate, key_padding_mask, scale, dropout_p, impl, mask)
     sink = resolve_sink(softmax, n, offset, h, q.device)
     clip = Clip.parse(clip)
+    masks = dict(causal=causal, key_padding_mask=key_padding_mask, mask=mask)
+    if gate is not None and gate.dim() == 4:  # elementwise: a post-multiply, the same for every impl
+        return apply_output_gate(_attention(q, k, v, softmax, scale, sink, clip, None, dropout_p, impl, **masks), gate)
+    return _attention(q, k, v, softmax, scale, sink, clip, gate, dropout_p, impl, **masks)
 
+
+def _attention(q, k, v, softmax, scale, sink, clip, gate, dropout_p, impl, *, causal, key_padding_mask, mask):
+    """``outeff_attention`` on validated arguments: the sink resolved (``resolve_sink``), clip a ``Clip``
+    or None, gate None or per head [b, sq, h]."""
+    b, sq, h = q.shape[:3]
+    sk = k.shape[1]
+    # what every impl takes
+    common = dict(scale=scale, sink=sink, gate=gate, causal=causal, key_padding_mask=key_padding_mask, mask=mask)
     kind = (q.device.type, dropout_p > 0, q.dtype, q.shape[-1], mask_kind(causal, key_padding_mask, mask))
     auto = impl == "auto"
     if auto:
@@ -107,18 +102,7 @@ def outeff_attention(
                 "needs; use impl='auto', 'triton', 'cpu' or 'torch'"
             )
         try:
-            return sdpa_outeff_attention(
-                q,
-                k,
-                v,
-                scale=scale,
-                sink=sink,
-                gate=gate,
-                causal=causal,
-                key_padding_mask=key_padding_mask,
-                mask=mask,
-                dropout_p=dropout_p,
-            )
+            return sdpa_outeff_attention(q, k, v, dropout_p=dropout_p, **common)
         except SDPAUnavailable as e:
             if not auto:
                 raise ValueError(f"impl='sdpa': {e}; use impl='auto'") from None
@@ -132,32 +116,9 @@ def outeff_attention(
         reason = cpu_unsupported_reason(q.device, dropout_p)
         if reason is not None:
             raise ValueError(f"impl='cpu': {reason}; use impl='torch' or 'auto'")
-        return cpu_outeff_attention(
-            q,
-            k,
-            v,
-            scale=scale,
-            clip=clip,
-            sink=sink,
-            gate=gate,
-            causal=causal,
-            key_padding_mask=key_padding_mask,
-            mask=mask,
-        )
+        return cpu_outeff_attention(q, k, v, clip=clip, **common)
     if impl == "torch":
-        return outeff_attention_reference(
-            q,
-            k,
-            v,
-            scale=scale,
-            sink=sink,
-            clip=clip,
-            gate=gate,
-            causal=causal,
-            key_padding_mask=key_padding_mask,
-            mask=mask,
-            dropout_p=dropout_p,
-        )
+        return outeff_attention_reference(q, k, v, clip=clip, dropout_p=dropout_p, **common)
     if impl == "triton":
         if dropout_p > 0:
             raise ValueError(
@@ -175,7 +136,6 @@ def outeff_attention(
     # rowwise: materialise the scores with matmuls, fuse scale + mask + softmax variant + clip.
     from .row_softmax import fused_outeff_softmax
 
-    b = q.shape[0]
     vt = expand_kv_heads(v, h).transpose(1, 2)
     scores = attention_scores(q, k, q.dtype)
     mask = build_mask(b, sq, sk, causal, key_padding_mask, q.device, mask)

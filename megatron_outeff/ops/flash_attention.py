@@ -43,8 +43,9 @@ Structure (FlashAttention-2; Dao 2023, and the Triton fused-attention tutorial):
   the whole row before any dS, so clipped backwards run the second pass's loop once more first
   (CLIP_DELTA: 2 products).
 - masks only on diagonal tiles: every loop over tiles is written once as a @triton.jit block
-  (``_fwd_tiles``, ``_dq_tiles``, ``_dkdv_tiles``) and called for the full tiles (MASK=False) and
-  the masked ones (MASK=True); key padding, a data mask, applies to every tile.
+  (``_fwd_tiles``, ``_dq_tiles``, ``_dkdv_tiles``) that walks the full tiles (MASK=False) and the
+  masked ones (MASK=True) as a ``tl.static_range`` over the two (unrolled at compile time: one
+  specialised loop each); key padding, a data mask, applies to every tile.
 - batch x heads and the tiles of one head fold into grid axis 0 (tiles of one head adjacent, so
   they share K/V in L2); axis 0 holds 2^31 - 1 programs (axes 1 and 2: 65535).
 - 64-bit offsets: the batch, head and tile-start offsets are int64 scalars; inside a tile the
@@ -143,8 +144,8 @@ def _fwd_tiles(
     K_head,
     V_head,
     kpm_row,
-    lo,
-    hi,
+    n_full,
+    n_end,
     offs_m,
     sk_n,
     sv_n,
@@ -155,9 +156,8 @@ def _fwd_tiles(
     qk_scale,
     clip_c,
     clip_gamma,
-    MASK: tl.constexpr,
     CLIP_PASS: tl.constexpr,
-    WITH_V: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
     PAD_D: tl.constexpr,
@@ -166,10 +166,12 @@ def _fwd_tiles(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """The key tiles [lo, hi) of one query block (forward). K_head / V_head: the kv head's key 0;
-    sk_n / sv_n: the sequence strides of K / V (tile starts in int64, offsets inside a tile in int32:
-    ``tile_addressable``). MASK: the tiles straddle the causal diagonal or the end of the keys. Pass 1 (not CLIP_PASS): the online softmax state (m_i, l_i), and acc += p v when WITH_V.
-    CLIP_PASS: acc += clip(2^(s - lse2)) v, lse2 the final base-2 log-normaliser of pass 1."""
+    """The key tiles of one query block (forward): [0, n_full) without masks, then [n_full, n_end),
+    which straddle the causal diagonal or the end of the keys (``_key_range``). K_head / V_head: the kv
+    head's key 0; sk_n / sv_n: the sequence strides of K / V (tile starts in int64, offsets inside a
+    tile in int32: ``tile_addressable``). Pass 1 (not CLIP_PASS): the online softmax state (m_i, l_i),
+    and acc += p v unless HAS_CLIP. CLIP_PASS: acc += clip(2^(s - lse2)) v, lse2 the final base-2
+    log-normaliser of pass 1."""
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     # loop-invariant int32 offsets inside a tile; each step starts from a scalar int64 offset (no
@@ -177,50 +179,53 @@ def _fwd_tiles(
     k_tile = offs_n0[:, None] * sk_n + offs_d[None, :]
     v_tile = offs_n0[:, None] * sv_n + offs_d[None, :]
     d_ok = offs_d[None, :] < HEAD_D
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        start = tl.cast(start_n, tl.int64)
-        k_ptrs = K_head + start * sk_n + k_tile
-        v_ptrs = V_head + start * sv_n + v_tile
-        if MASK:
-            kv_ok = offs_n[:, None] < SK
-            if PAD_D:
-                kv_ok = kv_ok & d_ok
-            k = tl.load(k_ptrs, mask=kv_ok, other=0.0).to(DOT_T)
-        elif PAD_D:
-            k = tl.load(k_ptrs, mask=d_ok, other=0.0).to(DOT_T)
-        else:
-            k = tl.load(k_ptrs).to(DOT_T)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        if MASK:
-            valid = offs_n[None, :] < SK
-            if CAUSAL:
-                valid = valid & (offs_n[None, :] <= offs_m[:, None] + (SK - SQ))
-        if HAS_KPM:
-            kp = tl.load(kpm_row + offs_n, mask=offs_n < SK, other=0) != 0
+    for MASK in tl.static_range(2):  # the tiles every row sees in full, then the masked ones
+        lo = n_full if MASK else 0
+        hi = n_end if MASK else n_full
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + offs_n0
+            start = tl.cast(start_n, tl.int64)
+            k_ptrs = K_head + start * sk_n + k_tile
+            v_ptrs = V_head + start * sv_n + v_tile
             if MASK:
-                valid = valid & kp[None, :]
-            else:
-                valid = kp[None, :]
-        if CLIP_PASS:
-            p = tl.exp2(s - lse2[:, None])
-            if MASK or HAS_KPM:
-                p = tl.where(valid, p, 0.0)
-            p = clip_probs(p, clip_c, clip_gamma)  # clip(0) = 0: gamma <= 0
-        else:
-            if MASK or HAS_KPM:
-                s = tl.where(valid, s, float("-inf"))
-            m_i, l_i, alpha, p = online_softmax_step(m_i, l_i, s, True)
-            if WITH_V:
-                acc = acc * alpha[:, None]
-        if CLIP_PASS or WITH_V:
-            if MASK:
-                v = tl.load(v_ptrs, mask=kv_ok, other=0.0).to(DOT_T)
+                kv_ok = offs_n[:, None] < SK
+                if PAD_D:
+                    kv_ok = kv_ok & d_ok
+                k = tl.load(k_ptrs, mask=kv_ok, other=0.0).to(DOT_T)
             elif PAD_D:
-                v = tl.load(v_ptrs, mask=d_ok, other=0.0).to(DOT_T)
+                k = tl.load(k_ptrs, mask=d_ok, other=0.0).to(DOT_T)
             else:
-                v = tl.load(v_ptrs).to(DOT_T)
-            acc += tl.dot(p.to(DOT_T), v, input_precision=PREC)
+                k = tl.load(k_ptrs).to(DOT_T)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            if MASK:
+                valid = offs_n[None, :] < SK
+                if CAUSAL:
+                    valid = valid & (offs_n[None, :] <= offs_m[:, None] + (SK - SQ))
+            if HAS_KPM:
+                kp = tl.load(kpm_row + offs_n, mask=offs_n < SK, other=0) != 0
+                if MASK:
+                    valid = valid & kp[None, :]
+                else:
+                    valid = kp[None, :]
+            if CLIP_PASS:
+                p = tl.exp2(s - lse2[:, None])
+                if MASK or HAS_KPM:
+                    p = tl.where(valid, p, 0.0)
+                p = clip_probs(p, clip_c, clip_gamma)  # clip(0) = 0: gamma <= 0
+            else:
+                if MASK or HAS_KPM:
+                    s = tl.where(valid, s, float("-inf"))
+                m_i, l_i, alpha, p = online_softmax_step(m_i, l_i, s, True)
+                if not HAS_CLIP:
+                    acc = acc * alpha[:, None]
+            if CLIP_PASS or not HAS_CLIP:
+                if MASK:
+                    v = tl.load(v_ptrs, mask=kv_ok, other=0.0).to(DOT_T)
+                elif PAD_D:
+                    v = tl.load(v_ptrs, mask=d_ok, other=0.0).to(DOT_T)
+                else:
+                    v = tl.load(v_ptrs).to(DOT_T)
+                acc += tl.dot(p.to(DOT_T), v, input_precision=PREC)
     return acc, m_i, l_i
 
 
@@ -234,8 +239,8 @@ def _dq_tiles(
     K_head,
     V_head,
     kpm_row,
-    lo,
-    hi,
+    n_full,
+    n_end,
     offs_m,
     sk_n,
     sv_n,
@@ -245,7 +250,6 @@ def _dq_tiles(
     qk_scale,
     clip_c,
     clip_gamma,
-    MASK: tl.constexpr,
     CLIP_DELTA: tl.constexpr,
     HAS_CLIP: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -256,48 +260,52 @@ def _dq_tiles(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """The key tiles [lo, hi) of one query block (backward, queries on M): acc += dS K (unscaled),
-    dS = P * (dP' - D); CLIP_DELTA: acc += rowsum(P * dP') instead (the clipped softmax's D')."""
+    """The key tiles of one query block, [0, n_full) then the masked [n_full, n_end) (backward, queries
+    on M): acc += dS K (unscaled), dS = P * (dP' - D); CLIP_DELTA: acc += rowsum(P * dP') instead (the
+    clipped softmax's D')."""
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k_tile = offs_n0[:, None] * sk_n + offs_d[None, :]  # as in _fwd_tiles
     v_tile = offs_n0[:, None] * sv_n + offs_d[None, :]
     d_ok = offs_d[None, :] < HEAD_D
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        start = tl.cast(start_n, tl.int64)
-        k_ptrs = K_head + start * sk_n + k_tile
-        v_ptrs = V_head + start * sv_n + v_tile
-        if MASK:
-            kv_ok = offs_n[:, None] < SK
-            if PAD_D:
-                kv_ok = kv_ok & d_ok
-            k = tl.load(k_ptrs, mask=kv_ok, other=0.0).to(DOT_T)
-            v = tl.load(v_ptrs, mask=kv_ok, other=0.0).to(DOT_T)
-        elif PAD_D:
-            k = tl.load(k_ptrs, mask=d_ok, other=0.0).to(DOT_T)
-            v = tl.load(v_ptrs, mask=d_ok, other=0.0).to(DOT_T)
-        else:
-            k = tl.load(k_ptrs).to(DOT_T)
-            v = tl.load(v_ptrs).to(DOT_T)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        p = tl.exp2(s - lse2[:, None])
-        if MASK:
-            valid = offs_n[None, :] < SK
-            if CAUSAL:
-                valid = valid & (offs_n[None, :] <= offs_m[:, None] + (SK - SQ))
-            p = tl.where(valid, p, 0.0)
-        if HAS_KPM:
-            kp = tl.load(kpm_row + offs_n, mask=offs_n < SK, other=0) != 0
-            p = tl.where(kp[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        if HAS_CLIP:
-            _, dp = clip_grad(p, dp, clip_c, clip_gamma)
-        if CLIP_DELTA:
-            acc += tl.sum(p * dp, 1)
-        else:
-            ds = p * (dp - delta[:, None])
-            acc += tl.dot(ds.to(DOT_T), k, input_precision=PREC)
+    for MASK in tl.static_range(2):  # as in _fwd_tiles
+        lo = n_full if MASK else 0
+        hi = n_end if MASK else n_full
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + offs_n0
+            start = tl.cast(start_n, tl.int64)
+            k_ptrs = K_head + start * sk_n + k_tile
+            v_ptrs = V_head + start * sv_n + v_tile
+            if MASK:
+                kv_ok = offs_n[:, None] < SK
+                if PAD_D:
+                    kv_ok = kv_ok & d_ok
+                k = tl.load(k_ptrs, mask=kv_ok, other=0.0).to(DOT_T)
+                v = tl.load(v_ptrs, mask=kv_ok, other=0.0).to(DOT_T)
+            elif PAD_D:
+                k = tl.load(k_ptrs, mask=d_ok, other=0.0).to(DOT_T)
+                v = tl.load(v_ptrs, mask=d_ok, other=0.0).to(DOT_T)
+            else:
+                k = tl.load(k_ptrs).to(DOT_T)
+                v = tl.load(v_ptrs).to(DOT_T)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            p = tl.exp2(s - lse2[:, None])
+            if MASK:
+                valid = offs_n[None, :] < SK
+                if CAUSAL:
+                    valid = valid & (offs_n[None, :] <= offs_m[:, None] + (SK - SQ))
+                p = tl.where(valid, p, 0.0)
+            if HAS_KPM:
+                kp = tl.load(kpm_row + offs_n, mask=offs_n < SK, other=0) != 0
+                p = tl.where(kp[None, :], p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            if HAS_CLIP:
+                _, dp = clip_grad(p, dp, clip_c, clip_gamma)
+            if CLIP_DELTA:
+                acc += tl.sum(p * dp, 1)
+            else:
+                ds = p * (dp - delta[:, None])
+                acc += tl.dot(ds.to(DOT_T), k, input_precision=PREC)
     return acc
 
 
@@ -317,8 +325,9 @@ def _dkdv_tiles(
     DQ_b,
     head0,
     GROUP,
-    lo,
-    hi,
+    m_lo,
+    m_mid,
+    m_full,
     stride_q,
     stride_o,
     stride_g,
@@ -329,7 +338,6 @@ def _dkdv_tiles(
     qk_scale,
     clip_c,
     clip_gamma,
-    MASK: tl.constexpr,
     HAS_CLIP: tl.constexpr,
     HAS_GATE: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -341,12 +349,12 @@ def _dkdv_tiles(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """The query tiles [lo, hi) of one key tile, for each of the GROUP query heads head0.. of its kv
-    head (backward, keys on M): dV += Y^T dO, dK += dS^T Q (unscaled) and, with ATOMIC_DQ, dQ += dS K
+    """The query tiles of one key tile, first the masked [m_lo, m_mid) (``_bwd_kernel``), then [m_full, SQ),
+    for each of the GROUP query heads head0.. of its kv head (backward, keys on M): dV += Y^T dO, dK += dS^T Q (unscaled) and, with ATOMIC_DQ, dQ += dS K
     atomically into the fp32 buffer (unscaled). One flat loop over (head, tile) pairs: a loop over
     heads around the loop over tiles kept more registers live (the heads share the tile range).
     *_b: the tensors at this batch entry (Lse_b / Delta_b at its first row); k, v: the key tile
-    [BLOCK_N, BLOCK_D]; key_ok: its keys that exist and are not padded (used with MASK or HAS_KPM).
+    [BLOCK_N, BLOCK_D]; key_ok: its keys that exist and are not padded (used on masked tiles or with HAS_KPM).
     Rows past SQ load lse = +inf, so their P is exactly 0."""
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -358,53 +366,56 @@ def _dkdv_tiles(
     do_tile = offs_m0[:, None] * so_m + offs_d[None, :]
     dq_tile = offs_m0[:, None] * sdq_m + offs_d[None, :]
     d_ok = offs_d[None, :] < HEAD_D
-    n_steps = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M)
-    for step in range(0, n_steps * GROUP):
-        head = tl.cast(head0 + step // n_steps, tl.int64)
-        start_m = lo + (step % n_steps) * BLOCK_M
-        offs_m = start_m + offs_m0
-        start = tl.cast(start_m, tl.int64)
-        Q_head = Q_b + head * stride_q[2]
-        DO_head = DO_b + head * stride_o[2]
-        G_head = G_b + head * stride_g[2]
-        DQ_head = DQ_b + head * stride_dqa[2]
-        lse_row = Lse_b + head * SQ
-        delta_row = Delta_b + head * SQ
-        row_ok = offs_m < SQ  # the last query tile may hold rows past SQ
-        rd_ok = row_ok[:, None]
-        if PAD_D:
-            rd_ok = rd_ok & d_ok
-        q = tl.load(Q_head + start * sq_m + q_tile, mask=rd_ok, other=0.0).to(DOT_T)
-        do = tl.load(DO_head + start * so_m + do_tile, mask=rd_ok, other=0.0).to(DOT_T)
-        lse2 = tl.load(lse_row + offs_m, mask=row_ok, other=float("inf"))
-        delta = tl.load(delta_row + offs_m, mask=row_ok, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
-        pt = tl.exp2(st - lse2[None, :])
-        if MASK:
-            valid = key_ok[:, None]
-            if CAUSAL:
-                valid = valid & (offs_n[:, None] <= offs_m[None, :] + (SK - SQ))
-            pt = tl.where(valid, pt, 0.0)
-        elif HAS_KPM:
-            pt = tl.where(key_ok[:, None], pt, 0.0)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
-        if HAS_GATE:
-            # dO_u = dOut * gate, applied on the score side: dP^T = (V dOut^T) g, dV += (Y^T g) dOut
-            # (dOut goes from memory to the matrix instruction untouched)
-            g = tl.load(G_head + start * sg_m + offs_m0 * sg_m, mask=row_ok, other=0.0).to(tl.float32)
-            dpt = dpt * g[None, :]
-        if HAS_CLIP:
-            yt, dpt = clip_grad(pt, dpt, clip_c, clip_gamma)
-        else:
-            yt = pt
-        if HAS_GATE:
-            yt = yt * g[None, :]
-        dv += tl.dot(yt.to(DOT_T), do, input_precision=PREC)
-        dst = (pt * (dpt - delta[None, :])).to(DOT_T)
-        dk += tl.dot(dst, q, input_precision=PREC)
-        if ATOMIC_DQ:
-            dq = tl.dot(tl.trans(dst), k, input_precision=PREC)
-            tl.atomic_add(DQ_head + start * sdq_m + dq_tile, dq, mask=rd_ok, sem="relaxed")
+    for FULL in tl.static_range(2):
+        lo = m_full if FULL else m_lo
+        hi = SQ if FULL else m_mid
+        n_steps = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M)
+        for step in range(0, n_steps * GROUP):
+            head = tl.cast(head0 + step // n_steps, tl.int64)
+            start_m = lo + (step % n_steps) * BLOCK_M
+            offs_m = start_m + offs_m0
+            start = tl.cast(start_m, tl.int64)
+            Q_head = Q_b + head * stride_q[2]
+            DO_head = DO_b + head * stride_o[2]
+            G_head = G_b + head * stride_g[2]
+            DQ_head = DQ_b + head * stride_dqa[2]
+            lse_row = Lse_b + head * SQ
+            delta_row = Delta_b + head * SQ
+            row_ok = offs_m < SQ  # the last query tile may hold rows past SQ
+            rd_ok = row_ok[:, None]
+            if PAD_D:
+                rd_ok = rd_ok & d_ok
+            q = tl.load(Q_head + start * sq_m + q_tile, mask=rd_ok, other=0.0).to(DOT_T)
+            do = tl.load(DO_head + start * so_m + do_tile, mask=rd_ok, other=0.0).to(DOT_T)
+            lse2 = tl.load(lse_row + offs_m, mask=row_ok, other=float("inf"))
+            delta = tl.load(delta_row + offs_m, mask=row_ok, other=0.0)
+            st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+            pt = tl.exp2(st - lse2[None, :])
+            if not FULL:
+                valid = key_ok[:, None]
+                if CAUSAL:
+                    valid = valid & (offs_n[:, None] <= offs_m[None, :] + (SK - SQ))
+                pt = tl.where(valid, pt, 0.0)
+            elif HAS_KPM:
+                pt = tl.where(key_ok[:, None], pt, 0.0)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+            if HAS_GATE:
+                # dO_u = dOut * gate, applied on the score side: dP^T = (V dOut^T) g, dV += (Y^T g) dOut
+                # (dOut goes from memory to the matrix instruction untouched)
+                g = tl.load(G_head + start * sg_m + offs_m0 * sg_m, mask=row_ok, other=0.0).to(tl.float32)
+                dpt = dpt * g[None, :]
+            if HAS_CLIP:
+                yt, dpt = clip_grad(pt, dpt, clip_c, clip_gamma)
+            else:
+                yt = pt
+            if HAS_GATE:
+                yt = yt * g[None, :]
+            dv += tl.dot(yt.to(DOT_T), do, input_precision=PREC)
+            dst = (pt * (dpt - delta[None, :])).to(DOT_T)
+            dk += tl.dot(dst, q, input_precision=PREC)
+            if ATOMIC_DQ:
+                dq = tl.dot(tl.trans(dst), k, input_precision=PREC)
+                tl.atomic_add(DQ_head + start * sdq_m + dq_tile, dq, mask=rd_ok, sem="relaxed")
     return dk, dv
 
 
@@ -493,104 +504,10 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     n_full, n_end = _key_range(m0, SQ, SK, CAUSAL, BLOCK_M, BLOCK_N)
-    # pass 1 (the only pass without clipping): online softmax over the full tiles, then the masked ones
-    acc, m_i, l_i = _fwd_tiles(
-        acc,
-        m_i,
-        l_i,
-        q,
-        k_head,
-        v_head,
-        kpm_row,
-        0,
-        n_full,
-        offs_m,
-        sk_n,
-        sv_n,
-        SQ,
-        SK,
-        HEAD_D,
-        m_i,
-        qk_scale,
-        clip_c,
-        clip_gamma,
-        False,
-        False,
-        not HAS_CLIP,
-        CAUSAL,
-        HAS_KPM,
-        PAD_D,
-        DOT_T,
-        PREC,
-        BLOCK_N,
-        BLOCK_D,
-    )
-    acc, m_i, l_i = _fwd_tiles(
-        acc,
-        m_i,
-        l_i,
-        q,
-        k_head,
-        v_head,
-        kpm_row,
-        n_full,
-        n_end,
-        offs_m,
-        sk_n,
-        sv_n,
-        SQ,
-        SK,
-        HEAD_D,
-        m_i,
-        qk_scale,
-        clip_c,
-        clip_gamma,
-        True,
-        False,
-        not HAS_CLIP,
-        CAUSAL,
-        HAS_KPM,
-        PAD_D,
-        DOT_T,
-        PREC,
-        BLOCK_N,
-        BLOCK_D,
-    )
-    has_mass = l_i > 0.0
-    lse2 = tl.where(has_mass, m_i + tl.log2(tl.where(has_mass, l_i, 1.0)), float("inf"))
-    if HAS_CLIP:
-        # pass 2: clipped probabilities against the final normaliser
-        acc, m_i, l_i = _fwd_tiles(
-            acc,
-            m_i,
-            l_i,
-            q,
-            k_head,
-            v_head,
-            kpm_row,
-            0,
-            n_full,
-            offs_m,
-            sk_n,
-            sv_n,
-            SQ,
-            SK,
-            HEAD_D,
-            lse2,
-            qk_scale,
-            clip_c,
-            clip_gamma,
-            False,
-            True,
-            True,
-            CAUSAL,
-            HAS_KPM,
-            PAD_D,
-            DOT_T,
-            PREC,
-            BLOCK_N,
-            BLOCK_D,
-        )
+    lse2 = m_i  # read by pass 2 only
+    # pass 1: online softmax (and, without clipping, the output); with clipping, pass 2: the clipped
+    # probabilities against the final normaliser
+    for CLIP_PASS in tl.static_range(1 + HAS_CLIP):
         acc, m_i, l_i = _fwd_tiles(
             acc,
             m_i,
@@ -611,9 +528,8 @@ def _fwd_kernel(
             qk_scale,
             clip_c,
             clip_gamma,
-            True,
-            True,
-            True,
+            CLIP_PASS,
+            HAS_CLIP,
             CAUSAL,
             HAS_KPM,
             PAD_D,
@@ -622,6 +538,10 @@ def _fwd_kernel(
             BLOCK_N,
             BLOCK_D,
         )
+        if not CLIP_PASS:
+            has_mass = l_i > 0.0
+            lse2 = tl.where(has_mass, m_i + tl.log2(tl.where(has_mass, l_i, 1.0)), float("inf"))
+    if HAS_CLIP:
         o = acc
     else:
         o = acc / tl.where(has_mass, l_i, 1.0)[:, None]
@@ -802,37 +722,6 @@ def _bwd_dq_kernel(
         k_head,
         v_head,
         kpm_row,
-        0,
-        n_full,
-        offs_m,
-        sk_n,
-        sv_n,
-        SQ,
-        SK,
-        HEAD_D,
-        qk_scale,
-        clip_c,
-        clip_gamma,
-        False,
-        CLIP_DELTA,
-        HAS_CLIP,
-        CAUSAL,
-        HAS_KPM,
-        PAD_D,
-        DOT_T,
-        PREC,
-        BLOCK_N,
-        BLOCK_D,
-    )
-    acc = _dq_tiles(
-        acc,
-        q,
-        do,
-        lse2,
-        delta,
-        k_head,
-        v_head,
-        kpm_row,
         n_full,
         n_end,
         offs_m,
@@ -844,7 +733,6 @@ def _bwd_dq_kernel(
         qk_scale,
         clip_c,
         clip_gamma,
-        True,
         CLIP_DELTA,
         HAS_CLIP,
         CAUSAL,
@@ -975,45 +863,7 @@ def _bwd_kernel(
         GROUP,
         m_lo,
         m_mid,
-        stride_q,
-        stride_o,
-        stride_g,
-        stride_dqa,
-        SQ,
-        SK,
-        HEAD_D,
-        qk_scale,
-        clip_c,
-        clip_gamma,
-        True,
-        HAS_CLIP,
-        HAS_GATE,
-        CAUSAL,
-        HAS_KPM,
-        ATOMIC_DQ,
-        PAD_D,
-        DOT_T,
-        PREC,
-        BLOCK_M,
-        BLOCK_D,
-    )
-    dk, dv = _dkdv_tiles(
-        dk,
-        dv,
-        k,
-        v,
-        key_ok,
-        offs_n,
-        q_b,
-        do_b,
-        g_b,
-        lse_b,
-        delta_b,
-        dq_b,
-        head0,
-        GROUP,
         m_full,
-        SQ,
         stride_q,
         stride_o,
         stride_g,
@@ -1024,7 +874,6 @@ def _bwd_kernel(
         qk_scale,
         clip_c,
         clip_gamma,
-        False,
         HAS_CLIP,
         HAS_GATE,
         CAUSAL,

@@ -230,46 +230,31 @@ def _bwd_kernel(
         _store_tile(DX, x_row, cols, SK, row_ok, scale * p * (g - d[:, None]))
     else:
         d = tl.zeros([BLOCK_R], tl.float32)
-        for c0 in range(0, SK, BLOCK_C):
-            p, g = _bwd_block(
-                DY,
-                S,
-                MASK,
-                x_row + c0,
-                m_row + c0 * msk,
-                cols,
-                SK - c0,
-                row_ok,
-                msk,
-                rm,
-                rl,
-                scale,
-                gamma,
-                zeta,
-                HAS_MASK,
-                HAS_CLIP,
-            )
-            d += tl.sum(p * g, axis=1)
-        for c0 in range(0, SK, BLOCK_C):
-            p, g = _bwd_block(
-                DY,
-                S,
-                MASK,
-                x_row + c0,
-                m_row + c0 * msk,
-                cols,
-                SK - c0,
-                row_ok,
-                msk,
-                rm,
-                rl,
-                scale,
-                gamma,
-                zeta,
-                HAS_MASK,
-                HAS_CLIP,
-            )
-            _store_tile(DX, x_row + c0, cols, SK - c0, row_ok, scale * p * (g - d[:, None]))
+        # pass 1: d = rowsum(p * g) over every column block; pass 2: dx, with the complete d
+        for PASS in tl.static_range(2):
+            for c0 in range(0, SK, BLOCK_C):
+                p, g = _bwd_block(
+                    DY,
+                    S,
+                    MASK,
+                    x_row + c0,
+                    m_row + c0 * msk,
+                    cols,
+                    SK - c0,
+                    row_ok,
+                    msk,
+                    rm,
+                    rl,
+                    scale,
+                    gamma,
+                    zeta,
+                    HAS_MASK,
+                    HAS_CLIP,
+                )
+                if PASS == 0:
+                    d += tl.sum(p * g, axis=1)
+                else:
+                    _store_tile(DX, x_row + c0, cols, SK - c0, row_ok, scale * p * (g - d[:, None]))
     if NEED_DSINK:
         a = tl.load(SINK + hi).to(tl.float32)
         tl.store(DSINK_ROW + rows, -(tl.exp(a - rm) / rl) * d, mask=row_ok)
@@ -306,6 +291,18 @@ def _launch(kernel, kind, args, R, sk, max_block_cols, interpreted, **flags) -> 
     )
 
 
+def _shared_args(like, row_m, sink_f, mask, scale, clip):
+    """What both kernels take besides their own tensors: (sink, mask) (row_m stands in for an absent sink,
+    ``like`` for an absent mask), the trailing arguments (R = b * h * sq, SK, H, SQ, the mask's strides,
+    0 where it broadcasts, scale, gamma, zeta) and the constexpr flags of the optional inputs."""
+    b, h, sq, sk = like.shape
+    mask_t, (msb, msh, msq, msk) = _mask_args(mask, like.shape, like)
+    gamma, zeta = (clip.gamma, clip.zeta) if clip is not None else (0.0, 1.0)
+    sink_mask = (sink_f if sink_f is not None else row_m, mask_t)
+    tail = (b * h * sq, sk, h, sq, msb, msh, msq, msk, float(scale), float(gamma), float(zeta))
+    return sink_mask, tail, dict(HAS_SINK=sink_f is not None, HAS_MASK=mask is not None, HAS_CLIP=clip is not None)
+
+
 def forward_launch(x, sink_f, mask, scale, clip, max_block_cols, interpreted):
     """(launch, y, row_m, row_l): the forward kernel's launch on the contiguous scores x and its outputs."""
     b, h, sq, sk = x.shape
@@ -313,40 +310,9 @@ def forward_launch(x, sink_f, mask, scale, clip, max_block_cols, interpreted):
     y = torch.empty_like(x)
     row_m = torch.empty(R, dtype=torch.float32, device=x.device)
     row_l = torch.empty(R, dtype=torch.float32, device=x.device)
-    mask_t, (msb, msh, msq, msk) = _mask_args(mask, x.shape, x)
-    gamma, zeta = (clip.gamma, clip.zeta) if clip is not None else (0.0, 1.0)
-    args = (
-        x,
-        y,
-        row_m,
-        row_l,
-        sink_f if sink_f is not None else row_m,
-        mask_t,
-        R,
-        sk,
-        h,
-        sq,
-        msb,
-        msh,
-        msq,
-        msk,
-        float(scale),
-        float(gamma),
-        float(zeta),
-    )
-    launch = _launch(
-        _fwd_kernel,
-        "fwd",
-        args,
-        R,
-        sk,
-        max_block_cols,
-        interpreted,
-        HAS_SINK=sink_f is not None,
-        HAS_MASK=mask is not None,
-        HAS_CLIP=clip is not None,
-    )
-    return launch, y, row_m, row_l
+    sink_mask, tail, flags = _shared_args(x, row_m, sink_f, mask, scale, clip)
+    args = (x, y, row_m, row_l, *sink_mask, *tail)
+    return _launch(_fwd_kernel, "fwd", args, R, sk, max_block_cols, interpreted, **flags), y, row_m, row_l
 
 
 def backward_launch(dy, saved, row_m, row_l, sink_f, mask, scale, clip, max_block_cols, need_dsink, interpreted):
@@ -355,42 +321,9 @@ def backward_launch(dy, saved, row_m, row_l, sink_f, mask, scale, clip, max_bloc
     R = b * h * sq
     dx = torch.empty_like(saved)
     dsink_row = torch.empty(R, dtype=torch.float32, device=saved.device) if need_dsink else row_m
-    mask_t, (msb, msh, msq, msk) = _mask_args(mask, saved.shape, saved)
-    gamma, zeta = (clip.gamma, clip.zeta) if clip is not None else (0.0, 1.0)
-    args = (
-        dy,
-        saved,
-        row_m,
-        row_l,
-        sink_f if sink_f is not None else row_m,
-        mask_t,
-        dx,
-        dsink_row,
-        R,
-        sk,
-        h,
-        sq,
-        msb,
-        msh,
-        msq,
-        msk,
-        float(scale),
-        float(gamma),
-        float(zeta),
-    )
-    launch = _launch(
-        _bwd_kernel,
-        "bwd",
-        args,
-        R,
-        sk,
-        max_block_cols,
-        interpreted,
-        HAS_SINK=sink_f is not None,
-        NEED_DSINK=need_dsink,
-        HAS_MASK=mask is not None,
-        HAS_CLIP=clip is not None,
-    )
+    sink_mask, tail, flags = _shared_args(saved, row_m, sink_f, mask, scale, clip)
+    args = (dy, saved, row_m, row_l, *sink_mask, dx, dsink_row, *tail)
+    launch = _launch(_bwd_kernel, "bwd", args, R, sk, max_block_cols, interpreted, NEED_DSINK=need_dsink, **flags)
     return launch, dx, dsink_row
 
 

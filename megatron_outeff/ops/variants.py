@@ -559,36 +559,35 @@ def validate_attention_args(
         raise ValueError(f"k head_dim {dk}: expected q's head_dim {d}")
     if h_kv == 0 or h % h_kv != 0:
         raise ValueError(f"kv heads {h_kv}: expected a divisor of the {h} query heads")
-    if gate is not None:
-        _check_tensor(
+    optional = (  # (name, tensor, dtype check, expected dtype, shape check, expected shape)
+        (
             "gate",
             gate,
-            q.device,
             lambda t: t.is_floating_point(),
             "a floating dtype with values in (0, 1)",
             lambda s: s in ((b, sq, h), (b, sq, h, d)),
             f"({b}, {sq}, {h}) = [batch, sq, heads] (per head) or ({b}, {sq}, {h}, {d}) (elementwise)",
-        )
-    if key_padding_mask is not None:
-        _check_tensor(
+        ),
+        (
             "key_padding_mask",
             key_padding_mask,
-            q.device,
             lambda t: t.dtype == torch.bool,
             "torch.bool, True for real tokens",
             lambda s: s == (b, sk),
             f"({b}, {sk}) = [batch, sk]",
-        )
-    if mask is not None:
-        _check_tensor(
+        ),
+        (
             "mask",
             mask,
-            q.device,
             lambda t: t.dtype == torch.bool,
             "torch.bool, True = masked out",
             lambda s: len(s) == 4 and all(m in (1, n) for m, n in zip(s, (b, h, sq, sk))),
             f"[b|1, h|1, sq|1, sk|1] = ({b}, {h}, {sq}, {sk}) or 1s",
-        )
+        ),
+    )
+    for name, t, dtype_ok, dtype_expected, shape_ok, shape_expected in optional:
+        if t is not None:
+            _check_tensor(name, t, q.device, dtype_ok, dtype_expected, shape_ok, shape_expected)
     if scale is None:
         scale = 1.0 / math.sqrt(d)
     else:

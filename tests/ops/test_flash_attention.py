@@ -242,25 +242,9 @@ def test_non_contiguous_inputs():
     for t in ("q", "k", "v", "gate"):
         assert not leaves[t].is_contiguous()
     # run_attention clones (keeping strides of the clone = contiguous); test the views directly too
-    out = outeff_attention(
-        leaves["q"],
-        leaves["k"],
-        leaves["v"],
-        softmax="learnable",
-        offset=leaves["offset"],
-        gate=gate,
-        causal=True,
-        impl="triton",
-    )
-    ref = outeff_attention(
-        leaves["q"],
-        leaves["k"],
-        leaves["v"],
-        softmax="learnable",
-        offset=leaves["offset"],
-        gate=gate,
-        causal=True,
-        impl="torch",
+    kw = dict(softmax="learnable", offset=leaves["offset"], gate=gate, causal=True)
+    out, ref = (
+        outeff_attention(leaves["q"], leaves["k"], leaves["v"], impl=impl, **kw) for impl in ("triton", "torch")
     )
     torch.testing.assert_close(out, ref, **SMALL_TOL[torch.float32])
     check_against_reference(leaves, dict(softmax="learnable", causal=True, clip=(-0.1, 1.1)))

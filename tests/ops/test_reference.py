@@ -24,6 +24,11 @@ def rand_qkv(b=2, sq=7, sk=7, h=4, h_kv=4, d=8, dtype=torch.float32, scale=1.0):
     return q, k, v
 
 
+def _variant(softmax, n, offset):
+    """The variant's keyword arguments: n (read by softmax_n only) and the offset, passed for "learnable" only."""
+    return dict(softmax=softmax, n=n, offset=offset if softmax == "learnable" else None)
+
+
 def allowed_mask(b, sq, sk, causal, kpm):
     """Bool [b, 1, sq, sk], True = may attend. Built independently of the code under test."""
     allowed = torch.ones(b, 1, sq, sk, dtype=torch.bool)
@@ -163,14 +168,7 @@ def test_attention_probs_match_concatenated_sink_softmax(softmax):
         "learnable": offset,
     }[softmax]
     probs = outeff_attention_probs(
-        q,
-        k,
-        softmax=softmax,
-        n=2.5,
-        offset=offset if softmax == "learnable" else None,
-        causal=True,
-        key_padding_mask=kpm,
-        mask=dense,
+        q, k, **_variant(softmax, 2.5, offset), causal=True, key_padding_mask=kpm, mask=dense
     )
     allowed = allowed_mask(b, sq, sk, True, kpm) & ~dense
     kt = k.double().repeat_interleave(2, dim=2)
@@ -225,16 +223,7 @@ def test_gradcheck_float64(softmax, clip):
 
     def f(q, k, v, gate, offset):
         return outeff_attention(
-            q,
-            k,
-            v,
-            softmax=softmax,
-            n=2.0,
-            offset=offset if softmax == "learnable" else None,
-            clip=clip,
-            gate=gate,
-            causal=True,
-            key_padding_mask=kpm,
+            q, k, v, **_variant(softmax, 2.0, offset), clip=clip, gate=gate, causal=True, key_padding_mask=kpm
         )
 
     assert torch.autograd.gradcheck(f, (q, k, v, gate, offset), eps=1e-6, atol=1e-6, rtol=1e-5)
