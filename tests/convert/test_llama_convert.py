@@ -6,6 +6,7 @@ import json
 import runpy
 from pathlib import Path
 
+import evallib
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -52,11 +53,7 @@ def _random_hf_llama(path, vocab=250, **overrides):
             }
         )
     )
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.2 * torch.randn_like(p))
-    model.save_pretrained(str(path))
-    return load_file(str(path / "model.safetensors"))
+    return evallib.save_random_hf(model, path)
 
 
 def _assert_same(a, b):
