@@ -4,7 +4,7 @@ import json
 import shutil
 
 import pytest
-from train_testlib import DEMO, ROOT
+from train_testlib import DEMO, ROOT, set_args
 
 from megatron_outeff.errors import OutEffError
 from megatron_outeff.training.config import config_from_dict, deepspeed_config, load_config
@@ -197,11 +197,8 @@ def test_empty_validation_split_with_an_interval_is_refused_at_load(interval, na
     load_config(DEMO, indexed + [interval, "data.split=100,0,0", f"data.valid_paths=[{tmp_path / 'valid'}]"])
     load_config(DEMO, indexed + ["data.split=100,0,0"])  # no interval: no validation wanted
     ck, tb = tmp_path / "ck", tmp_path / "tb"
-    argv = ["--config", DEMO] + [
-        a
-        for s in indexed + [interval, "data.split=100,0,0", f"checkpoint.dir={ck}", f"logging.tensorboard_dir={tb}"]
-        for a in ("--set", s)
-    ]
+    logs = [f"checkpoint.dir={ck}", f"logging.tensorboard_dir={tb}"]
+    argv = ["--config", DEMO, *set_args(indexed + [interval, "data.split=100,0,0", *logs])]
     assert main(argv) == 2
     assert not ck.exists() and not tb.exists()
 
