@@ -45,6 +45,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def tiny_arch(family: str, **fields):
+    """The family's ArchConfig (models/family.py) of a tiny model: name "t", 4 layers, 64 wide, 4 heads,
+    vocabulary 200, 32 positions; ``fields`` override or add (ffn_hidden_size, num_query_groups, ...)."""
+    from megatron_outeff.models.family import get_family
+
+    shape = dict(
+        name="t", num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=200, max_position_embeddings=32
+    )
+    return get_family(family).arch.ArchConfig(**{**shape, **fields})
+
+
 def set_args(overrides) -> list:
     """The command-line form of config overrides: ``--set`` before each."""
     return [a for s in overrides for a in ("--set", s)]
