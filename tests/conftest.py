@@ -72,21 +72,13 @@ def _run_compiled_triton(script: str, timeout: int = 900) -> subprocess.Complete
 
 @pytest.fixture
 def tiny_opt():
-    """A tiny random Hugging Face OPTForCausalLM (transformers' own implementation), in eval mode."""
+    """A tiny random Hugging Face OPTForCausalLM (transformers' own implementation), in eval mode: the export
+    tests' tiny OPT (tests/hf/hf_testlib.py TINY) at 512 words, 64 positions, FFN 256, init std 0.05."""
     from transformers import OPTConfig, OPTForCausalLM
 
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf"))
+    from hf_testlib import TINY
+
     torch.manual_seed(0)
-    cfg = OPTConfig(
-        vocab_size=512,
-        hidden_size=64,
-        num_hidden_layers=2,
-        ffn_dim=256,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        word_embed_proj_dim=64,
-        dropout=0.0,
-        attention_dropout=0.0,
-        do_layer_norm_before=True,
-        init_std=0.05,
-    )
-    return OPTForCausalLM(cfg).eval()
+    shape = dict(vocab_size=512, ffn_dim=256, max_position_embeddings=64, word_embed_proj_dim=64)
+    return OPTForCausalLM(OPTConfig(**dict(TINY, **shape, do_layer_norm_before=True, init_std=0.05))).eval()

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from train_testlib import BASE, DEMO  # noqa: E402
+from train_testlib import BASE, DEMO, megatron_model_tp1  # noqa: E402
 
 from megatron_outeff.training.config import load_config  # noqa: E402
 from megatron_outeff.training.train import train  # noqa: E402
@@ -103,51 +103,12 @@ def main():
     # megatron logits at TP=1 (parallel state of the last run: TP=1, PP=1, DP=2)
     from megatron.core import parallel_state as ps
 
-    from megatron_outeff.checkpoint_format import load_into_model
-    from megatron_outeff.training.model import arch_config, attention_variant, build_model
-
     cfg = load_config(DEMO, BASE + [VARIANT])
     assert ps.get_tensor_model_parallel_world_size() == 1 and ps.get_pipeline_model_parallel_world_size() == 1
-    model = build_model(cfg)
-    load_into_model(
-        model,
-        out / "r_tp1",
-        arch=arch_config(cfg),
-        variant=attention_variant(cfg),
-        seq_length=32,
-        tp_rank=0,
-        tp=1,
-        pp_rank=0,
-        pp=1,
-    )
-    model.eval()
+    model = megatron_model_tp1(cfg, out / "r_tp1")
     ids = tokens()
-    bf16_model = build_model(cfg)
-    load_into_model(
-        bf16_model,
-        out / "bf16_z1",
-        arch=arch_config(cfg),
-        variant=attention_variant(cfg),
-        seq_length=32,
-        tp_rank=0,
-        tp=1,
-        pp_rank=0,
-        pp=1,
-    )
-    cfg_350m = load_config(DEMO, BASE + [VARIANT, OPT_350M])
-    model_350m = build_model(cfg_350m)
-    load_into_model(
-        model_350m,
-        out / "opt_350m_bf16_z1",
-        arch=arch_config(cfg_350m),
-        variant=attention_variant(cfg_350m),
-        seq_length=32,
-        tp_rank=0,
-        tp=1,
-        pp_rank=0,
-        pp=1,
-    )
-    model_350m.eval()
+    bf16_model = megatron_model_tp1(cfg, out / "bf16_z1")
+    model_350m = megatron_model_tp1(load_config(DEMO, BASE + [VARIANT, OPT_350M]), out / "opt_350m_bf16_z1")
     with torch.no_grad():
         logits = model(ids, torch.arange(ids.shape[1]).expand_as(ids), None)
         logits_350m = model_350m(ids, torch.arange(ids.shape[1]).expand_as(ids), None)

@@ -7,15 +7,15 @@ import json
 import math
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
+import evallib
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tolerance import assert_close_bound, network_depth, rounding_bound
-from train_testlib import ROOT, TORCHRUN, env, free_port
+from train_testlib import ROOT, assert_exit_0, load_tp1, run, run_tool, run_torchrun
 
 from megatron_outeff.checkpoint_format import MANIFEST, read_model_files, resolve_model_dir
 from megatron_outeff.convert import from_hf, reshard, to_hf
@@ -25,15 +25,12 @@ from megatron_outeff.errors import OutEffError
 DEPTH = network_depth(dict(hidden_size=64, ffn_dim=256, num_hidden_layers=2, max_position_embeddings=32)) + 256
 
 WORKER = str(Path(__file__).with_name("convert_worker.py"))
-CLI = str(ROOT / "tools" / "convert_checkpoint.py")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("convert")
-    cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), WORKER, str(out)]
-    r = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=500)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert_exit_0(run_torchrun(WORKER, out, timeout=500))
     return out
 
 
@@ -90,36 +87,20 @@ def test_pipeline_checkpoint_converts(trained, tmp_path):
 
 @pytest.mark.multiproc
 def test_init_from_refuses_another_variant(trained):
-    from megatron_outeff.checkpoint_format import load_into_model
     from megatron_outeff.megatron.variant import AttentionVariantConfig
     from megatron_outeff.models.opt import OPTArchConfig
 
     arch = OPTArchConfig.from_dict(json.loads((resolve_model_dir(trained / "src") / MANIFEST).read_text())["arch"])
     with pytest.raises(OutEffError, match="attention variant"):
-        load_into_model(
-            torch.nn.Module(),
-            trained / "src",
-            arch=arch,
-            variant=AttentionVariantConfig(softmax="softmax1"),
-            seq_length=32,
-            tp_rank=0,
-            tp=1,
-            pp_rank=0,
-            pp=1,
-        )
+        load_tp1(torch.nn.Module(), trained / "src", arch=arch, variant=AttentionVariantConfig(softmax="softmax1"))
     with pytest.raises(OutEffError, match="hidden_size"):
         import dataclasses
 
-        load_into_model(
+        load_tp1(
             torch.nn.Module(),
             trained / "src",
             arch=dataclasses.replace(arch, hidden_size=128),
             variant=AttentionVariantConfig(softmax="learnable", gate="linear"),
-            seq_length=32,
-            tp_rank=0,
-            tp=1,
-            pp_rank=0,
-            pp=1,
         )
 
 
@@ -175,22 +156,8 @@ def _random_hf_opt(path, vocab=250):
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(0)
-    model = OPTForCausalLM(
-        OPTConfig(
-            vocab_size=vocab,
-            hidden_size=64,
-            num_hidden_layers=2,
-            ffn_dim=256,
-            num_attention_heads=4,
-            max_position_embeddings=64,
-            word_embed_proj_dim=64,
-        )
-    )
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.2 * torch.randn_like(p))
-    model.save_pretrained(str(path))
-    return load_file(str(path / "model.safetensors"))
+    shape = dict(vocab_size=vocab, ffn_dim=256, max_position_embeddings=64, word_embed_proj_dim=64, dropout=0.1)
+    return evallib.save_random_hf(OPTForCausalLM(OPTConfig(**dict(evallib.TINY, **shape))), path)
 
 
 def test_from_hf_to_hf_is_identical(tmp_path):
@@ -266,14 +233,7 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(trained, tmp_path):
     _one_line_error(lambda: reshard(trained / "src", out, tp=1, pp=1), "not an empty directory")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     # the CLI: exit 2, one line on stderr
-    r = subprocess.run(
-        [sys.executable, CLI, "to-hf", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "cli_out")],
-        env=env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = run_tool("convert_checkpoint", "to-hf", tmp_path / "missing", "--output-dir", tmp_path / "cli_out", timeout=120)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:"), r.stderr
     assert not (tmp_path / "cli_out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
@@ -288,23 +248,16 @@ def test_iteration_selection(trained, tmp_path):
 
 @pytest.mark.multiproc
 def test_cli_round_trip(trained, tmp_path):
-    r = subprocess.run(
-        [
-            sys.executable,
-            CLI,
-            "reshard",
-            str(trained / "src"),
-            "--output-dir",
-            str(tmp_path / "r"),
-            "--tp",
-            "1",
-            "--pp",
-            "2",
-        ],
-        env=env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    r = run_tool(
+        "convert_checkpoint",
+        "reshard",
+        trained / "src",
+        "--output-dir",
+        tmp_path / "r",
+        "--tp",
+        1,
+        "--pp",
+        2,
         timeout=120,
     )
     assert r.returncode == 0, r.stderr
@@ -383,14 +336,7 @@ def test_bf16_checkpoint_holds_deepspeeds_fp32_master_weights(trained, tmp_path,
     for k, v in oracle.items():
         assert torch.equal(sd[k], v.float()), k
     # to-hf (default fp32) exports exactly the master weights, and says it read them
-    r = subprocess.run(
-        [sys.executable, CLI, "to-hf", str(trained / name), "--output-dir", str(tmp_path / "hf")],
-        env=env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = run_tool("convert_checkpoint", "to-hf", trained / name, "--output-dir", tmp_path / "hf", timeout=300)
     assert r.returncode == 0, r.stderr
     assert "reading the fp32 master weights" in r.stdout
     hf = load_file(str(tmp_path / "hf" / "model.safetensors"))
@@ -431,13 +377,10 @@ def test_opt_350m_zero_to_fp32_script_in_the_checkpoint_matches_our_master_weigh
     ckpt = trained / "opt_350m_bf16_z1"
     script = ckpt / "zero_to_fp32.py"
     assert script.is_file()
-    r = subprocess.run(
+    r = run(
         [sys.executable, str(script), str(ckpt), str(tmp_path / "fp32"), "--safe_serialization"],
-        env=env(),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
         timeout=300,
+        cwd=tmp_path,
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     files = sorted((tmp_path / "fp32").glob("*.safetensors"))
@@ -462,26 +405,16 @@ def test_opt_350m_trained_checkpoint_to_hf_and_fp16_w8a8_export(trained, tmp_pat
     (remote code: learnable offsets + gates); tools/export_fp16_w8a8.py writes reloadable fp16 and W8A8 models."""
     from transformers import AutoModelForCausalLM
 
-    sys.path.insert(0, str(ROOT / "tests" / "tools"))
-    import evallib
-
     tok = tmp_path / "tok"
     evallib.write_tokenizer(tok)
-    r = subprocess.run(
-        [
-            sys.executable,
-            CLI,
-            "to-hf",
-            str(trained / "opt_350m_bf16_z1"),
-            "--output-dir",
-            str(tmp_path / "hf"),
-            "--tokenizer",
-            str(tok),
-        ],
-        env=env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    r = run_tool(
+        "convert_checkpoint",
+        "to-hf",
+        trained / "opt_350m_bf16_z1",
+        "--output-dir",
+        tmp_path / "hf",
+        "--tokenizer",
+        tok,
         timeout=300,
     )
     assert r.returncode == 0, r.stderr
@@ -495,28 +428,7 @@ def test_opt_350m_trained_checkpoint_to_hf_and_fp16_w8a8_export(trained, tmp_pat
     assert (logits - want).abs().max() <= 64 * torch.finfo(torch.float32).eps * float(want.abs().max())
 
     calib = evallib.write_corpus(tmp_path / "calib.jsonl", 20, seed=3)
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tools" / "export_fp16_w8a8.py"),
-            str(tmp_path / "hf"),
-            "--output-dir",
-            str(tmp_path / "exp"),
-            "--calib-data",
-            calib,
-            "--block-size",
-            "16",
-            "--num-calib-batches",
-            "2",
-            "--calib-batch-size",
-            "2",
-        ],
-        env=env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = run(evallib.export_cmd(tmp_path / "hf", tmp_path / "exp", calib), timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     ids = ref["tokens"][:, :8] % 90  # ids inside the word-level tokenizer's vocabulary
     fp16 = AutoModelForCausalLM.from_pretrained(
@@ -571,27 +483,13 @@ def test_opt_350m_unsupported_hf_variant_is_one_line_and_writes_nothing(tmp_path
 
     torch.manual_seed(0)
     src = tmp_path / "opt"
-    OPTForCausalLM(
-        OPTConfig(
-            vocab_size=250,
-            hidden_size=64,
-            num_hidden_layers=2,
-            ffn_dim=128,
-            num_attention_heads=4,
-            max_position_embeddings=32,
-            do_layer_norm_before=False,
-            word_embed_proj_dim=32,
-        )
-    ).save_pretrained(str(src))
+    # OPT-350m's shape (post-LN, 32-wide embeddings) on the tiny model of the export tests
+    opt350m = dict(evallib.TINY, vocab_size=250, do_layer_norm_before=False, word_embed_proj_dim=32, dropout=0.1)
+    OPTForCausalLM(OPTConfig(**opt350m)).save_pretrained(str(src))
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps(dict(cfg, **{key: value})))
-    r = subprocess.run(
-        [sys.executable, CLI, "from-hf", str(src), "--output-dir", str(tmp_path / "out"), "--tp", "1", "--pp", "1"],
-        env=env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    r = run_tool(
+        "convert_checkpoint", "from-hf", src, "--output-dir", tmp_path / "out", "--tp", 1, "--pp", 1, timeout=120
     )
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and expected in r.stderr, r.stderr
     assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["opt"]

@@ -13,28 +13,26 @@
 """
 
 import json
-import subprocess
-import sys
 
+import evallib
 import pytest
 import torch
 from tolerance import assert_close_bound, network_depth, rounding_bound
-from train_testlib import BASE, DEMO, PYTHON, ROOT, TORCHRUN, env, free_port, tensorboard_scalars
+from train_testlib import (
+    BASE,
+    DEMO,
+    assert_exit_0,
+    megatron_model_tp1,
+    run,
+    run_tool,
+    tensorboard_scalars,
+    torchrun_launcher,
+    train_cmd,
+)
 
-CLI = str(ROOT / "tools" / "convert_checkpoint.py")
-EXPORT = str(ROOT / "tools" / "export_fp16_w8a8.py")
 VARIANT = "attention={softmax: learnable, gate: elementwise, clip_gamma: -0.02}"
 RUN = BASE + [VARIANT, "parallel.zero_stage=1", "logging.outlier_interval=1"]
 DEPTH = network_depth(dict(hidden_size=64, ffn_dim=256, num_hidden_layers=2, max_position_embeddings=32)) + 256
-
-
-def _run(cmd, timeout=600):
-    r = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    return r
-
-
-def _sets(items):
-    return [arg for item in items for arg in ("--set", item)]
 
 
 @pytest.fixture(scope="module")
@@ -42,19 +40,9 @@ def workdir(tmp_path_factory):
     """Steps 1-2: the interrupted run (1 process, then TP=2) and, in this process, the uninterrupted one."""
     out = tmp_path_factory.mktemp("elementwise")
     ck, tb = out / "ckpt", out / "tb"
-    train = ["-m", "megatron_outeff.training.train", "--config", DEMO]
-    first = _run(
-        [PYTHON]
-        + train
-        + _sets(RUN + ["train.exit_interval=2", f"checkpoint.dir={ck}", f"logging.tensorboard_dir={tb}"])
-    )
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    second = _run(
-        [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port())]
-        + train
-        + _sets(RUN + ["parallel.tensor_parallel=2", f"checkpoint.dir={ck}", f"logging.tensorboard_dir={tb}"])
-    )
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    logs = [f"checkpoint.dir={ck}", f"logging.tensorboard_dir={tb}"]
+    assert_exit_0(run(train_cmd(RUN + ["train.exit_interval=2", *logs]), timeout=600))
+    assert_exit_0(run(train_cmd(RUN + ["parallel.tensor_parallel=2", *logs], torchrun_launcher()), timeout=600))
 
     from megatron_outeff.training.config import load_config
     from megatron_outeff.training.train import train as train_in_process
@@ -96,8 +84,6 @@ def test_trains_and_resumes_at_tp2_following_the_uninterrupted_run(workdir):
 
 @pytest.mark.multiproc
 def test_converts_to_hugging_face_and_back_and_exports_w8a8(workdir):
-    sys.path.insert(0, str(ROOT / "tests" / "tools"))
-    import evallib
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -107,45 +93,33 @@ def test_converts_to_hugging_face_and_back_and_exports_w8a8(workdir):
     tok = out / "tok"
     evallib.write_tokenizer(tok)
     hf = out / "hf"
-    r = _run([PYTHON, CLI, "to-hf", str(ck), "--output-dir", str(hf), "--tokenizer", str(tok)])
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert_exit_0(run_tool("convert_checkpoint", "to-hf", ck, "--output-dir", hf, "--tokenizer", tok), 2000)
     cfg = json.loads((hf / "config.json").read_text())
     assert cfg["model_type"] == "outeff_opt" and cfg["gate"] == "elementwise" and cfg["softmax"] == "learnable"
     weights = load_file(str(hf / "model.safetensors"))
     assert weights["model.decoder.layers.1.self_attn.gate_proj.weight"].shape == (64, 64)
 
     # transformers (remote code) against megatron at TP=1 on the same weights
-    from megatron_outeff.checkpoint_format import load_into_model
     from megatron_outeff.megatron.parallel import init_model_parallel
     from megatron_outeff.training.config import load_config
-    from megatron_outeff.training.model import arch_config, attention_variant, build_model
 
     init_model_parallel(1, 1, 1)
     cfg_run = load_config(DEMO, RUN)
-    model = build_model(cfg_run)
-    load_into_model(
-        model,
-        ck,
-        arch=arch_config(cfg_run),
-        variant=attention_variant(cfg_run),
-        seq_length=32,
-        tp_rank=0,
-        tp=1,
-        pp_rank=0,
-        pp=1,
-    )
+    model = megatron_model_tp1(cfg_run, ck)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        want = model.eval()(ids, torch.arange(16).expand_as(ids), None)
+        want = model(ids, torch.arange(16).expand_as(ids), None)
         got = AutoModelForCausalLM.from_pretrained(str(hf), trust_remote_code=True).eval()(ids).logits
     want = want[..., : got.shape[-1]]
     assert_close_bound(got, want, rounding_bound(torch.float32, want.abs().max(), DEPTH), "HF vs megatron logits")
 
     # and back: from-hf at TP=2 gives exactly the tensors reshard writes from the training checkpoint
-    r = _run([PYTHON, CLI, "from-hf", str(hf), "--output-dir", str(out / "back"), "--tp", "2", "--pp", "1"])
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    r = _run([PYTHON, CLI, "reshard", str(ck), "--output-dir", str(out / "tp2"), "--tp", "2", "--pp", "1"])
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert_exit_0(
+        run_tool("convert_checkpoint", "from-hf", hf, "--output-dir", out / "back", "--tp", "2", "--pp", "1"), 2000
+    )
+    assert_exit_0(
+        run_tool("convert_checkpoint", "reshard", ck, "--output-dir", out / "tp2", "--tp", "2", "--pp", "1"), 2000
+    )
     back, direct = (read_model_files(resolve_model_dir(out / d))[1] for d in ("back", "tp2"))
     assert sorted(back) == sorted(direct) == [(0, 0), (1, 0)]
     for rank in back:
@@ -154,24 +128,7 @@ def test_converts_to_hugging_face_and_back_and_exports_w8a8(workdir):
 
     # fp16 and W8A8 exports: the gate's Linear is quantized like q/k/v/out_proj
     calib = evallib.write_corpus(out / "calib.jsonl", 20, seed=3)
-    r = _run(
-        [
-            PYTHON,
-            EXPORT,
-            str(hf),
-            "--output-dir",
-            str(out / "exp"),
-            "--calib-data",
-            calib,
-            "--block-size",
-            "16",
-            "--num-calib-batches",
-            "2",
-            "--calib-batch-size",
-            "2",
-        ]
-    )
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert_exit_0(run(evallib.export_cmd(hf, out / "exp", calib), timeout=600), 2000)
     w8 = AutoModelForCausalLM.from_pretrained(str(out / "exp" / "w8a8"), trust_remote_code=True).eval()
     attn = w8.model.decoder.layers[0].self_attn
     assert attn.gate_proj.quantization_scheme is not None and attn.q_proj.quantization_scheme is not None
@@ -188,13 +145,8 @@ def test_converts_to_hugging_face_and_back_and_exports_w8a8(workdir):
 
 @pytest.mark.multiproc
 def test_megatrons_output_gate_through_overrides_is_refused_in_one_line(tmp_path):
-    r = _run(
-        [PYTHON, "-m", "megatron_outeff.training.train", "--config", DEMO]
-        + _sets(
-            BASE + ["model.transformer_overrides={attention_output_gate: true}", f"checkpoint.dir={tmp_path / 'c'}"]
-        ),
-        timeout=300,
-    )
+    overrides = ["model.transformer_overrides={attention_output_gate: true}", f"checkpoint.dir={tmp_path / 'c'}"]
+    r = run(train_cmd(BASE + overrides), timeout=300)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: model.transformer_overrides.attention_output_gate:")

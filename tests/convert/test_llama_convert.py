@@ -6,29 +6,21 @@ import json
 import runpy
 from pathlib import Path
 
+import evallib
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_testlib import tiny_arch
 
 from megatron_outeff.checkpoint_format import MANIFEST, read_model_files, resolve_model_dir, variant_hf_shapes
 from megatron_outeff.convert import from_hf, reshard, to_hf
 from megatron_outeff.errors import OutEffError
 from megatron_outeff.models.hf_llama import hf_expected_shapes, hf_state_dict_to_megatron, megatron_to_hf_state_dict
-from megatron_outeff.models.llama import LlamaArchConfig
 from megatron_outeff.ops.variants import AttentionVariantConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = runpy.run_path(str(ROOT / "tools" / "convert_checkpoint.py"))["main"]
-ARCH = LlamaArchConfig(
-    name="t",
-    num_layers=4,
-    hidden_size=64,
-    num_attention_heads=4,
-    num_query_groups=2,
-    ffn_hidden_size=96,
-    vocab_size=200,
-    max_position_embeddings=32,
-)
+ARCH = tiny_arch("llama", num_query_groups=2, ffn_hidden_size=96)  # grouped-query attention
 
 
 def _random_hf_llama(path, vocab=250, **overrides):
@@ -52,11 +44,7 @@ def _random_hf_llama(path, vocab=250, **overrides):
             }
         )
     )
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.2 * torch.randn_like(p))
-    model.save_pretrained(str(path))
-    return load_file(str(path / "model.safetensors"))
+    return evallib.save_random_hf(model, path)
 
 
 def _assert_same(a, b):

@@ -2,21 +2,13 @@
 
 import pytest
 import torch
+from train_testlib import tiny_arch
 
 from megatron_outeff.checkpoint_format import variant_hf_shapes
 from megatron_outeff.megatron.variant import AttentionVariantConfig
 from megatron_outeff.models.hf_opt import hf_expected_shapes, hf_state_dict_to_megatron, megatron_to_hf_state_dict
-from megatron_outeff.models.opt import OPTArchConfig
 
-ARCH = OPTArchConfig(
-    name="t",
-    num_layers=4,
-    hidden_size=64,
-    num_attention_heads=4,
-    ffn_hidden_size=128,
-    vocab_size=200,
-    max_position_embeddings=32,
-)
+ARCH = tiny_arch("opt", ffn_hidden_size=128)
 
 
 @pytest.mark.parametrize("gate", ["linear", "mlp", "shared_linear"])

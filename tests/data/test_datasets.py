@@ -32,15 +32,19 @@ def test_parse_blend():
 
 def test_single_prefix_splits_are_disjoint(prefixes, spm_model, tmp_path):
     tok = load_tokenizer(spm_model)
-    train, valid, test = build_gpt_datasets(
-        prefixes["a"],
-        tokenizer=tok,
-        seq_length=SEQ,
-        split="80,15,5",
-        num_samples=(300, 40, 10),
-        cache_dir=str(tmp_path / "cache"),
-        seed=7,
-    )
+
+    def build():
+        return build_gpt_datasets(
+            prefixes["a"],
+            tokenizer=tok,
+            seq_length=SEQ,
+            split="80,15,5",
+            num_samples=(300, 40, 10),
+            cache_dir=str(tmp_path / "cache"),
+            seed=7,
+        )
+
+    train, valid, test = build()
     # megatron builds whole epochs: at least the requested samples per split
     assert len(train) >= 300 and len(valid) >= 40 and len(test) >= 10
     docs = [set(numpy.unique(d.document_index).tolist()) for d in (train, valid, test)]
@@ -53,15 +57,7 @@ def test_single_prefix_splits_are_disjoint(prefixes, spm_model, tmp_path):
     assert int(s["tokens"].max()) < tok.vocab_size
     # the index cache went where we asked, and a rebuild hits it with identical samples
     assert any(f.endswith("document_index.npy") for f in os.listdir(tmp_path / "cache"))
-    again, _, _ = build_gpt_datasets(
-        prefixes["a"],
-        tokenizer=tok,
-        seq_length=SEQ,
-        split="80,15,5",
-        num_samples=(300, 40, 10),
-        cache_dir=str(tmp_path / "cache"),
-        seed=7,
-    )
+    again, _, _ = build()
     assert torch.equal(again[123]["tokens"], train[123]["tokens"])
 
 

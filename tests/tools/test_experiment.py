@@ -2,13 +2,11 @@
 steps, bf16 on CPU), its continuation after a finished arm, and its refusals of bad input."""
 
 import json
-import os
 import runpy
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from evallib import run_experiment
 
 from megatron_outeff.errors import OutEffError
 from megatron_outeff.evaluation.experiment import ClaimConfig, judge, load_experiment, positive_control
@@ -17,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 main = runpy.run_path(str(ROOT / "tools" / "run_experiment.py"))["main"]
 GPU_CONFIG = ROOT / "configs" / "experiments" / "bb-sink-gpu.yaml"
 CPU_CONFIG = ROOT / "configs" / "experiments" / "bb-sink-cpu.yaml"
+MASSIVE_CPU_CONFIG = ROOT / "configs" / "experiments" / "bb-massive-cpu.yaml"
 TINY = [
     "arms=[vanilla, softmax1]",
     "training.model.arch_overrides={num_layers: 2, hidden_size: 32, num_attention_heads: 2, ffn_hidden_size: 64, "
@@ -48,22 +47,9 @@ FINAL_KEYS = (
 )
 
 
-def _run(args, tmp_path):
-    env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "run_experiment.py"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=600,
-    )
-
-
 def test_runner_end_to_end_tiny(tmp_path):
     out = tmp_path / "exp"
-    args = ["--config", str(GPU_CONFIG), "--output-dir", str(out)] + [a for s in TINY for a in ("--set", s)]
-    r = _run(args, tmp_path)
+    r = run_experiment(GPU_CONFIG, out, TINY, tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "arm 1/2: vanilla" in r.stdout and "[softmax1] iter 2" in r.stdout  # progress
     rep = json.loads((out / "report.json").read_text())
@@ -89,31 +75,76 @@ def test_runner_end_to_end_tiny(tmp_path):
     assert (out / "report.md").read_text().startswith("# Experiment bb-sink-gpu")
     assert (out / "first_token_mass_idle.png").is_file() and (out / "bos_residual_norm_ratio.png").is_file()
     # re-running continues: finished arms are skipped, the report is rewritten
-    r2 = _run(args, tmp_path)
+    r2 = run_experiment(GPU_CONFIG, out, TINY, tmp_path)
     assert r2.returncode == 0 and r2.stdout.count("already complete") == 2, r2.stdout[-2000:] + r2.stderr[-2000:]
     # another experiment in the same directory is refused, nothing touched
     before = sorted(p.name for p in out.iterdir())
-    r3 = _run(["--config", str(GPU_CONFIG), "--output-dir", str(out), "--set", "arms=[vanilla]"], tmp_path)
+    r3 = run_experiment(GPU_CONFIG, out, ["arms=[vanilla]"], tmp_path)
     assert r3.returncode == 2 and "holds another experiment" in r3.stderr and len(r3.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in out.iterdir()) == before
 
 
+# bb-sink-cpu (the list form) and bb-massive-cpu (the mapping form of issue 21: rules naming arms that are
+# not in the experiment, bit widths outside 2-16, an arm an optimizer cannot serve)
 @pytest.mark.parametrize(
-    "override, message",
+    "config, override, message",
     [
-        ("arms=[vanilla, sotfmax1]", "unknown arm 'sotfmax1'"),
-        ("training.data.source=synthetic", "data.source='synthetic'"),
-        ("training.data.source=bigram", "data.source='bigram'"),
-        ("training.data.bigram_backcopy.num_triggers=200", "num_triggers=200"),
-        ("training.data.seq_length=2", "seq_length=2"),
-        ("training.logging.outlier_interval=7", "outlier_interval=7"),
+        (CPU_CONFIG, "arms=[vanilla, sotfmax1]", "unknown arm 'sotfmax1'"),
+        (CPU_CONFIG, "training.data.source=synthetic", "data.source='synthetic'"),
+        (CPU_CONFIG, "training.data.source=bigram", "data.source='bigram'"),
+        (CPU_CONFIG, "training.data.bigram_backcopy.num_triggers=200", "num_triggers=200"),
+        (CPU_CONFIG, "training.data.seq_length=2", "seq_length=2"),
+        (CPU_CONFIG, "training.logging.outlier_interval=7", "outlier_interval=7"),
+        (
+            MASSIVE_CPU_CONFIG,
+            "claim.rules=[{rule: removes_channel_outliers, arms: [vanilla_sdg]}]",
+            "claim.rules[0] (removes_channel_outliers) refers to arm 'vanilla_sdg', which is not in this experiment",
+        ),
+        (MASSIVE_CPU_CONFIG, "claim.baseline=vanilla", "claim.baseline='vanilla': not an arm of this experiment"),
+        (
+            MASSIVE_CPU_CONFIG,
+            "evaluation.act_bits=[8, 6, 1]",
+            "evaluation.act_bits=1: expected an integer bit width from 2 to 16",
+        ),
+        (
+            MASSIVE_CPU_CONFIG,
+            "evaluation.act_bits=[8, 17]",
+            "evaluation.act_bits=17: expected an integer bit width from 2 to 16",
+        ),
+        (
+            MASSIVE_CPU_CONFIG,
+            "evaluation.weight_bits=32",
+            "evaluation.weight_bits=32: expected an integer bit width from 2 to 16",
+        ),
+        (
+            MASSIVE_CPU_CONFIG,
+            "arms.vanilla_orthoadam.optimizer.type=adamx",
+            "arms.vanilla_orthoadam: optimizer.type='adamx'",
+        ),
+        (
+            MASSIVE_CPU_CONFIG,
+            "training.parallel.zero_stage=1",
+            "arms.vanilla_orthoadam: optimizer.type=orthoadam with parallel.zero_stage=1",
+        ),
+        (
+            MASSIVE_CPU_CONFIG,
+            "claim.rules=[{rule: removes_everything, arms: [vanilla_sgd]}]",
+            "claim.rules[0].rule='removes_everything'",
+        ),
+        (MASSIVE_CPU_CONFIG, "seeds=[1, 1]", "seeds=[1, 1]: expected a non-empty list of distinct integers"),
+        (
+            MASSIVE_CPU_CONFIG,
+            "claim.pipeline_control.bits=3",
+            "claim.pipeline_control.bits=3: not one of evaluation.act_bits",
+        ),
+        (MASSIVE_CPU_CONFIG, "jobs=0", "jobs=0: expected an integer >= 1"),
     ],
 )
-def test_bad_input_one_line_nothing_written(tmp_path, capsys, override, message):
+def test_bad_input_one_line_nothing_written(tmp_path, capsys, config, override, message):
     out = tmp_path / "never"
-    assert main(["--config", str(CPU_CONFIG), "--output-dir", str(out), "--set", override]) == 2
+    assert main(["--config", str(config), "--output-dir", str(out), "--set", override]) == 2
     err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
+    assert message in err and len(err.splitlines()) == 1, err
     assert not out.exists()
 
 

@@ -1,14 +1,15 @@
 """The mapping form of experiments (issue 21): arms = attention x optimizer overlays with seeds, the
 curve scores by hand, the pre-registered rules judged by hand on constructed results (every seed must
-agree; same step and matched copy loss; positive and pipeline controls), and the bad-input refusals
-(a rule naming an arm that is not in the experiment, a bit width outside 2-16, an arm an optimizer
-cannot serve), each one line with nothing written."""
+agree; same step and matched copy loss; positive and pipeline controls). Its bad-input refusals (a rule
+naming an arm that is not in the experiment, a bit width outside 2-16, an arm an optimizer cannot serve)
+are in test_experiment.py's table of refusals."""
 
 import runpy
 from pathlib import Path
 
 import pytest
 import yaml
+from evallib import run_experiment
 
 from megatron_outeff.evaluation.experiment import (
     curve_score,
@@ -61,30 +62,21 @@ def _run(ma, ri, e, idle, kurt, inf, copy_loss, loss, b_star, b_star_pos0, inc4=
     return {"curve": curve, "final": final}
 
 
-BASE_RUN = dict(
-    ma=[2, 4, 8, 12, 16, 20],
-    ri=[1.5, 2, 3, 4, 4, 4],
-    e=[0.2, 1, 2, 2.5, 3, 3],
-    idle=[0.1, 0.4, 0.8, 0.9, 0.9, 0.9],
-    kurt=[4, 8, 10, 12, 12, 12],
-    inf=[10, 20, 30, 30, 30, 30],
-    copy_loss=[3, 1, 0.3, 0.1, 0.05, 0.04],
-    loss=2.0,
-    b_star=6,
-    b_star_pos0=5,
-)
-GOOD_RUN = dict(
-    ma=[2, 2.5, 3, 3, 3, 3],
-    ri=[1.0, 1.0, 1.1, 1.1, 1.1, 1.1],
-    e=[0.2, 1, 2, 2.5, 3, 3],
-    idle=[0.1, 0.4, 0.8, 0.9, 0.9, 0.9],
-    kurt=[4, 4, 4, 4, 5, 5],
-    inf=[10, 10, 12, 12, 12, 12],
-    copy_loss=[3, 2, 1, 0.3, 0.1, 0.06],
-    loss=2.02,
-    b_star=5,
-    b_star_pos0=4,
-)
+# the baseline's and a good arm's results, metric by metric (_run's arguments): (baseline, good arm)
+RUNS = {
+    "ma": ([2, 4, 8, 12, 16, 20], [2, 2.5, 3, 3, 3, 3]),
+    "ri": ([1.5, 2, 3, 4, 4, 4], [1.0, 1.0, 1.1, 1.1, 1.1, 1.1]),
+    "e": ([0.2, 1, 2, 2.5, 3, 3], [0.2, 1, 2, 2.5, 3, 3]),
+    "idle": ([0.1, 0.4, 0.8, 0.9, 0.9, 0.9], [0.1, 0.4, 0.8, 0.9, 0.9, 0.9]),
+    "kurt": ([4, 8, 10, 12, 12, 12], [4, 4, 4, 4, 5, 5]),
+    "inf": ([10, 20, 30, 30, 30, 30], [10, 10, 12, 12, 12, 12]),
+    "copy_loss": ([3, 1, 0.3, 0.1, 0.05, 0.04], [3, 2, 1, 0.3, 0.1, 0.06]),
+    "loss": (2.0, 2.02),
+    "b_star": (6, 5),
+    "b_star_pos0": (5, 4),
+}
+BASE_RUN = {k: base for k, (base, _) in RUNS.items()}
+GOOD_RUN = {k: good for k, (_, good) in RUNS.items()}
 
 
 def _experiment(arms=("base", "good"), seeds=(1, 2), matched=0.1, rules=None):
@@ -178,36 +170,6 @@ def test_shipped_configs_load():
     assert load_experiment(GPU).time_limit_s and load_experiment(CPU).time_limit_s is None
 
 
-@pytest.mark.parametrize(
-    "override, message",
-    [
-        (
-            "claim.rules=[{rule: removes_channel_outliers, arms: [vanilla_sdg]}]",
-            "claim.rules[0] (removes_channel_outliers) refers to arm 'vanilla_sdg', which is not in this experiment",
-        ),
-        ("claim.baseline=vanilla", "claim.baseline='vanilla': not an arm of this experiment"),
-        ("evaluation.act_bits=[8, 6, 1]", "evaluation.act_bits=1: expected an integer bit width from 2 to 16"),
-        ("evaluation.act_bits=[8, 17]", "evaluation.act_bits=17: expected an integer bit width from 2 to 16"),
-        ("evaluation.weight_bits=32", "evaluation.weight_bits=32: expected an integer bit width from 2 to 16"),
-        ("arms.vanilla_orthoadam.optimizer.type=adamx", "arms.vanilla_orthoadam: optimizer.type='adamx'"),
-        (
-            "training.parallel.zero_stage=1",
-            "arms.vanilla_orthoadam: optimizer.type=orthoadam with parallel.zero_stage=1",
-        ),
-        ("claim.rules=[{rule: removes_everything, arms: [vanilla_sgd]}]", "claim.rules[0].rule='removes_everything'"),
-        ("seeds=[1, 1]", "seeds=[1, 1]: expected a non-empty list of distinct integers"),
-        ("claim.pipeline_control.bits=3", "claim.pipeline_control.bits=3: not one of evaluation.act_bits"),
-        ("jobs=0", "jobs=0: expected an integer >= 1"),
-    ],
-)
-def test_bad_input_one_line_nothing_written(tmp_path, capsys, override, message):
-    out = tmp_path / "never"
-    assert main(["--config", str(CPU), "--output-dir", str(out), "--set", override]) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1, err
-    assert not out.exists()
-
-
 # bb-massive-gpu at CPU-test size (2 arms x 2 seeds at once, a 4 s training time limit): the overrides the
 # GPU check's rehearsal passes too (tools/gpu/run.sh --rehearse), one owner
 TINY_GPU = [
@@ -222,21 +184,9 @@ def test_gpu_config_rehearsal(tmp_path):
     trainer saves), probes on disk, scored over the common step range; seeds' directories; the
     report's rules, seed bands and bit sweep; a second invocation keeps every finished run."""
     import json
-    import os
-    import subprocess
-    import sys
 
     out = tmp_path / "exp"
-    args = ["--config", str(GPU), "--output-dir", str(out)] + [a for s in TINY_GPU for a in ("--set", s)]
-    env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "run_experiment.py"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=1200,
-    )
+    r = run_experiment(GPU, out, TINY_GPU, tmp_path, timeout=1200)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
     assert "run 1/4: vanilla_adamw seed 7" in r.stdout and "[vanilla_orthoadam/s8] iter 10" in r.stdout
     rep = json.loads((out / "report.json").read_text())
@@ -266,12 +216,5 @@ def test_gpu_config_rehearsal(tmp_path):
     md = (out / "report.md").read_text()
     assert md.startswith("# Experiment bb-massive-gpu") and "removes_massive_activation" in md
     assert (out / "massive_activation.png").is_file() and (out / "first_token_excess_norm.png").is_file()
-    r2 = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "run_experiment.py"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=600,
-    )
+    r2 = run_experiment(GPU, out, TINY_GPU, tmp_path)
     assert r2.returncode == 0 and r2.stdout.count("already complete") == 4, r2.stdout[-2000:] + r2.stderr[-2000:]

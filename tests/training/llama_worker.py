@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from layouts_worker import weights_hook  # noqa: E402
-from train_testlib import BASE, DEMO  # noqa: E402
+from train_testlib import BASE, DEMO, megatron_model_tp1  # noqa: E402
 
 from megatron_outeff.training.config import load_config  # noqa: E402
 from megatron_outeff.training.model import unwrap  # noqa: E402
@@ -109,27 +109,12 @@ def main():
     # megatron logits at TP=1 (the last run's parallel state: TP=1, PP=1, DP=2) of the two checkpoints
     from megatron.core import parallel_state as ps
 
-    from megatron_outeff.checkpoint_format import load_into_model
-    from megatron_outeff.training.model import arch_config, attention_variant, build_model
-
     assert ps.get_tensor_model_parallel_world_size() == 1 and ps.get_pipeline_model_parallel_world_size() == 1
     ids, logits = tokens(), {}
     for name, variant in (("tp2", "gated"), ("pp2", "vanilla"), ("tp2_elementwise", "elementwise")):
-        cfg = load_config(DEMO, BASE + LLAMA + [VARIANTS[variant]])
-        model = build_model(cfg)
-        load_into_model(
-            model,
-            out / name,
-            arch=arch_config(cfg),
-            variant=attention_variant(cfg),
-            seq_length=32,
-            tp_rank=0,
-            tp=1,
-            pp_rank=0,
-            pp=1,
-        )
+        model = megatron_model_tp1(load_config(DEMO, BASE + LLAMA + [VARIANTS[variant]]), out / name)
         with torch.no_grad():
-            logits[name] = model.eval()(ids, torch.arange(ids.shape[1]).expand_as(ids), None).float().contiguous()
+            logits[name] = model(ids, torch.arange(ids.shape[1]).expand_as(ids), None).float().contiguous()
     if dist.get_rank() == 0:
         from safetensors.torch import save_file
 

@@ -4,7 +4,7 @@ import json
 import shutil
 
 import pytest
-from train_testlib import DEMO, ROOT
+from train_testlib import DEMO, ROOT, set_args, tiny_arch
 
 from megatron_outeff.errors import OutEffError
 from megatron_outeff.training.config import config_from_dict, deepspeed_config, load_config
@@ -197,11 +197,8 @@ def test_empty_validation_split_with_an_interval_is_refused_at_load(interval, na
     load_config(DEMO, indexed + [interval, "data.split=100,0,0", f"data.valid_paths=[{tmp_path / 'valid'}]"])
     load_config(DEMO, indexed + ["data.split=100,0,0"])  # no interval: no validation wanted
     ck, tb = tmp_path / "ck", tmp_path / "tb"
-    argv = ["--config", DEMO] + [
-        a
-        for s in indexed + [interval, "data.split=100,0,0", f"checkpoint.dir={ck}", f"logging.tensorboard_dir={tb}"]
-        for a in ("--set", s)
-    ]
+    logs = [f"checkpoint.dir={ck}", f"logging.tensorboard_dir={tb}"]
+    argv = ["--config", DEMO, *set_args(indexed + [interval, "data.split=100,0,0", *logs])]
     assert main(argv) == 2
     assert not ck.exists() and not tb.exists()
 
@@ -293,18 +290,8 @@ def test_every_override_that_makes_an_unconvertible_model_is_refused(family):
     init_model_parallel(1, 1, 1)
     fam = get_family(family)
     extra = {"num_query_groups": 2} if family == "llama" else {}  # grouped-query attention
-    arch = fam.arch.ArchConfig(
-        name="t",
-        num_layers=1,
-        hidden_size=16,
-        num_attention_heads=4,
-        ffn_hidden_size=32,
-        vocab_size=32,
-        max_position_embeddings=8,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        **extra,
-    )
+    small = dict(num_layers=1, hidden_size=16, ffn_hidden_size=32, vocab_size=32, max_position_embeddings=8)
+    arch = tiny_arch(family, **small, hidden_dropout=0.0, attention_dropout=0.0, **extra)
     ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
 
     def build(**override):

@@ -4,11 +4,10 @@ path; the multi-process paths (pipeline, data parallel with one rank's NaN) are 
 
 import json
 import math
-import subprocess
 
 import pytest
 import torch
-from train_testlib import BASE, DEMO, PYTHON, ROOT, env, poison_hook, read_model_file
+from train_testlib import BASE, DEMO, poison_hook, read_model_file, run, train_cmd
 
 from megatron_outeff.training.config import load_config
 from megatron_outeff.training.step import DIVERGED_EXIT_CODE, SkippedSteps, StepResult, TrainingDiverged
@@ -114,20 +113,21 @@ def test_diverged_cli_run_is_one_line_exit_3_and_the_rerun_does_not_start_over(t
     overflows): one `error:` line, exit code 3, latest is the finite checkpoint of iteration 2; the same
     command again resumes from it and diverges at the same step (resume is exact), writing nothing."""
     ck, tb = tmp_path / "ck", tmp_path / "tb"
-    cmd = [PYTHON, "-m", "megatron_outeff.training.train", "--config", DEMO]
-    for s in BASE + [
-        f"checkpoint.dir={ck}",
-        f"logging.tensorboard_dir={tb}",
-        "checkpoint.save_interval=1",
-        "checkpoint.keep_last=1",
-        "train.train_iters=6",
-        "optimizer.lr=1e30",
-        "schedule.decay_style=constant",
-    ]:
-        cmd += ["--set", s]
+    cmd = train_cmd(
+        BASE
+        + [
+            f"checkpoint.dir={ck}",
+            f"logging.tensorboard_dir={tb}",
+            "checkpoint.save_interval=1",
+            "checkpoint.keep_last=1",
+            "train.train_iters=6",
+            "optimizer.lr=1e30",
+            "schedule.decay_style=constant",
+        ]
+    )
     errors = []
     for attempt in range(2):
-        r = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+        r = run(cmd, timeout=300)
         lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
         assert r.returncode == DIVERGED_EXIT_CODE and len(lines) == 1, r.stdout[-2000:] + r.stderr[-3000:]
         assert "Traceback" not in r.stderr, r.stderr[-3000:]

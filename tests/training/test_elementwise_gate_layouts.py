@@ -5,7 +5,8 @@ launch) reproduce the single-process loss curve, as every layout does for the ot
 
 import pytest
 from conftest import _run_oracle
-from test_multiproc import TOL, _torchrun
+from test_multiproc import TOL, WORKER
+from train_testlib import assert_exit_0, run_torchrun
 
 pytestmark = pytest.mark.multiproc
 GATE = ["attention.softmax=learnable", "attention.gate=elementwise", "attention.clip_gamma=-0.02"]
@@ -32,8 +33,8 @@ def test_elementwise_gate_layouts_match_single_process(oracle_elementwise, tmp_p
             ("pp2_zero1", "parallel.pipeline_parallel=2,parallel.zero_stage=1"),
         )
     ]
-    r = _torchrun(2, tmp_path / "out.json", layouts, oracle_elementwise["weights"])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    weights = str(oracle_elementwise["weights"])
+    assert_exit_0(run_torchrun(WORKER, tmp_path / "out.json", *layouts, timeout=560, WEIGHTS=weights))
     results = json.loads((tmp_path / "out.json").read_text())
     assert sorted(results) == sorted(layout.split(":")[0] for layout in layouts)
     for name, losses in results.items():

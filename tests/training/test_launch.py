@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from train_testlib import BASE, DEMO, PYTHON, ROOT, env, free_port
+from train_testlib import BASE, DEMO, PYTHON, ROOT, env, free_port, run, set_args, torchrun_launcher, train_cmd
 
 TOL = 1e-5  # fp32 losses (~5.5) of the same computation: summation order only; TensorBoard stores fp32
 SBATCH = str(ROOT / "launch/train_slurm.sbatch")
@@ -31,7 +31,7 @@ def tb_losses(tensorboard_dir) -> dict[int, float]:
 
 
 def sets(extra=()):
-    return [a for s in [*BASE, *extra] for a in ("--set", s)]
+    return set_args([*BASE, *extra])
 
 
 @pytest.mark.parametrize(
@@ -53,32 +53,15 @@ def sets(extra=()):
 )
 def test_launch_check_names_the_task_count_and_the_layout(world, sets_, error):
     """The check the sbatch script runs before starting any rank (demo-tiny: global batch 8, micro 2)."""
-    r = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "megatron_outeff.training.launch_checks",
-            "--world-size",
-            str(world),
-            "--world-from",
-            f"SLURM_NTASKS={world}",
-            "--config",
-            DEMO,
-            *[a for s in sets_ for a in ("--set", s)],
-            "--resume",
-        ],
-        env=env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    check = [PYTHON, "-m", "megatron_outeff.training.launch_checks", "--world-size", str(world)]
+    r = run(
+        [*check, "--world-from", f"SLURM_NTASKS={world}", "--config", DEMO, *set_args(sets_), "--resume"], timeout=120
     )
     assert (r.returncode, r.stdout, r.stderr.strip() or None) == ((2 if error else 0), "", error)
 
 
 def _trainer(extra_env, sets_):
-    cmd = [PYTHON, "-m", "megatron_outeff.training.train", "--config", DEMO, *sets(sets_)]
-    return subprocess.run(cmd, env=dict(env(), **extra_env), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return run(train_cmd([*BASE, *sets_]), timeout=300, **extra_env)
 
 
 def test_a_stale_world_size_does_not_break_a_one_process_run(tmp_path):
@@ -147,8 +130,7 @@ def _sbatch(tmp_path, ntasks, extra_sets=(), sbatch_args=()) -> str:
         DEMO,
         *sets(extra_sets),
     ]
-    e = dict(env(), PYTHON=PYTHON, OMP_NUM_THREADS="1")
-    r = subprocess.run(cmd, env=e, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    r = run(cmd, timeout=60, PYTHON=PYTHON, OMP_NUM_THREADS="1")
     assert r.returncode == 0, r.stderr
     return r.stdout.strip().split(";")[0]
 
@@ -223,26 +205,8 @@ def test_preempted_job_saves_exits_0_and_requeued_job_resumes(slurm_cluster, tmp
         ["--requeue"],
     )
     # the uninterrupted reference in the same layout (2 processes), while the job starts
-    torchrun = str(Path(PYTHON).with_name("torchrun"))
-    ref = subprocess.run(
-        [
-            torchrun,
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "megatron_outeff.training.train",
-            "--config",
-            DEMO,
-            *sets([*extra, f"logging.tensorboard_dir={ref_tb}"]),
-        ],
-        env=dict(env(), OMP_NUM_THREADS="1"),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    ref_cmd = train_cmd([*BASE, *extra, f"logging.tensorboard_dir={ref_tb}"], torchrun_launcher())
+    ref = run(ref_cmd, timeout=600, OMP_NUM_THREADS="1")
     assert ref.returncode == 0, ref.stderr[-3000:]
     log = tmp_path / f"job-{job_id}.out"
     _wait_for_line(log, "iter 1 ", job_id)

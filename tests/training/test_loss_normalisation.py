@@ -10,13 +10,12 @@ mean IS the global per-token mean; every other layout must reproduce its trainin
 """
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from tolerance import rounding_bound
-from train_testlib import BASE, DEMO, ROOT, TORCHRUN, env, free_port, indexed_corpus, indexed_sets, tensorboard_scalars
+from train_testlib import BASE, DEMO, assert_exit_0, indexed_corpus, indexed_sets, run_torchrun, tensorboard_scalars
 
 from megatron_outeff.training.config import load_config
 from megatron_outeff.training.train import train
@@ -112,20 +111,7 @@ def test_data_and_pipeline_parallel_layouts_are_layout_only_with_a_loss_mask(cor
     }
     common = ",".join(_sets(corpus, oracle["cache"]))
     args = [f"{name}:{common},{sets},logging.tensorboard_dir={tmp_path / name}" for name, sets in layouts.items()]
-    cmd = [
-        TORCHRUN,
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        WORKER,
-        str(tmp_path / "out.json"),
-        *args,
-    ]
-    r = subprocess.run(
-        cmd, env=dict(env(), WEIGHTS=str(oracle["weights"])), cwd=ROOT, capture_output=True, text=True, timeout=900
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert_exit_0(run_torchrun(WORKER, tmp_path / "out.json", *args, timeout=900, WEIGHTS=str(oracle["weights"])))
     results = json.loads((tmp_path / "out.json").read_text())
     for name in layouts:
         _assert_close(results[name], oracle["losses"], f"training loss, {name}")

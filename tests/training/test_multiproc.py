@@ -11,23 +11,27 @@ import time
 from pathlib import Path
 
 import pytest
-from train_testlib import BASE, DEMO, PYTHON, ROOT, TORCHRUN, env, free_port, tensorboard_scalars
+from train_testlib import (
+    BASE,
+    PYTHON,
+    ROOT,
+    assert_exit_0,
+    env,
+    run,
+    run_torchrun,
+    tensorboard_scalars,
+    torchrun_launcher,
+    train_cmd,
+)
 
 pytestmark = pytest.mark.multiproc
 WORKER = str(Path(__file__).with_name("layouts_worker.py"))
 TOL = 1e-5
 
 
-def _torchrun(nproc, out, layouts, weights, timeout=560):
-    cmd = [TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), WORKER, str(out), *layouts]
-    return subprocess.run(
-        cmd, env=dict(env(), WEIGHTS=str(weights)), cwd=ROOT, capture_output=True, text=True, timeout=timeout
-    )
-
-
 def _check_layouts(nproc, layouts, oracle, oracle_clip, tmp_path):
-    r = _torchrun(nproc, tmp_path / "out.json", layouts, oracle["weights"])
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = run_torchrun(WORKER, tmp_path / "out.json", *layouts, nproc=nproc, timeout=560, WEIGHTS=str(oracle["weights"]))
+    assert_exit_0(r)
     results = json.loads((tmp_path / "out.json").read_text())
     assert sorted(results) == sorted(layout.split(":")[0] for layout in layouts)
     # "<name>_part1" + "<name>_part2": a run stopped (exit_interval) and resumed from its checkpoint
@@ -109,19 +113,9 @@ def test_divergence_on_one_rank_stops_every_rank_before_the_update(tmp_path):
         "dp2_zero2": ("grad", 1, "parallel.zero_stage=2"),
         "tp2_zero1": ("grad", 1, "parallel.tensor_parallel=2,parallel.zero_stage=1"),
     }
-    cmd = [
-        TORCHRUN,
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(Path(__file__).with_name("diverge_worker.py")),
-        str(tmp_path / "out.json"),
-        str(tmp_path),
-        *[f"{name}:{kind}:{rank}:{sets}" for name, (kind, rank, sets) in layouts.items()],
-    ]
-    r = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    args = [f"{name}:{kind}:{rank}:{sets}" for name, (kind, rank, sets) in layouts.items()]
+    worker = Path(__file__).with_name("diverge_worker.py")
+    assert_exit_0(run_torchrun(worker, tmp_path / "out.json", tmp_path, *args, timeout=900))
     results = json.loads((tmp_path / "out.json").read_text())
     for name, (kind, _, _) in layouts.items():
         messages = results[name]
@@ -141,11 +135,8 @@ def _losses(stdout):
     return [float(line.split("|")[1].split()[-1]) for line in stdout.splitlines() if line.startswith("iter ")]
 
 
-def _train_cmd(sets):
-    cmd = [PYTHON, "-m", "megatron_outeff.training.train", "--config", DEMO]
-    for s in BASE + sets:
-        cmd += ["--set", s]
-    return cmd
+def _train_cmd(sets, launcher=(PYTHON,)):
+    return train_cmd(BASE + sets, launcher)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
@@ -206,14 +197,7 @@ def test_sigterm_during_startup_exits_0_without_writing(resumed, tmp_path):
     ck, tb = tmp_path / "ck", tmp_path / "tb"
     sets = [f"checkpoint.dir={ck}", f"logging.tensorboard_dir={tb}", "train.train_iters=4"]
     if resumed:
-        r = subprocess.run(
-            _train_cmd(sets + ["train.exit_interval=2"]),
-            env=env(),
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        r = run(_train_cmd(sets + ["train.exit_interval=2"]), timeout=300)
         assert r.returncode == 0 and (ck / "latest").read_text().strip() == "iter_0000002", r.stderr[-2000:]
     before = _snapshot(tmp_path)
     code, out = _signal_at_line(_train_cmd(sets), "world 1 = ")
@@ -226,19 +210,9 @@ def test_sigterm_to_torchrun_during_startup_exits_0_without_writing(tmp_path):
     """torchrun forwards its SIGTERM to the workers and kills them after a timeout: both trainers stop
     before the first step, exit 0 in time (no forced kill) and write nothing."""
     ck, tb = tmp_path / "ck", tmp_path / "tb"
-    cmd = [
-        TORCHRUN,
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "megatron_outeff.training.train",
-        "--config",
-        DEMO,
-    ]
-    for s in BASE + [f"checkpoint.dir={ck}", f"logging.tensorboard_dir={tb}", "parallel.zero_stage=1"]:
-        cmd += ["--set", s]
+    cmd = _train_cmd(
+        [f"checkpoint.dir={ck}", f"logging.tensorboard_dir={tb}", "parallel.zero_stage=1"], torchrun_launcher()
+    )
     code, out = _signal_at_line(cmd, "world 2 = ")
     # torchrun itself then exits 1 with its own SignalException traceback (its way of reporting the signal)
     assert "stop requested before the first step" in out, out[-3000:]
@@ -249,22 +223,15 @@ def test_sigterm_to_torchrun_during_startup_exits_0_without_writing(tmp_path):
 def test_kill_during_save_leaves_previous_checkpoint_loadable(oracle, tmp_path):
     ck, tb = tmp_path / "ck", tmp_path / "tb"
     sets = [f"checkpoint.dir={ck}", "checkpoint.save_interval=2", f"logging.tensorboard_dir={tb}"]
-    r = subprocess.run(
-        _train_cmd(sets),
-        env=dict(env(), OUTEFF_TEST_KILL_IN_SAVE="4"),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = run(_train_cmd(sets), timeout=300, OUTEFF_TEST_KILL_IN_SAVE="4")
     assert r.returncode == -signal.SIGKILL, r.stdout[-2000:] + r.stderr[-2000:]
     assert (ck / "latest").read_text().strip() == "iter_0000002"
     assert (ck / "iter_0000004.tmp").is_dir() and not (ck / "iter_0000004").exists()
     crashed = _losses(r.stdout)
     assert len(crashed) == 4
     # the same command again resumes from iteration 2 and reproduces the uninterrupted curve
-    r = subprocess.run(_train_cmd(sets), env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r = run(_train_cmd(sets), timeout=300)
+    assert_exit_0(r, 2000)
     assert "resumed from" in r.stdout and "iter_0000002" in r.stdout
     resumed = _losses(r.stdout)
     assert resumed == pytest.approx(oracle["losses"][2:], abs=TOL)
@@ -292,31 +259,16 @@ def test_config_typo_writes_nothing_and_the_corrected_command_runs(tmp_path):
         ("attention.sofmax=softmax1", "sofmax"),
         ("model.transformer_overrides={hiden_dropout: 0.0}", "hiden_dropout"),
     ):
-        r = subprocess.run(_train_cmd(sets + [typo]), env=env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+        r = run(_train_cmd(sets + [typo]), timeout=120)
         errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
         assert r.returncode == 2 and len(errors) == 1 and name in errors[0], r.stderr[-2000:]
         assert not ck.exists() and not tb.exists() and list(tmp_path.iterdir()) == []
-    r = subprocess.run(
-        _train_cmd(sets + ["attention.softmax=softmax1"]),
-        env=env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert_exit_0(run(_train_cmd(sets + ["attention.softmax=softmax1"]), timeout=300), 2000)
     assert (ck / "latest").read_text().strip() == "iter_0000002" and (ck / "run.json").exists()
 
 
 def test_config_error_is_one_line_before_start(tmp_path):
-    r = subprocess.run(
-        _train_cmd(["parallel.pipeline_parallel=2", "parallel.zero_stage=3"]),
-        env=env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = run(_train_cmd(["parallel.pipeline_parallel=2", "parallel.zero_stage=3"]), timeout=120)
     assert r.returncode == 2
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "ZeRO-2/3" in errors[0], r.stderr[-2000:]

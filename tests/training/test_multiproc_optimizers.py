@@ -8,12 +8,11 @@ PP=2 ZeRO-1 follow their single-process curves."""
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from train_testlib import BASE, DEMO, ROOT, TORCHRUN, env, free_port
+from train_testlib import BASE, DEMO, assert_exit_0, run_torchrun
 
 pytestmark = pytest.mark.multiproc
 WORKER = str(Path(__file__).with_name("layouts_worker.py"))
@@ -65,20 +64,8 @@ def runs(tmp_path_factory):
         "sgd_tp2_z1": SGD + ["parallel.tensor_parallel=2", "parallel.zero_stage=1"],
         "muon_pp2_z1": MUON + ["parallel.pipeline_parallel=2", "parallel.zero_stage=1"],
     }
-    cmd = [
-        TORCHRUN,
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        WORKER,
-        str(out / "job.json"),
-        *[f"{n}:" + ",".join(s) for n, s in layouts.items()],
-    ]
-    r = subprocess.run(
-        cmd, env=dict(env(), WEIGHTS=str(weights)), cwd=ROOT, capture_output=True, text=True, timeout=1200
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    args = [f"{n}:" + ",".join(s) for n, s in layouts.items()]
+    assert_exit_0(run_torchrun(WORKER, out / "job.json", *args, timeout=1200, WEIGHTS=str(weights)))
     result.update(json.loads((out / "job.json").read_text()))
     result["dirs"] = {"ref": ref_dir, **resumes}
     return result

@@ -9,7 +9,7 @@ import torch
 from train_testlib import BASE, DEMO
 
 from megatron_outeff.errors import OutEffError
-from megatron_outeff.training.config import load_config
+from megatron_outeff.training.config import LAYOUT_KEYS, load_config
 
 
 def _train(sets, hook=None):
@@ -190,14 +190,7 @@ def test_fingerprint_of_adamw_configs_is_unchanged_by_optimizer_type():
     for k in ("exit_interval", "eval_interval", "eval_iters"):
         d["train"].pop(k)
     d["precision"].pop("max_skipped_steps")  # not part of any fingerprint (when a diverged run stops)
-    for k in (
-        "tensor_parallel",
-        "pipeline_parallel",
-        "sequence_parallel",
-        "zero_stage",
-        "cpu_offload",
-        "micro_batch_size",
-    ):
+    for k in LAYOUT_KEYS:  # pinned in test_elastic.py
         d["parallel"].pop(k)
     o = d["optimizer"]
     d["optimizer"] = {

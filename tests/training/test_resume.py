@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from train_testlib import BASE, DEMO
+from train_testlib import BASE, DEMO, indexed_sets, sentencepiece_corpus
 
 from megatron_outeff.errors import OutEffError
 from megatron_outeff.training.config import load_config
@@ -106,39 +106,18 @@ def test_moved_cache_and_respelled_paths_resume(tmp_path, monkeypatch):
     """The same indexed-data run, resumed with its index cache in another place, its data prefix spelled
     relative and through a symlink, and its tokenizer given as the directory holding it: resumed
     automatically (it used to be refused as another run) and equal to the uninterrupted run."""
-    import random
-
     from megatron_outeff.data.preprocess import preprocess_corpus
-    from megatron_outeff.data.tokenizer_training import train_sentencepiece
 
-    rng = random.Random(0)
-    words = "the of and to in a is that for it as was with be by on not he this are or his from at".split()
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text(
-        "".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(60))}) + "\n" for _ in range(120))
-    )
-    tok = train_sentencepiece([str(corpus)], str(tmp_path / "tok" / "spm"), vocab_size=300, num_threads=1)
+    tok = sentencepiece_corpus(corpus, tmp_path / "tok" / "spm")
     prefix = tmp_path / "data" / "corpus"
     preprocess_corpus(str(corpus), str(prefix), tok, progress=False)
     (tmp_path / "alias").symlink_to(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
 
     def cfg(ck, prefix, tokenizer, cache, extra=()):
-        return load_config(
-            DEMO,
-            BASE
-            + [
-                "model.arch_overrides.vocab_size=304",
-                "data.source=indexed",
-                f"data.train_paths=[{prefix}]",
-                f"data.tokenizer={tokenizer}",
-                f"data.cache_dir={cache}",
-                "data.split=90,10,0",
-                "train.train_iters=4",
-                f"checkpoint.dir={ck or 'null'}",
-                *extra,
-            ],
-        )
+        sets = indexed_sets({"tokenizer": tokenizer}, f"[{prefix}]", f"data.cache_dir={cache}", "data.split=90,10,0")
+        return load_config(DEMO, BASE + sets + ["train.train_iters=4", f"checkpoint.dir={ck or 'null'}", *extra])
 
     full = train(cfg(None, prefix, tok, tmp_path / "cache-a"))["history"]
     first = train(cfg(tmp_path / "ck", prefix, tok, tmp_path / "cache-a", ["train.exit_interval=2"]))["history"]

@@ -5,7 +5,7 @@ import json
 import math
 
 import pytest
-from train_testlib import BASE, DEMO, tensorboard_scalars
+from train_testlib import BASE, DEMO, indexed_sets, sentencepiece_corpus, tensorboard_scalars
 
 from megatron_outeff.errors import OutEffError
 from megatron_outeff.training.config import load_config
@@ -218,37 +218,18 @@ def test_weight_decay_by_parameter_role(variant, decay_norm):
 
 def test_indexed_dataset_source(tmp_path):
     """data.source=indexed: megatron GPTDatasets built from a preprocessed corpus; resumes exactly."""
-    import random
-
     from megatron_outeff.data.preprocess import preprocess_corpus
-    from megatron_outeff.data.tokenizer_training import train_sentencepiece
 
-    rng = random.Random(0)
-    words = "the of and to in a is that for it as was with be by on not he this are or his from at".split()
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text(
-        "".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(60))}) + "\n" for _ in range(120))
-    )
-    tok = train_sentencepiece([str(corpus)], str(tmp_path / "spm"), vocab_size=300, num_threads=1)
+    tok = sentencepiece_corpus(corpus, tmp_path / "spm")
     prefix = str(tmp_path / "idx" / "corpus")
     preprocess_corpus(str(corpus), prefix, tok, progress=False)
 
     def cfg(ck, extra=()):
+        sets = indexed_sets({"tokenizer": tok}, f"[{prefix}]", "data.split=90,10,0", "train.train_iters=4")
         return load_config(
             DEMO,
-            BASE
-            + [
-                "model.arch_overrides.vocab_size=304",
-                "data.source=indexed",
-                f"data.train_paths=[{prefix}]",
-                f"data.tokenizer={tok}",
-                "data.split=90,10,0",
-                "train.train_iters=4",
-                "train.eval_interval=2",
-                "train.eval_iters=1",
-                f"checkpoint.dir={ck or 'null'}",
-                *extra,
-            ],
+            BASE + sets + ["train.eval_interval=2", "train.eval_iters=1", f"checkpoint.dir={ck or 'null'}", *extra],
         )
 
     full = train(cfg(None))["history"]

@@ -1,6 +1,7 @@
 """Shared settings of the training tests: a tiny deterministic run (fp32, no clipping, no dropout)."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -42,6 +43,72 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tiny_arch(family: str, **fields):
+    """The family's ArchConfig (models/family.py) of a tiny model: name "t", 4 layers, 64 wide, 4 heads,
+    vocabulary 200, 32 positions; ``fields`` override or add (ffn_hidden_size, num_query_groups, ...)."""
+    from megatron_outeff.models.family import get_family
+
+    shape = dict(
+        name="t", num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=200, max_position_embeddings=32
+    )
+    return get_family(family).arch.ArchConfig(**{**shape, **fields})
+
+
+def set_args(overrides) -> list:
+    """The command-line form of config overrides: ``--set`` before each."""
+    return [a for s in overrides for a in ("--set", s)]
+
+
+def train_cmd(overrides, launcher=(PYTHON,)) -> list:
+    """The trainer's command line on the demo config with ``overrides`` (BASE not included), started by
+    ``launcher`` (a python, or torchrun and its arguments)."""
+    return [*launcher, "-m", "megatron_outeff.training.train", "--config", DEMO, *set_args(overrides)]
+
+
+def run(cmd, *, timeout, cwd=ROOT, **extra_env) -> subprocess.CompletedProcess:
+    """``cmd`` run to its end in ``cwd`` with env() plus ``extra_env``, stdout and stderr captured as text."""
+    return subprocess.run(cmd, env=dict(env(), **extra_env), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def run_tool(name: str, *args, timeout=600, **extra_env) -> subprocess.CompletedProcess:
+    """tools/<name>.py with ``args`` (each as str()), as a user runs it, through run()."""
+    return run([PYTHON, str(ROOT / "tools" / f"{name}.py"), *map(str, args)], timeout=timeout, **extra_env)
+
+
+def torchrun_launcher(nproc: int = 2) -> list:
+    """``torchrun --nproc_per_node nproc`` on a free master port: the words before a script or ``-m module``."""
+    return [TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
+
+
+def run_torchrun(script, *args, nproc: int = 2, timeout, **extra_env) -> subprocess.CompletedProcess:
+    """torchrun_launcher(nproc) of the test worker ``script`` with ``args``, through run()."""
+    return run([*torchrun_launcher(nproc), str(script), *map(str, args)], timeout=timeout, **extra_env)
+
+
+def assert_exit_0(r: subprocess.CompletedProcess, tail: int = 3000) -> None:
+    """The process exited 0; else the ends of its stdout and stderr are the message."""
+    assert r.returncode == 0, r.stdout[-tail:] + r.stderr[-tail:]
+
+
+def load_tp1(model, path, *, arch, variant, seq_length: int = 32) -> dict:
+    """checkpoint_format.load_into_model of ``path`` into a TP=1, PP=1 model (the tests' runs: 32 tokens)."""
+    from megatron_outeff.checkpoint_format import load_into_model
+
+    return load_into_model(
+        model, path, arch=arch, variant=variant, seq_length=seq_length, tp_rank=0, tp=1, pp_rank=0, pp=1
+    )
+
+
+def megatron_model_tp1(cfg, path):
+    """The megatron model of training config ``cfg`` at TP=1, PP=1 with the checkpoint ``path`` loaded,
+    in eval mode (the parallel state must be TP=1, PP=1)."""
+    from megatron_outeff.training.model import arch_config, attention_variant, build_model
+
+    model = build_model(cfg)
+    load_tp1(model, path, arch=arch_config(cfg), variant=attention_variant(cfg))
+    return model.eval()
 
 
 def tensorboard_scalars(tb_dir) -> dict:
@@ -97,6 +164,21 @@ def indexed_corpus(directory, sizes: dict, *, min_words: int = 3, max_words: int
         out[name] = str(directory / "idx" / name)
         preprocess_corpus(corpus, out[name], out["tokenizer"], progress=False)
     return out
+
+
+def sentencepiece_corpus(corpus, spm_prefix) -> str:
+    """120 documents of 60 random WORDS (seed 0) written to ``corpus`` (JSONL) and the sentencepiece tokenizer
+    (300 ids, one thread) trained on them at ``spm_prefix``: the tokenizer's path."""
+    import json
+    import random
+
+    from megatron_outeff.data.tokenizer_training import train_sentencepiece
+
+    rng = random.Random(0)
+    Path(corpus).write_text(
+        "".join(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(60))}) + "\n" for _ in range(120))
+    )
+    return train_sentencepiece([str(corpus)], str(spm_prefix), vocab_size=300, num_threads=1)
 
 
 def indexed_sets(corpus: dict, train_paths: str, *extra: str) -> list:
