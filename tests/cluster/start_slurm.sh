@@ -49,7 +49,9 @@ fi
 
 # slurm.conf: ours, or none (never overwrite a real cluster's).
 HOST="$(hostname -s)"
-CPUS="$(nproc)"
+# every CPU of the machine: nproc alone obeys OMP_NUM_THREADS (a test shell often sets it to 1), and a
+# node that slurm thinks has 1 CPU leaves the 2-task test jobs pending forever (PartitionConfig)
+CPUS="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
 if [[ -f "$CONF" ]] && ! grep -qF "$MARK" "$CONF"; then
     die "$CONF exists and was not written by this script; refusing to replace it"
 fi
