@@ -61,6 +61,7 @@ import yaml
 
 from megatron_outeff.errors import OutEffError, with_context
 from megatron_outeff.training.config import apply_override, config_from_dict, dataclass_from_dict
+from megatron_outeff.utils.markdown import md_row
 from megatron_outeff.utils.yaml_loader import load_yaml_file
 
 __all__ = [
@@ -895,14 +896,16 @@ def render_markdown(rep: dict) -> str:
         for a in arms:
             x = rep["arms"][a]["final"].get(key)
             cells.append("-" if x is None else fmt.format(x))
-        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+        lines.append(md_row([title, *cells]))
     lines += [
         "",
         "Against vanilla (reduction = vanilla / arm; effect needs both >= "
         f"{rep['config'].get('claim', {}).get('factor', ClaimConfig.factor)}x at |loss diff| <= "
         f"{rep['config'].get('claim', {}).get('loss_tolerance', ClaimConfig.loss_tolerance):.0%}):",
         "",
-        "| arm | idle-mass reduction | norm-ratio reduction | loss diff | removes sink | equal loss | effect |",
+        # removes_sink (report.json): both reductions >= the factor, the sink *and* the first-token norm
+        f"| arm | idle-mass reduction | norm-ratio reduction | loss diff | both >= "
+        f"{rep['config'].get('claim', {}).get('factor', ClaimConfig.factor)}x | equal loss | effect |",
         "|---|---|---|---|---|---|---|",
     ]
     for a, x in v["arms"].items():
@@ -1337,7 +1340,7 @@ def render_markdown_v2(rep: dict) -> str:
         "|---|" + "---|" * len(arms),
     ]
     for title, key, fmt in SUMMARY_ROWS:
-        lines.append(f"| {title} | " + " | ".join(_cell(rep["summary"][a].get(key), fmt) for a in arms) + " |")
+        lines.append(md_row([title, *(_cell(rep["summary"][a].get(key), fmt) for a in arms)]))
     lines += [
         "",
         "At matched copy loss (each run at its first probe with copy loss <= the target):",
@@ -1346,7 +1349,7 @@ def render_markdown_v2(rep: dict) -> str:
         "|---|" + "---|" * len(arms),
     ]
     for title, key, fmt in MATCHED_ROWS:
-        lines.append(f"| {title} | " + " | ".join(_cell(rep["summary"][a].get(key), fmt) for a in arms) + " |")
+        lines.append(md_row([title, *(_cell(rep["summary"][a].get(key), fmt) for a in arms)]))
     srcs = sorted(
         {k for a in arms for k in rep["summary"][a].get("first_token_norm_sources", {})},
         key=lambda k: (k != "embedding", k),

@@ -55,6 +55,7 @@ from megatron_outeff.metrics import (
     range_inflation,
 )
 from megatron_outeff.utils.atomic import atomic_output_dir, check_empty_output_dir
+from megatron_outeff.utils.markdown import md_row
 
 from .quant_eval import evaluate_quantization, load_hf_model, model_info
 
@@ -392,7 +393,7 @@ def render_markdown(report: dict) -> str:
         f"Outlier share: values with |x - mean| > {report['settings']['n_sigma']} sigma."
     )
     lines += ["", "| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
-    lines.append("| variant | " + " | ".join(_variant(m["model"]) for m in ms) + " |")
+    lines.append(md_row(["variant", *(_variant(m["model"]) for m in ms)]))
     for title, get, lower, fmt in HEADLINE_ROWS:
         vals = [get(m) for m in ms]
         if all(v is None for v in vals):
@@ -402,7 +403,7 @@ def render_markdown(report: dict) -> str:
             for m in ms:
                 t = m["top_outlier_channels"][0] if m["top_outlier_channels"] else None
                 cells.append("-" if t is None else f"dim {t['channel']} ({t['max_abs']:.4g}, {t['component']})")
-            lines.append(f"| {title} | " + " | ".join(cells) + " |")
+            lines.append(md_row([title, *cells]))
             continue
         finite = [v for v in vals if v is not None and math.isfinite(v)]
         best = (min(finite) if lower else max(finite)) if (lower is not None and finite and len(ms) > 1) else None
@@ -412,7 +413,7 @@ def render_markdown(report: dict) -> str:
                 c if c == "-" else f"{c} ({m['aggregates'].get('max_absmax_over_rms_component')})"
                 for c, m in zip(cells, ms)
             ]
-        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+        lines.append(md_row([title, *cells]))
     fp16_modes = {m["perplexity"].get("fp16", {}).get("note") for m in ms} - {None}
     for note in sorted(fp16_modes):
         lines.append(f"\nFP16: {note}.")
