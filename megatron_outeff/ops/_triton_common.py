@@ -1,7 +1,7 @@
-"""What the two Triton kernel files (``flash_attention.py``, ``row_softmax.py``) share: interpreter
-detection, the description of a kernel launch (``KernelLaunch``, which ``triton_compile`` compiles
-ahead of time exactly as it will run) and its runner, and the @triton.jit blocks of the softmax and
-of the clip.
+"""What the two Triton kernel files (``flash_attention.py``, ``row_softmax.py``) share: the description
+of a kernel launch (``KernelLaunch``, which ``triton_compile`` compiles ahead of time exactly as it will
+run) and its runner, and the @triton.jit blocks of the softmax and of the clip. (Interpreter detection
+lives in ``triton_env.interpreting``: asking must not import Triton.)
 
 A @triton.jit helper is inlined into the kernel that calls it and its tl.constexpr arguments are
 resolved at compile time, so a kernel compiles to the same code as with the block written out.
@@ -12,19 +12,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import triton
 import triton.language as tl
-
-if TYPE_CHECKING:
-    import torch
-
-
-def interpreting(device: "torch.device") -> bool:
-    """True when Triton kernels on tensors of ``device`` run under Triton's CPU interpreter:
-    TRITON_INTERPRET=1 (which Triton reads when the kernels are decorated) and a non-CUDA device."""
-    return device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @dataclass

@@ -20,6 +20,7 @@ from .reference import (
     outeff_softmax_reference,
 )
 from .sdpa_attention import SDPAUnavailable, sdpa_outeff_attention, warn_fallback
+from .triton_env import interpreting
 from .variants import Clip, resolve_sink, validate_attention_args
 
 
@@ -27,8 +28,6 @@ def triton_runs_on(device: torch.device) -> bool:
     """Triton kernels run on CUDA tensors, and on CPU tensors only under TRITON_INTERPRET=1."""
     if device.type == "cuda":
         return True
-    from ._triton_common import interpreting  # imports triton, so only when asked
-
     return device.type == "cpu" and interpreting(device)
 
 

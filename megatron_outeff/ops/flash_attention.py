@@ -80,7 +80,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._triton_common import KernelLaunch, clip_grad, clip_probs, interpreting, online_softmax_step, run_launch
+from ._triton_common import KernelLaunch, clip_grad, clip_probs, online_softmax_step, run_launch
+from .triton_env import interpreting
 from .variants import Clip
 
 LOG2E = 1.4426950408889634

@@ -285,12 +285,6 @@ def test_bad_input_names_the_value(kwargs, message):
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
-    # Triton reads TRITON_INTERPRET when it decorates a @triton.jit function: the shared helpers must be
-    # decorated under the session's "1" before this test flips it, or every later interpreted kernel that
-    # calls them fails ("Cannot call @triton.jit'd outside of the scope of a kernel") in whatever test
-    # happens to import them next.
-    import megatron_outeff.ops._triton_common  # noqa: F401
-
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, v = rand_qkv()
     with pytest.raises(ValueError, match="impl='triton' on device cpu"):
