@@ -41,6 +41,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_outeff.utils.markdown import md_row
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -286,10 +288,10 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
         return format(v, fmt) if fmt and isinstance(v, (int, float)) else str(v)
 
     lines = [
-        "| " + " | ".join(h for h, _, _ in columns) + " |",
-        "|" + "|".join("---:" if fmt else "---" for _, _, fmt in columns) + "|",
+        md_row(h for h, _, _ in columns),
+        "|" + "|".join("---:" if fmt else "---" for _, _, fmt in columns) + "|",  # numbers right-aligned
     ]
-    lines += ["| " + " | ".join(cell(r, k, f) for _, k, f in columns) + " |" for r in rows]
+    lines += [md_row(cell(r, k, f) for _, k, f in columns) for r in rows]
     return "\n".join(lines)
 
 

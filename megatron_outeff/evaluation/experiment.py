@@ -61,7 +61,7 @@ import yaml
 
 from megatron_outeff.errors import OutEffError, with_context
 from megatron_outeff.training.config import apply_override, config_from_dict, dataclass_from_dict
-from megatron_outeff.utils.markdown import md_row
+from megatron_outeff.utils.markdown import md_header, md_row
 from megatron_outeff.utils.yaml_loader import load_yaml_file
 
 __all__ = [
@@ -888,8 +888,7 @@ def render_markdown(rep: dict) -> str:
         + ".",
         f"Wall time {rep['wall_seconds']:.0f} s on {rep['cpu_count']} CPU cores. Command: `{' '.join(rep['command'])}`",
         "",
-        "| metric (final) | " + " | ".join(arms) + " |",
-        "|---|" + "---|" * len(arms),
+        *md_header(["metric (final)", *arms]),
     ]
     for title, key, fmt in FINAL_ROWS:
         cells = []
@@ -904,15 +903,21 @@ def render_markdown(rep: dict) -> str:
         f"{rep['config'].get('claim', {}).get('loss_tolerance', ClaimConfig.loss_tolerance):.0%}):",
         "",
         # removes_sink (report.json): both reductions >= the factor, the sink *and* the first-token norm
-        f"| arm | idle-mass reduction | norm-ratio reduction | loss diff | both >= "
-        f"{rep['config'].get('claim', {}).get('factor', ClaimConfig.factor)}x | equal loss | effect |",
-        "|---|---|---|---|---|---|---|",
+        *md_header(
+            [
+                "arm",
+                "idle-mass reduction",
+                "norm-ratio reduction",
+                "loss diff",
+                f"both >= {rep['config'].get('claim', {}).get('factor', ClaimConfig.factor)}x",
+                "equal loss",
+                "effect",
+            ]
+        ),
     ]
     for a, x in v["arms"].items():
-        lines.append(
-            f"| {a} | {x['idle_mass_reduction']:.2f}x | {x['norm_ratio_reduction']:.2f}x | {x['loss_rel_diff']:+.2%} | "
-            f"{x['removes_sink']} | {x['equal_loss']} | {x['effect']} |"
-        )
+        row = [a, f"{x['idle_mass_reduction']:.2f}x", f"{x['norm_ratio_reduction']:.2f}x", f"{x['loss_rel_diff']:+.2%}"]
+        lines.append(md_row([*row, x["removes_sink"], x["equal_loss"], x["effect"]]))
     c = v["control"]
     lines += [
         "",
@@ -1336,8 +1341,7 @@ def render_markdown_v2(rep: dict) -> str:
         + f"Claims (pre-registered rules, every seed agreeing): **{'; '.join(v['claims']) or 'none'}**.",
         f"Wall time {rep['wall_seconds']:.0f} s on {rep['cpu_count']} CPU cores. Command: `{' '.join(rep['command'])}`",
         "",
-        "| metric | " + " | ".join(arms) + " |",
-        "|---|" + "---|" * len(arms),
+        *md_header(["metric", *arms]),
     ]
     for title, key, fmt in SUMMARY_ROWS:
         lines.append(md_row([title, *(_cell(rep["summary"][a].get(key), fmt) for a in arms)]))
@@ -1345,8 +1349,7 @@ def render_markdown_v2(rep: dict) -> str:
         "",
         "At matched copy loss (each run at its first probe with copy loss <= the target):",
         "",
-        "| metric | " + " | ".join(arms) + " |",
-        "|---|" + "---|" * len(arms),
+        *md_header(["metric", *arms]),
     ]
     for title, key, fmt in MATCHED_ROWS:
         lines.append(md_row([title, *(_cell(rep["summary"][a].get(key), fmt) for a in arms)]))
@@ -1360,32 +1363,24 @@ def render_markdown_v2(rep: dict) -> str:
             "Where the first token's vector comes from: ||x_0|| at each source (same step; attention / MLP "
             "outputs before their bias; `layer` = the residual stream after the layer):",
             "",
-            "| source | " + " | ".join(arms) + " |",
-            "|---|" + "---|" * len(arms),
+            *md_header(["source", *arms]),
         ]
         for src in srcs:
-            lines.append(
-                f"| {src} | "
-                + " | ".join(
-                    _cell(rep["summary"][a].get("first_token_norm_sources", {}).get(src), "{:.3g}") for a in arms
-                )
-                + " |"
-            )
+            cells = [_cell(rep["summary"][a].get("first_token_norm_sources", {}).get(src), "{:.3g}") for a in arms]
+            lines.append(md_row([src, *cells]))
     lines += [
         "",
-        "| rule | arm | claimed | same step, every seed | matched copy loss, every seed | per seed (same step) |",
-        "|---|---|---|---|---|---|",
+        *md_header(
+            ["rule", "arm", "claimed", "same step, every seed", "matched copy loss, every seed", "per seed (same step)"]
+        ),
     ]
     for r in v["rules"]:
         per_seed = "; ".join(
             f"s{s}: " + ", ".join(f"{k} {'ok' if ok else 'no'}" for k, ok in x["same_step"]["checks"].items())
             for s, x in r["seeds"].items()
         )
-        lines.append(
-            f"| {r['rule']} | {r['arm']} | {r['claimed']}"
-            + (f" ({r['why']})" if r.get("why") else "")
-            + f" | {r['same_step_all_seeds']} | {r['matched_all_seeds']} | {per_seed} |"
-        )
+        claimed = f"{r['claimed']}" + (f" ({r['why']})" if r.get("why") else "")
+        lines.append(md_row([r["rule"], r["arm"], claimed, r["same_step_all_seeds"], r["matched_all_seeds"], per_seed]))
     ctl = "; ".join(
         f"s{s}: "
         + ", ".join(

@@ -55,7 +55,7 @@ from megatron_outeff.metrics import (
     range_inflation,
 )
 from megatron_outeff.utils.atomic import atomic_output_dir, check_empty_output_dir
-from megatron_outeff.utils.markdown import md_row
+from megatron_outeff.utils.markdown import md_header, md_row
 
 from .quant_eval import evaluate_quantization, load_hf_model, model_info
 
@@ -392,7 +392,7 @@ def render_markdown(report: dict) -> str:
         "Lower is better for every bold-able row; **bold** = best model. "
         f"Outlier share: values with |x - mean| > {report['settings']['n_sigma']} sigma."
     )
-    lines += ["", "| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    lines += ["", *md_header(["", *labels])]
     lines.append(md_row(["variant", *(_variant(m["model"]) for m in ms)]))
     for title, get, lower, fmt in HEADLINE_ROWS:
         vals = [get(m) for m in ms]
@@ -440,7 +440,7 @@ def render_markdown(report: dict) -> str:
             + [f"kurtosis {k}" for k in LAYER_KINDS]
             + ["outlier share (max)", "top residual dims", "first-token mass", "sink mass"]
         )
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += md_header(head)
         for row in m["layers"]:
             res = row["layer"]
             dims = ", ".join(f"{c}:{v:.3g}" for c, v in zip(res["top_channels"][:3], res["top_channel_values"][:3]))
@@ -455,7 +455,7 @@ def render_markdown(report: dict) -> str:
                     f"{row['sink_mass']:.4f}",
                 ]
             )
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append(md_row(cells))
         f = m.get("final_ln")
         if f:
             dims = ", ".join(f"{c}:{v:.3g}" for c, v in zip(f["top_channels"][:3], f["top_channel_values"][:3]))

@@ -3,7 +3,7 @@ their numbers when rendered before)."""
 
 import re
 
-from megatron_outeff.utils.markdown import md_row
+from megatron_outeff.utils.markdown import md_header, md_row
 
 
 def _cells(row: str) -> list[str]:
@@ -19,3 +19,7 @@ def test_pipes_inside_cells_are_escaped():
 
 def test_newlines_fold_and_plain_cells_pass_through():
     assert md_row(["a\nb", "c"]) == "| a b | c |"
+
+
+def test_header_and_separator():
+    assert md_header(["", "vanilla", "softmax1"]) == ["| | vanilla | softmax1 |", "|---|---|---|"]
