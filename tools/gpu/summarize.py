@@ -30,6 +30,7 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 from megatron_outeff.bench.targets import GPU_TARGETS, aggregate
+from megatron_outeff.utils.markdown import md_row
 
 STEP_ORDER = ("setup", "env", "aot_sm90", "bench_attention", "bench_train", "tests", "experiment")
 
@@ -149,13 +150,12 @@ def markdown(summary: dict, work: Path) -> str:
         f"Time scale {summary['time_scale']}, overall budget {summary['budget_s']} s. SDPA backend: "
         f"{summary['sdpa_backend']}",
         "",
-        "| step | status | seconds | limit s | note |",
+        md_row(["step", "status", "seconds", "limit s", "note"]),
         "|---|---|---:|---:|---|",
     ]
     for name, st in summary["steps"].items():
         lines.append(
-            f"| {name} | {st.get('status')} | {_fmt(st.get('seconds'))} | {_fmt(st.get('limit_s'))} | "
-            f"{st.get('note', '')} |"
+            md_row([name, st.get("status"), _fmt(st.get("seconds")), _fmt(st.get("limit_s")), st.get("note", "")])
         )
     t = summary["tests"]
     lines += [
@@ -169,10 +169,10 @@ def markdown(summary: dict, work: Path) -> str:
     ]
     if t and t["failures"]:
         lines += [f"- FAILED {f}" for f in t["failures"]]
-    lines += ["", "| target | value | goal | met | detail |", "|---|---:|---|---|---|"]
+    lines += ["", md_row(["target", "value", "goal", "met", "detail"]), "|---|---:|---|---|---|"]
     for key, tg in summary["targets"].items():
         met = {True: "MET", False: "NOT MET", None: "-"}[tg["met"]]
-        lines.append(f"| {key} | {_fmt(tg['value'])} | {tg['op']} {_fmt(tg['goal'])} | {met} | {tg['detail']} |")
+        lines.append(md_row([key, _fmt(tg["value"]), f"{tg['op']} {_fmt(tg['goal'])}", met, tg["detail"]]))
     for md in sorted(work.glob("*.md")):
         lines += ["", md.read_text().strip().replace("\n# ", "\n## ").replace("# ", "## ", 1)]
     return "\n".join(lines) + "\n"
