@@ -51,7 +51,7 @@ for split in train valid; do
 done
 
 for run in "${RUNS[@]}"; do
-    step "4/8 pretrain $run (${DEMO_TRAIN_ITERS:-$(sed -n "s/.*train_iters: *\([0-9]*\).*/\1/p" "$TRAIN_CONFIG")} iterations; TensorBoard: $OUT/tensorboard/$run)"
+    step "4/8 pretrain $run (${DEMO_TRAIN_ITERS:-train.train_iters of $TRAIN_CONFIG} iterations; TensorBoard: $OUT/tensorboard/$run)"
     "$PY" -m megatron_outeff.training.train --config "$TRAIN_CONFIG" \
         --set "attention.softmax=$run" "${ITERS[@]}" \
         --set "checkpoint.dir=$OUT/checkpoints/$run" --set "logging.tensorboard_dir=$OUT/tensorboard/$run" \
