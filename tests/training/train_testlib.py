@@ -28,12 +28,12 @@ BASE = [
 
 
 def env():
-    e = dict(os.environ)
+    from megatron_outeff.megatron.parallel import single_process_env
+
+    e = single_process_env()  # no launcher variables: each child starts its own group
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     e.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache/torch_extensions"))
     e["PYTHONUNBUFFERED"] = "1"
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(k, None)
     return e
 
 
