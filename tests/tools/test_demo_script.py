@@ -35,3 +35,12 @@ def test_demo_bigram_backcopy_step_is_bb_sink_with_two_arms():
     full = load_experiment(ROOT / config)
     assert exp.training == full.training
     assert all(re.match(r"(arms|evaluation\.deployable)=", s) for s in sets)
+
+
+def test_bad_demo_length_is_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "demo"
+    env = {"PATH": "/usr/bin:/bin", "DEMO_TRAIN_ITERS": "abc"}
+    r = subprocess.run(["bash", str(DEMO), str(out)], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: DEMO_TRAIN_ITERS=abc: expected a positive integer"
+    assert not out.exists()
