@@ -177,7 +177,7 @@ def _hf_tokenizer_dir(tokenizer, tmp: Path) -> Optional[Path]:
 
 
 def reshard(ckpt, out_dir, *, tp: int, pp: int, iteration=None, progress: Progress = None) -> Path:
-    from megatron_outeff.models.opt import padded_vocab_size
+    from megatron_outeff.models.common import padded_vocab_size
 
     out_dir = check_empty_output_dir(out_dir)
     manifest, arch, variant, hf, padded = load_checkpoint_full(ckpt, iteration, progress)
@@ -320,7 +320,7 @@ def from_hf(
     seed: int = 0,
     progress: Progress = None,
 ) -> Path:
-    from megatron_outeff.models.opt import padded_vocab_size
+    from megatron_outeff.models.common import padded_vocab_size
 
     out_dir = check_empty_output_dir(out_dir)
     if isinstance(variant, (str, type(None))):

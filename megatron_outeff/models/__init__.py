@@ -15,13 +15,18 @@ models.family
     FAMILIES, get_family(name), family_of(arch), family_for_arch(name_or_path), family_for_hf_model_type(t),
     family_for_manifest(manifest), available_archs()
 
+models.model_yaml (every family's model YAML: configs/model/<family>-<size>.yaml or a path)
+    ParallelHint, shipped_sizes(family), resolve(name_or_path, family), read(name_or_path, family) -> (path, doc),
+    load_arch(ArchConfig, name_or_path), load_parallel_hint(ArchConfig, name_or_path, check_layout)
+models.common (what the families' builders share)
+    padded_vocab_size(vocab_size, tp_size), ArchConfigBase, build_family_model(arch, variant, **options), ...
 models.opt
     OPTArchConfig, load_arch_config(name_or_path), load_parallel_hint(name_or_path), available_sizes()
     opt_transformer_config(arch, variant=None, **overrides) -> TransformerConfig
     build_opt_model(arch, variant=None, *, vocab_size=None, params_dtype=torch.float32,
                     sequence_parallel=False, pre_process=None, post_process=None, seq_length=None,
                     **transformer_overrides) -> OPTGPTModel (a megatron-core GPTModel)
-    padded_vocab_size(vocab_size, tp_size), OPT_POSITION_OFFSET
+    OPT_POSITION_OFFSET
 models.opt_layers (imported by models.opt when needed; OPT-350m)
     OPTPostLNTransformerLayer + OPTPostLNLayerSubmodules, post_layernorm_layer_spec(layer_spec),
     OPTProjectedWordEmbedding (project_in), OPTProjectedOutputLayer (project_out)

@@ -6,7 +6,7 @@ family up and call what its modules offer, the same functions for every family:
 
     arch module (``family.arch``, e.g. models/opt.py, models/llama.py)
         ArchConfig, load_arch_config(name_or_path), load_parallel_hint(name_or_path), available_sizes(),
-        check_parallel_layout(arch, tp, pp), padded_vocab_size(vocab, tp),
+        check_parallel_layout(arch, tp, pp),
         transformer_config(arch, variant=None, **overrides), build_model(arch, variant=None, **kw),
         TRANSFORMER_FIELDS_FROM_ARCH ({megatron TransformerConfig field: the arch field setting it or None}),
         TRANSFORMER_FIELDS_UNSUPPORTED ({TransformerConfig field: why model.transformer_overrides refuses it})
@@ -47,7 +47,7 @@ from typing import Mapping, Union
 
 from megatron_outeff.errors import OutEffError
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"  # the shipped model YAMLs (models/model_yaml.py)
 
 
 @dataclass(frozen=True)
@@ -182,15 +182,13 @@ def family_for_arch(name_or_path: Union[str, Path, object]) -> ModelFamily:
 
 
 def yaml_family(path: Path) -> str:
-    """The ``family:`` of a model YAML (OPT when absent); reads the file (one-line error if unreadable)."""
-    import yaml
+    """The ``family:`` of a model YAML (OPT when absent), read by the project's one YAML loader (duplicate keys
+    refused; models/model_yaml.py reads the rest of the file); one-line error if missing or unreadable."""
+    from megatron_outeff.utils.yaml_loader import load_yaml_file
 
     if not path.is_file():
         raise OutEffError(f"model config {str(path)!r}: no such file")
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise OutEffError(f"{path}: unreadable model config ({' '.join(str(e).split())[:200]})") from None
+    doc = load_yaml_file(path)
     name = doc.get("family", DEFAULT_FAMILY) if isinstance(doc, dict) else DEFAULT_FAMILY
     if name not in FAMILIES:
         raise OutEffError(f"{path}: family={name!r}: expected one of {sorted(FAMILIES)}")

@@ -47,8 +47,8 @@ from megatron_outeff.errors import OutEffError, with_context
 from megatron_outeff.utils.atomic import atomic_output_dir
 from megatron_outeff.utils.safetensors_io import check_readable, load_tensors
 
-from .common import ARCH_SIZE_FIELDS
-from .opt import OPT_POSITION_OFFSET, OPTArchConfig, check_parallel_layout, load_arch_config, padded_vocab_size
+from .common import ARCH_SIZE_FIELDS, padded_vocab_size
+from .opt import OPT_POSITION_OFFSET, OPTArchConfig, check_parallel_layout, load_arch_config
 
 HF_DECODER = "model.decoder."
 HF_LM_HEAD = "lm_head.weight"

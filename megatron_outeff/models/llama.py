@@ -32,26 +32,14 @@ import torch.nn.functional as F
 
 from megatron_outeff.errors import OutEffError
 
-from .common import (
-    COMMON_TRANSFORMER_FIELDS,
-    ArchConfigBase,
-    as_variant,
-    build_family_model,
-    check_arch_sizes,
-    check_arch_values,
-    check_layout_divides,
-    family_transformer_config,
-    local_block_submodules,
-    padded_vocab_size,
-)
-from .opt import family_sizes, load_family_arch, load_family_parallel_hint
+from . import common, model_yaml
 
 FAMILY = "llama"
 CONFIG_PREFIX = "llama-"
 
 
 @dataclass
-class LlamaArchConfig(ArchConfigBase):
+class LlamaArchConfig(common.ArchConfigBase):
     """One Llama architecture: the ``arch:`` section of ``configs/model/llama-<size>.yaml``.
 
     Field names follow megatron-core (and OPTArchConfig where the two families share a knob, so the
@@ -80,8 +68,8 @@ class LlamaArchConfig(ArchConfigBase):
     scaled_output_layer_init: bool = True
 
     def __post_init__(self):
-        check_arch_sizes(self, ("num_query_groups",) if self.num_query_groups is not None else ())
-        check_arch_values(
+        common.check_arch_sizes(self, ("num_query_groups",) if self.num_query_groups is not None else ())
+        common.check_arch_values(
             self,
             positive_ints=(),
             probabilities=("hidden_dropout", "attention_dropout"),
@@ -111,16 +99,16 @@ class LlamaArchConfig(ArchConfigBase):
 
 def load_arch_config(name_or_path: Union[str, Path, LlamaArchConfig]) -> LlamaArchConfig:
     """The architecture of a Llama size name ('tiny', 'llama-tiny', 'llama-3-8b') or of a YAML file path."""
-    return load_family_arch(LlamaArchConfig, name_or_path)
+    return model_yaml.load_arch(LlamaArchConfig, name_or_path)
 
 
 def load_parallel_hint(name_or_path: Union[str, Path]):
     """The suggested layout (tensor_parallel, pipeline_parallel, zero_stage) of a Llama model YAML."""
-    return load_family_parallel_hint(LlamaArchConfig, name_or_path, check_parallel_layout)
+    return model_yaml.load_parallel_hint(LlamaArchConfig, name_or_path, check_parallel_layout)
 
 
 def available_sizes() -> list[str]:
-    return family_sizes(FAMILY)
+    return model_yaml.shipped_sizes(FAMILY)
 
 
 def check_parallel_layout(arch: LlamaArchConfig, tp_size: int, pp_size: int) -> None:
@@ -131,13 +119,13 @@ def check_parallel_layout(arch: LlamaArchConfig, tp_size: int, pp_size: int) -> 
         ("num_query_groups", arch.query_groups),
         ("ffn_hidden_size", arch.ffn_hidden_size),
     )
-    check_layout_divides(arch, tp_size, pp_size, tp_split)
+    common.check_layout_divides(arch, tp_size, pp_size, tp_split)
 
 
 # The TransformerConfig fields llama_transformer_config sets from the architecture: megatron's name ->
 # the LlamaArchConfig field that sets it, or None where the Llama family fixes (or derives) the value.
 TRANSFORMER_FIELDS_FROM_ARCH = {
-    **COMMON_TRANSFORMER_FIELDS,
+    **common.COMMON_TRANSFORMER_FIELDS,
     "num_query_groups": "num_query_groups",
     "activation_func": None,
     "rotary_interleaved": None,
@@ -193,7 +181,7 @@ def llama_transformer_config(arch: Union[LlamaArchConfig, str], variant=None, **
         apply_residual_connection_post_layernorm=False,
         rotary_interleaved=False,
     )
-    return family_transformer_config(arch, TRANSFORMER_FIELDS_FROM_ARCH, fixed, overrides, variant)
+    return common.family_transformer_config(arch, TRANSFORMER_FIELDS_FROM_ARCH, fixed, overrides, variant)
 
 
 def llama_block_spec(config, variant=None, *, seq_length: Optional[int] = None):
@@ -205,12 +193,12 @@ def llama_block_spec(config, variant=None, *, seq_length: Optional[int] = None):
 
     from megatron_outeff.megatron.layer_spec import TorchNorm, get_outeff_block_spec
 
-    variant = as_variant(variant)
+    variant = common.as_variant(variant)
     if variant is not None:
         return ModuleSpec(
             module=TransformerBlock, submodules=get_outeff_block_spec(config, variant, seq_length=seq_length)
         )
-    sub = local_block_submodules(config, TorchNorm, normalization=config.normalization)
+    sub = common.local_block_submodules(config, TorchNorm, normalization=config.normalization)
     return ModuleSpec(module=TransformerBlock, submodules=sub)
 
 
@@ -221,7 +209,7 @@ def build_llama_model(arch: Union[LlamaArchConfig, str], variant=None, **options
     params_dtype, sequence_parallel, pre_process, post_process, seq_length, and TransformerConfig overrides.
     Forward takes 0-based ``position_ids`` (megatron's RoPE ignores them: positions are 0..s-1 of the sequence).
     """
-    return build_family_model(load_arch_config(arch), variant, **options)
+    return common.build_family_model(load_arch_config(arch), variant, **options)
 
 
 def block_spec(config, arch: LlamaArchConfig, variant, seq_length: Optional[int]):
@@ -266,6 +254,5 @@ __all__ = [
     "llama_transformer_config",
     "load_arch_config",
     "load_parallel_hint",
-    "padded_vocab_size",
     "transformer_config",
 ]

@@ -26,7 +26,6 @@ rows): the megatron model keeps the SAME ``max_positions + 2``-row table as one 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Optional, Union
@@ -36,30 +35,16 @@ import torch.nn.functional as F
 
 from megatron_outeff.errors import OutEffError
 
-from .common import (  # noqa: F401  (padded_vocab_size: imported from here by callers)
-    COMMON_TRANSFORMER_FIELDS,
-    ArchConfigBase,
-    as_variant,
-    build_family_model,
-    check_arch_sizes,
-    check_arch_values,
-    check_layout_divides,
-    family_transformer_config,
-    local_block_submodules,
-    padded_vocab_size,
-)
+from . import common, model_yaml
 
 # Hugging Face OPTLearnedPositionalEmbedding.offset (inherited from fairseq's padding_idx + 1).
 OPT_POSITION_OFFSET = 2
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = REPO_ROOT / "configs" / "model"
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
 
 @dataclass
-class OPTArchConfig(ArchConfigBase):
+class OPTArchConfig(common.ArchConfigBase):
     """One OPT architecture: the ``arch:`` section of ``configs/model/opt-<size>.yaml``."""
 
     family: ClassVar[str] = "opt"  # models/family.py
@@ -85,10 +70,10 @@ class OPTArchConfig(ArchConfigBase):
     scaled_output_layer_init: bool = True
 
     def __post_init__(self):
-        check_arch_sizes(self)
+        common.check_arch_sizes(self)
         if self.activation not in _ACTIVATIONS:
             raise OutEffError(f"{self.name}: activation={self.activation!r}: expected one of {sorted(_ACTIVATIONS)}")
-        check_arch_values(
+        common.check_arch_values(
             self, positive_ints=(), probabilities=("hidden_dropout", "attention_dropout"), positive=("init_method_std",)
         )
         if self.word_embed_proj_dim is not None and (
@@ -111,105 +96,19 @@ class OPTArchConfig(ArchConfigBase):
         return self.word_embed_proj_dim if self.word_embed_proj_dim is not None else self.hidden_size
 
 
-@dataclass
-class OPTParallelHint:
-    """The ``parallel:`` section of a model YAML: a suggested layout under the training config's own
-    ``parallel:`` key names (to copy there), never read by the builder."""
-
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    zero_stage: int = 0
-
-
-_YAML_SECTIONS = {"family", "arch", "parallel"}
-
-
-def resolve_arch_path(name_or_path: Union[str, Path], family: str = "opt") -> Path:
-    """'125m', 'opt-125m' -> configs/model/opt-125m.yaml in this repository (``family``'s prefix); anything
-    else is a path."""
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.is_file():
-            raise OutEffError(f"model config {str(name_or_path)!r}: no such file")
-        return p
-    prefix = f"{family}-"
-    name = str(name_or_path).lower()
-    name = name[len(prefix) :] if name.startswith(prefix) else name
-    path = CONFIG_DIR / f"{prefix}{name}.yaml"
-    if not path.is_file():
-        from .family import get_family
-
-        known = sorted(q.stem[len(prefix) :] for q in CONFIG_DIR.glob(f"{prefix}*.yaml"))
-        raise OutEffError(
-            f"model config {str(name_or_path)!r}: unknown {get_family(family).label} size; "
-            f"expected one of {known} or a YAML path"
-        )
-    return path
-
-
-def _load_yaml(name_or_path, family: str = "opt") -> tuple[Path, dict]:
-    """(path, document) of a model YAML of ``family`` (its ``family:`` key, OPT when absent)."""
-    from megatron_outeff.utils.yaml_loader import load_yaml_file
-
-    path = resolve_arch_path(name_or_path, family)
-    doc = load_yaml_file(path)
-    if not isinstance(doc, dict) or "arch" not in doc:
-        raise OutEffError(f"{path}: expected a mapping with an 'arch:' section")
-    unknown = sorted(set(doc) - _YAML_SECTIONS)
-    if unknown:
-        raise OutEffError(f"{path}: unknown top-level key(s) {unknown}; expected a subset of {sorted(_YAML_SECTIONS)}")
-    if doc.get("family", "opt") != family:
-        raise OutEffError(f"{path}: family={doc.get('family')!r}, expected {family!r} here")
-    return path, doc
-
-
-def load_family_arch(cls, name_or_path):
-    """The ``cls`` (a family's ArchConfig) of a size name or a model YAML path of its family; an instance
-    passes through."""
-    if isinstance(name_or_path, cls):
-        return name_or_path
-    path, doc = _load_yaml(name_or_path, cls.family)
-    return cls.from_dict(doc["arch"], source=f"{path}: arch")
-
-
-def load_family_parallel_hint(cls, name_or_path, check_layout) -> OPTParallelHint:
-    """The ``parallel:`` hint of a model YAML of ``cls``'s family, checked against its architecture by
-    ``check_layout`` (the family's check_parallel_layout); defaults when it has no such section."""
-    path, doc = _load_yaml(name_or_path, cls.family)
-    hint = parallel_hint_section(path, doc)
-    check_layout(load_family_arch(cls, path), hint.tensor_parallel, hint.pipeline_parallel)
-    return hint
-
-
-def family_sizes(family: str) -> list[str]:
-    """The size names of the shipped ``configs/model/<family>-<size>.yaml`` files."""
-    prefix = f"{family}-"
-    return sorted(q.stem[len(prefix) :] for q in CONFIG_DIR.glob(f"{prefix}*.yaml"))
-
-
 def load_arch_config(name_or_path: Union[str, Path, OPTArchConfig]) -> OPTArchConfig:
     """The architecture of an OPT size name ('125m', 'opt-1.3b', 'tiny') or of a YAML file path."""
-    return load_family_arch(OPTArchConfig, name_or_path)
+    return model_yaml.load_arch(OPTArchConfig, name_or_path)
 
 
-def load_parallel_hint(name_or_path: Union[str, Path]) -> OPTParallelHint:
+def load_parallel_hint(name_or_path: Union[str, Path]) -> model_yaml.ParallelHint:
     """The suggested layout (tensor_parallel, pipeline_parallel, zero_stage) of a model YAML, checked
     against its architecture; defaults when it has no such section."""
-    return load_family_parallel_hint(OPTArchConfig, name_or_path, check_parallel_layout)
-
-
-def parallel_hint_section(path: Path, doc: dict) -> OPTParallelHint:
-    """The ``parallel:`` section of a model YAML document (any family), its keys checked."""
-    d = doc.get("parallel") or {}
-    known = {f.name for f in dataclasses.fields(OPTParallelHint)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise OutEffError(f"{path}: parallel: unknown key(s) {unknown}; expected a subset of {sorted(known)}")
-    return OPTParallelHint(**d)
+    return model_yaml.load_parallel_hint(OPTArchConfig, name_or_path, check_parallel_layout)
 
 
 def available_sizes() -> list[str]:
-    return family_sizes("opt")
+    return model_yaml.shipped_sizes(OPTArchConfig.family)
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,7 +118,7 @@ def available_sizes() -> list[str]:
 def check_parallel_layout(arch: OPTArchConfig, tp_size: int, pp_size: int) -> None:
     """One-line OutEffError unless TP divides the heads and the FFN, and PP the layers."""
     tp_split = (("num_attention_heads", arch.num_attention_heads), ("ffn_hidden_size", arch.ffn_hidden_size))
-    check_layout_divides(arch, tp_size, pp_size, tp_split)
+    common.check_layout_divides(arch, tp_size, pp_size, tp_split)
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,7 +127,7 @@ def check_parallel_layout(arch: OPTArchConfig, tp_size: int, pp_size: int) -> No
 
 # The TransformerConfig fields opt_transformer_config sets from the architecture: megatron's name -> the
 # OPTArchConfig field that sets it, or None where the OPT family fixes the value (or derives it).
-TRANSFORMER_FIELDS_FROM_ARCH = {**COMMON_TRANSFORMER_FIELDS, "activation_func": "activation"}
+TRANSFORMER_FIELDS_FROM_ARCH = {**common.COMMON_TRANSFORMER_FIELDS, "activation_func": "activation"}
 
 
 # TransformerConfig fields the OPT family does not support through overrides, with the reason: each would change
@@ -275,7 +174,7 @@ def opt_transformer_config(arch: Union[OPTArchConfig, str], variant=None, **over
         normalization="LayerNorm",
         apply_residual_connection_post_layernorm=False,
     )
-    return family_transformer_config(arch, TRANSFORMER_FIELDS_FROM_ARCH, fixed, overrides, variant)
+    return common.family_transformer_config(arch, TRANSFORMER_FIELDS_FROM_ARCH, fixed, overrides, variant)
 
 
 class OPTLayerNorm(torch.nn.LayerNorm):
@@ -307,13 +206,13 @@ def opt_block_spec(config, variant=None, *, seq_length: Optional[int] = None, po
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 
-    variant = as_variant(variant)
+    variant = common.as_variant(variant)
     if variant is not None:
         from megatron_outeff.megatron.layer_spec import get_outeff_block_spec
 
         sub = get_outeff_block_spec(config, variant, seq_length=seq_length)
     else:
-        sub = local_block_submodules(config, OPTLayerNorm, replace=(torch.nn.LayerNorm,))
+        sub = common.local_block_submodules(config, OPTLayerNorm, replace=(torch.nn.LayerNorm,))
     if not post_layernorm:
         return ModuleSpec(module=TransformerBlock, submodules=sub)
     from .opt_layers import post_layernorm_layer_spec
@@ -434,7 +333,7 @@ def build_opt_model(arch: Union[OPTArchConfig, str], variant=None, **options):
     sequence_parallel, pre_process, post_process, seq_length, and TransformerConfig overrides.
     Forward takes megatron-native 0-based ``position_ids``; the OPT offset is applied inside.
     """
-    return build_family_model(load_arch_config(arch), variant, **options)
+    return common.build_family_model(load_arch_config(arch), variant, **options)
 
 
 def block_spec(config, arch: OPTArchConfig, variant, seq_length: Optional[int]):

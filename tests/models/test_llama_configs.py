@@ -104,11 +104,16 @@ def test_the_registry_resolves_every_spelling(tmp_path):
     own = tmp_path / "mine.yaml"
     own.write_text((fam.CONFIG_DIR / "llama-tiny.yaml").read_text().replace("name: llama-tiny", "name: mine"))
     assert fam.get_family("llama").arch.load_arch_config(own).name == "mine"
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("family: llama\nfamily: opt\n" + (fam.CONFIG_DIR / "opt-tiny.yaml").read_text())
     for bad, message in (
         (lambda: fam.family_for_hf_model_type("gpt2"), "model_type='gpt2': expected one of"),
         (lambda: fam.get_family("gpt"), "model family 'gpt'"),
         (lambda: load_arch_config("llama-999b"), "unknown Llama size; expected one of"),
         (lambda: load_arch_config(fam.CONFIG_DIR / "opt-125m.yaml"), "family=None, expected 'llama'"),
+        # The registry reads a YAML's family with the project's one loader: a second `family:` is refused
+        # (PyYAML alone keeps the last one, so this file would have been taken for an OPT).
+        (lambda: fam.family_for_arch(twice), "twice.yaml:2: duplicate key 'family' \\(first at line 1\\)"),
     ):
         with pytest.raises(OutEffError, match=message) as e:
             bad()

@@ -3,14 +3,9 @@
 import pytest
 import yaml
 
-from megatron_outeff.models.opt import (
-    CONFIG_DIR,
-    OPTArchConfig,
-    available_sizes,
-    load_arch_config,
-    load_parallel_hint,
-    padded_vocab_size,
-)
+from megatron_outeff.models.common import padded_vocab_size
+from megatron_outeff.models.family import CONFIG_DIR
+from megatron_outeff.models.opt import OPTArchConfig, available_sizes, load_arch_config, load_parallel_hint
 
 # (layers, hidden, heads) from the OPT paper, Table 1.
 PUBLISHED = {

@@ -1,0 +1,102 @@
+"""Model YAML files of every family: ``configs/model/<family>-<size>.yaml`` (the shipped sizes) or any path.
+
+A model YAML has up to three top-level sections: ``family`` (the model family; OPT when absent, as in the
+files of OPT-only releases), ``arch`` (the fields of the family's ArchConfig) and ``parallel`` (a suggested
+layout, :class:`ParallelHint`). Every model YAML is read here, by the project's one YAML loader
+(``utils/yaml_loader``: duplicate keys refused): the families' ``load_arch_config`` / ``load_parallel_hint``
+(models/opt.py, models/llama.py) through :func:`load_arch` / :func:`load_parallel_hint`; the registry
+(models/family.py: the shipped files' folder CONFIG_DIR, DEFAULT_FAMILY, ``yaml_family``) reads only the
+``family:`` key, with the same loader. No torch, no megatron.
+
+Errors: one-line :class:`megatron_outeff.errors.OutEffError` naming the file or the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Union
+
+from megatron_outeff.errors import OutEffError
+
+from .family import CONFIG_DIR, DEFAULT_FAMILY, get_family
+
+SECTIONS = ("family", "arch", "parallel")
+
+
+@dataclass
+class ParallelHint:
+    """The ``parallel:`` section of a model YAML: a suggested layout under the training config's own
+    ``parallel:`` key names (to copy there), never read by the builder."""
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    zero_stage: int = 0
+
+
+def shipped_sizes(family: str) -> list[str]:
+    """The size names of the shipped ``configs/model/<family>-<size>.yaml`` files, sorted."""
+    prefix = f"{family}-"
+    return sorted(q.stem[len(prefix) :] for q in CONFIG_DIR.glob(f"{prefix}*.yaml"))
+
+
+def resolve(name_or_path: Union[str, Path], family: str) -> Path:
+    """'125m', 'opt-125m' -> configs/model/opt-125m.yaml (``family``'s prefix optional); a value ending in
+    .yaml / .yml or naming an existing file is a path. OutEffError for a missing file or an unknown size."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise OutEffError(f"model config {str(name_or_path)!r}: no such file")
+        return p
+    prefix = f"{family}-"
+    name = str(name_or_path).lower()
+    name = name[len(prefix) :] if name.startswith(prefix) else name
+    path = CONFIG_DIR / f"{prefix}{name}.yaml"
+    if not path.is_file():
+        raise OutEffError(
+            f"model config {str(name_or_path)!r}: unknown {get_family(family).label} size; "
+            f"expected one of {shipped_sizes(family)} or a YAML path"
+        )
+    return path
+
+
+def read(name_or_path: Union[str, Path], family: str) -> tuple[Path, dict]:
+    """(path, document) of a model YAML of ``family``: a mapping with an ``arch:`` section, no other
+    top-level keys than SECTIONS, and ``family:`` (DEFAULT_FAMILY when absent) equal to ``family``."""
+    from megatron_outeff.utils.yaml_loader import load_yaml_file
+
+    path = resolve(name_or_path, family)
+    doc = load_yaml_file(path)
+    if not isinstance(doc, dict) or "arch" not in doc:
+        raise OutEffError(f"{path}: expected a mapping with an 'arch:' section")
+    unknown = sorted(set(doc) - set(SECTIONS))
+    if unknown:
+        raise OutEffError(f"{path}: unknown top-level key(s) {unknown}; expected a subset of {sorted(SECTIONS)}")
+    if doc.get("family", DEFAULT_FAMILY) != family:
+        raise OutEffError(f"{path}: family={doc.get('family')!r}, expected {family!r} here")
+    return path, doc
+
+
+def load_arch(cls, name_or_path) -> Any:
+    """The ``cls`` (a family's ArchConfig, its class attribute ``family`` naming the family) of a size name
+    or a model YAML path of that family; an instance of ``cls`` passes through."""
+    if isinstance(name_or_path, cls):
+        return name_or_path
+    path, doc = read(name_or_path, cls.family)
+    return cls.from_dict(doc["arch"], source=f"{path}: arch")
+
+
+def load_parallel_hint(cls, name_or_path, check_layout: Callable[[Any, int, int], None]) -> ParallelHint:
+    """The ``parallel:`` hint of a model YAML of ``cls``'s family (defaults when it has no such section),
+    its keys checked and its layout checked against the architecture by ``check_layout(arch, tp, pp)``
+    (the family's check_parallel_layout)."""
+    path, doc = read(name_or_path, cls.family)
+    section = doc.get("parallel") or {}
+    known = {f.name for f in dataclasses.fields(ParallelHint)}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise OutEffError(f"{path}: parallel: unknown key(s) {unknown}; expected a subset of {sorted(known)}")
+    hint = ParallelHint(**section)
+    check_layout(load_arch(cls, path), hint.tensor_parallel, hint.pipeline_parallel)
+    return hint
