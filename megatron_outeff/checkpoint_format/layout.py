@@ -13,6 +13,33 @@ from typing import Optional
 
 from megatron_outeff.utils.atomic import write_text_atomic
 
+__all__ = [
+    "LATEST",
+    "MANIFEST",
+    "MASTER_SUBDIR",
+    "MODEL_SUBDIR",
+    "MOMENTS",
+    "OPTIM_FORMAT",
+    "OPTIM_FORMAT_VERSION",
+    "OPTIM_STATE",
+    "OPTIM_SUBDIR",
+    "RUN_FILE",
+    "TRAIN_STATE",
+    "checkpoint_tags",
+    "is_partial_tag",
+    "latest_tag",
+    "partial_tag",
+    "rank_file_name",
+    "read_latest",
+    "read_run_file",
+    "read_train_state",
+    "rng_file",
+    "tag_for",
+    "write_latest",
+    "write_run_file",
+    "write_train_state",
+]
+
 LATEST = "latest"
 RUN_FILE = "run.json"
 TRAIN_STATE = "train_state.json"

@@ -21,6 +21,22 @@ from megatron_outeff.utils.safetensors_io import load_tensors
 
 from .layout import LATEST, MANIFEST, MASTER_SUBDIR, MODEL_SUBDIR, latest_tag, rank_file_name, tag_for
 
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "dtype_name",
+    "expected_rank_shapes",
+    "make_manifest",
+    "manifest_arch_variant",
+    "read_manifest",
+    "read_model_files",
+    "resolve_model_dir",
+    "tensor_state",
+    "variant_hf_shapes",
+    "write_manifest",
+    "write_rank_file",
+]
+
 FORMAT = "megatron_outeff.model_checkpoint"
 FORMAT_VERSION = 1
 _RANK_FILE_RE = re.compile(r"^tp(\d{2,})_pp(\d{2,})\.safetensors$")

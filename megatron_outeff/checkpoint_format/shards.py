@@ -19,6 +19,8 @@ from megatron_outeff.models.family import family_of
 
 from .model_files import manifest_arch_variant, read_manifest, read_model_files, resolve_model_dir
 
+__all__ = ["load_into_model", "merge_ranks", "resolved_variant", "split_rank"]
+
 EMBED = "embedding.word_embeddings.weight"
 
 
