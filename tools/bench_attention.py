@@ -58,7 +58,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from megatron_outeff.utils.cli import OneLineArgumentParser, command, nonnegative_int, output_file, positive_int
+from megatron_outeff.utils.cli import OneLineArgumentParser, command, nonnegative_int, positive_int
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -381,6 +381,8 @@ def sdpa_choice_name(q, k, v) -> str:
 # ------------------------------------------------------------------------------------------------
 @command
 def main(argv=None):
+    from megatron_outeff.bench import harness  # its output options; imports torch
+
     p = OneLineArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sq", type=positive_int, nargs="+", help="sequence lengths (sq = sk, causal)")
     p.add_argument("--d", type=positive_int, nargs="+", help="head dims")
@@ -406,13 +408,7 @@ def main(argv=None):
         help="pin torch's SDPA backend for the baseline and our sdpa methods (default: SDPA's choice)",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak memory measurement")
-    p.add_argument(
-        "--output-json",
-        type=output_file,
-        default=None,
-        help="JSON output path (default tools/results/bench_attention_<device>.json), rewritten after every shape",
-    )
-    p.add_argument("--output-md", type=output_file, default=None, help="also write the Markdown table here")
+    harness.add_output_arguments(p, json_default="tools/results/bench_attention_<device>.json")
     p.add_argument(
         "--interpret",
         action="store_true",
@@ -426,7 +422,6 @@ def main(argv=None):
         return memprobe_main(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from megatron_outeff.bench import harness
     from megatron_outeff.ops import sdpa_attention
 
     cuda = torch.cuda.is_available()

@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from megatron_outeff.utils.cli import OneLineArgumentParser, command, nonnegative_int, output_file, positive_int
+from megatron_outeff.utils.cli import OneLineArgumentParser, command, nonnegative_int, positive_int
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MCORE = ("megatron DotProductAttention vanilla", "megatron DotProductAttention off-by-one")
@@ -106,6 +106,8 @@ def render(doc: dict) -> str:
 
 @command
 def main(argv=None):
+    from megatron_outeff.bench import harness  # its output options; imports torch
+
     p = OneLineArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seq", type=positive_int, default=None, help="sequence length (default 512 on CPU, 2048 on GPU)")
     p.add_argument("--batch", type=positive_int, default=None, help="batch size (default 1 on CPU, 4 on GPU)")
@@ -117,15 +119,11 @@ def main(argv=None):
         choices=["float32", "bfloat16", "float16"],
         help="float32 (CPU default) | bfloat16 (GPU default)",
     )
-    p.add_argument(
-        "--output-json",
-        type=output_file,
-        default=None,
-        help="default tools/results/bench_layer_<device>.json; the Markdown table beside it (.md)",
+    harness.add_output_arguments(
+        p, json_default="tools/results/bench_layer_<device>.json", md_default="beside the JSON, .md for .json"
     )
     args = p.parse_args(argv)
 
-    from megatron_outeff.bench import harness
     from megatron_outeff.megatron.parallel import init_model_parallel
 
     init_model_parallel(1, 1, seed=1234)
@@ -157,7 +155,8 @@ def main(argv=None):
         shape={"hidden": 768, "heads": 12, "ffn": 3072, "seq": args.seq, "batch": args.batch},
         what="one TransformerLayer (local spec) forward + backward, input grad included",
     )
-    report = harness.Report(out_json, out_json[:-5] + ".md", meta, render=render)
+    out_md = args.output_md or os.path.splitext(out_json)[0] + ".md"
+    report = harness.Report(out_json, out_md, meta, render=render)
 
     def rows(samples):
         out = []

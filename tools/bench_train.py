@@ -36,14 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_outeff.utils.cli import (
-    OneLineArgumentParser,
-    command,
-    nonnegative_int,
-    output_file,
-    positive_float,
-    positive_int,
-)
+from megatron_outeff.utils.cli import OneLineArgumentParser, command, nonnegative_int, positive_float, positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -189,6 +182,8 @@ def rows_and_targets(
 
 @command
 def main(argv=None) -> int:
+    from megatron_outeff.bench import harness  # its output options; imports torch
+
     parser = OneLineArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=positive_int, default=20, help="timed steps per variant")
     parser.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed steps per variant first")
@@ -211,10 +206,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--peak-tflops", type=positive_float, default=989.0, help="device peak for MFU (dense bf16 TFLOP/s)"
     )
-    parser.add_argument(
-        "--output-json", type=output_file, default=None, help="write the results as JSON here (after every round)"
-    )
-    parser.add_argument("--output-md", type=output_file, default=None, help="write a Markdown table here")
+    harness.add_output_arguments(parser)
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     from megatron_outeff.bench.variants import select
@@ -232,7 +224,6 @@ def main(argv=None) -> int:
 
     import torch
 
-    from megatron_outeff.bench import harness
     from megatron_outeff.megatron.parallel import init_model_parallel
     from megatron_outeff.training.step import train_step
 

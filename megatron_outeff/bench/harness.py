@@ -14,6 +14,7 @@ same process, the device and load record, JSON / Markdown output written as resu
                                                    (``probe_subprocess``)
     environment(device)                            device name, versions, threads, CPU capability,
                                                    load average, start time, command line
+    add_output_arguments(parser, json_default=)    --output-json / --output-md, the same in every benchmark
     Report(json_path, md_path)                     the result file: ``save()`` after every shape or
                                                    round (atomic rename; ``meta.partial`` until
                                                    ``finish()``), so a run cut by a time limit or
@@ -41,6 +42,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_outeff.utils.atomic import write_text_atomic
+from megatron_outeff.utils.cli import output_file
 from megatron_outeff.utils.markdown import md_row
 
 
@@ -295,6 +298,21 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
     return "\n".join(lines)
 
 
+def add_output_arguments(parser, json_default: str = "not written", md_default: str = "not written") -> None:
+    """The result-file options of every benchmark: ``--output-json`` (the :class:`Report` file, rewritten
+    after every step) and ``--output-md`` (its Markdown table, rewritten with it). ``json_default`` /
+    ``md_default``: what the benchmark does without the option, for the help text (each script decides)."""
+    parser.add_argument(
+        "--output-json",
+        type=output_file,
+        default=None,
+        help=f"the results as JSON, rewritten after every step (default: {json_default})",
+    )
+    parser.add_argument(
+        "--output-md", type=output_file, default=None, help=f"the results as a Markdown table (default: {md_default})"
+    )
+
+
 class Report:
     """A benchmark's result file, rewritten whole after every step (atomic rename).
 
@@ -321,17 +339,11 @@ class Report:
         self.sections.update(sections)
         doc = {"meta": dict(self.meta, partial=partial, loadavg_now=loadavg()), **self.sections}
         if self.json_path is not None:
-            _atomic_write(self.json_path, json.dumps(doc, indent=1, default=str))
+            write_text_atomic(self.json_path, json.dumps(doc, indent=1, default=str))
         if self.md_path is not None and self.render is not None:
-            _atomic_write(self.md_path, self.render(doc))
+            write_text_atomic(self.md_path, self.render(doc))
         return doc
 
     def finish(self, **sections) -> dict:
         self.meta.update(finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), loadavg_end=loadavg())
         return self.save(partial=False, **sections)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -173,3 +173,20 @@ def test_bench_train_refuses_unknown_variants(tmp_path, args, pattern):
     )
     assert res.returncode == 2 and pattern in res.stderr and res.stderr.strip().count("\n") == 0, res.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("script", ["bench_attention", "bench_int8_linear", "bench_layer", "bench_train"])
+def test_every_benchmark_takes_the_harness_output_options(script):
+    """The four benchmarks' result files are the harness's options (one wording, one behaviour), not their own."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run(
+        [sys.executable, str(root / "tools" / f"{script}.py"), "--help"], capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr
+    text = " ".join(res.stdout.split())
+    assert "--output-json OUTPUT_JSON the results as JSON, rewritten after every step (default:" in text, text
+    assert "--output-md OUTPUT_MD the results as a Markdown table (default:" in text, text
