@@ -295,7 +295,7 @@ class OutlierCollector:
 
     components: {name: submodule}; each name's kind (one of COMPONENT_KINDS) is `kinds[name]` if given,
     else the text after the name's last '.' (so "layer3.fc2" is an fc2 output). The caller builds the
-    mapping for its model (see hf_opt_components for Hugging Face OPT).
+    mapping for its model (see hf_components for Hugging Face models).
     batch_dim: where the batch sits in the hooked outputs (0 for HF, 1 for megatron's [s, b, h]).
     root: optional model whose forward input tells the batch size. Some models flatten (batch, tokens)
     into one dim inside a layer (HF OPT runs its FFN on [b*s, d]); with the batch size known, such a
@@ -458,34 +458,6 @@ class OutlierCollector:
         }
 
 
-def hf_opt_collector(model: nn.Module, **kwargs) -> OutlierCollector:
-    """An OutlierCollector over hf_opt_components(model), with the model as root (HF OPT flattens the
-    FFN input to [b*s, d], so the collector needs the batch size to keep rows per sample).
-    kwargs (detail, n_sigma, top_k) go to OutlierCollector."""
-    return OutlierCollector(hf_opt_components(model), root=model, **kwargs)
-
-
-def hf_opt_components(model: nn.Module) -> dict[str, nn.Module]:
-    """{name: module} for a Hugging Face OPTForCausalLM / OPTModel, names 'layer{i}.{kind}' + 'final_ln'.
-
-    HF naming: self_attn_layer_norm (attention LN), self_attn.out_proj, final_layer_norm (the
-    pre-FFN LN inside a layer), fc2, the layer itself (its output is the residual stream), and the
-    decoder's final_layer_norm."""
-    decoder = getattr(getattr(model, "model", model), "decoder", None)
-    if decoder is None or not hasattr(decoder, "layers"):
-        raise ValueError(f"expected a Hugging Face OPT model with .model.decoder.layers, got {type(model).__name__}")
-    comps: dict[str, nn.Module] = {}
-    for i, layer in enumerate(decoder.layers):
-        comps[f"layer{i}.attn_ln"] = layer.self_attn_layer_norm
-        comps[f"layer{i}.attn_out"] = layer.self_attn.out_proj
-        comps[f"layer{i}.ffn_ln"] = layer.final_layer_norm
-        comps[f"layer{i}.fc2"] = layer.fc2
-        comps[f"layer{i}.layer"] = layer
-    if getattr(decoder, "final_layer_norm", None) is not None:
-        comps["final_ln"] = decoder.final_layer_norm
-    return comps
-
-
 def hf_decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of a Hugging Face causal LM (or its base model) of any model family
     (megatron_outeff/models/family.py: ``model.decoder.layers`` for OPT, ``model.layers`` for Llama)."""
@@ -493,9 +465,13 @@ def hf_decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def hf_components(model: nn.Module) -> dict[str, nn.Module]:
-    """{name: module} for a Hugging Face causal LM of any model family, names 'layer{i}.{kind}' + 'final_ln'
-    (kinds as ``hf_opt_components``; the family's module names: models/family.py ``HFComponents``, e.g.
-    Llama's input_layernorm, self_attn.o_proj, post_attention_layernorm, mlp.down_proj, model.norm)."""
+    """{name: module} for a Hugging Face causal LM of any model family (or its base model), names
+    'layer{i}.{kind}' + 'final_ln': per layer the norm before attention (attn_ln; after it in post-LN OPT-350m),
+    the attention output projection (attn_out), the norm before the FFN (ffn_ln), the FFN output projection
+    (fc2) and the layer itself (its output is the residual stream); the decoder's final norm (none in OPT-350m).
+    The family's module names: models/family.py ``HFComponents`` (OPT: self_attn_layer_norm, self_attn.out_proj,
+    final_layer_norm, fc2, model.decoder.final_layer_norm; Llama: input_layernorm, self_attn.o_proj,
+    post_attention_layernorm, mlp.down_proj, model.norm). OutEffError for a model of no known family."""
     names = _family_components(model)
     comps: dict[str, nn.Module] = {}
     for i, layer in enumerate(_hf_module(model, names.layers)):
@@ -515,8 +491,15 @@ def hf_embedding_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def hf_collector(model: nn.Module, **kwargs) -> OutlierCollector:
-    """An OutlierCollector over hf_components(model), with the model as root (see hf_opt_collector)."""
+    """An OutlierCollector over hf_components(model), with the model as root (Hugging Face's OPT flattens the
+    FFN input to [b*s, d], so the collector needs the batch size to keep rows per sample).
+    kwargs (detail, n_sigma, top_k) go to OutlierCollector."""
     return OutlierCollector(hf_components(model), root=model, **kwargs)
+
+
+# The names of the OPT-only releases: the same functions (any family).
+hf_opt_components = hf_components
+hf_opt_collector = hf_collector
 
 
 def _family_components(model: nn.Module):

@@ -52,7 +52,7 @@ def megatron_components(model) -> dict:
     for layer in gpt.decoder.layers:
         i = layer.layer_number - 1
         # Post-LN layers (OPT-350m, models/opt_layers.py): the same LayerNorms as Hugging Face's
-        # self_attn_layer_norm / final_layer_norm (metrics.outliers.hf_opt_components), here placed
+        # self_attn_layer_norm / final_layer_norm (metrics.outliers.hf_components), here placed
         # after the attention / FFN residual adds.
         post = hasattr(layer, "post_self_attn_layernorm")
         comps[f"layer{i}.attn_ln"] = layer.post_self_attn_layernorm if post else layer.input_layernorm
