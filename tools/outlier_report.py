@@ -22,6 +22,8 @@ from megatron_outeff.utils.cli import OneLineArgumentParser, command, positive_f
 
 @command
 def main(argv=None) -> int:
+    from megatron_outeff.evaluation.report import ReportSettings
+
     p = OneLineArgumentParser(prog="tools/outlier_report.py", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--model",
@@ -36,10 +38,24 @@ def main(argv=None) -> int:
     )
     p.add_argument("--output-dir", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--max-blocks", type=positive_int, default=8, help="evaluation blocks (default 8)")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="evaluation batch size (default 8)")
-    p.add_argument("--top-k", type=positive_int, default=8, help="outlier channels listed per component (default 8)")
+    default = ReportSettings()
     p.add_argument(
-        "--n-sigma", type=positive_float, default=6.0, help="outlier threshold in standard deviations (default 6)"
+        "--batch-size",
+        type=positive_int,
+        default=default.batch_size,
+        help="evaluation batch size (default %(default)s)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=positive_int,
+        default=default.top_k,
+        help="outlier channels listed per component (default %(default)s)",
+    )
+    p.add_argument(
+        "--n-sigma",
+        type=positive_float,
+        default=default.n_sigma,
+        help="outlier threshold in standard deviations (default %(default)s)",
     )
     p.add_argument("--skip-quant", action="store_true", help="skip the W8A8 perplexities (faster)")
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
@@ -93,17 +109,11 @@ def main(argv=None) -> int:
             calib.description["note"] = "calibrated on the evaluation data (no --calib-data given)"
         print(f"calibration: {calib.description['batches']} batches {calib.description['batch_sizes']}", flush=True)
     command_line = ["tools/outlier_report.py", *(sys.argv[1:] if argv is None else argv)]
+    settings = ReportSettings(
+        batch_size=args.batch_size, top_k=args.top_k, n_sigma=args.n_sigma, skip_quant=args.skip_quant
+    )
     report = build_report(
-        models,
-        data,
-        calib,
-        skip_quant=args.skip_quant,
-        batch_size=args.batch_size,
-        top_k=args.top_k,
-        n_sigma=args.n_sigma,
-        device=args.device,
-        command=command_line,
-        log=lambda msg: print(msg, flush=True),
+        models, data, calib, settings, device=args.device, command=command_line, log=lambda m: print(m, flush=True)
     )
     for f in write_report(report, args.output_dir):
         print(f"wrote {f}", flush=True)

@@ -1,7 +1,8 @@
 """Outlier report for one or more Hugging Face model directories on the SAME evaluation data.
 
-    collect_model_stats(model, blocks, *, batch_size=8, top_k=8, n_sigma=6.0) -> dict
-    build_report(models: {label: path}, eval_data, calib_data=None, *, skip_quant=False, ...) -> dict
+    ReportSettings(batch_size=8, top_k=8, n_sigma=6.0, skip_quant=False)   how a report measures
+    collect_model_stats(model, blocks, settings=ReportSettings()) -> dict
+    build_report(models: {label: path}, eval_data, calib_data=None, settings=ReportSettings(), ...) -> dict
     write_report(report, out_dir) -> [written paths]     (report.json, report.md, *.png; temp dir + rename)
 
 Per model, per layer and component (attn_ln, attn_out, ffn_ln, fc2, layer = residual stream after the
@@ -31,6 +32,7 @@ paper's protocol, W8A8 deployable = compressed-tensors Linear-only).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -59,7 +61,15 @@ from megatron_outeff.utils.markdown import md_header, md_row
 
 from .quant_eval import evaluate_quantization, load_hf_model, model_info
 
-__all__ = ["collect_model_stats", "build_report", "write_report", "render_markdown", "plot_report", "HEADLINE_ROWS"]
+__all__ = [
+    "ReportSettings",
+    "collect_model_stats",
+    "build_report",
+    "write_report",
+    "render_markdown",
+    "plot_report",
+    "HEADLINE_ROWS",
+]
 
 LAYER_KINDS = ("attn_ln", "attn_out", "ffn_ln", "fc2", "layer")
 KIND_TITLES = {
@@ -79,11 +89,22 @@ def _softmax_points(model) -> list:
     return pts if all(p is not None for p in pts) else []
 
 
+@dataclasses.dataclass(frozen=True)
+class ReportSettings:
+    """How a report measures; recorded in it as ``settings`` (tools/outlier_report.py's options)."""
+
+    batch_size: int = 8  # sequences per forward pass
+    top_k: int = 8  # outlier channels listed per component
+    n_sigma: float = 6.0  # outlier_share: |x - mu| > n_sigma * std (a Gaussian has ~2e-9 beyond 6)
+    skip_quant: bool = False  # no FP16 / W8A8 perplexities
+
+
 @torch.no_grad()
-def collect_model_stats(
-    model, blocks: torch.Tensor, *, batch_size: int = 8, top_k: int = 8, n_sigma: float = 6.0
-) -> dict:
-    """Outlier and attention statistics of `model` on `blocks` [n, s] (see the module doc)."""
+def collect_model_stats(model, blocks: torch.Tensor, settings: Optional[ReportSettings] = None) -> dict:
+    """Outlier and attention statistics of `model` on `blocks` [n, s] (see the module doc), measured with
+    ``settings`` (default ReportSettings()), which the result records."""
+    settings = settings or ReportSettings()
+    batch_size, top_k, n_sigma = settings.batch_size, settings.top_k, settings.n_sigma
     if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.shape[0] == 0:
         raise OutEffError(f"blocks must be a non-empty [n, seq] tensor, got {getattr(blocks, 'shape', type(blocks))}")
     n_layers = len(hf_decoder_layers(model))
@@ -213,7 +234,7 @@ def collect_model_stats(
         "final_ln": comps.get("final_ln"),
         "components": comps,
         "attention_source": source,
-        "settings": {"n_sigma": n_sigma, "top_k": top_k, "batch_size": batch_size},
+        "settings": dataclasses.asdict(settings),
     }
 
 
@@ -243,11 +264,8 @@ def build_report(
     models: Mapping[str, str],
     eval_data,
     calib_data=None,
+    settings: Optional[ReportSettings] = None,
     *,
-    skip_quant: bool = False,
-    batch_size: int = 8,
-    top_k: int = 8,
-    n_sigma: float = 6.0,
     device=None,
     command: Optional[Sequence[str]] = None,
     log: Callable[[str], None] = lambda s: None,
@@ -256,7 +274,8 @@ def build_report(
     may be None with skip_quant). Everything needed to reproduce goes in: command, versions, data."""
     if not models:
         raise OutEffError("no models given")
-    if not skip_quant and (calib_data is None or not calib_data.batches):
+    settings = settings or ReportSettings()
+    if not settings.skip_quant and (calib_data is None or not calib_data.batches):
         raise OutEffError("W8A8 perplexity needs calibration batches (or skip quantization)")
     report = {
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -265,7 +284,7 @@ def build_report(
         "device": str(device or "cpu"),
         "eval_data": eval_data.description,
         "calibration_data": None if calib_data is None else calib_data.description,
-        "settings": {"batch_size": batch_size, "top_k": top_k, "n_sigma": n_sigma, "skip_quant": skip_quant},
+        "settings": dataclasses.asdict(settings),
         "models": {},
     }
     for label, path in models.items():
@@ -278,15 +297,15 @@ def build_report(
                 f">= its vocab size {info['vocab_size']}"
             )
         log(f"[{label}] outlier statistics on {eval_data.blocks.shape[0]} blocks of {eval_data.blocks.shape[1]}")
-        stats = collect_model_stats(model, eval_data.blocks, batch_size=batch_size, top_k=top_k, n_sigma=n_sigma)
-        log(f"[{label}] perplexity" + (" (quantization skipped)" if skip_quant else " FP32 / FP16 / W8A8"))
+        stats = collect_model_stats(model, eval_data.blocks, settings)
+        log(f"[{label}] perplexity" + (" (quantization skipped)" if settings.skip_quant else " FP32 / FP16 / W8A8"))
         ppl = evaluate_quantization(
             path,
             eval_data.blocks,
             None if calib_data is None else calib_data.batches,
             model=model,
-            batch_size=batch_size,
-            skip_quant=skip_quant,
+            batch_size=settings.batch_size,
+            skip_quant=settings.skip_quant,
             log=log,
         )
         report["models"][label] = {"path": os.path.abspath(path), "model": info, **stats, "perplexity": ppl}

@@ -146,10 +146,12 @@ def test_report_metrics_a_quantizer_sees(tiny):
     """evaluation.report: MA / RI / first-token ratio per layer output against the formulas applied to
     transformers' own hidden states (output_hidden_states; entry i + 1 is layer i's output for every
     layer but the last, whose entry is after the final LayerNorm); the planted activation shows."""
-    from megatron_outeff.evaluation.report import collect_model_stats
+    from megatron_outeff.evaluation.report import ReportSettings, collect_model_stats
     from megatron_outeff.metrics import first_token_norm_ratio, massive_activation_ratio, range_inflation
 
-    stats = {n: collect_model_stats(tiny[n], tiny["blocks"], batch_size=4) for n in ("plain", "massive")}
+    stats = {
+        n: collect_model_stats(tiny[n], tiny["blocks"], ReportSettings(batch_size=4)) for n in ("plain", "massive")
+    }
     with torch.no_grad():
         hs = tiny["massive"](input_ids=tiny["blocks"], output_hidden_states=True).hidden_states
     row = stats["massive"]["layers"][0]
@@ -169,7 +171,7 @@ def test_report_metrics_a_quantizer_sees(tiny):
 
 def test_report_first_token_sources(tiny):
     """evaluation.report: ||x_0|| per source against the same modules' outputs captured independently."""
-    from megatron_outeff.evaluation.report import collect_model_stats
+    from megatron_outeff.evaluation.report import ReportSettings, collect_model_stats
 
     m = tiny["massive"]
     dec = m.model.decoder
@@ -182,7 +184,7 @@ def test_report_first_token_sources(tiny):
         m(input_ids=tiny["blocks"])
     for h in hooks:
         h.remove()
-    src = collect_model_stats(m, tiny["blocks"], batch_size=4)["first_token_norm_sources"]
+    src = collect_model_stats(m, tiny["blocks"], ReportSettings(batch_size=4))["first_token_norm_sources"]
     s = tiny["blocks"].shape[1]
     want_pos = seen["pos"].reshape(-1, s, seen["pos"].shape[-1])[:, 0].norm(dim=-1).mean().item()
     want_fc2 = seen["fc2"].reshape(-1, s, seen["fc2"].shape[-1])[:, 0].norm(dim=-1).mean().item()

@@ -135,13 +135,13 @@ def test_fp16_and_w8a8_exports_reload_and_the_int8_path_runs(exported, tmp_path,
 
 def test_outlier_report_and_simulated_w8a8_cover_the_llama_ops(exported):
     from megatron_outeff.evaluation.quant_eval import load_hf_model, simulated_w8a8_perplexity
-    from megatron_outeff.evaluation.report import collect_model_stats
+    from megatron_outeff.evaluation.report import ReportSettings, collect_model_stats
 
     blocks = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(4))
     stats = {}
     for name in ("tp2", "pp2"):
         model = load_hf_model(exported[name])
-        stats[name] = collect_model_stats(model, blocks, batch_size=2)
+        stats[name] = collect_model_stats(model, blocks, ReportSettings(batch_size=2))
         agg = stats[name]["aggregates"]
         numbers = [v for v in agg.values() if isinstance(v, (int, float))]
         assert len(stats[name]["layers"]) == 2 and len(numbers) >= 8 and all(math.isfinite(v) for v in numbers), agg
