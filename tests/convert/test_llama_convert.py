@@ -9,6 +9,7 @@ from pathlib import Path
 import evallib
 import pytest
 import torch
+from hf_testlib import TINY_LLAMA
 from safetensors.torch import load_file
 from train_testlib import tiny_arch
 
@@ -23,28 +24,14 @@ CLI = runpy.run_path(str(ROOT / "tools" / "convert_checkpoint.py"))["main"]
 ARCH = tiny_arch("llama", num_query_groups=2, ffn_hidden_size=96)  # grouped-query attention
 
 
-def _random_hf_llama(path, vocab=250, **overrides):
+def _random_hf_llama(path):
+    """hf_testlib's tiny Llama with vocabulary 250 (padding rows at TP=2) and 64 positions, random
+    (evallib.save_random_hf), saved to ``path``: its state dict as written."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            **{
-                **dict(
-                    vocab_size=vocab,
-                    hidden_size=64,
-                    intermediate_size=96,
-                    num_hidden_layers=2,
-                    num_attention_heads=4,
-                    num_key_value_heads=2,
-                    max_position_embeddings=64,
-                    rms_norm_eps=1e-5,
-                ),
-                **overrides,
-            }
-        )
-    )
-    return evallib.save_random_hf(model, path)
+    config = LlamaConfig(**dict(TINY_LLAMA, vocab_size=250, max_position_embeddings=64))
+    return evallib.save_random_hf(LlamaForCausalLM(config), path)
 
 
 def _assert_same(a, b):

@@ -9,6 +9,7 @@ import torch
 from hf_testlib import (
     TINY,
     TINY_350M,
+    TINY_SHAPE,
     assert_reload_matches_oracle,
     export_random,
     oracle_logits,
@@ -356,15 +357,10 @@ def test_elementwise_gate_equals_transformers_qwen3_next_gated_attention():
     from transformers.models.qwen3_next.configuration_qwen3_next import Qwen3NextConfig
     from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextAttention
 
-    H, d, D, b, s = 4, 16, 64, 2, 7
-    qcfg = Qwen3NextConfig(
-        hidden_size=D,
-        num_attention_heads=H,
-        num_key_value_heads=H,
-        head_dim=d,
-        attention_bias=True,
-        attention_dropout=0.0,
-    )
+    # the tiny shape of every model here (ours: OutEffOPTConfig(**TINY)), multi-head
+    H, D, b, s = TINY_SHAPE["num_attention_heads"], TINY_SHAPE["hidden_size"], 2, 7
+    d = D // H
+    qcfg = Qwen3NextConfig(**TINY_SHAPE, num_key_value_heads=H, head_dim=d, attention_bias=True, attention_dropout=0.0)
     qcfg._attn_implementation = "eager"
     theirs = Qwen3NextAttention(qcfg, layer_idx=0).double().eval()
     theirs.q_norm, theirs.k_norm = torch.nn.Identity(), torch.nn.Identity()

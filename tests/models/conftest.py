@@ -1,5 +1,6 @@
 """A random, fully non-trivial Hugging Face OPT built offline: the reference nobody here wrote."""
 
+import sys
 import tempfile
 from pathlib import Path
 
@@ -7,19 +8,12 @@ import pytest
 import torch
 from parity_testlib import randomise_
 
-TINY_HF = dict(
-    vocab_size=250,  # not a multiple of 8 * tp: exercises megatron's vocabulary padding
-    hidden_size=64,
-    num_hidden_layers=2,
-    ffn_dim=256,
-    num_attention_heads=4,
-    max_position_embeddings=64,
-    dropout=0.0,
-    attention_dropout=0.0,
-    activation_function="relu",
-    do_layer_norm_before=True,
-    word_embed_proj_dim=64,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
+import hf_testlib  # noqa: E402
+
+# hf_testlib's tiny OPT with vocabulary 250 (not a multiple of 8 * tp: exercises megatron's vocabulary padding),
+# FFN 256 and 64 positions
+TINY_HF = dict(hf_testlib.TINY, vocab_size=250, ffn_dim=256, max_position_embeddings=64)
 
 
 def make_hf_opt(seed: int = 0, **overrides):

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import math
 
+import attention_cases
 import pytest
 import torch
-from attention_cases import OFFSETS, TOL, VARIANTS, assert_all_close
+from attention_cases import TOL, VARIANTS, assert_all_close, dout_for, run_attention
 
 from megatron_outeff.ops import attention as attention_module
 from megatron_outeff.ops import cpu_attention as cpu_attention_module
@@ -32,46 +33,10 @@ FP64_TOL = dict(atol=1e-10, rtol=1e-10)
 
 
 def make_inputs(
-    b=2,
-    sq=9,
-    sk=9,
-    h=4,
-    h_kv=2,
-    d=16,
-    dtype=torch.float64,
-    variant="softmax1",
-    gate=True,
-    pad=False,
-    q_scale=1.0,
-    seed=0,
+    b=2, sq=9, sk=9, h=4, h_kv=2, d=16, dtype=torch.float64, variant="softmax1", gate=True, pad=False, **kw
 ):
-    gen = torch.Generator().manual_seed(seed)
-    leaves = {
-        "q": (torch.randn(b, sq, h, d, generator=gen) * q_scale).to(dtype),
-        "k": torch.randn(b, sk, h_kv, d, generator=gen).to(dtype),
-        "v": torch.randn(b, sk, h_kv, d, generator=gen).to(dtype),
-    }
-    kw = dict(VARIANTS[variant])
-    if variant == "learnable":
-        leaves["offset"] = torch.tensor(
-            [OFFSETS[i % len(OFFSETS)] for i in range(h)],
-            dtype=torch.float64 if dtype == torch.float64 else torch.float32,
-        )
-    if gate:
-        leaves["gate"] = torch.rand(b, sq, h, generator=gen).mul(0.98).add(0.01).to(dtype)
-    if pad:
-        m = torch.ones(b, sk, dtype=torch.bool)
-        m[0, sk - max(1, sk // 3) :] = False  # tail padding
-        m[-1, : max(1, sk // 4)] = False  # head padding
-        kw["key_padding_mask"] = m
-    return leaves, kw
-
-
-def run(leaves, kw, impl, dout, upcast=False):
-    xs = {n: (t.detach().float() if upcast else t.detach()).clone().requires_grad_(True) for n, t in leaves.items()}
-    out = outeff_attention(xs["q"], xs["k"], xs["v"], offset=xs.get("offset"), gate=xs.get("gate"), impl=impl, **kw)
-    out.backward(dout.to(out.dtype))
-    return out.detach(), {n: t.grad for n, t in xs.items()}
+    """attention_cases.make_inputs at this file's defaults: GQA 4 -> 2, fp64, gated."""
+    return attention_cases.make_inputs(b, sq, sk, h, h_kv, d, dtype=dtype, gate=gate, variant=variant, pad=pad, **kw)
 
 
 def oracle_fp64(leaves, kw, dout, drop=None):
@@ -121,11 +86,6 @@ def assert_match(out, grads, ref, ref_grads, tol, leaves, gate_extra=0.0):
     assert_all_close(out, grads, ref, ref_grads, leaves, tol, {"gate": tol["atol"] + gate_extra})
 
 
-def dout_for(leaves, seed=1):
-    q = leaves["q"]
-    return torch.randn(q.shape, generator=torch.Generator().manual_seed(seed)).to(q.dtype)
-
-
 # ------------------------------------------------------------------------------------------------
 # float64 oracle: every variant x mask x GQA, short and longer rows, offsets +-8
 # ------------------------------------------------------------------------------------------------
@@ -159,7 +119,7 @@ def check_fp64(variant, mask, h_kv):
     leaves, kw = make_inputs(sq=m["sq"], sk=m["sk"], h_kv=h_kv, variant=variant, pad=m["pad"])
     kw["causal"] = m["causal"]
     dout = dout_for(leaves)
-    out, grads = run(leaves, kw, "cpu", dout)
+    out, grads = run_attention(leaves, kw, "cpu", dout)
     ref, ref_grads = oracle_fp64(leaves, kw, dout)
     assert_match(out, grads, ref, ref_grads, FP64_TOL, leaves)
 
@@ -170,7 +130,7 @@ def test_fp64_short_and_long_rows(variant, sk):
     """Short rows are where the sink matters most; sk = 300 spans several of the kernel's key blocks."""
     leaves, kw = make_inputs(b=1, sq=7, sk=sk, variant=variant)
     dout = dout_for(leaves)
-    out, grads = run(leaves, kw, "cpu", dout)
+    out, grads = run_attention(leaves, kw, "cpu", dout)
     ref, ref_grads = oracle_fp64(leaves, kw, dout)
     assert_match(out, grads, ref, ref_grads, FP64_TOL, leaves)
 
@@ -186,9 +146,9 @@ def test_against_reference(dtype, variant, mask):
     leaves, kw = make_inputs(sq=m["sq"], sk=m["sk"], variant=variant, pad=m["pad"], dtype=dtype, d=32)
     kw["causal"] = m["causal"]
     dout = dout_for(leaves)
-    out, grads = run(leaves, kw, "cpu", dout)
+    out, grads = run_attention(leaves, kw, "cpu", dout)
     assert out.dtype == dtype
-    ref, ref_grads = run(leaves, kw, "torch", dout.float(), upcast=True)
+    ref, ref_grads = run_attention(leaves, kw, "torch", dout.float(), upcast=True)
     assert_match(out, grads, ref, ref_grads, TOL[dtype], leaves, gate_extra=gate_rounding_bound(ref, leaves, dout))
 
 
@@ -205,8 +165,8 @@ def test_fp32_long_rows_against_reference(variant):
     leaves, kw = make_inputs(b=1, sq=200, sk=200, h=2, h_kv=1, d=64, variant=variant, dtype=torch.float32)
     kw["causal"] = True
     dout = dout_for(leaves)
-    out, grads = run(leaves, kw, "cpu", dout)
-    ref, ref_grads = run(leaves, kw, "torch", dout)
+    out, grads = run_attention(leaves, kw, "cpu", dout)
+    ref, ref_grads = run_attention(leaves, kw, "torch", dout)
     assert_match(out, grads, ref, ref_grads, TOL[torch.float32], leaves)
 
 
@@ -224,7 +184,7 @@ def test_extreme_logits(variant, magnitude):
     assert logits.abs().min() > 0.9e4
     kw["causal"] = True
     dout = dout_for(leaves)
-    out, grads = run(leaves, kw, "cpu", dout)
+    out, grads = run_attention(leaves, kw, "cpu", dout)
     ref, ref_grads = oracle_fp64(leaves, kw, dout)
     # dS = P (dP - D) cancels in saturated rows; the rounding of D (~1e-16 * |O| |dO|) is multiplied by
     # |k| ~ 10 for dq and |q| ~ 1e3 for dk: scale the atol by the other operand's magnitude.
@@ -249,8 +209,8 @@ def test_fully_masked_rows(variant, dtype, clip):
     mask[1, 0] = False
     kw.update(key_padding_mask=mask, causal=True, clip=clip)
     dout = dout_for(leaves)
-    out, grads = run(leaves, kw, "cpu", dout)
-    ref, ref_grads = run(
+    out, grads = run_attention(leaves, kw, "cpu", dout)
+    ref, ref_grads = run_attention(
         leaves, kw, "torch", dout.float() if dtype != torch.float64 else dout, upcast=dtype != torch.float64
     )
     empty = sq - sk + 1  # batch 1: rows 0 .. sq - sk see only key 0, which is padded
@@ -284,7 +244,7 @@ def test_fp64_dense_mask_against_definition(variant, clip, impl):
     leaves, kw = make_inputs(sq=9, sk=11, variant=variant, pad=True)
     kw.update(causal=True, clip=clip, mask=dense_mask(2, 9, 11))
     dout = dout_for(leaves)
-    out, grads = run(leaves, kw, impl, dout)
+    out, grads = run_attention(leaves, kw, impl, dout)
     ref, ref_grads = oracle_fp64(leaves, kw, dout)
     assert_match(out, grads, ref, ref_grads, FP64_TOL, leaves)
 
@@ -296,7 +256,7 @@ def test_fp64_dense_mask_broadcast_shapes(impl, shape):
     leaves, kw = make_inputs(sq=6, sk=8, variant="learnable")
     kw["mask"] = dense_mask(1, 6, 8, h=4) if shape == "per_head" else dense_mask(2, 1, 8)
     dout = dout_for(leaves)
-    out, grads = run(leaves, kw, impl, dout)
+    out, grads = run_attention(leaves, kw, impl, dout)
     ref, ref_grads = oracle_fp64(leaves, kw, dout)
     assert_match(out, grads, ref, ref_grads, FP64_TOL, leaves)
 
@@ -312,7 +272,7 @@ def test_dense_mask_fully_masked_rows(variant, clip):
     kw.update(mask=mask, clip=clip)
     dout = dout_for(leaves)
     for impl in ("cpu", "torch"):
-        out, grads = run(leaves, kw, impl, dout)
+        out, grads = run_attention(leaves, kw, impl, dout)
         assert (out[0, 3] == 0).all() and (out[1, 0] == 0).all(), impl
         assert (grads["q"][0, 3] == 0).all() and (grads["gate"][1, 0] == 0).all(), impl
         live = torch.ones(2, 7, dtype=torch.bool)
@@ -381,7 +341,7 @@ def test_clipped_fp64_against_definition(variant, clip, mask):
     leaves, kw = make_inputs(sq=m["sq"], sk=m["sk"], h_kv=2, variant=variant, pad=m["pad"])
     kw.update(causal=m["causal"], clip=CLIPS[clip])
     dout = dout_for(leaves)
-    out, grads = run(leaves, kw, "cpu", dout)
+    out, grads = run_attention(leaves, kw, "cpu", dout)
     ref, ref_grads = oracle_fp64(leaves, kw, dout)
     assert_match(out, grads, ref, ref_grads, FP64_TOL, leaves)
 
@@ -392,8 +352,8 @@ def test_clipped_against_reference(dtype, variant):
     leaves, kw = make_inputs(b=1, sq=40, sk=40, h=4, h_kv=1, d=32, variant=variant, dtype=dtype, pad=True)
     kw.update(causal=True, clip=CLIPS["clip11"])
     dout = dout_for(leaves)
-    out, grads = run(leaves, kw, "cpu", dout)
-    ref, ref_grads = run(leaves, kw, "torch", dout.float(), upcast=True)
+    out, grads = run_attention(leaves, kw, "cpu", dout)
+    ref, ref_grads = run_attention(leaves, kw, "torch", dout.float(), upcast=True)
     assert_match(out, grads, ref, ref_grads, TOL[dtype], leaves)
 
 

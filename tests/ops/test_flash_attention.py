@@ -37,9 +37,10 @@ import json
 import math
 import textwrap
 
+import attention_cases
 import pytest
 import torch
-from attention_cases import OFFSETS, TOL, VARIANTS, assert_all_close
+from attention_cases import OFFSETS, TOL, VARIANTS, assert_all_close, dout_for, run_attention
 
 from megatron_outeff.ops import flash_attention as fa
 from megatron_outeff.ops import outeff_attention
@@ -58,52 +59,14 @@ SMALL_TOL = GPU_TOL if DEVICE == "cuda" else TOL
 
 
 def make_inputs(
-    b=2,
-    sq=20,
-    sk=12,
-    h=4,
-    h_kv=2,
-    d=32,
-    dtype=torch.float32,
-    variant="softmax1",
-    gate=False,
-    pad=False,
-    extreme=False,
-    seed=0,
-    device=DEVICE,
+    b=2, sq=20, sk=12, h=4, h_kv=2, d=32, dtype=torch.float32, variant="softmax1", gate=False, pad=False, **kw
 ):
-    """extreme: logits up to ~3e4 (see test_extreme_logits), q and k integers times a power of two."""
-    gen = torch.Generator().manual_seed(seed)
-    if extreme:
-        q = torch.randint(-64, 65, (b, sq, h, d), generator=gen).float().mul(64).to(device=device, dtype=dtype)
-        k = torch.randint(-4, 5, (b, sk, h_kv, d), generator=gen).float().to(device=device, dtype=dtype)
-    else:
-        q = torch.randn(b, sq, h, d, generator=gen).to(device=device, dtype=dtype)
-        k = torch.randn(b, sk, h_kv, d, generator=gen).to(device=device, dtype=dtype)
-    v = torch.randn(b, sk, h_kv, d, generator=gen).to(device=device, dtype=dtype)
-    kw = dict(VARIANTS[variant])
-    leaves = {"q": q, "k": k, "v": v}
-    if variant == "learnable":
-        leaves["offset"] = torch.tensor([OFFSETS[i % len(OFFSETS)] for i in range(h)], device=device)
-    if gate:
-        leaves["gate"] = torch.rand(b, sq, h, generator=gen).mul(0.98).add(0.01).to(device=device, dtype=dtype)
-    if pad:
-        m = torch.ones(b, sk, dtype=torch.bool)
-        m[0, sk - max(1, sk // 3) :] = False  # tail padding in batch 0
-        m[-1, : sk // 4] = False  # head padding in the last batch
-        m[-1, sk // 2] = False
-        kw["key_padding_mask"] = m.to(device)
-    return leaves, kw
-
-
-def run_attention(leaves, kw, impl, dout, upcast=False):
-    """Runs one implementation on fresh leaf copies; returns (out, {name: grad})."""
-    xs = {n: t.detach().clone().float() if upcast else t.detach().clone() for n, t in leaves.items()}
-    for t in xs.values():
-        t.requires_grad_(True)
-    out = outeff_attention(xs["q"], xs["k"], xs["v"], offset=xs.get("offset"), gate=xs.get("gate"), impl=impl, **kw)
-    out.backward(dout.to(out.dtype))
-    return out, {n: t.grad for n, t in xs.items()}
+    """attention_cases.make_inputs at this file's defaults: GQA 4 -> 2, fp32, no gate, on DEVICE, the padding
+    with a hole in the middle (extreme: see test_extreme_logits)."""
+    kw.setdefault("device", DEVICE)
+    return attention_cases.make_inputs(
+        b, sq, sk, h, h_kv, d, dtype=dtype, gate=gate, variant=variant, pad=pad, hole=True, **kw
+    )
 
 
 def check_against_reference(leaves, kw, tol=None, seed=1, operand_scaled=False):
@@ -111,9 +74,8 @@ def check_against_reference(leaves, kw, tol=None, seed=1, operand_scaled=False):
     multiplied by max(1, max|k|) / max(1, max|q|)."""
     dtype = leaves["q"].dtype
     tol = tol or SMALL_TOL[dtype]
-    gen = torch.Generator().manual_seed(seed)
     b, sq, h, d = leaves["q"].shape
-    dout = torch.randn(b, sq, h, d, generator=gen).to(device=leaves["q"].device, dtype=dtype)
+    dout = dout_for(leaves, seed)
     out, grads = run_attention(leaves, kw, "triton", dout)
     ref, ref_grads = run_attention(leaves, kw, "torch", dout.float(), upcast=True)
     assert out.dtype == dtype and out.shape == (b, sq, h, d)

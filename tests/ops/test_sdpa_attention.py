@@ -20,9 +20,9 @@ import math
 
 import pytest
 import torch
-from attention_cases import VARIANTS
+from attention_cases import VARIANTS, dout_for
 from sdpa_emulation import EmulatedKernels, fake_choice
-from test_cpu_attention import FP64_TOL, MASKS, assert_match, dense_mask, dout_for, make_inputs, oracle_fp64
+from test_cpu_attention import FP64_TOL, MASKS, assert_match, dense_mask, make_inputs, oracle_fp64
 
 from megatron_outeff.ops import attention as attention_module
 from megatron_outeff.ops import outeff_attention, sdpa_attention

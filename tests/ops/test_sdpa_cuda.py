@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from attention_cases import assert_all_close
+from attention_cases import assert_all_close, dout_for, run_attention
 from test_cpu_attention import make_inputs
 
 from megatron_outeff.ops import outeff_attention, sdpa_attention
@@ -43,17 +43,7 @@ def _backend(kernel):
 
 
 def cuda_inputs(**kw):
-    leaves, args = make_inputs(**kw)
-    return {n: t.cuda() for n, t in leaves.items()}, args
-
-
-def run(leaves, kw, impl, dout, upcast=False, **extra):
-    xs = {n: (t.detach().float() if upcast else t.detach()).clone().requires_grad_(True) for n, t in leaves.items()}
-    out = outeff_attention(
-        xs["q"], xs["k"], xs["v"], offset=xs.get("offset"), gate=xs.get("gate"), impl=impl, **kw, **extra
-    )
-    out.backward(dout.to(out.dtype))
-    return out.detach(), {n: t.grad for n, t in xs.items()}
+    return make_inputs(device="cuda", **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -99,8 +89,6 @@ def _case_inputs(variant, d, dtype, mask, h_kv):
         pad=mask in ("pad", "causal_pad"),
     )
     kw["causal"] = mask != "pad"
-    if "key_padding_mask" in kw:
-        kw["key_padding_mask"] = kw["key_padding_mask"].cuda()
     return leaves, kw
 
 
@@ -109,17 +97,17 @@ def _case_inputs(variant, d, dtype, mask, h_kv):
 def test_pinned_kernel_against_reference(kernel, case):
     leaves, kw = _case_inputs(*case)
     dtype = case[2]
-    dout = torch.randn(leaves["q"].shape, generator=torch.Generator().manual_seed(1)).to("cuda", dtype)
+    dout = dout_for(leaves)
     sdpa_attention.sdpa_backend_record(reset=True)
     with torch.nn.attention.sdpa_kernel([_backend(kernel)]):
         try:
-            out, grads = run(leaves, kw, "sdpa", dout)
+            out, grads = run_attention(leaves, kw, "sdpa", dout)
         except ValueError as e:
             if "no fused CUDA attention kernel" not in str(e):
                 raise
             pytest.skip(f"torch offers no {kernel} kernel for this case here")
     assert sdpa_attention.sdpa_backend_record()["last"].split("+")[0] == kernel
-    ref, ref_grads = run(leaves, kw, "torch", dout.float(), upcast=True)
+    ref, ref_grads = run_attention(leaves, kw, "torch", dout.float(), upcast=True)
     assert_all_close(out, grads, ref, ref_grads, leaves, GPU_TOL[dtype])
     if case[3] == "causal_sq>sk":
         assert (out[:, :120] == 0).all() and (grads["q"][:, :120] == 0).all()
@@ -130,9 +118,9 @@ def test_auto_never_falls_back(case):
     """impl='auto' runs every unclipped case on one of torch's fused kernels (never Triton, never the
     row path), as SDPA chooses; the kernel that ran is recorded."""
     leaves, kw = _case_inputs(*case)
-    dout = torch.randn(leaves["q"].shape, generator=torch.Generator().manual_seed(1)).to("cuda", case[2])
+    dout = dout_for(leaves)
     sdpa_attention.sdpa_backend_record(reset=True)
-    run(leaves, kw, "auto", dout)
+    run_attention(leaves, kw, "auto", dout)
     rec = sdpa_attention.sdpa_backend_record()
     assert rec["last"].split("+")[0] in KERNELS, rec
 

@@ -14,7 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hf"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training"))
 from hf_testlib import TINY, random_weights  # noqa: E402
+from train_testlib import run_tool, set_args  # noqa: E402
 
 PLANT_CHANNEL = 17
 PLANT_SCALE = 50.0
@@ -75,19 +77,11 @@ def save_random_hf(model, path) -> dict:
 
 def run_experiment(config, output_dir, overrides, tmp_path, timeout=600):
     """tools/run_experiment.py on ``config`` into ``output_dir`` with ``--set`` of each override, as a user
-    runs it (a fresh interpreter, offline, its own HF_HOME under ``tmp_path``): the CompletedProcess."""
-    import subprocess
-
-    args = ["--config", str(config), "--output-dir", str(output_dir), *[a for s in overrides for a in ("--set", s)]]
-    env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools", "run_experiment.py"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=timeout,
-    )
+    runs it (train_testlib.run_tool: a fresh interpreter), offline, with its own HF_HOME under ``tmp_path``:
+    the CompletedProcess."""
+    args = ["--config", config, "--output-dir", output_dir, *set_args(overrides)]
+    offline = dict(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return run_tool("run_experiment", *args, timeout=timeout, **offline)
 
 
 def build_models(root):

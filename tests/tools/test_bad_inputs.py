@@ -12,14 +12,15 @@ import os
 import runpy
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training"))
 import evallib  # noqa: E402
+from train_testlib import run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_CFG = str(ROOT / "configs" / "train" / "demo-tiny.yaml")
@@ -162,10 +163,9 @@ def _invoke(cli, argv) -> int:
 
 
 def _run_subprocess(cli, argv):
-    """(exit code, stderr) of the CLI in a fresh interpreter, as a user runs it."""
+    """(exit code, stderr) of the CLI in a fresh interpreter, as a user runs it (train_testlib.run)."""
     cmd = ["-m", _MODULE_CLIS[cli]] if cli in _MODULE_CLIS else [str(ROOT / "tools" / f"{cli}.py")]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    r = subprocess.run([sys.executable, *cmd, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = run([sys.executable, *cmd, *argv], timeout=300)
     return r.returncode, r.stderr
 
 
