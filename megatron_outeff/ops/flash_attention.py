@@ -1095,14 +1095,28 @@ def backward_launches(
         q, k, gate, kpm, causal, arch
     )
     dev = q.device
-    common = (_strides(q), _strides(k), _strides(v), _strides(dout), g_strides, kpm_stride)
-    scales = (scale * LOG2E, scale, clip_c, clip_g)
     delta = torch.empty((b, h, sq), dtype=torch.float32, device=dev)
     dgate = torch.empty((b, sq, h), dtype=torch.float32, device=dev) if save_ungated else None
+    # the leading arguments of the dQ and dK/dV kernels, their strides and their scalars
+    tensors = (q, k, v, dout, lse, delta, gate_arg, kpm_arg)
+    common = (_strides(q), _strides(k), _strides(v), _strides(dout), g_strides, kpm_stride)
+    scales = (scale * LOG2E, scale, clip_c, clip_g)
     launches = []
 
     def row_grid(c):
         return (_check_grid(b * h * triton.cdiv(sq, c["BLOCK_M"]), "backward"),)
+
+    def dq_launch(out, out_strides, clip_delta):
+        """The dQ kernel writing dQ to ``out`` or, with ``clip_delta``, the clip's D' to Delta."""
+        return KernelLaunch(
+            _bwd_dq_kernel,
+            "dq",
+            (*tensors, out, *common, out_strides, h, h // h_kv, sq, sk, d, *scales),
+            dict(meta, CLIP_DELTA=clip_delta, HAS_CLIP=has_clip),
+            row_grid,
+            kernel_configs("dq", d, q.dtype, causal, arch),
+            tune_key=tune_key,
+        )
 
     if save_ungated or not has_clip:
         launches.append(
@@ -1134,70 +1148,13 @@ def backward_launches(
                 tune_key=tune_key,
             )
         )
-    dq_configs = kernel_configs("dq", d, q.dtype, causal, arch)
     if has_clip:  # D' = rowsum(P * dP'): the dQ kernel's loop, writing Delta
-        launches.append(
-            KernelLaunch(
-                _bwd_dq_kernel,
-                "dq",
-                (
-                    q,
-                    k,
-                    v,
-                    dout,
-                    lse,
-                    delta,
-                    gate_arg,
-                    kpm_arg,
-                    delta,
-                    *common,
-                    (0, 0, 0),
-                    h,
-                    h // h_kv,
-                    sq,
-                    sk,
-                    d,
-                    *scales,
-                ),
-                dict(meta, CLIP_DELTA=True, HAS_CLIP=True),
-                row_grid,
-                dq_configs,
-                tune_key=tune_key,
-            )
-        )
+        launches.append(dq_launch(delta, (0, 0, 0), True))
     atomic_dq = need_dq and dq_mode(deterministic) == "atomic"
     dq_out = None
     if need_dq and not atomic_dq:
         dq_out = torch.empty((b, sq, h, d), dtype=q.dtype, device=dev)
-        launches.append(
-            KernelLaunch(
-                _bwd_dq_kernel,
-                "dq",
-                (
-                    q,
-                    k,
-                    v,
-                    dout,
-                    lse,
-                    delta,
-                    gate_arg,
-                    kpm_arg,
-                    dq_out,
-                    *common,
-                    _strides(dq_out),
-                    h,
-                    h // h_kv,
-                    sq,
-                    sk,
-                    d,
-                    *scales,
-                ),
-                dict(meta, CLIP_DELTA=False, HAS_CLIP=has_clip),
-                row_grid,
-                dq_configs,
-                tune_key=tune_key,
-            )
-        )
+        launches.append(dq_launch(dq_out, _strides(dq_out), False))
     dk = dv = None
     if need_dkdv or atomic_dq:
         if atomic_dq:
@@ -1209,29 +1166,7 @@ def backward_launches(
             KernelLaunch(
                 _bwd_kernel,
                 "bwd",
-                (
-                    q,
-                    k,
-                    v,
-                    dout,
-                    lse,
-                    delta,
-                    gate_arg,
-                    kpm_arg,
-                    dk,
-                    dv,
-                    dqa,
-                    *common,
-                    _strides(dk),
-                    _strides(dqa),
-                    h,
-                    h_kv,
-                    h // h_kv,
-                    sq,
-                    sk,
-                    d,
-                    *scales,
-                ),
+                (*tensors, dk, dv, dqa, *common, _strides(dk), _strides(dqa), h, h_kv, h // h_kv, sq, sk, d, *scales),
                 dict(meta, HAS_CLIP=has_clip, ATOMIC_DQ=atomic_dq),
                 lambda c: (_check_grid(b * h_kv * triton.cdiv(sk, c["BLOCK_N"]), "backward"),),
                 kernel_configs("bwd", d, q.dtype, causal, arch),
@@ -1273,30 +1208,14 @@ class _FlashOutEffAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout):
         q, k, v, sink, gate, kpm, o_saved, lse = ctx.saved_tensors
-        scale, clip_c, clip_g, has_clip, causal, save_ungated, arch = ctx.cfg
+        scale, *_, arch = ctx.cfg
         dout = tile_addressable(_last_dim_contiguous(dout), "the output gradient")
         need_dq = ctx.needs_input_grad[0]
         need_dkdv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         deterministic = torch.are_deterministic_algorithms_enabled()
+        # ctx.cfg: (scale, clip_c, clip_g, has_clip, causal, save_ungated, arch), as backward_launches takes them
         launches, delta, dgate, dq, dk, dv, atomic_dq = backward_launches(
-            q,
-            k,
-            v,
-            dout,
-            gate,
-            kpm,
-            o_saved,
-            lse,
-            scale,
-            clip_c,
-            clip_g,
-            has_clip,
-            causal,
-            save_ungated,
-            need_dq,
-            need_dkdv,
-            deterministic,
-            arch,
+            q, k, v, dout, gate, kpm, o_saved, lse, *ctx.cfg[:-1], need_dq, need_dkdv, deterministic, arch
         )
         for launch in launches:
             run_launch(launch)
