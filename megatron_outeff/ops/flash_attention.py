@@ -176,36 +176,6 @@ def _key_range(m0, SQ, SK, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N:
 
 
 @triton.jit
-def _key_tile_offsets(sk_n, sv_n, HEAD_D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The loop invariants of a walk over key tiles (``_fwd_tiles``, ``_dq_tiles``): (offs_n0, k_tile,
-    v_tile, d_ok): the int32 offsets inside a K / V tile (sk_n / sv_n: their sequence strides; each step
-    adds them to a scalar int64 tile start: no loop-carried pointer tensors, which hold a 64-bit register
-    per element) and the head-dim columns < HEAD_D."""
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    k_tile = offs_n0[:, None] * sk_n + offs_d[None, :]
-    v_tile = offs_n0[:, None] * sv_n + offs_d[None, :]
-    d_ok = offs_d[None, :] < HEAD_D
-    return offs_n0, k_tile, v_tile, d_ok
-
-
-@triton.jit
-def _load_key_tile(ptrs, offs_n, SK, d_ok, MASK: tl.constexpr, PAD_D: tl.constexpr):
-    """The K or V tile at ``ptrs`` (keys offs_n): on a masked tile (MASK) zero past SK, and with PAD_D
-    zero past the head dim (d_ok); a full tile without PAD_D loads unmasked."""
-    if MASK:
-        kv_ok = offs_n[:, None] < SK
-        if PAD_D:
-            kv_ok = kv_ok & d_ok
-        x = tl.load(ptrs, mask=kv_ok, other=0.0)
-    elif PAD_D:
-        x = tl.load(ptrs, mask=d_ok, other=0.0)
-    else:
-        x = tl.load(ptrs)
-    return x
-
-
-@triton.jit
 def _fwd_tiles(
     acc,
     m_i,
@@ -242,7 +212,13 @@ def _fwd_tiles(
     tile in int32: ``tile_addressable``). Pass 1 (not CLIP_PASS): the online softmax state (m_i, l_i),
     and acc += p v unless HAS_CLIP. CLIP_PASS: acc += clip(2^(s - lse2)) v, lse2 the final base-2
     log-normaliser of pass 1."""
-    offs_n0, k_tile, v_tile, d_ok = _key_tile_offsets(sk_n, sv_n, HEAD_D, BLOCK_N, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    # loop-invariant int32 offsets inside a tile; each step starts from a scalar int64 offset (no
+    # loop-carried pointer tensors: those hold a 64-bit register per element)
+    k_tile = offs_n0[:, None] * sk_n + offs_d[None, :]
+    v_tile = offs_n0[:, None] * sv_n + offs_d[None, :]
+    d_ok = offs_d[None, :] < HEAD_D
     for MASK in tl.static_range(2):  # the tiles every row sees in full, then the masked ones
         lo = n_full if MASK else 0
         hi = n_end if MASK else n_full
@@ -251,7 +227,15 @@ def _fwd_tiles(
             start = tl.cast(start_n, tl.int64)
             k_ptrs = K_head + start * sk_n + k_tile
             v_ptrs = V_head + start * sv_n + v_tile
-            k = _load_key_tile(k_ptrs, offs_n, SK, d_ok, MASK, PAD_D).to(DOT_T)
+            if MASK:
+                kv_ok = offs_n[:, None] < SK
+                if PAD_D:
+                    kv_ok = kv_ok & d_ok
+                k = tl.load(k_ptrs, mask=kv_ok, other=0.0).to(DOT_T)
+            elif PAD_D:
+                k = tl.load(k_ptrs, mask=d_ok, other=0.0).to(DOT_T)
+            else:
+                k = tl.load(k_ptrs).to(DOT_T)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
             if MASK:
                 valid = offs_n[None, :] < SK
@@ -275,7 +259,12 @@ def _fwd_tiles(
                 if not HAS_CLIP:
                     acc = acc * alpha[:, None]
             if CLIP_PASS or not HAS_CLIP:
-                v = _load_key_tile(v_ptrs, offs_n, SK, d_ok, MASK, PAD_D).to(DOT_T)
+                if MASK:
+                    v = tl.load(v_ptrs, mask=kv_ok, other=0.0).to(DOT_T)
+                elif PAD_D:
+                    v = tl.load(v_ptrs, mask=d_ok, other=0.0).to(DOT_T)
+                else:
+                    v = tl.load(v_ptrs).to(DOT_T)
                 acc += tl.dot(p.to(DOT_T), v, input_precision=PREC)
     return acc, m_i, l_i
 
@@ -314,8 +303,12 @@ def _dq_tiles(
     """The key tiles of one query block, [0, n_full) then the masked [n_full, n_end) (backward, queries
     on M): acc += dS K (unscaled), dS = P * (dP' - D); CLIP_DELTA: acc += rowsum(P * dP') instead (the
     clipped softmax's D')."""
-    offs_n0, k_tile, v_tile, d_ok = _key_tile_offsets(sk_n, sv_n, HEAD_D, BLOCK_N, BLOCK_D)
-    for MASK in tl.static_range(2):  # the tiles every row sees in full, then the masked ones
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_tile = offs_n0[:, None] * sk_n + offs_d[None, :]  # as in _fwd_tiles
+    v_tile = offs_n0[:, None] * sv_n + offs_d[None, :]
+    d_ok = offs_d[None, :] < HEAD_D
+    for MASK in tl.static_range(2):  # as in _fwd_tiles
         lo = n_full if MASK else 0
         hi = n_end if MASK else n_full
         for start_n in range(lo, hi, BLOCK_N):
@@ -323,8 +316,18 @@ def _dq_tiles(
             start = tl.cast(start_n, tl.int64)
             k_ptrs = K_head + start * sk_n + k_tile
             v_ptrs = V_head + start * sv_n + v_tile
-            k = _load_key_tile(k_ptrs, offs_n, SK, d_ok, MASK, PAD_D).to(DOT_T)
-            v = _load_key_tile(v_ptrs, offs_n, SK, d_ok, MASK, PAD_D).to(DOT_T)
+            if MASK:
+                kv_ok = offs_n[:, None] < SK
+                if PAD_D:
+                    kv_ok = kv_ok & d_ok
+                k = tl.load(k_ptrs, mask=kv_ok, other=0.0).to(DOT_T)
+                v = tl.load(v_ptrs, mask=kv_ok, other=0.0).to(DOT_T)
+            elif PAD_D:
+                k = tl.load(k_ptrs, mask=d_ok, other=0.0).to(DOT_T)
+                v = tl.load(v_ptrs, mask=d_ok, other=0.0).to(DOT_T)
+            else:
+                k = tl.load(k_ptrs).to(DOT_T)
+                v = tl.load(v_ptrs).to(DOT_T)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
             p = tl.exp2(s - lse2[:, None])
             if MASK:
@@ -774,7 +777,12 @@ def _bwd_kernel(
     bi = (bhk // H_KV).to(tl.int64)
     hk = bhk % H_KV
     n0 = (pid % num_n) * BLOCK_N
-    offs_n, offs_d, key_ok, kd_ok = _tile_rows(n0, SK, HEAD_D, PAD_D, BLOCK_N, BLOCK_D)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    key_ok = offs_n < SK
+    kd_ok = key_ok[:, None]
+    if PAD_D:
+        kd_ok = kd_ok & (offs_d[None, :] < HEAD_D)
     keys = offs_n[:, None].to(tl.int64)
     k = _load_tile(K, stride_k, bi, hk, keys, offs_d, kd_ok).to(DOT_T)
     v = _load_tile(V, stride_v, bi, hk, keys, offs_d, kd_ok).to(DOT_T)
