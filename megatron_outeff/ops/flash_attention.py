@@ -784,8 +784,16 @@ def _bwd_kernel(
     if PAD_D:
         kd_ok = kd_ok & (offs_d[None, :] < HEAD_D)
     keys = offs_n[:, None].to(tl.int64)
-    k = _load_tile(K, stride_k, bi, hk, keys, offs_d, kd_ok).to(DOT_T)
-    v = _load_tile(V, stride_v, bi, hk, keys, offs_d, kd_ok).to(DOT_T)
+    k = tl.load(
+        K + bi * stride_k[0] + hk.to(tl.int64) * stride_k[2] + keys * stride_k[1] + offs_d[None, :],
+        mask=kd_ok,
+        other=0.0,
+    ).to(DOT_T)
+    v = tl.load(
+        V + bi * stride_v[0] + hk.to(tl.int64) * stride_v[2] + keys * stride_v[1] + offs_d[None, :],
+        mask=kd_ok,
+        other=0.0,
+    ).to(DOT_T)
     if HAS_KPM:
         key_ok = key_ok & (tl.load(Kpm + bi * stride_kpmb + offs_n, mask=key_ok, other=0) != 0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
