@@ -506,7 +506,12 @@ def _fwd_kernel(
     bh, bi, hi, pid_m = _program_tile(SQ, H, CAUSAL, BLOCK_M)  # causal: the longest rows first
     hk = hi // GROUP
     m0 = pid_m * BLOCK_M
-    offs_m, offs_d, row_ok, rd_ok = _tile_rows(m0, SQ, HEAD_D, PAD_D, BLOCK_M, BLOCK_D)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < SQ
+    rd_ok = row_ok[:, None]
+    if PAD_D:
+        rd_ok = rd_ok & (offs_d[None, :] < HEAD_D)
     q = _load_tile(Q, stride_q, bi, hi, offs_m[:, None], offs_d, rd_ok).to(DOT_T)
     k_head = K + bi * stride_k[0] + hk.to(tl.int64) * stride_k[2]
     v_head = V + bi * stride_v[0] + hk.to(tl.int64) * stride_v[2]
