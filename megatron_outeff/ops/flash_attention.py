@@ -121,6 +121,45 @@ def block_d(head_dim: int) -> int:
 
 
 @triton.jit
+def _program_tile(SEQ, HEADS, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid axis 0 -> (batch x head, batch (int64), head, tile index) for tiles of BLOCK rows of a sequence
+    of SEQ (the tiles of one head adjacent). REVERSE: the last tile first (causal: the longest rows first)."""
+    num = tl.cdiv(SEQ, BLOCK)
+    pid = tl.program_id(0)
+    bh = pid // num
+    pid_t = pid % num
+    if REVERSE:
+        pid_t = num - 1 - pid_t
+    return bh, (bh // HEADS).to(tl.int64), bh % HEADS, pid_t
+
+
+@triton.jit
+def _tile_rows(start, SEQ, HEAD_D, PAD_D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The rows [start, start + BLOCK) of a sequence of SEQ and the head-dim columns: (offs, offs_d, ok,
+    ok_d), ok [BLOCK] the rows < SEQ, ok_d [BLOCK, BLOCK_D] those rows and, with PAD_D, the columns < HEAD_D."""
+    offs = start + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = offs < SEQ
+    ok_d = ok[:, None]
+    if PAD_D:
+        ok_d = ok_d & (offs_d[None, :] < HEAD_D)
+    return offs, offs_d, ok, ok_d
+
+
+@triton.jit
+def _head_rows(X, strides, b, head, rows):
+    """Pointers to the positions ``rows`` of (batch b, head) of X [b, s, h(, d)] with strides (b, s, h), in
+    int64 (b: int64)."""
+    return X + b * strides[0] + head.to(tl.int64) * strides[2] + rows.to(tl.int64) * strides[1]
+
+
+@triton.jit
+def _load_tile(X, strides, b, head, rows, offs_d, mask):
+    """The tile X[b, rows, head, offs_d] (rows [BLOCK, 1]), 0 where not ``mask``."""
+    return tl.load(_head_rows(X, strides, b, head, rows) + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _key_range(m0, SQ, SK, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The key tiles of the query rows [m0, m0 + BLOCK_M): [0, n_full) are visible to every row (no
     mask), [n_full, n_end) are masked: the causal diagonal (bottom-right aligned: row i sees key
@@ -464,14 +503,7 @@ def _fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """One query tile of one (batch, head); grid (b * H * cdiv(SQ, BLOCK_M),)."""
-    num_m = tl.cdiv(SQ, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // num_m
-    pid_m = pid % num_m
-    if CAUSAL:
-        pid_m = num_m - 1 - pid_m  # the longest rows first
-    bi = (bh // H).to(tl.int64)
-    hi = bh % H
+    bh, bi, hi, pid_m = _program_tile(SQ, H, CAUSAL, BLOCK_M)  # causal: the longest rows first
     hk = hi // GROUP
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -480,15 +512,7 @@ def _fwd_kernel(
     rd_ok = row_ok[:, None]
     if PAD_D:
         rd_ok = rd_ok & (offs_d[None, :] < HEAD_D)
-    q = tl.load(
-        Q
-        + bi * stride_q[0]
-        + hi.to(tl.int64) * stride_q[2]
-        + offs_m[:, None].to(tl.int64) * stride_q[1]
-        + offs_d[None, :],
-        mask=rd_ok,
-        other=0.0,
-    ).to(DOT_T)
+    q = _load_tile(Q, stride_q, bi, hi, offs_m[:, None], offs_d, rd_ok).to(DOT_T)
     k_head = K + bi * stride_k[0] + hk.to(tl.int64) * stride_k[2]
     v_head = V + bi * stride_v[0] + hk.to(tl.int64) * stride_v[2]
     sk_n = stride_k[1]
@@ -554,11 +578,7 @@ def _fwd_kernel(
     if HAS_GATE:
         if SAVE_UNGATED:
             tl.store(OutU + o_off, o.to(OutU.dtype.element_ty), mask=rd_ok)
-        g = tl.load(
-            Gate + bi * stride_g[0] + hi.to(tl.int64) * stride_g[2] + offs_m.to(tl.int64) * stride_g[1],
-            mask=row_ok,
-            other=0.0,
-        )
+        g = tl.load(_head_rows(Gate, stride_g, bi, hi, offs_m), mask=row_ok, other=0.0)
         o = o * g.to(tl.float32)[:, None]
     tl.store(Out + o_off, o.to(Out.dtype.element_ty), mask=rd_ok)
 
@@ -591,33 +611,16 @@ def _bwd_preprocess_kernel(
     bh = pid // num_m
     bi = (bh // H).to(tl.int64)
     hi = bh % H
-    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < SQ
-    rd_ok = row_ok[:, None]
-    if PAD_D:
-        rd_ok = rd_ok & (offs_d[None, :] < HEAD_D)
+    offs_m, offs_d, row_ok, rd_ok = _tile_rows((pid % num_m) * BLOCK_M, SQ, HEAD_D, PAD_D, BLOCK_M, BLOCK_D)
     rows = offs_m[:, None].to(tl.int64)
-    o = tl.load(
-        O + bi * stride_o[0] + hi.to(tl.int64) * stride_o[2] + rows * stride_o[1] + offs_d[None, :],
-        mask=rd_ok,
-        other=0.0,
-    ).to(tl.float32)
-    do = tl.load(
-        DO + bi * stride_do[0] + hi.to(tl.int64) * stride_do[2] + rows * stride_do[1] + offs_d[None, :],
-        mask=rd_ok,
-        other=0.0,
-    ).to(tl.float32)
+    o = _load_tile(O, stride_o, bi, hi, rows, offs_d, rd_ok).to(tl.float32)
+    do = _load_tile(DO, stride_do, bi, hi, rows, offs_d, rd_ok).to(tl.float32)
     t = tl.sum(o * do, 1)
     delta = t
     if HAS_GATE:
         if O_UNGATED:
             tl.store(DGate + (bi * SQ + offs_m) * H + hi, t, mask=row_ok)
-            g = tl.load(
-                Gate + bi * stride_g[0] + hi.to(tl.int64) * stride_g[2] + offs_m.to(tl.int64) * stride_g[1],
-                mask=row_ok,
-                other=0.0,
-            )
+            g = tl.load(_head_rows(Gate, stride_g, bi, hi, offs_m), mask=row_ok, other=0.0)
             delta = t * g.to(tl.float32)
     if STORE_DELTA:
         tl.store(Delta + bh.to(tl.int64) * SQ + offs_m, delta, mask=row_ok)
@@ -665,39 +668,15 @@ def _bwd_dq_kernel(
     """One query tile over the key tiles (grid as the forward's): dQ = scale * dS K (the deterministic
     second pass). CLIP_DELTA (clipped softmax, a pass before the others): D' = rowsum(P * dP') to Delta
     instead, dP' = c * 1[0 <= c P + gamma <= 1] * (dO_u V^T); DQ is not touched."""
-    num_m = tl.cdiv(SQ, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // num_m
-    pid_m = pid % num_m
-    if CAUSAL:
-        pid_m = num_m - 1 - pid_m
-    bi = (bh // H).to(tl.int64)
-    hi = bh % H
+    bh, bi, hi, pid_m = _program_tile(SQ, H, CAUSAL, BLOCK_M)
     hk = hi // GROUP
     m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < SQ
-    rd_ok = row_ok[:, None]
-    if PAD_D:
-        rd_ok = rd_ok & (offs_d[None, :] < HEAD_D)
+    offs_m, offs_d, row_ok, rd_ok = _tile_rows(m0, SQ, HEAD_D, PAD_D, BLOCK_M, BLOCK_D)
     rows = offs_m[:, None].to(tl.int64)
-    q = tl.load(
-        Q + bi * stride_q[0] + hi.to(tl.int64) * stride_q[2] + rows * stride_q[1] + offs_d[None, :],
-        mask=rd_ok,
-        other=0.0,
-    ).to(DOT_T)
-    do = tl.load(
-        DO + bi * stride_o[0] + hi.to(tl.int64) * stride_o[2] + rows * stride_o[1] + offs_d[None, :],
-        mask=rd_ok,
-        other=0.0,
-    )
+    q = _load_tile(Q, stride_q, bi, hi, rows, offs_d, rd_ok).to(DOT_T)
+    do = _load_tile(DO, stride_o, bi, hi, rows, offs_d, rd_ok)
     if HAS_GATE:
-        g = tl.load(
-            Gate + bi * stride_g[0] + hi.to(tl.int64) * stride_g[2] + offs_m.to(tl.int64) * stride_g[1],
-            mask=row_ok,
-            other=0.0,
-        )
+        g = tl.load(_head_rows(Gate, stride_g, bi, hi, offs_m), mask=row_ok, other=0.0)
         do = do.to(tl.float32) * g.to(tl.float32)[:, None]
     do = do.to(DOT_T)
     lse2 = tl.load(Lse + bh.to(tl.int64) * SQ + offs_m, mask=row_ok, other=float("inf"))
@@ -748,11 +727,7 @@ def _bwd_dq_kernel(
         tl.store(Delta + bh.to(tl.int64) * SQ + offs_m, acc, mask=row_ok)
     else:
         dq = acc * sm_scale
-        tl.store(
-            DQ + bi * stride_dq[0] + hi.to(tl.int64) * stride_dq[2] + rows * stride_dq[1] + offs_d[None, :],
-            dq.to(DQ.dtype.element_ty),
-            mask=rd_ok,
-        )
+        tl.store(_head_rows(DQ, stride_dq, bi, hi, rows) + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rd_ok)
 
 
 @triton.jit
@@ -1141,14 +1116,28 @@ def backward_launches(
         q, k, gate, kpm, causal, arch
     )
     dev = q.device
-    common = (_strides(q), _strides(k), _strides(v), _strides(dout), g_strides, kpm_stride)
-    scales = (scale * LOG2E, scale, clip_c, clip_g)
     delta = torch.empty((b, h, sq), dtype=torch.float32, device=dev)
     dgate = torch.empty((b, sq, h), dtype=torch.float32, device=dev) if save_ungated else None
+    # the leading arguments of the dQ and dK/dV kernels, their strides and their scalars
+    tensors = (q, k, v, dout, lse, delta, gate_arg, kpm_arg)
+    common = (_strides(q), _strides(k), _strides(v), _strides(dout), g_strides, kpm_stride)
+    scales = (scale * LOG2E, scale, clip_c, clip_g)
     launches = []
 
     def row_grid(c):
         return (_check_grid(b * h * triton.cdiv(sq, c["BLOCK_M"]), "backward"),)
+
+    def dq_launch(out, out_strides, clip_delta):
+        """The dQ kernel writing dQ to ``out`` or, with ``clip_delta``, the clip's D' to Delta."""
+        return KernelLaunch(
+            _bwd_dq_kernel,
+            "dq",
+            (*tensors, out, *common, out_strides, h, h // h_kv, sq, sk, d, *scales),
+            dict(meta, CLIP_DELTA=clip_delta, HAS_CLIP=has_clip),
+            row_grid,
+            kernel_configs("dq", d, q.dtype, causal, arch),
+            tune_key=tune_key,
+        )
 
     if save_ungated or not has_clip:
         launches.append(
@@ -1180,70 +1169,13 @@ def backward_launches(
                 tune_key=tune_key,
             )
         )
-    dq_configs = kernel_configs("dq", d, q.dtype, causal, arch)
     if has_clip:  # D' = rowsum(P * dP'): the dQ kernel's loop, writing Delta
-        launches.append(
-            KernelLaunch(
-                _bwd_dq_kernel,
-                "dq",
-                (
-                    q,
-                    k,
-                    v,
-                    dout,
-                    lse,
-                    delta,
-                    gate_arg,
-                    kpm_arg,
-                    delta,
-                    *common,
-                    (0, 0, 0),
-                    h,
-                    h // h_kv,
-                    sq,
-                    sk,
-                    d,
-                    *scales,
-                ),
-                dict(meta, CLIP_DELTA=True, HAS_CLIP=True),
-                row_grid,
-                dq_configs,
-                tune_key=tune_key,
-            )
-        )
+        launches.append(dq_launch(delta, (0, 0, 0), True))
     atomic_dq = need_dq and dq_mode(deterministic) == "atomic"
     dq_out = None
     if need_dq and not atomic_dq:
         dq_out = torch.empty((b, sq, h, d), dtype=q.dtype, device=dev)
-        launches.append(
-            KernelLaunch(
-                _bwd_dq_kernel,
-                "dq",
-                (
-                    q,
-                    k,
-                    v,
-                    dout,
-                    lse,
-                    delta,
-                    gate_arg,
-                    kpm_arg,
-                    dq_out,
-                    *common,
-                    _strides(dq_out),
-                    h,
-                    h // h_kv,
-                    sq,
-                    sk,
-                    d,
-                    *scales,
-                ),
-                dict(meta, CLIP_DELTA=False, HAS_CLIP=has_clip),
-                row_grid,
-                dq_configs,
-                tune_key=tune_key,
-            )
-        )
+        launches.append(dq_launch(dq_out, _strides(dq_out), False))
     dk = dv = None
     if need_dkdv or atomic_dq:
         if atomic_dq:
@@ -1255,29 +1187,7 @@ def backward_launches(
             KernelLaunch(
                 _bwd_kernel,
                 "bwd",
-                (
-                    q,
-                    k,
-                    v,
-                    dout,
-                    lse,
-                    delta,
-                    gate_arg,
-                    kpm_arg,
-                    dk,
-                    dv,
-                    dqa,
-                    *common,
-                    _strides(dk),
-                    _strides(dqa),
-                    h,
-                    h_kv,
-                    h // h_kv,
-                    sq,
-                    sk,
-                    d,
-                    *scales,
-                ),
+                (*tensors, dk, dv, dqa, *common, _strides(dk), _strides(dqa), h, h_kv, h // h_kv, sq, sk, d, *scales),
                 dict(meta, HAS_CLIP=has_clip, ATOMIC_DQ=atomic_dq),
                 lambda c: (_check_grid(b * h_kv * triton.cdiv(sk, c["BLOCK_N"]), "backward"),),
                 kernel_configs("bwd", d, q.dtype, causal, arch),
@@ -1319,30 +1229,14 @@ class _FlashOutEffAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout):
         q, k, v, sink, gate, kpm, o_saved, lse = ctx.saved_tensors
-        scale, clip_c, clip_g, has_clip, causal, save_ungated, arch = ctx.cfg
+        scale, *_, arch = ctx.cfg
         dout = tile_addressable(_last_dim_contiguous(dout), "the output gradient")
         need_dq = ctx.needs_input_grad[0]
         need_dkdv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         deterministic = torch.are_deterministic_algorithms_enabled()
+        # ctx.cfg: (scale, clip_c, clip_g, has_clip, causal, save_ungated, arch), as backward_launches takes them
         launches, delta, dgate, dq, dk, dv, atomic_dq = backward_launches(
-            q,
-            k,
-            v,
-            dout,
-            gate,
-            kpm,
-            o_saved,
-            lse,
-            scale,
-            clip_c,
-            clip_g,
-            has_clip,
-            causal,
-            save_ungated,
-            need_dq,
-            need_dkdv,
-            deterministic,
-            arch,
+            q, k, v, dout, gate, kpm, o_saved, lse, *ctx.cfg[:-1], need_dq, need_dkdv, deterministic, arch
         )
         for launch in launches:
             run_launch(launch)

@@ -63,8 +63,11 @@ _TILE_ELEMS_INTERPRETER = 16384  # the interpreter pays per program and per op, 
 
 
 @triton.jit
-def _load_logits(X, MASK, x_row, m_row, cols, SK, row_ok, msk, scale, HAS_MASK: tl.constexpr):
-    """fp32 tile scale * x with -inf where masked out or outside the row / matrix."""
+def _load_logits(X, MASK, x_row, m_row, c0, cols, SK, row_ok, msk, scale, HAS_MASK: tl.constexpr):
+    """fp32 tile scale * x of the columns c0 + cols, with -inf where masked out or outside the row / matrix."""
+    x_row = x_row + c0
+    m_row = m_row + c0 * msk
+    SK = SK - c0
     ok = row_ok[:, None] & (cols[None, :] < SK)
     x = tl.load(X + x_row[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     x = x * scale
@@ -75,14 +78,21 @@ def _load_logits(X, MASK, x_row, m_row, cols, SK, row_ok, msk, scale, HAS_MASK: 
 
 
 @triton.jit
-def _store_tile(Y, x_row, cols, SK, row_ok, y):
-    """Writes the fp32 tile y [BLOCK_R, BLOCK_C] in Y's dtype, inside the row / matrix only."""
+def _store_tile(Y, x_row, c0, cols, SK, row_ok, y):
+    """Writes the fp32 tile y [BLOCK_R, BLOCK_C] to the columns c0 + cols in Y's dtype, inside the row / matrix
+    only."""
+    x_row = x_row + c0
+    SK = SK - c0
     ok = row_ok[:, None] & (cols[None, :] < SK)
     tl.store(Y + x_row[:, None] + cols[None, :], y.to(Y.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _row_offsets(pid, R, SK, H, SQ, msb, msh, msq, BLOCK_R: tl.constexpr):
+def _row_offsets(pid, dims, mask_strides, BLOCK_R: tl.constexpr):
+    """The BLOCK_R rows of program pid: (rows, row_ok, their first element, their head, their first mask
+    element); dims and mask_strides as the kernels take them."""
+    R, SK, H, SQ = dims
+    msb, msh, msq, _ = mask_strides
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     rows = tl.where(row_ok, rows, 0)
@@ -101,17 +111,10 @@ def _fwd_kernel(
     ROW_L,
     SINK,
     MASK,
-    R,
-    SK,
-    H,
-    SQ,
-    msb,
-    msh,
-    msq,
-    msk,
+    dims,
+    mask_strides,
     scale,
-    gamma,
-    zeta,
+    clip,
     HAS_SINK: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_CLIP: tl.constexpr,
@@ -119,8 +122,15 @@ def _fwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    """One tile of BLOCK_R rows of the scores X (grid (cdiv(R, BLOCK_R),)): Y = the probabilities (clipped
+    when HAS_CLIP), ROW_M / ROW_L = each row's shift m and denominator l. dims = (R = b * h * sq rows, SK
+    columns, H heads, SQ queries); mask_strides: MASK's (b, h, sq, sk) strides, 0 where it broadcasts;
+    clip = (gamma, zeta). SINGLE: a row fits one column block of BLOCK_C."""
     pid = tl.program_id(0)
-    rows, row_ok, x_row, hi, m_row = _row_offsets(pid, R, SK, H, SQ, msb, msh, msq, BLOCK_R)
+    rows, row_ok, x_row, hi, m_row = _row_offsets(pid, dims, mask_strides, BLOCK_R)
+    SK = dims[1]
+    msk = mask_strides[3]
+    gamma, zeta = clip
     cols = tl.arange(0, BLOCK_C)
     # online softmax state (running max, running sum): (a_h, 1) with a sink, (-inf, 0) without
     if HAS_SINK:
@@ -131,11 +141,11 @@ def _fwd_kernel(
         l_i = tl.zeros([BLOCK_R], tl.float32)
 
     if SINGLE:  # the whole row in one tile: one step, its exponentials kept
-        x = _load_logits(X, MASK, x_row, m_row, cols, SK, row_ok, msk, scale, HAS_MASK)
+        x = _load_logits(X, MASK, x_row, m_row, 0, cols, SK, row_ok, msk, scale, HAS_MASK)
         m_i, l_i, _, e = online_softmax_step(m_i, l_i, x, False)
     else:  # pass 1 over the column blocks
         for c0 in range(0, SK, BLOCK_C):
-            x = _load_logits(X, MASK, x_row + c0, m_row + c0 * msk, cols, SK - c0, row_ok, msk, scale, HAS_MASK)
+            x = _load_logits(X, MASK, x_row, m_row, c0, cols, SK, row_ok, msk, scale, HAS_MASK)
             m_i, l_i, _, _ = online_softmax_step(m_i, l_i, x, False)
     m_s = tl.where(m_i == float("-inf"), 0.0, m_i)  # fully masked, no sink: shift by 0
     l_i = tl.where(l_i > 0, l_i, 1.0)
@@ -143,14 +153,14 @@ def _fwd_kernel(
         p = e / l_i[:, None]
         if HAS_CLIP:
             p = clip_probs(p, zeta - gamma, gamma)
-        _store_tile(Y, x_row, cols, SK, row_ok, p)
+        _store_tile(Y, x_row, 0, cols, SK, row_ok, p)
     else:  # pass 2: write the probabilities
         for c0 in range(0, SK, BLOCK_C):
-            x = _load_logits(X, MASK, x_row + c0, m_row + c0 * msk, cols, SK - c0, row_ok, msk, scale, HAS_MASK)
+            x = _load_logits(X, MASK, x_row, m_row, c0, cols, SK, row_ok, msk, scale, HAS_MASK)
             p = tl.exp(x - m_s[:, None]) / l_i[:, None]
             if HAS_CLIP:
                 p = clip_probs(p, zeta - gamma, gamma)
-            _store_tile(Y, x_row + c0, cols, SK - c0, row_ok, p)
+            _store_tile(Y, x_row, c0, cols, SK, row_ok, p)
     tl.store(ROW_M + rows, m_s, mask=row_ok)
     tl.store(ROW_L + rows, l_i, mask=row_ok)
 
@@ -162,6 +172,7 @@ def _bwd_block(
     MASK,
     x_row,
     m_row,
+    c0,
     cols,
     SK,
     row_ok,
@@ -169,18 +180,21 @@ def _bwd_block(
     rm,
     rl,
     scale,
-    gamma,
-    zeta,
+    clip,
     HAS_MASK: tl.constexpr,
     HAS_CLIP: tl.constexpr,
 ):
-    """(p, g) for one tile: p the unclipped probabilities, g = dLoss/dp (through the clip)."""
+    """(p, g) for the tile of columns c0 + cols: p the unclipped probabilities, g = dLoss/dp (through the clip)."""
+    x_row = x_row + c0
+    m_row = m_row + c0 * msk
+    SK = SK - c0
     ok = row_ok[:, None] & (cols[None, :] < SK)
     dy = tl.load(DY + x_row[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     if HAS_CLIP:
         # S holds the input scores: recompute p = exp(scale * x - m) / l in fp32, as the forward did
-        x = _load_logits(S, MASK, x_row, m_row, cols, SK, row_ok, msk, scale, HAS_MASK)
+        x = _load_logits(S, MASK, x_row, m_row, 0, cols, SK, row_ok, msk, scale, HAS_MASK)
         p = tl.exp(x - rm[:, None]) / rl[:, None]
+        gamma, zeta = clip
         _, g = clip_grad(p, dy, zeta - gamma, gamma)
     else:
         # S holds the saved output P
@@ -199,17 +213,10 @@ def _bwd_kernel(
     MASK,
     DX,
     DSINK_ROW,
-    R,
-    SK,
-    H,
-    SQ,
-    msb,
-    msh,
-    msq,
-    msk,
+    dims,
+    mask_strides,
     scale,
-    gamma,
-    zeta,
+    clip,
     HAS_SINK: tl.constexpr,
     NEED_DSINK: tl.constexpr,
     HAS_MASK: tl.constexpr,
@@ -218,44 +225,32 @@ def _bwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    """One tile of BLOCK_R rows (grid and arguments as ``_fwd_kernel``'s): DX = dLoss/dx from DY and S (the
+    saved output P, or the input scores when HAS_CLIP); NEED_DSINK: DSINK_ROW = each row's term of
+    d(sink), -P_sink * D."""
     pid = tl.program_id(0)
-    rows, row_ok, x_row, hi, m_row = _row_offsets(pid, R, SK, H, SQ, msb, msh, msq, BLOCK_R)
+    rows, row_ok, x_row, hi, m_row = _row_offsets(pid, dims, mask_strides, BLOCK_R)
+    SK = dims[1]
+    msk = mask_strides[3]
     cols = tl.arange(0, BLOCK_C)
     rm = tl.load(ROW_M + rows, mask=row_ok, other=0.0)
     rl = tl.load(ROW_L + rows, mask=row_ok, other=1.0)
     if SINGLE:
-        p, g = _bwd_block(
-            DY, S, MASK, x_row, m_row, cols, SK, row_ok, msk, rm, rl, scale, gamma, zeta, HAS_MASK, HAS_CLIP
-        )
+        p, g = _bwd_block(DY, S, MASK, x_row, m_row, 0, cols, SK, row_ok, msk, rm, rl, scale, clip, HAS_MASK, HAS_CLIP)
         d = tl.sum(p * g, axis=1)
-        _store_tile(DX, x_row, cols, SK, row_ok, scale * p * (g - d[:, None]))
+        _store_tile(DX, x_row, 0, cols, SK, row_ok, scale * p * (g - d[:, None]))
     else:
         d = tl.zeros([BLOCK_R], tl.float32)
         # pass 1: d = rowsum(p * g) over every column block; pass 2: dx, with the complete d
         for PASS in tl.static_range(2):
             for c0 in range(0, SK, BLOCK_C):
                 p, g = _bwd_block(
-                    DY,
-                    S,
-                    MASK,
-                    x_row + c0,
-                    m_row + c0 * msk,
-                    cols,
-                    SK - c0,
-                    row_ok,
-                    msk,
-                    rm,
-                    rl,
-                    scale,
-                    gamma,
-                    zeta,
-                    HAS_MASK,
-                    HAS_CLIP,
+                    DY, S, MASK, x_row, m_row, c0, cols, SK, row_ok, msk, rm, rl, scale, clip, HAS_MASK, HAS_CLIP
                 )
                 if PASS == 0:
                     d += tl.sum(p * g, axis=1)
                 else:
-                    _store_tile(DX, x_row + c0, cols, SK - c0, row_ok, scale * p * (g - d[:, None]))
+                    _store_tile(DX, x_row, c0, cols, SK, row_ok, scale * p * (g - d[:, None]))
     if NEED_DSINK:
         a = tl.load(SINK + hi).to(tl.float32)
         tl.store(DSINK_ROW + rows, -(tl.exp(a - rm) / rl) * d, mask=row_ok)
@@ -294,13 +289,13 @@ def _launch(kernel, kind, args, R, sk, max_block_cols, interpreted, **flags) -> 
 
 def _shared_args(like, row_m, sink_f, mask, scale, clip):
     """What both kernels take besides their own tensors: (sink, mask) (row_m stands in for an absent sink,
-    ``like`` for an absent mask), the trailing arguments (R = b * h * sq, SK, H, SQ, the mask's strides,
-    0 where it broadcasts, scale, gamma, zeta) and the constexpr flags of the optional inputs."""
+    ``like`` for an absent mask), the trailing arguments (dims = (R = b * h * sq, SK, H, SQ), the mask's
+    strides, 0 where it broadcasts, scale, clip = (gamma, zeta)) and the constexpr flags of the optional inputs."""
     b, h, sq, sk = like.shape
-    mask_t, (msb, msh, msq, msk) = _mask_args(mask, like.shape, like)
+    mask_t, mask_strides = _mask_args(mask, like.shape, like)
     gamma, zeta = (clip.gamma, clip.zeta) if clip is not None else (0.0, 1.0)
     sink_mask = (sink_f if sink_f is not None else row_m, mask_t)
-    tail = (b * h * sq, sk, h, sq, msb, msh, msq, msk, float(scale), float(gamma), float(zeta))
+    tail = ((b * h * sq, sk, h, sq), mask_strides, float(scale), (float(gamma), float(zeta)))
     return sink_mask, tail, dict(HAS_SINK=sink_f is not None, HAS_MASK=mask is not None, HAS_CLIP=clip is not None)
 
 
