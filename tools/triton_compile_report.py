@@ -11,8 +11,11 @@ Nothing is timed: these are the facts a kernel's speed depends on, not its speed
 
     python tools/triton_compile_report.py                         # both architectures
     python tools/triton_compile_report.py --arch 90 --workers 2 --output-prefix /tmp/report
+    python tools/triton_compile_report.py --output-prefix /tmp/after --compare /tmp/before.json
 Writes PREFIX.json (every compiled kernel) and PREFIX.md (one table per architecture), default
-tools/results/flash_compile_report.*; prints one progress line per compiled launch.
+tools/results/flash_compile_report.*; prints one progress line per compiled launch. ``--compare OLD.json``
+(a report of another revision, same Triton): the kernels whose SASS is identical (``sass_sha256``), those
+that differ with the facts that changed, and those only one report has; written as PREFIX.compare.md too.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import os
 import platform
 import sys
 
-from megatron_outeff.utils.cli import OneLineArgumentParser, command, positive_int
+from megatron_outeff.errors import OutEffError
+from megatron_outeff.utils.cli import OneLineArgumentParser, command, input_file, positive_int
+from megatron_outeff.utils.markdown import md_header, md_row
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOMIC_CASES = tuple(("bfloat16", d, f) for d in (64, 128) for f in ("all", "none"))
@@ -102,6 +107,48 @@ def _atomic_wgmma_evidence(arch, progress):
     return out
 
 
+def _read_report(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        try:
+            report = json.load(f)
+        except json.JSONDecodeError as e:
+            raise OutEffError(f"--compare {path}: not JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(report, dict) or not all("sass_sha256" in x for x in report.get("facts") or [{}]):
+        raise OutEffError(f"--compare {path}: expected a report of this tool with sass_sha256 per kernel")
+    return report
+
+
+def compare_reports(old: dict, new: dict, old_name: str) -> str:
+    """Markdown: how many kernels of ``new`` have the same SASS as in ``old`` (matched by kernel, arch,
+    config and specialisation), the facts that changed in the others, and the kernels only one report has."""
+    from megatron_outeff.ops.triton_compile import KernelFacts
+
+    def by_key(report):
+        return {KernelFacts(**x).key: x for x in report["facts"]}
+
+    a, b = by_key(old), by_key(new)
+    same = [k for k in b if k in a and a[k]["sass_sha256"] == b[k]["sass_sha256"]]
+    changed = [k for k in b if k in a and k not in same]
+    facts = ("shared_bytes", "registers", "stack_bytes", "spill_stores", "spill_loads", "wgmma", "mma", "instructions")
+    lines = [
+        f"# SASS compared with {old_name}",
+        "",
+        f"triton {old.get('triton')} -> {new.get('triton')}; {len(b)} kernels here, {len(a)} there: "
+        f"**{len(same)} identical SASS**, {len(changed)} different, {len(set(b) - set(a))} only here, "
+        f"{len(set(a) - set(b))} only there.",
+        "",
+    ]
+    if changed:
+        lines += md_header(["kernel", "arch", "config", "specialisation", "facts that changed (old -> new)"])
+        for k in changed:
+            delta = ", ".join(f"{n} {a[k][n]} -> {b[k][n]}" for n in facts if a[k][n] != b[k][n]) or "none (code only)"
+            lines.append(md_row([*map(str, k), delta]))
+    for title, keys in (("Only here", set(b) - set(a)), ("Only there", set(a) - set(b))):
+        if keys:
+            lines += ["", f"{title}: " + "; ".join(" ".join(map(str, k)) for k in sorted(keys))]
+    return "\n".join(lines) + "\n"
+
+
 @command
 def main(argv=None):
     p = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
@@ -130,7 +177,11 @@ def main(argv=None):
         default=os.path.join(ROOT, "tools", "results", "flash_compile_report"),
         help="writes PREFIX.json and PREFIX.md",
     )
+    p.add_argument(
+        "--compare", type=input_file, default=None, metavar="OLD.json", help="a report to compare the SASS with"
+    )
     args = p.parse_args(argv)
+    old = _read_report(args.compare) if args.compare else None
     os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
@@ -176,6 +227,11 @@ def main(argv=None):
     with open(args.output_prefix + ".md", "w") as f:
         f.write(_markdown(report))
     print(f"wrote {args.output_prefix}.json and .md ({len(facts)} kernels)")
+    if old is not None:
+        text = compare_reports(old, report, args.compare)
+        with open(args.output_prefix + ".compare.md", "w") as f:
+            f.write(text)
+        print(text, end="")
     return 0
 
 

@@ -11,8 +11,10 @@ aligned, CUDA's 256-byte; views keep their offsets).
 Facts per compiled kernel (``KernelFacts``): dynamic shared memory (Triton's metadata), registers per
 thread and stack frame (``cuobjdump -res-usage``), and from the SASS (``cuobjdump -sass``): spill
 stores / loads (STL / LDL: our kernels have no local arrays, so every one is a spill), Hopper
-warpgroup matrix instructions (HGMMA = PTX wgmma), warp-level ones (HMMA = PTX mma.sync) and the
-instruction count. cuobjdump is the one shipped with Triton's NVIDIA backend.
+warpgroup matrix instructions (HGMMA = PTX wgmma), warp-level ones (HMMA = PTX mma.sync), the
+instruction count and a hash of the whole SASS listing (``sass_sha256``: two compiles of one launch with
+the same hash are the same machine code, which is how a refactoring of a kernel shows it changed nothing).
+cuobjdump is the one shipped with Triton's NVIDIA backend.
 
 Used by the ahead-of-time tests (``tests/ops/test_flash_attention.py``) and
 ``tools/triton_compile_report.py``.
@@ -20,6 +22,7 @@ Used by the ahead-of-time tests (``tests/ops/test_flash_attention.py``) and
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -50,6 +53,12 @@ class KernelFacts:
     instructions: int
     compile_s: float
     unaligned: str = ""  # pointer arguments the runtime would NOT mark 16-byte aligned (comma-separated)
+    sass_sha256: str = ""  # the first 16 hex digits of sha256 of the cuobjdump -sass listing
+
+    @property
+    def key(self) -> tuple:
+        """What identifies one compiled kernel across two reports: (kernel, arch, config, specialisation)."""
+        return (self.kernel, self.arch, self.config, self.specialisation)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -69,7 +78,7 @@ _RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)")
 
 
 def cubin_facts(cubin: bytes) -> Dict[str, int]:
-    """registers, stack_bytes, spill_stores, spill_loads, wgmma, mma, instructions of one cubin."""
+    """registers, stack_bytes, spill_stores, spill_loads, wgmma, mma, instructions, sass_sha256 of one cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
         path = f.name
@@ -92,6 +101,7 @@ def cubin_facts(cubin: bytes) -> Dict[str, int]:
         wgmma=ops.count("HGMMA"),
         mma=ops.count("HMMA"),
         instructions=len(ops),
+        sass_sha256=hashlib.sha256(sass.encode()).hexdigest()[:16],
     )
 
 

@@ -459,6 +459,10 @@ def _check_aot(run_compiled_triton, arch):
         assert f["unaligned"] == "", f"{where}: pointers not specialised 16-byte aligned: {f['unaligned']}"
         assert f["shared_bytes"] <= SHARED_MEMORY_LIMIT[arch], where
         assert f["spill_stores"] == f["spill_loads"] == f["stack_bytes"] == 0, f"{where}: register spills"
+    # The SASS hash (how tools/triton_compile_report.py --compare shows a refactoring changed no machine code)
+    # tells apart every one of these eight kernels: dtype, flags and width all change the code.
+    hashes = [f["sass_sha256"] for f in facts]
+    assert all(len(h) == 16 and int(h, 16) >= 0 for h in hashes) and len(set(hashes)) == len(facts), hashes
 
 
 @pytest.mark.slow
