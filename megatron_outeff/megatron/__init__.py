@@ -10,7 +10,8 @@ Public API (imported lazily: ``import megatron.core`` costs seconds):
     OutEffCoreAttention                          core_attention.py  (drop-in DotProductAttention)
     OutEffSelfAttention, OutEffHeadGate          self_attention.py
     TorchNorm                                    layer_spec.py
-    init_model_parallel, apply_cpu_patches, cpu_safe_forward_backward_func
+    init_model_parallel, shutdown_distributed (the end of a process), apply_cpu_patches,
+    cpu_safe_forward_backward_func
 """
 
 import importlib
@@ -32,6 +33,7 @@ _EXPORTS = {
     "install_state_dict_guard": "self_attention",
     "init_model_parallel": "parallel",
     "destroy_model_parallel": "parallel",
+    "shutdown_distributed": "parallel",
     "apply_cpu_patches": "cpu_support",
     "cpu_safe_forward_backward_func": "cpu_support",
 }

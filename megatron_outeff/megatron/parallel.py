@@ -111,3 +111,22 @@ def destroy_model_parallel() -> None:
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+
+
+def shutdown_distributed() -> None:
+    """The end of a process that initialised torch.distributed: megatron's parallel state, then every process
+    group, then a garbage collection, all while the interpreter is fully alive.
+
+    Why all three: megatron's parallel_state keeps its groups (a dozen, each with gloo worker threads) in module
+    globals, which ``dist.destroy_process_group()`` alone does not release. Their threads then outlive
+    ``main()``; when a worker thread drops the last reference to a finished collective during interpreter
+    finalization, it needs the GIL to free the tensors, the interpreter ends the thread, and libstdc++
+    calls ``std::terminate``: the process aborts (SIGABRT, "terminate called without an active exception")
+    after a run that finished and saved. Seen in ~5% of one-process CPU runs (tests/training/test_launch.py);
+    the same race as pytorch/pytorch PR 179291. A no-op where torch.distributed was never initialised."""
+    import gc
+
+    destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()  # the groups' last references: their worker threads are joined now, not at finalization

@@ -260,8 +260,10 @@ def main(argv=None) -> int:
             error_line(one_line(e))
             return DIVERGED_EXIT_CODE
         finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            if dist.is_initialized():  # megatron's groups, the process groups, their gloo threads: before exit
+                from megatron_outeff.megatron.parallel import shutdown_distributed
+
+                shutdown_distributed()
     return 0
 
 
