@@ -16,6 +16,7 @@ round; a Markdown table goes beside it.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 
@@ -124,9 +125,10 @@ def main(argv=None):
     )
     args = p.parse_args(argv)
 
-    from megatron_outeff.megatron.parallel import init_model_parallel
+    from megatron_outeff.megatron.parallel import init_model_parallel, shutdown_distributed
 
     init_model_parallel(1, 1, seed=1234)
+    atexit.register(shutdown_distributed)  # megatron's gloo groups stopped before interpreter finalization
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     args.seq = args.seq or (2048 if cuda else 512)

@@ -29,6 +29,7 @@ tokens/s >= 0.98x vanilla; Softmax_1's MFU reported.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import statistics
@@ -95,11 +96,12 @@ def model_flops_per_token(cfg) -> float:
 def memory_probe(args) -> None:
     """Child process: build one variant, run a few steps, print peak RSS in MiB."""
     from megatron_outeff.bench.harness import peak_rss_mib
-    from megatron_outeff.megatron.parallel import init_model_parallel
+    from megatron_outeff.megatron.parallel import init_model_parallel, shutdown_distributed
     from megatron_outeff.training.step import train_step
 
     cfg_path, overrides = base_overrides(False, args.seq, args.micro_batch)
     init_model_parallel(1, 1, seed=1234)
+    atexit.register(shutdown_distributed)  # megatron's gloo groups stopped before interpreter finalization
     trainer, data, _ = build(cfg_path, overrides, args.memory_probe)
     for _ in range(3):
         train_step(trainer, data.next_global_batch())
@@ -224,7 +226,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from megatron_outeff.megatron.parallel import init_model_parallel
+    from megatron_outeff.megatron.parallel import init_model_parallel, shutdown_distributed
     from megatron_outeff.training.step import train_step
 
     cuda = torch.cuda.is_available()
@@ -245,6 +247,7 @@ def main(argv=None) -> int:
     report.save(rows=[], targets=[])  # a file from the start: a cut run leaves what it has
     try:
         init_model_parallel(1, 1, seed=1234)
+        atexit.register(shutdown_distributed)  # megatron's gloo groups stopped before interpreter finalization
         runs = {name: build(cfg_path, overrides, name) for name in args.variants}
     except KeyboardInterrupt:
         print(
