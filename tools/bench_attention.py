@@ -381,7 +381,7 @@ def sdpa_choice_name(q, k, v) -> str:
 # ------------------------------------------------------------------------------------------------
 @command
 def main(argv=None):
-    from megatron_outeff.bench import harness  # its output options; imports torch
+    from megatron_outeff.bench.options import add_output_arguments  # no torch: --help stays instant
 
     p = OneLineArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sq", type=positive_int, nargs="+", help="sequence lengths (sq = sk, causal)")
@@ -408,7 +408,7 @@ def main(argv=None):
         help="pin torch's SDPA backend for the baseline and our sdpa methods (default: SDPA's choice)",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak memory measurement")
-    harness.add_output_arguments(p, json_default="tools/results/bench_attention_<device>.json")
+    add_output_arguments(p, json_default="tools/results/bench_attention_<device>.json")
     p.add_argument(
         "--interpret",
         action="store_true",
@@ -422,6 +422,7 @@ def main(argv=None):
         return memprobe_main(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from megatron_outeff.bench import harness
     from megatron_outeff.ops import sdpa_attention
 
     cuda = torch.cuda.is_available()

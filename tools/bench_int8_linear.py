@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_outeff.bench import harness
+from megatron_outeff.bench.options import add_output_arguments
 from megatron_outeff.quant import calibrate_w8a8_linears, quantize_weight_per_channel, simulate_w8a8_model
 from megatron_outeff.quant.int8_linear import Int8Linear, cpu_has_vnni, int8_model
 from megatron_outeff.utils.cli import OneLineArgumentParser, command, positive_int
@@ -159,7 +160,7 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--model", action="store_true", help="also measure the whole OPT-125m-shaped model")
     ap.add_argument("--model-reps", type=positive_int, default=5)
-    harness.add_output_arguments(ap)
+    add_output_arguments(ap)
     args = ap.parse_args(argv)
     meta = dict(
         harness.environment(torch.device("cpu"), modules=("transformers",)),

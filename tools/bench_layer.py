@@ -107,7 +107,7 @@ def render(doc: dict) -> str:
 
 @command
 def main(argv=None):
-    from megatron_outeff.bench import harness  # its output options; imports torch
+    from megatron_outeff.bench.options import add_output_arguments  # no torch: --help stays instant
 
     p = OneLineArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seq", type=positive_int, default=None, help="sequence length (default 512 on CPU, 2048 on GPU)")
@@ -120,11 +120,12 @@ def main(argv=None):
         choices=["float32", "bfloat16", "float16"],
         help="float32 (CPU default) | bfloat16 (GPU default)",
     )
-    harness.add_output_arguments(
+    add_output_arguments(
         p, json_default="tools/results/bench_layer_<device>.json", md_default="beside the JSON, .md for .json"
     )
     args = p.parse_args(argv)
 
+    from megatron_outeff.bench import harness
     from megatron_outeff.megatron.parallel import init_model_parallel, shutdown_distributed
 
     init_model_parallel(1, 1, seed=1234)

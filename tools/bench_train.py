@@ -184,7 +184,7 @@ def rows_and_targets(
 
 @command
 def main(argv=None) -> int:
-    from megatron_outeff.bench import harness  # its output options; imports torch
+    from megatron_outeff.bench.options import add_output_arguments  # no torch: --help stays instant
 
     parser = OneLineArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=positive_int, default=20, help="timed steps per variant")
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--peak-tflops", type=positive_float, default=989.0, help="device peak for MFU (dense bf16 TFLOP/s)"
     )
-    harness.add_output_arguments(parser)
+    add_output_arguments(parser)
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     from megatron_outeff.bench.variants import select
@@ -226,6 +226,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from megatron_outeff.bench import harness
     from megatron_outeff.megatron.parallel import init_model_parallel, shutdown_distributed
     from megatron_outeff.training.step import train_step
 

@@ -22,7 +22,7 @@ from megatron_outeff.utils.cli import OneLineArgumentParser, command, positive_f
 
 @command
 def main(argv=None) -> int:
-    from megatron_outeff.evaluation.report import ReportSettings
+    from megatron_outeff.evaluation.report_settings import ReportSettings  # no torch: --help stays fast
 
     p = OneLineArgumentParser(prog="tools/outlier_report.py", description=__doc__.split("\n\n")[0])
     p.add_argument(

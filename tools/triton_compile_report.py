@@ -27,7 +27,7 @@ import platform
 import sys
 
 from megatron_outeff.errors import OutEffError
-from megatron_outeff.utils.cli import OneLineArgumentParser, command, input_file, positive_int
+from megatron_outeff.utils.cli import OneLineArgumentParser, command, input_text_file, positive_int
 from megatron_outeff.utils.markdown import md_header, md_row
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,13 +108,26 @@ def _atomic_wgmma_evidence(arch, progress):
 
 
 def _read_report(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
+    """The report at ``path`` (--compare), each record checked as a KernelFacts with a SASS hash, before
+    anything is compiled or written; one-line OutEffError otherwise."""
+    from megatron_outeff.ops.triton_compile import KernelFacts
+
+    with open(path, encoding="utf-8") as f:  # UTF-8 checked by the option's type
         try:
             report = json.load(f)
         except json.JSONDecodeError as e:
             raise OutEffError(f"--compare {path}: not JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(report, dict) or not all("sass_sha256" in x for x in report.get("facts") or [{}]):
-        raise OutEffError(f"--compare {path}: expected a report of this tool with sass_sha256 per kernel")
+    expected = f"--compare {path}: expected a report of this tool (facts: kernel records with sass_sha256)"
+    facts = report.get("facts") if isinstance(report, dict) else None
+    if not isinstance(facts, list) or not facts or not all(isinstance(x, dict) for x in facts):
+        raise OutEffError(expected)
+    for i, x in enumerate(facts):
+        try:
+            record = KernelFacts(**x)
+        except TypeError as e:  # a missing or unknown field
+            raise OutEffError(f"{expected}; facts[{i}]: {e}") from None
+        if len(record.sass_sha256) != 16:
+            raise OutEffError(f"{expected}; facts[{i}] has sass_sha256={record.sass_sha256!r}")
     return report
 
 
@@ -178,7 +191,7 @@ def main(argv=None):
         help="writes PREFIX.json and PREFIX.md",
     )
     p.add_argument(
-        "--compare", type=input_file, default=None, metavar="OLD.json", help="a report to compare the SASS with"
+        "--compare", type=input_text_file, default=None, metavar="OLD.json", help="a report to compare the SASS with"
     )
     args = p.parse_args(argv)
     old = _read_report(args.compare) if args.compare else None

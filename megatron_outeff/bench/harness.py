@@ -14,8 +14,7 @@ same process, the device and load record, JSON / Markdown output written as resu
                                                    (``probe_subprocess``)
     environment(device)                            device name, versions, threads, CPU capability,
                                                    load average, start time, command line
-    add_output_arguments(parser, json_default=)    --output-json / --output-md, the same in every benchmark
-    Report(json_path, md_path)                     the result file: ``save()`` after every shape or
+    Report(json_path, md_path)                     the result file (its options: bench/options.py): ``save()`` after every shape or
                                                    round (atomic rename; ``meta.partial`` until
                                                    ``finish()``), so a run cut by a time limit or
                                                    Ctrl-C keeps what it measured
@@ -43,7 +42,6 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from megatron_outeff.utils.atomic import write_text_atomic
-from megatron_outeff.utils.cli import output_file
 from megatron_outeff.utils.markdown import md_row
 
 
@@ -296,21 +294,6 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
     ]
     lines += [md_row(cell(r, k, f) for _, k, f in columns) for r in rows]
     return "\n".join(lines)
-
-
-def add_output_arguments(parser, json_default: str = "not written", md_default: str = "not written") -> None:
-    """The result-file options of every benchmark: ``--output-json`` (the :class:`Report` file, rewritten
-    after every step) and ``--output-md`` (its Markdown table, rewritten with it). ``json_default`` /
-    ``md_default``: what the benchmark does without the option, for the help text (each script decides)."""
-    parser.add_argument(
-        "--output-json",
-        type=output_file,
-        default=None,
-        help=f"the results as JSON, rewritten after every step (default: {json_default})",
-    )
-    parser.add_argument(
-        "--output-md", type=output_file, default=None, help=f"the results as a Markdown table (default: {md_default})"
-    )
 
 
 class Report:

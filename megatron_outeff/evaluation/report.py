@@ -60,6 +60,7 @@ from megatron_outeff.utils.atomic import atomic_output_dir, check_empty_output_d
 from megatron_outeff.utils.markdown import md_header, md_row
 
 from .quant_eval import evaluate_quantization, load_hf_model, model_info
+from .report_settings import ReportSettings
 
 __all__ = [
     "ReportSettings",
@@ -87,16 +88,6 @@ def _softmax_points(model) -> list:
     layers = hf_decoder_layers(model)
     pts = [getattr(layer.self_attn, "softmax_quant", None) for layer in layers]
     return pts if all(p is not None for p in pts) else []
-
-
-@dataclasses.dataclass(frozen=True)
-class ReportSettings:
-    """How a report measures; recorded in it as ``settings`` (tools/outlier_report.py's options)."""
-
-    batch_size: int = 8  # sequences per forward pass
-    top_k: int = 8  # outlier channels listed per component
-    n_sigma: float = 6.0  # outlier_share: |x - mu| > n_sigma * std (a Gaussian has ~2e-9 beyond 6)
-    skip_quant: bool = False  # no FP16 / W8A8 perplexities
 
 
 @torch.no_grad()

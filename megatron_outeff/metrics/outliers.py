@@ -503,9 +503,15 @@ hf_opt_collector = hf_collector
 
 
 def _family_components(model: nn.Module):
+    from megatron_outeff.errors import OutEffError
     from megatron_outeff.models.family import family_for_hf_model_type
 
-    return family_for_hf_model_type(getattr(getattr(model, "config", None), "model_type", None)).hf_components
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is None:
+        raise OutEffError(
+            f"{type(model).__name__}: expected a Hugging Face causal LM or base model (with .config.model_type)"
+        )
+    return family_for_hf_model_type(model_type).hf_components
 
 
 def _hf_module(model: nn.Module, path: str, required: bool = True):

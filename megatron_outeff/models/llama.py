@@ -35,7 +35,6 @@ from megatron_outeff.errors import OutEffError
 from . import common, model_yaml
 
 FAMILY = "llama"
-CONFIG_PREFIX = "llama-"
 
 
 @dataclass

@@ -35,6 +35,15 @@ class ParallelHint:
     zero_stage: int = 0
 
 
+# What each hint may be (a hint is copied into the training config's parallel:, which checks it again there).
+_HINT_RANGES = {"tensor_parallel": range(1, 1 << 20), "pipeline_parallel": range(1, 1 << 20), "zero_stage": range(4)}
+_HINT_WORDS = {
+    "tensor_parallel": "a positive integer",
+    "pipeline_parallel": "a positive integer",
+    "zero_stage": "0, 1, 2 or 3",
+}
+
+
 def shipped_sizes(family: str) -> list[str]:
     """The size names of the shipped ``configs/model/<family>-<size>.yaml`` files, sorted."""
     prefix = f"{family}-"
@@ -93,10 +102,16 @@ def load_parallel_hint(cls, name_or_path, check_layout: Callable[[Any, int, int]
     (the family's check_parallel_layout)."""
     path, doc = read(name_or_path, cls.family)
     section = doc.get("parallel") or {}
+    if not isinstance(section, dict):
+        raise OutEffError(f"{path}: parallel: {section!r}: expected a mapping of {sorted(_HINT_RANGES)}")
     known = {f.name for f in dataclasses.fields(ParallelHint)}
     unknown = sorted(set(section) - known)
     if unknown:
         raise OutEffError(f"{path}: parallel: unknown key(s) {unknown}; expected a subset of {sorted(known)}")
+    for key, value in section.items():
+        allowed = _HINT_RANGES[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+            raise OutEffError(f"{path}: parallel.{key}={value!r}: expected {_HINT_WORDS[key]}")
     hint = ParallelHint(**section)
     check_layout(load_arch(cls, path), hint.tensor_parallel, hint.pipeline_parallel)
     return hint

@@ -96,6 +96,9 @@ class OPTArchConfig(common.ArchConfigBase):
         return self.word_embed_proj_dim if self.word_embed_proj_dim is not None else self.hidden_size
 
 
+padded_vocab_size = common.padded_vocab_size  # where OPT-only releases documented it (owner: models.common)
+
+
 def load_arch_config(name_or_path: Union[str, Path, OPTArchConfig]) -> OPTArchConfig:
     """The architecture of an OPT size name ('125m', 'opt-1.3b', 'tiny') or of a YAML file path."""
     return model_yaml.load_arch(OPTArchConfig, name_or_path)
@@ -112,7 +115,7 @@ def available_sizes() -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Parallel layout (padded_vocab_size, shared with the Hugging Face mapping: models/common.py).
+# Parallel layout (the vocabulary's padding: models/common.py padded_vocab_size).
 
 
 def check_parallel_layout(arch: OPTArchConfig, tp_size: int, pp_size: int) -> None:

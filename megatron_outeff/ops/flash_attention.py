@@ -506,6 +506,8 @@ def _fwd_kernel(
     bh, bi, hi, pid_m = _program_tile(SQ, H, CAUSAL, BLOCK_M)  # causal: the longest rows first
     hk = hi // GROUP
     m0 = pid_m * BLOCK_M
+    # _tile_rows written out on purpose: with it inlined too, ptxas (triton 3.6) scheduled the fp32 d64 sm_90
+    # forward differently (the helpers' line-info labels); tools/triton_compile_report.py --compare shows it.
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < SQ

@@ -9,6 +9,8 @@ import torch
 from megatron_outeff.metrics import (
     OutlierCollector,
     attention_sink_mass,
+    hf_collector,
+    hf_components,
     hf_opt_collector,
     hf_opt_components,
     inf_norm,
@@ -88,8 +90,8 @@ def np_kurtosis(rows):
 
 def test_collector_matches_independent_capture(tiny_opt):
     model = tiny_opt
-    comps = hf_opt_components(model)
-    collector = hf_opt_collector(model)
+    comps = hf_components(model)
+    collector = hf_collector(model)
     batches = [torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
     # Independent capture: hidden states for layer outputs, raw hooks of our own for fc2 / out_proj.
     raw = {n: [] for n in comps if n.endswith((".fc2", ".attn_out"))}
@@ -160,3 +162,12 @@ def test_collector_detail_outlier_share_and_channels_over_batches():
     with plain:
         lin(x1)
     assert "outlier_share" not in plain.summary()["components"]["layer0.layer"]  # detail is opt-in
+
+
+def test_hf_components_names_what_it_expected():
+    """The OPT-only names are the any-family functions; a module that is no Hugging Face model is one line."""
+    from megatron_outeff.errors import OutEffError
+
+    assert (hf_opt_components, hf_opt_collector) == (hf_components, hf_collector)
+    with pytest.raises(OutEffError, match=r"^Linear: expected a Hugging Face causal LM or base model"):
+        hf_components(torch.nn.Linear(2, 2))

@@ -85,6 +85,19 @@ def test_unknown_keys_are_errors(tmp_path):
     p.write_text(yaml.safe_dump(doc))
     with pytest.raises(ValueError, match="not divisible by tensor parallel size 3"):
         load_parallel_hint(p)
+    # Values are checked before the layout (a 0 divided the heads by zero; 'two' raised a TypeError).
+    for section, message in (
+        ({"tensor_parallel": 0}, "parallel.tensor_parallel=0: expected a positive integer"),
+        ({"pipeline_parallel": "two"}, "parallel.pipeline_parallel='two': expected a positive integer"),
+        ({"zero_stage": 7}, "parallel.zero_stage=7: expected 0, 1, 2 or 3"),
+        ({"tensor_parallel": True}, "parallel.tensor_parallel=True: expected a positive integer"),
+        ([1, 2], "parallel: [1, 2]: expected a mapping of"),
+    ):
+        doc["parallel"] = section
+        p.write_text(yaml.safe_dump(doc))
+        with pytest.raises(ValueError) as e:
+            load_parallel_hint(p)
+        assert str(e.value).startswith(f"{p}: {message}"), str(e.value)
 
 
 def test_bad_values_and_names():

@@ -310,3 +310,25 @@ def test_default_block_size_follows_the_model():
     assert check_runnable("m", {"max_position_embeddings": 2048}) == 512
     assert check_runnable("m", {}) == 512
     assert check_runnable("m", {"max_position_embeddings": 32}, 16) == 16
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("batch_size", 0, "expected a positive integer"),
+        ("top_k", 2.5, "expected a positive integer"),
+        ("top_k", True, "expected a positive integer"),
+        ("n_sigma", -1.0, "expected a finite number > 0"),
+        ("n_sigma", float("nan"), "expected a finite number > 0"),
+        ("n_sigma", "6", "expected a finite number > 0"),
+        ("skip_quant", 1, "expected true or false"),
+    ],
+)
+def test_report_settings_refuse_bad_values_from_the_library_too(field, value, expected):
+    """The command line checks its options; a library caller of build_report gets the same one-line refusal."""
+    from megatron_outeff.errors import OutEffError
+    from megatron_outeff.evaluation.report import ReportSettings
+
+    with pytest.raises(OutEffError) as e:
+        ReportSettings(**{field: value})
+    assert str(e.value) == f"ReportSettings.{field}={value!r}: {expected}"
