@@ -14,6 +14,8 @@ import torch
 
 from megatron_outeff.errors import OutEffError
 
+from .model_yaml import arch_from_dict  # re-exported: the ArchConfigs' parser
+
 
 def parallel_sizes() -> tuple[int, int]:
     """(TP, PP) of megatron's parallel_state, (1, 1) when it is not initialised."""
@@ -43,20 +45,6 @@ def as_variant(variant):
     if isinstance(variant, dict):
         return AttentionVariantConfig.from_dict(variant)
     raise OutEffError(f"variant={variant!r}: expected None, an AttentionVariantConfig or a mapping of its fields")
-
-
-def arch_from_dict(cls, d, source: str):
-    """An architecture config dataclass from a mapping: unknown and missing keys are one-line errors."""
-    if not isinstance(d, dict):
-        raise OutEffError(f"{source}: expected a mapping of {cls.__name__} fields, got {type(d).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise OutEffError(f"{source}: unknown key(s) {unknown}; expected a subset of {sorted(known)}")
-    missing = sorted(f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in d)
-    if missing:
-        raise OutEffError(f"{source}: missing required key(s) {missing}")
-    return cls(**d)
 
 
 def check_arch_values(

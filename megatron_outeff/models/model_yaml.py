@@ -44,6 +44,21 @@ _HINT_WORDS = {
 }
 
 
+def arch_from_dict(cls, d, source: str):
+    """A config dataclass (an ArchConfig, ParallelHint) from a mapping of a model YAML: a non-mapping, unknown and
+    missing keys are one-line errors naming ``source``."""
+    if not isinstance(d, dict):
+        raise OutEffError(f"{source}: expected a mapping of {cls.__name__} fields, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise OutEffError(f"{source}: unknown key(s) {unknown}; expected a subset of {sorted(known)}")
+    missing = sorted(f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in d)
+    if missing:
+        raise OutEffError(f"{source}: missing required key(s) {missing}")
+    return cls(**d)
+
+
 def shipped_sizes(family: str) -> list[str]:
     """The size names of the shipped ``configs/model/<family>-<size>.yaml`` files, sorted."""
     prefix = f"{family}-"
@@ -101,17 +116,10 @@ def load_parallel_hint(cls, name_or_path, check_layout: Callable[[Any, int, int]
     its keys checked and its layout checked against the architecture by ``check_layout(arch, tp, pp)``
     (the family's check_parallel_layout)."""
     path, doc = read(name_or_path, cls.family)
-    section = doc.get("parallel") or {}
-    if not isinstance(section, dict):
-        raise OutEffError(f"{path}: parallel: {section!r}: expected a mapping of {sorted(_HINT_RANGES)}")
-    known = {f.name for f in dataclasses.fields(ParallelHint)}
-    unknown = sorted(set(section) - known)
-    if unknown:
-        raise OutEffError(f"{path}: parallel: unknown key(s) {unknown}; expected a subset of {sorted(known)}")
-    for key, value in section.items():
-        allowed = _HINT_RANGES[key]
+    hint = arch_from_dict(ParallelHint, doc.get("parallel") or {}, f"{path}: parallel")
+    for key, allowed in _HINT_RANGES.items():
+        value = getattr(hint, key)
         if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
             raise OutEffError(f"{path}: parallel.{key}={value!r}: expected {_HINT_WORDS[key]}")
-    hint = ParallelHint(**section)
     check_layout(load_arch(cls, path), hint.tensor_parallel, hint.pipeline_parallel)
     return hint

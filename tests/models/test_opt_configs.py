@@ -91,7 +91,7 @@ def test_unknown_keys_are_errors(tmp_path):
         ({"pipeline_parallel": "two"}, "parallel.pipeline_parallel='two': expected a positive integer"),
         ({"zero_stage": 7}, "parallel.zero_stage=7: expected 0, 1, 2 or 3"),
         ({"tensor_parallel": True}, "parallel.tensor_parallel=True: expected a positive integer"),
-        ([1, 2], "parallel: [1, 2]: expected a mapping of"),
+        ([1, 2], "parallel: expected a mapping of ParallelHint fields, got list"),
     ):
         doc["parallel"] = section
         p.write_text(yaml.safe_dump(doc))
