@@ -140,7 +140,7 @@ def compare_reports(old: dict, new: dict, old_name: str) -> str:
         return {KernelFacts(**x).key: x for x in report["facts"]}
 
     a, b = by_key(old), by_key(new)
-    same = [k for k in b if k in a and a[k]["sass_sha256"] == b[k]["sass_sha256"]]
+    same = {k for k in b if k in a and a[k]["sass_sha256"] == b[k]["sass_sha256"]}
     changed = [k for k in b if k in a and k not in same]
     facts = ("shared_bytes", "registers", "stack_bytes", "spill_stores", "spill_loads", "wgmma", "mma", "instructions")
     lines = [

@@ -24,9 +24,8 @@ class ReportSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise OutEffError(f"ReportSettings.{name}={value!r}: expected a positive integer")
-        if isinstance(self.n_sigma, bool) or not isinstance(self.n_sigma, (int, float)):
-            raise OutEffError(f"ReportSettings.n_sigma={self.n_sigma!r}: expected a finite number > 0")
-        if not (math.isfinite(self.n_sigma) and self.n_sigma > 0):
+        n = self.n_sigma
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or not (math.isfinite(n) and n > 0):
             raise OutEffError(f"ReportSettings.n_sigma={self.n_sigma!r}: expected a finite number > 0")
         if not isinstance(self.skip_quant, bool):
             raise OutEffError(f"ReportSettings.skip_quant={self.skip_quant!r}: expected true or false")

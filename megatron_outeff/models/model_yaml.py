@@ -35,12 +35,12 @@ class ParallelHint:
     zero_stage: int = 0
 
 
-# What each hint may be (a hint is copied into the training config's parallel:, which checks it again there).
-_HINT_RANGES = {"tensor_parallel": range(1, 1 << 20), "pipeline_parallel": range(1, 1 << 20), "zero_stage": range(4)}
-_HINT_WORDS = {
-    "tensor_parallel": "a positive integer",
-    "pipeline_parallel": "a positive integer",
-    "zero_stage": "0, 1, 2 or 3",
+# What each hint may be, as a test and in words (a hint is copied into the training config's parallel:, which
+# checks it again there).
+_HINT_VALUES = {
+    "tensor_parallel": (lambda v: v >= 1, "a positive integer"),
+    "pipeline_parallel": (lambda v: v >= 1, "a positive integer"),
+    "zero_stage": (lambda v: 0 <= v <= 3, "0, 1, 2 or 3"),
 }
 
 
@@ -107,7 +107,11 @@ def load_arch(cls, name_or_path) -> Any:
     or a model YAML path of that family; an instance of ``cls`` passes through."""
     if isinstance(name_or_path, cls):
         return name_or_path
-    path, doc = read(name_or_path, cls.family)
+    return _arch(cls, *read(name_or_path, cls.family))
+
+
+def _arch(cls, path: Path, doc: dict):
+    """The ``arch:`` section of the document ``doc`` (read from ``path``) as a ``cls``."""
     return cls.from_dict(doc["arch"], source=f"{path}: arch")
 
 
@@ -117,9 +121,9 @@ def load_parallel_hint(cls, name_or_path, check_layout: Callable[[Any, int, int]
     (the family's check_parallel_layout)."""
     path, doc = read(name_or_path, cls.family)
     hint = arch_from_dict(ParallelHint, doc.get("parallel") or {}, f"{path}: parallel")
-    for key, allowed in _HINT_RANGES.items():
+    for key, (ok, words) in _HINT_VALUES.items():
         value = getattr(hint, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
-            raise OutEffError(f"{path}: parallel.{key}={value!r}: expected {_HINT_WORDS[key]}")
-    check_layout(load_arch(cls, path), hint.tensor_parallel, hint.pipeline_parallel)
+        if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
+            raise OutEffError(f"{path}: parallel.{key}={value!r}: expected {words}")
+    check_layout(_arch(cls, path, doc), hint.tensor_parallel, hint.pipeline_parallel)  # the document read above
     return hint
